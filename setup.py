@@ -1,0 +1,49 @@
+"""Vector Universe: CLIP-style training on YouTube thumbnails, titles and tags.
+
+torch is deliberately only a lower bound: the Makefile installs the CPU build that lies on
+disk first, and nothing here may pull in a different torch (torchvision and open_clip are kept
+out of the requirements for that reason: each drags a multi-GB CUDA build of torch along).
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "torch>=2.3",
+    "deepspeed>=0.14",
+    "transformers>=4.40",
+    "tokenizers>=0.15",
+    "peft>=0.10",
+    "webdataset>=0.2.86,<0.3",  # img2dataset 1.47 pins webdataset<0.3: stay on the 0.2.x API
+    "pillow>=10",
+    "numpy",
+    "pyyaml",
+    "tqdm",
+    "matplotlib",
+    "braceexpand",
+]
+DATASET_TOOLS = [
+    "img2dataset>=1.45",
+    "pandas",
+    "pyarrow",
+    "imagehash",
+]
+KERNELS = ["triton>=3.0; platform_system == 'Linux'"]
+TEST = ["pytest>=8", "pytest-timeout"]
+
+setup(
+    name="vutrain",
+    version="0.1.0",
+    description="DeepSpeed ZeRO CLIP trainer for YouTube thumbnails, titles and tags",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vutrain", "vutrain.*", "kernels", "kernels.*",
+                                    "dataset_tools", "dataset_tools.*"]),
+    package_data={"vutrain": ["configs/*.yaml"]},
+    python_requires=">=3.9",
+    install_requires=CORE,
+    extras_require={
+        "data": DATASET_TOOLS,
+        "kernels": KERNELS,
+        "test": DATASET_TOOLS + KERNELS + TEST,
+        "dev": DATASET_TOOLS + KERNELS + TEST + ["tensorboard"],
+    },
+)
