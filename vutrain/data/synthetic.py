@@ -1,0 +1,225 @@
+"""Synthetic, learnable image-text shards: coloured shapes on a noisy grey background.
+
+Each sample is one of ``len(CLASSES)`` classes built from two attributes (colour x shape), so
+neither attribute alone names the class. Titles mention both words in varied templates and the
+tags list them, so a tiny CLIP learns the words that zero-shot prompts ("a photo of a red
+circle") use. Shards follow the img2dataset layout (see design.md, "Shard layout"):
+
+    OUT/train/00000.tar  00000.parquet  00000_stats.json  ...  sizes.json  __len__
+    OUT/val/...          (held out: different per-sample seeds, hence different images)
+
+CLI: ``python -m vutrain.data.synthetic --out DIR --num-samples N --shard-size K``.
+Deterministic for a seed: per-sample RNGs are derived from (seed, split, index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+import time
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 225),
+    "yellow": (240, 220, 20),
+    "purple": (140, 40, 200),
+    "orange": (250, 140, 0),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+CLASSES: list[str] = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+"""The 24 class names, e.g. "red circle"; ``category_name`` of every sample is one of them."""
+
+_TITLE_TEMPLATES = (
+    "{colour} {shape}",
+    "a big {colour} {shape} on a grey background",
+    "{shape} in {colour}! best video ever",
+    "learn colours and shapes: the {colour} {shape}",
+    "my {colour} {shape} compilation 2017",
+    "watch this {colour} {shape} | top 10 shapes",
+    "the {shape} is {colour} (official video)",
+    "{colour} {shape} for kids",
+)
+_FILLER_TAGS = ("shapes", "colours", "kids", "learning", "geometry", "art", "daily", "vlog")
+_ID_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
+_SPLIT_IDS = {"train": 0, "val": 1}
+_MTIME = 1_500_000_000  # fixed tar mtime so tars are byte-reproducible for a seed
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """Draw ``shape`` centred at (cx, cy) with half-extent ``r`` pixels."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        s = r * 0.85  # a square of equal half-width looks much bigger than the circle
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+    elif shape == "cross":
+        w = r * 0.35
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render_image(rng: np.random.Generator, class_index: int, image_size: int) -> Image.Image:
+    """One RGB ``image_size`` x ``image_size`` image of class ``CLASSES[class_index]``.
+
+    Mild jitter (position +-10%, size 28-40% of the side, colour +-15 per channel) and light
+    Gaussian background noise keep the task non-trivial without making it ambiguous.
+    """
+    colour, shape = CLASSES[class_index].split(" ")
+    s = image_size
+    background = 140 + rng.normal(0.0, 10.0, size=(s, s, 1)) + rng.normal(0.0, 4.0, size=(s, s, 3))
+    img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
+    fill = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLOURS[colour])
+    cx, cy = s * (0.5 + rng.uniform(-0.1, 0.1)), s * (0.5 + rng.uniform(-0.1, 0.1))
+    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, s * rng.uniform(0.28, 0.40), fill)
+    return img
+
+
+def _sample_metadata(rng: np.random.Generator, class_index: int, image_size: int, jpeg: bytes) -> dict:
+    """Fake but well-formed YouTube-style metadata for one sample (the ``<key>.json`` payload)."""
+    colour, shape = CLASSES[class_index].split(" ")
+    title = _TITLE_TEMPLATES[rng.integers(len(_TITLE_TEMPLATES))].format(colour=colour, shape=shape)
+    fillers = [str(t) for t in rng.choice(_FILLER_TAGS, size=2, replace=False)]
+    video_id = "".join(rng.choice(_ID_ALPHABET, size=11))
+    return {
+        "video_id": video_id,
+        "title": title,
+        "tags": [colour, shape, f"{colour} {shape}", *fillers],
+        "category_id": class_index,
+        "category_name": CLASSES[class_index],
+        "url": f"https://i.ytimg.com/vi/{video_id}/hqdefault.jpg",
+        "variant": "hqdefault",
+        "caption": title,
+        "width": image_size,
+        "height": image_size,
+        "original_width": image_size,
+        "original_height": image_size,
+        "sha256": hashlib.sha256(jpeg).hexdigest(),
+        "status": "success",
+        "error_message": None,
+    }
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), _MTIME, 0o444
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _write_shard(out_dir: str, shard_id: int, indices: range, split: str, seed: int,
+                 image_size: int, key_digits: int, row_digits: int) -> int:
+    """Write ``NNNNN.tar``, ``.parquet`` and (last, as the done marker) ``_stats.json``."""
+    start = time.time()
+    name = f"{shard_id:05d}"
+    rows = []
+    with tarfile.open(os.path.join(out_dir, f"{name}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
+        for row, index in enumerate(indices):
+            rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+            class_index = int(rng.integers(len(CLASSES)))
+            buf = io.BytesIO()
+            render_image(rng, class_index, image_size).save(buf, format="JPEG", quality=90)
+            jpeg = buf.getvalue()
+            # img2dataset's key formula: shard_id * 10**ceil(log10(shard_size)) + row.
+            key = f"{shard_id * 10 ** row_digits + row:0{key_digits}d}"
+            meta = {"key": key, **_sample_metadata(rng, class_index, image_size, jpeg)}
+            # Sorted member names (jpg < json < txt), samples in key order.
+            _add_member(tar, f"{key}.jpg", jpeg)
+            _add_member(tar, f"{key}.json", json.dumps(meta, indent=4).encode("utf-8"))
+            _add_member(tar, f"{key}.txt", meta["title"].encode("utf-8"))
+            rows.append(meta)
+    frame = pd.DataFrame(rows)
+    frame.to_parquet(os.path.join(out_dir, f"{name}.parquet"), index=False)
+    stats = {
+        "count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
+        "duration": time.time() - start, "start_time": start, "end_time": time.time(),
+        "status_dict": {"success": len(rows)},
+    }
+    with open(os.path.join(out_dir, f"{name}_stats.json"), "w") as f:
+        json.dump(stats, f, indent=4)
+    return len(rows)
+
+
+def _write_split(out_dir: str, split: str, num_samples: int, shard_size: int, image_size: int,
+                 seed: int) -> str:
+    """Write one split; returns its brace-expandable shard spec."""
+    os.makedirs(out_dir, exist_ok=True)
+    num_shards = math.ceil(num_samples / shard_size)
+    row_digits = max(1, math.ceil(math.log10(shard_size))) if shard_size > 1 else 1
+    sizes = {}
+    for shard_id in range(num_shards):
+        indices = range(shard_id * shard_size, min(num_samples, (shard_id + 1) * shard_size))
+        sizes[f"{shard_id:05d}.tar"] = _write_shard(
+            out_dir, shard_id, indices, split, seed, image_size, 5 + row_digits, row_digits)
+    with open(os.path.join(out_dir, "sizes.json"), "w") as f:
+        json.dump(sizes, f, indent=2)
+    with open(os.path.join(out_dir, "__len__"), "w") as f:
+        f.write(f"{num_samples}\n")
+    last = num_shards - 1
+    pattern = "00000" if last == 0 else f"{{00000..{last:05d}}}"
+    return os.path.join(out_dir, f"{pattern}.tar")
+
+
+def write_synthetic(out_dir: str, num_samples: int, shard_size: int, image_size: int = 64,
+                    seed: int = 0, val_samples: int | None = None) -> dict:
+    """Write ``out_dir/train`` and ``out_dir/val`` shards of the coloured-shapes task.
+
+    Args:
+        num_samples: training samples (>= 1).
+        shard_size: samples per tar (the last shard may hold fewer).
+        image_size: side of the square JPEGs in pixels.
+        seed: everything (classes, jitter, titles, ids) is a function of it.
+        val_samples: held-out samples; ``None`` -> ``max(len(CLASSES), num_samples // 10)``; 0 -> no val split.
+
+    Returns:
+        ``{"train_shards": spec, "val_shards": spec | None, "num_samples": n, "val_samples": m,
+        "classes": CLASSES}`` where a spec is brace-expandable (``.../{00000..00003}.tar``).
+    """
+    if num_samples < 1 or shard_size < 1 or image_size < 8:
+        raise ValueError(f"need num_samples >= 1, shard_size >= 1 and image_size >= 8; got "
+                         f"{num_samples}, {shard_size}, {image_size}")
+    if val_samples is None:
+        val_samples = max(len(CLASSES), num_samples // 10)
+    train = _write_split(os.path.join(out_dir, "train"), "train", num_samples, shard_size, image_size, seed)
+    val = None
+    if val_samples > 0:
+        val = _write_split(os.path.join(out_dir, "val"), "val", val_samples, shard_size, image_size, seed)
+    return {"train_shards": train, "val_shards": val, "num_samples": num_samples,
+            "val_samples": val_samples, "classes": list(CLASSES)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """CLI entry point; prints the shard specs to pass as data.train_shards / data.val_shards."""
+    parser = argparse.ArgumentParser(prog="python -m vutrain.data.synthetic", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output directory (train/ and val/ are created in it)")
+    parser.add_argument("--num-samples", type=int, required=True, help="training samples")
+    parser.add_argument("--shard-size", type=int, required=True, help="samples per tar shard")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--val-samples", type=int, default=None,
+                        help="held-out samples (default max(24, num_samples // 10); 0 disables)")
+    args = parser.parse_args(argv)
+    info = write_synthetic(args.out, args.num_samples, args.shard_size, args.image_size, args.seed,
+                           args.val_samples)
+    print(f"data.train_shards={info['train_shards']}")
+    if info["val_shards"]:
+        print(f"data.val_shards={info['val_shards']}")
+    print(f"data.num_samples={info['num_samples']}  classes={len(CLASSES)}")
+    return info
+
+
+if __name__ == "__main__":
+    main()
