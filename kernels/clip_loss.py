@@ -1,0 +1,70 @@
+"""``clip_loss``: the symmetric CLIP loss of one square problem,
+``(CE(S, diag) + CE(S.T, diag)) / 2`` with ``S = s * I @ T.T``, with the row and
+the column log-sum-exp computed from one pass over the tiles (forward: one
+matmul pass, not two) and one shared recompute in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.contrastive_ce import as_scale_tensor
+from kernels.reference import clip_loss_reference
+from kernels.runtime import use_triton
+
+
+class ClipLossFunction(torch.autograd.Function):
+    """Autograd wrapper: saves I, T, the scale and fp32 base-2 row and column LSE."""
+
+    @staticmethod
+    def forward(ctx, image_features, text_features, logit_scale, scale_is_tensor):  # noqa: D102
+        from kernels.lse_forward import LN2, lse_forward
+
+        img, txt = image_features.contiguous(), text_features.contiguous()
+        scale = as_scale_tensor(logit_scale, img.device)
+        lse_row2, pos, lse_col2 = lse_forward(img, txt, scale, with_cols=True)
+        # The diagonal S_ii is the positive of both row i and column i.
+        loss = ((lse_row2 + lse_col2) * LN2 - 2 * pos).mean() / 2
+        ctx.save_for_backward(img, txt, scale, lse_row2, lse_col2)
+        ctx.scale_meta = (logit_scale.shape, logit_scale.dtype) if scale_is_tensor else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        from kernels.grad_backward import grad_backward
+
+        img, txt, scale, lse_row2, lse_col2 = ctx.saved_tensors
+        n = img.shape[0]
+        # d/dCE_i of (mean_i CE_row_i + mean_j CE_col_j) / 2.
+        w = (grad.float() / (2 * n)).reshape(1).expand(n).contiguous()
+        dimg, dtxt, dscale = grad_backward(img, txt, scale, lse_row2, w, lse_col2=lse_col2, g_col=w)
+        d_logit_scale = None
+        if ctx.scale_meta is not None:
+            shape, dtype = ctx.scale_meta
+            d_logit_scale = dscale.reshape(shape).to(dtype)
+        return dimg, dtxt, d_logit_scale, None
+
+
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """Symmetric CLIP loss of ``logit_scale * image_features @ text_features.T``.
+
+    image_features, text_features: [N, D], row i of each is the other's positive
+    (fp32, fp16 or bf16); logit_scale: scalar tensor or float, already exponentiated.
+    Returns a float32 scalar equal to open_clip's ``ClipLoss`` with world_size=1.
+    Falls back to ``kernels.reference`` where Triton cannot run (see runtime.py).
+    """
+    if not use_triton(image_features, text_features):
+        return clip_loss_reference(image_features, text_features, logit_scale)
+    # Validation (shapes, dtypes) is shared with the reference.
+    from kernels.reference import check_inputs
+
+    check_inputs(image_features, text_features, 0, "mean")
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"clip_loss needs as many images as texts; got {image_features.shape[0]} and "
+            f"{text_features.shape[0]} (use contrastive_ce for rectangular problems)"
+        )
+    scale_is_tensor = isinstance(logit_scale, torch.Tensor)
+    return ClipLossFunction.apply(image_features, text_features, logit_scale, scale_is_tensor)

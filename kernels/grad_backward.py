@@ -1,0 +1,145 @@
+"""Backward pass: recompute score tiles, form the logit gradient in fp32, and hand
+it to dense GEMMs one bounded row chunk at a time.
+
+For ``S = s * Q @ K.T`` and per-row weights ``g`` (the upstream gradient of each
+row's cross-entropy), the gradient of the loss in the logits is
+
+    dL/dS_ij = g_i (P_ij - [j == off + i])            P = softmax over the row
+             + h_j (Pc_ij - [i == j - off])           (symmetric loss only: Pc = softmax
+                                                       over the column, h = column weights)
+
+so ``dQ = s * dS @ K``, ``dK = s * dS.T @ Q`` and ``dL/ds = sum_ij dS_ij (Q @ K.T)_ij``.
+
+A Triton kernel recomputes each tile of ``S`` from Q and K, forms ``s * dS`` in fp32
+(the one-hot label term is subtracted in fp32 *before* any cast: at s = 100 the
+positive's probability rounds to 1 in bf16 and ``P - 1`` would cancel to 0), adds
+the tile's ``dL/ds`` partial to a per-tile buffer, and stores ``s * dS`` for a chunk
+of rows ``[R, M]``: bf16 for bf16 inputs (bf16 keeps fp32's exponent range), fp32
+otherwise (fp16's range would flush the small ``g * P`` entries to zero). cuBLAS then does
+``dQ[chunk] = G @ K`` and ``dK += G.T @ Q[chunk]`` (fp32 accumulator). Nothing is
+reduced with atomics, so the result is bitwise reproducible run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.runtime import dot_precision, interpreting, tile_config
+from kernels.score_tile import score_tile
+
+# Bound on the per-chunk gradient workspace G[R, M].
+GRAD_WORKSPACE_BYTES = 64 * 2**20
+
+
+@triton.jit
+def _grad_chunk_kernel(
+    q_ptr,
+    k_ptr,
+    scale_ptr,
+    lse_row_ptr,
+    g_row_ptr,
+    lse_col_ptr,
+    g_col_ptr,
+    out_ptr,
+    dscale_ptr,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    stride_out,
+    label_offset,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    WITH_COLS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    col_ok = cols < M
+    valid = row_ok[:, None] & col_ok[None, :]
+    scale = tl.load(scale_ptr).to(tl.float32)
+    acc = score_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, UPCAST, PRECISION)
+    x = acc * (scale * 1.4426950408889634)
+    is_label = (cols[None, :] == (rows[:, None] + label_offset)).to(tl.float32)
+    lse_r = tl.load(lse_row_ptr + rows, mask=row_ok, other=0.0)
+    g_r = tl.load(g_row_ptr + rows, mask=row_ok, other=0.0)
+    ds = g_r[:, None] * (tl.exp2(x - lse_r[:, None]) - is_label)
+    if WITH_COLS:
+        lse_c = tl.load(lse_col_ptr + cols, mask=col_ok, other=0.0)
+        g_c = tl.load(g_col_ptr + cols, mask=col_ok, other=0.0)
+        ds += g_c[None, :] * (tl.exp2(x - lse_c[None, :]) - is_label)
+    ds = tl.where(valid, ds, 0.0)
+    # dL/ds partial of this tile: one writer per slot, summed later in a fixed order.
+    tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(ds * acc, axis=1), axis=0))
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out, (ds * scale).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result: fp32 accumulate-and-output on CUDA for 16-bit
+    operands (one rounding at the end), exact fp32 otherwise (CPU cannot out_dtype)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def grad_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    lse_row2: torch.Tensor,
+    g_row: torch.Tensor,
+    *,
+    label_offset: int = 0,
+    lse_col2: torch.Tensor | None = None,
+    g_col: torch.Tensor | None = None,
+    rows_per_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_i g_i CE_row_i (+ sum_j h_j CE_col_j)`` in q, k and the scale.
+
+    q: [N, D], k: [M, D]; scale: 0-dim fp32; lse_row2: [N] fp32 base-2 row LSE;
+    g_row: [N] fp32 row weights; lse_col2/g_col: [M] (symmetric loss) or None.
+    Returns ``dq`` [N, D] (q's dtype), ``dk`` [M, D] (k's dtype), ``dscale`` 0-dim fp32.
+    """
+    cfg = tile_config()
+    n, d = q.shape
+    m = k.shape[0]
+    with_cols = lse_col2 is not None
+    g_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    if rows_per_chunk is None:
+        fit = GRAD_WORKSPACE_BYTES // (m * torch.finfo(g_dtype).bits // 8)
+        rows_per_chunk = max(cfg.BM, fit // cfg.BM * cfg.BM)
+    rows_per_chunk = min(rows_per_chunk, n)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
+    dscale_parts = []
+    workspace = torch.empty(rows_per_chunk, m, dtype=g_dtype, device=q.device)
+    k_g = k.to(g_dtype)  # no copy for bf16/fp32; fp16 runs its GEMMs in fp32 (see module doc)
+    for r0 in range(0, n, rows_per_chunk):
+        qc = q[r0 : r0 + rows_per_chunk]
+        nc = qc.shape[0]
+        grid = (triton.cdiv(nc, cfg.BM), triton.cdiv(m, cfg.BN))
+        part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
+        g = workspace[:nc]
+        _grad_chunk_kernel[grid](
+            qc, k, scale, lse_row2[r0:], g_row[r0:],
+            lse_col2 if with_cols else lse_row2, g_col if with_cols else g_row,
+            g, part, nc, m, d, qc.stride(0), k.stride(0), g.stride(0), label_offset + r0,
+            BM=cfg.BM, BN=cfg.BN, BD=cfg.BD, WITH_COLS=with_cols,
+            UPCAST=interpreting() and q.dtype != torch.float32,
+            PRECISION=dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        dscale_parts.append(part.sum())
+        dq[r0 : r0 + nc] = _mm(g, k_g).to(q.dtype)
+        dk += _mm(g.T, qc.to(g_dtype))
+    dscale = torch.stack(dscale_parts).sum()
+    return dq, dk.to(k.dtype), dscale

@@ -1,0 +1,80 @@
+"""Plain-torch versions of the kernels' ops: the oracle for tests and benchmarks,
+and the fallback when Triton cannot run.
+
+They build the full ``N x M`` logits (O(N*M) memory), exactly like open_clip's
+``ClipLoss``. Losses come back in float32 (float64 for float64 inputs), matching
+the Triton path, which reduces in fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, reduction: str) -> None:
+    """Validate shapes and the label range shared by every implementation."""
+    if queries.dim() != 2 or keys.dim() != 2:
+        raise ValueError(
+            f"queries and keys must be 2-D [N, D] and [M, D]; got {tuple(queries.shape)} and {tuple(keys.shape)}"
+        )
+    n, d = queries.shape
+    m, dk = keys.shape
+    if d != dk:
+        raise ValueError(f"queries have D={d} but keys have D={dk}; both must share the embedding size")
+    if n == 0 or m == 0:
+        raise ValueError("queries and keys must each hold at least one row")
+    if not 0 <= label_offset <= m - n:
+        raise ValueError(
+            f"label_offset={label_offset} puts the labels of N={n} rows outside the M={m} columns; "
+            f"it must lie in [0, {m - n}] (e.g. rank * local_batch)"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if queries.dtype != keys.dtype:
+        raise ValueError(f"queries ({queries.dtype}) and keys ({keys.dtype}) must share a dtype")
+
+
+def contrastive_ce_reference(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    label_offset: int = 0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of each row of ``logit_scale * queries @ keys.T`` against column
+    ``label_offset + i``.
+
+    queries: [N, D]; keys: [M, D]; logit_scale: scalar (already exponentiated).
+    Returns a scalar (``mean``/``sum``) or [N] (``none``).
+    """
+    check_inputs(queries, keys, label_offset, reduction)
+    logits = logit_scale * (queries @ keys.T)
+    labels = torch.arange(queries.shape[0], device=queries.device) + label_offset
+    return F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), labels, reduction=reduction)
+
+
+def clip_loss_reference(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """Symmetric CLIP loss of one square problem:
+    ``(CE(S, diag) + CE(S.T, diag)) / 2`` with ``S = logit_scale * I @ T.T``.
+
+    image_features, text_features: [N, D] (rows i are positives of each other).
+    """
+    check_inputs(image_features, text_features, 0, "mean")
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"clip_loss needs as many images as texts; got {image_features.shape[0]} and "
+            f"{text_features.shape[0]} (use contrastive_ce for rectangular problems)"
+        )
+    logits = (logit_scale * (image_features @ text_features.T)).to(_loss_dtype(image_features.dtype))
+    labels = torch.arange(image_features.shape[0], device=image_features.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

@@ -1,0 +1,79 @@
+"""When the Triton kernels can run, and with which tile configuration.
+
+Rule (documented in docs/kernels.md): the public ops use Triton when
+``triton_available()`` is true and either the inputs are CUDA tensors or the
+Triton interpreter is on (``TRITON_INTERPRET=1`` set before importing
+``kernels``). Otherwise they fall back to ``kernels.reference`` (plain torch,
+same semantics, materialises the logits).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton is optional: importing ``kernels`` must work without it.
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """True when the Triton CPU interpreter is on (``TRITON_INTERPRET=1``)."""
+    return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """Triton is importable and can run: a CUDA device exists or the interpreter is on."""
+    return HAS_TRITON and (torch.cuda.is_available() or interpreting())
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the ops should take the Triton path for these input tensors."""
+    if not triton_available():
+        return False
+    if interpreting():
+        return True
+    return all(t.is_cuda for t in tensors)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes of the score tile ``S[BM, BN]``, reduced over D in ``BD`` steps."""
+
+    BM: int
+    BN: int
+    BD: int
+    num_warps: int
+    num_stages: int
+
+
+# Compiled Triton needs every tl.dot dimension >= 16; the interpreter would accept
+# less, so the interpreter config keeps >= 16 too and stays small so tests of
+# ragged shapes cross several tiles while staying fast (numpy costs per tile).
+_INTERPRET_CONFIG = TileConfig(BM=32, BN=32, BD=32, num_warps=4, num_stages=1)
+# GPU default (Hopper/Ampere): 128x128 fp32 accumulator, D streamed in 64-wide slabs.
+# Not autotuned yet: no GPU was available when this was written (see docs/kernels.md).
+_GPU_CONFIG = TileConfig(BM=128, BN=128, BD=64, num_warps=8, num_stages=3)
+
+
+def tile_config() -> TileConfig:
+    """The fixed tile config for the current mode (interpreter or GPU)."""
+    return _INTERPRET_CONFIG if interpreting() else _GPU_CONFIG
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill; a small stand-in under the interpreter."""
+    if device.type == "cuda" and not interpreting():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 for fp32 inputs (torch's default matmul
+    is not TF32 either), irrelevant (native) for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
