@@ -1,0 +1,70 @@
+"""Run a function in N real processes joined by a torch.distributed process group (CPU, gloo).
+
+    from helpers_dist import run_distributed
+    results = run_distributed(fn, 2, arg1, arg2)    # [fn(0, 2, arg1, arg2), fn(1, 2, ...)]
+
+`fn` must be picklable (a module-level function) because the workers are started with the
+"spawn" method; it is called as `fn(rank, world_size, *args)` after the default process group
+is initialised (unless `init_process_group=False`, e.g. for code that initialises it itself such
+as `deepspeed.init_distributed()`). Each worker also gets the usual launcher environment
+(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT) so such code finds the
+group. Return values travel back through `torch.save`, so tensors, dicts and lists are fine.
+A worker's exception is re-raised in the caller with its traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, backend: str,
+            init_process_group: bool, timeout_s: float, threads: int, sys_path: list[str],
+            fn: Callable[..., Any], args: tuple) -> None:
+    sys.path[:] = sys_path  # the test's import roots (pytest inserts them at run time)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    # Several workers share few cores: one intra-op thread each avoids oversubscription.
+    torch.set_num_threads(threads)
+    if init_process_group:
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                init_method=f"tcp://127.0.0.1:{port}",
+                                timeout=timedelta(seconds=timeout_s))
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        if init_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
+                    init_process_group: bool = True, timeout_s: float = 120.0,
+                    threads_per_worker: int = 1) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` in `world_size` spawned processes; return results by rank.
+
+    `timeout_s` bounds every collective (a rank that dies makes the others fail instead of
+    hanging). Raises `torch.multiprocessing.ProcessRaisedException` (with the worker's
+    traceback) if any worker raises, or `ProcessExitedException` if one dies.
+    """
+    with tempfile.TemporaryDirectory(prefix="run_distributed_") as out_dir:
+        mp.spawn(_worker, nprocs=world_size, join=True,
+                 args=(world_size, free_port(), out_dir, backend, init_process_group, timeout_s,
+                       threads_per_worker, list(sys.path), fn, args))
+        return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False)
+                for r in range(world_size)]

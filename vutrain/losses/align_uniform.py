@@ -1,0 +1,101 @@
+"""Alignment + uniformity (Wang & Isola, 2020) with negatives from every rank.
+
+The seed objective of Vector Universe: pull each image onto its own title, push apart every
+other image-title pair of the global batch.
+
+    align   = mean_i ||x_i - y_i||^2                              (x: images, y: titles)
+    uniform = log mean_{i != j} exp(-t * ||x_i - y_j||^2)         (all W*B x W*B - W*B pairs)
+    loss    = align_weight * align + uniform_weight * uniform
+
+Uniformity is computed over cross-modal non-matching pairs: every rank scores its B images
+against all W*B gathered titles, and the partial sums of exp(...) are all-reduced (with
+gradient) so every rank sees the exact global log-mean. Hence, as for the other losses, the
+mean over ranks of the per-rank losses equals the loss of one process on the concatenated batch,
+and each rank's feature gradient is W times that loss's gradient for its slice.
+
+Both terms are computed in at least fp32 (fp16 would overflow the sum over W*B x W*B pairs).
+The log of a mean of exp(-t d^2) with d^2 in [0, 4] for unit vectors cannot overflow, and for t
+up to ~20 it cannot underflow to log(0) in fp32, so no log-sum-exp shift is needed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from vutrain.losses.gather import check_group, all_gather_with_grad, all_reduce_with_grad
+
+
+class AlignUniformLoss(nn.Module):
+    """Alignment + uniformity; `forward` returns the weighted total.
+
+    The two unweighted terms of the last call are kept in
+    `self.last_terms = {"align": float, "uniform": float}` for logging: both are global-batch
+    values, identical on every rank (align is averaged over ranks with one scalar all-reduce).
+
+    Args:
+        rank, world_size: this process's place in the default process group.
+        align_weight, uniform_weight: weights of the two terms in the total.
+        t: uniformity temperature (Wang & Isola use 2).
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, align_weight: float = 1.0,
+                 uniform_weight: float = 1.0, t: float = 2.0) -> None:
+        super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if t <= 0:
+            raise ValueError(f"AlignUniformLoss t must be > 0, got {t}")
+        self.rank = rank
+        self.world_size = world_size
+        self.align_weight = align_weight
+        self.uniform_weight = uniform_weight
+        self.t = t
+        self.last_terms: dict[str, float] = {}
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor | None = None, logit_bias: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        """Scalar loss of this rank.
+
+        Args:
+            image_features, text_features: [B, D], L2-normalised, row i of both is a pair.
+            logit_scale, logit_bias: accepted so every loss has the same call signature; unused
+                (distances on the unit sphere need no temperature beyond `t`).
+        """
+        b = image_features.shape[0]
+        if self.world_size * b < 2:
+            raise ValueError("AlignUniformLoss needs at least 2 pairs in the global batch")
+        dtype = torch.promote_types(image_features.dtype, torch.float32)
+        x, y = image_features.to(dtype), text_features.to(dtype)
+        align = (x - y).pow(2).sum(dim=1).mean()
+        uniform = self._uniform(x, y)
+        self.last_terms = {"align": self._global_mean(align), "uniform": float(uniform.detach())}
+        return self.align_weight * align + self.uniform_weight * uniform
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        """Mean over ranks of a detached scalar (for logging only; no gradient)."""
+        value = value.detach().clone()
+        if self.world_size > 1:
+            dist.all_reduce(value)
+            value /= self.world_size
+        return float(value)
+
+    def _uniform(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """log mean over global non-matching pairs of exp(-t * squared distance)."""
+        b = image_features.shape[0]
+        all_txt = text_features
+        if self.world_size > 1:
+            check_group(self.rank, self.world_size)
+            all_txt = all_gather_with_grad(text_features)
+        n = all_txt.shape[0]
+        # ||x - y||^2 = |x|^2 + |y|^2 - 2 x.y; clamp guards tiny negatives from rounding.
+        sq = (image_features.pow(2).sum(1, keepdim=True) + all_txt.pow(2).sum(1)
+              - 2 * image_features @ all_txt.T).clamp_min(0)
+        kernel = torch.exp(-self.t * sq)
+        positives = torch.zeros_like(kernel, dtype=torch.bool)
+        idx = torch.arange(b, device=kernel.device)
+        positives[idx, self.rank * b + idx] = True
+        partial = kernel.masked_fill(positives, 0).sum()
+        total = all_reduce_with_grad(partial) if self.world_size > 1 else partial
+        return torch.log(total / (n * (n - 1)))

@@ -1,0 +1,146 @@
+"""Softmax contrastive loss (CLIP / InfoNCE) with negatives gathered from every rank.
+
+Same constructor arguments, values and gradients as open_clip's `ClipLoss`:
+
+    logits_per_image = s * img @ txt.T (+ bias)     labels = arange(n) (+ rank * B if local_loss)
+    loss = (CE(logits_per_image, labels) + CE(logits_per_text, labels)) / 2
+
+Gradient semantics across ranks (B = local batch, W = world size, L = the loss of one process
+on the concatenated global batch):
+
+* `gather_with_grad=True` (any `local_loss`): the mean over ranks of the per-rank losses is L,
+  and rank r's feature gradient is ``sum_k d loss_k / d feat_r = W * dL/dfeat_r``; after DDP /
+  DeepSpeed average parameter gradients over ranks, training follows dL exactly.
+* `gather_with_grad=False, local_loss=False`: every rank computes L itself and its own slice
+  gets the exact dL/dfeat_r (the other slices are constants) - the averaged parameter gradient
+  is dL / W (open_clip's behaviour; the factor is absorbed by the learning rate).
+* `gather_with_grad=False, local_loss=True`: only the query side of the local rows gets a
+  gradient (gathered keys are constants), as in open_clip. Prefer `gather_with_grad=True` with
+  `local_loss=True`: it is exact and scores only a B x (W*B) block per rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vutrain.losses.gather import gather_features
+
+BACKENDS = ("torch", "triton", "auto")
+
+
+class ClipLoss(nn.Module):
+    """open_clip-compatible CLIP loss; see the module docstring for gradient semantics.
+
+    Args:
+        local_loss: score only this rank's rows against all gathered columns (B x W*B logits)
+            instead of the full W*B x W*B matrix.
+        gather_with_grad: gather features with an autograd-aware all-gather.
+        cache_labels: reuse the label tensor per (device, number of rows, offset).
+        rank, world_size: this process's place in the default process group.
+        backend: "torch" (reference), "triton" (`kernels.contrastive_ce` / `kernels.clip_loss`,
+            never materialises the logits) or "auto" (triton for CUDA features when the kernels
+            report Triton available, torch otherwise).
+
+    `last_terms` is always empty: the loss has a single term (kept for a uniform trainer API).
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
+                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 backend: str = "torch") -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.backend = backend
+        self.last_terms: dict[str, float] = {}
+        self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+
+    def get_ground_truth(self, device: torch.device, num_logits: int) -> torch.Tensor:
+        """Labels [num_logits] for the rows of this rank: arange, offset by rank*B if local_loss."""
+        offset = num_logits * self.rank if (self.world_size > 1 and self.local_loss) else 0
+        key = (device, num_logits, offset)
+        if self.cache_labels and key in self._labels:
+            return self._labels[key]
+        labels = torch.arange(offset, offset + num_logits, device=device, dtype=torch.long)
+        if self.cache_labels:
+            self._labels[key] = labels
+        return labels
+
+    def get_logits(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                   logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits_per_image, logits_per_text): [B, W*B] each with local_loss, else [W*B, W*B]."""
+        all_img, all_txt = self._gather(image_features, text_features)
+        if self.world_size > 1 and self.local_loss:
+            per_image = logit_scale * image_features @ all_txt.T
+            per_text = logit_scale * text_features @ all_img.T
+        else:
+            per_image = logit_scale * all_img @ all_txt.T
+            per_text = per_image.T
+        if logit_bias is not None:
+            per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        return per_image, per_text
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar loss of this rank.
+
+        Args:
+            image_features, text_features: [B, D], L2-normalised, row i of both is a pair.
+            logit_scale: scalar, already exponentiated (e.g. `model.logit_scale.exp()`).
+            logit_bias: optional scalar added to every logit (torch backend only).
+        """
+        if self._use_triton(image_features):
+            if logit_bias is not None:
+                raise ValueError("ClipLoss backend 'triton' does not support logit_bias; use "
+                                 "backend='torch' or drop the bias (loss.backend=torch)")
+            return self._forward_triton(image_features, text_features, logit_scale)
+        per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        labels = self.get_ground_truth(image_features.device, per_image.shape[0])
+        return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _gather(self, image_features: torch.Tensor, text_features: torch.Tensor):
+        return gather_features(image_features, text_features, local_loss=self.local_loss,
+                               gather_with_grad=self.gather_with_grad, rank=self.rank,
+                               world_size=self.world_size)
+
+    def _use_triton(self, features: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "triton":
+            return True
+        # "auto": the kernels only run on CUDA, and only when Triton can compile for this device.
+        if not features.is_cuda:
+            return False
+        try:
+            import kernels
+        except ImportError:
+            return False
+        available = getattr(kernels, "triton_available", None)
+        return bool(available()) if callable(available) else False
+
+    def _forward_triton(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                        logit_scale: torch.Tensor) -> torch.Tensor:
+        try:
+            import kernels  # lazy: the trainer must import without Triton installed
+        except ImportError as e:
+            raise ImportError("ClipLoss(backend='triton') needs the `kernels` package and Triton; "
+                              "install with `pip install -e .[kernels]` or use backend='torch'") from e
+        all_img, all_txt = self._gather(image_features, text_features)
+        if self.world_size > 1 and self.local_loss:
+            offset = self.rank * image_features.shape[0]
+            i2t = kernels.contrastive_ce(image_features, all_txt, logit_scale,
+                                         label_offset=offset, reduction="mean")
+            t2i = kernels.contrastive_ce(text_features, all_img, logit_scale,
+                                         label_offset=offset, reduction="mean")
+            return (i2t + t2i) / 2
+        return kernels.clip_loss(all_img, all_txt, logit_scale)

@@ -1,0 +1,130 @@
+"""Collectives that move features between ranks for the contrastive losses.
+
+Every loss in this package scores its local rows against the features of *all* ranks, so it
+needs an all-gather. Two flavours exist because of how gradients should flow:
+
+* `all_gather_with_grad`: autograd-aware. Backward sums, over ranks, the gradient that each
+  rank's loss puts on this rank's slice (a reduce-scatter). With every rank's loss built on the
+  gathered tensor, rank r's feature gradient is ``sum_k d loss_k / d feat_r``.
+* `all_gather_no_grad`: a plain `dist.all_gather`; the gathered copies are constants. open_clip
+  puts the local tensor back into its own slot so the local rows still get gradients from this
+  rank's loss ("ensure grads for local rank").
+
+We implement the autograd gather ourselves rather than use `torch.distributed.nn.all_gather`:
+its backward emulates reduce-scatter with all_to_all on non-NCCL backends, which gloo does not
+support for every dtype/shape; an all-reduce of the full gradient works on every backend and
+the NCCL path uses the cheaper reduce-scatter.
+
+All ranks must pass tensors of identical shape (equal local batch: use drop_last in the loader).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _gather_list(x: torch.Tensor) -> list[torch.Tensor]:
+    """Plain all-gather into a list of `world_size` tensors shaped like `x`."""
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return out
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """[B, ...] per rank -> [world*B, ...] on every rank; backward reduces grads to the owner."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.batch = x.shape[0]
+        return torch.cat(_gather_list(x), dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()  # never modify autograd's buffer in place
+        rank, b = dist.get_rank(), ctx.batch
+        if dist.get_backend() == dist.Backend.NCCL:
+            # reduce-scatter moves 1/world of the bytes an all-reduce does.
+            out = torch.empty_like(grad[:b])
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+            return out
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # gloo: no reduce_scatter for all setups
+        return grad[rank * b:(rank + 1) * b]
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks. Every rank's loss uses the sum, so backward sums the grads too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = grad.clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` ([B, ...], same shape on every rank) from all ranks in rank order.
+
+    Returns [world*B, ...]. Differentiable: backward gives each rank the sum over ranks of the
+    gradient w.r.t. its own slice.
+    """
+    return _AllGatherWithGrad.apply(x)
+
+
+def all_gather_no_grad(x: torch.Tensor, keep_local_grad: bool = True) -> torch.Tensor:
+    """Concatenate `x` from all ranks; remote slices carry no gradient.
+
+    With `keep_local_grad`, this rank's slot holds `x` itself (open_clip's behaviour for
+    `local_loss=False`), so the local rows still receive this rank's gradient.
+    """
+    with torch.no_grad():
+        parts = _gather_list(x)
+    if keep_local_grad:
+        parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks (every rank gets the total; backward sums grads)."""
+    return _AllReduceWithGrad.apply(x)
+
+
+def gather_features(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    *,
+    local_loss: bool = False,
+    gather_with_grad: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's `gather_features`: ([B, D], [B, D]) -> ([world*B, D], [world*B, D]).
+
+    Without `gather_with_grad`, the local tensors replace their slot only when
+    `local_loss=False` (with `local_loss=True` the local rows are the queries and get their
+    gradient from there; the gathered keys are constants, exactly as in open_clip).
+    """
+    if world_size == 1:
+        return image_features, text_features
+    check_group(rank, world_size)
+    if gather_with_grad:
+        return all_gather_with_grad(image_features), all_gather_with_grad(text_features)
+    keep = not local_loss
+    return (all_gather_no_grad(image_features, keep), all_gather_no_grad(text_features, keep))
+
+
+def check_group(rank: int, world_size: int) -> None:
+    """Fail loudly when the loss was built for a different process group than the live one."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"loss built with world_size={world_size} but torch.distributed is not initialised; "
+            "call torch.distributed.init_process_group first or build the loss with world_size=1")
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise RuntimeError(
+            f"loss built for rank={rank}, world_size={world_size} but the process group has "
+            f"rank={dist.get_rank()}, world_size={dist.get_world_size()}; pass the live values")
