@@ -8,17 +8,19 @@
 is initialised (unless `init_process_group=False`, e.g. for code that initialises it itself such
 as `deepspeed.init_distributed()`). Each worker also gets the usual launcher environment
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT) so such code finds the
-group. Return values travel back through `torch.save`, so tensors, dicts and lists are fine.
+group. `env` adds variables to the workers' environment from process start (before any
+import, e.g. TRITON_INTERPRET=1). Return values travel back through `torch.save`, so tensors, dicts and lists are fine.
 A worker's exception is re-raised in the caller with its traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import tempfile
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environ(extra: dict[str, str]) -> Iterator[None]:
+    """Set `extra` in os.environ while the workers are spawned (they inherit it), then restore."""
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, backend: str,
@@ -55,14 +72,14 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, backend: str,
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
                     init_process_group: bool = True, timeout_s: float = 120.0,
-                    threads_per_worker: int = 1) -> list[Any]:
+                    threads_per_worker: int = 1, env: dict[str, str] | None = None) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` spawned processes; return results by rank.
 
     `timeout_s` bounds every collective (a rank that dies makes the others fail instead of
     hanging). Raises `torch.multiprocessing.ProcessRaisedException` (with the worker's
     traceback) if any worker raises, or `ProcessExitedException` if one dies.
     """
-    with tempfile.TemporaryDirectory(prefix="run_distributed_") as out_dir:
+    with tempfile.TemporaryDirectory(prefix="run_distributed_") as out_dir, _environ(env or {}):
         mp.spawn(_worker, nprocs=world_size, join=True,
                  args=(world_size, free_port(), out_dir, backend, init_process_group, timeout_s,
                        threads_per_worker, list(sys.path), fn, args))

@@ -122,6 +122,27 @@ def _rank_results(rank, world, img_all, txt_all):
         out["align_uniform_terms"] = dict(au.last_terms)
         factory = build_loss("clip", rank=rank, world_size=world)
         out["factory_clip"] = grads_of(factory, img, txt, scale)
+        for local_loss, gwg in COMBOS:  # the kernels' dispatch (torch fallback on CPU, fp64)
+            tri = ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank,
+                           world_size=world, backend="triton")
+            out[("triton", local_loss, gwg)] = grads_of(tri, img, txt, scale)
+    return out
+
+
+def _rank_triton_interpreted(rank, world, img_all, txt_all):
+    """torch vs triton backend in fp32 with the Triton interpreter really running the kernels."""
+    from kernels.runtime import interpreting
+
+    assert interpreting(), "TRITON_INTERPRET=1 did not activate the Triton interpreter"
+    rows = slice(rank * B, (rank + 1) * B)
+    img, txt = img_all[rows].float(), txt_all[rows].float()
+    scale = torch.tensor(SCALE)
+    out = {}
+    for local_loss, gwg in COMBOS:
+        for backend in ("torch", "triton"):
+            mod = ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank,
+                           world_size=world, backend=backend)
+            out[(backend, local_loss, gwg)] = grads_of(mod, img, txt, scale)
     return out
 
 
@@ -269,6 +290,28 @@ def test_factory_builds_each_loss_with_last_terms():
         loss = build_loss(name, rank=0, world_size=1)
         assert isinstance(loss, cls) and isinstance(loss.last_terms, dict)
     assert build_loss("clip", rank=0, world_size=1).local_loss is True
+
+
+def test_clip_triton_backend_dispatch_matches_torch():
+    """backend="triton" wires rank offsets and gathers into kernels.* the same way (CPU fallback)."""
+    world, _, _, res = spawn_once(2)
+    for r, (local_loss, gwg) in itertools.product(range(world), COMBOS):
+        got, want = res[r][("triton", local_loss, gwg)], res[r][("clip", local_loss, gwg)]
+        torch.testing.assert_close(got[0], want[0], **TOL)
+        for a, c in zip(got[1], want[1]):
+            torch.testing.assert_close(a, c, **TOL)
+
+
+def test_clip_triton_kernels_interpreted_world2():
+    """The real Triton kernels (CPU interpreter) inside the distributed ClipLoss, fp32."""
+    pytest.importorskip("triton")
+    img, txt = make_batch(2)
+    res = run_distributed(_rank_triton_interpreted, 2, img, txt, env={"TRITON_INTERPRET": "1"})
+    for r, (local_loss, gwg) in itertools.product(range(2), COMBOS):
+        got, want = res[r][("triton", local_loss, gwg)], res[r][("torch", local_loss, gwg)]
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        for a, c in zip(got[1], want[1]):
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -39,8 +39,9 @@ class ClipLoss(nn.Module):
         cache_labels: reuse the label tensor per (device, number of rows, offset).
         rank, world_size: this process's place in the default process group.
         backend: "torch" (reference), "triton" (`kernels.contrastive_ce` / `kernels.clip_loss`,
-            never materialises the logits) or "auto" (triton for CUDA features when the kernels
-            report Triton available, torch otherwise).
+            never materialises the logits; on CPU the kernels fall back to their torch
+            reference unless TRITON_INTERPRET=1) or "auto" (triton for CUDA features when
+            `kernels.triton_available()`, torch otherwise).
 
     `last_terms` is always empty: the loss has a single term (kept for a uniform trainer API).
     """
