@@ -1,0 +1,67 @@
+"""Caption templates: how a sample's text is built from its ``.txt`` and ``.json`` metadata.
+
+Templates use ``str.format`` placeholders, e.g. ``"{title}"``, ``"{title}. tags: {tags}"``,
+``"{category_name}"``. ``{txt}`` / ``{caption}`` is the ``<key>.txt`` member, ``{tags}`` the tag
+list joined by ", ", every other name a ``<key>.json`` field. ``{title}`` falls back to the
+``.txt`` caption when the metadata has no title (img2dataset writes the title as the caption).
+"""
+
+from __future__ import annotations
+
+import string
+
+CAPTION_FIELDS = ("title", "tags", "category_name", "category_id", "txt", "caption", "video_id",
+                  "channel_title", "description", "variant")
+"""Placeholders a caption template may use."""
+
+
+class MissingCaptionField(ValueError):
+    """A sample lacks a field that the caption template needs (the sample is skipped and counted)."""
+
+    def __init__(self, field: str):
+        super().__init__(f"sample has no value for caption field {field!r}")
+        self.field = field
+
+
+def template_fields(template: str) -> list[str]:
+    """Placeholders of ``template``; ValueError naming the valid ones if any is unknown."""
+    fields = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"data.caption_template {template!r} is not a valid format string: {e}") from None
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if name not in CAPTION_FIELDS:
+            valid = ", ".join("{" + f + "}" for f in CAPTION_FIELDS)
+            raise ValueError(f"data.caption_template {template!r} has unknown placeholder {{{name}}}; "
+                             f"use one of {valid}.")
+        fields.append(name)
+    return fields
+
+
+def _field_value(name: str, meta: dict, txt: str | None) -> str:
+    if name in ("txt", "caption"):
+        value = txt
+    elif name == "tags":
+        tags = meta.get("tags")
+        value = ", ".join(str(t) for t in tags) if isinstance(tags, (list, tuple)) else tags
+    else:
+        value = meta.get(name)
+        if value is None and name == "title":
+            value = txt
+    if value is None:
+        raise MissingCaptionField(name)
+    return str(value)
+
+
+def render_caption(template: str, meta: dict, txt: str | None) -> str:
+    """Render ``template`` for one sample (``meta``: its ``.json``, ``txt``: its ``.txt`` or None).
+
+    Raises:
+        ValueError: unknown placeholder in the template.
+        MissingCaptionField: the sample lacks a needed field.
+    """
+    values = {name: _field_value(name, meta, txt) for name in template_fields(template)}
+    return template.format(**values)

@@ -1,0 +1,61 @@
+"""The deterministic plan of a training stream: which worker reads which shards, in which order.
+
+Everything here is a pure function of (seed, epoch, rank, worker), never of wall-clock or
+process state, so a resumed stream can recompute exactly where the interrupted one was.
+
+Batch ownership: a rank's batches are numbered ``g = 0, 1, 2, ...`` across epochs; epoch
+``g // steps_per_epoch``. With ``W`` loader workers, batch ``g`` is built by logical worker
+``g % W``, matching the strict round-robin in which ``torch.utils.data.DataLoader`` reads an
+iterable data set's workers (so every worker knows, without talking to the others, how many
+batches it owes in each epoch).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+def first_batch_of_worker(g0: int, worker: int, num_workers: int) -> int:
+    """Smallest batch index ``g >= g0`` built by ``worker`` (``g % num_workers == worker``)."""
+    return g0 + (worker - g0) % num_workers
+
+
+def worker_shards(shards: list[str], epoch: int, rank: int, world_size: int, worker: int,
+                  num_workers: int, seed: int, shard_shuffle: bool) -> list[str]:
+    """The shards that ``worker`` of ``rank`` reads in ``epoch`` (non-resampled mode).
+
+    All ranks shuffle the full list with the same (seed, epoch) RNG, then take every
+    ``world_size``-th shard starting at ``rank`` and, of those, every ``num_workers``-th starting
+    at ``worker`` (open_clip's detshuffle -> split_by_node -> split_by_worker).
+    """
+    order = list(shards)
+    if shard_shuffle:
+        random.Random(f"shards/{seed}/{epoch}").shuffle(order)
+    return order[rank::world_size][worker::num_workers]
+
+
+def shuffle_buffer(samples: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """Reservoir-style shuffle (like ``webdataset.shuffle``), drained at the end of the input.
+
+    Its output order is a function of the input order and ``rng`` only, so replaying the input
+    replays the output, which is how a resumed stream fast-forwards without decoding.
+    """
+    if size <= 1:
+        yield from samples
+        return
+    buf: list[T] = []
+    for item in samples:
+        buf.append(item)
+        if len(buf) >= size:
+            yield _pop_random(buf, rng)
+    while buf:
+        yield _pop_random(buf, rng)
+
+
+def _pop_random(buf: list[T], rng: random.Random) -> T:
+    i = rng.randrange(len(buf))
+    buf[i], buf[-1] = buf[-1], buf[i]
+    return buf.pop()

@@ -1,0 +1,86 @@
+"""Shard specs: brace expansion, ``::``-joined sources, and the epoch sample count.
+
+A spec such as ``/data/a/{00000..00009}.tar::/data/b/{000..003}.tar`` names shards of several
+sources. Local paths must exist (a missing one counts as unmatched); ``pipe:`` commands and URLs
+(``s3://``, ``https://``...) are kept as they are, the reader opens them with ``webdataset.gopen``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import braceexpand
+
+_REMOTE = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")
+
+
+def is_remote(url: str) -> bool:
+    """True for ``pipe:...`` specs and URLs with a scheme (not checked for existence)."""
+    return bool(_REMOTE.match(url)) and not url.startswith("file://")
+
+
+def expand_shards(spec: str, key: str = "data.train_shards") -> list[str]:
+    """Expand ``spec`` to a list of shard URLs/paths, in order, sources joined by ``::``.
+
+    Raises:
+        ValueError: when a source matches no shard ("data.train_shards matched 0 files: ...").
+    """
+    if not spec or not spec.strip():
+        raise ValueError(f"{key} is empty. Set it to a shard spec such as /data/{{00000..00009}}.tar.")
+    shards: list[str] = []
+    for source in spec.split("::"):
+        source = source.strip()
+        found = []
+        for url in braceexpand.braceexpand(source):
+            if url.startswith("file://"):
+                url = url[len("file://"):]
+            if is_remote(url) or os.path.isfile(url):
+                found.append(url)
+        if not found:
+            raise ValueError(f"{key} matched 0 files: {source}. Check the path or brace range.")
+        shards.extend(found)
+    return shards
+
+
+def _count_in_dir(directory: str, names: list[str]) -> int | None:
+    """Samples of the shards ``names`` (basenames) of one local directory, or None if unknown.
+
+    Looks, in open_clip's order, at ``sizes.json`` then ``__len__`` (the whole directory), then
+    at img2dataset's ``NNNNN_stats.json`` (``successes``) for each shard.
+    """
+    sizes_path = os.path.join(directory, "sizes.json")
+    if os.path.isfile(sizes_path):
+        with open(sizes_path) as f:
+            sizes = json.load(f)
+        if all(n in sizes for n in names):
+            return sum(int(sizes[n]) for n in names)
+    len_path = os.path.join(directory, "__len__")
+    if os.path.isfile(len_path):
+        with open(len_path) as f:
+            return int(f.read().strip())
+    total = 0
+    for name in names:
+        stats_path = os.path.join(directory, name.rsplit(".", 1)[0] + "_stats.json")
+        if not os.path.isfile(stats_path):
+            return None
+        with open(stats_path) as f:
+            total += int(json.load(f)["successes"])
+    return total
+
+
+def count_samples(shards: list[str]) -> int | None:
+    """Total samples of local ``shards`` from their directories' size files; None if any is unknown."""
+    by_dir: dict[str, list[str]] = {}
+    for url in shards:
+        if is_remote(url):
+            return None
+        by_dir.setdefault(os.path.dirname(os.path.abspath(url)), []).append(os.path.basename(url))
+    total = 0
+    for directory, names in by_dir.items():
+        n = _count_in_dir(directory, names)
+        if n is None:
+            return None
+        total += n
+    return total

@@ -1,0 +1,92 @@
+"""A small byte-level BPE tokenizer trained on the shards' texts, loadable by ``AutoTokenizer``.
+
+CLIP conventions: lower-case text, ``<|startoftext|>`` (bos) and ``<|endoftext|>`` (eos and pad)
+around every text. HF ``CLIPTextTransformer`` pools at the first eos, so padding with eos is
+harmless and truncation must keep the eos as the last token (it does: the fast tokenizer
+reserves room for the post-processor's special tokens when truncating).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Callable, Iterable, Iterator
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from .captions import template_fields
+from .samples import SkipCounter, SkipSample, decode_caption, decode_meta, iter_raw_samples
+from .shards import expand_shards
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 4096,
+                        max_length: int = 32) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``texts`` and save it to ``out_dir`` (``save_pretrained``).
+
+    Token ids: 0 = ``<|startoftext|>``, 1 = ``<|endoftext|>`` (also pad), then the 256 byte
+    symbols and merges. On a small corpus the vocabulary may be smaller than ``vocab_size``:
+    read ``len(tokenizer)``.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B:1 {EOS}:1",
+        special_tokens=[(BOS, bos_id), (EOS, eos_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                   unk_token=None, model_max_length=max_length)
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def iter_shard_texts(shards: str, caption_template: str, limit: int | None = None) -> Iterator[str]:
+    """Texts for tokenizer training: per sample its rendered caption, its tags and category name.
+
+    Images are not decoded; bad samples are skipped. ``limit`` caps the number of samples read.
+    """
+    template_fields(caption_template)  # fail fast on unknown placeholders
+    skipped = SkipCounter()
+
+    def samples() -> Iterator[dict]:
+        for url in expand_shards(shards):
+            yield from iter_raw_samples(url, skipped)
+
+    for raw in itertools.islice(samples(), limit):
+        try:
+            meta = decode_meta(raw)
+            yield decode_caption(raw, meta, caption_template)
+        except SkipSample as e:
+            skipped(e.reason, str(e))
+            continue
+        tags = meta.get("tags")
+        if isinstance(tags, (list, tuple)) and tags:
+            yield ", ".join(str(t) for t in tags)
+        if meta.get("category_name"):
+            yield str(meta["category_name"])
+
+
+def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize to fixed length: ``input_ids`` and ``attention_mask`` as LongTensor[B, max_length].
+
+    Padded with eos; truncated texts still end with eos (CLIP pools at the eos position).
+    """
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+
+def make_tokenize(tokenizer, max_length: int) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """``texts -> tokenize_batch(tokenizer, texts, max_length)``, picklable for DataLoader workers."""
+    import functools
+
+    return functools.partial(tokenize_batch, tokenizer, max_length=max_length)

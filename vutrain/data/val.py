@@ -1,0 +1,112 @@
+"""Validation batches: one finite, ordered pass; each rank reads a disjoint part.
+
+With at least as many shards as ranks, rank ``r`` reads shards ``r, r + world, ...``; with
+fewer shards every rank reads all of them and keeps the samples with index ``i % world == r``
+(index over raw samples, so each corrupt sample is counted by exactly one rank). Ranks may get
+different numbers of batches; the last batch may be smaller than ``batch_size``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from .captions import template_fields
+from .samples import SkipCounter, SkipSample, decode_meta, decode_sample, iter_raw_samples
+from .shards import expand_shards
+
+
+class ValStream:
+    """Iterable over this rank's validation batches (re-iterable; counts reset per pass).
+
+    Each batch: ``pixel_values`` float[B, 3, S, S], ``input_ids`` / ``attention_mask``
+    long[B, L], ``labels`` list[str] (the ``label_field`` metadata value, lists joined by ", ")
+    and ``keys`` list[str]. Samples without a label are skipped (``missing_label``).
+    """
+
+    def __init__(self, shards: str, *, preprocess: Callable, tokenize: Callable[[list[str]], dict],
+                 batch_size: int, rank: int = 0, world_size: int = 1, caption_template: str = "{title}",
+                 label_field: str = "category_name"):
+        template_fields(caption_template)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.shards = expand_shards(shards, "data.val_shards")
+        self.preprocess, self.tokenize, self.batch_size = preprocess, tokenize, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.caption_template, self.label_field = caption_template, label_field
+        self._skipped = SkipCounter()
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped by this rank in the current/last pass, by reason."""
+        return dict(self._skipped)
+
+    def _my_raw_samples(self) -> Iterator[dict]:
+        if len(self.shards) >= self.world_size:
+            for url in self.shards[self.rank::self.world_size]:
+                yield from iter_raw_samples(url, self._skipped)
+            return
+        index = 0
+        for url in self.shards:
+            # tar errors are counted by rank 0 only, since every rank reads every shard
+            for raw in iter_raw_samples(url, self._skipped if self.rank == 0 else None):
+                if index % self.world_size == self.rank:
+                    yield raw
+                index += 1
+
+    def _batch(self, pixels, captions, labels, keys) -> dict:
+        batch = dict(self.tokenize(captions))
+        batch.update(pixel_values=torch.stack(pixels), labels=labels, keys=keys)
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        self._skipped = SkipCounter()
+        pixels, captions, labels, keys = [], [], [], []
+        for raw in self._my_raw_samples():
+            try:
+                image, caption, meta = decode_sample(raw, self.caption_template)
+                label = meta.get(self.label_field)
+                if label is None:
+                    raise SkipSample("missing_label", f"{raw['__key__']} has no {self.label_field!r}")
+                pixel = self.preprocess(image)
+            except SkipSample as e:
+                self._skipped(e.reason, str(e))
+                continue
+            pixels.append(pixel)
+            captions.append(caption)
+            labels.append(", ".join(map(str, label)) if isinstance(label, list) else str(label))
+            keys.append(raw["__key__"])
+            if len(pixels) == self.batch_size:
+                yield self._batch(pixels, captions, labels, keys)
+                pixels, captions, labels, keys = [], [], [], []
+        if pixels:
+            yield self._batch(pixels, captions, labels, keys)
+
+
+def iter_val_batches(shards: str, *, preprocess: Callable, tokenize: Callable[[list[str]], dict],
+                     batch_size: int, rank: int = 0, world_size: int = 1, caption_template: str = "{title}",
+                     label_field: str = "category_name") -> Iterator[dict]:
+    """One pass over this rank's validation batches (see :class:`ValStream`)."""
+    return iter(ValStream(shards, preprocess=preprocess, tokenize=tokenize, batch_size=batch_size, rank=rank,
+                          world_size=world_size, caption_template=caption_template, label_field=label_field))
+
+
+def collect_label_values(shards: str, field: str = "category_name") -> list[str]:
+    """Sorted distinct values of metadata ``field`` over all samples (zero-shot class names).
+
+    List values (e.g. ``tags``) contribute each element. Images are not decoded.
+    """
+    values: set[str] = set()
+    skipped = SkipCounter()
+    for url in expand_shards(shards, "data.val_shards"):
+        for raw in iter_raw_samples(url, skipped):
+            try:
+                value = decode_meta(raw).get(field)
+            except SkipSample as e:
+                skipped(e.reason, str(e))
+                continue
+            if isinstance(value, list):
+                values.update(str(v) for v in value)
+            elif value is not None:
+                values.add(str(value))
+    return sorted(values)

@@ -1,0 +1,300 @@
+"""The training data stream over webdataset shards: split by rank and worker, exactly resumable.
+
+``TrainStream`` yields batches forever::
+
+    {"pixel_values": FloatTensor[B, 3, S, S], "input_ids": LongTensor[B, L], "attention_mask": LongTensor[B, L]}
+
+Per worker, per epoch: shard list (epoch_plan.worker_shards) -> raw samples (undecoded bytes)
+-> shuffle buffer -> decode + caption + preprocess (bad samples skipped and counted) -> batch
+of ``batch_size`` -> tokenize. Decoding after the shuffle keeps buffers small and lets a
+resumed stream replay the buffer without decoding.
+
+Epochs: every rank produces exactly ``steps_per_epoch = num_samples // (batch_size * world_size)``
+batches per epoch, so no rank waits alone in a collective. A worker whose shards run dry
+before its share of the epoch is done reads them again from the start (a new shuffle), so
+small shard splits repeat samples rather than end early; leftovers at the end of an epoch are
+dropped and the next epoch reshuffles the shard order with (seed, epoch).
+
+Resume: each batch carries a tag (logical worker, epoch, raw samples that worker drew from its
+shuffle buffer this epoch, batch index, its skip counts); ``state_dict()`` keeps the latest tag
+per worker and the next batch index. ``load_state_dict()`` restarts each worker at its next
+batch: it replays shard reading and the shuffle buffer for the drawn samples without decoding
+them, and the DataLoader's worker ids are rotated so its round robin resumes at the right
+worker. The following batches then equal those of the uninterrupted stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .captions import render_caption, template_fields
+from .epoch_plan import first_batch_of_worker, shuffle_buffer, worker_shards
+from .preprocess import make_preprocess
+from .samples import SkipCounter, SkipSample, decode_sample, iter_raw_samples
+from .shards import count_samples, expand_shards
+from .val import ValStream, collect_label_values, iter_val_batches
+
+__all__ = ["TrainStream", "ValStream", "iter_val_batches", "collect_label_values", "expand_shards",
+           "render_caption", "make_preprocess"]
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything that fixes the sequence of batches; a resumed stream must match it."""
+
+    num_shards: int
+    rank: int
+    world_size: int
+    workers: int  # logical workers: max(1, num_workers)
+    batch_size: int
+    steps_per_epoch: int
+    seed: int
+    shard_shuffle: bool
+    shuffle_buffer: int
+    resampled: bool
+    caption_template: str
+
+
+class _WorkerBatches:
+    """The batches of one logical worker, from batch ``g0`` on (runs inside a DataLoader worker)."""
+
+    def __init__(self, plan: _Plan, shards: list[str], preprocess, tokenize, worker: int,
+                 resume: dict | None):
+        self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
+        self.worker, self.resume = worker, resume
+        self.skipped = SkipCounter(resume["skipped"] if resume else {})
+
+    def _raw_pass(self, urls: Iterator[str]) -> Iterator[dict]:
+        for url in urls:
+            yield from iter_raw_samples(url, self.skipped)
+
+    def _epoch_samples(self, epoch: int) -> Iterator[dict]:
+        """Shuffled raw samples of this worker for ``epoch``, endless (passes repeat)."""
+        p = self.plan
+        tag = f"{p.seed}/{epoch}/{p.rank}/{self.worker}"
+        mine = worker_shards(self.shards, epoch, p.rank, p.world_size, self.worker, p.workers,
+                             p.seed, p.shard_shuffle)
+        for repeat in itertools.count():
+            n = 0
+            raw = self._raw_pass(iter(mine))
+            for sample in shuffle_buffer(raw, p.shuffle_buffer, random.Random(f"samples/{tag}/{repeat}")):
+                n += 1
+                yield sample
+            if n == 0:
+                raise RuntimeError(f"shards {mine} hold no readable samples (skipped: {dict(self.skipped)}); "
+                                   "check data.train_shards.")
+
+    def _resampled_samples(self, epoch: int) -> Iterator[dict]:
+        p = self.plan
+        tag = f"{p.seed}/{epoch}/{p.rank}/{self.worker}"
+        rng = random.Random(f"resample/{tag}")
+
+        def raw() -> Iterator[dict]:
+            empty = 0
+            while True:
+                n = 0
+                for sample in iter_raw_samples(rng.choice(self.shards), self.skipped):
+                    n += 1
+                    yield sample
+                empty = 0 if n else empty + 1
+                if empty > max(100, 4 * len(self.shards)):
+                    raise RuntimeError(f"{empty} shards in a row held no readable samples; "
+                                       "check data.train_shards.")
+
+        yield from shuffle_buffer(raw(), p.shuffle_buffer, random.Random(f"samples/{tag}"))
+
+    def _decode(self, raw: dict) -> tuple[torch.Tensor, str] | None:
+        try:
+            image, caption, _ = decode_sample(raw, self.plan.caption_template)
+            return self.preprocess(image), caption
+        except SkipSample as e:
+            self.skipped(e.reason, str(e))
+        except Exception as e:  # a preprocessing failure must not stop training; count it
+            self.skipped("preprocess_error", f"{raw.get('__key__')}: {e!r}")
+        return None
+
+    def __iter__(self) -> Iterator[dict]:
+        p, w = self.plan, self.worker
+        g = first_batch_of_worker(self.resume["next_batch"] if self.resume else 0, w, p.workers)
+        drawn = 0
+        if self.resume and self.resume.get("epoch") == g // p.steps_per_epoch:
+            drawn = self.resume["drawn"]
+        while True:
+            epoch = g // p.steps_per_epoch
+            samples = self._resampled_samples(epoch) if p.resampled else self._epoch_samples(epoch)
+            # Fast-forward: replay reading and shuffling of samples already handed out, muted so
+            # skip counts (restored from the state) are not counted twice.
+            self.skipped.muted = True
+            for _ in range(drawn):
+                next(samples)
+            self.skipped.muted = False
+            while g < (epoch + 1) * p.steps_per_epoch:
+                pixels, captions = [], []
+                while len(pixels) < p.batch_size:
+                    decoded = self._decode(next(samples))
+                    drawn += 1
+                    if decoded is not None:
+                        pixels.append(decoded[0])
+                        captions.append(decoded[1])
+                batch = dict(self.tokenize(captions))
+                batch["pixel_values"] = torch.stack(pixels)
+                batch["_tag"] = {"worker": w, "epoch": epoch, "drawn": drawn, "batch": g,
+                                 "skipped": dict(self.skipped)}
+                yield batch
+                g += p.workers
+            drawn = 0
+
+
+class _TrainIterable(IterableDataset):
+    """Maps DataLoader worker ids to logical workers, rotated so the round robin resumes in place."""
+
+    def __init__(self, plan: _Plan, shards, preprocess, tokenize, next_batch: int, workers: dict):
+        super().__init__()
+        self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
+        self.next_batch, self.workers = next_batch, workers
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        logical = ((info.id if info else 0) + self.next_batch) % self.plan.workers
+        resume = {"next_batch": self.next_batch, **self.workers.get(logical, {"skipped": {}})}
+        return iter(_WorkerBatches(self.plan, self.shards, self.preprocess, self.tokenize, logical, resume))
+
+
+class TrainStream:
+    """Endless, exactly resumable stream of training batches for one rank (see module doc).
+
+    Args:
+        shards: brace-expandable spec, sources joined by ``::`` (``data.train_shards``).
+        preprocess: PIL image -> FloatTensor[3, S, S] (e.g. ``make_preprocess(image_processor)``).
+        tokenize: list of B captions -> {"input_ids": [B, L], "attention_mask": [B, L]}.
+        batch_size: samples per batch on this rank (the micro batch).
+        rank, world_size: this process's data-parallel rank and the number of ranks.
+        num_workers: DataLoader worker processes (0: read in this process).
+        seed: fixes shard order, shuffles and resampling (same on all ranks).
+        caption_template: e.g. "{title}", "{title}. tags: {tags}" (see captions.py).
+        shuffle_buffer: samples held by each worker's shuffle buffer (<= 1 disables).
+        shard_shuffle: reshuffle the shard order every epoch with (seed, epoch).
+        resampled: draw shards with replacement per worker (no shard-count requirement).
+        num_samples: samples per epoch over all ranks; default from sizes.json / __len__ /
+            *_stats.json next to the shards.
+    """
+
+    def __init__(self, shards: str, *, preprocess: Callable, tokenize: Callable[[list[str]], dict],
+                 batch_size: int, rank: int, world_size: int, num_workers: int, seed: int,
+                 caption_template: str = "{title}", shuffle_buffer: int = 1000, shard_shuffle: bool = True,
+                 resampled: bool = False, num_samples: int | None = None):
+        template_fields(caption_template)  # unknown placeholder -> ValueError now, not in a worker
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"need batch_size >= 1 and num_workers >= 0; got {batch_size}, {num_workers}")
+        self.shards = expand_shards(shards, "data.train_shards")
+        workers = max(1, num_workers)
+        if not resampled and len(self.shards) < world_size * workers:
+            raise ValueError(
+                f"data.train_shards has {len(self.shards)} shards for {world_size} ranks x {workers} workers: "
+                "write more, smaller shards (dataset_tools build --shard-size) or set data.num_workers / "
+                "data.resampled=true")
+        if num_samples is None:
+            num_samples = count_samples(self.shards)
+            if num_samples is None:
+                raise ValueError("data.num_samples is not set and no sizes.json, __len__ or *_stats.json was "
+                                 f"found next to {shards}; set data.num_samples to the samples per epoch.")
+        self.num_samples = int(num_samples)
+        steps = self.num_samples // (batch_size * world_size)
+        if steps < 1:
+            raise ValueError(f"data.num_samples={self.num_samples} is smaller than one global batch "
+                             f"({batch_size} x {world_size} ranks); lower the batch size or add data.")
+        self.plan = _Plan(len(self.shards), rank, world_size, workers, batch_size, steps, seed,
+                          shard_shuffle, shuffle_buffer, resampled, caption_template)
+        self.num_workers, self.preprocess, self.tokenize = num_workers, preprocess, tokenize
+        self._next_batch = 0
+        self._workers: dict[int, dict] = {}
+        self._iterator: Iterator[Batch] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch on every rank: ``num_samples // (batch_size * world_size)``."""
+        return self.plan.steps_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self._next_batch // self.plan.steps_per_epoch
+
+    @property
+    def batches_seen(self) -> int:
+        """Batches handed out so far (including those before a resume)."""
+        return self._next_batch
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far on this rank by reason, summed over workers."""
+        total: Counter = Counter()
+        for info in self._workers.values():
+            total.update(info["skipped"])
+        return dict(total)
+
+    def _loader(self) -> Iterator[dict]:
+        dataset = _TrainIterable(self.plan, self.shards, self.preprocess, self.tokenize,
+                                 self._next_batch, {w: dict(v) for w, v in self._workers.items()})
+        if self.num_workers == 0:
+            return iter(dataset)
+        if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # fork avoids pickling the caller's preprocess/tokenize closures into the workers
+        context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                               multiprocessing_context=context, prefetch_factor=2))
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self._loader():
+            tag = batch.pop("_tag")
+            if tag["batch"] != self._next_batch:
+                raise RuntimeError(f"data stream out of order: got batch {tag['batch']}, expected "
+                                   f"{self._next_batch}")
+            self._workers[tag["worker"]] = {"epoch": tag["epoch"], "drawn": tag["drawn"],
+                                            "skipped": dict(tag["skipped"])}
+            self._next_batch += 1
+            yield batch
+
+    def __next__(self) -> Batch:
+        if self._iterator is None:
+            self._iterator = iter(self)
+        return next(self._iterator)
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position after the last batch handed out (save one per rank)."""
+        return {"version": _STATE_VERSION, "next_batch": self._next_batch, "plan": asdict(self.plan),
+                "workers": {str(w): v for w, v in sorted(self._workers.items())}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the batch at which ``state`` was taken (same settings required)."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported data stream state version {state.get('version')!r}")
+        saved, now = state["plan"], asdict(self.plan)
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if diff:
+            changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"the data stream state was saved with different settings ({changes}); "
+                             "resume with the same data settings, world size and rank, or start the data "
+                             "stream fresh.")
+        self._next_batch = int(state["next_batch"])
+        self._workers = {int(w): {"epoch": int(v["epoch"]), "drawn": int(v["drawn"]),
+                                  "skipped": {k: int(c) for k, c in v["skipped"].items()}}
+                         for w, v in state["workers"].items()}
+        self._iterator = None
