@@ -79,9 +79,25 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend
     hanging). Raises `torch.multiprocessing.ProcessRaisedException` (with the worker's
     traceback) if any worker raises, or `ProcessExitedException` if one dies.
     """
-    with tempfile.TemporaryDirectory(prefix="run_distributed_") as out_dir, _environ(env or {}):
-        mp.spawn(_worker, nprocs=world_size, join=True,
-                 args=(world_size, free_port(), out_dir, backend, init_process_group, timeout_s,
-                       threads_per_worker, list(sys.path), fn, args))
-        return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False)
-                for r in range(world_size)]
+    for attempt in range(_PORT_ATTEMPTS):
+        with tempfile.TemporaryDirectory(prefix="run_distributed_") as out_dir, _environ(env or {}):
+            try:
+                mp.spawn(_worker, nprocs=world_size, join=True,
+                         args=(world_size, free_port(), out_dir, backend, init_process_group,
+                               timeout_s, threads_per_worker, list(sys.path), fn, args))
+            except mp.ProcessRaisedException as e:
+                # Another process may grab the port between free_port() and the store's bind
+                # (parallel test runs); that failure happens before fn runs, so retrying is safe.
+                if attempt + 1 < _PORT_ATTEMPTS and _port_taken(str(e)):
+                    continue
+                raise
+            return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False)
+                    for r in range(world_size)]
+    raise AssertionError("unreachable")
+
+
+_PORT_ATTEMPTS = 3
+
+
+def _port_taken(message: str) -> bool:
+    return "EADDRINUSE" in message or "Address already in use" in message

@@ -262,6 +262,22 @@ def test_uniformity_pushes_apart():
     assert mod.last_terms["align"] == 0.0
 
 
+def _rank_maybe_fail(rank, world, fail_rank):
+    import torch.distributed as dist
+
+    assert dist.get_rank() == rank and dist.get_world_size() == world
+    if rank == fail_rank:
+        raise RuntimeError(f"boom on rank {rank}")
+    return {"rank": rank, "t": torch.full((2,), float(rank))}
+
+
+def test_run_distributed_results_by_rank_and_worker_errors():
+    res = run_distributed(_rank_maybe_fail, 2, -1)
+    assert [r["rank"] for r in res] == [0, 1] and res[1]["t"].tolist() == [1.0, 1.0]
+    with pytest.raises(Exception, match="boom on rank 1"):
+        run_distributed(_rank_maybe_fail, 2, 1)
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 def test_bad_arguments_raise_clear_errors():
