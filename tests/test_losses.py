@@ -306,6 +306,11 @@ def test_factory_builds_each_loss_with_last_terms():
         loss = build_loss(name, rank=0, world_size=1)
         assert isinstance(loss, cls) and isinstance(loss.last_terms, dict)
     assert build_loss("clip", rank=0, world_size=1).local_loss is True
+    # "auto" on CPU features is the torch path (so a logit_bias is fine)
+    img, txt = make_batch(1)
+    s, bias = torch.tensor(SCALE, dtype=torch.float64), torch.tensor(BIAS, dtype=torch.float64)
+    torch.testing.assert_close(ClipLoss(backend="auto")(img, txt, s, bias),
+                               clip_reference(img, txt, s, bias), **TOL)
 
 
 def test_clip_triton_backend_dispatch_matches_torch():

@@ -109,7 +109,8 @@ class ClipLoss(nn.Module):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _gather(self, image_features: torch.Tensor, text_features: torch.Tensor):
+    def _gather(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         return gather_features(image_features, text_features, local_loss=self.local_loss,
                                gather_with_grad=self.gather_with_grad, rank=self.rank,
                                world_size=self.world_size)
