@@ -14,30 +14,31 @@ from kernels.runtime import use_triton
 
 
 class ClipLossFunction(torch.autograd.Function):
-    """Autograd wrapper: saves I, T, the scale and fp32 base-2 row and column LSE."""
+    """Autograd wrapper: saves I, T, the scale and fp32 row and column statistics [N]."""
 
     @staticmethod
     def forward(ctx, image_features, text_features, logit_scale, scale_is_tensor):  # noqa: D102
-        from kernels.lse_forward import LN2, lse_forward
+        from kernels.lse_forward import lse_forward
 
         img, txt = image_features.contiguous(), text_features.contiguous()
         scale = as_scale_tensor(logit_scale, img.device)
-        lse_row2, pos, lse_col2 = lse_forward(img, txt, scale, with_cols=True)
-        # The diagonal S_ii is the positive of both row i and column i.
-        loss = ((lse_row2 + lse_col2) * LN2 - 2 * pos).mean() / 2
-        ctx.save_for_backward(img, txt, scale, lse_row2, lse_col2)
+        s = lse_forward(img, txt, scale, with_cols=True)
+        loss = (s.row_ce.mean() + s.col_ce.mean()) / 2
+        ctx.save_for_backward(img, txt, scale, s.row_m2, s.row_log2l, s.col_m2, s.col_log2l)
         ctx.scale_meta = (logit_scale.shape, logit_scale.dtype) if scale_is_tensor else None
         return loss
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         from kernels.grad_backward import grad_backward
+        from kernels.lse_forward import LseStats
 
-        img, txt, scale, lse_row2, lse_col2 = ctx.saved_tensors
+        img, txt, scale, row_m2, row_log2l, col_m2, col_log2l = ctx.saved_tensors
+        stats = LseStats(row_m2, row_log2l, None, col_m2, col_log2l, None)
         n = img.shape[0]
         # d/dCE_i of (mean_i CE_row_i + mean_j CE_col_j) / 2.
         w = (grad.float() / (2 * n)).reshape(1).expand(n).contiguous()
-        dimg, dtxt, dscale = grad_backward(img, txt, scale, lse_row2, w, lse_col2=lse_col2, g_col=w)
+        dimg, dtxt, dscale = grad_backward(img, txt, scale, stats, w, g_col=w)
         d_logit_scale = None
         if ctx.scale_meta is not None:
             shape, dtype = ctx.scale_meta

@@ -47,30 +47,31 @@ def reduce_rows(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 class ContrastiveCEFunction(torch.autograd.Function):
-    """Autograd wrapper: saves only Q, K, the scale and the fp32 base-2 row LSE [N]."""
+    """Autograd wrapper: saves only Q, K, the scale and two fp32 [N] row statistics."""
 
     @staticmethod
     def forward(ctx, queries, keys, logit_scale, label_offset, reduction, scale_is_tensor):  # noqa: D102
-        from kernels.lse_forward import LN2 as _ln2, lse_forward
+        from kernels.lse_forward import lse_forward
 
         q, k = queries.contiguous(), keys.contiguous()
         scale = as_scale_tensor(logit_scale, q.device)
-        lse_row2, pos, _ = lse_forward(q, k, scale, label_offset=label_offset)
-        per_row = lse_row2 * _ln2 - pos
-        ctx.save_for_backward(q, k, scale, lse_row2)
+        stats = lse_forward(q, k, scale, label_offset=label_offset)
+        ctx.save_for_backward(q, k, scale, stats.row_m2, stats.row_log2l)
         ctx.label_offset = label_offset
         ctx.reduction = reduction
         ctx.scale_is_tensor = scale_is_tensor
         ctx.scale_meta = (logit_scale.shape, logit_scale.dtype) if scale_is_tensor else None
-        return reduce_rows(per_row, reduction)
+        return reduce_rows(stats.row_ce, reduction)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         from kernels.grad_backward import grad_backward
+        from kernels.lse_forward import LseStats
 
-        q, k, scale, lse_row2 = ctx.saved_tensors
+        q, k, scale, row_m2, row_log2l = ctx.saved_tensors
         g_row = row_weights(grad, q.shape[0], ctx.reduction)
-        dq, dk, dscale = grad_backward(q, k, scale, lse_row2, g_row, label_offset=ctx.label_offset)
+        stats = LseStats(row_m2, row_log2l, row_ce=None)
+        dq, dk, dscale = grad_backward(q, k, scale, stats, g_row, label_offset=ctx.label_offset)
         d_logit_scale = None
         if ctx.scale_is_tensor:
             shape, dtype = ctx.scale_meta

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.lse_forward import LseStats
 from kernels.runtime import dot_precision, interpreting, tile_config
 from kernels.score_tile import score_tile
 
@@ -38,9 +39,11 @@ def _grad_chunk_kernel(
     q_ptr,
     k_ptr,
     scale_ptr,
-    lse_row_ptr,
+    row_m_ptr,
+    row_log2l_ptr,
     g_row_ptr,
-    lse_col_ptr,
+    col_m_ptr,
+    col_log2l_ptr,
     g_col_ptr,
     out_ptr,
     dscale_ptr,
@@ -69,13 +72,17 @@ def _grad_chunk_kernel(
     acc = score_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, UPCAST, PRECISION)
     x = acc * (scale * 1.4426950408889634)
     is_label = (cols[None, :] == (rows[:, None] + label_offset)).to(tl.float32)
-    lse_r = tl.load(lse_row_ptr + rows, mask=row_ok, other=0.0)
+    # P = 2^((x - max) - log2 l): subtracting the max first keeps P's distance from 1
+    # (near one-hot rows) instead of rounding it away at |x| ~ 144.
+    m_r = tl.load(row_m_ptr + rows, mask=row_ok, other=0.0)
+    l_r = tl.load(row_log2l_ptr + rows, mask=row_ok, other=0.0)
     g_r = tl.load(g_row_ptr + rows, mask=row_ok, other=0.0)
-    ds = g_r[:, None] * (tl.exp2(x - lse_r[:, None]) - is_label)
+    ds = g_r[:, None] * (tl.exp2((x - m_r[:, None]) - l_r[:, None]) - is_label)
     if WITH_COLS:
-        lse_c = tl.load(lse_col_ptr + cols, mask=col_ok, other=0.0)
+        m_c = tl.load(col_m_ptr + cols, mask=col_ok, other=0.0)
+        l_c = tl.load(col_log2l_ptr + cols, mask=col_ok, other=0.0)
         g_c = tl.load(g_col_ptr + cols, mask=col_ok, other=0.0)
-        ds += g_c[None, :] * (tl.exp2(x - lse_c[None, :]) - is_label)
+        ds += g_c[None, :] * (tl.exp2((x - m_c[None, :]) - l_c[None, :]) - is_label)
     ds = tl.where(valid, ds, 0.0)
     # dL/ds partial of this tile: one writer per slot, summed later in a fixed order.
     tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(ds * acc, axis=1), axis=0))
@@ -95,24 +102,24 @@ def grad_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     scale: torch.Tensor,
-    lse_row2: torch.Tensor,
+    stats: LseStats,
     g_row: torch.Tensor,
     *,
     label_offset: int = 0,
-    lse_col2: torch.Tensor | None = None,
     g_col: torch.Tensor | None = None,
     rows_per_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_i g_i CE_row_i (+ sum_j h_j CE_col_j)`` in q, k and the scale.
 
-    q: [N, D], k: [M, D]; scale: 0-dim fp32; lse_row2: [N] fp32 base-2 row LSE;
-    g_row: [N] fp32 row weights; lse_col2/g_col: [M] (symmetric loss) or None.
+    q: [N, D], k: [M, D]; scale: 0-dim fp32; stats: the forward's softmax statistics
+    (with column statistics for the symmetric loss); g_row: [N] fp32 row weights;
+    g_col: [M] fp32 column weights (symmetric loss) or None.
     Returns ``dq`` [N, D] (q's dtype), ``dk`` [M, D] (k's dtype), ``dscale`` 0-dim fp32.
     """
     cfg = tile_config()
     n, d = q.shape
     m = k.shape[0]
-    with_cols = lse_col2 is not None
+    with_cols = g_col is not None
     g_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     if rows_per_chunk is None:
         fit = GRAD_WORKSPACE_BYTES // (m * torch.finfo(g_dtype).bits // 8)
@@ -130,8 +137,9 @@ def grad_backward(
         part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
         g = workspace[:nc]
         _grad_chunk_kernel[grid](
-            qc, k, scale, lse_row2[r0:], g_row[r0:],
-            lse_col2 if with_cols else lse_row2, g_col if with_cols else g_row,
+            qc, k, scale, stats.row_m2[r0:], stats.row_log2l[r0:], g_row[r0:],
+            stats.col_m2 if with_cols else g_row, stats.col_log2l if with_cols else g_row,
+            g_col if with_cols else g_row,
             g, part, nc, m, d, qc.stride(0), k.stride(0), g.stride(0), label_offset + r0,
             BM=cfg.BM, BN=cfg.BN, BD=cfg.BD, WITH_COLS=with_cols,
             UPCAST=interpreting() and q.dtype != torch.float32,

@@ -19,6 +19,7 @@ All LSE values are kept in base 2 (``log2 sum 2^x`` with ``x = s * log2(e) * q.k
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -62,8 +63,7 @@ def _lse_fwd_kernel(
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     row_ok = rows < N
-    scale = tl.load(scale_ptr).to(tl.float32)
-    scale2 = scale * 1.4426950408889634  # fold log2(e) into the scale once
+    scale2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634  # fold log2(e) into the scale once
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     col_start = pid_s * cols_per_split
@@ -78,14 +78,16 @@ def _lse_fwd_kernel(
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
         m_i = m_new
         # The positive logit of a row lies in exactly one tile of one split: that
-        # program writes it (natural units, fp32), so no second pass is needed.
+        # program writes it (base 2, the very bits that entered the running max, so
+        # max - positive is exactly 0 when the positive is the max), no second pass.
         is_label = (cols[None, :] == (rows[:, None] + label_offset)) & col_ok[None, :]
-        pos = tl.sum(tl.where(is_label, acc * scale, 0.0), axis=1)
+        pos = tl.sum(tl.where(is_label, x, 0.0), axis=1)
         found = tl.sum(is_label.to(tl.int32), axis=1) > 0
         tl.store(pos_ptr + rows, pos, mask=row_ok & found)
         if WITH_COLS:
             xc = tl.where(row_ok[:, None], x, float("-inf"))
-            cm = tl.max(xc, axis=0)
+            # Padded columns would give -inf - -inf = nan; keep them finite (never stored).
+            cm = tl.where(col_ok, tl.max(xc, axis=0), 0.0)
             cl = tl.sum(tl.exp2(xc - cm[None, :]), axis=0)
             off = pid_m.to(tl.int64) * M + cols
             tl.store(col_m_ptr + off, cm, mask=col_ok)
@@ -111,6 +113,24 @@ def _column_splits(row_blocks: int, m: int, bn: int, device: torch.device, col_s
     return max(1, min(col_splits, col_tiles))
 
 
+@dataclass
+class LseStats:
+    """Per-row (and per-column) softmax statistics of ``S = s * Q @ K.T``, fp32, base 2.
+
+    ``m2``: max of ``S * log2(e)``; ``log2l``: ``log2 sum 2^(S*log2(e) - m2)``; ``ce``:
+    cross-entropy (natural log) against the label. Kept apart rather than as one
+    ``lse = m2 + log2l``: near one-hot rows have ``log2l ~ 1e-6``, which one fp32 sum at
+    magnitude ~144 (s = 100) would round away, in the loss and in ``P - 1``.
+    """
+
+    row_m2: torch.Tensor
+    row_log2l: torch.Tensor
+    row_ce: torch.Tensor
+    col_m2: torch.Tensor | None = None
+    col_log2l: torch.Tensor | None = None
+    col_ce: torch.Tensor | None = None
+
+
 def lse_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,12 +139,12 @@ def lse_forward(
     label_offset: int = 0,
     with_cols: bool = False,
     col_splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Row LSE, positive logit and (optionally) column LSE of ``S = scale * q @ k.T``.
+) -> LseStats:
+    """Row (and optionally column) softmax statistics of ``S = scale * q @ k.T``.
 
     q: [N, D], k: [M, D] (same dtype, contiguous), scale: 0-dim fp32 tensor on q's device.
-    Returns ``lse_row2`` [N] fp32 (base 2), ``pos`` [N] fp32 (``S[i, label_offset + i]``,
-    natural units) and ``lse_col2`` [M] fp32 (base 2) when ``with_cols`` else None.
+    Row i's label is column ``label_offset + i``; with ``with_cols`` (square problems,
+    label_offset 0) column j's label is row j. All outputs are [N] or [M] fp32.
     """
     cfg = tile_config()
     n, d = q.shape
@@ -170,6 +190,9 @@ def lse_forward(
                 col_m, col_l = cmm, cll
             else:
                 col_m, col_l = merge_lse2(torch.stack([col_m, cmm]), torch.stack([col_l, cll]))
-    lse_row2 = torch.cat(row_m_parts) + torch.log2(torch.cat(row_l_parts))
-    lse_col2 = col_m + torch.log2(col_l) if with_cols else None
-    return lse_row2, pos, lse_col2
+    row_m2, row_log2l = torch.cat(row_m_parts), torch.log2(torch.cat(row_l_parts))
+    stats = LseStats(row_m2, row_log2l, ((row_m2 - pos) + row_log2l) * LN2)
+    if with_cols:
+        stats.col_m2, stats.col_log2l = col_m, torch.log2(col_l)
+        stats.col_ce = ((col_m - pos) + stats.col_log2l) * LN2  # the diagonal is both labels
+    return stats

@@ -10,6 +10,7 @@ same semantics, materialises the logits).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,45 @@ except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 
+def interpret_requested() -> bool:
+    """``TRITON_INTERPRET=1`` is set in the environment."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when the Triton CPU interpreter is on (``TRITON_INTERPRET=1``)."""
-    return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when the Triton CPU interpreter is really active.
+
+    Triton decides at *its own* import time: its standard library (``tl.sum``,
+    ``tl.zeros``...) is built as interpreter functions only if ``TRITON_INTERPRET=1``
+    was already set. Setting it later (e.g. after ``torch.distributed.nn`` or
+    ``transformers`` imported Triton) would crash every kernel, so that case counts
+    as "not interpreting" and the ops fall back to the torch reference, with a warning.
+    """
+    if not (HAS_TRITON and interpret_requested()):
+        return False
+    import triton.language.standard as tl_std
+    from triton.runtime.interpreter import InterpretedFunction
+
+    active = isinstance(tl_std.sum, InterpretedFunction)
+    if not active:
+        _warn_late_interpret()
+    return active
+
+
+_WARNED = False
+
+
+def _warn_late_interpret() -> None:
+    global _WARNED
+    if not _WARNED:
+        _WARNED = True
+        warnings.warn(
+            "TRITON_INTERPRET=1 was set after Triton was imported, so the Triton interpreter is "
+            "not active; kernels fall back to the torch reference. Set TRITON_INTERPRET=1 in the "
+            "environment before starting Python.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def triton_available() -> bool:

@@ -1,0 +1,262 @@
+"""kernels.contrastive_ce / kernels.clip_loss against an fp64 torch oracle.
+
+Runs the Triton kernels on CPU through the Triton interpreter (TRITON_INTERPRET=1,
+set here before Triton is imported) or on CUDA when a GPU exists. If another test
+module imported Triton first without the interpreter, this module re-runs itself
+in a fresh process (test_rerun_in_fresh_interpreter) instead of testing the
+torch fallback by mistake. Expected runtime: ~1 min on 2 CPU cores.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import clip_loss, contrastive_ce  # noqa: E402
+from kernels.reference import clip_loss_reference, contrastive_ce_reference  # noqa: E402
+from kernels.testing import run_module_in_interpreter, triton_mode  # noqa: E402
+
+MODE = triton_mode()
+DEVICE = "cuda" if MODE == "gpu" else "cpu"
+pytestmark = pytest.mark.skipif(MODE == "none", reason="Triton is not installed")
+in_process = pytest.mark.skipif(
+    MODE == "subprocess", reason="Triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter"
+)
+
+
+def test_rerun_in_fresh_interpreter():
+    if MODE != "subprocess":
+        pytest.skip("the interpreter (or a GPU) is active in this process")
+    r = run_module_in_interpreter(__file__)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def _features(n, d, dtype=torch.float32, seed=0, scale_rows=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1) * scale_rows).to(dtype)
+
+
+def _ours_and_ref(op, q, k, scale, **kw):
+    """Loss and grads (q, k, scale) from the kernel on DEVICE and from the fp64 oracle."""
+    qa, ka = (x.to(DEVICE).detach().requires_grad_() for x in (q, k))
+    sa = torch.tensor(float(scale), device=DEVICE, requires_grad=True)
+    ours = op(qa, ka, sa, **kw)
+    assert ours.grad_fn is not None and "Function" in type(ours.grad_fn).__name__, "kernel path not taken"
+    weights = torch.linspace(0.5, 1.5, ours.numel(), device=DEVICE).reshape(ours.shape)
+    (ours * weights).sum().backward()
+    qr, kr = (x.detach().double().requires_grad_() for x in (q, k))
+    sr = torch.tensor(float(scale), dtype=torch.float64, requires_grad=True)
+    ref_op = contrastive_ce_reference if op is contrastive_ce else clip_loss_reference
+    ref = ref_op(qr, kr, sr, **kw)
+    (ref * weights.double().cpu().reshape(ref.shape)).sum().backward()
+    return (ours, qa.grad, ka.grad, sa.grad), (ref, qr.grad, kr.grad, sr.grad)
+
+
+def _assert_close(ours, ref, rtol, atol=0.0):
+    """Each output within rtol of the oracle (relative to the oracle's largest magnitude) + atol."""
+    for name, a, b in zip(("loss", "d_queries", "d_keys", "d_scale"), ours, ref):
+        a = a.detach().double().cpu()
+        err = (a - b).abs().max().item()
+        bound = rtol * b.abs().max().item() + atol
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+SHAPES = [  # (N, M, D, label_offset): ragged, below/above one tile, D not a multiple of BD
+    (1, 1, 16, 0),
+    (7, 48, 24, 41),
+    (37, 111, 130, 70),
+    (48, 96, 40, 32),
+    (65, 65, 16, 0),
+]
+
+
+@in_process
+@pytest.mark.parametrize("n,m,d,off", SHAPES)
+@pytest.mark.parametrize("scale", [1.0, 14.3, 100.0])
+def test_contrastive_ce_fp32_matches_fp64(n, m, d, off, scale):
+    q, k = _features(n, d, seed=1), _features(m, d, seed=2)
+    ours, ref = _ours_and_ref(contrastive_ce, q, k, scale, label_offset=off)
+    _assert_close(ours, ref, rtol=2e-5)
+
+
+@in_process
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_contrastive_ce_reductions(reduction):
+    q, k = _features(33, 40, seed=3), _features(70, 40, seed=4)
+    ours, ref = _ours_and_ref(contrastive_ce, q, k, 20.0, label_offset=37, reduction=reduction)
+    assert ours[0].shape == ref[0].shape
+    _assert_close(ours, ref, rtol=2e-5)
+
+
+@in_process
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_16bit_inputs(dtype, rtol, scale):
+    # The oracle sees the same 16-bit values (in fp64): the kernels accumulate in fp32,
+    # so only the output rounding (grads stored in the input dtype) is left.
+    q, k = _features(40, 72, dtype, seed=5), _features(90, 72, dtype, seed=6)
+    ours, ref = _ours_and_ref(contrastive_ce, q, k, scale, label_offset=50)
+    assert ours[1].dtype == dtype and ours[2].dtype == dtype
+    _assert_close(ours, ref, rtol=rtol)
+    ours, ref = _ours_and_ref(clip_loss, q[:40], k[:40], scale)
+    _assert_close(ours, ref, rtol=rtol)
+
+
+def _torch_same_dtype(op, q, k, scale, **kw):
+    """Loss and grads of the plain-torch op run in the inputs' own dtype (the baseline)."""
+    ref_op = contrastive_ce_reference if op is contrastive_ce else clip_loss_reference
+    qt, kt = (x.detach().clone().requires_grad_() for x in (q, k))
+    st = torch.tensor(float(scale), requires_grad=True)
+    out = ref_op(qt, kt, st, **kw)
+    out.sum().backward()
+    return out, qt.grad, kt.grad, st.grad
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_near_one_hot_rows_no_worse_than_torch(dtype):
+    # Positives close to their queries at s=100: P_ii = 1 - ~1e-3, which rounds to 1 in
+    # bf16, so the label term must be formed in fp32 or those rows lose their gradient.
+    # Criterion (as in apple/ml-cross-entropy): error vs fp64 no worse than torch's own
+    # error in the same dtype, plus a small margin.
+    k = _features(64, 32, seed=7).double()
+    q = F.normalize(k[16:48] + 1.2 * _features(32, 32, seed=8).double(), dim=-1)
+    q, k = q.to(dtype), k.to(dtype)
+    ours, ref = _ours_and_ref(contrastive_ce, q, k, 100.0, label_offset=16, reduction="sum")
+    base = _torch_same_dtype(contrastive_ce, q, k, 100.0, label_offset=16, reduction="sum")
+    assert 1e-5 < ref[0].item() < 0.1, "the set-up should give near-one-hot rows"
+    for name, a, b, t in zip(("loss", "d_queries", "d_keys", "d_scale"), ours, ref, base):
+        err = (a.detach().double().cpu() - b).abs().max().item()
+        err_torch = (t.detach().double() - b).abs().max().item()
+        margin = 1e-3 * b.abs().max().item() if dtype == torch.bfloat16 else 1e-5 * b.abs().max().item()
+        assert err <= err_torch + margin, f"{name}: ours {err:.3g} vs torch-{dtype} {err_torch:.3g}"
+
+
+@in_process
+def test_duplicate_and_equal_columns():
+    k = _features(50, 24, seed=9)
+    k[10:20] = k[0]  # ten identical columns, label columns among them
+    q = k[5:30].clone()
+    ours, ref = _ours_and_ref(contrastive_ce, q, k, 50.0, label_offset=5)
+    # True gradients are ~0 here (they cancel); fp32 leaves ~1e-8 of noise.
+    _assert_close(ours, ref, rtol=2e-5, atol=1e-6)
+    zeros = torch.zeros(20, 24)  # all logits equal: loss = log M exactly
+    ours, ref = _ours_and_ref(clip_loss, zeros, zeros, 10.0)
+    _assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+    assert abs(ours[0].item() - torch.log(torch.tensor(20.0)).item()) < 1e-5
+
+
+@in_process
+def test_unnormalised_features():
+    q, k = _features(30, 20, seed=10, scale_rows=3.0), _features(45, 20, seed=11, scale_rows=3.0)
+    ours, ref = _ours_and_ref(contrastive_ce, q, k, 5.0, label_offset=15)
+    _assert_close(ours, ref, rtol=2e-5)
+
+
+@in_process
+def test_sharded_sum_equals_whole():
+    # W ranks each score their own rows against all columns with offset r*n:
+    # the sum over shards must be the whole problem, loss and gradients.
+    world, n, d = 3, 21, 40
+    img, txt = _features(world * n, d, seed=12), _features(world * n, d, seed=13)
+    txt_all = txt.clone().to(DEVICE).requires_grad_()
+    shards = [img[r * n : (r + 1) * n].clone().to(DEVICE).requires_grad_() for r in range(world)]
+    total = sum(contrastive_ce(shards[r], txt_all, 30.0, label_offset=r * n, reduction="sum") for r in range(world))
+    total.backward()
+    img_w = img.clone().to(DEVICE).requires_grad_()
+    txt_w = txt.clone().to(DEVICE).requires_grad_()
+    whole = contrastive_ce(img_w, txt_w, 30.0, reduction="sum")
+    whole.backward()
+    torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.cat([s.grad for s in shards]), img_w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(txt_all.grad, txt_w.grad, rtol=1e-4, atol=1e-5)
+
+
+@in_process
+@pytest.mark.parametrize("n,d", [(1, 16), (7, 24), (64, 130), (97, 40)])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_clip_loss_fp32_matches_fp64(n, d, scale):
+    img = _features(n, d, seed=14)
+    txt = F.normalize(img.double() + 0.5 * _features(n, d, seed=15).double(), dim=-1).float()
+    ours, ref = _ours_and_ref(clip_loss, img, txt, scale)
+    # At s=100 these pairs are one-hot to 1e-16: an absolute floor for fp32 noise.
+    _assert_close(ours, ref, rtol=2e-5, atol=1e-7)
+
+
+@in_process
+def test_bounded_workspaces_give_the_same_result(monkeypatch):
+    # Tiny workspace caps force the row-chunked forward (column partials) and the
+    # multi-chunk backward; column splits are forced too. Results must not change.
+    import kernels.grad_backward as gb
+    import kernels.lse_forward as lf
+
+    img, txt = _features(100, 48, seed=16), _features(100, 48, seed=17)
+    base, _ = _ours_and_ref(clip_loss, img, txt, 30.0)
+    monkeypatch.setattr(lf, "COL_WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(gb, "GRAD_WORKSPACE_BYTES", 1)
+    orig = lf._column_splits
+    monkeypatch.setattr(lf, "_column_splits", lambda rb, m, bn, dev, cs: orig(rb, m, bn, dev, 3))
+    chunked, ref = _ours_and_ref(clip_loss, img, txt, 30.0)
+    _assert_close(chunked, ref, rtol=2e-5)
+    for a, b in zip(base, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@in_process
+def test_deterministic_bitwise():
+    q, k = _features(50, 40, seed=18), _features(120, 40, seed=19)
+    runs = [_ours_and_ref(contrastive_ce, q, k, 40.0, label_offset=60)[0] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@in_process
+def test_python_float_scale_and_no_grad():
+    q, k = _features(10, 16, seed=20).to(DEVICE), _features(10, 16, seed=21).to(DEVICE)
+    with torch.no_grad():
+        out = clip_loss(q, k, 10.0)
+    ref = clip_loss_reference(q.double().cpu(), k.double().cpu(), 10.0)
+    assert abs(out.item() - ref.item()) < 1e-5
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="label_offset"):
+        contrastive_ce(q, k, 1.0, label_offset=3)
+    with pytest.raises(ValueError, match="embedding size"):
+        contrastive_ce(q, torch.randn(6, 9), 1.0)
+    with pytest.raises(ValueError, match="as many images as texts"):
+        clip_loss(q, k, 1.0)
+    with pytest.raises(ValueError, match="reduction"):
+        contrastive_ce(q, k, 1.0, reduction="max")
+
+
+def test_import_and_fallback_without_triton():
+    # With Triton unimportable, `kernels` still imports and the ops run the torch reference.
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kernels\n"
+        "assert not kernels.triton_available()\n"
+        "q, k = torch.randn(5, 8, requires_grad=True), torch.randn(9, 8)\n"
+        "out = kernels.contrastive_ce(q, k, 3.0, label_offset=2)\n"
+        "ref = kernels.reference.contrastive_ce_reference(q, k, 3.0, label_offset=2)\n"
+        "assert torch.equal(out, ref); out.backward()\n"
+        "print(kernels.clip_loss(q, k[:5], 2.0).item())\n"
+    )
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_triton_available_matches_mode():
+    assert kernels.triton_available() == (MODE in ("gpu", "interpreter") or torch.cuda.is_available())
