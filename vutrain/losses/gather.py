@@ -10,10 +10,10 @@ needs an all-gather. Two flavours exist because of how gradients should flow:
   puts the local tensor back into its own slot so the local rows still get gradients from this
   rank's loss ("ensure grads for local rank").
 
-We implement the autograd gather ourselves rather than use `torch.distributed.nn.all_gather`:
-its backward emulates reduce-scatter with all_to_all on non-NCCL backends, which gloo does not
-support for every dtype/shape; an all-reduce of the full gradient works on every backend and
-the NCCL path uses the cheaper reduce-scatter.
+We implement the autograd gather ourselves (a dozen lines) rather than use
+`torch.distributed.nn.all_gather`, whose backward emulates reduce-scatter with all_to_all plus
+a stack on non-NCCL backends: here gloo gets one all-reduce of the gradient (a collective every
+backend has) and NCCL the cheaper reduce-scatter.
 
 All ranks must pass tensors of identical shape (equal local batch: use drop_last in the loader).
 """
