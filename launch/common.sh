@@ -1,0 +1,162 @@
+# shellcheck shell=bash
+# Helpers sourced by the launch scripts (not run directly).
+#
+# die/log, repository discovery, GPU counting, SLURM node lists and addresses, the
+# .deepspeed_env writer, and run_preemptible: the signal-forwarding and requeue logic that
+# both sbatch scripts share.
+
+# Exit code the trainer uses after a preemption checkpoint (EX_TEMPFAIL from sysexits.h):
+# 0 would be ambiguous ("finished") for the requeue decision.
+VUTRAIN_EXIT_PREEMPTED=75
+
+log() { echo "[vutrain-launch $(date +%H:%M:%S)] $*" >&2; }
+
+die() {
+    echo "[vutrain-launch] ERROR: $*" >&2
+    exit 2
+}
+
+# is_uint VALUE: true when VALUE is a non-negative integer.
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+# find_repo_root: the directory holding vutrain/train.py. Under sbatch the script itself is a
+# copy in slurmd's spool dir, so BASH_SOURCE cannot be trusted there: VUTRAIN_ROOT, the working
+# directory (sbatch -D), the submit directory, then this file's parent.
+find_repo_root() {
+    local here candidate
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd)"
+    for candidate in "${VUTRAIN_ROOT:-}" "$PWD" "${SLURM_SUBMIT_DIR:-}" "$here"; do
+        if [[ -n "$candidate" && -f "$candidate/vutrain/train.py" ]]; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    die "cannot find vutrain/train.py (tried VUTRAIN_ROOT='${VUTRAIN_ROOT:-}', the working dir '$PWD', SLURM_SUBMIT_DIR='${SLURM_SUBMIT_DIR:-}', '$here'). Submit from the repository root or export VUTRAIN_ROOT=/path/to/repo."
+}
+
+# count_gpus: GPUs visible on this node (0 when there is no NVIDIA driver).
+count_gpus() {
+    if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]] && is_uint "$SLURM_GPUS_ON_NODE"; then
+        echo "$SLURM_GPUS_ON_NODE"
+    elif [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
+        # An empty CUDA_VISIBLE_DEVICES hides every GPU on purpose.
+        local ids="${CUDA_VISIBLE_DEVICES//,/ }"
+        set -- $ids
+        echo "$#"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+    else
+        echo 0
+    fi
+}
+
+# job_hostnames: one host per line for the current allocation, in SLURM_NODEID order.
+job_hostnames() {
+    [[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "SLURM_JOB_NODELIST is not set: run this inside an allocation (sbatch/salloc) or pass a node list."
+    scontrol show hostnames "$SLURM_JOB_NODELIST"
+}
+
+# node_addr NODE: the address other nodes reach NODE at (its NodeAddr, which is the
+# hostname on most clusters; on the loopback test cluster every node is 127.0.0.1).
+node_addr() {
+    local addr
+    addr="$(scontrol show node "$1" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n1 | cut -d= -f2)"
+    echo "${addr:-$1}"
+}
+
+# default_master_port: a port derived from the job id so two jobs sharing a node do not clash
+# (the same rule the trainer applies when MASTER_PORT is unset).
+default_master_port() {
+    echo $((20000 + ${SLURM_JOB_ID:-0} % 20000))
+}
+
+# check_world_size WORLD: a WORLD_SIZE exported by the user must match what the tasks give.
+check_world_size() {
+    local world="$1"
+    if [[ -n "${WORLD_SIZE:-}" && "$WORLD_SIZE" != "$world" ]]; then
+        die "WORLD_SIZE=$WORLD_SIZE is exported but this allocation gives $world ranks ($2). Unset WORLD_SIZE or change the allocation so they agree."
+    fi
+}
+
+# write_deepspeed_env FILE: the NCCL, Python and library variables every node must see, one
+# KEY=VALUE per line (DeepSpeed's .deepspeed_env format; values unquoted, no newlines).
+write_deepspeed_env() {
+    local file="$1" name
+    : >"$file"
+    while IFS= read -r name; do
+        local value="${!name}"
+        [[ "$value" == *$'\n'* ]] && continue   # the format cannot carry newlines
+        printf '%s=%s\n' "$name" "$value" >>"$file"
+    done < <(compgen -e | grep -E '^(NCCL_|PYTHON|CUDA_|TORCH_|HF_|TRANSFORMERS_|OMP_NUM_THREADS$|FI_|UCX_|LD_LIBRARY_PATH$|PATH$|VIRTUAL_ENV$|DS_|TRITON_)' | sort)
+}
+
+# load_deepspeed_env FILE: export every KEY=VALUE line of FILE.
+load_deepspeed_env() {
+    local key value
+    [[ -f "$1" ]] || die "environment file $1 is missing (it is written by the batch script on the first node; is the directory on a shared file system?)"
+    while IFS='=' read -r key value; do
+        [[ -n "$key" ]] && export "$key=$value"
+    done <"$1"
+}
+
+# output_dir_from_args ARGS...: the value of output_dir=... among trainer overrides, if any.
+output_dir_from_args() {
+    local arg
+    for arg in "$@"; do
+        [[ "$arg" == output_dir=* ]] && echo "${arg#output_dir=}"
+    done
+    return 0
+}
+
+# forward_preemption SIGNAL: deliver SIGUSR1 to every process of every job step (not to this
+# batch shell). The trainer treats USR1 and TERM alike; USR1 is sent in both cases because the
+# deepspeed launcher answers TERM by killing its ranks 30 s later, while it ignores USR1 (see
+# launch/slurm/ds_node.sh).
+forward_preemption() {
+    log "batch script got SIG$1: forwarding SIGUSR1 to the job steps of job $SLURM_JOB_ID"
+    PREEMPT_SIGNAL="$1"
+    scancel --signal=USR1 "$SLURM_JOB_ID" || log "scancel --signal=USR1 $SLURM_JOB_ID failed"
+}
+
+# run_preemptible OUTPUT_DIR CMD...: run CMD (an srun line) in the background, forward USR1/TERM
+# to it, wait, then decide: exit code 75 (or a fresh preempted.json after a signal) requeues
+# the job with `scontrol requeue` unless VUTRAIN_REQUEUE=0; anything else is returned.
+run_preemptible() {
+    local out_dir="$1" pid rc
+    shift
+    PREEMPT_SIGNAL=""
+    local marker
+    marker="$(mktemp)"   # time stamp: a preempted.json newer than this was written by this run
+    trap 'forward_preemption USR1' USR1
+    trap 'forward_preemption TERM' TERM
+    "$@" &
+    pid=$!
+    # wait returns early (status > 128) whenever a trapped signal arrives; keep waiting until
+    # the step has really exited, then collect its status (bash keeps it for reaped children).
+    while kill -0 "$pid" 2>/dev/null; do
+        wait "$pid"
+    done
+    wait "$pid"
+    rc=$?
+    trap - USR1 TERM
+    log "training step exited with code $rc${PREEMPT_SIGNAL:+ after SIG$PREEMPT_SIGNAL}"
+    local preempted=0
+    if [[ "$rc" == "$VUTRAIN_EXIT_PREEMPTED" ]]; then
+        preempted=1
+    elif [[ "$rc" != 0 && -n "$PREEMPT_SIGNAL" && -n "$out_dir" && "$out_dir/preempted.json" -nt "$marker" ]]; then
+        # The deepspeed launcher reports 1 when it was itself sent TERM even though the ranks
+        # checkpointed; the fresh preempted.json is the proof.
+        preempted=1
+    fi
+    rm -f "$marker"
+    if [[ "$preempted" == 1 ]]; then
+        if [[ "${VUTRAIN_REQUEUE:-1}" == 0 ]]; then
+            log "preempted; VUTRAIN_REQUEUE=0 so not requeueing (resume with the same command)"
+            return "$VUTRAIN_EXIT_PREEMPTED"
+        fi
+        log "preempted: checkpoint written; requeueing job $SLURM_JOB_ID (restart count ${SLURM_RESTART_COUNT:-0})"
+        scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed; resubmit the same command by hand, it resumes from $out_dir/checkpoints"
+        return 0
+    fi
+    return "$rc"
+}

@@ -1,0 +1,40 @@
+#!/bin/bash
+# One DeepSpeed launcher on this node (started once per node by deepspeed.sbatch via srun).
+#
+#   ds_node.sh HOSTFILE ENV_FILE TRAINER_ARGS...
+#
+# Finds this node's rank from its position in HOSTFILE (SLURMD_NODENAME), exports ENV_FILE
+# (the .deepspeed_env written on the first node), and runs
+#   deepspeed --hostfile HOSTFILE --no_ssh --node_rank R --master_addr A --master_port P vutrain/train.py ...
+# --no_ssh: each node starts its own ranks; no ssh/pdsh between nodes is needed. DeepSpeed reads
+# .deepspeed_env only when it fans out over ssh itself, so the file is loaded here instead.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+
+(( $# >= 2 )) || die "usage: ds_node.sh HOSTFILE ENV_FILE TRAINER_ARGS..."
+hostfile="$1" env_file="$2"
+shift 2
+[[ -f "$hostfile" ]] || die "hostfile $hostfile does not exist on $(hostname) (is it on a shared file system?)"
+load_deepspeed_env "$env_file"
+
+me="${SLURMD_NODENAME:-$(hostname -s)}"
+node_rank=""
+i=0
+while read -r host _; do
+    [[ -z "$host" || "$host" == \#* ]] && continue
+    [[ "$host" == "$me" ]] && node_rank=$i
+    i=$((i + 1))
+done <"$hostfile"
+[[ -n "$node_rank" ]] || die "node $me is not listed in $hostfile"
+: "${MASTER_ADDR:?MASTER_ADDR must be exported by the batch script}"
+: "${MASTER_PORT:?MASTER_PORT must be exported by the batch script}"
+
+# SLURM signals every process of the step. Ignoring USR1 here is inherited by the deepspeed
+# launcher processes (Python keeps an inherited SIG_IGN), so they survive it, while the
+# trainer installs its own handler and checkpoints. TERM cannot be shielded this way: the
+# launcher installs its own TERM handler (kills the ranks after 30 s), see common.sh.
+trap '' USR1
+exec "${PYTHON:-python}" -u -m deepspeed.launcher.runner \
+    --hostfile "$hostfile" --no_ssh --node_rank "$node_rank" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    vutrain/train.py "$@"
