@@ -1,0 +1,387 @@
+"""Run configuration: a tree of small dataclasses, loaded from YAML, overridden by `section.key=value`.
+
+Each field is followed by a one-line docstring; `field_docs()` reads those strings back from the
+source so they double as the config reference (`python -m vutrain.config --help`) and the README
+table. Everything here is validated before any process group starts (`validate()`), so a typo
+fails in a second with a message naming the key and the valid choices instead of after minutes of
+start-up on every rank.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import sys
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import yaml
+
+PRESETS = ("tiny", "vit-b-32", "vit-b-16", "vit-l-14")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOSSES = ("clip", "siglip", "align_uniform")
+BACKENDS = ("torch", "triton", "auto")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, raised before any process group starts."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Wrap both towers with peft LoRA adapters (the base weights stay frozen)."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (effective scale alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names to adapt in both towers (comma-separated on the command line)."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Random-init architecture: tiny (CPU), vit-b-32, vit-b-16, vit-l-14 (OpenAI's shapes)."""
+    name_or_path: str = ""
+    """Local HF CLIPModel directory or hub name; wins over preset (pretrained weights and tokenizer)."""
+    image_size: int = 0
+    """Input resolution for presets; 0 keeps the preset's own (64 for tiny, 224 otherwise)."""
+    context_length: int = 0
+    """Tokenizer max length for presets; 0 keeps the preset's own (32 for tiny, 77 otherwise)."""
+    vocab_size: int = 4096
+    """Target vocabulary of the BPE tokenizer trained on the training texts (presets only)."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT-style)."""
+    lock_text: bool = False
+    """Freeze the text tower."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    """Training shards: brace-expandable tar list; '::' joins several sources."""
+    val_shards: str = ""
+    """Validation shards for retrieval and zero-shot eval (same syntax); empty disables eval."""
+    num_samples: int = 0
+    """Samples per epoch; 0 reads the shards' sizes.json / __len__ / *_stats.json."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """Sample shuffle buffer size (per worker)."""
+    resampled: bool = False
+    """Sample shards with replacement (no per-epoch shard split; any shard count works)."""
+    caption_template: str = "{title}"
+    """Caption built from <key>.json: e.g. '{title}' or '{title}. tags: {tags}'."""
+    tokenizer_samples: int = 50000
+    """Texts read from the training shards to train the preset tokenizer."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps to train."""
+    micro_batch_size: int = 32
+    """Samples per rank per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (the contrastive negatives come from one micro-batch)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (fp16 needs a CUDA GPU)."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.0
+    """Cosine schedule floor as a fraction of lr."""
+    warmup_steps: int = 10
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.2
+    """AdamW weight decay (never applied to norms, biases, embeddings' gains or the logit scale)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping; 0 disables."""
+    checkpoint_every: int = 50
+    """Save a DeepSpeed checkpoint every N steps (and always at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    resume: str = "auto"
+    """auto (newest checkpoint in output_dir, if any), never, or a checkpoint directory path."""
+    ds_config: str = ""
+    """Path of a DeepSpeed JSON config merged over the generated one (e.g. launch/ds_configs/zero3_offload.json)."""
+    log_every: int = 1
+    """Write a metrics row every N steps."""
+    max_nonfinite_steps: int = 5
+    """Stop with an error after this many non-finite losses in a row (each is skipped)."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"
+    """clip (softmax InfoNCE), siglip (sigmoid) or align_uniform (alignment + uniformity)."""
+    backend: str = "torch"
+    """torch, triton (fused kernels) or auto (triton on CUDA)."""
+    local_loss: bool = True
+    """Score local rows against all gathered columns (O(local x global) memory)."""
+    gather_with_grad: bool = True
+    """Backpropagate through the feature all-gather (needed for exact gradients with local_loss)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N steps (0 disables periodic eval; eval still runs at the end with val_shards)."""
+    zeroshot_field: str = "category_name"
+    """<key>.json field whose distinct values are the zero-shot classes."""
+    batch_size: int = 64
+    """Eval batch size per rank."""
+    templates: list = field(default_factory=lambda: ["a thumbnail of {}.", "a photo of a {}.",
+                                                     "a video about {}.", "{}"])
+    """Zero-shot prompt templates ('{}' is the class name); class embeddings are their mean."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, checkpoints/, tokenizer/, plots, logs."""
+    seed: int = 0
+    """Seed for model init, data order and dropout."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- docs
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring that follows each field in the class body, keyed by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def iter_fields(cls: type = RunConfig, prefix: str = ""):
+    """Yield (dotted key, type, default, doc) for every leaf field."""
+    hints = _hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp, getattr(defaults, f.name), field_docs(cls).get(f.name, "")
+
+
+def reference_markdown() -> str:
+    """The config reference as a markdown table (used for the README)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, _, default, doc in iter_fields():
+        shown = ",".join(default) if isinstance(default, list) else default
+        rows.append(f"| `{key}` | `{shown!s}` | {doc} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if tp is list:
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        return [v.strip() for v in str(value).split(",") if v.strip()]
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    return [k for k, *_ in iter_fields(cls, prefix)]
+
+
+def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in mapping.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: "
+                              + ", ".join(_valid_keys(type(obj), prefix)))
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section; give its keys, e.g. {key}.<name>: value")
+            _apply_mapping(getattr(obj, name), value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, tp, value))
+
+
+def apply_override(cfg: RunConfig, item: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML scalar, then coerced)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value; e.g. train.max_steps=200")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    parts = key.split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: Any = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    if isinstance(value, dict):  # "model={...}" would silently merge; keep overrides to leaves
+        raise ConfigError(f"override {item!r} must set a single key, not a section")
+    _apply_mapping(cfg, nested)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Build a RunConfig from a YAML file and dotted overrides, validated."""
+    cfg = RunConfig()
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file not found: {path}. Run files live in vutrain/configs/.")
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
+        _apply_mapping(cfg, data)
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _choice(key: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
+    """Reject unknown choices and impossible combinations, naming the key and what to change."""
+    if cuda_available is None:
+        import torch
+        cuda_available = torch.cuda.is_available()
+    m, d, t, lo, e = cfg.model, cfg.data, cfg.train, cfg.loss, cfg.eval
+    if not m.name_or_path:
+        _choice("model.preset", m.preset, PRESETS)
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("loss.name", lo.name, LOSSES)
+    _choice("loss.backend", lo.backend, BACKENDS)
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage={t.zero_stage} is not valid; choose one of: 0, 1, 2, 3")
+    positive = {"train.max_steps": t.max_steps, "train.micro_batch_size": t.micro_batch_size,
+                "train.grad_accum_steps": t.grad_accum_steps, "train.keep_checkpoints": t.keep_checkpoints,
+                "train.log_every": t.log_every, "train.max_nonfinite_steps": t.max_nonfinite_steps,
+                "eval.batch_size": e.batch_size, "model.vocab_size": m.vocab_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in {"train.checkpoint_every": t.checkpoint_every, "eval.every": e.every,
+                       "data.num_samples": d.num_samples, "data.num_workers": d.num_workers,
+                       "train.warmup_steps": t.warmup_steps, "model.image_size": m.image_size,
+                       "model.context_length": m.context_length, "train.lr": t.lr,
+                       "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not d.train_shards:
+        raise ConfigError("data.train_shards is empty; pass data.train_shards=/path/{00000..00009}.tar "
+                          "(write synthetic ones with python -m vutrain.data.synthetic)")
+    if t.precision == "fp16" and not cuda_available:
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 or fp32")
+    if lo.backend == "triton" and lo.name != "clip":
+        raise ConfigError(f"loss.backend=triton implements loss.name=clip only (got {lo.name!r}); "
+                          "use loss.backend=torch or auto")
+    if e.every > 0 and not d.val_shards:
+        raise ConfigError("eval.every>0 needs data.val_shards; set it or eval.every=0")
+    if m.lock_image and m.lock_text and not m.lora.enabled:
+        raise ConfigError("model.lock_image and model.lock_text together leave only the logit scale to "
+                          "train; unlock one tower or set model.lora.enabled=true")
+    if m.lora.enabled and not m.lora.target_modules:
+        raise ConfigError("model.lora.enabled needs model.lora.target_modules, e.g. q_proj,v_proj")
+    if t.resume not in ("auto", "never") and not os.path.isdir(t.resume):
+        raise ConfigError(f"train.resume={t.resume!r}: not auto, never, or an existing checkpoint directory")
+    if t.ds_config and not os.path.isfile(t.ds_config):
+        raise ConfigError(f"train.ds_config={t.ds_config!r} does not exist (templates: launch/ds_configs/)")
+    if "{}" not in "".join(e.templates):
+        raise ConfigError("eval.templates must contain '{}' where the class name goes")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vutrain.config [--config F] [k=v ...]` prints the resolved config or the reference."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(reference_markdown())
+        return
+    path = None
+    if argv[0] == "--config":
+        path, argv = argv[1], argv[2:]
+    print(yaml.safe_dump(to_dict(load_config(path, argv)), sort_keys=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The DeepSpeed config dict, derived from the run config and the world size.
+
+Batch keys are computed, never typed twice: train_batch_size = micro x accumulation x world.
+A user's own JSON (train.ds_config) is merged over the generated dict; keys it sets to "auto"
+keep the generated value, and batch keys that disagree with the derived ones are an error rather
+than a silent change of the global batch.
+"""
+from __future__ import annotations
+
+import json
+
+from vutrain.config import ConfigError, TrainConfig
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if value == "auto":
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    generated = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10 ** 9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.zero_stage == 3:
+        # Gather the 16-bit weights on save so export does not need the optimizer shards.
+        generated["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if not cfg.ds_config:
+        return generated
+    with open(cfg.ds_config, encoding="utf-8") as fh:
+        try:
+            user = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"train.ds_config={cfg.ds_config}: not valid JSON ({exc})") from None
+    for key in BATCH_KEYS:
+        if key in user and user[key] != "auto" and user[key] != generated[key]:
+            raise ConfigError(f"{cfg.ds_config} sets {key}={user[key]} but the run config gives "
+                              f"{generated[key]} (train.micro_batch_size x train.grad_accum_steps x "
+                              f"world {world_size}); set it to \"auto\" or change the train.* keys")
+    merged = _merge(generated, user)
+    stage = merged.get("zero_optimization", {}).get("stage", cfg.zero_stage)
+    if stage != cfg.zero_stage:
+        raise ConfigError(f"{cfg.ds_config} sets zero_optimization.stage={stage} but train.zero_stage="
+                          f"{cfg.zero_stage}; make them agree")
+    return merged

@@ -1,0 +1,134 @@
+"""Retrieval recall@1/5/10 and zero-shot top-1 on the validation shards, computed on all ranks.
+
+Each rank encodes its part of the validation set; features are gathered so every rank scores the
+whole set. Under ZeRO-3 every forward is a collective (parameters are gathered on use), so all
+ranks run the same number of forwards: a rank with fewer batches pads with repeats whose outputs
+are dropped.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+RECALL_KS = (1, 5, 10)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate [n_r, D] tensors of different n_r from all ranks, in rank order."""
+    if _world() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(_world())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype)
+    padded[: x.shape[0]] = x
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def gather_objects(items: list) -> list:
+    if _world() == 1:
+        return list(items)
+    out = [None] * _world()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def recall_at_k(sim: torch.Tensor, ks=RECALL_KS) -> dict[int, float]:
+    """sim: [N, N], the pair of row i is column i. Fraction of rows whose pair ranks within the top k."""
+    diag = sim.diagonal().unsqueeze(1)
+    rank = (sim > diag).sum(dim=1)  # how many columns beat the true pair
+    return {k: (rank < k).float().mean().item() for k in ks}
+
+
+def _lockstep(batches, run) -> tuple[list, list[dict]]:
+    """Run `run(batch)` over this rank's batches while any rank still has one.
+
+    Ranks whose own batches ran out call `run(None)` (a dummy) and drop the output, so every rank
+    makes the same number of forwards (a ZeRO-3 forward is a collective). One tiny all-reduce per
+    batch decides when all ranks are done, without knowing the counts in advance.
+    """
+    it, outs, kept = iter(batches), [], []
+    while True:
+        batch = next(it, None)
+        more = torch.tensor([0 if batch is None else 1], dtype=torch.long)
+        if _world() > 1:
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return outs, kept
+        out = run(batch)
+        if batch is not None:
+            outs.append(out)
+            kept.append(batch)
+
+
+@torch.no_grad()
+def class_embeddings(encode_text, classes: list[str], templates: list[str]) -> torch.Tensor:
+    """[C, E]: per class, the normalised mean of its normalised prompt embeddings."""
+    prompts = [t.format(c) for c in classes for t in templates]
+    feats = encode_text(prompts).float().reshape(len(classes), len(templates), -1)
+    return F.normalize(F.normalize(feats, dim=-1).mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(engine, val_batches, classes: list[str], templates: list[str], tokenize,
+             input_dtype: torch.dtype, device, dummy_batch: dict) -> dict[str, float]:
+    """Recall and zero-shot metrics over the validation batches of every rank.
+
+    val_batches: iterable of this rank's batches (pixel_values, input_ids, attention_mask, labels).
+    tokenize(list[str]) -> dict(input_ids, attention_mask).
+    """
+    was_training = engine.module.training
+    engine.eval()
+
+    def run(batch):
+        batch = batch if batch is not None else dummy_batch
+        img, txt, _, _ = engine(pixel_values=batch["pixel_values"].to(device, input_dtype),
+                                input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device))
+        return img.float().cpu(), txt.float().cpu()
+
+    outs, kept = _lockstep(val_batches, run)
+    dim = engine.module.base.config.projection_dim
+    img = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, dim)
+    txt = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dim)
+    labels = [lab for b in kept for lab in b["labels"]]
+    img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
+
+    metrics: dict[str, float] = {"eval/num_samples": float(img.shape[0])}
+    if img.shape[0] == 0:
+        return metrics
+    sim = img @ txt.T
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        for k, value in recall_at_k(s).items():
+            metrics[f"eval/{name}_r{k}"] = value
+
+    def encode_text(texts):
+        chunks = []
+        for start in range(0, len(texts), 256):
+            tok = tokenize(texts[start:start + 256])
+            _, t, _, _ = engine(input_ids=tok["input_ids"].to(device),
+                                attention_mask=tok["attention_mask"].to(device))
+            chunks.append(t.float().cpu())
+        return torch.cat(chunks)
+
+    if classes:
+        emb = class_embeddings(encode_text, classes, templates)
+        index = {c: i for i, c in enumerate(classes)}
+        known = [i for i, lab in enumerate(labels) if lab in index]
+        if known:
+            target = torch.tensor([index[labels[i]] for i in known])
+            pred = (img[known] @ emb.T).argmax(dim=1)
+            metrics["eval/zeroshot_top1"] = (pred == target).float().mean().item()
+        metrics["eval/zeroshot_chance"] = 1.0 / len(classes)
+        metrics["eval/zeroshot_classes"] = float(len(classes))
+    if was_training:
+        engine.train()
+    return metrics

@@ -1,0 +1,200 @@
+"""The model: an HF `CLIPModel` (pretrained or a random-init preset), optionally LoRA-wrapped.
+
+`ClipTrainModule` is what DeepSpeed wraps. It returns L2-normalised features and the exponentiated,
+clamped logit scale, so every loss sees the same inputs as open_clip's losses do.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+from vutrain.config import ModelConfig
+
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: exp(scale) never exceeds 100
+
+
+@dataclass(frozen=True)
+class Preset:
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    embed_dim: int
+    context_length: int
+
+
+# OpenAI's shapes for the ViT presets; tiny is small enough to learn the synthetic task on CPU.
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(64, 8, 128, 3, 4, 128, 3, 4, 128, 32),
+    "vit-b-32": Preset(224, 32, 768, 12, 12, 512, 12, 8, 512, 77),
+    "vit-b-16": Preset(224, 16, 768, 12, 12, 512, 12, 8, 512, 77),
+    "vit-l-14": Preset(224, 14, 1024, 24, 16, 768, 12, 12, 768, 77),
+}
+
+
+def preset_dims(cfg: ModelConfig) -> tuple[int, int]:
+    """(image_size, context_length) of a preset after the config's overrides."""
+    p = PRESETS[cfg.preset]
+    return cfg.image_size or p.image_size, cfg.context_length or p.context_length
+
+
+def preset_clip_config(cfg: ModelConfig, tokenizer) -> CLIPConfig:
+    """A CLIPConfig for a preset whose text side matches the trained tokenizer."""
+    p = PRESETS[cfg.preset]
+    image_size, context_length = preset_dims(cfg)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    if special["eos_token_id"] == 2:  # HF CLIP treats eos id 2 as the legacy "argmax" pooling
+        raise ValueError("the tokenizer's eos token id is 2, which HF CLIP pools incorrectly; "
+                         "retrain the tokenizer with the special tokens first")
+    text = dict(vocab_size=len(tokenizer), hidden_size=p.text_width, num_hidden_layers=p.text_layers,
+                num_attention_heads=p.text_heads, intermediate_size=4 * p.text_width,
+                max_position_embeddings=context_length, projection_dim=p.embed_dim, **special)
+    vision = dict(hidden_size=p.vision_width, num_hidden_layers=p.vision_layers,
+                  num_attention_heads=p.vision_heads, intermediate_size=4 * p.vision_width,
+                  image_size=image_size, patch_size=p.patch_size, projection_dim=p.embed_dim)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=p.embed_dim)
+
+
+def preset_image_processor(image_size: int) -> CLIPImageProcessor:
+    return CLIPImageProcessor(size={"shortest_edge": image_size},
+                              crop_size={"height": image_size, "width": image_size},
+                              image_mean=OPENAI_MEAN, image_std=OPENAI_STD)
+
+
+def load_pretrained(name_or_path: str):
+    """(CLIPModel, tokenizer, image processor) from a local directory or a hub name."""
+    from transformers import AutoTokenizer
+    try:
+        model = CLIPModel.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        processor = CLIPImageProcessor.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise OSError(f"model.name_or_path={name_or_path!r} could not be loaded as a CLIPModel with its "
+                      f"tokenizer and image processor ({exc}). Give a local directory written by "
+                      "save_pretrained / python -m vutrain.export, or a reachable hub name.") from exc
+    return model, tokenizer, processor
+
+
+def apply_lora(model: CLIPModel, cfg: ModelConfig):
+    """Wrap with peft LoRA on the target modules of both towers; the logit scale stays trainable."""
+    from peft import LoraConfig, get_peft_model
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), bias="none")
+    wrapped = get_peft_model(model, lora)
+    base = wrapped.base_model.model
+    base.logit_scale.requires_grad_(True)  # peft freezes everything that is not an adapter
+    return wrapped
+
+
+def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
+    """Freeze a tower (and its projection); LoRA adapters inside it stay trainable."""
+    prefixes = []
+    if cfg.lock_image:
+        prefixes += ["vision_model.", "visual_projection."]
+    if cfg.lock_text:
+        prefixes += ["text_model.", "text_projection."]
+    for name, param in model.named_parameters():
+        bare = name.split("base_model.model.", 1)[-1]
+        if any(bare.startswith(p) for p in prefixes) and "lora_" not in name:
+            param.requires_grad_(False)
+
+
+class ClipTrainModule(nn.Module):
+    """The module DeepSpeed wraps: features in, normalised features and logit scale out.
+
+    forward(pixel_values [B,3,S,S] | None, input_ids [B,L] | None, attention_mask [B,L] | None)
+      -> (image_features [B,E] | None, text_features [B,E] | None, logit_scale [], logit_bias [] | None)
+    Either tower may be skipped (eval encodes class prompts without images).
+    """
+
+    def __init__(self, clip: nn.Module, use_bias: bool = False, init_scale: float | None = None,
+                 init_bias: float = -10.0):
+        super().__init__()
+        self.clip = clip
+        base = self.base
+        # DeepSpeed broadcasts parameters viewed as bytes, which fails for 0-dim tensors: keep a
+        # 1-element logit scale while training; export turns it back into HF's scalar.
+        data = base.logit_scale.data.reshape(1).clone()
+        if init_scale is not None:
+            data.fill_(init_scale)
+        base.logit_scale = nn.Parameter(data)
+        self.logit_bias = nn.Parameter(torch.full([1], init_bias)) if use_bias else None
+
+    @property
+    def base(self) -> CLIPModel:
+        """The CLIPModel itself (inside the peft wrapper when LoRA is on; adapters are injected in place)."""
+        clip = self.clip
+        return clip.base_model.model if hasattr(clip, "peft_config") else clip
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
+        base = self.base
+        image = text = None
+        if pixel_values is not None:
+            image = F.normalize(base.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+        if input_ids is not None:
+            out = base.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+            text = F.normalize(out.pooler_output, dim=-1)
+        scale = base.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().reshape(())
+        bias = self.logit_bias.reshape(()) if self.logit_bias is not None else None
+        return image, text, scale, bias
+
+
+def build_model(cfg: ModelConfig, tokenizer=None, use_bias: bool = False,
+                init_scale: float | None = None) -> ClipTrainModule:
+    """The trainable module from the config (pretrained weights, or a preset's random init)."""
+    if cfg.name_or_path:
+        clip = load_pretrained(cfg.name_or_path)[0]
+    else:
+        if tokenizer is None:
+            raise ValueError("a preset model needs the trained tokenizer to size its vocabulary")
+        clip = CLIPModel(preset_clip_config(cfg, tokenizer))
+    if cfg.gradient_checkpointing:
+        clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        clip = apply_lora(clip, cfg)
+    lock_towers(clip, cfg)
+    return ClipTrainModule(clip, use_bias=use_bias, init_scale=init_scale)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def tokenizer_and_processor(cfg: ModelConfig, run_dir: str, train_shards: str, caption_template: str,
+                            tokenizer_samples: int, is_main: bool, barrier) -> tuple:
+    """(tokenizer, image processor, context_length).
+
+    Pretrained models bring theirs. For presets the tokenizer is a byte-level BPE trained on the
+    training texts, once, on rank 0, and saved in the run directory; the other ranks wait at the
+    barrier and load it (a resumed run reuses it, so token ids never change under a checkpoint).
+    """
+    from transformers import AutoTokenizer
+    if cfg.name_or_path:
+        _, tokenizer, processor = load_pretrained(cfg.name_or_path)
+        context = min(getattr(tokenizer, "model_max_length", 77) or 77, 77)
+        return tokenizer, processor, context
+    from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
+    image_size, context = preset_dims(cfg)
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    if is_main and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        texts = iter_shard_texts(train_shards, caption_template, limit=tokenizer_samples)
+        train_bpe_tokenizer(texts, tok_dir, vocab_size=cfg.vocab_size, max_length=context)
+    barrier()
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    return tokenizer, preset_image_processor(image_size), context

@@ -1,0 +1,45 @@
+"""AdamW parameter groups and the warm-up + cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vutrain.config import TrainConfig
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm gains, biases (all 1-D tensors) and the logit scale/bias are never decayed.
+
+    Decaying the logit scale would pull the temperature towards 1 and undo what the loss learns;
+    decaying norms and biases hurts CLIP training (open_clip excludes them the same way).
+    """
+    return param.ndim < 2 or "norm" in name or name.endswith("bias") or "logit_" in name
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    decay, keep = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (keep if no_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warm-up, cosine to the floor."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, object]:
+    groups = param_groups(module, cfg.weight_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: check model.lock_image / model.lock_text / model.lora")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
+    return optimizer, scheduler

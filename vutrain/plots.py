@@ -1,0 +1,35 @@
+"""The PNG written at the end of a run: training loss and the eval curves."""
+from __future__ import annotations
+
+import os
+
+from vutrain.metrics import read_metrics
+
+
+def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "train/loss" in r]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot([r["step"] for r in train], [r["train/loss"] for r in train], lw=1)
+    axes[0].set(title="training loss", xlabel="step", ylabel="loss")
+    for key in ("eval/zeroshot_top1", "eval/i2t_r1", "eval/t2i_r1", "eval/i2t_r5", "eval/t2i_r5"):
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=key.split("/", 1)[1])
+    if evals and "eval/zeroshot_chance" in evals[-1]:
+        axes[1].axhline(evals[-1]["eval/zeroshot_chance"], ls="--", c="grey", label="zero-shot chance")
+    axes[1].set(title="evaluation", xlabel="step", ylim=(0, 1))
+    if evals:
+        axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(run_dir, out_name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
