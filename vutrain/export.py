@@ -1,0 +1,97 @@
+"""Export a run to a Hugging Face CLIPModel directory.
+
+    python -m vutrain.export RUN_DIR OUT_DIR [--tag step_00000100]
+
+ZeRO shards (any stage) are consolidated into fp32 weights with DeepSpeed's own
+zero_to_fp32 logic, LoRA adapters are merged into the base weights, and the tokenizer and image
+processor are saved beside the model, so `CLIPModel.from_pretrained(OUT_DIR)` and
+`pipeline("zero-shot-image-classification", model=OUT_DIR)` load it with no vutrain installed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+from torch import nn
+
+from vutrain import checkpoint as ckpt
+from vutrain.config import load_config
+from vutrain.model import build_model, load_pretrained, preset_dims, preset_image_processor
+
+log = logging.getLogger(__name__)
+
+
+def load_run_tokenizer_and_processor(cfg, run_dir: str):
+    from transformers import AutoTokenizer
+    if cfg.model.name_or_path:
+        _, tokenizer, processor = load_pretrained(cfg.model.name_or_path)
+        return tokenizer, processor
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, "tokenizer"))
+    return tokenizer, preset_image_processor(preset_dims(cfg.model)[0])
+
+
+def load_trained_module(run_dir: str, tag: str | None = None):
+    """(ClipTrainModule with the checkpoint's fp32 weights, tokenizer, image processor, tag)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: RUN_DIR must be a training output_dir")
+    # The run's own train_shards may be gone by now; export needs none of the data.
+    cfg = load_config(config_path, ["train.resume=never", "train.ds_config="])
+    ckpt_dir = ckpt.checkpoints_dir(run_dir)
+    tag = tag or ckpt.latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first (train.checkpoint_every, "
+                                "or let the run finish: it always saves at the end)")
+    tokenizer, processor = load_run_tokenizer_and_processor(cfg, run_dir)
+    module = build_model(cfg.model, tokenizer, use_bias=cfg.loss.name == "siglip")
+    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    # Buffers such as position_ids are rebuilt by the constructor; weights must all be there.
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {tag} does not match the run's model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return module.eval(), tokenizer, processor, tag
+
+
+def to_hf_clip(module) -> "transformers.CLIPModel":  # noqa: F821
+    """The plain CLIPModel: LoRA merged, HF's scalar logit scale restored."""
+    clip = module.clip
+    if hasattr(clip, "peft_config"):
+        clip = clip.merge_and_unload()
+    clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(()).clone())
+    for param in clip.parameters():
+        param.requires_grad_(True)
+    return clip
+
+
+def export(run_dir: str, out_dir: str, tag: str | None = None) -> str:
+    module, tokenizer, processor, tag = load_trained_module(run_dir, tag)
+    clip = to_hf_clip(module)
+    os.makedirs(out_dir, exist_ok=True)
+    clip.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    log.info("exported %s/%s to %s", run_dir, tag, out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vutrain.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with torch.no_grad():
+        export(args.run_dir, args.out_dir, args.tag)
+    print(f"exported to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
