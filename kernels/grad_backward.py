@@ -31,7 +31,7 @@ from kernels.runtime import dot_precision, interpreting, tile_config
 from kernels.score_tile import score_tile
 
 # Bound on the per-chunk gradient workspace G[R, M].
-GRAD_WORKSPACE_BYTES = 64 * 2**20
+GRAD_WORKSPACE_BYTES = 32 * 2**20
 
 
 @triton.jit
@@ -126,7 +126,10 @@ def grad_backward(
         rows_per_chunk = max(cfg.BM, fit // cfg.BM * cfg.BM)
     rows_per_chunk = min(rows_per_chunk, n)
     dq = torch.empty_like(q)
-    dk = torch.zeros(m, d, dtype=torch.float32, device=q.device)
+    single = rows_per_chunk >= n
+    # Several chunks accumulate dK in fp32 (one rounding at the end, as one GEMM would);
+    # this [M, D] fp32 buffer is the largest extra allocation (see docs/kernels.md).
+    dk = None if single else torch.zeros(m, d, dtype=torch.float32, device=q.device)
     dscale_parts = []
     workspace = torch.empty(rows_per_chunk, m, dtype=g_dtype, device=q.device)
     k_g = k.to(g_dtype)  # no copy for bf16/fp32; fp16 runs its GEMMs in fp32 (see module doc)
@@ -148,6 +151,9 @@ def grad_backward(
         )  # fmt: skip
         dscale_parts.append(part.sum())
         dq[r0 : r0 + nc] = _mm(g, k_g).to(q.dtype)
-        dk += _mm(g.T, qc.to(g_dtype))
+        if single:
+            dk = _mm(g.T, qc.to(g_dtype))
+        else:
+            dk += _mm(g.T, qc.to(g_dtype))
     dscale = torch.stack(dscale_parts).sum()
     return dq, dk.to(k.dtype), dscale
