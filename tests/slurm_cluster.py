@@ -148,7 +148,8 @@ class SlurmCluster:
 
     def run(self, *cmd: str, check: bool = True, **extra: str) -> subprocess.CompletedProcess:
         """Run a client command (sbatch, scontrol, ...) against this cluster."""
-        proc = subprocess.run(list(cmd), env=self.env(**extra), capture_output=True, text=True)
+        # cwd=REPO: sbatch jobs start in the submit directory, where the scripts find the repo.
+        proc = subprocess.run(list(cmd), env=self.env(**extra), capture_output=True, text=True, cwd=REPO)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stdout}\n{proc.stderr}")
         return proc

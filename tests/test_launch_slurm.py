@@ -1,0 +1,184 @@
+"""launch/slurm/*.sbatch on a real SLURM cluster (munge + slurmctld + two slurmd) on loopback.
+
+The cluster has two nodes, n1 and n2, each a slurmd of its own on this machine (see
+tests/slurm_cluster.py). Every job runs the real trainer (vutrain/train.py, tiny preset, CPU,
+gloo) on synthetic shards. Covered:
+
+- srun.sbatch, 1 node x 2 tasks: world size 2, finished run, checkpoint.
+- deepspeed.sbatch, 1 node x 2 CPU ranks (one deepspeed launcher): same assertions.
+- deepspeed.sbatch, 2 nodes x 1 rank (one launcher per node, --no_ssh --node_rank) and
+  srun.sbatch, 2 nodes x 1 task, each preempted with `scancel --signal=USR1 --batch`:
+  checkpoint at the preemption step, job requeued by the script, resumed from that step to the end.
+- the scripts' input errors (tasks not dividing over nodes, WORLD_SIZE mismatch, missing
+  hostfile, several tasks per node for deepspeed.sbatch) and make_hostfile.sh.
+
+Runtime on 2 cores: about 4-5 minutes (plus the one-off apt-get install on a fresh machine).
+Skips, with the reason, when SLURM is absent and we are not root to install it.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import REPO, SlurmCluster, ensure_slurm_installed, free_port
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+MAX_STEPS = 4          # plain runs
+PREEMPT_STEPS = 16     # long enough that the signal lands well before the end on 2 cores
+EXIT_PREEMPTED = 75
+# The trainer's start-up line on rank 0 (the deepspeed launcher's own "dist_world_size=2" must not count).
+TRAINER_WORLD_2 = "vutrain: world_size=2 "
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = ensure_slurm_installed()
+    if reason:
+        pytest.skip(reason)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=("n1", "n2"))
+    try:
+        c.start()
+    except Exception:
+        c.stop()
+        raise
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run([sys.executable, "-m", "vutrain.data.synthetic", "--out", str(out), "--num-samples", "64",
+                    "--shard-size", "16"], check=True, cwd=REPO, capture_output=True)
+    return out
+
+
+def trainer_args(out: Path, shards: Path, max_steps: int) -> list[str]:
+    """The tiny config on CPU, small enough for two ranks on two cores."""
+    return ["--config", "vutrain/configs/tiny.yaml", f"output_dir={out}",
+            f"data.train_shards={shards}/train/{{00000..00003}}.tar", "data.val_shards=", "eval.every=0",
+            f"train.max_steps={max_steps}", "train.micro_batch_size=4", "train.checkpoint_every=0",
+            "data.num_workers=0", "train.progress_bar=false"]
+
+
+def submit(cluster: SlurmCluster, tmp: Path, script: str, sbatch_args: list[str], args: list[str],
+           **env: str) -> tuple[int, Path]:
+    """sbatch a launch script from the repo root; return (job id, log file)."""
+    log = tmp / f"{Path(script).stem}-{time.monotonic_ns()}.log"
+    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "VUTRAIN_LAUNCH_DIR": str(tmp / "launch"),
+           "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env}
+    job = cluster.sbatch("-o", str(log), *sbatch_args, f"launch/slurm/{script}", *args, **env)
+    return job, log
+
+
+def read_log(log: Path) -> str:
+    return log.read_text(errors="replace") if log.exists() else "<no log>"
+
+
+def metrics_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_finished(out: Path, log: str, max_steps: int) -> None:
+    assert TRAINER_WORLD_2 in log, log[-4000:]
+    assert json.loads((out / "done.json").read_text())["step"] == max_steps
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert tag == f"step_{max_steps:08d}", tag
+    assert any((out / "checkpoints" / tag).iterdir()), "empty checkpoint directory"
+    assert max(metrics_steps(out)) == max_steps
+
+
+@pytest.mark.parametrize("script,sbatch_args,env", [
+    ("srun.sbatch", ["-N", "1", "--ntasks-per-node=2"], {}),
+    ("deepspeed.sbatch", ["-N", "1"], {"CPU_RANKS_PER_NODE": "2"}),
+], ids=["srun-1node-2tasks", "deepspeed-1node-2cpuranks"])
+def test_run_to_completion(cluster, shards, tmp_path, script, sbatch_args, env):
+    out = tmp_path / "run"
+    job, log = submit(cluster, tmp_path, script, sbatch_args, trainer_args(out, shards, MAX_STEPS), **env)
+    info = cluster.wait_job(job, timeout=300)
+    text = read_log(log)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-4000:]}"
+    assert info["ExitCode"] == "0:0"
+    assert_finished(out, text, MAX_STEPS)
+    if script == "deepspeed.sbatch":
+        # The hostfile the script built from the allocation, one line per node.
+        assert (tmp_path / "launch" / "hostfile").read_text().split("\n")[0] == "n1 slots=2"
+
+
+@pytest.mark.parametrize("script,sbatch_args", [
+    ("deepspeed.sbatch", ["-N", "2"]),                          # one launcher per node, --no_ssh
+    ("srun.sbatch", ["-N", "2", "--ntasks-per-node=1"]),        # one task per "GPU" over two nodes
+], ids=["deepspeed-2nodes", "srun-2nodes"])
+def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args):
+    out = tmp_path / "run"
+    job, log = submit(cluster, tmp_path, script, sbatch_args, trainer_args(out, shards, PREEMPT_STEPS))
+    # Signal once training runs (a step is logged): before the trainer installs its handlers
+    # USR1 would simply kill it.
+    deadline = time.time() + 240
+    while not metrics_steps(out):
+        info = cluster.job(job)
+        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{read_log(log)[-4000:]}"
+        assert time.time() < deadline, f"no training step logged\n{read_log(log)[-4000:]}"
+        time.sleep(0.5)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+
+    info = cluster.wait_job(job, timeout=360)
+    text = read_log(log)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-6000:]}"
+    assert info["Restarts"] == "1", f"job was not requeued exactly once: {info}\n{text[-6000:]}"
+
+    # First run: the signal reached the ranks through the batch script, they checkpointed and exited 75.
+    assert "batch script got SIGUSR1" in text
+    m = re.search(r"preempted at step (\d+)", text)
+    assert m, text[-6000:]
+    step = int(m.group(1))
+    assert 1 <= step < PREEMPT_STEPS, (
+        f"preempted at step {step} of {PREEMPT_STEPS}: the run ended before the signal; raise PREEMPT_STEPS")
+    assert f"training step exited with code {EXIT_PREEMPTED}" in text
+    assert "requeueing job" in text
+    assert (out / "checkpoints" / f"step_{step:08d}").is_dir(), "no checkpoint at the preemption step"
+    # Second run (same log: --open-mode=append): resumed from that checkpoint and finished.
+    assert f"resuming at step {step}" in text, text[-6000:]
+    assert text.count(TRAINER_WORLD_2) == 2, text[-6000:]
+    steps = metrics_steps(out)
+    assert steps[:step] == list(range(1, step + 1))
+    assert steps[step:] == list(range(step + 1, PREEMPT_STEPS + 1)), steps  # continued, nothing repeated
+    assert not (out / "preempted.json").exists()  # removed when the resumed run started
+    assert_finished(out, text, PREEMPT_STEPS)
+
+
+@pytest.mark.parametrize("script,sbatch_args,env,message", [
+    ("srun.sbatch", ["-N", "2", "-n", "3", "--ntasks-per-node=2"], {}, "do not divide evenly over 2 nodes"),
+    ("srun.sbatch", ["-N", "1", "--ntasks-per-node=2"], {"WORLD_SIZE": "3"},
+     "WORLD_SIZE=3 is exported but this allocation gives 2 ranks"),
+    ("deepspeed.sbatch", ["-N", "1"], {"HOSTFILE": "/nonexistent/hostfile"},
+     "HOSTFILE=/nonexistent/hostfile does not exist"),
+    ("deepspeed.sbatch", ["-N", "1", "--ntasks-per-node=2"], {}, "one task per node: got 2 tasks on 1 nodes"),
+], ids=["tasks-not-divisible", "world-size-mismatch", "missing-hostfile", "deepspeed-2-tasks-per-node"])
+def test_input_errors(cluster, shards, tmp_path, script, sbatch_args, env, message):
+    job, log = submit(cluster, tmp_path, script, sbatch_args, trainer_args(tmp_path / "run", shards, 2), **env)
+    info = cluster.wait_job(job, timeout=120)
+    text = read_log(log)
+    assert info["JobState"] == "FAILED", f"{info}\n{text}"
+    assert message in text, text
+    assert not (tmp_path / "run").exists(), "the trainer started despite the error"
+
+
+def test_make_hostfile(cluster, tmp_path):
+    out = tmp_path / "hosts" / "hostfile"
+    cluster.run("launch/make_hostfile.sh", "-s", "8", "-o", str(out), "n[1-2]")
+    assert out.read_text() == "n1 slots=8\nn2 slots=8\n"
+    proc = cluster.run("launch/make_hostfile.sh", "-s", "0", "n1", check=False)
+    assert proc.returncode != 0 and "slots must be a positive integer" in proc.stderr
+    proc = cluster.run("launch/make_hostfile.sh", check=False, SLURM_JOB_NODELIST="")
+    assert proc.returncode != 0 and "no node list" in proc.stderr
