@@ -90,12 +90,24 @@ def _grad_chunk_kernel(
     tl.store(out, (ds * scale).to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 result: fp32 accumulate-and-output on CUDA for 16-bit
-    operands (one rounding at the end), exact fp32 otherwise (CPU cannot out_dtype)."""
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` with fp32 accumulation and one rounding to ``out``'s dtype."""
+    if a.is_cuda and a.dtype == out.dtype:
+        torch.mm(a, b, out=out)  # cuBLAS accumulates 16-bit GEMMs in fp32
+    else:
+        out.copy_(torch.mm(a.float(), b.float()))  # CPU / mixed dtypes: exact fp32
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` without an [M, D] fp32 temporary on CUDA."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):  # older torch: no out_dtype for addmm
+            acc += torch.mm(a.float(), b.float())
+            return
+    acc.addmm_(a.float(), b.float())
 
 
 def grad_backward(
@@ -129,7 +141,7 @@ def grad_backward(
     single = rows_per_chunk >= n
     # Several chunks accumulate dK in fp32 (one rounding at the end, as one GEMM would);
     # this [M, D] fp32 buffer is the largest extra allocation (see docs/kernels.md).
-    dk = None if single else torch.zeros(m, d, dtype=torch.float32, device=q.device)
+    dk = torch.empty_like(k) if single else torch.zeros(m, d, dtype=torch.float32, device=q.device)
     dscale_parts = []
     workspace = torch.empty(rows_per_chunk, m, dtype=g_dtype, device=q.device)
     k_g = k.to(g_dtype)  # no copy for bf16/fp32; fp16 runs its GEMMs in fp32 (see module doc)
@@ -150,10 +162,10 @@ def grad_backward(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         dscale_parts.append(part.sum())
-        dq[r0 : r0 + nc] = _mm(g, k_g).to(q.dtype)
+        _mm_into(dq[r0 : r0 + nc], g, k_g)
         if single:
-            dk = _mm(g.T, qc.to(g_dtype))
+            _mm_into(dk, g.T, qc.to(g_dtype))
         else:
-            dk += _mm(g.T, qc.to(g_dtype))
+            _addmm_fp32_(dk, g.T, qc.to(g_dtype))
     dscale = torch.stack(dscale_parts).sum()
     return dq, dk.to(k.dtype), dscale
