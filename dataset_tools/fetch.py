@@ -1,0 +1,199 @@
+"""Polite HTTP fetch of one thumbnail, and the variant ladder (maxres -> sd -> hq -> mq).
+
+``fetch_ladder`` returns the first variant that is a real, complete, decodable image. A 404 or
+YouTube's 120x90 grey placeholder falls through to the next variant; 429/5xx/timeouts/truncated
+bodies are retried with backoff on the *same* variant; anything else fails the row with a reason.
+"""
+from __future__ import annotations
+
+import http.client
+import io
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+from PIL import Image
+
+from dataset_tools import youtube
+from dataset_tools.politeness import HostLimiter, PolitenessConfig, backoff_delay, parse_retry_after
+
+# Reasons recorded in ``error_message`` (the histogram keys in stats and `inspect`).
+ERR_ALL_MISSING = "no thumbnail: every variant missing (404 or placeholder)"
+ERR_ROBOTS = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's wording
+ERR_TOO_BIG = "response larger than max_bytes"
+ERR_TOO_MANY_PIXELS = "image larger than max_pixels"
+ERR_NOT_IMAGE = "body is not a decodable image"
+ERR_TRUNCATED = "truncated body"
+ERR_DEADLINE = "deadline exceeded"
+
+_CHUNK = 64 * 1024
+
+
+class _Retryable(Exception):
+    """A transient failure worth another attempt after a backoff."""
+
+    def __init__(self, reason: str, retry_after: Optional[float] = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class _Permanent(Exception):
+    """A failure no retry will fix (size caps, X-Robots-Tag, 403...)."""
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+
+
+@dataclass
+class LadderResult:
+    """Outcome of one video: ``body`` (raw bytes of the winning variant) or ``error``."""
+
+    body: Optional[bytes]
+    error: Optional[str]
+    variant: Optional[str] = None
+    url: Optional[str] = None
+    attempts: int = 0
+    trail: List[str] = field(default_factory=list)  # "variant:outcome" per variant tried
+
+
+def _disallowed(headers, cfg: PolitenessConfig) -> bool:
+    """img2dataset's X-Robots-Tag rule: a directive for everyone or for our token."""
+    for value in headers.get_all("X-Robots-Tag") or []:
+        token, _, directives = value.rpartition(":") if ":" in value else ("", "", value)
+        token = token.strip().lower()
+        names = {d.strip().lower() for d in directives.split(",")}
+        if (not token or token == cfg.robots_token.lower()) and names & set(cfg.disallowed_directives):
+            return True
+    return False
+
+
+def _read_body(resp, cfg: PolitenessConfig, started: float) -> bytes:
+    """Read to the end within the deadline and size cap; detect bodies shorter than announced."""
+    declared = resp.headers.get("Content-Length")
+    declared_len = int(declared) if declared and declared.isdigit() else None
+    if declared_len is not None and declared_len > cfg.max_bytes:
+        raise _Permanent(ERR_TOO_BIG)
+    chunks, total = [], 0
+    while True:
+        # read1 returns what has arrived, so a server dripping bytes cannot hold us past the
+        # deadline by more than one socket timeout (read(n) would wait for all n bytes).
+        chunk = resp.read1(_CHUNK)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > cfg.max_bytes:
+            raise _Permanent(ERR_TOO_BIG)
+        if time.monotonic() - started > cfg.deadline:
+            raise _Retryable(ERR_DEADLINE)
+    if declared_len is not None and total < declared_len:
+        raise _Retryable(ERR_TRUNCATED)
+    return b"".join(chunks)
+
+
+def fetch_once(url: str, cfg: PolitenessConfig, limiter: HostLimiter) -> Response:
+    """One GET. Returns 2xx/404 responses; raises _Retryable or _Permanent otherwise."""
+    request = urllib.request.Request(url, headers={"User-Agent": cfg.user_agent})
+    limiter.acquire()
+    started = time.monotonic()
+    try:
+        try:
+            with urllib.request.urlopen(request, timeout=cfg.deadline) as resp:
+                if _disallowed(resp.headers, cfg):
+                    raise _Permanent(ERR_ROBOTS)
+                return Response(resp.status, _read_body(resp, cfg, started))
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return Response(404, b"")  # the placeholder body is never looked at
+            if err.code == 429 or err.code >= 500:
+                retry_after = parse_retry_after(err.headers.get("Retry-After") if err.headers else None)
+                if retry_after is not None:
+                    limiter.cool_down(min(retry_after, cfg.backoff_max))
+                raise _Retryable(f"HTTP Error {err.code}", retry_after) from None
+            raise _Permanent(f"HTTP Error {err.code}: {err.reason}") from None
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, (socket.timeout, TimeoutError)):
+                raise _Retryable(ERR_DEADLINE) from None
+            raise _Retryable(f"connection error: {err.reason}") from None
+        except (socket.timeout, TimeoutError):
+            raise _Retryable(ERR_DEADLINE) from None
+        except (http.client.HTTPException, ConnectionError, OSError) as err:
+            raise _Retryable(f"connection error: {type(err).__name__}") from None
+    finally:
+        limiter.release()
+
+
+def fetch_with_retries(url: str, cfg: PolitenessConfig, limiter: HostLimiter,
+                       sleep=time.sleep) -> tuple:
+    """(Response or None, error or None, attempts). Backs off between transient failures."""
+    attempts = 0
+    for attempt in range(cfg.retries + 1):
+        attempts += 1
+        try:
+            return fetch_once(url, cfg, limiter), None, attempts
+        except _Permanent as err:
+            return None, str(err), attempts
+        except _Retryable as err:
+            last = err.reason
+            if attempt < cfg.retries:
+                sleep(backoff_delay(attempt, cfg, err.retry_after))
+    return None, f"{last} (after {attempts} attempts)", attempts
+
+
+def check_image(body: bytes, cfg: PolitenessConfig) -> tuple:
+    """((width, height), None) for a complete image within the pixel cap, else (None, reason).
+
+    The size comes from the header (no pixel decoding) so a decompression bomb is refused before
+    it is decoded; the full decode at 1/8 scale (JPEG draft mode) still reads every byte, which is
+    what catches truncated files without paying for a full-resolution decode.
+    """
+    try:
+        with Image.open(io.BytesIO(body)) as img:
+            size = img.size
+            if size[0] * size[1] > cfg.max_pixels:
+                return None, ERR_TOO_MANY_PIXELS
+            img.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            img.load()
+    except Image.DecompressionBombError:
+        return None, ERR_TOO_MANY_PIXELS
+    except Exception:  # PIL raises many types for garbage; the reason is what matters
+        return None, ERR_NOT_IMAGE
+    return size, None
+
+
+def fetch_ladder(video_id: str, variants: Sequence[str], template: str, cfg: PolitenessConfig,
+                 limiter: HostLimiter) -> LadderResult:
+    """Try each variant in order; the first real image wins. Placeholders never win."""
+    result = LadderResult(body=None, error=None)
+    for variant in variants:
+        url = youtube.thumbnail_url(video_id, variant, template)
+        response, error, attempts = fetch_with_retries(url, cfg, limiter)
+        result.attempts += attempts
+        if error is not None:
+            result.trail.append(f"{variant}:error")
+            result.error, result.url = error, url
+            return result
+        if response.status == 404:
+            result.trail.append(f"{variant}:404")
+            continue
+        size, reason = check_image(response.body, cfg)
+        if reason is not None:
+            result.trail.append(f"{variant}:bad")
+            result.error, result.url = reason, url
+            return result
+        if size == youtube.PLACEHOLDER_SIZE and variant != "default":
+            # YouTube sometimes serves the grey placeholder with 200: treat it as missing.
+            result.trail.append(f"{variant}:placeholder")
+            continue
+        result.trail.append(f"{variant}:ok")
+        result.body, result.variant, result.url = response.body, variant, url
+        return result
+    result.error = ERR_ALL_MISSING
+    return result

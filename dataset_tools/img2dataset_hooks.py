@@ -1,0 +1,160 @@
+"""Where we plug into img2dataset 1.47: a Downloader subclass and a sample writer.
+
+img2dataset keeps doing what it is good at: the per-shard thread pool, the resizer, hashing,
+stats, and its distributors (multiprocessing, pyspark, ray). We replace two things:
+
+* its per-URL fetch (``img2dataset.downloader.download_image_with_retry``, looked up as a module
+  global at call time) with ``fetch.fetch_ladder``: variant ladder, placeholder rejection,
+  politeness. The patch is installed inside each worker process (spawned workers re-import
+  img2dataset, so a patch made in the parent would not reach them);
+* its webdataset writer with ``SortedTarSampleWriter``: members sorted by key, tar and parquet
+  written under temporary names and renamed, extra columns (variant, ladder trail), and every
+  input row of the shard accounted for even if img2dataset dropped one on an exception.
+"""
+from __future__ import annotations
+
+import io
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import pyarrow as pa
+from img2dataset import downloader as i2d_downloader
+
+from dataset_tools import fetch, shards
+from dataset_tools.politeness import HostLimiter, PolitenessConfig
+
+EXTRA_FIELDS = [
+    pa.field("variant", pa.string()),
+    pa.field("thumbnail_trail", pa.string()),
+    pa.field("fetch_attempts", pa.int32()),
+]
+INTERNAL_COLUMNS = ("sample_key",)
+ERR_LOST = "internal: row dropped by the download loop"
+
+
+@dataclass
+class _ShardContext:
+    """Per-process state for the shard being downloaded (a worker runs one shard at a time)."""
+
+    inputs: List[dict] = field(default_factory=list)        # input rows, by img2dataset row index
+    video_ids: List[str] = field(default_factory=list)      # by img2dataset row index
+    sample_keys: List[str] = field(default_factory=list)
+    outcomes: Dict[str, fetch.LadderResult] = field(default_factory=dict)  # by video id
+    rows: List[dict] = field(default_factory=list)          # final parquet rows, set by the writer
+
+
+_CTX = _ShardContext()
+_FETCH: Dict[str, object] = {}  # config, limiter, variants, template for this process
+_LOCK = threading.Lock()
+
+
+def _ladder_download(row, timeout, retries, user_agent_token, disallowed_header_directives):
+    """Drop-in for img2dataset's ``download_image_with_retry``: same arguments and return value
+    ``(row_index, BytesIO or None, error or None)``; timeout/retries/UA come from our config."""
+    index, _url = row
+    video_id = _CTX.video_ids[index]
+    try:
+        result = fetch.fetch_ladder(video_id, _FETCH["variants"], _FETCH["template"],
+                                    _FETCH["config"], _FETCH["limiter"])
+    except Exception as err:  # never let one row kill the shard; record why instead
+        result = fetch.LadderResult(body=None, error=f"internal fetch error: {err!r}")
+    _CTX.outcomes[video_id] = result
+    if result.body is None:
+        return index, None, result.error
+    return index, io.BytesIO(result.body), None
+
+
+class YouTubeDownloader(i2d_downloader.Downloader):
+    """img2dataset's Downloader with our fetch and exact per-row accounting."""
+
+    def __init__(self, *args, variants: Sequence[str], url_template: str,
+                 politeness: PolitenessConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.variants = tuple(variants)
+        self.url_template = url_template
+        self.politeness = politeness
+
+    def _install(self) -> None:
+        with _LOCK:
+            if _FETCH.get("config") != self.politeness:
+                _FETCH.update(config=self.politeness,
+                              limiter=HostLimiter(self.politeness.max_connections,
+                                                  self.politeness.requests_per_second))
+            _FETCH.update(variants=self.variants, template=self.url_template)
+            i2d_downloader.download_image_with_retry = _ladder_download
+
+    def __call__(self, row):
+        self._install()
+        return super().__call__(row)
+
+    def download_shard(self, row):
+        shard_id, shard_file = row
+        start = shards.now()
+        table = pa.ipc.open_file(shard_file).read_all()
+        _CTX.inputs = table.to_pylist()
+        _CTX.video_ids = table.column("video_id").to_pylist()
+        _CTX.sample_keys = table.column("sample_key").to_pylist()
+        _CTX.outcomes, _CTX.rows = {}, []
+        super().download_shard(row)  # writes tar + parquet via our writer, then its stats
+        # img2dataset's stats count what its loop saw; ours count the parquet rows (which the
+        # writer completed), so the two can never disagree with the files.
+        stats = shards.stats_from_rows(_CTX.rows, start, shards.now())
+        shards.write_stats(self.output_folder, shard_id, stats, self.oom_shard_count)
+
+
+def output_schema(schema: pa.Schema) -> pa.Schema:
+    """img2dataset's schema minus our internal columns plus the extra fields."""
+    fields = [f for f in schema if f.name not in INTERNAL_COLUMNS]
+    names = {f.name for f in fields}
+    return pa.schema(fields + [f for f in EXTRA_FIELDS if f.name not in names])
+
+
+class SortedTarSampleWriter:
+    """img2dataset sample-writer interface; buffers one shard and writes it sorted and atomically.
+
+    Memory: one shard of *resized* images (e.g. 1000 x ~20 KB at 256 px), which is why the
+    default shard size is 1000.
+    """
+
+    def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
+        self.folder = output_folder
+        self.name = shards.shard_name(shard_id, oom_shard_count)
+        self.save_caption = save_caption
+        self.schema = output_schema(schema)
+        self.encode_format = encode_format
+        self.samples: Dict[str, Dict[str, bytes]] = {}
+        self.rows: Dict[str, dict] = {}
+
+    def write(self, img_str, key, caption, meta):
+        meta = dict(meta)
+        key = meta.pop("sample_key", None) or key  # keep the planned key (stable across retries)
+        meta["key"] = key
+        outcome = _CTX.outcomes.pop(meta.get("video_id"), None)
+        if outcome is not None:
+            meta["variant"] = outcome.variant
+            meta["url"] = outcome.url or meta.get("url")
+            meta["thumbnail_trail"] = ",".join(outcome.trail)
+            meta["fetch_attempts"] = outcome.attempts
+        self.rows[key] = meta
+        if img_str is None:
+            return
+        members = {self.encode_format: img_str,
+                   "json": json.dumps(meta, ensure_ascii=False, indent=4, default=str).encode()}
+        if self.save_caption:
+            members["txt"] = ("" if caption is None else str(caption)).encode()
+        self.samples[key] = members
+
+    def close(self):
+        # Any row img2dataset's loop lost (it prints and continues on exceptions) becomes a failure.
+        for index, key in enumerate(_CTX.sample_keys):
+            if key not in self.rows:
+                row = {k: v for k, v in _CTX.inputs[index].items() if k not in INTERNAL_COLUMNS}
+                row.update(key=key, status="failed_to_download", error_message=ERR_LOST)
+                self.rows[key] = row
+        rows = [self.rows[k] for k in sorted(self.rows)]
+        shards.write_tar(f"{self.folder}/{self.name}.tar", self.samples.items())
+        shards.write_parquet(f"{self.folder}/{self.name}.parquet", rows, self.schema)
+        _CTX.rows = rows
+        self.samples, self.rows = {}, {}

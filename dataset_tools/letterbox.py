@@ -1,0 +1,58 @@
+"""Remove the black bars YouTube adds when a 16:9 frame is stored in a 4:3 thumbnail
+(hqdefault 480x360, sddefault 640x480), before img2dataset's resizer sees the image."""
+from __future__ import annotations
+
+import io
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+
+# A bar row is "black" when its mean and spread are both tiny (JPEG noise keeps them above 0).
+_BLACK_MEAN = 16.0
+_BLACK_STD = 8.0
+
+
+def letterbox_bounds(img: np.ndarray) -> Optional[Tuple[int, int]]:
+    """``(top, bottom)`` rows of the content when both a top and a bottom black bar exist and
+    cover at least 5% of the height each, else None. ``img``: [H, W] or [H, W, C] uint8."""
+    gray = img if img.ndim == 2 else img[..., :3].mean(axis=2)
+    rows_dark = (gray.mean(axis=1) < _BLACK_MEAN) & (gray.std(axis=1) < _BLACK_STD)
+    height = gray.shape[0]
+    top = 0
+    while top < height and rows_dark[top]:
+        top += 1
+    bottom = height
+    while bottom > top and rows_dark[bottom - 1]:
+        bottom -= 1
+    min_bar = max(1, int(0.05 * height))
+    if top < min_bar or height - bottom < min_bar or bottom - top < height // 4:
+        return None  # no symmetric bars, or an almost-black image: leave it alone
+    return top, bottom
+
+
+def crop_letterbox(data: bytes) -> Optional[bytes]:
+    """Lossless (BMP) bytes of the image without its bars, or None when there is nothing to crop."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        return None
+    bounds = letterbox_bounds(img)
+    if bounds is None:
+        return None
+    ok, encoded = cv2.imencode(".bmp", img[bounds[0]:bounds[1]])
+    return encoded.tobytes() if ok else None
+
+
+class LetterboxResizer:
+    """Wraps img2dataset's ``Resizer``: crops bars first, then delegates (same call signature)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        img_stream.seek(0)
+        cropped = crop_letterbox(img_stream.read())
+        img_stream.seek(0)
+        if cropped is not None:
+            img_stream = io.BytesIO(cropped)
+        return self.inner(img_stream, blurring_bbox_list)

@@ -1,0 +1,254 @@
+"""Read video metadata (Kaggle trending CSVs, plain tables, yt-dlp JSON lines) into canonical rows.
+
+A canonical row is a dict with the keys of ``FIELDS``: ``video_id`` (11 chars), ``title``
+(unescaped, whitespace-normalised), ``tags`` (list of str), ``category_id`` (int or None),
+``category_name``, ``channel_id``, ``channel_title``, ``publish_time`` (ISO string or ""),
+``trending_date`` (ISO date or "", used to pick the newest duplicate).
+Rows whose id cannot be normalised are returned as rejections (never dropped silently).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import pandas as pd
+
+from dataset_tools import youtube
+
+FIELDS = ("video_id", "title", "tags", "category_id", "category_name", "channel_id",
+          "channel_title", "publish_time", "trending_date")
+FORMATS = ("auto", "kaggle", "csv", "jsonl", "ytdlp")
+_ID_COLUMNS = ("video_id", "videoid", "youtube_id", "id", "url", "video_url", "webpage_url", "link")
+_TITLE_COLUMNS = ("title", "video_title", "name", "caption")
+_TAG_COLUMNS = ("tags", "tag", "keywords", "labels")
+_CATEGORY_COLUMNS = ("category_id", "categoryid", "category", "categories")
+_CHANNEL_ID_COLUMNS = ("channel_id", "channelid")
+_CHANNEL_TITLE_COLUMNS = ("channel_title", "channeltitle", "channel", "uploader")
+_PUBLISH_COLUMNS = ("publish_time", "publishedat", "published_at", "upload_date")
+
+
+@dataclass
+class MetadataResult:
+    """What the readers found: canonical rows (unique ids), rejected rows, counts."""
+
+    rows: List[dict]
+    rejected: List[dict] = field(default_factory=list)
+    input_rows: int = 0
+    duplicates: int = 0
+    formats: Dict[str, str] = field(default_factory=dict)
+
+
+def expand_inputs(inputs: Sequence[str]) -> List[str]:
+    """Files from paths, globs and directories (directory: its csv/tsv/parquet/json/jsonl files)."""
+    files: List[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for ext in ("csv", "tsv", "parquet", "jsonl", "json", "csv.gz", "jsonl.gz"):
+                files += sorted(glob.glob(os.path.join(item, f"*.{ext}")))
+        elif any(ch in item for ch in "*?["):
+            files += sorted(glob.glob(item))
+        else:
+            files.append(item)
+    # Kaggle's category files are side data, not video rows.
+    files = [f for f in files if not f.endswith("_category_id.json")]
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing or not files:
+        raise FileNotFoundError(
+            f"--input matched no readable file: {missing or list(inputs)}. "
+            "Pass CSV/TSV/parquet/JSONL files, a glob or a directory.")
+    return files
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    """Any tabular file as a DataFrame of strings/objects (no NaN coercion of ids)."""
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        return pd.read_parquet(path)
+    if lower.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+        return pd.DataFrame(list(_iter_json_records(path)))
+    sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
+    kwargs = dict(sep=sep, dtype=str, keep_default_na=False, on_bad_lines="warn")
+    try:
+        return pd.read_csv(path, encoding="utf-8", **kwargs)
+    except UnicodeDecodeError:
+        # Several Kaggle country files are not UTF-8; latin-1 never fails and keeps every row.
+        print(f"[dataset_tools] {path}: not UTF-8, reading as latin-1")
+        return pd.read_csv(path, encoding="latin-1", **kwargs)
+
+
+def _iter_json_records(path: str) -> Iterator[dict]:
+    opener = open
+    if path.endswith(".gz"):
+        import gzip
+
+        opener = gzip.open  # type: ignore[assignment]
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        for rec in json.loads(stripped):
+            yield rec
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{path}:{lineno}: not a JSON line ({err}). "
+                             "JSONL input needs one JSON object per line.") from err
+        if isinstance(rec, dict):
+            yield rec
+
+
+def detect_format(path: str, columns: Sequence[str]) -> str:
+    """kaggle (trending CSVs, both schemas), ytdlp (``--dump-json``), else csv (generic table)."""
+    cols = {c.lower() for c in columns}
+    if "video_id" in cols and "trending_date" in cols:
+        return "kaggle"
+    ytdlp_markers = {"extractor", "extractor_key", "webpage_url", "upload_date", "_type", "display_id"}
+    if "id" in cols and cols & ytdlp_markers:
+        return "ytdlp"
+    return "csv"
+
+
+def _pick(columns: Dict[str, str], names: Sequence[str]) -> Optional[str]:
+    for name in names:
+        if name in columns:
+            return columns[name]
+    return None
+
+
+def load_category_table(path: Optional[str]) -> Dict[int, str]:
+    """``{id: name}`` from a YouTube API videoCategories JSON (Kaggle ``US_category_id.json``)."""
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    table = {}
+    for item in data.get("items", []):
+        cid = youtube.parse_category_id(item.get("id"))
+        name = (item.get("snippet") or {}).get("title")
+        if cid is not None and name:
+            table[cid] = name
+    return table
+
+
+def _sibling_category_json(path: str) -> Optional[str]:
+    """Kaggle ships ``USvideos.csv`` with ``US_category_id.json``; find it if it is there."""
+    base = os.path.basename(path)
+    region = base[:2]
+    candidate = os.path.join(os.path.dirname(path), f"{region}_category_id.json")
+    return candidate if os.path.exists(candidate) else None
+
+
+def _kaggle_date(value: str) -> str:
+    """Trending date to ISO: 2017 schema ``17.14.11`` is YY.DD.MM; the newer one is ISO already."""
+    text = str(value or "").strip()
+    parts = text.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        yy, dd, mm = parts
+        return f"20{yy}-{mm.zfill(2)}-{dd.zfill(2)}"
+    return text[:10]
+
+
+def _ytdlp_publish(value: object) -> str:
+    text = str(value or "").strip()
+    if len(text) == 8 and text.isdigit():  # yt-dlp upload_date is YYYYMMDD
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text
+
+
+def _canonical_rows(path: str, df: pd.DataFrame, fmt: str, table: Dict[int, str]
+                    ) -> Iterator[Tuple[Optional[dict], dict]]:
+    """Yield (canonical row or None, raw record) per input row."""
+    cols = {c.lower(): c for c in df.columns}
+    id_col = _pick(cols, _ID_COLUMNS)
+    if id_col is None:
+        raise ValueError(f"{path}: no video id column; expected one of {list(_ID_COLUMNS)} "
+                         f"(found {list(df.columns)}).")
+    title_col = _pick(cols, _TITLE_COLUMNS if fmt != "ytdlp" else ("title", "fulltitle"))
+    tag_col = _pick(cols, _TAG_COLUMNS)
+    cat_col = _pick(cols, _CATEGORY_COLUMNS)
+    chan_id_col = _pick(cols, _CHANNEL_ID_COLUMNS)
+    chan_title_col = _pick(cols, _CHANNEL_TITLE_COLUMNS)
+    pub_col = _pick(cols, _PUBLISH_COLUMNS)
+    trend_col = cols.get("trending_date")
+    for raw in df.to_dict(orient="records"):
+        vid = youtube.normalize_video_id(raw.get(id_col))
+        if vid is None:
+            yield None, raw
+            continue
+        cat_value = raw.get(cat_col) if cat_col else None
+        if isinstance(cat_value, (list, tuple)) or hasattr(cat_value, "tolist"):
+            cat_value = list(cat_value)[0] if len(cat_value) else None
+        cid = youtube.parse_category_id(cat_value)
+        if cid is None and cat_value not in (None, ""):
+            cid = youtube.category_id_from_name(str(cat_value))
+        name = youtube.category_name(cid, table)
+        if name is None and cat_value and youtube.parse_category_id(cat_value) is None:
+            name = str(cat_value)  # a category name we have no id for: keep the name
+        row = {
+            "video_id": vid,
+            "title": youtube.clean_title(raw.get(title_col) if title_col else ""),
+            "tags": youtube.parse_tags(raw.get(tag_col) if tag_col else None),
+            "category_id": cid,
+            "category_name": name or "",
+            "channel_id": str(raw.get(chan_id_col) or "").strip() if chan_id_col else "",
+            "channel_title": youtube.clean_title(raw.get(chan_title_col)) if chan_title_col else "",
+            "publish_time": _ytdlp_publish(raw.get(pub_col)) if pub_col else "",
+            "trending_date": _kaggle_date(raw.get(trend_col)) if trend_col else "",
+        }
+        yield row, raw
+
+
+def _completeness(row: dict) -> int:
+    return sum(1 for k in FIELDS if row.get(k) not in (None, "", []))
+
+
+def _collapse(rows: List[Tuple[int, dict]]) -> dict:
+    """One row per id: the newest (trending date, then input order), gaps filled from the others
+    (most complete wins among the rest)."""
+    ordered = sorted(rows, key=lambda t: (t[1]["trending_date"], t[0]), reverse=True)
+    best = dict(ordered[0][1])
+    for _, other in sorted(ordered[1:], key=lambda t: _completeness(t[1]), reverse=True):
+        for key in FIELDS:
+            if best.get(key) in (None, "", []) and other.get(key) not in (None, "", []):
+                best[key] = other[key]
+    return best
+
+
+def read_metadata(inputs: Sequence[str], input_format: str = "auto",
+                  categories_json: Optional[str] = None) -> MetadataResult:
+    """Read every input file, normalise ids, collapse duplicates (order of first appearance kept)."""
+    if input_format not in FORMATS:
+        raise ValueError(f"--input-format {input_format!r}: choose one of {FORMATS}")
+    explicit_table = load_category_table(categories_json)
+    result = MetadataResult(rows=[])
+    by_id: Dict[str, List[Tuple[int, dict]]] = {}
+    counter = 0
+    for path in expand_inputs(inputs):
+        df = _read_table(path)
+        fmt = input_format
+        if fmt == "auto":
+            fmt = detect_format(path, list(df.columns))
+        elif fmt == "jsonl":
+            fmt = "csv"  # generic columns, JSON lines container
+        result.formats[path] = fmt
+        table = explicit_table or load_category_table(_sibling_category_json(path))
+        for lineno, (row, raw) in enumerate(_canonical_rows(path, df, fmt, table), 1):
+            result.input_rows += 1
+            if row is None:
+                result.rejected.append({"source": f"{path}:{lineno}", "reason": "invalid video id",
+                                        "record": {k: str(v) for k, v in raw.items()}})
+                continue
+            counter += 1
+            by_id.setdefault(row["video_id"], []).append((counter, row))
+    for vid, rows in by_id.items():
+        result.duplicates += len(rows) - 1
+        result.rows.append(_collapse(rows))
+    return result

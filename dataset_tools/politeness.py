@@ -1,0 +1,112 @@
+"""Single-host politeness: a connection cap, a requests-per-second token bucket, a shared
+cool-down after 429/503, and exponential backoff with full jitter that honours Retry-After.
+
+All thumbnails come from one host (i.ytimg.com), so these limits are per *process*; the build
+divides the user's global caps by the number of processes (see ``PolitenessConfig.per_process``).
+"""
+from __future__ import annotations
+
+import email.utils
+import random
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class PolitenessConfig:
+    """Limits for talking to the thumbnail host."""
+
+    max_connections: int = 16
+    """Concurrent requests in flight (whole build)."""
+    requests_per_second: float = 50.0
+    """Request rate cap (whole build); 0 disables the cap."""
+    retries: int = 3
+    """Re-attempts of one URL after 429, 5xx, timeouts or dropped connections."""
+    backoff_base: float = 0.5
+    """First backoff in seconds; doubles per attempt, full jitter."""
+    backoff_max: float = 60.0
+    """Longest single wait (also caps an absurd Retry-After)."""
+    deadline: float = 20.0
+    """Wall-clock seconds for one HTTP request, connect to last byte."""
+    max_bytes: int = 8 * 1024 * 1024
+    """Largest response body accepted."""
+    max_pixels: int = 4096 * 4096
+    """Largest decoded image (width * height) accepted, checked from the header before decoding."""
+    user_agent: str = "vutrain-dataset-tools/0.1 (+https://github.com/vector-universe/vutrain; thumbnails for research)"
+    """Identifiable User-Agent sent with every request."""
+    robots_token: str = "vutrain"
+    """Token matched against ``X-Robots-Tag: <token>: noai`` directives."""
+    disallowed_directives: tuple = ("noai", "noimageai", "noindex", "noimageindex")
+    """X-Robots-Tag directives that make us drop an image (img2dataset's defaults)."""
+
+    def per_process(self, processes: int) -> "PolitenessConfig":
+        """The share of the global caps one of ``processes`` workers may use."""
+        processes = max(1, processes)
+        return replace(self,
+                       max_connections=max(1, self.max_connections // processes),
+                       requests_per_second=self.requests_per_second / processes)
+
+
+class HostLimiter:
+    """Connection semaphore + token bucket + cool-down, shared by all threads of a process."""
+
+    def __init__(self, max_connections: int, requests_per_second: float):
+        self._slots = threading.BoundedSemaphore(max(1, max_connections))
+        self._rate = float(requests_per_second)
+        self._lock = threading.Lock()
+        self._next_free = time.monotonic()  # earliest time the next request may start
+        self._cooldown_until = 0.0
+
+    def acquire(self) -> None:
+        """Block until a connection slot and a rate token are available."""
+        self._slots.acquire()
+        try:
+            with self._lock:
+                now = time.monotonic()
+                start = max(now, self._next_free, self._cooldown_until)
+                if self._rate > 0:
+                    self._next_free = start + 1.0 / self._rate
+            delay = start - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def cool_down(self, seconds: float) -> None:
+        """Hold every thread of this process back for ``seconds`` (after a 429/503)."""
+        with self._lock:
+            self._cooldown_until = max(self._cooldown_until, time.monotonic() + seconds)
+
+
+def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def backoff_delay(attempt: int, config: PolitenessConfig, retry_after: Optional[float] = None,
+                  rng: random.Random = random) -> float:
+    """Wait before re-attempt ``attempt`` (0-based): full jitter on base*2**attempt, at least the
+    server's Retry-After, never more than ``backoff_max``."""
+    ceiling = min(config.backoff_max, config.backoff_base * (2 ** attempt))
+    delay = rng.uniform(0.5 * ceiling, ceiling)  # half-jitter: spreads threads, keeps the growth
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, config.backoff_max)

@@ -1,0 +1,37 @@
+"""Merge a ``--retry-failed`` pass back into the shards it came from.
+
+The retry pass writes ``_build/retry/NNNNN.{tar,parquet}`` holding only the re-attempted rows,
+with the same keys. Merging replaces those rows in ``NNNNN.parquet``, adds new successes to
+``NNNNN.tar`` (still sorted, written through a temporary name) and rewrites the stats last.
+"""
+from __future__ import annotations
+
+import os
+
+from dataset_tools import shards
+
+
+def merge_retry(output: str, retry_dir: str, name: str) -> dict:
+    """Merge shard ``name`` from ``retry_dir`` into ``output``; returns the new stats."""
+    old_rows, schema = shards.read_parquet_rows(os.path.join(output, f"{name}.parquet"))
+    new_rows, _ = shards.read_parquet_rows(os.path.join(retry_dir, f"{name}.parquet"))
+    replaced = {r["key"]: r for r in new_rows}
+    rows = [replaced.pop(r["key"], r) for r in old_rows]
+    if replaced:  # a retry row always comes from this shard; anything else is a bug, say so
+        raise RuntimeError(f"retry rows {sorted(replaced)[:3]} are not in shard {name}")
+    samples = shards.read_tar(os.path.join(output, f"{name}.tar"))
+    samples.update(shards.read_tar(os.path.join(retry_dir, f"{name}.tar")))
+    successes = {r["key"] for r in rows if r["status"] == shards.SUCCESS}
+    # A crash between renames could leave a sample in the tar whose row still says failed;
+    # the parquet is the source of truth, so keep exactly the samples it calls successes.
+    samples = {k: v for k, v in samples.items() if k in successes}
+    start = shards.now()
+    shards.write_tar(os.path.join(output, f"{name}.tar"), samples.items())
+    shards.write_parquet(os.path.join(output, f"{name}.parquet"), rows, schema)
+    stats = shards.stats_from_rows(rows, start, shards.now())
+    shards.write_stats(output, int(name), stats, len(name))
+    for ext in ("tar", "parquet", "_stats.json"):
+        path = os.path.join(retry_dir, f"{name}{'.' if ext != '_stats.json' else ''}{ext}")
+        if os.path.exists(path):
+            os.remove(path)
+    return stats

@@ -1,0 +1,129 @@
+"""Shard files of the img2dataset layout: names, atomic writes, reading back, stats.
+
+``DIR/NNNNN.tar`` (members sorted by key), ``DIR/NNNNN.parquet`` (every row, failures too),
+``DIR/NNNNN_stats.json`` (written last: its presence marks the shard complete).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATS_RE = re.compile(r"^(\d+)_stats\.json$")
+SUCCESS = "success"
+
+
+def shard_name(shard_id: int, oom_shard_count: int = 5) -> str:
+    return f"{shard_id:0{oom_shard_count}d}"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to ``path.tmp``, fsync, rename: readers never see half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_tar(path: str, samples: Iterable[Tuple[str, Dict[str, bytes]]]) -> None:
+    """Write ``(key, {ext: bytes})`` samples sorted by key, members of a sample sorted by ext,
+    through a temporary name. mtime is fixed so identical inputs give identical tars."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, members in sorted(samples, key=lambda s: s[0]):
+                for ext in sorted(members):
+                    data = members[ext]
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mode, info.mtime = len(data), 0o444, 0
+                    info.uname = info.gname = "bigdata"
+                    tar.addfile(info, io.BytesIO(data))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_tar(path: str) -> Dict[str, Dict[str, bytes]]:
+    """``{key: {ext: bytes}}`` of a shard (key = member name up to the first dot)."""
+    samples: Dict[str, Dict[str, bytes]] = {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            key, _, ext = base.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def write_parquet(path: str, rows: List[dict], schema: pa.Schema) -> None:
+    tmp = path + ".tmp"
+    table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_parquet_rows(path: str) -> Tuple[List[dict], pa.Schema]:
+    table = pq.read_table(path)
+    return table.to_pylist(), table.schema
+
+
+def stats_from_rows(rows: List[dict], start_time: float, end_time: float) -> dict:
+    """img2dataset's ``_stats.json`` keys, computed from the shard's parquet rows."""
+    status = Counter()
+    for row in rows:
+        status[SUCCESS if row["status"] == SUCCESS else (row.get("error_message") or row["status"])] += 1
+    return {
+        "count": len(rows),
+        "successes": sum(1 for r in rows if r["status"] == SUCCESS),
+        "failed_to_download": sum(1 for r in rows if r["status"] == "failed_to_download"),
+        "failed_to_resize": sum(1 for r in rows if r["status"] == "failed_to_resize"),
+        "duration": end_time - start_time,
+        "start_time": start_time,
+        "end_time": end_time,
+        "status_dict": dict(status),
+    }
+
+
+def write_stats(folder: str, shard_id: int, stats: dict, oom_shard_count: int = 5) -> None:
+    path = os.path.join(folder, f"{shard_name(shard_id, oom_shard_count)}_stats.json")
+    atomic_write_bytes(path, json.dumps(stats, indent=4).encode())
+
+
+def complete_shards(folder: str) -> Dict[int, str]:
+    """``{shard_id: name}`` of shards whose stats parse and whose tar and parquet exist.
+    Other ``*.json`` (sizes.json, manifests) are ignored rather than crashing the resume."""
+    done = {}
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = STATS_RE.match(entry)
+        if not match:
+            continue
+        name = match.group(1)
+        try:
+            with open(os.path.join(folder, entry)) as f:
+                json.load(f)
+        except ValueError:
+            continue  # torn stats file: redo the shard
+        if all(os.path.exists(os.path.join(folder, f"{name}.{ext}")) for ext in ("tar", "parquet")):
+            done[int(name)] = name
+    return done
+
+
+def iter_shard_names(folder: str) -> Iterator[str]:
+    """Names (``00000``...) of complete shards, sorted."""
+    for sid, name in sorted(complete_shards(folder).items()):
+        yield name
+
+
+def now() -> float:
+    return time.time()

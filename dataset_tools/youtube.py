@@ -1,0 +1,159 @@
+"""YouTube facts: video-id normalisation, thumbnail URLs, tag/title cleaning, category names.
+
+Everything here is pure (no I/O) so the metadata readers and the tests can share it.
+"""
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from typing import Iterable, List, Optional
+from urllib.parse import parse_qs, urlparse
+
+VIDEO_ID_RE = re.compile(r"^[A-Za-z0-9_-]{11}$")
+DEFAULT_URL_TEMPLATE = "https://i.ytimg.com/vi/{video_id}/{variant}.jpg"
+DEFAULT_VARIANTS = ("maxresdefault", "sddefault", "hqdefault", "mqdefault")
+# YouTube answers a missing thumbnail variant with this grey "TV" image (often with status 404).
+PLACEHOLDER_SIZE = (120, 90)
+
+# YouTube Data API videoCategories (regionCode=US). Ids are global; a few names vary by region,
+# which is why a Kaggle ``*_category_id.json`` next to the input wins over this table.
+CATEGORY_NAMES = {
+    1: "Film & Animation", 2: "Autos & Vehicles", 10: "Music", 15: "Pets & Animals",
+    17: "Sports", 18: "Short Movies", 19: "Travel & Events", 20: "Gaming",
+    21: "Videoblogging", 22: "People & Blogs", 23: "Comedy", 24: "Entertainment",
+    25: "News & Politics", 26: "Howto & Style", 27: "Education",
+    28: "Science & Technology", 29: "Nonprofits & Activism", 30: "Movies",
+    31: "Anime/Animation", 32: "Action/Adventure", 33: "Classics", 34: "Comedy",
+    35: "Documentary", 36: "Drama", 37: "Family", 38: "Foreign", 39: "Horror",
+    40: "Sci-Fi/Fantasy", 41: "Thriller", 42: "Shorts", 43: "Shows", 44: "Trailers",
+}
+_NAME_TO_ID = {}
+for _cid, _name in sorted(CATEGORY_NAMES.items(), reverse=True):
+    _NAME_TO_ID[_name.lower()] = _cid  # "Comedy" maps to 23 (the assignable one), not 34
+
+_YOUTUBE_HOSTS = ("youtube.com", "youtube-nocookie.com")
+_PATH_ID_PREFIXES = ("shorts", "embed", "v", "e", "live")
+
+
+def normalize_video_id(value: object) -> Optional[str]:
+    """Return the 11-character video id in ``value`` (an id or any YouTube URL form), else None.
+
+    Accepts ``watch?v=``, ``youtu.be/``, ``shorts/``, ``embed/``, ``v/``, ``live/`` URLs with
+    extra query parameters, with or without scheme, ``www.``/``m.``/``music.`` hosts.
+    Ids are case-sensitive and may start with ``-``; they are never lower-cased.
+    """
+    if value is None:
+        return None
+    text = str(value).strip()
+    if VIDEO_ID_RE.match(text):
+        return text
+    if not text or " " in text:
+        return None
+    if "://" not in text:
+        text = "https://" + text
+    try:
+        parsed = urlparse(text)
+    except ValueError:
+        return None
+    host = (parsed.hostname or "").lower()
+    parts = [p for p in parsed.path.split("/") if p]
+    candidate = None
+    if host == "youtu.be" or host.endswith(".youtu.be"):
+        candidate = parts[0] if parts else None
+    elif any(host == h or host.endswith("." + h) for h in _YOUTUBE_HOSTS):
+        if parts and parts[0] == "watch":
+            candidate = (parse_qs(parsed.query).get("v") or [None])[0]
+        elif len(parts) >= 2 and parts[0] in _PATH_ID_PREFIXES:
+            candidate = parts[1]
+        elif not parts or parts[0] in ("attribution_link",):
+            candidate = None
+        if candidate is None and "v" in parse_qs(parsed.query):
+            candidate = parse_qs(parsed.query)["v"][0]
+    if candidate is not None and VIDEO_ID_RE.match(candidate):
+        return candidate
+    return None
+
+
+def thumbnail_url(video_id: str, variant: str, template: str = DEFAULT_URL_TEMPLATE) -> str:
+    """The URL of one thumbnail variant, e.g. ``.../vi/<id>/hqdefault.jpg``."""
+    return template.format(video_id=video_id, variant=variant)
+
+
+def clean_title(value: object) -> str:
+    """Unescape HTML entities (Kaggle titles carry ``&amp;``, ``&#39;``), NFC-normalise and
+    collapse whitespace (newlines, tabs, non-breaking spaces) to single spaces."""
+    if value is None:
+        return ""
+    text = str(value)
+    # Some dumps are double-escaped (``&amp;amp;``); unescape until stable, at most 3 times.
+    for _ in range(3):
+        unescaped = html.unescape(text)
+        if unescaped == text:
+            break
+        text = unescaped
+    text = unicodedata.normalize("NFC", text)
+    return " ".join(text.split())
+
+
+def parse_tags(value: object) -> List[str]:
+    """Tags as a list: Kaggle's ``tag|"tag two"|"tag3"`` strings (``[none]`` = no tags), JSON
+    lists, Python lists. Quotes are stripped, entities unescaped, empties and exact repeats dropped."""
+    if value is None:
+        return []
+    if isinstance(value, float):  # NaN from pandas
+        return []
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        items: Iterable = list(value.tolist() if hasattr(value, "tolist") else value)
+    else:
+        text = str(value).strip()
+        if text.lower() in ("", "[none]", "none", "nan", "[]"):
+            return []
+        if text.startswith("[") and text.endswith("]"):
+            import json
+
+            try:
+                items = json.loads(text)
+            except ValueError:
+                items = text[1:-1].split(",")
+        else:
+            items = text.split("|")
+    tags: List[str] = []
+    seen = set()
+    for item in items:
+        if item is None:
+            continue
+        tag = clean_title(str(item).strip().strip('"').strip("'"))
+        if tag and tag not in seen:
+            seen.add(tag)
+            tags.append(tag)
+    return tags
+
+
+def category_name(category_id: Optional[int], table: Optional[dict] = None) -> Optional[str]:
+    """Name of a category id from ``table`` (e.g. a Kaggle category json) or the built-in table."""
+    if category_id is None:
+        return None
+    if table and category_id in table:
+        return table[category_id]
+    return CATEGORY_NAMES.get(category_id)
+
+
+def category_id_from_name(name: Optional[str]) -> Optional[int]:
+    """Inverse lookup for yt-dlp's ``categories`` (names only); None when unknown."""
+    if not name:
+        return None
+    return _NAME_TO_ID.get(str(name).strip().lower())
+
+
+def parse_category_id(value: object) -> Optional[int]:
+    """``"24"``, ``24``, ``24.0`` -> 24; empty/NaN/garbage -> None."""
+    if value is None:
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return None
+    if number != number or number < 0:  # NaN or negative
+        return None
+    return int(number)
