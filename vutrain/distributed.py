@@ -53,6 +53,13 @@ def _slurm_first_host(env) -> str | None:
         return nodelist.split(",")[0].split("[")[0]
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
     """Resolve rank, world size and rendezvous address from the launcher's environment."""
     env = os.environ if env is None else env
@@ -84,7 +91,12 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
     if port is None:
         job = _int("SLURM_JOB_ID", env)
         # A port derived from the job id lets two jobs share a node without colliding.
-        port = 20000 + job % 20000 if job is not None else 29500
+        if job is not None:
+            port = 20000 + job % 20000
+        elif launcher == "single":  # nobody else joins: any free port avoids clashing with other runs
+            port = _free_port()
+        else:
+            port = 29500
     n_gpus = torch.cuda.device_count()
     use_cuda = n_gpus > 0 and local_rank < n_gpus
     device = f"cuda:{local_rank}" if use_cuda else "cpu"

@@ -73,7 +73,6 @@ class Trainer:
                 if os.path.exists(os.path.join(self.run_dir, stale)):
                     os.remove(os.path.join(self.run_dir, stale))
         barrier()
-        torch.manual_seed(cfg.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
 
         d = cfg.data
         self.tokenizer, self.processor, self.context_length = tokenizer_and_processor(
@@ -83,6 +82,7 @@ class Trainer:
         self.preprocess = make_preprocess(self.processor)
 
         siglip = cfg.loss.name == "siglip"
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
         module = build_model(cfg.model, self.tokenizer, use_bias=siglip,
                              init_scale=math.log(10.0) if siglip else None)
         trainable, total = count_parameters(module)
@@ -102,6 +102,9 @@ class Trainer:
                                   world_size=info.world_size, num_workers=d.num_workers, seed=cfg.seed,
                                   caption_template=d.caption_template, shuffle_buffer=d.shuffle_buffer,
                                   resampled=d.resampled, num_samples=d.num_samples or None)
+        if d.val_shards:  # a typo in the eval path must fail now, not at the first eval
+            from vutrain.data.shards import expand_shards
+            expand_shards(d.val_shards, "data.val_shards")
         self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main)
         self.step = 0
         self.nonfinite_in_row = 0
@@ -211,7 +214,9 @@ class Trainer:
     def _log_step(self, times: StepTimes, step_time: float) -> None:
         cfg = self.cfg.train
         per_rank = cfg.micro_batch_size * cfg.grad_accum_steps / max(step_time, 1e-9)
-        skipped = self.stream.skipped()
+        skipped = torch.tensor([float(sum(self.stream.skipped().values()))])
+        if self.info.world_size > 1:  # every rank logs on the same steps, so this collective matches
+            dist.all_reduce(skipped)
         row = dict(times.values)
         row.update({
             "train/lr": self.engine.get_lr()[0] if self.engine.get_lr() else cfg.lr,
@@ -220,7 +225,7 @@ class Trainer:
             "train/step_time": step_time, "train/data_time": times.data,
             "train/forward_time": times.forward, "train/loss_time": times.loss,
             "train/backward_time": times.backward, "train/optimizer_time": times.optimizer,
-            "train/skipped_samples": sum(skipped.values()),
+            "train/skipped_samples": skipped.item(),  # all ranks, since the start of the run
             "train/epoch": self.stream.epoch,
         })
         self.metrics.write(self.step, row)
