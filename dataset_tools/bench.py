@@ -1,0 +1,105 @@
+"""``python -m dataset_tools.bench``: ours vs plain img2dataset on the same URLs and settings.
+
+A loopback FakeThumbnailHost with ``--latency`` seconds per request serves N thumbnails that all
+exist (maxresdefault, 1280x720), the case where the ladder must cost nothing. Both sides resize
+to the same size with the same process/thread counts, no rate cap, sha256 on, EXIF off.
+Prints (and with ``--out`` writes) measured images/s of each and the ratio ours/plain.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def _ids(n: int):
+    return [f"bench{i:06d}"[:11] for i in range(n)]
+
+
+def run_plain(url_template: str, ids, out: str, args) -> float:
+    import pandas as pd
+    from img2dataset import download
+
+    src = os.path.join(out, "plain_input.parquet")
+    pd.DataFrame({"url": [url_template.format(video_id=v, variant="maxresdefault") for v in ids],
+                  "caption": [f"title {v}" for v in ids]}).to_parquet(src)
+    start = time.time()
+    download(url_list=src, input_format="parquet", url_col="url", caption_col="caption",
+             output_folder=os.path.join(out, "plain"), output_format="webdataset",
+             image_size=args.image_size, resize_mode="keep_ratio", processes_count=args.processes,
+             thread_count=args.threads, number_sample_per_shard=args.shard_size,
+             extract_exif=False, timeout=10, retries=0, compute_hash="sha256")
+    return time.time() - start
+
+
+def run_ours(url_template: str, ids, out: str, args) -> float:
+    import pandas as pd
+
+    from dataset_tools.build import BuildConfig, build
+    from dataset_tools.politeness import PolitenessConfig
+
+    src = os.path.join(out, "ours_input.csv")
+    pd.DataFrame({"video_id": ids, "title": [f"title {v}" for v in ids]}).to_csv(src, index=False)
+    cfg = BuildConfig(inputs=[src], output=os.path.join(out, "ours"), url_template=url_template,
+                      image_size=args.image_size, shard_size=args.shard_size,
+                      processes=args.processes, threads=args.threads,
+                      politeness=PolitenessConfig(max_connections=args.threads * args.processes,
+                                                  requests_per_second=0, retries=0, deadline=10))
+    start = time.time()
+    summary = build(cfg)
+    elapsed = time.time() - start
+    if summary["successes"] != len(ids):
+        raise SystemExit(f"ours: only {summary['successes']}/{len(ids)} succeeded: {summary}")
+    return elapsed
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("-n", "--num", type=int, default=400)
+    p.add_argument("--latency", type=float, default=0.05, help="seconds the fake host waits per request")
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--threads", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1, help="alternate plain/ours this many times, keep the best")
+    p.add_argument("--out", help="also write the result as JSON here")
+    args = p.parse_args(argv)
+
+    from dataset_tools.fake_host import FakeThumbnailHost
+
+    ids = _ids(args.num)
+    times = {"plain": [], "ours": []}
+    with FakeThumbnailHost(latency=args.latency, max_lifetime=3600) as host:
+        for vid in ids:  # render once up front so neither side pays for image generation
+            host.image(vid, "maxresdefault")
+        for _ in range(args.repeats):
+            for name, fn in (("plain", run_plain), ("ours", run_ours)):
+                work = tempfile.mkdtemp(prefix=f"dt_bench_{name}_")
+                try:
+                    times[name].append(fn(host.url_template, ids, work, args))
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+    best = {k: min(v) for k, v in times.items()}
+    result = {
+        "n": args.num, "latency_s": args.latency, "processes": args.processes, "threads": args.threads,
+        "image_size": args.image_size, "shard_size": args.shard_size, "repeats": args.repeats,
+        "plain_img2dataset_images_per_s": round(args.num / best["plain"], 2),
+        "ours_images_per_s": round(args.num / best["ours"], 2),
+        "ratio_ours_over_plain": round(best["plain"] / best["ours"], 3),
+        "seconds": times, "python": platform.python_version(), "cpus": os.cpu_count(),
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

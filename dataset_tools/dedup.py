@@ -1,0 +1,94 @@
+"""``dedup DIR``: exact (sha256 of the downloaded bytes) and perceptual (pHash) duplicates across
+different video ids (re-uploads share thumbnails). Reported; optionally filtered into new shards.
+
+Perceptual matching uses the pigeonhole trick: with distance <= d, two 64-bit hashes agree
+exactly on at least one of d+1 bit-chunks, so only hashes sharing a chunk are compared.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Dict, List, Optional
+
+import imagehash
+from PIL import Image
+
+from dataset_tools.plan import BUILD_DIR
+from dataset_tools.reshard import ShardSink, iter_samples
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: Dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the smallest key represents the group
+
+
+def _chunks(value: int, parts: int) -> List[tuple]:
+    width = 64 // parts
+    return [(i, (value >> (i * width)) & ((1 << width) - 1)) for i in range(parts)]
+
+
+def dedup(folder: str, report_path: Optional[str] = None, max_distance: int = 4,
+          filter_output: Optional[str] = None, shard_size: int = 1000) -> dict:
+    """Find duplicate groups; returns the report (also written as JSON)."""
+    info: Dict[str, dict] = {}
+    uf = _UnionFind()
+    by_sha: Dict[str, str] = {}
+    buckets: Dict[tuple, List[str]] = {}
+    reasons: Dict[str, str] = {}
+    for key, members, row in iter_samples(folder):
+        phash = imagehash.phash(Image.open(io.BytesIO(members["jpg"])))
+        value = int(str(phash), 16)
+        info[key] = {"video_id": row.get("video_id"), "sha256": row.get("sha256"), "phash": str(phash)}
+        sha = row.get("sha256")
+        if sha and sha in by_sha and info[by_sha[sha]]["video_id"] != row.get("video_id"):
+            uf.union(key, by_sha[sha])
+            reasons[key] = "exact"
+        by_sha.setdefault(sha, key)
+        seen = set()
+        for chunk in _chunks(value, max_distance + 1):
+            for other in buckets.get(chunk, []):
+                if other in seen or info[other]["video_id"] == row.get("video_id"):
+                    continue
+                seen.add(other)
+                if phash - imagehash.hex_to_hash(info[other]["phash"]) <= max_distance:
+                    uf.union(key, other)
+                    reasons.setdefault(key, "perceptual")
+            buckets.setdefault(chunk, []).append(key)
+        uf.find(key)
+    groups: Dict[str, List[str]] = {}
+    for key in info:
+        groups.setdefault(uf.find(key), []).append(key)
+    dup_groups = [sorted(g) for g in groups.values() if len(g) > 1]
+    drop = {k for g in dup_groups for k in g[1:]}  # keep the first key of each group
+    report = {
+        "samples": len(info), "groups": [
+            [{"key": k, "video_id": info[k]["video_id"], "match": reasons.get(k, "kept")} for k in g]
+            for g in sorted(dup_groups)],
+        "duplicate_groups": len(dup_groups), "duplicates": len(drop),
+        "exact": sum(1 for k in drop if reasons.get(k) == "exact"),
+    }
+    report["perceptual"] = report["duplicates"] - report["exact"]
+    report_path = report_path or os.path.join(folder, BUILD_DIR, "dedup.json")
+    os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
+    with open(report_path, "w") as f:
+        json.dump(report, f, indent=2)
+    if filter_output:
+        sink = ShardSink(filter_output, shard_size)
+        for sample in iter_samples(folder):
+            if sample[0] not in drop:
+                sink.add(sample)
+        report["kept"] = sink.close()
+    return report

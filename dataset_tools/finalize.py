@@ -1,0 +1,43 @@
+"""``finalize DIR``: the sample counts open_clip reads and a manifest of complete shards.
+
+``sizes.json`` (``{"00000.tar": n}``) and ``__len__`` (total) are what open_clip's
+``get_dataset_size`` looks for. img2dataset's own resume globs ``*.json`` and chokes on
+``sizes.json``; our ``build`` only treats ``NNNNN_stats.json`` as shard markers, so a later
+resume still works, and ``finalize`` can simply be run again after it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from dataset_tools import shards
+
+
+def finalize(folder: str) -> dict:
+    """Write sizes.json, __len__ and manifest.json; returns the manifest."""
+    sizes, entries, total = {}, [], 0
+    for shard_id, name in sorted(shards.complete_shards(folder).items()):
+        with open(os.path.join(folder, f"{name}_stats.json")) as f:
+            stats = json.load(f)
+        sizes[f"{name}.tar"] = stats["successes"]
+        total += stats["successes"]
+        entries.append({"shard": f"{name}.tar", "samples": stats["successes"], "rows": stats["count"]})
+    all_tars = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
+    manifest = {"shards": entries, "num_samples": total,
+                "incomplete": [t for t in all_tars if t not in sizes],
+                "brace": _brace(list(sizes))}
+    shards.atomic_write_bytes(os.path.join(folder, "sizes.json"), json.dumps(sizes, indent=2).encode())
+    shards.atomic_write_bytes(os.path.join(folder, "__len__"), f"{total}\n".encode())
+    shards.atomic_write_bytes(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def _brace(names) -> str:
+    """``{00000..00003}.tar`` when the complete shards are contiguous, else a ``::`` list."""
+    if not names:
+        return ""
+    stems = [n[:-4] for n in names]
+    ids = [int(s) for s in stems]
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return f"{{{stems[0]}..{stems[-1]}}}.tar" if len(ids) > 1 else names[0]
+    return "::".join(names)

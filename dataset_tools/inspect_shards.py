@@ -1,0 +1,109 @@
+"""``inspect DIR [--verify]``: what a shard folder holds, and (with verify) whether it is sound.
+
+Verification decodes every image fully and checks every sample has its .jpg/.txt/.json, that
+the json key matches, that members are sorted, and that the tar holds exactly the rows the
+parquet calls successes. Any finding lands in ``report["corrupt"]`` (non-empty -> exit 1).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from typing import List
+
+from PIL import Image
+
+from dataset_tools import shards
+
+REQUIRED_MEMBERS = ("jpg", "txt", "json")
+
+
+def _verify_shard(folder: str, name: str, success_keys: set) -> List[str]:
+    problems: List[str] = []
+    path = os.path.join(folder, f"{name}.tar")
+    try:
+        with tarfile.open(path, "r") as tar:
+            names = [m.name for m in tar if m.isfile()]
+        samples = shards.read_tar(path)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        return [f"{name}.tar: unreadable ({err})"]
+    if names != sorted(names):
+        problems.append(f"{name}.tar: members not sorted by key")
+    for key, members in samples.items():
+        missing = [ext for ext in REQUIRED_MEMBERS if ext not in members]
+        if missing:
+            problems.append(f"{name}.tar: sample {key} lacks {missing}")
+            continue
+        try:
+            meta = json.loads(members["json"])
+            if meta.get("key") != key:
+                problems.append(f"{name}.tar: sample {key} json key is {meta.get('key')!r}")
+        except ValueError:
+            problems.append(f"{name}.tar: sample {key} json does not parse")
+        try:
+            with Image.open(io.BytesIO(members["jpg"])) as img:
+                img.load()  # full decode: truncated JPEGs raise here
+        except Exception as err:  # noqa: BLE001 - every decoder error is corruption
+            problems.append(f"{name}.tar: sample {key} image does not decode ({err})")
+    in_tar = set(samples)
+    if in_tar != success_keys:
+        extra, lost = sorted(in_tar - success_keys), sorted(success_keys - in_tar)
+        problems.append(f"{name}: tar/parquet disagree (in tar only: {extra[:5]}, "
+                        f"successes missing from tar: {lost[:5]})")
+    return problems
+
+
+def inspect_dir(folder: str, verify: bool = False) -> dict:
+    """Counts, failure reasons, tag/category histograms, variant mix (+ corruption findings)."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{folder}: not a directory")
+    complete = shards.complete_shards(folder)
+    tars = {f[:-4] for f in os.listdir(folder) if f.endswith(".tar")}
+    report = {"shards": len(complete), "rows": 0, "successes": 0,
+              "failures_by_reason": Counter(), "variants": Counter(), "categories": Counter(),
+              "tags": Counter(), "corrupt": [],
+              "incomplete_shards": sorted(tars - set(complete.values()))}
+    keys_seen = Counter()
+    for shard_id, name in sorted(complete.items()):
+        rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
+        success_keys = set()
+        for row in rows:
+            report["rows"] += 1
+            keys_seen[row.get("video_id")] += 1
+            if row["status"] == shards.SUCCESS:
+                report["successes"] += 1
+                success_keys.add(row["key"])
+                report["variants"][row.get("variant") or "unknown"] += 1
+                report["categories"][row.get("category_name") or "(none)"] += 1
+                report["tags"].update(row.get("tags") or [])
+            else:
+                report["failures_by_reason"][row.get("error_message") or row["status"]] += 1
+        if verify:
+            report["corrupt"] += _verify_shard(folder, name, success_keys)
+    dupes = [vid for vid, n in keys_seen.items() if n > 1]
+    if verify and dupes:
+        report["corrupt"].append(f"video ids in more than one row: {dupes[:5]}")
+    report["failures"] = report["rows"] - report["successes"]
+    for name in ("failures_by_reason", "variants", "categories", "tags"):
+        report[name] = dict(report[name].most_common())
+    report["verified"] = verify
+    return report
+
+
+def format_report(report: dict, top: int = 10) -> str:
+    lines = [f"shards: {report['shards']}  rows: {report['rows']}  successes: {report['successes']}"
+             f"  failures: {report['failures']}"]
+    if report["incomplete_shards"]:
+        lines.append(f"incomplete shards (no stats yet): {report['incomplete_shards']}")
+    for title, key in (("failures by reason", "failures_by_reason"), ("variant mix", "variants"),
+                       ("categories", "categories"), (f"top {top} tags", "tags")):
+        lines.append(f"{title}:")
+        for name, n in list(report[key].items())[:top]:
+            lines.append(f"  {n:8d}  {name}")
+    if report["verified"]:
+        lines.append("verify: OK" if not report["corrupt"] else
+                     f"verify: {len(report['corrupt'])} problem(s)")
+        lines += [f"  {p}" for p in report["corrupt"]]
+    return "\n".join(lines)

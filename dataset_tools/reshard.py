@@ -1,0 +1,61 @@
+"""Read samples out of complete shards and write them into new shards (split, dedup filter)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterator, List, Tuple
+
+import pyarrow as pa
+
+from dataset_tools import shards
+
+Sample = Tuple[str, Dict[str, bytes], dict]  # key, members, parquet row
+
+
+def iter_samples(folder: str) -> Iterator[Sample]:
+    """Successful samples of every complete shard, in shard then key order."""
+    for name in shards.iter_shard_names(folder):
+        rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
+        by_key = {r["key"]: r for r in rows if r["status"] == shards.SUCCESS}
+        for key, members in sorted(shards.read_tar(os.path.join(folder, f"{name}.tar")).items()):
+            row = by_key.get(key)
+            if row is None:
+                row = json.loads(members["json"]) if "json" in members else {"key": key}
+            yield key, members, row
+
+
+def _schema_for(rows: List[dict]) -> pa.Schema:
+    return pa.Table.from_pylist(rows).schema
+
+
+class ShardSink:
+    """Collects samples and writes ``NNNNN.tar/.parquet/_stats.json`` every ``shard_size``."""
+
+    def __init__(self, folder: str, shard_size: int, oom_shard_count: int = 5):
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.shard_size, self.oom = folder, shard_size, oom_shard_count
+        self.buffer: List[Sample] = []
+        self.shard_id = 0
+        self.count = 0
+
+    def add(self, sample: Sample) -> None:
+        self.buffer.append(sample)
+        if len(self.buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        start = shards.now()
+        name = shards.shard_name(self.shard_id, self.oom)
+        rows = [row for _, _, row in self.buffer]
+        shards.write_tar(os.path.join(self.folder, f"{name}.tar"),
+                         [(key, members) for key, members, _ in self.buffer])
+        shards.write_parquet(os.path.join(self.folder, f"{name}.parquet"), rows, _schema_for(rows))
+        shards.write_stats(self.folder, self.shard_id, shards.stats_from_rows(rows, start, shards.now()), self.oom)
+        self.count += len(self.buffer)
+        self.buffer, self.shard_id = [], self.shard_id + 1
+
+    def close(self) -> int:
+        self.flush()
+        return self.count

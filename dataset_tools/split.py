@@ -1,0 +1,38 @@
+"""``split DIR --output OUT --by channel|hash``: train/validation shards without leakage.
+
+By channel, every video of a channel lands on the same side (near-identical thumbnails of one
+channel cannot straddle the split); by hash, each video id decides alone. The side is a salted
+SHA-1 of the channel (or id), so the split is deterministic and stable as data grows.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from dataset_tools import finalize as finalize_mod
+from dataset_tools.reshard import ShardSink, iter_samples
+
+
+def assign(row: dict, by: str, val_fraction: float, seed: str = "0") -> str:
+    """"val" or "train" for one parquet/json row."""
+    if by == "channel":
+        unit = row.get("channel_id") or row.get("channel_title") or f"video:{row['video_id']}"
+    elif by == "hash":
+        unit = row["video_id"]
+    else:
+        raise ValueError(f"--by {by!r}: use channel or hash")
+    digest = hashlib.sha1(f"{seed}:{unit}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction else "train"
+
+
+def split(folder: str, output: str, by: str = "channel", val_fraction: float = 0.1,
+          seed: str = "0", shard_size: int = 1000) -> dict:
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+    sinks = {side: ShardSink(os.path.join(output, side), shard_size) for side in ("train", "val")}
+    for sample in iter_samples(folder):
+        sinks[assign(sample[2], by, val_fraction, seed)].add(sample)
+    counts = {side: sink.close() for side, sink in sinks.items()}
+    for side in sinks:
+        finalize_mod.finalize(os.path.join(output, side))
+    return {"by": by, "val_fraction": val_fraction, **counts}

@@ -1,0 +1,36 @@
+"""``vocab DIR --output V.json``: tag and category vocabularies for zero-shot evaluation.
+
+Tags are counted case-insensitively (``Cat`` and ``cat`` are one class) over successful samples;
+entries below ``min_count`` are dropped. Indices follow descending count, then name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+from dataset_tools import shards
+
+
+def build_vocab(folder: str, min_count: int = 5) -> dict:
+    tags, categories = Counter(), Counter()
+    for name in shards.iter_shard_names(folder):
+        rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
+        for row in rows:
+            if row["status"] != shards.SUCCESS:
+                continue
+            tags.update({t.lower() for t in row.get("tags") or []})
+            if row.get("category_name"):
+                categories[row["category_name"]] += 1
+
+    def entries(counter):
+        kept = sorted(((n, c) for n, c in counter.items() if c >= min_count), key=lambda t: (-t[1], t[0]))
+        return [{"index": i, "name": n, "count": c} for i, (n, c) in enumerate(kept)]
+
+    return {"min_count": min_count, "tags": entries(tags), "categories": entries(categories)}
+
+
+def save(vocab: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False, indent=2)
