@@ -25,11 +25,13 @@ worker. The following batches then equal those of the uninterrupted stream.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
 import os
 import random
+import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
@@ -51,6 +53,15 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 _STATE_VERSION = 1
+_LIVE_STREAMS: "weakref.WeakSet[TrainStream]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_streams() -> None:
+    # An unclosed DataLoader iterator left to interpreter shutdown can stall exit for many
+    # seconds while its workers time out; shut them down cleanly first.
+    for stream in list(_LIVE_STREAMS):
+        stream.close()
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,35 @@ class _TrainIterable(IterableDataset):
         return iter(_WorkerBatches(self.plan, self.shards, self.preprocess, self.tokenize, logical, resume))
 
 
+class _Cursor:
+    """Position of a stream: next batch index and the latest tag of each logical worker.
+
+    Shared by the stream and its iterators, so an iterator holds no reference to the stream:
+    dropping the stream then frees the iterator (and joins its DataLoader workers) at once
+    instead of in a garbage-collector pass, where worker shutdown stalls on timeouts.
+    """
+
+    def __init__(self):
+        self.next_batch = 0
+        self.workers: dict[int, dict] = {}
+
+
+def _tag_batches(loader: Iterator[dict], cursor: _Cursor) -> Iterator[Batch]:
+    """Strip each batch's tag into ``cursor`` and yield the tensors."""
+    try:
+        for batch in loader:
+            tag = batch.pop("_tag")
+            if tag["batch"] != cursor.next_batch:
+                raise RuntimeError(f"data stream out of order: got batch {tag['batch']}, expected "
+                                   f"{cursor.next_batch}")
+            cursor.workers[tag["worker"]] = {"epoch": tag["epoch"], "drawn": tag["drawn"],
+                                             "skipped": dict(tag["skipped"])}
+            cursor.next_batch += 1
+            yield batch
+    finally:
+        del loader  # drops the DataLoader iterator now, which joins its workers
+
+
 class TrainStream:
     """Endless, exactly resumable stream of training batches for one rank (see module doc).
 
@@ -223,9 +263,10 @@ class TrainStream:
         self.plan = _Plan(len(self.shards), rank, world_size, workers, batch_size, steps, seed,
                           shard_shuffle, shuffle_buffer, resampled, caption_template)
         self.num_workers, self.preprocess, self.tokenize = num_workers, preprocess, tokenize
-        self._next_batch = 0
-        self._workers: dict[int, dict] = {}
+        self._cursor = _Cursor()
         self._iterator: Iterator[Batch] | None = None
+        self._generators: weakref.WeakSet = weakref.WeakSet()
+        _LIVE_STREAMS.add(self)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -235,23 +276,23 @@ class TrainStream:
     @property
     def epoch(self) -> int:
         """Epoch of the next batch."""
-        return self._next_batch // self.plan.steps_per_epoch
+        return self._cursor.next_batch // self.plan.steps_per_epoch
 
     @property
     def batches_seen(self) -> int:
         """Batches handed out so far (including those before a resume)."""
-        return self._next_batch
+        return self._cursor.next_batch
 
     def skipped(self) -> dict[str, int]:
         """Samples skipped so far on this rank by reason, summed over workers."""
         total: Counter = Counter()
-        for info in self._workers.values():
+        for info in self._cursor.workers.values():
             total.update(info["skipped"])
         return dict(total)
 
     def _loader(self) -> Iterator[dict]:
         dataset = _TrainIterable(self.plan, self.shards, self.preprocess, self.tokenize,
-                                 self._next_batch, {w: dict(v) for w, v in self._workers.items()})
+                                 self._cursor.next_batch, {w: dict(v) for w, v in self._cursor.workers.items()})
         if self.num_workers == 0:
             return iter(dataset)
         if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
@@ -262,15 +303,22 @@ class TrainStream:
                                multiprocessing_context=context, prefetch_factor=2))
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self._loader():
-            tag = batch.pop("_tag")
-            if tag["batch"] != self._next_batch:
-                raise RuntimeError(f"data stream out of order: got batch {tag['batch']}, expected "
-                                   f"{self._next_batch}")
-            self._workers[tag["worker"]] = {"epoch": tag["epoch"], "drawn": tag["drawn"],
-                                            "skipped": dict(tag["skipped"])}
-            self._next_batch += 1
-            yield batch
+        """A new iterator that continues after the last batch handed out (by any iterator)."""
+        generator = _tag_batches(self._loader(), self._cursor)
+        self._generators.add(generator)
+        return generator
+
+    def close(self) -> None:
+        """Stop the loader workers of every open iterator (the stream can be iterated again)."""
+        for generator in list(self._generators):
+            generator.close()
+        self._iterator = None
+
+    def __enter__(self) -> "TrainStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __next__(self) -> Batch:
         if self._iterator is None:
@@ -279,8 +327,8 @@ class TrainStream:
 
     def state_dict(self) -> dict:
         """JSON-serialisable position after the last batch handed out (save one per rank)."""
-        return {"version": _STATE_VERSION, "next_batch": self._next_batch, "plan": asdict(self.plan),
-                "workers": {str(w): v for w, v in sorted(self._workers.items())}}
+        return {"version": _STATE_VERSION, "next_batch": self._cursor.next_batch, "plan": asdict(self.plan),
+                "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the batch at which ``state`` was taken (same settings required)."""
@@ -293,8 +341,8 @@ class TrainStream:
             raise ValueError(f"the data stream state was saved with different settings ({changes}); "
                              "resume with the same data settings, world size and rank, or start the data "
                              "stream fresh.")
-        self._next_batch = int(state["next_batch"])
-        self._workers = {int(w): {"epoch": int(v["epoch"]), "drawn": int(v["drawn"]),
+        self._cursor.next_batch = int(state["next_batch"])
+        self.close()  # batches prefetched by open iterators belong to the old position
+        self._cursor.workers = {int(w): {"epoch": int(v["epoch"]), "drawn": int(v["drawn"]),
                                   "skipped": {k: int(c) for k, c in v["skipped"].items()}}
                          for w, v in state["workers"].items()}
-        self._iterator = None
