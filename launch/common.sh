@@ -87,7 +87,10 @@ write_deepspeed_env() {
         local value="${!name}"
         [[ "$value" == *$'\n'* ]] && continue   # the format cannot carry newlines
         printf '%s=%s\n' "$name" "$value" >>"$file"
-    done < <(compgen -e | grep -E '^(NCCL_|PYTHON|CUDA_|TORCH_|HF_|TRANSFORMERS_|OMP_NUM_THREADS$|FI_|UCX_|LD_LIBRARY_PATH$|PATH$|VIRTUAL_ENV$|DS_|TRITON_)' | sort)
+    # CUDA_VISIBLE_DEVICES stays out: SLURM sets it per node, the first node's value would be
+    # wrong elsewhere.
+    done < <(compgen -e | grep -E '^(NCCL_|PYTHON|CUDA_|TORCH_|HF_|TRANSFORMERS_|OMP_NUM_THREADS$|FI_|UCX_|LD_LIBRARY_PATH$|PATH$|VIRTUAL_ENV$|DS_|TRITON_)' \
+        | grep -v '^CUDA_VISIBLE_DEVICES$' | sort)
 }
 
 # load_deepspeed_env FILE: export every KEY=VALUE line of FILE.
@@ -143,15 +146,26 @@ run_preemptible() {
     local preempted=0
     if [[ "$rc" == "$VUTRAIN_EXIT_PREEMPTED" ]]; then
         preempted=1
-    elif [[ "$rc" != 0 && -n "$PREEMPT_SIGNAL" && -n "$out_dir" && "$out_dir/preempted.json" -nt "$marker" ]]; then
-        # The deepspeed launcher reports 1 when it was itself sent TERM even though the ranks
-        # checkpointed; the fresh preempted.json is the proof.
+    elif [[ "$rc" != 0 && -n "$PREEMPT_SIGNAL" ]]; then
+        # A signal arrived and the step failed: the deepspeed launcher reports 1 when it was sent
+        # TERM itself even though the ranks checkpointed, and a rank signalled before it
+        # installed its handlers dies. The job is out of time either way; requeue and resume from
+        # the newest checkpoint rather than fail.
         preempted=1
+        if [[ -n "$out_dir" && "$out_dir/preempted.json" -nt "$marker" ]]; then
+            log "step exited $rc after SIG$PREEMPT_SIGNAL but the ranks wrote $out_dir/preempted.json"
+        else
+            log "WARNING: step exited $rc after SIG$PREEMPT_SIGNAL without a preemption checkpoint; the next run resumes from the newest periodic checkpoint"
+        fi
     fi
     rm -f "$marker"
     if [[ "$preempted" == 1 ]]; then
         if [[ "${VUTRAIN_REQUEUE:-1}" == 0 ]]; then
             log "preempted; VUTRAIN_REQUEUE=0 so not requeueing (resume with the same command)"
+            return "$VUTRAIN_EXIT_PREEMPTED"
+        fi
+        if (( ${SLURM_RESTART_COUNT:-0} >= ${VUTRAIN_MAX_RESTARTS:-50} )); then
+            log "preempted, but the job already restarted ${SLURM_RESTART_COUNT} times (VUTRAIN_MAX_RESTARTS=${VUTRAIN_MAX_RESTARTS:-50}); not requeueing. Resubmit the same command to resume."
             return "$VUTRAIN_EXIT_PREEMPTED"
         fi
         log "preempted: checkpoint written; requeueing job $SLURM_JOB_ID (restart count ${SLURM_RESTART_COUNT:-0})"

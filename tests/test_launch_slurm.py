@@ -7,7 +7,7 @@ gloo) on synthetic shards. Covered:
 - srun.sbatch, 1 node x 2 tasks: world size 2, finished run, checkpoint.
 - deepspeed.sbatch, 1 node x 2 CPU ranks (one deepspeed launcher): same assertions.
 - deepspeed.sbatch, 2 nodes x 1 rank (one launcher per node, --no_ssh --node_rank) and
-  srun.sbatch, 2 nodes x 1 task, each preempted with `scancel --signal=USR1 --batch`:
+  srun.sbatch, 2 nodes x 1 task, preempted with `scancel --signal=USR1|TERM --batch`:
   checkpoint at the preemption step, job requeued by the script, resumed from that step to the end.
 - the scripts' input errors (tasks not dividing over nodes, WORLD_SIZE mismatch, missing
   hostfile, several tasks per node for deepspeed.sbatch) and make_hostfile.sh.
@@ -115,11 +115,11 @@ def test_run_to_completion(cluster, shards, tmp_path, script, sbatch_args, env):
         assert (tmp_path / "launch" / "hostfile").read_text().split("\n")[0] == "n1 slots=2"
 
 
-@pytest.mark.parametrize("script,sbatch_args", [
-    ("deepspeed.sbatch", ["-N", "2"]),                          # one launcher per node, --no_ssh
-    ("srun.sbatch", ["-N", "2", "--ntasks-per-node=1"]),        # one task per "GPU" over two nodes
-], ids=["deepspeed-2nodes", "srun-2nodes"])
-def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args):
+@pytest.mark.parametrize("script,sbatch_args,sig", [
+    ("deepspeed.sbatch", ["-N", "2"], "USR1"),                      # one launcher per node, --no_ssh
+    ("srun.sbatch", ["-N", "2", "--ntasks-per-node=1"], "TERM"),    # one task per "GPU" over two nodes
+], ids=["deepspeed-2nodes-usr1", "srun-2nodes-term"])
+def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args, sig):
     out = tmp_path / "run"
     job, log = submit(cluster, tmp_path, script, sbatch_args, trainer_args(out, shards, PREEMPT_STEPS))
     # Signal once training runs (a step is logged): before the trainer installs its handlers
@@ -130,7 +130,9 @@ def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args):
         assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{read_log(log)[-4000:]}"
         assert time.time() < deadline, f"no training step logged\n{read_log(log)[-4000:]}"
         time.sleep(0.5)
-    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    # --batch: only the batch shell gets it, as with `#SBATCH --signal=B:USR1@120`; the script
+    # must pass it on to the ranks.
+    cluster.run("scancel", f"--signal={sig}", "--batch", str(job))
 
     info = cluster.wait_job(job, timeout=360)
     text = read_log(log)
@@ -138,7 +140,7 @@ def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args):
     assert info["Restarts"] == "1", f"job was not requeued exactly once: {info}\n{text[-6000:]}"
 
     # First run: the signal reached the ranks through the batch script, they checkpointed and exited 75.
-    assert "batch script got SIGUSR1" in text
+    assert f"batch script got SIG{sig}" in text
     m = re.search(r"preempted at step (\d+)", text)
     assert m, text[-6000:]
     step = int(m.group(1))

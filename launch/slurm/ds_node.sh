@@ -29,6 +29,14 @@ done <"$hostfile"
 : "${MASTER_ADDR:?MASTER_ADDR must be exported by the batch script}"
 : "${MASTER_PORT:?MASTER_PORT must be exported by the batch script}"
 
+# The launcher renumbers this node's GPUs 0..slots-1 (it overwrites CUDA_VISIBLE_DEVICES). If
+# SLURM handed out other physical GPUs (a shared node), those would be the wrong ones.
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" =~ ^[0-9,]+$ ]]; then
+    slots="$(awk -v h="$me" '$1 == h {sub("slots=", "", $2); print $2}' "$hostfile")"
+    expected="$(seq -s, 0 $((slots - 1)))"
+    [[ "$CUDA_VISIBLE_DEVICES" == "$expected" ]] || die "node $me: SLURM gave GPUs CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES but the deepspeed launcher would use $expected. Request whole nodes (sbatch --exclusive) or use launch/slurm/srun.sbatch."
+fi
+
 # SLURM signals every process of the step. Ignoring USR1 here is inherited by the deepspeed
 # launcher processes (Python keeps an inherited SIG_IGN), so they survive it, while the
 # trainer installs its own handler and checkpoints. TERM cannot be shielded this way: the
