@@ -116,10 +116,31 @@ def detect_format(path: str, columns: Sequence[str]) -> str:
     return "csv"
 
 
-def _pick(columns: Dict[str, str], names: Sequence[str]) -> Optional[str]:
-    for name in names:
-        if name in columns:
-            return columns[name]
+def _pick(columns: Dict[str, str], names: Sequence[str]) -> List[str]:
+    """The columns present among ``names``, in preference order."""
+    return [columns[name] for name in names if name in columns]
+
+
+def _empty(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and value != value:  # NaN: a JSON line without this key
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _first(raw: dict, cols: Sequence[str]) -> object:
+    """First non-empty value among ``cols`` (JSON lines differ in which keys they carry)."""
+    for col in cols:
+        value = raw.get(col)
+        if hasattr(value, "tolist") and not isinstance(value, str):
+            value = value.tolist()
+        if isinstance(value, list):
+            if value:
+                return value
+            continue
+        if not _empty(value):
+            return value
     return None
 
 
@@ -168,7 +189,7 @@ def _canonical_rows(path: str, df: pd.DataFrame, fmt: str, table: Dict[int, str]
     """Yield (canonical row or None, raw record) per input row."""
     cols = {c.lower(): c for c in df.columns}
     id_col = _pick(cols, _ID_COLUMNS)
-    if id_col is None:
+    if not id_col:
         raise ValueError(f"{path}: no video id column; expected one of {list(_ID_COLUMNS)} "
                          f"(found {list(df.columns)}).")
     title_col = _pick(cols, _TITLE_COLUMNS if fmt != "ytdlp" else ("title", "fulltitle"))
@@ -179,13 +200,13 @@ def _canonical_rows(path: str, df: pd.DataFrame, fmt: str, table: Dict[int, str]
     pub_col = _pick(cols, _PUBLISH_COLUMNS)
     trend_col = cols.get("trending_date")
     for raw in df.to_dict(orient="records"):
-        vid = youtube.normalize_video_id(raw.get(id_col))
+        vid = youtube.normalize_video_id(_first(raw, id_col))
         if vid is None:
             yield None, raw
             continue
-        cat_value = raw.get(cat_col) if cat_col else None
-        if isinstance(cat_value, (list, tuple)) or hasattr(cat_value, "tolist"):
-            cat_value = list(cat_value)[0] if len(cat_value) else None
+        cat_value = _first(raw, cat_col)
+        if isinstance(cat_value, list):  # yt-dlp: categories is a list of names
+            cat_value = cat_value[0]
         cid = youtube.parse_category_id(cat_value)
         if cid is None and cat_value not in (None, ""):
             cid = youtube.category_id_from_name(str(cat_value))
@@ -194,14 +215,14 @@ def _canonical_rows(path: str, df: pd.DataFrame, fmt: str, table: Dict[int, str]
             name = str(cat_value)  # a category name we have no id for: keep the name
         row = {
             "video_id": vid,
-            "title": youtube.clean_title(raw.get(title_col) if title_col else ""),
-            "tags": youtube.parse_tags(raw.get(tag_col) if tag_col else None),
+            "title": youtube.clean_title(_first(raw, title_col)),
+            "tags": youtube.parse_tags(_first(raw, tag_col)),
             "category_id": cid,
             "category_name": name or "",
-            "channel_id": str(raw.get(chan_id_col) or "").strip() if chan_id_col else "",
-            "channel_title": youtube.clean_title(raw.get(chan_title_col)) if chan_title_col else "",
-            "publish_time": _ytdlp_publish(raw.get(pub_col)) if pub_col else "",
-            "trending_date": _kaggle_date(raw.get(trend_col)) if trend_col else "",
+            "channel_id": str(_first(raw, chan_id_col) or "").strip(),
+            "channel_title": youtube.clean_title(_first(raw, chan_title_col)),
+            "publish_time": _ytdlp_publish(_first(raw, pub_col)),
+            "trending_date": _kaggle_date(_first(raw, [trend_col] if trend_col else [])),
         }
         yield row, raw
 
