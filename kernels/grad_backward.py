@@ -67,27 +67,36 @@ def _grad_chunk_kernel(
     cols = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < N
     col_ok = cols < M
-    valid = row_ok[:, None] & col_ok[None, :]
     scale = tl.load(scale_ptr).to(tl.float32)
     acc = score_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, UPCAST, PRECISION)
-    x = acc * (scale * 1.4426950408889634)
-    is_label = (cols[None, :] == (rows[:, None] + label_offset)).to(tl.float32)
-    # P = 2^((x - max) - log2 l): subtracting the max first keeps P's distance from 1
+    scale2 = scale * 1.4426950408889634
+    # P = 2^min((x - max) - log2 l, 0) with x = acc * s * log2(e) recomputed where used
+    # (fewer live [BM, BN] tiles); subtracting the max first keeps P's distance from 1
     # (near one-hot rows) instead of rounding it away at |x| ~ 144.
     m_r = tl.load(row_m_ptr + rows, mask=row_ok, other=0.0)
     l_r = tl.load(row_log2l_ptr + rows, mask=row_ok, other=0.0)
     g_r = tl.load(g_row_ptr + rows, mask=row_ok, other=0.0)
-    ds = g_r[:, None] * (tl.exp2((x - m_r[:, None]) - l_r[:, None]) - is_label)
-    if WITH_COLS:
+    ds = g_r[:, None] * tl.exp2(tl.minimum((acc * scale2 - m_r[:, None]) - l_r[:, None], 0.0))
+    if WITH_COLS:  # consumed at once: keeping both P tiles live spills registers
         m_c = tl.load(col_m_ptr + cols, mask=col_ok, other=0.0)
         l_c = tl.load(col_log2l_ptr + cols, mask=col_ok, other=0.0)
         g_c = tl.load(g_col_ptr + cols, mask=col_ok, other=0.0)
-        ds += g_c[None, :] * (tl.exp2((x - m_c[None, :]) - l_c[None, :]) - is_label)
-    ds = tl.where(valid, ds, 0.0)
+        ds += g_c[None, :] * tl.exp2(tl.minimum((acc * scale2 - m_c[None, :]) - l_c[None, :], 0.0))
+    # Label term, in fp32 before any cast, only in tiles crossing the diagonal.
+    diag_lo = pid_m * BM + label_offset
+    if (pid_n * BN < diag_lo + BM) & (pid_n * BN + BN > diag_lo):
+        is_label = (cols[None, :] == (rows[:, None] + label_offset)).to(tl.float32)
+        if WITH_COLS:
+            ds -= (g_r[:, None] + g_c[None, :]) * is_label
+        else:
+            ds -= g_r[:, None] * is_label
+    # Padded rows/columns (acc = 0 there) hold finite junk: P <= 1 by the clamp above
+    # (exact for real entries, where x <= max), so it adds 0 * finite to dL/ds and is
+    # never stored.
     # dL/ds partial of this tile: one writer per slot, summed later in a fixed order.
     tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(ds * acc, axis=1), axis=0))
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
-    tl.store(out, (ds * scale).to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(out, (ds * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

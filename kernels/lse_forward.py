@@ -68,6 +68,7 @@ def _lse_fwd_kernel(
     l_i = tl.zeros((BM,), dtype=tl.float32)
     col_start = pid_s * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, M)
+    diag_lo = pid_m * BM + label_offset  # label column of this block's first row
     for c0 in range(col_start, col_end, BN):
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < col_end
@@ -80,10 +81,12 @@ def _lse_fwd_kernel(
         # The positive logit of a row lies in exactly one tile of one split: that
         # program writes it (base 2, the very bits that entered the running max, so
         # max - positive is exactly 0 when the positive is the max), no second pass.
-        is_label = (cols[None, :] == (rows[:, None] + label_offset)) & col_ok[None, :]
-        pos = tl.sum(tl.where(is_label, x, 0.0), axis=1)
-        found = tl.sum(is_label.to(tl.int32), axis=1) > 0
-        tl.store(pos_ptr + rows, pos, mask=row_ok & found)
+        # Only tiles crossing the label diagonal pay for it.
+        if (c0 < diag_lo + BM) & (c0 + BN > diag_lo):
+            is_label = (cols[None, :] == (rows[:, None] + label_offset)) & col_ok[None, :]
+            pos = tl.sum(tl.where(is_label, x, 0.0), axis=1)
+            found = tl.sum(is_label.to(tl.int32), axis=1) > 0
+            tl.store(pos_ptr + rows, pos, mask=row_ok & found)
         if WITH_COLS:
             xc = tl.where(row_ok[:, None], x, float("-inf"))
             # Padded columns would give -inf - -inf = nan; keep them finite (never stored).

@@ -93,9 +93,11 @@ class TileConfig:
 # less, so the interpreter config keeps >= 16 too and stays small so tests of
 # ragged shapes cross several tiles while staying fast (numpy costs per tile).
 _INTERPRET_CONFIG = TileConfig(BM=32, BN=32, BD=32, num_warps=4, num_stages=1)
-# GPU default (Hopper/Ampere): 128x128 fp32 accumulator, D streamed in 64-wide slabs.
-# Not autotuned yet: no GPU was available when this was written (see docs/kernels.md).
-_GPU_CONFIG = TileConfig(BM=128, BN=128, BD=64, num_warps=8, num_stages=3)
+# GPU default: 128x128 fp32 accumulator over 8 warps, D streamed in 32-wide slabs.
+# Chosen without a GPU from ptxas's report for sm_90 (python -m kernels.compile_check):
+# BD=64 spills ~200 B/thread in the forward, BD=32 spills nothing. Not timed or
+# autotuned yet (see docs/kernels.md).
+_GPU_CONFIG = TileConfig(BM=128, BN=128, BD=32, num_warps=8, num_stages=3)
 
 
 def tile_config() -> TileConfig:
