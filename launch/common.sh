@@ -164,6 +164,15 @@ run_preemptible() {
             log "preempted; VUTRAIN_REQUEUE=0 so not requeueing (resume with the same command)"
             return "$VUTRAIN_EXIT_PREEMPTED"
         fi
+        # `scancel JOB` (and the time limit) TERM every step while the job is already COMPLETING:
+        # the ranks still checkpoint, but a requeue would undo the user's cancel. Only a job
+        # that is still RUNNING (USR1 before the limit, preemption signal) is requeued.
+        local state
+        state="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)"
+        if [[ "$state" != RUNNING ]]; then
+            log "checkpoint written, but job $SLURM_JOB_ID is ${state:-gone} (cancelled or out of time); not requeueing. Resubmit the same command to resume."
+            return "$VUTRAIN_EXIT_PREEMPTED"
+        fi
         if (( ${SLURM_RESTART_COUNT:-0} >= ${VUTRAIN_MAX_RESTARTS:-50} )); then
             log "preempted, but the job already restarted ${SLURM_RESTART_COUNT} times (VUTRAIN_MAX_RESTARTS=${VUTRAIN_MAX_RESTARTS:-50}); not requeueing. Resubmit the same command to resume."
             return "$VUTRAIN_EXIT_PREEMPTED"

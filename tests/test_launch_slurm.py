@@ -159,6 +159,27 @@ def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args, 
     assert_finished(out, text, PREEMPT_STEPS)
 
 
+def test_scancel_checkpoints_without_requeue(cluster, shards, tmp_path):
+    """A plain `scancel JOB` TERMs the ranks: they checkpoint, but the job stays cancelled."""
+    out = tmp_path / "run"
+    job, log = submit(cluster, tmp_path, "srun.sbatch", ["-N", "1", "--ntasks-per-node=2"],
+                      trainer_args(out, shards, PREEMPT_STEPS))
+    deadline = time.time() + 240
+    while not metrics_steps(out):
+        assert time.time() < deadline, f"no training step logged\n{read_log(log)[-4000:]}"
+        time.sleep(0.5)
+    cluster.run("scancel", str(job))
+    info = cluster.wait_job(job, timeout=120)
+    time.sleep(1)  # the batch shell may still be flushing its last log line
+    text = read_log(log)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", f"{info}\n{text[-4000:]}"
+    m = re.search(r"preempted at step (\d+)", text)
+    assert m, text[-4000:]
+    assert (out / "checkpoints" / f"step_{int(m.group(1)):08d}").is_dir()
+    assert json.loads((out / "preempted.json").read_text())["step"] == int(m.group(1))
+    assert "not requeueing" in text, text[-4000:]
+
+
 @pytest.mark.parametrize("script,sbatch_args,env,message", [
     ("srun.sbatch", ["-N", "2", "-n", "3", "--ntasks-per-node=2"], {}, "do not divide evenly over 2 nodes"),
     ("srun.sbatch", ["-N", "1", "--ntasks-per-node=2"], {"WORLD_SIZE": "3"},
