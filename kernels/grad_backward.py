@@ -1,5 +1,5 @@
 """Backward pass: recompute score tiles, form the logit gradient in fp32, and hand
-it to dense GEMMs one bounded row chunk at a time.
+it to dense GEMMs one bounded chunk at a time.
 
 For ``S = s * Q @ K.T`` and per-row weights ``g`` (the upstream gradient of each
 row's cross-entropy), the gradient of the loss in the logits is
@@ -12,12 +12,13 @@ so ``dQ = s * dS @ K``, ``dK = s * dS.T @ Q`` and ``dL/ds = sum_ij dS_ij (Q @ K.
 
 A Triton kernel recomputes each tile of ``S`` from Q and K, forms ``s * dS`` in fp32
 (the one-hot label term is subtracted in fp32 *before* any cast: at s = 100 the
-positive's probability rounds to 1 in bf16 and ``P - 1`` would cancel to 0), adds
-the tile's ``dL/ds`` partial to a per-tile buffer, and stores ``s * dS`` for a chunk
-of rows ``[R, M]``: bf16 for bf16 inputs (bf16 keeps fp32's exponent range), fp32
-otherwise (fp16's range would flush the small ``g * P`` entries to zero). cuBLAS then does
-``dQ[chunk] = G @ K`` and ``dK += G.T @ Q[chunk]`` (fp32 accumulator). Nothing is
-reduced with atomics, so the result is bitwise reproducible run to run.
+positive's probability rounds to 1 in bf16 and ``P - 1`` would cancel to 0), writes
+the tile's ``dL/ds`` partial to its own slot, and stores ``s * dS`` into a bounded
+workspace (all of the shorter side x a chunk of the longer side): bf16 for bf16
+inputs (bf16 keeps fp32's exponent range), fp32 otherwise (fp16's range would
+flush the small ``g * P`` entries to zero). cuBLAS then turns each chunk into
+``dQ`` and ``dK`` (see ``grad_backward``). Nothing is reduced with atomics, so the
+result is bitwise reproducible run to run.
 """
 
 from __future__ import annotations
@@ -119,6 +120,28 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
+def _grad_tiles(q, k, scale, stats, g_row, g_col, r0, c0, label_offset, out) -> torch.Tensor:
+    """Launch the kernel on rows ``q`` (global rows from r0) x columns ``k`` (from c0):
+    writes ``s * dS`` into ``out`` [len(q), len(k)] and returns the tiles' dL/ds partials."""
+    cfg = tile_config()
+    n, d = q.shape
+    m = k.shape[0]
+    with_cols = g_col is not None
+    grid = (triton.cdiv(n, cfg.BM), triton.cdiv(m, cfg.BN))
+    part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
+    _grad_chunk_kernel[grid](
+        q, k, scale, stats.row_m2[r0:], stats.row_log2l[r0:], g_row[r0:],
+        stats.col_m2[c0:] if with_cols else g_row, stats.col_log2l[c0:] if with_cols else g_row,
+        g_col[c0:] if with_cols else g_row,
+        out, part, n, m, d, q.stride(0), k.stride(0), out.stride(0), label_offset + r0 - c0,
+        BM=cfg.BM, BN=cfg.BN, BD=cfg.BD, WITH_COLS=with_cols,
+        UPCAST=interpreting() and q.dtype != torch.float32,
+        PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return part
+
+
 def grad_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,53 +151,57 @@ def grad_backward(
     *,
     label_offset: int = 0,
     g_col: torch.Tensor | None = None,
-    rows_per_chunk: int | None = None,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_i g_i CE_row_i (+ sum_j h_j CE_col_j)`` in q, k and the scale.
 
     q: [N, D], k: [M, D]; scale: 0-dim fp32; stats: the forward's softmax statistics
     (with column statistics for the symmetric loss); g_row: [N] fp32 row weights;
-    g_col: [M] fp32 column weights (symmetric loss) or None.
+    g_col: [M] fp32 column weights (symmetric loss) or None; chunk: rows (or columns)
+    per workspace chunk, default from GRAD_WORKSPACE_BYTES.
     Returns ``dq`` [N, D] (q's dtype), ``dk`` [M, D] (k's dtype), ``dscale`` 0-dim fp32.
+
+    The workspace covers all of the shorter side and a chunk of the longer one: each
+    chunk's gradient on the long side is one complete GEMM, while the short side's
+    gradient accumulates over chunks in an fp32 [short, D] buffer (one rounding at the
+    end, as a single GEMM would). The gathered case (N << M) thus keeps only an
+    [N, D] accumulator; the square case needs an [N, D] one.
     """
     cfg = tile_config()
     n, d = q.shape
     m = k.shape[0]
-    with_cols = g_col is not None
     g_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    if rows_per_chunk is None:
-        fit = GRAD_WORKSPACE_BYTES // (m * torch.finfo(g_dtype).bits // 8)
-        rows_per_chunk = max(cfg.BM, fit // cfg.BM * cfg.BM)
-    rows_per_chunk = min(rows_per_chunk, n)
-    dq = torch.empty_like(q)
-    single = rows_per_chunk >= n
-    # Several chunks accumulate dK in fp32 (one rounding at the end, as one GEMM would);
-    # this [M, D] fp32 buffer is the largest extra allocation (see docs/kernels.md).
-    dk = torch.empty_like(k) if single else torch.zeros(m, d, dtype=torch.float32, device=q.device)
-    dscale_parts = []
-    workspace = torch.empty(rows_per_chunk, m, dtype=g_dtype, device=q.device)
-    k_g = k.to(g_dtype)  # no copy for bf16/fp32; fp16 runs its GEMMs in fp32 (see module doc)
-    for r0 in range(0, n, rows_per_chunk):
-        qc = q[r0 : r0 + rows_per_chunk]
-        nc = qc.shape[0]
-        grid = (triton.cdiv(nc, cfg.BM), triton.cdiv(m, cfg.BN))
-        part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=q.device)
-        g = workspace[:nc]
-        _grad_chunk_kernel[grid](
-            qc, k, scale, stats.row_m2[r0:], stats.row_log2l[r0:], g_row[r0:],
-            stats.col_m2 if with_cols else g_row, stats.col_log2l if with_cols else g_row,
-            g_col if with_cols else g_row,
-            g, part, nc, m, d, qc.stride(0), k.stride(0), g.stride(0), label_offset + r0,
-            BM=cfg.BM, BN=cfg.BN, BD=cfg.BD, WITH_COLS=with_cols,
-            UPCAST=interpreting() and q.dtype != torch.float32,
-            PRECISION=dot_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-        dscale_parts.append(part.sum())
-        _mm_into(dq[r0 : r0 + nc], g, k_g)
-        if single:
-            _mm_into(dk, g.T, qc.to(g_dtype))
-        else:
-            _addmm_fp32_(dk, g.T, qc.to(g_dtype))
-    dscale = torch.stack(dscale_parts).sum()
-    return dq, dk.to(k.dtype), dscale
+    # fp16 runs its GEMMs in fp32: fp16's range would flush small gradient entries.
+    q_g, k_g = q.to(g_dtype), k.to(g_dtype)
+    by_rows = n >= m  # chunk the longer side
+    long_len, short_len = (n, m) if by_rows else (m, n)
+    if chunk is None:
+        fit = GRAD_WORKSPACE_BYTES // (short_len * torch.finfo(g_dtype).bits // 8)
+        chunk = max(cfg.BM, fit // cfg.BM * cfg.BM)
+    chunk = min(chunk, long_len)
+    single = chunk >= long_len
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    acc = None if single else torch.zeros(short_len, d, dtype=torch.float32, device=q.device)
+    workspace = torch.empty(chunk * short_len, dtype=g_dtype, device=q.device)
+    parts = []
+    for s0 in range(0, long_len, chunk):
+        s1 = min(s0 + chunk, long_len)
+        if by_rows:  # G = [rows s0:s1, all M]
+            g = workspace[: (s1 - s0) * m].view(s1 - s0, m)
+            parts.append(_grad_tiles(q[s0:s1], k, scale, stats, g_row, g_col, s0, 0, label_offset, g))
+            _mm_into(dq[s0:s1], g, k_g)
+            if single:
+                _mm_into(dk, g.T, q_g)
+            else:
+                _addmm_fp32_(acc, g.T, q_g[s0:s1])
+        else:  # G = [all N, columns s0:s1]
+            g = workspace[: n * (s1 - s0)].view(n, s1 - s0)
+            parts.append(_grad_tiles(q, k[s0:s1], scale, stats, g_row, g_col, 0, s0, label_offset, g))
+            _mm_into(dk[s0:s1], g.T, q_g)
+            if single:
+                _mm_into(dq, g, k_g)
+            else:
+                _addmm_fp32_(acc, g, k_g[s0:s1])
+    if acc is not None:
+        (dk if by_rows else dq).copy_(acc)
+    return dq, dk, torch.cat(parts).sum()
