@@ -149,7 +149,7 @@ def build(cfg: BuildConfig) -> dict:
     os.makedirs(build_dir, exist_ok=True)
     _clean_partials(cfg.output)
     meta = metadata.read_metadata(cfg.inputs, cfg.input_format, cfg.categories_json)
-    with open(os.path.join(build_dir, "rejected_input.jsonl"), "a", encoding="utf-8") as f:
+    with open(os.path.join(build_dir, "rejected_input.jsonl"), "w", encoding="utf-8") as f:
         for rejected in meta.rejected:
             f.write(json.dumps(rejected, ensure_ascii=False) + "\n")
     print(f"[dataset_tools] {meta.input_rows} input rows -> {len(meta.rows)} videos "

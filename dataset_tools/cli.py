@@ -98,7 +98,9 @@ def _add_others(sub) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataset_tools", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m dataset_tools",
+        description="YouTube metadata -> thumbnails (img2dataset, polite to one host) -> webdataset shards.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_others(sub)
