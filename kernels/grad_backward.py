@@ -16,8 +16,8 @@ positive's probability rounds to 1 in bf16 and ``P - 1`` would cancel to 0), wri
 the tile's ``dL/ds`` partial to its own slot, and stores ``s * dS`` into a bounded
 workspace (all of the shorter side x a chunk of the longer side): bf16 for bf16
 inputs (bf16 keeps fp32's exponent range), fp32 otherwise (fp16's range would
-flush the small ``g * P`` entries to zero). cuBLAS then turns each chunk into
-``dQ`` and ``dK`` (see ``grad_backward``). Nothing is reduced with atomics, so the
+flush the small ``g * P`` entries to zero). cuBLAS then turns the chunks into
+``dQ`` and ``dK`` (schedules in ``grad_backward``). Nothing is reduced with atomics, so the
 result is bitwise reproducible run to run.
 """
 
@@ -31,8 +31,12 @@ from kernels.lse_forward import LseStats
 from kernels.runtime import dot_precision, interpreting, tile_config
 from kernels.score_tile import score_tile
 
-# Bound on the per-chunk gradient workspace G[R, M].
+# Bound on the gradient workspace (one chunk of G = s * dL/dS).
 GRAD_WORKSPACE_BYTES = 32 * 2**20
+# Shortest long-side chunk for the accumulate schedule: an fp32 [short, D] buffer is
+# read and written once per chunk, which stays cheap next to the chunk's GEMM only
+# when the chunk is long (arithmetic intensity ~ chunk / 4 FLOP per byte).
+ACCUMULATE_MIN_CHUNK = 1024
 
 
 @triton.jit
@@ -114,9 +118,13 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
-        except (RuntimeError, TypeError):  # older torch: no out_dtype for addmm
-            acc += torch.mm(a.float(), b.float())
+        except (RuntimeError, TypeError):  # torch without addmm(out_dtype=, out=)
+            pass
+        try:
+            acc += torch.mm(a, b, out_dtype=torch.float32)
             return
+        except (RuntimeError, TypeError):
+            pass
     acc.addmm_(a.float(), b.float())
 
 
@@ -142,6 +150,12 @@ def _grad_tiles(q, k, scale, stats, g_row, g_col, r0, c0, label_offset, out) -> 
     return part
 
 
+def _chunk_len(other_len: int, g_dtype: torch.dtype, block: int) -> int:
+    """Rows (or columns) per workspace chunk when the chunk spans ``other_len``."""
+    fit = GRAD_WORKSPACE_BYTES // (other_len * (torch.finfo(g_dtype).bits // 8))
+    return max(block, fit // block * block)
+
+
 def grad_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -151,36 +165,49 @@ def grad_backward(
     *,
     label_offset: int = 0,
     g_col: torch.Tensor | None = None,
-    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_i g_i CE_row_i (+ sum_j h_j CE_col_j)`` in q, k and the scale.
 
     q: [N, D], k: [M, D]; scale: 0-dim fp32; stats: the forward's softmax statistics
     (with column statistics for the symmetric loss); g_row: [N] fp32 row weights;
-    g_col: [M] fp32 column weights (symmetric loss) or None; chunk: rows (or columns)
-    per workspace chunk, default from GRAD_WORKSPACE_BYTES.
+    g_col: [M] fp32 column weights (symmetric loss) or None.
     Returns ``dq`` [N, D] (q's dtype), ``dk`` [M, D] (k's dtype), ``dscale`` 0-dim fp32.
 
-    The workspace covers all of the shorter side and a chunk of the longer one: each
-    chunk's gradient on the long side is one complete GEMM, while the short side's
-    gradient accumulates over chunks in an fp32 [short, D] buffer (one rounding at the
-    end, as a single GEMM would). The gathered case (N << M) thus keeps only an
-    [N, D] accumulator; the square case needs an [N, D] one.
+    Schedules, all within the GRAD_WORKSPACE_BYTES workspace:
+    - one chunk: G [N, M] fits; two GEMMs.
+    - accumulate: the workspace spans the shorter side and a chunk of the longer one;
+      the long side's gradient is one complete GEMM per chunk, the short side's adds
+      into an fp32 [short, D] buffer. Used when chunks are long (>= ACCUMULATE_MIN_CHUNK),
+      e.g. the gathered N << M case, where the buffer is small and the adds cheap.
+    - two passes: otherwise (large square problems) the tiles are recomputed once for
+      row chunks (dQ) and once for column chunks (dK): 10NMD instead of 8NMD, but no
+      [N, D] fp32 buffer and no K-thin accumulating GEMMs streaming it per chunk.
     """
     cfg = tile_config()
-    n, d = q.shape
-    m = k.shape[0]
+    n, m = q.shape[0], k.shape[0]
     g_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     # fp16 runs its GEMMs in fp32: fp16's range would flush small gradient entries.
     q_g, k_g = q.to(g_dtype), k.to(g_dtype)
-    by_rows = n >= m  # chunk the longer side
+    rows_chunk = _chunk_len(m, g_dtype, cfg.BM)  # rows per chunk spanning all M columns
+    cols_chunk = _chunk_len(n, g_dtype, cfg.BN)  # columns per chunk spanning all N rows
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    args = (scale, stats, g_row, g_col, label_offset)
+    by_rows = n >= m
+    long_chunk = rows_chunk if by_rows else cols_chunk
+    if long_chunk >= (n if by_rows else m) or long_chunk >= ACCUMULATE_MIN_CHUNK:
+        parts = _accumulate(q, k, q_g, k_g, dq, dk, by_rows, long_chunk, g_dtype, args)
+    else:
+        parts = _rows_pass(q, k, k_g, dq, rows_chunk, g_dtype, args)
+        _cols_pass(q, k, q_g, dk, cols_chunk, g_dtype, args)  # its dL/ds partials repeat the row pass's
+    return dq, dk, torch.cat(parts).sum()
+
+
+def _accumulate(q, k, q_g, k_g, dq, dk, by_rows, chunk, g_dtype, args) -> list[torch.Tensor]:
+    n, d = q.shape
+    m = k.shape[0]
     long_len, short_len = (n, m) if by_rows else (m, n)
-    if chunk is None:
-        fit = GRAD_WORKSPACE_BYTES // (short_len * torch.finfo(g_dtype).bits // 8)
-        chunk = max(cfg.BM, fit // cfg.BM * cfg.BM)
     chunk = min(chunk, long_len)
     single = chunk >= long_len
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
     acc = None if single else torch.zeros(short_len, d, dtype=torch.float32, device=q.device)
     workspace = torch.empty(chunk * short_len, dtype=g_dtype, device=q.device)
     parts = []
@@ -188,7 +215,7 @@ def grad_backward(
         s1 = min(s0 + chunk, long_len)
         if by_rows:  # G = [rows s0:s1, all M]
             g = workspace[: (s1 - s0) * m].view(s1 - s0, m)
-            parts.append(_grad_tiles(q[s0:s1], k, scale, stats, g_row, g_col, s0, 0, label_offset, g))
+            parts.append(_grad_tiles(q[s0:s1], k, *args[:4], s0, 0, args[4], g))
             _mm_into(dq[s0:s1], g, k_g)
             if single:
                 _mm_into(dk, g.T, q_g)
@@ -196,7 +223,7 @@ def grad_backward(
                 _addmm_fp32_(acc, g.T, q_g[s0:s1])
         else:  # G = [all N, columns s0:s1]
             g = workspace[: n * (s1 - s0)].view(n, s1 - s0)
-            parts.append(_grad_tiles(q, k[s0:s1], scale, stats, g_row, g_col, 0, s0, label_offset, g))
+            parts.append(_grad_tiles(q, k[s0:s1], *args[:4], 0, s0, args[4], g))
             _mm_into(dk[s0:s1], g.T, q_g)
             if single:
                 _mm_into(dq, g, k_g)
@@ -204,4 +231,30 @@ def grad_backward(
                 _addmm_fp32_(acc, g, k_g[s0:s1])
     if acc is not None:
         (dk if by_rows else dq).copy_(acc)
-    return dq, dk, torch.cat(parts).sum()
+    return parts
+
+
+def _rows_pass(q, k, k_g, dq, chunk, g_dtype, args) -> list[torch.Tensor]:
+    """dQ by row chunks: each chunk's G [R, M] @ K is a complete GEMM."""
+    n, m = q.shape[0], k.shape[0]
+    workspace = torch.empty(min(chunk, n) * m, dtype=g_dtype, device=q.device)
+    parts = []
+    for r0 in range(0, n, chunk):
+        r1 = min(r0 + chunk, n)
+        g = workspace[: (r1 - r0) * m].view(r1 - r0, m)
+        parts.append(_grad_tiles(q[r0:r1], k, *args[:4], r0, 0, args[4], g))
+        _mm_into(dq[r0:r1], g, k_g)
+    return parts
+
+
+def _cols_pass(q, k, q_g, dk, chunk, g_dtype, args) -> list[torch.Tensor]:
+    """dK by column chunks: each chunk's G[:, c].T @ Q is a complete GEMM."""
+    n, m = q.shape[0], k.shape[0]
+    workspace = torch.empty(n * min(chunk, m), dtype=g_dtype, device=q.device)
+    parts = []
+    for c0 in range(0, m, chunk):
+        c1 = min(c0 + chunk, m)
+        g = workspace[: n * (c1 - c0)].view(n, c1 - c0)
+        parts.append(_grad_tiles(q, k[c0:c1], *args[:4], 0, c0, args[4], g))
+        _mm_into(dk[c0:c1], g.T, q_g)
+    return parts

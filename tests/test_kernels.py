@@ -209,10 +209,16 @@ def test_bounded_workspaces_give_the_same_result(monkeypatch):
     _assert_close(chunked, ref, rtol=2e-5)
     for a, b in zip(base, chunked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    # Gathered shape (N < M): the backward chunks columns, labels cross chunk borders.
+    # Gathered shape (N < M), labels crossing chunk borders: the two-pass schedule,
+    # then the accumulate schedule (column chunks, fp32 [N, D] buffer).
     q, k = _features(37, 40, seed=22), _features(111, 40, seed=23)
     ours, ref = _ours_and_ref(contrastive_ce, q, k, 30.0, label_offset=50)
     _assert_close(ours, ref, rtol=2e-5)
+    monkeypatch.setattr(gb, "ACCUMULATE_MIN_CHUNK", 1)
+    ours, ref = _ours_and_ref(contrastive_ce, q, k, 30.0, label_offset=50)
+    _assert_close(ours, ref, rtol=2e-5)
+    accumulated, ref = _ours_and_ref(clip_loss, img, txt, 30.0)  # row chunks, fp32 [M, D] buffer
+    _assert_close(accumulated, ref, rtol=2e-5)
 
 
 @in_process
