@@ -15,6 +15,7 @@ import imagehash
 from PIL import Image
 
 from dataset_tools.plan import BUILD_DIR
+from dataset_tools import shards
 from dataset_tools.reshard import ShardSink, iter_samples
 
 
@@ -43,6 +44,7 @@ def _chunks(value: int, parts: int) -> List[tuple]:
 def dedup(folder: str, report_path: Optional[str] = None, max_distance: int = 4,
           filter_output: Optional[str] = None, shard_size: int = 1000) -> dict:
     """Find duplicate groups; returns the report (also written as JSON)."""
+    shards.require_shards(folder)
     info: Dict[str, dict] = {}
     uf = _UnionFind()
     by_sha: Dict[str, str] = {}

@@ -15,6 +15,7 @@ from dataset_tools import shards
 
 def finalize(folder: str) -> dict:
     """Write sizes.json, __len__ and manifest.json; returns the manifest."""
+    shards.require_shards(folder)
     sizes, entries, total = {}, [], 0
     for shard_id, name in sorted(shards.complete_shards(folder).items()):
         with open(os.path.join(folder, f"{name}_stats.json")) as f:

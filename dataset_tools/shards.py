@@ -119,6 +119,15 @@ def complete_shards(folder: str) -> Dict[int, str]:
     return done
 
 
+def require_shards(folder: str) -> Dict[int, str]:
+    """complete_shards, or a SystemExit that says what to do when there are none."""
+    done = complete_shards(folder)
+    if not done:
+        raise SystemExit(f"{folder}: no complete shards (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json). "
+                         "Run `python -m dataset_tools build --output DIR ...` first, or check the path.")
+    return done
+
+
 def iter_shard_names(folder: str) -> Iterator[str]:
     """Names (``00000``...) of complete shards, sorted."""
     for sid, name in sorted(complete_shards(folder).items()):

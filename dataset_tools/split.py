@@ -10,6 +10,7 @@ import hashlib
 import os
 
 from dataset_tools import finalize as finalize_mod
+from dataset_tools import shards
 from dataset_tools.reshard import ShardSink, iter_samples
 
 
@@ -29,10 +30,12 @@ def split(folder: str, output: str, by: str = "channel", val_fraction: float = 0
           seed: str = "0", shard_size: int = 1000) -> dict:
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+    shards.require_shards(folder)
     sinks = {side: ShardSink(os.path.join(output, side), shard_size) for side in ("train", "val")}
     for sample in iter_samples(folder):
         sinks[assign(sample[2], by, val_fraction, seed)].add(sample)
     counts = {side: sink.close() for side, sink in sinks.items()}
-    for side in sinks:
-        finalize_mod.finalize(os.path.join(output, side))
+    for side, count in counts.items():
+        if count:  # an empty side has no shards to describe
+            finalize_mod.finalize(os.path.join(output, side))
     return {"by": by, "val_fraction": val_fraction, **counts}

@@ -13,6 +13,7 @@ from dataset_tools import shards
 
 
 def build_vocab(folder: str, min_count: int = 5) -> dict:
+    shards.require_shards(folder)
     tags, categories = Counter(), Counter()
     for name in shards.iter_shard_names(folder):
         rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
