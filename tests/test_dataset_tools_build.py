@@ -253,3 +253,22 @@ def test_letterbox_crop():
     resizer = LetterboxResizer(Resizer(image_size=64, resize_mode="keep_ratio", resize_only_if_bigger=False))
     _, width, height, ow, oh, err = resizer(io.BytesIO(render_thumbnail("letterbox01", "sddefault")))
     assert err is None and (ow, oh) == (640, 360) and height == 64
+
+
+def test_distributor_errors_are_clear(tmp_path, monkeypatch):
+    import builtins
+
+    inp = tmp_path / "in.csv"
+    inp.write_text("video_id,title\nokokokokok1,x\n")
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):  # make the test independent of whether ray is installed
+        if name == "ray":
+            raise ModuleNotFoundError("no ray here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(SystemExit, match="pip install ray"):
+        main(["build", "--input", str(inp), "--output", str(tmp_path / "o"), "--distributor", "ray"])
+    with pytest.raises(SystemExit, match="--variants is empty"):
+        main(["build", "--input", str(inp), "--output", str(tmp_path / "o"), "--variants", ","])
