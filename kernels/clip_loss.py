@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kernels.contrastive_ce import as_scale_tensor
-from kernels.reference import clip_loss_reference
+from kernels.reference import check_inputs, clip_loss_reference
 from kernels.runtime import use_triton
 
 
@@ -58,9 +58,6 @@ def clip_loss(
     """
     if not use_triton(image_features, text_features):
         return clip_loss_reference(image_features, text_features, logit_scale)
-    # Validation (shapes, dtypes) is shared with the reference.
-    from kernels.reference import check_inputs
-
     check_inputs(image_features, text_features, 0, "mean")
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(

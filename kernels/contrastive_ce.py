@@ -8,14 +8,10 @@ same for text rows against gathered images).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from kernels.reference import check_inputs, contrastive_ce_reference
 from kernels.runtime import use_triton
-
-LN2 = math.log(2.0)
 
 
 def as_scale_tensor(logit_scale: torch.Tensor | float, device: torch.device) -> torch.Tensor:

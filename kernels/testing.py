@@ -19,12 +19,6 @@ import torch
 from kernels.runtime import HAS_TRITON, interpreting
 
 
-def request_interpreter() -> None:
-    """Ask for the interpreter when no GPU exists; call before importing Triton."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
 def triton_mode() -> str:
     """``"gpu"``, ``"interpreter"``, ``"subprocess"`` (interpreter needs a fresh
     process) or ``"none"`` (Triton not installed)."""
