@@ -15,7 +15,7 @@ from typing import List
 
 from PIL import Image
 
-from dataset_tools import shards
+from dataset_tools import shards, youtube
 
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
 
@@ -40,6 +40,9 @@ def _verify_shard(folder: str, name: str, success_keys: set) -> List[str]:
             meta = json.loads(members["json"])
             if meta.get("key") != key:
                 problems.append(f"{name}.tar: sample {key} json key is {meta.get('key')!r}")
+            if ((meta.get("original_width"), meta.get("original_height")) == youtube.PLACEHOLDER_SIZE
+                    and meta.get("variant") != "default"):
+                problems.append(f"{name}.tar: sample {key} is a 120x90 placeholder")
         except ValueError:
             problems.append(f"{name}.tar: sample {key} json does not parse")
         try:
