@@ -99,7 +99,8 @@ def test_bitwise_deterministic(n, m, d):
 
 
 def test_no_logits_sized_allocation():
-    # Peak extra memory of fwd+bwd stays far below one N x M bf16 logits matrix.
+    # Peak extra memory of fwd+bwd (beyond the gradients it returns) stays far below
+    # one N x M bf16 logits matrix: workspaces are bounded.
     from kernels import clip_loss
 
     n, d = 16384, 768
@@ -113,5 +114,6 @@ def test_no_logits_sized_allocation():
     base = torch.cuda.memory_allocated()
     clip_loss(img, txt, scale).backward()
     torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    assert extra < n * n * 2 / 4, f"peak extra {extra / 2**20:.0f} MiB"
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in (img, txt, scale))
+    extra = torch.cuda.max_memory_allocated() - base - grads  # the returned gradients are outputs
+    assert extra < n * n * 2 / 4, f"peak extra {extra / 2**20:.0f} MiB beyond the gradients"
