@@ -116,6 +116,8 @@ def fetch_once(url: str, cfg: PolitenessConfig, limiter: HostLimiter) -> Respons
                 retry_after = parse_retry_after(err.headers.get("Retry-After") if err.headers else None)
                 if retry_after is not None:
                     limiter.cool_down(min(retry_after, cfg.backoff_max))
+                elif err.code == 429:  # throttled without a hint: every thread eases off a little
+                    limiter.cool_down(cfg.backoff_base)
                 raise _Retryable(f"HTTP Error {err.code}", retry_after) from None
             raise _Permanent(f"HTTP Error {err.code}: {err.reason}") from None
         except urllib.error.URLError as err:
