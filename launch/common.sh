@@ -41,6 +41,7 @@ count_gpus() {
     elif [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
         # An empty CUDA_VISIBLE_DEVICES hides every GPU on purpose.
         local ids="${CUDA_VISIBLE_DEVICES//,/ }"
+        # shellcheck disable=SC2086  # split the id list on purpose
         set -- $ids
         echo "$#"
     elif command -v nvidia-smi >/dev/null 2>&1; then
