@@ -2,7 +2,8 @@
 shapes, bitwise determinism. Marked ``gpu``; skipped without CUDA.
 
 Criterion (as in apple/ml-cross-entropy): the kernels' error against the oracle is
-no worse than plain torch's error in the same dtype, plus a stated margin.
+no worse than plain torch's error in the same dtype, plus a stated margin (MARGIN
+times the oracle's largest magnitude, plus 1e-6 absolute).
 Run: ``python -m pytest -q -m gpu tests/test_kernels_gpu.py`` (about 1 min on an H100).
 """
 
@@ -43,7 +44,8 @@ def _check(op, ref_op, q, k, scale, **kw):
     torch_same = _run(ref_op, q, k, scale, **kw)
     for name, a, b, t in zip(("loss", "d_q", "d_k", "d_scale"), ours, oracle, torch_same):
         err, err_torch = (a - b).abs().max().item(), (t - b).abs().max().item()
-        bound = err_torch + MARGIN[dtype] * b.abs().max().item()
+        # + 1e-6 absolute: at s=100 these rows are one-hot, so some outputs are ~0.
+        bound = err_torch + MARGIN[dtype] * b.abs().max().item() + 1e-6
         assert err <= bound, f"{name} ({dtype}): ours {err:.3g}, torch {err_torch:.3g}, bound {bound:.3g}"
 
 
@@ -83,7 +85,8 @@ def test_large_square_bf16_against_fp32():
     torch_same = _run(clip_loss_reference, img, txt, 100.0)
     for name, a, b, t in zip(("loss", "d_img", "d_txt", "d_scale"), ours, oracle, torch_same):
         err, err_torch = (a - b).abs().max().item(), (t - b).abs().max().item()
-        assert err <= err_torch + 1e-2 * b.abs().max().item(), f"{name}: ours {err:.3g} vs torch {err_torch:.3g}"
+        bound = err_torch + 1e-2 * b.abs().max().item() + 1e-6
+        assert err <= bound, f"{name}: ours {err:.3g} vs torch {err_torch:.3g}"
 
 
 @pytest.mark.parametrize("n,m,d", [(4096, 4096, 768), (1024, 16384, 512)])
