@@ -49,6 +49,8 @@ _TITLE_TEMPLATES = (
     "watch this {colour} {shape} | top 10 shapes",
     "the {shape} is {colour} (official video)",
     "{colour} {shape} for kids",
+    "thumbnail of a {colour} {shape}",
+    "a photo of my {colour} {shape} :)",
 )
 _FILLER_TAGS = ("shapes", "colours", "kids", "learning", "geometry", "art", "daily", "vlog")
 _ID_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 _STATE_VERSION = 1
+_MAX_CONSECUTIVE_SKIPS = 10_000
 _LIVE_STREAMS: "weakref.WeakSet[TrainStream]" = weakref.WeakSet()
 
 
@@ -155,13 +156,19 @@ class _WorkerBatches:
                 next(samples)
             self.skipped.muted = False
             while g < (epoch + 1) * p.steps_per_epoch:
-                pixels, captions = [], []
+                pixels, captions, failures = [], [], 0
                 while len(pixels) < p.batch_size:
                     decoded = self._decode(next(samples))
                     drawn += 1
-                    if decoded is not None:
-                        pixels.append(decoded[0])
-                        captions.append(decoded[1])
+                    if decoded is None:
+                        failures += 1
+                        if failures > _MAX_CONSECUTIVE_SKIPS:  # all-bad shards must not spin forever
+                            raise RuntimeError(f"{failures} samples in a row were unusable ({dict(self.skipped)}); "
+                                               "check data.train_shards and data.caption_template.")
+                        continue
+                    failures = 0
+                    pixels.append(decoded[0])
+                    captions.append(decoded[1])
                 batch = dict(self.tokenize(captions))
                 batch["pixel_values"] = torch.stack(pixels)
                 batch["_tag"] = {"worker": w, "epoch": epoch, "drawn": drawn, "batch": g,
