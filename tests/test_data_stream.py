@@ -186,3 +186,8 @@ def test_collect_label_values(data):
     assert values == sorted(values) and set(values) <= set(CLASSES) and len(values) > 12
     tags = collect_label_values(data["info"]["val_shards"], "tags")
     assert "red" in tags or "blue" in tags
+
+
+def test_pipe_spec_reads_like_a_path(data):
+    local = data["info"]["val_shards"].replace("{00000..00001}", "00001")
+    assert collect_label_values(f"pipe:cat {local}") == collect_label_values(local)
