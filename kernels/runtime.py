@@ -2,25 +2,44 @@
 
 Rule (documented in docs/kernels.md): the public ops use Triton when
 ``triton_available()`` is true and either the inputs are CUDA tensors or the
-Triton interpreter is on (``TRITON_INTERPRET=1`` set before importing
-``kernels``). Otherwise they fall back to ``kernels.reference`` (plain torch,
+Triton interpreter is on (``TRITON_INTERPRET=1`` set before Triton is first
+imported). Otherwise they fall back to ``kernels.reference`` (plain torch,
 same semantics, materialises the logits).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-try:  # Triton is optional: importing ``kernels`` must work without it.
-    import triton  # noqa: F401
 
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    HAS_TRITON = False
+def _installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
+        return False
+
+
+# Installed, not imported: importing ``kernels`` must neither need Triton nor import
+# it, because Triton fixes interpreter mode at its own first import (see interpreting()).
+HAS_TRITON = _installed()
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    """Triton imports cleanly (imports it on first call)."""
+    if not HAS_TRITON:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install counts as absent: the ops fall back
+        return False
+    return True
 
 
 def interpret_requested() -> bool:
@@ -37,7 +56,7 @@ def interpreting() -> bool:
     ``transformers`` imported Triton) would crash every kernel, so that case counts
     as "not interpreting" and the ops fall back to the torch reference, with a warning.
     """
-    if not (HAS_TRITON and interpret_requested()):
+    if not (interpret_requested() and triton_importable()):
         return False
     import triton.language.standard as tl_std
     from triton.runtime.interpreter import InterpretedFunction
@@ -66,7 +85,8 @@ def _warn_late_interpret() -> None:
 
 def triton_available() -> bool:
     """Triton is importable and can run: a CUDA device exists or the interpreter is on."""
-    return HAS_TRITON and (torch.cuda.is_available() or interpreting())
+    # Checked in this order so that a CPU-only process never imports Triton needlessly.
+    return (torch.cuda.is_available() and triton_importable()) or interpreting()
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

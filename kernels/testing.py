@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from kernels.runtime import HAS_TRITON, interpreting
+from kernels.runtime import interpreting, triton_importable
 
 
 def triton_mode() -> str:
     """``"gpu"``, ``"interpreter"``, ``"subprocess"`` (interpreter needs a fresh
     process) or ``"none"`` (Triton not installed)."""
-    if not HAS_TRITON:
+    if not triton_importable():
         return "none"
     if torch.cuda.is_available() and not interpreting():
         return "gpu"
