@@ -23,7 +23,6 @@ from triton.compiler import ASTSource
 
 from kernels.runtime import TileConfig
 
-_COMMON = {"q_ptr": None, "k_ptr": None, "scale_ptr": "*fp32"}
 _INTS = ("N", "M", "D", "stride_q", "stride_k")
 _CONSTS = ("BM", "BN", "BD", "WITH_COLS", "UPCAST", "PRECISION")
 

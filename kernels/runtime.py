@@ -133,6 +133,9 @@ def num_sms(device: torch.device) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: exact fp32 for fp32 inputs (torch's default matmul
-    is not TF32 either), irrelevant (native) for 16-bit inputs."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``tl.dot`` input precision for fp32 inputs follows torch's matmul setting:
+    exact fp32 by default, TF32 when ``torch.set_float32_matmul_precision("high")``
+    (or ``allow_tf32``) is on. Irrelevant (native) for 16-bit inputs."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
