@@ -11,6 +11,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albument
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+import torch  # noqa: E402
+
+# Triton's interpreter must be chosen before Triton is first imported anywhere in the session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory):

@@ -27,7 +27,9 @@ def deepspeed_command(num_ranks: int) -> list[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     if not os.path.exists(exe):
         exe = shutil.which("deepspeed") or exe
-    return [exe, "--num_gpus", str(num_ranks)]
+    from vutrain.distributed import free_port
+    # A free port rather than the launcher's fixed 29500, so a second run on the machine can start.
+    return [exe, "--num_gpus", str(num_ranks), "--master_port", str(free_port())]
 
 
 def write_data(out: str, num_samples: int, val_samples: int, shard_size: int, seed: int) -> tuple[str, str]:
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=8192)
     parser.add_argument("--val-samples", type=int, default=480)
     parser.add_argument("--shard-size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--min-top1", type=float, default=0.6, help="exit non-zero below this zero-shot top-1")
     parser.add_argument("--seed", type=int, default=0)

@@ -53,7 +53,7 @@ def _slurm_first_host(env) -> str | None:
         return nodelist.split(",")[0].split("[")[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -94,7 +94,7 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
         if job is not None:
             port = 20000 + job % 20000
         elif launcher == "single":  # nobody else joins: any free port avoids clashing with other runs
-            port = _free_port()
+            port = free_port()
         else:
             port = 29500
     n_gpus = torch.cuda.device_count()

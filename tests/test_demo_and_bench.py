@@ -1,0 +1,55 @@
+"""The demo's pipeline at a smaller size (data -> DeepSpeed ZeRO-2 on 2 ranks -> eval -> export ->
+HF pipeline), and the training benchmark harness on CPU."""
+import json
+import re
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train_runner as tr
+
+
+def test_demo_pipeline_small(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "vutrain.demo", "--out", str(out), "--num-samples", "512",
+                           "--val-samples", "48", "--shard-size", "64", "--steps", "4", "--min-top1", "0",
+                           "train.micro_batch_size=16", "eval.every=2", "model.vocab_size=512"],
+                          capture_output=True, text=True, timeout=900, env=tr.env(), cwd=tr.REPO)
+    assert proc.returncode == 0, tr.describe(proc)
+    assert "zero-shot top-1 on the held-out set" in proc.stdout
+    found = re.search(r"\(chance (0\.\d+), (\d+) classes\)", proc.stdout)
+    assert found and float(found.group(1)) == pytest.approx(1 / int(found.group(2)), abs=1e-3)
+    assert int(found.group(2)) >= 20  # the held-out classes (colour x shape) seen in 48 samples
+    assert "predicted:" in proc.stdout
+    assert os.path.exists(out / "hf_model" / "model.safetensors")
+    assert os.path.exists(out / "hf_model" / "tokenizer.json")
+    evals = [r for r in tr.metrics(str(out / "run")) if "eval/zeroshot_top1" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+
+
+def test_demo_fails_loudly_below_the_bar(tmp_path):
+    """--min-top1 is a real check: an impossible bar makes the demo exit non-zero."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "vutrain.demo", "--out", str(out), "--num-samples", "256",
+                           "--val-samples", "24", "--shard-size", "64", "--steps", "1", "--ranks", "1",
+                           "--min-top1", "1.01", "train.micro_batch_size=8", "model.vocab_size=512",
+                           "data.num_workers=0"],
+                          capture_output=True, text=True, timeout=900, env=tr.env(), cwd=tr.REPO)
+    assert proc.returncode == 1, tr.describe(proc)
+    assert "FAIL: zero-shot top-1" in proc.stderr
+
+
+def test_bench_harness_measures_and_records(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "vutrain.bench", "--batch-sizes", "8", "--steps", "2",
+                           "--warmup", "1", "--workers", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=tr.env(), cwd=tr.REPO)
+    assert proc.returncode == 0, tr.describe(proc)
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["batch_size"] == 8
+    assert rows[0]["samples_per_s"] > 0 and rows[0]["peak_rss_gib"] > 0
+    for phase in ("data_s", "forward_s", "loss_s", "backward_s", "optimizer_s"):
+        assert rows[0][phase] >= 0
+    assert "| tiny | fp32 | 2 | 8 |" in proc.stdout

@@ -1,0 +1,148 @@
+"""Training throughput benchmark: samples/s, per-step time split and peak memory.
+
+    python -m vutrain.bench                       # CPU: the tiny preset, fp32, ZeRO-2, two batch sizes
+    python -m vutrain.bench --preset vit-b-32 --precision bf16 --zero-stage 2 \
+        --batch-sizes 64,128,256 --grad-ckpt both # GPU: the ViT-B/32 sweep of BENCHMARKS.md
+
+Each configuration runs in its own process (one rank; peak memory is per process) through the
+real Trainer on synthetic shards, with the device synchronised around each phase so the split
+(data, forward, loss, backward, optimizer) is honest. Rows are printed as a markdown table and
+appended to a JSON file; nothing is estimated: a configuration that fails (e.g. out of memory) is
+recorded with its error.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+PHASES = ("data", "forward", "loss", "backward", "optimizer")
+
+
+def device_name() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def run_one(spec: dict) -> dict:
+    """Train `warmup + steps` steps in this process and measure the last `steps`."""
+    import resource
+
+    import torch
+
+    from vutrain.config import load_config
+    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+    from vutrain.trainer import Trainer
+
+    overrides = [f"output_dir={spec['run_dir']}", f"data.train_shards={spec['train_shards']}",
+                 "data.val_shards=", "eval.every=0", f"model.preset={spec['preset']}",
+                 f"train.precision={spec['precision']}", f"train.zero_stage={spec['zero_stage']}",
+                 f"train.micro_batch_size={spec['batch_size']}", f"model.gradient_checkpointing={spec['grad_ckpt']}",
+                 f"train.max_steps={spec['warmup'] + spec['steps']}", "train.checkpoint_every=0",
+                 "train.progress_bar=false", "train.resume=never", f"data.num_workers={spec['workers']}",
+                 f"loss.backend={spec['loss_backend']}", "data.resampled=true", "data.num_samples=100000"]
+    cfg = load_config(None, overrides)
+    info = resolve_dist_env()
+    init_distributed(info)
+    trainer = Trainer(cfg, info, sync_timing=True)
+    trainer.engine.train()
+    cuda = trainer.device.type == "cuda"
+    rows = []
+    try:
+        for i in range(spec["warmup"] + spec["steps"]):
+            if cuda and i == spec["warmup"]:
+                torch.cuda.reset_peak_memory_stats()
+            times, _ = trainer.train_step()
+            if i >= spec["warmup"]:
+                rows.append(times)
+    finally:
+        cleanup()
+    med = {p: statistics.median(getattr(t, p) for t in rows) for p in PHASES}
+    step = sum(med.values())
+    result = dict(spec, device=device_name(), step_time_s=step,
+                  samples_per_s=spec["batch_size"] / step, **{f"{p}_s": v for p, v in med.items()})
+    if cuda:
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| preset | precision | ZeRO | batch | grad ckpt | samples/s | step s | data | fwd | loss | bwd | opt | peak mem GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
+                         f"{r['grad_ckpt']} | failed: {r['error'][:60]} |||||||| ")
+            continue
+        mem = r.get("peak_memory_gib", r.get("peak_rss_gib", float("nan")))
+        lines.append(f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | {r['grad_ckpt']} | "
+                     f"{r['samples_per_s']:.1f} | {r['step_time_s']:.3f} | "
+                     + " | ".join(f"{r[p + '_s']:.3f}" for p in PHASES) + f" | {mem:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vutrain.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--batch-sizes", default="16,32")
+    parser.add_argument("--grad-ckpt", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--loss-backend", default="torch")
+    parser.add_argument("--out", default="bench_results/train_bench.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one JSON spec in this process
+    args = parser.parse_args(argv)
+    if args.one:
+        print("BENCH_RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
+        return 0
+
+    from vutrain.data.synthetic import write_synthetic
+    from vutrain.model import PRESETS
+    work = tempfile.mkdtemp(prefix="vutrain-bench-")
+    size = PRESETS[args.preset].image_size
+    data = write_synthetic(os.path.join(work, "data"), num_samples=2048, shard_size=256, image_size=size,
+                           val_samples=0)
+    ckpts = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.grad_ckpt]
+    results = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for ckpt in ckpts:
+            spec = dict(preset=args.preset, precision=args.precision, zero_stage=args.zero_stage, batch_size=batch,
+                        grad_ckpt=ckpt, steps=args.steps, warmup=args.warmup, workers=args.workers,
+                        loss_backend=args.loss_backend, train_shards=data["train_shards"],
+                        run_dir=os.path.join(work, f"run-{batch}-{ckpt}"))
+            proc = subprocess.run([sys.executable, "-m", "vutrain.bench", "--one", json.dumps(spec)],
+                                  capture_output=True, text=True)
+            found = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+            if proc.returncode == 0 and found:
+                row = json.loads(found[-1][len("BENCH_RESULT "):])
+            else:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()
+                row = dict(spec, error=tail[-1] if tail else f"exit {proc.returncode}")
+            row["date"] = datetime.date.today().isoformat()
+            row["command"] = "python -m vutrain.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+            results.append(row)
+            print(table([row]).splitlines()[-1], flush=True)
+    print("\n" + table(results))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    previous = json.load(open(args.out)) if os.path.exists(args.out) else []
+    with open(args.out, "w") as fh:
+        json.dump(previous + results, fh, indent=1)
+    print(f"\nwrote {args.out} ({len(results)} rows) on {results[0].get('device', device_name())}")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
