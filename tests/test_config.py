@@ -107,3 +107,9 @@ def test_train_script_rejects_bad_key_before_starting(tmp_path):
     assert proc.returncode == 2
     assert "unknown config key 'train.zero_stag'" in proc.stderr
     assert "world_size" not in proc.stderr + proc.stdout
+
+
+def test_readme_config_reference_is_current():
+    """The README's config table is generated from the dataclasses; regenerate it when they change."""
+    readme = open(os.path.join(os.path.dirname(TINY), "..", "..", "README.md"), encoding="utf-8").read()
+    assert reference_markdown() in readme, "README config reference is stale: paste python -m vutrain.config --help"
