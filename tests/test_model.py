@@ -1,0 +1,80 @@
+"""Model construction: presets, LoRA, tower locking, gradient checkpointing, parameter groups."""
+import math
+
+import pytest
+import torch
+
+from vutrain.config import ModelConfig, TrainConfig
+from vutrain.model import MAX_LOGIT_SCALE, PRESETS, build_model, preset_clip_config
+from vutrain.optim import lr_lambda, no_decay, param_groups
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from vutrain.data.tokenizer import train_bpe_tokenizer
+    texts = [f"a {c} {s} video" for c in ("red", "green", "blue") for s in ("circle", "square")] * 20
+    return train_bpe_tokenizer(texts, str(tmp_path_factory.mktemp("tok")), vocab_size=300, max_length=32)
+
+
+def batch(n=4, size=64, length=32):
+    return torch.randn(n, 3, size, size), torch.randint(3, 50, (n, length)), torch.ones(n, length, dtype=torch.long)
+
+
+def test_vit_presets_have_openai_shapes(tokenizer):
+    cfg = preset_clip_config(ModelConfig(preset="vit-b-32"), tokenizer)
+    assert (cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers, cfg.vision_config.patch_size) == (768, 12, 32)
+    assert (cfg.text_config.hidden_size, cfg.text_config.num_attention_heads, cfg.projection_dim) == (512, 8, 512)
+    assert cfg.text_config.eos_token_id == tokenizer.eos_token_id
+    assert PRESETS["vit-l-14"].patch_size == 14 and PRESETS["vit-b-16"].patch_size == 16
+
+
+def test_forward_returns_normalised_features_and_clamped_scale(tokenizer):
+    module = build_model(ModelConfig(preset="tiny"), tokenizer)
+    px, ids, mask = batch()
+    img, txt, scale, bias = module(px, ids, mask)
+    assert img.shape == txt.shape == (4, PRESETS["tiny"].embed_dim)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-4) and bias is None
+    module.base.logit_scale.data.fill_(10.0)
+    assert module(px, ids, mask)[2].item() == pytest.approx(math.exp(MAX_LOGIT_SCALE))
+    only_text = module(input_ids=ids, attention_mask=mask)
+    assert only_text[0] is None and torch.allclose(only_text[1], txt, atol=1e-6)
+
+
+def test_lora_trains_adapters_and_logit_scale_only(tokenizer):
+    cfg = ModelConfig(preset="tiny")
+    cfg.lora.enabled = True
+    module = build_model(cfg, tokenizer)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.endswith("logit_scale") for n in trainable)
+    assert any("vision_model" in n for n in trainable) and any("text_model" in n for n in trainable)
+    assert any(n.endswith("logit_scale") for n in trainable)
+
+
+def test_lock_image_with_gradient_checkpointing(tokenizer):
+    cfg = ModelConfig(preset="tiny", lock_image=True, gradient_checkpointing=True)
+    module = build_model(cfg, tokenizer).train()
+    assert not any(p.requires_grad for n, p in module.named_parameters() if "vision_model" in n)
+    assert any(p.requires_grad for n, p in module.named_parameters() if "text_model" in n)
+    img, txt, scale, _ = module(*batch())
+    (scale * img @ txt.T).logsumexp(1).mean().backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+
+
+def test_no_weight_decay_on_norms_biases_and_logit_scale(tokenizer):
+    module = build_model(ModelConfig(preset="tiny"), tokenizer)
+    names = {id(p): n for n, p in module.named_parameters()}
+    decay, keep = param_groups(module, 0.1)
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert not any("norm" in n or n.endswith("bias") or "logit_scale" in n for n in decayed)
+    assert any(n.endswith("q_proj.weight") for n in decayed)
+    assert keep["weight_decay"] == 0.0 and no_decay("clip.logit_scale", torch.zeros(1))
+
+
+def test_warmup_then_cosine():
+    cfg = TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_lambda(0, cfg) == pytest.approx(0.1) and lr_lambda(9, cfg) == pytest.approx(1.0)
+    assert lr_lambda(10, cfg) == pytest.approx(1.0)
+    assert lr_lambda(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_lambda(110, cfg) == pytest.approx(0.1)
