@@ -162,9 +162,11 @@ def build_model(cfg: ModelConfig, tokenizer=None, use_bias: bool = False,
             raise ValueError("a preset model needs the trained tokenizer to size its vocabulary")
         clip = CLIPModel(preset_clip_config(cfg, tokenizer))
     if cfg.gradient_checkpointing:
-        # transformers 5 renamed it; keep working on 4.x too
-        enable = getattr(clip, "activation_checkpointing_enable", None) or clip.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(clip, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            clip.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if cfg.lora.enabled:
         clip = apply_lora(clip, cfg)
     lock_towers(clip, cfg)
