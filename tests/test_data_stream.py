@@ -191,3 +191,15 @@ def test_collect_label_values(data):
 def test_pipe_spec_reads_like_a_path(data):
     local = data["info"]["val_shards"].replace("{00000..00001}", "00001")
     assert collect_label_values(f"pipe:cat {local}") == collect_label_values(local)
+
+
+def test_dry_split_restarts_from_its_shards(data):
+    """One 24-sample shard, an epoch of 96 samples: the split is read 4 times, each pass reshuffled."""
+    shard = data["info"]["train_shards"].replace("{00000..00005}", "00000")
+    with _train(data, shard, world_size=1, rank=0, num_samples=96, shuffle_buffer=24) as stream:
+        assert stream.steps_per_epoch == 12
+        rows = [tuple(x.flatten().tolist()[:64]) for _ in range(12) for x in next(stream)["pixel_values"]]
+    passes = [rows[i:i + 24] for i in range(0, 96, 24)]
+    assert len(set(passes[0])) == 24
+    assert all(sorted(p) == sorted(passes[0]) for p in passes) and passes[1] != passes[0]
+    assert stream.epoch == 1
