@@ -13,12 +13,7 @@ TRAIN = os.path.join(REPO, "vutrain", "train.py")
 TINY = os.path.join(REPO, "vutrain", "configs", "tiny.yaml")
 BIN = os.path.dirname(sys.executable)
 
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from vutrain.distributed import free_port  # noqa: E402
 
 
 def base_overrides(shards: dict, run_dir: str, steps: int, **extra) -> list[str]:
