@@ -18,17 +18,17 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from vutrain.config import ConfigError, load_config  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run file, e.g. vutrain/configs/tiny.yaml")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    return parser.parse_args(argv), []
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)  # fails here, before any process group
