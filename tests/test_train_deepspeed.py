@@ -184,6 +184,15 @@ def test_zero3_lora_bf16_then_export_round_trip(synthetic_shards, tmp_path):
     result = classifier(Image.new("RGB", (64, 64), (200, 30, 30)), candidate_labels=["red circle", "blue square"])
     assert {r["label"] for r in result} == {"red circle", "blue square"}
 
+    # The exported directory is a pretrained model for the next run (model.name_or_path), which
+    # brings its own tokenizer and image processor: the fine-tuning path of vit-b-32-lora.yaml.
+    tuned = str(tmp_path / "tuned")
+    proc = tr.run("python", tr.base_overrides(synthetic_shards, tuned, 2, model__name_or_path=out,
+                                              model__lora__enabled="true", data__num_workers=0), ranks=1)
+    assert proc.returncode == 0, tr.describe(proc)
+    assert not os.path.exists(os.path.join(tuned, "tokenizer"))  # no tokenizer trained: the model's own
+    assert sorted(tr.losses(tuned)) == [1, 2]
+
 
 def test_nonfinite_losses_stop_the_run_with_a_clear_error(synthetic_shards, tmp_path):
     """An absurd learning rate blows the weights up: the steps are skipped, then the run stops."""
