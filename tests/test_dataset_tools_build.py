@@ -272,3 +272,20 @@ def test_distributor_errors_are_clear(tmp_path, monkeypatch):
         main(["build", "--input", str(inp), "--output", str(tmp_path / "o"), "--distributor", "ray"])
     with pytest.raises(SystemExit, match="--variants is empty"):
         main(["build", "--input", str(inp), "--output", str(tmp_path / "o"), "--variants", ","])
+
+
+def test_trainer_runs_on_built_youtube_shards(built, tmp_path):
+    """The whole product: built YouTube shards -> vutrain training -> zero-shot over the video
+    categories (category_name from the built-in table) on the same shards."""
+    import train_runner as tr
+
+    tars = sorted(glob.glob(os.path.join(built["out"], "*.tar")))
+    spec = os.path.join(built["out"], "{" + ",".join(os.path.basename(t)[:-4] for t in tars) + "}.tar")
+    run_dir = str(tmp_path / "run")
+    proc = tr.run("python", tr.base_overrides({"train_shards": spec, "val_shards": spec}, run_dir, 2,
+                                              train__micro_batch_size=2, data__num_workers=0,
+                                              data__caption_template="{title}. tags: {tags}"), ranks=1)
+    assert proc.returncode == 0, tr.describe(proc)
+    final = [r for r in tr.metrics(run_dir) if "eval/zeroshot_top1" in r][-1]
+    assert final["eval/num_samples"] == len(GOOD)
+    assert final["eval/zeroshot_classes"] == 2  # "Entertainment" (24) and "Music" (10)
