@@ -48,8 +48,10 @@ def test_zero1_skips_corrupt_samples_and_evaluates(synthetic_shards, tmp_path):
     shards = dict(synthetic_shards, train_shards=corrupt_copy(
         os.path.dirname(synthetic_shards["train_shards"]), str(tmp_path / "corrupt")))
     run_dir = str(tmp_path / "run")
+    # loss.backend=triton: the fused kernels inside the training loop (under the Triton
+    # interpreter that conftest turns on for CPU sessions, or their torch fallback otherwise).
     proc = tr.run("deepspeed", tr.base_overrides(shards, run_dir, 4, train__zero_stage=1, eval__every=2,
-                                                 train__checkpoint_every=2))
+                                                 train__checkpoint_every=2, loss__backend="triton"))
     assert proc.returncode == 0, tr.describe(proc)
     assert "world_size=2" in proc.stdout + proc.stderr
     rows = tr.metrics(run_dir)

@@ -97,6 +97,9 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss.name, rank=info.rank, world_size=info.world_size,
                                   backend=cfg.loss.backend, local_loss=cfg.loss.local_loss,
                                   gather_with_grad=cfg.loss.gather_with_grad)
+        # The torch loss upcasts bf16/fp16 features to fp32 (a bf16 logits matrix loses the label
+        # term); the Triton kernels take them as they are and accumulate in fp32 themselves.
+        self.upcast_features = not (cfg.loss.backend in ("triton", "auto") and self.device.type == "cuda")
         self.stream = TrainStream(d.train_shards, preprocess=self.preprocess, tokenize=self.tokenize,
                                   batch_size=cfg.train.micro_batch_size, rank=info.rank,
                                   world_size=info.world_size, num_workers=d.num_workers, seed=cfg.seed,
@@ -178,8 +181,9 @@ class Trainer:
                                            attention_mask=batch["attention_mask"].to(self.device))
             self._sync()
             t2 = time.perf_counter()
-            loss = self.loss_fn(img.float(), txt.float(), scale.float(),
-                                None if bias is None else bias.float())
+            if self.upcast_features:
+                img, txt = img.float(), txt.float()
+            loss = self.loss_fn(img, txt, scale.float(), None if bias is None else bias.float())
             self._sync()
             t3 = time.perf_counter()
             mean_loss, nonfinite, stop_now = self._agree(loss)
