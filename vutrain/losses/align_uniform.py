@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from vutrain.losses.gather import check_group, all_gather_with_grad, all_reduce_with_grad
+from vutrain.losses.gather import all_gather_with_grad, all_reduce_with_grad, check_group, check_rank
 
 
 class AlignUniformLoss(nn.Module):
@@ -42,8 +42,7 @@ class AlignUniformLoss(nn.Module):
     def __init__(self, rank: int = 0, world_size: int = 1, align_weight: float = 1.0,
                  uniform_weight: float = 1.0, t: float = 2.0) -> None:
         super().__init__()
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        check_rank(rank, world_size)
         if t <= 0:
             raise ValueError(f"AlignUniformLoss t must be > 0, got {t}")
         self.rank = rank

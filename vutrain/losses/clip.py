@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vutrain.losses.gather import gather_features
+from vutrain.losses.gather import check_rank, gather_features
 
 BACKENDS = ("torch", "triton", "auto")
 
@@ -52,8 +52,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        check_rank(rank, world_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels

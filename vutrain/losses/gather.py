@@ -118,6 +118,12 @@ def gather_features(
     return (all_gather_no_grad(image_features, keep), all_gather_no_grad(text_features, keep))
 
 
+def check_rank(rank: int, world_size: int) -> None:
+    """Constructor-time check shared by every loss: a rank must lie inside its world."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
 def check_group(rank: int, world_size: int) -> None:
     """Fail loudly when the loss was built for a different process group than the live one."""
     if not dist.is_available() or not dist.is_initialized():

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vutrain.losses.gather import check_group, all_gather_with_grad
+from vutrain.losses.gather import all_gather_with_grad, check_group, check_rank
 
 DIST_IMPLS = ("gather",)
 
@@ -43,8 +43,7 @@ class SigLipLoss(nn.Module):
         if dist_impl not in DIST_IMPLS:
             raise ValueError(f"SigLipLoss dist_impl {dist_impl!r} is not implemented; choose one of "
                              f"{', '.join(DIST_IMPLS)} (all of open_clip's variants give the same values)")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        check_rank(rank, world_size)
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
