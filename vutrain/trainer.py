@@ -112,6 +112,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_row = 0
         self._signal: str | None = None
+        self._classes: list[str] | None = None
         log.info("world_size=%d launcher=%s device=%s backend=%s", info.world_size, info.launcher,
                  info.device, info.backend)
         log.info("parameters: %d trainable of %d; zero stage %d, %s; %d steps/epoch",
@@ -157,16 +158,17 @@ class Trainer:
             torch.cuda.synchronize()
 
     def _agree(self, loss: torch.Tensor) -> tuple[float, bool, bool]:
-        """All ranks agree on (mean loss, any non-finite, any stop signal) with one collective."""
-        flags = torch.tensor([loss.detach().float().item(), 0.0, 1.0 if self._signal else 0.0])
-        flags[1] = 0.0 if math.isfinite(flags[0].item()) else 1.0
+        """All ranks agree on (mean loss, any non-finite, any stop signal) with one collective.
+
+        Reading the loss on the host is the one sync per micro-batch: every rank must know
+        before backward whether any rank's loss is non-finite, or they would diverge.
+        """
+        value = loss.detach().float().item()
+        finite = math.isfinite(value)
+        flags = torch.tensor([value if finite else 0.0, 0.0 if finite else 1.0, float(bool(self._signal))])
         if self.info.world_size > 1:
-            mean = flags.clone()
-            mean[0] = mean[0] if flags[1] == 0 else 0.0
-            dist.all_reduce(mean, op=dist.ReduceOp.SUM)
-            flags[1:] = (mean[1:] > 0).float()
-            flags[0] = mean[0] / self.info.world_size
-        return flags[0].item(), bool(flags[1]), bool(flags[2])
+            dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        return flags[0].item() / self.info.world_size, bool(flags[1] > 0), bool(flags[2] > 0)
 
     def train_step(self) -> tuple[StepTimes, bool]:
         """One optimizer step of grad_accum_steps micro-batches. Returns (timings, stop requested)."""
@@ -211,7 +213,7 @@ class Trainer:
             times.optimizer += t5 - t4
         times.values = {"train/loss": sum(losses) / len(losses) if losses else float("nan"),
                         "train/logit_scale": scale.detach().float().item()}
-        if self.loss_fn is not None and getattr(self.loss_fn, "last_terms", None):
+        if self.loss_fn.last_terms:  # align_uniform's two terms
             times.values.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
         return times, stop
 
@@ -223,7 +225,7 @@ class Trainer:
             dist.all_reduce(skipped)
         row = dict(times.values)
         row.update({
-            "train/lr": self.engine.get_lr()[0] if self.engine.get_lr() else cfg.lr,
+            "train/lr": (self.engine.get_lr() or [cfg.lr])[0],
             "train/samples_per_s": per_rank * self.info.world_size,
             "train/samples_per_s_per_rank": per_rank,
             "train/step_time": step_time, "train/data_time": times.data,
@@ -241,7 +243,9 @@ class Trainer:
                                    batch_size=cfg.eval.batch_size, rank=self.info.rank,
                                    world_size=self.info.world_size, caption_template=cfg.data.caption_template,
                                    label_field=cfg.eval.zeroshot_field)
-        classes = collect_label_values(cfg.data.val_shards, cfg.eval.zeroshot_field)
+        if self._classes is None:  # the validation shards do not change during a run
+            self._classes = collect_label_values(cfg.data.val_shards, cfg.eval.zeroshot_field)
+        classes = self._classes
         size = self.processor.crop_size["height"] if isinstance(self.processor.crop_size, dict) else 224
         dummy = dict(self.tokenize([""]), pixel_values=torch.zeros(1, 3, size, size), labels=[""])
         metrics = evaluate(self.engine, batches, classes, list(cfg.eval.templates), self.tokenize,
