@@ -149,10 +149,10 @@ def lse_forward(
     Row i's label is column ``label_offset + i``; with ``with_cols`` (square problems,
     label_offset 0) column j's label is row j. All outputs are [N] or [M] fp32.
     """
-    cfg = tile_config()
     n, d = q.shape
     m = k.shape[0]
     dev = q.device
+    cfg = tile_config("ce_fwd", n, m, d, dev)
     pos = torch.empty(n, dtype=torch.float32, device=dev)
     row_m_parts, row_l_parts = [], []
     col_m = col_l = None

@@ -196,7 +196,7 @@ def test_clip_loss_fp32_matches_fp64(n, d, scale):
 def test_bounded_workspaces_give_the_same_result(monkeypatch):
     # Tiny workspace caps force the row-chunked forward (column partials) and the
     # multi-chunk backward; column splits are forced too. Results must not change.
-    import kernels.grad_backward as gb
+    import kernels.gradient_gemms as gb
     import kernels.lse_forward as lf
 
     img, txt = _features(100, 48, seed=16), _features(100, 48, seed=17)
@@ -279,7 +279,7 @@ def test_never_allocates_logits_sized_tensors(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    import kernels.grad_backward as gb
+    import kernels.gradient_gemms as gb
     import kernels.lse_forward as lf
 
     class LargestTensor(TorchDispatchMode):
