@@ -131,10 +131,13 @@ def select(kind: str, n: int, m: int, d: int, device: torch.device, interpreting
         return _FORCED[kind]
     if interpreting:
         return INTERPRET_CONFIG
-    arch, cls = arch_of(device), shape_class(n, m)
-    tuned = load_tuned(tuned_path()).get((arch, kind, cls))
-    entry = tuned or TABLE.get((arch, kind, cls)) or TABLE[("fallback", kind, cls)]
-    return _fit_bd(entry.config, d)
+    return _fit_bd(lookup(arch_of(device), kind, n, m).config, d)
+
+
+def lookup(arch: str, kind: str, n: int, m: int) -> Entry:
+    """The table entry for ``kind`` on an N x M problem: tuned file, then built-in, then fallback."""
+    key = (arch, kind, shape_class(n, m))
+    return load_tuned(tuned_path()).get(key) or TABLE.get(key) or TABLE[("fallback", kind, key[2])]
 
 
 def tuned_path() -> str | None:

@@ -111,6 +111,22 @@ def test_16bit_inputs(dtype, rtol, scale):
     _assert_close(ours, ref, rtol=rtol)
 
 
+@in_process
+def test_fp16_small_gradients_survive_the_fp16_workspace():
+    # The gradient GEMMs run in fp16 for fp16 inputs. With a small upstream gradient the
+    # logit gradients (~3e-8 here) lie below fp16's smallest subnormal (6e-8): without
+    # the power-of-two pre-scale of the workspace they would flush to zero. The returned
+    # fp16 gradients (~1e-6) are subnormal themselves: allowed one fp16 subnormal step.
+    q, k = _features(40, 72, torch.float16, seed=5), _features(90, 72, torch.float16, seed=6)
+    qa, ka = (x.to(DEVICE).detach().clone().requires_grad_() for x in (q, k))
+    (contrastive_ce(qa, ka, 1.0, label_offset=50) * 1e-4).backward()
+    qr, kr = (x.detach().double().requires_grad_() for x in (q, k))
+    (contrastive_ce_reference(qr, kr, 1.0, label_offset=50) * 1e-4).backward()
+    for a, b in ((qa.grad, qr.grad), (ka.grad, kr.grad)):
+        err = (a.double().cpu() - b).abs().max().item()
+        assert err <= 2e-3 * b.abs().max().item() + 2.0**-24, f"max error {err:.3g} vs largest {b.abs().max().item():.3g}"
+
+
 def _torch_same_dtype(op, q, k, scale, **kw):
     """Loss and grads of the plain-torch op run in the inputs' own dtype (the baseline)."""
     ref_op = contrastive_ce_reference if op is contrastive_ce else clip_loss_reference
