@@ -173,7 +173,8 @@ def write_tuned(path: str | Path, entries: dict[tuple[str, str, str], Entry]) ->
     """Write a tuned table that ``load_tuned`` reads back."""
     rows = [{"arch": a, "kind": k, "shape_class": c, "config": e.config.as_list(), "source": e.source}
             for (a, k, c), e in sorted(entries.items())]
-    Path(path).write_text(json.dumps({"entries": rows}, indent=1) + "\n")
+    body = ",\n".join("  " + json.dumps(r) for r in rows)  # one entry per line: readable diffs
+    Path(path).write_text('{"entries": [\n' + body + "\n]}\n")
     load_tuned.cache_clear()
 
 
