@@ -108,7 +108,9 @@ def loss_fns(losses: list[str], compile_too: bool) -> dict[tuple[str, str], Call
     """``{(loss, provider): fn}``; None marks a provider that is not installed."""
     fns: dict[tuple[str, str], Callable | None] = {}
     if "clip" in losses:
-        fns.update({("clip", "eager"): eager_loss, ("clip", "ours"): ours_loss, ("clip", "inf_cl"): inf_cl_loss_fn()})
+        fns.update(
+            {("clip", "eager"): eager_loss, ("clip", "ours"): ours_loss, ("clip", "inf_cl"): inf_cl_loss_fn()}
+        )
         if compile_too:
             fns[("clip", "compile")] = torch.compile(eager_loss)
     if "sigmoid" in losses:
@@ -151,8 +153,14 @@ def measure(fn: Callable[[], object], grads: list[torch.Tensor], cuda: bool, rep
         for t in grads:
             t.grad = None
         q50, q20, q80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads)
-        return {"ms": q50, "ms_p20": q20, "ms_p80": q80, "extra_mib": (peak - grad_bytes) / 2**20,
-                "peak_mib": peak / 2**20, "grad_mib": grad_bytes / 2**20}
+        return {
+            "ms": q50,
+            "ms_p20": q20,
+            "ms_p80": q80,
+            "extra_mib": (peak - grad_bytes) / 2**20,
+            "peak_mib": peak / 2**20,
+            "grad_mib": grad_bytes / 2**20,
+        }
     times = []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
@@ -185,8 +193,15 @@ def dense_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int) -> 
 
 def run_case(loss_name, provider, loss, shape, mode, dtype, device, reps) -> dict:
     n, m, d = shape
-    row = {"loss": loss_name, "provider": provider, "N": n, "M": m, "D": d, "mode": mode,
-           "dtype": str(dtype).replace("torch.", "")}
+    row = {
+        "loss": loss_name,
+        "provider": provider,
+        "N": n,
+        "M": m,
+        "D": d,
+        "mode": mode,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
     try:
         img, txt, img_all, txt_all, scale, offset = make_inputs(n, m, d, dtype, device)
         leaves = [t for t in {id(t): t for t in (img, txt, img_all, txt_all, scale)}.values()]
@@ -213,8 +228,10 @@ def run_case(loss_name, provider, loss, shape, mode, dtype, device, reps) -> dic
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| loss | N | M | D | mode | provider | median ms (p20-p80) | TFLOP/s | extra MiB |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| loss | N | M | D | mode | provider | median ms (p20-p80) | TFLOP/s | extra MiB |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
         if "error" in r:
@@ -222,8 +239,11 @@ def markdown_table(rows: list[dict]) -> str:
         else:
             mem = "-" if r["extra_mib"] is None else f"{r['extra_mib']:.0f}"
             cells = [f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})", f"{r['tflops']:.3g}", mem]
-        lines.append(f"| {r.get('loss', 'clip')} | {r['N']} | {r['M']} | {r['D']} | {r['mode']} | {r['provider']} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {r.get('loss', 'clip')} | {r['N']} | {r['M']} | {r['D']} | {r['mode']} | {r['provider']} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -239,11 +259,22 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, (loss, mode) in zip(axes[0], panels):
         drawn = False
         for provider in PROVIDERS:
-            pts = [r for r in rows if r["mode"] == mode and r["provider"] == provider
-                   and r.get("loss", "clip") == loss and "error" not in r]
+            pts = [
+                r
+                for r in rows
+                if r["mode"] == mode
+                and r["provider"] == provider
+                and r.get("loss", "clip") == loss
+                and "error" not in r
+            ]
             if pts:
                 drawn = True
-                ax.plot([f"{r['N']}x{r['M']}x{r['D']}" for r in pts], [r["tflops"] for r in pts], "o-", label=provider)
+                ax.plot(
+                    [f"{r['N']}x{r['M']}x{r['D']}" for r in pts],
+                    [r["tflops"] for r in pts],
+                    "o-",
+                    label=provider,
+                )
         ax.set_title(f"{loss} {mode}")
         ax.set_ylabel("TFLOP/s")
         ax.tick_params(axis="x", rotation=70, labelsize=7)
@@ -269,20 +300,32 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_out", help="directory for bench_kernels.json/.png")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, runs on CPU in seconds (harness smoke test)")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny shapes, runs on CPU in seconds (harness smoke test)"
+    )
     ap.add_argument("--shapes", default=None, help="comma-separated NxMxD (default: the full sweep)")
     ap.add_argument("--losses", default=",".join(LOSSES))
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions on CPU (GPU uses do_bench)")
-    ap.add_argument("--backward-schedule", default=None, choices=["auto", "one_pass", "two_pass"],
-                    help="force the backward schedule (sets KERNELS_BACKWARD_SCHEDULE; default: auto)")
-    ap.add_argument("--autotune", action="store_true",
-                    help="sweep tile configs first and write tuned_configs.json to --out (then used by this run)")
-    ap.add_argument("--candidates", default=None,
-                    help="autotune candidates 'BM,BN,BD,warps,stages;...' (default: a GPU list, or the one "
-                         "interpreter config on CPU)")
+    ap.add_argument(
+        "--backward-schedule",
+        default=None,
+        choices=["auto", "one_pass", "two_pass"],
+        help="force the backward schedule (sets KERNELS_BACKWARD_SCHEDULE; default: auto)",
+    )
+    ap.add_argument(
+        "--autotune",
+        action="store_true",
+        help="sweep tile configs first and write tuned_configs.json to --out (then used by this run)",
+    )
+    ap.add_argument(
+        "--candidates",
+        default=None,
+        help="autotune candidates 'BM,BN,BD,warps,stages;...' (default: a GPU list, or the one "
+        "interpreter config on CPU)",
+    )
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -301,12 +344,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "backend": "cuda" if device.type == "cuda" else ("triton-interpreter" if interpreting() else "torch-fallback"),
+        "backend": "cuda"
+        if device.type == "cuda"
+        else ("triton-interpreter" if interpreting() else "torch-fallback"),
         "torch": torch.__version__,
         "dtype": str(dtype).replace("torch.", ""),
         "backward_schedule": os.environ.get("KERNELS_BACKWARD_SCHEDULE", "auto"),
         "flop_convention": "per N x M matrix: 2NMD fwd, 8NMD fwd+bwd; square clip and sigmoid = 1 matrix, "
-                           "gathered clip = 2",
+        "gathered clip = 2",
         "dense_matmul_tflops_8192": None,
         "rows": [],
     }
@@ -323,8 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "bench_kernels.json").write_text(json.dumps(result, indent=1))
         plot(result["rows"], out / "bench_kernels.png")
     dense = result["dense_matmul_tflops_8192"]
-    print(f"\n{result['device']} ({result['backend']}), {result['dtype']}, {result['date']}, "
-          f"dense matmul: {'-' if dense is None else f'{dense:.0f} TFLOP/s'}\n")
+    print(
+        f"\n{result['device']} ({result['backend']}), {result['dtype']}, {result['date']}, "
+        f"dense matmul: {'-' if dense is None else f'{dense:.0f} TFLOP/s'}\n"
+    )
     print(markdown_table(result["rows"]))
     print("\n" + format_verdicts(result["targets"]))
     return result
@@ -340,8 +387,17 @@ def _run_rows(rows, shapes, modes, losses, providers, dtype, device, reps) -> No
                         continue
                     fn = fns[(loss_name, provider)]
                     if fn is None:
-                        rows.append({"loss": loss_name, "provider": provider, "N": shape[0], "M": shape[1],
-                                     "D": shape[2], "mode": mode, "error": "not installed"})
+                        rows.append(
+                            {
+                                "loss": loss_name,
+                                "provider": provider,
+                                "N": shape[0],
+                                "M": shape[1],
+                                "D": shape[2],
+                                "mode": mode,
+                                "error": "not installed",
+                            }
+                        )
                     else:
                         rows.append(run_case(loss_name, provider, fn, shape, mode, dtype, device, reps))
                     print(json.dumps(rows[-1]), flush=True)

@@ -42,7 +42,11 @@ _KINDS = {"clip": ("ce_fwd", "ce_grad", "ours_loss"), "sigmoid": ("sig_fwd", "si
 def parse_candidates(text: str | None) -> list[TileConfig]:
     """``"BM,BN,BD,warps,stages;..."`` to configs; None: the default list for this mode."""
     if not text:
-        return [tile_configs.INTERPRET_CONFIG] if interpreting() or not torch.cuda.is_available() else GPU_CANDIDATES
+        return (
+            [tile_configs.INTERPRET_CONFIG]
+            if interpreting() or not torch.cuda.is_available()
+            else GPU_CANDIDATES
+        )
     configs = []
     for item in text.split(";"):
         parts = item.split(",")
@@ -75,7 +79,9 @@ def _sweep(kind, candidates, shapes, loss_fn, mode, dtype, device, reps, fixed) 
                     ms = _time(loss_fn, shape, mode, dtype, device, reps)
             except Exception as e:  # one failing candidate must not end the sweep
                 ms = math.inf
-                log.append({"kind": kind, "config": cfg.as_list(), "shape": list(shape), "error": str(e)[:200]})
+                log.append(
+                    {"kind": kind, "config": cfg.as_list(), "shape": list(shape), "error": str(e)[:200]}
+                )
             else:
                 log.append({"kind": kind, "config": cfg.as_list(), "shape": list(shape), "ms": ms})
             per_cls = totals.setdefault(cls, {})
@@ -103,14 +109,20 @@ def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | No
         for cls, cfg in best_fwd.items():
             entries[(arch, fwd_kind, cls)] = Entry(cfg, source)
             cls_shapes = [s for s in shapes if tile_configs.shape_class(s[0], s[1]) == cls]
-            best_grad, log_grad = _sweep(grad_kind, candidates, cls_shapes, loss_fn, "fwd+bwd", dtype, device,
-                                         reps, {fwd_kind: cfg})
+            best_grad, log_grad = _sweep(
+                grad_kind, candidates, cls_shapes, loss_fn, "fwd+bwd", dtype, device, reps, {fwd_kind: cfg}
+            )
             log += log_grad
             if cls in best_grad:
                 entries[(arch, grad_kind, cls)] = Entry(best_grad[cls], source)
     path = out / "tuned_configs.json"
     tile_configs.write_tuned(path, entries)
-    return {"path": str(path), "candidates": [c.as_list() for c in candidates],
-            "winners": [{"arch": a, "kind": k, "shape_class": c, "config": e.config.as_list()}
-                        for (a, k, c), e in sorted(entries.items())],
-            "log": log}
+    return {
+        "path": str(path),
+        "candidates": [c.as_list() for c in candidates],
+        "winners": [
+            {"arch": a, "kind": k, "shape_class": c, "config": e.config.as_list()}
+            for (a, k, c), e in sorted(entries.items())
+        ],
+        "log": log,
+    }

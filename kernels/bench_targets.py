@@ -17,7 +17,12 @@ MIN_D = 512  # "no slower than torch.compile at every benchmarked shape with D >
 
 def _find(rows: list[dict], loss: str, provider: str, shape: tuple[int, int, int], mode: str) -> dict | None:
     for r in rows:
-        if (r.get("loss", "clip"), r["provider"], r["N"], r["M"], r["D"], r["mode"]) == (loss, provider, *shape, mode):
+        if (r.get("loss", "clip"), r["provider"], r["N"], r["M"], r["D"], r["mode"]) == (
+            loss,
+            provider,
+            *shape,
+            mode,
+        ):
             return r
     return None
 
@@ -65,7 +70,9 @@ def _inf_cl_target(rows: list[dict]) -> dict:
     if ours is None or inf is None:
         return _verdict(name, False, why or why_inf)
     speedup = inf["ms"] / ours["ms"]
-    return _verdict(name, speedup >= MIN_SPEEDUP_INF_CL, f"{speedup:.2f}x ({inf['ms']:.2f} vs {ours['ms']:.2f} ms)")
+    return _verdict(
+        name, speedup >= MIN_SPEEDUP_INF_CL, f"{speedup:.2f}x ({inf['ms']:.2f} vs {ours['ms']:.2f} ms)"
+    )
 
 
 def _no_slower_target(rows: list[dict], loss: str, baseline: str) -> dict:
@@ -75,7 +82,9 @@ def _no_slower_target(rows: list[dict], loss: str, baseline: str) -> dict:
     ours missing or errored where a baseline row exists is a failure.
     """
     name = f"{loss}: no slower than {baseline} at every shape with D >= {MIN_D}"
-    base_rows = [r for r in rows if r.get("loss", "clip") == loss and r["provider"] == baseline and r["D"] >= MIN_D]
+    base_rows = [
+        r for r in rows if r.get("loss", "clip") == loss and r["provider"] == baseline and r["D"] >= MIN_D
+    ]
     if not base_rows:
         return _verdict(name, False, f"no {baseline} rows with D >= {MIN_D}")
     bad, checked = [], 0
@@ -96,7 +105,9 @@ def _no_slower_target(rows: list[dict], loss: str, baseline: str) -> dict:
 
 def _sigmoid_memory_target(rows: list[dict]) -> dict:
     name = f"sigmoid fwd+bwd extra memory <= {MAX_EXTRA_MIB} MiB at every shape"
-    ours = [r for r in rows if r.get("loss") == "sigmoid" and r["provider"] == "ours" and r["mode"] == "fwd+bwd"]
+    ours = [
+        r for r in rows if r.get("loss") == "sigmoid" and r["provider"] == "ours" and r["mode"] == "fwd+bwd"
+    ]
     if not ours:
         return _verdict(name, False, "no sigmoid rows")
     bad = []

@@ -14,7 +14,9 @@ from kernels.reference import check_inputs, contrastive_ce_reference
 from kernels.runtime import use_triton
 
 
-def as_scale_tensor(logit_scale: torch.Tensor | float, device: torch.device, name: str = "logit_scale") -> torch.Tensor:
+def as_scale_tensor(
+    logit_scale: torch.Tensor | float, device: torch.device, name: str = "logit_scale"
+) -> torch.Tensor:
     """The scale (or bias) as a 0-dim fp32 tensor on ``device`` (kernels read it from
     memory, so no host synchronisation is needed)."""
     if isinstance(logit_scale, torch.Tensor):
@@ -96,6 +98,8 @@ def contrastive_ce(
     """
     check_inputs(queries, keys, label_offset, reduction)
     if not use_triton(queries, keys):
-        return contrastive_ce_reference(queries, keys, logit_scale, label_offset=label_offset, reduction=reduction)
+        return contrastive_ce_reference(
+            queries, keys, logit_scale, label_offset=label_offset, reduction=reduction
+        )
     scale_is_tensor = isinstance(logit_scale, torch.Tensor)
     return ContrastiveCEFunction.apply(queries, keys, logit_scale, label_offset, reduction, scale_is_tensor)

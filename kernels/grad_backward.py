@@ -33,7 +33,6 @@ from kernels.runtime import dot_precision, interpreting, tile_config
 from kernels.score_tile import score_tile
 
 
-
 @triton.jit
 def _grad_chunk_kernel(
     q_ptr,
@@ -100,9 +99,9 @@ def _grad_chunk_kernel(
     # (1 for bf16/fp32; see workspace_scale); exact, undone after the GEMMs.
     out_scale = tl.load(out_scale_ptr)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
-    tl.store(out, (ds * (scale * out_scale)).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
+    tl.store(
+        out, (ds * (scale * out_scale)).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :]
+    )
 
 
 def grad_backward(

@@ -100,11 +100,11 @@ def _lse_fwd_kernel(
     tl.store(row_l_ptr + out, l_i, mask=row_ok)
 
 
-def merge_lse2(m: torch.Tensor, l: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_lse2(m: torch.Tensor, lsum: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge base-2 partials ``(max, sum 2^(x-max))`` along ``dim``; fixed order, deterministic."""
     mm = m.amax(dim=dim)
     # Partials never hold -inf maxima for real rows/columns (each covers >= 1 column/row).
-    ll = (l * torch.exp2(m - mm.unsqueeze(dim))).sum(dim=dim)
+    ll = (lsum * torch.exp2(m - mm.unsqueeze(dim))).sum(dim=dim)
     return mm, ll
 
 

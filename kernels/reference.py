@@ -22,7 +22,8 @@ def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, r
     """Validate shapes and the label range shared by every implementation."""
     if queries.dim() != 2 or keys.dim() != 2:
         raise ValueError(
-            f"queries and keys must be 2-D [N, D] and [M, D]; got {tuple(queries.shape)} and {tuple(keys.shape)}"
+            f"queries and keys must be 2-D [N, D] and [M, D]; "
+            f"got {tuple(queries.shape)} and {tuple(keys.shape)}"
         )
     n, d = queries.shape
     m, dk = keys.shape

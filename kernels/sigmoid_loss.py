@@ -38,7 +38,9 @@ class SigmoidLossFunction(torch.autograd.Function):
         loss = sigmoid_forward(q, k, scale, bias, label_offset=label_offset)
         ctx.save_for_backward(q, k, scale, bias)
         ctx.label_offset = label_offset
-        ctx.metas = [(t.shape, t.dtype) if isinstance(t, torch.Tensor) else None for t in (logit_scale, logit_bias)]
+        ctx.metas = [
+            (t.shape, t.dtype) if isinstance(t, torch.Tensor) else None for t in (logit_scale, logit_bias)
+        ]
         return loss
 
     @staticmethod
@@ -48,7 +50,10 @@ class SigmoidLossFunction(torch.autograd.Function):
         q, k, scale, bias = ctx.saved_tensors
         w = grad.float().reshape(()) / q.shape[0]
         dq, dk, dscale, dbias = sigmoid_backward(q, k, scale, bias, w, label_offset=ctx.label_offset)
-        outs = [None if meta is None else d.reshape(meta[0]).to(meta[1]) for d, meta in zip((dscale, dbias), ctx.metas)]
+        outs = [
+            None if meta is None else d.reshape(meta[0]).to(meta[1])
+            for d, meta in zip((dscale, dbias), ctx.metas)
+        ]
         return dq, dk, outs[0], outs[1], None
 
 

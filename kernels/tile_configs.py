@@ -81,7 +81,11 @@ TABLE: dict[tuple[str, str, str], Entry] = {
     **{("sm_90", kind, "large"): _SQUARE_BEST for kind in ("ce_fwd", "ce_grad")},
     **{("sm_90", kind, "gathered"): _GATHERED_BEST for kind in ("ce_fwd", "ce_grad")},
     **{("sm_90", kind, "small"): _UNMEASURED_64 for kind in KINDS},
-    **{("sm_90", kind, cls): _UNMEASURED_64 for kind in ("sig_fwd", "sig_grad") for cls in ("large", "gathered")},
+    **{
+        ("sm_90", kind, cls): _UNMEASURED_64
+        for kind in ("sig_fwd", "sig_grad")
+        for cls in ("large", "gathered")
+    },
     # A100: 164 KiB shared memory holds 3 stages of 128x64 + 64x128 bf16 slabs (96 KiB).
     **{("sm_80", kind, cls): _UNMEASURED_64 for kind in KINDS for cls in SHAPE_CLASSES},
     **{("fallback", kind, cls): _UNMEASURED_32 for kind in KINDS for cls in SHAPE_CLASSES},
@@ -122,7 +126,11 @@ def forced(kind: str, config: TileConfig) -> Iterator[None]:
 def _fit_bd(config: TileConfig, d: int) -> TileConfig:
     """Narrow BD for small D (a 64-wide slab on D = 24 would be mostly padding); >= 16 for tl.dot."""
     bd = max(16, min(config.BD, 1 << max(0, (d - 1).bit_length())))
-    return config if bd == config.BD else TileConfig(config.BM, config.BN, bd, config.num_warps, config.num_stages)
+    return (
+        config
+        if bd == config.BD
+        else TileConfig(config.BM, config.BN, bd, config.num_warps, config.num_stages)
+    )
 
 
 def select(kind: str, n: int, m: int, d: int, device: torch.device, interpreting: bool) -> TileConfig:
@@ -171,8 +179,10 @@ def load_tuned(path: str | None) -> dict[tuple[str, str, str], Entry]:
 
 def write_tuned(path: str | Path, entries: dict[tuple[str, str, str], Entry]) -> None:
     """Write a tuned table that ``load_tuned`` reads back."""
-    rows = [{"arch": a, "kind": k, "shape_class": c, "config": e.config.as_list(), "source": e.source}
-            for (a, k, c), e in sorted(entries.items())]
+    rows = [
+        {"arch": a, "kind": k, "shape_class": c, "config": e.config.as_list(), "source": e.source}
+        for (a, k, c), e in sorted(entries.items())
+    ]
     body = ",\n".join("  " + json.dumps(r) for r in rows)  # one entry per line: readable diffs
     Path(path).write_text('{"entries": [\n' + body + "\n]}\n")
     load_tuned.cache_clear()

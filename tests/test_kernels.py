@@ -29,7 +29,8 @@ MODE = triton_mode()
 DEVICE = "cuda" if MODE == "gpu" else "cpu"
 pytestmark = pytest.mark.skipif(MODE == "none", reason="Triton is not installed")
 in_process = pytest.mark.skipif(
-    MODE == "subprocess", reason="Triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter"
+    MODE == "subprocess",
+    reason="Triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter",
 )
 
 
@@ -124,7 +125,9 @@ def test_fp16_small_gradients_survive_the_fp16_workspace():
     (contrastive_ce_reference(qr, kr, 1.0, label_offset=50) * 1e-4).backward()
     for a, b in ((qa.grad, qr.grad), (ka.grad, kr.grad)):
         err = (a.double().cpu() - b).abs().max().item()
-        assert err <= 2e-3 * b.abs().max().item() + 2.0**-24, f"max error {err:.3g} vs largest {b.abs().max().item():.3g}"
+        assert err <= 2e-3 * b.abs().max().item() + 2.0**-24, (
+            f"max error {err:.3g} vs largest {b.abs().max().item():.3g}"
+        )
 
 
 def _torch_same_dtype(op, q, k, scale, **kw):
@@ -186,7 +189,9 @@ def test_sharded_sum_equals_whole():
     img, txt = _features(world * n, d, seed=12), _features(world * n, d, seed=13)
     txt_all = txt.clone().to(DEVICE).requires_grad_()
     shards = [img[r * n : (r + 1) * n].clone().to(DEVICE).requires_grad_() for r in range(world)]
-    total = sum(contrastive_ce(shards[r], txt_all, 30.0, label_offset=r * n, reduction="sum") for r in range(world))
+    total = sum(
+        contrastive_ce(shards[r], txt_all, 30.0, label_offset=r * n, reduction="sum") for r in range(world)
+    )
     total.backward()
     img_w = img.clone().to(DEVICE).requires_grad_()
     txt_w = txt.clone().to(DEVICE).requires_grad_()
@@ -280,7 +285,9 @@ def test_import_and_fallback_without_triton():
     )
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -308,7 +315,11 @@ def test_never_allocates_logits_sized_tensors(monkeypatch):
             # In-place ops allocate nothing; the interpreter's own host copies move
             # storages as raw bytes (uint8), which are not our allocations either.
             if not func.__name__.split(".")[0].endswith("_"):
-                sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+                sizes = [
+                    t.numel()
+                    for t in tree_leaves(out)
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()
+                ]
                 self.numel = max([self.numel, *sizes])
             return out
 

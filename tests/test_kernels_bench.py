@@ -25,17 +25,32 @@ GATHERED = (4096, 32768, 768)
 def _row(loss, provider, shape, mode, ms, extra=10.0, **kw):
     n, m, d = shape
     flops = (1 if n == m or loss == "sigmoid" else 2) * (2 if mode == "fwd" else 8) * n * m * d
-    return {"loss": loss, "provider": provider, "N": n, "M": m, "D": d, "mode": mode, "ms": ms,
-            "extra_mib": extra, "tflops": flops / (ms * 1e-3) / 1e12, **kw}
+    return {
+        "loss": loss,
+        "provider": provider,
+        "N": n,
+        "M": m,
+        "D": d,
+        "mode": mode,
+        "ms": ms,
+        "extra_mib": extra,
+        "tflops": flops / (ms * 1e-3) / 1e12,
+        **kw,
+    }
 
 
 def _good_rows():
     rows = []
     for shape in (BIG, GATHERED):
         for mode, ours_ms in (("fwd", 2.5), ("fwd+bwd", 10.0)):
-            rows += [_row("clip", "ours", shape, mode, ours_ms), _row("clip", "compile", shape, mode, 20.0),
-                     _row("clip", "eager", shape, mode, 24.0), _row("clip", "inf_cl", shape, mode, 400.0),
-                     _row("sigmoid", "ours", shape, mode, ours_ms), _row("sigmoid", "eager", shape, mode, 30.0)]
+            rows += [
+                _row("clip", "ours", shape, mode, ours_ms),
+                _row("clip", "compile", shape, mode, 20.0),
+                _row("clip", "eager", shape, mode, 24.0),
+                _row("clip", "inf_cl", shape, mode, 400.0),
+                _row("sigmoid", "ours", shape, mode, ours_ms),
+                _row("sigmoid", "eager", shape, mode, 30.0),
+            ]
     return rows
 
 
@@ -46,19 +61,36 @@ def test_targets_pass_only_when_every_needed_row_is_measured_and_meets_it():
     assert "94%" in good[0]["detail"]
 
 
-@pytest.mark.parametrize("change,failing", [
-    (lambda rows: [r for r in rows if not (r["provider"] == "ours" and r["loss"] == "clip" and r["N"] == 4096)],
-     [3]),  # ours missing at a benchmarked gathered shape: "no slower than compile" fails
-    (lambda rows: [dict(r, error="OOM") if r["provider"] == "ours" and r["loss"] == "clip" else r for r in rows],
-     [0, 1, 2, 3]),  # ours errored everywhere
-    (lambda rows: [_row(r["loss"], "ours", (r["N"], r["M"], r["D"]), r["mode"], 25.0)
-                   if r["provider"] == "ours" and r["mode"] == "fwd+bwd" else r for r in rows],
-     [0, 3]),  # slower than compile (25 > 20 ms) and under 55 % of dense; 16x inf_cl still passes
-    (lambda rows: [dict(r, extra_mib=100.0) if r["provider"] == "ours" else r for r in rows], [1, 5]),
-    (lambda rows: [r for r in rows if r["provider"] != "inf_cl"], [2]),  # inf_cl not measured
-    (lambda rows: [r for r in rows if r["provider"] != "compile"], [3]),  # no baseline: cannot claim it
-    (lambda rows: [], [0, 1, 2, 3, 4, 5]),  # today's bug: no rows at all must not read as success
-])
+@pytest.mark.parametrize(
+    "change,failing",
+    [
+        (
+            lambda rows: [
+                r for r in rows if not (r["provider"] == "ours" and r["loss"] == "clip" and r["N"] == 4096)
+            ],
+            [3],
+        ),  # ours missing at a benchmarked gathered shape: "no slower than compile" fails
+        (
+            lambda rows: [
+                dict(r, error="OOM") if r["provider"] == "ours" and r["loss"] == "clip" else r for r in rows
+            ],
+            [0, 1, 2, 3],
+        ),  # ours errored everywhere
+        (
+            lambda rows: [
+                _row(r["loss"], "ours", (r["N"], r["M"], r["D"]), r["mode"], 25.0)
+                if r["provider"] == "ours" and r["mode"] == "fwd+bwd"
+                else r
+                for r in rows
+            ],
+            [0, 3],
+        ),  # slower than compile (25 > 20 ms) and under 55 % of dense; 16x inf_cl still passes
+        (lambda rows: [dict(r, extra_mib=100.0) if r["provider"] == "ours" else r for r in rows], [1, 5]),
+        (lambda rows: [r for r in rows if r["provider"] != "inf_cl"], [2]),  # inf_cl not measured
+        (lambda rows: [r for r in rows if r["provider"] != "compile"], [3]),  # no baseline: cannot claim it
+        (lambda rows: [], [0, 1, 2, 3, 4, 5]),  # today's bug: no rows at all must not read as success
+    ],
+)
 def test_targets_fail_on_missing_errored_or_missed(change, failing):
     verdicts = targets(change(_good_rows()), 700.0)
     assert [i for i, v in enumerate(verdicts) if v["verdict"] == "FAIL"] == failing, verdicts
@@ -96,7 +128,10 @@ def test_tile_table_measured_entries_and_lookup(tmp_path, monkeypatch):
     assert gathered.config == TileConfig(128, 128, 64, 8, 3) and gathered.source.startswith("measured")
     assert tile_configs.lookup("sm_80", "sig_grad", 512, 512).source.startswith("unmeasured")
     assert tile_configs.lookup("fallback", "ce_fwd", 100, 100).config.BD == 32
-    assert tile_configs.select("ce_fwd", 4096, 4096, 768, torch.device("cpu"), True) == tile_configs.INTERPRET_CONFIG
+    assert (
+        tile_configs.select("ce_fwd", 4096, 4096, 768, torch.device("cpu"), True)
+        == tile_configs.INTERPRET_CONFIG
+    )
     assert tile_configs._fit_bd(TileConfig(128, 128, 64, 8, 3), 24).BD == 32  # D = 24: no 64-wide slab
     # A tuned file wins over the built-in table; a malformed one is a clear error.
     path = tmp_path / "tuned.json"
@@ -129,7 +164,9 @@ def test_bench_quick_writes_json_png_and_fails_unmeasured_targets(tmp_path):
     r, result = _bench(tmp_path)
     ours = [row for row in result["rows"] if row["provider"] == "ours"]
     assert ours and all("error" not in row and row["ms"] > 0 for row in ours), ours
-    assert {(row["loss"], row["mode"]) for row in ours} == {(x, m) for x in ("clip", "sigmoid") for m in ("fwd", "fwd+bwd")}
+    assert {(row["loss"], row["mode"]) for row in ours} == {
+        (x, m) for x in ("clip", "sigmoid") for m in ("fwd", "fwd+bwd")
+    }
     assert result["backend"] == "triton-interpreter"
     # No GPU rows at the target shapes: every verdict is FAIL, never a success by default.
     assert [v["verdict"] for v in result["targets"]] == ["FAIL"] * 6
@@ -138,8 +175,20 @@ def test_bench_quick_writes_json_png_and_fails_unmeasured_targets(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU autotunes for real")
 def test_bench_autotune_writes_a_table_the_kernels_read(tmp_path):
-    _, result = _bench(tmp_path, "--losses", "sigmoid", "--providers", "ours", "--modes", "fwd+bwd",
-                       "--shapes", "40x40x32", "--autotune", "--candidates", "32,32,32,4,1;16,16,16,1,1")
+    _, result = _bench(
+        tmp_path,
+        "--losses",
+        "sigmoid",
+        "--providers",
+        "ours",
+        "--modes",
+        "fwd+bwd",
+        "--shapes",
+        "40x40x32",
+        "--autotune",
+        "--candidates",
+        "32,32,32,4,1;16,16,16,1,1",
+    )
     table = tile_configs.load_tuned(str(tmp_path / "tuned_configs.json"))
     assert set(table) == {("interpreter", "sig_fwd", "small"), ("interpreter", "sig_grad", "small")}
     timed = [e for e in result["autotune"]["log"] if "ms" in e]

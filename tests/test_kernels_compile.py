@@ -25,7 +25,17 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed"
 def _compile(arch: int, dtype: str, *extra: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    cmd = [sys.executable, "-m", "kernels.compile_check", "--arch", str(arch), "--dtype", dtype, "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kernels.compile_check",
+        "--arch",
+        str(arch),
+        "--dtype",
+        dtype,
+        "--json",
+        *extra,
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]

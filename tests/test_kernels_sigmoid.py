@@ -21,7 +21,8 @@ MODE = triton_mode()
 DEVICE = "cuda" if MODE == "gpu" else "cpu"
 pytestmark = pytest.mark.skipif(MODE == "none", reason="Triton is not installed")
 in_process = pytest.mark.skipif(
-    MODE == "subprocess", reason="Triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter"
+    MODE == "subprocess",
+    reason="Triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter",
 )
 NAMES = ("loss", "d_queries", "d_keys", "d_scale", "d_bias")
 
@@ -126,8 +127,10 @@ def test_deterministic_and_sharded_sum():
     second, _ = _run(q, k, 10.0, -3.0, 0)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     kk = k.to(DEVICE).requires_grad_()
-    total = sum(sigmoid_loss(q[r * n : (r + 1) * n].to(DEVICE), kk, 10.0, -3.0, label_offset=r * n)
-                for r in range(world))
+    total = sum(
+        sigmoid_loss(q[r * n : (r + 1) * n].to(DEVICE), kk, 10.0, -3.0, label_offset=r * n)
+        for r in range(world)
+    )
     torch.testing.assert_close(total.detach().double().cpu() / world, first[0], rtol=1e-5, atol=1e-6)
 
 
