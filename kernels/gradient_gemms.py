@@ -19,8 +19,16 @@ Schedules, chosen by ``choose_schedule`` (override: ``KERNELS_BACKWARD_SCHEDULE`
   fp32 buffer more than it computes: read + write ``8 * short * D`` bytes per
   ``2 * chunk * short * D`` flops).
 - ``two_pass``: otherwise (large square problems: at 32768 x 32768 x 768 the fp32
-  buffer alone is 96 MiB and chunks are 512 rows): dQ from row chunks, then dK from
-  column chunks, each a complete GEMM; 10NMD flops, no buffer.
+  buffer alone would be 96 MiB and chunks are 512 rows): dQ from row chunks, then dK
+  from column chunks, each a complete GEMM; 10NMD flops, no buffer.
+
+Why not one pass everywhere: a deterministic one-pass backward must carry one side's
+gradient across the whole pass in more than 16 bits, i.e. an fp32 ``[min(N, M), D]``
+buffer (or per-row-block partials, which are larger still), and at N = M = 32768,
+D = 768 that alone exceeds the 64 MiB bound. Keeping ``dQ`` or ``dK`` in registers
+instead (FlashAttention-style) needs a ``[BM, D]`` fp32 accumulator per program, which
+fits only for D <= ~256, below CLIP's 512-1024. Which schedule is faster at a given
+shape is for the GPU to say: ``python -m kernels.bench --backward-schedule one_pass``.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ import torch
 
 # Bound on the gradient workspace (one chunk of G).
 GRAD_WORKSPACE_BYTES = 32 * 2**20
-# Bound on the one-pass schedule's fp32 [short side, D] accumulator.
-ONE_PASS_ACCUMULATOR_BYTES = 64 * 2**20
+# Bound on the one-pass schedule's fp32 [short side, D] accumulator: with the workspace,
+# the backward's extra memory stays <= 64 MiB (the issue's bound) on every schedule.
+ONE_PASS_ACCUMULATOR_BYTES = 32 * 2**20
 # Shortest long-side chunk for the one-pass schedule (see the module docstring).
 ACCUMULATE_MIN_CHUNK = 1024
 SCHEDULE_ENV = "KERNELS_BACKWARD_SCHEDULE"
