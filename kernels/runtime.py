@@ -1,6 +1,6 @@
 """When the Triton kernels can run, and with which tile configuration (``kernels.tile_configs``).
 
-Rule (documented in docs/kernels.md): the public ops use Triton when
+Rule (documented in README.md, Kernels): the public ops use Triton when
 ``triton_available()`` is true and either the inputs are CUDA tensors or the
 Triton interpreter is on (``TRITON_INTERPRET=1`` set before Triton is first
 imported). Otherwise they fall back to ``kernels.reference`` (plain torch,
