@@ -81,7 +81,8 @@ def workspace_scale(q: torch.Tensor, k: torch.Tensor, g_bound: torch.Tensor) -> 
 
 def choose_schedule(n: int, m: int, d: int, g_dtype: torch.dtype, bm: int, bn: int) -> tuple[str, int]:
     """``(schedule, chunk)`` for an N x M x D backward; chunk: rows (or columns) per chunk
-    of the longer side for ``single`` / ``one_pass``, rows per chunk for ``two_pass``."""
+    of the longer side, each chunk spanning all of the shorter side (``two_pass`` sizes
+    its two passes' chunks itself)."""
     forced = os.environ.get(SCHEDULE_ENV, "auto") or "auto"
     if forced not in SCHEDULES:
         raise ValueError(f"{SCHEDULE_ENV}={forced!r}; choose one of {', '.join(SCHEDULES)}")
@@ -142,8 +143,9 @@ def gradient_gemms(
     out_scale = workspace_scale(q, k, g_bound)
     schedule, chunk = choose_schedule(n, m, d, g_dtype, bm, bn)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    if schedule == "two_pass":
-        parts = _rows_pass(q, k, dq, write_tiles, out_scale, g_dtype, chunk)
+    if schedule == "two_pass":  # each pass sizes its own chunks: rows span M, columns span N
+        rows_chunk = min(n, _chunk_len(m, g_dtype, bm))
+        parts = _rows_pass(q, k, dq, write_tiles, out_scale, g_dtype, rows_chunk)
         cols_chunk = min(m, _chunk_len(n, g_dtype, bn))
         _cols_pass(q, k, dk, write_tiles, out_scale, g_dtype, cols_chunk)  # its partials repeat the rows'
     else:
