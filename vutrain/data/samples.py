@@ -8,10 +8,15 @@ undecoded bytes and a resumed stream can replay them without decoding.
 Every problem is a :class:`SkipSample` with a short ``reason``; callers count reasons instead of
 crashing: ``tar_error``, ``missing_image``, ``undecodable_image``, ``non_utf8_text``,
 ``bad_json``, ``missing_caption``, ``missing_field``, ``empty_caption``.
+
+Two image decoders: :func:`decode_image` (a PIL image, for the processor-exact float path of
+eval) and :func:`decode_image_array` (an RGB uint8 array, optionally DCT-scaled, for the
+training workers' fast path; OpenCV's libjpeg-turbo when installed, PIL otherwise).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -19,6 +24,7 @@ import tarfile
 from collections import Counter
 from typing import Callable, Iterator
 
+import numpy as np
 from PIL import Image
 
 from .captions import MissingCaptionField, render_caption
@@ -112,11 +118,17 @@ def decode_meta(raw: dict) -> dict:
     return meta
 
 
-def decode_image(raw: dict) -> Image.Image:
-    """The sample's image as RGB, fully decoded (so truncated files fail here, not later)."""
+def image_member(raw: dict) -> str:
+    """The extension of the sample's image member; SkipSample(missing_image) if it has none."""
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise SkipSample("missing_image", f"{raw['__key__']} has none of {IMAGE_EXTS}")
+    return ext
+
+
+def decode_image(raw: dict) -> Image.Image:
+    """The sample's image as RGB, fully decoded (so truncated files fail here, not later)."""
+    ext = image_member(raw)
     try:
         with Image.open(io.BytesIO(raw[ext])) as img:
             img.load()
@@ -143,6 +155,92 @@ def decode_sample(raw: dict, template: str) -> tuple[Image.Image, str, dict]:
     meta = decode_meta(raw)
     caption = decode_caption(raw, meta, template)
     return decode_image(raw), caption, meta
+
+
+def decode_sample_bytes(raw: dict, template: str) -> tuple[bytes, str, dict]:
+    """(encoded image bytes, caption, metadata): :func:`decode_sample` minus the image decode.
+
+    The checks run in the same order, so a bad sample is counted under the same reason.
+    """
+    meta = decode_meta(raw)
+    caption = decode_caption(raw, meta, template)
+    return raw[image_member(raw)], caption, meta
+
+
+@functools.lru_cache(maxsize=None)
+def _cv2():
+    """OpenCV if installed (>= 4.10 for RGB output), imported on first use; else None."""
+    try:
+        import cv2
+    except ImportError:  # optional: the PIL path decodes the same pixels, only slower
+        return None
+    return cv2 if hasattr(cv2, "IMREAD_COLOR_RGB") else None
+
+
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+# Start-of-frame markers carry the image size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header without decoding it; None if not a JPEG."""
+    if not data.startswith(_JPEG_SOI):
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF_MARKERS:
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return (width, height) if width and height else None
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length field
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def draft_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
+    """PIL ``Image.draft``'s JPEG scale for ``size`` -> at least ``target``: 8, 4, 2 or 1.
+
+    libjpeg decodes at 1/scale straight from the DCT coefficients, only when the image is at
+    least twice the target in both dimensions, so the result never drops below ``target``.
+    """
+    scale = min(size[0] // max(1, target[0]), size[1] // max(1, target[1]))
+    return next(s for s in (8, 4, 2, 1) if scale >= s)
+
+
+_CV2_REDUCED = {1: 0, 2: 16, 4: 32, 8: 64}  # the IMREAD_REDUCED_* bits, without the BGR colour bit
+
+
+def decode_image_array(data: bytes, draft_to: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB uint8 array [H, W, 3] of an encoded image; SkipSample(undecodable_image) on failure.
+
+    ``draft_to``: (w, h) the caller will resize to; a JPEG at least twice that size is decoded
+    DCT-scaled by :func:`draft_scale` (as ``Image.draft("RGB", draft_to)`` does). EXIF
+    orientation is ignored, as by PIL and ``CLIPImageProcessor``. A JPEG without its end marker
+    (truncated) always takes the PIL path, which raises instead of returning grey rows.
+    """
+    cv2 = _cv2()
+    if cv2 is not None and data.startswith(_JPEG_SOI) and data.endswith(_JPEG_EOI):
+        size = jpeg_size(data) if draft_to else None
+        scale = draft_scale(size, draft_to) if size else 1
+        flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION | _CV2_REDUCED[scale]
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if array is not None and array.ndim == 3 and array.shape[2] == 3:
+            return array
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if draft_to and img.format == "JPEG":
+                img.draft("RGB", draft_to)
+            img.load()
+            return np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy needs one
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
+        raise SkipSample("undecodable_image", str(e)) from None
 
 
 class SkipCounter(Counter):
