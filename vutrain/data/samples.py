@@ -61,30 +61,137 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return name[:dot], name[dot + 1:].lower()
 
 
+_BLOCK = 512
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: left to tarfile
+_FILE_TYPES = (b"0", b"\x00", b"7")  # regular and contiguous files (tarfile's isfile())
+
+
+class TarError(Exception):
+    """A tar header that is not valid, or a member cut short."""
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big", signed=field[:1] == b"\xff")
+    text = field.split(b"\x00", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise TarError(f"bad number field {field!r}") from None
+
+
+def _read_exactly(stream, n: int) -> bytes:
+    data = stream.read(n)
+    while len(data) < n:  # pipes and sockets return short reads
+        more = stream.read(n - len(data))
+        if not more:
+            raise TarError("unexpected end of data")
+        data += more
+    return data
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` record of a pax extended header, if any."""
+    for line in records.decode("utf-8", "surrogateescape").split("\n"):
+        _, _, kv = line.partition(" ")
+        key, _, value = kv.partition("=")
+        if key == "path":
+            return value
+    return None
+
+
+def iter_tar_files(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, payload) of each regular file of an uncompressed tar stream, in tar order.
+
+    A small ustar/pax/GNU reader: about 20x cheaper per member than ``tarfile``'s stream mode,
+    whose Python header parsing cost as much as the JPEG decode on 341x256 shards. Raises
+    :class:`TarError` on a bad header checksum or data cut short; ends at the end-of-archive
+    block or at the end of the stream.
+    """
+    long_name: str | None = None
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK:
+            if header:
+                header += _read_exactly(stream, _BLOCK - len(header))
+            else:
+                return
+        if header.count(0) == _BLOCK:  # end-of-archive marker
+            return
+        stored = _octal(header[148:156])
+        actual = 256 + sum(header[:148]) + sum(header[156:])
+        if stored != actual:
+            raise TarError(f"bad header checksum ({stored} != {actual})")
+        size, kind = _octal(header[124:136]), header[156:157]
+        data = _read_exactly(stream, size) if size else b""
+        if size % _BLOCK:
+            _read_exactly(stream, _BLOCK - size % _BLOCK)
+        if kind in (b"L", b"x"):  # GNU long name / pax header: names the next member
+            long_name = data.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape") if kind == b"L" \
+                else _pax_path(data)
+            continue
+        if kind == b"g":
+            continue
+        name = long_name
+        long_name = None
+        if name is None:
+            name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\x00", 1)[0]
+            if header[257:262] == b"ustar" and prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        if kind in _FILE_TYPES:
+            yield name, data
+
+
+class _Prefixed:
+    """A read-only stream that first returns ``head``, then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n is None or n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out
+
+
+def _iter_files(stream) -> Iterator[tuple[str, bytes]]:
+    head = stream.read(6)
+    stream = _Prefixed(head, stream)
+    if not head.startswith(_COMPRESSED_MAGIC):
+        yield from iter_tar_files(stream)
+        return
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, tar.extractfile(member).read()
+
+
 def iter_raw_samples(url: str, count: Callable[[str], None] | None = None) -> Iterator[dict]:
-    """Yield the raw samples of one tar shard, in tar order.
+    """Yield the raw samples of one tar shard (plain, or gzip/bzip2/xz-compressed), in tar order.
 
     A truncated or unreadable tar ends the shard: the incomplete last sample is dropped and one
     ``tar_error`` is counted (through ``count``), the samples before it are kept.
     """
     current: dict | None = None
     try:
-        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                parts = _split_name(member.name)
+        with _open(url) as stream:
+            for name, payload in _iter_files(stream):
+                parts = _split_name(name)
                 if parts is None:
                     continue
                 key, ext = parts
-                payload = tar.extractfile(member).read()
                 if current is not None and current["__key__"] != key:
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
                 current[ext] = payload
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (TarError, tarfile.TarError, EOFError, OSError) as e:
         log.warning("shard %s is unreadable or truncated (%s); using the samples before the error", url, e)
         if count is not None:
             count("tar_error")
