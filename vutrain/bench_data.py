@@ -13,6 +13,9 @@ Measures, in one run on the same files:
   timed in steady state (after every worker's first batches, from a moment the queue was empty).
   ``samples_per_s_per_worker`` divides it by the workers; ``ratio`` = per worker / decode.
 - with ``--workers N > 1`` also the 1-worker rate, and ``scaling`` = rate(N) / (N * rate(1)).
+- the same per CPU second (``cpu_ratio``: samples per worker-CPU-second / decodes per
+  CPU-second), which is what the wall-clock ratio is on idle, dedicated cores and stays
+  meaningful on a shared, oversubscribed machine.
 - with ``--compare`` also the processor-exact float path (PIL resize and normalisation in the
   worker, fp32 batches), the pipeline before the uint8 fast path.
 
@@ -67,11 +70,11 @@ def read_images(spec: str, limit: int) -> list[bytes]:
     return images
 
 
-def decode_rate(images: list[bytes], min_seconds: float = 2.0) -> float:
-    """Images/s of a full PIL decode to RGB on one core (repeats the list for ``min_seconds``)."""
+def decode_rate(images: list[bytes], min_seconds: float = 2.0) -> tuple[float, float]:
+    """(images per wall second, images per CPU second) of a full PIL decode to RGB on one core."""
     from PIL import Image
 
-    done, start = 0, time.perf_counter()
+    done, start, cpu = 0, time.perf_counter(), time.process_time()
     while True:
         for data in images:
             with Image.open(io.BytesIO(data)) as img:
@@ -79,7 +82,21 @@ def decode_rate(images: list[bytes], min_seconds: float = 2.0) -> float:
         done += len(images)
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds:
-            return done / elapsed
+            return done / elapsed, done / max(time.process_time() - cpu, 1e-9)
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's live children (the loader workers)."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:  # a child that just exited
+            pass
+    return total
 
 
 def make_tokenize(spec: str, context_length: int, work: str):
@@ -120,16 +137,18 @@ def stream_rate(args, tokenize, workers: int, path: str) -> dict:
             batch = next(stream)
             if time.perf_counter() - t > 0.005:
                 break
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _children_cpu_seconds()
         for _ in range(batches):
             batch = next(stream)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, _children_cpu_seconds() - cpu
     finally:
         stream.close()
     pixels = batch["pixel_values"]
     rate = batches * args.batch_size / elapsed
     return {"path": path, "workers": workers, "samples_per_s": rate,
-            "samples_per_s_per_worker": rate / max(1, workers), "measured_samples": batches * args.batch_size,
+            "samples_per_s_per_worker": rate / max(1, workers),
+            "samples_per_worker_cpu_s": batches * args.batch_size / max(cpu, 1e-9),
+            "measured_samples": batches * args.batch_size,
             "seconds": elapsed, "warmup_s": warmup, "pixel_dtype": str(pixels.dtype).replace("torch.", ""),
             "batch_mib": pixels.numel() * pixels.element_size() / 2 ** 20}
 
@@ -197,16 +216,18 @@ def write_thumbnail_shards(out: str, num_samples: int, width: int, height: int, 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| path | workers | pixels | samples/s | per worker | decode/s (1 core) | per worker / decode |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| path | workers | pixels | samples/s | per worker | decode/s (1 core) | per worker / decode "
+             "| per worker-CPU-s / decode-CPU-s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['path']} | {r['workers']} | {r['pixel_dtype']} | {r['samples_per_s']:.0f} | "
-                     f"{r['samples_per_s_per_worker']:.0f} | {r['decode_per_s']:.0f} | {r['ratio']:.2f} |")
+                     f"{r['samples_per_s_per_worker']:.0f} | {r['decode_per_s']:.0f} | {r['ratio']:.2f} | "
+                     f"{r['cpu_ratio']:.2f} |")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vutrain.bench data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vutrain.bench data",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", help="brace-expandable shard spec ('::' joins several)")
     parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -250,23 +271,27 @@ def main(argv: list[str] | None = None) -> int:
     tokenize = make_tokenize(args.shards, args.context_length, work)
     if args.profile:
         print(profile_worker(args, tokenize, "fast"), flush=True)
-    decode_before = decode_rate(images)
+    decode_before, cpu_before = decode_rate(images)
     runs = [("fast", args.workers)]
     if args.workers > 1:
         runs.append(("fast", 1))
     if args.compare:
         runs.append(("processor", args.workers))
     rows = [stream_rate(args, tokenize, workers, path) for path, workers in runs]
-    decode_after = decode_rate(images)
-    decode = (decode_before + decode_after) / 2
+    decode_after, cpu_after = decode_rate(images)
+    decode, decode_cpu = (decode_before + decode_after) / 2, (cpu_before + cpu_after) / 2
     for row in rows:
         row["decode_per_s"], row["ratio"] = decode, row["samples_per_s_per_worker"] / decode
+        row["cpu_ratio"] = row["samples_per_worker_cpu_s"] / decode_cpu
     print(table(rows), flush=True)
     main_row = rows[0]
     summary = {
         "samples_per_s": main_row["samples_per_s"],
         "samples_per_s_per_worker": main_row["samples_per_s_per_worker"],
         "decode_per_s": decode, "ratio": main_row["ratio"],
+        # CPU-time figures: what the wall-clock ones would be on idle, dedicated cores
+        "decode_per_cpu_s": decode_cpu, "samples_per_worker_cpu_s": main_row["samples_per_worker_cpu_s"],
+        "cpu_ratio": main_row["cpu_ratio"],
         "decode_per_s_before": decode_before, "decode_per_s_after": decode_after,
         "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
         "source_sizes": {f"{w}x{h}": n for (w, h), n in shapes.most_common(3)},

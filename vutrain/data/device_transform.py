@@ -120,7 +120,7 @@ class DeviceTransform:
         if x.is_floating_point():  # already normalised by a float preprocess
             return x.to(dtype)
         self.calls += 1
-        x = x.contiguous().float()  # uint8 batches arrive with channels-last strides
+        x = x.float()
         if self.random_resized_crop:
             boxes = random_resized_crop_boxes(x.shape[0], x.shape[2], x.shape[3], self._generator(),
                                               self.scale)

@@ -318,23 +318,25 @@ def draft_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
     least twice the target in both dimensions, so the result never drops below ``target``.
     """
     scale = min(size[0] // max(1, target[0]), size[1] // max(1, target[1]))
-    return next(s for s in (8, 4, 2, 1) if scale >= s)
+    return next((s for s in (8, 4, 2) if scale >= s), 1)  # 1: smaller than the target
 
 
 _CV2_REDUCED = {1: 0, 2: 16, 4: 32, 8: 64}  # the IMREAD_REDUCED_* bits, without the BGR colour bit
 
 
-def decode_image_array(data: bytes, draft_to: tuple[int, int] | None = None) -> np.ndarray:
+def decode_image_array(data: bytes, draft_to: tuple[int, int] | None = None,
+                       size: tuple[int, int] | None = None) -> np.ndarray:
     """RGB uint8 array [H, W, 3] of an encoded image; SkipSample(undecodable_image) on failure.
 
     ``draft_to``: (w, h) the caller will resize to; a JPEG at least twice that size is decoded
     DCT-scaled by :func:`draft_scale` (as ``Image.draft("RGB", draft_to)`` does). EXIF
     orientation is ignored, as by PIL and ``CLIPImageProcessor``. A JPEG without its end marker
     (truncated) always takes the PIL path, which raises instead of returning grey rows.
+    ``size``: the JPEG's (w, h) if the caller already read it (:func:`jpeg_size`).
     """
     cv2 = _cv2()
     if cv2 is not None and data.startswith(_JPEG_SOI) and data.endswith(_JPEG_EOI):
-        size = jpeg_size(data) if draft_to else None
+        size = size or (jpeg_size(data) if draft_to else None)
         scale = draft_scale(size, draft_to) if size else 1
         flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION | _CV2_REDUCED[scale]
         array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)

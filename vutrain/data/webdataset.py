@@ -5,7 +5,7 @@
     {"pixel_values": ByteTensor[B, 3, S, S], "input_ids": LongTensor[B, L], "attention_mask": LongTensor[B, L]}
 
 ``pixel_values`` is uint8 with a fast preprocess (``make_fast_preprocess``: the trainer's
-default; channels-last strides, normalised on the device by ``device_transform``) and
+default; normalised on the device by ``device_transform``) and
 normalised float with a float one (``make_preprocess``: the processor's exact path). Workers
 stack each batch straight into shared memory; the batches are pinned when CUDA is available.
 
@@ -192,10 +192,9 @@ class _WorkerBatches:
 def collate_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
     """Stack per-sample images into one batch tensor.
 
-    Float [3, S, S] samples give [B, 3, S, S]; uint8 [S, S, 3] (HWC) samples give a [B, 3, S, S]
-    view with channels-last strides (the device makes it contiguous for free). Inside a loader
-    worker the stack is written straight into shared memory, as torch's ``default_collate``
-    does, so the queue does not copy the batch a second time.
+    [3, S, S] samples (uint8 or float) give a contiguous [B, 3, S, S]. Inside a loader worker
+    the batch is written straight into shared memory, as torch's ``default_collate`` does, so
+    the queue does not copy it a second time.
     """
     first = pixels[0]
     if get_worker_info() is not None:
@@ -205,7 +204,7 @@ def collate_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
         batch = first.new_empty((len(pixels), *first.shape))
     for row, image in zip(batch, pixels):  # 10-50x faster than torch.stack for these shapes
         row.copy_(image)
-    return batch.permute(0, 3, 1, 2) if batch.dtype == torch.uint8 and batch.shape[-1] == 3 else batch
+    return batch
 
 
 class _TrainIterable(IterableDataset):
@@ -257,7 +256,7 @@ class TrainStream:
 
     Args:
         shards: brace-expandable spec, sources joined by ``::`` (``data.train_shards``).
-        preprocess: ``make_fast_preprocess(image_processor)`` (bytes -> uint8 [S, S, 3]; batches of
+        preprocess: ``make_fast_preprocess(image_processor)`` (bytes -> uint8 [3, S, S]; batches of
             uint8 [B, 3, S, S]) or any PIL image -> FloatTensor[3, S, S] (``make_preprocess``).
         tokenize: list of B captions -> {"input_ids": [B, L], "attention_mask": [B, L]}.
         batch_size: samples per batch on this rank (the micro batch).
