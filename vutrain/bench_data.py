@@ -238,6 +238,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=0, help="timed batches (0: --samples-per-worker)")
     parser.add_argument("--samples-per-worker", type=int, default=1024)
     parser.add_argument("--decode-images", type=int, default=256, help="JPEGs timed for decode_per_s")
+    parser.add_argument("--decode-seconds", type=float, default=2.0, help="time each decode measurement")
     parser.add_argument("--compare", action="store_true", help="also time the processor-exact float path")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the worker loop")
     parser.add_argument("--write-shards", metavar="DIR", help="first write thumbnail-like shards to DIR")
@@ -271,14 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     tokenize = make_tokenize(args.shards, args.context_length, work)
     if args.profile:
         print(profile_worker(args, tokenize, "fast"), flush=True)
-    decode_before, cpu_before = decode_rate(images)
+    decode_before, cpu_before = decode_rate(images, args.decode_seconds)
     runs = [("fast", args.workers)]
     if args.workers > 1:
         runs.append(("fast", 1))
     if args.compare:
         runs.append(("processor", args.workers))
     rows = [stream_rate(args, tokenize, workers, path) for path, workers in runs]
-    decode_after, cpu_after = decode_rate(images)
+    decode_after, cpu_after = decode_rate(images, args.decode_seconds)
     decode, decode_cpu = (decode_before + decode_after) / 2, (cpu_before + cpu_after) / 2
     for row in rows:
         row["decode_per_s"], row["ratio"] = decode, row["samples_per_s_per_worker"] / decode
