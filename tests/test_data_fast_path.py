@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data_stream import BAD_REASONS, _write_bad_shards
 from transformers import CLIPImageProcessor
 
 from vutrain.bench_data import photo_like
@@ -29,8 +30,6 @@ from vutrain.data.epoch_plan import auto_num_workers
 from vutrain.data.preprocess import make_fast_preprocess, make_preprocess
 from vutrain.data.samples import SkipSample, decode_image_array, iter_raw_samples, jpeg_size
 from vutrain.data.synthetic import write_synthetic
-
-from test_data_stream import BAD_REASONS, _write_bad_shards
 
 
 def _jpeg(w, h, seed=0, quality=85) -> bytes:
@@ -57,7 +56,8 @@ def test_fast_path_equals_processor_without_dct_scaling(size, short, crop):
         assert _levels(processor, _jpeg(*size, seed)).max().item() <= 1.001
 
 
-@pytest.mark.parametrize("size,short", [((200, 150), 32), ((150, 200), 32), ((341, 256), 64), ((480, 360), 64)])
+@pytest.mark.parametrize("size,short", [((200, 150), 32), ((150, 200), 32), ((341, 256), 64),
+                                        ((480, 360), 64)])
 def test_fast_path_with_dct_scaling_within_tolerance(size, short):
     processor = CLIPImageProcessor(size={"shortest_edge": short}, crop_size={"height": short, "width": short})
     diff = torch.cat([_levels(processor, _jpeg(*size, seed)).flatten() for seed in range(4)])
@@ -176,7 +176,8 @@ def test_device_transform_normalises_and_augments_deterministically():
 def test_tar_reader_matches_tarfile(tmp_path):
     def members(path, fmt):
         with tarfile.open(path, "w", format=fmt) as tar:
-            for name, size in [("a/0.jpg", 0), ("x" * 120 + "/0.txt", 700), ("1.json", 512), ("d/" + "y" * 90, 9)]:
+            names = [("a/0.jpg", 0), ("x" * 120 + "/0.txt", 700), ("1.json", 512), ("d/" + "y" * 90, 9)]
+            for name, size in names:
                 info = tarfile.TarInfo(name)
                 info.size = size
                 tar.addfile(info, io.BytesIO(os.urandom(size)))

@@ -101,9 +101,8 @@ def _children_cpu_seconds() -> float:
 
 def make_tokenize(spec: str, context_length: int, work: str):
     """The presets' tokenizer: a BPE trained on the shards' captions (as the trainer does)."""
-    from vutrain.data.tokenizer import iter_shard_texts
+    from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
     from vutrain.data.tokenizer import make_tokenize as make
-    from vutrain.data.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(iter_shard_texts(spec, "{title}", limit=5000), os.path.join(work, "tok"),
                               4096, context_length)

@@ -2,7 +2,8 @@
 
 ``TrainStream`` yields batches forever::
 
-    {"pixel_values": ByteTensor[B, 3, S, S], "input_ids": LongTensor[B, L], "attention_mask": LongTensor[B, L]}
+    {"pixel_values": ByteTensor[B, 3, S, S], "input_ids": LongTensor[B, L],
+     "attention_mask": LongTensor[B, L]}
 
 ``pixel_values`` is uint8 with a fast preprocess (``make_fast_preprocess``: the trainer's
 default; normalised on the device by ``device_transform``) and
@@ -174,7 +175,8 @@ class _WorkerBatches:
                     if decoded is None:
                         failures += 1
                         if failures > _MAX_CONSECUTIVE_SKIPS:  # all-bad shards must not spin forever
-                            raise RuntimeError(f"{failures} samples in a row were unusable ({dict(self.skipped)}); "
+                            raise RuntimeError(f"{failures} samples in a row were unusable "
+                                               f"({dict(self.skipped)}); "
                                                "check data.train_shards and data.caption_template.")
                         continue
                     failures = 0
@@ -294,7 +296,8 @@ class TrainStream:
         workers = max(1, num_workers)
         if not resampled and len(self.shards) < world_size * workers:
             raise ValueError(
-                f"data.train_shards has {len(self.shards)} shards for {world_size} ranks x {workers} workers: "
+                f"data.train_shards has {len(self.shards)} shards for {world_size} ranks x {workers} "
+                "workers: "
                 "write more, smaller shards (dataset_tools build --shard-size) or set data.num_workers / "
                 "data.resampled=true")
         if num_samples is None:
@@ -340,8 +343,9 @@ class TrainStream:
         return dict(total)
 
     def _loader(self) -> Iterator[dict]:
+        workers = {w: dict(v) for w, v in self._cursor.workers.items()}
         dataset = _TrainIterable(self.plan, self.shards, self.preprocess, self.tokenize,
-                                 self._cursor.next_batch, {w: dict(v) for w, v in self._cursor.workers.items()})
+                                 self._cursor.next_batch, workers)
         if self.num_workers == 0:
             return iter(dataset)
         if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
