@@ -201,3 +201,16 @@ def test_tar_reader_matches_tarfile(tmp_path):
     counted = []
     keys = [s["__key__"] for s in iter_raw_samples(str(tmp_path / "bad.tar"), counted.append)]
     assert keys == ["a/0", "x" * 120 + "/0"] and counted == ["tar_error"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pinned_uint8_batches_normalise_on_the_gpu_as_on_the_cpu(shards):
+    with _stream(shards["train"], num_workers=1) as stream:
+        assert stream.pin_memory
+        pixels = next(stream)["pixel_values"]
+    assert pixels.is_pinned() and pixels.dtype == torch.uint8
+    processor = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+    on_gpu = make_device_transform(processor)(pixels, "cuda", torch.bfloat16)
+    on_cpu = make_device_transform(processor)(pixels, "cpu", torch.bfloat16)
+    assert on_gpu.device.type == "cuda" and torch.allclose(on_gpu.cpu().float(), on_cpu.float(), atol=0.02)
