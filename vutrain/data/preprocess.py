@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .samples import decode_image_array, jpeg_size
+from .samples import decode_image_array, draft_scale, jpeg_size
 
 
 def _get(obj, name: str):
@@ -111,7 +111,10 @@ class ClipCropUint8:
         draft_to = tuple(math.ceil(v * DRAFT_MARGIN) for v in target) if target else None
         array = decode_image_array(data, draft_to, size)
         h, w = array.shape[:2]
-        if target is None:  # not a JPEG (PNG, WebP): the geometry of the decoded image
+        scale = draft_scale(size, draft_to) if size else 1
+        if target is None or (w, h) != (-(-size[0] // scale), -(-size[1] // scale)):
+            # not a JPEG (PNG, WebP), or a frame header that disagrees with the decoded pixels:
+            # the geometry of the decoded image
             target = resized_geometry(w, h, self.shortest_edge)
         new_w, new_h = target
         # [3, h, w] as a channels-last view of the decoder's HWC array: torch's uint8
