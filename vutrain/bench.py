@@ -92,6 +92,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["data"]:  # the data stream alone
+        from vutrain.bench_data import main as data_main
+        return data_main(list(sys.argv[2:] if argv is None else argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m vutrain.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--precision", default="fp32")

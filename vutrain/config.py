@@ -74,8 +74,14 @@ class DataConfig:
     """Validation shards for retrieval and zero-shot eval (same syntax); empty disables eval."""
     num_samples: int = 0
     """Samples per epoch; 0 reads the shards' sizes.json / __len__ / *_stats.json."""
-    num_workers: int = 1
-    """DataLoader worker processes per rank."""
+    num_workers: int = -1
+    """DataLoader worker processes per rank; -1: auto (this rank's share of the cores, less one)."""
+    prefetch_factor: int = 2
+    """Batches each loader worker prepares ahead (pinned when CUDA is available)."""
+    fast_preprocess: bool = True
+    """Workers send uint8 crops, normalised on the device; false: the processor-exact float path on CPU."""
+    random_resized_crop: bool = False
+    """open_clip's training augmentation on the device: RandomResizedCrop(scale 0.9-1.0), bicubic."""
     shuffle_buffer: int = 1000
     """Sample shuffle buffer size (per worker)."""
     resampled: bool = False
@@ -342,12 +348,15 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     for key, value in {"train.checkpoint_every": t.checkpoint_every, "eval.every": e.every,
-                       "data.num_samples": d.num_samples, "data.num_workers": d.num_workers,
+                       "data.num_samples": d.num_samples,
                        "train.warmup_steps": t.warmup_steps, "model.image_size": m.image_size,
                        "model.context_length": m.context_length, "train.lr": t.lr,
                        "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if d.num_workers < -1 or d.prefetch_factor < 1:
+        raise ConfigError(f"data.num_workers must be >= -1 (-1: auto) and data.prefetch_factor >= 1; got "
+                          f"{d.num_workers}, {d.prefetch_factor}")
     if not d.train_shards:
         raise ConfigError("data.train_shards is empty; pass data.train_shards=/path/{00000..00009}.tar "
                           "(write synthetic ones with python -m vutrain.data.synthetic)")

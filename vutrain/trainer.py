@@ -57,7 +57,8 @@ class StepTimes:
 class Trainer:
     def __init__(self, cfg: RunConfig, info: DistInfo, sync_timing: bool = False):
         import deepspeed
-        from vutrain.data.preprocess import make_preprocess
+        from vutrain.data.device_transform import make_device_transform
+        from vutrain.data.preprocess import make_fast_preprocess, make_preprocess
         from vutrain.data.tokenizer import make_tokenize
         from vutrain.data.webdataset import TrainStream
 
@@ -79,7 +80,9 @@ class Trainer:
             cfg.model, self.run_dir, d.train_shards, d.caption_template, d.tokenizer_samples,
             info.is_main, barrier)
         self.tokenize = make_tokenize(self.tokenizer, self.context_length)
-        self.preprocess = make_preprocess(self.processor)
+        self.preprocess = make_preprocess(self.processor)  # eval: the processor's exact float path
+        # Training: workers send uint8 crops; normalisation (and augmentation) run on the device.
+        train_preprocess = make_fast_preprocess(self.processor) if d.fast_preprocess else self.preprocess
 
         siglip = cfg.loss.name == "siglip"
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
@@ -100,11 +103,14 @@ class Trainer:
         # The torch loss upcasts bf16/fp16 features to fp32 (a bf16 logits matrix loses the label
         # term); the Triton kernels take them as they are and accumulate in fp32 themselves.
         self.upcast_features = not (cfg.loss.backend in ("triton", "auto") and self.device.type == "cuda")
-        self.stream = TrainStream(d.train_shards, preprocess=self.preprocess, tokenize=self.tokenize,
+        self.stream = TrainStream(d.train_shards, preprocess=train_preprocess, tokenize=self.tokenize,
                                   batch_size=cfg.train.micro_batch_size, rank=info.rank,
                                   world_size=info.world_size, num_workers=d.num_workers, seed=cfg.seed,
                                   caption_template=d.caption_template, shuffle_buffer=d.shuffle_buffer,
-                                  resampled=d.resampled, num_samples=d.num_samples or None)
+                                  resampled=d.resampled, num_samples=d.num_samples or None,
+                                  local_world_size=info.local_world_size, prefetch_factor=d.prefetch_factor)
+        self.pixel_transform = make_device_transform(self.processor, d.random_resized_crop, seed=cfg.seed,
+                                                     rank=info.rank, position=lambda: self.stream.batches_seen)
         if d.val_shards:  # a typo in the eval path must fail now, not at the first eval
             from vutrain.data.shards import expand_shards
             expand_shards(d.val_shards, "data.val_shards")
@@ -178,7 +184,8 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(self.stream)
             t1 = time.perf_counter()
-            img, txt, scale, bias = engine(pixel_values=batch["pixel_values"].to(self.device, self.dtype),
+            pixels = self.pixel_transform(batch["pixel_values"], self.device, self.dtype)  # normalised
+            img, txt, scale, bias = engine(pixel_values=pixels,
                                            input_ids=batch["input_ids"].to(self.device),
                                            attention_mask=batch["attention_mask"].to(self.device))
             self._sync()
