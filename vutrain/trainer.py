@@ -22,7 +22,7 @@ from vutrain.config import RunConfig, save_config
 from vutrain.distributed import DistInfo, barrier
 from vutrain.ds_config import build_ds_config
 from vutrain.evaluate import evaluate
-from vutrain.losses import build_loss
+from vutrain.losses import build_loss_from_config
 from vutrain.metrics import MetricsWriter
 from vutrain.model import build_model, count_parameters, tokenizer_and_processor
 from vutrain.optim import build_optimizer, param_groups
@@ -94,9 +94,7 @@ class Trainer:
             optimizer, scheduler = build_optimizer(module, cfg.train)
             self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                         lr_scheduler=scheduler, config=ds_config)
-        self.loss_fn = build_loss(cfg.loss.name, rank=info.rank, world_size=info.world_size,
-                                  backend=cfg.loss.backend, local_loss=cfg.loss.local_loss,
-                                  gather_with_grad=cfg.loss.gather_with_grad)
+        self.loss_fn = build_loss_from_config(cfg.loss, rank=info.rank, world_size=info.world_size)
         # The torch loss upcasts bf16/fp16 features to fp32 (a bf16 logits matrix loses the label
         # term); the Triton kernels take them as they are and accumulate in fp32 themselves.
         self.upcast_features = not (cfg.loss.backend in ("triton", "auto") and self.device.type == "cuda")
@@ -104,7 +102,8 @@ class Trainer:
                                   batch_size=cfg.train.micro_batch_size, rank=info.rank,
                                   world_size=info.world_size, num_workers=d.num_workers, seed=cfg.seed,
                                   caption_template=d.caption_template, shuffle_buffer=d.shuffle_buffer,
-                                  resampled=d.resampled, num_samples=d.num_samples or None)
+                                  resampled=d.resampled, num_samples=d.num_samples or None,
+                                  positives=cfg.loss.positives)
         if d.val_shards:  # a typo in the eval path must fail now, not at the first eval
             from vutrain.data.shards import expand_shards
             expand_shards(d.val_shards, "data.val_shards")
@@ -185,7 +184,9 @@ class Trainer:
             t2 = time.perf_counter()
             if self.upcast_features:
                 img, txt = img.float(), txt.float()
-            loss = self.loss_fn(img, txt, scale.float(), None if bias is None else bias.float())
+            # loss.positives=category|tags: the batch carries this rank's multi-positive labels
+            extra = {"labels": batch["labels"].to(self.device)} if "labels" in batch else {}
+            loss = self.loss_fn(img, txt, scale.float(), None if bias is None else bias.float(), **extra)
             self._sync()
             t3 = time.perf_counter()
             mean_loss, nonfinite, stop_now = self._agree(loss)

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import render_caption, template_fields
 from .epoch_plan import first_batch_of_worker, shuffle_buffer, worker_shards
+from .labels import POSITIVES, collate_labels, sample_label
 from .preprocess import make_preprocess
 from .samples import SkipCounter, SkipSample, decode_sample, iter_raw_samples
 from .shards import count_samples, expand_shards
@@ -86,9 +87,9 @@ class _WorkerBatches:
     """The batches of one logical worker, from batch ``g0`` on (runs inside a DataLoader worker)."""
 
     def __init__(self, plan: _Plan, shards: list[str], preprocess, tokenize, worker: int,
-                 resume: dict | None):
+                 resume: dict | None, positives: str = "pair"):
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
-        self.worker, self.resume = worker, resume
+        self.worker, self.resume, self.positives = worker, resume, positives
         self.skipped = SkipCounter(resume["skipped"] if resume else {})
 
     def _raw_pass(self, urls: Iterator[str]) -> Iterator[dict]:
@@ -130,10 +131,10 @@ class _WorkerBatches:
 
         yield from shuffle_buffer(raw(), p.shuffle_buffer, random.Random(f"samples/{tag}"))
 
-    def _decode(self, raw: dict) -> tuple[torch.Tensor, str] | None:
+    def _decode(self, raw: dict) -> tuple[torch.Tensor, str, object] | None:
         try:
-            image, caption, _ = decode_sample(raw, self.plan.caption_template)
-            return self.preprocess(image), caption
+            image, caption, meta = decode_sample(raw, self.plan.caption_template)
+            return self.preprocess(image), caption, sample_label(meta, self.positives)
         except SkipSample as e:
             self.skipped(e.reason, str(e))
         except Exception as e:  # a preprocessing failure must not stop training; count it
@@ -156,7 +157,7 @@ class _WorkerBatches:
                 next(samples)
             self.skipped.muted = False
             while g < (epoch + 1) * p.steps_per_epoch:
-                pixels, captions, failures = [], [], 0
+                pixels, captions, labels, failures = [], [], [], 0
                 while len(pixels) < p.batch_size:
                     decoded = self._decode(next(samples))
                     drawn += 1
@@ -169,8 +170,11 @@ class _WorkerBatches:
                     failures = 0
                     pixels.append(decoded[0])
                     captions.append(decoded[1])
+                    labels.append(decoded[2])
                 batch = dict(self.tokenize(captions))
                 batch["pixel_values"] = torch.stack(pixels)
+                if self.positives != "pair":  # loss.positives: category / tags
+                    batch["labels"] = collate_labels(labels, self.positives)
                 batch["_tag"] = {"worker": w, "epoch": epoch, "drawn": drawn, "batch": g,
                                  "skipped": dict(self.skipped)}
                 yield batch
@@ -181,16 +185,18 @@ class _WorkerBatches:
 class _TrainIterable(IterableDataset):
     """Maps DataLoader worker ids to logical workers, rotated so the round robin resumes in place."""
 
-    def __init__(self, plan: _Plan, shards, preprocess, tokenize, next_batch: int, workers: dict):
+    def __init__(self, plan: _Plan, shards, preprocess, tokenize, next_batch: int, workers: dict,
+                 positives: str = "pair"):
         super().__init__()
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
-        self.next_batch, self.workers = next_batch, workers
+        self.next_batch, self.workers, self.positives = next_batch, workers, positives
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.next_batch) % self.plan.workers
         resume = {"next_batch": self.next_batch, **self.workers.get(logical, {"skipped": {}})}
-        return iter(_WorkerBatches(self.plan, self.shards, self.preprocess, self.tokenize, logical, resume))
+        return iter(_WorkerBatches(self.plan, self.shards, self.preprocess, self.tokenize, logical, resume,
+                                   self.positives))
 
 
 class _Cursor:
@@ -237,6 +243,8 @@ class TrainStream:
         shuffle_buffer: samples held by each worker's shuffle buffer (<= 1 disables).
         shard_shuffle: reshuffle the shard order every epoch with (seed, epoch).
         resampled: draw shards with replacement per worker (no shard-count requirement).
+        positives: "pair" (default), "category" or "tags": batches then also carry "labels"
+            (LongTensor [B] or [B, T]; see labels.py) for the multi-positive losses.
         num_samples: samples per epoch over all ranks; default from sizes.json / __len__ /
             *_stats.json next to the shards.
     """
@@ -244,8 +252,10 @@ class TrainStream:
     def __init__(self, shards: str, *, preprocess: Callable, tokenize: Callable[[list[str]], dict],
                  batch_size: int, rank: int, world_size: int, num_workers: int, seed: int,
                  caption_template: str = "{title}", shuffle_buffer: int = 1000, shard_shuffle: bool = True,
-                 resampled: bool = False, num_samples: int | None = None):
+                 resampled: bool = False, num_samples: int | None = None, positives: str = "pair"):
         template_fields(caption_template)  # unknown placeholder -> ValueError now, not in a worker
+        if positives not in POSITIVES:
+            raise ValueError(f"loss.positives={positives!r} is not valid; choose one of {', '.join(POSITIVES)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or num_workers < 0:
@@ -270,6 +280,7 @@ class TrainStream:
         self.plan = _Plan(len(self.shards), rank, world_size, workers, batch_size, steps, seed,
                           shard_shuffle, shuffle_buffer, resampled, caption_template)
         self.num_workers, self.preprocess, self.tokenize = num_workers, preprocess, tokenize
+        self.positives = positives
         self._cursor = _Cursor()
         self._iterator: Iterator[Batch] | None = None
         self._generators: weakref.WeakSet = weakref.WeakSet()
@@ -299,7 +310,8 @@ class TrainStream:
 
     def _loader(self) -> Iterator[dict]:
         dataset = _TrainIterable(self.plan, self.shards, self.preprocess, self.tokenize,
-                                 self._cursor.next_batch, {w: dict(v) for w, v in self._cursor.workers.items()})
+                                 self._cursor.next_batch, {w: dict(v) for w, v in self._cursor.workers.items()},
+                                 self.positives)
         if self.num_workers == 0:
             return iter(dataset)
         if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork

@@ -8,7 +8,7 @@
 """
 from vutrain.losses.align_uniform import AlignUniformLoss
 from vutrain.losses.clip import ClipLoss
-from vutrain.losses.factory import LOSS_NAMES, build_loss
+from vutrain.losses.factory import LOSS_NAMES, build_loss, build_loss_from_config
 from vutrain.losses.siglip import SigLipLoss
 
-__all__ = ["AlignUniformLoss", "ClipLoss", "LOSS_NAMES", "SigLipLoss", "build_loss"]
+__all__ = ["AlignUniformLoss", "ClipLoss", "LOSS_NAMES", "SigLipLoss", "build_loss", "build_loss_from_config"]
