@@ -23,6 +23,7 @@ import yaml
 
 PRESETS = ("tiny", "vit-b-32", "vit-b-16", "vit-l-14")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ACCUMULATIONS = ("gradcache", "plain")
 LOSSES = ("clip", "siglip", "align_uniform")
 BACKENDS = ("torch", "triton", "auto")
 POSITIVES = ("pair", "category", "tags")
@@ -99,7 +100,9 @@ class TrainConfig:
     micro_batch_size: int = 32
     """Samples per rank per forward pass."""
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step (the contrastive negatives come from one micro-batch)."""
+    """Micro-batches per optimizer step (see train.accumulation for how their negatives combine)."""
+    accumulation: str = "gradcache"
+    """gradcache (one loss over the whole step, every sample a negative) or plain (a loss per micro-batch)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     precision: str = "fp32"
@@ -147,7 +150,7 @@ class LossConfig:
     gather_with_grad: bool = True
     """Backpropagate through the feature all-gather (needed for exact gradients with local_loss)."""
     positives: str = "pair"
-    """pair (only a sample's own title), category (same category_id) or tags (a shared tag) (clip, siglip)."""
+    """clip/siglip positives: pair (own title only), category (same category_id) or tags (a shared tag)."""
     bidir: bool = False
     """siglip: pass text features around the ring of ranks instead of all-gathering them."""
     align_weight: float = 1.0
@@ -348,6 +351,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("loss.name", lo.name, LOSSES)
     _choice("loss.backend", lo.backend, BACKENDS)
+    _choice("train.accumulation", t.accumulation, ACCUMULATIONS)
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={t.zero_stage} is not valid; choose one of: 0, 1, 2, 3")
     positive = {"train.max_steps": t.max_steps, "train.micro_batch_size": t.micro_batch_size,

@@ -171,6 +171,8 @@ class Trainer:
 
     def train_step(self) -> tuple[StepTimes, bool]:
         """One optimizer step of grad_accum_steps micro-batches. Returns (timings, stop requested)."""
+        if self.cfg.train.accumulation == "gradcache" and self.cfg.train.grad_accum_steps > 1:
+            return self._gradcache_step()
         times, engine = StepTimes(), self.engine
         losses, stop = [], False
         for _ in range(self.cfg.train.grad_accum_steps):
@@ -216,6 +218,47 @@ class Trainer:
                         "train/logit_scale": scale.detach().float().item()}
         if self.loss_fn.last_terms:  # align_uniform's two terms
             times.values.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
+        return times, stop
+
+    def _gradcache_step(self) -> tuple[StepTimes, bool]:
+        """train.accumulation=gradcache: one loss over every micro-batch of the step (gradcache.py)."""
+        from vutrain.gradcache import GradCache
+        from vutrain.losses.positives import concat_labels
+        times, t0 = StepTimes(), time.perf_counter()
+        batches = [next(self.stream) for _ in range(self.cfg.train.grad_accum_steps)]
+        labels = None
+        if "labels" in batches[0]:  # loss.positives=category|tags: the whole step's labels
+            labels = concat_labels([b["labels"] for b in batches]).to(self.device)
+        t1 = time.perf_counter()
+
+        def forward(batch):
+            img, txt, scale, bias = self.engine(pixel_values=batch["pixel_values"].to(self.device, self.dtype),
+                                                input_ids=batch["input_ids"].to(self.device),
+                                                attention_mask=batch["attention_mask"].to(self.device))
+            if self.upcast_features:
+                img, txt = img.float(), txt.float()
+            return img, txt, scale.float(), None if bias is None else bias.float()
+
+        def loss_fn(img, txt, scale, bias):
+            times.values["train/logit_scale"] = scale.detach().item()
+            return self.loss_fn(img, txt, scale, bias, **({"labels": labels} if labels is not None else {}))
+
+        cache = GradCache(self.engine, forward, loss_fn)
+        loss = cache.forward(batches)
+        t2 = time.perf_counter()
+        mean_loss, nonfinite, stop = self._agree(loss)
+        times.data, times.forward = t1 - t0, t2 - t1
+        if nonfinite:  # every rank skips the whole step; the engine's micro-step count is untouched
+            self.nonfinite_in_row += 1
+            log.warning("non-finite loss at step %d (%d in a row): step skipped", self.step + 1,
+                        self.nonfinite_in_row)
+            times.values["train/loss"] = float("nan")
+            return times, stop
+        self.nonfinite_in_row = 0
+        cache.backward()
+        times.backward = time.perf_counter() - t2
+        times.values["train/loss"] = mean_loss
+        times.values.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
         return times, stop
 
     def _log_step(self, times: StepTimes, step_time: float) -> None:

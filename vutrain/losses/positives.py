@@ -83,3 +83,11 @@ def positive_mask(row_labels: torch.Tensor, col_labels: torch.Tensor,
         idx = torch.arange(r.shape[0], device=mask.device)
         mask[idx, offset + idx] = True
     return mask
+
+
+def concat_labels(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate the labels of several micro-batches (id sets padded with -1 to the widest)."""
+    if parts[0].dim() == 2 and parts[0].dtype != torch.bool:
+        width = max(p.shape[1] for p in parts)
+        parts = [torch.cat([p, p.new_full((p.shape[0], width - p.shape[1]), -1)], dim=1) for p in parts]
+    return torch.cat(parts, dim=0)
