@@ -34,7 +34,8 @@ def test_siglip_bidir_with_tag_positives_trains_and_export_keeps_logit_bias(synt
     export(run_dir, out)
     exported = CLIPModel.from_pretrained(out)
     assert exported.config.logit_bias == pytest.approx(bias, abs=1e-6)
-    assert exported.logit_scale.item() == pytest.approx(float(module.clip.logit_scale.detach().reshape(())), abs=1e-6)
+    scale = float(module.clip.logit_scale.detach().reshape(()))
+    assert exported.logit_scale.item() == pytest.approx(scale, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -42,8 +42,8 @@ class RngState:
     @classmethod
     def capture(cls) -> "RngState":
         """Snapshot of the current RNG state."""
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda)
+        cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda_live else None)
 
     def restore(self) -> None:
         """Put the generators back to this snapshot."""
