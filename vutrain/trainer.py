@@ -232,9 +232,10 @@ class Trainer:
         t1 = time.perf_counter()
 
         def forward(batch):
-            img, txt, scale, bias = self.engine(pixel_values=batch["pixel_values"].to(self.device, self.dtype),
-                                                input_ids=batch["input_ids"].to(self.device),
-                                                attention_mask=batch["attention_mask"].to(self.device))
+            img, txt, scale, bias = self.engine(
+                pixel_values=batch["pixel_values"].to(self.device, self.dtype),
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=batch["attention_mask"].to(self.device))
             if self.upcast_features:
                 img, txt = img.float(), txt.float()
             return img, txt, scale.float(), None if bias is None else bias.float()
