@@ -24,6 +24,7 @@ BASE = ["data.train_shards=/data/{00000..00003}.tar", "data.val_shards=", "eval.
     (["loss.name=align_uniform", "loss.uniform_t=0"], ["loss.uniform_t must be > 0"]),
     (["loss.positives=tags", "loss.backend=triton"], ["does not support loss.positives=tags"]),
     (["loss.name=siglip", "loss.bidir=true", "loss.backend=triton"], ["loss.bidir=false"]),
+    (["train.accumulation=sum"], ["train.accumulation='sum'", "gradcache, plain"]),
 ])
 def test_keys_that_do_not_apply_are_errors(overrides, words):
     with pytest.raises(ConfigError) as err:
