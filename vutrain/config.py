@@ -23,8 +23,15 @@ import yaml
 
 PRESETS = ("tiny", "vit-b-32", "vit-b-16", "vit-l-14")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ACCUMULATIONS = ("gradcache", "plain")
 LOSSES = ("clip", "siglip", "align_uniform")
 BACKENDS = ("torch", "triton", "auto")
+POSITIVES = ("pair", "category", "tags")
+# loss.<key> -> the loss names it applies to; a non-default value with another loss is an error.
+LOSS_KEYS_APPLY_TO = {"local_loss": ("clip",), "gather_with_grad": ("clip",),
+                      "positives": ("clip", "siglip"), "bidir": ("siglip",),
+                      "align_weight": ("align_uniform",), "uniform_weight": ("align_uniform",),
+                      "uniform_t": ("align_uniform",)}
 
 
 class ConfigError(ValueError):
@@ -99,7 +106,9 @@ class TrainConfig:
     micro_batch_size: int = 32
     """Samples per rank per forward pass."""
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step (the contrastive negatives come from one micro-batch)."""
+    """Micro-batches per optimizer step (see train.accumulation for how their negatives combine)."""
+    accumulation: str = "gradcache"
+    """gradcache (one loss over the whole step, every sample a negative) or plain (a loss per micro-batch)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     precision: str = "fp32"
@@ -146,6 +155,16 @@ class LossConfig:
     """Score local rows against all gathered columns (O(local x global) memory)."""
     gather_with_grad: bool = True
     """Backpropagate through the feature all-gather (needed for exact gradients with local_loss)."""
+    positives: str = "pair"
+    """clip/siglip positives: pair (own title only), category (same category_id) or tags (a shared tag)."""
+    bidir: bool = False
+    """siglip: pass text features around the ring of ranks instead of all-gathering them."""
+    align_weight: float = 1.0
+    """align_uniform: weight of the alignment term."""
+    uniform_weight: float = 1.0
+    """align_uniform: weight of the uniformity term."""
+    uniform_t: float = 2.0
+    """align_uniform: uniformity temperature t in log mean exp(-t ||x - y||^2)."""
 
 
 @dataclass
@@ -338,6 +357,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("loss.name", lo.name, LOSSES)
     _choice("loss.backend", lo.backend, BACKENDS)
+    _choice("train.accumulation", t.accumulation, ACCUMULATIONS)
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={t.zero_stage} is not valid; choose one of: 0, 1, 2, 3")
     positive = {"train.max_steps": t.max_steps, "train.micro_batch_size": t.micro_batch_size,
@@ -362,9 +382,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
                           "(write synthetic ones with python -m vutrain.data.synthetic)")
     if t.precision == "fp16" and not cuda_available:
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 or fp32")
-    if lo.backend == "triton" and lo.name != "clip":
-        raise ConfigError(f"loss.backend=triton implements loss.name=clip only (got {lo.name!r}); "
-                          "use loss.backend=torch or auto")
+    _validate_loss(lo)
     if e.every > 0 and not d.val_shards:
         raise ConfigError("eval.every>0 needs data.val_shards; set it or eval.every=0")
     if m.lock_image and m.lock_text and not m.lora.enabled:
@@ -378,6 +396,28 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         raise ConfigError(f"train.ds_config={t.ds_config!r} does not exist (templates: launch/ds_configs/)")
     if "{}" not in "".join(e.templates):
         raise ConfigError("eval.templates must contain '{}' where the class name goes")
+
+
+def _validate_loss(lo: LossConfig) -> None:
+    """Choices, keys that do not apply to the chosen loss, and what the triton backend supports."""
+    _choice("loss.positives", lo.positives, POSITIVES)
+    defaults = LossConfig()
+    for key, names in LOSS_KEYS_APPLY_TO.items():
+        if lo.name not in names and getattr(lo, key) != getattr(defaults, key):
+            raise ConfigError(f"loss.{key}={getattr(lo, key)!r} does not apply to loss.name={lo.name} "
+                              f"(only to {', '.join(names)}); remove it or change loss.name")
+    if lo.uniform_t <= 0:
+        raise ConfigError(f"loss.uniform_t must be > 0, got {lo.uniform_t}")
+    if lo.backend == "triton":
+        if lo.name == "align_uniform":
+            raise ConfigError("loss.backend=triton implements loss.name=clip and siglip only (got "
+                              "'align_uniform'); use loss.backend=torch or auto")
+        if lo.positives != "pair":
+            raise ConfigError(f"loss.backend=triton does not support loss.positives={lo.positives}; "
+                              "use loss.backend=torch or loss.positives=pair")
+        if lo.bidir:
+            raise ConfigError("loss.backend=triton gathers the texts (its kernel never builds the "
+                              "logits); set loss.bidir=false or loss.backend=torch")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ from vutrain.config import RunConfig, save_config
 from vutrain.distributed import DistInfo, barrier
 from vutrain.ds_config import build_ds_config
 from vutrain.evaluate import evaluate
-from vutrain.losses import build_loss
+from vutrain.losses import build_loss_from_config
 from vutrain.metrics import MetricsWriter
 from vutrain.model import build_model, count_parameters, tokenizer_and_processor
 from vutrain.optim import build_optimizer, param_groups
@@ -97,9 +97,7 @@ class Trainer:
             optimizer, scheduler = build_optimizer(module, cfg.train)
             self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                         lr_scheduler=scheduler, config=ds_config)
-        self.loss_fn = build_loss(cfg.loss.name, rank=info.rank, world_size=info.world_size,
-                                  backend=cfg.loss.backend, local_loss=cfg.loss.local_loss,
-                                  gather_with_grad=cfg.loss.gather_with_grad)
+        self.loss_fn = build_loss_from_config(cfg.loss, rank=info.rank, world_size=info.world_size)
         # The torch loss upcasts bf16/fp16 features to fp32 (a bf16 logits matrix loses the label
         # term); the Triton kernels take them as they are and accumulate in fp32 themselves.
         self.upcast_features = not (cfg.loss.backend in ("triton", "auto") and self.device.type == "cuda")
@@ -108,7 +106,8 @@ class Trainer:
                                   world_size=info.world_size, num_workers=d.num_workers, seed=cfg.seed,
                                   caption_template=d.caption_template, shuffle_buffer=d.shuffle_buffer,
                                   resampled=d.resampled, num_samples=d.num_samples or None,
-                                  local_world_size=info.local_world_size, prefetch_factor=d.prefetch_factor)
+                                  local_world_size=info.local_world_size, prefetch_factor=d.prefetch_factor,
+                                  positives=cfg.loss.positives)
         self.pixel_transform = make_device_transform(self.processor, d.random_resized_crop, seed=cfg.seed,
                                                      rank=info.rank, position=lambda: self.stream.batches_seen)
         if d.val_shards:  # a typo in the eval path must fail now, not at the first eval
@@ -178,6 +177,8 @@ class Trainer:
 
     def train_step(self) -> tuple[StepTimes, bool]:
         """One optimizer step of grad_accum_steps micro-batches. Returns (timings, stop requested)."""
+        if self.cfg.train.accumulation == "gradcache" and self.cfg.train.grad_accum_steps > 1:
+            return self._gradcache_step()
         times, engine = StepTimes(), self.engine
         losses, stop = [], False
         for _ in range(self.cfg.train.grad_accum_steps):
@@ -192,7 +193,9 @@ class Trainer:
             t2 = time.perf_counter()
             if self.upcast_features:
                 img, txt = img.float(), txt.float()
-            loss = self.loss_fn(img, txt, scale.float(), None if bias is None else bias.float())
+            # loss.positives=category|tags: the batch carries this rank's multi-positive labels
+            extra = {"labels": batch["labels"].to(self.device)} if "labels" in batch else {}
+            loss = self.loss_fn(img, txt, scale.float(), None if bias is None else bias.float(), **extra)
             self._sync()
             t3 = time.perf_counter()
             mean_loss, nonfinite, stop_now = self._agree(loss)
@@ -222,6 +225,54 @@ class Trainer:
                         "train/logit_scale": scale.detach().float().item()}
         if self.loss_fn.last_terms:  # align_uniform's two terms
             times.values.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
+        return times, stop
+
+    def _gradcache_step(self) -> tuple[StepTimes, bool]:
+        """train.accumulation=gradcache: one loss over every micro-batch of the step (gradcache.py)."""
+        from vutrain.gradcache import GradCache
+        from vutrain.losses.positives import concat_labels
+        times, t0 = StepTimes(), time.perf_counter()
+        batches = []
+        for _ in range(self.cfg.train.grad_accum_steps):
+            batch = next(self.stream)
+            # Transformed once, right after drawing: both forwards of GradCache see the same pixels,
+            # and each micro-batch gets its own crop position.
+            batch["pixel_values"] = self.pixel_transform(batch["pixel_values"], self.device, self.dtype)
+            batches.append(batch)
+        labels = None
+        if "labels" in batches[0]:  # loss.positives=category|tags: the whole step's labels
+            labels = concat_labels([b["labels"] for b in batches]).to(self.device)
+        t1 = time.perf_counter()
+
+        def forward(batch):
+            img, txt, scale, bias = self.engine(
+                pixel_values=batch["pixel_values"],
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=batch["attention_mask"].to(self.device))
+            if self.upcast_features:
+                img, txt = img.float(), txt.float()
+            return img, txt, scale.float(), None if bias is None else bias.float()
+
+        def loss_fn(img, txt, scale, bias):
+            times.values["train/logit_scale"] = scale.detach().item()
+            return self.loss_fn(img, txt, scale, bias, **({"labels": labels} if labels is not None else {}))
+
+        cache = GradCache(self.engine, forward, loss_fn)
+        loss = cache.forward(batches)
+        t2 = time.perf_counter()
+        mean_loss, nonfinite, stop = self._agree(loss)
+        times.data, times.forward = t1 - t0, t2 - t1
+        if nonfinite:  # every rank skips the whole step; the engine's micro-step count is untouched
+            self.nonfinite_in_row += 1
+            log.warning("non-finite loss at step %d (%d in a row): step skipped", self.step + 1,
+                        self.nonfinite_in_row)
+            times.values["train/loss"] = float("nan")
+            return times, stop
+        self.nonfinite_in_row = 0
+        cache.backward()
+        times.backward = time.perf_counter() - t2
+        times.values["train/loss"] = mean_loss
+        times.values.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
         return times, stop
 
     def _log_step(self, times: StepTimes, step_time: float) -> None:

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import render_caption, template_fields
 from .epoch_plan import auto_num_workers, first_batch_of_worker, shuffle_buffer, worker_shards
+from .labels import POSITIVES, collate_labels, sample_label
 from .preprocess import make_preprocess
 from .samples import SkipCounter, SkipSample, decode_sample, decode_sample_bytes, iter_raw_samples
 from .shards import count_samples, expand_shards
@@ -92,9 +93,9 @@ class _WorkerBatches:
     """The batches of one logical worker, from batch ``g0`` on (runs inside a DataLoader worker)."""
 
     def __init__(self, plan: _Plan, shards: list[str], preprocess, tokenize, worker: int,
-                 resume: dict | None):
+                 resume: dict | None, positives: str = "pair"):
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
-        self.worker, self.resume = worker, resume
+        self.worker, self.resume, self.positives = worker, resume, positives
         self.skipped = SkipCounter(resume["skipped"] if resume else {})
 
     def _raw_pass(self, urls: Iterator[str]) -> Iterator[dict]:
@@ -136,16 +137,16 @@ class _WorkerBatches:
 
         yield from shuffle_buffer(raw(), p.shuffle_buffer, random.Random(f"samples/{tag}"))
 
-    def _decode(self, raw: dict) -> tuple[torch.Tensor, str] | None:
+    def _decode(self, raw: dict) -> tuple[torch.Tensor, str, object] | None:
         try:
             if getattr(self.preprocess, "reads_bytes", False):  # the fast path decodes itself
-                data, caption, _ = decode_sample_bytes(raw, self.plan.caption_template)
+                data, caption, meta = decode_sample_bytes(raw, self.plan.caption_template)
                 try:
-                    return self.preprocess(data), caption
+                    return self.preprocess(data), caption, sample_label(meta, self.positives)
                 except SkipSample as e:
                     raise SkipSample(e.reason, f"{raw['__key__']}: {e}") from None
-            image, caption, _ = decode_sample(raw, self.plan.caption_template)
-            return self.preprocess(image), caption
+            image, caption, meta = decode_sample(raw, self.plan.caption_template)
+            return self.preprocess(image), caption, sample_label(meta, self.positives)
         except SkipSample as e:
             self.skipped(e.reason, str(e))
         except Exception as e:  # a preprocessing failure must not stop training; count it
@@ -168,7 +169,7 @@ class _WorkerBatches:
                 next(samples)
             self.skipped.muted = False
             while g < (epoch + 1) * p.steps_per_epoch:
-                pixels, captions, failures = [], [], 0
+                pixels, captions, labels, failures = [], [], [], 0
                 while len(pixels) < p.batch_size:
                     decoded = self._decode(next(samples))
                     drawn += 1
@@ -182,8 +183,11 @@ class _WorkerBatches:
                     failures = 0
                     pixels.append(decoded[0])
                     captions.append(decoded[1])
+                    labels.append(decoded[2])
                 batch = dict(self.tokenize(captions))
                 batch["pixel_values"] = collate_pixels(pixels)
+                if self.positives != "pair":  # loss.positives: category / tags
+                    batch["labels"] = collate_labels(labels, self.positives)
                 batch["_tag"] = {"worker": w, "epoch": epoch, "drawn": drawn, "batch": g,
                                  "skipped": dict(self.skipped)}
                 yield batch
@@ -212,16 +216,18 @@ def collate_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
 class _TrainIterable(IterableDataset):
     """Maps DataLoader worker ids to logical workers, rotated so the round robin resumes in place."""
 
-    def __init__(self, plan: _Plan, shards, preprocess, tokenize, next_batch: int, workers: dict):
+    def __init__(self, plan: _Plan, shards, preprocess, tokenize, next_batch: int, workers: dict,
+                 positives: str = "pair"):
         super().__init__()
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
-        self.next_batch, self.workers = next_batch, workers
+        self.next_batch, self.workers, self.positives = next_batch, workers, positives
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.next_batch) % self.plan.workers
         resume = {"next_batch": self.next_batch, **self.workers.get(logical, {"skipped": {}})}
-        return iter(_WorkerBatches(self.plan, self.shards, self.preprocess, self.tokenize, logical, resume))
+        return iter(_WorkerBatches(self.plan, self.shards, self.preprocess, self.tokenize, logical, resume,
+                                   self.positives))
 
 
 class _Cursor:
@@ -270,6 +276,8 @@ class TrainStream:
         shuffle_buffer: samples held by each worker's shuffle buffer (<= 1 disables).
         shard_shuffle: reshuffle the shard order every epoch with (seed, epoch).
         resampled: draw shards with replacement per worker (no shard-count requirement).
+        positives: "pair" (default), "category" or "tags": batches then also carry "labels"
+            (LongTensor [B] or [B, T]; see labels.py) for the multi-positive losses.
         num_samples: samples per epoch over all ranks; default from sizes.json / __len__ /
             *_stats.json next to the shards.
         local_world_size: ranks on this node (sizes the auto worker count).
@@ -281,8 +289,10 @@ class TrainStream:
                  batch_size: int, rank: int, world_size: int, num_workers: int, seed: int,
                  caption_template: str = "{title}", shuffle_buffer: int = 1000, shard_shuffle: bool = True,
                  resampled: bool = False, num_samples: int | None = None, local_world_size: int = 1,
-                 prefetch_factor: int = 2, pin_memory: bool | None = None):
+                 prefetch_factor: int = 2, pin_memory: bool | None = None, positives: str = "pair"):
         template_fields(caption_template)  # unknown placeholder -> ValueError now, not in a worker
+        if positives not in POSITIVES:
+            raise ValueError(f"loss.positives={positives!r} is not valid; choose one of {', '.join(POSITIVES)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or num_workers < -1 or prefetch_factor < 1:
@@ -315,6 +325,7 @@ class TrainStream:
         self.num_workers, self.preprocess, self.tokenize = num_workers, preprocess, tokenize
         self.prefetch_factor = prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.positives = positives
         self._cursor = _Cursor()
         self._iterator: Iterator[Batch] | None = None
         self._generators: weakref.WeakSet = weakref.WeakSet()
@@ -345,7 +356,7 @@ class TrainStream:
     def _loader(self) -> Iterator[dict]:
         workers = {w: dict(v) for w, v in self._cursor.workers.items()}
         dataset = _TrainIterable(self.plan, self.shards, self.preprocess, self.tokenize,
-                                 self._cursor.next_batch, workers)
+                                 self._cursor.next_batch, workers, self.positives)
         if self.num_workers == 0:
             return iter(dataset)
         if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
