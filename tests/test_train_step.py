@@ -73,6 +73,7 @@ def _run_both(rank: int, world: int, shards: dict, tmp: str) -> dict:
     return out
 
 
+@pytest.mark.slow  # spawns 2 rank processes
 def test_nonfinite_microbatch_contributes_zero_with_accumulation(synthetic_shards, tmp_path):
     results = run_distributed(_run_both, 2, synthetic_shards, str(tmp_path), init_process_group=False,
                               timeout_s=600)

@@ -10,7 +10,6 @@ reads losses only on logging steps.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -24,14 +23,12 @@ import torch
 from vutrain import checkpoint as ckpt
 from vutrain.config import RunConfig, save_config
 from vutrain.distributed import DistInfo, all_reduce, barrier
-from vutrain.ds_config import build_ds_config
+from vutrain.engine import build_engine
 from vutrain.evaluate import Evaluator
 from vutrain.losses import build_loss
 from vutrain.metrics import MetricsWriter
 from vutrain.model import build_model, count_parameters, tokenizer_and_processor
 from vutrain.nonfinite import GuardStats, NonFiniteGuard
-from vutrain.optim import build_optimizer, param_groups
-from vutrain.param_alignment import warn_if_misaligned
 
 log = logging.getLogger("vutrain")
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", which the SLURM scripts turn into a requeue
@@ -132,26 +129,13 @@ class Trainer:
 
     def _build_engine(self) -> tuple[int, int]:
         """The model under DeepSpeed, parameters aligned; returns (trainable, total) parameter counts."""
-        import deepspeed
         cfg = self.cfg
         siglip = cfg.loss.name == "siglip"
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
         module = build_model(cfg.model, self.tokenizer, use_bias=siglip,
                              init_scale=math.log(10.0) if siglip else None)
         counts = count_parameters(module)
-        ds_config = build_ds_config(cfg.train, self.info.world_size)
-        kwargs = {"config": ds_config}
-        if self.device.type == "cuda":
-            # DeepSpeed picks its device from LOCAL_RANK unless told; VUTRAIN_DEVICE may differ.
-            kwargs["args"] = argparse.Namespace(device_rank=self.device.index,
-                                                local_rank=self.info.local_rank)
-            module.to(self.device)  # the fused AdamW checks its parameters' device when built
-        if "optimizer" in ds_config:  # the user's ds_config brings its own (e.g. CPU-offload Adam)
-            kwargs["model_parameters"] = param_groups(module, cfg.train.weight_decay)
-        else:
-            kwargs["optimizer"], kwargs["lr_scheduler"] = build_optimizer(module, cfg.train, self.device)
-        self.engine, _, _, _ = deepspeed.initialize(model=module, **kwargs)
-        warn_if_misaligned(self.engine.module, cfg.train.zero_stage)
+        self.engine = build_engine(module, cfg.train, self.info.world_size, self.device, self.info.local_rank)
         return counts
 
     def _build_loss(self) -> None:
