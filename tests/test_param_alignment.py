@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers_dist import run_distributed
 
 STAGES, PRECISIONS = (1, 2, 3), ("fp32", "bf16")
@@ -73,7 +72,8 @@ def _check(stage: int, precision: str, world: int) -> dict:
 def _all_configs(rank: int, world: int) -> dict:
     from vutrain.distributed import init_distributed, resolve_dist_env
     init_distributed(resolve_dist_env())
-    return {(stage, precision): _check(stage, precision, world) for stage in STAGES for precision in PRECISIONS}
+    return {(stage, precision): _check(stage, precision, world)
+            for stage in STAGES for precision in PRECISIONS}
 
 
 @pytest.mark.slow  # spawns 2 rank processes

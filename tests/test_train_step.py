@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import train_runner as tr
 from helpers_dist import run_distributed
