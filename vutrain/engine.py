@@ -23,6 +23,10 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     """`deepspeed.initialize` for `module` on `device`; returns the engine."""
     import deepspeed
     ds_config = build_ds_config(cfg, world_size)
+    if device.type == "cuda" and not _nccl_on_cuda():
+        # gloo on CUDA tensors (VUTRAIN_DIST_BACKEND=cuda:gloo: two ranks on one GPU) all-reduces
+        # but does not reduce(-scatter); ZeRO-1/2 then reduce gradients with all-reduce.
+        ds_config["zero_optimization"].setdefault("reduce_scatter", False)
     kwargs: dict = {"config": ds_config}
     if device.type == "cuda":
         kwargs["args"] = argparse.Namespace(device_rank=device.index, local_rank=local_rank)
@@ -34,3 +38,11 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     engine, _, _, _ = deepspeed.initialize(model=module, **kwargs)
     warn_if_misaligned(engine.module, cfg.zero_stage)
     return engine
+
+
+def _nccl_on_cuda() -> bool:
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return True  # one process, nothing to reduce
+    backend = str(dist.get_backend())
+    return backend == "nccl" or "cuda:nccl" in backend
