@@ -18,8 +18,23 @@ import pytest
 import torch
 import train_runner as tr
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_device_and_backend_resolution_and_overrides():
+    """CPU-side: the defaults per device and the VUTRAIN_DEVICE / VUTRAIN_DIST_BACKEND overrides."""
+    from vutrain.distributed import CUDA_BACKEND, resolve_device, resolve_dist_env
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    if not torch.cuda.is_available():
+        assert resolve_device(1, env) == ("cpu", "gloo")
+    assert resolve_device(1, dict(env, VUTRAIN_DEVICE="cuda:0")) == ("cuda:0", CUDA_BACKEND)
+    assert resolve_device(1, dict(env, VUTRAIN_DEVICE="cuda")) == ("cuda:1", CUDA_BACKEND)
+    shared = dict(env, VUTRAIN_DEVICE="cuda:0", VUTRAIN_DIST_BACKEND="cuda:gloo")
+    info = resolve_dist_env(shared)
+    assert (info.rank, info.device, info.backend) == (1, "cuda:0", "cuda:gloo")
+    with pytest.raises(RuntimeError, match="has no CUDA backend"):
+        resolve_device(0, dict(env, VUTRAIN_DEVICE="cuda:0", VUTRAIN_DIST_BACKEND="cpu:gloo"))
+    with pytest.raises(RuntimeError, match="is not a device"):
+        resolve_device(0, dict(env, VUTRAIN_DEVICE="gpu0"))
 
 
 def _run(overrides: list[str]) -> subprocess.CompletedProcess:
@@ -30,6 +45,9 @@ def _run(overrides: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tr.REPO)
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_one_gpu_cuda_only_group(stage, synthetic_shards, tmp_path):
     run_dir = str(tmp_path / "run")

@@ -10,7 +10,8 @@ else the CPU. On CUDA the group is device-mapped, `cpu:gloo,cuda:nccl`: tensor c
 the GPU through NCCL, while object collectives and barriers keep a CPU path. Two environment
 variables override the choice (e.g. to run two ranks on one GPU, which NCCL refuses):
 
-    VUTRAIN_DEVICE=cuda:0             every rank of this node on GPU 0 (or `cpu`)
+    VUTRAIN_DEVICE=cuda:0             every rank of this node on GPU 0 (`cpu` on a GPU machine
+                                      also needs DS_ACCELERATOR=cpu for DeepSpeed)
     VUTRAIN_DIST_BACKEND=cuda:gloo    any torch.distributed backend string, device-mapped or not
 """
 from __future__ import annotations
@@ -130,7 +131,7 @@ def resolve_device(local_rank: int, env=None) -> tuple[str, str]:
         use_cuda = local_rank < torch.cuda.device_count()
         device = f"cuda:{local_rank}" if use_cuda else "cpu"
     backend = env.get(BACKEND_ENV, "").strip() or (CUDA_BACKEND if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda") and "cuda" not in backend and "nccl" not in backend:
+    if device.startswith("cuda") and backend.startswith("cpu:") and "cuda:" not in backend:
         raise RuntimeError(f"{BACKEND_ENV}={backend!r} has no CUDA backend but the device is {device}: "
                            "use e.g. cuda:gloo or cpu:gloo,cuda:nccl")
     return device, backend
