@@ -19,7 +19,6 @@ import torch
 import train_runner as tr
 
 
-
 def test_device_and_backend_resolution_and_overrides():
     """CPU-side: the defaults per device and the VUTRAIN_DEVICE / VUTRAIN_DIST_BACKEND overrides."""
     from vutrain.distributed import CUDA_BACKEND, resolve_device, resolve_dist_env
