@@ -42,7 +42,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     padded[: x.shape[0]] = x
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
 
 
 def gather_objects(items: list) -> list:
