@@ -26,7 +26,8 @@ def _trainer(rank: int, shards: dict, run_dir: str):
     overrides = tr.base_overrides(shards, run_dir, STEPS, data__val_shards="", data__num_workers=0,
                                   train__micro_batch_size=8, train__grad_accum_steps=ACCUM,
                                   train__checkpoint_every=0, train__resume="never", train__warmup_steps=0,
-                                  train__lr=1e-2, train__zero_stage=2)
+                                  train__lr=1e-2, train__zero_stage=2,
+                                  train__accumulation="plain")  # per-micro-batch losses
     return Trainer(load_config(tr.TINY, overrides), resolve_dist_env())
 
 
