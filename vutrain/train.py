@@ -27,27 +27,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_shard_lists(cfg, log_warnings: bool) -> None:
+    """Every shard a brace range names must exist (before any process group: fails in a second).
+
+    With data.allow_missing_shards the spec is replaced by the list of shards that exist, so the
+    data pipeline and the saved config.yaml name exactly what is read.
+    """
+    from vutrain.data.shards import check_shards
+    d = cfg.data
+    for key in ("train_shards", "val_shards"):
+        spec = getattr(d, key)
+        if key == "val_shards" and not spec:
+            continue
+        found, missing = check_shards(spec, f"data.{key}", d.allow_missing_shards)
+        if missing:
+            if log_warnings:
+                logging.getLogger("vutrain").warning(
+                    "data.%s: %d of %d shards do not exist (accepted: data.allow_missing_shards=true); "
+                    "first missing: %s", key, len(missing), len(found) + len(missing), missing[0])
+            setattr(d, key, "::".join(found))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)  # fails here, before any process group
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    from vutrain.data.shards import ShardListError
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
-    from vutrain.trainer import PREEMPT_EXIT_CODE, Preempted, Trainer
 
     info = resolve_dist_env(local_rank_arg=args.local_rank)
+    # Errors found before the process group exists: every rank finds the same one, rank 0 says it
+    # (ranks on other nodes too, since they may see another filesystem), the rest exit quietly.
+    speaks = info.rank == 0 or info.local_world_size < info.world_size
+    try:
+        cfg = load_config(args.config, args.overrides)  # fails here, before any process group
+        check_shard_lists(cfg, log_warnings=info.rank == 0)
+    except ConfigError as exc:
+        if speaks:
+            print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except ShardListError as exc:
+        if speaks:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from vutrain import startup_errors
+    from vutrain.trainer import PREEMPT_EXIT_CODE, Preempted, Trainer
+
     if info.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs; every rank logs warnings/errors
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     init_distributed(info)
+    trainer = None
     try:
         trainer = Trainer(cfg, info)
+        start_step = trainer.step
         trainer.train()
     except Preempted:
         return PREEMPT_EXIT_CODE
+    except Exception as exc:  # noqa: BLE001 - before the first step: one line, once (startup_errors.py)
+        if trainer is not None and trainer.step > start_step:
+            raise
+        return startup_errors.report(exc, info.rank, info.world_size, cfg.output_dir)
     finally:
         cleanup()
     return 0

@@ -122,16 +122,28 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
+        """The trainer's own state (JSON-able): step, data stream position, non-finite streak."""
         return {"step": self.step, "data": self.stream.state_dict(), "nonfinite_in_row": self.nonfinite_in_row}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (as read back from the checkpoint's JSON)."""
         self.step = int(state["step"])
         self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.stream.load_state_dict(state["data"])
 
     def _maybe_resume(self) -> None:
-        target = ckpt.resolve_resume(self.cfg.train.resume, self.run_dir)
+        """Load the newest complete checkpoint (see vutrain/checkpoint.py), or start afresh.
+
+        Metrics rows past the resumed step (or every row, on a fresh start over a killed run's
+        metrics.jsonl) move to metrics.discarded.jsonl, so each step appears once.
+        """
+        resume = self.cfg.train.resume
+        target = ckpt.resolve_resume(resume, self.run_dir, verbose=self.info.is_main)
         if target is None:
+            if resume == "never" and self.info.is_main:
+                ckpt.move_aside(self.run_dir)
+            self.metrics.truncate_after(0)
+            barrier()
             return
         state = ckpt.load_checkpoint(self.engine, *target, rank=self.info.rank)
         self.load_state_dict(state)
@@ -139,6 +151,7 @@ class Trainer:
         log.info("resuming at step %d from %s/%s", self.step, *target)
 
     def save(self) -> None:
+        """Checkpoint on every rank (collective): written under a temporary name, then published."""
         ckpt.save_checkpoint(self.engine, self.run_dir, self.step, self.state_dict(), self.info.rank,
                              self.cfg.train.keep_checkpoints)
 

@@ -1,0 +1,122 @@
+"""An error on any rank before the first step: one line, printed once by rank 0, within seconds.
+
+Without this, the rank that hit the error dies with its traceback while the others block in a
+collective until the peer's socket closes (or the collective times out), each printing its own
+"Connection closed by peer" traceback, and the real message is buried among them.
+
+The agreement runs over the process group's TCP store (hosted by rank 0), not over a collective:
+
+* A rank with an error of its own posts the one-line message (the first one wins), then destroys
+  its process group, so a peer blocked in a collective with it fails at once instead of after
+  the collective timeout.
+* Rank 0 prints its own message, or, when its error only says that a peer went away, waits a few
+  seconds for the peer's message and prints that. It then acknowledges and waits (briefly) until
+  the other ranks have read the acknowledgement, since its exit stops the store.
+* Other ranks stay quiet once rank 0 acknowledged; if it never does (rank 0 killed, another node),
+  a rank with an error of its own prints it itself, so a message is never lost.
+
+Every rank writes its full traceback to RUN/logs/error_rank{R}.log for whoever needs it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+
+import torch.distributed as dist
+
+ERROR_KEY = "vutrain/startup_error"
+ACK_KEY = "vutrain/startup_error_ack"
+EXITED_KEY = "vutrain/startup_error_exited"
+PEER_WAIT_S = 10.0
+EXIT_CODE = 1
+# Messages torch/gloo/NCCL give when the failure is another rank's, not this one's.
+_PEER_PHRASES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "connection refused",
+                 "Socket Timeout", "NCCL communicator was aborted", "recvBytes", "sendBytes")
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception as one line; the type is named unless it is one of ours with its own wording."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    ours = type(exc).__module__.startswith("vutrain") or type(exc).__name__ in ("ConfigError", "ShardListError")
+    return text if ours else f"{type(exc).__name__}: {text}"
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True when the exception only reports that another rank went away."""
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(p.lower() in text.lower()
+                                                                         for p in _PEER_PHRASES)
+
+
+def _write_traceback(exc: BaseException, run_dir: str | None, rank: int) -> str | None:
+    if not run_dir:
+        return None
+    try:
+        os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+        path = os.path.join(run_dir, "logs", f"error_rank{rank}.log")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        return path
+    except OSError:
+        return None
+
+
+def _print(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _get(store, key: str, timeout_s: float) -> str | None:
+    try:
+        store.wait([key], datetime.timedelta(seconds=timeout_s))
+        return store.get(key).decode()
+    except Exception:  # noqa: BLE001 - timeout or store gone: the caller decides what to print
+        return None
+
+
+def report(exc: BaseException, rank: int, world_size: int, run_dir: str | None = None) -> int:
+    """Print `exc` the agreed way (see module docstring) and return the exit code to use."""
+    _write_traceback(exc, run_dir, rank)
+    own = not is_peer_failure(exc)
+    message = one_line(exc)
+    store = None
+    if world_size > 1 and dist.is_initialized():
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - no store: every rank speaks for itself below
+            store = None
+    if store is None:
+        if rank == 0 or own:
+            _print(message if rank == 0 else f"rank {rank}: {message}")
+        return EXIT_CODE
+    if own:
+        try:
+            store.compare_set(ERROR_KEY, "", message if rank == 0 else f"rank {rank}: {message}")
+        except Exception:  # noqa: BLE001
+            pass
+    try:  # unblock peers waiting in a collective with this rank
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+    if rank == 0:
+        shown = message if own else (_get(store, ERROR_KEY, PEER_WAIT_S)
+                                     or f"another rank stopped during start-up ({message}); see its log")
+        _print(shown)
+        try:
+            store.set(ACK_KEY, "1")
+            deadline = time.monotonic() + PEER_WAIT_S
+            while store.add(EXITED_KEY, 0) < world_size - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001
+            pass
+        return EXIT_CODE
+    acked = _get(store, ACK_KEY, PEER_WAIT_S) is not None
+    if own and not acked:
+        _print(f"rank {rank}: {message}")
+    try:
+        store.add(EXITED_KEY, 1)
+    except Exception:  # noqa: BLE001
+        pass
+    return EXIT_CODE
