@@ -76,10 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs; every rank logs warnings/errors
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     init_distributed(info)
-    trainer = None
+    trainer, start_step = None, None
+
+    def starting() -> bool:
+        return trainer is None or trainer.step == start_step
+
+    if info.rank == 0:
+        startup_errors.watch(info.world_size, starting)
     try:
-        trainer = Trainer(cfg, info)
-        start_step = trainer.step
+        built = Trainer(cfg, info)
+        start_step = built.step
+        trainer = built  # only now: the watcher reads (trainer, start_step) from another thread
         trainer.train()
     except Preempted:
         return PREEMPT_EXIT_CODE
