@@ -183,7 +183,8 @@ def is_placeholder(body: bytes) -> bool:
 
     The placeholder is a light grey field with a darker grey pictogram, so (on a 32x24 thumbnail
     of it) every pixel is grey (channels within a few levels of each other, JPEG noise allowed),
-    one grey level (mid to light, not white) covers most of the picture, and few levels are used. A real thumbnail,
+    one grey level (mid to light, not white) covers most of the picture, and few levels are
+    used. A real thumbnail,
     even a black-and-white one, has texture that spreads its levels.
     """
     try:

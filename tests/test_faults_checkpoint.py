@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import time
 
 import numpy as np
 import pytest
 import torch
-
 import train_runner as tr
+
 from vutrain import checkpoint as ckpt
 from vutrain.metrics import MetricsWriter, read_metrics
 
@@ -68,6 +69,12 @@ def test_no_usable_checkpoint_is_one_line_error_naming_files(tmp_path):
     assert "step_00000002/trainer_state_rank0.json is missing" in message and "train.resume=never" in message
     assert ckpt.resolve_resume("never", str(tmp_path)) is None
     assert ckpt.resolve_resume("auto", str(tmp_path / "fresh")) is None  # nothing there: start afresh
+    shutil.rmtree(tag)  # every checkpoint deleted, `latest` still names one: not a fresh run either
+    with pytest.raises(ckpt.CheckpointError, match="'latest' names step_00000002, which is gone"):
+        ckpt.resolve_resume("auto", str(tmp_path))
+    os.remove(os.path.join(ckpt_dir, "latest"))
+    os.makedirs(os.path.join(ckpt_dir, "step_00000002.tmp"))  # killed during the very first save
+    assert ckpt.resolve_resume("auto", str(tmp_path)) is None
 
 
 def test_trainer_state_is_json_and_tensors_without_pickle(tmp_path, monkeypatch):
@@ -102,7 +109,8 @@ def test_metrics_truncate_moves_lost_rows_and_torn_line(tmp_path):
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
     discarded = [json.loads(line) for line in open(tmp_path / "metrics.discarded.jsonl")]
     assert [r.get("step") for r in discarded] == [4, 5, None]
-    assert discarded[-1]["torn_line"].startswith('{"step": 6') and discarded[0]["discarded_at_resume_from"] == 3
+    assert discarded[-1]["torn_line"].startswith('{"step": 6')
+    assert discarded[0]["discarded_at_resume_from"] == 3
 
 
 def _train_rows(run_dir: str) -> list[int]:
@@ -115,12 +123,12 @@ def test_resume_after_deleted_and_truncated_checkpoints(synthetic_shards, tmp_pa
     each step once in metrics.jsonl; then every checkpoint broken: one line, no traceback;
     then train.resume=never starts afresh and keeps the old files aside."""
     run_dir = str(tmp_path / "run")
-    over = tr.base_overrides(synthetic_shards, run_dir, 6, train__checkpoint_every=2, train__keep_checkpoints=3)
+    over = tr.base_overrides(synthetic_shards, run_dir, 6, train__checkpoint_every=2,
+                             train__keep_checkpoints=3)
     first = tr.run("python", over)
     assert first.returncode == 0, tr.describe(first)
     cdir = os.path.join(run_dir, "checkpoints")
     assert sorted(ckpt.list_tags(cdir)) == ["step_00000002", "step_00000004", "step_00000006"]
-    import shutil
     shutil.rmtree(os.path.join(cdir, "step_00000006"))
     os.remove(os.path.join(cdir, "latest"))
     optim = next(f for f in os.listdir(os.path.join(cdir, "step_00000004")) if "optim_states" in f)

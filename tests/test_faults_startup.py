@@ -8,8 +8,8 @@ import os
 
 import braceexpand
 import pytest
-
 import train_runner as tr
+
 from vutrain import demo, train
 from vutrain.config import load_config
 from vutrain.data.shards import ShardListError

@@ -304,7 +304,12 @@ def prune(ckpt_dir: str, keep: int) -> list[str]:
 
 def _newest_complete(ckpt_dir: str, what: str, verbose: bool = True) -> tuple[str, str] | None:
     """(checkpoints dir, tag) of the newest complete checkpoint; logs skips; raises if none usable."""
-    skipped = [f"{t}: save interrupted (never completed)" for t in _list_tmp(ckpt_dir)]
+    interrupted = [f"{t}: save interrupted (never completed)" for t in _list_tmp(ckpt_dir)]
+    skipped = list(interrupted)
+    latest_path = os.path.join(ckpt_dir, "latest")
+    named = open(latest_path, encoding="utf-8").read().strip() if os.path.isfile(latest_path) else None
+    if named and not os.path.isdir(os.path.join(ckpt_dir, named)):
+        skipped.append(f"'latest' names {named}, which is gone")
     chosen = None
     for tag in reversed(list_tags(ckpt_dir)):
         problem = verify_tag(os.path.join(ckpt_dir, tag))
@@ -315,14 +320,12 @@ def _newest_complete(ckpt_dir: str, what: str, verbose: bool = True) -> tuple[st
     for reason in skipped if verbose else []:
         log.warning("checkpoint skipped: %s", reason)
     if chosen is None:
-        if skipped:
+        if len(skipped) > len(interrupted):  # a checkpoint was completed once: never start over silently
             raise CheckpointError(
                 f"{what}: checkpoints exist in {ckpt_dir} but none is complete ({'; '.join(skipped)}). "
                 "Point train.resume at a good checkpoint directory, or set train.resume=never to start "
                 "from scratch (the old checkpoints are moved aside, not deleted).")
         return None
-    latest_path = os.path.join(ckpt_dir, "latest")
-    named = open(latest_path, encoding="utf-8").read().strip() if os.path.isfile(latest_path) else None
     why = "the newest complete checkpoint"
     if named != chosen:
         why += f"; the 'latest' file names {named!r}" if named else "; the 'latest' file is missing"
@@ -344,7 +347,8 @@ def resolve_resume(resume: str, run_dir: str, verbose: bool = True) -> tuple[str
     if resume == "auto":
         return _newest_complete(checkpoints_dir(run_dir), "train.resume=auto", verbose)
     path = os.path.abspath(resume)
-    if os.path.isdir(path) and (TAG_RE.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, MARKER))):
+    is_tag = TAG_RE.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, MARKER))
+    if os.path.isdir(path) and is_tag:
         problem = verify_tag(path)
         if problem is not None:
             raise CheckpointError(f"train.resume={resume}: {problem}. Choose another checkpoint directory.")
@@ -382,7 +386,8 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     marker = read_marker(tag_dir)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if marker.get("world_size", world) != world:
-        raise CheckpointError(f"{tag_dir} was written by {marker['world_size']} ranks and this run has {world}: "
+        raise CheckpointError(f"{tag_dir} was written by {marker['world_size']} ranks and this run has "
+                              f"{world}: "
                               "resume with the same number of ranks, or start fresh with train.resume=never")
     state = load_trainer_state(tag_dir, rank)
     try:
@@ -393,7 +398,8 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
                               f"{str(exc).splitlines()[0] if str(exc) else ''}; point train.resume at an "
                               "older checkpoint") from exc
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {tag_dir}; point train.resume at an older checkpoint")
+        raise CheckpointError(f"DeepSpeed could not load {tag_dir}; point train.resume at an older "
+                              "checkpoint")
     set_rng_state(state.pop("rng"))
     log.info("resumed from %s at step %d", tag_dir, state["step"])
     return state

@@ -58,11 +58,13 @@ class MetricsWriter:
         return len(dropped)
 
     def write(self, step: int, values: dict) -> None:
+        """Append one row {"step": step, **values} (numbers as floats) and mirror it to TensorBoard."""
         if not self.enabled:
             return
         row = {"step": step}
         for key, value in values.items():
-            row[key] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            row[key] = float(value) if number else value
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, allow_nan=True) + "\n")
         if self._tb is not None:
@@ -71,6 +73,7 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
+        """Flush and close TensorBoard (metrics.jsonl is closed after every row)."""
         if self._tb is not None:
             self._tb.close()
 

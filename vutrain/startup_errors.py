@@ -45,7 +45,7 @@ _PEER_PHRASES = ("Connection closed by peer", "Connection reset by peer", "Broke
 def one_line(exc: BaseException) -> str:
     """The exception as one line; the type is named unless it is one of ours with its own wording."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    ours = type(exc).__module__.startswith("vutrain") or type(exc).__name__ in ("ConfigError", "ShardListError")
+    ours = type(exc).__module__.startswith("vutrain")
     return text if ours else f"{type(exc).__name__}: {text}"
 
 

@@ -60,7 +60,8 @@ def check_shards(spec: str, key: str = "data.train_shards",
         shards.extend(found)
     if missing and not allow_missing:
         raise ShardListError(
-            f"{key}: {len(missing)} of {len(shards) + len(missing)} shards do not exist: {_preview(missing)}. "
+            f"{key}: {len(missing)} of {len(shards) + len(missing)} shards do not exist: "
+            f"{_preview(missing)}. "
             f"Fix the path or brace range, or set data.allow_missing_shards=true to use the "
             f"{len(shards)} that exist.")
     return shards, missing
