@@ -277,9 +277,15 @@ def _complete(ckpt_dir: str, tag: str, step: int) -> None:
               "files": _files_and_sizes(tmp_dir)}
     _atomic_write_text(os.path.join(tmp_dir, MARKER), json.dumps(marker, indent=1))
     final = os.path.join(ckpt_dir, tag)
+    replaced = None
     if os.path.exists(final):  # the same step saved again (e.g. a resumed run over a broken tag)
-        shutil.rmtree(final)
+        # Two renames leave no checkpoint-less moment worth the name; the slow delete comes after.
+        replaced = f"{final}.replaced{TMP_SUFFIX}"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
     os.rename(tmp_dir, final)
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
     _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
 
 
