@@ -86,3 +86,16 @@ def test_missing_shard_under_deepspeed_is_one_line_from_rank_0(synthetic_shards,
                       "data.allow_missing_shards=true to use the 8 that exist."], out[-3000:]
     assert "Traceback" not in out
     assert not os.path.exists(tmp_path / "run")  # nothing started
+
+
+def test_unexpected_error_is_one_line_pointing_at_the_traceback(tmp_path, capsys):
+    from vutrain import startup_errors
+    try:
+        {}["model"]
+    except KeyError as exc:
+        code = startup_errors.report(exc, rank=0, world_size=1, run_dir=str(tmp_path))
+    lines = capsys.readouterr().err.splitlines()
+    log_path = tmp_path / "logs" / "error_rank0.log"
+    assert code != 0
+    assert lines == [f"error: KeyError: 'model' (full traceback: {log_path})"]
+    assert "Traceback" in log_path.read_text()

@@ -136,9 +136,11 @@ def watch(world_size: int, active: Callable[[], bool], poll_s: float = 0.2) -> t
 
 def report(exc: BaseException, rank: int, world_size: int, run_dir: str | None = None) -> int:
     """Print `exc` the agreed way (see module docstring) and return the exit code to use."""
-    _write_traceback(exc, run_dir, rank)
+    log_path = _write_traceback(exc, run_dir, rank)
     own = not is_peer_failure(exc)
     message = one_line(exc)
+    if log_path and not type(exc).__module__.startswith("vutrain"):  # not ours: no advice in the text
+        message += f" (full traceback: {log_path})"
     store = _default_store() if world_size > 1 and dist.is_initialized() else None
     if store is None:
         if rank == 0 or own:
