@@ -55,10 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     from vutrain.data.shards import ShardListError
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
 
-    info = resolve_dist_env(local_rank_arg=args.local_rank)
+    try:
+        info = resolve_dist_env(local_rank_arg=args.local_rank)
+    except RuntimeError as exc:  # e.g. a rank outside the world size: every rank says the same
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Errors found before the process group exists: every rank finds the same one, rank 0 says it
-    # (ranks on other nodes too, since they may see another filesystem), the rest exit quietly.
-    speaks = info.rank == 0 or info.local_world_size < info.world_size
+    # (and the first rank of every other node, which may see another filesystem); the rest exit
+    # quietly.
+    speaks = info.rank == 0 or (info.local_rank == 0 and info.local_world_size < info.world_size)
     try:
         cfg = load_config(args.config, args.overrides)  # fails here, before any process group
         check_shard_lists(cfg, log_warnings=info.rank == 0)
