@@ -105,6 +105,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_build(sub)
     _add_others(sub)
     args = parser.parse_args(argv)
+    from dataset_tools.metadata import MetadataError
+
+    try:
+        return _run(args)
+    except (MetadataError, FileNotFoundError) as err:
+        # The user's input is at fault: one line naming the file (and line), not a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    """Dispatch one parsed subcommand; returns the exit code."""
     if args.command == "build":
         from dataset_tools.build import build
 

@@ -4,7 +4,7 @@ Binds 127.0.0.1 on a free port, serves ``/vi/<video_id>/<variant>.jpg`` and stop
 (``with FakeThumbnailHost(...)`` or after ``max_lifetime`` seconds). Per-video behaviours:
 
 ok            every variant exists (maxres 1280x720, sd 640x480 and hq 480x360 letterboxed, mq 320x180)
-missing       every variant: 404 with the 120x90 placeholder JPEG as body (like YouTube)
+missing       every variant: 404 with the 120x90 grey placeholder JPEG as body (like YouTube)
 no_maxres     maxresdefault 404 + placeholder, the rest exist (also ``no_maxres_sd``)
 placeholder200  maxresdefault answers 200 with the placeholder, the rest exist
 throttle      first request 429 with ``Retry-After: 1``, then ok
@@ -12,6 +12,8 @@ error500      first request 500, then ok
 slow          sleeps ``slow_seconds`` before answering (beyond a short deadline)
 truncated     announces a Content-Length longer than the body it sends
 notimage      200 ``image/jpeg`` with an HTML body
+truncated_maxres / notimage_maxres / grey_maxres   only maxresdefault is truncated / HTML / a
+              full-size grey placeholder with status 200; the other variants exist
 huge_pixels   a valid JPEG of 3000x3000 pixels (small file)
 huge_bytes    a 2 MB body
 noai          a valid image with ``X-Robots-Tag: noai``
@@ -58,7 +60,18 @@ def render_thumbnail(video_id: str, variant: str, size: Optional[tuple] = None) 
     return out.getvalue()
 
 
-PLACEHOLDER = render_thumbnail("placeholder", "default", (120, 90))
+def render_placeholder(size: tuple = (120, 90)) -> bytes:
+    """YouTube's "no thumbnail" image: a light grey field with a darker grey pictogram."""
+    width, height = size
+    img = Image.new("RGB", (width, height), (204, 204, 204))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([width * 3 // 8, height * 3 // 8, width * 5 // 8, height * 5 // 8], fill=(150, 150, 150))
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+PLACEHOLDER = render_placeholder((120, 90))
 
 
 class FakeThumbnailHost:
@@ -147,6 +160,13 @@ class FakeThumbnailHost:
             return self._send(req, 404, PLACEHOLDER)
         if kind == "placeholder200" and variant == "maxresdefault":
             return self._send(req, 200, PLACEHOLDER)
+        if kind in ("truncated_maxres", "notimage_maxres", "grey_maxres") and variant == "maxresdefault":
+            body = self.image(video_id, variant)
+            if kind == "truncated_maxres":
+                return self._send(req, 200, body[: len(body) // 2], length=len(body))
+            if kind == "notimage_maxres":
+                return self._send(req, 200, b"<html><body>not a picture</body></html>")
+            return self._send(req, 200, render_placeholder(SIZES[variant]))
         if kind == "throttle" and first:
             return self._send(req, 429, b"slow down", "text/plain", {"Retry-After": "1"})
         if kind == "error500" and first:

@@ -1,8 +1,13 @@
 """Polite HTTP fetch of one thumbnail, and the variant ladder (maxres -> sd -> hq -> mq).
 
-``fetch_ladder`` returns the first variant that is a real, complete, decodable image. A 404 or
-YouTube's 120x90 grey placeholder falls through to the next variant; 429/5xx/timeouts/truncated
-bodies are retried with backoff on the *same* variant; anything else fails the row with a reason.
+``fetch_ladder`` returns the first variant that is a real, complete, decodable image.
+429/5xx/timeouts/truncated bodies are retried with backoff on the *same* variant first. A variant
+that is missing (404), a placeholder (YouTube's grey image, recognised by content as well as by
+its 120x90 size), not a decodable image, truncated, or over the size caps falls to the next rung;
+the row fails only when every rung failed, and the trail records each rung's reason. Two outcomes
+stop the ladder at once: the host's trouble (timeouts, 429/5xx after the retries, connection
+errors: asking for the next variant would only add load; ``build --retry-failed`` tries again
+later) and an X-Robots-Tag that disallows the image (the owner's word covers every variant).
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ ERR_TOO_MANY_PIXELS = "image larger than max_pixels"
 ERR_NOT_IMAGE = "body is not a decodable image"
 ERR_TRUNCATED = "truncated body"
 ERR_DEADLINE = "deadline exceeded"
+# Per-rung failures after which the next variant is tried (the trail's short codes).
+_NEXT_RUNG = {ERR_NOT_IMAGE: "not_image", ERR_TRUNCATED: "truncated", ERR_TOO_BIG: "too_big",
+              ERR_TOO_MANY_PIXELS: "too_many_pixels"}
 
 _CHUNK = 64 * 1024
 
@@ -170,32 +178,74 @@ def check_image(body: bytes, cfg: PolitenessConfig) -> tuple:
     return size, None
 
 
+def is_placeholder(body: bytes) -> bool:
+    """True for YouTube's "no thumbnail" image, whatever its size: flat, colourless grey.
+
+    The placeholder is a light grey field with a darker grey pictogram, so (on a 32x24 thumbnail
+    of it) every pixel is grey (channels within a few levels of each other, JPEG noise allowed),
+    one grey level (mid to light, not white) covers most of the picture, and few levels are
+    used. A real thumbnail,
+    even a black-and-white one, has texture that spreads its levels.
+    """
+    try:
+        with Image.open(io.BytesIO(body)) as img:
+            img.draft("RGB", (64, 48))
+            small = img.convert("RGB").resize((32, 24))
+    except Exception:  # noqa: BLE001 - not an image is not a placeholder
+        return False
+    pixels = list(small.getdata())
+    if max(max(p) - min(p) for p in pixels) > 16:
+        return False
+    levels: dict[int, int] = {}
+    for p in pixels:
+        levels[sum(p) // 3 // 16] = levels.get(sum(p) // 3 // 16, 0) + 1
+    counts = sorted(levels.values(), reverse=True)
+    used = sum(1 for c in counts if c > 0.02 * len(pixels))
+    return counts[0] >= 0.6 * len(pixels) and used <= 3 and 5 <= max(levels, key=levels.get) <= 14
+
+
+def _rung_failure(error: str) -> str | None:
+    """The trail code when `error` means "try the next variant", else None (stop the ladder)."""
+    for reason, code in _NEXT_RUNG.items():
+        if error.startswith(reason):
+            return code
+    return None
+
+
 def fetch_ladder(video_id: str, variants: Sequence[str], template: str, cfg: PolitenessConfig,
                  limiter: HostLimiter) -> LadderResult:
-    """Try each variant in order; the first real image wins. Placeholders never win."""
+    """Try each variant in order; the first real image wins. Placeholders never win.
+
+    On failure ``error`` is ERR_ALL_MISSING when every rung was missing or a placeholder, else the
+    first other reason (a stable key for the failure histograms); ``trail`` has every rung's code.
+    """
     result = LadderResult(body=None, error=None)
+    first_reason = None
     for variant in variants:
         url = youtube.thumbnail_url(video_id, variant, template)
         response, error, attempts = fetch_with_retries(url, cfg, limiter)
         result.attempts += attempts
-        if error is not None:
-            result.trail.append(f"{variant}:error")
-            result.error, result.url = error, url
-            return result
-        if response.status == 404:
+        if error is None and response.status == 404:
             result.trail.append(f"{variant}:404")
             continue
-        size, reason = check_image(response.body, cfg)
-        if reason is not None:
-            result.trail.append(f"{variant}:bad")
-            result.error, result.url = reason, url
-            return result
-        if size == youtube.PLACEHOLDER_SIZE and variant != "default":
+        if error is None:
+            size, error = check_image(response.body, cfg)
+        if error is not None:
+            code = _rung_failure(error)
+            result.url = url
+            if code is None:  # the host's trouble or its owner's refusal: stop here
+                result.trail.append(f"{variant}:error")
+                result.error = error
+                return result
+            result.trail.append(f"{variant}:{code}")
+            first_reason = first_reason or error
+            continue
+        if (size == youtube.PLACEHOLDER_SIZE and variant != "default") or is_placeholder(response.body):
             # YouTube sometimes serves the grey placeholder with 200: treat it as missing.
             result.trail.append(f"{variant}:placeholder")
             continue
         result.trail.append(f"{variant}:ok")
         result.body, result.variant, result.url = response.body, variant, url
         return result
-    result.error = ERR_ALL_MISSING
+    result.error = first_reason or ERR_ALL_MISSING
     return result

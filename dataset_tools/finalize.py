@@ -14,15 +14,29 @@ from dataset_tools import shards
 
 
 def finalize(folder: str) -> dict:
-    """Write sizes.json, __len__ and manifest.json; returns the manifest."""
+    """Write sizes.json, __len__ and manifest.json; returns the manifest.
+
+    Refuses (SystemExit naming the shard) when a complete shard's tar is truncated or holds
+    another number of samples than its stats say: sizes.json would otherwise promise samples
+    that are not there.
+    """
     shards.require_shards(folder)
-    sizes, entries, total = {}, [], 0
+    sizes, entries, total, problems = {}, [], 0, []
     for shard_id, name in sorted(shards.complete_shards(folder).items()):
         with open(os.path.join(folder, f"{name}_stats.json")) as f:
             stats = json.load(f)
+        problem = shards.tar_problem(os.path.join(folder, f"{name}.tar"), stats["successes"])
+        if problem:
+            problems.append((name, problem))
+            continue
         sizes[f"{name}.tar"] = stats["successes"]
         total += stats["successes"]
         entries.append({"shard": f"{name}.tar", "samples": stats["successes"], "rows": stats["count"]})
+    if problems:
+        names = " ".join(f"{n}_stats.json" for n, _ in problems)
+        raise SystemExit(f"{folder}: refusing to finalize: {'; '.join(p for _, p in problems)}. "
+                         f"Delete {names} in that folder and run the same build again to redo "
+                         f"{'that shard' if len(problems) == 1 else 'those shards'}, then finalize.")
     all_tars = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
     manifest = {"shards": entries, "num_samples": total,
                 "incomplete": [t for t in all_tars if t not in sizes],

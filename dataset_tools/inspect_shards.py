@@ -1,8 +1,9 @@
 """``inspect DIR [--verify]``: what a shard folder holds, and (with verify) whether it is sound.
 
-Verification decodes every image fully and checks every sample has its .jpg/.txt/.json, that
-the json key matches, that members are sorted, and that the tar holds exactly the rows the
-parquet calls successes. Any finding lands in ``report["corrupt"]`` (non-empty -> exit 1).
+Verification checks every tar in the folder, with stats or without: that it is whole (not
+truncated), decodes every image fully, checks every sample has its .jpg/.txt/.json, that the json
+key matches, that members are sorted, and (shards with a parquet) that the tar holds exactly the
+rows the parquet calls successes. Any finding lands in ``report["corrupt"]`` (non-empty -> exit 1).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import os
 import tarfile
 from collections import Counter
-from typing import List
+from typing import List, Optional
 
 from PIL import Image
 
@@ -20,9 +21,13 @@ from dataset_tools import shards, youtube
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
 
 
-def _verify_shard(folder: str, name: str, success_keys: set) -> List[str]:
+def _verify_shard(folder: str, name: str, success_keys: Optional[set]) -> List[str]:
+    """Findings for one tar; ``success_keys`` None for a tar without stats/parquet (no cross-check)."""
     problems: List[str] = []
     path = os.path.join(folder, f"{name}.tar")
+    whole = shards.tar_problem(path)
+    if whole:
+        return [whole]
     try:
         with tarfile.open(path, "r") as tar:
             names = [m.name for m in tar if m.isfile()]
@@ -51,7 +56,7 @@ def _verify_shard(folder: str, name: str, success_keys: set) -> List[str]:
         except Exception as err:  # noqa: BLE001 - every decoder error is corruption
             problems.append(f"{name}.tar: sample {key} image does not decode ({err})")
     in_tar = set(samples)
-    if in_tar != success_keys:
+    if success_keys is not None and in_tar != success_keys:
         extra, lost = sorted(in_tar - success_keys), sorted(success_keys - in_tar)
         problems.append(f"{name}: tar/parquet disagree (in tar only: {extra[:5]}, "
                         f"successes missing from tar: {lost[:5]})")
@@ -85,6 +90,9 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
                 report["failures_by_reason"][row.get("error_message") or row["status"]] += 1
         if verify:
             report["corrupt"] += _verify_shard(folder, name, success_keys)
+    if verify:  # tars without stats (a build that stopped mid-shard, a copy) are checked too
+        for name in report["incomplete_shards"]:
+            report["corrupt"] += _verify_shard(folder, name, None)
     dupes = [vid for vid, n in keys_seen.items() if n > 1]
     if verify and dupes:
         report["corrupt"].append(f"video ids in more than one row: {dupes[:5]}")

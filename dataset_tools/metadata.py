@@ -62,6 +62,38 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
     return files
 
 
+class MetadataError(ValueError):
+    """An input file that cannot be read; the message names the file and the line."""
+
+
+def _open_quote_line(path: str, encoding: str) -> int | None:
+    """The line where a double quote opens that is never closed (CSV quoting), if any."""
+    inside, opened = False, None
+    if path.endswith(".gz"):
+        import gzip
+        fh_ctx = gzip.open(path, "rt", encoding=encoding, errors="replace", newline="")
+    else:
+        fh_ctx = open(path, encoding=encoding, errors="replace", newline="")
+    with fh_ctx as fh:
+        for lineno, line in enumerate(fh, 1):
+            for _ in range(line.count('"')):  # "" (an escaped quote) toggles twice: no change
+                inside = not inside
+                if inside:
+                    opened = lineno
+    return opened if inside else None
+
+
+def _read_csv(path: str, encoding: str, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, encoding=encoding, **kwargs)
+    except pd.errors.ParserError as err:
+        line = _open_quote_line(path, encoding)
+        where = f"{path}:{line}" if line else path
+        detail = "a double quote opens here and is never closed" if line else " ".join(str(err).split())
+        raise MetadataError(f"{where}: cannot parse as CSV ({detail}). Fix or remove that row, "
+                            "then run the same command again.") from None
+
+
 def _read_table(path: str) -> pd.DataFrame:
     """Any tabular file as a DataFrame of strings/objects (no NaN coercion of ids)."""
     lower = path.lower()
@@ -72,11 +104,11 @@ def _read_table(path: str) -> pd.DataFrame:
     sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
     kwargs = dict(sep=sep, dtype=str, keep_default_na=False, on_bad_lines="warn")
     try:
-        return pd.read_csv(path, encoding="utf-8", **kwargs)
+        return _read_csv(path, "utf-8", **kwargs)
     except UnicodeDecodeError:
         # Several Kaggle country files are not UTF-8; latin-1 never fails and keeps every row.
         print(f"[dataset_tools] {path}: not UTF-8, reading as latin-1")
-        return pd.read_csv(path, encoding="latin-1", **kwargs)
+        return _read_csv(path, "latin-1", **kwargs)
 
 
 def _iter_json_records(path: str) -> Iterator[dict]:
@@ -89,8 +121,13 @@ def _iter_json_records(path: str) -> Iterator[dict]:
         text = f.read()
     stripped = text.lstrip()
     if stripped.startswith("["):
-        for rec in json.loads(stripped):
-            yield rec
+        try:
+            records = json.loads(stripped)
+        except ValueError as err:
+            line = getattr(err, "lineno", 1) + text[: len(text) - len(stripped)].count("\n")
+            raise MetadataError(f"{path}:{line}: not valid JSON ({getattr(err, 'msg', err)}). "
+                                "Fix that line, then run the same command again.") from None
+        yield from records
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -99,7 +136,7 @@ def _iter_json_records(path: str) -> Iterator[dict]:
         try:
             rec = json.loads(line)
         except ValueError as err:
-            raise ValueError(f"{path}:{lineno}: not a JSON line ({err}). "
+            raise MetadataError(f"{path}:{lineno}: not a JSON line ({err}). "
                              "JSONL input needs one JSON object per line.") from err
         if isinstance(rec, dict):
             yield rec

@@ -66,6 +66,36 @@ def read_tar(path: str) -> Dict[str, Dict[str, bytes]]:
     return samples
 
 
+def tar_problem(path: str, expected_samples: Optional[int] = None) -> Optional[str]:
+    """None when the tar at ``path`` is whole, else why not (one phrase naming the file).
+
+    Whole: a whole number of 512-byte blocks ending in the two zero blocks that close an archive
+    (``tarfile`` would silently read a tar cut at a member boundary), every header readable, and,
+    when ``expected_samples`` is given (the stats' successes), that many sample keys.
+    """
+    name = os.path.basename(path)
+    try:
+        size = os.path.getsize(path)
+        if size == 0 or size % 512:
+            return f"{name}: {size} bytes is not a whole number of 512-byte tar blocks (truncated)"
+        with open(path, "rb") as f:
+            f.seek(-1024, os.SEEK_END)
+            if f.read(1024) != bytes(1024):
+                return f"{name}: no end-of-archive blocks (truncated)"
+        keys = set()
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if member.isfile():
+                    if member.offset_data + member.size > size:
+                        return f"{name}: member {member.name} runs past the end of the file (truncated)"
+                    keys.add(os.path.basename(member.name).partition(".")[0])
+    except (tarfile.TarError, OSError, EOFError) as err:
+        return f"{name}: unreadable ({err})"
+    if expected_samples is not None and len(keys) != expected_samples:
+        return f"{name}: holds {len(keys)} samples, its stats say {expected_samples}"
+    return None
+
+
 def write_parquet(path: str, rows: List[dict], schema: pa.Schema) -> None:
     tmp = path + ".tmp"
     table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)

@@ -35,8 +35,10 @@ def test_expand_shards(tmp_path):
     assert expand_shards(spec) == [f"{tmp_path}/{i:02d}.tar" for i in range(3)]
     both = expand_shards(f"{tmp_path}/00.tar::pipe:cat /x/{{0..1}}.tar::s3://b/k.tar")
     assert both == [f"{tmp_path}/00.tar", "pipe:cat /x/0.tar", "pipe:cat /x/1.tar", "s3://b/k.tar"]
-    # a brace range that partly misses keeps the files that exist
-    assert len(expand_shards(f"{tmp_path}/{{00..09}}.tar")) == 3
+    # a brace range that partly misses is an error unless data.allow_missing_shards (issue 11)
+    with pytest.raises(ValueError, match="7 of 10 shards do not exist"):
+        expand_shards(f"{tmp_path}/{{00..09}}.tar")
+    assert len(expand_shards(f"{tmp_path}/{{00..09}}.tar", allow_missing=True)) == 3
     with pytest.raises(ValueError, match=r"data.train_shards matched 0 files: /nope/\{0..9\}.tar. Check the path"):
         expand_shards("/nope/{0..9}.tar")
     with pytest.raises(ValueError, match="data.val_shards matched 0 files"):

@@ -26,6 +26,8 @@ GOOD = {  # video id -> (behaviour, expected variant)
     "nomaxres001": ("no_maxres", "sddefault"), "nomaxressd1": ("no_maxres_sd", "hqdefault"),
     "placehold01": ("placeholder200", "sddefault"), "throttle001": ("throttle", "maxresdefault"),
     "error500001": ("error500", "maxresdefault"), "copyofok001": ("copy_of:okokokokok1", "maxresdefault"),
+    # issue 11: a bad top rung (HTML body, full-size grey placeholder) falls to the next one
+    "htmlmaxres1": ("notimage_maxres", "sddefault"), "greymaxres1": ("grey_maxres", "sddefault"),
 }
 BAD = {  # video id -> (behaviour, error prefix)
     "missing0001": ("missing", fetch.ERR_ALL_MISSING), "slow0000001": ("slow", fetch.ERR_DEADLINE),

@@ -14,7 +14,8 @@ BEHAVIOURS = {
     "placehold01": "placeholder200", "missing0001": "missing", "throttle001": "throttle",
     "error500001": "error500", "slow0000001": "slow", "truncated01": "truncated",
     "notimage001": "notimage", "hugepixels1": "huge_pixels", "hugebytes01": "huge_bytes",
-    "noai0000001": "noai",
+    "noai0000001": "noai", "truncmaxres": "truncated_maxres", "htmlmaxres1": "notimage_maxres",
+    "greymaxres1": "grey_maxres",
 }
 CFG = PolitenessConfig(max_connections=4, requests_per_second=0, retries=1, backoff_base=0.05,
                        backoff_max=5, deadline=1.0, max_bytes=1024 * 1024, max_pixels=2000 * 2000)
@@ -78,6 +79,28 @@ def test_slow_response_hits_deadline(host):
 def test_bad_responses_fail_with_reason(host, vid, reason):
     res = _ladder(host, vid)
     assert res.body is None and res.error.startswith(reason)
+    if reason != fetch.ERR_ROBOTS:  # a bad body falls to the next rung: every rung was tried
+        assert [t.split(":")[0] for t in res.trail] == list(VARIANTS), res.trail
+
+
+@pytest.mark.parametrize("vid,code", [
+    ("truncmaxres", "truncated"), ("htmlmaxres1", "not_image"), ("greymaxres1", "placeholder"),
+])
+def test_bad_top_rung_falls_to_the_next(host, vid, code):
+    """An HTML page served as image/jpeg, a truncated body or a full-size grey placeholder on
+    maxresdefault: the video still gets its sddefault thumbnail, and the trail says why."""
+    res = _ladder(host, vid)
+    assert res.error is None and res.variant == "sddefault", res
+    assert res.trail == [f"maxresdefault:{code}", "sddefault:ok"]
+
+
+def test_placeholder_is_recognised_by_content():
+    from dataset_tools.fake_host import render_placeholder, render_thumbnail
+    for size in ((120, 90), (480, 360), (1280, 720)):
+        assert fetch.is_placeholder(render_placeholder(size)), size
+    for vid in ("okokokokok1", "nomaxres001", "greymaxres1"):
+        assert not fetch.is_placeholder(render_thumbnail(vid, "hqdefault"))
+    assert not fetch.is_placeholder(b"<html></html>")
 
 
 def test_robots_can_be_ignored_and_user_agent_is_identifiable(host):

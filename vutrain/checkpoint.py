@@ -1,17 +1,43 @@
-"""DeepSpeed checkpoints plus the trainer's own per-rank state (step, RNG, data stream position).
+"""Checkpoints that cannot half-exist: DeepSpeed's files plus the trainer's own per-rank state.
 
-Layout: RUN/checkpoints/step_00000100/ holds DeepSpeed's files (every rank writes its ZeRO shards)
-and trainer_state_rank{R}.pt. DeepSpeed writes RUN/checkpoints/latest only after a save completes,
-so a run killed mid-save resumes from the previous complete checkpoint. The trainer's files are
-written before DeepSpeed's for the same reason.
+Format (version 1), under RUN/checkpoints/:
+
+    step_00000100/                     one complete checkpoint (the "tag")
+        <DeepSpeed's files>            mp_rank_*_model_states.pt, *_optim_states.pt (ZeRO shards
+                                       of every rank): pickles, written by engine.save_checkpoint
+        trainer_state_rank{R}.json     rank R's step, data stream position and RNG scalars (JSON)
+        trainer_state_rank{R}.safetensors  rank R's RNG tensors (torch CPU/CUDA generator states);
+                                       `.tensors.pt` (a tensor-only torch.save) without safetensors
+        COMPLETE.json                  the marker, written last: format, step, tag, world_size and
+                                       {relative path: size in bytes} of every other file
+    latest                             the newest complete tag (written by us, after the marker)
+    step_00000200.tmp/                 a save in progress, or one killed mid-write (never loaded)
+
+A save goes: every rank writes into ``<tag>.tmp`` (DeepSpeed through its ``tag`` argument, with
+``save_latest=False``), a barrier, then rank 0 lists the files and sizes, writes COMPLETE.json,
+renames ``<tag>.tmp`` to ``<tag>`` and only then rewrites ``latest`` and prunes. A kill at any point
+leaves either the previous complete checkpoints untouched or a new complete one; never a directory
+named like a checkpoint that is not one.
+
+Resume (``select_checkpoint``) scans the tags instead of trusting ``latest``: it takes the newest
+one whose marker is present and whose files all exist with the listed sizes, logs which it took and
+why each newer one was skipped, and raises a one-line ``CheckpointError`` naming the bad files when
+checkpoints exist but none is usable (``train.resume=never`` starts afresh; the old checkpoints
+are moved aside, never deleted). Retention (``prune``) counts complete checkpoints only, so the
+last complete one is never deleted.
+
+Loading the trainer's state never unpickles: JSON plus tensors (safetensors, or torch.load with
+``weights_only=True``). DeepSpeed's own files are pickles: a run directory is trusted input.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import re
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -19,57 +45,114 @@ import torch
 from vutrain.distributed import barrier
 
 log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MARKER = "COMPLETE.json"
+TMP_SUFFIX = ".tmp"
 TAG_RE = re.compile(r"^step_(\d+)$")
+TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
+# Fault injection for tests (tests/test_faults_checkpoint.py): seconds to sleep after every rank
+# wrote its files and before the marker, so a test can SIGKILL the run in the middle of a save.
+_FAULT_SLEEP_ENV = "VUTRAIN_FAULT_SLEEP_BEFORE_MARKER"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem the user must act on; the message is one line that says what to do."""
 
 
 def tag_for(step: int) -> str:
+    """The directory name of the checkpoint taken after `step` optimizer steps."""
     return f"step_{step:08d}"
 
 
 def checkpoints_dir(run_dir: str) -> str:
+    """RUN/checkpoints."""
     return os.path.join(run_dir, "checkpoints")
 
 
-def latest_tag(ckpt_dir: str) -> str | None:
-    """The tag DeepSpeed's `latest` file names, if it and its directory exist."""
-    path = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(path):
-        return None
-    tag = open(path, encoding="utf-8").read().strip()
-    return tag if os.path.isdir(os.path.join(ckpt_dir, tag)) else None
+def _step_of(tag: str) -> int:
+    match = TAG_RE.match(tag) or TMP_RE.match(tag)
+    return int(match.group(1)) if match else -1
 
 
 def list_tags(ckpt_dir: str) -> list[str]:
-    """Checkpoint tags, oldest first."""
+    """Checkpoint directories named like a finished save (complete or not), oldest first."""
     if not os.path.isdir(ckpt_dir):
         return []
     tags = [t for t in os.listdir(ckpt_dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(ckpt_dir, t))]
-    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+    return sorted(tags, key=_step_of)
 
 
-def resolve_resume(resume: str, run_dir: str) -> tuple[str, str] | None:
-    """(checkpoints dir, tag) to load, or None to start fresh.
+def _list_tmp(ckpt_dir: str) -> list[str]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted((t for t in os.listdir(ckpt_dir) if TMP_RE.match(t)), key=_step_of)
 
-    resume: "auto" (newest in this run, if any), "never", a tag directory
-    (RUN/checkpoints/step_00000100) or a checkpoints directory (its `latest`).
-    """
-    if resume == "never":
+
+def latest_tag(ckpt_dir: str) -> str | None:
+    """The newest complete checkpoint's tag, or None."""
+    for tag in reversed(list_tags(ckpt_dir)):
+        if verify_tag(os.path.join(ckpt_dir, tag)) is None:
+            return tag
+    return None
+
+
+# ----------------------------------------------------------------------------- the marker
+
+def _files_and_sizes(tag_dir: str) -> dict[str, int]:
+    files = {}
+    for root, _, names in os.walk(tag_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, tag_dir)
+            if rel != MARKER:
+                files[rel] = os.path.getsize(path)
+    return dict(sorted(files.items()))
+
+
+def read_marker(tag_dir: str) -> dict | None:
+    """The parsed COMPLETE.json of a tag directory, or None if absent or torn."""
+    try:
+        with open(os.path.join(tag_dir, MARKER), encoding="utf-8") as fh:
+            marker = json.load(fh)
+    except (OSError, ValueError):
         return None
-    if resume == "auto":
-        ckpt_dir = checkpoints_dir(run_dir)
-        tag = latest_tag(ckpt_dir)
-        return (ckpt_dir, tag) if tag else None
-    path = os.path.abspath(resume)
-    tag = latest_tag(path)
-    if tag:
-        return path, tag
-    if os.path.isdir(path) and TAG_RE.match(os.path.basename(path)):
-        return os.path.dirname(path), os.path.basename(path)
-    raise FileNotFoundError(f"train.resume={resume}: no DeepSpeed checkpoint there (expected a "
-                            "checkpoints/ directory with a 'latest' file, or a step_XXXXXXXX directory)")
+    return marker if isinstance(marker, dict) and isinstance(marker.get("files"), dict) else None
 
+
+def verify_tag(tag_dir: str) -> str | None:
+    """None when the checkpoint is complete, else why not (one short phrase naming the file)."""
+    name = os.path.basename(tag_dir)
+    if not os.path.isfile(os.path.join(tag_dir, MARKER)):
+        return f"{name}/{MARKER} is missing (save interrupted, or written by an older vutrain)"
+    marker = read_marker(tag_dir)
+    if marker is None:
+        return f"{name}/{MARKER} does not parse"
+    if marker.get("format") != FORMAT_VERSION:
+        return f"{name} has checkpoint format {marker.get('format')!r}, this vutrain reads {FORMAT_VERSION}"
+    for rel, size in marker["files"].items():
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"{name}/{rel} is missing"
+        actual = os.path.getsize(path)
+        if actual != size:
+            return f"{name}/{rel} has {actual} bytes, the marker says {size} (truncated or overwritten)"
+    return None
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}{TMP_SUFFIX}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- trainer state
 
 def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU and CUDA)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -77,6 +160,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -84,32 +168,241 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _split_rng(rng: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """RNG state as (JSON-able dict, tensors)."""
+    version, internal, gauss = rng["python"]
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    scalars = {"python": [version, list(internal), gauss],
+               "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]}
+    tensors = {"rng.torch": rng["torch"].contiguous()}
+    for i, state in enumerate(rng.get("cuda", [])):
+        tensors[f"rng.cuda.{i}"] = state.cpu().contiguous()
+    return scalars, tensors
+
+
+def _join_rng(scalars: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    version, internal, gauss = scalars["python"]
+    name, keys, pos, has_gauss, cached = scalars["numpy"]
+    rng = {"python": (version, tuple(internal), gauss),
+           "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+           "torch": tensors["rng.torch"]}
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda:
+        rng["cuda"] = cuda
+    return rng
+
+
+def _tensor_file(tag_dir: str, rank: int) -> str:
+    try:
+        import safetensors.torch  # noqa: F401
+        return os.path.join(tag_dir, f"trainer_state_rank{rank}.safetensors")
+    except ImportError:
+        return os.path.join(tag_dir, f"trainer_state_rank{rank}.tensors.pt")
+
+
+def save_trainer_state(tag_dir: str, rank: int, state: dict) -> None:
+    """Write `state` (JSON-able, plus an "rng" entry from `rng_state`) as JSON + a tensor file."""
+    state = dict(state)
+    scalars, tensors = _split_rng(state.pop("rng"))
+    state["rng"] = scalars
+    path = _tensor_file(tag_dir, rank)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(tensors, path)
+    else:
+        torch.save(tensors, path)
+    with open(os.path.join(tag_dir, f"trainer_state_rank{rank}.json"), "w", encoding="utf-8") as fh:
+        json.dump(state, fh)
+
+
+def load_trainer_state(tag_dir: str, rank: int) -> dict:
+    """Read what `save_trainer_state` wrote, without unpickling anything."""
+    json_path = os.path.join(tag_dir, f"trainer_state_rank{rank}.json")
+    tensor_paths = [os.path.join(tag_dir, f"trainer_state_rank{rank}{ext}")
+                    for ext in (".safetensors", ".tensors.pt")]
+    tensor_path = next((p for p in tensor_paths if os.path.isfile(p)), None)
+    if not os.path.isfile(json_path) or tensor_path is None:
+        raise CheckpointError(f"{json_path} (or its tensor file) is missing: resume with the world size the "
+                              "checkpoint was written with, or start fresh with train.resume=never")
+    try:
+        with open(json_path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        if tensor_path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            tensors = load_file(tensor_path)
+        else:
+            tensors = torch.load(tensor_path, weights_only=True)
+        state["rng"] = _join_rng(state["rng"], tensors)
+    except Exception as exc:  # noqa: BLE001 - any parse error means the same thing to the user
+        raise CheckpointError(f"cannot read {json_path}: {type(exc).__name__}: {str(exc).splitlines()[0]}; "
+                              "resume from an older checkpoint with train.resume=<its directory>") from exc
+    return state
+
+
+# ----------------------------------------------------------------------------- save
+
 def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: int, keep: int) -> str:
-    """Save on every rank (ZeRO shards live on each); rank 0 prunes to the newest `keep` afterwards."""
+    """Save on every rank (ZeRO shards live on each); rank 0 completes, publishes and prunes."""
     ckpt_dir = checkpoints_dir(run_dir)
     tag = tag_for(step)
-    os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
-    state = dict(trainer_state, rng=rng_state())
-    torch.save(state, os.path.join(ckpt_dir, tag, f"trainer_state_rank{rank}.pt"))
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step})
+    tmp_tag = tag + TMP_SUFFIX
+    tmp_dir = os.path.join(ckpt_dir, tmp_tag)
+    if rank == 0:  # a stale .tmp of a killed run must not lend its files to this save
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
     barrier()
+    save_trainer_state(tmp_dir, rank, dict(trainer_state, rng=rng_state()))
+    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"step": step}, save_latest=False)
+    barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
-        for old in list_tags(ckpt_dir)[:-keep]:
-            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        delay = float(os.environ.get(_FAULT_SLEEP_ENV, "0") or 0)
+        if delay > 0:
+            time.sleep(delay)
+        _complete(ckpt_dir, tag, step)
+        prune(ckpt_dir, keep)
+    barrier()
     return tag
+
+
+def _complete(ckpt_dir: str, tag: str, step: int) -> None:
+    """Marker, rename, `latest`: in that order, so each step leaves a consistent directory."""
+    tmp_dir = os.path.join(ckpt_dir, tag + TMP_SUFFIX)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    marker = {"format": FORMAT_VERSION, "step": step, "tag": tag, "world_size": world,
+              "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "files": _files_and_sizes(tmp_dir)}
+    _atomic_write_text(os.path.join(tmp_dir, MARKER), json.dumps(marker, indent=1))
+    final = os.path.join(ckpt_dir, tag)
+    replaced = None
+    if os.path.exists(final):  # the same step saved again (e.g. a resumed run over a broken tag)
+        # Two renames leave no checkpoint-less moment worth the name; the slow delete comes after.
+        replaced = f"{final}.replaced{TMP_SUFFIX}"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(tmp_dir, final)
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
+    _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+
+
+def prune(ckpt_dir: str, keep: int) -> list[str]:
+    """Delete complete checkpoints beyond the newest `keep`, and stale .tmp directories.
+
+    Only complete checkpoints count towards `keep`, so a broken newer one never pushes the
+    last good one out. Incomplete tag directories are left for the user to look at.
+    """
+    removed = []
+    complete = [t for t in list_tags(ckpt_dir) if verify_tag(os.path.join(ckpt_dir, t)) is None]
+    for old in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        removed.append(old)
+    for stale in _list_tmp(ckpt_dir):
+        shutil.rmtree(os.path.join(ckpt_dir, stale), ignore_errors=True)
+        removed.append(stale)
+    return removed
+
+
+# ----------------------------------------------------------------------------- resume
+
+def _newest_complete(ckpt_dir: str, what: str, verbose: bool = True) -> tuple[str, str] | None:
+    """(checkpoints dir, tag) of the newest complete checkpoint; logs skips; raises if none usable."""
+    interrupted = [f"{t}: save interrupted (never completed)" for t in _list_tmp(ckpt_dir)]
+    skipped = list(interrupted)
+    latest_path = os.path.join(ckpt_dir, "latest")
+    named = open(latest_path, encoding="utf-8").read().strip() if os.path.isfile(latest_path) else None
+    if named and not os.path.isdir(os.path.join(ckpt_dir, named)):
+        skipped.append(f"'latest' names {named}, which is gone")
+    chosen = None
+    for tag in reversed(list_tags(ckpt_dir)):
+        problem = verify_tag(os.path.join(ckpt_dir, tag))
+        if problem is None:
+            chosen = tag
+            break
+        skipped.append(problem)
+    for reason in skipped if verbose else []:
+        log.warning("checkpoint skipped: %s", reason)
+    if chosen is None:
+        if len(skipped) > len(interrupted):  # a checkpoint was completed once: never start over silently
+            raise CheckpointError(
+                f"{what}: checkpoints exist in {ckpt_dir} but none is complete ({'; '.join(skipped)}). "
+                "Point train.resume at a good checkpoint directory, or set train.resume=never to start "
+                "from scratch (the old checkpoints are moved aside, not deleted).")
+        return None
+    why = "the newest complete checkpoint"
+    if named != chosen:
+        why += f"; the 'latest' file names {named!r}" if named else "; the 'latest' file is missing"
+    if verbose:
+        log.warning("resuming from %s (%s)", os.path.join(ckpt_dir, chosen), why)
+    return ckpt_dir, chosen
+
+
+def resolve_resume(resume: str, run_dir: str, verbose: bool = True) -> tuple[str, str] | None:
+    """(checkpoints dir, tag) to load, or None to start fresh.
+
+    resume: "auto" (newest complete checkpoint of this run, if it has any), "never", a tag
+    directory (RUN/checkpoints/step_00000100) or a checkpoints directory (its newest complete one).
+    Raises CheckpointError when checkpoints exist but none is usable. Every rank calls this and
+    gets the same answer (it reads files only); `verbose` (rank 0) logs the choice and the skips.
+    """
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return _newest_complete(checkpoints_dir(run_dir), "train.resume=auto", verbose)
+    path = os.path.abspath(resume)
+    is_tag = TAG_RE.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, MARKER))
+    if os.path.isdir(path) and is_tag:
+        problem = verify_tag(path)
+        if problem is not None:
+            raise CheckpointError(f"train.resume={resume}: {problem}. Choose another checkpoint directory.")
+        return os.path.dirname(path), os.path.basename(path)
+    found = _newest_complete(path, f"train.resume={resume}", verbose) if os.path.isdir(path) else None
+    if found is None:
+        raise CheckpointError(f"train.resume={resume}: no checkpoint there (expected a checkpoints/ "
+                              "directory or a step_XXXXXXXX directory with a COMPLETE.json marker)")
+    return found
+
+
+def move_aside(run_dir: str) -> list[str]:
+    """train.resume=never on a used run directory: keep the old checkpoints and metrics, renamed."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    moved = []
+    for name in ("checkpoints", "metrics.jsonl"):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            stem, ext = os.path.splitext(name)
+            target = os.path.join(run_dir, f"{stem}.replaced-{stamp}{ext}")
+            os.rename(path, target)
+            moved.append(target)
+    for target in moved:
+        log.warning("train.resume=never: moved the previous run's %s aside to %s",
+                    os.path.basename(target).split(".")[0], target)
+    return moved
 
 
 def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     """Restore engine (weights, optimizer, LR schedule) and return this rank's trainer state."""
-    path = os.path.join(ckpt_dir, tag, f"trainer_state_rank{rank}.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: resume with the world size the checkpoint was written "
-                                "with, or start fresh with train.resume=never")
-    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    tag_dir = os.path.join(ckpt_dir, tag)
+    problem = verify_tag(tag_dir)
+    if problem is not None:
+        raise CheckpointError(f"{problem}; point train.resume at another checkpoint")
+    marker = read_marker(tag_dir)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if marker.get("world_size", world) != world:
+        raise CheckpointError(f"{tag_dir} was written by {marker['world_size']} ranks and this run has "
+                              f"{world}: "
+                              "resume with the same number of ranks, or start fresh with train.resume=never")
+    state = load_trainer_state(tag_dir, rank)
+    try:
+        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed raises anything from unpickling errors to KeyError
+        raise CheckpointError(f"DeepSpeed could not load {tag_dir}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}; point train.resume at an "
+                              "older checkpoint") from exc
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt_dir}/{tag}")
-    state = torch.load(path, weights_only=False)
+        raise CheckpointError(f"DeepSpeed could not load {tag_dir}; point train.resume at an older "
+                              "checkpoint")
     set_rng_state(state.pop("rng"))
-    log.info("resumed from %s/%s at step %d", ckpt_dir, tag, state["step"])
+    log.info("resumed from %s at step %d", tag_dir, state["step"])
     return state

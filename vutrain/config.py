@@ -97,6 +97,8 @@ class DataConfig:
     """Caption built from <key>.json: e.g. '{title}' or '{title}. tags: {tags}'."""
     tokenizer_samples: int = 50000
     """Texts read from the training shards to train the preset tokenizer."""
+    allow_missing_shards: bool = False
+    """Accept brace ranges that name missing local shards (warns with the count); false: an error."""
 
 
 @dataclass

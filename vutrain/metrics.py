@@ -24,21 +24,47 @@ class MetricsWriter:
         except Exception:  # tensorboard is optional: metrics.jsonl is the record
             self._tb = None
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint so each step appears once."""
+    def truncate_after(self, step: int) -> int:
+        """On resume, keep rows up to `step` so each step appears once; returns rows moved out.
+
+        Rows past `step` belong to the segment a crash lost; they move to
+        metrics.discarded.jsonl (tagged with the step the run resumed from), and a line torn by a
+        kill mid-write moves there as text. Rewritten through a temporary file and a rename.
+        """
         if not (self.enabled and os.path.exists(self.path)):
-            return
+            return 0
+        kept, dropped = [], []
         with open(self.path, encoding="utf-8") as fh:
-            rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w", encoding="utf-8") as fh:
-            fh.writelines(rows)
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    good = isinstance(row, dict) and int(row["step"]) <= step
+                except (ValueError, KeyError, TypeError):
+                    row, good = {"torn_line": line.rstrip("\n")}, False
+                (kept if good else dropped).append(line if good else row)
+        if dropped:
+            with open(os.path.join(os.path.dirname(self.path), "metrics.discarded.jsonl"), "a",
+                      encoding="utf-8") as fh:
+                for row in dropped:
+                    fh.write(json.dumps(dict(row, discarded_at_resume_from=step), allow_nan=True) + "\n")
+            log.warning("metrics.jsonl: %d row(s) after step %d moved to metrics.discarded.jsonl "
+                        "(the run resumed from step %d)", len(dropped), step, step)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+        os.replace(tmp, self.path)
+        return len(dropped)
 
     def write(self, step: int, values: dict) -> None:
+        """Append one row {"step": step, **values} (numbers as floats) and mirror it to TensorBoard."""
         if not self.enabled:
             return
         row = {"step": step}
         for key, value in values.items():
-            row[key] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            row[key] = float(value) if number else value
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, allow_nan=True) + "\n")
         if self._tb is not None:
@@ -47,13 +73,21 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
+        """Flush and close TensorBoard (metrics.jsonl is closed after every row)."""
         if self._tb is not None:
             self._tb.close()
 
 
 def read_metrics(run_dir: str) -> list[dict]:
+    """Rows of RUN/metrics.jsonl; a line torn by a kill mid-write is left out."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for line in fh:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # blank, or the last line of a killed run
+    return rows

@@ -19,7 +19,8 @@ from vutrain.config import ConfigError, load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run file, e.g. vutrain/configs/tiny.yaml")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher")
@@ -27,27 +28,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_shard_lists(cfg, log_warnings: bool) -> None:
+    """Every shard a brace range names must exist (before any process group: fails in a second).
+
+    With data.allow_missing_shards the spec is replaced by the list of shards that exist, so the
+    data pipeline and the saved config.yaml name exactly what is read.
+    """
+    from vutrain.data.shards import check_shards
+    d = cfg.data
+    for key in ("train_shards", "val_shards"):
+        spec = getattr(d, key)
+        if key == "val_shards" and not spec:
+            continue
+        found, missing = check_shards(spec, f"data.{key}", d.allow_missing_shards)
+        if missing:
+            if log_warnings:
+                logging.getLogger("vutrain").warning(
+                    "data.%s: %d of %d shards do not exist (accepted: data.allow_missing_shards=true); "
+                    "first missing: %s", key, len(missing), len(found) + len(missing), missing[0])
+            setattr(d, key, "::".join(found))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vutrain.data.shards import ShardListError
+    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+
+    try:
+        info = resolve_dist_env(local_rank_arg=args.local_rank)
+    except RuntimeError as exc:  # e.g. a rank outside the world size: every rank says the same
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Errors found before the process group exists: every rank finds the same one, rank 0 says it
+    # (and the first rank of every other node, which may see another filesystem); the rest exit
+    # quietly.
+    speaks = info.rank == 0 or (info.local_rank == 0 and info.local_world_size < info.world_size)
     try:
         cfg = load_config(args.config, args.overrides)  # fails here, before any process group
+        check_shard_lists(cfg, log_warnings=info.rank == 0)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        if speaks:
+            print(f"config error: {exc}", file=sys.stderr)
         return 2
-    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+    except ShardListError as exc:
+        if speaks:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from vutrain import startup_errors
     from vutrain.trainer import PREEMPT_EXIT_CODE, Preempted, Trainer
 
-    info = resolve_dist_env(local_rank_arg=args.local_rank)
     if info.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs; every rank logs warnings/errors
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     init_distributed(info)
+    trainer, start_step = None, None
+
+    def starting() -> bool:
+        return trainer is None or trainer.step == start_step
+
+    if info.rank == 0:
+        startup_errors.watch(info.world_size, starting)
     try:
-        trainer = Trainer(cfg, info)
+        built = Trainer(cfg, info)
+        start_step = built.step
+        trainer = built  # only now: the watcher reads (trainer, start_step) from another thread
         trainer.train()
     except Preempted:
         return PREEMPT_EXIT_CODE
+    except Exception as exc:  # noqa: BLE001 - before the first step: one line, once (startup_errors.py)
+        if trainer is not None and trainer.step > start_step:
+            raise
+        return startup_errors.report(exc, info.rank, info.world_size, cfg.output_dir)
     finally:
         cleanup()
     return 0

@@ -169,18 +169,28 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        """The trainer's own resumable state (DeepSpeed saves the engine's)."""
+        """The trainer's own resumable state (JSON-able): step, data stream position, non-finite streak."""
         return {"step": self.step, "data": self.stream.state_dict(), **self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`."""
+        """Restore what `state_dict` returned (as read back from the checkpoint's JSON)."""
         self.step = int(state["step"])
         self.guard.load_state_dict(state)
         self.stream.load_state_dict(state["data"])
 
     def _maybe_resume(self) -> None:
-        target = ckpt.resolve_resume(self.cfg.train.resume, self.run_dir)
+        """Load the newest complete checkpoint (see vutrain/checkpoint.py), or start afresh.
+
+        Metrics rows past the resumed step (or every row, on a fresh start over a killed run's
+        metrics.jsonl) move to metrics.discarded.jsonl, so each step appears once.
+        """
+        resume = self.cfg.train.resume
+        target = ckpt.resolve_resume(resume, self.run_dir, verbose=self.info.is_main)
         if target is None:
+            if resume == "never" and self.info.is_main:
+                ckpt.move_aside(self.run_dir)
+            self.metrics.truncate_after(0)
+            barrier()
             return
         state = ckpt.load_checkpoint(self.engine, *target, rank=self.info.rank)
         self.load_state_dict(state)
@@ -188,7 +198,7 @@ class Trainer:
         log.info("resuming at step %d from %s/%s", self.step, *target)
 
     def save(self) -> None:
-        """A checkpoint of the engine and the trainer state at the current step (every rank)."""
+        """Checkpoint on every rank (collective): written under a temporary name, then published."""
         ckpt.save_checkpoint(self.engine, self.run_dir, self.step, self.state_dict(), self.info.rank,
                              self.cfg.train.keep_checkpoints)
 

@@ -1,7 +1,8 @@
 """Shard specs: brace expansion, ``::``-joined sources, and the epoch sample count.
 
 A spec such as ``/data/a/{00000..00009}.tar::/data/b/{000..003}.tar`` names shards of several
-sources. Local paths must exist (a missing one counts as unmatched); ``pipe:`` commands and URLs
+sources. Every local path a spec names must exist (``check_shards`` lists the missing ones;
+``data.allow_missing_shards`` accepts them with a warning); ``pipe:`` commands and URLs
 (``s3://``, ``https://``...) are kept as they are, the reader opens them with ``webdataset.gopen``.
 """
 
@@ -21,15 +22,29 @@ def is_remote(url: str) -> bool:
     return bool(_REMOTE.match(url)) and not url.startswith("file://")
 
 
-def expand_shards(spec: str, key: str = "data.train_shards") -> list[str]:
-    """Expand ``spec`` to a list of shard URLs/paths, in order, sources joined by ``::``.
+class ShardListError(ValueError):
+    """A shard spec that names missing shards; the message is one line that says what to do."""
+
+
+def _preview(paths: list[str], limit: int = 5) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def check_shards(spec: str, key: str = "data.train_shards",
+                 allow_missing: bool = False) -> tuple[list[str], list[str]]:
+    """(existing shards in order, missing ones) of ``spec``, sources joined by ``::``.
+
+    Every local shard a brace range names must exist; remote ones are not checked.
 
     Raises:
-        ValueError: when a source matches no shard ("data.train_shards matched 0 files: ...").
+        ShardListError: when a source matches no shard at all, or when any named shard is missing
+            and ``allow_missing`` is false (the message lists them and names the switch).
     """
     if not spec or not spec.strip():
-        raise ValueError(f"{key} is empty. Set it to a shard spec such as /data/{{00000..00009}}.tar.")
+        raise ShardListError(f"{key} is empty. Set it to a shard spec such as /data/{{00000..00009}}.tar.")
     shards: list[str] = []
+    missing: list[str] = []
     for source in spec.split("::"):
         source = source.strip()
         found = []
@@ -38,10 +53,28 @@ def expand_shards(spec: str, key: str = "data.train_shards") -> list[str]:
                 url = url[len("file://"):]
             if is_remote(url) or os.path.isfile(url):
                 found.append(url)
+            else:
+                missing.append(url)
         if not found:
-            raise ValueError(f"{key} matched 0 files: {source}. Check the path or brace range.")
+            raise ShardListError(f"{key} matched 0 files: {source}. Check the path or brace range.")
         shards.extend(found)
-    return shards
+    if missing and not allow_missing:
+        raise ShardListError(
+            f"{key}: {len(missing)} of {len(shards) + len(missing)} shards do not exist: "
+            f"{_preview(missing)}. "
+            f"Fix the path or brace range, or set data.allow_missing_shards=true to use the "
+            f"{len(shards)} that exist.")
+    return shards, missing
+
+
+def expand_shards(spec: str, key: str = "data.train_shards", allow_missing: bool = False) -> list[str]:
+    """Expand ``spec`` to a list of shard URLs/paths, in order, sources joined by ``::``.
+
+    Raises:
+        ShardListError (a ValueError): when a source matches no shard ("data.train_shards matched
+            0 files: ..."), or a named local shard is missing and ``allow_missing`` is false.
+    """
+    return check_shards(spec, key, allow_missing)[0]
 
 
 def _count_in_dir(directory: str, names: list[str]) -> int | None:

@@ -1,0 +1,215 @@
+"""Faults around checkpoints and metrics (issue 11): nothing lost, no duplicate rows, one clear line.
+
+Fast tests drive vutrain/checkpoint.py and vutrain/metrics.py on real files; the slow ones train
+for real (DeepSpeed ZeRO-2 through tests/train_runner.py) and break the run directory the way a
+crash, a full disk or a careless `rm` does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+import train_runner as tr
+
+from vutrain import checkpoint as ckpt
+from vutrain.metrics import MetricsWriter, read_metrics
+
+
+def _fake_tag(ckpt_dir: str, step: int, payload: bytes = b"x" * 100) -> str:
+    """A checkpoint made by the real completion code over stand-in DeepSpeed files."""
+    tag = ckpt.tag_for(step)
+    tmp = os.path.join(ckpt_dir, tag + ".tmp")
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "mp_rank_00_model_states.pt"), "wb") as fh:
+        fh.write(payload)
+    ckpt.save_trainer_state(tmp, 0, {"step": step, "data": {}, "rng": ckpt.rng_state()})
+    ckpt._complete(ckpt_dir, tag, step)
+    return os.path.join(ckpt_dir, tag)
+
+
+def test_resume_takes_newest_complete_and_says_why(tmp_path, caplog):
+    ckpt_dir = str(tmp_path / "checkpoints")
+    os.makedirs(ckpt_dir)
+    _fake_tag(ckpt_dir, 2)
+    four = _fake_tag(ckpt_dir, 4)
+    six = _fake_tag(ckpt_dir, 6)
+    os.makedirs(os.path.join(ckpt_dir, "step_00000008.tmp"))  # a save killed mid-write
+    with open(os.path.join(six, "mp_rank_00_model_states.pt"), "r+b") as fh:
+        fh.truncate(10)
+    os.remove(os.path.join(four, ckpt.MARKER))
+    os.remove(os.path.join(ckpt_dir, "latest"))
+    with caplog.at_level("WARNING", logger="vutrain.checkpoint"):
+        assert ckpt.resolve_resume("auto", str(tmp_path)) == (ckpt_dir, "step_00000002")
+    text = caplog.text
+    assert "step_00000008.tmp: save interrupted" in text
+    assert "step_00000006/mp_rank_00_model_states.pt has 10 bytes, the marker says 100" in text
+    assert "step_00000004/COMPLETE.json is missing" in text
+    assert "the 'latest' file is missing" in text
+    # Retention counts complete checkpoints only: the last good one survives keep=1.
+    assert ckpt.prune(ckpt_dir, keep=1) == ["step_00000008.tmp"]
+    assert sorted(os.listdir(ckpt_dir)) == ["step_00000002", "step_00000004", "step_00000006"]
+
+
+def test_no_usable_checkpoint_is_one_line_error_naming_files(tmp_path):
+    ckpt_dir = str(tmp_path / "checkpoints")
+    os.makedirs(ckpt_dir)
+    tag = _fake_tag(ckpt_dir, 2)
+    os.remove(os.path.join(tag, "trainer_state_rank0.json"))
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.resolve_resume("auto", str(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "step_00000002/trainer_state_rank0.json is missing" in message and "train.resume=never" in message
+    assert ckpt.resolve_resume("never", str(tmp_path)) is None
+    assert ckpt.resolve_resume("auto", str(tmp_path / "fresh")) is None  # nothing there: start afresh
+    shutil.rmtree(tag)  # every checkpoint deleted, `latest` still names one: not a fresh run either
+    with pytest.raises(ckpt.CheckpointError, match="'latest' names step_00000002, which is gone"):
+        ckpt.resolve_resume("auto", str(tmp_path))
+    os.remove(os.path.join(ckpt_dir, "latest"))
+    os.makedirs(os.path.join(ckpt_dir, "step_00000002.tmp"))  # killed during the very first save
+    assert ckpt.resolve_resume("auto", str(tmp_path)) is None
+
+
+def test_resume_never_moves_the_old_run_aside(tmp_path):
+    ckpt_dir = str(tmp_path / "checkpoints")
+    os.makedirs(ckpt_dir)
+    _fake_tag(ckpt_dir, 2)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    moved = ckpt.move_aside(str(tmp_path))
+    names = sorted(os.path.basename(m).split("-")[0] for m in moved)
+    assert names == ["checkpoints.replaced", "metrics.replaced"]
+    assert not os.path.exists(ckpt_dir) and not (tmp_path / "metrics.jsonl").exists()
+    assert os.path.isfile(os.path.join(moved[0], "step_00000002", ckpt.MARKER))  # kept, not deleted
+
+
+def test_trainer_state_is_json_and_tensors_without_pickle(tmp_path, monkeypatch):
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    state = {"step": 7, "data": {"next_batch": 7, "workers": {"0": {"epoch": 0}}}, "rng": ckpt.rng_state()}
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    ckpt.save_trainer_state(str(tmp_path), 1, state)
+    assert json.load(open(tmp_path / "trainer_state_rank1.json"))["step"] == 7
+    assert (tmp_path / "trainer_state_rank1.safetensors").is_file()
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("the trainer state must load without unpickling")
+    monkeypatch.setattr(torch, "load", no_pickle)
+    monkeypatch.setattr("pickle.loads", no_pickle)
+    loaded = ckpt.load_trainer_state(str(tmp_path), 1)
+    assert loaded["data"] == state["data"]
+    ckpt.set_rng_state(loaded["rng"])
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_metrics_truncate_moves_lost_rows_and_torn_line(tmp_path):
+    writer = MetricsWriter(str(tmp_path), enabled=True)
+    for step in range(1, 6):
+        writer.write(step, {"train/loss": 1.0 / step})
+    with open(writer.path, "a") as fh:
+        fh.write('{"step": 6, "train/lo')  # killed mid-write
+    assert writer.truncate_after(3) == 3
+    writer.write(4, {"train/loss": 0.5})
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
+    discarded = [json.loads(line) for line in open(tmp_path / "metrics.discarded.jsonl")]
+    assert [r.get("step") for r in discarded] == [4, 5, None]
+    assert discarded[-1]["torn_line"].startswith('{"step": 6')
+    assert discarded[0]["discarded_at_resume_from"] == 3
+
+
+def _train_rows(run_dir: str) -> list[int]:
+    return [r["step"] for r in tr.metrics(run_dir) if "train/loss" in r]
+
+
+@pytest.mark.slow
+def test_resume_after_deleted_and_truncated_checkpoints(synthetic_shards, tmp_path):
+    """Newest checkpoint and `latest` deleted, the next one truncated: resume from the one before,
+    each step once in metrics.jsonl; then every checkpoint broken: one line, no traceback."""
+    run_dir = str(tmp_path / "run")
+    over = tr.base_overrides(synthetic_shards, run_dir, 6, train__checkpoint_every=2,
+                             train__keep_checkpoints=3)
+    first = tr.run("python", over)
+    assert first.returncode == 0, tr.describe(first)
+    cdir = os.path.join(run_dir, "checkpoints")
+    assert sorted(ckpt.list_tags(cdir)) == ["step_00000002", "step_00000004", "step_00000006"]
+    shutil.rmtree(os.path.join(cdir, "step_00000006"))
+    os.remove(os.path.join(cdir, "latest"))
+    optim = next(f for f in os.listdir(os.path.join(cdir, "step_00000004")) if "optim_states" in f)
+    with open(os.path.join(cdir, "step_00000004", optim), "r+b") as fh:
+        fh.truncate(1000)
+
+    again = tr.run("python", tr.base_overrides(synthetic_shards, run_dir, 8, train__checkpoint_every=2,
+                                               train__keep_checkpoints=3))
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, tr.describe(again)
+    assert "resuming at step 2" in out and f"step_00000004/{optim} has 1000 bytes" in out
+    assert _train_rows(run_dir) == list(range(1, 9))  # the lost segment's rows replaced, not doubled
+    assert [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.discarded.jsonl"))
+            if "train/loss" in line] == [3, 4, 5, 6]
+    assert ckpt.list_tags(cdir) == ["step_00000004", "step_00000006", "step_00000008"]
+    assert open(os.path.join(cdir, "latest")).read() == "step_00000008"
+
+    for tag in ckpt.list_tags(cdir):
+        with open(os.path.join(cdir, tag, "trainer_state_rank0.json"), "a") as fh:
+            fh.write(" ")
+    broken = tr.run("python", over)
+    out = broken.stdout + broken.stderr
+    assert broken.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out[-3000:]
+    assert "none is complete" in errors[0] and "step_00000008/trainer_state_rank0.json has" in errors[0]
+    assert "train.resume=never" in errors[0] and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_write_then_one_rank_fails_to_load(synthetic_shards, tmp_path, monkeypatch):
+    """Two ranks. SIGKILL while step 4 is being saved: the resume takes step 2 and skips the
+    half-written save. Then one rank's state file is damaged (same size): the run stops within
+    seconds with that rank's message on one line, printed once, and no traceback."""
+    run_dir = str(tmp_path / "run")
+    over = tr.base_overrides(synthetic_shards, run_dir, 6, train__checkpoint_every=2)
+    monkeypatch.setenv("VUTRAIN_FAULT_SLEEP_BEFORE_MARKER", "4")
+    proc = tr.start("deepspeed", over, log_path=str(tmp_path / "first.log"))
+    pending = os.path.join(run_dir, "checkpoints", "step_00000004.tmp")
+    deadline = time.time() + 400
+    while not (os.path.isdir(pending) and len(os.listdir(pending)) >= 7):  # both ranks' files written
+        assert proc.poll() is None and time.time() < deadline, open(tmp_path / "first.log").read()[-3000:]
+        time.sleep(0.05)
+    tr.kill_group(proc, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "step_00000004"))
+    monkeypatch.delenv("VUTRAIN_FAULT_SLEEP_BEFORE_MARKER")
+
+    again = tr.run("deepspeed", over)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, tr.describe(again)
+    assert "step_00000004.tmp: save interrupted" in out and "resuming at step 2" in out
+    assert _train_rows(run_dir) == list(range(1, 7))
+    cdir = os.path.join(run_dir, "checkpoints")
+    assert ckpt.list_tags(cdir) == ["step_00000004", "step_00000006"]  # keep_checkpoints=2
+    assert not [n for n in os.listdir(cdir) if n.endswith(".tmp")]  # the stale save was cleaned up
+
+    state = os.path.join(cdir, "step_00000006", "trainer_state_rank1.json")
+    size = os.path.getsize(state)
+    with open(state, "w") as fh:
+        fh.write("{" + "x" * (size - 1))
+    started = time.time()
+    failed = tr.run("deepspeed", tr.base_overrides(synthetic_shards, run_dir, 8, train__checkpoint_every=2),
+                    timeout=300)
+    elapsed = time.time() - started
+    out = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    errors = [line for line in out.splitlines() if "error:" in line and "trainer_state_rank1.json" in line]
+    assert len(errors) == 1, out[-4000:]
+    assert "cannot read" in errors[0] and "train.resume=" in errors[0]
+    assert "Traceback" not in out and "Connection closed" not in out, out[-4000:]
+    assert os.path.isfile(os.path.join(run_dir, "logs", "error_rank1.log"))
+    print(f"failed run stopped after {elapsed:.1f} s")

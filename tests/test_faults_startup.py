@@ -1,0 +1,101 @@
+"""Start-up faults (issue 11): shard lists checked before training, shipped configs that match
+the demo, and one clear line (printed once, by rank 0) instead of every rank's traceback."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import braceexpand
+import pytest
+import train_runner as tr
+
+from vutrain import demo, train
+from vutrain.config import load_config
+from vutrain.data.shards import ShardListError
+
+
+def _overrides(synthetic_shards, spec: str, *extra: str) -> list[str]:
+    return [f"data.train_shards={spec}", f"data.val_shards={synthetic_shards['val_shards']}", *extra]
+
+
+def test_brace_range_naming_missing_shards_is_refused(synthetic_shards):
+    train_dir = os.path.dirname(synthetic_shards["train_shards"])  # 00000..00007 exist
+    spec = f"{train_dir}/{{00000..00020}}.tar"
+    cfg = load_config(tr.TINY, _overrides(synthetic_shards, spec))
+    with pytest.raises(ShardListError) as err:
+        train.check_shard_lists(cfg, log_warnings=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("data.train_shards: 13 of 21 shards do not exist: ")
+    assert f"{train_dir}/00008.tar" in message and "and 8 more" in message
+    assert "data.allow_missing_shards=true" in message
+
+
+def test_allow_missing_shards_warns_with_the_count(synthetic_shards, caplog):
+    train_dir = os.path.dirname(synthetic_shards["train_shards"])
+    cfg = load_config(tr.TINY, _overrides(synthetic_shards, f"{train_dir}/{{00000..00009}}.tar",
+                                          "data.allow_missing_shards=true"))
+    with caplog.at_level(logging.WARNING):
+        train.check_shard_lists(cfg, log_warnings=True)
+    assert "2 of 10 shards do not exist" in caplog.text
+    assert cfg.data.train_shards.split("::") == [f"{train_dir}/{i:05d}.tar" for i in range(8)]
+
+
+def test_tiny_config_names_what_the_demo_writes():
+    """`make demo` (vutrain/demo.py defaults) writes ceil(N / shard) training shards and one
+    validation shard; tiny.yaml must name exactly those, no more."""
+    parser_defaults = _demo_defaults()
+    cfg = load_config(tr.TINY)
+    n_train = math.ceil(parser_defaults["num_samples"] / parser_defaults["shard_size"])
+    n_val = math.ceil(parser_defaults["val_samples"] / parser_defaults["shard_size"])
+    assert list(braceexpand.braceexpand(cfg.data.train_shards)) == [
+        f"demo_out/data/train/{i:05d}.tar" for i in range(n_train)]
+    assert list(braceexpand.braceexpand(cfg.data.val_shards)) == [
+        f"demo_out/data/val/{i:05d}.tar" for i in range(n_val)]
+
+
+def _demo_defaults() -> dict:
+    """The demo's argparse defaults (parsed from its source so no training starts)."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(demo.main))
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            name = node.args[0].value.lstrip("-").replace("-", "_")
+            for kw in node.keywords:
+                if kw.arg == "default" and isinstance(kw.value, ast.Constant):
+                    found[name] = kw.value.value
+    return found
+
+
+@pytest.mark.slow
+def test_missing_shard_under_deepspeed_is_one_line_from_rank_0(synthetic_shards, tmp_path):
+    """Two ranks through the deepspeed launcher, a brace range past the last shard: exit 2 before
+    any process group, the message once, no traceback."""
+    train_dir = os.path.dirname(synthetic_shards["train_shards"])
+    over = tr.base_overrides(dict(synthetic_shards, train_shards=f"{train_dir}/{{00000..00009}}.tar"),
+                             str(tmp_path / "run"), 2)
+    proc = tr.run("deepspeed", over, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: data.train_shards: 2 of 10 shards do not exist: {train_dir}/00008.tar, "
+                      f"{train_dir}/00009.tar. Fix the path or brace range, or set "
+                      "data.allow_missing_shards=true to use the 8 that exist."], out[-3000:]
+    assert "Traceback" not in out
+    assert not os.path.exists(tmp_path / "run")  # nothing started
+
+
+def test_unexpected_error_is_one_line_pointing_at_the_traceback(tmp_path, capsys):
+    from vutrain import startup_errors
+    try:
+        {}["model"]
+    except KeyError as exc:
+        code = startup_errors.report(exc, rank=0, world_size=1, run_dir=str(tmp_path))
+    lines = capsys.readouterr().err.splitlines()
+    log_path = tmp_path / "logs" / "error_rank0.log"
+    assert code != 0
+    assert lines == [f"error: KeyError: 'model' (full traceback: {log_path})"]
+    assert "Traceback" in log_path.read_text()
