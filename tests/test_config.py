@@ -89,7 +89,8 @@ def test_ds_config_derives_batch_keys_and_merges_user_json(tmp_path):
     merged = build_ds_config(cfg.train, world_size=4)
     assert merged["train_batch_size"] == 192
     assert merged["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                                           "stage3_gather_16bit_weights_on_model_save": True}
+                                           "stage3_gather_16bit_weights_on_model_save": True,
+                                           "contiguous_gradients": False}  # keeps gradients aligned
 
     user.write_text(json.dumps({"train_batch_size": 1000}))
     with pytest.raises(ConfigError, match="train_batch_size=1000 but the run config gives 192"):
