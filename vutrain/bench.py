@@ -3,6 +3,8 @@
     python -m vutrain.bench                       # CPU: the tiny preset, fp32, ZeRO-2, two batch sizes
     python -m vutrain.bench --preset vit-b-32 --precision bf16 --zero-stage 2 \
         --batch-sizes 64,128,256 --grad-ckpt both # GPU: the ViT-B/32 sweep of BENCHMARKS.md
+    python -m vutrain.bench --compare open_clip   # against open_clip's step (vutrain/bench_compare.py)
+    python -m vutrain.bench data --shards SPEC    # the data stream alone (vutrain/bench_data.py)
 
 Each configuration runs in its own process (one rank; peak memory is per process) through the
 real Trainer on synthetic shards, with the device synchronised around each phase so the split
@@ -91,7 +93,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dispatch(argv: list[str]) -> int | None:
+    """Run a sibling benchmark when argv names one (`data ...`, `--compare ...`); None otherwise."""
+    if argv and argv[0] == "data":
+        try:
+            from vutrain import bench_data
+        except ModuleNotFoundError as exc:
+            if exc.name != "vutrain.bench_data":
+                raise
+            print("python -m vutrain.bench data: this install has no vutrain/bench_data.py", file=sys.stderr)
+            return 2
+        return bench_data.main(argv[1:])
+    if any(a == "--compare" or a.startswith("--compare=") for a in argv):
+        from vutrain import bench_compare
+        return bench_compare.main(argv)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    delegated = dispatch(list(sys.argv[1:] if argv is None else argv))
+    if delegated is not None:
+        return delegated
     parser = argparse.ArgumentParser(prog="python -m vutrain.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--precision", default="fp32")

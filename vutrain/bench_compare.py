@@ -1,0 +1,517 @@
+"""vutrain's Trainer step against open_clip's training step, side by side in one process.
+
+    python -m vutrain.bench --compare open_clip                      # GPU: ViT-B/32, bf16, 256 and 1024
+    python -m vutrain.bench --compare open_clip --preset tiny --batch-sizes 8,16 \
+        --precision fp32 --max-batch 32                              # CPU: the tiny preset
+
+One process, one device, one process group (initialised once), the same pre-decoded batches:
+a pool of samples is read once through vutrain's real training stream (decode, preprocess,
+tokenize) from synthetic shards, and every configuration trains on batches built from that pool
+(repeated to the batch size), each side taking the images in the form its own loader gives them
+(vutrain: what its stream yields; open_clip: normalised fp32, as its dataloader hands them).
+The configurations run one after another, each alone on the device (its memory freed before the
+next is built), so a peak-memory figure is that configuration's own:
+
+* open_clip (`vutrain.bench_openclip`): its `CLIP`, AdamW, `ClipLoss`, amp bf16; also with its
+  gradient checkpointing when vutrain's is compared;
+* vutrain's `Trainer.train_step` for each ZeRO stage x loss backend x gradient checkpointing.
+
+Phase 1 times every configuration at every batch size (warm-up steps, then `--steps` steps between
+two device synchronisations). Phase 2 finds the largest batch each configuration trains (doubling
+from the largest batch phase 1 ran, then bisecting, catching out-of-memory errors and rebuilding
+the configuration after one). On a CPU there is no device memory to run out of: the search runs
+only up to `--max-batch` when that is given. Everything is printed and written to a JSON file and
+a PNG; on a GPU the issue's targets are printed as PASS/FAIL.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vutrain.bench_search import largest_batch
+
+TARGET_SPEEDUP = 1.1
+"""vutrain's samples/s over open_clip's at batch 256 and 1024 (issue 9)."""
+TARGET_BATCH_RATIO = 2.0
+"""vutrain's largest batch per GPU over open_clip's (issue 9)."""
+TARGET_BATCHES = (256, 1024)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration: open_clip's step, or vutrain's Trainer at a ZeRO stage and loss backend."""
+
+    side: str
+    grad_ckpt: bool
+    zero_stage: int | None = None
+    loss_backend: str | None = None
+
+    @property
+    def label(self) -> str:
+        name = "open_clip" if self.side == "open_clip" else f"vutrain z{self.zero_stage} {self.loss_backend}"
+        return name + (" ckpt" if self.grad_ckpt else "")
+
+
+BASELINE = Variant("open_clip", grad_ckpt=False)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An allocation failure on the device (torch's own, or cuBLAS failing to get its workspace)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() \
+        or "ALLOC_FAILED" in str(exc)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class FixedBatch:
+    """Stands in for `Trainer.stream`: each `next()` returns the batch the benchmark set last.
+
+    The Trainer's own stream produced the pool these batches come from; replacing it keeps data
+    loading out of the timed step on both sides (open_clip's step below is timed the same way).
+    """
+
+    epoch = 0
+
+    def __init__(self) -> None:
+        self.batch: dict[str, torch.Tensor] | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.batch
+
+    def skipped(self) -> dict:
+        return {}
+
+
+class TrainerStep:
+    """vutrain's real `Trainer` (DeepSpeed engine, loss, step) fed with the benchmark's batches."""
+
+    def __init__(self, variant: Variant, args: argparse.Namespace, info, run_dir: str, shards: str):
+        from vutrain.config import load_config
+        from vutrain.trainer import Trainer
+
+        overrides = [f"output_dir={run_dir}", f"data.train_shards={shards}", "data.val_shards=",
+                     "eval.every=0", f"model.preset={args.preset}", f"train.precision={args.precision}",
+                     f"train.zero_stage={variant.zero_stage}", f"train.micro_batch_size={args.pool_batch}",
+                     f"model.gradient_checkpointing={str(variant.grad_ckpt).lower()}",
+                     "train.max_steps=100000", "train.checkpoint_every=0", "train.progress_bar=false",
+                     "train.resume=never", "data.num_workers=0", f"loss.backend={variant.loss_backend}",
+                     "data.resampled=true", "data.num_samples=100000"]
+        self.trainer = Trainer(load_config(None, overrides), info)
+        self.trainer.engine.train()
+        self.stream = self.trainer.stream
+        self.feed = FixedBatch()
+        self.trainer.stream = self.feed
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        self.feed.batch = batch
+        self.trainer.train_step()
+
+    def close(self) -> None:
+        engine = self.trainer.engine
+        engine.zero_grad()
+        if hasattr(engine, "destroy"):  # removes DeepSpeed's hooks, which keep buffers alive
+            engine.destroy()
+        del self.trainer, self.feed, self.stream
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def read_pool(stream, size: int) -> dict[str, torch.Tensor]:
+    """`size` samples read through vutrain's real training stream (decoded, preprocessed, tokenized)."""
+    parts: list[dict[str, torch.Tensor]] = []
+    while sum(len(p["input_ids"]) for p in parts) < size:
+        parts.append(next(stream))
+    return {k: torch.cat([p[k] for p in parts])[:size] for k in ("pixel_values", "input_ids", "attention_mask")}
+
+
+def openclip_pixels(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Images as open_clip's dataloader hands them: normalised fp32 (from uint8 if the stream gives that)."""
+    if pixels.dtype == torch.uint8:
+        m = torch.tensor(mean).view(1, 3, 1, 1)
+        s = torch.tensor(std).view(1, 3, 1, 1)
+        return (pixels.float() / 255 - m) / s
+    return pixels.float()
+
+
+class Batches:
+    """Batches of any size built from one pool of pre-decoded samples, in each side's form."""
+
+    def __init__(self, pool: dict[str, torch.Tensor], mean: list[float], std: list[float]):
+        self.pool = pool
+        self.openclip_pool = dict(pool, pixel_values=openclip_pixels(pool["pixel_values"], mean, std))
+
+    def get(self, side: str, size: int) -> dict[str, torch.Tensor]:
+        source = self.openclip_pool if side == "open_clip" else self.pool
+        index = torch.arange(size) % len(source["input_ids"])
+        return {k: v[index] for k, v in source.items()}
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+
+def measure(runner, batch: dict[str, torch.Tensor], warmup: int, steps: int, device: torch.device) -> dict:
+    """samples/s over `steps` steps after `warmup`, and the peak device memory of those steps."""
+    size = len(batch["input_ids"])
+    for _ in range(warmup):
+        runner.step(batch)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner.step(batch)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    row = {"samples_per_s": size * steps / elapsed, "step_time_s": elapsed / steps, "peak_memory_gib": None}
+    if device.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return row
+
+
+class Bench:
+    """Builds each configuration on demand and runs phase 1 (speed) and phase 2 (largest batch)."""
+
+    def __init__(self, args: argparse.Namespace, info, run_dir: str, shards: str):
+        self.args, self.info, self.run_dir, self.shards = args, info, run_dir, shards
+        self.device = torch.device(info.device)
+        self.batches: Batches | None = None
+        self.openclip_cfg: dict | None = None
+        self.openclip = None
+
+    def build(self, variant: Variant):
+        if variant.side == "vutrain":
+            runner = TrainerStep(variant, self.args, self.info, self.run_dir, self.shards)
+            if self.batches is None:  # the first Trainer's own stream reads the pool
+                self._prepare_inputs(runner)
+            return runner
+        from vutrain.bench_openclip import OpenClipStep
+        precision = "amp_bf16" if self.args.precision == "bf16" else "fp32"
+        return OpenClipStep(self.openclip, self.openclip_cfg, self.device, precision,
+                            grad_checkpointing=variant.grad_ckpt)
+
+    def _prepare_inputs(self, runner: TrainerStep) -> None:
+        from vutrain.bench_openclip import load_open_clip, model_config
+        trainer = runner.trainer
+        pool = read_pool(runner.stream, self.args.pool)
+        processor = trainer.processor
+        self.batches = Batches(pool, list(processor.image_mean), list(processor.image_std))
+        self.openclip = load_open_clip()
+        image_size = pool["pixel_values"].shape[-1]
+        self.openclip_cfg = model_config(self.args.preset, image_size, len(trainer.tokenizer),
+                                         trainer.context_length, self.openclip)
+
+    def close(self, runner) -> float | None:
+        """Free a configuration; returns the device memory still allocated afterwards (GiB) on CUDA."""
+        runner.close()
+        free_memory(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2 ** 30
+        return None
+
+    def speed(self, variant: Variant) -> list[dict]:
+        """Phase 1: one row per batch size; an out-of-memory batch is recorded, not fatal."""
+        rows, runner = [], self.build(variant)
+        for size in self.args.batch_sizes:
+            row = {"variant": variant.label, "side": variant.side, "zero_stage": variant.zero_stage,
+                   "loss_backend": variant.loss_backend, "grad_ckpt": variant.grad_ckpt, "batch_size": size}
+            failed = None
+            try:
+                row.update(measure(runner, self.batches.get(variant.side, size), self.args.warmup,
+                                   self.args.steps, self.device))
+            except Exception as exc:  # noqa: BLE001 - only an OOM is recorded; anything else re-raises
+                if not is_oom(exc):
+                    raise
+                failed = f"out of memory: {str(exc).splitlines()[0][:120]}"
+            if failed:  # rebuilt: an OOM mid-step leaves half-written buffers behind
+                row["error"] = failed
+                self.close(runner)
+                runner = self.build(variant)
+            rows.append(row)
+            print(format_row(row), flush=True)
+        leftover = self.close(runner)
+        if leftover is not None and leftover > 0.1:
+            print(f"warning: {leftover:.2f} GiB still allocated after freeing {variant.label}", flush=True)
+        return rows
+
+    def search(self, variant: Variant, known_fit: int) -> dict:
+        """Phase 2: the largest batch this configuration trains `--probe-steps` steps at."""
+        state = {"runner": None}
+
+        def fits(size: int) -> bool:
+            batch = self.batches.get(variant.side, size)
+            if state["runner"] is None:
+                state["runner"] = self.build(variant)
+            ok = True
+            try:
+                for _ in range(self.args.probe_steps):
+                    state["runner"].step(batch)
+                synchronize(self.device)
+            except Exception as exc:  # noqa: BLE001 - only an OOM means "does not fit"
+                if not is_oom(exc):
+                    raise
+                ok = False
+            del batch
+            if not ok:
+                self.close(state["runner"])
+                state["runner"] = None
+            free_memory(self.device)
+            print(f"  {variant.label}: batch {size} {'fits' if ok else 'out of memory'}", flush=True)
+            return ok
+
+        found = largest_batch(fits, known_fit=known_fit, start=self.args.batch_sizes[0],
+                              limit=self.args.max_batch, granularity=self.args.search_granularity,
+                              precision=self.args.search_precision)
+        if state["runner"] is not None:
+            self.close(state["runner"])
+        return {"variant": variant.label, "side": variant.side, **found}
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def format_row(row: dict) -> str:
+    if "error" in row:
+        return f"| {row['variant']} | {row['batch_size']} | {row['error']} | | |"
+    mem = "n/a (CPU)" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.2f}"
+    ratio = row.get("ratio_to_open_clip")
+    return (f"| {row['variant']} | {row['batch_size']} | {row['samples_per_s']:.1f} | {mem} | "
+            f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+
+
+def add_ratios(rows: list[dict], largest: list[dict]) -> None:
+    """Each row's samples/s (and each largest batch) over open_clip's default step's."""
+    base = {r["batch_size"]: r["samples_per_s"] for r in rows
+            if r["variant"] == BASELINE.label and "error" not in r}
+    for row in rows:
+        if "error" not in row and row["batch_size"] in base:
+            row["ratio_to_open_clip"] = row["samples_per_s"] / base[row["batch_size"]]
+    base_largest = next((r["largest_batch"] for r in largest if r["variant"] == BASELINE.label
+                         and r.get("largest_batch")), None)
+    for entry in largest:
+        if base_largest and entry.get("largest_batch") is not None:
+            entry["ratio_to_open_clip"] = entry["largest_batch"] / base_largest
+
+
+def judge_targets(rows: list[dict], largest: list[dict], on_gpu: bool) -> list[dict]:
+    """The issue's targets, each PASS/FAIL with the figures it was judged on (GPU runs only)."""
+    if not on_gpu:
+        return []
+    targets = []
+    for size in TARGET_BATCHES:
+        vutrain = [r for r in rows if r["side"] == "vutrain" and r["batch_size"] == size and "ratio_to_open_clip" in r]
+        if not vutrain:
+            continue
+        best = max(vutrain, key=lambda r: r["ratio_to_open_clip"])
+        targets.append({"target": f"samples/s at batch {size} >= {TARGET_SPEEDUP}x open_clip",
+                        "value": round(best["ratio_to_open_clip"], 3), "by": best["variant"],
+                        "result": "PASS" if best["ratio_to_open_clip"] >= TARGET_SPEEDUP else "FAIL"})
+    base = next((r for r in largest if r["variant"] == BASELINE.label), None)
+    vutrain = [r for r in largest if r["side"] == "vutrain" and r.get("largest_batch")]
+    if base and vutrain and base.get("largest_batch"):
+        best = max(vutrain, key=lambda r: r["largest_batch"])
+        ratio = best["largest_batch"] / base["largest_batch"]
+        if base.get("capped"):  # open_clip's own limit was not reached: the ratio is not known
+            result = "UNDECIDED (open_clip reached --max-batch)"
+        else:
+            result = "PASS" if ratio >= TARGET_BATCH_RATIO else "FAIL"
+        targets.append({"target": f"largest batch >= {TARGET_BATCH_RATIO}x open_clip's", "value": round(ratio, 3),
+                        "by": best["variant"], "result": result})
+    return targets
+
+
+def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> None:
+    """Samples/s per configuration and batch size, and the largest batch of each, as one figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    sizes = sorted({r["batch_size"] for r in rows})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(1, len(sizes))
+    for k, size in enumerate(sizes):
+        values = [next((r.get("samples_per_s", 0.0) for r in rows if r["variant"] == lab
+                        and r["batch_size"] == size), 0.0) for lab in labels]
+        ax1.bar([i + k * width for i in range(len(labels))], values, width, label=f"batch {size}")
+    ax1.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(labels))])
+    ax1.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax1.set_ylabel("samples/s")
+    ax1.legend(fontsize=8)
+    ax1.set_title("training step throughput")
+    found = [r for r in largest if r.get("largest_batch") is not None]
+    ax2.bar(range(len(found)), [r["largest_batch"] for r in found],
+            color=["tab:gray" if r["side"] == "open_clip" else "tab:blue" for r in found])
+    ax2.set_xticks(range(len(found)))
+    ax2.set_xticklabels([r["variant"] + (" (cap)" if r.get("capped") else "") for r in found],
+                        rotation=35, ha="right", fontsize=8)
+    ax2.set_ylabel("largest batch that trains")
+    ax2.set_title("largest batch" if found else "largest batch: not searched")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(result: dict, out: str, png: str) -> None:
+    print("\n| configuration | batch | samples/s | peak GiB | x open_clip |\n|---|---|---|---|---|")
+    for row in result["rows"]:
+        print(format_row(row))
+    if result["largest"]:
+        print("\n| configuration | largest batch | x open_clip | probes |\n|---|---|---|---|")
+        for entry in result["largest"]:
+            if entry.get("skipped"):
+                print(f"| {entry['variant']} | skipped: {entry['skipped']} | | |")
+                continue
+            ratio = entry.get("ratio_to_open_clip")
+            shown = f"{entry['largest_batch']}" + (" (reached --max-batch)" if entry.get("capped") else "")
+            print(f"| {entry['variant']} | {shown} | {'' if ratio is None else f'{ratio:.2f}x'} | "
+                  f"{len(entry['probes'])} |")
+    else:
+        print(f"\nlargest batch: {result['largest_note']}")
+    if result["targets"]:
+        print(f"\ntargets on {result['device']} (set for an H100/H200):")
+        for t in result["targets"]:
+            print(f"  {t['result']}: {t['target']} (measured {t['value']}x, {t['by']})")
+    else:
+        print("\ntargets: judged on a GPU only (this run is on the CPU)")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+    write_png(png, result["rows"], result["largest"],
+              f"vutrain vs open_clip, {result['preset']}, {result['precision']}, {result['device']}, "
+              f"{result['date']}")
+    print(f"\nwrote {out} and {png}")
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m vutrain.bench --compare open_clip",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", choices=("open_clip",), required=True)
+    parser.add_argument("--preset", default="vit-b-32" if cuda else "tiny",
+                        help="vutrain preset; open_clip gets the same shapes (default: vit-b-32 on CUDA, tiny on CPU)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32",
+                        help="vutrain train.precision; open_clip runs amp_bf16 for bf16, fp32 otherwise")
+    parser.add_argument("--batch-sizes", default="256,1024" if cuda else "8,16")
+    parser.add_argument("--zero-stages", default="1,2")
+    parser.add_argument("--loss-backends", default="torch,triton")
+    parser.add_argument("--grad-ckpt", choices=("off", "on", "both"), default="both",
+                        help="vutrain (and open_clip) gradient checkpointing; 'both' adds open_clip's too")
+    parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps per batch size")
+    parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    parser.add_argument("--pool", type=int, default=512 if cuda else 32,
+                        help="distinct pre-decoded samples (batches repeat them)")
+    parser.add_argument("--search", default="all",
+                        help="configurations whose largest batch is searched: all, none, or labels joined by "
+                             "commas (e.g. 'open_clip,vutrain z2 torch ckpt'); open_clip is searched first")
+    parser.add_argument("--max-batch", type=int, default=32768 if cuda else 0,
+                        help="largest batch probed (0: no search; the CPU default, it has no device memory limit)")
+    parser.add_argument("--probe-steps", type=int, default=2, help="steps a batch must train to count as fitting")
+    parser.add_argument("--search-granularity", type=int, default=8, help="bisection stops at this batch spacing")
+    parser.add_argument("--search-precision", type=float, default=0.0625,
+                        help="... or at this fraction of the batch that fits, whichever is coarser")
+    parser.add_argument("--deadline-min", type=float, default=0.0,
+                        help="skip the remaining searches after this many minutes (0: no limit)")
+    parser.add_argument("--out", default="bench_results/compare_open_clip.json")
+    parser.add_argument("--png", default="", help="figure path (default: --out with .png)")
+    args = parser.parse_args(argv)
+    args.batch_sizes = sorted(int(b) for b in args.batch_sizes.split(","))
+    args.pool_batch = min(args.batch_sizes[0], args.pool)
+    args.png = args.png or os.path.splitext(args.out)[0] + ".png"
+    return args
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    """vutrain's configurations in order, then open_clip's (checkpointed too when vutrain's is)."""
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
+    out = [Variant("vutrain", ckpt, int(z), backend) for z in args.zero_stages.split(",")
+           for backend in args.loss_backends.split(",") for ckpt in ckpts]
+    out.append(BASELINE)
+    if True in ckpts:
+        out.append(Variant("open_clip", grad_ckpt=True))
+    return out
+
+
+def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[Variant]:
+    if args.search == "none" or not args.max_batch:
+        return []
+    chosen = all_variants if args.search == "all" else [
+        v for v in all_variants if v.label in {s.strip() for s in args.search.split(",")}]
+    unknown = {s.strip() for s in args.search.split(",")} - {v.label for v in all_variants} - {"all"}
+    if unknown:
+        raise SystemExit(f"--search names unknown configurations {sorted(unknown)}; "
+                         f"choose from {[v.label for v in all_variants]}")
+    return sorted(chosen, key=lambda v: v.side != "open_clip")  # the baseline first, stable otherwise
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vutrain.bench import device_name
+    from vutrain.data.synthetic import write_synthetic
+    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+    from vutrain.model import PRESETS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    all_variants = variants(args)
+    to_search = search_order(args, all_variants)
+    started = time.monotonic()
+    work = tempfile.mkdtemp(prefix="vutrain-compare-")
+    data = write_synthetic(os.path.join(work, "data"), num_samples=max(args.pool, 256), shard_size=256,
+                           image_size=PRESETS[args.preset].image_size, val_samples=0)
+    info = resolve_dist_env()
+    init_distributed(info)  # once: every Trainer below shares this process group
+    bench = Bench(args, info, os.path.join(work, "run"), data["train_shards"])
+    rows, largest = [], []
+    try:
+        print("| configuration | batch | samples/s | peak GiB | x open_clip |\n|---|---|---|---|---|", flush=True)
+        for variant in all_variants:
+            rows += bench.speed(variant)
+        for variant in to_search:
+            if args.deadline_min and time.monotonic() - started > 60 * args.deadline_min:
+                largest.append({"variant": variant.label, "side": variant.side,
+                                "skipped": f"--deadline-min {args.deadline_min} passed"})
+                continue
+            fit = [r["batch_size"] for r in rows if r["variant"] == variant.label and "error" not in r]
+            largest.append(bench.search(variant, known_fit=max(fit, default=0)))
+    finally:
+        cleanup()
+    add_ratios(rows, largest)
+    on_gpu = bench.device.type == "cuda"
+    result = {
+        "command": "python -m vutrain.bench " + " ".join(argv), "date": datetime.date.today().isoformat(),
+        "device": device_name(), "torch": torch.__version__, "preset": args.preset, "precision": args.precision,
+        "open_clip": {"version": bench.openclip.version, "source": bench.openclip.source,
+                      "model_cfg": bench.openclip_cfg},
+        "pool_samples": args.pool, "warmup": args.warmup, "steps": args.steps,
+        "rows": rows, "largest": largest, "targets": judge_targets(rows, largest, on_gpu),
+        "largest_note": "" if to_search else "not searched (pass --max-batch N to probe up to N; on a GPU "
+                                             "the default searches to 32768)",
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    report(result, args.out, args.png)
+    return 0
