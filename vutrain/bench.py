@@ -96,8 +96,9 @@ def table(rows: list[dict]) -> str:
 def dispatch(argv: list[str]) -> int | None:
     """Run a sibling benchmark when argv names one (`data ...`, `--compare ...`); None otherwise."""
     if argv and argv[0] == "data":
+        import importlib
         try:
-            from vutrain import bench_data
+            bench_data = importlib.import_module("vutrain.bench_data")
         except ModuleNotFoundError as exc:
             if exc.name != "vutrain.bench_data":
                 raise

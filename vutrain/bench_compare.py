@@ -231,31 +231,35 @@ class Bench:
         return None
 
     def speed(self, variant: Variant) -> list[dict]:
-        """Phase 1: one row per batch size; an out-of-memory batch is recorded, not fatal."""
-        rows, runner = [], self.build(variant)
+        """Phase 1: one row per batch size; an out-of-memory batch is recorded, not fatal.
+
+        Any other failure (e.g. a backend that does not build on this device) is recorded in the
+        configuration's rows with its message, and the comparison goes on with the others.
+        """
+        rows, runner = [], None
         for size in self.args.batch_sizes:
             row = {"variant": variant.label, "side": variant.side, "zero_stage": variant.zero_stage,
                    "loss_backend": variant.loss_backend, "grad_ckpt": variant.grad_ckpt, "batch_size": size}
-            failed = None
             try:
+                runner = runner or self.build(variant)
                 row.update(measure(runner, self.batches.get(variant.side, size), self.args.warmup,
                                    self.args.steps, self.device))
-            except Exception as exc:  # noqa: BLE001 - only an OOM is recorded; anything else re-raises
-                if not is_oom(exc):
-                    raise
-                failed = f"out of memory: {str(exc).splitlines()[0][:120]}"
-            if failed:  # rebuilt: an OOM mid-step leaves half-written buffers behind
-                row["error"] = failed
+            except Exception as exc:  # noqa: BLE001 - recorded in the row, the other configurations go on
+                first_line = (str(exc).splitlines() or [""])[0][:160]
+                row["error"] = f"out of memory: {first_line}" if is_oom(exc) else \
+                    f"{type(exc).__name__}: {first_line}"
+                row["oom"] = is_oom(exc)
+            if "error" in row and runner is not None:  # rebuilt: a failed step leaves half-written buffers
                 self.close(runner)
-                runner = self.build(variant)
+                runner = None
             rows.append(row)
             print(format_row(row), flush=True)
-        leftover = self.close(runner)
+        leftover = self.close(runner) if runner is not None else None
         if leftover is not None and leftover > 0.1:
             print(f"warning: {leftover:.2f} GiB still allocated after freeing {variant.label}", flush=True)
         return rows
 
-    def search(self, variant: Variant, known_fit: int) -> dict:
+    def search(self, variant: Variant, known_fit: int, stop) -> dict:
         """Phase 2: the largest batch this configuration trains `--probe-steps` steps at."""
         state = {"runner": None}
 
@@ -282,7 +286,7 @@ class Bench:
 
         found = largest_batch(fits, known_fit=known_fit, start=self.args.batch_sizes[0],
                               limit=self.args.max_batch, granularity=self.args.search_granularity,
-                              precision=self.args.search_precision)
+                              precision=self.args.search_precision, stop=stop)
         if state["runner"] is not None:
             self.close(state["runner"])
         return {"variant": variant.label, "side": variant.side, **found}
@@ -332,10 +336,13 @@ def judge_targets(rows: list[dict], largest: list[dict], on_gpu: bool) -> list[d
     if base and vutrain and base.get("largest_batch"):
         best = max(vutrain, key=lambda r: r["largest_batch"])
         ratio = best["largest_batch"] / base["largest_batch"]
-        if base.get("capped"):  # open_clip's own limit was not reached: the ratio is not known
-            result = "UNDECIDED (open_clip reached --max-batch)"
+        lower_bound = best.get("capped") or best.get("stopped")  # vutrain's true largest may be larger
+        if base.get("capped") or base.get("stopped"):  # open_clip's own limit was not reached
+            result = "UNDECIDED (open_clip's largest batch not reached: --max-batch or --deadline-min)"
+        elif ratio >= TARGET_BATCH_RATIO:
+            result = "PASS"
         else:
-            result = "PASS" if ratio >= TARGET_BATCH_RATIO else "FAIL"
+            result = "UNDECIDED (vutrain's search was cut short)" if lower_bound else "FAIL"
         targets.append({"target": f"largest batch >= {TARGET_BATCH_RATIO}x open_clip's", "value": round(ratio, 3),
                         "by": best["variant"], "result": result})
     return targets
@@ -374,6 +381,12 @@ def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> N
     plt.close(fig)
 
 
+def write_json(result: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+
+
 def report(result: dict, out: str, png: str) -> None:
     print("\n| configuration | batch | samples/s | peak GiB | x open_clip |\n|---|---|---|---|---|")
     for row in result["rows"]:
@@ -385,7 +398,8 @@ def report(result: dict, out: str, png: str) -> None:
                 print(f"| {entry['variant']} | skipped: {entry['skipped']} | | |")
                 continue
             ratio = entry.get("ratio_to_open_clip")
-            shown = f"{entry['largest_batch']}" + (" (reached --max-batch)" if entry.get("capped") else "")
+            shown = f"{entry['largest_batch']}" + (" (reached --max-batch)" if entry.get("capped") else "") \
+                + (" (search stopped at --deadline-min)" if entry.get("stopped") else "")
             print(f"| {entry['variant']} | {shown} | {'' if ratio is None else f'{ratio:.2f}x'} | "
                   f"{len(entry['probes'])} |")
     else:
@@ -396,9 +410,7 @@ def report(result: dict, out: str, png: str) -> None:
             print(f"  {t['result']}: {t['target']} (measured {t['value']}x, {t['by']})")
     else:
         print("\ntargets: judged on a GPU only (this run is on the CPU)")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1)
+    write_json(result, out)
     write_png(png, result["rows"], result["largest"],
               f"vutrain vs open_clip, {result['preset']}, {result['precision']}, {result['device']}, "
               f"{result['date']}")
@@ -436,7 +448,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--search-precision", type=float, default=0.0625,
                         help="... or at this fraction of the batch that fits, whichever is coarser")
     parser.add_argument("--deadline-min", type=float, default=0.0,
-                        help="skip the remaining searches after this many minutes (0: no limit)")
+                        help="end the largest-batch searches this many minutes after the start, keeping what "
+                             "they found (0: no limit); phase 1 always runs in full")
     parser.add_argument("--out", default="bench_results/compare_open_clip.json")
     parser.add_argument("--png", default="", help="figure path (default: --out with .png)")
     args = parser.parse_args(argv)
@@ -470,7 +483,6 @@ def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vutrain.bench import device_name
     from vutrain.data.synthetic import write_synthetic
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
     from vutrain.model import PRESETS
@@ -486,32 +498,45 @@ def main(argv: list[str] | None = None) -> int:
     info = resolve_dist_env()
     init_distributed(info)  # once: every Trainer below shares this process group
     bench = Bench(args, info, os.path.join(work, "run"), data["train_shards"])
+    deadline = started + 60 * args.deadline_min if args.deadline_min else None
+    out_of_time = (lambda: time.monotonic() > deadline) if deadline else None
     rows, largest = [], []
     try:
         print("| configuration | batch | samples/s | peak GiB | x open_clip |\n|---|---|---|---|---|", flush=True)
         for variant in all_variants:
             rows += bench.speed(variant)
+            # Written after each configuration: what was measured survives an outer time limit.
+            write_json(result_dict(args, argv, bench, rows, largest, to_search, started, partial=True), args.out)
         for variant in to_search:
-            if args.deadline_min and time.monotonic() - started > 60 * args.deadline_min:
-                largest.append({"variant": variant.label, "side": variant.side,
-                                "skipped": f"--deadline-min {args.deadline_min} passed"})
-                continue
             fit = [r["batch_size"] for r in rows if r["variant"] == variant.label and "error" not in r]
-            largest.append(bench.search(variant, known_fit=max(fit, default=0)))
+            skipped = f"--deadline-min {args.deadline_min} passed" if out_of_time and out_of_time() else None
+            if any(r["variant"] == variant.label and "error" in r and not r.get("oom") for r in rows):
+                skipped = "failed in phase 1"
+            if skipped:
+                largest.append({"variant": variant.label, "side": variant.side, "skipped": skipped})
+                continue
+            largest.append(bench.search(variant, known_fit=max(fit, default=0), stop=out_of_time))
     finally:
         cleanup()
     add_ratios(rows, largest)
-    on_gpu = bench.device.type == "cuda"
-    result = {
+    report(result_dict(args, argv, bench, rows, largest, to_search, started, partial=False), args.out, args.png)
+    failed = [r for r in rows if "error" in r and not r.get("oom")]
+    return 1 if failed else 0
+
+
+def result_dict(args: argparse.Namespace, argv: list[str], bench: Bench, rows: list[dict], largest: list[dict],
+                to_search: list[Variant], started: float, partial: bool) -> dict:
+    """Everything the JSON file records: settings, device, every row, searches and targets."""
+    from vutrain.bench import device_name
+    oc = bench.openclip
+    return {
         "command": "python -m vutrain.bench " + " ".join(argv), "date": datetime.date.today().isoformat(),
         "device": device_name(), "torch": torch.__version__, "preset": args.preset, "precision": args.precision,
-        "open_clip": {"version": bench.openclip.version, "source": bench.openclip.source,
+        "open_clip": {"version": oc.version if oc else None, "source": oc.source if oc else None,
                       "model_cfg": bench.openclip_cfg},
-        "pool_samples": args.pool, "warmup": args.warmup, "steps": args.steps,
-        "rows": rows, "largest": largest, "targets": judge_targets(rows, largest, on_gpu),
+        "pool_samples": args.pool, "warmup": args.warmup, "steps": args.steps, "probe_steps": args.probe_steps,
+        "rows": rows, "largest": largest, "targets": judge_targets(rows, largest, bench.device.type == "cuda"),
         "largest_note": "" if to_search else "not searched (pass --max-batch N to probe up to N; on a GPU "
                                              "the default searches to 32768)",
-        "wall_s": round(time.monotonic() - started, 1),
+        "partial": partial, "wall_s": round(time.monotonic() - started, 1),
     }
-    report(result, args.out, args.png)
-    return 0
