@@ -129,9 +129,12 @@ class TrainerStep:
 
     def close(self) -> None:
         engine = self.trainer.engine
-        engine.zero_grad()
-        if hasattr(engine, "destroy"):  # removes DeepSpeed's hooks, which keep buffers alive
-            engine.destroy()
+        try:
+            engine.zero_grad()
+            if hasattr(engine, "destroy"):  # removes DeepSpeed's hooks, which keep buffers alive
+                engine.destroy()
+        except Exception as exc:  # noqa: BLE001 - an engine broken by an OOM still has to be dropped
+            print(f"warning: freeing the DeepSpeed engine: {type(exc).__name__}: {exc}", flush=True)
         del self.trainer, self.feed, self.stream
 
 
@@ -241,7 +244,8 @@ class Bench:
             row = {"variant": variant.label, "side": variant.side, "zero_stage": variant.zero_stage,
                    "loss_backend": variant.loss_backend, "grad_ckpt": variant.grad_ckpt, "batch_size": size}
             try:
-                runner = runner or self.build(variant)
+                if runner is None:
+                    runner = self.build(variant)
                 row.update(measure(runner, self.batches.get(variant.side, size), self.args.warmup,
                                    self.args.steps, self.device))
             except Exception as exc:  # noqa: BLE001 - recorded in the row, the other configurations go on
