@@ -47,7 +47,8 @@ def run_one(spec: dict) -> dict:
     overrides = [f"output_dir={spec['run_dir']}", f"data.train_shards={spec['train_shards']}",
                  "data.val_shards=", "eval.every=0", f"model.preset={spec['preset']}",
                  f"train.precision={spec['precision']}", f"train.zero_stage={spec['zero_stage']}",
-                 f"train.micro_batch_size={spec['batch_size']}", f"model.gradient_checkpointing={spec['grad_ckpt']}",
+                 f"train.micro_batch_size={spec['batch_size']}",
+                 f"model.gradient_checkpointing={spec['grad_ckpt']}",
                  f"train.max_steps={spec['warmup'] + spec['steps']}", "train.checkpoint_every=0",
                  "train.progress_bar=false", "train.resume=never", f"data.num_workers={spec['workers']}",
                  f"loss.backend={spec['loss_backend']}", "data.resampled=true", "data.num_samples=100000"]
@@ -79,7 +80,8 @@ def run_one(spec: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | precision | ZeRO | batch | grad ckpt | samples/s | step s | data | fwd | loss | bwd | opt | peak mem GiB |",
+    lines = ["| preset | precision | ZeRO | batch | grad ckpt | samples/s | step s | data | fwd | loss | bwd "
+             "| opt | peak mem GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -87,7 +89,8 @@ def table(rows: list[dict]) -> str:
                          f"{r['grad_ckpt']} | failed: {r['error'][:60]} |||||||| ")
             continue
         mem = r.get("peak_memory_gib", r.get("peak_rss_gib", float("nan")))
-        lines.append(f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | {r['grad_ckpt']} | "
+        lines.append(f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
+                     f"{r['grad_ckpt']} | "
                      f"{r['samples_per_s']:.1f} | {r['step_time_s']:.3f} | "
                      + " | ".join(f"{r[p + '_s']:.3f}" for p in PHASES) + f" | {mem:.2f} |")
     return "\n".join(lines)
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for ckpt in ckpts:
-            spec = dict(preset=args.preset, precision=args.precision, zero_stage=args.zero_stage, batch_size=batch,
+            spec = dict(preset=args.preset, precision=args.precision, zero_stage=args.zero_stage,
+                        batch_size=batch,
                         grad_ckpt=ckpt, steps=args.steps, warmup=args.warmup, workers=args.workers,
                         loss_backend=args.loss_backend, train_shards=data["train_shards"],
                         run_dir=os.path.join(work, f"run-{batch}-{ckpt}"))

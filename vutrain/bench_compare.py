@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -37,13 +36,16 @@ from dataclasses import dataclass
 
 import torch
 
+from vutrain.bench_report import (
+    BASELINE_LABEL,
+    TABLE_HEAD,
+    add_ratios,
+    format_row,
+    judge_targets,
+    report,
+    write_json,
+)
 from vutrain.bench_search import largest_batch
-
-TARGET_SPEEDUP = 1.1
-"""vutrain's samples/s over open_clip's at batch 256 and 1024 (issue 9)."""
-TARGET_BATCH_RATIO = 2.0
-"""vutrain's largest batch per GPU over open_clip's (issue 9)."""
-TARGET_BATCHES = (256, 1024)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Variant:
 
 
 BASELINE = Variant("open_clip", grad_ckpt=False)
+assert BASELINE.label == BASELINE_LABEL
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -133,7 +136,7 @@ class TrainerStep:
             engine.zero_grad()
             if hasattr(engine, "destroy"):  # removes DeepSpeed's hooks, which keep buffers alive
                 engine.destroy()
-        except Exception as exc:  # noqa: BLE001 - an engine broken by an OOM still has to be dropped
+        except Exception as exc:
             print(f"warning: freeing the DeepSpeed engine: {type(exc).__name__}: {exc}", flush=True)
         del self.trainer, self.feed, self.stream
 
@@ -146,7 +149,8 @@ def read_pool(stream, size: int) -> dict[str, torch.Tensor]:
     parts: list[dict[str, torch.Tensor]] = []
     while sum(len(p["input_ids"]) for p in parts) < size:
         parts.append(next(stream))
-    return {k: torch.cat([p[k] for p in parts])[:size] for k in ("pixel_values", "input_ids", "attention_mask")}
+    keys = ("pixel_values", "input_ids", "attention_mask")
+    return {k: torch.cat([p[k] for p in parts])[:size] for k in keys}
 
 
 def openclip_pixels(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -248,7 +252,7 @@ class Bench:
                     runner = self.build(variant)
                 row.update(measure(runner, self.batches.get(variant.side, size), self.args.warmup,
                                    self.args.steps, self.device))
-            except Exception as exc:  # noqa: BLE001 - recorded in the row, the other configurations go on
+            except Exception as exc:
                 first_line = (str(exc).splitlines() or [""])[0][:160]
                 row["error"] = f"out of memory: {first_line}" if is_oom(exc) else \
                     f"{type(exc).__name__}: {first_line}"
@@ -276,7 +280,7 @@ class Bench:
                 for _ in range(self.args.probe_steps):
                     state["runner"].step(batch)
                 synchronize(self.device)
-            except Exception as exc:  # noqa: BLE001 - only an OOM means "does not fit"
+            except Exception as exc:
                 if not is_oom(exc):
                     raise
                 ok = False
@@ -296,131 +300,6 @@ class Bench:
         return {"variant": variant.label, "side": variant.side, **found}
 
 
-# ---------------------------------------------------------------------------------- report
-
-
-def format_row(row: dict) -> str:
-    if "error" in row:
-        return f"| {row['variant']} | {row['batch_size']} | {row['error']} | | |"
-    mem = "n/a (CPU)" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.2f}"
-    ratio = row.get("ratio_to_open_clip")
-    return (f"| {row['variant']} | {row['batch_size']} | {row['samples_per_s']:.1f} | {mem} | "
-            f"{'' if ratio is None else f'{ratio:.2f}x'} |")
-
-
-def add_ratios(rows: list[dict], largest: list[dict]) -> None:
-    """Each row's samples/s (and each largest batch) over open_clip's default step's."""
-    base = {r["batch_size"]: r["samples_per_s"] for r in rows
-            if r["variant"] == BASELINE.label and "error" not in r}
-    for row in rows:
-        if "error" not in row and row["batch_size"] in base:
-            row["ratio_to_open_clip"] = row["samples_per_s"] / base[row["batch_size"]]
-    base_largest = next((r["largest_batch"] for r in largest if r["variant"] == BASELINE.label
-                         and r.get("largest_batch")), None)
-    for entry in largest:
-        if base_largest and entry.get("largest_batch") is not None:
-            entry["ratio_to_open_clip"] = entry["largest_batch"] / base_largest
-
-
-def judge_targets(rows: list[dict], largest: list[dict], on_gpu: bool) -> list[dict]:
-    """The issue's targets, each PASS/FAIL with the figures it was judged on (GPU runs only)."""
-    if not on_gpu:
-        return []
-    targets = []
-    for size in TARGET_BATCHES:
-        vutrain = [r for r in rows if r["side"] == "vutrain" and r["batch_size"] == size and "ratio_to_open_clip" in r]
-        if not vutrain:
-            continue
-        best = max(vutrain, key=lambda r: r["ratio_to_open_clip"])
-        targets.append({"target": f"samples/s at batch {size} >= {TARGET_SPEEDUP}x open_clip",
-                        "value": round(best["ratio_to_open_clip"], 3), "by": best["variant"],
-                        "result": "PASS" if best["ratio_to_open_clip"] >= TARGET_SPEEDUP else "FAIL"})
-    base = next((r for r in largest if r["variant"] == BASELINE.label), None)
-    vutrain = [r for r in largest if r["side"] == "vutrain" and r.get("largest_batch")]
-    if base and vutrain and base.get("largest_batch"):
-        best = max(vutrain, key=lambda r: r["largest_batch"])
-        ratio = best["largest_batch"] / base["largest_batch"]
-        lower_bound = best.get("capped") or best.get("stopped")  # vutrain's true largest may be larger
-        if base.get("capped") or base.get("stopped"):  # open_clip's own limit was not reached
-            result = "UNDECIDED (open_clip's largest batch not reached: --max-batch or --deadline-min)"
-        elif ratio >= TARGET_BATCH_RATIO:
-            result = "PASS"
-        else:
-            result = "UNDECIDED (vutrain's search was cut short)" if lower_bound else "FAIL"
-        targets.append({"target": f"largest batch >= {TARGET_BATCH_RATIO}x open_clip's", "value": round(ratio, 3),
-                        "by": best["variant"], "result": result})
-    return targets
-
-
-def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> None:
-    """Samples/s per configuration and batch size, and the largest batch of each, as one figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(dict.fromkeys(r["variant"] for r in rows))
-    sizes = sorted({r["batch_size"] for r in rows})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    width = 0.8 / max(1, len(sizes))
-    for k, size in enumerate(sizes):
-        values = [next((r.get("samples_per_s", 0.0) for r in rows if r["variant"] == lab
-                        and r["batch_size"] == size), 0.0) for lab in labels]
-        ax1.bar([i + k * width for i in range(len(labels))], values, width, label=f"batch {size}")
-    ax1.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(labels))])
-    ax1.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-    ax1.set_ylabel("samples/s")
-    ax1.legend(fontsize=8)
-    ax1.set_title("training step throughput")
-    found = [r for r in largest if r.get("largest_batch") is not None]
-    ax2.bar(range(len(found)), [r["largest_batch"] for r in found],
-            color=["tab:gray" if r["side"] == "open_clip" else "tab:blue" for r in found])
-    ax2.set_xticks(range(len(found)))
-    ax2.set_xticklabels([r["variant"] + (" (cap)" if r.get("capped") else "") for r in found],
-                        rotation=35, ha="right", fontsize=8)
-    ax2.set_ylabel("largest batch that trains")
-    ax2.set_title("largest batch" if found else "largest batch: not searched")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_json(result: dict, out: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1)
-
-
-def report(result: dict, out: str, png: str) -> None:
-    print("\n| configuration | batch | samples/s | peak GiB | x open_clip |\n|---|---|---|---|---|")
-    for row in result["rows"]:
-        print(format_row(row))
-    if result["largest"]:
-        print("\n| configuration | largest batch | x open_clip | probes |\n|---|---|---|---|")
-        for entry in result["largest"]:
-            if entry.get("skipped"):
-                print(f"| {entry['variant']} | skipped: {entry['skipped']} | | |")
-                continue
-            ratio = entry.get("ratio_to_open_clip")
-            shown = f"{entry['largest_batch']}" + (" (reached --max-batch)" if entry.get("capped") else "") \
-                + (" (search stopped at --deadline-min)" if entry.get("stopped") else "")
-            print(f"| {entry['variant']} | {shown} | {'' if ratio is None else f'{ratio:.2f}x'} | "
-                  f"{len(entry['probes'])} |")
-    else:
-        print(f"\nlargest batch: {result['largest_note']}")
-    if result["targets"]:
-        print(f"\ntargets on {result['device']} (set for an H100/H200):")
-        for t in result["targets"]:
-            print(f"  {t['result']}: {t['target']} (measured {t['value']}x, {t['by']})")
-    else:
-        print("\ntargets: judged on a GPU only (this run is on the CPU)")
-    write_json(result, out)
-    write_png(png, result["rows"], result["largest"],
-              f"vutrain vs open_clip, {result['preset']}, {result['precision']}, {result['device']}, "
-              f"{result['date']}")
-    print(f"\nwrote {out} and {png}")
-
-
 # ---------------------------------------------------------------------------------- main
 
 
@@ -430,7 +309,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--compare", choices=("open_clip",), required=True)
     parser.add_argument("--preset", default="vit-b-32" if cuda else "tiny",
-                        help="vutrain preset; open_clip gets the same shapes (default: vit-b-32 on CUDA, tiny on CPU)")
+                        help="vutrain preset; open_clip gets the same shapes "
+                             "(default: vit-b-32 on CUDA, tiny on CPU)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32",
                         help="vutrain train.precision; open_clip runs amp_bf16 for bf16, fp32 otherwise")
     parser.add_argument("--batch-sizes", default="256,1024" if cuda else "8,16")
@@ -446,9 +326,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="configurations whose largest batch is searched: all, none, or labels joined by "
                              "commas (e.g. 'open_clip,vutrain z2 torch ckpt'); open_clip is searched first")
     parser.add_argument("--max-batch", type=int, default=32768 if cuda else 0,
-                        help="largest batch probed (0: no search; the CPU default, it has no device memory limit)")
-    parser.add_argument("--probe-steps", type=int, default=2, help="steps a batch must train to count as fitting")
-    parser.add_argument("--search-granularity", type=int, default=8, help="bisection stops at this batch spacing")
+                        help="largest batch probed (0: no search; the CPU default, it has no device "
+                             "memory limit)")
+    parser.add_argument("--probe-steps", type=int, default=2,
+                        help="steps a batch must train to count as fitting")
+    parser.add_argument("--search-granularity", type=int, default=8,
+                        help="bisection stops at this batch spacing")
     parser.add_argument("--search-precision", type=float, default=0.0625,
                         help="... or at this fraction of the batch that fits, whichever is coarser")
     parser.add_argument("--deadline-min", type=float, default=0.0,
@@ -506,11 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     out_of_time = (lambda: time.monotonic() > deadline) if deadline else None
     rows, largest = [], []
     try:
-        print("| configuration | batch | samples/s | peak GiB | x open_clip |\n|---|---|---|---|---|", flush=True)
+        print(TABLE_HEAD, flush=True)
         for variant in all_variants:
             rows += bench.speed(variant)
             # Written after each configuration: what was measured survives an outer time limit.
-            write_json(result_dict(args, argv, bench, rows, largest, to_search, started, partial=True), args.out)
+            write_json(result_dict(args, argv, bench, rows, largest, to_search, started, True), args.out)
         for variant in to_search:
             fit = [r["batch_size"] for r in rows if r["variant"] == variant.label and "error" not in r]
             skipped = f"--deadline-min {args.deadline_min} passed" if out_of_time and out_of_time() else None
@@ -523,23 +406,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup()
     add_ratios(rows, largest)
-    report(result_dict(args, argv, bench, rows, largest, to_search, started, partial=False), args.out, args.png)
+    report(result_dict(args, argv, bench, rows, largest, to_search, started, False), args.out, args.png)
     failed = [r for r in rows if "error" in r and not r.get("oom")]
     return 1 if failed else 0
 
 
-def result_dict(args: argparse.Namespace, argv: list[str], bench: Bench, rows: list[dict], largest: list[dict],
-                to_search: list[Variant], started: float, partial: bool) -> dict:
+def result_dict(args: argparse.Namespace, argv: list[str], bench: Bench, rows: list[dict],
+                largest: list[dict], to_search: list[Variant], started: float, partial: bool) -> dict:
     """Everything the JSON file records: settings, device, every row, searches and targets."""
     from vutrain.bench import device_name
     oc = bench.openclip
     return {
         "command": "python -m vutrain.bench " + " ".join(argv), "date": datetime.date.today().isoformat(),
-        "device": device_name(), "torch": torch.__version__, "preset": args.preset, "precision": args.precision,
+        "device": device_name(), "torch": torch.__version__, "preset": args.preset,
+        "precision": args.precision,
         "open_clip": {"version": oc.version if oc else None, "source": oc.source if oc else None,
                       "model_cfg": bench.openclip_cfg},
-        "pool_samples": args.pool, "warmup": args.warmup, "steps": args.steps, "probe_steps": args.probe_steps,
-        "rows": rows, "largest": largest, "targets": judge_targets(rows, largest, bench.device.type == "cuda"),
+        "pool_samples": args.pool, "warmup": args.warmup, "steps": args.steps,
+        "probe_steps": args.probe_steps, "rows": rows, "largest": largest,
+        "targets": judge_targets(rows, largest, bench.device.type == "cuda"),
         "largest_note": "" if to_search else "not searched (pass --max-batch N to probe up to N; on a GPU "
                                              "the default searches to 32768)",
         "partial": partial, "wall_s": round(time.monotonic() - started, 1),
