@@ -72,6 +72,18 @@ def test_search_stops_on_request_with_the_bounds_found_so_far():
     assert found["largest_batch"] == max(size for size, ok in found["probes"] if ok)
 
 
+def test_open_clip_gets_normalised_fp32_pixels_from_either_stream_format():
+    """uint8 batches (normalised on the device by vutrain) reach open_clip as its loader gives them."""
+    from vutrain.bench_compare import openclip_pixels
+    from vutrain.model import OPENAI_MEAN, OPENAI_STD
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    got = openclip_pixels(pixels, OPENAI_MEAN, OPENAI_STD)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[1, 2], (pixels[1, 2].float() / 255 - OPENAI_MEAN[2]) / OPENAI_STD[2])
+    already = torch.randn(2, 3, 4, 4)
+    assert torch.equal(openclip_pixels(already, OPENAI_MEAN, OPENAI_STD), already)
+
+
 @needs_open_clip
 def test_open_clip_real_modules_and_loss_agree_with_vutrain():
     """open_clip's own CLIP/ClipLoss load (no torchvision here); its loss equals vutrain's."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vutrain.bench_openclip import load_open_clip
 from vutrain.bench_report import (
     BASELINE_LABEL,
     TABLE_HEAD,
@@ -205,7 +206,7 @@ class Bench:
         self.device = torch.device(info.device)
         self.batches: Batches | None = None
         self.openclip_cfg: dict | None = None
-        self.openclip = None
+        self.openclip = load_open_clip()  # first: a missing open_clip fails before any model is built
 
     def build(self, variant: Variant):
         if variant.side == "vutrain":
@@ -219,12 +220,13 @@ class Bench:
                             grad_checkpointing=variant.grad_ckpt)
 
     def _prepare_inputs(self, runner: TrainerStep) -> None:
-        from vutrain.bench_openclip import load_open_clip, model_config
+        from vutrain.bench_openclip import model_config
+        from vutrain.model import OPENAI_MEAN, OPENAI_STD
         trainer = runner.trainer
         pool = read_pool(runner.stream, self.args.pool)
-        processor = trainer.processor
-        self.batches = Batches(pool, list(processor.image_mean), list(processor.image_std))
-        self.openclip = load_open_clip()
+        processor = getattr(trainer, "processor", None)  # its mean/std normalise uint8 pixels for open_clip
+        self.batches = Batches(pool, list(getattr(processor, "image_mean", OPENAI_MEAN)),
+                               list(getattr(processor, "image_std", OPENAI_STD)))
         image_size = pool["pixel_values"].shape[-1]
         self.openclip_cfg = model_config(self.args.preset, image_size, len(trainer.tokenizer),
                                          trainer.context_length, self.openclip)
@@ -378,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     all_variants = variants(args)
     to_search = search_order(args, all_variants)
+    try:  # before anything is built: the one thing a user may have to install
+        load_open_clip()
+    except ImportError as exc:
+        print(f"python -m vutrain.bench --compare open_clip: {exc}", file=sys.stderr)
+        return 2
     started = time.monotonic()
     work = tempfile.mkdtemp(prefix="vutrain-compare-")
     data = write_synthetic(os.path.join(work, "data"), num_samples=max(args.pool, 256), shard_size=256,
