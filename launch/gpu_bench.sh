@@ -11,7 +11,7 @@
 # ./gpu_out): <step>.log, pytest_gpu.xml, compare_open_clip.json/.png, kernels/, data_w*.log, and
 # summary.txt (one line per step: name, exit code, seconds). A failing step does not stop the next.
 #
-# Time: each step has a limit in seconds (TESTS_S=150, COMPARE_S=220, KERNELS_S=60, DATA_S=50),
+# Time: each step has a limit in seconds (TESTS_S=150, COMPARE_S=220, KERNELS_S=60, DATA_S=90),
 # and no step starts once TOTAL_S (default 570: one device command may run 600 s) is spent, so
 # summary.txt is always written. The compare JSON is rewritten after every configuration: a run
 # cut short keeps what it measured. One step alone: e.g. `COMPARE_S=540 ... gpu_bench.sh compare`.
@@ -33,7 +33,8 @@ if [[ "${1:-}" == "prepare" ]]; then
     P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
     python3 -m pip download -q $P -d .whl hjson pydantic pydantic_core annotated_types typing_inspection \
-        typing_extensions "webdataset<0.3" braceexpand "open_clip_torch>=3.0" ftfy wcwidth inf_cl
+        typing_extensions "webdataset<0.3" braceexpand "open_clip_torch>=3.0" ftfy wcwidth inf_cl \
+        pytest-timeout
     python3 -m pip download -q --no-deps --no-binary=:all: -d .whl deepspeed   # a source archive
     ls .whl
     echo "prepared: carry .whl and .gpu to the GPU host, then run: bash launch/gpu_bench.sh"
@@ -47,7 +48,10 @@ TOTAL_S="${TOTAL_S:-570}"
 STEPS=("$@")
 [[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests compare kernels data)
 
-[[ -f .gpu/setup.sh ]] || { echo ".gpu/setup.sh missing: run 'bash launch/gpu_bench.sh prepare' first" >&2; exit 1; }
+if [[ ! -f .gpu/setup.sh ]]; then
+    echo ".gpu/setup.sh missing: run 'bash launch/gpu_bench.sh prepare' first" >&2
+    exit 1
+fi
 # shellcheck disable=SC1091
 source .gpu/setup.sh > "$OUT/setup.log" 2>&1
 echo "setup $? $((SECONDS - START))" > "$OUT/summary.txt"
@@ -78,7 +82,8 @@ run_step() {  # run_step NAME LIMIT_S COMMAND...
 data_step() {
     local shards
     shards=$("$PY" -c "from vutrain.data.synthetic import write_synthetic as w
-print(w('/tmp/gpu_bench_data', num_samples=1024, shard_size=128, image_size=256, val_samples=0)['train_shards'])") \
+info = w('/tmp/gpu_bench_data', num_samples=1024, shard_size=128, image_size=256, val_samples=0)
+print(info['train_shards'])") \
         || return 1
     "$PY" -m vutrain.bench data --shards "$shards" --workers 1 --batch-size 256 --image-size 224 \
         | tee "$OUT/data_w1.log" || return 1
@@ -94,17 +99,19 @@ compare_args() {  # the default comparison, its searches ending 75 s before the 
     [[ -z "${COMPARE_ARGS:-}" ]] || eval "args=($COMPARE_ARGS)"
 }
 
+DEFAULT_KERNELS_ARGS="--shapes 32768x32768x768,4096x32768x768 --providers eager,inf_cl,ours"
 for step in "${STEPS[@]}"; do
     case "$step" in
         tests) run_step tests "${TESTS_S:-150}" "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider \
                    --junitxml="$OUT/pytest_gpu.xml" ;;
         compare) compare_args
-                 run_step compare "${COMPARE_S:-220}" "$PY" -m vutrain.bench --compare open_clip "${args[@]}" \
-                     --out "$OUT/compare_open_clip.json" ;;
-        kernels) eval "args=(${KERNELS_ARGS:---shapes 32768x32768x768,4096x32768x768 --providers eager,inf_cl,ours})"
-                 run_step kernels "${KERNELS_S:-60}" "$PY" -m kernels.bench --out "$OUT/kernels" "${args[@]}" ;;
+                 run_step compare "${COMPARE_S:-220}" "$PY" -m vutrain.bench --compare open_clip \
+                     "${args[@]}" --out "$OUT/compare_open_clip.json" ;;
+        kernels) eval "args=(${KERNELS_ARGS:-$DEFAULT_KERNELS_ARGS})"
+                 run_step kernels "${KERNELS_S:-60}" "$PY" -m kernels.bench --out "$OUT/kernels" \
+                     "${args[@]}" ;;
         data) export -f data_step; export PY OUT
-              run_step data "${DATA_S:-50}" bash -c data_step ;;
+              run_step data "${DATA_S:-90}" bash -c data_step ;;
         *) echo "unknown step $step: choose from tests compare kernels data (or prepare)" >&2
            echo "$step unknown 0" >> "$OUT/summary.txt" ;;
     esac
