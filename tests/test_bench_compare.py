@@ -114,21 +114,28 @@ def test_open_clip_real_modules_and_loss_agree_with_vutrain():
 @needs_open_clip
 @pytest.mark.slow
 def test_compare_tiny_on_cpu(tmp_path):
-    """Both sides train in one process on the same batches; rows, ratios, search, JSON and PNG."""
+    """Both sides train in one process on the same batches; rows, ratios, search, JSON and PNG.
+
+    A configuration that cannot be built (an unknown loss backend) is recorded with its error and
+    makes the exit code 1, while every other configuration is still measured.
+    """
     out = tmp_path / "compare.json"
     argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4,8",
-            "--zero-stages", "1,2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "1",
+            "--zero-stages", "1,2", "--loss-backends", "torch,nope", "--grad-ckpt", "off", "--steps", "1",
             "--warmup", "1", "--pool", "16", "--max-batch", "16", "--search", "open_clip,vutrain z2 torch",
             "--out", str(out)]
     proc = subprocess.run([sys.executable, "-m", "vutrain.bench", *argv], capture_output=True, text=True,
                           timeout=900, env=tr.env(), cwd=tr.REPO)
-    assert proc.returncode == 0, tr.describe(proc)
+    assert proc.returncode == 1, tr.describe(proc)
     result = json.loads(out.read_text())
-    labels = ["vutrain z1 torch", "vutrain z2 torch", "open_clip"]
+    labels = ["vutrain z1 torch", "vutrain z1 nope", "vutrain z2 torch", "vutrain z2 nope", "open_clip"]
     got = [(r["variant"], r["batch_size"]) for r in result["rows"]]
     assert got == [(v, b) for v in labels for b in (4, 8)]
+    failed = [r for r in result["rows"] if "error" in r]
+    assert {r["variant"] for r in failed} == {"vutrain z1 nope", "vutrain z2 nope"}
+    assert all("loss.backend" in r["error"] and not r["oom"] for r in failed)
     base = {r["batch_size"]: r["samples_per_s"] for r in result["rows"] if r["variant"] == "open_clip"}
-    for row in result["rows"]:
+    for row in (r for r in result["rows"] if "error" not in r):
         assert row["samples_per_s"] > 0 and row["step_time_s"] > 0
         assert row["peak_memory_gib"] is None  # no device memory on the CPU: not made up
         assert row["ratio_to_open_clip"] == pytest.approx(row["samples_per_s"] / base[row["batch_size"]])

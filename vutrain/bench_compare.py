@@ -70,8 +70,8 @@ assert BASELINE.label == BASELINE_LABEL
 
 def is_oom(exc: BaseException) -> bool:
     """An allocation failure on the device (torch's own, or cuBLAS failing to get its workspace)."""
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() \
-        or "ALLOC_FAILED" in str(exc)
+    oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: cuda's only
+    return isinstance(exc, oom_type) or "out of memory" in str(exc).lower() or "ALLOC_FAILED" in str(exc)
 
 
 def synchronize(device: torch.device) -> None:
@@ -275,10 +275,10 @@ class Bench:
 
         def fits(size: int) -> bool:
             batch = self.batches.get(variant.side, size)
-            if state["runner"] is None:
-                state["runner"] = self.build(variant)
             ok = True
             try:
+                if state["runner"] is None:
+                    state["runner"] = self.build(variant)
                 for _ in range(self.args.probe_steps):
                     state["runner"].step(batch)
                 synchronize(self.device)
@@ -287,19 +287,23 @@ class Bench:
                     raise
                 ok = False
             del batch
-            if not ok:
+            if not ok and state["runner"] is not None:
                 self.close(state["runner"])
                 state["runner"] = None
             free_memory(self.device)
             print(f"  {variant.label}: batch {size} {'fits' if ok else 'out of memory'}", flush=True)
             return ok
 
-        found = largest_batch(fits, known_fit=known_fit, start=self.args.batch_sizes[0],
-                              limit=self.args.max_batch, granularity=self.args.search_granularity,
-                              precision=self.args.search_precision, stop=stop)
+        entry = {"variant": variant.label, "side": variant.side}
+        try:
+            entry.update(largest_batch(fits, known_fit=known_fit, start=self.args.batch_sizes[0],
+                                       limit=self.args.max_batch, granularity=self.args.search_granularity,
+                                       precision=self.args.search_precision, stop=stop))
+        except Exception as exc:  # not an OOM (fits catches those): recorded, the other searches go on
+            entry["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
         if state["runner"] is not None:
             self.close(state["runner"])
-        return {"variant": variant.label, "side": variant.side, **found}
+        return entry
 
 
 # ---------------------------------------------------------------------------------- main
@@ -414,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         cleanup()
     add_ratios(rows, largest)
     report(result_dict(args, argv, bench, rows, largest, to_search, started, False), args.out, args.png)
-    failed = [r for r in rows if "error" in r and not r.get("oom")]
+    failed = [r for r in rows if "error" in r and not r.get("oom")] + [e for e in largest if "error" in e]
     return 1 if failed else 0
 
 

@@ -118,8 +118,9 @@ def report(result: dict, out: str, png: str) -> None:
     if result["largest"]:
         print("\n| configuration | largest batch | x open_clip | probes |\n|---|---|---|---|")
         for entry in result["largest"]:
-            if entry.get("skipped"):
-                print(f"| {entry['variant']} | skipped: {entry['skipped']} | | |")
+            if entry.get("skipped") or entry.get("error"):
+                why = f"skipped: {entry['skipped']}" if entry.get("skipped") else f"failed: {entry['error']}"
+                print(f"| {entry['variant']} | {why} | | |")
                 continue
             ratio = entry.get("ratio_to_open_clip")
             shown = f"{entry['largest_batch']}" + (" (reached --max-batch)" if entry.get("capped") else "") \
