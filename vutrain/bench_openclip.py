@@ -114,8 +114,8 @@ def load_open_clip() -> OpenClipModules:
         from open_clip_train.scheduler import cosine_lr
         return OpenClipModules(open_clip.CLIP, open_clip.ClipLoss, cosine_lr,
                                os.path.dirname(open_clip.__file__), open_clip.__version__, "package")
-    except ImportError as exc:
-        if exc.name == "open_clip":
+    except (ImportError, RuntimeError) as exc:  # RuntimeError: a torchvision built for another torch
+        if isinstance(exc, ImportError) and exc.name == "open_clip":
             raise ImportError(f"{exc}. Install it: pip install -c .venv/torch-constraint.txt "
                               "--no-deps open_clip_torch") from None
         package_dir = _distribution_dir()
