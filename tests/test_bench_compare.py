@@ -72,6 +72,19 @@ def test_search_stops_on_request_with_the_bounds_found_so_far():
     assert found["largest_batch"] == max(size for size, ok in found["probes"] if ok)
 
 
+def test_rounds_keep_the_median_speed_the_largest_peak_and_any_error():
+    from vutrain.bench_compare import median_rows
+    row = {"variant": "open_clip", "batch_size": 8, "step_time_s": 1.0}
+    measured = [dict(row, samples_per_s=s, peak_memory_gib=p) for s, p in ((10, 1.0), (30, 1.5), (20, 1.2))]
+    measured += [{"variant": "vutrain z2 torch", "batch_size": 8, "error": "out of memory: x", "oom": True},
+                 {"variant": "vutrain z2 torch", "batch_size": 8, "samples_per_s": 5.0, "step_time_s": 1.0,
+                  "peak_memory_gib": None}]
+    merged = {r["variant"]: r for r in median_rows(measured)}
+    assert merged["open_clip"]["samples_per_s"] == 20 and merged["open_clip"]["peak_memory_gib"] == 1.5
+    assert merged["open_clip"]["samples_per_s_rounds"] == [10, 30, 20] and merged["open_clip"]["rounds"] == 3
+    assert merged["vutrain z2 torch"]["error"] == "out of memory: x"
+
+
 def test_open_clip_gets_normalised_fp32_pixels_from_either_stream_format():
     """uint8 batches (normalised on the device by vutrain) reach open_clip as its loader gives them."""
     from vutrain.bench_compare import openclip_pixels

@@ -29,6 +29,7 @@ import argparse
 import datetime
 import gc
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -179,6 +180,29 @@ class Batches:
 # ---------------------------------------------------------------------------------- measuring
 
 
+def median_rows(measured: list[dict]) -> list[dict]:
+    """One row per (configuration, batch) from several rounds: the median samples/s, the largest peak.
+
+    A configuration failing in any round keeps that round's error row instead.
+    """
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in measured:
+        groups.setdefault((row["variant"], row["batch_size"]), []).append(row)
+    out = []
+    for runs in groups.values():
+        failed = [r for r in runs if "error" in r]
+        if failed:
+            out.append(dict(failed[0], rounds=len(runs)))
+            continue
+        speeds = [r["samples_per_s"] for r in runs]
+        row = dict(runs[0], samples_per_s=statistics.median(speeds), rounds=len(runs),
+                   samples_per_s_rounds=speeds, step_time_s=statistics.median(r["step_time_s"] for r in runs))
+        peaks = [r["peak_memory_gib"] for r in runs if r["peak_memory_gib"] is not None]
+        row["peak_memory_gib"] = max(peaks) if peaks else None
+        out.append(row)
+    return out
+
+
 def measure(runner, batch: dict[str, torch.Tensor], warmup: int, steps: int, device: torch.device) -> dict:
     """samples/s over `steps` steps after `warmup`, and the peak device memory of those steps."""
     size = len(batch["input_ids"])
@@ -326,6 +350,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="vutrain (and open_clip) gradient checkpointing; 'both' adds open_clip's too")
     parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps per batch size")
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every configuration this many times, in turn, and keep the median "
+                             "samples/s (on a shared machine the load then weighs on all alike)")
     parser.add_argument("--pool", type=int, default=512 if cuda else 32,
                         help="distinct pre-decoded samples (batches repeat them)")
     parser.add_argument("--search", default="all",
@@ -401,10 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, largest = [], []
     try:
         print(TABLE_HEAD, flush=True)
-        for variant in all_variants:
-            rows += bench.speed(variant)
-            # Written after each configuration: what was measured survives an outer time limit.
-            write_json(result_dict(args, argv, bench, rows, largest, to_search, started, True), args.out)
+        measured: list[dict] = []
+        for _ in range(args.rounds):  # rounds cycle through the configurations: a load change hits all
+            for variant in all_variants:
+                measured += bench.speed(variant)
+                rows = median_rows(measured)
+                # Written after each configuration: what was measured survives an outer time limit.
+                write_json(result_dict(args, argv, bench, rows, largest, to_search, started, True), args.out)
         for variant in to_search:
             fit = [r["batch_size"] for r in rows if r["variant"] == variant.label and "error" not in r]
             skipped = f"--deadline-min {args.deadline_min} passed" if out_of_time and out_of_time() else None
