@@ -14,12 +14,14 @@ from kernels.reference import check_inputs, contrastive_ce_reference
 from kernels.runtime import use_triton
 
 
-def as_scale_tensor(logit_scale: torch.Tensor | float, device: torch.device) -> torch.Tensor:
-    """The scale as a 0-dim fp32 tensor on ``device`` (kernels read it from memory,
-    so no host synchronisation is needed)."""
+def as_scale_tensor(
+    logit_scale: torch.Tensor | float, device: torch.device, name: str = "logit_scale"
+) -> torch.Tensor:
+    """The scale (or bias) as a 0-dim fp32 tensor on ``device`` (kernels read it from
+    memory, so no host synchronisation is needed)."""
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1:
-            raise ValueError(f"logit_scale must hold one value; got shape {tuple(logit_scale.shape)}")
+            raise ValueError(f"{name} must hold one value; got shape {tuple(logit_scale.shape)}")
         return logit_scale.detach().reshape(()).to(device=device, dtype=torch.float32)
     return torch.tensor(float(logit_scale), dtype=torch.float32, device=device)
 
@@ -96,6 +98,8 @@ def contrastive_ce(
     """
     check_inputs(queries, keys, label_offset, reduction)
     if not use_triton(queries, keys):
-        return contrastive_ce_reference(queries, keys, logit_scale, label_offset=label_offset, reduction=reduction)
+        return contrastive_ce_reference(
+            queries, keys, logit_scale, label_offset=label_offset, reduction=reduction
+        )
     scale_is_tensor = isinstance(logit_scale, torch.Tensor)
     return ContrastiveCEFunction.apply(queries, keys, logit_scale, label_offset, reduction, scale_is_tensor)

@@ -100,11 +100,11 @@ def _lse_fwd_kernel(
     tl.store(row_l_ptr + out, l_i, mask=row_ok)
 
 
-def merge_lse2(m: torch.Tensor, l: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_lse2(m: torch.Tensor, lsum: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge base-2 partials ``(max, sum 2^(x-max))`` along ``dim``; fixed order, deterministic."""
     mm = m.amax(dim=dim)
     # Partials never hold -inf maxima for real rows/columns (each covers >= 1 column/row).
-    ll = (l * torch.exp2(m - mm.unsqueeze(dim))).sum(dim=dim)
+    ll = (lsum * torch.exp2(m - mm.unsqueeze(dim))).sum(dim=dim)
     return mm, ll
 
 
@@ -149,10 +149,10 @@ def lse_forward(
     Row i's label is column ``label_offset + i``; with ``with_cols`` (square problems,
     label_offset 0) column j's label is row j. All outputs are [N] or [M] fp32.
     """
-    cfg = tile_config()
     n, d = q.shape
     m = k.shape[0]
     dev = q.device
+    cfg = tile_config("ce_fwd", n, m, d, dev)
     pos = torch.empty(n, dtype=torch.float32, device=dev)
     row_m_parts, row_l_parts = [], []
     col_m = col_l = None

@@ -22,7 +22,8 @@ def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, r
     """Validate shapes and the label range shared by every implementation."""
     if queries.dim() != 2 or keys.dim() != 2:
         raise ValueError(
-            f"queries and keys must be 2-D [N, D] and [M, D]; got {tuple(queries.shape)} and {tuple(keys.shape)}"
+            f"queries and keys must be 2-D [N, D] and [M, D]; "
+            f"got {tuple(queries.shape)} and {tuple(keys.shape)}"
         )
     n, d = queries.shape
     m, dk = keys.shape
@@ -78,3 +79,26 @@ def clip_loss_reference(
     logits = (logit_scale * (image_features @ text_features.T)).to(_loss_dtype(image_features.dtype))
     labels = torch.arange(image_features.shape[0], device=image_features.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def sigmoid_loss_reference(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    *,
+    label_offset: int = 0,
+) -> torch.Tensor:
+    """SigLIP loss of ``logit_scale * queries @ keys.T + logit_bias``: the sum over all
+    pairs of ``-logsigmoid(z * logit)`` (z = +1 at column ``label_offset + i`` of row i,
+    -1 elsewhere) divided by N, as open_clip's ``SigLipLoss``.
+
+    queries: [N, D]; keys: [M, D]; logit_scale (already exponentiated), logit_bias: scalars.
+    """
+    check_inputs(queries, keys, label_offset, "mean")
+    logits = (logit_scale * (queries @ keys.T) + logit_bias).to(_loss_dtype(queries.dtype))
+    n = queries.shape[0]
+    labels = -torch.ones_like(logits)
+    rows = torch.arange(n, device=queries.device)
+    labels[rows, rows + label_offset] = 1
+    return -F.logsigmoid(labels * logits).sum() / n

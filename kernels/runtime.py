@@ -1,6 +1,6 @@
-"""When the Triton kernels can run, and with which tile configuration.
+"""When the Triton kernels can run, and with which tile configuration (``kernels.tile_configs``).
 
-Rule (documented in docs/kernels.md): the public ops use Triton when
+Rule (documented in README.md, Kernels): the public ops use Triton when
 ``triton_available()`` is true and either the inputs are CUDA tensors or the
 Triton interpreter is on (``TRITON_INTERPRET=1`` set before Triton is first
 imported). Otherwise they fall back to ``kernels.reference`` (plain torch,
@@ -13,9 +13,13 @@ import functools
 import importlib.util
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
+
+from kernels import tile_configs
+from kernels.tile_configs import TileConfig
+
+__all__ = ["TileConfig", "tile_config", "triton_available", "use_triton"]
 
 
 def _installed() -> bool:
@@ -98,31 +102,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Block sizes of the score tile ``S[BM, BN]``, reduced over D in ``BD`` steps."""
-
-    BM: int
-    BN: int
-    BD: int
-    num_warps: int
-    num_stages: int
-
-
-# Compiled Triton needs every tl.dot dimension >= 16; the interpreter would accept
-# less, so the interpreter config keeps >= 16 too and stays small so tests of
-# ragged shapes cross several tiles while staying fast (numpy costs per tile).
-_INTERPRET_CONFIG = TileConfig(BM=32, BN=32, BD=32, num_warps=4, num_stages=1)
-# GPU default: 128x128 fp32 accumulator over 8 warps, D streamed in 32-wide slabs.
-# Chosen without a GPU from ptxas's report for sm_90 (python -m kernels.compile_check):
-# BD=64 spills ~200 B/thread in the forward, BD=32 spills nothing. Not timed or
-# autotuned yet (see docs/kernels.md).
-_GPU_CONFIG = TileConfig(BM=128, BN=128, BD=32, num_warps=8, num_stages=3)
-
-
-def tile_config() -> TileConfig:
-    """The fixed tile config for the current mode (interpreter or GPU)."""
-    return _INTERPRET_CONFIG if interpreting() else _GPU_CONFIG
+def tile_config(kind: str, n: int, m: int, d: int, device: torch.device) -> TileConfig:
+    """The tile config for one launch of ``kind`` on an N x M x D problem (see ``kernels.tile_configs``)."""
+    return tile_configs.select(kind, n, m, d, device, interpreting())
 
 
 def num_sms(device: torch.device) -> int:

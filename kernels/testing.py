@@ -32,6 +32,8 @@ def triton_mode() -> str:
 def run_module_in_interpreter(test_file: str | Path, timeout_s: float = 600) -> subprocess.CompletedProcess:
     """Run ``pytest test_file`` in a new Python with ``TRITON_INTERPRET=1``."""
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(test_file)]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)

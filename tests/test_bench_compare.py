@@ -162,10 +162,11 @@ def test_compare_tiny_on_cpu(tmp_path):
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_dispatches_data_subcommand_or_says_it_is_missing():
-    """`python -m vutrain.bench data ...` goes to vutrain.bench_data when that module exists."""
+def test_bench_dispatches_its_subcommands(capsys):
+    """`data ...` goes to vutrain.bench_data, `--compare` to bench_compare, the rest to the sweep."""
     from vutrain import bench
-    if importlib.util.find_spec("vutrain.bench_data") is not None:
-        pytest.skip("vutrain.bench_data is present; its own tests cover it")
-    assert bench.dispatch(["data", "--shards", "x"]) == 2
     assert bench.dispatch(["--batch-sizes", "8"]) is None
+    for argv, prog in ((["data", "--help"], "bench data"), (["--compare", "open_clip", "--help"], "--compare")):
+        with pytest.raises(SystemExit) as stop:
+            bench.dispatch(argv)
+        assert stop.value.code == 0 and prog in capsys.readouterr().out

@@ -56,8 +56,8 @@ def test_bad_config_names_the_key_and_the_choices(override, words):
 
 
 def test_impossible_combinations():
-    with pytest.raises(ConfigError, match="loss.backend=triton implements loss.name=clip"):
-        load_config(TINY, [SHARDS, "loss.name=siglip", "loss.backend=triton"])
+    with pytest.raises(ConfigError, match="loss.backend=triton implements loss.name=clip and siglip"):
+        load_config(TINY, [SHARDS, "loss.name=align_uniform", "loss.backend=triton"])
     with pytest.raises(ConfigError, match="lock_image and model.lock_text"):
         load_config(TINY, [SHARDS, "model.lock_image=true", "model.lock_text=true"])
     with pytest.raises(ConfigError, match="data.train_shards is empty"):

@@ -29,7 +29,8 @@ MODE = triton_mode()
 DEVICE = "cuda" if MODE == "gpu" else "cpu"
 pytestmark = pytest.mark.skipif(MODE == "none", reason="Triton is not installed")
 in_process = pytest.mark.skipif(
-    MODE == "subprocess", reason="Triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter"
+    MODE == "subprocess",
+    reason="Triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter",
 )
 
 
@@ -111,6 +112,24 @@ def test_16bit_inputs(dtype, rtol, scale):
     _assert_close(ours, ref, rtol=rtol)
 
 
+@in_process
+def test_fp16_small_gradients_survive_the_fp16_workspace():
+    # The gradient GEMMs run in fp16 for fp16 inputs. With a small upstream gradient the
+    # logit gradients (~3e-8 here) lie below fp16's smallest subnormal (6e-8): without
+    # the power-of-two pre-scale of the workspace they would flush to zero. The returned
+    # fp16 gradients (~1e-6) are subnormal themselves: allowed one fp16 subnormal step.
+    q, k = _features(40, 72, torch.float16, seed=5), _features(90, 72, torch.float16, seed=6)
+    qa, ka = (x.to(DEVICE).detach().clone().requires_grad_() for x in (q, k))
+    (contrastive_ce(qa, ka, 1.0, label_offset=50) * 1e-4).backward()
+    qr, kr = (x.detach().double().requires_grad_() for x in (q, k))
+    (contrastive_ce_reference(qr, kr, 1.0, label_offset=50) * 1e-4).backward()
+    for a, b in ((qa.grad, qr.grad), (ka.grad, kr.grad)):
+        err = (a.double().cpu() - b).abs().max().item()
+        assert err <= 2e-3 * b.abs().max().item() + 2.0**-24, (
+            f"max error {err:.3g} vs largest {b.abs().max().item():.3g}"
+        )
+
+
 def _torch_same_dtype(op, q, k, scale, **kw):
     """Loss and grads of the plain-torch op run in the inputs' own dtype (the baseline)."""
     ref_op = contrastive_ce_reference if op is contrastive_ce else clip_loss_reference
@@ -170,7 +189,9 @@ def test_sharded_sum_equals_whole():
     img, txt = _features(world * n, d, seed=12), _features(world * n, d, seed=13)
     txt_all = txt.clone().to(DEVICE).requires_grad_()
     shards = [img[r * n : (r + 1) * n].clone().to(DEVICE).requires_grad_() for r in range(world)]
-    total = sum(contrastive_ce(shards[r], txt_all, 30.0, label_offset=r * n, reduction="sum") for r in range(world))
+    total = sum(
+        contrastive_ce(shards[r], txt_all, 30.0, label_offset=r * n, reduction="sum") for r in range(world)
+    )
     total.backward()
     img_w = img.clone().to(DEVICE).requires_grad_()
     txt_w = txt.clone().to(DEVICE).requires_grad_()
@@ -196,7 +217,7 @@ def test_clip_loss_fp32_matches_fp64(n, d, scale):
 def test_bounded_workspaces_give_the_same_result(monkeypatch):
     # Tiny workspace caps force the row-chunked forward (column partials) and the
     # multi-chunk backward; column splits are forced too. Results must not change.
-    import kernels.grad_backward as gb
+    import kernels.gradient_gemms as gb
     import kernels.lse_forward as lf
 
     img, txt = _features(100, 48, seed=16), _features(100, 48, seed=17)
@@ -264,7 +285,9 @@ def test_import_and_fallback_without_triton():
     )
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -279,7 +302,7 @@ def test_never_allocates_logits_sized_tensors(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    import kernels.grad_backward as gb
+    import kernels.gradient_gemms as gb
     import kernels.lse_forward as lf
 
     class LargestTensor(TorchDispatchMode):
@@ -292,7 +315,11 @@ def test_never_allocates_logits_sized_tensors(monkeypatch):
             # In-place ops allocate nothing; the interpreter's own host copies move
             # storages as raw bytes (uint8), which are not our allocations either.
             if not func.__name__.split(".")[0].endswith("_"):
-                sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+                sizes = [
+                    t.numel()
+                    for t in tree_leaves(out)
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()
+                ]
                 self.numel = max([self.numel, *sizes])
             return out
 

@@ -38,7 +38,9 @@ def _loss_and_grads(rank: int, world_size: int, local_loss: bool, backend: str) 
     img_l = img[sl].clone().requires_grad_()
     txt_l = txt[sl].clone().requires_grad_()
     scale = torch.tensor(30.0, requires_grad=True)
-    loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=world_size, backend=backend)
+    loss_fn = ClipLoss(
+        local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=world_size, backend=backend
+    )
     loss = loss_fn(img_l, txt_l, scale)
     loss.backward()
     return {"loss": loss.detach().float(), "img": img_l.grad, "txt": txt_l.grad, "scale": scale.grad}

@@ -1,9 +1,11 @@
 """The kernels compile for real GPU targets (sm_90, sm_80) on a machine without a GPU.
 
 The interpreter accepts things compiled Triton rejects (tl.dot tiles under 16,
-some dtype mixes), so this compiles the default tile config to a cubin with
-Triton's own toolchain, and checks ptxas reports no register spills for the
-bf16 kernels on sm_90. Expected runtime: ~40 s on 2 CPU cores.
+some dtype mixes), so this compiles every sm_90 entry of the tile-config table
+(kernels.tile_configs) to a cubin with Triton's own toolchain, and the other
+dtypes/architectures for a subset. ptxas's spill report is recorded, not asserted:
+the measured-fastest sm_90 configs (BN = 256) spill, and timing beats the proxy.
+Expected runtime: ~60 s on 2 idle CPU cores.
 """
 
 import json
@@ -20,25 +22,39 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 
 
-def _compile(arch: int, dtype: str) -> list[dict]:
+def _compile(arch: int, dtype: str, *extra: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    cmd = [sys.executable, "-m", "kernels.compile_check", "--arch", str(arch), "--dtype", dtype, "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kernels.compile_check",
+        "--arch",
+        str(arch),
+        "--dtype",
+        dtype,
+        "--json",
+        *extra,
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
 
 
-def test_bf16_kernels_compile_for_sm90_without_spills():
+def test_bf16_table_configs_compile_for_sm90():
+    from kernels.compile_check import table_configs
+
     rows = _compile(90, "bf16")
-    assert {(r["kernel"], r["with_cols"]) for r in rows} == {
-        ("fwd", False), ("fwd", True), ("grad", False), ("grad", True)
+    compiled = {(r["kernel"], tuple(r["config"])) for r in rows}
+    assert compiled == {(k, tuple(c.as_list())) for k, c in table_configs(90)}
+    # Both variants of the softmax kernels, including the measured BN = 256 config.
+    assert {("fwd", True), ("grad", True), ("sig_fwd", False), ("sig_grad", False)} <= {
+        (r["kernel"], r["with_cols"]) for r in rows
     }
-    for r in rows:
-        if r["ptxas"] is not None:  # the bundled ptxas may not read this PTX version
-            assert r["ptxas"]["spill_store_bytes"] == 0, r
+    assert ("fwd", (128, 256, 64, 8, 3)) in compiled
 
 
-@pytest.mark.parametrize("arch,dtype", [(80, "fp16"), (90, "fp32")])
-def test_other_dtypes_and_arches_compile(arch, dtype):
-    assert len(_compile(arch, dtype)) == 4
+@pytest.mark.parametrize("arch,dtype,kernels", [(80, "fp16", "grad,sig_grad"), (90, "fp32", "sig_fwd")])
+def test_other_dtypes_and_arches_compile(arch, dtype, kernels):
+    rows = _compile(arch, dtype, "--config", "128,128,32,8,3", "--kernels", kernels)
+    assert {r["kernel"] for r in rows} == set(kernels.split(","))

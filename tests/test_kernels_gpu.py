@@ -1,5 +1,5 @@
-"""The kernels on a real GPU: bf16 accuracy against an fp32/fp64 oracle, large
-shapes, bitwise determinism. Marked ``gpu``; skipped without CUDA.
+"""The kernels (softmax and sigmoid losses) on a real GPU: bf16 accuracy against an
+fp32/fp64 oracle, large shapes, bitwise determinism. Marked ``gpu``; skipped without CUDA.
 
 Criterion (as in apple/ml-cross-entropy): the kernels' error against the oracle is
 no worse than plain torch's error in the same dtype, plus a stated margin (MARGIN
@@ -120,3 +120,60 @@ def test_no_logits_sized_allocation():
     grads = sum(t.grad.numel() * t.grad.element_size() for t in (img, txt, scale))
     extra = torch.cuda.max_memory_allocated() - base - grads  # the returned gradients are outputs
     assert extra < n * n * 2 / 4, f"peak extra {extra / 2**20:.0f} MiB beyond the gradients"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,m,d,off", [(256, 512, 128, 100), (1000, 4096, 768, 3096)])
+@pytest.mark.parametrize("scale,bias", [(10.0, -10.0), (100.0, -5.0)])
+def test_sigmoid_loss_vs_oracle(dtype, n, m, d, off, scale, bias):
+    from kernels import sigmoid_loss
+    from kernels.reference import sigmoid_loss_reference
+
+    k = _features(m, d, dtype, seed=11)
+    q = _features(n, d, dtype, seed=12, correlate_with=k[off : off + n])
+
+    def run(op, upcast=None):
+        qa = (q if upcast is None else q.to(upcast)).detach().requires_grad_()
+        ka = (k if upcast is None else k.to(upcast)).detach().requires_grad_()
+        sa = torch.tensor(scale, device="cuda", requires_grad=True)
+        ba = torch.tensor(bias, device="cuda", requires_grad=True)
+        out = op(qa, ka, sa, ba, label_offset=off)
+        out.backward()
+        return [t.detach().double() for t in (out, qa.grad, ka.grad, sa.grad, ba.grad)]
+
+    ours, oracle, torch_same = (
+        run(sigmoid_loss),
+        run(sigmoid_loss_reference, torch.float64),
+        run(sigmoid_loss_reference),
+    )
+    for name, a, b, t in zip(("loss", "d_q", "d_k", "d_scale", "d_bias"), ours, oracle, torch_same):
+        err, err_torch = (a - b).abs().max().item(), (t - b).abs().max().item()
+        bound = err_torch + MARGIN[dtype] * b.abs().max().item() + 1e-6
+        assert err <= bound, f"{name} ({dtype}): ours {err:.3g}, torch {err_torch:.3g}, bound {bound:.3g}"
+
+
+def test_sigmoid_loss_deterministic_and_bounded_memory():
+    from kernels import sigmoid_loss
+
+    n, d = 16384, 768
+    img = _features(n, d, torch.bfloat16, seed=13).requires_grad_()
+    txt = _features(n, d, torch.bfloat16, seed=14, correlate_with=img).requires_grad_()
+    scale = torch.tensor(10.0, device="cuda", requires_grad=True)
+    bias = torch.tensor(-10.0, device="cuda", requires_grad=True)
+    runs = []
+    for _ in range(2):
+        img.grad = txt.grad = scale.grad = bias.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = sigmoid_loss(img, txt, scale, bias)
+        loss.backward()
+        torch.cuda.synchronize()
+        grads = sum(t.grad.numel() * t.grad.element_size() for t in (img, txt, scale, bias))
+        extra = torch.cuda.max_memory_allocated() - base - grads
+        assert extra < 64 * 2**20, f"peak extra {extra / 2**20:.0f} MiB beyond the gradients"
+        runs.append(
+            [loss.detach(), img.grad.clone(), txt.grad.clone(), scale.grad.clone(), bias.grad.clone()]
+        )
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -290,13 +290,15 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="clip, siglip, align_uniform"):
         build_loss("infonce", rank=0, world_size=1)
     with pytest.raises(ValueError, match="only a torch implementation"):
-        build_loss("siglip", rank=0, world_size=1, backend="triton")
+        build_loss("align_uniform", rank=0, world_size=1, backend="triton")
     with pytest.raises(ValueError, match="logit_bias"):
         ClipLoss(backend="triton")(img, txt, s, torch.tensor(0.0))
     with pytest.raises(ValueError, match="logit_bias"):
         SigLipLoss()(img, txt, s, None)
     with pytest.raises(ValueError, match="dist_impl"):
-        SigLipLoss(dist_impl="bidir")
+        SigLipLoss(dist_impl="shift")
+    with pytest.raises(ValueError, match="bidir=True and dist_impl"):
+        SigLipLoss(dist_impl="gather", bidir=True)
     with pytest.raises(ValueError, match="rank"):
         ClipLoss(rank=2, world_size=2)
     with pytest.raises(RuntimeError, match="not initialised"):

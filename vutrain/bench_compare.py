@@ -97,11 +97,13 @@ class FixedBatch:
 
     def __init__(self) -> None:
         self.batch: dict[str, torch.Tensor] | None = None
+        self.batches_seen = 0  # the device transform's augmentation seed reads the stream position
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        self.batches_seen += 1
         return self.batch
 
     def skipped(self) -> dict:

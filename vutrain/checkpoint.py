@@ -16,6 +16,8 @@ import shutil
 import numpy as np
 import torch
 
+from vutrain.distributed import barrier
+
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d+)$")
 
@@ -90,8 +92,7 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
     state = dict(trainer_state, rng=rng_state())
     torch.save(state, os.path.join(ckpt_dir, tag, f"trainer_state_rank{rank}.pt"))
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step})
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier()
     if rank == 0:
         for old in list_tags(ckpt_dir)[:-keep]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)

@@ -23,8 +23,15 @@ import yaml
 
 PRESETS = ("tiny", "vit-b-32", "vit-b-16", "vit-l-14")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ACCUMULATIONS = ("gradcache", "plain")
 LOSSES = ("clip", "siglip", "align_uniform")
 BACKENDS = ("torch", "triton", "auto")
+POSITIVES = ("pair", "category", "tags")
+# loss.<key> -> the loss names it applies to; a non-default value with another loss is an error.
+LOSS_KEYS_APPLY_TO = {"local_loss": ("clip",), "gather_with_grad": ("clip",),
+                      "positives": ("clip", "siglip"), "bidir": ("siglip",),
+                      "align_weight": ("align_uniform",), "uniform_weight": ("align_uniform",),
+                      "uniform_t": ("align_uniform",)}
 
 
 class ConfigError(ValueError):
@@ -74,8 +81,14 @@ class DataConfig:
     """Validation shards for retrieval and zero-shot eval (same syntax); empty disables eval."""
     num_samples: int = 0
     """Samples per epoch; 0 reads the shards' sizes.json / __len__ / *_stats.json."""
-    num_workers: int = 1
-    """DataLoader worker processes per rank."""
+    num_workers: int = -1
+    """DataLoader worker processes per rank; -1: auto (this rank's share of the cores, less one)."""
+    prefetch_factor: int = 2
+    """Batches each loader worker prepares ahead (pinned when CUDA is available)."""
+    fast_preprocess: bool = True
+    """Workers send uint8 crops, normalised on the device; false: the processor-exact float path on CPU."""
+    random_resized_crop: bool = False
+    """open_clip's training augmentation on the device: RandomResizedCrop(scale 0.9-1.0), bicubic."""
     shuffle_buffer: int = 1000
     """Sample shuffle buffer size (per worker)."""
     resampled: bool = False
@@ -93,7 +106,9 @@ class TrainConfig:
     micro_batch_size: int = 32
     """Samples per rank per forward pass."""
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step (the contrastive negatives come from one micro-batch)."""
+    """Micro-batches per optimizer step (see train.accumulation for how their negatives combine)."""
+    accumulation: str = "gradcache"
+    """gradcache (one loss over the whole step, every sample a negative) or plain (a loss per micro-batch)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     precision: str = "fp32"
@@ -140,6 +155,16 @@ class LossConfig:
     """Score local rows against all gathered columns (O(local x global) memory)."""
     gather_with_grad: bool = True
     """Backpropagate through the feature all-gather (needed for exact gradients with local_loss)."""
+    positives: str = "pair"
+    """clip/siglip positives: pair (own title only), category (same category_id) or tags (a shared tag)."""
+    bidir: bool = False
+    """siglip: pass text features around the ring of ranks instead of all-gathering them."""
+    align_weight: float = 1.0
+    """align_uniform: weight of the alignment term."""
+    uniform_weight: float = 1.0
+    """align_uniform: weight of the uniformity term."""
+    uniform_t: float = 2.0
+    """align_uniform: uniformity temperature t in log mean exp(-t ||x - y||^2)."""
 
 
 @dataclass
@@ -332,6 +357,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("loss.name", lo.name, LOSSES)
     _choice("loss.backend", lo.backend, BACKENDS)
+    _choice("train.accumulation", t.accumulation, ACCUMULATIONS)
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={t.zero_stage} is not valid; choose one of: 0, 1, 2, 3")
     positive = {"train.max_steps": t.max_steps, "train.micro_batch_size": t.micro_batch_size,
@@ -342,20 +368,21 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     for key, value in {"train.checkpoint_every": t.checkpoint_every, "eval.every": e.every,
-                       "data.num_samples": d.num_samples, "data.num_workers": d.num_workers,
+                       "data.num_samples": d.num_samples,
                        "train.warmup_steps": t.warmup_steps, "model.image_size": m.image_size,
                        "model.context_length": m.context_length, "train.lr": t.lr,
                        "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if d.num_workers < -1 or d.prefetch_factor < 1:
+        raise ConfigError(f"data.num_workers must be >= -1 (-1: auto) and data.prefetch_factor >= 1; got "
+                          f"{d.num_workers}, {d.prefetch_factor}")
     if not d.train_shards:
         raise ConfigError("data.train_shards is empty; pass data.train_shards=/path/{00000..00009}.tar "
                           "(write synthetic ones with python -m vutrain.data.synthetic)")
     if t.precision == "fp16" and not cuda_available:
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 or fp32")
-    if lo.backend == "triton" and lo.name != "clip":
-        raise ConfigError(f"loss.backend=triton implements loss.name=clip only (got {lo.name!r}); "
-                          "use loss.backend=torch or auto")
+    _validate_loss(lo)
     if e.every > 0 and not d.val_shards:
         raise ConfigError("eval.every>0 needs data.val_shards; set it or eval.every=0")
     if m.lock_image and m.lock_text and not m.lora.enabled:
@@ -369,6 +396,28 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         raise ConfigError(f"train.ds_config={t.ds_config!r} does not exist (templates: launch/ds_configs/)")
     if "{}" not in "".join(e.templates):
         raise ConfigError("eval.templates must contain '{}' where the class name goes")
+
+
+def _validate_loss(lo: LossConfig) -> None:
+    """Choices, keys that do not apply to the chosen loss, and what the triton backend supports."""
+    _choice("loss.positives", lo.positives, POSITIVES)
+    defaults = LossConfig()
+    for key, names in LOSS_KEYS_APPLY_TO.items():
+        if lo.name not in names and getattr(lo, key) != getattr(defaults, key):
+            raise ConfigError(f"loss.{key}={getattr(lo, key)!r} does not apply to loss.name={lo.name} "
+                              f"(only to {', '.join(names)}); remove it or change loss.name")
+    if lo.uniform_t <= 0:
+        raise ConfigError(f"loss.uniform_t must be > 0, got {lo.uniform_t}")
+    if lo.backend == "triton":
+        if lo.name == "align_uniform":
+            raise ConfigError("loss.backend=triton implements loss.name=clip and siglip only (got "
+                              "'align_uniform'); use loss.backend=torch or auto")
+        if lo.positives != "pair":
+            raise ConfigError(f"loss.backend=triton does not support loss.positives={lo.positives}; "
+                              "use loss.backend=torch or loss.positives=pair")
+        if lo.bidir:
+            raise ConfigError("loss.backend=triton gathers the texts (its kernel never builds the "
+                              "logits); set loss.bidir=false or loss.backend=torch")
 
 
 def main(argv: list[str] | None = None) -> None:

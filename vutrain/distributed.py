@@ -4,6 +4,15 @@ The deepspeed launcher and torchrun export RANK / LOCAL_RANK / WORLD_SIZE / MAST
 `srun` exports only SLURM_* variables; mpirun exports OMPI_COMM_WORLD_*; a plain `python` run
 exports nothing. `resolve_dist_env()` reads whichever is present and returns one validated
 `DistInfo`, which is passed explicitly from then on (never stored in a mutable args object).
+
+Device and process-group backend: each rank uses `cuda:<local rank>` when the node has that GPU,
+else the CPU. On CUDA the group is device-mapped, `cpu:gloo,cuda:nccl`: tensor collectives run on
+the GPU through NCCL, while object collectives and barriers keep a CPU path. Two environment
+variables override the choice (e.g. to run two ranks on one GPU, which NCCL refuses):
+
+    VUTRAIN_DEVICE=cuda:0             every rank of this node on GPU 0 (`cpu` on a GPU machine
+                                      also needs DS_ACCELERATOR=cpu for DeepSpeed)
+    VUTRAIN_DIST_BACKEND=cuda:gloo    any torch.distributed backend string, device-mapped or not
 """
 from __future__ import annotations
 
@@ -27,13 +36,18 @@ class DistInfo:
     launcher: str
     """Which environment the ranks came from: env (torchrun/deepspeed), slurm, mpi or single."""
     device: str
-    """cuda:N or cpu."""
+    """cuda:N or cpu: the device of the engine and of every tensor handed to a collective."""
     backend: str
-    """nccl on GPUs, gloo otherwise."""
+    """torch.distributed backend: cpu:gloo,cuda:nccl on GPUs, gloo otherwise (or VUTRAIN_DIST_BACKEND)."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+DEVICE_ENV = "VUTRAIN_DEVICE"
+BACKEND_ENV = "VUTRAIN_DIST_BACKEND"
+CUDA_BACKEND = "cpu:gloo,cuda:nccl"
 
 
 def _int(name: str, env) -> int | None:
@@ -97,12 +111,30 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
             port = free_port()
         else:
             port = 29500
-    n_gpus = torch.cuda.device_count()
-    use_cuda = n_gpus > 0 and local_rank < n_gpus
-    device = f"cuda:{local_rank}" if use_cuda else "cpu"
+    device, backend = resolve_device(local_rank, env)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
-                    master_addr=addr, master_port=port, launcher=launcher, device=device,
-                    backend="nccl" if use_cuda else "gloo")
+                    master_addr=addr, master_port=port, launcher=launcher, device=device, backend=backend)
+
+
+def resolve_device(local_rank: int, env=None) -> tuple[str, str]:
+    """(device, process-group backend) of this rank, after the VUTRAIN_* overrides."""
+    env = os.environ if env is None else env
+    device = env.get(DEVICE_ENV, "").strip()
+    if device:
+        try:
+            parsed = torch.device(device)
+        except RuntimeError:
+            raise RuntimeError(f"{DEVICE_ENV}={device!r} is not a device; use e.g. cuda:0 or cpu") from None
+        if parsed.type == "cuda" and parsed.index is None:
+            device = f"cuda:{local_rank}"
+    else:
+        use_cuda = local_rank < torch.cuda.device_count()
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+    backend = env.get(BACKEND_ENV, "").strip() or (CUDA_BACKEND if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda") and backend.startswith("cpu:") and "cuda:" not in backend:
+        raise RuntimeError(f"{BACKEND_ENV}={backend!r} has no CUDA backend but the device is {device}: "
+                           "use e.g. cuda:gloo or cpu:gloo,cuda:nccl")
+    return device, backend
 
 
 def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
@@ -111,7 +143,8 @@ def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
                        "MASTER_ADDR": info.master_addr, "MASTER_PORT": info.master_port}.items():
         os.environ[key] = str(value)  # DeepSpeed's own init reads these
     if info.device.startswith("cuda"):
-        torch.cuda.set_device(info.local_rank)
+        # Before the group exists: NCCL and object collectives use the current device.
+        torch.cuda.set_device(torch.device(info.device))
     if not dist.is_initialized():
         dist.init_process_group(backend=info.backend, rank=info.rank, world_size=info.world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -120,10 +153,25 @@ def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    """Wait for every rank. A group with a CPU backend uses it; a CUDA-only group (nccl, cuda:gloo)
+    is told this rank's device, rather than guessing one from the rank (and warning)."""
+    if not dist.is_initialized():
+        return
+    if "cpu" in {d.type for d in dist.group.WORLD._device_types} or not torch.cuda.is_available():
         dist.barrier()
+    else:
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce across ranks (a no-op without a group). `tensor` must already be on the
+    rank's device: with NCCL a CPU tensor fails ("No backend type associated with device type cpu")."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
 
 
 def cleanup() -> None:
+    """Destroy the process group, if one was started."""
     if dist.is_initialized():
         dist.destroy_process_group()

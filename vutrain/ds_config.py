@@ -4,12 +4,18 @@ Batch keys are computed, never typed twice: train_batch_size = micro x accumulat
 A user's own JSON (train.ds_config) is merged over the generated dict; keys it sets to "auto"
 keep the generated value, and batch keys that disagree with the derived ones are an error rather
 than a silent change of the global batch.
+
+Two settings serve speed on GPUs: ZeRO-1/2 pad their flat buffers so every parameter starts
+16-byte aligned (see param_alignment.py), and bf16 runs skip DeepSpeed's per-parameter overflow
+scan before each step (bf16 has fp32's range; the trainer zeroes a non-finite micro-batch itself,
+see nonfinite.py). fp16 keeps the scan: its dynamic loss scale depends on it.
 """
 from __future__ import annotations
 
 import json
 
 from vutrain.config import ConfigError, TrainConfig
+from vutrain.param_alignment import alignment_config
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -27,13 +33,14 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config for this run: generated from `cfg`, then the user's train.ds_config over it."""
     generated = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * world_size,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_optimization": {"stage": cfg.zero_stage, **alignment_config(cfg.zero_stage)},
+        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10 ** 9,  # we log ourselves
         "wall_clock_breakdown": False,

@@ -4,12 +4,23 @@ Each rank encodes its part of the validation set; features are gathered so every
 whole set. Under ZeRO-3 every forward is a collective (parameters are gathered on use), so all
 ranks run the same number of forwards: a rank with fewer batches pads with repeats whose outputs
 are dropped.
+
+Every collective here runs on tensors of the engine's device (with NCCL a CPU tensor fails); the
+features stay there and the metrics are computed there. `Evaluator` is the trainer's view: it
+builds the validation batches and the zero-shot class list (read once per run) from the config.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from vutrain.config import RunConfig
+from vutrain.distributed import all_reduce
+
+log = logging.getLogger("vutrain")
 
 RECALL_KS = (1, 5, 10)
 
@@ -19,21 +30,23 @@ def _world() -> int:
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate [n_r, D] tensors of different n_r from all ranks, in rank order."""
+    """Concatenate [n_r, D] tensors of different n_r from all ranks, in rank order, on x's device."""
     if _world() == 1:
         return x
-    n = torch.tensor([x.shape[0]], dtype=torch.long)
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(_world())]
     dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype)
+    sizes = torch.cat(sizes).tolist()  # one host read: the padded length is a shape
+    longest = max(sizes)
+    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
 
 
 def gather_objects(items: list) -> list:
+    """Concatenate picklable lists from all ranks, in rank order (object collective)."""
     if _world() == 1:
         return list(items)
     out = [None] * _world()
@@ -48,7 +61,7 @@ def recall_at_k(sim: torch.Tensor, ks=RECALL_KS) -> dict[int, float]:
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
-def _lockstep(batches, run) -> tuple[list, list[dict]]:
+def _lockstep(batches, run, device) -> tuple[list, list[dict]]:
     """Run `run(batch)` over this rank's batches while any rank still has one.
 
     Ranks whose own batches ran out call `run(None)` (a dummy) and drop the output, so every rank
@@ -58,10 +71,9 @@ def _lockstep(batches, run) -> tuple[list, list[dict]]:
     it, outs, kept = iter(batches), [], []
     while True:
         batch = next(it, None)
-        more = torch.tensor([0 if batch is None else 1], dtype=torch.long)
-        if _world() > 1:
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not more.item():
+        more = torch.tensor([0 if batch is None else 1], dtype=torch.long, device=device)
+        all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():  # host read per eval batch: the loop condition itself
             return outs, kept
         out = run(batch)
         if batch is not None:
@@ -93,12 +105,12 @@ def evaluate(engine, val_batches, classes: list[str], templates: list[str], toke
         img, txt, _, _ = engine(pixel_values=batch["pixel_values"].to(device, input_dtype),
                                 input_ids=batch["input_ids"].to(device),
                                 attention_mask=batch["attention_mask"].to(device))
-        return img.float().cpu(), txt.float().cpu()
+        return img.float(), txt.float()
 
-    outs, kept = _lockstep(val_batches, run)
+    outs, kept = _lockstep(val_batches, run, device)
     dim = engine.module.base.config.projection_dim
-    img = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, dim)
-    txt = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dim)
+    img = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, dim, device=device)
+    txt = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dim, device=device)
     labels = [lab for b in kept for lab in b["labels"]]
     img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
 
@@ -116,7 +128,7 @@ def evaluate(engine, val_batches, classes: list[str], templates: list[str], toke
             tok = tokenize(texts[start:start + 256])
             _, t, _, _ = engine(input_ids=tok["input_ids"].to(device),
                                 attention_mask=tok["attention_mask"].to(device))
-            chunks.append(t.float().cpu())
+            chunks.append(t.float())
         return torch.cat(chunks)
 
     if classes:
@@ -124,7 +136,7 @@ def evaluate(engine, val_batches, classes: list[str], templates: list[str], toke
         index = {c: i for i, c in enumerate(classes)}
         known = [i for i, lab in enumerate(labels) if lab in index]
         if known:
-            target = torch.tensor([index[labels[i]] for i in known])
+            target = torch.tensor([index[labels[i]] for i in known], device=img.device)
             pred = (img[known] @ emb.T).argmax(dim=1)
             metrics["eval/zeroshot_top1"] = (pred == target).float().mean().item()
         metrics["eval/zeroshot_chance"] = 1.0 / len(classes)
@@ -132,3 +144,39 @@ def evaluate(engine, val_batches, classes: list[str], templates: list[str], toke
     if was_training:
         engine.train()
     return metrics
+
+
+class Evaluator:
+    """The periodic eval of one run: validation batches, zero-shot classes and templates from the config.
+
+    The class list is read from the validation shards once (they do not change during a run).
+    """
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, preprocess, tokenize, processor,
+                 input_dtype: torch.dtype, device: torch.device):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.preprocess, self.tokenize = preprocess, tokenize
+        self.input_dtype, self.device = input_dtype, device
+        crop = processor.crop_size
+        self.image_size = crop["height"] if isinstance(crop, dict) else 224
+        self._classes: list[str] | None = None
+
+    def classes(self) -> list[str]:
+        """The distinct values of eval.zeroshot_field in the validation shards."""
+        if self._classes is None:
+            from vutrain.data.val import collect_label_values
+            self._classes = collect_label_values(self.cfg.data.val_shards, self.cfg.eval.zeroshot_field)
+        return self._classes
+
+    def __call__(self, engine) -> dict[str, float]:
+        """Evaluate `engine` on the validation shards (every rank calls this at the same step)."""
+        from vutrain.data.val import iter_val_batches
+        cfg = self.cfg
+        batches = iter_val_batches(cfg.data.val_shards, preprocess=self.preprocess, tokenize=self.tokenize,
+                                   batch_size=cfg.eval.batch_size, rank=self.rank,
+                                   world_size=self.world_size, caption_template=cfg.data.caption_template,
+                                   label_field=cfg.eval.zeroshot_field)
+        size = self.image_size
+        dummy = dict(self.tokenize([""]), pixel_values=torch.zeros(1, 3, size, size), labels=[""])
+        return evaluate(engine, batches, self.classes(), list(cfg.eval.templates), self.tokenize,
+                        self.input_dtype, self.device, dummy)

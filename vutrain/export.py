@@ -64,6 +64,10 @@ def to_hf_clip(module) -> "transformers.CLIPModel":  # noqa: F821
     if hasattr(clip, "peft_config"):
         clip = clip.merge_and_unload()
     clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(()).clone())
+    if getattr(module, "logit_bias", None) is not None:
+        # CLIPModel has no bias parameter: SigLIP's learnt bias rides in config.json, so
+        # `CLIPModel.from_pretrained(d).config.logit_bias` gives back sigmoid(s * x.y + b).
+        clip.config.logit_bias = float(module.logit_bias.detach().reshape(()))
     for param in clip.parameters():
         param.requires_grad_(True)
     return clip

@@ -3,6 +3,10 @@
 One `Trainer` per process. `train()` loops `train_step()` to `train.max_steps`; the trainer's own
 state (step, data stream position, RNG) rides along with each DeepSpeed checkpoint, so a resumed
 run produces the same per-step losses as an uninterrupted one.
+
+A step is `next_batch` -> `forward_loss` -> `guard.agree` -> `backward_step` per micro-batch, with
+no host synchronisation: non-finite losses are decided on the device (nonfinite.py) and the host
+reads losses only on logging steps.
 """
 from __future__ import annotations
 
@@ -12,20 +16,19 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from vutrain import checkpoint as ckpt
 from vutrain.config import RunConfig, save_config
-from vutrain.distributed import DistInfo, barrier
-from vutrain.ds_config import build_ds_config
-from vutrain.evaluate import evaluate
-from vutrain.losses import build_loss
+from vutrain.distributed import DistInfo, all_reduce, barrier
+from vutrain.engine import build_engine
+from vutrain.evaluate import Evaluator
+from vutrain.losses import build_loss_from_config
 from vutrain.metrics import MetricsWriter
 from vutrain.model import build_model, count_parameters, tokenizer_and_processor
-from vutrain.optim import build_optimizer, param_groups
+from vutrain.nonfinite import GuardStats, NonFiniteGuard
 
 log = logging.getLogger("vutrain")
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", which the SLURM scripts turn into a requeue
@@ -33,7 +36,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """train.max_nonfinite_steps non-finite losses in a row: training stops, checkpoints are kept."""
 
 
 class Preempted(Exception):
@@ -46,87 +49,133 @@ class Preempted(Exception):
 
 @dataclass
 class StepTimes:
+    """Host wall time of each phase of one step, summed over its micro-batches (seconds).
+
+    Without `sync_timing` the GPU runs ahead of the host, so these are launch times there.
+    """
     data: float = 0.0
     forward: float = 0.0
     loss: float = 0.0
     backward: float = 0.0
     optimizer: float = 0.0
-    values: dict = field(default_factory=dict)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, info: DistInfo, sync_timing: bool = False):
-        import deepspeed
-        from vutrain.data.preprocess import make_preprocess
-        from vutrain.data.tokenizer import make_tokenize
-        from vutrain.data.webdataset import TrainStream
+    """One rank's training run: engine, loss, data stream, eval and checkpoints (see the module doc).
 
+    `__init__` builds one part per named builder, in dependency order; `train()` runs the loop.
+    """
+
+    cfg: RunConfig
+    info: DistInfo
+    device: torch.device
+    dtype: torch.dtype
+    engine: object
+    """The DeepSpeed engine around the ClipTrainModule."""
+    loss_fn: torch.nn.Module
+    stream: object
+    """The TrainStream of this rank (resumable position)."""
+    guard: NonFiniteGuard
+    evaluator: Evaluator
+    metrics: MetricsWriter
+
+    def __init__(self, cfg: RunConfig, info: DistInfo, sync_timing: bool = False):
         self.cfg, self.info = cfg, info
         self.run_dir = cfg.output_dir
         self.sync_timing = sync_timing  # bench: synchronise the GPU around each phase
         self.device = torch.device(info.device)
         self.dtype = DTYPES[cfg.train.precision]
-        if info.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-            for stale in ("preempted.json", "done.json"):
-                if os.path.exists(os.path.join(self.run_dir, stale)):
-                    os.remove(os.path.join(self.run_dir, stale))
-        barrier()
-
-        d = cfg.data
-        self.tokenizer, self.processor, self.context_length = tokenizer_and_processor(
-            cfg.model, self.run_dir, d.train_shards, d.caption_template, d.tokenizer_samples,
-            info.is_main, barrier)
-        self.tokenize = make_tokenize(self.tokenizer, self.context_length)
-        self.preprocess = make_preprocess(self.processor)
-
-        siglip = cfg.loss.name == "siglip"
-        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-        module = build_model(cfg.model, self.tokenizer, use_bias=siglip,
-                             init_scale=math.log(10.0) if siglip else None)
-        trainable, total = count_parameters(module)
-        ds_config = build_ds_config(cfg.train, info.world_size)
-        if "optimizer" in ds_config:  # the user's ds_config brings its own (e.g. CPU-offload Adam)
-            self.engine, _, _, _ = deepspeed.initialize(
-                model=module, model_parameters=param_groups(module, cfg.train.weight_decay), config=ds_config)
-        else:
-            optimizer, scheduler = build_optimizer(module, cfg.train)
-            self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                        lr_scheduler=scheduler, config=ds_config)
-        self.loss_fn = build_loss(cfg.loss.name, rank=info.rank, world_size=info.world_size,
-                                  backend=cfg.loss.backend, local_loss=cfg.loss.local_loss,
-                                  gather_with_grad=cfg.loss.gather_with_grad)
-        # The torch loss upcasts bf16/fp16 features to fp32 (a bf16 logits matrix loses the label
-        # term); the Triton kernels take them as they are and accumulate in fp32 themselves.
-        self.upcast_features = not (cfg.loss.backend in ("triton", "auto") and self.device.type == "cuda")
-        self.stream = TrainStream(d.train_shards, preprocess=self.preprocess, tokenize=self.tokenize,
-                                  batch_size=cfg.train.micro_batch_size, rank=info.rank,
-                                  world_size=info.world_size, num_workers=d.num_workers, seed=cfg.seed,
-                                  caption_template=d.caption_template, shuffle_buffer=d.shuffle_buffer,
-                                  resampled=d.resampled, num_samples=d.num_samples or None)
-        if d.val_shards:  # a typo in the eval path must fail now, not at the first eval
-            from vutrain.data.shards import expand_shards
-            expand_shards(d.val_shards, "data.val_shards")
-        self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main)
         self.step = 0
-        self.nonfinite_in_row = 0
         self._signal: str | None = None
-        self._classes: list[str] | None = None
+        self._prepare_run_dir()
+        self._build_text_and_image_processing()
+        trainable, total = self._build_engine()
+        self._build_loss()
+        self._build_data()
+        self.guard = NonFiniteGuard(self.engine.module, self.device, info.world_size)
+        self.evaluator = Evaluator(cfg, info.rank, info.world_size, self.preprocess, self.tokenize,
+                                   self.processor, self.dtype, self.device)
+        self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main)
+        self.last_stats = GuardStats(float("nan"), 0, 0, 0, False)
+        self._last_scale: torch.Tensor | None = None
         log.info("world_size=%d launcher=%s device=%s backend=%s", info.world_size, info.launcher,
                  info.device, info.backend)
         log.info("parameters: %d trainable of %d; zero stage %d, %s; %d steps/epoch",
                  trainable, total, cfg.train.zero_stage, cfg.train.precision, self.stream.steps_per_epoch)
         self._maybe_resume()
 
+    # ------------------------------------------------------------------ builders
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0 writes the resolved config and clears last run's end markers; all ranks wait."""
+        if self.info.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+            for stale in ("preempted.json", "done.json"):
+                if os.path.exists(os.path.join(self.run_dir, stale)):
+                    os.remove(os.path.join(self.run_dir, stale))
+        barrier()
+
+    def _build_text_and_image_processing(self) -> None:
+        """Tokenizer (trained on rank 0 for presets), image processor and their batch functions."""
+        from vutrain.data.preprocess import make_fast_preprocess, make_preprocess
+        from vutrain.data.tokenizer import make_tokenize
+        d = self.cfg.data
+        self.tokenizer, self.processor, self.context_length = tokenizer_and_processor(
+            self.cfg.model, self.run_dir, d.train_shards, d.caption_template, d.tokenizer_samples,
+            self.info.is_main, barrier)
+        self.tokenize = make_tokenize(self.tokenizer, self.context_length)
+        self.preprocess = make_preprocess(self.processor)  # eval: the processor's exact float path
+        # Training: workers send uint8 crops; normalisation (and augmentation) run on the device.
+        self.train_preprocess = make_fast_preprocess(self.processor) if d.fast_preprocess else self.preprocess
+
+    def _build_engine(self) -> tuple[int, int]:
+        """The model under DeepSpeed, parameters aligned; returns (trainable, total) parameter counts."""
+        cfg = self.cfg
+        siglip = cfg.loss.name == "siglip"
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
+        module = build_model(cfg.model, self.tokenizer, use_bias=siglip,
+                             init_scale=math.log(10.0) if siglip else None)
+        counts = count_parameters(module)
+        self.engine = build_engine(module, cfg.train, self.info.world_size, self.device, self.info.local_rank)
+        return counts
+
+    def _build_loss(self) -> None:
+        """The contrastive loss with negatives from all ranks."""
+        cfg, info = self.cfg, self.info
+        self.loss_fn = build_loss_from_config(cfg.loss, rank=info.rank, world_size=info.world_size)
+        # The torch loss upcasts bf16/fp16 features to fp32 (a bf16 logits matrix loses the label
+        # term); the Triton kernels take them as they are and accumulate in fp32 themselves.
+        self.upcast_features = not (cfg.loss.backend in ("triton", "auto") and self.device.type == "cuda")
+
+    def _build_data(self) -> None:
+        """This rank's training stream; the validation spec is checked now, not at the first eval."""
+        from vutrain.data.device_transform import make_device_transform
+        from vutrain.data.webdataset import TrainStream
+        d, info = self.cfg.data, self.info
+        self.stream = TrainStream(d.train_shards, preprocess=self.train_preprocess, tokenize=self.tokenize,
+                                  batch_size=self.cfg.train.micro_batch_size, rank=info.rank,
+                                  world_size=info.world_size, num_workers=d.num_workers, seed=self.cfg.seed,
+                                  caption_template=d.caption_template, shuffle_buffer=d.shuffle_buffer,
+                                  resampled=d.resampled, num_samples=d.num_samples or None,
+                                  local_world_size=info.local_world_size, prefetch_factor=d.prefetch_factor,
+                                  positives=self.cfg.loss.positives)
+        self.pixel_transform = make_device_transform(self.processor, d.random_resized_crop, seed=self.cfg.seed,
+                                                     rank=info.rank, position=lambda: self.stream.batches_seen)
+        if d.val_shards:  # a typo in the eval path must fail now, not at the first eval
+            from vutrain.data.shards import expand_shards
+            expand_shards(d.val_shards, "data.val_shards")
+
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "data": self.stream.state_dict(), "nonfinite_in_row": self.nonfinite_in_row}
+        """The trainer's own resumable state (DeepSpeed saves the engine's)."""
+        return {"step": self.step, "data": self.stream.state_dict(), **self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`."""
         self.step = int(state["step"])
-        self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.guard.load_state_dict(state)
         self.stream.load_state_dict(state["data"])
 
     def _maybe_resume(self) -> None:
@@ -139,6 +188,7 @@ class Trainer:
         log.info("resuming at step %d from %s/%s", self.step, *target)
 
     def save(self) -> None:
+        """A checkpoint of the engine and the trainer state at the current step (every rank)."""
         ckpt.save_checkpoint(self.engine, self.run_dir, self.step, self.state_dict(), self.info.rank,
                              self.cfg.train.keep_checkpoints)
 
@@ -157,73 +207,122 @@ class Trainer:
         if self.sync_timing and self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def _agree(self, loss: torch.Tensor) -> tuple[float, bool, bool]:
-        """All ranks agree on (mean loss, any non-finite, any stop signal) with one collective.
+    def next_batch(self) -> dict:
+        """The next micro-batch of this rank, its tensors on the device, pixels normalised there.
 
-        Reading the loss on the host is the one sync per micro-batch: every rank must know
-        before backward whether any rank's loss is non-finite, or they would diverge.
+        With loss.positives=category|tags the batch also carries this rank's `labels`.
         """
-        value = loss.detach().float().item()
-        finite = math.isfinite(value)
-        flags = torch.tensor([value if finite else 0.0, 0.0 if finite else 1.0, float(bool(self._signal))])
-        if self.info.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-        return flags[0].item() / self.info.world_size, bool(flags[1] > 0), bool(flags[2] > 0)
+        batch = next(self.stream)
+        out = {"pixel_values": self.pixel_transform(batch["pixel_values"], self.device, self.dtype),
+               "input_ids": batch["input_ids"].to(self.device, non_blocking=True),
+               "attention_mask": batch["attention_mask"].to(self.device, non_blocking=True)}
+        if "labels" in batch:
+            out["labels"] = batch["labels"].to(self.device, non_blocking=True)
+        return out
+
+    def forward_loss(self, batch: dict, times: StepTimes) -> torch.Tensor:
+        """Forward through the engine and the loss: this rank's scalar loss (not yet agreed on)."""
+        t0 = time.perf_counter()
+        img, txt, scale, bias = self._forward(batch)
+        self._sync()
+        t1 = time.perf_counter()
+        extra = {"labels": batch["labels"]} if "labels" in batch else {}
+        loss = self.loss_fn(img, txt, scale, bias, **extra)
+        self._sync()
+        times.forward += t1 - t0
+        times.loss += time.perf_counter() - t1
+        self._last_scale = scale.detach()
+        return loss
+
+    def _forward(self, batch: dict) -> tuple:
+        """The engine's (image features, text features, logit scale, logit bias), ready for the loss."""
+        img, txt, scale, bias = self.engine(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                                            attention_mask=batch["attention_mask"])
+        if self.upcast_features:
+            img, txt = img.float(), txt.float()
+        return img, txt, scale.float(), None if bias is None else bias.float()
+
+    def backward_step(self, loss: torch.Tensor, times: StepTimes) -> None:
+        """Backward and `engine.step()` for every micro-batch, skipped ones included (their loss and
+        gradients are zero), so DeepSpeed's accumulation boundary stays where it belongs."""
+        t0 = time.perf_counter()
+        self.engine.backward(loss)
+        self._sync()
+        t1 = time.perf_counter()
+        self.engine.step()
+        self._sync()
+        times.backward += t1 - t0
+        times.optimizer += time.perf_counter() - t1
 
     def train_step(self) -> tuple[StepTimes, bool]:
-        """One optimizer step of grad_accum_steps micro-batches. Returns (timings, stop requested)."""
-        times, engine = StepTimes(), self.engine
-        losses, stop = [], False
-        for _ in range(self.cfg.train.grad_accum_steps):
-            t0 = time.perf_counter()
-            batch = next(self.stream)
-            t1 = time.perf_counter()
-            img, txt, scale, bias = engine(pixel_values=batch["pixel_values"].to(self.device, self.dtype),
-                                           input_ids=batch["input_ids"].to(self.device),
-                                           attention_mask=batch["attention_mask"].to(self.device))
-            self._sync()
-            t2 = time.perf_counter()
-            if self.upcast_features:
-                img, txt = img.float(), txt.float()
-            loss = self.loss_fn(img, txt, scale.float(), None if bias is None else bias.float())
-            self._sync()
-            t3 = time.perf_counter()
-            mean_loss, nonfinite, stop_now = self._agree(loss)
-            stop = stop or stop_now
-            if nonfinite:
-                # Dropping the micro-batch on every rank keeps the ranks in step; the optimizer
-                # and LR schedule do not advance for it.
-                self.nonfinite_in_row += 1
-                log.warning("non-finite loss at step %d (%d in a row): micro-batch skipped",
-                            self.step + 1, self.nonfinite_in_row)
-                times.data += t1 - t0
-                continue
-            self.nonfinite_in_row = 0
-            engine.backward(loss)
-            self._sync()
-            t4 = time.perf_counter()
-            engine.step()
-            self._sync()
-            t5 = time.perf_counter()
-            losses.append(mean_loss)
-            times.data += t1 - t0
-            times.forward += t2 - t1
-            times.loss += t3 - t2
-            times.backward += t4 - t3
-            times.optimizer += t5 - t4
-        times.values = {"train/loss": sum(losses) / len(losses) if losses else float("nan"),
-                        "train/logit_scale": scale.detach().float().item()}
-        if self.loss_fn.last_terms:  # align_uniform's two terms
-            times.values.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
-        return times, stop
+        """One optimizer step of grad_accum_steps micro-batches, without a host sync.
 
-    def _log_step(self, times: StepTimes, step_time: float) -> None:
+        Returns (timings, whether this rank received a stop signal). Losses, skips and the stop
+        agreed by all ranks accumulate on the device; `read_stats()` fetches them.
+        """
+        if self.cfg.train.accumulation == "gradcache" and self.cfg.train.grad_accum_steps > 1:
+            return self._gradcache_step()
+        times = StepTimes()
+        for _ in range(self.cfg.train.grad_accum_steps):
+            if self._signal:
+                self.guard.request_stop()
+            t0 = time.perf_counter()
+            batch = self.next_batch()
+            times.data += time.perf_counter() - t0
+            loss = self.forward_loss(batch, times)
+            self.backward_step(self.guard.agree(loss), times)
+        return times, bool(self._signal)
+
+    def _gradcache_step(self) -> tuple[StepTimes, bool]:
+        """train.accumulation=gradcache: one loss over every micro-batch of the step (gradcache.py).
+
+        The guard agrees once per step on the step's loss; the replayed backward and
+        `engine.step()` run for every micro-batch even when the step is skipped (its gradients are
+        masked to zero), so the engine's accumulation boundary stays in place.
+        """
+        from vutrain.gradcache import GradCache
+        from vutrain.losses.positives import concat_labels
+        if self._signal:
+            self.guard.request_stop()
+        times, t0 = StepTimes(), time.perf_counter()
+        batches = [self.next_batch() for _ in range(self.cfg.train.grad_accum_steps)]
+        labels = concat_labels([b["labels"] for b in batches]) if "labels" in batches[0] else None
+        t1 = time.perf_counter()
+
+        def loss_fn(img, txt, scale, bias):
+            self._last_scale = scale.detach()
+            return self.loss_fn(img, txt, scale, bias, **({"labels": labels} if labels is not None else {}))
+
+        cache = GradCache(self.engine, self._forward, loss_fn)
+        loss = cache.forward(batches)
+        self._sync()
+        t2 = time.perf_counter()
+        self.guard.agree(loss)
+        cache.backward()
+        self._sync()
+        times.data, times.forward, times.backward = t1 - t0, t2 - t1, time.perf_counter() - t2
+        return times, bool(self._signal)
+
+    def read_stats(self) -> GuardStats:
+        """Host copy of the loss and skip statistics since the last read: the one sync per logged step."""
+        stats = self.guard.read()
+        if stats.skipped:
+            log.warning("non-finite loss: %d micro-batch(es) skipped on every rank by step %d "
+                        "(%d in a row)", stats.skipped, self.step, stats.in_row)
+        self.last_stats = stats
+        return stats
+
+    def _log_step(self, times: StepTimes, step_time: float, stats: GuardStats) -> None:
         cfg = self.cfg.train
         per_rank = cfg.micro_batch_size * cfg.grad_accum_steps / max(step_time, 1e-9)
-        skipped = torch.tensor([float(sum(self.stream.skipped().values()))])
-        if self.info.world_size > 1:  # every rank logs on the same steps, so this collective matches
-            dist.all_reduce(skipped)
-        row = dict(times.values)
+        # Every rank logs on the same steps, so this collective matches; on the device for NCCL.
+        skipped = torch.tensor([float(sum(self.stream.skipped().values()))], device=self.device)
+        all_reduce(skipped)
+        row = {"train/loss": stats.mean_loss,
+               "train/logit_scale": float(self._last_scale) if self._last_scale is not None else float("nan"),
+               "train/nonfinite_skipped": stats.skipped}
+        if self.loss_fn.last_terms:  # align_uniform's two terms
+            row.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
         row.update({
             "train/lr": (self.engine.get_lr() or [cfg.lr])[0],
             "train/samples_per_s": per_rank * self.info.world_size,
@@ -237,19 +336,8 @@ class Trainer:
         self.metrics.write(self.step, row)
 
     def run_eval(self) -> dict:
-        from vutrain.data.val import collect_label_values, iter_val_batches
-        cfg = self.cfg
-        batches = iter_val_batches(cfg.data.val_shards, preprocess=self.preprocess, tokenize=self.tokenize,
-                                   batch_size=cfg.eval.batch_size, rank=self.info.rank,
-                                   world_size=self.info.world_size, caption_template=cfg.data.caption_template,
-                                   label_field=cfg.eval.zeroshot_field)
-        if self._classes is None:  # the validation shards do not change during a run
-            self._classes = collect_label_values(cfg.data.val_shards, cfg.eval.zeroshot_field)
-        classes = self._classes
-        size = self.processor.crop_size["height"] if isinstance(self.processor.crop_size, dict) else 224
-        dummy = dict(self.tokenize([""]), pixel_values=torch.zeros(1, 3, size, size), labels=[""])
-        metrics = evaluate(self.engine, batches, classes, list(cfg.eval.templates), self.tokenize,
-                           self.dtype, self.device, dummy)
+        """Evaluate now (every rank), write the metrics row and log it on rank 0."""
+        metrics = self.evaluator(self.engine)
         self.metrics.write(self.step, metrics)
         if self.info.is_main:
             shown = {k.split("/", 1)[1]: round(v, 4) for k, v in metrics.items()}
@@ -257,6 +345,12 @@ class Trainer:
         return metrics
 
     def train(self) -> dict:
+        """Train to train.max_steps with periodic eval and checkpoints; returns the last eval metrics.
+
+        Host reads happen on logging steps only (every train.log_every steps): the loss for the
+        metrics row, the non-finite count (the max_nonfinite_steps check) and a stop request
+        agreed by all ranks, which is therefore acted on at the next logging step.
+        """
         cfg = self.cfg
         self.install_signal_handlers()
         self.engine.train()
@@ -268,22 +362,27 @@ class Trainer:
         try:
             while self.step < cfg.train.max_steps:
                 t0 = time.perf_counter()
-                times, stop = self.train_step()
+                times, _ = self.train_step()
                 self.step += 1
-                if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-                    latest = ckpt.latest_tag(ckpt.checkpoints_dir(self.run_dir))
-                    raise NonFiniteLossError(
-                        f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; stopping. "
-                        f"Last good checkpoint: {latest or 'none'} (kept). Lower train.lr, use "
-                        "train.precision=fp32 or bf16, or check the data.")
+                stop = False
                 if self.step % cfg.train.log_every == 0:
-                    self._log_step(times, time.perf_counter() - t0)
+                    stats = self.read_stats()
+                    if stats.in_row >= cfg.train.max_nonfinite_steps:
+                        latest = ckpt.latest_tag(ckpt.checkpoints_dir(self.run_dir))
+                        raise NonFiniteLossError(
+                            f"{stats.in_row} non-finite losses in a row at step {self.step}; stopping. "
+                            f"Last good checkpoint: {latest or 'none'} (kept). Lower train.lr, use "
+                            "train.precision=fp32 or bf16, or check the data.")
+                    self._log_step(times, time.perf_counter() - t0, stats)
+                    stop = stats.stop
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{stats.mean_loss:.4f}")
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{times.values['train/loss']:.4f}")
                 if stop:
                     self.save()
-                    self._write_marker("preempted.json", {"step": self.step, "signal": self._signal or "peer"})
+                    signame = self._signal or "peer"
+                    self._write_marker("preempted.json", {"step": self.step, "signal": signame})
                     log.warning("preempted at step %d: checkpoint saved", self.step)
                     raise Preempted(self.step, self._signal or "peer")
                 if cfg.eval.every and cfg.data.val_shards and self.step % cfg.eval.every == 0:

@@ -12,6 +12,7 @@ batches it owes in each epoch).
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Iterable, Iterator, TypeVar
 
@@ -59,3 +60,35 @@ def _pop_random(buf: list[T], rng: random.Random) -> T:
     i = rng.randrange(len(buf))
     buf[i], buf[-1] = buf[-1], buf[i]
     return buf.pop()
+
+
+MAX_AUTO_WORKERS = 16
+"""Ceiling of the automatic worker count (each worker holds a shuffle buffer and a Python heap)."""
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a SLURM task's own share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1
+
+
+def auto_num_workers(num_shards: int, world_size: int, local_world_size: int, resampled: bool,
+                     cores: int | None = None, machine_cores: int | None = None) -> int:
+    """Loader workers per rank for ``data.num_workers=-1``: one per core of this rank's share,
+    less one core for the training process itself, between 1 and ``MAX_AUTO_WORKERS``.
+
+    A rank's share is the usable cores divided by the ranks on the node, unless the affinity
+    mask already is a per-task share (fewer cores than the machine has, as under SLURM). Without
+    ``resampled`` a rank's shards are split among its workers, so there are at most
+    ``num_shards // world_size`` of them.
+    """
+    cores = usable_cores() if cores is None else cores
+    machine_cores = (os.cpu_count() or cores) if machine_cores is None else machine_cores
+    if cores >= machine_cores:
+        cores //= max(1, local_world_size)
+    workers = max(1, min(cores - 1, MAX_AUTO_WORKERS))
+    if not resampled:
+        workers = max(1, min(workers, num_shards // max(1, world_size)))
+    return workers

@@ -17,6 +17,15 @@ on the concatenated global batch):
 * `gather_with_grad=False, local_loss=True`: only the query side of the local rows gets a
   gradient (gathered keys are constants), as in open_clip. Prefer `gather_with_grad=True` with
   `local_loss=True`: it is exact and scores only a B x (W*B) block per rank.
+
+Multi-positive labels (`forward(..., labels=...)`, see positives.py): samples sharing a label
+are positives of each other. Each row's target distribution is uniform over its positives
+(always including its own pair), in both directions:
+
+    loss = (mean_i CE(logits_per_image[i], p_i) + mean_i CE(logits_per_text[i], p_i)) / 2
+    p_ij = 1[i, j share a label or j is i's pair] / (number of such j)
+
+With all labels distinct this is exactly the plain loss; `labels=None` is the plain code path.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vutrain.losses.gather import check_rank, gather_features
+from vutrain.losses.positives import check_labels, gather_labels, positive_mask
 
 BACKENDS = ("torch", "triton", "auto")
 
@@ -89,22 +99,47 @@ class ClipLoss(nn.Module):
         return per_image, per_text
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+                logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """Scalar loss of this rank.
 
         Args:
             image_features, text_features: [B, D], L2-normalised, row i of both is a pair.
             logit_scale: scalar, already exponentiated (e.g. `model.logit_scale.exp()`).
             logit_bias: optional scalar added to every logit (torch backend only).
+            labels: optional multi-positive labels of this rank's rows (LongTensor [B] or [B, T],
+                BoolTensor [B, L]; see positives.py); None is the plain one-positive loss.
         """
+        if labels is not None:
+            check_labels(labels, image_features.shape[0])
         if self._use_triton(image_features):
             if logit_bias is not None:
                 raise ValueError("ClipLoss backend 'triton' does not support logit_bias; use "
                                  "backend='torch' or drop the bias (loss.backend=torch)")
+            if labels is not None:
+                raise ValueError("ClipLoss backend 'triton' does not support multi-positive labels; "
+                                 "use loss.backend=torch or loss.positives=pair")
             return self._forward_triton(image_features, text_features, logit_scale)
         per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
-        labels = self.get_ground_truth(image_features.device, per_image.shape[0])
-        return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+        if labels is None:
+            targets = self.get_ground_truth(image_features.device, per_image.shape[0])
+        else:
+            targets = self.soft_targets(labels, per_image.shape[0], per_image.dtype)
+        return (F.cross_entropy(per_image, targets) + F.cross_entropy(per_text, targets)) / 2
+
+    def soft_targets(self, labels: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32,
+                     ) -> torch.Tensor:
+        """[rows, W*B] target distributions: uniform over each row's positives.
+
+        The positive relation is symmetric and an image shares its labels with its own title,
+        so the same matrix serves logits_per_image and logits_per_text.
+        """
+        all_labels = gather_labels(labels, self.world_size)
+        local = self.world_size > 1 and self.local_loss
+        offset = self.rank * rows if local else 0
+        mask = positive_mask(labels if local else all_labels, all_labels, offset)
+        mask = mask.to(dtype)
+        return mask / mask.sum(dim=1, keepdim=True)
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from vutrain.config import LossConfig
+
 from vutrain.losses.align_uniform import AlignUniformLoss
 from vutrain.losses.clip import ClipLoss
 from vutrain.losses.siglip import SigLipLoss
@@ -17,22 +19,35 @@ def build_loss(name: str, *, rank: int, world_size: int, backend: str = "torch",
     """Build the loss named by `loss.name`.
 
     Defaults are the scalable, exact open_clip setting (`local_loss=True, gather_with_grad=True`).
-    `backend` applies to "clip" only; "siglip" and "align_uniform" have torch implementations
-    and reject any other backend (so a config asking for triton never silently runs torch).
-    Extra keyword arguments go to the loss constructor (e.g. `cache_labels=True`, or
+    `backend` applies to "clip" and "siglip" ("siglip" with triton needs `kernels.sigmoid_loss`);
+    "align_uniform" has a torch implementation only and rejects any other backend (so a config
+    asking for triton never silently runs torch). Extra keyword arguments go to the loss
+    constructor (e.g. `cache_labels=True`, `bidir=True` for siglip, or
     `align_weight=..., uniform_weight=..., t=...` for align_uniform).
 
     Every returned object has `forward(image_features, text_features, logit_scale, logit_bias)`
-    and a `last_terms: dict[str, float]` of extra terms to log (empty for clip and siglip).
+    (clip and siglip also take `labels=`) and a `last_terms: dict[str, float]` of extra terms to
+    log (empty for clip and siglip).
     """
     if name == "clip":
         return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
                         world_size=world_size, backend=backend, **kw)
+    if name == "siglip":
+        return SigLipLoss(rank=rank, world_size=world_size, backend=backend, **kw)
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss.name {name!r}; choose one of {', '.join(LOSS_NAMES)}")
     if backend not in ("torch", "auto"):
         raise ValueError(f"loss {name!r} has only a torch implementation; set loss.backend=torch "
                          f"or auto (got {backend!r})")
-    if name == "siglip":
-        return SigLipLoss(rank=rank, world_size=world_size, **kw)
     return AlignUniformLoss(rank=rank, world_size=world_size, **kw)
+
+
+def build_loss_from_config(cfg: LossConfig, *, rank: int, world_size: int) -> nn.Module:
+    """The loss of a run's `loss.*` section (only the keys that apply to `loss.name` are passed)."""
+    if cfg.name == "clip":
+        return build_loss("clip", rank=rank, world_size=world_size, backend=cfg.backend,
+                          local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
+    if cfg.name == "siglip":
+        return build_loss("siglip", rank=rank, world_size=world_size, backend=cfg.backend, bidir=cfg.bidir)
+    return build_loss(cfg.name, rank=rank, world_size=world_size, backend=cfg.backend,
+                      align_weight=cfg.align_weight, uniform_weight=cfg.uniform_weight, t=cfg.uniform_t)

@@ -42,13 +42,19 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous().clone()  # never modify autograd's buffer in place
         rank, b = dist.get_rank(), ctx.batch
-        if dist.get_backend() == dist.Backend.NCCL:
+        if _nccl_serves(grad.device):
             # reduce-scatter moves 1/world of the bytes an all-reduce does.
             out = torch.empty_like(grad[:b])
             dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
             return out
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # gloo: no reduce_scatter for all setups
         return grad[rank * b:(rank + 1) * b]
+
+
+def _nccl_serves(device: torch.device) -> bool:
+    """Whether NCCL runs this device's collectives: plain `nccl` or device-mapped `...,cuda:nccl`."""
+    backend = str(dist.get_backend())
+    return backend == dist.Backend.NCCL or f"{device.type}:nccl" in backend
 
 
 class _AllReduceWithGrad(torch.autograd.Function):

@@ -1,0 +1,128 @@
+"""``python -m kernels.bench --autotune``: time candidate tile configs per kernel and
+shape class on this device and write the winners as a tuned table
+(``kernels.tile_configs.write_tuned``), which later runs read through
+``KERNELS_TILE_CONFIGS``.
+
+Per loss, the forward kernel is swept first (forward-only timings), then the gradient
+kernel with the forward fixed at its winner (forward + backward timings). A class's
+winner has the least total time over the benchmarked shapes of that class. Candidates
+that fail to compile or run count as not eligible (their error is recorded). Under
+the Triton interpreter the default candidate list is the one interpreter config: its
+timings say nothing about a GPU, and Triton's own autotuner cannot run there with more
+than one config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import math
+from pathlib import Path
+
+import torch
+
+from kernels import tile_configs
+from kernels.runtime import interpreting
+from kernels.tile_configs import Entry, TileConfig
+
+GPU_CANDIDATES = [
+    TileConfig(128, 128, 32, 8, 3),
+    TileConfig(128, 128, 64, 8, 3),
+    TileConfig(128, 128, 64, 8, 4),
+    TileConfig(128, 256, 64, 8, 3),
+    TileConfig(128, 256, 32, 8, 3),
+    TileConfig(256, 128, 64, 8, 3),
+    TileConfig(64, 128, 64, 4, 3),
+    TileConfig(128, 64, 64, 4, 3),
+]
+# (forward kind, gradient kind, the bench loss function's name) per loss.
+_KINDS = {"clip": ("ce_fwd", "ce_grad", "ours_loss"), "sigmoid": ("sig_fwd", "sig_grad", "sigmoid_ours_loss")}
+
+
+def parse_candidates(text: str | None) -> list[TileConfig]:
+    """``"BM,BN,BD,warps,stages;..."`` to configs; None: the default list for this mode."""
+    if not text:
+        return (
+            [tile_configs.INTERPRET_CONFIG]
+            if interpreting() or not torch.cuda.is_available()
+            else GPU_CANDIDATES
+        )
+    configs = []
+    for item in text.split(";"):
+        parts = item.split(",")
+        if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
+            raise SystemExit(f"--candidates wants 'BM,BN,BD,warps,stages;...'; got {item!r}")
+        configs.append(TileConfig(*(int(p) for p in parts)))
+    return configs
+
+
+def _time(loss_fn, shape, mode, dtype, device, reps) -> float:
+    from kernels.bench import run_case
+
+    row = run_case("tune", "ours", loss_fn, shape, mode, dtype, device, reps)
+    if "error" in row:
+        raise RuntimeError(row["error"])
+    return row["ms"]
+
+
+def _sweep(kind, candidates, shapes, loss_fn, mode, dtype, device, reps, fixed) -> tuple[dict, list[dict]]:
+    """Best config per shape class for ``kind`` (other kinds held at ``fixed``), and the log."""
+    totals: dict[str, dict[TileConfig, float]] = {}
+    log = []
+    for cfg in candidates:
+        for shape in shapes:
+            cls = tile_configs.shape_class(shape[0], shape[1])
+            try:
+                with contextlib.ExitStack() as stack:
+                    for k, c in {**fixed, kind: cfg}.items():
+                        stack.enter_context(tile_configs.forced(k, c))
+                    ms = _time(loss_fn, shape, mode, dtype, device, reps)
+            except Exception as e:  # one failing candidate must not end the sweep
+                ms = math.inf
+                log.append(
+                    {"kind": kind, "config": cfg.as_list(), "shape": list(shape), "error": str(e)[:200]}
+                )
+            else:
+                log.append({"kind": kind, "config": cfg.as_list(), "shape": list(shape), "ms": ms})
+            per_cls = totals.setdefault(cls, {})
+            per_cls[cfg] = per_cls.get(cfg, 0.0) + ms
+    best = {cls: min(times, key=times.get) for cls, times in totals.items() if min(times.values()) < math.inf}
+    return best, log
+
+
+def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | None, reps: int) -> dict:
+    """Sweep, write ``out/tuned_configs.json`` and return a JSON-ready report."""
+    from kernels import bench
+
+    candidates = parse_candidates(candidates_text)
+    arch = tile_configs.arch_of(device) if device.type == "cuda" and not interpreting() else "interpreter"
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    source = f"tuned: kernels.bench --autotune on {where}, {str(dtype).replace('torch.', '')}, {stamp}"
+    entries: dict[tuple[str, str, str], Entry] = {}
+    log: list[dict] = []
+    for loss in losses:
+        fwd_kind, grad_kind, fn_name = _KINDS[loss]
+        loss_fn = getattr(bench, fn_name)
+        best_fwd, log_fwd = _sweep(fwd_kind, candidates, shapes, loss_fn, "fwd", dtype, device, reps, {})
+        log += log_fwd
+        for cls, cfg in best_fwd.items():
+            entries[(arch, fwd_kind, cls)] = Entry(cfg, source)
+            cls_shapes = [s for s in shapes if tile_configs.shape_class(s[0], s[1]) == cls]
+            best_grad, log_grad = _sweep(
+                grad_kind, candidates, cls_shapes, loss_fn, "fwd+bwd", dtype, device, reps, {fwd_kind: cfg}
+            )
+            log += log_grad
+            if cls in best_grad:
+                entries[(arch, grad_kind, cls)] = Entry(best_grad[cls], source)
+    path = out / "tuned_configs.json"
+    tile_configs.write_tuned(path, entries)
+    return {
+        "path": str(path),
+        "candidates": [c.as_list() for c in candidates],
+        "winners": [
+            {"arch": a, "kind": k, "shape_class": c, "config": e.config.as_list()}
+            for (a, k, c), e in sorted(entries.items())
+        ],
+        "log": log,
+    }

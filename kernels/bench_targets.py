@@ -1,0 +1,137 @@
+"""The issue's speed and memory targets, judged on the rows one benchmark run measured.
+
+Each target gets a verdict: ``PASS`` only when every row it needs was measured without
+error and meets it; ``FAIL`` when a row is missing or errored (nothing is assumed or
+extrapolated) or when the figure misses the target. Pure Python over the row dicts of
+``kernels.bench`` (keys: loss, provider, N, M, D, mode, ms, extra_mib, tflops, error).
+"""
+
+from __future__ import annotations
+
+TARGET_SHAPE = (32768, 32768, 768)
+DENSE_FRACTION = 0.55  # of the dense bf16 matmul rate measured in the same run
+MAX_EXTRA_MIB = 64
+MIN_SPEEDUP_INF_CL = 2.0
+MIN_D = 512  # "no slower than torch.compile at every benchmarked shape with D >= 512"
+
+
+def _find(rows: list[dict], loss: str, provider: str, shape: tuple[int, int, int], mode: str) -> dict | None:
+    for r in rows:
+        if (r.get("loss", "clip"), r["provider"], r["N"], r["M"], r["D"], r["mode"]) == (
+            loss,
+            provider,
+            *shape,
+            mode,
+        ):
+            return r
+    return None
+
+
+def _usable(row: dict | None, what: str) -> tuple[dict | None, str | None]:
+    """The row if it was measured, else the reason it cannot be judged."""
+    if row is None:
+        return None, f"{what}: row missing"
+    if "error" in row:
+        return None, f"{what}: {row['error']}"
+    return row, None
+
+
+def _verdict(name: str, ok: bool, detail: str) -> dict:
+    return {"target": name, "verdict": "PASS" if ok else "FAIL", "detail": detail}
+
+
+def _shape_str(shape: tuple[int, int, int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _dense_target(rows: list[dict], dense: float | None) -> dict:
+    name = f"clip fwd+bwd at {_shape_str(TARGET_SHAPE)} >= {DENSE_FRACTION:.0%} of dense matmul"
+    ours, why = _usable(_find(rows, "clip", "ours", TARGET_SHAPE, "fwd+bwd"), "ours")
+    if ours is None:
+        return _verdict(name, False, why)
+    if not dense:
+        return _verdict(name, False, "dense matmul rate not measured")
+    frac = ours["tflops"] / dense
+    return _verdict(name, frac >= DENSE_FRACTION, f"{ours['tflops']:.0f} of {dense:.0f} TFLOP/s = {frac:.0%}")
+
+
+def _memory_target(rows: list[dict]) -> dict:
+    name = f"clip fwd+bwd at {_shape_str(TARGET_SHAPE)} extra memory <= {MAX_EXTRA_MIB} MiB"
+    ours, why = _usable(_find(rows, "clip", "ours", TARGET_SHAPE, "fwd+bwd"), "ours")
+    if ours is None or ours.get("extra_mib") is None:
+        return _verdict(name, False, why or "memory not measured (CPU run)")
+    return _verdict(name, ours["extra_mib"] <= MAX_EXTRA_MIB, f"{ours['extra_mib']:.1f} MiB")
+
+
+def _inf_cl_target(rows: list[dict]) -> dict:
+    name = f"clip fwd+bwd at {_shape_str(TARGET_SHAPE)} >= {MIN_SPEEDUP_INF_CL:g}x faster than inf_cl"
+    ours, why = _usable(_find(rows, "clip", "ours", TARGET_SHAPE, "fwd+bwd"), "ours")
+    inf, why_inf = _usable(_find(rows, "clip", "inf_cl", TARGET_SHAPE, "fwd+bwd"), "inf_cl")
+    if ours is None or inf is None:
+        return _verdict(name, False, why or why_inf)
+    speedup = inf["ms"] / ours["ms"]
+    return _verdict(
+        name, speedup >= MIN_SPEEDUP_INF_CL, f"{speedup:.2f}x ({inf['ms']:.2f} vs {ours['ms']:.2f} ms)"
+    )
+
+
+def _no_slower_target(rows: list[dict], loss: str, baseline: str) -> dict:
+    """ours <= baseline time at every (shape, mode) with D >= MIN_D where the baseline ran.
+
+    A baseline that errored (e.g. out of memory) where ours ran counts as ours winning;
+    ours missing or errored where a baseline row exists is a failure.
+    """
+    name = f"{loss}: no slower than {baseline} at every shape with D >= {MIN_D}"
+    base_rows = [
+        r for r in rows if r.get("loss", "clip") == loss and r["provider"] == baseline and r["D"] >= MIN_D
+    ]
+    if not base_rows:
+        return _verdict(name, False, f"no {baseline} rows with D >= {MIN_D}")
+    bad, checked = [], 0
+    for b in base_rows:
+        shape = (b["N"], b["M"], b["D"])
+        label = f"{_shape_str(shape)} {b['mode']}"
+        ours, why = _usable(_find(rows, loss, "ours", shape, b["mode"]), "ours")
+        if ours is None:
+            bad.append(f"{label} ({why})")
+            continue
+        checked += 1
+        if "error" not in b and ours["ms"] > b["ms"]:
+            bad.append(f"{label} ({ours['ms']:.3f} vs {b['ms']:.3f} ms)")
+    if bad:
+        return _verdict(name, False, "; ".join(bad))
+    return _verdict(name, True, f"{checked} shape/mode pairs")
+
+
+def _sigmoid_memory_target(rows: list[dict]) -> dict:
+    name = f"sigmoid fwd+bwd extra memory <= {MAX_EXTRA_MIB} MiB at every shape"
+    ours = [
+        r for r in rows if r.get("loss") == "sigmoid" and r["provider"] == "ours" and r["mode"] == "fwd+bwd"
+    ]
+    if not ours:
+        return _verdict(name, False, "no sigmoid rows")
+    bad = []
+    for r in ours:
+        label = _shape_str((r["N"], r["M"], r["D"]))
+        if "error" in r or r.get("extra_mib") is None:
+            bad.append(f"{label} ({r.get('error', 'memory not measured')})")
+        elif r["extra_mib"] > MAX_EXTRA_MIB:
+            bad.append(f"{label} ({r['extra_mib']:.1f} MiB)")
+    return _verdict(name, not bad, "; ".join(bad) or f"{len(ours)} shapes")
+
+
+def targets(rows: list[dict], dense: float | None) -> list[dict]:
+    """One verdict per target of issue 14 (see the module docstring)."""
+    return [
+        _dense_target(rows, dense),
+        _memory_target(rows),
+        _inf_cl_target(rows),
+        _no_slower_target(rows, "clip", "compile"),
+        _no_slower_target(rows, "sigmoid", "eager"),
+        _sigmoid_memory_target(rows),
+    ]
+
+
+def format_verdicts(verdicts: list[dict]) -> str:
+    """``PASS|FAIL  target: detail`` lines."""
+    return "\n".join(f"{v['verdict']}  {v['target']}: {v['detail']}" for v in verdicts)

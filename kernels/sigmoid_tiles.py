@@ -1,0 +1,152 @@
+"""Triton kernels of the sigmoid (SigLIP) loss: the forward sum and the gradient tiles.
+
+See ``kernels.sigmoid_loss`` for the math. Only imported when Triton is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.gradient_gemms import gradient_gemms
+from kernels.lse_forward import _column_splits
+from kernels.runtime import dot_precision, interpreting, tile_config
+from kernels.score_tile import score_tile
+
+
+@triton.jit
+def _softplus(t):
+    """``log(1 + e^t) = max(t, 0) + log1p(e^-|t|)`` in fp32, with log1p from Goldberg's
+    ``log(u) * x / (u - 1)``, ``u = 1 + x`` (exact to a few ulps where ``log(1 + x)``
+    alone loses all digits: x < 1e-7 near s * q.k + b = -16)."""
+    e = tl.exp2(-tl.abs(t) * 1.4426950408889634)
+    u = 1.0 + e
+    log1p = tl.where(u == 1.0, e, tl.log2(u) * 0.6931471805599453 * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.maximum(t, 0.0) + log1p
+
+
+@triton.jit
+def _sigmoid(t):
+    """``1 / (1 + e^-t)`` without overflow for either sign of t."""
+    e = tl.exp2(-tl.abs(t) * 1.4426950408889634)
+    r = 1.0 / (1.0 + e)
+    return tl.where(t >= 0, r, e * r)
+
+
+@triton.jit
+def _label_sign(rows, cols, c0, pid_m, label_offset, BM: tl.constexpr, BN: tl.constexpr):
+    """-1 where column == row + label_offset (the positives), +1 elsewhere: ``-z``."""
+    sgn = tl.full((BM, BN), 1.0, dtype=tl.float32)
+    diag_lo = pid_m * BM + label_offset
+    if (c0 < diag_lo + BM) & (c0 + BN > diag_lo):  # only tiles crossing the diagonal
+        sgn = tl.where(cols[None, :] == (rows[:, None] + label_offset), -1.0, 1.0)
+    return sgn
+
+
+@triton.jit
+def _sigmoid_fwd_kernel(
+    q_ptr, k_ptr, scale_ptr, bias_ptr, row_sum_ptr,
+    N, M, D, stride_q, stride_k, cols_per_split, label_offset,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """row_sum[split, i] = sum over this split's columns j of softplus(-z_ij * x_ij)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    total = tl.zeros((BM,), dtype=tl.float32)
+    col_start = pid_s * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, M)
+    for c0 in range(col_start, col_end, BN):
+        cols = c0 + tl.arange(0, BN)
+        acc = score_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, UPCAST, PRECISION)
+        sgn = _label_sign(rows, cols, c0, pid_m, label_offset, BM, BN)
+        sp = _softplus(sgn * (acc * scale + bias))
+        total += tl.sum(tl.where((cols < col_end)[None, :], sp, 0.0), axis=1)
+    tl.store(row_sum_ptr + pid_s.to(tl.int64) * N + rows, total, mask=row_ok)
+
+
+@triton.jit
+def _sigmoid_grad_kernel(
+    q_ptr, k_ptr, scale_ptr, bias_ptr, w_ptr, out_ptr, out_scale_ptr, part_ptr,
+    N, M, D, stride_q, stride_k, stride_out, label_offset,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out = s * dL/dx * out_scale for one tile; part[tile] = (sum dL/dx * q.k, sum dL/dx)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    ok = (rows < N)[:, None] & (cols < M)[None, :]
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    w = tl.load(w_ptr)
+    acc = score_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, UPCAST, PRECISION)
+    sgn = _label_sign(rows, cols, pid_n * BN, pid_m, label_offset, BM, BN)
+    # d softplus(sgn * x) / dx = sgn * sigmoid(sgn * x): the label entries in fp32 directly.
+    g = tl.where(ok, sgn * w * _sigmoid(sgn * (acc * scale + bias)), 0.0)
+    tile = pid_m * tl.num_programs(1) + pid_n
+    tl.store(part_ptr + 2 * tile, tl.sum(tl.sum(g * acc, axis=1), axis=0))
+    tl.store(part_ptr + 2 * tile + 1, tl.sum(tl.sum(g, axis=1), axis=0))
+    out_scale = tl.load(out_scale_ptr)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out, (g * (scale * out_scale)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _flags(q: torch.Tensor) -> dict:
+    return {"UPCAST": interpreting() and q.dtype != torch.float32, "PRECISION": dot_precision(q.dtype)}
+
+
+def sigmoid_forward(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *, label_offset: int = 0
+) -> torch.Tensor:
+    """The loss (fp32 scalar). q: [N, D], k: [M, D] contiguous; scale, bias: 0-dim fp32."""
+    n, d = q.shape
+    m = k.shape[0]
+    cfg = tile_config("sig_fwd", n, m, d, q.device)
+    row_blocks = triton.cdiv(n, cfg.BM)
+    splits = _column_splits(row_blocks, m, cfg.BN, q.device, None)
+    cols_per_split = triton.cdiv(triton.cdiv(m, splits), cfg.BN) * cfg.BN
+    splits = triton.cdiv(m, cols_per_split)
+    row_sum = torch.empty(splits, n, dtype=torch.float32, device=q.device)
+    _sigmoid_fwd_kernel[(row_blocks, splits)](
+        q, k, scale, bias, row_sum, n, m, d, q.stride(0), k.stride(0), cols_per_split, label_offset,
+        BM=cfg.BM, BN=cfg.BN, BD=cfg.BD, **_flags(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return row_sum.sum(0).sum() / n  # fixed order: splits, then rows
+
+
+def sigmoid_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    label_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq``, ``dk`` (inputs' dtype), ``dscale``, ``dbias`` (0-dim fp32) of ``w * N * loss``.
+
+    w: 0-dim fp32, the upstream gradient divided by N.
+    """
+    n, d = q.shape
+    m = k.shape[0]
+    cfg = tile_config("sig_grad", n, m, d, q.device)
+    w = w.reshape(()).contiguous()
+
+    def write_tiles(r0, r1, c0, c1, out, out_scale):
+        grid = (triton.cdiv(r1 - r0, cfg.BM), triton.cdiv(c1 - c0, cfg.BN))
+        part = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=q.device)
+        _sigmoid_grad_kernel[grid](
+            q[r0:r1], k[c0:c1], scale, bias, w, out, out_scale, part,
+            r1 - r0, c1 - c0, d, q.stride(0), k.stride(0), out.stride(0), label_offset + r0 - c0,
+            BM=cfg.BM, BN=cfg.BN, BD=cfg.BD, **_flags(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return part
+
+    # |dL/dx| <= |w|, and the workspace holds s * dL/dx.
+    dq, dk, parts = gradient_gemms(q, k, write_tiles, scale * w.abs(), cfg.BM, cfg.BN)
+    return dq, dk, parts[0], parts[1]

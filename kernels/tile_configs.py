@@ -1,0 +1,193 @@
+"""Tile configurations per kernel, shape class and GPU architecture, chosen at launch.
+
+Every kernel launch asks ``select(kind, n, m, d, device)`` for its ``TileConfig``:
+
+1. a forced config (``forced(...)``, used by the autotune sweep in ``kernels.bench``);
+2. a tuned table written by ``python -m kernels.bench --autotune`` on a GPU, read from
+   the JSON file named by ``KERNELS_TILE_CONFIGS`` (or ``kernels/tuned_configs.json``
+   when that file exists);
+3. the built-in ``TABLE`` below, keyed by (architecture, kernel kind, shape class);
+4. under the Triton interpreter, always ``INTERPRET_CONFIG``: one config, because the
+   interpreter runs programs serially (large tiles only cost time) and fails
+   ``triton.autotune`` with more than one config.
+
+Each built-in entry says where it comes from: ``measured`` entries are the best configs
+of the tile sweep recorded in ``shared/gpu/README.md`` (H100, triton 3.6, 2026-11-24, at
+the shapes named there); ``unmeasured`` entries are defaults nobody has timed yet.
+
+Kinds: ``ce_fwd`` (softmax LSE forward), ``ce_grad`` (softmax gradient tiles),
+``sig_fwd`` / ``sig_grad`` (sigmoid loss). Shape classes (``shape_class``):
+``gathered`` (N < M: local rows against gathered columns), ``large`` (N >= M and
+N * M >= 8192^2: the big square problems) and ``small`` (the rest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+KINDS = ("ce_fwd", "ce_grad", "sig_fwd", "sig_grad")
+SHAPE_CLASSES = ("gathered", "large", "small")
+ARCHES = ("sm_90", "sm_80", "fallback")
+TUNED_ENV = "KERNELS_TILE_CONFIGS"
+TUNED_DEFAULT = Path(__file__).with_name("tuned_configs.json")
+LARGE_ELEMENTS = 8192 * 8192
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes of the score tile ``S[BM, BN]``, reduced over D in ``BD`` steps."""
+
+    BM: int
+    BN: int
+    BD: int
+    num_warps: int
+    num_stages: int
+
+    def as_list(self) -> list[int]:
+        """``[BM, BN, BD, num_warps, num_stages]`` (the JSON and CLI form)."""
+        return [self.BM, self.BN, self.BD, self.num_warps, self.num_stages]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A table entry: the config and where it comes from (measured or not)."""
+
+    config: TileConfig
+    source: str
+
+
+# Compiled Triton needs every tl.dot dimension >= 16; the interpreter would accept less,
+# so this keeps >= 16 too, and stays small so tests of ragged shapes cross several tiles.
+INTERPRET_CONFIG = TileConfig(BM=32, BN=32, BD=32, num_warps=4, num_stages=1)
+
+_SWEEP = "measured: shared/gpu/README.md tile sweep, H100 bf16, triton 3.6, 2026-11-24"
+_SQUARE_BEST = Entry(TileConfig(128, 256, 64, 8, 3), _SWEEP + ", best fwd+bwd at 32768x32768x768 (25.9 ms)")
+_GATHERED_BEST = Entry(TileConfig(128, 128, 64, 8, 3), _SWEEP + ", best fwd at 4096x32768x768 (1.94 ms)")
+# The config every kernel used before per-shape tables: no ptxas spills on sm_90
+# (python -m kernels.compile_check), measured in the same README's main table.
+_PREVIOUS = TileConfig(128, 128, 32, 8, 3)
+_UNMEASURED_64 = Entry(TileConfig(128, 128, 64, 8, 3), "unmeasured: BD=64 tensor-core default")
+_UNMEASURED_32 = Entry(_PREVIOUS, "unmeasured: the pre-table default (no ptxas spills on sm_90)")
+
+TABLE: dict[tuple[str, str, str], Entry] = {
+    **{("sm_90", kind, "large"): _SQUARE_BEST for kind in ("ce_fwd", "ce_grad")},
+    **{("sm_90", kind, "gathered"): _GATHERED_BEST for kind in ("ce_fwd", "ce_grad")},
+    **{("sm_90", kind, "small"): _UNMEASURED_64 for kind in KINDS},
+    **{
+        ("sm_90", kind, cls): _UNMEASURED_64
+        for kind in ("sig_fwd", "sig_grad")
+        for cls in ("large", "gathered")
+    },
+    # A100: 164 KiB shared memory holds 3 stages of 128x64 + 64x128 bf16 slabs (96 KiB).
+    **{("sm_80", kind, cls): _UNMEASURED_64 for kind in KINDS for cls in SHAPE_CLASSES},
+    **{("fallback", kind, cls): _UNMEASURED_32 for kind in KINDS for cls in SHAPE_CLASSES},
+}
+
+_FORCED: dict[str, TileConfig] = {}
+
+
+def shape_class(n: int, m: int) -> str:
+    """``gathered`` (N < M), ``large`` (N * M >= 8192^2) or ``small``."""
+    if n < m:
+        return "gathered"
+    return "large" if n * m >= LARGE_ELEMENTS else "small"
+
+
+def arch_of(device: torch.device) -> str:
+    """``sm_90`` (Hopper and newer), ``sm_80`` (Ampere) or ``fallback``."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm_90" if major >= 9 else ("sm_80" if major == 8 else "fallback")
+
+
+@contextlib.contextmanager
+def forced(kind: str, config: TileConfig) -> Iterator[None]:
+    """Use ``config`` for every ``kind`` launch inside the block (the autotune sweep)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; one of {KINDS}")
+    previous = _FORCED.get(kind)
+    _FORCED[kind] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            _FORCED.pop(kind, None)
+        else:
+            _FORCED[kind] = previous
+
+
+def _fit_bd(config: TileConfig, d: int) -> TileConfig:
+    """Narrow BD for small D (a 64-wide slab on D = 24 would be mostly padding); >= 16 for tl.dot."""
+    bd = max(16, min(config.BD, 1 << max(0, (d - 1).bit_length())))
+    return (
+        config
+        if bd == config.BD
+        else TileConfig(config.BM, config.BN, bd, config.num_warps, config.num_stages)
+    )
+
+
+def select(kind: str, n: int, m: int, d: int, device: torch.device, interpreting: bool) -> TileConfig:
+    """The tile config for one launch of ``kind`` on an N x M x D problem."""
+    if kind in _FORCED:
+        return _FORCED[kind]
+    if interpreting:
+        return INTERPRET_CONFIG
+    return _fit_bd(lookup(arch_of(device), kind, n, m).config, d)
+
+
+def lookup(arch: str, kind: str, n: int, m: int) -> Entry:
+    """The table entry for ``kind`` on an N x M problem: tuned file, then built-in, then fallback."""
+    key = (arch, kind, shape_class(n, m))
+    return load_tuned(tuned_path()).get(key) or TABLE.get(key) or TABLE[("fallback", kind, key[2])]
+
+
+def tuned_path() -> str | None:
+    """The tuned table's path: ``$KERNELS_TILE_CONFIGS``, else the packaged file if present."""
+    env = os.environ.get(TUNED_ENV)
+    if env:
+        return env
+    return str(TUNED_DEFAULT) if TUNED_DEFAULT.exists() else None
+
+
+@functools.lru_cache(maxsize=8)
+def load_tuned(path: str | None) -> dict[tuple[str, str, str], Entry]:
+    """Read a tuned table (``write_tuned``'s format); a missing or malformed file is an error."""
+    if path is None:
+        return {}
+    try:
+        doc = json.loads(Path(path).read_text())
+        table = {}
+        for row in doc["entries"]:
+            key = (row["arch"], row["kind"], row["shape_class"])
+            if key[1] not in KINDS or key[2] not in SHAPE_CLASSES:
+                raise ValueError(f"unknown kind/shape class in {row}")
+            table[key] = Entry(TileConfig(*row["config"]), row.get("source", f"tuned: {path}"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path} is not a tile-config table written by `python -m kernels.bench --autotune` ({e}); "
+            f"fix or delete it, or unset {TUNED_ENV}"
+        ) from e
+    return table
+
+
+def write_tuned(path: str | Path, entries: dict[tuple[str, str, str], Entry]) -> None:
+    """Write a tuned table that ``load_tuned`` reads back."""
+    rows = [
+        {"arch": a, "kind": k, "shape_class": c, "config": e.config.as_list(), "source": e.source}
+        for (a, k, c), e in sorted(entries.items())
+    ]
+    body = ",\n".join("  " + json.dumps(r) for r in rows)  # one entry per line: readable diffs
+    Path(path).write_text('{"entries": [\n' + body + "\n]}\n")
+    load_tuned.cache_clear()
+
+
+def describe(entry: Entry) -> dict:
+    """The entry as a plain dict (for JSON reports)."""
+    return {"config": asdict(entry.config), "source": entry.source}

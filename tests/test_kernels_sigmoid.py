@@ -1,0 +1,157 @@
+"""kernels.sigmoid_loss (SigLIP) against an fp64 torch oracle, under the Triton
+interpreter on CPU (or on CUDA when a GPU exists); re-runs itself in a fresh process
+if Triton was imported before TRITON_INTERPRET=1. Expected runtime: ~25 s on 2 cores.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels import sigmoid_loss  # noqa: E402
+from kernels.reference import sigmoid_loss_reference  # noqa: E402
+from kernels.testing import run_module_in_interpreter, triton_mode  # noqa: E402
+
+MODE = triton_mode()
+DEVICE = "cuda" if MODE == "gpu" else "cpu"
+pytestmark = pytest.mark.skipif(MODE == "none", reason="Triton is not installed")
+in_process = pytest.mark.skipif(
+    MODE == "subprocess",
+    reason="Triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter",
+)
+NAMES = ("loss", "d_queries", "d_keys", "d_scale", "d_bias")
+
+
+def test_rerun_in_fresh_interpreter():
+    if MODE != "subprocess":
+        pytest.skip("the interpreter (or a GPU) is active in this process")
+    r = run_module_in_interpreter(__file__)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def _pairs(n, m, d, off, dtype=torch.float32, seed=0, noise=0.8):
+    """Normalised keys; queries near their positives (rows off..off+n of the keys)."""
+    g = torch.Generator().manual_seed(seed)
+    k = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=-1)
+    q = F.normalize(k[off : off + n] + noise * torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    return q.to(dtype), k.to(dtype)
+
+
+def _run(q, k, scale, bias, off, *, op=sigmoid_loss, device=DEVICE, dtype=None):
+    """Loss and the four gradients of ``op``; ``dtype`` re-casts inputs (the oracle: fp64)."""
+    qa, ka = (x.to(device=device, dtype=dtype or x.dtype).detach().requires_grad_() for x in (q, k))
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    sa = torch.tensor(scale, dtype=sdt, device=device, requires_grad=True)
+    ba = torch.tensor(bias, dtype=sdt, device=device, requires_grad=True)
+    out = op(qa, ka, sa, ba, label_offset=off)
+    (out * 1.7).backward()  # a non-unit upstream gradient
+    return [t.detach().double().cpu() for t in (out, qa.grad, ka.grad, sa.grad, ba.grad)], out
+
+
+def _check(q, k, scale, bias, off, rtol, atol=0.0):
+    ours, out = _run(q, k, scale, bias, off)
+    assert "SigmoidLoss" in type(out.grad_fn).__name__, "kernel path not taken"
+    ref, _ = _run(q, k, scale, bias, off, op=sigmoid_loss_reference, device="cpu", dtype=torch.float64)
+    for name, a, b in zip(NAMES, ours, ref):
+        err, bound = (a - b).abs().max().item(), rtol * b.abs().max().item() + atol
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+    return ours
+
+
+@in_process
+@pytest.mark.parametrize(
+    "n,m,d,off,scale,bias",
+    [  # ragged, one-element, D not a multiple of BD, offsets; SigLIP init (10, -10) and trained-like
+        (1, 1, 16, 0, 10.0, -10.0),
+        (7, 48, 24, 41, 10.0, -10.0),
+        (37, 111, 130, 70, 100.0, -10.0),
+        (65, 65, 16, 0, 1.0, 0.0),
+        (48, 96, 40, 32, 30.0, 5.0),
+    ],
+)
+def test_sigmoid_loss_fp32_matches_fp64(n, m, d, off, scale, bias):
+    q, k = _pairs(n, m, d, off, seed=n)
+    _check(q, k, scale, bias, off, rtol=2e-5)
+
+
+@in_process
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_sigmoid_loss_16bit(dtype, rtol):
+    # The oracle sees the same 16-bit values: only the output rounding is left.
+    q, k = _pairs(40, 90, 72, 50, dtype=dtype, seed=3)
+    ours = _check(q, k, 10.0, -10.0, 50, rtol=rtol)
+    assert all(torch.isfinite(t).all() for t in ours)
+
+
+@in_process
+def test_saturated_positives_keep_their_gradient():
+    # Orthonormal keys, queries next to their positives: x ~ +20 on the labels, ~ -30
+    # elsewhere. sigmoid(20) rounds to 1 in fp32, so a gradient formed as sigmoid(x) - 1
+    # (or a loss as softplus(x) - x) would be 0 where the truth is ~2e-9, the dominant term.
+    g = torch.Generator().manual_seed(4)
+    k = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0][:40]
+    q = F.normalize(k[10:30] + 0.02 * torch.randn(20, 64, generator=g, dtype=torch.float64), dim=-1)
+    ours = _check(q.float(), k.float(), 50.0, -30.0, 10, rtol=2e-5)
+    assert 1e-9 < ours[0].item() < 1e-8, "the set-up should saturate the positives"
+
+
+@in_process
+def test_every_backward_schedule_gives_the_same_result(monkeypatch):
+    # A tiny workspace forces chunking: the two-pass schedule, then one pass with an
+    # fp32 accumulator; both must equal the single-chunk result (and the oracle).
+    import kernels.gradient_gemms as gg
+
+    q, k = _pairs(37, 100, 40, 50, seed=5)
+    base, _ = _run(q, k, 20.0, -5.0, 50)
+    monkeypatch.setattr(gg, "GRAD_WORKSPACE_BYTES", 1)
+    for schedule in ("two_pass", "one_pass"):
+        monkeypatch.setenv(gg.SCHEDULE_ENV, schedule)
+        assert gg.choose_schedule(37, 100, 40, torch.float32, 32, 32)[0] == schedule
+        chunked = _check(q, k, 20.0, -5.0, 50, rtol=2e-5)
+        for a, b in zip(base, chunked):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@in_process
+def test_deterministic_and_sharded_sum():
+    # Bitwise equal runs; and W shards with offsets r * n sum to the whole problem
+    # (each shard's loss is divided by its own n rows).
+    world, n = 3, 13
+    q, k = _pairs(world * n, world * n, 24, 0, seed=6)
+    first, _ = _run(q, k, 10.0, -3.0, 0)
+    second, _ = _run(q, k, 10.0, -3.0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    kk = k.to(DEVICE).requires_grad_()
+    total = sum(
+        sigmoid_loss(q[r * n : (r + 1) * n].to(DEVICE), kk, 10.0, -3.0, label_offset=r * n)
+        for r in range(world)
+    )
+    torch.testing.assert_close(total.detach().double().cpu() / world, first[0], rtol=1e-5, atol=1e-6)
+
+
+@in_process
+def test_float_scale_and_bias_no_grad():
+    q, k = _pairs(10, 10, 16, 0, seed=7)
+    with torch.no_grad():
+        out = sigmoid_loss(q.to(DEVICE), k.to(DEVICE), 10.0, -10.0)
+    ref = sigmoid_loss_reference(q.double(), k.double(), 10.0, -10.0)
+    assert abs(out.item() - ref.item()) < 1e-5 * abs(ref.item())
+
+
+def test_fallback_and_bad_inputs():
+    q, k = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="label_offset"):
+        sigmoid_loss(q, k, 1.0, 0.0, label_offset=3)
+    with pytest.raises(ValueError, match="embedding size"):
+        sigmoid_loss(q, torch.randn(6, 9), 1.0, 0.0)
+    # The reference is open_clip's SigLipLoss formula.
+    logits = 2.0 * q @ k.T - 1.0
+    labels = -torch.ones(4, 6)
+    labels[torch.arange(4), torch.arange(4) + 2] = 1
+    expected = -F.logsigmoid(labels * logits).sum() / 4
+    torch.testing.assert_close(sigmoid_loss_reference(q, k, 2.0, -1.0, label_offset=2), expected)

@@ -1,0 +1,56 @@
+"""Multi-label retrieval metrics (vutrain/eval_multilabel.py) on hand-computed cases."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vutrain.eval_multilabel import (average_precision, multilabel_retrieval, multilabel_targets,
+                                     recall_at_k, tag_vocabulary)
+
+
+def test_average_precision_by_hand():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]])
+    targets = torch.tensor([[1, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    ap = average_precision(scores, targets)
+    assert ap[0].item() == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert ap[1].item() == pytest.approx(1 / 4)  # the positive ranked last
+    assert math.isnan(ap[2].item())
+
+
+def test_recall_at_k_by_hand():
+    scores = torch.tensor([[0.9, 0.8, 0.7], [0.1, 0.9, 0.5], [0.3, 0.2, 0.1]])
+    targets = torch.tensor([[0, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    r = recall_at_k(scores, targets, ks=(1, 2, 3))
+    # row 0: top1 {0} -> 0/2, top2 {0,1} -> 1/2, top3 -> 1; row 1: its tag is ranked 3rd
+    assert r == pytest.approx({1: 0.0, 2: 0.25, 3: 1.0})
+
+
+def test_vocabulary_and_targets():
+    tags = [["Cat", "funny "], ["cat"], [], ["dog", "Cat"]]
+    vocab = tag_vocabulary(tags)
+    assert vocab == ["cat", "dog", "funny"]
+    assert tag_vocabulary(tags, min_count=2) == ["cat"]
+    assert multilabel_targets(tags, vocab).tolist() == [[True, False, True], [True, False, False],
+                                                        [False, False, False], [True, True, False]]
+
+
+def test_retrieval_with_an_encoder_that_knows_the_tags():
+    """Images built from their tags' text embeddings retrieve exactly their tags: mAP = recall = 1."""
+    words = ["cat", "dog", "funny", "music"]
+    table = F.normalize(torch.randn(len(words), 16, generator=torch.Generator().manual_seed(0)), dim=1)
+
+    def encode_text(prompts):
+        return torch.stack([table[next(i for i, w in enumerate(words) if w in p)] for p in prompts])
+
+    tags = [["cat"], ["dog", "funny"], ["music"], ["cat", "music"]]
+    images = torch.stack([table[[words.index(t) for t in ts]].sum(0) for ts in tags])
+    m = multilabel_retrieval(images, tags, encode_text, ["a video about {}.", "{}"], ks=(1, 2))
+    assert m["eval/tags_vocab"] == 4
+    assert m["eval/tags_map"] == pytest.approx(1.0)
+    assert m["eval/tags_r2"] == pytest.approx(1.0)
+    assert m["eval/tags_r1"] == pytest.approx((1 + 0.5 + 1 + 0.5) / 4)
+    shuffled = multilabel_retrieval(images.flip(0), tags, encode_text, ["{}"])
+    assert shuffled["eval/tags_map"] < 0.9

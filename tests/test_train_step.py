@@ -1,0 +1,89 @@
+"""The training step on 2 real CPU ranks (gloo, real DeepSpeed engines, the real Trainer in-process).
+
+Skipping a non-finite micro-batch with train.grad_accum_steps > 1: one rank's second micro-batch
+of the first step gets NaN pixels (so the model's activations, not just the loss, are NaN). The
+run must end with exactly the parameters of a run in which that micro-batch's loss is multiplied
+by 0 on every rank (it "contributes zero"), after the same number of optimizer steps, with
+finite weights. Before the fix the skipped micro-batch never reached engine.backward/step, which
+moved DeepSpeed's accumulation boundary (fewer optimizer steps, different weights).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import train_runner as tr
+from helpers_dist import run_distributed
+
+STEPS, ACCUM, POISONED_CALL = 3, 2, 1  # the second micro-batch of the first step
+
+
+def _trainer(rank: int, shards: dict, run_dir: str):
+    from vutrain.config import load_config
+    from vutrain.distributed import resolve_dist_env
+    from vutrain.trainer import Trainer
+    overrides = tr.base_overrides(shards, run_dir, STEPS, data__val_shards="", data__num_workers=0,
+                                  train__micro_batch_size=8, train__grad_accum_steps=ACCUM,
+                                  train__checkpoint_every=0, train__resume="never", train__warmup_steps=0,
+                                  train__lr=1e-2, train__zero_stage=2)
+    return Trainer(load_config(tr.TINY, overrides), resolve_dist_env())
+
+
+def _poison_pixels(trainer, rank: int) -> None:
+    """NaN pixels in rank 1's POISONED_CALL-th micro-batch."""
+    calls, plain = [0], trainer.next_batch
+
+    def next_batch():
+        batch = plain()
+        if rank == 1 and calls[0] == POISONED_CALL:
+            batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+        calls[0] += 1
+        return batch
+    trainer.next_batch = next_batch
+
+
+def _zero_loss(trainer) -> None:
+    """The reference: the same micro-batch's loss times 0 on every rank (finite, zero gradient)."""
+    calls, plain = [0], trainer.forward_loss
+
+    def forward_loss(batch, times):
+        loss = plain(batch, times)
+        if calls[0] == POISONED_CALL:
+            loss = loss * 0
+        calls[0] += 1
+        return loss
+    trainer.forward_loss = forward_loss
+
+
+def _run_both(rank: int, world: int, shards: dict, tmp: str) -> dict:
+    from vutrain.distributed import init_distributed, resolve_dist_env
+    init_distributed(resolve_dist_env())
+    out = {}
+    for mode in ("nan", "zero"):
+        trainer = _trainer(rank, shards, os.path.join(tmp, mode))
+        (_poison_pixels(trainer, rank) if mode == "nan" else _zero_loss(trainer))
+        for _ in range(STEPS):
+            trainer.train_step()
+            trainer.step += 1
+        stats = trainer.read_stats()
+        out[mode] = {"params": {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()
+                                if p.requires_grad},
+                     "global_steps": trainer.engine.global_steps, "skipped": stats.skipped,
+                     "good": stats.good, "in_row": stats.in_row}
+    return out
+
+
+@pytest.mark.slow  # spawns 2 rank processes
+def test_nonfinite_microbatch_contributes_zero_with_accumulation(synthetic_shards, tmp_path):
+    results = run_distributed(_run_both, 2, synthetic_shards, str(tmp_path), init_process_group=False,
+                              timeout_s=600)
+    for rank, res in enumerate(results):
+        nan, zero = res["nan"], res["zero"]
+        assert nan["global_steps"] == zero["global_steps"] == STEPS, f"rank {rank}: optimizer steps"
+        assert nan["skipped"] == 1 and nan["good"] == STEPS * ACCUM - 1 and nan["in_row"] == 0
+        assert zero["skipped"] == 0
+        for name, value in nan["params"].items():
+            assert torch.isfinite(value).all(), f"rank {rank}: {name} is not finite"
+            torch.testing.assert_close(value, zero["params"][name], msg=f"rank {rank}: {name}")
+    torch.testing.assert_close(results[0]["nan"]["params"], results[1]["nan"]["params"])

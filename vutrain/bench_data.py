@@ -1,0 +1,311 @@
+"""``python -m vutrain.bench data``: the training data stream alone, against plain JPEG decoding.
+
+    python -m vutrain.bench data --shards 'DIR/{00000..00007}.tar' --workers 2 --batch-size 64
+    python -m vutrain.bench data --write-shards DIR --shard-size-wh 480x360   # thumbnail-like shards
+
+Measures, in one run on the same files:
+
+- ``decode_per_s``: PIL ``Image.open(...).convert("RGB")`` (full decode) of the shards' JPEGs on one
+  core, in this process, before and after the stream runs (the mean of the two is reported). It
+  is the floor of the design: a worker cannot do less than decode each image.
+- ``samples_per_s``: batches of the real ``TrainStream`` (shuffle buffer, captions, the BPE
+  tokenizer the presets train, collation, worker queues) with ``--workers`` loader processes,
+  timed in steady state (after every worker's first batches, from a moment the queue was empty).
+  ``samples_per_s_per_worker`` divides it by the workers; ``ratio`` = per worker / decode.
+- with ``--workers N > 1`` also the 1-worker rate, and ``scaling`` = rate(N) / (N * rate(1)).
+- the same per CPU second (``cpu_ratio``: samples per worker-CPU-second / decodes per
+  CPU-second), which is what the wall-clock ratio is on idle, dedicated cores and stays
+  meaningful on a shared, oversubscribed machine.
+- with ``--compare`` also the processor-exact float path (PIL resize and normalisation in the
+  worker, fp32 batches), the pipeline before the uint8 fast path.
+
+Prints a table and, as its last line, one JSON object with all figures.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+
+import numpy as np
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_images(spec: str, limit: int) -> list[bytes]:
+    """The first ``limit`` image members (encoded bytes) of the shards, in shard order."""
+    from vutrain.data.samples import IMAGE_EXTS, iter_raw_samples
+    from vutrain.data.shards import expand_shards
+
+    images: list[bytes] = []
+    for url in expand_shards(spec, "--shards"):
+        for raw in iter_raw_samples(url):
+            ext = next((e for e in IMAGE_EXTS if e in raw), None)
+            if ext is not None:
+                images.append(raw[ext])
+            if len(images) >= limit:
+                return images
+    if not images:
+        raise SystemExit(f"--shards {spec}: no images found")
+    return images
+
+
+def decode_rate(images: list[bytes], min_seconds: float = 2.0) -> tuple[float, float]:
+    """(images per wall second, images per CPU second) of a full PIL decode to RGB on one core."""
+    from PIL import Image
+
+    done, start, cpu = 0, time.perf_counter(), time.process_time()
+    while True:
+        for data in images:
+            with Image.open(io.BytesIO(data)) as img:
+                img.convert("RGB")
+        done += len(images)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return done / elapsed, done / max(time.process_time() - cpu, 1e-9)
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's live children (the loader workers)."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:  # a child that just exited
+            pass
+    return total
+
+
+def make_tokenize(spec: str, context_length: int, work: str):
+    """The presets' tokenizer: a BPE trained on the shards' captions (as the trainer does)."""
+    from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
+    from vutrain.data.tokenizer import make_tokenize as make
+
+    tok = train_bpe_tokenizer(iter_shard_texts(spec, "{title}", limit=5000), os.path.join(work, "tok"),
+                              4096, context_length)
+    return make(tok, context_length)
+
+
+def build_stream(args, tokenize, workers: int, path: str):
+    from vutrain.data.preprocess import make_fast_preprocess, make_preprocess
+    from vutrain.data.webdataset import TrainStream
+
+    processor = {"size": {"shortest_edge": args.image_size},
+                 "crop_size": {"height": args.image_size, "width": args.image_size}}
+    preprocess = make_fast_preprocess(processor) if path == "fast" else make_preprocess(processor)
+    return TrainStream(args.shards, preprocess=preprocess, tokenize=tokenize, batch_size=args.batch_size,
+                       rank=0, world_size=1, num_workers=workers, seed=0, caption_template="{title}",
+                       shuffle_buffer=args.shuffle_buffer, resampled=True, num_samples=10 ** 9,
+                       prefetch_factor=args.prefetch_factor, pin_memory=False)
+
+
+def stream_rate(args, tokenize, workers: int, path: str) -> dict:
+    """Steady-state samples/s of the stream with ``workers`` loader processes."""
+    stream = build_stream(args, tokenize, workers, path)
+    batches = args.batches or max(8, math.ceil(args.samples_per_worker * max(1, workers) / args.batch_size))
+    try:
+        start = time.perf_counter()
+        for _ in range((args.prefetch_factor + 1) * max(1, workers)):  # start-up and buffer fill
+            next(stream)
+        warmup = time.perf_counter() - start
+        for _ in range(4 * max(1, workers)):  # drain what was prefetched: start the clock on a wait
+            t = time.perf_counter()
+            batch = next(stream)
+            if time.perf_counter() - t > 0.005:
+                break
+        start, cpu = time.perf_counter(), _children_cpu_seconds()
+        for _ in range(batches):
+            batch = next(stream)
+        elapsed, cpu = time.perf_counter() - start, _children_cpu_seconds() - cpu
+    finally:
+        stream.close()
+    pixels = batch["pixel_values"]
+    rate = batches * args.batch_size / elapsed
+    return {"path": path, "workers": workers, "samples_per_s": rate,
+            "samples_per_s_per_worker": rate / max(1, workers),
+            "samples_per_worker_cpu_s": batches * args.batch_size / max(cpu, 1e-9),
+            "measured_samples": batches * args.batch_size,
+            "seconds": elapsed, "warmup_s": warmup, "pixel_dtype": str(pixels.dtype).replace("torch.", ""),
+            "batch_mib": pixels.numel() * pixels.element_size() / 2 ** 20}
+
+
+def profile_worker(args, tokenize, path: str, batches: int = 6) -> str:
+    """cProfile of the stream run in this process (num_workers=0): where a worker's time goes."""
+    stream = build_stream(args, tokenize, 0, path)
+    next(stream)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(batches):
+        next(stream)
+    profiler.disable()
+    stream.close()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(18)
+    return out.getvalue()
+
+
+def photo_like(rng: np.random.Generator, width: int, height: int):
+    """A thumbnail-like RGB image: smooth colour field, a few solid shapes, mild sensor noise."""
+    from PIL import Image, ImageDraw
+
+    field = rng.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)
+    img = Image.fromarray(field).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = x0 + int(rng.integers(8, width // 2)), y0 + int(rng.integers(8, height // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    noisy = np.asarray(img, dtype=np.int16) + rng.normal(0, 3, size=(height, width, 1)).astype(np.int16)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def write_thumbnail_shards(out: str, num_samples: int, width: int, height: int, shard_size: int = 256,
+                           quality: int = 85, seed: int = 0) -> str:
+    """Shards of ``width`` x ``height`` thumbnail-like JPEGs (img2dataset layout, sizes.json).
+
+    Returns the brace spec of the tars.
+    """
+    os.makedirs(out, exist_ok=True)
+    sizes = {}
+    for shard in range(math.ceil(num_samples / shard_size)):
+        name = f"{shard:05d}.tar"
+        keys = range(shard * shard_size, min(num_samples, (shard + 1) * shard_size))
+        with tarfile.open(os.path.join(out, name), "w") as tar:
+            for key in keys:
+                rng = np.random.default_rng([seed, key])
+                buf = io.BytesIO()
+                photo_like(rng, width, height).save(buf, "JPEG", quality=quality)
+                title = f"thumbnail {key}: a video about {int(rng.integers(1000))} things"
+                meta = {"key": f"{key:09d}", "title": title, "tags": ["bench"], "width": width,
+                        "height": height, "category_name": "bench"}
+                for ext, payload in (("jpg", buf.getvalue()), ("json", json.dumps(meta).encode()),
+                                     ("txt", title.encode())):
+                    info = tarfile.TarInfo(f"{key:09d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        sizes[name] = len(keys)
+    with open(os.path.join(out, "sizes.json"), "w", encoding="utf-8") as fh:
+        json.dump(sizes, fh)
+    last = len(sizes) - 1
+    return os.path.join(out, "00000.tar" if last == 0 else f"{{00000..{last:05d}}}.tar")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| path | workers | pixels | samples/s | per worker | decode/s (1 core) | per worker / decode "
+             "| per worker-CPU-s / decode-CPU-s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['path']} | {r['workers']} | {r['pixel_dtype']} | {r['samples_per_s']:.0f} | "
+                     f"{r['samples_per_s_per_worker']:.0f} | {r['decode_per_s']:.0f} | {r['ratio']:.2f} | "
+                     f"{r['cpu_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m vutrain.bench data",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", help="brace-expandable shard spec ('::' joins several)")
+    parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224, help="model input size S")
+    parser.add_argument("--context-length", type=int, default=77)
+    parser.add_argument("--shuffle-buffer", type=int, default=1000)
+    parser.add_argument("--prefetch-factor", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=0, help="timed batches (0: --samples-per-worker)")
+    parser.add_argument("--samples-per-worker", type=int, default=1024)
+    parser.add_argument("--decode-images", type=int, default=256, help="JPEGs timed for decode_per_s")
+    parser.add_argument("--decode-seconds", type=float, default=2.0, help="time each decode measurement")
+    parser.add_argument("--compare", action="store_true", help="also time the processor-exact float path")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the worker loop")
+    parser.add_argument("--write-shards", metavar="DIR", help="first write thumbnail-like shards to DIR")
+    parser.add_argument("--shard-size-wh", default="480x360", help="their image size, WxH")
+    parser.add_argument("--shard-samples", type=int, default=2048)
+    args = parser.parse_args(argv)
+    if not args.shards and not args.write_shards:
+        parser.error("give --shards SPEC (or --write-shards DIR)")
+    if args.workers < 1 or args.batch_size < 1:
+        parser.error("--workers and --batch-size must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurement; the last printed line is the JSON summary."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(1)  # the decode floor is one core, and so is each worker
+    if args.write_shards:
+        w, h = (int(v) for v in args.shard_size_wh.lower().split("x"))
+        args.shards = write_thumbnail_shards(args.write_shards, args.shard_samples, w, h)
+        print(f"wrote {args.shard_samples} {w}x{h} JPEGs: {args.shards}", flush=True)
+    images = read_images(args.shards, args.decode_images)
+    from PIL import Image
+
+    shapes = Counter(Image.open(io.BytesIO(d)).size for d in images[:64])
+    work = tempfile.mkdtemp(prefix="vutrain-bench-data-")
+    tokenize = make_tokenize(args.shards, args.context_length, work)
+    if args.profile:
+        print(profile_worker(args, tokenize, "fast"), flush=True)
+    decode_before, cpu_before = decode_rate(images, args.decode_seconds)
+    runs = [("fast", args.workers)]
+    if args.workers > 1:
+        runs.append(("fast", 1))
+    if args.compare:
+        runs.append(("processor", args.workers))
+    rows = [stream_rate(args, tokenize, workers, path) for path, workers in runs]
+    decode_after, cpu_after = decode_rate(images, args.decode_seconds)
+    decode, decode_cpu = (decode_before + decode_after) / 2, (cpu_before + cpu_after) / 2
+    for row in rows:
+        row["decode_per_s"], row["ratio"] = decode, row["samples_per_s_per_worker"] / decode
+        row["cpu_ratio"] = row["samples_per_worker_cpu_s"] / decode_cpu
+    print(table(rows), flush=True)
+    main_row = rows[0]
+    summary = {
+        "samples_per_s": main_row["samples_per_s"],
+        "samples_per_s_per_worker": main_row["samples_per_s_per_worker"],
+        "decode_per_s": decode, "ratio": main_row["ratio"],
+        # CPU-time figures: what the wall-clock ones would be on idle, dedicated cores
+        "decode_per_cpu_s": decode_cpu, "samples_per_worker_cpu_s": main_row["samples_per_worker_cpu_s"],
+        "cpu_ratio": main_row["cpu_ratio"],
+        "decode_per_s_before": decode_before, "decode_per_s_after": decode_after,
+        "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
+        "source_sizes": {f"{w}x{h}": n for (w, h), n in shapes.most_common(3)},
+        "runs": rows, "cores": os.cpu_count(), "cpu": _cpu_name(),
+        "load_avg_1m": os.getloadavg()[0], "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "command": "python -m vutrain.bench data " + " ".join(argv),
+    }
+    one = next((r for r in rows if r["path"] == "fast" and r["workers"] == 1), None)
+    if args.workers > 1 and one:
+        summary["samples_per_s_1_worker"] = one["samples_per_s"]
+        summary["scaling"] = main_row["samples_per_s"] / (args.workers * one["samples_per_s"])
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The DeepSpeed engine around a module, built the same way for the trainer, the tests and the bench.
+
+`build_engine` derives the DeepSpeed config from `train.*` (ds_config.py: aligned ZeRO buffers,
+no bf16 overflow scan), builds the fused or multi-tensor AdamW and its schedule (optim.py) unless
+the user's ds_config brings an optimizer, and tells DeepSpeed the rank's device explicitly: with
+VUTRAIN_DEVICE two ranks may share one GPU, which DeepSpeed's LOCAL_RANK guess would get wrong.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from vutrain.config import TrainConfig
+from vutrain.ds_config import build_ds_config
+from vutrain.optim import build_optimizer, param_groups
+from vutrain.param_alignment import warn_if_misaligned
+
+
+def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: torch.device,
+                 local_rank: int):
+    """`deepspeed.initialize` for `module` on `device`; returns the engine."""
+    import deepspeed
+    ds_config = build_ds_config(cfg, world_size)
+    if device.type == "cuda" and not _nccl_on_cuda():
+        # gloo on CUDA tensors (VUTRAIN_DIST_BACKEND=cuda:gloo: two ranks on one GPU) all-reduces
+        # but does not reduce(-scatter); ZeRO-1/2 then reduce gradients with all-reduce.
+        ds_config["zero_optimization"].setdefault("reduce_scatter", False)
+    kwargs: dict = {"config": ds_config}
+    if device.type == "cuda":
+        kwargs["args"] = argparse.Namespace(device_rank=device.index, local_rank=local_rank)
+        module.to(device)  # the fused AdamW checks its parameters' device when it is built
+    if "optimizer" in ds_config:  # the user's ds_config brings its own (e.g. CPU-offload Adam)
+        kwargs["model_parameters"] = param_groups(module, cfg.weight_decay)
+    else:
+        kwargs["optimizer"], kwargs["lr_scheduler"] = build_optimizer(module, cfg, device)
+    engine, _, _, _ = deepspeed.initialize(model=module, **kwargs)
+    warn_if_misaligned(engine.module, cfg.zero_stage)
+    return engine
+
+
+def _nccl_on_cuda() -> bool:
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return True  # one process, nothing to reduce
+    backend = str(dist.get_backend())
+    return backend == "nccl" or "cuda:nccl" in backend

@@ -1,0 +1,104 @@
+"""Multi-label retrieval over the tag vocabulary: mAP and recall@k of images against tag prompts.
+
+A YouTube thumbnail has several true tags ("cat", "funny", "compilation"), so one-label top-1
+says little. Here every tag of the vocabulary becomes a text query (its prompts averaged, as for
+zero-shot classes), every validation image is scored against all tags, and:
+
+* `eval/tags_map`: mean over tags of the average precision of ranking all images for that tag
+  (the standard multi-label classification mAP; tags with no positive image are left out);
+* `eval/tags_r{k}`: mean over images (with at least one tag in the vocabulary) of the fraction
+  of its tags found among its k best-scoring tags.
+
+Inputs are plain tensors and lists, so the metric is independent of the trainer; `evaluate.py`
+calls `multilabel_retrieval` with the gathered image features and each image's tag list.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+RECALL_KS = (1, 5, 10)
+
+
+def tag_vocabulary(tag_lists: list[list[str]], min_count: int = 1, max_tags: int | None = None) -> list[str]:
+    """Distinct normalised tags (stripped, lower-case) seen >= min_count times, most frequent first."""
+    counts = Counter(t.strip().lower() for tags in tag_lists for t in tags if t and t.strip())
+    vocab = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
+    return vocab[:max_tags] if max_tags else vocab
+
+
+def multilabel_targets(tag_lists: list[list[str]], vocab: list[str]) -> torch.Tensor:
+    """BoolTensor [N, V]: image n carries tag v (tags outside the vocabulary are ignored)."""
+    index = {t: i for i, t in enumerate(vocab)}
+    out = torch.zeros(len(tag_lists), len(vocab), dtype=torch.bool)
+    for n, tags in enumerate(tag_lists):
+        for t in tags:
+            i = index.get(t.strip().lower()) if t else None
+            if i is not None:
+                out[n, i] = True
+    return out
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """AP of each row's ranking: scores, targets [R, C] -> [R] (NaN for rows without a positive).
+
+    AP = mean over the positives of the precision at their rank (ties broken by column order).
+    """
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    hits = targets.gather(1, order).float()
+    ranks = torch.arange(1, scores.shape[1] + 1, dtype=torch.float32)
+    precision = hits.cumsum(dim=1) / ranks
+    positives = hits.sum(dim=1)
+    ap = (precision * hits).sum(dim=1) / positives.clamp_min(1)
+    return torch.where(positives > 0, ap, torch.full_like(ap, float("nan")))
+
+
+def recall_at_k(scores: torch.Tensor, targets: torch.Tensor, ks=RECALL_KS) -> dict[int, float]:
+    """Mean over rows with a positive of (positives in the row's top k) / (row's positives)."""
+    keep = targets.any(dim=1)
+    scores, targets = scores[keep], targets[keep]
+    if scores.shape[0] == 0:
+        return {k: float("nan") for k in ks}
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    hits = targets.gather(1, order).float()
+    total = targets.sum(dim=1).float()
+    return {k: (hits[:, :k].sum(dim=1) / total).mean().item() for k in ks}
+
+
+@torch.no_grad()
+def tag_embeddings(encode_text: Callable[[list[str]], torch.Tensor], vocab: list[str],
+                   templates: list[str]) -> torch.Tensor:
+    """[V, E]: per tag, the normalised mean of its normalised prompt embeddings."""
+    prompts = [t.format(tag) for tag in vocab for t in templates]
+    feats = encode_text(prompts).float().reshape(len(vocab), len(templates), -1)
+    return F.normalize(F.normalize(feats, dim=-1).mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def multilabel_retrieval(image_features: torch.Tensor, tag_lists: list[list[str]],
+                         encode_text: Callable[[list[str]], torch.Tensor], templates: list[str],
+                         vocab: list[str] | None = None, ks=RECALL_KS, prefix: str = "eval/tags_",
+                         ) -> dict[str, float]:
+    """mAP over tags and recall@k over images (see the module doc).
+
+    Args:
+        image_features: [N, E] (normalised here), the images of the whole validation set.
+        tag_lists: N lists of tag strings (the `tags` field of each `<key>.json`).
+        encode_text: list of prompts -> [P, E] text features.
+        templates: prompt templates with '{}' for the tag.
+        vocab: the tags to rank; default every tag seen in `tag_lists`.
+    """
+    vocab = tag_vocabulary(tag_lists) if vocab is None else vocab
+    metrics: dict[str, float] = {f"{prefix}vocab": float(len(vocab))}
+    if not vocab or image_features.shape[0] == 0:
+        return metrics
+    targets = multilabel_targets(tag_lists, vocab)
+    scores = F.normalize(image_features.float(), dim=-1) @ tag_embeddings(encode_text, vocab, templates).T
+    per_tag = average_precision(scores.T, targets.T)
+    metrics[f"{prefix}map"] = per_tag[~per_tag.isnan()].mean().item()
+    for k, value in recall_at_k(scores, targets, ks).items():
+        metrics[f"{prefix}r{k}"] = value
+    return metrics

@@ -1,0 +1,133 @@
+"""GradCache: gradient accumulation that keeps every negative of the whole step.
+
+Plain accumulation over k micro-batches computes k separate contrastive losses, each seeing
+only one micro-batch (x world) of negatives. GradCache (Gao et al., 2021) gets the loss of the
+whole step - k x micro-batch x world samples - at the memory of one micro-batch:
+
+1. forward every micro-batch without autograd, keep only the features (and the RNG state
+   before each forward);
+2. concatenate the features, compute the loss of the whole step (gathered across ranks as
+   usual) and its gradient with respect to the features ("the cache");
+3. forward each micro-batch again with autograd, replaying its RNG state so dropout draws the
+   same masks, and backpropagate `sum(features * cached_gradient)`; parameter gradients
+   accumulate to exactly those of the whole-step loss.
+
+DeepSpeed: the engine is configured with `gradient_accumulation_steps = k` (the trainer's
+`train.grad_accum_steps`) and every micro-batch goes through `engine.backward(...,
+scale_wrt_gas=False)` (the cached gradients already belong to one loss, so no 1/k) and
+`engine.step()`, so the engine's own micro-step counter places the accumulation boundary: ZeRO-1
+reduces there, ZeRO-2/3 reduce-scatter each backward and the optimizer steps once, at the k-th
+micro-batch. Gradient clipping and loss scaling apply to the whole step as usual.
+
+The logit scale (and bias) are outputs of every forward but one quantity of the step: their
+cached gradient is applied once, in the first micro-batch's backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+Outputs = tuple  # (image_features [b, E], text_features [b, E], logit_scale [], logit_bias [] | None)
+
+
+@dataclass
+class RngState:
+    """The RNG state dropout reads: torch's CPU generator and, when initialised, every CUDA device's."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor] | None
+
+    @classmethod
+    def capture(cls) -> "RngState":
+        """Snapshot of the current RNG state."""
+        cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda_live else None)
+
+    def restore(self) -> None:
+        """Put the generators back to this snapshot."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+class GradCache:
+    """One GradCache step in two phases, so a caller can look at the loss before any backward.
+
+        gc = GradCache(engine, forward_fn, loss_fn)
+        loss = gc.forward(micro_batches)      # no autograd through the model; the loss of the step
+        if finite(loss): gc.backward()        # k forwards with autograd, k engine.backward + step
+
+    Args:
+        engine: a DeepSpeed engine with `gradient_accumulation_steps() == len(micro_batches)`
+            (anything with backward(loss, scale_wrt_gas=...) and step() also works).
+        forward_fn: micro-batch -> (image_features [b, E], text_features [b, E], logit_scale,
+            logit_bias or None), with autograd as the caller set it (the model's forward).
+        loss_fn: (image_features [k*b, E], text_features [k*b, E], logit_scale, logit_bias) ->
+            scalar loss of this rank on the whole step (e.g. a ClipLoss; close over the labels).
+    """
+
+    def __init__(self, engine: Any, forward_fn: Callable[[Any], Outputs],
+                 loss_fn: Callable[..., torch.Tensor]) -> None:
+        self.engine, self.forward_fn, self.loss_fn = engine, forward_fn, loss_fn
+        self._batches: Sequence[Any] = ()
+        self._rng: list[RngState] = []
+        self._grads: list[torch.Tensor | None] = []
+        self._sizes: list[int] = []
+
+    def forward(self, micro_batches: Sequence[Any]) -> torch.Tensor:
+        """Phases 1 and 2: features without autograd, the step's loss and its feature gradients."""
+        gas = getattr(self.engine, "gradient_accumulation_steps", None)
+        if callable(gas) and gas() != len(micro_batches):
+            raise ValueError(f"GradCache got {len(micro_batches)} micro-batches but the engine accumulates "
+                             f"{gas()} per step; set gradient_accumulation_steps to the micro-batch count")
+        self._batches, self._rng = micro_batches, []
+        images, texts, scale, bias = [], [], None, None
+        with torch.no_grad():
+            for batch in micro_batches:
+                self._rng.append(RngState.capture())
+                img, txt, scale, bias = self.forward_fn(batch)
+                images.append(img)
+                texts.append(txt)
+        self._rng_after = RngState.capture()
+        self._sizes = [x.shape[0] for x in images]
+        leaves = [torch.cat(images), torch.cat(texts), scale, bias]
+        leaves = [None if x is None else x.detach().requires_grad_(True) for x in leaves]
+        with torch.enable_grad():
+            loss = self.loss_fn(*leaves)
+            loss.backward()
+        self._grads = [None if x is None else x.grad for x in leaves]
+        return loss.detach()
+
+    def backward(self) -> None:
+        """Phase 3: each micro-batch again with autograd and its RNG replayed; engine backward + step."""
+        g_img, g_txt, g_scale, g_bias = self._grads
+        start = 0
+        for i, (batch, size) in enumerate(zip(self._batches, self._sizes)):
+            self._rng[i].restore()
+            img, txt, scale, bias = self.forward_fn(batch)
+            rows = slice(start, start + size)
+            start += size
+            surrogate = (img * g_img[rows].to(img.dtype)).sum() + (txt * g_txt[rows].to(txt.dtype)).sum()
+            if i == 0:  # the scale and bias are one quantity of the step: their gradient once
+                surrogate = surrogate + (scale * g_scale.to(scale.dtype)).sum()
+                if bias is not None and g_bias is not None:
+                    surrogate = surrogate + (bias * g_bias.to(bias.dtype)).sum()
+            self.engine.backward(surrogate, scale_wrt_gas=False)
+            self.engine.step()
+        self._rng_after.restore()  # the RNG advances as if each micro-batch ran forward once
+        self._batches, self._grads, self._rng = (), [], []
+
+
+def gradcache_step(engine: Any, micro_batches: Sequence[Any], forward_fn: Callable[[Any], Outputs],
+                   loss_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """One optimizer step over `micro_batches` whose loss sees all of their samples as negatives.
+
+    Returns this rank's (detached) loss of the whole step. See `GradCache` for the arguments;
+    the engine must accumulate `len(micro_batches)` micro-batches per step.
+    """
+    cache = GradCache(engine, forward_fn, loss_fn)
+    loss = cache.forward(micro_batches)
+    cache.backward()
+    return loss

@@ -1,0 +1,101 @@
+"""Non-finite micro-batches decided on the device: zeroed on every rank, never a host sync.
+
+Every micro-batch runs forward, backward and `engine.step()` on every rank, so DeepSpeed's
+gradient-accumulation boundary never shifts. After the loss, one all-reduce of a 3-element tensor
+on the engine's device tells every rank whether any rank's loss is non-finite (plus the loss sum
+and any stop request); the result stays on the device:
+
+* the loss handed to backward is masked to 0 (`masked_fill`, whose gradient is exactly 0 even
+  where the loss is NaN), and
+* a hook on every trainable parameter masks its gradient to 0, because NaN activations inside the
+  model would otherwise turn 0 x NaN into NaN gradients.
+
+A skipped micro-batch thus contributes exactly zero to the step's gradient, as if its loss were
+0 on every rank. A step whose micro-batches were all skipped still calls the optimizer with a zero
+gradient (AdamW's momentum and weight decay still move the weights a little).
+
+The running statistics (loss sum, good and skipped micro-batches, skipped in a row, stop
+requests) accumulate on the device and are read on the host only when the trainer asks
+(`read()`, on logging steps): one sync per logged step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vutrain.distributed import all_reduce
+
+
+@dataclass
+class GuardStats:
+    """Host copy of the statistics since the last `read()` (in_row and stop: current values)."""
+    loss_sum: float
+    good: int
+    skipped: int
+    in_row: int
+    stop: bool
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean over the good micro-batches (of all ranks) since the last read; NaN if none."""
+        return self.loss_sum / self.good if self.good else float("nan")
+
+
+class NonFiniteGuard:
+    """Device-side agreement about non-finite losses, and the gradient mask that applies it."""
+
+    def __init__(self, module: nn.Module, device: torch.device, world_size: int):
+        self.device, self.world_size = device, world_size
+        self.skip = torch.zeros((), dtype=torch.bool, device=device)
+        self._stop = torch.zeros((), dtype=torch.float32, device=device)
+        # loss sum, good micro-batches, skipped micro-batches, skipped in a row, stop requests
+        self._stats = torch.zeros(5, dtype=torch.float64, device=device)
+        self._hooks = [p.register_hook(self._mask) for p in module.parameters() if p.requires_grad]
+
+    def _mask(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.masked_fill(self.skip, 0)
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop (a signal arrived here); agreed at the next `agree`."""
+        self._stop.fill_(1.0)
+
+    def agree(self, loss: torch.Tensor) -> torch.Tensor:
+        """All ranks agree whether this micro-batch is skipped; returns the loss to backpropagate.
+
+        loss: this rank's scalar loss. The returned loss is `loss`, or 0 with a zero gradient
+        when any rank's loss is non-finite. One all-reduce on the device, no host read.
+        """
+        value = loss.detach().float().reshape(())
+        finite = torch.isfinite(value)
+        flags = torch.stack([torch.where(finite, value, torch.zeros_like(value)),
+                             (~finite).float(), self._stop])
+        all_reduce(flags)
+        bad = flags[1] > 0
+        self.skip.copy_(bad)
+        good = (~bad).double()
+        self._stats[:3] += torch.stack([flags[0].double() / self.world_size * good, good, 1 - good])
+        self._stats[3] = (self._stats[3] + 1) * (1 - good)
+        self._stats[4] = torch.maximum(self._stats[4], (flags[2] > 0).double())
+        return loss.masked_fill(bad, 0)
+
+    def read(self) -> GuardStats:
+        """Copy the statistics to the host (the one sync) and restart the per-interval sums."""
+        loss_sum, good, skipped, in_row, stop = self._stats.tolist()
+        self._stats[:3] = 0
+        return GuardStats(loss_sum=loss_sum, good=int(good), skipped=int(skipped), in_row=int(in_row),
+                          stop=stop > 0)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the count of skipped micro-batches in a row."""
+        return {"nonfinite_in_row": int(self._stats[3].item())}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the in-a-row count from `state_dict()`."""
+        self._stats[3] = float(state.get("nonfinite_in_row", 0))
+
+    def remove(self) -> None:
+        """Detach the gradient hooks."""
+        for handle in self._hooks:
+            handle.remove()
