@@ -166,7 +166,8 @@ def test_bench_dispatches_its_subcommands(capsys):
     """`data ...` goes to vutrain.bench_data, `--compare` to bench_compare, the rest to the sweep."""
     from vutrain import bench
     assert bench.dispatch(["--batch-sizes", "8"]) is None
-    for argv, prog in ((["data", "--help"], "bench data"), (["--compare", "open_clip", "--help"], "--compare")):
+    cases = ((["data", "--help"], "bench data"), (["--compare", "open_clip", "--help"], "--compare"))
+    for argv, prog in cases:
         with pytest.raises(SystemExit) as stop:
             bench.dispatch(argv)
         assert stop.value.code == 0 and prog in capsys.readouterr().out
