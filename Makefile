@@ -20,6 +20,8 @@ $(VENV)/.installed: setup.py
 	# The constraint keeps whichever torch is installed from being replaced.
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e '.[test]'
+	# The bench extra without its dependencies: open_clip_torch's torchvision would replace torch.
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt --no-deps 'open_clip_torch>=3.0'
 	touch $@
 
 demo: venv

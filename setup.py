@@ -28,6 +28,11 @@ DATASET_TOOLS = [
 ]
 KERNELS = ["triton>=3.0; platform_system == 'Linux'"]
 TEST = ["pytest>=8", "pytest-timeout"]
+# `python -m vutrain.bench --compare open_clip`. open_clip_torch depends on torchvision, which
+# drags in its own torch build: beside an existing torch install it with
+# `pip install -c torch-constraint.txt --no-deps open_clip_torch` (what `make venv` does); the
+# benchmark then loads only the open_clip modules it needs when torchvision is absent.
+BENCH = ["open_clip_torch>=3.0"]
 
 setup(
     name="vutrain",
@@ -44,6 +49,7 @@ setup(
         "data": DATASET_TOOLS,
         "kernels": KERNELS,
         "test": DATASET_TOOLS + KERNELS + TEST,
+        "bench": BENCH,
         "dev": DATASET_TOOLS + KERNELS + TEST + ["tensorboard"],
     },
 )

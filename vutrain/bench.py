@@ -3,6 +3,8 @@
     python -m vutrain.bench                       # CPU: the tiny preset, fp32, ZeRO-2, two batch sizes
     python -m vutrain.bench --preset vit-b-32 --precision bf16 --zero-stage 2 \
         --batch-sizes 64,128,256 --grad-ckpt both # GPU: the ViT-B/32 sweep of BENCHMARKS.md
+    python -m vutrain.bench --compare open_clip   # against open_clip's step (vutrain/bench_compare.py)
+    python -m vutrain.bench data --shards SPEC    # the data stream alone (vutrain/bench_data.py)
 
 Each configuration runs in its own process (one rank; peak memory is per process) through the
 real Trainer on synthetic shards, with the device synchronised around each phase so the split
@@ -45,7 +47,8 @@ def run_one(spec: dict) -> dict:
     overrides = [f"output_dir={spec['run_dir']}", f"data.train_shards={spec['train_shards']}",
                  "data.val_shards=", "eval.every=0", f"model.preset={spec['preset']}",
                  f"train.precision={spec['precision']}", f"train.zero_stage={spec['zero_stage']}",
-                 f"train.micro_batch_size={spec['batch_size']}", f"model.gradient_checkpointing={spec['grad_ckpt']}",
+                 f"train.micro_batch_size={spec['batch_size']}",
+                 f"model.gradient_checkpointing={spec['grad_ckpt']}",
                  f"train.max_steps={spec['warmup'] + spec['steps']}", "train.checkpoint_every=0",
                  "train.progress_bar=false", "train.resume=never", f"data.num_workers={spec['workers']}",
                  f"loss.backend={spec['loss_backend']}", "data.resampled=true", "data.num_samples=100000"]
@@ -77,7 +80,8 @@ def run_one(spec: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | precision | ZeRO | batch | grad ckpt | samples/s | step s | data | fwd | loss | bwd | opt | peak mem GiB |",
+    lines = ["| preset | precision | ZeRO | batch | grad ckpt | samples/s | step s | data | fwd | loss | bwd "
+             "| opt | peak mem GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -85,16 +89,35 @@ def table(rows: list[dict]) -> str:
                          f"{r['grad_ckpt']} | failed: {r['error'][:60]} |||||||| ")
             continue
         mem = r.get("peak_memory_gib", r.get("peak_rss_gib", float("nan")))
-        lines.append(f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | {r['grad_ckpt']} | "
+        lines.append(f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
+                     f"{r['grad_ckpt']} | "
                      f"{r['samples_per_s']:.1f} | {r['step_time_s']:.3f} | "
                      + " | ".join(f"{r[p + '_s']:.3f}" for p in PHASES) + f" | {mem:.2f} |")
     return "\n".join(lines)
 
 
+def dispatch(argv: list[str]) -> int | None:
+    """Run a sibling benchmark when argv names one (`data ...`, `--compare ...`); None otherwise."""
+    if argv and argv[0] == "data":
+        import importlib
+        try:
+            bench_data = importlib.import_module("vutrain.bench_data")
+        except ModuleNotFoundError as exc:
+            if exc.name != "vutrain.bench_data":
+                raise
+            print("python -m vutrain.bench data: this install has no vutrain/bench_data.py", file=sys.stderr)
+            return 2
+        return bench_data.main(argv[1:])
+    if any(a == "--compare" or a.startswith("--compare=") for a in argv):
+        from vutrain import bench_compare
+        return bench_compare.main(argv)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    if list(sys.argv[1:] if argv is None else argv)[:1] == ["data"]:  # the data stream alone
-        from vutrain.bench_data import main as data_main
-        return data_main(list(sys.argv[2:] if argv is None else argv[1:]))
+    delegated = dispatch(list(sys.argv[1:] if argv is None else argv))
+    if delegated is not None:
+        return delegated
     parser = argparse.ArgumentParser(prog="python -m vutrain.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--precision", default="fp32")
@@ -122,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for ckpt in ckpts:
-            spec = dict(preset=args.preset, precision=args.precision, zero_stage=args.zero_stage, batch_size=batch,
+            spec = dict(preset=args.preset, precision=args.precision, zero_stage=args.zero_stage,
+                        batch_size=batch,
                         grad_ckpt=ckpt, steps=args.steps, warmup=args.warmup, workers=args.workers,
                         loss_backend=args.loss_backend, train_shards=data["train_shards"],
                         run_dir=os.path.join(work, f"run-{batch}-{ckpt}"))

@@ -1,0 +1,173 @@
+"""`python -m vutrain.bench --compare open_clip` at the tiny size on CPU, open_clip's real modules
+loaded without its package __init__ (torchvision cannot be installed beside this torch), and the
+largest-batch search.
+
+The search is checked against a known capacity: `fits(b)` really allocates a tensor of `b` rows
+in a bounded budget and raises torch.OutOfMemoryError past it, as the device does.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vutrain.bench_search import largest_batch
+
+import train_runner as tr
+
+needs_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
+                                     reason="open_clip_torch is not installed (make test installs it)")
+
+
+class Budget:
+    """A memory budget of `capacity` rows: allocating more raises torch.OutOfMemoryError."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.calls = capacity, []
+
+    def __call__(self, rows: int) -> bool:
+        self.calls.append(rows)
+        try:
+            if rows > self.capacity:
+                raise torch.OutOfMemoryError(f"tried to allocate {rows} rows of {self.capacity}")
+            torch.empty(rows, 4)
+        except torch.OutOfMemoryError:
+            return False
+        return True
+
+
+@pytest.mark.parametrize("capacity", [1, 200, 1000, 3000, 4096, 5000])
+def test_search_brackets_the_capacity(capacity):
+    """The result fits, and the smallest failing size is within the stated precision above it."""
+    fits = Budget(capacity)
+    found = largest_batch(fits, known_fit=0, start=256, limit=32768, granularity=8, precision=0.0625)
+    assert not found["capped"]
+    assert found["largest_batch"] <= capacity < found["failed_at"]
+    assert found["failed_at"] - found["largest_batch"] <= max(8, found["largest_batch"] * 0.0625)
+    assert [p[0] for p in found["probes"]] == fits.calls
+    assert all(ok == (size <= capacity) for size, ok in found["probes"])
+
+
+def test_search_starts_above_a_known_fit_and_reports_the_cap():
+    fits = Budget(10 ** 6)
+    found = largest_batch(fits, known_fit=1024, start=256, limit=5000)
+    assert fits.calls == [2048, 4096, 5000]
+    assert found == {"largest_batch": 5000, "capped": True, "failed_at": None, "stopped": False,
+                     "probes": [[2048, True], [4096, True], [5000, True]]}
+    assert largest_batch(Budget(0), known_fit=0, start=256, limit=4096)["largest_batch"] == 0
+
+
+def test_search_stops_on_request_with_the_bounds_found_so_far():
+    """A time budget ends the search between probes; what was proven stays in the result."""
+    fits = Budget(3000)
+    found = largest_batch(fits, known_fit=256, start=256, limit=32768, stop=lambda: len(fits.calls) >= 5)
+    assert found["stopped"] and len(found["probes"]) == 5
+    assert found["largest_batch"] <= 3000 < found["failed_at"]
+    assert found["largest_batch"] == max(size for size, ok in found["probes"] if ok)
+
+
+def test_rounds_keep_the_median_speed_the_largest_peak_and_any_error():
+    from vutrain.bench_compare import median_rows
+    row = {"variant": "open_clip", "batch_size": 8, "step_time_s": 1.0}
+    measured = [dict(row, samples_per_s=s, peak_memory_gib=p) for s, p in ((10, 1.0), (30, 1.5), (20, 1.2))]
+    measured += [{"variant": "vutrain z2 torch", "batch_size": 8, "error": "out of memory: x", "oom": True},
+                 {"variant": "vutrain z2 torch", "batch_size": 8, "samples_per_s": 5.0, "step_time_s": 1.0,
+                  "peak_memory_gib": None}]
+    merged = {r["variant"]: r for r in median_rows(measured)}
+    assert merged["open_clip"]["samples_per_s"] == 20 and merged["open_clip"]["peak_memory_gib"] == 1.5
+    assert merged["open_clip"]["samples_per_s_rounds"] == [10, 30, 20] and merged["open_clip"]["rounds"] == 3
+    assert merged["vutrain z2 torch"]["error"] == "out of memory: x"
+
+
+def test_open_clip_gets_normalised_fp32_pixels_from_either_stream_format():
+    """uint8 batches (normalised on the device by vutrain) reach open_clip as its loader gives them."""
+    from vutrain.bench_compare import openclip_pixels
+    from vutrain.model import OPENAI_MEAN, OPENAI_STD
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    got = openclip_pixels(pixels, OPENAI_MEAN, OPENAI_STD)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[1, 2], (pixels[1, 2].float() / 255 - OPENAI_MEAN[2]) / OPENAI_STD[2])
+    already = torch.randn(2, 3, 4, 4)
+    assert torch.equal(openclip_pixels(already, OPENAI_MEAN, OPENAI_STD), already)
+
+
+@needs_open_clip
+def test_open_clip_real_modules_and_loss_agree_with_vutrain():
+    """open_clip's own CLIP/ClipLoss load (no torchvision here); its loss equals vutrain's."""
+    from vutrain.bench_openclip import load_open_clip, model_config
+    from vutrain.losses import ClipLoss
+
+    oc = load_open_clip()
+    assert inspect.getsourcefile(oc.CLIP).startswith(oc.package_dir)
+    assert inspect.getsourcefile(oc.ClipLoss) == os.path.join(oc.package_dir, "loss.py")
+    if oc.source == "modules":  # the torchvision placeholder existed only while utils.py ran
+        assert "torchvision" not in sys.modules
+    cfg = model_config("vit-b-32", 224, 4096, 77, oc)  # checked against open_clip's ViT-B-32.json
+    assert cfg["vision_cfg"]["width"] == 768 and cfg["text_cfg"]["vocab_size"] == 4096
+
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(12, 32), dim=-1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(12, 32), dim=-1).requires_grad_()
+    scale = torch.tensor(14.3)
+    theirs = oc.ClipLoss()(img, txt, scale)
+    ours = ClipLoss()(img, txt, scale)
+    g_theirs = torch.autograd.grad(theirs, (img, txt))
+    g_ours = torch.autograd.grad(ours, (img, txt))
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b)
+
+
+@needs_open_clip
+@pytest.mark.slow
+def test_compare_tiny_on_cpu(tmp_path):
+    """Both sides train in one process on the same batches; rows, ratios, search, JSON and PNG.
+
+    A configuration that cannot be built (an unknown loss backend) is recorded with its error and
+    makes the exit code 1, while every other configuration is still measured.
+    """
+    out = tmp_path / "compare.json"
+    argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4,8",
+            "--zero-stages", "1,2", "--loss-backends", "torch,nope", "--grad-ckpt", "off", "--steps", "1",
+            "--warmup", "1", "--pool", "16", "--max-batch", "16", "--search", "open_clip,vutrain z2 torch",
+            "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "vutrain.bench", *argv], capture_output=True, text=True,
+                          timeout=900, env=tr.env(), cwd=tr.REPO)
+    assert proc.returncode == 1, tr.describe(proc)
+    result = json.loads(out.read_text())
+    labels = ["vutrain z1 torch", "vutrain z1 nope", "vutrain z2 torch", "vutrain z2 nope", "open_clip"]
+    got = [(r["variant"], r["batch_size"]) for r in result["rows"]]
+    assert got == [(v, b) for v in labels for b in (4, 8)]
+    failed = [r for r in result["rows"] if "error" in r]
+    assert {r["variant"] for r in failed} == {"vutrain z1 nope", "vutrain z2 nope"}
+    assert all("loss.backend" in r["error"] and not r["oom"] for r in failed)
+    base = {r["batch_size"]: r["samples_per_s"] for r in result["rows"] if r["variant"] == "open_clip"}
+    for row in (r for r in result["rows"] if "error" not in r):
+        assert row["samples_per_s"] > 0 and row["step_time_s"] > 0
+        assert row["peak_memory_gib"] is None  # no device memory on the CPU: not made up
+        assert row["ratio_to_open_clip"] == pytest.approx(row["samples_per_s"] / base[row["batch_size"]])
+    assert [(e["variant"], e["largest_batch"], e["capped"]) for e in result["largest"]] == \
+        [("open_clip", 16, True), ("vutrain z2 torch", 16, True)]
+    assert result["largest"][1]["probes"] == [[16, True]]  # doubling from 8, the largest batch phase 1 ran
+    assert result["open_clip"]["model_cfg"]["vision_cfg"] == {"image_size": 64, "layers": 3, "width": 128,
+                                                              "patch_size": 8, "head_width": 32}
+    assert result["targets"] == [] and "targets: judged on a GPU only" in proc.stdout
+    assert "| vutrain z2 torch | 8 |" in proc.stdout and "| open_clip | 8 |" in proc.stdout
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_dispatches_its_subcommands(capsys):
+    """`data ...` goes to vutrain.bench_data, `--compare` to bench_compare, the rest to the sweep."""
+    from vutrain import bench
+    assert bench.dispatch(["--batch-sizes", "8"]) is None
+    cases = ((["data", "--help"], "bench data"), (["--compare", "open_clip", "--help"], "--compare"))
+    for argv, prog in cases:
+        with pytest.raises(SystemExit) as stop:
+            bench.dispatch(argv)
+        assert stop.value.code == 0 and prog in capsys.readouterr().out

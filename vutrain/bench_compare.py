@@ -1,0 +1,474 @@
+"""vutrain's Trainer step against open_clip's training step, side by side in one process.
+
+    python -m vutrain.bench --compare open_clip                      # GPU: ViT-B/32, bf16, 256 and 1024
+    python -m vutrain.bench --compare open_clip --preset tiny --batch-sizes 8,16 \
+        --precision fp32 --max-batch 32                              # CPU: the tiny preset
+
+One process, one device, one process group (initialised once), the same pre-decoded batches:
+a pool of samples is read once through vutrain's real training stream (decode, preprocess,
+tokenize) from synthetic shards, and every configuration trains on batches built from that pool
+(repeated to the batch size), each side taking the images in the form its own loader gives them
+(vutrain: what its stream yields; open_clip: normalised fp32, as its dataloader hands them).
+The configurations run one after another, each alone on the device (its memory freed before the
+next is built), so a peak-memory figure is that configuration's own:
+
+* open_clip (`vutrain.bench_openclip`): its `CLIP`, AdamW, `ClipLoss`, amp bf16; also with its
+  gradient checkpointing when vutrain's is compared;
+* vutrain's `Trainer.train_step` for each ZeRO stage x loss backend x gradient checkpointing.
+
+Phase 1 times every configuration at every batch size (warm-up steps, then `--steps` steps between
+two device synchronisations). Phase 2 finds the largest batch each configuration trains (doubling
+from the largest batch phase 1 ran, then bisecting, catching out-of-memory errors and rebuilding
+the configuration after one). On a CPU there is no device memory to run out of: the search runs
+only up to `--max-batch` when that is given. Everything is printed and written to a JSON file and
+a PNG; on a GPU the issue's targets are printed as PASS/FAIL.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vutrain.bench_openclip import load_open_clip
+from vutrain.bench_report import (
+    BASELINE_LABEL,
+    TABLE_HEAD,
+    add_ratios,
+    format_row,
+    judge_targets,
+    report,
+    write_json,
+)
+from vutrain.bench_search import largest_batch
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration: open_clip's step, or vutrain's Trainer at a ZeRO stage and loss backend."""
+
+    side: str
+    grad_ckpt: bool
+    zero_stage: int | None = None
+    loss_backend: str | None = None
+
+    @property
+    def label(self) -> str:
+        name = "open_clip" if self.side == "open_clip" else f"vutrain z{self.zero_stage} {self.loss_backend}"
+        return name + (" ckpt" if self.grad_ckpt else "")
+
+
+BASELINE = Variant("open_clip", grad_ckpt=False)
+assert BASELINE.label == BASELINE_LABEL
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An allocation failure on the device (torch's own, or cuBLAS failing to get its workspace)."""
+    oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: cuda's only
+    return isinstance(exc, oom_type) or "out of memory" in str(exc).lower() or "ALLOC_FAILED" in str(exc)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class FixedBatch:
+    """Stands in for `Trainer.stream`: each `next()` returns the batch the benchmark set last.
+
+    The Trainer's own stream produced the pool these batches come from; replacing it keeps data
+    loading out of the timed step on both sides (open_clip's step below is timed the same way).
+    """
+
+    epoch = 0
+
+    def __init__(self) -> None:
+        self.batch: dict[str, torch.Tensor] | None = None
+        self.batches_seen = 0  # the device transform's augmentation seed reads the stream position
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        self.batches_seen += 1
+        return self.batch
+
+    def skipped(self) -> dict:
+        return {}
+
+
+class TrainerStep:
+    """vutrain's real `Trainer` (DeepSpeed engine, loss, step) fed with the benchmark's batches."""
+
+    def __init__(self, variant: Variant, args: argparse.Namespace, info, run_dir: str, shards: str):
+        from vutrain.config import load_config
+        from vutrain.trainer import Trainer
+
+        overrides = [f"output_dir={run_dir}", f"data.train_shards={shards}", "data.val_shards=",
+                     "eval.every=0", f"model.preset={args.preset}", f"train.precision={args.precision}",
+                     f"train.zero_stage={variant.zero_stage}", f"train.micro_batch_size={args.pool_batch}",
+                     f"model.gradient_checkpointing={str(variant.grad_ckpt).lower()}",
+                     "train.max_steps=100000", "train.checkpoint_every=0", "train.progress_bar=false",
+                     "train.resume=never", "data.num_workers=0", f"loss.backend={variant.loss_backend}",
+                     "data.resampled=true", "data.num_samples=100000"]
+        self.trainer = Trainer(load_config(None, overrides), info)
+        self.trainer.engine.train()
+        self.stream = self.trainer.stream
+        self.feed = FixedBatch()
+        self.trainer.stream = self.feed
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        self.feed.batch = batch
+        self.trainer.train_step()
+
+    def close(self) -> None:
+        engine = self.trainer.engine
+        try:
+            engine.zero_grad()
+            if hasattr(engine, "destroy"):  # removes DeepSpeed's hooks, which keep buffers alive
+                engine.destroy()
+        except Exception as exc:
+            print(f"warning: freeing the DeepSpeed engine: {type(exc).__name__}: {exc}", flush=True)
+        del self.trainer, self.feed, self.stream
+
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def read_pool(stream, size: int) -> dict[str, torch.Tensor]:
+    """`size` samples read through vutrain's real training stream (decoded, preprocessed, tokenized)."""
+    parts: list[dict[str, torch.Tensor]] = []
+    while sum(len(p["input_ids"]) for p in parts) < size:
+        parts.append(next(stream))
+    keys = ("pixel_values", "input_ids", "attention_mask")
+    return {k: torch.cat([p[k] for p in parts])[:size] for k in keys}
+
+
+def openclip_pixels(pixels: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Images as open_clip's dataloader hands them: normalised fp32 (from uint8 if the stream gives that)."""
+    if pixels.dtype == torch.uint8:
+        m = torch.tensor(mean).view(1, 3, 1, 1)
+        s = torch.tensor(std).view(1, 3, 1, 1)
+        return (pixels.float() / 255 - m) / s
+    return pixels.float()
+
+
+class Batches:
+    """Batches of any size built from one pool of pre-decoded samples, in each side's form."""
+
+    def __init__(self, pool: dict[str, torch.Tensor], mean: list[float], std: list[float]):
+        self.pool = pool
+        self.openclip_pool = dict(pool, pixel_values=openclip_pixels(pool["pixel_values"], mean, std))
+
+    def get(self, side: str, size: int) -> dict[str, torch.Tensor]:
+        source = self.openclip_pool if side == "open_clip" else self.pool
+        index = torch.arange(size) % len(source["input_ids"])
+        return {k: v[index] for k, v in source.items()}
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+
+def median_rows(measured: list[dict]) -> list[dict]:
+    """One row per (configuration, batch) from several rounds: the median samples/s, the largest peak.
+
+    A configuration failing in any round keeps that round's error row instead.
+    """
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in measured:
+        groups.setdefault((row["variant"], row["batch_size"]), []).append(row)
+    out = []
+    for runs in groups.values():
+        failed = [r for r in runs if "error" in r]
+        if failed:
+            out.append(dict(failed[0], rounds=len(runs)))
+            continue
+        speeds = [r["samples_per_s"] for r in runs]
+        row = dict(runs[0], samples_per_s=statistics.median(speeds), rounds=len(runs),
+                   samples_per_s_rounds=speeds, step_time_s=statistics.median(r["step_time_s"] for r in runs))
+        peaks = [r["peak_memory_gib"] for r in runs if r["peak_memory_gib"] is not None]
+        row["peak_memory_gib"] = max(peaks) if peaks else None
+        out.append(row)
+    return out
+
+
+def measure(runner, batch: dict[str, torch.Tensor], warmup: int, steps: int, device: torch.device) -> dict:
+    """samples/s over `steps` steps after `warmup`, and the peak device memory of those steps."""
+    size = len(batch["input_ids"])
+    for _ in range(warmup):
+        runner.step(batch)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner.step(batch)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    row = {"samples_per_s": size * steps / elapsed, "step_time_s": elapsed / steps, "peak_memory_gib": None}
+    if device.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return row
+
+
+class Bench:
+    """Builds each configuration on demand and runs phase 1 (speed) and phase 2 (largest batch)."""
+
+    def __init__(self, args: argparse.Namespace, info, run_dir: str, shards: str):
+        self.args, self.info, self.run_dir, self.shards = args, info, run_dir, shards
+        self.device = torch.device(info.device)
+        self.batches: Batches | None = None
+        self.openclip_cfg: dict | None = None
+        self.openclip = load_open_clip()  # first: a missing open_clip fails before any model is built
+
+    def build(self, variant: Variant):
+        if variant.side == "vutrain":
+            runner = TrainerStep(variant, self.args, self.info, self.run_dir, self.shards)
+            if self.batches is None:  # the first Trainer's own stream reads the pool
+                self._prepare_inputs(runner)
+            return runner
+        from vutrain.bench_openclip import OpenClipStep
+        precision = "amp_bf16" if self.args.precision == "bf16" else "fp32"
+        return OpenClipStep(self.openclip, self.openclip_cfg, self.device, precision,
+                            grad_checkpointing=variant.grad_ckpt)
+
+    def _prepare_inputs(self, runner: TrainerStep) -> None:
+        from vutrain.bench_openclip import model_config
+        from vutrain.model import OPENAI_MEAN, OPENAI_STD
+        trainer = runner.trainer
+        pool = read_pool(runner.stream, self.args.pool)
+        processor = getattr(trainer, "processor", None)  # its mean/std normalise uint8 pixels for open_clip
+        self.batches = Batches(pool, list(getattr(processor, "image_mean", OPENAI_MEAN)),
+                               list(getattr(processor, "image_std", OPENAI_STD)))
+        image_size = pool["pixel_values"].shape[-1]
+        self.openclip_cfg = model_config(self.args.preset, image_size, len(trainer.tokenizer),
+                                         trainer.context_length, self.openclip)
+
+    def close(self, runner) -> float | None:
+        """Free a configuration; returns the device memory still allocated afterwards (GiB) on CUDA."""
+        runner.close()
+        free_memory(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2 ** 30
+        return None
+
+    def speed(self, variant: Variant) -> list[dict]:
+        """Phase 1: one row per batch size; an out-of-memory batch is recorded, not fatal.
+
+        Any other failure (e.g. a backend that does not build on this device) is recorded in the
+        configuration's rows with its message, and the comparison goes on with the others.
+        """
+        rows, runner = [], None
+        for size in self.args.batch_sizes:
+            row = {"variant": variant.label, "side": variant.side, "zero_stage": variant.zero_stage,
+                   "loss_backend": variant.loss_backend, "grad_ckpt": variant.grad_ckpt, "batch_size": size}
+            try:
+                if runner is None:
+                    runner = self.build(variant)
+                row.update(measure(runner, self.batches.get(variant.side, size), self.args.warmup,
+                                   self.args.steps, self.device))
+            except Exception as exc:
+                first_line = (str(exc).splitlines() or [""])[0][:160]
+                row["error"] = f"out of memory: {first_line}" if is_oom(exc) else \
+                    f"{type(exc).__name__}: {first_line}"
+                row["oom"] = is_oom(exc)
+            if "error" in row and runner is not None:  # rebuilt: a failed step leaves half-written buffers
+                self.close(runner)
+                runner = None
+            rows.append(row)
+            print(format_row(row), flush=True)
+        leftover = self.close(runner) if runner is not None else None
+        if leftover is not None and leftover > 0.1:
+            print(f"warning: {leftover:.2f} GiB still allocated after freeing {variant.label}", flush=True)
+        return rows
+
+    def search(self, variant: Variant, known_fit: int, stop) -> dict:
+        """Phase 2: the largest batch this configuration trains `--probe-steps` steps at."""
+        state = {"runner": None}
+
+        def fits(size: int) -> bool:
+            batch = self.batches.get(variant.side, size)
+            ok = True
+            try:
+                if state["runner"] is None:
+                    state["runner"] = self.build(variant)
+                for _ in range(self.args.probe_steps):
+                    state["runner"].step(batch)
+                synchronize(self.device)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                ok = False
+            del batch
+            if not ok and state["runner"] is not None:
+                self.close(state["runner"])
+                state["runner"] = None
+            free_memory(self.device)
+            print(f"  {variant.label}: batch {size} {'fits' if ok else 'out of memory'}", flush=True)
+            return ok
+
+        entry = {"variant": variant.label, "side": variant.side}
+        try:
+            entry.update(largest_batch(fits, known_fit=known_fit, start=self.args.batch_sizes[0],
+                                       limit=self.args.max_batch, granularity=self.args.search_granularity,
+                                       precision=self.args.search_precision, stop=stop))
+        except Exception as exc:  # not an OOM (fits catches those): recorded, the other searches go on
+            entry["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+        if state["runner"] is not None:
+            self.close(state["runner"])
+        return entry
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m vutrain.bench --compare open_clip",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", choices=("open_clip",), required=True)
+    parser.add_argument("--preset", default="vit-b-32" if cuda else "tiny",
+                        help="vutrain preset; open_clip gets the same shapes "
+                             "(default: vit-b-32 on CUDA, tiny on CPU)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32",
+                        help="vutrain train.precision; open_clip runs amp_bf16 for bf16, fp32 otherwise")
+    parser.add_argument("--batch-sizes", default="256,1024" if cuda else "8,16")
+    parser.add_argument("--zero-stages", default="1,2")
+    parser.add_argument("--loss-backends", default="torch,triton")
+    parser.add_argument("--grad-ckpt", choices=("off", "on", "both"), default="both",
+                        help="vutrain (and open_clip) gradient checkpointing; 'both' adds open_clip's too")
+    parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps per batch size")
+    parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every configuration this many times, in turn, and keep the median "
+                             "samples/s (on a shared machine the load then weighs on all alike)")
+    parser.add_argument("--pool", type=int, default=512 if cuda else 32,
+                        help="distinct pre-decoded samples (batches repeat them)")
+    parser.add_argument("--search", default="all",
+                        help="configurations whose largest batch is searched: all, none, or labels joined by "
+                             "commas (e.g. 'open_clip,vutrain z2 torch ckpt'); open_clip is searched first")
+    parser.add_argument("--max-batch", type=int, default=32768 if cuda else 0,
+                        help="largest batch probed (0: no search; the CPU default, it has no device "
+                             "memory limit)")
+    parser.add_argument("--probe-steps", type=int, default=2,
+                        help="steps a batch must train to count as fitting")
+    parser.add_argument("--search-granularity", type=int, default=8,
+                        help="bisection stops at this batch spacing")
+    parser.add_argument("--search-precision", type=float, default=0.0625,
+                        help="... or at this fraction of the batch that fits, whichever is coarser")
+    parser.add_argument("--deadline-min", type=float, default=0.0,
+                        help="end the largest-batch searches this many minutes after the start, keeping what "
+                             "they found (0: no limit); phase 1 always runs in full")
+    parser.add_argument("--out", default="bench_results/compare_open_clip.json")
+    parser.add_argument("--png", default="", help="figure path (default: --out with .png)")
+    args = parser.parse_args(argv)
+    args.batch_sizes = sorted(int(b) for b in args.batch_sizes.split(","))
+    args.pool_batch = min(args.batch_sizes[0], args.pool)
+    args.png = args.png or os.path.splitext(args.out)[0] + ".png"
+    return args
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    """vutrain's configurations in order, then open_clip's (checkpointed too when vutrain's is)."""
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
+    out = [Variant("vutrain", ckpt, int(z), backend) for z in args.zero_stages.split(",")
+           for backend in args.loss_backends.split(",") for ckpt in ckpts]
+    out.append(BASELINE)
+    if True in ckpts:
+        out.append(Variant("open_clip", grad_ckpt=True))
+    return out
+
+
+def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[Variant]:
+    if args.search == "none" or not args.max_batch:
+        return []
+    chosen = all_variants if args.search == "all" else [
+        v for v in all_variants if v.label in {s.strip() for s in args.search.split(",")}]
+    unknown = {s.strip() for s in args.search.split(",")} - {v.label for v in all_variants} - {"all"}
+    if unknown:
+        raise SystemExit(f"--search names unknown configurations {sorted(unknown)}; "
+                         f"choose from {[v.label for v in all_variants]}")
+    return sorted(chosen, key=lambda v: v.side != "open_clip")  # the baseline first, stable otherwise
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vutrain.data.synthetic import write_synthetic
+    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+    from vutrain.model import PRESETS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    all_variants = variants(args)
+    to_search = search_order(args, all_variants)
+    try:  # before anything is built: the one thing a user may have to install
+        load_open_clip()
+    except ImportError as exc:
+        print(f"python -m vutrain.bench --compare open_clip: {exc}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    work = tempfile.mkdtemp(prefix="vutrain-compare-")
+    data = write_synthetic(os.path.join(work, "data"), num_samples=max(args.pool, 256), shard_size=256,
+                           image_size=PRESETS[args.preset].image_size, val_samples=0)
+    info = resolve_dist_env()
+    init_distributed(info)  # once: every Trainer below shares this process group
+    bench = Bench(args, info, os.path.join(work, "run"), data["train_shards"])
+    deadline = started + 60 * args.deadline_min if args.deadline_min else None
+    out_of_time = (lambda: time.monotonic() > deadline) if deadline else None
+    rows, largest = [], []
+    try:
+        print(TABLE_HEAD, flush=True)
+        measured: list[dict] = []
+        for _ in range(args.rounds):  # rounds cycle through the configurations: a load change hits all
+            for variant in all_variants:
+                measured += bench.speed(variant)
+                rows = median_rows(measured)
+                # Written after each configuration: what was measured survives an outer time limit.
+                write_json(result_dict(args, argv, bench, rows, largest, to_search, started, True), args.out)
+        for variant in to_search:
+            fit = [r["batch_size"] for r in rows if r["variant"] == variant.label and "error" not in r]
+            skipped = f"--deadline-min {args.deadline_min} passed" if out_of_time and out_of_time() else None
+            if any(r["variant"] == variant.label and "error" in r and not r.get("oom") for r in rows):
+                skipped = "failed in phase 1"
+            if skipped:
+                largest.append({"variant": variant.label, "side": variant.side, "skipped": skipped})
+                continue
+            largest.append(bench.search(variant, known_fit=max(fit, default=0), stop=out_of_time))
+    finally:
+        cleanup()
+    add_ratios(rows, largest)
+    report(result_dict(args, argv, bench, rows, largest, to_search, started, False), args.out, args.png)
+    failed = [r for r in rows if "error" in r and not r.get("oom")] + [e for e in largest if "error" in e]
+    return 1 if failed else 0
+
+
+def result_dict(args: argparse.Namespace, argv: list[str], bench: Bench, rows: list[dict],
+                largest: list[dict], to_search: list[Variant], started: float, partial: bool) -> dict:
+    """Everything the JSON file records: settings, device, every row, searches and targets."""
+    from vutrain.bench import device_name
+    oc = bench.openclip
+    return {
+        "command": "python -m vutrain.bench " + " ".join(argv), "date": datetime.date.today().isoformat(),
+        "device": device_name(), "torch": torch.__version__, "preset": args.preset,
+        "precision": args.precision,
+        "open_clip": {"version": oc.version if oc else None, "source": oc.source if oc else None,
+                      "model_cfg": bench.openclip_cfg},
+        "pool_samples": args.pool, "warmup": args.warmup, "steps": args.steps,
+        "probe_steps": args.probe_steps, "rows": rows, "largest": largest,
+        "targets": judge_targets(rows, largest, bench.device.type == "cuda"),
+        "largest_note": "" if to_search else "not searched (pass --max-batch N to probe up to N; on a GPU "
+                                             "the default searches to 32768)",
+        "partial": partial, "wall_s": round(time.monotonic() - started, 1),
+    }

@@ -1,0 +1,142 @@
+"""Report of `python -m vutrain.bench --compare open_clip`: table, ratios, targets, JSON and PNG.
+
+Rows and searches are plain dicts (see vutrain/bench_compare.py); ratios are always over open_clip's
+default step (no gradient checkpointing), the reference the issue's targets are set against.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+TARGET_SPEEDUP = 1.1
+"""vutrain's samples/s over open_clip's at batch 256 and 1024 (issue 9)."""
+TARGET_BATCH_RATIO = 2.0
+"""vutrain's largest batch per GPU over open_clip's (issue 9)."""
+TARGET_BATCHES = (256, 1024)
+TABLE_HEAD = "| configuration | batch | samples/s | peak GiB | x open_clip |\n|---|---|---|---|---|"
+BASELINE_LABEL = "open_clip"
+"""The configuration every ratio is taken against: open_clip's step as it ships."""
+
+
+def format_row(row: dict) -> str:
+    if "error" in row:
+        return f"| {row['variant']} | {row['batch_size']} | {row['error']} | | |"
+    mem = "n/a (CPU)" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.2f}"
+    ratio = row.get("ratio_to_open_clip")
+    return (f"| {row['variant']} | {row['batch_size']} | {row['samples_per_s']:.1f} | {mem} | "
+            f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+
+
+def add_ratios(rows: list[dict], largest: list[dict]) -> None:
+    """Each row's samples/s (and each largest batch) over open_clip's default step's."""
+    base = {r["batch_size"]: r["samples_per_s"] for r in rows
+            if r["variant"] == BASELINE_LABEL and "error" not in r}
+    for row in rows:
+        if "error" not in row and row["batch_size"] in base:
+            row["ratio_to_open_clip"] = row["samples_per_s"] / base[row["batch_size"]]
+    base_largest = next((r["largest_batch"] for r in largest if r["variant"] == BASELINE_LABEL
+                         and r.get("largest_batch")), None)
+    for entry in largest:
+        if base_largest and entry.get("largest_batch") is not None:
+            entry["ratio_to_open_clip"] = entry["largest_batch"] / base_largest
+
+
+def judge_targets(rows: list[dict], largest: list[dict], on_gpu: bool) -> list[dict]:
+    """The issue's targets, each PASS/FAIL with the figures it was judged on (GPU runs only)."""
+    if not on_gpu:
+        return []
+    targets = []
+    for size in TARGET_BATCHES:
+        vutrain = [r for r in rows if r["side"] == "vutrain" and r["batch_size"] == size
+                   and "ratio_to_open_clip" in r]
+        if not vutrain:
+            continue
+        best = max(vutrain, key=lambda r: r["ratio_to_open_clip"])
+        targets.append({"target": f"samples/s at batch {size} >= {TARGET_SPEEDUP}x open_clip",
+                        "value": round(best["ratio_to_open_clip"], 3), "by": best["variant"],
+                        "result": "PASS" if best["ratio_to_open_clip"] >= TARGET_SPEEDUP else "FAIL"})
+    base = next((r for r in largest if r["variant"] == BASELINE_LABEL), None)
+    vutrain = [r for r in largest if r["side"] == "vutrain" and r.get("largest_batch")]
+    if base and vutrain and base.get("largest_batch"):
+        best = max(vutrain, key=lambda r: r["largest_batch"])
+        ratio = best["largest_batch"] / base["largest_batch"]
+        lower_bound = best.get("capped") or best.get("stopped")  # vutrain's true largest may be larger
+        if base.get("capped") or base.get("stopped"):  # open_clip's own limit was not reached
+            result = "UNDECIDED (open_clip's largest batch not reached: --max-batch or --deadline-min)"
+        elif ratio >= TARGET_BATCH_RATIO:
+            result = "PASS"
+        else:
+            result = "UNDECIDED (vutrain's search was cut short)" if lower_bound else "FAIL"
+        targets.append({"target": f"largest batch >= {TARGET_BATCH_RATIO}x open_clip's",
+                        "value": round(ratio, 3), "by": best["variant"], "result": result})
+    return targets
+
+
+def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> None:
+    """Samples/s per configuration and batch size, and the largest batch of each, as one figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["variant"] for r in rows))
+    sizes = sorted({r["batch_size"] for r in rows})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(1, len(sizes))
+    for k, size in enumerate(sizes):
+        values = [next((r.get("samples_per_s", 0.0) for r in rows if r["variant"] == lab
+                        and r["batch_size"] == size), 0.0) for lab in labels]
+        ax1.bar([i + k * width for i in range(len(labels))], values, width, label=f"batch {size}")
+    ax1.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(labels))])
+    ax1.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax1.set_ylabel("samples/s")
+    ax1.legend(fontsize=8)
+    ax1.set_title("training step throughput")
+    found = [r for r in largest if r.get("largest_batch") is not None]
+    ax2.bar(range(len(found)), [r["largest_batch"] for r in found],
+            color=["tab:gray" if r["side"] == "open_clip" else "tab:blue" for r in found])
+    ax2.set_xticks(range(len(found)))
+    ax2.set_xticklabels([r["variant"] + (" (cap)" if r.get("capped") else "") for r in found],
+                        rotation=35, ha="right", fontsize=8)
+    ax2.set_ylabel("largest batch that trains")
+    ax2.set_title("largest batch" if found else "largest batch: not searched")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(result: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+
+
+def report(result: dict, out: str, png: str) -> None:
+    print("\n" + TABLE_HEAD)
+    for row in result["rows"]:
+        print(format_row(row))
+    if result["largest"]:
+        print("\n| configuration | largest batch | x open_clip | probes |\n|---|---|---|---|")
+        for entry in result["largest"]:
+            if entry.get("skipped") or entry.get("error"):
+                why = f"skipped: {entry['skipped']}" if entry.get("skipped") else f"failed: {entry['error']}"
+                print(f"| {entry['variant']} | {why} | | |")
+                continue
+            ratio = entry.get("ratio_to_open_clip")
+            shown = f"{entry['largest_batch']}" + (" (reached --max-batch)" if entry.get("capped") else "") \
+                + (" (search stopped at --deadline-min)" if entry.get("stopped") else "")
+            print(f"| {entry['variant']} | {shown} | {'' if ratio is None else f'{ratio:.2f}x'} | "
+                  f"{len(entry['probes'])} |")
+    else:
+        print(f"\nlargest batch: {result['largest_note']}")
+    if result["targets"]:
+        print(f"\ntargets on {result['device']} (set for an H100/H200):")
+        for t in result["targets"]:
+            print(f"  {t['result']}: {t['target']} (measured {t['value']}x, {t['by']})")
+    else:
+        print("\ntargets: judged on a GPU only (this run is on the CPU)")
+    write_json(result, out)
+    write_png(png, result["rows"], result["largest"],
+              f"vutrain vs open_clip, {result['preset']}, {result['precision']}, {result['device']}, "
+              f"{result['date']}")
+    print(f"\nwrote {out} and {png}")
