@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import render_caption, template_fields
 from .epoch_plan import first_batch_of_worker, shuffle_buffer, worker_shards
+from .epoch_remainder import Remainder, log_batch_keys, plan_slices, remainder_samples, reshape_state
 from .preprocess import make_preprocess
 from .samples import SkipCounter, SkipSample, decode_sample, iter_raw_samples
 from .shards import count_samples, expand_shards
@@ -86,9 +87,10 @@ class _WorkerBatches:
     """The batches of one logical worker, from batch ``g0`` on (runs inside a DataLoader worker)."""
 
     def __init__(self, plan: _Plan, shards: list[str], preprocess, tokenize, worker: int,
-                 resume: dict | None):
+                 resume: dict | None, remainder: tuple[int, list] | None = None):
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
         self.worker, self.resume = worker, resume
+        self.remainder = remainder  # (epoch, this worker's slice) after a world-size change
         self.skipped = SkipCounter(resume["skipped"] if resume else {})
 
     def _raw_pass(self, urls: Iterator[str]) -> Iterator[dict]:
@@ -148,7 +150,10 @@ class _WorkerBatches:
             drawn = self.resume["drawn"]
         while True:
             epoch = g // p.steps_per_epoch
-            samples = self._resampled_samples(epoch) if p.resampled else self._epoch_samples(epoch)
+            if self.remainder and epoch == self.remainder[0]:  # see epoch_remainder.py
+                samples = remainder_samples(self.remainder[1], asdict(p), epoch, w, self.skipped)
+            else:
+                samples = self._resampled_samples(epoch) if p.resampled else self._epoch_samples(epoch)
             # Fast-forward: replay reading and shuffling of samples already handed out, muted so
             # skip counts (restored from the state) are not counted twice.
             self.skipped.muted = True
@@ -156,9 +161,10 @@ class _WorkerBatches:
                 next(samples)
             self.skipped.muted = False
             while g < (epoch + 1) * p.steps_per_epoch:
-                pixels, captions, failures = [], [], 0
+                pixels, captions, failures, keys = [], [], 0, []
                 while len(pixels) < p.batch_size:
-                    decoded = self._decode(next(samples))
+                    raw = next(samples)
+                    decoded = self._decode(raw)
                     drawn += 1
                     if decoded is None:
                         failures += 1
@@ -169,10 +175,11 @@ class _WorkerBatches:
                     failures = 0
                     pixels.append(decoded[0])
                     captions.append(decoded[1])
+                    keys.append(f"{os.path.basename(raw['__url__'])}/{raw['__key__']}")
                 batch = dict(self.tokenize(captions))
                 batch["pixel_values"] = torch.stack(pixels)
                 batch["_tag"] = {"worker": w, "epoch": epoch, "drawn": drawn, "batch": g,
-                                 "skipped": dict(self.skipped)}
+                                 "skipped": dict(self.skipped), "keys": keys}
                 yield batch
                 g += p.workers
             drawn = 0
@@ -181,16 +188,19 @@ class _WorkerBatches:
 class _TrainIterable(IterableDataset):
     """Maps DataLoader worker ids to logical workers, rotated so the round robin resumes in place."""
 
-    def __init__(self, plan: _Plan, shards, preprocess, tokenize, next_batch: int, workers: dict):
+    def __init__(self, plan: _Plan, shards, preprocess, tokenize, next_batch: int, workers: dict,
+                 remainder: tuple[int, dict] | None = None):
         super().__init__()
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
-        self.next_batch, self.workers = next_batch, workers
+        self.next_batch, self.workers, self.remainder = next_batch, workers, remainder
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.next_batch) % self.plan.workers
         resume = {"next_batch": self.next_batch, **self.workers.get(logical, {"skipped": {}})}
-        return iter(_WorkerBatches(self.plan, self.shards, self.preprocess, self.tokenize, logical, resume))
+        remainder = (self.remainder[0], self.remainder[1][logical]) if self.remainder else None
+        return iter(_WorkerBatches(self.plan, self.shards, self.preprocess, self.tokenize, logical, resume,
+                                   remainder))
 
 
 class _Cursor:
@@ -217,6 +227,7 @@ def _tag_batches(loader: Iterator[dict], cursor: _Cursor) -> Iterator[Batch]:
             cursor.workers[tag["worker"]] = {"epoch": tag["epoch"], "drawn": tag["drawn"],
                                              "skipped": dict(tag["skipped"])}
             cursor.next_batch += 1
+            log_batch_keys(tag["keys"])  # a no-op unless the test hook's variable is set
             yield batch
     finally:
         del loader  # drops the DataLoader iterator now, which joins its workers
@@ -271,6 +282,8 @@ class TrainStream:
                           shard_shuffle, shuffle_buffer, resampled, caption_template)
         self.num_workers, self.preprocess, self.tokenize = num_workers, preprocess, tokenize
         self._cursor = _Cursor()
+        self._remainder: Remainder | None = None  # the rest of an epoch begun on another world size
+        self._slices: dict[int, list] = {}
         self._iterator: Iterator[Batch] | None = None
         self._generators: weakref.WeakSet = weakref.WeakSet()
         _LIVE_STREAMS.add(self)
@@ -299,7 +312,8 @@ class TrainStream:
 
     def _loader(self) -> Iterator[dict]:
         dataset = _TrainIterable(self.plan, self.shards, self.preprocess, self.tokenize,
-                                 self._cursor.next_batch, {w: dict(v) for w, v in self._cursor.workers.items()})
+                                 self._cursor.next_batch, {w: dict(v) for w, v in self._cursor.workers.items()},
+                                 (self._remainder.epoch, self._slices) if self._remainder else None)
         if self.num_workers == 0:
             return iter(dataset)
         if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
@@ -334,11 +348,20 @@ class TrainStream:
 
     def state_dict(self) -> dict:
         """JSON-serialisable position after the last batch handed out (save one per rank)."""
-        return {"version": _STATE_VERSION, "next_batch": self._cursor.next_batch, "plan": asdict(self.plan),
-                "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())}}
+        state = {"version": _STATE_VERSION, "next_batch": self._cursor.next_batch, "plan": asdict(self.plan),
+                 "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())}}
+        if self._remainder and self.epoch <= self._remainder.epoch:
+            state["remainder"] = self._remainder.to_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue after the batch at which ``state`` was taken (same settings required)."""
+        """Continue after the batch at which ``state`` was taken (same settings required).
+
+        ``{"ranks": [state of rank 0, rank 1, ...]}`` (every rank's state, e.g. from a checkpoint
+        written on another world size) is also accepted: see epoch_remainder.py.
+        """
+        if "ranks" in state:
+            state = reshape_state(state["ranks"], asdict(self.plan), self.shards)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported data stream state version {state.get('version')!r}")
         saved, now = state["plan"], asdict(self.plan)
@@ -353,3 +376,5 @@ class TrainStream:
         self._cursor.workers = {int(w): {"epoch": int(v["epoch"]), "drawn": int(v["drawn"]),
                                   "skipped": {k: int(c) for k, c in v["skipped"].items()}}
                          for w, v in state["workers"].items()}
+        self._remainder = Remainder.from_state(state["remainder"]) if "remainder" in state else None
+        self._slices = plan_slices(self._remainder, self.shards, asdict(self.plan)) if self._remainder else {}
