@@ -16,6 +16,8 @@ import shutil
 import numpy as np
 import torch
 
+from vutrain import checkpoint_reshape as reshape
+
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d+)$")
 
@@ -89,6 +91,7 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
     os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
     state = dict(trainer_state, rng=rng_state())
     torch.save(state, os.path.join(ckpt_dir, tag, f"trainer_state_rank{rank}.pt"))
+    reshape.save_world_info(engine, os.path.join(ckpt_dir, tag), trainer_state)  # all ranks' data states
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step})
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -100,6 +103,8 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
 
 def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     """Restore engine (weights, optimizer, LR schedule) and return this rank's trainer state."""
+    if reshape.world_changed(os.path.join(ckpt_dir, tag)):  # written by another number of ranks
+        return reshape.load_reshaped(engine, ckpt_dir, tag)
     path = os.path.join(ckpt_dir, tag, f"trainer_state_rank{rank}.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: resume with the world size the checkpoint was written "

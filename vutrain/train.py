@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
     except Preempted:
         return PREEMPT_EXIT_CODE
+    except ConfigError as exc:  # e.g. a resume on another world size that would change the global batch
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
     return 0
