@@ -184,7 +184,8 @@ def test_run_on_two_ranks_resumes_on_one_and_finishes_the_epoch(small_shards, tm
     assert last_line.startswith("config error: world 2 -> 1 changes the global batch 16 -> 8")
     assert "set train.grad_accum_steps=2" in last_line
 
-    resumed = tr.run("python", tr.base_overrides(small_shards, run_dir, 6, train__grad_accum_steps=2, **common))
+    overrides = tr.base_overrides(small_shards, run_dir, 6, train__grad_accum_steps=2, **common)
+    resumed = tr.run("python", overrides)
     assert resumed.returncode == 0, tr.describe(resumed)
     assert sorted(tr.losses(run_dir)) == list(range(1, 7))
     keys = _logged_keys(str(tmp_path / "keys"))

@@ -104,7 +104,7 @@ def test_second_change_within_the_epoch(data, tmp_path, monkeypatch):
 def test_changed_data_settings_are_refused(data):
     a = _streams(data, 2)
     states = {"ranks": [s.state_dict() for s in a]}
-    b = TrainStream(data["shards"], preprocess=data["preprocess"], tokenize=data["tokenize"], batch_size=BATCH,
-                    rank=0, world_size=1, num_workers=0, seed=6, shuffle_buffer=10)
+    b = TrainStream(data["shards"], preprocess=data["preprocess"], tokenize=data["tokenize"],
+                    batch_size=BATCH, rank=0, world_size=1, num_workers=0, seed=6, shuffle_buffer=10)
     with pytest.raises(ValueError, match="seed: saved 5, now 6"):
         b.load_state_dict(states)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import io
 import json
 import logging
@@ -31,7 +30,6 @@ import re
 import shutil
 import time
 
-import torch
 import torch.distributed as dist
 
 from vutrain.config import ConfigError
@@ -156,10 +154,40 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag_dir}/{UNIVERSAL_DIR}")
     log.info("resumed %s (written by %d ranks) on %d ranks at step %d", tag_dir, info["world_size"], world,
              info["step"])
-    return {"step": info["step"], "nonfinite_in_row": info["nonfinite_in_row"], "data": {"ranks": info["data"]}}
+    return {"step": info["step"], "nonfinite_in_row": info["nonfinite_in_row"],
+            "data": {"ranks": info["data"]}}
 
 
 def universal_size_bytes(tag_dir: str) -> int:
     """Disk used by the tag's universal copy (for the cost figures in BENCHMARKS.md)."""
-    files = glob.glob(os.path.join(tag_dir, UNIVERSAL_DIR, "**", "*"), recursive=True)
-    return sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    return _dir_bytes(os.path.join(tag_dir, UNIVERSAL_DIR))
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vutrain.checkpoint_reshape TAG_DIR``: convert ahead of time and print the cost.
+
+    The last output line is JSON: conversion seconds, bytes of the tag (without the universal
+    copy) and of the universal copy.
+    """
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("tag_dir", help="a checkpoint tag directory, e.g. RUN/checkpoints/step_00000100")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    out = os.path.join(args.tag_dir, UNIVERSAL_DIR)
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    convert_to_universal(args.tag_dir)
+    seconds = time.perf_counter() - start
+    universal = universal_size_bytes(args.tag_dir)
+    tag_bytes = _dir_bytes(args.tag_dir) - universal
+    print(json.dumps({"convert_s": round(seconds, 3), "checkpoint_bytes": tag_bytes,
+                      "universal_bytes": universal}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

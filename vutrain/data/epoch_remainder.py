@@ -135,7 +135,8 @@ class Remainder:
 
 def check_compatible(saved_plan: dict, plan: dict) -> None:
     """ValueError naming the data settings that differ beyond what a reshape can absorb."""
-    diff = {k: (saved_plan.get(k), v) for k, v in plan.items() if k not in RESHAPEABLE and saved_plan.get(k) != v}
+    diff = {k: (saved_plan.get(k), v) for k, v in plan.items()
+            if k not in RESHAPEABLE and saved_plan.get(k) != v}
     if diff:
         changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"the data stream state was saved with different data settings ({changes}); "

@@ -311,9 +311,10 @@ class TrainStream:
         return dict(total)
 
     def _loader(self) -> Iterator[dict]:
+        workers = {w: dict(v) for w, v in self._cursor.workers.items()}
+        remainder = (self._remainder.epoch, self._slices) if self._remainder else None
         dataset = _TrainIterable(self.plan, self.shards, self.preprocess, self.tokenize,
-                                 self._cursor.next_batch, {w: dict(v) for w, v in self._cursor.workers.items()},
-                                 (self._remainder.epoch, self._slices) if self._remainder else None)
+                                 self._cursor.next_batch, workers, remainder)
         if self.num_workers == 0:
             return iter(dataset)
         if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
