@@ -108,3 +108,15 @@ def test_changed_data_settings_are_refused(data):
                     batch_size=BATCH, rank=0, world_size=1, num_workers=0, seed=6, shuffle_buffer=10)
     with pytest.raises(ValueError, match="seed: saved 5, now 6"):
         b.load_state_dict(states)
+
+
+def test_global_batch_size_derives_the_accumulation():
+    """train.global_batch_size keeps the batch on any world size (a requeue on fewer nodes)."""
+    from vutrain.config import ConfigError, load_config
+    from vutrain.global_batch import with_global_batch
+    cfg = load_config(None, ["data.train_shards=x.tar", "train.micro_batch_size=8",
+                             "train.global_batch_size=32"])
+    assert [with_global_batch(cfg, w).train.grad_accum_steps for w in (1, 2, 4)] == [4, 2, 1]
+    assert with_global_batch(load_config(None, ["data.train_shards=x.tar"]), 2).train.grad_accum_steps == 1
+    with pytest.raises(ConfigError, match="not a multiple of train.micro_batch_size 8 x world 3"):
+        with_global_batch(cfg, 3)

@@ -94,6 +94,8 @@ class TrainConfig:
     """Samples per rank per forward pass."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step (the contrastive negatives come from one micro-batch)."""
+    global_batch_size: int = 0
+    """Samples per step over all ranks; if set, derives grad_accum_steps for any world size; 0: off."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     precision: str = "fp32"
@@ -345,7 +347,8 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
                        "data.num_samples": d.num_samples, "data.num_workers": d.num_workers,
                        "train.warmup_steps": t.warmup_steps, "model.image_size": m.image_size,
                        "model.context_length": m.context_length, "train.lr": t.lr,
-                       "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay}.items():
+                       "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
+                       "train.global_batch_size": t.global_batch_size}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if not d.train_shards:

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+    from vutrain.global_batch import with_global_batch
     from vutrain.trainer import PREEMPT_EXIT_CODE, Preempted, Trainer
 
     info = resolve_dist_env(local_rank_arg=args.local_rank)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     init_distributed(info)
     try:
-        trainer = Trainer(cfg, info)
+        trainer = Trainer(with_global_batch(cfg, info.world_size), info)
         trainer.train()
     except Preempted:
         return PREEMPT_EXIT_CODE
