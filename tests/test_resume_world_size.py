@@ -6,7 +6,8 @@ and 4 (and one written at world 1 at world 2); every trainable parameter's full 
 Adam moments, every frozen parameter, the optimizer step, the LR and the global step equal the
 saved ones exactly. End to end (the deepspeed launcher, then a plain ``python`` run): a run
 checkpointed by 2 ranks resumes on 1 rank, refuses a changed global batch with a one-line error,
-reaches its last step, and the sample keys drawn over the epoch hold each sample exactly once.
+keeps it with ``train.global_batch_size``, reaches its last step, and the sample keys drawn over
+the epoch hold each sample exactly once.
 """
 from __future__ import annotations
 
@@ -184,7 +185,8 @@ def test_run_on_two_ranks_resumes_on_one_and_finishes_the_epoch(small_shards, tm
     assert last_line.startswith("config error: world 2 -> 1 changes the global batch 16 -> 8")
     assert "set train.grad_accum_steps=2" in last_line
 
-    overrides = tr.base_overrides(small_shards, run_dir, 6, train__grad_accum_steps=2, **common)
+    # train.global_batch_size derives train.grad_accum_steps=2 on 1 rank (as a SLURM requeue would)
+    overrides = tr.base_overrides(small_shards, run_dir, 6, train__global_batch_size=16, **common)
     resumed = tr.run("python", overrides)
     assert resumed.returncode == 0, tr.describe(resumed)
     assert sorted(tr.losses(run_dir)) == list(range(1, 7))
