@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from vutrain.distributed import barrier
+from vutrain import checkpoint_reshape as reshape
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,7 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
         os.makedirs(tmp_dir)
     barrier()
     save_trainer_state(tmp_dir, rank, dict(trainer_state, rng=rng_state()))
+    reshape.save_world_info(engine, tmp_dir, trainer_state)  # all ranks' data states (collective)
     engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"step": step}, save_latest=False)
     barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
@@ -388,10 +390,8 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
         raise CheckpointError(f"{problem}; point train.resume at another checkpoint")
     marker = read_marker(tag_dir)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if marker.get("world_size", world) != world:
-        raise CheckpointError(f"{tag_dir} was written by {marker['world_size']} ranks and this run has "
-                              f"{world}: "
-                              "resume with the same number of ranks, or start fresh with train.resume=never")
+    if marker.get("world_size", world) != world:  # written by another number of ranks
+        return reshape.load_reshaped(engine, ckpt_dir, tag)
     state = load_trainer_state(tag_dir, rank)
     try:
         load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,

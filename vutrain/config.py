@@ -111,6 +111,8 @@ class TrainConfig:
     """Micro-batches per optimizer step (see train.accumulation for how their negatives combine)."""
     accumulation: str = "gradcache"
     """gradcache (one loss over the whole step, every sample a negative) or plain (a loss per micro-batch)."""
+    global_batch_size: int = 0
+    """Samples per step over all ranks; if set, derives grad_accum_steps for any world size; 0: off."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     precision: str = "fp32"
@@ -373,7 +375,8 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
                        "data.num_samples": d.num_samples,
                        "train.warmup_steps": t.warmup_steps, "model.image_size": m.image_size,
                        "model.context_length": m.context_length, "train.lr": t.lr,
-                       "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay}.items():
+                       "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
+                       "train.global_batch_size": t.global_batch_size}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if d.num_workers < -1 or d.prefetch_factor < 1:

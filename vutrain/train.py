@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     from vutrain import startup_errors
+    from vutrain.global_batch import with_global_batch
     from vutrain.trainer import PREEMPT_EXIT_CODE, Preempted, Trainer
 
     if info.rank != 0:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if info.rank == 0:
         startup_errors.watch(info.world_size, starting)
     try:
-        built = Trainer(cfg, info)
+        built = Trainer(with_global_batch(cfg, info.world_size), info)
         start_step = built.step
         trainer = built  # only now: the watcher reads (trainer, start_step) from another thread
         trainer.train()

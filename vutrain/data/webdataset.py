@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import render_caption, template_fields
 from .epoch_plan import auto_num_workers, first_batch_of_worker, shuffle_buffer, worker_shards
+from .epoch_remainder import Remainder, log_batch_keys, plan_slices, remainder_samples, reshape_state
 from .labels import POSITIVES, collate_labels, sample_label
 from .preprocess import make_preprocess
 from .samples import SkipCounter, SkipSample, decode_sample, decode_sample_bytes, iter_raw_samples
@@ -93,9 +94,10 @@ class _WorkerBatches:
     """The batches of one logical worker, from batch ``g0`` on (runs inside a DataLoader worker)."""
 
     def __init__(self, plan: _Plan, shards: list[str], preprocess, tokenize, worker: int,
-                 resume: dict | None, positives: str = "pair"):
+                 resume: dict | None, positives: str = "pair", remainder: tuple[int, list] | None = None):
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
         self.worker, self.resume, self.positives = worker, resume, positives
+        self.remainder = remainder  # (epoch, this worker's slice) after a world-size change
         self.skipped = SkipCounter(resume["skipped"] if resume else {})
 
     def _raw_pass(self, urls: Iterator[str]) -> Iterator[dict]:
@@ -161,7 +163,10 @@ class _WorkerBatches:
             drawn = self.resume["drawn"]
         while True:
             epoch = g // p.steps_per_epoch
-            samples = self._resampled_samples(epoch) if p.resampled else self._epoch_samples(epoch)
+            if self.remainder and epoch == self.remainder[0]:  # see epoch_remainder.py
+                samples = remainder_samples(self.remainder[1], asdict(p), epoch, w, self.skipped)
+            else:
+                samples = self._resampled_samples(epoch) if p.resampled else self._epoch_samples(epoch)
             # Fast-forward: replay reading and shuffling of samples already handed out, muted so
             # skip counts (restored from the state) are not counted twice.
             self.skipped.muted = True
@@ -169,9 +174,10 @@ class _WorkerBatches:
                 next(samples)
             self.skipped.muted = False
             while g < (epoch + 1) * p.steps_per_epoch:
-                pixels, captions, labels, failures = [], [], [], 0
+                pixels, captions, labels, failures, keys = [], [], [], 0, []
                 while len(pixels) < p.batch_size:
-                    decoded = self._decode(next(samples))
+                    raw = next(samples)
+                    decoded = self._decode(raw)
                     drawn += 1
                     if decoded is None:
                         failures += 1
@@ -184,12 +190,13 @@ class _WorkerBatches:
                     pixels.append(decoded[0])
                     captions.append(decoded[1])
                     labels.append(decoded[2])
+                    keys.append(f"{os.path.basename(raw['__url__'])}/{raw['__key__']}")
                 batch = dict(self.tokenize(captions))
                 batch["pixel_values"] = collate_pixels(pixels)
                 if self.positives != "pair":  # loss.positives: category / tags
                     batch["labels"] = collate_labels(labels, self.positives)
                 batch["_tag"] = {"worker": w, "epoch": epoch, "drawn": drawn, "batch": g,
-                                 "skipped": dict(self.skipped)}
+                                 "skipped": dict(self.skipped), "keys": keys}
                 yield batch
                 g += p.workers
             drawn = 0
@@ -217,17 +224,19 @@ class _TrainIterable(IterableDataset):
     """Maps DataLoader worker ids to logical workers, rotated so the round robin resumes in place."""
 
     def __init__(self, plan: _Plan, shards, preprocess, tokenize, next_batch: int, workers: dict,
-                 positives: str = "pair"):
+                 positives: str = "pair", remainder: tuple[int, dict] | None = None):
         super().__init__()
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
         self.next_batch, self.workers, self.positives = next_batch, workers, positives
+        self.remainder = remainder
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.next_batch) % self.plan.workers
         resume = {"next_batch": self.next_batch, **self.workers.get(logical, {"skipped": {}})}
+        remainder = (self.remainder[0], self.remainder[1][logical]) if self.remainder else None
         return iter(_WorkerBatches(self.plan, self.shards, self.preprocess, self.tokenize, logical, resume,
-                                   self.positives))
+                                   self.positives, remainder))
 
 
 class _Cursor:
@@ -254,6 +263,7 @@ def _tag_batches(loader: Iterator[dict], cursor: _Cursor) -> Iterator[Batch]:
             cursor.workers[tag["worker"]] = {"epoch": tag["epoch"], "drawn": tag["drawn"],
                                              "skipped": dict(tag["skipped"])}
             cursor.next_batch += 1
+            log_batch_keys(tag["keys"])  # a no-op unless the test hook's variable is set
             yield batch
     finally:
         del loader  # drops the DataLoader iterator now, which joins its workers
@@ -327,6 +337,8 @@ class TrainStream:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.positives = positives
         self._cursor = _Cursor()
+        self._remainder: Remainder | None = None  # the rest of an epoch begun on another world size
+        self._slices: dict[int, list] = {}
         self._iterator: Iterator[Batch] | None = None
         self._generators: weakref.WeakSet = weakref.WeakSet()
         _LIVE_STREAMS.add(self)
@@ -355,8 +367,9 @@ class TrainStream:
 
     def _loader(self) -> Iterator[dict]:
         workers = {w: dict(v) for w, v in self._cursor.workers.items()}
+        remainder = (self._remainder.epoch, self._slices) if self._remainder else None
         dataset = _TrainIterable(self.plan, self.shards, self.preprocess, self.tokenize,
-                                 self._cursor.next_batch, workers, self.positives)
+                                 self._cursor.next_batch, workers, self.positives, remainder)
         if self.num_workers == 0:
             return iter(dataset)
         if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
@@ -392,11 +405,20 @@ class TrainStream:
 
     def state_dict(self) -> dict:
         """JSON-serialisable position after the last batch handed out (save one per rank)."""
-        return {"version": _STATE_VERSION, "next_batch": self._cursor.next_batch, "plan": asdict(self.plan),
-                "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())}}
+        state = {"version": _STATE_VERSION, "next_batch": self._cursor.next_batch, "plan": asdict(self.plan),
+                 "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())}}
+        if self._remainder and self.epoch <= self._remainder.epoch:
+            state["remainder"] = self._remainder.to_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue after the batch at which ``state`` was taken (same settings required)."""
+        """Continue after the batch at which ``state`` was taken (same settings required).
+
+        ``{"ranks": [state of rank 0, rank 1, ...]}`` (every rank's state, e.g. from a checkpoint
+        written on another world size) is also accepted: see epoch_remainder.py.
+        """
+        if "ranks" in state:
+            state = reshape_state(state["ranks"], asdict(self.plan), self.shards)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported data stream state version {state.get('version')!r}")
         saved, now = state["plan"], asdict(self.plan)
@@ -418,3 +440,5 @@ class TrainStream:
         self._cursor.workers = {int(w): {"epoch": int(v["epoch"]), "drawn": int(v["drawn"]),
                                   "skipped": {k: int(c) for k, c in v["skipped"].items()}}
                          for w, v in state["workers"].items()}
+        self._remainder = Remainder.from_state(state["remainder"]) if "remainder" in state else None
+        self._slices = plan_slices(self._remainder, self.shards, asdict(self.plan)) if self._remainder else {}

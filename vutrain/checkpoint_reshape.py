@@ -1,0 +1,194 @@
+"""Resume a checkpoint on a different number of ranks (world size), with the data position kept.
+
+Save: next to DeepSpeed's files, rank 0 writes ``world.json`` in the tag directory: the world
+size, micro batch, gradient accumulation, ZeRO stage, step, and the data-stream state of every
+rank (gathered with one collective), so the checkpoint describes the whole data position.
+
+Load on another world size (``load_checkpoint`` calls ``load_reshaped``):
+
+- The global batch must stay (``micro_batch_size x grad_accum_steps x world``); otherwise a
+  one-line error names the key to change.
+- Model, optimizer moments, LR schedule and step come from DeepSpeed's universal checkpoint:
+  rank 0 converts the tag once with ``deepspeed.checkpoint.ds_to_universal`` into
+  ``<tag>/universal`` (per-parameter fp32 weights, exp_avg, exp_avg_sq; kept for later
+  resumes), then every rank loads it with the engine's universal loader, which cuts each
+  parameter's full state into this world's ZeRO partitions. This works for ZeRO-1, 2 and 3 and
+  with frozen (LoRA) parameters on CPU/gloo as well as GPUs (see tests/test_resume_world_size.py).
+- The data stream gets every old rank's state and continues the epoch (data/epoch_remainder.py).
+- The Python/NumPy/torch RNG states are per rank and are not carried over (the model and the
+  data stream do not draw from them during training).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+
+import torch.distributed as dist
+
+from vutrain.distributed import barrier
+
+from vutrain.config import ConfigError
+
+log = logging.getLogger(__name__)
+WORLD_FILE = "world.json"
+UNIVERSAL_DIR = "universal"
+_OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+class ResumeShapeError(ConfigError):
+    """The checkpoint cannot be resumed on this world size as configured (the message says why)."""
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def save_world_info(engine, tag_dir: str, trainer_state: dict) -> None:
+    """Write ``tag_dir/world.json`` (rank 0) with every rank's data state. Call on all ranks."""
+    rank, world = _world()
+    data_states: list = [trainer_state.get("data")]
+    if world > 1:
+        data_states = [None] * world
+        dist.all_gather_object(data_states, trainer_state.get("data"))
+    if rank != 0:
+        return
+    info = {"world_size": world, "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+            "grad_accum_steps": engine.gradient_accumulation_steps(),
+            "zero_stage": engine.zero_optimization_stage(), "step": int(trainer_state["step"]),
+            "nonfinite_in_row": int(trainer_state.get("nonfinite_in_row", 0)), "data": data_states}
+    tmp = os.path.join(tag_dir, WORLD_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(info, fh)
+    os.replace(tmp, os.path.join(tag_dir, WORLD_FILE))
+
+
+def saved_world_size(tag_dir: str) -> int | None:
+    """World size the checkpoint was written with: world.json, else DeepSpeed's optimizer shards."""
+    path = os.path.join(tag_dir, WORLD_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            return int(json.load(fh)["world_size"])
+    ranks = {int(m.group(2)) for f in os.listdir(tag_dir) if (m := _OPTIM_FILE.match(f))}
+    return max(ranks) + 1 if ranks else None
+
+
+def world_changed(tag_dir: str) -> bool:
+    """True when the checkpoint in ``tag_dir`` was written by another number of ranks."""
+    saved = saved_world_size(tag_dir)
+    return saved is not None and saved != _world()[1]
+
+
+def check_global_batch(info: dict, micro: int, accum: int, world: int) -> None:
+    """ResumeShapeError (one line, naming the key to change) if the global batch would change."""
+    saved = info["micro_batch_size"] * info["grad_accum_steps"] * info["world_size"]
+    now = micro * accum * world
+    if saved == now:
+        return
+    fixes = []
+    if saved % (micro * world) == 0:
+        fixes.append(f"train.grad_accum_steps={saved // (micro * world)}")
+    if saved % (accum * world) == 0:
+        fixes.append(f"train.micro_batch_size={saved // (accum * world)}")
+    hint = f"set {' or '.join(fixes)}" if fixes else f"use a world size that divides {saved}"
+    raise ResumeShapeError(
+        f"world {info['world_size']} -> {world} changes the global batch {saved} -> {now} "
+        f"(train.micro_batch_size {micro} x train.grad_accum_steps {accum} x world {world}): {hint}")
+
+
+def convert_to_universal(tag_dir: str) -> str:
+    """``tag_dir/universal`` (DeepSpeed's universal checkpoint of the tag), made once, atomically."""
+    out = os.path.join(tag_dir, UNIVERSAL_DIR)
+    if os.path.isdir(out):
+        return out
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=tag_dir, output_folder=tmp, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would flood the run log
+        ds_to_universal(args)
+    os.replace(tmp, out)
+    log.info("converted %s to a universal checkpoint in %.1f s", tag_dir, time.perf_counter() - start)
+    return out
+
+
+def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
+    """Load a checkpoint written on another world size; returns the trainer state to restore.
+
+    The trainer state's ``data`` is ``{"ranks": [...]}`` (every old rank's stream state), which
+    ``TrainStream.load_state_dict`` turns into this rank's share of the epoch's remainder.
+    """
+    tag_dir = os.path.join(ckpt_dir, tag)
+    rank, world = _world()
+    path = os.path.join(tag_dir, WORLD_FILE)
+    if not os.path.isfile(path):
+        raise ResumeShapeError(f"{tag_dir} was written by {saved_world_size(tag_dir)} ranks without "
+                               f"{WORLD_FILE} (an older vutrain): resume it with that many ranks")
+    with open(path, encoding="utf-8") as fh:
+        info = json.load(fh)
+    check_global_batch(info, engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
+                       world)
+    if rank == 0:
+        convert_to_universal(tag_dir)
+    barrier()
+    # The engine reads this flag only inside load_checkpoint, so it is set for this one load
+    # instead of in the ds_config (which is built before we know whether to reshape).
+    engine._config.load_universal_checkpoint = True
+    try:
+        load_path, _ = engine.load_checkpoint(tag_dir, tag=UNIVERSAL_DIR, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag_dir}/{UNIVERSAL_DIR}")
+    log.info("resumed %s (written by %d ranks) on %d ranks at step %d", tag_dir, info["world_size"], world,
+             info["step"])
+    return {"step": info["step"], "nonfinite_in_row": info["nonfinite_in_row"],
+            "data": {"ranks": info["data"]}}
+
+
+def universal_size_bytes(tag_dir: str) -> int:
+    """Disk used by the tag's universal copy (for the cost figures in BENCHMARKS.md)."""
+    return _dir_bytes(os.path.join(tag_dir, UNIVERSAL_DIR))
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vutrain.checkpoint_reshape TAG_DIR``: convert ahead of time and print the cost.
+
+    The last output line is JSON: conversion seconds, bytes of the tag (without the universal
+    copy) and of the universal copy.
+    """
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("tag_dir", help="a checkpoint tag directory, e.g. RUN/checkpoints/step_00000100")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    out = os.path.join(args.tag_dir, UNIVERSAL_DIR)
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    convert_to_universal(args.tag_dir)
+    seconds = time.perf_counter() - start
+    universal = universal_size_bytes(args.tag_dir)
+    tag_bytes = _dir_bytes(args.tag_dir) - universal
+    print(json.dumps({"convert_s": round(seconds, 3), "checkpoint_bytes": tag_bytes,
+                      "universal_bytes": universal}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""Continue an epoch on a different world size (or micro batch): what is left and who reads it.
+
+A ``TrainStream`` state is per rank and per worker (see webdataset.py). To resume it on another
+number of ranks, the states of *all* old ranks (gathered at save time) are turned into a
+world-size-independent fact: the set ``C`` of samples (shard URL, key) already drawn in the
+current epoch ``e``. Each old worker drew the first ``drawn`` samples of its deterministic
+per-epoch sequence, so ``C`` is recomputed by replaying those sequences over the shards' tar
+headers only (no image bytes are read).
+
+The remainder of epoch ``e`` is then every sample of every shard not in ``C``, taken in epoch
+``e``'s shard order and tar order (``R``). Its batches are dealt to the new ranks: with
+``n = min(|R|, samples the old world still owed in e) // (B' * W')`` remaining batches per rank,
+rank ``r`` reads ``R[r*n*B' : (r+1)*n*B']`` and, inside it, each DataLoader worker a contiguous
+slice sized by the batches it builds; each worker shuffles its slice with a shuffle buffer.
+The new stream numbers those ``n`` batches as the last ``n`` of epoch ``e`` at the new world
+size, so later epochs follow the normal plan.
+
+Guarantee (the consumed-samples set of epoch e): every sample of ``R`` that fits into the
+remaining ``n * B' * W'`` is drawn exactly once after the resume, no sample of ``C`` is drawn
+again in epoch ``e``, and the at most ``B' * W' - 1`` samples of ``R`` beyond that are dropped
+(the same end-of-epoch rule as an uninterrupted epoch). Samples that fail to decode are skipped
+and counted; a worker whose slice runs dry because of them reads its slice again (the normal
+stream's rule). The order after the resume differs from the uninterrupted run's.
+
+The stream state after such a resume carries the remainder's description (its epoch, first
+batch and the old ranks' states), so a later resume on the same world size is again bit-exact,
+and a second change of world size within the same epoch recurses through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+from .epoch_plan import shuffle_buffer, worker_shards
+from .samples import _open, _split_name, iter_raw_samples
+
+log = logging.getLogger(__name__)
+
+SampleId = tuple[str, str]
+"""(shard URL, sample key): a sample's identity within a run's shard list."""
+
+SAMPLE_LOG_ENV = "VUTRAIN_SAMPLE_LOG"
+"""Test hook: when set to a path, each rank appends the keys of the batches it hands out there."""
+
+# Plan fields that may differ between the saved and the resumed stream; all others must match.
+RESHAPEABLE = ("rank", "world_size", "workers", "batch_size", "steps_per_epoch")
+
+
+class ShardKeys:
+    """Keys of each shard in tar order, read once from the tar headers (payloads are skipped)."""
+
+    def __init__(self):
+        self._cache: dict[str, list[str]] = {}
+
+    def __call__(self, url: str) -> list[str]:
+        if url not in self._cache:
+            self._cache[url] = _read_keys(url)
+        return self._cache[url]
+
+
+def _read_keys(url: str) -> list[str]:
+    # Same grouping as samples.iter_raw_samples (contiguous members with one key form a sample),
+    # so the replayed sequences below match the ones the workers drew.
+    keys: list[str] = []
+    try:
+        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                parts = _split_name(member.name) if member.isfile() else None
+                if parts and (not keys or keys[-1] != parts[0]):
+                    keys.append(parts[0])
+    except (tarfile.TarError, EOFError, OSError) as e:
+        log.warning("shard %s is unreadable or truncated (%s); its readable keys are used", url, e)
+        keys = keys[:-1]  # the sample being read when the error came is dropped, like the reader does
+    return keys
+
+
+def _worker_sequence(shards: list[str], plan: dict, epoch: int, worker: int,
+                     keys: ShardKeys) -> Iterator[SampleId]:
+    """The (url, key) sequence one old worker drew from in ``epoch`` (webdataset._epoch_samples)."""
+    tag = f"{plan['seed']}/{epoch}/{plan['rank']}/{worker}"
+    mine = worker_shards(shards, epoch, plan["rank"], plan["world_size"], worker, plan["workers"],
+                         plan["seed"], plan["shard_shuffle"])
+    for repeat in range(1_000_000):
+        ids = [(url, k) for url in mine for k in keys(url)]
+        if not ids:
+            return
+        yield from shuffle_buffer(iter(ids), plan["shuffle_buffer"], random.Random(f"samples/{tag}/{repeat}"))
+
+
+def consumed_in_epoch(states: list[dict], shards: list[str], epoch: int, keys: ShardKeys) -> set[SampleId]:
+    """Samples drawn in ``epoch`` by the ranks whose stream states are ``states`` (one per rank)."""
+    consumed: set[SampleId] = set()
+    for state in states:
+        plan = state["plan"]
+        remainder = state.get("remainder")
+        in_remainder = remainder is not None and remainder["epoch"] == epoch
+        if in_remainder:  # this world itself continued the epoch of an earlier one
+            consumed |= consumed_in_epoch(remainder["before"], shards, epoch, keys)
+            slices = plan_slices(Remainder.from_state(remainder), shards, plan, keys)
+        for worker, info in state["workers"].items():
+            if int(info["epoch"]) != epoch or not info["drawn"]:
+                continue
+            worker = int(worker)
+            if in_remainder:
+                sequence = _slice_sequence(slices.get(worker, []), plan, epoch, worker)
+            else:
+                sequence = _worker_sequence(shards, plan, epoch, worker, keys)
+            for _, sample in zip(range(int(info["drawn"])), sequence):
+                consumed.add(sample)
+    return consumed
+
+
+@dataclass(frozen=True)
+class Remainder:
+    """The rest of epoch ``epoch``, served as batches ``first_batch ..`` of the epoch's end."""
+
+    epoch: int
+    first_batch: int
+    before: list  # the stream states of the ranks that drew the epoch's first part
+
+    def to_state(self) -> dict:
+        """JSON form kept in the stream state."""
+        return {"epoch": self.epoch, "first_batch": self.first_batch, "before": self.before}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Remainder":
+        """Inverse of ``to_state``."""
+        return cls(int(state["epoch"]), int(state["first_batch"]), list(state["before"]))
+
+
+def check_compatible(saved_plan: dict, plan: dict) -> None:
+    """ValueError naming the data settings that differ beyond what a reshape can absorb."""
+    diff = {k: (saved_plan.get(k), v) for k, v in plan.items()
+            if k not in RESHAPEABLE and saved_plan.get(k) != v}
+    if diff:
+        changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"the data stream state was saved with different data settings ({changes}); "
+                         "resume with the same data.* settings and seed, or start the data stream fresh.")
+
+
+def reshape_state(states: list[dict], plan: dict, shards: list[str]) -> dict:
+    """This rank's stream state under ``plan`` from the states of all old ranks (``states``).
+
+    Args:
+        states: ``TrainStream.state_dict()`` of every old rank, in rank order.
+        plan: the new stream's plan (``asdict(_Plan)``): its rank, world size, workers, batch.
+        shards: the expanded shard list (the same for old and new streams).
+    Returns:
+        A state for ``TrainStream.load_state_dict``: the same state when nothing reshapeable
+        changed (bit-exact resume), else one that serves the epoch's remainder first.
+    """
+    old = states[0]["plan"]
+    check_compatible(old, plan)
+    if all(states[r]["plan"] == dict(plan, rank=r) for r in range(len(states))) \
+            and len(states) == plan["world_size"]:
+        return states[plan["rank"]]
+    next_batch = int(states[0]["next_batch"])
+    spe_old, spe = old["steps_per_epoch"], plan["steps_per_epoch"]
+    epoch, done = divmod(next_batch, spe_old)
+    state = {"version": states[0]["version"], "plan": dict(plan), "workers": {}}
+    if old["resampled"] or done == 0:
+        # Resampled streams draw with replacement (no consumed set to honour); at an epoch
+        # boundary nothing of the epoch was drawn: either way continue at the same share of it.
+        state["next_batch"] = epoch * spe + (done * spe) // spe_old
+        return state
+    owed = (spe_old - done) * old["batch_size"] * old["world_size"]
+    keys = ShardKeys()
+    consumed = consumed_in_epoch(states, shards, epoch, keys)
+    left = sum(1 for url in _epoch_order(shards, plan, epoch) for k in keys(url) if (url, k) not in consumed)
+    steps = min(left, owed) // (plan["batch_size"] * plan["world_size"])
+    first = (epoch + 1) * spe - steps
+    log.info("epoch %d continues on %d ranks: %d samples drawn before, %d left, %d batches per rank",
+             epoch, plan["world_size"], len(consumed), left, steps)
+    state["next_batch"] = first
+    state["remainder"] = Remainder(epoch, first, [dict(s) for s in states]).to_state()
+    return state
+
+
+def _epoch_order(shards: list[str], plan: dict, epoch: int) -> list[str]:
+    return worker_shards(shards, epoch, 0, 1, 0, 1, plan["seed"], plan["shard_shuffle"])
+
+
+def plan_slices(remainder: Remainder, shards: list[str], plan: dict,
+                keys: ShardKeys | None = None) -> dict[int, list[SampleId]]:
+    """The samples each logical worker of ``plan``'s rank reads in the remainder epoch."""
+    keys = keys or ShardKeys()
+    consumed = consumed_in_epoch(remainder.before, shards, remainder.epoch, keys)
+    left = [(url, k) for url in _epoch_order(shards, plan, remainder.epoch) for k in keys(url)
+            if (url, k) not in consumed]
+    batch, workers = plan["batch_size"], plan["workers"]
+    end = (remainder.epoch + 1) * plan["steps_per_epoch"]
+    steps = end - remainder.first_batch
+    start = plan["rank"] * steps * batch
+    slices: dict[int, list[SampleId]] = {}
+    for worker in range(workers):
+        n = len(range(remainder.first_batch + (worker - remainder.first_batch) % workers, end, workers))
+        slices[worker] = left[start:start + n * batch]
+        start += n * batch
+    return slices
+
+
+def _slice_sequence(ids: list[SampleId], plan: dict, epoch: int, worker: int) -> Iterator[SampleId]:
+    """The order in which a worker draws its remainder slice (endless: passes repeat)."""
+    tag = f"remainder/{plan['seed']}/{epoch}/{plan['rank']}/{worker}"
+    for repeat in range(1_000_000):
+        if not ids:
+            return
+        yield from shuffle_buffer(iter(ids), plan["shuffle_buffer"], random.Random(f"{tag}/{repeat}"))
+
+
+def remainder_samples(ids: list[SampleId], plan: dict, epoch: int, worker: int,
+                      count=None) -> Iterator[dict]:
+    """Raw samples of a worker's remainder slice, in ``_slice_sequence`` order (endless).
+
+    Reads only the shards of the slice, in order, keeping the slice's keys, so the shuffle
+    buffer sees the same input order as the key replay in ``consumed_in_epoch``.
+    """
+    wanted = set(ids)
+    urls = list(dict.fromkeys(url for url, _ in ids))
+    tag = f"remainder/{plan['seed']}/{epoch}/{plan['rank']}/{worker}"
+    for repeat in range(1_000_000):
+        raw = (s for url in urls for s in iter_raw_samples(url, count) if (url, s["__key__"]) in wanted)
+        n = 0
+        for sample in shuffle_buffer(raw, plan["shuffle_buffer"], random.Random(f"{tag}/{repeat}")):
+            n += 1
+            yield sample
+        if n == 0:
+            raise RuntimeError(f"the remainder of epoch {epoch} for worker {worker} holds no readable "
+                               "samples; check data.train_shards.")
+
+
+def log_batch_keys(keys: list[str]) -> None:
+    """Test hook: append ``keys`` (one line each) to ``$VUTRAIN_SAMPLE_LOG.<pid>`` if that is set."""
+    path = os.environ.get(SAMPLE_LOG_ENV)
+    if path and keys:
+        with open(f"{path}.{os.getpid()}", "a", encoding="utf-8") as fh:
+            fh.write("".join(f"{k}\n" for k in keys))
