@@ -41,7 +41,6 @@ SLOW_MODULES = {
     "test_kernels_bench.py",  # python -m kernels.bench
     "test_kernels_cliploss.py",  # spawned gloo ranks
     "test_dataset_tools_build.py",  # img2dataset's spawn pool
-    "test_install.py",  # a fresh virtual environment
 }
 # Importing one of these helpers means the module drives real runs.
 LAUNCHER_HELPERS = ("train_runner", "slurm_cluster")
