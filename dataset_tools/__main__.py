@@ -1,4 +1,5 @@
 """``python -m dataset_tools <build|inspect|finalize|split|vocab|dedup> ...`` (also ``vutrain-dataset``)."""
+
 import sys
 
 from dataset_tools.cli import main
@@ -17,8 +18,11 @@ def run(argv=None) -> int:
             raise
         args = sys.argv[1:] if argv is None else argv
         command = next((a for a in args if not a.startswith("-")), "this command")
-        print(f"dataset_tools {command} needs the 'data' extra ({missing} is not installed): "
-              "pip install 'vutrain[data]'", file=sys.stderr)
+        print(
+            f"dataset_tools {command} needs the 'data' extra ({missing} is not installed): "
+            "pip install 'vutrain[data]'",
+            file=sys.stderr,
+        )
         return 2
 
 

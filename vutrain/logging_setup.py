@@ -24,8 +24,19 @@ from collections.abc import Mapping
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Loggers of libraries that every rank would repeat. "DeepSpeed" is DeepSpeed's own logger (it has
 # its own handler and does not propagate, so a level on a parent would not reach it).
-LIBRARY_LOGGERS = ("DeepSpeed", "deepspeed", "transformers", "torch", "peft", "webdataset", "PIL",
-                   "matplotlib", "urllib3", "filelock", "fsspec")
+LIBRARY_LOGGERS = (
+    "DeepSpeed",
+    "deepspeed",
+    "transformers",
+    "torch",
+    "peft",
+    "webdataset",
+    "PIL",
+    "matplotlib",
+    "urllib3",
+    "filelock",
+    "fsspec",
+)
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
 
 
