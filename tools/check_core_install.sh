@@ -51,7 +51,7 @@ step "python -m vutrain.bench"
 step "python -m vutrain.demo (tiny: the pipeline runs; the learning bar is checked elsewhere)"
 # An absolute --out: the demo's training ranks run in the package directory, not here.
 "$BIN/python" -m vutrain.demo --out "$WORK/demo" --num-samples 128 --val-samples 24 --shard-size 64 --steps 2 \
-    --ranks 1 --min-top1 0 model.vocab_size=256 train.micro_batch_size=16 eval.every=0 train.checkpoint_every=0
+    --ranks 1 --min-top1 0 train.micro_batch_size=16 eval.every=0 train.checkpoint_every=0
 step "vutrain-dataset: commands that need the data extra say so in one line"
 set +e
 "$BIN/vutrain-dataset" build --input "$REPO/tests/fixtures/dataset_tools/videos.jsonl" --output shards 2> err.txt
