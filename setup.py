@@ -27,7 +27,7 @@ DATASET_TOOLS = [
     "imagehash",
 ]
 KERNELS = ["triton>=3.0; platform_system == 'Linux'"]
-TEST = ["pytest>=8", "pytest-timeout"]
+TEST = ["pytest>=8", "pytest-timeout", "ruff==0.17.5"]  # ruff pinned: `make lint` must not change under us
 # `python -m vutrain.bench --compare open_clip`. open_clip_torch depends on torchvision, which
 # drags in its own torch build: beside an existing torch install it with
 # `pip install -c torch-constraint.txt --no-deps open_clip_torch` (what `make venv` does); the
@@ -44,6 +44,13 @@ setup(
                                     "dataset_tools", "dataset_tools.*"]),
     package_data={"vutrain": ["configs/*.yaml"]},
     python_requires=">=3.9",
+    entry_points={
+        "console_scripts": [
+            "vutrain-train=vutrain.train:main",
+            "vutrain-export=vutrain.export:main",
+            "vutrain-dataset=dataset_tools.__main__:run",
+        ],
+    },
     install_requires=CORE,
     extras_require={
         "data": DATASET_TOOLS,

@@ -317,12 +317,34 @@ def apply_override(cfg: RunConfig, item: str) -> None:
     _apply_mapping(cfg, nested)
 
 
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+"""The run files shipped inside the package (installed with it), found by name from any directory."""
+
+
+def shipped_configs() -> list[str]:
+    """Names of the run files in CONFIGS_DIR, e.g. ["tiny", "vit-b-32", "vit-b-32-lora"]."""
+    if not os.path.isdir(CONFIGS_DIR):
+        return []
+    return sorted(name[:-5] for name in os.listdir(CONFIGS_DIR) if name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A YAML path as given, or the shipped run file of that name (`tiny` or `tiny.yaml`)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
+    shipped = os.path.join(CONFIGS_DIR, f"{stem}.yaml")
+    if "/" not in name_or_path and os.sep not in name_or_path and os.path.isfile(shipped):
+        return shipped
+    raise ConfigError(f"config file not found: {name_or_path}. Give a YAML path or the name of a shipped "
+                      f"run file: {', '.join(shipped_configs())}")
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
-    """Build a RunConfig from a YAML file and dotted overrides, validated."""
+    """Build a RunConfig from a YAML file (or a shipped run file's name) and dotted overrides, validated."""
     cfg = RunConfig()
     if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file not found: {path}. Run files live in vutrain/configs/.")
+        path = resolve_config_path(path)
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
         if not isinstance(data, dict):

@@ -172,6 +172,11 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Destroy the process group, if one was started."""
+    """Destroy the process group; through DeepSpeed when it was started, so that DeepSpeed also drops
+    the groups it cached (else a second Trainer in the same process fails on a stale group)."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        import deepspeed.comm as ds_comm
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()

@@ -10,22 +10,26 @@ circle") use. Shards follow the img2dataset layout (see design.md, "Shard layout
 
 CLI: ``python -m vutrain.data.synthetic --out DIR --num-samples N --shard-size K``.
 Deterministic for a seed: per-sample RNGs are derived from (seed, split, index).
+
+The per-shard ``.parquet`` (img2dataset's row table) needs pyarrow, which only the ``data`` extra
+installs; without it the shards are written without it (the trainer reads the tars, ``sizes.json``
+and ``_stats.json`` only) and the CLI says so once.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import io
 import json
 import math
 import os
 import tarfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -56,6 +60,18 @@ _FILLER_TAGS = ("shapes", "colours", "kids", "learning", "geometry", "art", "dai
 _ID_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
 _SPLIT_IDS = {"train": 0, "val": 1}
 _MTIME = 1_500_000_000  # fixed tar mtime so tars are byte-reproducible for a seed
+
+
+def parquet_available() -> bool:
+    """Whether pyarrow (the ``data`` extra) is installed, so shards get their ``.parquet`` table."""
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def _write_parquet(rows: list[dict], path: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
@@ -122,9 +138,17 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _write_shard(out_dir: str, shard_id: int, indices: range, split: str, seed: int,
-                 image_size: int, key_digits: int, row_digits: int) -> int:
-    """Write ``NNNNN.tar``, ``.parquet`` and (last, as the done marker) ``_stats.json``."""
+def _write_shard(
+    out_dir: str,
+    shard_id: int,
+    indices: range,
+    split: str,
+    seed: int,
+    image_size: int,
+    key_digits: int,
+    row_digits: int,
+) -> int:
+    """Write ``NNNNN.tar``, ``.parquet`` (with pyarrow) and (last, as the done marker) ``_stats.json``."""
     start = time.time()
     name = f"{shard_id:05d}"
     rows = []
@@ -136,18 +160,23 @@ def _write_shard(out_dir: str, shard_id: int, indices: range, split: str, seed: 
             render_image(rng, class_index, image_size).save(buf, format="JPEG", quality=90)
             jpeg = buf.getvalue()
             # img2dataset's key formula: shard_id * 10**ceil(log10(shard_size)) + row.
-            key = f"{shard_id * 10 ** row_digits + row:0{key_digits}d}"
+            key = f"{shard_id * 10**row_digits + row:0{key_digits}d}"
             meta = {"key": key, **_sample_metadata(rng, class_index, image_size, jpeg)}
             # Sorted member names (jpg < json < txt), samples in key order.
             _add_member(tar, f"{key}.jpg", jpeg)
             _add_member(tar, f"{key}.json", json.dumps(meta, indent=4).encode("utf-8"))
             _add_member(tar, f"{key}.txt", meta["title"].encode("utf-8"))
             rows.append(meta)
-    frame = pd.DataFrame(rows)
-    frame.to_parquet(os.path.join(out_dir, f"{name}.parquet"), index=False)
+    if parquet_available():
+        _write_parquet(rows, os.path.join(out_dir, f"{name}.parquet"))
     stats = {
-        "count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
-        "duration": time.time() - start, "start_time": start, "end_time": time.time(),
+        "count": len(rows),
+        "successes": len(rows),
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "duration": time.time() - start,
+        "start_time": start,
+        "end_time": time.time(),
         "status_dict": {"success": len(rows)},
     }
     with open(os.path.join(out_dir, f"{name}_stats.json"), "w") as f:
@@ -155,8 +184,9 @@ def _write_shard(out_dir: str, shard_id: int, indices: range, split: str, seed: 
     return len(rows)
 
 
-def _write_split(out_dir: str, split: str, num_samples: int, shard_size: int, image_size: int,
-                 seed: int) -> str:
+def _write_split(
+    out_dir: str, split: str, num_samples: int, shard_size: int, image_size: int, seed: int
+) -> str:
     """Write one split; returns its brace-expandable shard spec."""
     os.makedirs(out_dir, exist_ok=True)
     num_shards = math.ceil(num_samples / shard_size)
@@ -165,7 +195,8 @@ def _write_split(out_dir: str, split: str, num_samples: int, shard_size: int, im
     for shard_id in range(num_shards):
         indices = range(shard_id * shard_size, min(num_samples, (shard_id + 1) * shard_size))
         sizes[f"{shard_id:05d}.tar"] = _write_shard(
-            out_dir, shard_id, indices, split, seed, image_size, 5 + row_digits, row_digits)
+            out_dir, shard_id, indices, split, seed, image_size, 5 + row_digits, row_digits
+        )
     with open(os.path.join(out_dir, "sizes.json"), "w") as f:
         json.dump(sizes, f, indent=2)
     with open(os.path.join(out_dir, "__len__"), "w") as f:
@@ -175,8 +206,14 @@ def _write_split(out_dir: str, split: str, num_samples: int, shard_size: int, im
     return os.path.join(out_dir, f"{pattern}.tar")
 
 
-def write_synthetic(out_dir: str, num_samples: int, shard_size: int, image_size: int = 64,
-                    seed: int = 0, val_samples: int | None = None) -> dict:
+def write_synthetic(
+    out_dir: str,
+    num_samples: int,
+    shard_size: int,
+    image_size: int = 64,
+    seed: int = 0,
+    val_samples: int | None = None,
+) -> dict:
     """Write ``out_dir/train`` and ``out_dir/val`` shards of the coloured-shapes task.
 
     Args:
@@ -184,42 +221,62 @@ def write_synthetic(out_dir: str, num_samples: int, shard_size: int, image_size:
         shard_size: samples per tar (the last shard may hold fewer).
         image_size: side of the square JPEGs in pixels.
         seed: everything (classes, jitter, titles, ids) is a function of it.
-        val_samples: held-out samples; ``None`` -> ``max(len(CLASSES), num_samples // 10)``; 0 -> no val split.
+        val_samples: held-out samples; ``None`` -> ``max(len(CLASSES), num_samples // 10)``;
+            0 -> no val split.
 
     Returns:
         ``{"train_shards": spec, "val_shards": spec | None, "num_samples": n, "val_samples": m,
         "classes": CLASSES}`` where a spec is brace-expandable (``.../{00000..00003}.tar``).
     """
     if num_samples < 1 or shard_size < 1 or image_size < 8:
-        raise ValueError(f"need num_samples >= 1, shard_size >= 1 and image_size >= 8; got "
-                         f"{num_samples}, {shard_size}, {image_size}")
+        raise ValueError(
+            f"need num_samples >= 1, shard_size >= 1 and image_size >= 8; got "
+            f"{num_samples}, {shard_size}, {image_size}"
+        )
     if val_samples is None:
         val_samples = max(len(CLASSES), num_samples // 10)
     train = _write_split(os.path.join(out_dir, "train"), "train", num_samples, shard_size, image_size, seed)
     val = None
     if val_samples > 0:
         val = _write_split(os.path.join(out_dir, "val"), "val", val_samples, shard_size, image_size, seed)
-    return {"train_shards": train, "val_shards": val, "num_samples": num_samples,
-            "val_samples": val_samples, "classes": list(CLASSES)}
+    return {
+        "train_shards": train,
+        "val_shards": val,
+        "num_samples": num_samples,
+        "val_samples": val_samples,
+        "classes": list(CLASSES),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point; prints the shard specs to pass as data.train_shards / data.val_shards."""
-    parser = argparse.ArgumentParser(prog="python -m vutrain.data.synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vutrain.data.synthetic", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", required=True, help="output directory (train/ and val/ are created in it)")
     parser.add_argument("--num-samples", type=int, required=True, help="training samples")
     parser.add_argument("--shard-size", type=int, required=True, help="samples per tar shard")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--val-samples", type=int, default=None,
-                        help="held-out samples (default max(24, num_samples // 10); 0 disables)")
+    parser.add_argument(
+        "--val-samples",
+        type=int,
+        default=None,
+        help="held-out samples (default max(24, num_samples // 10); 0 disables)",
+    )
     args = parser.parse_args(argv)
-    info = write_synthetic(args.out, args.num_samples, args.shard_size, args.image_size, args.seed,
-                           args.val_samples)
+    info = write_synthetic(
+        args.out, args.num_samples, args.shard_size, args.image_size, args.seed, args.val_samples
+    )
     print(f"data.train_shards={info['train_shards']}")
     if info["val_shards"]:
         print(f"data.val_shards={info['val_shards']}")
     print(f"data.num_samples={info['num_samples']}  classes={len(CLASSES)}")
+    if not parquet_available():
+        print(
+            "note: pyarrow is not installed, so no .parquet row tables were written (the trainer does "
+            "not need them; pip install 'vutrain[data]' for img2dataset's full layout)"
+        )
     return info
 
 

@@ -1,0 +1,55 @@
+"""Train with the real Trainer inside the test process (world 1): no launcher, no subprocess.
+
+Use with conftest's `single_process` fixture, which removes the launcher variables, keeps one
+intra-op thread and closes the process group afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def overrides(shards: dict, run_dir: str, steps: int, **extra) -> list[str]:
+    """A tiny run: batch 16, a 512-token vocabulary, no progress bar, eval and checkpoint every 2 steps.
+
+    `extra` adds or replaces keys, with `__` for the dot: `train__zero_stage=3`.
+    """
+    values = {
+        "output_dir": run_dir,
+        "data.train_shards": shards["train_shards"],
+        "data.val_shards": shards["val_shards"],
+        "data.shuffle_buffer": 64,
+        "train.max_steps": steps,
+        "train.micro_batch_size": 16,
+        "train.warmup_steps": 2,
+        "train.checkpoint_every": 2,
+        "train.progress_bar": "false",
+        "eval.every": 2,
+        "eval.batch_size": 24,
+        "model.vocab_size": 512,
+        "train.resume": "auto",
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def train(shards: dict, run_dir: str, steps: int, **extra) -> dict:
+    """Build a Trainer from the shipped `tiny` run file in this process, train, close the group.
+
+    Returns the last eval metrics ({} without val shards).
+    """
+    from vutrain.config import load_config
+    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+    from vutrain.trainer import Trainer
+
+    cfg = load_config("tiny", overrides(shards, run_dir, steps, **extra))
+    # As a fresh `python` process sees it: init_distributed() of an earlier run exported RANK etc.
+    info = resolve_dist_env({k: v for k, v in os.environ.items() if k not in DIST_ENV})
+    assert info.world_size == 1 and info.launcher == "single", info
+    init_distributed(info)
+    try:
+        return Trainer(cfg, info).train()
+    finally:
+        cleanup()

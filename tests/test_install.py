@@ -1,0 +1,55 @@
+"""Packaging: console scripts resolve, and a missing extra is named in one line.
+
+The real proof, `pip install .` without extras in a fresh virtual environment running every entry
+point, is `make install-check` (tools/check_core_install.sh), which `.ci/run` runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_console_scripts_resolve_to_callables():
+    scripts = dict(
+        (name, target)
+        for name, target in re.findall(r'"([\w-]+)=([\w.:]+)"', (REPO / "setup.py").read_text())
+        if ":" in target
+    )
+    assert {"vutrain-train", "vutrain-export", "vutrain-dataset"} <= scripts.keys()
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+
+
+@pytest.mark.parametrize("missing", ["pandas", "img2dataset"])
+def test_dataset_command_without_the_data_extra_says_which(missing, monkeypatch, tmp_path, capsys):
+    """As on a core install: the package cannot be imported (None in sys.modules blocks it)."""
+    from dataset_tools.__main__ import run
+
+    for name in [m for m in sys.modules if m.startswith("dataset_tools.") and m != "dataset_tools.__main__"]:
+        monkeypatch.delitem(sys.modules, name)  # re-imported, so they meet the missing package
+    for name in [m for m in sys.modules if m == missing or m.startswith(missing + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, missing, None)
+    code = run(
+        [
+            "build",
+            "--input",
+            str(REPO / "tests/fixtures/dataset_tools/videos.jsonl"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == (
+        f"dataset_tools build needs the 'data' extra ({missing} is not installed): "
+        "pip install 'vutrain[data]'"
+    )

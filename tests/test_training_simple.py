@@ -1,0 +1,83 @@
+"""In-process smoke tests of the trainer (as open_clip's tests/test_training_simple.py).
+
+A world-1 process group in this test process, the tiny preset, real DeepSpeed engines, real JPEG
+shards, a few steps: what the launcher tests cover in subprocesses (60-100 s each), here in seconds,
+so `make test-fast` covers the training loop, eval, checkpoints, resume and the entry point.
+Whether the model learns is checked by `.ci/run` (`python -m vutrain.demo` with a bar), not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from vutrain.config import load_config
+from vutrain.metrics import read_metrics
+
+from inprocess_trainer import overrides, train
+
+REQUIRED_TRAIN = {"train/loss", "train/lr", "train/samples_per_s"}
+REQUIRED_EVAL = {"eval/i2t_r1", "eval/t2i_r1", "eval/i2t_r5", "eval/t2i_r5", "eval/zeroshot_top1"}
+
+
+def test_shipped_configs_are_found_by_name_from_any_directory(tiny_shards, tmp_path, monkeypatch):
+    from vutrain.config import ConfigError, shipped_configs
+
+    monkeypatch.chdir(tmp_path)
+    assert {"tiny", "vit-b-32", "vit-b-32-lora"} <= set(shipped_configs())
+    data = [
+        f"data.train_shards={tiny_shards['train_shards']}",
+        f"data.val_shards={tiny_shards['val_shards']}",
+    ]
+    for name in shipped_configs():
+        assert load_config(name, data).output_dir
+    assert load_config("tiny.yaml", data).model.preset == "tiny"
+    with pytest.raises(ConfigError, match="vit-b-32-lora"):  # the message lists what exists
+        load_config("tinny")
+    with pytest.raises(ConfigError, match="not found: ./tiny"):  # a path is a path, not a name
+        load_config("./tiny")
+
+
+def test_trains_evaluates_checkpoints_and_resumes(tiny_shards, tmp_path, single_process):
+    run_dir = str(tmp_path / "run")
+    last_eval = train(tiny_shards, run_dir, steps=4)
+    rows = read_metrics(run_dir)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert all(REQUIRED_TRAIN <= r.keys() for r in train_rows)
+    assert all(r["train/loss"] == r["train/loss"] and r["train/loss"] > 0 for r in train_rows)  # finite
+    evals = [r for r in rows if "eval/zeroshot_top1" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert REQUIRED_EVAL <= evals[-1].keys() and REQUIRED_EVAL <= last_eval.keys()
+    assert evals[-1]["eval/num_samples"] == 48  # every held-out sample scored once
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000004"))
+    assert json.load(open(os.path.join(run_dir, "done.json")))["step"] == 4
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+
+    # Resume: the same run directory and a higher max_steps continue at step 5, each step logged once.
+    train(tiny_shards, run_dir, steps=6)
+    steps = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert json.load(open(os.path.join(run_dir, "done.json")))["step"] == 6
+
+
+def test_train_main_in_process(tiny_shards, tmp_path, single_process, capsys, monkeypatch):
+    """`vutrain/train.py` main() itself: the entry point a launcher starts, here in this process.
+
+    From another directory, with the shipped run file given by name (`--config tiny`).
+    """
+    from vutrain.train import main
+
+    run_dir = str(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(["--config", "tiny", *overrides(tiny_shards, run_dir, 2, train__zero_stage=3, eval__every=0)])
+        == 0
+    )
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2]
+    assert json.load(open(os.path.join(run_dir, "done.json")))["step"] == 2
+    # A bad key fails before any process group starts, with exit code 2 and the valid keys named.
+    assert main(["--config", "tiny", "train.max_stepz=3"]) == 2
+    assert "train.max_steps" in capsys.readouterr().err

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# A core install runs: `pip install .` with no extras, in a fresh virtual environment, then a tiny
+# smoke of every entry point, run from a directory outside the repository (so the installed
+# package, and the run files shipped inside it, are what is tested). `.ci/run` calls this.
+#
+#   tools/check_core_install.sh [WORK_DIR]        # PYTHON=python3 TORCH_SPEC=torch==2.13.0 by default
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${1:-$(mktemp -d -t vutrain-core-XXXXXX)}
+PYTHON=${PYTHON:-python3}
+# The CPU build of torch first (as the Makefile does), then the package held to that torch.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+export NO_ALBUMENTATIONS_UPDATE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 PYTHONPATH=
+start=$SECONDS
+step() { echo "[core-install $((SECONDS - start))s] $*"; }
+# pip's output less its notes about configured index locations that do not exist on this machine.
+pip_install() { "$BIN/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
+
+mkdir -p "$WORK"
+cd "$WORK"
+rm -rf venv
+step "fresh venv in $WORK/venv"
+"$PYTHON" -m venv venv
+BIN=$WORK/venv/bin
+pip_install "$TORCH_SPEC"
+"$BIN/python" -c "import torch; print('torch==' + torch.__version__)" > torch-constraint.txt
+step "pip install $REPO (no extras)"
+pip_install -c torch-constraint.txt "$REPO"
+# The extras' packages must really be absent, or this proves nothing.
+"$BIN/python" - <<'PY'
+import importlib.util
+present = [m for m in ("pandas", "pyarrow", "img2dataset", "imagehash", "pytest") if importlib.util.find_spec(m)]
+assert not present, f"not a core install: {present} installed"
+PY
+
+step "python -m vutrain.data.synthetic"
+"$BIN/python" -m vutrain.data.synthetic --out data --num-samples 64 --shard-size 32 --val-samples 24
+TRAIN=(data.train_shards="$WORK/data/train/{00000..00001}.tar" data.val_shards="$WORK/data/val/00000.tar"
+       train.max_steps=2 train.micro_batch_size=16 train.warmup_steps=1 train.checkpoint_every=0
+       train.progress_bar=false eval.every=0 eval.batch_size=24 model.vocab_size=256 data.shuffle_buffer=32)
+step "vutrain-train --config tiny (the run file shipped in the package, found by name)"
+"$BIN/vutrain-train" --config tiny output_dir=run "${TRAIN[@]}"
+step "python vutrain/train.py (the repository's script on the core install)"
+"$BIN/python" "$REPO/vutrain/train.py" --config tiny output_dir=run_script "${TRAIN[@]}"
+step "vutrain-export and python -m vutrain.export"
+"$BIN/vutrain-export" run hf_model
+"$BIN/python" -m vutrain.export run_script hf_model_script
+"$BIN/python" -c "import transformers as t; t.CLIPModel.from_pretrained('hf_model'); print('CLIPModel loads')"
+step "python -m vutrain.bench"
+"$BIN/python" -m vutrain.bench --batch-sizes 8 --steps 1 --warmup 1 --out bench.json
+step "python -m vutrain.demo (tiny: the pipeline runs; the learning bar is checked elsewhere)"
+# An absolute --out: the demo's training ranks run in the package directory, not here.
+"$BIN/python" -m vutrain.demo --out "$WORK/demo" --num-samples 128 --val-samples 24 --shard-size 64 --steps 2 \
+    --ranks 1 --min-top1 0 train.micro_batch_size=16 eval.every=0 train.checkpoint_every=0
+step "vutrain-dataset: commands that need the data extra say so in one line"
+set +e
+"$BIN/vutrain-dataset" build --input "$REPO/tests/fixtures/dataset_tools/videos.jsonl" --output shards 2> err.txt
+code=$?
+set -e
+cat err.txt
+if [ "$code" != 2 ] || [ "$(wc -l < err.txt)" != 1 ] || ! grep -q "pip install 'vutrain\[data\]'" err.txt; then
+    echo "FAIL: vutrain-dataset build without the data extra exited $code; want 2 and a one-line hint" >&2
+    exit 1
+fi
+step "OK: the core install runs every entry point"

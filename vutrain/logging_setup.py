@@ -1,0 +1,92 @@
+"""Quiet output by default: one line per cause, not one per process.
+
+Every rank of a job runs the same code, so each library notice (DeepSpeed's "Setting accelerator to
+CPU", transformers' torchvision fallback, torch's FutureWarnings about deprecated collectives)
+would otherwise print once per rank: 16 copies on two 8-GPU nodes. Rank 0 keeps them (each Python
+warning once per code location, Python's default); every other rank keeps only errors from
+libraries, and warnings and errors from vutrain itself (a rank's own trouble, such as a skipped
+non-finite step, must still be seen).
+
+The training entry point calls it first thing, before DeepSpeed or transformers are imported:
+
+    from vutrain.logging_setup import setup_logging
+    setup_logging()          # rank from RANK / SLURM_PROCID / OMPI_COMM_WORLD_RANK, else 0
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Mapping
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Loggers of libraries that every rank would repeat. "DeepSpeed" is DeepSpeed's own logger (it has
+# its own handler and does not propagate, so a level on a parent would not reach it).
+LIBRARY_LOGGERS = (
+    "DeepSpeed",
+    "deepspeed",
+    "transformers",
+    "torch",
+    "peft",
+    "webdataset",
+    "PIL",
+    "matplotlib",
+    "urllib3",
+    "filelock",
+    "fsspec",
+)
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+
+
+def process_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's global rank as the launcher exported it (0 for a plain `python` run)."""
+    env = os.environ if env is None else env
+    for name in RANK_VARIABLES:
+        value = env.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+class _BelowLevel(logging.Filter):
+    """Drops records under `level`; set on a logger object, it survives the library resetting the
+    logger's level when it is imported (DeepSpeed's create_logger does)."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+def setup_logging(rank: int | None = None, level: int = logging.INFO) -> int:
+    """Configure logging and warnings for this process; returns the rank it assumed.
+
+    Rank 0: `level` for vutrain and the root handler, WARNING for libraries. Other ranks: WARNING
+    for vutrain, ERROR for libraries, and Python warnings from outside vutrain ignored (rank 0
+    prints the same ones).
+    """
+    rank = process_rank() if rank is None else rank
+    main = rank == 0
+    logging.basicConfig(level=level if main else logging.WARNING, format=FORMAT)
+    logging.getLogger("vutrain").setLevel(level if main else logging.WARNING)
+    library_level = logging.WARNING if main else logging.ERROR
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(library_level)
+        logger.filters = [f for f in logger.filters if not isinstance(f, _BelowLevel)]
+        logger.addFilter(_BelowLevel(library_level))
+    # transformers reads its verbosity from the environment when it is first imported ...
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if main else "error")
+    if "transformers" in sys.modules:  # ... and keeps its own level once it is
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(library_level)
+    if not main:
+        # Filters added later take precedence: ignore everything, then let vutrain's own through.
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"vutrain(\.|$)")
+    return rank
