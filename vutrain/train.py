@@ -51,7 +51,8 @@ def check_shard_lists(cfg, log_warnings: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from vutrain.logging_setup import setup_logging
+    setup_logging()  # rank 0 logs; other ranks keep errors and vutrain's own warnings
     from vutrain.data.shards import ShardListError
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
 
@@ -79,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     from vutrain.global_batch import with_global_batch
     from vutrain.trainer import PREEMPT_EXIT_CODE, Preempted, Trainer
 
-    if info.rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs; every rank logs warnings/errors
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     init_distributed(info)
     trainer, start_step = None, None
