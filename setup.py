@@ -4,6 +4,7 @@ torch is deliberately only a lower bound: the Makefile installs the CPU build th
 disk first, and nothing here may pull in a different torch (torchvision and open_clip are kept
 out of the requirements for that reason: each drags a multi-GB CUDA build of torch along).
 """
+
 from setuptools import find_packages, setup
 
 CORE = [
@@ -40,8 +41,9 @@ setup(
     description="DeepSpeed ZeRO CLIP trainer for YouTube thumbnails, titles and tags",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["vutrain", "vutrain.*", "kernels", "kernels.*",
-                                    "dataset_tools", "dataset_tools.*"]),
+    packages=find_packages(
+        include=["vutrain", "vutrain.*", "kernels", "kernels.*", "dataset_tools", "dataset_tools.*"]
+    ),
     package_data={"vutrain": ["configs/*.yaml"]},
     python_requires=">=3.9",
     entry_points={

@@ -5,5 +5,6 @@ Downloads go through img2dataset (its Reader-free shard loop, resizer and distri
 package adds the YouTube pieces img2dataset lacks: a thumbnail variant ladder, placeholder
 rejection, single-host politeness, sorted atomic shards and row-exact resume.
 """
+
 __all__ = ["__version__"]
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ exist (maxresdefault, 1280x720), the case where the ladder must cost nothing. Bo
 to the same size with the same process/thread counts, no rate cap, sha256 on, EXIF off.
 Prints (and with ``--out`` writes) measured images/s of each and the ratio ours/plain.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,30 @@ def run_plain(url_template: str, ids, out: str, args) -> float:
     from img2dataset import download
 
     src = os.path.join(out, "plain_input.parquet")
-    pd.DataFrame({"url": [url_template.format(video_id=v, variant="maxresdefault") for v in ids],
-                  "caption": [f"title {v}" for v in ids]}).to_parquet(src)
+    pd.DataFrame(
+        {
+            "url": [url_template.format(video_id=v, variant="maxresdefault") for v in ids],
+            "caption": [f"title {v}" for v in ids],
+        }
+    ).to_parquet(src)
     start = time.time()
-    download(url_list=src, input_format="parquet", url_col="url", caption_col="caption",
-             output_folder=os.path.join(out, "plain"), output_format="webdataset",
-             image_size=args.image_size, resize_mode="keep_ratio", processes_count=args.processes,
-             thread_count=args.threads, number_sample_per_shard=args.shard_size,
-             extract_exif=False, timeout=10, retries=0, compute_hash="sha256")
+    download(
+        url_list=src,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_folder=os.path.join(out, "plain"),
+        output_format="webdataset",
+        image_size=args.image_size,
+        resize_mode="keep_ratio",
+        processes_count=args.processes,
+        thread_count=args.threads,
+        number_sample_per_shard=args.shard_size,
+        extract_exif=False,
+        timeout=10,
+        retries=0,
+        compute_hash="sha256",
+    )
     return time.time() - start
 
 
@@ -46,11 +63,18 @@ def run_ours(url_template: str, ids, out: str, args) -> float:
 
     src = os.path.join(out, "ours_input.csv")
     pd.DataFrame({"video_id": ids, "title": [f"title {v}" for v in ids]}).to_csv(src, index=False)
-    cfg = BuildConfig(inputs=[src], output=os.path.join(out, "ours"), url_template=url_template,
-                      image_size=args.image_size, shard_size=args.shard_size,
-                      processes=args.processes, threads=args.threads,
-                      politeness=PolitenessConfig(max_connections=args.threads * args.processes,
-                                                  requests_per_second=0, retries=0, deadline=10))
+    cfg = BuildConfig(
+        inputs=[src],
+        output=os.path.join(out, "ours"),
+        url_template=url_template,
+        image_size=args.image_size,
+        shard_size=args.shard_size,
+        processes=args.processes,
+        threads=args.threads,
+        politeness=PolitenessConfig(
+            max_connections=args.threads * args.processes, requests_per_second=0, retries=0, deadline=10
+        ),
+    )
     start = time.time()
     summary = build(cfg)
     elapsed = time.time() - start
@@ -67,7 +91,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=200)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=1, help="alternate plain/ours this many times, keep the best")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="alternate plain/ours this many times, keep the best"
+    )
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
 
@@ -87,12 +113,19 @@ def main(argv=None) -> dict:
                     shutil.rmtree(work, ignore_errors=True)
     best = {k: min(v) for k, v in times.items()}
     result = {
-        "n": args.num, "latency_s": args.latency, "processes": args.processes, "threads": args.threads,
-        "image_size": args.image_size, "shard_size": args.shard_size, "repeats": args.repeats,
+        "n": args.num,
+        "latency_s": args.latency,
+        "processes": args.processes,
+        "threads": args.threads,
+        "image_size": args.image_size,
+        "shard_size": args.shard_size,
+        "repeats": args.repeats,
         "plain_img2dataset_images_per_s": round(args.num / best["plain"], 2),
         "ours_images_per_s": round(args.num / best["ours"], 2),
         "ratio_ours_over_plain": round(best["plain"] / best["ours"], 3),
-        "seconds": times, "python": platform.python_version(), "cpus": os.cpu_count(),
+        "seconds": times,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
     }
     print(json.dumps(result, indent=2))
     if args.out:

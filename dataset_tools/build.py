@@ -4,6 +4,7 @@ Re-running on the same output continues: complete shards (parseable stats + tar 
 skipped, anything else is redone from the plan. ``retry_failed`` also re-attempts the failed rows
 of complete shards and merges them back (``retry.py``).
 """
+
 from __future__ import annotations
 
 import glob
@@ -12,12 +13,13 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
 
-from dataset_tools import metadata, plan as plan_mod, retry, shards, youtube
+from dataset_tools import metadata, retry, shards, youtube
+from dataset_tools import plan as plan_mod
 from dataset_tools.politeness import PolitenessConfig
 
 
@@ -25,10 +27,10 @@ from dataset_tools.politeness import PolitenessConfig
 class BuildConfig:
     """Options of ``python -m dataset_tools build`` (each field is a ``--flag``)."""
 
-    inputs: List[str]
+    inputs: list[str]
     output: str
     input_format: str = "auto"
-    categories_json: Optional[str] = None
+    categories_json: str | None = None
     url_template: str = youtube.DEFAULT_URL_TEMPLATE
     variants: Sequence[str] = youtube.DEFAULT_VARIANTS
     caption_template: str = "{title}"
@@ -48,32 +50,47 @@ class BuildConfig:
     politeness: PolitenessConfig = field(default_factory=PolitenessConfig)
 
 
-def _make_downloader(cfg: BuildConfig, output_folder: str, column_list: List[str]):
+def _make_downloader(cfg: BuildConfig, output_folder: str, column_list: list[str]):
     from img2dataset.resizer import Resizer
 
     from dataset_tools.img2dataset_hooks import SortedTarSampleWriter, YouTubeDownloader
     from dataset_tools.letterbox import LetterboxResizer
 
-    resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode,
-                      resize_only_if_bigger=cfg.resize_only_if_bigger,
-                      encode_quality=cfg.encode_quality, encode_format="jpg")
+    resizer = Resizer(
+        image_size=cfg.image_size,
+        resize_mode=cfg.resize_mode,
+        resize_only_if_bigger=cfg.resize_only_if_bigger,
+        encode_quality=cfg.encode_quality,
+        encode_format="jpg",
+    )
     if cfg.crop_letterbox:
         resizer = LetterboxResizer(resizer)
     per_process = cfg.politeness.per_process(cfg.processes)
     return YouTubeDownloader(
-        sample_writer_class=SortedTarSampleWriter, resizer=resizer,
+        sample_writer_class=SortedTarSampleWriter,
+        resizer=resizer,
         # More threads than allowed connections would only queue on the limiter.
         thread_count=max(1, min(cfg.threads, per_process.max_connections)),
-        save_caption=True, extract_exif=False, output_folder=output_folder,
-        column_list=column_list, timeout=per_process.deadline,
-        number_sample_per_shard=cfg.shard_size, oom_shard_count=cfg.oom_shard_count,
-        compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=0,
+        save_caption=True,
+        extract_exif=False,
+        output_folder=output_folder,
+        column_list=column_list,
+        timeout=per_process.deadline,
+        number_sample_per_shard=cfg.shard_size,
+        oom_shard_count=cfg.oom_shard_count,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format="jpg",
+        retries=0,
         user_agent_token=per_process.robots_token,
         disallowed_header_directives=list(per_process.disallowed_directives),
-        variants=cfg.variants, url_template=cfg.url_template, politeness=per_process)
+        variants=cfg.variants,
+        url_template=cfg.url_template,
+        politeness=per_process,
+    )
 
 
-def _distribute(cfg: BuildConfig, downloader, jobs: List[tuple]) -> None:
+def _distribute(cfg: BuildConfig, downloader, jobs: list[tuple]) -> None:
     from img2dataset import distributor as dist
 
     if not jobs:
@@ -103,7 +120,7 @@ def _clean_partials(folder: str) -> None:
         os.remove(path)
 
 
-def _write_jobs(tmp_dir: str, groups: Dict[int, List[dict]], oom: int) -> List[tuple]:
+def _write_jobs(tmp_dir: str, groups: dict[int, list[dict]], oom: int) -> list[tuple]:
     os.makedirs(tmp_dir, exist_ok=True)
     jobs = []
     for shard_id, rows in sorted(groups.items()):
@@ -113,8 +130,8 @@ def _write_jobs(tmp_dir: str, groups: Dict[int, List[dict]], oom: int) -> List[t
     return jobs
 
 
-def _failed_rows(output: str, done: Dict[int, str], planned: Dict[str, dict]) -> Dict[int, List[dict]]:
-    groups: Dict[int, List[dict]] = {}
+def _failed_rows(output: str, done: dict[int, str], planned: dict[str, dict]) -> dict[int, list[dict]]:
+    groups: dict[int, list[dict]] = {}
     for shard_id, name in done.items():
         rows, _ = shards.read_parquet_rows(os.path.join(output, f"{name}.parquet"))
         for row in rows:
@@ -123,7 +140,7 @@ def _failed_rows(output: str, done: Dict[int, str], planned: Dict[str, dict]) ->
     return groups
 
 
-def summarize(output: str, elapsed: Optional[float] = None, new_successes: int = 0) -> dict:
+def summarize(output: str, elapsed: float | None = None, new_successes: int = 0) -> dict:
     """Totals over all complete shards: successes, failures by reason, images/s of this run."""
     reasons, count, ok = Counter(), 0, 0
     for name in shards.iter_shard_names(output):
@@ -134,11 +151,18 @@ def summarize(output: str, elapsed: Optional[float] = None, new_successes: int =
         for reason, n in stats["status_dict"].items():
             if reason != shards.SUCCESS:
                 reasons[reason] += n
-    summary = {"rows": count, "successes": ok, "failures": count - ok,
-               "failures_by_reason": dict(reasons.most_common())}
+    summary = {
+        "rows": count,
+        "successes": ok,
+        "failures": count - ok,
+        "failures_by_reason": dict(reasons.most_common()),
+    }
     if elapsed:
-        summary.update(seconds=round(elapsed, 3), new_successes=new_successes,
-                       images_per_second=round(new_successes / elapsed, 2))
+        summary.update(
+            seconds=round(elapsed, 3),
+            new_successes=new_successes,
+            images_per_second=round(new_successes / elapsed, 2),
+        )
     return summary
 
 
@@ -152,33 +176,47 @@ def build(cfg: BuildConfig) -> dict:
     with open(os.path.join(build_dir, "rejected_input.jsonl"), "w", encoding="utf-8") as f:
         for rejected in meta.rejected:
             f.write(json.dumps(rejected, ensure_ascii=False) + "\n")
-    print(f"[dataset_tools] {meta.input_rows} input rows -> {len(meta.rows)} videos "
-          f"({meta.duplicates} duplicate rows collapsed, {len(meta.rejected)} invalid ids dropped, "
-          f"listed in {plan_mod.BUILD_DIR}/rejected_input.jsonl)")
+    print(
+        f"[dataset_tools] {meta.input_rows} input rows -> {len(meta.rows)} videos "
+        f"({meta.duplicates} duplicate rows collapsed, {len(meta.rejected)} invalid ids dropped, "
+        f"listed in {plan_mod.BUILD_DIR}/rejected_input.jsonl)"
+    )
     plan = plan_mod.extend_plan(
-        plan_mod.load_plan(cfg.output), meta.rows, shard_size=cfg.shard_size,
-        oom_shard_count=cfg.oom_shard_count, caption_template=cfg.caption_template,
-        url_template=cfg.url_template, first_variant=cfg.variants[0])
+        plan_mod.load_plan(cfg.output),
+        meta.rows,
+        shard_size=cfg.shard_size,
+        oom_shard_count=cfg.oom_shard_count,
+        caption_template=cfg.caption_template,
+        url_template=cfg.url_template,
+        first_variant=cfg.variants[0],
+    )
     plan_mod.save_plan(cfg.output, plan)
 
     done = shards.complete_shards(cfg.output)
     todo = {sid: rows for sid, rows in plan_mod.by_shard(plan).items() if sid not in done}
-    retry_groups = (_failed_rows(cfg.output, done, {r["sample_key"]: r for r in plan})
-                    if cfg.retry_failed else {})
-    print(f"[dataset_tools] {len(done)} shards complete, {len(todo)} to download"
-          + (f", {sum(map(len, retry_groups.values()))} failed rows to retry" if cfg.retry_failed else ""))
+    retry_groups = (
+        _failed_rows(cfg.output, done, {r["sample_key"]: r for r in plan}) if cfg.retry_failed else {}
+    )
+    print(
+        f"[dataset_tools] {len(done)} shards complete, {len(todo)} to download"
+        + (f", {sum(map(len, retry_groups.values()))} failed rows to retry" if cfg.retry_failed else "")
+    )
     before = summarize(cfg.output)["successes"]
     started = time.time()
     columns = [f.name for f in plan_mod.PLAN_SCHEMA if f.name != "shard_id"]
     tmp_dir = os.path.join(build_dir, "tmp")
-    _distribute(cfg, _make_downloader(cfg, cfg.output, columns),
-                _write_jobs(tmp_dir, todo, cfg.oom_shard_count))
+    _distribute(
+        cfg, _make_downloader(cfg, cfg.output, columns), _write_jobs(tmp_dir, todo, cfg.oom_shard_count)
+    )
     if retry_groups:
         retry_dir = os.path.join(build_dir, "retry")
         shutil.rmtree(retry_dir, ignore_errors=True)
         os.makedirs(retry_dir)
-        _distribute(cfg, _make_downloader(cfg, retry_dir, columns),
-                    _write_jobs(tmp_dir, retry_groups, cfg.oom_shard_count))
+        _distribute(
+            cfg,
+            _make_downloader(cfg, retry_dir, columns),
+            _write_jobs(tmp_dir, retry_groups, cfg.oom_shard_count),
+        )
         for shard_id in sorted(retry_groups):
             name = shards.shard_name(shard_id, cfg.oom_shard_count)
             if shard_id in shards.complete_shards(retry_dir):
@@ -188,9 +226,13 @@ def build(cfg: BuildConfig) -> dict:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     elapsed = time.time() - started
     summary = summarize(cfg.output, elapsed, summarize(cfg.output)["successes"] - before)
-    summary.update(input_rows=meta.input_rows, duplicates_collapsed=meta.duplicates,
-                   invalid_ids=len(meta.rejected), planned=len(plan),
-                   incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(shards.complete_shards(cfg.output))))
+    summary.update(
+        input_rows=meta.input_rows,
+        duplicates_collapsed=meta.duplicates,
+        invalid_ids=len(meta.rejected),
+        planned=len(plan),
+        incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(shards.complete_shards(cfg.output))),
+    )
     with open(os.path.join(build_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print_summary(summary)
@@ -198,12 +240,16 @@ def build(cfg: BuildConfig) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    print(f"[dataset_tools] {summary['successes']} / {summary['rows']} rows succeeded, "
-          f"{summary['failures']} failed")
+    print(
+        f"[dataset_tools] {summary['successes']} / {summary['rows']} rows succeeded, "
+        f"{summary['failures']} failed"
+    )
     for reason, n in summary["failures_by_reason"].items():
         print(f"    {n:8d}  {reason}")
     if "images_per_second" in summary:
-        print(f"[dataset_tools] this run: {summary['new_successes']} images in "
-              f"{summary['seconds']:.1f}s = {summary['images_per_second']:.1f} images/s")
+        print(
+            f"[dataset_tools] this run: {summary['new_successes']} images in "
+            f"{summary['seconds']:.1f}s = {summary['images_per_second']:.1f} images/s"
+        )
     if summary.get("incomplete_shards"):
         print(f"[dataset_tools] {summary['incomplete_shards']} shards incomplete: run build again")

@@ -1,11 +1,11 @@
 """Command line: one sub-parser per subcommand, each handing a typed config to its module."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from typing import List, Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -17,27 +17,53 @@ _P = PolitenessConfig()
 
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="download thumbnails into img2dataset-layout webdataset shards")
-    p.add_argument("--input", nargs="+", required=True, metavar="META",
-                   help="metadata files, globs or directories (Kaggle CSV, CSV/TSV/parquet/JSONL, yt-dlp JSON lines)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="META",
+        help="metadata files, globs or directories (Kaggle CSV, CSV/TSV/parquet/JSONL, yt-dlp JSON lines)",
+    )
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--input-format", default="auto", choices=["auto", "kaggle", "csv", "jsonl", "ytdlp"])
-    p.add_argument("--categories-json", help="YouTube API videoCategories JSON (default: <REGION>_category_id.json next to the input, then the built-in table)")
+    p.add_argument(
+        "--categories-json",
+        help=(
+            "YouTube API videoCategories JSON (default: <REGION>_category_id.json next to the input, "
+            "then the built-in table)"
+        ),
+    )
     p.add_argument("--url-template", default=youtube.DEFAULT_URL_TEMPLATE)
-    p.add_argument("--variants", default=",".join(youtube.DEFAULT_VARIANTS), help="thumbnail ladder, best first")
-    p.add_argument("--caption-template", default="{title}", help="e.g. '{title}. Tags: {tags}. {category_name}'")
+    p.add_argument(
+        "--variants", default=",".join(youtube.DEFAULT_VARIANTS), help="thumbnail ladder, best first"
+    )
+    p.add_argument(
+        "--caption-template", default="{title}", help="e.g. '{title}. Tags: {tags}. {category_name}'"
+    )
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--resize-mode", default="keep_ratio",
-                   choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"])
+    p.add_argument(
+        "--resize-mode",
+        default="keep_ratio",
+        choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"],
+    )
     p.add_argument("--resize-only-if-bigger", action="store_true")
     p.add_argument("--encode-quality", type=int, default=95, help="JPEG quality")
-    p.add_argument("--crop-letterbox", action="store_true", help="remove black bars of 4:3 thumbnails before resizing")
+    p.add_argument(
+        "--crop-letterbox", action="store_true", help="remove black bars of 4:3 thumbnails before resizing"
+    )
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--threads", type=int, default=16, help="download threads per process")
     p.add_argument("--distributor", default="multiprocessing", choices=["multiprocessing", "pyspark", "ray"])
-    p.add_argument("--retry-failed", action="store_true", help="also re-attempt rows that failed in complete shards")
-    p.add_argument("--max-connections", type=int, default=_P.max_connections, help="concurrent requests, whole build")
-    p.add_argument("--requests-per-second", type=float, default=_P.requests_per_second, help="whole build; 0 = no cap")
+    p.add_argument(
+        "--retry-failed", action="store_true", help="also re-attempt rows that failed in complete shards"
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=_P.max_connections, help="concurrent requests, whole build"
+    )
+    p.add_argument(
+        "--requests-per-second", type=float, default=_P.requests_per_second, help="whole build; 0 = no cap"
+    )
     p.add_argument("--retries", type=int, default=_P.retries, help="re-attempts after 429/5xx/timeouts")
     p.add_argument("--backoff-base", type=float, default=_P.backoff_base)
     p.add_argument("--backoff-max", type=float, default=_P.backoff_max)
@@ -45,36 +71,59 @@ def _add_build(sub) -> None:
     p.add_argument("--max-bytes", type=int, default=_P.max_bytes)
     p.add_argument("--max-pixels", type=int, default=_P.max_pixels)
     p.add_argument("--user-agent", default=_P.user_agent)
-    p.add_argument("--ignore-x-robots-tag", action="store_true",
-                   help="do not drop images whose X-Robots-Tag says noai/noimageai/noindex/noimageindex")
+    p.add_argument(
+        "--ignore-x-robots-tag",
+        action="store_true",
+        help="do not drop images whose X-Robots-Tag says noai/noimageai/noindex/noimageindex",
+    )
 
 
 def _build_config(args):
     from dataset_tools.build import BuildConfig
 
     politeness = PolitenessConfig(
-        max_connections=args.max_connections, requests_per_second=args.requests_per_second,
-        retries=args.retries, backoff_base=args.backoff_base, backoff_max=args.backoff_max,
-        deadline=args.deadline, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+        max_connections=args.max_connections,
+        requests_per_second=args.requests_per_second,
+        retries=args.retries,
+        backoff_base=args.backoff_base,
+        backoff_max=args.backoff_max,
+        deadline=args.deadline,
+        max_bytes=args.max_bytes,
+        max_pixels=args.max_pixels,
         user_agent=args.user_agent,
-        disallowed_directives=() if args.ignore_x_robots_tag else _P.disallowed_directives)
+        disallowed_directives=() if args.ignore_x_robots_tag else _P.disallowed_directives,
+    )
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants:
         raise SystemExit("--variants is empty; give at least one, e.g. hqdefault")
     return BuildConfig(
-        inputs=args.input, output=args.output, input_format=args.input_format,
-        categories_json=args.categories_json, url_template=args.url_template, variants=variants,
-        caption_template=args.caption_template, image_size=args.image_size,
-        resize_mode=args.resize_mode, resize_only_if_bigger=args.resize_only_if_bigger,
-        encode_quality=args.encode_quality, crop_letterbox=args.crop_letterbox,
-        shard_size=args.shard_size, processes=args.processes, threads=args.threads,
-        distributor=args.distributor, retry_failed=args.retry_failed, politeness=politeness)
+        inputs=args.input,
+        output=args.output,
+        input_format=args.input_format,
+        categories_json=args.categories_json,
+        url_template=args.url_template,
+        variants=variants,
+        caption_template=args.caption_template,
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        resize_only_if_bigger=args.resize_only_if_bigger,
+        encode_quality=args.encode_quality,
+        crop_letterbox=args.crop_letterbox,
+        shard_size=args.shard_size,
+        processes=args.processes,
+        threads=args.threads,
+        distributor=args.distributor,
+        retry_failed=args.retry_failed,
+        politeness=politeness,
+    )
 
 
 def _add_others(sub) -> None:
     p = sub.add_parser("inspect", help="counts, failure reasons, tag/category histograms, variant mix")
     p.add_argument("dir")
-    p.add_argument("--verify", action="store_true", help="decode every image, check every sample; exit 1 on corruption")
+    p.add_argument(
+        "--verify", action="store_true", help="decode every image, check every sample; exit 1 on corruption"
+    )
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = sub.add_parser("finalize", help="sizes.json, __len__ and manifest.json for open_clip")
@@ -97,10 +146,11 @@ def _add_others(sub) -> None:
     p.add_argument("--filter-output", help="write shards without the duplicates here")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dataset_tools",
-        description="YouTube metadata -> thumbnails (img2dataset, polite to one host) -> webdataset shards.")
+        description="YouTube metadata -> thumbnails (img2dataset, polite to one host) -> webdataset shards.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_others(sub)
@@ -136,8 +186,19 @@ def _run(args) -> int:
     if args.command == "split":
         from dataset_tools import split
 
-        print(json.dumps(split.split(args.dir, args.output, by=args.by, val_fraction=args.val_fraction,
-                                     seed=args.seed, shard_size=args.shard_size), indent=2))
+        print(
+            json.dumps(
+                split.split(
+                    args.dir,
+                    args.output,
+                    by=args.by,
+                    val_fraction=args.val_fraction,
+                    seed=args.seed,
+                    shard_size=args.shard_size,
+                ),
+                indent=2,
+            )
+        )
         return 0
     if args.command == "vocab":
         from dataset_tools import vocab
@@ -149,8 +210,12 @@ def _run(args) -> int:
     if args.command == "dedup":
         from dataset_tools import dedup
 
-        report = dedup.dedup(args.dir, report_path=args.report, max_distance=args.max_distance,
-                             filter_output=args.filter_output)
+        report = dedup.dedup(
+            args.dir,
+            report_path=args.report,
+            max_distance=args.max_distance,
+            filter_output=args.filter_output,
+        )
         print(json.dumps({k: v for k, v in report.items() if k != "groups"}, indent=2))
         return 0
     return 1

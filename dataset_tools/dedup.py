@@ -4,24 +4,24 @@ different video ids (re-uploads share thumbnails). Reported; optionally filtered
 Perceptual matching uses the pigeonhole trick: with distance <= d, two 64-bit hashes agree
 exactly on at least one of d+1 bit-chunks, so only hashes sharing a chunk are compared.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import os
-from typing import Dict, List, Optional
 
 import imagehash
 from PIL import Image
 
-from dataset_tools.plan import BUILD_DIR
 from dataset_tools import shards
+from dataset_tools.plan import BUILD_DIR
 from dataset_tools.reshard import ShardSink, iter_samples
 
 
 class _UnionFind:
     def __init__(self):
-        self.parent: Dict[str, str] = {}
+        self.parent: dict[str, str] = {}
 
     def find(self, x: str) -> str:
         self.parent.setdefault(x, x)
@@ -36,20 +36,25 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)  # the smallest key represents the group
 
 
-def _chunks(value: int, parts: int) -> List[tuple]:
+def _chunks(value: int, parts: int) -> list[tuple]:
     width = 64 // parts
     return [(i, (value >> (i * width)) & ((1 << width) - 1)) for i in range(parts)]
 
 
-def dedup(folder: str, report_path: Optional[str] = None, max_distance: int = 4,
-          filter_output: Optional[str] = None, shard_size: int = 1000) -> dict:
+def dedup(
+    folder: str,
+    report_path: str | None = None,
+    max_distance: int = 4,
+    filter_output: str | None = None,
+    shard_size: int = 1000,
+) -> dict:
     """Find duplicate groups; returns the report (also written as JSON)."""
     shards.require_shards(folder)
-    info: Dict[str, dict] = {}
+    info: dict[str, dict] = {}
     uf = _UnionFind()
-    by_sha: Dict[str, str] = {}
-    buckets: Dict[tuple, List[str]] = {}
-    reasons: Dict[str, str] = {}
+    by_sha: dict[str, str] = {}
+    buckets: dict[tuple, list[str]] = {}
+    reasons: dict[str, str] = {}
     for key, members, row in iter_samples(folder):
         phash = imagehash.phash(Image.open(io.BytesIO(members["jpg"])))
         value = int(str(phash), 16)
@@ -70,16 +75,19 @@ def dedup(folder: str, report_path: Optional[str] = None, max_distance: int = 4,
                     reasons.setdefault(key, "perceptual")
             buckets.setdefault(chunk, []).append(key)
         uf.find(key)
-    groups: Dict[str, List[str]] = {}
+    groups: dict[str, list[str]] = {}
     for key in info:
         groups.setdefault(uf.find(key), []).append(key)
     dup_groups = [sorted(g) for g in groups.values() if len(g) > 1]
     drop = {k for g in dup_groups for k in g[1:]}  # keep the first key of each group
     report = {
-        "samples": len(info), "groups": [
+        "samples": len(info),
+        "groups": [
             [{"key": k, "video_id": info[k]["video_id"], "match": reasons.get(k, "kept")} for k in g]
-            for g in sorted(dup_groups)],
-        "duplicate_groups": len(dup_groups), "duplicates": len(drop),
+            for g in sorted(dup_groups)
+        ],
+        "duplicate_groups": len(dup_groups),
+        "duplicates": len(drop),
         "exact": sum(1 for k in drop if reasons.get(k) == "exact"),
     }
     report["perceptual"] = report["duplicates"] - report["exact"]

@@ -19,6 +19,7 @@ huge_bytes    a 2 MB body
 noai          a valid image with ``X-Robots-Tag: noai``
 copy_of:<id>  the same bytes as video <id> (exact duplicate for dedup tests)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,12 +27,16 @@ import io
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional
 
 from PIL import Image, ImageDraw
 
-SIZES = {"maxresdefault": (1280, 720), "sddefault": (640, 480), "hqdefault": (480, 360),
-         "mqdefault": (320, 180), "default": (120, 90)}
+SIZES = {
+    "maxresdefault": (1280, 720),
+    "sddefault": (640, 480),
+    "hqdefault": (480, 360),
+    "mqdefault": (320, 180),
+    "default": (120, 90),
+}
 LETTERBOXED = {"sddefault", "hqdefault"}
 
 
@@ -40,7 +45,7 @@ def _color(seed: str) -> tuple:
     return tuple(64 + b % 160 for b in digest[:3])
 
 
-def render_thumbnail(video_id: str, variant: str, size: Optional[tuple] = None) -> bytes:
+def render_thumbnail(video_id: str, variant: str, size: tuple | None = None) -> bytes:
     """A JPEG whose content depends on the video (so perceptual hashes differ between videos)."""
     width, height = size or SIZES[variant]
     img = Image.new("RGB", (width, height), (0, 0, 0))
@@ -77,20 +82,25 @@ PLACEHOLDER = render_placeholder((120, 90))
 class FakeThumbnailHost:
     """Threaded HTTP server on 127.0.0.1; ``url_template`` is ready for ``--url-template``."""
 
-    def __init__(self, behaviours: Optional[Dict[str, str]] = None, latency: float = 0.0,
-                 slow_seconds: float = 2.0, max_lifetime: float = 600.0):
+    def __init__(
+        self,
+        behaviours: dict[str, str] | None = None,
+        latency: float = 0.0,
+        slow_seconds: float = 2.0,
+        max_lifetime: float = 600.0,
+    ):
         self.behaviours = dict(behaviours or {})
         self.latency = latency
         self.slow_seconds = slow_seconds
         self.max_lifetime = max_lifetime
-        self.requests: List[dict] = []  # {"path", "user_agent", "time", "status"}
-        self._hits: Dict[str, int] = {}
-        self._cache: Dict[tuple, bytes] = {}
+        self.requests: list[dict] = []  # {"path", "user_agent", "time", "status"}
+        self._hits: dict[str, int] = {}
+        self._cache: dict[tuple, bytes] = {}
         self._lock = threading.Lock()
-        self._server: Optional[ThreadingHTTPServer] = None
+        self._server: ThreadingHTTPServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> "FakeThumbnailHost":
+    def __enter__(self) -> FakeThumbnailHost:
         self.start()
         return self
 
@@ -103,7 +113,7 @@ class FakeThumbnailHost:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self):  # noqa: N802 (http.server's naming)
+            def do_GET(self):
                 host._handle(self)
 
             def log_message(self, *args):  # keep test output quiet
@@ -133,7 +143,7 @@ class FakeThumbnailHost:
         return f"http://127.0.0.1:{self.port}/vi/{{video_id}}/{{variant}}.jpg"
 
     # -- behaviour ---------------------------------------------------------------------------
-    def image(self, video_id: str, variant: str, size: Optional[tuple] = None) -> bytes:
+    def image(self, video_id: str, variant: str, size: tuple | None = None) -> bytes:
         key = (video_id, variant, size)
         with self._lock:
             if key not in self._cache:
@@ -148,15 +158,23 @@ class FakeThumbnailHost:
         with self._lock:
             self._hits[video_id] = self._hits.get(video_id, 0) + 1
             first = self._hits[video_id] == 1
-            self.requests.append({"path": req.path, "user_agent": req.headers.get("User-Agent"),
-                                  "time": time.monotonic(), "video_id": video_id, "variant": variant})
+            self.requests.append(
+                {
+                    "path": req.path,
+                    "user_agent": req.headers.get("User-Agent"),
+                    "time": time.monotonic(),
+                    "video_id": video_id,
+                    "variant": variant,
+                }
+            )
         if self.latency:
             time.sleep(self.latency)
         kind = self.behaviours.get(video_id, "ok")
         if variant not in SIZES or kind == "missing":
             return self._send(req, 404, PLACEHOLDER)
-        if kind.startswith("no_maxres") and (variant == "maxresdefault"
-                                             or (kind == "no_maxres_sd" and variant == "sddefault")):
+        if kind.startswith("no_maxres") and (
+            variant == "maxresdefault" or (kind == "no_maxres_sd" and variant == "sddefault")
+        ):
             return self._send(req, 404, PLACEHOLDER)
         if kind == "placeholder200" and variant == "maxresdefault":
             return self._send(req, 200, PLACEHOLDER)
@@ -188,8 +206,14 @@ class FakeThumbnailHost:
         return self._send(req, 200, self.image(video_id, variant), headers=headers)
 
     @staticmethod
-    def _send(req, status: int, body: bytes, content_type: str = "image/jpeg",
-              headers: Optional[dict] = None, length: Optional[int] = None) -> None:
+    def _send(
+        req,
+        status: int,
+        body: bytes,
+        content_type: str = "image/jpeg",
+        headers: dict | None = None,
+        length: int | None = None,
+    ) -> None:
         try:
             req.send_response(status)
             req.send_header("Content-Type", content_type)

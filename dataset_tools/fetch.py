@@ -9,6 +9,7 @@ stop the ladder at once: the host's trouble (timeouts, 429/5xx after the retries
 errors: asking for the next variant would only add load; ``build --retry-failed`` tries again
 later) and an X-Robots-Tag that disallows the image (the owner's word covers every variant).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -17,8 +18,8 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
 
 from PIL import Image
 
@@ -34,8 +35,12 @@ ERR_NOT_IMAGE = "body is not a decodable image"
 ERR_TRUNCATED = "truncated body"
 ERR_DEADLINE = "deadline exceeded"
 # Per-rung failures after which the next variant is tried (the trail's short codes).
-_NEXT_RUNG = {ERR_NOT_IMAGE: "not_image", ERR_TRUNCATED: "truncated", ERR_TOO_BIG: "too_big",
-              ERR_TOO_MANY_PIXELS: "too_many_pixels"}
+_NEXT_RUNG = {
+    ERR_NOT_IMAGE: "not_image",
+    ERR_TRUNCATED: "truncated",
+    ERR_TOO_BIG: "too_big",
+    ERR_TOO_MANY_PIXELS: "too_many_pixels",
+}
 
 _CHUNK = 64 * 1024
 
@@ -43,7 +48,7 @@ _CHUNK = 64 * 1024
 class _Retryable(Exception):
     """A transient failure worth another attempt after a backoff."""
 
-    def __init__(self, reason: str, retry_after: Optional[float] = None):
+    def __init__(self, reason: str, retry_after: float | None = None):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
@@ -63,12 +68,12 @@ class Response:
 class LadderResult:
     """Outcome of one video: ``body`` (raw bytes of the winning variant) or ``error``."""
 
-    body: Optional[bytes]
-    error: Optional[str]
-    variant: Optional[str] = None
-    url: Optional[str] = None
+    body: bytes | None
+    error: str | None
+    variant: str | None = None
+    url: str | None = None
     attempts: int = 0
-    trail: List[str] = field(default_factory=list)  # "variant:outcome" per variant tried
+    trail: list[str] = field(default_factory=list)  # "variant:outcome" per variant tried
 
 
 def _disallowed(headers, cfg: PolitenessConfig) -> bool:
@@ -140,8 +145,7 @@ def fetch_once(url: str, cfg: PolitenessConfig, limiter: HostLimiter) -> Respons
         limiter.release()
 
 
-def fetch_with_retries(url: str, cfg: PolitenessConfig, limiter: HostLimiter,
-                       sleep=time.sleep) -> tuple:
+def fetch_with_retries(url: str, cfg: PolitenessConfig, limiter: HostLimiter, sleep=time.sleep) -> tuple:
     """(Response or None, error or None, attempts). Backs off between transient failures."""
     attempts = 0
     for attempt in range(cfg.retries + 1):
@@ -191,7 +195,7 @@ def is_placeholder(body: bytes) -> bool:
         with Image.open(io.BytesIO(body)) as img:
             img.draft("RGB", (64, 48))
             small = img.convert("RGB").resize((32, 24))
-    except Exception:  # noqa: BLE001 - not an image is not a placeholder
+    except Exception:
         return False
     pixels = list(small.getdata())
     if max(max(p) - min(p) for p in pixels) > 16:
@@ -212,8 +216,9 @@ def _rung_failure(error: str) -> str | None:
     return None
 
 
-def fetch_ladder(video_id: str, variants: Sequence[str], template: str, cfg: PolitenessConfig,
-                 limiter: HostLimiter) -> LadderResult:
+def fetch_ladder(
+    video_id: str, variants: Sequence[str], template: str, cfg: PolitenessConfig, limiter: HostLimiter
+) -> LadderResult:
     """Try each variant in order; the first real image wins. Placeholders never win.
 
     On failure ``error`` is ERR_ALL_MISSING when every rung was missing or a placeholder, else the

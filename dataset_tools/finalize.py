@@ -5,6 +5,7 @@
 ``sizes.json``; our ``build`` only treats ``NNNNN_stats.json`` as shard markers, so a later
 resume still works, and ``finalize`` can simply be run again after it.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ def finalize(folder: str) -> dict:
     """
     shards.require_shards(folder)
     sizes, entries, total, problems = {}, [], 0, []
-    for shard_id, name in sorted(shards.complete_shards(folder).items()):
+    for _shard_id, name in sorted(shards.complete_shards(folder).items()):
         with open(os.path.join(folder, f"{name}_stats.json")) as f:
             stats = json.load(f)
         problem = shards.tar_problem(os.path.join(folder, f"{name}.tar"), stats["successes"])
@@ -34,13 +35,18 @@ def finalize(folder: str) -> dict:
         entries.append({"shard": f"{name}.tar", "samples": stats["successes"], "rows": stats["count"]})
     if problems:
         names = " ".join(f"{n}_stats.json" for n, _ in problems)
-        raise SystemExit(f"{folder}: refusing to finalize: {'; '.join(p for _, p in problems)}. "
-                         f"Delete {names} in that folder and run the same build again to redo "
-                         f"{'that shard' if len(problems) == 1 else 'those shards'}, then finalize.")
+        raise SystemExit(
+            f"{folder}: refusing to finalize: {'; '.join(p for _, p in problems)}. "
+            f"Delete {names} in that folder and run the same build again to redo "
+            f"{'that shard' if len(problems) == 1 else 'those shards'}, then finalize."
+        )
     all_tars = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
-    manifest = {"shards": entries, "num_samples": total,
-                "incomplete": [t for t in all_tars if t not in sizes],
-                "brace": _brace(list(sizes))}
+    manifest = {
+        "shards": entries,
+        "num_samples": total,
+        "incomplete": [t for t in all_tars if t not in sizes],
+        "brace": _brace(list(sizes)),
+    }
     shards.atomic_write_bytes(os.path.join(folder, "sizes.json"), json.dumps(sizes, indent=2).encode())
     shards.atomic_write_bytes(os.path.join(folder, "__len__"), f"{total}\n".encode())
     shards.atomic_write_bytes(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=2).encode())

@@ -11,13 +11,14 @@ stats, and its distributors (multiprocessing, pyspark, ray). We replace two thin
   written under temporary names and renamed, extra columns (variant, ladder trail), and every
   input row of the shard accounted for even if img2dataset dropped one on an exception.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
 
 import pyarrow as pa
 from img2dataset import downloader as i2d_downloader
@@ -38,15 +39,15 @@ ERR_LOST = "internal: row dropped by the download loop"
 class _ShardContext:
     """Per-process state for the shard being downloaded (a worker runs one shard at a time)."""
 
-    inputs: List[dict] = field(default_factory=list)        # input rows, by img2dataset row index
-    video_ids: List[str] = field(default_factory=list)      # by img2dataset row index
-    sample_keys: List[str] = field(default_factory=list)
-    outcomes: Dict[str, fetch.LadderResult] = field(default_factory=dict)  # by video id
-    rows: List[dict] = field(default_factory=list)          # final parquet rows, set by the writer
+    inputs: list[dict] = field(default_factory=list)  # input rows, by img2dataset row index
+    video_ids: list[str] = field(default_factory=list)  # by img2dataset row index
+    sample_keys: list[str] = field(default_factory=list)
+    outcomes: dict[str, fetch.LadderResult] = field(default_factory=dict)  # by video id
+    rows: list[dict] = field(default_factory=list)  # final parquet rows, set by the writer
 
 
 _CTX = _ShardContext()
-_FETCH: Dict[str, object] = {}  # config, limiter, variants, template for this process
+_FETCH: dict[str, object] = {}  # config, limiter, variants, template for this process
 _LOCK = threading.Lock()
 
 
@@ -56,8 +57,9 @@ def _ladder_download(row, timeout, retries, user_agent_token, disallowed_header_
     index, _url = row
     video_id = _CTX.video_ids[index]
     try:
-        result = fetch.fetch_ladder(video_id, _FETCH["variants"], _FETCH["template"],
-                                    _FETCH["config"], _FETCH["limiter"])
+        result = fetch.fetch_ladder(
+            video_id, _FETCH["variants"], _FETCH["template"], _FETCH["config"], _FETCH["limiter"]
+        )
     except Exception as err:  # never let one row kill the shard; record why instead
         result = fetch.LadderResult(body=None, error=f"internal fetch error: {err!r}")
     _CTX.outcomes[video_id] = result
@@ -69,8 +71,9 @@ def _ladder_download(row, timeout, retries, user_agent_token, disallowed_header_
 class YouTubeDownloader(i2d_downloader.Downloader):
     """img2dataset's Downloader with our fetch and exact per-row accounting."""
 
-    def __init__(self, *args, variants: Sequence[str], url_template: str,
-                 politeness: PolitenessConfig, **kwargs):
+    def __init__(
+        self, *args, variants: Sequence[str], url_template: str, politeness: PolitenessConfig, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.variants = tuple(variants)
         self.url_template = url_template
@@ -79,9 +82,10 @@ class YouTubeDownloader(i2d_downloader.Downloader):
     def _install(self) -> None:
         with _LOCK:
             if _FETCH.get("config") != self.politeness:
-                _FETCH.update(config=self.politeness,
-                              limiter=HostLimiter(self.politeness.max_connections,
-                                                  self.politeness.requests_per_second))
+                _FETCH.update(
+                    config=self.politeness,
+                    limiter=HostLimiter(self.politeness.max_connections, self.politeness.requests_per_second),
+                )
             _FETCH.update(variants=self.variants, template=self.url_template)
             i2d_downloader.download_image_with_retry = _ladder_download
 
@@ -124,8 +128,8 @@ class SortedTarSampleWriter:
         self.save_caption = save_caption
         self.schema = output_schema(schema)
         self.encode_format = encode_format
-        self.samples: Dict[str, Dict[str, bytes]] = {}
-        self.rows: Dict[str, dict] = {}
+        self.samples: dict[str, dict[str, bytes]] = {}
+        self.rows: dict[str, dict] = {}
 
     def write(self, img_str, key, caption, meta):
         meta = dict(meta)
@@ -140,8 +144,10 @@ class SortedTarSampleWriter:
         self.rows[key] = meta
         if img_str is None:
             return
-        members = {self.encode_format: img_str,
-                   "json": json.dumps(meta, ensure_ascii=False, indent=4, default=str).encode()}
+        members = {
+            self.encode_format: img_str,
+            "json": json.dumps(meta, ensure_ascii=False, indent=4, default=str).encode(),
+        }
         if self.save_caption:
             members["txt"] = ("" if caption is None else str(caption)).encode()
         self.samples[key] = members

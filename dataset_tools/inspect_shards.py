@@ -5,6 +5,7 @@ truncated), decodes every image fully, checks every sample has its .jpg/.txt/.js
 key matches, that members are sorted, and (shards with a parquet) that the tar holds exactly the
 rows the parquet calls successes. Any finding lands in ``report["corrupt"]`` (non-empty -> exit 1).
 """
+
 from __future__ import annotations
 
 import io
@@ -12,7 +13,6 @@ import json
 import os
 import tarfile
 from collections import Counter
-from typing import List, Optional
 
 from PIL import Image
 
@@ -21,9 +21,9 @@ from dataset_tools import shards, youtube
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
 
 
-def _verify_shard(folder: str, name: str, success_keys: Optional[set]) -> List[str]:
+def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]:
     """Findings for one tar; ``success_keys`` None for a tar without stats/parquet (no cross-check)."""
-    problems: List[str] = []
+    problems: list[str] = []
     path = os.path.join(folder, f"{name}.tar")
     whole = shards.tar_problem(path)
     if whole:
@@ -45,21 +45,24 @@ def _verify_shard(folder: str, name: str, success_keys: Optional[set]) -> List[s
             meta = json.loads(members["json"])
             if meta.get("key") != key:
                 problems.append(f"{name}.tar: sample {key} json key is {meta.get('key')!r}")
-            if ((meta.get("original_width"), meta.get("original_height")) == youtube.PLACEHOLDER_SIZE
-                    and meta.get("variant") != "default"):
+            if (
+                meta.get("original_width"),
+                meta.get("original_height"),
+            ) == youtube.PLACEHOLDER_SIZE and meta.get("variant") != "default":
                 problems.append(f"{name}.tar: sample {key} is a 120x90 placeholder")
         except ValueError:
             problems.append(f"{name}.tar: sample {key} json does not parse")
         try:
             with Image.open(io.BytesIO(members["jpg"])) as img:
                 img.load()  # full decode: truncated JPEGs raise here
-        except Exception as err:  # noqa: BLE001 - every decoder error is corruption
+        except Exception as err:
             problems.append(f"{name}.tar: sample {key} image does not decode ({err})")
     in_tar = set(samples)
     if success_keys is not None and in_tar != success_keys:
         extra, lost = sorted(in_tar - success_keys), sorted(success_keys - in_tar)
-        problems.append(f"{name}: tar/parquet disagree (in tar only: {extra[:5]}, "
-                        f"successes missing from tar: {lost[:5]})")
+        problems.append(
+            f"{name}: tar/parquet disagree (in tar only: {extra[:5]}, successes missing from tar: {lost[:5]})"
+        )
     return problems
 
 
@@ -69,12 +72,19 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
         raise SystemExit(f"{folder}: not a directory")
     complete = shards.complete_shards(folder)
     tars = {f[:-4] for f in os.listdir(folder) if f.endswith(".tar")}
-    report = {"shards": len(complete), "rows": 0, "successes": 0,
-              "failures_by_reason": Counter(), "variants": Counter(), "categories": Counter(),
-              "tags": Counter(), "corrupt": [],
-              "incomplete_shards": sorted(tars - set(complete.values()))}
+    report = {
+        "shards": len(complete),
+        "rows": 0,
+        "successes": 0,
+        "failures_by_reason": Counter(),
+        "variants": Counter(),
+        "categories": Counter(),
+        "tags": Counter(),
+        "corrupt": [],
+        "incomplete_shards": sorted(tars - set(complete.values())),
+    }
     keys_seen = Counter()
-    for shard_id, name in sorted(complete.items()):
+    for _shard_id, name in sorted(complete.items()):
         rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
         success_keys = set()
         for row in rows:
@@ -104,17 +114,24 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
 
 
 def format_report(report: dict, top: int = 10) -> str:
-    lines = [f"shards: {report['shards']}  rows: {report['rows']}  successes: {report['successes']}"
-             f"  failures: {report['failures']}"]
+    lines = [
+        f"shards: {report['shards']}  rows: {report['rows']}  successes: {report['successes']}"
+        f"  failures: {report['failures']}"
+    ]
     if report["incomplete_shards"]:
         lines.append(f"incomplete shards (no stats yet): {report['incomplete_shards']}")
-    for title, key in (("failures by reason", "failures_by_reason"), ("variant mix", "variants"),
-                       ("categories", "categories"), (f"top {top} tags", "tags")):
+    for title, key in (
+        ("failures by reason", "failures_by_reason"),
+        ("variant mix", "variants"),
+        ("categories", "categories"),
+        (f"top {top} tags", "tags"),
+    ):
         lines.append(f"{title}:")
         for name, n in list(report[key].items())[:top]:
             lines.append(f"  {n:8d}  {name}")
     if report["verified"]:
-        lines.append("verify: OK" if not report["corrupt"] else
-                     f"verify: {len(report['corrupt'])} problem(s)")
+        lines.append(
+            "verify: OK" if not report["corrupt"] else f"verify: {len(report['corrupt'])} problem(s)"
+        )
         lines += [f"  {p}" for p in report["corrupt"]]
     return "\n".join(lines)

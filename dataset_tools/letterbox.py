@@ -1,9 +1,9 @@
 """Remove the black bars YouTube adds when a 16:9 frame is stored in a 4:3 thumbnail
 (hqdefault 480x360, sddefault 640x480), before img2dataset's resizer sees the image."""
+
 from __future__ import annotations
 
 import io
-from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -13,7 +13,7 @@ _BLACK_MEAN = 16.0
 _BLACK_STD = 8.0
 
 
-def letterbox_bounds(img: np.ndarray) -> Optional[Tuple[int, int]]:
+def letterbox_bounds(img: np.ndarray) -> tuple[int, int] | None:
     """``(top, bottom)`` rows of the content when both a top and a bottom black bar exist and
     cover at least 5% of the height each, else None. ``img``: [H, W] or [H, W, C] uint8."""
     gray = img if img.ndim == 2 else img[..., :3].mean(axis=2)
@@ -31,7 +31,7 @@ def letterbox_bounds(img: np.ndarray) -> Optional[Tuple[int, int]]:
     return top, bottom
 
 
-def crop_letterbox(data: bytes) -> Optional[bytes]:
+def crop_letterbox(data: bytes) -> bytes | None:
     """Lossless (BMP) bytes of the image without its bars, or None when there is nothing to crop."""
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
@@ -39,7 +39,7 @@ def crop_letterbox(data: bytes) -> Optional[bytes]:
     bounds = letterbox_bounds(img)
     if bounds is None:
         return None
-    ok, encoded = cv2.imencode(".bmp", img[bounds[0]:bounds[1]])
+    ok, encoded = cv2.imencode(".bmp", img[bounds[0] : bounds[1]])
     return encoded.tobytes() if ok else None
 
 

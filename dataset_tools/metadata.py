@@ -6,20 +6,30 @@ A canonical row is a dict with the keys of ``FIELDS``: ``video_id`` (11 chars), 
 ``trending_date`` (ISO date or "", used to pick the newest duplicate).
 Rows whose id cannot be normalised are returned as rejections (never dropped silently).
 """
+
 from __future__ import annotations
 
 import glob
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
 from dataset_tools import youtube
 
-FIELDS = ("video_id", "title", "tags", "category_id", "category_name", "channel_id",
-          "channel_title", "publish_time", "trending_date")
+FIELDS = (
+    "video_id",
+    "title",
+    "tags",
+    "category_id",
+    "category_name",
+    "channel_id",
+    "channel_title",
+    "publish_time",
+    "trending_date",
+)
 FORMATS = ("auto", "kaggle", "csv", "jsonl", "ytdlp")
 _ID_COLUMNS = ("video_id", "videoid", "youtube_id", "id", "url", "video_url", "webpage_url", "link")
 _TITLE_COLUMNS = ("title", "video_title", "name", "caption")
@@ -34,16 +44,16 @@ _PUBLISH_COLUMNS = ("publish_time", "publishedat", "published_at", "upload_date"
 class MetadataResult:
     """What the readers found: canonical rows (unique ids), rejected rows, counts."""
 
-    rows: List[dict]
-    rejected: List[dict] = field(default_factory=list)
+    rows: list[dict]
+    rejected: list[dict] = field(default_factory=list)
     input_rows: int = 0
     duplicates: int = 0
-    formats: Dict[str, str] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)
 
 
-def expand_inputs(inputs: Sequence[str]) -> List[str]:
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
     """Files from paths, globs and directories (directory: its csv/tsv/parquet/json/jsonl files)."""
-    files: List[str] = []
+    files: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
             for ext in ("csv", "tsv", "parquet", "jsonl", "json", "csv.gz", "jsonl.gz"):
@@ -58,7 +68,8 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
     if missing or not files:
         raise FileNotFoundError(
             f"--input matched no readable file: {missing or list(inputs)}. "
-            "Pass CSV/TSV/parquet/JSONL files, a glob or a directory.")
+            "Pass CSV/TSV/parquet/JSONL files, a glob or a directory."
+        )
     return files
 
 
@@ -71,6 +82,7 @@ def _open_quote_line(path: str, encoding: str) -> int | None:
     inside, opened = False, None
     if path.endswith(".gz"):
         import gzip
+
         fh_ctx = gzip.open(path, "rt", encoding=encoding, errors="replace", newline="")
     else:
         fh_ctx = open(path, encoding=encoding, errors="replace", newline="")
@@ -90,8 +102,10 @@ def _read_csv(path: str, encoding: str, **kwargs) -> pd.DataFrame:
         line = _open_quote_line(path, encoding)
         where = f"{path}:{line}" if line else path
         detail = "a double quote opens here and is never closed" if line else " ".join(str(err).split())
-        raise MetadataError(f"{where}: cannot parse as CSV ({detail}). Fix or remove that row, "
-                            "then run the same command again.") from None
+        raise MetadataError(
+            f"{where}: cannot parse as CSV ({detail}). Fix or remove that row, "
+            "then run the same command again."
+        ) from None
 
 
 def _read_table(path: str) -> pd.DataFrame:
@@ -125,8 +139,10 @@ def _iter_json_records(path: str) -> Iterator[dict]:
             records = json.loads(stripped)
         except ValueError as err:
             line = getattr(err, "lineno", 1) + text[: len(text) - len(stripped)].count("\n")
-            raise MetadataError(f"{path}:{line}: not valid JSON ({getattr(err, 'msg', err)}). "
-                                "Fix that line, then run the same command again.") from None
+            raise MetadataError(
+                f"{path}:{line}: not valid JSON ({getattr(err, 'msg', err)}). "
+                "Fix that line, then run the same command again."
+            ) from None
         yield from records
         return
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -136,8 +152,9 @@ def _iter_json_records(path: str) -> Iterator[dict]:
         try:
             rec = json.loads(line)
         except ValueError as err:
-            raise MetadataError(f"{path}:{lineno}: not a JSON line ({err}). "
-                             "JSONL input needs one JSON object per line.") from err
+            raise MetadataError(
+                f"{path}:{lineno}: not a JSON line ({err}). JSONL input needs one JSON object per line."
+            ) from err
         if isinstance(rec, dict):
             yield rec
 
@@ -153,7 +170,7 @@ def detect_format(path: str, columns: Sequence[str]) -> str:
     return "csv"
 
 
-def _pick(columns: Dict[str, str], names: Sequence[str]) -> List[str]:
+def _pick(columns: dict[str, str], names: Sequence[str]) -> list[str]:
     """The columns present among ``names``, in preference order."""
     return [columns[name] for name in names if name in columns]
 
@@ -181,7 +198,7 @@ def _first(raw: dict, cols: Sequence[str]) -> object:
     return None
 
 
-def load_category_table(path: Optional[str]) -> Dict[int, str]:
+def load_category_table(path: str | None) -> dict[int, str]:
     """``{id: name}`` from a YouTube API videoCategories JSON (Kaggle ``US_category_id.json``)."""
     if not path:
         return {}
@@ -196,7 +213,7 @@ def load_category_table(path: Optional[str]) -> Dict[int, str]:
     return table
 
 
-def _sibling_category_json(path: str) -> Optional[str]:
+def _sibling_category_json(path: str) -> str | None:
     """Kaggle ships ``USvideos.csv`` with ``US_category_id.json``; find it if it is there."""
     base = os.path.basename(path)
     region = base[:2]
@@ -221,14 +238,16 @@ def _ytdlp_publish(value: object) -> str:
     return text
 
 
-def _canonical_rows(path: str, df: pd.DataFrame, fmt: str, table: Dict[int, str]
-                    ) -> Iterator[Tuple[Optional[dict], dict]]:
+def _canonical_rows(
+    path: str, df: pd.DataFrame, fmt: str, table: dict[int, str]
+) -> Iterator[tuple[dict | None, dict]]:
     """Yield (canonical row or None, raw record) per input row."""
     cols = {c.lower(): c for c in df.columns}
     id_col = _pick(cols, _ID_COLUMNS)
     if not id_col:
-        raise ValueError(f"{path}: no video id column; expected one of {list(_ID_COLUMNS)} "
-                         f"(found {list(df.columns)}).")
+        raise ValueError(
+            f"{path}: no video id column; expected one of {list(_ID_COLUMNS)} (found {list(df.columns)})."
+        )
     title_col = _pick(cols, _TITLE_COLUMNS if fmt != "ytdlp" else ("title", "fulltitle"))
     tag_col = _pick(cols, _TAG_COLUMNS)
     cat_col = _pick(cols, _CATEGORY_COLUMNS)
@@ -268,7 +287,7 @@ def _completeness(row: dict) -> int:
     return sum(1 for k in FIELDS if row.get(k) not in (None, "", []))
 
 
-def _collapse(rows: List[Tuple[int, dict]]) -> dict:
+def _collapse(rows: list[tuple[int, dict]]) -> dict:
     """One row per id: the newest (trending date, then input order), gaps filled from the others
     (most complete wins among the rest)."""
     ordered = sorted(rows, key=lambda t: (t[1]["trending_date"], t[0]), reverse=True)
@@ -280,14 +299,15 @@ def _collapse(rows: List[Tuple[int, dict]]) -> dict:
     return best
 
 
-def read_metadata(inputs: Sequence[str], input_format: str = "auto",
-                  categories_json: Optional[str] = None) -> MetadataResult:
+def read_metadata(
+    inputs: Sequence[str], input_format: str = "auto", categories_json: str | None = None
+) -> MetadataResult:
     """Read every input file, normalise ids, collapse duplicates (order of first appearance kept)."""
     if input_format not in FORMATS:
         raise ValueError(f"--input-format {input_format!r}: choose one of {FORMATS}")
     explicit_table = load_category_table(categories_json)
     result = MetadataResult(rows=[])
-    by_id: Dict[str, List[Tuple[int, dict]]] = {}
+    by_id: dict[str, list[tuple[int, dict]]] = {}
     counter = 0
     for path in expand_inputs(inputs):
         df = _read_table(path)
@@ -301,12 +321,17 @@ def read_metadata(inputs: Sequence[str], input_format: str = "auto",
         for lineno, (row, raw) in enumerate(_canonical_rows(path, df, fmt, table), 1):
             result.input_rows += 1
             if row is None:
-                result.rejected.append({"source": f"{path}:{lineno}", "reason": "invalid video id",
-                                        "record": {k: str(v) for k, v in raw.items()}})
+                result.rejected.append(
+                    {
+                        "source": f"{path}:{lineno}",
+                        "reason": "invalid video id",
+                        "record": {k: str(v) for k, v in raw.items()},
+                    }
+                )
                 continue
             counter += 1
             by_id.setdefault(row["video_id"], []).append((counter, row))
-    for vid, rows in by_id.items():
+    for _vid, rows in by_id.items():
         result.duplicates += len(rows) - 1
         result.rows.append(_collapse(rows))
     return result

@@ -3,12 +3,13 @@
 Saved once as ``DIR/_build/plan.parquet``; a later ``build`` on the same output reuses it (so
 keys and shard contents never move) and appends rows for video ids it has not seen as new shards.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import string
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,13 +17,23 @@ import pyarrow.parquet as pq
 from dataset_tools import youtube
 
 BUILD_DIR = "_build"
-PLAN_SCHEMA = pa.schema([
-    ("video_id", pa.string()), ("title", pa.string()), ("tags", pa.list_(pa.string())),
-    ("category_id", pa.int32()), ("category_name", pa.string()), ("channel_id", pa.string()),
-    ("channel_title", pa.string()), ("publish_time", pa.string()), ("trending_date", pa.string()),
-    ("caption", pa.string()), ("url", pa.string()), ("sample_key", pa.string()),
-    ("shard_id", pa.int32()),
-])
+PLAN_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("title", pa.string()),
+        ("tags", pa.list_(pa.string())),
+        ("category_id", pa.int32()),
+        ("category_name", pa.string()),
+        ("channel_id", pa.string()),
+        ("channel_title", pa.string()),
+        ("publish_time", pa.string()),
+        ("trending_date", pa.string()),
+        ("caption", pa.string()),
+        ("url", pa.string()),
+        ("sample_key", pa.string()),
+        ("shard_id", pa.int32()),
+    ]
+)
 
 
 def plan_path(output: str) -> str:
@@ -36,24 +47,33 @@ def render_caption(template: str, row: dict) -> str:
     names = {name for _, name, _, _ in string.Formatter().parse(template) if name}
     unknown = names - set(fields)
     if unknown:
-        raise ValueError(f"--caption-template uses unknown field(s) {sorted(unknown)}; "
-                         f"available: {sorted(fields)}")
+        raise ValueError(
+            f"--caption-template uses unknown field(s) {sorted(unknown)}; available: {sorted(fields)}"
+        )
     return template.format(**{k: ("" if v is None else v) for k, v in fields.items()})
 
 
 def sample_key(shard_id: int, index: int, shard_size: int, oom_shard_count: int) -> str:
     """img2dataset's key formula: shard_id * 10**ceil(log10(shard_size)) + index, zero-padded."""
     oom_sample = max(1, math.ceil(math.log10(shard_size)))
-    return f"{shard_id * 10 ** oom_sample + index:0{oom_sample + oom_shard_count}d}"
+    return f"{shard_id * 10**oom_sample + index:0{oom_sample + oom_shard_count}d}"
 
 
-def load_plan(output: str) -> List[dict]:
+def load_plan(output: str) -> list[dict]:
     path = plan_path(output)
     return pq.read_table(path).to_pylist() if os.path.exists(path) else []
 
 
-def extend_plan(plan: List[dict], rows: Sequence[dict], *, shard_size: int, oom_shard_count: int,
-                caption_template: str, url_template: str, first_variant: str) -> List[dict]:
+def extend_plan(
+    plan: list[dict],
+    rows: Sequence[dict],
+    *,
+    shard_size: int,
+    oom_shard_count: int,
+    caption_template: str,
+    url_template: str,
+    first_variant: str,
+) -> list[dict]:
     """Append rows whose video id is not planned yet, in new shards after the last one."""
     known = {r["video_id"] for r in plan}
     fresh = [r for r in rows if r["video_id"] not in known]
@@ -72,15 +92,15 @@ def extend_plan(plan: List[dict], rows: Sequence[dict], *, shard_size: int, oom_
     return extended
 
 
-def save_plan(output: str, plan: List[dict]) -> None:
+def save_plan(output: str, plan: list[dict]) -> None:
     path = plan_path(output)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(pa.Table.from_pylist(plan, schema=PLAN_SCHEMA), path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def by_shard(plan: Sequence[dict]) -> Dict[int, List[dict]]:
-    groups: Dict[int, List[dict]] = {}
+def by_shard(plan: Sequence[dict]) -> dict[int, list[dict]]:
+    groups: dict[int, list[dict]] = {}
     for row in plan:
         groups.setdefault(row["shard_id"], []).append(row)
     return groups

@@ -4,6 +4,7 @@ cool-down after 429/503, and exponential backoff with full jitter that honours R
 All thumbnails come from one host (i.ytimg.com), so these limits are per *process*; the build
 divides the user's global caps by the number of processes (see ``PolitenessConfig.per_process``).
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -11,7 +12,6 @@ import random
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -34,19 +34,23 @@ class PolitenessConfig:
     """Largest response body accepted."""
     max_pixels: int = 4096 * 4096
     """Largest decoded image (width * height) accepted, checked from the header before decoding."""
-    user_agent: str = "vutrain-dataset-tools/0.1 (+https://github.com/vector-universe/vutrain; thumbnails for research)"
+    user_agent: str = (
+        "vutrain-dataset-tools/0.1 (+https://github.com/vector-universe/vutrain; thumbnails for research)"
+    )
     """Identifiable User-Agent sent with every request."""
     robots_token: str = "vutrain"
     """Token matched against ``X-Robots-Tag: <token>: noai`` directives."""
     disallowed_directives: tuple = ("noai", "noimageai", "noindex", "noimageindex")
     """X-Robots-Tag directives that make us drop an image (img2dataset's defaults)."""
 
-    def per_process(self, processes: int) -> "PolitenessConfig":
+    def per_process(self, processes: int) -> PolitenessConfig:
         """The share of the global caps one of ``processes`` workers may use."""
         processes = max(1, processes)
-        return replace(self,
-                       max_connections=max(1, self.max_connections // processes),
-                       requests_per_second=self.requests_per_second / processes)
+        return replace(
+            self,
+            max_connections=max(1, self.max_connections // processes),
+            requests_per_second=self.requests_per_second / processes,
+        )
 
 
 class HostLimiter:
@@ -84,7 +88,7 @@ class HostLimiter:
             self._cooldown_until = max(self._cooldown_until, time.monotonic() + seconds)
 
 
-def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), None if absent/bad."""
     if not value:
         return None
@@ -101,11 +105,12 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
     return max(0.0, when.timestamp() - now)
 
 
-def backoff_delay(attempt: int, config: PolitenessConfig, retry_after: Optional[float] = None,
-                  rng: random.Random = random) -> float:
+def backoff_delay(
+    attempt: int, config: PolitenessConfig, retry_after: float | None = None, rng: random.Random = random
+) -> float:
     """Wait before re-attempt ``attempt`` (0-based): full jitter on base*2**attempt, at least the
     server's Retry-After, never more than ``backoff_max``."""
-    ceiling = min(config.backoff_max, config.backoff_base * (2 ** attempt))
+    ceiling = min(config.backoff_max, config.backoff_base * (2**attempt))
     delay = rng.uniform(0.5 * ceiling, ceiling)  # half-jitter: spreads threads, keeps the growth
     if retry_after is not None:
         delay = max(delay, retry_after)

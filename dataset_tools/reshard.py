@@ -1,15 +1,16 @@
 """Read samples out of complete shards and write them into new shards (split, dedup filter)."""
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterator, List, Tuple
+from collections.abc import Iterator
 
 import pyarrow as pa
 
 from dataset_tools import shards
 
-Sample = Tuple[str, Dict[str, bytes], dict]  # key, members, parquet row
+Sample = tuple[str, dict[str, bytes], dict]  # key, members, parquet row
 
 
 def iter_samples(folder: str) -> Iterator[Sample]:
@@ -24,7 +25,7 @@ def iter_samples(folder: str) -> Iterator[Sample]:
             yield key, members, row
 
 
-def _schema_for(rows: List[dict]) -> pa.Schema:
+def _schema_for(rows: list[dict]) -> pa.Schema:
     return pa.Table.from_pylist(rows).schema
 
 
@@ -34,7 +35,7 @@ class ShardSink:
     def __init__(self, folder: str, shard_size: int, oom_shard_count: int = 5):
         os.makedirs(folder, exist_ok=True)
         self.folder, self.shard_size, self.oom = folder, shard_size, oom_shard_count
-        self.buffer: List[Sample] = []
+        self.buffer: list[Sample] = []
         self.shard_id = 0
         self.count = 0
 
@@ -49,10 +50,13 @@ class ShardSink:
         start = shards.now()
         name = shards.shard_name(self.shard_id, self.oom)
         rows = [row for _, _, row in self.buffer]
-        shards.write_tar(os.path.join(self.folder, f"{name}.tar"),
-                         [(key, members) for key, members, _ in self.buffer])
+        shards.write_tar(
+            os.path.join(self.folder, f"{name}.tar"), [(key, members) for key, members, _ in self.buffer]
+        )
         shards.write_parquet(os.path.join(self.folder, f"{name}.parquet"), rows, _schema_for(rows))
-        shards.write_stats(self.folder, self.shard_id, shards.stats_from_rows(rows, start, shards.now()), self.oom)
+        shards.write_stats(
+            self.folder, self.shard_id, shards.stats_from_rows(rows, start, shards.now()), self.oom
+        )
         self.count += len(self.buffer)
         self.buffer, self.shard_id = [], self.shard_id + 1
 

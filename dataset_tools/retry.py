@@ -4,6 +4,7 @@ The retry pass writes ``_build/retry/NNNNN.{tar,parquet}`` holding only the re-a
 with the same keys. Merging replaces those rows in ``NNNNN.parquet``, adds new successes to
 ``NNNNN.tar`` (still sorted, written through a temporary name) and rewrites the stats last.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 ``DIR/NNNNN.tar`` (members sorted by key), ``DIR/NNNNN.parquet`` (every row, failures too),
 ``DIR/NNNNN_stats.json`` (written last: its presence marks the shard complete).
 """
+
 from __future__ import annotations
 
 import io
@@ -12,7 +13,7 @@ import re
 import tarfile
 import time
 from collections import Counter
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,7 +36,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_tar(path: str, samples: Iterable[Tuple[str, Dict[str, bytes]]]) -> None:
+def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
     """Write ``(key, {ext: bytes})`` samples sorted by key, members of a sample sorted by ext,
     through a temporary name. mtime is fixed so identical inputs give identical tars."""
     tmp = path + ".tmp"
@@ -53,9 +54,9 @@ def write_tar(path: str, samples: Iterable[Tuple[str, Dict[str, bytes]]]) -> Non
     os.replace(tmp, path)
 
 
-def read_tar(path: str) -> Dict[str, Dict[str, bytes]]:
+def read_tar(path: str) -> dict[str, dict[str, bytes]]:
     """``{key: {ext: bytes}}`` of a shard (key = member name up to the first dot)."""
-    samples: Dict[str, Dict[str, bytes]] = {}
+    samples: dict[str, dict[str, bytes]] = {}
     with tarfile.open(path, "r") as tar:
         for member in tar:
             if not member.isfile():
@@ -66,7 +67,7 @@ def read_tar(path: str) -> Dict[str, Dict[str, bytes]]:
     return samples
 
 
-def tar_problem(path: str, expected_samples: Optional[int] = None) -> Optional[str]:
+def tar_problem(path: str, expected_samples: int | None = None) -> str | None:
     """None when the tar at ``path`` is whole, else why not (one phrase naming the file).
 
     Whole: a whole number of 512-byte blocks ending in the two zero blocks that close an archive
@@ -96,19 +97,19 @@ def tar_problem(path: str, expected_samples: Optional[int] = None) -> Optional[s
     return None
 
 
-def write_parquet(path: str, rows: List[dict], schema: pa.Schema) -> None:
+def write_parquet(path: str, rows: list[dict], schema: pa.Schema) -> None:
     tmp = path + ".tmp"
     table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
-def read_parquet_rows(path: str) -> Tuple[List[dict], pa.Schema]:
+def read_parquet_rows(path: str) -> tuple[list[dict], pa.Schema]:
     table = pq.read_table(path)
     return table.to_pylist(), table.schema
 
 
-def stats_from_rows(rows: List[dict], start_time: float, end_time: float) -> dict:
+def stats_from_rows(rows: list[dict], start_time: float, end_time: float) -> dict:
     """img2dataset's ``_stats.json`` keys, computed from the shard's parquet rows."""
     status = Counter()
     for row in rows:
@@ -130,7 +131,7 @@ def write_stats(folder: str, shard_id: int, stats: dict, oom_shard_count: int = 
     atomic_write_bytes(path, json.dumps(stats, indent=4).encode())
 
 
-def complete_shards(folder: str) -> Dict[int, str]:
+def complete_shards(folder: str) -> dict[int, str]:
     """``{shard_id: name}`` of shards whose stats parse and whose tar and parquet exist.
     Other ``*.json`` (sizes.json, manifests) are ignored rather than crashing the resume."""
     done = {}
@@ -149,18 +150,20 @@ def complete_shards(folder: str) -> Dict[int, str]:
     return done
 
 
-def require_shards(folder: str) -> Dict[int, str]:
+def require_shards(folder: str) -> dict[int, str]:
     """complete_shards, or a SystemExit that says what to do when there are none."""
     done = complete_shards(folder)
     if not done:
-        raise SystemExit(f"{folder}: no complete shards (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json). "
-                         "Run `python -m dataset_tools build --output DIR ...` first, or check the path.")
+        raise SystemExit(
+            f"{folder}: no complete shards (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json). "
+            "Run `python -m dataset_tools build --output DIR ...` first, or check the path."
+        )
     return done
 
 
 def iter_shard_names(folder: str) -> Iterator[str]:
     """Names (``00000``...) of complete shards, sorted."""
-    for sid, name in sorted(complete_shards(folder).items()):
+    for _sid, name in sorted(complete_shards(folder).items()):
         yield name
 
 

@@ -4,6 +4,7 @@ By channel, every video of a channel lands on the same side (near-identical thum
 channel cannot straddle the split); by hash, each video id decides alone. The side is a salted
 SHA-1 of the channel (or id), so the split is deterministic and stable as data grows.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ from dataset_tools.reshard import ShardSink, iter_samples
 
 
 def assign(row: dict, by: str, val_fraction: float, seed: str = "0") -> str:
-    """"val" or "train" for one parquet/json row."""
+    """ "val" or "train" for one parquet/json row."""
     if by == "channel":
         unit = row.get("channel_id") or row.get("channel_title") or f"video:{row['video_id']}"
     elif by == "hash":
@@ -23,11 +24,17 @@ def assign(row: dict, by: str, val_fraction: float, seed: str = "0") -> str:
     else:
         raise ValueError(f"--by {by!r}: use channel or hash")
     digest = hashlib.sha1(f"{seed}:{unit}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction else "train"
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def split(folder: str, output: str, by: str = "channel", val_fraction: float = 0.1,
-          seed: str = "0", shard_size: int = 1000) -> dict:
+def split(
+    folder: str,
+    output: str,
+    by: str = "channel",
+    val_fraction: float = 0.1,
+    seed: str = "0",
+    shard_size: int = 1000,
+) -> dict:
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val-fraction {val_fraction}: must be between 0 and 1")
     shards.require_shards(folder)

@@ -3,6 +3,7 @@
 Tags are counted case-insensitively (``Cat`` and ``cat`` are one class) over successful samples;
 entries below ``min_count`` are dropped. Indices follow descending count, then name.
 """
+
 from __future__ import annotations
 
 import json

@@ -2,12 +2,13 @@
 
 Everything here is pure (no I/O) so the metadata readers and the tests can share it.
 """
+
 from __future__ import annotations
 
 import html
 import re
 import unicodedata
-from typing import Iterable, List, Optional
+from collections.abc import Iterable
 from urllib.parse import parse_qs, urlparse
 
 VIDEO_ID_RE = re.compile(r"^[A-Za-z0-9_-]{11}$")
@@ -19,14 +20,38 @@ PLACEHOLDER_SIZE = (120, 90)
 # YouTube Data API videoCategories (regionCode=US). Ids are global; a few names vary by region,
 # which is why a Kaggle ``*_category_id.json`` next to the input wins over this table.
 CATEGORY_NAMES = {
-    1: "Film & Animation", 2: "Autos & Vehicles", 10: "Music", 15: "Pets & Animals",
-    17: "Sports", 18: "Short Movies", 19: "Travel & Events", 20: "Gaming",
-    21: "Videoblogging", 22: "People & Blogs", 23: "Comedy", 24: "Entertainment",
-    25: "News & Politics", 26: "Howto & Style", 27: "Education",
-    28: "Science & Technology", 29: "Nonprofits & Activism", 30: "Movies",
-    31: "Anime/Animation", 32: "Action/Adventure", 33: "Classics", 34: "Comedy",
-    35: "Documentary", 36: "Drama", 37: "Family", 38: "Foreign", 39: "Horror",
-    40: "Sci-Fi/Fantasy", 41: "Thriller", 42: "Shorts", 43: "Shows", 44: "Trailers",
+    1: "Film & Animation",
+    2: "Autos & Vehicles",
+    10: "Music",
+    15: "Pets & Animals",
+    17: "Sports",
+    18: "Short Movies",
+    19: "Travel & Events",
+    20: "Gaming",
+    21: "Videoblogging",
+    22: "People & Blogs",
+    23: "Comedy",
+    24: "Entertainment",
+    25: "News & Politics",
+    26: "Howto & Style",
+    27: "Education",
+    28: "Science & Technology",
+    29: "Nonprofits & Activism",
+    30: "Movies",
+    31: "Anime/Animation",
+    32: "Action/Adventure",
+    33: "Classics",
+    34: "Comedy",
+    35: "Documentary",
+    36: "Drama",
+    37: "Family",
+    38: "Foreign",
+    39: "Horror",
+    40: "Sci-Fi/Fantasy",
+    41: "Thriller",
+    42: "Shorts",
+    43: "Shows",
+    44: "Trailers",
 }
 _NAME_TO_ID = {}
 for _cid, _name in sorted(CATEGORY_NAMES.items(), reverse=True):
@@ -36,7 +61,7 @@ _YOUTUBE_HOSTS = ("youtube.com", "youtube-nocookie.com")
 _PATH_ID_PREFIXES = ("shorts", "embed", "v", "e", "live")
 
 
-def normalize_video_id(value: object) -> Optional[str]:
+def normalize_video_id(value: object) -> str | None:
     """Return the 11-character video id in ``value`` (an id or any YouTube URL form), else None.
 
     Accepts ``watch?v=``, ``youtu.be/``, ``shorts/``, ``embed/``, ``v/``, ``live/`` URLs with
@@ -96,7 +121,7 @@ def clean_title(value: object) -> str:
     return " ".join(text.split())
 
 
-def parse_tags(value: object) -> List[str]:
+def parse_tags(value: object) -> list[str]:
     """Tags as a list: Kaggle's ``tag|"tag two"|"tag3"`` strings (``[none]`` = no tags), JSON
     lists, Python lists. Quotes are stripped, entities unescaped, empties and exact repeats dropped."""
     if value is None:
@@ -118,7 +143,7 @@ def parse_tags(value: object) -> List[str]:
                 items = text[1:-1].split(",")
         else:
             items = text.split("|")
-    tags: List[str] = []
+    tags: list[str] = []
     seen = set()
     for item in items:
         if item is None:
@@ -130,7 +155,7 @@ def parse_tags(value: object) -> List[str]:
     return tags
 
 
-def category_name(category_id: Optional[int], table: Optional[dict] = None) -> Optional[str]:
+def category_name(category_id: int | None, table: dict | None = None) -> str | None:
     """Name of a category id from ``table`` (e.g. a Kaggle category json) or the built-in table."""
     if category_id is None:
         return None
@@ -139,14 +164,14 @@ def category_name(category_id: Optional[int], table: Optional[dict] = None) -> O
     return CATEGORY_NAMES.get(category_id)
 
 
-def category_id_from_name(name: Optional[str]) -> Optional[int]:
+def category_id_from_name(name: str | None) -> int | None:
     """Inverse lookup for yt-dlp's ``categories`` (names only); None when unknown."""
     if not name:
         return None
     return _NAME_TO_ID.get(str(name).strip().lower())
 
 
-def parse_category_id(value: object) -> Optional[int]:
+def parse_category_id(value: object) -> int | None:
     """``"24"``, ``24``, ``24.0`` -> 24; empty/NaN/garbage -> None."""
     if value is None:
         return None

@@ -17,7 +17,7 @@ class ClipLossFunction(torch.autograd.Function):
     """Autograd wrapper: saves I, T, the scale and fp32 row and column statistics [N]."""
 
     @staticmethod
-    def forward(ctx, image_features, text_features, logit_scale, scale_is_tensor):  # noqa: D102
+    def forward(ctx, image_features, text_features, logit_scale, scale_is_tensor):
         from kernels.lse_forward import lse_forward
 
         img, txt = image_features.contiguous(), text_features.contiguous()
@@ -29,7 +29,7 @@ class ClipLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         from kernels.grad_backward import grad_backward
         from kernels.lse_forward import LseStats
 

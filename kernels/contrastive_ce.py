@@ -48,7 +48,7 @@ class ContrastiveCEFunction(torch.autograd.Function):
     """Autograd wrapper: saves only Q, K, the scale and two fp32 [N] row statistics."""
 
     @staticmethod
-    def forward(ctx, queries, keys, logit_scale, label_offset, reduction, scale_is_tensor):  # noqa: D102
+    def forward(ctx, queries, keys, logit_scale, label_offset, reduction, scale_is_tensor):
         from kernels.lse_forward import lse_forward
 
         q, k = queries.contiguous(), keys.contiguous()
@@ -62,7 +62,7 @@ class ContrastiveCEFunction(torch.autograd.Function):
         return reduce_rows(stats.row_ce, reduction)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         from kernels.grad_backward import grad_backward
         from kernels.lse_forward import LseStats
 

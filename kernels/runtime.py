@@ -34,7 +34,7 @@ def _installed() -> bool:
 HAS_TRITON = _installed()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     """Triton imports cleanly (imports it on first call)."""
     if not HAS_TRITON:

@@ -29,7 +29,7 @@ class SigmoidLossFunction(torch.autograd.Function):
     """Autograd wrapper: saves only Q, K, the scale and the bias."""
 
     @staticmethod
-    def forward(ctx, queries, keys, logit_scale, logit_bias, label_offset):  # noqa: D102
+    def forward(ctx, queries, keys, logit_scale, logit_bias, label_offset):
         from kernels.sigmoid_tiles import sigmoid_forward
 
         q, k = queries.contiguous(), keys.contiguous()
@@ -44,7 +44,7 @@ class SigmoidLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         from kernels.sigmoid_tiles import sigmoid_backward
 
         q, k, scale, bias = ctx.saved_tensors

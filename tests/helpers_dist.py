@@ -9,9 +9,11 @@ is initialised (unless `init_process_group=False`, e.g. for code that initialise
 as `deepspeed.init_distributed()`). Each worker also gets the usual launcher environment
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT) so such code finds the
 group. `env` adds variables to the workers' environment from process start (before any
-import, e.g. TRITON_INTERPRET=1). Return values travel back through `torch.save`, so tensors, dicts and lists are fine.
+import, e.g. TRITON_INTERPRET=1). Return values travel back through `torch.save`, so tensors, dicts
+and lists are fine.
 A worker's exception is re-raised in the caller with its traceback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +21,9 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -49,19 +52,40 @@ def _environ(extra: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, backend: str,
-            init_process_group: bool, timeout_s: float, threads: int, sys_path: list[str],
-            fn: Callable[..., Any], args: tuple) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    out_dir: str,
+    backend: str,
+    init_process_group: bool,
+    timeout_s: float,
+    threads: int,
+    sys_path: list[str],
+    fn: Callable[..., Any],
+    args: tuple,
+) -> None:
     sys.path[:] = sys_path  # the test's import roots (pytest inserts them at run time)
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     # Several workers share few cores: one intra-op thread each avoids oversubscription.
     torch.set_num_threads(threads)
     if init_process_group:
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                init_method=f"tcp://127.0.0.1:{port}",
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world_size,
+            init_method=f"tcp://127.0.0.1:{port}",
+            timeout=timedelta(seconds=timeout_s),
+        )
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
@@ -70,9 +94,16 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, backend: str,
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
-                    init_process_group: bool = True, timeout_s: float = 120.0,
-                    threads_per_worker: int = 1, env: dict[str, str] | None = None) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "gloo",
+    init_process_group: bool = True,
+    timeout_s: float = 120.0,
+    threads_per_worker: int = 1,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
     """Run `fn(rank, world_size, *args)` in `world_size` spawned processes; return results by rank.
 
     `timeout_s` bounds every collective (a rank that dies makes the others fail instead of
@@ -82,17 +113,32 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend
     for attempt in range(_PORT_ATTEMPTS):
         with tempfile.TemporaryDirectory(prefix="run_distributed_") as out_dir, _environ(env or {}):
             try:
-                mp.spawn(_worker, nprocs=world_size, join=True,
-                         args=(world_size, free_port(), out_dir, backend, init_process_group,
-                               timeout_s, threads_per_worker, list(sys.path), fn, args))
+                mp.spawn(
+                    _worker,
+                    nprocs=world_size,
+                    join=True,
+                    args=(
+                        world_size,
+                        free_port(),
+                        out_dir,
+                        backend,
+                        init_process_group,
+                        timeout_s,
+                        threads_per_worker,
+                        list(sys.path),
+                        fn,
+                        args,
+                    ),
+                )
             except mp.ProcessRaisedException as e:
                 # Another process may grab the port between free_port() and the store's bind
                 # (parallel test runs); that failure happens before fn runs, so retrying is safe.
                 if attempt + 1 < _PORT_ATTEMPTS and _port_taken(str(e)):
                     continue
                 raise
-            return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False)
-                    for r in range(world_size)]
+            return [
+                torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world_size)
+            ]
     raise AssertionError("unreachable")
 
 

@@ -9,6 +9,7 @@ them again. Every file lives under `root`; only the Debian packages are installe
 
 Nothing here fakes SLURM: jobs go through sbatch -> slurmctld -> slurmd -> slurmstepd.
 """
+
 from __future__ import annotations
 
 import os
@@ -107,10 +108,19 @@ class SlurmCluster:
         os.chmod(key, 0o400)
         # --force: munged refuses to run as root otherwise; -F keeps it in the foreground
         # so we own its pid and can stop exactly it.
-        self._spawn(["/usr/sbin/munged", "-F", "--force", f"--socket={self.munge_socket}",
-                     f"--key-file={key}", f"--pid-file={mdir / 'munged.pid'}",
-                     f"--log-file={mdir / 'munged.log'}", f"--seed-file={mdir / 'munged.seed'}"],
-                    "munged.out")
+        self._spawn(
+            [
+                "/usr/sbin/munged",
+                "-F",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={mdir / 'munged.pid'}",
+                f"--log-file={mdir / 'munged.log'}",
+                f"--seed-file={mdir / 'munged.seed'}",
+            ],
+            "munged.out",
+        )
         deadline = time.time() + 20
         while not self.munge_socket.exists():
             if time.time() > deadline:
@@ -120,12 +130,19 @@ class SlurmCluster:
     def _render_conf(self) -> None:
         lines = []
         for node in self.nodes:
-            lines.append(f"NodeName={node} NodeHostname={node} NodeAddr=127.0.0.1 Port={free_port()} "
-                         f"CPUs={self.cpus_per_node} RealMemory=2000 State=UNKNOWN")
+            lines.append(
+                f"NodeName={node} NodeHostname={node} NodeAddr=127.0.0.1 Port={free_port()} "
+                f"CPUs={self.cpus_per_node} RealMemory=2000 State=UNKNOWN"
+            )
         text = TEMPLATE.read_text()
-        subs = {"@CTLD_HOST@": socket.gethostname().split(".")[0], "@CTLD_PORT@": str(free_port()),
-                "@SLURMD_PORT@": str(free_port()), "@MUNGE_SOCKET@": str(self.munge_socket),
-                "@STATE_DIR@": str(self.root), "@NODES@": "\n".join(lines)}
+        subs = {
+            "@CTLD_HOST@": socket.gethostname().split(".")[0],
+            "@CTLD_PORT@": str(free_port()),
+            "@SLURMD_PORT@": str(free_port()),
+            "@MUNGE_SOCKET@": str(self.munge_socket),
+            "@STATE_DIR@": str(self.root),
+            "@NODES@": "\n".join(lines),
+        }
         for key, val in subs.items():
             text = text.replace(key, val)
         self.conf.write_text(text)
@@ -160,10 +177,13 @@ class SlurmCluster:
         while time.time() < deadline:
             for proc in self.procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}\n"
-                                       f"{self._tail('slurmctld.log')}\n{self._tail('slurmctld.out')}")
-            proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env(),
-                                  capture_output=True, text=True)
+                    raise RuntimeError(
+                        f"{proc.args[0]} exited {proc.returncode}\n"
+                        f"{self._tail('slurmctld.log')}\n{self._tail('slurmctld.out')}"
+                    )
+            proc = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env(), capture_output=True, text=True
+            )
             out = proc.stdout
             states = dict(line.split() for line in out.splitlines() if line.strip())
             if set(states) >= set(self.nodes) and all(states[n] == "idle" for n in self.nodes):
@@ -181,9 +201,19 @@ class SlurmCluster:
         out = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
         return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", out))
 
-    def wait_job(self, job_id: int, states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                                  "NODE_FAIL", "OUT_OF_MEMORY"),
-                 timeout: float = 240.0) -> dict[str, str]:
+    def wait_job(
+        self,
+        job_id: int,
+        states: tuple[str, ...] = (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+        ),
+        timeout: float = 240.0,
+    ) -> dict[str, str]:
         """Poll until the job reaches one of `states`; return its record."""
         deadline = time.time() + timeout
         info: dict[str, str] = {}
@@ -192,5 +222,6 @@ class SlurmCluster:
             if info.get("JobState") in states:
                 return info
             time.sleep(1.0)
-        raise TimeoutError(f"job {job_id} not in {states} after {timeout}s: {info}\n"
-                           f"{self._tail('slurmctld.log')}")
+        raise TimeoutError(
+            f"job {job_id} not in {states} after {timeout}s: {info}\n{self._tail('slurmctld.log')}"
+        )

@@ -5,6 +5,7 @@ largest-batch search.
 The search is checked against a known capacity: `fits(b)` really allocates a tensor of `b` rows
 in a bounded budget and raises torch.OutOfMemoryError past it, as the device does.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,8 +22,10 @@ from vutrain.bench_search import largest_batch
 
 import train_runner as tr
 
-needs_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
-                                     reason="open_clip_torch is not installed (make test installs it)")
+needs_open_clip = pytest.mark.skipif(
+    importlib.util.find_spec("open_clip") is None,
+    reason="open_clip_torch is not installed (make test installs it)",
+)
 
 
 class Budget:
@@ -55,11 +58,16 @@ def test_search_brackets_the_capacity(capacity):
 
 
 def test_search_starts_above_a_known_fit_and_reports_the_cap():
-    fits = Budget(10 ** 6)
+    fits = Budget(10**6)
     found = largest_batch(fits, known_fit=1024, start=256, limit=5000)
     assert fits.calls == [2048, 4096, 5000]
-    assert found == {"largest_batch": 5000, "capped": True, "failed_at": None, "stopped": False,
-                     "probes": [[2048, True], [4096, True], [5000, True]]}
+    assert found == {
+        "largest_batch": 5000,
+        "capped": True,
+        "failed_at": None,
+        "stopped": False,
+        "probes": [[2048, True], [4096, True], [5000, True]],
+    }
     assert largest_batch(Budget(0), known_fit=0, start=256, limit=4096)["largest_batch"] == 0
 
 
@@ -74,11 +82,19 @@ def test_search_stops_on_request_with_the_bounds_found_so_far():
 
 def test_rounds_keep_the_median_speed_the_largest_peak_and_any_error():
     from vutrain.bench_compare import median_rows
+
     row = {"variant": "open_clip", "batch_size": 8, "step_time_s": 1.0}
     measured = [dict(row, samples_per_s=s, peak_memory_gib=p) for s, p in ((10, 1.0), (30, 1.5), (20, 1.2))]
-    measured += [{"variant": "vutrain z2 torch", "batch_size": 8, "error": "out of memory: x", "oom": True},
-                 {"variant": "vutrain z2 torch", "batch_size": 8, "samples_per_s": 5.0, "step_time_s": 1.0,
-                  "peak_memory_gib": None}]
+    measured += [
+        {"variant": "vutrain z2 torch", "batch_size": 8, "error": "out of memory: x", "oom": True},
+        {
+            "variant": "vutrain z2 torch",
+            "batch_size": 8,
+            "samples_per_s": 5.0,
+            "step_time_s": 1.0,
+            "peak_memory_gib": None,
+        },
+    ]
     merged = {r["variant"]: r for r in median_rows(measured)}
     assert merged["open_clip"]["samples_per_s"] == 20 and merged["open_clip"]["peak_memory_gib"] == 1.5
     assert merged["open_clip"]["samples_per_s_rounds"] == [10, 30, 20] and merged["open_clip"]["rounds"] == 3
@@ -89,6 +105,7 @@ def test_open_clip_gets_normalised_fp32_pixels_from_either_stream_format():
     """uint8 batches (normalised on the device by vutrain) reach open_clip as its loader gives them."""
     from vutrain.bench_compare import openclip_pixels
     from vutrain.model import OPENAI_MEAN, OPENAI_STD
+
     pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     got = openclip_pixels(pixels, OPENAI_MEAN, OPENAI_STD)
     assert got.dtype == torch.float32
@@ -133,12 +150,42 @@ def test_compare_tiny_on_cpu(tmp_path):
     makes the exit code 1, while every other configuration is still measured.
     """
     out = tmp_path / "compare.json"
-    argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4,8",
-            "--zero-stages", "1,2", "--loss-backends", "torch,nope", "--grad-ckpt", "off", "--steps", "1",
-            "--warmup", "1", "--pool", "16", "--max-batch", "16", "--search", "open_clip,vutrain z2 torch",
-            "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "vutrain.bench", *argv], capture_output=True, text=True,
-                          timeout=900, env=tr.env(), cwd=tr.REPO)
+    argv = [
+        "--compare",
+        "open_clip",
+        "--preset",
+        "tiny",
+        "--precision",
+        "fp32",
+        "--batch-sizes",
+        "4,8",
+        "--zero-stages",
+        "1,2",
+        "--loss-backends",
+        "torch,nope",
+        "--grad-ckpt",
+        "off",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--pool",
+        "16",
+        "--max-batch",
+        "16",
+        "--search",
+        "open_clip,vutrain z2 torch",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "vutrain.bench", *argv],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=tr.env(),
+        cwd=tr.REPO,
+    )
     assert proc.returncode == 1, tr.describe(proc)
     result = json.loads(out.read_text())
     labels = ["vutrain z1 torch", "vutrain z1 nope", "vutrain z2 torch", "vutrain z2 nope", "open_clip"]
@@ -152,11 +199,18 @@ def test_compare_tiny_on_cpu(tmp_path):
         assert row["samples_per_s"] > 0 and row["step_time_s"] > 0
         assert row["peak_memory_gib"] is None  # no device memory on the CPU: not made up
         assert row["ratio_to_open_clip"] == pytest.approx(row["samples_per_s"] / base[row["batch_size"]])
-    assert [(e["variant"], e["largest_batch"], e["capped"]) for e in result["largest"]] == \
-        [("open_clip", 16, True), ("vutrain z2 torch", 16, True)]
+    assert [(e["variant"], e["largest_batch"], e["capped"]) for e in result["largest"]] == [
+        ("open_clip", 16, True),
+        ("vutrain z2 torch", 16, True),
+    ]
     assert result["largest"][1]["probes"] == [[16, True]]  # doubling from 8, the largest batch phase 1 ran
-    assert result["open_clip"]["model_cfg"]["vision_cfg"] == {"image_size": 64, "layers": 3, "width": 128,
-                                                              "patch_size": 8, "head_width": 32}
+    assert result["open_clip"]["model_cfg"]["vision_cfg"] == {
+        "image_size": 64,
+        "layers": 3,
+        "width": 128,
+        "patch_size": 8,
+        "head_width": 32,
+    }
     assert result["targets"] == [] and "targets: judged on a GPU only" in proc.stdout
     assert "| vutrain z2 torch | 8 |" in proc.stdout and "| open_clip | 8 |" in proc.stdout
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -165,6 +219,7 @@ def test_compare_tiny_on_cpu(tmp_path):
 def test_bench_dispatches_its_subcommands(capsys):
     """`data ...` goes to vutrain.bench_data, `--compare` to bench_compare, the rest to the sweep."""
     from vutrain import bench
+
     assert bench.dispatch(["--batch-sizes", "8"]) is None
     cases = ((["data", "--help"], "bench data"), (["--compare", "open_clip", "--help"], "--compare"))
     for argv, prog in cases:

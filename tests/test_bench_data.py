@@ -8,9 +8,28 @@ from vutrain.bench_data import write_thumbnail_shards
 
 def test_bench_data_prints_table_and_json_last(tmp_path, capsys):
     spec = write_thumbnail_shards(str(tmp_path / "shards"), 48, 96, 72, shard_size=16)
-    code = bench_main(["data", "--shards", spec, "--workers", "2", "--batch-size", "8", "--image-size", "32",
-                       "--batches", "4", "--decode-images", "16", "--decode-seconds", "0.2", "--compare",
-                       "--shuffle-buffer", "8"])
+    code = bench_main(
+        [
+            "data",
+            "--shards",
+            spec,
+            "--workers",
+            "2",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "32",
+            "--batches",
+            "4",
+            "--decode-images",
+            "16",
+            "--decode-seconds",
+            "0.2",
+            "--compare",
+            "--shuffle-buffer",
+            "8",
+        ]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and lines[-2].startswith("| ")  # the table, then the summary
     summary = json.loads(lines[-1])

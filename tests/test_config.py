@@ -1,4 +1,5 @@
 """Config loading, overrides and validation: mistakes fail before any process group starts."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,17 @@ SHARDS = "data.train_shards=/data/{00000..00003}.tar"
 
 
 def test_yaml_and_overrides_are_typed():
-    cfg = load_config(TINY, [SHARDS, "train.max_steps=7", "train.lr=3e-4", "model.lora.enabled=true",
-                             "model.lora.target_modules=q_proj,k_proj", "loss.local_loss=false"])
+    cfg = load_config(
+        TINY,
+        [
+            SHARDS,
+            "train.max_steps=7",
+            "train.lr=3e-4",
+            "model.lora.enabled=true",
+            "model.lora.target_modules=q_proj,k_proj",
+            "loss.local_loss=false",
+        ],
+    )
     assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.model.lora.enabled is True
@@ -31,22 +41,25 @@ def test_every_field_has_a_docstring():
     assert "| `train.zero_stage` |" in reference_markdown()
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.zero_stag=2", ["unknown config key 'train.zero_stag'", "train.zero_stage"]),
-    ("trian.max_steps=2", ["unknown config key 'trian'", "train"]),
-    ("train.max_steps=ten", ["train.max_steps must be an integer"]),
-    ("train.max_steps=1.5", ["train.max_steps must be an integer"]),
-    ("model.lora.enabled=maybe", ["model.lora.enabled must be true or false"]),
-    ("train.precision=fp8", ["train.precision='fp8'", "fp32, bf16, fp16"]),
-    ("loss.name=triplet", ["loss.name='triplet'", "clip, siglip, align_uniform"]),
-    ("loss.backend=cuda", ["loss.backend='cuda'", "torch, triton, auto"]),
-    ("train.zero_stage=4", ["train.zero_stage=4", "0, 1, 2, 3"]),
-    ("model.preset=vit-h-14", ["model.preset='vit-h-14'", "tiny"]),
-    ("train.micro_batch_size=0", ["train.micro_batch_size must be >= 1"]),
-    ("eval.every=10", ["eval.every>0 needs data.val_shards"]),
-    ("train.resume=/no/such/dir", ["train.resume='/no/such/dir'"]),
-    ("train", ["not key=value"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.zero_stag=2", ["unknown config key 'train.zero_stag'", "train.zero_stage"]),
+        ("trian.max_steps=2", ["unknown config key 'trian'", "train"]),
+        ("train.max_steps=ten", ["train.max_steps must be an integer"]),
+        ("train.max_steps=1.5", ["train.max_steps must be an integer"]),
+        ("model.lora.enabled=maybe", ["model.lora.enabled must be true or false"]),
+        ("train.precision=fp8", ["train.precision='fp8'", "fp32, bf16, fp16"]),
+        ("loss.name=triplet", ["loss.name='triplet'", "clip, siglip, align_uniform"]),
+        ("loss.backend=cuda", ["loss.backend='cuda'", "torch, triton, auto"]),
+        ("train.zero_stage=4", ["train.zero_stage=4", "0, 1, 2, 3"]),
+        ("model.preset=vit-h-14", ["model.preset='vit-h-14'", "tiny"]),
+        ("train.micro_batch_size=0", ["train.micro_batch_size must be >= 1"]),
+        ("eval.every=10", ["eval.every>0 needs data.val_shards"]),
+        ("train.resume=/no/such/dir", ["train.resume='/no/such/dir'"]),
+        ("train", ["not key=value"]),
+    ],
+)
 def test_bad_config_names_the_key_and_the_choices(override, words):
     overrides = [SHARDS, "data.val_shards=", "eval.every=0"] + [override]
     with pytest.raises(ConfigError) as err:
@@ -66,6 +79,7 @@ def test_impossible_combinations():
 
 def test_fp16_needs_a_gpu():
     from vutrain.config import validate
+
     cfg = load_config(TINY, [SHARDS])
     cfg.train.precision = "fp16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
@@ -74,8 +88,17 @@ def test_fp16_needs_a_gpu():
 
 
 def test_ds_config_derives_batch_keys_and_merges_user_json(tmp_path):
-    cfg = load_config(TINY, [SHARDS, "train.micro_batch_size=16", "train.grad_accum_steps=3",
-                             "train.zero_stage=3", "train.precision=bf16", "train.grad_clip=0.5"])
+    cfg = load_config(
+        TINY,
+        [
+            SHARDS,
+            "train.micro_batch_size=16",
+            "train.grad_accum_steps=3",
+            "train.zero_stage=3",
+            "train.precision=bf16",
+            "train.grad_clip=0.5",
+        ],
+    )
     ds = build_ds_config(cfg.train, world_size=4)
     assert ds["train_batch_size"] == 16 * 3 * 4
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 3
@@ -83,14 +106,23 @@ def test_ds_config_derives_batch_keys_and_merges_user_json(tmp_path):
     assert ds["gradient_clipping"] == 0.5
 
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {
-        "stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    user.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+            }
+        )
+    )
     cfg.train.ds_config = str(user)
     merged = build_ds_config(cfg.train, world_size=4)
     assert merged["train_batch_size"] == 192
-    assert merged["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                                           "stage3_gather_16bit_weights_on_model_save": True,
-                                           "contiguous_gradients": False}  # keeps gradients aligned
+    assert merged["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "stage3_gather_16bit_weights_on_model_save": True,
+        "contiguous_gradients": False,
+    }  # keeps gradients aligned
 
     user.write_text(json.dumps({"train_batch_size": 1000}))
     with pytest.raises(ConfigError, match="train_batch_size=1000 but the run config gives 192"):
@@ -102,9 +134,19 @@ def test_ds_config_derives_batch_keys_and_merges_user_json(tmp_path):
 
 def test_train_script_rejects_bad_key_before_starting(tmp_path):
     """The entry script exits 2 with the message, without starting a process group."""
-    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(TINY), "..", "train.py"),
-                           "--config", TINY, SHARDS, "train.zero_stag=2"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(TINY), "..", "train.py"),
+            "--config",
+            TINY,
+            SHARDS,
+            "train.zero_stag=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "unknown config key 'train.zero_stag'" in proc.stderr
     assert "world_size" not in proc.stderr + proc.stdout
@@ -113,4 +155,6 @@ def test_train_script_rejects_bad_key_before_starting(tmp_path):
 def test_readme_config_reference_is_current():
     """The README's config table is generated from the dataclasses; regenerate it when they change."""
     readme = open(os.path.join(os.path.dirname(TINY), "..", "..", "README.md"), encoding="utf-8").read()
-    assert reference_markdown() in readme, "README config reference is stale: paste python -m vutrain.config --help"
+    assert reference_markdown() in readme, (
+        "README config reference is stale: paste python -m vutrain.config --help"
+    )

@@ -48,16 +48,26 @@ def _levels(processor, data: bytes) -> torch.Tensor:
     return ((out - ref) * std).abs()
 
 
-@pytest.mark.parametrize("size,short,crop", [((45, 34), 24, 24), ((34, 60), 24, 24), ((24, 24), 24, 24),
-                                             ((20, 90), 24, 24), ((90, 60), 32, 32), ((40, 30), 20, 24)])
+@pytest.mark.parametrize(
+    "size,short,crop",
+    [
+        ((45, 34), 24, 24),
+        ((34, 60), 24, 24),
+        ((24, 24), 24, 24),
+        ((20, 90), 24, 24),
+        ((90, 60), 32, 32),
+        ((40, 30), 20, 24),
+    ],
+)
 def test_fast_path_equals_processor_without_dct_scaling(size, short, crop):
     processor = CLIPImageProcessor(size={"shortest_edge": short}, crop_size={"height": crop, "width": crop})
     for seed in range(3):
         assert _levels(processor, _jpeg(*size, seed)).max().item() <= 1.001
 
 
-@pytest.mark.parametrize("size,short", [((200, 150), 32), ((150, 200), 32), ((341, 256), 64),
-                                        ((480, 360), 64)])
+@pytest.mark.parametrize(
+    "size,short", [((200, 150), 32), ((150, 200), 32), ((341, 256), 64), ((480, 360), 64)]
+)
 def test_fast_path_with_dct_scaling_within_tolerance(size, short):
     processor = CLIPImageProcessor(size={"shortest_edge": short}, crop_size={"height": short, "width": short})
     diff = torch.cat([_levels(processor, _jpeg(*size, seed)).flatten() for seed in range(4)])
@@ -88,7 +98,8 @@ def test_truncated_jpeg_is_undecodable():
     data = _jpeg(64, 48)
     with pytest.raises(SkipSample, match="undecodable_image"):
         make_fast_preprocess({"size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16}})(
-            data[: len(data) // 2])
+            data[: len(data) // 2]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +117,19 @@ def _tokenize(texts):
 
 
 def _stream(spec, **kw):
-    args = dict(batch_size=8, rank=0, world_size=1, num_workers=0, seed=5, shuffle_buffer=16, num_samples=96,
-                preprocess=make_fast_preprocess({"size": {"shortest_edge": 32},
-                                                 "crop_size": {"height": 32, "width": 32}}),
-                tokenize=_tokenize)
+    args = dict(
+        batch_size=8,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        seed=5,
+        shuffle_buffer=16,
+        num_samples=96,
+        preprocess=make_fast_preprocess(
+            {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+        ),
+        tokenize=_tokenize,
+    )
     args.update(kw)
     return TrainStream(spec, **args)
 

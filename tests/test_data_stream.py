@@ -60,14 +60,20 @@ def data(tmp_path_factory):
     _write_bad_shards(bad, root / "syn" / "train" / "00000.tar")
     tok = train_bpe_tokenizer(iter_shard_texts(info["train_shards"], "{title}"), str(root / "tok"), 500, 16)
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    return {"info": info, "bad": bad, "tokenize": make_tokenize(tok, 16), "preprocess": make_preprocess(processor)}
+    return {
+        "info": info,
+        "bad": bad,
+        "tokenize": make_tokenize(tok, 16),
+        "preprocess": make_preprocess(processor),
+    }
 
 
 def _train(data, spec=None, **kw):
     args = dict(batch_size=8, rank=1, world_size=2, num_workers=0, seed=7, shuffle_buffer=20)
     args.update(kw)
-    return TrainStream(spec or data["info"]["train_shards"], preprocess=data["preprocess"],
-                       tokenize=data["tokenize"], **args)
+    return TrainStream(
+        spec or data["info"]["train_shards"], preprocess=data["preprocess"], tokenize=data["tokenize"], **args
+    )
 
 
 def _same(a, b):
@@ -93,7 +99,9 @@ def test_batches_and_epoch_length(data):
     stream = _train(data)
     assert stream.steps_per_epoch == 144 // (8 * 2)  # num_samples from sizes.json
     batch = next(stream)
-    assert batch["pixel_values"].shape == (8, 3, IMAGE, IMAGE) and batch["pixel_values"].dtype == torch.float32
+    assert (
+        batch["pixel_values"].shape == (8, 3, IMAGE, IMAGE) and batch["pixel_values"].dtype == torch.float32
+    )
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (8, 16)
     assert batch["input_ids"].dtype == torch.long
     assert stream.batches_seen == 1 and stream.skipped() == {}
@@ -172,8 +180,14 @@ def test_val_rank_split_disjoint_and_complete(data, spec_key, world):
     spec = data["info"][spec_key]  # val: 2 shards (fewer than 3 ranks -> split by sample), train: 6 shards
     keys = []
     for rank in range(world):
-        for batch in ValStream(spec, preprocess=data["preprocess"], tokenize=data["tokenize"], batch_size=16,
-                               rank=rank, world_size=world):
+        for batch in ValStream(
+            spec,
+            preprocess=data["preprocess"],
+            tokenize=data["tokenize"],
+            batch_size=16,
+            rank=rank,
+            world_size=world,
+        ):
             assert batch["pixel_values"].shape[0] == len(batch["labels"]) == len(batch["keys"])
             assert set(batch["labels"]) <= set(CLASSES)
             keys += batch["keys"]
@@ -199,7 +213,7 @@ def test_dry_split_restarts_from_its_shards(data):
     with _train(data, shard, world_size=1, rank=0, num_samples=96, shuffle_buffer=24) as stream:
         assert stream.steps_per_epoch == 12
         rows = [tuple(x.flatten().tolist()[:64]) for _ in range(12) for x in next(stream)["pixel_values"]]
-    passes = [rows[i:i + 24] for i in range(0, 96, 24)]
+    passes = [rows[i : i + 24] for i in range(0, 96, 24)]
     assert len(set(passes[0])) == 24
     assert all(sorted(p) == sorted(passes[0]) for p in passes) and passes[1] != passes[0]
     assert stream.epoch == 1

@@ -10,19 +10,35 @@ import webdataset as wds
 
 from vutrain.data.synthetic import CLASSES, main, write_synthetic
 
-FIELDS = {"video_id", "title", "tags", "category_id", "category_name", "url", "variant", "width", "height",
-          "sha256"}
+FIELDS = {
+    "video_id",
+    "title",
+    "tags",
+    "category_id",
+    "category_name",
+    "url",
+    "variant",
+    "width",
+    "height",
+    "sha256",
+}
 
 
 def test_layout_members_and_metadata(tmp_path):
-    info = write_synthetic(str(tmp_path), num_samples=50, shard_size=20, image_size=32, seed=1, val_samples=30)
+    info = write_synthetic(
+        str(tmp_path), num_samples=50, shard_size=20, image_size=32, seed=1, val_samples=30
+    )
     assert len(CLASSES) >= 24 and len(set(CLASSES)) == len(CLASSES)
     train = tmp_path / "train"
     for i in range(3):
         for suffix in (".tar", ".parquet", "_stats.json"):
             assert (train / f"{i:05d}{suffix}").is_file()
     assert not (train / "00003.tar").exists()
-    assert json.loads((train / "sizes.json").read_text()) == {"00000.tar": 20, "00001.tar": 20, "00002.tar": 10}
+    assert json.loads((train / "sizes.json").read_text()) == {
+        "00000.tar": 20,
+        "00001.tar": 20,
+        "00002.tar": 10,
+    }
     assert int((train / "__len__").read_text()) == 50
     assert json.loads((train / "00002_stats.json").read_text())["successes"] == 10
     assert info["train_shards"] == str(train / "{00000..00002}.tar")
@@ -54,7 +70,10 @@ def test_deterministic_and_val_held_out(tmp_path):
     write_synthetic(str(tmp_path / "a"), 30, 30, seed=5, val_samples=30)
     write_synthetic(str(tmp_path / "b"), 30, 30, seed=5, val_samples=30)
     write_synthetic(str(tmp_path / "c"), 30, 30, seed=6, val_samples=0)
-    read = lambda p: (tmp_path / p).read_bytes()
+
+    def read(p):
+        return (tmp_path / p).read_bytes()
+
     assert read("a/train/00000.tar") == read("b/train/00000.tar")
     assert read("a/train/00000.tar") != read("c/train/00000.tar")
     assert read("a/train/00000.tar") != read("a/val/00000.tar")

@@ -39,7 +39,9 @@ def test_expand_shards(tmp_path):
     with pytest.raises(ValueError, match="7 of 10 shards do not exist"):
         expand_shards(f"{tmp_path}/{{00..09}}.tar")
     assert len(expand_shards(f"{tmp_path}/{{00..09}}.tar", allow_missing=True)) == 3
-    with pytest.raises(ValueError, match=r"data.train_shards matched 0 files: /nope/\{0..9\}.tar. Check the path"):
+    with pytest.raises(
+        ValueError, match=r"data.train_shards matched 0 files: /nope/\{0..9\}.tar. Check the path"
+    ):
         expand_shards("/nope/{0..9}.tar")
     with pytest.raises(ValueError, match="data.val_shards matched 0 files"):
         expand_shards(f"{tmp_path}/00.tar::{tmp_path}/missing.tar", key="data.val_shards")
@@ -57,8 +59,11 @@ def test_tokenizer_round_trip(tmp_path):
     loaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert len(loaded) == len(tok) <= 600
     assert loaded.model_max_length == 24
-    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<|startoftext|>", "<|endoftext|>",
-                                                                     "<|endoftext|>")
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "<|endoftext|>",
+    )
     short = "A photo of a RED Circle"
     batch = tokenize_batch(loaded, [short, "a thumbnail of a " + "very " * 20 + "big blue cross"], 24)
     ids, mask = batch["input_ids"], batch["attention_mask"]

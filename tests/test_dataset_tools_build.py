@@ -5,6 +5,7 @@ vocab, dedup, and reading the shards with webdataset and the trainer's loader.
 Runtime: ~1 minute on 2 cores (4 builds, each starting a spawn pool; a 1 s deadline vs a 2 s
 server and a 1 s Retry-After are the slowest rows).
 """
+
 import glob
 import hashlib
 import io
@@ -21,18 +22,27 @@ from dataset_tools.cli import main
 from dataset_tools.fake_host import PLACEHOLDER, FakeThumbnailHost
 
 GOOD = {  # video id -> (behaviour, expected variant)
-    "okokokokok1": ("ok", "maxresdefault"), "okokokokok2": ("ok", "maxresdefault"),
-    "okokokokok3": ("ok", "maxresdefault"), "okokokokok4": ("ok", "maxresdefault"),
-    "nomaxres001": ("no_maxres", "sddefault"), "nomaxressd1": ("no_maxres_sd", "hqdefault"),
-    "placehold01": ("placeholder200", "sddefault"), "throttle001": ("throttle", "maxresdefault"),
-    "error500001": ("error500", "maxresdefault"), "copyofok001": ("copy_of:okokokokok1", "maxresdefault"),
+    "okokokokok1": ("ok", "maxresdefault"),
+    "okokokokok2": ("ok", "maxresdefault"),
+    "okokokokok3": ("ok", "maxresdefault"),
+    "okokokokok4": ("ok", "maxresdefault"),
+    "nomaxres001": ("no_maxres", "sddefault"),
+    "nomaxressd1": ("no_maxres_sd", "hqdefault"),
+    "placehold01": ("placeholder200", "sddefault"),
+    "throttle001": ("throttle", "maxresdefault"),
+    "error500001": ("error500", "maxresdefault"),
+    "copyofok001": ("copy_of:okokokokok1", "maxresdefault"),
     # issue 11: a bad top rung (HTML body, full-size grey placeholder) falls to the next one
-    "htmlmaxres1": ("notimage_maxres", "sddefault"), "greymaxres1": ("grey_maxres", "sddefault"),
+    "htmlmaxres1": ("notimage_maxres", "sddefault"),
+    "greymaxres1": ("grey_maxres", "sddefault"),
 }
 BAD = {  # video id -> (behaviour, error prefix)
-    "missing0001": ("missing", fetch.ERR_ALL_MISSING), "slow0000001": ("slow", fetch.ERR_DEADLINE),
-    "truncated01": ("truncated", fetch.ERR_TRUNCATED), "notimage001": ("notimage", fetch.ERR_NOT_IMAGE),
-    "hugepixels1": ("huge_pixels", fetch.ERR_TOO_MANY_PIXELS), "hugebytes01": ("huge_bytes", fetch.ERR_TOO_BIG),
+    "missing0001": ("missing", fetch.ERR_ALL_MISSING),
+    "slow0000001": ("slow", fetch.ERR_DEADLINE),
+    "truncated01": ("truncated", fetch.ERR_TRUNCATED),
+    "notimage001": ("notimage", fetch.ERR_NOT_IMAGE),
+    "hugepixels1": ("huge_pixels", fetch.ERR_TOO_MANY_PIXELS),
+    "hugebytes01": ("huge_bytes", fetch.ERR_TOO_BIG),
     "noai0000001": ("noai", fetch.ERR_ROBOTS),
 }
 CHANNELS = ["chanA", "chanB", "chanC", "chanD"]
@@ -42,18 +52,48 @@ def _write_input(path):
     lines = ["video_id,trending_date,title,channel_title,channelId,category_id,publish_time,tags"]
     for i, vid in enumerate(list(GOOD) + list(BAD)):
         channel = CHANNELS[i % len(CHANNELS)]
-        lines.append(f'{vid},17.14.11,Title of {vid} &amp; more,{channel},UC{channel},{24 if i % 2 else 10},'
-                     f'2017-11-13T17:13:01.000Z,"common|""tag {i % 3}"""')
-    lines.append('okokokokok1,17.13.11,Older title,chanA,UCchanA,24,2017-11-13T17:13:01.000Z,[none]')  # duplicate
-    lines.append('bad-id,17.14.11,Invalid,chanA,UCchanA,24,2017-11-13T17:13:01.000Z,[none]')
+        lines.append(
+            f"{vid},17.14.11,Title of {vid} &amp; more,{channel},UC{channel},{24 if i % 2 else 10},"
+            f'2017-11-13T17:13:01.000Z,"common|""tag {i % 3}"""'
+        )
+    lines.append(
+        "okokokokok1,17.13.11,Older title,chanA,UCchanA,24,2017-11-13T17:13:01.000Z,[none]"
+    )  # duplicate
+    lines.append("bad-id,17.14.11,Invalid,chanA,UCchanA,24,2017-11-13T17:13:01.000Z,[none]")
     path.write_text("\n".join(lines) + "\n")
 
 
 def _build(host, inp, out, *extra):
-    return main(["build", "--input", str(inp), "--output", str(out), "--url-template", host.url_template,
-                 "--shard-size", "4", "--processes", "2", "--threads", "4", "--deadline", "1",
-                 "--retries", "1", "--backoff-base", "0.05", "--max-bytes", str(1024 * 1024),
-                 "--max-pixels", str(2000 * 2000), "--image-size", "64", *extra])
+    return main(
+        [
+            "build",
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--url-template",
+            host.url_template,
+            "--shard-size",
+            "4",
+            "--processes",
+            "2",
+            "--threads",
+            "4",
+            "--deadline",
+            "1",
+            "--retries",
+            "1",
+            "--backoff-base",
+            "0.05",
+            "--max-bytes",
+            str(1024 * 1024),
+            "--max-pixels",
+            str(2000 * 2000),
+            "--image-size",
+            "64",
+            *extra,
+        ]
+    )
 
 
 def _rows(out):
@@ -108,11 +148,21 @@ def test_no_placeholder_or_broken_image_in_tars(built):
     placeholder_sha = hashlib.sha256(PLACEHOLDER).hexdigest()
     for tar_path in glob.glob(os.path.join(built["out"], "*.tar")):
         samples = shards.read_tar(tar_path)
-        for key, members in samples.items():
+        for _key, members in samples.items():
             meta = json.loads(members["json"])
             assert meta["sha256"] != placeholder_sha and meta["variant"] in {v for _, v in GOOD.values()}
-            assert {"video_id", "title", "tags", "category_id", "category_name", "url", "variant",
-                    "width", "height", "sha256"} <= set(meta)
+            assert {
+                "video_id",
+                "title",
+                "tags",
+                "category_id",
+                "category_name",
+                "url",
+                "variant",
+                "width",
+                "height",
+                "sha256",
+            } <= set(meta)
         with tarfile.open(tar_path) as tar:
             names = tar.getnames()
         assert names == sorted(names)
@@ -131,17 +181,31 @@ def test_shards_read_with_webdataset_and_trainer_loader(built):
     ds = wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json")
     samples = list(ds)
     assert len(samples) == len(GOOD)
-    assert all(img.size[0] > 0 and txt.startswith("Title of") and meta["status"] == "success"
-               for img, txt, meta in samples)
+    assert all(
+        img.size[0] > 0 and txt.startswith("Title of") and meta["status"] == "success"
+        for img, txt, meta in samples
+    )
 
     def tokenize(texts):
-        return {"input_ids": torch.zeros(len(texts), 8, dtype=torch.long),
-                "attention_mask": torch.ones(len(texts), 8, dtype=torch.long)}
+        return {
+            "input_ids": torch.zeros(len(texts), 8, dtype=torch.long),
+            "attention_mask": torch.ones(len(texts), 8, dtype=torch.long),
+        }
 
     preprocess = make_preprocess({"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}})
-    stream = TrainStream("::".join(tars), preprocess=preprocess, tokenize=tokenize, batch_size=2, rank=0,
-                         world_size=1, num_workers=0, seed=0, caption_template="{title}",
-                         shuffle_buffer=1, shard_shuffle=False)
+    stream = TrainStream(
+        "::".join(tars),
+        preprocess=preprocess,
+        tokenize=tokenize,
+        batch_size=2,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        seed=0,
+        caption_template="{title}",
+        shuffle_buffer=1,
+        shard_shuffle=False,
+    )
     try:
         assert stream.num_samples == len(GOOD)  # read from our _stats.json
         batches = [next(stream) for _ in range(stream.steps_per_epoch)]
@@ -284,9 +348,18 @@ def test_trainer_runs_on_built_youtube_shards(built, tmp_path):
     tars = sorted(glob.glob(os.path.join(built["out"], "*.tar")))
     spec = os.path.join(built["out"], "{" + ",".join(os.path.basename(t)[:-4] for t in tars) + "}.tar")
     run_dir = str(tmp_path / "run")
-    proc = tr.run("python", tr.base_overrides({"train_shards": spec, "val_shards": spec}, run_dir, 2,
-                                              train__micro_batch_size=2, data__num_workers=0,
-                                              data__caption_template="{title}. tags: {tags}"), ranks=1)
+    proc = tr.run(
+        "python",
+        tr.base_overrides(
+            {"train_shards": spec, "val_shards": spec},
+            run_dir,
+            2,
+            train__micro_batch_size=2,
+            data__num_workers=0,
+            data__caption_template="{title}. tags: {tags}",
+        ),
+        ranks=1,
+    )
     assert proc.returncode == 0, tr.describe(proc)
     final = [r for r in tr.metrics(run_dir) if "eval/zeroshot_top1" in r][-1]
     assert final["eval/num_samples"] == len(GOOD)

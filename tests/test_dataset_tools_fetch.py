@@ -1,4 +1,5 @@
 """The polite ladder fetch against the loopback fake thumbnail host (no img2dataset involved)."""
+
 import hashlib
 import time
 
@@ -10,15 +11,33 @@ from dataset_tools.politeness import HostLimiter, PolitenessConfig, backoff_dela
 
 VARIANTS = ("maxresdefault", "sddefault", "hqdefault", "mqdefault")
 BEHAVIOURS = {
-    "okokokokok1": "ok", "nomaxres001": "no_maxres", "nomaxressd1": "no_maxres_sd",
-    "placehold01": "placeholder200", "missing0001": "missing", "throttle001": "throttle",
-    "error500001": "error500", "slow0000001": "slow", "truncated01": "truncated",
-    "notimage001": "notimage", "hugepixels1": "huge_pixels", "hugebytes01": "huge_bytes",
-    "noai0000001": "noai", "truncmaxres": "truncated_maxres", "htmlmaxres1": "notimage_maxres",
+    "okokokokok1": "ok",
+    "nomaxres001": "no_maxres",
+    "nomaxressd1": "no_maxres_sd",
+    "placehold01": "placeholder200",
+    "missing0001": "missing",
+    "throttle001": "throttle",
+    "error500001": "error500",
+    "slow0000001": "slow",
+    "truncated01": "truncated",
+    "notimage001": "notimage",
+    "hugepixels1": "huge_pixels",
+    "hugebytes01": "huge_bytes",
+    "noai0000001": "noai",
+    "truncmaxres": "truncated_maxres",
+    "htmlmaxres1": "notimage_maxres",
     "greymaxres1": "grey_maxres",
 }
-CFG = PolitenessConfig(max_connections=4, requests_per_second=0, retries=1, backoff_base=0.05,
-                       backoff_max=5, deadline=1.0, max_bytes=1024 * 1024, max_pixels=2000 * 2000)
+CFG = PolitenessConfig(
+    max_connections=4,
+    requests_per_second=0,
+    retries=1,
+    backoff_base=0.05,
+    backoff_max=5,
+    deadline=1.0,
+    max_bytes=1024 * 1024,
+    max_pixels=2000 * 2000,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +50,15 @@ def _ladder(host, vid, cfg=CFG):
     return fetch.fetch_ladder(vid, VARIANTS, host.url_template, cfg, HostLimiter(cfg.max_connections, 0))
 
 
-@pytest.mark.parametrize("vid,variant,attempts", [
-    ("okokokokok1", "maxresdefault", 1), ("nomaxres001", "sddefault", 2),
-    ("nomaxressd1", "hqdefault", 3), ("placehold01", "sddefault", 2),
-])
+@pytest.mark.parametrize(
+    "vid,variant,attempts",
+    [
+        ("okokokokok1", "maxresdefault", 1),
+        ("nomaxres001", "sddefault", 2),
+        ("nomaxressd1", "hqdefault", 3),
+        ("placehold01", "sddefault", 2),
+    ],
+)
 def test_ladder_falls_through_404_and_placeholders(host, vid, variant, attempts):
     res = _ladder(host, vid)
     assert res.error is None and res.variant == variant and res.attempts == attempts
@@ -71,11 +95,16 @@ def test_slow_response_hits_deadline(host):
     assert {r["variant"] for r in host.requests if r["video_id"] == "slow0000001"} == {"maxresdefault"}
 
 
-@pytest.mark.parametrize("vid,reason", [
-    ("truncated01", fetch.ERR_TRUNCATED), ("notimage001", fetch.ERR_NOT_IMAGE),
-    ("hugepixels1", fetch.ERR_TOO_MANY_PIXELS), ("hugebytes01", fetch.ERR_TOO_BIG),
-    ("noai0000001", fetch.ERR_ROBOTS),
-])
+@pytest.mark.parametrize(
+    "vid,reason",
+    [
+        ("truncated01", fetch.ERR_TRUNCATED),
+        ("notimage001", fetch.ERR_NOT_IMAGE),
+        ("hugepixels1", fetch.ERR_TOO_MANY_PIXELS),
+        ("hugebytes01", fetch.ERR_TOO_BIG),
+        ("noai0000001", fetch.ERR_ROBOTS),
+    ],
+)
 def test_bad_responses_fail_with_reason(host, vid, reason):
     res = _ladder(host, vid)
     assert res.body is None and res.error.startswith(reason)
@@ -83,9 +112,14 @@ def test_bad_responses_fail_with_reason(host, vid, reason):
         assert [t.split(":")[0] for t in res.trail] == list(VARIANTS), res.trail
 
 
-@pytest.mark.parametrize("vid,code", [
-    ("truncmaxres", "truncated"), ("htmlmaxres1", "not_image"), ("greymaxres1", "placeholder"),
-])
+@pytest.mark.parametrize(
+    "vid,code",
+    [
+        ("truncmaxres", "truncated"),
+        ("htmlmaxres1", "not_image"),
+        ("greymaxres1", "placeholder"),
+    ],
+)
 def test_bad_top_rung_falls_to_the_next(host, vid, code):
     """An HTML page served as image/jpeg, a truncated body or a full-size grey placeholder on
     maxresdefault: the video still gets its sddefault thumbnail, and the trail says why."""
@@ -96,6 +130,7 @@ def test_bad_top_rung_falls_to_the_next(host, vid, code):
 
 def test_placeholder_is_recognised_by_content():
     from dataset_tools.fake_host import render_placeholder, render_thumbnail
+
     for size in ((120, 90), (480, 360), (1280, 720)):
         assert fetch.is_placeholder(render_placeholder(size)), size
     for vid in ("okokokokok1", "nomaxres001", "greymaxres1"):
@@ -117,7 +152,7 @@ def test_retry_after_and_backoff():
     cfg = PolitenessConfig(backoff_base=1.0, backoff_max=10.0)
     for attempt in range(6):
         delay = backoff_delay(attempt, cfg)
-        assert min(10.0, 2 ** attempt) / 2 <= delay <= min(10.0, 2 ** attempt)
+        assert min(10.0, 2**attempt) / 2 <= delay <= min(10.0, 2**attempt)
     assert backoff_delay(0, cfg, retry_after=7) == 7 and backoff_delay(0, cfg, retry_after=99) == 10
 
 

@@ -1,4 +1,5 @@
 """Metadata parsing: every input format with its quirks, id normalisation, duplicates."""
+
 import json
 import os
 
@@ -10,27 +11,35 @@ from dataset_tools import metadata, youtube
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "dataset_tools")
 
 
-@pytest.mark.parametrize("value,expected", [
-    ("dQw4w9WgXcQ", "dQw4w9WgXcQ"),
-    ("  dQw4w9WgXcQ ", "dQw4w9WgXcQ"),
-    ("https://www.youtube.com/watch?v=dQw4w9WgXcQ&list=PL1&t=42s", "dQw4w9WgXcQ"),
-    ("https://m.youtube.com/watch?feature=share&v=dQw4w9WgXcQ", "dQw4w9WgXcQ"),
-    ("https://youtu.be/dQw4w9WgXcQ?si=x", "dQw4w9WgXcQ"),
-    ("youtube.com/shorts/dQw4w9WgXcQ?feature=share", "dQw4w9WgXcQ"),
-    ("https://www.youtube-nocookie.com/embed/-_-_-_-_-_-?start=3", "-_-_-_-_-_-"),
-    ("https://music.youtube.com/watch?v=dQw4w9WgXcQ", "dQw4w9WgXcQ"),
-    ("https://www.youtube.com/live/dQw4w9WgXcQ", "dQw4w9WgXcQ"),
-    ("https://example.com/watch?v=dQw4w9WgXcQ", None),
-    ("https://www.youtube.com/watch?v=short", None),
-    ("dQw4w9WgXc", None), ("", None), (None, None), ("two words!!", None),
-])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("dQw4w9WgXcQ", "dQw4w9WgXcQ"),
+        ("  dQw4w9WgXcQ ", "dQw4w9WgXcQ"),
+        ("https://www.youtube.com/watch?v=dQw4w9WgXcQ&list=PL1&t=42s", "dQw4w9WgXcQ"),
+        ("https://m.youtube.com/watch?feature=share&v=dQw4w9WgXcQ", "dQw4w9WgXcQ"),
+        ("https://youtu.be/dQw4w9WgXcQ?si=x", "dQw4w9WgXcQ"),
+        ("youtube.com/shorts/dQw4w9WgXcQ?feature=share", "dQw4w9WgXcQ"),
+        ("https://www.youtube-nocookie.com/embed/-_-_-_-_-_-?start=3", "-_-_-_-_-_-"),
+        ("https://music.youtube.com/watch?v=dQw4w9WgXcQ", "dQw4w9WgXcQ"),
+        ("https://www.youtube.com/live/dQw4w9WgXcQ", "dQw4w9WgXcQ"),
+        ("https://example.com/watch?v=dQw4w9WgXcQ", None),
+        ("https://www.youtube.com/watch?v=short", None),
+        ("dQw4w9WgXc", None),
+        ("", None),
+        (None, None),
+        ("two words!!", None),
+    ],
+)
 def test_normalize_video_id(value, expected):
     assert youtube.normalize_video_id(value) == expected
 
 
 def test_tags_titles_categories():
     assert youtube.parse_tags('last week|"john oliver"|"hbo"') == ["last week", "john oliver", "hbo"]
-    assert youtube.parse_tags("[none]") == [] and youtube.parse_tags("") == [] and youtube.parse_tags(None) == []
+    assert (
+        youtube.parse_tags("[none]") == [] and youtube.parse_tags("") == [] and youtube.parse_tags(None) == []
+    )
     assert youtube.parse_tags(["a", "a", " b "]) == ["a", "b"]
     assert youtube.parse_tags('["x", "y"]') == ["x", "y"]
     assert youtube.clean_title("Tom &amp;amp; Jerry\n  &#39;s\u00a0show ") == "Tom & Jerry 's show"
@@ -56,7 +65,10 @@ def test_kaggle_2017_schema_with_quirks():
     assert casey["title"] == "WE WANT TO TALK ABOUT OUR MARRIAGE (updated)"
     assert casey["trending_date"] == "2017-11-15" and casey["tags"] == ["SHANtell martin", "shantell"]
     assert rows["5qpjK5DgCt4"]["title"] == "Racist Superman | Rudy Mancuso & King Bach"
-    assert rows["1ZAPwfrtAFY"]["tags"][:2] == ["last week tonight trump presidency", "last week tonight donald trump"]
+    assert rows["1ZAPwfrtAFY"]["tags"][:2] == [
+        "last week tonight trump presidency",
+        "last week tonight donald trump",
+    ]
     assert rows["d380meD0W0M"]["tags"] == []
     # The sibling US_category_id.json wins over the built-in table.
     assert rows["1ZAPwfrtAFY"]["category_id"] == 24
@@ -94,8 +106,13 @@ def test_jsonl_and_parquet(tmp_path):
     assert rows["BBBBBBBBBBB"]["category_name"] == "Education" and rows["BBBBBBBBBBB"]["tags"] == ["a", "b"]
     assert len(res.rejected) == 1
     path = tmp_path / "v.parquet"
-    pd.DataFrame({"url": ["https://youtu.be/AAAAAAAAAAA", "EEEEEEEEEEE"], "title": ["x", "y"],
-                  "tags": [["t1", "t2"], []]}).to_parquet(path)
+    pd.DataFrame(
+        {
+            "url": ["https://youtu.be/AAAAAAAAAAA", "EEEEEEEEEEE"],
+            "title": ["x", "y"],
+            "tags": [["t1", "t2"], []],
+        }
+    ).to_parquet(path)
     rows = _by_id(metadata.read_metadata([str(path)]))
     assert rows["AAAAAAAAAAA"]["tags"] == ["t1", "t2"] and rows["EEEEEEEEEEE"]["tags"] == []
 

@@ -1,8 +1,9 @@
 """The demo's pipeline at a smaller size (data -> DeepSpeed ZeRO-2 on 2 ranks -> eval -> export ->
 HF pipeline), and the training benchmark harness on CPU."""
+
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
@@ -13,10 +14,33 @@ import train_runner as tr
 
 def test_demo_pipeline_small(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "vutrain.demo", "--out", str(out), "--num-samples", "512",
-                           "--val-samples", "48", "--shard-size", "64", "--steps", "4", "--min-top1", "0",
-                           "train.micro_batch_size=16", "eval.every=2", "model.vocab_size=512"],
-                          capture_output=True, text=True, timeout=900, env=tr.env(), cwd=tr.REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vutrain.demo",
+            "--out",
+            str(out),
+            "--num-samples",
+            "512",
+            "--val-samples",
+            "48",
+            "--shard-size",
+            "64",
+            "--steps",
+            "4",
+            "--min-top1",
+            "0",
+            "train.micro_batch_size=16",
+            "eval.every=2",
+            "model.vocab_size=512",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=tr.env(),
+        cwd=tr.REPO,
+    )
     assert proc.returncode == 0, tr.describe(proc)
     assert "zero-shot top-1 on the held-out set" in proc.stdout
     found = re.search(r"\(chance (0\.\d+), (\d+) classes\)", proc.stdout)
@@ -32,20 +56,63 @@ def test_demo_pipeline_small(tmp_path):
 def test_demo_fails_loudly_below_the_bar(tmp_path):
     """--min-top1 is a real check: an impossible bar makes the demo exit non-zero."""
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "vutrain.demo", "--out", str(out), "--num-samples", "256",
-                           "--val-samples", "24", "--shard-size", "64", "--steps", "1", "--ranks", "1",
-                           "--min-top1", "1.01", "train.micro_batch_size=8", "model.vocab_size=512",
-                           "data.num_workers=0"],
-                          capture_output=True, text=True, timeout=900, env=tr.env(), cwd=tr.REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vutrain.demo",
+            "--out",
+            str(out),
+            "--num-samples",
+            "256",
+            "--val-samples",
+            "24",
+            "--shard-size",
+            "64",
+            "--steps",
+            "1",
+            "--ranks",
+            "1",
+            "--min-top1",
+            "1.01",
+            "train.micro_batch_size=8",
+            "model.vocab_size=512",
+            "data.num_workers=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=tr.env(),
+        cwd=tr.REPO,
+    )
     assert proc.returncode == 1, tr.describe(proc)
     assert "FAIL: zero-shot top-1" in proc.stderr
 
 
 def test_bench_harness_measures_and_records(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "vutrain.bench", "--batch-sizes", "8", "--steps", "2",
-                           "--warmup", "1", "--workers", "0", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=tr.env(), cwd=tr.REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vutrain.bench",
+            "--batch-sizes",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=tr.env(),
+        cwd=tr.REPO,
+    )
     assert proc.returncode == 0, tr.describe(proc)
     rows = json.loads(out.read_text())
     assert len(rows) == 1 and rows[0]["batch_size"] == 8

@@ -4,6 +4,7 @@ Fast tests drive vutrain/checkpoint.py and vutrain/metrics.py on real files; the
 for real (DeepSpeed ZeRO-2 through tests/train_runner.py) and break the run directory the way a
 crash, a full disk or a careless `rm` does.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,11 @@ import time
 import numpy as np
 import pytest
 import torch
-import train_runner as tr
 
 from vutrain import checkpoint as ckpt
 from vutrain.metrics import MetricsWriter, read_metrics
+
+import train_runner as tr
 
 
 def _fake_tag(ckpt_dir: str, step: int, payload: bytes = b"x" * 100) -> str:
@@ -101,6 +103,7 @@ def test_trainer_state_is_json_and_tensors_without_pickle(tmp_path, monkeypatch)
 
     def no_pickle(*args, **kwargs):
         raise AssertionError("the trainer state must load without unpickling")
+
     monkeypatch.setattr(torch, "load", no_pickle)
     monkeypatch.setattr("pickle.loads", no_pickle)
     loaded = ckpt.load_trainer_state(str(tmp_path), 1)
@@ -134,8 +137,9 @@ def test_resume_after_deleted_and_truncated_checkpoints(synthetic_shards, tmp_pa
     """Newest checkpoint and `latest` deleted, the next one truncated: resume from the one before,
     each step once in metrics.jsonl; then every checkpoint broken: one line, no traceback."""
     run_dir = str(tmp_path / "run")
-    over = tr.base_overrides(synthetic_shards, run_dir, 6, train__checkpoint_every=2,
-                             train__keep_checkpoints=3)
+    over = tr.base_overrides(
+        synthetic_shards, run_dir, 6, train__checkpoint_every=2, train__keep_checkpoints=3
+    )
     first = tr.run("python", over)
     assert first.returncode == 0, tr.describe(first)
     cdir = os.path.join(run_dir, "checkpoints")
@@ -146,14 +150,19 @@ def test_resume_after_deleted_and_truncated_checkpoints(synthetic_shards, tmp_pa
     with open(os.path.join(cdir, "step_00000004", optim), "r+b") as fh:
         fh.truncate(1000)
 
-    again = tr.run("python", tr.base_overrides(synthetic_shards, run_dir, 8, train__checkpoint_every=2,
-                                               train__keep_checkpoints=3))
+    again = tr.run(
+        "python",
+        tr.base_overrides(synthetic_shards, run_dir, 8, train__checkpoint_every=2, train__keep_checkpoints=3),
+    )
     out = again.stdout + again.stderr
     assert again.returncode == 0, tr.describe(again)
     assert "resuming at step 2" in out and f"step_00000004/{optim} has 1000 bytes" in out
     assert _train_rows(run_dir) == list(range(1, 9))  # the lost segment's rows replaced, not doubled
-    assert [json.loads(line)["step"] for line in open(os.path.join(run_dir, "metrics.discarded.jsonl"))
-            if "train/loss" in line] == [3, 4, 5, 6]
+    assert [
+        json.loads(line)["step"]
+        for line in open(os.path.join(run_dir, "metrics.discarded.jsonl"))
+        if "train/loss" in line
+    ] == [3, 4, 5, 6]
     assert ckpt.list_tags(cdir) == ["step_00000004", "step_00000006", "step_00000008"]
     assert open(os.path.join(cdir, "latest")).read() == "step_00000008"
 
@@ -202,8 +211,9 @@ def test_sigkill_during_checkpoint_write_then_one_rank_fails_to_load(synthetic_s
     with open(state, "w") as fh:
         fh.write("{" + "x" * (size - 1))
     started = time.time()
-    failed = tr.run("deepspeed", tr.base_overrides(synthetic_shards, run_dir, 8, train__checkpoint_every=2),
-                    timeout=300)
+    failed = tr.run(
+        "deepspeed", tr.base_overrides(synthetic_shards, run_dir, 8, train__checkpoint_every=2), timeout=300
+    )
     elapsed = time.time() - started
     out = failed.stdout + failed.stderr
     assert failed.returncode != 0

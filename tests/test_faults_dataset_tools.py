@@ -2,6 +2,7 @@
 without stats. Each asserts a clear message (file and line, or the shard) and nothing accepted
 silently. The ladder's faults (HTML, truncated or grey-placeholder variants) are in
 tests/test_dataset_tools_fetch.py."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,17 @@ from dataset_tools import shards
 from dataset_tools.cli import main
 from dataset_tools.fake_host import render_thumbnail
 
-SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-                    ("video_id", pa.string()), ("variant", pa.string()), ("category_name", pa.string()),
-                    ("tags", pa.list_(pa.string()))])
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("video_id", pa.string()),
+        ("variant", pa.string()),
+        ("category_name", pa.string()),
+        ("tags", pa.list_(pa.string())),
+    ]
+)
 
 
 def _shard(folder, shard_id: int, n: int, stats: bool = True) -> str:
@@ -27,10 +36,19 @@ def _shard(folder, shard_id: int, n: int, stats: bool = True) -> str:
         key = f"{name}{i:04d}"
         vid = f"vid{shard_id:02d}{i:06d}"
         meta = {"key": key, "video_id": vid, "title": f"t{i}", "category_name": "Music", "tags": ["a"]}
-        samples.append((key, {"jpg": render_thumbnail(vid, "mqdefault"), "txt": b"t",
-                              "json": json.dumps(meta).encode()}))
-        rows.append({"key": key, "status": "success", "video_id": vid, "variant": "mqdefault",
-                     "category_name": "Music", "tags": ["a"]})
+        samples.append(
+            (key, {"jpg": render_thumbnail(vid, "mqdefault"), "txt": b"t", "json": json.dumps(meta).encode()})
+        )
+        rows.append(
+            {
+                "key": key,
+                "status": "success",
+                "video_id": vid,
+                "variant": "mqdefault",
+                "category_name": "Music",
+                "tags": ["a"],
+            }
+        )
     shards.write_tar(os.path.join(folder, f"{name}.tar"), samples)
     if stats:
         shards.write_parquet(os.path.join(folder, f"{name}.parquet"), rows, SCHEMA)
@@ -44,13 +62,17 @@ def _error_lines(text: str) -> list[str]:
 
 def test_csv_with_unterminated_quote_names_file_and_line(tmp_path, capsys):
     csv = tmp_path / "videos.csv"
-    csv.write_text('video_id,title,tags\nokokokokok1,"fine, quoted",a|b\nokokokokok2,"never closed,x\n'
-                   "okokokokok3,third,c\n")
+    csv.write_text(
+        'video_id,title,tags\nokokokokok1,"fine, quoted",a|b\nokokokokok2,"never closed,x\n'
+        "okokokokok3,third,c\n"
+    )
     code = main(["build", "--input", str(csv), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
-    assert _error_lines(err) == [f"error: {csv}:3: cannot parse as CSV (a double quote opens here and is "
-                                 "never closed). Fix or remove that row, then run the same command again."]
+    assert _error_lines(err) == [
+        f"error: {csv}:3: cannot parse as CSV (a double quote opens here and is "
+        "never closed). Fix or remove that row, then run the same command again."
+    ]
 
 
 def test_broken_json_array_names_file_and_line(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Start-up faults (issue 11): shard lists checked before training, shipped configs that match
 the demo, and one clear line (printed once, by rank 0) instead of every rank's traceback."""
+
 from __future__ import annotations
 
 import logging
@@ -8,11 +9,12 @@ import os
 
 import braceexpand
 import pytest
-import train_runner as tr
 
 from vutrain import demo, train
 from vutrain.config import load_config
 from vutrain.data.shards import ShardListError
+
+import train_runner as tr
 
 
 def _overrides(synthetic_shards, spec: str, *extra: str) -> list[str]:
@@ -34,8 +36,10 @@ def test_brace_range_naming_missing_shards_is_refused(synthetic_shards):
 
 def test_allow_missing_shards_warns_with_the_count(synthetic_shards, caplog):
     train_dir = os.path.dirname(synthetic_shards["train_shards"])
-    cfg = load_config(tr.TINY, _overrides(synthetic_shards, f"{train_dir}/{{00000..00009}}.tar",
-                                          "data.allow_missing_shards=true"))
+    cfg = load_config(
+        tr.TINY,
+        _overrides(synthetic_shards, f"{train_dir}/{{00000..00009}}.tar", "data.allow_missing_shards=true"),
+    )
     with caplog.at_level(logging.WARNING):
         train.check_shard_lists(cfg, log_warnings=True)
     assert "2 of 10 shards do not exist" in caplog.text
@@ -50,15 +54,18 @@ def test_tiny_config_names_what_the_demo_writes():
     n_train = math.ceil(parser_defaults["num_samples"] / parser_defaults["shard_size"])
     n_val = math.ceil(parser_defaults["val_samples"] / parser_defaults["shard_size"])
     assert list(braceexpand.braceexpand(cfg.data.train_shards)) == [
-        f"demo_out/data/train/{i:05d}.tar" for i in range(n_train)]
+        f"demo_out/data/train/{i:05d}.tar" for i in range(n_train)
+    ]
     assert list(braceexpand.braceexpand(cfg.data.val_shards)) == [
-        f"demo_out/data/val/{i:05d}.tar" for i in range(n_val)]
+        f"demo_out/data/val/{i:05d}.tar" for i in range(n_val)
+    ]
 
 
 def _demo_defaults() -> dict:
     """The demo's argparse defaults (parsed from its source so no training starts)."""
     import ast
     import inspect
+
     tree = ast.parse(inspect.getsource(demo.main))
     found = {}
     for node in ast.walk(tree):
@@ -75,21 +82,25 @@ def test_missing_shard_under_deepspeed_is_one_line_from_rank_0(synthetic_shards,
     """Two ranks through the deepspeed launcher, a brace range past the last shard: exit 2 before
     any process group, the message once, no traceback."""
     train_dir = os.path.dirname(synthetic_shards["train_shards"])
-    over = tr.base_overrides(dict(synthetic_shards, train_shards=f"{train_dir}/{{00000..00009}}.tar"),
-                             str(tmp_path / "run"), 2)
+    over = tr.base_overrides(
+        dict(synthetic_shards, train_shards=f"{train_dir}/{{00000..00009}}.tar"), str(tmp_path / "run"), 2
+    )
     proc = tr.run("deepspeed", over, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: data.train_shards: 2 of 10 shards do not exist: {train_dir}/00008.tar, "
-                      f"{train_dir}/00009.tar. Fix the path or brace range, or set "
-                      "data.allow_missing_shards=true to use the 8 that exist."], out[-3000:]
+    assert errors == [
+        f"error: data.train_shards: 2 of 10 shards do not exist: {train_dir}/00008.tar, "
+        f"{train_dir}/00009.tar. Fix the path or brace range, or set "
+        "data.allow_missing_shards=true to use the 8 that exist."
+    ], out[-3000:]
     assert "Traceback" not in out
     assert not os.path.exists(tmp_path / "run")  # nothing started
 
 
 def test_unexpected_error_is_one_line_pointing_at_the_traceback(tmp_path, capsys):
     from vutrain import startup_errors
+
     try:
         {}["model"]
     except KeyError as exc:

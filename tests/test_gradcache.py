@@ -7,6 +7,7 @@ forward draws the same masks as the first: it matches a (B x 1) engine whose for
 same k chunks in sequence, and it does NOT match once the replay is switched off (so the
 replay is what the test measures). One spawn for everything; ~30-60 s on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,11 +55,18 @@ def _train(rank, world, stage, mode, dropout=0.0, replay=True):
     gc = mode == "gradcache"
     model = TwoTower(dropout, chunks=K if mode == "chunked" else 1)
     micro, gas = (B // K, K) if gc else (B, 1)
-    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-              "train_batch_size": micro * gas * world, "zero_optimization": {"stage": stage},
-              "gradient_clipping": 1.0, "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config,
-                                           optimizer=torch.optim.AdamW(model.parameters(), lr=0.05))
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * world,
+        "zero_optimization": {"stage": stage},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, config=config, optimizer=torch.optim.AdamW(model.parameters(), lr=0.05)
+    )
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
     saved_restore = gradcache.RngState.restore
     if not replay:
@@ -70,8 +78,9 @@ def _train(rank, world, stage, mode, dropout=0.0, replay=True):
             torch.manual_seed(100 + step)
             if gc:
                 micro_batches = list(zip(x_img.chunk(K), x_txt.chunk(K)))
-                loss = gradcache.gradcache_step(engine, micro_batches, lambda mb: engine(*mb),
-                                                lambda i, t, s, b: loss_fn(i, t, s, b))
+                loss = gradcache.gradcache_step(
+                    engine, micro_batches, lambda mb: engine(*mb), lambda i, t, s, b: loss_fn(i, t, s, b)
+                )
             else:
                 img, txt, scale, bias = engine(x_img, x_txt)
                 loss = loss_fn(img, txt, scale, bias)
@@ -100,7 +109,7 @@ def _worker(rank, world):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def results():
     return run_distributed(_worker, 2, init_process_group=False, timeout_s=300)
 
@@ -152,10 +161,18 @@ def test_trainer_gradcache_matches_one_big_micro_batch(synthetic_shards, tmp_pat
     runs = {}
     for name, micro, accum in (("gradcache", 8, 2), ("big", 16, 1)):
         run_dir = str(tmp_path / name)
-        proc = tr.run("deepspeed", tr.base_overrides(synthetic_shards, run_dir, 3, data__val_shards="",
-                                                     train__micro_batch_size=micro,
-                                                     train__grad_accum_steps=accum,
-                                                     train__accumulation="gradcache"))
+        proc = tr.run(
+            "deepspeed",
+            tr.base_overrides(
+                synthetic_shards,
+                run_dir,
+                3,
+                data__val_shards="",
+                train__micro_batch_size=micro,
+                train__grad_accum_steps=accum,
+                train__accumulation="gradcache",
+            ),
+        )
         assert proc.returncode == 0, tr.describe(proc)
         runs[name] = tr.losses(run_dir)
     assert sorted(runs["gradcache"]) == [1, 2, 3]
@@ -203,8 +220,14 @@ def test_gradcache_with_lora_and_gradient_checkpointing_on_the_clip_preset():
         else:
             batches = list(zip(pixels.chunk(k), ids.chunk(k), mask.chunk(k)))
             loss = gradcache_step(engine, batches, lambda b: module(*b), lambda i, t, s, _: loss_fn(i, t, s))
-        grads[name] = (loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters()
-                                       if p.requires_grad and p.grad is not None})
+        grads[name] = (
+            loss.detach(),
+            {
+                n: p.grad.clone()
+                for n, p in module.named_parameters()
+                if p.requires_grad and p.grad is not None
+            },
+        )
     torch.testing.assert_close(grads["gradcache"][0], grads["plain"][0], rtol=1e-5, atol=1e-5)
     assert any("lora" in n for n in grads["plain"][1])
     assert grads["plain"][1].keys() == grads["gradcache"][1].keys()

@@ -14,16 +14,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import subprocess
+import sys
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch.nn.functional as F
 
-import kernels  # noqa: E402
-from kernels import clip_loss, contrastive_ce  # noqa: E402
-from kernels.reference import clip_loss_reference, contrastive_ce_reference  # noqa: E402
-from kernels.testing import run_module_in_interpreter, triton_mode  # noqa: E402
+import kernels
+from kernels import clip_loss, contrastive_ce
+from kernels.reference import clip_loss_reference, contrastive_ce_reference
+from kernels.testing import run_module_in_interpreter, triton_mode
 
 MODE = triton_mode()
 DEVICE = "cuda" if MODE == "gpu" else "cpu"

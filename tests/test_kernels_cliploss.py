@@ -13,10 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # inherited by the spawned workers
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch.nn.functional as F
 
-from kernels.runtime import HAS_TRITON  # noqa: E402
+from kernels.runtime import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 

@@ -10,12 +10,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch.nn.functional as F
 
-from kernels import sigmoid_loss  # noqa: E402
-from kernels.reference import sigmoid_loss_reference  # noqa: E402
-from kernels.testing import run_module_in_interpreter, triton_mode  # noqa: E402
+from kernels import sigmoid_loss
+from kernels.reference import sigmoid_loss_reference
+from kernels.testing import run_module_in_interpreter, triton_mode
 
 MODE = triton_mode()
 DEVICE = "cuda" if MODE == "gpu" else "cpu"

@@ -3,13 +3,13 @@
 No SLURM needed. Runtime on 2 cores: about 30 s (one tiny 4-step run) plus a second for the
 error cases.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,27 +19,65 @@ LOCAL = str(REPO / "launch" / "local.sh")
 
 
 def run_local(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, PYTHON=sys.executable, MASTER_PORT=str(free_port()),
-                    NO_ALBUMENTATIONS_UPDATE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    full_env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        MASTER_PORT=str(free_port()),
+        NO_ALBUMENTATIONS_UPDATE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
     for key in ("NGPUS", "HOSTFILE", "WORLD_SIZE"):
         full_env.pop(key, None)
     full_env.update(env)
-    return subprocess.run(["bash", LOCAL, *args], env=full_env, capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+    return subprocess.run(
+        ["bash", LOCAL, *args], env=full_env, capture_output=True, text=True, cwd=REPO, timeout=600
+    )
 
 
 @pytest.mark.slow
 def test_local_two_cpu_ranks(tmp_path):
-    if subprocess.run(["bash", "-c", "command -v nvidia-smi && nvidia-smi -L"], capture_output=True).returncode == 0:
+    if (
+        subprocess.run(
+            ["bash", "-c", "command -v nvidia-smi && nvidia-smi -L"], capture_output=True
+        ).returncode
+        == 0
+    ):
         pytest.skip("a GPU is visible: this test covers the CPU-rank path of local.sh")
     shards = tmp_path / "shards"
-    subprocess.run([sys.executable, "-m", "vutrain.data.synthetic", "--out", str(shards), "--num-samples", "32",
-                    "--shard-size", "8"], check=True, cwd=REPO, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vutrain.data.synthetic",
+            "--out",
+            str(shards),
+            "--num-samples",
+            "32",
+            "--shard-size",
+            "8",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
     out = tmp_path / "run"
-    proc = run_local(["--config", "vutrain/configs/tiny.yaml", f"output_dir={out}",
-                      f"data.train_shards={shards}/train/{{00000..00003}}.tar", "data.val_shards=",
-                      "eval.every=0", "train.max_steps=4", "train.micro_batch_size=4", "train.checkpoint_every=0",
-                      "data.num_workers=0", "train.progress_bar=false"], NGPUS="2")
+    proc = run_local(
+        [
+            "--config",
+            "vutrain/configs/tiny.yaml",
+            f"output_dir={out}",
+            f"data.train_shards={shards}/train/{{00000..00003}}.tar",
+            "data.val_shards=",
+            "eval.every=0",
+            "train.max_steps=4",
+            "train.micro_batch_size=4",
+            "train.checkpoint_every=0",
+            "data.num_workers=0",
+            "train.progress_bar=false",
+        ],
+        NGPUS="2",
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "no GPU visible: 2 CPU rank(s)" in log
@@ -48,14 +86,21 @@ def test_local_two_cpu_ranks(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"HOSTFILE": "/nonexistent/hostfile"}, "HOSTFILE=/nonexistent/hostfile does not exist"),
-    ({"NGPUS": "two"}, "NGPUS must be a positive integer, got 'two'"),
-    ({"NGPUS": "2", "WORLD_SIZE": "4"}, "WORLD_SIZE=4 is exported but this allocation gives 2 ranks"),
-], ids=["missing-hostfile", "bad-ngpus", "world-size-mismatch"])
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"HOSTFILE": "/nonexistent/hostfile"}, "HOSTFILE=/nonexistent/hostfile does not exist"),
+        ({"NGPUS": "two"}, "NGPUS must be a positive integer, got 'two'"),
+        ({"NGPUS": "2", "WORLD_SIZE": "4"}, "WORLD_SIZE=4 is exported but this allocation gives 2 ranks"),
+    ],
+    ids=["missing-hostfile", "bad-ngpus", "world-size-mismatch"],
+)
 def test_local_errors(tmp_path, env, message):
-    if "NGPUS" in env and env["NGPUS"].isdigit() and \
-            subprocess.run(["bash", "-c", "command -v nvidia-smi"], capture_output=True).returncode == 0:
+    if (
+        "NGPUS" in env
+        and env["NGPUS"].isdigit()
+        and subprocess.run(["bash", "-c", "command -v nvidia-smi"], capture_output=True).returncode == 0
+    ):
         pytest.skip("GPU machine: NGPUS may exceed the GPUs and fail with another message")
     proc = run_local(["--config", "vutrain/configs/tiny.yaml", f"output_dir={tmp_path / 'run'}"], **env)
     assert proc.returncode == 2, proc.stderr

@@ -17,6 +17,7 @@ gloo) on synthetic shards. Covered:
 Runtime on 2 cores: about 4 minutes (plus the one-off apt-get install on a fresh machine).
 Skips, with the reason, when SLURM is absent and we are not root to install it.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ from slurm_cluster import REPO, SlurmCluster, ensure_slurm_installed, free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-MAX_STEPS = 4          # plain runs
-PREEMPT_STEPS = 16     # long enough that the signal lands well before the end on 2 cores
+MAX_STEPS = 4  # plain runs
+PREEMPT_STEPS = 16  # long enough that the signal lands well before the end on 2 cores
 EXIT_PREEMPTED = 75
 # The trainer's start-up line on rank 0 (the deepspeed launcher's own "dist_world_size=2" must not count).
 TRAINER_WORLD_2 = "vutrain: world_size=2 "
@@ -60,25 +61,56 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, "-m", "vutrain.data.synthetic", "--out", str(out), "--num-samples", "64",
-                    "--shard-size", "16"], check=True, cwd=REPO, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vutrain.data.synthetic",
+            "--out",
+            str(out),
+            "--num-samples",
+            "64",
+            "--shard-size",
+            "16",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
     return out
 
 
 def trainer_args(out: Path, shards: Path, max_steps: int) -> list[str]:
     """The tiny config on CPU, small enough for two ranks on two cores."""
-    return ["--config", "vutrain/configs/tiny.yaml", f"output_dir={out}",
-            f"data.train_shards={shards}/train/{{00000..00003}}.tar", "data.val_shards=", "eval.every=0",
-            f"train.max_steps={max_steps}", "train.micro_batch_size=4", "train.checkpoint_every=0",
-            "data.num_workers=0", "train.progress_bar=false"]
+    return [
+        "--config",
+        "vutrain/configs/tiny.yaml",
+        f"output_dir={out}",
+        f"data.train_shards={shards}/train/{{00000..00003}}.tar",
+        "data.val_shards=",
+        "eval.every=0",
+        f"train.max_steps={max_steps}",
+        "train.micro_batch_size=4",
+        "train.checkpoint_every=0",
+        "data.num_workers=0",
+        "train.progress_bar=false",
+    ]
 
 
-def submit(cluster: SlurmCluster, tmp: Path, script: str, sbatch_args: list[str], args: list[str],
-           **env: str) -> tuple[int, Path]:
+def submit(
+    cluster: SlurmCluster, tmp: Path, script: str, sbatch_args: list[str], args: list[str], **env: str
+) -> tuple[int, Path]:
     """sbatch a launch script from the repo root; return (job id, log file)."""
     log = tmp / f"{Path(script).stem}-{time.monotonic_ns()}.log"
-    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "VUTRAIN_LAUNCH_DIR": str(tmp / "launch"),
-           "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env}
+    env = {
+        "PYTHON": sys.executable,
+        "MASTER_PORT": str(free_port()),
+        "VUTRAIN_LAUNCH_DIR": str(tmp / "launch"),
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
     job = cluster.sbatch("-o", str(log), *sbatch_args, f"launch/slurm/{script}", *args, **env)
     return job, log
 
@@ -104,9 +136,13 @@ def assert_finished(out: Path, log: str, max_steps: int) -> None:
 
 
 # srun.sbatch's finished run is asserted by the srun preemption test (2 tasks, resumed to the end).
-@pytest.mark.parametrize("script,sbatch_args,env", [
-    ("deepspeed.sbatch", ["-N", "1"], {"CPU_RANKS_PER_NODE": "2"}),
-], ids=["deepspeed-1node-2cpuranks"])
+@pytest.mark.parametrize(
+    "script,sbatch_args,env",
+    [
+        ("deepspeed.sbatch", ["-N", "1"], {"CPU_RANKS_PER_NODE": "2"}),
+    ],
+    ids=["deepspeed-1node-2cpuranks"],
+)
 def test_run_to_completion(cluster, shards, tmp_path, script, sbatch_args, env):
     out = tmp_path / "run"
     job, log = submit(cluster, tmp_path, script, sbatch_args, trainer_args(out, shards, MAX_STEPS), **env)
@@ -120,10 +156,14 @@ def test_run_to_completion(cluster, shards, tmp_path, script, sbatch_args, env):
         assert (tmp_path / "launch" / "hostfile").read_text().split("\n")[0] == "n1 slots=2"
 
 
-@pytest.mark.parametrize("script,sbatch_args,sig", [
-    ("deepspeed.sbatch", ["-N", "2"], "USR1"),                      # one launcher per node, --no_ssh
-    ("srun.sbatch", ["-N", "2", "--ntasks-per-node=1"], "TERM"),    # one task per "GPU" over two nodes
-], ids=["deepspeed-2nodes-usr1", "srun-2nodes-term"])
+@pytest.mark.parametrize(
+    "script,sbatch_args,sig",
+    [
+        ("deepspeed.sbatch", ["-N", "2"], "USR1"),  # one launcher per node, --no_ssh
+        ("srun.sbatch", ["-N", "2", "--ntasks-per-node=1"], "TERM"),  # one task per "GPU" over two nodes
+    ],
+    ids=["deepspeed-2nodes-usr1", "srun-2nodes-term"],
+)
 def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args, sig):
     out = tmp_path / "run"
     job, log = submit(cluster, tmp_path, script, sbatch_args, trainer_args(out, shards, PREEMPT_STEPS))
@@ -150,7 +190,8 @@ def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args, 
     assert m, text[-6000:]
     step = int(m.group(1))
     assert 1 <= step < PREEMPT_STEPS, (
-        f"preempted at step {step} of {PREEMPT_STEPS}: the run ended before the signal; raise PREEMPT_STEPS")
+        f"preempted at step {step} of {PREEMPT_STEPS}: the run ended before the signal; raise PREEMPT_STEPS"
+    )
     assert f"training step exited with code {EXIT_PREEMPTED}" in text
     assert "requeueing job" in text
     assert (out / "checkpoints" / f"step_{step:08d}").is_dir(), "no checkpoint at the preemption step"
@@ -167,8 +208,13 @@ def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args, 
 def test_scancel_checkpoints_without_requeue(cluster, shards, tmp_path):
     """A plain `scancel JOB` TERMs the ranks: they checkpoint, but the job stays cancelled."""
     out = tmp_path / "run"
-    job, log = submit(cluster, tmp_path, "srun.sbatch", ["-N", "1", "--ntasks-per-node=2"],
-                      trainer_args(out, shards, PREEMPT_STEPS))
+    job, log = submit(
+        cluster,
+        tmp_path,
+        "srun.sbatch",
+        ["-N", "1", "--ntasks-per-node=2"],
+        trainer_args(out, shards, PREEMPT_STEPS),
+    )
     deadline = time.time() + 240
     while not metrics_steps(out):
         assert time.time() < deadline, f"no training step logged\n{read_log(log)[-4000:]}"
@@ -189,16 +235,40 @@ def test_scancel_checkpoints_without_requeue(cluster, shards, tmp_path):
     assert "not requeueing" in text, text[-4000:]
 
 
-@pytest.mark.parametrize("script,sbatch_args,env,message", [
-    ("srun.sbatch", ["-N", "2", "-n", "3", "--ntasks-per-node=2"], {}, "do not divide evenly over 2 nodes"),
-    ("srun.sbatch", ["-N", "1", "--ntasks-per-node=2"], {"WORLD_SIZE": "3"},
-     "WORLD_SIZE=3 is exported but this allocation gives 2 ranks"),
-    ("deepspeed.sbatch", ["-N", "1"], {"HOSTFILE": "/nonexistent/hostfile"},
-     "HOSTFILE=/nonexistent/hostfile does not exist"),
-    ("deepspeed.sbatch", ["-N", "1", "--ntasks-per-node=2"], {}, "one task per node: got 2 tasks on 1 nodes"),
-], ids=["tasks-not-divisible", "world-size-mismatch", "missing-hostfile", "deepspeed-2-tasks-per-node"])
+@pytest.mark.parametrize(
+    "script,sbatch_args,env,message",
+    [
+        (
+            "srun.sbatch",
+            ["-N", "2", "-n", "3", "--ntasks-per-node=2"],
+            {},
+            "do not divide evenly over 2 nodes",
+        ),
+        (
+            "srun.sbatch",
+            ["-N", "1", "--ntasks-per-node=2"],
+            {"WORLD_SIZE": "3"},
+            "WORLD_SIZE=3 is exported but this allocation gives 2 ranks",
+        ),
+        (
+            "deepspeed.sbatch",
+            ["-N", "1"],
+            {"HOSTFILE": "/nonexistent/hostfile"},
+            "HOSTFILE=/nonexistent/hostfile does not exist",
+        ),
+        (
+            "deepspeed.sbatch",
+            ["-N", "1", "--ntasks-per-node=2"],
+            {},
+            "one task per node: got 2 tasks on 1 nodes",
+        ),
+    ],
+    ids=["tasks-not-divisible", "world-size-mismatch", "missing-hostfile", "deepspeed-2-tasks-per-node"],
+)
 def test_input_errors(cluster, shards, tmp_path, script, sbatch_args, env, message):
-    job, log = submit(cluster, tmp_path, script, sbatch_args, trainer_args(tmp_path / "run", shards, 2), **env)
+    job, log = submit(
+        cluster, tmp_path, script, sbatch_args, trainer_args(tmp_path / "run", shards, 2), **env
+    )
     info = cluster.wait_job(job, timeout=120)
     text = read_log(log)
     assert info["JobState"] == "FAILED", f"{info}\n{text}"

@@ -13,6 +13,7 @@ The logit_scale (and logit_bias) gradient averaged over ranks equals dL/ds in ev
 One spawn per world size (2 and 4); everything for that world size is checked from it.
 Expected runtime: ~20-40 s on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_dist import run_distributed
 from vutrain.losses import AlignUniformLoss, ClipLoss, SigLipLoss, build_loss
+
+from helpers_dist import run_distributed
 
 B, D = 3, 8  # local batch, feature dim
 SCALE, BIAS = 7.0, -2.0
@@ -32,6 +34,7 @@ COMBOS = list(itertools.product((False, True), (False, True)))  # (local_loss, g
 
 
 # -- independent references (open_clip's formulas written out plainly) -------------------------
+
 
 def clip_reference(img, txt, scale, bias=None):
     """open_clip ClipLoss on one process: CE of logits_per_image and of logits_per_text."""
@@ -63,7 +66,7 @@ def siglip_pair_loss(img, txt, scale, bias, negative_only):
 
 def siglip_reference(img, txt, scale, bias, rank=0, world=1):
     """open_clip SigLipLoss on `rank`: local pairs plus every other rank's texts as negatives."""
-    chunk = lambda x, r: x[r * B:(r + 1) * B] if world > 1 else x  # noqa: E731
+    chunk = lambda x, r: x[r * B : (r + 1) * B] if world > 1 else x  # noqa: E731
     loss = siglip_pair_loss(chunk(img, rank), chunk(txt, rank), scale, bias, False)
     for r in range(world):
         if r != rank:
@@ -101,6 +104,7 @@ def grads_of(loss_fn, img, txt, *extra):
 
 # -- per-rank worker: one spawn checks everything for a world size -------------------------------
 
+
 def _rank_results(rank, world, img_all, txt_all):
     torch.set_default_dtype(torch.float64)
     rows = slice(rank * B, (rank + 1) * B)
@@ -108,8 +112,9 @@ def _rank_results(rank, world, img_all, txt_all):
     scale, bias = torch.tensor(SCALE), torch.tensor(BIAS)
     out = {}
     for local_loss, gwg in COMBOS:
-        loss_mod = ClipLoss(local_loss=local_loss, gather_with_grad=gwg, cache_labels=True,
-                            rank=rank, world_size=world)
+        loss_mod = ClipLoss(
+            local_loss=local_loss, gather_with_grad=gwg, cache_labels=True, rank=rank, world_size=world
+        )
         out[("clip", local_loss, gwg)] = grads_of(loss_mod, img, txt, scale)
         # second call: cached labels must give the same value
         out[("clip_again", local_loss, gwg)] = loss_mod(img, txt, scale).detach()
@@ -123,8 +128,9 @@ def _rank_results(rank, world, img_all, txt_all):
         factory = build_loss("clip", rank=rank, world_size=world)
         out["factory_clip"] = grads_of(factory, img, txt, scale)
         for local_loss, gwg in COMBOS:  # the kernels' dispatch (torch fallback on CPU, fp64)
-            tri = ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank,
-                           world_size=world, backend="triton")
+            tri = ClipLoss(
+                local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world, backend="triton"
+            )
             out[("triton", local_loss, gwg)] = grads_of(tri, img, txt, scale)
     return out
 
@@ -140,13 +146,14 @@ def _rank_triton_interpreted(rank, world, img_all, txt_all):
     out = {}
     for local_loss, gwg in COMBOS:
         for backend in ("torch", "triton"):
-            mod = ClipLoss(local_loss=local_loss, gather_with_grad=gwg, rank=rank,
-                           world_size=world, backend=backend)
+            mod = ClipLoss(
+                local_loss=local_loss, gather_with_grad=gwg, rank=rank, world_size=world, backend=backend
+            )
             out[(backend, local_loss, gwg)] = grads_of(mod, img, txt, scale)
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def spawn_once(world):
     """(world, img, txt, per-rank results): one spawn per world size for the whole module."""
     img, txt = make_batch(world)
@@ -156,7 +163,7 @@ def spawn_once(world):
 
 
 def _slice(x, r):
-    return x[r * B:(r + 1) * B]
+    return x[r * B : (r + 1) * B]
 
 
 def test_clip_world1_matches_reference():
@@ -184,7 +191,8 @@ def test_clip_distributed_matches_global_batch(world_size):
             torch.testing.assert_close(res[r][("clip_again", local_loss, gwg)], loss, **TOL)
             if local_loss:
                 ref_loss, ref_g = grads_of(
-                    lambda i, t, sc: clip_local_detached_reference(i, t, sc, r), img, txt, s)
+                    lambda i, t, sc: clip_local_detached_reference(i, t, sc, r), img, txt, s
+                )
                 torch.testing.assert_close(loss, ref_loss, **TOL)
             else:
                 torch.testing.assert_close(loss, glob, **TOL)
@@ -241,10 +249,10 @@ def test_align_uniform_world1_and_distributed():
     glob, grads = grads_of(mod, img, txt)
     align, uniform = align_uniform_reference(img, txt)
     torch.testing.assert_close(glob, 0.5 * align + 2.0 * uniform, **TOL)
-    assert mod.last_terms == pytest.approx({"align": float(align), "uniform": float(uniform)},
-                                           rel=1e-9)
-    _, ref_grads = grads_of(lambda i, t: 0.5 * align_uniform_reference(i, t)[0]
-                            + 2.0 * align_uniform_reference(i, t)[1], img, txt)
+    assert mod.last_terms == pytest.approx({"align": float(align), "uniform": float(uniform)}, rel=1e-9)
+    _, ref_grads = grads_of(
+        lambda i, t: 0.5 * align_uniform_reference(i, t)[0] + 2.0 * align_uniform_reference(i, t)[1], img, txt
+    )
     for a, c in zip(grads, ref_grads):
         torch.testing.assert_close(a, c, **TOL)
     _check_avg(world, [res[r]["align_uniform"] for r in range(world)], glob, grads)
@@ -282,6 +290,7 @@ def test_run_distributed_results_by_rank_and_worker_errors():
 
 # -- errors ----------------------------------------------------------------------------------
 
+
 def test_bad_arguments_raise_clear_errors():
     img, txt = make_batch(1)
     s = torch.tensor(SCALE, dtype=torch.float64)
@@ -313,8 +322,9 @@ def test_factory_builds_each_loss_with_last_terms():
     # "auto" on CPU features is the torch path (so a logit_bias is fine)
     img, txt = make_batch(1)
     s, bias = torch.tensor(SCALE, dtype=torch.float64), torch.tensor(BIAS, dtype=torch.float64)
-    torch.testing.assert_close(ClipLoss(backend="auto")(img, txt, s, bias),
-                               clip_reference(img, txt, s, bias), **TOL)
+    torch.testing.assert_close(
+        ClipLoss(backend="auto")(img, txt, s, bias), clip_reference(img, txt, s, bias), **TOL
+    )
 
 
 def test_clip_triton_backend_dispatch_matches_torch():

@@ -10,6 +10,7 @@ differs per rank, multi-hot [N, L]) are checked at world 1, 2 and 4 on real gloo
 * bidir without labels: same values and gradients as the gathered form to 1e-9.
 One spawn per world size. Expected runtime: ~20 s on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,9 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_dist import run_distributed
 from vutrain.losses import ClipLoss, SigLipLoss
 from vutrain.losses.positives import positive_mask
+
+from helpers_dist import run_distributed
 
 B, D = 3, 8
 SCALE, BIAS = 7.0, -2.0
@@ -31,6 +33,7 @@ KINDS = ("class", "idset", "multihot")
 
 
 # -- labels and plain references ----------------------------------------------------------------
+
 
 def make_labels(kind: str, world: int) -> list[torch.Tensor]:
     """Per-rank labels. Classes 0..2 with an unlabelled -1; id sets of rank-dependent width."""
@@ -67,8 +70,9 @@ def label_sets(parts: list[torch.Tensor]) -> list[set]:
 
 def pos_matrix(sets: list[set]) -> torch.Tensor:
     n = len(sets)
-    return torch.tensor([[float(i == j or bool(sets[i] & sets[j])) for j in range(n)] for i in range(n)],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [[float(i == j or bool(sets[i] & sets[j])) for j in range(n)] for i in range(n)], dtype=torch.float64
+    )
 
 
 def clip_multi_reference(img, txt, scale, pos, rows=None, detach_keys=False):
@@ -103,10 +107,11 @@ def grads_of(loss_fn, *xs, **kw):
 
 
 def _slice(x, r):
-    return x[r * B:(r + 1) * B]
+    return x[r * B : (r + 1) * B]
 
 
 # -- per-rank worker ------------------------------------------------------------------------------
+
 
 def _rank_results(rank, world, img_all, txt_all, labels_by_kind):
     torch.set_default_dtype(torch.float64)
@@ -122,12 +127,13 @@ def _rank_results(rank, world, img_all, txt_all, labels_by_kind):
             mod = SigLipLoss(rank=rank, world_size=world, bidir=bidir)
             out[("siglip", kind, bidir)] = grads_of(mod, img, txt, scale, bias, labels=lab)
     for bidir in (False, True):
-        out[("siglip", None, bidir)] = grads_of(SigLipLoss(rank=rank, world_size=world, bidir=bidir),
-                                                img, txt, scale, bias)
+        out[("siglip", None, bidir)] = grads_of(
+            SigLipLoss(rank=rank, world_size=world, bidir=bidir), img, txt, scale, bias
+        )
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def spawn_once(world):
     img, txt = make_batch(world)
     labels = {k: make_labels(k, world) for k in KINDS}
@@ -136,6 +142,7 @@ def spawn_once(world):
 
 
 # -- tests -----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_world1_matches_reference(kind):
@@ -160,20 +167,27 @@ def test_distinct_labels_equal_the_plain_loss_and_labels_change_it():
     img, txt = make_batch(2)
     s, b = torch.tensor(SCALE, dtype=torch.float64), torch.tensor(BIAS, dtype=torch.float64)
     distinct = torch.arange(img.shape[0])
-    assert ClipLoss()(img, txt, s, labels=distinct).item() == pytest.approx(ClipLoss()(img, txt, s).item(),
-                                                                          rel=1e-12)
+    assert ClipLoss()(img, txt, s, labels=distinct).item() == pytest.approx(
+        ClipLoss()(img, txt, s).item(), rel=1e-12
+    )
     assert SigLipLoss()(img, txt, s, b, labels=distinct).item() == pytest.approx(
-        SigLipLoss()(img, txt, s, b).item(), rel=1e-12)
+        SigLipLoss()(img, txt, s, b).item(), rel=1e-12
+    )
     same = torch.zeros(img.shape[0], dtype=torch.long)  # all one class: every pair positive
     assert abs(ClipLoss()(img, txt, s, labels=same).item() - ClipLoss()(img, txt, s).item()) > 1e-3
 
 
 def test_positive_mask_forms_and_self():
     ids = torch.tensor([[5, -1], [7, 5], [-1, -1]])
-    assert positive_mask(ids, ids).tolist() == [[True, True, False], [True, True, False],
-                                                [False, False, True]]
-    assert positive_mask(torch.tensor([-1, -1]), torch.tensor([-1, -1])).tolist() == [[True, False],
-                                                                                      [False, True]]
+    assert positive_mask(ids, ids).tolist() == [
+        [True, True, False],
+        [True, True, False],
+        [False, False, True],
+    ]
+    assert positive_mask(torch.tensor([-1, -1]), torch.tensor([-1, -1])).tolist() == [
+        [True, False],
+        [False, True],
+    ]
     hot = torch.tensor([[True, False], [True, True]])
     assert positive_mask(hot[:1], hot, offset=None).tolist() == [[True, True]]
 
@@ -192,8 +206,12 @@ def test_clip_labels_distributed(world, kind):
         for r, (loss, (gi, gt, _)) in enumerate(per_rank):
             rows = slice(r * B, (r + 1) * B)
             if local_loss:
-                ref, ref_g = grads_of(lambda i, t, sc: clip_multi_reference(
-                    i, t, sc, pos, rows, detach_keys=not gwg), img, txt, s)
+                ref, ref_g = grads_of(
+                    lambda i, t, sc: clip_multi_reference(i, t, sc, pos, rows, detach_keys=not gwg),
+                    img,
+                    txt,
+                    s,
+                )
                 torch.testing.assert_close(loss, ref, **TOL)
             else:
                 torch.testing.assert_close(loss, glob, **TOL)
@@ -249,6 +267,7 @@ def test_triton_backend_rejects_labels_clearly():
 
 # -- SigLIP on the Triton kernel (kernels.sigmoid_loss, written on another branch) -----------------
 
+
 def _has_sigmoid_kernel() -> bool:
     try:
         import kernels
@@ -269,8 +288,10 @@ def test_siglip_triton_without_kernel_fails_clearly():
 def _rank_siglip_triton(rank, world, img_all, txt_all):
     img, txt = _slice(img_all, rank).float(), _slice(txt_all, rank).float()
     scale, bias = torch.tensor(SCALE), torch.tensor(BIAS)
-    return {backend: grads_of(SigLipLoss(rank=rank, world_size=world, backend=backend), img, txt, scale, bias)
-            for backend in ("torch", "triton")}
+    return {
+        backend: grads_of(SigLipLoss(rank=rank, world_size=world, backend=backend), img, txt, scale, bias)
+        for backend in ("torch", "triton")
+    }
 
 
 @pytest.mark.parametrize("world", [1, 2])

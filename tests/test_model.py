@@ -1,4 +1,5 @@
 """Model construction: presets, LoRA, tower locking, gradient checkpointing, parameter groups."""
+
 import math
 
 import pytest
@@ -12,18 +13,31 @@ from vutrain.optim import lr_lambda, no_decay, param_groups
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     from vutrain.data.tokenizer import train_bpe_tokenizer
+
     texts = [f"a {c} {s} video" for c in ("red", "green", "blue") for s in ("circle", "square")] * 20
     return train_bpe_tokenizer(texts, str(tmp_path_factory.mktemp("tok")), vocab_size=300, max_length=32)
 
 
 def batch(n=4, size=64, length=32):
-    return torch.randn(n, 3, size, size), torch.randint(3, 50, (n, length)), torch.ones(n, length, dtype=torch.long)
+    return (
+        torch.randn(n, 3, size, size),
+        torch.randint(3, 50, (n, length)),
+        torch.ones(n, length, dtype=torch.long),
+    )
 
 
 def test_vit_presets_have_openai_shapes(tokenizer):
     cfg = preset_clip_config(ModelConfig(preset="vit-b-32"), tokenizer)
-    assert (cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers, cfg.vision_config.patch_size) == (768, 12, 32)
-    assert (cfg.text_config.hidden_size, cfg.text_config.num_attention_heads, cfg.projection_dim) == (512, 8, 512)
+    assert (
+        cfg.vision_config.hidden_size,
+        cfg.vision_config.num_hidden_layers,
+        cfg.vision_config.patch_size,
+    ) == (768, 12, 32)
+    assert (cfg.text_config.hidden_size, cfg.text_config.num_attention_heads, cfg.projection_dim) == (
+        512,
+        8,
+        512,
+    )
     assert cfg.text_config.eos_token_id == tokenizer.eos_token_id
     assert PRESETS["vit-l-14"].patch_size == 14 and PRESETS["vit-b-16"].patch_size == 16
 

@@ -7,6 +7,7 @@ LoRA: train 4 steps with an eval and a checkpoint every 2 steps, then resume to 
 step-4 checkpoint. Every collective of training, eval and checkpointing must run on CUDA tensors.
 Before the GPU-path change rank 1 fell back to the CPU with another backend than rank 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,14 @@ import sys
 
 import pytest
 import torch
+
 import train_runner as tr
 
 
 def test_device_and_backend_resolution_and_overrides():
     """CPU-side: the defaults per device and the VUTRAIN_DEVICE / VUTRAIN_DIST_BACKEND overrides."""
     from vutrain.distributed import CUDA_BACKEND, resolve_device, resolve_dist_env
+
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
     if not torch.cuda.is_available():
         assert resolve_device(1, env) == ("cpu", "gloo")
@@ -39,8 +42,19 @@ def test_device_and_backend_resolution_and_overrides():
 def _run(overrides: list[str]) -> subprocess.CompletedProcess:
     """torchrun (as `python -m torch.distributed.run`: the GPU host may not put it next to python)."""
     env = dict(tr.env(), VUTRAIN_DIST_BACKEND="cuda:gloo", VUTRAIN_DEVICE="cuda:0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(tr.free_port()), tr.TRAIN, "--config", tr.TINY, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(tr.free_port()),
+        tr.TRAIN,
+        "--config",
+        tr.TINY,
+        *overrides,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tr.REPO)
 
 
@@ -50,8 +64,14 @@ def _run(overrides: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_one_gpu_cuda_only_group(stage, synthetic_shards, tmp_path):
     run_dir = str(tmp_path / "run")
-    common = dict(train__zero_stage=stage, model__lora__enabled="true", eval__every=2,
-                  train__checkpoint_every=2, train__precision="bf16", train__keep_checkpoints=3)
+    common = dict(
+        train__zero_stage=stage,
+        model__lora__enabled="true",
+        eval__every=2,
+        train__checkpoint_every=2,
+        train__precision="bf16",
+        train__keep_checkpoints=3,
+    )
     first = _run(tr.base_overrides(synthetic_shards, run_dir, 4, **common))
     assert first.returncode == 0, tr.describe(first)
     log = first.stdout + first.stderr

@@ -1,5 +1,6 @@
 """Config keys of the objectives: choices, keys that do not apply to the chosen loss, the loss
 each config builds, and the labels the data stream derives from `loss.positives`."""
+
 from __future__ import annotations
 
 import os
@@ -15,17 +16,20 @@ TINY = os.path.join(os.path.dirname(__file__), "..", "vutrain", "configs", "tiny
 BASE = ["data.train_shards=/data/{00000..00003}.tar", "data.val_shards=", "eval.every=0"]
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["loss.name=clip", "loss.bidir=true"], ["loss.bidir", "only to siglip"]),
-    (["loss.name=siglip", "loss.local_loss=false"], ["loss.local_loss", "only to clip"]),
-    (["loss.name=clip", "loss.uniform_weight=2"], ["loss.uniform_weight", "align_uniform"]),
-    (["loss.name=align_uniform", "loss.positives=tags"], ["loss.positives", "clip, siglip"]),
-    (["loss.positives=video"], ["loss.positives='video'", "pair, category, tags"]),
-    (["loss.name=align_uniform", "loss.uniform_t=0"], ["loss.uniform_t must be > 0"]),
-    (["loss.positives=tags", "loss.backend=triton"], ["does not support loss.positives=tags"]),
-    (["loss.name=siglip", "loss.bidir=true", "loss.backend=triton"], ["loss.bidir=false"]),
-    (["train.accumulation=sum"], ["train.accumulation='sum'", "gradcache, plain"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["loss.name=clip", "loss.bidir=true"], ["loss.bidir", "only to siglip"]),
+        (["loss.name=siglip", "loss.local_loss=false"], ["loss.local_loss", "only to clip"]),
+        (["loss.name=clip", "loss.uniform_weight=2"], ["loss.uniform_weight", "align_uniform"]),
+        (["loss.name=align_uniform", "loss.positives=tags"], ["loss.positives", "clip, siglip"]),
+        (["loss.positives=video"], ["loss.positives='video'", "pair, category, tags"]),
+        (["loss.name=align_uniform", "loss.uniform_t=0"], ["loss.uniform_t must be > 0"]),
+        (["loss.positives=tags", "loss.backend=triton"], ["does not support loss.positives=tags"]),
+        (["loss.name=siglip", "loss.bidir=true", "loss.backend=triton"], ["loss.bidir=false"]),
+        (["train.accumulation=sum"], ["train.accumulation='sum'", "gradcache, plain"]),
+    ],
+)
 def test_keys_that_do_not_apply_are_errors(overrides, words):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, BASE + overrides)
@@ -37,8 +41,11 @@ def test_each_config_builds_its_loss_with_its_keys():
     cfg = load_config(TINY, BASE + ["loss.name=siglip", "loss.bidir=true", "loss.positives=category"])
     loss = build_loss_from_config(cfg.loss, rank=0, world_size=1)
     assert isinstance(loss, SigLipLoss) and loss.bidir
-    cfg = load_config(TINY, BASE + ["loss.name=align_uniform", "loss.align_weight=0.5",
-                                    "loss.uniform_weight=3", "loss.uniform_t=4"])
+    cfg = load_config(
+        TINY,
+        BASE
+        + ["loss.name=align_uniform", "loss.align_weight=0.5", "loss.uniform_weight=3", "loss.uniform_t=4"],
+    )
     loss = build_loss_from_config(cfg.loss, rank=0, world_size=1)
     assert isinstance(loss, AlignUniformLoss)
     assert (loss.align_weight, loss.uniform_weight, loss.t) == (0.5, 3.0, 4.0)
@@ -73,9 +80,18 @@ def test_train_stream_carries_labels_of_its_own_samples(tmp_path):
     info = write_synthetic(str(tmp_path / "syn"), 48, 24, image_size=16, seed=3, val_samples=8)
 
     def stream(positives):
-        return TrainStream(info["train_shards"], preprocess=lambda img: torch.zeros(1),
-                           tokenize=lambda caps: {"captions": list(caps)}, batch_size=8, rank=0,
-                           world_size=1, num_workers=0, seed=0, shuffle_buffer=10, positives=positives)
+        return TrainStream(
+            info["train_shards"],
+            preprocess=lambda img: torch.zeros(1),
+            tokenize=lambda caps: {"captions": list(caps)},
+            batch_size=8,
+            rank=0,
+            world_size=1,
+            num_workers=0,
+            seed=0,
+            shuffle_buffer=10,
+            positives=positives,
+        )
 
     with stream("category") as s:
         batch = next(s)

@@ -1,4 +1,5 @@
 """Multi-label retrieval metrics (vutrain/eval_multilabel.py) on hand-computed cases."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vutrain.eval_multilabel import (average_precision, multilabel_retrieval, multilabel_targets,
-                                     recall_at_k, tag_vocabulary)
+from vutrain.eval_multilabel import (
+    average_precision,
+    multilabel_retrieval,
+    multilabel_targets,
+    recall_at_k,
+    tag_vocabulary,
+)
 
 
 def test_average_precision_by_hand():
@@ -33,8 +39,12 @@ def test_vocabulary_and_targets():
     vocab = tag_vocabulary(tags)
     assert vocab == ["cat", "dog", "funny"]
     assert tag_vocabulary(tags, min_count=2) == ["cat"]
-    assert multilabel_targets(tags, vocab).tolist() == [[True, False, True], [True, False, False],
-                                                        [False, False, False], [True, True, False]]
+    assert multilabel_targets(tags, vocab).tolist() == [
+        [True, False, True],
+        [True, False, False],
+        [False, False, False],
+        [True, True, False],
+    ]
 
 
 def test_retrieval_with_an_encoder_that_knows_the_tags():

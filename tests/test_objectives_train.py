@@ -1,6 +1,7 @@
 """The objectives through the real trainer (deepspeed launcher, 2 CPU ranks, tiny preset):
 SigLIP with neighbour exchange and tag positives (then export keeps its logit_bias), and the
 seed objective align_uniform with its weights and temperature from the config, both terms logged."""
+
 from __future__ import annotations
 
 import math
@@ -19,9 +20,19 @@ def test_siglip_bidir_with_tag_positives_trains_and_export_keeps_logit_bias(synt
     from vutrain.export import export, load_trained_module
 
     run_dir = str(tmp_path / "run")
-    proc = tr.run("deepspeed", tr.base_overrides(synthetic_shards, run_dir, 3, loss__name="siglip",
-                                                 loss__bidir="true", loss__positives="tags",
-                                                 data__val_shards="", train__zero_stage=1))
+    proc = tr.run(
+        "deepspeed",
+        tr.base_overrides(
+            synthetic_shards,
+            run_dir,
+            3,
+            loss__name="siglip",
+            loss__bidir="true",
+            loss__positives="tags",
+            data__val_shards="",
+            train__zero_stage=1,
+        ),
+    )
     assert proc.returncode == 0, tr.describe(proc)
     assert "world_size=2" in proc.stdout + proc.stderr
     losses = tr.losses(run_dir)
@@ -41,9 +52,19 @@ def test_siglip_bidir_with_tag_positives_trains_and_export_keeps_logit_bias(synt
 @pytest.mark.slow
 def test_align_uniform_trains_with_config_weights_and_logs_both_terms(synthetic_shards, tmp_path):
     run_dir = str(tmp_path / "run")
-    proc = tr.run("deepspeed", tr.base_overrides(synthetic_shards, run_dir, 3, loss__name="align_uniform",
-                                                 loss__align_weight=0.5, loss__uniform_weight=2.0,
-                                                 loss__uniform_t=3.0, data__val_shards=""))
+    proc = tr.run(
+        "deepspeed",
+        tr.base_overrides(
+            synthetic_shards,
+            run_dir,
+            3,
+            loss__name="align_uniform",
+            loss__align_weight=0.5,
+            loss__uniform_weight=2.0,
+            loss__uniform_t=3.0,
+            data__val_shards="",
+        ),
+    )
     assert proc.returncode == 0, tr.describe(proc)
     rows = [r for r in tr.metrics(run_dir) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -8,10 +8,12 @@ stage the parameters as a forward sees them (ZeRO-3 gathers them on use); and ev
 DeepSpeed holds for a parameter when the parameter's gradient is complete (a post-accumulate hook
 registered after DeepSpeed's own).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+
 from helpers_dist import run_distributed
 
 STAGES, PRECISIONS = (1, 2, 3), ("fp32", "bf16")
@@ -21,11 +23,28 @@ def _odd_model():
     from transformers import CLIPConfig, CLIPModel
 
     from vutrain.model import ClipTrainModule
-    text = dict(vocab_size=101, hidden_size=36, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=37, max_position_embeddings=9, projection_dim=20,
-                eos_token_id=100, bos_token_id=99, pad_token_id=0)
-    vision = dict(hidden_size=36, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                  image_size=16, patch_size=8, projection_dim=20)
+
+    text = dict(
+        vocab_size=101,
+        hidden_size=36,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=9,
+        projection_dim=20,
+        eos_token_id=100,
+        bos_token_id=99,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=36,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=16,
+        patch_size=8,
+        projection_dim=20,
+    )
     return ClipTrainModule(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=20)))
 
 
@@ -33,6 +52,7 @@ def _check(stage: int, precision: str, world: int) -> dict:
     from vutrain.config import TrainConfig
     from vutrain.engine import build_engine
     from vutrain.param_alignment import misaligned, trainable
+
     torch.manual_seed(0)
     cfg = TrainConfig(micro_batch_size=2, zero_stage=stage, precision=precision, warmup_steps=0)
     engine = build_engine(_odd_model(), cfg, world, torch.device("cpu"), 0)
@@ -60,20 +80,29 @@ def _check(stage: int, precision: str, world: int) -> dict:
     for _, p in named:
         p.register_post_accumulate_grad_hook(grad_done)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    img, txt, scale, _ = engine(pixel_values=torch.randn(2, 3, 16, 16, dtype=dtype),
-                                input_ids=torch.randint(1, 99, (2, 9)),
-                                attention_mask=torch.ones(2, 9, dtype=torch.long))
+    img, txt, scale, _ = engine(
+        pixel_values=torch.randn(2, 3, 16, 16, dtype=dtype),
+        input_ids=torch.randint(1, 99, (2, 9)),
+        attention_mask=torch.ones(2, 9, dtype=torch.long),
+    )
     engine.backward((img.float() @ txt.float().T).diagonal().sum() * scale.float())
     engine.step()
-    return {"params": len(named), "built": built, "forward": sorted(in_forward), "grad": sorted(in_grad),
-            "grads_seen": len(grads_seen)}
+    return {
+        "params": len(named),
+        "built": built,
+        "forward": sorted(in_forward),
+        "grad": sorted(in_grad),
+        "grads_seen": len(grads_seen),
+    }
 
 
 def _all_configs(rank: int, world: int) -> dict:
     from vutrain.distributed import init_distributed, resolve_dist_env
+
     init_distributed(resolve_dist_env())
-    return {(stage, precision): _check(stage, precision, world)
-            for stage in STAGES for precision in PRECISIONS}
+    return {
+        (stage, precision): _check(stage, precision, world) for stage in STAGES for precision in PRECISIONS
+    }
 
 
 @pytest.mark.slow  # spawns 2 rank processes

@@ -9,6 +9,7 @@ checkpointed by 2 ranks resumes on 1 rank, refuses a changed global batch with a
 keeps it with ``train.global_batch_size``, reaches its last step, and the sample keys drawn over
 the epoch hold each sample exactly once.
 """
+
 from __future__ import annotations
 
 import glob
@@ -50,13 +51,21 @@ def _engine(stage: int, lora: bool, world: int):
     module = _Tiny()
     if lora:  # frozen base weights plus trainable adapters, as model.lora.enabled builds them
         from peft import LoraConfig, get_peft_model
+
         module = get_peft_model(module, LoraConfig(r=2, lora_alpha=4, target_modules=["a", "b"]))
     micro = 1 if world == 4 else 2
-    cfg = TrainConfig(max_steps=10, micro_batch_size=micro, grad_accum_steps=GLOBAL_BATCH // (micro * world),
-                      zero_stage=stage, warmup_steps=2, lr=1e-2)
+    cfg = TrainConfig(
+        max_steps=10,
+        micro_batch_size=micro,
+        grad_accum_steps=GLOBAL_BATCH // (micro * world),
+        zero_stage=stage,
+        warmup_steps=2,
+        lr=1e-2,
+    )
     optimizer, scheduler = build_optimizer(module, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, world))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(cfg, world)
+    )
     return engine
 
 
@@ -75,7 +84,8 @@ def _full_state(engine) -> dict:
     for name, p in engine.module.named_parameters():
         if p.requires_grad:
             out[name] = [safe_get_full_fp32_param(p).clone()] + [
-                safe_get_full_optimizer_state(p, key).clone() for key in ("exp_avg", "exp_avg_sq")]
+                safe_get_full_optimizer_state(p, key).clone() for key in ("exp_avg", "exp_avg_sq")
+            ]
         else:
             with deepspeed.zero.GatheredParameters([p]):
                 out[name] = [p.detach().float().clone()]
@@ -88,6 +98,7 @@ def _save(rank, world, run_dir, cases):
     import deepspeed
 
     from vutrain import checkpoint as ckpt
+
     deepspeed.init_distributed("gloo")
     saved = {}
     for stage, lora in cases:
@@ -96,8 +107,14 @@ def _save(rank, world, run_dir, cases):
         for _ in range(3 * engine.gradient_accumulation_steps()):
             engine.backward(engine(torch.randn(engine.train_micro_batch_size_per_gpu(), 8)))
             engine.step()
-        ckpt.save_checkpoint(engine, os.path.join(run_dir, f"z{stage}_{lora}"), 3,
-                             {"step": 3, "data": {"rank": rank}}, rank, keep=1)
+        ckpt.save_checkpoint(
+            engine,
+            os.path.join(run_dir, f"z{stage}_{lora}"),
+            3,
+            {"step": 3, "data": {"rank": rank}},
+            rank,
+            keep=1,
+        )
         saved[(stage, lora)] = _full_state(engine)
     return saved
 
@@ -106,6 +123,7 @@ def _load(rank, world, run_dir, cases):
     import deepspeed
 
     from vutrain import checkpoint as ckpt
+
     deepspeed.init_distributed("gloo")
     loaded = {}
     for stage, lora in cases:
@@ -146,6 +164,7 @@ def test_zero_states_load_exactly_on_other_world_sizes(tmp_path):
 def small_shards(tmp_path_factory):
     """96 training samples in 8 shards of 12: one epoch is 6 steps of a global batch of 16."""
     from vutrain.data.synthetic import write_synthetic
+
     out = tmp_path_factory.mktemp("reshape_e2e")
     return write_synthetic(str(out), num_samples=96, shard_size=12, image_size=32, val_samples=16, seed=1)
 
@@ -154,6 +173,7 @@ def _all_keys(spec: str) -> list[str]:
     import tarfile
 
     from vutrain.data.shards import expand_shards
+
     keys = []
     for url in expand_shards(spec):
         with tarfile.open(url) as tar:
@@ -171,6 +191,7 @@ def _logged_keys(prefix: str) -> list[str]:
 
 def test_run_on_two_ranks_resumes_on_one_and_finishes_the_epoch(small_shards, tmp_path, monkeypatch):
     from vutrain.data.epoch_remainder import SAMPLE_LOG_ENV
+
     run_dir = str(tmp_path / "run")
     monkeypatch.setenv(SAMPLE_LOG_ENV, str(tmp_path / "keys"))
     common = dict(train__micro_batch_size=8, data__shuffle_buffer=8, eval__batch_size=16)

@@ -5,6 +5,7 @@ data plan is a pure function of seed, epoch, rank and worker). Criterion: the ke
 the world-size change plus those drawn after it, up to the end of the epoch, have no duplicates
 and are exactly the keys of an uninterrupted epoch; the next epoch starts normally.
 """
+
 import glob
 import os
 
@@ -26,14 +27,28 @@ def data(tmp_path_factory):
     info = write_synthetic(str(root / "syn"), 96, 12, image_size=IMAGE, seed=3, val_samples=8)
     tok = train_bpe_tokenizer(iter_shard_texts(info["train_shards"], "{title}"), str(root / "tok"), 300, 16)
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    return {"shards": info["train_shards"], "tokenize": make_tokenize(tok, 16),
-            "preprocess": make_preprocess(processor)}
+    return {
+        "shards": info["train_shards"],
+        "tokenize": make_tokenize(tok, 16),
+        "preprocess": make_preprocess(processor),
+    }
 
 
 def _streams(data, world, workers=0, batch=BATCH):
-    return [TrainStream(data["shards"], preprocess=data["preprocess"], tokenize=data["tokenize"],
-                        batch_size=batch, rank=r, world_size=world, num_workers=workers, seed=5,
-                        shuffle_buffer=10) for r in range(world)]
+    return [
+        TrainStream(
+            data["shards"],
+            preprocess=data["preprocess"],
+            tokenize=data["tokenize"],
+            batch_size=batch,
+            rank=r,
+            world_size=world,
+            num_workers=workers,
+            seed=5,
+            shuffle_buffer=10,
+        )
+        for r in range(world)
+    ]
 
 
 def _draw(streams, steps, log_dir, monkeypatch) -> list[str]:
@@ -104,8 +119,17 @@ def test_second_change_within_the_epoch(data, tmp_path, monkeypatch):
 def test_changed_data_settings_are_refused(data):
     a = _streams(data, 2)
     states = {"ranks": [s.state_dict() for s in a]}
-    b = TrainStream(data["shards"], preprocess=data["preprocess"], tokenize=data["tokenize"],
-                    batch_size=BATCH, rank=0, world_size=1, num_workers=0, seed=6, shuffle_buffer=10)
+    b = TrainStream(
+        data["shards"],
+        preprocess=data["preprocess"],
+        tokenize=data["tokenize"],
+        batch_size=BATCH,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        seed=6,
+        shuffle_buffer=10,
+    )
     with pytest.raises(ValueError, match="seed: saved 5, now 6"):
         b.load_state_dict(states)
 
@@ -114,8 +138,10 @@ def test_global_batch_size_derives_the_accumulation():
     """train.global_batch_size keeps the batch on any world size (a requeue on fewer nodes)."""
     from vutrain.config import ConfigError, load_config
     from vutrain.global_batch import with_global_batch
-    cfg = load_config(None, ["data.train_shards=x.tar", "train.micro_batch_size=8",
-                             "train.global_batch_size=32"])
+
+    cfg = load_config(
+        None, ["data.train_shards=x.tar", "train.micro_batch_size=8", "train.global_batch_size=32"]
+    )
     assert [with_global_batch(cfg, w).train.grad_accum_steps for w in (1, 2, 4)] == [4, 2, 1]
     assert with_global_batch(load_config(None, ["data.train_shards=x.tar"]), 2).train.grad_accum_steps == 1
     with pytest.raises(ConfigError, match="not a multiple of train.micro_batch_size 8 x world 3"):

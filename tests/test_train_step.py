@@ -7,12 +7,14 @@ by 0 on every rank (it "contributes zero"), after the same number of optimizer s
 finite weights. Before the fix the skipped micro-batch never reached engine.backward/step, which
 moved DeepSpeed's accumulation boundary (fewer optimizer steps, different weights).
 """
+
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
+
 import train_runner as tr
 from helpers_dist import run_distributed
 
@@ -23,11 +25,22 @@ def _trainer(rank: int, shards: dict, run_dir: str):
     from vutrain.config import load_config
     from vutrain.distributed import resolve_dist_env
     from vutrain.trainer import Trainer
-    overrides = tr.base_overrides(shards, run_dir, STEPS, data__val_shards="", data__num_workers=0,
-                                  train__micro_batch_size=8, train__grad_accum_steps=ACCUM,
-                                  train__checkpoint_every=0, train__resume="never", train__warmup_steps=0,
-                                  train__lr=1e-2, train__zero_stage=2,
-                                  train__accumulation="plain")  # per-micro-batch losses
+
+    overrides = tr.base_overrides(
+        shards,
+        run_dir,
+        STEPS,
+        data__val_shards="",
+        data__num_workers=0,
+        train__micro_batch_size=8,
+        train__grad_accum_steps=ACCUM,
+        train__checkpoint_every=0,
+        train__resume="never",
+        train__warmup_steps=0,
+        train__lr=1e-2,
+        train__zero_stage=2,
+        train__accumulation="plain",
+    )  # per-micro-batch losses
     return Trainer(load_config(tr.TINY, overrides), resolve_dist_env())
 
 
@@ -41,6 +54,7 @@ def _poison_pixels(trainer, rank: int) -> None:
             batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
         calls[0] += 1
         return batch
+
     trainer.next_batch = next_batch
 
 
@@ -54,11 +68,13 @@ def _zero_loss(trainer) -> None:
             loss = loss * 0
         calls[0] += 1
         return loss
+
     trainer.forward_loss = forward_loss
 
 
 def _run_both(rank: int, world: int, shards: dict, tmp: str) -> dict:
     from vutrain.distributed import init_distributed, resolve_dist_env
+
     init_distributed(resolve_dist_env())
     out = {}
     for mode in ("nan", "zero"):
@@ -68,17 +84,23 @@ def _run_both(rank: int, world: int, shards: dict, tmp: str) -> dict:
             trainer.train_step()
             trainer.step += 1
         stats = trainer.read_stats()
-        out[mode] = {"params": {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()
-                                if p.requires_grad},
-                     "global_steps": trainer.engine.global_steps, "skipped": stats.skipped,
-                     "good": stats.good, "in_row": stats.in_row}
+        out[mode] = {
+            "params": {
+                n: p.detach().clone() for n, p in trainer.engine.module.named_parameters() if p.requires_grad
+            },
+            "global_steps": trainer.engine.global_steps,
+            "skipped": stats.skipped,
+            "good": stats.good,
+            "in_row": stats.in_row,
+        }
     return out
 
 
 @pytest.mark.slow  # spawns 2 rank processes
 def test_nonfinite_microbatch_contributes_zero_with_accumulation(synthetic_shards, tmp_path):
-    results = run_distributed(_run_both, 2, synthetic_shards, str(tmp_path), init_process_group=False,
-                              timeout_s=600)
+    results = run_distributed(
+        _run_both, 2, synthetic_shards, str(tmp_path), init_process_group=False, timeout_s=600
+    )
     for rank, res in enumerate(results):
         nan, zero = res["nan"], res["zero"]
         assert nan["global_steps"] == zero["global_steps"] == STEPS, f"rank {rank}: optimizer steps"

@@ -1,4 +1,5 @@
 """Start real training runs from tests: the deepspeed launcher, torchrun or plain python."""
+
 from __future__ import annotations
 
 import json
@@ -18,42 +19,91 @@ from vutrain.distributed import free_port  # noqa: E402
 
 def base_overrides(shards: dict, run_dir: str, steps: int, **extra) -> list[str]:
     """A tiny, fast run: small batches, few steps, no progress bar."""
-    values = {"output_dir": run_dir, "data.train_shards": shards["train_shards"],
-              "data.val_shards": shards["val_shards"], "data.num_workers": 1, "data.shuffle_buffer": 64,
-              "train.max_steps": steps, "train.micro_batch_size": 16, "train.progress_bar": "false",
-              "train.warmup_steps": 2, "eval.every": 0, "eval.batch_size": 48, "model.vocab_size": 512}
+    values = {
+        "output_dir": run_dir,
+        "data.train_shards": shards["train_shards"],
+        "data.val_shards": shards["val_shards"],
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 64,
+        "train.max_steps": steps,
+        "train.micro_batch_size": 16,
+        "train.progress_bar": "false",
+        "train.warmup_steps": 2,
+        "eval.every": 0,
+        "eval.batch_size": 48,
+        "model.vocab_size": 512,
+    }
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in values.items()]
 
 
 def command(launcher: str, overrides: list[str], ranks: int = 2) -> list[str]:
     if launcher == "deepspeed":
-        return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-                TRAIN, "--config", TINY, *overrides]
+        return [
+            os.path.join(BIN, "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            TRAIN,
+            "--config",
+            TINY,
+            *overrides,
+        ]
     if launcher == "torchrun":
-        return [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-                TRAIN, "--config", TINY, *overrides]
+        return [
+            os.path.join(BIN, "torchrun"),
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            TRAIN,
+            "--config",
+            TINY,
+            *overrides,
+        ]
     assert launcher == "python"
     return [sys.executable, TRAIN, "--config", TINY, *overrides]
 
 
 def env() -> dict:
-    e = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-             NO_ALBUMENTATIONS_UPDATE="1")
+    e = dict(
+        os.environ,
+        PYTHONPATH=REPO,
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        NO_ALBUMENTATIONS_UPDATE="1",
+    )
     e.pop("MASTER_PORT", None)
     return e
 
 
-def run(launcher: str, overrides: list[str], ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(launcher, overrides, ranks), capture_output=True, text=True,
-                          timeout=timeout, env=env(), cwd=REPO)
+def run(
+    launcher: str, overrides: list[str], ranks: int = 2, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        command(launcher, overrides, ranks),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+        cwd=REPO,
+    )
     return proc
 
 
-def start(launcher: str, overrides: list[str], ranks: int = 2, log_path: str | None = None) -> subprocess.Popen:
+def start(
+    launcher: str, overrides: list[str], ranks: int = 2, log_path: str | None = None
+) -> subprocess.Popen:
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
-    return subprocess.Popen(command(launcher, overrides, ranks), stdout=out, stderr=subprocess.STDOUT,
-                            env=env(), cwd=REPO, start_new_session=True)
+    return subprocess.Popen(
+        command(launcher, overrides, ranks),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
 
 
 def metrics(run_dir: str) -> list[dict]:
@@ -93,4 +143,5 @@ def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    out, err = proc.stdout[-6000:], proc.stderr[-6000:]
+    return f"exit {proc.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"

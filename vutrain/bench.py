@@ -12,6 +12,7 @@ real Trainer on synthetic shards, with the device synchronised around each phase
 appended to a JSON file; nothing is estimated: a configuration that fails (e.g. out of memory) is
 recorded with its error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
 def device_name() -> str:
     import torch
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
@@ -44,14 +46,25 @@ def run_one(spec: dict) -> dict:
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
     from vutrain.trainer import Trainer
 
-    overrides = [f"output_dir={spec['run_dir']}", f"data.train_shards={spec['train_shards']}",
-                 "data.val_shards=", "eval.every=0", f"model.preset={spec['preset']}",
-                 f"train.precision={spec['precision']}", f"train.zero_stage={spec['zero_stage']}",
-                 f"train.micro_batch_size={spec['batch_size']}",
-                 f"model.gradient_checkpointing={spec['grad_ckpt']}",
-                 f"train.max_steps={spec['warmup'] + spec['steps']}", "train.checkpoint_every=0",
-                 "train.progress_bar=false", "train.resume=never", f"data.num_workers={spec['workers']}",
-                 f"loss.backend={spec['loss_backend']}", "data.resampled=true", "data.num_samples=100000"]
+    overrides = [
+        f"output_dir={spec['run_dir']}",
+        f"data.train_shards={spec['train_shards']}",
+        "data.val_shards=",
+        "eval.every=0",
+        f"model.preset={spec['preset']}",
+        f"train.precision={spec['precision']}",
+        f"train.zero_stage={spec['zero_stage']}",
+        f"train.micro_batch_size={spec['batch_size']}",
+        f"model.gradient_checkpointing={spec['grad_ckpt']}",
+        f"train.max_steps={spec['warmup'] + spec['steps']}",
+        "train.checkpoint_every=0",
+        "train.progress_bar=false",
+        "train.resume=never",
+        f"data.num_workers={spec['workers']}",
+        f"loss.backend={spec['loss_backend']}",
+        "data.resampled=true",
+        "data.num_samples=100000",
+    ]
     cfg = load_config(None, overrides)
     info = resolve_dist_env()
     init_distributed(info)
@@ -70,29 +83,41 @@ def run_one(spec: dict) -> dict:
         cleanup()
     med = {p: statistics.median(getattr(t, p) for t in rows) for p in PHASES}
     step = sum(med.values())
-    result = dict(spec, device=device_name(), step_time_s=step,
-                  samples_per_s=spec["batch_size"] / step, **{f"{p}_s": v for p, v in med.items()})
+    result = dict(
+        spec,
+        device=device_name(),
+        step_time_s=step,
+        samples_per_s=spec["batch_size"] / step,
+        **{f"{p}_s": v for p, v in med.items()},
+    )
     if cuda:
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | precision | ZeRO | batch | grad ckpt | samples/s | step s | data | fwd | loss | bwd "
-             "| opt | peak mem GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| preset | precision | ZeRO | batch | grad ckpt | samples/s | step s | data | fwd | loss | bwd "
+        "| opt | peak mem GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
-                         f"{r['grad_ckpt']} | failed: {r['error'][:60]} |||||||| ")
+            lines.append(
+                f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
+                f"{r['grad_ckpt']} | failed: {r['error'][:60]} |||||||| "
+            )
             continue
         mem = r.get("peak_memory_gib", r.get("peak_rss_gib", float("nan")))
-        lines.append(f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
-                     f"{r['grad_ckpt']} | "
-                     f"{r['samples_per_s']:.1f} | {r['step_time_s']:.3f} | "
-                     + " | ".join(f"{r[p + '_s']:.3f}" for p in PHASES) + f" | {mem:.2f} |")
+        lines.append(
+            f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
+            f"{r['grad_ckpt']} | "
+            f"{r['samples_per_s']:.1f} | {r['step_time_s']:.3f} | "
+            + " | ".join(f"{r[p + '_s']:.3f}" for p in PHASES)
+            + f" | {mem:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -100,6 +125,7 @@ def dispatch(argv: list[str]) -> int | None:
     """Run a sibling benchmark when argv names one (`data ...`, `--compare ...`); None otherwise."""
     if argv and argv[0] == "data":
         import importlib
+
         try:
             bench_data = importlib.import_module("vutrain.bench_data")
         except ModuleNotFoundError as exc:
@@ -110,6 +136,7 @@ def dispatch(argv: list[str]) -> int | None:
         return bench_data.main(argv[1:])
     if any(a == "--compare" or a.startswith("--compare=") for a in argv):
         from vutrain import bench_compare
+
         return bench_compare.main(argv)
     return None
 
@@ -137,24 +164,37 @@ def main(argv: list[str] | None = None) -> int:
 
     from vutrain.data.synthetic import write_synthetic
     from vutrain.model import PRESETS
+
     work = tempfile.mkdtemp(prefix="vutrain-bench-")
     size = PRESETS[args.preset].image_size
-    data = write_synthetic(os.path.join(work, "data"), num_samples=2048, shard_size=256, image_size=size,
-                           val_samples=0)
+    data = write_synthetic(
+        os.path.join(work, "data"), num_samples=2048, shard_size=256, image_size=size, val_samples=0
+    )
     ckpts = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.grad_ckpt]
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for ckpt in ckpts:
-            spec = dict(preset=args.preset, precision=args.precision, zero_stage=args.zero_stage,
-                        batch_size=batch,
-                        grad_ckpt=ckpt, steps=args.steps, warmup=args.warmup, workers=args.workers,
-                        loss_backend=args.loss_backend, train_shards=data["train_shards"],
-                        run_dir=os.path.join(work, f"run-{batch}-{ckpt}"))
-            proc = subprocess.run([sys.executable, "-m", "vutrain.bench", "--one", json.dumps(spec)],
-                                  capture_output=True, text=True)
+            spec = dict(
+                preset=args.preset,
+                precision=args.precision,
+                zero_stage=args.zero_stage,
+                batch_size=batch,
+                grad_ckpt=ckpt,
+                steps=args.steps,
+                warmup=args.warmup,
+                workers=args.workers,
+                loss_backend=args.loss_backend,
+                train_shards=data["train_shards"],
+                run_dir=os.path.join(work, f"run-{batch}-{ckpt}"),
+            )
+            proc = subprocess.run(
+                [sys.executable, "-m", "vutrain.bench", "--one", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+            )
             found = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
             if proc.returncode == 0 and found:
-                row = json.loads(found[-1][len("BENCH_RESULT "):])
+                row = json.loads(found[-1][len("BENCH_RESULT ") :])
             else:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()
                 row = dict(spec, error=tail[-1] if tail else f"exit {proc.returncode}")

@@ -23,6 +23,7 @@ the configuration after one). On a CPU there is no device memory to run out of: 
 only up to `--max-batch` when that is given. Everything is printed and written to a JSON file and
 a PNG; on a GPU the issue's targets are printed as PASS/FAIL.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -117,13 +118,25 @@ class TrainerStep:
         from vutrain.config import load_config
         from vutrain.trainer import Trainer
 
-        overrides = [f"output_dir={run_dir}", f"data.train_shards={shards}", "data.val_shards=",
-                     "eval.every=0", f"model.preset={args.preset}", f"train.precision={args.precision}",
-                     f"train.zero_stage={variant.zero_stage}", f"train.micro_batch_size={args.pool_batch}",
-                     f"model.gradient_checkpointing={str(variant.grad_ckpt).lower()}",
-                     "train.max_steps=100000", "train.checkpoint_every=0", "train.progress_bar=false",
-                     "train.resume=never", "data.num_workers=0", f"loss.backend={variant.loss_backend}",
-                     "data.resampled=true", "data.num_samples=100000"]
+        overrides = [
+            f"output_dir={run_dir}",
+            f"data.train_shards={shards}",
+            "data.val_shards=",
+            "eval.every=0",
+            f"model.preset={args.preset}",
+            f"train.precision={args.precision}",
+            f"train.zero_stage={variant.zero_stage}",
+            f"train.micro_batch_size={args.pool_batch}",
+            f"model.gradient_checkpointing={str(variant.grad_ckpt).lower()}",
+            "train.max_steps=100000",
+            "train.checkpoint_every=0",
+            "train.progress_bar=false",
+            "train.resume=never",
+            "data.num_workers=0",
+            f"loss.backend={variant.loss_backend}",
+            "data.resampled=true",
+            "data.num_samples=100000",
+        ]
         self.trainer = Trainer(load_config(None, overrides), info)
         self.trainer.engine.train()
         self.stream = self.trainer.stream
@@ -197,8 +210,13 @@ def median_rows(measured: list[dict]) -> list[dict]:
             out.append(dict(failed[0], rounds=len(runs)))
             continue
         speeds = [r["samples_per_s"] for r in runs]
-        row = dict(runs[0], samples_per_s=statistics.median(speeds), rounds=len(runs),
-                   samples_per_s_rounds=speeds, step_time_s=statistics.median(r["step_time_s"] for r in runs))
+        row = dict(
+            runs[0],
+            samples_per_s=statistics.median(speeds),
+            rounds=len(runs),
+            samples_per_s_rounds=speeds,
+            step_time_s=statistics.median(r["step_time_s"] for r in runs),
+        )
         peaks = [r["peak_memory_gib"] for r in runs if r["peak_memory_gib"] is not None]
         row["peak_memory_gib"] = max(peaks) if peaks else None
         out.append(row)
@@ -220,7 +238,7 @@ def measure(runner, batch: dict[str, torch.Tensor], warmup: int, steps: int, dev
     elapsed = time.perf_counter() - start
     row = {"samples_per_s": size * steps / elapsed, "step_time_s": elapsed / steps, "peak_memory_gib": None}
     if device.type == "cuda":
-        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
 
 
@@ -241,28 +259,35 @@ class Bench:
                 self._prepare_inputs(runner)
             return runner
         from vutrain.bench_openclip import OpenClipStep
+
         precision = "amp_bf16" if self.args.precision == "bf16" else "fp32"
-        return OpenClipStep(self.openclip, self.openclip_cfg, self.device, precision,
-                            grad_checkpointing=variant.grad_ckpt)
+        return OpenClipStep(
+            self.openclip, self.openclip_cfg, self.device, precision, grad_checkpointing=variant.grad_ckpt
+        )
 
     def _prepare_inputs(self, runner: TrainerStep) -> None:
         from vutrain.bench_openclip import model_config
         from vutrain.model import OPENAI_MEAN, OPENAI_STD
+
         trainer = runner.trainer
         pool = read_pool(runner.stream, self.args.pool)
         processor = getattr(trainer, "processor", None)  # its mean/std normalise uint8 pixels for open_clip
-        self.batches = Batches(pool, list(getattr(processor, "image_mean", OPENAI_MEAN)),
-                               list(getattr(processor, "image_std", OPENAI_STD)))
+        self.batches = Batches(
+            pool,
+            list(getattr(processor, "image_mean", OPENAI_MEAN)),
+            list(getattr(processor, "image_std", OPENAI_STD)),
+        )
         image_size = pool["pixel_values"].shape[-1]
-        self.openclip_cfg = model_config(self.args.preset, image_size, len(trainer.tokenizer),
-                                         trainer.context_length, self.openclip)
+        self.openclip_cfg = model_config(
+            self.args.preset, image_size, len(trainer.tokenizer), trainer.context_length, self.openclip
+        )
 
     def close(self, runner) -> float | None:
         """Free a configuration; returns the device memory still allocated afterwards (GiB) on CUDA."""
         runner.close()
         free_memory(self.device)
         if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device) / 2 ** 30
+            return torch.cuda.memory_allocated(self.device) / 2**30
         return None
 
     def speed(self, variant: Variant) -> list[dict]:
@@ -273,17 +298,31 @@ class Bench:
         """
         rows, runner = [], None
         for size in self.args.batch_sizes:
-            row = {"variant": variant.label, "side": variant.side, "zero_stage": variant.zero_stage,
-                   "loss_backend": variant.loss_backend, "grad_ckpt": variant.grad_ckpt, "batch_size": size}
+            row = {
+                "variant": variant.label,
+                "side": variant.side,
+                "zero_stage": variant.zero_stage,
+                "loss_backend": variant.loss_backend,
+                "grad_ckpt": variant.grad_ckpt,
+                "batch_size": size,
+            }
             try:
                 if runner is None:
                     runner = self.build(variant)
-                row.update(measure(runner, self.batches.get(variant.side, size), self.args.warmup,
-                                   self.args.steps, self.device))
+                row.update(
+                    measure(
+                        runner,
+                        self.batches.get(variant.side, size),
+                        self.args.warmup,
+                        self.args.steps,
+                        self.device,
+                    )
+                )
             except Exception as exc:
                 first_line = (str(exc).splitlines() or [""])[0][:160]
-                row["error"] = f"out of memory: {first_line}" if is_oom(exc) else \
-                    f"{type(exc).__name__}: {first_line}"
+                row["error"] = (
+                    f"out of memory: {first_line}" if is_oom(exc) else f"{type(exc).__name__}: {first_line}"
+                )
                 row["oom"] = is_oom(exc)
             if "error" in row and runner is not None:  # rebuilt: a failed step leaves half-written buffers
                 self.close(runner)
@@ -322,9 +361,17 @@ class Bench:
 
         entry = {"variant": variant.label, "side": variant.side}
         try:
-            entry.update(largest_batch(fits, known_fit=known_fit, start=self.args.batch_sizes[0],
-                                       limit=self.args.max_batch, granularity=self.args.search_granularity,
-                                       precision=self.args.search_precision, stop=stop))
+            entry.update(
+                largest_batch(
+                    fits,
+                    known_fit=known_fit,
+                    start=self.args.batch_sizes[0],
+                    limit=self.args.max_batch,
+                    granularity=self.args.search_granularity,
+                    precision=self.args.search_precision,
+                    stop=stop,
+                )
+            )
         except Exception as exc:  # not an OOM (fits catches those): recorded, the other searches go on
             entry["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
         if state["runner"] is not None:
@@ -337,41 +384,76 @@ class Bench:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="python -m vutrain.bench --compare open_clip",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vutrain.bench --compare open_clip", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--compare", choices=("open_clip",), required=True)
-    parser.add_argument("--preset", default="vit-b-32" if cuda else "tiny",
-                        help="vutrain preset; open_clip gets the same shapes "
-                             "(default: vit-b-32 on CUDA, tiny on CPU)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if cuda else "fp32",
-                        help="vutrain train.precision; open_clip runs amp_bf16 for bf16, fp32 otherwise")
+    parser.add_argument(
+        "--preset",
+        default="vit-b-32" if cuda else "tiny",
+        help="vutrain preset; open_clip gets the same shapes (default: vit-b-32 on CUDA, tiny on CPU)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default="bf16" if cuda else "fp32",
+        help="vutrain train.precision; open_clip runs amp_bf16 for bf16, fp32 otherwise",
+    )
     parser.add_argument("--batch-sizes", default="256,1024" if cuda else "8,16")
     parser.add_argument("--zero-stages", default="1,2")
     parser.add_argument("--loss-backends", default="torch,triton")
-    parser.add_argument("--grad-ckpt", choices=("off", "on", "both"), default="both",
-                        help="vutrain (and open_clip) gradient checkpointing; 'both' adds open_clip's too")
+    parser.add_argument(
+        "--grad-ckpt",
+        choices=("off", "on", "both"),
+        default="both",
+        help="vutrain (and open_clip) gradient checkpointing; 'both' adds open_clip's too",
+    )
     parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps per batch size")
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="measure every configuration this many times, in turn, and keep the median "
-                             "samples/s (on a shared machine the load then weighs on all alike)")
-    parser.add_argument("--pool", type=int, default=512 if cuda else 32,
-                        help="distinct pre-decoded samples (batches repeat them)")
-    parser.add_argument("--search", default="all",
-                        help="configurations whose largest batch is searched: all, none, or labels joined by "
-                             "commas (e.g. 'open_clip,vutrain z2 torch ckpt'); open_clip is searched first")
-    parser.add_argument("--max-batch", type=int, default=32768 if cuda else 0,
-                        help="largest batch probed (0: no search; the CPU default, it has no device "
-                             "memory limit)")
-    parser.add_argument("--probe-steps", type=int, default=2,
-                        help="steps a batch must train to count as fitting")
-    parser.add_argument("--search-granularity", type=int, default=8,
-                        help="bisection stops at this batch spacing")
-    parser.add_argument("--search-precision", type=float, default=0.0625,
-                        help="... or at this fraction of the batch that fits, whichever is coarser")
-    parser.add_argument("--deadline-min", type=float, default=0.0,
-                        help="end the largest-batch searches this many minutes after the start, keeping what "
-                             "they found (0: no limit); phase 1 always runs in full")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every configuration this many times, in turn, and keep the median "
+        "samples/s (on a shared machine the load then weighs on all alike)",
+    )
+    parser.add_argument(
+        "--pool",
+        type=int,
+        default=512 if cuda else 32,
+        help="distinct pre-decoded samples (batches repeat them)",
+    )
+    parser.add_argument(
+        "--search",
+        default="all",
+        help="configurations whose largest batch is searched: all, none, or labels joined by "
+        "commas (e.g. 'open_clip,vutrain z2 torch ckpt'); open_clip is searched first",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=32768 if cuda else 0,
+        help="largest batch probed (0: no search; the CPU default, it has no device memory limit)",
+    )
+    parser.add_argument(
+        "--probe-steps", type=int, default=2, help="steps a batch must train to count as fitting"
+    )
+    parser.add_argument(
+        "--search-granularity", type=int, default=8, help="bisection stops at this batch spacing"
+    )
+    parser.add_argument(
+        "--search-precision",
+        type=float,
+        default=0.0625,
+        help="... or at this fraction of the batch that fits, whichever is coarser",
+    )
+    parser.add_argument(
+        "--deadline-min",
+        type=float,
+        default=0.0,
+        help="end the largest-batch searches this many minutes after the start, keeping what "
+        "they found (0: no limit); phase 1 always runs in full",
+    )
     parser.add_argument("--out", default="bench_results/compare_open_clip.json")
     parser.add_argument("--png", default="", help="figure path (default: --out with .png)")
     args = parser.parse_args(argv)
@@ -384,8 +466,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def variants(args: argparse.Namespace) -> list[Variant]:
     """vutrain's configurations in order, then open_clip's (checkpointed too when vutrain's is)."""
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
-    out = [Variant("vutrain", ckpt, int(z), backend) for z in args.zero_stages.split(",")
-           for backend in args.loss_backends.split(",") for ckpt in ckpts]
+    out = [
+        Variant("vutrain", ckpt, int(z), backend)
+        for z in args.zero_stages.split(",")
+        for backend in args.loss_backends.split(",")
+        for ckpt in ckpts
+    ]
     out.append(BASELINE)
     if True in ckpts:
         out.append(Variant("open_clip", grad_ckpt=True))
@@ -395,12 +481,17 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[Variant]:
     if args.search == "none" or not args.max_batch:
         return []
-    chosen = all_variants if args.search == "all" else [
-        v for v in all_variants if v.label in {s.strip() for s in args.search.split(",")}]
+    chosen = (
+        all_variants
+        if args.search == "all"
+        else [v for v in all_variants if v.label in {s.strip() for s in args.search.split(",")}]
+    )
     unknown = {s.strip() for s in args.search.split(",")} - {v.label for v in all_variants} - {"all"}
     if unknown:
-        raise SystemExit(f"--search names unknown configurations {sorted(unknown)}; "
-                         f"choose from {[v.label for v in all_variants]}")
+        raise SystemExit(
+            f"--search names unknown configurations {sorted(unknown)}; "
+            f"choose from {[v.label for v in all_variants]}"
+        )
     return sorted(chosen, key=lambda v: v.side != "open_clip")  # the baseline first, stable otherwise
 
 
@@ -420,8 +511,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     work = tempfile.mkdtemp(prefix="vutrain-compare-")
-    data = write_synthetic(os.path.join(work, "data"), num_samples=max(args.pool, 256), shard_size=256,
-                           image_size=PRESETS[args.preset].image_size, val_samples=0)
+    data = write_synthetic(
+        os.path.join(work, "data"),
+        num_samples=max(args.pool, 256),
+        shard_size=256,
+        image_size=PRESETS[args.preset].image_size,
+        val_samples=0,
+    )
     info = resolve_dist_env()
     init_distributed(info)  # once: every Trainer below shares this process group
     bench = Bench(args, info, os.path.join(work, "run"), data["train_shards"])
@@ -454,21 +550,42 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def result_dict(args: argparse.Namespace, argv: list[str], bench: Bench, rows: list[dict],
-                largest: list[dict], to_search: list[Variant], started: float, partial: bool) -> dict:
+def result_dict(
+    args: argparse.Namespace,
+    argv: list[str],
+    bench: Bench,
+    rows: list[dict],
+    largest: list[dict],
+    to_search: list[Variant],
+    started: float,
+    partial: bool,
+) -> dict:
     """Everything the JSON file records: settings, device, every row, searches and targets."""
     from vutrain.bench import device_name
+
     oc = bench.openclip
     return {
-        "command": "python -m vutrain.bench " + " ".join(argv), "date": datetime.date.today().isoformat(),
-        "device": device_name(), "torch": torch.__version__, "preset": args.preset,
+        "command": "python -m vutrain.bench " + " ".join(argv),
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(),
+        "torch": torch.__version__,
+        "preset": args.preset,
         "precision": args.precision,
-        "open_clip": {"version": oc.version if oc else None, "source": oc.source if oc else None,
-                      "model_cfg": bench.openclip_cfg},
-        "pool_samples": args.pool, "warmup": args.warmup, "steps": args.steps,
-        "probe_steps": args.probe_steps, "rows": rows, "largest": largest,
+        "open_clip": {
+            "version": oc.version if oc else None,
+            "source": oc.source if oc else None,
+            "model_cfg": bench.openclip_cfg,
+        },
+        "pool_samples": args.pool,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "probe_steps": args.probe_steps,
+        "rows": rows,
+        "largest": largest,
         "targets": judge_targets(rows, largest, bench.device.type == "cuda"),
-        "largest_note": "" if to_search else "not searched (pass --max-batch N to probe up to N; on a GPU "
-                                             "the default searches to 32768)",
-        "partial": partial, "wall_s": round(time.monotonic() - started, 1),
+        "largest_note": ""
+        if to_search
+        else "not searched (pass --max-batch N to probe up to N; on a GPU the default searches to 32768)",
+        "partial": partial,
+        "wall_s": round(time.monotonic() - started, 1),
     }

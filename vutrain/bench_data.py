@@ -21,6 +21,7 @@ Measures, in one run on the same files:
 
 Prints a table and, as its last line, one JSON object with all figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,8 +105,9 @@ def make_tokenize(spec: str, context_length: int, work: str):
     from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
     from vutrain.data.tokenizer import make_tokenize as make
 
-    tok = train_bpe_tokenizer(iter_shard_texts(spec, "{title}", limit=5000), os.path.join(work, "tok"),
-                              4096, context_length)
+    tok = train_bpe_tokenizer(
+        iter_shard_texts(spec, "{title}", limit=5000), os.path.join(work, "tok"), 4096, context_length
+    )
     return make(tok, context_length)
 
 
@@ -113,13 +115,27 @@ def build_stream(args, tokenize, workers: int, path: str):
     from vutrain.data.preprocess import make_fast_preprocess, make_preprocess
     from vutrain.data.webdataset import TrainStream
 
-    processor = {"size": {"shortest_edge": args.image_size},
-                 "crop_size": {"height": args.image_size, "width": args.image_size}}
+    processor = {
+        "size": {"shortest_edge": args.image_size},
+        "crop_size": {"height": args.image_size, "width": args.image_size},
+    }
     preprocess = make_fast_preprocess(processor) if path == "fast" else make_preprocess(processor)
-    return TrainStream(args.shards, preprocess=preprocess, tokenize=tokenize, batch_size=args.batch_size,
-                       rank=0, world_size=1, num_workers=workers, seed=0, caption_template="{title}",
-                       shuffle_buffer=args.shuffle_buffer, resampled=True, num_samples=10 ** 9,
-                       prefetch_factor=args.prefetch_factor, pin_memory=False)
+    return TrainStream(
+        args.shards,
+        preprocess=preprocess,
+        tokenize=tokenize,
+        batch_size=args.batch_size,
+        rank=0,
+        world_size=1,
+        num_workers=workers,
+        seed=0,
+        caption_template="{title}",
+        shuffle_buffer=args.shuffle_buffer,
+        resampled=True,
+        num_samples=10**9,
+        prefetch_factor=args.prefetch_factor,
+        pin_memory=False,
+    )
 
 
 def stream_rate(args, tokenize, workers: int, path: str) -> dict:
@@ -144,12 +160,18 @@ def stream_rate(args, tokenize, workers: int, path: str) -> dict:
         stream.close()
     pixels = batch["pixel_values"]
     rate = batches * args.batch_size / elapsed
-    return {"path": path, "workers": workers, "samples_per_s": rate,
-            "samples_per_s_per_worker": rate / max(1, workers),
-            "samples_per_worker_cpu_s": batches * args.batch_size / max(cpu, 1e-9),
-            "measured_samples": batches * args.batch_size,
-            "seconds": elapsed, "warmup_s": warmup, "pixel_dtype": str(pixels.dtype).replace("torch.", ""),
-            "batch_mib": pixels.numel() * pixels.element_size() / 2 ** 20}
+    return {
+        "path": path,
+        "workers": workers,
+        "samples_per_s": rate,
+        "samples_per_s_per_worker": rate / max(1, workers),
+        "samples_per_worker_cpu_s": batches * args.batch_size / max(cpu, 1e-9),
+        "measured_samples": batches * args.batch_size,
+        "seconds": elapsed,
+        "warmup_s": warmup,
+        "pixel_dtype": str(pixels.dtype).replace("torch.", ""),
+        "batch_mib": pixels.numel() * pixels.element_size() / 2**20,
+    }
 
 
 def profile_worker(args, tokenize, path: str, batches: int = 6) -> str:
@@ -183,8 +205,15 @@ def photo_like(rng: np.random.Generator, width: int, height: int):
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def write_thumbnail_shards(out: str, num_samples: int, width: int, height: int, shard_size: int = 256,
-                           quality: int = 85, seed: int = 0) -> str:
+def write_thumbnail_shards(
+    out: str,
+    num_samples: int,
+    width: int,
+    height: int,
+    shard_size: int = 256,
+    quality: int = 85,
+    seed: int = 0,
+) -> str:
     """Shards of ``width`` x ``height`` thumbnail-like JPEGs (img2dataset layout, sizes.json).
 
     Returns the brace spec of the tars.
@@ -200,10 +229,19 @@ def write_thumbnail_shards(out: str, num_samples: int, width: int, height: int, 
                 buf = io.BytesIO()
                 photo_like(rng, width, height).save(buf, "JPEG", quality=quality)
                 title = f"thumbnail {key}: a video about {int(rng.integers(1000))} things"
-                meta = {"key": f"{key:09d}", "title": title, "tags": ["bench"], "width": width,
-                        "height": height, "category_name": "bench"}
-                for ext, payload in (("jpg", buf.getvalue()), ("json", json.dumps(meta).encode()),
-                                     ("txt", title.encode())):
+                meta = {
+                    "key": f"{key:09d}",
+                    "title": title,
+                    "tags": ["bench"],
+                    "width": width,
+                    "height": height,
+                    "category_name": "bench",
+                }
+                for ext, payload in (
+                    ("jpg", buf.getvalue()),
+                    ("json", json.dumps(meta).encode()),
+                    ("txt", title.encode()),
+                ):
                     info = tarfile.TarInfo(f"{key:09d}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
@@ -215,18 +253,24 @@ def write_thumbnail_shards(out: str, num_samples: int, width: int, height: int, 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| path | workers | pixels | samples/s | per worker | decode/s (1 core) | per worker / decode "
-             "| per worker-CPU-s / decode-CPU-s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| path | workers | pixels | samples/s | per worker | decode/s (1 core) | per worker / decode "
+        "| per worker-CPU-s / decode-CPU-s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['path']} | {r['workers']} | {r['pixel_dtype']} | {r['samples_per_s']:.0f} | "
-                     f"{r['samples_per_s_per_worker']:.0f} | {r['decode_per_s']:.0f} | {r['ratio']:.2f} | "
-                     f"{r['cpu_ratio']:.2f} |")
+        lines.append(
+            f"| {r['path']} | {r['workers']} | {r['pixel_dtype']} | {r['samples_per_s']:.0f} | "
+            f"{r['samples_per_s_per_worker']:.0f} | {r['decode_per_s']:.0f} | {r['ratio']:.2f} | "
+            f"{r['cpu_ratio']:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vutrain.bench data",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vutrain.bench data", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--shards", help="brace-expandable shard spec ('::' joins several)")
     parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -288,15 +332,23 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "samples_per_s": main_row["samples_per_s"],
         "samples_per_s_per_worker": main_row["samples_per_s_per_worker"],
-        "decode_per_s": decode, "ratio": main_row["ratio"],
+        "decode_per_s": decode,
+        "ratio": main_row["ratio"],
         # CPU-time figures: what the wall-clock ones would be on idle, dedicated cores
-        "decode_per_cpu_s": decode_cpu, "samples_per_worker_cpu_s": main_row["samples_per_worker_cpu_s"],
+        "decode_per_cpu_s": decode_cpu,
+        "samples_per_worker_cpu_s": main_row["samples_per_worker_cpu_s"],
         "cpu_ratio": main_row["cpu_ratio"],
-        "decode_per_s_before": decode_before, "decode_per_s_after": decode_after,
-        "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
+        "decode_per_s_before": decode_before,
+        "decode_per_s_after": decode_after,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
         "source_sizes": {f"{w}x{h}": n for (w, h), n in shapes.most_common(3)},
-        "runs": rows, "cores": os.cpu_count(), "cpu": _cpu_name(),
-        "load_avg_1m": os.getloadavg()[0], "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "runs": rows,
+        "cores": os.cpu_count(),
+        "cpu": _cpu_name(),
+        "load_avg_1m": os.getloadavg()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": "python -m vutrain.bench data " + " ".join(argv),
     }
     one = next((r for r in rows if r["path"] == "fast" and r["workers"] == 1), None)

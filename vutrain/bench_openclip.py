@@ -18,6 +18,7 @@ of those, `open_clip/utils.py`, imports torchvision's `FrozenBatchNorm2d` at the
 only to freeze ResNet batch norms; while that one file executes, a placeholder stands in for it
 (and is removed again, so nothing else in the process sees a torchvision).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,10 @@ class _FrozenBatchNorm2dUnavailable(torch.nn.Module):
     """Placeholder for torchvision's FrozenBatchNorm2d: only ResNet towers with frozen BN use it."""
 
     def __init__(self, *args, **kwargs):
-        raise RuntimeError("open_clip's FrozenBatchNorm2d needs torchvision; install it to lock "
-                           "ResNet batch norms (the ViT benchmark never does)")
+        raise RuntimeError(
+            "open_clip's FrozenBatchNorm2d needs torchvision; install it to lock "
+            "ResNet batch norms (the ViT benchmark never does)"
+        )
 
 
 @contextlib.contextmanager
@@ -84,8 +87,10 @@ def _distribution_dir() -> str:
     """The installed open_clip package directory, found without importing it."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("open_clip_torch is not installed: pip install -c .venv/torch-constraint.txt "
-                          "--no-deps open_clip_torch (or pip install '.[bench]' where torchvision works)")
+        raise ImportError(
+            "open_clip_torch is not installed: pip install -c .venv/torch-constraint.txt "
+            "--no-deps open_clip_torch (or pip install '.[bench]' where torchvision works)"
+        )
     return list(spec.submodule_search_locations)[0]
 
 
@@ -93,6 +98,7 @@ def _load_without_init(package_dir: str) -> types.ModuleType:
     """open_clip's model and loss modules under PRIVATE_PACKAGE, skipping its package __init__."""
     if PRIVATE_PACKAGE not in sys.modules:
         import transformers  # noqa: F401  (hf_model imports it; import it before the placeholder exists)
+
         package = types.ModuleType(PRIVATE_PACKAGE)
         package.__path__ = [package_dir]
         package.__package__ = PRIVATE_PACKAGE
@@ -112,24 +118,40 @@ def load_open_clip() -> OpenClipModules:
     try:
         import open_clip
         from open_clip_train.scheduler import cosine_lr
-        return OpenClipModules(open_clip.CLIP, open_clip.ClipLoss, cosine_lr,
-                               os.path.dirname(open_clip.__file__), open_clip.__version__, "package")
+
+        return OpenClipModules(
+            open_clip.CLIP,
+            open_clip.ClipLoss,
+            cosine_lr,
+            os.path.dirname(open_clip.__file__),
+            open_clip.__version__,
+            "package",
+        )
     except (ImportError, RuntimeError) as exc:  # RuntimeError: a torchvision built for another torch
         if isinstance(exc, ImportError) and exc.name == "open_clip":
-            raise ImportError(f"{exc}. Install it: pip install -c .venv/torch-constraint.txt "
-                              "--no-deps open_clip_torch") from None
+            raise ImportError(
+                f"{exc}. Install it: pip install -c .venv/torch-constraint.txt --no-deps open_clip_torch"
+            ) from None
         package_dir = _distribution_dir()
         for name in [n for n in sys.modules if n == "open_clip" or n.startswith("open_clip.")]:
             del sys.modules[name]  # what the failed import left half-initialised
     package = _load_without_init(package_dir)
     # open_clip_train's __init__ is empty and its scheduler is plain Python: a normal import works.
     from open_clip_train.scheduler import cosine_lr
-    return OpenClipModules(package.model.CLIP, package.loss.ClipLoss, cosine_lr, package_dir,
-                           package.version.__version__, "modules")
+
+    return OpenClipModules(
+        package.model.CLIP,
+        package.loss.ClipLoss,
+        cosine_lr,
+        package_dir,
+        package.version.__version__,
+        "modules",
+    )
 
 
-def model_config(preset_name: str, image_size: int, vocab_size: int, context_length: int,
-                 modules: OpenClipModules) -> dict:
+def model_config(
+    preset_name: str, image_size: int, vocab_size: int, context_length: int, modules: OpenClipModules
+) -> dict:
     """open_clip's model config dict with the shapes of vutrain's preset `preset_name`.
 
     Vocabulary and context length follow vutrain's tokenizer so both models read the same token
@@ -137,11 +159,22 @@ def model_config(preset_name: str, image_size: int, vocab_size: int, context_len
     base and every shape is checked against the preset, so a drift between the two fails loudly.
     """
     from vutrain.model import PRESETS
+
     preset = PRESETS[preset_name]
-    vision = {"image_size": image_size, "layers": preset.vision_layers, "width": preset.vision_width,
-              "patch_size": preset.patch_size, "head_width": preset.vision_width // preset.vision_heads}
-    text = {"context_length": context_length, "vocab_size": vocab_size, "width": preset.text_width,
-            "heads": preset.text_heads, "layers": preset.text_layers}
+    vision = {
+        "image_size": image_size,
+        "layers": preset.vision_layers,
+        "width": preset.vision_width,
+        "patch_size": preset.patch_size,
+        "head_width": preset.vision_width // preset.vision_heads,
+    }
+    text = {
+        "context_length": context_length,
+        "vocab_size": vocab_size,
+        "width": preset.text_width,
+        "heads": preset.text_heads,
+        "layers": preset.text_layers,
+    }
     cfg = {"embed_dim": preset.embed_dim, "vision_cfg": vision, "text_cfg": text}
     name = OPENCLIP_MODEL_NAMES.get(preset_name)
     path = os.path.join(modules.package_dir, "model_configs", f"{name}.json") if name else ""
@@ -151,14 +184,21 @@ def model_config(preset_name: str, image_size: int, vocab_size: int, context_len
         builtin_vision = dict(builtin["vision_cfg"], head_width=builtin["vision_cfg"].get("head_width", 64))
         for key, value in vision.items():
             if key != "image_size" and builtin_vision.get(key) != value:  # the size may be overridden
-                raise ValueError(f"open_clip {name} vision_cfg.{key}={builtin_vision.get(key)} differs from "
-                                 f"the vutrain preset's {value}")
+                raise ValueError(
+                    f"open_clip {name} vision_cfg.{key}={builtin_vision.get(key)} differs from "
+                    f"the vutrain preset's {value}"
+                )
         for key in ("width", "heads", "layers"):
             if builtin["text_cfg"][key] != text[key]:
-                raise ValueError(f"open_clip {name} text_cfg.{key}={builtin['text_cfg'][key]} differs from "
-                                 f"the vutrain preset's {text[key]}")
-        cfg = dict(builtin, vision_cfg=dict(builtin["vision_cfg"], **vision),
-                   text_cfg=dict(builtin["text_cfg"], **text))
+                raise ValueError(
+                    f"open_clip {name} text_cfg.{key}={builtin['text_cfg'][key]} differs from "
+                    f"the vutrain preset's {text[key]}"
+                )
+        cfg = dict(
+            builtin,
+            vision_cfg=dict(builtin["vision_cfg"], **vision),
+            text_cfg=dict(builtin["text_cfg"], **text),
+        )
     return cfg
 
 
@@ -170,10 +210,20 @@ class OpenClipStep:
     normalised fp32 images; `input_dtype` is None under amp), texts as token ids.
     """
 
-    def __init__(self, modules: OpenClipModules, model_cfg: dict, device: torch.device, precision: str,
-                 grad_checkpointing: bool = False, lr: float = 5e-4, weight_decay: float = 0.2,
-                 betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup: int = 10,
-                 total_steps: int = 10_000):
+    def __init__(
+        self,
+        modules: OpenClipModules,
+        model_cfg: dict,
+        device: torch.device,
+        precision: str,
+        grad_checkpointing: bool = False,
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup: int = 10,
+        total_steps: int = 10_000,
+    ):
         self.device = device
         self.precision = precision
         self.model = modules.CLIP(**model_cfg, cast_dtype=None, output_dict=True).to(device)
@@ -183,12 +233,18 @@ class OpenClipStep:
         exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-             {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay}],
-            lr=lr, betas=betas, eps=eps)
+            [
+                {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+                {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay},
+            ],
+            lr=lr,
+            betas=betas,
+            eps=eps,
+        )
         self.scheduler = modules.cosine_lr(self.optimizer, lr, warmup, total_steps)
-        self.loss = modules.ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True,
-                                     rank=0, world_size=1)
+        self.loss = modules.ClipLoss(
+            local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1
+        )
         self.steps = 0
 
     def _autocast(self):

@@ -3,6 +3,7 @@
 Rows and searches are plain dicts (see vutrain/bench_compare.py); ratios are always over open_clip's
 default step (no gradient checkpointing), the reference the issue's targets are set against.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,19 +24,26 @@ def format_row(row: dict) -> str:
         return f"| {row['variant']} | {row['batch_size']} | {row['error']} | | |"
     mem = "n/a (CPU)" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.2f}"
     ratio = row.get("ratio_to_open_clip")
-    return (f"| {row['variant']} | {row['batch_size']} | {row['samples_per_s']:.1f} | {mem} | "
-            f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+    return (
+        f"| {row['variant']} | {row['batch_size']} | {row['samples_per_s']:.1f} | {mem} | "
+        f"{'' if ratio is None else f'{ratio:.2f}x'} |"
+    )
 
 
 def add_ratios(rows: list[dict], largest: list[dict]) -> None:
     """Each row's samples/s (and each largest batch) over open_clip's default step's."""
-    base = {r["batch_size"]: r["samples_per_s"] for r in rows
-            if r["variant"] == BASELINE_LABEL and "error" not in r}
+    base = {
+        r["batch_size"]: r["samples_per_s"]
+        for r in rows
+        if r["variant"] == BASELINE_LABEL and "error" not in r
+    }
     for row in rows:
         if "error" not in row and row["batch_size"] in base:
             row["ratio_to_open_clip"] = row["samples_per_s"] / base[row["batch_size"]]
-    base_largest = next((r["largest_batch"] for r in largest if r["variant"] == BASELINE_LABEL
-                         and r.get("largest_batch")), None)
+    base_largest = next(
+        (r["largest_batch"] for r in largest if r["variant"] == BASELINE_LABEL and r.get("largest_batch")),
+        None,
+    )
     for entry in largest:
         if base_largest and entry.get("largest_batch") is not None:
             entry["ratio_to_open_clip"] = entry["largest_batch"] / base_largest
@@ -47,14 +55,22 @@ def judge_targets(rows: list[dict], largest: list[dict], on_gpu: bool) -> list[d
         return []
     targets = []
     for size in TARGET_BATCHES:
-        vutrain = [r for r in rows if r["side"] == "vutrain" and r["batch_size"] == size
-                   and "ratio_to_open_clip" in r]
+        vutrain = [
+            r
+            for r in rows
+            if r["side"] == "vutrain" and r["batch_size"] == size and "ratio_to_open_clip" in r
+        ]
         if not vutrain:
             continue
         best = max(vutrain, key=lambda r: r["ratio_to_open_clip"])
-        targets.append({"target": f"samples/s at batch {size} >= {TARGET_SPEEDUP}x open_clip",
-                        "value": round(best["ratio_to_open_clip"], 3), "by": best["variant"],
-                        "result": "PASS" if best["ratio_to_open_clip"] >= TARGET_SPEEDUP else "FAIL"})
+        targets.append(
+            {
+                "target": f"samples/s at batch {size} >= {TARGET_SPEEDUP}x open_clip",
+                "value": round(best["ratio_to_open_clip"], 3),
+                "by": best["variant"],
+                "result": "PASS" if best["ratio_to_open_clip"] >= TARGET_SPEEDUP else "FAIL",
+            }
+        )
     base = next((r for r in largest if r["variant"] == BASELINE_LABEL), None)
     vutrain = [r for r in largest if r["side"] == "vutrain" and r.get("largest_batch")]
     if base and vutrain and base.get("largest_batch"):
@@ -67,14 +83,21 @@ def judge_targets(rows: list[dict], largest: list[dict], on_gpu: bool) -> list[d
             result = "PASS"
         else:
             result = "UNDECIDED (vutrain's search was cut short)" if lower_bound else "FAIL"
-        targets.append({"target": f"largest batch >= {TARGET_BATCH_RATIO}x open_clip's",
-                        "value": round(ratio, 3), "by": best["variant"], "result": result})
+        targets.append(
+            {
+                "target": f"largest batch >= {TARGET_BATCH_RATIO}x open_clip's",
+                "value": round(ratio, 3),
+                "by": best["variant"],
+                "result": result,
+            }
+        )
     return targets
 
 
 def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> None:
     """Samples/s per configuration and batch size, and the largest batch of each, as one figure."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -83,8 +106,17 @@ def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> N
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(1, len(sizes))
     for k, size in enumerate(sizes):
-        values = [next((r.get("samples_per_s", 0.0) for r in rows if r["variant"] == lab
-                        and r["batch_size"] == size), 0.0) for lab in labels]
+        values = [
+            next(
+                (
+                    r.get("samples_per_s", 0.0)
+                    for r in rows
+                    if r["variant"] == lab and r["batch_size"] == size
+                ),
+                0.0,
+            )
+            for lab in labels
+        ]
         ax1.bar([i + k * width for i in range(len(labels))], values, width, label=f"batch {size}")
     ax1.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(labels))])
     ax1.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
@@ -92,11 +124,18 @@ def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> N
     ax1.legend(fontsize=8)
     ax1.set_title("training step throughput")
     found = [r for r in largest if r.get("largest_batch") is not None]
-    ax2.bar(range(len(found)), [r["largest_batch"] for r in found],
-            color=["tab:gray" if r["side"] == "open_clip" else "tab:blue" for r in found])
+    ax2.bar(
+        range(len(found)),
+        [r["largest_batch"] for r in found],
+        color=["tab:gray" if r["side"] == "open_clip" else "tab:blue" for r in found],
+    )
     ax2.set_xticks(range(len(found)))
-    ax2.set_xticklabels([r["variant"] + (" (cap)" if r.get("capped") else "") for r in found],
-                        rotation=35, ha="right", fontsize=8)
+    ax2.set_xticklabels(
+        [r["variant"] + (" (cap)" if r.get("capped") else "") for r in found],
+        rotation=35,
+        ha="right",
+        fontsize=8,
+    )
     ax2.set_ylabel("largest batch that trains")
     ax2.set_title("largest batch" if found else "largest batch: not searched")
     fig.suptitle(title, fontsize=9)
@@ -123,10 +162,15 @@ def report(result: dict, out: str, png: str) -> None:
                 print(f"| {entry['variant']} | {why} | | |")
                 continue
             ratio = entry.get("ratio_to_open_clip")
-            shown = f"{entry['largest_batch']}" + (" (reached --max-batch)" if entry.get("capped") else "") \
+            shown = (
+                f"{entry['largest_batch']}"
+                + (" (reached --max-batch)" if entry.get("capped") else "")
                 + (" (search stopped at --deadline-min)" if entry.get("stopped") else "")
-            print(f"| {entry['variant']} | {shown} | {'' if ratio is None else f'{ratio:.2f}x'} | "
-                  f"{len(entry['probes'])} |")
+            )
+            print(
+                f"| {entry['variant']} | {shown} | {'' if ratio is None else f'{ratio:.2f}x'} | "
+                f"{len(entry['probes'])} |"
+            )
     else:
         print(f"\nlargest batch: {result['largest_note']}")
     if result["targets"]:
@@ -136,7 +180,11 @@ def report(result: dict, out: str, png: str) -> None:
     else:
         print("\ntargets: judged on a GPU only (this run is on the CPU)")
     write_json(result, out)
-    write_png(png, result["rows"], result["largest"],
-              f"vutrain vs open_clip, {result['preset']}, {result['precision']}, {result['device']}, "
-              f"{result['date']}")
+    write_png(
+        png,
+        result["rows"],
+        result["largest"],
+        f"vutrain vs open_clip, {result['preset']}, {result['precision']}, {result['device']}, "
+        f"{result['date']}",
+    )
     print(f"\nwrote {out} and {png}")

@@ -1,12 +1,19 @@
 """The largest batch that fits: doubling until a batch fails, then bisection between the two."""
+
 from __future__ import annotations
 
 from typing import Callable
 
 
-def largest_batch(fits: Callable[[int], bool], known_fit: int, start: int, limit: int,
-                  granularity: int = 8, precision: float = 0.0625,
-                  stop: Callable[[], bool] | None = None) -> dict:
+def largest_batch(
+    fits: Callable[[int], bool],
+    known_fit: int,
+    start: int,
+    limit: int,
+    granularity: int = 8,
+    precision: float = 0.0625,
+    stop: Callable[[], bool] | None = None,
+) -> dict:
     """Search the largest batch size `b <= limit` with `fits(b)` true, assuming fits is monotone.
 
     Args:
@@ -39,14 +46,20 @@ def largest_batch(fits: Callable[[int], bool], known_fit: int, start: int, limit
     try:
         _search(probe, state, start, limit, granularity, precision)
     except Stopped:
-        return {"largest_batch": state["lo"], "capped": False, "failed_at": state["hi"], "probes": probes,
-                "stopped": True}
+        return {
+            "largest_batch": state["lo"],
+            "capped": False,
+            "failed_at": state["hi"],
+            "probes": probes,
+            "stopped": True,
+        }
     lo, hi = state["lo"], state["hi"]
     return {"largest_batch": lo, "capped": hi is None, "failed_at": hi, "probes": probes, "stopped": False}
 
 
-def _search(probe: Callable[[int], bool], state: dict, start: int, limit: int, granularity: int,
-            precision: float) -> None:
+def _search(
+    probe: Callable[[int], bool], state: dict, start: int, limit: int, granularity: int, precision: float
+) -> None:
     """Doubling, then bisection; `state` holds the best bounds so far (lo fits, hi fails)."""
     size = 2 * state["lo"] if state["lo"] else start
     while state["lo"] < limit:

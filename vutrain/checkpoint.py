@@ -29,6 +29,7 @@ last complete one is never deleted.
 Loading the trainer's state never unpickles: JSON plus tensors (safetensors, or torch.load with
 ``weights_only=True``). DeepSpeed's own files are pickles: a run directory is trusted input.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,8 @@ import time
 import numpy as np
 import torch
 
-from vutrain.distributed import barrier
 from vutrain import checkpoint_reshape as reshape
+from vutrain.distributed import barrier
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def latest_tag(ckpt_dir: str) -> str | None:
 
 # ----------------------------------------------------------------------------- the marker
 
+
 def _files_and_sizes(tag_dir: str) -> dict[str, int]:
     files = {}
     for root, _, names in os.walk(tag_dir):
@@ -152,6 +154,7 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 # ----------------------------------------------------------------------------- trainer state
 
+
 def rng_state() -> dict:
     """This process's RNG states (python, numpy, torch CPU and CUDA)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -173,8 +176,10 @@ def _split_rng(rng: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """RNG state as (JSON-able dict, tensors)."""
     version, internal, gauss = rng["python"]
     name, keys, pos, has_gauss, cached = rng["numpy"]
-    scalars = {"python": [version, list(internal), gauss],
-               "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]}
+    scalars = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+    }
     tensors = {"rng.torch": rng["torch"].contiguous()}
     for i, state in enumerate(rng.get("cuda", [])):
         tensors[f"rng.cuda.{i}"] = state.cpu().contiguous()
@@ -184,11 +189,17 @@ def _split_rng(rng: dict) -> tuple[dict, dict[str, torch.Tensor]]:
 def _join_rng(scalars: dict, tensors: dict[str, torch.Tensor]) -> dict:
     version, internal, gauss = scalars["python"]
     name, keys, pos, has_gauss, cached = scalars["numpy"]
-    rng = {"python": (version, tuple(internal), gauss),
-           "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
-           "torch": tensors["rng.torch"]}
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
-                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    rng = {
+        "python": (version, tuple(internal), gauss),
+        "numpy": (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+        "torch": tensors["rng.torch"],
+    }
+    cuda = [
+        tensors[k]
+        for k in sorted(
+            (k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1])
+        )
+    ]
     if cuda:
         rng["cuda"] = cuda
     return rng
@@ -197,6 +208,7 @@ def _join_rng(scalars: dict, tensors: dict[str, torch.Tensor]) -> dict:
 def _tensor_file(tag_dir: str, rank: int) -> str:
     try:
         import safetensors.torch  # noqa: F401
+
         return os.path.join(tag_dir, f"trainer_state_rank{rank}.safetensors")
     except ImportError:
         return os.path.join(tag_dir, f"trainer_state_rank{rank}.tensors.pt")
@@ -210,6 +222,7 @@ def save_trainer_state(tag_dir: str, rank: int, state: dict) -> None:
     path = _tensor_file(tag_dir, rank)
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
+
         save_file(tensors, path)
     else:
         torch.save(tensors, path)
@@ -220,28 +233,35 @@ def save_trainer_state(tag_dir: str, rank: int, state: dict) -> None:
 def load_trainer_state(tag_dir: str, rank: int) -> dict:
     """Read what `save_trainer_state` wrote, without unpickling anything."""
     json_path = os.path.join(tag_dir, f"trainer_state_rank{rank}.json")
-    tensor_paths = [os.path.join(tag_dir, f"trainer_state_rank{rank}{ext}")
-                    for ext in (".safetensors", ".tensors.pt")]
+    tensor_paths = [
+        os.path.join(tag_dir, f"trainer_state_rank{rank}{ext}") for ext in (".safetensors", ".tensors.pt")
+    ]
     tensor_path = next((p for p in tensor_paths if os.path.isfile(p)), None)
     if not os.path.isfile(json_path) or tensor_path is None:
-        raise CheckpointError(f"{json_path} (or its tensor file) is missing: resume with the world size the "
-                              "checkpoint was written with, or start fresh with train.resume=never")
+        raise CheckpointError(
+            f"{json_path} (or its tensor file) is missing: resume with the world size the "
+            "checkpoint was written with, or start fresh with train.resume=never"
+        )
     try:
         with open(json_path, encoding="utf-8") as fh:
             state = json.load(fh)
         if tensor_path.endswith(".safetensors"):
             from safetensors.torch import load_file
+
             tensors = load_file(tensor_path)
         else:
             tensors = torch.load(tensor_path, weights_only=True)
         state["rng"] = _join_rng(state["rng"], tensors)
-    except Exception as exc:  # noqa: BLE001 - any parse error means the same thing to the user
-        raise CheckpointError(f"cannot read {json_path}: {type(exc).__name__}: {str(exc).splitlines()[0]}; "
-                              "resume from an older checkpoint with train.resume=<its directory>") from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read {json_path}: {type(exc).__name__}: {str(exc).splitlines()[0]}; "
+            "resume from an older checkpoint with train.resume=<its directory>"
+        ) from exc
     return state
 
 
 # ----------------------------------------------------------------------------- save
+
 
 def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: int, keep: int) -> str:
     """Save on every rank (ZeRO shards live on each); rank 0 completes, publishes and prunes."""
@@ -271,9 +291,14 @@ def _complete(ckpt_dir: str, tag: str, step: int) -> None:
     """Marker, rename, `latest`: in that order, so each step leaves a consistent directory."""
     tmp_dir = os.path.join(ckpt_dir, tag + TMP_SUFFIX)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    marker = {"format": FORMAT_VERSION, "step": step, "tag": tag, "world_size": world,
-              "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "files": _files_and_sizes(tmp_dir)}
+    marker = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "tag": tag,
+        "world_size": world,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": _files_and_sizes(tmp_dir),
+    }
     _atomic_write_text(os.path.join(tmp_dir, MARKER), json.dumps(marker, indent=1))
     final = os.path.join(ckpt_dir, tag)
     replaced = None
@@ -307,6 +332,7 @@ def prune(ckpt_dir: str, keep: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- resume
 
+
 def _newest_complete(ckpt_dir: str, what: str, verbose: bool = True) -> tuple[str, str] | None:
     """(checkpoints dir, tag) of the newest complete checkpoint; logs skips; raises if none usable."""
     interrupted = [f"{t}: save interrupted (never completed)" for t in _list_tmp(ckpt_dir)]
@@ -329,7 +355,8 @@ def _newest_complete(ckpt_dir: str, what: str, verbose: bool = True) -> tuple[st
             raise CheckpointError(
                 f"{what}: checkpoints exist in {ckpt_dir} but none is complete ({'; '.join(skipped)}). "
                 "Point train.resume at a good checkpoint directory, or set train.resume=never to start "
-                "from scratch (the old checkpoints are moved aside, not deleted).")
+                "from scratch (the old checkpoints are moved aside, not deleted)."
+            )
         return None
     why = "the newest complete checkpoint"
     if named != chosen:
@@ -360,8 +387,10 @@ def resolve_resume(resume: str, run_dir: str, verbose: bool = True) -> tuple[str
         return os.path.dirname(path), os.path.basename(path)
     found = _newest_complete(path, f"train.resume={resume}", verbose) if os.path.isdir(path) else None
     if found is None:
-        raise CheckpointError(f"train.resume={resume}: no checkpoint there (expected a checkpoints/ "
-                              "directory or a step_XXXXXXXX directory with a COMPLETE.json marker)")
+        raise CheckpointError(
+            f"train.resume={resume}: no checkpoint there (expected a checkpoints/ "
+            "directory or a step_XXXXXXXX directory with a COMPLETE.json marker)"
+        )
     return found
 
 
@@ -377,8 +406,11 @@ def move_aside(run_dir: str) -> list[str]:
             os.rename(path, target)
             moved.append(target)
     for target in moved:
-        log.warning("train.resume=never: moved the previous run's %s aside to %s",
-                    os.path.basename(target).split(".")[0], target)
+        log.warning(
+            "train.resume=never: moved the previous run's %s aside to %s",
+            os.path.basename(target).split(".")[0],
+            target,
+        )
     return moved
 
 
@@ -394,15 +426,19 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
         return reshape.load_reshaped(engine, ckpt_dir, tag)
     state = load_trainer_state(tag_dir, rank)
     try:
-        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-    except Exception as exc:  # noqa: BLE001 - DeepSpeed raises anything from unpickling errors to KeyError
-        raise CheckpointError(f"DeepSpeed could not load {tag_dir}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}; point train.resume at an "
-                              "older checkpoint") from exc
+        load_path, _ = engine.load_checkpoint(
+            ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except Exception as exc:
+        raise CheckpointError(
+            f"DeepSpeed could not load {tag_dir}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}; point train.resume at an "
+            "older checkpoint"
+        ) from exc
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {tag_dir}; point train.resume at an older "
-                              "checkpoint")
+        raise CheckpointError(
+            f"DeepSpeed could not load {tag_dir}; point train.resume at an older checkpoint"
+        )
     set_rng_state(state.pop("rng"))
     log.info("resumed from %s at step %d", tag_dir, state["step"])
     return state

@@ -18,6 +18,7 @@ Load on another world size (``load_checkpoint`` calls ``load_reshaped``):
 - The Python/NumPy/torch RNG states are per rank and are not carried over (the model and the
   data stream do not draw from them during training).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,8 @@ import time
 
 import torch.distributed as dist
 
-from vutrain.distributed import barrier
-
 from vutrain.config import ConfigError
+from vutrain.distributed import barrier
 
 log = logging.getLogger(__name__)
 WORLD_FILE = "world.json"
@@ -61,10 +61,15 @@ def save_world_info(engine, tag_dir: str, trainer_state: dict) -> None:
         dist.all_gather_object(data_states, trainer_state.get("data"))
     if rank != 0:
         return
-    info = {"world_size": world, "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
-            "grad_accum_steps": engine.gradient_accumulation_steps(),
-            "zero_stage": engine.zero_optimization_stage(), "step": int(trainer_state["step"]),
-            "nonfinite_in_row": int(trainer_state.get("nonfinite_in_row", 0)), "data": data_states}
+    info = {
+        "world_size": world,
+        "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+        "grad_accum_steps": engine.gradient_accumulation_steps(),
+        "zero_stage": engine.zero_optimization_stage(),
+        "step": int(trainer_state["step"]),
+        "nonfinite_in_row": int(trainer_state.get("nonfinite_in_row", 0)),
+        "data": data_states,
+    }
     tmp = os.path.join(tag_dir, WORLD_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(info, fh)
@@ -101,7 +106,8 @@ def check_global_batch(info: dict, micro: int, accum: int, world: int) -> None:
     hint = f"set {' or '.join(fixes)}" if fixes else f"use a world size that divides {saved}"
     raise ResumeShapeError(
         f"world {info['world_size']} -> {world} changes the global batch {saved} -> {now} "
-        f"(train.micro_batch_size {micro} x train.grad_accum_steps {accum} x world {world}): {hint}")
+        f"(train.micro_batch_size {micro} x train.grad_accum_steps {accum} x world {world}): {hint}"
+    )
 
 
 def convert_to_universal(tag_dir: str) -> str:
@@ -113,9 +119,15 @@ def convert_to_universal(tag_dir: str) -> str:
 
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=tag_dir, output_folder=tmp, num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=tag_dir,
+        output_folder=tmp,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would flood the run log
         ds_to_universal(args)
@@ -134,12 +146,15 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
     rank, world = _world()
     path = os.path.join(tag_dir, WORLD_FILE)
     if not os.path.isfile(path):
-        raise ResumeShapeError(f"{tag_dir} was written by {saved_world_size(tag_dir)} ranks without "
-                               f"{WORLD_FILE} (an older vutrain): resume it with that many ranks")
+        raise ResumeShapeError(
+            f"{tag_dir} was written by {saved_world_size(tag_dir)} ranks without "
+            f"{WORLD_FILE} (an older vutrain): resume it with that many ranks"
+        )
     with open(path, encoding="utf-8") as fh:
         info = json.load(fh)
-    check_global_batch(info, engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(),
-                       world)
+    check_global_batch(
+        info, engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(), world
+    )
     if rank == 0:
         convert_to_universal(tag_dir)
     barrier()
@@ -147,16 +162,25 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
     # instead of in the ds_config (which is built before we know whether to reshape).
     engine._config.load_universal_checkpoint = True
     try:
-        load_path, _ = engine.load_checkpoint(tag_dir, tag=UNIVERSAL_DIR, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            tag_dir, tag=UNIVERSAL_DIR, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     finally:
         engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag_dir}/{UNIVERSAL_DIR}")
-    log.info("resumed %s (written by %d ranks) on %d ranks at step %d", tag_dir, info["world_size"], world,
-             info["step"])
-    return {"step": info["step"], "nonfinite_in_row": info["nonfinite_in_row"],
-            "data": {"ranks": info["data"]}}
+    log.info(
+        "resumed %s (written by %d ranks) on %d ranks at step %d",
+        tag_dir,
+        info["world_size"],
+        world,
+        info["step"],
+    )
+    return {
+        "step": info["step"],
+        "nonfinite_in_row": info["nonfinite_in_row"],
+        "data": {"ranks": info["data"]},
+    }
 
 
 def universal_size_bytes(tag_dir: str) -> int:
@@ -185,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     universal = universal_size_bytes(args.tag_dir)
     tag_bytes = _dir_bytes(args.tag_dir) - universal
-    print(json.dumps({"convert_s": round(seconds, 3), "checkpoint_bytes": tag_bytes,
-                      "universal_bytes": universal}))
+    print(
+        json.dumps(
+            {"convert_s": round(seconds, 3), "checkpoint_bytes": tag_bytes, "universal_bytes": universal}
+        )
+    )
     return 0
 
 

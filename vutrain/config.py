@@ -6,6 +6,7 @@ table. Everything here is validated before any process group starts (`validate()
 fails in a second with a message naming the key and the valid choices instead of after minutes of
 start-up on every rank.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,7 +17,7 @@ import sys
 import textwrap
 import typing
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import yaml
@@ -28,10 +29,15 @@ LOSSES = ("clip", "siglip", "align_uniform")
 BACKENDS = ("torch", "triton", "auto")
 POSITIVES = ("pair", "category", "tags")
 # loss.<key> -> the loss names it applies to; a non-default value with another loss is an error.
-LOSS_KEYS_APPLY_TO = {"local_loss": ("clip",), "gather_with_grad": ("clip",),
-                      "positives": ("clip", "siglip"), "bidir": ("siglip",),
-                      "align_weight": ("align_uniform",), "uniform_weight": ("align_uniform",),
-                      "uniform_t": ("align_uniform",)}
+LOSS_KEYS_APPLY_TO = {
+    "local_loss": ("clip",),
+    "gather_with_grad": ("clip",),
+    "positives": ("clip", "siglip"),
+    "bidir": ("siglip",),
+    "align_weight": ("align_uniform",),
+    "uniform_weight": ("align_uniform",),
+    "uniform_t": ("align_uniform",),
+}
 
 
 class ConfigError(ValueError):
@@ -140,7 +146,7 @@ class TrainConfig:
     resume: str = "auto"
     """auto (newest checkpoint in output_dir, if any), never, or a checkpoint directory path."""
     ds_config: str = ""
-    """Path of a DeepSpeed JSON config merged over the generated one (e.g. launch/ds_configs/zero3_offload.json)."""
+    """A DeepSpeed JSON merged over the generated config (e.g. launch/ds_configs/zero3_offload.json)."""
     log_every: int = 1
     """Write a metrics row every N steps."""
     max_nonfinite_steps: int = 5
@@ -179,8 +185,9 @@ class EvalConfig:
     """<key>.json field whose distinct values are the zero-shot classes."""
     batch_size: int = 64
     """Eval batch size per rank."""
-    templates: list = field(default_factory=lambda: ["a thumbnail of {}.", "a photo of a {}.",
-                                                     "a video about {}.", "{}"])
+    templates: list = field(
+        default_factory=lambda: ["a thumbnail of {}.", "a photo of a {}.", "a video about {}.", "{}"]
+    )
     """Zero-shot prompt templates ('{}' is the class name); class embeddings are their mean."""
 
 
@@ -199,16 +206,21 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------- docs
 
-@lru_cache(maxsize=None)
+
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring that follows each field in the class body, keyed by field name."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = nxt.value.value.strip()
     return docs
 
@@ -239,6 +251,7 @@ def reference_markdown() -> str:
 
 
 # ----------------------------------------------------------------------------- parsing
+
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
@@ -287,8 +300,9 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
     for name, value in mapping.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise ConfigError(f"unknown config key {key!r}; valid keys here: "
-                              + ", ".join(_valid_keys(type(obj), prefix)))
+            raise ConfigError(
+                f"unknown config key {key!r}; valid keys here: " + ", ".join(_valid_keys(type(obj), prefix))
+            )
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
@@ -336,8 +350,10 @@ def resolve_config_path(name_or_path: str) -> str:
     shipped = os.path.join(CONFIGS_DIR, f"{stem}.yaml")
     if "/" not in name_or_path and os.sep not in name_or_path and os.path.isfile(shipped):
         return shipped
-    raise ConfigError(f"config file not found: {name_or_path}. Give a YAML path or the name of a shipped "
-                      f"run file: {', '.join(shipped_configs())}")
+    raise ConfigError(
+        f"config file not found: {name_or_path}. Give a YAML path or the name of a shipped "
+        f"run file: {', '.join(shipped_configs())}"
+    )
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
@@ -367,6 +383,7 @@ def save_config(cfg: RunConfig, path: str) -> None:
 
 # ----------------------------------------------------------------------------- validation
 
+
 def _choice(key: str, value: str, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
@@ -376,6 +393,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     """Reject unknown choices and impossible combinations, naming the key and what to change."""
     if cuda_available is None:
         import torch
+
         cuda_available = torch.cuda.is_available()
     m, d, t, lo, e = cfg.model, cfg.data, cfg.train, cfg.loss, cfg.eval
     if not m.name_or_path:
@@ -386,35 +404,53 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     _choice("train.accumulation", t.accumulation, ACCUMULATIONS)
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={t.zero_stage} is not valid; choose one of: 0, 1, 2, 3")
-    positive = {"train.max_steps": t.max_steps, "train.micro_batch_size": t.micro_batch_size,
-                "train.grad_accum_steps": t.grad_accum_steps, "train.keep_checkpoints": t.keep_checkpoints,
-                "train.log_every": t.log_every, "train.max_nonfinite_steps": t.max_nonfinite_steps,
-                "eval.batch_size": e.batch_size, "model.vocab_size": m.vocab_size}
+    positive = {
+        "train.max_steps": t.max_steps,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.grad_accum_steps": t.grad_accum_steps,
+        "train.keep_checkpoints": t.keep_checkpoints,
+        "train.log_every": t.log_every,
+        "train.max_nonfinite_steps": t.max_nonfinite_steps,
+        "eval.batch_size": e.batch_size,
+        "model.vocab_size": m.vocab_size,
+    }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    for key, value in {"train.checkpoint_every": t.checkpoint_every, "eval.every": e.every,
-                       "data.num_samples": d.num_samples,
-                       "train.warmup_steps": t.warmup_steps, "model.image_size": m.image_size,
-                       "model.context_length": m.context_length, "train.lr": t.lr,
-                       "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
-                       "train.global_batch_size": t.global_batch_size}.items():
+    for key, value in {
+        "train.checkpoint_every": t.checkpoint_every,
+        "eval.every": e.every,
+        "data.num_samples": d.num_samples,
+        "train.warmup_steps": t.warmup_steps,
+        "model.image_size": m.image_size,
+        "model.context_length": m.context_length,
+        "train.lr": t.lr,
+        "train.grad_clip": t.grad_clip,
+        "train.weight_decay": t.weight_decay,
+        "train.global_batch_size": t.global_batch_size,
+    }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if d.num_workers < -1 or d.prefetch_factor < 1:
-        raise ConfigError(f"data.num_workers must be >= -1 (-1: auto) and data.prefetch_factor >= 1; got "
-                          f"{d.num_workers}, {d.prefetch_factor}")
+        raise ConfigError(
+            f"data.num_workers must be >= -1 (-1: auto) and data.prefetch_factor >= 1; got "
+            f"{d.num_workers}, {d.prefetch_factor}"
+        )
     if not d.train_shards:
-        raise ConfigError("data.train_shards is empty; pass data.train_shards=/path/{00000..00009}.tar "
-                          "(write synthetic ones with python -m vutrain.data.synthetic)")
+        raise ConfigError(
+            "data.train_shards is empty; pass data.train_shards=/path/{00000..00009}.tar "
+            "(write synthetic ones with python -m vutrain.data.synthetic)"
+        )
     if t.precision == "fp16" and not cuda_available:
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 or fp32")
     _validate_loss(lo)
     if e.every > 0 and not d.val_shards:
         raise ConfigError("eval.every>0 needs data.val_shards; set it or eval.every=0")
     if m.lock_image and m.lock_text and not m.lora.enabled:
-        raise ConfigError("model.lock_image and model.lock_text together leave only the logit scale to "
-                          "train; unlock one tower or set model.lora.enabled=true")
+        raise ConfigError(
+            "model.lock_image and model.lock_text together leave only the logit scale to "
+            "train; unlock one tower or set model.lora.enabled=true"
+        )
     if m.lora.enabled and not m.lora.target_modules:
         raise ConfigError("model.lora.enabled needs model.lora.target_modules, e.g. q_proj,v_proj")
     if t.resume not in ("auto", "never") and not os.path.isdir(t.resume):
@@ -431,20 +467,28 @@ def _validate_loss(lo: LossConfig) -> None:
     defaults = LossConfig()
     for key, names in LOSS_KEYS_APPLY_TO.items():
         if lo.name not in names and getattr(lo, key) != getattr(defaults, key):
-            raise ConfigError(f"loss.{key}={getattr(lo, key)!r} does not apply to loss.name={lo.name} "
-                              f"(only to {', '.join(names)}); remove it or change loss.name")
+            raise ConfigError(
+                f"loss.{key}={getattr(lo, key)!r} does not apply to loss.name={lo.name} "
+                f"(only to {', '.join(names)}); remove it or change loss.name"
+            )
     if lo.uniform_t <= 0:
         raise ConfigError(f"loss.uniform_t must be > 0, got {lo.uniform_t}")
     if lo.backend == "triton":
         if lo.name == "align_uniform":
-            raise ConfigError("loss.backend=triton implements loss.name=clip and siglip only (got "
-                              "'align_uniform'); use loss.backend=torch or auto")
+            raise ConfigError(
+                "loss.backend=triton implements loss.name=clip and siglip only (got "
+                "'align_uniform'); use loss.backend=torch or auto"
+            )
         if lo.positives != "pair":
-            raise ConfigError(f"loss.backend=triton does not support loss.positives={lo.positives}; "
-                              "use loss.backend=torch or loss.positives=pair")
+            raise ConfigError(
+                f"loss.backend=triton does not support loss.positives={lo.positives}; "
+                "use loss.backend=torch or loss.positives=pair"
+            )
         if lo.bidir:
-            raise ConfigError("loss.backend=triton gathers the texts (its kernel never builds the "
-                              "logits); set loss.bidir=false or loss.backend=torch")
+            raise ConfigError(
+                "loss.backend=triton gathers the texts (its kernel never builds the "
+                "logits); set loss.bidir=false or loss.backend=torch"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@
 4. export to a Hugging Face CLIPModel directory;
 5. classify a held-out thumbnail through `transformers.pipeline("zero-shot-image-classification")`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # nearly free, so the GPU recipe trains one rank at 256 per step (twice the CPU run's global
 # batch) for 600 steps: about 19 passes over the 8192 samples instead of 4.7. Not measured yet
 # on a GPU (none was available when it was written); see BENCHMARKS.md.
-GPU_RECIPE = ["train.precision=bf16", "train.micro_batch_size=256", "eval.every=200",
-              "train.checkpoint_every=200", "data.num_workers=4"]
+GPU_RECIPE = [
+    "train.precision=bf16",
+    "train.micro_batch_size=256",
+    "eval.every=200",
+    "train.checkpoint_every=200",
+    "data.num_workers=4",
+]
 GPU_STEPS = 600
 
 
@@ -37,6 +43,7 @@ def use_gpu(device: str) -> bool:
     if device == "cpu":
         return False
     import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA GPU; use --device cpu")
     return torch.cuda.is_available()
@@ -48,30 +55,50 @@ def deepspeed_command(num_ranks: int) -> list[str]:
     if not os.path.exists(exe):
         exe = shutil.which("deepspeed") or exe
     from vutrain.distributed import free_port
+
     # A free port rather than the launcher's fixed 29500, so a second run on the machine can start.
     return [exe, "--num_gpus", str(num_ranks), "--master_port", str(free_port())]
 
 
 def write_data(out: str, num_samples: int, val_samples: int, shard_size: int, seed: int) -> tuple[str, str]:
     from vutrain.data.synthetic import write_synthetic
+
     data = os.path.join(out, "data")
     if os.path.isdir(data):
         shutil.rmtree(data)
-    info = write_synthetic(data, num_samples=num_samples, shard_size=shard_size, seed=seed,
-                           val_samples=val_samples)
+    info = write_synthetic(
+        data, num_samples=num_samples, shard_size=shard_size, seed=seed, val_samples=val_samples
+    )
     return info["train_shards"], info["val_shards"]
 
 
-def train(run_dir: str, train_shards: str, val_shards: str, ranks: int, steps: int, extra: list[str],
-          gpu: bool = False) -> None:
+def train(
+    run_dir: str,
+    train_shards: str,
+    val_shards: str,
+    ranks: int,
+    steps: int,
+    extra: list[str],
+    gpu: bool = False,
+) -> None:
     """Run vutrain/train.py through the deepspeed launcher (CPU ranks unless `gpu`)."""
     cmd = deepspeed_command(ranks) + [
-        os.path.join(REPO, "vutrain", "train.py"), "--config", os.path.join(REPO, "vutrain", "configs", "tiny.yaml"),
-        f"output_dir={run_dir}", f"data.train_shards={train_shards}", f"data.val_shards={val_shards}",
-        f"train.max_steps={steps}", "train.resume=never", *extra]
+        os.path.join(REPO, "vutrain", "train.py"),
+        "--config",
+        os.path.join(REPO, "vutrain", "configs", "tiny.yaml"),
+        f"output_dir={run_dir}",
+        f"data.train_shards={train_shards}",
+        f"data.val_shards={val_shards}",
+        f"train.max_steps={steps}",
+        "train.resume=never",
+        *extra,
+    ]
     print("$ " + " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
     if not gpu:  # --device cpu on a GPU machine: keep the ranks off the GPU
         env.update(VUTRAIN_DEVICE="cpu", DS_ACCELERATOR="cpu")
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
@@ -85,6 +112,7 @@ def classify_one(model_dir: str, val_shards: str) -> tuple[str, str, float]:
 
     from vutrain.data.shards import expand_shards
     from vutrain.data.val import collect_label_values
+
     classes = collect_label_values(val_shards)
     sample = next(iter(wds.WebDataset(expand_shards(val_shards)[0], shardshuffle=False)))
     image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
@@ -102,9 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=None, help=f"default 300 on CPU, {GPU_STEPS} on a GPU")
     parser.add_argument("--ranks", type=int, default=None, help="default 2 CPU ranks, or 1 GPU")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: one GPU in bf16 (GPU recipe) when present, else 2 CPU ranks")
-    parser.add_argument("--min-top1", type=float, default=0.6, help="exit non-zero below this zero-shot top-1")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: one GPU in bf16 (GPU recipe) when present, else 2 CPU ranks",
+    )
+    parser.add_argument(
+        "--min-top1", type=float, default=0.6, help="exit non-zero below this zero-shot top-1"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for the training run")
     args = parser.parse_args(argv)
@@ -118,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     print(f"[1/5] writing synthetic shards to {args.out}/data", flush=True)
-    train_shards, val_shards = write_data(args.out, args.num_samples, args.val_samples, args.shard_size, args.seed)
+    train_shards, val_shards = write_data(
+        args.out, args.num_samples, args.val_samples, args.shard_size, args.seed
+    )
     run_dir = os.path.join(args.out, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
     print(f"[2/5] training the tiny preset, ZeRO-2, {where}, {steps} steps", flush=True)
@@ -126,21 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     print("[3/5] evaluation (held-out split)", flush=True)
     evals = [r for r in read_metrics(run_dir) if "eval/zeroshot_top1" in r]
     for row in evals:
-        print(f"  step {row['step']:>5}: zero-shot top-1 {row['eval/zeroshot_top1']:.3f} "
-              f"(chance {row['eval/zeroshot_chance']:.3f}), i2t R@1 {row['eval/i2t_r1']:.3f}, "
-              f"t2i R@1 {row['eval/t2i_r1']:.3f}, i2t R@5 {row['eval/i2t_r5']:.3f}")
+        print(
+            f"  step {row['step']:>5}: zero-shot top-1 {row['eval/zeroshot_top1']:.3f} "
+            f"(chance {row['eval/zeroshot_chance']:.3f}), i2t R@1 {row['eval/i2t_r1']:.3f}, "
+            f"t2i R@1 {row['eval/t2i_r1']:.3f}, i2t R@5 {row['eval/i2t_r5']:.3f}"
+        )
     final = evals[-1]
     model_dir = os.path.join(args.out, "hf_model")
     print(f"[4/5] exporting to {model_dir}", flush=True)
     from vutrain.export import export
+
     export(run_dir, model_dir)
     print("[5/5] classifying a held-out thumbnail with transformers.pipeline", flush=True)
     truth, label, score = classify_one(model_dir, val_shards)
     print(f"  true class: {truth!r}  predicted: {label!r} (score {score:.2f})")
     top1, chance = final["eval/zeroshot_top1"], final["eval/zeroshot_chance"]
-    print(f"\nzero-shot top-1 on the held-out set: {top1:.3f} (chance {chance:.3f}, "
-          f"{int(final['eval/zeroshot_classes'])} classes); plot: {run_dir}/curves.png; "
-          f"{time.time() - start:.0f} s")
+    print(
+        f"\nzero-shot top-1 on the held-out set: {top1:.3f} (chance {chance:.3f}, "
+        f"{int(final['eval/zeroshot_classes'])} classes); plot: {run_dir}/curves.png; "
+        f"{time.time() - start:.0f} s"
+    )
     if top1 < args.min_top1:
         print(f"FAIL: zero-shot top-1 {top1:.3f} is below {args.min_top1}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ variables override the choice (e.g. to run two ranks on one GPU, which NCCL refu
                                       also needs DS_ACCELERATOR=cpu for DeepSpeed)
     VUTRAIN_DIST_BACKEND=cuda:gloo    any torch.distributed backend string, device-mapped or not
 """
+
 from __future__ import annotations
 
 import datetime
@@ -60,8 +61,13 @@ def _slurm_first_host(env) -> str | None:
     if not nodelist:
         return None
     try:  # scontrol expands "node[01-04]" exactly as SLURM does
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
         return out[0] if out else None
     except (OSError, subprocess.SubprocessError):
         return nodelist.split(",")[0].split("[")[0]
@@ -69,6 +75,7 @@ def _slurm_first_host(env) -> str | None:
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -98,8 +105,10 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
     else:
         launcher, rank, world, local_rank, local_world = "single", 0, 1, 0, 1
     if not 0 <= rank < world:
-        raise RuntimeError(f"rank {rank} is outside world size {world} ({launcher} launcher): "
-                           "check --ntasks / --nproc_per_node against the job's task count")
+        raise RuntimeError(
+            f"rank {rank} is outside world size {world} ({launcher} launcher): "
+            "check --ntasks / --nproc_per_node against the job's task count"
+        )
     addr = env.get("MASTER_ADDR") or (_slurm_first_host(env) if launcher == "slurm" else None) or "127.0.0.1"
     port = _int("MASTER_PORT", env)
     if port is None:
@@ -112,8 +121,17 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
         else:
             port = 29500
     device, backend = resolve_device(local_rank, env)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
-                    master_addr=addr, master_port=port, launcher=launcher, device=device, backend=backend)
+    return DistInfo(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world,
+        local_world_size=local_world,
+        master_addr=addr,
+        master_port=port,
+        launcher=launcher,
+        device=device,
+        backend=backend,
+    )
 
 
 def resolve_device(local_rank: int, env=None) -> tuple[str, str]:
@@ -132,23 +150,35 @@ def resolve_device(local_rank: int, env=None) -> tuple[str, str]:
         device = f"cuda:{local_rank}" if use_cuda else "cpu"
     backend = env.get(BACKEND_ENV, "").strip() or (CUDA_BACKEND if device.startswith("cuda") else "gloo")
     if device.startswith("cuda") and backend.startswith("cpu:") and "cuda:" not in backend:
-        raise RuntimeError(f"{BACKEND_ENV}={backend!r} has no CUDA backend but the device is {device}: "
-                           "use e.g. cuda:gloo or cpu:gloo,cuda:nccl")
+        raise RuntimeError(
+            f"{BACKEND_ENV}={backend!r} has no CUDA backend but the device is {device}: "
+            "use e.g. cuda:gloo or cpu:gloo,cuda:nccl"
+        )
     return device, backend
 
 
 def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
     """Start the process group (always, even for one process: DeepSpeed expects one)."""
-    for key, value in {"RANK": info.rank, "WORLD_SIZE": info.world_size, "LOCAL_RANK": info.local_rank,
-                       "MASTER_ADDR": info.master_addr, "MASTER_PORT": info.master_port}.items():
+    for key, value in {
+        "RANK": info.rank,
+        "WORLD_SIZE": info.world_size,
+        "LOCAL_RANK": info.local_rank,
+        "MASTER_ADDR": info.master_addr,
+        "MASTER_PORT": info.master_port,
+    }.items():
         os.environ[key] = str(value)  # DeepSpeed's own init reads these
     if info.device.startswith("cuda"):
         # Before the group exists: NCCL and object collectives use the current device.
         torch.cuda.set_device(torch.device(info.device))
     if not dist.is_initialized():
-        dist.init_process_group(backend=info.backend, rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            backend=info.backend,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     import deepspeed
+
     deepspeed.init_distributed(dist_backend=info.backend)
 
 
@@ -176,6 +206,7 @@ def cleanup() -> None:
     the groups it cached (else a second Trainer in the same process fails on a stale group)."""
     if dist.is_initialized():
         import deepspeed.comm as ds_comm
+
         if ds_comm.is_initialized():
             ds_comm.destroy_process_group()
         else:

@@ -10,6 +10,7 @@ Two settings serve speed on GPUs: ZeRO-1/2 pad their flat buffers so every param
 scan before each step (bf16 has fp32's range; the trainer zeroes a non-finite micro-batch itself,
 see nonfinite.py). fp16 keeps the scan: its dynamic loss scale depends on it.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
         "zero_optimization": {"stage": cfg.zero_stage, **alignment_config(cfg.zero_stage)},
         "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "steps_per_print": 10 ** 9,  # we log ourselves
+        "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
     if cfg.zero_stage == 3:
@@ -57,12 +58,16 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
             raise ConfigError(f"train.ds_config={cfg.ds_config}: not valid JSON ({exc})") from None
     for key in BATCH_KEYS:
         if key in user and user[key] != "auto" and user[key] != generated[key]:
-            raise ConfigError(f"{cfg.ds_config} sets {key}={user[key]} but the run config gives "
-                              f"{generated[key]} (train.micro_batch_size x train.grad_accum_steps x "
-                              f"world {world_size}); set it to \"auto\" or change the train.* keys")
+            raise ConfigError(
+                f"{cfg.ds_config} sets {key}={user[key]} but the run config gives "
+                f"{generated[key]} (train.micro_batch_size x train.grad_accum_steps x "
+                f'world {world_size}); set it to "auto" or change the train.* keys'
+            )
     merged = _merge(generated, user)
     stage = merged.get("zero_optimization", {}).get("stage", cfg.zero_stage)
     if stage != cfg.zero_stage:
-        raise ConfigError(f"{cfg.ds_config} sets zero_optimization.stage={stage} but train.zero_stage="
-                          f"{cfg.zero_stage}; make them agree")
+        raise ConfigError(
+            f"{cfg.ds_config} sets zero_optimization.stage={stage} but train.zero_stage="
+            f"{cfg.zero_stage}; make them agree"
+        )
     return merged

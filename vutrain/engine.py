@@ -5,6 +5,7 @@ no bf16 overflow scan), builds the fused or multi-tensor AdamW and its schedule 
 the user's ds_config brings an optimizer, and tells DeepSpeed the rank's device explicitly: with
 VUTRAIN_DEVICE two ranks may share one GPU, which DeepSpeed's LOCAL_RANK guess would get wrong.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ from vutrain.optim import build_optimizer, param_groups
 from vutrain.param_alignment import warn_if_misaligned
 
 
-def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: torch.device,
-                 local_rank: int):
+def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: torch.device, local_rank: int):
     """`deepspeed.initialize` for `module` on `device`; returns the engine."""
     import deepspeed
+
     ds_config = build_ds_config(cfg, world_size)
     if device.type == "cuda" and not _nccl_on_cuda():
         # gloo on CUDA tensors (VUTRAIN_DIST_BACKEND=cuda:gloo: two ranks on one GPU) all-reduces
@@ -42,6 +43,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
 
 def _nccl_on_cuda() -> bool:
     import torch.distributed as dist
+
     if not dist.is_initialized():
         return True  # one process, nothing to reduce
     backend = str(dist.get_backend())

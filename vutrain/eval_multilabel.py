@@ -12,6 +12,7 @@ zero-shot classes), every validation image is scored against all tags, and:
 Inputs are plain tensors and lists, so the metric is independent of the trainer; `evaluate.py`
 calls `multilabel_retrieval` with the gathered image features and each image's tag list.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -69,8 +70,9 @@ def recall_at_k(scores: torch.Tensor, targets: torch.Tensor, ks=RECALL_KS) -> di
 
 
 @torch.no_grad()
-def tag_embeddings(encode_text: Callable[[list[str]], torch.Tensor], vocab: list[str],
-                   templates: list[str]) -> torch.Tensor:
+def tag_embeddings(
+    encode_text: Callable[[list[str]], torch.Tensor], vocab: list[str], templates: list[str]
+) -> torch.Tensor:
     """[V, E]: per tag, the normalised mean of its normalised prompt embeddings."""
     prompts = [t.format(tag) for tag in vocab for t in templates]
     feats = encode_text(prompts).float().reshape(len(vocab), len(templates), -1)
@@ -78,10 +80,15 @@ def tag_embeddings(encode_text: Callable[[list[str]], torch.Tensor], vocab: list
 
 
 @torch.no_grad()
-def multilabel_retrieval(image_features: torch.Tensor, tag_lists: list[list[str]],
-                         encode_text: Callable[[list[str]], torch.Tensor], templates: list[str],
-                         vocab: list[str] | None = None, ks=RECALL_KS, prefix: str = "eval/tags_",
-                         ) -> dict[str, float]:
+def multilabel_retrieval(
+    image_features: torch.Tensor,
+    tag_lists: list[list[str]],
+    encode_text: Callable[[list[str]], torch.Tensor],
+    templates: list[str],
+    vocab: list[str] | None = None,
+    ks=RECALL_KS,
+    prefix: str = "eval/tags_",
+) -> dict[str, float]:
     """mAP over tags and recall@k over images (see the module doc).
 
     Args:

@@ -9,6 +9,7 @@ Every collective here runs on tensors of the engine's device (with NCCL a CPU te
 features stay there and the metrics are computed there. `Evaluator` is the trainer's view: it
 builds the validation batches and the zero-shot class list (read once per run) from the config.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,8 +91,16 @@ def class_embeddings(encode_text, classes: list[str], templates: list[str]) -> t
 
 
 @torch.no_grad()
-def evaluate(engine, val_batches, classes: list[str], templates: list[str], tokenize,
-             input_dtype: torch.dtype, device, dummy_batch: dict) -> dict[str, float]:
+def evaluate(
+    engine,
+    val_batches,
+    classes: list[str],
+    templates: list[str],
+    tokenize,
+    input_dtype: torch.dtype,
+    device,
+    dummy_batch: dict,
+) -> dict[str, float]:
     """Recall and zero-shot metrics over the validation batches of every rank.
 
     val_batches: iterable of this rank's batches (pixel_values, input_ids, attention_mask, labels).
@@ -102,9 +111,11 @@ def evaluate(engine, val_batches, classes: list[str], templates: list[str], toke
 
     def run(batch):
         batch = batch if batch is not None else dummy_batch
-        img, txt, _, _ = engine(pixel_values=batch["pixel_values"].to(device, input_dtype),
-                                input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device))
+        img, txt, _, _ = engine(
+            pixel_values=batch["pixel_values"].to(device, input_dtype),
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+        )
         return img.float(), txt.float()
 
     outs, kept = _lockstep(val_batches, run, device)
@@ -125,9 +136,10 @@ def evaluate(engine, val_batches, classes: list[str], templates: list[str], toke
     def encode_text(texts):
         chunks = []
         for start in range(0, len(texts), 256):
-            tok = tokenize(texts[start:start + 256])
-            _, t, _, _ = engine(input_ids=tok["input_ids"].to(device),
-                                attention_mask=tok["attention_mask"].to(device))
+            tok = tokenize(texts[start : start + 256])
+            _, t, _, _ = engine(
+                input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
+            )
             chunks.append(t.float())
         return torch.cat(chunks)
 
@@ -152,8 +164,17 @@ class Evaluator:
     The class list is read from the validation shards once (they do not change during a run).
     """
 
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int, preprocess, tokenize, processor,
-                 input_dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        rank: int,
+        world_size: int,
+        preprocess,
+        tokenize,
+        processor,
+        input_dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.preprocess, self.tokenize = preprocess, tokenize
         self.input_dtype, self.device = input_dtype, device
@@ -165,18 +186,34 @@ class Evaluator:
         """The distinct values of eval.zeroshot_field in the validation shards."""
         if self._classes is None:
             from vutrain.data.val import collect_label_values
+
             self._classes = collect_label_values(self.cfg.data.val_shards, self.cfg.eval.zeroshot_field)
         return self._classes
 
     def __call__(self, engine) -> dict[str, float]:
         """Evaluate `engine` on the validation shards (every rank calls this at the same step)."""
         from vutrain.data.val import iter_val_batches
+
         cfg = self.cfg
-        batches = iter_val_batches(cfg.data.val_shards, preprocess=self.preprocess, tokenize=self.tokenize,
-                                   batch_size=cfg.eval.batch_size, rank=self.rank,
-                                   world_size=self.world_size, caption_template=cfg.data.caption_template,
-                                   label_field=cfg.eval.zeroshot_field)
+        batches = iter_val_batches(
+            cfg.data.val_shards,
+            preprocess=self.preprocess,
+            tokenize=self.tokenize,
+            batch_size=cfg.eval.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            caption_template=cfg.data.caption_template,
+            label_field=cfg.eval.zeroshot_field,
+        )
         size = self.image_size
         dummy = dict(self.tokenize([""]), pixel_values=torch.zeros(1, 3, size, size), labels=[""])
-        return evaluate(engine, batches, self.classes(), list(cfg.eval.templates), self.tokenize,
-                        self.input_dtype, self.device, dummy)
+        return evaluate(
+            engine,
+            batches,
+            self.classes(),
+            list(cfg.eval.templates),
+            self.tokenize,
+            self.input_dtype,
+            self.device,
+            dummy,
+        )

@@ -7,6 +7,7 @@ zero_to_fp32 logic, LoRA adapters are merged into the base weights, and the toke
 processor are saved beside the model, so `CLIPModel.from_pretrained(OUT_DIR)` and
 `pipeline("zero-shot-image-classification", model=OUT_DIR)` load it with no vutrain installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 def load_run_tokenizer_and_processor(cfg, run_dir: str):
     from transformers import AutoTokenizer
+
     if cfg.model.name_or_path:
         _, tokenizer, processor = load_pretrained(cfg.model.name_or_path)
         return tokenizer, processor
@@ -36,6 +38,7 @@ def load_run_tokenizer_and_processor(cfg, run_dir: str):
 def load_trained_module(run_dir: str, tag: str | None = None):
     """(ClipTrainModule with the checkpoint's fp32 weights, tokenizer, image processor, tag)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: RUN_DIR must be a training output_dir")
@@ -44,8 +47,10 @@ def load_trained_module(run_dir: str, tag: str | None = None):
     ckpt_dir = ckpt.checkpoints_dir(run_dir)
     tag = tag or ckpt.latest_tag(ckpt_dir)
     if tag is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first (train.checkpoint_every, "
-                                "or let the run finish: it always saves at the end)")
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt_dir}: train first (train.checkpoint_every, "
+            "or let the run finish: it always saves at the end)"
+        )
     tokenizer, processor = load_run_tokenizer_and_processor(cfg, run_dir)
     module = build_model(cfg.model, tokenizer, use_bias=cfg.loss.name == "siglip")
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
@@ -53,12 +58,14 @@ def load_trained_module(run_dir: str, tag: str | None = None):
     # Buffers such as position_ids are rebuilt by the constructor; weights must all be there.
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {tag} does not match the run's model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"checkpoint {tag} does not match the run's model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     return module.eval(), tokenizer, processor, tag
 
 
-def to_hf_clip(module) -> "transformers.CLIPModel":  # noqa: F821
+def to_hf_clip(module) -> transformers.CLIPModel:  # noqa: F821
     """The plain CLIPModel: LoRA merged, HF's scalar logit scale restored."""
     clip = module.clip
     if hasattr(clip, "peft_config"):

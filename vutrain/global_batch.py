@@ -4,6 +4,7 @@ A job requeued by SLURM on another number of nodes (``sbatch -N 1-2``) or resume
 another GPU count keeps its global batch without editing the command: the accumulation steps
 follow from ``global_batch_size / (micro_batch_size x world_size)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,10 @@ def with_global_batch(cfg: RunConfig, world_size: int) -> RunConfig:
         return cfg
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size {t.micro_batch_size} x world {world_size}; "
-                          "change train.micro_batch_size or the number of ranks")
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size {t.micro_batch_size} x world {world_size}; "
+            "change train.micro_batch_size or the number of ranks"
+        )
     train = dataclasses.replace(t, grad_accum_steps=t.global_batch_size // per_step)
     return dataclasses.replace(cfg, train=train)

@@ -22,10 +22,12 @@ micro-batch. Gradient clipping and loss scaling apply to the whole step as usual
 The logit scale (and bias) are outputs of every forward but one quantity of the step: their
 cached gradient is applied once, in the first micro-batch's backward.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -40,7 +42,7 @@ class RngState:
     cuda: list[torch.Tensor] | None
 
     @classmethod
-    def capture(cls) -> "RngState":
+    def capture(cls) -> RngState:
         """Snapshot of the current RNG state."""
         cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
         return cls(torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda_live else None)
@@ -68,8 +70,9 @@ class GradCache:
             scalar loss of this rank on the whole step (e.g. a ClipLoss; close over the labels).
     """
 
-    def __init__(self, engine: Any, forward_fn: Callable[[Any], Outputs],
-                 loss_fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(
+        self, engine: Any, forward_fn: Callable[[Any], Outputs], loss_fn: Callable[..., torch.Tensor]
+    ) -> None:
         self.engine, self.forward_fn, self.loss_fn = engine, forward_fn, loss_fn
         self._batches: Sequence[Any] = ()
         self._rng: list[RngState] = []
@@ -80,8 +83,10 @@ class GradCache:
         """Phases 1 and 2: features without autograd, the step's loss and its feature gradients."""
         gas = getattr(self.engine, "gradient_accumulation_steps", None)
         if callable(gas) and gas() != len(micro_batches):
-            raise ValueError(f"GradCache got {len(micro_batches)} micro-batches but the engine accumulates "
-                             f"{gas()} per step; set gradient_accumulation_steps to the micro-batch count")
+            raise ValueError(
+                f"GradCache got {len(micro_batches)} micro-batches but the engine accumulates "
+                f"{gas()} per step; set gradient_accumulation_steps to the micro-batch count"
+            )
         self._batches, self._rng = micro_batches, []
         images, texts, scale, bias = [], [], None, None
         with torch.no_grad():
@@ -120,8 +125,12 @@ class GradCache:
         self._batches, self._grads, self._rng = (), [], []
 
 
-def gradcache_step(engine: Any, micro_batches: Sequence[Any], forward_fn: Callable[[Any], Outputs],
-                   loss_fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+def gradcache_step(
+    engine: Any,
+    micro_batches: Sequence[Any],
+    forward_fn: Callable[[Any], Outputs],
+    loss_fn: Callable[..., torch.Tensor],
+) -> torch.Tensor:
     """One optimizer step over `micro_batches` whose loss sees all of their samples as negatives.
 
     Returns this rank's (detached) loss of the whole step. See `GradCache` for the arguments;

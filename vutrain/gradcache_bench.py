@@ -9,6 +9,7 @@ and reports its peak (RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA). Th
 stand-in with backward/step (no DeepSpeed), so the figures are the model, activations and
 feature buffers alone. The last line is one JSON object with every row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,7 +83,9 @@ def run_one(batch: int, micro: int, mode: str, preset: str, device: str) -> dict
     base = _peak_bytes(dev)
     t0 = time.perf_counter()
     if mode == "gradcache":
-        batches = [(pixels[i:i + micro], ids[i:i + micro], mask[i:i + micro]) for i in range(0, batch, micro)]
+        batches = [
+            (pixels[i : i + micro], ids[i : i + micro], mask[i : i + micro]) for i in range(0, batch, micro)
+        ]
         loss = gradcache_step(engine, batches, lambda b: engine(*b), loss_fn)
     else:
         img, txt, scale, bias = engine(pixels, ids, mask)
@@ -90,14 +93,23 @@ def run_one(batch: int, micro: int, mode: str, preset: str, device: str) -> dict
         engine.backward(loss)
         engine.step()
     seconds = time.perf_counter() - t0
-    return {"global_batch": batch, "mode": mode, "micro": micro if mode == "gradcache" else batch,
-            "peak_mib": round(_peak_bytes(dev) / 2 ** 20, 1), "before_step_mib": round(base / 2 ** 20, 1),
-            "step_s": round(seconds, 3), "loss": round(loss.item(), 5), "device": device, "preset": preset}
+    return {
+        "global_batch": batch,
+        "mode": mode,
+        "micro": micro if mode == "gradcache" else batch,
+        "peak_mib": round(_peak_bytes(dev) / 2**20, 1),
+        "before_step_mib": round(base / 2**20, 1),
+        "step_s": round(seconds, 3),
+        "loss": round(loss.item(), 5),
+        "device": device,
+        "preset": preset,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vutrain.gradcache_bench",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vutrain.gradcache_bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--batches", default="64,128,256")
     parser.add_argument("--micro", type=int, default=32)
     parser.add_argument("--preset", default="tiny")
@@ -110,12 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         for mode in ("plain", "gradcache"):
-            cmd = [sys.executable, "-m", "vutrain.gradcache_bench", "--one", str(batch), mode,
-                   "--micro", str(args.micro), "--preset", args.preset, "--device", args.device]
+            cmd = [
+                sys.executable,
+                "-m",
+                "vutrain.gradcache_bench",
+                "--one",
+                str(batch),
+                mode,
+                "--micro",
+                str(args.micro),
+                "--preset",
+                args.preset,
+                "--device",
+                args.device,
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"{batch:>6} {mode:>9}  peak {rows[-1]['peak_mib']:>8} MiB  step {rows[-1]['step_s']} s",
-                  flush=True)
+            print(
+                f"{batch:>6} {mode:>9}  peak {rows[-1]['peak_mib']:>8} MiB  step {rows[-1]['step_s']} s",
+                flush=True,
+            )
     print(json.dumps({"rows": rows}))
     return 0
 

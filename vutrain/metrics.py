@@ -1,4 +1,5 @@
 """metrics.jsonl (one JSON object per line, always with "step"), TensorBoard when installed."""
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ class MetricsWriter:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         except Exception:  # tensorboard is optional: metrics.jsonl is the record
             self._tb = None
@@ -45,12 +47,18 @@ class MetricsWriter:
                     row, good = {"torn_line": line.rstrip("\n")}, False
                 (kept if good else dropped).append(line if good else row)
         if dropped:
-            with open(os.path.join(os.path.dirname(self.path), "metrics.discarded.jsonl"), "a",
-                      encoding="utf-8") as fh:
+            with open(
+                os.path.join(os.path.dirname(self.path), "metrics.discarded.jsonl"), "a", encoding="utf-8"
+            ) as fh:
                 for row in dropped:
                     fh.write(json.dumps(dict(row, discarded_at_resume_from=step), allow_nan=True) + "\n")
-            log.warning("metrics.jsonl: %d row(s) after step %d moved to metrics.discarded.jsonl "
-                        "(the run resumed from step %d)", len(dropped), step, step)
+            log.warning(
+                "metrics.jsonl: %d row(s) after step %d moved to metrics.discarded.jsonl "
+                "(the run resumed from step %d)",
+                len(dropped),
+                step,
+                step,
+            )
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(line if line.endswith("\n") else line + "\n" for line in kept)

@@ -3,6 +3,7 @@
 `ClipTrainModule` is what DeepSpeed wraps. It returns L2-normalised features and the exponentiated,
 clamped logit scale, so every loss sees the same inputs as open_clip's losses do.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,45 +55,75 @@ def preset_clip_config(cfg: ModelConfig, tokenizer) -> CLIPConfig:
     """A CLIPConfig for a preset whose text side matches the trained tokenizer."""
     p = PRESETS[cfg.preset]
     image_size, context_length = preset_dims(cfg)
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if special["eos_token_id"] == 2:  # HF CLIP treats eos id 2 as the legacy "argmax" pooling
-        raise ValueError("the tokenizer's eos token id is 2, which HF CLIP pools incorrectly; "
-                         "retrain the tokenizer with the special tokens first")
-    text = dict(vocab_size=len(tokenizer), hidden_size=p.text_width, num_hidden_layers=p.text_layers,
-                num_attention_heads=p.text_heads, intermediate_size=4 * p.text_width,
-                max_position_embeddings=context_length, projection_dim=p.embed_dim, **special)
-    vision = dict(hidden_size=p.vision_width, num_hidden_layers=p.vision_layers,
-                  num_attention_heads=p.vision_heads, intermediate_size=4 * p.vision_width,
-                  image_size=image_size, patch_size=p.patch_size, projection_dim=p.embed_dim)
+        raise ValueError(
+            "the tokenizer's eos token id is 2, which HF CLIP pools incorrectly; "
+            "retrain the tokenizer with the special tokens first"
+        )
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=p.text_width,
+        num_hidden_layers=p.text_layers,
+        num_attention_heads=p.text_heads,
+        intermediate_size=4 * p.text_width,
+        max_position_embeddings=context_length,
+        projection_dim=p.embed_dim,
+        **special,
+    )
+    vision = dict(
+        hidden_size=p.vision_width,
+        num_hidden_layers=p.vision_layers,
+        num_attention_heads=p.vision_heads,
+        intermediate_size=4 * p.vision_width,
+        image_size=image_size,
+        patch_size=p.patch_size,
+        projection_dim=p.embed_dim,
+    )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=p.embed_dim)
 
 
 def preset_image_processor(image_size: int) -> CLIPImageProcessor:
-    return CLIPImageProcessor(size={"shortest_edge": image_size},
-                              crop_size={"height": image_size, "width": image_size},
-                              image_mean=OPENAI_MEAN, image_std=OPENAI_STD)
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=OPENAI_MEAN,
+        image_std=OPENAI_STD,
+    )
 
 
 def load_pretrained(name_or_path: str):
     """(CLIPModel, tokenizer, image processor) from a local directory or a hub name."""
     from transformers import AutoTokenizer
+
     try:
         model = CLIPModel.from_pretrained(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         processor = CLIPImageProcessor.from_pretrained(name_or_path)
     except OSError as exc:
-        raise OSError(f"model.name_or_path={name_or_path!r} could not be loaded as a CLIPModel with its "
-                      f"tokenizer and image processor ({exc}). Give a local directory written by "
-                      "save_pretrained / python -m vutrain.export, or a reachable hub name.") from exc
+        raise OSError(
+            f"model.name_or_path={name_or_path!r} could not be loaded as a CLIPModel with its "
+            f"tokenizer and image processor ({exc}). Give a local directory written by "
+            "save_pretrained / python -m vutrain.export, or a reachable hub name."
+        ) from exc
     return model, tokenizer, processor
 
 
 def apply_lora(model: CLIPModel, cfg: ModelConfig):
     """Wrap with peft LoRA on the target modules of both towers; the logit scale stays trainable."""
     from peft import LoraConfig, get_peft_model
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), bias="none")
+
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias="none",
+    )
     wrapped = get_peft_model(model, lora)
     base = wrapped.base_model.model
     base.logit_scale.requires_grad_(True)  # peft freezes everything that is not an adapter
@@ -120,8 +151,13 @@ class ClipTrainModule(nn.Module):
     Either tower may be skipped (eval encodes class prompts without images).
     """
 
-    def __init__(self, clip: nn.Module, use_bias: bool = False, init_scale: float | None = None,
-                 init_bias: float = -10.0):
+    def __init__(
+        self,
+        clip: nn.Module,
+        use_bias: bool = False,
+        init_scale: float | None = None,
+        init_bias: float = -10.0,
+    ):
         super().__init__()
         self.clip = clip
         base = self.base
@@ -152,8 +188,9 @@ class ClipTrainModule(nn.Module):
         return image, text, scale, bias
 
 
-def build_model(cfg: ModelConfig, tokenizer=None, use_bias: bool = False,
-                init_scale: float | None = None) -> ClipTrainModule:
+def build_model(
+    cfg: ModelConfig, tokenizer=None, use_bias: bool = False, init_scale: float | None = None
+) -> ClipTrainModule:
     """The trainable module from the config (pretrained weights, or a preset's random init)."""
     if cfg.name_or_path:
         clip = load_pretrained(cfg.name_or_path)[0]
@@ -180,8 +217,15 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def tokenizer_and_processor(cfg: ModelConfig, run_dir: str, train_shards: str, caption_template: str,
-                            tokenizer_samples: int, is_main: bool, barrier) -> tuple:
+def tokenizer_and_processor(
+    cfg: ModelConfig,
+    run_dir: str,
+    train_shards: str,
+    caption_template: str,
+    tokenizer_samples: int,
+    is_main: bool,
+    barrier,
+) -> tuple:
     """(tokenizer, image processor, context_length).
 
     Pretrained models bring theirs. For presets the tokenizer is a byte-level BPE trained on the
@@ -189,11 +233,13 @@ def tokenizer_and_processor(cfg: ModelConfig, run_dir: str, train_shards: str, c
     barrier and load it (a resumed run reuses it, so token ids never change under a checkpoint).
     """
     from transformers import AutoTokenizer
+
     if cfg.name_or_path:
         _, tokenizer, processor = load_pretrained(cfg.name_or_path)
         context = min(getattr(tokenizer, "model_max_length", 77) or 77, 77)
         return tokenizer, processor, context
     from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
+
     image_size, context = preset_dims(cfg)
     tok_dir = os.path.join(run_dir, "tokenizer")
     if is_main and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):

@@ -18,6 +18,7 @@ The running statistics (loss sum, good and skipped micro-batches, skipped in a r
 requests) accumulate on the device and are read on the host only when the trainer asks
 (`read()`, on logging steps): one sync per logged step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from vutrain.distributed import all_reduce
 @dataclass
 class GuardStats:
     """Host copy of the statistics since the last `read()` (in_row and stop: current values)."""
+
     loss_sum: float
     good: int
     skipped: int
@@ -69,8 +71,9 @@ class NonFiniteGuard:
         """
         value = loss.detach().float().reshape(())
         finite = torch.isfinite(value)
-        flags = torch.stack([torch.where(finite, value, torch.zeros_like(value)),
-                             (~finite).float(), self._stop])
+        flags = torch.stack(
+            [torch.where(finite, value, torch.zeros_like(value)), (~finite).float(), self._stop]
+        )
         all_reduce(flags)
         bad = flags[1] > 0
         self.skip.copy_(bad)
@@ -84,8 +87,9 @@ class NonFiniteGuard:
         """Copy the statistics to the host (the one sync) and restart the per-interval sums."""
         loss_sum, good, skipped, in_row, stop = self._stats.tolist()
         self._stats[:3] = 0
-        return GuardStats(loss_sum=loss_sum, good=int(good), skipped=int(skipped), in_row=int(in_row),
-                          stop=stop > 0)
+        return GuardStats(
+            loss_sum=loss_sum, good=int(good), skipped=int(skipped), in_row=int(in_row), stop=stop > 0
+        )
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the count of skipped micro-batches in a row."""

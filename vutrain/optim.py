@@ -1,4 +1,5 @@
 """AdamW parameter groups and the warm-up + cosine learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
@@ -47,14 +48,20 @@ def adamw_kernel_options(device: torch.device) -> dict:
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
-def build_optimizer(module: nn.Module, cfg: TrainConfig,
-                    device: torch.device | None = None) -> tuple[torch.optim.Optimizer, object]:
+def build_optimizer(
+    module: nn.Module, cfg: TrainConfig, device: torch.device | None = None
+) -> tuple[torch.optim.Optimizer, object]:
     """AdamW over `param_groups` and its LambdaLR schedule. `device`: where the parameters will live
     (the module must already be there when it is CUDA: the fused kernel checks at construction)."""
     groups = param_groups(module, cfg.weight_decay)
     if not groups:
         raise ValueError("no trainable parameters: check model.lock_image / model.lock_text / model.lora")
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                  **adamw_kernel_options(device or torch.device("cpu")))
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        **adamw_kernel_options(device or torch.device("cpu")),
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
     return optimizer, scheduler

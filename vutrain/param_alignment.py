@@ -11,6 +11,7 @@ a reduce bucket, back to back, and make `param.grad` a view of it; `contiguous_g
 keeps every gradient in its own (aligned) storage, at the price of some allocator fragmentation.
 A user's train.ds_config may set either key back.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -27,6 +28,7 @@ ALIGNMENT_BYTES = 16
 def deepspeed_supports_alignment() -> bool:
     """Whether the installed DeepSpeed has `zero_optimization.parameter_alignment` (0.19+)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
     return "parameter_alignment" in inspect.signature(DeepSpeedZeroOptimizer.__init__).parameters
 
 
@@ -47,8 +49,9 @@ def is_aligned(tensor: torch.Tensor, alignment: int = ALIGNMENT_BYTES) -> bool:
     return tensor.data_ptr() % alignment == 0
 
 
-def misaligned(named: Iterable[tuple[str, torch.Tensor | None]],
-               alignment: int = ALIGNMENT_BYTES) -> list[str]:
+def misaligned(
+    named: Iterable[tuple[str, torch.Tensor | None]], alignment: int = ALIGNMENT_BYTES
+) -> list[str]:
     """Names of the non-empty tensors that do not start on an `alignment`-byte boundary."""
     return [name for name, t in named if t is not None and t.numel() > 0 and not is_aligned(t, alignment)]
 
@@ -68,7 +71,11 @@ def warn_if_misaligned(module: nn.Module, zero_stage: int) -> list[str]:
         return []
     bad = misaligned(trainable(module))
     if bad:
-        log.warning("%d trainable parameters are not %d-byte aligned (first: %s); GPU matmuls on them "
-                    "run slower. Upgrade deepspeed to >= 0.19 for zero_optimization.parameter_alignment.",
-                    len(bad), ALIGNMENT_BYTES, bad[0])
+        log.warning(
+            "%d trainable parameters are not %d-byte aligned (first: %s); GPU matmuls on them "
+            "run slower. Upgrade deepspeed to >= 0.19 for zero_optimization.parameter_alignment.",
+            len(bad),
+            ALIGNMENT_BYTES,
+            bad[0],
+        )
     return bad

@@ -1,4 +1,5 @@
 """The PNG written at the end of a run: training loss and the eval curves."""
+
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     if not rows:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

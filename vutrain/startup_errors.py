@@ -20,6 +20,7 @@ because the other ranks may be blocked in one:
 
 Every rank writes its full traceback to RUN/logs/error_rank{R}.log for whoever needs it.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -38,14 +39,23 @@ EXITED_KEY = "vutrain/startup_error_exited"
 PEER_WAIT_S = 10.0
 EXIT_CODE = 1
 # Messages torch/gloo/NCCL give when the failure is another rank's, not this one's.
-_PEER_PHRASES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "connection refused",
-                 "Socket Timeout", "NCCL communicator was aborted", "recvBytes", "sendBytes")
+_PEER_PHRASES = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "connection refused",
+    "Socket Timeout",
+    "NCCL communicator was aborted",
+    "recvBytes",
+    "sendBytes",
+)
 
 
 def one_line(exc: BaseException) -> str:
     """The exception as one line; the type is named unless it is one of ours with its own wording."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     from vutrain.config import ConfigError
+
     if isinstance(exc, ConfigError):  # e.g. a resume on another world size that changes the global batch
         return f"config error: {text}"
     ours = type(exc).__module__.startswith("vutrain")
@@ -55,8 +65,9 @@ def one_line(exc: BaseException) -> str:
 def is_peer_failure(exc: BaseException) -> bool:
     """True when the exception only reports that another rank went away."""
     text = str(exc)
-    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(p.lower() in text.lower()
-                                                                         for p in _PEER_PHRASES)
+    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(
+        p.lower() in text.lower() for p in _PEER_PHRASES
+    )
 
 
 def _write_traceback(exc: BaseException, run_dir: str | None, rank: int) -> str | None:
@@ -80,7 +91,7 @@ def _get(store, key: str, timeout_s: float) -> str | None:
     try:
         store.wait([key], datetime.timedelta(seconds=timeout_s))
         return store.get(key).decode()
-    except Exception:  # noqa: BLE001 - timeout or store gone: the caller decides what to print
+    except Exception:
         return None
 
 
@@ -101,14 +112,14 @@ def _show_and_ack(store, message: str, world_size: int) -> None:
         deadline = time.monotonic() + PEER_WAIT_S
         while store.add(EXITED_KEY, 0) < world_size - 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-    except Exception:  # noqa: BLE001 - the others are gone already
+    except Exception:
         pass
 
 
 def _default_store():
     try:
         return dist.distributed_c10d._get_default_store()
-    except Exception:  # noqa: BLE001 - no process group: every rank speaks for itself
+    except Exception:
         return None
 
 
@@ -125,7 +136,7 @@ def watch(world_size: int, active: Callable[[], bool], poll_s: float = 0.2) -> t
         while active():
             try:
                 posted = store.check([ERROR_KEY])
-            except Exception:  # noqa: BLE001 - store gone: the process is ending anyway
+            except Exception:
                 return
             if posted:
                 _show_and_ack(store, store.get(ERROR_KEY).decode(), world_size)
@@ -152,18 +163,19 @@ def report(exc: BaseException, rank: int, world_size: int, run_dir: str | None =
     if rank == 0:
         if not own:  # the peer's own message is on its way (or the watcher printed it already)
             message = _get(store, ERROR_KEY, PEER_WAIT_S) or (
-                f"another rank stopped during start-up ({message}); see its log in logs/")
+                f"another rank stopped during start-up ({message}); see its log in logs/"
+            )
         _show_and_ack(store, message, world_size)
         return EXIT_CODE
     if own:
         try:
             store.compare_set(ERROR_KEY, "", f"rank {rank}: {message}")
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         if _get(store, ACK_KEY, PEER_WAIT_S) is None:
             _print(f"rank {rank}: {message}")
     try:
         store.add(EXITED_KEY, 1)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     return EXIT_CODE

@@ -1,10 +1,11 @@
 """Training entry point: parse, build, train, close.
 
-    deepspeed --num_gpus N vutrain/train.py --config vutrain/configs/tiny.yaml [section.key=value ...]
-    torchrun --nproc_per_node N vutrain/train.py --config ...
-    srun python vutrain/train.py --config ...
-    python vutrain/train.py --config ...
+deepspeed --num_gpus N vutrain/train.py --config vutrain/configs/tiny.yaml [section.key=value ...]
+torchrun --nproc_per_node N vutrain/train.py --config ...
+srun python vutrain/train.py --config ...
+python vutrain/train.py --config ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,15 +16,17 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vutrain.config import ConfigError, load_config  # noqa: E402
+from vutrain.config import ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="YAML run file, e.g. vutrain/configs/tiny.yaml")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_args(argv)
 
@@ -35,6 +38,7 @@ def check_shard_lists(cfg, log_warnings: bool) -> None:
     data pipeline and the saved config.yaml name exactly what is read.
     """
     from vutrain.data.shards import check_shards
+
     d = cfg.data
     for key in ("train_shards", "val_shards"):
         spec = getattr(d, key)
@@ -45,13 +49,19 @@ def check_shard_lists(cfg, log_warnings: bool) -> None:
             if log_warnings:
                 logging.getLogger("vutrain").warning(
                     "data.%s: %d of %d shards do not exist (accepted: data.allow_missing_shards=true); "
-                    "first missing: %s", key, len(missing), len(found) + len(missing), missing[0])
+                    "first missing: %s",
+                    key,
+                    len(missing),
+                    len(found) + len(missing),
+                    missing[0],
+                )
             setattr(d, key, "::".join(found))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from vutrain.logging_setup import setup_logging
+
     setup_logging()  # rank 0 logs; other ranks keep errors and vutrain's own warnings
     from vutrain.data.shards import ShardListError
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
     except Preempted:
         return PREEMPT_EXIT_CODE
-    except Exception as exc:  # noqa: BLE001 - before the first step: one line, once (startup_errors.py)
+    except Exception as exc:
         if trainer is not None and trainer.step > start_step:
             raise
         return startup_errors.report(exc, info.rank, info.world_size, cfg.output_dir)

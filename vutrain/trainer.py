@@ -8,6 +8,7 @@ A step is `next_batch` -> `forward_loss` -> `guard.agree` -> `backward_step` per
 no host synchronisation: non-finite losses are decided on the device (nonfinite.py) and the host
 reads losses only on logging steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,6 +54,7 @@ class StepTimes:
 
     Without `sync_timing` the GPU runs ahead of the host, so these are launch times there.
     """
+
     data: float = 0.0
     forward: float = 0.0
     loss: float = 0.0
@@ -93,15 +95,34 @@ class Trainer:
         self._build_loss()
         self._build_data()
         self.guard = NonFiniteGuard(self.engine.module, self.device, info.world_size)
-        self.evaluator = Evaluator(cfg, info.rank, info.world_size, self.preprocess, self.tokenize,
-                                   self.processor, self.dtype, self.device)
+        self.evaluator = Evaluator(
+            cfg,
+            info.rank,
+            info.world_size,
+            self.preprocess,
+            self.tokenize,
+            self.processor,
+            self.dtype,
+            self.device,
+        )
         self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main)
         self.last_stats = GuardStats(float("nan"), 0, 0, 0, False)
         self._last_scale: torch.Tensor | None = None
-        log.info("world_size=%d launcher=%s device=%s backend=%s", info.world_size, info.launcher,
-                 info.device, info.backend)
-        log.info("parameters: %d trainable of %d; zero stage %d, %s; %d steps/epoch",
-                 trainable, total, cfg.train.zero_stage, cfg.train.precision, self.stream.steps_per_epoch)
+        log.info(
+            "world_size=%d launcher=%s device=%s backend=%s",
+            info.world_size,
+            info.launcher,
+            info.device,
+            info.backend,
+        )
+        log.info(
+            "parameters: %d trainable of %d; zero stage %d, %s; %d steps/epoch",
+            trainable,
+            total,
+            cfg.train.zero_stage,
+            cfg.train.precision,
+            self.stream.steps_per_epoch,
+        )
         self._maybe_resume()
 
     # ------------------------------------------------------------------ builders
@@ -120,10 +141,17 @@ class Trainer:
         """Tokenizer (trained on rank 0 for presets), image processor and their batch functions."""
         from vutrain.data.preprocess import make_fast_preprocess, make_preprocess
         from vutrain.data.tokenizer import make_tokenize
+
         d = self.cfg.data
         self.tokenizer, self.processor, self.context_length = tokenizer_and_processor(
-            self.cfg.model, self.run_dir, d.train_shards, d.caption_template, d.tokenizer_samples,
-            self.info.is_main, barrier)
+            self.cfg.model,
+            self.run_dir,
+            d.train_shards,
+            d.caption_template,
+            d.tokenizer_samples,
+            self.info.is_main,
+            barrier,
+        )
         self.tokenize = make_tokenize(self.tokenizer, self.context_length)
         self.preprocess = make_preprocess(self.processor)  # eval: the processor's exact float path
         # Training: workers send uint8 crops; normalisation (and augmentation) run on the device.
@@ -134,8 +162,9 @@ class Trainer:
         cfg = self.cfg
         siglip = cfg.loss.name == "siglip"
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-        module = build_model(cfg.model, self.tokenizer, use_bias=siglip,
-                             init_scale=math.log(10.0) if siglip else None)
+        module = build_model(
+            cfg.model, self.tokenizer, use_bias=siglip, init_scale=math.log(10.0) if siglip else None
+        )
         counts = count_parameters(module)
         self.engine = build_engine(module, cfg.train, self.info.world_size, self.device, self.info.local_rank)
         return counts
@@ -152,18 +181,35 @@ class Trainer:
         """This rank's training stream; the validation spec is checked now, not at the first eval."""
         from vutrain.data.device_transform import make_device_transform
         from vutrain.data.webdataset import TrainStream
+
         d, info = self.cfg.data, self.info
-        self.stream = TrainStream(d.train_shards, preprocess=self.train_preprocess, tokenize=self.tokenize,
-                                  batch_size=self.cfg.train.micro_batch_size, rank=info.rank,
-                                  world_size=info.world_size, num_workers=d.num_workers, seed=self.cfg.seed,
-                                  caption_template=d.caption_template, shuffle_buffer=d.shuffle_buffer,
-                                  resampled=d.resampled, num_samples=d.num_samples or None,
-                                  local_world_size=info.local_world_size, prefetch_factor=d.prefetch_factor,
-                                  positives=self.cfg.loss.positives)
-        self.pixel_transform = make_device_transform(self.processor, d.random_resized_crop, seed=self.cfg.seed,
-                                                     rank=info.rank, position=lambda: self.stream.batches_seen)
+        self.stream = TrainStream(
+            d.train_shards,
+            preprocess=self.train_preprocess,
+            tokenize=self.tokenize,
+            batch_size=self.cfg.train.micro_batch_size,
+            rank=info.rank,
+            world_size=info.world_size,
+            num_workers=d.num_workers,
+            seed=self.cfg.seed,
+            caption_template=d.caption_template,
+            shuffle_buffer=d.shuffle_buffer,
+            resampled=d.resampled,
+            num_samples=d.num_samples or None,
+            local_world_size=info.local_world_size,
+            prefetch_factor=d.prefetch_factor,
+            positives=self.cfg.loss.positives,
+        )
+        self.pixel_transform = make_device_transform(
+            self.processor,
+            d.random_resized_crop,
+            seed=self.cfg.seed,
+            rank=info.rank,
+            position=lambda: self.stream.batches_seen,
+        )
         if d.val_shards:  # a typo in the eval path must fail now, not at the first eval
             from vutrain.data.shards import expand_shards
+
             expand_shards(d.val_shards, "data.val_shards")
 
     # ------------------------------------------------------------------ state
@@ -199,15 +245,23 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint on every rank (collective): written under a temporary name, then published."""
-        ckpt.save_checkpoint(self.engine, self.run_dir, self.step, self.state_dict(), self.info.rank,
-                             self.cfg.train.keep_checkpoints)
+        ckpt.save_checkpoint(
+            self.engine,
+            self.run_dir,
+            self.step,
+            self.state_dict(),
+            self.info.rank,
+            self.cfg.train.keep_checkpoints,
+        )
 
     # ------------------------------------------------------------------ signals
 
     def install_signal_handlers(self) -> None:
         """SIGUSR1 (SLURM's pre-emption warning) and SIGTERM: checkpoint at the next step, then exit."""
+
         def handler(signum, _frame):
             self._signal = signal.Signals(signum).name
+
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, handler)
 
@@ -223,9 +277,11 @@ class Trainer:
         With loss.positives=category|tags the batch also carries this rank's `labels`.
         """
         batch = next(self.stream)
-        out = {"pixel_values": self.pixel_transform(batch["pixel_values"], self.device, self.dtype),
-               "input_ids": batch["input_ids"].to(self.device, non_blocking=True),
-               "attention_mask": batch["attention_mask"].to(self.device, non_blocking=True)}
+        out = {
+            "pixel_values": self.pixel_transform(batch["pixel_values"], self.device, self.dtype),
+            "input_ids": batch["input_ids"].to(self.device, non_blocking=True),
+            "attention_mask": batch["attention_mask"].to(self.device, non_blocking=True),
+        }
         if "labels" in batch:
             out["labels"] = batch["labels"].to(self.device, non_blocking=True)
         return out
@@ -246,8 +302,11 @@ class Trainer:
 
     def _forward(self, batch: dict) -> tuple:
         """The engine's (image features, text features, logit scale, logit bias), ready for the loss."""
-        img, txt, scale, bias = self.engine(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"])
+        img, txt, scale, bias = self.engine(
+            pixel_values=batch["pixel_values"],
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+        )
         if self.upcast_features:
             img, txt = img.float(), txt.float()
         return img, txt, scale.float(), None if bias is None else bias.float()
@@ -292,6 +351,7 @@ class Trainer:
         """
         from vutrain.gradcache import GradCache
         from vutrain.losses.positives import concat_labels
+
         if self._signal:
             self.guard.request_stop()
         times, t0 = StepTimes(), time.perf_counter()
@@ -317,8 +377,12 @@ class Trainer:
         """Host copy of the loss and skip statistics since the last read: the one sync per logged step."""
         stats = self.guard.read()
         if stats.skipped:
-            log.warning("non-finite loss: %d micro-batch(es) skipped on every rank by step %d "
-                        "(%d in a row)", stats.skipped, self.step, stats.in_row)
+            log.warning(
+                "non-finite loss: %d micro-batch(es) skipped on every rank by step %d (%d in a row)",
+                stats.skipped,
+                self.step,
+                stats.in_row,
+            )
         self.last_stats = stats
         return stats
 
@@ -328,21 +392,28 @@ class Trainer:
         # Every rank logs on the same steps, so this collective matches; on the device for NCCL.
         skipped = torch.tensor([float(sum(self.stream.skipped().values()))], device=self.device)
         all_reduce(skipped)
-        row = {"train/loss": stats.mean_loss,
-               "train/logit_scale": float(self._last_scale) if self._last_scale is not None else float("nan"),
-               "train/nonfinite_skipped": stats.skipped}
+        row = {
+            "train/loss": stats.mean_loss,
+            "train/logit_scale": float(self._last_scale) if self._last_scale is not None else float("nan"),
+            "train/nonfinite_skipped": stats.skipped,
+        }
         if self.loss_fn.last_terms:  # align_uniform's two terms
             row.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
-        row.update({
-            "train/lr": (self.engine.get_lr() or [cfg.lr])[0],
-            "train/samples_per_s": per_rank * self.info.world_size,
-            "train/samples_per_s_per_rank": per_rank,
-            "train/step_time": step_time, "train/data_time": times.data,
-            "train/forward_time": times.forward, "train/loss_time": times.loss,
-            "train/backward_time": times.backward, "train/optimizer_time": times.optimizer,
-            "train/skipped_samples": skipped.item(),  # all ranks, since the start of the run
-            "train/epoch": self.stream.epoch,
-        })
+        row.update(
+            {
+                "train/lr": (self.engine.get_lr() or [cfg.lr])[0],
+                "train/samples_per_s": per_rank * self.info.world_size,
+                "train/samples_per_s_per_rank": per_rank,
+                "train/step_time": step_time,
+                "train/data_time": times.data,
+                "train/forward_time": times.forward,
+                "train/loss_time": times.loss,
+                "train/backward_time": times.backward,
+                "train/optimizer_time": times.optimizer,
+                "train/skipped_samples": skipped.item(),  # all ranks, since the start of the run
+                "train/epoch": self.stream.epoch,
+            }
+        )
         self.metrics.write(self.step, row)
 
     def run_eval(self) -> dict:
@@ -367,6 +438,7 @@ class Trainer:
         progress = None
         if self.info.is_main and cfg.train.progress_bar:
             from tqdm import tqdm
+
             progress = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         last_eval: dict = {}
         try:
@@ -382,7 +454,8 @@ class Trainer:
                         raise NonFiniteLossError(
                             f"{stats.in_row} non-finite losses in a row at step {self.step}; stopping. "
                             f"Last good checkpoint: {latest or 'none'} (kept). Lower train.lr, use "
-                            "train.precision=fp32 or bf16, or check the data.")
+                            "train.precision=fp32 or bf16, or check the data."
+                        )
                     self._log_step(times, time.perf_counter() - t0, stats)
                     stop = stats.stop
                     if progress is not None:
@@ -397,8 +470,11 @@ class Trainer:
                     raise Preempted(self.step, self._signal or "peer")
                 if cfg.eval.every and cfg.data.val_shards and self.step % cfg.eval.every == 0:
                     last_eval = self.run_eval()
-                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 \
-                        and self.step < cfg.train.max_steps:
+                if (
+                    cfg.train.checkpoint_every
+                    and self.step % cfg.train.checkpoint_every == 0
+                    and self.step < cfg.train.max_steps
+                ):
                     self.save()
         finally:
             if progress is not None:
@@ -409,6 +485,7 @@ class Trainer:
         self._write_marker("done.json", {"step": self.step})
         if self.info.is_main:
             from vutrain.plots import plot_run
+
             plot_run(self.run_dir)
         self.metrics.close()
         return last_eval

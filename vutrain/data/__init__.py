@@ -6,5 +6,13 @@ from .shards import expand_shards
 from .val import ValStream, collect_label_values, iter_val_batches
 from .webdataset import TrainStream
 
-__all__ = ["TrainStream", "ValStream", "iter_val_batches", "collect_label_values", "expand_shards",
-           "render_caption", "make_preprocess", "make_fast_preprocess"]
+__all__ = [
+    "TrainStream",
+    "ValStream",
+    "iter_val_batches",
+    "collect_label_values",
+    "expand_shards",
+    "render_caption",
+    "make_preprocess",
+    "make_fast_preprocess",
+]

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import string
 
-CAPTION_FIELDS = ("title", "tags", "category_name", "category_id", "txt", "caption", "video_id",
-                  "channel_title", "description", "variant")
+CAPTION_FIELDS = (
+    "title",
+    "tags",
+    "category_name",
+    "category_id",
+    "txt",
+    "caption",
+    "video_id",
+    "channel_title",
+    "description",
+    "variant",
+)
 """Placeholders a caption template may use."""
 
 
@@ -35,8 +45,9 @@ def template_fields(template: str) -> list[str]:
             continue
         if name not in CAPTION_FIELDS:
             valid = ", ".join("{" + f + "}" for f in CAPTION_FIELDS)
-            raise ValueError(f"data.caption_template {template!r} has unknown placeholder {{{name}}}; "
-                             f"use one of {valid}.")
+            raise ValueError(
+                f"data.caption_template {template!r} has unknown placeholder {{{name}}}; use one of {valid}."
+            )
         fields.append(name)
     return fields
 

@@ -34,9 +34,14 @@ ASPECT_RATIOS = (3 / 4, 4 / 3)
 _ATTEMPTS = 10  # torchvision's rejection-sampling attempts before it falls back to a centre crop
 
 
-def random_resized_crop_boxes(n: int, height: int, width: int, generator: torch.Generator,
-                              scale: tuple[float, float] = OPEN_CLIP_SCALE,
-                              ratio: tuple[float, float] = ASPECT_RATIOS) -> torch.Tensor:
+def random_resized_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = OPEN_CLIP_SCALE,
+    ratio: tuple[float, float] = ASPECT_RATIOS,
+) -> torch.Tensor:
     """torchvision ``RandomResizedCrop.get_params`` for ``n`` images at once.
 
     Returns:
@@ -44,8 +49,9 @@ def random_resized_crop_boxes(n: int, height: int, width: int, generator: torch.
     """
     area = height * width
     target = area * torch.empty(n, _ATTEMPTS).uniform_(scale[0], scale[1], generator=generator)
-    log_ratio = torch.empty(n, _ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                   generator=generator)
+    log_ratio = torch.empty(n, _ATTEMPTS).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
     aspect = torch.exp(log_ratio)
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
@@ -91,10 +97,17 @@ class DeviceTransform:
             crops survive a resume; None counts calls instead.
     """
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], rescale: float = 1 / 255,
-                 random_resized_crop: bool = False, seed: int = 0, rank: int = 0,
-                 position: Callable[[], int] | None = None,
-                 scale: tuple[float, float] = OPEN_CLIP_SCALE):
+    def __init__(
+        self,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        rescale: float = 1 / 255,
+        random_resized_crop: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        position: Callable[[], int] | None = None,
+        scale: tuple[float, float] = OPEN_CLIP_SCALE,
+    ):
         # (x * rescale - mean) / std as one multiply-add per element: x * gain + bias
         self.gain = torch.tensor([rescale / s for s in std]).view(1, -1, 1, 1)
         self.bias = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, -1, 1, 1)
@@ -111,7 +124,7 @@ class DeviceTransform:
     def _generator(self) -> torch.Generator:
         index = self.position() if self.position is not None else self.calls
         digest = hashlib.blake2b(f"crop/{self.seed}/{self.rank}/{index}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
     def __call__(self, pixels: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """The model's ``pixel_values``: [B, 3, S, S] of ``dtype`` on ``device``, contiguous."""
@@ -122,16 +135,23 @@ class DeviceTransform:
         self.calls += 1
         x = x.float()
         if self.random_resized_crop:
-            boxes = random_resized_crop_boxes(x.shape[0], x.shape[2], x.shape[3], self._generator(),
-                                              self.scale)
+            boxes = random_resized_crop_boxes(
+                x.shape[0], x.shape[2], x.shape[3], self._generator(), self.scale
+            )
             x = crop_and_resize(x, boxes)
         gain, bias = self._coefficients(device)
         return torch.addcmul(bias, x, gain).to(dtype)
 
 
-def make_device_transform(image_processor, random_resized_crop: bool = False, seed: int = 0, rank: int = 0,
-                          position: Callable[[], int] | None = None) -> DeviceTransform:
+def make_device_transform(
+    image_processor,
+    random_resized_crop: bool = False,
+    seed: int = 0,
+    rank: int = 0,
+    position: Callable[[], int] | None = None,
+) -> DeviceTransform:
     """The :class:`DeviceTransform` with ``image_processor``'s mean, std and rescale factor."""
     mean, std, rescale = normalisation(image_processor)
-    return DeviceTransform(mean, std, rescale, random_resized_crop=random_resized_crop, seed=seed,
-                           rank=rank, position=position)
+    return DeviceTransform(
+        mean, std, rescale, random_resized_crop=random_resized_crop, seed=seed, rank=rank, position=position
+    )

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -24,8 +25,16 @@ def first_batch_of_worker(g0: int, worker: int, num_workers: int) -> int:
     return g0 + (worker - g0) % num_workers
 
 
-def worker_shards(shards: list[str], epoch: int, rank: int, world_size: int, worker: int,
-                  num_workers: int, seed: int, shard_shuffle: bool) -> list[str]:
+def worker_shards(
+    shards: list[str],
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    seed: int,
+    shard_shuffle: bool,
+) -> list[str]:
     """The shards that ``worker`` of ``rank`` reads in ``epoch`` (non-resampled mode).
 
     All ranks shuffle the full list with the same (seed, epoch) RNG, then take every
@@ -74,8 +83,14 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def auto_num_workers(num_shards: int, world_size: int, local_world_size: int, resampled: bool,
-                     cores: int | None = None, machine_cores: int | None = None) -> int:
+def auto_num_workers(
+    num_shards: int,
+    world_size: int,
+    local_world_size: int,
+    resampled: bool,
+    cores: int | None = None,
+    machine_cores: int | None = None,
+) -> int:
     """Loader workers per rank for ``data.num_workers=-1``: one per core of this rank's share,
     less one core for the training process itself, between 1 and ``MAX_AUTO_WORKERS``.
 

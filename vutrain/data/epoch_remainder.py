@@ -33,8 +33,8 @@ import logging
 import os
 import random
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .epoch_plan import shuffle_buffer, worker_shards
 from .samples import _open, _split_name, iter_raw_samples
@@ -79,12 +79,21 @@ def _read_keys(url: str) -> list[str]:
     return keys
 
 
-def _worker_sequence(shards: list[str], plan: dict, epoch: int, worker: int,
-                     keys: ShardKeys) -> Iterator[SampleId]:
+def _worker_sequence(
+    shards: list[str], plan: dict, epoch: int, worker: int, keys: ShardKeys
+) -> Iterator[SampleId]:
     """The (url, key) sequence one old worker drew from in ``epoch`` (webdataset._epoch_samples)."""
     tag = f"{plan['seed']}/{epoch}/{plan['rank']}/{worker}"
-    mine = worker_shards(shards, epoch, plan["rank"], plan["world_size"], worker, plan["workers"],
-                         plan["seed"], plan["shard_shuffle"])
+    mine = worker_shards(
+        shards,
+        epoch,
+        plan["rank"],
+        plan["world_size"],
+        worker,
+        plan["workers"],
+        plan["seed"],
+        plan["shard_shuffle"],
+    )
     for repeat in range(1_000_000):
         ids = [(url, k) for url in mine for k in keys(url)]
         if not ids:
@@ -128,19 +137,22 @@ class Remainder:
         return {"epoch": self.epoch, "first_batch": self.first_batch, "before": self.before}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Remainder":
+    def from_state(cls, state: dict) -> Remainder:
         """Inverse of ``to_state``."""
         return cls(int(state["epoch"]), int(state["first_batch"]), list(state["before"]))
 
 
 def check_compatible(saved_plan: dict, plan: dict) -> None:
     """ValueError naming the data settings that differ beyond what a reshape can absorb."""
-    diff = {k: (saved_plan.get(k), v) for k, v in plan.items()
-            if k not in RESHAPEABLE and saved_plan.get(k) != v}
+    diff = {
+        k: (saved_plan.get(k), v) for k, v in plan.items() if k not in RESHAPEABLE and saved_plan.get(k) != v
+    }
     if diff:
         changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"the data stream state was saved with different data settings ({changes}); "
-                         "resume with the same data.* settings and seed, or start the data stream fresh.")
+        raise ValueError(
+            f"the data stream state was saved with different data settings ({changes}); "
+            "resume with the same data.* settings and seed, or start the data stream fresh."
+        )
 
 
 def reshape_state(states: list[dict], plan: dict, shards: list[str]) -> dict:
@@ -156,8 +168,10 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str]) -> dict:
     """
     old = states[0]["plan"]
     check_compatible(old, plan)
-    if all(states[r]["plan"] == dict(plan, rank=r) for r in range(len(states))) \
-            and len(states) == plan["world_size"]:
+    if (
+        all(states[r]["plan"] == dict(plan, rank=r) for r in range(len(states)))
+        and len(states) == plan["world_size"]
+    ):
         return states[plan["rank"]]
     next_batch = int(states[0]["next_batch"])
     spe_old, spe = old["steps_per_epoch"], plan["steps_per_epoch"]
@@ -174,8 +188,14 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str]) -> dict:
     left = sum(1 for url in _epoch_order(shards, plan, epoch) for k in keys(url) if (url, k) not in consumed)
     steps = min(left, owed) // (plan["batch_size"] * plan["world_size"])
     first = (epoch + 1) * spe - steps
-    log.info("epoch %d continues on %d ranks: %d samples drawn before, %d left, %d batches per rank",
-             epoch, plan["world_size"], len(consumed), left, steps)
+    log.info(
+        "epoch %d continues on %d ranks: %d samples drawn before, %d left, %d batches per rank",
+        epoch,
+        plan["world_size"],
+        len(consumed),
+        left,
+        steps,
+    )
     state["next_batch"] = first
     state["remainder"] = Remainder(epoch, first, [dict(s) for s in states]).to_state()
     return state
@@ -185,13 +205,18 @@ def _epoch_order(shards: list[str], plan: dict, epoch: int) -> list[str]:
     return worker_shards(shards, epoch, 0, 1, 0, 1, plan["seed"], plan["shard_shuffle"])
 
 
-def plan_slices(remainder: Remainder, shards: list[str], plan: dict,
-                keys: ShardKeys | None = None) -> dict[int, list[SampleId]]:
+def plan_slices(
+    remainder: Remainder, shards: list[str], plan: dict, keys: ShardKeys | None = None
+) -> dict[int, list[SampleId]]:
     """The samples each logical worker of ``plan``'s rank reads in the remainder epoch."""
     keys = keys or ShardKeys()
     consumed = consumed_in_epoch(remainder.before, shards, remainder.epoch, keys)
-    left = [(url, k) for url in _epoch_order(shards, plan, remainder.epoch) for k in keys(url)
-            if (url, k) not in consumed]
+    left = [
+        (url, k)
+        for url in _epoch_order(shards, plan, remainder.epoch)
+        for k in keys(url)
+        if (url, k) not in consumed
+    ]
     batch, workers = plan["batch_size"], plan["workers"]
     end = (remainder.epoch + 1) * plan["steps_per_epoch"]
     steps = end - remainder.first_batch
@@ -199,7 +224,7 @@ def plan_slices(remainder: Remainder, shards: list[str], plan: dict,
     slices: dict[int, list[SampleId]] = {}
     for worker in range(workers):
         n = len(range(remainder.first_batch + (worker - remainder.first_batch) % workers, end, workers))
-        slices[worker] = left[start:start + n * batch]
+        slices[worker] = left[start : start + n * batch]
         start += n * batch
     return slices
 
@@ -213,8 +238,7 @@ def _slice_sequence(ids: list[SampleId], plan: dict, epoch: int, worker: int) ->
         yield from shuffle_buffer(iter(ids), plan["shuffle_buffer"], random.Random(f"{tag}/{repeat}"))
 
 
-def remainder_samples(ids: list[SampleId], plan: dict, epoch: int, worker: int,
-                      count=None) -> Iterator[dict]:
+def remainder_samples(ids: list[SampleId], plan: dict, epoch: int, worker: int, count=None) -> Iterator[dict]:
     """Raw samples of a worker's remainder slice, in ``_slice_sequence`` order (endless).
 
     Reads only the shards of the slice, in order, keeping the slice's keys, so the shuffle
@@ -230,8 +254,10 @@ def remainder_samples(ids: list[SampleId], plan: dict, epoch: int, worker: int,
             n += 1
             yield sample
         if n == 0:
-            raise RuntimeError(f"the remainder of epoch {epoch} for worker {worker} holds no readable "
-                               "samples; check data.train_shards.")
+            raise RuntimeError(
+                f"the remainder of epoch {epoch} for worker {worker} holds no readable "
+                "samples; check data.train_shards."
+            )
 
 
 def log_batch_keys(keys: list[str]) -> None:

@@ -9,6 +9,7 @@
 
 The losses read these forms directly (vutrain/losses/positives.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,5 +54,5 @@ def collate_labels(labels: list, positives: str) -> torch.Tensor | None:
     width = max(1, max((len(t) for t in labels), default=0))
     out = torch.full((len(labels), width), -1, dtype=torch.long)
     for i, ids in enumerate(labels):
-        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     return out

@@ -46,8 +46,15 @@ def _size_value(size, name: str):
 class ClipPreprocess:
     """Picklable callable ``PIL.Image -> FloatTensor[3, crop_h, crop_w]`` (DataLoader workers)."""
 
-    def __init__(self, shortest_edge: int, crop_hw: tuple[int, int], resample: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], rescale: float = 1 / 255):
+    def __init__(
+        self,
+        shortest_edge: int,
+        crop_hw: tuple[int, int],
+        resample: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        rescale: float = 1 / 255,
+    ):
         self.shortest_edge, self.crop_hw, self.resample = int(shortest_edge), crop_hw, int(resample)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
@@ -67,9 +74,9 @@ class ClipPreprocess:
         if top < 0 or left < 0:  # the processor pads small images with zeros; same here
             padded = np.zeros((3, max(ch, new_h), max(cw, new_w)), dtype=np.float32)
             pt, pl = max(0, -top), max(0, -left)
-            padded[:, pt:pt + new_h, pl:pl + new_w] = array
+            padded[:, pt : pt + new_h, pl : pl + new_w] = array
             array, top, left = padded, max(0, top), max(0, left)
-        array = array[:, top:top + ch, left:left + cw]
+        array = array[:, top : top + ch, left : left + cw]
         array = (array * np.float32(self.rescale) - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
@@ -130,19 +137,20 @@ class ClipCropUint8:
             image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
             resized = np.array(image.resize((new_w, new_h), resample=self.resample))
             return torch.from_numpy(resized).permute(2, 0, 1)
-        out = F.interpolate(pixels.unsqueeze(0), size=(new_h, new_w), mode=mode, antialias=True,
-                            align_corners=False)
+        out = F.interpolate(
+            pixels.unsqueeze(0), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False
+        )
         return out[0]
 
     def _crop(self, pixels: torch.Tensor, new_w: int, new_h: int) -> torch.Tensor:
         ch, cw = self.crop_hw
         top, left = (new_h - ch) // 2, (new_w - cw) // 2
         if top >= 0 and left >= 0:
-            return pixels[:, top:top + ch, left:left + cw]
+            return pixels[:, top : top + ch, left : left + cw]
         out = torch.zeros((3, ch, cw), dtype=torch.uint8)  # the processor pads with zeros
         y0, x0 = max(top, 0), max(left, 0)
         y1, x1 = min(top + ch, new_h), min(left + cw, new_w)
-        out[:, y0 - top:y1 - top, x0 - left:x1 - left] = pixels[:, y0:y1, x0:x1]
+        out[:, y0 - top : y1 - top, x0 - left : x1 - left] = pixels[:, y0:y1, x0:x1]
         return out
 
 
@@ -151,8 +159,10 @@ def _geometry(image_processor) -> tuple[int, tuple[int, int], int]:
     shortest = _size_value(size, "shortest_edge") or _size_value(size, "height")
     crop_h, crop_w = _size_value(crop, "height"), _size_value(crop, "width")
     if shortest is None or crop_h is None or crop_w is None:
-        raise ValueError(f"image processor needs size.shortest_edge and crop_size.height/width; "
-                         f"got size={size}, crop_size={crop}")
+        raise ValueError(
+            f"image processor needs size.shortest_edge and crop_size.height/width; "
+            f"got size={size}, crop_size={crop}"
+        )
     resample = _get(image_processor, "resample")
     resample = int(Image.Resampling.BICUBIC if resample is None else resample)
     return int(shortest), (int(crop_h), int(crop_w)), resample

@@ -22,7 +22,8 @@ import json
 import logging
 import tarfile
 from collections import Counter
-from typing import Callable, Iterator
+from collections.abc import Iterator
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -58,7 +59,7 @@ def _split_name(name: str) -> tuple[str, str] | None:
     dot = name.find(".", slash + 1)
     if dot <= slash + 1:
         return None
-    return name[:dot], name[dot + 1:].lower()
+    return name[:dot], name[dot + 1 :].lower()
 
 
 _BLOCK = 512
@@ -127,8 +128,11 @@ def iter_tar_files(stream) -> Iterator[tuple[str, bytes]]:
         if size % _BLOCK:
             _read_exactly(stream, _BLOCK - size % _BLOCK)
         if kind in (b"L", b"x"):  # GNU long name / pax header: names the next member
-            long_name = data.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape") if kind == b"L" \
+            long_name = (
+                data.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+                if kind == b"L"
                 else _pax_path(data)
+            )
             continue
         if kind == b"g":
             continue
@@ -274,7 +278,7 @@ def decode_sample_bytes(raw: dict, template: str) -> tuple[bytes, str, dict]:
     return raw[image_member(raw)], caption, meta
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cv2():
     """OpenCV if installed (>= 4.10 for RGB output), imported on first use; else None."""
     try:
@@ -302,12 +306,15 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             i += 1
             continue
         if marker in _SOF_MARKERS:
-            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            height, width = (
+                int.from_bytes(data[i + 5 : i + 7], "big"),
+                int.from_bytes(data[i + 7 : i + 9], "big"),
+            )
             return (width, height) if width and height else None
         if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length field
             i += 2
             continue
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     return None
 
 
@@ -324,8 +331,9 @@ def draft_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
 _CV2_REDUCED = {1: 0, 2: 16, 4: 32, 8: 64}  # the IMREAD_REDUCED_* bits, without the BGR colour bit
 
 
-def decode_image_array(data: bytes, draft_to: tuple[int, int] | None = None,
-                       size: tuple[int, int] | None = None) -> np.ndarray:
+def decode_image_array(
+    data: bytes, draft_to: tuple[int, int] | None = None, size: tuple[int, int] | None = None
+) -> np.ndarray:
     """RGB uint8 array [H, W, 3] of an encoded image; SkipSample(undecodable_image) on failure.
 
     ``draft_to``: (w, h) the caller will resize to; a JPEG at least twice that size is decoded

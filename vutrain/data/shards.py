@@ -31,8 +31,9 @@ def _preview(paths: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
-def check_shards(spec: str, key: str = "data.train_shards",
-                 allow_missing: bool = False) -> tuple[list[str], list[str]]:
+def check_shards(
+    spec: str, key: str = "data.train_shards", allow_missing: bool = False
+) -> tuple[list[str], list[str]]:
     """(existing shards in order, missing ones) of ``spec``, sources joined by ``::``.
 
     Every local shard a brace range names must exist; remote ones are not checked.
@@ -50,7 +51,7 @@ def check_shards(spec: str, key: str = "data.train_shards",
         found = []
         for url in braceexpand.braceexpand(source):
             if url.startswith("file://"):
-                url = url[len("file://"):]
+                url = url[len("file://") :]
             if is_remote(url) or os.path.isfile(url):
                 found.append(url)
             else:
@@ -63,7 +64,8 @@ def check_shards(spec: str, key: str = "data.train_shards",
             f"{key}: {len(missing)} of {len(shards) + len(missing)} shards do not exist: "
             f"{_preview(missing)}. "
             f"Fix the path or brace range, or set data.allow_missing_shards=true to use the "
-            f"{len(shards)} that exist.")
+            f"{len(shards)} that exist."
+        )
     return shards, missing
 
 

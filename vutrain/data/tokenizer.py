@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Callable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -23,8 +24,9 @@ from .shards import expand_shards
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 4096,
-                        max_length: int = 32) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    texts: Iterable[str], out_dir: str, vocab_size: int = 4096, max_length: int = 32
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` and save it to ``out_dir`` (``save_pretrained``).
 
     Token ids: 0 = ``<|startoftext|>``, 1 = ``<|endoftext|>`` (also pad), then the 256 byte
@@ -35,15 +37,27 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 40
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B:1 {EOS}:1",
-        special_tokens=[(BOS, bos_id), (EOS, eos_id)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
-                                   unk_token=None, model_max_length=max_length)
+        single=f"{BOS} $A {EOS}",
+        pair=f"{BOS} $A {EOS} $B:1 {EOS}:1",
+        special_tokens=[(BOS, bos_id), (EOS, eos_id)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=None,
+        model_max_length=max_length,
+    )
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)
     return fast
@@ -80,8 +94,9 @@ def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> dict[str, to
 
     Padded with eos; truncated texts still end with eos (CLIP pools at the eos position).
     """
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="pt")
+    enc = tokenizer(
+        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
 

@@ -8,7 +8,8 @@ different numbers of batches; the last batch may be smaller than ``batch_size``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Iterator
+from typing import Callable
 
 import torch
 
@@ -25,9 +26,18 @@ class ValStream:
     and ``keys`` list[str]. Samples without a label are skipped (``missing_label``).
     """
 
-    def __init__(self, shards: str, *, preprocess: Callable, tokenize: Callable[[list[str]], dict],
-                 batch_size: int, rank: int = 0, world_size: int = 1, caption_template: str = "{title}",
-                 label_field: str = "category_name"):
+    def __init__(
+        self,
+        shards: str,
+        *,
+        preprocess: Callable,
+        tokenize: Callable[[list[str]], dict],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        caption_template: str = "{title}",
+        label_field: str = "category_name",
+    ):
         template_fields(caption_template)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -43,7 +53,7 @@ class ValStream:
 
     def _my_raw_samples(self) -> Iterator[dict]:
         if len(self.shards) >= self.world_size:
-            for url in self.shards[self.rank::self.world_size]:
+            for url in self.shards[self.rank :: self.world_size]:
                 yield from iter_raw_samples(url, self._skipped)
             return
         index = 0
@@ -83,12 +93,30 @@ class ValStream:
             yield self._batch(pixels, captions, labels, keys)
 
 
-def iter_val_batches(shards: str, *, preprocess: Callable, tokenize: Callable[[list[str]], dict],
-                     batch_size: int, rank: int = 0, world_size: int = 1, caption_template: str = "{title}",
-                     label_field: str = "category_name") -> Iterator[dict]:
+def iter_val_batches(
+    shards: str,
+    *,
+    preprocess: Callable,
+    tokenize: Callable[[list[str]], dict],
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    caption_template: str = "{title}",
+    label_field: str = "category_name",
+) -> Iterator[dict]:
     """One pass over this rank's validation batches (see :class:`ValStream`)."""
-    return iter(ValStream(shards, preprocess=preprocess, tokenize=tokenize, batch_size=batch_size, rank=rank,
-                          world_size=world_size, caption_template=caption_template, label_field=label_field))
+    return iter(
+        ValStream(
+            shards,
+            preprocess=preprocess,
+            tokenize=tokenize,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            caption_template=caption_template,
+            label_field=label_field,
+        )
+    )
 
 
 def collect_label_values(shards: str, field: str = "category_name") -> list[str]:

@@ -39,8 +39,9 @@ import os
 import random
 import weakref
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -54,15 +55,22 @@ from .samples import SkipCounter, SkipSample, decode_sample, decode_sample_bytes
 from .shards import count_samples, expand_shards
 from .val import ValStream, collect_label_values, iter_val_batches
 
-__all__ = ["TrainStream", "ValStream", "iter_val_batches", "collect_label_values", "expand_shards",
-           "render_caption", "make_preprocess"]
+__all__ = [
+    "TrainStream",
+    "ValStream",
+    "iter_val_batches",
+    "collect_label_values",
+    "expand_shards",
+    "render_caption",
+    "make_preprocess",
+]
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 _STATE_VERSION = 1
 _MAX_CONSECUTIVE_SKIPS = 10_000
-_LIVE_STREAMS: "weakref.WeakSet[TrainStream]" = weakref.WeakSet()
+_LIVE_STREAMS: weakref.WeakSet[TrainStream] = weakref.WeakSet()
 
 
 @atexit.register
@@ -93,8 +101,17 @@ class _Plan:
 class _WorkerBatches:
     """The batches of one logical worker, from batch ``g0`` on (runs inside a DataLoader worker)."""
 
-    def __init__(self, plan: _Plan, shards: list[str], preprocess, tokenize, worker: int,
-                 resume: dict | None, positives: str = "pair", remainder: tuple[int, list] | None = None):
+    def __init__(
+        self,
+        plan: _Plan,
+        shards: list[str],
+        preprocess,
+        tokenize,
+        worker: int,
+        resume: dict | None,
+        positives: str = "pair",
+        remainder: tuple[int, list] | None = None,
+    ):
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
         self.worker, self.resume, self.positives = worker, resume, positives
         self.remainder = remainder  # (epoch, this worker's slice) after a world-size change
@@ -108,8 +125,9 @@ class _WorkerBatches:
         """Shuffled raw samples of this worker for ``epoch``, endless (passes repeat)."""
         p = self.plan
         tag = f"{p.seed}/{epoch}/{p.rank}/{self.worker}"
-        mine = worker_shards(self.shards, epoch, p.rank, p.world_size, self.worker, p.workers,
-                             p.seed, p.shard_shuffle)
+        mine = worker_shards(
+            self.shards, epoch, p.rank, p.world_size, self.worker, p.workers, p.seed, p.shard_shuffle
+        )
         for repeat in itertools.count():
             n = 0
             raw = self._raw_pass(iter(mine))
@@ -117,8 +135,10 @@ class _WorkerBatches:
                 n += 1
                 yield sample
             if n == 0:
-                raise RuntimeError(f"shards {mine} hold no readable samples (skipped: {dict(self.skipped)}); "
-                                   "check data.train_shards.")
+                raise RuntimeError(
+                    f"shards {mine} hold no readable samples (skipped: {dict(self.skipped)}); "
+                    "check data.train_shards."
+                )
 
     def _resampled_samples(self, epoch: int) -> Iterator[dict]:
         p = self.plan
@@ -134,8 +154,9 @@ class _WorkerBatches:
                     yield sample
                 empty = 0 if n else empty + 1
                 if empty > max(100, 4 * len(self.shards)):
-                    raise RuntimeError(f"{empty} shards in a row held no readable samples; "
-                                       "check data.train_shards.")
+                    raise RuntimeError(
+                        f"{empty} shards in a row held no readable samples; check data.train_shards."
+                    )
 
         yield from shuffle_buffer(raw(), p.shuffle_buffer, random.Random(f"samples/{tag}"))
 
@@ -182,9 +203,11 @@ class _WorkerBatches:
                     if decoded is None:
                         failures += 1
                         if failures > _MAX_CONSECUTIVE_SKIPS:  # all-bad shards must not spin forever
-                            raise RuntimeError(f"{failures} samples in a row were unusable "
-                                               f"({dict(self.skipped)}); "
-                                               "check data.train_shards and data.caption_template.")
+                            raise RuntimeError(
+                                f"{failures} samples in a row were unusable "
+                                f"({dict(self.skipped)}); "
+                                "check data.train_shards and data.caption_template."
+                            )
                         continue
                     failures = 0
                     pixels.append(decoded[0])
@@ -195,8 +218,14 @@ class _WorkerBatches:
                 batch["pixel_values"] = collate_pixels(pixels)
                 if self.positives != "pair":  # loss.positives: category / tags
                     batch["labels"] = collate_labels(labels, self.positives)
-                batch["_tag"] = {"worker": w, "epoch": epoch, "drawn": drawn, "batch": g,
-                                 "skipped": dict(self.skipped), "keys": keys}
+                batch["_tag"] = {
+                    "worker": w,
+                    "epoch": epoch,
+                    "drawn": drawn,
+                    "batch": g,
+                    "skipped": dict(self.skipped),
+                    "keys": keys,
+                }
                 yield batch
                 g += p.workers
             drawn = 0
@@ -223,8 +252,17 @@ def collate_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
 class _TrainIterable(IterableDataset):
     """Maps DataLoader worker ids to logical workers, rotated so the round robin resumes in place."""
 
-    def __init__(self, plan: _Plan, shards, preprocess, tokenize, next_batch: int, workers: dict,
-                 positives: str = "pair", remainder: tuple[int, dict] | None = None):
+    def __init__(
+        self,
+        plan: _Plan,
+        shards,
+        preprocess,
+        tokenize,
+        next_batch: int,
+        workers: dict,
+        positives: str = "pair",
+        remainder: tuple[int, dict] | None = None,
+    ):
         super().__init__()
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
         self.next_batch, self.workers, self.positives = next_batch, workers, positives
@@ -235,8 +273,18 @@ class _TrainIterable(IterableDataset):
         logical = ((info.id if info else 0) + self.next_batch) % self.plan.workers
         resume = {"next_batch": self.next_batch, **self.workers.get(logical, {"skipped": {}})}
         remainder = (self.remainder[0], self.remainder[1][logical]) if self.remainder else None
-        return iter(_WorkerBatches(self.plan, self.shards, self.preprocess, self.tokenize, logical, resume,
-                                   self.positives, remainder))
+        return iter(
+            _WorkerBatches(
+                self.plan,
+                self.shards,
+                self.preprocess,
+                self.tokenize,
+                logical,
+                resume,
+                self.positives,
+                remainder,
+            )
+        )
 
 
 class _Cursor:
@@ -258,10 +306,14 @@ def _tag_batches(loader: Iterator[dict], cursor: _Cursor) -> Iterator[Batch]:
         for batch in loader:
             tag = batch.pop("_tag")
             if tag["batch"] != cursor.next_batch:
-                raise RuntimeError(f"data stream out of order: got batch {tag['batch']}, expected "
-                                   f"{cursor.next_batch}")
-            cursor.workers[tag["worker"]] = {"epoch": tag["epoch"], "drawn": tag["drawn"],
-                                             "skipped": dict(tag["skipped"])}
+                raise RuntimeError(
+                    f"data stream out of order: got batch {tag['batch']}, expected {cursor.next_batch}"
+                )
+            cursor.workers[tag["worker"]] = {
+                "epoch": tag["epoch"],
+                "drawn": tag["drawn"],
+                "skipped": dict(tag["skipped"]),
+            }
             cursor.next_batch += 1
             log_batch_keys(tag["keys"])  # a no-op unless the test hook's variable is set
             yield batch
@@ -295,19 +347,39 @@ class TrainStream:
         pin_memory: pin batches for non-blocking copies; None: when CUDA is available.
     """
 
-    def __init__(self, shards: str, *, preprocess: Callable, tokenize: Callable[[list[str]], dict],
-                 batch_size: int, rank: int, world_size: int, num_workers: int, seed: int,
-                 caption_template: str = "{title}", shuffle_buffer: int = 1000, shard_shuffle: bool = True,
-                 resampled: bool = False, num_samples: int | None = None, local_world_size: int = 1,
-                 prefetch_factor: int = 2, pin_memory: bool | None = None, positives: str = "pair"):
+    def __init__(
+        self,
+        shards: str,
+        *,
+        preprocess: Callable,
+        tokenize: Callable[[list[str]], dict],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        caption_template: str = "{title}",
+        shuffle_buffer: int = 1000,
+        shard_shuffle: bool = True,
+        resampled: bool = False,
+        num_samples: int | None = None,
+        local_world_size: int = 1,
+        prefetch_factor: int = 2,
+        pin_memory: bool | None = None,
+        positives: str = "pair",
+    ):
         template_fields(caption_template)  # unknown placeholder -> ValueError now, not in a worker
         if positives not in POSITIVES:
-            raise ValueError(f"loss.positives={positives!r} is not valid; choose one of {', '.join(POSITIVES)}")
+            raise ValueError(
+                f"loss.positives={positives!r} is not valid; choose one of {', '.join(POSITIVES)}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or num_workers < -1 or prefetch_factor < 1:
-            raise ValueError(f"need batch_size >= 1, num_workers >= -1 and prefetch_factor >= 1; got "
-                             f"{batch_size}, {num_workers}, {prefetch_factor}")
+            raise ValueError(
+                f"need batch_size >= 1, num_workers >= -1 and prefetch_factor >= 1; got "
+                f"{batch_size}, {num_workers}, {prefetch_factor}"
+            )
         self.shards = expand_shards(shards, "data.train_shards")
         self.auto_workers = num_workers == -1
         if self.auto_workers:
@@ -319,19 +391,35 @@ class TrainStream:
                 f"data.train_shards has {len(self.shards)} shards for {world_size} ranks x {workers} "
                 "workers: "
                 "write more, smaller shards (dataset_tools build --shard-size) or set data.num_workers / "
-                "data.resampled=true")
+                "data.resampled=true"
+            )
         if num_samples is None:
             num_samples = count_samples(self.shards)
             if num_samples is None:
-                raise ValueError("data.num_samples is not set and no sizes.json, __len__ or *_stats.json was "
-                                 f"found next to {shards}; set data.num_samples to the samples per epoch.")
+                raise ValueError(
+                    "data.num_samples is not set and no sizes.json, __len__ or *_stats.json was "
+                    f"found next to {shards}; set data.num_samples to the samples per epoch."
+                )
         self.num_samples = int(num_samples)
         steps = self.num_samples // (batch_size * world_size)
         if steps < 1:
-            raise ValueError(f"data.num_samples={self.num_samples} is smaller than one global batch "
-                             f"({batch_size} x {world_size} ranks); lower the batch size or add data.")
-        self.plan = _Plan(len(self.shards), rank, world_size, workers, batch_size, steps, seed,
-                          shard_shuffle, shuffle_buffer, resampled, caption_template)
+            raise ValueError(
+                f"data.num_samples={self.num_samples} is smaller than one global batch "
+                f"({batch_size} x {world_size} ranks); lower the batch size or add data."
+            )
+        self.plan = _Plan(
+            len(self.shards),
+            rank,
+            world_size,
+            workers,
+            batch_size,
+            steps,
+            seed,
+            shard_shuffle,
+            shuffle_buffer,
+            resampled,
+            caption_template,
+        )
         self.num_workers, self.preprocess, self.tokenize = num_workers, preprocess, tokenize
         self.prefetch_factor = prefetch_factor
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -368,17 +456,32 @@ class TrainStream:
     def _loader(self) -> Iterator[dict]:
         workers = {w: dict(v) for w, v in self._cursor.workers.items()}
         remainder = (self._remainder.epoch, self._slices) if self._remainder else None
-        dataset = _TrainIterable(self.plan, self.shards, self.preprocess, self.tokenize,
-                                 self._cursor.next_batch, workers, self.positives, remainder)
+        dataset = _TrainIterable(
+            self.plan,
+            self.shards,
+            self.preprocess,
+            self.tokenize,
+            self._cursor.next_batch,
+            workers,
+            self.positives,
+            remainder,
+        )
         if self.num_workers == 0:
             return iter(dataset)
         if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # fork avoids pickling the caller's preprocess/tokenize closures into the workers
         context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                               multiprocessing_context=context, prefetch_factor=self.prefetch_factor,
-                               pin_memory=self.pin_memory))
+        return iter(
+            DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                multiprocessing_context=context,
+                prefetch_factor=self.prefetch_factor,
+                pin_memory=self.pin_memory,
+            )
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         """A new iterator that continues after the last batch handed out (by any iterator)."""
@@ -392,7 +495,7 @@ class TrainStream:
             generator.close()
         self._iterator = None
 
-    def __enter__(self) -> "TrainStream":
+    def __enter__(self) -> TrainStream:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -405,8 +508,12 @@ class TrainStream:
 
     def state_dict(self) -> dict:
         """JSON-serialisable position after the last batch handed out (save one per rank)."""
-        state = {"version": _STATE_VERSION, "next_batch": self._cursor.next_batch, "plan": asdict(self.plan),
-                 "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())}}
+        state = {
+            "version": _STATE_VERSION,
+            "next_batch": self._cursor.next_batch,
+            "plan": asdict(self.plan),
+            "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())},
+        }
         if self._remainder and self.epoch <= self._remainder.epoch:
             state["remainder"] = self._remainder.to_state()
         return state
@@ -425,20 +532,30 @@ class TrainStream:
         if self.auto_workers and saved.get("workers") != now["workers"]:
             # An automatic worker count follows the saved one, so a job requeued onto a node
             # with another core count still resumes exactly.
-            log.info("resuming with the saved %s loader workers (auto chose %d)", saved.get("workers"),
-                     now["workers"])
+            log.info(
+                "resuming with the saved %s loader workers (auto chose %d)",
+                saved.get("workers"),
+                now["workers"],
+            )
             self.plan = replace(self.plan, workers=int(saved["workers"]))
             self.num_workers, now = self.plan.workers, asdict(self.plan)
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if diff:
             changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"the data stream state was saved with different settings ({changes}); "
-                             "resume with the same data settings, world size and rank, or start the data "
-                             "stream fresh.")
+            raise ValueError(
+                f"the data stream state was saved with different settings ({changes}); "
+                "resume with the same data settings, world size and rank, or start the data "
+                "stream fresh."
+            )
         self._cursor.next_batch = int(state["next_batch"])
         self.close()  # batches prefetched by open iterators belong to the old position
-        self._cursor.workers = {int(w): {"epoch": int(v["epoch"]), "drawn": int(v["drawn"]),
-                                  "skipped": {k: int(c) for k, c in v["skipped"].items()}}
-                         for w, v in state["workers"].items()}
+        self._cursor.workers = {
+            int(w): {
+                "epoch": int(v["epoch"]),
+                "drawn": int(v["drawn"]),
+                "skipped": {k: int(c) for k, c in v["skipped"].items()},
+            }
+            for w, v in state["workers"].items()
+        }
         self._remainder = Remainder.from_state(state["remainder"]) if "remainder" in state else None
         self._slices = plan_slices(self._remainder, self.shards, asdict(self.plan)) if self._remainder else {}

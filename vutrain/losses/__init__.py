@@ -7,6 +7,7 @@
 * gather.py - the autograd-aware collectives they share; exchange.py - SigLIP's ring.
 * positives.py - multi-positive labels (`forward(..., labels=...)` of ClipLoss and SigLipLoss).
 """
+
 from vutrain.losses.align_uniform import AlignUniformLoss
 from vutrain.losses.clip import ClipLoss
 from vutrain.losses.factory import LOSS_NAMES, build_loss, build_loss_from_config

@@ -17,6 +17,7 @@ Both terms are computed in at least fp32 (fp16 would overflow the sum over W*B x
 The log of a mean of exp(-t d^2) with d^2 in [0, 4] for unit vectors cannot overflow, and for t
 up to ~20 it cannot underflow to log(0) in fp32, so no log-sum-exp shift is needed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,14 @@ class AlignUniformLoss(nn.Module):
         t: uniformity temperature (Wang & Isola use 2).
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, align_weight: float = 1.0,
-                 uniform_weight: float = 1.0, t: float = 2.0) -> None:
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        align_weight: float = 1.0,
+        uniform_weight: float = 1.0,
+        t: float = 2.0,
+    ) -> None:
         super().__init__()
         check_rank(rank, world_size)
         if t <= 0:
@@ -52,9 +59,13 @@ class AlignUniformLoss(nn.Module):
         self.t = t
         self.last_terms: dict[str, float] = {}
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor | None = None, logit_bias: torch.Tensor | None = None,
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Scalar loss of this rank.
 
         Args:
@@ -89,8 +100,11 @@ class AlignUniformLoss(nn.Module):
             all_txt = all_gather_with_grad(text_features)
         n = all_txt.shape[0]
         # ||x - y||^2 = |x|^2 + |y|^2 - 2 x.y; clamp guards tiny negatives from rounding.
-        sq = (image_features.pow(2).sum(1, keepdim=True) + all_txt.pow(2).sum(1)
-              - 2 * image_features @ all_txt.T).clamp_min(0)
+        sq = (
+            image_features.pow(2).sum(1, keepdim=True)
+            + all_txt.pow(2).sum(1)
+            - 2 * image_features @ all_txt.T
+        ).clamp_min(0)
         kernel = torch.exp(-self.t * sq)
         positives = torch.zeros_like(kernel, dtype=torch.bool)
         idx = torch.arange(b, device=kernel.device)

@@ -27,6 +27,7 @@ are positives of each other. Each row's target distribution is uniform over its 
 
 With all labels distinct this is exactly the plain loss; `labels=None` is the plain code path.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,9 +57,15 @@ class ClipLoss(nn.Module):
     `last_terms` is always empty: the loss has a single term (kept for a uniform trainer API).
     """
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
-                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 backend: str = "torch") -> None:
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        backend: str = "torch",
+    ) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -83,9 +90,13 @@ class ClipLoss(nn.Module):
             self._labels[key] = labels
         return labels
 
-    def get_logits(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                   logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_logits(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text): [B, W*B] each with local_loss, else [W*B, W*B]."""
         all_img, all_txt = self._gather(image_features, text_features)
         if self.world_size > 1 and self.local_loss:
@@ -98,9 +109,14 @@ class ClipLoss(nn.Module):
             per_image, per_text = per_image + logit_bias, per_text + logit_bias
         return per_image, per_text
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Scalar loss of this rank.
 
         Args:
@@ -114,11 +130,15 @@ class ClipLoss(nn.Module):
             check_labels(labels, image_features.shape[0])
         if self._use_triton(image_features):
             if logit_bias is not None:
-                raise ValueError("ClipLoss backend 'triton' does not support logit_bias; use "
-                                 "backend='torch' or drop the bias (loss.backend=torch)")
+                raise ValueError(
+                    "ClipLoss backend 'triton' does not support logit_bias; use "
+                    "backend='torch' or drop the bias (loss.backend=torch)"
+                )
             if labels is not None:
-                raise ValueError("ClipLoss backend 'triton' does not support multi-positive labels; "
-                                 "use loss.backend=torch or loss.positives=pair")
+                raise ValueError(
+                    "ClipLoss backend 'triton' does not support multi-positive labels; "
+                    "use loss.backend=torch or loss.positives=pair"
+                )
             return self._forward_triton(image_features, text_features, logit_scale)
         per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
         if labels is None:
@@ -127,8 +147,12 @@ class ClipLoss(nn.Module):
             targets = self.soft_targets(labels, per_image.shape[0], per_image.dtype)
         return (F.cross_entropy(per_image, targets) + F.cross_entropy(per_text, targets)) / 2
 
-    def soft_targets(self, labels: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32,
-                     ) -> torch.Tensor:
+    def soft_targets(
+        self,
+        labels: torch.Tensor,
+        rows: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         """[rows, W*B] target distributions: uniform over each row's positives.
 
         The positive relation is symmetric and an image shares its labels with its own title,
@@ -143,11 +167,19 @@ class ClipLoss(nn.Module):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _gather(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return gather_features(image_features, text_features, local_loss=self.local_loss,
-                               gather_with_grad=self.gather_with_grad, rank=self.rank,
-                               world_size=self.world_size)
+    def _gather(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return gather_features(
+            image_features,
+            text_features,
+            local_loss=self.local_loss,
+            gather_with_grad=self.gather_with_grad,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def _use_triton(self, features: torch.Tensor) -> bool:
         if self.backend == "torch":
@@ -164,19 +196,24 @@ class ClipLoss(nn.Module):
         available = getattr(kernels, "triton_available", None)
         return bool(available()) if callable(available) else False
 
-    def _forward_triton(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                        logit_scale: torch.Tensor) -> torch.Tensor:
+    def _forward_triton(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
         try:
             import kernels  # lazy: the trainer must import without Triton installed
         except ImportError as e:
-            raise ImportError("ClipLoss(backend='triton') needs the `kernels` package and Triton; "
-                              "install with `pip install -e .[kernels]` or use backend='torch'") from e
+            raise ImportError(
+                "ClipLoss(backend='triton') needs the `kernels` package and Triton; "
+                "install with `pip install -e .[kernels]` or use backend='torch'"
+            ) from e
         all_img, all_txt = self._gather(image_features, text_features)
         if self.world_size > 1 and self.local_loss:
             offset = self.rank * image_features.shape[0]
-            i2t = kernels.contrastive_ce(image_features, all_txt, logit_scale,
-                                         label_offset=offset, reduction="mean")
-            t2i = kernels.contrastive_ce(text_features, all_img, logit_scale,
-                                         label_offset=offset, reduction="mean")
+            i2t = kernels.contrastive_ce(
+                image_features, all_txt, logit_scale, label_offset=offset, reduction="mean"
+            )
+            t2i = kernels.contrastive_ce(
+                text_features, all_img, logit_scale, label_offset=offset, reduction="mean"
+            )
             return (i2t + t2i) / 2
         return kernels.clip_loss(all_img, all_txt, logit_scale)

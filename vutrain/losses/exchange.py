@@ -8,14 +8,16 @@ the left I send back to the left), so gradients reach the rank that owns the fea
 Every rank builds the same autograd graph, so the backward exchanges run in the same order
 on every rank and always find their peer.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
 
-def _exchange(sends: list[tuple[int, torch.Tensor]], recv_from: list[int],
-              like: list[torch.Tensor]) -> list[torch.Tensor]:
+def _exchange(
+    sends: list[tuple[int, torch.Tensor]], recv_from: list[int], like: list[torch.Tensor]
+) -> list[torch.Tensor]:
     """Post all sends and receives at once (no ordering deadlock), wait, return the received."""
     received = [torch.empty_like(t) for t in like]
     ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for peer, t in sends]
@@ -43,19 +45,26 @@ class _NeighbourExchangeBidir(torch.autograd.Function):
     """Send one tensor to each neighbour, receive one from each: (from_left, from_right)."""
 
     @staticmethod
-    def forward(ctx, left: int, right: int, to_left: torch.Tensor,  # type: ignore[override]
-                to_right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        left: int,
+        right: int,
+        to_left: torch.Tensor,  # type: ignore[override]
+        to_right: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.left, ctx.right = left, right
-        from_left, from_right = _exchange([(left, to_left), (right, to_right)], [left, right],
-                                          [to_right, to_left])
+        from_left, from_right = _exchange(
+            [(left, to_left), (right, to_right)], [left, right], [to_right, to_left]
+        )
         return from_left, from_right
 
     @staticmethod
     def backward(ctx, grad_from_left: torch.Tensor, grad_from_right: torch.Tensor):  # type: ignore[override]
         # from_left came from the left neighbour's to_right: its gradient goes back left, and
         # what arrives from the left is the gradient of the to_left we sent there.
-        back = _NeighbourExchangeBidir.apply(ctx.left, ctx.right, grad_from_left.contiguous(),
-                                             grad_from_right.contiguous())
+        back = _NeighbourExchangeBidir.apply(
+            ctx.left, ctx.right, grad_from_left.contiguous(), grad_from_right.contiguous()
+        )
         return (None, None) + tuple(back)
 
 
@@ -64,7 +73,11 @@ def neighbour_exchange(from_rank: int, to_rank: int, x: torch.Tensor) -> torch.T
     return _NeighbourExchange.apply(from_rank, to_rank, x)
 
 
-def neighbour_exchange_bidir(left: int, right: int, to_left: torch.Tensor, to_right: torch.Tensor,
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def neighbour_exchange_bidir(
+    left: int,
+    right: int,
+    to_left: torch.Tensor,
+    to_right: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable: send to both neighbours, return (from_left, from_right)."""
     return _NeighbourExchangeBidir.apply(left, right, to_left, to_right)

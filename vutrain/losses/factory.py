@@ -1,4 +1,5 @@
 """`build_loss`: the one place that maps the config's `loss.name` to a loss object."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +7,6 @@ from typing import Any
 import torch.nn as nn
 
 from vutrain.config import LossConfig
-
 from vutrain.losses.align_uniform import AlignUniformLoss
 from vutrain.losses.clip import ClipLoss
 from vutrain.losses.siglip import SigLipLoss
@@ -14,8 +14,16 @@ from vutrain.losses.siglip import SigLipLoss
 LOSS_NAMES = ("clip", "siglip", "align_uniform")
 
 
-def build_loss(name: str, *, rank: int, world_size: int, backend: str = "torch",
-               local_loss: bool = True, gather_with_grad: bool = True, **kw: Any) -> nn.Module:
+def build_loss(
+    name: str,
+    *,
+    rank: int,
+    world_size: int,
+    backend: str = "torch",
+    local_loss: bool = True,
+    gather_with_grad: bool = True,
+    **kw: Any,
+) -> nn.Module:
     """Build the loss named by `loss.name`.
 
     Defaults are the scalable, exact open_clip setting (`local_loss=True, gather_with_grad=True`).
@@ -30,24 +38,44 @@ def build_loss(name: str, *, rank: int, world_size: int, backend: str = "torch",
     log (empty for clip and siglip).
     """
     if name == "clip":
-        return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
-                        world_size=world_size, backend=backend, **kw)
+        return ClipLoss(
+            local_loss=local_loss,
+            gather_with_grad=gather_with_grad,
+            rank=rank,
+            world_size=world_size,
+            backend=backend,
+            **kw,
+        )
     if name == "siglip":
         return SigLipLoss(rank=rank, world_size=world_size, backend=backend, **kw)
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss.name {name!r}; choose one of {', '.join(LOSS_NAMES)}")
     if backend not in ("torch", "auto"):
-        raise ValueError(f"loss {name!r} has only a torch implementation; set loss.backend=torch "
-                         f"or auto (got {backend!r})")
+        raise ValueError(
+            f"loss {name!r} has only a torch implementation; set loss.backend=torch or auto (got {backend!r})"
+        )
     return AlignUniformLoss(rank=rank, world_size=world_size, **kw)
 
 
 def build_loss_from_config(cfg: LossConfig, *, rank: int, world_size: int) -> nn.Module:
     """The loss of a run's `loss.*` section (only the keys that apply to `loss.name` are passed)."""
     if cfg.name == "clip":
-        return build_loss("clip", rank=rank, world_size=world_size, backend=cfg.backend,
-                          local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
+        return build_loss(
+            "clip",
+            rank=rank,
+            world_size=world_size,
+            backend=cfg.backend,
+            local_loss=cfg.local_loss,
+            gather_with_grad=cfg.gather_with_grad,
+        )
     if cfg.name == "siglip":
         return build_loss("siglip", rank=rank, world_size=world_size, backend=cfg.backend, bidir=cfg.bidir)
-    return build_loss(cfg.name, rank=rank, world_size=world_size, backend=cfg.backend,
-                      align_weight=cfg.align_weight, uniform_weight=cfg.uniform_weight, t=cfg.uniform_t)
+    return build_loss(
+        cfg.name,
+        rank=rank,
+        world_size=world_size,
+        backend=cfg.backend,
+        align_weight=cfg.align_weight,
+        uniform_weight=cfg.uniform_weight,
+        t=cfg.uniform_t,
+    )

@@ -17,6 +17,7 @@ backend has) and NCCL the cheaper reduce-scatter.
 
 All ranks must pass tensors of identical shape (equal local batch: use drop_last in the loader).
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,7 +49,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
             dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
             return out
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # gloo: no reduce_scatter for all setups
-        return grad[rank * b:(rank + 1) * b]
+        return grad[rank * b : (rank + 1) * b]
 
 
 def _nccl_serves(device: torch.device) -> bool:
@@ -135,8 +136,10 @@ def check_group(rank: int, world_size: int) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             f"loss built with world_size={world_size} but torch.distributed is not initialised; "
-            "call torch.distributed.init_process_group first or build the loss with world_size=1")
+            "call torch.distributed.init_process_group first or build the loss with world_size=1"
+        )
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
         raise RuntimeError(
             f"loss built for rank={rank}, world_size={world_size} but the process group has "
-            f"rank={dist.get_rank()}, world_size={dist.get_world_size()}; pass the live values")
+            f"rank={dist.get_rank()}, world_size={dist.get_world_size()}; pass the live values"
+        )

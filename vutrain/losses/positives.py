@@ -15,6 +15,7 @@ Accepted forms of `labels` (this rank's rows; gathered across ranks like the fea
 `positive_mask(row_labels, col_labels, offset)` gives the [R, C] boolean matrix used by the
 losses; its memory is O(R x C x T) at most, never O(C x vocabulary).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,15 +25,21 @@ import torch.distributed as dist
 def check_labels(labels: torch.Tensor, batch: int) -> None:
     """Raise a clear ValueError if `labels` is not one of the accepted forms for `batch` rows."""
     if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"labels must be a tensor (LongTensor [B] / [B, T] or BoolTensor [B, L]), "
-                         f"got {type(labels).__name__}")
+        raise ValueError(
+            f"labels must be a tensor (LongTensor [B] / [B, T] or BoolTensor [B, L]), "
+            f"got {type(labels).__name__}"
+        )
     ok_dtype = labels.dtype == torch.bool or labels.dtype in (torch.int64, torch.int32)
     if not ok_dtype or labels.dim() not in (1, 2) or (labels.dtype == torch.bool and labels.dim() != 2):
-        raise ValueError(f"labels must be LongTensor [B], LongTensor [B, T] (id sets, -1 padded) or "
-                         f"BoolTensor [B, L] (multi-hot); got {labels.dtype} of shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be LongTensor [B], LongTensor [B, T] (id sets, -1 padded) or "
+            f"BoolTensor [B, L] (multi-hot); got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
     if labels.shape[0] != batch:
-        raise ValueError(f"labels has {labels.shape[0]} rows but the features have {batch}; pass one "
-                         "label entry per sample")
+        raise ValueError(
+            f"labels has {labels.shape[0]} rows but the features have {batch}; pass one "
+            "label entry per sample"
+        )
 
 
 def gather_labels(labels: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -57,8 +64,7 @@ def gather_labels(labels: torch.Tensor, world_size: int) -> torch.Tensor:
     return out.bool() if labels.dtype == torch.bool else out
 
 
-def positive_mask(row_labels: torch.Tensor, col_labels: torch.Tensor,
-                  offset: int | None = 0) -> torch.Tensor:
+def positive_mask(row_labels: torch.Tensor, col_labels: torch.Tensor, offset: int | None = 0) -> torch.Tensor:
     """[R, C] bool: True where row i and column j share a label, and at (i, offset + i).
 
     `row_labels` [R, ...] and `col_labels` [C, ...] have the same form (see the module doc);

@@ -22,6 +22,7 @@ loss's gradient for its slice (so the DDP/DeepSpeed average of parameter gradien
 Multi-positive labels (`forward(..., labels=...)`, see positives.py): pairs that share a label
 get z = +1 as well; `labels=None` is the plain loss.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,9 +38,15 @@ DIST_IMPLS = ("gather", "bidir")
 BACKENDS = ("torch", "triton", "auto")
 
 
-def _block_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                row_labels: torch.Tensor | None, col_labels: torch.Tensor | None,
-                own_pairs: bool) -> torch.Tensor:
+def _block_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    row_labels: torch.Tensor | None,
+    col_labels: torch.Tensor | None,
+    own_pairs: bool,
+) -> torch.Tensor:
     """-sum logsigmoid(z * logits) of one B x C block (not yet divided by the rows).
 
     `own_pairs`: the block's columns are the rows' own texts (the diagonal is positive).
@@ -70,20 +77,31 @@ class SigLipLoss(nn.Module):
     `last_terms` is always empty (single-term loss; kept for a uniform trainer API).
     """
 
-    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: str | None = None, bidir: bool = False, backend: str = "torch") -> None:
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: str | None = None,
+        bidir: bool = False,
+        backend: str = "torch",
+    ) -> None:
         super().__init__()
         dist_impl = dist_impl or ("bidir" if bidir else "gather")
         if dist_impl not in DIST_IMPLS:
-            raise ValueError(f"SigLipLoss dist_impl {dist_impl!r} is not implemented; choose one of "
-                             f"{', '.join(DIST_IMPLS)} (all of open_clip's variants give the same values)")
+            raise ValueError(
+                f"SigLipLoss dist_impl {dist_impl!r} is not implemented; choose one of "
+                f"{', '.join(DIST_IMPLS)} (all of open_clip's variants give the same values)"
+            )
         if bidir and dist_impl != "bidir":
             raise ValueError(f"SigLipLoss got bidir=True and dist_impl={dist_impl!r}; pass one of them")
         if backend not in BACKENDS:
             raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if backend == "triton" and dist_impl == "bidir":
-            raise ValueError("SigLipLoss backend 'triton' gathers the texts (its kernel already "
-                             "avoids the logits matrix); use bidir=False or backend='torch'")
+            raise ValueError(
+                "SigLipLoss backend 'triton' gathers the texts (its kernel already "
+                "avoids the logits matrix); use bidir=False or backend='torch'"
+            )
         check_rank(rank, world_size)
         self.cache_labels = cache_labels
         self.rank = rank
@@ -94,8 +112,13 @@ class SigLipLoss(nn.Module):
         self.last_terms: dict[str, float] = {}
         self._labels: dict[tuple, torch.Tensor] = {}
 
-    def get_ground_truth(self, device: torch.device, dtype: torch.dtype, rows: int, cols: int,
-                         ) -> torch.Tensor:
+    def get_ground_truth(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        rows: int,
+        cols: int,
+    ) -> torch.Tensor:
         """[rows, cols] matrix of -1 with +1 at (i, rank*rows + i): this rank's positives."""
         offset = self.rank * rows
         key = (device, dtype, rows, cols, offset)
@@ -108,9 +131,14 @@ class SigLipLoss(nn.Module):
             self._labels[key] = labels
         return labels
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Scalar loss of this rank.
 
         Args:
@@ -121,8 +149,10 @@ class SigLipLoss(nn.Module):
                 BoolTensor [B, L]; see positives.py); None is the plain loss.
         """
         if logit_bias is None:
-            raise ValueError("SigLipLoss needs a logit_bias (a learnable scalar, SigLIP initialises "
-                             "it to -10); enable the bias in the model or use loss.name=clip")
+            raise ValueError(
+                "SigLipLoss needs a logit_bias (a learnable scalar, SigLIP initialises "
+                "it to -10); enable the bias in the model or use loss.name=clip"
+            )
         b = image_features.shape[0]
         if labels is not None:
             check_labels(labels, b)
@@ -130,8 +160,10 @@ class SigLipLoss(nn.Module):
             check_group(self.rank, self.world_size)
         if self._use_triton(image_features):
             if labels is not None:
-                raise ValueError("SigLipLoss backend 'triton' does not support multi-positive labels; "
-                                 "use loss.backend=torch or loss.positives=pair")
+                raise ValueError(
+                    "SigLipLoss backend 'triton' does not support multi-positive labels; "
+                    "use loss.backend=torch or loss.positives=pair"
+                )
             return self._forward_triton(image_features, text_features, logit_scale, logit_bias)
         if self.bidir and self.world_size > 1:
             return self._forward_bidir(image_features, text_features, logit_scale, logit_bias, labels)
@@ -146,17 +178,24 @@ class SigLipLoss(nn.Module):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _forward_bidir(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
-                       bias: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def _forward_bidir(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor,
+        labels: torch.Tensor | None,
+    ) -> torch.Tensor:
         """open_clip's ring: both neighbours at once, then one last hop if the world is even."""
         w, rank, b = self.world_size, self.rank, img.shape[0]
         all_labels = gather_labels(labels, w) if labels is not None else None
 
         def block(texts: torch.Tensor, owner: int) -> torch.Tensor:
-            cols = all_labels[owner * b:(owner + 1) * b] if all_labels is not None else None
+            cols = all_labels[owner * b : (owner + 1) * b] if all_labels is not None else None
             # Recompute the B x B logits in backward instead of keeping W of them alive.
-            return checkpoint(_block_loss, img, texts, scale, bias, labels, cols, owner == rank,
-                              use_reentrant=False)
+            return checkpoint(
+                _block_loss, img, texts, scale, bias, labels, cols, owner == rank, use_reentrant=False
+            )
 
         left, right = (rank - 1) % w, (rank + 1) % w
         loss = block(txt, rank)
@@ -185,16 +224,21 @@ class SigLipLoss(nn.Module):
         available = getattr(kernels, "triton_available", None)
         return bool(available()) and hasattr(kernels, "sigmoid_loss") if callable(available) else False
 
-    def _forward_triton(self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
-                        bias: torch.Tensor) -> torch.Tensor:
+    def _forward_triton(
+        self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
         try:
             import kernels  # lazy: the trainer must import without Triton installed
         except ImportError as e:
-            raise ImportError("SigLipLoss(backend='triton') needs the `kernels` package and Triton; "
-                              "install with `pip install -e .[kernels]` or use backend='torch'") from e
+            raise ImportError(
+                "SigLipLoss(backend='triton') needs the `kernels` package and Triton; "
+                "install with `pip install -e .[kernels]` or use backend='torch'"
+            ) from e
         sigmoid_loss = getattr(kernels, "sigmoid_loss", None)
         if sigmoid_loss is None:
-            raise NotImplementedError("this `kernels` package has no sigmoid_loss kernel yet; use "
-                                      "loss.backend=torch for loss.name=siglip")
+            raise NotImplementedError(
+                "this `kernels` package has no sigmoid_loss kernel yet; use "
+                "loss.backend=torch for loss.name=siglip"
+            )
         all_txt = all_gather_with_grad(txt) if self.world_size > 1 else txt
         return sigmoid_loss(img, all_txt, scale, bias, label_offset=self.rank * img.shape[0])
