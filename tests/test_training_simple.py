@@ -52,6 +52,9 @@ def test_trains_evaluates_checkpoints_and_resumes(tiny_shards, tmp_path, single_
     assert [r["step"] for r in evals] == [2, 4]
     assert REQUIRED_EVAL <= evals[-1].keys() and REQUIRED_EVAL <= last_eval.keys()
     assert evals[-1]["eval/num_samples"] == 48  # every held-out sample scored once
+    # Multi-label retrieval over the validation tags (the synthetic data tags colour, shape, fillers).
+    assert evals[-1]["eval/tags_vocab"] > 1
+    assert 0 < evals[-1]["eval/tags_map"] <= 1 and 0 < evals[-1]["eval/tags_r5"] <= 1
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000004"))
     assert json.load(open(os.path.join(run_dir, "done.json")))["step"] == 4
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))

@@ -189,6 +189,8 @@ class EvalConfig:
         default_factory=lambda: ["a thumbnail of {}.", "a photo of a {}.", "a video about {}.", "{}"]
     )
     """Zero-shot prompt templates ('{}' is the class name); class embeddings are their mean."""
+    tag_vocab_size: int = 1000
+    """Multi-label retrieval over the N most frequent validation tags (eval/tags_map, tags_r*); 0: off."""
 
 
 @dataclass
@@ -420,6 +422,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     for key, value in {
         "train.checkpoint_every": t.checkpoint_every,
         "eval.every": e.every,
+        "eval.tag_vocab_size": e.tag_vocab_size,
         "data.num_samples": d.num_samples,
         "train.warmup_steps": t.warmup_steps,
         "model.image_size": m.image_size,

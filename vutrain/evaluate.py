@@ -100,11 +100,13 @@ def evaluate(
     input_dtype: torch.dtype,
     device,
     dummy_batch: dict,
+    tag_vocab_size: int = 0,
 ) -> dict[str, float]:
-    """Recall and zero-shot metrics over the validation batches of every rank.
+    """Recall, zero-shot and (with tag_vocab_size) multi-label tag metrics over every rank's batches.
 
-    val_batches: iterable of this rank's batches (pixel_values, input_ids, attention_mask, labels).
-    tokenize(list[str]) -> dict(input_ids, attention_mask).
+    val_batches: iterable of this rank's batches (pixel_values, input_ids, attention_mask, labels,
+    and optionally tags). tokenize(list[str]) -> dict(input_ids, attention_mask).
+    tag_vocab_size: rank images against the most frequent validation tags (eval_multilabel.py).
     """
     was_training = engine.module.training
     engine.eval()
@@ -123,7 +125,9 @@ def evaluate(
     img = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, dim, device=device)
     txt = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dim, device=device)
     labels = [lab for b in kept for lab in b["labels"]]
+    tags = [t for b in kept for t in b.get("tags", [[]] * len(b["labels"]))]
     img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
+    tags = gather_objects(tags) if tag_vocab_size > 0 else []
 
     metrics: dict[str, float] = {"eval/num_samples": float(img.shape[0])}
     if img.shape[0] == 0:
@@ -153,6 +157,11 @@ def evaluate(
             metrics["eval/zeroshot_top1"] = (pred == target).float().mean().item()
         metrics["eval/zeroshot_chance"] = 1.0 / len(classes)
         metrics["eval/zeroshot_classes"] = float(len(classes))
+    if any(tags):  # every rank holds the same gathered tags, so the text forwards stay in lockstep
+        from vutrain.eval_multilabel import multilabel_retrieval, tag_vocabulary
+
+        vocab = tag_vocabulary(tags, max_tags=tag_vocab_size)
+        metrics.update(multilabel_retrieval(img, tags, encode_text, templates, vocab=vocab))
     if was_training:
         engine.train()
     return metrics
@@ -216,4 +225,5 @@ class Evaluator:
             self.input_dtype,
             self.device,
             dummy,
+            tag_vocab_size=cfg.eval.tag_vocab_size,
         )

@@ -22,8 +22,9 @@ class ValStream:
     """Iterable over this rank's validation batches (re-iterable; counts reset per pass).
 
     Each batch: ``pixel_values`` float[B, 3, S, S], ``input_ids`` / ``attention_mask``
-    long[B, L], ``labels`` list[str] (the ``label_field`` metadata value, lists joined by ", ")
-    and ``keys`` list[str]. Samples without a label are skipped (``missing_label``).
+    long[B, L], ``labels`` list[str] (the ``label_field`` metadata value, lists joined by ", "),
+    ``tags`` list[list[str]] (the ``tags`` metadata list, empty when absent; for the multi-label
+    retrieval metrics) and ``keys`` list[str]. Samples without a label are skipped (``missing_label``).
     """
 
     def __init__(
@@ -64,14 +65,14 @@ class ValStream:
                     yield raw
                 index += 1
 
-    def _batch(self, pixels, captions, labels, keys) -> dict:
+    def _batch(self, pixels, captions, labels, tags, keys) -> dict:
         batch = dict(self.tokenize(captions))
-        batch.update(pixel_values=torch.stack(pixels), labels=labels, keys=keys)
+        batch.update(pixel_values=torch.stack(pixels), labels=labels, tags=tags, keys=keys)
         return batch
 
     def __iter__(self) -> Iterator[dict]:
         self._skipped = SkipCounter()
-        pixels, captions, labels, keys = [], [], [], []
+        pixels, captions, labels, tags, keys = [], [], [], [], []
         for raw in self._my_raw_samples():
             try:
                 image, caption, meta = decode_sample(raw, self.caption_template)
@@ -85,12 +86,14 @@ class ValStream:
             pixels.append(pixel)
             captions.append(caption)
             labels.append(", ".join(map(str, label)) if isinstance(label, list) else str(label))
+            sample_tags = meta.get("tags")
+            tags.append([str(t) for t in sample_tags] if isinstance(sample_tags, list) else [])
             keys.append(raw["__key__"])
             if len(pixels) == self.batch_size:
-                yield self._batch(pixels, captions, labels, keys)
-                pixels, captions, labels, keys = [], [], [], []
+                yield self._batch(pixels, captions, labels, tags, keys)
+                pixels, captions, labels, tags, keys = [], [], [], [], []
         if pixels:
-            yield self._batch(pixels, captions, labels, keys)
+            yield self._batch(pixels, captions, labels, tags, keys)
 
 
 def iter_val_batches(
