@@ -180,9 +180,11 @@ def test_trainer_gradcache_matches_one_big_micro_batch(synthetic_shards, tmp_pat
         assert runs["gradcache"][step] == pytest.approx(value, rel=1e-5, abs=1e-5)
 
 
-def test_gradcache_with_lora_and_gradient_checkpointing_on_the_clip_preset():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradcache_with_lora_and_gradient_checkpointing_on_the_clip_preset(backend):
     """The tiny HF CLIP with LoRA and gradient checkpointing (one process): 2 x 4 GradCache gives
-    the trainable parameters the gradients of one micro-batch of 8, within 1e-5 (fp32)."""
+    the trainable parameters the gradients of one micro-batch of 8, within 1e-5 (fp32), with the
+    torch loss and with the Triton kernels (the interpreter on CPU)."""
     from vutrain.config import LoraConfig, ModelConfig
     from vutrain.gradcache import gradcache_step
     from vutrain.gradcache_bench import _Tokenizer
@@ -208,7 +210,7 @@ def test_gradcache_with_lora_and_gradient_checkpointing_on_the_clip_preset():
     ids = torch.randint(4, 1000, (8, 12), generator=g)
     ids[:, -1] = 1
     mask = torch.ones_like(ids)
-    loss_fn = ClipLoss()
+    loss_fn = ClipLoss(backend=backend)
     grads = {}
     for name, k in (("plain", 1), ("gradcache", 2)):
         torch.manual_seed(0)
