@@ -24,6 +24,7 @@ def _ids(n: int):
 
 
 def run_plain(url_template: str, ids, out: str, args) -> float:
+    """Download ``ids`` with plain img2dataset (no ladder, no hooks); returns the seconds taken."""
     import pandas as pd
     from img2dataset import download
 
@@ -56,6 +57,7 @@ def run_plain(url_template: str, ids, out: str, args) -> float:
 
 
 def run_ours(url_template: str, ids, out: str, args) -> float:
+    """Download ``ids`` with our ``build`` (ladder, politeness, hooks); returns the seconds taken."""
     import pandas as pd
 
     from dataset_tools.build import BuildConfig, build
@@ -84,6 +86,7 @@ def run_ours(url_template: str, ids, out: str, args) -> float:
 
 
 def main(argv=None) -> dict:
+    """Run both sides against a fake host; print (with ``--out`` also write) the JSON result, return it."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("-n", "--num", type=int, default=400)
     p.add_argument("--latency", type=float, default=0.05, help="seconds the fake host waits per request")

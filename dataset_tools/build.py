@@ -240,6 +240,7 @@ def build(cfg: BuildConfig) -> dict:
 
 
 def print_summary(summary: dict) -> None:
+    """Print the build summary: successes, failures by reason and this run's images/s."""
     print(
         f"[dataset_tools] {summary['successes']} / {summary['rows']} rows succeeded, "
         f"{summary['failures']} failed"

@@ -147,6 +147,7 @@ def _add_others(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dataset_tools``; returns the process exit code."""
     parser = argparse.ArgumentParser(
         prog="python -m dataset_tools",
         description="YouTube metadata -> thumbnails (img2dataset, polite to one host) -> webdataset shards.",

@@ -108,6 +108,7 @@ class FakeThumbnailHost:
         self.stop()
 
     def start(self) -> None:
+        """Serve on a free loopback port in a daemon thread; stops by itself after ``max_lifetime``."""
         host = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -128,6 +129,7 @@ class FakeThumbnailHost:
         self._timer.start()
 
     def stop(self) -> None:
+        """Shut the server down (idempotent)."""
         if self._server is not None:
             server, self._server = self._server, None
             server.shutdown()
@@ -136,14 +138,17 @@ class FakeThumbnailHost:
 
     @property
     def port(self) -> int:
+        """The port the server listens on."""
         return self._server.server_address[1]
 
     @property
     def url_template(self) -> str:
+        """A ``--url-template`` pointing at this host (``{video_id}`` and ``{variant}`` placeholders)."""
         return f"http://127.0.0.1:{self.port}/vi/{{video_id}}/{{variant}}.jpg"
 
     # -- behaviour ---------------------------------------------------------------------------
     def image(self, video_id: str, variant: str, size: tuple | None = None) -> bytes:
+        """The JPEG bytes served for one video and variant (rendered once, then cached)."""
         key = (video_id, variant, size)
         with self._lock:
             if key not in self._cache:

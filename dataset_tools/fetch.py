@@ -60,6 +60,8 @@ class _Permanent(Exception):
 
 @dataclass
 class Response:
+    """One HTTP answer: the status code and the body bytes."""
+
     status: int
     body: bytes
 

@@ -90,10 +90,12 @@ class YouTubeDownloader(i2d_downloader.Downloader):
             i2d_downloader.download_image_with_retry = _ladder_download
 
     def __call__(self, row):
+        """Install our ladder fetch and host limiter into img2dataset, then run its Downloader on ``row``."""
         self._install()
         return super().__call__(row)
 
     def download_shard(self, row):
+        """Download one planned shard and write its stats from the parquet rows the writer completed."""
         shard_id, shard_file = row
         start = shards.now()
         table = pa.ipc.open_file(shard_file).read_all()
@@ -132,6 +134,7 @@ class SortedTarSampleWriter:
         self.rows: dict[str, dict] = {}
 
     def write(self, img_str, key, caption, meta):
+        """Buffer one sample under its planned key, with the ladder's outcome in its metadata."""
         meta = dict(meta)
         key = meta.pop("sample_key", None) or key  # keep the planned key (stable across retries)
         meta["key"] = key
@@ -153,6 +156,7 @@ class SortedTarSampleWriter:
         self.samples[key] = members
 
     def close(self):
+        """Record rows img2dataset lost as failures, then write the tar and parquet sorted by key."""
         # Any row img2dataset's loop lost (it prints and continues on exceptions) becomes a failure.
         for index, key in enumerate(_CTX.sample_keys):
             if key not in self.rows:

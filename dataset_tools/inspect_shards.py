@@ -114,6 +114,7 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
 
 
 def format_report(report: dict, top: int = 10) -> str:
+    """The human-readable text of an ``inspect`` report (``top`` rows per count table)."""
     lines = [
         f"shards: {report['shards']}  rows: {report['rows']}  successes: {report['successes']}"
         f"  failures: {report['failures']}"

@@ -50,6 +50,7 @@ class LetterboxResizer:
         self.inner = inner
 
     def __call__(self, img_stream, blurring_bbox_list=None):
+        """Crop letterbox bars from the encoded image, then resize it with the wrapped Resizer."""
         img_stream.seek(0)
         cropped = crop_letterbox(img_stream.read())
         img_stream.seek(0)

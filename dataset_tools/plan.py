@@ -37,6 +37,7 @@ PLAN_SCHEMA = pa.schema(
 
 
 def plan_path(output: str) -> str:
+    """Where the build plan of ``output`` is stored."""
     return os.path.join(output, BUILD_DIR, "plan.parquet")
 
 
@@ -60,6 +61,7 @@ def sample_key(shard_id: int, index: int, shard_size: int, oom_shard_count: int)
 
 
 def load_plan(output: str) -> list[dict]:
+    """The saved plan rows of ``output`` (empty when there is no plan yet)."""
     path = plan_path(output)
     return pq.read_table(path).to_pylist() if os.path.exists(path) else []
 
@@ -93,6 +95,7 @@ def extend_plan(
 
 
 def save_plan(output: str, plan: list[dict]) -> None:
+    """Write the plan atomically (a temporary file, then a rename)."""
     path = plan_path(output)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(pa.Table.from_pylist(plan, schema=PLAN_SCHEMA), path + ".tmp")
@@ -100,6 +103,7 @@ def save_plan(output: str, plan: list[dict]) -> None:
 
 
 def by_shard(plan: Sequence[dict]) -> dict[int, list[dict]]:
+    """The plan rows grouped by shard id, in plan order."""
     groups: dict[int, list[dict]] = {}
     for row in plan:
         groups.setdefault(row["shard_id"], []).append(row)

@@ -80,6 +80,7 @@ class HostLimiter:
             raise
 
     def release(self) -> None:
+        """Give back the connection slot taken by ``acquire``."""
         self._slots.release()
 
     def cool_down(self, seconds: float) -> None:

@@ -40,11 +40,13 @@ class ShardSink:
         self.count = 0
 
     def add(self, sample: Sample) -> None:
+        """Buffer one sample; write a shard once ``shard_size`` samples are buffered."""
         self.buffer.append(sample)
         if len(self.buffer) >= self.shard_size:
             self.flush()
 
     def flush(self) -> None:
+        """Write the buffered samples as the next shard (tar, parquet, stats); no-op when empty."""
         if not self.buffer:
             return
         start = shards.now()
@@ -61,5 +63,6 @@ class ShardSink:
         self.buffer, self.shard_id = [], self.shard_id + 1
 
     def close(self) -> int:
+        """Write the last partial shard; returns the number of samples written in all."""
         self.flush()
         return self.count

@@ -23,6 +23,7 @@ SUCCESS = "success"
 
 
 def shard_name(shard_id: int, oom_shard_count: int = 5) -> str:
+    """The zero-padded shard name, e.g. ``00042`` for shard 42 with 5 digits."""
     return f"{shard_id:0{oom_shard_count}d}"
 
 
@@ -98,6 +99,7 @@ def tar_problem(path: str, expected_samples: int | None = None) -> str | None:
 
 
 def write_parquet(path: str, rows: list[dict], schema: pa.Schema) -> None:
+    """Write ``rows`` as a parquet file with ``schema``, atomically (missing fields are null)."""
     tmp = path + ".tmp"
     table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
     pq.write_table(table, tmp)
@@ -105,6 +107,7 @@ def write_parquet(path: str, rows: list[dict], schema: pa.Schema) -> None:
 
 
 def read_parquet_rows(path: str) -> tuple[list[dict], pa.Schema]:
+    """All rows of a parquet file, with its schema."""
     table = pq.read_table(path)
     return table.to_pylist(), table.schema
 
@@ -127,6 +130,7 @@ def stats_from_rows(rows: list[dict], start_time: float, end_time: float) -> dic
 
 
 def write_stats(folder: str, shard_id: int, stats: dict, oom_shard_count: int = 5) -> None:
+    """Write a shard's ``NNNNN_stats.json`` atomically."""
     path = os.path.join(folder, f"{shard_name(shard_id, oom_shard_count)}_stats.json")
     atomic_write_bytes(path, json.dumps(stats, indent=4).encode())
 
@@ -168,4 +172,5 @@ def iter_shard_names(folder: str) -> Iterator[str]:
 
 
 def now() -> float:
+    """Wall-clock time in seconds (one place for the stats' start and end times)."""
     return time.time()

@@ -35,6 +35,7 @@ def split(
     seed: str = "0",
     shard_size: int = 1000,
 ) -> dict:
+    """Write ``folder``'s samples into ``output/train`` and ``output/val``; returns settings and counts."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val-fraction {val_fraction}: must be between 0 and 1")
     shards.require_shards(folder)

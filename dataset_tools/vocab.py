@@ -14,6 +14,7 @@ from dataset_tools import shards
 
 
 def build_vocab(folder: str, min_count: int = 5) -> dict:
+    """Tag and category vocabularies of the successful samples, entries below ``min_count`` dropped."""
     shards.require_shards(folder)
     tags, categories = Counter(), Counter()
     for name in shards.iter_shard_names(folder):
@@ -33,6 +34,7 @@ def build_vocab(folder: str, min_count: int = 5) -> dict:
 
 
 def save(vocab: dict, path: str) -> None:
+    """Write a vocabulary as JSON to ``path`` (creating its folder)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False, indent=2)

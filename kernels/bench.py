@@ -68,6 +68,7 @@ def eager_loss(img, txt, img_all, txt_all, scale, offset):
 
 
 def ours_loss(img, txt, img_all, txt_all, scale, offset):
+    """Our fused CLIP loss: one symmetric kernel when local, two row-block CE calls otherwise."""
     if img is img_all:
         return kernels.clip_loss(img, txt, scale)
     i2t = kernels.contrastive_ce(img, txt_all, scale, label_offset=offset)
@@ -76,6 +77,7 @@ def ours_loss(img, txt, img_all, txt_all, scale, offset):
 
 
 def inf_cl_loss_fn() -> Callable | None:
+    """Inf-CL's ``cal_flash_loss`` in the benchmark's loss signature, or None if not installed."""
     try:
         from inf_cl import cal_flash_loss
     except Exception:
@@ -101,6 +103,7 @@ def sigmoid_eager_loss(img, txt, img_all, txt_all, scale, offset):
 
 
 def sigmoid_ours_loss(img, txt, img_all, txt_all, scale, offset):
+    """Our fused sigmoid (SigLIP) loss with the benchmark's fixed bias."""
     return kernels.sigmoid_loss(img, txt_all, scale, SIGLIP_BIAS, label_offset=offset)
 
 
@@ -174,6 +177,7 @@ def measure(fn: Callable[[], object], grads: list[torch.Tensor], cuda: bool, rep
 
 
 def flops(n: int, m: int, d: int, mode: str, loss: str = "clip") -> float:
+    """FLOPs of one call: 2NMD per score matrix forward, 8NMD with backward (two for non-local CLIP)."""
     matrices = 1 if n == m or loss == "sigmoid" else 2
     return matrices * (2 if mode == "fwd" else 8) * n * m * d
 
@@ -192,6 +196,7 @@ def dense_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int) -> 
 
 
 def run_case(loss_name, provider, loss, shape, mode, dtype, device, reps) -> dict:
+    """Time one (loss, provider, shape, mode) case; returns its row, with ``error`` on failure."""
     n, m, d = shape
     row = {
         "loss": loss_name,
@@ -228,6 +233,7 @@ def run_case(loss_name, provider, loss, shape, mode, dtype, device, reps) -> dic
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The benchmark rows as a markdown table."""
     head = (
         "| loss | N | M | D | mode | provider | median ms (p20-p80) | TFLOP/s | extra MiB |\n"
         "|---|---|---|---|---|---|---|---|---|"
@@ -288,6 +294,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """Parse ``--shapes`` (comma-separated NxMxD) into (N, M, D) tuples."""
     shapes = []
     for item in text.split(","):
         parts = item.lower().split("x")
@@ -298,6 +305,7 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Entry point of ``python -m kernels.bench``; returns the result written to ``--out``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_out", help="directory for bench_kernels.json/.png")
     ap.add_argument(

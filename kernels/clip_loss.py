@@ -18,6 +18,7 @@ class ClipLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image_features, text_features, logit_scale, scale_is_tensor):
+        """Symmetric CLIP loss and the statistics its backward needs."""
         from kernels.lse_forward import lse_forward
 
         img, txt = image_features.contiguous(), text_features.contiguous()
@@ -30,6 +31,7 @@ class ClipLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """Gradients in both feature sets and (when it was a tensor) the logit scale."""
         from kernels.grad_backward import grad_backward
         from kernels.lse_forward import LseStats
 

@@ -119,6 +119,7 @@ def ptxas_usage(ptx: str, arch: int = 90) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m kernels.compile_check``: compile and print the register report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])

@@ -49,6 +49,7 @@ class ContrastiveCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, logit_scale, label_offset, reduction, scale_is_tensor):
+        """Row cross-entropies of ``s * Q @ K.T``, reduced, and the statistics its backward needs."""
         from kernels.lse_forward import lse_forward
 
         q, k = queries.contiguous(), keys.contiguous()
@@ -63,6 +64,7 @@ class ContrastiveCEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """Gradients in Q, K and (when it was a tensor) the logit scale."""
         from kernels.grad_backward import grad_backward
         from kernels.lse_forward import LseStats
 

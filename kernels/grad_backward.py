@@ -61,6 +61,19 @@ def _grad_chunk_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Write one [BM, BN] tile of ``G = dL/dS * scale`` and its partial of ``dL/dscale``.
+
+    Pointers: ``q_ptr`` [N, D] and ``k_ptr`` [M, D] (the chunk's rows/columns); ``scale_ptr``
+    0-dim fp32; ``row_m_ptr``/``row_log2l_ptr`` [N] base-2 row statistics and ``g_row_ptr`` [N]
+    row weights; ``col_m_ptr``/``col_log2l_ptr``/``g_col_ptr`` [M] the same for columns (read
+    only with WITH_COLS, otherwise placeholders); ``out_ptr`` [N, M] workspace for ``G``;
+    ``out_scale_ptr`` 0-dim power-of-two workspace scale; ``dscale_ptr`` one fp32 slot per program.
+    Sizes: ``N``, ``M`` rows/columns of the chunk, ``D`` the embedding width.
+    Strides: ``stride_q``, ``stride_k``, ``stride_out`` row strides (elements).
+    ``label_offset``: row i's label column is ``i + label_offset``.
+    Constexpr: ``BM``/``BN``/``BD`` tile sizes; ``WITH_COLS`` adds the column (symmetric) term;
+    ``UPCAST`` computes the dot in fp32 (interpreter); ``PRECISION`` the ``tl.dot`` input precision.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -131,16 +144,35 @@ def grad_backward(
         grid = (triton.cdiv(r1 - r0, cfg.BM), triton.cdiv(c1 - c0, cfg.BN))
         part = torch.empty(grid[0] * grid[1], 1, dtype=torch.float32, device=q.device)
         _grad_chunk_kernel[grid](
-            q[r0:r1], k[c0:c1], scale, stats.row_m2[r0:], stats.row_log2l[r0:], g_row[r0:],
-            stats.col_m2[c0:] if with_cols else g_row, stats.col_log2l[c0:] if with_cols else g_row,
-            g_col[c0:] if with_cols else g_row,
-            out, out_scale, part, r1 - r0, c1 - c0, d, q.stride(0), k.stride(0), out.stride(0),
-            label_offset + r0 - c0,
-            BM=cfg.BM, BN=cfg.BN, BD=cfg.BD, WITH_COLS=with_cols,
+            q_ptr=q[r0:r1],
+            k_ptr=k[c0:c1],
+            scale_ptr=scale,
+            row_m_ptr=stats.row_m2[r0:],
+            row_log2l_ptr=stats.row_log2l[r0:],
+            g_row_ptr=g_row[r0:],
+            # Without columns the column pointers are never read: any fp32 tensor will do.
+            col_m_ptr=stats.col_m2[c0:] if with_cols else g_row,
+            col_log2l_ptr=stats.col_log2l[c0:] if with_cols else g_row,
+            g_col_ptr=g_col[c0:] if with_cols else g_row,
+            out_ptr=out,
+            out_scale_ptr=out_scale,
+            dscale_ptr=part,
+            N=r1 - r0,
+            M=c1 - c0,
+            D=d,
+            stride_q=q.stride(0),
+            stride_k=k.stride(0),
+            stride_out=out.stride(0),
+            label_offset=label_offset + r0 - c0,
+            BM=cfg.BM,
+            BN=cfg.BN,
+            BD=cfg.BD,
+            WITH_COLS=with_cols,
             UPCAST=interpreting() and q.dtype != torch.float32,
             PRECISION=dot_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
         return part
 
     # |G| = s |g_i (P - onehot) + h_j (Pc - onehot)| <= s (max|g| + max|h|).

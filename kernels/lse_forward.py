@@ -59,6 +59,20 @@ def _lse_fwd_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Online base-2 log-sum-exp of one BM row block over one column split.
+
+    Pointers: ``q_ptr`` [N, D] and ``k_ptr`` [M, D]; ``scale_ptr`` 0-dim fp32; ``row_m_ptr``/
+    ``row_l_ptr`` [splits, N] per-split running max and sum; ``pos_ptr`` [N] the label logit
+    (base 2), written by the one program whose tile holds it; ``col_m_ptr``/``col_l_ptr``
+    [row_blocks, M] per-row-block column partials (written only with WITH_COLS, otherwise
+    placeholders).
+    Sizes: ``N``, ``M`` rows/columns, ``D`` the embedding width; ``cols_per_split`` columns per
+    split (whole BN tiles).
+    Strides: ``stride_q``, ``stride_k`` row strides (elements).
+    ``label_offset``: row i's label column is ``i + label_offset``.
+    Constexpr: ``BM``/``BN``/``BD`` tile sizes; ``WITH_COLS`` also writes column partials;
+    ``UPCAST`` computes the dot in fp32 (interpreter); ``PRECISION`` the ``tl.dot`` input precision.
+    """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -177,13 +191,30 @@ def lse_forward(
         else:
             cm = cl = rm  # unused placeholders (WITH_COLS is a constexpr)
         _lse_fwd_kernel[(row_blocks, splits)](
-            qc, k, scale, rm, rl, pos[r0:], cm, cl,
-            nc, m, d, qc.stride(0), k.stride(0), cols_per_split, label_offset + r0,
-            BM=cfg.BM, BN=cfg.BN, BD=cfg.BD, WITH_COLS=with_cols,
+            q_ptr=qc,
+            k_ptr=k,
+            scale_ptr=scale,
+            row_m_ptr=rm,
+            row_l_ptr=rl,
+            pos_ptr=pos[r0:],
+            col_m_ptr=cm,
+            col_l_ptr=cl,
+            N=nc,
+            M=m,
+            D=d,
+            stride_q=qc.stride(0),
+            stride_k=k.stride(0),
+            cols_per_split=cols_per_split,
+            label_offset=label_offset + r0,
+            BM=cfg.BM,
+            BN=cfg.BN,
+            BD=cfg.BD,
+            WITH_COLS=with_cols,
             UPCAST=interpreting() and q.dtype != torch.float32,
             PRECISION=dot_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
         mm, ll = merge_lse2(rm, rl)
         row_m_parts.append(mm)
         row_l_parts.append(ll)

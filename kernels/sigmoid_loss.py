@@ -30,6 +30,7 @@ class SigmoidLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, logit_scale, logit_bias, label_offset):
+        """The sigmoid loss; saves what its backward needs."""
         from kernels.sigmoid_tiles import sigmoid_forward
 
         q, k = queries.contiguous(), keys.contiguous()
@@ -45,6 +46,7 @@ class SigmoidLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """Gradients in Q, K and (when they were tensors) the logit scale and bias."""
         from kernels.sigmoid_tiles import sigmoid_backward
 
         q, k, scale, bias = ctx.saved_tensors

@@ -46,11 +46,35 @@ def _label_sign(rows, cols, c0, pid_m, label_offset, BM: tl.constexpr, BN: tl.co
 
 @triton.jit
 def _sigmoid_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, row_sum_ptr,
-    N, M, D, stride_q, stride_k, cols_per_split, label_offset,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """row_sum[split, i] = sum over this split's columns j of softplus(-z_ij * x_ij)."""
+    q_ptr,
+    k_ptr,
+    scale_ptr,
+    bias_ptr,
+    row_sum_ptr,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    cols_per_split,
+    label_offset,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """row_sum[split, i] = sum over this split's columns j of softplus(-z_ij * x_ij).
+
+    Pointers: ``q_ptr`` [N, D] and ``k_ptr`` [M, D]; ``scale_ptr``/``bias_ptr`` 0-dim fp32;
+    ``row_sum_ptr`` [splits, N] fp32, one row of partial sums per column split.
+    Sizes: ``N``, ``M`` rows/columns, ``D`` the embedding width; ``cols_per_split`` columns per
+    split (whole BN tiles).
+    Strides: ``stride_q``, ``stride_k`` row strides (elements).
+    ``label_offset``: row i's positive is column ``i + label_offset``.
+    Constexpr: ``BM``/``BN``/``BD`` tile sizes; ``UPCAST`` computes the dot in fp32 (interpreter);
+    ``PRECISION`` the ``tl.dot`` input precision.
+    """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -71,11 +95,39 @@ def _sigmoid_fwd_kernel(
 
 @triton.jit
 def _sigmoid_grad_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, w_ptr, out_ptr, out_scale_ptr, part_ptr,
-    N, M, D, stride_q, stride_k, stride_out, label_offset,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """out = s * dL/dx * out_scale for one tile; part[tile] = (sum dL/dx * q.k, sum dL/dx)."""
+    q_ptr,
+    k_ptr,
+    scale_ptr,
+    bias_ptr,
+    w_ptr,
+    out_ptr,
+    out_scale_ptr,
+    part_ptr,
+    N,
+    M,
+    D,
+    stride_q,
+    stride_k,
+    stride_out,
+    label_offset,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out = s * dL/dx * out_scale for one tile; part[tile] = (sum dL/dx * q.k, sum dL/dx).
+
+    Pointers: ``q_ptr`` [N, D] and ``k_ptr`` [M, D] (the chunk's rows/columns);
+    ``scale_ptr``/``bias_ptr``/``w_ptr`` 0-dim fp32 (``w`` the upstream gradient / N);
+    ``out_ptr`` [N, M] workspace; ``out_scale_ptr`` 0-dim power-of-two workspace scale;
+    ``part_ptr`` [tiles, 2] fp32, one (dscale, dbias) partial pair per program.
+    Sizes: ``N``, ``M`` rows/columns of the chunk, ``D`` the embedding width.
+    Strides: ``stride_q``, ``stride_k``, ``stride_out`` row strides (elements).
+    ``label_offset``: row i's positive is column ``i + label_offset``.
+    Constexpr: ``BM``/``BN``/``BD`` tile sizes; ``UPCAST`` computes the dot in fp32 (interpreter);
+    ``PRECISION`` the ``tl.dot`` input precision.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -97,6 +149,7 @@ def _sigmoid_grad_kernel(
 
 
 def _flags(q: torch.Tensor) -> dict:
+    """The UPCAST and PRECISION constexpr keywords shared by both kernels, from q's dtype."""
     return {"UPCAST": interpreting() and q.dtype != torch.float32, "PRECISION": dot_precision(q.dtype)}
 
 
@@ -113,9 +166,25 @@ def sigmoid_forward(
     splits = triton.cdiv(m, cols_per_split)
     row_sum = torch.empty(splits, n, dtype=torch.float32, device=q.device)
     _sigmoid_fwd_kernel[(row_blocks, splits)](
-        q, k, scale, bias, row_sum, n, m, d, q.stride(0), k.stride(0), cols_per_split, label_offset,
-        BM=cfg.BM, BN=cfg.BN, BD=cfg.BD, **_flags(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+        q_ptr=q,
+        k_ptr=k,
+        scale_ptr=scale,
+        bias_ptr=bias,
+        row_sum_ptr=row_sum,
+        N=n,
+        M=m,
+        D=d,
+        stride_q=q.stride(0),
+        stride_k=k.stride(0),
+        cols_per_split=cols_per_split,
+        label_offset=label_offset,
+        BM=cfg.BM,
+        BN=cfg.BN,
+        BD=cfg.BD,
+        **_flags(q),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return row_sum.sum(0).sum() / n  # fixed order: splits, then rows
 
 
@@ -141,10 +210,28 @@ def sigmoid_backward(
         grid = (triton.cdiv(r1 - r0, cfg.BM), triton.cdiv(c1 - c0, cfg.BN))
         part = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=q.device)
         _sigmoid_grad_kernel[grid](
-            q[r0:r1], k[c0:c1], scale, bias, w, out, out_scale, part,
-            r1 - r0, c1 - c0, d, q.stride(0), k.stride(0), out.stride(0), label_offset + r0 - c0,
-            BM=cfg.BM, BN=cfg.BN, BD=cfg.BD, **_flags(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+            q_ptr=q[r0:r1],
+            k_ptr=k[c0:c1],
+            scale_ptr=scale,
+            bias_ptr=bias,
+            w_ptr=w,
+            out_ptr=out,
+            out_scale_ptr=out_scale,
+            part_ptr=part,
+            N=r1 - r0,
+            M=c1 - c0,
+            D=d,
+            stride_q=q.stride(0),
+            stride_k=k.stride(0),
+            stride_out=out.stride(0),
+            label_offset=label_offset + r0 - c0,
+            BM=cfg.BM,
+            BN=cfg.BN,
+            BD=cfg.BD,
+            **_flags(q),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
         return part
 
     # |dL/dx| <= |w|, and the workspace holds s * dL/dx.

@@ -29,6 +29,7 @@ PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
 
 def device_name() -> str:
+    """The CUDA device's name, or the CPU's core count and type."""
     import torch
 
     if torch.cuda.is_available():
@@ -98,6 +99,7 @@ def run_one(spec: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    """The benchmark rows as a markdown table (failed configurations say why)."""
     lines = [
         "| preset | precision | ZeRO | batch | grad ckpt | samples/s | step s | data | fwd | loss | bwd "
         "| opt | peak mem GiB |",
@@ -142,6 +144,7 @@ def dispatch(argv: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m vutrain.bench``; returns the process exit code."""
     delegated = dispatch(list(sys.argv[1:] if argv is None else argv))
     if delegated is not None:
         return delegated

@@ -62,6 +62,7 @@ class Variant:
 
     @property
     def label(self) -> str:
+        """Short name of the configuration, as in the report and ``--search``."""
         name = "open_clip" if self.side == "open_clip" else f"vutrain z{self.zero_stage} {self.loss_backend}"
         return name + (" ckpt" if self.grad_ckpt else "")
 
@@ -77,11 +78,13 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def free_memory(device: torch.device) -> None:
+    """Collect garbage and, on CUDA, release cached blocks between configurations."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -108,6 +111,7 @@ class FixedBatch:
         return self.batch
 
     def skipped(self) -> dict:
+        """No skipped samples: the benchmark's batches are never filtered."""
         return {}
 
 
@@ -144,10 +148,12 @@ class TrainerStep:
         self.trainer.stream = self.feed
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
+        """One real Trainer step on ``batch``."""
         self.feed.batch = batch
         self.trainer.train_step()
 
     def close(self) -> None:
+        """Free the DeepSpeed engine and the Trainer so the next configuration gets the memory."""
         engine = self.trainer.engine
         try:
             engine.zero_grad()
@@ -187,6 +193,7 @@ class Batches:
         self.openclip_pool = dict(pool, pixel_values=openclip_pixels(pool["pixel_values"], mean, std))
 
     def get(self, side: str, size: int) -> dict[str, torch.Tensor]:
+        """A batch of ``size`` samples from the pool, in ``side``'s form (repeated when larger)."""
         source = self.openclip_pool if side == "open_clip" else self.pool
         index = torch.arange(size) % len(source["input_ids"])
         return {k: v[index] for k, v in source.items()}
@@ -253,6 +260,7 @@ class Bench:
         self.openclip = load_open_clip()  # first: a missing open_clip fails before any model is built
 
     def build(self, variant: Variant):
+        """The step runner of ``variant``: a vutrain TrainerStep or an open_clip OpenClipStep."""
         if variant.side == "vutrain":
             runner = TrainerStep(variant, self.args, self.info, self.run_dir, self.shards)
             if self.batches is None:  # the first Trainer's own stream reads the pool
@@ -383,6 +391,7 @@ class Bench:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options of ``python -m vutrain.bench --compare open_clip``."""
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(
         prog="python -m vutrain.bench --compare open_clip", description=__doc__.split("\n\n")[0]
@@ -479,6 +488,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 
 
 def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[Variant]:
+    """The configurations ``--search`` asks the largest batch of, open_clip's first."""
     if args.search == "none" or not args.max_batch:
         return []
     chosen = (
@@ -496,6 +506,7 @@ def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the open_clip comparison; returns the process exit code."""
     from vutrain.data.synthetic import write_synthetic
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
     from vutrain.model import PRESETS

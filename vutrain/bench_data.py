@@ -112,6 +112,7 @@ def make_tokenize(spec: str, context_length: int, work: str):
 
 
 def build_stream(args, tokenize, workers: int, path: str):
+    """The training stream over ``args.shards`` with the ``fast`` or the PIL preprocessing path."""
     from vutrain.data.preprocess import make_fast_preprocess, make_preprocess
     from vutrain.data.webdataset import TrainStream
 
@@ -253,6 +254,7 @@ def write_thumbnail_shards(
 
 
 def table(rows: list[dict]) -> str:
+    """The data benchmark rows as a markdown table."""
     lines = [
         "| path | workers | pixels | samples/s | per worker | decode/s (1 core) | per worker / decode "
         "| per worker-CPU-s / decode-CPU-s |",
@@ -268,6 +270,7 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options of ``python -m vutrain.bench data``."""
     parser = argparse.ArgumentParser(
         prog="python -m vutrain.bench data", description=__doc__.split("\n\n")[0]
     )

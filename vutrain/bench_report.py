@@ -20,6 +20,7 @@ BASELINE_LABEL = "open_clip"
 
 
 def format_row(row: dict) -> str:
+    """One markdown table row of a speed measurement (or its error)."""
     if "error" in row:
         return f"| {row['variant']} | {row['batch_size']} | {row['error']} | | |"
     mem = "n/a (CPU)" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.2f}"
@@ -145,12 +146,14 @@ def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> N
 
 
 def write_json(result: dict, out: str) -> None:
+    """Write the result as JSON to ``out`` (creating its folder)."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
 
 
 def report(result: dict, out: str, png: str) -> None:
+    """Print the tables, then write the JSON and the PNG."""
     print("\n" + TABLE_HEAD)
     for row in result["rows"]:
         print(format_row(row))

@@ -46,6 +46,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoraConfig:
+    """LoRA adapters on both towers (peft)."""
+
     enabled: bool = False
     """Wrap both towers with peft LoRA adapters (the base weights stay frozen)."""
     r: int = 16
@@ -60,6 +62,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
+    """Architecture or pretrained weights, tokenizer, frozen towers, checkpointing and LoRA."""
+
     preset: str = "tiny"
     """Random-init architecture: tiny (CPU), vit-b-32, vit-b-16, vit-l-14 (OpenAI's shapes)."""
     name_or_path: str = ""
@@ -81,6 +85,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """Shards, loader workers, preprocessing and augmentation, captions and the tokenizer sample."""
+
     train_shards: str = ""
     """Training shards: brace-expandable tar list; '::' joins several sources."""
     val_shards: str = ""
@@ -109,6 +115,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """Steps, batch sizes, ZeRO, precision, optimizer and schedule, checkpoints and logging."""
+
     max_steps: int = 100
     """Optimizer steps to train."""
     micro_batch_size: int = 32
@@ -157,6 +165,8 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
+    """The training objective and how it is computed across ranks."""
+
     name: str = "clip"
     """clip (softmax InfoNCE), siglip (sigmoid) or align_uniform (alignment + uniformity)."""
     backend: str = "torch"
@@ -179,6 +189,8 @@ class LossConfig:
 
 @dataclass
 class EvalConfig:
+    """Periodic evaluation: retrieval, zero-shot and tag metrics."""
+
     every: int = 0
     """Evaluate every N steps (0 disables periodic eval; eval still runs at the end with val_shards)."""
     zeroshot_field: str = "category_name"
@@ -195,6 +207,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
+    """A whole run: output, seed and one section per concern."""
+
     output_dir: str = "runs/default"
     """Run directory: resolved config, metrics.jsonl, checkpoints/, tokenizer/, plots, logs."""
     seed: int = 0
@@ -375,10 +389,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> R
 
 
 def to_dict(cfg: RunConfig) -> dict:
+    """The config as nested plain dicts."""
     return dataclasses.asdict(cfg)
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config as YAML to ``path``."""
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
 

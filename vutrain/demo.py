@@ -61,6 +61,7 @@ def deepspeed_command(num_ranks: int) -> list[str]:
 
 
 def write_data(out: str, num_samples: int, val_samples: int, shard_size: int, seed: int) -> tuple[str, str]:
+    """Write fresh synthetic train and val shards under ``out/data``; returns their shard specs."""
     from vutrain.data.synthetic import write_synthetic
 
     data = os.path.join(out, "data")
@@ -123,6 +124,7 @@ def classify_one(model_dir: str, val_shards: str) -> tuple[str, str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``make demo``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m vutrain.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(REPO, "demo_out"))
     parser.add_argument("--num-samples", type=int, default=8192)

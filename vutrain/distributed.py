@@ -28,6 +28,8 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place among the ranks, the rendezvous address, device and backend."""
+
     rank: int
     local_rank: int
     world_size: int
@@ -43,6 +45,7 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the rank that logs and writes shared files."""
         return self.rank == 0
 
 
@@ -74,6 +77,7 @@ def _slurm_first_host(env) -> str | None:
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a single-process rendezvous)."""
     import socket
 
     with socket.socket() as sock:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def load_run_tokenizer_and_processor(cfg, run_dir: str):
+    """The run's tokenizer and image processor (the pretrained ones, or those the run saved)."""
     from transformers import AutoTokenizer
 
     if cfg.model.name_or_path:
@@ -81,6 +82,7 @@ def to_hf_clip(module) -> transformers.CLIPModel:  # noqa: F821
 
 
 def export(run_dir: str, out_dir: str, tag: str | None = None) -> str:
+    """Export the run's checkpoint ``tag`` (default: newest) as an HF CLIPModel directory."""
     module, tokenizer, processor, tag = load_trained_module(run_dir, tag)
     clip = to_hf_clip(module)
     os.makedirs(out_dir, exist_ok=True)
@@ -92,6 +94,7 @@ def export(run_dir: str, out_dir: str, tag: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m vutrain.export``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m vutrain.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")

@@ -107,6 +107,7 @@ def run_one(batch: int, micro: int, mode: str, preset: str, device: str) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m vutrain.gradcache_bench``; returns the process exit code."""
     parser = argparse.ArgumentParser(
         prog="python -m vutrain.gradcache_bench", description=__doc__.split("\n\n")[0]
     )

@@ -24,6 +24,8 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: exp(scale) never exceeds 100
 
 @dataclass(frozen=True)
 class Preset:
+    """Shapes of a random-init CLIP architecture (both towers, embedding width, context length)."""
+
     image_size: int
     patch_size: int
     vision_width: int
@@ -88,6 +90,7 @@ def preset_clip_config(cfg: ModelConfig, tokenizer) -> CLIPConfig:
 
 
 def preset_image_processor(image_size: int) -> CLIPImageProcessor:
+    """A CLIPImageProcessor for the presets: resize and centre-crop to ``image_size``, OpenAI mean/std."""
     return CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -176,6 +179,7 @@ class ClipTrainModule(nn.Module):
         return clip.base_model.model if hasattr(clip, "peft_config") else clip
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
+        """Normalised image and text features (None where not given), the clamped scale and the bias."""
         base = self.base
         image = text = None
         if pixel_values is not None:

@@ -8,6 +8,7 @@ from vutrain.metrics import read_metrics
 
 
 def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
+    """Plot the loss and eval curves to ``run_dir/out_name``; returns its path (None without metrics)."""
     rows = read_metrics(run_dir)
     if not rows:
         return None

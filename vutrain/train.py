@@ -20,6 +20,7 @@ from vutrain.config import ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the training entry point."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -59,6 +60,7 @@ def check_shard_lists(cfg, log_warnings: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of training: resolve the ranks, load the config, train; returns the exit code."""
     args = parse_args(argv)
     from vutrain.logging_setup import setup_logging
 

@@ -58,6 +58,7 @@ class ShardKeys:
         self._cache: dict[str, list[str]] = {}
 
     def __call__(self, url: str) -> list[str]:
+        """The keys of the shard at ``url``, in tar order (read once, then cached)."""
         if url not in self._cache:
             self._cache[url] = _read_keys(url)
         return self._cache[url]

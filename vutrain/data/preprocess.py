@@ -61,6 +61,7 @@ class ClipPreprocess:
         self.rescale = rescale
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Resize the shortest edge, centre-crop and normalise one image."""
         image = image.convert("RGB")
         w, h = image.size
         short, long = (w, h) if w <= h else (h, w)
@@ -113,6 +114,7 @@ class ClipCropUint8:
         self.shortest_edge, self.crop_hw, self.resample = int(shortest_edge), crop_hw, int(resample)
 
     def __call__(self, data: bytes) -> torch.Tensor:
+        """Decode (JPEG draft mode where possible), resize and centre-crop one encoded image to uint8."""
         size = jpeg_size(data)
         target = resized_geometry(*size, self.shortest_edge) if size else None
         draft_to = tuple(math.ceil(v * DRAFT_MARGIN) for v in target) if target else None

@@ -369,6 +369,7 @@ class SkipCounter(Counter):
     muted = False
 
     def __call__(self, reason: str, detail: str = "") -> None:
+        """Count one skipped sample under ``reason`` and log the first three per reason; muted: neither."""
         if self.muted:
             return
         self[reason] += 1
