@@ -65,6 +65,31 @@ node_addr() {
     echo "${addr:-$1}"
 }
 
+# allocation_tasks: the number of tasks of the current allocation, summed from
+# SLURM_TASKS_PER_NODE ("2(x3),1" -> 7), which slurmctld computes for every start. SLURM_NTASKS
+# is not used when that is set: sbatch stores it with the job's environment at submission, so a
+# job requeued onto fewer nodes (`scontrol update JobId=N NumNodes=1-1 NumTasks=1`) still sees
+# the first start's task count there.
+allocation_tasks() {
+    local spec="${SLURM_TASKS_PER_NODE:-}" total=0 part count reps
+    if [[ -z "$spec" ]]; then
+        echo "${SLURM_NTASKS:-${1:-1}}"
+        return 0
+    fi
+    local IFS=,
+    for part in $spec; do
+        if [[ "$part" =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
+            count="${BASH_REMATCH[1]}" reps="${BASH_REMATCH[2]}"
+        elif is_uint "$part"; then
+            count="$part" reps=1
+        else
+            die "cannot parse SLURM_TASKS_PER_NODE='$spec'"
+        fi
+        total=$((total + count * reps))
+    done
+    echo "$total"
+}
+
 # default_master_port: a port derived from the job id so two jobs sharing a node do not clash
 # (the same rule the trainer applies when MASTER_PORT is unset).
 default_master_port() {

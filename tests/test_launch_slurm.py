@@ -284,3 +284,62 @@ def test_make_hostfile(cluster, tmp_path):
     assert proc.returncode != 0 and "slots must be a positive integer" in proc.stderr
     proc = cluster.run("launch/make_hostfile.sh", check=False, SLURM_JOB_NODELIST="")
     assert proc.returncode != 0 and "no node list" in proc.stderr
+
+
+# A requeue that comes back on fewer nodes: n2 is drained while the 2-node job runs (as if it
+# failed), and the pending requeued job is resized to 1 node, the procedure the README gives.
+@pytest.mark.parametrize(
+    "script,sbatch_args",
+    [
+        ("deepspeed.sbatch", ["-N", "2"]),
+        ("srun.sbatch", ["-N", "2", "--ntasks-per-node=1"]),
+    ],
+    ids=["deepspeed-2to1nodes", "srun-2to1nodes"],
+)
+def test_requeue_on_fewer_nodes(cluster, shards, tmp_path, script, sbatch_args):
+    out = tmp_path / "run"
+    # global_batch_size keeps the global batch: 4 x 2 ranks x 1 accumulation -> 4 x 1 rank x 2.
+    args = [*trainer_args(out, shards, PREEMPT_STEPS), "train.global_batch_size=8"]
+    job, log = submit(cluster, tmp_path, script, sbatch_args, args)
+    try:
+        deadline = time.time() + 240
+        while not metrics_steps(out):
+            info = cluster.job(job)
+            assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{read_log(log)[-4000:]}"
+            assert time.time() < deadline, f"no training step logged\n{read_log(log)[-4000:]}"
+            time.sleep(0.5)
+        # The job keeps running on a draining node; the requeued job cannot get n2 back.
+        cluster.run("scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=test-requeue-fewer-nodes")
+        cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+        deadline = time.time() + 240
+        while not (info := cluster.job(job)).get("JobState") == "PENDING" or info.get("Restarts") != "1":
+            assert info["JobState"] in ("RUNNING", "COMPLETING", "REQUEUED", "PENDING", "CONFIGURING"), (
+                f"{info}\n{read_log(log)[-6000:]}"
+            )
+            assert time.time() < deadline, f"job not requeued: {info}\n{read_log(log)[-6000:]}"
+            time.sleep(0.2)
+        # NumNodes=1 alone lowers only the minimum; the task count must follow the node count.
+        cluster.run("scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1")
+        deadline = time.time() + 60
+        while (info := cluster.job(job))["JobState"] == "PENDING":
+            assert time.time() < deadline, f"the resized job does not start: {info}"
+            time.sleep(0.5)
+        info = cluster.wait_job(job, timeout=360)
+    finally:
+        cluster.run("scontrol", "update", "NodeName=n2", "State=RESUME", check=False)
+    text = read_log(log)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-6000:]}"
+    assert info["Restarts"] == "1" and info["NumNodes"] == "1", f"{info}\n{text[-6000:]}"
+
+    m = re.search(r"preempted at step (\d+)", text)
+    assert m, text[-6000:]
+    step = int(m.group(1))
+    assert 1 <= step < PREEMPT_STEPS, f"preempted at step {step} of {PREEMPT_STEPS}; raise PREEMPT_STEPS"
+    assert text.count(TRAINER_WORLD_2) == 1 and text.count("vutrain: world_size=1 ") == 1, text[-6000:]
+    # The resumed run converted the 2-rank checkpoint and went on at world 1.
+    assert re.search(rf"resumed \S*step_{step:08d}\S* \(written by 2 ranks\) on 1 ranks at step {step}", text), (
+        text[-6000:]
+    )
+    assert metrics_steps(out) == list(range(1, PREEMPT_STEPS + 1))  # every step logged once
+    assert json.loads((out / "done.json").read_text())["step"] == PREEMPT_STEPS
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{PREEMPT_STEPS:08d}"
