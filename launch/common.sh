@@ -65,17 +65,14 @@ node_addr() {
     echo "${addr:-$1}"
 }
 
-# allocation_tasks: the number of tasks of the current allocation, summed from
-# SLURM_TASKS_PER_NODE ("2(x3),1" -> 7), which slurmctld computes for every start. SLURM_NTASKS
-# is not used when that is set: sbatch stores it with the job's environment at submission, so a
-# job requeued onto fewer nodes (`scontrol update JobId=N NumNodes=1-1 NumTasks=1`) still sees
-# the first start's task count there.
+# allocation_tasks DEFAULT: the number of tasks of this start of the job. SLURM_NTASKS, unless it
+# exceeds what the allocation holds (SLURM_TASKS_PER_NODE summed: "2(x3),1" -> 7): sbatch stores
+# SLURM_NTASKS with the job's environment at submission, so a job requeued and resized onto fewer
+# nodes (`scontrol update JobId=N NumNodes=1-1 NumTasks=1`) still reads the first start's count
+# there. (SLURM_TASKS_PER_NODE alone is no answer: for `-n 3 --ntasks-per-node=2` it says 2(x2).)
 allocation_tasks() {
-    local spec="${SLURM_TASKS_PER_NODE:-}" total=0 part count reps
-    if [[ -z "$spec" ]]; then
-        echo "${SLURM_NTASKS:-${1:-1}}"
-        return 0
-    fi
+    local spec="${SLURM_TASKS_PER_NODE:-}" ntasks="${SLURM_NTASKS:-${1:-1}}" total=0 part count reps
+    [[ -n "$spec" ]] || { echo "$ntasks"; return 0; }
     local IFS=,
     for part in $spec; do
         if [[ "$part" =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
@@ -87,7 +84,11 @@ allocation_tasks() {
         fi
         total=$((total + count * reps))
     done
-    echo "$total"
+    if is_uint "$ntasks" && (( ntasks <= total )); then
+        echo "$ntasks"
+    else
+        echo "$total"
+    fi
 }
 
 # default_master_port: a port derived from the job id so two jobs sharing a node do not clash

@@ -10,11 +10,15 @@ gloo) on synthetic shards. Covered:
   srun.sbatch, 2 nodes x 1 task, preempted with `scancel --signal=USR1|TERM --batch`:
   checkpoint at the preemption step, job requeued by the script, resumed from that step to the end
   (world size 2, finished run, final checkpoint).
+- both scripts, 2 nodes x 1 rank, preempted while node n2 is drained; the requeued job is resized
+  to 1 node (`scontrol update JobId=N NumNodes=1-1 NumTasks=1`), resumes the 2-rank checkpoint at
+  world 1 (`train.global_batch_size` keeps the global batch) and finishes, every step logged once.
 - srun.sbatch, 1 node x 2 tasks, plain `scancel JOB`: checkpoint, no requeue.
 - the scripts' input errors (tasks not dividing over nodes, WORLD_SIZE mismatch, missing
   hostfile, several tasks per node for deepspeed.sbatch) and make_hostfile.sh.
 
-Runtime on 2 cores: about 4 minutes (plus the one-off apt-get install on a fresh machine).
+Runtime on 2 cores: about 6 minutes, 2 of them the two fewer-nodes tests (plus the one-off
+apt-get install on a fresh machine).
 Skips, with the reason, when SLURM is absent and we are not root to install it.
 """
 
@@ -126,6 +130,17 @@ def metrics_steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
+def wait_first_step(cluster: SlurmCluster, job: int, out: Path, log: Path) -> None:
+    """Wait until the job has logged a training step: only then may a test signal it (before the
+    trainer installs its handlers USR1 would simply kill it)."""
+    deadline = time.time() + 240
+    while not metrics_steps(out):
+        info = cluster.job(job)
+        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{read_log(log)[-4000:]}"
+        assert time.time() < deadline, f"no training step logged\n{read_log(log)[-4000:]}"
+        time.sleep(0.5)
+
+
 def assert_finished(out: Path, log: str, max_steps: int) -> None:
     assert TRAINER_WORLD_2 in log, log[-4000:]
     assert json.loads((out / "done.json").read_text())["step"] == max_steps
@@ -167,14 +182,7 @@ def test_run_to_completion(cluster, shards, tmp_path, script, sbatch_args, env):
 def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args, sig):
     out = tmp_path / "run"
     job, log = submit(cluster, tmp_path, script, sbatch_args, trainer_args(out, shards, PREEMPT_STEPS))
-    # Signal once training runs (a step is logged): before the trainer installs its handlers
-    # USR1 would simply kill it.
-    deadline = time.time() + 240
-    while not metrics_steps(out):
-        info = cluster.job(job)
-        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{read_log(log)[-4000:]}"
-        assert time.time() < deadline, f"no training step logged\n{read_log(log)[-4000:]}"
-        time.sleep(0.5)
+    wait_first_step(cluster, job, out, log)
     # --batch: only the batch shell gets it, as with `#SBATCH --signal=B:USR1@120`; the script
     # must pass it on to the ranks.
     cluster.run("scancel", f"--signal={sig}", "--batch", str(job))
@@ -302,12 +310,7 @@ def test_requeue_on_fewer_nodes(cluster, shards, tmp_path, script, sbatch_args):
     args = [*trainer_args(out, shards, PREEMPT_STEPS), "train.global_batch_size=8"]
     job, log = submit(cluster, tmp_path, script, sbatch_args, args)
     try:
-        deadline = time.time() + 240
-        while not metrics_steps(out):
-            info = cluster.job(job)
-            assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{read_log(log)[-4000:]}"
-            assert time.time() < deadline, f"no training step logged\n{read_log(log)[-4000:]}"
-            time.sleep(0.5)
+        wait_first_step(cluster, job, out, log)
         # The job keeps running on a draining node; the requeued job cannot get n2 back.
         cluster.run("scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=test-requeue-fewer-nodes")
         cluster.run("scancel", "--signal=USR1", "--batch", str(job))
@@ -337,9 +340,8 @@ def test_requeue_on_fewer_nodes(cluster, shards, tmp_path, script, sbatch_args):
     assert 1 <= step < PREEMPT_STEPS, f"preempted at step {step} of {PREEMPT_STEPS}; raise PREEMPT_STEPS"
     assert text.count(TRAINER_WORLD_2) == 1 and text.count("vutrain: world_size=1 ") == 1, text[-6000:]
     # The resumed run converted the 2-rank checkpoint and went on at world 1.
-    assert re.search(rf"resumed \S*step_{step:08d}\S* \(written by 2 ranks\) on 1 ranks at step {step}", text), (
-        text[-6000:]
-    )
+    resumed = rf"resumed \S*step_{step:08d}\S* \(written by 2 ranks\) on 1 ranks at step {step}"
+    assert re.search(resumed, text), text[-6000:]
     assert metrics_steps(out) == list(range(1, PREEMPT_STEPS + 1))  # every step logged once
     assert json.loads((out / "done.json").read_text())["step"] == PREEMPT_STEPS
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{PREEMPT_STEPS:08d}"
