@@ -65,6 +65,32 @@ node_addr() {
     echo "${addr:-$1}"
 }
 
+# allocation_tasks DEFAULT: the number of tasks of this start of the job. SLURM_NTASKS, unless it
+# exceeds what the allocation holds (SLURM_TASKS_PER_NODE summed: "2(x3),1" -> 7): sbatch stores
+# SLURM_NTASKS with the job's environment at submission, so a job requeued and resized onto fewer
+# nodes (`scontrol update JobId=N NumNodes=1-1 NumTasks=1`) still reads the first start's count
+# there. (SLURM_TASKS_PER_NODE alone is no answer: for `-n 3 --ntasks-per-node=2` it says 2(x2).)
+allocation_tasks() {
+    local spec="${SLURM_TASKS_PER_NODE:-}" ntasks="${SLURM_NTASKS:-${1:-1}}" total=0 part count reps
+    [[ -n "$spec" ]] || { echo "$ntasks"; return 0; }
+    local IFS=,
+    for part in $spec; do
+        if [[ "$part" =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
+            count="${BASH_REMATCH[1]}" reps="${BASH_REMATCH[2]}"
+        elif is_uint "$part"; then
+            count="$part" reps=1
+        else
+            die "cannot parse SLURM_TASKS_PER_NODE='$spec'"
+        fi
+        total=$((total + count * reps))
+    done
+    if is_uint "$ntasks" && (( ntasks <= total )); then
+        echo "$ntasks"
+    else
+        echo "$total"
+    fi
+}
+
 # default_master_port: a port derived from the job id so two jobs sharing a node do not clash
 # (the same rule the trainer applies when MASTER_PORT is unset).
 default_master_port() {

@@ -10,11 +10,15 @@ gloo) on synthetic shards. Covered:
   srun.sbatch, 2 nodes x 1 task, preempted with `scancel --signal=USR1|TERM --batch`:
   checkpoint at the preemption step, job requeued by the script, resumed from that step to the end
   (world size 2, finished run, final checkpoint).
+- both scripts, 2 nodes x 1 rank, preempted while node n2 is drained; the requeued job is resized
+  to 1 node (`scontrol update JobId=N NumNodes=1-1 NumTasks=1`), resumes the 2-rank checkpoint at
+  world 1 (`train.global_batch_size` keeps the global batch) and finishes, every step logged once.
 - srun.sbatch, 1 node x 2 tasks, plain `scancel JOB`: checkpoint, no requeue.
 - the scripts' input errors (tasks not dividing over nodes, WORLD_SIZE mismatch, missing
   hostfile, several tasks per node for deepspeed.sbatch) and make_hostfile.sh.
 
-Runtime on 2 cores: about 4 minutes (plus the one-off apt-get install on a fresh machine).
+Runtime on 2 cores: about 6 minutes, 2 of them the two fewer-nodes tests (plus the one-off
+apt-get install on a fresh machine).
 Skips, with the reason, when SLURM is absent and we are not root to install it.
 """
 
@@ -126,6 +130,17 @@ def metrics_steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
+def wait_first_step(cluster: SlurmCluster, job: int, out: Path, log: Path) -> None:
+    """Wait until the job has logged a training step: only then may a test signal it (before the
+    trainer installs its handlers USR1 would simply kill it)."""
+    deadline = time.time() + 240
+    while not metrics_steps(out):
+        info = cluster.job(job)
+        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{read_log(log)[-4000:]}"
+        assert time.time() < deadline, f"no training step logged\n{read_log(log)[-4000:]}"
+        time.sleep(0.5)
+
+
 def assert_finished(out: Path, log: str, max_steps: int) -> None:
     assert TRAINER_WORLD_2 in log, log[-4000:]
     assert json.loads((out / "done.json").read_text())["step"] == max_steps
@@ -167,14 +182,7 @@ def test_run_to_completion(cluster, shards, tmp_path, script, sbatch_args, env):
 def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args, sig):
     out = tmp_path / "run"
     job, log = submit(cluster, tmp_path, script, sbatch_args, trainer_args(out, shards, PREEMPT_STEPS))
-    # Signal once training runs (a step is logged): before the trainer installs its handlers
-    # USR1 would simply kill it.
-    deadline = time.time() + 240
-    while not metrics_steps(out):
-        info = cluster.job(job)
-        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{info}\n{read_log(log)[-4000:]}"
-        assert time.time() < deadline, f"no training step logged\n{read_log(log)[-4000:]}"
-        time.sleep(0.5)
+    wait_first_step(cluster, job, out, log)
     # --batch: only the batch shell gets it, as with `#SBATCH --signal=B:USR1@120`; the script
     # must pass it on to the ranks.
     cluster.run("scancel", f"--signal={sig}", "--batch", str(job))
@@ -284,3 +292,56 @@ def test_make_hostfile(cluster, tmp_path):
     assert proc.returncode != 0 and "slots must be a positive integer" in proc.stderr
     proc = cluster.run("launch/make_hostfile.sh", check=False, SLURM_JOB_NODELIST="")
     assert proc.returncode != 0 and "no node list" in proc.stderr
+
+
+# A requeue that comes back on fewer nodes: n2 is drained while the 2-node job runs (as if it
+# failed), and the pending requeued job is resized to 1 node, the procedure the README gives.
+@pytest.mark.parametrize(
+    "script,sbatch_args",
+    [
+        ("deepspeed.sbatch", ["-N", "2"]),
+        ("srun.sbatch", ["-N", "2", "--ntasks-per-node=1"]),
+    ],
+    ids=["deepspeed-2to1nodes", "srun-2to1nodes"],
+)
+def test_requeue_on_fewer_nodes(cluster, shards, tmp_path, script, sbatch_args):
+    out = tmp_path / "run"
+    # global_batch_size keeps the global batch: 4 x 2 ranks x 1 accumulation -> 4 x 1 rank x 2.
+    args = [*trainer_args(out, shards, PREEMPT_STEPS), "train.global_batch_size=8"]
+    job, log = submit(cluster, tmp_path, script, sbatch_args, args)
+    try:
+        wait_first_step(cluster, job, out, log)
+        # The job keeps running on a draining node; the requeued job cannot get n2 back.
+        cluster.run("scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=test-requeue-fewer-nodes")
+        cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+        deadline = time.time() + 240
+        while not (info := cluster.job(job)).get("JobState") == "PENDING" or info.get("Restarts") != "1":
+            assert info["JobState"] in ("RUNNING", "COMPLETING", "REQUEUED", "PENDING", "CONFIGURING"), (
+                f"{info}\n{read_log(log)[-6000:]}"
+            )
+            assert time.time() < deadline, f"job not requeued: {info}\n{read_log(log)[-6000:]}"
+            time.sleep(0.2)
+        # NumNodes=1 alone lowers only the minimum; the task count must follow the node count.
+        cluster.run("scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1")
+        deadline = time.time() + 60
+        while (info := cluster.job(job))["JobState"] == "PENDING":
+            assert time.time() < deadline, f"the resized job does not start: {info}"
+            time.sleep(0.5)
+        info = cluster.wait_job(job, timeout=360)
+    finally:
+        cluster.run("scontrol", "update", "NodeName=n2", "State=RESUME", check=False)
+    text = read_log(log)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-6000:]}"
+    assert info["Restarts"] == "1" and info["NumNodes"] == "1", f"{info}\n{text[-6000:]}"
+
+    m = re.search(r"preempted at step (\d+)", text)
+    assert m, text[-6000:]
+    step = int(m.group(1))
+    assert 1 <= step < PREEMPT_STEPS, f"preempted at step {step} of {PREEMPT_STEPS}; raise PREEMPT_STEPS"
+    assert text.count(TRAINER_WORLD_2) == 1 and text.count("vutrain: world_size=1 ") == 1, text[-6000:]
+    # The resumed run converted the 2-rank checkpoint and went on at world 1.
+    resumed = rf"resumed \S*step_{step:08d}\S* \(written by 2 ranks\) on 1 ranks at step {step}"
+    assert re.search(resumed, text), text[-6000:]
+    assert metrics_steps(out) == list(range(1, PREEMPT_STEPS + 1))  # every step logged once
+    assert json.loads((out / "done.json").read_text())["step"] == PREEMPT_STEPS
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{PREEMPT_STEPS:08d}"
