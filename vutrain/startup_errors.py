@@ -54,10 +54,6 @@ _PEER_PHRASES = (
 def one_line(exc: BaseException) -> str:
     """The exception as one line; the type is named unless it is one of ours with its own wording."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    from vutrain.config import ConfigError
-
-    if isinstance(exc, ConfigError):  # e.g. a resume on another world size that changes the global batch
-        return f"config error: {text}"
     ours = type(exc).__module__.startswith("vutrain")
     return text if ours else f"{type(exc).__name__}: {text}"
 

@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
     except Preempted:
         return PREEMPT_EXIT_CODE
+    except ConfigError as exc:  # e.g. a resume on another world size that changes the global batch:
+        if trainer is not None:  # every rank finds it before any collective, so rank 0 alone says it
+            raise
+        if speaks:
+            print(f"config error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if trainer is not None and trainer.step > start_step:
             raise
