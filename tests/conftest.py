@@ -139,3 +139,18 @@ def synthetic_shards(tmp_path_factory):
     info = write_synthetic(str(out), num_samples=1024, shard_size=128, val_samples=96, seed=0)
     info["dir"] = str(out)
     return info
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Every test leaves os.environ as it found it.
+
+    An in-process trainer or benchmark exports RANK / WORLD_SIZE / MASTER_* for DeepSpeed
+    (init_distributed); a later test's launcher (sbatch, deepspeed, torchrun) would inherit them
+    and refuse its allocation ("WORLD_SIZE=1 is exported but this allocation gives 2 ranks").
+    """
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
