@@ -16,6 +16,7 @@ CORE = [
     "webdataset>=0.2.86,<0.3",  # img2dataset 1.47 pins webdataset<0.3: stay on the 0.2.x API
     "pillow>=10",
     "numpy",
+    "simplejpeg>=1.6",  # JPEG decode in the training workers: PIL's pixels, about half its CPU
     "pyyaml",
     "tqdm",
     "matplotlib",

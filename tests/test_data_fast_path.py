@@ -83,15 +83,20 @@ def test_png_and_grayscale_and_cmyk_take_the_same_geometry():
         assert _levels(processor, buf.getvalue()).max().item() <= 2.001, (mode, fmt)
 
 
-def test_opencv_and_pil_decoders_agree(monkeypatch):
-    data = _jpeg(200, 150, 3)
-    assert jpeg_size(data) == (200, 150) and jpeg_size(b"\x89PNG....") is None
-    with_cv2 = [decode_image_array(data), decode_image_array(data, (60, 45))]
-    monkeypatch.setattr(samples_mod, "_cv2", lambda: None)
-    with_pil = [decode_image_array(data), decode_image_array(data, (60, 45))]
-    assert with_pil[1].shape == (75, 100, 3)  # DCT-scaled by 2: 200 // 60 = 3 -> 2
-    for a, b in zip(with_cv2, with_pil):
-        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+@pytest.mark.parametrize("size", [(200, 150), (1280, 720), (1281, 721), (96, 64)])
+def test_simplejpeg_and_pil_decoders_agree(monkeypatch, size):
+    """Same pixels from both decoders, DCT-scaled or not (1/2, 1/4, 1/8 by PIL's draft rule)."""
+    data = _jpeg(*size, 3)
+    assert jpeg_size(data) == size and jpeg_size(b"\x89PNG....") is None
+    assert samples_mod._simplejpeg() is not None  # a core requirement: the fast decoder is there
+    targets = [None, (60, 45), (size[0] // 5, size[1] // 5), (size[0] // 9, size[1] // 9)]
+    fast = [decode_image_array(data, t) for t in targets]
+    monkeypatch.setattr(samples_mod, "_simplejpeg", lambda: None)
+    with_pil = [decode_image_array(data, t) for t in targets]
+    if size == (200, 150):
+        assert with_pil[1].shape == (75, 100, 3)  # DCT-scaled by 2: 200 // 60 = 3 -> 2
+    for a, b in zip(fast, with_pil):
+        assert a.shape == b.shape and np.array_equal(a, b)
 
 
 def test_truncated_jpeg_is_undecodable():

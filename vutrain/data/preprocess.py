@@ -118,7 +118,7 @@ class ClipCropUint8:
         size = jpeg_size(data)
         target = resized_geometry(*size, self.shortest_edge) if size else None
         draft_to = tuple(math.ceil(v * DRAFT_MARGIN) for v in target) if target else None
-        array = decode_image_array(data, draft_to, size)
+        array = decode_image_array(data, draft_to)
         h, w = array.shape[:2]
         scale = draft_scale(size, draft_to) if size else 1
         if target is None or (w, h) != (-(-size[0] // scale), -(-size[1] // scale)):
