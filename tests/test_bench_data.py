@@ -28,6 +28,8 @@ def test_bench_data_prints_table_and_json_last(tmp_path, capsys):
             "--compare",
             "--shuffle-buffer",
             "8",
+            "--rounds",
+            "2",
         ]
     )
     lines = capsys.readouterr().out.strip().splitlines()
@@ -36,6 +38,8 @@ def test_bench_data_prints_table_and_json_last(tmp_path, capsys):
     assert summary["samples_per_s_per_worker"] > 0 and summary["decode_per_s"] > 0
     assert abs(summary["ratio"] - summary["samples_per_s_per_worker"] / summary["decode_per_s"]) < 1e-9
     assert summary["source_sizes"] == {"96x72": 16} and summary["workers"] == 2 and summary["scaling"] > 0
+    assert len(summary["ratio_each_round"]) == 2 and len(summary["decode_per_s_each"]) == 3
+    assert summary["ratio"] in summary["ratio_each_round"]  # the median round, itself
     runs = {(r["path"], r["workers"]): r for r in summary["runs"]}
     assert runs[("fast", 2)]["pixel_dtype"] == "uint8" and runs[("processor", 2)]["pixel_dtype"] == "float32"
     assert runs[("fast", 1)]["batch_mib"] * 4 == runs[("processor", 2)]["batch_mib"]  # uint8: a quarter

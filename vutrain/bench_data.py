@@ -6,8 +6,10 @@
 Measures, in one run on the same files:
 
 - ``decode_per_s``: PIL ``Image.open(...).convert("RGB")`` (full decode) of the shards' JPEGs on one
-  core, in this process, before and after the stream runs (the mean of the two is reported). It
-  is the floor of the design: a worker cannot do less than decode each image.
+  core, in this process, measured before and after the stream runs of each round (their mean is
+  that round's floor). It is the floor of the design: a worker cannot do less than decode each image.
+- ``--rounds R`` (default 3) interleaved rounds; every ratio is taken within its round and the
+  median round is reported (the rates of a shared machine drift by tens of percent; ratios less).
 - ``samples_per_s``: batches of the real ``TrainStream`` (shuffle buffer, captions, the BPE
   tokenizer the presets train, collation, worker queues) with ``--workers`` loader processes,
   timed in steady state (after every worker's first batches, from a moment the queue was empty).
@@ -253,6 +255,12 @@ def write_thumbnail_shards(
     return os.path.join(out, "00000.tar" if last == 0 else f"{{00000..{last:05d}}}.tar")
 
 
+def median_row(rows: list[dict]) -> dict:
+    """The round whose ``ratio`` is the median (the lower middle one for an even count)."""
+    ordered = sorted(rows, key=lambda r: r["ratio"])
+    return dict(ordered[(len(ordered) - 1) // 2], rounds=len(rows))
+
+
 def table(rows: list[dict]) -> str:
     """The data benchmark rows as a markdown table."""
     lines = [
@@ -285,6 +293,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--samples-per-worker", type=int, default=1024)
     parser.add_argument("--decode-images", type=int, default=256, help="JPEGs timed for decode_per_s")
     parser.add_argument("--decode-seconds", type=float, default=2.0, help="time each decode measurement")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved decode/stream rounds (the median is reported)"
+    )
     parser.add_argument("--compare", action="store_true", help="also time the processor-exact float path")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the worker loop")
     parser.add_argument("--write-shards", metavar="DIR", help="first write thumbnail-like shards to DIR")
@@ -293,8 +304,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.shards and not args.write_shards:
         parser.error("give --shards SPEC (or --write-shards DIR)")
-    if args.workers < 1 or args.batch_size < 1:
-        parser.error("--workers and --batch-size must be >= 1")
+    if args.workers < 1 or args.batch_size < 1 or args.rounds < 1:
+        parser.error("--workers, --batch-size and --rounds must be >= 1")
     return args
 
 
@@ -318,18 +329,29 @@ def main(argv: list[str] | None = None) -> int:
     tokenize = make_tokenize(args.shards, args.context_length, work)
     if args.profile:
         print(profile_worker(args, tokenize, "fast"), flush=True)
-    decode_before, cpu_before = decode_rate(images, args.decode_seconds)
     runs = [("fast", args.workers)]
     if args.workers > 1:
         runs.append(("fast", 1))
     if args.compare:
         runs.append(("processor", args.workers))
-    rows = [stream_rate(args, tokenize, workers, path) for path, workers in runs]
-    decode_after, cpu_after = decode_rate(images, args.decode_seconds)
-    decode, decode_cpu = (decode_before + decode_after) / 2, (cpu_before + cpu_after) / 2
-    for row in rows:
-        row["decode_per_s"], row["ratio"] = decode, row["samples_per_s_per_worker"] / decode
-        row["cpu_ratio"] = row["samples_per_worker_cpu_s"] / decode_cpu
+    # Rounds interleave the decode floor and every stream run, and each run's ratios are taken
+    # against the decode rates of its own round (the mean of the measurements either side): on a
+    # shared machine both rates drift by tens of percent within a minute, their ratio much less.
+    # The median round is reported; every round is in the JSON.
+    decodes = [decode_rate(images, args.decode_seconds)]
+    rounds: list[list[dict]] = []
+    for _ in range(args.rounds):
+        measured = [stream_rate(args, tokenize, workers, path) for path, workers in runs]
+        decodes.append(decode_rate(images, args.decode_seconds))
+        (wall0, cpu0), (wall1, cpu1) = decodes[-2], decodes[-1]
+        for row in measured:
+            row["decode_per_s"], decode_cpu = (wall0 + wall1) / 2, (cpu0 + cpu1) / 2
+            row["decode_per_cpu_s"] = decode_cpu
+            row["ratio"] = row["samples_per_s_per_worker"] / row["decode_per_s"]
+            row["cpu_ratio"] = row["samples_per_worker_cpu_s"] / decode_cpu
+        rounds.append(measured)
+    rows = [median_row([r[i] for r in rounds]) for i in range(len(runs))]
+    decode, decode_cpu = rows[0]["decode_per_s"], rows[0]["decode_per_cpu_s"]
     print(table(rows), flush=True)
     main_row = rows[0]
     summary = {
@@ -341,8 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         "decode_per_cpu_s": decode_cpu,
         "samples_per_worker_cpu_s": main_row["samples_per_worker_cpu_s"],
         "cpu_ratio": main_row["cpu_ratio"],
-        "decode_per_s_before": decode_before,
-        "decode_per_s_after": decode_after,
+        "rounds": args.rounds,
+        "decode_per_s_each": [wall for wall, _ in decodes],
+        "ratio_each_round": [r[0]["ratio"] for r in rounds],
+        "cpu_ratio_each_round": [r[0]["cpu_ratio"] for r in rounds],
         "workers": args.workers,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
@@ -354,10 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": "python -m vutrain.bench data " + " ".join(argv),
     }
-    one = next((r for r in rows if r["path"] == "fast" and r["workers"] == 1), None)
-    if args.workers > 1 and one:
-        summary["samples_per_s_1_worker"] = one["samples_per_s"]
-        summary["scaling"] = main_row["samples_per_s"] / (args.workers * one["samples_per_s"])
+    if args.workers > 1:  # runs[1] is ("fast", 1): scaling within each round, then the median
+        summary["samples_per_s_1_worker"] = rows[1]["samples_per_s"]
+        each = [r[0]["samples_per_s"] / (args.workers * r[1]["samples_per_s"]) for r in rounds]
+        summary["scaling"], summary["scaling_each_round"] = float(np.median(each)), each
     print(json.dumps(summary), flush=True)
     return 0
 
