@@ -31,6 +31,7 @@ pip_install -c torch-constraint.txt "$REPO"
 import importlib.util
 present = [m for m in ("pandas", "pyarrow", "img2dataset", "imagehash", "pytest") if importlib.util.find_spec(m)]
 assert not present, f"not a core install: {present} installed"
+import simplejpeg  # the training workers' JPEG decoder is a core requirement
 PY
 
 step "python -m vutrain.data.synthetic"
