@@ -29,7 +29,7 @@ import triton.language as tl
 
 from kernels.gradient_gemms import gradient_gemms
 from kernels.lse_forward import LseStats
-from kernels.runtime import dot_precision, interpreting, tile_config
+from kernels.runtime import launch_kwargs, tile_config
 from kernels.score_tile import score_tile
 
 
@@ -164,14 +164,8 @@ def grad_backward(
             stride_k=k.stride(0),
             stride_out=out.stride(0),
             label_offset=label_offset + r0 - c0,
-            BM=cfg.BM,
-            BN=cfg.BN,
-            BD=cfg.BD,
             WITH_COLS=with_cols,
-            UPCAST=interpreting() and q.dtype != torch.float32,
-            PRECISION=dot_precision(q.dtype),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            **launch_kwargs(cfg, q.dtype),
         )
         return part
 

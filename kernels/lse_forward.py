@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import dot_precision, interpreting, num_sms, tile_config
+from kernels.runtime import launch_kwargs, num_sms, tile_config
 from kernels.score_tile import score_tile
 
 LOG2E = 1.4426950408889634
@@ -206,14 +206,8 @@ def lse_forward(
             stride_k=k.stride(0),
             cols_per_split=cols_per_split,
             label_offset=label_offset + r0,
-            BM=cfg.BM,
-            BN=cfg.BN,
-            BD=cfg.BD,
             WITH_COLS=with_cols,
-            UPCAST=interpreting() and q.dtype != torch.float32,
-            PRECISION=dot_precision(q.dtype),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            **launch_kwargs(cfg, q.dtype),
         )
         mm, ll = merge_lse2(rm, rl)
         row_m_parts.append(mm)

@@ -121,3 +121,19 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"
     return "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
+
+
+def launch_kwargs(cfg, dtype: torch.dtype) -> dict:
+    """The keywords every tile kernel launch shares: the tile shape and launch settings of
+    ``cfg`` (a ``TileConfig``) and the dtype-derived constexprs ``UPCAST`` (16-bit inputs in
+    the interpreter, which computes them wrongly: upcast at load) and ``PRECISION``
+    (:func:`dot_precision`)."""
+    return {
+        "BM": cfg.BM,
+        "BN": cfg.BN,
+        "BD": cfg.BD,
+        "UPCAST": interpreting() and dtype != torch.float32,
+        "PRECISION": dot_precision(dtype),
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }

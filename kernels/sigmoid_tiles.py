@@ -11,7 +11,7 @@ import triton.language as tl
 
 from kernels.gradient_gemms import gradient_gemms
 from kernels.lse_forward import _column_splits
-from kernels.runtime import dot_precision, interpreting, tile_config
+from kernels.runtime import launch_kwargs, tile_config
 from kernels.score_tile import score_tile
 
 
@@ -148,11 +148,6 @@ def _sigmoid_grad_kernel(
     tl.store(out, (g * (scale * out_scale)).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _flags(q: torch.Tensor) -> dict:
-    """The UPCAST and PRECISION constexpr keywords shared by both kernels, from q's dtype."""
-    return {"UPCAST": interpreting() and q.dtype != torch.float32, "PRECISION": dot_precision(q.dtype)}
-
-
 def sigmoid_forward(
     q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, *, label_offset: int = 0
 ) -> torch.Tensor:
@@ -178,12 +173,7 @@ def sigmoid_forward(
         stride_k=k.stride(0),
         cols_per_split=cols_per_split,
         label_offset=label_offset,
-        BM=cfg.BM,
-        BN=cfg.BN,
-        BD=cfg.BD,
-        **_flags(q),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **launch_kwargs(cfg, q.dtype),
     )
     return row_sum.sum(0).sum() / n  # fixed order: splits, then rows
 
@@ -225,12 +215,7 @@ def sigmoid_backward(
             stride_k=k.stride(0),
             stride_out=out.stride(0),
             label_offset=label_offset + r0 - c0,
-            BM=cfg.BM,
-            BN=cfg.BN,
-            BD=cfg.BD,
-            **_flags(q),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            **launch_kwargs(cfg, q.dtype),
         )
         return part
 
