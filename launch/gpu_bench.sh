@@ -34,7 +34,7 @@ if [[ "${1:-}" == "prepare" ]]; then
        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
     python3 -m pip download -q $P -d .whl hjson pydantic pydantic_core annotated_types typing_inspection \
         typing_extensions "webdataset<0.3" braceexpand "open_clip_torch>=3.0" ftfy wcwidth inf_cl \
-        pytest-timeout
+        pytest-timeout simplejpeg
     python3 -m pip download -q --no-deps --no-binary=:all: -d .whl deepspeed   # a source archive
     ls .whl
     echo "prepared: carry .whl and .gpu to the GPU host, then run: bash launch/gpu_bench.sh"
