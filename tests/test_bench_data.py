@@ -33,8 +33,11 @@ def test_bench_data_prints_table_and_json_last(tmp_path, capsys):
         ]
     )
     lines = capsys.readouterr().out.strip().splitlines()
-    assert code == 0 and lines[-2].startswith("| ")  # the table, then the summary
+    assert code == 0 and lines[-3].startswith("| ")  # the table, the verdict line, the summary
     summary = json.loads(lines[-1])
+    assert lines[-2].startswith("per worker / decode: ")
+    fastest = max(summary["decode_per_s_each"])  # each floor from its own fresh process
+    assert summary["ratio_vs_fastest_decode"] == summary["samples_per_s_per_worker"] / fastest
     assert summary["samples_per_s_per_worker"] > 0 and summary["decode_per_s"] > 0
     assert abs(summary["ratio"] - summary["samples_per_s_per_worker"] / summary["decode_per_s"]) < 1e-9
     assert summary["source_sizes"] == {"96x72": 16} and summary["workers"] == 2 and summary["scaling"] > 0
