@@ -15,7 +15,12 @@
 # and no step starts once TOTAL_S (default 570: one device command may run 600 s) is spent, so
 # summary.txt is always written. The compare JSON is rewritten after every configuration: a run
 # cut short keeps what it measured. One step alone: e.g. `COMPARE_S=540 ... gpu_bench.sh compare`.
-# Extra arguments: COMPARE_ARGS, KERNELS_ARGS (replace the defaults below).
+# Extra arguments: COMPARE_ARGS, KERNELS_ARGS (replace the defaults below); COMPARE_EXTRA and
+# DATA_EXTRA (appended to the defaults). A dry run on a CPU machine, to check every step's command
+# line before GPU time is spent (tiny sizes; the GPU tests skip themselves):
+#   GPU_SETUP=/dev/null PYTHON=.venv/bin/python COMPARE_EXTRA="--preset tiny --precision fp32
+#   --batch-sizes 4 --steps 1 --warmup 1 --pool 8 --max-batch 8" KERNELS_ARGS=--quick
+#   DATA_EXTRA="--batch-size 16 --batches 2 --decode-seconds 0.2 --rounds 1" bash launch/gpu_bench.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -48,12 +53,13 @@ TOTAL_S="${TOTAL_S:-570}"
 STEPS=("$@")
 [[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests compare kernels data)
 
-if [[ ! -f .gpu/setup.sh ]]; then
-    echo ".gpu/setup.sh missing: run 'bash launch/gpu_bench.sh prepare' first" >&2
+SETUP="${GPU_SETUP:-.gpu/setup.sh}"  # GPU_SETUP: another set-up script (a dry run on a CPU machine)
+if [[ ! -r "$SETUP" ]]; then
+    echo "$SETUP missing: run 'bash launch/gpu_bench.sh prepare' first" >&2
     exit 1
 fi
-# shellcheck disable=SC1091
-source .gpu/setup.sh > "$OUT/setup.log" 2>&1
+# shellcheck disable=SC1090
+source "$SETUP" > "$OUT/setup.log" 2>&1
 echo "setup $? $((SECONDS - START))" > "$OUT/summary.txt"
 cat "$OUT/setup.log"
 PY="${PYTHON:-python3}"
@@ -79,16 +85,22 @@ run_step() {  # run_step NAME LIMIT_S COMMAND...
     echo "$name $rc $((SECONDS - t0))" >> "$OUT/summary.txt"
 }
 
-data_step() {
-    local shards
+data_step() {  # runs in its own bash (run_step's timeout): set its options here
+    set -o pipefail  # a failing benchmark, not tee, decides the exit code
+    local shards dir rc
+    dir=$(mktemp -d /tmp/gpu_bench_data.XXXXXX) || return 1
     shards=$("$PY" -c "from vutrain.data.synthetic import write_synthetic as w
-info = w('/tmp/gpu_bench_data', num_samples=1024, shard_size=128, image_size=256, val_samples=0)
-print(info['train_shards'])") \
-        || return 1
-    "$PY" -m vutrain.bench data --shards "$shards" --workers 1 --batch-size 256 --image-size 224 \
-        | tee "$OUT/data_w1.log" || return 1
-    "$PY" -m vutrain.bench data --shards "$shards" --workers 8 --batch-size 256 --image-size 224 \
-        | tee "$OUT/data_w8.log"
+info = w('$dir', num_samples=1024, shard_size=128, image_size=256, val_samples=0)
+print(info['train_shards'])") || { rm -rf "$dir"; return 1; }
+    for workers in 1 8; do
+        # shellcheck disable=SC2086  # DATA_EXTRA: more options, split on spaces (a CPU dry run's sizes)
+        "$PY" -m vutrain.bench data --shards "$shards" --workers "$workers" --batch-size 256 \
+            --image-size 224 ${DATA_EXTRA:-} | tee "$OUT/data_w$workers.log"
+        rc=$?
+        (( rc == 0 )) || break
+    done
+    rm -rf "$dir"
+    return "$rc"
 }
 
 compare_args() {  # the default comparison, its searches ending 75 s before the step's limit
@@ -97,6 +109,7 @@ compare_args() {  # the default comparison, its searches ending 75 s before the 
           --search "open_clip,vutrain z2 torch,vutrain z2 triton ckpt"
           --deadline-min "$(awk "BEGIN { print ($max - 75) / 60 }")")
     [[ -z "${COMPARE_ARGS:-}" ]] || eval "args=($COMPARE_ARGS)"
+    [[ -z "${COMPARE_EXTRA:-}" ]] || eval "args+=($COMPARE_EXTRA)"  # appended: later options win
 }
 
 DEFAULT_KERNELS_ARGS="--shapes 32768x32768x768,4096x32768x768 --providers eager,inf_cl,ours"
@@ -110,7 +123,7 @@ for step in "${STEPS[@]}"; do
         kernels) eval "args=(${KERNELS_ARGS:-$DEFAULT_KERNELS_ARGS})"
                  run_step kernels "${KERNELS_S:-60}" "$PY" -m kernels.bench --out "$OUT/kernels" \
                      "${args[@]}" ;;
-        data) export -f data_step; export PY OUT
+        data) export -f data_step; export PY OUT DATA_EXTRA
               run_step data "${DATA_S:-90}" bash -c data_step ;;
         *) echo "unknown step $step: choose from tests compare kernels data (or prepare)" >&2
            echo "$step unknown 0" >> "$OUT/summary.txt" ;;
