@@ -169,6 +169,10 @@ def build_stream(args, tokenize, workers: int, path: str):
     )
 
 
+_MIN_CPU_S = 0.05
+"""Workers' CPU seconds below which a run's per-CPU-second figures are not reported."""
+
+
 def stream_rate(args, tokenize, workers: int, path: str) -> dict:
     """Steady-state samples/s of the stream with ``workers`` loader processes."""
     stream = build_stream(args, tokenize, workers, path)
@@ -196,7 +200,8 @@ def stream_rate(args, tokenize, workers: int, path: str) -> dict:
         "workers": workers,
         "samples_per_s": rate,
         "samples_per_s_per_worker": rate / max(1, workers),
-        "samples_per_worker_cpu_s": batches * args.batch_size / max(cpu, 1e-9),
+        # None when the workers' CPU time is too short to read (psutil's clock ticks are 10 ms)
+        "samples_per_worker_cpu_s": batches * args.batch_size / cpu if cpu >= _MIN_CPU_S else None,
         "measured_samples": batches * args.batch_size,
         "seconds": elapsed,
         "warmup_s": warmup,
@@ -300,7 +305,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['path']} | {r['workers']} | {r['pixel_dtype']} | {r['samples_per_s']:.0f} | "
             f"{r['samples_per_s_per_worker']:.0f} | {r['decode_per_s']:.0f} | {r['ratio']:.2f} | "
-            f"{r['cpu_ratio']:.2f} |"
+            f"{'n/a' if r['cpu_ratio'] is None else format(r['cpu_ratio'], '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -376,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             row["decode_per_s"], decode_cpu = (wall0 + wall1) / 2, (cpu0 + cpu1) / 2
             row["decode_per_cpu_s"] = decode_cpu
             row["ratio"] = row["samples_per_s_per_worker"] / row["decode_per_s"]
-            row["cpu_ratio"] = row["samples_per_worker_cpu_s"] / decode_cpu
+            per_cpu_s = row["samples_per_worker_cpu_s"]
+            row["cpu_ratio"] = per_cpu_s / decode_cpu if per_cpu_s is not None else None
         rounds.append(measured)
     rows = [median_row([r[i] for r in rounds]) for i in range(len(runs))]
     decode, decode_cpu = rows[0]["decode_per_s"], rows[0]["decode_per_cpu_s"]
