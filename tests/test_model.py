@@ -92,3 +92,31 @@ def test_warmup_then_cosine():
     assert lr_lambda(10, cfg) == pytest.approx(1.0)
     assert lr_lambda(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_lambda(110, cfg) == pytest.approx(0.1)
+
+
+def test_text_mask_left_out_only_where_it_changes_nothing(tokenizer):
+    """Right-padded batches train without the attention mask (no host sync on a GPU): the pooled
+    text features are the same; a batch padded anywhere else keeps its mask, which matters there."""
+    from vutrain.data.tokenizer import tokenize_batch
+    from vutrain.model import text_attention_mask
+
+    torch.manual_seed(0)
+    module = build_model(ModelConfig(preset="tiny"), tokenizer).eval()
+    tok = tokenize_batch(tokenizer, ["a red circle video", "blue", "a green square " * 20], 32)
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    assert mask[1].sum() < 32 and mask[2].all()  # padded, and truncated
+    assert text_attention_mask(mask) is None
+    with torch.no_grad():
+        masked = module(input_ids=ids, attention_mask=mask)[1]
+        unmasked = module(input_ids=ids, attention_mask=None)[1]
+    torch.testing.assert_close(unmasked, masked, atol=1e-6, rtol=1e-5)
+
+    left = torch.stack([row.roll(int(32 - row.sum())) for row in mask])  # the same pads, in front
+    left_ids = torch.stack([row.roll(int(32 - m.sum())) for row, m in zip(ids, mask)])
+    assert text_attention_mask(left) is left
+    with torch.no_grad():
+        with_mask = module(input_ids=left_ids, attention_mask=left)[1]
+        without = module(input_ids=left_ids, attention_mask=None)[1]
+    assert (with_mask[:2] - without[:2]).abs().max() > 1e-3  # the mask matters for these rows
+    on_device = mask.to("meta")  # already on a device: no host check, the mask stays
+    assert text_attention_mask(on_device) is on_device

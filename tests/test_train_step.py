@@ -11,9 +11,12 @@ moved DeepSpeed's accumulation boundary (fewer optimizer steps, different weight
 from __future__ import annotations
 
 import os
+import traceback
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_runner as tr
 from helpers_dist import run_distributed
@@ -21,15 +24,12 @@ from helpers_dist import run_distributed
 STEPS, ACCUM, POISONED_CALL = 3, 2, 1  # the second micro-batch of the first step
 
 
-def _trainer(rank: int, shards: dict, run_dir: str):
+def _trainer(rank: int, shards: dict, run_dir: str, **extra):
     from vutrain.config import load_config
     from vutrain.distributed import resolve_dist_env
     from vutrain.trainer import Trainer
 
-    overrides = tr.base_overrides(
-        shards,
-        run_dir,
-        STEPS,
+    values = dict(
         data__val_shards="",
         data__num_workers=0,
         train__micro_batch_size=8,
@@ -39,8 +39,9 @@ def _trainer(rank: int, shards: dict, run_dir: str):
         train__warmup_steps=0,
         train__lr=1e-2,
         train__zero_stage=2,
-        train__accumulation="plain",
-    )  # per-micro-batch losses
+        train__accumulation="plain",  # per-micro-batch losses
+    )
+    overrides = tr.base_overrides(shards, run_dir, STEPS, **{**values, **extra})
     return Trainer(load_config(tr.TINY, overrides), resolve_dist_env())
 
 
@@ -110,3 +111,65 @@ def test_nonfinite_microbatch_contributes_zero_with_accumulation(synthetic_shard
             assert torch.isfinite(value).all(), f"rank {rank}: {name} is not finite"
             torch.testing.assert_close(value, zero["params"][name], msg=f"rank {rank}: {name}")
     torch.testing.assert_close(results[0]["nan"]["params"], results[1]["nan"]["params"])
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (``.item()``, ``bool(t)``, ``float(t)``: every
+    one dispatches ``aten._local_scalar_dense``, a device sync on a GPU), by call site."""
+
+    def __init__(self):
+        super().__init__()
+        self.paused, self.sites = False, Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self.paused:
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            self.sites[" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[-3:])] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _paused(reads: HostReads, fn, when=lambda: True):
+    def call(*args, **kwargs):
+        was, reads.paused = reads.paused, reads.paused or when()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            reads.paused = was
+
+    return call
+
+
+def _micro_batch_host_reads(rank: int, world: int, shards: dict, tmp: str) -> dict:
+    """Host reads in train_step's micro-batch phases (forward, loss, agreement, backward and the
+    engine's non-boundary step) per ZeRO stage; the batch loading (host tensors) and the optimizer
+    step at the accumulation boundary are not counted."""
+    from vutrain.distributed import init_distributed, resolve_dist_env
+
+    init_distributed(resolve_dist_env())
+    out = {}
+    for stage in (2, 3):
+        lora = "true" if stage == 3 else "false"
+        trainer = _trainer(
+            rank, shards, os.path.join(tmp, f"z{stage}"), train__zero_stage=stage, model__lora__enabled=lora
+        )
+        trainer.train_step()  # the first step builds DeepSpeed's buffers
+        reads, engine = HostReads(), trainer.engine
+        trainer.next_batch = _paused(reads, trainer.next_batch)
+        engine.step = _paused(reads, engine.step, engine.is_gradient_accumulation_boundary)
+        with reads:
+            for _ in range(2):
+                trainer.train_step()
+        out[stage] = dict(reads.sites)
+    return out
+
+
+@pytest.mark.slow  # spawns 2 rank processes
+def test_no_host_reads_between_optimizer_steps(synthetic_shards, tmp_path):
+    """Issue 9's lean step: nothing in a micro-batch reads a device value on the host. Before the
+    fix the text tower's attention mask cost one read per forward (transformers checks on the host
+    whether SDPA may ignore it); DeepSpeed's grad-norm check at the optimizer step is not counted."""
+    results = run_distributed(
+        _micro_batch_host_reads, 2, synthetic_shards, str(tmp_path), init_process_group=False, timeout_s=600
+    )
+    for rank, by_stage in enumerate(results):
+        assert by_stage == {2: {}, 3: {}}, f"rank {rank}: host reads by call site {by_stage}"

@@ -146,6 +146,22 @@ def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
             param.requires_grad_(False)
 
 
+def text_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The mask the text tower needs for a batch: None when every row is padded on the right.
+
+    CLIP's text tower is causal and pools at the end-of-text token, so when pads only follow the
+    text, no position up to the pooled one can attend to a pad: the pooled features are the same
+    with or without the mask (tested). Passing it anyway costs a host sync per forward on a GPU
+    (transformers reads ``mask.sum() == mask.numel()`` on the host to decide whether SDPA can run
+    with ``is_causal`` alone). The check here runs on the batch's host copy, before it moves to
+    the device; a device tensor, or any row padded elsewhere, keeps its mask.
+    """
+    if attention_mask.device.type != "cpu":
+        return attention_mask
+    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    return None if right_padded else attention_mask
+
+
 class ClipTrainModule(nn.Module):
     """The module DeepSpeed wraps: features in, normalised features and logit scale out.
 

@@ -28,7 +28,7 @@ from vutrain.engine import build_engine
 from vutrain.evaluate import Evaluator
 from vutrain.losses import build_loss_from_config
 from vutrain.metrics import MetricsWriter
-from vutrain.model import build_model, count_parameters, tokenizer_and_processor
+from vutrain.model import build_model, count_parameters, text_attention_mask, tokenizer_and_processor
 from vutrain.nonfinite import GuardStats, NonFiniteGuard
 
 log = logging.getLogger("vutrain")
@@ -277,10 +277,11 @@ class Trainer:
         With loss.positives=category|tags the batch also carries this rank's `labels`.
         """
         batch = next(self.stream)
+        mask = text_attention_mask(batch["attention_mask"])  # None when right-padded: no host sync
         out = {
             "pixel_values": self.pixel_transform(batch["pixel_values"], self.device, self.dtype),
             "input_ids": batch["input_ids"].to(self.device, non_blocking=True),
-            "attention_mask": batch["attention_mask"].to(self.device, non_blocking=True),
+            "attention_mask": None if mask is None else mask.to(self.device, non_blocking=True),
         }
         if "labels" in batch:
             out["labels"] = batch["labels"].to(self.device, non_blocking=True)
