@@ -249,7 +249,10 @@ def test_align_uniform_world1_and_distributed():
     glob, grads = grads_of(mod, img, txt)
     align, uniform = align_uniform_reference(img, txt)
     torch.testing.assert_close(glob, 0.5 * align + 2.0 * uniform, **TOL)
-    assert mod.last_terms == pytest.approx({"align": float(align), "uniform": float(uniform)}, rel=1e-9)
+    # device tensors, read on the host only when the trainer logs (no sync at every micro-batch)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in mod.last_terms.values())
+    terms = {k: float(v) for k, v in mod.last_terms.items()}
+    assert terms == pytest.approx({"align": float(align), "uniform": float(uniform)}, rel=1e-9)
     _, ref_grads = grads_of(
         lambda i, t: 0.5 * align_uniform_reference(i, t)[0] + 2.0 * align_uniform_reference(i, t)[1], img, txt
     )
@@ -257,7 +260,9 @@ def test_align_uniform_world1_and_distributed():
         torch.testing.assert_close(a, c, **TOL)
     _check_avg(world, [res[r]["align_uniform"] for r in range(world)], glob, grads)
     for r in range(world):  # global terms, identical on every rank
-        assert res[r]["align_uniform_terms"] == pytest.approx(mod.last_terms, rel=1e-9)
+        assert {k: float(v) for k, v in res[r]["align_uniform_terms"].items()} == pytest.approx(
+            terms, rel=1e-9
+        )
 
 
 def test_uniformity_pushes_apart():

@@ -139,19 +139,23 @@ def _paused(reads: HostReads, fn, when=lambda: True):
     return call
 
 
+HOST_READ_RUNS = {
+    "zero2": {"train__zero_stage": 2},
+    "zero3 lora": {"train__zero_stage": 3, "model__lora__enabled": "true"},
+    "zero2 align_uniform": {"train__zero_stage": 2, "loss__name": "align_uniform"},
+}
+
+
 def _micro_batch_host_reads(rank: int, world: int, shards: dict, tmp: str) -> dict:
     """Host reads in train_step's micro-batch phases (forward, loss, agreement, backward and the
-    engine's non-boundary step) per ZeRO stage; the batch loading (host tensors) and the optimizer
-    step at the accumulation boundary are not counted."""
+    engine's non-boundary step) per run of HOST_READ_RUNS; the batch loading (host tensors) and the
+    optimizer step at the accumulation boundary are not counted."""
     from vutrain.distributed import init_distributed, resolve_dist_env
 
     init_distributed(resolve_dist_env())
     out = {}
-    for stage in (2, 3):
-        lora = "true" if stage == 3 else "false"
-        trainer = _trainer(
-            rank, shards, os.path.join(tmp, f"z{stage}"), train__zero_stage=stage, model__lora__enabled=lora
-        )
+    for i, (name, extra) in enumerate(HOST_READ_RUNS.items()):
+        trainer = _trainer(rank, shards, os.path.join(tmp, str(i)), **extra)
         trainer.train_step()  # the first step builds DeepSpeed's buffers
         reads, engine = HostReads(), trainer.engine
         trainer.next_batch = _paused(reads, trainer.next_batch)
@@ -159,7 +163,7 @@ def _micro_batch_host_reads(rank: int, world: int, shards: dict, tmp: str) -> di
         with reads:
             for _ in range(2):
                 trainer.train_step()
-        out[stage] = dict(reads.sites)
+        out[name] = dict(reads.sites)
     return out
 
 
@@ -167,9 +171,12 @@ def _micro_batch_host_reads(rank: int, world: int, shards: dict, tmp: str) -> di
 def test_no_host_reads_between_optimizer_steps(synthetic_shards, tmp_path):
     """Issue 9's lean step: nothing in a micro-batch reads a device value on the host. Before the
     fix the text tower's attention mask cost one read per forward (transformers checks on the host
-    whether SDPA may ignore it); DeepSpeed's grad-norm check at the optimizer step is not counted."""
+    whether SDPA may ignore it) and align_uniform two more for its logged terms; DeepSpeed's
+    grad-norm check at the optimizer step is not counted."""
     results = run_distributed(
         _micro_batch_host_reads, 2, synthetic_shards, str(tmp_path), init_process_group=False, timeout_s=600
     )
-    for rank, by_stage in enumerate(results):
-        assert by_stage == {2: {}, 3: {}}, f"rank {rank}: host reads by call site {by_stage}"
+    for rank, by_run in enumerate(results):
+        assert by_run == {name: {} for name in HOST_READ_RUNS}, (
+            f"rank {rank}: host reads by call site {by_run}"
+        )

@@ -31,8 +31,10 @@ class AlignUniformLoss(nn.Module):
     """Alignment + uniformity; `forward` returns the weighted total.
 
     The two unweighted terms of the last call are kept in
-    `self.last_terms = {"align": float, "uniform": float}` for logging: both are global-batch
-    values, identical on every rank (align is averaged over ranks with one scalar all-reduce).
+    `self.last_terms = {"align": tensor, "uniform": tensor}` for logging: both are global-batch
+    values, identical on every rank (align is averaged over ranks with one scalar all-reduce),
+    detached 0-dim tensors on the features' device, so the trainer reads them on the host only on
+    its logging steps (`float(v)`), not at every micro-batch.
 
     Args:
         rank, world_size: this process's place in the default process group.
@@ -57,7 +59,7 @@ class AlignUniformLoss(nn.Module):
         self.align_weight = align_weight
         self.uniform_weight = uniform_weight
         self.t = t
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def forward(
         self,
@@ -80,16 +82,16 @@ class AlignUniformLoss(nn.Module):
         x, y = image_features.to(dtype), text_features.to(dtype)
         align = (x - y).pow(2).sum(dim=1).mean()
         uniform = self._uniform(x, y)
-        self.last_terms = {"align": self._global_mean(align), "uniform": float(uniform.detach())}
+        self.last_terms = {"align": self._global_mean(align), "uniform": uniform.detach()}
         return self.align_weight * align + self.uniform_weight * uniform
 
-    def _global_mean(self, value: torch.Tensor) -> float:
-        """Mean over ranks of a detached scalar (for logging only; no gradient)."""
+    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks of a detached scalar, left on the device (for logging; no gradient)."""
         value = value.detach().clone()
         if self.world_size > 1:
             dist.all_reduce(value)
             value /= self.world_size
-        return float(value)
+        return value
 
     def _uniform(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """log mean over global non-matching pairs of exp(-t * squared distance)."""

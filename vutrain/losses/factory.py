@@ -34,8 +34,8 @@ def build_loss(
     `align_weight=..., uniform_weight=..., t=...` for align_uniform).
 
     Every returned object has `forward(image_features, text_features, logit_scale, logit_bias)`
-    (clip and siglip also take `labels=`) and a `last_terms: dict[str, float]` of extra terms to
-    log (empty for clip and siglip).
+    (clip and siglip also take `labels=`) and a `last_terms` dict of extra terms to log (0-dim
+    tensors or floats, read with `float()` on logging steps; empty for clip and siglip).
     """
     if name == "clip":
         return ClipLoss(
