@@ -90,7 +90,9 @@ def _worker(
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     finally:
-        if init_process_group and dist.is_initialized():
+        # Also a group that `fn` started itself (DeepSpeed's): one left to interpreter exit once
+        # took a rank down with SIGABRT after its work was done.
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
