@@ -11,12 +11,11 @@ moved DeepSpeed's accumulation boundary (fewer optimizer steps, different weight
 from __future__ import annotations
 
 import os
-import traceback
-from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from vutrain.host_reads import HostReads
 
 import train_runner as tr
 from helpers_dist import run_distributed
@@ -113,32 +112,6 @@ def test_nonfinite_microbatch_contributes_zero_with_accumulation(synthetic_shard
     torch.testing.assert_close(results[0]["nan"]["params"], results[1]["nan"]["params"])
 
 
-class HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value by the host (``.item()``, ``bool(t)``, ``float(t)``: every
-    one dispatches ``aten._local_scalar_dense``, a device sync on a GPU), by call site."""
-
-    def __init__(self):
-        super().__init__()
-        self.paused, self.sites = False, Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and not self.paused:
-            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
-            self.sites[" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[-3:])] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _paused(reads: HostReads, fn, when=lambda: True):
-    def call(*args, **kwargs):
-        was, reads.paused = reads.paused, reads.paused or when()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            reads.paused = was
-
-    return call
-
-
 HOST_READ_RUNS = {
     "zero2": {"train__zero_stage": 2},
     "zero3 lora": {"train__zero_stage": 3, "model__lora__enabled": "true"},
@@ -158,8 +131,8 @@ def _micro_batch_host_reads(rank: int, world: int, shards: dict, tmp: str) -> di
         trainer = _trainer(rank, shards, os.path.join(tmp, str(i)), **extra)
         trainer.train_step()  # the first step builds DeepSpeed's buffers
         reads, engine = HostReads(), trainer.engine
-        trainer.next_batch = _paused(reads, trainer.next_batch)
-        engine.step = _paused(reads, engine.step, engine.is_gradient_accumulation_boundary)
+        trainer.next_batch = reads.pause_during(trainer.next_batch)
+        engine.step = reads.pause_during(engine.step, engine.is_gradient_accumulation_boundary)
         with reads:
             for _ in range(2):
                 trainer.train_step()

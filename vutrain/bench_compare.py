@@ -246,7 +246,19 @@ def measure(runner, batch: dict[str, torch.Tensor], warmup: int, steps: int, dev
     row = {"samples_per_s": size * steps / elapsed, "step_time_s": elapsed / steps, "peak_memory_gib": None}
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    row.update(count_host_reads(runner, batch, device))
     return row
+
+
+def count_host_reads(runner, batch: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """Host reads of one more step, untimed (the counting mode slows every op): on CUDA the reads
+    of device values (each a GPU sync), on CPU every read (host scalars, not syncs)."""
+    from vutrain.host_reads import HostReads
+
+    with HostReads("cuda" if device.type == "cuda" else None) as reads:
+        runner.step(batch)
+    synchronize(device)
+    return {"host_reads_per_step": reads.total, "host_read_sites": dict(reads.sites.most_common(6))}
 
 
 class Bench:

@@ -14,7 +14,10 @@ TARGET_SPEEDUP = 1.1
 TARGET_BATCH_RATIO = 2.0
 """vutrain's largest batch per GPU over open_clip's (issue 9)."""
 TARGET_BATCHES = (256, 1024)
-TABLE_HEAD = "| configuration | batch | samples/s | peak GiB | x open_clip |\n|---|---|---|---|---|"
+TABLE_HEAD = (
+    "| configuration | batch | samples/s | peak GiB | x open_clip | host reads/step |\n"
+    "|---|---|---|---|---|---|"
+)
 BASELINE_LABEL = "open_clip"
 """The configuration every ratio is taken against: open_clip's step as it ships."""
 
@@ -22,12 +25,12 @@ BASELINE_LABEL = "open_clip"
 def format_row(row: dict) -> str:
     """One markdown table row of a speed measurement (or its error)."""
     if "error" in row:
-        return f"| {row['variant']} | {row['batch_size']} | {row['error']} | | |"
+        return f"| {row['variant']} | {row['batch_size']} | {row['error']} | | | |"
     mem = "n/a (CPU)" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.2f}"
     ratio = row.get("ratio_to_open_clip")
     return (
         f"| {row['variant']} | {row['batch_size']} | {row['samples_per_s']:.1f} | {mem} | "
-        f"{'' if ratio is None else f'{ratio:.2f}x'} |"
+        f"{'' if ratio is None else f'{ratio:.2f}x'} | {row.get('host_reads_per_step', '')} |"
     )
 
 
