@@ -198,8 +198,12 @@ def test_compare_tiny_on_cpu(tmp_path):
     for row in (r for r in result["rows"] if "error" not in r):
         assert row["samples_per_s"] > 0 and row["step_time_s"] > 0
         assert row["peak_memory_gib"] is None  # no device memory on the CPU: not made up
-        # one extra step counted: on CPU every host read (the optimizer's step counters at least)
-        assert row["host_reads_per_step"] >= sum(row["host_read_sites"].values()) > 0
+        # one extra step counted at the first batch size: on CPU every host read (the optimizers'
+        # step counters at least)
+        if row["batch_size"] == 4:
+            assert row["host_reads_per_step"] >= sum(row["host_read_sites"].values()) > 0
+        else:
+            assert "host_reads_per_step" not in row
         assert row["ratio_to_open_clip"] == pytest.approx(row["samples_per_s"] / base[row["batch_size"]])
     assert [(e["variant"], e["largest_batch"], e["capped"]) for e in result["largest"]] == [
         ("open_clip", 16, True),

@@ -230,8 +230,16 @@ def median_rows(measured: list[dict]) -> list[dict]:
     return out
 
 
-def measure(runner, batch: dict[str, torch.Tensor], warmup: int, steps: int, device: torch.device) -> dict:
-    """samples/s over `steps` steps after `warmup`, and the peak device memory of those steps."""
+def measure(
+    runner,
+    batch: dict[str, torch.Tensor],
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    count_reads: bool = True,
+) -> dict:
+    """samples/s over `steps` steps after `warmup`, the peak device memory of those steps and,
+    with `count_reads`, the host reads of one more step (`count_host_reads`)."""
     size = len(batch["input_ids"])
     for _ in range(warmup):
         runner.step(batch)
@@ -246,7 +254,8 @@ def measure(runner, batch: dict[str, torch.Tensor], warmup: int, steps: int, dev
     row = {"samples_per_s": size * steps / elapsed, "step_time_s": elapsed / steps, "peak_memory_gib": None}
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    row.update(count_host_reads(runner, batch, device))
+    if count_reads:
+        row.update(count_host_reads(runner, batch, device))
     return row
 
 
@@ -336,6 +345,8 @@ class Bench:
                         self.args.warmup,
                         self.args.steps,
                         self.device,
+                        # the same at every batch size: counted once (a counted step is slow)
+                        count_reads=not any("host_reads_per_step" in r for r in rows),
                     )
                 )
             except Exception as exc:
