@@ -153,3 +153,30 @@ def test_no_host_reads_between_optimizer_steps(synthetic_shards, tmp_path):
         assert by_run == {name: {} for name in HOST_READ_RUNS}, (
             f"rank {rank}: host reads by call site {by_run}"
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_gpu_syncs_between_optimizer_steps(synthetic_shards, tmp_path, single_process):
+    """On one GPU in bf16 (world 1, in this process): no read of a CUDA tensor on the host in
+    train_step, batch loading and the device-side normalisation included, except in DeepSpeed's
+    optimizer step at the accumulation boundary (its gradient-norm check)."""
+    from vutrain.distributed import init_distributed, resolve_dist_env
+
+    from inprocess_trainer import DIST_ENV
+
+    init_distributed(resolve_dist_env({k: v for k, v in os.environ.items() if k not in DIST_ENV}))
+    found = {}
+    for i, (name, extra) in enumerate(HOST_READ_RUNS.items()):
+        trainer = _trainer(0, synthetic_shards, str(tmp_path / str(i)), train__precision="bf16", **extra)
+        assert trainer.device.type == "cuda"
+        trainer.train_step()
+        reads, engine = HostReads("cuda"), trainer.engine
+        engine.step = reads.pause_during(engine.step, engine.is_gradient_accumulation_boundary)
+        with reads:
+            for _ in range(2):
+                trainer.train_step()
+        torch.cuda.synchronize()
+        found[name] = dict(reads.sites)
+    assert found == {name: {} for name in HOST_READ_RUNS}, f"GPU syncs by call site: {found}"
