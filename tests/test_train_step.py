@@ -119,25 +119,33 @@ HOST_READ_RUNS = {
 }
 
 
-def _micro_batch_host_reads(rank: int, world: int, shards: dict, tmp: str) -> dict:
-    """Host reads in train_step's micro-batch phases (forward, loss, agreement, backward and the
-    engine's non-boundary step) per run of HOST_READ_RUNS; the batch loading (host tensors) and the
-    optimizer step at the accumulation boundary are not counted."""
-    from vutrain.distributed import init_distributed, resolve_dist_env
-
-    init_distributed(resolve_dist_env())
+def _reads_per_run(rank: int, shards: dict, tmp: str, device_type: str | None, **common) -> dict:
+    """Host reads of 2 train_steps by call site, per run of HOST_READ_RUNS. DeepSpeed's optimizer
+    step at the accumulation boundary is not counted; on the CPU neither is the batch loading
+    (host tensors there; on a GPU it includes the device-side normalisation, so it counts)."""
     out = {}
     for i, (name, extra) in enumerate(HOST_READ_RUNS.items()):
-        trainer = _trainer(rank, shards, os.path.join(tmp, str(i)), **extra)
+        trainer = _trainer(rank, shards, os.path.join(tmp, str(i)), **common, **extra)
         trainer.train_step()  # the first step builds DeepSpeed's buffers
-        reads, engine = HostReads(), trainer.engine
-        trainer.next_batch = reads.pause_during(trainer.next_batch)
+        assert device_type != "cuda" or trainer.device.type == "cuda"
+        reads, engine = HostReads(device_type), trainer.engine
+        if device_type is None:
+            trainer.next_batch = reads.pause_during(trainer.next_batch)
         engine.step = reads.pause_during(engine.step, engine.is_gradient_accumulation_boundary)
         with reads:
             for _ in range(2):
                 trainer.train_step()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
         out[name] = dict(reads.sites)
     return out
+
+
+def _micro_batch_host_reads(rank: int, world: int, shards: dict, tmp: str) -> dict:
+    from vutrain.distributed import init_distributed, resolve_dist_env
+
+    init_distributed(resolve_dist_env())
+    return _reads_per_run(rank, shards, tmp, None)
 
 
 @pytest.mark.slow  # spawns 2 rank processes
@@ -167,16 +175,5 @@ def test_no_gpu_syncs_between_optimizer_steps(synthetic_shards, tmp_path, single
     from inprocess_trainer import DIST_ENV
 
     init_distributed(resolve_dist_env({k: v for k, v in os.environ.items() if k not in DIST_ENV}))
-    found = {}
-    for i, (name, extra) in enumerate(HOST_READ_RUNS.items()):
-        trainer = _trainer(0, synthetic_shards, str(tmp_path / str(i)), train__precision="bf16", **extra)
-        assert trainer.device.type == "cuda"
-        trainer.train_step()
-        reads, engine = HostReads("cuda"), trainer.engine
-        engine.step = reads.pause_during(engine.step, engine.is_gradient_accumulation_boundary)
-        with reads:
-            for _ in range(2):
-                trainer.train_step()
-        torch.cuda.synchronize()
-        found[name] = dict(reads.sites)
+    found = _reads_per_run(0, synthetic_shards, str(tmp_path), "cuda", train__precision="bf16")
     assert found == {name: {} for name in HOST_READ_RUNS}, f"GPU syncs by call site: {found}"
