@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one rank sees half the samples and half the negatives per step. On a GPU a larger batch is
 # nearly free, so the GPU recipe trains one rank at 256 per step (twice the CPU run's global
 # batch) for 600 steps: about 19 passes over the 8192 samples instead of 4.7. Not measured yet
-# on a GPU (none was available when it was written); see BENCHMARKS.md.
+# on a GPU (none was available when it was written); run on the CPU in bf16 it reached 0.992
+# (BENCHMARKS.md, "The demo").
 GPU_RECIPE = [
     "train.precision=bf16",
     "train.micro_batch_size=256",
