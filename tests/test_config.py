@@ -49,7 +49,7 @@ def test_every_field_has_a_docstring():
         ("train.max_steps=ten", ["train.max_steps must be an integer"]),
         ("train.max_steps=1.5", ["train.max_steps must be an integer"]),
         ("model.lora.enabled=maybe", ["model.lora.enabled must be true or false"]),
-        ("train.precision=fp8", ["train.precision='fp8'", "fp32, bf16, fp16"]),
+        ("train.precision=fp8", ["train.precision='fp8'", "fp32, bf16, amp_bf16, fp16"]),
         ("loss.name=triplet", ["loss.name='triplet'", "clip, siglip, align_uniform"]),
         ("loss.backend=cuda", ["loss.backend='cuda'", "torch, triton, auto"]),
         ("train.zero_stage=4", ["train.zero_stage=4", "0, 1, 2, 3"]),

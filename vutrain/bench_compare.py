@@ -289,7 +289,7 @@ class Bench:
             return runner
         from vutrain.bench_openclip import OpenClipStep
 
-        precision = "amp_bf16" if self.args.precision == "bf16" else "fp32"
+        precision = "fp32" if self.args.precision == "fp32" else "amp_bf16"
         return OpenClipStep(
             self.openclip, self.openclip_cfg, self.device, precision, grad_checkpointing=variant.grad_ckpt
         )
@@ -427,9 +427,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--precision",
-        choices=("bf16", "fp32"),
+        choices=("bf16", "amp_bf16", "fp32"),
         default="bf16" if cuda else "fp32",
-        help="vutrain train.precision; open_clip runs amp_bf16 for bf16, fp32 otherwise",
+        help="vutrain train.precision; open_clip runs amp_bf16 for bf16 and amp_bf16, fp32 otherwise",
     )
     parser.add_argument("--batch-sizes", default="256,1024" if cuda else "8,16")
     parser.add_argument("--zero-stages", default="1,2")

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 PRESETS = ("tiny", "vit-b-32", "vit-b-16", "vit-l-14")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "amp_bf16", "fp16")
 ACCUMULATIONS = ("gradcache", "plain")
 LOSSES = ("clip", "siglip", "align_uniform")
 BACKENDS = ("torch", "triton", "auto")
@@ -130,7 +130,7 @@ class TrainConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     precision: str = "fp32"
-    """fp32, bf16 or fp16 (fp16 needs a CUDA GPU)."""
+    """fp32, bf16 (bf16 weights), amp_bf16 (fp32 weights, bf16 autocast) or fp16 (needs a CUDA GPU)."""
     lr: float = 5e-4
     """Peak learning rate."""
     min_lr_ratio: float = 0.0

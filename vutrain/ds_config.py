@@ -46,6 +46,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if cfg.precision == "amp_bf16":
+        # open_clip's amp_bf16: fp32 weights, gradients and optimizer; the forward under
+        # torch.autocast (matmuls in bf16, norms, softmax and the residual stream in fp32).
+        generated["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if cfg.zero_stage == 3:
         # Gather the 16-bit weights on save so export does not need the optimizer shards.
         generated["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True

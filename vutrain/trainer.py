@@ -33,7 +33,8 @@ from vutrain.nonfinite import GuardStats, NonFiniteGuard
 
 log = logging.getLogger("vutrain")
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", which the SLURM scripts turn into a requeue
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp_bf16": torch.float32, "fp16": torch.float16}
+"""The dtype of the weights and of the inputs the engine is handed (amp_bf16: autocast does the rest)."""
 
 
 class NonFiniteLossError(RuntimeError):
