@@ -37,6 +37,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp_bf16": torch.float
 """The dtype of the weights and of the inputs the engine is handed (amp_bf16: autocast does the rest)."""
 
 
+def loss_features_dtype(backend: str, device_type: str, precision: str) -> torch.dtype | None:
+    """The dtype the loss gets the features in; None: as the model returns them.
+
+    The torch loss takes fp32 (a bf16 logits matrix loses the label term). The Triton kernels on
+    CUDA take 16-bit features and accumulate in fp32 themselves: under amp_bf16 the normalised
+    features leave autocast in fp32, so they go in as bf16, as in a bf16 run, not as fp32 tiles.
+    """
+    if backend not in ("triton", "auto") or device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if precision == "amp_bf16" else None
+
+
 class NonFiniteLossError(RuntimeError):
     """train.max_nonfinite_steps non-finite losses in a row: training stops, checkpoints are kept."""
 
@@ -174,9 +186,8 @@ class Trainer:
         """The contrastive loss with negatives from all ranks."""
         cfg, info = self.cfg, self.info
         self.loss_fn = build_loss_from_config(cfg.loss, rank=info.rank, world_size=info.world_size)
-        # The torch loss upcasts bf16/fp16 features to fp32 (a bf16 logits matrix loses the label
-        # term); the Triton kernels take them as they are and accumulate in fp32 themselves.
-        self.upcast_features = not (cfg.loss.backend in ("triton", "auto") and self.device.type == "cuda")
+        precision = cfg.train.precision
+        self.loss_features_dtype = loss_features_dtype(cfg.loss.backend, self.device.type, precision)
 
     def _build_data(self) -> None:
         """This rank's training stream; the validation spec is checked now, not at the first eval."""
@@ -309,8 +320,8 @@ class Trainer:
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
         )
-        if self.upcast_features:
-            img, txt = img.float(), txt.float()
+        if self.loss_features_dtype is not None:
+            img, txt = img.to(self.loss_features_dtype), txt.to(self.loss_features_dtype)
         return img, txt, scale.float(), None if bias is None else bias.float()
 
     def backward_step(self, loss: torch.Tensor, times: StepTimes) -> None:
