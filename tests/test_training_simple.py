@@ -136,5 +136,6 @@ def test_loss_features_dtype_per_backend_device_and_precision():
     assert loss_features_dtype("torch", "cuda", "bf16") == torch.float32
     assert loss_features_dtype("triton", "cpu", "amp_bf16") == torch.float32  # the interpreter
     assert loss_features_dtype("triton", "cuda", "bf16") is None
-    assert loss_features_dtype("auto", "cuda", "amp_bf16") == torch.bfloat16
+    assert loss_features_dtype("triton", "cuda", "amp_bf16") == torch.bfloat16
+    assert loss_features_dtype("auto", "cuda", "amp_bf16") is None  # auto may fall back to torch
     assert loss_features_dtype("triton", "cuda", "fp32") is None

@@ -42,11 +42,13 @@ def loss_features_dtype(backend: str, device_type: str, precision: str) -> torch
 
     The torch loss takes fp32 (a bf16 logits matrix loses the label term). The Triton kernels on
     CUDA take 16-bit features and accumulate in fp32 themselves: under amp_bf16 the normalised
-    features leave autocast in fp32, so they go in as bf16, as in a bf16 run, not as fp32 tiles.
+    features leave autocast in fp32, so with loss.backend=triton they go in as bf16, as in a bf16
+    run, not as fp32 tiles. "auto" may still fall back to the torch loss (no Triton, a logit bias,
+    multi-positive labels), so under amp_bf16 it keeps them fp32: right either way.
     """
     if backend not in ("triton", "auto") or device_type != "cuda":
         return torch.float32
-    return torch.bfloat16 if precision == "amp_bf16" else None
+    return torch.bfloat16 if precision == "amp_bf16" and backend == "triton" else None
 
 
 class NonFiniteLossError(RuntimeError):
