@@ -35,9 +35,10 @@ def overrides(shards: dict, run_dir: str, steps: int, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def train(shards: dict, run_dir: str, steps: int, **extra) -> dict:
+def train(shards: dict, run_dir: str, steps: int, on_trainer=None, **extra) -> dict:
     """Build a Trainer from the shipped `tiny` run file in this process, train, close the group.
 
+    `on_trainer(trainer)`, if given, runs after the Trainer is built and before it trains (hooks).
     Returns the last eval metrics ({} without val shards).
     """
     from vutrain.config import load_config
@@ -50,6 +51,9 @@ def train(shards: dict, run_dir: str, steps: int, **extra) -> dict:
     assert info.world_size == 1 and info.launcher == "single", info
     init_distributed(info)
     try:
-        return Trainer(cfg, info).train()
+        trainer = Trainer(cfg, info)
+        if on_trainer is not None:
+            on_trainer(trainer)
+        return trainer.train()
     finally:
         cleanup()

@@ -94,35 +94,29 @@ def test_amp_bf16_keeps_fp32_weights_and_runs_the_forward_under_autocast(
     DeepSpeed's torch_autocast, in training and in eval; bf16 (DeepSpeed's) casts the weights."""
     import torch
 
-    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
     from vutrain.ds_config import build_ds_config
-    from vutrain.trainer import Trainer
 
-    from inprocess_trainer import DIST_ENV
+    extra = dict(train__zero_stage=stage, model__lora__enabled=lora)
+    for precision, autocast in (("amp_bf16", True), ("bf16", False)):
+        cfg = load_config("tiny", overrides(tiny_shards, "unused", 2, train__precision=precision, **extra))
+        ds = build_ds_config(cfg.train, world_size=1)
+        assert ds["bf16"]["enabled"] == (not autocast)
+        assert ds.get("torch_autocast") == ({"enabled": True, "dtype": "bfloat16"} if autocast else None)
 
-    def config(precision):
-        extra = dict(train__precision=precision, train__zero_stage=stage, model__lora__enabled=lora)
-        return load_config("tiny", overrides(tiny_shards, str(tmp_path / precision), 2, **extra))
+    seen, modules = [], []
 
-    amp = build_ds_config(config("amp_bf16").train, world_size=1)
-    assert amp["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not amp["bf16"]["enabled"]
-    assert "torch_autocast" not in build_ds_config(config("bf16").train, world_size=1)
-
-    info = resolve_dist_env({k: v for k, v in os.environ.items() if k not in DIST_ENV})
-    init_distributed(info)
-    try:
-        trainer = Trainer(config("amp_bf16"), info)
-        module = trainer.engine.module
-        linear = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
-        seen = []
+    def hook(trainer):
+        modules.append(trainer.engine.module)
+        linear = next(m for m in modules[0].modules() if isinstance(m, torch.nn.Linear))
         linear.register_forward_hook(lambda mod, args, out: seen.append((torch.is_grad_enabled(), out.dtype)))
-        last_eval = trainer.train()
-    finally:
-        cleanup()
+
+    run_dir = str(tmp_path / "run")
+    last_eval = train(tiny_shards, run_dir, 2, on_trainer=hook, train__precision="amp_bf16", **extra)
+    module = modules[0]
     assert {dtype for _, dtype in seen} == {torch.bfloat16}
     assert {grad for grad, _ in seen} == {True, False}  # training forwards and eval forwards
     assert all(p.dtype == torch.float32 for p in module.parameters())
-    rows = [r for r in read_metrics(str(tmp_path / "amp_bf16")) if "train/loss" in r]
+    rows = [r for r in read_metrics(run_dir) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(0 < r["train/loss"] < 100 for r in rows)
     assert 0 <= last_eval["eval/zeroshot_top1"] <= 1
 
