@@ -10,7 +10,10 @@ from setuptools import find_packages, setup
 CORE = [
     "torch>=2.3",
     "deepspeed>=0.14",
-    "transformers>=4.40",
+    # 5.25 made Hugging Face's `kernels` a requirement, and its import name is this repository's
+    # `kernels` package (the Triton losses): transformers then imports ours and fails. See README,
+    # "Hugging Face's kernels package".
+    "transformers>=4.40,<5.25",
     "tokenizers>=0.15",
     "peft>=0.10",
     "webdataset>=0.2.86,<0.3",  # img2dataset 1.47 pins webdataset<0.3: stay on the 0.2.x API

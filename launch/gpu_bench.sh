@@ -64,6 +64,11 @@ echo "setup $? $((SECONDS - START))" > "$OUT/summary.txt"
 cat "$OUT/setup.log"
 PY="${PYTHON:-python3}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+# Hugging Face's `kernels` (required by transformers>=5.25) has the import name of our `kernels`
+# package, and transformers would import ours in its place; it runs without it (README).
+if "$PY" -c "import importlib.metadata as m; m.version('kernels')" 2>/dev/null; then
+    "$PY" -m pip uninstall -y -q kernels >> "$OUT/setup.log" 2>&1 || echo "kernels: not uninstalled" >&2
+fi
 
 # limit SECONDS: the step's own limit, or less when the total budget is nearly spent
 limit() {

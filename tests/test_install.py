@@ -7,7 +7,9 @@ point, is `make install-check` (tools/check_core_install.sh), which `.ci/run` ru
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,4 +54,34 @@ def test_dataset_command_without_the_data_extra_says_which(missing, monkeypatch,
     assert err == (
         f"dataset_tools build needs the 'data' extra ({missing} is not installed): "
         "pip install 'vutrain[data]'"
+    )
+
+
+def test_hugging_face_kernels_beside_ours_is_one_clear_line(tmp_path):
+    """Hugging Face's `kernels` (a transformers>=5.25 requirement) shares our `kernels` import name.
+
+    Its metadata alone makes transformers import `kernels` at import time; it then gets this
+    repository's package and fails. The model module must turn that into one line saying what to do
+    (before: transformers' "cannot import name 'CUDAProperties' from 'kernels'").
+    """
+    import_utils = pytest.importorskip("transformers.utils.import_utils")
+    version = getattr(import_utils, "KERNELS_MIN_VERSION", None)
+    if version is None:
+        pytest.skip("this transformers has no hub-kernels integration")
+    dist_info = tmp_path / f"kernels-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kernels\nVersion: {version}\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import vutrain.model"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("ImportError: transformers imported vutrain's `kernels`")
+        and "pip uninstall kernels" in last
     )

@@ -13,7 +13,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+try:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+except ImportError as exc:
+    # Hugging Face's `kernels` package (required by transformers>=5.25) has the import name of this
+    # repository's `kernels` (the Triton losses): when its metadata is installed, transformers
+    # imports ours in its place and fails on a name that only theirs defines.
+    if "from 'kernels'" not in str(exc):
+        raise
+    raise ImportError(
+        "transformers imported vutrain's `kernels` package in place of Hugging Face's `kernels` "
+        "(same import name): run `pip uninstall kernels` (transformers runs without it) or install "
+        "'transformers<5.25'"
+    ) from exc
 
 from vutrain.config import ModelConfig
 
