@@ -119,17 +119,3 @@ def test_amp_bf16_keeps_fp32_weights_and_runs_the_forward_under_autocast(
     rows = [r for r in read_metrics(run_dir) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(0 < r["train/loss"] < 100 for r in rows)
     assert 0 <= last_eval["eval/zeroshot_top1"] <= 1
-
-
-def test_loss_features_dtype_per_backend_device_and_precision():
-    """fp32 for the torch loss; 16-bit for the CUDA kernels, amp_bf16's fp32 features cast to bf16."""
-    import torch
-
-    from vutrain.trainer import loss_features_dtype
-
-    assert loss_features_dtype("torch", "cuda", "bf16") == torch.float32
-    assert loss_features_dtype("triton", "cpu", "amp_bf16") == torch.float32  # the interpreter
-    assert loss_features_dtype("triton", "cuda", "bf16") is None
-    assert loss_features_dtype("triton", "cuda", "amp_bf16") == torch.bfloat16
-    assert loss_features_dtype("auto", "cuda", "amp_bf16") is None  # auto may fall back to torch
-    assert loss_features_dtype("triton", "cuda", "fp32") is None

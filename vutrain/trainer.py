@@ -37,18 +37,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp_bf16": torch.float
 """The dtype of the weights and of the inputs the engine is handed (amp_bf16: autocast does the rest)."""
 
 
-def loss_features_dtype(backend: str, device_type: str, precision: str) -> torch.dtype | None:
+def loss_features_dtype(uses_kernels: bool, device_type: str, precision: str) -> torch.dtype | None:
     """The dtype the loss gets the features in; None: as the model returns them.
 
-    The torch loss takes fp32 (a bf16 logits matrix loses the label term). The Triton kernels on
-    CUDA take 16-bit features and accumulate in fp32 themselves: under amp_bf16 the normalised
-    features leave autocast in fp32, so with loss.backend=triton they go in as bf16, as in a bf16
-    run, not as fp32 tiles. "auto" may still fall back to the torch loss (no Triton, a logit bias,
-    multi-positive labels), so under amp_bf16 it keeps them fp32: right either way.
+    The torch loss takes fp32 (a bf16 logits matrix loses the label term), and so do the kernels
+    off CUDA (the Triton interpreter computes bf16 wrongly). The kernels on CUDA take 16-bit
+    features and accumulate in fp32 themselves: under amp_bf16 the normalised features leave
+    autocast in fp32, so they go in as bf16, as in a bf16 run, not as fp32 tiles.
+
+    uses_kernels: the loss's own answer for this call (`loss_fn.uses_kernels`), so that
+    loss.backend=auto gets fp32 whenever it falls back to torch (labels, a bias, no Triton).
     """
-    if backend not in ("triton", "auto") or device_type != "cuda":
+    if not uses_kernels or device_type != "cuda":
         return torch.float32
-    return torch.bfloat16 if precision == "amp_bf16" and backend == "triton" else None
+    return torch.bfloat16 if precision == "amp_bf16" else None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -188,8 +190,6 @@ class Trainer:
         """The contrastive loss with negatives from all ranks."""
         cfg, info = self.cfg, self.info
         self.loss_fn = build_loss_from_config(cfg.loss, rank=info.rank, world_size=info.world_size)
-        precision = cfg.train.precision
-        self.loss_features_dtype = loss_features_dtype(cfg.loss.backend, self.device.type, precision)
 
     def _build_data(self) -> None:
         """This rank's training stream; the validation spec is checked now, not at the first eval."""
@@ -322,8 +322,10 @@ class Trainer:
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
         )
-        if self.loss_features_dtype is not None:
-            img, txt = img.to(self.loss_features_dtype), txt.to(self.loss_features_dtype)
+        uses_kernels = self.loss_fn.uses_kernels(img, bias, batch.get("labels"))
+        dtype = loss_features_dtype(uses_kernels, self.device.type, self.cfg.train.precision)
+        if dtype is not None:
+            img, txt = img.to(dtype), txt.to(dtype)
         return img, txt, scale.float(), None if bias is None else bias.float()
 
     def backward_step(self, loss: torch.Tensor, times: StepTimes) -> None:

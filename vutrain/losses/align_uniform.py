@@ -85,6 +85,10 @@ class AlignUniformLoss(nn.Module):
         self.last_terms = {"align": self._global_mean(align), "uniform": uniform.detach()}
         return self.align_weight * align + self.uniform_weight * uniform
 
+    def uses_kernels(self, features: torch.Tensor, logit_bias=None, labels=None) -> bool:
+        """Never: this loss has a torch implementation only (the trainer asks every loss)."""
+        return False
+
     def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over ranks of a detached scalar, left on the device (for logging; no gradient)."""
         value = value.detach().clone()

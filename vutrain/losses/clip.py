@@ -34,10 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vutrain.losses.backends import check_backend, takes_kernel
 from vutrain.losses.gather import check_rank, gather_features
 from vutrain.losses.positives import check_labels, gather_labels, positive_mask
-
-BACKENDS = ("torch", "triton", "auto")
 
 
 class ClipLoss(nn.Module):
@@ -52,7 +51,8 @@ class ClipLoss(nn.Module):
         backend: "torch" (reference), "triton" (`kernels.contrastive_ce` / `kernels.clip_loss`,
             never materialises the logits; on CPU the kernels fall back to their torch
             reference unless TRITON_INTERPRET=1) or "auto" (triton for CUDA features when
-            `kernels.triton_available()`, torch otherwise).
+            `kernels.triton_available()` and the call has no logit bias and no labels, torch
+            otherwise; see backends.py).
 
     `last_terms` is always empty: the loss has a single term (kept for a uniform trainer API).
     """
@@ -67,8 +67,7 @@ class ClipLoss(nn.Module):
         backend: str = "torch",
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend(backend)
         check_rank(rank, world_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
@@ -128,7 +127,7 @@ class ClipLoss(nn.Module):
         """
         if labels is not None:
             check_labels(labels, image_features.shape[0])
-        if self._use_triton(image_features):
+        if self.uses_kernels(image_features, logit_bias, labels):
             if logit_bias is not None:
                 raise ValueError(
                     "ClipLoss backend 'triton' does not support logit_bias; use "
@@ -146,6 +145,15 @@ class ClipLoss(nn.Module):
         else:
             targets = self.soft_targets(labels, per_image.shape[0], per_image.dtype)
         return (F.cross_entropy(per_image, targets) + F.cross_entropy(per_text, targets)) / 2
+
+    def uses_kernels(
+        self,
+        features: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> bool:
+        """Whether `forward` runs the Triton kernels for these arguments (see backends.py)."""
+        return takes_kernel(self.backend, features, "clip_loss", logit_bias is None and labels is None)
 
     def soft_targets(
         self,
@@ -180,21 +188,6 @@ class ClipLoss(nn.Module):
             rank=self.rank,
             world_size=self.world_size,
         )
-
-    def _use_triton(self, features: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "triton":
-            return True
-        # "auto": the kernels only run on CUDA, and only when Triton can compile for this device.
-        if not features.is_cuda:
-            return False
-        try:
-            import kernels
-        except ImportError:
-            return False
-        available = getattr(kernels, "triton_available", None)
-        return bool(available()) if callable(available) else False
 
     def _forward_triton(
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor

@@ -30,12 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from vutrain.losses.backends import check_backend, takes_kernel
 from vutrain.losses.exchange import neighbour_exchange, neighbour_exchange_bidir
 from vutrain.losses.gather import all_gather_with_grad, check_group, check_rank
 from vutrain.losses.positives import check_labels, gather_labels, positive_mask
 
 DIST_IMPLS = ("gather", "bidir")
-BACKENDS = ("torch", "triton", "auto")
 
 
 def _block_loss(
@@ -72,7 +72,8 @@ class SigLipLoss(nn.Module):
             exchange around the ring); None follows `bidir`.
         bidir: shorthand for dist_impl="bidir" (open_clip's default).
         backend: "torch", "triton" (`kernels.sigmoid_loss`, never materialises the logits;
-            gather only, no labels) or "auto" (triton for CUDA features when available).
+            gather only, no labels) or "auto" (triton for CUDA features when available, with
+            no labels and dist_impl="gather"; torch otherwise; see backends.py).
 
     `last_terms` is always empty (single-term loss; kept for a uniform trainer API).
     """
@@ -95,8 +96,7 @@ class SigLipLoss(nn.Module):
             )
         if bidir and dist_impl != "bidir":
             raise ValueError(f"SigLipLoss got bidir=True and dist_impl={dist_impl!r}; pass one of them")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend(backend)
         if backend == "triton" and dist_impl == "bidir":
             raise ValueError(
                 "SigLipLoss backend 'triton' gathers the texts (its kernel already "
@@ -158,7 +158,7 @@ class SigLipLoss(nn.Module):
             check_labels(labels, b)
         if self.world_size > 1:
             check_group(self.rank, self.world_size)
-        if self._use_triton(image_features):
+        if self.uses_kernels(image_features, logit_bias, labels):
             if labels is not None:
                 raise ValueError(
                     "SigLipLoss backend 'triton' does not support multi-positive labels; "
@@ -210,19 +210,16 @@ class SigLipLoss(nn.Module):
             loss = loss + block(from_left, (rank - bidir_steps - 1) % w)
         return loss / b
 
-    def _use_triton(self, features: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "triton":
-            return True
-        if not features.is_cuda or self.bidir:
-            return False
-        try:
-            import kernels
-        except ImportError:
-            return False
-        available = getattr(kernels, "triton_available", None)
-        return bool(available()) and hasattr(kernels, "sigmoid_loss") if callable(available) else False
+    def uses_kernels(
+        self,
+        features: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> bool:
+        """Whether `forward` runs the Triton kernel for these arguments (see backends.py); the
+        kernel takes the bias, so only labels and the ring exchange keep "auto" on torch."""
+        supported = labels is None and not self.bidir
+        return takes_kernel(self.backend, features, "sigmoid_loss", supported)
 
     def _forward_triton(
         self, img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor

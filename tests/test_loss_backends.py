@@ -1,0 +1,110 @@
+"""Which implementation a loss call takes (vutrain/losses/backends.py), CUDA features included.
+
+loss.backend=auto decides on `features.is_cuda`, which a CPU machine cannot make true. Here the
+features are CPU tensors of a subclass that reports `is_cuda` (every computation stays a real CPU
+one) and Triton counts as available, so the real loss code takes the branch it takes on a GPU:
+"auto" must fall back to torch for what the kernels lack (multi-positive labels, ClipLoss's logit
+bias, SigLIP's ring) with the torch loss's values, instead of raising, and the trainer must then
+hand the loss fp32 features.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from vutrain.losses import AlignUniformLoss, ClipLoss, SigLipLoss
+from vutrain.trainer import loss_features_dtype
+
+B, D = 4, 8
+
+
+class ReportsCuda(torch.Tensor):
+    """A CPU tensor whose `is_cuda` says True: the device flag the backend choice reads."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def triton_on_gpu(monkeypatch):
+    """Triton counts as able to run (as on a GPU host), whatever this machine has."""
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+
+
+def inputs():
+    """Features [B, D] (two, L2-normalised), scale, bias and class labels [B] (two positives)."""
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    txt = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    return (
+        img,
+        txt,
+        torch.tensor(10.0, dtype=torch.float64),
+        torch.tensor(-10.0, dtype=torch.float64),
+        torch.tensor([0, 1, 0, 2]),
+    )
+
+
+def test_auto_takes_the_kernels_only_for_what_they_implement(triton_on_gpu):
+    img, _, _, bias, labels = inputs()
+    gpu = img.as_subclass(ReportsCuda)
+    clip, siglip = ClipLoss(backend="auto"), SigLipLoss(backend="auto")
+    assert clip.uses_kernels(gpu)
+    assert not clip.uses_kernels(gpu, bias)  # the softmax kernel has no bias
+    assert not clip.uses_kernels(gpu, None, labels)
+    assert siglip.uses_kernels(gpu, bias)  # the sigmoid kernel takes the bias
+    assert not siglip.uses_kernels(gpu, bias, labels)
+    assert not SigLipLoss(backend="auto", bidir=True).uses_kernels(gpu, bias)
+    assert not clip.uses_kernels(img) and not siglip.uses_kernels(img, bias)  # CPU features
+    assert ClipLoss(backend="triton").uses_kernels(img, None, labels)  # asked for: forward says why not
+    assert not ClipLoss(backend="torch").uses_kernels(gpu)
+    assert not AlignUniformLoss().uses_kernels(gpu)
+
+
+def test_auto_without_triton_stays_on_torch(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    img, _, _, bias, _ = inputs()
+    gpu = img.as_subclass(ReportsCuda)
+    assert not ClipLoss(backend="auto").uses_kernels(gpu)
+    assert not SigLipLoss(backend="auto").uses_kernels(gpu, bias)
+
+
+@pytest.mark.parametrize("case", ["clip_labels", "clip_bias", "siglip_labels", "siglip_bidir"])
+def test_auto_on_cuda_falls_back_to_the_torch_loss(triton_on_gpu, case):
+    """Before: "auto" chose the kernels for any CUDA call and then raised on labels (both losses)
+    and on ClipLoss's logit bias, so loss.positives=category|tags stopped every GPU run."""
+    img, txt, scale, bias, labels = inputs()
+    loss_cls, kwargs, args = {
+        "clip_labels": (ClipLoss, {}, dict(labels=labels)),
+        "clip_bias": (ClipLoss, {}, dict(logit_bias=bias)),
+        "siglip_labels": (SigLipLoss, {}, dict(logit_bias=bias, labels=labels)),
+        "siglip_bidir": (SigLipLoss, {"bidir": True}, dict(logit_bias=bias)),
+    }[case]
+    expected = loss_cls(backend="torch", **kwargs)(img, txt, scale, **args)
+    got = loss_cls(backend="auto", **kwargs)(
+        img.as_subclass(ReportsCuda), txt.as_subclass(ReportsCuda), scale, **args
+    )
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), expected, rtol=0, atol=0)
+
+
+def test_explicit_triton_still_rejects_labels_with_a_clear_error():
+    img, txt, scale, bias, labels = inputs()
+    with pytest.raises(ValueError, match="loss.positives=pair"):
+        ClipLoss(backend="triton")(img, txt, scale, labels=labels)
+    with pytest.raises(ValueError, match="loss.positives=pair"):
+        SigLipLoss(backend="triton")(img, txt, scale, bias, labels=labels)
+
+
+def test_trainer_feature_dtype_follows_the_loss_choice():
+    """fp32 whenever the torch loss runs (also an "auto" that fell back); 16-bit for the CUDA
+    kernels, amp_bf16's fp32 features cast to bf16; fp32 for the interpreter on CPU."""
+    for precision in ("fp32", "bf16", "amp_bf16"):
+        assert loss_features_dtype(False, "cuda", precision) == torch.float32
+        assert loss_features_dtype(True, "cpu", precision) == torch.float32
+    assert loss_features_dtype(True, "cuda", "bf16") is None
+    assert loss_features_dtype(True, "cuda", "fp32") is None
+    assert loss_features_dtype(True, "cuda", "amp_bf16") == torch.bfloat16

@@ -1,0 +1,42 @@
+"""Which implementation a loss call runs: torch, or a Triton kernel of the `kernels` package.
+
+* "torch": never the kernels.
+* "triton": always the kernels (the interpreter on CPU with TRITON_INTERPRET=1); a loss rejects
+  there, with a clear error, what its kernel does not implement.
+* "auto": the kernels for CUDA features when Triton can compile for the device and the call
+  needs nothing the kernel lacks (a logit bias for the softmax loss, multi-positive labels);
+  anything else falls back to torch. "auto" is a speed preference, not a request, so a fallback
+  is silent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("torch", "triton", "auto")
+
+
+def check_backend(backend: str) -> None:
+    """Raise on a backend name outside BACKENDS."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def kernel_available(name: str) -> bool:
+    """`kernels.<name>` exists and Triton can run it in this process."""
+    try:
+        import kernels  # lazy: the trainer must import without Triton installed
+    except ImportError:
+        return False
+    available = getattr(kernels, "triton_available", None)
+    return callable(available) and bool(available()) and hasattr(kernels, name)
+
+
+def takes_kernel(backend: str, features: torch.Tensor, kernel: str, supported: bool) -> bool:
+    """Whether a loss call with `backend` runs `kernels.<kernel>`.
+
+    supported: the call needs nothing the kernel lacks (decides "auto" only).
+    """
+    if backend != "auto":
+        return backend == "triton"
+    return features.is_cuda and supported and kernel_available(kernel)
