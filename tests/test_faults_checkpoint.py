@@ -113,6 +113,22 @@ def test_trainer_state_is_json_and_tensors_without_pickle(tmp_path, monkeypatch)
     assert torch.equal(torch.rand(3), expected[2])
 
 
+def test_resume_on_a_process_that_sees_fewer_gpus_restores_the_ones_it_has(tmp_path, monkeypatch):
+    """Saved by a process that saw 8 GPUs (the deepspeed launcher shows each rank the whole node),
+    resumed by one that sees 2 (one GPU per task, a smaller node): before, all 8 CUDA RNG states
+    went to `set_rng_state_all`, which fails on the first device that does not exist. CUDA's RNG
+    calls are stood in for here (this machine has no GPU); the checkpoint round trip is real."""
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    state = {"step": 1, "rng": dict(ckpt.rng_state(), cuda=saved)}
+    ckpt.save_trainer_state(str(tmp_path), 0, state)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    ckpt.set_rng_state(ckpt.load_trainer_state(str(tmp_path), 0)["rng"])
+    assert [int(s[0]) for s in restored] == [0, 1]
+
+
 def test_metrics_truncate_moves_lost_rows_and_torn_line(tmp_path):
     writer = MetricsWriter(str(tmp_path), enabled=True)
     for step in range(1, 6):

@@ -169,7 +169,10 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the process saw when it saved. A resume can see fewer (another launcher,
+        # CUDA_VISIBLE_DEVICES of one GPU per task, smaller nodes), and setting a state on a device
+        # that does not exist fails: restore those that exist (training draws nothing from them).
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def _split_rng(rng: dict) -> tuple[dict, dict[str, torch.Tensor]]:
