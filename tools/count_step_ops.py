@@ -1,0 +1,127 @@
+"""Count the compute ops one training step dispatches in backward and in the optimizer step.
+
+    python tools/count_step_ops.py --preset vit-b-32 --precision bf16 --zero-stage 2 --batch-size 2
+
+On a GPU nearly every compute op launches at least one kernel, so the count of the optimizer step
+is the CPU's view of the issue-9 figure "about 7000 kernel launches a step". Runs the real Trainer
+(one rank) on synthetic shards; counts the third step's aten ops under a dispatch mode, leaving out
+those that only make views or allocate, and prints the ten most frequent call sites per phase and
+a JSON line. The count depends on the model's parameter count, not on the batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+NO_WORK = {
+    "view", "as_strided", "detach", "_has_compatible_shallow_copy_type", "narrow", "slice", "t",
+    "transpose", "expand", "_reshape_alias", "reshape", "alias", "unsqueeze", "squeeze", "select",
+    "empty", "empty_strided", "empty_like", "result_type", "lift_fresh", "set_", "_unsafe_view",
+    "split", "split_with_sizes", "unbind", "view_as", "permute", "is_same_size",
+}  # fmt: skip
+SKIP_FRAMES = ("_python_dispatch", "torch/utils", "torch/_compile", "_dynamo", "nn/modules/module.py")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched compute ops by (op, the innermost library call sites)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = func._schema.name.split("::")[-1]
+        if op not in NO_WORK:
+            frames = [
+                f"{f.filename.split('site-packages/')[-1]}:{f.lineno}"
+                for f in traceback.extract_stack()[:-1]
+                if ("site-packages" in f.filename or "vutrain" in f.filename)
+                and not any(s in f.filename for s in SKIP_FRAMES)
+            ]
+            self.sites[(op, " < ".join(reversed(frames[-2:])))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from vutrain.config import load_config
+    from vutrain.data.synthetic import write_synthetic
+    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+    from vutrain.model import PRESETS
+    from vutrain.trainer import Trainer
+
+    work = tempfile.mkdtemp(prefix="vutrain-ops-")
+    size = PRESETS[args.preset].image_size
+    data = write_synthetic(
+        os.path.join(work, "data"), num_samples=64, shard_size=64, image_size=size, val_samples=0
+    )
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={work}/run",
+            f"data.train_shards={data['train_shards']}",
+            "data.val_shards=",
+            "eval.every=0",
+            f"model.preset={args.preset}",
+            f"train.precision={args.precision}",
+            f"train.zero_stage={args.zero_stage}",
+            f"train.micro_batch_size={args.batch_size}",
+            "train.max_steps=3",
+            "train.checkpoint_every=0",
+            "train.progress_bar=false",
+            "train.resume=never",
+            "data.num_workers=0",
+            "data.resampled=true",
+            "data.num_samples=1000",
+        ],
+    )
+    info = resolve_dist_env()
+    init_distributed(info)
+    trainer = Trainer(cfg, info)
+    trainer.engine.train()
+    engine, counters = trainer.engine, {}
+
+    def counted(phase, fn):
+        def run(*a, **k):
+            counters[phase] = OpCounter()
+            with counters[phase]:
+                return fn(*a, **k)
+
+        return run
+
+    try:
+        for step in range(3):
+            if step == 2:  # warmed up: the optimizer's state exists
+                engine.backward = counted("backward", engine.backward)
+                engine.step = counted("optimizer step", engine.step)
+            trainer.train_step()
+    finally:
+        cleanup()
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    result = dict(vars(args), trainable_tensors=len(params))
+    for phase, counter in counters.items():
+        result[phase] = sum(counter.sites.values())
+        print(f"\n{phase}: {result[phase]} compute ops ({len(params)} trainable tensors)")
+        for (op, site), n in counter.sites.most_common(10):
+            print(f"  {n:6d}  {op:24s} {site}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
