@@ -5,23 +5,27 @@ PY := $(VENV)/bin/python
 # The CPU build of torch. A plain `pip install torch` would pull a multi-GB CUDA build;
 # override (e.g. TORCH_SPEC='torch==2.5.1') to use another, any >= 2.3 works.
 TORCH_SPEC ?= torch==2.13.0
+# The tested versions of everything else (constraints.txt, refreshed by `make lock`). Pass
+# `CONSTRAINTS=` to resolve the newest versions setup.py allows instead.
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast lint learn-check install-check bench clean
+.PHONY: venv demo test test-fast lint learn-check install-check bench lock clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, and only if missing: deepspeed builds against the torch already there.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	# The constraint keeps whichever torch is installed from being replaced.
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e '.[test]'
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt $(PIN) -e '.[test]'
 	# The bench extra without its dependencies: open_clip_torch's torchvision would replace torch.
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt --no-deps 'open_clip_torch>=3.0'
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt $(PIN) --no-deps 'open_clip_torch>=3.0'
 	touch $@
 
 demo: venv
@@ -51,7 +55,11 @@ learn-check: venv
 
 # `pip install .` with no extras, in a fresh venv, runs every entry point (tools/check_core_install.sh).
 install-check:
-	PYTHON=$(PYTHON) TORCH_SPEC='$(TORCH_SPEC)' bash tools/check_core_install.sh
+	PYTHON=$(PYTHON) TORCH_SPEC='$(TORCH_SPEC)' CONSTRAINTS='$(CONSTRAINTS)' bash tools/check_core_install.sh
+
+# Rewrite constraints.txt with what pip resolves today; then `make test` and commit it.
+lock: venv
+	$(PY) tools/lock_versions.py
 
 bench: venv
 	$(PY) -m vutrain.bench

@@ -85,3 +85,41 @@ def test_hugging_face_kernels_beside_ours_is_one_clear_line(tmp_path):
         last.startswith("ImportError: transformers imported vutrain's `kernels`")
         and "pip uninstall kernels" in last
     )
+
+
+def _setup_requirement_lists() -> dict[str, list[str]]:
+    """setup.py's CORE, DATASET_TOOLS, ... lists, read without running setup()."""
+    import ast
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    assignments = [node for node in tree.body if isinstance(node, ast.Assign)]
+    return {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in assignments
+        if isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper()
+    }
+
+
+def test_constraints_pin_every_requirement_within_setup_py_ranges():
+    """`make venv` installs under constraints.txt: a pin outside setup.py's range (a bound changed,
+    the lock not refreshed) makes pip refuse the install, a missing one lets a new release in."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    assert "torch" not in pins and "vutrain" not in pins, "torch is TORCH_SPEC's, vutrain is this repo"
+    lists = _setup_requirement_lists()
+    for list_name in ("CORE", "DATASET_TOOLS", "KERNELS", "TEST", "BENCH"):
+        for spec in lists[list_name]:
+            requirement = Requirement(spec)
+            name = canonicalize_name(requirement.name)
+            if name == "torch" or (requirement.marker and not requirement.marker.evaluate()):
+                continue
+            assert name in pins, f"{spec} ({list_name}) is not pinned in constraints.txt: run `make lock`"
+            assert requirement.specifier.contains(pins[name], prereleases=True), (
+                f"constraints.txt pins {name}=={pins[name]}, outside setup.py's {spec}: run `make lock`"
+            )

@@ -3,7 +3,7 @@
 # smoke of every entry point, run from a directory outside the repository (so the installed
 # package, and the run files shipped inside it, are what is tested). `.ci/run` calls this.
 #
-#   tools/check_core_install.sh [WORK_DIR]        # PYTHON=python3 TORCH_SPEC=torch==2.13.0 by default
+#   tools/check_core_install.sh [WORK_DIR]  # PYTHON=python3 TORCH_SPEC=torch==2.13.0 CONSTRAINTS=constraints.txt
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${1:-$(mktemp -d -t vutrain-core-XXXXXX)}
@@ -25,7 +25,15 @@ BIN=$WORK/venv/bin
 pip_install "$TORCH_SPEC"
 "$BIN/python" -c "import torch; print('torch==' + torch.__version__)" > torch-constraint.txt
 step "pip install $REPO (no extras)"
-pip_install -c torch-constraint.txt "$REPO"
+# The tested versions (constraints.txt), as `make venv` installs them; CONSTRAINTS= for the newest.
+CONSTRAINTS=${CONSTRAINTS-constraints.txt}
+PIN=()
+case "$CONSTRAINTS" in
+    "") ;;
+    /*) PIN=(-c "$CONSTRAINTS") ;;
+    *) PIN=(-c "$REPO/$CONSTRAINTS") ;;
+esac
+pip_install -c torch-constraint.txt "${PIN[@]}" "$REPO"
 # The extras' packages must really be absent, or this proves nothing.
 "$BIN/python" - <<'PY'
 import importlib.util
