@@ -4,7 +4,8 @@
 collective fails: "No backend type associated with device type cpu") but, unlike NCCL, lets two
 ranks share one GPU; `VUTRAIN_DEVICE=cuda:0` puts both ranks there. Per ZeRO stage (1, 2, 3), with
 LoRA: train 4 steps with an eval and a checkpoint every 2 steps, then resume to step 6 from the
-step-4 checkpoint. Every collective of training, eval and checkpointing must run on CUDA tensors.
+step-4 checkpoint (the three stages side by side). Every collective of training, eval and
+checkpointing must run on CUDA tensors.
 Before the GPU-path change rank 1 fell back to the CPU with another backend than rank 0.
 """
 
@@ -39,7 +40,10 @@ def test_device_and_backend_resolution_and_overrides():
         resolve_device(0, dict(env, VUTRAIN_DEVICE="gpu0"))
 
 
-def _run(overrides: list[str]) -> subprocess.CompletedProcess:
+STAGES = (1, 2, 3)
+
+
+def _launch(overrides: list[str]) -> subprocess.Popen:
     """torchrun (as `python -m torch.distributed.run`: the GPU host may not put it next to python)."""
     env = dict(tr.env(), VUTRAIN_DIST_BACKEND="cuda:gloo", VUTRAIN_DEVICE="cuda:0")
     cmd = [
@@ -55,30 +59,60 @@ def _run(overrides: list[str]) -> subprocess.CompletedProcess:
         tr.TINY,
         *overrides,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tr.REPO)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tr.REPO
+    )
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def stage_runs(synthetic_shards, tmp_path_factory):
+    """{stage: (run_dir, first run, resumed run)}: the three stages run side by side (six ranks on
+    the one GPU), their resumes too, so a GPU lease spends two launches' time instead of six."""
+    overrides = {}
+    for stage in STAGES:
+        run_dir = str(tmp_path_factory.mktemp(f"zero{stage}") / "run")
+        common = dict(
+            train__zero_stage=stage,
+            model__lora__enabled="true",
+            eval__every=2,
+            train__checkpoint_every=2,
+            train__precision="bf16",
+            train__keep_checkpoints=3,
+        )
+        overrides[stage] = (
+            run_dir,
+            lambda steps, d=run_dir, c=common: tr.base_overrides(synthetic_shards, d, steps, **c),
+        )
+    first = {stage: _launch(make(4)) for stage, (_, make) in overrides.items()}
+    first = {stage: _finish(proc) for stage, proc in first.items()}
+    # A stage whose first run failed is not resumed: its test reports the first failure.
+    second = {
+        stage: _launch(make(6)) for stage, (_, make) in overrides.items() if first[stage].returncode == 0
+    }
+    second = {stage: _finish(proc) for stage, proc in second.items()}
+    return {stage: (overrides[stage][0], first[stage], second.get(stage)) for stage in STAGES}
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_two_ranks_one_gpu_cuda_only_group(stage, synthetic_shards, tmp_path):
-    run_dir = str(tmp_path / "run")
-    common = dict(
-        train__zero_stage=stage,
-        model__lora__enabled="true",
-        eval__every=2,
-        train__checkpoint_every=2,
-        train__precision="bf16",
-        train__keep_checkpoints=3,
-    )
-    first = _run(tr.base_overrides(synthetic_shards, run_dir, 4, **common))
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_one_gpu_cuda_only_group(stage, stage_runs):
+    run_dir, first, second = stage_runs[stage]
     assert first.returncode == 0, tr.describe(first)
     log = first.stdout + first.stderr
     assert "world_size=2" in log and "device=cuda:0" in log and "backend=cuda:gloo" in log, log[-3000:]
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000004"))
 
-    second = _run(tr.base_overrides(synthetic_shards, run_dir, 6, **common))
     assert second.returncode == 0, tr.describe(second)
     assert "resuming at step 4" in second.stdout + second.stderr
     rows = tr.metrics(run_dir)

@@ -26,6 +26,31 @@ def test_average_precision_by_hand():
     assert math.isnan(ap[2].item())
 
 
+def test_average_precision_stays_on_the_scores_device():
+    """A GPU eval scores on CUDA while the targets are built on the host: nothing may assume the
+    CPU (the meta device stands in for CUDA here: a CPU tensor meeting it raises, as on CUDA)."""
+    scores = torch.empty(3, 5, device="meta")
+    targets = torch.zeros(3, 5, dtype=torch.bool)
+    assert average_precision(scores, targets).device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_multilabel_retrieval_on_cuda_features():
+    images = F.one_hot(torch.tensor([0, 1, 2]), 3).float().cuda()
+    tags = [["a"], ["b"], ["c", "a"]]
+    vocab = ["a", "b", "c"]
+
+    def encode_text(prompts):
+        return F.one_hot(torch.tensor([vocab.index(p) for p in prompts]), 3).float().cuda()
+
+    on_gpu = multilabel_retrieval(images, tags, encode_text, ["{}"], vocab=vocab, ks=(1,))
+    on_cpu = multilabel_retrieval(
+        images.cpu(), tags, lambda p: encode_text(p).cpu(), ["{}"], vocab=vocab, ks=(1,)
+    )
+    assert on_gpu == pytest.approx(on_cpu) and on_cpu["eval/tags_map"] > 0
+
+
 def test_recall_at_k_by_hand():
     scores = torch.tensor([[0.9, 0.8, 0.7], [0.1, 0.9, 0.5], [0.3, 0.2, 0.1]])
     targets = torch.tensor([[0, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)

@@ -67,9 +67,11 @@ def command(launcher: str, overrides: list[str], ranks: int = 2) -> list[str]:
 
 
 def env() -> dict:
+    # The repository first, then what was there: the GPU host's packages live on PYTHONPATH
+    # (shared/gpu/setup.sh puts them in /tmp/site), and a launched rank needs them too.
     e = dict(
         os.environ,
-        PYTHONPATH=REPO,
+        PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p),
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
         NO_ALBUMENTATIONS_UPDATE="1",

@@ -49,8 +49,8 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     AP = mean over the positives of the precision at their rank (ties broken by column order).
     """
     order = scores.argsort(dim=1, descending=True, stable=True)
-    hits = targets.gather(1, order).float()
-    ranks = torch.arange(1, scores.shape[1] + 1, dtype=torch.float32)
+    hits = targets.to(scores.device).gather(1, order).float()
+    ranks = torch.arange(1, scores.shape[1] + 1, dtype=torch.float32, device=scores.device)
     precision = hits.cumsum(dim=1) / ranks
     positives = hits.sum(dim=1)
     ap = (precision * hits).sum(dim=1) / positives.clamp_min(1)
@@ -59,6 +59,7 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 def recall_at_k(scores: torch.Tensor, targets: torch.Tensor, ks=RECALL_KS) -> dict[int, float]:
     """Mean over rows with a positive of (positives in the row's top k) / (row's positives)."""
+    targets = targets.to(scores.device)
     keep = targets.any(dim=1)
     scores, targets = scores[keep], targets[keep]
     if scores.shape[0] == 0:
@@ -102,8 +103,8 @@ def multilabel_retrieval(
     metrics: dict[str, float] = {f"{prefix}vocab": float(len(vocab))}
     if not vocab or image_features.shape[0] == 0:
         return metrics
-    targets = multilabel_targets(tag_lists, vocab)
     scores = F.normalize(image_features.float(), dim=-1) @ tag_embeddings(encode_text, vocab, templates).T
+    targets = multilabel_targets(tag_lists, vocab).to(scores.device)  # on a GPU run: CUDA scores
     per_tag = average_precision(scores.T, targets.T)
     metrics[f"{prefix}map"] = per_tag[~per_tag.isnan()].mean().item()
     for k, value in recall_at_k(scores, targets, ks).items():
