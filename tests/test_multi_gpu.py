@@ -24,7 +24,7 @@ import train_runner as tr
 
 def test_device_and_backend_resolution_and_overrides():
     """CPU-side: the defaults per device and the VUTRAIN_DEVICE / VUTRAIN_DIST_BACKEND overrides."""
-    from vutrain.distributed import CUDA_BACKEND, resolve_device, resolve_dist_env
+    from vutrain.distributed import CUDA_BACKEND, deepspeed_env, resolve_device, resolve_dist_env
 
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
     if not torch.cuda.is_available():
@@ -34,6 +34,9 @@ def test_device_and_backend_resolution_and_overrides():
     shared = dict(env, VUTRAIN_DEVICE="cuda:0", VUTRAIN_DIST_BACKEND="cuda:gloo")
     info = resolve_dist_env(shared)
     assert (info.rank, info.device, info.backend) == (1, "cuda:0", "cuda:gloo")
+    # DeepSpeed reads LOCAL_RANK as the GPU index (ZeRO-3 places parameters by it): the device's.
+    assert deepspeed_env(info)["LOCAL_RANK"] == "0"
+    assert deepspeed_env(resolve_dist_env(dict(env, VUTRAIN_DEVICE="cpu")))["LOCAL_RANK"] == "1"
     with pytest.raises(RuntimeError, match="has no CUDA backend"):
         resolve_device(0, dict(env, VUTRAIN_DEVICE="cuda:0", VUTRAIN_DIST_BACKEND="cpu:gloo"))
     with pytest.raises(RuntimeError, match="is not a device"):

@@ -55,7 +55,7 @@ def _check(stage: int, precision: str, world: int) -> dict:
 
     torch.manual_seed(0)
     cfg = TrainConfig(micro_batch_size=2, zero_stage=stage, precision=precision, warmup_steps=0)
-    engine = build_engine(_odd_model(), cfg, world, torch.device("cpu"), 0)
+    engine = build_engine(_odd_model(), cfg, world, torch.device("cpu"))
     named = trainable(engine.module)
     built = misaligned(named) if stage in (1, 2) else []
     in_forward: set[str] = set()

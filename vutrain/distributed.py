@@ -161,16 +161,28 @@ def resolve_device(local_rank: int, env=None) -> tuple[str, str]:
     return device, backend
 
 
+def deepspeed_env(info: DistInfo) -> dict[str, str]:
+    """The launcher variables DeepSpeed reads, for this rank.
+
+    DeepSpeed takes LOCAL_RANK for the GPU index (ZeRO-3's parameter partitioning places and
+    `set_device`s by it), so on CUDA it is the index of the rank's device: with VUTRAIN_DEVICE two
+    ranks may share cuda:0, where local rank 1 would name a GPU that is not there. Our own code
+    keeps `info.local_rank`, the rank within the node.
+    """
+    device = torch.device(info.device)
+    local_rank = device.index if device.type == "cuda" and device.index is not None else info.local_rank
+    return {
+        "RANK": str(info.rank),
+        "WORLD_SIZE": str(info.world_size),
+        "LOCAL_RANK": str(local_rank),
+        "MASTER_ADDR": info.master_addr,
+        "MASTER_PORT": str(info.master_port),
+    }
+
+
 def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
     """Start the process group (always, even for one process: DeepSpeed expects one)."""
-    for key, value in {
-        "RANK": info.rank,
-        "WORLD_SIZE": info.world_size,
-        "LOCAL_RANK": info.local_rank,
-        "MASTER_ADDR": info.master_addr,
-        "MASTER_PORT": info.master_port,
-    }.items():
-        os.environ[key] = str(value)  # DeepSpeed's own init reads these
+    os.environ.update(deepspeed_env(info))
     if info.device.startswith("cuda"):
         # Before the group exists: NCCL and object collectives use the current device.
         torch.cuda.set_device(torch.device(info.device))

@@ -3,7 +3,7 @@
 `build_engine` derives the DeepSpeed config from `train.*` (ds_config.py: aligned ZeRO buffers,
 no bf16 overflow scan), builds the fused or multi-tensor AdamW and its schedule (optim.py) unless
 the user's ds_config brings an optimizer, and tells DeepSpeed the rank's device explicitly: with
-VUTRAIN_DEVICE two ranks may share one GPU, which DeepSpeed's LOCAL_RANK guess would get wrong.
+VUTRAIN_DEVICE two ranks may share one GPU, which a guess from the node-local rank would get wrong.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from vutrain.optim import build_optimizer, param_groups
 from vutrain.param_alignment import warn_if_misaligned
 
 
-def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: torch.device, local_rank: int):
+def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: torch.device):
     """`deepspeed.initialize` for `module` on `device`; returns the engine."""
     import deepspeed
 
@@ -30,7 +30,9 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
         ds_config["zero_optimization"].setdefault("reduce_scatter", False)
     kwargs: dict = {"config": ds_config}
     if device.type == "cuda":
-        kwargs["args"] = argparse.Namespace(device_rank=device.index, local_rank=local_rank)
+        # DeepSpeed asserts args.local_rank == $LOCAL_RANK, which init_distributed sets to the
+        # device's index (distributed.deepspeed_env).
+        kwargs["args"] = argparse.Namespace(device_rank=device.index, local_rank=device.index)
         module.to(device)  # the fused AdamW checks its parameters' device when it is built
     if "optimizer" in ds_config:  # the user's ds_config brings its own (e.g. CPU-offload Adam)
         kwargs["model_parameters"] = param_groups(module, cfg.weight_decay)

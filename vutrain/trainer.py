@@ -183,7 +183,7 @@ class Trainer:
             cfg.model, self.tokenizer, use_bias=siglip, init_scale=math.log(10.0) if siglip else None
         )
         counts = count_parameters(module)
-        self.engine = build_engine(module, cfg.train, self.info.world_size, self.device, self.info.local_rank)
+        self.engine = build_engine(module, cfg.train, self.info.world_size, self.device)
         return counts
 
     def _build_loss(self) -> None:
