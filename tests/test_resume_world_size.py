@@ -147,6 +147,20 @@ def _assert_equal(saved: dict, loaded: dict, old_world: int) -> None:
                     assert torch.equal(a, b), (key, name)
 
 
+def test_optimizer_steps_move_to_their_parameters_device():
+    """DeepSpeed's universal loader leaves `step` a CPU tensor; the fused CUDA AdamW would read it
+    through a device pointer. The meta device stands in for CUDA."""
+    from vutrain.checkpoint_reshape import steps_to_param_devices
+
+    on_device, on_cpu = nn.Parameter(torch.empty(3, device="meta")), nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([on_device, on_cpu])
+    optimizer.state[on_device]["step"] = torch.tensor(5.0)
+    optimizer.state[on_cpu]["step"] = torch.tensor(5.0, dtype=torch.float64)
+    steps_to_param_devices(optimizer)
+    assert optimizer.state[on_device]["step"].device.type == "meta"
+    assert optimizer.state[on_cpu]["step"].dtype == torch.float32 and optimizer.state[on_cpu]["step"] == 5
+
+
 def test_zero_states_load_exactly_on_other_world_sizes(tmp_path):
     run = str(tmp_path / "w2")
     saved = run_distributed(_save, 2, run, ALL_CASES, init_process_group=False)[0]

@@ -31,6 +31,7 @@ import re
 import shutil
 import time
 
+import torch
 import torch.distributed as dist
 
 from vutrain.config import ConfigError
@@ -169,6 +170,7 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
         engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag_dir}/{UNIVERSAL_DIR}")
+    steps_to_param_devices(getattr(engine.optimizer, "optimizer", engine.optimizer))
     log.info(
         "resumed %s (written by %d ranks) on %d ranks at step %d",
         tag_dir,
@@ -181,6 +183,20 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
         "nonfinite_in_row": info["nonfinite_in_row"],
         "data": {"ranks": info["data"]},
     }
+
+
+def steps_to_param_devices(optimizer: torch.optim.Optimizer) -> None:
+    """Put every `step` tensor on its parameter's device, as fp32.
+
+    DeepSpeed's universal loader assigns the saved step (a CPU tensor) straight into the optimizer
+    state, past the `load_state_dict` that would move it. The fused CUDA AdamW reads each step
+    through a device pointer without checking where it lives, so a CPU step there is an illegal
+    memory access at the first update after the resume.
+    """
+    for param, state in optimizer.state.items():
+        step = state.get("step")
+        if torch.is_tensor(step) and (step.device != param.device or step.dtype != torch.float32):
+            state["step"] = step.to(param.device, torch.float32)
 
 
 def universal_size_bytes(tag_dir: str) -> int:
