@@ -70,7 +70,16 @@ def compile_kernel(kind: str, dtype: str, with_cols: bool, cfg: TileConfig, arch
     }
     if "WITH_COLS" in fn.arg_names:
         consts["WITH_COLS"] = with_cols
-    src = ASTSource(fn, _signature(fn, dtype), consts)
+    signature = _signature(fn, dtype)
+    # As a real launch on aligned tensors at a shape like 32768 x 768 specialises them: every
+    # pointer, size and stride divisible by 16. Without the hints Triton compiles the unvectorised,
+    # unpipelined variant, whose shared memory and spills are not what the GPU runs.
+    attrs = {
+        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, kind in signature.items()
+        if kind != "constexpr"
+    }
+    src = ASTSource(fn, signature, consts, attrs)
     return triton.compile(
         src,
         target=GPUTarget("cuda", arch, 32),

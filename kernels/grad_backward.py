@@ -137,7 +137,7 @@ def grad_backward(
     """
     n, d = q.shape
     m = k.shape[0]
-    cfg = tile_config("ce_grad", n, m, d, q.device)
+    cfg = tile_config("ce_grad", q, n, m, d)
     with_cols = g_col is not None
 
     def write_tiles(r0, r1, c0, c1, out, out_scale):

@@ -166,7 +166,7 @@ def lse_forward(
     n, d = q.shape
     m = k.shape[0]
     dev = q.device
-    cfg = tile_config("ce_fwd", n, m, d, dev)
+    cfg = tile_config("ce_fwd", q, n, m, d)
     pos = torch.empty(n, dtype=torch.float32, device=dev)
     row_m_parts, row_l_parts = [], []
     col_m = col_l = None

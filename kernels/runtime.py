@@ -102,9 +102,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
-def tile_config(kind: str, n: int, m: int, d: int, device: torch.device) -> TileConfig:
-    """The tile config for one launch of ``kind`` on an N x M x D problem (see ``kernels.tile_configs``)."""
-    return tile_configs.select(kind, n, m, d, device, interpreting())
+def tile_config(kind: str, inputs: torch.Tensor, n: int, m: int, d: int) -> TileConfig:
+    """The tile config for one launch of ``kind`` on an N x M x D problem whose operands have
+    ``inputs``' device and dtype (see ``kernels.tile_configs``)."""
+    return tile_configs.select(kind, n, m, d, inputs.device, interpreting(), inputs.element_size())
 
 
 def num_sms(device: torch.device) -> int:

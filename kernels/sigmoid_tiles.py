@@ -154,7 +154,7 @@ def sigmoid_forward(
     """The loss (fp32 scalar). q: [N, D], k: [M, D] contiguous; scale, bias: 0-dim fp32."""
     n, d = q.shape
     m = k.shape[0]
-    cfg = tile_config("sig_fwd", n, m, d, q.device)
+    cfg = tile_config("sig_fwd", q, n, m, d)
     row_blocks = triton.cdiv(n, cfg.BM)
     splits = _column_splits(row_blocks, m, cfg.BN, q.device, None)
     cols_per_split = triton.cdiv(triton.cdiv(m, splits), cfg.BN) * cfg.BN
@@ -193,7 +193,7 @@ def sigmoid_backward(
     """
     n, d = q.shape
     m = k.shape[0]
-    cfg = tile_config("sig_grad", n, m, d, q.device)
+    cfg = tile_config("sig_grad", q, n, m, d)
     w = w.reshape(()).contiguous()
 
     def write_tiles(r0, r1, c0, c1, out, out_scale):

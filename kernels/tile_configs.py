@@ -39,6 +39,9 @@ ARCHES = ("sm_90", "sm_80", "fallback")
 TUNED_ENV = "KERNELS_TILE_CONFIGS"
 TUNED_DEFAULT = Path(__file__).with_name("tuned_configs.json")
 LARGE_ELEMENTS = 8192 * 8192
+# Shared memory one block may use (the opt-in maximum, bytes): H100/H200 227 KiB, A100
+# 163 KiB, the other archs the 99 KiB of sm_86/sm_89 (a guess for older ones, which have less).
+SHARED_MEMORY = {"sm_90": 232_448, "sm_80": 166_912, "fallback": 101_376}
 
 
 @dataclass(frozen=True)
@@ -133,13 +136,48 @@ def _fit_bd(config: TileConfig, d: int) -> TileConfig:
     )
 
 
-def select(kind: str, n: int, m: int, d: int, device: torch.device, interpreting: bool) -> TileConfig:
-    """The tile config for one launch of ``kind`` on an N x M x D problem."""
+def shared_memory_bytes(config: TileConfig, element_size: int) -> int:
+    """The pipelined operand slabs: ``num_stages`` copies of a [BM, BD] and a [BN, BD] tile (what
+    Triton 3.9 allocates for these kernels on sm_90, compiled: 147456 B for 128x256x64, 3 stages,
+    bf16)."""
+    return config.num_stages * (config.BM + config.BN) * config.BD * element_size
+
+
+def _fit_shared_memory(config: TileConfig, element_size: int, arch: str) -> TileConfig:
+    """Shrink a config until its slabs fit the arch's shared memory: BD first (down to 32),
+    then stages (down to 2), then the larger of BM and BN. The tables are sized for 16-bit
+    inputs; fp32 ones (4 bytes) need twice the bytes, e.g. 288 KiB for the square best config
+    on sm_90, where the launch would fail with OutOfResources."""
+    limit = SHARED_MEMORY[arch]
+    while shared_memory_bytes(config, element_size) > limit:
+        bm, bn, bd, warps, stages = config.as_list()
+        if bd > 32:
+            bd //= 2
+        elif stages > 2:
+            stages -= 1
+        elif max(bm, bn) > 16:
+            bm, bn = (bm // 2, bn) if bm >= bn else (bm, bn // 2)
+        else:
+            break
+        config = TileConfig(bm, bn, bd, warps, stages)
+    return config
+
+
+def select(
+    kind: str, n: int, m: int, d: int, device: torch.device, interpreting: bool, element_size: int = 2
+) -> TileConfig:
+    """The tile config for one launch of ``kind`` on an N x M x D problem of ``element_size``-byte
+    inputs."""
     if kind in _FORCED:
         return _FORCED[kind]
     if interpreting:
         return INTERPRET_CONFIG
-    return _fit_bd(lookup(arch_of(device), kind, n, m).config, d)
+    return choose(arch_of(device), kind, n, m, d, element_size)
+
+
+def choose(arch: str, kind: str, n: int, m: int, d: int, element_size: int = 2) -> TileConfig:
+    """The table's config for ``arch``, narrowed to D and fitted to the arch's shared memory."""
+    return _fit_shared_memory(_fit_bd(lookup(arch, kind, n, m).config, d), element_size, arch)
 
 
 def lookup(arch: str, kind: str, n: int, m: int) -> Entry:

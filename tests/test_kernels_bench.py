@@ -120,6 +120,22 @@ def test_inf_cl_wrapper_takes_the_mean_of_per_row_losses(monkeypatch):
     ours.backward()
 
 
+@pytest.mark.parametrize("arch", tile_configs.ARCHES)
+def test_every_chosen_config_fits_shared_memory_in_fp32_and_bf16(arch, monkeypatch):
+    """The tables are sized for 16-bit inputs; fp32 (TF32) features through the square best config
+    would ask sm_90 for 288 KiB and fail at launch with OutOfResources."""
+    monkeypatch.delenv(tile_configs.TUNED_ENV, raising=False)
+    for kind in tile_configs.KINDS:
+        for n, m, d in [(32768, 32768, 768), (4096, 32768, 768), (512, 512, 1024), (300, 300, 24)]:
+            bf16 = tile_configs.choose(arch, kind, n, m, d, element_size=2)
+            assert bf16 == tile_configs._fit_bd(tile_configs.lookup(arch, kind, n, m).config, d)  # as tuned
+            fp32 = tile_configs.choose(arch, kind, n, m, d, element_size=4)
+            assert tile_configs.shared_memory_bytes(fp32, 4) <= tile_configs.SHARED_MEMORY[arch]
+            assert min(fp32.BM, fp32.BN, fp32.BD) >= 16  # tl.dot on a GPU
+    square_fp32 = tile_configs.choose("sm_90", "ce_grad", 32768, 32768, 768, element_size=4)
+    assert square_fp32 == TileConfig(128, 256, 32, 8, 3)
+
+
 def test_tile_table_measured_entries_and_lookup(tmp_path, monkeypatch):
     monkeypatch.delenv(tile_configs.TUNED_ENV, raising=False)
     big = tile_configs.lookup("sm_90", "ce_grad", 32768, 32768)

@@ -52,6 +52,12 @@ def test_bf16_table_configs_compile_for_sm90():
         (r["kernel"], r["with_cols"]) for r in rows
     }
     assert ("fwd", (128, 256, 64, 8, 3)) in compiled
+    # The shared memory tile_configs budgets for (fitting fp32 inputs, other GPUs) is what Triton
+    # allocates when compiled as a launch on aligned tensors specialises (divisibility hints).
+    from kernels.tile_configs import TileConfig, shared_memory_bytes
+
+    for r in rows:
+        assert r["shared_bytes"] == shared_memory_bytes(TileConfig(*r["config"]), 2), r
 
 
 @pytest.mark.parametrize("arch,dtype,kernels", [(80, "fp16", "grad,sig_grad"), (90, "fp32", "sig_fwd")])
