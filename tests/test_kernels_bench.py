@@ -120,6 +120,20 @@ def test_inf_cl_wrapper_takes_the_mean_of_per_row_losses(monkeypatch):
     ours.backward()
 
 
+def test_compile_baseline_compiles_afresh_for_every_case(monkeypatch):
+    """One torch.compile reused across shapes goes dynamic (and eager past the recompile limit):
+    every `compile` case starts from a reset dynamo, the other providers leave it alone."""
+    from kernels import bench
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    cpu = torch.device("cpu")
+    for provider in ("eager", "compile", "compile"):
+        row = bench.run_case("clip", provider, bench.eager_loss, (8, 8, 16), "fwd", torch.float32, cpu, 1)
+        assert "error" not in row, row
+    assert len(resets) == 2
+
+
 @pytest.mark.parametrize("arch", tile_configs.ARCHES)
 def test_every_chosen_config_fits_shared_memory_in_fp32_and_bf16(arch, monkeypatch):
     """The tables are sized for 16-bit inputs; fp32 (TF32) features through the square best config
