@@ -120,3 +120,22 @@ def test_text_mask_left_out_only_where_it_changes_nothing(tokenizer):
     assert (with_mask[:2] - without[:2]).abs().max() > 1e-3  # the mask matters for these rows
     on_device = mask.to("meta")  # already on a device: no host check, the mask stays
     assert text_attention_mask(on_device) is on_device
+
+
+def test_eval_without_validation_samples_leaves_the_model_training(tokenizer):
+    """An eval that finds no held-out sample returns early; training must go on in train mode
+    (dropout, and the loss's training-only paths), not in the eval mode the eval switched to."""
+    from vutrain.evaluate import evaluate
+
+    class Engine(torch.nn.Module):  # DeepSpeed's engine as evaluate() sees it: `.module`, a forward
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **inputs):
+            return self.module(**inputs)
+
+    engine = Engine(build_model(ModelConfig(preset="tiny"), tokenizer)).train()
+    metrics = evaluate(engine, [], ["cat"], ["{}"], None, torch.float32, torch.device("cpu"), dummy_batch={})
+    assert metrics == {"eval/num_samples": 0.0}
+    assert engine.module.training

@@ -110,61 +110,63 @@ def evaluate(
     """
     was_training = engine.module.training
     engine.eval()
+    try:
 
-    def run(batch):
-        batch = batch if batch is not None else dummy_batch
-        img, txt, _, _ = engine(
-            pixel_values=batch["pixel_values"].to(device, input_dtype),
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-        )
-        return img.float(), txt.float()
-
-    outs, kept = _lockstep(val_batches, run, device)
-    dim = engine.module.base.config.projection_dim
-    img = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, dim, device=device)
-    txt = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dim, device=device)
-    labels = [lab for b in kept for lab in b["labels"]]
-    tags = [t for b in kept for t in b.get("tags", [[]] * len(b["labels"]))]
-    img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
-    tags = gather_objects(tags) if tag_vocab_size > 0 else []
-
-    metrics: dict[str, float] = {"eval/num_samples": float(img.shape[0])}
-    if img.shape[0] == 0:
-        return metrics
-    sim = img @ txt.T
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        for k, value in recall_at_k(s).items():
-            metrics[f"eval/{name}_r{k}"] = value
-
-    def encode_text(texts):
-        chunks = []
-        for start in range(0, len(texts), 256):
-            tok = tokenize(texts[start : start + 256])
-            _, t, _, _ = engine(
-                input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
+        def run(batch):
+            batch = batch if batch is not None else dummy_batch
+            img, txt, _, _ = engine(
+                pixel_values=batch["pixel_values"].to(device, input_dtype),
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
             )
-            chunks.append(t.float())
-        return torch.cat(chunks)
+            return img.float(), txt.float()
 
-    if classes:
-        emb = class_embeddings(encode_text, classes, templates)
-        index = {c: i for i, c in enumerate(classes)}
-        known = [i for i, lab in enumerate(labels) if lab in index]
-        if known:
-            target = torch.tensor([index[labels[i]] for i in known], device=img.device)
-            pred = (img[known] @ emb.T).argmax(dim=1)
-            metrics["eval/zeroshot_top1"] = (pred == target).float().mean().item()
-        metrics["eval/zeroshot_chance"] = 1.0 / len(classes)
-        metrics["eval/zeroshot_classes"] = float(len(classes))
-    if any(tags):  # every rank holds the same gathered tags, so the text forwards stay in lockstep
-        from vutrain.eval_multilabel import multilabel_retrieval, tag_vocabulary
+        outs, kept = _lockstep(val_batches, run, device)
+        dim = engine.module.base.config.projection_dim
+        img = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, dim, device=device)
+        txt = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dim, device=device)
+        labels = [lab for b in kept for lab in b["labels"]]
+        tags = [t for b in kept for t in b.get("tags", [[]] * len(b["labels"]))]
+        img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
+        tags = gather_objects(tags) if tag_vocab_size > 0 else []
 
-        vocab = tag_vocabulary(tags, max_tags=tag_vocab_size)
-        metrics.update(multilabel_retrieval(img, tags, encode_text, templates, vocab=vocab))
-    if was_training:
-        engine.train()
-    return metrics
+        metrics: dict[str, float] = {"eval/num_samples": float(img.shape[0])}
+        if img.shape[0] == 0:
+            return metrics
+        sim = img @ txt.T
+        for name, s in (("i2t", sim), ("t2i", sim.T)):
+            for k, value in recall_at_k(s).items():
+                metrics[f"eval/{name}_r{k}"] = value
+
+        def encode_text(texts):
+            chunks = []
+            for start in range(0, len(texts), 256):
+                tok = tokenize(texts[start : start + 256])
+                _, t, _, _ = engine(
+                    input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
+                )
+                chunks.append(t.float())
+            return torch.cat(chunks)
+
+        if classes:
+            emb = class_embeddings(encode_text, classes, templates)
+            index = {c: i for i, c in enumerate(classes)}
+            known = [i for i, lab in enumerate(labels) if lab in index]
+            if known:
+                target = torch.tensor([index[labels[i]] for i in known], device=img.device)
+                pred = (img[known] @ emb.T).argmax(dim=1)
+                metrics["eval/zeroshot_top1"] = (pred == target).float().mean().item()
+            metrics["eval/zeroshot_chance"] = 1.0 / len(classes)
+            metrics["eval/zeroshot_classes"] = float(len(classes))
+        if any(tags):  # every rank holds the same gathered tags, so the text forwards stay in lockstep
+            from vutrain.eval_multilabel import multilabel_retrieval, tag_vocabulary
+
+            vocab = tag_vocabulary(tags, max_tags=tag_vocab_size)
+            metrics.update(multilabel_retrieval(img, tags, encode_text, templates, vocab=vocab))
+        return metrics
+    finally:  # also after an early return or an error: training goes on in train mode
+        if was_training:
+            engine.train()
 
 
 class Evaluator:
