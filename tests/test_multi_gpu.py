@@ -41,6 +41,24 @@ def test_device_and_backend_resolution_and_overrides():
         resolve_device(0, dict(env, VUTRAIN_DEVICE="cuda:0", VUTRAIN_DIST_BACKEND="cpu:gloo"))
     with pytest.raises(RuntimeError, match="is not a device"):
         resolve_device(0, dict(env, VUTRAIN_DEVICE="gpu0"))
+    # One GPU named for every rank of the node: NCCL refuses two ranks on one GPU, so say so now.
+    with pytest.raises(RuntimeError, match="NCCL refuses: set VUTRAIN_DIST_BACKEND=cuda:gloo"):
+        resolve_device(1, dict(env, VUTRAIN_DEVICE="cuda:0"), local_world_size=2)
+    assert resolve_device(1, dict(env, VUTRAIN_DEVICE="cuda"), local_world_size=2)[0] == "cuda:1"
+
+
+def test_default_device_follows_the_gpus_this_process_sees(monkeypatch):
+    """SLURM --gpus-per-task shows each rank one GPU while SLURM_LOCALID counts up: local rank 3
+    seeing one GPU is on cuda:0, not on the CPU with another backend than its peers."""
+    from vutrain.distributed import CUDA_BACKEND, resolve_device
+
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}
+    for gpus, want in [(0, ("cpu", "gloo")), (1, ("cuda:0", CUDA_BACKEND)), (8, ("cuda:3", CUDA_BACKEND))]:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        assert resolve_device(3, env, local_world_size=4) == want
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="sees only 2 GPUs"):
+        resolve_device(3, env, local_world_size=4)
 
 
 STAGES = (1, 2, 3)

@@ -119,3 +119,23 @@ def test_amp_bf16_keeps_fp32_weights_and_runs_the_forward_under_autocast(
     rows = [r for r in read_metrics(run_dir) if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(0 < r["train/loss"] < 100 for r in rows)
     assert 0 <= last_eval["eval/zeroshot_top1"] <= 1
+
+
+def test_a_cpu_run_on_a_gpu_machine_pins_no_batches(tiny_shards, tmp_path, single_process, monkeypatch):
+    """Pinning follows the run's device: a CPU run where CUDA is available (VUTRAIN_DEVICE=cpu)
+    must not open a CUDA context per rank to pin batches no GPU reads."""
+    import torch
+
+    class Built(Exception):
+        pass
+
+    pinned = []
+
+    def hook(trainer):
+        pinned.append(trainer.stream.pin_memory)
+        raise Built  # the question is answered once the stream exists: no need to train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(Built):
+        train(tiny_shards, str(tmp_path / "run"), 1, on_trainer=hook)
+    assert pinned == [False]

@@ -124,7 +124,7 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
             port = free_port()
         else:
             port = 29500
-    device, backend = resolve_device(local_rank, env)
+    device, backend = resolve_device(local_rank, env, local_world)
     return DistInfo(
         rank=rank,
         local_rank=local_rank,
@@ -138,10 +138,11 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
     )
 
 
-def resolve_device(local_rank: int, env=None) -> tuple[str, str]:
+def resolve_device(local_rank: int, env=None, local_world_size: int = 1) -> tuple[str, str]:
     """(device, process-group backend) of this rank, after the VUTRAIN_* overrides."""
     env = os.environ if env is None else env
     device = env.get(DEVICE_ENV, "").strip()
+    shared_gpu = False
     if device:
         try:
             parsed = torch.device(device)
@@ -149,16 +150,36 @@ def resolve_device(local_rank: int, env=None) -> tuple[str, str]:
             raise RuntimeError(f"{DEVICE_ENV}={device!r} is not a device; use e.g. cuda:0 or cpu") from None
         if parsed.type == "cuda" and parsed.index is None:
             device = f"cuda:{local_rank}"
+        shared_gpu = parsed.type == "cuda" and parsed.index is not None and local_world_size > 1
     else:
-        use_cuda = local_rank < torch.cuda.device_count()
-        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+        device = _default_device(local_rank, torch.cuda.device_count())
     backend = env.get(BACKEND_ENV, "").strip() or (CUDA_BACKEND if device.startswith("cuda") else "gloo")
     if device.startswith("cuda") and backend.startswith("cpu:") and "cuda:" not in backend:
         raise RuntimeError(
             f"{BACKEND_ENV}={backend!r} has no CUDA backend but the device is {device}: "
             "use e.g. cuda:gloo or cpu:gloo,cuda:nccl"
         )
+    if shared_gpu and "nccl" in backend:
+        raise RuntimeError(
+            f"{DEVICE_ENV}={env[DEVICE_ENV].strip()} puts all {local_world_size} ranks of this node on one "
+            f"GPU, which NCCL refuses: set {BACKEND_ENV}=cuda:gloo, or {DEVICE_ENV}=cuda for a GPU per rank"
+        )
     return device, backend
+
+
+def _default_device(local_rank: int, gpus: int) -> str:
+    """The GPU of this node-local rank; cuda:0 when the launcher shows each rank only its own
+    (SLURM --gpus-per-task, CUDA_VISIBLE_DEVICES per rank); the CPU on a machine without GPUs."""
+    if gpus == 0:
+        return "cpu"
+    if local_rank < gpus:
+        return f"cuda:{local_rank}"
+    if gpus == 1:
+        return "cuda:0"
+    raise RuntimeError(
+        f"local rank {local_rank} but this process sees only {gpus} GPUs: start at most {gpus} ranks "
+        f"per node, show each rank its own GPU, or set {DEVICE_ENV}=cpu"
+    )
 
 
 def deepspeed_env(info: DistInfo) -> dict[str, str]:

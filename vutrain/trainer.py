@@ -213,6 +213,9 @@ class Trainer:
             local_world_size=info.local_world_size,
             prefetch_factor=d.prefetch_factor,
             positives=self.cfg.loss.positives,
+            # The run's device, not the machine's: a CPU run on a GPU machine would open a CUDA
+            # context per rank to pin batches that no GPU reads.
+            pin_memory=self.device.type == "cuda",
         )
         self.pixel_transform = make_device_transform(
             self.processor,
