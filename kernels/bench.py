@@ -38,6 +38,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -368,15 +369,20 @@ def main(argv: list[str] | None = None) -> dict:
         "dense_matmul_tflops_8192": None,
         "rows": [],
     }
+    # A time limit (`timeout`, as launch/gpu_bench.sh sets) stops the run with SIGTERM: leave
+    # through the `finally` below, which writes what was measured, instead of dying without it.
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        # First: the yardstick of the 55% target takes a second, and a run cut short needs it.
+        result["dense_matmul_tflops_8192"] = dense_matmul_tflops(device, dtype, 8192)
         if args.autotune:
             from kernels.bench_autotune import autotune
 
             result["autotune"] = autotune(shapes, losses, dtype, device, out, args.candidates, args.reps)
             os.environ["KERNELS_TILE_CONFIGS"] = str(out / "tuned_configs.json")
         _run_rows(result["rows"], shapes, modes, losses, args.providers.split(","), dtype, device, args.reps)
-        result["dense_matmul_tflops_8192"] = dense_matmul_tflops(device, dtype, 8192)
     finally:  # a crash part-way still leaves what was measured, and its verdicts
+        signal.signal(signal.SIGTERM, previous_handler)
         result["targets"] = targets(result["rows"], result["dense_matmul_tflops_8192"])
         (out / "bench_kernels.json").write_text(json.dumps(result, indent=1))
         plot(result["rows"], out / "bench_kernels.png")
@@ -388,6 +394,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown_table(result["rows"]))
     print("\n" + format_verdicts(result["targets"]))
     return result
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _run_rows(rows, shapes, modes, losses, providers, dtype, device, reps) -> None:

@@ -189,6 +189,23 @@ def _bench(tmp_path, *extra):
     return r, json.loads((tmp_path / "bench_kernels.json").read_text())
 
 
+def test_bench_stopped_by_a_time_limit_still_writes_what_it_measured(tmp_path):
+    """launch/gpu_bench.sh runs each step under `timeout` (SIGTERM): the JSON must survive it."""
+    env = dict(os.environ, TRITON_INTERPRET="1", MPLBACKEND="Agg")
+    cmd = [sys.executable, "-m", "kernels.bench", "--quick", "--reps", "20", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the first measured row: the run is under way
+            if line.startswith("{"):
+                break
+        proc.terminate()
+        assert proc.wait(timeout=120) == 128 + 15
+    finally:
+        proc.kill()
+    result = json.loads((tmp_path / "bench_kernels.json").read_text())
+    assert result["rows"] and "dense_matmul_tflops_8192" in result
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real sweep instead")
 def test_bench_quick_writes_json_png_and_fails_unmeasured_targets(tmp_path):
     r, result = _bench(tmp_path)
