@@ -4,23 +4,26 @@
 #   bash launch/gpu_bench.sh prepare        # development machine: wheels into .whl/, setup.sh into .gpu/
 #   bash launch/gpu_bench.sh [STEP ...]     # GPU host, from the checkout's root (default: all steps)
 #
-# Steps, in order: tests (pytest -m gpu tests/), compare (python -m vutrain.bench --compare
-# open_clip), kernels (python -m kernels.bench), data (python -m vutrain.bench data on synthetic
-# 256-px shards, 1 and 8 workers). Before any step, .gpu/setup.sh (a copy of shared/gpu/setup.sh)
-# installs .whl/ into /tmp/site and prints what imports. Everything goes under $OUT (default
-# ./gpu_out): <step>.log, pytest_gpu.xml, compare_open_clip.json/.png, kernels/, data_w*.log, and
-# summary.txt (one line per step: name, exit code, seconds). A failing step does not stop the next.
+# Steps, in order: tests (pytest -m gpu: tests/test_multi_gpu.py in a second pytest beside the
+# rest), compare (python -m vutrain.bench --compare open_clip, ZeRO-2), kernels (python -m
+# kernels.bench), data (python -m vutrain.bench data on synthetic 256-px shards, 8 workers, which
+# also measures 1). Before any step, .gpu/setup.sh (a copy of shared/gpu/setup.sh) installs .whl/
+# into /tmp/site (at most SETUP_S=120 s) and prints what imports. Results: $OUT (default ./gpu_out)
+# holds summary.txt (one line per step: name, exit code, seconds) and results.tgz (every log,
+# pytest_gpu*.xml, compare_open_clip.json/.png, kernels/, data_w8.log): the device tool brings
+# back at most 8 files. PACK=0 leaves the files unpacked. A failing step does not stop the next.
 #
-# Time: each step has a limit in seconds (TESTS_S=150, COMPARE_S=220, KERNELS_S=60, DATA_S=90),
-# and no step starts once TOTAL_S (default 570: one device command may run 600 s) is spent, so
-# summary.txt is always written. The compare JSON is rewritten after every configuration: a run
-# cut short keeps what it measured. One step alone: e.g. `COMPARE_S=540 ... gpu_bench.sh compare`.
+# Time: each step has a limit in seconds (TESTS_S=120, COMPARE_S=180, KERNELS_S=75, DATA_S=60),
+# and no step starts once TOTAL_S (default 480) is spent, so summary.txt is always written and a
+# 15-minute device lease keeps about 4 minutes for a second, shorter call. The compare JSON is
+# rewritten after every configuration and the kernels JSON on SIGTERM: a step cut short keeps
+# what it measured. One step alone: e.g. `COMPARE_S=540 ... gpu_bench.sh compare`.
 # Extra arguments: COMPARE_ARGS, KERNELS_ARGS (replace the defaults below); COMPARE_EXTRA and
 # DATA_EXTRA (appended to the defaults). A dry run on a CPU machine, to check every step's command
 # line before GPU time is spent (tiny sizes; the GPU tests skip themselves):
 #   GPU_SETUP=/dev/null PYTHON=.venv/bin/python COMPARE_EXTRA="--preset tiny --precision fp32
 #   --batch-sizes 4 --steps 1 --warmup 1 --pool 8 --max-batch 8" KERNELS_ARGS=--quick
-#   DATA_EXTRA="--batch-size 16 --batches 2 --decode-seconds 0.2 --rounds 1" bash launch/gpu_bench.sh
+#   DATA_EXTRA="--batch-size 16 --batches 2 --decode-seconds 0.2" bash launch/gpu_bench.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -37,10 +40,12 @@ if [[ "${1:-}" == "prepare" ]]; then
     # The GPU host runs Python 3.12 (see shared/gpu/README.md): binary wheels for it, one of each.
     P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+    # The tested versions (constraints.txt) of what the host lacks; the host keeps its own torch.
+    P="$P -c constraints.txt"
     python3 -m pip download -q $P -d .whl hjson pydantic pydantic_core annotated_types typing_inspection \
         typing_extensions "webdataset<0.3" braceexpand "open_clip_torch>=3.0" ftfy wcwidth inf_cl \
         pytest-timeout simplejpeg
-    python3 -m pip download -q --no-deps --no-binary=:all: -d .whl deepspeed   # a source archive
+    python3 -m pip download -q --no-deps --no-binary=:all: -c constraints.txt -d .whl deepspeed  # source
     ls .whl
     echo "prepared: carry .whl and .gpu to the GPU host, then run: bash launch/gpu_bench.sh"
     exit 0
@@ -49,7 +54,7 @@ fi
 OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 START=$SECONDS
-TOTAL_S="${TOTAL_S:-570}"
+TOTAL_S="${TOTAL_S:-480}"
 STEPS=("$@")
 [[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests compare kernels data)
 
@@ -58,10 +63,29 @@ if [[ ! -r "$SETUP" ]]; then
     echo "$SETUP missing: run 'bash launch/gpu_bench.sh prepare' first" >&2
     exit 1
 fi
+unset TRITON_INTERPRET  # compiled kernels on the GPU, never the CPU interpreter
+
+pack() {  # the device tool brings back at most 8 files: summary.txt and one archive of the rest
+    [[ "${PACK:-1}" == 1 ]] || return 0
+    local archive; archive=$(mktemp /tmp/gpu_results.XXXXXX.tgz)
+    tar czf "$archive" -C "$OUT" --exclude=summary.txt --exclude=results.tgz . &&
+        find "$OUT" -mindepth 1 -maxdepth 1 ! -name summary.txt -exec rm -rf {} + &&
+        mv "$archive" "$OUT/results.tgz"
+}
+trap pack EXIT
+
+# The install under a time limit (a hang must not eat the lease); then again, which only sets the
+# environment in this shell once the install is done.
+timeout "${SETUP_S:-120}" bash -c 'source "$1"' _ "$SETUP" > "$OUT/setup.log" 2>&1
+setup_rc=$?
 # shellcheck disable=SC1090
-source "$SETUP" > "$OUT/setup.log" 2>&1
-echo "setup $? $((SECONDS - START))" > "$OUT/summary.txt"
+(( setup_rc == 0 )) && { source "$SETUP" >> "$OUT/setup.log" 2>&1; setup_rc=$?; }
+echo "setup $setup_rc $((SECONDS - START))" > "$OUT/summary.txt"
 cat "$OUT/setup.log"
+if (( setup_rc != 0 )); then
+    echo "setup failed (exit $setup_rc): see setup.log" >&2
+    exit 1
+fi
 PY="${PYTHON:-python3}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 # Hugging Face's `kernels` (required by transformers>=5.25) has the import name of our `kernels`
@@ -90,6 +114,21 @@ run_step() {  # run_step NAME LIMIT_S COMMAND...
     echo "$name $rc $((SECONDS - t0))" >> "$OUT/summary.txt"
 }
 
+tests_step() {  # two pytest processes at once: the multi-GPU launches, and every other GPU test
+    local common=(-q -m gpu -p no:cacheprovider) multi rc
+    "$PY" -m pytest "${common[@]}" tests/test_multi_gpu.py --junitxml="$OUT/pytest_multi_gpu.xml" \
+        > "$OUT/tests_multi_gpu.log" 2>&1 &
+    multi=$!
+    "$PY" -m pytest "${common[@]}" tests/ --ignore=tests/test_multi_gpu.py --junitxml="$OUT/pytest_gpu.xml"
+    rc=$?
+    wait "$multi"
+    local multi_rc=$?
+    echo "== tests/test_multi_gpu.py (exit $multi_rc)"
+    tail -n 30 "$OUT/tests_multi_gpu.log"
+    (( rc != 0 )) && return "$rc"
+    return "$multi_rc"
+}
+
 data_step() {  # runs in its own bash (run_step's timeout): set its options here
     set -o pipefail  # a failing benchmark, not tee, decides the exit code
     local shards dir rc
@@ -97,22 +136,20 @@ data_step() {  # runs in its own bash (run_step's timeout): set its options here
     shards=$("$PY" -c "from vutrain.data.synthetic import write_synthetic as w
 info = w('$dir', num_samples=1024, shard_size=128, image_size=256, val_samples=0)
 print(info['train_shards'])") || { rm -rf "$dir"; return 1; }
-    for workers in 1 8; do
-        # shellcheck disable=SC2086  # DATA_EXTRA: more options, split on spaces (a CPU dry run's sizes)
-        "$PY" -m vutrain.bench data --shards "$shards" --workers "$workers" --batch-size 256 \
-            --image-size 224 ${DATA_EXTRA:-} | tee "$OUT/data_w$workers.log"
-        rc=$?
-        (( rc == 0 )) || break
-    done
+    # 8 workers; the benchmark measures 1 worker in the same round too (the scaling figure).
+    # shellcheck disable=SC2086  # DATA_EXTRA: more options, split on spaces (a CPU dry run's sizes)
+    "$PY" -m vutrain.bench data --shards "$shards" --workers 8 --batch-size 256 --image-size 224 \
+        --rounds 1 ${DATA_EXTRA:-} | tee "$OUT/data_w8.log"
+    rc=$?
     rm -rf "$dir"
     return "$rc"
 }
 
-compare_args() {  # the default comparison, its searches ending 75 s before the step's limit
-    local max; max=$(limit "${COMPARE_S:-220}")
-    args=(--batch-sizes 256,1024 --steps 6 --warmup 2
+compare_args() {  # the default comparison (ZeRO-2: one rank), searches ending 50 s before the limit
+    local max; max=$(limit "${COMPARE_S:-180}")
+    args=(--batch-sizes 256,1024 --steps 6 --warmup 2 --zero-stages 2
           --search "open_clip,vutrain z2 torch,vutrain z2 triton ckpt"
-          --deadline-min "$(awk "BEGIN { print ($max - 75) / 60 }")")
+          --deadline-min "$(awk "BEGIN { print ($max - 50) / 60 }")")
     [[ -z "${COMPARE_ARGS:-}" ]] || eval "args=($COMPARE_ARGS)"
     [[ -z "${COMPARE_EXTRA:-}" ]] || eval "args+=($COMPARE_EXTRA)"  # appended: later options win
 }
@@ -120,16 +157,16 @@ compare_args() {  # the default comparison, its searches ending 75 s before the 
 DEFAULT_KERNELS_ARGS="--shapes 32768x32768x768,4096x32768x768 --providers eager,inf_cl,ours"
 for step in "${STEPS[@]}"; do
     case "$step" in
-        tests) run_step tests "${TESTS_S:-150}" "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider \
-                   --junitxml="$OUT/pytest_gpu.xml" ;;
+        tests) export -f tests_step; export PY OUT
+               run_step tests "${TESTS_S:-120}" bash -c tests_step ;;
         compare) compare_args
-                 run_step compare "${COMPARE_S:-220}" "$PY" -m vutrain.bench --compare open_clip \
+                 run_step compare "${COMPARE_S:-180}" "$PY" -m vutrain.bench --compare open_clip \
                      "${args[@]}" --out "$OUT/compare_open_clip.json" ;;
         kernels) eval "args=(${KERNELS_ARGS:-$DEFAULT_KERNELS_ARGS})"
-                 run_step kernels "${KERNELS_S:-60}" "$PY" -m kernels.bench --out "$OUT/kernels" \
+                 run_step kernels "${KERNELS_S:-75}" "$PY" -m kernels.bench --out "$OUT/kernels" \
                      "${args[@]}" ;;
         data) export -f data_step; export PY OUT DATA_EXTRA
-              run_step data "${DATA_S:-90}" bash -c data_step ;;
+              run_step data "${DATA_S:-60}" bash -c data_step ;;
         *) echo "unknown step $step: choose from tests compare kernels data (or prepare)" >&2
            echo "$step unknown 0" >> "$OUT/summary.txt" ;;
     esac
