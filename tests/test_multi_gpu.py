@@ -62,11 +62,13 @@ def test_default_device_follows_the_gpus_this_process_sees(monkeypatch):
 
 
 STAGES = (1, 2, 3)
+GROUP_ENV = {"VUTRAIN_DIST_BACKEND": "cuda:gloo", "VUTRAIN_DEVICE": "cuda:0"}
 
 
-def _launch(overrides: list[str]) -> subprocess.Popen:
-    """torchrun (as `python -m torch.distributed.run`: the GPU host may not put it next to python)."""
-    env = dict(tr.env(), VUTRAIN_DIST_BACKEND="cuda:gloo", VUTRAIN_DEVICE="cuda:0")
+def _launch(overrides: list[str], log_dir) -> tuple[subprocess.Popen, list]:
+    """torchrun (as `python -m torch.distributed.run`: the GPU host may not put it next to python).
+    Output goes to files: three runs side by side must not stall on a full pipe nobody reads."""
+    env = dict(tr.env(), **GROUP_ENV)
     cmd = [
         sys.executable,
         "-m",
@@ -80,27 +82,40 @@ def _launch(overrides: list[str]) -> subprocess.Popen:
         tr.TINY,
         *overrides,
     ]
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tr.REPO
-    )
+    logs = [open(log_dir / name, "w+") for name in ("stdout.txt", "stderr.txt")]
+    return subprocess.Popen(cmd, stdout=logs[0], stderr=logs[1], text=True, env=env, cwd=tr.REPO), logs
 
 
-def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+def _finish(launched: tuple[subprocess.Popen, list]) -> subprocess.CompletedProcess:
+    proc, logs = launched
     try:
-        out, err = proc.communicate(timeout=900)
+        proc.wait(timeout=900)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        proc.wait()
+    out = []
+    for log in logs:
+        log.seek(0)
+        out.append(log.read())
+        log.close()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *out)
 
 
 @pytest.fixture(scope="module")
 def stage_runs(synthetic_shards, tmp_path_factory):
+    return run_stages(synthetic_shards, tmp_path_factory)
+
+
+def run_stages(synthetic_shards, tmp_path_factory) -> dict:
     """{stage: (run_dir, first run, resumed run)}: the three stages run side by side (six ranks on
     the one GPU), their resumes too, so a GPU lease spends two launches' time instead of six."""
-    overrides = {}
+    overrides, logs = {}, {}
     for stage in STAGES:
-        run_dir = str(tmp_path_factory.mktemp(f"zero{stage}") / "run")
+        base = tmp_path_factory.mktemp(f"zero{stage}")
+        run_dir = str(base / "run")
+        logs[stage] = [base / "first", base / "resume"]
+        for log_dir in logs[stage]:
+            log_dir.mkdir()
         common = dict(
             train__zero_stage=stage,
             model__lora__enabled="true",
@@ -113,13 +128,15 @@ def stage_runs(synthetic_shards, tmp_path_factory):
             run_dir,
             lambda steps, d=run_dir, c=common: tr.base_overrides(synthetic_shards, d, steps, **c),
         )
-    first = {stage: _launch(make(4)) for stage, (_, make) in overrides.items()}
-    first = {stage: _finish(proc) for stage, proc in first.items()}
+    first = {stage: _launch(make(4), logs[stage][0]) for stage, (_, make) in overrides.items()}
+    first = {stage: _finish(launched) for stage, launched in first.items()}
     # A stage whose first run failed is not resumed: its test reports the first failure.
     second = {
-        stage: _launch(make(6)) for stage, (_, make) in overrides.items() if first[stage].returncode == 0
+        stage: _launch(make(6), logs[stage][1])
+        for stage, (_, make) in overrides.items()
+        if first[stage].returncode == 0
     }
-    second = {stage: _finish(proc) for stage, proc in second.items()}
+    second = {stage: _finish(launched) for stage, launched in second.items()}
     return {stage: (overrides[stage][0], first[stage], second.get(stage)) for stage in STAGES}
 
 
