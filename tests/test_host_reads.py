@@ -24,3 +24,21 @@ def test_counts_host_reads_by_call_site_and_device():
     with HostReads("cuda") as gpu_only:  # the syncs of a GPU run: CPU tensors are not among them
         _reads_three(x)
     assert gpu_only.total == 0
+
+
+def test_counts_explicit_device_waits():
+    """DeepSpeed's throughput timer waited for the device twice a step with no tensor read: the
+    accelerator's (and torch.cuda's) synchronize count as the syncs they are."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    with HostReads() as reads:
+        accelerator.synchronize()
+        with reads.paused():
+            accelerator.synchronize()
+    assert reads.total == 1 and all(site.startswith("synchronize ") for site in reads.sites)
+    accelerator.synchronize()  # after the block: no longer counted
+    assert reads.total == 1
+    with HostReads("cuda") as gpu_only:  # the CPU accelerator's wait is not a GPU sync
+        accelerator.synchronize()
+    assert gpu_only.total == (1 if accelerator.device_name() == "cuda" else 0)

@@ -5,10 +5,11 @@ A user's own JSON (train.ds_config) is merged over the generated dict; keys it s
 keep the generated value, and batch keys that disagree with the derived ones are an error rather
 than a silent change of the global batch.
 
-Two settings serve speed on GPUs: ZeRO-1/2 pad their flat buffers so every parameter starts
-16-byte aligned (see param_alignment.py), and bf16 runs skip DeepSpeed's per-parameter overflow
+Three settings serve speed on GPUs: ZeRO-1/2 pad their flat buffers so every parameter starts
+16-byte aligned (see param_alignment.py), bf16 runs skip DeepSpeed's per-parameter overflow
 scan before each step (bf16 has fp32's range; the trainer zeroes a non-finite micro-batch itself,
-see nonfinite.py). fp16 keeps the scan: its dynamic loss scale depends on it.
+see nonfinite.py; fp16 keeps the scan: its dynamic loss scale depends on it), and DeepSpeed's
+throughput timer, which synchronises the device twice a step, is off.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
         "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
+        # On by default, DeepSpeed's throughput timer waits for the device in every forward and
+        # at every optimizer step: the CPU could never queue work ahead of the GPU. The trainer
+        # measures samples/s itself.
+        "timers": {"throughput": {"enabled": False}},
     }
     if cfg.precision == "amp_bf16":
         # open_clip's amp_bf16: fp32 weights, gradients and optimizer; the forward under

@@ -10,6 +10,10 @@ reads nothing on the host lets the CPU run ahead and keep the GPU fed, which is 
         trainer.train_step()
     reads.total, reads.sites
 
+Explicit waits count too: ``torch.cuda.synchronize`` and DeepSpeed's accelerator
+``synchronize`` (its throughput timer called it twice a step) are counted while the mode is
+active, at their callers' sites, prefixed ``synchronize``.
+
 Used by ``tests/test_train_step.py`` (nothing from forward to backward on CPU ranks) and by
 ``python -m vutrain.bench --compare open_clip`` (``host_reads_per_step`` of one extra, untimed
 step of each side). The mode adds Python work to every op: never inside a timed region.
@@ -69,15 +73,57 @@ class HostReads(TorchDispatchMode):
 
         return call
 
+    def _count(self, prefix: str = "") -> None:
+        outside = [
+            f
+            for f in traceback.extract_stack()[:-2]
+            if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__
+        ]
+        where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in outside[-self.frames :])
+        self.sites[prefix + where] += 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _READ and not self._paused:
             tensor = args[0]
             if self.device_type is None or tensor.device.type == self.device_type:
-                outside = [
-                    f for f in traceback.extract_stack()[:-1] if f"{os.sep}torch{os.sep}" not in f.filename
-                ]
-                where = " <- ".join(
-                    f"{os.path.basename(f.filename)}:{f.lineno}" for f in outside[-self.frames :]
-                )
-                self.sites[where] += 1
+                self._count()
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._restore = self._count_synchronize()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._restore()
+
+    def _count_synchronize(self) -> Callable[[], None]:
+        """Wrap the explicit device waits; returns what undoes it."""
+        targets = [(torch.cuda, "synchronize", "cuda")]
+        try:
+            from deepspeed.accelerator import get_accelerator
+
+            accelerator = get_accelerator()
+            targets.append((accelerator, "synchronize", accelerator.device_name()))
+        except ImportError:  # deepspeed is optional here: torch's own wait is still counted
+            pass
+        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
+
+        def wrap(original, device_type):
+            def counted(*args, **kwargs):
+                if not self._paused and self.device_type in (None, device_type):
+                    self._count("synchronize ")
+                return original(*args, **kwargs)
+
+            return counted
+
+        for (owner, name, device_type), (_, _, original) in zip(targets, originals):
+            setattr(owner, name, wrap(original, device_type))
+
+        def restore():
+            for owner, name, original in originals:
+                setattr(owner, name, original)
+
+        return restore
