@@ -261,7 +261,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """TFLOP/s per shape, one panel per (loss, mode); written even when no row succeeded."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a GPU host may lack it: the JSON (written first) holds every figure
+        print(f"no figure {path}: matplotlib is not installed (pip install matplotlib)", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

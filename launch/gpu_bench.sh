@@ -44,7 +44,7 @@ if [[ "${1:-}" == "prepare" ]]; then
     P="$P -c constraints.txt"
     python3 -m pip download -q $P -d .whl hjson pydantic pydantic_core annotated_types typing_inspection \
         typing_extensions "webdataset<0.3" braceexpand "open_clip_torch>=3.0" ftfy wcwidth inf_cl \
-        pytest-timeout simplejpeg
+        pytest-timeout simplejpeg matplotlib contourpy cycler fonttools kiwisolver pyparsing
     python3 -m pip download -q --no-deps --no-binary=:all: -c constraints.txt -d .whl deepspeed  # source
     ls .whl
     echo "prepared: carry .whl and .gpu to the GPU host, then run: bash launch/gpu_bench.sh"

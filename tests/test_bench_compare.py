@@ -188,7 +188,8 @@ def test_compare_tiny_on_cpu(tmp_path):
     )
     assert proc.returncode == 1, tr.describe(proc)
     result = json.loads(out.read_text())
-    labels = ["vutrain z1 torch", "vutrain z1 nope", "vutrain z2 torch", "vutrain z2 nope", "open_clip"]
+    # open_clip early: a run cut short by a time limit still has the baseline of its ratios
+    labels = ["vutrain z1 torch", "open_clip", "vutrain z1 nope", "vutrain z2 torch", "vutrain z2 nope"]
     got = [(r["variant"], r["batch_size"]) for r in result["rows"]]
     assert got == [(v, b) for v in labels for b in (4, 8)]
     failed = [r for r in result["rows"] if "error" in r]
@@ -220,6 +221,39 @@ def test_compare_tiny_on_cpu(tmp_path):
     assert result["targets"] == [] and "targets: judged on a GPU only" in proc.stdout
     assert "| vutrain z2 torch | 8 |" in proc.stdout and "| open_clip | 8 |" in proc.stdout
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_open_clip
+@pytest.mark.slow
+def test_compare_stopped_by_a_time_limit_reports_what_it_measured(tmp_path):
+    """launch/gpu_bench.sh ends the step with SIGTERM at its limit: the run reports the rows it
+    has (JSON, marked partial, and the figure) and exits 143, instead of dying mid-search."""
+    out = tmp_path / "compare.json"
+    argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4"]
+    argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "1"]
+    argv += ["--warmup", "1", "--pool", "16", "--max-batch", "4096", "--search", "vutrain z2 torch"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vutrain.bench", *argv, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=tr.env(),
+        cwd=tr.REPO,
+    )
+    try:
+        for line in proc.stdout:  # stopped inside the largest-batch search, after phase 1
+            if "vutrain z2 torch: batch" in line:
+                break
+        proc.terminate()
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=300) == 128 + 15, rest[-3000:]
+    finally:
+        proc.kill()
+    result = json.loads(out.read_text())
+    assert result["partial"] is True and "stopped by SIGTERM" in rest
+    assert [r["variant"] for r in result["rows"]] == ["vutrain z2 torch", "open_clip"]
+    assert all("ratio_to_open_clip" in r for r in result["rows"])
+    assert out.with_suffix(".png").is_file()
 
 
 def test_bench_dispatches_its_subcommands(capsys):

@@ -100,7 +100,11 @@ def judge_targets(rows: list[dict], largest: list[dict], on_gpu: bool) -> list[d
 
 def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> None:
     """Samples/s per configuration and batch size, and the largest batch of each, as one figure."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a GPU host may lack it: the JSON (written first) holds every figure
+        print(f"no figure {path}: matplotlib is not installed (pip install matplotlib)", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
