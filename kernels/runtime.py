@@ -66,9 +66,35 @@ def interpreting() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     active = isinstance(tl_std.sum, InterpretedFunction)
-    if not active:
+    if active:
+        _patch_scalar_index()
+    else:
         _warn_late_interpret()
     return active
+
+
+@functools.cache
+def _patch_scalar_index() -> None:
+    """Make interpreter scalars usable as Python ints (``range(start, ...)``) with numpy 2.
+
+    Triton 3.6's interpreter defines ``tensor.__index__`` as ``int(data)``, and a scalar's
+    data is a one-element 1-D array there; numpy >= 2.4 refuses ``int()`` of a 1-D array
+    ("only 0-dimensional arrays can be converted"), so every kernel loop over a program-id
+    derived bound crashed. Triton 3.9 squeezes first; this applies the same fix to older
+    versions and is a no-op for newer ones.
+    """
+    import triton.runtime.interpreter as interp
+
+    original = getattr(interp, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_vutrain_index_fix", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._vutrain_index_fix = True
+    interp._patch_lang_tensor = patch_lang_tensor
 
 
 _WARNED = False

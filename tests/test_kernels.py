@@ -334,3 +334,35 @@ def test_never_allocates_logits_sized_tensors(monkeypatch):
         contrastive_ce(img, txt, scale, label_offset=0).backward()
     assert img.grad is not None and scale.grad is not None
     assert 0 < mode.numel <= n * n // 4, f"a tensor of {mode.numel} elements (N x M = {n * n})"
+
+
+@in_process
+def test_interpreter_scalars_index_with_numpy_2(monkeypatch):
+    """Triton 3.6's interpreter made ``range(pid * BM, ...)`` fail under numpy 2.4 (``int()``
+    of a one-element 1-D array); ``runtime`` patches ``__index__`` the way Triton 3.9 does."""
+    if MODE != "interpreter":
+        pytest.skip("the interpreter is not active")
+    import numpy as np
+    import triton.runtime.interpreter as interp
+
+    from kernels import runtime
+
+    def triton_3_6_patch(tensor, scope):  # what Triton 3.6 installs
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    class Handle:
+        data = np.array([7], dtype=np.int32)
+
+    class Scalar:
+        handle = Handle()
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", triton_3_6_patch)
+    runtime._patch_scalar_index.cache_clear()
+    runtime._patch_scalar_index()
+    interp._patch_lang_tensor(Scalar, Scope())
+    assert list(range(Scalar(), 9)) == [7, 8]
+    runtime._patch_scalar_index.cache_clear()
