@@ -80,6 +80,58 @@ def test_search_stops_on_request_with_the_bounds_found_so_far():
     assert found["largest_batch"] == max(size for size, ok in found["probes"] if ok)
 
 
+def test_search_that_fails_otherwise_keeps_what_it_proved():
+    """A failure other than out-of-memory (a driver error, a bug at one size) ends the search; the
+    sizes that trained before it stay in the result, marked with the error, not thrown away."""
+    budget = Budget(3000)
+
+    def fits(rows):
+        if len(budget.calls) == 4:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+        return budget(rows)
+
+    found = largest_batch(fits, known_fit=256, start=256, limit=32768)
+    assert found["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert found["probes"] == [[512, True], [1024, True], [2048, True], [4096, False]]
+    assert (found["largest_batch"], found["failed_at"], found["capped"]) == (2048, 4096, False)
+
+
+def _largest(variant, side, batch, ckpt=False, **flags):
+    return {"variant": variant, "side": side, "grad_ckpt": ckpt, "largest_batch": batch, **flags}
+
+
+def test_largest_batch_target_is_judged_against_open_clip_and_like_for_like():
+    """The issue's target sets vutrain's best against open_clip as it ships; the checkpointed
+    pair is shown beside it (information), and a search cut short never gives a FAIL."""
+    from vutrain.bench_report import judge_targets
+
+    largest = [
+        _largest("open_clip", "open_clip", 1000),
+        _largest("open_clip ckpt", "open_clip", 3000, ckpt=True),
+        _largest("vutrain z2 torch", "vutrain", 1500),
+        _largest("vutrain z2 torch ckpt", "vutrain", 4000, ckpt=True),
+    ]
+    got = {t["target"]: t for t in judge_targets([], largest, on_gpu=True)}
+    assert got["largest batch >= 2.0x open_clip's"] == {
+        "target": "largest batch >= 2.0x open_clip's",
+        "value": 4.0,
+        "by": "vutrain z2 torch ckpt",
+        "result": "PASS",
+    }
+    like = got["largest batch, both with gradient checkpointing (information)"]
+    assert (like["value"], like["by"], like["result"]) == (1.333, "vutrain z2 torch ckpt", "INFO FAIL")
+
+    largest[3] = _largest("vutrain z2 torch ckpt", "vutrain", 4000, ckpt=True, error="RuntimeError: x")
+    largest[1] = _largest("open_clip ckpt", "open_clip", 3000, ckpt=True, stopped=True)
+    got = {t["target"]: t["result"] for t in judge_targets([], largest, on_gpu=True)}
+    assert got["largest batch >= 2.0x open_clip's"] == "PASS"
+    assert got["largest batch, both with gradient checkpointing (information)"].startswith("INFO UNDECIDED")
+    largest[0]["error"] = "RuntimeError: y"
+    got = {t["target"]: t["result"] for t in judge_targets([], largest, on_gpu=True)}
+    assert got["largest batch >= 2.0x open_clip's"].startswith("UNDECIDED (open_clip's")
+    assert judge_targets([], largest, on_gpu=False) == []
+
+
 def test_rounds_keep_the_median_speed_the_largest_peak_and_any_error():
     from vutrain.bench_compare import median_rows
 
@@ -219,6 +271,11 @@ def test_compare_tiny_on_cpu(tmp_path):
         "head_width": 32,
     }
     assert result["targets"] == [] and "targets: judged on a GPU only" in proc.stdout
+    assert {(r["side"], r["precision"]) for r in result["rows"]} == {
+        ("vutrain", "fp32"),
+        ("open_clip", "fp32"),
+    }
+    assert "precision: vutrain fp32, open_clip fp32" in proc.stdout
     assert "| vutrain z2 torch | 8 |" in proc.stdout and "| open_clip | 8 |" in proc.stdout
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -295,10 +295,22 @@ class Bench:
             return runner
         from vutrain.bench_openclip import OpenClipStep
 
-        precision = "fp32" if self.args.precision == "fp32" else "amp_bf16"
         return OpenClipStep(
-            self.openclip, self.openclip_cfg, self.device, precision, grad_checkpointing=variant.grad_ckpt
+            self.openclip,
+            self.openclip_cfg,
+            self.device,
+            self.precision(variant),
+            grad_checkpointing=variant.grad_ckpt,
         )
+
+    def precision(self, variant: Variant) -> str:
+        """The precision ``variant`` trains in. open_clip's recipe is amp_bf16 (fp32 weights,
+        bf16 autocast) whenever vutrain's is bf16 or amp_bf16; vutrain's ``bf16`` keeps bf16
+        weights with fp32 master copies in the optimizer. Recorded per row, so a ratio never
+        hides that the two sides may differ."""
+        if variant.side == "vutrain":
+            return self.args.precision
+        return "fp32" if self.args.precision == "fp32" else "amp_bf16"
 
     def _prepare_inputs(self, runner: TrainerStep) -> None:
         from vutrain.bench_openclip import model_config
@@ -339,6 +351,7 @@ class Bench:
                 "zero_stage": variant.zero_stage,
                 "loss_backend": variant.loss_backend,
                 "grad_ckpt": variant.grad_ckpt,
+                "precision": self.precision(variant),
                 "batch_size": size,
             }
             try:
@@ -396,21 +409,20 @@ class Bench:
             print(f"  {variant.label}: batch {size} {'fits' if ok else 'out of memory'}", flush=True)
             return ok
 
-        entry = {"variant": variant.label, "side": variant.side}
-        try:
-            entry.update(
-                largest_batch(
-                    fits,
-                    known_fit=known_fit,
-                    start=self.args.batch_sizes[0],
-                    limit=self.args.max_batch,
-                    granularity=self.args.search_granularity,
-                    precision=self.args.search_precision,
-                    stop=stop,
-                )
+        entry = {"variant": variant.label, "side": variant.side, "grad_ckpt": variant.grad_ckpt}
+        # A failure other than out-of-memory ends this search with what it found so far (in
+        # entry["error"]); the other searches go on.
+        entry.update(
+            largest_batch(
+                fits,
+                known_fit=known_fit,
+                start=self.args.batch_sizes[0],
+                limit=self.args.max_batch,
+                granularity=self.args.search_granularity,
+                precision=self.args.search_precision,
+                stop=stop,
             )
-        except Exception as exc:  # not an OOM (fits catches those): recorded, the other searches go on
-            entry["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+        )
         if state["runner"] is not None:
             self.close(state["runner"])
         return entry
@@ -543,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
     from vutrain.model import PRESETS
 
+    started = time.monotonic()  # --deadline-min counts from here, before open_clip's import
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     all_variants = variants(args)
@@ -552,7 +565,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"python -m vutrain.bench --compare open_clip: {exc}", file=sys.stderr)
         return 2
-    started = time.monotonic()
     work = tempfile.mkdtemp(prefix="vutrain-compare-")
     data = write_synthetic(
         os.path.join(work, "data"),
@@ -585,7 +597,14 @@ def main(argv: list[str] | None = None) -> int:
             if any(r["variant"] == variant.label and "error" in r and not r.get("oom") for r in rows):
                 skipped = "failed in phase 1"
             if skipped:
-                largest.append({"variant": variant.label, "side": variant.side, "skipped": skipped})
+                largest.append(
+                    {
+                        "variant": variant.label,
+                        "side": variant.side,
+                        "grad_ckpt": variant.grad_ckpt,
+                        "skipped": skipped,
+                    }
+                )
                 continue
             largest.append(bench.search(variant, known_fit=max(fit, default=0), stop=out_of_time))
             write_json(result_dict(args, argv, bench, rows, largest, to_search, started, True), args.out)

@@ -76,26 +76,44 @@ def judge_targets(rows: list[dict], largest: list[dict], on_gpu: bool) -> list[d
             }
         )
     base = next((r for r in largest if r["variant"] == BASELINE_LABEL), None)
-    vutrain = [r for r in largest if r["side"] == "vutrain" and r.get("largest_batch")]
-    if base and vutrain and base.get("largest_batch"):
-        best = max(vutrain, key=lambda r: r["largest_batch"])
-        ratio = best["largest_batch"] / base["largest_batch"]
-        lower_bound = best.get("capped") or best.get("stopped")  # vutrain's true largest may be larger
-        if base.get("capped") or base.get("stopped"):  # open_clip's own limit was not reached
-            result = "UNDECIDED (open_clip's largest batch not reached: --max-batch or --deadline-min)"
-        elif ratio >= TARGET_BATCH_RATIO:
-            result = "PASS"
-        else:
-            result = "UNDECIDED (vutrain's search was cut short)" if lower_bound else "FAIL"
-        targets.append(
-            {
-                "target": f"largest batch >= {TARGET_BATCH_RATIO}x open_clip's",
-                "value": round(ratio, 3),
-                "by": best["variant"],
-                "result": result,
-            }
-        )
+    vutrain = [r for r in largest if r["side"] == "vutrain"]
+    target = judge_largest(base, vutrain, f"largest batch >= {TARGET_BATCH_RATIO}x open_clip's")
+    if target:
+        targets.append(target)
+    # Like for like: gradient checkpointing trades speed for memory on either side, so the
+    # checkpointed configurations are also set against open_clip's checkpointed step. Shown for
+    # information: the issue's target is against open_clip as it ships (above).
+    base_ckpt = next((r for r in largest if r["side"] == "open_clip" and r.get("grad_ckpt")), None)
+    ours_ckpt = [r for r in vutrain if r.get("grad_ckpt")]
+    like = judge_largest(
+        base_ckpt, ours_ckpt, "largest batch, both with gradient checkpointing (information)"
+    )
+    if like:
+        like["result"] = "INFO " + like["result"]
+        targets.append(like)
     return targets
+
+
+def _cut_short(entry: dict) -> bool:
+    """The search did not reach its configuration's limit: its largest batch is a lower bound."""
+    return bool(entry.get("capped") or entry.get("stopped") or entry.get("error"))
+
+
+def judge_largest(base: dict | None, ours: list[dict], target: str) -> dict | None:
+    """vutrain's best largest batch over ``base``'s (PASS/FAIL/UNDECIDED), or None when a side
+    has no figure."""
+    found = [r for r in ours if r.get("largest_batch")]
+    if not (base and found and base.get("largest_batch")):
+        return None
+    best = max(found, key=lambda r: r["largest_batch"])
+    ratio = best["largest_batch"] / base["largest_batch"]
+    if _cut_short(base):  # open_clip's own limit was not reached
+        result = "UNDECIDED (open_clip's largest batch not reached: --max-batch, --deadline-min or an error)"
+    elif ratio >= TARGET_BATCH_RATIO:
+        result = "PASS"
+    else:
+        result = "UNDECIDED (vutrain's search was cut short)" if _cut_short(best) else "FAIL"
+    return {"target": target, "value": round(ratio, 3), "by": best["variant"], "result": result}
 
 
 def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> None:
@@ -161,21 +179,25 @@ def write_json(result: dict, out: str) -> None:
 
 def report(result: dict, out: str, png: str) -> None:
     """Print the tables, then write the JSON and the PNG."""
-    print("\n" + TABLE_HEAD)
+    precisions = {}
+    for row in result["rows"]:
+        precisions.setdefault(row["side"], row.get("precision"))
+    print("\nprecision: " + ", ".join(f"{side} {p}" for side, p in precisions.items()))
+    print(TABLE_HEAD)
     for row in result["rows"]:
         print(format_row(row))
     if result["largest"]:
         print("\n| configuration | largest batch | x open_clip | probes |\n|---|---|---|---|")
         for entry in result["largest"]:
-            if entry.get("skipped") or entry.get("error"):
-                why = f"skipped: {entry['skipped']}" if entry.get("skipped") else f"failed: {entry['error']}"
-                print(f"| {entry['variant']} | {why} | | |")
+            if entry.get("skipped"):
+                print(f"| {entry['variant']} | skipped: {entry['skipped']} | | |")
                 continue
             ratio = entry.get("ratio_to_open_clip")
             shown = (
                 f"{entry['largest_batch']}"
                 + (" (reached --max-batch)" if entry.get("capped") else "")
                 + (" (search stopped at --deadline-min)" if entry.get("stopped") else "")
+                + (f" (at least; search failed: {entry['error']})" if entry.get("error") else "")
             )
             print(
                 f"| {entry['variant']} | {shown} | {'' if ratio is None else f'{ratio:.2f}x'} | "

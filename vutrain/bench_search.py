@@ -28,7 +28,9 @@ def largest_batch(
     Returns:
         {"largest_batch": int (0 if nothing fits), "capped": bool (the limit fitted, so the true
         largest may be larger), "failed_at": the smallest size that failed (None if none),
-        "probes": [[size, fitted], ...] in the order probed, "stopped": True when `stop` ended it}.
+        "probes": [[size, fitted], ...] in the order probed, "stopped": True when `stop` ended it,
+        "error": "Type: message" when `fits` raised (not an out-of-memory it caught): the search
+        ends there and keeps the bounds found so far, like a stop}.
     """
     probes: list[list] = []
 
@@ -52,6 +54,15 @@ def largest_batch(
             "failed_at": state["hi"],
             "probes": probes,
             "stopped": True,
+        }
+    except Exception as exc:  # the sizes probed before the failure are still true: kept
+        return {
+            "largest_batch": state["lo"],
+            "capped": False,
+            "failed_at": state["hi"],
+            "probes": probes,
+            "stopped": False,
+            "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}",
         }
     lo, hi = state["lo"], state["hi"]
     return {"largest_batch": lo, "capped": hi is None, "failed_at": hi, "probes": probes, "stopped": False}
