@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.contrastive_ce import as_scale_tensor
+from kernels.contrastive_ce import as_scale_tensor, grad_like, scale_meta
 from kernels.reference import check_inputs, clip_loss_reference
-from kernels.runtime import use_triton
+from kernels.runtime import device_guard, use_triton
 
 
 class ClipLossFunction(torch.autograd.Function):
@@ -22,11 +22,12 @@ class ClipLossFunction(torch.autograd.Function):
         from kernels.lse_forward import lse_forward
 
         img, txt = image_features.contiguous(), text_features.contiguous()
-        scale = as_scale_tensor(logit_scale, img.device)
-        s = lse_forward(img, txt, scale, with_cols=True)
-        loss = (s.row_ce.mean() + s.col_ce.mean()) / 2
+        with device_guard(img.device):
+            scale = as_scale_tensor(logit_scale, img.device)
+            s = lse_forward(img, txt, scale, with_cols=True)
+            loss = (s.row_ce.mean() + s.col_ce.mean()) / 2
         ctx.save_for_backward(img, txt, scale, s.row_m2, s.row_log2l, s.col_m2, s.col_log2l)
-        ctx.scale_meta = (logit_scale.shape, logit_scale.dtype) if scale_is_tensor else None
+        ctx.scale_meta = scale_meta(logit_scale) if scale_is_tensor else None
         return loss
 
     @staticmethod
@@ -38,14 +39,11 @@ class ClipLossFunction(torch.autograd.Function):
         img, txt, scale, row_m2, row_log2l, col_m2, col_log2l = ctx.saved_tensors
         stats = LseStats(row_m2, row_log2l, None, col_m2, col_log2l, None)
         n = img.shape[0]
-        # d/dCE_i of (mean_i CE_row_i + mean_j CE_col_j) / 2.
-        w = (grad.float() / (2 * n)).reshape(1).expand(n).contiguous()
-        dimg, dtxt, dscale = grad_backward(img, txt, scale, stats, w, g_col=w)
-        d_logit_scale = None
-        if ctx.scale_meta is not None:
-            shape, dtype = ctx.scale_meta
-            d_logit_scale = dscale.reshape(shape).to(dtype)
-        return dimg, dtxt, d_logit_scale, None
+        with device_guard(img.device):
+            # d/dCE_i of (mean_i CE_row_i + mean_j CE_col_j) / 2.
+            w = (grad.float() / (2 * n)).reshape(1).expand(n).contiguous()
+            dimg, dtxt, dscale = grad_backward(img, txt, scale, stats, w, g_col=w)
+        return dimg, dtxt, grad_like(dscale, ctx.scale_meta), None
 
 
 def clip_loss(

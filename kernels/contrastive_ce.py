@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels.reference import check_inputs, contrastive_ce_reference
-from kernels.runtime import use_triton
+from kernels.runtime import device_guard, use_triton
 
 
 def as_scale_tensor(
@@ -24,6 +24,25 @@ def as_scale_tensor(
             raise ValueError(f"{name} must hold one value; got shape {tuple(logit_scale.shape)}")
         return logit_scale.detach().reshape(()).to(device=device, dtype=torch.float32)
     return torch.tensor(float(logit_scale), dtype=torch.float32, device=device)
+
+
+def scale_meta(logit_scale: torch.Tensor | float) -> tuple | None:
+    """What the scale's (or bias's) gradient must look like: shape, dtype and device of a
+    tensor argument; None for a float (no gradient)."""
+    if not isinstance(logit_scale, torch.Tensor):
+        return None
+    return logit_scale.shape, logit_scale.dtype, logit_scale.device
+
+
+def grad_like(grad: torch.Tensor, meta: tuple | None) -> torch.Tensor | None:
+    """``grad`` (one value, fp32, on the features' device) in the shape, dtype and device of
+    the argument described by ``meta`` (from :func:`scale_meta`). The device matters on a GPU:
+    autograd moves a 0-dim gradient to its input's device itself but rejects a [1]-shaped one
+    on another device (e.g. a CPU ``logit_scale`` of shape [1] with CUDA features)."""
+    if meta is None:
+        return None
+    shape, dtype, device = meta
+    return grad.reshape(shape).to(device=device, dtype=dtype)
 
 
 def row_weights(grad: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
@@ -53,14 +72,15 @@ class ContrastiveCEFunction(torch.autograd.Function):
         from kernels.lse_forward import lse_forward
 
         q, k = queries.contiguous(), keys.contiguous()
-        scale = as_scale_tensor(logit_scale, q.device)
-        stats = lse_forward(q, k, scale, label_offset=label_offset)
+        with device_guard(q.device):
+            scale = as_scale_tensor(logit_scale, q.device)
+            stats = lse_forward(q, k, scale, label_offset=label_offset)
+            out = reduce_rows(stats.row_ce, reduction)
         ctx.save_for_backward(q, k, scale, stats.row_m2, stats.row_log2l)
         ctx.label_offset = label_offset
         ctx.reduction = reduction
-        ctx.scale_is_tensor = scale_is_tensor
-        ctx.scale_meta = (logit_scale.shape, logit_scale.dtype) if scale_is_tensor else None
-        return reduce_rows(stats.row_ce, reduction)
+        ctx.scale_meta = scale_meta(logit_scale) if scale_is_tensor else None
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -69,14 +89,11 @@ class ContrastiveCEFunction(torch.autograd.Function):
         from kernels.lse_forward import LseStats
 
         q, k, scale, row_m2, row_log2l = ctx.saved_tensors
-        g_row = row_weights(grad, q.shape[0], ctx.reduction)
-        stats = LseStats(row_m2, row_log2l, row_ce=None)
-        dq, dk, dscale = grad_backward(q, k, scale, stats, g_row, label_offset=ctx.label_offset)
-        d_logit_scale = None
-        if ctx.scale_is_tensor:
-            shape, dtype = ctx.scale_meta
-            d_logit_scale = dscale.reshape(shape).to(dtype)
-        return dq, dk, d_logit_scale, None, None, None
+        with device_guard(q.device):
+            g_row = row_weights(grad, q.shape[0], ctx.reduction)
+            stats = LseStats(row_m2, row_log2l, row_ce=None)
+            dq, dk, dscale = grad_backward(q, k, scale, stats, g_row, label_offset=ctx.label_offset)
+        return dq, dk, grad_like(dscale, ctx.scale_meta), None, None, None
 
 
 def contrastive_ce(

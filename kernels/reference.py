@@ -40,6 +40,10 @@ def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, r
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
     if queries.dtype != keys.dtype:
         raise ValueError(f"queries ({queries.dtype}) and keys ({keys.dtype}) must share a dtype")
+    if queries.device != keys.device:
+        # The Triton path would otherwise launch one kernel with pointers into two devices'
+        # memory (an illegal address on a GPU, not a clear error).
+        raise ValueError(f"queries ({queries.device}) and keys ({keys.device}) must be on the same device")
 
 
 def contrastive_ce_reference(

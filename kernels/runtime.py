@@ -9,6 +9,7 @@ same semantics, materialises the logits).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -19,7 +20,7 @@ import torch
 from kernels import tile_configs
 from kernels.tile_configs import TileConfig
 
-__all__ = ["TileConfig", "tile_config", "triton_available", "use_triton"]
+__all__ = ["TileConfig", "device_guard", "tile_config", "triton_available", "use_triton"]
 
 
 def _installed() -> bool:
@@ -126,6 +127,18 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if interpreting():
         return True
     return all(t.is_cuda for t in tensors)
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` torch's current CUDA device for the block (a no-op off CUDA).
+
+    Triton launches on torch's *current* device and that device's current stream, not on
+    the device of the tensors it is handed: features on cuda:1 while cuda:0 is current
+    would run the kernels on cuda:0 with cuda:1 pointers (an illegal address, or garbage
+    through peer access) and unordered with the torch ops on cuda:1's stream."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def tile_config(kind: str, inputs: torch.Tensor, n: int, m: int, d: int) -> TileConfig:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.contrastive_ce import as_scale_tensor
+from kernels.contrastive_ce import as_scale_tensor, grad_like, scale_meta
 from kernels.reference import check_inputs, sigmoid_loss_reference
-from kernels.runtime import use_triton
+from kernels.runtime import device_guard, use_triton
 
 
 class SigmoidLossFunction(torch.autograd.Function):
@@ -34,14 +34,13 @@ class SigmoidLossFunction(torch.autograd.Function):
         from kernels.sigmoid_tiles import sigmoid_forward
 
         q, k = queries.contiguous(), keys.contiguous()
-        scale = as_scale_tensor(logit_scale, q.device)
-        bias = as_scale_tensor(logit_bias, q.device, "logit_bias")
-        loss = sigmoid_forward(q, k, scale, bias, label_offset=label_offset)
+        with device_guard(q.device):
+            scale = as_scale_tensor(logit_scale, q.device)
+            bias = as_scale_tensor(logit_bias, q.device, "logit_bias")
+            loss = sigmoid_forward(q, k, scale, bias, label_offset=label_offset)
         ctx.save_for_backward(q, k, scale, bias)
         ctx.label_offset = label_offset
-        ctx.metas = [
-            (t.shape, t.dtype) if isinstance(t, torch.Tensor) else None for t in (logit_scale, logit_bias)
-        ]
+        ctx.metas = [scale_meta(logit_scale), scale_meta(logit_bias)]
         return loss
 
     @staticmethod
@@ -50,13 +49,10 @@ class SigmoidLossFunction(torch.autograd.Function):
         from kernels.sigmoid_tiles import sigmoid_backward
 
         q, k, scale, bias = ctx.saved_tensors
-        w = grad.float().reshape(()) / q.shape[0]
-        dq, dk, dscale, dbias = sigmoid_backward(q, k, scale, bias, w, label_offset=ctx.label_offset)
-        outs = [
-            None if meta is None else d.reshape(meta[0]).to(meta[1])
-            for d, meta in zip((dscale, dbias), ctx.metas)
-        ]
-        return dq, dk, outs[0], outs[1], None
+        with device_guard(q.device):
+            w = grad.float().reshape(()) / q.shape[0]
+            dq, dk, dscale, dbias = sigmoid_backward(q, k, scale, bias, w, label_offset=ctx.label_offset)
+        return dq, dk, grad_like(dscale, ctx.metas[0]), grad_like(dbias, ctx.metas[1]), None
 
 
 def sigmoid_loss(

@@ -269,6 +269,14 @@ def test_bad_inputs_raise_clear_errors():
         clip_loss(q, k, 1.0)
     with pytest.raises(ValueError, match="reduction"):
         contrastive_ce(q, k, 1.0, reduction="max")
+    # Two devices (cuda:0 and cuda:1 on a GPU host; CPU and meta here): the Triton path would
+    # launch one kernel with pointers into both devices' memory.
+    with pytest.raises(ValueError, match="same device"):
+        contrastive_ce(q, torch.randn(6, 8, device="meta"), 1.0)
+    with pytest.raises(ValueError, match="same device"):
+        clip_loss(q, torch.randn(4, 8, device="meta"), 1.0)
+    with pytest.raises(ValueError, match="same device"):
+        kernels.sigmoid_loss(q, torch.randn(6, 8, device="meta"), 1.0, 0.0)
 
 
 def test_import_and_fallback_without_triton():
@@ -293,6 +301,71 @@ def test_import_and_fallback_without_triton():
 
 def test_triton_available_matches_mode():
     assert kernels.triton_available() == (MODE in ("gpu", "interpreter") or torch.cuda.is_available())
+
+
+@in_process
+def test_every_launch_runs_under_a_guard_for_the_inputs_device(monkeypatch):
+    # Triton launches on torch's *current* CUDA device and its stream, not on the inputs'
+    # device: features on cuda:1 with cuda:0 current would fault (or race cuda:1's stream).
+    # Each op must make its inputs' device current around forward and backward and launch
+    # every kernel inside. The real guard is a no-op on CPU, so a recording one stands in.
+    import contextlib
+    import importlib
+
+    import kernels.grad_backward as gb
+    import kernels.lse_forward as lf
+    import kernels.sigmoid_tiles as st
+
+    # Not `import kernels.clip_loss as cl`: the package's function of that name shadows the module.
+    ce, cl, sl = (
+        importlib.import_module(f"kernels.{m}") for m in ("contrastive_ce", "clip_loss", "sigmoid_loss")
+    )
+
+    active = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    for mod in (ce, cl, sl):
+        monkeypatch.setattr(mod, "device_guard", guard)
+    launches = []
+
+    class Recorded:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append((self.name, list(active)))
+            return self.kernel[grid]
+
+    names = ("_lse_fwd_kernel", "_grad_chunk_kernel", "_sigmoid_fwd_kernel", "_sigmoid_grad_kernel")
+    for mod, name in zip((lf, gb, st, st), names):
+        monkeypatch.setattr(mod, name, Recorded(name, getattr(mod, name)))
+    q = _features(20, 16, seed=26).to(DEVICE).requires_grad_()
+    k = _features(40, 16, seed=27).to(DEVICE).requires_grad_()
+    scale = torch.tensor(10.0, device=DEVICE, requires_grad=True)
+    clip_loss(q, k[:20], scale).backward()
+    contrastive_ce(q, k, scale, label_offset=5).backward()
+    kernels.sigmoid_loss(q, k, scale, torch.tensor(-3.0, device=DEVICE), label_offset=5).backward()
+    assert {name for name, _ in launches} == set(names)
+    assert all(guards == [q.device] for _, guards in launches), launches
+
+
+def test_scale_gradient_keeps_the_scale_device_shape_and_dtype():
+    # Autograd moves a 0-dim gradient to its input's device but rejects a [1]-shaped one on
+    # another device: a CPU fp16 logit_scale of shape [1] with CUDA features needs its
+    # gradient back on the CPU. The meta device stands in for "not the features' device".
+    from kernels.contrastive_ce import grad_like, scale_meta
+
+    scale = torch.ones(1, dtype=torch.float16, device="meta")
+    out = grad_like(torch.tensor(2.0), scale_meta(scale))
+    assert (out.shape, out.dtype, out.device) == (scale.shape, scale.dtype, scale.device)
+    assert scale_meta(3.0) is None and grad_like(torch.tensor(2.0), None) is None
 
 
 @in_process
