@@ -43,6 +43,8 @@ GRAD_WORKSPACE_BYTES = 32 * 2**20
 # Bound on the one-pass schedule's fp32 [short side, D] accumulator: with the workspace,
 # the backward's extra memory stays <= 64 MiB (the issue's bound) on every schedule.
 ONE_PASS_ACCUMULATOR_BYTES = 32 * 2**20
+# Bound on the fp32 product temporaries of the one-pass accumulation (see _addmm_fp32_).
+ACCUMULATE_TEMP_BYTES = 4 * 2**20
 # Shortest long-side chunk for the one-pass schedule (see the module docstring).
 ACCUMULATE_MIN_CHUNK = 1024
 SCHEDULE_ENV = "KERNELS_BACKWARD_SCHEDULE"
@@ -114,17 +116,23 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for an fp32 ``acc`` without an fp32 copy of the 16-bit operands on CUDA."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+    """``acc += a @ b`` for an fp32 ``acc`` without an fp32 copy of the 16-bit operands on a GPU."""
+    if a.device.type != "cpu" and a.dtype in (torch.bfloat16, torch.float16):
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
-        except (RuntimeError, TypeError):  # torch without addmm(out_dtype=, out=)
+        # torch without addmm(out_dtype=), or whose CUDA kernel wants `acc` in the 16-bit dtype
+        # ("self and mat2 must have the same dtype" in the CUDA sources read; version not pinned).
+        except (RuntimeError, TypeError):
             pass
         try:
-            acc += torch.mm(a, b, out_dtype=torch.float32)
+            # A few rows of fp32 products at a time: one product the size of `acc` would add
+            # ONE_PASS_ACCUMULATOR_BYTES to the backward's extra memory (96 MiB, not 64).
+            step = max(1, ACCUMULATE_TEMP_BYTES // (4 * acc.shape[1]))
+            for r0 in range(0, acc.shape[0], step):
+                acc[r0 : r0 + step] += torch.mm(a[r0 : r0 + step], b, out_dtype=torch.float32)
             return
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError):  # torch without mm(out_dtype=): fails at the first step
             pass
     acc.addmm_(a.float(), b.float())
 

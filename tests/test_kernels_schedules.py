@@ -52,3 +52,36 @@ def test_auto_prefers_one_pass_only_when_the_accumulator_fits(monkeypatch):
     monkeypatch.setenv(gg.SCHEDULE_ENV, "fastest")
     with pytest.raises(ValueError, match="one_pass"):
         gg.choose_schedule(512, 512, 768, bf16, 128, 128)
+
+
+def test_one_pass_accumulation_temporaries_stay_bounded(monkeypatch):
+    # On a GPU the one-pass schedule adds 16-bit G.T @ Q chunks into its fp32 accumulator.
+    # torch's CUDA addmm(out_dtype=fp32) can refuse an fp32 `acc` (its dtype check), and the fallback
+    # must not allocate an fp32 product the size of the accumulator (up to 32 MiB more than
+    # the documented 64 MiB bound). Meta tensors stand in for CUDA ones (no data, same ops).
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def cuda_addmm(*args, **kwargs):
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    monkeypatch.setattr(torch, "addmm", cuda_addmm)
+    monkeypatch.setattr(gg, "ACCUMULATE_TEMP_BYTES", 4 * 64 * 16)  # 16 rows of D = 64 per product
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # In-place ops and views (row slices of the operands) allocate nothing.
+            if not (func.is_view or func.__name__.split(".")[0].endswith("_")):
+                sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                Largest.numel = max([Largest.numel, *sizes])
+            return out
+
+    acc = torch.zeros(256, 64, device="meta")
+    a = torch.empty(512, 256, dtype=torch.bfloat16, device="meta").T  # G.T of a [chunk, short] G
+    b = torch.empty(512, 64, dtype=torch.bfloat16, device="meta")
+    with Largest():
+        gg._addmm_fp32_(acc, a, b)
+    assert 0 < Largest.numel <= 16 * 64, f"a temporary of {Largest.numel} elements (acc: {acc.numel()})"
