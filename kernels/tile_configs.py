@@ -206,13 +206,29 @@ def load_tuned(path: str | None) -> dict[tuple[str, str, str], Entry]:
             key = (row["arch"], row["kind"], row["shape_class"])
             if key[1] not in KINDS or key[2] not in SHAPE_CLASSES:
                 raise ValueError(f"unknown kind/shape class in {row}")
-            table[key] = Entry(TileConfig(*row["config"]), row.get("source", f"tuned: {path}"))
+            config = TileConfig(*row["config"])
+            _check_compilable(config)
+            table[key] = Entry(config, row.get("source", f"tuned: {path}"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
             f"{path} is not a tile-config table written by `python -m kernels.bench --autotune` ({e}); "
             f"fix or delete it, or unset {TUNED_ENV}"
         ) from e
     return table
+
+
+def _check_compilable(config: TileConfig) -> None:
+    """Compiled Triton needs power-of-two blocks of at least 16 (tl.arange, tl.dot) and a
+    power-of-two warp count; the interpreter accepts others, so a hand-edited table would only
+    fail at its first launch on the GPU, deep inside Triton's compiler."""
+
+    def pow2(x: int) -> bool:
+        return isinstance(x, int) and x > 0 and x & (x - 1) == 0
+
+    if not all(pow2(b) and b >= 16 for b in (config.BM, config.BN, config.BD)):
+        raise ValueError(f"BM, BN and BD must be powers of two >= 16; got {config.as_list()}")
+    if not pow2(config.num_warps) or not (isinstance(config.num_stages, int) and config.num_stages >= 1):
+        raise ValueError(f"num_warps must be a power of two and num_stages >= 1; got {config.as_list()}")
 
 
 def write_tuned(path: str | Path, entries: dict[tuple[str, str, str], Entry]) -> None:

@@ -85,3 +85,22 @@ def test_one_pass_accumulation_temporaries_stay_bounded(monkeypatch):
     with Largest():
         gg._addmm_fp32_(acc, a, b)
     assert 0 < Largest.numel <= 16 * 64, f"a temporary of {Largest.numel} elements (acc: {acc.numel()})"
+
+
+@pytest.mark.parametrize("config", [[96, 128, 64, 8, 3], [128, 128, 8, 8, 3], [128, 128, 64, 6, 3]])
+def test_tuned_table_rejects_configs_compiled_triton_cannot_build(tmp_path, config):
+    # Non-power-of-two or sub-16 blocks run under the interpreter but fail to compile on the GPU;
+    # a hand-edited table must fail when read, naming the file, not at the first launch.
+    import json
+
+    from kernels import tile_configs
+
+    path = tmp_path / "tuned.json"
+    row = {"arch": "sm_90", "kind": "ce_fwd", "shape_class": "small", "config": config}
+    path.write_text(json.dumps({"entries": [row]}))
+    tile_configs.load_tuned.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="tuned.json"):
+            tile_configs.load_tuned(str(path))
+    finally:
+        tile_configs.load_tuned.cache_clear()
