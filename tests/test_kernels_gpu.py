@@ -177,3 +177,29 @@ def test_sigmoid_loss_deterministic_and_bounded_memory():
         )
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_inputs_on_a_device_that_is_not_current():
+    # Triton launches on torch's current device: the ops must switch to the inputs' device
+    # (features on cuda:1 while cuda:0 is current used to run on cuda:0 with cuda:1 pointers).
+    from kernels import clip_loss, sigmoid_loss
+    from kernels.reference import clip_loss_reference, sigmoid_loss_reference
+
+    torch.cuda.set_device(0)
+    img = F.normalize(torch.randn(300, 128, device="cuda:1"), dim=-1)
+    txt = F.normalize(img + 0.5 * torch.randn_like(img), dim=-1)
+    for op, ref, extra in (
+        (clip_loss, clip_loss_reference, ()),
+        (sigmoid_loss, sigmoid_loss_reference, (-5.0,)),
+    ):
+        outs = []
+        for fn in (op, ref):
+            a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+            s = torch.tensor([10.0], device="cuda:1", requires_grad=True)  # [1]-shaped scale
+            loss = fn(a, b, s, *extra)
+            loss.backward()
+            outs.append((loss.detach(), a.grad, b.grad, s.grad))
+        for x, y in zip(*outs):
+            assert x.device == torch.device("cuda:1")
+            torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-5)
