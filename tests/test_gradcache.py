@@ -235,3 +235,32 @@ def test_gradcache_with_lora_and_gradient_checkpointing_on_the_clip_preset(backe
     assert grads["plain"][1].keys() == grads["gradcache"][1].keys()
     for n, value in grads["plain"][1].items():
         torch.testing.assert_close(grads["gradcache"][1][n], value, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_gradcache_with_a_loss_that_ignores_the_logit_scale():
+    """align_uniform never reads the logit scale, so the step's loss leaves no gradient on it;
+    the replayed backward must skip it (it crashed on `None.to`) and still match one big batch."""
+    from vutrain.gradcache import gradcache_step
+    from vutrain.losses import AlignUniformLoss
+
+    class Engine:  # what GradCache asks of DeepSpeed: backward and step, no accumulation count
+        def backward(self, loss, scale_wrt_gas=True):
+            loss.backward()
+
+        def step(self):
+            pass
+
+    torch.manual_seed(0)
+    model, loss_fn = TwoTower(), AlignUniformLoss()
+    x_img, x_txt = _data(0, 0)
+    micro_batches = list(zip(x_img.chunk(K), x_txt.chunk(K)))
+    loss = gradcache_step(Engine(), micro_batches, lambda mb: model(*mb), loss_fn)
+    cached = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    want = loss_fn(*model(x_img, x_txt))
+    want.backward()
+    torch.testing.assert_close(loss, want.detach())
+    assert model.logit_scale.grad is None and "logit_scale" not in cached
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(cached[name], param.grad, msg=name)

@@ -116,7 +116,9 @@ class GradCache:
             start += size
             surrogate = (img * g_img[rows].to(img.dtype)).sum() + (txt * g_txt[rows].to(txt.dtype)).sum()
             if i == 0:  # the scale and bias are one quantity of the step: their gradient once
-                surrogate = surrogate + (scale * g_scale.to(scale.dtype)).sum()
+                # None when the loss ignores the scale (align_uniform): nothing to replay.
+                if g_scale is not None:
+                    surrogate = surrogate + (scale * g_scale.to(scale.dtype)).sum()
                 if bias is not None and g_bias is not None:
                     surrogate = surrogate + (bias * g_bias.to(bias.dtype)).sum()
             self.engine.backward(surrogate, scale_wrt_gas=False)
