@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 from test_data_stream import BAD_REASONS, _write_bad_shards
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPImageProcessor
 
 from vutrain.bench_data import photo_like
@@ -196,6 +197,62 @@ def test_device_transform_normalises_and_augments_deterministically():
     assert ((h * w / 256) >= 0.85).all()  # scale 0.9-1.0 of the area (rounded to whole pixels)
     whole = torch.tensor([[0.0, 0.0, 16.0, 16.0]]).repeat(4, 1)
     assert torch.allclose(crop_and_resize(pixels.float(), whole), pixels.float(), atol=1e-3)
+
+
+class _BlockingHostToDevice(TorchDispatchMode):
+    """Records host-to-device copies that are not non_blocking: on a GPU each one waits for the
+    device's whole queue (torch's blocking H2D copy synchronises the stream)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            src, dst = args[0].device, kwargs.get("device") or args[0].device
+            if src.type == "cpu" and dst.type != "cpu" and not kwargs.get("non_blocking", False):
+                self.found.append(tuple(args[0].shape))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_device_transform_copies_to_the_device_without_blocking(crop):
+    """The meta device stands in for a GPU. Per micro-batch, every host tensor (the pixels, the
+    random crop's boxes) goes over non_blocking; the crop's boxes went over blocking, a stall per
+    micro-batch on a GPU with data.random_resized_crop=true."""
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    transform = make_device_transform(processor, random_resized_crop=crop)
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    transform(pixels, "meta", torch.bfloat16)  # the first call moves the mean and std once
+    with _BlockingHostToDevice() as copies:
+        out = transform(pixels, "meta", torch.bfloat16)
+    assert out.device.type == "meta" and out.dtype == torch.bfloat16 and out.shape == pixels.shape
+    assert copies.found == []
+
+
+def test_stream_without_loader_workers_pins_its_batches(shards, monkeypatch):
+    """pin_memory=True (the trainer's choice for a CUDA run) pins every tensor of a batch. Without
+    loader workers there is no DataLoader and so no pin thread: those batches stayed pageable, and
+    the trainer's non_blocking copies of them were not asynchronous. Pinning is recorded here (a
+    CPU-only torch cannot pin); with workers the DataLoader's own pin thread does it."""
+    pinned = []
+
+    def fake_pin(self, *args, **kwargs):
+        pinned.append(self.data_ptr())
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with _stream(shards["train"], num_workers=0, pin_memory=True, positives="category") as stream:
+        batch = next(stream)
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    assert {"pixel_values", "input_ids", "attention_mask", "labels"} <= set(batch)
+    assert sorted(pinned) == sorted(t.data_ptr() for t in tensors)
+    pinned.clear()
+    with _stream(shards["train"], num_workers=0, pin_memory=False) as stream:
+        next(stream)
+    assert pinned == []
 
 
 def test_tar_reader_matches_tarfile(tmp_path):

@@ -249,6 +249,11 @@ def collate_pixels(pixels: list[torch.Tensor]) -> torch.Tensor:
     return batch
 
 
+def _pin_batch(batch: dict) -> dict:
+    """The batch with its tensors in pinned memory (what the DataLoader's pin thread does)."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class _TrainIterable(IterableDataset):
     """Maps DataLoader worker ids to logical workers, rotated so the round robin resumes in place."""
 
@@ -467,7 +472,12 @@ class TrainStream:
             remainder,
         )
         if self.num_workers == 0:
-            return iter(dataset)
+            # No DataLoader, so no pin thread: pin here. The trainer's non_blocking copies are
+            # asynchronous only from pinned memory; from pageable memory CUDA may complete them
+            # synchronously with the host, behind the work already queued on the device (a
+            # stall per micro-batch). Like the DataLoader, a machine without CUDA pins nothing.
+            batches = iter(dataset)
+            return map(_pin_batch, batches) if self.pin_memory and torch.cuda.is_available() else batches
         if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # fork avoids pickling the caller's preprocess/tokenize closures into the workers
