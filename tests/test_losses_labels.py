@@ -192,6 +192,43 @@ def test_positive_mask_forms_and_self():
     assert positive_mask(hot[:1], hot, offset=None).tolist() == [[True, True]]
 
 
+@pytest.mark.parametrize(
+    "backend,width_device",
+    [("cpu:gloo,cuda:nccl", "cpu"), ("gloo", "cpu"), ("nccl", "meta"), ("cuda:gloo", "meta")],
+)
+def test_id_set_width_is_agreed_on_the_host_when_the_group_can(monkeypatch, backend, width_device):
+    """Id sets of device labels (the meta device stands in for a GPU) are padded to the widest T
+    of all ranks. Making that width on the device and reading it back cost two waits for the GPU
+    queue per micro-batch; a group with a CPU backend agrees on it between hosts, a CUDA-only
+    group (which refuses CPU tensors) still gets a device tensor."""
+    import torch.distributed as dist
+
+    from vutrain.losses.positives import gather_labels
+
+    seen = []
+
+    def all_reduce(t, op=None):
+        seen.append(t.device.type)
+        if t.device.type == "cpu":
+            t.fill_(5)  # another rank's labels are wider
+
+    def all_gather(parts, x):
+        seen.append(x.device.type)
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    labels = torch.zeros(3, 2, dtype=torch.long, device="meta")
+    if width_device == "meta":  # a device width is read back on the host: a meta tensor cannot be
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            gather_labels(labels, 2)
+        assert seen == ["meta"]
+        return
+    out = gather_labels(labels, 2)
+    assert seen == ["cpu", "meta"]  # the width on the host, the labels on their device
+    assert out.device.type == "meta" and out.shape == (6, 5)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", KINDS)
 def test_clip_labels_distributed(world, kind):

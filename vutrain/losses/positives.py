@@ -53,7 +53,12 @@ def gather_labels(labels: torch.Tensor, world_size: int) -> torch.Tensor:
         return labels
     x = labels.to(torch.uint8) if labels.dtype == torch.bool else labels.long()
     if x.dim() == 2 and labels.dtype != torch.bool:
-        width = torch.tensor([x.shape[1]], device=x.device)
+        # The widest T is needed on the host (to pad). On a GPU, a width made and read on the
+        # device costs a blocking copy and a read, each waiting for the device queue, at every
+        # micro-batch; a group with a CPU backend (the default cpu:gloo,cuda:nccl) agrees on it
+        # between hosts instead. A CUDA-only group (nccl, cuda:gloo) refuses CPU tensors.
+        on_host = _has_cpu_backend()
+        width = torch.full((1,), x.shape[1], dtype=torch.long, device="cpu" if on_host else x.device)
         dist.all_reduce(width, op=dist.ReduceOp.MAX)
         pad = int(width.item()) - x.shape[1]
         if pad:
@@ -62,6 +67,15 @@ def gather_labels(labels: torch.Tensor, world_size: int) -> torch.Tensor:
     dist.all_gather(parts, x.contiguous())
     out = torch.cat(parts, dim=0)
     return out.bool() if labels.dtype == torch.bool else out
+
+
+def _has_cpu_backend() -> bool:
+    """Whether the default group runs collectives of CPU tensors: gloo or mpi, or a device-mapped
+    backend with a cpu entry (e.g. cpu:gloo,cuda:nccl)."""
+    backend = str(dist.get_backend()).lower()
+    if ":" in backend:
+        return any(part.strip().startswith("cpu:") for part in backend.split(","))
+    return backend in ("gloo", "mpi")
 
 
 def positive_mask(row_labels: torch.Tensor, col_labels: torch.Tensor, offset: int | None = 0) -> torch.Tensor:
