@@ -89,6 +89,36 @@ def test_demo_fails_loudly_below_the_bar(tmp_path):
     assert "FAIL: zero-shot top-1" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "visible,ranks,gpu,want",
+    [
+        ("3,5", 1, True, ["--include", "localhost:3"]),  # deepspeed --num_gpus 1 would take GPU 0
+        ("3,5", 2, True, ["--include", "localhost:3,5"]),
+        (None, 1, True, ["--num_gpus", "1"]),
+        ("GPU-1b2c", 1, True, ["--num_gpus", "1"]),  # UUIDs: beyond deepspeed's --include
+        ("3", 2, False, ["--num_gpus", "2"]),  # CPU ranks: the GPUs do not matter
+    ],
+)
+def test_demo_trains_on_the_visible_gpus(monkeypatch, tmp_path, visible, ranks, gpu, want):
+    """The demo's launcher command keeps a CUDA_VISIBLE_DEVICES choice (no launch here)."""
+    from vutrain import demo
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.delenv("VUTRAIN_DEVICE", raising=False)
+    launched = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: launched.append((cmd, kw["env"])))
+    demo.train(str(tmp_path), "train.tar", "val.tar", ranks, 1, [], gpu)
+    ((cmd, env),) = launched
+    picked = cmd[1 : cmd.index("--master_port")]
+    assert picked == want
+    assert ("VUTRAIN_DEVICE" in env) == (not gpu)
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES"):  # more ranks than visible GPUs
+        demo.rank_devices(3, True, {"CUDA_VISIBLE_DEVICES": "3,5"})
+
+
 def test_bench_harness_measures_and_records(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(

@@ -50,15 +50,36 @@ def use_gpu(device: str) -> bool:
     return torch.cuda.is_available()
 
 
-def deepspeed_command(num_ranks: int) -> list[str]:
-    """The deepspeed launcher of this interpreter's environment."""
+def deepspeed_command(num_ranks: int, gpu: bool = False) -> list[str]:
+    """The deepspeed launcher of this interpreter's environment, for `num_ranks` ranks."""
     exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     if not os.path.exists(exe):
         exe = shutil.which("deepspeed") or exe
     from vutrain.distributed import free_port
 
     # A free port rather than the launcher's fixed 29500, so a second run on the machine can start.
-    return [exe, "--num_gpus", str(num_ranks), "--master_port", str(free_port())]
+    return [exe, *rank_devices(num_ranks, gpu), "--master_port", str(free_port())]
+
+
+def rank_devices(num_ranks: int, gpu: bool, env: dict | None = None) -> list[str]:
+    """The launcher's arguments that place the ranks: the first visible GPUs on a GPU.
+
+    deepspeed given --num_gpus drops CUDA_VISIBLE_DEVICES and runs on GPUs 0..N-1 of the
+    machine, so a GPU picked with CUDA_VISIBLE_DEVICES=3 (a shared machine, a scheduler's
+    choice) was ignored and the demo trained on GPU 0, perhaps someone else's. --include names
+    the visible ones instead. UUID entries (GPU-..., MIG-...) are beyond deepspeed's --include:
+    they keep --num_gpus.
+    """
+    env = os.environ if env is None else env
+    visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if gpu and visible and all(v.isdigit() for v in visible):
+        if len(visible) < num_ranks:
+            raise SystemExit(
+                f"--ranks {num_ranks}: CUDA_VISIBLE_DEVICES={','.join(visible)} shows "
+                f"{len(visible)} GPU(s); show more GPUs or ask for fewer ranks"
+            )
+        return ["--include", "localhost:" + ",".join(visible[:num_ranks])]
+    return ["--num_gpus", str(num_ranks)]
 
 
 def write_data(out: str, num_samples: int, val_samples: int, shard_size: int, seed: int) -> tuple[str, str]:
@@ -84,7 +105,7 @@ def train(
     gpu: bool = False,
 ) -> None:
     """Run vutrain/train.py through the deepspeed launcher (CPU ranks unless `gpu`)."""
-    cmd = deepspeed_command(ranks) + [
+    cmd = deepspeed_command(ranks, gpu) + [
         os.path.join(REPO, "vutrain", "train.py"),
         "--config",
         os.path.join(REPO, "vutrain", "configs", "tiny.yaml"),
