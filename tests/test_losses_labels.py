@@ -229,6 +229,49 @@ def test_id_set_width_is_agreed_on_the_host_when_the_group_can(monkeypatch, back
     assert out.device.type == "meta" and out.shape == (6, 5)
 
 
+@pytest.mark.parametrize(
+    "backend,device,sends",
+    [
+        ("cpu:gloo,cuda:nccl", "cuda", True),
+        ("nccl", "cuda", True),
+        ("cuda:gloo", "cuda", False),  # two ranks on one GPU (README): gloo reads a device pointer
+        ("gloo", "cuda", False),
+        ("gloo", "cpu", True),
+    ],
+)
+def test_p2p_supported_only_where_the_backend_sends_the_device(monkeypatch, backend, device, sends):
+    import torch.distributed as dist
+
+    from vutrain.losses.exchange import p2p_supported
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    assert p2p_supported(torch.device(device)) is sends
+
+
+def test_siglip_bidir_gathers_where_the_group_cannot_send(monkeypatch, caplog):
+    """bidir on a group without point-to-point for the features' device (gloo with CUDA tensors)
+    takes the all-gather, which gives the same values; the ring exchange handed CUDA tensors to
+    gloo's send. World 2 in one process: the collectives are stand-ins (rank 1 mirrors rank 0)."""
+    from vutrain.losses import siglip
+
+    def no_exchange(*args):
+        raise AssertionError("neighbour exchange on a group that cannot send this device")
+
+    monkeypatch.setattr(siglip, "check_group", lambda rank, world: None)
+    monkeypatch.setattr(siglip, "all_gather_with_grad", lambda x: torch.cat([x, x.flip(0)]))
+    monkeypatch.setattr(siglip, "neighbour_exchange_bidir", no_exchange)
+    monkeypatch.setattr(siglip, "neighbour_exchange", no_exchange)
+    monkeypatch.setattr(siglip, "p2p_supported", lambda device: False)
+    g = torch.Generator().manual_seed(0)
+    img, txt = (F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=-1) for _ in "it")
+    s, b = torch.tensor(SCALE, dtype=torch.float64), torch.tensor(BIAS, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="vutrain.losses.siglip"):
+        got = SigLipLoss(rank=0, world_size=2, bidir=True)(img, txt, s, b)
+    want = SigLipLoss(rank=0, world_size=2)(img, txt, s, b)
+    torch.testing.assert_close(got, want, **TOL)
+    assert "all-gathering the texts instead" in caplog.text
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", KINDS)
 def test_clip_labels_distributed(world, kind):

@@ -14,6 +14,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from vutrain.losses.gather import _nccl_serves
+
+
+def p2p_supported(device: torch.device) -> bool:
+    """Whether the default group can send tensors on `device` point to point.
+
+    Gloo's send and recv hand the tensor's data pointer to its transport, which reads it from the
+    host: CPU tensors only (no staging through host memory, unlike its all-gather), so a CUDA
+    tensor under `cuda:gloo` (several ranks on one GPU) or plain `gloo` would be read through a
+    device pointer. NCCL sends CUDA tensors.
+    """
+    return device.type == "cpu" or _nccl_serves(device)
+
 
 def _exchange(
     sends: list[tuple[int, torch.Tensor]], recv_from: list[int], like: list[torch.Tensor]

@@ -25,16 +25,19 @@ get z = +1 as well; `labels=None` is the plain loss.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vutrain.losses.backends import check_backend, takes_kernel
-from vutrain.losses.exchange import neighbour_exchange, neighbour_exchange_bidir
+from vutrain.losses.exchange import neighbour_exchange, neighbour_exchange_bidir, p2p_supported
 from vutrain.losses.gather import all_gather_with_grad, check_group, check_rank
 from vutrain.losses.positives import check_labels, gather_labels, positive_mask
 
+log = logging.getLogger(__name__)
 DIST_IMPLS = ("gather", "bidir")
 
 
@@ -70,7 +73,9 @@ class SigLipLoss(nn.Module):
         rank, world_size: this process's place in the default process group.
         dist_impl: "gather" (one all-gather of the text features) or "bidir" (neighbour
             exchange around the ring); None follows `bidir`.
-        bidir: shorthand for dist_impl="bidir" (open_clip's default).
+        bidir: shorthand for dist_impl="bidir" (open_clip's default). A group that cannot send
+            the features' device point to point (gloo with CUDA tensors: `cuda:gloo`) gathers
+            instead, with a warning (same values; see exchange.p2p_supported).
         backend: "torch", "triton" (`kernels.sigmoid_loss`, never materialises the logits;
             gather only, no labels) or "auto" (triton for CUDA features when available, with
             no labels and dist_impl="gather"; torch otherwise; see backends.py).
@@ -111,6 +116,7 @@ class SigLipLoss(nn.Module):
         self.backend = backend
         self.last_terms: dict[str, float] = {}
         self._labels: dict[tuple, torch.Tensor] = {}
+        self._warned_no_p2p = False
 
     def get_ground_truth(
         self,
@@ -166,7 +172,16 @@ class SigLipLoss(nn.Module):
                 )
             return self._forward_triton(image_features, text_features, logit_scale, logit_bias)
         if self.bidir and self.world_size > 1:
-            return self._forward_bidir(image_features, text_features, logit_scale, logit_bias, labels)
+            if p2p_supported(image_features.device):
+                return self._forward_bidir(image_features, text_features, logit_scale, logit_bias, labels)
+            # Same values and gradients from the gather below; only the logits' memory differs.
+            if not self._warned_no_p2p:
+                self._warned_no_p2p = True
+                log.warning(
+                    "SigLipLoss(bidir=True): the process group cannot send %s tensors point to "
+                    "point (gloo sends CPU tensors only); all-gathering the texts instead",
+                    image_features.device.type,
+                )
         all_txt = all_gather_with_grad(text_features) if self.world_size > 1 else text_features
         logits = logit_scale * image_features @ all_txt.T + logit_bias
         if labels is None:
