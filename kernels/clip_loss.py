@@ -42,7 +42,10 @@ class ClipLossFunction(torch.autograd.Function):
         with device_guard(img.device):
             # d/dCE_i of (mean_i CE_row_i + mean_j CE_col_j) / 2.
             w = (grad.float() / (2 * n)).reshape(1).expand(n).contiguous()
-            dimg, dtxt, dscale = grad_backward(img, txt, scale, stats, w, g_col=w)
+            need_img, need_txt = ctx.needs_input_grad[:2]  # a locked tower's side is skipped
+            dimg, dtxt, dscale = grad_backward(
+                img, txt, scale, stats, w, g_col=w, need_dq=need_img, need_dk=need_txt
+            )
         return dimg, dtxt, grad_like(dscale, ctx.scale_meta), None
 
 

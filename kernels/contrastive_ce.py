@@ -92,7 +92,10 @@ class ContrastiveCEFunction(torch.autograd.Function):
         with device_guard(q.device):
             g_row = row_weights(grad, q.shape[0], ctx.reduction)
             stats = LseStats(row_m2, row_log2l, row_ce=None)
-            dq, dk, dscale = grad_backward(q, k, scale, stats, g_row, label_offset=ctx.label_offset)
+            need_dq, need_dk = ctx.needs_input_grad[:2]  # a locked tower's side is skipped
+            dq, dk, dscale = grad_backward(
+                q, k, scale, stats, g_row, label_offset=ctx.label_offset, need_dq=need_dq, need_dk=need_dk
+            )
         return dq, dk, grad_like(dscale, ctx.scale_meta), None, None, None
 
 

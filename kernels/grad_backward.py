@@ -126,12 +126,15 @@ def grad_backward(
     *,
     label_offset: int = 0,
     g_col: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    need_dq: bool = True,
+    need_dk: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Gradients of ``sum_i g_i CE_row_i (+ sum_j h_j CE_col_j)`` in q, k and the scale.
 
     q: [N, D], k: [M, D]; scale: 0-dim fp32; stats: the forward's softmax statistics
     (with column statistics for the symmetric loss); g_row: [N] fp32 row weights;
     g_col: [M] fp32 column weights (symmetric loss) or None.
+    need_dq / need_dk: False skips that side's GEMMs and returns None for it.
     Returns ``dq`` [N, D] (q's dtype), ``dk`` [M, D] (k's dtype), ``dscale`` 0-dim fp32.
     The schedule (one recompute pass or two) is ``kernels.gradient_gemms``'s.
     """
@@ -171,5 +174,7 @@ def grad_backward(
 
     # |G| = s |g_i (P - onehot) + h_j (Pc - onehot)| <= s (max|g| + max|h|).
     g_bound = g_row.abs().amax() + (g_col.abs().amax() if with_cols else 0.0)
-    dq, dk, parts = gradient_gemms(q, k, write_tiles, scale * g_bound, cfg.BM, cfg.BN)
+    dq, dk, parts = gradient_gemms(
+        q, k, write_tiles, scale * g_bound, cfg.BM, cfg.BN, need_dq=need_dq, need_dk=need_dk
+    )
     return dq, dk, parts[0]

@@ -138,68 +138,90 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def gradient_gemms(
-    q: torch.Tensor, k: torch.Tensor, write_tiles: TileWriter, g_bound: torch.Tensor, bm: int, bn: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    write_tiles: TileWriter,
+    g_bound: torch.Tensor,
+    bm: int,
+    bn: int,
+    *,
+    need_dq: bool = True,
+    need_dk: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """``dq`` [N, D], ``dk`` [M, D] (inputs' dtypes) and the sum of the per-tile partials [P].
 
     q: [N, D], k: [M, D] contiguous; write_tiles: the loss's tile kernel (``TileWriter``);
     g_bound: 0-dim tensor bounding |G| (for the fp16 pre-scale); bm, bn: its tile sizes.
+    need_dq / need_dk: False for a side autograd does not want (``ctx.needs_input_grad``,
+    e.g. a locked tower's features): its GEMMs (and, for the two-pass schedule, its pass)
+    are skipped and None is returned in its place: 4NMD flops instead of 6-10. With
+    neither, only the tiles and their partials (the scale's gradient) are computed.
     """
     n, d = q.shape
     m = k.shape[0]
     g_dtype = workspace_dtype(q.dtype)
     out_scale = workspace_scale(q, k, g_bound)
     schedule, chunk = choose_schedule(n, m, d, g_dtype, bm, bn)
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dq = torch.empty_like(q) if need_dq else None
+    dk = torch.empty_like(k) if need_dk else None
     if schedule == "two_pass":  # each pass sizes its own chunks: rows span M, columns span N
-        rows_chunk = min(n, _chunk_len(m, g_dtype, bm))
-        parts = _rows_pass(q, k, dq, write_tiles, out_scale, g_dtype, rows_chunk)
-        cols_chunk = min(m, _chunk_len(n, g_dtype, bn))
-        _cols_pass(q, k, dk, write_tiles, out_scale, g_dtype, cols_chunk)  # its partials repeat the rows'
+        parts = []
+        if need_dq or not need_dk:  # without dq, the rows pass still makes the partials
+            rows_chunk = min(n, _chunk_len(m, g_dtype, bm))
+            parts = _rows_pass(q, k, dq, write_tiles, out_scale, g_dtype, rows_chunk)
+        if need_dk:
+            cols_chunk = min(m, _chunk_len(n, g_dtype, bn))
+            cols_parts = _cols_pass(q, k, dk, write_tiles, out_scale, g_dtype, cols_chunk)
+            parts = parts or cols_parts  # both passes: the same partials twice; keep one
     else:
         parts = _one_pass(q, k, dq, dk, write_tiles, out_scale, g_dtype, chunk)
     if q.dtype == torch.float16:  # undo the exact power-of-two pre-scale
         inv = 1.0 / out_scale
-        dq.mul_(inv)
-        dk.mul_(inv)
+        for grad in (dq, dk):
+            if grad is not None:
+                grad.mul_(inv)
     return dq, dk, torch.cat(parts).sum(0)
 
 
 def _one_pass(q, k, dq, dk, write_tiles, out_scale, g_dtype, chunk) -> list[torch.Tensor]:
-    """``single`` and ``one_pass``: chunks of the longer side, each tile recomputed once."""
+    """``single`` and ``one_pass``: chunks of the longer side, each tile recomputed once.
+    ``dq`` or ``dk`` None: that side's GEMMs (and accumulator) are skipped."""
     n, d = q.shape
     m = k.shape[0]
     by_rows = n >= m
     long_len, short_len = (n, m) if by_rows else (m, n)
+    long_grad, short_grad = (dq, dk) if by_rows else (dk, dq)
     single = chunk >= long_len
-    acc = None if single else torch.zeros(short_len, d, dtype=torch.float32, device=q.device)
+    acc = None
+    if not single and short_grad is not None:
+        acc = torch.zeros(short_len, d, dtype=torch.float32, device=q.device)
     workspace = torch.empty(chunk * short_len, dtype=g_dtype, device=q.device)
     parts = []
     for s0 in range(0, long_len, chunk):
         s1 = min(s0 + chunk, long_len)
-        if by_rows:  # G = [rows s0:s1, all M]
+        if by_rows:  # G = [rows s0:s1, all M]: long side Q, short side K
             g = workspace[: (s1 - s0) * m].view(s1 - s0, m)
             parts.append(write_tiles(s0, s1, 0, m, g, out_scale))
-            _mm_into(dq[s0:s1], g, k)
-            if single:
-                _mm_into(dk, g.T, q)
-            else:
-                _addmm_fp32_(acc, g.T, q[s0:s1])
-        else:  # G = [all N, columns s0:s1]
+            g_long, long_op, short_op = g, k, q[s0:s1]
+        else:  # G = [all N, columns s0:s1]: long side K, short side Q
             g = workspace[: n * (s1 - s0)].view(n, s1 - s0)
             parts.append(write_tiles(0, n, s0, s1, g, out_scale))
-            _mm_into(dk[s0:s1], g.T, q)
+            g_long, long_op, short_op = g.T, q, k[s0:s1]
+        if long_grad is not None:
+            _mm_into(long_grad[s0:s1], g_long, long_op)
+        if short_grad is not None:
             if single:
-                _mm_into(dq, g, k)
+                _mm_into(short_grad, g_long.T, short_op)
             else:
-                _addmm_fp32_(acc, g, k[s0:s1])
+                _addmm_fp32_(acc, g_long.T, short_op)
     if acc is not None:
-        (dk if by_rows else dq).copy_(acc)
+        short_grad.copy_(acc)
     return parts
 
 
 def _rows_pass(q, k, dq, write_tiles, out_scale, g_dtype, chunk) -> list[torch.Tensor]:
-    """dQ by row chunks: each chunk's G [R, M] @ K is a complete GEMM."""
+    """dQ by row chunks: each chunk's G [R, M] @ K is a complete GEMM (tiles only when
+    ``dq`` is None: the partials alone are wanted)."""
     n, m = q.shape[0], k.shape[0]
     workspace = torch.empty(min(chunk, n) * m, dtype=g_dtype, device=q.device)
     parts = []
@@ -207,16 +229,19 @@ def _rows_pass(q, k, dq, write_tiles, out_scale, g_dtype, chunk) -> list[torch.T
         r1 = min(r0 + chunk, n)
         g = workspace[: (r1 - r0) * m].view(r1 - r0, m)
         parts.append(write_tiles(r0, r1, 0, m, g, out_scale))
-        _mm_into(dq[r0:r1], g, k)
+        if dq is not None:
+            _mm_into(dq[r0:r1], g, k)
     return parts
 
 
-def _cols_pass(q, k, dk, write_tiles, out_scale, g_dtype, chunk) -> None:
+def _cols_pass(q, k, dk, write_tiles, out_scale, g_dtype, chunk) -> list[torch.Tensor]:
     """dK by column chunks: each chunk's G[:, c].T @ Q is a complete GEMM."""
     n, m = q.shape[0], k.shape[0]
     workspace = torch.empty(n * min(chunk, m), dtype=g_dtype, device=q.device)
+    parts = []
     for c0 in range(0, m, chunk):
         c1 = min(c0 + chunk, m)
         g = workspace[: n * (c1 - c0)].view(n, c1 - c0)
-        write_tiles(0, n, c0, c1, g, out_scale)
+        parts.append(write_tiles(0, n, c0, c1, g, out_scale))
         _mm_into(dk[c0:c1], g.T, q)
+    return parts

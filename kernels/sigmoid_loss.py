@@ -51,7 +51,10 @@ class SigmoidLossFunction(torch.autograd.Function):
         q, k, scale, bias = ctx.saved_tensors
         with device_guard(q.device):
             w = grad.float().reshape(()) / q.shape[0]
-            dq, dk, dscale, dbias = sigmoid_backward(q, k, scale, bias, w, label_offset=ctx.label_offset)
+            need_dq, need_dk = ctx.needs_input_grad[:2]  # a locked tower's side is skipped
+            dq, dk, dscale, dbias = sigmoid_backward(
+                q, k, scale, bias, w, label_offset=ctx.label_offset, need_dq=need_dq, need_dk=need_dk
+            )
         return dq, dk, grad_like(dscale, ctx.metas[0]), grad_like(dbias, ctx.metas[1]), None
 
 

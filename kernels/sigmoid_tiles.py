@@ -186,10 +186,13 @@ def sigmoid_backward(
     w: torch.Tensor,
     *,
     label_offset: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    need_dq: bool = True,
+    need_dk: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``dq``, ``dk`` (inputs' dtype), ``dscale``, ``dbias`` (0-dim fp32) of ``w * N * loss``.
 
-    w: 0-dim fp32, the upstream gradient divided by N.
+    w: 0-dim fp32, the upstream gradient divided by N. need_dq / need_dk: False skips that
+    side's GEMMs and returns None for it.
     """
     n, d = q.shape
     m = k.shape[0]
@@ -220,5 +223,7 @@ def sigmoid_backward(
         return part
 
     # |dL/dx| <= |w|, and the workspace holds s * dL/dx.
-    dq, dk, parts = gradient_gemms(q, k, write_tiles, scale * w.abs(), cfg.BM, cfg.BN)
+    dq, dk, parts = gradient_gemms(
+        q, k, write_tiles, scale * w.abs(), cfg.BM, cfg.BN, need_dq=need_dq, need_dk=need_dk
+    )
     return dq, dk, parts[0], parts[1]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import clip_loss, contrastive_ce
-from kernels.reference import clip_loss_reference, contrastive_ce_reference
+from kernels.reference import clip_loss_reference, contrastive_ce_reference, sigmoid_loss_reference
 from kernels.testing import run_module_in_interpreter, triton_mode
 
 MODE = triton_mode()
@@ -354,6 +354,55 @@ def test_every_launch_runs_under_a_guard_for_the_inputs_device(monkeypatch):
     kernels.sigmoid_loss(q, k, scale, torch.tensor(-3.0, device=DEVICE), label_offset=5).backward()
     assert {name for name, _ in launches} == set(names)
     assert all(guards == [q.device] for _, guards in launches), launches
+
+
+@in_process
+@pytest.mark.parametrize("frozen", ["queries", "keys"])
+def test_a_locked_towers_features_cost_no_gradient_gemm(monkeypatch, frozen):
+    # model.lock_image: the image features need no gradient, and autograd discards what the
+    # backward returns for them; ctx.needs_input_grad lets the ops skip those GEMMs. Each op
+    # then runs one N x M x D gradient product per wanted side, and the rest stays exact.
+    import kernels.gradient_gemms as gg
+
+    macs = []
+    mm_into = gg._mm_into
+
+    def counted(out, a, b):
+        macs.append(a.shape[0] * a.shape[1] * b.shape[1])
+        mm_into(out, a, b)
+
+    monkeypatch.setattr(gg, "_mm_into", counted)
+    n, m, d = 24, 56, 32
+    q, k = _features(n, d, seed=28).to(DEVICE), _features(m, d, seed=29).to(DEVICE)
+    bias = torch.tensor(-2.0, device=DEVICE)
+    ops = {
+        "contrastive_ce": (
+            lambda a, b, s: contrastive_ce(a, b, s, label_offset=9),
+            lambda a, b, s: contrastive_ce_reference(a, b, s, label_offset=9),
+            (n, m),
+        ),
+        "clip_loss": (clip_loss, clip_loss_reference, (n, n)),
+        "sigmoid_loss": (
+            lambda a, b, s: kernels.sigmoid_loss(a, b, s, bias, label_offset=9),
+            lambda a, b, s: sigmoid_loss_reference(a, b, s, bias.double().cpu(), label_offset=9),
+            (n, m),
+        ),
+    }
+    for name, (op, ref_op, (rows, cols)) in ops.items():
+        kk = k[:cols]
+        trained = kk if frozen == "queries" else q
+        qa, ka = (x.detach().requires_grad_(x is trained) for x in (q, kk))
+        scale = torch.tensor(20.0, device=DEVICE, requires_grad=True)
+        macs.clear()
+        op(qa, ka, scale).backward()
+        assert sum(macs) == rows * cols * d, (name, macs)
+        qr, kr = (x.detach().double().cpu().requires_grad_(x is trained) for x in (q, kk))
+        sr = torch.tensor(20.0, dtype=torch.float64, requires_grad=True)
+        ref_op(qr, kr, sr).backward()
+        ours, ref = (ka.grad, kr.grad) if frozen == "queries" else (qa.grad, qr.grad)
+        assert (qa.grad is None) == (frozen == "queries") and (ka.grad is None) == (frozen == "keys")
+        torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(scale.grad.double().cpu(), sr.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_scale_gradient_keeps_the_scale_device_shape_and_dtype():

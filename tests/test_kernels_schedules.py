@@ -104,3 +104,41 @@ def test_tuned_table_rejects_configs_compiled_triton_cannot_build(tmp_path, conf
             tile_configs.load_tuned(str(path))
     finally:
         tile_configs.load_tuned.cache_clear()
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("n,m", [(37, 300), (300, 37), (130, 130)])
+@pytest.mark.parametrize("schedule", ["single", "one_pass", "two_pass"])
+def test_a_side_nobody_needs_costs_no_gemm(monkeypatch, n, m, schedule, need):
+    # A locked tower's features need no gradient (ctx.needs_input_grad): its GEMMs are
+    # skipped, so one side costs one N x M x D product in all (the tiles' partials, i.e.
+    # the scale's gradient, are still made), and the wanted side stays exact.
+    need_dq, need_dk = need
+    d, bm = 24, 16
+    gen = torch.Generator().manual_seed(n * m)
+    q, k, g_full = (torch.randn(*s, generator=gen, dtype=torch.float32) for s in ((n, d), (m, d), (n, m)))
+    monkeypatch.setattr(gg, "GRAD_WORKSPACE_BYTES", 4 * 48 * min(n, m) if schedule != "single" else 2**30)
+    monkeypatch.setattr(gg, "ACCUMULATE_MIN_CHUNK", 1)
+    monkeypatch.setenv(gg.SCHEDULE_ENV, "auto" if schedule == "single" else schedule)
+    macs = []
+    mm_into, addmm = gg._mm_into, gg._addmm_fp32_
+
+    def counted(fn):
+        def gemm(out, a, b):
+            macs.append(a.shape[0] * a.shape[1] * b.shape[1])
+            fn(out, a, b)
+
+        return gemm
+
+    monkeypatch.setattr(gg, "_mm_into", counted(mm_into))
+    monkeypatch.setattr(gg, "_addmm_fp32_", counted(addmm))
+    dq, dk, parts = gg.gradient_gemms(
+        q, k, _writer(g_full, []), torch.tensor(1.0), bm, bm, need_dq=need_dq, need_dk=need_dk
+    )
+    assert (dq is None) != need_dq and (dk is None) != need_dk
+    if need_dq:
+        torch.testing.assert_close(dq, g_full @ k, rtol=1e-5, atol=1e-4)
+    if need_dk:
+        torch.testing.assert_close(dk, g_full.T @ q, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(parts, g_full.sum().reshape(1), rtol=1e-5, atol=1e-3)
+    assert sum(macs) == (need_dq + need_dk) * n * m * d, macs
