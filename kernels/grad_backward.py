@@ -30,7 +30,7 @@ import triton.language as tl
 from kernels.gradient_gemms import gradient_gemms
 from kernels.lse_forward import LseStats
 from kernels.runtime import launch_kwargs, tile_config
-from kernels.score_tile import score_tile
+from kernels.score_tile import flat_tile_grid, flat_tile_ids, score_tile
 
 
 @triton.jit
@@ -74,8 +74,7 @@ def _grad_chunk_kernel(
     Constexpr: ``BM``/``BN``/``BD`` tile sizes; ``WITH_COLS`` adds the column (symmetric) term;
     ``UPCAST`` computes the dot in fp32 (interpreter); ``PRECISION`` the ``tl.dot`` input precision.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = flat_tile_ids(N, BM)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < N
@@ -107,7 +106,7 @@ def _grad_chunk_kernel(
     # (exact for real entries, where x <= max), so it adds 0 * finite to dL/ds and is
     # never stored.
     # dL/ds partial of this tile: one writer per slot, summed later in a fixed order.
-    tl.store(dscale_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(ds * acc, axis=1), axis=0))
+    tl.store(dscale_ptr + pid_m * tl.cdiv(M, BN) + pid_n, tl.sum(tl.sum(ds * acc, axis=1), axis=0))
     # out_scale: a power of two that lifts fp16 workspaces out of fp16's subnormal range
     # (1 for bf16/fp32; see workspace_scale); exact, undone after the GEMMs.
     out_scale = tl.load(out_scale_ptr)
@@ -144,8 +143,8 @@ def grad_backward(
     with_cols = g_col is not None
 
     def write_tiles(r0, r1, c0, c1, out, out_scale):
-        grid = (triton.cdiv(r1 - r0, cfg.BM), triton.cdiv(c1 - c0, cfg.BN))
-        part = torch.empty(grid[0] * grid[1], 1, dtype=torch.float32, device=q.device)
+        grid = flat_tile_grid(r1 - r0, c1 - c0, cfg.BM, cfg.BN)
+        part = torch.empty(grid[0], 1, dtype=torch.float32, device=q.device)
         _grad_chunk_kernel[grid](
             q_ptr=q[r0:r1],
             k_ptr=k[c0:c1],

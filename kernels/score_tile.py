@@ -48,3 +48,22 @@ def score_tile(
             kt = kt.to(tl.float32)
         acc = tl.dot(q, kt, acc, input_precision=PRECISION)
     return acc
+
+
+# CUDA caps grid axes 1 and 2 at 65535 blocks: a 2-D (row tiles, column tiles) grid
+# failed to launch past 8.4M columns at BN = 128 (e.g. one query row against a large
+# gallery). The gradient kernels therefore launch a flat grid of all tiles (axis 0 takes
+# 2^31 - 1) and recover the tile here.
+def flat_tile_grid(rows: int, cols: int, bm: int, bn: int) -> tuple[int]:
+    """Launch grid covering ``rows x cols`` with ``bm x bn`` tiles, one program per tile."""
+    return (triton.cdiv(rows, bm) * triton.cdiv(cols, bn),)
+
+
+@triton.jit
+def flat_tile_ids(N, BM: tl.constexpr):
+    """``(row block, column block)`` of this program in a :func:`flat_tile_grid`: row blocks
+    vary fastest, the order in which a 2-D ``(row tiles, column tiles)`` grid launched (the
+    programs running together share a column block of K)."""
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(N, BM)
+    return pid % row_tiles, pid // row_tiles

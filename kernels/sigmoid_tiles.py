@@ -12,7 +12,7 @@ import triton.language as tl
 from kernels.gradient_gemms import gradient_gemms
 from kernels.lse_forward import _column_splits
 from kernels.runtime import launch_kwargs, tile_config
-from kernels.score_tile import score_tile
+from kernels.score_tile import flat_tile_grid, flat_tile_ids, score_tile
 
 
 @triton.jit
@@ -128,8 +128,7 @@ def _sigmoid_grad_kernel(
     Constexpr: ``BM``/``BN``/``BD`` tile sizes; ``UPCAST`` computes the dot in fp32 (interpreter);
     ``PRECISION`` the ``tl.dot`` input precision.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = flat_tile_ids(N, BM)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     ok = (rows < N)[:, None] & (cols < M)[None, :]
@@ -140,7 +139,7 @@ def _sigmoid_grad_kernel(
     sgn = _label_sign(rows, cols, pid_n * BN, pid_m, label_offset, BM, BN)
     # d softplus(sgn * x) / dx = sgn * sigmoid(sgn * x): the label entries in fp32 directly.
     g = tl.where(ok, sgn * w * _sigmoid(sgn * (acc * scale + bias)), 0.0)
-    tile = pid_m * tl.num_programs(1) + pid_n
+    tile = pid_m * tl.cdiv(M, BN) + pid_n
     tl.store(part_ptr + 2 * tile, tl.sum(tl.sum(g * acc, axis=1), axis=0))
     tl.store(part_ptr + 2 * tile + 1, tl.sum(tl.sum(g, axis=1), axis=0))
     out_scale = tl.load(out_scale_ptr)
@@ -200,8 +199,8 @@ def sigmoid_backward(
     w = w.reshape(()).contiguous()
 
     def write_tiles(r0, r1, c0, c1, out, out_scale):
-        grid = (triton.cdiv(r1 - r0, cfg.BM), triton.cdiv(c1 - c0, cfg.BN))
-        part = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=q.device)
+        grid = flat_tile_grid(r1 - r0, c1 - c0, cfg.BM, cfg.BN)
+        part = torch.empty(grid[0], 2, dtype=torch.float32, device=q.device)
         _sigmoid_grad_kernel[grid](
             q_ptr=q[r0:r1],
             k_ptr=k[c0:c1],

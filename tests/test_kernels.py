@@ -405,6 +405,43 @@ def test_a_locked_towers_features_cost_no_gradient_gemm(monkeypatch, frozen):
         torch.testing.assert_close(scale.grad.double().cpu(), sr.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_launch_grids_fit_cudas_grid_limits(monkeypatch):
+    # CUDA takes at most 65535 blocks along grid axes 1 and 2 (2^31 - 1 along axis 0). One
+    # query row against a 9M-row gallery made (1, 65536) grids at BN = 128: "invalid
+    # argument" at launch on a GPU, unseen by the interpreter. Meta tensors stand in for
+    # the 9M rows (no data), the launches are recorded, not run, with the H100 tile table.
+    import triton
+
+    import kernels.grad_backward as gb
+    import kernels.sigmoid_tiles as st
+    from kernels import tile_configs
+    from kernels.lse_forward import LseStats
+
+    grids = []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda **kwargs: None
+
+    monkeypatch.setattr(gb, "_grad_chunk_kernel", Recorded())
+    monkeypatch.setattr(st, "_sigmoid_grad_kernel", Recorded())
+    n, m, d = 1, 9 * 2**20, 512
+    q, k = torch.empty(n, d, device="meta"), torch.empty(m, d, device="meta")
+    one, row = torch.ones((), device="meta"), torch.zeros(n, device="meta")
+    tiles = 0
+    for kind in ("ce_grad", "sig_grad"):
+        cfg = tile_configs.choose("sm_90", kind, n, m, d, element_size=4)
+        with tile_configs.forced(kind, cfg):
+            if kind == "ce_grad":
+                gb.grad_backward(q, k, one, LseStats(row, row, None), row)
+            else:
+                st.sigmoid_backward(q, k, one, one, one)
+        tiles += triton.cdiv(n, cfg.BM) * triton.cdiv(m, cfg.BN)
+    assert grids and all(g <= 65535 for grid in grids for g in grid[1:]), grids
+    assert all(grid[0] < 2**31 for grid in grids) and sum(grid[0] for grid in grids) == tiles, grids
+
+
 def test_scale_gradient_keeps_the_scale_device_shape_and_dtype():
     # Autograd moves a 0-dim gradient to its input's device but rejects a [1]-shaped one on
     # another device: a CPU fp16 logit_scale of shape [1] with CUDA features needs its
