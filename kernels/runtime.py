@@ -20,7 +20,7 @@ import torch
 from kernels import tile_configs
 from kernels.tile_configs import TileConfig
 
-__all__ = ["TileConfig", "device_guard", "tile_config", "triton_available", "use_triton"]
+__all__ = ["TileConfig", "cuda_supported", "device_guard", "tile_config", "triton_available", "use_triton"]
 
 
 def _installed() -> bool:
@@ -126,7 +126,46 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     if interpreting():
         return True
-    return all(t.is_cuda for t in tensors)
+    if not all(t.is_cuda for t in tensors):
+        return False
+    if not cuda_supported(tensors[0].device, tensors[0].dtype):
+        _warn_unsupported(tensors[0].device, tensors[0].dtype)
+        return False
+    return True
+
+
+# Triton compiles for compute capability >= 7.0 (torch's inductor has the same floor), and
+# its tl.dot on bf16 needs Ampere's (8.0) tensor cores: below that, compiling our kernels
+# fails at the first launch (or, under loss.backend=auto, a training run's first step).
+MIN_CAPABILITY = (7, 0)
+MIN_CAPABILITY_BF16 = (8, 0)
+
+
+def cuda_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Triton can compile the kernels for this CUDA device and input dtype (ROCm: always)."""
+    if torch.version.hip is not None:
+        return True
+    capability = tuple(torch.cuda.get_device_capability(device))
+    return capability >= (MIN_CAPABILITY_BF16 if dtype == torch.bfloat16 else MIN_CAPABILITY)
+
+
+_WARNED_UNSUPPORTED: set = set()
+
+
+def _warn_unsupported(device: torch.device, dtype: torch.dtype) -> None:
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if (capability, dtype) in _WARNED_UNSUPPORTED:
+        return
+    _WARNED_UNSUPPORTED.add((capability, dtype))
+    need = MIN_CAPABILITY_BF16 if dtype == torch.bfloat16 else MIN_CAPABILITY
+    fix = "fp16 inputs (train.precision=fp16)" if capability >= MIN_CAPABILITY else "loss.backend=torch"
+    warnings.warn(
+        f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}, "
+        f"below the {need[0]}.{need[1]} Triton needs for {str(dtype).removeprefix('torch.')} inputs: "
+        f"the kernels use the torch reference instead (it builds the N x M logits); use {fix}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch.nn.functional as F
@@ -440,6 +441,36 @@ def test_gradient_launch_grids_fit_cudas_grid_limits(monkeypatch):
         tiles += triton.cdiv(n, cfg.BM) * triton.cdiv(m, cfg.BN)
     assert grids and all(g <= 65535 for grid in grids for g in grid[1:]), grids
     assert all(grid[0] < 2**31 for grid in grids) and sum(grid[0] for grid in grids) == tiles, grids
+
+
+def test_ops_fall_back_with_one_warning_where_triton_cannot_compile(monkeypatch):
+    # Triton compiles nothing below compute capability 7.0 and no bf16 tl.dot below 8.0: the
+    # ops there used to fail inside Triton's compiler at the first launch; they now take the
+    # torch reference and say why, once per (capability, dtype).
+    from types import SimpleNamespace
+
+    from kernels import runtime
+
+    monkeypatch.setattr(runtime, "triton_available", lambda: True)
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(runtime, "_WARNED_UNSUPPORTED", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+
+    def on_gpu(dtype):  # what use_triton reads of a CUDA tensor
+        return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=dtype)
+
+    assert runtime.use_triton(on_gpu(torch.float16), on_gpu(torch.float16))
+    with pytest.warns(
+        RuntimeWarning, match=r"Tesla T4 has compute capability 7.5, below the 8.0 .* bfloat16"
+    ):
+        assert not runtime.use_triton(on_gpu(torch.bfloat16), on_gpu(torch.bfloat16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not runtime.use_triton(on_gpu(torch.bfloat16), on_gpu(torch.bfloat16))  # warned once
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    with pytest.warns(RuntimeWarning, match="loss.backend=torch"):
+        assert not runtime.use_triton(on_gpu(torch.float16), on_gpu(torch.float16))
 
 
 def test_scale_gradient_keeps_the_scale_device_shape_and_dtype():

@@ -31,8 +31,9 @@ class ReportsCuda(torch.Tensor):
 
 @pytest.fixture
 def triton_on_gpu(monkeypatch):
-    """Triton counts as able to run (as on a GPU host), whatever this machine has."""
+    """Triton counts as able to run (as on an H100 host), whatever this machine has."""
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
 
 
 def inputs():
@@ -63,6 +64,28 @@ def test_auto_takes_the_kernels_only_for_what_they_implement(triton_on_gpu):
     assert ClipLoss(backend="triton").uses_kernels(img, None, labels)  # asked for: forward says why not
     assert not ClipLoss(backend="torch").uses_kernels(gpu)
     assert not AlignUniformLoss().uses_kernels(gpu)
+
+
+@pytest.mark.parametrize(
+    "capability,dtype,kernels_run",
+    [
+        ((7, 5), torch.bfloat16, False),
+        ((7, 5), torch.float16, True),
+        ((8, 0), torch.bfloat16, True),
+        ((6, 1), torch.float16, False),
+    ],
+)
+def test_auto_stays_on_torch_where_triton_cannot_compile(
+    triton_on_gpu, monkeypatch, capability, dtype, kernels_run
+):
+    # A T4 (7.5) training in bf16, or a Pascal card: Triton's tl.dot has no bf16 below 8.0
+    # and Triton compiles nothing below 7.0, so "auto" picking the kernels there failed the
+    # first step. "auto" now keeps such calls on torch, silently (a speed preference).
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    img, _, _, bias, _ = inputs()
+    gpu = img.to(dtype).as_subclass(ReportsCuda)
+    assert ClipLoss(backend="auto").uses_kernels(gpu) == kernels_run
+    assert SigLipLoss(backend="auto").uses_kernels(gpu, bias.to(dtype)) == kernels_run
 
 
 def test_auto_without_triton_stays_on_torch(monkeypatch):

@@ -3,7 +3,8 @@
 * "torch": never the kernels.
 * "triton": always the kernels (the interpreter on CPU with TRITON_INTERPRET=1); a loss rejects
   there, with a clear error, what its kernel does not implement.
-* "auto": the kernels for CUDA features when Triton can compile for the device and the call
+* "auto": the kernels for CUDA features when Triton can compile for the device (compute
+  capability 7.0, 8.0 for bf16: `kernels.runtime.cuda_supported`) and the call
   needs nothing the kernel lacks (a logit bias for the softmax loss, multi-positive labels);
   anything else falls back to torch. "auto" is a speed preference, not a request, so a fallback
   is silent.
@@ -39,4 +40,9 @@ def takes_kernel(backend: str, features: torch.Tensor, kernel: str, supported: b
     """
     if backend != "auto":
         return backend == "triton"
-    return features.is_cuda and supported and kernel_available(kernel)
+    if not (features.is_cuda and supported and kernel_available(kernel)):
+        return False
+    from kernels.runtime import cuda_supported  # importable: kernel_available imported kernels
+
+    # A GPU Triton cannot compile for (e.g. bf16 before Ampere) keeps "auto" on torch, silently.
+    return cuda_supported(features.device, features.dtype)
