@@ -10,7 +10,7 @@ import torch
 
 from kernels.contrastive_ce import as_scale_tensor, grad_like, scale_meta
 from kernels.reference import check_inputs, clip_loss_reference
-from kernels.runtime import device_guard, use_triton
+from kernels.runtime import autocast_inputs, device_guard, use_triton
 
 
 class ClipLossFunction(torch.autograd.Function):
@@ -67,5 +67,6 @@ def clip_loss(
             f"clip_loss needs as many images as texts; got {image_features.shape[0]} and "
             f"{text_features.shape[0]} (use contrastive_ce for rectangular problems)"
         )
+    image_features, text_features = autocast_inputs(image_features, text_features)
     scale_is_tensor = isinstance(logit_scale, torch.Tensor)
     return ClipLossFunction.apply(image_features, text_features, logit_scale, scale_is_tensor)

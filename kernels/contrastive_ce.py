@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels.reference import check_inputs, contrastive_ce_reference
-from kernels.runtime import device_guard, use_triton
+from kernels.runtime import autocast_inputs, device_guard, use_triton
 
 
 def as_scale_tensor(
@@ -116,12 +116,14 @@ def contrastive_ce(
     Returns a float32 scalar (``mean``/``sum``) or [N] (``none``).
 
     Triton path (CUDA tensors, or TRITON_INTERPRET=1): extra memory O(N + M) plus a
-    bounded gradient workspace; falls back to ``kernels.reference`` otherwise.
+    bounded gradient workspace; falls back to ``kernels.reference`` otherwise. Under
+    ``torch.autocast`` fp32 features run in the autocast dtype, as the reference's matmul.
     """
     check_inputs(queries, keys, label_offset, reduction)
     if not use_triton(queries, keys):
         return contrastive_ce_reference(
             queries, keys, logit_scale, label_offset=label_offset, reduction=reduction
         )
+    queries, keys = autocast_inputs(queries, keys)
     scale_is_tensor = isinstance(logit_scale, torch.Tensor)
     return ContrastiveCEFunction.apply(queries, keys, logit_scale, label_offset, reduction, scale_is_tensor)

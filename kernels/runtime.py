@@ -20,7 +20,15 @@ import torch
 from kernels import tile_configs
 from kernels.tile_configs import TileConfig
 
-__all__ = ["TileConfig", "cuda_supported", "device_guard", "tile_config", "triton_available", "use_triton"]
+__all__ = [
+    "TileConfig",
+    "autocast_inputs",
+    "cuda_supported",
+    "device_guard",
+    "tile_config",
+    "triton_available",
+    "use_triton",
+]
 
 
 def _installed() -> bool:
@@ -132,6 +140,21 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         _warn_unsupported(tensors[0].device, tensors[0].dtype)
         return False
     return True
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """fp32 features in the autocast dtype when autocast is on for their device type, as the
+    torch reference's matmul (and open_clip's loss under amp) runs them; others unchanged.
+
+    Without this, fp32 features under ``torch.autocast`` ran the kernels' tiles as exact fp32
+    dots on CUDA cores (torch's default matmul precision), many times slower than the bf16
+    tensor-core tiles the reference path got. The cast is differentiable: gradients come back
+    in fp32."""
+    device_type = tensors[0].device.type
+    if tensors[0].dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 # Triton compiles for compute capability >= 7.0 (torch's inductor has the same floor), and

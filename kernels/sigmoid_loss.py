@@ -22,7 +22,7 @@ import torch
 
 from kernels.contrastive_ce import as_scale_tensor, grad_like, scale_meta
 from kernels.reference import check_inputs, sigmoid_loss_reference
-from kernels.runtime import device_guard, use_triton
+from kernels.runtime import autocast_inputs, device_guard, use_triton
 
 
 class SigmoidLossFunction(torch.autograd.Function):
@@ -80,4 +80,5 @@ def sigmoid_loss(
     check_inputs(queries, keys, label_offset, "mean")
     if not use_triton(queries, keys):
         return sigmoid_loss_reference(queries, keys, logit_scale, logit_bias, label_offset=label_offset)
+    queries, keys = autocast_inputs(queries, keys)
     return SigmoidLossFunction.apply(queries, keys, logit_scale, logit_bias, label_offset)

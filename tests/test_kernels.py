@@ -473,6 +473,28 @@ def test_ops_fall_back_with_one_warning_where_triton_cannot_compile(monkeypatch)
         assert not runtime.use_triton(on_gpu(torch.float16), on_gpu(torch.float16))
 
 
+@in_process
+def test_fp32_features_under_autocast_run_in_the_autocast_dtype():
+    # The torch reference's matmul (and open_clip's loss under amp) runs fp32 features in bf16
+    # under autocast; the kernels ran exact fp32 dots there (CUDA cores, many times slower).
+    # Now both paths see the same bf16 features; gradients still come back in fp32.
+    q, k = _features(24, 64, seed=30).to(DEVICE), _features(40, 64, seed=31).to(DEVICE)
+    bias = torch.tensor(-2.0, device=DEVICE)
+    ops = {
+        "contrastive_ce": lambda a, b: contrastive_ce(a, b, 30.0, label_offset=8),
+        "clip_loss": lambda a, b: clip_loss(a, b[:24], 30.0),
+        "sigmoid_loss": lambda a, b: kernels.sigmoid_loss(a, b, 30.0, bias, label_offset=8),
+    }
+    for name, op in ops.items():
+        as_bf16 = op(q.bfloat16(), k.bfloat16())
+        qa = q.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            ours = op(qa, k)
+        assert torch.equal(ours, as_bf16), (name, ours.item(), as_bf16.item(), op(q, k).item())
+        ours.backward()
+        assert qa.grad.dtype == torch.float32 and torch.isfinite(qa.grad).all(), name
+
+
 def test_scale_gradient_keeps_the_scale_device_shape_and_dtype():
     # Autograd moves a 0-dim gradient to its input's device but rejects a [1]-shaped one on
     # another device: a CPU fp16 logit_scale of shape [1] with CUDA features needs its
