@@ -49,7 +49,7 @@ from vutrain.bench_report import (
     report,
     write_json,
 )
-from vutrain.bench_search import largest_batch
+from vutrain.bench_search import error_line, largest_batch
 
 
 @dataclass(frozen=True)
@@ -369,10 +369,7 @@ class Bench:
                     )
                 )
             except Exception as exc:
-                first_line = (str(exc).splitlines() or [""])[0][:160]
-                row["error"] = (
-                    f"out of memory: {first_line}" if is_oom(exc) else f"{type(exc).__name__}: {first_line}"
-                )
+                row["error"] = error_line(exc, "out of memory" if is_oom(exc) else None)
                 row["oom"] = is_oom(exc)
             if "error" in row and runner is not None:  # rebuilt: a failed step leaves half-written buffers
                 self.close(runner)

@@ -5,6 +5,13 @@ from __future__ import annotations
 from typing import Callable
 
 
+def error_line(exc: BaseException, prefix: str | None = None) -> str:
+    """One line for a benchmark row or search: ``prefix`` (default: the exception's type), then
+    the first line of its message cut at 160 characters (CUDA errors run to pages)."""
+    first_line = (str(exc).splitlines() or [""])[0][:160]
+    return f"{prefix or type(exc).__name__}: {first_line}"
+
+
 def largest_batch(
     fits: Callable[[int], bool],
     known_fit: int,
@@ -62,7 +69,7 @@ def largest_batch(
             "failed_at": state["hi"],
             "probes": probes,
             "stopped": False,
-            "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}",
+            "error": error_line(exc),
         }
     lo, hi = state["lo"], state["hi"]
     return {"largest_batch": lo, "capped": hi is None, "failed_at": hi, "probes": probes, "stopped": False}
