@@ -150,3 +150,37 @@ def test_bench_harness_measures_and_records(tmp_path):
     for phase in ("data_s", "forward_s", "loss_s", "backward_s", "optimizer_s"):
         assert rows[0][phase] >= 0
     assert "| tiny | fp32 | 2 | 8 |" in proc.stdout
+
+
+class _Launched(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "native_bf16,user,want",
+    [(True, [], "bf16"), (False, [], "fp32"), (False, ["train.precision=fp16"], "fp16")],
+)
+def test_demo_precision_on_a_gpu_follows_its_bf16_support(
+    monkeypatch, tmp_path, capsys, native_bf16, user, want
+):
+    """Before Ampere (T4, V100) the GPU has no bf16 of its own: the GPU recipe trains in fp32
+    there instead of asking torch to emulate bf16; a user's own override still wins."""
+    import torch
+
+    from vutrain import demo
+
+    monkeypatch.setattr(demo, "use_gpu", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    monkeypatch.setattr(demo, "write_data", lambda *a: ("train.tar", "val.tar"))
+    seen = []
+
+    def train(run_dir, train_shards, val_shards, ranks, steps, overrides, gpu):
+        seen.extend(overrides)
+        raise _Launched
+
+    monkeypatch.setattr(demo, "train", train)
+    with pytest.raises(_Launched):
+        demo.main(["--out", str(tmp_path), *user])
+    precisions = [o.split("=", 1)[1] for o in seen if o.startswith("train.precision=")]
+    assert precisions[-1] == want, seen
+    assert f"GPU rank(s), {want}" in capsys.readouterr().out

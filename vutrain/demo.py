@@ -2,7 +2,8 @@
 
 1. write synthetic JPEG shards (24 colour x shape classes, titles and tags, a held-out split);
 2. train the tiny preset with DeepSpeed ZeRO-2 through the real `deepspeed` launcher: on 2 CPU
-   ranks in fp32, or, when a CUDA GPU is present, on one GPU in bf16 with the GPU recipe;
+   ranks in fp32, or, when a CUDA GPU is present, on one GPU in bf16 (fp32 before Ampere) with
+   the GPU recipe;
 3. evaluate (retrieval recall, zero-shot top-1 over the held-out classes) during and after training;
 4. export to a Hugging Face CLIPModel directory;
 5. classify a held-out thumbnail through `transformers.pipeline("zero-shot-image-classification")`.
@@ -37,6 +38,17 @@ GPU_RECIPE = [
     "data.num_workers=4",
 ]
 GPU_STEPS = 600
+
+
+def gpu_recipe() -> list[str]:
+    """GPU_RECIPE for this machine's GPU: fp32 instead of bf16 where the GPU has no bf16 of its
+    own (before Ampere: a T4, a V100). torch emulates bf16 there, slowly, and some cuBLAS
+    paths refuse it; the tiny model trains in fp32 in about the same time."""
+    import torch
+
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return list(GPU_RECIPE)
+    return [o if o != "train.precision=bf16" else "train.precision=fp32" for o in GPU_RECIPE]
 
 
 def use_gpu(device: str) -> bool:
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
-        help="auto: one GPU in bf16 (GPU recipe) when present, else 2 CPU ranks",
+        help="auto: one GPU in bf16 (fp32 before Ampere; GPU recipe) when present, else 2 CPU ranks",
     )
     parser.add_argument(
         "--min-top1", type=float, default=0.6, help="exit non-zero below this zero-shot top-1"
@@ -170,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (GPU_STEPS if gpu else 300)
     ranks = args.ranks or (1 if gpu else 2)
     # The recipe first, so the user's own overrides win.
-    overrides = (GPU_RECIPE if gpu else []) + list(args.overrides)
-    where = f"{ranks} GPU rank(s), bf16" if gpu else f"{ranks} CPU ranks"
+    recipe = gpu_recipe() if gpu else []
+    overrides = recipe + list(args.overrides)
+    precision = next(
+        (o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("train.precision=")), "fp32"
+    )
+    where = f"{ranks} GPU rank(s), {precision}" if gpu else f"{ranks} CPU ranks"
 
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
