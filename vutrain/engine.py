@@ -2,7 +2,8 @@
 
 `build_engine` derives the DeepSpeed config from `train.*` (ds_config.py: aligned ZeRO buffers,
 no bf16 overflow scan), builds the fused or multi-tensor AdamW and its schedule (optim.py) unless
-the user's ds_config brings an optimizer, and tells DeepSpeed the rank's device explicitly: with
+the user's ds_config brings an optimizer, computes ZeRO's gradient norm with one multi-tensor norm
+(grad_norm.py), and tells DeepSpeed the rank's device explicitly: with
 VUTRAIN_DEVICE two ranks may share one GPU, which a guess from the node-local rank would get wrong.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from vutrain.config import TrainConfig
 from vutrain.ds_config import build_ds_config
+from vutrain.grad_norm import use_multi_tensor_grad_norm
 from vutrain.optim import build_optimizer, param_groups
 from vutrain.param_alignment import warn_if_misaligned
 
@@ -40,6 +42,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
         kwargs["optimizer"], kwargs["lr_scheduler"] = build_optimizer(module, cfg, device)
     engine, _, _, _ = deepspeed.initialize(model=module, **kwargs)
     warn_if_misaligned(engine.module, cfg.zero_stage)
+    use_multi_tensor_grad_norm(engine.optimizer)  # 2 kernels per parameter -> a few (grad_norm.py)
     return engine
 
 

@@ -1,0 +1,62 @@
+"""DeepSpeed's gradient norm in a few kernels instead of two per parameter.
+
+At every optimizer step ZeRO (stages 1, 2 and 3) computes the global gradient norm for clipping
+and overflow in ``get_grad_norm_direct``: per gradient, a cast to fp64 (a copy four times the size
+of a bf16 gradient) and a norm, two kernels each: 796 of the optimizer step's 894 compute ops for
+ViT-B/32's 398 trainable tensors (BENCHMARKS.md, tools/count_step_ops.py). Issue 9 asks for an
+optimizer phase under 10% of the step.
+
+:func:`use_multi_tensor_grad_norm` wraps the optimizer's method: the per-gradient norms come from
+one ``torch._foreach_norm`` (fp32 results, accumulated in fp32; a handful of multi-tensor kernels
+on CUDA), and DeepSpeed's own method then finishes from the stacked norms, i.e. it sees one
+"gradient" whose norm is the norm of all of them, so its sum over the data-parallel group, its
+model-parallel and expert-parallel reductions and its non-finite masking (-1) stay DeepSpeed's.
+The per-gradient norms are fp32 instead of DeepSpeed's fp64: a relative difference of about 1e-7,
+far below what clipping can tell apart. Anything unusual (another norm type, pipeline-replicated
+or model-parallel ranks other than 0, a failing multi-tensor norm) takes DeepSpeed's own path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def use_multi_tensor_grad_norm(optimizer) -> bool:
+    """Wrap ``optimizer.get_grad_norm_direct`` (a ZeRO optimizer's) in place; False when the
+    optimizer has none or model parallelism makes ranks count parameters differently."""
+    original = getattr(optimizer, "get_grad_norm_direct", None)
+    if original is None or getattr(optimizer, "model_parallel_rank", None) != 0:
+        return False
+    if getattr(original, "_vutrain_multi_tensor", False):
+        return True
+
+    @functools.wraps(original)
+    def get_grad_norm_direct(gradients, params, norm_type=2):
+        stacked = _stacked_norms(gradients, params, norm_type)
+        if stacked is None:
+            return original(gradients, params, norm_type)
+        # DeepSpeed pairs gradients with params by zip: one "gradient", paired with params[0].
+        return original([stacked], params, norm_type)
+
+    get_grad_norm_direct._vutrain_multi_tensor = True
+    optimizer.get_grad_norm_direct = get_grad_norm_direct
+    return True
+
+
+def _stacked_norms(gradients, params, norm_type) -> torch.Tensor | None:
+    """The [n] fp32 L2 norms of the gradients DeepSpeed would count, or None for its own path."""
+    if float(norm_type) != 2.0 or any(getattr(p, "ds_pipe_replicated", False) for p in params):
+        return None
+    # ZeRO-1/2 skip their partition's zero padding; zip pairs what is left with params.
+    kept = (g for g in gradients if not getattr(g, "_zero_padding", False))
+    counted = [g for g, _ in zip(kept, params)]
+    if not counted:
+        return None
+    try:
+        with torch.no_grad():
+            norms = torch._foreach_norm(counted, 2.0, dtype=torch.float32)
+    except (RuntimeError, TypeError):  # a torch without the dtype argument, or mixed devices
+        return None
+    return torch.stack(norms)
