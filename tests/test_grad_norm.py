@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_param_alignment import _odd_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers_dist import run_distributed
-from test_param_alignment import _odd_model
 
 
 class CountOps(TorchDispatchMode):
