@@ -1,6 +1,6 @@
 """Count the compute ops one training step dispatches in backward and in the optimizer step.
 
-    python tools/count_step_ops.py --preset vit-b-32 --precision bf16 --zero-stage 2 --batch-size 2
+    python tools/count_step_ops.py --preset vit-b-32 --zero-stage 2 [--precision bf16] [--set k=v]
 
 On a GPU nearly every compute op launches at least one kernel, so the count of the optimizer step
 is the CPU's view of the issue-9 figure "about 7000 kernel launches a step". Runs the real Trainer
@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override, e.g. model.lock_text=true",
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             "data.num_workers=0",
             "data.resampled=true",
             "data.num_samples=1000",
+            *args.set,
         ],
     )
     info = resolve_dist_env()
