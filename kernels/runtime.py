@@ -25,6 +25,7 @@ __all__ = [
     "autocast_inputs",
     "cuda_supported",
     "device_guard",
+    "kernel_dtype",
     "tile_config",
     "triton_available",
     "use_triton",
@@ -129,32 +130,39 @@ def triton_available() -> bool:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether the ops should take the Triton path for these input tensors."""
+    """Whether the ops should take the Triton path for these input tensors (judged in the dtype
+    the kernels would get them in: :func:`kernel_dtype`)."""
     if not triton_available():
         return False
     if interpreting():
         return True
     if not all(t.is_cuda for t in tensors):
         return False
-    if not cuda_supported(tensors[0].device, tensors[0].dtype):
-        _warn_unsupported(tensors[0].device, tensors[0].dtype)
+    dtype = kernel_dtype(tensors[0])
+    if not cuda_supported(tensors[0].device, dtype):
+        _warn_unsupported(tensors[0].device, dtype)
         return False
     return True
 
 
-def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """fp32 features in the autocast dtype when autocast is on for their device type, as the
-    torch reference's matmul (and open_clip's loss under amp) runs them; others unchanged.
+def kernel_dtype(features: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels compute ``features`` in: the autocast dtype for fp32 features while
+    autocast is on for their device type (as the torch reference's matmul, and open_clip's loss
+    under amp, run them), their own dtype otherwise.
 
     Without this, fp32 features under ``torch.autocast`` ran the kernels' tiles as exact fp32
     dots on CUDA cores (torch's default matmul precision), many times slower than the bf16
-    tensor-core tiles the reference path got. The cast is differentiable: gradients come back
-    in fp32."""
-    device_type = tensors[0].device.type
-    if tensors[0].dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) for t in tensors)
+    tensor-core tiles the reference path got."""
+    device_type = features.device.type
+    if features.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return features.dtype
+
+
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inputs in :func:`kernel_dtype` (a differentiable cast: gradients come back in fp32)."""
+    dtype = kernel_dtype(tensors[0])
+    return tensors if dtype == tensors[0].dtype else tuple(t.to(dtype) for t in tensors)
 
 
 # Triton compiles for compute capability >= 7.0 (torch's inductor has the same floor), and

@@ -165,12 +165,10 @@ def test_demo_precision_on_a_gpu_follows_its_bf16_support(
 ):
     """Before Ampere (T4, V100) the GPU has no bf16 of its own: the GPU recipe trains in fp32
     there instead of asking torch to emulate bf16; a user's own override still wins."""
-    import torch
-
     from vutrain import demo
 
     monkeypatch.setattr(demo, "use_gpu", lambda device: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    monkeypatch.setattr(demo, "native_bf16", lambda: native_bf16)
     monkeypatch.setattr(demo, "write_data", lambda *a: ("train.tar", "val.tar"))
     seen = []
 
@@ -184,3 +182,13 @@ def test_demo_precision_on_a_gpu_follows_its_bf16_support(
     precisions = [o.split("=", 1)[1] for o in seen if o.startswith("train.precision=")]
     assert precisions[-1] == want, seen
     assert f"GPU rank(s), {want}" in capsys.readouterr().out
+
+
+def test_demo_asks_for_bf16_in_a_child_process():
+    """The answer comes from a child (no CUDA context left in the demo's own process); on this
+    CPU-only torch there is no GPU bf16, on a GPU machine the answer matches torch's."""
+    import torch
+
+    from vutrain import demo
+
+    assert demo.native_bf16() == (torch.cuda.is_available() and torch.cuda.is_bf16_supported(False))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import kernels
 from vutrain.losses import AlignUniformLoss, ClipLoss, SigLipLoss
-from vutrain.trainer import loss_features_dtype
+from vutrain.trainer import features_for_loss, loss_features_dtype
 
 B, D = 4, 8
 
@@ -131,3 +131,20 @@ def test_trainer_feature_dtype_follows_the_loss_choice():
     assert loss_features_dtype(True, "cuda", "bf16") is None
     assert loss_features_dtype(True, "cuda", "fp32") is None
     assert loss_features_dtype(True, "cuda", "amp_bf16") == torch.bfloat16
+
+
+def test_amp_bf16_on_a_gpu_without_bf16_kernels_keeps_the_torch_loss_in_fp32(triton_on_gpu, monkeypatch):
+    """amp_bf16's features leave autocast in fp32 and go to the CUDA kernels as bf16. The loss was
+    asked about the fp32 features, so on a T4 (no bf16 in Triton below 8.0) "auto" said kernels,
+    the trainer cast to bf16, and the op fell back to torch with bf16 logits (and a warning)."""
+    img, txt, _, _, _ = inputs()
+    gpu_img, gpu_txt = (x.float().as_subclass(ReportsCuda) for x in (img, txt))
+    loss = ClipLoss(backend="auto")
+    h100 = features_for_loss(loss, gpu_img, gpu_txt, None, None, "cuda", "amp_bf16")
+    assert [t.dtype for t in h100] == [torch.bfloat16] * 2  # the kernels take bf16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    t4 = features_for_loss(loss, gpu_img, gpu_txt, None, None, "cuda", "amp_bf16")
+    assert [t.dtype for t in t4] == [torch.float32] * 2 and not loss.uses_kernels(t4[0].bfloat16())
+    assert loss.uses_kernels(gpu_img)  # fp32 kernels compile there
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 under autocast runs as bf16
+        assert not loss.uses_kernels(gpu_img)

@@ -44,11 +44,18 @@ def gpu_recipe() -> list[str]:
     """GPU_RECIPE for this machine's GPU: fp32 instead of bf16 where the GPU has no bf16 of its
     own (before Ampere: a T4, a V100). torch emulates bf16 there, slowly, and some cuBLAS
     paths refuse it; the tiny model trains in fp32 in about the same time."""
-    import torch
-
-    if torch.cuda.is_bf16_supported(including_emulation=False):
+    if native_bf16():
         return list(GPU_RECIPE)
     return [o if o != "train.precision=bf16" else "train.precision=fp32" for o in GPU_RECIPE]
+
+
+def native_bf16() -> bool:
+    """Whether the first visible GPU has bf16 of its own, asked in a child process: asking here
+    would start CUDA in this process, which then waits on the launcher for the whole run holding
+    a CUDA context (hundreds of MiB) on the GPU the ranks train on. True if the child fails."""
+    code = "import torch; print(torch.cuda.is_bf16_supported(including_emulation=False))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return r.returncode != 0 or r.stdout.strip().splitlines()[-1:] != ["False"]
 
 
 def use_gpu(device: str) -> bool:

@@ -52,11 +52,12 @@ def _stacked_norms(gradients, params, norm_type) -> torch.Tensor | None:
     # ZeRO-1/2 skip their partition's zero padding; zip pairs what is left with params.
     kept = (g for g in gradients if not getattr(g, "_zero_padding", False))
     counted = [g for g, _ in zip(kept, params)]
-    if not counted:
+    # One device only: DeepSpeed moves each gradient to the accelerator itself (ZeRO-3 fills a
+    # frozen parameter's slot with zeros on the CPU under offload_param); stacking mixed devices fails.
+    if not counted or len({g.device for g in counted}) != 1:
         return None
     try:
         with torch.no_grad():
-            norms = torch._foreach_norm(counted, 2.0, dtype=torch.float32)
-    except (RuntimeError, TypeError):  # a torch without the dtype argument, or mixed devices
+            return torch.stack(torch._foreach_norm(counted, 2.0, dtype=torch.float32))
+    except (RuntimeError, TypeError):  # e.g. a torch without _foreach_norm's dtype argument
         return None
-    return torch.stack(norms)

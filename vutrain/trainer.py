@@ -53,6 +53,20 @@ def loss_features_dtype(uses_kernels: bool, device_type: str, precision: str) ->
     return torch.bfloat16 if precision == "amp_bf16" else None
 
 
+def features_for_loss(loss_fn, img, txt, logit_bias, labels, device_type: str, precision: str) -> tuple:
+    """(img, txt) in the dtype the loss gets them in (see :func:`loss_features_dtype`).
+
+    The loss is asked with the features in the dtype the kernels would take (bf16 under amp_bf16
+    on CUDA): asked with amp_bf16's fp32 features, loss.backend=auto on a GPU whose Triton has no
+    bf16 (before Ampere) chose the kernels, whose op then fell back to torch with bf16 logits.
+    """
+    kernel_dtype = loss_features_dtype(True, device_type, precision)
+    as_kernel_input = img if kernel_dtype is None else img.to(kernel_dtype)
+    if loss_fn.uses_kernels(as_kernel_input, logit_bias, labels):
+        return (img, txt) if kernel_dtype is None else (as_kernel_input, txt.to(kernel_dtype))
+    return img.float(), txt.float()
+
+
 class NonFiniteLossError(RuntimeError):
     """train.max_nonfinite_steps non-finite losses in a row: training stops, checkpoints are kept."""
 
@@ -325,10 +339,9 @@ class Trainer:
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
         )
-        uses_kernels = self.loss_fn.uses_kernels(img, bias, batch.get("labels"))
-        dtype = loss_features_dtype(uses_kernels, self.device.type, self.cfg.train.precision)
-        if dtype is not None:
-            img, txt = img.to(dtype), txt.to(dtype)
+        img, txt = features_for_loss(
+            self.loss_fn, img, txt, bias, batch.get("labels"), self.device.type, self.cfg.train.precision
+        )
         return img, txt, scale.float(), None if bias is None else bias.float()
 
     def backward_step(self, loss: torch.Tensor, times: StepTimes) -> None:

@@ -42,7 +42,8 @@ def takes_kernel(backend: str, features: torch.Tensor, kernel: str, supported: b
         return backend == "triton"
     if not (features.is_cuda and supported and kernel_available(kernel)):
         return False
-    from kernels.runtime import cuda_supported  # importable: kernel_available imported kernels
+    from kernels.runtime import cuda_supported, kernel_dtype  # importable: kernels imported above
 
-    # A GPU Triton cannot compile for (e.g. bf16 before Ampere) keeps "auto" on torch, silently.
-    return cuda_supported(features.device, features.dtype)
+    # A GPU Triton cannot compile for (e.g. bf16 before Ampere) keeps "auto" on torch, silently;
+    # judged in the dtype the kernels would compute in (autocast's for fp32 features under it).
+    return cuda_supported(features.device, kernel_dtype(features))
