@@ -165,9 +165,10 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tensors if dtype == tensors[0].dtype else tuple(t.to(dtype) for t in tensors)
 
 
-# Triton compiles for compute capability >= 7.0 (torch's inductor has the same floor), and
-# its tl.dot on bf16 needs Ampere's (8.0) tensor cores: below that, compiling our kernels
-# fails at the first launch (or, under loss.backend=auto, a training run's first step).
+# Triton compiles for compute capability >= 7.0 (torch's inductor has the same floor): below
+# it the first launch fails (or, under loss.backend=auto, a training run's first step). bf16
+# tensor cores start at Ampere (8.0); below that Triton lowers a bf16 tl.dot to fp32 FMAs (it
+# compiles for sm_75), a path never run or timed here, so bf16 inputs there take the reference.
 MIN_CAPABILITY = (7, 0)
 MIN_CAPABILITY_BF16 = (8, 0)
 
@@ -192,7 +193,7 @@ def _warn_unsupported(device: torch.device, dtype: torch.dtype) -> None:
     fix = "fp16 inputs (train.precision=fp16)" if capability >= MIN_CAPABILITY else "loss.backend=torch"
     warnings.warn(
         f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}, "
-        f"below the {need[0]}.{need[1]} Triton needs for {str(dtype).removeprefix('torch.')} inputs: "
+        f"below the {need[0]}.{need[1]} these kernels need for {str(dtype).removeprefix('torch.')} inputs: "
         f"the kernels use the torch reference instead (it builds the N x M logits); use {fix}",
         RuntimeWarning,
         stacklevel=3,

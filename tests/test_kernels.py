@@ -444,9 +444,9 @@ def test_gradient_launch_grids_fit_cudas_grid_limits(monkeypatch):
 
 
 def test_ops_fall_back_with_one_warning_where_triton_cannot_compile(monkeypatch):
-    # Triton compiles nothing below compute capability 7.0 and no bf16 tl.dot below 8.0: the
-    # ops there used to fail inside Triton's compiler at the first launch; they now take the
-    # torch reference and say why, once per (capability, dtype).
+    # Triton compiles nothing below compute capability 7.0 (the ops failed inside its compiler
+    # at the first launch), and bf16 below 8.0 has no tensor cores (an untested FMA path): the
+    # ops there take the torch reference and say why, once per (capability, dtype).
     from types import SimpleNamespace
 
     from kernels import runtime

@@ -78,9 +78,9 @@ def test_auto_takes_the_kernels_only_for_what_they_implement(triton_on_gpu):
 def test_auto_stays_on_torch_where_triton_cannot_compile(
     triton_on_gpu, monkeypatch, capability, dtype, kernels_run
 ):
-    # A T4 (7.5) training in bf16, or a Pascal card: Triton's tl.dot has no bf16 below 8.0
-    # and Triton compiles nothing below 7.0, so "auto" picking the kernels there failed the
-    # first step. "auto" now keeps such calls on torch, silently (a speed preference).
+    # A Pascal card: Triton compiles nothing below 7.0, so "auto" picking the kernels failed the
+    # first step; a T4 (7.5) in bf16: no bf16 tensor cores (an untested FMA path). "auto" keeps
+    # such calls on torch, silently (a speed preference).
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     img, _, _, bias, _ = inputs()
     gpu = img.to(dtype).as_subclass(ReportsCuda)
@@ -135,7 +135,7 @@ def test_trainer_feature_dtype_follows_the_loss_choice():
 
 def test_amp_bf16_on_a_gpu_without_bf16_kernels_keeps_the_torch_loss_in_fp32(triton_on_gpu, monkeypatch):
     """amp_bf16's features leave autocast in fp32 and go to the CUDA kernels as bf16. The loss was
-    asked about the fp32 features, so on a T4 (no bf16 in Triton below 8.0) "auto" said kernels,
+    asked about the fp32 features, so on a T4 (no bf16 kernels below 8.0) "auto" said kernels,
     the trainer cast to bf16, and the op fell back to torch with bf16 logits (and a warning)."""
     img, txt, _, _, _ = inputs()
     gpu_img, gpu_txt = (x.float().as_subclass(ReportsCuda) for x in (img, txt))
