@@ -203,3 +203,35 @@ def test_inputs_on_a_device_that_is_not_current():
         for x, y in zip(*outs):
             assert x.device == torch.device("cuda:1")
             torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_more_column_tiles_than_a_grid_axis_holds():
+    # Two query rows against 9M keys: the backward's chunks span 8M columns, 65536 column tiles
+    # at BN = 128, one more than CUDA allows along grid axis 1; the 2-D grid failed to launch
+    # ("invalid argument"), the flat grid runs. Against torch in fp32 (the N x M logits fit here).
+    from kernels import contrastive_ce, sigmoid_loss
+    from kernels.reference import contrastive_ce_reference, sigmoid_loss_reference
+
+    n, m, d, off = 2, 9 * 2**20, 64, 5 * 2**20
+    k = _features(m, d, torch.bfloat16, seed=21)
+    q = _features(n, d, torch.bfloat16, seed=22, correlate_with=k[off : off + n])
+    pairs = (
+        (
+            lambda a, b, s: contrastive_ce(a, b, s, label_offset=off),
+            lambda a, b, s: contrastive_ce_reference(a, b, s, label_offset=off),
+        ),
+        (
+            lambda a, b, s: sigmoid_loss(a, b, s, -10.0, label_offset=off),
+            lambda a, b, s: sigmoid_loss_reference(a, b, s, -10.0, label_offset=off),
+        ),
+    )
+    for op, ref in pairs:
+        got, want = [], []
+        for fn, dtype, out in ((op, torch.bfloat16, got), (ref, torch.float32, want)):
+            a, b = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+            s = torch.tensor(10.0, device="cuda", requires_grad=True)
+            fn(a, b, s).backward()
+            out += [a.grad.float(), b.grad.float(), s.grad.float()]
+        for name, x, y in zip(("d_q", "d_k", "d_scale"), got, want):
+            err, bound = (x - y).abs().max().item(), 2e-2 * y.abs().max().item() + 1e-6
+            assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g}"
