@@ -47,6 +47,26 @@ def test_device_and_backend_resolution_and_overrides():
     assert resolve_device(1, dict(env, VUTRAIN_DEVICE="cuda"), local_world_size=2)[0] == "cuda:1"
 
 
+@pytest.mark.parametrize(
+    "backend,cpu,cuda",
+    [
+        ("cpu:gloo,cuda:nccl", "gloo", "nccl"),  # the default on CUDA
+        ("nccl", None, "nccl"),  # NCCL takes CUDA tensors only
+        ("cuda:gloo", None, "gloo"),  # two ranks on one GPU: no CPU backend, like NCCL
+        ("gloo", "gloo", "gloo"),
+    ],
+)
+def test_collective_backend_per_device_type(monkeypatch, backend, cpu, cuda):
+    """The one reading of the group's backend string that the engine (reduce-scatter or not), the
+    gather's backward, the tag-label width and the barrier share."""
+    import torch.distributed as dist
+
+    from vutrain.distributed import collective_backend
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    assert (collective_backend("cpu"), collective_backend("cuda")) == (cpu, cuda)
+
+
 def test_default_device_follows_the_gpus_this_process_sees(monkeypatch):
     """SLURM --gpus-per-task shows each rank one GPU while SLURM_LOCALID counts up: local rank 3
     seeing one GPU is on cuda:0, not on the CPU with another backend than its peers."""

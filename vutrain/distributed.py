@@ -219,12 +219,28 @@ def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
     deepspeed.init_distributed(dist_backend=info.backend)
 
 
+def collective_backend(device_type: str) -> str | None:
+    """The backend that runs the default group's collectives on `device_type` tensors ("gloo",
+    "nccl", ...), or None where none does (CPU tensors under plain nccl or `cuda:gloo`).
+
+    Device-mapped groups ("cpu:gloo,cuda:nccl") say it per device; plain nccl serves CUDA only,
+    and gloo or mpi serve both (gloo stages CUDA tensors through host memory in its collectives).
+    """
+    backend = str(dist.get_backend()).lower()
+    if ":" in backend:
+        pairs = (part.strip().split(":", 1) for part in backend.split(","))
+        return dict(pairs).get(device_type)
+    if backend == "nccl":
+        return backend if device_type == "cuda" else None
+    return backend
+
+
 def barrier() -> None:
     """Wait for every rank. A group with a CPU backend uses it; a CUDA-only group (nccl, cuda:gloo)
     is told this rank's device, rather than guessing one from the rank (and warning)."""
     if not dist.is_initialized():
         return
-    if "cpu" in {d.type for d in dist.group.WORLD._device_types} or not torch.cuda.is_available():
+    if collective_backend("cpu") is not None or not torch.cuda.is_available():
         dist.barrier()
     else:
         dist.barrier(device_ids=[torch.cuda.current_device()])

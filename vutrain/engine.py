@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vutrain.config import TrainConfig
+from vutrain.distributed import collective_backend
 from vutrain.ds_config import build_ds_config
 from vutrain.grad_norm import use_multi_tensor_grad_norm
 from vutrain.optim import build_optimizer, param_groups
@@ -51,5 +52,4 @@ def _nccl_on_cuda() -> bool:
 
     if not dist.is_initialized():
         return True  # one process, nothing to reduce
-    backend = str(dist.get_backend())
-    return backend == "nccl" or "cuda:nccl" in backend
+    return collective_backend("cuda") == "nccl"

@@ -61,6 +61,8 @@ def features_for_loss(loss_fn, img, txt, logit_bias, labels, device_type: str, p
     bf16 (before Ampere) chose the kernels, whose op then fell back to torch with bf16 logits.
     """
     kernel_dtype = loss_features_dtype(True, device_type, precision)
+    if kernel_dtype == torch.float32:  # fp32 for the kernels and for torch alike: nothing to ask
+        return img.float(), txt.float()
     as_kernel_input = img if kernel_dtype is None else img.to(kernel_dtype)
     if loss_fn.uses_kernels(as_kernel_input, logit_bias, labels):
         return (img, txt) if kernel_dtype is None else (as_kernel_input, txt.to(kernel_dtype))

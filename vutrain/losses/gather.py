@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from vutrain.distributed import collective_backend
+
 
 def _gather_list(x: torch.Tensor) -> list[torch.Tensor]:
     """Plain all-gather into a list of `world_size` tensors shaped like `x`."""
@@ -54,8 +56,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 def _nccl_serves(device: torch.device) -> bool:
     """Whether NCCL runs this device's collectives: plain `nccl` or device-mapped `...,cuda:nccl`."""
-    backend = str(dist.get_backend())
-    return backend == dist.Backend.NCCL or f"{device.type}:nccl" in backend
+    return collective_backend(device.type) == "nccl"
 
 
 class _AllReduceWithGrad(torch.autograd.Function):

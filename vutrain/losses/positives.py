@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from vutrain.distributed import collective_backend
+
 
 def check_labels(labels: torch.Tensor, batch: int) -> None:
     """Raise a clear ValueError if `labels` is not one of the accepted forms for `batch` rows."""
@@ -57,7 +59,7 @@ def gather_labels(labels: torch.Tensor, world_size: int) -> torch.Tensor:
         # device costs a blocking copy and a read, each waiting for the device queue, at every
         # micro-batch; a group with a CPU backend (the default cpu:gloo,cuda:nccl) agrees on it
         # between hosts instead. A CUDA-only group (nccl, cuda:gloo) refuses CPU tensors.
-        on_host = _has_cpu_backend()
+        on_host = collective_backend("cpu") is not None
         width = torch.full((1,), x.shape[1], dtype=torch.long, device="cpu" if on_host else x.device)
         dist.all_reduce(width, op=dist.ReduceOp.MAX)
         pad = int(width.item()) - x.shape[1]
@@ -67,15 +69,6 @@ def gather_labels(labels: torch.Tensor, world_size: int) -> torch.Tensor:
     dist.all_gather(parts, x.contiguous())
     out = torch.cat(parts, dim=0)
     return out.bool() if labels.dtype == torch.bool else out
-
-
-def _has_cpu_backend() -> bool:
-    """Whether the default group runs collectives of CPU tensors: gloo or mpi, or a device-mapped
-    backend with a cpu entry (e.g. cpu:gloo,cuda:nccl)."""
-    backend = str(dist.get_backend()).lower()
-    if ":" in backend:
-        return any(part.strip().startswith("cpu:") for part in backend.split(","))
-    return backend in ("gloo", "mpi")
 
 
 def positive_mask(row_labels: torch.Tensor, col_labels: torch.Tensor, offset: int | None = 0) -> torch.Tensor:
