@@ -5,25 +5,31 @@
 #   bash launch/gpu_bench.sh [STEP ...]     # GPU host, from the checkout's root (default: all steps)
 #
 # Steps, in order: tests (pytest -m gpu: tests/test_multi_gpu.py in a second pytest beside the
-# rest), compare (python -m vutrain.bench --compare open_clip, ZeRO-2), kernels (python -m
-# kernels.bench), data (python -m vutrain.bench data on synthetic 256-px shards, 8 workers, which
-# also measures 1). Before any step, .gpu/setup.sh (a copy of shared/gpu/setup.sh) installs .whl/
-# into /tmp/site (at most SETUP_S=120 s) and prints what imports. Results: $OUT (default ./gpu_out)
+# rest), demo (make demo's job, python -m vutrain.demo --device cuda, with its 0.6 bar; started
+# beside tests when both are asked for: neither times anything, and the GPU has room for both),
+# compare (python -m vutrain.bench --compare open_clip, ZeRO-2), kernels (python -m
+# kernels.bench), e2e (python -m vutrain.bench: ViT-B/32 bf16 ZeRO-2 at batch 256 through the real
+# stream with the default worker count, against compare's pre-decoded row), data (python -m vutrain.bench data on
+# synthetic 256-px shards, 8 workers, which also measures 1). Before any step, .gpu/setup.sh
+# (a copy of shared/gpu/setup.sh) installs .whl/ into /tmp/site (at most SETUP_S=120 s) and prints what imports. Results: $OUT (default ./gpu_out)
 # holds summary.txt (one line per step: name, exit code, seconds) and results.tgz (every log,
 # pytest_gpu*.xml, compare_open_clip.json/.png, kernels/, data_w8.log): the device tool brings
 # back at most 8 files. PACK=0 leaves the files unpacked. A failing step does not stop the next.
 #
-# Time: each step has a limit in seconds (TESTS_S=120, COMPARE_S=180, KERNELS_S=75, DATA_S=60),
+# Time: each step has a limit in seconds (TESTS_S=150, DEMO_S=150, COMPARE_S=170, KERNELS_S=75,
+# E2E_S=50, DATA_S=40),
 # and no step starts once TOTAL_S (default 480) is spent, so summary.txt is always written and a
 # 15-minute device lease keeps about 4 minutes for a second, shorter call. The compare JSON is
 # rewritten after every configuration and the kernels JSON on SIGTERM: a step cut short keeps
 # what it measured. One step alone: e.g. `COMPARE_S=540 ... gpu_bench.sh compare`.
-# Extra arguments: COMPARE_ARGS, KERNELS_ARGS (replace the defaults below); COMPARE_EXTRA and
-# DATA_EXTRA (appended to the defaults). A dry run on a CPU machine, to check every step's command
+# Extra arguments: COMPARE_ARGS, KERNELS_ARGS (replace the defaults below); COMPARE_EXTRA,
+# DEMO_EXTRA, E2E_EXTRA and DATA_EXTRA (appended to the defaults). A dry run on a CPU machine, to check every step's command
 # line before GPU time is spent (tiny sizes; the GPU tests skip themselves):
 #   GPU_SETUP=/dev/null PYTHON=.venv/bin/python COMPARE_EXTRA="--preset tiny --precision fp32
 #   --batch-sizes 4 --steps 1 --warmup 1 --pool 8 --max-batch 8" KERNELS_ARGS=--quick
-#   DATA_EXTRA="--batch-size 16 --batches 2 --decode-seconds 0.2" bash launch/gpu_bench.sh
+#   DATA_EXTRA="--batch-size 16 --batches 2 --decode-seconds 0.2" DEMO_EXTRA="--device cpu --steps 2
+#   --num-samples 256 --val-samples 48 --min-top1 0" E2E_EXTRA="--preset tiny --precision fp32
+#   --batch-sizes 8 --steps 1 --warmup 1 --workers 1" bash launch/gpu_bench.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -56,7 +62,7 @@ mkdir -p "$OUT"
 START=$SECONDS
 TOTAL_S="${TOTAL_S:-480}"
 STEPS=("$@")
-[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests compare kernels data)
+[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests demo compare kernels e2e data)
 
 SETUP="${GPU_SETUP:-.gpu/setup.sh}"  # GPU_SETUP: another set-up script (a dry run on a CPU machine)
 if [[ ! -r "$SETUP" ]]; then
@@ -100,10 +106,10 @@ limit() {
     (( left < $1 )) && echo "$left" || echo "$1"
 }
 
-run_step() {  # run_step NAME LIMIT_S COMMAND...
-    local name=$1 max; max=$(limit "$2"); shift 2
+run_step() {  # run_step NAME LIMIT_S COMMAND...  (SUMMARY: where its line goes)
+    local name=$1 max summary="${SUMMARY:-$OUT/summary.txt}"; max=$(limit "$2"); shift 2
     if (( max < 20 )); then
-        echo "$name skipped 0 (TOTAL_S=$TOTAL_S spent)" >> "$OUT/summary.txt"
+        echo "$name skipped 0 (TOTAL_S=$TOTAL_S spent)" >> "$summary"
         return
     fi
     local t0=$SECONDS
@@ -111,7 +117,7 @@ run_step() {  # run_step NAME LIMIT_S COMMAND...
     timeout --signal=TERM --kill-after=15 "$max" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 40 "$OUT/$name.log"
-    echo "$name $rc $((SECONDS - t0))" >> "$OUT/summary.txt"
+    echo "$name $rc $((SECONDS - t0))" >> "$summary"
 }
 
 tests_step() {  # two pytest processes at once: the multi-GPU launches, and every other GPU test
@@ -145,8 +151,19 @@ print(info['train_shards'])") || { rm -rf "$dir"; return 1; }
     return "$rc"
 }
 
+demo_step() {  # make demo's job on the GPU (its recipe: one rank, bf16), out of the checkout
+    # shellcheck disable=SC2086  # DEMO_EXTRA: more options, split on spaces (a CPU dry run's sizes)
+    "$PY" -m vutrain.demo --device cuda --out "$(mktemp -d /tmp/gpu_bench_demo.XXXXXX)" ${DEMO_EXTRA:-}
+}
+
+e2e_step() {  # the trainer fed by the real stream (data.num_workers=-1: the default worker count)
+    # shellcheck disable=SC2086  # E2E_EXTRA: more options, split on spaces (a CPU dry run's sizes)
+    "$PY" -m vutrain.bench --preset vit-b-32 --precision bf16 --zero-stage 2 --batch-sizes 256 \
+        --workers -1 --steps 8 --warmup 4 --out "$OUT/e2e.json" ${E2E_EXTRA:-}
+}
+
 compare_args() {  # the default comparison (ZeRO-2: one rank), searches ending 50 s before the limit
-    local max; max=$(limit "${COMPARE_S:-180}")
+    local max; max=$(limit "${COMPARE_S:-170}")
     args=(--batch-sizes 256,1024 --steps 6 --warmup 2 --zero-stages 2
           --search "open_clip,vutrain z2 torch,vutrain z2 triton ckpt"
           --deadline-min "$(awk "BEGIN { print ($max - 50) / 60 }")")
@@ -157,17 +174,32 @@ compare_args() {  # the default comparison (ZeRO-2: one rank), searches ending 5
 DEFAULT_KERNELS_ARGS="--shapes 32768x32768x768,4096x32768x768 --providers eager,inf_cl,ours"
 for step in "${STEPS[@]}"; do
     case "$step" in
-        tests) export -f tests_step; export PY OUT
-               run_step tests "${TESTS_S:-120}" bash -c tests_step ;;
+        tests) export -f tests_step demo_step; export PY OUT DEMO_EXTRA
+               demo_pid=
+               if [[ " ${STEPS[*]} " == *" demo "* ]]; then  # beside the tests: its line after theirs
+                   rm -f "$OUT/.demo_summary"
+                   SUMMARY="$OUT/.demo_summary" run_step demo "${DEMO_S:-150}" bash -c demo_step &
+                   demo_pid=$!
+               fi
+               run_step tests "${TESTS_S:-150}" bash -c tests_step
+               if [[ -n "$demo_pid" ]]; then
+                   wait "$demo_pid"
+                   cat "$OUT/.demo_summary" >> "$OUT/summary.txt" && rm -f "$OUT/.demo_summary"
+               fi ;;
+        demo) [[ " ${STEPS[*]} " == *" tests "* ]] && continue  # it ran beside the tests
+              export -f demo_step; export PY DEMO_EXTRA
+              run_step demo "${DEMO_S:-150}" bash -c demo_step ;;
         compare) compare_args
-                 run_step compare "${COMPARE_S:-180}" "$PY" -m vutrain.bench --compare open_clip \
+                 run_step compare "${COMPARE_S:-170}" "$PY" -m vutrain.bench --compare open_clip \
                      "${args[@]}" --out "$OUT/compare_open_clip.json" ;;
         kernels) eval "args=(${KERNELS_ARGS:-$DEFAULT_KERNELS_ARGS})"
                  run_step kernels "${KERNELS_S:-75}" "$PY" -m kernels.bench --out "$OUT/kernels" \
                      "${args[@]}" ;;
+        e2e) export -f e2e_step; export PY OUT E2E_EXTRA
+             run_step e2e "${E2E_S:-50}" bash -c e2e_step ;;
         data) export -f data_step; export PY OUT DATA_EXTRA
-              run_step data "${DATA_S:-60}" bash -c data_step ;;
-        *) echo "unknown step $step: choose from tests compare kernels data (or prepare)" >&2
+              run_step data "${DATA_S:-40}" bash -c data_step ;;
+        *) echo "unknown step $step: choose from tests demo compare kernels e2e data (or prepare)" >&2
            echo "$step unknown 0" >> "$OUT/summary.txt" ;;
     esac
 done

@@ -30,6 +30,8 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
         "--max-batch 8 --zero-stages 2",
         KERNELS_ARGS="--quick",
         DATA_EXTRA="--batch-size 16 --batches 2 --decode-images 16 --decode-seconds 0.2 --rounds 1",
+        DEMO_EXTRA="--device cpu --steps 2 --num-samples 256 --val-samples 48 --shard-size 64 --min-top1 0",
+        E2E_EXTRA="--preset tiny --precision fp32 --batch-sizes 8 --steps 1 --warmup 1 --workers 1",
     )
     proc = subprocess.run(
         ["bash", os.path.join(tr.REPO, "launch", "gpu_bench.sh")],
@@ -46,8 +48,10 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     assert [(s[0], s[1]) for s in steps] == [
         ("setup", "0"),
         ("tests", "0"),
+        ("demo", "0"),  # beside the tests, its line after theirs
         ("compare", "0"),
         ("kernels", "0"),
+        ("e2e", "0"),
         ("data", "0"),
     ], tr.describe(proc)
     results = tmp_path / "results"
@@ -61,5 +65,8 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     assert searched == ["open_clip", "vutrain z2 torch", "vutrain z2 triton ckpt"]  # the script's --search
     assert (results / "compare_open_clip.png").is_file()
     assert any(name.endswith(".json") for name in os.listdir(results / "kernels"))
+    assert "zero-shot top-1 on the held-out set" in (results / "demo.log").read_text()
+    e2e = json.loads((results / "e2e.json").read_text())
+    assert [r["batch_size"] for r in e2e] == [8] and "error" not in e2e[0], e2e
     summary = json.loads((results / "data_w8.log").read_text().strip().splitlines()[-1])
     assert summary["workers"] == 8 and summary["samples_per_s_per_worker"] > 0 and "scaling" in summary
