@@ -8,23 +8,25 @@
 # rest), demo (make demo's job, python -m vutrain.demo --device cuda, with its 0.6 bar; started
 # beside tests when both are asked for: neither times anything, and the GPU has room for both),
 # compare (python -m vutrain.bench --compare open_clip, ZeRO-2), kernels (python -m
-# kernels.bench), e2e (python -m vutrain.bench: ViT-B/32 bf16 ZeRO-2 at batch 256 through the real
-# stream with the default worker count, against compare's pre-decoded row), data (python -m vutrain.bench data on
-# synthetic 256-px shards, 8 workers, which also measures 1). Before any step, .gpu/setup.sh
-# (a copy of shared/gpu/setup.sh) installs .whl/ into /tmp/site (at most SETUP_S=120 s) and prints what imports. Results: $OUT (default ./gpu_out)
-# holds summary.txt (one line per step: name, exit code, seconds) and results.tgz (every log,
-# pytest_gpu*.xml, compare_open_clip.json/.png, kernels/, data_w8.log): the device tool brings
-# back at most 8 files. PACK=0 leaves the files unpacked. A failing step does not stop the next.
+# kernels.bench), e2e (python -m vutrain.bench: ViT-B/32 bf16 ZeRO-2 at batch 256 through the
+# real stream with the default worker count, against compare's pre-decoded row), data (python -m
+# vutrain.bench data on synthetic 256-px shards, 8 workers, which also measures 1). Before any
+# step, .gpu/setup.sh (a copy of shared/gpu/setup.sh) installs .whl/ into /tmp/site (at most
+# SETUP_S=120 s) and prints what imports. Results: $OUT (default ./gpu_out) holds summary.txt
+# (one line per step: name, exit code, seconds) and results.tgz (every log, pytest_gpu*.xml,
+# compare_open_clip.json/.png, kernels/, e2e.json, data_w8.log): the device tool brings back at
+# most 8 files. PACK=0 leaves the files unpacked. A failing step does not stop the next.
 #
 # Time: each step has a limit in seconds (TESTS_S=150, DEMO_S=150, COMPARE_S=170, KERNELS_S=75,
-# E2E_S=50, DATA_S=40),
-# and no step starts once TOTAL_S (default 480) is spent, so summary.txt is always written and a
-# 15-minute device lease keeps about 4 minutes for a second, shorter call. The compare JSON is
-# rewritten after every configuration and the kernels JSON on SIGTERM: a step cut short keeps
-# what it measured. One step alone: e.g. `COMPARE_S=540 ... gpu_bench.sh compare`.
-# Extra arguments: COMPARE_ARGS, KERNELS_ARGS (replace the defaults below); COMPARE_EXTRA,
-# DEMO_EXTRA, E2E_EXTRA and DATA_EXTRA (appended to the defaults). A dry run on a CPU machine, to check every step's command
-# line before GPU time is spent (tiny sizes; the GPU tests skip themselves):
+# E2E_S=50, DATA_S=40), and no step starts once TOTAL_S (default 480) is spent, so summary.txt
+# is always written and a 15-minute device lease keeps about 4 minutes for a second, shorter call.
+# The compare JSON is rewritten after every configuration and the kernels JSON on SIGTERM: a
+# step cut short keeps what it measured. One step alone: e.g. `COMPARE_S=540 ... gpu_bench.sh compare`.
+# Extra arguments: COMPARE_ARGS, KERNELS_ARGS, TESTS_ARGS (replace the defaults below; TESTS_ARGS
+# the paths of the pytest beside the multi-GPU one, e.g. a rerun of the tests that failed);
+# COMPARE_EXTRA, DEMO_EXTRA, E2E_EXTRA and DATA_EXTRA (appended to the defaults). A dry run on a
+# CPU machine, to check every step's command line before GPU time is spent (tiny sizes; the GPU
+# tests skip themselves):
 #   GPU_SETUP=/dev/null PYTHON=.venv/bin/python COMPARE_EXTRA="--preset tiny --precision fp32
 #   --batch-sizes 4 --steps 1 --warmup 1 --pool 8 --max-batch 8" KERNELS_ARGS=--quick
 #   DATA_EXTRA="--batch-size 16 --batches 2 --decode-seconds 0.2" DEMO_EXTRA="--device cpu --steps 2
@@ -125,7 +127,9 @@ tests_step() {  # two pytest processes at once: the multi-GPU launches, and ever
     "$PY" -m pytest "${common[@]}" tests/test_multi_gpu.py --junitxml="$OUT/pytest_multi_gpu.xml" \
         > "$OUT/tests_multi_gpu.log" 2>&1 &
     multi=$!
-    "$PY" -m pytest "${common[@]}" tests/ --ignore=tests/test_multi_gpu.py --junitxml="$OUT/pytest_gpu.xml"
+    # shellcheck disable=SC2086  # TESTS_ARGS: test paths or node ids instead of every other file
+    "$PY" -m pytest "${common[@]}" ${TESTS_ARGS:-tests/ --ignore=tests/test_multi_gpu.py} \
+        --junitxml="$OUT/pytest_gpu.xml"
     rc=$?
     wait "$multi"
     local multi_rc=$?
@@ -174,7 +178,7 @@ compare_args() {  # the default comparison (ZeRO-2: one rank), searches ending 5
 DEFAULT_KERNELS_ARGS="--shapes 32768x32768x768,4096x32768x768 --providers eager,inf_cl,ours"
 for step in "${STEPS[@]}"; do
     case "$step" in
-        tests) export -f tests_step demo_step; export PY OUT DEMO_EXTRA
+        tests) export -f tests_step demo_step; export PY OUT DEMO_EXTRA TESTS_ARGS
                demo_pid=
                if [[ " ${STEPS[*]} " == *" demo "* ]]; then  # beside the tests: its line after theirs
                    rm -f "$OUT/.demo_summary"

@@ -156,8 +156,10 @@ def test_sigmoid_loss_deterministic_and_bounded_memory():
     from kernels import sigmoid_loss
 
     n, d = 16384, 768
-    img = _features(n, d, torch.bfloat16, seed=13).requires_grad_()
+    img = _features(n, d, torch.bfloat16, seed=13)
+    # Built from img before img requires grad: both stay leaves, so both get a .grad.
     txt = _features(n, d, torch.bfloat16, seed=14, correlate_with=img).requires_grad_()
+    img.requires_grad_()
     scale = torch.tensor(10.0, device="cuda", requires_grad=True)
     bias = torch.tensor(-10.0, device="cuda", requires_grad=True)
     runs = []
@@ -228,7 +230,9 @@ def test_more_column_tiles_than_a_grid_axis_holds():
     for op, ref in pairs:
         got, want = [], []
         for fn, dtype, out in ((op, torch.bfloat16, got), (ref, torch.float32, want)):
-            a, b = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+            # detach first: q.to(q.dtype) is q itself, and marking it would make the next
+            # iteration's casts non-leaves without a .grad
+            a, b = q.detach().to(dtype).requires_grad_(), k.detach().to(dtype).requires_grad_()
             s = torch.tensor(10.0, device="cuda", requires_grad=True)
             fn(a, b, s).backward()
             out += [a.grad.float(), b.grad.float(), s.grad.float()]

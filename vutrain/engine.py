@@ -3,8 +3,9 @@
 `build_engine` derives the DeepSpeed config from `train.*` (ds_config.py: aligned ZeRO buffers,
 no bf16 overflow scan), builds the fused or multi-tensor AdamW and its schedule (optim.py) unless
 the user's ds_config brings an optimizer, computes ZeRO's gradient norm with one multi-tensor norm
-(grad_norm.py), and tells DeepSpeed the rank's device explicitly: with
-VUTRAIN_DEVICE two ranks may share one GPU, which a guess from the node-local rank would get wrong.
+(grad_norm.py) and clips with it on the device (grad_clip.py: no host read at the step), and
+tells DeepSpeed the rank's device explicitly: with VUTRAIN_DEVICE two ranks may share one GPU,
+which a guess from the node-local rank would get wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from vutrain.config import TrainConfig
 from vutrain.distributed import collective_backend
 from vutrain.ds_config import build_ds_config
+from vutrain.grad_clip import use_device_side_clip
 from vutrain.grad_norm import use_multi_tensor_grad_norm
 from vutrain.optim import build_optimizer, param_groups
 from vutrain.param_alignment import warn_if_misaligned
@@ -35,7 +37,9 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     if device.type == "cuda":
         # DeepSpeed asserts args.local_rank == $LOCAL_RANK, which init_distributed sets to the
         # device's index (distributed.deepspeed_env).
-        kwargs["args"] = argparse.Namespace(device_rank=device.index, local_rank=device.index)
+        # A bare "cuda" (no index) means the current device; DeepSpeed needs the number.
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        kwargs["args"] = argparse.Namespace(device_rank=index, local_rank=index)
         module.to(device)  # the fused AdamW checks its parameters' device when it is built
     if "optimizer" in ds_config:  # the user's ds_config brings its own (e.g. CPU-offload Adam)
         kwargs["model_parameters"] = param_groups(module, cfg.weight_decay)
@@ -44,6 +48,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     engine, _, _, _ = deepspeed.initialize(model=module, **kwargs)
     warn_if_misaligned(engine.module, cfg.zero_stage)
     use_multi_tensor_grad_norm(engine.optimizer)  # 2 kernels per parameter -> a few (grad_norm.py)
+    use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
     return engine
 
 

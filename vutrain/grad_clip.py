@@ -1,0 +1,54 @@
+"""ZeRO-1/2's gradient clipping decided on the device: no host read at the optimizer step.
+
+DeepSpeed's ``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` (ZeRO-1 and 2) asks on the host
+whether the global norm is invalid (``is_invalid_grad_norm``: ``bool(...)`` of a device tensor)
+before it scales each parameter group's flat gradient, once per group: two host reads per step for
+vutrain's two groups (weight decay or not), measured on an H200 by ``python -m vutrain.bench
+--compare open_clip`` (``host_reads_per_step``; open_clip's step has none). Each read waits until
+the GPU has finished the backward, so the CPU cannot queue the optimizer's kernels and the next
+forward while the GPU still works: at batch 256 the step is partly serial.
+
+:func:`use_device_side_clip` replaces the method on the optimizer by the same arithmetic with the
+invalid case chosen by ``torch.where`` on the device: an invalid norm (non-finite, or DeepSpeed's
+-1 sentinel) clips with an infinite norm, i.e. multiplies the gradients by 0, as DeepSpeed does.
+The step's own overflow decision (fp16, or ``check_grad_overflow``) is untouched: in bf16 DeepSpeed
+makes none, and in fp16 it skips the step before this runs. ZeRO-3's method has no host read.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def use_device_side_clip(optimizer) -> bool:
+    """Wrap a ZeRO-1/2 optimizer's ``unscale_and_clip_grads`` in place; False for any other."""
+    try:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:  # pragma: no cover - deepspeed is a core requirement
+        return False
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+        return False
+    original = optimizer.unscale_and_clip_grads
+    if getattr(original, "_vutrain_device_side", False):
+        return True
+
+    @functools.wraps(original)
+    def unscale_and_clip_grads(grad_groups_flat, total_norm):
+        clip_grad, loss_scale = optimizer.clip_grad, optimizer.loss_scale
+        if not (clip_grad > 0.0 and torch.is_tensor(total_norm)) or torch.is_tensor(loss_scale):
+            return original(grad_groups_flat, total_norm)  # nothing to clip, or a form not seen here
+        with torch.no_grad():
+            invalid = ~torch.isfinite(total_norm) | (total_norm < 0)
+            clip_norm = torch.where(invalid, torch.full_like(total_norm, float("inf")), total_norm)
+            # DeepSpeed's formula: the norm is of the scaled gradients.
+            clip = torch.clamp(((clip_norm / loss_scale) + 1e-6) / clip_grad, min=1.0)
+            inverse = 1.0 / (clip * loss_scale)
+            for grad in grad_groups_flat:
+                for g in grad if isinstance(grad, list) else [grad]:
+                    g.data.mul_(inverse)
+
+    unscale_and_clip_grads._vutrain_device_side = True
+    optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+    return True
