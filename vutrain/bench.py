@@ -37,14 +37,11 @@ def device_name() -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def run_one(spec: dict) -> dict:
-    """Train `warmup + steps` steps in this process and measure the last `steps`."""
-    import resource
-
-    import torch
-
+def build_trainer(spec: dict, sync_timing: bool = True):
+    """The real Trainer of one benchmark configuration (one rank, in this process, process group
+    initialised), training on `spec['train_shards']`; also used by tools/profile_step.py."""
     from vutrain.config import load_config
-    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+    from vutrain.distributed import init_distributed, resolve_dist_env
     from vutrain.trainer import Trainer
 
     overrides = [
@@ -69,8 +66,20 @@ def run_one(spec: dict) -> dict:
     cfg = load_config(None, overrides)
     info = resolve_dist_env()
     init_distributed(info)
-    trainer = Trainer(cfg, info, sync_timing=True)
+    trainer = Trainer(cfg, info, sync_timing=sync_timing)
     trainer.engine.train()
+    return trainer
+
+
+def run_one(spec: dict) -> dict:
+    """Train `warmup + steps` steps in this process and measure the last `steps`."""
+    import resource
+
+    import torch
+
+    from vutrain.distributed import cleanup
+
+    trainer = build_trainer(spec)
     cuda = trainer.device.type == "cuda"
     rows = []
     try:

@@ -1,0 +1,145 @@
+"""Is a training step bound by the GPU or by the host? One profile of the real Trainer's steps.
+
+    python tools/profile_step.py --preset vit-b-32 --precision bf16 --batch-size 256 --zero-stage 2
+
+Runs the benchmark's Trainer (vutrain.bench.build_trainer: one rank, synthetic shards, no phase
+syncs, so the host runs ahead as in training) for warm-up steps, then profiles `--steps` steps with
+torch.profiler and prints, per step: the wall time (device synchronised at the end), the time the
+GPU was busy (the union of its kernels' intervals), and the host's time in each phase (data,
+forward with the loss, backward, optimizer step). A GPU busy for much less than the wall time while
+the host phases add up to it means the step waits on the host (Python, launches, DeepSpeed hooks),
+not on the GPU. Then the 15 aten ops with the most host time and, on a GPU, the most GPU time.
+Prints a JSON line last. Measures, does not judge: no timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PHASES = ("data", "forward", "backward", "optimizer")  # the labels wrapped around the Trainer's calls
+
+
+def _labelled(fn, label: str):
+    from torch.profiler import record_function
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (microseconds)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if a >= end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--loss-backend", default="torch")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from vutrain.bench import build_trainer
+    from vutrain.data.synthetic import write_synthetic
+    from vutrain.distributed import cleanup
+    from vutrain.model import PRESETS
+
+    work = tempfile.mkdtemp(prefix="vutrain-profile-")
+    data = write_synthetic(
+        os.path.join(work, "data"),
+        num_samples=1024,
+        shard_size=128,
+        image_size=PRESETS[args.preset].image_size,
+        val_samples=0,
+    )
+    spec = dict(
+        preset=args.preset, precision=args.precision, zero_stage=args.zero_stage,
+        batch_size=args.batch_size, grad_ckpt="false", steps=args.steps, warmup=args.warmup,
+        workers=args.workers, loss_backend=args.loss_backend, train_shards=data["train_shards"],
+        run_dir=os.path.join(work, "run"),
+    )  # fmt: skip
+    trainer = build_trainer(spec, sync_timing=False)
+    cuda = trainer.device.type == "cuda"
+    trainer.next_batch = _labelled(trainer.next_batch, "phase:data")
+    trainer._forward = _labelled(trainer._forward, "phase:forward")
+    trainer.engine.backward = _labelled(trainer.engine.backward, "phase:backward")
+    trainer.engine.step = _labelled(trainer.engine.step, "phase:optimizer")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    try:
+        for _ in range(args.warmup):
+            trainer.train_step()
+        sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.train_step()
+            sync()
+            wall = (time.perf_counter() - t0) / args.steps
+    finally:
+        cleanup()
+    events = prof.events()
+    host = {
+        phase: sum(e.cpu_time_total for e in events if e.name == f"phase:{phase}") / args.steps / 1e3
+        for phase in PHASES
+    }
+    kernels = [
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == DeviceType.CUDA and not e.name.startswith("phase:")
+    ]
+    gpu_busy = busy_us(kernels) / args.steps / 1e3 if cuda else None
+    if cuda and not kernels:  # no device-side events listed: the ops' own device time (no union)
+        gpu_busy = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / args.steps / 1e3
+        print("GPU busy from the ops' self device time (the profiler listed no kernel events)")
+    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
+    print(f"\n{device}, {args.preset} {args.precision}, ZeRO-{args.zero_stage}, batch {args.batch_size}, "
+          f"loss {args.loss_backend}, {args.steps} profiled steps after {args.warmup}")  # fmt: skip
+    print(f"wall per step: {wall * 1e3:.1f} ms (profiler on)")
+    if cuda:
+        print(f"GPU busy per step: {gpu_busy:.1f} ms ({100 * gpu_busy / (wall * 1e3):.0f}% of the wall time)")
+    print("host time per step: " + ", ".join(f"{p} {ms:.1f} ms" for p, ms in host.items()))
+    averages = prof.key_averages()
+    print("\n" + averages.table(sort_by="self_cpu_time_total", row_limit=15))
+    if cuda:
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=15))
+    record = dict(
+        device=device, preset=args.preset, precision=args.precision, zero_stage=args.zero_stage,
+        batch_size=args.batch_size, loss_backend=args.loss_backend, steps=args.steps,
+        wall_ms=wall * 1e3, gpu_busy_ms=gpu_busy, host_ms=host,
+        date=time.strftime("%Y-%m-%d"), command="python tools/profile_step.py " + " ".join(sys.argv[1:]),
+    )  # fmt: skip
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
