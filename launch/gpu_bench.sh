@@ -169,7 +169,7 @@ e2e_step() {  # the trainer fed by the real stream (data.num_workers=-1: the def
 compare_args() {  # the default comparison (ZeRO-2: one rank), searches ending 50 s before the limit
     local max; max=$(limit "${COMPARE_S:-170}")
     args=(--batch-sizes 256,1024 --steps 6 --warmup 2 --zero-stages 2
-          --search "open_clip,vutrain z2 torch,vutrain z2 triton ckpt"
+          --search "open_clip,vutrain z2 torch,vutrain z2 triton ckpt,open_clip ckpt"
           --deadline-min "$(awk "BEGIN { print ($max - 50) / 60 }")")
     [[ -z "${COMPARE_ARGS:-}" ]] || eval "args=($COMPARE_ARGS)"
     [[ -z "${COMPARE_EXTRA:-}" ]] || eval "args+=($COMPARE_EXTRA)"  # appended: later options win

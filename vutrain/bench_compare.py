@@ -529,7 +529,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 
 
 def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[Variant]:
-    """The configurations ``--search`` asks the largest batch of, open_clip's first."""
+    """The configurations ``--search`` asks the largest batch of, in the order they are searched."""
     if args.search == "none" or not args.max_batch:
         return []
     chosen = (
@@ -543,7 +543,9 @@ def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[
             f"--search names unknown configurations {sorted(unknown)}; "
             f"choose from {[v.label for v in all_variants]}"
         )
-    return sorted(chosen, key=lambda v: v.side != "open_clip")  # the baseline first, stable otherwise
+    # The baseline first (every ratio needs it), open_clip's other configurations last (they are
+    # for the like-for-like line only, the first a deadline should cut), stable otherwise.
+    return sorted(chosen, key=lambda v: (v.label != BASELINE_LABEL, v.side == "open_clip"))
 
 
 def main(argv: list[str] | None = None) -> int:
