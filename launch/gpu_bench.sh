@@ -9,7 +9,8 @@
 # beside tests when both are asked for: neither times anything, and the GPU has room for both),
 # compare (python -m vutrain.bench --compare open_clip, ZeRO-2), kernels (python -m
 # kernels.bench), e2e (python -m vutrain.bench: ViT-B/32 bf16 ZeRO-2 at batch 256 through the
-# real stream with the default worker count, against compare's pre-decoded row), data (python -m
+# real stream with the default worker count, against compare's pre-decoded row), profile
+# (tools/profile_step.py: is that step bound by the GPU or the host?), data (python -m
 # vutrain.bench data on synthetic 256-px shards, 8 workers, which also measures 1). Before any
 # step, .gpu/setup.sh (a copy of shared/gpu/setup.sh) installs .whl/ into /tmp/site (at most
 # SETUP_S=120 s) and prints what imports. Results: $OUT (default ./gpu_out) holds summary.txt
@@ -17,21 +18,25 @@
 # compare_open_clip.json/.png, kernels/, e2e.json, data_w8.log): the device tool brings back at
 # most 8 files. PACK=0 leaves the files unpacked. A failing step does not stop the next.
 #
-# Time: each step has a limit in seconds (TESTS_S=150, DEMO_S=150, COMPARE_S=170, KERNELS_S=75,
-# E2E_S=50, DATA_S=40), and no step starts once TOTAL_S (default 480) is spent, so summary.txt
-# is always written and a 15-minute device lease keeps about 4 minutes for a second, shorter call.
+# Time: each step has a limit in seconds (TESTS_S=150, DEMO_S=150, COMPARE_S=170, KERNELS_S=110,
+# E2E_S=50, PROFILE_S=45, DATA_S=40), and no step starts once TOTAL_S (default 560) is spent, so
+# summary.txt is always written and a 15-minute device lease keeps about 5 minutes for a second,
+# shorter call (on an H200 on 2026-12-04: set-up 58 s, tests 134 with the demo's 96 beside them,
+# compare 141, kernels 32 without torch.compile, e2e 45, data 27).
 # The compare JSON is rewritten after every configuration and the kernels JSON on SIGTERM: a
-# step cut short keeps what it measured. One step alone: e.g. `COMPARE_S=540 ... gpu_bench.sh compare`.
+# step cut short keeps what it measured. One step alone: e.g.
+# `COMPARE_S=540 ... gpu_bench.sh compare`.
 # Extra arguments: COMPARE_ARGS, KERNELS_ARGS, TESTS_ARGS (replace the defaults below; TESTS_ARGS
 # the paths of the pytest beside the multi-GPU one, e.g. a rerun of the tests that failed);
-# COMPARE_EXTRA, DEMO_EXTRA, E2E_EXTRA and DATA_EXTRA (appended to the defaults). A dry run on a
-# CPU machine, to check every step's command line before GPU time is spent (tiny sizes; the GPU
-# tests skip themselves):
+# COMPARE_EXTRA, DEMO_EXTRA, E2E_EXTRA, PROFILE_EXTRA and DATA_EXTRA (appended to the defaults).
+# A dry run on a CPU machine, to check every step's command line before GPU time is spent (tiny
+# sizes; the GPU tests skip themselves):
 #   GPU_SETUP=/dev/null PYTHON=.venv/bin/python COMPARE_EXTRA="--preset tiny --precision fp32
 #   --batch-sizes 4 --steps 1 --warmup 1 --pool 8 --max-batch 8" KERNELS_ARGS=--quick
 #   DATA_EXTRA="--batch-size 16 --batches 2 --decode-seconds 0.2" DEMO_EXTRA="--device cpu --steps 2
 #   --num-samples 256 --val-samples 48 --min-top1 0" E2E_EXTRA="--preset tiny --precision fp32
-#   --batch-sizes 8 --steps 1 --warmup 1 --workers 1" bash launch/gpu_bench.sh
+#   --batch-sizes 8 --steps 1 --warmup 1 --workers 1" PROFILE_EXTRA="--preset tiny --precision fp32
+#   --batch-size 8 --workers 0 --warmup 1 --steps 1" bash launch/gpu_bench.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -62,9 +67,9 @@ fi
 OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 START=$SECONDS
-TOTAL_S="${TOTAL_S:-480}"
+TOTAL_S="${TOTAL_S:-560}"
 STEPS=("$@")
-[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests demo compare kernels e2e data)
+[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests demo compare kernels e2e profile data)
 
 SETUP="${GPU_SETUP:-.gpu/setup.sh}"  # GPU_SETUP: another set-up script (a dry run on a CPU machine)
 if [[ ! -r "$SETUP" ]]; then
@@ -166,6 +171,12 @@ e2e_step() {  # the trainer fed by the real stream (data.num_workers=-1: the def
         --workers -1 --steps 8 --warmup 4 --out "$OUT/e2e.json" ${E2E_EXTRA:-}
 }
 
+profile_step() {  # where batch 256's step waits: GPU busy time against host time per phase
+    # shellcheck disable=SC2086  # PROFILE_EXTRA: more options, split on spaces (a CPU dry run's sizes)
+    "$PY" tools/profile_step.py --preset vit-b-32 --precision bf16 --batch-size 256 --zero-stage 2 \
+        --workers 8 --warmup 8 --steps 3 ${PROFILE_EXTRA:-}
+}
+
 compare_args() {  # the default comparison (ZeRO-2: one rank), searches ending 50 s before the limit
     local max; max=$(limit "${COMPARE_S:-170}")
     args=(--batch-sizes 256,1024 --steps 6 --warmup 2 --zero-stages 2
@@ -175,7 +186,9 @@ compare_args() {  # the default comparison (ZeRO-2: one rank), searches ending 5
     [[ -z "${COMPARE_EXTRA:-}" ]] || eval "args+=($COMPARE_EXTRA)"  # appended: later options win
 }
 
-DEFAULT_KERNELS_ARGS="--shapes 32768x32768x768,4096x32768x768 --providers eager,inf_cl,ours"
+# fwd+bwd only: every target is judged on it, and torch.compile compiles once per case.
+DEFAULT_KERNELS_ARGS="--shapes 32768x32768x768,4096x32768x768 --providers eager,compile,inf_cl,ours
+                      --modes fwd+bwd"
 for step in "${STEPS[@]}"; do
     case "$step" in
         tests) export -f tests_step demo_step; export PY OUT DEMO_EXTRA TESTS_ARGS
@@ -197,13 +210,15 @@ for step in "${STEPS[@]}"; do
                  run_step compare "${COMPARE_S:-170}" "$PY" -m vutrain.bench --compare open_clip \
                      "${args[@]}" --out "$OUT/compare_open_clip.json" ;;
         kernels) eval "args=(${KERNELS_ARGS:-$DEFAULT_KERNELS_ARGS})"
-                 run_step kernels "${KERNELS_S:-75}" "$PY" -m kernels.bench --out "$OUT/kernels" \
+                 run_step kernels "${KERNELS_S:-110}" "$PY" -m kernels.bench --out "$OUT/kernels" \
                      "${args[@]}" ;;
         e2e) export -f e2e_step; export PY OUT E2E_EXTRA
              run_step e2e "${E2E_S:-50}" bash -c e2e_step ;;
+        profile) export -f profile_step; export PY PROFILE_EXTRA
+                 run_step profile "${PROFILE_S:-45}" bash -c profile_step ;;
         data) export -f data_step; export PY OUT DATA_EXTRA
               run_step data "${DATA_S:-40}" bash -c data_step ;;
-        *) echo "unknown step $step: choose from tests demo compare kernels e2e data (or prepare)" >&2
+        *) echo "unknown step $step: choose from tests demo compare kernels e2e profile data (or prepare)" >&2
            echo "$step unknown 0" >> "$OUT/summary.txt" ;;
     esac
 done

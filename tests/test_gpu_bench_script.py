@@ -32,6 +32,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
         DATA_EXTRA="--batch-size 16 --batches 2 --decode-images 16 --decode-seconds 0.2 --rounds 1",
         DEMO_EXTRA="--device cpu --steps 2 --num-samples 256 --val-samples 48 --shard-size 64 --min-top1 0",
         E2E_EXTRA="--preset tiny --precision fp32 --batch-sizes 8 --steps 1 --warmup 1 --workers 1",
+        PROFILE_EXTRA="--preset tiny --precision fp32 --batch-size 8 --workers 0 --warmup 1 --steps 1",
     )
     proc = subprocess.run(
         ["bash", os.path.join(tr.REPO, "launch", "gpu_bench.sh")],
@@ -52,6 +53,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
         ("compare", "0"),
         ("kernels", "0"),
         ("e2e", "0"),
+        ("profile", "0"),
         ("data", "0"),
     ], tr.describe(proc)
     results = tmp_path / "results"
@@ -69,5 +71,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     assert "zero-shot top-1 on the held-out set" in (results / "demo.log").read_text()
     e2e = json.loads((results / "e2e.json").read_text())
     assert [r["batch_size"] for r in e2e] == [8] and "error" not in e2e[0], e2e
+    profile = json.loads((results / "profile.log").read_text().strip().splitlines()[-1])
+    assert profile["preset"] == "tiny" and len(profile["host_ms"]) == 4, profile  # the four phases
     summary = json.loads((results / "data_w8.log").read_text().strip().splitlines()[-1])
     assert summary["workers"] == 8 and summary["samples_per_s_per_worker"] > 0 and "scaling" in summary
