@@ -31,20 +31,37 @@ def _clip(rank: int, world: int, stage: int, device: str = "cpu") -> dict:
     original = wrapped.__wrapped__
     out = {"clip_grad": opt.clip_grad, "max_abs_diff": 0.0, "reads": {}}
     gen = torch.Generator().manual_seed(rank)
-    for norm in (0.5, 7.0, -1.0, float("nan"), float("inf")):  # under, over, DeepSpeed's -1, non-finite
+    cases = [(n, 1.0) for n in (0.5, 7.0, -1.0, float("nan"), float("inf"))]  # under, over, -1, non-finite
+    cases += [(7.0, 1024.0), (2048.0, 1024.0)]  # a loss scale (fp16's): the norm is of scaled gradients
+    for norm, scale in cases:
+        opt.loss_scale = scale
         flat = [torch.randn(37, generator=gen).to(device), [torch.randn(5, generator=gen).to(device)]]
         ours = [flat[0].clone(), [flat[1][0].clone()]]
         theirs = [flat[0].clone(), [flat[1][0].clone()]]
         total = torch.tensor(norm, device=device)
         with HostReads() as reads:
             wrapped(ours, total)
-        out["reads"][norm] = reads.total
+        out["reads"][(norm, scale)] = reads.total
         original(theirs, total)
         for a, b in ((ours[0], theirs[0]), (ours[1][0], theirs[1][0])):
             assert torch.isfinite(a).all(), (norm, a)
             out["max_abs_diff"] = max(out["max_abs_diff"], (a - b).abs().max().item())
         if norm != norm or norm in (-1.0, float("inf")):  # invalid: clipped with an infinite norm
             out.setdefault("zeroed", []).append(bool((ours[0] == 0).all()))
+    opt.loss_scale = 1.0
+    # The non-finite guard's verdict at the step (grad_clip.mask_at_step: bf16, one micro-batch per
+    # step): a skipped step's flat gradients are zeroed, a kept one's left to the clip.
+    from vutrain.grad_clip import mask_at_step
+
+    skip = torch.tensor(False, device=device)
+    out["mask_at_step"] = mask_at_step(engine, skip) and wrapped.skip is skip
+    for verdict in (True, False):
+        skip.fill_(verdict)
+        g = [torch.randn(7, generator=gen).to(device)]
+        kept = g[0].clone()
+        wrapped(g, torch.tensor(float("nan") if verdict else 0.5, device=device))
+        out[f"skip={verdict}"] = bool((g[0] == 0).all()) if verdict else bool(torch.equal(g[0], kept))
+    wrapped.skip = None
     # A real step: DeepSpeed's ZeRO-1/2 optimizer reads nothing on the host any more.
     img, txt, scale, _ = engine(
         pixel_values=torch.randn(2, 3, 16, 16, dtype=torch.bfloat16, device=device),
@@ -81,6 +98,7 @@ def _check(r: dict, where: str) -> None:
     assert r["zeroed"] == [True, True, True], where
     assert set(r["reads"].values()) == {0}, where
     assert r["host_checks"] == 0 and r["cuda_reads"] == {}, where
+    assert r["mask_at_step"] and r["skip=True"] and r["skip=False"], where
     assert r["step_norm"] > 1.0, where  # the step's norm was over the clip: the clip ran
 
 

@@ -37,3 +37,16 @@ def test_no_op_per_parameter_in_the_optimizer_step_and_no_gradient_copy_at_zero1
         assert full["trainable_tensors"] >= half["trainable_tensors"] + 40, (full, half)
         assert full["optimizer step"] == half["optimizer step"], f"ZeRO-{stage}: {full} vs {half}"
     assert runs[1][0]["backward"] <= runs[2][0]["backward"], runs
+
+
+@pytest.mark.slow  # four one-rank training runs of 3 steps
+def test_one_micro_batch_per_step_masks_at_the_step_not_per_parameter():
+    """bf16, ZeRO-1/2, one micro-batch per step: the non-finite guard's verdict zeroes the flat
+    gradients at the step (grad_clip.mask_at_step: a masked_fill_ per parameter group) instead of
+    a masked_fill per parameter in backward. With two micro-batches per step (a skipped one must
+    not wipe the other's gradients) and at ZeRO-3 the per-parameter masks stay."""
+    for stage in (1, 2):
+        one = count(stage)
+        assert one["backward: guard masks"] == 0, f"ZeRO-{stage}: {one}"
+    for two in (count(2, "train.grad_accum_steps=2"), count(3)):
+        assert two["backward: guard masks"] >= two["trainable_tensors"] - 2, two

@@ -23,7 +23,7 @@ from helpers_dist import run_distributed
 STEPS, ACCUM, POISONED_CALL = 3, 2, 1  # the second micro-batch of the first step
 
 
-def _trainer(rank: int, shards: dict, run_dir: str, **extra):
+def _trainer(rank: int, shards: dict, run_dir: str, accum: int = ACCUM, **extra):
     from vutrain.config import load_config
     from vutrain.distributed import resolve_dist_env
     from vutrain.trainer import Trainer
@@ -32,7 +32,7 @@ def _trainer(rank: int, shards: dict, run_dir: str, **extra):
         data__val_shards="",
         data__num_workers=0,
         train__micro_batch_size=8,
-        train__grad_accum_steps=ACCUM,
+        train__grad_accum_steps=accum,
         train__checkpoint_every=0,
         train__resume="never",
         train__warmup_steps=0,
@@ -72,13 +72,13 @@ def _zero_loss(trainer) -> None:
     trainer.forward_loss = forward_loss
 
 
-def _run_both(rank: int, world: int, shards: dict, tmp: str) -> dict:
+def _run_both(rank: int, world: int, shards: dict, tmp: str, accum: int = ACCUM, extra=None) -> dict:
     from vutrain.distributed import init_distributed, resolve_dist_env
 
     init_distributed(resolve_dist_env())
     out = {}
     for mode in ("nan", "zero"):
-        trainer = _trainer(rank, shards, os.path.join(tmp, mode))
+        trainer = _trainer(rank, shards, os.path.join(tmp, mode), accum, **(extra or {}))
         (_poison_pixels(trainer, rank) if mode == "nan" else _zero_loss(trainer))
         for _ in range(STEPS):
             trainer.train_step()
@@ -92,6 +92,7 @@ def _run_both(rank: int, world: int, shards: dict, tmp: str) -> dict:
             "skipped": stats.skipped,
             "good": stats.good,
             "in_row": stats.in_row,
+            "hooks": len(trainer.guard._hooks),
         }
     return out
 
@@ -110,6 +111,27 @@ def test_nonfinite_microbatch_contributes_zero_with_accumulation(synthetic_shard
             assert torch.isfinite(value).all(), f"rank {rank}: {name} is not finite"
             torch.testing.assert_close(value, zero["params"][name], msg=f"rank {rank}: {name}")
     torch.testing.assert_close(results[0]["nan"]["params"], results[1]["nan"]["params"])
+
+
+@pytest.mark.slow  # spawns 2 rank processes
+@pytest.mark.parametrize("stage", [1, 2])
+def test_nonfinite_step_masked_at_the_step_in_bf16(synthetic_shards, tmp_path, stage):
+    """One micro-batch per step in bf16 at ZeRO-1/2: no per-parameter gradient hooks; the skipped
+    step (the second; rank 1's pixels NaN, so its activations and gradients are NaN, reduced into
+    every rank's partition) is zeroed at the optimizer step, giving exactly the parameters of the
+    run whose loss at that step is multiplied by 0 (AdamW still steps, with a zero gradient)."""
+    extra = {"train__precision": "bf16", "train__zero_stage": stage}
+    results = run_distributed(
+        _run_both, 2, synthetic_shards, str(tmp_path), 1, extra, init_process_group=False, timeout_s=600
+    )
+    for rank, res in enumerate(results):
+        nan, zero = res["nan"], res["zero"]
+        assert nan["hooks"] == zero["hooks"] == 0, f"rank {rank}: the per-parameter masks stayed"
+        assert nan["global_steps"] == zero["global_steps"] == STEPS
+        assert nan["skipped"] == 1 and nan["good"] == STEPS - 1 and zero["skipped"] == 0
+        for name, value in nan["params"].items():
+            assert torch.isfinite(value).all(), f"rank {rank}: {name} is not finite"
+            torch.testing.assert_close(value, zero["params"][name], msg=f"rank {rank}: {name}")
 
 
 HOST_READ_RUNS = {

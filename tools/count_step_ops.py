@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(vars(args), trainable_tensors=len(params))
     for phase, counter in counters.items():
         result[phase] = sum(counter.sites.values())
+        # the non-finite guard's per-parameter gradient masks (vutrain/nonfinite.py)
+        guard = [n for (_, site), n in counter.sites.items() if "nonfinite.py" in site]
+        result[f"{phase}: guard masks"] = sum(guard)
         print(f"\n{phase}: {result[phase]} compute ops ({len(params)} trainable tensors)")
         for (op, site), n in counter.sites.most_common(10):
             print(f"  {n:6d}  {op:24s} {site}")

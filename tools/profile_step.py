@@ -5,8 +5,8 @@
 Runs the benchmark's Trainer (vutrain.bench.build_trainer: one rank, synthetic shards, no phase
 syncs, so the host runs ahead as in training) for warm-up steps, then profiles `--steps` steps with
 torch.profiler and prints, per step: the wall time (device synchronised at the end), the time the
-GPU was busy (the union of its kernels' intervals), and the host's time in each phase (data,
-forward with the loss, backward, optimizer step). A GPU busy for much less than the wall time while
+GPU was busy (the union of its kernels' and copies' intervals), and the host's time in each phase
+(data, forward with the loss and the non-finite agreement, backward, optimizer step). A GPU busy for much less than the wall time while
 the host phases add up to it means the step waits on the host (Python, launches, DeepSpeed hooks),
 not on the GPU. Then the 15 aten ops with the most host time and, on a GPU, the most GPU time.
 Prints a JSON line last. Measures, does not judge: no timing is asserted anywhere.
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = build_trainer(spec, sync_timing=False)
     cuda = trainer.device.type == "cuda"
     trainer.next_batch = _labelled(trainer.next_batch, "phase:data")
-    trainer._forward = _labelled(trainer._forward, "phase:forward")
+    trainer.forward_loss = _labelled(trainer.forward_loss, "phase:forward")
     trainer.engine.backward = _labelled(trainer.engine.backward, "phase:backward")
     trainer.engine.step = _labelled(trainer.engine.step, "phase:optimizer")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -111,10 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         phase: sum(e.cpu_time_total for e in events if e.name == f"phase:{phase}") / args.steps / 1e3
         for phase in PHASES
     }
+    # Kernels, copies and sets only: record_function ranges (ours, torch's Optimizer.step, compiled
+    # regions) also get a device-side span, from their first kernel to their last, gaps included.
     kernels = [
         (e.time_range.start, e.time_range.end)
         for e in events
-        if e.device_type == DeviceType.CUDA and not e.name.startswith("phase:")
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
     ]
     gpu_busy = busy_us(kernels) / args.steps / 1e3 if cuda else None
     if cuda and not kernels:  # no device-side events listed: the ops' own device time (no union)

@@ -13,6 +13,15 @@ invalid case chosen by ``torch.where`` on the device: an invalid norm (non-finit
 -1 sentinel) clips with an infinite norm, i.e. multiplies the gradients by 0, as DeepSpeed does.
 The step's own overflow decision (fp16, or ``check_grad_overflow``) is untouched: in bf16 DeepSpeed
 makes none, and in fp16 it skips the step before this runs. ZeRO-3's method has no host read.
+
+:func:`mask_at_step` also gives the wrapper the non-finite guard's device-side skip flag
+(vutrain/nonfinite.py): where the step has one micro-batch and DeepSpeed makes no overflow
+decision of its own (bf16 without ``check_grad_overflow``, no CPU offload), a skipped micro-batch
+is a skipped step, and zeroing the flat fp32 gradient partitions once here (a ``masked_fill_`` per
+parameter group) replaces the guard's ``masked_fill`` hook on every parameter in backward (398 ops
+and Python calls per micro-batch for ViT-B/32). NaN gradients of a skipped micro-batch then pass
+through ZeRO's reduction (every rank skips together) and are zeroed before the optimizer sees
+them: AdamW steps with a zero gradient, as it did with the hooks.
 """
 
 from __future__ import annotations
@@ -36,6 +45,11 @@ def use_device_side_clip(optimizer) -> bool:
 
     @functools.wraps(original)
     def unscale_and_clip_grads(grad_groups_flat, total_norm):
+        skip = unscale_and_clip_grads.skip
+        if skip is not None:  # the guard's verdict on this step's one micro-batch (mask_at_step)
+            for grad in grad_groups_flat:
+                for g in grad if isinstance(grad, list) else [grad]:
+                    g.data.masked_fill_(skip, 0)
         clip_grad, loss_scale = optimizer.clip_grad, optimizer.loss_scale
         if not (clip_grad > 0.0 and torch.is_tensor(total_norm)) or torch.is_tensor(loss_scale):
             return original(grad_groups_flat, total_norm)  # nothing to clip, or a form not seen here
@@ -50,5 +64,22 @@ def use_device_side_clip(optimizer) -> bool:
                     g.data.mul_(inverse)
 
     unscale_and_clip_grads._vutrain_device_side = True
+    unscale_and_clip_grads.skip = None
     optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+    return True
+
+
+def mask_at_step(engine, skip: torch.Tensor) -> bool:
+    """Have the wrapped clip zero the step's gradients where ``skip`` (a 0-dim bool on the device)
+    is set, if a skipped micro-batch is a skipped step whose gradients nothing reads before the
+    clip: ZeRO-1/2 wrapped by :func:`use_device_side_clip`, one micro-batch per step, bf16 without
+    DeepSpeed's own overflow check (it would skip the step: fp16, fp32), no CPU offload (the flat
+    gradients live on the host there). True when installed: the guard's per-parameter hooks can go."""
+    optimizer = engine.optimizer
+    clip = getattr(optimizer, "unscale_and_clip_grads", None)
+    if not getattr(clip, "_vutrain_device_side", False) or engine.gradient_accumulation_steps() != 1:
+        return False
+    if optimizer.dtype != torch.bfloat16 or optimizer.check_grad_overflow or optimizer.cpu_offload:
+        return False
+    clip.skip = skip
     return True

@@ -8,7 +8,9 @@ and any stop request); the result stays on the device:
 * the loss handed to backward is masked to 0 (`masked_fill`, whose gradient is exactly 0 even
   where the loss is NaN), and
 * a hook on every trainable parameter masks its gradient to 0, because NaN activations inside the
-  model would otherwise turn 0 x NaN into NaN gradients.
+  model would otherwise turn 0 x NaN into NaN gradients. Where a skipped micro-batch is a skipped
+  step (one micro-batch per step, bf16 ZeRO-1/2), the trainer instead has the optimizer zero the
+  flat gradients once at the step (`grad_clip.mask_at_step`) and removes these hooks.
 
 A skipped micro-batch thus contributes exactly zero to the step's gradient, as if its loss were
 0 on every rank. A step whose micro-batches were all skipped still calls the optimizer with a zero
@@ -100,6 +102,7 @@ class NonFiniteGuard:
         self._stats[3] = float(state.get("nonfinite_in_row", 0))
 
     def remove(self) -> None:
-        """Detach the gradient hooks."""
+        """Detach the gradient hooks (the step masks the gradients instead, or the run is over)."""
         for handle in self._hooks:
             handle.remove()
+        self._hooks = []

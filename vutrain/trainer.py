@@ -26,6 +26,7 @@ from vutrain.config import RunConfig, save_config
 from vutrain.distributed import DistInfo, all_reduce, barrier
 from vutrain.engine import build_engine
 from vutrain.evaluate import Evaluator
+from vutrain.grad_clip import mask_at_step
 from vutrain.losses import build_loss_from_config
 from vutrain.metrics import MetricsWriter
 from vutrain.model import build_model, count_parameters, text_attention_mask, tokenizer_and_processor
@@ -128,6 +129,10 @@ class Trainer:
         self._build_loss()
         self._build_data()
         self.guard = NonFiniteGuard(self.engine.module, self.device, info.world_size)
+        if mask_at_step(self.engine, self.guard.skip):
+            # One micro-batch per step: the step zeroes a skipped step's flat gradients once
+            # (grad_clip.py), so the guard's masked_fill on every parameter in backward can go.
+            self.guard.remove()
         self.evaluator = Evaluator(
             cfg,
             info.rank,
