@@ -183,9 +183,12 @@ profile_step() {  # where batch 256's step waits: GPU busy time against host tim
         --workers 8 --warmup 6 --steps 3 ${PROFILE_EXTRA:-}
 }
 
-compare_args() {  # the default comparison (ZeRO-2: one rank), searches ending 50 s before the limit
+# The default comparison (ZeRO-2: one rank), searches ending 50 s before the limit. 10 steps after
+# 4: with 6 after 2 (2026-12-04) the first configuration in the process ran at 90 ms a step at
+# batch 256 where the same step took 78 ms in the e2e run and in the later triton-loss row.
+compare_args() {
     local max; max=$(limit "${COMPARE_S:-170}")
-    args=(--batch-sizes 256,1024 --steps 6 --warmup 2 --zero-stages 2
+    args=(--batch-sizes 256,1024 --steps 10 --warmup 4 --zero-stages 2
           --search "open_clip,vutrain z2 torch,vutrain z2 triton ckpt"
           --deadline-min "$(awk "BEGIN { print ($max - 50) / 60 }")")
     [[ -z "${COMPARE_ARGS:-}" ]] || eval "args=($COMPARE_ARGS)"
