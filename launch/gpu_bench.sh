@@ -184,8 +184,8 @@ profile_step() {  # where batch 256's step waits: GPU busy time against host tim
 }
 
 # The default comparison (ZeRO-2: one rank), searches ending 50 s before the limit. 10 steps after
-# 4: with 6 after 2 (2026-12-04) the first configuration in the process ran at 90 ms a step at
-# batch 256 where the same step took 78 ms in the e2e run and in the later triton-loss row.
+# 4: with 6 after 2 (2026-12-04) the first configuration in the process (ZeRO-2, torch loss) ran
+# at 90 ms a step at batch 256, where the e2e run timed the same configuration at 78 ms.
 compare_args() {
     local max; max=$(limit "${COMPARE_S:-170}")
     args=(--batch-sizes 256,1024 --steps 10 --warmup 4 --zero-stages 2
