@@ -114,13 +114,18 @@ def test_nonfinite_microbatch_contributes_zero_with_accumulation(synthetic_shard
 
 
 @pytest.mark.slow  # spawns 2 rank processes
-@pytest.mark.parametrize("stage", [1, 2])
-def test_nonfinite_step_masked_at_the_step_in_bf16(synthetic_shards, tmp_path, stage):
+@pytest.mark.parametrize(
+    "stage,ds_config",
+    # the generated config (no overlap, separate gradients), and the shipped ZeRO-2 one
+    # (overlap_comm, contiguous gradients, reduce_scatter): NaN through DeepSpeed's buckets
+    [(1, ""), (2, ""), (2, os.path.join(tr.REPO, "launch", "ds_configs", "zero2.json"))],
+)
+def test_nonfinite_step_masked_at_the_step_in_bf16(synthetic_shards, tmp_path, stage, ds_config):
     """One micro-batch per step in bf16 at ZeRO-1/2: no per-parameter gradient hooks; the skipped
     step (the second; rank 1's pixels NaN, so its activations and gradients are NaN, reduced into
     every rank's partition) is zeroed at the optimizer step, giving exactly the parameters of the
     run whose loss at that step is multiplied by 0 (AdamW still steps, with a zero gradient)."""
-    extra = {"train__precision": "bf16", "train__zero_stage": stage}
+    extra = {"train__precision": "bf16", "train__zero_stage": stage, "train__ds_config": ds_config}
     results = run_distributed(
         _run_both, 2, synthetic_shards, str(tmp_path), 1, extra, init_process_group=False, timeout_s=600
     )

@@ -6,10 +6,11 @@ Runs the benchmark's Trainer (vutrain.bench.build_trainer: one rank, synthetic s
 syncs, so the host runs ahead as in training) for warm-up steps, then profiles `--steps` steps with
 torch.profiler and prints, per step: the wall time (device synchronised at the end), the time the
 GPU was busy (the union of its kernels' and copies' intervals), and the host's time in each phase
-(data, forward with the loss and the non-finite agreement, backward, optimizer step). A GPU busy for much less than the wall time while
-the host phases add up to it means the step waits on the host (Python, launches, DeepSpeed hooks),
-not on the GPU. Then the 15 aten ops with the most host time and, on a GPU, the most GPU time.
-Prints a JSON line last. Measures, does not judge: no timing is asserted anywhere.
+(data, forward with the loss, backward, optimizer step; the non-finite agreement between them is
+in none). A GPU busy for much less than the wall time while the host phases add up to it means
+the step waits on the host (Python, launches, DeepSpeed hooks), not on the GPU. Then the 15 aten
+ops with the most host time and, on a GPU, the most GPU time. Prints a JSON line last.
+Measures, does not judge: no timing is asserted anywhere.
 """
 
 from __future__ import annotations

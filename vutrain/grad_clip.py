@@ -74,12 +74,15 @@ def mask_at_step(engine, skip: torch.Tensor) -> bool:
     is set, if a skipped micro-batch is a skipped step whose gradients nothing reads before the
     clip: ZeRO-1/2 wrapped by :func:`use_device_side_clip`, one micro-batch per step, bf16 without
     DeepSpeed's own overflow check (it would skip the step: fp16, fp32), no CPU offload (the flat
-    gradients live on the host there). True when installed: the guard's per-parameter hooks can go."""
+    gradients live on the host there), no Muon parameters (Muon turns gradients into updates during
+    backward, before this step). True when installed: the guard's per-parameter hooks can go."""
     optimizer = engine.optimizer
     clip = getattr(optimizer, "unscale_and_clip_grads", None)
     if not getattr(clip, "_vutrain_device_side", False) or engine.gradient_accumulation_steps() != 1:
         return False
     if optimizer.dtype != torch.bfloat16 or optimizer.check_grad_overflow or optimizer.cpu_offload:
+        return False
+    if any(getattr(p, "use_muon", False) for group in optimizer.bit16_groups for p in group):
         return False
     clip.skip = skip
     return True
