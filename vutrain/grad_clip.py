@@ -47,9 +47,8 @@ def use_device_side_clip(optimizer) -> bool:
     def unscale_and_clip_grads(grad_groups_flat, total_norm):
         skip = unscale_and_clip_grads.skip
         if skip is not None:  # the guard's verdict on this step's one micro-batch (mask_at_step)
-            for grad in grad_groups_flat:
-                for g in grad if isinstance(grad, list) else [grad]:
-                    g.data.masked_fill_(skip, 0)
+            for g in _flat_tensors(grad_groups_flat):
+                g.data.masked_fill_(skip, 0)
         clip_grad, loss_scale = optimizer.clip_grad, optimizer.loss_scale
         if not (clip_grad > 0.0 and torch.is_tensor(total_norm)) or torch.is_tensor(loss_scale):
             return original(grad_groups_flat, total_norm)  # nothing to clip, or a form not seen here
@@ -59,14 +58,19 @@ def use_device_side_clip(optimizer) -> bool:
             # DeepSpeed's formula: the norm is of the scaled gradients.
             clip = torch.clamp(((clip_norm / loss_scale) + 1e-6) / clip_grad, min=1.0)
             inverse = 1.0 / (clip * loss_scale)
-            for grad in grad_groups_flat:
-                for g in grad if isinstance(grad, list) else [grad]:
-                    g.data.mul_(inverse)
+            for g in _flat_tensors(grad_groups_flat):
+                g.data.mul_(inverse)
 
     unscale_and_clip_grads._vutrain_device_side = True
     unscale_and_clip_grads.skip = None
     optimizer.unscale_and_clip_grads = unscale_and_clip_grads
     return True
+
+
+def _flat_tensors(grad_groups_flat):
+    """The flat gradient tensors DeepSpeed passes: one per group, or a list of sub-partitions."""
+    for grad in grad_groups_flat:
+        yield from grad if isinstance(grad, list) else [grad]
 
 
 def mask_at_step(engine, skip: torch.Tensor) -> bool:
