@@ -11,9 +11,10 @@ import os
 
 import pytest
 import torch
-from helpers_dist import run_distributed
 
 from vutrain.distributed import SHM_BUFFER_PREFIX, shm_buffer_path
+
+from helpers_dist import run_distributed
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
 
@@ -60,7 +61,8 @@ def test_release_unlinks_the_segment_and_the_all_reduce_still_works():
 
 def test_init_distributed_leaves_no_segment_behind():
     before = set(glob.glob(f"/dev/shm/{SHM_BUFFER_PREFIX}_*"))
-    assert run_distributed(_vutrain_init, 2, init_process_group=False, env={"LOCAL_SIZE": "2"}) == [False, False]
+    exists = run_distributed(_vutrain_init, 2, init_process_group=False, env={"LOCAL_SIZE": "2"})
+    assert exists == [False, False]
     assert _ours(before) == set()
 
 

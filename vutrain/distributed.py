@@ -230,7 +230,8 @@ def shm_buffer_path(rank: int, env=None) -> str:
     """The /dev/shm file DeepSpeed's CPU all-reduce creates for `rank` of the group at
     MASTER_ADDR:MASTER_PORT in `env` (default: this process's environment)."""
     env = os.environ if env is None else env
-    name = f"{SHM_BUFFER_PREFIX}_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    name = f"{SHM_BUFFER_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
     return os.path.join("/dev/shm", name)
 
 
