@@ -132,6 +132,87 @@ def test_largest_batch_target_is_judged_against_open_clip_and_like_for_like():
     assert judge_targets([], largest, on_gpu=False) == []
 
 
+def test_compiled_rows_are_also_set_against_open_clip_compiled():
+    """With --compile the issue's target still divides by open_clip as it ships; the compiled pair
+    is shown beside it (information), best compiled vutrain over open_clip's --torchcompile step."""
+    from vutrain.bench_report import add_ratios, judge_targets
+
+    def row(variant, side, speed, compiled=False):
+        return {
+            "variant": variant,
+            "side": side,
+            "batch_size": 256,
+            "samples_per_s": speed,
+            "compiled": compiled,
+        }
+
+    rows = [
+        row("open_clip", "open_clip", 1000.0),
+        row("open_clip compile", "open_clip", 1500.0, compiled=True),
+        row("vutrain z2 triton", "vutrain", 900.0),
+        row("vutrain z2 triton compile", "vutrain", 1800.0, compiled=True),
+        row("vutrain z1 triton compile", "vutrain", 1700.0, compiled=True),
+    ]
+    add_ratios(rows, [])
+    got = {t["target"]: t for t in judge_targets(rows, [], on_gpu=True)}
+    assert got["samples/s at batch 256 >= 1.1x open_clip"]["value"] == 1.8
+    info = got["samples/s at batch 256, both compiled (information)"]
+    assert (info["value"], info["by"], info["result"]) == (1.2, "vutrain z2 triton compile", "INFO PASS")
+    without = judge_targets(rows[:1] + rows[2:], [], on_gpu=True)
+    assert not any("both compiled" in t["target"] for t in without)
+
+
+def test_compile_adds_compiled_twins_after_the_baseline():
+    from vutrain.bench_compare import parse_args, variants
+
+    args = parse_args(["--compare", "open_clip", "--zero-stages", "2", "--loss-backends", "triton"])
+    assert [v.label for v in variants(args)] == [
+        "vutrain z2 triton",
+        "open_clip",
+        "open_clip ckpt",
+        "vutrain z2 triton ckpt",
+    ]
+    args = parse_args(
+        ["--compare", "open_clip", "--zero-stages", "2", "--loss-backends", "triton"]
+        + ["--grad-ckpt", "off", "--compile", "both"]
+    )
+    assert [v.label for v in variants(args)] == [
+        "vutrain z2 triton",
+        "open_clip",
+        "open_clip compile",
+        "vutrain z2 triton compile",
+    ]
+
+
+@needs_open_clip
+@pytest.mark.slow
+def test_compare_compiled_configurations_on_cpu(tmp_path):
+    """--compile both: vutrain's train.compile and open_clip's torch.compile'd model train side by
+    side (aot_eager here: the capture and autograd of the real compiler, none of its codegen)."""
+    out = tmp_path / "compare.json"
+    argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4"]
+    argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "1"]
+    argv += ["--warmup", "1", "--pool", "8", "--max-batch", "0", "--compile", "both"]
+    argv += ["--compile-backend", "aot_eager", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "vutrain.bench", *argv],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=tr.env(),
+        cwd=tr.REPO,
+    )
+    assert proc.returncode == 0, tr.describe(proc)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["compiled"]) for r in rows] == [
+        ("vutrain z2 torch", False),
+        ("open_clip", False),
+        ("open_clip compile", True),
+        ("vutrain z2 torch compile", True),
+    ]
+    assert all(r["samples_per_s"] > 0 and "error" not in r for r in rows)
+
+
 def test_rounds_keep_the_median_speed_the_largest_peak_and_any_error():
     from vutrain.bench_compare import median_rows
 

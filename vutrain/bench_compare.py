@@ -60,12 +60,13 @@ class Variant:
     grad_ckpt: bool
     zero_stage: int | None = None
     loss_backend: str | None = None
+    compiled: bool = False  # torch.compile: vutrain's train.compile, open_clip's --torchcompile
 
     @property
     def label(self) -> str:
         """Short name of the configuration, as in the report and ``--search``."""
         name = "open_clip" if self.side == "open_clip" else f"vutrain z{self.zero_stage} {self.loss_backend}"
-        return name + (" ckpt" if self.grad_ckpt else "")
+        return name + (" ckpt" if self.grad_ckpt else "") + (" compile" if self.compiled else "")
 
 
 BASELINE = Variant("open_clip", grad_ckpt=False)
@@ -139,6 +140,8 @@ class TrainerStep:
             "train.resume=never",
             "data.num_workers=0",
             f"loss.backend={variant.loss_backend}",
+            f"train.compile={str(variant.compiled).lower()}",
+            f"train.compile_backend={args.compile_backend}",
             "data.resampled=true",
             "data.num_samples=100000",
         ]
@@ -301,6 +304,7 @@ class Bench:
             self.device,
             self.precision(variant),
             grad_checkpointing=variant.grad_ckpt,
+            compile_backend=self.args.compile_backend if variant.compiled else None,
         )
 
     def precision(self, variant: Variant) -> str:
@@ -351,6 +355,7 @@ class Bench:
                 "zero_stage": variant.zero_stage,
                 "loss_backend": variant.loss_backend,
                 "grad_ckpt": variant.grad_ckpt,
+                "compiled": variant.compiled,
                 "precision": self.precision(variant),
                 "batch_size": size,
             }
@@ -455,6 +460,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="both",
         help="vutrain (and open_clip) gradient checkpointing; 'both' adds open_clip's too",
     )
+    parser.add_argument(
+        "--compile",
+        choices=("off", "on", "both"),
+        default="off",
+        help="torch.compile (vutrain's train.compile, open_clip's --torchcompile): 'on' compiles "
+        "every configuration, 'both' adds compiled twins of vutrain's and open_clip's default "
+        "(off by default: each compiled configuration first spends minutes compiling)",
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of compiled configurations"
+    )
     parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps per batch size")
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)
     parser.add_argument(
@@ -518,13 +534,17 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     first: the first vutrain Trainer's own stream reads the pool of batches both sides train on.
     """
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     ours = [
-        Variant("vutrain", ckpt, int(z), backend)
+        Variant("vutrain", ckpt, int(z), backend, compiled)
+        for compiled in compiles
         for z in args.zero_stages.split(",")
         for backend in args.loss_backends.split(",")
         for ckpt in ckpts
     ]
-    baseline = [BASELINE] + ([Variant("open_clip", grad_ckpt=True)] if True in ckpts else [])
+    theirs = [Variant("open_clip", ckpt, compiled=compiled) for compiled in compiles for ckpt in ckpts]
+    # open_clip as it ships (the baseline of every ratio) first among its configurations.
+    baseline = [BASELINE] + [v for v in theirs if v != BASELINE]
     return ours[:1] + baseline + ours[1:]
 
 

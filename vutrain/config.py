@@ -161,6 +161,10 @@ class TrainConfig:
     """Stop with an error after this many non-finite losses in a row (each is skipped)."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
+    compile: bool = False
+    """torch.compile the model (both towers, forward and backward) through DeepSpeed's engine.compile."""
+    compile_backend: str = "inductor"
+    """torch.compile backend with train.compile: inductor (fused kernels), aot_eager (capture only), ..."""
 
 
 @dataclass
@@ -476,8 +480,25 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         raise ConfigError(f"train.resume={t.resume!r}: not auto, never, or an existing checkpoint directory")
     if t.ds_config and not os.path.isfile(t.ds_config):
         raise ConfigError(f"train.ds_config={t.ds_config!r} does not exist (templates: launch/ds_configs/)")
+    if t.compile:
+        _validate_compile_backend(t.compile_backend)
+        if t.zero_stage == 3:
+            # ZeRO-3 gathers and frees parameters in hooks around every submodule, which the
+            # compiled graph does not run (measured: the text tower saw an empty position table).
+            raise ConfigError(
+                "train.compile=true runs with train.zero_stage 0, 1 or 2; ZeRO-3 needs "
+                "train.compile=false (or train.zero_stage=2 where the model fits)"
+            )
     if "{}" not in "".join(e.templates):
         raise ConfigError("eval.templates must contain '{}' where the class name goes")
+
+
+def _validate_compile_backend(backend: str) -> None:
+    """A backend torch.compile knows; named here rather than at the first forward, minutes in."""
+    from torch._dynamo import list_backends
+
+    if backend not in set(list_backends(exclude_tags=())) | {"inductor"}:  # debug backends pass too
+        _choice("train.compile_backend", backend, tuple(dict.fromkeys(["inductor", "aot_eager", *list_backends()])))
 
 
 def _validate_loss(lo: LossConfig) -> None:

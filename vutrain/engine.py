@@ -49,6 +49,11 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     warn_if_misaligned(engine.module, cfg.zero_stage)
     use_multi_tensor_grad_norm(engine.optimizer)  # 2 kernels per parameter -> a few (grad_norm.py)
     use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
+    if cfg.compile:
+        # After the engine is built: DeepSpeed's hooks and the parameters' flat-buffer views are in
+        # place, and the module is compiled in place (nn.Module.compile), so parameter names, and
+        # with them checkpoints and export, stay those of the eager model.
+        engine.compile(backend=cfg.compile_backend)
     return engine
 
 
