@@ -7,7 +7,8 @@
 # Steps, in order: tests (pytest -m gpu: tests/test_multi_gpu.py in a second pytest beside the
 # rest), demo (make demo's job, python -m vutrain.demo --device cuda, with its 0.6 bar; started
 # beside tests when both are asked for: neither times anything, and the GPU has room for both),
-# compare (python -m vutrain.bench --compare open_clip, ZeRO-2), kernels (python -m
+# compare (python -m vutrain.bench --compare open_clip, ZeRO-2), compile (the same with
+# train.compile against open_clip compiled and as it ships, batch 256 and 1024), kernels (python -m
 # kernels.bench), e2e (python -m vutrain.bench: ViT-B/32 bf16 ZeRO-2 at batch 256 through the
 # real stream with the default worker count, against compare's pre-decoded row), profile
 # (tools/profile_step.py: is that step bound by the GPU or the host?), data (python -m
@@ -18,22 +19,26 @@
 # compare_open_clip.json/.png, kernels/, e2e.json, data_w8.log): the device tool brings back at
 # most 8 files. PACK=0 leaves the files unpacked. A failing step does not stop the next.
 #
-# Time: each step has a limit in seconds (TESTS_S=150, DEMO_S=150, COMPARE_S=170, PROFILE_S=80,
+# Time: each step has a limit in seconds (TESTS_S=150, DEMO_S=150, COMPARE_S=170, COMPILE_S=200,
+# PROFILE_S=80,
 # KERNELS_S=110, E2E_S=80, DATA_S=40), and no step starts once TOTAL_S (default 580) is spent, so
 # summary.txt is always written and a 15-minute device lease keeps about 5 minutes for a second,
 # shorter call (on an H200 on 2026-12-04, summary.txt: set-up 58 s, tests 134 with the demo's 96
 # beside them, compare 141, kernels 32 without torch.compile, e2e 45, data 27). The steps run
-# in order of what the next GPU session most needs: profile right after compare.
+# in order of what the next GPU session most needs: compile and profile right after compare (the
+# compile step is new, unmeasured: the steps after it may find TOTAL_S spent).
 # The compare JSON is rewritten after every configuration and the kernels JSON on SIGTERM: a
 # step cut short keeps what it measured. One step alone: e.g.
 # `COMPARE_S=540 ... gpu_bench.sh compare`.
 # Extra arguments: COMPARE_ARGS, KERNELS_ARGS, TESTS_ARGS (replace the defaults below; TESTS_ARGS
 # the paths of the pytest beside the multi-GPU one, e.g. a rerun of the tests that failed);
-# COMPARE_EXTRA, DEMO_EXTRA, E2E_EXTRA, PROFILE_EXTRA and DATA_EXTRA (appended to the defaults).
+# COMPARE_EXTRA, COMPILE_EXTRA, DEMO_EXTRA, E2E_EXTRA, PROFILE_EXTRA and DATA_EXTRA (appended to the defaults).
 # A dry run on a CPU machine, to check every step's command line before GPU time is spent (tiny
 # sizes; the GPU tests skip themselves):
 #   GPU_SETUP=/dev/null PYTHON=.venv/bin/python COMPARE_EXTRA="--preset tiny --precision fp32
-#   --batch-sizes 4 --steps 1 --warmup 1 --pool 8 --max-batch 8" KERNELS_ARGS=--quick
+#   --batch-sizes 4 --steps 1 --warmup 1 --pool 8 --max-batch 8" COMPILE_EXTRA="--preset tiny
+#   --precision fp32 --batch-sizes 4 --steps 1 --warmup 1 --pool 8 --compile-backend aot_eager"
+#   KERNELS_ARGS=--quick
 #   DATA_EXTRA="--batch-size 16 --batches 2 --decode-seconds 0.2" DEMO_EXTRA="--device cpu --steps 2
 #   --num-samples 256 --val-samples 48 --shard-size 64 --min-top1 0" E2E_EXTRA="--preset tiny --precision fp32
 #   --batch-sizes 8 --steps 1 --warmup 1 --workers 1" PROFILE_EXTRA="--preset tiny --precision fp32
@@ -70,7 +75,7 @@ mkdir -p "$OUT"
 START=$SECONDS
 TOTAL_S="${TOTAL_S:-580}"
 STEPS=("$@")
-[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests demo compare profile kernels e2e data)
+[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests demo compare compile profile kernels e2e data)
 
 SETUP="${GPU_SETUP:-.gpu/setup.sh}"  # GPU_SETUP: another set-up script (a dry run on a CPU machine)
 if [[ ! -r "$SETUP" ]]; then
@@ -195,6 +200,14 @@ compare_args() {
     [[ -z "${COMPARE_EXTRA:-}" ]] || eval "args+=($COMPARE_EXTRA)"  # appended: later options win
 }
 
+# train.compile against open_clip's --torchcompile and as it ships, at the issue's batch sizes:
+# whether compiling the towers takes batch 256 past 1.1x (the eager step is host-bound there).
+compile_args() {
+    args=(--batch-sizes 256,1024 --steps 10 --warmup 4 --zero-stages 2 --loss-backends triton
+          --grad-ckpt off --compile on --search none)
+    [[ -z "${COMPILE_EXTRA:-}" ]] || eval "args+=($COMPILE_EXTRA)"
+}
+
 # fwd+bwd only: every target is judged on it, and torch.compile compiles once per case. The
 # compile rows last in each case: a step cut at its limit then loses a baseline, not our rows.
 DEFAULT_KERNELS_ARGS="--shapes 32768x32768x768,4096x32768x768 --providers eager,ours,inf_cl,compile
@@ -221,6 +234,9 @@ for step in "${STEPS[@]}"; do
         compare) compare_args
                  run_step compare "${COMPARE_S:-170}" "$PY" -m vutrain.bench --compare open_clip \
                      "${args[@]}" --out "$OUT/compare_open_clip.json" ;;
+        compile) compile_args
+                 run_step compile "${COMPILE_S:-200}" "$PY" -m vutrain.bench --compare open_clip \
+                     "${args[@]}" --out "$OUT/compare_compiled.json" ;;
         kernels) eval "args=(${KERNELS_ARGS:-$DEFAULT_KERNELS_ARGS})"
                  run_step kernels "${KERNELS_S:-110}" "$PY" -m kernels.bench --out "$OUT/kernels" \
                      "${args[@]}" ;;
@@ -230,7 +246,7 @@ for step in "${STEPS[@]}"; do
                  run_step profile "${PROFILE_S:-80}" bash -c profile_step ;;
         data) export -f data_step; export PY OUT DATA_EXTRA
               run_step data "${DATA_S:-40}" bash -c data_step ;;
-        *) echo "unknown step $step: choose from tests demo compare kernels e2e profile data (or prepare)" >&2
+        *) echo "unknown step $step: choose from tests demo compare compile kernels e2e profile data (or prepare)" >&2
            echo "$step unknown 0" >> "$OUT/summary.txt" ;;
     esac
 done

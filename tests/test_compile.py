@@ -62,7 +62,7 @@ def test_compile_config_errors_name_the_fix():
     from vutrain.config import ConfigError, load_config
 
     base = ["data.train_shards=x.tar", "train.compile=true"]
-    with pytest.raises(ConfigError, match="train.compile_backend='nope' is not valid; choose one of: inductor"):
+    with pytest.raises(ConfigError, match="compile_backend='nope' is not valid; choose one of: inductor"):
         load_config("tiny", [*base, "train.compile_backend=nope"])
     with pytest.raises(ConfigError, match="ZeRO-3 needs train.compile=false"):
         load_config("tiny", [*base, "train.zero_stage=3"])

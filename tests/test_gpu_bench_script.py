@@ -28,6 +28,8 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
         PYTHON=tr.sys.executable,
         COMPARE_EXTRA="--preset tiny --precision fp32 --batch-sizes 4 --steps 1 --warmup 1 --pool 8 "
         "--max-batch 8 --zero-stages 2",
+        COMPILE_EXTRA="--preset tiny --precision fp32 --batch-sizes 4 --steps 1 --warmup 1 --pool 8 "
+        "--compile-backend aot_eager",
         KERNELS_ARGS="--quick",
         DATA_EXTRA="--batch-size 16 --batches 2 --decode-images 16 --decode-seconds 0.2 --rounds 1",
         DEMO_EXTRA="--device cpu --steps 2 --num-samples 256 --val-samples 48 --shard-size 64 --min-top1 0",
@@ -51,6 +53,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
         ("tests", "0"),
         ("demo", "0"),  # beside the tests, its line after theirs
         ("compare", "0"),
+        ("compile", "0"),
         ("profile", "0"),
         ("kernels", "0"),
         ("e2e", "0"),
@@ -66,6 +69,12 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     searched = [e["variant"] for e in compare["largest"]]
     assert searched == ["open_clip", "vutrain z2 torch", "vutrain z2 triton ckpt"]  # the script's --search
     assert (results / "compare_open_clip.png").is_file()
+    compiled = json.loads((results / "compare_compiled.json").read_text())
+    assert [(r["variant"], "error" in r) for r in compiled["rows"]] == [
+        ("vutrain z2 triton compile", False),
+        ("open_clip", False),  # the baseline, as it ships, in the same process
+        ("open_clip compile", False),
+    ]
     assert any(name.endswith(".json") for name in os.listdir(results / "kernels"))
     assert "zero-shot top-1 on the held-out set" in (results / "demo.log").read_text()
     e2e = json.loads((results / "e2e.json").read_text())

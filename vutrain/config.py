@@ -498,7 +498,8 @@ def _validate_compile_backend(backend: str) -> None:
     from torch._dynamo import list_backends
 
     if backend not in set(list_backends(exclude_tags=())) | {"inductor"}:  # debug backends pass too
-        _choice("train.compile_backend", backend, tuple(dict.fromkeys(["inductor", "aot_eager", *list_backends()])))
+        shown = dict.fromkeys(["inductor", "aot_eager", *list_backends()])
+        _choice("train.compile_backend", backend, tuple(shown))
 
 
 def _validate_loss(lo: LossConfig) -> None:
