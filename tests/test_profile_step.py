@@ -23,15 +23,18 @@ def test_busy_time_is_the_union_of_kernel_intervals():
 
 
 @pytest.mark.slow  # a one-rank training run in a subprocess
-def test_profiles_the_trainer_phases_on_cpu():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_profiles_the_trainer_phases_on_cpu(compiled):
     cmd = [sys.executable, os.path.join(REPO, "tools", "profile_step.py"), "--warmup", "1", "--steps", "2"]
     cmd += ["--batch-size", "8", "--workers", "0"]
+    cmd += ["--compile", "--compile-backend", "aot_eager"] if compiled else []
     r = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "VUTRAIN_DEVICE": "cpu"}
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     record = json.loads(r.stdout.strip().splitlines()[-1])
     assert record["gpu_busy_ms"] is None and record["steps"] == 2  # no GPU: nothing made up
+    assert record["compiled"] is compiled
     host = record["host_ms"]
     assert set(host) == {"data", "forward", "backward", "optimizer"}
     # every phase was seen inside the profile, and together they fit in the measured wall time

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (warm-up compiles)")
+    parser.add_argument("--compile-backend", default="inductor")
     args = parser.parse_args(argv)
 
     import torch
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         preset=args.preset, precision=args.precision, zero_stage=args.zero_stage,
         batch_size=args.batch_size, grad_ckpt="false", steps=args.steps, warmup=args.warmup,
         workers=args.workers, loss_backend=args.loss_backend, train_shards=data["train_shards"],
-        run_dir=os.path.join(work, "run"),
+        run_dir=os.path.join(work, "run"), compile=args.compile, compile_backend=args.compile_backend,
     )  # fmt: skip
     trainer = build_trainer(spec, sync_timing=False)
     cuda = trainer.device.type == "cuda"
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print("GPU busy from the ops' self device time (the profiler listed no kernel events)")
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{device}, {args.preset} {args.precision}, ZeRO-{args.zero_stage}, batch {args.batch_size}, "
-          f"loss {args.loss_backend}, {args.steps} profiled steps after {args.warmup}")  # fmt: skip
+          f"loss {args.loss_backend}{', compiled' if args.compile else ''}, "
+          f"{args.steps} profiled steps after {args.warmup}")  # fmt: skip
     print(f"wall per step: {wall * 1e3:.1f} ms (profiler on)")
     if cuda:
         print(f"GPU busy per step: {gpu_busy:.1f} ms ({100 * gpu_busy / (wall * 1e3):.0f}% of the wall time)")
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     record = dict(
         device=device, preset=args.preset, precision=args.precision, zero_stage=args.zero_stage,
         batch_size=args.batch_size, loss_backend=args.loss_backend, steps=args.steps,
+        compiled=args.compile,
         wall_ms=wall * 1e3, gpu_busy_ms=gpu_busy, host_ms=host,
         date=time.strftime("%Y-%m-%d"), command="python tools/profile_step.py " + " ".join(sys.argv[1:]),
     )  # fmt: skip

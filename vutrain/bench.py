@@ -60,6 +60,8 @@ def build_trainer(spec: dict, sync_timing: bool = True):
         "train.resume=never",
         f"data.num_workers={spec['workers']}",
         f"loss.backend={spec['loss_backend']}",
+        f"train.compile={str(spec.get('compile', False)).lower()}",
+        f"train.compile_backend={spec.get('compile_backend', 'inductor')}",
         "data.resampled=true",
         "data.num_samples=100000",
     ]
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--loss-backend", default="torch")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (warm-up compiles)")
+    parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--out", default="bench_results/train_bench.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one JSON spec in this process
     args = parser.parse_args(argv)
@@ -196,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=args.warmup,
                 workers=args.workers,
                 loss_backend=args.loss_backend,
+                compile=args.compile,
+                compile_backend=args.compile_backend,
                 train_shards=data["train_shards"],
                 run_dir=os.path.join(work, f"run-{batch}-{ckpt}"),
             )
