@@ -112,21 +112,21 @@ def run_one(spec: dict) -> dict:
 def table(rows: list[dict]) -> str:
     """The benchmark rows as a markdown table (failed configurations say why)."""
     lines = [
-        "| preset | precision | ZeRO | batch | grad ckpt | samples/s | step s | data | fwd | loss | bwd "
-        "| opt | peak mem GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | precision | ZeRO | batch | grad ckpt | compile | samples/s | step s | data | fwd | loss "
+        "| bwd | opt | peak mem GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(
                 f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
-                f"{r['grad_ckpt']} | failed: {r['error'][:60]} |||||||| "
+                f"{r['grad_ckpt']} | {bool(r.get('compile'))} | failed: {r['error'][:60]} |||||||| "
             )
             continue
         mem = r.get("peak_memory_gib", r.get("peak_rss_gib", float("nan")))
         lines.append(
             f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
-            f"{r['grad_ckpt']} | "
+            f"{r['grad_ckpt']} | {bool(r.get('compile'))} | "
             f"{r['samples_per_s']:.1f} | {r['step_time_s']:.3f} | "
             + " | ".join(f"{r[p + '_s']:.3f}" for p in PHASES)
             + f" | {mem:.2f} |"
