@@ -8,10 +8,10 @@
 # rest), demo (make demo's job, python -m vutrain.demo --device cuda, with its 0.6 bar; started
 # beside tests when both are asked for: neither times anything, and the GPU has room for both),
 # compare (python -m vutrain.bench --compare open_clip, ZeRO-2), compile (the same with
-# train.compile against open_clip compiled and as it ships, batch 256 and 1024), kernels (python -m
-# kernels.bench), e2e (python -m vutrain.bench: ViT-B/32 bf16 ZeRO-2 at batch 256 through the
-# real stream with the default worker count, against compare's pre-decoded row), profile
-# (tools/profile_step.py: is that step bound by the GPU or the host?), data (python -m
+# train.compile against open_clip compiled and as it ships, batch 256), e2e (python -m
+# vutrain.bench: ViT-B/32 bf16 ZeRO-2 at batch 256 and 1024 through the real stream with the
+# default worker count, against compare's pre-decoded rows), kernels (python -m kernels.bench),
+# profile (tools/profile_step.py: is the batch-256 step bound by the GPU or the host?), data (python -m
 # vutrain.bench data on synthetic 256-px shards, 8 workers, which also measures 1). Before any
 # step, .gpu/setup.sh (a copy of shared/gpu/setup.sh) installs .whl/ into /tmp/site (at most
 # SETUP_S=120 s) and prints what imports. Results: $OUT (default ./gpu_out) holds summary.txt
@@ -19,14 +19,15 @@
 # compare_open_clip.json/.png, kernels/, e2e.json, data_w8.log): the device tool brings back at
 # most 8 files. PACK=0 leaves the files unpacked. A failing step does not stop the next.
 #
-# Time: each step has a limit in seconds (TESTS_S=150, DEMO_S=150, COMPARE_S=170, COMPILE_S=200,
+# Time: each step has a limit in seconds (TESTS_S=150, DEMO_S=150, COMPARE_S=170, COMPILE_S=150,
 # PROFILE_S=80,
 # KERNELS_S=110, E2E_S=110, DATA_S=40), and no step starts once TOTAL_S (default 580) is spent, so
 # summary.txt is always written and a 15-minute device lease keeps about 5 minutes for a second,
 # shorter call (on an H200 on 2026-12-04, summary.txt: set-up 58 s, tests 134 with the demo's 96
 # beside them, compare 141, kernels 32 without torch.compile, e2e 45, data 27). The steps run
-# in order of what the next GPU session most needs: compile and profile right after compare (the
-# compile step is new, unmeasured: the steps after it may find TOTAL_S spent).
+# in order of what the next GPU session most needs: compile right after compare, then e2e (the
+# optimizer's share at 1024), kernels (torch.compile rows), profile; the compile step is new
+# and unmeasured, so the last steps may find TOTAL_S spent.
 # The compare JSON is rewritten after every configuration and the kernels JSON on SIGTERM: a
 # step cut short keeps what it measured. One step alone: e.g.
 # `COMPARE_S=540 ... gpu_bench.sh compare`.
@@ -75,7 +76,7 @@ mkdir -p "$OUT"
 START=$SECONDS
 TOTAL_S="${TOTAL_S:-580}"
 STEPS=("$@")
-[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests demo compare compile profile kernels e2e data)
+[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests demo compare compile e2e kernels profile data)
 
 SETUP="${GPU_SETUP:-.gpu/setup.sh}"  # GPU_SETUP: another set-up script (a dry run on a CPU machine)
 if [[ ! -r "$SETUP" ]]; then
@@ -201,10 +202,10 @@ compare_args() {
     [[ -z "${COMPARE_EXTRA:-}" ]] || eval "args+=($COMPARE_EXTRA)"  # appended: later options win
 }
 
-# train.compile against open_clip's --torchcompile and as it ships, at the batch sizes:
-# whether compiling the towers takes batch 256 past 1.1x (the eager step is host-bound there).
+# train.compile against open_clip's --torchcompile and as it ships, at batch 256 only (1024
+# passed eager): whether compiling the towers takes 256 past 1.1x (the eager step is host-bound).
 compile_args() {
-    args=(--batch-sizes 256,1024 --steps 10 --warmup 4 --zero-stages 2 --loss-backends triton
+    args=(--batch-sizes 256 --steps 10 --warmup 4 --zero-stages 2 --loss-backends triton
           --grad-ckpt off --compile on --search none)
     [[ -z "${COMPILE_EXTRA:-}" ]] || eval "args+=($COMPILE_EXTRA)"
 }
@@ -236,7 +237,7 @@ for step in "${STEPS[@]}"; do
                  run_step compare "${COMPARE_S:-170}" "$PY" -m vutrain.bench --compare open_clip \
                      "${args[@]}" --out "$OUT/compare_open_clip.json" ;;
         compile) compile_args
-                 run_step compile "${COMPILE_S:-200}" "$PY" -m vutrain.bench --compare open_clip \
+                 run_step compile "${COMPILE_S:-150}" "$PY" -m vutrain.bench --compare open_clip \
                      "${args[@]}" --out "$OUT/compare_compiled.json" ;;
         kernels) eval "args=(${KERNELS_ARGS:-$DEFAULT_KERNELS_ARGS})"
                  run_step kernels "${KERNELS_S:-110}" "$PY" -m kernels.bench --out "$OUT/kernels" \

@@ -162,7 +162,8 @@ def _no_leaked_shm_segments():
     reboot; 41 per full run before vutrain unlinked its own, enough to make the 24 GB CI machine
     thrash over a day). vutrain's ranks and `run_distributed` unlink theirs; this catches a script
     started through a launcher that reaches DeepSpeed another way. Segments that were there before
-    the session belong to someone else and stay."""
+    the session, or that a live process maps (a concurrent run's: a peer still starting would wait
+    forever for a name removed under it), stay."""
     import glob
 
     from vutrain.distributed import SHM_BUFFER_PREFIX
@@ -170,8 +171,25 @@ def _no_leaked_shm_segments():
     pattern = f"/dev/shm/{SHM_BUFFER_PREFIX}_{os.getuid()}_*"
     before = set(glob.glob(pattern))
     yield
-    for path in set(glob.glob(pattern)) - before:
+    for path in set(glob.glob(pattern)) - before - _mapped_files():
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _mapped_files() -> set[str]:
+    """Paths of the files any process on the machine (that we may read) has mapped now."""
+    import glob
+
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps, encoding="utf-8", errors="replace") as fh:
+                for line in fh:  # address perms offset device inode [path]
+                    fields = line.split(None, 5)
+                    if len(fields) == 6:
+                        mapped.add(fields[5].strip())
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    return mapped

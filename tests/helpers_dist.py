@@ -122,6 +122,7 @@ def run_distributed(
     for attempt in range(_PORT_ATTEMPTS):
         with tempfile.TemporaryDirectory(prefix="run_distributed_") as out_dir, _environ(env or {}):
             port = free_port()
+            ours = True  # the segments named after this port are this group's
             try:
                 mp.spawn(
                     _worker,
@@ -144,10 +145,12 @@ def run_distributed(
                 # Another process may grab the port between free_port() and the store's bind
                 # (parallel test runs); that failure happens before fn runs, so retrying is safe.
                 if attempt + 1 < _PORT_ATTEMPTS and _port_taken(str(e)):
+                    ours = False  # another group holds the port, and maybe segments named after it
                     continue
                 raise
             finally:
-                _unlink_shm_buffers(port, world_size)
+                if ours:
+                    _unlink_shm_buffers(port, world_size)
             return [
                 torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=False) for r in range(world_size)
             ]

@@ -66,4 +66,8 @@ def test_compile_config_errors_name_the_fix():
         load_config("tiny", [*base, "train.compile_backend=nope"])
     with pytest.raises(ConfigError, match="ZeRO-3 needs train.compile=false"):
         load_config("tiny", [*base, "train.zero_stage=3"])
+    gradcache_dropout = ["train.grad_accum_steps=2", "model.lora.enabled=true", "model.lora.dropout=0.1"]
+    with pytest.raises(ConfigError, match="GradCache .* needs model.lora.dropout=0"):
+        load_config("tiny", [*base, *gradcache_dropout])
+    assert load_config("tiny", [*base, *gradcache_dropout, "train.accumulation=plain"]).train.compile
     assert load_config("tiny", [*base, "train.compile_backend=aot_eager"]).train.compile

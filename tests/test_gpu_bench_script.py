@@ -54,9 +54,9 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
         ("demo", "0"),  # beside the tests, its line after theirs
         ("compare", "0"),
         ("compile", "0"),
-        ("profile", "0"),
-        ("kernels", "0"),
         ("e2e", "0"),
+        ("kernels", "0"),
+        ("profile", "0"),
         ("data", "0"),
     ], tr.describe(proc)
     results = tmp_path / "results"

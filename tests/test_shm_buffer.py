@@ -69,3 +69,22 @@ def test_init_distributed_leaves_no_segment_behind():
 def test_shm_buffer_path_matches_deepspeeds_name():
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     assert shm_buffer_path(1, env) == f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29500_1"
+
+
+def test_session_sweep_spares_a_segment_a_live_process_maps():
+    """conftest's sweep must not remove a concurrent run's segment: a peer still starting up would
+    wait forever for the name."""
+    import mmap
+
+    from conftest import _mapped_files
+
+    path = f"/dev/shm/{SHM_BUFFER_PREFIX}_{os.getuid()}_sweeptest_{os.getpid()}_0"
+    with open(path, "w+b") as fh:
+        fh.truncate(4096)
+        mapping = mmap.mmap(fh.fileno(), 4096)
+    try:
+        assert path in _mapped_files()
+        mapping.close()
+        assert path not in _mapped_files()
+    finally:
+        os.unlink(path)

@@ -291,6 +291,11 @@ class Bench:
 
     def build(self, variant: Variant):
         """The step runner of ``variant``: a vutrain TrainerStep or an open_clip OpenClipStep."""
+        if variant.compiled:
+            # Dynamo remembers per code object which dimensions changed (nn.Module.compile
+            # compiles the same `_call_impl` for every model): without a reset, a configuration
+            # compiled after another, or at a second batch size, gets dynamic-shape graphs.
+            torch._dynamo.reset()
         if variant.side == "vutrain":
             runner = TrainerStep(variant, self.args, self.info, self.run_dir, self.shards)
             if self.batches is None:  # the first Trainer's own stream reads the pool
@@ -376,7 +381,9 @@ class Bench:
             except Exception as exc:
                 row["error"] = error_line(exc, "out of memory" if is_oom(exc) else None)
                 row["oom"] = is_oom(exc)
-            if "error" in row and runner is not None:  # rebuilt: a failed step leaves half-written buffers
+            # Rebuilt: a failed step leaves half-written buffers; a compiled configuration compiles
+            # each batch size afresh, static, as a run at that one batch size would.
+            if ("error" in row or variant.compiled) and runner is not None:
                 self.close(runner)
                 runner = None
             rows.append(row)

@@ -489,6 +489,15 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
                 "train.compile=true runs with train.zero_stage 0, 1 or 2; ZeRO-3 needs "
                 "train.compile=false (or train.zero_stage=2 where the model fits)"
             )
+        accumulates = t.grad_accum_steps > 1 or t.global_batch_size > 0  # the latter: maybe, per world size
+        if m.lora.enabled and m.lora.dropout > 0 and t.accumulation == "gradcache" and accumulates:
+            # GradCache replays dropout by restoring the RNG state; a compiled no-grad graph and
+            # the compiled training graph need not draw the same masks from it.
+            raise ConfigError(
+                "train.compile=true with GradCache (train.accumulation=gradcache, "
+                "train.grad_accum_steps>1) needs model.lora.dropout=0; or set "
+                "train.accumulation=plain, or train.compile=false"
+            )
     if "{}" not in "".join(e.templates):
         raise ConfigError("eval.templates must contain '{}' where the class name goes")
 
