@@ -142,6 +142,7 @@ class TrainerStep:
             f"loss.backend={variant.loss_backend}",
             f"train.compile={str(variant.compiled).lower()}",
             f"train.compile_backend={args.compile_backend}",
+            f"train.compile_scope={args.compile_scope}",
             "data.resampled=true",
             "data.num_samples=100000",
         ]
@@ -477,6 +478,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend of compiled configurations"
+    )
+    parser.add_argument(
+        "--compile-scope",
+        choices=("layers", "model"),
+        default="layers",
+        help="vutrain's train.compile_scope (open_clip compiles its whole model, as --torchcompile does)",
     )
     parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps per batch size")
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)

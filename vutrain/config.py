@@ -25,6 +25,7 @@ import yaml
 PRESETS = ("tiny", "vit-b-32", "vit-b-16", "vit-l-14")
 PRECISIONS = ("fp32", "bf16", "amp_bf16", "fp16")
 ACCUMULATIONS = ("gradcache", "plain")
+COMPILE_SCOPES = ("layers", "model")
 LOSSES = ("clip", "siglip", "align_uniform")
 BACKENDS = ("torch", "triton", "auto")
 POSITIVES = ("pair", "category", "tags")
@@ -165,6 +166,8 @@ class TrainConfig:
     """torch.compile the model (both towers, forward and backward) through DeepSpeed's engine.compile."""
     compile_backend: str = "inductor"
     """torch.compile backend with train.compile: inductor (fused kernels), aot_eager (capture only), ..."""
+    compile_scope: str = "layers"
+    """With train.compile: layers (each transformer block; ZeRO's reduction overlaps backward) or model."""
 
 
 @dataclass
@@ -482,6 +485,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         raise ConfigError(f"train.ds_config={t.ds_config!r} does not exist (templates: launch/ds_configs/)")
     if t.compile:
         _validate_compile_backend(t.compile_backend)
+        _choice("train.compile_scope", t.compile_scope, COMPILE_SCOPES)
         if t.zero_stage == 3:
             # ZeRO-3 gathers and frees parameters in hooks around every submodule, which the
             # compiled graph does not run (measured: the text tower saw an empty position table).

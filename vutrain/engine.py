@@ -50,11 +50,31 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     use_multi_tensor_grad_norm(engine.optimizer)  # 2 kernels per parameter -> a few (grad_norm.py)
     use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
     if cfg.compile:
-        # After the engine is built: DeepSpeed's hooks and the parameters' flat-buffer views are in
-        # place, and the module is compiled in place (nn.Module.compile), so parameter names, and
-        # with them checkpoints and export, stay those of the eager model.
-        engine.compile(backend=cfg.compile_backend)
+        compile_model(engine, cfg.compile_scope, cfg.compile_backend)
     return engine
+
+
+def compile_model(engine, scope: str, backend: str) -> int:
+    """torch.compile the engine's model in place; returns the number of modules compiled.
+
+    After the engine is built: DeepSpeed's hooks and the parameters' flat-buffer views are in
+    place. In place (nn.Module.compile), so parameter names, and with them checkpoints and export,
+    stay those of the eager model. scope "layers" compiles each block of the towers' layer lists
+    (torchtitan's per-block compile): one graph serves every block of a tower, and each block's
+    backward hands its gradients to ZeRO's reduction hooks as it finishes, so reduction still
+    overlaps with backward on several GPUs. scope "model" compiles the whole module through
+    DeepSpeed's engine.compile: one graph per tower call, whose backward returns every gradient at
+    its end.
+    """
+    if scope == "model":
+        engine.compile(backend=backend)
+        return 1
+    blocks = [
+        block for module in engine.module.modules() if isinstance(module, nn.ModuleList) for block in module
+    ]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
 
 
 def _nccl_on_cuda() -> bool:
