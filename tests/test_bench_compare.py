@@ -194,14 +194,7 @@ def test_compare_compiled_configurations_on_cpu(tmp_path):
     argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "1"]
     argv += ["--warmup", "1", "--pool", "8", "--max-batch", "0", "--compile", "both"]
     argv += ["--compile-backend", "aot_eager", "--out", str(out)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "vutrain.bench", *argv],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=tr.env(),
-        cwd=tr.REPO,
-    )
+    proc = tr.run_module("vutrain.bench", argv)
     assert proc.returncode == 0, tr.describe(proc)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["compiled"]) for r in rows] == [
@@ -311,14 +304,7 @@ def test_compare_tiny_on_cpu(tmp_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "vutrain.bench", *argv],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=tr.env(),
-        cwd=tr.REPO,
-    )
+    proc = tr.run_module("vutrain.bench", argv)
     assert proc.returncode == 1, tr.describe(proc)
     result = json.loads(out.read_text())
     # open_clip early: a run cut short by a time limit still has the baseline of its ratios

@@ -94,6 +94,18 @@ def run(
     return proc
 
 
+def run_module(module: str, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root, in the tests' environment."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+        cwd=REPO,
+    )
+
+
 def start(
     launcher: str, overrides: list[str], ranks: int = 2, log_path: str | None = None
 ) -> subprocess.Popen:
