@@ -7,8 +7,8 @@
 # Steps, in order: tests (pytest -m gpu: tests/test_multi_gpu.py in a second pytest beside the
 # rest), demo (make demo's job, python -m vutrain.demo --device cuda, with its 0.6 bar; started
 # beside tests when both are asked for: neither times anything, and the GPU has room for both),
-# compare (python -m vutrain.bench --compare open_clip, ZeRO-2), compile (the same with
-# train.compile against open_clip compiled and as it ships, batch 256), e2e (python -m
+# compare (python -m vutrain.bench --compare open_clip, ZeRO-1 and 2), compile (the same with
+# train.compile against open_clip compiled and as it ships, batch 256, ZeRO-1 first), e2e (python -m
 # vutrain.bench: ViT-B/32 bf16 ZeRO-2 at batch 256 and 1024 through the real stream with the
 # default worker count, against compare's pre-decoded rows), kernels (python -m kernels.bench),
 # profile (tools/profile_step.py: is the batch-256 step bound by the GPU or the host?), data (python -m
@@ -181,13 +181,13 @@ e2e_step() {  # the trainer fed by the real stream (data.num_workers=-1: the def
     # 1024 too: the optimizer's share of the step at 1024 is one of issue 9's targets
     # shellcheck disable=SC2086  # E2E_EXTRA: more options, split on spaces (a CPU dry run's sizes)
     "$PY" -m vutrain.bench --preset vit-b-32 --precision bf16 --zero-stage 2 --batch-sizes 256,1024 \
-        --workers -1 --steps 8 --warmup 4 --out "$OUT/e2e.json" ${E2E_EXTRA:-}
+        --workers -1 --steps 8 --warmup 4 --hidden-act gelu --out "$OUT/e2e.json" ${E2E_EXTRA:-}
 }
 
 profile_step() {  # where batch 256's step waits: GPU busy time against host time per phase
     # shellcheck disable=SC2086  # PROFILE_EXTRA: more options, split on spaces (a CPU dry run's sizes)
     "$PY" tools/profile_step.py --preset vit-b-32 --precision bf16 --batch-size 256 --zero-stage 2 \
-        --workers 8 --warmup 6 --steps 3 ${PROFILE_EXTRA:-}
+        --workers 8 --warmup 6 --steps 3 --hidden-act gelu ${PROFILE_EXTRA:-}
 }
 
 # The default comparison (ZeRO-2: one rank), searches ending 50 s before the limit. 10 steps after
@@ -195,7 +195,7 @@ profile_step() {  # where batch 256's step waits: GPU busy time against host tim
 # at 90 ms a step at batch 256, where the e2e run timed the same configuration at 78 ms.
 compare_args() {
     local max; max=$(limit "${COMPARE_S:-170}")
-    args=(--batch-sizes 256,1024 --steps 10 --warmup 4 --zero-stages 2
+    args=(--batch-sizes 256,1024 --steps 10 --warmup 4 --zero-stages 1,2
           --search "open_clip,vutrain z2 torch,vutrain z2 triton ckpt"
           --deadline-min "$(awk "BEGIN { print ($max - 50) / 60 }")")
     [[ -z "${COMPARE_ARGS:-}" ]] || eval "args=($COMPARE_ARGS)"
@@ -204,8 +204,10 @@ compare_args() {
 
 # train.compile against open_clip's --torchcompile and as it ships, at batch 256 only (1024
 # passed eager): whether compiling the towers takes 256 past 1.1x (the eager step is host-bound).
+# ZeRO-1 first (on one GPU it has no per-parameter gradient hooks: the leaner host side), so a
+# step cut at its limit loses ZeRO-2's row, not the baselines.
 compile_args() {
-    args=(--batch-sizes 256 --steps 10 --warmup 4 --zero-stages 2 --loss-backends triton
+    args=(--batch-sizes 256 --steps 10 --warmup 4 --zero-stages 1,2 --loss-backends triton
           --grad-ckpt off --compile on --search none)
     [[ -z "${COMPILE_EXTRA:-}" ]] || eval "args+=($COMPILE_EXTRA)"
 }

@@ -243,7 +243,7 @@ def test_open_clip_gets_normalised_fp32_pixels_from_either_stream_format():
 @needs_open_clip
 def test_open_clip_real_modules_and_loss_agree_with_vutrain():
     """open_clip's own CLIP/ClipLoss load (no torchvision here); its loss equals vutrain's."""
-    from vutrain.bench_openclip import load_open_clip, model_config
+    from vutrain.bench_openclip import load_open_clip, model_config, openclip_activation
     from vutrain.losses import ClipLoss
 
     oc = load_open_clip()
@@ -253,6 +253,10 @@ def test_open_clip_real_modules_and_loss_agree_with_vutrain():
         assert "torchvision" not in sys.modules
     cfg = model_config("vit-b-32", 224, 4096, 77, oc)  # checked against open_clip's ViT-B-32.json
     assert cfg["vision_cfg"]["width"] == 768 and cfg["text_cfg"]["vocab_size"] == 4096
+    # vutrain's preset trains open_clip's MLP activation: ViT-B-32 from scratch uses nn.GELU (exact)
+    assert openclip_activation("vit-b-32", oc) == openclip_activation("tiny", oc) == "gelu"
+    theirs_model = oc.CLIP(**model_config("tiny", 64, 300, 32, oc))
+    assert {type(m).__name__ for m in theirs_model.modules() if "GELU" in type(m).__name__} == {"GELU"}
 
     torch.manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(12, 32), dim=-1).requires_grad_()
@@ -343,6 +347,7 @@ def test_compare_tiny_on_cpu(tmp_path):
         ("open_clip", "fp32"),
     }
     assert "precision: vutrain fp32, open_clip fp32" in proc.stdout
+    assert result["hidden_act"] == "gelu" and "MLP activation on both sides: gelu" in proc.stdout
     assert "| vutrain z2 torch | 8 |" in proc.stdout and "| open_clip | 8 |" in proc.stdout
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

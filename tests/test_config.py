@@ -75,6 +75,10 @@ def test_impossible_combinations():
         load_config(TINY, [SHARDS, "model.lock_image=true", "model.lock_text=true"])
     with pytest.raises(ConfigError, match="data.train_shards is empty"):
         load_config(None, [])
+    with pytest.raises(ConfigError, match="model.hidden_act='relu' is not valid; choose one of: quick_gelu"):
+        load_config(TINY, [SHARDS, "model.hidden_act=relu"])
+    with pytest.raises(ConfigError, match="applies to presets; the pretrained model some/clip keeps"):
+        load_config(TINY, [SHARDS, "model.hidden_act=gelu", "model.name_or_path=some/clip"])
 
 
 def test_fp16_needs_a_gpu():

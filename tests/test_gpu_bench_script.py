@@ -29,7 +29,7 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
         COMPARE_EXTRA="--preset tiny --precision fp32 --batch-sizes 4 --steps 1 --warmup 1 --pool 8 "
         "--max-batch 8 --zero-stages 2",
         COMPILE_EXTRA="--preset tiny --precision fp32 --batch-sizes 4 --steps 1 --warmup 1 --pool 8 "
-        "--compile-backend aot_eager",
+        "--compile-backend aot_eager --zero-stages 2",
         KERNELS_ARGS="--quick",
         DATA_EXTRA="--batch-size 16 --batches 2 --decode-images 16 --decode-seconds 0.2 --rounds 1",
         DEMO_EXTRA="--device cpu --steps 2 --num-samples 256 --val-samples 48 --shard-size 64 --min-top1 0",

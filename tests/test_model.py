@@ -42,6 +42,23 @@ def test_vit_presets_have_openai_shapes(tokenizer):
     assert PRESETS["vit-l-14"].patch_size == 14 and PRESETS["vit-b-16"].patch_size == 16
 
 
+def test_preset_activation_defaults_to_hf_and_can_be_open_clips(tokenizer):
+    """'' keeps HF CLIP's quick_gelu (what earlier runs of a preset trained with); gelu is exact
+    GELU in both towers' MLPs (open_clip's models from scratch), one op where quick_gelu is three."""
+    default = build_model(ModelConfig(preset="tiny"), tokenizer)
+    gelu = build_model(ModelConfig(preset="tiny", hidden_act="gelu"), tokenizer)
+
+    def acts(module):
+        return {type(m).__name__ for n, m in module.named_modules() if n.endswith("activation_fn")}
+
+    assert acts(default) == {"QuickGELUActivation"}
+    assert acts(gelu) == {"GELUActivation"}
+    x = torch.linspace(-3, 3, 7)
+    mlp = next(m for n, m in gelu.named_modules() if n.endswith("activation_fn"))
+    torch.testing.assert_close(mlp(x), torch.nn.functional.gelu(x))
+    assert gelu.base.config.vision_config.hidden_act == gelu.base.config.text_config.hidden_act == "gelu"
+
+
 def test_forward_returns_normalised_features_and_clamped_scale(tokenizer):
     module = build_model(ModelConfig(preset="tiny"), tokenizer)
     px, ids, mask = batch()

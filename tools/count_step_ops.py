@@ -1,4 +1,4 @@
-"""Count the compute ops one training step dispatches in backward and in the optimizer step.
+"""Count the compute ops one training step dispatches in forward, backward and the optimizer step.
 
     python tools/count_step_ops.py --preset vit-b-32 --zero-stage 2 [--precision bf16] [--set k=v]
 
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for step in range(3):
             if step == 2:  # warmed up: the optimizer's state exists
+                trainer.forward_loss = counted("forward with the loss", trainer.forward_loss)
                 engine.backward = counted("backward", engine.backward)
                 engine.step = counted("optimizer step", engine.step)
             trainer.train_step()

@@ -50,6 +50,7 @@ def build_trainer(spec: dict, sync_timing: bool = True):
         "data.val_shards=",
         "eval.every=0",
         f"model.preset={spec['preset']}",
+        f"model.hidden_act={spec.get('hidden_act', '')}",
         f"train.precision={spec['precision']}",
         f"train.zero_stage={spec['zero_stage']}",
         f"train.micro_batch_size={spec['batch_size']}",
@@ -171,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-backend", default="torch")
     parser.add_argument("--compile", action="store_true", help="train.compile=true (warm-up compiles)")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument(
+        "--hidden-act", default="", help="model.hidden_act ('': HF's quick_gelu; gelu: open_clip's)"
+    )
     parser.add_argument("--out", default="bench_results/train_bench.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one JSON spec in this process
     args = parser.parse_args(argv)
@@ -202,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss_backend=args.loss_backend,
                 compile=args.compile,
                 compile_backend=args.compile_backend,
+                hidden_act=args.hidden_act,
                 train_shards=data["train_shards"],
                 run_dir=os.path.join(work, f"run-{batch}-{ckpt}"),
             )

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vutrain.bench_openclip import load_open_clip
+from vutrain.bench_openclip import load_open_clip, openclip_activation
 from vutrain.bench_report import (
     BASELINE_LABEL,
     TABLE_HEAD,
@@ -130,6 +130,7 @@ class TrainerStep:
             "data.val_shards=",
             "eval.every=0",
             f"model.preset={args.preset}",
+            f"model.hidden_act={getattr(args, 'hidden_act', '')}",
             f"train.precision={args.precision}",
             f"train.zero_stage={variant.zero_stage}",
             f"train.micro_batch_size={args.pool_batch}",
@@ -289,6 +290,8 @@ class Bench:
         self.batches: Batches | None = None
         self.openclip_cfg: dict | None = None
         self.openclip = load_open_clip()  # first: a missing open_clip fails before any model is built
+        # Both sides train the same MLP: vutrain's preset takes open_clip's activation.
+        args.hidden_act = openclip_activation(args.preset, self.openclip)
 
     def build(self, variant: Variant):
         """The step runner of ``variant``: a vutrain TrainerStep or an open_clip OpenClipStep."""
@@ -616,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     # report below, which writes the JSON and the figure of what was measured, instead of dying.
     previous_handler = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
+        print(f"MLP activation on both sides: {args.hidden_act} (open_clip's for {args.preset})", flush=True)
         print(TABLE_HEAD, flush=True)
         measured: list[dict] = []
         for _ in range(args.rounds):  # rounds cycle through the configurations: a load change hits all
@@ -684,6 +688,7 @@ def result_dict(
         "device": device_name(),
         "torch": torch.__version__,
         "preset": args.preset,
+        "hidden_act": getattr(args, "hidden_act", ""),
         "precision": args.precision,
         "open_clip": {
             "version": oc.version if oc else None,

@@ -149,6 +149,23 @@ def load_open_clip() -> OpenClipModules:
     )
 
 
+def openclip_activation(preset_name: str, modules: OpenClipModules) -> str:
+    """open_clip's MLP activation for `preset_name`, as a vutrain ``model.hidden_act``.
+
+    Its built-in config's ``quick_gelu`` flag decides (ViT-B-32 from scratch has none: ``nn.GELU``,
+    exact, which is HF's ``gelu``); a preset without a built-in gets CLIP's default, off. vutrain's
+    presets default to HF's ``quick_gelu``: without this the two sides would compare different
+    MLPs (``quick_gelu`` is three kernels forward where ``gelu`` is one).
+    """
+    name = OPENCLIP_MODEL_NAMES.get(preset_name)
+    path = os.path.join(modules.package_dir, "model_configs", f"{name}.json") if name else ""
+    quick = False
+    if path and os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            quick = bool(json.load(fh).get("quick_gelu", False))
+    return "quick_gelu" if quick else "gelu"
+
+
 def model_config(
     preset_name: str, image_size: int, vocab_size: int, context_length: int, modules: OpenClipModules
 ) -> dict:

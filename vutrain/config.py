@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 PRESETS = ("tiny", "vit-b-32", "vit-b-16", "vit-l-14")
+HIDDEN_ACTS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")  # model.hidden_act; "" = HF's default
 PRECISIONS = ("fp32", "bf16", "amp_bf16", "fp16")
 ACCUMULATIONS = ("gradcache", "plain")
 COMPILE_SCOPES = ("layers", "model")
@@ -75,6 +76,8 @@ class ModelConfig:
     """Tokenizer max length for presets; 0 keeps the preset's own (32 for tiny, 77 otherwise)."""
     vocab_size: int = 4096
     """Target vocabulary of the BPE tokenizer trained on the training texts (presets only)."""
+    hidden_act: str = ""
+    """Preset MLP activation: '' (HF's quick_gelu), gelu (open_clip's from scratch), gelu_pytorch_tanh."""
     lock_image: bool = False
     """Freeze the image tower (LiT-style)."""
     lock_text: bool = False
@@ -423,6 +426,13 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     m, d, t, lo, e = cfg.model, cfg.data, cfg.train, cfg.loss, cfg.eval
     if not m.name_or_path:
         _choice("model.preset", m.preset, PRESETS)
+    if m.hidden_act:
+        _choice("model.hidden_act", m.hidden_act, HIDDEN_ACTS)
+        if m.name_or_path:
+            raise ConfigError(
+                f"model.hidden_act={m.hidden_act} applies to presets; the pretrained model "
+                f"{m.name_or_path} keeps its own activation: unset model.hidden_act"
+            )
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("loss.name", lo.name, LOSSES)
     _choice("loss.backend", lo.backend, BACKENDS)

@@ -99,6 +99,8 @@ def preset_clip_config(cfg: ModelConfig, tokenizer) -> CLIPConfig:
         patch_size=p.patch_size,
         projection_dim=p.embed_dim,
     )
+    if cfg.hidden_act:  # else HF's default (quick_gelu): what earlier runs of the preset trained with
+        text["hidden_act"] = vision["hidden_act"] = cfg.hidden_act
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=p.embed_dim)
 
 

@@ -1,0 +1,147 @@
+"""ZeRO-1/2's gradient reduction without a copy kernel per parameter (vutrain/grad_copy_back.py),
+on real DeepSpeed engines from `vutrain.engine.build_engine` in bf16, 1 and 2 real CPU ranks (gloo).
+
+Against DeepSpeed's own `allreduce_and_copy` on the same engine: the same weights bit for bit after
+three steps, the gradient copy ops of the backward counted. Two ranks: one multi-tensor copy for
+the whole bucket instead of one `copy_` per gradient. One rank: no reduction op at all.
+With `overlap_comm` the wrapper hands the call to DeepSpeed. And on one rank ZeRO-1 trains what
+ZeRO-2 trains (the trainer's start-up hint).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+import torch
+from test_param_alignment import _odd_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers_dist import run_distributed
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func._schema.name.split("::")[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _train(stage: int, rank: int, batched: bool, ds_config: str = "") -> dict:
+    from vutrain.config import TrainConfig
+    from vutrain.engine import build_engine
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(
+        micro_batch_size=2, zero_stage=stage, precision="bf16", warmup_steps=0, ds_config=ds_config
+    )
+    engine = build_engine(_odd_model(), cfg, torch.distributed.get_world_size(), torch.device("cpu"))
+    opt = engine.optimizer
+    wrapped = getattr(opt.allreduce_and_copy, "_vutrain_batched", False)
+    if not batched:
+        opt.allreduce_and_copy = opt.allreduce_and_copy.__wrapped__  # DeepSpeed's bound method
+    gen = torch.Generator().manual_seed(100 + rank)
+    ops = OpNames()
+    for step in range(3):
+        img, txt, scale, _ = engine(
+            pixel_values=torch.randn(2, 3, 16, 16, generator=gen).bfloat16(),
+            input_ids=torch.randint(1, 99, (2, 9), generator=gen),
+            attention_mask=torch.ones(2, 9, dtype=torch.long),
+        )
+        loss = (img.float() @ txt.float().T).diagonal().sum() * scale.float()
+        if step == 2:
+            with ops:
+                engine.backward(loss)
+        else:
+            engine.backward(loss)
+        engine.step()
+    params = [p.detach().float().clone() for p in engine.module.parameters()]
+    return {
+        "wrapped": wrapped,
+        "params": params,
+        "trainable": sum(p.requires_grad for p in engine.module.parameters()),
+        "ops": dict(ops.ops),
+    }
+
+
+def _compare(rank: int, world: int, ds_config: str = "") -> dict:
+    from vutrain.distributed import init_distributed, resolve_dist_env
+
+    init_distributed(resolve_dist_env())
+    out = {}
+    for stage in (1, 2):
+        ours, theirs = _train(stage, rank, True, ds_config), _train(stage, rank, False, ds_config)
+        out[stage] = {
+            "wrapped": ours["wrapped"],
+            "same_weights": all(torch.equal(a, b) for a, b in zip(ours["params"], theirs["params"])),
+            "trainable": ours["trainable"],
+            "ours": ours["ops"],
+            "deepspeed": theirs["ops"],
+        }
+    return out
+
+
+def _check_equal_weights(results: list[dict]) -> None:
+    for rank, by_stage in enumerate(results):
+        for stage, r in by_stage.items():
+            assert r["wrapped"], f"rank {rank}, ZeRO-{stage}: build_engine did not wrap"
+            assert r["same_weights"], f"rank {rank}, ZeRO-{stage}: weights differ from DeepSpeed's path"
+            # DeepSpeed's path copies every reduced gradient back on its own
+            assert r["deepspeed"].get("copy_", 0) >= r["trainable"], r
+
+
+@pytest.mark.slow  # spawns 2 rank processes, 4 small engines each
+def test_two_ranks_copy_the_bucket_back_in_one_multi_tensor_copy():
+    results = run_distributed(_compare, 2, init_process_group=False, timeout_s=600)
+    _check_equal_weights(results)
+    for by_stage in results:
+        for stage, r in by_stage.items():
+            assert r["ours"].get("copy_", 0) <= 2, f"ZeRO-{stage}: {r['ours']}"
+            assert r["ours"].get("_foreach_copy_", 0) >= 1, f"ZeRO-{stage}: {r['ours']}"
+
+
+def test_one_rank_skips_the_identity_reduction():
+    results = run_distributed(_compare, 1, init_process_group=False, timeout_s=600)
+    _check_equal_weights(results)
+    for stage, r in results[0].items():
+        for op in ("copy_", "_foreach_copy_", "cat", "allreduce_"):
+            assert r["ours"].get(op, 0) == 0, f"ZeRO-{stage}: {op} in {r['ours']}"
+        assert r["deepspeed"].get("cat", 0) >= 1, r["deepspeed"]
+
+
+def test_overlap_comm_is_left_to_deepspeed(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}}))
+    results = run_distributed(_compare, 1, str(ds), init_process_group=False, timeout_s=600)
+    _check_equal_weights(results)
+    for stage, r in results[0].items():  # handed over: DeepSpeed's copies, one per gradient
+        assert r["ours"].get("copy_", 0) >= r["trainable"], f"ZeRO-{stage}: {r['ours']}"
+
+
+def _zero1_and_zero2(rank: int, world: int) -> bool:
+    from vutrain.distributed import init_distributed, resolve_dist_env
+
+    init_distributed(resolve_dist_env())
+    one, two = _train(1, rank, True), _train(2, rank, True)
+    return all(torch.equal(a, b) for a, b in zip(one["params"], two["params"]))
+
+
+def test_one_rank_zero1_trains_what_zero2_trains():
+    """What the trainer's hint on one rank says: ZeRO-1 gives ZeRO-2's weights, bit for bit."""
+    assert run_distributed(_zero1_and_zero2, 1, init_process_group=False, timeout_s=600) == [True]
+
+
+def test_copy_all_matches_a_loop_of_copies():
+    from vutrain.grad_copy_back import copy_all
+
+    gen = torch.Generator().manual_seed(0)
+    sources = [torch.randn(n, generator=gen) for n in (1, 7, 33)]
+    ours = [torch.empty(n, dtype=torch.bfloat16) for n in (1, 7, 33)]
+    copy_all(ours, sources)
+    for got, src in zip(ours, sources):
+        assert torch.equal(got, src.to(torch.bfloat16))
+    copy_all([], [])  # an empty bucket is nothing to do
