@@ -88,3 +88,27 @@ def test_compile_config_errors_name_the_fix():
         load_config("tiny", [*base, *gradcache_dropout])
     assert load_config("tiny", [*base, *gradcache_dropout, "train.accumulation=plain"]).train.compile
     assert load_config("tiny", [*base, "train.compile_backend=aot_eager"]).train.compile
+    with pytest.raises(ConfigError, match="train.compile_mode='fast' is not valid; choose one of: default"):
+        load_config("tiny", [*base, "train.compile_mode=fast"])
+    with pytest.raises(ConfigError, match="compile_mode=reduce-overhead is an inductor mode"):
+        load_config("tiny", [*base, "train.compile_backend=aot_eager", "train.compile_mode=reduce-overhead"])
+    assert load_config("tiny", [*base, "train.compile_mode=reduce-overhead"]).train.compile_mode == (
+        "reduce-overhead"
+    )
+
+
+@pytest.mark.parametrize("scope", ["layers", "model"])
+def test_compile_mode_reaches_torch_compile(scope, single_process):
+    """train.compile_mode goes to torch.compile in both scopes (through DeepSpeed's engine.compile
+    for "model"): a mode inductor does not know is refused there, when the model is compiled."""
+    from test_param_alignment import _odd_model
+
+    from vutrain.config import TrainConfig
+    from vutrain.distributed import init_distributed, resolve_dist_env
+    from vutrain.engine import build_engine, compile_model
+
+    init_distributed(resolve_dist_env())
+    engine = build_engine(_odd_model(), TrainConfig(micro_batch_size=2), 1, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="no-such-mode"):
+        compile_model(engine, scope, "inductor", "no-such-mode")
+    assert compile_model(engine, scope, "inductor", "reduce-overhead") == (1 if scope == "model" else 2)

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="train.compile=true (warm-up compiles)")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-mode", default="default", help="train.compile_mode (inductor)")
     parser.add_argument("--hidden-act", default="", help="model.hidden_act ('': HF's quick_gelu)")
     args = parser.parse_args(argv)
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, grad_ckpt="false", steps=args.steps, warmup=args.warmup,
         workers=args.workers, loss_backend=args.loss_backend, train_shards=data["train_shards"],
         run_dir=os.path.join(work, "run"), compile=args.compile, compile_backend=args.compile_backend,
-        hidden_act=args.hidden_act,
+        hidden_act=args.hidden_act, compile_mode=args.compile_mode,
     )  # fmt: skip
     trainer = build_trainer(spec, sync_timing=False)
     cuda = trainer.device.type == "cuda"

@@ -63,6 +63,7 @@ def build_trainer(spec: dict, sync_timing: bool = True):
         f"loss.backend={spec['loss_backend']}",
         f"train.compile={str(spec.get('compile', False)).lower()}",
         f"train.compile_backend={spec.get('compile_backend', 'inductor')}",
+        f"train.compile_mode={spec.get('compile_mode', 'default')}",
         "data.resampled=true",
         "data.num_samples=100000",
     ]
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-backend", default="torch")
     parser.add_argument("--compile", action="store_true", help="train.compile=true (warm-up compiles)")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-mode", default="default", help="train.compile_mode (inductor)")
     parser.add_argument(
         "--hidden-act", default="", help="model.hidden_act ('': HF's quick_gelu; gelu: open_clip's)"
     )
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss_backend=args.loss_backend,
                 compile=args.compile,
                 compile_backend=args.compile_backend,
+                compile_mode=args.compile_mode,
                 hidden_act=args.hidden_act,
                 train_shards=data["train_shards"],
                 run_dir=os.path.join(work, f"run-{batch}-{ckpt}"),

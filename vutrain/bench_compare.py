@@ -144,6 +144,7 @@ class TrainerStep:
             f"train.compile={str(variant.compiled).lower()}",
             f"train.compile_backend={args.compile_backend}",
             f"train.compile_scope={args.compile_scope}",
+            f"train.compile_mode={args.compile_mode}",
             "data.resampled=true",
             "data.num_samples=100000",
         ]
@@ -314,6 +315,7 @@ class Bench:
             self.precision(variant),
             grad_checkpointing=variant.grad_ckpt,
             compile_backend=self.args.compile_backend if variant.compiled else None,
+            compile_mode=self.args.compile_mode,
         )
 
     def precision(self, variant: Variant) -> str:
@@ -487,6 +489,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=("layers", "model"),
         default="layers",
         help="vutrain's train.compile_scope (open_clip compiles its whole model, as --torchcompile does)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        help="inductor mode of both sides' compiled configurations (vutrain's train.compile_mode), "
+        "e.g. reduce-overhead: CUDA graphs",
     )
     parser.add_argument("--steps", type=int, default=10 if cuda else 3, help="timed steps per batch size")
     parser.add_argument("--warmup", type=int, default=3 if cuda else 1)

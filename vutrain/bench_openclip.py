@@ -235,6 +235,7 @@ class OpenClipStep:
         precision: str,
         grad_checkpointing: bool = False,
         compile_backend: str | None = None,
+        compile_mode: str = "default",
         lr: float = 5e-4,
         weight_decay: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.98),
@@ -248,7 +249,8 @@ class OpenClipStep:
         self.model.set_grad_checkpointing(grad_checkpointing)
         self.model.train()
         if compile_backend:  # open_clip_train/main.py --torchcompile: the whole model, after set-up
-            self.model = torch.compile(self.model, backend=compile_backend)
+            kwargs = {} if compile_mode == "default" else {"mode": compile_mode}
+            self.model = torch.compile(self.model, backend=compile_backend, **kwargs)
         # open_clip_train/main.py: gains, biases and the logit scale are not decayed.
         exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

@@ -27,6 +27,7 @@ HIDDEN_ACTS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")  # model.hidden_act; "
 PRECISIONS = ("fp32", "bf16", "amp_bf16", "fp16")
 ACCUMULATIONS = ("gradcache", "plain")
 COMPILE_SCOPES = ("layers", "model")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOSSES = ("clip", "siglip", "align_uniform")
 BACKENDS = ("torch", "triton", "auto")
 POSITIVES = ("pair", "category", "tags")
@@ -171,6 +172,8 @@ class TrainConfig:
     """torch.compile backend with train.compile: inductor (fused kernels), aot_eager (capture only), ..."""
     compile_scope: str = "layers"
     """With train.compile: layers (each transformer block; ZeRO's reduction overlaps backward) or model."""
+    compile_mode: str = "default"
+    """Inductor mode with train.compile: default, reduce-overhead (CUDA graphs), max-autotune, ..."""
 
 
 @dataclass
@@ -496,6 +499,12 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     if t.compile:
         _validate_compile_backend(t.compile_backend)
         _choice("train.compile_scope", t.compile_scope, COMPILE_SCOPES)
+        _choice("train.compile_mode", t.compile_mode, COMPILE_MODES)
+        if t.compile_mode != "default" and t.compile_backend != "inductor":
+            raise ConfigError(
+                f"train.compile_mode={t.compile_mode} is an inductor mode; set "
+                f"train.compile_backend=inductor or train.compile_mode=default"
+            )
         if t.zero_stage == 3:
             # ZeRO-3 gathers and frees parameters in hooks around every submodule, which the
             # compiled graph does not run (measured: the text tower saw an empty position table).

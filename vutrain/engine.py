@@ -52,11 +52,11 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
     use_batched_copy_back(engine.optimizer)  # ZeRO-1/2: a copy per parameter -> 0 or 1 (grad_copy_back.py)
     if cfg.compile:
-        compile_model(engine, cfg.compile_scope, cfg.compile_backend)
+        compile_model(engine, cfg.compile_scope, cfg.compile_backend, cfg.compile_mode)
     return engine
 
 
-def compile_model(engine, scope: str, backend: str) -> int:
+def compile_model(engine, scope: str, backend: str, mode: str = "default") -> int:
     """torch.compile the engine's model in place; returns the number of modules compiled.
 
     After the engine is built: DeepSpeed's hooks and the parameters' flat-buffer views are in
@@ -66,16 +66,18 @@ def compile_model(engine, scope: str, backend: str) -> int:
     backward hands its gradients to ZeRO's reduction hooks as it finishes, so reduction still
     overlaps with backward on several GPUs. scope "model" compiles the whole module through
     DeepSpeed's engine.compile: one graph per tower call, whose backward returns every gradient at
-    its end.
+    its end. `mode` is inductor's (config.py checks): reduce-overhead and max-autotune replay the
+    compiled graphs as CUDA graphs, which takes the host's launches out of the step.
     """
+    kwargs = {} if mode == "default" else {"mode": mode}
     if scope == "model":
-        engine.compile(backend=backend)
+        engine.compile(backend=backend, compile_kwargs=kwargs)
         return 1
     blocks = [
         block for module in engine.module.modules() if isinstance(module, nn.ModuleList) for block in module
     ]
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, **kwargs)
     return len(blocks)
 
 
