@@ -32,7 +32,7 @@ demo: venv
 	$(PY) -m vutrain.demo
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests  # the slowest 25 close the log: where CI time goes
 
 # Every test that stays in this process (no subprocess, launcher, spawned ranks or SLURM; which
 # tests are slow is decided in tests/conftest.py): under 2 minutes on 2 idle cores.
