@@ -19,8 +19,8 @@ from vutrain.config import TrainConfig
 from vutrain.distributed import collective_backend
 from vutrain.ds_config import build_ds_config
 from vutrain.grad_clip import use_device_side_clip
-from vutrain.grad_copy_back import use_batched_copy_back
 from vutrain.grad_norm import use_multi_tensor_grad_norm
+from vutrain.grad_reduction import use_lean_reduction
 from vutrain.optim import build_optimizer, param_groups
 from vutrain.param_alignment import warn_if_misaligned
 
@@ -50,7 +50,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     warn_if_misaligned(engine.module, cfg.zero_stage)
     use_multi_tensor_grad_norm(engine.optimizer)  # 2 kernels per parameter -> a few (grad_norm.py)
     use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
-    use_batched_copy_back(engine.optimizer)  # ZeRO-1/2: a copy per parameter -> 0 or 1 (grad_copy_back.py)
+    use_lean_reduction(engine.optimizer)  # ZeRO-1/2: no per-parameter copy or filing (grad_reduction.py)
     if cfg.compile:
         compile_model(engine, cfg.compile_scope, cfg.compile_backend, cfg.compile_mode)
     return engine

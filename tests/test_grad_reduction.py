@@ -1,9 +1,11 @@
-"""ZeRO-1/2's gradient reduction without a copy kernel per parameter (vutrain/grad_copy_back.py),
-on real DeepSpeed engines from `vutrain.engine.build_engine` in bf16, 1 and 2 real CPU ranks (gloo).
+"""ZeRO-1/2's gradient reduction without per-parameter work that reduces nothing
+(vutrain/grad_reduction.py), on real DeepSpeed engines from `vutrain.engine.build_engine` in bf16,
+1 and 2 real CPU ranks (gloo).
 
-Against DeepSpeed's own `allreduce_and_copy` on the same engine: the same weights bit for bit after
+Against DeepSpeed's own methods on the same engine: the same weights bit for bit after
 three steps, the gradient copy ops of the backward counted. Two ranks: one multi-tensor copy for
-the whole bucket instead of one `copy_` per gradient. One rank: no reduction op at all.
+the whole bucket instead of one `copy_` per gradient. One rank: no reduction op at all, and at
+ZeRO-1 no parameter filed into a reduce bucket.
 With `overlap_comm` the wrapper hands the call to DeepSpeed. And on one rank ZeRO-1 trains what
 ZeRO-2 trains (the trainer's start-up hint).
 """
@@ -31,29 +33,38 @@ class OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _train(stage: int, rank: int, batched: bool, ds_config: str = "") -> dict:
+def _train(stage: int, rank: int, lean: bool, ds_config: str = "", accumulate: int = 1) -> dict:
     from vutrain.config import TrainConfig
     from vutrain.engine import build_engine
 
     torch.manual_seed(0)
     cfg = TrainConfig(
-        micro_batch_size=2, zero_stage=stage, precision="bf16", warmup_steps=0, ds_config=ds_config
-    )
+        micro_batch_size=2, zero_stage=stage, precision="bf16", warmup_steps=0, ds_config=ds_config,
+        grad_accum_steps=accumulate,
+    )  # fmt: skip
     engine = build_engine(_odd_model(), cfg, torch.distributed.get_world_size(), torch.device("cpu"))
     opt = engine.optimizer
-    wrapped = getattr(opt.allreduce_and_copy, "_vutrain_batched", False)
-    if not batched:
-        opt.allreduce_and_copy = opt.allreduce_and_copy.__wrapped__  # DeepSpeed's bound method
+    wrapped = {
+        name: getattr(getattr(opt, name), "_vutrain_lean", False)
+        for name in ("allreduce_and_copy", "reduce_gradients")
+    }
+    if not lean:  # DeepSpeed's own bound methods
+        for name, is_wrapped in wrapped.items():
+            if is_wrapped:
+                setattr(opt, name, getattr(opt, name).__wrapped__)
+    filed = []  # DeepSpeed's per-parameter filing into the reduce bucket, counted
+    filing = opt.reduce_independent_p_g_buckets_and_remove_grads
+    opt.reduce_independent_p_g_buckets_and_remove_grads = lambda *a: filed.append(1) or filing(*a)
     gen = torch.Generator().manual_seed(100 + rank)
     ops = OpNames()
-    for step in range(3):
+    for step in range(3 * accumulate):
         img, txt, scale, _ = engine(
             pixel_values=torch.randn(2, 3, 16, 16, generator=gen).bfloat16(),
             input_ids=torch.randint(1, 99, (2, 9), generator=gen),
             attention_mask=torch.ones(2, 9, dtype=torch.long),
         )
         loss = (img.float() @ txt.float().T).diagonal().sum() * scale.float()
-        if step == 2:
+        if step == 3 * accumulate - 1:
             with ops:
                 engine.backward(loss)
         else:
@@ -65,22 +76,25 @@ def _train(stage: int, rank: int, batched: bool, ds_config: str = "") -> dict:
         "params": params,
         "trainable": sum(p.requires_grad for p in engine.module.parameters()),
         "ops": dict(ops.ops),
+        "filed": len(filed),
     }
 
 
-def _compare(rank: int, world: int, ds_config: str = "") -> dict:
+def _compare(rank: int, world: int, ds_config: str = "", accumulate: int = 1) -> dict:
     from vutrain.distributed import init_distributed, resolve_dist_env
 
     init_distributed(resolve_dist_env())
     out = {}
     for stage in (1, 2):
-        ours, theirs = _train(stage, rank, True, ds_config), _train(stage, rank, False, ds_config)
+        ours = _train(stage, rank, True, ds_config, accumulate)
+        theirs = _train(stage, rank, False, ds_config, accumulate)
         out[stage] = {
             "wrapped": ours["wrapped"],
             "same_weights": all(torch.equal(a, b) for a, b in zip(ours["params"], theirs["params"])),
             "trainable": ours["trainable"],
             "ours": ours["ops"],
             "deepspeed": theirs["ops"],
+            "filed": (ours["filed"], theirs["filed"]),
         }
     return out
 
@@ -88,7 +102,7 @@ def _compare(rank: int, world: int, ds_config: str = "") -> dict:
 def _check_equal_weights(results: list[dict]) -> None:
     for rank, by_stage in enumerate(results):
         for stage, r in by_stage.items():
-            assert r["wrapped"], f"rank {rank}, ZeRO-{stage}: build_engine did not wrap"
+            assert r["wrapped"]["allreduce_and_copy"], f"rank {rank}, ZeRO-{stage}: not wrapped"
             assert r["same_weights"], f"rank {rank}, ZeRO-{stage}: weights differ from DeepSpeed's path"
             # DeepSpeed's path copies every reduced gradient back on its own
             assert r["deepspeed"].get("copy_", 0) >= r["trainable"], r
@@ -102,15 +116,25 @@ def test_two_ranks_copy_the_bucket_back_in_one_multi_tensor_copy():
         for stage, r in by_stage.items():
             assert r["ours"].get("copy_", 0) <= 2, f"ZeRO-{stage}: {r['ours']}"
             assert r["ours"].get("_foreach_copy_", 0) >= 1, f"ZeRO-{stage}: {r['ours']}"
+            # a real reduction: every parameter is filed into the bucket, as DeepSpeed does
+            assert not r["wrapped"]["reduce_gradients"], r
+            assert r["filed"][0] == r["filed"][1] >= r["trainable"], r
 
 
-def test_one_rank_skips_the_identity_reduction():
-    results = run_distributed(_compare, 1, init_process_group=False, timeout_s=600)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_one_rank_skips_the_identity_reduction(accumulate):
+    """No reduction op at ZeRO-1 and 2, and at ZeRO-1 no parameter filed into a bucket (DeepSpeed
+    files each once per step); with two micro-batches per step too."""
+    results = run_distributed(_compare, 1, "", accumulate, init_process_group=False, timeout_s=600)
     _check_equal_weights(results)
     for stage, r in results[0].items():
         for op in ("copy_", "_foreach_copy_", "cat", "allreduce_"):
             assert r["ours"].get(op, 0) == 0, f"ZeRO-{stage}: {op} in {r['ours']}"
         assert r["deepspeed"].get("cat", 0) >= 1, r["deepspeed"]
+    one, two = results[0][1], results[0][2]
+    assert one["wrapped"]["reduce_gradients"] and one["filed"][0] == 0, one
+    assert one["filed"][1] >= 3 * one["trainable"], one  # DeepSpeed's: every parameter, every step
+    assert not two["wrapped"]["reduce_gradients"], two  # ZeRO-2 files in its gradient hooks
 
 
 def test_overlap_comm_is_left_to_deepspeed(tmp_path):
@@ -120,6 +144,7 @@ def test_overlap_comm_is_left_to_deepspeed(tmp_path):
     _check_equal_weights(results)
     for stage, r in results[0].items():  # handed over: DeepSpeed's copies, one per gradient
         assert r["ours"].get("copy_", 0) >= r["trainable"], f"ZeRO-{stage}: {r['ours']}"
+        assert not r["wrapped"]["reduce_gradients"], r
 
 
 def _zero1_and_zero2(rank: int, world: int) -> bool:
@@ -136,7 +161,7 @@ def test_one_rank_zero1_trains_what_zero2_trains():
 
 
 def test_copy_all_matches_a_loop_of_copies():
-    from vutrain.grad_copy_back import copy_all
+    from vutrain.grad_reduction import copy_all
 
     gen = torch.Generator().manual_seed(0)
     sources = [torch.randn(n, generator=gen) for n in (1, 7, 33)]

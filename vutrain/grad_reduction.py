@@ -1,21 +1,27 @@
-"""ZeRO-1/2's reduced gradients copied back in one multi-tensor copy, or not at all on one rank.
+"""ZeRO-1/2's gradient reduction without per-parameter work that reduces nothing.
 
 With ``contiguous_gradients`` off (vutrain's default, param_alignment.py), ZeRO-1 and 2 reduce
 the gradients at the boundary through ``DeepSpeedZeroOptimizer.allreduce_and_copy``: flatten the
 bucket (one copy of every gradient), all-reduce, then ``buf.copy_(synced)`` for each gradient in
 a Python loop: one copy kernel per parameter, 398 of the 1191 ops a ViT-B/32 backward dispatches
 (``tools/count_step_ops.py``), on a batch-256 step that is bound by the host on an H200 (issue 9).
+Before that, ZeRO-1's ``reduce_gradients`` files every parameter into the bucket, one Python call
+chain per parameter.
 
-:func:`use_batched_copy_back` wraps the method on the optimizer:
+:func:`use_lean_reduction` wraps the optimizer's methods in place:
 
-- several ranks: the same all-reduce, then one ``torch._foreach_copy_`` for the whole bucket
-  (a few multi-tensor kernels on CUDA; the same values, bit for bit);
-- one data-parallel rank: nothing at all when the reduction is an identity (a sum over one rank,
-  a division by 1, the communication dtype equal to the gradients' or an exact widening of them),
-  which skips the flatten, the all-reduce and the copies.
+- ``allreduce_and_copy``, several ranks: the same all-reduce, then one ``torch._foreach_copy_``
+  for the whole bucket (a few multi-tensor kernels on CUDA; the same values, bit for bit);
+- ``allreduce_and_copy``, one data-parallel rank: nothing at all when the reduction is an identity
+  (a sum over one rank, a division by 1, the communication dtype equal to the gradients' or an
+  exact widening of them): no flatten, no all-reduce, no copies;
+- ``reduce_gradients`` (ZeRO-1's boundary), one rank: straight to DeepSpeed's epilogue, which
+  builds the step's flat gradients from the parameters' own, without filing each parameter into a
+  bucket whose reduction would be that identity.
 
 Anything else (``overlap_comm``, whose side-stream bookkeeping stays DeepSpeed's; reductions into
-partition outputs; sequence parallelism) takes DeepSpeed's own method.
+partition outputs; sequence parallelism; MoE; CPU offload; pipeline parallelism) takes
+DeepSpeed's own methods.
 """
 
 from __future__ import annotations
@@ -28,17 +34,24 @@ import torch
 _EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 
 
-def use_batched_copy_back(optimizer) -> bool:
-    """Wrap a ZeRO-1/2 optimizer's ``allreduce_and_copy`` in place; False for any other."""
+def use_lean_reduction(optimizer) -> bool:
+    """Wrap a ZeRO-1/2 optimizer's reduction methods in place; False for any other optimizer."""
     try:
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     except ImportError:  # pragma: no cover - deepspeed is a core requirement
         return False
     if not isinstance(optimizer, DeepSpeedZeroOptimizer):
         return False
+    _wrap_copy_back(optimizer)
+    if _one_rank_zero1(optimizer):
+        _wrap_reduce_gradients(optimizer)
+    return True
+
+
+def _wrap_copy_back(optimizer) -> None:
     original = optimizer.allreduce_and_copy
-    if getattr(original, "_vutrain_batched", False):
-        return True
+    if getattr(original, "_vutrain_lean", False):
+        return
 
     @functools.wraps(original)
     def allreduce_and_copy(
@@ -72,9 +85,45 @@ def use_batched_copy_back(optimizer) -> bool:
             copy_all(small_bucket, optimizer.unflatten(reduced, small_bucket))
         return None
 
-    allreduce_and_copy._vutrain_batched = True
+    allreduce_and_copy._vutrain_lean = True
     optimizer.allreduce_and_copy = allreduce_and_copy
-    return True
+
+
+def _wrap_reduce_gradients(optimizer) -> None:
+    original = optimizer.reduce_gradients
+    if getattr(original, "_vutrain_lean", False):
+        return
+
+    @functools.wraps(original)
+    def reduce_gradients(pipeline_parallel=False):
+        if pipeline_parallel:  # DeepSpeed's pipeline engine drives its own buckets
+            return original(pipeline_parallel=pipeline_parallel)
+        # What DeepSpeed runs after filing every parameter: the (identity) reduction of an empty
+        # bucket and the flat gradient partition the step reads, from the parameters' gradients.
+        return optimizer.overlapping_partition_gradients_reduce_epilogue()
+
+    reduce_gradients._vutrain_lean = True
+    optimizer.reduce_gradients = reduce_gradients
+
+
+def _one_rank_zero1(optimizer) -> bool:
+    """ZeRO-1 on one data-parallel rank, with none of the features whose bookkeeping the
+    per-parameter filing does (overlap, contiguous buckets, offload, fp32 accumulation, MoE, ...)."""
+    import deepspeed.comm as dist
+
+    groups = [optimizer.dp_process_group, *getattr(optimizer, "real_dp_process_group", [])]
+    if any(dist.get_world_size(group=g) != 1 for g in groups):
+        return False
+    return not (
+        optimizer.partition_gradients
+        or optimizer.overlap_comm
+        or optimizer.contiguous_gradients
+        or optimizer.cpu_offload
+        or getattr(optimizer, "zenflow", False)
+        or getattr(optimizer, "use_grad_accum_attribute", False)
+        or getattr(optimizer, "has_moe_layers", False)
+        or getattr(optimizer, "sequence_parallel_size", 1) != 1
+    )
 
 
 def _single_rank_identity(bucket, communication_data_type, group) -> bool:
