@@ -186,7 +186,7 @@ e2e_step() {  # the trainer fed by the real stream (data.num_workers=-1: the def
 
 profile_step() {  # where batch 256's step waits: GPU busy time against host time per phase
     # shellcheck disable=SC2086  # PROFILE_EXTRA: more options, split on spaces (a CPU dry run's sizes)
-    "$PY" tools/profile_step.py --preset vit-b-32 --precision bf16 --batch-size 256 --zero-stage 2 \
+    "$PY" tools/profile_step.py --preset vit-b-32 --precision bf16 --batch-size 256 --zero-stage 1 \
         --workers 8 --warmup 6 --steps 3 --hidden-act gelu ${PROFILE_EXTRA:-}
 }
 
