@@ -249,8 +249,9 @@ class OpenClipStep:
         self.model.set_grad_checkpointing(grad_checkpointing)
         self.model.train()
         if compile_backend:  # open_clip_train/main.py --torchcompile: the whole model, after set-up
-            kwargs = {} if compile_mode == "default" else {"mode": compile_mode}
-            self.model = torch.compile(self.model, backend=compile_backend, **kwargs)
+            from vutrain.engine import compile_kwargs
+
+            self.model = torch.compile(self.model, backend=compile_backend, **compile_kwargs(compile_mode))
         # open_clip_train/main.py: gains, biases and the logit scale are not decayed.
         exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

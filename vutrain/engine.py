@@ -69,7 +69,7 @@ def compile_model(engine, scope: str, backend: str, mode: str = "default") -> in
     its end. `mode` is inductor's (config.py checks): reduce-overhead and max-autotune replay the
     compiled graphs as CUDA graphs, which takes the host's launches out of the step.
     """
-    kwargs = {} if mode == "default" else {"mode": mode}
+    kwargs = compile_kwargs(mode)
     if scope == "model":
         engine.compile(backend=backend, compile_kwargs=kwargs)
         return 1
@@ -79,6 +79,11 @@ def compile_model(engine, scope: str, backend: str, mode: str = "default") -> in
     for block in blocks:
         block.compile(backend=backend, **kwargs)
     return len(blocks)
+
+
+def compile_kwargs(mode: str) -> dict:
+    """torch.compile's keyword for an inductor `mode`; none for "default" (other backends take none)."""
+    return {} if mode == "default" else {"mode": mode}
 
 
 def _nccl_on_cuda() -> bool:

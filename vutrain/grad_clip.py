@@ -31,13 +31,18 @@ import functools
 import torch
 
 
-def use_device_side_clip(optimizer) -> bool:
-    """Wrap a ZeRO-1/2 optimizer's ``unscale_and_clip_grads`` in place; False for any other."""
+def is_zero_1_2(optimizer) -> bool:
+    """Whether `optimizer` is DeepSpeed's ZeRO-1/2 optimizer (the class whose methods we wrap)."""
     try:
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     except ImportError:  # pragma: no cover - deepspeed is a core requirement
         return False
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+    return isinstance(optimizer, DeepSpeedZeroOptimizer)
+
+
+def use_device_side_clip(optimizer) -> bool:
+    """Wrap a ZeRO-1/2 optimizer's ``unscale_and_clip_grads`` in place; False for any other."""
+    if not is_zero_1_2(optimizer):
         return False
     original = optimizer.unscale_and_clip_grads
     if getattr(original, "_vutrain_device_side", False):

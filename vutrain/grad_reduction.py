@@ -30,17 +30,15 @@ import functools
 
 import torch
 
+from vutrain.grad_clip import is_zero_1_2
+
 # Widening casts that a round trip undoes exactly (the all-reduce's dtype and back).
 _EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float32)}
 
 
 def use_lean_reduction(optimizer) -> bool:
     """Wrap a ZeRO-1/2 optimizer's reduction methods in place; False for any other optimizer."""
-    try:
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    except ImportError:  # pragma: no cover - deepspeed is a core requirement
-        return False
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+    if not is_zero_1_2(optimizer):
         return False
     _wrap_copy_back(optimizer)
     if _one_rank_zero1(optimizer):
