@@ -130,7 +130,7 @@ class TrainerStep:
             "data.val_shards=",
             "eval.every=0",
             f"model.preset={args.preset}",
-            f"model.hidden_act={getattr(args, 'hidden_act', '')}",
+            f"model.hidden_act={args.hidden_act}",
             f"train.precision={args.precision}",
             f"train.zero_stage={variant.zero_stage}",
             f"train.micro_batch_size={args.pool_batch}",
@@ -548,6 +548,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.batch_sizes = sorted(int(b) for b in args.batch_sizes.split(","))
     args.pool_batch = min(args.batch_sizes[0], args.pool)
     args.png = args.png or os.path.splitext(args.out)[0] + ".png"
+    args.hidden_act = ""  # HF's default until Bench reads open_clip's (openclip_activation)
     return args
 
 
@@ -696,7 +697,7 @@ def result_dict(
         "device": device_name(),
         "torch": torch.__version__,
         "preset": args.preset,
-        "hidden_act": getattr(args, "hidden_act", ""),
+        "hidden_act": args.hidden_act,
         "precision": args.precision,
         "open_clip": {
             "version": oc.version if oc else None,

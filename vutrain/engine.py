@@ -3,7 +3,8 @@
 `build_engine` derives the DeepSpeed config from `train.*` (ds_config.py: aligned ZeRO buffers,
 no bf16 overflow scan), builds the fused or multi-tensor AdamW and its schedule (optim.py) unless
 the user's ds_config brings an optimizer, computes ZeRO's gradient norm with one multi-tensor norm
-(grad_norm.py) and clips with it on the device (grad_clip.py: no host read at the step), and
+(grad_norm.py) and clips with it on the device (grad_clip.py: no host read at the step), skips
+ZeRO-1/2's per-parameter work that changes nothing (grad_reduction.py, weight_views.py), and
 tells DeepSpeed the rank's device explicitly: with VUTRAIN_DEVICE two ranks may share one GPU,
 which a guess from the node-local rank would get wrong.
 """
@@ -23,6 +24,7 @@ from vutrain.grad_norm import use_multi_tensor_grad_norm
 from vutrain.grad_reduction import use_lean_reduction
 from vutrain.optim import build_optimizer, param_groups
 from vutrain.param_alignment import warn_if_misaligned
+from vutrain.weight_views import use_view_check
 
 
 def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: torch.device):
@@ -51,6 +53,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     use_multi_tensor_grad_norm(engine.optimizer)  # 2 kernels per parameter -> a few (grad_norm.py)
     use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
     use_lean_reduction(engine.optimizer)  # ZeRO-1/2: no per-parameter copy or filing (grad_reduction.py)
+    use_view_check(engine.optimizer)  # ZeRO-1/2: no per-step re-pointing of every weight (weight_views.py)
     if cfg.compile:
         compile_model(engine, cfg.compile_scope, cfg.compile_backend, cfg.compile_mode)
     return engine
