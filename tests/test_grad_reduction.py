@@ -5,9 +5,9 @@
 Against DeepSpeed's own methods on the same engine: the same weights bit for bit after
 three steps, the gradient copy ops of the backward counted. Two ranks: one multi-tensor copy for
 the whole bucket instead of one `copy_` per gradient. One rank: no reduction op at all, and at
-ZeRO-1 no parameter filed into a reduce bucket.
+ZeRO-1 no parameter filed into a reduce bucket, and at ZeRO-2 no gradient hook left.
 With `overlap_comm` the wrapper hands the call to DeepSpeed. And on one rank ZeRO-1 trains what
-ZeRO-2 trains (the trainer's start-up hint).
+ZeRO-2 trains.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class OpNames(TorchDispatchMode):
 
 
 def _train(stage: int, rank: int, lean: bool, ds_config: str = "", accumulate: int = 1) -> dict:
+    from vutrain import grad_reduction
     from vutrain.config import TrainConfig
     from vutrain.engine import build_engine
 
@@ -42,7 +43,13 @@ def _train(stage: int, rank: int, lean: bool, ds_config: str = "", accumulate: i
         micro_batch_size=2, zero_stage=stage, precision="bf16", warmup_steps=0, ds_config=ds_config,
         grad_accum_steps=accumulate,
     )  # fmt: skip
-    engine = build_engine(_odd_model(), cfg, torch.distributed.get_world_size(), torch.device("cpu"))
+    remove_hooks = grad_reduction._remove_gradient_hooks
+    if not lean:  # DeepSpeed's own ZeRO-2 gradient hooks stay
+        grad_reduction._remove_gradient_hooks = lambda optimizer: None
+    try:
+        engine = build_engine(_odd_model(), cfg, torch.distributed.get_world_size(), torch.device("cpu"))
+    finally:
+        grad_reduction._remove_gradient_hooks = remove_hooks
     opt = engine.optimizer
     wrapped = {
         name: getattr(getattr(opt, name), "_vutrain_lean", False)
@@ -77,6 +84,7 @@ def _train(stage: int, rank: int, lean: bool, ds_config: str = "", accumulate: i
         "trainable": sum(p.requires_grad for p in engine.module.parameters()),
         "ops": dict(ops.ops),
         "filed": len(filed),
+        "hooks": len(opt._grad_acc_hooks),
     }
 
 
@@ -95,6 +103,7 @@ def _compare(rank: int, world: int, ds_config: str = "", accumulate: int = 1) ->
             "ours": ours["ops"],
             "deepspeed": theirs["ops"],
             "filed": (ours["filed"], theirs["filed"]),
+            "hooks": (ours["hooks"], theirs["hooks"]),
         }
     return out
 
@@ -119,12 +128,15 @@ def test_two_ranks_copy_the_bucket_back_in_one_multi_tensor_copy():
             # a real reduction: every parameter is filed into the bucket, as DeepSpeed does
             assert not r["wrapped"]["reduce_gradients"], r
             assert r["filed"][0] == r["filed"][1] >= r["trainable"], r
+            if stage == 2:  # ZeRO-2's gradient hooks partition: they stay
+                assert r["hooks"][0] == r["hooks"][1] >= r["trainable"], r
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_one_rank_skips_the_identity_reduction(accumulate):
-    """No reduction op at ZeRO-1 and 2, and at ZeRO-1 no parameter filed into a bucket (DeepSpeed
-    files each once per step); with two micro-batches per step too."""
+    """No reduction op at ZeRO-1 and 2, and no parameter filed into a bucket: at ZeRO-1 DeepSpeed
+    files each once per step, at ZeRO-2 in a gradient hook per parameter, which the lean reduction
+    removes on one rank; with two micro-batches per step too."""
     results = run_distributed(_compare, 1, "", accumulate, init_process_group=False, timeout_s=600)
     _check_equal_weights(results)
     for stage, r in results[0].items():
@@ -134,7 +146,10 @@ def test_one_rank_skips_the_identity_reduction(accumulate):
     one, two = results[0][1], results[0][2]
     assert one["wrapped"]["reduce_gradients"] and one["filed"][0] == 0, one
     assert one["filed"][1] >= 3 * one["trainable"], one  # DeepSpeed's: every parameter, every step
-    assert not two["wrapped"]["reduce_gradients"], two  # ZeRO-2 files in its gradient hooks
+    assert not two["wrapped"]["reduce_gradients"], two  # ZeRO-2's engine calls the epilogue itself
+    assert two["hooks"][0] == 0 and two["filed"][0] == 0, two
+    assert two["hooks"][1] >= two["trainable"], two  # DeepSpeed's: a hook per parameter,
+    assert two["filed"][1] >= 3 * accumulate * two["trainable"], two  # filing it in every backward
 
 
 def test_overlap_comm_is_left_to_deepspeed(tmp_path):
@@ -145,6 +160,7 @@ def test_overlap_comm_is_left_to_deepspeed(tmp_path):
     for stage, r in results[0].items():  # handed over: DeepSpeed's copies, one per gradient
         assert r["ours"].get("copy_", 0) >= r["trainable"], f"ZeRO-{stage}: {r['ours']}"
         assert not r["wrapped"]["reduce_gradients"], r
+        assert r["hooks"][0] == r["hooks"][1] >= r["trainable"], r  # overlap's bookkeeping: kept
 
 
 def _zero1_and_zero2(rank: int, world: int) -> bool:
@@ -156,7 +172,7 @@ def _zero1_and_zero2(rank: int, world: int) -> bool:
 
 
 def test_one_rank_zero1_trains_what_zero2_trains():
-    """What the trainer's hint on one rank says: ZeRO-1 gives ZeRO-2's weights, bit for bit."""
+    """On one rank ZeRO-1 gives ZeRO-2's weights, bit for bit."""
     assert run_distributed(_zero1_and_zero2, 1, init_process_group=False, timeout_s=600) == [True]
 
 

@@ -17,7 +17,11 @@ chain per parameter.
   exact widening of them): no flatten, no all-reduce, no copies;
 - ``reduce_gradients`` (ZeRO-1's boundary), one rank: straight to DeepSpeed's epilogue, which
   builds the step's flat gradients from the parameters' own, without filing each parameter into a
-  bucket whose reduction would be that identity.
+  bucket whose reduction would be that identity;
+- ZeRO-2, one rank: its per-parameter gradient hooks are removed. They exist for partitioning
+  (nothing to partition on one rank) and run a Python call chain per parameter in every backward
+  (398 for ViT-B/32) to file it into that same identity bucket; without them the engine's own
+  call of the epilogue after each backward does the work, as at ZeRO-1.
 
 Anything else (``overlap_comm``, whose side-stream bookkeeping stays DeepSpeed's; reductions into
 partition outputs; sequence parallelism; MoE; CPU offload; pipeline parallelism) takes
@@ -41,8 +45,11 @@ def use_lean_reduction(optimizer) -> bool:
     if not is_zero_1_2(optimizer):
         return False
     _wrap_copy_back(optimizer)
-    if _one_rank_zero1(optimizer):
-        _wrap_reduce_gradients(optimizer)
+    if _one_rank_without_extras(optimizer):
+        if optimizer.partition_gradients:
+            _remove_gradient_hooks(optimizer)
+        else:
+            _wrap_reduce_gradients(optimizer)
     return True
 
 
@@ -104,8 +111,20 @@ def _wrap_reduce_gradients(optimizer) -> None:
     optimizer.reduce_gradients = reduce_gradients
 
 
-def _one_rank_zero1(optimizer) -> bool:
-    """ZeRO-1 on one data-parallel rank, with none of the features whose bookkeeping the
+def _remove_gradient_hooks(optimizer) -> None:
+    """One-rank ZeRO-2: drop DeepSpeed's per-parameter gradient hooks (kept for nothing else
+    under :func:`_one_rank_without_extras`); ``_vutrain_no_grad_hooks`` records it."""
+    handles = getattr(optimizer, "_grad_acc_hooks", None)
+    if handles is None:  # a DeepSpeed that keeps them elsewhere: leave them
+        return
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+    optimizer._vutrain_no_grad_hooks = True
+
+
+def _one_rank_without_extras(optimizer) -> bool:
+    """ZeRO-1/2 on one data-parallel rank, with none of the features whose bookkeeping the
     per-parameter filing does (overlap, contiguous buckets, offload, fp32 accumulation, MoE, ...)."""
     import deepspeed.comm as dist
 
@@ -113,8 +132,7 @@ def _one_rank_zero1(optimizer) -> bool:
     if any(dist.get_world_size(group=g) != 1 for g in groups):
         return False
     return not (
-        optimizer.partition_gradients
-        or optimizer.overlap_comm
+        optimizer.overlap_comm
         or optimizer.contiguous_gradients
         or optimizer.cpu_offload
         or getattr(optimizer, "zenflow", False)

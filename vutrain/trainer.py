@@ -161,13 +161,6 @@ class Trainer:
             cfg.train.precision,
             self.stream.steps_per_epoch,
         )
-        if info.world_size == 1 and cfg.train.zero_stage == 2:
-            # One rank has nothing to partition; ZeRO-2 still runs a Python hook per parameter
-            # in every backward (DeepSpeed's gradient bookkeeping), ZeRO-1 none.
-            log.info(
-                "one rank: train.zero_stage=1 trains the same as 2 here with less host work per "
-                "step (no per-parameter gradient hook)"
-            )
         self._maybe_resume()
 
     # ------------------------------------------------------------------ builders
