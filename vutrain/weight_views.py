@@ -9,9 +9,10 @@ development CPU, in a batch-256 step that waits on the host on an H200 (issue 9)
 so only the host sees it.
 
 :func:`use_view_check` wraps the method in place: it re-points a group only when one of its
-weights no longer views its slot (its address or shape differ), so the safety net stays for
-whatever replaced a weight's ``data`` (a checkpoint load calls the same method); otherwise it
-returns after one address comparison per weight (about 0.16 ms per step for ViT-B/32).
+weights no longer views its slot (its device, address or shape differ), so the safety net stays
+for whatever replaced a weight's ``data`` or moved the buffer (DeepSpeed's ``offload_states`` and
+``reload_states`` move the flat buffers, then call the same method); otherwise it returns after
+one address comparison per weight (about 0.16 ms per step for ViT-B/32).
 """
 
 from __future__ import annotations
