@@ -5,14 +5,18 @@ The wrapped `unscale_and_clip_grads` must scale the flat gradients exactly as De
 (clipping, no clipping, an invalid norm: non-finite or DeepSpeed's -1) without reading a value on
 the host, and a real optimizer step must make no host read in DeepSpeed's ZeRO-1/2 optimizer.
 Before the change DeepSpeed's `is_invalid_grad_norm` read the norm once per parameter group (2 per
-step; seen on an H200 as `host_reads_per_step: 2` in `python -m vutrain.bench --compare`).
+step; seen on an H200 as `host_reads_per_step: 2` in `python -m vutrain.bench --compare`). The
+clip factor is computed once per step, not once per parameter group.
 """
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from test_param_alignment import _odd_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vutrain.host_reads import HostReads
 
@@ -62,6 +66,20 @@ def _clip(rank: int, world: int, stage: int, device: str = "cpu") -> dict:
         wrapped(g, torch.tensor(float("nan") if verdict else 0.5, device=device))
         out[f"skip={verdict}"] = bool((g[0] == 0).all()) if verdict else bool(torch.equal(g[0], kept))
     wrapped.skip = None
+    # DeepSpeed passes the step's one norm tensor to one call per parameter group: the factor is
+    # computed by the first call, the second only scales; an in-place update gets a new factor.
+    total = torch.tensor(7.0, device=device)
+    wrapped([torch.randn(9, generator=gen).to(device)], total)
+    second = [torch.randn(9, generator=gen).to(device)]
+    with OpNames() as ops:
+        wrapped(second, total)
+    out["second_group_ops"] = {op: n for op, n in ops.ops.items() if op != "detach"}  # `.data`: a view
+    total.fill_(0.5)
+    g = [torch.randn(9, generator=gen).to(device)]
+    ref = [g[0].clone()]
+    wrapped(g, total)
+    original(ref, total)
+    out["in_place_update_diff"] = (g[0] - ref[0]).abs().max().item()
     # A real step: DeepSpeed's ZeRO-1/2 optimizer reads nothing on the host any more.
     img, txt, scale, _ = engine(
         pixel_values=torch.randn(2, 3, 16, 16, dtype=torch.bfloat16, device=device),
@@ -85,6 +103,16 @@ def _clip(rank: int, world: int, stage: int, device: str = "cpu") -> dict:
     return out
 
 
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func._schema.name.split("::")[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _stages(rank: int, world: int) -> dict:
     from vutrain.distributed import init_distributed, resolve_dist_env
 
@@ -100,6 +128,8 @@ def _check(r: dict, where: str) -> None:
     assert r["host_checks"] == 0 and r["cuda_reads"] == {}, where
     assert r["mask_at_step"] and r["skip=True"] and r["skip=False"], where
     assert r["step_norm"] > 1.0, where  # the step's norm was over the clip: the clip ran
+    assert r["second_group_ops"] == {"mul_": 1}, where
+    assert r["in_place_update_diff"] <= 1e-6, where
 
 
 @pytest.mark.slow  # spawns 2 rank processes

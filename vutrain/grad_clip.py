@@ -58,16 +58,26 @@ def use_device_side_clip(optimizer) -> bool:
         if not (clip_grad > 0.0 and torch.is_tensor(total_norm)) or torch.is_tensor(loss_scale):
             return original(grad_groups_flat, total_norm)  # nothing to clip, or a form not seen here
         with torch.no_grad():
-            invalid = ~torch.isfinite(total_norm) | (total_norm < 0)
-            clip_norm = torch.where(invalid, torch.full_like(total_norm, float("inf")), total_norm)
-            # DeepSpeed's formula: the norm is of the scaled gradients.
-            clip = torch.clamp(((clip_norm / loss_scale) + 1e-6) / clip_grad, min=1.0)
-            inverse = 1.0 / (clip * loss_scale)
+            # DeepSpeed calls this once per parameter group with the step's one norm tensor: the
+            # factor (8 small kernels) is computed for the first group and reused for the rest.
+            # The version counter tells an in-place update of the same tensor from a reuse.
+            key = (total_norm, total_norm._version, loss_scale, clip_grad)
+            last = unscale_and_clip_grads.last
+            if last is not None and last[0] is key[0] and last[1:] == key[1:]:
+                inverse = unscale_and_clip_grads.last_inverse
+            else:
+                invalid = ~torch.isfinite(total_norm) | (total_norm < 0)
+                clip_norm = torch.where(invalid, torch.full_like(total_norm, float("inf")), total_norm)
+                # DeepSpeed's formula: the norm is of the scaled gradients.
+                clip = torch.clamp(((clip_norm / loss_scale) + 1e-6) / clip_grad, min=1.0)
+                inverse = 1.0 / (clip * loss_scale)
+                unscale_and_clip_grads.last, unscale_and_clip_grads.last_inverse = key, inverse
             for g in _flat_tensors(grad_groups_flat):
                 g.data.mul_(inverse)
 
     unscale_and_clip_grads._vutrain_device_side = True
     unscale_and_clip_grads.skip = None
+    unscale_and_clip_grads.last = unscale_and_clip_grads.last_inverse = None
     optimizer.unscale_and_clip_grads = unscale_and_clip_grads
     return True
 
