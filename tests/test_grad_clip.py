@@ -11,12 +11,10 @@ clip factor is computed once per step, not once per parameter group.
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
+from test_grad_reduction import OpNames
 from test_param_alignment import _odd_model
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from vutrain.host_reads import HostReads
 
@@ -101,16 +99,6 @@ def _clip(rank: int, world: int, stage: int, device: str = "cpu") -> dict:
     out["host_checks"], out["cuda_reads"] = len(checks), dict(reads.sites)
     out["step_norm"] = float(engine.get_global_grad_norm())
     return out
-
-
-class OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func._schema.name.split("::")[-1]] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _stages(rank: int, world: int) -> dict:
