@@ -59,7 +59,7 @@ def use_device_side_clip(optimizer) -> bool:
             return original(grad_groups_flat, total_norm)  # nothing to clip, or a form not seen here
         with torch.no_grad():
             # DeepSpeed calls this once per parameter group with the step's one norm tensor: the
-            # factor (8 small kernels) is computed for the first group and reused for the rest.
+            # factor (16 small ops, counted) is computed for the first group and reused for the rest.
             # The version counter tells an in-place update of the same tensor from a reuse.
             key = (total_norm, total_norm._version, loss_scale, clip_grad)
             last = unscale_and_clip_grads.last
