@@ -4,9 +4,9 @@
     z_ij = +1 if j == label_offset + i else -1            (open_clip's SigLipLoss)
 
 Every pair is an independent binary problem, so unlike the softmax losses no row
-statistics are needed: the forward sums ``softplus`` over tiles (per-row partials for
-each column split, summed in a fixed order), and the backward recomputes each tile and
-writes ``s * dL/dx`` into the shared bounded workspace (``kernels.gradient_gemms``):
+statistics are needed, and one pass over the tiles gives the loss and its gradients:
+each tile's ``softplus`` terms are summed, and ``s * dL/dx`` goes into the shared bounded
+workspace (``kernels.gradient_gemms``):
 
     dL/dx_ij = w * sigmoid(x_ij)       off the label      (w = upstream grad / N)
              = -w * sigmoid(-x_ij)     on the label
@@ -14,6 +14,13 @@ writes ``s * dL/dx`` into the shared bounded workspace (``kernels.gradient_gemms
 formed directly in fp32 (``sigmoid(x) - 1`` would cancel to 0 once sigmoid(x) rounds
 to 1), then ``dQ = G @ K``, ``dK = G.T @ Q``, ``dL/ds = sum_ij dL/dx_ij (Q @ K.T)_ij``
 and ``dL/db = sum_ij dL/dx_ij`` from per-tile partials. Deterministic: no atomics.
+
+The loss is a scalar, so its gradients are those for ``grad = 1`` times the upstream
+gradient. When autograd will want them, the forward makes them for ``w = 1 / N`` in that
+same pass and the backward only scales them: no tile is computed twice, so forward +
+backward is one score pass and the two gradient GEMMs (the separate forward's pass cost
+a full ``Q @ K.T`` more). Without gradients (``torch.no_grad``, or no input requiring
+them), the forward only sums the loss, in per-row partials for each column split.
 """
 
 from __future__ import annotations
@@ -26,18 +33,31 @@ from kernels.runtime import autocast_inputs, device_guard, use_triton
 
 
 class SigmoidLossFunction(torch.autograd.Function):
-    """Autograd wrapper: saves only Q, K, the scale and the bias."""
+    """Autograd wrapper. With ``with_grads`` the forward also makes the gradients for
+    ``grad = 1`` (one pass over the tiles) and the backward only scales them by the upstream
+    gradient; without, it only sums the loss. Saves Q, K, the scale and the bias besides."""
 
     @staticmethod
-    def forward(ctx, queries, keys, logit_scale, logit_bias, label_offset):
-        """The sigmoid loss; saves what its backward needs."""
-        from kernels.sigmoid_tiles import sigmoid_forward
+    def forward(ctx, queries, keys, logit_scale, logit_bias, label_offset, with_grads):
+        """The sigmoid loss, and with ``with_grads`` its gradients for the backward."""
+        from kernels.sigmoid_tiles import sigmoid_forward, sigmoid_grads
 
         q, k = queries.contiguous(), keys.contiguous()
+        ctx.grads = None
         with device_guard(q.device):
             scale = as_scale_tensor(logit_scale, q.device)
             bias = as_scale_tensor(logit_bias, q.device, "logit_bias")
-            loss = sigmoid_forward(q, k, scale, bias, label_offset=label_offset)
+            if with_grads:
+                n = q.shape[0]
+                w = torch.full((), 1.0 / n, dtype=torch.float32, device=q.device)
+                need_dq, need_dk = ctx.needs_input_grad[:2]  # a locked tower's side is skipped
+                dq, dk, dscale, dbias, total = sigmoid_grads(
+                    q, k, scale, bias, w, label_offset=label_offset, need_dq=need_dq, need_dk=need_dk
+                )
+                ctx.grads = (dq, dk, dscale, dbias)
+                loss = total / n
+            else:
+                loss = sigmoid_forward(q, k, scale, bias, label_offset=label_offset)
         ctx.save_for_backward(q, k, scale, bias)
         ctx.label_offset = label_offset
         ctx.metas = [scale_meta(logit_scale), scale_meta(logit_bias)]
@@ -46,16 +66,26 @@ class SigmoidLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         """Gradients in Q, K and (when they were tensors) the logit scale and bias."""
-        from kernels.sigmoid_tiles import sigmoid_backward
+        g = grad.float().reshape(())
+        if ctx.grads is not None:
+            dq, dk, dscale, dbias = ctx.grads
+            # Handed over, not kept: autograd can then store dq and dk as .grad without a copy.
+            ctx.grads = None
+            for t in (dq, dk):
+                if t is not None:
+                    t.mul_(g)  # exact for grad = 1 and for power-of-two loss scales
+            dscale, dbias = dscale * g, dbias * g
+        else:  # a second backward through the graph (retain_graph=True): recompute
+            from kernels.sigmoid_tiles import sigmoid_grads
 
-        q, k, scale, bias = ctx.saved_tensors
-        with device_guard(q.device):
-            w = grad.float().reshape(()) / q.shape[0]
-            need_dq, need_dk = ctx.needs_input_grad[:2]  # a locked tower's side is skipped
-            dq, dk, dscale, dbias = sigmoid_backward(
-                q, k, scale, bias, w, label_offset=ctx.label_offset, need_dq=need_dq, need_dk=need_dk
-            )
-        return dq, dk, grad_like(dscale, ctx.metas[0]), grad_like(dbias, ctx.metas[1]), None
+            q, k, scale, bias = ctx.saved_tensors
+            need_dq, need_dk = ctx.needs_input_grad[:2]
+            with device_guard(q.device):
+                dq, dk, dscale, dbias, _ = sigmoid_grads(
+                    q, k, scale, bias, g / q.shape[0], label_offset=ctx.label_offset,
+                    need_dq=need_dq, need_dk=need_dk,
+                )  # fmt: skip
+        return dq, dk, grad_like(dscale, ctx.metas[0]), grad_like(dbias, ctx.metas[1]), None, None
 
 
 def sigmoid_loss(
@@ -81,4 +111,9 @@ def sigmoid_loss(
     if not use_triton(queries, keys):
         return sigmoid_loss_reference(queries, keys, logit_scale, logit_bias, label_offset=label_offset)
     queries, keys = autocast_inputs(queries, keys)
-    return SigmoidLossFunction.apply(queries, keys, logit_scale, logit_bias, label_offset)
+    # Whether autograd will ask for gradients (inside the Function's forward, grad mode is off):
+    # then the forward makes them, and the backward recomputes nothing.
+    with_grads = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (queries, keys, logit_scale, logit_bias)
+    )
+    return SigmoidLossFunction.apply(queries, keys, logit_scale, logit_bias, label_offset, with_grads)

@@ -352,7 +352,10 @@ def test_every_launch_runs_under_a_guard_for_the_inputs_device(monkeypatch):
     scale = torch.tensor(10.0, device=DEVICE, requires_grad=True)
     clip_loss(q, k[:20], scale).backward()
     contrastive_ce(q, k, scale, label_offset=5).backward()
-    kernels.sigmoid_loss(q, k, scale, torch.tensor(-3.0, device=DEVICE), label_offset=5).backward()
+    bias = torch.tensor(-3.0, device=DEVICE)
+    kernels.sigmoid_loss(q, k, scale, bias, label_offset=5).backward()  # one pass, in the forward
+    with torch.no_grad():  # the loss alone: the other kernel
+        kernels.sigmoid_loss(q, k, scale, bias, label_offset=5)
     assert {name for name, _ in launches} == set(names)
     assert all(guards == [q.device] for _, guards in launches), launches
 
@@ -437,7 +440,7 @@ def test_gradient_launch_grids_fit_cudas_grid_limits(monkeypatch):
             if kind == "ce_grad":
                 gb.grad_backward(q, k, one, LseStats(row, row, None), row)
             else:
-                st.sigmoid_backward(q, k, one, one, one)
+                st.sigmoid_grads(q, k, one, one, one)
         tiles += triton.cdiv(n, cfg.BM) * triton.cdiv(m, cfg.BN)
     assert grids and all(g <= 65535 for grid in grids for g in grid[1:]), grids
     assert all(grid[0] < 2**31 for grid in grids) and sum(grid[0] for grid in grids) == tiles, grids

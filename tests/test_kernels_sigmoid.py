@@ -118,6 +118,67 @@ def test_every_backward_schedule_gives_the_same_result(monkeypatch):
 
 
 @in_process
+def test_gradients_come_from_the_forwards_one_pass_and_backward_recomputes_nothing(monkeypatch):
+    # The loss is a scalar: the forward makes the gradients for grad = 1 in the pass that sums
+    # the loss, the backward only scales them (before, the forward's pass over every tile was
+    # done again in the backward). Under no_grad the forward only sums the loss.
+    import triton
+
+    import kernels.sigmoid_tiles as st
+    from kernels.runtime import tile_config
+
+    launches, made = [], []
+
+    def recorded(name, kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                launches.append((phase, name, grid[0] * (grid[1] if len(grid) > 1 else 1)))
+                return kernel[grid]
+
+        return Launch()
+
+    def kept(*args, **kwargs):
+        out = real_grads(*args, **kwargs)
+        made.append(out[0].data_ptr())  # not the tensor: a reference kept here forces a copy
+        return out
+
+    real_grads = st.sigmoid_grads
+    monkeypatch.setattr(st, "_sigmoid_fwd_kernel", recorded("fwd", st._sigmoid_fwd_kernel))
+    monkeypatch.setattr(st, "_sigmoid_grad_kernel", recorded("grad", st._sigmoid_grad_kernel))
+    monkeypatch.setattr(st, "sigmoid_grads", kept)
+    n, m, d, off = 20, 70, 24, 30
+    q, k = (t.to(DEVICE) for t in _pairs(n, m, d, off, seed=8))
+    qa, ka = q.clone().requires_grad_(), k.clone().requires_grad_()
+    phase = "forward"
+    loss = sigmoid_loss(qa, ka, 10.0, -10.0, label_offset=off)
+    phase = "backward"
+    loss.backward()
+    cfg = tile_config("sig_grad", q, n, m, d)
+    tiles = triton.cdiv(n, cfg.BM) * triton.cdiv(m, cfg.BN)
+    assert launches == [("forward", "grad", tiles)], launches  # each tile once, in the forward
+    assert qa.grad.data_ptr() == made[0], "dq was copied on its way to .grad"
+    launches.clear()
+    phase = "no_grad"
+    with torch.no_grad():
+        plain = sigmoid_loss(qa, ka, 10.0, -10.0, label_offset=off)
+    assert [name for _, name, _ in launches] == ["fwd"], launches
+    torch.testing.assert_close(plain, loss.detach(), rtol=1e-6, atol=0.0)
+
+
+@in_process
+def test_a_second_backward_through_the_graph_recomputes_the_same_gradients():
+    q, k = _pairs(30, 45, 24, 10, seed=9)
+    qa, ka = (t.to(DEVICE).requires_grad_() for t in (q, k))
+    sa = torch.tensor(10.0, device=DEVICE, requires_grad=True)
+    loss = sigmoid_loss(qa, ka, sa, -10.0, label_offset=10)
+    (loss * 1.7).backward(retain_graph=True)
+    first = [t.grad.clone() for t in (qa, ka, sa)]
+    (loss * 1.7).backward()
+    for a, t in zip(first, (qa, ka, sa)):
+        torch.testing.assert_close(t.grad, 2 * a, rtol=1e-5, atol=1e-8)
+
+
+@in_process
 def test_deterministic_and_sharded_sum():
     # Bitwise equal runs; and W shards with offsets r * n sum to the whole problem
     # (each shard's loss is divided by its own n rows).
