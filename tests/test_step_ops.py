@@ -20,33 +20,54 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def count(stage: int, *overrides: str) -> dict:
-    cmd = [sys.executable, os.path.join(REPO, "tools", "count_step_ops.py"), "--preset", "tiny"]
-    cmd += ["--zero-stage", str(stage), *(a for o in overrides for a in ("--set", o))]
+# Every configuration the tests read, counted in ONE process (a fresh interpreter per run cost
+# 8 s of imports each; the counts are the same either way, checked by hand for all seven).
+CONFIGS = [(stage, override) for stage in (1, 2, 3) for override in ("", "model.lock_text=true")]
+CONFIGS.append((2, "train.grad_accum_steps=2"))
+
+
+@pytest.fixture(scope="module")
+def counts() -> dict:
+    argvs = [
+        ["--preset", "tiny", "--zero-stage", str(stage), *(["--set", override] if override else [])]
+        for stage, override in CONFIGS
+    ]
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.join(REPO, 'tools')!r})\n"
+        "import count_step_ops\n"
+        f"for argv in {argvs!r}:\n"
+        "    count_step_ops.main(argv)\n"
+    )
     r = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "VUTRAIN_DEVICE": "cpu"}
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "VUTRAIN_DEVICE": "cpu"},
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(CONFIGS), r.stdout[-3000:]
+    return dict(zip(CONFIGS, results))
 
 
-@pytest.mark.slow  # six one-rank training runs of 3 steps
-def test_no_op_per_parameter_in_the_optimizer_step_and_no_gradient_copy_at_zero1():
-    runs = {stage: (count(stage), count(stage, "model.lock_text=true")) for stage in (1, 2, 3)}
+@pytest.mark.slow  # seven one-rank training runs of 3 steps, in one process
+def test_no_op_per_parameter_in_the_optimizer_step_and_no_gradient_copy_at_zero1(counts):
+    runs = {stage: (counts[stage, ""], counts[stage, "model.lock_text=true"]) for stage in (1, 2, 3)}
     for stage, (full, half) in runs.items():
         assert full["trainable_tensors"] >= half["trainable_tensors"] + 40, (full, half)
         assert full["optimizer step"] == half["optimizer step"], f"ZeRO-{stage}: {full} vs {half}"
     assert runs[1][0]["backward"] <= runs[2][0]["backward"], runs
 
 
-@pytest.mark.slow  # four one-rank training runs of 3 steps
-def test_one_micro_batch_per_step_masks_at_the_step_not_per_parameter():
+@pytest.mark.slow  # the same runs
+def test_one_micro_batch_per_step_masks_at_the_step_not_per_parameter(counts):
     """bf16, ZeRO-1/2, one micro-batch per step: the non-finite guard's verdict zeroes the flat
     gradients at the step (grad_clip.mask_at_step: a masked_fill_ per parameter group) instead of
     a masked_fill per parameter in backward. With two micro-batches per step (a skipped one must
     not wipe the other's gradients) and at ZeRO-3 the per-parameter masks stay."""
     for stage in (1, 2):
-        one = count(stage)
+        one = counts[stage, ""]
         assert one["backward: guard masks"] == 0, f"ZeRO-{stage}: {one}"
-    for two in (count(2, "train.grad_accum_steps=2"), count(3)):
+    for two in (counts[2, "train.grad_accum_steps=2"], counts[3, ""]):
         assert two["backward: guard masks"] >= two["trainable_tensors"] - 2, two
