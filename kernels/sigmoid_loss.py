@@ -81,10 +81,10 @@ class SigmoidLossFunction(torch.autograd.Function):
             q, k, scale, bias = ctx.saved_tensors
             need_dq, need_dk = ctx.needs_input_grad[:2]
             with device_guard(q.device):
+                w = g / q.shape[0]
                 dq, dk, dscale, dbias, _ = sigmoid_grads(
-                    q, k, scale, bias, g / q.shape[0], label_offset=ctx.label_offset,
-                    need_dq=need_dq, need_dk=need_dk,
-                )  # fmt: skip
+                    q, k, scale, bias, w, label_offset=ctx.label_offset, need_dq=need_dq, need_dk=need_dk
+                )
         return dq, dk, grad_like(dscale, ctx.metas[0]), grad_like(dbias, ctx.metas[1]), None, None
 
 
