@@ -97,11 +97,11 @@ def _grad_chunk_kernel(
     # Label term, in fp32 before any cast, only in tiles crossing the diagonal.
     diag_lo = pid_m * BM + label_offset
     if (pid_n * BN < diag_lo + BM) & (pid_n * BN + BN > diag_lo):
-        is_label = (cols[None, :] == (rows[:, None] + label_offset)).to(tl.float32)
+        is_label = cols[None, :] == (rows[:, None] + label_offset)
         if WITH_COLS:
-            ds -= (g_r[:, None] + g_c[None, :]) * is_label
+            ds = tl.where(is_label, ds - (g_r[:, None] + g_c[None, :]), ds)
         else:
-            ds -= g_r[:, None] * is_label
+            ds = tl.where(is_label, ds - g_r[:, None], ds)
     # Padded rows/columns (acc = 0 there) hold finite junk: P <= 1 by the clamp above
     # (exact for real entries, where x <= max), so it adds 0 * finite to dL/ds and is
     # never stored.

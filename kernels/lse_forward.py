@@ -87,9 +87,10 @@ def _lse_fwd_kernel(
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < col_end
         acc = score_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, UPCAST, PRECISION)
-        x = tl.where(col_ok[None, :], acc * scale2, float("-inf"))
-        # Online log-sum-exp with a true running max (a fixed shift underflows at s=100).
-        m_new = tl.maximum(m_i, tl.max(x, axis=1))
+        x = tl.where(row_ok[:, None] & col_ok[None, :], acc * scale2, float("-inf"))
+        # Online log-sum-exp with a true running max (a fixed shift underflows at s=100). Rows
+        # past N (all -inf) keep a finite max of 0: their sums stay 0 and are never stored.
+        m_new = tl.where(row_ok, tl.maximum(m_i, tl.max(x, axis=1)), 0.0)
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), axis=1)
         m_i = m_new
         # The positive logit of a row lies in exactly one tile of one split: that
@@ -102,10 +103,10 @@ def _lse_fwd_kernel(
             found = tl.sum(is_label.to(tl.int32), axis=1) > 0
             tl.store(pos_ptr + rows, pos, mask=row_ok & found)
         if WITH_COLS:
-            xc = tl.where(row_ok[:, None], x, float("-inf"))
+            # x is -inf past N already: no second masked tile (it spilled at BN = 256).
             # Padded columns would give -inf - -inf = nan; keep them finite (never stored).
-            cm = tl.where(col_ok, tl.max(xc, axis=0), 0.0)
-            cl = tl.sum(tl.exp2(xc - cm[None, :]), axis=0)
+            cm = tl.where(col_ok, tl.max(x, axis=0), 0.0)
+            cl = tl.sum(tl.exp2(x - cm[None, :]), axis=0)
             off = pid_m.to(tl.int64) * M + cols
             tl.store(col_m_ptr + off, cm, mask=col_ok)
             tl.store(col_l_ptr + off, cl, mask=col_ok)
