@@ -4,7 +4,7 @@
     z_ij = +1 if j == label_offset + i else -1            (open_clip's SigLipLoss)
 
 Every pair is an independent binary problem, so unlike the softmax losses no row
-statistics are needed, and one pass over the tiles gives the loss and its gradients:
+statistics are needed, and the gradient pass over the tiles gives the loss too:
 each tile's ``softplus`` terms are summed, and ``s * dL/dx`` goes into the shared bounded
 workspace (``kernels.gradient_gemms``):
 
@@ -17,9 +17,10 @@ and ``dL/db = sum_ij dL/dx_ij`` from per-tile partials. Deterministic: no atomic
 
 The loss is a scalar, so its gradients are those for ``grad = 1`` times the upstream
 gradient. When autograd will want them, the forward makes them for ``w = 1 / N`` in that
-same pass and the backward only scales them: no tile is computed twice, so forward +
-backward is one score pass and the two gradient GEMMs (the separate forward's pass cost
-a full ``Q @ K.T`` more). Without gradients (``torch.no_grad``, or no input requiring
+same pass and the backward only scales them: forward + backward is the gradient pass
+alone (one score pass and the two gradient GEMMs; two score passes under the two-pass
+schedule of large square problems), where a separate forward cost a full ``Q @ K.T``
+more. Without gradients (``torch.no_grad``, or no input requiring
 them), the forward only sums the loss, in per-row partials for each column split.
 """
 
@@ -34,8 +35,9 @@ from kernels.runtime import autocast_inputs, device_guard, use_triton
 
 class SigmoidLossFunction(torch.autograd.Function):
     """Autograd wrapper. With ``with_grads`` the forward also makes the gradients for
-    ``grad = 1`` (one pass over the tiles) and the backward only scales them by the upstream
-    gradient; without, it only sums the loss. Saves Q, K, the scale and the bias besides."""
+    ``grad = 1`` (in the gradient pass, which sums the loss too) and the backward only
+    scales them by the upstream gradient; without, it only sums the loss. Saves Q, K, the
+    scale and the bias besides."""
 
     @staticmethod
     def forward(ctx, queries, keys, logit_scale, logit_bias, label_offset, with_grads):

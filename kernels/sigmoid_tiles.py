@@ -204,7 +204,8 @@ def sigmoid_grads(
     need_dk: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq``, ``dk`` (inputs' dtype), ``dscale``, ``dbias`` of ``w * N * loss``, and the
-    loss's unnormalised sum ``N * loss`` (each 0-dim fp32), from one pass over the tiles.
+    loss's unnormalised sum ``N * loss`` (each 0-dim fp32), from the gradient pass over the
+    tiles (``gradient_gemms``'s schedule).
 
     w: 0-dim fp32, the upstream gradient divided by N. need_dq / need_dk: False skips that
     side's GEMMs and returns None for it.
