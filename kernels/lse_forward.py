@@ -98,9 +98,11 @@ def _lse_fwd_kernel(
         # max - positive is exactly 0 when the positive is the max), no second pass.
         # Only tiles crossing the label diagonal pay for it.
         if (c0 < diag_lo + BM) & (c0 + BN > diag_lo):
-            is_label = (cols[None, :] == (rows[:, None] + label_offset)) & col_ok[None, :]
-            pos = tl.sum(tl.where(is_label, x, 0.0), axis=1)
-            found = tl.sum(is_label.to(tl.int32), axis=1) > 0
+            # Whether a row's label column is in this tile, from the row's index (a [BM] vector),
+            # not by counting a [BM, BN] mask: one tile fewer in registers (spills, BENCHMARKS.md).
+            label_col = rows + label_offset
+            found = (label_col >= c0) & (label_col < tl.minimum(c0 + BN, col_end))
+            pos = tl.sum(tl.where(cols[None, :] == label_col[:, None], x, 0.0), axis=1)
             tl.store(pos_ptr + rows, pos, mask=row_ok & found)
         if WITH_COLS:
             # x is -inf past N already: no second masked tile (it spilled at BN = 256).
