@@ -20,8 +20,8 @@ gradient. When autograd will want them, the forward makes them for ``w = 1 / N``
 same pass and the backward only scales them: forward + backward is the gradient pass
 alone (one score pass and the two gradient GEMMs; two score passes under the two-pass
 schedule of large square problems), where a separate forward cost a full ``Q @ K.T``
-more. Without gradients (``torch.no_grad``, or no input requiring
-them), the forward only sums the loss, in per-row partials for each column split.
+more. Without gradients (``torch.no_grad``, or no input requiring them), the forward
+only sums the loss, in per-row partials for each column split.
 """
 
 from __future__ import annotations
