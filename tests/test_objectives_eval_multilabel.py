@@ -59,6 +59,19 @@ def test_recall_at_k_by_hand():
     assert r == pytest.approx({1: 0.0, 2: 0.25, 3: 1.0})
 
 
+def test_ties_count_against_the_model():
+    """A collapsed model (every score equal) must not score as a perfect one: among tied scores
+    the negatives rank first (before, the stable sort put low-index positives first: AP 1.0)."""
+    scores = torch.zeros(2, 4)
+    targets = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    assert recall_at_k(scores, targets, ks=(1, 3, 4)) == pytest.approx({1: 0.0, 3: 0.25, 4: 1.0})
+    # row 0: its positive ranks 4th (AP 1/4); row 1: 3rd and 4th (AP (1/3 + 2/4) / 2)
+    assert average_precision(scores, targets).tolist() == pytest.approx([0.25, (1 / 3 + 0.5) / 2])
+    # Ties only among negatives change nothing: the same ranking as before.
+    scores = torch.tensor([[0.9, 0.1, 0.1, 0.1]])
+    assert average_precision(scores, targets[:1]).tolist() == [1.0]
+
+
 def test_vocabulary_and_targets():
     tags = [["Cat", "funny "], ["cat"], [], ["dog", "Cat"]]
     vocab = tag_vocabulary(tags)

@@ -43,13 +43,22 @@ def multilabel_targets(tag_lists: list[list[str]], vocab: list[str]) -> torch.Te
     return out
 
 
+def ranked_hits(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[R, C] float: each row's targets in order of falling score. Ties go against the model:
+    among equal scores the negatives come first (a stable sort by score of the columns already
+    ordered negatives-first), so a collapsed model (all scores equal) earns no credit."""
+    targets = targets.to(scores.device)
+    negatives_first = targets.to(torch.uint8).argsort(dim=1, stable=True)
+    by_score = scores.gather(1, negatives_first).argsort(dim=1, descending=True, stable=True)
+    return targets.gather(1, negatives_first.gather(1, by_score)).float()
+
+
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """AP of each row's ranking: scores, targets [R, C] -> [R] (NaN for rows without a positive).
 
-    AP = mean over the positives of the precision at their rank (ties broken by column order).
+    AP = mean over the positives of the precision at their rank (ties: ``ranked_hits``).
     """
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    hits = targets.to(scores.device).gather(1, order).float()
+    hits = ranked_hits(scores, targets)
     ranks = torch.arange(1, scores.shape[1] + 1, dtype=torch.float32, device=scores.device)
     precision = hits.cumsum(dim=1) / ranks
     positives = hits.sum(dim=1)
@@ -64,8 +73,7 @@ def recall_at_k(scores: torch.Tensor, targets: torch.Tensor, ks=RECALL_KS) -> di
     scores, targets = scores[keep], targets[keep]
     if scores.shape[0] == 0:
         return {k: float("nan") for k in ks}
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    hits = targets.gather(1, order).float()
+    hits = ranked_hits(scores, targets)  # ties against the model
     total = targets.sum(dim=1).float()
     return {k: (hits[:, :k].sum(dim=1) / total).mean().item() for k in ks}
 

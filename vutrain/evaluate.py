@@ -56,9 +56,13 @@ def gather_objects(items: list) -> list:
 
 
 def recall_at_k(sim: torch.Tensor, ks=RECALL_KS) -> dict[int, float]:
-    """sim: [N, N], the pair of row i is column i. Fraction of rows whose pair ranks within the top k."""
+    """sim: [N, N], the pair of row i is column i. Fraction of rows whose pair ranks within the top k.
+
+    A column that ties the true pair ranks before it: a collapsed model (every embedding equal)
+    scores k / N, not 1.0, and duplicate captions do not lift the figure.
+    """
     diag = sim.diagonal().unsqueeze(1)
-    rank = (sim > diag).sum(dim=1)  # how many columns beat the true pair
+    rank = (sim >= diag).sum(dim=1) - 1  # how many other columns beat or tie the true pair
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
@@ -189,8 +193,11 @@ class Evaluator:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.preprocess, self.tokenize = preprocess, tokenize
         self.input_dtype, self.device = input_dtype, device
-        crop = processor.crop_size
-        self.image_size = crop["height"] if isinstance(crop, dict) else 224
+        from vutrain.data.preprocess import crop_size
+
+        # The dummy batch of a rank whose batches ran out goes through the vision tower: it must
+        # have the processor's crop size (transformers 5 gives a SizeDict here, not a dict).
+        self.image_hw = crop_size(processor)
         self._classes: list[str] | None = None
 
     def classes(self) -> list[str]:
@@ -216,8 +223,7 @@ class Evaluator:
             caption_template=cfg.data.caption_template,
             label_field=cfg.eval.zeroshot_field,
         )
-        size = self.image_size
-        dummy = dict(self.tokenize([""]), pixel_values=torch.zeros(1, 3, size, size), labels=[""])
+        dummy = dict(self.tokenize([""]), pixel_values=torch.zeros(1, 3, *self.image_hw), labels=[""])
         return evaluate(
             engine,
             batches,

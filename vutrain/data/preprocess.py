@@ -170,6 +170,11 @@ def _geometry(image_processor) -> tuple[int, tuple[int, int], int]:
     return int(shortest), (int(crop_h), int(crop_w)), resample
 
 
+def crop_size(image_processor) -> tuple[int, int]:
+    """(height, width) of the images the processor makes: what the vision tower expects."""
+    return _geometry(image_processor)[1]
+
+
 def normalisation(image_processor) -> tuple[tuple[float, ...], tuple[float, ...], float]:
     """(image_mean, image_std, rescale_factor) of a processor, CLIP's values where unset."""
     mean = _get(image_processor, "image_mean") or (0.48145466, 0.4578275, 0.40821073)
