@@ -76,3 +76,40 @@ def test_eval_runs_when_ranks_hold_different_numbers_of_batches(tmp_path):
     metrics = run_distributed(_uneven_eval, 2, info["val_shards"], tok_dir)
     assert metrics[0] == metrics[1]
     assert metrics[0]["eval/num_samples"] == 9
+
+
+class _StaticOutputEngine(torch.nn.Module):
+    """An engine whose every call returns the same output tensors, overwritten in place: what a
+    model under CUDA graphs (train.compile_scope=model, reduce-overhead) returns without grad.
+    Features: one-hot rows picked by each sample's first pixel, so every pair is found at rank 1."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.module = torch.nn.Module()
+        self.module.base = type("Base", (), {"config": type("C", (), {"projection_dim": dim})})()
+        self.dim, self.img, self.txt = dim, None, None
+
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
+        if pixel_values is not None:
+            img = torch.nn.functional.one_hot(pixel_values[:, 0, 0, 0].long(), self.dim).float()
+            self.img = img if self.img is None or self.img.shape != img.shape else self.img.copy_(img)
+        txt = torch.nn.functional.one_hot(input_ids[:, 0], self.dim).float()
+        self.txt = txt if self.txt is None or self.txt.shape != txt.shape else self.txt.copy_(txt)
+        return self.img, self.txt, None, None
+
+
+def test_eval_keeps_its_own_copy_of_each_batch_s_features():
+    """evaluate() kept the engine's output tensors per batch: with outputs in static memory every
+    entry became the last batch's features, and recall fell from 1.0 to 0.5 here."""
+    from vutrain.evaluate import evaluate
+
+    def batch(ids):
+        n = len(ids)
+        pixels = torch.tensor(ids, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2)
+        ids_t = torch.tensor(ids).view(n, 1)
+        return dict(pixel_values=pixels, input_ids=ids_t, attention_mask=torch.ones_like(ids_t), labels=["x"] * n)
+
+    engine = _StaticOutputEngine()
+    metrics = evaluate(engine, [batch([0, 1]), batch([2, 3])], [], [], None, torch.float32, "cpu", {})
+    assert metrics["eval/num_samples"] == 4
+    assert metrics["eval/i2t_r1"] == 1.0 and metrics["eval/t2i_r1"] == 1.0

@@ -264,3 +264,45 @@ def test_gradcache_with_a_loss_that_ignores_the_logit_scale():
     for name, param in model.named_parameters():
         if param.grad is not None:
             torch.testing.assert_close(cached[name], param.grad, msg=name)
+
+
+class StaticOutputs(nn.Module):
+    """A model whose no-grad calls write into the same output tensors each time: what a CUDA-graph
+    replay (torch.compile mode reduce-overhead, `train.compile_scope=model`) hands back."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.out = model, None
+
+    def forward(self, *inputs):
+        outputs = self.model(*inputs)
+        if torch.is_grad_enabled():
+            return outputs
+        if self.out is None:
+            self.out = [x.clone() for x in outputs[:3]]
+        for static, x in zip(self.out, outputs[:3]):
+            static.copy_(x)
+        return (*self.out, None)
+
+
+def test_gradcache_keeps_its_own_copy_of_each_micro_batch_s_features():
+    """Phase 1 kept the forward's output tensors: with outputs in static memory every kept entry
+    became the last micro-batch's features, and the step's loss and gradients were wrong."""
+    from vutrain.gradcache import gradcache_step
+    from vutrain.losses import ClipLoss
+
+    class Engine:
+        def backward(self, loss, scale_wrt_gas=True):
+            loss.backward()
+
+        def step(self):
+            pass
+
+    torch.manual_seed(0)
+    model, loss_fn = StaticOutputs(TwoTower()), ClipLoss()
+    x_img, x_txt = _data(0, 0)
+    micro_batches = list(zip(x_img.chunk(K), x_txt.chunk(K)))
+    loss = gradcache_step(Engine(), micro_batches, lambda mb: model(*mb), loss_fn)
+    with torch.no_grad():
+        want = loss_fn(*model.model(x_img, x_txt))
+    torch.testing.assert_close(loss, want)

@@ -123,7 +123,10 @@ def evaluate(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
             )
-            return img.float(), txt.float()
+            # Copies: under train.compile_scope=model with CUDA graphs (reduce-overhead), every
+            # no-grad call replays into the same static output memory, so a kept output would
+            # become the next batch's features (or raise "overwritten by a subsequent run").
+            return img.to(torch.float32, copy=True), txt.to(torch.float32, copy=True)
 
         outs, kept = _lockstep(val_batches, run, device)
         dim = engine.module.base.config.projection_dim
@@ -149,7 +152,7 @@ def evaluate(
                 _, t, _, _ = engine(
                     input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
                 )
-                chunks.append(t.float())
+                chunks.append(t.to(torch.float32, copy=True))  # a copy: see run() above
             return torch.cat(chunks)
 
         if classes:

@@ -93,8 +93,11 @@ class GradCache:
             for batch in micro_batches:
                 self._rng.append(RngState.capture())
                 img, txt, scale, bias = self.forward_fn(batch)
-                images.append(img)
-                texts.append(txt)
+                # Copies: a model under CUDA graphs (train.compile_mode=reduce-overhead) replays
+                # each no-grad call into the same static outputs; kept as they are, every entry
+                # would hold the last micro-batch's features. scale/bias: only the last is used.
+                images.append(img.clone())
+                texts.append(txt.clone())
         self._rng_after = RngState.capture()
         self._sizes = [x.shape[0] for x in images]
         leaves = [torch.cat(images), torch.cat(texts), scale, bias]
