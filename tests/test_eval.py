@@ -107,7 +107,9 @@ def test_eval_keeps_its_own_copy_of_each_batch_s_features():
         n = len(ids)
         pixels = torch.tensor(ids, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2)
         ids_t = torch.tensor(ids).view(n, 1)
-        return dict(pixel_values=pixels, input_ids=ids_t, attention_mask=torch.ones_like(ids_t), labels=["x"] * n)
+        return dict(
+            pixel_values=pixels, input_ids=ids_t, attention_mask=torch.ones_like(ids_t), labels=["x"] * n
+        )
 
     engine = _StaticOutputEngine()
     metrics = evaluate(engine, [batch([0, 1]), batch([2, 3])], [], [], None, torch.float32, "cpu", {})
