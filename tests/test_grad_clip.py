@@ -35,16 +35,24 @@ def _clip(rank: int, world: int, stage: int, device: str = "cpu") -> dict:
     gen = torch.Generator().manual_seed(rank)
     cases = [(n, 1.0) for n in (0.5, 7.0, -1.0, float("nan"), float("inf"))]  # under, over, -1, non-finite
     cases += [(7.0, 1024.0), (2048.0, 1024.0)]  # a loss scale (fp16's): the norm is of scaled gradients
+    cases += [(float("nan"), "nan entry"), (float("inf"), "inf entry")]  # non-finite gradients
     for norm, scale in cases:
-        opt.loss_scale = scale
+        bad_entry = scale if isinstance(scale, str) else None
+        opt.loss_scale = scale = 1.0 if bad_entry else scale
         flat = [torch.randn(37, generator=gen).to(device), [torch.randn(5, generator=gen).to(device)]]
+        if bad_entry:  # a finite loss whose backward overflowed: the norm says so
+            flat[0][3] = float(bad_entry.split()[0])
         ours = [flat[0].clone(), [flat[1][0].clone()]]
         theirs = [flat[0].clone(), [flat[1][0].clone()]]
         total = torch.tensor(norm, device=device)
         with HostReads() as reads:
             wrapped(ours, total)
-        out["reads"][(norm, scale)] = reads.total
+        out["reads"][(norm, scale, bad_entry)] = reads.total
         original(theirs, total)
+        if bad_entry:  # DeepSpeed's times 0 leaves the entry NaN; ours zeroes every gradient
+            out.setdefault("bad_entry_deepspeed_nan", []).append(bool(theirs[0][3].isnan()))
+            out.setdefault("bad_entry_zeroed", []).append(all(bool((t == 0).all()) for t in (ours[0], ours[1][0])))
+            continue
         for a, b in ((ours[0], theirs[0]), (ours[1][0], theirs[1][0])):
             assert torch.isfinite(a).all(), (norm, a)
             out["max_abs_diff"] = max(out["max_abs_diff"], (a - b).abs().max().item())
@@ -116,7 +124,9 @@ def _check(r: dict, where: str) -> None:
     assert r["host_checks"] == 0 and r["cuda_reads"] == {}, where
     assert r["mask_at_step"] and r["skip=True"] and r["skip=False"], where
     assert r["step_norm"] > 1.0, where  # the step's norm was over the clip: the clip ran
-    assert r["second_group_ops"] == {"mul_": 1}, where
+    assert r["bad_entry_deepspeed_nan"] == [True, True], where
+    assert r["bad_entry_zeroed"] == [True, True], where  # NaN and inf entries: a zero gradient
+    assert r["second_group_ops"] == {"mul_": 1, "masked_fill_": 1}, where
     assert r["in_place_update_diff"] <= 1e-6, where
 
 

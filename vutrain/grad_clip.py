@@ -10,7 +10,9 @@ forward while the GPU still works: at batch 256 the step is partly serial.
 
 :func:`use_device_side_clip` replaces the method on the optimizer by the same arithmetic with the
 invalid case chosen by ``torch.where`` on the device: an invalid norm (non-finite, or DeepSpeed's
--1 sentinel) clips with an infinite norm, i.e. multiplies the gradients by 0, as DeepSpeed does.
+-1 sentinel) clips with an infinite norm, i.e. multiplies the gradients by 0, as DeepSpeed does,
+and then zeroes them: times 0 leaves a NaN or inf entry NaN, and in bf16 (no overflow check) such a
+gradient with a finite loss would reach AdamW and make its moments and the weights NaN for good.
 The step's own overflow decision (fp16, or ``check_grad_overflow``) is untouched: in bf16 DeepSpeed
 makes none, and in fp16 it skips the step before this runs. ZeRO-3's method has no host read.
 
@@ -64,20 +66,24 @@ def use_device_side_clip(optimizer) -> bool:
             key = (total_norm, total_norm._version, loss_scale, clip_grad)
             last = unscale_and_clip_grads.last
             if last is not None and last[0] is key[0] and last[1:] == key[1:]:
-                inverse = unscale_and_clip_grads.last_inverse
+                inverse, invalid = unscale_and_clip_grads.last_factor
             else:
                 invalid = ~torch.isfinite(total_norm) | (total_norm < 0)
                 clip_norm = torch.where(invalid, torch.full_like(total_norm, float("inf")), total_norm)
                 # DeepSpeed's formula: the norm is of the scaled gradients.
                 clip = torch.clamp(((clip_norm / loss_scale) + 1e-6) / clip_grad, min=1.0)
                 inverse = 1.0 / (clip * loss_scale)
-                unscale_and_clip_grads.last, unscale_and_clip_grads.last_inverse = key, inverse
+                unscale_and_clip_grads.last, unscale_and_clip_grads.last_factor = key, (inverse, invalid)
             for g in _flat_tensors(grad_groups_flat):
                 g.data.mul_(inverse)
+                # An invalid norm zeroes the gradients: times 0 alone leaves a NaN or inf entry NaN
+                # (DeepSpeed's method too), and in bf16 no overflow check skips the step, so AdamW
+                # would write NaN into its moments and the weights for good.
+                g.data.masked_fill_(invalid, 0)
 
     unscale_and_clip_grads._vutrain_device_side = True
     unscale_and_clip_grads.skip = None
-    unscale_and_clip_grads.last = unscale_and_clip_grads.last_inverse = None
+    unscale_and_clip_grads.last = unscale_and_clip_grads.last_factor = None
     optimizer.unscale_and_clip_grads = unscale_and_clip_grads
     return True
 
