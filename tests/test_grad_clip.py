@@ -51,7 +51,9 @@ def _clip(rank: int, world: int, stage: int, device: str = "cpu") -> dict:
         original(theirs, total)
         if bad_entry:  # DeepSpeed's times 0 leaves the entry NaN; ours zeroes every gradient
             out.setdefault("bad_entry_deepspeed_nan", []).append(bool(theirs[0][3].isnan()))
-            out.setdefault("bad_entry_zeroed", []).append(all(bool((t == 0).all()) for t in (ours[0], ours[1][0])))
+            out.setdefault("bad_entry_zeroed", []).append(
+                all(bool((t == 0).all()) for t in (ours[0], ours[1][0]))
+            )
             continue
         for a, b in ((ours[0], theirs[0]), (ours[1][0], theirs[1][0])):
             assert torch.isfinite(a).all(), (norm, a)
