@@ -171,9 +171,10 @@ def grad_backward(
         )
         return part
 
-    # |G| = s |g_i (P - onehot) + h_j (Pc - onehot)| <= s (max|g| + max|h|).
+    # |G| = |s| |g_i (P - onehot) + h_j (Pc - onehot)| <= |s| (max|g| + max|h|) (a negative
+    # scale made the bound negative, and fp16's workspace scale 2^60: NaN gradients).
     g_bound = g_row.abs().amax() + (g_col.abs().amax() if with_cols else 0.0)
     dq, dk, parts = gradient_gemms(
-        q, k, write_tiles, scale * g_bound, cfg.BM, cfg.BN, need_dq=need_dq, need_dk=need_dk
+        q, k, write_tiles, scale.abs() * g_bound, cfg.BM, cfg.BN, need_dq=need_dq, need_dk=need_dk
     )
     return dq, dk, parts[0]

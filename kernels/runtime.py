@@ -131,8 +131,10 @@ def triton_available() -> bool:
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the ops should take the Triton path for these input tensors (judged in the dtype
-    the kernels would get them in: :func:`kernel_dtype`)."""
-    if not triton_available():
+    the kernels would get them in: :func:`kernel_dtype`). Other dtypes than fp32, fp16 and bf16
+    (fp64: the oracle's) take the reference: compiled, an fp64 tile fails to build, and the
+    interpreter would upcast it to fp32 and give an fp32 result."""
+    if not triton_available() or kernel_dtype(tensors[0]) not in KERNEL_DTYPES:
         return False
     if interpreting():
         return True
@@ -143,6 +145,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         _warn_unsupported(tensors[0].device, dtype)
         return False
     return True
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def kernel_dtype(features: torch.Tensor) -> torch.dtype:

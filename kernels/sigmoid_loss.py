@@ -114,8 +114,15 @@ def sigmoid_loss(
         return sigmoid_loss_reference(queries, keys, logit_scale, logit_bias, label_offset=label_offset)
     queries, keys = autocast_inputs(queries, keys)
     # Whether autograd will ask for gradients (inside the Function's forward, grad mode is off):
-    # then the forward makes them, and the backward recomputes nothing.
-    with_grads = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (queries, keys, logit_scale, logit_bias)
+    # then the forward makes them, and the backward recomputes nothing. Not for fp16: its
+    # gradients for grad = 1 would be stored at their true size, where fp16's small entries are
+    # subnormal or zero, and the backward's product with a loss scale (fp16 training's 2^16)
+    # could not bring them back; recomputed with the upstream gradient folded in, they keep it.
+    with_grads = (
+        torch.is_grad_enabled()
+        and queries.dtype != torch.float16
+        and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (queries, keys, logit_scale, logit_bias)
+        )
     )
     return SigmoidLossFunction.apply(queries, keys, logit_scale, logit_bias, label_offset, with_grads)

@@ -240,6 +240,6 @@ def sigmoid_grads(
 
     # |dL/dx| <= |w|, and the workspace holds s * dL/dx.
     dq, dk, parts = gradient_gemms(
-        q, k, write_tiles, scale * w.abs(), cfg.BM, cfg.BN, need_dq=need_dq, need_dk=need_dk
+        q, k, write_tiles, scale.abs() * w.abs(), cfg.BM, cfg.BN, need_dq=need_dq, need_dk=need_dk
     )
     return dq, dk, parts[0], parts[1], parts[2]

@@ -581,3 +581,18 @@ def test_interpreter_scalars_index_with_numpy_2(monkeypatch):
     interp._patch_lang_tensor(Scalar, Scope())
     assert list(range(Scalar(), 9)) == [7, 8]
     runtime._patch_scalar_index.cache_clear()
+
+
+@in_process
+def test_float64_inputs_take_the_reference_and_stay_float64():
+    """fp64 (the oracle's dtype) is not a kernel dtype: compiled, an fp64 tile fails to build,
+    and under the interpreter it was upcast to fp32 and gave an fp32 loss (error ~4e-7)."""
+    q = F.normalize(torch.randn(12, 16, dtype=torch.float64), dim=-1).to(DEVICE).requires_grad_()
+    k = F.normalize(torch.randn(12, 16, dtype=torch.float64), dim=-1).to(DEVICE)
+    out = kernels.clip_loss(q, k, 20.0)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, clip_loss_reference(q, k, 20.0), rtol=0, atol=1e-12)
+    out.backward()
+    assert q.grad.dtype == torch.float64
+    sig = kernels.sigmoid_loss(q.detach(), k, 10.0, -10.0)
+    assert sig.dtype == torch.float64

@@ -216,3 +216,45 @@ def test_fallback_and_bad_inputs():
     labels[torch.arange(4), torch.arange(4) + 2] = 1
     expected = -F.logsigmoid(labels * logits).sum() / 4
     torch.testing.assert_close(sigmoid_loss_reference(q, k, 2.0, -1.0, label_offset=2), expected)
+
+
+@in_process
+def test_fp16_gradients_keep_the_loss_scale():
+    """fp16 training multiplies the loss by a scale (DeepSpeed's dynamic scale starts at 2^16) so
+    that small gradients stay out of fp16's subnormals. The fused path made the gradients for
+    grad = 1 in the forward and multiplied the stored fp16 values by the scale afterwards, so the
+    scale changed nothing (here: 34 of the small entries exactly 0 either way, p90 relative error
+    2.6e-2). fp16 now recomputes in the backward with the upstream gradient folded in (11 zeros,
+    1.4e-2 at 2^16; the torch reference in fp16: 0 zeros, 1.2e-2)."""
+    g = torch.Generator().manual_seed(0)
+    k = F.normalize(torch.randn(128, 64, generator=g, dtype=torch.float64), dim=1)
+    q = F.normalize(k + 0.02 * torch.randn(128, 64, generator=g, dtype=torch.float64), dim=1)
+    truth = q.clone().requires_grad_()
+    sigmoid_loss_reference(truth, k, 40.0, -20.0).backward()
+    small = truth.grad.abs() < 6.1e-5  # below fp16's normal range
+    assert small.sum() > 1000, "the set-up should make many small gradient entries"
+
+    def small_entries(loss_scale):
+        ours = q.half().to(DEVICE).requires_grad_()
+        (sigmoid_loss(ours, k.half().to(DEVICE), 40.0, -20.0) * loss_scale).backward()
+        dq = ours.grad.double().cpu() / loss_scale
+        rel = ((dq - truth.grad).abs() / truth.grad.abs())[small]
+        return int((dq[small] == 0).sum()), rel.quantile(0.9).item()
+
+    zeros_1, p90_1 = small_entries(1.0)
+    zeros_scaled, p90_scaled = small_entries(65536.0)
+    assert zeros_scaled <= zeros_1 // 2 and p90_scaled < 0.7 * p90_1, (
+        zeros_1,
+        p90_1,
+        zeros_scaled,
+        p90_scaled,
+    )
+
+
+@in_process
+def test_negative_scale_in_fp16_gives_finite_gradients():
+    """The fp16 workspace's power-of-two pre-scale was bounded by scale * |g|: a negative scale
+    made the bound negative and the pre-scale 2^60, and every gradient NaN."""
+    q, k = _pairs(20, 40, 32, 5, dtype=torch.float16, seed=11)
+    ours = _check(q, k, -5.0, -1.0, 5, rtol=2e-3)
+    assert all(torch.isfinite(t).all() for t in ours)
