@@ -285,6 +285,73 @@ def test_tar_reader_matches_tarfile(tmp_path):
     assert keys == ["a/0", "x" * 120 + "/0"] and counted == ["tar_error"]
 
 
+def _shard_of_three_samples(path):
+    """c0, c1, c2: a jpg, a json and a txt each (payloads of 700, 300, 20 bytes)."""
+    with tarfile.open(path, "w") as tar:
+        for key in ("c0", "c1", "c2"):
+            for ext, size in (("jpg", 700), ("json", 300), ("txt", 20)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = size
+                tar.addfile(info, io.BytesIO(os.urandom(size)))
+    with tarfile.open(path) as tar:
+        return {m.name: m for m in tar}
+
+
+def test_damaged_shard_keys_agree_between_the_stream_and_the_resume_replay(tmp_path):
+    """A resume on another world size replays the workers' draws from the shards' keys. Those came
+    from tarfile's stream mode, which disagreed with the workers' reader on damaged shards (one key
+    more: the replay then marked an undrawn sample as drawn and let a drawn one be drawn again).
+    Both now come from the same reader; the keys must agree at every cut and after a bad header."""
+    from vutrain.data.epoch_remainder import _read_keys
+
+    full = tmp_path / "full.tar"
+    members = _shard_of_three_samples(full)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.tar"
+    for end in range(0, len(data), 97):
+        cut.write_bytes(data[:end])
+        read = [s["__key__"] for s in iter_raw_samples(str(cut))]
+        assert _read_keys(str(cut)) == read, end
+    bad = bytearray(data)
+    bad[members["c1.json"].offset + 100] ^= 0xFF  # c1.json's header
+    cut.write_bytes(bytes(bad))
+    assert _read_keys(str(cut)) == [s["__key__"] for s in iter_raw_samples(str(cut))] == ["c0"]
+    # Cut inside c1.jpg, the first member of c1: c0 is complete and kept (it was dropped).
+    cut.write_bytes(data[: members["c1.jpg"].offset_data + 10])
+    counted = []
+    assert [s["__key__"] for s in iter_raw_samples(str(cut), counted.append)] == ["c0"]
+    assert counted == ["tar_error"] and _read_keys(str(cut)) == ["c0"]
+    # Cut inside c1.json: c1 is incomplete and dropped.
+    cut.write_bytes(data[: members["c1.json"].offset_data + 10])
+    assert [s["__key__"] for s in iter_raw_samples(str(cut))] == ["c0"] == _read_keys(str(cut))
+
+
+def test_resume_replay_reads_the_headers_only(tmp_path, monkeypatch):
+    """The replay read every payload byte of every shard (tarfile's stream mode), twice per rank on
+    a world-size change: the whole data set. Now a local shard's payloads are seeked over."""
+    from vutrain.data.epoch_remainder import _read_keys
+
+    path = tmp_path / "s.tar"
+    _shard_of_three_samples(path)
+    read = []
+    real_open = samples_mod._open
+
+    class Counted(io.BufferedReader):
+        def read(self, n=-1):
+            out = super().read(n)
+            read.append(len(out))
+            return out
+
+    import vutrain.data.epoch_remainder as remainder_mod
+
+    counted_open = lambda url: Counted(io.FileIO(url))  # noqa: E731
+    monkeypatch.setattr(samples_mod, "_open", counted_open)
+    monkeypatch.setattr(remainder_mod, "_open", counted_open, raising=False)  # where it was read
+    assert _read_keys(str(path)) == ["c0", "c1", "c2"]
+    monkeypatch.setattr(samples_mod, "_open", real_open)
+    assert sum(read) <= 16 * 512 < path.stat().st_size // 2  # 9 headers and the end block
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pinned_uint8_batches_normalise_on_the_gpu_as_on_the_cpu(shards):

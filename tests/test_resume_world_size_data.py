@@ -146,3 +146,27 @@ def test_global_batch_size_derives_the_accumulation():
     assert with_global_batch(load_config(None, ["data.train_shards=x.tar"]), 2).train.grad_accum_steps == 1
     with pytest.raises(ConfigError, match="not a multiple of train.micro_batch_size 8 x world 3"):
         with_global_batch(cfg, 3)
+
+
+def test_epoch_continues_without_redraws_over_a_truncated_shard(data, tmp_path, monkeypatch):
+    """A shard cut short mid-file: the resume's replay of what the old ranks drew read its keys
+    with tarfile's stream mode, which disagreed with the workers' reader there, so the replayed
+    sequences drifted: samples drawn before the change were drawn again after it (and undrawn
+    ones were taken as drawn). Now both read the shard alike."""
+    import shutil
+
+    src = os.path.dirname(data["shards"])  # the brace pattern is in the file name
+    shutil.copytree(src, tmp_path / "train")
+    spec = str(tmp_path / "train" / os.path.basename(data["shards"]))
+    cut = tmp_path / "train" / "00001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2 + 100])
+    damaged = dict(data, shards=spec)
+    before = _streams(damaged, 2)
+    drawn = _draw(before, 3, tmp_path, monkeypatch)
+    states = {"ranks": [s.state_dict() for s in before]}
+    after = _streams(damaged, 1, batch=2 * BATCH)
+    after[0].load_state_dict(states)
+    left = after[0].steps_per_epoch - after[0].batches_seen % after[0].steps_per_epoch
+    rest = _draw(after, left, tmp_path, monkeypatch)
+    assert set(drawn) & set(rest) == set(), "samples drawn before the change were drawn again"
+    assert len(rest) == len(set(rest)) and after[0].epoch == 1

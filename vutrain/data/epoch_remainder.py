@@ -5,7 +5,7 @@ number of ranks, the states of *all* old ranks (gathered at save time) are turne
 world-size-independent fact: the set ``C`` of samples (shard URL, key) already drawn in the
 current epoch ``e``. Each old worker drew the first ``drawn`` samples of its deterministic
 per-epoch sequence, so ``C`` is recomputed by replaying those sequences over the shards' tar
-headers only (no image bytes are read).
+headers only (local tars: no payload byte is read; remote ones are read through).
 
 The remainder of epoch ``e`` is then every sample of every shard not in ``C``, taken in epoch
 ``e``'s shard order and tar order (``R``). Its batches are dealt to the new ranks: with
@@ -32,12 +32,11 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .epoch_plan import shuffle_buffer, worker_shards
-from .samples import _open, _split_name, iter_raw_samples
+from .samples import iter_raw_samples
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +64,9 @@ class ShardKeys:
 
 
 def _read_keys(url: str) -> list[str]:
-    # Same grouping as samples.iter_raw_samples (contiguous members with one key form a sample),
-    # so the replayed sequences below match the ones the workers drew.
-    keys: list[str] = []
-    try:
-        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                parts = _split_name(member.name) if member.isfile() else None
-                if parts and (not keys or keys[-1] != parts[0]):
-                    keys.append(parts[0])
-    except (tarfile.TarError, EOFError, OSError) as e:
-        log.warning("shard %s is unreadable or truncated (%s); its readable keys are used", url, e)
-        keys = keys[:-1]  # the sample being read when the error came is dropped, like the reader does
-    return keys
+    # The workers' own reader without the payloads (a local tar: its headers only), so a damaged
+    # shard gives the same keys as the workers drew from it, and the replayed sequences below match.
+    return [sample["__key__"] for sample in iter_raw_samples(url, payloads=False)]
 
 
 def _worker_sequence(
@@ -156,13 +145,14 @@ def check_compatible(saved_plan: dict, plan: dict) -> None:
         )
 
 
-def reshape_state(states: list[dict], plan: dict, shards: list[str]) -> dict:
+def reshape_state(states: list[dict], plan: dict, shards: list[str], keys: ShardKeys | None = None) -> dict:
     """This rank's stream state under ``plan`` from the states of all old ranks (``states``).
 
     Args:
         states: ``TrainStream.state_dict()`` of every old rank, in rank order.
         plan: the new stream's plan (``asdict(_Plan)``): its rank, world size, workers, batch.
         shards: the expanded shard list (the same for old and new streams).
+        keys: the shards' keys, read once (pass the same to ``plan_slices`` afterwards).
     Returns:
         A state for ``TrainStream.load_state_dict``: the same state when nothing reshapeable
         changed (bit-exact resume), else one that serves the epoch's remainder first.
@@ -184,7 +174,7 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str]) -> dict:
         state["next_batch"] = epoch * spe + (done * spe) // spe_old
         return state
     owed = (spe_old - done) * old["batch_size"] * old["world_size"]
-    keys = ShardKeys()
+    keys = keys or ShardKeys()
     consumed = consumed_in_epoch(states, shards, epoch, keys)
     left = sum(1 for url in _epoch_order(shards, plan, epoch) for k in keys(url) if (url, k) not in consumed)
     steps = min(left, owed) // (plan["batch_size"] * plan["world_size"])

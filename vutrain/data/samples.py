@@ -21,6 +21,7 @@ import functools
 import io
 import json
 import logging
+import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -69,7 +70,15 @@ _FILE_TYPES = (b"0", b"\x00", b"7")  # regular and contiguous files (tarfile's i
 
 
 class TarError(Exception):
-    """A tar header that is not valid, or a member cut short."""
+    """A tar header that is not valid, or a member cut short.
+
+    ``name``: the member whose data was cut short, when its header was read (None when the header
+    itself is bad): a reader can tell whether the sample before it was complete.
+    """
+
+    def __init__(self, message: str, name: str | None = None):
+        super().__init__(message)
+        self.name = name
 
 
 def _octal(field: bytes) -> int:
@@ -102,15 +111,18 @@ def _pax_path(records: bytes) -> str | None:
     return None
 
 
-def iter_tar_files(stream) -> Iterator[tuple[str, bytes]]:
+def iter_tar_files(stream, payloads: bool = True) -> Iterator[tuple[str, bytes | None]]:
     """(name, payload) of each regular file of an uncompressed tar stream, in tar order.
 
     A small ustar/pax/GNU reader: about 20x cheaper per member than ``tarfile``'s stream mode,
     whose Python header parsing cost as much as the JPEG decode on 341x256 shards. Raises
     :class:`TarError` on a bad header checksum or data cut short; ends at the end-of-archive
-    block or at the end of the stream.
+    block or at the end of the stream. ``payloads=False`` yields None for each file's payload
+    and, on a seekable stream (a local file), seeks over it: the headers alone are read, and a
+    member cut short is found from the file size, at the same member as a full read finds it.
     """
     long_name: str | None = None
+    skip = _payload_skipper(stream) if not payloads else None
     while True:
         header = stream.read(_BLOCK)
         if len(header) < _BLOCK:
@@ -125,9 +137,25 @@ def iter_tar_files(stream) -> Iterator[tuple[str, bytes]]:
         if stored != actual:
             raise TarError(f"bad header checksum ({stored} != {actual})")
         size, kind = _octal(header[124:136]), header[156:157]
-        data = _read_exactly(stream, size) if size else b""
-        if size % _BLOCK:
-            _read_exactly(stream, _BLOCK - size % _BLOCK)
+        name = None
+        if kind not in (b"L", b"x", b"g"):
+            name = long_name
+            long_name = None
+            if name is None:
+                name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
+                prefix = header[345:500].split(b"\x00", 1)[0]
+                if header[257:262] == b"ustar" and prefix:
+                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        padded = size + (-size) % _BLOCK
+        try:
+            if skip is not None and kind in _FILE_TYPES:
+                data = skip(padded)
+            else:
+                data = _read_exactly(stream, size) if size else b""
+                if size % _BLOCK:
+                    _read_exactly(stream, _BLOCK - size % _BLOCK)
+        except TarError as e:
+            raise TarError(str(e), name) from None
         if kind in (b"L", b"x"):  # GNU long name / pax header: names the next member
             long_name = (
                 data.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
@@ -135,17 +163,35 @@ def iter_tar_files(stream) -> Iterator[tuple[str, bytes]]:
                 else _pax_path(data)
             )
             continue
-        if kind == b"g":
-            continue
-        name = long_name
-        long_name = None
-        if name is None:
-            name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
-            prefix = header[345:500].split(b"\x00", 1)[0]
-            if header[257:262] == b"ustar" and prefix:
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         if kind in _FILE_TYPES:
             yield name, data
+
+
+def _payload_skipper(stream) -> Callable[[int], None]:
+    """``skip(n)``: move past ``n`` bytes of ``stream``, TarError("unexpected end of data") when it
+    holds fewer (seeks on a seekable stream, reads in bounded pieces otherwise)."""
+    seekable = getattr(stream, "seekable", None)
+    if seekable is not None and seekable():
+        start = stream.tell()
+        end = stream.seek(0, os.SEEK_END)
+        stream.seek(start)
+
+        def skip(n: int) -> None:
+            position = stream.tell()
+            if position + n > end:
+                stream.seek(end)
+                raise TarError("unexpected end of data")
+            stream.seek(position + n)
+
+        return skip
+
+    def skip_by_reading(n: int) -> None:
+        while n:
+            step = min(n, 1 << 20)
+            _read_exactly(stream, step)
+            n -= step
+
+    return skip_by_reading
 
 
 class _Prefixed:
@@ -164,28 +210,38 @@ class _Prefixed:
         return out
 
 
-def _iter_files(stream) -> Iterator[tuple[str, bytes]]:
+def _iter_files(stream, payloads: bool = True) -> Iterator[tuple[str, bytes | None]]:
     head = stream.read(6)
-    stream = _Prefixed(head, stream)
+    seekable = getattr(stream, "seekable", None)
+    if seekable is not None and seekable():
+        stream.seek(-len(head), os.SEEK_CUR)  # a local file: keep it seekable for skipping
+    else:
+        stream = _Prefixed(head, stream)
     if not head.startswith(_COMPRESSED_MAGIC):
-        yield from iter_tar_files(stream)
+        yield from iter_tar_files(stream, payloads)
         return
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
             if member.isfile():
-                yield member.name, tar.extractfile(member).read()
+                yield member.name, tar.extractfile(member).read() if payloads else None
 
 
-def iter_raw_samples(url: str, count: Callable[[str], None] | None = None) -> Iterator[dict]:
+def iter_raw_samples(
+    url: str, count: Callable[[str], None] | None = None, payloads: bool = True
+) -> Iterator[dict]:
     """Yield the raw samples of one tar shard (plain, or gzip/bzip2/xz-compressed), in tar order.
 
-    A truncated or unreadable tar ends the shard: the incomplete last sample is dropped and one
-    ``tar_error`` is counted (through ``count``), the samples before it are kept.
+    A truncated or unreadable tar ends the shard and one ``tar_error`` is counted (through
+    ``count``); the samples before the damage are kept. The sample being read when it came is
+    kept only if it is known to be complete: the damaged member's header was read and names
+    another sample (a member cut short that starts the next sample); after a bad header it is
+    dropped. ``payloads=False``: every member's payload is None and, for a local plain tar, only
+    the headers are read (the keys of a shard, as the training stream sees them; epoch_remainder).
     """
     current: dict | None = None
     try:
         with _open(url) as stream:
-            for name, payload in _iter_files(stream):
+            for name, payload in _iter_files(stream, payloads):
                 parts = _split_name(name)
                 if parts is None:
                     continue
@@ -200,6 +256,9 @@ def iter_raw_samples(url: str, count: Callable[[str], None] | None = None) -> It
         log.warning("shard %s is unreadable or truncated (%s); using the samples before the error", url, e)
         if count is not None:
             count("tar_error")
+        damaged = _split_name(e.name) if isinstance(e, TarError) and e.name else None
+        if current is not None and damaged is not None and damaged[0] != current["__key__"]:
+            yield current  # complete: the damage starts the next sample
         return
     if current is not None:
         yield current

@@ -48,7 +48,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import render_caption, template_fields
 from .epoch_plan import auto_num_workers, first_batch_of_worker, shuffle_buffer, worker_shards
-from .epoch_remainder import Remainder, log_batch_keys, plan_slices, remainder_samples, reshape_state
+from .epoch_remainder import (
+    Remainder,
+    ShardKeys,
+    log_batch_keys,
+    plan_slices,
+    remainder_samples,
+    reshape_state,
+)
 from .labels import POSITIVES, collate_labels, sample_label
 from .preprocess import make_preprocess
 from .samples import SkipCounter, SkipSample, decode_sample, decode_sample_bytes, iter_raw_samples
@@ -534,8 +541,9 @@ class TrainStream:
         ``{"ranks": [state of rank 0, rank 1, ...]}`` (every rank's state, e.g. from a checkpoint
         written on another world size) is also accepted: see epoch_remainder.py.
         """
+        keys = ShardKeys()  # each shard's keys read once, for the reshape and the slices alike
         if "ranks" in state:
-            state = reshape_state(state["ranks"], asdict(self.plan), self.shards)
+            state = reshape_state(state["ranks"], asdict(self.plan), self.shards, keys)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported data stream state version {state.get('version')!r}")
         saved, now = state["plan"], asdict(self.plan)
@@ -568,4 +576,6 @@ class TrainStream:
             for w, v in state["workers"].items()
         }
         self._remainder = Remainder.from_state(state["remainder"]) if "remainder" in state else None
-        self._slices = plan_slices(self._remainder, self.shards, asdict(self.plan)) if self._remainder else {}
+        self._slices = (
+            plan_slices(self._remainder, self.shards, asdict(self.plan), keys) if self._remainder else {}
+        )
