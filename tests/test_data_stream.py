@@ -11,6 +11,9 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from vutrain.data import TrainStream, ValStream, collect_label_values, make_preprocess
+from vutrain.bench_data import photo_like
+from vutrain.data.device_transform import make_device_transform
+from vutrain.data.preprocess import make_fast_preprocess, normalisation
 from vutrain.data.epoch_plan import worker_shards
 from vutrain.data.synthetic import CLASSES, write_synthetic
 from vutrain.data.tokenizer import iter_shard_texts, make_tokenize, train_bpe_tokenizer
@@ -93,6 +96,68 @@ def test_preprocess_matches_clip_image_processor():
         out = make_preprocess(processor)(img)
         assert out.shape == ref.shape == (3, 24, 24)
         assert (out - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # SigLIP-style squash to exactly height x width (was read as a shortest edge, then cropped)
+        dict(size={"height": 24, "width": 24}, crop_size={"height": 24, "width": 24}),
+        dict(size={"height": 20, "width": 28}, do_center_crop=False),  # no crop (was cropped)
+        dict(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}, do_normalize=False),
+        dict(size={"shortest_edge": 24}, crop_size={"height": 16, "width": 20}, do_rescale=False),
+    ],
+)
+def test_preprocess_follows_the_processor_s_settings(settings):
+    """Training, eval and the exported processor must see the same pixels: a pretrained model's
+    processor that squashes, skips the crop, the normalisation or the rescale was followed only
+    partly (max difference 2.4 in normalised units for the squash, a 32 x 32 crop where the
+    processor gave 32 x 64)."""
+    processor = CLIPImageProcessor(**settings)
+    rng = np.random.default_rng(0)
+    for h, w in [(24, 24), (50, 31), (20, 90)]:
+        img = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        ref = torch.as_tensor(processor(img, return_tensors="np")["pixel_values"][0])
+        out = make_preprocess(processor)(img)
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+        # The training workers' uint8 path, on a photo-like image (its stated tolerance is for
+        # photos: on pixel noise torch's and PIL's bicubic part by up to 8 levels at edges).
+        photo = photo_like(rng, w, h)
+        ref = torch.as_tensor(processor(photo, return_tensors="np")["pixel_values"][0])
+        fast = make_fast_preprocess(processor)(_png(photo))
+        assert fast.shape == ref.shape and fast.dtype == torch.uint8
+        mean, std, rescale = normalisation(processor)
+        on_device = make_device_transform(processor)(fast[None], "cpu", torch.float32)[0]
+        grey_levels = (on_device - ref).abs() * torch.tensor(std).view(3, 1, 1) / rescale
+        # torch's antialiased uint8 bicubic against PIL's: within a level at one scale for both
+        # axes (a shortest-edge resize); a squash scales the axes differently, and the two part
+        # by a few levels at edges there (up to 7 seen; the DCT-scaled decode's bound is 12).
+        uniform = "shortest_edge" in settings["size"]
+        assert grey_levels.max().item() <= (1.01 if uniform else 8.0)
+        assert grey_levels.mean().item() <= 0.5
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(size={"shortest_edge": 24}, do_center_crop=False), "do_center_crop=false"),
+        (dict(size={"shortest_edge": 24, "longest_edge": 40}), "longest_edge"),
+        (dict(size={"max_height": 24, "max_width": 24}), "max_height"),
+        (dict(do_resize=False), "do_resize=false"),
+    ],
+)
+def test_processor_settings_that_are_not_reproduced_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        make_preprocess(CLIPImageProcessor(**settings))
+    with pytest.raises(ValueError, match=message):
+        make_fast_preprocess(CLIPImageProcessor(**settings))
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def test_batches_and_epoch_length(data):

@@ -1,8 +1,12 @@
 """CLIP image preprocessing without torchvision, equal to HF ``CLIPImageProcessor``.
 
 Resize the shortest side to ``size["shortest_edge"]`` (long side ``int(s * long / short)``, the
-processor's resample filter, bicubic for CLIP), centre-crop ``crop_size``, rescale by
-``rescale_factor`` (1/255) and normalise with ``image_mean`` / ``image_std``.
+processor's resample filter, bicubic for CLIP), or to exactly ``size["height"] x size["width"]``
+(the processor's squash, e.g. SigLIP's), centre-crop ``crop_size`` (unless ``do_center_crop`` is
+false), rescale by ``rescale_factor`` (1/255) and normalise with ``image_mean`` / ``image_std``
+(``do_rescale`` / ``do_normalize`` false skip them). Other processor settings (no resize, a
+``longest_edge`` or ``max_height`` size, no crop after a shortest-edge resize: images of varying
+size) are refused at start-up with a one-line error.
 
 Two implementations of that one geometry:
 
@@ -43,30 +47,32 @@ def _size_value(size, name: str):
     return value
 
 
+Resize = int | tuple[int, int]
+"""The processor's resize: the shortest edge (an int), or a fixed (height, width)."""
+
+
 class ClipPreprocess:
     """Picklable callable ``PIL.Image -> FloatTensor[3, crop_h, crop_w]`` (DataLoader workers)."""
 
     def __init__(
         self,
-        shortest_edge: int,
+        resize: Resize,
         crop_hw: tuple[int, int],
         resample: int,
         mean: tuple[float, ...],
         std: tuple[float, ...],
         rescale: float = 1 / 255,
     ):
-        self.shortest_edge, self.crop_hw, self.resample = int(shortest_edge), crop_hw, int(resample)
+        self.resize, self.crop_hw, self.resample = _resize_spec(resize), crop_hw, int(resample)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
         self.rescale = rescale
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Resize the shortest edge, centre-crop and normalise one image."""
+        """Resize, centre-crop and normalise one image."""
         image = image.convert("RGB")
         w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        new_w, new_h = resized_geometry(w, h, self.resize)
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), resample=self.resample)
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # [3, H, W]
@@ -82,11 +88,18 @@ class ClipPreprocess:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def resized_geometry(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
-    """(new_w, new_h) of the processor's resize: shortest side -> ``shortest_edge``."""
+def _resize_spec(resize) -> Resize:
+    return (int(resize[0]), int(resize[1])) if isinstance(resize, (tuple, list)) else int(resize)
+
+
+def resized_geometry(width: int, height: int, resize: Resize) -> tuple[int, int]:
+    """(new_w, new_h) of the processor's resize: shortest side -> ``resize`` (an int), or exactly
+    ``resize = (height, width)``."""
+    if isinstance(resize, tuple):
+        return resize[1], resize[0]
     if width <= height:
-        return shortest_edge, int(shortest_edge * height / width)
-    return int(shortest_edge * width / height), shortest_edge
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
 
 
 DRAFT_MARGIN = 1.25
@@ -101,7 +114,7 @@ _TORCH_FILTERS = {int(Image.Resampling.BICUBIC): "bicubic", int(Image.Resampling
 class ClipCropUint8:
     """Picklable callable ``encoded image bytes -> ByteTensor[3, crop_h, crop_w]`` (RGB).
 
-    The processor's geometry (shortest side to ``shortest_edge``, centre crop, zero padding when
+    The processor's geometry (shortest side to ``resize``, or exactly ``resize = (h, w)``; centre crop, zero padding when
     the crop is larger) computed from the original size; decode DCT-scaled (1/2, 1/4 or 1/8) when
     the JPEG is at least twice ``DRAFT_MARGIN`` x the resized size; one antialiased resize.
     Raises SkipSample(undecodable_image).
@@ -110,13 +123,13 @@ class ClipCropUint8:
     reads_bytes = True
     """TrainStream hands this preprocess the image member's bytes, not a decoded PIL image."""
 
-    def __init__(self, shortest_edge: int, crop_hw: tuple[int, int], resample: int):
-        self.shortest_edge, self.crop_hw, self.resample = int(shortest_edge), crop_hw, int(resample)
+    def __init__(self, resize: Resize, crop_hw: tuple[int, int], resample: int):
+        self.resize, self.crop_hw, self.resample = _resize_spec(resize), crop_hw, int(resample)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         """Decode (JPEG draft mode where possible), resize and centre-crop one encoded image to uint8."""
         size = jpeg_size(data)
-        target = resized_geometry(*size, self.shortest_edge) if size else None
+        target = resized_geometry(*size, self.resize) if size else None
         draft_to = tuple(math.ceil(v * DRAFT_MARGIN) for v in target) if target else None
         array = decode_image_array(data, draft_to)
         h, w = array.shape[:2]
@@ -124,7 +137,7 @@ class ClipCropUint8:
         if target is None or (w, h) != (-(-size[0] // scale), -(-size[1] // scale)):
             # not a JPEG (PNG, WebP), or a frame header that disagrees with the decoded pixels:
             # the geometry of the decoded image
-            target = resized_geometry(w, h, self.shortest_edge)
+            target = resized_geometry(w, h, self.resize)
         new_w, new_h = target
         # [3, h, w] as a channels-last view of the decoder's HWC array: torch's uint8
         # antialiased kernels are vectorised for it, and they return a contiguous [3, h', w'].
@@ -156,18 +169,46 @@ class ClipCropUint8:
         return out
 
 
-def _geometry(image_processor) -> tuple[int, tuple[int, int], int]:
+def _geometry(image_processor) -> tuple[Resize, tuple[int, int], int]:
+    """(resize, crop (height, width), resample) of a processor; ValueError for a geometry these
+    implementations do not reproduce (training would see other pixels than the exported model)."""
     size, crop = _get(image_processor, "size"), _get(image_processor, "crop_size")
-    shortest = _size_value(size, "shortest_edge") or _size_value(size, "height")
-    crop_h, crop_w = _size_value(crop, "height"), _size_value(crop, "width")
-    if shortest is None or crop_h is None or crop_w is None:
+    if _get(image_processor, "do_resize") is False:
         raise ValueError(
-            f"image processor needs size.shortest_edge and crop_size.height/width; "
-            f"got size={size}, crop_size={crop}"
+            "the image processor has do_resize=false (images of any size); set do_resize=true in "
+            "its preprocessor_config.json"
         )
+    unsupported = [k for k in ("longest_edge", "max_height", "max_width") if _size_value(size, k)]
+    if unsupported:
+        raise ValueError(
+            f"the image processor's size has {', '.join(unsupported)} ({size}); only "
+            "size.shortest_edge or size.height + size.width are supported: edit preprocessor_config.json"
+        )
+    shortest = _size_value(size, "shortest_edge")
+    height, width = _size_value(size, "height"), _size_value(size, "width")
+    if shortest:
+        resize: Resize = int(shortest)
+    elif height and width:
+        resize = (int(height), int(width))  # the processor squashes to exactly this size
+    else:
+        raise ValueError(
+            f"the image processor needs size.shortest_edge or size.height/width; got size={size}"
+        )
+    if _get(image_processor, "do_center_crop") is False:
+        if isinstance(resize, int):
+            raise ValueError(
+                "the image processor has do_center_crop=false after a shortest-edge resize, which "
+                "gives images of varying size; set do_center_crop=true or size.height/width"
+            )
+        crop_hw = resize
+    else:
+        crop_h, crop_w = _size_value(crop, "height"), _size_value(crop, "width")
+        if crop_h is None or crop_w is None:
+            raise ValueError(f"the image processor needs crop_size.height/width; got crop_size={crop}")
+        crop_hw = (int(crop_h), int(crop_w))
     resample = _get(image_processor, "resample")
     resample = int(Image.Resampling.BICUBIC if resample is None else resample)
-    return int(shortest), (int(crop_h), int(crop_w)), resample
+    return resize, crop_hw, resample
 
 
 def crop_size(image_processor) -> tuple[int, int]:
@@ -176,10 +217,15 @@ def crop_size(image_processor) -> tuple[int, int]:
 
 
 def normalisation(image_processor) -> tuple[tuple[float, ...], tuple[float, ...], float]:
-    """(image_mean, image_std, rescale_factor) of a processor, CLIP's values where unset."""
+    """(image_mean, image_std, rescale_factor) of a processor, CLIP's values where unset;
+    ``do_normalize`` / ``do_rescale`` false give mean 0 and std 1 / a factor of 1."""
     mean = _get(image_processor, "image_mean") or (0.48145466, 0.4578275, 0.40821073)
     std = _get(image_processor, "image_std") or (0.26862954, 0.26130258, 0.27577711)
     rescale = _get(image_processor, "rescale_factor") or 1 / 255
+    if _get(image_processor, "do_normalize") is False:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if _get(image_processor, "do_rescale") is False:
+        rescale = 1.0
     return tuple(float(m) for m in mean), tuple(float(s) for s in std), float(rescale)
 
 
@@ -197,6 +243,6 @@ def make_preprocess(image_processor) -> ClipPreprocess:
     Returns:
         callable mapping a PIL image to ``FloatTensor[3, S, S]`` (S = crop size).
     """
-    shortest, crop_hw, resample = _geometry(image_processor)
+    resize, crop_hw, resample = _geometry(image_processor)
     mean, std, rescale = normalisation(image_processor)
-    return ClipPreprocess(shortest, crop_hw, resample, mean, std, rescale)
+    return ClipPreprocess(resize, crop_hw, resample, mean, std, rescale)
