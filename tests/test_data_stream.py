@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from vutrain.data import TrainStream, ValStream, collect_label_values, make_preprocess
 from vutrain.bench_data import photo_like
+from vutrain.data import TrainStream, ValStream, collect_label_values, make_preprocess
 from vutrain.data.device_transform import make_device_transform
-from vutrain.data.preprocess import make_fast_preprocess, normalisation
 from vutrain.data.epoch_plan import worker_shards
+from vutrain.data.preprocess import make_fast_preprocess, normalisation
 from vutrain.data.synthetic import CLASSES, write_synthetic
 from vutrain.data.tokenizer import iter_shard_texts, make_tokenize, train_bpe_tokenizer
 
