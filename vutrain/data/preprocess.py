@@ -114,8 +114,9 @@ _TORCH_FILTERS = {int(Image.Resampling.BICUBIC): "bicubic", int(Image.Resampling
 class ClipCropUint8:
     """Picklable callable ``encoded image bytes -> ByteTensor[3, crop_h, crop_w]`` (RGB).
 
-    The processor's geometry (shortest side to ``resize``, or exactly ``resize = (h, w)``; centre crop, zero padding when
-    the crop is larger) computed from the original size; decode DCT-scaled (1/2, 1/4 or 1/8) when
+    The processor's geometry (shortest side to ``resize``, or exactly ``resize = (h, w)``; centre
+    crop, zero padding when the crop is larger) computed from the original size; decode DCT-scaled
+    (1/2, 1/4 or 1/8) when
     the JPEG is at least twice ``DRAFT_MARGIN`` x the resized size; one antialiased resize.
     Raises SkipSample(undecodable_image).
     """
