@@ -82,3 +82,16 @@ def torch_long():
     import torch
 
     return torch.long
+
+
+def test_whole_directory_count_is_not_used_for_part_of_it(tmp_path):
+    """`__len__` counts the whole directory: a spec over part of it got that count (480 for 120
+    samples here), and its epoch ran four times as long, repeating samples."""
+    for i in range(4):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+        (tmp_path / f"{i:05d}_stats.json").write_text(json.dumps({"successes": 120}))
+    (tmp_path / "__len__").write_text("480")
+    assert count_samples(expand_shards(f"{tmp_path}/{{00000..00003}}.tar")) == 480
+    assert count_samples(expand_shards(f"{tmp_path}/{{00000..00000}}.tar")) == 120  # its stats
+    (tmp_path / "00000_stats.json").unlink()
+    assert count_samples(expand_shards(f"{tmp_path}/{{00000..00001}}.tar")) is None  # unknown, not 480

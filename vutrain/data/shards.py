@@ -82,8 +82,9 @@ def expand_shards(spec: str, key: str = "data.train_shards", allow_missing: bool
 def _count_in_dir(directory: str, names: list[str]) -> int | None:
     """Samples of the shards ``names`` (basenames) of one local directory, or None if unknown.
 
-    Looks, in open_clip's order, at ``sizes.json`` then ``__len__`` (the whole directory), then
-    at img2dataset's ``NNNNN_stats.json`` (``successes``) for each shard.
+    Looks, in open_clip's order, at ``sizes.json`` then ``__len__`` (the whole directory: used
+    only when ``names`` are every tar of the directory), then at img2dataset's
+    ``NNNNN_stats.json`` (``successes``) for each shard.
     """
     sizes_path = os.path.join(directory, "sizes.json")
     if os.path.isfile(sizes_path):
@@ -92,7 +93,10 @@ def _count_in_dir(directory: str, names: list[str]) -> int | None:
         if all(n in sizes for n in names):
             return sum(int(sizes[n]) for n in names)
     len_path = os.path.join(directory, "__len__")
-    if os.path.isfile(len_path):
+    every_tar = {n for n in os.listdir(directory) if n.endswith(".tar")}
+    # A subset of the directory (a brace range over part of it) would get the whole count: the
+    # epoch would run that many times longer, repeating its samples.
+    if os.path.isfile(len_path) and set(names) >= every_tar:
         with open(len_path) as f:
             return int(f.read().strip())
     total = 0
