@@ -115,3 +115,73 @@ def test_eval_keeps_its_own_copy_of_each_batch_s_features():
     metrics = evaluate(engine, [batch([0, 1]), batch([2, 3])], [], [], None, torch.float32, "cpu", {})
     assert metrics["eval/num_samples"] == 4
     assert metrics["eval/i2t_r1"] == 1.0 and metrics["eval/t2i_r1"] == 1.0
+
+
+def test_zero_shot_scores_list_fields_and_keeps_unlabelled_samples_for_retrieval():
+    """A list-valued zero-shot field (tags) made one class per element but labelled each sample
+    with the elements joined by ", ": no sample matched a class and zero-shot top-1 went missing
+    without a word. A sample whose top class is any of its labels is a hit now; a sample without
+    the field was skipped by the validation stream (out of retrieval too) and is now only left
+    out of zero-shot."""
+    from vutrain.evaluate import evaluate
+
+    classes = ["a", "b", "c"]
+
+    def tokenize(texts):
+        ids = torch.tensor([[classes.index(t) if t in classes else 7] for t in texts])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    pixels = torch.tensor([0.0, 1.0, 2.0, 0.0]).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    batch = dict(
+        input_ids=torch.tensor([[0], [1], [2], [3]]),
+        attention_mask=torch.ones(4, 1, dtype=torch.long),
+        pixel_values=pixels,
+        labels=["a", "b, c", "", "b"],
+        label_sets=[["a"], ["b", "c"], [], ["b"]],
+    )
+    metrics = evaluate(_StaticOutputEngine(), [batch], classes, ["{}"], tokenize, torch.float32, "cpu", {})
+    assert metrics["eval/num_samples"] == 4
+    assert metrics["eval/zeroshot_samples"] == 3  # the unlabelled sample is left out
+    assert metrics["eval/zeroshot_top1"] == pytest.approx(2 / 3)  # a: hit, {b, c}: hit, b: miss
+
+
+def test_validation_stream_keeps_samples_without_the_label(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    from vutrain.data.val import ValStream, collect_label_values
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, "JPEG")
+    metas = {
+        "s0": {"title": "x", "tags": ["cat", "dog"]},
+        "s1": {"title": "y", "tags": "bird"},
+        "s2": {"title": "z"},
+    }
+    with tarfile.open(tmp_path / "val.tar", "w") as tar:
+        for key, meta in metas.items():
+            for ext, payload in (("jpg", buf.getvalue()), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+    def tokenize(texts):
+        return {
+            "input_ids": torch.zeros(len(texts), 2, dtype=torch.long),
+            "attention_mask": torch.ones(len(texts), 2),
+        }
+
+    stream = ValStream(
+        str(tmp_path / "val.tar"),
+        preprocess=lambda image: torch.zeros(3, 4, 4),
+        tokenize=tokenize,
+        batch_size=8,
+        label_field="tags",
+    )
+    (batch,) = list(stream)
+    assert batch["keys"] == ["s0", "s1", "s2"] and stream.skipped() == {}
+    assert batch["label_sets"] == [["cat", "dog"], ["bird"], []]
+    assert collect_label_values(str(tmp_path / "val.tar"), "tags") == ["bird", "cat", "dog"]

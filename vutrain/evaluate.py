@@ -132,7 +132,11 @@ def evaluate(
         dim = engine.module.base.config.projection_dim
         img = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, dim, device=device)
         txt = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dim, device=device)
-        labels = [lab for b in kept for lab in b["labels"]]
+        labels = [
+            set(b["label_sets"][i]) if "label_sets" in b else {lab}
+            for b in kept
+            for i, lab in enumerate(b["labels"])
+        ]
         tags = [t for b in kept for t in b.get("tags", [[]] * len(b["labels"]))]
         img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
         tags = gather_objects(tags) if tag_vocab_size > 0 else []
@@ -157,12 +161,14 @@ def evaluate(
 
         if classes:
             emb = class_embeddings(encode_text, classes, templates)
-            index = {c: i for i, c in enumerate(classes)}
-            known = [i for i, lab in enumerate(labels) if lab in index]
+            # A sample's labels: one for a scalar field, each element of a list field (a hit when
+            # the top class is any of them); a sample without one of the classes is left out.
+            known = [i for i, labs in enumerate(labels) if labs & set(classes)]
             if known:
-                target = torch.tensor([index[labels[i]] for i in known], device=img.device)
-                pred = (img[known] @ emb.T).argmax(dim=1)
-                metrics["eval/zeroshot_top1"] = (pred == target).float().mean().item()
+                pred = (img[known] @ emb.T).argmax(dim=1).tolist()
+                hits = [classes[p] in labels[i] for p, i in zip(pred, known, strict=True)]
+                metrics["eval/zeroshot_top1"] = sum(hits) / len(hits)
+            metrics["eval/zeroshot_samples"] = float(len(known))
             metrics["eval/zeroshot_chance"] = 1.0 / len(classes)
             metrics["eval/zeroshot_classes"] = float(len(classes))
         if any(tags):  # every rank holds the same gathered tags, so the text forwards stay in lockstep
@@ -226,7 +232,9 @@ class Evaluator:
             caption_template=cfg.data.caption_template,
             label_field=cfg.eval.zeroshot_field,
         )
-        dummy = dict(self.tokenize([""]), pixel_values=torch.zeros(1, 3, *self.image_hw), labels=[""])
+        dummy = dict(
+            self.tokenize([""]), pixel_values=torch.zeros(1, 3, *self.image_hw), labels=[""], label_sets=[[]]
+        )
         return evaluate(
             engine,
             batches,

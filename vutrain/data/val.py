@@ -22,9 +22,11 @@ class ValStream:
     """Iterable over this rank's validation batches (re-iterable; counts reset per pass).
 
     Each batch: ``pixel_values`` float[B, 3, S, S], ``input_ids`` / ``attention_mask``
-    long[B, L], ``labels`` list[str] (the ``label_field`` metadata value, lists joined by ", "),
-    ``tags`` list[list[str]] (the ``tags`` metadata list, empty when absent; for the multi-label
-    retrieval metrics) and ``keys`` list[str]. Samples without a label are skipped (``missing_label``).
+    long[B, L], ``labels`` list[str] (the ``label_field`` metadata value, lists joined by ", ",
+    "" when absent), ``label_sets`` list[list[str]] (the value's elements: one for a scalar, each
+    element of a list, none when absent; what zero-shot scores against), ``tags`` list[list[str]]
+    (the ``tags`` metadata list, empty when absent; for the multi-label retrieval metrics) and
+    ``keys`` list[str]. A sample without a label still counts for retrieval; zero-shot leaves it out.
     """
 
     def __init__(
@@ -65,35 +67,45 @@ class ValStream:
                     yield raw
                 index += 1
 
-    def _batch(self, pixels, captions, labels, tags, keys) -> dict:
+    def _batch(self, pixels, captions, metas, keys) -> dict:
         batch = dict(self.tokenize(captions))
-        batch.update(pixel_values=torch.stack(pixels), labels=labels, tags=tags, keys=keys)
+        label_sets = [label_values(meta.get(self.label_field)) for meta in metas]
+        batch.update(
+            pixel_values=torch.stack(pixels),
+            labels=[", ".join(values) for values in label_sets],
+            label_sets=label_sets,
+            tags=[[str(t) for t in m["tags"]] if isinstance(m.get("tags"), list) else [] for m in metas],
+            keys=keys,
+        )
         return batch
 
     def __iter__(self) -> Iterator[dict]:
         self._skipped = SkipCounter()
-        pixels, captions, labels, tags, keys = [], [], [], [], []
+        pixels, captions, metas, keys = [], [], [], []
         for raw in self._my_raw_samples():
             try:
                 image, caption, meta = decode_sample(raw, self.caption_template)
-                label = meta.get(self.label_field)
-                if label is None:
-                    raise SkipSample("missing_label", f"{raw['__key__']} has no {self.label_field!r}")
                 pixel = self.preprocess(image)
             except SkipSample as e:
                 self._skipped(e.reason, str(e))
                 continue
             pixels.append(pixel)
             captions.append(caption)
-            labels.append(", ".join(map(str, label)) if isinstance(label, list) else str(label))
-            sample_tags = meta.get("tags")
-            tags.append([str(t) for t in sample_tags] if isinstance(sample_tags, list) else [])
+            metas.append(meta)
             keys.append(raw["__key__"])
             if len(pixels) == self.batch_size:
-                yield self._batch(pixels, captions, labels, tags, keys)
-                pixels, captions, labels, tags, keys = [], [], [], [], []
+                yield self._batch(pixels, captions, metas, keys)
+                pixels, captions, metas, keys = [], [], [], []
         if pixels:
-            yield self._batch(pixels, captions, labels, tags, keys)
+            yield self._batch(pixels, captions, metas, keys)
+
+
+def label_values(value) -> list[str]:
+    """A metadata value as zero-shot labels: a scalar is one, a list each of its elements (the
+    classes ``collect_label_values`` makes of it), None none."""
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def iter_val_batches(
@@ -136,8 +148,5 @@ def collect_label_values(shards: str, field: str = "category_name") -> list[str]
             except SkipSample as e:
                 skipped(e.reason, str(e))
                 continue
-            if isinstance(value, list):
-                values.update(str(v) for v in value)
-            elif value is not None:
-                values.add(str(value))
+            values.update(label_values(value))
     return sorted(values)
