@@ -8,6 +8,7 @@ and are exactly the keys of an uninterrupted epoch; the next epoch starts normal
 
 import glob
 import os
+from collections import Counter
 
 import pytest
 from transformers import CLIPImageProcessor
@@ -164,8 +165,13 @@ def test_epoch_continues_without_redraws_over_a_truncated_shard(data, tmp_path, 
     before = _streams(damaged, 2)
     drawn = _draw(before, 3, tmp_path, monkeypatch)
     states = {"ranks": [s.state_dict() for s in before]}
+    skipped_before = sum((Counter(s.skipped()) for s in before), Counter())
+    assert skipped_before["tar_error"] >= 1
     after = _streams(damaged, 1, batch=2 * BATCH)
     after[0].load_state_dict(states)
+    # The run's skip count carries over (train/skipped_samples: "since the start of the run"); it
+    # went back to 0 on a world-size change.
+    assert after[0].skipped() == dict(skipped_before)
     left = after[0].steps_per_epoch - after[0].batches_seen % after[0].steps_per_epoch
     rest = _draw(after, left, tmp_path, monkeypatch)
     assert set(drawn) & set(rest) == set(), "samples drawn before the change were drawn again"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -168,6 +169,10 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str], keys: Shard
     spe_old, spe = old["steps_per_epoch"], plan["steps_per_epoch"]
     epoch, done = divmod(next_batch, spe_old)
     state = {"version": states[0]["version"], "plan": dict(plan), "workers": {}}
+    if plan["rank"] == 0:  # the old ranks' skip counts, once: the run's total stays the run's
+        skipped = skipped_so_far(states)
+        if skipped:
+            state["skipped_before"] = skipped
     if old["resampled"] or done == 0:
         # Resampled streams draw with replacement (no consumed set to honour); at an epoch
         # boundary nothing of the epoch was drawn: either way continue at the same share of it.
@@ -190,6 +195,16 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str], keys: Shard
     state["next_batch"] = first
     state["remainder"] = Remainder(epoch, first, [dict(s) for s in states]).to_state()
     return state
+
+
+def skipped_so_far(states: list[dict]) -> dict[str, int]:
+    """Skip counts by reason over every rank's stream state (workers, and earlier world sizes')."""
+    total: Counter = Counter()
+    for state in states:
+        total.update(state.get("skipped_before", {}))
+        for info in state["workers"].values():
+            total.update(info["skipped"])
+    return dict(total)
 
 
 def _epoch_order(shards: list[str], plan: dict, epoch: int) -> list[str]:

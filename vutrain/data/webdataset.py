@@ -437,6 +437,8 @@ class TrainStream:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.positives = positives
         self._cursor = _Cursor()
+        # Skips counted by the ranks of an earlier world size (the new rank 0 carries their total).
+        self._skipped_before: dict[str, int] = {}
         self._remainder: Remainder | None = None  # the rest of an epoch begun on another world size
         self._slices: dict[int, list] = {}
         self._iterator: Iterator[Batch] | None = None
@@ -459,8 +461,9 @@ class TrainStream:
         return self._cursor.next_batch
 
     def skipped(self) -> dict[str, int]:
-        """Samples skipped so far on this rank by reason, summed over workers."""
-        total: Counter = Counter()
+        """Samples skipped so far on this rank by reason, summed over workers (and, on rank 0 after
+        a resume on another world size, the earlier ranks' skips: summed over ranks, the run's)."""
+        total: Counter = Counter(self._skipped_before)
         for info in self._cursor.workers.values():
             total.update(info["skipped"])
         return dict(total)
@@ -531,6 +534,8 @@ class TrainStream:
             "plan": asdict(self.plan),
             "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())},
         }
+        if self._skipped_before:
+            state["skipped_before"] = dict(self._skipped_before)
         if self._remainder and self.epoch <= self._remainder.epoch:
             state["remainder"] = self._remainder.to_state()
         return state
@@ -575,6 +580,7 @@ class TrainStream:
             }
             for w, v in state["workers"].items()
         }
+        self._skipped_before = {k: int(c) for k, c in state.get("skipped_before", {}).items()}
         self._remainder = Remainder.from_state(state["remainder"]) if "remainder" in state else None
         self._slices = (
             plan_slices(self._remainder, self.shards, asdict(self.plan), keys) if self._remainder else {}
