@@ -239,3 +239,42 @@ def test_sigkill_during_checkpoint_write_then_one_rank_fails_to_load(synthetic_s
     assert "Traceback" not in out and "Connection closed" not in out, out[-4000:]
     assert os.path.isfile(os.path.join(run_dir, "logs", "error_rank1.log"))
     print(f"failed run stopped after {elapsed:.1f} s")
+
+
+def test_every_file_is_flushed_to_disk_before_the_marker(tmp_path, monkeypatch):
+    """A crashed machine (not a killed process) loses what is still in the page cache: the marker
+    could survive while a file it lists came back as zeros at the listed size, which the size
+    check cannot see. Every file of the tag must be fsynced before the marker is, and the
+    renames' directories after them."""
+
+    class Engine:  # what save_checkpoint asks of DeepSpeed's engine
+        def train_micro_batch_size_per_gpu(self):
+            return 2
+
+        def gradient_accumulation_steps(self):
+            return 1
+
+        def zero_optimization_stage(self):
+            return 2
+
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+            with open(os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"), "wb") as fh:
+                fh.write(b"w" * 1000)
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    run_dir = str(tmp_path / "run")
+    tag = ckpt.save_checkpoint(Engine(), run_dir, 3, {"step": 3, "data": {}}, rank=0, keep=2)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    marker_at = next(i for i, p in enumerate(synced) if p.endswith(ckpt.MARKER + ".tmp"))
+    listed = json.loads(open(os.path.join(ckpt_dir, tag, ckpt.MARKER)).read())["files"]
+    before_marker = {os.path.basename(p) for p in synced[:marker_at]}
+    assert set(listed) <= before_marker, set(listed) - before_marker
+    assert os.path.realpath(ckpt_dir) in synced[marker_at:]  # the directory after the rename

@@ -279,6 +279,7 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
     save_trainer_state(tmp_dir, rank, dict(trainer_state, rng=rng_state()))
     reshape.save_world_info(engine, tmp_dir, trainer_state)  # all ranks' data states (collective)
     engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"step": step}, save_latest=False)
+    sync_files(tmp_dir)  # each rank flushes what it wrote: the marker below must not outlive it
     barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
         delay = float(os.environ.get(_FAULT_SLEEP_ENV, "0") or 0)
@@ -311,9 +312,46 @@ def _complete(ckpt_dir: str, tag: str, step: int) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
         os.rename(final, replaced)
     os.rename(tmp_dir, final)
+    _sync_dir(ckpt_dir)  # the rename itself survives a crash
     if replaced:
         shutil.rmtree(replaced, ignore_errors=True)
     _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+    _sync_dir(ckpt_dir)
+
+
+def sync_files(directory: str) -> int:
+    """fsync every file under ``directory`` and the directories themselves; returns the file count.
+
+    A killed process loses nothing that write() returned, but a machine that crashes (power, a
+    kernel panic) loses what is still in the page cache: without this a marker written later could
+    survive while a file it lists came back full of zeros at the listed size, which the size check
+    cannot see. On a shared file system each rank flushes the files it wrote (fsync of a file
+    another client wrote is a cheap no-op)."""
+    count = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            count += 1
+        _sync_dir(root)
+    return count
+
+
+def _sync_dir(path: str) -> None:
+    """fsync a directory (its entries: new and renamed files); a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def prune(ckpt_dir: str, keep: int) -> list[str]:
