@@ -51,19 +51,36 @@ class MetadataResult:
     formats: dict[str, str] = field(default_factory=dict)
 
 
+def _expand_one(item: str) -> list[str]:
+    """The files one ``--input`` names. An existing path is taken literally, so a name with
+    ``[`` or ``*`` in it ("US [2018].csv") is never read as a pattern."""
+    if os.path.isdir(item):
+        found = []
+        for ext in ("csv", "tsv", "parquet", "jsonl", "json", "csv.gz", "jsonl.gz"):
+            found += sorted(glob.glob(os.path.join(glob.escape(item), f"*.{ext}")))
+        return found
+    if os.path.exists(item) or not any(ch in item for ch in "*?["):
+        return [item]  # a missing plain path is reported below, with the others
+    return sorted(glob.glob(item))
+
+
+def _not_category_file(path: str) -> bool:
+    return not path.endswith("_category_id.json")  # Kaggle's category files are side data
+
+
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
     """Files from paths, globs and directories (directory: its csv/tsv/parquet/json/jsonl files)."""
     files: list[str] = []
     for item in inputs:
-        if os.path.isdir(item):
-            for ext in ("csv", "tsv", "parquet", "jsonl", "json", "csv.gz", "jsonl.gz"):
-                files += sorted(glob.glob(os.path.join(item, f"*.{ext}")))
-        elif any(ch in item for ch in "*?["):
-            files += sorted(glob.glob(item))
-        else:
-            files.append(item)
-    # Kaggle's category files are side data, not video rows.
-    files = [f for f in files if not f.endswith("_category_id.json")]
+        found = [f for f in _expand_one(item) if _not_category_file(f)]
+        if not found:
+            # A pattern or folder that matches nothing is a typo more often than not: say so
+            # rather than build from the other inputs alone.
+            raise FileNotFoundError(
+                f"--input {item}: matches no metadata file. Check the pattern or folder "
+                "(a literal [ in a pattern is written [[]), then run the same command again."
+            )
+        files += found
     missing = [f for f in files if not os.path.exists(f)]
     if missing or not files:
         raise FileNotFoundError(

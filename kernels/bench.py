@@ -40,6 +40,7 @@ import json
 import os
 import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.bench_targets import format_verdicts, targets
+from kernels.provenance import provenance
 from kernels.runtime import interpreting
 
 SQUARE = [(n, n, d) for n in (4096, 16384, 32768, 65536) for d in (512, 768, 1024)]
@@ -372,6 +374,11 @@ def main(argv: list[str] | None = None) -> dict:
         "gathered clip = 2",
         "dense_matmul_tflops_8192": None,
         "rows": [],
+        "partial": True,  # until every case has run: a run cut short (SIGTERM, a crash) says so
+        **provenance(
+            "python -m kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            ("torch", "triton", "inf_cl", "inf-cl"),
+        ),
     }
     # A time limit (`timeout`, as launch/gpu_bench.sh sets) stops the run with SIGTERM: leave
     # through the `finally` below, which writes what was measured, instead of dying without it.
@@ -385,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["autotune"] = autotune(shapes, losses, dtype, device, out, args.candidates, args.reps)
             os.environ["KERNELS_TILE_CONFIGS"] = str(out / "tuned_configs.json")
         _run_rows(result["rows"], shapes, modes, losses, args.providers.split(","), dtype, device, args.reps)
+        result["partial"] = False
     finally:  # a crash part-way still leaves what was measured, and its verdicts
         signal.signal(signal.SIGTERM, previous_handler)
         result["targets"] = targets(result["rows"], result["dense_matmul_tflops_8192"])
@@ -402,6 +410,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
+
+
+def exit_code(result: dict) -> int:
+    """1 when the run was cut short or a case failed to run (an error other than out of memory
+    or a provider that is not installed: both are rows the verdicts judge); 0 otherwise, whatever
+    the verdicts say (a missed target is a measurement, not a failure to measure)."""
+    errored = [r for r in result["rows"] if r.get("error") not in (None, "OOM", "not installed")]
+    return 1 if result["partial"] or errored else 0
 
 
 def _run_rows(rows, shapes, modes, losses, providers, dtype, device, reps) -> None:
@@ -431,4 +447,4 @@ def _run_rows(rows, shapes, modes, losses, providers, dtype, device, reps) -> No
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main()))

@@ -76,28 +76,40 @@ def _inf_cl_target(rows: list[dict]) -> dict:
 
 
 def _no_slower_target(rows: list[dict], loss: str, baseline: str) -> dict:
-    """ours <= baseline time at every (shape, mode) with D >= MIN_D where the baseline ran.
+    """ours <= baseline time at every (shape, mode) with D >= MIN_D that either side measured.
 
-    A baseline that errored (e.g. out of memory) where ours ran counts as ours winning;
-    ours missing or errored where a baseline row exists is a failure.
+    Every such pair needs both rows: a missing or errored row of either side fails the target
+    (a sweep cut short, or a baseline that crashed, proves nothing), except a baseline that ran
+    out of memory where ours ran, which counts as ours winning.
     """
     name = f"{loss}: no slower than {baseline} at every shape with D >= {MIN_D}"
-    base_rows = [
-        r for r in rows if r.get("loss", "clip") == loss and r["provider"] == baseline and r["D"] >= MIN_D
-    ]
-    if not base_rows:
+    pairs = sorted(
+        {
+            (r["N"], r["M"], r["D"], r["mode"])
+            for r in rows
+            if r.get("loss", "clip") == loss and r["provider"] in ("ours", baseline) and r["D"] >= MIN_D
+        }
+    )
+    if not any(r.get("loss", "clip") == loss and r["provider"] == baseline and r["D"] >= MIN_D for r in rows):
         return _verdict(name, False, f"no {baseline} rows with D >= {MIN_D}")
     bad, checked = [], 0
-    for b in base_rows:
-        shape = (b["N"], b["M"], b["D"])
-        label = f"{_shape_str(shape)} {b['mode']}"
-        ours, why = _usable(_find(rows, loss, "ours", shape, b["mode"]), "ours")
+    for n, m, d, mode in pairs:
+        shape = (n, m, d)
+        label = f"{_shape_str(shape)} {mode}"
+        ours, why = _usable(_find(rows, loss, "ours", shape, mode), "ours")
+        base = _find(rows, loss, baseline, shape, mode)
         if ours is None:
             bad.append(f"{label} ({why})")
             continue
+        if base is None:
+            bad.append(f"{label} ({baseline}: row missing)")
+            continue
+        if "error" in base and base["error"] != "OOM":
+            bad.append(f"{label} ({baseline}: {base['error']})")
+            continue
         checked += 1
-        if "error" not in b and ours["ms"] > b["ms"]:
-            bad.append(f"{label} ({ours['ms']:.3f} vs {b['ms']:.3f} ms)")
+        if "error" not in base and ours["ms"] > base["ms"]:
+            bad.append(f"{label} ({ours['ms']:.3f} vs {base['ms']:.3f} ms)")
     if bad:
         return _verdict(name, False, "; ".join(bad))
     return _verdict(name, True, f"{checked} shape/mode pairs")

@@ -89,6 +89,17 @@ def test_targets_pass_only_when_every_needed_row_is_measured_and_meets_it():
         (lambda rows: [r for r in rows if r["provider"] != "inf_cl"], [2]),  # inf_cl not measured
         (lambda rows: [r for r in rows if r["provider"] != "compile"], [3]),  # no baseline: cannot claim it
         (lambda rows: [], [0, 1, 2, 3, 4, 5]),  # today's bug: no rows at all must not read as success
+        (
+            lambda rows: [r for r in rows if not (r["provider"] == "compile" and r["N"] == 4096)],
+            [3],
+        ),  # a compile row missing at a shape ours ran (a sweep cut short): it passed before
+        (
+            lambda rows: [
+                dict(r, error="BackendCompilerFailed: inductor") if r["provider"] == "compile" else r
+                for r in rows
+            ],
+            [3],
+        ),  # a compile baseline that crashed proves nothing (it counted as ours winning before)
     ],
 )
 def test_targets_fail_on_missing_errored_or_missed(change, failing):
@@ -204,6 +215,17 @@ def test_bench_stopped_by_a_time_limit_still_writes_what_it_measured(tmp_path):
         proc.kill()
     result = json.loads((tmp_path / "bench_kernels.json").read_text())
     assert result["rows"] and "dense_matmul_tflops_8192" in result
+    assert result["partial"] is True  # a run cut short says so in its JSON
+
+
+def test_exit_code_says_whether_every_case_ran():
+    """The kernels step of launch/gpu_bench.sh exited 0 even when every case errored."""
+    from kernels.bench import exit_code
+
+    rows = [{"provider": "ours", "error": "OOM"}, {"provider": "inf_cl", "error": "not installed"}]
+    assert exit_code({"partial": False, "rows": rows}) == 0
+    assert exit_code({"partial": True, "rows": rows}) == 1
+    assert exit_code({"partial": False, "rows": rows + [{"error": "CompilationError: x"}]}) == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real sweep instead")
@@ -217,6 +239,10 @@ def test_bench_quick_writes_json_png_and_fails_unmeasured_targets(tmp_path):
     assert result["backend"] == "triton-interpreter"
     # No GPU rows at the target shapes: every verdict is FAIL, never a success by default.
     assert [v["verdict"] for v in result["targets"]] == ["FAIL"] * 6
+    # Traceable: the command, the commit and the versions that made these figures.
+    assert result["partial"] is False and result["command"].startswith("python -m kernels.bench --quick")
+    assert result["commit"] and result["versions"]["torch"]
+    assert result["versions"]["triton"]
     assert "| provider |" in r.stdout and "FAIL  clip fwd+bwd" in r.stdout
 
 
