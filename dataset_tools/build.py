@@ -50,6 +50,20 @@ class BuildConfig:
     politeness: PolitenessConfig = field(default_factory=PolitenessConfig)
 
 
+def check_config(cfg: BuildConfig) -> None:
+    """Refuse options that would fail midway or break the politeness caps, before anything is
+    read or written: a SystemExit whose one line says what to change."""
+    if cfg.shard_size < 1:
+        raise SystemExit(f"--shard-size {cfg.shard_size}: must be at least 1 (samples per shard, e.g. 1000)")
+    problem = plan_mod.check_caption_template(cfg.caption_template)
+    if problem:
+        raise SystemExit(problem)
+    try:
+        cfg.politeness.per_process(cfg.processes)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+
 def _make_downloader(cfg: BuildConfig, output_folder: str, column_list: list[str]):
     from img2dataset.resizer import Resizer
 
@@ -168,6 +182,7 @@ def summarize(output: str, elapsed: float | None = None, new_successes: int = 0)
 
 def build(cfg: BuildConfig) -> dict:
     """Run (or continue) a build; returns the summary dict it also prints and saves."""
+    check_config(cfg)
     os.makedirs(cfg.output, exist_ok=True)
     build_dir = os.path.join(cfg.output, plan_mod.BUILD_DIR)
     os.makedirs(build_dir, exist_ok=True)
@@ -178,8 +193,8 @@ def build(cfg: BuildConfig) -> dict:
             f.write(json.dumps(rejected, ensure_ascii=False) + "\n")
     print(
         f"[dataset_tools] {meta.input_rows} input rows -> {len(meta.rows)} videos "
-        f"({meta.duplicates} duplicate rows collapsed, {len(meta.rejected)} invalid ids dropped, "
-        f"listed in {plan_mod.BUILD_DIR}/rejected_input.jsonl)"
+        f"({meta.duplicates} duplicate rows collapsed, {len(meta.rejected)} rejected: invalid id or "
+        f"malformed row, listed in {plan_mod.BUILD_DIR}/rejected_input.jsonl)"
     )
     plan = plan_mod.extend_plan(
         plan_mod.load_plan(cfg.output),

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dataset_tools import shards
 from dataset_tools.plan import BUILD_DIR
-from dataset_tools.reshard import ShardSink, iter_samples
+from dataset_tools.reshard import ShardSink, check_empty_output, iter_samples
 
 
 class _UnionFind:
@@ -50,6 +50,8 @@ def dedup(
 ) -> dict:
     """Find duplicate groups; returns the report (also written as JSON)."""
     shards.require_shards(folder)
+    if filter_output:  # refused before the (slow) hashing, not after
+        check_empty_output(filter_output)
     info: dict[str, dict] = {}
     uf = _UnionFind()
     by_sha: dict[str, str] = {}

@@ -9,6 +9,7 @@ no_maxres     maxresdefault 404 + placeholder, the rest exist (also ``no_maxres_
 placeholder200  maxresdefault answers 200 with the placeholder, the rest exist
 throttle      first request 429 with ``Retry-After: 1``, then ok
 error500      first request 500, then ok
+unavailable503  first request 503 without Retry-After, then ok
 slow          sleeps ``slow_seconds`` before answering (beyond a short deadline)
 truncated     announces a Content-Length longer than the body it sends
 notimage      200 ``image/jpeg`` with an HTML body
@@ -194,6 +195,8 @@ class FakeThumbnailHost:
             return self._send(req, 429, b"slow down", "text/plain", {"Retry-After": "1"})
         if kind == "error500" and first:
             return self._send(req, 500, b"oops", "text/plain")
+        if kind == "unavailable503" and first:
+            return self._send(req, 503, b"overloaded", "text/plain")
         if kind == "slow":
             time.sleep(self.slow_seconds)
         if kind == "truncated":

@@ -46,12 +46,14 @@ _CHUNK = 64 * 1024
 
 
 class _Retryable(Exception):
-    """A transient failure worth another attempt after a backoff."""
+    """A transient failure worth another attempt after a backoff. ``throttled``: the host said
+    it is overloaded (429, 503), so every thread should ease off, not only this one."""
 
-    def __init__(self, reason: str, retry_after: float | None = None):
+    def __init__(self, reason: str, retry_after: float | None = None, throttled: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.throttled = throttled
 
 
 class _Permanent(Exception):
@@ -129,11 +131,8 @@ def fetch_once(url: str, cfg: PolitenessConfig, limiter: HostLimiter) -> Respons
                 return Response(404, b"")  # the placeholder body is never looked at
             if err.code == 429 or err.code >= 500:
                 retry_after = parse_retry_after(err.headers.get("Retry-After") if err.headers else None)
-                if retry_after is not None:
-                    limiter.cool_down(min(retry_after, cfg.backoff_max))
-                elif err.code == 429:  # throttled without a hint: every thread eases off a little
-                    limiter.cool_down(cfg.backoff_base)
-                raise _Retryable(f"HTTP Error {err.code}", retry_after) from None
+                throttled = err.code in (429, 503)
+                raise _Retryable(f"HTTP Error {err.code}", retry_after, throttled) from None
             raise _Permanent(f"HTTP Error {err.code}: {err.reason}") from None
         except urllib.error.URLError as err:
             if isinstance(err.reason, (socket.timeout, TimeoutError)):
@@ -158,9 +157,20 @@ def fetch_with_retries(url: str, cfg: PolitenessConfig, limiter: HostLimiter, sl
             return None, str(err), attempts
         except _Retryable as err:
             last = err.reason
+            delay = backoff_delay(attempt, cfg, err.retry_after)
+            _share_cool_down(err, delay, cfg, limiter)
             if attempt < cfg.retries:
-                sleep(backoff_delay(attempt, cfg, err.retry_after))
+                sleep(delay)
     return None, f"{last} (after {attempts} attempts)", attempts
+
+
+def _share_cool_down(err: _Retryable, delay: float, cfg: PolitenessConfig, limiter: HostLimiter) -> None:
+    """Hold back every thread of the process, not only the one that was told: after a
+    Retry-After for as long as it says, after a bare 429/503 for this attempt's backoff."""
+    if err.retry_after is not None:
+        limiter.cool_down(min(err.retry_after, cfg.backoff_max))
+    elif err.throttled:
+        limiter.cool_down(delay)
 
 
 def check_image(body: bytes, cfg: PolitenessConfig) -> tuple:

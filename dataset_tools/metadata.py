@@ -9,9 +9,11 @@ Rows whose id cannot be normalised are returned as rejections (never dropped sil
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -91,19 +93,22 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
 
 
 class MetadataError(ValueError):
-    """An input file that cannot be read; the message names the file and the line."""
+    """Input that cannot be read; the message names the file (and the line) and what to do."""
+
+
+def _open_text(path: str, encoding: str, errors: str = "strict"):
+    """A text handle on ``path`` (gzip when it ends in .gz), newlines left to the CSV reader."""
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding=encoding, errors=errors, newline="")
+    return open(path, encoding=encoding, errors=errors, newline="")
 
 
 def _open_quote_line(path: str, encoding: str) -> int | None:
     """The line where a double quote opens that is never closed (CSV quoting), if any."""
     inside, opened = False, None
-    if path.endswith(".gz"):
-        import gzip
-
-        fh_ctx = gzip.open(path, "rt", encoding=encoding, errors="replace", newline="")
-    else:
-        fh_ctx = open(path, encoding=encoding, errors="replace", newline="")
-    with fh_ctx as fh:
+    with _open_text(path, encoding, errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             for _ in range(line.count('"')):  # "" (an escaped quote) toggles twice: no change
                 inside = not inside
@@ -112,9 +117,70 @@ def _open_quote_line(path: str, encoding: str) -> int | None:
     return opened if inside else None
 
 
-def _read_csv(path: str, encoding: str, **kwargs) -> pd.DataFrame:
+# Column that marks a CSV row with more fields than the header: ``{"line", "fields", "width"}``
+# there, the row itself empty. The row keeps its place, so it is counted and rejected like any other.
+_MALFORMED = "__dataset_tools_malformed__"
+
+
+def _read_csv_keeping_malformed(path: str, encoding: str, sep: str) -> pd.DataFrame:
+    """The slow path, for a file with rows of too many fields: the csv module (pandas would drop
+    such a row with a warning, or shift every column when it is the first one)."""
+    # utf-8-sig: pandas drops a byte order mark before the header; do the same.
+    with _open_text(path, "utf-8-sig" if encoding == "utf-8" else encoding) as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        try:
+            header = next(reader)
+            width = len(header)
+            rows = []
+            for fields in reader:
+                if not fields:
+                    continue  # a blank line, skipped like pandas does
+                if len(fields) > width:
+                    rows.append([""] * width + [{"line": reader.line_num, "fields": fields, "width": width}])
+                else:  # fewer fields than the header: the missing ones are empty, as with pandas
+                    rows.append(fields + [""] * (width - len(fields)) + [None])
+        except csv.Error as err:
+            raise MetadataError(
+                f"{path}:{reader.line_num}: cannot parse as CSV ({err}). Fix or remove that row, "
+                "then run the same command again."
+            ) from None
+    return pd.DataFrame(rows, columns=[*_unique_names(header), _MALFORMED])
+
+
+def _unique_names(header: list[str]) -> list[str]:
+    """Column names with repeats renamed ``name.1``, ``name.2`` like pandas (no column lost)."""
+    seen: dict[str, int] = {}
+    names = []
+    for name in header:
+        names.append(f"{name}.{seen[name]}" if name in seen else name)
+        seen[name] = seen.get(name, 0) + 1
+    return names
+
+
+def _parse_csv(path: str, encoding: str, sep: str) -> pd.DataFrame:
+    """pandas' C parser (fast) for well-formed files, the csv module for the rest."""
+    kwargs = dict(sep=sep, dtype=str, keep_default_na=False, on_bad_lines="error")
     try:
-        return pd.read_csv(path, encoding=encoding, **kwargs)
+        df = pd.read_csv(path, encoding=encoding, **kwargs)
+    except pd.errors.ParserError:
+        if _open_quote_line(path, encoding) is not None:
+            raise  # an unclosed quote swallows the rest of the file: the caller names its line
+        return _read_csv_keeping_malformed(path, encoding, sep)
+    if not isinstance(df.index, pd.RangeIndex):
+        # The first data row had more fields than the header: pandas took the first column as
+        # an index and shifted every other one. Re-read so those rows are rejected instead.
+        return _read_csv_keeping_malformed(path, encoding, sep)
+    return df
+
+
+def _read_csv(path: str, encoding: str, sep: str) -> pd.DataFrame:
+    try:
+        return _parse_csv(path, encoding, sep)
+    except pd.errors.EmptyDataError:
+        raise MetadataError(
+            f"{path}: empty file (no header row). Remove it from --input, or give it a header "
+            f"with a video id column ({', '.join(_ID_COLUMNS)}) and rows."
+        ) from None
     except pd.errors.ParserError as err:
         line = _open_quote_line(path, encoding)
         where = f"{path}:{line}" if line else path
@@ -131,36 +197,74 @@ def _read_table(path: str) -> pd.DataFrame:
     if lower.endswith(".parquet"):
         return pd.read_parquet(path)
     if lower.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-        return pd.DataFrame(list(_iter_json_records(path)))
+        records = list(_iter_json_records(path))
+        if not records:
+            raise MetadataError(
+                f"{path}: no records (empty file). Remove it from --input, or put one JSON object "
+                "per line in it."
+            )
+        return pd.DataFrame(records)
     sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
-    kwargs = dict(sep=sep, dtype=str, keep_default_na=False, on_bad_lines="warn")
     try:
-        return _read_csv(path, "utf-8", **kwargs)
+        return _read_csv(path, "utf-8", sep)
     except UnicodeDecodeError:
         # Several Kaggle country files are not UTF-8; latin-1 never fails and keeps every row.
         print(f"[dataset_tools] {path}: not UTF-8, reading as latin-1")
-        return _read_csv(path, "latin-1", **kwargs)
+        return _read_csv(path, "latin-1", sep)
+
+
+def _read_json_text(path: str) -> str:
+    # utf-8-sig: a byte order mark (Windows tools write one) is not part of the first record.
+    try:
+        with _open_text(path, "utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise MetadataError(
+            f"{path}:{line}: not UTF-8 ({err.reason} at byte {err.start}). JSON input must be "
+            "UTF-8: re-save the file as UTF-8, then run the same command again."
+        ) from None
+
+
+def _kind(value: object) -> str:
+    """How a JSON value reads in an error message: ``null``, ``an array``, ``a string``..."""
+    if value is None:
+        return "null"
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _array_element_line(text: str, index: int) -> int:
+    """The line where element ``index`` of the JSON array in ``text`` starts (for errors only)."""
+    decoder, gap = json.JSONDecoder(), re.compile(r"[\s,]*")
+    pos = gap.match(text, text.index("[") + 1).end()
+    for _ in range(index):
+        _, pos = decoder.raw_decode(text, pos)
+        pos = gap.match(text, pos).end()
+    return text.count("\n", 0, pos) + 1
+
+
+def _json_array_records(path: str, text: str) -> list[dict]:
+    try:
+        records = json.loads(text)
+    except ValueError as err:
+        raise MetadataError(
+            f"{path}:{getattr(err, 'lineno', 1)}: not valid JSON ({getattr(err, 'msg', err)}). "
+            "Fix that line, then run the same command again."
+        ) from None
+    for index, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise MetadataError(
+                f"{path}:{_array_element_line(text, index)}: array element {index + 1} is "
+                f"{_kind(rec)}, not an object. A JSON array input needs one object per video."
+            )
+    return records
 
 
 def _iter_json_records(path: str) -> Iterator[dict]:
-    opener = open
-    if path.endswith(".gz"):
-        import gzip
-
-        opener = gzip.open  # type: ignore[assignment]
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(stripped)
-        except ValueError as err:
-            line = getattr(err, "lineno", 1) + text[: len(text) - len(stripped)].count("\n")
-            raise MetadataError(
-                f"{path}:{line}: not valid JSON ({getattr(err, 'msg', err)}). "
-                "Fix that line, then run the same command again."
-            ) from None
-        yield from records
+    text = _read_json_text(path)
+    if text.lstrip().startswith("["):
+        yield from _json_array_records(path, text)
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -171,9 +275,13 @@ def _iter_json_records(path: str) -> Iterator[dict]:
         except ValueError as err:
             raise MetadataError(
                 f"{path}:{lineno}: not a JSON line ({err}). JSONL input needs one JSON object per line."
-            ) from err
-        if isinstance(rec, dict):
-            yield rec
+            ) from None
+        if not isinstance(rec, dict):  # a row skipped here would be lost without a trace
+            raise MetadataError(
+                f"{path}:{lineno}: {_kind(rec)}, not a JSON object. "
+                "JSONL input needs one JSON object per line."
+            )
+        yield rec
 
 
 def detect_format(path: str, columns: Sequence[str]) -> str:
@@ -255,15 +363,59 @@ def _ytdlp_publish(value: object) -> str:
     return text
 
 
+def _video_id(raw: dict, cols: Sequence[str]) -> str | None:
+    """The first candidate column whose value is a valid id or YouTube URL: a table may carry a
+    numeric ``id`` next to its ``url``, and the first non-empty value alone would reject every row."""
+    for col in cols:
+        vid = youtube.normalize_video_id(_first(raw, [col]))
+        if vid is not None:
+            return vid
+    return None
+
+
+def _category(raw: dict, cat_col: Sequence[str], table: dict[int, str]) -> tuple[int | None, str]:
+    """(category id, name) from an id, a name, or yt-dlp's list of names."""
+    cat_value = _first(raw, cat_col)
+    if isinstance(cat_value, list):  # yt-dlp: categories is a list of names
+        cat_value = cat_value[0]
+    cid = youtube.parse_category_id(cat_value)
+    if cid is None and cat_value not in (None, ""):
+        cid = youtube.category_id_from_name(str(cat_value))
+    name = youtube.category_name(cid, table)
+    if name is None and cat_value and not _is_number(cat_value):
+        name = str(cat_value)  # a category name we have no id for: keep the name
+    return cid, name or ""
+
+
+def _is_number(value: object) -> bool:
+    """True for anything float() reads, "inf" and "nan" included: such a value is no name."""
+    try:
+        float(str(value).strip())
+    except ValueError:
+        return False
+    return True
+
+
+def _malformed(raw: dict) -> tuple[str, dict] | None:
+    """(reason, record) for a CSV row with more fields than the header, else None."""
+    bad = raw.pop(_MALFORMED, None)
+    if not isinstance(bad, dict):
+        return None
+    fields, width = bad["fields"], bad["width"]
+    reason = f"malformed CSV row at line {bad['line']} ({len(fields)} fields, header has {width})"
+    return reason, {"fields": fields}
+
+
 def _canonical_rows(
     path: str, df: pd.DataFrame, fmt: str, table: dict[int, str]
-) -> Iterator[tuple[dict | None, dict]]:
-    """Yield (canonical row or None, raw record) per input row."""
-    cols = {c.lower(): c for c in df.columns}
+) -> Iterator[tuple[dict | None, dict, str]]:
+    """Yield (canonical row or None, raw record, reason it was rejected) per input row."""
+    cols = {c.lower(): c for c in df.columns if c != _MALFORMED}
     id_col = _pick(cols, _ID_COLUMNS)
     if not id_col:
-        raise ValueError(
-            f"{path}: no video id column; expected one of {list(_ID_COLUMNS)} (found {list(df.columns)})."
+        raise MetadataError(
+            f"{path}: no video id column; expected one of {list(_ID_COLUMNS)} (found {list(cols.values())}). "
+            "Rename the id or URL column to one of those, then run the same command again."
         )
     title_col = _pick(cols, _TITLE_COLUMNS if fmt != "ytdlp" else ("title", "fulltitle"))
     tag_col = _pick(cols, _TAG_COLUMNS)
@@ -273,31 +425,27 @@ def _canonical_rows(
     pub_col = _pick(cols, _PUBLISH_COLUMNS)
     trend_col = cols.get("trending_date")
     for raw in df.to_dict(orient="records"):
-        vid = youtube.normalize_video_id(_first(raw, id_col))
-        if vid is None:
-            yield None, raw
+        malformed = _malformed(raw)
+        if malformed is not None:
+            yield None, malformed[1], malformed[0]
             continue
-        cat_value = _first(raw, cat_col)
-        if isinstance(cat_value, list):  # yt-dlp: categories is a list of names
-            cat_value = cat_value[0]
-        cid = youtube.parse_category_id(cat_value)
-        if cid is None and cat_value not in (None, ""):
-            cid = youtube.category_id_from_name(str(cat_value))
-        name = youtube.category_name(cid, table)
-        if name is None and cat_value and youtube.parse_category_id(cat_value) is None:
-            name = str(cat_value)  # a category name we have no id for: keep the name
+        vid = _video_id(raw, id_col)
+        if vid is None:
+            yield None, {k: str(v) for k, v in raw.items()}, "invalid video id"
+            continue
+        cid, name = _category(raw, cat_col, table)
         row = {
             "video_id": vid,
             "title": youtube.clean_title(_first(raw, title_col)),
             "tags": youtube.parse_tags(_first(raw, tag_col)),
             "category_id": cid,
-            "category_name": name or "",
+            "category_name": name,
             "channel_id": str(_first(raw, chan_id_col) or "").strip(),
             "channel_title": youtube.clean_title(_first(raw, chan_title_col)),
             "publish_time": _ytdlp_publish(_first(raw, pub_col)),
             "trending_date": _kaggle_date(_first(raw, [trend_col] if trend_col else [])),
         }
-        yield row, raw
+        yield row, raw, ""
 
 
 def _completeness(row: dict) -> int:
@@ -321,7 +469,7 @@ def read_metadata(
 ) -> MetadataResult:
     """Read every input file, normalise ids, collapse duplicates (order of first appearance kept)."""
     if input_format not in FORMATS:
-        raise ValueError(f"--input-format {input_format!r}: choose one of {FORMATS}")
+        raise MetadataError(f"--input-format {input_format!r}: choose one of {FORMATS}")
     explicit_table = load_category_table(categories_json)
     result = MetadataResult(rows=[])
     by_id: dict[str, list[tuple[int, dict]]] = {}
@@ -335,16 +483,10 @@ def read_metadata(
             fmt = "csv"  # generic columns, JSON lines container
         result.formats[path] = fmt
         table = explicit_table or load_category_table(_sibling_category_json(path))
-        for lineno, (row, raw) in enumerate(_canonical_rows(path, df, fmt, table), 1):
+        for lineno, (row, record, reason) in enumerate(_canonical_rows(path, df, fmt, table), 1):
             result.input_rows += 1
             if row is None:
-                result.rejected.append(
-                    {
-                        "source": f"{path}:{lineno}",
-                        "reason": "invalid video id",
-                        "record": {k: str(v) for k, v in raw.items()},
-                    }
-                )
+                result.rejected.append({"source": f"{path}:{lineno}", "reason": reason, "record": record})
                 continue
             counter += 1
             by_id.setdefault(row["video_id"], []).append((counter, row))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataset_tools import youtube
+from dataset_tools import metadata, youtube
 
 BUILD_DIR = "_build"
 PLAN_SCHEMA = pa.schema(
@@ -52,6 +52,30 @@ def render_caption(template: str, row: dict) -> str:
             f"--caption-template uses unknown field(s) {sorted(unknown)}; available: {sorted(fields)}"
         )
     return template.format(**{k: ("" if v is None else v) for k, v in fields.items()})
+
+
+def check_caption_template(template: str) -> str | None:
+    """None when ``template`` renders every row, else a one-line error saying what to write.
+
+    Tried on a full row and on an empty one (a format spec such as ``{category_id:03d}`` fails
+    on a row without a category), before any download, so a typo never stops a build midway.
+    """
+    hint = (
+        f"Use field names in braces from: {', '.join(metadata.FIELDS)}, e.g. '{{title}}. Tags: {{tags}}' "
+        "(write {{ and }} for a literal brace)."
+    )
+    full = {name: "x" for name in metadata.FIELDS} | {"tags": ["a", "b"], "category_id": 24}
+    empty = {name: "" for name in metadata.FIELDS} | {"tags": [], "category_id": None}
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        unknown = sorted(names - set(metadata.FIELDS))
+        if unknown:
+            return f"--caption-template {template!r}: unknown field(s) {unknown}. {hint}"
+        for row in (full, empty):
+            render_caption(template, row)
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as err:
+        return f"--caption-template {template!r}: {err}. {hint}"
+    return None
 
 
 def sample_key(shard_id: int, index: int, shard_size: int, oom_shard_count: int) -> str:

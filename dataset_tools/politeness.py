@@ -44,11 +44,26 @@ class PolitenessConfig:
     """X-Robots-Tag directives that make us drop an image (img2dataset's defaults)."""
 
     def per_process(self, processes: int) -> PolitenessConfig:
-        """The share of the global caps one of ``processes`` workers may use."""
-        processes = max(1, processes)
+        """The share of the global caps one of ``processes`` workers may use.
+
+        Raises ValueError (a one-line message saying what to change) when the caps cannot be
+        shared: each process needs one connection, so more processes than ``max_connections``
+        would put more requests in flight than the user allowed.
+        """
+        if processes < 1 or self.max_connections < 1:
+            raise ValueError(
+                f"--processes {processes} and --max-connections {self.max_connections}: both must be "
+                "at least 1."
+            )
+        if processes > self.max_connections:
+            raise ValueError(
+                f"--processes {processes} is more than --max-connections {self.max_connections}: each "
+                "process holds at least one connection, so the build would exceed the cap. Lower "
+                f"--processes to {self.max_connections} or raise --max-connections to {processes}."
+            )
         return replace(
             self,
-            max_connections=max(1, self.max_connections // processes),
+            max_connections=self.max_connections // processes,
             requests_per_second=self.requests_per_second / processes,
         )
 
@@ -67,17 +82,24 @@ class HostLimiter:
         """Block until a connection slot and a rate token are available."""
         self._slots.acquire()
         try:
-            with self._lock:
-                now = time.monotonic()
-                start = max(now, self._next_free, self._cooldown_until)
-                if self._rate > 0:
-                    self._next_free = start + 1.0 / self._rate
-            delay = start - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            self._wait_turn()
         except BaseException:
             self._slots.release()
             raise
+
+    def _wait_turn(self) -> None:
+        """Sleep until neither the rate nor a cool-down holds this request back, then take the
+        token. Checked again after every sleep: a 429 seen by another thread meanwhile moves
+        ``_cooldown_until``, and a request planned before it must wait for it too."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                start = max(self._next_free, self._cooldown_until)
+                if now >= start:
+                    if self._rate > 0:
+                        self._next_free = now + 1.0 / self._rate
+                    return
+            time.sleep(start - now)
 
     def release(self) -> None:
         """Give back the connection slot taken by ``acquire``."""

@@ -29,10 +29,24 @@ def _schema_for(rows: list[dict]) -> pa.Schema:
     return pa.Table.from_pylist(rows).schema
 
 
+def check_empty_output(folder: str) -> None:
+    """Refuse an output folder that already holds files: shards are numbered from 00000 again,
+    so an earlier run's higher-numbered shards would stay beside the new ones (counted twice by
+    finalize, and, for split, samples of one side left in the other)."""
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise SystemExit(
+            f"{folder}: output folder is not empty (an earlier run's shards would mix with the new "
+            "ones). Pass an empty or new folder, or delete this one first."
+        )
+
+
 class ShardSink:
     """Collects samples and writes ``NNNNN.tar/.parquet/_stats.json`` every ``shard_size``."""
 
     def __init__(self, folder: str, shard_size: int, oom_shard_count: int = 5):
+        check_empty_output(folder)
+        if shard_size < 1:
+            raise SystemExit(f"--shard-size {shard_size}: must be at least 1 (samples per shard, e.g. 1000)")
         os.makedirs(folder, exist_ok=True)
         self.folder, self.shard_size, self.oom = folder, shard_size, oom_shard_count
         self.buffer: list[Sample] = []

@@ -1,8 +1,10 @@
 """Merge a ``--retry-failed`` pass back into the shards it came from.
 
 The retry pass writes ``_build/retry/NNNNN.{tar,parquet}`` holding only the re-attempted rows,
-with the same keys. Merging replaces those rows in ``NNNNN.parquet``, adds new successes to
-``NNNNN.tar`` (still sorted, written through a temporary name) and rewrites the stats last.
+with the same keys. Merging removes ``NNNNN_stats.json`` (the shard is incomplete from then on),
+replaces those rows in ``NNNNN.parquet``, adds new successes to ``NNNNN.tar`` (still sorted,
+written through a temporary name) and writes the stats last. A merge killed midway leaves the
+shard without stats, so the next ``build`` redoes it from the plan.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ def merge_retry(output: str, retry_dir: str, name: str) -> dict:
     # the parquet is the source of truth, so keep exactly the samples it calls successes.
     samples = {k: v for k, v in samples.items() if k in successes}
     start = shards.now()
+    # The old stats go first: while tar and parquet are replaced one after the other the shard
+    # is incomplete, so a merge killed midway is redone by the next build (from the plan, same
+    # keys) instead of leaving stats that disagree with the tar or the parquet.
+    stats_path = os.path.join(output, f"{name}_stats.json")
+    if os.path.exists(stats_path):
+        os.remove(stats_path)
     shards.write_tar(os.path.join(output, f"{name}.tar"), samples.items())
     shards.write_parquet(os.path.join(output, f"{name}.parquet"), rows, schema)
     stats = shards.stats_from_rows(rows, start, shards.now())

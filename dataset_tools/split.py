@@ -12,7 +12,7 @@ import os
 
 from dataset_tools import finalize as finalize_mod
 from dataset_tools import shards
-from dataset_tools.reshard import ShardSink, iter_samples
+from dataset_tools.reshard import ShardSink, check_empty_output, iter_samples
 
 
 def assign(row: dict, by: str, val_fraction: float, seed: str = "0") -> str:
@@ -39,6 +39,8 @@ def split(
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"--val-fraction {val_fraction}: must be between 0 and 1")
     shards.require_shards(folder)
+    for side in ("train", "val"):  # both checked before either is created
+        check_empty_output(os.path.join(output, side))
     sinks = {side: ShardSink(os.path.join(output, side), shard_size) for side in ("train", "val")}
     for sample in iter_samples(folder):
         sinks[assign(sample[2], by, val_fraction, seed)].add(sample)

@@ -6,12 +6,15 @@ Everything here is pure (no I/O) so the metadata readers and the tests can share
 from __future__ import annotations
 
 import html
+import math
 import re
 import unicodedata
 from collections.abc import Iterable
 from urllib.parse import parse_qs, urlparse
 
-VIDEO_ID_RE = re.compile(r"^[A-Za-z0-9_-]{11}$")
+# Always used with fullmatch: ``$`` alone also matches before a trailing newline, which let an id
+# with a "\n" (``watch?v=...%0A``) through.
+VIDEO_ID_RE = re.compile(r"[A-Za-z0-9_-]{11}")
 DEFAULT_URL_TEMPLATE = "https://i.ytimg.com/vi/{video_id}/{variant}.jpg"
 DEFAULT_VARIANTS = ("maxresdefault", "sddefault", "hqdefault", "mqdefault")
 # YouTube answers a missing thumbnail variant with this grey "TV" image (often with status 404).
@@ -71,7 +74,7 @@ def normalize_video_id(value: object) -> str | None:
     if value is None:
         return None
     text = str(value).strip()
-    if VIDEO_ID_RE.match(text):
+    if VIDEO_ID_RE.fullmatch(text):
         return text
     if not text or " " in text:
         return None
@@ -95,7 +98,7 @@ def normalize_video_id(value: object) -> str | None:
             candidate = None
         if candidate is None and "v" in parse_qs(parsed.query):
             candidate = parse_qs(parsed.query)["v"][0]
-    if candidate is not None and VIDEO_ID_RE.match(candidate):
+    if candidate is not None and VIDEO_ID_RE.fullmatch(candidate):
         return candidate
     return None
 
@@ -172,13 +175,13 @@ def category_id_from_name(name: str | None) -> int | None:
 
 
 def parse_category_id(value: object) -> int | None:
-    """``"24"``, ``24``, ``24.0`` -> 24; empty/NaN/garbage -> None."""
+    """``"24"``, ``24``, ``24.0`` -> 24; empty/NaN/infinite/garbage -> None."""
     if value is None:
         return None
     try:
         number = float(str(value).strip())
     except ValueError:
         return None
-    if number != number or number < 0:  # NaN or negative
+    if not math.isfinite(number) or number < 0:  # NaN, "inf"/"1e999" (int() would overflow), negative
         return None
     return int(number)

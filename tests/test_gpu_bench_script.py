@@ -83,3 +83,16 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
     assert profile["preset"] == "tiny" and len(profile["host_ms"]) == 4, profile  # the four phases
     summary = json.loads((results / "data_w8.log").read_text().strip().splitlines()[-1])
     assert summary["workers"] == 8 and summary["samples_per_s_per_worker"] > 0 and "scaling" in summary
+
+
+def test_gpu_bench_exits_non_zero_when_a_step_failed(tmp_path):
+    """The device tool reports the script's exit code: it was 0 whatever the steps did."""
+    env = dict(tr.env(), GPU_SETUP=os.devnull, OUT=str(tmp_path), PYTHON=tr.sys.executable, PACK="0")
+    script = os.path.join(tr.REPO, "launch", "gpu_bench.sh")
+    failed = subprocess.run(["bash", script, "no_such_step"], capture_output=True, text=True, env=env)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "no_such_step unknown 0" in (tmp_path / "summary.txt").read_text()
+    env["TOTAL_S"] = "0"  # every step skipped for lack of time: nothing failed
+    skipped = subprocess.run(["bash", script, "data"], capture_output=True, text=True, env=env)
+    assert skipped.returncode == 0, skipped.stdout + skipped.stderr
+    assert "data skipped 0" in (tmp_path / "summary.txt").read_text()

@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ckpts = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.grad_ckpt]
     results = []
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    previous = json.load(open(args.out)) if os.path.exists(args.out) else []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for ckpt in ckpts:
             spec = dict(
@@ -223,16 +225,15 @@ def main(argv: list[str] | None = None) -> int:
                 row = json.loads(found[-1][len("BENCH_RESULT ") :])
             else:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()
-                row = dict(spec, error=tail[-1] if tail else f"exit {proc.returncode}")
+                row = dict(spec, error=tail[-1] if tail else f"exit {proc.returncode}", device=device_name())
             row["date"] = datetime.date.today().isoformat()
             row["command"] = "python -m vutrain.bench " + " ".join(argv if argv is not None else sys.argv[1:])
             results.append(row)
             print(table([row]).splitlines()[-1], flush=True)
+            # After every configuration: a run stopped by a time limit keeps what it measured.
+            with open(args.out, "w") as fh:
+                json.dump(previous + results, fh, indent=1)
     print("\n" + table(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    previous = json.load(open(args.out)) if os.path.exists(args.out) else []
-    with open(args.out, "w") as fh:
-        json.dump(previous + results, fh, indent=1)
     print(f"\nwrote {args.out} ({len(results)} rows) on {results[0].get('device', device_name())}")
     return 0 if all("error" not in r for r in results) else 1
 

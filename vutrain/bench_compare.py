@@ -688,11 +688,14 @@ def result_dict(
     partial: bool,
 ) -> dict:
     """Everything the JSON file records: settings, device, every row, searches and targets."""
+    from kernels.provenance import commit, versions
     from vutrain.bench import device_name
 
     oc = bench.openclip
     return {
         "command": "python -m vutrain.bench " + " ".join(argv),
+        "commit": commit(),
+        "versions": versions(("torch", "deepspeed", "transformers", "open_clip_torch", "triton")),
         "date": datetime.date.today().isoformat(),
         "device": device_name(),
         "torch": torch.__version__,

@@ -1,7 +1,9 @@
 """The model: an HF `CLIPModel` (pretrained or a random-init preset), optionally LoRA-wrapped.
 
 `ClipTrainModule` is what DeepSpeed wraps. It returns L2-normalised features and the exponentiated,
-clamped logit scale, so every loss sees the same inputs as open_clip's losses do.
+clamped logit scale, so every loss sees the same inputs as open_clip's losses do (the clamp keeps
+the parameter trainable at the bound, as open_clip's in-place clamp after each step does:
+`bounded_logit_scale`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,41 @@ from vutrain.config import ModelConfig
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: exp(scale) never exceeds 100
+
+
+class _BoundedScale(torch.autograd.Function):
+    """Forward: the value clamped to [low, high]. Backward: the gradient passed through, except
+    where the parameter is at or past a bound and a descent step would move it further out."""
+
+    @staticmethod
+    def forward(ctx, scale: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        # Masks, not the parameter: under ZeRO-3 a parameter's storage may be released after forward.
+        ctx.save_for_backward(scale.detach() >= high, scale.detach() <= low)
+        return scale.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        at_high, at_low = ctx.saved_tensors
+        # A descent step moves the parameter by -grad: at the upper bound a negative gradient
+        # pushes it up, at the lower bound a positive one pushes it down.
+        outward = (at_high & (grad < 0)) | (at_low & (grad > 0))
+        return grad.masked_fill(outward, 0), None, None
+
+
+def bounded_logit_scale(scale: torch.Tensor, high: float = MAX_LOGIT_SCALE) -> torch.Tensor:
+    """The logit scale clamped to [0, high] for the forward, with open_clip's training dynamics.
+
+    open_clip clamps the parameter in place after every optimizer step (`clamp_(0, ln 100)`), so
+    it sits on the bound and keeps getting gradients. A clamp in the forward alone
+    (`clamp(max=...)`) has a zero gradient above the bound: a parameter that crossed it (a
+    pretrained CLIP's fp32 ln 100 already does) never moved again. Clamping the parameter itself
+    is awkward under ZeRO (flat, partitioned fp32 master copies), so the bound is applied to
+    the gradient instead: the forward value is clamped, and the gradient passes through except
+    where it would push a parameter at or past a bound further out. The parameter therefore
+    stays at the bound while the loss pushes outward (momentum may carry it a few steps' worth
+    past, which the clamped value hides) and moves back as soon as the loss pulls it inward.
+    """
+    return _BoundedScale.apply(scale, 0.0, high)
 
 
 @dataclass(frozen=True)
@@ -218,7 +255,7 @@ class ClipTrainModule(nn.Module):
         if input_ids is not None:
             out = base.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
             text = F.normalize(out.pooler_output, dim=-1)
-        scale = base.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().reshape(())
+        scale = bounded_logit_scale(base.logit_scale).exp().reshape(())
         bias = self.logit_bias.reshape(()) if self.logit_bias is not None else None
         return image, text, scale, bias
 
