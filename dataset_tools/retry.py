@@ -25,8 +25,7 @@ def merge_retry(output: str, retry_dir: str, name: str) -> dict:
     samples = shards.read_tar(os.path.join(output, f"{name}.tar"))
     samples.update(shards.read_tar(os.path.join(retry_dir, f"{name}.tar")))
     successes = {r["key"] for r in rows if r["status"] == shards.SUCCESS}
-    # A crash between renames could leave a sample in the tar whose row still says failed;
-    # the parquet is the source of truth, so keep exactly the samples it calls successes.
+    # The parquet is the source of truth: keep exactly the samples it calls successes.
     samples = {k: v for k, v in samples.items() if k in successes}
     start = shards.now()
     # The old stats go first: while tar and parquet are replaced one after the other the shard
