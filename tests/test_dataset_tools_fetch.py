@@ -1,6 +1,7 @@
 """The polite ladder fetch against the loopback fake thumbnail host (no img2dataset involved)."""
 
 import hashlib
+import threading
 import time
 
 import pytest
@@ -27,6 +28,7 @@ BEHAVIOURS = {
     "truncmaxres": "truncated_maxres",
     "htmlmaxres1": "notimage_maxres",
     "greymaxres1": "grey_maxres",
+    "unavail5031": "unavailable503",
 }
 CFG = PolitenessConfig(
     max_connections=4,
@@ -163,3 +165,57 @@ def test_rate_limit_spaces_requests():
         limiter.acquire()
         limiter.release()
     assert time.monotonic() - start >= 5 / 20 * 0.9  # behaviour: 6 requests need 5 gaps of 50 ms
+
+
+def test_cool_down_holds_back_a_request_already_waiting():
+    # A thread waiting for its rate token must also wait out a cool-down set meanwhile (a 429
+    # seen by another thread); it used to go out at the time it had computed before.
+    limiter = HostLimiter(max_connections=4, requests_per_second=10)
+    limiter.acquire()  # takes the token: the next request may start 0.1 s later
+    limiter.release()
+    started = {}
+
+    def second():
+        limiter.acquire()
+        started["at"] = time.monotonic()
+        limiter.release()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    time.sleep(0.03)  # the thread is asleep until its token
+    cooled_at = time.monotonic()
+    limiter.cool_down(0.5)
+    thread.join(5)
+    assert started["at"] - cooled_at >= 0.45
+
+
+class _RecordingLimiter(HostLimiter):
+    def __init__(self):
+        super().__init__(max_connections=4, requests_per_second=0)
+        self.cool_downs = []
+
+    def cool_down(self, seconds):
+        self.cool_downs.append(seconds)
+        super().cool_down(seconds)
+
+
+def test_503_without_retry_after_cools_down_every_thread(host):
+    limiter = _RecordingLimiter()
+    url = host.url_template.format(video_id="unavail5031", variant="hqdefault")
+    waits = []
+    response, error, attempts = fetch.fetch_with_retries(url, CFG, limiter, sleep=waits.append)
+    assert error is None and response.status == 200 and attempts == 2
+    # The shared cool-down is the backoff this thread itself waits (no Retry-After to go by).
+    assert limiter.cool_downs == waits and CFG.backoff_base / 2 <= waits[0] <= CFG.backoff_base
+
+
+def test_per_process_share_never_exceeds_the_global_caps():
+    cfg = PolitenessConfig(max_connections=16, requests_per_second=50)
+    for processes in (1, 3, 5, 16):
+        share = cfg.per_process(processes)
+        assert 1 <= share.max_connections * processes <= 16
+    # 32 processes of at least one connection each would put 32 requests in flight, not 16.
+    with pytest.raises(ValueError, match="Lower --processes to 16 or raise --max-connections to 32"):
+        cfg.per_process(32)
+    with pytest.raises(ValueError, match="at least 1"):
+        cfg.per_process(0)

@@ -144,3 +144,109 @@ def test_errors_say_what_to_do(tmp_path):
         metadata.read_metadata([str(bad)])
     with pytest.raises(ValueError, match="--input-format"):
         metadata.read_metadata([str(bad)], "xml")
+
+
+def test_csv_rows_with_extra_fields_are_rejected_not_dropped(tmp_path):
+    # An unquoted comma in a title gives a row more fields than the header. pandas dropped such a
+    # row with a warning only (not counted, not reported), and when it was the first data row it
+    # took the ids for an index and shifted every column of the file.
+    middle = tmp_path / "middle.csv"
+    middle.write_text(
+        "video_id,title,tags\nokokokokok1,fine,a\nokokokokok2,Hello, world,b\nokokokokok3,x,c\n"
+    )
+    first = tmp_path / "first.csv"
+    first.write_text("video_id,title\nokokokokok4,Hi, there\nokokokokok5,fine\n")
+    res = metadata.read_metadata([str(middle), str(first)])
+    assert res.input_rows == 5
+    assert sorted(_by_id(res)) == ["okokokokok1", "okokokokok3", "okokokokok5"]
+    assert _by_id(res)["okokokokok5"]["title"] == "fine"
+    assert [r["reason"] for r in res.rejected] == [
+        "malformed CSV row at line 3 (4 fields, header has 3)",
+        "malformed CSV row at line 2 (3 fields, header has 2)",
+    ]
+    assert res.rejected[0]["record"]["fields"] == ["okokokokok2", "Hello", " world", "b"]
+
+
+@pytest.mark.parametrize(
+    "name,text,where,kind",
+    [
+        ("nulls.jsonl", '{"video_id": "okokokokok1"}\nnull\n', ":2:", "null"),
+        ("lists.jsonl", '{"video_id": "okokokokok1"}\n\n["okokokokok2"]\n', ":3:", "an array"),
+        ("strs.jsonl", '"okokokokok2"\n', ":1:", "a string"),
+        ("array.json", '[\n {"video_id": "okokokokok1"},\n  "okokokokok2"\n]\n', ":3:", "a string"),
+    ],
+)
+def test_json_records_that_are_not_objects_name_the_line(tmp_path, name, text, where, kind):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(metadata.MetadataError) as err:
+        metadata.read_metadata([str(path)])
+    message = str(err.value)
+    assert message.startswith(f"{path}{where}") and f"{kind}, not" in message and "\n" not in message
+    assert "one JSON object per line" in message or "one object per video" in message
+
+
+def test_json_byte_order_mark_and_encoding(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"video_id": "okokokokok1", "title": "x"}\n')
+    arr = tmp_path / "bom.json"
+    arr.write_bytes(b'\xef\xbb\xbf[{"video_id": "okokokokok2"}]')
+    assert sorted(_by_id(metadata.read_metadata([str(bom), str(arr)]))) == ["okokokokok1", "okokokokok2"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"video_id": "okokokokok1"}\n{"video_id": "okokokokok2", "title": "caf\xe9"}\n')
+    with pytest.raises(
+        metadata.MetadataError, match=r"latin.jsonl:2: not UTF-8 .* re-save the file as UTF-8"
+    ):
+        metadata.read_metadata([str(latin)])
+
+
+def test_id_comes_from_the_first_valid_candidate_column(tmp_path):
+    # A numeric row id in `id` before the real `url`: the first non-empty value was not an id.
+    path = tmp_path / "table.csv"
+    path.write_text("id,url,title\n1,https://youtu.be/okokokokok1,a\n2,nonsense,b\n,okokokokok3,c\n")
+    res = metadata.read_metadata([str(path)])
+    assert sorted(_by_id(res)) == ["okokokokok1", "okokokokok3"]
+    assert [r["reason"] for r in res.rejected] == ["invalid video id"] and res.input_rows == 3
+
+
+def test_ids_and_categories_edge_values(tmp_path):
+    # `$` matched before a trailing newline: watch?v=<id>%0A gave an id ending in "\n".
+    assert youtube.normalize_video_id("https://www.youtube.com/watch?v=abcdefghijk%0A") is None
+    assert youtube.normalize_video_id("https://youtu.be/abcdefghijk%0A") is None
+    for value in ("inf", "1e999", "-inf", "nan"):
+        assert youtube.parse_category_id(value) is None  # was OverflowError for inf
+    path = tmp_path / "cats.csv"
+    path.write_text("video_id,category_id\nokokokokok1,inf\nokokokokok2,1e999\n")
+    rows = _by_id(metadata.read_metadata([str(path)]))
+    assert all(r["category_id"] is None and r["category_name"] == "" for r in rows.values())
+
+
+def test_inputs_are_literal_paths_and_globs_must_match(tmp_path):
+    odd = tmp_path / "US [2018].csv"  # as a glob, [2018] is one character of "2018"
+    odd.write_text("video_id,title\nokokokokok1,a\n")
+    assert metadata.expand_inputs([str(odd)]) == [str(odd)]
+    folder = tmp_path / "by [year]"
+    folder.mkdir()
+    (folder / "a.csv").write_text("video_id\nokokokokok2\n")
+    assert metadata.expand_inputs([str(folder)]) == [str(folder / "a.csv")]
+    with pytest.raises(FileNotFoundError, match=r"--input .*\*\.jsonl: matches no metadata file"):
+        metadata.expand_inputs([str(odd), str(tmp_path / "*.jsonl")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="matches no metadata file"):
+        metadata.expand_inputs([str(odd), str(empty)])
+
+
+@pytest.mark.parametrize(
+    "name,text,match",
+    [
+        ("nocol.csv", "foo,bar\n1,2\n", "no video id column.*Rename the id or URL column"),
+        ("empty.csv", "", "empty.csv: empty file"),
+        ("empty.jsonl", "\n", "empty.jsonl: no records"),
+    ],
+)
+def test_unreadable_tables_are_metadata_errors(tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(metadata.MetadataError, match=match):
+        metadata.read_metadata([str(path)])

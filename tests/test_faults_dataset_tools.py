@@ -120,3 +120,99 @@ def test_verify_checks_tars_without_stats(tmp_path, capsys):
     assert main(["inspect", str(tmp_path), "--verify"]) == 1
     out = capsys.readouterr().out
     assert "00001.tar" in out and "truncated" in out
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--caption-template", "{title} {nope}"], r"--caption-template .*unknown field\(s\) \['nope'\]"),
+        (["--caption-template", "{title"], "--caption-template '{title': expected '}'"),
+        (["--caption-template", "{category_id:03d}"], "Unknown format code"),
+        (["--shard-size", "0"], "--shard-size 0: must be at least 1"),
+        (["--processes", "32"], "--processes 32 is more than --max-connections 16.*Lower --processes"),
+    ],
+)
+def test_bad_build_options_are_refused_before_anything_runs(tmp_path, args, match):
+    # The input does not even exist: the options are checked first, nothing is read or written.
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=match) as err:
+        main(["build", "--input", str(tmp_path / "none.csv"), "--output", str(out), *args])
+    assert "\n" not in str(err.value) and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name,text,match",
+    [
+        ("empty.csv", "", "empty.csv: empty file (no header row). Remove it from --input"),
+        ("empty.jsonl", "", "empty.jsonl: no records (empty file)"),
+        ("nocol.csv", "foo,bar\n1,2\n", "nocol.csv: no video id column"),
+    ],
+)
+def test_unusable_input_files_are_one_line_errors(tmp_path, capsys, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    assert main(["build", "--input", str(path), "--output", str(tmp_path / "out")]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
+
+
+def test_split_and_dedup_refuse_a_non_empty_output(tmp_path):
+    # Shards are numbered from 00000 again: a second run into the same folder left the first
+    # run's higher-numbered shards beside the new ones (finalize counted both).
+    from dataset_tools import dedup, split
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _shard(src, 0, 3)
+    _shard(src, 1, 3)
+    out = tmp_path / "split"
+    first = split.split(str(src), str(out), by="hash", val_fraction=0.5, shard_size=2)
+    assert first["train"] + first["val"] == 6
+    before = sorted(os.listdir(out / "train"))
+    with pytest.raises(SystemExit, match="output folder is not empty.*Pass an empty or new folder"):
+        split.split(str(src), str(out), by="hash", val_fraction=0.5, shard_size=4)
+    assert sorted(os.listdir(out / "train")) == before
+    filtered = tmp_path / "filtered"
+    filtered.mkdir()
+    (filtered / "00005.tar").write_bytes(b"")  # an earlier run's shard
+    with pytest.raises(SystemExit, match="filtered: output folder is not empty"):
+        dedup.dedup(str(src), filter_output=str(filtered))
+    assert dedup.dedup(str(src), filter_output=str(tmp_path / "new"))["kept"] == 6
+
+
+def _failed_shard(folder, keys_ok, keys_failed):
+    """Shard 0 with successes `keys_ok` and failures `keys_failed` (parquet, tar, stats)."""
+    rows = [{"key": k, "status": "success", "video_id": k} for k in keys_ok] + [
+        {"key": k, "status": "failed_to_download", "error_message": "HTTP Error 503", "video_id": k}
+        for k in keys_failed
+    ]
+    samples = [(k, {"jpg": render_thumbnail(k, "mqdefault"), "txt": b"t", "json": b"{}"}) for k in keys_ok]
+    shards.write_tar(os.path.join(folder, "00000.tar"), samples)
+    shards.write_parquet(os.path.join(folder, "00000.parquet"), rows, SCHEMA)
+    shards.write_stats(str(folder), 0, shards.stats_from_rows(rows, 0.0, 1.0))
+
+
+def test_retry_merge_killed_midway_leaves_the_shard_incomplete(tmp_path, monkeypatch):
+    from dataset_tools import retry
+
+    out, retry_dir = tmp_path / "out", tmp_path / "retry"
+    out.mkdir()
+    retry_dir.mkdir()
+    _failed_shard(out, ["000000000", "000000001"], ["000000002"])
+    _failed_shard(retry_dir, ["000000002"], [])  # the retry pass: the failed row now succeeded
+
+    def killed(*args, **kwargs):  # the merge dies after the tar, before the parquet
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(shards, "write_parquet", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        retry.merge_retry(str(out), str(retry_dir), "00000")
+    # The tar already holds 3 samples, the parquet and old stats say 2: the shard must not
+    # count as complete, so the next build redoes it instead of trusting stale stats.
+    assert len(shards.read_tar(str(out / "00000.tar"))) == 3
+    assert shards.complete_shards(str(out)) == {}
+    monkeypatch.undo()
+    _failed_shard(out, ["000000000", "000000001"], ["000000002"])  # a fresh copy of the shard
+    stats = retry.merge_retry(str(out), str(retry_dir), "00000")  # an uninterrupted merge
+    assert stats["successes"] == 3 and shards.complete_shards(str(out)) == {0: "00000"}
+    assert shards.tar_problem(str(out / "00000.tar"), 3) is None
