@@ -4,7 +4,8 @@
 #   NGPUS=8 launch/local.sh --config vutrain/configs/vit-b-32.yaml output_dir=runs/b32 [key=value ...]
 #   NGPUS=2 launch/local.sh --config vutrain/configs/tiny.yaml        # no GPU: 2 CPU ranks (gloo)
 #
-# Environment: NGPUS (ranks; default all visible GPUs, or 1 CPU rank without GPU),
+# Environment: NGPUS (ranks; default all visible GPUs, or 1 CPU rank without GPU; with
+# CUDA_VISIBLE_DEVICES set, the first NGPUS of those),
 # MASTER_PORT (default 29500), HOSTFILE (optional: a one-host DeepSpeed hostfile to use instead
 # of NGPUS; it must exist), PYTHON (default python).
 # Ctrl-C / SIGTERM reach the launcher, which stops the ranks; SIGUSR1 to a rank checkpoints it
@@ -14,6 +15,28 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [[ -f "$ROOT/vutrain/train.py" ]] || die "$ROOT/vutrain/train.py not found; run launch/local.sh from a checkout of the repository."
 cd "$ROOT"
+
+# add_rank_placement NGPUS GPUS: place the ranks (append to `launcher`, or narrow the visible
+# GPUs). Given --num_gpus, deepspeed deletes CUDA_VISIBLE_DEVICES and uses GPUs 0..N-1 of the
+# machine (CUDA_VISIBLE_DEVICES=4,5,6,7 trained on GPUs 0-3, perhaps someone else's). Without
+# --num_gpus/--include it turns CUDA_VISIBLE_DEVICES into its own --include (its documented way),
+# so the variable is narrowed to the first NGPUS ids and no placement argument is passed. UUID
+# entries (GPU-..., MIG-...) are beyond --include: they keep --num_gpus, with a warning.
+add_rank_placement() {
+    local ngpus="$1" gpus="$2" visible="${CUDA_VISIBLE_DEVICES:-}"
+    visible="${visible// /}"
+    if (( gpus > 0 )) && [[ "$visible" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+        local ids
+        ids="$(cut -d, -f1-"$ngpus" <<<"$visible")"
+        log "CUDA_VISIBLE_DEVICES=$visible: ranks on GPUs $ids (deepspeed's --include localhost:$ids)"
+        export CUDA_VISIBLE_DEVICES="$ids"
+        return 0
+    fi
+    if (( gpus > 0 )) && [[ -n "$visible" ]]; then
+        log "WARNING: CUDA_VISIBLE_DEVICES=$visible is not a list of GPU indices, which deepspeed's --include needs; --num_gpus $ngpus uses GPUs 0..$((ngpus - 1)) of the machine"
+    fi
+    launcher+=(--num_gpus "$ngpus")
+}
 
 PY="${PYTHON:-python}"
 PORT="${MASTER_PORT:-29500}"
@@ -43,6 +66,6 @@ else
         # on the CPU accelerator; a stale /job/hostfile (its default) must not be picked up.
         launcher+=(--hostfile /dev/null/none)
     fi
-    launcher+=(--num_gpus "$NGPUS")
+    add_rank_placement "$NGPUS" "$GPUS"
 fi
 exec "${launcher[@]}" vutrain/train.py "$@"

@@ -73,12 +73,31 @@ def test_impossible_combinations():
         load_config(TINY, [SHARDS, "loss.name=align_uniform", "loss.backend=triton"])
     with pytest.raises(ConfigError, match="lock_image and model.lock_text"):
         load_config(TINY, [SHARDS, "model.lock_image=true", "model.lock_text=true"])
+    with pytest.raises(ConfigError, match="LoRA adapters are frozen too"):  # LoRA changes nothing there
+        load_config(
+            TINY, [SHARDS, "model.lock_image=true", "model.lock_text=true", "model.lora.enabled=true"]
+        )
     with pytest.raises(ConfigError, match="data.train_shards is empty"):
         load_config(None, [])
     with pytest.raises(ConfigError, match="model.hidden_act='relu' is not valid; choose one of: quick_gelu"):
         load_config(TINY, [SHARDS, "model.hidden_act=relu"])
     with pytest.raises(ConfigError, match="applies to presets; the pretrained model some/clip keeps"):
         load_config(TINY, [SHARDS, "model.hidden_act=gelu", "model.name_or_path=some/clip"])
+
+
+def test_schedule_and_augmentation_checks(caplog):
+    with pytest.raises(ConfigError, match="data.random_resized_crop=true needs data.fast_preprocess=true"):
+        load_config(TINY, [SHARDS, "data.random_resized_crop=true", "data.fast_preprocess=false"])
+    load_config(TINY, [SHARDS, "data.random_resized_crop=true", "data.fast_preprocess=true"])
+    for ratio in ("-0.1", "1.5"):
+        with pytest.raises(ConfigError, match=f"train.min_lr_ratio must be between 0 and 1.*got {ratio}"):
+            load_config(TINY, [SHARDS, f"train.min_lr_ratio={ratio}"])
+    load_config(TINY, [SHARDS, "train.min_lr_ratio=1"])
+    with caplog.at_level("WARNING", logger="vutrain.config"):
+        load_config(TINY, [SHARDS, "train.max_steps=10", "train.warmup_steps=9"])
+        assert not caplog.records
+        load_config(TINY, [SHARDS, "train.max_steps=10", "train.warmup_steps=10"])
+    assert "train.warmup_steps=10 >= train.max_steps=10" in caplog.text
 
 
 def test_fp16_needs_a_gpu():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,74 @@ def test_template_trains_and_checkpoints(name, stage, tiny_shards, tmp_path, sin
         )
         for s in range(4)
     ]
-    assert [r["train/lr"] for r in rows] == pytest.approx(schedule[:3]) or [
-        r["train/lr"] for r in rows
-    ] == pytest.approx(schedule[1:4])
+    # Each row shows the LR its step used (schedule[s - 1] at step s), not the next step's.
+    assert [r["train/lr"] for r in rows] == pytest.approx(schedule[:3])
     assert glob.glob(os.path.join(run_dir, "checkpoints", "step_00000003", "*"))
+
+
+def _user_json(tmp_path, **sections) -> str:
+    path = tmp_path / "user.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **sections}))
+    return str(path)
+
+
+def test_user_json_optimizer_keeps_the_trainers_schedule_and_settings(tiny_shards, tmp_path, single_process):
+    """A ds_config "optimizer" (DeepSpeed builds it) still gets train.lr/betas/eps and the warm-up +
+    cosine schedule, with each step's row showing the LR that step used."""
+    run_dir = str(tmp_path / "run")
+    settings = dict(train__lr=2e-3, train__warmup_steps=2, train__min_lr_ratio=0.1, train__eps=1e-7)
+    optimizer = {"type": "AdamW", "params": {"torch_adam": True, "betas": "auto"}}
+    captured = {}
+    train(
+        tiny_shards,
+        run_dir,
+        steps=4,
+        on_trainer=lambda t: captured.update(optimizer=t.engine.optimizer),
+        train__ds_config=_user_json(tmp_path, optimizer=optimizer),
+        train__zero_stage=2,
+        train__checkpoint_every=0,
+        eval__every=0,
+        data__val_shards="",
+        **settings,
+    )
+    cfg = load_config(
+        "tiny", [*data(tiny_shards), "train.max_steps=4", "train.warmup_steps=2", "train.min_lr_ratio=0.1"]
+    )
+    schedule = [2e-3 * lr_lambda(s, cfg.train) for s in range(4)]
+    rows = [r for r in read_metrics(run_dir) if "train/loss" in r]
+    assert [r["train/lr"] for r in rows] == pytest.approx(schedule), rows  # before: constant 1e-3
+    group = captured["optimizer"].param_groups[0]
+    assert tuple(group["betas"]) == (0.9, 0.98) and group["eps"] == 1e-7
+
+
+@pytest.mark.parametrize(
+    "sections,message",
+    [
+        ({"scheduler": {"type": "WarmupLR", "params": {}}}, 'has a "scheduler" section'),
+        (
+            {"optimizer": {"type": "Adam", "params": {"lr": 1e-4}}, "scheduler": {"type": "WarmupLR"}},
+            "the trainer owns the LR schedule",
+        ),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}}, "optimizer.params.lr=0.0001 but train.lr"),
+        (
+            {"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999]}}},
+            "train.beta1/2 gives [0.9, 0.98]",
+        ),
+    ],
+    ids=["scheduler", "scheduler-with-optimizer", "lr-disagrees", "betas-disagree"],
+)
+def test_user_json_schedule_or_disagreeing_optimizer_is_a_config_error(
+    tiny_shards, tmp_path, sections, message
+):
+    path = _user_json(tmp_path, **sections)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("tiny", [*data(tiny_shards), f"train.ds_config={path}", "train.zero_stage=2"])
+
+
+def test_user_json_optimizer_that_agrees_is_accepted(tiny_shards, tmp_path):
+    optimizer = {
+        "type": "AdamW",
+        "params": {"lr": 3e-3, "betas": [0.9, 0.98], "eps": "auto"},
+    }  # tiny.yaml: lr 3e-3
+    path = _user_json(tmp_path, optimizer=optimizer)
+    load_config("tiny", [*data(tiny_shards), f"train.ds_config={path}", "train.zero_stage=2"])

@@ -113,3 +113,36 @@ def test_local_two_host_hostfile_rejected(tmp_path):
     hostfile.write_text("a slots=1\nb slots=1\n")
     proc = run_local(["--config", "vutrain/configs/tiny.yaml"], HOSTFILE=str(hostfile))
     assert proc.returncode == 2 and "lists 2 hosts; local.sh runs one node" in proc.stderr
+
+
+def launcher_argv(tmp_path, **env: str) -> tuple[list[str], str]:
+    """The deepspeed launcher's command line local.sh builds (a fake PYTHON records it), and stderr."""
+    record = tmp_path / "argv"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" "CVD=$CUDA_VISIBLE_DEVICES" > {record}\n')
+    fake.chmod(0o755)
+    proc = run_local(["--config", "vutrain/configs/tiny.yaml"], PYTHON=str(fake), **env)
+    assert proc.returncode == 0, proc.stderr
+    return record.read_text().splitlines(), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "ngpus,want",
+    [(None, "4,5,6,7"), ("2", "4,5")],
+    ids=["all-visible", "first-two"],
+)
+def test_local_places_ranks_on_the_visible_gpus(tmp_path, ngpus, want):
+    """CUDA_VISIBLE_DEVICES=4,5,6,7: deepspeed gets the first NGPUS of them in the variable and no
+    placement argument, so it turns them into its own --include (--num_gpus made it drop the
+    variable and train on GPUs 0-3)."""
+    env = {"CUDA_VISIBLE_DEVICES": "4,5,6,7", **({"NGPUS": ngpus} if ngpus else {})}
+    argv, _ = launcher_argv(tmp_path, **env)
+    assert "--num_gpus" not in argv and "--include" not in argv, argv
+    assert argv[-1] == f"CVD={want}", argv
+    assert argv[argv.index("deepspeed.launcher.runner") + 1 :].count("vutrain/train.py") == 1
+
+
+def test_local_gpu_uuids_keep_num_gpus(tmp_path):
+    argv, err = launcher_argv(tmp_path, CUDA_VISIBLE_DEVICES="GPU-1b2c,GPU-3d4e")
+    assert argv[argv.index("--num_gpus") + 1] == "2" and "--include" not in argv, argv
+    assert "not a list of GPU indices" in err

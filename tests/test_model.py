@@ -93,6 +93,19 @@ def test_lock_image_with_gradient_checkpointing(tokenizer):
     assert all(g is not None for g in grads.values())
 
 
+@pytest.mark.parametrize("locked,free", [("image", "text"), ("text", "image")])
+def test_locked_tower_freezes_its_lora_adapters(tokenizer, locked, free):
+    """LoRA + model.lock_<tower>: that tower's adapters are frozen; the other tower's train."""
+    cfg = ModelConfig(preset="tiny", **{f"lock_{locked}": True})
+    cfg.lora.enabled = True
+    module = build_model(cfg, tokenizer)
+    tower = {"image": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert not any(part in n for n in trainable for part in tower[locked]), trainable  # before: its lora_*
+    assert any("lora_" in n and tower[free][0] in n for n in trainable)
+    assert any(n.endswith("logit_scale") for n in trainable)
+
+
 def test_no_weight_decay_on_norms_biases_and_logit_scale(tokenizer):
     module = build_model(ModelConfig(preset="tiny"), tokenizer)
     names = {id(p): n for n, p in module.named_parameters()}

@@ -48,6 +48,13 @@ def test_trains_evaluates_checkpoints_and_resumes(tiny_shards, tmp_path, single_
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert all(REQUIRED_TRAIN <= r.keys() for r in train_rows)
     assert all(r["train/loss"] == r["train/loss"] and r["train/loss"] > 0 for r in train_rows)  # finite
+    # Each row's LR is the one its step used (schedule index s - 1 at step s), not the next step's.
+    from vutrain.optim import lr_lambda
+
+    cfg = load_config("tiny", overrides(tiny_shards, run_dir, 4))
+    assert [r["train/lr"] for r in train_rows] == pytest.approx(
+        [cfg.train.lr * lr_lambda(s, cfg.train) for s in range(4)]
+    )
     evals = [r for r in rows if "eval/zeroshot_top1" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert REQUIRED_EVAL <= evals[-1].keys() and REQUIRED_EVAL <= last_eval.keys()

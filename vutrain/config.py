@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import logging
+import math
 import os
 import sys
 import textwrap
@@ -47,6 +49,10 @@ class ConfigError(ValueError):
     """A configuration mistake, raised before any process group starts."""
 
 
+# A user ds_config's "optimizer" of these types is built by DeepSpeed with train.*'s settings.
+DS_ADAM_TYPES = ("adam", "adamw")
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapters on both towers (peft)."""
@@ -80,9 +86,9 @@ class ModelConfig:
     hidden_act: str = ""
     """Preset MLP activation: '' (HF's quick_gelu), gelu (open_clip's from scratch), gelu_pytorch_tanh."""
     lock_image: bool = False
-    """Freeze the image tower (LiT-style)."""
+    """Freeze the image tower (LiT-style), its LoRA adapters included."""
     lock_text: bool = False
-    """Freeze the text tower."""
+    """Freeze the text tower, its LoRA adapters included."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -470,6 +476,15 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    _validate_schedule(t)
+    if d.random_resized_crop and not d.fast_preprocess:
+        # The crop is applied on the device to the uint8 batches of the fast path; the float
+        # path's batches went through it untouched, so the run trained without augmentation.
+        raise ConfigError(
+            "data.random_resized_crop=true needs data.fast_preprocess=true (the crop runs on the "
+            "device on the fast path's uint8 batches); set data.fast_preprocess=true or "
+            "data.random_resized_crop=false"
+        )
     if d.num_workers < -1 or d.prefetch_factor < 1:
         raise ConfigError(
             f"data.num_workers must be >= -1 (-1: auto) and data.prefetch_factor >= 1; got "
@@ -485,10 +500,11 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     _validate_loss(lo)
     if e.every > 0 and not d.val_shards:
         raise ConfigError("eval.every>0 needs data.val_shards; set it or eval.every=0")
-    if m.lock_image and m.lock_text and not m.lora.enabled:
+    if m.lock_image and m.lock_text:
+        # A locked tower's LoRA adapters are frozen too, so LoRA does not change this.
         raise ConfigError(
             "model.lock_image and model.lock_text together leave only the logit scale to "
-            "train; unlock one tower or set model.lora.enabled=true"
+            "train (a locked tower's LoRA adapters are frozen too); unlock one tower"
         )
     if m.lora.enabled and not m.lora.target_modules:
         raise ConfigError("model.lora.enabled needs model.lora.target_modules, e.g. q_proj,v_proj")
@@ -496,6 +512,10 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         raise ConfigError(f"train.resume={t.resume!r}: not auto, never, or an existing checkpoint directory")
     if t.ds_config and not os.path.isfile(t.ds_config):
         raise ConfigError(f"train.ds_config={t.ds_config!r} does not exist (templates: launch/ds_configs/)")
+    if t.ds_config:
+        user = _read_json(t.ds_config)
+        if isinstance(user, dict):  # not JSON: ds_config.py says so when the engine is built
+            check_user_ds_config(user, t, t.ds_config)
     if t.compile:
         _validate_compile_backend(t.compile_backend)
         _choice("train.compile_scope", t.compile_scope, COMPILE_SCOPES)
@@ -523,6 +543,83 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
             )
     if "{}" not in "".join(e.templates):
         raise ConfigError("eval.templates must contain '{}' where the class name goes")
+
+
+def _validate_schedule(t: TrainConfig) -> None:
+    """min_lr_ratio is a fraction of the peak; a warm-up as long as the run never decays (a warning)."""
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(
+            f"train.min_lr_ratio must be between 0 and 1 (the cosine floor as a fraction of "
+            f"train.lr), got {t.min_lr_ratio}"
+        )
+    if t.warmup_steps >= t.max_steps:
+        from vutrain.logging_setup import process_rank
+
+        if process_rank() == 0:  # one line per cause: every rank validates the same config
+            logging.getLogger("vutrain.config").warning(
+                "train.warmup_steps=%d >= train.max_steps=%d: the LR rises for the whole run and "
+                "never decays (cosine to train.min_lr_ratio starts after the warm-up)",
+                t.warmup_steps,
+                t.max_steps,
+            )
+
+
+def _read_json(path: str) -> Any:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def ds_optimizer_settings(t: TrainConfig) -> dict:
+    """optimizer.params of a user ds_config's Adam(W) as train.* gives them (lr: the schedule's peak)."""
+    return {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay}
+
+
+def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
+    """A user's DeepSpeed JSON may bring an optimizer but never a schedule, and its Adam(W)
+    settings may not disagree with train.*.
+
+    The trainer owns the schedule: it hands DeepSpeed its warm-up + cosine schedule, which wins
+    over a "scheduler" section (ignored before without a word, or used in place of
+    train.warmup_steps / min_lr_ratio when the JSON also brought an optimizer). An Adam(W)
+    optimizer takes train.lr/beta1/beta2/eps/weight_decay wherever its params leave them out or
+    say "auto"; a different value is an error, as a disagreeing batch key is (ds_config.py),
+    rather than a silent choice between the two (per-group weight decay would override the
+    JSON's anyway: no decay on norms, biases and the logit scale).
+    """
+    if "scheduler" in ds:
+        raise ConfigError(
+            f'{source} has a "scheduler" section, but the trainer owns the LR schedule (linear '
+            "warm-up, then cosine): remove the section and set train.lr, train.warmup_steps, "
+            "train.min_lr_ratio"
+        )
+    optimizer = ds.get("optimizer")
+    if not isinstance(optimizer, dict) or str(optimizer.get("type", "")).lower() not in DS_ADAM_TYPES:
+        return
+    params = optimizer.get("params") or {}
+    keys = {
+        "lr": "train.lr",
+        "betas": "train.beta1/2",
+        "eps": "train.eps",
+        "weight_decay": "train.weight_decay",
+    }
+    for key, want in ds_optimizer_settings(t).items():
+        got = params.get(key, "auto")
+        if got != "auto" and not _same_numbers(got, want):
+            raise ConfigError(
+                f"{source} sets optimizer.params.{key}={got} but {keys[key]} gives {want}; "
+                f'set it to "auto" (or leave it out) or change {keys[key]}'
+            )
+
+
+def _same_numbers(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same_numbers, a, b))
+    return isinstance(a, (int, float)) and not isinstance(a, bool) and math.isclose(a, b, rel_tol=1e-9)
 
 
 def _validate_compile_backend(backend: str) -> None:

@@ -1,30 +1,34 @@
 """The DeepSpeed engine around a module, built the same way for the trainer, the tests and the bench.
 
 `build_engine` derives the DeepSpeed config from `train.*` (ds_config.py: aligned ZeRO buffers,
-no bf16 overflow scan), builds the fused or multi-tensor AdamW and its schedule (optim.py) unless
-the user's ds_config brings an optimizer, computes ZeRO's gradient norm with one multi-tensor norm
-(grad_norm.py) and clips with it on the device (grad_clip.py: no host read at the step), skips
-ZeRO-1/2's per-parameter work that changes nothing (grad_reduction.py, weight_views.py), and
-tells DeepSpeed the rank's device explicitly: with VUTRAIN_DEVICE two ranks may share one GPU,
-which a guess from the node-local rank would get wrong.
+no bf16 overflow scan), builds the fused or multi-tensor AdamW and its schedule (optim.py; an
+optimizer from the user's ds_config gets train.*'s settings and the same schedule), computes
+ZeRO's gradient norm with one multi-tensor norm (grad_norm.py) and clips with it on the device
+(grad_clip.py: no host read at the step), skips ZeRO-1/2's per-parameter work that changes
+nothing (grad_reduction.py, weight_views.py), and tells DeepSpeed the rank's device explicitly:
+with VUTRAIN_DEVICE two ranks may share one GPU, which a guess from the node-local rank would get
+wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 from torch import nn
 
-from vutrain.config import TrainConfig
+from vutrain.config import DS_ADAM_TYPES, TrainConfig, check_user_ds_config, ds_optimizer_settings
 from vutrain.distributed import collective_backend
 from vutrain.ds_config import build_ds_config
 from vutrain.grad_clip import use_device_side_clip
 from vutrain.grad_norm import use_multi_tensor_grad_norm
 from vutrain.grad_reduction import use_lean_reduction
-from vutrain.optim import build_optimizer, param_groups
+from vutrain.optim import build_optimizer, build_scheduler, param_groups
 from vutrain.param_alignment import warn_if_misaligned
 from vutrain.weight_views import use_view_check
+
+log = logging.getLogger(__name__)
 
 
 def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: torch.device):
@@ -44,8 +48,12 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
         index = device.index if device.index is not None else torch.cuda.current_device()
         kwargs["args"] = argparse.Namespace(device_rank=index, local_rank=index)
         module.to(device)  # the fused AdamW checks its parameters' device when it is built
+    check_user_ds_config(ds_config, cfg, cfg.ds_config or "the DeepSpeed config")
     if "optimizer" in ds_config:  # the user's ds_config brings its own (e.g. CPU-offload Adam)
+        use_train_settings(ds_config["optimizer"], cfg)
         kwargs["model_parameters"] = param_groups(module, cfg.weight_decay)
+        # DeepSpeed builds the optimizer, then calls this with it: the schedule is still ours.
+        kwargs["lr_scheduler"] = lambda optimizer: build_scheduler(optimizer, cfg)
     else:
         kwargs["optimizer"], kwargs["lr_scheduler"] = build_optimizer(module, cfg, device)
     engine, _, _, _ = deepspeed.initialize(model=module, **kwargs)
@@ -57,6 +65,25 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     if cfg.compile:
         compile_model(engine, cfg.compile_scope, cfg.compile_backend, cfg.compile_mode)
     return engine
+
+
+def use_train_settings(optimizer: dict, cfg: TrainConfig) -> None:
+    """Fill a user ds_config's Adam(W) params that it leaves out (or set to "auto") from train.*.
+
+    check_user_ds_config has refused values that disagree. Other optimizer types keep their own
+    params; only the schedule (a multiplier of their lr) is the trainer's.
+    """
+    if str(optimizer.get("type", "")).lower() not in DS_ADAM_TYPES:
+        log.warning(
+            "train.ds_config optimizer %s: train.lr/beta1/beta2/eps do not apply (its own params do); "
+            "the warm-up + cosine schedule scales its lr",
+            optimizer.get("type"),
+        )
+        return
+    params = optimizer.setdefault("params", {})
+    for key, value in ds_optimizer_settings(cfg).items():
+        if params.get(key, "auto") == "auto":
+            params[key] = value
 
 
 def compile_model(engine, scope: str, backend: str, mode: str = "default") -> int:

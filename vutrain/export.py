@@ -20,9 +20,28 @@ from torch import nn
 
 from vutrain import checkpoint as ckpt
 from vutrain.config import load_config
-from vutrain.model import build_model, load_pretrained, preset_dims, preset_image_processor
+from vutrain.model import (
+    MAX_LOGIT_SCALE,
+    build_model,
+    load_pretrained,
+    preset_dims,
+    preset_image_processor,
+)
 
 log = logging.getLogger(__name__)
+
+# Training-only keys, set to values that always validate: the run's config must load on the
+# exporting machine whatever it said about training. The shards and the ds_config may be gone
+# (export reads neither), the checkpoint is read as fp32 whatever the run trained in (so an fp16
+# run, which validates only where CUDA is, exports on a CPU-only machine), and a run written
+# before a validation rule was added (the schedule, the augmentation) still exports.
+EXPORT_OVERRIDES = [
+    "train.resume=never",
+    "train.ds_config=",
+    "train.precision=fp32",
+    "train.min_lr_ratio=0",
+    "data.random_resized_crop=false",
+]
 
 
 def load_run_tokenizer_and_processor(cfg, run_dir: str):
@@ -43,8 +62,7 @@ def load_trained_module(run_dir: str, tag: str | None = None):
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: RUN_DIR must be a training output_dir")
-    # The run's own train_shards may be gone by now; export needs none of the data.
-    cfg = load_config(config_path, ["train.resume=never", "train.ds_config="])
+    cfg = load_config(config_path, EXPORT_OVERRIDES)
     ckpt_dir = ckpt.checkpoints_dir(run_dir)
     tag = tag or ckpt.latest_tag(ckpt_dir)
     if tag is None:
@@ -67,11 +85,15 @@ def load_trained_module(run_dir: str, tag: str | None = None):
 
 
 def to_hf_clip(module) -> transformers.CLIPModel:  # noqa: F821
-    """The plain CLIPModel: LoRA merged, HF's scalar logit scale restored."""
+    """The plain CLIPModel: LoRA merged, HF's scalar logit scale restored (clamped to [0, ln 100])."""
     clip = module.clip
     if hasattr(clip, "peft_config"):
         clip = clip.merge_and_unload()
-    clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(()).clone())
+    # Training clamps the scale in the forward only (model.bounded_logit_scale), so the parameter
+    # may sit a little past ln(100); the exported model, which HF uses unclamped, gets the value
+    # the run trained with.
+    scale = clip.logit_scale.detach().reshape(()).clamp(0.0, MAX_LOGIT_SCALE).clone()
+    clip.logit_scale = nn.Parameter(scale)
     if getattr(module, "logit_bias", None) is not None:
         # CLIPModel has no bias parameter: SigLIP's learnt bias rides in config.json, so
         # `CLIPModel.from_pretrained(d).config.logit_bias` gives back sigmoid(s * x.y + b).

@@ -186,7 +186,12 @@ def apply_lora(model: CLIPModel, cfg: ModelConfig):
 
 
 def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
-    """Freeze a tower (and its projection); LoRA adapters inside it stay trainable."""
+    """Freeze a tower (and its projection), its LoRA adapters included.
+
+    A locked tower is a fixed feature extractor (LiT): with LoRA on, adapters that kept training
+    would still change its features, and lock_image would only have frozen the base weights,
+    which LoRA freezes anyway.
+    """
     prefixes = []
     if cfg.lock_image:
         prefixes += ["vision_model.", "visual_projection."]
@@ -194,7 +199,7 @@ def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
         prefixes += ["text_model.", "text_projection."]
     for name, param in model.named_parameters():
         bare = name.split("base_model.model.", 1)[-1]
-        if any(bare.startswith(p) for p in prefixes) and "lora_" not in name:
+        if any(bare.startswith(p) for p in prefixes):
             param.requires_grad_(False)
 
 

@@ -63,5 +63,13 @@ def build_optimizer(
         eps=cfg.eps,
         **adamw_kernel_options(device or torch.device("cpu")),
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
-    return optimizer, scheduler
+    return optimizer, build_scheduler(optimizer, cfg)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The warm-up + cosine schedule (`lr_lambda`) over `optimizer`'s groups, ours or DeepSpeed's.
+
+    DeepSpeed takes it as `lr_scheduler=` or as a callable that it calls with the optimizer it
+    built from a user ds_config's "optimizer" section (engine.py).
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))

@@ -6,7 +6,8 @@ run produces the same per-step losses as an uninterrupted one.
 
 A step is `next_batch` -> `forward_loss` -> `guard.agree` -> `backward_step` per micro-batch, with
 no host synchronisation: non-finite losses are decided on the device (nonfinite.py) and the host
-reads losses only on logging steps.
+reads losses only on logging steps. The stop conditions (pre-emption, too many non-finite losses
+in a row) are checked after every step from a copy the device wrote a step earlier (`StopCheck`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,65 @@ class StepTimes:
     optimizer: float = 0.0
 
 
+IN_ROW, STOP_AGREED = 3, 4  # indices into NonFiniteGuard._stats
+
+
+class StopCheck:
+    """The stop conditions checked after every step without waiting for the device.
+
+    Two conditions end a run early, and both are decided on the device, agreed by every rank
+    (nonfinite.py's all-reduce): a stop request (a rank got SIGUSR1/SIGTERM) and a run of
+    train.max_nonfinite_steps non-finite losses. They used to be read only on logging steps,
+    so a large train.log_every delayed a pre-emption checkpoint past SLURM's warning window (or
+    forever, with log_every > max_steps), and a run of non-finite losses could reach the limit
+    and be reset by a good micro-batch between two reads. Now the longest run of non-finite
+    losses seen is kept on the device (`note_agreed`, after every agreement), and each step
+    copies it and the stop flag to the host asynchronously; the next step reads that copy. By
+    then the device has normally written it: the read waits only when the device is more than a
+    step behind the host, and never for the current step's work, so the GPU's queue stays full.
+    All ranks read at the same steps the same agreed values, so they all stop at the same step
+    (one step after the device saw the condition). `check(now=True)` waits for the current
+    values instead, for steps that read the device anyway (logging, checkpoints, the end).
+    """
+
+    def __init__(self, guard: NonFiniteGuard, device: torch.device):
+        self.guard = guard
+        self.cuda = device.type == "cuda"
+        self.worst_in_row = torch.zeros((), dtype=torch.float64, device=device)
+        self._host = torch.zeros(2, dtype=torch.float64, pin_memory=self.cuda)
+        self._event = None
+        self._sent = False
+
+    def note_agreed(self) -> None:
+        """After each `guard.agree`: keep the longest run of skipped micro-batches (on the device)."""
+        torch.maximum(self.worst_in_row, self._guard_stats[IN_ROW], out=self.worst_in_row)
+
+    @property
+    def _guard_stats(self) -> torch.Tensor:
+        # The guard's device statistics (nonfinite.py): [3] skipped in a row, [4] stop agreed.
+        return self.guard._stats
+
+    def _values(self) -> torch.Tensor:
+        return torch.stack([self.worst_in_row, self._guard_stats[STOP_AGREED]])
+
+    def check(self, now: bool = False) -> tuple[int, bool]:
+        """(longest run of non-finite losses so far, stop agreed): now, or as of the previous step."""
+        if now:
+            worst, stop = self._values().tolist()
+        elif self._sent:
+            if self._event is not None:
+                self._event.synchronize()
+            worst, stop = self._host.tolist()
+        else:
+            worst, stop = 0.0, 0.0  # the first step: nothing sent yet
+        self._host.copy_(self._values(), non_blocking=self.cuda)
+        if self.cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._sent = True
+        return int(worst), stop > 0
+
+
 class Trainer:
     """One rank's training run: engine, loss, data stream, eval and checkpoints (see the module doc).
 
@@ -133,6 +193,7 @@ class Trainer:
             # One micro-batch per step: the step zeroes a skipped step's flat gradients once
             # (grad_clip.py), so the guard's masked_fill on every parameter in backward can go.
             self.guard.remove()
+        self.stop_check = StopCheck(self.guard, self.device)
         self.evaluator = Evaluator(
             cfg,
             info.rank,
@@ -146,6 +207,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main)
         self.last_stats = GuardStats(float("nan"), 0, 0, 0, False)
         self._last_scale: torch.Tensor | None = None
+        self._step_lr = cfg.train.lr  # the LR of the last step run (train_step)
         log.info(
             "world_size=%d launcher=%s device=%s backend=%s",
             info.world_size,
@@ -369,6 +431,9 @@ class Trainer:
         Returns (timings, whether this rank received a stop signal). Losses, skips and the stop
         agreed by all ranks accumulate on the device; `read_stats()` fetches them.
         """
+        # The LR this step's optimizer call uses: engine.step() advances the schedule at the
+        # step's boundary, after which get_lr() is the next step's. A Python float: no device read.
+        self._step_lr = (self.engine.get_lr() or [self.cfg.train.lr])[0]
         if self.cfg.train.accumulation == "gradcache" and self.cfg.train.grad_accum_steps > 1:
             return self._gradcache_step()
         times = StepTimes()
@@ -379,7 +444,9 @@ class Trainer:
             batch = self.next_batch()
             times.data += time.perf_counter() - t0
             loss = self.forward_loss(batch, times)
-            self.backward_step(self.guard.agree(loss), times)
+            agreed = self.guard.agree(loss)
+            self.stop_check.note_agreed()
+            self.backward_step(agreed, times)
         return times, bool(self._signal)
 
     def _gradcache_step(self) -> tuple[StepTimes, bool]:
@@ -408,6 +475,7 @@ class Trainer:
         self._sync()
         t2 = time.perf_counter()
         self.guard.agree(loss)
+        self.stop_check.note_agreed()
         cache.backward()
         self._sync()
         times.data, times.forward, times.backward = t1 - t0, t2 - t1, time.perf_counter() - t2
@@ -441,7 +509,7 @@ class Trainer:
             row.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
         row.update(
             {
-                "train/lr": (self.engine.get_lr() or [cfg.lr])[0],
+                "train/lr": self._step_lr,
                 "train/samples_per_s": per_rank * self.info.world_size,
                 "train/samples_per_s_per_rank": per_rank,
                 "train/step_time": step_time,
@@ -468,9 +536,11 @@ class Trainer:
     def train(self) -> dict:
         """Train to train.max_steps with periodic eval and checkpoints; returns the last eval metrics.
 
-        Host reads happen on logging steps only (every train.log_every steps): the loss for the
-        metrics row, the non-finite count (the max_nonfinite_steps check) and a stop request
-        agreed by all ranks, which is therefore acted on at the next logging step.
+        The metrics row's host reads (loss, skip counts) happen on logging steps only (every
+        train.log_every steps). The stop conditions (a stop request agreed by all ranks,
+        train.max_nonfinite_steps non-finite losses in a row) are checked after every step,
+        without waiting for the device (`StopCheck`): they act one step after the device saw them,
+        whatever train.log_every is; logging and checkpoint steps check the current values.
         """
         cfg = self.cfg
         self.install_signal_handlers()
@@ -486,39 +556,25 @@ class Trainer:
                 t0 = time.perf_counter()
                 times, _ = self.train_step()
                 self.step += 1
-                stop = False
-                if self.step % cfg.train.log_every == 0:
-                    stats = self.read_stats()
-                    if stats.in_row >= cfg.train.max_nonfinite_steps:
-                        latest = ckpt.latest_tag(ckpt.checkpoints_dir(self.run_dir))
-                        raise NonFiniteLossError(
-                            f"{stats.in_row} non-finite losses in a row at step {self.step}; stopping. "
-                            f"Last good checkpoint: {latest or 'none'} (kept). Lower train.lr, use "
-                            "train.precision=fp32 or bf16, or check the data."
-                        )
+                logging_step = self.step % cfg.train.log_every == 0
+                stats = self.read_stats() if logging_step else None
+                stop = self._check_stop(now=logging_step or self._checkpoint_due())
+                if stats is not None:
                     self._log_step(times, time.perf_counter() - t0, stats)
-                    stop = stats.stop
                     if progress is not None:
                         progress.set_postfix(loss=f"{stats.mean_loss:.4f}")
                 if progress is not None:
                     progress.update(1)
                 if stop:
-                    self.save()
-                    signame = self._signal or "peer"
-                    self._write_marker("preempted.json", {"step": self.step, "signal": signame})
-                    log.warning("preempted at step %d: checkpoint saved", self.step)
-                    raise Preempted(self.step, self._signal or "peer")
+                    self._preempt()
                 if cfg.eval.every and cfg.data.val_shards and self.step % cfg.eval.every == 0:
                     last_eval = self.run_eval()
-                if (
-                    cfg.train.checkpoint_every
-                    and self.step % cfg.train.checkpoint_every == 0
-                    and self.step < cfg.train.max_steps
-                ):
+                if self._checkpoint_due():
                     self.save()
         finally:
             if progress is not None:
                 progress.close()
+        self._check_stop(now=True)  # a run of non-finite losses at the very end fails too
         if cfg.data.val_shards and not (cfg.eval.every and self.step % cfg.eval.every == 0 and last_eval):
             last_eval = self.run_eval()
         self.save()
@@ -529,6 +585,32 @@ class Trainer:
             plot_run(self.run_dir)
         self.metrics.close()
         return last_eval
+
+    def _checkpoint_due(self) -> bool:
+        """A periodic checkpoint after this step (the final one is saved after the loop)."""
+        t = self.cfg.train
+        return bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0 and self.step < t.max_steps
+
+    def _check_stop(self, now: bool) -> bool:
+        """Whether the ranks agreed to stop; raises NonFiniteLossError after too many non-finite
+        losses in a row. `now`: the current values (a device read); else the previous step's."""
+        worst, stop = self.stop_check.check(now=now)
+        if worst >= self.cfg.train.max_nonfinite_steps:
+            latest = ckpt.latest_tag(ckpt.checkpoints_dir(self.run_dir))
+            raise NonFiniteLossError(
+                f"{worst} non-finite losses in a row by step {self.step}; stopping. "
+                f"Last good checkpoint: {latest or 'none'} (kept). Lower train.lr, use "
+                "train.precision=fp32 or bf16, or check the data."
+            )
+        return stop
+
+    def _preempt(self) -> None:
+        """Checkpoint, leave preempted.json and raise Preempted (train.py exits with 75)."""
+        self.save()
+        signame = self._signal or "peer"
+        self._write_marker("preempted.json", {"step": self.step, "signal": signame})
+        log.warning("preempted at step %d: checkpoint saved", self.step)
+        raise Preempted(self.step, signame)
 
     def _write_marker(self, name: str, payload: dict) -> None:
         if self.info.is_main:

@@ -1,0 +1,107 @@
+"""The stop conditions are checked after every step, whatever train.log_every is (trainer.StopCheck).
+
+Before, a pre-emption signal and the non-finite streak were read only on logging steps: with
+train.log_every larger than the run, a SIGUSR1 never stopped it (SLURM's 120 s warning passed), and a
+run of non-finite losses that reached train.max_nonfinite_steps was forgotten when a good step
+followed before the next logging step. A world-1 Trainer in this process (tests/inprocess_trainer.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from inprocess_trainer import train
+
+QUIET = dict(eval__every=0, data__val_shards="", train__checkpoint_every=0)
+
+
+def _on_step(trainer, at_steps: set, action) -> None:
+    """Run `action(trainer)` before train_step on each 1-based step in `at_steps`."""
+    step_fn = trainer.train_step
+
+    def wrapped():
+        if trainer.step + 1 in at_steps:
+            action(trainer)
+        return step_fn()
+
+    trainer.train_step = wrapped
+
+
+def test_preemption_stops_a_run_whose_log_every_exceeds_its_steps(tiny_shards, tmp_path, single_process):
+    from vutrain.trainer import Preempted
+
+    run_dir = tmp_path / "run"
+
+    def hook(trainer):
+        _on_step(trainer, {2}, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
+
+    with pytest.raises(Preempted) as raised:
+        train(tiny_shards, str(run_dir), steps=8, on_trainer=hook, train__log_every=100, **QUIET)
+    # Signalled before step 2: agreed in step 2's all-reduce, read after step 3.
+    assert raised.value.step <= 4, raised.value.step
+    marker = json.loads((run_dir / "preempted.json").read_text())
+    assert marker == {"step": raised.value.step, "signal": "SIGUSR1"}
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{raised.value.step:08d}"
+    assert not (run_dir / "done.json").exists()
+
+
+def _nan_loss(trainer) -> None:
+    inner = trainer.loss_fn.forward
+
+    def forward(*args, **kwargs):
+        return inner(*args, **kwargs) * torch.tensor(float("nan"))
+
+    trainer.loss_fn.forward = forward
+
+
+def test_nonfinite_streak_between_logging_steps_stops_the_run(tiny_shards, tmp_path, single_process):
+    """Non-finite losses at steps 2 and 3 (the limit is 2), a good step 4: the run stops; before, the
+    only read (at step 4, the logging step) found the streak reset to 0 and the run finished."""
+    from vutrain.trainer import NonFiniteLossError
+
+    def hook(trainer):
+        originals = {"forward": trainer.loss_fn.forward}
+        _on_step(trainer, {2}, _nan_loss)
+        _on_step(trainer, {4}, lambda t: setattr(t.loss_fn, "forward", originals["forward"]))
+
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row"):
+        train(
+            tiny_shards,
+            str(tmp_path / "run"),
+            steps=4,
+            on_trainer=hook,
+            train__log_every=4,
+            train__max_nonfinite_steps=2,
+            **QUIET,
+        )
+
+
+def test_stop_check_reads_the_previous_steps_values_unless_asked_for_now():
+    """The deferred read: each check returns what the step before copied (agreed values on every
+    rank, so all ranks decide alike), the worst streak is kept even after a good loss resets it."""
+    from vutrain.nonfinite import NonFiniteGuard
+    from vutrain.trainer import StopCheck
+
+    guard = NonFiniteGuard(torch.nn.Linear(2, 2), torch.device("cpu"), world_size=1)
+    check = StopCheck(guard, torch.device("cpu"))
+
+    def step(loss: float, stop: bool = False) -> None:
+        if stop:
+            guard.request_stop()
+        guard.agree(torch.tensor(loss))
+        check.note_agreed()
+
+    step(float("nan"))
+    assert check.check() == (0, False)  # nothing copied before the first step
+    step(float("nan"))
+    assert check.check() == (1, False)  # the first step's copy
+    step(1.0, stop=True)  # a good loss resets the guard's streak, not the worst one seen
+    assert check.check() == (2, False)
+    assert check.check(now=True) == (2, True)
+    step(1.0)
+    assert check.check() == (2, True)
