@@ -153,6 +153,10 @@ def test_ds_config_derives_batch_keys_and_merges_user_json(tmp_path):
     user.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     with pytest.raises(ConfigError, match="stage=1 but train.zero_stage=3"):
         build_ds_config(cfg.train, world_size=4)
+    for text, message in (("{not json", "not valid JSON"), ("[1, 2]", "not a JSON object")):
+        user.write_text(text)  # one reader for both checks: the same one-line error
+        with pytest.raises(ConfigError, match=message):
+            build_ds_config(cfg.train, world_size=4)
 
 
 def test_train_script_rejects_bad_key_before_starting(tmp_path):

@@ -513,9 +513,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     if t.ds_config and not os.path.isfile(t.ds_config):
         raise ConfigError(f"train.ds_config={t.ds_config!r} does not exist (templates: launch/ds_configs/)")
     if t.ds_config:
-        user = _read_json(t.ds_config)
-        if isinstance(user, dict):  # not JSON: ds_config.py says so when the engine is built
-            check_user_ds_config(user, t, t.ds_config)
+        check_user_ds_config(read_user_ds_config(t.ds_config), t, t.ds_config)
     if t.compile:
         _validate_compile_backend(t.compile_backend)
         _choice("train.compile_scope", t.compile_scope, COMPILE_SCOPES)
@@ -564,14 +562,18 @@ def _validate_schedule(t: TrainConfig) -> None:
             )
 
 
-def _read_json(path: str) -> Any:
+def read_user_ds_config(path: str) -> dict:
+    """The user's DeepSpeed JSON (train.ds_config); ConfigError when it is not a JSON object."""
     import json
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
+    with open(path, encoding="utf-8") as fh:
+        try:
+            user = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"train.ds_config={path}: not valid JSON ({exc})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"train.ds_config={path}: not a JSON object ({{...}}); see launch/ds_configs/")
+    return user
 
 
 def ds_optimizer_settings(t: TrainConfig) -> dict:

@@ -14,9 +14,7 @@ throughput timer, which synchronises the device twice a step, is off.
 
 from __future__ import annotations
 
-import json
-
-from vutrain.config import ConfigError, TrainConfig
+from vutrain.config import ConfigError, TrainConfig, read_user_ds_config
 from vutrain.param_alignment import alignment_config
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -60,11 +58,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
         generated["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if not cfg.ds_config:
         return generated
-    with open(cfg.ds_config, encoding="utf-8") as fh:
-        try:
-            user = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"train.ds_config={cfg.ds_config}: not valid JSON ({exc})") from None
+    user = read_user_ds_config(cfg.ds_config)
     for key in BATCH_KEYS:
         if key in user and user[key] != "auto" and user[key] != generated[key]:
             raise ConfigError(
