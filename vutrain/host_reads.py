@@ -1,18 +1,30 @@
 """Counting host reads of tensor values: the device syncs of a training step.
 
 Every ``.item()``, ``bool(t)``, ``float(t)`` or ``int(t)`` of a tensor dispatches
-``aten._local_scalar_dense``; on a GPU each one waits for the device queue to drain. A step that
-reads nothing on the host lets the CPU run ahead and keep the GPU fed, which is what issue 9's
-"lean step" asks for. :class:`HostReads` is a dispatch mode that counts those reads by call site
-(the innermost frames outside torch), optionally only for tensors on one device type:
+``aten._local_scalar_dense``; on a GPU each one waits for the device queue to drain. So do, with no
+read in sight, an op whose output size depends on the values (``nonzero``, ``x[mask]``,
+``masked_select``, ``unique``, ``repeat_interleave`` with tensor repeats, ``bincount``: the host
+must learn the size before it allocates), a blocking copy to the host (``.cpu()``, ``.tolist()``,
+``.to("cpu")`` without ``non_blocking``). A step that reads nothing on the host lets the CPU run
+ahead and keep the GPU fed, which is what issue 9's "lean step" asks for. :class:`HostReads` is a
+dispatch mode that counts all of these by call site (the innermost frames outside torch),
+optionally only for tensors on one device type:
 
     with HostReads("cuda") as reads:
         trainer.train_step()
     reads.total, reads.sites
 
+Sites are prefixed with what waits: nothing for a value read, ``size of`` for a data-dependent
+size, ``copy to host`` for a blocking copy. A CPU run counts the data-dependent ops of CPU tensors
+too (``device_type=None``): nothing waits there, but the same code on a GPU would.
+
 Explicit waits count too: ``torch.cuda.synchronize`` and DeepSpeed's accelerator
 ``synchronize`` (its throughput timer called it twice a step) are counted while the mode is
-active, at their callers' sites, prefixed ``synchronize``.
+active, at their callers' sites, prefixed ``synchronize``. With ``device_type="cuda"`` on a GPU,
+torch's own sync detector (``torch.cuda.set_sync_debug_mode("warn")``) backs the list up: a sync
+it reports that no rule above counted is counted, prefixed ``sync`` (a sync in a CUDA backward
+op, run in the autograd engine's own thread, at the ``backward()`` call, where the engine hands
+its thread's warnings back).
 
 Used by ``tests/test_train_step.py`` (nothing from forward to backward on CPU ranks) and by
 ``python -m vutrain.bench --compare open_clip`` (``host_reads_per_step`` of one extra, untimed
@@ -23,6 +35,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -31,6 +44,44 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _READ = torch.ops.aten._local_scalar_dense.default
+_aten = torch.ops.aten
+# Ops whose output size is read from the values on the host (a GPU waits for them to be computed).
+_DATA_DEPENDENT_SIZE = {
+    _aten.nonzero.default,
+    _aten.masked_select.default,
+    _aten._unique.default,
+    _aten._unique2.default,
+    _aten.unique_dim.default,
+    _aten.unique_consecutive.default,
+    _aten.bincount.default,
+}
+_BOOL_INDEXED = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default}
+_SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode("warn")
+
+
+def _wait_kind(func, args, kwargs) -> tuple[str, torch.Tensor] | None:
+    """(site prefix, tensor whose device waits) when ``func(*args, **kwargs)`` makes the host wait."""
+    if func is _READ:
+        return "", args[0]
+    if func in _DATA_DEPENDENT_SIZE:
+        return "size of ", args[0]
+    if func is _aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+        return "size of ", args[0]
+    if func in _BOOL_INDEXED and any(
+        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+    ):
+        return "size of ", args[0]
+    if func is _aten._to_copy.default:  # .cpu(), .to("cpu"): blocking unless non_blocking
+        target = kwargs.get("device")
+        if target is not None and torch.device(target).type == "cpu" and not kwargs.get("non_blocking"):
+            if args[0].device.type != "cpu":
+                return "copy to host ", args[0]
+    if func is _aten.copy_.default:  # a host tensor filled from a device one
+        dst, src = args[0], args[1]
+        non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+        if dst.device.type == "cpu" and src.device.type != "cpu" and not (non_blocking and dst.is_pinned()):
+            return "copy to host ", src
+    return None
 
 
 class HostReads(TorchDispatchMode):
@@ -77,20 +128,27 @@ class HostReads(TorchDispatchMode):
         outside = [
             f
             for f in traceback.extract_stack()[:-2]
-            if f"{os.sep}torch{os.sep}" not in f.filename and f.filename != __file__
+            if f"{os.sep}torch{os.sep}" not in f.filename and f.filename not in (__file__, warnings.__file__)
         ]
         where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in outside[-self.frames :])
         self.sites[prefix + where] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is _READ and not self._paused:
-            tensor = args[0]
-            if self.device_type is None or tensor.device.type == self.device_type:
-                self._count()
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        wait = None if self._paused else _wait_kind(func, args, kwargs)
+        if wait is None or self.device_type not in (None, wait[1].device.type):
+            return func(*args, **kwargs)
+        self._count(wait[0])
+        self._counted += 1  # torch's sync detector must not count this wait a second time
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._counted -= 1
 
     def __enter__(self):
-        self._restore = self._count_synchronize()
+        self._counted = 0
+        restores = [self._count_synchronize(), self._count_tolist(), self._count_sync_warnings()]
+        self._restore = lambda: [restore() for restore in reversed(restores)]
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -98,6 +156,52 @@ class HostReads(TorchDispatchMode):
             return super().__exit__(*exc)
         finally:
             self._restore()
+
+    def _count_sync_warnings(self) -> Callable[[], None]:
+        """With ``device_type="cuda"``: count the syncs torch's detector reports that no rule counted.
+        The detector is switched on only where CUDA is; the hook is installed either way."""
+        if self.device_type != "cuda":
+            return lambda: None
+        caught = warnings.catch_warnings()
+        caught.__enter__()
+        warnings.filterwarnings("always", message=_SYNC_WARNING)
+        shown = warnings.showwarning
+
+        def hook(message, category, filename, lineno, file=None, line=None):
+            if _SYNC_WARNING not in str(message):
+                return shown(message, category, filename, lineno, file, line)
+            if not self._paused and not self._counted:
+                self._count("sync ")
+
+        warnings.showwarning = hook
+        mode = None
+        if torch.cuda.is_available():
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+
+        def restore():
+            if mode is not None:
+                torch.cuda.set_sync_debug_mode(mode)
+            caught.__exit__(None, None, None)
+
+        return restore
+
+    def _count_tolist(self) -> Callable[[], None]:
+        """``Tensor.tolist`` of a host tensor dispatches nothing (of a GPU tensor, a copy the
+        dispatch rules count): counted in a CPU run as the host read it stands for."""
+        original = torch.Tensor.tolist
+
+        def tolist(tensor, *args, **kwargs):
+            if not self._paused and self.device_type is None and tensor.device.type == "cpu":
+                self._count("copy to host ")
+            return original(tensor, *args, **kwargs)
+
+        torch.Tensor.tolist = tolist
+
+        def restore():
+            torch.Tensor.tolist = original
+
+        return restore
 
     def _count_synchronize(self) -> Callable[[], None]:
         """Wrap the explicit device waits; returns what undoes it."""
@@ -113,9 +217,14 @@ class HostReads(TorchDispatchMode):
 
         def wrap(original, device_type):
             def counted(*args, **kwargs):
-                if not self._paused and self.device_type in (None, device_type):
-                    self._count("synchronize ")
-                return original(*args, **kwargs)
+                if self._paused or self.device_type not in (None, device_type):
+                    return original(*args, **kwargs)
+                self._count("synchronize ")
+                self._counted += 1
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self._counted -= 1
 
             return counted
 
