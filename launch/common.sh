@@ -70,9 +70,11 @@ node_addr() {
 # SLURM_NTASKS with the job's environment at submission, so a job requeued and resized onto fewer
 # nodes (`scontrol update JobId=N NumNodes=1-1 NumTasks=1`) still reads the first start's count
 # there. (SLURM_TASKS_PER_NODE alone is no answer: for `-n 3 --ntasks-per-node=2` it says 2(x2).)
+# A job submitted with no task option (`sbatch -N 2`) has no SLURM_NTASKS: the allocation's sum,
+# one task per node, is what a plain `srun` starts there too. DEFAULT: outside an allocation.
 allocation_tasks() {
-    local spec="${SLURM_TASKS_PER_NODE:-}" ntasks="${SLURM_NTASKS:-${1:-1}}" total=0 part count reps
-    [[ -n "$spec" ]] || { echo "$ntasks"; return 0; }
+    local spec="${SLURM_TASKS_PER_NODE:-}" ntasks="${SLURM_NTASKS:-}" total=0 part count reps
+    [[ -n "$spec" ]] || { echo "${ntasks:-${1:-1}}"; return 0; }
     local IFS=,
     for part in $spec; do
         if [[ "$part" =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then

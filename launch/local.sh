@@ -7,7 +7,8 @@
 # Environment: NGPUS (ranks; default all visible GPUs, or 1 CPU rank without GPU; with
 # CUDA_VISIBLE_DEVICES set, the first NGPUS of those),
 # MASTER_PORT (default 29500), HOSTFILE (optional: a one-host DeepSpeed hostfile to use instead
-# of NGPUS; it must exist), PYTHON (default python).
+# of NGPUS, "HOST slots=N"; it must exist; no ssh is needed; with CUDA_VISIBLE_DEVICES set, the
+# first N of those), PYTHON (default python).
 # Ctrl-C / SIGTERM reach the launcher, which stops the ranks; SIGUSR1 to a rank checkpoints it
 # and the run exits 75 (resume with the same command: train.resume=auto is the default).
 set -euo pipefail
@@ -48,9 +49,22 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     nhosts="$(awk 'NF && $1 !~ /^#/' "$HOSTFILE" | wc -l)"
     (( nhosts == 1 )) || die "HOSTFILE=$HOSTFILE lists $nhosts hosts; local.sh runs one node. Use launch/slurm/deepspeed.sbatch for several nodes."
     [[ -z "${NGPUS:-}" ]] || die "set either HOSTFILE or NGPUS, not both."
-    # A one-host hostfile never needs ssh, but the launcher asks for a master address then.
-    launcher+=(--hostfile "$HOSTFILE" --master_addr 127.0.0.1)
+    slots="$(awk 'NF && $1 !~ /^#/ {sub("slots=", "", $2); print $2}' "$HOSTFILE")"
+    is_uint "$slots" && (( slots > 0 )) || die "HOSTFILE=$HOSTFILE: expected one 'HOST slots=N' line, got slots '$slots'."
+    if (( GPUS > 0 && slots > GPUS )); then
+        die "HOSTFILE=$HOSTFILE asks for $slots slots but only $GPUS GPUs are visible; lower slots to $GPUS."
+    fi
+    check_world_size "$slots" "HOSTFILE slots=$slots"
     log "hostfile $HOSTFILE: $(cat "$HOSTFILE")"
+    if (( GPUS > 0 )) && [[ "${CUDA_VISIBLE_DEVICES// /}" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+        # With a hostfile deepspeed ignores CUDA_VISIBLE_DEVICES and gives the ranks GPUs
+        # 0..slots-1 of the machine; one host is NGPUS=slots, placed on the visible GPUs.
+        add_rank_placement "$slots" "$GPUS"
+    else
+        # One host never needs ssh: without --no_ssh_check the launcher tries `ssh HOST hostname`
+        # first (and fails where there is no passwordless ssh to it); it wants a master address.
+        launcher+=(--hostfile "$HOSTFILE" --master_addr 127.0.0.1 --no_ssh_check)
+    fi
 else
     if [[ -z "${NGPUS:-}" ]]; then
         NGPUS=$(( GPUS > 0 ? GPUS : 1 ))
@@ -62,10 +76,13 @@ else
     check_world_size "$NGPUS" "NGPUS=$NGPUS"
     if (( GPUS == 0 )); then
         log "no GPU visible: $NGPUS CPU rank(s) with gloo"
-        # A missing hostfile plus --num_gpus makes the launcher start NGPUS local ranks even
-        # on the CPU accelerator; a stale /job/hostfile (its default) must not be picked up.
-        launcher+=(--hostfile /dev/null/none)
     fi
     add_rank_placement "$NGPUS" "$GPUS"
+fi
+if [[ " ${launcher[*]} " != *" --hostfile "* ]]; then
+    # A missing hostfile plus --num_gpus makes the launcher start NGPUS local ranks even on the
+    # CPU accelerator, and keeps CUDA_VISIBLE_DEVICES as its --include; a stale /job/hostfile (its
+    # default) would instead be read as the list of nodes and ignore both.
+    launcher+=(--hostfile /dev/null/none)
 fi
 exec "${launcher[@]}" vutrain/train.py "$@"

@@ -146,3 +146,30 @@ def test_local_gpu_uuids_keep_num_gpus(tmp_path):
     argv, err = launcher_argv(tmp_path, CUDA_VISIBLE_DEVICES="GPU-1b2c,GPU-3d4e")
     assert argv[argv.index("--num_gpus") + 1] == "2" and "--include" not in argv, argv
     assert "not a list of GPU indices" in err
+
+
+def test_local_hostfile_starts_the_trainer_without_ssh(tmp_path):
+    """HOSTFILE with one host: the real deepspeed launcher starts the ranks here, no ssh. Before, it
+    first ran `ssh -o PasswordAuthentication=no localhost hostname` and stopped with "host=localhost
+    was not reachable via ssh" wherever there is no passwordless ssh. A bad override makes the
+    trainer itself end the run in seconds: its message proves that it started."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    proc = run_local(
+        ["--config", "vutrain/configs/tiny.yaml", f"output_dir={tmp_path / 'run'}", "train.no_such_key=1"],
+        HOSTFILE=str(hostfile),
+    )
+    log = proc.stdout + proc.stderr
+    assert "not reachable via ssh" not in log, log[-3000:]
+    assert proc.returncode != 0 and "train.no_such_key" in log and "valid keys" in log, log[-3000:]
+
+
+def test_local_hostfile_places_ranks_on_the_visible_gpus(tmp_path):
+    """HOSTFILE (localhost slots=2) with CUDA_VISIBLE_DEVICES=4,5,6,7: deepspeed ignores the variable
+    when given a hostfile and its ranks took GPUs 0 and 1; the run goes on GPUs 4 and 5 instead."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    argv, _ = launcher_argv(tmp_path, HOSTFILE=str(hostfile), CUDA_VISIBLE_DEVICES="4,5,6,7")
+    assert argv[-1] == "CVD=4,5", argv
+    assert "--num_gpus" not in argv and "--include" not in argv, argv
+    assert argv[argv.index("--hostfile") + 1] != str(hostfile), argv  # the placement, not the file

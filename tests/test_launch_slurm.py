@@ -345,3 +345,17 @@ def test_requeue_on_fewer_nodes(cluster, shards, tmp_path, script, sbatch_args):
     assert metrics_steps(out) == list(range(1, PREEMPT_STEPS + 1))  # every step logged once
     assert json.loads((out / "done.json").read_text())["step"] == PREEMPT_STEPS
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{PREEMPT_STEPS:08d}"
+
+
+def test_srun_default_one_task_per_node(cluster, shards, tmp_path):
+    """`sbatch -N 2 srun.sbatch` with no task option: SLURM sets no SLURM_NTASKS, and the script
+    starts one task per node, as a plain srun in that allocation does (before: it read 1 task and
+    stopped with "1 tasks do not divide evenly over 2 nodes ... instead of -n", an option never
+    given). A bad override makes the trainer end the job in seconds: its message proves it started."""
+    args = [*trainer_args(tmp_path / "run", shards, 2), "train.no_such_key=1"]
+    job, log = submit(cluster, tmp_path, "srun.sbatch", ["-N", "2"], args)
+    info = cluster.wait_job(job, timeout=120)
+    text = read_log(log)
+    assert "do not divide evenly" not in text, text
+    assert "2 nodes x 1 tasks" in text, text
+    assert "train.no_such_key" in text and info["JobState"] == "FAILED", f"{info}\n{text}"

@@ -72,6 +72,18 @@ def test_forward_returns_normalised_features_and_clamped_scale(tokenizer):
     assert only_text[0] is None and torch.allclose(only_text[1], txt, atol=1e-6)
 
 
+def test_lora_all_linear_adapts_every_linear_layer(tokenizer):
+    """`model.lora.target_modules=all-linear` (peft's special value) adapts every linear layer of
+    both towers (it arrives as a one-element list, which peft looked up as a module name: error)."""
+    cfg = ModelConfig(preset="tiny")
+    cfg.lora.enabled, cfg.lora.target_modules = True, ["all-linear"]
+    module = build_model(cfg, tokenizer)
+    adapted = {n.split(".lora_A")[0] for n, _ in module.named_parameters() if ".lora_A" in n}
+    for kind in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"):
+        assert any(n.endswith(kind) and "vision_model" in n for n in adapted), kind
+        assert any(n.endswith(kind) and "text_model" in n for n in adapted), kind
+
+
 def test_lora_trains_adapters_and_logit_scale_only(tokenizer):
     cfg = ModelConfig(preset="tiny")
     cfg.lora.enabled = True
@@ -169,3 +181,21 @@ def test_eval_without_validation_samples_leaves_the_model_training(tokenizer):
     metrics = evaluate(engine, [], ["cat"], ["{}"], None, torch.float32, torch.device("cpu"), dummy_batch={})
     assert metrics == {"eval/num_samples": 0.0}
     assert engine.module.training
+
+
+def test_pretrained_dir_saved_in_half_precision_loads_in_fp32(tokenizer, tmp_path):
+    """transformers 5 loads a checkpoint in the dtype it was saved in: an fp16 CLIP directory
+    (a hub model stored in fp16, or one saved with .half()) gave an fp16 module, whose forward
+    rejects fp32 pixels and whose weights train without fp32 masters under train.precision=fp32.
+    The module is fp32 whatever the files hold; DeepSpeed casts it for bf16/fp16 runs itself."""
+    from transformers import CLIPModel
+
+    from vutrain.model import preset_image_processor
+
+    CLIPModel(preset_clip_config(ModelConfig(preset="tiny"), tokenizer)).half().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    preset_image_processor(64).save_pretrained(tmp_path)
+    module = build_model(ModelConfig(name_or_path=str(tmp_path)))
+    assert {p.dtype for p in module.parameters()} == {torch.float32}  # before: float16
+    img, txt, scale, _ = module(*batch())
+    assert img.dtype == txt.dtype == scale.dtype == torch.float32

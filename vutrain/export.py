@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vutrain import checkpoint as ckpt
-from vutrain.config import load_config
+from vutrain.config import ConfigError, load_config
 from vutrain.model import (
     MAX_LOGIT_SCALE,
     build_model,
@@ -29,6 +29,11 @@ from vutrain.model import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """Bad input (no run, no usable checkpoint, weights that do not fit the run's model): one line."""
+
 
 # Training-only keys, set to values that always validate: the run's config must load on the
 # exporting machine whatever it said about training. The shards and the ds_config may be gone
@@ -55,29 +60,61 @@ def load_run_tokenizer_and_processor(cfg, run_dir: str):
     return tokenizer, preset_image_processor(preset_dims(cfg.model)[0])
 
 
-def load_trained_module(run_dir: str, tag: str | None = None):
-    """(ClipTrainModule with the checkpoint's fp32 weights, tokenizer, image processor, tag)."""
+def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """Every weight of checkpoint ``tag`` on the CPU: the optimizer's fp32 masters where it kept them.
+
+    DeepSpeed's zero_to_fp32 reads the trainable parameters from the ZeRO optimizer partitions and
+    the frozen ones (LoRA's base weights, a locked tower) from fragments the engine saves only when
+    it partitions gradients (ZeRO-2/3). ZeRO-0 writes no partitions and ZeRO-1 no frozen
+    fragments; both save the whole module in mp_rank_00_model_states.pt, which fills those in.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    model_file = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(model_file):  # ZeRO-3: one zero_pp_rank_R_... file per rank, no whole module
+        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    saved = torch.load(model_file, map_location="cpu", weights_only=False)  # a run dir is trusted
+    stage = ((saved.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
+    module_state = saved["module"]
+    if stage == 0:
+        return dict(module_state)
+    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    for name, value in module_state.items():
+        state.setdefault(name, value)
+    return state
+
+
+def load_trained_module(run_dir: str, tag: str | None = None):
+    """(ClipTrainModule with the checkpoint's fp32 weights, tokenizer, image processor, tag)."""
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: RUN_DIR must be a training output_dir")
     cfg = load_config(config_path, EXPORT_OVERRIDES)
     ckpt_dir = ckpt.checkpoints_dir(run_dir)
-    tag = tag or ckpt.latest_tag(ckpt_dir)
     if tag is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {ckpt_dir}: train first (train.checkpoint_every, "
-            "or let the run finish: it always saves at the end)"
-        )
+        tag = ckpt.latest_tag(ckpt_dir)
+        if tag is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {ckpt_dir}: train first (train.checkpoint_every, "
+                "or let the run finish: it always saves at the end)"
+            )
+    else:
+        problem = ckpt.verify_tag(os.path.join(ckpt_dir, tag))
+        if problem is not None:
+            tags = ckpt.list_tags(ckpt_dir)
+            complete = [t for t in tags if ckpt.verify_tag(os.path.join(ckpt_dir, t)) is None]
+            raise ExportError(
+                f"--tag {tag} cannot be exported: {problem}; complete checkpoints in {ckpt_dir}: "
+                f"{', '.join(complete) or 'none'}"
+            )
     tokenizer, processor = load_run_tokenizer_and_processor(cfg, run_dir)
     module = build_model(cfg.model, tokenizer, use_bias=cfg.loss.name == "siglip")
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    state = consolidated_state_dict(ckpt_dir, tag)
     missing, unexpected = module.load_state_dict(state, strict=False)
     # Buffers such as position_ids are rebuilt by the constructor; weights must all be there.
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise RuntimeError(
+        raise ExportError(
             f"checkpoint {tag} does not match the run's model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
@@ -123,8 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with torch.no_grad():
-        export(args.run_dir, args.out_dir, args.tag)
+    try:
+        with torch.no_grad():
+            export(args.run_dir, args.out_dir, args.tag)
+    except (ExportError, ConfigError, OSError) as exc:  # bad input: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"exported to {args.out_dir}")
     return 0
 

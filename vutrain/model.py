@@ -152,11 +152,13 @@ def preset_image_processor(image_size: int) -> CLIPImageProcessor:
 
 
 def load_pretrained(name_or_path: str):
-    """(CLIPModel, tokenizer, image processor) from a local directory or a hub name."""
+    """(CLIPModel in fp32, tokenizer, image processor) from a local directory or a hub name."""
     from transformers import AutoTokenizer
 
     try:
-        model = CLIPModel.from_pretrained(name_or_path)
+        # fp32 whatever the files hold (transformers 5 keeps the saved dtype, fp16 for many hub
+        # checkpoints): the trainer's fp32 masters and forward; DeepSpeed casts for bf16/fp16 runs.
+        model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         processor = CLIPImageProcessor.from_pretrained(name_or_path)
     except OSError as exc:
@@ -176,13 +178,20 @@ def apply_lora(model: CLIPModel, cfg: ModelConfig):
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+        target_modules=_lora_targets(cfg.lora.target_modules),
         bias="none",
     )
     wrapped = get_peft_model(model, lora)
     base = wrapped.base_model.model
     base.logit_scale.requires_grad_(True)  # peft freezes everything that is not an adapter
     return wrapped
+
+
+def _lora_targets(names) -> list[str] | str:
+    """peft's special value "all-linear" (every linear layer but the output one) works only as a
+    plain string; in a list it is looked for as a module name and not found."""
+    names = list(names)
+    return names[0] if names == ["all-linear"] else names
 
 
 def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
