@@ -49,7 +49,7 @@ setup(
         include=["vutrain", "vutrain.*", "kernels", "kernels.*", "dataset_tools", "dataset_tools.*"]
     ),
     package_data={"vutrain": ["configs/*.yaml"]},
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     entry_points={
         "console_scripts": [
             "vutrain-train=vutrain.train:main",

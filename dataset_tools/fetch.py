@@ -138,7 +138,7 @@ def fetch_once(url: str, cfg: PolitenessConfig, limiter: HostLimiter) -> Respons
             if isinstance(err.reason, (socket.timeout, TimeoutError)):
                 raise _Retryable(ERR_DEADLINE) from None
             raise _Retryable(f"connection error: {err.reason}") from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise _Retryable(ERR_DEADLINE) from None
         except (http.client.HTTPException, ConnectionError, OSError) as err:
             raise _Retryable(f"connection error: {type(err).__name__}") from None

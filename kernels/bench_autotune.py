@@ -96,7 +96,7 @@ def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | No
 
     candidates = parse_candidates(candidates_text)
     arch = tile_configs.arch_of(device) if device.type == "cuda" and not interpreting() else "interpreter"
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     source = f"tuned: kernels.bench --autotune on {where}, {str(dtype).replace('torch.', '')}, {stamp}"
     entries: dict[tuple[str, str, str], Entry] = {}

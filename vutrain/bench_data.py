@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
         "cpu": _cpu_name(),
         "load_avg_1m": os.getloadavg()[0],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "command": "python -m vutrain.bench data " + " ".join(argv),
     }
     if args.workers > 1:  # runs[1] is ("fast", 1): scaling within each round, then the median

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch.distributed as dist
 

@@ -24,8 +24,7 @@ import logging
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image

@@ -8,8 +8,7 @@ different numbers of batches; the last batch may be smaller than ``batch_size``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 

@@ -39,9 +39,8 @@ import os
 import random
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
