@@ -185,3 +185,16 @@ def test_readme_config_reference_is_current():
     assert reference_markdown() in readme, (
         "README config reference is stale: paste python -m vutrain.config --help"
     )
+
+
+def test_config_cli_bad_override_is_one_line(capsys):
+    """`python -m vutrain.config` reports a bad key or file as train.py does: one line, exit 2
+    (it printed a traceback and exited 1)."""
+    from vutrain.config import main
+
+    for argv in (["train.bogus=1"], ["--config", "no-such-run-file"]):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("config error: ") and err.count("\n") == 1, err

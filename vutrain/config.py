@@ -66,7 +66,7 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the LoRA branch."""
     target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module names to adapt in both towers (comma-separated on the command line)."""
+    """Module names to adapt in both towers (comma-separated on the command line; all-linear: all)."""
 
 
 @dataclass
@@ -101,7 +101,7 @@ class DataConfig:
     train_shards: str = ""
     """Training shards: brace-expandable tar list; '::' joins several sources."""
     val_shards: str = ""
-    """Validation shards for retrieval and zero-shot eval (same syntax); empty disables eval."""
+    """Validation shards for retrieval and zero-shot eval (same syntax); required when eval.every > 0."""
     num_samples: int = 0
     """Samples per epoch; 0 reads the shards' sizes.json / __len__ / *_stats.json."""
     num_workers: int = -1
@@ -173,11 +173,11 @@ class TrainConfig:
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
     compile: bool = False
-    """torch.compile the model (both towers, forward and backward) through DeepSpeed's engine.compile."""
+    """torch.compile both towers, forward and backward (how: train.compile_scope)."""
     compile_backend: str = "inductor"
     """torch.compile backend with train.compile: inductor (fused kernels), aot_eager (capture only), ..."""
     compile_scope: str = "layers"
-    """With train.compile: layers (each transformer block; ZeRO's reduction overlaps backward) or model."""
+    """With train.compile: layers (each block; ZeRO reduces during backward) or model (engine.compile)."""
     compile_mode: str = "default"
     """Inductor mode with train.compile: default, reduce-overhead (CUDA graphs), max-autotune, ..."""
 
@@ -671,8 +671,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     path = None
     if argv[0] == "--config":
+        if len(argv) < 2:
+            raise SystemExit("config error: --config needs a YAML file")
         path, argv = argv[1], argv[2:]
-    print(yaml.safe_dump(to_dict(load_config(path, argv)), sort_keys=False))
+    try:
+        cfg = load_config(path, argv)
+    except (ConfigError, OSError) as exc:  # as train.py reports it: one line, exit 2
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 if __name__ == "__main__":
