@@ -4,7 +4,7 @@
 #   launch/make_hostfile.sh [-s SLOTS] [-o FILE] [NODELIST]
 #
 # NODELIST: a SLURM node list (e.g. "gpu[01-04]") or comma-separated hosts; default
-# $SLURM_JOB_NODELIST. Expanded with `scontrol show hostnames` when scontrol exists.
+# $SLURM_JOB_NODELIST. Range syntax is expanded with `scontrol show hostnames`; a plain list needs no SLURM.
 # SLOTS: ranks per node; default the GPUs visible here (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES,
 # nvidia-smi), or 1 CPU rank when there is no GPU. Writes to FILE or stdout.
 set -euo pipefail
@@ -31,16 +31,17 @@ if [[ -z "$slots" ]]; then
 fi
 is_uint "$slots" && (( slots > 0 )) || die "slots must be a positive integer, got '$slots'."
 
-if command -v scontrol >/dev/null 2>&1; then
-    hosts="$(scontrol show hostnames "$nodelist")" || die "scontrol could not expand node list '$nodelist'."
-elif [[ "$nodelist" == *[\[\]]* ]]; then
-    die "node list '$nodelist' uses SLURM range syntax but scontrol is not installed; pass comma-separated hosts."
-else
+if [[ "$nodelist" != *[\[\]]* ]]; then
+    # A plain comma list needs no scontrol (which fails where it finds no SLURM configuration).
     hosts="${nodelist//,/$'\n'}"
+elif command -v scontrol >/dev/null 2>&1; then
+    hosts="$(scontrol show hostnames "$nodelist")" || die "scontrol could not expand node list '$nodelist'."
+else
+    die "node list '$nodelist' uses SLURM range syntax but scontrol is not installed; pass comma-separated hosts."
 fi
-[[ -n "$hosts" ]] || die "node list '$nodelist' expanded to no hosts."
-
-lines="$(while IFS= read -r h; do [[ -n "$h" ]] && echo "$h slots=$slots"; done <<<"$hosts")"
+# Empty entries ("a,,b", a trailing comma) are dropped; the loop's status is not the script's.
+lines="$(while IFS= read -r h; do if [[ -n "${h// /}" ]]; then echo "${h// /} slots=$slots"; fi; done <<<"$hosts")"
+[[ -n "$lines" ]] || die "node list '$nodelist' expanded to no hosts."
 if [[ -n "$out" ]]; then
     mkdir -p "$(dirname "$out")"
     printf '%s\n' "$lines" >"$out"

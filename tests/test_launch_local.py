@@ -173,3 +173,22 @@ def test_local_hostfile_places_ranks_on_the_visible_gpus(tmp_path):
     assert argv[-1] == "CVD=4,5", argv
     assert "--num_gpus" not in argv and "--include" not in argv, argv
     assert argv[argv.index("--hostfile") + 1] != str(hostfile), argv  # the placement, not the file
+
+
+def test_make_hostfile_plain_list_needs_no_slurm(tmp_path):
+    """A comma-separated host list is written as is, outside SLURM: no scontrol call (which fails
+    where it finds no SLURM configuration, as on a laptop with the client installed), empty entries
+    dropped (a trailing comma made the script exit 1 without a word). Range syntax still needs
+    scontrol (tests/test_launch_slurm.py)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env["SLURM_CONF"] = str(tmp_path / "no-such-slurm.conf")
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "make_hostfile.sh"), "-s", "2", "a,b,"],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout == "a slots=2\nb slots=2\n", proc.stderr
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "make_hostfile.sh"), "-s", "2", ","],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "expanded to no hosts" in proc.stderr
