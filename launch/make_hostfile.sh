@@ -40,7 +40,10 @@ else
     die "node list '$nodelist' uses SLURM range syntax but scontrol is not installed; pass comma-separated hosts."
 fi
 # Empty entries ("a,,b", a trailing comma) are dropped; the loop's status is not the script's.
-lines="$(while IFS= read -r h; do if [[ -n "${h// /}" ]]; then echo "${h// /} slots=$slots"; fi; done <<<"$hosts")"
+lines="$(while IFS= read -r h; do
+    h="${h// /}"
+    if [[ -n "$h" ]]; then echo "$h slots=$slots"; fi
+done <<<"$hosts")"
 [[ -n "$lines" ]] || die "node list '$nodelist' expanded to no hosts."
 if [[ -n "$out" ]]; then
     mkdir -p "$(dirname "$out")"
