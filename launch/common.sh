@@ -34,16 +34,18 @@ find_repo_root() {
     die "cannot find vutrain/train.py (tried VUTRAIN_ROOT='${VUTRAIN_ROOT:-}', the working dir '$PWD', SLURM_SUBMIT_DIR='${SLURM_SUBMIT_DIR:-}', '$here'). Submit from the repository root or export VUTRAIN_ROOT=/path/to/repo."
 }
 
-# count_gpus: GPUs visible on this node (0 when there is no NVIDIA driver).
+# count_gpus: GPUs visible on this node (0 when there is no NVIDIA driver). CUDA_VISIBLE_DEVICES
+# first: SLURM sets it to the allocation's GPUs, and a user who narrows it inside the allocation
+# means fewer (SLURM_GPUS_ON_NODE would still say all of them).
 count_gpus() {
-    if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]] && is_uint "$SLURM_GPUS_ON_NODE"; then
-        echo "$SLURM_GPUS_ON_NODE"
-    elif [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
+    if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
         # An empty CUDA_VISIBLE_DEVICES hides every GPU on purpose.
         local ids="${CUDA_VISIBLE_DEVICES//,/ }"
         # shellcheck disable=SC2086  # split the id list on purpose
         set -- $ids
         echo "$#"
+    elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]] && is_uint "$SLURM_GPUS_ON_NODE"; then
+        echo "$SLURM_GPUS_ON_NODE"
     elif command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
     else

@@ -142,6 +142,17 @@ def test_local_places_ranks_on_the_visible_gpus(tmp_path, ngpus, want):
     assert argv[argv.index("deepspeed.launcher.runner") + 1 :].count("vutrain/train.py") == 1
 
 
+def test_local_narrowed_gpus_inside_an_allocation(tmp_path):
+    """Inside a SLURM allocation of 4 GPUs with CUDA_VISIBLE_DEVICES narrowed to 2: 2 are visible.
+    NGPUS=4 is the error it is (it started 2 ranks, the first 4 of 2 ids, without a word) and the
+    default is those 2."""
+    env = {"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "4,5"}
+    proc = run_local(["--config", "vutrain/configs/tiny.yaml"], NGPUS="4", **env)
+    assert proc.returncode == 2 and "NGPUS=4" in proc.stderr and "2 GPU" in proc.stderr, proc.stderr
+    argv, _ = launcher_argv(tmp_path, **env)
+    assert argv[-1] == "CVD=4,5", argv
+
+
 def test_local_gpu_uuids_keep_num_gpus(tmp_path):
     argv, err = launcher_argv(tmp_path, CUDA_VISIBLE_DEVICES="GPU-1b2c,GPU-3d4e")
     assert argv[argv.index("--num_gpus") + 1] == "2" and "--include" not in argv, argv
