@@ -142,6 +142,28 @@ output_dir_from_args() {
     return 0
 }
 
+# restart_resume OUT_DIR ARGS...: "train.resume=auto" when this start is a requeue of a job
+# submitted with another train.resume (never, a checkpoint path) and the run has checkpoints in
+# OUT_DIR: the requeued job continues its own run (never would restart it from step 0, a path
+# from that checkpoint, at every requeue). Nothing otherwise, e.g. a requeue before the first
+# checkpoint, where the submitted value still holds.
+restart_resume() {
+    local out_dir="$1" arg submitted="" ckpt
+    shift
+    (( ${SLURM_RESTART_COUNT:-0} > 0 )) || return 0
+    for arg in "$@"; do
+        [[ "$arg" == train.resume=* ]] && submitted="${arg#train.resume=}"
+    done
+    [[ -n "$submitted" && "$submitted" != auto && -n "$out_dir" ]] || return 0
+    for ckpt in "$out_dir"/checkpoints/step_*; do
+        if [[ -d "$ckpt" && "$ckpt" != *.tmp ]]; then
+            log "restart ${SLURM_RESTART_COUNT}: train.resume=auto in place of the submitted train.resume=$submitted, to continue this job's run from its newest checkpoint"
+            echo "train.resume=auto"
+            return 0
+        fi
+    done
+}
+
 # forward_preemption SIGNAL: deliver SIGUSR1 to every process of every job step (not to this
 # batch shell). The trainer treats USR1 and TERM alike; USR1 is sent in both cases because the
 # deepspeed launcher answers TERM by killing its ranks 30 s later, while it ignores USR1 (see

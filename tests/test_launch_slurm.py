@@ -181,7 +181,12 @@ def test_run_to_completion(cluster, shards, tmp_path, script, sbatch_args, env):
 )
 def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args, sig):
     out = tmp_path / "run"
-    job, log = submit(cluster, tmp_path, script, sbatch_args, trainer_args(out, shards, PREEMPT_STEPS))
+    args = trainer_args(out, shards, PREEMPT_STEPS)
+    if script == "srun.sbatch":
+        # Submitted with train.resume=never (a fresh start): the requeue still continues the run
+        # (it restarted from step 0, moving this job's own checkpoints aside).
+        args.append("train.resume=never")
+    job, log = submit(cluster, tmp_path, script, sbatch_args, args)
     wait_first_step(cluster, job, out, log)
     # --batch: only the batch shell gets it, as with `#SBATCH --signal=B:USR1@120`; the script
     # must pass it on to the ranks.
@@ -202,6 +207,8 @@ def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args, 
     )
     assert f"training step exited with code {EXIT_PREEMPTED}" in text
     assert "requeueing job" in text
+    if script == "srun.sbatch":
+        assert "train.resume=auto in place of the submitted train.resume=never" in text, text[-6000:]
     assert (out / "checkpoints" / f"step_{step:08d}").is_dir(), "no checkpoint at the preemption step"
     # Second run (same log: --open-mode=append): resumed from that checkpoint and finished.
     assert f"resuming at step {step}" in text, text[-6000:]
