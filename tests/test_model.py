@@ -199,3 +199,26 @@ def test_pretrained_dir_saved_in_half_precision_loads_in_fp32(tokenizer, tmp_pat
     assert {p.dtype for p in module.parameters()} == {torch.float32}  # before: float16
     img, txt, scale, _ = module(*batch())
     assert img.dtype == txt.dtype == scale.dtype == torch.float32
+
+
+def test_pretrained_tokenizer_and_processor_without_the_weights(tokenizer, tmp_path):
+    """The tokenizer set-up (every rank) and the export take a pretrained model's tokenizer and
+    image processor without reading its weights (they loaded the whole CLIPModel again for them):
+    a directory whose weight file is unreadable still gives both."""
+    from transformers import CLIPModel
+
+    from vutrain.model import preset_image_processor, tokenizer_and_processor
+
+    CLIPModel(preset_clip_config(ModelConfig(preset="tiny"), tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    preset_image_processor(64).save_pretrained(tmp_path)
+    for weights in tmp_path.glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    cfg = ModelConfig(name_or_path=str(tmp_path))
+    tok, processor, context = tokenizer_and_processor(
+        cfg, str(tmp_path), "", "{title}", 0, True, lambda: None
+    )
+    assert tok("a thumbnail")["input_ids"] == tokenizer("a thumbnail")["input_ids"]
+    assert processor.crop_size["height"] == 64 and context == min(tokenizer.model_max_length, 77)
+    with pytest.raises(Exception):  # noqa: B017  (the weights themselves are unreadable)
+        build_model(cfg)

@@ -23,7 +23,7 @@ from vutrain.config import ConfigError, load_config
 from vutrain.model import (
     MAX_LOGIT_SCALE,
     build_model,
-    load_pretrained,
+    load_pretrained_preprocessing,
     preset_dims,
     preset_image_processor,
 )
@@ -54,8 +54,7 @@ def load_run_tokenizer_and_processor(cfg, run_dir: str):
     from transformers import AutoTokenizer
 
     if cfg.model.name_or_path:
-        _, tokenizer, processor = load_pretrained(cfg.model.name_or_path)
-        return tokenizer, processor
+        return load_pretrained_preprocessing(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, "tokenizer"))
     return tokenizer, preset_image_processor(preset_dims(cfg.model)[0])
 

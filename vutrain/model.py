@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -153,21 +154,33 @@ def preset_image_processor(image_size: int) -> CLIPImageProcessor:
 
 def load_pretrained(name_or_path: str):
     """(CLIPModel in fp32, tokenizer, image processor) from a local directory or a hub name."""
-    from transformers import AutoTokenizer
-
-    try:
+    tokenizer, processor = load_pretrained_preprocessing(name_or_path)
+    with _clear_load_error(name_or_path):
         # fp32 whatever the files hold (transformers 5 keeps the saved dtype, fp16 for many hub
         # checkpoints): the trainer's fp32 masters and forward; DeepSpeed casts for bf16/fp16 runs.
         model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        processor = CLIPImageProcessor.from_pretrained(name_or_path)
+    return model, tokenizer, processor
+
+
+def load_pretrained_preprocessing(name_or_path: str):
+    """(tokenizer, image processor) of a pretrained model, without reading its weights (a ViT-L
+    is 1.7 GB: every rank's tokenizer set-up and the export read them a second time)."""
+    from transformers import AutoTokenizer
+
+    with _clear_load_error(name_or_path):
+        return AutoTokenizer.from_pretrained(name_or_path), CLIPImageProcessor.from_pretrained(name_or_path)
+
+
+@contextmanager
+def _clear_load_error(name_or_path: str):
+    try:
+        yield
     except OSError as exc:
         raise OSError(
             f"model.name_or_path={name_or_path!r} could not be loaded as a CLIPModel with its "
             f"tokenizer and image processor ({exc}). Give a local directory written by "
             "save_pretrained / python -m vutrain.export, or a reachable hub name."
         ) from exc
-    return model, tokenizer, processor
 
 
 def apply_lora(model: CLIPModel, cfg: ModelConfig):
@@ -321,7 +334,7 @@ def tokenizer_and_processor(
     from transformers import AutoTokenizer
 
     if cfg.name_or_path:
-        _, tokenizer, processor = load_pretrained(cfg.name_or_path)
+        tokenizer, processor = load_pretrained_preprocessing(cfg.name_or_path)
         context = min(getattr(tokenizer, "model_max_length", 77) or 77, 77)
         return tokenizer, processor, context
     from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
