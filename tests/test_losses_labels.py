@@ -330,6 +330,32 @@ def test_siglip_gather_and_bidir_distributed(world, kind):
                     torch.testing.assert_close(a, c, **TOL)
 
 
+def _rank_siglip_strided_texts(rank, world, img_all, txt_all):
+    """bidir and gather on text features with transposed strides (same values), id-set labels."""
+    torch.set_default_dtype(torch.float64)
+    img, txt = _slice(img_all, rank), _slice(txt_all, rank).T.contiguous().T
+    assert not txt.is_contiguous()
+    lab = make_labels("idset", world)[rank]
+    s, b = torch.tensor(SCALE), torch.tensor(BIAS)
+    return {
+        bidir: grads_of(SigLipLoss(rank=rank, world_size=world, bidir=bidir), img, txt, s, b, labels=lab)
+        for bidir in (False, True)
+    }
+
+
+def test_siglip_bidir_takes_non_contiguous_features():
+    """Features the gather accepts (a transposed view) also go around the ring: the receive
+    buffers were made with empty_like, which kept the strides, and recv raised "input tensor has
+    to be contiguous". World 4 runs both exchanges (the bidirectional one and the last hop)."""
+    img, txt = make_batch(4)
+    res = run_distributed(_rank_siglip_strided_texts, 4, img, txt)
+    for r in range(4):
+        gathered, ring = res[r][False], res[r][True]
+        torch.testing.assert_close(ring[0], gathered[0], **TOL)
+        for a, c in zip(ring[1], gathered[1]):
+            torch.testing.assert_close(a, c, **TOL)
+
+
 def test_triton_backend_rejects_labels_clearly():
     img, txt = make_batch(1)
     s, b = torch.tensor(SCALE, dtype=torch.float64), torch.tensor(BIAS, dtype=torch.float64)

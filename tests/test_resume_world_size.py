@@ -228,3 +228,67 @@ def test_run_on_two_ranks_resumes_on_one_and_finishes_the_epoch(small_shards, tm
     keys = _logged_keys(str(tmp_path / "keys"))
     assert len(keys) == len(set(keys)) == 96, "a sample was drawn twice, or not at all, in the epoch"
     assert sorted(keys) == sorted(_all_keys(small_shards["train_shards"]))
+
+
+def _zero0_state(engine) -> dict:
+    """ZeRO-0 keeps whole parameters and the plain torch optimizer's state on every rank."""
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    out = {}
+    for name, p in engine.module.named_parameters():
+        state = optimizer.state[p]
+        out[name] = [p.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()]
+    out["_adam_steps"] = sorted({float(s["step"]) for s in optimizer.state.values()})
+    out["_lr"], out["_global_steps"] = engine.get_lr(), engine.global_steps
+    return out
+
+
+def _save_zero0(rank, world, run_dir):
+    import deepspeed
+
+    from vutrain import checkpoint as ckpt
+
+    deepspeed.init_distributed("gloo")
+    engine = _engine(0, False, world)
+    torch.manual_seed(100 + rank)
+    for _ in range(3 * engine.gradient_accumulation_steps()):
+        engine.backward(engine(torch.randn(engine.train_micro_batch_size_per_gpu(), 8)))
+        engine.step()
+    ckpt.save_checkpoint(engine, run_dir, 3, {"step": 3, "data": {"rank": rank}}, rank, keep=1)
+    return _zero0_state(engine)
+
+
+def _load_zero0(rank, world, run_dir):
+    import deepspeed
+
+    from vutrain import checkpoint as ckpt
+
+    deepspeed.init_distributed("gloo")
+    engine = _engine(0, False, world)
+    state = ckpt.load_checkpoint(engine, *ckpt.resolve_resume("auto", run_dir), rank=rank)
+    return _zero0_state(engine), state
+
+
+def test_zero0_checkpoint_resumes_on_another_world_size(tmp_path):
+    """train.zero_stage=0 (fp32) writes no optimizer shards, so DeepSpeed's universal conversion
+    has nothing to read (FileNotFoundError: can't find *_optim_states.pt); the tag loads as it is."""
+    run = str(tmp_path / "z0")
+    saved = run_distributed(_save_zero0, 2, run, init_process_group=False)[0]
+    (got, state), *_ = run_distributed(_load_zero0, 1, run, init_process_group=False)
+    assert state["step"] == 3 and state["data"] == {"ranks": [{"rank": 0}, {"rank": 1}]}
+    assert got.keys() == saved.keys()
+    for name, want in saved.items():
+        if name.startswith("_"):
+            assert got[name] == want, name
+        else:
+            for a, b in zip(got[name], want, strict=True):
+                assert torch.equal(a, b), name
+
+
+def test_reshape_in_a_run_dir_whose_name_has_regex_characters(tmp_path):
+    """DeepSpeed's ds_to_universal turns its folder paths into regular expressions unescaped: a
+    run directory named like "vit+tags(2)" failed the conversion ("Cannot parse dp_rank")."""
+    run = str(tmp_path / "vit+tags(2)")
+    cases = [(1, False), (3, False)]
+    saved = run_distributed(_save, 2, run, cases, init_process_group=False)[0]
+    for result in run_distributed(_load, 1, run, cases, init_process_group=False):
+        _assert_equal(saved, result, 2)

@@ -14,6 +14,8 @@ Load on another world size (``load_checkpoint`` calls ``load_reshaped``):
   resumes), then every rank loads it with the engine's universal loader, which cuts each
   parameter's full state into this world's ZeRO partitions. This works for ZeRO-1, 2 and 3 and
   with frozen (LoRA) parameters on CPU/gloo as well as GPUs (see tests/test_resume_world_size.py).
+  A ZeRO-0 tag has no optimizer shards (the whole state is in the model-states file, which any
+  world size reads as it is): it is loaded directly.
 - The data stream gets every old rank's state and continues the epoch (data/epoch_remainder.py).
 - The Python/NumPy/torch RNG states are per rank and are not carried over (the model and the
   data stream do not draw from them during training).
@@ -29,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 
 import torch
@@ -120,18 +123,26 @@ def convert_to_universal(tag_dir: str) -> str:
 
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(
-        input_folder=tag_dir,
-        output_folder=tmp,
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,
-    )
+    os.makedirs(tmp)
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would flood the run log
-        ds_to_universal(args)
+    # ds_to_universal builds regular expressions and glob patterns from these paths unescaped, so
+    # a run directory such as "runs/vit+tags" or "exp(2)" failed ("Cannot parse dp_rank"). It gets
+    # links with plain names instead (its `latest_universal` file lands beside them, not here).
+    with tempfile.TemporaryDirectory(prefix="vutrain_universal_") as links:
+        src, dst = os.path.join(links, "input"), os.path.join(links, "output")
+        os.symlink(os.path.abspath(tag_dir), src, target_is_directory=True)
+        os.symlink(os.path.abspath(tmp), dst, target_is_directory=True)
+        args = argparse.Namespace(
+            input_folder=src,
+            output_folder=dst,
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would flood the run log
+            ds_to_universal(args)
     os.replace(tmp, out)
     log.info("converted %s to a universal checkpoint in %.1f s", tag_dir, time.perf_counter() - start)
     return out
@@ -156,6 +167,37 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
     check_global_batch(
         info, engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(), world
     )
+    if not _has_optimizer_shards(tag_dir):
+        # ZeRO-0: the whole optimizer state sits in mp_rank_00_model_states.pt, which
+        # every rank of any world size reads as it is; ds_to_universal needs optimizer shards.
+        load_path, _ = engine.load_checkpoint(
+            ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    else:
+        _load_universal(engine, tag_dir, rank)
+    log.info(
+        "resumed %s (written by %d ranks) on %d ranks at step %d",
+        tag_dir,
+        info["world_size"],
+        world,
+        info["step"],
+    )
+    return {
+        "step": info["step"],
+        "nonfinite_in_row": info["nonfinite_in_row"],
+        "data": {"ranks": info["data"]},
+    }
+
+
+def _has_optimizer_shards(tag_dir: str) -> bool:
+    """Whether the tag holds per-rank optimizer files (ZeRO-1/2/3; ZeRO-0 writes none)."""
+    return any(_OPTIM_FILE.match(f) for f in os.listdir(tag_dir))
+
+
+def _load_universal(engine, tag_dir: str, rank: int) -> None:
+    """Convert the tag once (rank 0) and load the universal copy into this world's partitions."""
     if rank == 0:
         convert_to_universal(tag_dir)
     barrier()
@@ -171,18 +213,6 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag_dir}/{UNIVERSAL_DIR}")
     steps_to_param_devices(getattr(engine.optimizer, "optimizer", engine.optimizer))
-    log.info(
-        "resumed %s (written by %d ranks) on %d ranks at step %d",
-        tag_dir,
-        info["world_size"],
-        world,
-        info["step"],
-    )
-    return {
-        "step": info["step"],
-        "nonfinite_in_row": info["nonfinite_in_row"],
-        "data": {"ranks": info["data"]},
-    }
 
 
 def steps_to_param_devices(optimizer: torch.optim.Optimizer) -> None:

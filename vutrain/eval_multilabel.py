@@ -16,7 +16,7 @@ calls `multilabel_retrieval` with the gathered image features and each image's t
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -32,7 +32,8 @@ def _exchange(
     sends: list[tuple[int, torch.Tensor]], recv_from: list[int], like: list[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Post all sends and receives at once (no ordering deadlock), wait, return the received."""
-    received = [torch.empty_like(t) for t in like]
+    # Contiguous buffers: empty_like keeps a transposed input's strides, and recv refuses them.
+    received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
     ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for peer, t in sends]
     ops += [dist.P2POp(dist.irecv, buf, peer) for peer, buf in zip(recv_from, received)]
     for req in dist.batch_isend_irecv(ops):
