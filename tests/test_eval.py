@@ -185,3 +185,39 @@ def test_validation_stream_keeps_samples_without_the_label(tmp_path):
     assert batch["keys"] == ["s0", "s1", "s2"] and stream.skipped() == {}
     assert batch["label_sets"] == [["cat", "dog"], ["bird"], []]
     assert collect_label_values(str(tmp_path / "val.tar"), "tags") == ["bird", "cat", "dog"]
+
+
+def test_recall_counts_nan_against_the_model():
+    """A diverged model's NaN similarities scored recall 1.0 at every k (NaN >= NaN is False: no
+    column beat any pair). A NaN pair is a miss; a NaN column beats every pair."""
+    nan = float("nan")
+    assert recall_at_k(torch.full((4, 4), nan), ks=(1, 3)) == pytest.approx({1: 0.0, 3: 0.0})
+    sim = torch.eye(3)
+    sim[:, 2] = nan  # text 2 is NaN: its pair misses, and it outranks the other pairs
+    assert recall_at_k(sim, ks=(1, 2)) == pytest.approx({1: 0.0, 2: 2 / 3})
+
+
+def test_zero_shot_nan_scores_are_misses():
+    """argmax over NaN scores picks a NaN's index: a NaN model hit whenever that class was right."""
+    from vutrain.evaluate import evaluate
+
+    class NanEngine(_StaticOutputEngine):
+        def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
+            img, txt, scale, bias = super().forward(pixel_values, input_ids, attention_mask)
+            return (None if img is None else img * float("nan")), txt, scale, bias
+
+    def tokenize(texts):
+        ids = torch.tensor([[["a", "b"].index(t) if t in "ab" else 7] for t in texts])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    pixels = torch.zeros(2, 3, 2, 2)
+    batch = dict(
+        input_ids=torch.tensor([[0], [1]]),
+        attention_mask=torch.ones(2, 1, dtype=torch.long),
+        pixel_values=pixels,
+        labels=["a", "a"],
+        label_sets=[["a"], ["a"]],
+    )
+    metrics = evaluate(NanEngine(), [batch], ["a", "b"], ["{}"], tokenize, torch.float32, "cpu", {})
+    assert metrics["eval/zeroshot_top1"] == 0.0  # before: 1.0 (argmax of an all-NaN row is 0, "a")
+    assert metrics["eval/i2t_r1"] == 0.0 and metrics["eval/t2i_r1"] == 0.0

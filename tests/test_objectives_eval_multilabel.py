@@ -102,3 +102,13 @@ def test_retrieval_with_an_encoder_that_knows_the_tags():
     assert m["eval/tags_r1"] == pytest.approx((1 + 0.5 + 1 + 0.5) / 4)
     shuffled = multilabel_retrieval(images.flip(0), tags, encode_text, ["{}"])
     assert shuffled["eval/tags_map"] < 0.9
+
+
+def test_nan_scores_count_against_the_model():
+    """A NaN score earns nothing: a NaN negative ranks before every positive, a NaN positive after
+    every negative (before, torch's sort put NaN first, so a NaN positive ranked top: AP 1.0)."""
+    nan = float("nan")
+    targets = torch.tensor([[1, 0, 0, 0]], dtype=torch.bool)
+    assert average_precision(torch.tensor([[nan, 0.1, 0.2, 0.3]]), targets).tolist() == [0.25]
+    assert average_precision(torch.tensor([[0.9, nan, 0.2, 0.3]]), targets).tolist() == [0.5]
+    assert recall_at_k(torch.full((1, 4), nan), targets, ks=(1, 3)) == pytest.approx({1: 0.0, 3: 0.0})

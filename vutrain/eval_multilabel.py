@@ -46,8 +46,11 @@ def multilabel_targets(tag_lists: list[list[str]], vocab: list[str]) -> torch.Te
 def ranked_hits(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[R, C] float: each row's targets in order of falling score. Ties go against the model:
     among equal scores the negatives come first (a stable sort by score of the columns already
-    ordered negatives-first), so a collapsed model (all scores equal) earns no credit."""
+    ordered negatives-first), so a collapsed model (all scores equal) earns no credit. So does a
+    NaN score: a negative's ranks first, a positive's last."""
     targets = targets.to(scores.device)
+    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
+    scores = torch.where(scores.isnan(), torch.where(targets, -inf, inf), scores)
     negatives_first = targets.to(torch.uint8).argsort(dim=1, stable=True)
     by_score = scores.gather(1, negatives_first).argsort(dim=1, descending=True, stable=True)
     return targets.gather(1, negatives_first.gather(1, by_score)).float()

@@ -59,10 +59,13 @@ def recall_at_k(sim: torch.Tensor, ks=RECALL_KS) -> dict[int, float]:
     """sim: [N, N], the pair of row i is column i. Fraction of rows whose pair ranks within the top k.
 
     A column that ties the true pair ranks before it: a collapsed model (every embedding equal)
-    scores k / N, not 1.0, and duplicate captions do not lift the figure.
+    scores k / N, not 1.0, and duplicate captions do not lift the figure. NaN counts against the
+    model too: a NaN column beats every pair, a NaN pair is beaten by every column (a comparison
+    with NaN is False, so a diverged model's all-NaN similarities scored recall 1.0).
     """
     diag = sim.diagonal().unsqueeze(1)
-    rank = (sim >= diag).sum(dim=1) - 1  # how many other columns beat or tie the true pair
+    beats = (sim >= diag) | sim.isnan() | diag.isnan()
+    rank = beats.sum(dim=1) - 1  # how many other columns beat or tie the true pair
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
@@ -165,8 +168,11 @@ def evaluate(
             # the top class is any of them); a sample without one of the classes is left out.
             known = [i for i, labs in enumerate(labels) if labs & set(classes)]
             if known:
-                pred = (img[known] @ emb.T).argmax(dim=1).tolist()
-                hits = [classes[p] in labels[i] for p, i in zip(pred, known, strict=True)]
+                scores = img[known] @ emb.T
+                # argmax picks a NaN: a sample with a NaN score is a miss, never a lucky hit.
+                pred = scores.argmax(dim=1).tolist()
+                valid = (~scores.isnan().any(dim=1)).tolist()
+                hits = [ok and classes[p] in labels[i] for p, i, ok in zip(pred, known, valid, strict=True)]
                 metrics["eval/zeroshot_top1"] = sum(hits) / len(hits)
             metrics["eval/zeroshot_samples"] = float(len(known))
             metrics["eval/zeroshot_chance"] = 1.0 / len(classes)
