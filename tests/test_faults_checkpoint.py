@@ -134,12 +134,14 @@ def test_metrics_truncate_moves_lost_rows_and_torn_line(tmp_path):
     for step in range(1, 6):
         writer.write(step, {"train/loss": 1.0 / step})
     with open(writer.path, "a") as fh:
+        fh.write("null\n[5]\n")  # JSON, but not rows (a TypeError stopped the resume)
         fh.write('{"step": 6, "train/lo')  # killed mid-write
-    assert writer.truncate_after(3) == 3
+    assert writer.truncate_after(3) == 5
     writer.write(4, {"train/loss": 0.5})
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
     discarded = [json.loads(line) for line in open(tmp_path / "metrics.discarded.jsonl")]
-    assert [r.get("step") for r in discarded] == [4, 5, None]
+    assert [r.get("step") for r in discarded] == [4, 5, None, None, None]
+    assert [r.get("torn_line") for r in discarded[2:4]] == ["null", "[5]"]
     assert discarded[-1]["torn_line"].startswith('{"step": 6')
     assert discarded[0]["discarded_at_resume_from"] == 3
 

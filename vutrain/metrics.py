@@ -44,7 +44,9 @@ class MetricsWriter:
                     row = json.loads(line)
                     good = isinstance(row, dict) and int(row["step"]) <= step
                 except (ValueError, KeyError, TypeError):
-                    row, good = {"torn_line": line.rstrip("\n")}, False
+                    row, good = None, False
+                if not isinstance(row, dict):  # torn, or JSON that is not a row (5, null, [...])
+                    row = {"torn_line": line.rstrip("\n")}
                 (kept if good else dropped).append(line if good else row)
         if dropped:
             with open(
