@@ -110,3 +110,18 @@ def _line_of(text: str) -> int:
     lines = inspect.getsource(test_counts_syncs_torch_reports_once).splitlines()
     first = test_counts_syncs_torch_reports_once.__code__.co_firstlineno
     return first + next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_sync_reports_of_other_threads_are_not_the_steps():
+    """A sync torch reports from another thread (a data loader's pin-memory thread) does not hold up
+    the step that HostReads watches: not counted."""
+    import threading
+    import warnings
+
+    with HostReads("cuda") as reads:
+        other = threading.Thread(
+            target=lambda: warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        )
+        other.start()
+        other.join()
+    assert reads.total == 0, reads.sites

@@ -34,6 +34,7 @@ step of each side). The mode adds Python work to every op: never inside a timed 
 from __future__ import annotations
 
 import os
+import threading
 import traceback
 import warnings
 from collections import Counter
@@ -167,10 +168,13 @@ class HostReads(TorchDispatchMode):
         warnings.filterwarnings("always", message=_SYNC_WARNING)
         shown = warnings.showwarning
 
+        owner = threading.get_ident()
+
         def hook(message, category, filename, lineno, file=None, line=None):
             if _SYNC_WARNING not in str(message):
                 return shown(message, category, filename, lineno, file, line)
-            if not self._paused and not self._counted:
+            # Only this thread's waits (a loader's pin-memory thread does not hold up the step).
+            if not self._paused and not self._counted and threading.get_ident() == owner:
                 self._count("sync ")
 
         warnings.showwarning = hook
