@@ -67,6 +67,27 @@ node_addr() {
     echo "${addr:-$1}"
 }
 
+# master_addr HOST...: the rendezvous address of a job on HOST... (the first one's NodeAddr). A
+# MASTER_ADDR already set (sbatch exports the submitting shell's environment) is kept, since it may
+# name an interface of the first node; when it is none of the job's hosts or their NodeAddrs, a
+# warning says so (a value left over from another job, e.g. localhost, hangs the rendezvous).
+master_addr() {
+    local first host
+    first="$(node_addr "$1")"
+    if [[ -z "${MASTER_ADDR:-}" ]]; then
+        echo "$first"
+        return 0
+    fi
+    for host in "$@"; do
+        if [[ "$MASTER_ADDR" == "$host" || "$MASTER_ADDR" == "$(node_addr "$host")" ]]; then
+            echo "$MASTER_ADDR"
+            return 0
+        fi
+    done
+    log "WARNING: MASTER_ADDR=$MASTER_ADDR from the environment names none of the job's nodes ($*; the first is at $first). A value left from another job hangs the rendezvous: unset MASTER_ADDR before sbatch unless it is an address of $1."
+    echo "$MASTER_ADDR"
+}
+
 # allocation_tasks DEFAULT: the number of tasks of this start of the job. SLURM_NTASKS, unless it
 # exceeds what the allocation holds (SLURM_TASKS_PER_NODE summed: "2(x3),1" -> 7): sbatch stores
 # SLURM_NTASKS with the job's environment at submission, so a job requeued and resized onto fewer

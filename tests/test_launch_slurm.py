@@ -366,3 +366,15 @@ def test_srun_default_one_task_per_node(cluster, shards, tmp_path):
     assert "do not divide evenly" not in text, text
     assert "2 nodes x 1 tasks" in text, text
     assert "train.no_such_key" in text and info["JobState"] == "FAILED", f"{info}\n{text}"
+
+
+def test_stale_master_addr_is_named(cluster, shards, tmp_path):
+    """A MASTER_ADDR exported by the submitting shell (left from another job) is kept, since it may
+    name an interface of the first node, but when it is none of the job's nodes the log says so
+    (before: the rendezvous hung without a word). A bad override ends the job in seconds."""
+    args = [*trainer_args(tmp_path / "run", shards, 2), "train.no_such_key=1"]
+    job, log = submit(cluster, tmp_path, "srun.sbatch", ["-N", "1"], args, MASTER_ADDR="stale-host.invalid")
+    cluster.wait_job(job, timeout=120)
+    text = read_log(log)
+    assert "MASTER_ADDR=stale-host.invalid from the environment names none of the job's nodes" in text, text
+    assert "master stale-host.invalid:" in text, text
