@@ -17,6 +17,8 @@ export TOKENIZERS_PARALLELISM := false
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py $(CONSTRAINTS)
+	# A python3 older than 3.11 (what the pinned packages need) stops here, not in pip's resolver.
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "error: $(PYTHON) is Python %d.%d; vutrain needs >= 3.11 (make PYTHON=python3.11 ...)" % sys.version_info[:2])'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, and only if missing: deepspeed builds against the torch already there.
