@@ -17,6 +17,9 @@ export TOKENIZERS_PARALLELISM := false
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py $(CONSTRAINTS)
+	# A venv left without pip (its creation failed half way, e.g. python3-venv missing) is rebuilt,
+	# so that the real error shows again instead of "No module named pip" on every later run.
+	@test ! -x $(PY) || $(PY) -m pip --version > /dev/null 2>&1 || { echo "$(VENV) has no pip: rebuilding it"; rm -rf $(VENV); }
 	# A python3 older than 3.11 (what the pinned packages need) stops here, not in pip's resolver.
 	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "error: $(PYTHON) is Python %d.%d; vutrain needs >= 3.11 (make PYTHON=python3.11 ...)" % sys.version_info[:2])'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -194,3 +194,31 @@ def test_demo_asks_for_bf16_in_a_child_process():
     from vutrain import demo
 
     assert demo.native_bf16() == (torch.cuda.is_available() and torch.cuda.is_bf16_supported(False))
+
+
+def test_demo_failures_are_one_line(tmp_path, capsys):
+    """A failed training run ended the demo in a CalledProcessError traceback under the run's own
+    message; a run without evaluation in an IndexError; --ranks 0 meant the default."""
+    from vutrain import demo
+
+    small = ["--out", str(tmp_path), "--num-samples", "64", "--val-samples", "24", "--shard-size", "32"]
+    code = demo.main([*small, "--steps", "1", "--device", "cpu", "train.no_such_key=1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "error: training exited 2 (its own message is above)", err
+    quick = [
+        "--steps",
+        "1",
+        "--ranks",
+        "1",
+        "--device",
+        "cpu",
+        "train.micro_batch_size=8",
+        "data.num_workers=0",
+    ]
+    code = demo.main([*small, *quick, "data.val_shards=", "eval.every=0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "metrics.jsonl has no zero-shot evaluation" in err.strip().splitlines()[-1], err
+    with pytest.raises(SystemExit):
+        demo.main([*small, "--ranks", "0"])
+    assert "--ranks: 0 is not a positive integer" in capsys.readouterr().err

@@ -123,3 +123,27 @@ def test_constraints_pin_every_requirement_within_setup_py_ranges():
             assert requirement.specifier.contains(pins[name], prereleases=True), (
                 f"constraints.txt pins {name}=={pins[name]}, outside setup.py's {spec}: run `make lock`"
             )
+
+
+def test_make_rebuilds_a_venv_left_without_pip(tmp_path):
+    """A `python -m venv` that failed half way (Debian without python3-venv) leaves .venv/bin/python
+    and no pip; every later `make` skipped the creation and failed on "No module named pip"."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("Makefile", "setup.py", "constraints.txt"):
+        shutil.copy(repo / name, tmp_path / name)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / ".venv")], check=True)
+    fake = tmp_path / "python3"  # passes the version check, then fails to create the venv, as Debian's
+    fake.write_text('#!/bin/sh\ncase "$1" in -c) exit 0;; esac\necho "ensurepip is not available"; exit 1\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(
+        ["make", "venv", f"PYTHON={fake}"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ".venv has no pip: rebuilding it" in out and "ensurepip is not available" in out, out
+    assert ": No module named pip" not in out, out  # python's own words, not the recipe's comment

@@ -165,3 +165,32 @@ def test_user_json_optimizer_that_agrees_is_accepted(tiny_shards, tmp_path):
     }  # tiny.yaml: lr 3e-3
     path = _user_json(tmp_path, optimizer=optimizer)
     load_config("tiny", [*data(tiny_shards), f"train.ds_config={path}", "train.zero_stage=2"])
+
+
+@pytest.mark.parametrize(
+    "sections,overrides,message",
+    [
+        ({"gradient_clipping": 0.5}, [], "gradient_clipping=0.5 but train.grad_clip=1.0"),
+        ({"bf16": {"enabled": True}}, [], "bf16.enabled=true but train.precision=fp32"),
+        (
+            {"fp16": {"enabled": False}},
+            ["train.precision=fp16"],
+            "fp16.enabled=false but train.precision=fp16",
+        ),
+    ],
+    ids=["clipping", "bf16-under-fp32", "fp16-off-under-fp16"],
+)
+def test_user_json_that_contradicts_train_keys_is_a_config_error(
+    tiny_shards, tmp_path, monkeypatch, sections, overrides, message
+):
+    """DeepSpeed followed the JSON (a bf16 engine, another clip) while config.yaml, the logs and the
+    trainer's own precision handling followed train.*, without a word."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # fp16 is refused on CPU first
+    path = _user_json(tmp_path, **sections)
+    with pytest.raises(ConfigError, match=re.escape(message) + '; set it to "auto"'):
+        load_config("tiny", [*data(tiny_shards), f"train.ds_config={path}", "train.zero_stage=2", *overrides])
+    agreeing = {key: {"enabled": "auto"} if isinstance(v, dict) else "auto" for key, v in sections.items()}
+    path = _user_json(tmp_path, **agreeing)
+    load_config("tiny", [*data(tiny_shards), f"train.ds_config={path}", "train.zero_stage=2", *overrides])

@@ -378,3 +378,41 @@ def test_stale_master_addr_is_named(cluster, shards, tmp_path):
     text = read_log(log)
     assert "MASTER_ADDR=stale-host.invalid from the environment names none of the job's nodes" in text, text
     assert "master stale-host.invalid:" in text, text
+
+
+RANK_PROBE = (
+    "import json, sys; from vutrain.distributed import resolve_dist_env as r; i = r(); "
+    "print('PROBE', json.dumps([sys.argv[1], i.launcher, i.rank, i.world_size, i.local_world_size, "
+    "i.master_addr]), flush=True)"
+)
+
+
+def test_rank_layout_from_live_slurm_environments(cluster, tmp_path):
+    """What SLURM itself exports, read by resolve_dist_env, for a job of 3 tasks on 2 nodes (2 + 1):
+
+    - python in the batch script without srun is one process (it was taken for rank 0 of 3 and
+      waited for two ranks nobody started);
+    - each node of an uneven step has its own local size (node n2 was given n1's 2);
+    - a step on n2 alone meets on n2, its own first node (it was sent to n1, the job's).
+    """
+    script = tmp_path / "probe.sh"
+    python = sys.executable
+    script.write_text(
+        "#!/bin/bash\n"
+        f'{python} -c "$PROBE" batch\n'
+        f'srun {python} -c "$PROBE" step\n'
+        f'srun -N1 -n1 -w n2 {python} -c "$PROBE" n2\n'
+    )
+    log = tmp_path / "probe.log"
+    job = cluster.sbatch("-N2", "-n3", "-o", str(log), str(script), PROBE=RANK_PROBE, MASTER_ADDR="")
+    info = cluster.wait_job(job, timeout=120)
+    text = read_log(log)
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    rows = sorted(json.loads(line.split("PROBE ", 1)[1]) for line in text.splitlines() if "PROBE " in line)
+    assert rows == [
+        ["batch", "single", 0, 1, 1, "127.0.0.1"],
+        ["n2", "slurm", 0, 1, 1, "n2"],
+        ["step", "slurm", 0, 3, 2, "n1"],
+        ["step", "slurm", 1, 3, 2, "n1"],
+        ["step", "slurm", 2, 3, 1, "n1"],
+    ], text[-3000:]

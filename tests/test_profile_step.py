@@ -41,3 +41,21 @@ def test_profiles_the_trainer_phases_on_cpu(compiled):
     assert all(ms > 0 for ms in host.values()), host
     assert sum(host.values()) <= record["wall_ms"] * 1.05, record
     assert "aten::" in r.stdout  # the table of the ops with the most host time
+
+
+@pytest.mark.parametrize("tool", ["profile_step.py", "count_step_ops.py", "host_python_time.py"])
+@pytest.mark.parametrize("args", [["--precision", "fp8"], ["--preset", "vit-b32"]])
+def test_tools_refuse_a_bad_choice_in_their_usage_line(tool, args):
+    """A wrong --precision or --preset got through argparse and ended seconds later in a ConfigError
+    traceback from inside the run."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", tool), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith(f"{tool}: error: argument {args[0]}: invalid choice")
+    )

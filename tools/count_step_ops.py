@@ -51,10 +51,14 @@ class OpCounter(TorchDispatchMode):
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from vutrain.config import PRECISIONS, PRESETS
+
+    # Choices here: a wrong value is refused at once, not after seconds of imports in a traceback.
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument(
         "--set",
@@ -65,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from vutrain.config import load_config
     from vutrain.data.synthetic import write_synthetic
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env

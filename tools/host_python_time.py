@@ -99,12 +99,15 @@ def profile(runner, batch, warmup: int, steps: int) -> pstats.Stats:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vutrain.config import BACKENDS, PRECISIONS, PRESETS
+
+    # Choices here: a wrong value is refused at once, not after seconds of imports in a traceback.
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--precision", default="bf16", choices=PRECISIONS)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--zero-stages", default="1,2")
-    parser.add_argument("--loss-backend", default="torch")
+    parser.add_argument("--loss-backend", default="torch", choices=BACKENDS)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--narrow", action="store_true", help="the preset's structure at tiny widths")

@@ -53,19 +53,26 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vutrain.config import BACKENDS, COMPILE_MODES, HIDDEN_ACTS, PRECISIONS, PRESETS
+
+    # Choices here: a wrong value is refused at once, not after seconds of imports in a traceback.
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--loss-backend", default="torch")
+    parser.add_argument("--loss-backend", default="torch", choices=BACKENDS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="train.compile=true (warm-up compiles)")
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--compile-mode", default="default", help="train.compile_mode (inductor)")
-    parser.add_argument("--hidden-act", default="", help="model.hidden_act ('': HF's quick_gelu)")
+    parser.add_argument(
+        "--compile-mode", default="default", choices=COMPILE_MODES, help="train.compile_mode (inductor)"
+    )
+    parser.add_argument(
+        "--hidden-act", default="", choices=("", *HIDDEN_ACTS), help="model.hidden_act ('': HF's quick_gelu)"
+    )
     args = parser.parse_args(argv)
 
     import torch

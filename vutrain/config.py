@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import json
 import logging
 import math
 import os
@@ -599,6 +600,31 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
             "warm-up, then cosine): remove the section and set train.lr, train.warmup_steps, "
             "train.min_lr_ratio"
         )
+    # Keys train.* decides: DeepSpeed would follow the JSON while config.yaml, the logs and the
+    # trainer's own precision handling (autocast, the non-finite guard) follow train.*.
+    decided = (
+        ("gradient_clipping", ds.get("gradient_clipping", "auto"), t.grad_clip, "train.grad_clip"),
+        (
+            "bf16.enabled",
+            _section(ds, "bf16").get("enabled", "auto"),
+            t.precision == "bf16",
+            "train.precision",
+        ),
+        (
+            "fp16.enabled",
+            _section(ds, "fp16").get("enabled", "auto"),
+            t.precision == "fp16",
+            "train.precision",
+        ),
+    )
+    for key, got, want, train_key in decided:
+        same = got == want if isinstance(want, bool) else _same_numbers(got, want)
+        if got != "auto" and not same:
+            value = getattr(t, train_key.split(".")[1])
+            raise ConfigError(
+                f"{source} sets {key}={json.dumps(got)} but {train_key}={value}; "
+                f'set it to "auto" (or leave it out) or change {train_key}'
+            )
     optimizer = ds.get("optimizer")
     if not isinstance(optimizer, dict) or str(optimizer.get("type", "")).lower() not in DS_ADAM_TYPES:
         return
@@ -616,6 +642,11 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
                 f"{source} sets optimizer.params.{key}={got} but {keys[key]} gives {want}; "
                 f'set it to "auto" (or leave it out) or change {keys[key]}'
             )
+
+
+def _section(ds: dict, key: str) -> dict:
+    section = ds.get(key)
+    return section if isinstance(section, dict) else {}
 
 
 def _same_numbers(a: Any, b: Any) -> bool:

@@ -27,9 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The CPU recipe (tiny.yaml, 2 ranks x 64, 300 steps, fp32) reached 0.49-0.51 on one GPU in bf16:
 # one rank sees half the samples and half the negatives per step. On a GPU a larger batch is
 # nearly free, so the GPU recipe trains one rank at 256 per step (twice the CPU run's global
-# batch) for 600 steps: about 19 passes over the 8192 samples instead of 4.7. Not measured yet
-# on a GPU (none was available when it was written); run on the CPU in bf16 it reached 0.992
-# (BENCHMARKS.md, "The demo").
+# batch) for 600 steps: about 19 passes over the 8192 samples instead of 4.7. On an H200 it
+# reached 0.996 in 85 s (2026-12-04; BENCHMARKS.md, "The demo").
 GPU_RECIPE = [
     "train.precision=bf16",
     "train.micro_batch_size=256",
@@ -143,7 +142,20 @@ def train(
     )
     if not gpu:  # --device cpu on a GPU machine: keep the ranks off the GPU
         env.update(VUTRAIN_DEVICE="cpu", DS_ACCELERATOR="cpu")
-    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    proc = subprocess.run(cmd, env=env, cwd=REPO)
+    if proc.returncode != 0:  # the run has said why above; a traceback from here would bury it
+        raise DemoError(f"training exited {proc.returncode} (its own message is above)")
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; main() prints it as one line."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def classify_one(model_dir: str, val_shards: str) -> tuple[str, str, float]:
@@ -168,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``make demo``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m vutrain.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(REPO, "demo_out"))
-    parser.add_argument("--num-samples", type=int, default=8192)
-    parser.add_argument("--val-samples", type=int, default=480)
-    parser.add_argument("--shard-size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=None, help=f"default 300 on CPU, {GPU_STEPS} on a GPU")
-    parser.add_argument("--ranks", type=int, default=None, help="default 2 CPU ranks, or 1 GPU")
+    parser.add_argument("--num-samples", type=_positive, default=8192)
+    parser.add_argument("--val-samples", type=_positive, default=480)
+    parser.add_argument("--shard-size", type=_positive, default=512)
+    parser.add_argument(
+        "--steps", type=_positive, default=None, help=f"default 300 on CPU, {GPU_STEPS} on a GPU"
+    )
+    parser.add_argument("--ranks", type=_positive, default=None, help="default 2 CPU ranks, or 1 GPU")
     parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -185,6 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for the training run")
     args = parser.parse_args(argv)
+    try:
+        return run_demo(args)
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The five steps of the demo for parsed arguments; returns the exit code."""
     gpu = use_gpu(args.device)
     steps = args.steps or (GPU_STEPS if gpu else 300)
     ranks = args.ranks or (1 if gpu else 2)
@@ -208,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     train(run_dir, train_shards, val_shards, ranks, steps, overrides, gpu)
     print("[3/5] evaluation (held-out split)", flush=True)
     evals = [r for r in read_metrics(run_dir) if "eval/zeroshot_top1" in r]
+    if not evals:
+        raise DemoError(
+            f"{run_dir}/metrics.jsonl has no zero-shot evaluation: the demo evaluates on its "
+            "held-out split; leave data.val_shards and eval.* out of the overrides"
+        )
     for row in evals:
         print(
             f"  step {row['step']:>5}: zero-shot top-1 {row['eval/zeroshot_top1']:.3f} "

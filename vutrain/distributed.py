@@ -1,9 +1,13 @@
 """Rank resolution for every launcher, in one place.
 
-The deepspeed launcher and torchrun export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / PORT;
-`srun` exports only SLURM_* variables; mpirun exports OMPI_COMM_WORLD_*; a plain `python` run
-exports nothing. `resolve_dist_env()` reads whichever is present and returns one validated
-`DistInfo`, which is passed explicitly from then on (never stored in a mutable args object).
+The deepspeed launcher and torchrun export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / PORT
+(the node-local count as LOCAL_SIZE and LOCAL_WORLD_SIZE respectively); `srun` exports only SLURM_*
+variables (per node: SLURM_STEP_TASKS_PER_NODE at SLURM_NODEID); Open MPI's mpirun exports
+OMPI_COMM_WORLD_*, MPICH's and Intel MPI's PMI_RANK / PMI_SIZE / MPI_LOCAL*; a plain `python` run
+exports nothing, and neither does the sbatch script itself for our purpose: it has SLURM_PROCID=0
+and the job's SLURM_NTASKS but no SLURM_STEP_ID, and is one process. `resolve_dist_env()` reads
+whichever is present and returns one validated `DistInfo`, which is passed explicitly from then
+on (never stored in a mutable args object).
 
 Device and process-group backend: each rank uses `cuda:<local rank>` when the node has that GPU,
 else the CPU. On CUDA the group is device-mapped, `cpu:gloo,cuda:nccl`: tensor collectives run on
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -60,8 +66,24 @@ def _int(name: str, env) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+def first_hostname(nodelist: str) -> str:
+    """The first host of a SLURM hostlist without scontrol: "node[01-04,07],gpu3" -> "node01".
+
+    Commas inside brackets separate ranges, not hosts; each bracket contributes its first value
+    (zero padding kept, as SLURM names the hosts)."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    host = nodelist[:end].strip()
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], host)
+
+
 def _slurm_first_host(env) -> str | None:
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    # An srun step may run on a subset of the job's nodes: its own list comes first.
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return None
     try:  # scontrol expands "node[01-04]" exactly as SLURM does
@@ -72,9 +94,31 @@ def _slurm_first_host(env) -> str | None:
             timeout=30,
             check=True,
         ).stdout.split()
-        return out[0] if out else None
+        return out[0] if out else first_hostname(nodelist)
     except (OSError, subprocess.SubprocessError):
-        return nodelist.split(",")[0].split("[")[0]
+        return first_hostname(nodelist)
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
+    """The task count of node `node_id` in SLURM's compressed form: "4(x2),3" is 4, 4, 3."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if match is None:
+            return None
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[node_id] if 0 <= node_id < len(counts) else None
+
+
+# SLURM's step ids for the batch script and the interactive (salloc) shell: no srun task.
+_SLURM_SHELL_STEPS = {"4294967294", "4294967290", "batch", "interactive", "extern"}
+
+
+def _in_srun_step(env) -> bool:
+    """True in a task started by srun; False in the sbatch script or salloc shell itself, which
+    export SLURM_PROCID=0 and the job's SLURM_NTASKS although only this one process runs."""
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    return step not in (None, "") and step not in _SLURM_SHELL_STEPS
 
 
 def free_port() -> int:
@@ -94,21 +138,44 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
         rank, world = _int("RANK", env), _int("WORLD_SIZE", env)
         local_rank = _int("LOCAL_RANK", env)
         local_rank = local_rank if local_rank is not None else (local_rank_arg or 0)
-        local_world = _int("LOCAL_WORLD_SIZE", env) or world
-    elif _int("SLURM_PROCID", env) is not None and _int("SLURM_NTASKS", env) is not None:
+        # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+        local_world = _int("LOCAL_WORLD_SIZE", env) or _int("LOCAL_SIZE", env) or world
+    elif (
+        _int("SLURM_PROCID", env) is not None and _int("SLURM_NTASKS", env) is not None and _in_srun_step(env)
+    ):
         launcher = "slurm"
         rank, world = _int("SLURM_PROCID", env), _int("SLURM_NTASKS", env)
         local_rank = _int("SLURM_LOCALID", env) or 0
-        # SLURM_TASKS_PER_NODE looks like "4(x2)" or "3,2": the first count is this layout's local size.
-        first = env.get("SLURM_TASKS_PER_NODE", "").split("(")[0].split(",")[0]
-        local_world = int(first) if first.isdigit() else world
-    elif _int("OMPI_COMM_WORLD_RANK", env) is not None:
+        # "4(x2),3": this node's own count (nodes of one step may hold different numbers of tasks).
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
+        local_world = tasks_on_node(per_node, _int("SLURM_NODEID", env) or 0) or world
+    elif _int("OMPI_COMM_WORLD_RANK", env) is not None or _int("PMI_RANK", env) is not None:
         launcher = "mpi"
-        rank, world = _int("OMPI_COMM_WORLD_RANK", env), _int("OMPI_COMM_WORLD_SIZE", env)
-        local_rank = _int("OMPI_COMM_WORLD_LOCAL_RANK", env) or 0
-        local_world = _int("OMPI_COMM_WORLD_LOCAL_SIZE", env) or world
+        if _int("OMPI_COMM_WORLD_RANK", env) is not None:  # Open MPI
+            rank, world = _int("OMPI_COMM_WORLD_RANK", env), _int("OMPI_COMM_WORLD_SIZE", env)
+            local_rank = _int("OMPI_COMM_WORLD_LOCAL_RANK", env) or 0
+            local_world = _int("OMPI_COMM_WORLD_LOCAL_SIZE", env) or world
+        else:  # MPICH, Intel MPI (Hydra)
+            rank, world = _int("PMI_RANK", env), _int("PMI_SIZE", env)
+            local_rank = _int("MPI_LOCALRANKID", env) or 0
+            local_world = _int("MPI_LOCALNRANKS", env) or world
+        if world is None:
+            raise RuntimeError(
+                "mpirun gave this process a rank but no world size (OMPI_COMM_WORLD_SIZE / PMI_SIZE)"
+            )
+        if local_world < world and not env.get("MASTER_ADDR"):
+            raise RuntimeError(
+                f"mpirun runs {world} ranks on several nodes but MASTER_ADDR is not set: export it as the "
+                "first node's hostname (mpirun -x MASTER_ADDR=<host> with Open MPI, -genv with MPICH)"
+            )
     else:
         launcher, rank, world, local_rank, local_world = "single", 0, 1, 0, 1
+        if _int("SLURM_NTASKS", env) not in (None, 1) and not _in_srun_step(env):
+            logging.getLogger("vutrain").warning(
+                "SLURM job of %s tasks but this process was not started by srun: training in this one "
+                "process; start the script with `srun python ...` for one rank per task",
+                env.get("SLURM_NTASKS"),
+            )
     if not 0 <= rank < world:
         raise RuntimeError(
             f"rank {rank} is outside world size {world} ({launcher} launcher): "
@@ -159,6 +226,11 @@ def resolve_device(local_rank: int, env=None, local_world_size: int = 1) -> tupl
         raise RuntimeError(
             f"{BACKEND_ENV}={backend!r} has no CUDA backend but the device is {device}: "
             "use e.g. cuda:gloo or cpu:gloo,cuda:nccl"
+        )
+    if device == "cpu" and _backend_for(backend, "cpu") is None:
+        raise RuntimeError(
+            f"{BACKEND_ENV}={backend!r} has no CPU backend but the device is cpu (no GPU is visible to "
+            f"this rank): use gloo, or unset {BACKEND_ENV}"
         )
     if shared_gpu and "nccl" in backend:
         raise RuntimeError(
@@ -260,7 +332,12 @@ def collective_backend(device_type: str) -> str | None:
     Device-mapped groups ("cpu:gloo,cuda:nccl") say it per device; plain nccl serves CUDA only,
     and gloo or mpi serve both (gloo stages CUDA tensors through host memory in its collectives).
     """
-    backend = str(dist.get_backend()).lower()
+    return _backend_for(str(dist.get_backend()), device_type)
+
+
+def _backend_for(backend: str, device_type: str) -> str | None:
+    """The backend of `backend` (a torch.distributed backend string) that serves `device_type`."""
+    backend = backend.lower().strip()
     if ":" in backend:
         pairs = (part.strip().split(":", 1) for part in backend.split(","))
         return dict(pairs).get(device_type)

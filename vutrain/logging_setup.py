@@ -37,7 +37,7 @@ LIBRARY_LOGGERS = (
     "filelock",
     "fsspec",
 )
-RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 def process_rank(env: Mapping[str, str] | None = None) -> int:

@@ -58,6 +58,26 @@ def one_line(exc: BaseException) -> str:
     return text if ours else f"{type(exc).__name__}: {text}"
 
 
+def rendezvous_message(info, exc: BaseException) -> str:
+    """The process group could not start: where this rank tried to meet the others, why, and what
+    to check (`info` is the rank's `distributed.DistInfo`)."""
+    text = one_line(exc)
+    where = f"{info.master_addr}:{info.master_port}"
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        advice = f"port {info.master_port} is taken on this host: set MASTER_PORT to a free port"
+    elif info.world_size == 1:
+        advice = "check MASTER_ADDR / MASTER_PORT"
+    else:
+        advice = (
+            f"check that all {info.world_size} ranks started and that MASTER_ADDR / MASTER_PORT name a "
+            "host and port every rank can reach"
+        )
+    return (
+        f"the process group did not start (rank {info.rank} of {info.world_size}, {info.launcher} launcher, "
+        f"rendezvous at {where}, backend {info.backend}): {text}; {advice}"
+    )
+
+
 def is_peer_failure(exc: BaseException) -> bool:
     """True when the exception only reports that another rank went away."""
     text = str(exc)

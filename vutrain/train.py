@@ -93,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     from vutrain.trainer import PREEMPT_EXIT_CODE, Preempted, Trainer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    init_distributed(info)
+    try:
+        init_distributed(info)
+    except Exception as exc:  # no group, so no agreement: each rank says its own, in one line
+        cleanup()
+        prefix = "" if info.world_size == 1 else f"rank {info.rank}: "
+        print(f"error: {prefix}{startup_errors.rendezvous_message(info, exc)}", file=sys.stderr)
+        return startup_errors.EXIT_CODE
     trainer, start_step = None, None
 
     def starting() -> bool:
