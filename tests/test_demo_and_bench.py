@@ -109,7 +109,11 @@ def test_demo_trains_on_the_visible_gpus(monkeypatch, tmp_path, visible, ranks, 
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.delenv("VUTRAIN_DEVICE", raising=False)
     launched = []
-    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: launched.append((cmd, kw["env"])))
+    def run(cmd, **kw):
+        launched.append((cmd, kw["env"]))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(demo.subprocess, "run", run)
     demo.train(str(tmp_path), "train.tar", "val.tar", ranks, 1, [], gpu)
     ((cmd, env),) = launched
     picked = cmd[1 : cmd.index("--master_port")]
