@@ -109,6 +109,7 @@ def test_demo_trains_on_the_visible_gpus(monkeypatch, tmp_path, visible, ranks, 
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.delenv("VUTRAIN_DEVICE", raising=False)
     launched = []
+
     def run(cmd, **kw):
         launched.append((cmd, kw["env"]))
         return subprocess.CompletedProcess(cmd, 0)
