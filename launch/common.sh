@@ -154,13 +154,18 @@ load_deepspeed_env() {
     done <"$1"
 }
 
-# output_dir_from_args ARGS...: the value of output_dir=... among trainer overrides, if any.
+# run_config_value KEY ARGS...: KEY of the run config that the trainer arguments ARGS
+# (--config FILE k=v ...) give, the YAML included (`python -m vutrain.config --get`, no torch
+# import); empty when they do not parse, which train.py then reports itself.
+run_config_value() {
+    local key="$1"
+    shift
+    "${PYTHON:-python}" -m vutrain.config --get "$key" "$@" 2>/dev/null || true
+}
+
+# output_dir_from_args ARGS...: the run's output_dir (the shipped run files set it in the YAML).
 output_dir_from_args() {
-    local arg
-    for arg in "$@"; do
-        [[ "$arg" == output_dir=* ]] && echo "${arg#output_dir=}"
-    done
-    return 0
+    run_config_value output_dir "$@"
 }
 
 # restart_resume OUT_DIR ARGS...: "train.resume=auto" when this start is a requeue of a job
@@ -169,12 +174,10 @@ output_dir_from_args() {
 # from that checkpoint, at every requeue). Nothing otherwise, e.g. a requeue before the first
 # checkpoint, where the submitted value still holds.
 restart_resume() {
-    local out_dir="$1" arg submitted="" ckpt
+    local out_dir="$1" submitted ckpt
     shift
     (( ${SLURM_RESTART_COUNT:-0} > 0 )) || return 0
-    for arg in "$@"; do
-        [[ "$arg" == train.resume=* ]] && submitted="${arg#train.resume=}"
-    done
+    submitted="$(run_config_value train.resume "$@")"  # the YAML's too, not only the command line's
     [[ -n "$submitted" && "$submitted" != auto && -n "$out_dir" ]] || return 0
     for ckpt in "$out_dir"/checkpoints/step_*; do
         if [[ -d "$ckpt" && "$ckpt" != *.tmp ]]; then

@@ -198,3 +198,19 @@ def test_config_cli_bad_override_is_one_line(capsys):
         assert stopped.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("config error: ") and err.count("\n") == 1, err
+
+
+def test_config_cli_get_prints_one_key_for_the_launch_scripts(capsys):
+    """`--get KEY` (launch/common.sh reads output_dir and train.resume with it): the YAML's value,
+    an override's over it, "" for None, and a bad key or a section in one line."""
+    from vutrain.config import main
+
+    main(["--get", "output_dir", "--config", "tiny"])
+    main(["--get", "train.resume", "--config=tiny", "train.resume=never"])
+    main(["--get", "train.ds_config", "--config", "tiny", "train.ds_config=null"])
+    assert capsys.readouterr().out.splitlines() == ["runs/tiny", "never", ""]
+    for key, message in (("train.bogus", "is not a config key"), ("train", "is a section")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["--get", key, "--config", "tiny"])
+        assert stopped.value.code == 2
+        assert message in capsys.readouterr().err

@@ -203,3 +203,47 @@ def test_make_hostfile_plain_list_needs_no_slurm(tmp_path):
         env=env, capture_output=True, text=True, cwd=REPO, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "expanded to no hosts" in proc.stderr
+
+
+def test_requeue_reads_output_dir_and_resume_from_the_yaml(tmp_path):
+    """`sbatch srun.sbatch --config vit-b-32.yaml`: output_dir (and a train.resume) live in the YAML.
+    The scripts read them from the command line only, so a requeued job with `resume: never` in its
+    YAML restarted from step 0 at every requeue, and preempted.json was never looked for."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_4").mkdir(parents=True)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"output_dir: {run}\ntrain:\n  resume: never\n")
+    script = (
+        'source launch/common.sh; OUT="$(output_dir_from_args "$@")"; echo "out=$OUT"; '
+        'echo "resume=$(restart_resume "$OUT" "$@")"'
+    )
+    env = dict(os.environ, PYTHON=sys.executable, SLURM_RESTART_COUNT="1")
+    proc = subprocess.run(
+        ["bash", "-c", script, "probe", "--config", str(yaml_file), "train.max_steps=8"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.splitlines() == [f"out={run}", "resume=train.resume=auto"], proc.stderr
+    assert "in place of the submitted train.resume=never" in proc.stderr
+    # A command-line override still wins over the YAML; a first start changes nothing.
+    proc = subprocess.run(
+        [
+            "bash",
+            "-c",
+            script,
+            "probe",
+            "--config",
+            str(yaml_file),
+            "train.resume=auto",
+            "output_dir=/nowhere",
+        ],
+        cwd=REPO,
+        env=dict(env, SLURM_RESTART_COUNT="0"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.splitlines() == ["out=/nowhere", "resume="], proc.stderr

@@ -394,6 +394,14 @@ def resolve_config_path(name_or_path: str) -> str:
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
     """Build a RunConfig from a YAML file (or a shipped run file's name) and dotted overrides, validated."""
+    cfg = build_config(path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def build_config(path: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """The RunConfig of a YAML file and overrides, keys and types checked but not validated: what
+    the launch scripts read (`--get`) in a tenth of a second, without importing torch."""
     cfg = RunConfig()
     if path:
         path = resolve_config_path(path)
@@ -404,7 +412,6 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> R
         _apply_mapping(cfg, data)
     for item in overrides:
         apply_override(cfg, item)
-    validate(cfg)
     return cfg
 
 
@@ -695,22 +702,46 @@ def _validate_loss(lo: LossConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m vutrain.config [--config F] [k=v ...]` prints the resolved config or the reference."""
-    argv = sys.argv[1:] if argv is None else argv
+    """`python -m vutrain.config [--get KEY] [--config F] [k=v ...]` prints the resolved config, one
+    key of it (`--get train.resume`, unvalidated: for the launch scripts), or the reference."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(reference_markdown())
         return
+    get = None
+    if argv[0] == "--get":
+        if len(argv) < 2:
+            raise SystemExit("config error: --get needs a key, e.g. output_dir or train.resume")
+        get, argv = argv[1], argv[2:]
     path = None
-    if argv[0] == "--config":
+    if argv and argv[0].startswith("--config="):  # as train.py's argparse also accepts it
+        argv = ["--config", argv[0].split("=", 1)[1], *argv[1:]]
+    if argv and argv[0] == "--config":
         if len(argv) < 2:
             raise SystemExit("config error: --config needs a YAML file")
         path, argv = argv[1], argv[2:]
     try:
-        cfg = load_config(path, argv)
+        if get is None:
+            cfg = load_config(path, argv)
+        else:
+            print(_get_key(build_config(path, argv), get))
+            return
     except (ConfigError, OSError) as exc:  # as train.py reports it: one line, exit 2
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _get_key(cfg: RunConfig, key: str) -> str:
+    """The value of a dotted key ("" for None) as the shell reads it."""
+    value: Any = cfg
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(value) or part not in {f.name for f in dataclasses.fields(value)}:
+            raise ConfigError(f"{key} is not a config key; see `python -m vutrain.config` for the list")
+        value = getattr(value, part)
+    if dataclasses.is_dataclass(value):
+        raise ConfigError(f"{key} is a section; name one of its keys")
+    return "" if value is None else str(value)
 
 
 if __name__ == "__main__":
