@@ -192,3 +192,12 @@ def test_rendezvous_port_in_use_is_one_line_with_advice(monkeypatch, capsys, syn
     assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith("error: the process group did not start (rank 0 of 1, single launcher"), lines
     assert f"port {port} is taken on this host: set MASTER_PORT to a free port" in lines[0], lines
+
+
+def test_concurrent_srun_steps_of_one_job_get_their_own_port():
+    """Two `srun ... &` steps of one job on the same first node both listened on 20000 + job id."""
+    step0 = {**CPU, "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}
+    step1 = dict(step0, SLURM_STEP_ID="1", SLURM_PROCID="1")
+    assert resolve_dist_env(step0).master_port == 24242  # launch/common.sh's default_master_port
+    assert resolve_dist_env(step1).master_port == 25242
+    assert resolve_dist_env(dict(step1, MASTER_PORT="29600")).master_port == 29600

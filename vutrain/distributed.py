@@ -185,11 +185,14 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
     port = _int("MASTER_PORT", env)
     if port is None:
         job = _int("SLURM_JOB_ID", env)
-        # A port derived from the job id lets two jobs share a node without colliding.
-        if job is not None:
-            port = 20000 + job % 20000
-        elif launcher == "single":  # nobody else joins: any free port avoids clashing with other runs
+        if launcher == "single":  # nobody else joins: any free port avoids clashing with other runs
             port = free_port()
+        elif job is not None:
+            # Derived from the job id, so two jobs sharing a node do not collide, and from the step
+            # id, so two srun steps of one job running side by side do not either (step 0 gets
+            # launch/common.sh's default_master_port).
+            step = (_int("SLURM_STEP_ID", env) or 0) if launcher == "slurm" else 0
+            port = 20000 + (job + 1000 * step) % 20000
         else:
             port = 29500
     device, backend = resolve_device(local_rank, env, local_world)
