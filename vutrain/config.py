@@ -609,21 +609,10 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
         )
     # Keys train.* decides: DeepSpeed would follow the JSON while config.yaml, the logs and the
     # trainer's own precision handling (autocast, the non-finite guard) follow train.*.
-    decided = (
-        ("gradient_clipping", ds.get("gradient_clipping", "auto"), t.grad_clip, "train.grad_clip"),
-        (
-            "bf16.enabled",
-            _section(ds, "bf16").get("enabled", "auto"),
-            t.precision == "bf16",
-            "train.precision",
-        ),
-        (
-            "fp16.enabled",
-            _section(ds, "fp16").get("enabled", "auto"),
-            t.precision == "fp16",
-            "train.precision",
-        ),
-    )
+    decided = [("gradient_clipping", ds.get("gradient_clipping", "auto"), t.grad_clip, "train.grad_clip")]
+    for half in ("bf16", "fp16"):
+        got = _section(ds, half).get("enabled", "auto")
+        decided.append((f"{half}.enabled", got, t.precision == half, "train.precision"))
     for key, got, want, train_key in decided:
         same = got == want if isinstance(want, bool) else _same_numbers(got, want)
         if got != "auto" and not same:

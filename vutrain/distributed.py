@@ -110,15 +110,16 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
     return counts[node_id] if 0 <= node_id < len(counts) else None
 
 
-# SLURM's step ids for the batch script and the interactive (salloc) shell: no srun task.
-_SLURM_SHELL_STEPS = {"4294967294", "4294967290", "batch", "interactive", "extern"}
+# Step ids from here up are SLURM's special steps (batch script, extern, salloc's interactive
+# shell: 0xfffffffa and above in slurm.h), never an srun task.
+_SLURM_SPECIAL_STEPS = 0xFFFFFFFA
 
 
 def _in_srun_step(env) -> bool:
     """True in a task started by srun; False in the sbatch script or salloc shell itself, which
     export SLURM_PROCID=0 and the job's SLURM_NTASKS although only this one process runs."""
-    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
-    return step not in (None, "") and step not in _SLURM_SHELL_STEPS
+    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or ""
+    return step.isdigit() and int(step) < _SLURM_SPECIAL_STEPS
 
 
 def free_port() -> int:
