@@ -5,6 +5,15 @@ PY := $(VENV)/bin/python
 # The CPU build of torch. A plain `pip install torch` would pull a multi-GB CUDA build;
 # override (e.g. TORCH_SPEC='torch==2.5.1') to use another, any >= 2.3 works.
 TORCH_SPEC ?= torch==2.13.0
+# A torch already in .venv is kept (e.g. a CUDA build you installed), but a TORCH_SPEC you give (command
+# line or environment) that differs from the one `make venv` last installed replaces it: without this
+# record a later `make test TORCH_SPEC=...` was silently ignored.
+TORCH_SPEC_FILE := $(VENV)/torch-spec.txt
+ifneq ($(filter command line environment,$(origin TORCH_SPEC)),)
+ifneq ($(strip $(TORCH_SPEC)),$(strip $(shell cat $(TORCH_SPEC_FILE) 2>/dev/null)))
+TORCH_REINSTALL := 1
+endif
+endif
 # The tested versions of everything else (constraints.txt, refreshed by `make lock`). Pass
 # `CONSTRAINTS=` to resolve the newest versions setup.py allows instead.
 CONSTRAINTS ?= constraints.txt
@@ -12,11 +21,12 @@ PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast lint learn-check install-check bench lock clean
+.PHONY: FORCE venv demo test test-fast lint learn-check install-check bench lock clean
+FORCE:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py $(CONSTRAINTS)
+$(VENV)/.installed: setup.py $(CONSTRAINTS) $(if $(TORCH_REINSTALL),FORCE)
 	# A venv left without pip (its creation failed half way, e.g. python3-venv missing) is rebuilt,
 	# so that the real error shows again instead of "No module named pip" on every later run.
 	@test ! -x $(PY) || $(PY) -m pip --version > /dev/null 2>&1 || { echo "$(VENV) has no pip: rebuilding it"; rm -rf $(VENV); }
@@ -24,8 +34,9 @@ $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "error: $(PYTHON) is Python %d.%d; vutrain needs >= 3.11 (make PYTHON=python3.11 ...)" % sys.version_info[:2])'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, and only if missing: deepspeed builds against the torch already there.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	# torch first (deepspeed builds against the torch already there): if missing, or asked for (above).
+	$(PY) -c "import torch" 2>/dev/null && test -z "$(TORCH_REINSTALL)" || \
+	    { $(PY) -m pip install -q "$(TORCH_SPEC)" && echo '$(TORCH_SPEC)' > $(TORCH_SPEC_FILE); }
 	# The constraint keeps whichever torch is installed from being replaced.
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt $(PIN) -e '.[test]'

@@ -147,3 +147,40 @@ def test_make_rebuilds_a_venv_left_without_pip(tmp_path):
     assert proc.returncode != 0
     assert ".venv has no pip: rebuilding it" in out and "ensurepip is not available" in out, out
     assert ": No module named pip" not in out, out  # python's own words, not the recipe's comment
+
+
+def test_make_venv_installs_a_torch_spec_given_later(tmp_path):
+    """`make test TORCH_SPEC=...` on an existing .venv was silently ignored: torch was installed only
+    when missing. A spec given on the command line or in the environment that differs from the one
+    `make venv` last installed now reinstalls torch; the default spec still keeps any torch there.
+    (`make -n`: the real Makefile's decision, without downloading a torch.)"""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("Makefile", "setup.py", "constraints.txt"):
+        shutil.copy(repo / name, tmp_path / name)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / ".installed").touch()  # an installed .venv, newer than setup.py
+
+    def plan(*args, env=None):
+        proc = subprocess.run(
+            ["make", "-n", "venv", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(os.environ, **(env or {})),
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    reinstall = 'pip install -q "torch==2.5.1"'
+    assert "Nothing to be done" in plan()  # the default spec: whatever torch is there stays
+    assert reinstall in plan("TORCH_SPEC=torch==2.5.1")
+    assert reinstall in plan(env={"TORCH_SPEC": "torch==2.5.1"})
+    (tmp_path / ".venv" / "torch-spec.txt").write_text("torch==2.5.1\n")  # what that install records
+    assert "Nothing to be done" in plan("TORCH_SPEC=torch==2.5.1")  # asked again: already there
+    assert 'pip install -q "torch==2.13.0"' in plan("TORCH_SPEC=torch==2.13.0")
