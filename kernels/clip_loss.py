@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.contrastive_ce import as_scale_tensor, grad_like, scale_meta
-from kernels.reference import check_inputs, clip_loss_reference
+from kernels.contrastive_ce import as_scale_tensor, grad_like, refuse_create_graph, scale_meta
+from kernels.reference import check_inputs, check_square, clip_loss_reference
 from kernels.runtime import autocast_inputs, device_guard, use_triton
 
 
@@ -33,6 +33,7 @@ class ClipLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         """Gradients in both feature sets and (when it was a tensor) the logit scale."""
+        refuse_create_graph("clip_loss")
         from kernels.grad_backward import grad_backward
         from kernels.lse_forward import LseStats
 
@@ -61,12 +62,8 @@ def clip_loss(
     """
     if not use_triton(image_features, text_features):
         return clip_loss_reference(image_features, text_features, logit_scale)
+    check_square(image_features, text_features)
     check_inputs(image_features, text_features, 0, "mean")
-    if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError(
-            f"clip_loss needs as many images as texts; got {image_features.shape[0]} and "
-            f"{text_features.shape[0]} (use contrastive_ce for rectangular problems)"
-        )
     image_features, text_features = autocast_inputs(image_features, text_features)
     scale_is_tensor = isinstance(logit_scale, torch.Tensor)
     return ClipLossFunction.apply(image_features, text_features, logit_scale, scale_is_tensor)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import check_inputs, contrastive_ce_reference
+from kernels.reference import as_label_offset, check_inputs, contrastive_ce_reference
 from kernels.runtime import autocast_inputs, device_guard, use_triton
 
 
@@ -43,6 +43,17 @@ def grad_like(grad: torch.Tensor, meta: tuple | None) -> torch.Tensor | None:
         return None
     shape, dtype, device = meta
     return grad.reshape(shape).to(device=device, dtype=dtype)
+
+
+def refuse_create_graph(op: str) -> None:
+    """Raise inside a kernel's backward run with ``create_graph=True`` (autograd turns grad mode
+    on there only then). The gradients come from Triton kernels that autograd cannot see, so a
+    second backward through them (a gradient penalty) would silently miss the loss's terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"kernels.{op} has no second derivative (backward with create_graph=True, e.g. a gradient "
+            f"penalty); use kernels.reference.{op}_reference or loss.backend=torch for that"
+        )
 
 
 def row_weights(grad: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
@@ -85,6 +96,7 @@ class ContrastiveCEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         """Gradients in Q, K and (when it was a tensor) the logit scale."""
+        refuse_create_graph("contrastive_ce")
         from kernels.grad_backward import grad_backward
         from kernels.lse_forward import LseStats
 
@@ -119,6 +131,7 @@ def contrastive_ce(
     bounded gradient workspace; falls back to ``kernels.reference`` otherwise. Under
     ``torch.autocast`` fp32 features run in the autocast dtype, as the reference's matmul.
     """
+    label_offset = as_label_offset(label_offset)
     check_inputs(queries, keys, label_offset, reduction)
     if not use_triton(queries, keys):
         return contrastive_ce_reference(

@@ -8,6 +8,8 @@ the Triton path, which reduces in fp32 whatever the input dtype.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,28 @@ def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, r
         raise ValueError(f"queries ({queries.device}) and keys ({keys.device}) must be on the same device")
 
 
+def check_square(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    """clip_loss's own shape rule, checked before ``check_inputs``: with more images than texts
+    that would blame a ``label_offset`` the caller never passed."""
+    if image_features.dim() == 2 and text_features.dim() == 2:
+        if image_features.shape[0] != text_features.shape[0]:
+            raise ValueError(
+                f"clip_loss needs as many images as texts; got {image_features.shape[0]} and "
+                f"{text_features.shape[0]} (use contrastive_ce for rectangular problems)"
+            )
+
+
+def as_label_offset(label_offset) -> int:
+    """``label_offset`` as a Python int: the kernels take it as a launch scalar, where a 0-dim
+    tensor (or a numpy integer) failed deep inside Triton although the reference accepts it."""
+    try:
+        return operator.index(label_offset)
+    except TypeError:
+        raise ValueError(
+            f"label_offset must be an integer (e.g. rank * local_batch); got {label_offset!r}"
+        ) from None
+
+
 def contrastive_ce_reference(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -74,12 +98,8 @@ def clip_loss_reference(
 
     image_features, text_features: [N, D] (rows i are positives of each other).
     """
+    check_square(image_features, text_features)
     check_inputs(image_features, text_features, 0, "mean")
-    if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError(
-            f"clip_loss needs as many images as texts; got {image_features.shape[0]} and "
-            f"{text_features.shape[0]} (use contrastive_ce for rectangular problems)"
-        )
     logits = (logit_scale * (image_features @ text_features.T)).to(_loss_dtype(image_features.dtype))
     labels = torch.arange(image_features.shape[0], device=image_features.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

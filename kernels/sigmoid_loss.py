@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.contrastive_ce import as_scale_tensor, grad_like, scale_meta
-from kernels.reference import check_inputs, sigmoid_loss_reference
+from kernels.contrastive_ce import as_scale_tensor, grad_like, refuse_create_graph, scale_meta
+from kernels.reference import as_label_offset, check_inputs, sigmoid_loss_reference
 from kernels.runtime import autocast_inputs, device_guard, use_triton
 
 
@@ -68,6 +68,7 @@ class SigmoidLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         """Gradients in Q, K and (when they were tensors) the logit scale and bias."""
+        refuse_create_graph("sigmoid_loss")
         g = grad.float().reshape(())
         if ctx.grads is not None:
             dq, dk, dscale, dbias = ctx.grads
@@ -109,6 +110,7 @@ def sigmoid_loss(
     Triton path (CUDA tensors, or TRITON_INTERPRET=1): extra memory O(N) plus the bounded
     gradient workspace; falls back to ``kernels.reference`` (plain torch) otherwise.
     """
+    label_offset = as_label_offset(label_offset)
     check_inputs(queries, keys, label_offset, "mean")
     if not use_triton(queries, keys):
         return sigmoid_loss_reference(queries, keys, logit_scale, logit_bias, label_offset=label_offset)

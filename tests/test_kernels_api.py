@@ -1,0 +1,124 @@
+"""The public ops' contract at its edges, as a user calls them: a second-order backward
+(``create_graph=True``, e.g. a gradient penalty) fails loudly rather than returning gradients
+that silently lack the loss's second-order terms; every argument the torch reference accepts
+(an integer ``label_offset`` as a 0-dim tensor or numpy int) works on the kernel path too; and
+shape errors name the argument at fault. Under the Triton interpreter on CPU (or on CUDA when a
+GPU exists); re-runs itself in a fresh process if Triton was imported before TRITON_INTERPRET=1.
+Expected runtime: ~5 s on 2 cores.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
+
+import numpy as np
+import pytest
+import torch.nn.functional as F
+
+import kernels
+from kernels.reference import clip_loss_reference, contrastive_ce_reference, sigmoid_loss_reference
+from kernels.testing import run_module_in_interpreter, triton_mode
+
+MODE = triton_mode()
+DEVICE = "cuda" if MODE == "gpu" else "cpu"
+pytestmark = pytest.mark.skipif(MODE == "none", reason="Triton is not installed")
+in_process = pytest.mark.skipif(
+    MODE == "subprocess",
+    reason="Triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter",
+)
+
+N, M, D, OFFSET = 6, 9, 20, 2
+OPS = {
+    "contrastive_ce": (
+        lambda q, k: kernels.contrastive_ce(q, k, 5.0, label_offset=OFFSET),
+        lambda q, k: contrastive_ce_reference(q, k, 5.0, label_offset=OFFSET),
+    ),
+    "clip_loss": (
+        lambda q, k: kernels.clip_loss(q, k[:N], 5.0),
+        lambda q, k: clip_loss_reference(q, k[:N], 5.0),
+    ),
+    "sigmoid_loss": (
+        lambda q, k: kernels.sigmoid_loss(q, k, 5.0, -1.0, label_offset=OFFSET),
+        lambda q, k: sigmoid_loss_reference(q, k, 5.0, -1.0, label_offset=OFFSET),
+    ),
+}
+
+
+def test_rerun_in_fresh_interpreter():
+    if MODE != "subprocess":
+        pytest.skip("the interpreter (or a GPU) is active in this process")
+    r = run_module_in_interpreter(__file__)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def _penalised(op, dtype):
+    """``loss + |dloss/dq|^2`` backpropagated into both feature sets (a gradient penalty)."""
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=-1)
+    k = F.normalize(torch.randn(M, D, generator=g, dtype=torch.float64), dim=-1)
+    q, k = (x.to(device=DEVICE, dtype=dtype).requires_grad_() for x in (q, k))
+    loss = op(q, k)
+    (grad_q,) = torch.autograd.grad(loss, q, create_graph=True)
+    (loss + grad_q.pow(2).sum()).backward()
+    return q.grad, k.grad
+
+
+@in_process
+@pytest.mark.parametrize("name", list(OPS))
+def test_second_order_backward_is_refused_not_silently_wrong(name):
+    kernel_op, reference_op = OPS[name]
+    _penalised(reference_op, torch.float64)  # the reference is twice differentiable
+    # The kernels' backward is not differentiable: the penalty's second-order terms used to be
+    # dropped without a word (gradients 3-8x too small here); now create_graph=True refuses.
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        _penalised(kernel_op, torch.float32)
+
+
+@in_process
+@pytest.mark.parametrize("name", list(OPS))
+def test_plain_backward_under_enable_grad_is_not_refused(name):
+    """Only create_graph=True turns grad mode on inside a backward: an ordinary backward, even
+    called inside ``torch.enable_grad()``, still gets the kernels' gradients."""
+    kernel_op, reference_op = OPS[name]
+    g = torch.Generator().manual_seed(1)
+    q = F.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=-1)
+    k = F.normalize(torch.randn(M, D, generator=g, dtype=torch.float64), dim=-1)
+    grads = []
+    for op, dtype in ((kernel_op, torch.float32), (reference_op, torch.float64)):
+        qa, ka = (x.to(device=DEVICE, dtype=dtype).requires_grad_() for x in (q, k))
+        with torch.enable_grad():
+            grads.append(torch.autograd.grad(op(qa, ka), (qa, ka)))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours.double().cpu(), ref.cpu(), rtol=1e-4, atol=1e-6)
+
+
+@in_process
+@pytest.mark.parametrize("offset", [torch.tensor(OFFSET), np.int64(OFFSET)], ids=["tensor", "numpy"])
+def test_label_offset_as_any_integer_matches_the_reference(offset):
+    """The reference took these; the kernels passed them to Triton as a pointer or an unknown
+    type and failed inside its compiler (the interpreter: "invalid operands of type pointer")."""
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g)
+    q, k = q.to(DEVICE).requires_grad_(), k.to(DEVICE)
+    ce = kernels.contrastive_ce(q, k, 5.0, label_offset=offset)
+    assert "ContrastiveCE" in type(ce.grad_fn).__name__, "kernel path not taken"
+    ref = contrastive_ce_reference(q.double(), k.double(), 5.0, label_offset=OFFSET)
+    torch.testing.assert_close(ce.double().cpu(), ref.detach().cpu(), rtol=1e-5, atol=1e-6)
+    sig = kernels.sigmoid_loss(q, k, 5.0, -1.0, label_offset=offset)
+    ref = sigmoid_loss_reference(q.double(), k.double(), 5.0, -1.0, label_offset=OFFSET)
+    torch.testing.assert_close(sig.double().cpu(), ref.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+@in_process
+def test_argument_errors_name_what_is_wrong():
+    q, k = torch.randn(N, D, device=DEVICE), torch.randn(M, D, device=DEVICE)
+    for op in (kernels.contrastive_ce, lambda q, k, s, **kw: kernels.sigmoid_loss(q, k, s, 0.0, **kw)):
+        with pytest.raises(ValueError, match="label_offset must be an integer"):
+            op(q, k, 5.0, label_offset=1.5)
+    # More images than texts: the square rule, not a label_offset clip_loss has no argument for.
+    for op in (kernels.clip_loss, clip_loss_reference):
+        with pytest.raises(ValueError, match="as many images as texts"):
+            op(k, q, 5.0)
