@@ -55,18 +55,41 @@ def gather_objects(items: list) -> list:
     return [x for part in out for x in part]
 
 
-def recall_at_k(sim: torch.Tensor, ks=RECALL_KS) -> dict[int, float]:
+def recall_at_k(sim: torch.Tensor, ks=RECALL_KS, groups: torch.Tensor | None = None) -> dict[int, float]:
     """sim: [N, N], the pair of row i is column i. Fraction of rows whose pair ranks within the top k.
 
+    groups: [N] caption ids (equal for identical captions): a column of the row's group is as
+    right as the pair itself (the same caption retrieved, or an image of that caption), so the row
+    counts its best-scoring one and the others do not compete. Without it, each row has one.
+
     A column that ties the true pair ranks before it: a collapsed model (every embedding equal)
-    scores k / N, not 1.0, and duplicate captions do not lift the figure. NaN counts against the
-    model too: a NaN column beats every pair, a NaN pair is beaten by every column (a comparison
-    with NaN is False, so a diverged model's all-NaN similarities scored recall 1.0).
+    scores k / N, not 1.0. NaN counts against the model too: a NaN column beats every pair, a NaN
+    pair is a miss (a comparison with NaN is False, so a diverged model's all-NaN similarities
+    scored recall 1.0).
     """
-    diag = sim.diagonal().unsqueeze(1)
-    beats = (sim >= diag) | sim.isnan() | diag.isnan()
-    rank = beats.sum(dim=1) - 1  # how many other columns beat or tie the true pair
+    n = sim.shape[0]
+    groups = torch.arange(n, device=sim.device) if groups is None else groups.to(sim.device)
+    ranks = []
+    for start in range(0, n, 4096):  # rows in chunks: a few [chunk, N] temporaries, never [N, N]
+        rows = sim[start : start + 4096]
+        same = groups[start : start + 4096, None] == groups[None, :]
+        scored = same & ~rows.isnan()
+        best = torch.where(scored, rows, float("-inf")).amax(dim=1, keepdim=True)
+        beats = ((rows >= best) | rows.isnan()) & ~same  # how many other columns beat or tie it
+        rank = beats.sum(dim=1)
+        ranks.append(torch.where(scored.any(dim=1), rank, n))  # every right column NaN: a miss
+    rank = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=sim.device)
     return {k: (rank < k).float().mean().item() for k in ks}
+
+
+def caption_tokens(batch: dict) -> list[tuple[int, ...]]:
+    """Per sample of ``batch``, its caption's attended token ids: equal for identical captions."""
+    ids = batch["input_ids"].tolist()
+    mask = batch.get("attention_mask")
+    masks = mask.tolist() if mask is not None else [[1] * len(row) for row in ids]
+    return [
+        tuple(t for t, m in zip(row, keep, strict=True) if m) for row, keep in zip(ids, masks, strict=True)
+    ]
 
 
 def _lockstep(batches, run, device) -> tuple[list, list[dict]]:
@@ -141,15 +164,19 @@ def evaluate(
             for i, lab in enumerate(b["labels"])
         ]
         tags = [t for b in kept for t in b.get("tags", [[]] * len(b["labels"]))]
+        tokens = [t for b in kept for t in caption_tokens(b)]  # identical captions: one group in recall
         img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
+        tokens = gather_objects(tokens)
         tags = gather_objects(tags) if tag_vocab_size > 0 else []
 
         metrics: dict[str, float] = {"eval/num_samples": float(img.shape[0])}
         if img.shape[0] == 0:
             return metrics
         sim = img @ txt.T
+        group_of: dict[tuple, int] = {}
+        groups = torch.tensor([group_of.setdefault(t, len(group_of)) for t in tokens], device=img.device)
         for name, s in (("i2t", sim), ("t2i", sim.T)):
-            for k, value in recall_at_k(s).items():
+            for k, value in recall_at_k(s, groups=groups).items():
                 metrics[f"eval/{name}_r{k}"] = value
 
         def encode_text(texts):
@@ -166,7 +193,9 @@ def evaluate(
             emb = class_embeddings(encode_text, classes, templates)
             # A sample's labels: one for a scalar field, each element of a list field (a hit when
             # the top class is any of them); a sample without one of the classes is left out.
-            known = [i for i, labs in enumerate(labels) if labs & set(classes)]
+            # (the class set built once: per sample it cost N x C, minutes at 50k tags and samples)
+            class_set = set(classes)
+            known = [i for i, labs in enumerate(labels) if not labs.isdisjoint(class_set)]
             if known:
                 scores = img[known] @ emb.T
                 # argmax picks a NaN: a sample with a NaN score is a miss, never a lucky hit.

@@ -139,24 +139,47 @@ class ClipCropUint8:
             # not a JPEG (PNG, WebP), or a frame header that disagrees with the decoded pixels:
             # the geometry of the decoded image
             target = resized_geometry(w, h, self.resize)
+            extent = (w, h)
+        else:
+            # A DCT-scaled decode of a size that 1/scale does not divide has a last row/column
+            # that covers only part of a block: the image spans size / scale decoded pixels, not
+            # all of them. Resizing the whole array would stretch it by up to one decoded pixel.
+            extent = (size[0] / scale, size[1] / scale)
         new_w, new_h = target
         # [3, h, w] as a channels-last view of the decoder's HWC array: torch's uint8
         # antialiased kernels are vectorised for it, and they return a contiguous [3, h', w'].
         pixels = torch.from_numpy(array).permute(2, 0, 1)
         if (w, h) != (new_w, new_h):
-            pixels = self._resize(pixels, new_w, new_h)
+            pixels = self._resize(pixels, new_w, new_h, extent)
         return self._crop(pixels, new_w, new_h)  # a view: the collation copies it once
 
-    def _resize(self, pixels: torch.Tensor, new_w: int, new_h: int) -> torch.Tensor:
+    def _resize(
+        self, pixels: torch.Tensor, new_w: int, new_h: int, extent: tuple[float, float]
+    ) -> torch.Tensor:
+        """Resize the region [0, extent) of ``pixels`` (all of it, or less after a partial block)."""
+        h, w = pixels.shape[1:]
         mode = _TORCH_FILTERS.get(self.resample)
         if mode is None:  # lanczos, nearest, ...: PIL's own filter (slower, still one resize)
             image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-            resized = np.array(image.resize((new_w, new_h), resample=self.resample))
+            box = (0.0, 0.0, *extent)
+            resized = np.array(image.resize((new_w, new_h), resample=self.resample, box=box))
             return torch.from_numpy(resized).permute(2, 0, 1)
+        if extent == (w, h):
+            out = F.interpolate(
+                pixels.unsqueeze(0), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False
+            )
+            return out[0]
+        # The scale factors map [0, extent) onto the output (as PIL's resize with a box); the
+        # output is at least (new_h, new_w) and its first rows and columns are the image.
         out = F.interpolate(
-            pixels.unsqueeze(0), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False
+            pixels.unsqueeze(0),
+            scale_factor=(_scale_to_cover(h, new_h, extent[1]), _scale_to_cover(w, new_w, extent[0])),
+            mode=mode,
+            antialias=True,
+            align_corners=False,
+            recompute_scale_factor=False,
         )
-        return out[0]
+        return out[0, :, :new_h, :new_w]
 
     def _crop(self, pixels: torch.Tensor, new_w: int, new_h: int) -> torch.Tensor:
         ch, cw = self.crop_hw
@@ -168,6 +191,13 @@ class ClipCropUint8:
         y1, x1 = min(top + ch, new_h), min(left + cw, new_w)
         out[:, y0 - top : y1 - top, x0 - left : x1 - left] = pixels[:, y0:y1, x0:x1]
         return out
+
+
+def _scale_to_cover(size: int, new: int, extent: float) -> float:
+    """``new / extent``, one ulp up where ``int(size * scale)`` (the output size interpolate makes)
+    would round to ``new - 1`` on an axis that the image fills (``extent == size``)."""
+    scale = new / extent
+    return scale if math.floor(size * scale) >= new else math.nextafter(scale, math.inf)
 
 
 def _geometry(image_processor) -> tuple[Resize, tuple[int, int], int]:
