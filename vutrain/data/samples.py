@@ -389,22 +389,28 @@ def draft_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
 
 # libjpeg-turbo converts these to RGB differently from PIL (Adobe's inverted CMYK): PIL decides.
 _PIL_COLORSPACES = frozenset({"CMYK", "YCCK"})
+# Chroma subsamplings whose DCT-scaled decode stays within the fast path's tolerance of a full
+# decode + resize. A scaled 4:2:2 (4:4:0, 4:1:1) decode upsamples its chroma another way: p99
+# 11-19 and single pixels 48 grey levels off the processor at 64 px; such JPEGs decode in full.
+_DCT_SCALED_SUBSAMPLINGS = frozenset({"420", "444", "Gray"})
 
 
 def decode_image_array(data: bytes, draft_to: tuple[int, int] | None = None) -> np.ndarray:
     """RGB uint8 array [H, W, 3] of an encoded image; SkipSample(undecodable_image) on failure.
 
     ``draft_to``: (w, h) the caller will resize to; a JPEG at least twice that size is decoded
-    DCT-scaled by :func:`draft_scale` (as ``Image.draft("RGB", draft_to)`` does). EXIF
+    DCT-scaled by :func:`draft_scale` (as ``Image.draft("RGB", draft_to)`` does), unless its
+    chroma subsampling is not 4:2:0, 4:4:4 or grey (then in full: see above). EXIF
     orientation is ignored, as by PIL and ``CLIPImageProcessor``. A JPEG without its end marker
     (truncated) always takes the PIL path, which raises instead of returning grey rows.
     """
     sj = _simplejpeg()
     if sj is not None and data.startswith(_JPEG_SOI) and data.endswith(_JPEG_EOI):
         try:
-            height, width, colorspace, _ = sj.decode_jpeg_header(data)
+            height, width, colorspace, subsampling = sj.decode_jpeg_header(data)
             if colorspace not in _PIL_COLORSPACES:
-                scale = draft_scale((width, height), draft_to) if draft_to else 1
+                scaled = draft_to and subsampling in _DCT_SCALED_SUBSAMPLINGS
+                scale = draft_scale((width, height), draft_to) if scaled else 1
                 return sj.decode_jpeg(
                     data,
                     colorspace="RGB",
