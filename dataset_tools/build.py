@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import shutil
+import string
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -55,13 +56,52 @@ def check_config(cfg: BuildConfig) -> None:
     read or written: a SystemExit whose one line says what to change."""
     if cfg.shard_size < 1:
         raise SystemExit(f"--shard-size {cfg.shard_size}: must be at least 1 (samples per shard, e.g. 1000)")
-    problem = plan_mod.check_caption_template(cfg.caption_template)
+    # Values that started the build and then failed every row (--retries -1: "internal fetch
+    # error" on each; --image-size 0, --deadline 0) or hung it (--threads 0).
+    p = cfg.politeness
+    for flag, value, ok, rule in (
+        ("--image-size", cfg.image_size, cfg.image_size >= 1, "at least 1 (pixels, e.g. 256)"),
+        ("--encode-quality", cfg.encode_quality, 0 <= cfg.encode_quality <= 100, "0 to 100 (e.g. 95)"),
+        ("--threads", cfg.threads, cfg.threads >= 1, "at least 1 (e.g. 16)"),
+        ("--retries", p.retries, p.retries >= 0, "0 (no re-attempt) or more (e.g. 3)"),
+        ("--deadline", p.deadline, p.deadline > 0, "more than 0 seconds (e.g. 20)"),
+        ("--requests-per-second", p.requests_per_second, p.requests_per_second >= 0, "0 (no cap) or more"),
+        ("--backoff-base", p.backoff_base, p.backoff_base >= 0, "0 or more seconds (e.g. 0.5)"),
+        ("--backoff-max", p.backoff_max, p.backoff_max >= 0, "0 or more seconds (e.g. 60)"),
+        ("--max-bytes", p.max_bytes, p.max_bytes >= 1, "at least 1 (e.g. 8388608)"),
+        ("--max-pixels", p.max_pixels, p.max_pixels >= 1, "at least 1 (e.g. 16777216)"),
+    ):
+        if not ok:
+            raise SystemExit(f"{flag} {value}: must be {rule}")
+    problem = plan_mod.check_caption_template(cfg.caption_template) or _url_template_problem(cfg)
     if problem:
         raise SystemExit(problem)
     try:
         cfg.politeness.per_process(cfg.processes)
     except ValueError as err:
         raise SystemExit(str(err)) from None
+
+
+def _url_template_problem(cfg: BuildConfig) -> str | None:
+    """None when ``--url-template`` names each thumbnail, else a one-line error. A typo such as
+    ``{id}`` failed every row of a resumed build ("internal fetch error"); a template without
+    ``{video_id}`` fetched one image for every video."""
+    hint = "e.g. https://i.ytimg.com/vi/{video_id}/{variant}.jpg"
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(cfg.url_template) if name is not None}
+        youtube.thumbnail_url("dQw4w9WgXcQ", cfg.variants[0], cfg.url_template)
+    except (ValueError, KeyError, IndexError, AttributeError) as err:
+        return f"--url-template {cfg.url_template!r}: {err!r}; use only {{video_id}} and {{variant}}, {hint}"
+    if "video_id" not in names:
+        return (
+            f"--url-template {cfg.url_template!r}: has no {{video_id}}, so every video gets one image; {hint}"
+        )
+    if "variant" not in names and len(cfg.variants) > 1:
+        return (
+            f"--url-template {cfg.url_template!r}: has no {{variant}}, so every rung of --variants asks "
+            f"for the same URL; add it or pass one variant, {hint}"
+        )
+    return None
 
 
 def _make_downloader(cfg: BuildConfig, output_folder: str, column_list: list[str]):

@@ -49,6 +49,8 @@ def dedup(
     shard_size: int = 1000,
 ) -> dict:
     """Find duplicate groups; returns the report (also written as JSON)."""
+    if max_distance < 0:  # would split the hash into zero chunks (ZeroDivisionError)
+        raise SystemExit(f"--max-distance {max_distance}: must be 0 (exact pHash match) or more, e.g. 4")
     shards.require_shards(folder)
     if filter_output:  # refused before the (slow) hashing, not after
         check_empty_output(filter_output)

@@ -53,13 +53,23 @@ class MetadataResult:
     formats: dict[str, str] = field(default_factory=dict)
 
 
+_TABLE_EXTENSIONS = ("csv", "tsv", "parquet", "jsonl", "json", "csv.gz", "tsv.gz", "jsonl.gz", "json.gz")
+
+
 def _expand_one(item: str) -> list[str]:
     """The files one ``--input`` names. An existing path is taken literally, so a name with
     ``[`` or ``*`` in it ("US [2018].csv") is never read as a pattern."""
     if os.path.isdir(item):
+        # Every extension the readers take, in any case: a folder's ``b.tsv.gz`` or ``US.CSV``
+        # was skipped without a word, while naming the same file was fine.
+        names = sorted(n for n in os.listdir(item) if not n.startswith("."))
         found = []
-        for ext in ("csv", "tsv", "parquet", "jsonl", "json", "csv.gz", "jsonl.gz"):
-            found += sorted(glob.glob(os.path.join(glob.escape(item), f"*.{ext}")))
+        for ext in _TABLE_EXTENSIONS:
+            found += [
+                os.path.join(item, n)
+                for n in names
+                if n.lower().endswith(f".{ext}") and os.path.isfile(os.path.join(item, n))
+            ]
         return found
     if os.path.exists(item) or not any(ch in item for ch in "*?["):
         return [item]  # a missing plain path is reported below, with the others
@@ -98,22 +108,42 @@ class MetadataError(ValueError):
 
 def _open_text(path: str, encoding: str, errors: str = "strict"):
     """A text handle on ``path`` (gzip when it ends in .gz), newlines left to the CSV reader."""
-    if path.endswith(".gz"):
+    if path.lower().endswith(".gz"):
         import gzip
 
         return gzip.open(path, "rt", encoding=encoding, errors=errors, newline="")
     return open(path, encoding=encoding, errors=errors, newline="")
 
 
-def _open_quote_line(path: str, encoding: str) -> int | None:
-    """The line where a double quote opens that is never closed (CSV quoting), if any."""
-    inside, opened = False, None
+def _open_quote_line(path: str, encoding: str, sep: str = ",") -> int | None:
+    """The line where a double quote opens that is never closed (CSV quoting), if any.
+
+    Follows the CSV rules pandas and the csv module read by: a quote opens a quoted field only at
+    the start of a field; elsewhere (``Samsung 65" TV``) it is a literal character. Counting
+    every quote blamed such a title for a row of too many fields further down.
+    """
+    inside, at_field_start, opened = False, True, None
     with _open_text(path, encoding, errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
-            for _ in range(line.count('"')):  # "" (an escaped quote) toggles twice: no change
-                inside = not inside
+            if not inside and '"' not in line:
+                at_field_start = True  # the fast path: a line without quotes ends its row
+                continue
+            i = 0
+            while i < len(line):
+                ch = line[i]
                 if inside:
-                    opened = lineno
+                    if ch == '"':
+                        if line[i + 1 : i + 2] == '"':
+                            i += 1  # "" inside quotes: an escaped quote
+                        else:
+                            inside, at_field_start = False, False
+                elif ch == sep or ch in "\r\n":
+                    at_field_start = True
+                elif ch == '"' and at_field_start:
+                    inside, opened = True, lineno
+                else:
+                    at_field_start = False
+                i += 1
     return opened if inside else None
 
 
@@ -122,11 +152,11 @@ def _open_quote_line(path: str, encoding: str) -> int | None:
 _MALFORMED = "__dataset_tools_malformed__"
 
 
-def _read_csv_keeping_malformed(path: str, encoding: str, sep: str) -> pd.DataFrame:
+def _read_csv_keeping_malformed(path: str, encoding: str, sep: str, errors: str) -> pd.DataFrame:
     """The slow path, for a file with rows of too many fields: the csv module (pandas would drop
     such a row with a warning, or shift every column when it is the first one)."""
     # utf-8-sig: pandas drops a byte order mark before the header; do the same.
-    with _open_text(path, "utf-8-sig" if encoding == "utf-8" else encoding) as fh:
+    with _open_text(path, "utf-8-sig" if encoding == "utf-8" else encoding, errors) as fh:
         reader = csv.reader(fh, delimiter=sep)
         try:
             header = next(reader)
@@ -157,32 +187,32 @@ def _unique_names(header: list[str]) -> list[str]:
     return names
 
 
-def _parse_csv(path: str, encoding: str, sep: str) -> pd.DataFrame:
+def _parse_csv(path: str, encoding: str, sep: str, errors: str) -> pd.DataFrame:
     """pandas' C parser (fast) for well-formed files, the csv module for the rest."""
     kwargs = dict(sep=sep, dtype=str, keep_default_na=False, on_bad_lines="error")
     try:
-        df = pd.read_csv(path, encoding=encoding, **kwargs)
+        df = pd.read_csv(path, encoding=encoding, encoding_errors=errors, **kwargs)
     except pd.errors.ParserError:
-        if _open_quote_line(path, encoding) is not None:
+        if _open_quote_line(path, encoding, sep) is not None:
             raise  # an unclosed quote swallows the rest of the file: the caller names its line
-        return _read_csv_keeping_malformed(path, encoding, sep)
+        return _read_csv_keeping_malformed(path, encoding, sep, errors)
     if not isinstance(df.index, pd.RangeIndex):
         # The first data row had more fields than the header: pandas took the first column as
         # an index and shifted every other one. Re-read so those rows are rejected instead.
-        return _read_csv_keeping_malformed(path, encoding, sep)
+        return _read_csv_keeping_malformed(path, encoding, sep, errors)
     return df
 
 
-def _read_csv(path: str, encoding: str, sep: str) -> pd.DataFrame:
+def _read_csv(path: str, encoding: str, sep: str, errors: str = "strict") -> pd.DataFrame:
     try:
-        return _parse_csv(path, encoding, sep)
+        return _parse_csv(path, encoding, sep, errors)
     except pd.errors.EmptyDataError:
         raise MetadataError(
             f"{path}: empty file (no header row). Remove it from --input, or give it a header "
             f"with a video id column ({', '.join(_ID_COLUMNS)}) and rows."
         ) from None
     except pd.errors.ParserError as err:
-        line = _open_quote_line(path, encoding)
+        line = _open_quote_line(path, encoding, sep)
         where = f"{path}:{line}" if line else path
         detail = "a double quote opens here and is never closed" if line else " ".join(str(err).split())
         raise MetadataError(
@@ -208,9 +238,43 @@ def _read_table(path: str) -> pd.DataFrame:
     try:
         return _read_csv(path, "utf-8", sep)
     except UnicodeDecodeError:
+        damage = _utf8_damage(path)
+        if damage:
+            # A UTF-8 file with a few bad bytes (a scraper cutting a description mid-character):
+            # latin-1 would turn every non-ASCII title of the file into mojibake.
+            print(f"[dataset_tools] {path}: {damage}")
+            return _read_csv(path, "utf-8", sep, errors="replace")
         # Several Kaggle country files are not UTF-8; latin-1 never fails and keeps every row.
         print(f"[dataset_tools] {path}: not UTF-8, reading as latin-1")
         return _read_csv(path, "latin-1", sep)
+
+
+def _utf8_damage(path: str) -> str | None:
+    """For a file that does not decode as UTF-8: a note saying which bytes will be replaced when
+    it is UTF-8 nonetheless (more correctly encoded non-ASCII characters than invalid bytes),
+    else None (a legacy 8-bit encoding such as latin-1, whose accented letters are all invalid)."""
+    if path.lower().endswith(".gz"):
+        import gzip
+
+        with gzip.open(path, "rb") as fh:
+            data = fh.read()
+    else:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError as err:
+        first_line = data[: err.start].count(b"\n") + 1
+    text = data.decode("utf-8", errors="replace")
+    invalid = text.count("\ufffd") - data.count("\ufffd".encode())
+    non_ascii = len(text) - len(text.encode("ascii", errors="ignore")) - invalid
+    if non_ascii <= invalid:
+        return None
+    return (
+        f"{invalid} invalid UTF-8 sequence(s) (the first on line {first_line}) in a UTF-8 file; "
+        "reading it as UTF-8 with those replaced by U+FFFD"
+    )
 
 
 def _read_json_text(path: str) -> str:

@@ -37,7 +37,11 @@ def split(
 ) -> dict:
     """Write ``folder``'s samples into ``output/train`` and ``output/val``; returns settings and counts."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+        # SystemExit, not ValueError: the CLI shows it as one line instead of a traceback.
+        raise SystemExit(
+            f"--val-fraction {val_fraction}: must be strictly between 0 and 1 (the share of samples "
+            "in val, e.g. 0.1)"
+        )
     shards.require_shards(folder)
     for side in ("train", "val"):  # both checked before either is created
         check_empty_output(os.path.join(output, side))

@@ -250,3 +250,58 @@ def test_unreadable_tables_are_metadata_errors(tmp_path, name, text, match):
     path.write_text(text)
     with pytest.raises(metadata.MetadataError, match=match):
         metadata.read_metadata([str(path)])
+
+
+def test_literal_quote_inside_a_field_is_not_an_unclosed_quote(tmp_path):
+    # A quote inside an unquoted field (an inch mark) is a literal character for pandas and the
+    # csv module. Counting every quote in the file blamed that title for an "unclosed quote" and
+    # stopped the build, instead of rejecting the row with an unquoted comma further down.
+    path = tmp_path / "inches.csv"
+    path.write_text(
+        'video_id,title,tags\nokokokokok1,Samsung 65" TV review,tv\n'
+        'okokokokok2,Hello, world,b\nokokokokok3,"quoted ""x"", fine",c\n'
+    )
+    res = metadata.read_metadata([str(path)])
+    assert res.input_rows == 3
+    assert _by_id(res)["okokokokok1"]["title"] == 'Samsung 65" TV review'
+    assert _by_id(res)["okokokokok3"]["title"] == 'quoted "x", fine'
+    assert [r["reason"] for r in res.rejected] == ["malformed CSV row at line 3 (4 fields, header has 3)"]
+    tsv = tmp_path / "inches.tsv"  # the same rule with tabs: the quote after a tab opens a field
+    tsv.write_text('video_id\ttitle\nokokokokok1\t7" tablet\nokokokokok2\ta\tb\nokokokokok3\t"never closed\n')
+    with pytest.raises(metadata.MetadataError, match=r"inches.tsv:4: cannot parse as CSV \(a double quote"):
+        metadata.read_metadata([str(tsv)])
+
+
+def test_utf8_file_with_a_few_bad_bytes_keeps_its_titles(tmp_path, capsys):
+    # A scraper that cuts descriptions at a byte limit leaves half a character in a UTF-8 file.
+    # Read as latin-1, every Cyrillic/Japanese title of the file became mojibake (silently bad
+    # captions); only the bad bytes should be lost. A real latin-1 file still reads as latin-1.
+    text = "video_id,title,description\nokokokokok1,Привет мир,ok\nokokokokok2,日本語のタイトル,CUT\n"
+    damaged = tmp_path / "RUvideos.csv"
+    damaged.write_bytes(text.encode().replace(b"CUT", "ок".encode()[:3]))
+    rows = _by_id(metadata.read_metadata([str(damaged)]))
+    assert rows["okokokokok1"]["title"] == "Привет мир"
+    assert rows["okokokokok2"]["title"] == "日本語のタイトル"
+    assert "1 invalid UTF-8 sequence(s) (the first on line 3)" in capsys.readouterr().out
+    with_extra_field = tmp_path / "extra.csv"  # the csv-module path (a malformed row) too
+    with_extra_field.write_bytes(damaged.read_bytes() + "okokokokok3,Да, нет,x\n".encode())
+    res = metadata.read_metadata([str(with_extra_field)])
+    assert _by_id(res)["okokokokok1"]["title"] == "Привет мир" and len(res.rejected) == 1
+    latin = tmp_path / "FRvideos.csv"
+    latin.write_bytes("video_id,title\nokokokokok1,Café crème à la française\n".encode("latin-1"))
+    assert _by_id(metadata.read_metadata([str(latin)]))["okokokokok1"]["title"] == "Café crème à la française"
+
+
+def test_folder_input_reads_every_extension_the_readers_take(tmp_path):
+    # A folder's .tsv.gz / .json.gz files and upper-case names (US.CSV) were skipped without a
+    # word (their rows never counted), though each reads fine when named directly.
+    import gzip
+
+    (tmp_path / "a.csv").write_text("video_id,title\nokokokokok1,a\n")
+    (tmp_path / "US.CSV").write_text("video_id,title\nokokokokok2,b\n")
+    (tmp_path / "c.tsv.gz").write_bytes(gzip.compress(b"video_id\ttitle\nokokokokok3\tc\n"))
+    (tmp_path / "d.json.gz").write_bytes(gzip.compress(b'{"video_id": "okokokokok4"}\n'))
+    (tmp_path / "notes.txt").write_text("not metadata\n")
+    res = metadata.read_metadata([str(tmp_path)])
+    assert sorted(_by_id(res)) == ["okokokokok1", "okokokokok2", "okokokokok3", "okokokokok4"]
+    assert res.input_rows == 4

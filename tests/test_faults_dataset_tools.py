@@ -130,6 +130,16 @@ def test_verify_checks_tars_without_stats(tmp_path, capsys):
         (["--caption-template", "{category_id:03d}"], "Unknown format code"),
         (["--shard-size", "0"], "--shard-size 0: must be at least 1"),
         (["--processes", "32"], "--processes 32 is more than --max-connections 16.*Lower --processes"),
+        # A typo failed every row of a resumed build; no {video_id}: one image for every video.
+        (["--url-template", "http://h/vi/{id}/{variant}.jpg"], r"--url-template .*KeyError\('id'\)"),
+        (["--url-template", "http://h/vi/x/{variant}.jpg"], "has no {video_id}, so every video gets one"),
+        (["--url-template", "http://h/vi/{video_id}/hq.jpg"], "has no {variant}, so every rung"),
+        # Each started the build and then failed every row (or hung it: --threads 0).
+        (["--retries", "-1"], "--retries -1: must be 0 .no re-attempt. or more"),
+        (["--image-size", "0"], "--image-size 0: must be at least 1"),
+        (["--deadline", "0"], "--deadline 0.0: must be more than 0 seconds"),
+        (["--threads", "0"], "--threads 0: must be at least 1"),
+        (["--encode-quality", "101"], "--encode-quality 101: must be 0 to 100"),
     ],
 )
 def test_bad_build_options_are_refused_before_anything_runs(tmp_path, args, match):
@@ -216,3 +226,22 @@ def test_retry_merge_killed_midway_leaves_the_shard_incomplete(tmp_path, monkeyp
     stats = retry.merge_retry(str(out), str(retry_dir), "00000")  # an uninterrupted merge
     assert stats["successes"] == 3 and shards.complete_shards(str(out)) == {0: "00000"}
     assert shards.tar_problem(str(out / "00000.tar"), 3) is None
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["split", "{src}", "--output", "{out}", "--val-fraction", "1"], "1.0: must be strictly"),
+        (["split", "{src}", "--output", "{out}", "--val-fraction", "0"], "0.0: must be strictly"),
+        (["dedup", "{src}", "--max-distance", "-1"], "--max-distance -1: must be 0"),
+    ],
+)
+def test_bad_split_and_dedup_options_are_one_line_errors(tmp_path, args, match):
+    # These were a ValueError and a ZeroDivisionError traceback, after the shards were read.
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    _shard(src, 0, 2)
+    with pytest.raises(SystemExit, match=match) as err:
+        main([a.format(src=src, out=out) for a in args])
+    assert "\n" not in str(err.value.code)
+    assert not out.exists()
