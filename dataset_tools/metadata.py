@@ -233,7 +233,8 @@ def _read_table(path: str) -> pd.DataFrame:
                 f"{path}: no records (empty file). Remove it from --input, or put one JSON object "
                 "per line in it."
             )
-        return pd.DataFrame(records)
+        # object columns: pandas would turn a number beside a missing key into a float ("5.0")
+        return pd.DataFrame(records, dtype=object)
     sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
     try:
         return _read_csv(path, "utf-8", sep)

@@ -20,6 +20,22 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def kernel_dtype(features: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels compute ``features`` in: the autocast dtype for fp32 features while
+    autocast is on for their device type (as the torch reference's matmul, and open_clip's loss
+    under amp, run them), their own dtype otherwise.
+
+    Without this, fp32 features under ``torch.autocast`` ran the kernels' tiles as exact fp32
+    dots on CUDA cores (torch's default matmul precision), many times slower than the bf16
+    tensor-core tiles the reference path got."""
+    device_type = features.device.type
+    if features.dtype != torch.float32 or not torch.amp.is_autocast_available(device_type):
+        return features.dtype  # e.g. meta tensors, which have no autocast (and raised asking)
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return features.dtype
+
+
 def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, reduction: str) -> None:
     """Validate shapes and the label range shared by every implementation."""
     if queries.dim() != 2 or keys.dim() != 2:
@@ -40,12 +56,12 @@ def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, r
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    if queries.dtype != keys.dtype:
-        raise ValueError(f"queries ({queries.dtype}) and keys ({keys.dtype}) must share a dtype")
     if queries.device != keys.device:
         # The Triton path would otherwise launch one kernel with pointers into two devices'
         # memory (an illegal address on a GPU, not a clear error).
         raise ValueError(f"queries ({queries.device}) and keys ({keys.device}) must be on the same device")
+    if kernel_dtype(queries) != kernel_dtype(keys):  # under autocast: the dtype the matmul sees
+        raise ValueError(f"queries ({queries.dtype}) and keys ({keys.dtype}) must share a dtype")
 
 
 def check_square(image_features: torch.Tensor, text_features: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from kernels import tile_configs
+from kernels.reference import kernel_dtype
 from kernels.tile_configs import TileConfig
 
 __all__ = [
@@ -150,24 +151,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def kernel_dtype(features: torch.Tensor) -> torch.dtype:
-    """The dtype the kernels compute ``features`` in: the autocast dtype for fp32 features while
-    autocast is on for their device type (as the torch reference's matmul, and open_clip's loss
-    under amp, run them), their own dtype otherwise.
-
-    Without this, fp32 features under ``torch.autocast`` ran the kernels' tiles as exact fp32
-    dots on CUDA cores (torch's default matmul precision), many times slower than the bf16
-    tensor-core tiles the reference path got."""
-    device_type = features.device.type
-    if features.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return features.dtype
-
-
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The inputs in :func:`kernel_dtype` (a differentiable cast: gradients come back in fp32)."""
-    dtype = kernel_dtype(tensors[0])
-    return tensors if dtype == tensors[0].dtype else tuple(t.to(dtype) for t in tensors)
+    """Each input in its :func:`kernel_dtype` (a differentiable cast: gradients come back in fp32).
+    Per tensor: fp32 image features beside bf16 text features under autocast both become bf16,
+    as the reference's matmul has them."""
+    return tuple(t.to(kernel_dtype(t)) for t in tensors)
 
 
 # Triton compiles for compute capability >= 7.0 (torch's inductor has the same floor): below

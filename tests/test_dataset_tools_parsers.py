@@ -305,3 +305,12 @@ def test_folder_input_reads_every_extension_the_readers_take(tmp_path):
     res = metadata.read_metadata([str(tmp_path)])
     assert sorted(_by_id(res)) == ["okokokokok1", "okokokokok2", "okokokokok3", "okokokokok4"]
     assert res.input_rows == 4
+
+
+def test_json_numbers_keep_their_text_when_a_key_is_missing(tmp_path):
+    # pandas gave a column with a missing key the float dtype: the title 5 became "5.0".
+    path = tmp_path / "v.jsonl"
+    lines = [{"id": "okokokokok1", "title": 5, "tags": [2024]}, {"id": "okokokokok2", "tags": ["x"]}]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    rows = _by_id(metadata.read_metadata([str(path)]))
+    assert rows["okokokokok1"]["title"] == "5" and rows["okokokokok2"]["title"] == ""

@@ -122,3 +122,24 @@ def test_argument_errors_name_what_is_wrong():
     for op in (kernels.clip_loss, clip_loss_reference):
         with pytest.raises(ValueError, match="as many images as texts"):
             op(k, q, 5.0)
+
+
+@in_process
+@pytest.mark.parametrize("name", list(OPS))
+def test_fp32_beside_bf16_features_under_autocast_run_in_bf16(name):
+    """Under autocast a tower left in fp32 beside one in bf16 is what the reference's matmul takes
+    (both in bf16); the kernels refused it ("must share a dtype"), in either order."""
+    kernel_op, reference_op = OPS[name]
+    g = torch.Generator().manual_seed(3)
+    q, k = (F.normalize(torch.randn(n, D, generator=g), dim=-1).to(DEVICE) for n in (N, M))
+    as_bf16 = kernel_op(q.bfloat16(), k.bfloat16())
+    for a, b in ((q, k.bfloat16()), (q.bfloat16(), k)):
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            ours, ref = kernel_op(a, b), reference_op(a, b)
+        assert torch.equal(ours, as_bf16), (ours.item(), as_bf16.item())
+        torch.testing.assert_close(ours, ref.float(), rtol=2e-2, atol=2e-2)
+        ours.backward()
+        assert a.grad.dtype == a.dtype and b.grad.dtype == b.dtype  # each gradient in its own dtype
+    with pytest.raises(ValueError, match="must share a dtype"):  # outside autocast: still refused
+        kernel_op(q, k.bfloat16())
