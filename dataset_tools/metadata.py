@@ -299,14 +299,22 @@ def _kind(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _array_element_line(text: str, index: int) -> int:
-    """The line where element ``index`` of the JSON array in ``text`` starts (for errors only)."""
+def _array_element_lines(text: str, count: int) -> list[int]:
+    """The lines where the first ``count`` elements of the JSON array in ``text`` start."""
     decoder, gap = json.JSONDecoder(), re.compile(r"[\s,]*")
     pos = gap.match(text, text.index("[") + 1).end()
-    for _ in range(index):
+    lines, line, counted = [], 1, 0
+    for _ in range(count):
+        line, counted = line + text.count("\n", counted, pos), pos
+        lines.append(line)
         _, pos = decoder.raw_decode(text, pos)
         pos = gap.match(text, pos).end()
-    return text.count("\n", 0, pos) + 1
+    return lines
+
+
+def _array_element_line(text: str, index: int) -> int:
+    """The line where element ``index`` of the JSON array in ``text`` starts (for errors only)."""
+    return _array_element_lines(text, index + 1)[-1]
 
 
 def _json_array_records(path: str, text: str) -> list[dict]:
@@ -347,6 +355,35 @@ def _iter_json_records(path: str) -> Iterator[dict]:
                 "JSONL input needs one JSON object per line."
             )
         yield rec
+
+
+def _record_lines(path: str, records: int) -> list[int] | None:
+    """The file line where each record starts, for ``rejected_input.jsonl``: the record's index
+    was given as its line, one too low in every CSV (the header) and further off after blank
+    lines or fields spanning lines. None for parquet (no lines) or when the count disagrees."""
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        return None
+    # latin-1 decodes any bytes, and UTF-8 never uses the bytes of a newline, quote or separator
+    # inside a character: the lines found are the same in whatever encoding the table was read.
+    if lower.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+        with _open_text(path, "latin-1") as fh:
+            text = fh.read().removeprefix("\xef\xbb\xbf")  # a UTF-8 byte order mark, as latin-1
+        if text.lstrip().startswith("["):
+            lines = _array_element_lines(text, records)
+        else:
+            lines = [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
+        sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
+        with _open_text(path, "latin-1") as fh:
+            reader = csv.reader(fh, delimiter=sep)
+            next(reader, None)  # the header
+            lines, end = [], reader.line_num
+            for fields in reader:
+                if fields:  # a blank line is no record (pandas and the csv path skip it)
+                    lines.append(end + 1)
+                end = reader.line_num
+    return lines if len(lines) == records else None
 
 
 def detect_format(path: str, columns: Sequence[str]) -> str:
@@ -548,10 +585,14 @@ def read_metadata(
             fmt = "csv"  # generic columns, JSON lines container
         result.formats[path] = fmt
         table = explicit_table or load_category_table(_sibling_category_json(path))
-        for lineno, (row, record, reason) in enumerate(_canonical_rows(path, df, fmt, table), 1):
+        lines = None  # each record's first line in the file, found at the first rejection
+        for index, (row, record, reason) in enumerate(_canonical_rows(path, df, fmt, table)):
             result.input_rows += 1
             if row is None:
-                result.rejected.append({"source": f"{path}:{lineno}", "reason": reason, "record": record})
+                if lines is None:
+                    lines = _record_lines(path, len(df))
+                where = f"{path}:{lines[index]}" if lines else f"{path} row {index + 1}"
+                result.rejected.append({"source": where, "reason": reason, "record": record})
                 continue
             counter += 1
             by_id.setdefault(row["video_id"], []).append((counter, row))

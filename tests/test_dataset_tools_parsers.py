@@ -314,3 +314,24 @@ def test_json_numbers_keep_their_text_when_a_key_is_missing(tmp_path):
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     rows = _by_id(metadata.read_metadata([str(path)]))
     assert rows["okokokokok1"]["title"] == "5" and rows["okokokokok2"]["title"] == ""
+
+
+def test_rejected_rows_name_the_line_they_start_on(tmp_path):
+    # The source was the record's index: one line too early in every CSV (the header), and
+    # further off after a blank line or a title spanning lines.
+    csv_path = tmp_path / "v.csv"
+    csv_path.write_text('video_id,title\nbad,x\n\nokokokokok1,"two\nlines"\nbad2,y\n')
+    jsonl_path = tmp_path / "v.jsonl"
+    jsonl_path.write_text('{"id": "okokokokok2"}\n\n{"id": "bad"}\n')
+    array_path = tmp_path / "a.json"
+    array_path.write_bytes(b'\xef\xbb\xbf[\n  {"id": "okokokokok3"},\n  {\n    "id": "bad"\n  }\n]\n')
+    parquet_path = tmp_path / "v.parquet"
+    pd.DataFrame({"video_id": ["okokokokok4", "bad"]}).to_parquet(parquet_path)
+    res = metadata.read_metadata([str(p) for p in (csv_path, jsonl_path, array_path, parquet_path)])
+    assert [r["source"] for r in res.rejected] == [
+        f"{csv_path}:2",
+        f"{csv_path}:6",
+        f"{jsonl_path}:3",
+        f"{array_path}:3",
+        f"{parquet_path} row 2",  # no lines in a parquet file
+    ]
