@@ -47,8 +47,13 @@ $(VENV)/.installed: setup.py $(CONSTRAINTS) $(if $(TORCH_REINSTALL),FORCE)
 demo: venv
 	$(PY) -m vutrain.demo
 
+# Two pytest workers (pytest-xdist): the suite is mostly launcher, rank and SLURM start-up, which
+# left the 2-core CI machine 42% idle with one worker (1478 s); with two it took 1000 s. The SLURM
+# tests stay on one worker (tests/conftest.py). More workers on a bigger machine: TEST_WORKERS=N.
+TEST_WORKERS ?= 2
+
 test: venv
-	$(PY) -m pytest -q --durations=25 tests  # the slowest 25 close the log: where CI time goes
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests  # the slowest 25 close the log
 
 # Every test that stays in this process (no subprocess, launcher, spawned ranks or SLURM; which
 # tests are slow is decided in tests/conftest.py): under 2 minutes on 2 idle cores.

@@ -32,7 +32,8 @@ DATASET_TOOLS = [
     "imagehash",
 ]
 KERNELS = ["triton>=3.0; platform_system == 'Linux'"]
-TEST = ["pytest>=8", "pytest-timeout", "ruff==0.17.5"]  # ruff pinned: `make lint` must not change under us
+# ruff pinned: `make lint` must not change under us. pytest-xdist: `make test` runs two workers.
+TEST = ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "ruff==0.17.5"]
 # `python -m vutrain.bench --compare open_clip`. open_clip_torch depends on torchvision, which
 # drags in its own torch build: beside an existing torch install it with
 # `pip install -c torch-constraint.txt --no-deps open_clip_torch` (what `make venv` does); the

@@ -97,6 +97,8 @@ def pytest_collection_modifyitems(config, items):
             or _starts_process(inspect.unwrap(item.function), item.module, set())
         ):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))  # one cluster, one apt-get at a time
 
 
 @pytest.fixture
@@ -156,22 +158,42 @@ def _restore_environment():
         os.environ.update(saved)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _no_leaked_shm_segments():
+def _shm_pattern() -> str:
+    from vutrain.distributed import SHM_BUFFER_PREFIX
+
+    return f"/dev/shm/{SHM_BUFFER_PREFIX}_{os.getuid()}_*"
+
+
+_SHM_BEFORE = pytest.StashKey[set]()  # the segments there when the session started
+
+
+def _is_xdist_worker() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ
+
+
+def pytest_sessionstart(session):
+    """Note the DeepSpeed /dev/shm segments there before the session (see pytest_sessionfinish)."""
+    import glob
+
+    if not _is_xdist_worker():
+        session.config.stash[_SHM_BEFORE] = set(glob.glob(_shm_pattern()))
+
+
+def pytest_sessionfinish(session):
     """Remove the DeepSpeed /dev/shm segments this session's runs left behind (69 MB each until
     reboot; 41 per full run before vutrain unlinked its own, enough to make the 24 GB CI machine
     thrash over a day). vutrain's ranks and `run_distributed` unlink theirs; this catches a script
     started through a launcher that reaches DeepSpeed another way. Segments that were there before
     the session, or that a live process maps (a concurrent run's: a peer still starting would wait
-    forever for a name removed under it), stay."""
+    forever for a name removed under it), stay. With parallel workers (`make test`'s `-n`) only
+    the controller sweeps, once every worker has finished: a worker done early would otherwise
+    sweep while the other still runs."""
     import glob
 
-    from vutrain.distributed import SHM_BUFFER_PREFIX
-
-    pattern = f"/dev/shm/{SHM_BUFFER_PREFIX}_{os.getuid()}_*"
-    before = set(glob.glob(pattern))
-    yield
-    for path in set(glob.glob(pattern)) - before - _mapped_files():
+    before = session.config.stash.get(_SHM_BEFORE, None)
+    if before is None:  # an xdist worker: the controller sweeps
+        return
+    for path in set(glob.glob(_shm_pattern())) - before - _mapped_files():
         try:
             os.unlink(path)
         except FileNotFoundError:
