@@ -21,6 +21,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from worker_ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "launch" / "testing" / "slurm.conf.template"
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
@@ -52,13 +54,6 @@ def ensure_slurm_installed() -> str | None:
             return f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}"
     missing = slurm_missing()
     return f"still missing after apt-get: {missing}" if missing else None
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:

@@ -16,7 +16,15 @@ import socket
 
 import pytest
 
-from vutrain.distributed import first_hostname, resolve_device, resolve_dist_env, tasks_on_node
+from vutrain.distributed import (
+    LISTEN_PORTS,
+    ephemeral_ports,
+    first_hostname,
+    free_port,
+    resolve_device,
+    resolve_dist_env,
+    tasks_on_node,
+)
 
 CPU = {"VUTRAIN_DEVICE": "cpu"}  # the same answer on a GPU machine
 
@@ -201,3 +209,36 @@ def test_concurrent_srun_steps_of_one_job_get_their_own_port():
     assert resolve_dist_env(step0).master_port == 24242  # launch/common.sh's default_master_port
     assert resolve_dist_env(step1).master_port == 25242
     assert resolve_dist_env(dict(step1, MASTER_PORT="29600")).master_port == 29600
+
+
+def test_free_port_is_outside_the_range_the_kernel_hands_out():
+    """free_port let the OS pick (bind to 0), so it came from the ephemeral range, and an outgoing
+    connection elsewhere on the host (the other test worker's gloo ranks) took it before the
+    launched rank 0 bound it: 'EADDRINUSE ... port 34661 is taken' in CI."""
+    ephemeral = ephemeral_ports()
+    for _ in range(20):
+        port = free_port()
+        assert port in LISTEN_PORTS and port not in ephemeral, port
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # and it is free
+
+
+def test_free_port_passes_over_a_taken_port():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", free_port()))
+        taken = held.getsockname()[1]
+        picks = {free_port(range(taken, taken + 2)) for _ in range(10)}
+    assert taken not in picks, picks
+
+
+def test_each_test_worker_draws_ports_from_its_own_slice():
+    from worker_ports import worker_ports
+
+    env = {"PYTEST_XDIST_WORKER_COUNT": "3"}
+    slices = [worker_ports(dict(env, PYTEST_XDIST_WORKER=f"gw{i}")) for i in range(3)]
+    assert all(len(s) > 1000 for s in slices)
+    assert not set(slices[0]) & set(slices[1]) and not set(slices[1]) & set(slices[2])
+    for s in slices:
+        # inside free_port's pool, above the SLURM tests' job ports (20000 + job id)
+        assert s.start >= LISTEN_PORTS.start + 1000 and s.stop <= LISTEN_PORTS.stop
+    assert worker_ports({}) == range(LISTEN_PORTS.start + 1000, LISTEN_PORTS.stop)

@@ -12,8 +12,9 @@ import subprocess
 import sys
 
 import pytest
+from worker_ports import free_port
 
-from slurm_cluster import REPO, free_port
+from slurm_cluster import REPO
 
 LOCAL = str(REPO / "launch" / "local.sh")
 

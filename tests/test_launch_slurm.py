@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 
 import pytest
+from worker_ports import free_port
 
-from slurm_cluster import REPO, SlurmCluster, ensure_slurm_installed, free_port
+from slurm_cluster import REPO, SlurmCluster, ensure_slurm_installed
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ TRAIN = os.path.join(REPO, "vutrain", "train.py")
 TINY = os.path.join(REPO, "vutrain", "configs", "tiny.yaml")
 BIN = os.path.dirname(sys.executable)
 
-from vutrain.distributed import free_port  # noqa: E402
+from worker_ports import free_port  # noqa: E402
 
 
 def base_overrides(shards: dict, run_dir: str, steps: int, **extra) -> list[str]:

@@ -25,7 +25,9 @@ import contextlib
 import datetime
 import logging
 import os
+import random
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -122,11 +124,40 @@ def _in_srun_step(env) -> bool:
     return step.isdigit() and int(step) < _SLURM_SPECIAL_STEPS
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for a single-process rendezvous)."""
-    import socket
+# Where free_port looks: below Linux's default ephemeral range (32768-60999), where the kernel
+# never hands a port to an outgoing connection or a bind to port 0.
+LISTEN_PORTS = range(20000, 32768)
 
-    with socket.socket() as sock:
+
+def ephemeral_ports() -> range:
+    """The ports the kernel assigns on its own (connect, bind to 0): /proc's ip_local_port_range."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default; other systems have no such file
+    return range(low, high + 1)
+
+
+def free_port(candidates: range = LISTEN_PORTS) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a rendezvous to bind later.
+
+    Not one the OS picks (bind to port 0): that comes from the ephemeral range, and between this
+    check and the rendezvous's bind any process on the host may be handed the same port for an
+    outgoing connection (gloo opens many), which fails the run with EADDRINUSE. Ports in
+    `candidates` outside that range are taken only by a process that asks for them by number.
+    """
+    ephemeral = ephemeral_ports()
+    ports = [p for p in candidates if p not in ephemeral]
+    start = random.randrange(len(ports)) if ports else 0
+    for port in ports[start:] + ports[:start]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # every candidate is taken or ephemeral: let the OS pick
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
