@@ -40,8 +40,10 @@ def test_preemption_stops_a_run_whose_log_every_exceeds_its_steps(tiny_shards, t
     def hook(trainer):
         _on_step(trainer, {2}, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     with pytest.raises(Preempted) as raised:
         train(tiny_shards, str(run_dir), steps=8, on_trainer=hook, train__log_every=100, **QUIET)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # put back on the way out
     # Signalled before step 2: agreed in step 2's all-reduce, read after step 3.
     assert raised.value.step <= 4, raised.value.step
     marker = json.loads((run_dir / "preempted.json").read_text())

@@ -9,7 +9,9 @@ Whether the model learns is checked by `.ci/run` (`python -m vutrain.demo` with 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
 
 import pytest
 
@@ -82,10 +84,17 @@ def test_train_main_in_process(tiny_shards, tmp_path, single_process, capsys, mo
 
     run_dir = str(tmp_path / "run")
     monkeypatch.chdir(tmp_path)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    children = set(multiprocessing.active_children())
     assert (
         main(["--config", "tiny", *overrides(tiny_shards, run_dir, 2, train__zero_stage=3, eval__every=0)])
         == 0
     )
+    # The process goes on after the run: the run's loader workers have ended, and its signal
+    # handlers are gone (left installed, SIGTERM no longer ended the process, and they held the
+    # Trainer, so its workers lived until the process exited).
+    assert set(multiprocessing.active_children()) <= children
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2]
     assert json.load(open(os.path.join(run_dir, "done.json")))["step"] == 2
     # A bad key fails before any process group starts, with exit code 2 and the valid keys named.

@@ -356,14 +356,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ signals
 
-    def install_signal_handlers(self) -> None:
-        """SIGUSR1 (SLURM's pre-emption warning) and SIGTERM: checkpoint at the next step, then exit."""
+    def install_signal_handlers(self) -> dict:
+        """SIGUSR1 (SLURM's pre-emption warning) and SIGTERM: checkpoint at the next step, then exit.
+
+        Returns the handlers they replace, for `restore_signal_handlers` when the run ends.
+        """
 
         def handler(signum, _frame):
             self._signal = signal.Signals(signum).name
 
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, handler)
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+
+    @staticmethod
+    def restore_signal_handlers(previous: dict) -> None:
+        """Put back what `install_signal_handlers` replaced. Left installed, they outlived the run in
+        a process that goes on (a notebook, a sweep calling train.main): SIGTERM no longer ended
+        it, and their hold on the Trainer kept its loader workers alive."""
+        for sig, handler in previous.items():
+            # None: a handler not set from Python, which signal.signal cannot take back
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     # ------------------------------------------------------------------ loop
 
@@ -542,8 +553,15 @@ class Trainer:
         without waiting for the device (`StopCheck`): they act one step after the device saw them,
         whatever train.log_every is; logging and checkpoint steps check the current values.
         """
+        previous_handlers = self.install_signal_handlers()
+        try:
+            return self._train()
+        finally:
+            self.stream.close()  # its loader workers end with the run, not when the process does
+            self.restore_signal_handlers(previous_handlers)
+
+    def _train(self) -> dict:
         cfg = self.cfg
-        self.install_signal_handlers()
         self.engine.train()
         progress = None
         if self.info.is_main and cfg.train.progress_bar:
