@@ -557,8 +557,10 @@ class Trainer:
         try:
             return self._train()
         finally:
-            self.stream.close()  # its loader workers end with the run, not when the process does
-            self.restore_signal_handlers(previous_handlers)
+            try:
+                self.stream.close()  # its loader workers end with the run, not when the process does
+            finally:
+                self.restore_signal_handlers(previous_handlers)
 
     def _train(self) -> dict:
         cfg = self.cfg
