@@ -242,3 +242,19 @@ def test_each_test_worker_draws_ports_from_its_own_slice():
         # inside free_port's pool, above the SLURM tests' job ports (20000 + job id)
         assert s.start >= LISTEN_PORTS.start + 1000 and s.stop <= LISTEN_PORTS.stop
     assert worker_ports({}) == range(LISTEN_PORTS.start + 1000, LISTEN_PORTS.stop)
+
+
+def test_free_port_does_not_follow_the_seeded_global_generator():
+    """A run seeds `random`; two processes seeded alike then picked the same port."""
+    import random
+
+    state, picks = random.getstate(), []
+    try:
+        for _ in range(3):
+            random.seed(0)
+            first = free_port()
+            random.seed(0)
+            picks.append(first == free_port())
+    finally:
+        random.setstate(state)
+    assert not all(picks)

@@ -149,7 +149,8 @@ def free_port(candidates: range = LISTEN_PORTS) -> int:
     """
     ephemeral = ephemeral_ports()
     ports = [p for p in candidates if p not in ephemeral]
-    start = random.randrange(len(ports)) if ports else 0
+    # SystemRandom: a run seeds the global generator, and two seeded processes would pick alike
+    start = random.SystemRandom().randrange(len(ports)) if ports else 0
     for port in ports[start:] + ports[:start]:
         with socket.socket() as sock:
             try:
