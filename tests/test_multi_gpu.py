@@ -81,14 +81,55 @@ def test_default_device_follows_the_gpus_this_process_sees(monkeypatch):
         resolve_device(3, env, local_world_size=4)
 
 
+def test_shared_gpu_message_names_the_ranks_that_share_a_gpu():
+    """What the ranks conclude from each other's (host, device, GPU UUID) at start-up."""
+    from vutrain.distributed import shared_gpu_message
+
+    own = [("node0", "cuda:0", "GPU-a"), ("node0", "cuda:1", "GPU-b")]
+    assert shared_gpu_message(own) is None
+    # SLURM --gpus-per-task: every rank on cuda:0, each its own GPU.
+    assert shared_gpu_message([("n0", "cuda:0", "GPU-a"), ("n0", "cuda:0", "GPU-b")]) is None
+    assert shared_gpu_message([("n0", "cuda:0", None), ("n0", "cuda:0", None)]) is None  # no UUID: no verdict
+    # torchrun --nproc_per_node 2 on a second node that has one GPU.
+    owners = own + [("node1", "cuda:0", "GPU-c"), ("node1", "cuda:0", "GPU-c")]
+    message = shared_gpu_message(owners)
+    assert message.startswith("ranks 2 and 3 on node1 both run on one GPU (cuda:0 and cuda:0, UUID GPU-c;")
+    assert "2 ranks in all" in message and "VUTRAIN_DIST_BACKEND=cuda:gloo" in message
+
+
+def _compare_gpus(rank: int, world: int, uuids: list) -> str | None:
+    """A rank of a gloo group that believes it runs NCCL on cuda:0 with GPU `uuids[rank]`."""
+    import dataclasses
+
+    from vutrain.distributed import CUDA_BACKEND, SharedGPUError, refuse_shared_gpus, resolve_dist_env
+
+    info = dataclasses.replace(resolve_dist_env(), device="cuda:0", backend=CUDA_BACKEND)
+    try:
+        refuse_shared_gpus(info, uuid_of=lambda device: uuids[rank])
+    except SharedGPUError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.slow  # spawns 2 rank processes
+def test_every_rank_refuses_a_gpu_shared_under_nccl():
+    """The comparison runs over the group's CPU backend, and every rank reaches the same verdict
+    (so rank 0 alone may print it and none goes on to wait in a collective)."""
+    from helpers_dist import run_distributed
+
+    shared = run_distributed(_compare_gpus, 2, ["GPU-a", "GPU-a"])
+    assert shared[0] == shared[1] and "ranks 0 and 1 on " in shared[0]
+    assert run_distributed(_compare_gpus, 2, ["GPU-a", "GPU-b"]) == [None, None]
+
+
 STAGES = (1, 2, 3)
 GROUP_ENV = {"VUTRAIN_DIST_BACKEND": "cuda:gloo", "VUTRAIN_DEVICE": "cuda:0"}
 
 
-def _launch(overrides: list[str], log_dir) -> tuple[subprocess.Popen, list]:
+def _launch(overrides: list[str], log_dir, group_env: dict = GROUP_ENV) -> tuple[subprocess.Popen, list]:
     """torchrun (as `python -m torch.distributed.run`: the GPU host may not put it next to python).
     Output goes to files: three runs side by side must not stall on a full pipe nobody reads."""
-    env = dict(tr.env(), **GROUP_ENV)
+    env = dict(tr.env(), **group_env)
     cmd = [
         sys.executable,
         "-m",
@@ -182,3 +223,18 @@ def test_two_ranks_one_gpu_cuda_only_group(stage, stage_runs):
         if "train/loss" in r:
             assert r["train/loss"] == r["train/loss"], f"non-finite loss at step {r['step']}"
     assert json.load(open(os.path.join(run_dir, "done.json")))["step"] == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_ranks_on_the_only_gpu_under_nccl_stop_with_one_line(synthetic_shards, tmp_path):
+    """torchrun --nproc_per_node 2 where each rank sees the same single GPU: the default group
+    (cpu:gloo,cuda:nccl) would fail at its first collective with NCCL's "Duplicate GPU detected";
+    instead the run stops at start-up with one line from rank 0 that says what to do."""
+    overrides = tr.base_overrides(synthetic_shards, str(tmp_path / "run"), 2)
+    launched = _launch(overrides, tmp_path, group_env={"CUDA_VISIBLE_DEVICES": "0"})
+    done = _finish(launched)
+    assert done.returncode != 0, tr.describe(done)
+    lines = [line for line in done.stderr.splitlines() if "both run on one GPU" in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ranks 0 and 1 on "), done.stderr[-3000:]
+    assert "Duplicate GPU" not in done.stdout + done.stderr

@@ -327,6 +327,56 @@ def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
 
     deepspeed.init_distributed(dist_backend=info.backend)
     release_shm_buffer()
+    refuse_shared_gpus(info)
+
+
+class SharedGPUError(RuntimeError):
+    """Two ranks of an NCCL group on one GPU. Every rank finds the same pair, so one may report it."""
+
+
+def gpu_uuid(device: str) -> str | None:
+    """The GPU's UUID (a MIG instance has its own), None where torch does not report one."""
+    uuid = getattr(torch.cuda.get_device_properties(torch.device(device)), "uuid", None)
+    return str(uuid) if uuid else None
+
+
+def refuse_shared_gpus(info: DistInfo, uuid_of=gpu_uuid) -> None:
+    """Stop at start-up when two ranks would run NCCL on one GPU.
+
+    A rank that sees one GPU takes cuda:0 whatever its local rank, which is right when the launcher
+    shows each rank its own GPU (SLURM --gpus-per-task) and wrong when every rank sees the same one
+    (torchrun --nproc_per_node 2 on a one-GPU machine). Nothing in one process tells the two apart,
+    and NCCL's own answer comes at the first collective, as "Duplicate GPU detected". So the ranks
+    compare their GPUs' UUIDs over the group's CPU backend, before any NCCL communicator exists.
+    """
+    if info.world_size == 1 or not info.device.startswith("cuda"):
+        return
+    if _backend_for(info.backend, "cuda") != "nccl" or _backend_for(info.backend, "cpu") is None:
+        return  # gloo allows ranks to share a GPU; a plain nccl group has no CPU path to ask over
+    owners: list = [None] * info.world_size
+    dist.all_gather_object(owners, (socket.gethostname(), info.device, uuid_of(info.device)))
+    message = shared_gpu_message(owners)
+    if message:
+        raise SharedGPUError(message)
+
+
+def shared_gpu_message(owners: list[tuple[str, str, str | None]]) -> str | None:
+    """What to say when two ranks hold one GPU; `owners[rank]` = (host, device, GPU UUID or None)."""
+    first: dict[str, int] = {}
+    for rank, (host, device, uuid) in enumerate(owners):
+        if uuid is None:
+            continue
+        if uuid in first:
+            other = first[uuid]
+            sharing = sum(1 for owner in owners if owner[2] == uuid)
+            return (
+                f"ranks {other} and {rank} on {host} both run on one GPU ({owners[other][1]} and "
+                f"{device}, UUID {uuid}; {sharing} ranks in all), and NCCL allows one rank per GPU: "
+                f"start no more ranks per node than it has GPUs (e.g. torchrun --nproc_per_node), or "
+                f"keep them on one GPU with {BACKEND_ENV}=cuda:gloo"
+            )
+        first[uuid] = rank
+    return None
 
 
 # DeepSpeed's CPU all-reduce (csrc/cpu/comm/shm.cpp) names each rank's 69 MB segment

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()  # rank 0 logs; other ranks keep errors and vutrain's own warnings
     from vutrain.data.shards import ShardListError
-    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+    from vutrain.distributed import SharedGPUError, cleanup, init_distributed, resolve_dist_env
 
     try:
         info = resolve_dist_env(local_rank_arg=args.local_rank)
@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         init_distributed(info)
+    except SharedGPUError as exc:  # every rank found the same: rank 0 says it
+        cleanup()
+        if info.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # no group, so no agreement: each rank says its own, in one line
         cleanup()
         prefix = "" if info.world_size == 1 else f"rank {info.rank}: "
