@@ -85,6 +85,54 @@ def test_export_embeds_like_the_trained_model(tiny_shards, tmp_path, single_proc
     torch.testing.assert_close(got, scale * img @ txt.T, atol=1e-4, rtol=1e-4)
 
 
+def test_zero0_bf16_export_carries_the_fp32_masters(tiny_shards, tmp_path, single_process):
+    """ZeRO-0 in bf16 saves the whole module in bf16 and the optimizer's fp32 masters unnamed, per
+    group. The export takes the masters (before: the bf16 weights, up to 0.4% off each value)."""
+    from vutrain.export import load_trained_module
+    from vutrain.optim import param_groups
+
+    captured = {}
+    run_dir = str(tmp_path / "run")
+    common = dict(train__lr=0.01, eval__every=0, data__val_shards="", model__lora__enabled="true")
+    train(
+        tiny_shards,
+        run_dir,
+        steps=1,
+        on_trainer=lambda t: captured.update(trainer=t),
+        train__zero_stage=0,
+        train__precision="bf16",
+        **common,
+    )
+    engine = captured["trainer"].engine
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in param_groups(engine.module, 0.0)]
+    masters = {n: m for ns, ms in zip(groups, engine.optimizer.fp32_groups) for n, m in zip(ns, ms)}
+    assert masters and all(m.dtype == torch.float32 for m in masters.values())
+    exported = dict(load_trained_module(run_dir)[0].named_parameters())
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in masters.values())  # not bf16 values
+    for name, master in masters.items():
+        assert torch.equal(exported[name], master), name
+    # The frozen weights (LoRA's base layers) come from the saved module, as before.
+    frozen = [n for n, p in engine.module.named_parameters() if not p.requires_grad]
+    assert frozen and all(torch.equal(exported[n], engine.module.get_parameter(n).float()) for n in frozen)
+
+
+def test_zero0_flat_fp32_masters_are_split_by_parameter():
+    """The fused FP16 optimizer (a ds_config's Adam on a GPU) saves one flat fp32 tensor per group."""
+    from vutrain.export import ExportError, zero0_fp32_masters
+    from vutrain.optim import param_groups
+
+    module = _odd_model()  # odd sizes: a split off by one element would shift every later weight
+    flat = [torch.cat([p.detach().flatten() * 2 for p in g["params"]]) for g in param_groups(module, 0.1)]
+    masters = zero0_fp32_masters({"fp32_groups_flat": flat}, module)
+    named = dict(module.named_parameters())
+    assert masters.keys() == {n for n, p in named.items() if p.requires_grad}
+    assert all(torch.equal(m, named[n].detach() * 2) for n, m in masters.items())
+    assert zero0_fp32_masters({"state": {}, "param_groups": []}, module) == {}  # fp32: no masters
+    with pytest.raises(ExportError, match="do not fit the model"):
+        zero0_fp32_masters({"fp32_groups_flat": [flat[0][1:], flat[1]]}, module)
+
+
 @pytest.mark.parametrize(
     "make_run,tag,message",
     [
