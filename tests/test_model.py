@@ -222,3 +222,25 @@ def test_pretrained_tokenizer_and_processor_without_the_weights(tokenizer, tmp_p
     assert processor.crop_size["height"] == 64 and context == min(tokenizer.model_max_length, 77)
     with pytest.raises(Exception):  # noqa: B017  (the weights themselves are unreadable)
         build_model(cfg)
+
+
+def test_pretrained_context_length_stays_within_the_text_positions(tokenizer, tmp_path):
+    """A pretrained model whose tokenizer was saved without a length limit (model_max_length 10**30)
+    and whose text tower has fewer than 77 positions: captions are cut to its positions (before: 77
+    tokens, and the first forward failed in the position embedding)."""
+    from transformers import CLIPModel
+
+    from vutrain.model import preset_image_processor, tokenizer_and_processor
+
+    config = preset_clip_config(ModelConfig(preset="tiny"), tokenizer)
+    CLIPModel(config).save_pretrained(tmp_path)
+    tokenizer.model_max_length = int(1e30)
+    tokenizer.save_pretrained(tmp_path)
+    preset_image_processor(64).save_pretrained(tmp_path)
+    cfg = ModelConfig(name_or_path=str(tmp_path))
+    tok, _, context = tokenizer_and_processor(cfg, str(tmp_path), "", "{title}", 0, True, lambda: None)
+    assert context == config.text_config.max_position_embeddings == 32
+    ids = tok(["word " * 100], padding="max_length", truncation=True, max_length=context, return_tensors="pt")
+    module = build_model(cfg)
+    with torch.no_grad():
+        module(batch()[0][:1], ids["input_ids"], ids["attention_mask"])

@@ -171,6 +171,17 @@ def load_pretrained_preprocessing(name_or_path: str):
         return AutoTokenizer.from_pretrained(name_or_path), CLIPImageProcessor.from_pretrained(name_or_path)
 
 
+def pretrained_context_length(name_or_path: str, tokenizer) -> int:
+    """Tokens per caption for a pretrained model: at most 77 (CLIP's), the tokenizer's limit and
+    the text tower's positions. A tokenizer saved without a limit says 10**30, and a model with
+    fewer than 77 positions then failed in its position embedding at the first step."""
+    from transformers import CLIPConfig
+
+    with _clear_load_error(name_or_path):
+        positions = CLIPConfig.from_pretrained(name_or_path).text_config.max_position_embeddings
+    return min(getattr(tokenizer, "model_max_length", 77) or 77, positions, 77)
+
+
 @contextmanager
 def _clear_load_error(name_or_path: str):
     try:
@@ -335,8 +346,7 @@ def tokenizer_and_processor(
 
     if cfg.name_or_path:
         tokenizer, processor = load_pretrained_preprocessing(cfg.name_or_path)
-        context = min(getattr(tokenizer, "model_max_length", 77) or 77, 77)
-        return tokenizer, processor, context
+        return tokenizer, processor, pretrained_context_length(cfg.name_or_path, tokenizer)
     from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
 
     image_size, context = preset_dims(cfg)
