@@ -133,6 +133,47 @@ def test_zero0_flat_fp32_masters_are_split_by_parameter():
         zero0_fp32_masters({"fp32_groups_flat": [flat[0][1:], flat[1]]}, module)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_lora_export_keeps_the_pretrained_base_in_fp32(tiny_shards, tmp_path, single_process, stage):
+    """LoRA on a pretrained model, trained in bf16: DeepSpeed saves the frozen base weights in bf16.
+    The export takes them from the pretrained model itself (before: rounded, up to 0.4% off each;
+    the merged q/v projections on top of the rounded base)."""
+    from transformers import CLIPModel
+
+    from vutrain.data.tokenizer import train_bpe_tokenizer
+    from vutrain.export import export
+    from vutrain.model import ModelConfig, preset_clip_config, preset_image_processor
+
+    pretrained = tmp_path / "pretrained"
+    texts = [f"a {c} {s} video" for c in ("red", "green", "blue") for s in ("circle", "square")] * 20
+    tok = train_bpe_tokenizer(texts, str(tmp_path / "tok"), vocab_size=300, max_length=32)
+    original = CLIPModel(preset_clip_config(ModelConfig(preset="tiny"), tok))
+    original.save_pretrained(pretrained)
+    tok.save_pretrained(pretrained)
+    preset_image_processor(64).save_pretrained(pretrained)
+    run_dir = str(tmp_path / "run")
+    train(
+        tiny_shards,
+        run_dir,
+        steps=1,
+        train__zero_stage=stage,
+        train__precision="bf16",
+        train__lr=0.01,
+        eval__every=0,
+        data__val_shards="",
+        model__name_or_path=str(pretrained),
+        model__lora__enabled="true",
+    )
+    exported = CLIPModel.from_pretrained(export(run_dir, str(tmp_path / "hf"))).state_dict()
+    before = original.state_dict()
+    frozen = [n for n in before if "k_proj" in n or "layer_norm" in n or "patch_embedding" in n]
+    assert frozen and any(not torch.equal(before[n], before[n].bfloat16().float()) for n in frozen)
+    for name in frozen:
+        assert torch.equal(exported[name], before[name]), name
+    trained = [n for n in before if "q_proj.weight" in n]  # base + LoRA's update
+    assert trained and all(not torch.equal(exported[n], before[n]) for n in trained)
+
+
 @pytest.mark.parametrize(
     "make_run,tag,message",
     [

@@ -126,6 +126,25 @@ def zero0_fp32_masters(optimizer_state: dict | None, module: nn.Module) -> dict[
     return masters
 
 
+def keep_pretrained_frozen_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Frozen weights of a pretrained model (LoRA's base layers, a locked tower) as they were loaded.
+
+    A bf16 or fp16 run's checkpoint holds them rounded to 16 bits: DeepSpeed keeps no fp32 master
+    of a weight that never trains. `module` was just built from model.name_or_path in fp32, so
+    where a saved frozen weight is exactly that weight rounded, `state` takes the original.
+    """
+    for name, param in module.named_parameters():
+        saved = state.get(name)
+        if param.requires_grad or saved is None or saved.shape != param.shape:
+            continue
+        original = param.detach()
+        if any(
+            torch.equal(original.to(dtype).float(), saved.float())
+            for dtype in (torch.bfloat16, torch.float16)
+        ):
+            state[name] = original.clone()
+
+
 def load_trained_module(run_dir: str, tag: str | None = None):
     """(ClipTrainModule with the checkpoint's fp32 weights, tokenizer, image processor, tag)."""
     config_path = os.path.join(run_dir, "config.yaml")
@@ -152,6 +171,8 @@ def load_trained_module(run_dir: str, tag: str | None = None):
     tokenizer, processor = load_run_tokenizer_and_processor(cfg, run_dir)
     module = build_model(cfg.model, tokenizer, use_bias=cfg.loss.name == "siglip")
     state = consolidated_state_dict(ckpt_dir, tag, module)
+    if cfg.model.name_or_path:
+        keep_pretrained_frozen_weights(module, state)
     missing, unexpected = module.load_state_dict(state, strict=False)
     # Buffers such as position_ids are rebuilt by the constructor; weights must all be there.
     missing = [k for k in missing if not k.endswith("position_ids")]
