@@ -221,3 +221,84 @@ def test_zero_shot_nan_scores_are_misses():
     metrics = evaluate(NanEngine(), [batch], ["a", "b"], ["{}"], tokenize, torch.float32, "cpu", {})
     assert metrics["eval/zeroshot_top1"] == 0.0  # before: 1.0 (argmax of an all-NaN row is 0, "a")
     assert metrics["eval/i2t_r1"] == 0.0 and metrics["eval/t2i_r1"] == 0.0
+
+
+def test_a_blank_label_is_no_class(tmp_path):
+    """The dataset tools write `category_name: ""` for an unknown category: "" became a zero-shot
+    class (prompts "a thumbnail of .", ...), those samples were scored against it, and the class
+    count and chance were off by one. A blank value (or list element) is no label now."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    from vutrain.data.val import ValStream, collect_label_values
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "JPEG")
+    metas = {
+        "s0": {"title": "x", "category_name": "Music", "tags": ["cat", ""]},
+        "s1": {"title": "y", "category_name": "", "tags": [" "]},
+        "s2": {"title": "z", "category_name": "Gaming", "tags": ["dog"]},
+    }
+    shard = str(tmp_path / "val.tar")
+    with tarfile.open(shard, "w") as tar:
+        for key, meta in metas.items():
+            for ext, payload in (("jpg", buf.getvalue()), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+    def tokenize(texts):
+        return {
+            "input_ids": torch.zeros(len(texts), 2, dtype=torch.long),
+            "attention_mask": torch.ones(len(texts), 2),
+        }
+
+    assert collect_label_values(shard) == ["Gaming", "Music"]
+    assert collect_label_values(shard, "tags") == ["cat", "dog"]
+    for field, label_sets in (
+        ("category_name", [["Music"], [], ["Gaming"]]),
+        ("tags", [["cat"], [], ["dog"]]),
+    ):
+        stream = ValStream(
+            shard,
+            preprocess=lambda image: torch.zeros(3, 4, 4),
+            tokenize=tokenize,
+            batch_size=8,
+            label_field=field,
+        )
+        (batch,) = list(stream)
+        assert batch["keys"] == ["s0", "s1", "s2"]  # the unlabelled sample still counts for retrieval
+        assert batch["label_sets"] == label_sets
+
+
+def test_a_template_that_cannot_take_the_class_name_stops_the_run_before_training(tiny_shards, tmp_path):
+    """Only "'{}' somewhere in eval.templates" was checked: a template with another field trained
+    eval.every steps, then died at the first eval with a KeyError traceback."""
+    import train_runner as tr
+
+    run_dir = str(tmp_path / "run")
+    overrides = tr.base_overrides(
+        tiny_shards, run_dir, 2, eval__every=1, eval__templates="a thumbnail of {}.,a photo of {name}."
+    )
+    proc = tr.run("python", overrides)
+    assert proc.returncode == 2, tr.describe(proc)
+    assert "config error: eval.templates: 'a photo of {name}.'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any("train/loss" in row for row in tr.metrics(run_dir))  # not one step trained
+
+
+def test_a_template_without_the_class_name_is_refused():
+    """A comma inside a template splits it on the command line: "a thumbnail of {}, in HD." gave
+    a template "in HD." that every class shared, mixed silently into each class embedding."""
+    from vutrain.config import ConfigError, check_templates
+
+    check_templates(["a thumbnail of {}.", "{0} ({0})", "{{{}}}"])
+    with pytest.raises(ConfigError, match="'in HD.' has no '{}'"):
+        check_templates(["a thumbnail of {}", "in HD."])
+    with pytest.raises(ConfigError, match="'{} or {}' must take the class name"):
+        check_templates(["{} or {}"])
+    with pytest.raises(ConfigError, match="eval.templates is empty"):
+        check_templates([])

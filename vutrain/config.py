@@ -547,8 +547,32 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
                 "train.grad_accum_steps>1) needs model.lora.dropout=0; or set "
                 "train.accumulation=plain, or train.compile=false"
             )
-    if "{}" not in "".join(e.templates):
-        raise ConfigError("eval.templates must contain '{}' where the class name goes")
+    check_templates(list(e.templates))
+
+
+def check_templates(templates: list[str]) -> None:
+    """ConfigError unless every template takes the class name through one '{}'.
+
+    Checked when the run starts: a template str.format cannot fill ("a photo of {name}.") raised
+    KeyError at the first eval, after eval.every steps of training, and one without '{}' (what a
+    comma inside a template becomes on the command line: "a thumbnail of {}, in HD." is two
+    templates) gave every class the same prompt, silently mixed into each class embedding.
+    """
+    if not templates:
+        raise ConfigError("eval.templates is empty: give at least one, e.g. 'a thumbnail of {}.'")
+    for template in templates:
+        try:
+            distinct = template.format("a") != template.format("b")
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(
+                f"eval.templates: {template!r} must take the class name through one '{{}}' and no other "
+                f"field ({type(e).__name__}: {e}); write a literal brace as '{{{{' or '}}}}'"
+            ) from None
+        if not distinct:
+            raise ConfigError(
+                f"eval.templates: {template!r} has no '{{}}' for the class name (on the command line a "
+                f"comma separates templates, so a template cannot contain one)"
+            )
 
 
 def _validate_schedule(t: TrainConfig) -> None:

@@ -101,10 +101,11 @@ class ValStream:
 
 def label_values(value) -> list[str]:
     """A metadata value as zero-shot labels: a scalar is one, a list each of its elements (the
-    classes ``collect_label_values`` makes of it), None none."""
-    if value is None:
-        return []
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    classes ``collect_label_values`` makes of it), None none. Blank values are no label: the
+    dataset tools write ``category_name: ""`` for an unknown category, which made "" a class
+    (prompt "a thumbnail of .") that those samples were scored against."""
+    values = value if isinstance(value, list) else [value]
+    return [str(v) for v in values if v is not None and str(v).strip()]
 
 
 def iter_val_batches(
