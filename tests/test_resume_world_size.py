@@ -253,7 +253,9 @@ def _save_zero0(rank, world, run_dir):
     for _ in range(3 * engine.gradient_accumulation_steps()):
         engine.backward(engine(torch.randn(engine.train_micro_batch_size_per_gpu(), 8)))
         engine.step()
-    ckpt.save_checkpoint(engine, run_dir, 3, {"step": 3, "data": {"rank": rank}}, rank, keep=1)
+    # Pre-empted between two logging steps, before its step's eval (trainer.state_dict).
+    state = {"step": 3, "data": {"rank": rank}, "interval": [5.25, 2.0, 1.0], "eval_pending": True}
+    ckpt.save_checkpoint(engine, run_dir, 3, state, rank, keep=1)
     return _zero0_state(engine)
 
 
@@ -275,6 +277,8 @@ def test_zero0_checkpoint_resumes_on_another_world_size(tmp_path):
     saved = run_distributed(_save_zero0, 2, run, init_process_group=False)[0]
     (got, state), *_ = run_distributed(_load_zero0, 1, run, init_process_group=False)
     assert state["step"] == 3 and state["data"] == {"ranks": [{"rank": 0}, {"rank": 1}]}
+    # The logging interval's sums and the owed eval carry over too (tests/test_resume_mid_interval.py).
+    assert state["interval"] == [5.25, 2.0, 1.0] and state["eval_pending"] is True
     assert got.keys() == saved.keys()
     for name, want in saved.items():
         if name.startswith("_"):

@@ -455,6 +455,42 @@ def move_aside(run_dir: str) -> list[str]:
     return moved
 
 
+def set_aside_later(run_dir: str, loaded_dir: str, step: int) -> list[str]:
+    """After a resume from an explicit train.resume path at `step`: move this run's checkpoints of
+    that step and later (except the one loaded) to ``checkpoints.replaced-<UTC time>/``.
+
+    They belong to the continuation the resume rolled back from, whose metrics rows already moved
+    out. Left in place, the next train.resume=auto (a SLURM requeue appends it) took the newest of
+    them and the run jumped back to the abandoned weights, the new continuation's steps lost.
+    """
+    own = checkpoints_dir(run_dir)
+    loaded = os.path.realpath(loaded_dir)
+    later = [
+        t for t in list_tags(own) if _step_of(t) >= step and os.path.realpath(os.path.join(own, t)) != loaded
+    ]
+    if not later:
+        return []
+    aside = os.path.join(run_dir, f"checkpoints.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    os.makedirs(aside, exist_ok=True)
+    for tag in later:
+        os.rename(os.path.join(own, tag), os.path.join(aside, tag))
+    latest_path, newest = os.path.join(own, "latest"), latest_tag(own)
+    if newest:  # `latest` must not name a checkpoint that moved away (resume would call it gone)
+        _atomic_write_text(latest_path, newest)
+    elif os.path.exists(latest_path):
+        os.remove(latest_path)
+    _sync_dir(own)
+    log.warning(
+        "resumed from %s at step %d: moved this run's later checkpoints (%s) aside to %s, so "
+        "train.resume=auto continues from here",
+        loaded_dir,
+        step,
+        ", ".join(later),
+        aside,
+    )
+    return [os.path.join(aside, t) for t in later]
+
+
 def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     """Restore engine (weights, optimizer, LR schedule) and return this rank's trainer state."""
     tag_dir = os.path.join(ckpt_dir, tag)

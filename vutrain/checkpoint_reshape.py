@@ -72,6 +72,9 @@ def save_world_info(engine, tag_dir: str, trainer_state: dict) -> None:
         "zero_stage": engine.zero_optimization_stage(),
         "step": int(trainer_state["step"]),
         "nonfinite_in_row": int(trainer_state.get("nonfinite_in_row", 0)),
+        # The logging interval's sums and a pending eval (trainer.state_dict): the same on every rank.
+        "interval": trainer_state.get("interval"),
+        "eval_pending": bool(trainer_state.get("eval_pending", False)),
         "data": data_states,
     }
     tmp = os.path.join(tag_dir, WORLD_FILE + ".tmp")
@@ -187,6 +190,8 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
     return {
         "step": info["step"],
         "nonfinite_in_row": info["nonfinite_in_row"],
+        "interval": info.get("interval"),
+        "eval_pending": info.get("eval_pending", False),
         "data": {"ranks": info["data"]},
     }
 

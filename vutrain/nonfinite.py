@@ -94,12 +94,18 @@ class NonFiniteGuard:
         )
 
     def state_dict(self) -> dict:
-        """What a checkpoint keeps: the count of skipped micro-batches in a row."""
-        return {"nonfinite_in_row": int(self._stats[3].item())}
+        """What a checkpoint keeps: the count of skipped micro-batches in a row, and the logging
+        interval's loss sum and micro-batch counts so far, so that a run resumed between two
+        logging steps (train.log_every > 1) logs the same mean at the next one as an uninterrupted
+        run (float64 survives the checkpoint's JSON exactly)."""
+        loss_sum, good, skipped, in_row, _ = self._stats.tolist()
+        return {"nonfinite_in_row": int(in_row), "interval": [loss_sum, good, skipped]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the in-a-row count from `state_dict()`."""
+        """Restore what `state_dict()` kept (checkpoints written before 2026-12-05 have no interval)."""
         self._stats[3] = float(state.get("nonfinite_in_row", 0))
+        if state.get("interval") is not None:
+            self._stats[:3] = torch.tensor(state["interval"], dtype=torch.float64)
 
     def remove(self) -> None:
         """Detach the gradient hooks (the step masks the gradients instead, or the run is over)."""

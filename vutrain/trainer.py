@@ -183,6 +183,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.train.precision]
         self.step = 0
         self._signal: str | None = None
+        self._eval_pending = False  # a pre-emption checkpoint came before its step's eval (_preempt)
         self._prepare_run_dir()
         self._build_text_and_image_processing()
         trainable, total = self._build_engine()
@@ -315,13 +316,19 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        """The trainer's own resumable state (JSON-able): step, data stream position, non-finite streak."""
-        return {"step": self.step, "data": self.stream.state_dict(), **self.guard.state_dict()}
+        """The trainer's own resumable state (JSON-able): step, data stream position, the guard's state, an owed eval."""
+        return {
+            "step": self.step,
+            "data": self.stream.state_dict(),
+            **self.guard.state_dict(),  # the non-finite streak and the logging interval's sums
+            "eval_pending": self._eval_pending,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` returned (as read back from the checkpoint's JSON)."""
         self.step = int(state["step"])
         self.guard.load_state_dict(state)
+        self._eval_pending = bool(state.get("eval_pending", False))
         self.stream.load_state_dict(state["data"])
 
     def _maybe_resume(self) -> None:
@@ -340,6 +347,10 @@ class Trainer:
             return
         state = ckpt.load_checkpoint(self.engine, *target, rank=self.info.rank)
         self.load_state_dict(state)
+        if resume != "auto":  # a roll-back: the later checkpoints are no longer this run's future
+            barrier()  # every rank has loaded before rank 0 moves anything
+            if self.info.is_main:
+                ckpt.set_aside_later(self.run_dir, os.path.join(*target), self.step)
         self.metrics.truncate_after(self.step)
         log.info("resuming at step %d from %s/%s", self.step, *target)
 
@@ -571,6 +582,9 @@ class Trainer:
 
             progress = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         last_eval: dict = {}
+        if self._eval_pending and cfg.eval.every and cfg.data.val_shards:
+            last_eval = self.run_eval()  # the eval of the step the pre-emption checkpoint was taken at
+        self._eval_pending = False
         try:
             while self.step < cfg.train.max_steps:
                 t0 = time.perf_counter()
@@ -625,7 +639,12 @@ class Trainer:
         return stop
 
     def _preempt(self) -> None:
-        """Checkpoint, leave preempted.json and raise Preempted (train.py exits with 75)."""
+        """Checkpoint, leave preempted.json and raise Preempted (train.py exits with 75).
+
+        The checkpoint comes before this step's eval (an eval could outlast SLURM's warning), so
+        it records that the resumed run owes that eval and runs it first (`_train`)."""
+        cfg = self.cfg
+        self._eval_pending = bool(cfg.eval.every and cfg.data.val_shards and self.step % cfg.eval.every == 0)
         self.save()
         signame = self._signal or "peer"
         self._write_marker("preempted.json", {"step": self.step, "signal": signame})
