@@ -316,7 +316,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        """The trainer's own resumable state (JSON-able): step, data stream position, the guard's state, an owed eval."""
+        """The trainer's own resumable state (JSON-able): step, data stream position, the non-finite
+        guard's state and whether a pre-emption left this step's eval owed."""
         return {
             "step": self.step,
             "data": self.stream.state_dict(),
