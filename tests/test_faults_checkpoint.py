@@ -280,3 +280,35 @@ def test_every_file_is_flushed_to_disk_before_the_marker(tmp_path, monkeypatch):
     before_marker = {os.path.basename(p) for p in synced[:marker_at]}
     assert set(listed) <= before_marker, set(listed) - before_marker
     assert os.path.realpath(ckpt_dir) in synced[marker_at:]  # the directory after the rename
+
+
+@pytest.mark.slow
+def test_a_checkpoint_the_disk_refuses_is_one_line_per_rank(synthetic_shards, tmp_path):
+    """A full disk, made here with a per-file size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes past
+    1 MB fail as they do on a full disk). Before: on each rank a DeepSpeed traceback ending in
+    torch.save's "unexpected pos 74560 vs 74464", no word of disk space or of what to do next."""
+    import resource
+    import subprocess
+
+    run_dir = str(tmp_path / "run")
+
+    def file_size_cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    overrides = tr.base_overrides(synthetic_shards, run_dir, 4, eval__every=0, train__checkpoint_every=2)
+    proc = subprocess.run(
+        tr.command("deepspeed", overrides, 2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=tr.env(),
+        cwd=tr.REPO,
+        preexec_fn=file_size_cap,
+    )
+    assert proc.returncode != 0, tr.describe(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: rank ")]
+    assert len(errors) == 2 and "Traceback" not in proc.stderr, tr.describe(proc)
+    for line in errors:
+        assert "checkpoint step_00000002 could not be written to " in line, line
+        assert "GiB free there): free space" in line and "rerun with train.resume=auto" in line, line

@@ -266,20 +266,53 @@ def load_trainer_state(tag_dir: str, rank: int) -> dict:
 # ----------------------------------------------------------------------------- save
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota): one line that says what to do."""
+
+
+def write_failure_message(ckpt_dir: str, tag: str, exc: BaseException) -> str:
+    """Why checkpoint `tag` was not written, the space left, and how to go on from the last one.
+
+    torch.save reports a full disk as "[enforce fail at inline_container.cc:672] . unexpected pos
+    74560 vs 74464", deep in DeepSpeed's traceback: the free space is what tells the user."""
+    from vutrain.startup_errors import one_line
+
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    latest = latest_tag(ckpt_dir)
+    return (
+        f"checkpoint {tag} could not be written to {ckpt_dir} ({one_line(exc)}; {free}): free space "
+        f"(or lower train.keep_checkpoints) and rerun with train.resume=auto, which continues from "
+        f"{latest or 'the start: no checkpoint was complete'} (the partial {tag}{TMP_SUFFIX} is replaced)"
+    )
+
+
 def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: int, keep: int) -> str:
-    """Save on every rank (ZeRO shards live on each); rank 0 completes, publishes and prunes."""
+    """Save on every rank (ZeRO shards live on each); rank 0 completes, publishes and prunes.
+
+    A write that fails here (a full disk, a quota) raises CheckpointWriteError; a peer that went
+    away mid-save keeps its own error."""
+    from vutrain.startup_errors import is_peer_failure
+
     ckpt_dir = checkpoints_dir(run_dir)
     tag = tag_for(step)
     tmp_tag = tag + TMP_SUFFIX
     tmp_dir = os.path.join(ckpt_dir, tmp_tag)
-    if rank == 0:  # a stale .tmp of a killed run must not lend its files to this save
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        os.makedirs(tmp_dir)
-    barrier()
-    save_trainer_state(tmp_dir, rank, dict(trainer_state, rng=rng_state()))
-    reshape.save_world_info(engine, tmp_dir, trainer_state)  # all ranks' data states (collective)
-    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"step": step}, save_latest=False)
-    sync_files(tmp_dir)  # each rank flushes what it wrote: the marker below must not outlive it
+    try:
+        if rank == 0:  # a stale .tmp of a killed run must not lend its files to this save
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            os.makedirs(tmp_dir)
+        barrier()
+        save_trainer_state(tmp_dir, rank, dict(trainer_state, rng=rng_state()))
+        reshape.save_world_info(engine, tmp_dir, trainer_state)  # all ranks' data states (collective)
+        engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"step": step}, save_latest=False)
+        sync_files(tmp_dir)  # each rank flushes what it wrote: the marker below must not outlive it
+    except (OSError, RuntimeError) as exc:
+        if is_peer_failure(exc):
+            raise
+        raise CheckpointWriteError(write_failure_message(ckpt_dir, tag, exc)) from exc
     barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
         delay = float(os.environ.get(_FAULT_SLEEP_ENV, "0") or 0)

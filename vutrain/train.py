@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     from vutrain import startup_errors
+    from vutrain.checkpoint import CheckpointWriteError
     from vutrain.global_batch import with_global_batch
     from vutrain.trainer import PREEMPT_EXIT_CODE, Preempted, Trainer
 
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         if speaks:
             print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as exc:  # each rank whose write failed says so, in one line
+        prefix = "" if info.world_size == 1 else f"rank {info.rank}: "
+        print(f"error: {prefix}{exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         if trainer is not None and trainer.step > start_step:
             raise
