@@ -56,3 +56,14 @@ def test_preempted_mid_interval_at_an_eval_step_resumes_the_same_metrics(
         assert column(got, key) == pytest.approx(column(expected, key), abs=1e-5), key
     assert list(column(got, "train/loss")) == [5, 10]
     assert list(column(got, "eval/i2t_r1")) == [4, 8, 10]  # every step's eval, once
+
+
+def test_rerunning_a_finished_run_changes_nothing(tiny_shards, tmp_path, single_process):
+    """The same command again (train.resume=auto) over a finished run: before, it resumed at the
+    last step, ran the final eval again and logged a second eval row for that step."""
+    run = str(tmp_path / "run")
+    first = train(tiny_shards, run, steps=4)
+    rows = _rows(run)
+    again = train(tiny_shards, run, steps=4)
+    assert again == first and again  # the final eval's metrics, read back from metrics.jsonl
+    assert _rows(run) == rows

@@ -75,6 +75,7 @@ def save_world_info(engine, tag_dir: str, trainer_state: dict) -> None:
         # The logging interval's sums and a pending eval (trainer.state_dict): the same on every rank.
         "interval": trainer_state.get("interval"),
         "eval_pending": bool(trainer_state.get("eval_pending", False)),
+        "finished": bool(trainer_state.get("finished", False)),
         "data": data_states,
     }
     tmp = os.path.join(tag_dir, WORLD_FILE + ".tmp")
@@ -192,6 +193,7 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
         "nonfinite_in_row": info["nonfinite_in_row"],
         "interval": info.get("interval"),
         "eval_pending": info.get("eval_pending", False),
+        "finished": info.get("finished", False),
         "data": {"ranks": info["data"]},
     }
 

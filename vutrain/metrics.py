@@ -101,3 +101,13 @@ def read_metrics(run_dir: str) -> list[dict]:
             except ValueError:
                 continue  # blank, or the last line of a killed run
     return rows
+
+
+def logged_eval(run_dir: str, step: int) -> dict:
+    """The eval metrics RUN/metrics.jsonl holds for `step` ({} if none): what a finished run's
+    final eval returned, for a rerun that finds nothing left to train."""
+    found: dict = {}
+    for row in read_metrics(run_dir):
+        if isinstance(row, dict) and row.get("step") == step:
+            found.update({k: v for k, v in row.items() if k.startswith("eval/")})
+    return found

@@ -29,7 +29,7 @@ from vutrain.engine import build_engine
 from vutrain.evaluate import Evaluator
 from vutrain.grad_clip import mask_at_step
 from vutrain.losses import build_loss_from_config
-from vutrain.metrics import MetricsWriter
+from vutrain.metrics import MetricsWriter, logged_eval
 from vutrain.model import build_model, count_parameters, text_attention_mask, tokenizer_and_processor
 from vutrain.nonfinite import GuardStats, NonFiniteGuard
 
@@ -184,6 +184,7 @@ class Trainer:
         self.step = 0
         self._signal: str | None = None
         self._eval_pending = False  # a pre-emption checkpoint came before its step's eval (_preempt)
+        self._finished = False  # the final checkpoint: its step's eval and done.json came before it
         self._prepare_run_dir()
         self._build_text_and_image_processing()
         trainable, total = self._build_engine()
@@ -323,6 +324,7 @@ class Trainer:
             "data": self.stream.state_dict(),
             **self.guard.state_dict(),  # the non-finite streak and the logging interval's sums
             "eval_pending": self._eval_pending,
+            "finished": self._finished,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -330,6 +332,7 @@ class Trainer:
         self.step = int(state["step"])
         self.guard.load_state_dict(state)
         self._eval_pending = bool(state.get("eval_pending", False))
+        self._finished = bool(state.get("finished", False))
         self.stream.load_state_dict(state["data"])
 
     def _maybe_resume(self) -> None:
@@ -576,6 +579,16 @@ class Trainer:
 
     def _train(self) -> dict:
         cfg = self.cfg
+        if self._finished and self.step >= cfg.train.max_steps:
+            # A rerun of a finished run (the same command, train.resume=auto) ran the final eval
+            # again and logged a second row for the last step.
+            log.info(
+                "the run finished at step %d already (its final checkpoint): nothing to train; raise "
+                "train.max_steps to go on",
+                self.step,
+            )
+            self.metrics.close()
+            return logged_eval(self.run_dir, self.step)
         self.engine.train()
         progress = None
         if self.info.is_main and cfg.train.progress_bar:
@@ -612,6 +625,7 @@ class Trainer:
         self._check_stop(now=True)  # a run of non-finite losses at the very end fails too
         if cfg.data.val_shards and not (cfg.eval.every and self.step % cfg.eval.every == 0 and last_eval):
             last_eval = self.run_eval()
+        self._finished = True
         self.save()
         self._write_marker("done.json", {"step": self.step})
         if self.info.is_main:
