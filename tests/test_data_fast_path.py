@@ -108,6 +108,21 @@ def test_truncated_jpeg_is_undecodable():
         )
 
 
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2 (decoded in full), 4:2:0
+def test_decompression_bomb_jpeg_is_undecodable_as_with_pil(monkeypatch, subsampling):
+    """Over PIL's limit (2 x Image.MAX_IMAGE_PIXELS) the fast path refuses a JPEG as eval's PIL path
+    does, instead of decoding it with simplejpeg (gigabytes in a worker for a huge 4:2:2 one)."""
+    buf = io.BytesIO()
+    photo_like(np.random.default_rng(0), 64, 48).save(buf, "JPEG", subsampling=subsampling)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 48 > 2 x 1000
+    with pytest.raises(SkipSample, match="undecodable_image.*decompression bomb"):
+        samples_mod.decode_image({"__key__": "k", "jpg": buf.getvalue()})
+    with pytest.raises(SkipSample, match="undecodable_image.*decompression bomb"):
+        make_fast_preprocess({"size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16}})(
+            buf.getvalue()
+        )
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("fast")

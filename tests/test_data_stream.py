@@ -201,6 +201,13 @@ def test_resume_rejects_other_settings(data):
         other.load_state_dict(stream.state_dict())
 
 
+def test_resume_with_other_worker_count_names_the_setting(data):
+    """A job moved to a node with other loader workers is told which setting to restore."""
+    stream = _train(data, num_workers=2)
+    with pytest.raises(ValueError, match=r"data.num_workers\): saved 2, now 3.*data.num_workers=2, or -1"):
+        _train(data, num_workers=3).load_state_dict(stream.state_dict())
+
+
 def test_shard_split_is_a_partition():
     shards = [f"s{i}" for i in range(10)]
     for epoch in range(2):

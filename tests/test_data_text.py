@@ -95,3 +95,12 @@ def test_whole_directory_count_is_not_used_for_part_of_it(tmp_path):
     assert count_samples(expand_shards(f"{tmp_path}/{{00000..00000}}.tar")) == 120  # its stats
     (tmp_path / "00000_stats.json").unlink()
     assert count_samples(expand_shards(f"{tmp_path}/{{00000..00001}}.tar")) is None  # unknown, not 480
+
+
+def test_whole_directory_count_is_not_used_for_part_of_compressed_shards(tmp_path):
+    """The same for .tar.gz shards: the subset check saw no ".tar" file, so any part got the whole count."""
+    for i in range(4):
+        (tmp_path / f"{i:05d}.tar.gz").write_bytes(b"")
+    (tmp_path / "__len__").write_text("480")
+    assert count_samples(expand_shards(f"{tmp_path}/{{00000..00003}}.tar.gz")) == 480
+    assert count_samples(expand_shards(f"{tmp_path}/{{00000..00001}}.tar.gz")) is None  # unknown, not 480

@@ -47,6 +47,18 @@ def worker_shards(
     return order[rank::world_size][worker::num_workers]
 
 
+def fallback_shards(
+    shards: list[str], epoch: int, rank: int, world_size: int, seed: int, shard_shuffle: bool
+) -> list[list[str]]:
+    """What a worker reads, in turn, when its own split of ``epoch`` holds no readable sample
+    (empty shards, e.g. img2dataset's when every download failed, or shards damaged at the start):
+    its rank's shards, then every shard. Deterministic, so a resume replays it."""
+    return [
+        worker_shards(shards, epoch, rank, world_size, 0, 1, seed, shard_shuffle),
+        worker_shards(shards, epoch, 0, 1, 0, 1, seed, shard_shuffle),
+    ]
+
+
 def shuffle_buffer(samples: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
     """Reservoir-style shuffle (like ``webdataset.shuffle``), drained at the end of the input.
 

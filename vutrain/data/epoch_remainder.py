@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .epoch_plan import shuffle_buffer, worker_shards
+from .epoch_plan import fallback_shards, shuffle_buffer, worker_shards
 from .samples import iter_raw_samples
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,16 @@ def _worker_sequence(
         plan["seed"],
         plan["shard_shuffle"],
     )
+    wider = fallback_shards(
+        shards, epoch, plan["rank"], plan["world_size"], plan["seed"], plan["shard_shuffle"]
+    )
     for repeat in range(1_000_000):
         ids = [(url, k) for url in mine for k in keys(url)]
-        if not ids:
-            return
+        if not ids:  # an empty split: the worker read wider shard lists (webdataset._epoch_samples)
+            if not wider:
+                return
+            mine = wider.pop(0)
+            continue
         yield from shuffle_buffer(iter(ids), plan["shuffle_buffer"], random.Random(f"samples/{tag}/{repeat}"))
 
 

@@ -222,7 +222,14 @@ def _iter_files(stream, payloads: bool = True) -> Iterator[tuple[str, bytes | No
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
             if member.isfile():
-                yield member.name, tar.extractfile(member).read() if payloads else None
+                try:
+                    payload = tar.extractfile(member).read() if payloads else None
+                except (tarfile.TarError, EOFError, OSError) as e:
+                    # Name the member cut short, as iter_tar_files does: the sample before it is
+                    # complete when the member starts the next one, and the header-only read
+                    # (payloads=False, which fails one member later) must find the same keys.
+                    raise TarError(str(e), member.name) from None
+                yield member.name, payload
 
 
 def iter_raw_samples(
@@ -408,7 +415,10 @@ def decode_image_array(data: bytes, draft_to: tuple[int, int] | None = None) -> 
     if sj is not None and data.startswith(_JPEG_SOI) and data.endswith(_JPEG_EOI):
         try:
             height, width, colorspace, subsampling = sj.decode_jpeg_header(data)
-            if colorspace not in _PIL_COLORSPACES:
+            # PIL refuses decompression bombs (more than 2 x Image.MAX_IMAGE_PIXELS); left to
+            # simplejpeg, such a JPEG could take gigabytes in a worker (a 4:2:2 one decodes in full).
+            bomb = Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS
+            if colorspace not in _PIL_COLORSPACES and not bomb:
                 scaled = draft_to and subsampling in _DCT_SCALED_SUBSAMPLINGS
                 scale = draft_scale((width, height), draft_to) if scaled else 1
                 return sj.decode_jpeg(

@@ -79,6 +79,10 @@ def expand_shards(spec: str, key: str = "data.train_shards", allow_missing: bool
     return check_shards(spec, key, allow_missing)[0]
 
 
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+"""Shards the reader opens (compressed ones through tarfile): what ``__len__`` counts."""
+
+
 def _count_in_dir(directory: str, names: list[str]) -> int | None:
     """Samples of the shards ``names`` (basenames) of one local directory, or None if unknown.
 
@@ -93,7 +97,7 @@ def _count_in_dir(directory: str, names: list[str]) -> int | None:
         if all(n in sizes for n in names):
             return sum(int(sizes[n]) for n in names)
     len_path = os.path.join(directory, "__len__")
-    every_tar = {n for n in os.listdir(directory) if n.endswith(".tar")}
+    every_tar = {n for n in os.listdir(directory) if n.endswith(_SHARD_SUFFIXES)}
     # A subset of the directory (a brace range over part of it) would get the whole count: the
     # epoch would run that many times longer, repeating its samples.
     if os.path.isfile(len_path) and set(names) >= every_tar:

@@ -46,7 +46,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import render_caption, template_fields
-from .epoch_plan import auto_num_workers, first_batch_of_worker, shuffle_buffer, worker_shards
+from .epoch_plan import (
+    auto_num_workers,
+    fallback_shards,
+    first_batch_of_worker,
+    shuffle_buffer,
+    worker_shards,
+)
 from .epoch_remainder import (
     Remainder,
     ShardKeys,
@@ -77,6 +83,16 @@ Batch = dict[str, torch.Tensor]
 _STATE_VERSION = 1
 _MAX_CONSECUTIVE_SKIPS = 10_000
 _LIVE_STREAMS: weakref.WeakSet[TrainStream] = weakref.WeakSet()
+# The settings behind _Plan fields whose names differ, for errors that say what to set.
+_SETTING_NAMES = {
+    "num_shards": "shards in data.train_shards",
+    "workers": "loader workers (data.num_workers)",
+    "batch_size": "train.micro_batch_size",
+    "steps_per_epoch": "steps per epoch (data.num_samples // global batch)",
+    "shuffle_buffer": "data.shuffle_buffer",
+    "resampled": "data.resampled",
+    "caption_template": "data.caption_template",
+}
 
 
 @atexit.register
@@ -134,6 +150,7 @@ class _WorkerBatches:
         mine = worker_shards(
             self.shards, epoch, p.rank, p.world_size, self.worker, p.workers, p.seed, p.shard_shuffle
         )
+        wider = fallback_shards(self.shards, epoch, p.rank, p.world_size, p.seed, p.shard_shuffle)
         for repeat in itertools.count():
             n = 0
             raw = self._raw_pass(iter(mine))
@@ -141,10 +158,22 @@ class _WorkerBatches:
                 n += 1
                 yield sample
             if n == 0:
-                raise RuntimeError(
-                    f"shards {mine} hold no readable samples (skipped: {dict(self.skipped)}); "
-                    "check data.train_shards."
+                if not wider:
+                    raise RuntimeError(
+                        f"none of the {len(self.shards)} shards holds a readable sample (skipped: "
+                        f"{dict(self.skipped)}); check data.train_shards."
+                    )
+                # One empty (or unreadable) shard must not stop the run when it is a worker's
+                # whole split (one shard per worker is common): read more shards instead.
+                log.warning(
+                    "epoch %d: shards %s hold no readable samples; rank %d worker %d reads %d shards instead",
+                    epoch,
+                    mine,
+                    p.rank,
+                    self.worker,
+                    len(wider[0]),
                 )
+                mine = wider.pop(0)
 
     def _resampled_samples(self, epoch: int) -> Iterator[dict]:
         p = self.plan
@@ -563,11 +592,17 @@ class TrainStream:
             self.num_workers, now = self.plan.workers, asdict(self.plan)
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if diff:
-            changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            changes = ", ".join(
+                f"{_SETTING_NAMES.get(k, k)}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()
+            )
+            workers = (
+                f" (data.num_workers={saved['workers']}, or -1, which adopts the saved count)"
+                if "workers" in diff
+                else ""
+            )
             raise ValueError(
                 f"the data stream state was saved with different settings ({changes}); "
-                "resume with the same data settings, world size and rank, or start the data "
-                "stream fresh."
+                f"resume with the saved values{workers}, or start the data stream fresh."
             )
         self._cursor.next_batch = int(state["next_batch"])
         self.close()  # batches prefetched by open iterators belong to the old position
