@@ -228,7 +228,10 @@ def build(cfg: BuildConfig) -> dict:
     os.makedirs(build_dir, exist_ok=True)
     _clean_partials(cfg.output)
     meta = metadata.read_metadata(cfg.inputs, cfg.input_format, cfg.categories_json)
-    with open(os.path.join(build_dir, "rejected_input.jsonl"), "w", encoding="utf-8") as f:
+    # backslashreplace: a lone surrogate in a rejected record (a JSON title cut mid-emoji) is
+    # written as the JSON escape it came from, "\ud83d", instead of stopping the build.
+    rejected_path = os.path.join(build_dir, "rejected_input.jsonl")
+    with open(rejected_path, "w", encoding="utf-8", errors="backslashreplace") as f:
         for rejected in meta.rejected:
             f.write(json.dumps(rejected, ensure_ascii=False) + "\n")
     print(

@@ -407,6 +407,10 @@ def _empty(value: object) -> bool:
         return True
     if isinstance(value, float) and value != value:  # NaN: a JSON line without this key
         return True
+    if value is pd.NaT or value is pd.NA:
+        # A missing parquet timestamp read as the text "NaT" sorted after every date, so an
+        # undated duplicate won the collapse as the "newest" row.
+        return True
     return isinstance(value, str) and not value.strip()
 
 

@@ -5,6 +5,7 @@ Everything here is pure (no I/O) so the metadata readers and the tests can share
 
 from __future__ import annotations
 
+import ast
 import html
 import math
 import re
@@ -15,10 +16,13 @@ from urllib.parse import parse_qs, urlparse
 # Always used with fullmatch: ``$`` alone also matches before a trailing newline, which let an id
 # with a "\n" (``watch?v=...%0A``) through.
 VIDEO_ID_RE = re.compile(r"[A-Za-z0-9_-]{11}")
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 DEFAULT_URL_TEMPLATE = "https://i.ytimg.com/vi/{video_id}/{variant}.jpg"
 DEFAULT_VARIANTS = ("maxresdefault", "sddefault", "hqdefault", "mqdefault")
 # YouTube answers a missing thumbnail variant with this grey "TV" image (often with status 404).
 PLACEHOLDER_SIZE = (120, 90)
+# The largest id the plan's int32 category column holds (real ones are below 100).
+_MAX_CATEGORY_ID = 2**31 - 1
 
 # YouTube Data API videoCategories (regionCode=US). Ids are global; a few names vary by region,
 # which is why a Kaggle ``*_category_id.json`` next to the input wins over this table.
@@ -120,6 +124,9 @@ def clean_title(value: object) -> str:
         if unescaped == text:
             break
         text = unescaped
+    # A lone UTF-16 surrogate ("\ud83d": JSON from a scraper that cut an emoji in half) cannot
+    # be written as UTF-8: the plan's parquet stopped the build on it.
+    text = _LONE_SURROGATE_RE.sub("\ufffd", text)
     text = unicodedata.normalize("NFC", text)
     return " ".join(text.split())
 
@@ -143,7 +150,13 @@ def parse_tags(value: object) -> list[str]:
             try:
                 items = json.loads(text)
             except ValueError:
-                items = text[1:-1].split(",")
+                try:
+                    items = ast.literal_eval(text)  # a Python-style list: ['a', 'b|c']
+                except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                    # A "|"-joined string whose first tag starts with "[" and last ends with
+                    # "]" (``[MV]|BTS|Dynamite [MV]``, the newer Kaggle schema) stays
+                    # pipe-separated: it was read as one tag "MV]|BTS|Dynamite [MV".
+                    items = text.split("|") if "|" in text else text[1:-1].split(",")
         else:
             items = text.split("|")
     tags: list[str] = []
@@ -183,5 +196,7 @@ def parse_category_id(value: object) -> int | None:
     except ValueError:
         return None
     if not math.isfinite(number) or number < 0:  # NaN, "inf"/"1e999" (int() would overflow), negative
+        return None
+    if number > _MAX_CATEGORY_ID:  # no category; the plan's int32 column stopped the build on it
         return None
     return int(number)

@@ -335,3 +335,90 @@ def test_rejected_rows_name_the_line_they_start_on(tmp_path):
         f"{array_path}:3",
         f"{parquet_path} row 2",  # no lines in a parquet file
     ]
+
+
+def test_pipe_joined_tags_with_bracketed_first_and_last_tag(tmp_path):
+    # The newer Kaggle schema joins tags with bare "|": "[MV]|BTS|Dynamite [MV]" starts with "["
+    # and ends with "]", and was read as a list literal: one tag "MV]|BTS|Dynamite [MV".
+    path = tmp_path / "trending.csv"
+    path.write_text(
+        "video_id,trending_date,title,tags\nokokokokok1,2020-08-12T00:00:00Z,t,[MV]|BTS|Dynamite [MV]\n"
+    )
+    assert _by_id(metadata.read_metadata([str(path)]))["okokokokok1"]["tags"] == [
+        "[MV]",
+        "BTS",
+        "Dynamite [MV]",
+    ]
+    assert youtube.parse_tags("['a', 'b|c']") == ["a", "b|c"]  # a Python-style list is still a list
+    assert youtube.parse_tags('["a|b", "c"]') == ["a|b", "c"]  # and a JSON one keeps its "|"
+
+
+def test_missing_parquet_dates_do_not_win_the_collapse(tmp_path):
+    # A missing timestamp (NaT) became the text "NaT", which sorts after every ISO date: the
+    # undated duplicate won as the "newest" row and "NaT" landed in the shard metadata.
+    path = tmp_path / "trending.parquet"
+    pd.DataFrame(
+        {
+            "video_id": ["okokokokok1", "okokokokok1"],
+            "title": ["dated", "undated"],
+            "trending_date": pd.to_datetime(["2020-08-13", None]),
+            "publish_time": pd.to_datetime([None, "2020-08-11"]),
+        }
+    ).to_parquet(path)
+    row = _by_id(metadata.read_metadata([str(path)]))["okokokokok1"]
+    assert row["title"] == "dated" and row["trending_date"] == "2020-08-13"
+    assert row["publish_time"].startswith("2020-08-11")  # the gap filled from the undated row
+
+
+def test_out_of_range_category_id_does_not_stop_the_plan(tmp_path):
+    # 3000000000 passed as a category id and the plan's int32 column raised ArrowInvalid (a
+    # traceback after the whole input was read).
+    from dataset_tools import plan
+
+    path = tmp_path / "v.csv"
+    path.write_text("video_id,title,category_id\nokokokokok1,a,3000000000\nokokokokok2,b,24\n")
+    rows = metadata.read_metadata([str(path)]).rows
+    planned = plan.extend_plan(
+        [],
+        rows,
+        shard_size=10,
+        oom_shard_count=5,
+        caption_template="{title}",
+        url_template=youtube.DEFAULT_URL_TEMPLATE,
+        first_variant="hqdefault",
+    )
+    plan.save_plan(str(tmp_path / "out"), planned)
+    by_id = {r["video_id"]: r for r in plan.load_plan(str(tmp_path / "out"))}
+    assert by_id["okokokokok1"]["category_id"] is None and by_id["okokokokok1"]["category_name"] == ""
+    assert by_id["okokokokok2"]["category_id"] == 24
+
+
+def test_lone_surrogates_from_json_do_not_stop_the_build(tmp_path):
+    # JSON "\ud83d" (an emoji cut in half by a scraper) decodes to a lone surrogate, which UTF-8
+    # cannot encode: the plan's parquet and rejected_input.jsonl both raised UnicodeEncodeError.
+    from dataset_tools import plan
+    from dataset_tools.cli import main
+
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text('{"id": "okokokokok1", "title": "cut \\ud83d", "tags": ["a\\udc00"]}\n')
+    rows = metadata.read_metadata([str(valid)]).rows
+    assert rows[0]["title"] == "cut \ufffd" and rows[0]["tags"] == ["a\ufffd"]
+    planned = plan.extend_plan(
+        [],
+        rows,
+        shard_size=10,
+        oom_shard_count=5,
+        caption_template="{title}",
+        url_template=youtube.DEFAULT_URL_TEMPLATE,
+        first_variant="hqdefault",
+    )
+    plan.save_plan(str(tmp_path / "plan_out"), planned)
+    assert plan.load_plan(str(tmp_path / "plan_out"))[0]["caption"] == "cut \ufffd"
+
+    rejected_only = tmp_path / "rejected.jsonl"  # no valid row: the build downloads nothing
+    rejected_only.write_text('{"id": "bad", "title": "cut \\ud83d"}\n')
+    out = tmp_path / "out"
+    assert main(["build", "--input", str(rejected_only), "--output", str(out)]) == 0
+    with open(out / "_build" / "rejected_input.jsonl", encoding="utf-8") as f:
+        (record,) = [json.loads(line) for line in f]
+    assert record["reason"] == "invalid video id" and record["record"]["title"] == "cut \ud83d"
