@@ -433,10 +433,24 @@ def load_category_table(path: str | None) -> dict[int, str]:
     """``{id: name}`` from a YouTube API videoCategories JSON (Kaggle ``US_category_id.json``)."""
     if not path:
         return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise MetadataError(
+            f"{path}: not a videoCategories JSON ({err}); fix or remove it (a Kaggle "
+            "<region>_category_id.json next to the input is read automatically), or pass another "
+            "with --categories-json"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("items", []), list):
+        raise MetadataError(
+            f'{path}: not a videoCategories JSON (no "items" list); fix or remove it, or pass '
+            "another with --categories-json"
+        )
     table = {}
     for item in data.get("items", []):
+        if not isinstance(item, dict):
+            continue
         cid = youtube.parse_category_id(item.get("id"))
         name = (item.get("snippet") or {}).get("title")
         if cid is not None and name:

@@ -422,3 +422,23 @@ def test_lone_surrogates_from_json_do_not_stop_the_build(tmp_path):
     with open(out / "_build" / "rejected_input.jsonl", encoding="utf-8") as f:
         (record,) = [json.loads(line) for line in f]
     assert record["reason"] == "invalid video id" and record["record"]["title"] == "cut \ud83d"
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", "[1, 2]", '{"items": "x"}'], ids=["broken", "list", "items"]
+)
+def test_a_bad_category_json_is_one_line(tmp_path, capsys, content):
+    # A broken --categories-json (or a Kaggle <region>_category_id.json beside the input) was a
+    # JSONDecodeError / AttributeError traceback.
+    from dataset_tools.cli import main
+
+    (tmp_path / "US_category_id.json").write_text(content)
+    videos = tmp_path / "USvideos.csv"
+    videos.write_text("video_id,title,category_id\nokokokokok1,a,24\n")
+    assert main(["build", "--input", str(videos), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and err[0].startswith("error: ")
+        and "US_category_id.json: not a videoCategories JSON" in err[0]
+    )
