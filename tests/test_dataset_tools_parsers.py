@@ -370,15 +370,11 @@ def test_missing_parquet_dates_do_not_win_the_collapse(tmp_path):
     assert row["publish_time"].startswith("2020-08-11")  # the gap filled from the undated row
 
 
-def test_out_of_range_category_id_does_not_stop_the_plan(tmp_path):
-    # 3000000000 passed as a category id and the plan's int32 column raised ArrowInvalid (a
-    # traceback after the whole input was read).
+def _plan(rows: list[dict]) -> list:
+    """The build's plan of `rows` (10 per shard, the default URL ladder)."""
     from dataset_tools import plan
 
-    path = tmp_path / "v.csv"
-    path.write_text("video_id,title,category_id\nokokokokok1,a,3000000000\nokokokokok2,b,24\n")
-    rows = metadata.read_metadata([str(path)]).rows
-    planned = plan.extend_plan(
+    return plan.extend_plan(
         [],
         rows,
         shard_size=10,
@@ -387,6 +383,17 @@ def test_out_of_range_category_id_does_not_stop_the_plan(tmp_path):
         url_template=youtube.DEFAULT_URL_TEMPLATE,
         first_variant="hqdefault",
     )
+
+
+def test_out_of_range_category_id_does_not_stop_the_plan(tmp_path):
+    # 3000000000 passed as a category id and the plan's int32 column raised ArrowInvalid (a
+    # traceback after the whole input was read).
+    from dataset_tools import plan
+
+    path = tmp_path / "v.csv"
+    path.write_text("video_id,title,category_id\nokokokokok1,a,3000000000\nokokokokok2,b,24\n")
+    rows = metadata.read_metadata([str(path)]).rows
+    planned = _plan(rows)
     plan.save_plan(str(tmp_path / "out"), planned)
     by_id = {r["video_id"]: r for r in plan.load_plan(str(tmp_path / "out"))}
     assert by_id["okokokokok1"]["category_id"] is None and by_id["okokokokok1"]["category_name"] == ""
@@ -403,15 +410,7 @@ def test_lone_surrogates_from_json_do_not_stop_the_build(tmp_path):
     valid.write_text('{"id": "okokokokok1", "title": "cut \\ud83d", "tags": ["a\\udc00"]}\n')
     rows = metadata.read_metadata([str(valid)]).rows
     assert rows[0]["title"] == "cut \ufffd" and rows[0]["tags"] == ["a\ufffd"]
-    planned = plan.extend_plan(
-        [],
-        rows,
-        shard_size=10,
-        oom_shard_count=5,
-        caption_template="{title}",
-        url_template=youtube.DEFAULT_URL_TEMPLATE,
-        first_variant="hqdefault",
-    )
+    planned = _plan(rows)
     plan.save_plan(str(tmp_path / "plan_out"), planned)
     assert plan.load_plan(str(tmp_path / "plan_out"))[0]["caption"] == "cut \ufffd"
 

@@ -145,39 +145,45 @@ def test_zero_shot_scores_list_fields_and_keeps_unlabelled_samples_for_retrieval
     assert metrics["eval/zeroshot_top1"] == pytest.approx(2 / 3)  # a: hit, {b, c}: hit, b: miss
 
 
-def test_validation_stream_keeps_samples_without_the_label(tmp_path):
+def _write_val_shard(path: str, metas: dict[str, dict]) -> str:
+    """A validation tar: per key an 8x8 JPEG and `metas[key]` as its json."""
     import io
     import json
     import tarfile
 
     from PIL import Image
 
-    from vutrain.data.val import ValStream, collect_label_values
-
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, "JPEG")
-    metas = {
-        "s0": {"title": "x", "tags": ["cat", "dog"]},
-        "s1": {"title": "y", "tags": "bird"},
-        "s2": {"title": "z"},
-    }
-    with tarfile.open(tmp_path / "val.tar", "w") as tar:
+    with tarfile.open(path, "w") as tar:
         for key, meta in metas.items():
             for ext, payload in (("jpg", buf.getvalue()), ("json", json.dumps(meta).encode())):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
+    return str(path)
 
-    def tokenize(texts):
-        return {
-            "input_ids": torch.zeros(len(texts), 2, dtype=torch.long),
-            "attention_mask": torch.ones(len(texts), 2),
-        }
 
+def _zero_tokenize(texts):
+    return {
+        "input_ids": torch.zeros(len(texts), 2, dtype=torch.long),
+        "attention_mask": torch.ones(len(texts), 2),
+    }
+
+
+def test_validation_stream_keeps_samples_without_the_label(tmp_path):
+    from vutrain.data.val import ValStream, collect_label_values
+
+    metas = {
+        "s0": {"title": "x", "tags": ["cat", "dog"]},
+        "s1": {"title": "y", "tags": "bird"},
+        "s2": {"title": "z"},
+    }
+    _write_val_shard(tmp_path / "val.tar", metas)
     stream = ValStream(
         str(tmp_path / "val.tar"),
         preprocess=lambda image: torch.zeros(3, 4, 4),
-        tokenize=tokenize,
+        tokenize=_zero_tokenize,
         batch_size=8,
         label_field="tags",
     )
@@ -227,35 +233,14 @@ def test_a_blank_label_is_no_class(tmp_path):
     """The dataset tools write `category_name: ""` for an unknown category: "" became a zero-shot
     class (prompts "a thumbnail of .", ...), those samples were scored against it, and the class
     count and chance were off by one. A blank value (or list element) is no label now."""
-    import io
-    import json
-    import tarfile
-
-    from PIL import Image
-
     from vutrain.data.val import ValStream, collect_label_values
 
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, "JPEG")
     metas = {
         "s0": {"title": "x", "category_name": "Music", "tags": ["cat", ""]},
         "s1": {"title": "y", "category_name": "", "tags": [" "]},
         "s2": {"title": "z", "category_name": "Gaming", "tags": ["dog"]},
     }
-    shard = str(tmp_path / "val.tar")
-    with tarfile.open(shard, "w") as tar:
-        for key, meta in metas.items():
-            for ext, payload in (("jpg", buf.getvalue()), ("json", json.dumps(meta).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-
-    def tokenize(texts):
-        return {
-            "input_ids": torch.zeros(len(texts), 2, dtype=torch.long),
-            "attention_mask": torch.ones(len(texts), 2),
-        }
-
+    shard = _write_val_shard(tmp_path / "val.tar", metas)
     assert collect_label_values(shard) == ["Gaming", "Music"]
     assert collect_label_values(shard, "tags") == ["cat", "dog"]
     for field, label_sets in (
@@ -265,7 +250,7 @@ def test_a_blank_label_is_no_class(tmp_path):
         stream = ValStream(
             shard,
             preprocess=lambda image: torch.zeros(3, 4, 4),
-            tokenize=tokenize,
+            tokenize=_zero_tokenize,
             batch_size=8,
             label_field=field,
         )
