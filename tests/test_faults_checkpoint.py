@@ -312,3 +312,11 @@ def test_a_checkpoint_the_disk_refuses_is_one_line_per_rank(synthetic_shards, tm
     for line in errors:
         assert "checkpoint step_00000002 could not be written to " in line, line
         assert "GiB free there): free space" in line and "rerun with train.resume=auto" in line, line
+
+
+def test_only_write_failures_get_the_disk_space_advice():
+    """A CUDA out-of-memory in ZeRO-3's gather during a save keeps its own error ("free space"
+    would be the wrong advice); torch.save's writer failing and an OSError get the one line."""
+    assert ckpt.is_write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7"))
+    assert ckpt.is_write_failure(OSError(28, "No space left on device"))
+    assert not ckpt.is_write_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))

@@ -270,6 +270,16 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, a quota): one line that says what to do."""
 
 
+# How torch.save's zip writer reports a failed write (a full disk, a quota, a file-size limit).
+_TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or torch.save's writer failing; not, say, a CUDA out-of-memory in ZeRO-3's gather,
+    for which "free space" would be the wrong advice."""
+    return isinstance(exc, OSError) or any(p in str(exc) for p in _TORCH_WRITE_FAILURES)
+
+
 def write_failure_message(ckpt_dir: str, tag: str, exc: BaseException) -> str:
     """Why checkpoint `tag` was not written, the space left, and how to go on from the last one.
 
@@ -310,7 +320,7 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
         engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"step": step}, save_latest=False)
         sync_files(tmp_dir)  # each rank flushes what it wrote: the marker below must not outlive it
     except (OSError, RuntimeError) as exc:
-        if is_peer_failure(exc):
+        if is_peer_failure(exc) or not is_write_failure(exc):
             raise
         raise CheckpointWriteError(write_failure_message(ckpt_dir, tag, exc)) from exc
     barrier()  # every rank's files are on disk before the marker says so
