@@ -615,7 +615,7 @@ class Trainer:
                     progress.update(1)
                 if stop:
                     self._preempt()
-                if cfg.eval.every and cfg.data.val_shards and self.step % cfg.eval.every == 0:
+                if self._eval_due():
                     last_eval = self.run_eval()
                 if self._checkpoint_due():
                     self.save()
@@ -634,6 +634,11 @@ class Trainer:
             plot_run(self.run_dir)
         self.metrics.close()
         return last_eval
+
+    def _eval_due(self) -> bool:
+        """A periodic eval after this step (the loop's, or the one a pre-emption leaves owed)."""
+        e = self.cfg.eval
+        return bool(e.every) and bool(self.cfg.data.val_shards) and self.step % e.every == 0
 
     def _checkpoint_due(self) -> bool:
         """A periodic checkpoint after this step (the final one is saved after the loop)."""
@@ -658,8 +663,7 @@ class Trainer:
 
         The checkpoint comes before this step's eval (an eval could outlast SLURM's warning), so
         it records that the resumed run owes that eval and runs it first (`_train`)."""
-        cfg = self.cfg
-        self._eval_pending = bool(cfg.eval.every and cfg.data.val_shards and self.step % cfg.eval.every == 0)
+        self._eval_pending = self._eval_due()
         self.save()
         signame = self._signal or "peer"
         self._write_marker("preempted.json", {"step": self.step, "signal": signame})
