@@ -73,13 +73,31 @@ def check_config(cfg: BuildConfig) -> None:
     ):
         if not ok:
             raise SystemExit(f"{flag} {value}: must be {rule}")
-    problem = plan_mod.check_caption_template(cfg.caption_template) or _url_template_problem(cfg)
+    problem = (
+        plan_mod.check_caption_template(cfg.caption_template)
+        or _url_template_problem(cfg)
+        or _output_is_input_problem(cfg)
+    )
     if problem:
         raise SystemExit(problem)
     try:
         cfg.politeness.per_process(cfg.processes)
     except ValueError as err:
         raise SystemExit(str(err)) from None
+
+
+def _output_is_input_problem(cfg: BuildConfig) -> str | None:
+    """None unless an ``--input`` folder is the ``--output`` folder. The first build worked, and
+    every later one (a resume, ``--retry-failed``) read the build's own ``NNNNN.parquet`` and
+    ``_stats.json`` back as metadata and stopped on a parse error about a stats file."""
+    output = os.path.realpath(cfg.output)
+    for item in cfg.inputs:
+        if os.path.isdir(item) and os.path.realpath(item) == output:
+            return (
+                f"--input {item} is also --output: the shards written there would be read back as "
+                f"metadata by the next build. Give another --output, e.g. {os.path.join(item, 'shards')}"
+            )
+    return None
 
 
 def _url_template_problem(cfg: BuildConfig) -> str | None:
@@ -266,6 +284,7 @@ def build(cfg: BuildConfig) -> dict:
     _distribute(
         cfg, _make_downloader(cfg, cfg.output, columns), _write_jobs(tmp_dir, todo, cfg.oom_shard_count)
     )
+    unmerged: list[str] = []
     if retry_groups:
         retry_dir = os.path.join(build_dir, "retry")
         shutil.rmtree(retry_dir, ignore_errors=True)
@@ -275,12 +294,7 @@ def build(cfg: BuildConfig) -> dict:
             _make_downloader(cfg, retry_dir, columns),
             _write_jobs(tmp_dir, retry_groups, cfg.oom_shard_count),
         )
-        for shard_id in sorted(retry_groups):
-            name = shards.shard_name(shard_id, cfg.oom_shard_count)
-            if shard_id in shards.complete_shards(retry_dir):
-                retry.merge_retry(cfg.output, retry_dir, name)
-            else:
-                print(f"[dataset_tools] retry of shard {name} did not complete; run again")
+        unmerged = merge_retries(cfg.output, retry_dir, sorted(retry_groups), cfg.oom_shard_count)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     elapsed = time.time() - started
     summary = summarize(cfg.output, elapsed, summarize(cfg.output)["successes"] - before)
@@ -290,11 +304,32 @@ def build(cfg: BuildConfig) -> dict:
         invalid_ids=len(meta.rejected),
         planned=len(plan),
         incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(shards.complete_shards(cfg.output))),
+        incomplete_retries=len(unmerged),
     )
     with open(os.path.join(build_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print_summary(summary)
     return summary
+
+
+def merge_retries(output: str, retry_dir: str, shard_ids: list[int], oom_shard_count: int) -> list[str]:
+    """Merge each retried shard that completed; returns the names of those that did not (their
+    failed rows stay as they were, and the next ``--retry-failed`` tries them again)."""
+    unmerged = []
+    complete = shards.complete_shards(retry_dir)
+    for shard_id in shard_ids:
+        name = shards.shard_name(shard_id, oom_shard_count)
+        if shard_id in complete:
+            retry.merge_retry(output, retry_dir, name)
+        else:
+            unmerged.append(name)
+            print(f"[dataset_tools] retry of shard {name} did not complete; run build --retry-failed again")
+    return unmerged
+
+
+def exit_code(summary: dict) -> int:
+    """0 when every planned shard is complete and every retried one merged, else 2 (run again)."""
+    return 0 if not summary.get("incomplete_shards") and not summary.get("incomplete_retries") else 2
 
 
 def print_summary(summary: dict) -> None:
@@ -312,3 +347,8 @@ def print_summary(summary: dict) -> None:
         )
     if summary.get("incomplete_shards"):
         print(f"[dataset_tools] {summary['incomplete_shards']} shards incomplete: run build again")
+    if summary.get("incomplete_retries"):
+        print(
+            f"[dataset_tools] {summary['incomplete_retries']} retried shards did not complete: "
+            "run build --retry-failed again"
+        )

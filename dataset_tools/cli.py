@@ -169,10 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     """Dispatch one parsed subcommand; returns the exit code."""
     if args.command == "build":
-        from dataset_tools.build import build
+        from dataset_tools.build import build, exit_code
 
-        summary = build(_build_config(args))
-        return 0 if summary.get("incomplete_shards", 0) == 0 else 2
+        return exit_code(build(_build_config(args)))
     if args.command == "inspect":
         from dataset_tools import inspect_shards
 

@@ -245,3 +245,36 @@ def test_bad_split_and_dedup_options_are_one_line_errors(tmp_path, args, match):
         main([a.format(src=src, out=out) for a in args])
     assert "\n" not in str(err.value.code)
     assert not out.exists()
+
+
+def test_an_input_folder_that_is_also_the_output_is_refused(tmp_path):
+    # The first build into its own input folder worked; every later one (a resume,
+    # --retry-failed) read the shards' parquet and _stats.json back as metadata and stopped on
+    # "00000_stats.json:1: not a JSON line".
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "USvideos.csv").write_text("video_id,title\nokokokokok1,a title\n")
+    _shard(data, 0, 2)  # what the first build left there
+    before = sorted(os.listdir(data))
+    with pytest.raises(SystemExit, match="is also --output.*Give another --output") as err:
+        main(["build", "--input", str(data), "--output", str(data) + "/"])
+    assert "\n" not in str(err.value.code)
+    assert sorted(os.listdir(data)) == before  # refused before anything was written
+
+
+def test_a_retry_that_did_not_complete_stays_failed_and_exits_2(tmp_path):
+    # A retried shard whose download did not complete (a worker killed) was reported as "run
+    # again" and the build still exited 0, so a script took the failed rows as final.
+    from dataset_tools.build import exit_code, merge_retries
+
+    out, retry_dir = tmp_path / "out", tmp_path / "retry"
+    out.mkdir()
+    retry_dir.mkdir()
+    _failed_shard(out, ["000000000"], ["000000001"])
+    _failed_shard(retry_dir, ["000000001"], [])
+    os.remove(retry_dir / "00000_stats.json")  # the retry pass died before its stats
+    assert merge_retries(str(out), str(retry_dir), [0], oom_shard_count=5) == ["00000"]
+    assert shards.complete_shards(str(out)) == {0: "00000"}
+    assert len(shards.read_tar(str(out / "00000.tar"))) == 1  # nothing half-merged
+    assert exit_code({"incomplete_shards": 0, "incomplete_retries": 1}) == 2
+    assert exit_code({"incomplete_shards": 0, "incomplete_retries": 0}) == 0
