@@ -55,6 +55,30 @@ def gather_objects(items: list) -> list:
     return [x for part in out for x in part]
 
 
+RECALL_CHUNK_ELEMENTS = 2**26
+"""Similarities scored at a time in retrieval recall (256 MB in fp32, with a few boolean
+temporaries of the same shape): at 50k held-out samples the whole N x N matrix was 10 GB."""
+
+
+def _chunk_rows(n_columns: int) -> int:
+    return max(1, min(4096, RECALL_CHUNK_ELEMENTS // max(n_columns, 1)))
+
+
+def _pair_ranks(rows: torch.Tensor, row_groups: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Per row of ``rows`` [n, N], how many columns outside its group beat or tie its best right
+    column; N (a miss) when every right column is NaN."""
+    same = row_groups[:, None] == groups[None, :]
+    scored = same & ~rows.isnan()
+    best = torch.where(scored, rows, float("-inf")).amax(dim=1, keepdim=True)
+    beats = ((rows >= best) | rows.isnan()) & ~same  # how many other columns beat or tie it
+    return torch.where(scored.any(dim=1), beats.sum(dim=1), rows.shape[1])
+
+
+def _recall(ranks: list[torch.Tensor], ks, device) -> dict[int, float]:
+    rank = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=device)
+    return {k: (rank < k).float().mean().item() for k in ks}
+
+
 def recall_at_k(sim: torch.Tensor, ks=RECALL_KS, groups: torch.Tensor | None = None) -> dict[int, float]:
     """sim: [N, N], the pair of row i is column i. Fraction of rows whose pair ranks within the top k.
 
@@ -69,17 +93,23 @@ def recall_at_k(sim: torch.Tensor, ks=RECALL_KS, groups: torch.Tensor | None = N
     """
     n = sim.shape[0]
     groups = torch.arange(n, device=sim.device) if groups is None else groups.to(sim.device)
-    ranks = []
-    for start in range(0, n, 4096):  # rows in chunks: a few [chunk, N] temporaries, never [N, N]
-        rows = sim[start : start + 4096]
-        same = groups[start : start + 4096, None] == groups[None, :]
-        scored = same & ~rows.isnan()
-        best = torch.where(scored, rows, float("-inf")).amax(dim=1, keepdim=True)
-        beats = ((rows >= best) | rows.isnan()) & ~same  # how many other columns beat or tie it
-        rank = beats.sum(dim=1)
-        ranks.append(torch.where(scored.any(dim=1), rank, n))  # every right column NaN: a miss
-    rank = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=sim.device)
-    return {k: (rank < k).float().mean().item() for k in ks}
+    step = _chunk_rows(n)  # rows in chunks: a few [chunk, N] temporaries, never [N, N] ones
+    ranks = [_pair_ranks(sim[i : i + step], groups[i : i + step], groups) for i in range(0, n, step)]
+    return _recall(ranks, ks, sim.device)
+
+
+def feature_recall_at_k(
+    queries: torch.Tensor, keys: torch.Tensor, ks=RECALL_KS, groups: torch.Tensor | None = None
+) -> dict[int, float]:
+    """``recall_at_k(queries @ keys.T)`` without the [N, N] matrix: the similarities are made a
+    chunk of rows at a time, so memory grows with N, not N squared."""
+    n = queries.shape[0]
+    groups = torch.arange(n, device=queries.device) if groups is None else groups.to(queries.device)
+    step = _chunk_rows(n)
+    ranks = [
+        _pair_ranks(queries[i : i + step] @ keys.T, groups[i : i + step], groups) for i in range(0, n, step)
+    ]
+    return _recall(ranks, ks, queries.device)
 
 
 def caption_tokens(batch: dict) -> list[tuple[int, ...]]:
@@ -172,11 +202,10 @@ def evaluate(
         metrics: dict[str, float] = {"eval/num_samples": float(img.shape[0])}
         if img.shape[0] == 0:
             return metrics
-        sim = img @ txt.T
         group_of: dict[tuple, int] = {}
         groups = torch.tensor([group_of.setdefault(t, len(group_of)) for t in tokens], device=img.device)
-        for name, s in (("i2t", sim), ("t2i", sim.T)):
-            for k, value in recall_at_k(s, groups=groups).items():
+        for name, queries, keys in (("i2t", img, txt), ("t2i", txt, img)):
+            for k, value in feature_recall_at_k(queries, keys, groups=groups).items():
                 metrics[f"eval/{name}_r{k}"] = value
 
         def encode_text(texts):
