@@ -151,6 +151,31 @@ def test_engine_must_accumulate_the_micro_batch_count():
         GradCache(Engine(), lambda b: b, lambda *a: a[0].sum()).forward([1, 2, 3])
 
 
+def test_backward_without_a_forward_says_so():
+    """backward() before forward(), or twice after one forward, raised "not enough values to
+    unpack (expected 4, got 0)" from inside GradCache."""
+    from vutrain.gradcache import GradCache
+    from vutrain.losses import ClipLoss
+
+    class Engine:
+        def backward(self, loss, scale_wrt_gas=True):
+            loss.backward()
+
+        def step(self):
+            pass
+
+    torch.manual_seed(0)
+    model = TwoTower()
+    cache = GradCache(Engine(), lambda mb: model(*mb), ClipLoss())
+    with pytest.raises(RuntimeError, match=r"needs a forward\(micro_batches\) first"):
+        cache.backward()
+    x_img, x_txt = _data(0, 0)
+    cache.forward(list(zip(x_img.chunk(K), x_txt.chunk(K))))
+    cache.backward()
+    with pytest.raises(RuntimeError, match="each forward allows one backward"):
+        cache.backward()
+
+
 @pytest.mark.slow
 def test_trainer_gradcache_matches_one_big_micro_batch(synthetic_shards, tmp_path):
     """Through the trainer (deepspeed launcher, 2 ranks, ZeRO-2): micro 8 x 2 with

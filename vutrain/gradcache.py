@@ -110,6 +110,11 @@ class GradCache:
 
     def backward(self) -> None:
         """Phase 3: each micro-batch again with autograd and its RNG replayed; engine backward + step."""
+        if not self._grads:  # said plainly, not "not enough values to unpack (expected 4, got 0)"
+            raise RuntimeError(
+                "GradCache.backward() needs a forward(micro_batches) first, and each forward allows "
+                "one backward: call forward, then backward, once per step"
+            )
         g_img, g_txt, g_scale, g_bias = self._grads
         start = 0
         for i, (batch, size) in enumerate(zip(self._batches, self._sizes)):
