@@ -7,7 +7,15 @@ import sys
 
 import pytest
 
-from vutrain.config import ConfigError, RunConfig, field_docs, iter_fields, load_config, reference_markdown
+from vutrain.config import (
+    ConfigError,
+    RunConfig,
+    build_config,
+    field_docs,
+    iter_fields,
+    load_config,
+    reference_markdown,
+)
 from vutrain.ds_config import build_ds_config
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "vutrain", "configs", "tiny.yaml")
@@ -214,3 +222,147 @@ def test_config_cli_get_prints_one_key_for_the_launch_scripts(capsys):
             main(["--get", key, "--config", "tiny"])
         assert stopped.value.code == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, want",
+    [
+        ("data.caption_template={title}", "{title}"),  # was: "must set a single key, not a section"
+        ("data.caption_template='{title}. tags: {tags}'", "{title}. tags: {tags}"),
+        ("output_dir=007", "007"),  # was "7": another run directory
+        ("output_dir=yes", "yes"),  # was "True"
+        ("output_dir=runs/a #1", "runs/a #1"),  # was "runs/a": YAML read a comment
+        ("eval.zeroshot_field=no", "no"),  # was "False"
+        ("train.ds_config=null", ""),
+    ],
+)
+def test_string_override_is_the_text_as_typed(override, want):
+    """A string key takes the override's text: YAML only unquotes it and reads null (parsed as YAML,
+    a {placeholder} was a mapping and 007, yes or a '#' changed the value without a word)."""
+    cfg = load_config(TINY, [SHARDS, override])
+    value = cfg
+    for part in override.split("=", 1)[0].split("."):
+        value = getattr(value, part)
+    assert value == want
+
+
+@pytest.mark.parametrize(
+    "override, want",
+    [
+        ("eval.templates={}", ["{}"]),  # was: "must set a single key, not a section"
+        ("eval.templates=[a photo of {}., {}]", ["a photo of {}.", "{}"]),  # was "[a photo of {}." ...
+        ("model.lora.target_modules=[q_proj, k_proj]", ["q_proj", "k_proj"]),
+        ("model.lora.target_modules=null", []),  # was ["None"]
+    ],
+)
+def test_list_override_is_the_text_as_typed(override, want):
+    cfg = build_config(TINY, [SHARDS, override])
+    section, key = override.split("=", 1)[0].rsplit(".", 1)
+    value = cfg
+    for part in section.split("."):
+        value = getattr(value, part)
+    assert getattr(value, key) == want
+    with pytest.raises(ConfigError, match="model.lora.enabled needs model.lora.target_modules"):
+        load_config(TINY, [SHARDS, "model.lora.enabled=true", "model.lora.target_modules=null"])
+
+
+@pytest.mark.parametrize(
+    "precision, section, words",
+    [
+        (
+            "fp32",
+            {"enabled": True, "dtype": "bfloat16"},
+            "torch_autocast.enabled=true but train.precision=fp32",
+        ),
+        ("bf16", {"enabled": True}, "torch_autocast.enabled=true but train.precision=bf16"),
+        ("amp_bf16", {"enabled": False}, "torch_autocast.enabled=false but train.precision=amp_bf16"),
+        ("amp_bf16", {"dtype": "float16"}, 'torch_autocast.dtype="float16" but train.precision=amp_bf16'),
+    ],
+)
+def test_user_ds_config_autocast_must_agree_with_precision(tmp_path, precision, section, words):
+    """DeepSpeed autocasts the forward as a user JSON's torch_autocast says: an fp32 run trained under
+    bf16 autocast, an amp_bf16 one under fp16 (no loss scale), while config.yaml said otherwise."""
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"torch_autocast": section}))
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        load_config(TINY, [SHARDS, f"train.precision={precision}", f"train.ds_config={user}"])
+
+
+def test_user_ds_config_autocast_that_agrees_is_merged(tmp_path):
+    user = tmp_path / "ds.json"
+    for precision, section in (
+        ("amp_bf16", {"enabled": True, "dtype": "bf16", "lower_precision_safe_modules": ["torch.nn.Linear"]}),
+        ("amp_bf16", {"enabled": "auto", "dtype": "auto"}),
+        ("fp32", {"enabled": False}),
+        ("fp32", {"dtype": "float16"}),  # not enabled: the dtype changes nothing
+    ):
+        user.write_text(json.dumps({"torch_autocast": section}))
+        cfg = load_config(TINY, [SHARDS, f"train.precision={precision}", f"train.ds_config={user}"])
+        autocast = build_ds_config(cfg.train, world_size=1).get("torch_autocast", {})
+        assert autocast.get("enabled", False) == (precision == "amp_bf16")
+    for template in sorted(
+        os.listdir(os.path.join(os.path.dirname(TINY), "..", "..", "launch", "ds_configs"))
+    ):
+        path = os.path.join(os.path.dirname(TINY), "..", "..", "launch", "ds_configs", template)
+        for precision in ("fp32", "bf16", "amp_bf16"):
+            load_config(TINY, [SHARDS, f"train.precision={precision}", f"train.ds_config={path}"])
+
+
+@pytest.mark.parametrize(
+    "override, unknown, hint",
+    [
+        ("train.zero_stag=2", "train.zero_stag", "train.zero_stage"),
+        ("train.batch_size=8", "train.batch_size", "train.micro_batch_size"),
+        ("train.preset=vit-b-32", "train.preset", "model.preset"),  # the right key in the wrong section
+        ("lr=1e-4", "lr", "train.lr"),
+        ("trian.max_steps=2", "trian", "train.max_steps"),
+        ("model.lora.rank=8", "model.lora.rank", "model.lora.r"),
+    ],
+)
+def test_unknown_key_suggests_the_close_one(override, unknown, hint):
+    """A typo or a key in the wrong section names the key it probably meant, not only the
+    section's list of keys (which a key in the wrong section is not in)."""
+    with pytest.raises(ConfigError) as err:
+        build_config(TINY, [override])
+    assert f"unknown config key '{unknown}' (did you mean {hint}?); valid keys here:" in str(err.value)
+
+
+def test_yaml_key_in_the_wrong_section_names_its_section(tmp_path):
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("train:\n  preset: vit-b-32\n  max_steps: 3\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'train.preset' \(did you mean model.preset\?\)"
+    ):
+        build_config(str(run_file))
+    run_file.write_text("trian:\n  lr: 1.0e-4\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian' \(did you mean train\?\)"):
+        build_config(str(run_file))
+    with pytest.raises(ConfigError) as err:  # nothing close: no guess
+        build_config(TINY, ["train.foo=1"])
+    assert "did you mean" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("data:\n  caption_template: {title}. tags: {tags}\n", "is not valid YAML: expected <block end>"),
+        ("data:\n\ttrain_shards: x\n", "is not valid YAML: found character '\\t'"),
+        (b"\xd0\x00 train:", "cannot be read as YAML: 'utf-8' codec can't decode"),
+        (None, "cannot be read as YAML: [Errno 21] Is a directory"),
+    ],
+)
+def test_unreadable_run_file_is_a_one_line_config_error(tmp_path, capsys, text, words):
+    """A run file YAML cannot parse (an unquoted '{', a tab) or that is not a UTF-8 file ends in one
+    `config error:` line and exit 2, as a bad key does; it was a traceback from every rank."""
+    from vutrain import train
+
+    run_file = tmp_path / "run.yaml"
+    if text is None:
+        run_file.mkdir()
+    elif isinstance(text, bytes):
+        run_file.write_bytes(text)
+    else:
+        run_file.write_text(text)
+    assert train.main(["--config", str(run_file), SHARDS]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {run_file} ") and words in lines[0], lines

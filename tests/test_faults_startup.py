@@ -3,6 +3,7 @@ the demo, and one clear line (printed once, by rank 0) instead of every rank's t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -110,3 +111,38 @@ def test_unexpected_error_is_one_line_pointing_at_the_traceback(tmp_path, capsys
     assert code != 0
     assert lines == [f"error: KeyError: 'model' (full traceback: {log_path})"]
     assert "Traceback" in log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    "ds_json, extra, message",
+    [
+        ({"zero_optimization": {"stage": 3}}, [], "sets zero_optimization.stage=3 but train.zero_stage=2"),
+        (
+            {"gradient_accumulation_steps": 2},
+            [],
+            "sets gradient_accumulation_steps=2 but the run config gives 1",
+        ),
+        ({}, ["train.global_batch_size=100"], "train.global_batch_size=100 is not a multiple"),
+    ],
+)
+def test_ds_config_contradiction_fails_before_the_process_group(
+    synthetic_shards, tmp_path, capsys, ds_json, extra, message
+):
+    """A train.ds_config whose ZeRO stage or batch keys contradict train.* (and a global batch the
+    world size does not divide) end in one line before anything starts: they were found when the
+    engine was built, after the process group, config.yaml and the preset tokenizer's training."""
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps(ds_json))
+    run_dir = tmp_path / "run"
+    overrides = _overrides(
+        synthetic_shards,
+        synthetic_shards["train_shards"],
+        f"output_dir={run_dir}",
+        f"train.ds_config={ds_path}",
+        *extra,
+    )
+    assert train.main(["--config", tr.TINY, *overrides]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert not run_dir.exists()  # no config.yaml, no tokenizer: nothing started

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
 import logging
@@ -52,6 +53,8 @@ class ConfigError(ValueError):
 
 # A user ds_config's "optimizer" of these types is built by DeepSpeed with train.*'s settings.
 DS_ADAM_TYPES = ("adam", "adamw")
+# What DeepSpeed's torch_autocast.dtype accepts for bfloat16 (train.precision=amp_bf16).
+AUTOCAST_BF16_NAMES = ("bfloat16", "bf16", "torch.bfloat16")
 
 
 @dataclass
@@ -316,6 +319,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
     if tp is list:
+        if value is None:  # null: no entries (it was the one entry "None")
+            return []
         if isinstance(value, (list, tuple)):
             return [str(v) for v in value]
         return [v.strip() for v in str(value).split(",") if v.strip()]
@@ -330,6 +335,23 @@ def _valid_keys(cls: type, prefix: str = "") -> list[str]:
     return [k for k, *_ in iter_fields(cls, prefix)]
 
 
+def _did_you_mean(key: str, value: Any) -> str:
+    """' (did you mean KEY?)' for a typo or a key in the wrong section; '' when nothing is close."""
+    while isinstance(value, dict) and len(value) == 1:  # an override's whole dotted key
+        name, value = next(iter(value.items()))
+        key = f"{key}.{name}"
+    leaves = _valid_keys(RunConfig)
+    section, _, last = key.rpartition(".")
+    here = [leaf.rpartition(".")[2] for leaf in leaves if leaf.rpartition(".")[0] == section]
+    close = [
+        f"{section}.{name}" if section else name for name in difflib.get_close_matches(last, here, 1, 0.75)
+    ]
+    moved = [leaf for leaf in leaves if leaf.rpartition(".")[2] == last]  # right name, wrong section
+    sections = sorted({leaf.rpartition(".")[0] for leaf in leaves} - {""})
+    close = close or moved or difflib.get_close_matches(key, leaves + sections, n=1, cutoff=0.8)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
     hints = _hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
@@ -337,7 +359,8 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
         key = f"{prefix}{name}"
         if name not in names:
             raise ConfigError(
-                f"unknown config key {key!r}; valid keys here: " + ", ".join(_valid_keys(type(obj), prefix))
+                f"unknown config key {key!r}{_did_you_mean(key, value)}; valid keys here: "
+                + ", ".join(_valid_keys(type(obj), prefix))
             )
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
@@ -348,17 +371,50 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(key, tp, value))
 
 
+def _leaf_type(cfg: RunConfig, parts: list[str]) -> Any:
+    """The type of the field a dotted key names; None for a section or no field (_apply_mapping says)."""
+    tp: Any = type(cfg)
+    for part in parts:
+        if not dataclasses.is_dataclass(tp) or part not in {f.name for f in dataclasses.fields(tp)}:
+            return None
+        tp = _hints(tp)[part]
+    return None if dataclasses.is_dataclass(tp) else tp
+
+
+def _text_override(raw: str, tp: type) -> Any:
+    """A string or list key's value as typed: YAML only unquotes it, reads null and a list's [a, b].
+
+    Parsed as YAML, '{title}' was a mapping (an error about sections), 007 the number 7, yes
+    True and 'runs/a #1' lost its end as a comment: a string key received another value.
+    """
+    text = raw.strip()
+    brackets = tp is list and text.startswith("[") and text.endswith("]")
+    if text in ("null", "Null", "NULL", "~") or text[:1] in ("'", '"') or brackets:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:  # e.g. [a {}, b {}]: YAML reads {} as a mapping
+            return text[1:-1] if brackets else text
+        if value is None or isinstance(value, (str, list)):
+            return value
+    return text
+
+
 def apply_override(cfg: RunConfig, item: str) -> None:
-    """Apply one `section.key=value` override (value parsed as YAML scalar, then coerced)."""
+    """Apply one `section.key=value` override (value parsed as YAML scalar, then coerced; a string
+    or list key takes the text as typed, see _text_override)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value; e.g. train.max_steps=200")
     key, raw = item.split("=", 1)
     key = key.strip().lstrip("-")
     parts = key.split(".")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    leaf_type = _leaf_type(cfg, parts)
+    if leaf_type in (str, list):
+        value = _text_override(raw, leaf_type)
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
     nested: Any = value
     for part in reversed(parts):
         nested = {part: nested}
@@ -399,14 +455,30 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> R
     return cfg
 
 
+def _read_run_file(path: str) -> Any:
+    """The YAML of a run file; ConfigError in one line where it cannot be read or parsed (these were
+    tracebacks, one per rank, from the launchers)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh) or {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"{path} is not valid YAML: {exc.problem or exc.context}{where} (quote values that hold "
+            "'{', ': ' or ' #'; indent with spaces)"
+        ) from None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read as YAML: {' '.join(str(exc).split())}") from None
+
+
 def build_config(path: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
     """The RunConfig of a YAML file and overrides, keys and types checked but not validated: what
     the launch scripts read (`--get`) in a tenth of a second, without importing torch."""
     cfg = RunConfig()
     if path:
         path = resolve_config_path(path)
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        data = _read_run_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
         _apply_mapping(cfg, data)
@@ -637,8 +709,15 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
     for half in ("bf16", "fp16"):
         got = _section(ds, half).get("enabled", "auto")
         decided.append((f"{half}.enabled", got, t.precision == half, "train.precision"))
+    # DeepSpeed autocasts the forward wherever this section says so: an fp32 run trained in bf16,
+    # an amp_bf16 run in fp16 (no loss scale), while config.yaml and the logs said otherwise.
+    autocast, amp = _section(ds, "torch_autocast"), t.precision == "amp_bf16"
+    decided.append(("torch_autocast.enabled", autocast.get("enabled", "auto"), amp, "train.precision"))
+    dtype = autocast.get("dtype", "auto")
+    if amp and dtype not in ("auto", *AUTOCAST_BF16_NAMES):
+        decided.append(("torch_autocast.dtype", dtype, "bfloat16", "train.precision"))
     for key, got, want, train_key in decided:
-        same = got == want if isinstance(want, bool) else _same_numbers(got, want)
+        same = got == want if isinstance(want, (bool, str)) else _same_numbers(got, want)
         if got != "auto" and not same:
             value = getattr(t, train_key.split(".")[1])
             raise ConfigError(

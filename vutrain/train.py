@@ -32,6 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_world_size(cfg, world_size: int) -> None:
+    """What needs the world size, checked before any process group: train.global_batch_size's
+    multiple, and train.ds_config's batch keys and ZeRO stage (found when the engine was built,
+    after the process group, the run directory and the preset tokenizer's training)."""
+    from vutrain.ds_config import build_ds_config
+    from vutrain.global_batch import with_global_batch
+
+    build_ds_config(with_global_batch(cfg, world_size).train, world_size)
+
+
 def check_shard_lists(cfg, log_warnings: bool) -> None:
     """Every shard a brace range names must exist (before any process group: fails in a second).
 
@@ -79,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     speaks = info.rank == 0 or (info.local_rank == 0 and info.local_world_size < info.world_size)
     try:
         cfg = load_config(args.config, args.overrides)  # fails here, before any process group
+        check_world_size(cfg, info.world_size)
         check_shard_lists(cfg, log_warnings=info.rank == 0)
     except ConfigError as exc:
         if speaks:
