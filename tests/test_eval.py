@@ -246,6 +246,29 @@ def test_validation_stream_keeps_samples_without_the_label(tmp_path):
     assert collect_label_values(str(tmp_path / "val.tar"), "tags") == ["bird", "cat", "dog"]
 
 
+def test_tags_kept_as_one_string_give_tag_metrics_as_in_training(tmp_path):
+    """Training's tag positives split a `tags` string at commas; the validation stream dropped it,
+    so a dataset with string tags trained on tags and reported no tag metrics at all."""
+    from vutrain.data.labels import tag_id, tag_values
+    from vutrain.data.val import ValStream
+
+    metas = {
+        "s0": {"title": "x", "tags": ["cat", "dog", ""]},
+        "s1": {"title": "y", "tags": "bird, fish,"},
+        "s2": {"title": "z", "tags": 7},
+    }
+    stream = ValStream(
+        _write_val_shard(tmp_path / "val.tar", metas),
+        preprocess=lambda image: torch.zeros(3, 4, 4),
+        tokenize=_zero_tokenize,
+        batch_size=8,
+    )
+    (batch,) = list(stream)
+    assert batch["tags"] == [["cat", "dog"], ["bird", " fish"], []]
+    # the same tags training's positives see (tag_id strips and lower-cases)
+    assert {tag_id(t) for t in tag_values(metas["s1"]["tags"])} == {tag_id("bird"), tag_id("fish")}
+
+
 def test_recall_counts_nan_against_the_model():
     """A diverged model's NaN similarities scored recall 1.0 at every k (NaN >= NaN is False: no
     column beat any pair). A NaN pair is a miss; a NaN column beats every pair."""

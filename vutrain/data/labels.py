@@ -25,6 +25,17 @@ def tag_id(tag: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
 
 
+def tag_values(value) -> list[str]:
+    """The tags of a metadata ``tags`` value: a list's strings, or a comma-separated string's parts
+    (some metadata sources keep tags as one string), blanks left out. Training's tag positives
+    and the validation tag metrics both read tags through this, so they agree."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list):
+        return []
+    return [t for t in value if isinstance(t, str) and t.strip()]
+
+
 def sample_label(meta: dict, positives: str) -> int | list[int] | None:
     """The label of one sample's metadata for `positives` (None for "pair")."""
     if positives == "pair":
@@ -38,10 +49,7 @@ def sample_label(meta: dict, positives: str) -> int | list[int] | None:
         except (TypeError, ValueError):
             return -1
     if positives == "tags":
-        tags = meta.get("tags") or []
-        if isinstance(tags, str):  # some metadata sources keep tags as one comma-separated string
-            tags = tags.split(",")
-        return sorted({tag_id(t) for t in tags if isinstance(t, str) and t.strip()})
+        return sorted({tag_id(t) for t in tag_values(meta.get("tags"))})
     raise ValueError(f"loss.positives={positives!r} is not valid; choose one of {', '.join(POSITIVES)}")
 
 

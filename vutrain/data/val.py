@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .captions import template_fields
+from .labels import tag_values
 from .samples import SkipCounter, SkipSample, decode_meta, decode_sample, iter_raw_samples
 from .shards import expand_shards
 
@@ -24,7 +25,8 @@ class ValStream:
     long[B, L], ``labels`` list[str] (the ``label_field`` metadata value, lists joined by ", ",
     "" when absent), ``label_sets`` list[list[str]] (the value's elements: one for a scalar, each
     element of a list, none when absent; what zero-shot scores against), ``tags`` list[list[str]]
-    (the ``tags`` metadata list, empty when absent; for the multi-label retrieval metrics) and
+    (the ``tags`` metadata, ``labels.tag_values``: a list, or a comma-separated string split, as
+    training's tag positives read it; empty when absent; for the multi-label retrieval metrics) and
     ``keys`` list[str]. A sample without a label still counts for retrieval; zero-shot leaves it out.
     """
 
@@ -73,7 +75,7 @@ class ValStream:
             pixel_values=torch.stack(pixels),
             labels=[", ".join(values) for values in label_sets],
             label_sets=label_sets,
-            tags=[[str(t) for t in m["tags"]] if isinstance(m.get("tags"), list) else [] for m in metas],
+            tags=[tag_values(m.get("tags")) for m in metas],
             keys=keys,
         )
         return batch
