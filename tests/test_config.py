@@ -56,6 +56,10 @@ def test_every_field_has_a_docstring():
         ("trian.max_steps=2", ["unknown config key 'trian'", "train"]),
         ("train.max_steps=ten", ["train.max_steps must be an integer"]),
         ("train.max_steps=1.5", ["train.max_steps must be an integer"]),
+        # nan passed every range check (nan < 0 is False) and trained on NaN; true was 1.0
+        ("train.lr=nan", ["train.lr must be a finite number"]),
+        ("train.grad_clip=.inf", ["train.grad_clip must be a finite number"]),
+        ("train.lr=true", ["train.lr must be a number, got True"]),
         ("model.lora.enabled=maybe", ["model.lora.enabled must be true or false"]),
         ("train.precision=fp8", ["train.precision='fp8'", "fp32, bf16, amp_bf16, fp16"]),
         ("loss.name=triplet", ["loss.name='triplet'", "clip, siglip, align_uniform"]),

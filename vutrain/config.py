@@ -314,10 +314,15 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return int(as_float)
     if tp is float:
+        if isinstance(value, bool):  # YAML's true: it was the number 1.0
+            raise ConfigError(f"{key} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan passed every range check (nan < 0 is False)
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if tp is list:
         if value is None:  # null: no entries (it was the one entry "None")
             return []
