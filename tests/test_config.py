@@ -169,6 +169,9 @@ def test_ds_config_derives_batch_keys_and_merges_user_json(tmp_path):
         user.write_text(text)  # one reader for both checks: the same one-line error
         with pytest.raises(ConfigError, match=message):
             build_ds_config(cfg.train, world_size=4)
+    user.write_bytes(b'{"zero_optimization": {"stage": 3}, "comment": "\xe9t\xe9"}')  # Latin-1
+    with pytest.raises(ConfigError, match="cannot be read .*pass a JSON file"):  # was a traceback
+        build_ds_config(cfg.train, world_size=4)
 
 
 def test_train_script_rejects_bad_key_before_starting(tmp_path):

@@ -675,11 +675,14 @@ def read_user_ds_config(path: str) -> dict:
     """The user's DeepSpeed JSON (train.ds_config); ConfigError when it is not a JSON object."""
     import json
 
-    with open(path, encoding="utf-8") as fh:
-        try:
+    try:
+        with open(path, encoding="utf-8") as fh:
             user = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"train.ds_config={path}: not valid JSON ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"train.ds_config={path}: not valid JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, not UTF-8: was a traceback
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"train.ds_config={path}: cannot be read ({reason}); pass a JSON file") from None
     if not isinstance(user, dict):
         raise ConfigError(f"train.ds_config={path}: not a JSON object ({{...}}); see launch/ds_configs/")
     return user
