@@ -9,8 +9,9 @@
 # MASTER_PORT (default 29500), HOSTFILE (optional: a one-host DeepSpeed hostfile to use instead
 # of NGPUS, "HOST slots=N"; it must exist; no ssh is needed; with CUDA_VISIBLE_DEVICES set, the
 # first N of those), PYTHON (default python).
-# Ctrl-C / SIGTERM reach the launcher, which stops the ranks; SIGUSR1 to a rank checkpoints it
-# and the run exits 75 (resume with the same command: train.resume=auto is the default).
+# Ctrl-C reaches the launcher, which stops the ranks; SIGTERM or SIGUSR1 to this script (or
+# SIGUSR1 to a rank) checkpoints the ranks and the run exits 75 (resume with the same command:
+# train.resume=auto is the default).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -85,4 +86,51 @@ if [[ " ${launcher[*]} " != *" --hostfile "* ]]; then
     # default) would instead be read as the list of nodes and ignore both.
     launcher+=(--hostfile /dev/null/none)
 fi
-exec "${launcher[@]}" vutrain/train.py "$@"
+
+# children_of PID...: the processes whose parent is one of PID... (from /proc, since pgrep is
+# missing where procps is, e.g. slim containers)
+children_of() {
+    local stat line fields
+    for stat in /proc/[0-9]*/stat; do
+        { read -r line <"$stat"; } 2>/dev/null || continue  # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis
+        read -ra fields <<<"${line##*) }"
+        if [[ " $* " == *" ${fields[1]} "* ]]; then echo "${line%% *}"; fi
+    done
+}
+
+signal_ranks() {
+    local launch_pids rank_pids
+    launch_pids="$(children_of "$launcher_pid")"
+    # shellcheck disable=SC2086  # one pid per word
+    rank_pids="$(if [[ -n "$launch_pids" ]]; then children_of $launch_pids; fi)"
+    if [[ -n "$rank_pids" ]]; then
+        log "got SIG$1: passing it to the ranks, which checkpoint and exit $VUTRAIN_EXIT_PREEMPTED"
+        # shellcheck disable=SC2086
+        kill -"$1" $rank_pids 2>/dev/null || true
+    else
+        log "got SIG$1 before the ranks started: stopping the launcher"
+        # shellcheck disable=SC2086
+        kill -TERM $launch_pids "$launcher_pid" 2>/dev/null || true
+    fi
+}
+
+# The runner is not exec'd: on one node it installs no signal handler, so a TERM or USR1 sent to
+# this pid (`kill PID`, `docker stop`, a supervisor) killed the runner alone (exit 143/138) while
+# launch.py and the ranks trained on, orphaned, with no checkpoint. TERM and USR1 go to the ranks
+# instead (the children of launch.py, the runner's child): they checkpoint and exit 75, which
+# launch.py and the runner return. Ctrl-C already reaches every process of the foreground group
+# (launch.py stops the ranks), so INT here only keeps this script waiting for that exit code.
+#
+# <&0: a background job's stdin would be /dev/null (a breakpoint() in a rank needs the terminal)
+"${launcher[@]}" vutrain/train.py "$@" <&0 &
+launcher_pid=$!
+trap 'signal_ranks TERM' TERM
+trap 'signal_ranks USR1' USR1
+trap ':' INT
+# wait returns early (status > 128) when a trapped signal arrives; wait again until the launcher
+# has exited, then collect its status.
+while kill -0 "$launcher_pid" 2>/dev/null; do
+    wait "$launcher_pid" || true
+done
+wait "$launcher_pid"

@@ -1,15 +1,18 @@
 """launch/local.sh: one node through the real deepspeed launcher (2 CPU ranks without a GPU).
 
-No SLURM needed. Runtime on 2 cores: about 30 s (one tiny 4-step run) plus a second for the
-error cases.
+No SLURM needed. Runtime on 2 cores: about 30 s (one tiny 4-step run), 30 s for a SIGTERM sent to
+the script (2 ranks checkpoint and exit 75), plus a second for the error cases.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from worker_ports import free_port
@@ -19,7 +22,7 @@ from slurm_cluster import REPO
 LOCAL = str(REPO / "launch" / "local.sh")
 
 
-def run_local(args: list[str], **env: str) -> subprocess.CompletedProcess:
+def local_env(**env: str) -> dict[str, str]:
     full_env = dict(
         os.environ,
         PYTHON=sys.executable,
@@ -31,9 +34,42 @@ def run_local(args: list[str], **env: str) -> subprocess.CompletedProcess:
     for key in ("NGPUS", "HOSTFILE", "WORLD_SIZE"):
         full_env.pop(key, None)
     full_env.update(env)
+    return full_env
+
+
+def run_local(args: list[str], **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", LOCAL, *args], env=full_env, capture_output=True, text=True, cwd=REPO, timeout=600
+        ["bash", LOCAL, *args], env=local_env(**env), capture_output=True, text=True, cwd=REPO, timeout=600
     )
+
+
+def gpu_visible() -> bool:
+    probe = ["bash", "-c", "command -v nvidia-smi && nvidia-smi -L"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+def make_shards(tmp_path: Path) -> Path:
+    shards = tmp_path / "shards"
+    subprocess.run(
+        [sys.executable, "-m", "vutrain.data.synthetic", "--out", str(shards), "--num-samples", "32",
+         "--shard-size", "8"],
+        check=True, cwd=REPO, capture_output=True,
+    )  # fmt: skip
+    return shards
+
+
+def pids_running(marker: str) -> list[int]:
+    """Processes whose command line contains `marker` (this test's own output_dir)."""
+    pids = []
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            if proc_dir.name.isdigit() and marker in (proc_dir / "cmdline").read_bytes().decode(
+                errors="replace"
+            ):
+                pids.append(int(proc_dir.name))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
 
 
 @pytest.mark.slow
@@ -248,3 +284,55 @@ def test_requeue_reads_output_dir_and_resume_from_the_yaml(tmp_path):
         timeout=60,
     )
     assert proc.stdout.splitlines() == ["out=/nowhere", "resume="], proc.stderr
+
+
+@pytest.mark.slow
+def test_local_signal_to_the_script_checkpoints_the_ranks(tmp_path, sig=signal.SIGTERM):
+    """SIGTERM or SIGUSR1 to local.sh's own pid (`kill PID`, `docker stop`, a supervisor): the ranks
+    checkpoint and the script exits 75. Before, local.sh exec'd deepspeed's runner, which has no
+    handler on one node: it died alone (exit 143 / 138) and launch.py and the ranks trained on to
+    the end, orphaned, with no checkpoint at the signal. SIGUSR1 takes the same trap (SIGTERM here:
+    one 30 s run on CI)."""
+    if gpu_visible():
+        pytest.skip("a GPU is visible: this test covers the CPU-rank path of local.sh")
+    shards = make_shards(tmp_path)
+    out = tmp_path / "run"
+    max_steps = 200  # far beyond the signal, which comes at the first logged step
+    args = [
+        "--config", "vutrain/configs/tiny.yaml", f"output_dir={out}",
+        f"data.train_shards={shards}/train/{{00000..00003}}.tar", "data.val_shards=", "eval.every=0",
+        f"train.max_steps={max_steps}", "train.micro_batch_size=4", "train.checkpoint_every=0",
+        "data.num_workers=0", "train.progress_bar=false",
+    ]  # fmt: skip
+    log_path = tmp_path / "local.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            ["bash", LOCAL, *args],
+            env=local_env(NGPUS="2"),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.time() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=180)
+        log = log_path.read_text()
+        assert rc == 75, f"exit {rc}\n{log[-4000:]}"
+        preempted = json.loads((out / "preempted.json").read_text())
+        assert preempted["step"] < max_steps and preempted["signal"] == sig.name, preempted
+        assert (out / "checkpoints" / f"step_{preempted['step']:08d}").is_dir()
+        assert not (out / "done.json").exists()
+        assert pids_running(f"output_dir={out}") == [], "ranks or launcher left running"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in pids_running(f"output_dir={out}"):  # the orphans of a failed run
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

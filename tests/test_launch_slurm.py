@@ -15,7 +15,8 @@ gloo) on synthetic shards. Covered:
   world 1 (`train.global_batch_size` keeps the global batch) and finishes, every step logged once.
 - srun.sbatch, 1 node x 2 tasks, plain `scancel JOB`: checkpoint, no requeue.
 - the scripts' input errors (tasks not dividing over nodes, WORLD_SIZE mismatch, missing
-  hostfile, several tasks per node for deepspeed.sbatch) and make_hostfile.sh.
+  hostfile, several tasks per node for deepspeed.sbatch, a HOSTFILE naming other nodes than the
+  job's) and make_hostfile.sh.
 
 Runtime on 2 cores: about 6 minutes, 2 of them the two fewer-nodes tests (plus the one-off
 apt-get install on a fresh machine).
@@ -417,3 +418,39 @@ def test_rank_layout_from_live_slurm_environments(cluster, tmp_path):
         ["step", "slurm", 1, 3, 2, "n1"],
         ["step", "slurm", 2, 3, 1, "n1"],
     ], text[-3000:]
+
+
+def test_deepspeed_hostfile_must_list_the_jobs_nodes(cluster, shards, tmp_path):
+    """HOSTFILE with as many hosts as the job has nodes, but not the job's (left from another
+    allocation): the batch script stops before srun and names both lists. Before, it checked only the
+    count: n2's ds_node.sh failed ("not listed"), while n1's launcher started rank 0 of 2, which
+    waited for a rank 1 that never came until srun gave up (VUTRAIN_SRUN_WAIT, 300 s by default)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("n1 slots=1\nn3 slots=1\n")
+    job, log = submit(
+        cluster,
+        tmp_path,
+        "deepspeed.sbatch",
+        ["-N", "2"],
+        trainer_args(tmp_path / "run", shards, 2),
+        HOSTFILE=str(hostfile),
+        VUTRAIN_SRUN_WAIT="20",
+    )
+    start = time.time()
+    info = cluster.wait_job(job, timeout=120)
+    text = read_log(log)
+    assert info["JobState"] == "FAILED", f"{info}\n{text}"
+    assert f"HOSTFILE={hostfile} lists n1 n3 but the job runs on n1 n2" in text, text
+    assert not (tmp_path / "run").exists(), "the trainer started despite the error"
+    assert time.time() - start < 60, text
+    # The job's own nodes in another order pass, and a last line without its newline (an editor's,
+    # printf's) counts: ds_node.sh's `read` loop skipped it, so that node stopped with "node n1 is
+    # not listed". The trainer starts on both nodes: its message about a bad override, which ends
+    # the job in seconds, proves it.
+    hostfile.write_text("n2 slots=1\nn1 slots=1")
+    args = [*trainer_args(tmp_path / "run", shards, 2), "train.no_such_key=1"]
+    job, log = submit(cluster, tmp_path, "deepspeed.sbatch", ["-N", "2"], args, HOSTFILE=str(hostfile))
+    info = cluster.wait_job(job, timeout=120)
+    text = read_log(log)
+    assert "but the job runs on" not in text and "is not listed" not in text, f"{info}\n{text}"
+    assert text.count("train.no_such_key") >= 2, f"the trainer did not start on both nodes\n{text}"

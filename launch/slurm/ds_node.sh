@@ -20,7 +20,8 @@ load_deepspeed_env "$env_file"
 me="${SLURMD_NODENAME:-$(hostname -s)}"
 node_rank=""
 i=0
-while read -r host _; do
+# `|| [[ -n $host ]]`: a last line without its newline (an editor's, printf's) is a host too
+while read -r host _ || [[ -n "$host" ]]; do
     [[ -z "$host" || "$host" == \#* ]] && continue
     [[ "$host" == "$me" ]] && node_rank=$i
     i=$((i + 1))
