@@ -147,10 +147,13 @@ write_deepspeed_env() {
 
 # load_deepspeed_env FILE: export every KEY=VALUE line of FILE.
 load_deepspeed_env() {
-    local key value
+    local line key
     [[ -f "$1" ]] || die "environment file $1 is missing (it is written by the batch script on the first node; is the directory on a shared file system?)"
-    while IFS='=' read -r key value; do
-        [[ -n "$key" ]] && export "$key=$value"
+    # The whole line, split at its first '=': `IFS='=' read key value` dropped a value's trailing
+    # '=' (a base64 token), and a last line without a newline.
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        key=${line%%=*}
+        [[ -n "$key" && "$line" == *=* ]] && export "$key=${line#*=}"
     done <"$1"
 }
 

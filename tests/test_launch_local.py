@@ -336,3 +336,17 @@ def test_local_signal_to_the_script_checkpoints_the_ranks(tmp_path, sig=signal.S
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_deepspeed_env_file_keeps_values_as_written(tmp_path):
+    """ds_node.sh loads .deepspeed_env with load_deepspeed_env: `IFS='=' read key value` dropped
+    a value's trailing '=' (a base64 token) and a last line without a newline."""
+    env_file = tmp_path / ".deepspeed_env"
+    env_file.write_text("TOKEN=abc=\nNCCL_DEBUG=INFO\nPATH_LIKE=/a b/c=d\nLAST=1")  # no final newline
+    script = (
+        f"source {REPO}/launch/common.sh && load_deepspeed_env {env_file} && "
+        'printf "%s|" "$TOKEN" "$NCCL_DEBUG" "$PATH_LIKE" "$LAST"'
+    )
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "abc=|INFO|/a b/c=d|1|"
