@@ -10,7 +10,7 @@ import torch
 
 from kernels.contrastive_ce import as_scale_tensor, grad_like, refuse_create_graph, scale_meta
 from kernels.reference import check_inputs, check_square, clip_loss_reference
-from kernels.runtime import autocast_inputs, device_guard, use_triton
+from kernels.runtime import autocast_inputs, device_guard, run_eagerly, use_triton
 
 
 class ClipLossFunction(torch.autograd.Function):
@@ -60,6 +60,8 @@ def clip_loss(
     Returns a float32 scalar equal to open_clip's ``ClipLoss`` with world_size=1.
     Falls back to ``kernels.reference`` where Triton cannot run (see runtime.py).
     """
+    if torch.compiler.is_compiling():
+        return run_eagerly(clip_loss)(image_features, text_features, logit_scale)
     if not use_triton(image_features, text_features):
         return clip_loss_reference(image_features, text_features, logit_scale)
     check_square(image_features, text_features)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels.reference import as_label_offset, check_inputs, contrastive_ce_reference
-from kernels.runtime import autocast_inputs, device_guard, use_triton
+from kernels.runtime import autocast_inputs, device_guard, run_eagerly, use_triton
 
 
 def as_scale_tensor(
@@ -131,6 +131,10 @@ def contrastive_ce(
     bounded gradient workspace; falls back to ``kernels.reference`` otherwise. Under
     ``torch.autocast`` fp32 features run in the autocast dtype, as the reference's matmul.
     """
+    if torch.compiler.is_compiling():
+        return run_eagerly(contrastive_ce)(
+            queries, keys, logit_scale, label_offset=label_offset, reduction=reduction
+        )
     label_offset = as_label_offset(label_offset)
     check_inputs(queries, keys, label_offset, reduction)
     if not use_triton(queries, keys):

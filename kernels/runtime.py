@@ -27,6 +27,7 @@ __all__ = [
     "cuda_supported",
     "device_guard",
     "kernel_dtype",
+    "run_eagerly",
     "tile_config",
     "triton_available",
     "use_triton",
@@ -191,6 +192,16 @@ def _warn_unsupported(device: torch.device, dtype: torch.dtype) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def run_eagerly(op):
+    """``op`` wrapped to run outside torch.compile's graph (a graph break), for an op called while
+    Dynamo traces. Traced, the launch code failed under the interpreter ("failed to run FX node with
+    fake tensors", deep in Triton). Only called while compiling: importing ``torch._dynamo`` imports
+    Triton, which a CPU-only process must not do before it knows whether the interpreter is on."""
+    import torch._dynamo
+
+    return torch._dynamo.disable(op)
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:

@@ -30,7 +30,7 @@ import torch
 
 from kernels.contrastive_ce import as_scale_tensor, grad_like, refuse_create_graph, scale_meta
 from kernels.reference import as_label_offset, check_inputs, sigmoid_loss_reference
-from kernels.runtime import autocast_inputs, device_guard, use_triton
+from kernels.runtime import autocast_inputs, device_guard, run_eagerly, use_triton
 
 
 class SigmoidLossFunction(torch.autograd.Function):
@@ -110,6 +110,8 @@ def sigmoid_loss(
     Triton path (CUDA tensors, or TRITON_INTERPRET=1): extra memory O(N) plus the bounded
     gradient workspace; falls back to ``kernels.reference`` (plain torch) otherwise.
     """
+    if torch.compiler.is_compiling():
+        return run_eagerly(sigmoid_loss)(queries, keys, logit_scale, logit_bias, label_offset=label_offset)
     label_offset = as_label_offset(label_offset)
     check_inputs(queries, keys, label_offset, "mean")
     if not use_triton(queries, keys):

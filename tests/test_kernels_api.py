@@ -1,13 +1,16 @@
 """The public ops' contract at its edges, as a user calls them: a second-order backward
 (``create_graph=True``, e.g. a gradient penalty) fails loudly rather than returning gradients
 that silently lack the loss's second-order terms; every argument the torch reference accepts
-(an integer ``label_offset`` as a 0-dim tensor or numpy int) works on the kernel path too; and
-shape errors name the argument at fault. Under the Triton interpreter on CPU (or on CUDA when a
-GPU exists); re-runs itself in a fresh process if Triton was imported before TRITON_INTERPRET=1.
-Expected runtime: ~5 s on 2 cores.
+(an integer ``label_offset`` as a 0-dim tensor or numpy int) works on the kernel path too;
+shape errors name the argument at fault; inside torch.compile the ops run eagerly (a graph
+break). Under the Triton interpreter on CPU (or on CUDA when a GPU exists); re-runs itself in a
+fresh process if Triton was imported before TRITON_INTERPRET=1.
+Expected runtime: ~10 s on 2 cores.
 """
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -143,3 +146,59 @@ def test_fp32_beside_bf16_features_under_autocast_run_in_bf16(name):
         assert a.grad.dtype == a.dtype and b.grad.dtype == b.dtype  # each gradient in its own dtype
     with pytest.raises(ValueError, match="must share a dtype"):  # outside autocast: still refused
         kernel_op(q, k.bfloat16())
+
+
+COMPILED_OPS = {
+    "contrastive_ce": (kernels.contrastive_ce, contrastive_ce_reference, M, {"label_offset": OFFSET}),
+    "clip_loss": (kernels.clip_loss, clip_loss_reference, N, {}),
+    "sigmoid_loss": (
+        lambda q, k, s: kernels.sigmoid_loss(q, k, s, -1.0, label_offset=OFFSET),
+        lambda q, k, s: sigmoid_loss_reference(q, k, s, -1.0, label_offset=OFFSET),
+        M,
+        {},
+    ),
+}
+
+
+@in_process
+@pytest.mark.parametrize("name", list(COMPILED_OPS))
+def test_ops_inside_torch_compile_run_eagerly_and_match_the_reference(name):
+    """A loss inside a compiled function: Dynamo traced into the kernels' launch code, and under
+    the interpreter failed with "failed to run FX node with fake tensors" (a long traceback through
+    Triton's interpreter); the ops now break the graph and run as in eager mode."""
+    kernel_op, reference_op, m, kwargs = COMPILED_OPS[name]
+    g = torch.Generator().manual_seed(4)
+    q, k = (F.normalize(torch.randn(n, D, generator=g), dim=-1).to(DEVICE) for n in (N, m))
+    results = []
+    for op, compile_it in ((kernel_op, True), (reference_op, False)):
+        qa, ka = q.clone().requires_grad_(), k.clone().requires_grad_()
+        scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
+
+        def step(q, k, s, op=op):
+            return 2 * op(q, k, s, **kwargs)
+
+        fn = torch.compile(step, backend="eager") if compile_it else step
+        loss = fn(qa, ka, scale)
+        loss.backward()
+        results.append((loss, qa.grad, ka.grad, scale.grad))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the ops import Triton on first use")
+def test_ops_import_no_triton_on_a_cpu_without_the_interpreter():
+    """The compile guard above must not import ``torch._dynamo`` (which imports Triton) outside
+    torch.compile: Triton fixes interpreter mode at its first import."""
+    code = (
+        "import sys, torch, kernels\n"
+        "q, k = torch.randn(4, 8, requires_grad=True), torch.randn(6, 8)\n"
+        "kernels.contrastive_ce(q, k, 3.0).backward(); kernels.clip_loss(q, k[:4], 3.0)\n"
+        "kernels.sigmoid_loss(q, k, 3.0, -1.0)\n"
+        "assert 'triton' not in sys.modules, 'Triton imported'\n"
+    )
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
