@@ -112,7 +112,10 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.is_cuda and a.dtype == out.dtype:
         torch.mm(a, b, out=out)  # cuBLAS accumulates 16-bit GEMMs in fp32
     else:
-        out.copy_(torch.mm(a.float(), b.float()))  # CPU (interpreter): exact fp32
+        # Exact fp32 (CPU, the interpreter): also when backward() runs under an autocast block
+        # the forward was outside of, which turned this GEMM to bf16 (3e-3 off, not 2e-6).
+        with torch.autocast(a.device.type, enabled=False):
+            out.copy_(torch.mm(a.float(), b.float()))
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -129,6 +129,25 @@ def test_argument_errors_name_what_is_wrong():
 
 @in_process
 @pytest.mark.parametrize("name", list(OPS))
+def test_fp32_gradients_stay_fp32_when_backward_runs_under_autocast(name):
+    """A forward in fp32 outside autocast and its backward() inside a bf16 autocast block: the
+    interpreter's gradient GEMMs followed the autocast and ran in bf16 (3e-3 off). They stay
+    exact fp32 (torch's own reference does not: its backward matmuls go bf16 there)."""
+    kernel_op, reference_op = OPS[name]
+    g = torch.Generator().manual_seed(4)
+    q, k = (F.normalize(torch.randn(n, D, generator=g), dim=-1).to(DEVICE) for n in (N, M))
+    a, b = q.clone().requires_grad_(), k.clone().requires_grad_()
+    loss = kernel_op(a, b)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss.backward()
+    a64, b64 = q.double().requires_grad_(), k.double().requires_grad_()
+    reference_op(a64, b64).backward()  # exact, no autocast
+    torch.testing.assert_close(a.grad, a64.grad.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad, b64.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+@in_process
+@pytest.mark.parametrize("name", list(OPS))
 def test_fp32_beside_bf16_features_under_autocast_run_in_bf16(name):
     """Under autocast a tower left in fp32 beside one in bf16 is what the reference's matmul takes
     (both in bf16); the kernels refused it ("must share a dtype"), in either order."""
