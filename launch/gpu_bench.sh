@@ -30,7 +30,10 @@
 # optimizer's share at 1024), kernels (torch.compile rows), profile; the compile step is new
 # and unmeasured, so the last steps may find TOTAL_S spent.
 # The compare JSON is rewritten after every configuration and the kernels JSON on SIGTERM: a
-# step cut short keeps what it measured. One step alone: e.g.
+# step cut short keeps what it measured. results.tgz is rewritten after every step, and a SIGTERM,
+# SIGINT or SIGHUP to the script (the device tool's limit) stops the running step the same way,
+# writes its summary line and starts no other: a call ended at its limit keeps what it measured
+# (killed outright, the running step's files stay loose beside the archive). One step alone: e.g.
 # `COMPARE_S=540 ... gpu_bench.sh compare`.
 # Extra arguments: COMPARE_ARGS, KERNELS_ARGS, TESTS_ARGS (replace the defaults below; TESTS_ARGS
 # the paths of the pytest beside the multi-GPU one, e.g. a rerun of the tests that failed);
@@ -86,14 +89,35 @@ if [[ ! -r "$SETUP" ]]; then
 fi
 unset TRITON_INTERPRET  # compiled kernels on the GPU, never the CPU interpreter
 
-pack() {  # the device tool brings back at most 8 files: summary.txt and one archive of the rest
+# The device tool brings back at most 8 files: summary.txt and one archive of the rest. Packed
+# after every step, not only at the end: a call killed at its limit (no EXIT trap runs) still
+# leaves the finished steps' files in results.tgz and only the running step's loose beside it.
+# Packed files wait in STAGE (outside $OUT); the archive is written outside $OUT too (tar
+# fails with "file changed as we read it" when $OUT gains the file it writes), then copied in
+# and renamed into place whole.
+STAGE=$(mktemp -d -t gpu_results.XXXXXX)
+pack() {
     [[ "${PACK:-1}" == 1 ]] || return 0
-    local archive; archive=$(mktemp /tmp/gpu_results.XXXXXX.tgz)
-    tar czf "$archive" -C "$OUT" --exclude=summary.txt --exclude=results.tgz . &&
-        find "$OUT" -mindepth 1 -maxdepth 1 ! -name summary.txt -exec rm -rf {} + &&
-        mv "$archive" "$OUT/results.tgz"
+    local part="$OUT/.results.tgz.part"
+    local keep=(! -name summary.txt ! -name results.tgz ! -name .results.tgz.part)
+    tar czf "$STAGE.tgz" --exclude=summary.txt --exclude=results.tgz --exclude=.results.tgz.part \
+        -C "$STAGE" . -C "$OUT" . &&
+        cp "$STAGE.tgz" "$part" &&
+        find "$OUT" -mindepth 1 -maxdepth 1 "${keep[@]}" -exec cp -a -t "$STAGE" {} + &&
+        find "$OUT" -mindepth 1 -maxdepth 1 "${keep[@]}" -exec rm -rf {} + &&
+        mv "$part" "$OUT/results.tgz"
 }
-trap pack EXIT
+trap 'pack && rm -rf "$STAGE" "$STAGE.tgz"' EXIT
+# The device tool's limit (or ^C) signals this shell, not the steps: each runs under its own
+# `timeout`, in a process group of its own. Pass the signal on, so the running step stops now and
+# writes what it measured (the compare and kernels reports), then end after its summary line.
+STOP=0
+stop_steps() {
+    STOP=1
+    [[ -z "${STEP_PID:-}" ]] || kill -TERM "$STEP_PID" 2>/dev/null
+    [[ -z "${demo_pid:-}" ]] || kill -TERM "$demo_pid" 2>/dev/null
+}
+trap stop_steps TERM INT HUP
 
 # The install under a time limit (a hang must not eat the lease); then again, which only sets the
 # environment in this shell once the install is done.
@@ -127,12 +151,27 @@ run_step() {  # run_step NAME LIMIT_S COMMAND...  (SUMMARY: where its line goes)
         echo "$name skipped 0 (TOTAL_S=$TOTAL_S spent)" >> "$summary"
         return
     fi
-    local t0=$SECONDS
+    local t0=$SECONDS rc
     echo "== $name (limit ${max}s): $*"
-    timeout --signal=TERM --kill-after=15 "$max" "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
+    # In the background: a signal's trap runs at once instead of after the step (see stop_steps).
+    timeout --signal=TERM --kill-after=15 "$max" "$@" > "$OUT/$name.log" 2>&1 &
+    STEP_PID=$!
+    wait_for "$STEP_PID"
+    rc=$?
+    STEP_PID=
     tail -n 40 "$OUT/$name.log"
     echo "$name $rc $((SECONDS - t0))" >> "$summary"
+}
+
+wait_for() {  # wait_for PID: its exit code; `wait` returns early when a trapped signal arrives
+    local rc
+    wait "$1"
+    rc=$?
+    while kill -0 "$1" 2>/dev/null; do
+        wait "$1"
+        rc=$?
+    done
+    return "$rc"
 }
 
 tests_step() {  # two pytest processes at once: the multi-GPU launches, and every other GPU test
@@ -156,7 +195,7 @@ tests_step() {  # two pytest processes at once: the multi-GPU launches, and ever
 data_step() {  # runs in its own bash (run_step's timeout): set its options here
     set -o pipefail  # a failing benchmark, not tee, decides the exit code
     local shards dir rc
-    dir=$(mktemp -d /tmp/gpu_bench_data.XXXXXX) || return 1
+    dir=$(mktemp -d -t gpu_bench_data.XXXXXX) || return 1
     shards=$("$PY" -c "from vutrain.data.synthetic import write_synthetic as w
 info = w('$dir', num_samples=1024, shard_size=128, image_size=256, val_samples=0)
 print(info['train_shards'])") || { rm -rf "$dir"; return 1; }
@@ -217,18 +256,23 @@ compile_args() {
 # compile rows last in each case: a step cut at its limit then loses a baseline, not our rows.
 DEFAULT_KERNELS_ARGS="--shapes 32768x32768x768,4096x32768x768 --providers eager,ours,inf_cl,compile
                       --modes fwd+bwd"
+pack  # setup.log and nvidia-smi.txt: the first step's files then fit beside the archive
 for step in "${STEPS[@]}"; do
+    (( STOP == 0 )) || break  # a signal: the steps left do not start (their lines are missing)
     case "$step" in
         tests) export -f tests_step demo_step; export PY OUT DEMO_EXTRA TESTS_ARGS
                demo_pid=
                if [[ " ${STEPS[*]} " == *" demo "* ]]; then  # beside the tests: its line after theirs
                    rm -f "$OUT/.demo_summary"
-                   SUMMARY="$OUT/.demo_summary" run_step demo "${DEMO_S:-150}" bash -c demo_step &
+                   # a subshell resets traps: it sets its own, to pass a signal on to the demo
+                   (trap stop_steps TERM INT HUP
+                    SUMMARY="$OUT/.demo_summary" run_step demo "${DEMO_S:-150}" bash -c demo_step) &
                    demo_pid=$!
                fi
                run_step tests "${TESTS_S:-150}" bash -c tests_step
                if [[ -n "$demo_pid" ]]; then
-                   wait "$demo_pid"
+                   wait_for "$demo_pid"
+                   demo_pid=
                    cat "$OUT/.demo_summary" >> "$OUT/summary.txt" 2>/dev/null ||
                        echo "demo ? 0 (no result line)" >> "$OUT/summary.txt"
                    rm -f "$OUT/.demo_summary"
@@ -254,6 +298,7 @@ for step in "${STEPS[@]}"; do
         *) echo "unknown step $step: choose from tests demo compare compile kernels e2e profile data (or prepare)" >&2
            echo "$step unknown 0" >> "$OUT/summary.txt" ;;
     esac
+    pack  # what this step wrote, into results.tgz now: a kill later keeps it
 done
 echo "== summary (step, exit code, seconds)"
 cat "$OUT/summary.txt"

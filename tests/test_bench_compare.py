@@ -401,6 +401,42 @@ def test_compare_stopped_by_a_time_limit_reports_what_it_measured(tmp_path):
     assert out.with_suffix(".png").is_file()
 
 
+@needs_open_clip
+def test_compare_stopped_mid_configuration_keeps_its_measured_batch_sizes(tmp_path):
+    """The compare step's limit can fall while a configuration measures its second batch size:
+    the rows of its first were kept only once the whole configuration was done, so the report
+    lost a batch-256 row already measured."""
+    out = tmp_path / "compare.json"
+    argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4,512"]
+    argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "40"]
+    argv += ["--warmup", "1", "--pool", "8", "--search", "none"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vutrain.bench", *argv, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=tr.env(),
+        cwd=tr.REPO,
+    )
+    try:
+        seen = []
+        for line in proc.stdout:  # batch 4 measured: the signal comes while batch 512 runs
+            seen.append(line)
+            if line.startswith("| vutrain z2 torch | 4 |"):
+                break
+        proc.terminate()
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=120) == 128 + 15, "".join(seen)[-3000:] + rest[-3000:]
+    finally:
+        proc.kill()
+    result = json.loads(out.read_text())
+    assert result["partial"] is True
+    assert [(r["variant"], r["batch_size"], "error" in r) for r in result["rows"]] == [
+        ("vutrain z2 torch", 4, False)
+    ], result["rows"]
+    assert "| vutrain z2 torch | 4 |" in rest  # in the final report too
+
+
 def test_bench_dispatches_its_subcommands(capsys):
     """`data ...` goes to vutrain.bench_data, `--compare` to bench_compare, the rest to the sweep."""
     from vutrain import bench

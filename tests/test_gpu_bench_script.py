@@ -9,8 +9,10 @@ limit of 8 files back.
 
 import json
 import os
+import signal
 import subprocess
 import tarfile
+import time
 
 import pytest
 
@@ -96,3 +98,76 @@ def test_gpu_bench_exits_non_zero_when_a_step_failed(tmp_path):
     skipped = subprocess.run(["bash", script, "data"], capture_output=True, text=True, env=env)
     assert skipped.returncode == 0, skipped.stdout + skipped.stderr
     assert "data skipped 0" in (tmp_path / "summary.txt").read_text()
+
+
+def _step_processes(out) -> list[int]:
+    """Processes the script under test started (their environment names its OUT), still running."""
+    marker = f"OUT={out}".encode() + b"\0"
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if marker in fh.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+def test_gpu_bench_keeps_finished_steps_when_the_call_is_stopped(tmp_path, signum):
+    """The device tool ends a call at its limit by signalling the script's process group: the steps
+    ran in process groups of their own (their `timeout`) and ran on; on SIGTERM the script packed
+    around the running step and lost its summary line, and on SIGKILL nothing was packed: every
+    file stayed loose in $OUT, more than the 8 that come back."""
+    out = tmp_path / "out"
+    env = dict(
+        tr.env(),
+        GPU_SETUP=os.devnull,
+        OUT=str(out),
+        TMPDIR=str(tmp_path),  # what a killed step leaves behind goes with the test's folder
+        PYTHON=tr.sys.executable,
+        KERNELS_ARGS="--quick",
+        # a data step that runs for minutes: the one the signal stops
+        DATA_EXTRA="--batch-size 16 --batches 100000 --decode-images 16 --decode-seconds 0.2 --rounds 1",
+    )
+    script = os.path.join(tr.REPO, "launch", "gpu_bench.sh")
+    proc = subprocess.Popen(
+        ["bash", script, "kernels", "data"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tr.REPO,
+        start_new_session=True,  # its own process group, as under the device tool
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "data.log").exists():  # kernels done, data running
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+            time.sleep(0.2)
+        time.sleep(1)
+        os.killpg(proc.pid, signum)
+        log = proc.communicate(timeout=60)[0].decode()
+        if signum == signal.SIGTERM:  # the running step was stopped, and the script ended after it
+            assert _step_processes(out) == [], log
+    finally:
+        for _ in range(5):  # what SIGKILL left running (the device tool ends it), children too
+            for pid in _step_processes(out):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    names = os.listdir(out)
+    assert "summary.txt" in names and "results.tgz" in names and len(names) <= 8, (names, log)
+    steps = [line.split() for line in (out / "summary.txt").read_text().splitlines()]
+    with tarfile.open(out / "results.tgz") as archive:
+        packed = archive.getnames()
+    assert "./kernels/bench_kernels.json" in packed and "./kernels.log" in packed, packed
+    assert [s[:2] for s in steps[:2]] == [["setup", "0"], ["kernels", "0"]], steps
+    if signum == signal.SIGTERM:
+        assert sorted(names) == ["results.tgz", "summary.txt"], names  # packed at the end, as ever
+        assert steps[2][0] == "data" and steps[2][1] != "0", steps  # its line, with its exit code
+        assert "./data.log" in packed

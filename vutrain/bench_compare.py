@@ -352,11 +352,13 @@ class Bench:
             return torch.cuda.memory_allocated(self.device) / 2**30
         return None
 
-    def speed(self, variant: Variant) -> list[dict]:
+    def speed(self, variant: Variant, measured: list[dict]) -> list[dict]:
         """Phase 1: one row per batch size; an out-of-memory batch is recorded, not fatal.
 
         Any other failure (e.g. a backend that does not build on this device) is recorded in the
-        configuration's rows with its message, and the comparison goes on with the others.
+        configuration's rows with its message, and the comparison goes on with the others. Each
+        row is also appended to ``measured`` as soon as it is measured: a SIGTERM at the next
+        batch size keeps it.
         """
         rows, runner = [], None
         for size in self.args.batch_sizes:
@@ -393,6 +395,7 @@ class Bench:
                 self.close(runner)
                 runner = None
             rows.append(row)
+            measured.append(row)
             print(format_row(row), flush=True)
         leftover = self.close(runner) if runner is not None else None
         if leftover is not None and leftover > 0.1:
@@ -623,17 +626,16 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, info, os.path.join(work, "run"), data["train_shards"])
     deadline = started + 60 * args.deadline_min if args.deadline_min else None
     out_of_time = (lambda: time.monotonic() > deadline) if deadline else None
-    rows, largest, stopped = [], [], False
+    rows, largest, stopped, measured = [], [], False, []
     # A time limit (`timeout`: launch/gpu_bench.sh) stops the run with SIGTERM: leave through the
     # report below, which writes the JSON and the figure of what was measured, instead of dying.
     previous_handler = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         print(f"MLP activation on both sides: {args.hidden_act} (open_clip's for {args.preset})", flush=True)
         print(TABLE_HEAD, flush=True)
-        measured: list[dict] = []
         for _ in range(args.rounds):  # rounds cycle through the configurations: a load change hits all
             for variant in all_variants:
-                measured += bench.speed(variant)
+                bench.speed(variant, measured)
                 rows = median_rows(measured)
                 # Written after each configuration: what was measured survives an outer time limit.
                 write_json(result_dict(args, argv, bench, rows, largest, to_search, started, True), args.out)
@@ -656,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(result_dict(args, argv, bench, rows, largest, to_search, started, True), args.out)
     except Stopped:
         stopped = True
+        rows = median_rows(measured)  # with the rows of a configuration stopped part-way
         print("stopped by SIGTERM (a time limit): reporting what was measured", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
