@@ -154,6 +154,8 @@ def test_bench_harness_measures_and_records(tmp_path):
     assert rows[0]["samples_per_s"] > 0 and rows[0]["peak_rss_gib"] > 0
     # wall clock over the timed steps: what the comparison with open_clip measures
     assert rows[0]["wall_samples_per_s"] > 0 and rows[0]["wall_step_time_s"] >= rows[0]["forward_s"]
+    # timed over steps of their own, without the phase split's GPU syncs (it was the same steps)
+    assert rows[0]["wall_timing"] == "separate steps, no phase syncs, one sync after the last"
     for phase in ("data_s", "forward_s", "loss_s", "backward_s", "optimizer_s"):
         assert rows[0][phase] >= 0
     assert "| tiny | fp32 | 2 | 8 |" in proc.stdout
