@@ -368,6 +368,18 @@ def test_compare_tiny_on_cpu(tmp_path):
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _start_compare(argv: list[str], out) -> subprocess.Popen:
+    """`python -m vutrain.bench ARGV --out OUT` in the background, its output a text pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vutrain.bench", *argv, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=tr.env(),
+        cwd=tr.REPO,
+    )
+
+
 @needs_open_clip
 @pytest.mark.slow
 def test_compare_stopped_by_a_time_limit_reports_what_it_measured(tmp_path):
@@ -377,14 +389,7 @@ def test_compare_stopped_by_a_time_limit_reports_what_it_measured(tmp_path):
     argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4"]
     argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "1"]
     argv += ["--warmup", "1", "--pool", "16", "--max-batch", "4096", "--search", "vutrain z2 torch"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vutrain.bench", *argv, "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=tr.env(),
-        cwd=tr.REPO,
-    )
+    proc = _start_compare(argv, out)
     try:
         for line in proc.stdout:  # stopped inside the largest-batch search, after phase 1
             if "vutrain z2 torch: batch" in line:
@@ -410,14 +415,7 @@ def test_compare_stopped_mid_configuration_keeps_its_measured_batch_sizes(tmp_pa
     argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4,512"]
     argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "40"]
     argv += ["--warmup", "1", "--pool", "8", "--search", "none"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vutrain.bench", *argv, "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=tr.env(),
-        cwd=tr.REPO,
-    )
+    proc = _start_compare(argv, out)
     try:
         seen = []
         for line in proc.stdout:  # batch 4 measured: the signal comes while batch 512 runs

@@ -151,22 +151,25 @@ def test_engine_must_accumulate_the_micro_batch_count():
         GradCache(Engine(), lambda b: b, lambda *a: a[0].sum()).forward([1, 2, 3])
 
 
+class PlainEngine:
+    """What GradCache asks of DeepSpeed: backward and step, no accumulation count."""
+
+    def backward(self, loss, scale_wrt_gas=True):
+        loss.backward()
+
+    def step(self):
+        pass
+
+
 def test_backward_without_a_forward_says_so():
     """backward() before forward(), or twice after one forward, raised "not enough values to
     unpack (expected 4, got 0)" from inside GradCache."""
     from vutrain.gradcache import GradCache
     from vutrain.losses import ClipLoss
 
-    class Engine:
-        def backward(self, loss, scale_wrt_gas=True):
-            loss.backward()
-
-        def step(self):
-            pass
-
     torch.manual_seed(0)
     model = TwoTower()
-    cache = GradCache(Engine(), lambda mb: model(*mb), ClipLoss())
+    cache = GradCache(PlainEngine(), lambda mb: model(*mb), ClipLoss())
     with pytest.raises(RuntimeError, match=r"needs a forward\(micro_batches\) first"):
         cache.backward()
     x_img, x_txt = _data(0, 0)
@@ -268,18 +271,11 @@ def test_gradcache_with_a_loss_that_ignores_the_logit_scale():
     from vutrain.gradcache import gradcache_step
     from vutrain.losses import AlignUniformLoss
 
-    class Engine:  # what GradCache asks of DeepSpeed: backward and step, no accumulation count
-        def backward(self, loss, scale_wrt_gas=True):
-            loss.backward()
-
-        def step(self):
-            pass
-
     torch.manual_seed(0)
     model, loss_fn = TwoTower(), AlignUniformLoss()
     x_img, x_txt = _data(0, 0)
     micro_batches = list(zip(x_img.chunk(K), x_txt.chunk(K)))
-    loss = gradcache_step(Engine(), micro_batches, lambda mb: model(*mb), loss_fn)
+    loss = gradcache_step(PlainEngine(), micro_batches, lambda mb: model(*mb), loss_fn)
     cached = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     want = loss_fn(*model(x_img, x_txt))
@@ -316,18 +312,11 @@ def test_gradcache_keeps_its_own_copy_of_each_micro_batch_s_features():
     from vutrain.gradcache import gradcache_step
     from vutrain.losses import ClipLoss
 
-    class Engine:
-        def backward(self, loss, scale_wrt_gas=True):
-            loss.backward()
-
-        def step(self):
-            pass
-
     torch.manual_seed(0)
     model, loss_fn = StaticOutputs(TwoTower()), ClipLoss()
     x_img, x_txt = _data(0, 0)
     micro_batches = list(zip(x_img.chunk(K), x_txt.chunk(K)))
-    loss = gradcache_step(Engine(), micro_batches, lambda mb: model(*mb), loss_fn)
+    loss = gradcache_step(PlainEngine(), micro_batches, lambda mb: model(*mb), loss_fn)
     with torch.no_grad():
         want = loss_fn(*model.model(x_img, x_txt))
     torch.testing.assert_close(loss, want)
