@@ -16,7 +16,7 @@ from PIL import Image
 
 from dataset_tools import shards
 from dataset_tools.plan import BUILD_DIR
-from dataset_tools.reshard import ShardSink, check_empty_output, iter_samples
+from dataset_tools.reshard import ShardSink, check_empty_output, iter_samples, require_whole_shards, video_of
 
 
 class _UnionFind:
@@ -41,6 +41,20 @@ def _chunks(value: int, parts: int) -> list[tuple]:
     return [(i, (value >> (i * width)) & ((1 << width) - 1)) for i in range(parts)]
 
 
+def _phash(folder: str, key: str, members: dict[str, bytes]) -> imagehash.ImageHash:
+    """The sample's pHash, or a one-line SystemExit naming the sample when its image is missing or
+    does not decode (it was a KeyError or OSError traceback naming neither, after minutes of hashing)."""
+    try:
+        with Image.open(io.BytesIO(members["jpg"])) as img:
+            return imagehash.phash(img)
+    except Exception as err:
+        why = "has no .jpg" if "jpg" not in members else f"image does not decode ({err})"
+        raise SystemExit(
+            f"{folder}: sample {key} {why}. `python -m dataset_tools inspect {folder} --verify` names "
+            "its shard: delete that shard's NNNNN_stats.json and run the same build again to redo it."
+        ) from None
+
+
 def dedup(
     folder: str,
     report_path: str | None = None,
@@ -52,6 +66,7 @@ def dedup(
     if max_distance < 0:  # would split the hash into zero chunks (ZeroDivisionError)
         raise SystemExit(f"--max-distance {max_distance}: must be 0 (exact pHash match) or more, e.g. 4")
     shards.require_shards(folder)
+    require_whole_shards(folder, "dedup")  # a truncated tar: refused, not a short report
     if filter_output:  # refused before the (slow) hashing, not after
         check_empty_output(filter_output)
     info: dict[str, dict] = {}
@@ -60,18 +75,19 @@ def dedup(
     buckets: dict[tuple, list[str]] = {}
     reasons: dict[str, str] = {}
     for key, members, row in iter_samples(folder):
-        phash = imagehash.phash(Image.open(io.BytesIO(members["jpg"])))
+        phash = _phash(folder, key, members)
         value = int(str(phash), 16)
-        info[key] = {"video_id": row.get("video_id"), "sha256": row.get("sha256"), "phash": str(phash)}
+        video = video_of(row)  # without video ids every pair was "the same video": none found
+        info[key] = {"video_id": row.get("video_id"), "video": video, "phash": str(phash)}
         sha = row.get("sha256")
-        if sha and sha in by_sha and info[by_sha[sha]]["video_id"] != row.get("video_id"):
+        if sha and sha in by_sha and info[by_sha[sha]]["video"] != video:
             uf.union(key, by_sha[sha])
             reasons[key] = "exact"
         by_sha.setdefault(sha, key)
         seen = set()
         for chunk in _chunks(value, max_distance + 1):
             for other in buckets.get(chunk, []):
-                if other in seen or info[other]["video_id"] == row.get("video_id"):
+                if other in seen or info[other]["video"] == video:
                     continue
                 seen.add(other)
                 if phash - imagehash.hex_to_hash(info[other]["phash"]) <= max_distance:

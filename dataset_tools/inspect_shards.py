@@ -103,7 +103,8 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
     if verify:  # tars without stats (a build that stopped mid-shard, a copy) are checked too
         for name in report["incomplete_shards"]:
             report["corrupt"] += _verify_shard(folder, name, None)
-    dupes = [vid for vid, n in keys_seen.items() if n > 1]
+    # Shards without video ids (plain img2dataset: url, caption) all count under None: no duplicate.
+    dupes = [vid for vid, n in keys_seen.items() if n > 1 and vid is not None]
     if verify and dupes:
         report["corrupt"].append(f"video ids in more than one row: {dupes[:5]}")
     report["failures"] = report["rows"] - report["successes"]

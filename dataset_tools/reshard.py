@@ -13,6 +13,12 @@ from dataset_tools import shards
 Sample = tuple[str, dict[str, bytes], dict]  # key, members, parquet row
 
 
+def video_of(row: dict) -> str:
+    """The video a row shows: its video id; plain img2dataset shards have none (every row compared
+    as None, one video), so their url, as stable, or else the key."""
+    return row.get("video_id") or row.get("url") or row["key"]
+
+
 def iter_samples(folder: str) -> Iterator[Sample]:
     """Successful samples of every complete shard, in shard then key order."""
     for name in shards.iter_shard_names(folder):
@@ -23,6 +29,28 @@ def iter_samples(folder: str) -> Iterator[Sample]:
             if row is None:
                 row = json.loads(members["json"]) if "json" in members else {"key": key}
             yield key, members, row
+
+
+def require_whole_shards(folder: str, command: str) -> None:
+    """Refuse (SystemExit naming the shards) when a complete shard's tar is truncated or holds
+    another number of samples than its stats say. ``tarfile`` reads a tar cut at a member
+    boundary without complaint: its lost samples were silently missing from the output (train +
+    val short of the input), and a tar cut inside a member was a ReadError traceback naming no
+    file, after part of the output was written."""
+    problems = []
+    for name in shards.iter_shard_names(folder):
+        with open(os.path.join(folder, f"{name}_stats.json")) as f:
+            successes = json.load(f)["successes"]
+        problem = shards.tar_problem(os.path.join(folder, f"{name}.tar"), successes)
+        if problem:
+            problems.append((name, problem))
+    if problems:
+        names = " ".join(f"{n}_stats.json" for n, _ in problems)
+        raise SystemExit(
+            f"{folder}: refusing to {command}: {'; '.join(p for _, p in problems)}. "
+            f"Delete {names} in that folder and run the same build again to redo "
+            f"{'that shard' if len(problems) == 1 else 'those shards'}, then {command} again."
+        )
 
 
 def _schema_for(rows: list[dict]) -> pa.Schema:

@@ -12,15 +12,16 @@ import os
 
 from dataset_tools import finalize as finalize_mod
 from dataset_tools import shards
-from dataset_tools.reshard import ShardSink, check_empty_output, iter_samples
+from dataset_tools.reshard import ShardSink, check_empty_output, iter_samples, require_whole_shards, video_of
 
 
 def assign(row: dict, by: str, val_fraction: float, seed: str = "0") -> str:
     """ "val" or "train" for one parquet/json row."""
+    video = video_of(row)  # plain img2dataset shards have no video_id (it was a KeyError)
     if by == "channel":
-        unit = row.get("channel_id") or row.get("channel_title") or f"video:{row['video_id']}"
+        unit = row.get("channel_id") or row.get("channel_title") or f"video:{video}"
     elif by == "hash":
-        unit = row["video_id"]
+        unit = video
     else:
         raise ValueError(f"--by {by!r}: use channel or hash")
     digest = hashlib.sha1(f"{seed}:{unit}".encode()).digest()
@@ -43,6 +44,7 @@ def split(
             "in val, e.g. 0.1)"
         )
     shards.require_shards(folder)
+    require_whole_shards(folder, "split")  # before any output is written
     for side in ("train", "val"):  # both checked before either is created
         check_empty_output(os.path.join(output, side))
     sinks = {side: ShardSink(os.path.join(output, side), shard_size) for side in ("train", "val")}

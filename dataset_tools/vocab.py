@@ -1,7 +1,8 @@
 """``vocab DIR --output V.json``: tag and category vocabularies for zero-shot evaluation.
 
-Tags are counted case-insensitively (``Cat`` and ``cat`` are one class) over successful samples;
-entries below ``min_count`` are dropped. Indices follow descending count, then name.
+Tags are counted as training ids them (vutrain/data/labels.py): stripped and lower-cased
+(``Cat `` and ``cat`` are one class), a comma-separated string split into its tags, over
+successful samples; entries below ``min_count`` are dropped. Indices follow descending count, then name.
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ from collections import Counter
 from dataset_tools import shards
 
 
+def _tag_values(value) -> list[str]:
+    """The tags as training reads them (vutrain/data/labels.py tag_values, not imported: it pulls
+    in torch): a list's strings or a comma-separated string's parts, blanks left out. A string
+    was iterated character by character, a vocabulary of letters."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list):
+        return []
+    return [t for t in value if isinstance(t, str) and t.strip()]
+
+
 def build_vocab(folder: str, min_count: int = 5) -> dict:
     """Tag and category vocabularies of the successful samples, entries below ``min_count`` dropped."""
     shards.require_shards(folder)
@@ -22,7 +34,7 @@ def build_vocab(folder: str, min_count: int = 5) -> dict:
         for row in rows:
             if row["status"] != shards.SUCCESS:
                 continue
-            tags.update({t.lower() for t in row.get("tags") or []})
+            tags.update({t.strip().lower() for t in _tag_values(row.get("tags"))})
             if row.get("category_name"):
                 categories[row["category_name"]] += 1
 

@@ -1,0 +1,148 @@
+"""dataset_tools split, dedup, vocab and inspect on odd input: truncated tars, shards without video
+ids (plain img2dataset), tags kept as one string, images that do not decode. Every sample is
+accounted for or the command stops with one line naming what to fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+import pyarrow as pa
+import pytest
+from test_faults_dataset_tools import _shard
+
+from dataset_tools import dedup, inspect_shards, shards, split, vocab
+from dataset_tools.cli import main
+from dataset_tools.fake_host import render_thumbnail
+
+PLAIN_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("tags", pa.string()),
+    ]
+)
+
+
+def _plain_shard(folder, shard_id: int, n: int, tags: str = "") -> None:
+    """A shard as plain img2dataset writes it: url and caption, no video id; tags as one string."""
+    name = shards.shard_name(shard_id)
+    rows = [
+        {"key": f"{name}{i:04d}", "status": "success", "url": f"http://h/{shard_id}/{i}.jpg", "caption": "c"}
+        for i in range(n)
+    ]
+    for row in rows:
+        row["tags"] = tags
+    samples = [
+        (
+            r["key"],
+            {"jpg": render_thumbnail(r["key"], "mqdefault"), "txt": b"c", "json": json.dumps(r).encode()},
+        )
+        for r in rows
+    ]
+    shards.write_tar(os.path.join(folder, f"{name}.tar"), samples)
+    shards.write_parquet(os.path.join(folder, f"{name}.parquet"), rows, PLAIN_SCHEMA)
+    shards.write_stats(str(folder), shard_id, shards.stats_from_rows(rows, 0.0, 1.0))
+
+
+def _keys(folder) -> set[str]:
+    return {k for n in shards.iter_shard_names(str(folder)) for k in shards.read_tar(f"{folder}/{n}.tar")}
+
+
+@pytest.mark.parametrize("cut", ["member_boundary", "mid_member"])
+@pytest.mark.parametrize("command", ["split", "dedup"])
+def test_split_and_dedup_refuse_a_truncated_shard(tmp_path, command, cut):
+    # Cut at a member boundary, tarfile read the tar without complaint: split wrote 12 of 15
+    # samples (train + val short of the input) and dedup filtered the same 12, silently. Cut
+    # inside a member, both were a tarfile.ReadError traceback naming no file.
+    src = tmp_path / "src"
+    src.mkdir()
+    for shard_id in range(3):
+        _shard(src, shard_id, 5)
+    tar = str(src / "00001.tar")
+    with tarfile.open(tar) as t:
+        members = list(t)
+    keep = members[6].offset if cut == "member_boundary" else os.path.getsize(tar) // 2
+    with open(tar, "r+b") as fh:
+        fh.truncate(keep)
+    out = tmp_path / "out"
+    args = ["--output", str(out), "--by", "hash"] if command == "split" else ["--filter-output", str(out)]
+    with pytest.raises(SystemExit) as err:
+        main([command, str(src), *args])
+    message = str(err.value.code)
+    assert f"refusing to {command}: 00001.tar:" in message and "truncated" in message
+    assert "Delete 00001_stats.json" in message and "\n" not in message
+    assert not out.exists()
+
+
+def test_shards_without_video_ids_verify_and_split(tmp_path, capsys):
+    # Plain img2dataset shards: verify reported "video ids in more than one row: [None]" (exit
+    # 1) and split was a KeyError: 'video_id' traceback.
+    src = tmp_path / "src"
+    src.mkdir()
+    _plain_shard(src, 0, 4)
+    _plain_shard(src, 1, 4)
+    assert main(["inspect", str(src), "--verify"]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    first = split.split(str(src), str(tmp_path / "a"), by="hash", val_fraction=0.5)
+    again = split.split(str(src), str(tmp_path / "b"), by="hash", val_fraction=0.5)
+    assert first["train"] + first["val"] == 8 and first == again
+    for side in ("train", "val"):  # the same samples on the same side, run after run
+        assert _keys(tmp_path / "a" / side) == _keys(tmp_path / "b" / side)
+
+
+def test_dedup_finds_duplicates_in_shards_without_video_ids(tmp_path):
+    # Every row's video id was None, so every pair counted as "the same video" and was skipped:
+    # no duplicate was ever found, even the same image under two urls.
+    src = tmp_path / "src"
+    src.mkdir()
+    _plain_shard(src, 0, 3)
+    _plain_shard(src, 1, 3)
+    tar = str(src / "00001.tar")
+    samples = shards.read_tar(tar)
+    samples["000010002"]["jpg"] = shards.read_tar(str(src / "00000.tar"))["000000000"]["jpg"]
+    shards.write_tar(tar, samples.items())
+    report = dedup.dedup(str(src), filter_output=str(tmp_path / "out"))
+    assert [[m["key"] for m in g] for g in report["groups"]] == [["000000000", "000010002"]]
+    assert report["duplicates"] == 1 and report["kept"] == 5
+    assert "000010002" not in _keys(tmp_path / "out")
+
+
+def test_vocab_reads_tags_as_training_does(tmp_path):
+    # A tags column kept as one comma-separated string gave a vocabulary of single characters;
+    # training splits it into tags and ids them stripped and lower-cased.
+    from vutrain.data.labels import tag_id, tag_values
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tags = "Cats, dogs ,  ,Dogs"
+    _plain_shard(src, 0, 3, tags=tags)
+    names = [e["name"] for e in vocab.build_vocab(str(src), min_count=3)["tags"]]
+    assert sorted(names) == ["cats", "dogs"]
+    assert {tag_id(n) for n in names} == {tag_id(t) for t in tag_values(tags)}
+
+
+@pytest.mark.parametrize("damage", ["truncated_jpg", "no_jpg"])
+def test_dedup_names_a_sample_whose_image_is_unusable(tmp_path, damage):
+    # It was an OSError ("Truncated File Read") or KeyError: 'jpg' traceback after the hashing.
+    src = tmp_path / "src"
+    src.mkdir()
+    _shard(src, 0, 2)
+    tar = _shard(src, 1, 3)
+    samples = shards.read_tar(tar)
+    key = sorted(samples)[1]
+    if damage == "truncated_jpg":
+        samples[key]["jpg"] = samples[key]["jpg"][:200]
+    else:
+        del samples[key]["jpg"]
+    shards.write_tar(tar, samples.items())
+    with pytest.raises(SystemExit) as err:
+        dedup.dedup(str(src), filter_output=str(tmp_path / "out"))
+    message = str(err.value.code)
+    assert f"sample {key} " in message and "inspect" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+    assert any(key in p for p in inspect_shards.inspect_dir(str(src), verify=True)["corrupt"])
