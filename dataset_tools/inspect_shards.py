@@ -17,6 +17,7 @@ from collections import Counter
 from PIL import Image
 
 from dataset_tools import shards, youtube
+from dataset_tools.vocab import tag_values
 
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
 
@@ -66,6 +67,9 @@ def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]
     return problems
 
 
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # what vutrain's loader also reads
+
+
 def inspect_dir(folder: str, verify: bool = False) -> dict:
     """Counts, failure reasons, tag/category histograms, variant mix (+ corruption findings)."""
     if not os.path.isdir(folder):
@@ -95,7 +99,7 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
                 success_keys.add(row["key"])
                 report["variants"][row.get("variant") or "unknown"] += 1
                 report["categories"][row.get("category_name") or "(none)"] += 1
-                report["tags"].update(row.get("tags") or [])
+                report["tags"].update(tag_values(row.get("tags")))  # a string: its tags, not letters
             else:
                 report["failures_by_reason"][row.get("error_message") or row["status"]] += 1
         if verify:
@@ -103,6 +107,13 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
     if verify:  # tars without stats (a build that stopped mid-shard, a copy) are checked too
         for name in report["incomplete_shards"]:
             report["corrupt"] += _verify_shard(folder, name, None)
+        # The trainer reads compressed shards too; --verify does not, so they are not passed as
+        # checked ("verify: OK" over a folder of .tar.gz checked nothing).
+        compressed = sorted(f for f in os.listdir(folder) if f.endswith(COMPRESSED_SUFFIXES))
+        report["corrupt"] += [
+            f"{f}: compressed shard, not verified (--verify reads .tar: decompress it to check it)"
+            for f in compressed
+        ]
     # Shards without video ids (plain img2dataset: url, caption) all count under None: no duplicate.
     dupes = [vid for vid, n in keys_seen.items() if n > 1 and vid is not None]
     if verify and dupes:

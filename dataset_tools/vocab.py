@@ -14,7 +14,7 @@ from collections import Counter
 from dataset_tools import shards
 
 
-def _tag_values(value) -> list[str]:
+def tag_values(value) -> list[str]:
     """The tags as training reads them (vutrain/data/labels.py tag_values, not imported: it pulls
     in torch): a list's strings or a comma-separated string's parts, blanks left out. A string
     was iterated character by character, a vocabulary of letters."""
@@ -34,7 +34,7 @@ def build_vocab(folder: str, min_count: int = 5) -> dict:
         for row in rows:
             if row["status"] != shards.SUCCESS:
                 continue
-            tags.update({t.strip().lower() for t in _tag_values(row.get("tags"))})
+            tags.update({t.strip().lower() for t in tag_values(row.get("tags"))})
             if row.get("category_name"):
                 categories[row["category_name"]] += 1
 

@@ -146,3 +146,21 @@ def test_dedup_names_a_sample_whose_image_is_unusable(tmp_path, damage):
     assert f"sample {key} " in message and "inspect" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
     assert any(key in p for p in inspect_shards.inspect_dir(str(src), verify=True)["corrupt"])
+
+
+def test_inspect_verify_does_not_pass_compressed_shards_it_never_read(tmp_path):
+    # The trainer reads .tar.gz shards; `inspect --verify` looked at *.tar only, so a folder of
+    # compressed shards got "verify: OK" with nothing checked. A tags string was counted letter
+    # by letter in the histogram.
+    import gzip
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _plain_shard(folder, 0, 2, tags="cats, dogs")
+    report = inspect_shards.inspect_dir(str(folder), verify=True)
+    assert report["corrupt"] == [] and report["tags"] == {"cats": 2, " dogs": 2}
+    tar = folder / "00000.tar"
+    (folder / "00000.tar.gz").write_bytes(gzip.compress(tar.read_bytes()))
+    tar.unlink()
+    report = inspect_shards.inspect_dir(str(folder), verify=True)
+    assert any("00000.tar.gz: compressed shard, not verified" in c for c in report["corrupt"])
