@@ -16,7 +16,14 @@ from PIL import Image
 
 from dataset_tools import shards
 from dataset_tools.plan import BUILD_DIR
-from dataset_tools.reshard import ShardSink, check_empty_output, iter_samples, require_whole_shards, video_of
+from dataset_tools.reshard import (
+    ShardSink,
+    check_empty_output,
+    input_schema,
+    iter_samples,
+    require_whole_shards,
+    video_of,
+)
 
 
 class _UnionFind:
@@ -116,7 +123,7 @@ def dedup(
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
     if filter_output:
-        sink = ShardSink(filter_output, shard_size)
+        sink = ShardSink(filter_output, shard_size, schema=input_schema(folder))
         for sample in iter_samples(folder):
             if sample[0] not in drop:
                 sink.add(sample)

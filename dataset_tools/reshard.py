@@ -57,6 +57,20 @@ def _schema_for(rows: list[dict]) -> pa.Schema:
     return pa.Table.from_pylist(rows).schema
 
 
+def input_schema(folder: str) -> pa.Schema | None:
+    """One schema for every output shard: the union of the complete input shards' parquet schemas
+    (None when there are none). Inferred per output shard, a column missing from a shard's first
+    row was dropped and an all-empty one became type null, so the output parquets disagreed and
+    pyarrow.dataset refused to read them together."""
+    import pyarrow.parquet as pq
+
+    schemas = [pq.read_schema(os.path.join(folder, f"{n}.parquet")) for n in shards.iter_shard_names(folder)]
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # one column of two types: each shard its own, as before
+        return None
+
+
 def check_empty_output(folder: str) -> None:
     """Refuse an output folder that already holds files: shards are numbered from 00000 again,
     so an earlier run's higher-numbered shards would stay beside the new ones (counted twice by
@@ -71,12 +85,15 @@ def check_empty_output(folder: str) -> None:
 class ShardSink:
     """Collects samples and writes ``NNNNN.tar/.parquet/_stats.json`` every ``shard_size``."""
 
-    def __init__(self, folder: str, shard_size: int, oom_shard_count: int = 5):
+    def __init__(
+        self, folder: str, shard_size: int, oom_shard_count: int = 5, schema: pa.Schema | None = None
+    ):
         check_empty_output(folder)
         if shard_size < 1:
             raise SystemExit(f"--shard-size {shard_size}: must be at least 1 (samples per shard, e.g. 1000)")
         os.makedirs(folder, exist_ok=True)
         self.folder, self.shard_size, self.oom = folder, shard_size, oom_shard_count
+        self.schema = schema  # None: inferred from each shard's rows
         self.buffer: list[Sample] = []
         self.shard_id = 0
         self.count = 0
@@ -97,7 +114,9 @@ class ShardSink:
         shards.write_tar(
             os.path.join(self.folder, f"{name}.tar"), [(key, members) for key, members, _ in self.buffer]
         )
-        shards.write_parquet(os.path.join(self.folder, f"{name}.parquet"), rows, _schema_for(rows))
+        shards.write_parquet(
+            os.path.join(self.folder, f"{name}.parquet"), rows, self.schema or _schema_for(rows)
+        )
         shards.write_stats(
             self.folder, self.shard_id, shards.stats_from_rows(rows, start, shards.now()), self.oom
         )

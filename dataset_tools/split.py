@@ -12,7 +12,14 @@ import os
 
 from dataset_tools import finalize as finalize_mod
 from dataset_tools import shards
-from dataset_tools.reshard import ShardSink, check_empty_output, iter_samples, require_whole_shards, video_of
+from dataset_tools.reshard import (
+    ShardSink,
+    check_empty_output,
+    input_schema,
+    iter_samples,
+    require_whole_shards,
+    video_of,
+)
 
 
 def assign(row: dict, by: str, val_fraction: float, seed: str = "0") -> str:
@@ -47,7 +54,10 @@ def split(
     require_whole_shards(folder, "split")  # before any output is written
     for side in ("train", "val"):  # both checked before either is created
         check_empty_output(os.path.join(output, side))
-    sinks = {side: ShardSink(os.path.join(output, side), shard_size) for side in ("train", "val")}
+    sinks = {
+        side: ShardSink(os.path.join(output, side), shard_size, schema=input_schema(folder))
+        for side in ("train", "val")
+    }
     for sample in iter_samples(folder):
         sinks[assign(sample[2], by, val_fraction, seed)].add(sample)
     counts = {side: sink.close() for side, sink in sinks.items()}

@@ -164,3 +164,33 @@ def test_inspect_verify_does_not_pass_compressed_shards_it_never_read(tmp_path):
     tar.unlink()
     report = inspect_shards.inspect_dir(str(folder), verify=True)
     assert any("00000.tar.gz: compressed shard, not verified" in c for c in report["corrupt"])
+
+
+def test_split_output_shards_share_one_schema(tmp_path):
+    # Each output parquet's schema was inferred from its own rows: a column missing from a shard's
+    # first row was dropped, an all-empty one became type null, and pyarrow.dataset refused to
+    # read the output folder as one dataset.
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from test_faults_dataset_tools import SCHEMA
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _shard(src, 0, 3)
+    _shard(src, 1, 3)
+    rows = pq.read_table(src / "00001.parquet").to_pylist()
+    for row in rows:  # a later input: one more column, and no category
+        row.update(url="http://h/x.jpg", category_name=None)
+    with_url = SCHEMA.append(pa.field("url", pa.string()))
+    shards.write_parquet(str(src / "00001.parquet"), rows, with_url)
+    out = tmp_path / "out"
+    res = split.split(str(src), str(out), by="hash", val_fraction=0.5, shard_size=2)
+    assert res["train"] + res["val"] == 6
+    for side in ("train", "val"):
+        parquets = sorted((out / side).glob("*.parquet"))
+        schemas = {pq.read_schema(p) for p in parquets}
+        assert len(schemas) == 1, schemas
+        schema = next(iter(schemas))
+        assert "url" in schema.names and schema.field("category_name").type == pa.string()
+        assert ds.dataset([str(p) for p in parquets]).to_table().num_rows == len(_keys(out / side))
