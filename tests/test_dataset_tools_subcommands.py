@@ -172,7 +172,6 @@ def test_split_output_shards_share_one_schema(tmp_path):
     # read the output folder as one dataset.
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
-
     from test_faults_dataset_tools import SCHEMA
 
     src = tmp_path / "src"
