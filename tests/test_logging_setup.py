@@ -35,9 +35,9 @@ def passes(name: str, level: int) -> bool:
 def test_process_rank_from_each_launcher():
     assert process_rank({}) == 0
     assert process_rank({"RANK": "3"}) == 3
-    assert process_rank({"SLURM_PROCID": "5"}) == 5
+    assert process_rank({"SLURM_PROCID": "5", "SLURM_STEP_ID": "0"}) == 5
     assert process_rank({"OMPI_COMM_WORLD_RANK": "2"}) == 2
-    assert process_rank({"RANK": "", "SLURM_PROCID": "1"}) == 1
+    assert process_rank({"RANK": "", "SLURM_PROCID": "1", "SLURM_STEP_ID": "0"}) == 1
 
 
 def test_other_ranks_keep_errors_and_their_own_warnings(restore_logging):
@@ -66,3 +66,26 @@ def test_rank_zero_shows_library_warnings_and_info(restore_logging):
     assert len(caught) == 1
     assert passes("DeepSpeed", logging.WARNING) and not passes("DeepSpeed", logging.INFO)
     assert passes("vutrain.trainer", logging.INFO)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "MASTER_ADDR": "h0"},
+        {"SLURM_JOB_ID": "7", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"},
+        # mpirun started from the sbatch script (or salloc's shell): its ranks inherit the batch
+        # shell's SLURM_PROCID=0, and every one of them took itself for rank 0
+        {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "OMPI_COMM_WORLD_RANK": "2"},
+        {"SLURM_PROCID": "0", "SLURM_STEP_ID": "4294967290", "PMI_RANK": "3", "PMI_SIZE": "4"},
+    ],
+)
+def test_process_rank_is_the_rank_training_resolves(env):
+    """The rank logging assumes (before any process group) is the one the run trains as: where
+    they differed, every rank of an mpirun inside a SLURM job printed rank 0's library notices."""
+    from vutrain.distributed import resolve_dist_env
+
+    env = {"VUTRAIN_DEVICE": "cpu", **env}
+    if "OMPI_COMM_WORLD_RANK" in env:
+        env.update(OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_SIZE="4")
+    assert process_rank(env) == resolve_dist_env(env).rank

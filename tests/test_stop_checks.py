@@ -52,6 +52,33 @@ def test_preemption_stops_a_run_whose_log_every_exceeds_its_steps(tiny_shards, t
     assert not (run_dir / "done.json").exists()
 
 
+def test_preemption_in_the_last_step_checkpoints_before_the_final_eval(tiny_shards, tmp_path, single_process):
+    """SIGUSR1 during the last step with train.log_every > 1: the stop is first read after the loop,
+    where it was dropped: the run went on to the final eval (which may outlast SLURM's 120 s
+    warning, and a job killed at its time limit is not requeued) before any checkpoint. Now it
+    stops as in the loop (as it did with log_every=1), and the resumed run does the final eval."""
+    from vutrain.metrics import read_metrics
+    from vutrain.trainer import Preempted
+
+    run_dir = tmp_path / "run"
+    kept = dict(train__log_every=100, train__checkpoint_every=0, eval__every=0)
+
+    def hook(trainer):
+        _on_step(trainer, {4}, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
+
+    with pytest.raises(Preempted) as raised:
+        train(tiny_shards, str(run_dir), steps=4, on_trainer=hook, **kept)
+    assert raised.value.step == 4
+    assert json.loads((run_dir / "preempted.json").read_text()) == {"step": 4, "signal": "SIGUSR1"}
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert not (run_dir / "done.json").exists()
+    assert not any("eval/i2t_r1" in row for row in read_metrics(str(run_dir)))
+
+    metrics = train(tiny_shards, str(run_dir), steps=4, **kept)  # the requeued job: the final eval only
+    assert "eval/i2t_r1" in metrics and (run_dir / "done.json").exists()
+    assert [row["step"] for row in read_metrics(str(run_dir)) if "eval/i2t_r1" in row] == [4]
+
+
 def _nan_loss(trainer) -> None:
     inner = trainer.loss_fn.forward
 

@@ -38,16 +38,28 @@ LIBRARY_LOGGERS = (
     "fsspec",
 )
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# SLURM's special steps (batch script, extern, salloc's shell) start at this id, as in vutrain/distributed.py.
+_SLURM_SPECIAL_STEPS = 0xFFFFFFFA
 
 
 def process_rank(env: Mapping[str, str] | None = None) -> int:
-    """This process's global rank as the launcher exported it (0 for a plain `python` run)."""
+    """This process's global rank as the launcher exported it (0 for a plain `python` run): the
+    rank `vutrain.distributed.resolve_dist_env` resolves (not imported here: it imports torch)."""
     env = os.environ if env is None else env
     for name in RANK_VARIABLES:
         value = env.get(name, "")
+        # SLURM_PROCID is a rank only in an srun task: the sbatch script and salloc's shell export
+        # SLURM_PROCID=0, which every rank of an mpirun started from them inherits.
+        if name == "SLURM_PROCID" and not _in_srun_step(env):
+            continue
         if value.isdigit():
             return int(value)
     return 0
+
+
+def _in_srun_step(env: Mapping[str, str]) -> bool:
+    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or ""
+    return step.isdigit() and int(step) < _SLURM_SPECIAL_STEPS
 
 
 class _BelowLevel(logging.Filter):

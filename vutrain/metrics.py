@@ -17,12 +17,13 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._tb = None
+        self._tb_dir = os.path.join(run_dir, "tensorboard")
         if not enabled:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self._tb = SummaryWriter(self._tb_dir)
         except Exception:  # tensorboard is optional: metrics.jsonl is the record
             self._tb = None
 
@@ -32,7 +33,14 @@ class MetricsWriter:
         Rows past `step` belong to the segment a crash lost; they move to
         metrics.discarded.jsonl (tagged with the step the run resumed from), and a line torn by a
         kill mid-write moves there as text. Rewritten through a temporary file and a rename.
+        TensorBoard's events past `step` are hidden the same way (`purge_step`): before, the lost
+        segment's curve stayed there beside the resumed run's.
         """
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(self._tb_dir, purge_step=step + 1)
         if not (self.enabled and os.path.exists(self.path)):
             return 0
         kept, dropped = [], []

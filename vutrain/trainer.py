@@ -622,7 +622,10 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
-        self._check_stop(now=True)  # a run of non-finite losses at the very end fails too
+        # A run of non-finite losses at the very end fails too, and a stop agreed in the last steps
+        # (read here first when they were not logging steps) checkpoints before the final eval.
+        if self._check_stop(now=True):
+            self._preempt()
         if cfg.data.val_shards and not (cfg.eval.every and self.step % cfg.eval.every == 0 and last_eval):
             last_eval = self.run_eval()
         self._finished = True
