@@ -134,3 +134,19 @@ def test_stop_check_reads_the_previous_steps_values_unless_asked_for_now():
     assert check.check(now=True) == (2, True)
     step(1.0)
     assert check.check() == (2, True)
+
+
+@pytest.mark.slow
+def test_nonfinite_stop_is_one_line_from_the_entry_script(tiny_shards, tmp_path):
+    """train.py re-raised NonFiniteLossError once training had started: a traceback from every
+    rank around the message that names the last good checkpoint. Now rank 0 prints it, exit 1."""
+    import train_runner as tr
+
+    overrides = tr.base_overrides(
+        tiny_shards, str(tmp_path / "run"), 8, train__lr=1e30, train__max_nonfinite_steps=2, eval__every=0
+    )
+    proc = tr.run("python", overrides)
+    assert proc.returncode == 1, tr.describe(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "2 non-finite losses in a row" in errors[0], tr.describe(proc)
+    assert "Last good checkpoint" in errors[0] and "Traceback" not in proc.stderr

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from vutrain import startup_errors
     from vutrain.checkpoint import CheckpointWriteError
     from vutrain.global_batch import with_global_batch
-    from vutrain.trainer import PREEMPT_EXIT_CODE, Preempted, Trainer
+    from vutrain.trainer import PREEMPT_EXIT_CODE, NonFiniteLossError, Preempted, Trainer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         if speaks:
             print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:  # every rank reads the same agreed streak: rank 0 says it
+        if info.rank == 0:  # (a traceback from every rank before)
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
     except CheckpointWriteError as exc:  # each rank whose write failed says so, in one line
         prefix = "" if info.world_size == 1 else f"rank {info.rank}: "
         print(f"error: {prefix}{exc}", file=sys.stderr)
