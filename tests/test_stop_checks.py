@@ -150,3 +150,21 @@ def test_nonfinite_stop_is_one_line_from_the_entry_script(tiny_shards, tmp_path)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "2 non-finite losses in a row" in errors[0], tr.describe(proc)
     assert "Last good checkpoint" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_logged_step_time_is_the_mean_over_the_logging_interval(tiny_shards, tmp_path, single_process):
+    """train/step_time (and samples/s) timed the logging step alone: on a GPU the host runs a step
+    ahead, so that step's wait held the step before too, and a slow step between logging steps
+    never showed. It is the mean over the interval now: a 3 s step 1 shows in step 2's row."""
+    import time
+
+    from vutrain.metrics import read_metrics
+
+    run_dir = tmp_path / "run"
+
+    def hook(trainer):
+        _on_step(trainer, {1}, lambda t: time.sleep(3.0))
+
+    train(tiny_shards, str(run_dir), steps=2, on_trainer=hook, train__log_every=2, **QUIET)
+    (row,) = [r for r in read_metrics(str(run_dir)) if "train/step_time" in r]
+    assert row["step"] == 2 and row["train/step_time"] >= 1.5, row

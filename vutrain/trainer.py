@@ -210,6 +210,9 @@ class Trainer:
         self.last_stats = GuardStats(float("nan"), 0, 0, 0, False)
         self._last_scale: torch.Tensor | None = None
         self._step_lr = cfg.train.lr  # the LR of the last step run (train_step)
+        # Wall time and steps since the last logged row: train/step_time is their mean. The logging
+        # step alone, which waits for the GPU, also held the unfinished work of the step before.
+        self._interval_wall, self._interval_steps = 0.0, 0
         log.info(
             "world_size=%d launcher=%s device=%s backend=%s",
             info.world_size,
@@ -607,8 +610,11 @@ class Trainer:
                 logging_step = self.step % cfg.train.log_every == 0
                 stats = self.read_stats() if logging_step else None
                 stop = self._check_stop(now=logging_step or self._checkpoint_due())
+                self._interval_wall += time.perf_counter() - t0
+                self._interval_steps += 1
                 if stats is not None:
-                    self._log_step(times, time.perf_counter() - t0, stats)
+                    self._log_step(times, self._interval_wall / self._interval_steps, stats)
+                    self._interval_wall, self._interval_steps = 0.0, 0
                     if progress is not None:
                         progress.set_postfix(loss=f"{stats.mean_loss:.4f}")
                 if progress is not None:
