@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch. A plain `pip install torch` would pull a multi-GB CUDA build;
-# override (e.g. TORCH_SPEC='torch==2.5.1') to use another, any >= 2.3 works.
+# override (e.g. TORCH_SPEC='torch==2.12.0') to use another: >= 2.6 with constraints.txt (its
+# accelerate needs 2.6), any >= 2.3 with CONSTRAINTS= (the newest versions setup.py allows).
 TORCH_SPEC ?= torch==2.13.0
 # A torch already in .venv is kept (e.g. a CUDA build you installed), but a TORCH_SPEC you give (command
 # line or environment) that differs from the one `make venv` last installed replaces it: without this
@@ -17,7 +18,9 @@ endif
 # The tested versions of everything else (constraints.txt, refreshed by `make lock`). Pass
 # `CONSTRAINTS=` to resolve the newest versions setup.py allows instead.
 CONSTRAINTS ?= constraints.txt
-PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# The installed torch may pin packages of its own (a CUDA build: its triton; an older one: its sympy):
+# those pins of $(CONSTRAINTS) give way to it (tools/lock_versions.py --for-installed-torch).
+PIN := $(if $(CONSTRAINTS),-c $(VENV)/constraints.txt)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -39,6 +42,7 @@ $(VENV)/.installed: setup.py $(CONSTRAINTS) $(if $(TORCH_REINSTALL),FORCE)
 	    { $(PY) -m pip install -q "$(TORCH_SPEC)" && echo '$(TORCH_SPEC)' > $(TORCH_SPEC_FILE); }
 	# The constraint keeps whichever torch is installed from being replaced.
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(if $(CONSTRAINTS),$(PY) tools/lock_versions.py --for-installed-torch $(CONSTRAINTS) --out $(VENV)/constraints.txt)
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt $(PIN) -e '.[test]'
 	# The bench extra without its dependencies: open_clip_torch's torchvision would replace torch.
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt $(PIN) --no-deps 'open_clip_torch>=3.0'

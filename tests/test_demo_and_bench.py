@@ -13,14 +13,14 @@ import train_runner as tr
 
 
 def test_demo_pipeline_small(tmp_path):
-    out = tmp_path / "demo"
+    """Run from another directory without --out: the output lands in ./demo_out there (it went to
+    the package's directory: site-packages on an installed package)."""
+    out = tmp_path / "demo_out"
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "vutrain.demo",
-            "--out",
-            str(out),
             "--num-samples",
             "512",
             "--val-samples",
@@ -39,7 +39,7 @@ def test_demo_pipeline_small(tmp_path):
         text=True,
         timeout=900,
         env=tr.env(),
-        cwd=tr.REPO,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, tr.describe(proc)
     assert "zero-shot top-1 on the held-out set" in proc.stdout
@@ -54,15 +54,15 @@ def test_demo_pipeline_small(tmp_path):
 
 
 def test_demo_fails_loudly_below_the_bar(tmp_path):
-    """--min-top1 is a real check: an impossible bar makes the demo exit non-zero."""
-    out = tmp_path / "demo"
+    """--min-top1 is a real check: an impossible bar makes the demo exit non-zero. A relative --out
+    from another directory: the ranks (run in the package's directory) looked for the shards there."""
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "vutrain.demo",
             "--out",
-            str(out),
+            "demo",
             "--num-samples",
             "256",
             "--val-samples",
@@ -83,10 +83,11 @@ def test_demo_fails_loudly_below_the_bar(tmp_path):
         text=True,
         timeout=900,
         env=tr.env(),
-        cwd=tr.REPO,
+        cwd=tmp_path,
     )
     assert proc.returncode == 1, tr.describe(proc)
     assert "FAIL: zero-shot top-1" in proc.stderr
+    assert (tmp_path / "demo" / "hf_model" / "config.json").exists()
 
 
 @pytest.mark.parametrize(

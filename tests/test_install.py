@@ -184,3 +184,92 @@ def test_make_venv_installs_a_torch_spec_given_later(tmp_path):
     (tmp_path / ".venv" / "torch-spec.txt").write_text("torch==2.5.1\n")  # what that install records
     assert "Nothing to be done" in plan("TORCH_SPEC=torch==2.5.1")  # asked again: already there
     assert 'pip install -q "torch==2.13.0"' in plan("TORCH_SPEC=torch==2.13.0")
+
+
+_STAND_IN_PYTHON = """#!/bin/sh
+# Stands in for python3, the venv's python and its console scripts: the check's own steps only.
+case "$(basename "$0")" in
+    vutrain-dataset) echo "needs the 'data' extra: pip install 'vutrain[data]'" >&2
+        exit "${DATASET_EXIT:-2}";;
+    vutrain-*) exit 0;;
+esac
+case "$1 $2" in
+    "-m venv") mkdir -p "$3/bin"
+        for name in python vutrain-train vutrain-export vutrain-dataset; do cp "$0" "$3/bin/$name"; done;;
+    "-m vutrain.demo") mkdir -p demo_out/hf_model && touch demo_out/hf_model/config.json;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_install_check_removes_its_temporary_directory_once_it_passes(tmp_path, passes):
+    """Every `make install-check` left its work directory, a whole venv with torch (1.4 GB), in /tmp.
+    Its own temporary directory now goes when the check passes; a failed check keeps it and says
+    where. (The real check, which installs torch, is `make install-check`; here a stand-in python
+    runs the script's own steps.)"""
+    fake = tmp_path / "python3"
+    fake.write_text(_STAND_IN_PYTHON)
+    fake.chmod(0o755)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = subprocess.run(
+        ["bash", str(REPO / "tools" / "check_core_install.sh")],
+        env={**os.environ, "PYTHON": str(fake), "TMPDIR": str(temp), "DATASET_EXIT": "2" if passes else "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    left = list(temp.glob("vutrain-core-*"))
+    if passes:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "OK: the core install runs every entry point" in proc.stdout
+        assert left == [], left
+    else:
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert len(left) == 1 and (left[0] / "venv").is_dir()
+        assert f"core-install: kept {left[0]} for a look" in proc.stderr
+
+
+def test_make_venv_lets_an_installed_torch_keep_its_own_pins(tmp_path):
+    """A CUDA torch the user installed in .venv is kept, but constraints.txt's triton==3.9.0 (the
+    lock's, beside the CPU torch) contradicted its `triton==3.7.0`: pip refused the whole install
+    (ResolutionImpossible). `make venv` now installs under constraints.txt less the pins the
+    installed torch rejects. (A stand-in torch's metadata, as a CUDA torch 2.12 declares it.)"""
+    site = tmp_path / "site"
+    dist_info = site / "torch-2.12.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torch\nVersion: 2.12.0\nRequires-Dist: filelock\n"
+        "Requires-Dist: sympy>=1.13.3\n"
+        'Requires-Dist: triton==3.7.0; platform_system == "Linux"\n'
+        'Requires-Dist: opt-einsum>=3.3; extra == "opt-einsum"\n'
+    )
+    lock = (REPO / "constraints.txt").read_text()
+    assert "\ntriton==3.9.0\n" in lock and "\nsympy==1.14.0\n" in lock  # the premise
+    held = tmp_path / "held.txt"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "lock_versions.py"), "--for-installed-torch"]
+        + [str(REPO / "constraints.txt"), "--out", str(held)],
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "left to the installed torch: triton==3.9.0" in proc.stdout
+    assert held.read_text() == lock.replace("\ntriton==3.9.0\n", "\n")  # sympy 1.14 suits it: kept
+
+    for name in ("Makefile", "setup.py", "constraints.txt"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    plan = subprocess.run(["make", "-n", "venv"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert (
+        "tools/lock_versions.py --for-installed-torch constraints.txt --out .venv/constraints.txt"
+        in plan.stdout
+    )
+    assert "-c .venv/torch-constraint.txt -c .venv/constraints.txt -e '.[test]'" in plan.stdout
+    no_pins = subprocess.run(
+        ["make", "-n", "venv", "CONSTRAINTS="], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert "lock_versions" not in no_pins.stdout and "constraints.txt -e" not in no_pins.stdout

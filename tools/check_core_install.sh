@@ -6,7 +6,14 @@
 #   tools/check_core_install.sh [WORK_DIR]  # PYTHON=python3 TORCH_SPEC=torch==2.13.0 CONSTRAINTS=constraints.txt
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${1:-$(mktemp -d -t vutrain-core-XXXXXX)}
+if [ $# -ge 1 ]; then
+    WORK=$1
+else
+    # A temporary directory of our own goes once the check passes: it holds a whole venv with torch
+    # (1.4 GB), and every `make install-check` left one behind in /tmp. A failed check keeps it.
+    WORK=$(mktemp -d -t vutrain-core-XXXXXX)
+    trap 'if [ $? = 0 ]; then rm -rf "$WORK"; else echo "core-install: kept $WORK for a look; rm -rf it after" >&2; fi' EXIT
+fi
 PYTHON=${PYTHON:-python3}
 # The CPU build of torch first (as the Makefile does), then the package held to that torch.
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
@@ -33,6 +40,10 @@ case "$CONSTRAINTS" in
     /*) PIN=(-c "$CONSTRAINTS") ;;
     *) PIN=(-c "$REPO/$CONSTRAINTS") ;;
 esac
+if [ -n "$CONSTRAINTS" ]; then  # less the pins the installed torch rejects, as `make venv` does
+    "$BIN/python" "$REPO/tools/lock_versions.py" --for-installed-torch "${PIN[1]}" --out constraints.txt
+    PIN=(-c "$WORK/constraints.txt")
+fi
 pip_install -c torch-constraint.txt "${PIN[@]}" "$REPO"
 # The extras' packages must really be absent, or this proves nothing.
 "$BIN/python" - <<'PY'
@@ -58,9 +69,10 @@ step "vutrain-export and python -m vutrain.export"
 step "python -m vutrain.bench"
 "$BIN/python" -m vutrain.bench --batch-sizes 8 --steps 1 --warmup 1 --out bench.json
 step "python -m vutrain.demo (tiny: the pipeline runs; the learning bar is checked elsewhere)"
-# An absolute --out: the demo's training ranks run in the package directory, not here.
-"$BIN/python" -m vutrain.demo --out "$WORK/demo" --num-samples 128 --val-samples 24 --shard-size 64 --steps 2 \
+# The default --out: ./demo_out here, not inside the installed package (site-packages).
+"$BIN/python" -m vutrain.demo --num-samples 128 --val-samples 24 --shard-size 64 --steps 2 \
     --ranks 1 --min-top1 0 train.micro_batch_size=16 eval.every=0 train.checkpoint_every=0
+test -f demo_out/hf_model/config.json || { echo "FAIL: the demo wrote no $WORK/demo_out/hf_model" >&2; exit 1; }
 step "vutrain-dataset: commands that need the data extra say so in one line"
 set +e
 "$BIN/vutrain-dataset" build --input "$REPO/tests/fixtures/dataset_tools/videos.jsonl" --output shards 2> err.txt

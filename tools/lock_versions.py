@@ -6,6 +6,10 @@ installed, and this writes every resolved package except torch (the Makefile's T
 vutrain itself and setuptools (a build tool). Run `make test` after a refresh and commit both.
 
     python tools/lock_versions.py [--out constraints.txt]
+
+`make venv` also runs `--for-installed-torch constraints.txt --out .venv/constraints.txt`: the pins
+less those that the installed torch's own requirements reject (a CUDA torch you installed pins its
+triton, sympy, ...: the lock's versions made pip refuse the whole install).
 """
 
 import argparse
@@ -43,10 +47,49 @@ def resolve(*requirement_args: str) -> dict:
     return {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
 
 
+def held_by_installed_torch(constraints: str) -> tuple[str, list[str]]:
+    """`constraints` less each pin that a requirement of the installed torch rejects; and those pins.
+
+    The installed torch is kept whatever its version (the Makefile), so what it requires wins."""
+    from importlib.metadata import requires
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # a fresh venv: pip and torch only
+        from pip._vendor.packaging.requirements import Requirement
+
+    torch_needs = {}
+    for spec in requires("torch") or []:
+        requirement = Requirement(spec)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            torch_needs[canonical(requirement.name)] = requirement.specifier
+    kept, dropped = [], []
+    for line in constraints.splitlines(keepends=True):
+        name, _, version = line.strip().partition("==")
+        specifier = torch_needs.get(canonical(name)) if version and not line.startswith("#") else None
+        if specifier is not None and not specifier.contains(version, prereleases=True):
+            dropped.append(line.strip())
+        else:
+            kept.append(line)
+    return "".join(kept), dropped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "constraints.txt")
+    parser.add_argument(
+        "--for-installed-torch",
+        type=Path,
+        metavar="CONSTRAINTS",
+        help="write CONSTRAINTS less the pins the installed torch rejects to --out (what `make venv` uses)",
+    )
     args = parser.parse_args()
+    if args.for_installed_torch:
+        text, dropped = held_by_installed_torch(args.for_installed_torch.read_text())
+        args.out.write_text(text)
+        if dropped:
+            print(f"{args.out}: left to the installed torch: {', '.join(dropped)}")
+        return
     pins = resolve("-e", ".[test]")
     pins.update(resolve("--no-deps", "open_clip_torch>=3.0"))
     lines = [f"{name}=={version}\n" for name, version in sorted(pins.items()) if name not in NOT_PINNED]

@@ -179,7 +179,9 @@ def classify_one(model_dir: str, val_shards: str) -> tuple[str, str, float]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``make demo``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m vutrain.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.path.join(REPO, "demo_out"))
+    parser.add_argument(
+        "--out", default="demo_out", help="output directory, relative to the current one (default demo_out)"
+    )
     parser.add_argument("--num-samples", type=_positive, default=8192)
     parser.add_argument("--val-samples", type=_positive, default=480)
     parser.add_argument("--shard-size", type=_positive, default=512)
@@ -199,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for the training run")
     args = parser.parse_args(argv)
+    # Absolute, because the training ranks run in the package's directory: a relative --out named
+    # shards there that were written here. Not under the package either: an installed package's
+    # directory is site-packages.
+    args.out = os.path.abspath(args.out)
     try:
         return run_demo(args)
     except DemoError as exc:
