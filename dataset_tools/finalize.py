@@ -12,6 +12,7 @@ import json
 import os
 
 from dataset_tools import shards
+from dataset_tools.reshard import refuse_broken_shards
 
 
 def finalize(folder: str) -> dict:
@@ -33,13 +34,7 @@ def finalize(folder: str) -> dict:
         sizes[f"{name}.tar"] = stats["successes"]
         total += stats["successes"]
         entries.append({"shard": f"{name}.tar", "samples": stats["successes"], "rows": stats["count"]})
-    if problems:
-        names = " ".join(f"{n}_stats.json" for n, _ in problems)
-        raise SystemExit(
-            f"{folder}: refusing to finalize: {'; '.join(p for _, p in problems)}. "
-            f"Delete {names} in that folder and run the same build again to redo "
-            f"{'that shard' if len(problems) == 1 else 'those shards'}, then finalize."
-        )
+    refuse_broken_shards(folder, "finalize", problems)
     all_tars = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
     manifest = {
         "shards": entries,

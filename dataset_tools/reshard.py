@@ -44,6 +44,12 @@ def require_whole_shards(folder: str, command: str) -> None:
         problem = shards.tar_problem(os.path.join(folder, f"{name}.tar"), successes)
         if problem:
             problems.append((name, problem))
+    refuse_broken_shards(folder, command, problems)
+
+
+def refuse_broken_shards(folder: str, command: str, problems: list[tuple[str, str]]) -> None:
+    """A one-line SystemExit naming each (shard, problem) and how to redo those shards; nothing
+    when ``problems`` is empty."""
     if problems:
         names = " ".join(f"{n}_stats.json" for n, _ in problems)
         raise SystemExit(
