@@ -22,6 +22,7 @@ from dataset_tools.reshard import (
     input_schema,
     iter_samples,
     require_whole_shards,
+    skipped_incomplete_shards,
     video_of,
 )
 
@@ -74,6 +75,7 @@ def dedup(
         raise SystemExit(f"--max-distance {max_distance}: must be 0 (exact pHash match) or more, e.g. 4")
     shards.require_shards(folder)
     require_whole_shards(folder, "dedup")  # a truncated tar: refused, not a short report
+    skipped = skipped_incomplete_shards(folder, "dedup")
     if filter_output:  # refused before the (slow) hashing, not after
         check_empty_output(filter_output)
     info: dict[str, dict] = {}
@@ -116,6 +118,7 @@ def dedup(
         "duplicate_groups": len(dup_groups),
         "duplicates": len(drop),
         "exact": sum(1 for k in drop if reasons.get(k) == "exact"),
+        "skipped_incomplete_shards": skipped,
     }
     report["perceptual"] = report["duplicates"] - report["exact"]
     report_path = report_path or os.path.join(folder, BUILD_DIR, "dedup.json")

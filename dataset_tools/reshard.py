@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -45,6 +46,22 @@ def require_whole_shards(folder: str, command: str) -> None:
         if problem:
             problems.append((name, problem))
     refuse_broken_shards(folder, command, problems)
+
+
+def skipped_incomplete_shards(folder: str, command: str) -> list[str]:
+    """Names of the shards ``command`` leaves out because they are not complete (a tar or parquet
+    without parseable stats: a build stopped mid-shard), said on stderr: they were skipped
+    without a word, their samples missing from the output."""
+    names = {f.split(".")[0] for f in os.listdir(folder) if f.endswith((".tar", ".parquet"))}
+    skipped = sorted(n for n in names - set(shards.complete_shards(folder).values()) if n.isdigit())
+    if skipped:
+        print(
+            f"[dataset_tools] {command}: skipping {len(skipped)} incomplete shard(s) (no stats yet): "
+            f"{' '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}. Run the same build again "
+            f"to complete them, then {command} again to include them.",
+            file=sys.stderr,
+        )
+    return skipped
 
 
 def refuse_broken_shards(folder: str, command: str, problems: list[tuple[str, str]]) -> None:

@@ -18,6 +18,7 @@ from dataset_tools.reshard import (
     input_schema,
     iter_samples,
     require_whole_shards,
+    skipped_incomplete_shards,
     video_of,
 )
 
@@ -52,6 +53,7 @@ def split(
         )
     shards.require_shards(folder)
     require_whole_shards(folder, "split")  # before any output is written
+    skipped = skipped_incomplete_shards(folder, "split")
     for side in ("train", "val"):  # both checked before either is created
         check_empty_output(os.path.join(output, side))
     sinks = {
@@ -64,4 +66,4 @@ def split(
     for side, count in counts.items():
         if count:  # an empty side has no shards to describe
             finalize_mod.finalize(os.path.join(output, side))
-    return {"by": by, "val_fraction": val_fraction, **counts}
+    return {"by": by, "val_fraction": val_fraction, **counts, "skipped_incomplete_shards": skipped}

@@ -193,3 +193,23 @@ def test_split_output_shards_share_one_schema(tmp_path):
         schema = next(iter(schemas))
         assert "url" in schema.names and schema.field("category_name").type == pa.string()
         assert ds.dataset([str(p) for p in parquets]).to_table().num_rows == len(_keys(out / side))
+
+
+@pytest.mark.parametrize("command", ["split", "dedup"])
+def test_incomplete_shards_are_named_not_skipped_silently(tmp_path, capsys, command):
+    # A shard without stats (a build stopped mid-shard) was left out without a word: its samples
+    # were missing from the split or the filtered output.
+    src = tmp_path / "src"
+    src.mkdir()
+    _shard(src, 0, 3)
+    _shard(src, 1, 3, stats=False)  # a tar, no parquet or stats yet
+    out = tmp_path / "out"
+    if command == "split":
+        result = split.split(str(src), str(out), by="hash", val_fraction=0.5)
+        assert result["train"] + result["val"] == 3
+    else:
+        result = dedup.dedup(str(src), filter_output=str(out))
+        assert result["kept"] == 3
+    assert result["skipped_incomplete_shards"] == ["00001"]
+    err = capsys.readouterr().err
+    assert f"{command}: skipping 1 incomplete shard(s) (no stats yet): 00001" in err
