@@ -44,6 +44,8 @@ def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]
             continue
         try:
             meta = json.loads(members["json"])
+            if not isinstance(meta, dict):  # a list or a number parses too (it was an AttributeError)
+                raise ValueError("not an object")
             if meta.get("key") != key:
                 problems.append(f"{name}.tar: sample {key} json key is {meta.get('key')!r}")
             if (
@@ -52,7 +54,7 @@ def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]
             ) == youtube.PLACEHOLDER_SIZE and meta.get("variant") != "default":
                 problems.append(f"{name}.tar: sample {key} is a 120x90 placeholder")
         except ValueError:
-            problems.append(f"{name}.tar: sample {key} json does not parse")
+            problems.append(f"{name}.tar: sample {key} json does not parse as an object")
         try:
             with Image.open(io.BytesIO(members["jpg"])) as img:
                 img.load()  # full decode: truncated JPEGs raise here

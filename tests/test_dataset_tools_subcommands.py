@@ -213,3 +213,17 @@ def test_incomplete_shards_are_named_not_skipped_silently(tmp_path, capsys, comm
     assert result["skipped_incomplete_shards"] == ["00001"]
     err = capsys.readouterr().err
     assert f"{command}: skipping 1 incomplete shard(s) (no stats yet): 00001" in err
+
+
+def test_inspect_verify_names_a_sample_whose_json_is_not_an_object(tmp_path):
+    # A <key>.json holding a list parses, then `meta.get` raised AttributeError out of --verify.
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _plain_shard(folder, 0, 2)
+    tar = str(folder / "00000.tar")
+    samples = shards.read_tar(tar)
+    first = sorted(samples)[0]
+    samples[first]["json"] = b"[1, 2]"
+    shards.write_tar(tar, sorted(samples.items()))
+    report = inspect_shards.inspect_dir(str(folder), verify=True)
+    assert report["corrupt"] == [f"00000.tar: sample {first} json does not parse as an object"]
