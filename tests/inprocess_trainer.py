@@ -12,15 +12,23 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 
 
 def overrides(shards: dict, run_dir: str, steps: int, **extra) -> list[str]:
-    """A tiny run: batch 16, a 512-token vocabulary, no progress bar, eval and checkpoint every 2 steps.
+    """A tiny run: batch 16, a 512-token vocabulary, no progress bar, eval and checkpoint every 2 steps,
+    no loader worker.
 
     `extra` adds or replaces keys, with `__` for the dot: `train__zero_stage=3`.
+
+    No loader worker by default: a worker is forked from the long-lived pytest process, whose
+    earlier tests leave threads and library state behind; such forked workers died with a
+    segmentation fault in two CI runs (tests of the export, not of the loader). The loader's own
+    tests, and the runs in subprocesses, keep their workers; a test here that is about workers
+    sets `data__num_workers`.
     """
     values = {
         "output_dir": run_dir,
         "data.train_shards": shards["train_shards"],
         "data.val_shards": shards["val_shards"],
         "data.shuffle_buffer": 64,
+        "data.num_workers": 0,
         "train.max_steps": steps,
         "train.micro_batch_size": 16,
         "train.warmup_steps": 2,

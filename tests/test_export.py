@@ -163,10 +163,6 @@ def test_bf16_lora_export_keeps_the_pretrained_base_in_fp32(tiny_shards, tmp_pat
         data__val_shards="",
         model__name_or_path=str(pretrained),
         model__lora__enabled="true",
-        # No loader worker: this test is about the export. A worker forked from the long-lived
-        # pytest process segfaulted once in CI (2026-12-05; not reproduced, the loader's own tests
-        # keep their workers).
-        data__num_workers=0,
     )
     exported = CLIPModel.from_pretrained(export(run_dir, str(tmp_path / "hf"))).state_dict()
     before = original.state_dict()

@@ -87,7 +87,14 @@ def test_train_main_in_process(tiny_shards, tmp_path, single_process, capsys, mo
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     children = set(multiprocessing.active_children())
     assert (
-        main(["--config", "tiny", *overrides(tiny_shards, run_dir, 2, train__zero_stage=3, eval__every=0)])
+        main(
+            [
+                "--config",
+                "tiny",
+                # one loader worker: the test is that it ends with the run
+                *overrides(tiny_shards, run_dir, 2, train__zero_stage=3, eval__every=0, data__num_workers=1),
+            ]
+        )
         == 0
     )
     # The process goes on after the run: the run's loader workers have ended, and its signal
