@@ -523,8 +523,26 @@ class Trainer:
         self.last_stats = stats
         return stats
 
+    def _overflow_skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed skipped on a gradient overflow since the run started (resumes
+        included: the engine's checkpoint keeps the count). Host ints: no device read."""
+        return int(getattr(self.engine, "skipped_steps", 0))
+
     def _log_step(self, times: StepTimes, step_time: float, stats: GuardStats) -> None:
         cfg = self.cfg.train
+        overflow = self._overflow_skipped_steps()
+        if overflow > self._overflow_seen:
+            log.warning(
+                "gradient overflow: DeepSpeed skipped %d optimizer step(s) by step %d (%d since the start"
+                "%s); the weights and the LR schedule did not move on those steps",
+                overflow - self._overflow_seen,
+                self.step,
+                overflow,
+                "; fp16's loss scale halves on each and a few at the start are normal"
+                if cfg.precision == "fp16"
+                else "",
+            )
+            self._overflow_seen = overflow
         per_rank = cfg.micro_batch_size * cfg.grad_accum_steps / max(step_time, 1e-9)
         # Every rank logs on the same steps, so this collective matches; on the device for NCCL.
         skipped = torch.tensor([float(sum(self.stream.skipped().values()))], device=self.device)
@@ -533,7 +551,11 @@ class Trainer:
             "train/loss": stats.mean_loss,
             "train/logit_scale": float(self._last_scale) if self._last_scale is not None else float("nan"),
             "train/nonfinite_skipped": stats.skipped,
+            "train/overflow_skipped_steps": overflow,
         }
+        loss_scale = getattr(self.engine.optimizer, "loss_scale", None) if cfg.precision == "fp16" else None
+        if isinstance(loss_scale, int | float):  # DeepSpeed's fp16 optimizers: a host number
+            row["train/loss_scale"] = float(loss_scale)
         if self.loss_fn.last_terms:  # align_uniform's two terms
             row.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
         row.update(
@@ -593,6 +615,10 @@ class Trainer:
             self.metrics.close()
             return logged_eval(self.run_dir, self.step)
         self.engine.train()
+        # DeepSpeed skips an optimizer step whose gradients overflow (fp16's loss scaler; any
+        # inf/NaN gradient under ZeRO-1/2 with a finite loss) without a word outside fp16: the
+        # count it keeps (and checkpoints) goes into the metrics, and a warning says when it grows.
+        self._overflow_seen = self._overflow_skipped_steps()
         progress = None
         if self.info.is_main and cfg.train.progress_bar:
             from tqdm import tqdm
