@@ -67,13 +67,19 @@ def test_every_field_has_a_docstring():
         ("train.zero_stage=4", ["train.zero_stage=4", "0, 1, 2, 3"]),
         ("model.preset=vit-h-14", ["model.preset='vit-h-14'", "tiny"]),
         ("train.micro_batch_size=0", ["train.micro_batch_size must be >= 1"]),
+        # AdamW and peft refused these only after the process group and the model were built
+        ("train.beta2=1.0", ["train.beta2 must be in [0, 1), got 1.0"]),
+        ("train.beta1=-0.1", ["train.beta1 must be in [0, 1)"]),
+        ("train.eps=0", ["train.eps must be > 0"]),
+        ("model.lora.dropout=1.5", ["model.lora.dropout must be in [0, 1)"]),
+        ("model.lora.enabled=true model.lora.r=0", ["model.lora.r must be >= 1"]),
         ("eval.every=10", ["eval.every>0 needs data.val_shards"]),
         ("train.resume=/no/such/dir", ["train.resume='/no/such/dir'"]),
         ("train", ["not key=value"]),
     ],
 )
 def test_bad_config_names_the_key_and_the_choices(override, words):
-    overrides = [SHARDS, "data.val_shards=", "eval.every=0"] + [override]
+    overrides = [SHARDS, "data.val_shards=", "eval.every=0"] + override.split(" ")
     with pytest.raises(ConfigError) as err:
         load_config(TINY, overrides)
     for word in words:

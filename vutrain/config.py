@@ -562,6 +562,21 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     _validate_schedule(t)
+    # torch's AdamW and peft would refuse these too, but only after the process group, the run
+    # directory and the model were built (and, for AdamW's betas, from every rank).
+    for key, value in {
+        "train.beta1": t.beta1,
+        "train.beta2": t.beta2,
+        "model.lora.dropout": m.lora.dropout,
+    }.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if t.eps <= 0:
+        raise ConfigError(f"train.eps must be > 0 (AdamW divides by sqrt(v) + eps), got {t.eps}")
+    if m.lora.enabled and (m.lora.r < 1 or m.lora.alpha <= 0):
+        raise ConfigError(
+            f"model.lora.r must be >= 1 and model.lora.alpha > 0, got {m.lora.r}, {m.lora.alpha}"
+        )
     if d.random_resized_crop and not d.fast_preprocess:
         # The crop is applied on the device to the uint8 batches of the fast path; the float
         # path's batches went through it untouched, so the run trained without augmentation.
