@@ -230,3 +230,34 @@ def test_demo_failures_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo.main([*small, "--ranks", "0"])
     assert "--ranks: 0 is not a positive integer" in capsys.readouterr().err
+
+
+def test_demo_replaces_only_its_own_output(tmp_path, capsys):
+    """`--out .` in a project with its own data/ deleted it without a word. The demo now replaces
+    data/, run/ and hf_model/ only in a folder it marked (or one a demo wrote before the marker)."""
+    from vutrain import demo
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "mine.csv").write_text("keep me\n")
+    code = demo.main(["--out", str(project), "--steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith(
+        f"error: --out {project} already has data/ that the demo did not"
+    ), err
+    assert (project / "data" / "mine.csv").read_text() == "keep me\n"
+    assert not (project / demo.DEMO_MARKER).exists()
+
+    # A folder a demo wrote before the marker: its run trained on its own data/train.
+    legacy = tmp_path / "demo_out"
+    (legacy / "data" / "train").mkdir(parents=True)
+    (legacy / "run").mkdir()
+    shards = f"{legacy}/data/train/{{00000..00001}}.tar"
+    (legacy / "run" / "config.yaml").write_text(f"data:\n  train_shards: {shards}\n")
+    demo.claim_output(str(legacy))
+    assert (legacy / demo.DEMO_MARKER).exists()
+    demo.claim_output(str(legacy))  # marked: the demo's again next time
+    (legacy / "run" / "config.yaml").write_text("data:\n  train_shards: /elsewhere/{0..1}.tar\n")
+    (legacy / demo.DEMO_MARKER).unlink()
+    with pytest.raises(demo.DemoError, match="already has data/, run/ that the demo did not write"):
+        demo.claim_output(str(legacy))

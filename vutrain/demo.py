@@ -100,8 +100,44 @@ def rank_devices(num_ranks: int, gpu: bool, env: dict | None = None) -> list[str
     return ["--num_gpus", str(num_ranks)]
 
 
+DEMO_MARKER = ".vutrain_demo"  # in --out: its data/, run/ and hf_model/ are the demo's to replace
+DEMO_FOLDERS = ("data", "run", "hf_model")
+
+
+def _legacy_demo_output(out: str) -> bool:
+    """A folder a demo wrote before the marker existed (2026-12-06): run/config.yaml trains on
+    out/data/train, and data/ holds only the demo's train/ and val/."""
+    import yaml
+
+    data = os.path.join(out, "data")
+    try:
+        with open(os.path.join(out, "run", "config.yaml"), encoding="utf-8") as fh:
+            shards = str(yaml.safe_load(fh)["data"]["train_shards"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return False
+    own = os.path.isdir(data) and set(os.listdir(data)) <= {"train", "val"}
+    return own and shards.startswith(os.path.join(data, "train", "{"))
+
+
+def claim_output(out: str) -> None:
+    """Make ``out`` the demo's, or refuse: the demo replaces out/data, out/run and out/hf_model,
+    and `--out .` in a project with its own data/ lost it without a word."""
+    os.makedirs(out, exist_ok=True)
+    marker = os.path.join(out, DEMO_MARKER)
+    if not os.path.exists(marker):
+        found = [name for name in DEMO_FOLDERS if os.path.exists(os.path.join(out, name))]
+        if found and not _legacy_demo_output(out):
+            raise DemoError(
+                f"--out {out} already has {', '.join(n + '/' for n in found)} that the demo did not "
+                f"write, and the demo replaces them: pass another --out (e.g. --out demo_out)"
+            )
+        with open(marker, "w", encoding="utf-8") as fh:
+            fh.write("written by python -m vutrain.demo: it replaces data/, run/ and hf_model/ here\n")
+
+
 def write_data(out: str, num_samples: int, val_samples: int, shard_size: int, seed: int) -> tuple[str, str]:
-    """Write fresh synthetic train and val shards under ``out/data``; returns their shard specs."""
+    """Write fresh synthetic train and val shards under ``out/data`` (an output `claim_output`
+    made the demo's); returns their shard specs."""
     from vutrain.data.synthetic import write_synthetic
 
     data = os.path.join(out, "data")
@@ -226,7 +262,7 @@ def run_demo(args: argparse.Namespace) -> int:
     where = f"{ranks} GPU rank(s), {precision}" if gpu else f"{ranks} CPU ranks"
 
     start = time.time()
-    os.makedirs(args.out, exist_ok=True)
+    claim_output(args.out)
     print(f"[1/5] writing synthetic shards to {args.out}/data", flush=True)
     train_shards, val_shards = write_data(
         args.out, args.num_samples, args.val_samples, args.shard_size, args.seed
