@@ -23,11 +23,32 @@ from dataset_tools.reshard import (
 )
 
 
-def assign(row: dict, by: str, val_fraction: float, seed: str = "0") -> str:
-    """ "val" or "train" for one parquet/json row."""
+def channel_ids_by_title(folder: str) -> dict[str, str]:
+    """Channel title -> channel id, for each title that the folder's rows pair with exactly one id.
+
+    Old Kaggle exports have only ``channel_title``; newer ones add ``channel_id``. A folder built
+    from both keys one channel by its id in some rows and by its title in others: two units, so
+    the channel could land on both sides. A title shared by two channels stays a unit of its own.
+    """
+    ids: dict[str, set[str]] = {}
+    for name in shards.iter_shard_names(folder):
+        rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
+        for row in rows:
+            title, channel = row.get("channel_title"), row.get("channel_id")
+            if title and channel:
+                ids.setdefault(title, set()).add(channel)
+    return {title: next(iter(found)) for title, found in ids.items() if len(found) == 1}
+
+
+def assign(
+    row: dict, by: str, val_fraction: float, seed: str = "0", title_ids: dict[str, str] | None = None
+) -> str:
+    """ "val" or "train" for one parquet/json row; `title_ids` (`channel_ids_by_title`) puts a row
+    with only a channel title where the rows with that title and an id go."""
     video = video_of(row)  # plain img2dataset shards have no video_id (it was a KeyError)
     if by == "channel":
-        unit = row.get("channel_id") or row.get("channel_title") or f"video:{video}"
+        title = row.get("channel_title")
+        unit = row.get("channel_id") or (title_ids or {}).get(title) or title or f"video:{video}"
     elif by == "hash":
         unit = video
     else:
@@ -60,8 +81,9 @@ def split(
         side: ShardSink(os.path.join(output, side), shard_size, schema=input_schema(folder))
         for side in ("train", "val")
     }
+    title_ids = channel_ids_by_title(folder) if by == "channel" else None
     for sample in iter_samples(folder):
-        sinks[assign(sample[2], by, val_fraction, seed)].add(sample)
+        sinks[assign(sample[2], by, val_fraction, seed, title_ids)].add(sample)
     counts = {side: sink.close() for side, sink in sinks.items()}
     for side, count in counts.items():
         if count:  # an empty side has no shards to describe

@@ -227,3 +227,40 @@ def test_inspect_verify_names_a_sample_whose_json_is_not_an_object(tmp_path):
     shards.write_tar(tar, sorted(samples.items()))
     report = inspect_shards.inspect_dir(str(folder), verify=True)
     assert report["corrupt"] == [f"00000.tar: sample {first} json does not parse as an object"]
+
+
+def test_split_by_channel_keeps_a_channel_named_by_id_or_title_on_one_side(tmp_path):
+    # Old Kaggle exports have only channel_title, newer ones channel_id too: a folder built from both
+    # split one channel as two units (its id, its title), so it could land on both sides.
+    import pyarrow.parquet as pq
+    from test_faults_dataset_tools import SCHEMA
+
+    id_only, title_only = {"key": "k", "channel_id": "UCalpha"}, {"key": "k", "channel_title": "Alpha"}
+    seed = next(
+        str(s)
+        for s in range(100)
+        if split.assign(id_only, "channel", 0.5, str(s)) != split.assign(title_only, "channel", 0.5, str(s))
+    )
+    src = tmp_path / "src"
+    src.mkdir()
+    channel_schema = SCHEMA.append(pa.field("channel_id", pa.string())).append(
+        pa.field("channel_title", pa.string())
+    )
+    for shard_id, fields in (
+        (0, {"channel_id": "UCalpha", "channel_title": "Alpha"}),
+        (1, {"channel_title": "Alpha"}),
+    ):
+        _shard(src, shard_id, 3)
+        rows = pq.read_table(src / f"{shards.shard_name(shard_id)}.parquet").to_pylist()
+        for row in rows:
+            row.update({"channel_id": None, **fields})
+        shards.write_parquet(str(src / f"{shards.shard_name(shard_id)}.parquet"), rows, channel_schema)
+    out = tmp_path / "out"
+    res = split.split(str(src), str(out), by="channel", val_fraction=0.5, seed=seed)
+    assert sorted((res["train"], res["val"])) == [0, 6]  # the whole channel on one side
+    # A title that two channels share names no channel: it stays a unit of its own.
+    assert split.channel_ids_by_title(str(src)) == {"Alpha": "UCalpha"}
+    rows = pq.read_table(src / "00000.parquet").to_pylist()
+    rows[0].update(channel_id="UCother")
+    shards.write_parquet(str(src / "00000.parquet"), rows, channel_schema)
+    assert split.channel_ids_by_title(str(src)) == {}
