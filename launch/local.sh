@@ -57,9 +57,10 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     fi
     check_world_size "$slots" "HOSTFILE slots=$slots"
     log "hostfile $HOSTFILE: $(cat "$HOSTFILE")"
-    if (( GPUS > 0 )) && [[ "${CUDA_VISIBLE_DEVICES// /}" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    if (( GPUS > 0 )) && [[ -n "${CUDA_VISIBLE_DEVICES// /}" ]]; then
         # With a hostfile deepspeed ignores CUDA_VISIBLE_DEVICES and gives the ranks GPUs
-        # 0..slots-1 of the machine; one host is NGPUS=slots, placed on the visible GPUs.
+        # 0..slots-1 of the machine; one host is NGPUS=slots, placed on the visible GPUs (UUIDs,
+        # which --include cannot take, with the same warning as without a hostfile).
         add_rank_placement "$slots" "$GPUS"
     else
         # One host never needs ssh: without --no_ssh_check the launcher tries `ssh HOST hostname`

@@ -190,8 +190,15 @@ def test_local_narrowed_gpus_inside_an_allocation(tmp_path):
     assert argv[-1] == "CVD=4,5", argv
 
 
-def test_local_gpu_uuids_keep_num_gpus(tmp_path):
-    argv, err = launcher_argv(tmp_path, CUDA_VISIBLE_DEVICES="GPU-1b2c,GPU-3d4e")
+@pytest.mark.parametrize("hostfile", [False, True], ids=["ngpus", "hostfile"])
+def test_local_gpu_uuids_keep_num_gpus(tmp_path, hostfile):
+    """UUIDs are beyond deepspeed's --include: a warning says the ranks take GPUs 0..N-1 (with a
+    HOSTFILE there was no word)."""
+    env = {"CUDA_VISIBLE_DEVICES": "GPU-1b2c,GPU-3d4e"}
+    if hostfile:
+        (tmp_path / "hostfile").write_text("localhost slots=2\n")
+        env["HOSTFILE"] = str(tmp_path / "hostfile")
+    argv, err = launcher_argv(tmp_path, **env)
     assert argv[argv.index("--num_gpus") + 1] == "2" and "--include" not in argv, argv
     assert "not a list of GPU indices" in err
 
