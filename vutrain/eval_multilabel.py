@@ -25,8 +25,11 @@ RECALL_KS = (1, 5, 10)
 
 
 def tag_vocabulary(tag_lists: list[list[str]], min_count: int = 1, max_tags: int | None = None) -> list[str]:
-    """Distinct normalised tags (stripped, lower-case) seen >= min_count times, most frequent first."""
-    counts = Counter(t.strip().lower() for tags in tag_lists for t in tags if t and t.strip())
+    """Distinct normalised tags (stripped, lower-case) of >= min_count images, most frequent first.
+
+    A tag counts once per image: YouTube tag lists repeat a tag in other cases ("Minecraft",
+    "minecraft"), which made a tag of few images outrank one of many for the vocabulary."""
+    counts = Counter(t for tags in tag_lists for t in {t.strip().lower() for t in tags if t and t.strip()})
     vocab = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
     return vocab[:max_tags] if max_tags else vocab
 

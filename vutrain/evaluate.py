@@ -223,17 +223,32 @@ def evaluate(
             # A sample's labels: one for a scalar field, each element of a list field (a hit when
             # the top class is any of them); a sample without one of the classes is left out.
             # (the class set built once: per sample it cost N x C, minutes at 50k tags and samples)
-            class_set = set(classes)
-            known = [i for i, labs in enumerate(labels) if not labs.isdisjoint(class_set)]
+            class_index = {c: j for j, c in enumerate(classes)}
+            known = [i for i, labs in enumerate(labels) if any(lab in class_index for lab in labs)]
+            chance = 1.0 / len(classes)
             if known:
                 scores = img[known] @ emb.T
-                # argmax picks a NaN: a sample with a NaN score is a miss, never a lucky hit.
-                pred = scores.argmax(dim=1).tolist()
-                valid = (~scores.isnan().any(dim=1)).tolist()
-                hits = [ok and classes[p] in labels[i] for p, i, ok in zip(pred, known, valid, strict=True)]
-                metrics["eval/zeroshot_top1"] = sum(hits) / len(hits)
+                pairs = [
+                    (r, class_index[lab])
+                    for r, i in enumerate(known)
+                    for lab in labels[i]
+                    if lab in class_index
+                ]
+                rows, cols = torch.tensor(pairs, device=scores.device).T  # (sample, one of its classes)
+                # Ties count against the model, as in recall: a hit needs one of the sample's
+                # classes strictly above every other class (argmax took the first of tied
+                # classes, so a collapsed model hit every sample of the alphabetically first one).
+                # A NaN anywhere in the row is a miss, never a lucky hit.
+                valid = ~scores.isnan().any(dim=1)
+                best_label = scores.new_full((len(known),), float("-inf"))
+                best_label = best_label.scatter_reduce(0, rows, scores[rows, cols], reduce="amax")
+                scores[rows, cols] = float("-inf")
+                hits = valid & (best_label > scores.amax(dim=1))
+                metrics["eval/zeroshot_top1"] = hits.sum().item() / len(known)
+                # A random guess hits a sample with m of the C classes with probability m / C.
+                chance = len(rows) / (len(known) * len(classes))
             metrics["eval/zeroshot_samples"] = float(len(known))
-            metrics["eval/zeroshot_chance"] = 1.0 / len(classes)
+            metrics["eval/zeroshot_chance"] = chance
             metrics["eval/zeroshot_classes"] = float(len(classes))
         if any(tags):  # every rank holds the same gathered tags, so the text forwards stay in lockstep
             from vutrain.eval_multilabel import multilabel_retrieval, tag_vocabulary
