@@ -227,10 +227,13 @@ def _zero_tokenize(texts):
 def test_validation_stream_keeps_samples_without_the_label(tmp_path):
     from vutrain.data.val import ValStream, collect_label_values
 
+    # Tags kept as one comma-separated string (s3) are several classes, as training and the tag
+    # metrics read them; they were one class, "cat, fish".
     metas = {
         "s0": {"title": "x", "tags": ["cat", "dog"]},
         "s1": {"title": "y", "tags": "bird"},
         "s2": {"title": "z"},
+        "s3": {"title": "w", "tags": "cat, fish,"},
     }
     _write_val_shard(tmp_path / "val.tar", metas)
     stream = ValStream(
@@ -241,9 +244,9 @@ def test_validation_stream_keeps_samples_without_the_label(tmp_path):
         label_field="tags",
     )
     (batch,) = list(stream)
-    assert batch["keys"] == ["s0", "s1", "s2"] and stream.skipped() == {}
-    assert batch["label_sets"] == [["cat", "dog"], ["bird"], []]
-    assert collect_label_values(str(tmp_path / "val.tar"), "tags") == ["bird", "cat", "dog"]
+    assert batch["keys"] == ["s0", "s1", "s2", "s3"] and stream.skipped() == {}
+    assert batch["label_sets"] == [["cat", "dog"], ["bird"], [], ["cat", "fish"]]
+    assert collect_label_values(str(tmp_path / "val.tar"), "tags") == ["bird", "cat", "dog", "fish"]
 
 
 def test_tags_kept_as_one_string_give_tag_metrics_as_in_training(tmp_path):

@@ -70,7 +70,7 @@ class ValStream:
 
     def _batch(self, pixels, captions, metas, keys) -> dict:
         batch = dict(self.tokenize(captions))
-        label_sets = [label_values(meta.get(self.label_field)) for meta in metas]
+        label_sets = [label_values(meta.get(self.label_field), self.label_field) for meta in metas]
         batch.update(
             pixel_values=torch.stack(pixels),
             labels=[", ".join(values) for values in label_sets],
@@ -101,11 +101,15 @@ class ValStream:
             yield self._batch(pixels, captions, metas, keys)
 
 
-def label_values(value) -> list[str]:
+def label_values(value, field: str = "") -> list[str]:
     """A metadata value as zero-shot labels: a scalar is one, a list each of its elements (the
     classes ``collect_label_values`` makes of it), None none. Blank values are no label: the
     dataset tools write ``category_name: ""`` for an unknown category, which made "" a class
-    (prompt "a thumbnail of .") that those samples were scored against."""
+    (prompt "a thumbnail of .") that those samples were scored against. The ``tags`` field reads
+    as training and the tag metrics read it (``labels.tag_values``): tags kept as one
+    comma-separated string were one class, "cats, funny, compilation"."""
+    if field == "tags":
+        value = [t.strip() for t in tag_values(value)]
     values = value if isinstance(value, list) else [value]
     return [str(v) for v in values if v is not None and str(v).strip()]
 
@@ -150,5 +154,5 @@ def collect_label_values(shards: str, field: str = "category_name") -> list[str]
             except SkipSample as e:
                 skipped(e.reason, str(e))
                 continue
-            values.update(label_values(value))
+            values.update(label_values(value, field))
     return sorted(values)
