@@ -7,6 +7,7 @@ of complete shards and merges them back (``retry.py``).
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -97,7 +98,27 @@ def _output_is_input_problem(cfg: BuildConfig) -> str | None:
                 f"--input {item} is also --output: the shards written there would be read back as "
                 f"metadata by the next build. Give another --output, e.g. {os.path.join(item, 'shards')}"
             )
+        if os.path.exists(item) or not any(ch in item for ch in "*?["):
+            continue
+        # A pattern reads the folders it matches (``data/*`` with ``--output data/shards``); the
+        # output may not exist yet, so its name is matched too (the first build is refused, not
+        # only the resume).
+        matched = any(os.path.isdir(m) and os.path.realpath(m) == output for m in glob.glob(item))
+        if matched or _pattern_matches(item, cfg.output):
+            example = os.path.join(os.path.dirname(item), "*.csv")
+            return (
+                f"--input {item} matches the --output folder {cfg.output}, so the shards written there "
+                "would be read back as metadata by the next build. Give an --output outside it, or "
+                f"a pattern that names only the metadata files (e.g. {example})"
+            )
     return None
+
+
+def _pattern_matches(pattern: str, path: str) -> bool:
+    """True when glob ``pattern`` names ``path``, whether it exists or not (``*`` stops at ``/``)."""
+    parts = os.path.abspath(pattern).split(os.sep)
+    names = os.path.abspath(path).split(os.sep)
+    return len(parts) == len(names) and all(fnmatch.fnmatchcase(n, p) for p, n in zip(parts, names))
 
 
 def _url_template_problem(cfg: BuildConfig) -> str | None:

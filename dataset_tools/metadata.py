@@ -73,7 +73,13 @@ def _expand_one(item: str) -> list[str]:
         return found
     if os.path.exists(item) or not any(ch in item for ch in "*?["):
         return [item]  # a missing plain path is reported below, with the others
-    return sorted(glob.glob(item))
+    # A folder the pattern matches is read as a folder, as when the shell expands the pattern (it
+    # was opened as a file: an IsADirectoryError traceback).
+    return [path for match in sorted(glob.glob(item)) for path in _expand_match(match)]
+
+
+def _expand_match(match: str) -> list[str]:
+    return _expand_one(match) if os.path.isdir(match) else [match]
 
 
 def _not_category_file(path: str) -> bool:
@@ -236,6 +242,10 @@ def _read_table(path: str) -> pd.DataFrame:
         # object columns: pandas would turn a number beside a missing key into a float ("5.0")
         return pd.DataFrame(records, dtype=object)
     sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
+    if _is_utf16(path):
+        # PowerShell 5 (`>`, Out-File) and "Unicode" exports: read as latin-1, the header became
+        # "ÿþv" and the build stopped on "no video id column".
+        return _read_csv(path, "utf-16", sep)
     try:
         return _read_csv(path, "utf-8", sep)
     except UnicodeDecodeError:
@@ -245,23 +255,43 @@ def _read_table(path: str) -> pd.DataFrame:
             # latin-1 would turn every non-ASCII title of the file into mojibake.
             print(f"[dataset_tools] {path}: {damage}")
             return _read_csv(path, "utf-8", sep, errors="replace")
-        # Several Kaggle country files are not UTF-8; latin-1 never fails and keeps every row.
-        print(f"[dataset_tools] {path}: not UTF-8, reading as latin-1")
-        return _read_csv(path, "latin-1", sep)
+        # Several Kaggle country files are not UTF-8. Windows-1252 (Excel's "CSV" on Windows) is
+        # latin-1 plus curly quotes, dashes, "€" and "…" in 0x80-0x9F, which latin-1 turned into
+        # control characters ("Don\x92t"); latin-1 never fails and keeps every row otherwise.
+        encoding, label = ("cp1252", "Windows-1252") if _decodes(path, "cp1252") else ("latin-1", "latin-1")
+        print(f"[dataset_tools] {path}: not UTF-8, reading as {label}")
+        return _read_csv(path, encoding, sep)
+
+
+def _read_bytes(path: str, size: int = -1) -> bytes:
+    """The (decompressed, for .gz) bytes of ``path``: all of them, or the first ``size``."""
+    if path.lower().endswith(".gz"):
+        import gzip
+
+        with gzip.open(path, "rb") as fh:
+            return fh.read(size)
+    with open(path, "rb") as fh:
+        return fh.read(size)
+
+
+def _is_utf16(path: str) -> bool:
+    """True for a text file that starts with a UTF-16 byte order mark (either byte order)."""
+    return _read_bytes(path, 2) in (b"\xff\xfe", b"\xfe\xff")
+
+
+def _decodes(path: str, encoding: str) -> bool:
+    try:
+        _read_bytes(path).decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _utf8_damage(path: str) -> str | None:
     """For a file that does not decode as UTF-8: a note saying which bytes will be replaced when
     it is UTF-8 nonetheless (more correctly encoded non-ASCII characters than invalid bytes),
     else None (a legacy 8-bit encoding such as latin-1, whose accented letters are all invalid)."""
-    if path.lower().endswith(".gz"):
-        import gzip
-
-        with gzip.open(path, "rb") as fh:
-            data = fh.read()
-    else:
-        with open(path, "rb") as fh:
-            data = fh.read()
+    data = _read_bytes(path)
     try:
         data.decode("utf-8")
         return None
@@ -375,7 +405,8 @@ def _record_lines(path: str, records: int) -> list[int] | None:
             lines = [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
         sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
-        with _open_text(path, "latin-1") as fh:
+        # UTF-16 is the exception: its newline is two bytes, one of them zero.
+        with _open_text(path, "utf-16" if _is_utf16(path) else "latin-1") as fh:
             reader = csv.reader(fh, delimiter=sep)
             next(reader, None)  # the header
             lines, end = [], reader.line_num
