@@ -89,8 +89,13 @@ def _not_category_file(path: str) -> bool:
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
     """Files from paths, globs and directories (directory: its csv/tsv/parquet/json/jsonl files)."""
     files: list[str] = []
+    seen: set[str] = set()
     for item in inputs:
         found = [f for f in _expand_one(item) if _not_category_file(f)]
+        # A file named twice (`--input data/ data/US.csv`, overlapping globs) is read once: read
+        # twice, its rows counted twice in input_rows and as "duplicate rows collapsed".
+        fresh = [f for f in found if os.path.realpath(f) not in seen]
+        seen.update(os.path.realpath(f) for f in fresh)
         if not found:
             # A pattern or folder that matches nothing is a typo more often than not: say so
             # rather than build from the other inputs alone.
@@ -98,7 +103,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
                 f"--input {item}: matches no metadata file. Check the pattern or folder "
                 "(a literal [ in a pattern is written [[]), then run the same command again."
             )
-        files += found
+        files += fresh
     missing = [f for f in files if not os.path.exists(f)]
     if missing or not files:
         raise FileNotFoundError(

@@ -75,3 +75,13 @@ def test_glob_matching_the_output_folder_is_refused(tmp_path):
         build.check_config(cfg)
     build.check_config(build.BuildConfig(inputs=[str(data / "*.csv")], output=str(data / "shards")))
     build.check_config(build.BuildConfig(inputs=[str(data / "*")], output=str(data / "x" / "shards")))
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    # `--input data/ data/US.csv`: every row was counted twice in input_rows and reported as a
+    # "duplicate row collapsed"; the shards were right, the accounting was not.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "US.csv").write_text("video_id,title\ndQw4w9WgXcQ,x\n9bZkp7q19f0,y\n")
+    result = metadata.read_metadata([str(data), str(data / "US.csv"), str(data / "*.csv")])
+    assert (result.input_rows, result.duplicates, len(result.rows)) == (2, 0, 2)
