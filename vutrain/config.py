@@ -207,7 +207,7 @@ class LossConfig:
     uniform_weight: float = 1.0
     """align_uniform: weight of the uniformity term."""
     uniform_t: float = 2.0
-    """align_uniform: uniformity temperature t in log mean exp(-t ||x - y||^2)."""
+    """align_uniform: uniformity temperature t in log mean exp(-t ||x - y||^2), in (0, 20]."""
 
 
 @dataclass
@@ -796,8 +796,13 @@ def _validate_loss(lo: LossConfig) -> None:
                 f"loss.{key}={getattr(lo, key)!r} does not apply to loss.name={lo.name} "
                 f"(only to {', '.join(names)}); remove it or change loss.name"
             )
-    if lo.uniform_t <= 0:
-        raise ConfigError(f"loss.uniform_t must be > 0, got {lo.uniform_t}")
+    if not 0 < lo.uniform_t <= 20:
+        # exp(-t d^2) with d^2 up to 4: above about t=20 the fp32 sum can underflow to 0 and the
+        # uniformity term to log(0) = -inf, so every step is skipped as non-finite until the stop.
+        raise ConfigError(
+            f"loss.uniform_t must be > 0 and <= 20 (larger values underflow in fp32; the paper's is 2), "
+            f"got {lo.uniform_t}"
+        )
     if lo.backend == "triton":
         if lo.name == "align_uniform":
             raise ConfigError(
