@@ -49,6 +49,13 @@ def template_fields(template: str) -> list[str]:
                 f"data.caption_template {template!r} has unknown placeholder {{{name}}}; use one of {valid}."
             )
         fields.append(name)
+    try:  # fields are rendered as text: a numeric format spec or a bad conversion fails every sample
+        template.format(**{name: "text" for name in fields})
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(
+            f"data.caption_template {template!r} cannot be rendered: {e!r}. Fields are text: use "
+            "string formatting only, e.g. {title:.200} or {category_id}."
+        ) from None
     return fields
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .samples import decode_image_array, draft_scale, jpeg_size
+from .samples import decode_image_array, draft_scale, jpeg_size, to_rgb
 
 
 def _get(obj, name: str):
@@ -70,7 +70,7 @@ class ClipPreprocess:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Resize, centre-crop and normalise one image."""
-        image = image.convert("RGB")
+        image = to_rgb(image)
         w, h = image.size
         new_w, new_h = resized_geometry(w, h, self.resize)
         if (new_w, new_h) != (w, h):

@@ -303,13 +303,24 @@ def image_member(raw: dict) -> str:
     return ext
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as RGB the way ``CLIPImageProcessor`` converts it (transformers 5's
+    ``convert_to_rgb``): transparency (an alpha band, or a palette / tRNS transparent colour) is
+    composited onto white. A plain ``convert("RGB")`` drops the alpha and keeps the colour under
+    it, often black: training would see other pixels than the exported model's processor."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image(raw: dict) -> Image.Image:
     """The sample's image as RGB, fully decoded (so truncated files fail here, not later)."""
     ext = image_member(raw)
     try:
         with Image.open(io.BytesIO(raw[ext])) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         raise SkipSample("undecodable_image", f"{raw['__key__']}.{ext}: {e}") from None
 
@@ -436,7 +447,7 @@ def decode_image_array(data: bytes, draft_to: tuple[int, int] | None = None) -> 
             if draft_to and img.format == "JPEG":
                 img.draft("RGB", draft_to)
             img.load()
-            return np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy needs one
+            return np.array(to_rgb(img))  # a writable copy: torch.from_numpy needs one
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         raise SkipSample("undecodable_image", str(e)) from None
 
