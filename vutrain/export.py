@@ -26,6 +26,7 @@ from vutrain.model import (
     load_pretrained_preprocessing,
     preset_dims,
     preset_image_processor,
+    pretrained_context_length,
 )
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,18 @@ EXPORT_OVERRIDES = [
 
 
 def load_run_tokenizer_and_processor(cfg, run_dir: str):
-    """The run's tokenizer and image processor (the pretrained ones, or those the run saved)."""
+    """The run's tokenizer and image processor (the pretrained ones, or those the run saved).
+
+    A pretrained tokenizer gets the context length the run trained with as its model_max_length:
+    it may allow more tokens (10**30 when saved without a limit) than the text tower has
+    positions, and the exported one then let `truncation=True` run past them.
+    """
     from transformers import AutoTokenizer
 
     if cfg.model.name_or_path:
-        return load_pretrained_preprocessing(cfg.model.name_or_path)
+        tokenizer, processor = load_pretrained_preprocessing(cfg.model.name_or_path)
+        tokenizer.model_max_length = pretrained_context_length(cfg.model.name_or_path, tokenizer)
+        return tokenizer, processor
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, "tokenizer"))
     return tokenizer, preset_image_processor(preset_dims(cfg.model)[0])
 

@@ -168,7 +168,15 @@ def load_pretrained_preprocessing(name_or_path: str):
     from transformers import AutoTokenizer
 
     with _clear_load_error(name_or_path):
-        return AutoTokenizer.from_pretrained(name_or_path), CLIPImageProcessor.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        # transformers 5 builds a CLIP tokenizer with no vocabulary (its special tokens alone) from
+        # a directory without tokenizer files: every caption then became the same few ids.
+        if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+            raise OSError(
+                f"its tokenizer has no vocabulary ({len(tokenizer)} tokens): save the tokenizer "
+                "beside the model (tokenizer.save_pretrained)"
+            )
+        return tokenizer, CLIPImageProcessor.from_pretrained(name_or_path)
 
 
 def pretrained_context_length(name_or_path: str, tokenizer) -> int:
