@@ -64,3 +64,24 @@ def test_exported_tokenizer_truncates_to_the_trained_context(
     assert tokens["input_ids"].shape == torch.Size([2, 32])
     with torch.no_grad():  # before: 102 tokens, "Sequence length must be less than max_position_embeddings"
         exported(pixel_values=torch.zeros(1, 3, 64, 64), **tokens)
+
+
+def test_fine_tuning_a_siglip_export_keeps_its_learnt_scale_and_bias(tokenizer, tmp_path):
+    """A vutrain SigLIP export carries its bias in config.logit_bias; fine-tuning it with SigLIP
+    reset the scale to ln 10 and the bias to -10. A CLIP model without a bias still starts there."""
+    import math
+
+    from transformers import CLIPModel
+
+    from vutrain.model import build_model
+
+    plain = _pretrained_dir(tmp_path / "clip", tokenizer)
+    siglip = _pretrained_dir(tmp_path / "siglip", tokenizer)
+    model = CLIPModel.from_pretrained(siglip)
+    model.logit_scale.data.fill_(2.5)
+    model.config.logit_bias = -3.25
+    model.save_pretrained(siglip)
+    kept = build_model(ModelConfig(name_or_path=siglip), use_bias=True, init_scale=math.log(10.0))
+    assert float(kept.logit_bias) == -3.25 and float(kept.base.logit_scale) == pytest.approx(2.5)
+    fresh = build_model(ModelConfig(name_or_path=plain), use_bias=True, init_scale=math.log(10.0))
+    assert float(fresh.logit_bias) == -10.0 and float(fresh.base.logit_scale) == pytest.approx(math.log(10.0))

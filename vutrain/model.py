@@ -309,9 +309,18 @@ class ClipTrainModule(nn.Module):
 def build_model(
     cfg: ModelConfig, tokenizer=None, use_bias: bool = False, init_scale: float | None = None
 ) -> ClipTrainModule:
-    """The trainable module from the config (pretrained weights, or a preset's random init)."""
+    """The trainable module from the config (pretrained weights, or a preset's random init).
+
+    With `use_bias` (SigLIP) the scale starts at `init_scale` and the bias at -10, unless the
+    pretrained model was trained with a bias (a vutrain SigLIP export writes ``config.logit_bias``):
+    fine-tuning it goes on from its learnt scale and bias, which were reset to ln 10 and -10.
+    """
+    init_bias = -10.0
     if cfg.name_or_path:
         clip = load_pretrained(cfg.name_or_path)[0]
+        saved_bias = getattr(clip.config, "logit_bias", None)
+        if use_bias and isinstance(saved_bias, int | float) and not isinstance(saved_bias, bool):
+            init_scale, init_bias = None, float(saved_bias)
     else:
         if tokenizer is None:
             raise ValueError("a preset model needs the trained tokenizer to size its vocabulary")
@@ -325,7 +334,7 @@ def build_model(
     if cfg.lora.enabled:
         clip = apply_lora(clip, cfg)
     lock_towers(clip, cfg)
-    return ClipTrainModule(clip, use_bias=use_bias, init_scale=init_scale)
+    return ClipTrainModule(clip, use_bias=use_bias, init_scale=init_scale, init_bias=init_bias)
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
