@@ -302,8 +302,8 @@ def write_failure_message(ckpt_dir: str, tag: str, exc: BaseException) -> str:
 def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: int, keep: int) -> str:
     """Save on every rank (ZeRO shards live on each); rank 0 completes, publishes and prunes.
 
-    A write that fails here (a full disk, a quota) raises CheckpointWriteError; a peer that went
-    away mid-save keeps its own error."""
+    A write that fails here (a full disk, a quota) raises CheckpointWriteError; so does a peer that
+    went away mid-save, with its own one line (the rank that failed says why)."""
     from vutrain.startup_errors import is_peer_failure
 
     ckpt_dir = checkpoints_dir(run_dir)
@@ -319,19 +319,33 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
         reshape.save_world_info(engine, tmp_dir, trainer_state)  # all ranks' data states (collective)
         engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"step": step}, save_latest=False)
         sync_files(tmp_dir)  # each rank flushes what it wrote: the marker below must not outlive it
+        barrier()  # every rank's files are on disk before the marker says so
+        if rank == 0:
+            delay = float(os.environ.get(_FAULT_SLEEP_ENV, "0") or 0)
+            if delay > 0:
+                time.sleep(delay)
+            _complete(ckpt_dir, tag, step)
+            prune(ckpt_dir, keep)
+        barrier()
     except (OSError, RuntimeError) as exc:
-        if is_peer_failure(exc) or not is_write_failure(exc):
+        # A full disk often fails one rank's write while the others, done, wait in a barrier:
+        # they printed a 20-line "Connection closed by peer" traceback under the failed rank's line.
+        if is_peer_failure(exc):
+            raise CheckpointWriteError(peer_failure_message(ckpt_dir, tag)) from exc
+        if not is_write_failure(exc):
             raise
         raise CheckpointWriteError(write_failure_message(ckpt_dir, tag, exc)) from exc
-    barrier()  # every rank's files are on disk before the marker says so
-    if rank == 0:
-        delay = float(os.environ.get(_FAULT_SLEEP_ENV, "0") or 0)
-        if delay > 0:
-            time.sleep(delay)
-        _complete(ckpt_dir, tag, step)
-        prune(ckpt_dir, keep)
-    barrier()
     return tag
+
+
+def peer_failure_message(ckpt_dir: str, tag: str) -> str:
+    """This rank's save stopped because another rank went away during it (that rank says why)."""
+    latest = latest_tag(ckpt_dir)
+    return (
+        f"checkpoint {tag} was not completed: another rank stopped during the save (its own error "
+        f"says why); rerun with train.resume=auto, which continues from "
+        f"{latest or 'the start: no checkpoint was complete'}"
+    )
 
 
 def _complete(ckpt_dir: str, tag: str, step: int) -> None:
@@ -540,15 +554,22 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     problem = verify_tag(tag_dir)
     if problem is not None:
         raise CheckpointError(f"{problem}; point train.resume at another checkpoint")
+    reshape.check_zero_stage(tag_dir, engine.zero_optimization_stage())
     marker = read_marker(tag_dir)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if marker.get("world_size", world) != world:  # written by another number of ranks
         return reshape.load_reshaped(engine, ckpt_dir, tag)
     state = load_trainer_state(tag_dir, rank)
     try:
-        load_path, _ = engine.load_checkpoint(
-            ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        if reshape.precision_changed(engine, tag_dir):
+            # train.precision changed (fp32 <-> bf16, as the non-finite-loss error suggests): before,
+            # DeepSpeed's "FileNotFoundError: .../bf16_zero_pp_rank_0_..." on every checkpoint.
+            reshape.load_universal(engine, tag_dir, rank)
+            load_path = tag_dir
+        else:
+            load_path, _ = engine.load_checkpoint(
+                ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
     except Exception as exc:
         raise CheckpointError(
             f"DeepSpeed could not load {tag_dir}: {type(exc).__name__}: "

@@ -17,6 +17,9 @@ Load on another world size (``load_checkpoint`` calls ``load_reshaped``):
   A ZeRO-0 tag has no optimizer shards (the whole state is in the model-states file, which any
   world size reads as it is): it is loaded directly.
 - The data stream gets every old rank's state and continues the epoch (data/epoch_remainder.py).
+- The same world size under another train.precision (bf16 vs fp32: DeepSpeed names the optimizer
+  files by precision) loads through the universal copy too, with each rank's own data state.
+- Another ZeRO stage: 1 and 2 read each other's tags; 0 and 3 only their own (``check_zero_stage``).
 - The Python/NumPy/torch RNG states are per rank and are not carried over (the model and the
   data stream do not draw from them during training).
 """
@@ -100,6 +103,29 @@ def world_changed(tag_dir: str) -> bool:
     return saved is not None and saved != _world()[1]
 
 
+def check_zero_stage(tag_dir: str, stage: int) -> None:
+    """ResumeShapeError (one line, naming the key) if DeepSpeed cannot load the tag into ``stage``.
+
+    ZeRO-1 and 2 share one file layout (any world size, tested); ZeRO-0 keeps the optimizer in the
+    model file and ZeRO-3 partitions the weights, and neither loads into another stage, even through
+    the universal checkpoint. Before, that failed inside DeepSpeed ("AssertionError: ") with the
+    advice to try an older checkpoint, which fails the same way.
+    """
+    path = os.path.join(tag_dir, WORLD_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        saved = json.load(fh).get("zero_stage")
+    if saved is None or saved == stage or {saved, stage} <= {1, 2}:
+        return
+    same = "train.zero_stage=1 or 2" if saved in (1, 2) else f"train.zero_stage={saved}"
+    raise ResumeShapeError(
+        f"{tag_dir} was written with ZeRO stage {saved} and this run has train.zero_stage={stage}: "
+        f"DeepSpeed cannot load it into that stage; resume with {same} "
+        "(stages 1 and 2 read each other's checkpoints, 0 and 3 only their own)"
+    )
+
+
 def check_global_batch(info: dict, micro: int, accum: int, world: int) -> None:
     """ResumeShapeError (one line, naming the key to change) if the global batch would change."""
     saved = info["micro_batch_size"] * info["grad_accum_steps"] * info["world_size"]
@@ -180,7 +206,7 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
     else:
-        _load_universal(engine, tag_dir, rank)
+        load_universal(engine, tag_dir, rank)
     log.info(
         "resumed %s (written by %d ranks) on %d ranks at step %d",
         tag_dir,
@@ -198,12 +224,23 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
     }
 
 
+def precision_changed(engine, tag_dir: str) -> bool:
+    """Whether the tag's ZeRO optimizer files were written under the other of bf16 and fp32/fp16.
+
+    DeepSpeed names them by precision (``bf16_zero_pp_rank_*``) and its plain loader reads only
+    this engine's names, at every stage; the universal checkpoint holds fp32 weights and moments
+    whatever the precision, so such a tag loads through it (``load_universal``).
+    """
+    saved = {bool(m.group(1)) for f in os.listdir(tag_dir) if (m := _OPTIM_FILE.match(f))}
+    return bool(saved) and engine.bfloat16_enabled() not in saved
+
+
 def _has_optimizer_shards(tag_dir: str) -> bool:
     """Whether the tag holds per-rank optimizer files (ZeRO-1/2/3; ZeRO-0 writes none)."""
     return any(_OPTIM_FILE.match(f) for f in os.listdir(tag_dir))
 
 
-def _load_universal(engine, tag_dir: str, rank: int) -> None:
+def load_universal(engine, tag_dir: str, rank: int) -> None:
     """Convert the tag once (rank 0) and load the universal copy into this world's partitions."""
     if rank == 0:
         convert_to_universal(tag_dir)

@@ -1,0 +1,194 @@
+"""Checkpoint and resume review: a resume under another ZeRO stage or precision (real DeepSpeed
+engines, gloo), and a full disk that fails one rank's checkpoint write (the deepspeed launcher,
+2 CPU ranks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import train_runner as tr
+from helpers_dist import run_distributed
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 12)
+        self.b = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).pow(2).mean()
+
+
+def _engine(stage: int, precision: str = "fp32"):
+    import deepspeed
+
+    from vutrain.config import TrainConfig
+    from vutrain.ds_config import build_ds_config
+    from vutrain.optim import build_optimizer
+
+    torch.manual_seed(0)
+    module = _Tiny()
+    cfg = TrainConfig(
+        max_steps=10, micro_batch_size=2, zero_stage=stage, warmup_steps=2, lr=1e-2, precision=precision
+    )
+    optimizer, scheduler = build_optimizer(module, cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(cfg, 1)
+    )
+    return engine
+
+
+def _save_then_resume_under_other_stages(rank, world, run_dir, saved_stage, resume_stages):
+    import deepspeed
+
+    from vutrain import checkpoint as ckpt
+    from vutrain.checkpoint_reshape import ResumeShapeError
+
+    deepspeed.init_distributed("gloo")
+    engine = _engine(saved_stage)
+    for _ in range(2):
+        engine.backward(engine(torch.randn(2, 8)))
+        engine.step()
+    ckpt.save_checkpoint(engine, run_dir, 2, {"step": 2, "data": {}}, rank, keep=1)
+    outcomes = {}
+    for stage in resume_stages:
+        try:
+            state = ckpt.load_checkpoint(_engine(stage), *ckpt.resolve_resume("auto", run_dir), rank=rank)
+            outcomes[stage] = f"step {state['step']}"
+        except ResumeShapeError as exc:
+            outcomes[stage] = str(exc)
+    return outcomes
+
+
+def test_resume_under_a_zero_stage_deepspeed_cannot_load_names_the_key(tmp_path):
+    """ZeRO-1 and 2 read each other's checkpoints; 0 and 3 only their own. Before, a run resumed
+    with train.zero_stage 2 -> 3 (or 3 -> 2) failed inside DeepSpeed with "DeepSpeed could not load
+    ...: AssertionError: ; point train.resume at an older checkpoint", advice that fails the same
+    way and leads to train.resume=never, throwing the run away."""
+    from_2 = run_distributed(
+        _save_then_resume_under_other_stages, 1, str(tmp_path / "z2"), 2, (1, 3), init_process_group=False
+    )[0]
+    assert from_2[1] == "step 2"
+    tag_dir = os.path.join(str(tmp_path / "z2"), "checkpoints", "step_00000002")
+    assert from_2[3] == (
+        f"{tag_dir} was written with ZeRO stage 2 and this run has train.zero_stage=3: DeepSpeed cannot "
+        "load it into that stage; resume with train.zero_stage=1 or 2 (stages 1 and 2 read each "
+        "other's checkpoints, 0 and 3 only their own)"
+    )
+    from_3 = run_distributed(
+        _save_then_resume_under_other_stages, 1, str(tmp_path / "z3"), 3, (2,), init_process_group=False
+    )[0]
+    assert "written with ZeRO stage 3 and this run has train.zero_stage=2" in from_3[2]
+    assert "resume with train.zero_stage=3 " in from_3[2]
+
+
+@pytest.mark.slow
+def test_a_full_disk_that_fails_one_ranks_write_is_one_line_per_rank(synthetic_shards, tmp_path):
+    """ZeRO-0: rank 0 alone writes the large model file, so a per-file size limit (RLIMIT_FSIZE, as
+    tests/test_faults_checkpoint.py makes a full disk) fails its write while rank 1's small files
+    go through, as a disk that fills up mid-save does. Before, rank 1, waiting for rank 0 in a
+    barrier, printed a 20-line "Connection closed by peer" traceback under rank 0's one line."""
+    import resource
+    import subprocess
+
+    run_dir = str(tmp_path / "run")
+
+    def file_size_cap():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    overrides = tr.base_overrides(
+        synthetic_shards, run_dir, 4, eval__every=0, train__checkpoint_every=2, train__zero_stage=0
+    )
+    proc = subprocess.run(
+        tr.command("deepspeed", overrides, 2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=tr.env(),
+        cwd=tr.REPO,
+        preexec_fn=file_size_cap,
+    )
+    assert proc.returncode != 0, tr.describe(proc)
+    assert "Traceback" not in proc.stderr, tr.describe(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: rank ")]
+    own = [line for line in errors if line.startswith("error: rank 0: ")]
+    assert len(own) == 1 and "checkpoint step_00000002 could not be written to " in own[0], errors
+    # Rank 1 says its own line, unless the launcher stopped it first.
+    assert [line for line in errors if line not in own] in (
+        [],
+        [
+            "error: rank 1: checkpoint step_00000002 was not completed: another rank stopped during "
+            "the save (its own error says why); rerun with train.resume=auto, which continues from "
+            "the start: no checkpoint was complete"
+        ],
+    ), errors
+
+
+def _full_state(engine) -> dict:
+    """Every parameter's full fp32 value and Adam moments, the Adam step, LR and global step."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_hp_optimizer_states_linked"):  # see tests/test_resume_world_size.py
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    out = {
+        name: [safe_get_full_fp32_param(p).clone()]
+        + [safe_get_full_optimizer_state(p, key).clone() for key in ("exp_avg", "exp_avg_sq")]
+        for name, p in engine.module.named_parameters()
+    }
+    out["_adam_steps"] = sorted({float(s["step"]) for s in engine.optimizer.optimizer.state.values()})
+    out["_lr"], out["_global_steps"] = engine.get_lr(), engine.global_steps
+    return out
+
+
+def _resume_under_another_precision(rank, world, run_dir, stage, saved_precision, resumed_precision):
+    import deepspeed
+
+    from vutrain import checkpoint as ckpt
+
+    deepspeed.init_distributed("gloo")
+    engine = _engine(stage, saved_precision)
+    torch.manual_seed(1)
+    dtype = next(engine.module.parameters()).dtype  # bf16 weights under train.precision=bf16
+    for _ in range(3):
+        engine.backward(engine(torch.randn(2, 8, dtype=dtype)))
+        engine.step()
+    ckpt.save_checkpoint(engine, run_dir, 3, {"step": 3, "data": {"position": 7}}, rank, keep=1)
+    saved = _full_state(engine)
+    resumed = _engine(stage, resumed_precision)
+    state = ckpt.load_checkpoint(resumed, *ckpt.resolve_resume("auto", run_dir), rank=rank)
+    return saved, _full_state(resumed), state
+
+
+@pytest.mark.parametrize("stage,saved,resumed", [(1, "fp32", "bf16"), (3, "bf16", "fp32")])
+def test_resume_under_another_precision_restores_the_state_exactly(tmp_path, stage, saved, resumed):
+    """train.precision fp32 <-> bf16 (what the non-finite-loss error tells the user to try). DeepSpeed
+    names the ZeRO optimizer files by precision and reads only its own: before, every checkpoint
+    failed with "FileNotFoundError: .../bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt; point
+    train.resume at an older checkpoint". The fp32 weights, Adam moments and step, the LR and the
+    step come back bit for bit, and this rank's own data position (no epoch-remainder reshaping)."""
+    want, got, state = run_distributed(
+        _resume_under_another_precision,
+        1,
+        str(tmp_path / "run"),
+        stage,
+        saved,
+        resumed,
+        init_process_group=False,
+    )[0]
+    assert state["step"] == 3 and state["data"] == {"position": 7}
+    assert got.keys() == want.keys()
+    for name, values in want.items():
+        if name.startswith("_"):
+            assert got[name] == values, name
+        else:
+            for a, b in zip(got[name], values, strict=True):
+                assert torch.equal(a, b), name
