@@ -308,10 +308,15 @@ def test_a_checkpoint_the_disk_refuses_is_one_line_per_rank(synthetic_shards, tm
     )
     assert proc.returncode != 0, tr.describe(proc)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: rank ")]
-    assert len(errors) == 2 and "Traceback" not in proc.stderr, tr.describe(proc)
-    for line in errors:
-        assert "checkpoint step_00000002 could not be written to " in line, line
+    # Both ranks' writes fail; the launcher stops the other rank as soon as one exits, so on a
+    # loaded machine the slower one may be gone before it prints (seen once in three runs), or may
+    # report that its peer stopped first.
+    written = [line for line in errors if "checkpoint step_00000002 could not be written to " in line]
+    assert 1 <= len(errors) <= 2 and written and "Traceback" not in proc.stderr, tr.describe(proc)
+    for line in written:
         assert "GiB free there): free space" in line and "rerun with train.resume=auto" in line, line
+    for line in set(errors) - set(written):
+        assert "another rank stopped during the save" in line, line
 
 
 def test_only_write_failures_get_the_disk_space_advice():
