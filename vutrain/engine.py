@@ -13,6 +13,7 @@ wrong.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 
 import torch
@@ -51,7 +52,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     check_user_ds_config(ds_config, cfg, cfg.ds_config or "the DeepSpeed config")
     if "optimizer" in ds_config:  # the user's ds_config brings its own (e.g. CPU-offload Adam)
         use_train_settings(ds_config["optimizer"], cfg)
-        kwargs["model_parameters"] = param_groups(module, cfg.weight_decay)
+        kwargs["model_parameters"] = param_groups(module, json_weight_decay(ds_config["optimizer"], cfg))
         # DeepSpeed builds the optimizer, then calls this with it: the schedule is still ours.
         kwargs["lr_scheduler"] = lambda optimizer: build_scheduler(optimizer, cfg)
     else:
@@ -62,6 +63,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
     use_lean_reduction(engine.optimizer)  # ZeRO-1/2: no per-parameter copy or filing (grad_reduction.py)
     use_view_check(engine.optimizer)  # ZeRO-1/2: no per-step re-pointing of every weight (weight_views.py)
+    keep_settings_on_load(engine)  # a resume trains with this run's train.lr / weight_decay / betas / eps
     if cfg.compile:
         compile_model(engine, cfg.compile_scope, cfg.compile_backend, cfg.compile_mode)
     return engine
@@ -76,14 +78,66 @@ def use_train_settings(optimizer: dict, cfg: TrainConfig) -> None:
     if str(optimizer.get("type", "")).lower() not in DS_ADAM_TYPES:
         log.warning(
             "train.ds_config optimizer %s: train.lr/beta1/beta2/eps do not apply (its own params do); "
-            "the warm-up + cosine schedule scales its lr",
+            "weight decay %s on all but norms, biases and the logit scale; the warm-up + cosine "
+            "schedule scales its lr",
             optimizer.get("type"),
+            json_weight_decay(optimizer, cfg),
         )
         return
     params = optimizer.setdefault("params", {})
     for key, value in ds_optimizer_settings(cfg).items():
         if params.get(key, "auto") == "auto":
             params[key] = value
+
+
+def json_weight_decay(optimizer: dict, cfg: TrainConfig) -> float:
+    """The decayed parameter group's weight decay for an optimizer from the user's ds_config.
+
+    Its params' own value where it gives a number (an Adam(W)'s agrees with train.weight_decay, or
+    is train.weight_decay: use_train_settings); else train.weight_decay. The group's value wins over
+    the optimizer's params, so passing train.weight_decay regardless made an Adagrad JSON's
+    "weight_decay": 0.0 train with train.weight_decay (0.2 by default; L2 for Adagrad), silently.
+    """
+    own = (optimizer.get("params") or {}).get("weight_decay")
+    is_number = isinstance(own, (int, float)) and not isinstance(own, bool)
+    return float(own) if is_number else cfg.weight_decay
+
+
+# Per-group optimizer settings a checkpoint must not bring back (the LR is the schedule's).
+RUN_SETTINGS = ("weight_decay", "betas", "eps")
+
+
+def keep_settings_on_load(engine) -> None:
+    """Wrap ``engine.load_checkpoint`` so that the optimizer's settings stay this run's config's.
+
+    DeepSpeed's load restores the optimizer's param groups (lr, weight decay, betas, eps) and the
+    schedule's base LR as saved: a run resumed with a lower train.lr (what the non-finite-loss
+    error suggests) or another train.weight_decay trained on with the old values, silently, while
+    config.yaml said otherwise; and a finished run resumed with a larger train.max_steps ran its
+    first step at the old schedule's last LR (0 with train.min_lr_ratio=0). What is restored is the
+    training state: the schedule's position (its step) and the optimizer's moments. An unchanged
+    config gives the same values, bit for bit.
+    """
+    scheduler, optimizer = engine.lr_scheduler, engine.optimizer
+    if scheduler is None or getattr(engine.load_checkpoint, "_vutrain_keeps_settings", False):
+        return
+    base_lrs = list(scheduler.base_lrs)
+    settings = [{k: group[k] for k in RUN_SETTINGS if k in group} for group in optimizer.param_groups]
+    original = engine.load_checkpoint
+
+    @functools.wraps(original)
+    def load_checkpoint(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        scheduler.base_lrs = list(base_lrs)
+        # LambdaLR's own formula at the restored step: the LR of the next optimizer step.
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, scheduler.lr_lambdas)]
+        for group, lr, base, kept in zip(optimizer.param_groups, lrs, base_lrs, settings):
+            group.update(kept, lr=lr, initial_lr=base)
+        scheduler._last_lr = lrs
+        return loaded
+
+    load_checkpoint._vutrain_keeps_settings = True
+    engine.load_checkpoint = load_checkpoint
 
 
 def compile_model(engine, scope: str, backend: str, mode: str = "default") -> int:
