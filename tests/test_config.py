@@ -301,6 +301,19 @@ def test_user_ds_config_autocast_must_agree_with_precision(tmp_path, precision, 
         load_config(TINY, [SHARDS, f"train.precision={precision}", f"train.ds_config={user}"])
 
 
+def test_offload_without_an_optimizer_section_is_refused_at_config_time(tmp_path):
+    """The trainer's own torch AdamW is a "client" optimizer, which DeepSpeed refuses under
+    ZeRO-Offload: a ZeRORuntimeException traceback from every rank after the process group."""
+    user = tmp_path / "ds.json"
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    user.write_text(json.dumps(offload))
+    with pytest.raises(ConfigError, match='offloads the optimizer \\(cpu\\) but has no "optimizer" section'):
+        load_config(TINY, [SHARDS, f"train.ds_config={user}"])
+    for fix in ({"zero_force_ds_cpu_optimizer": False}, {"optimizer": {"type": "AdamW", "params": {}}}):
+        user.write_text(json.dumps({**offload, **fix}))
+        load_config(TINY, [SHARDS, f"train.ds_config={user}"])
+
+
 def test_user_ds_config_autocast_that_agrees_is_merged(tmp_path):
     user = tmp_path / "ds.json"
     for precision, section in (

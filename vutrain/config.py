@@ -747,6 +747,20 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
                 f"{source} sets {key}={json.dumps(got)} but {train_key}={value}; "
                 f'set it to "auto" (or leave it out) or change {train_key}'
             )
+    offload = _section(_section(ds, "zero_optimization"), "offload_optimizer").get("device", "none")
+    if (
+        offload not in ("none", None)
+        and "optimizer" not in ds
+        and ds.get("zero_force_ds_cpu_optimizer", True)
+    ):
+        # Without an optimizer section the trainer's own torch AdamW is a "client" optimizer, which
+        # DeepSpeed refuses under ZeRO-Offload: a ZeRORuntimeException traceback from every rank,
+        # after the process group and the tokenizer were set up.
+        raise ConfigError(
+            f'{source} offloads the optimizer ({offload}) but has no "optimizer" section: add one '
+            '(e.g. {"type": "AdamW", "params": {}}: DeepSpeed\'s CPU Adam, with train.lr and friends) '
+            'or set "zero_force_ds_cpu_optimizer": false to keep torch\'s AdamW on the CPU (slow)'
+        )
     optimizer = ds.get("optimizer")
     if not isinstance(optimizer, dict) or str(optimizer.get("type", "")).lower() not in DS_ADAM_TYPES:
         return
