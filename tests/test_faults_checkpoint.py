@@ -283,21 +283,20 @@ def test_every_file_is_flushed_to_disk_before_the_marker(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_the_disk_refuses_is_one_line_per_rank(synthetic_shards, tmp_path):
-    """A full disk, made here with a per-file size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes past
-    1 MB fail as they do on a full disk). Before: on each rank a DeepSpeed traceback ending in
-    torch.save's "unexpected pos 74560 vs 74464", no word of disk space or of what to do next."""
+def train_on_a_full_disk(synthetic_shards, run_dir: str, **extra):
+    """4 steps on 2 ranks through the deepspeed launcher, checkpoint at step 2, on a "full disk": a
+    per-file size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes past 1 MB fail as on a full disk)."""
     import resource
     import subprocess
-
-    run_dir = str(tmp_path / "run")
 
     def file_size_cap():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 
-    overrides = tr.base_overrides(synthetic_shards, run_dir, 4, eval__every=0, train__checkpoint_every=2)
-    proc = subprocess.run(
+    overrides = tr.base_overrides(
+        synthetic_shards, run_dir, 4, eval__every=0, train__checkpoint_every=2, **extra
+    )
+    return subprocess.run(
         tr.command("deepspeed", overrides, 2),
         capture_output=True,
         text=True,
@@ -306,6 +305,13 @@ def test_a_checkpoint_the_disk_refuses_is_one_line_per_rank(synthetic_shards, tm
         cwd=tr.REPO,
         preexec_fn=file_size_cap,
     )
+
+
+def test_a_checkpoint_the_disk_refuses_is_one_line_per_rank(synthetic_shards, tmp_path):
+    """A full disk, made here with a per-file size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes past
+    1 MB fail as they do on a full disk). Before: on each rank a DeepSpeed traceback ending in
+    torch.save's "unexpected pos 74560 vs 74464", no word of disk space or of what to do next."""
+    proc = train_on_a_full_disk(synthetic_shards, str(tmp_path / "run"))
     assert proc.returncode != 0, tr.describe(proc)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: rank ")]
     # Both ranks' writes fail; the launcher stops the other rank as soon as one exits, so on a

@@ -5,7 +5,6 @@ engines, gloo), and a full disk that fails one rank's checkpoint write (the deep
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 import torch
@@ -94,27 +93,9 @@ def test_a_full_disk_that_fails_one_ranks_write_is_one_line_per_rank(synthetic_s
     tests/test_faults_checkpoint.py makes a full disk) fails its write while rank 1's small files
     go through, as a disk that fills up mid-save does. Before, rank 1, waiting for rank 0 in a
     barrier, printed a 20-line "Connection closed by peer" traceback under rank 0's one line."""
-    import resource
-    import subprocess
+    from test_faults_checkpoint import train_on_a_full_disk
 
-    run_dir = str(tmp_path / "run")
-
-    def file_size_cap():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
-
-    overrides = tr.base_overrides(
-        synthetic_shards, run_dir, 4, eval__every=0, train__checkpoint_every=2, train__zero_stage=0
-    )
-    proc = subprocess.run(
-        tr.command("deepspeed", overrides, 2),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=tr.env(),
-        cwd=tr.REPO,
-        preexec_fn=file_size_cap,
-    )
+    proc = train_on_a_full_disk(synthetic_shards, str(tmp_path / "run"), train__zero_stage=0)
     assert proc.returncode != 0, tr.describe(proc)
     assert "Traceback" not in proc.stderr, tr.describe(proc)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: rank ")]
