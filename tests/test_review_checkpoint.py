@@ -173,3 +173,72 @@ def test_resume_under_another_precision_restores_the_state_exactly(tmp_path, sta
         else:
             for a, b in zip(got[name], values, strict=True):
                 assert torch.equal(a, b), name
+
+
+def _zero0_state(engine) -> dict:
+    """ZeRO-0: each parameter's fp32 master value and Adam moments (by name), Adam step, LR, step."""
+    optimizer = engine.optimizer
+    wrapped = hasattr(optimizer, "fp32_groups")  # 16-bit: DeepSpeed's wrapper around torch AdamW
+    inner = optimizer.optimizer if wrapped else optimizer
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    out = {}
+    for i, group in enumerate(inner.param_groups):
+        module_params = optimizer.fp16_groups[i] if wrapped else group["params"]
+        for master, param in zip(group["params"], module_params, strict=True):
+            state = inner.state[master]
+            out[names[id(param)]] = [master.detach().clone()] + [
+                state[key].clone() for key in ("exp_avg", "exp_avg_sq")
+            ]
+    out["_adam_steps"] = sorted({float(s["step"]) for s in inner.state.values()})
+    out["_lr"], out["_global_steps"] = engine.get_lr(), engine.global_steps
+    return out
+
+
+def _zero0_resume_under_another_precision(rank, world, run_dir, saved_precision, resumed_precision):
+    import deepspeed
+
+    from vutrain import checkpoint as ckpt
+
+    deepspeed.init_distributed("gloo")
+    engine = _engine(0, saved_precision)
+    torch.manual_seed(1)
+    dtype = next(engine.module.parameters()).dtype
+    for _ in range(3):
+        engine.backward(engine(torch.randn(2, 8, dtype=dtype)))
+        engine.step()
+    ckpt.save_checkpoint(engine, run_dir, 3, {"step": 3, "data": {"position": 7}}, rank, keep=1)
+    saved = _zero0_state(engine)
+    resumed = _engine(0, resumed_precision)
+    state = ckpt.load_checkpoint(resumed, *ckpt.resolve_resume("auto", run_dir), rank=rank)
+    got = _zero0_state(resumed)
+    weight_dtype = next(resumed.module.parameters()).dtype
+    module_weights = {n: p.detach().clone() for n, p in resumed.module.named_parameters()}
+    resumed.backward(resumed(torch.randn(2, 8, dtype=weight_dtype)))  # and it trains on
+    resumed.step()
+    return saved, got, state, weight_dtype, module_weights
+
+
+@pytest.mark.parametrize("saved,resumed", [("bf16", "fp32"), ("fp32", "bf16")])
+def test_zero0_resume_under_another_precision_restores_the_state_exactly(tmp_path, saved, resumed):
+    """ZeRO-0 keeps the optimizer in the model-states file in the form of the engine that wrote it
+    (a torch AdamW state dict in fp32, DeepSpeed's 16-bit wrapper in bf16): before, a resume under
+    the other precision failed with "KeyError: 'param_groups'" (bf16 -> fp32) or
+    "'dynamic_loss_scale'" (fp32 -> bf16). The fp32 master weights, Adam moments and step, the LR
+    and the step now come back bit for bit, and the module's weights are the masters in its dtype."""
+    want, got, state, weight_dtype, module_weights = run_distributed(
+        _zero0_resume_under_another_precision,
+        1,
+        str(tmp_path / "run"),
+        saved,
+        resumed,
+        init_process_group=False,
+    )[0]
+    assert state["step"] == 3 and state["data"] == {"position": 7}
+    assert got.keys() == want.keys()
+    for name, values in want.items():
+        if name.startswith("_"):
+            assert got[name] == values, name
+        else:
+            for a, b in zip(got[name], values, strict=True):
+                assert torch.equal(a, b), name
+            assert torch.equal(module_weights[name], values[0].to(weight_dtype)), name

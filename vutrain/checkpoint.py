@@ -44,6 +44,8 @@ import numpy as np
 import torch
 
 from vutrain import checkpoint_reshape as reshape
+from vutrain.checkpoint_precision import load_zero0
+from vutrain.config import ConfigError
 from vutrain.distributed import barrier
 
 log = logging.getLogger(__name__)
@@ -566,10 +568,14 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
             # DeepSpeed's "FileNotFoundError: .../bf16_zero_pp_rank_0_..." on every checkpoint.
             reshape.load_universal(engine, tag_dir, rank)
             load_path = tag_dir
+        elif engine.zero_optimization_stage() == 0:  # the optimizer sits in the model file
+            load_path = load_zero0(engine, ckpt_dir, tag)
         else:
             load_path, _ = engine.load_checkpoint(
                 ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
             )
+    except ConfigError:
+        raise
     except Exception as exc:
         raise CheckpointError(
             f"DeepSpeed could not load {tag_dir}: {type(exc).__name__}: "

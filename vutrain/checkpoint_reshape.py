@@ -200,10 +200,9 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
     if not _has_optimizer_shards(tag_dir):
         # ZeRO-0: the whole optimizer state sits in mp_rank_00_model_states.pt, which
         # every rank of any world size reads as it is; ds_to_universal needs optimizer shards.
-        load_path, _ = engine.load_checkpoint(
-            ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if load_path is None:
+        from vutrain.checkpoint_precision import load_zero0  # imports this module
+
+        if load_zero0(engine, ckpt_dir, tag) is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
     else:
         load_universal(engine, tag_dir, rank)

@@ -1,0 +1,91 @@
+"""Load a ZeRO-0 checkpoint written under the other of fp32 and 16-bit training (bf16/fp16).
+
+ZeRO-0 keeps the whole optimizer in ``mp_rank_00_model_states.pt``, in the form of the engine
+that wrote it: fp32 runs save the torch optimizer's own state dict, bf16/fp16 runs DeepSpeed's
+``FP16_UnfusedOptimizer`` wrapper (loss scale, the inner optimizer's state, fp32 master weights).
+DeepSpeed loads either only into an engine of the same form, so changing ``train.precision`` on
+resume (what the non-finite-loss error suggests) failed with "KeyError: 'param_groups'" or
+"'dynamic_loss_scale'". ZeRO-1/2/3 tags take the universal checkpoint instead (checkpoint_reshape).
+
+Here the engine loads the weights and LR schedule itself, then gets the inner optimizer state
+(Adam moments and step) and the fp32 master weights, translated: the result is what the saved
+run held in fp32, exactly. A 16-bit engine starts with a fresh loss scale.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vutrain.checkpoint_reshape import ResumeShapeError
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def _wrapped(optimizer_state) -> bool:
+    return isinstance(optimizer_state, dict) and "fp32_groups" in optimizer_state
+
+
+def _engine_wrapped(engine) -> bool:
+    return isinstance(getattr(engine.optimizer, "fp32_groups", None), list)
+
+
+def load_zero0(engine, ckpt_dir: str, tag: str):
+    """``engine.load_checkpoint`` for a ZeRO-0 tag, across a precision change; returns its path."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    saved = torch.load(os.path.join(tag_dir, MODEL_FILE), map_location="cpu", weights_only=False)
+    saved_optimizer = saved.get("optimizer")
+    if saved_optimizer is None or _wrapped(saved_optimizer) == _engine_wrapped(engine):
+        load_path, _ = engine.load_checkpoint(
+            ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        return load_path
+    if not _engine_wrapped(engine) and not isinstance(engine.optimizer, torch.optim.Optimizer):
+        raise ResumeShapeError(
+            f"{tag_dir} was written under another train.precision with ZeRO-0 and this run's "
+            f"optimizer ({type(engine.optimizer).__name__}) cannot take its state: resume with the "
+            "precision that wrote it, or with train.zero_stage 1 or 2"
+        )
+    load_path, _ = engine.load_checkpoint(
+        ckpt_dir, tag=tag, load_optimizer_states=False, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        return None
+    if _wrapped(saved_optimizer):
+        inner, masters = saved_optimizer["optimizer_state_dict"], saved_optimizer["fp32_groups"]
+    else:
+        inner, masters = saved_optimizer, _masters_from_module(engine, saved["module"])
+    target = engine.optimizer.optimizer if _engine_wrapped(engine) else engine.optimizer
+    groups = engine.optimizer.fp32_groups if _engine_wrapped(engine) else _param_groups(engine.optimizer)
+    _check_shapes(tag_dir, masters, groups)
+    target.load_state_dict(inner)
+    with torch.no_grad():
+        for group, saved_group in zip(groups, masters, strict=True):
+            for param, value in zip(group, saved_group, strict=True):
+                param.copy_(value)
+        if _engine_wrapped(engine):  # the 16-bit weights the forward uses, from the exact masters
+            for group, saved_group in zip(engine.optimizer.fp16_groups, masters, strict=True):
+                for param, value in zip(group, saved_group, strict=True):
+                    param.copy_(value)
+    return load_path
+
+
+def _param_groups(optimizer: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
+    return [group["params"] for group in optimizer.param_groups]
+
+
+def _masters_from_module(engine, module_state: dict) -> list[list[torch.Tensor]]:
+    """The fp32 weights an fp32 run saved, in the order of this engine's optimizer groups."""
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    return [[module_state[names[id(p)]] for p in group] for group in engine.optimizer.fp16_groups]
+
+
+def _check_shapes(tag_dir: str, masters, groups) -> None:
+    saved = [[tuple(t.shape) for t in group] for group in masters]
+    ours = [[tuple(t.shape) for t in group] for group in groups]
+    if saved != ours:
+        raise ResumeShapeError(
+            f"{tag_dir} holds optimizer groups of other shapes than this run's model: resume it "
+            "with the model and LoRA settings that wrote it"
+        )
