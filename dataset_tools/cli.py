@@ -139,7 +139,7 @@ def _add_others(sub) -> None:
     p.add_argument("dir")
     p.add_argument("--output", required=True, help="JSON file")
     p.add_argument("--min-count", type=int, default=5)
-    p = sub.add_parser("dedup", help="exact (sha256) and perceptual duplicates across video ids")
+    p = sub.add_parser("dedup", help="exact (sha256) and perceptual duplicates, repeats of one video too")
     p.add_argument("dir")
     p.add_argument("--report", help="JSON report path (default DIR/_build/dedup.json)")
     p.add_argument("--max-distance", type=int, default=4, help="perceptual hash Hamming distance")

@@ -1,5 +1,6 @@
 """``dedup DIR``: exact (sha256 of the downloaded bytes) and perceptual (pHash) duplicates across
-different video ids (re-uploads share thumbnails). Reported; optionally filtered into new shards.
+different video ids (re-uploads share thumbnails), and repeats of one video id or url (plain
+img2dataset does not collapse them). Reported; optionally filtered into new shards.
 
 Perceptual matching uses the pigeonhole trick: with distance <= d, two 64-bit hashes agree
 exactly on at least one of d+1 bit-chunks, so only hashes sharing a chunk are compared.
@@ -23,7 +24,6 @@ from dataset_tools.reshard import (
     iter_samples,
     require_whole_shards,
     skipped_incomplete_shards,
-    video_of,
 )
 
 
@@ -86,17 +86,18 @@ def dedup(
     for key, members, row in iter_samples(folder):
         phash = _phash(folder, key, members)
         value = int(str(phash), 16)
-        video = video_of(row)  # without video ids every pair was "the same video": none found
-        info[key] = {"video_id": row.get("video_id"), "video": video, "phash": str(phash)}
+        # Repeats of one video (or url) count too: a plain img2dataset folder of a trending CSV
+        # holds each video once per day, and every copy was kept as "the same video".
+        info[key] = {"video_id": row.get("video_id"), "phash": str(phash)}
         sha = row.get("sha256")
-        if sha and sha in by_sha and info[by_sha[sha]]["video"] != video:
+        if sha and sha in by_sha:
             uf.union(key, by_sha[sha])
             reasons[key] = "exact"
         by_sha.setdefault(sha, key)
         seen = set()
         for chunk in _chunks(value, max_distance + 1):
             for other in buckets.get(chunk, []):
-                if other in seen or info[other]["video"] == video:
+                if other in seen:
                     continue
                 seen.add(other)
                 if phash - imagehash.hex_to_hash(info[other]["phash"]) <= max_distance:

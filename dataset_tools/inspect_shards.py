@@ -91,7 +91,14 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
     }
     keys_seen = Counter()
     for _shard_id, name in sorted(complete.items()):
-        rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
+        parquet_path = os.path.join(folder, f"{name}.parquet")
+        problem = shards.parquet_problem(parquet_path)
+        if problem:  # a finding, the other shards still counted (it was a pyarrow traceback)
+            report["corrupt"].append(problem)
+            if verify:
+                report["corrupt"] += _verify_shard(folder, name, None)
+            continue
+        rows, _ = shards.read_parquet_rows(parquet_path)
         success_keys = set()
         for row in rows:
             report["rows"] += 1
@@ -116,6 +123,11 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
             f"{f}: compressed shard, not verified (--verify reads .tar: decompress it to check it)"
             for f in compressed
         ]
+        if not tars and not compressed:  # "verify: OK" with nothing checked (a typo, split's OUT)
+            report["corrupt"].append(
+                f"{folder}: no shards here, nothing verified (pass the folder holding the NNNNN.tar "
+                "files; split writes OUT/train and OUT/val)"
+            )
     # Shards without video ids (plain img2dataset: url, caption) all count under None: no duplicate.
     dupes = [vid for vid, n in keys_seen.items() if n > 1 and vid is not None]
     if verify and dupes:
@@ -148,5 +160,8 @@ def format_report(report: dict, top: int = 10) -> str:
         lines.append(
             "verify: OK" if not report["corrupt"] else f"verify: {len(report['corrupt'])} problem(s)"
         )
+        lines += [f"  {p}" for p in report["corrupt"]]
+    elif report["corrupt"]:  # an unreadable parquet is found without --verify too
+        lines.append(f"problems: {len(report['corrupt'])}")
         lines += [f"  {p}" for p in report["corrupt"]]
     return "\n".join(lines)

@@ -34,15 +34,16 @@ def iter_samples(folder: str) -> Iterator[Sample]:
 
 def require_whole_shards(folder: str, command: str) -> None:
     """Refuse (SystemExit naming the shards) when a complete shard's tar is truncated or holds
-    another number of samples than its stats say. ``tarfile`` reads a tar cut at a member
-    boundary without complaint: its lost samples were silently missing from the output (train +
-    val short of the input), and a tar cut inside a member was a ReadError traceback naming no
-    file, after part of the output was written."""
+    another number of samples than its stats say, or its parquet does not read. ``tarfile`` reads
+    a tar cut at a member boundary without complaint: its lost samples were silently missing from
+    the output (train + val short of the input), and a tar cut inside a member was a ReadError
+    traceback naming no file, after part of the output was written."""
     problems = []
     for name in shards.iter_shard_names(folder):
         with open(os.path.join(folder, f"{name}_stats.json")) as f:
             successes = json.load(f)["successes"]
         problem = shards.tar_problem(os.path.join(folder, f"{name}.tar"), successes)
+        problem = problem or shards.parquet_problem(os.path.join(folder, f"{name}.parquet"))
         if problem:
             problems.append((name, problem))
     refuse_broken_shards(folder, command, problems)

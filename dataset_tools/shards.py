@@ -106,6 +106,17 @@ def write_parquet(path: str, rows: list[dict], schema: pa.Schema) -> None:
     os.replace(tmp, path)
 
 
+def parquet_problem(path: str) -> str | None:
+    """None when the parquet at ``path`` reads whole, else why not (one phrase naming the file).
+    A parquet cut short by a copy was a pyarrow traceback out of inspect --verify, split, dedup
+    and vocab, naming no shard (or not what to do)."""
+    try:
+        pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        return f"{os.path.basename(path)}: unreadable ({' '.join(str(err).split())})"
+    return None
+
+
 def read_parquet_rows(path: str) -> tuple[list[dict], pa.Schema]:
     """All rows of a parquet file, with its schema."""
     table = pq.read_table(path)

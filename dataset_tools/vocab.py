@@ -12,6 +12,7 @@ import os
 from collections import Counter
 
 from dataset_tools import shards
+from dataset_tools.reshard import refuse_broken_shards
 
 
 def tag_values(value) -> list[str]:
@@ -30,7 +31,11 @@ def build_vocab(folder: str, min_count: int = 5) -> dict:
     shards.require_shards(folder)
     tags, categories = Counter(), Counter()
     for name in shards.iter_shard_names(folder):
-        rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
+        path = os.path.join(folder, f"{name}.parquet")
+        problem = shards.parquet_problem(path)
+        if problem:  # it was a pyarrow traceback
+            refuse_broken_shards(folder, "vocab", [(name, problem)])
+        rows, _ = shards.read_parquet_rows(path)
         for row in rows:
             if row["status"] != shards.SUCCESS:
                 continue
