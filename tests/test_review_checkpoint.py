@@ -242,3 +242,50 @@ def test_zero0_resume_under_another_precision_restores_the_state_exactly(tmp_pat
             for a, b in zip(got[name], values, strict=True):
                 assert torch.equal(a, b), name
             assert torch.equal(module_weights[name], values[0].to(weight_dtype)), name
+
+
+def _resume_under_another_precision_on_a_full_disk(rank, world, run_dir):
+    import resource
+    import signal
+
+    import deepspeed
+
+    from vutrain import checkpoint as ckpt
+
+    deepspeed.init_distributed("gloo")
+    engine = _engine(1, "fp32")
+    for _ in range(2):
+        engine.backward(engine(torch.randn(2, 8)))
+        engine.step()
+    ckpt.save_checkpoint(engine, run_dir, 2, {"step": 2, "data": {}}, rank, keep=1)
+    resumed = _engine(1, "bf16")
+    # A full disk from here on: writes past 100 bytes fail (SIGXFSZ ignored). This process's own
+    # output goes to /dev/null, which the limit does not cover (pytest captures it in a file).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))
+    try:
+        ckpt.load_checkpoint(resumed, *ckpt.resolve_resume("auto", run_dir, verbose=False), rank=rank)
+    except ckpt.CheckpointError as exc:
+        tag_dir = os.path.join(run_dir, "checkpoints", "step_00000002")
+        return str(exc), sorted(os.listdir(tag_dir))
+    finally:  # the result travels back in a file
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    return "loaded", []
+
+
+def test_a_universal_conversion_that_cannot_write_says_what_to_do(tmp_path):
+    """A resume that needs the universal copy (here another precision) beside a checkpoint on a full
+    disk: before, "DeepSpeed could not load ...: RuntimeError: basic_ios::clear: iostream error;
+    point train.resume at an older checkpoint" (which fails the same way), and DeepSpeed's
+    progress bars on stderr. Now one line with what to do, and no half-written copy left."""
+    message, files = run_distributed(
+        _resume_under_another_precision_on_a_full_disk, 1, str(tmp_path / "run"), init_process_group=False
+    )[0]
+    assert message.startswith("could not write the universal copy of "), message
+    assert "older checkpoint" not in message and "\n" not in message
+    assert "python -m vutrain.checkpoint_reshape " in message
+    assert "resume with the world size and train.precision that wrote it" in message
+    assert not any(f.startswith("universal") for f in files), files

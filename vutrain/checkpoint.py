@@ -576,6 +576,8 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
             )
     except ConfigError:
         raise
+    except reshape.UniversalConversionError as exc:  # its own advice, not "an older checkpoint"
+        raise CheckpointError(str(exc)) from exc
     except Exception as exc:
         raise CheckpointError(
             f"DeepSpeed could not load {tag_dir}: {type(exc).__name__}: "

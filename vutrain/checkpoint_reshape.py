@@ -53,6 +53,10 @@ class ResumeShapeError(ConfigError):
     """The checkpoint cannot be resumed on this world size as configured (the message says why)."""
 
 
+class UniversalConversionError(RuntimeError):
+    """The universal copy of a tag could not be written (one line that says what to do)."""
+
+
 def _world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -171,8 +175,26 @@ def convert_to_universal(tag_dir: str) -> str:
             strict=True,
             inject_missing_state=True,
         )
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would flood the run log
-            ds_to_universal(args)
+        # Its progress prints and bars (stdout, stderr) would flood the run log; logging keeps
+        # the streams it was given.
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ds_to_universal(args)
+        except Exception as exc:
+            # A full disk or read-only folder failed inside its C++ writer ("RuntimeError:
+            # basic_ios::clear: iostream error") with the advice to try an older checkpoint,
+            # which fails the same way.
+            shutil.rmtree(tmp, ignore_errors=True)
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            size = _dir_bytes(tag_dir)
+            size_text = f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
+            raise UniversalConversionError(
+                f"could not write the universal copy of {tag_dir} into {out} "
+                f"({type(exc).__name__}: {detail}); it needs about {size_text} there: free space (or "
+                "make the folder writable), or convert it ahead where it "
+                f"can be written with `python -m vutrain.checkpoint_reshape {tag_dir}` and copy its "
+                f"{UNIVERSAL_DIR}/ in, or resume with the world size and train.precision that wrote it"
+            ) from exc
     os.replace(tmp, out)
     log.info("converted %s to a universal checkpoint in %.1f s", tag_dir, time.perf_counter() - start)
     return out
