@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import as_label_offset, check_inputs, contrastive_ce_reference
+from kernels.reference import as_label_offset, check_inputs, check_scalar, contrastive_ce_reference
 from kernels.runtime import autocast_inputs, device_guard, run_eagerly, use_triton
 
 
@@ -19,9 +19,8 @@ def as_scale_tensor(
 ) -> torch.Tensor:
     """The scale (or bias) as a 0-dim fp32 tensor on ``device`` (kernels read it from
     memory, so no host synchronisation is needed)."""
+    check_scalar(logit_scale, name)
     if isinstance(logit_scale, torch.Tensor):
-        if logit_scale.numel() != 1:
-            raise ValueError(f"{name} must hold one value; got shape {tuple(logit_scale.shape)}")
         return logit_scale.detach().reshape(()).to(device=device, dtype=torch.float32)
     return torch.tensor(float(logit_scale), dtype=torch.float32, device=device)
 

@@ -75,6 +75,20 @@ def check_square(image_features: torch.Tensor, text_features: torch.Tensor) -> N
             )
 
 
+def check_scalar(value, name: str) -> None:
+    """``value`` (``logit_scale`` or ``logit_bias``) is one number: a float or a one-element tensor.
+    The kernels refuse more; without this check the reference broadcast a [k] tensor against the
+    [N, M] logits (per column when k == M: a silently different loss) where Triton does not run."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must hold one value; got shape {tuple(value.shape)}")
+        return
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a one-element tensor; got {value!r}") from None
+
+
 def as_label_offset(label_offset) -> int:
     """``label_offset`` as a Python int: the kernels take it as a launch scalar, where a 0-dim
     tensor (or a numpy integer) failed deep inside Triton although the reference accepts it."""
@@ -101,6 +115,7 @@ def contrastive_ce_reference(
     Returns a scalar (``mean``/``sum``) or [N] (``none``).
     """
     check_inputs(queries, keys, label_offset, reduction)
+    check_scalar(logit_scale, "logit_scale")
     logits = logit_scale * (queries @ keys.T)
     labels = torch.arange(queries.shape[0], device=queries.device) + label_offset
     return F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), labels, reduction=reduction)
@@ -116,6 +131,7 @@ def clip_loss_reference(
     """
     check_square(image_features, text_features)
     check_inputs(image_features, text_features, 0, "mean")
+    check_scalar(logit_scale, "logit_scale")
     logits = (logit_scale * (image_features @ text_features.T)).to(_loss_dtype(image_features.dtype))
     labels = torch.arange(image_features.shape[0], device=image_features.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -136,6 +152,8 @@ def sigmoid_loss_reference(
     queries: [N, D]; keys: [M, D]; logit_scale (already exponentiated), logit_bias: scalars.
     """
     check_inputs(queries, keys, label_offset, "mean")
+    check_scalar(logit_scale, "logit_scale")
+    check_scalar(logit_bias, "logit_bias")
     logits = (logit_scale * (queries @ keys.T) + logit_bias).to(_loss_dtype(queries.dtype))
     n = queries.shape[0]
     labels = -torch.ones_like(logits)

@@ -58,9 +58,15 @@ def triton_importable() -> bool:
     return True
 
 
+# The values Triton's own ``getenv_bool`` reads as true (case-insensitive; 3.9 adds y/yes).
+# Anything else, ``false``/``off``/``no`` included, leaves Triton compiling: counting those as
+# requests imported Triton on a CPU and warned that the variable came too late.
+_TRUTHY = ("1", "true", "on", "yes", "y")
+
+
 def interpret_requested() -> bool:
-    """``TRITON_INTERPRET=1`` is set in the environment."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """``TRITON_INTERPRET`` is set to a value Triton reads as true (``1``, ``true``, ``on``...)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUTHY
 
 
 def interpreting() -> bool:
