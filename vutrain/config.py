@@ -171,7 +171,7 @@ class TrainConfig:
     ds_config: str = ""
     """A DeepSpeed JSON merged over the generated config (e.g. launch/ds_configs/zero3_offload.json)."""
     log_every: int = 1
-    """Write a metrics row every N steps."""
+    """Write a metrics row every N steps and at the last step."""
     max_nonfinite_steps: int = 5
     """Stop with an error after this many non-finite losses in a row (each is skipped)."""
     progress_bar: bool = True

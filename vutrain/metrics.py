@@ -27,7 +27,7 @@ class MetricsWriter:
         except Exception:  # tensorboard is optional: metrics.jsonl is the record
             self._tb = None
 
-    def truncate_after(self, step: int) -> int:
+    def truncate_after(self, step: int, eval_owed: bool = False) -> int:
         """On resume, keep rows up to `step` so each step appears once; returns rows moved out.
 
         Rows past `step` belong to the segment a crash lost; they move to
@@ -35,6 +35,10 @@ class MetricsWriter:
         kill mid-write moves there as text. Rewritten through a temporary file and a rename.
         TensorBoard's events past `step` are hidden the same way (`purge_step`): before, the lost
         segment's curve stayed there beside the resumed run's.
+
+        eval_owed: the checkpoint at `step` owes that step's eval (a pre-emption came before it),
+        which the resumed run runs first: an eval row at `step` was written by an earlier resume
+        that ran it and died before its next checkpoint, and moves out too (it was logged twice).
         """
         if self._tb is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -51,6 +55,8 @@ class MetricsWriter:
                 try:
                     row = json.loads(line)
                     good = isinstance(row, dict) and int(row["step"]) <= step
+                    if good and eval_owed and int(row["step"]) == step:
+                        good = not any(str(key).startswith("eval/") for key in row)
                 except (ValueError, KeyError, TypeError):
                     row, good = None, False
                 if not isinstance(row, dict):  # torn, or JSON that is not a row (5, null, [...])
@@ -63,10 +69,11 @@ class MetricsWriter:
                 for row in dropped:
                     fh.write(json.dumps(dict(row, discarded_at_resume_from=step), allow_nan=True) + "\n")
             log.warning(
-                "metrics.jsonl: %d row(s) after step %d moved to metrics.discarded.jsonl "
+                "metrics.jsonl: %d row(s) after step %d%s moved to metrics.discarded.jsonl "
                 "(the run resumed from step %d)",
                 len(dropped),
                 step,
+                " (or its eval, which runs again)" if eval_owed else "",
                 step,
             )
         tmp = self.path + ".tmp"

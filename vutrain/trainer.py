@@ -358,7 +358,9 @@ class Trainer:
             barrier()  # every rank has loaded before rank 0 moves anything
             if self.info.is_main:
                 ckpt.set_aside_later(self.run_dir, os.path.join(*target), self.step)
-        self.metrics.truncate_after(self.step)
+        # The owed eval runs first only where eval stays on (`_train`): then its earlier row goes.
+        evals = bool(self.cfg.eval.every and self.cfg.data.val_shards)
+        self.metrics.truncate_after(self.step, eval_owed=self._eval_pending and evals)
         log.info("resuming at step %d from %s/%s", self.step, *target)
 
     def save(self) -> None:
@@ -588,7 +590,7 @@ class Trainer:
         """Train to train.max_steps with periodic eval and checkpoints; returns the last eval metrics.
 
         The metrics row's host reads (loss, skip counts) happen on logging steps only (every
-        train.log_every steps). The stop conditions (a stop request agreed by all ranks,
+        train.log_every steps, and the last). The stop conditions (a stop request agreed by all ranks,
         train.max_nonfinite_steps non-finite losses in a row) are checked after every step,
         without waiting for the device (`StopCheck`): they act one step after the device saw them,
         whatever train.log_every is; logging and checkpoint steps check the current values.
@@ -612,8 +614,14 @@ class Trainer:
                 "train.max_steps to go on",
                 self.step,
             )
+            # Still finished: the start cleared last run's end markers (`_prepare_run_dir`).
+            self._write_marker("done.json", {"step": self.step})
             self.metrics.close()
             return logged_eval(self.run_dir, self.step)
+        # A finished run continued with a larger train.max_steps is unfinished until its new end:
+        # kept from its final checkpoint, the flag went into a pre-emption checkpoint at the new
+        # last step, and the requeued job took the run for done (no final eval, no done.json).
+        self._finished = False
         self.engine.train()
         # DeepSpeed skips an optimizer step whose gradients overflow (fp16's loss scaler; any
         # inf/NaN gradient under ZeRO-1/2 with a finite loss) without a word outside fp16: the
@@ -633,7 +641,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 times, _ = self.train_step()
                 self.step += 1
-                logging_step = self.step % cfg.train.log_every == 0
+                # The last step logs too: the rest of its interval (losses, non-finite skips and
+                # their warning) was never reported, and its stop was first read after the loop.
+                logging_step = self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps
                 stats = self.read_stats() if logging_step else None
                 stop = self._check_stop(now=logging_step or self._checkpoint_due())
                 self._interval_wall += time.perf_counter() - t0
@@ -654,8 +664,9 @@ class Trainer:
         finally:
             if progress is not None:
                 progress.close()
-        # A run of non-finite losses at the very end fails too, and a stop agreed in the last steps
-        # (read here first when they were not logging steps) checkpoints before the final eval.
+        # A run of non-finite losses at the very end fails too, and a stop agreed in the last step
+        # checkpoints before the final eval (the last step logs, so its check in the loop read the
+        # current values already: this one is the backstop).
         if self._check_stop(now=True):
             self._preempt()
         if cfg.data.val_shards and not (cfg.eval.every and self.step % cfg.eval.every == 0 and last_eval):

@@ -1,0 +1,146 @@
+"""Review of the training loop's metrics and end-of-run bookkeeping (world-1 Trainer in this process)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from inprocess_trainer import train
+
+
+def _on_step(trainer, step: int, action) -> None:
+    """Run `action(trainer)` before train_step of the 1-based `step`."""
+    step_fn = trainer.train_step
+
+    def wrapped():
+        if trainer.step + 1 == step:
+            action(trainer)
+        return step_fn()
+
+    trainer.train_step = wrapped
+
+
+def test_stop_in_the_last_step_after_its_eval_logs_that_eval_once(tiny_shards, tmp_path, single_process):
+    """SIGUSR1 during the last step, an eval step, with train.log_every > 1: the stop is first read
+    after the loop, where the last step's eval had already run. The run was pre-empted with that
+    eval marked as owed, and the requeued job ran it again: two eval rows for the last step. Now
+    the last step logs, so its check reads the stop before its eval, as on any logging step."""
+    from vutrain.metrics import read_metrics
+    from vutrain.trainer import Preempted
+
+    run_dir = str(tmp_path / "run")
+    kept = dict(train__log_every=100, train__checkpoint_every=0, eval__every=2)
+
+    def hook(trainer):
+        _on_step(trainer, 4, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
+
+    with pytest.raises(Preempted):
+        train(tiny_shards, run_dir, steps=4, on_trainer=hook, **kept)
+    train(tiny_shards, run_dir, steps=4, **kept)  # the requeued job
+    assert os.path.exists(os.path.join(run_dir, "done.json"))
+    assert [row["step"] for row in read_metrics(run_dir) if "eval/i2t_r1" in row] == [2, 4]
+
+
+def test_a_continued_finished_run_preempted_at_its_last_step_finishes_when_requeued(
+    tiny_shards, tmp_path, single_process
+):
+    """A finished run (its final checkpoint says so) continued with a larger train.max_steps and
+    pre-empted at the new last step: the pre-emption checkpoint still said "finished", so the
+    requeued job took the run for done: no eval of the last step, and no done.json."""
+    from vutrain.metrics import read_metrics
+    from vutrain.trainer import Preempted
+
+    run_dir = str(tmp_path / "run")
+    kept = dict(train__checkpoint_every=0, eval__every=2)
+    train(tiny_shards, run_dir, steps=2, **kept)
+
+    def hook(trainer):
+        _on_step(trainer, 4, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
+
+    with pytest.raises(Preempted) as raised:
+        train(tiny_shards, run_dir, steps=4, on_trainer=hook, **kept)
+    assert raised.value.step == 4
+    metrics = train(tiny_shards, run_dir, steps=4, **kept)  # the requeued job: step 4's eval
+    assert "eval/i2t_r1" in metrics
+    assert os.path.exists(os.path.join(run_dir, "done.json"))
+    assert [row["step"] for row in read_metrics(run_dir) if "eval/i2t_r1" in row] == [2, 4]
+
+
+def test_the_last_partial_logging_interval_is_logged(tiny_shards, tmp_path, single_process, caplog):
+    """train.max_steps=5 with train.log_every=2: step 5's interval was never written (rows at 2
+    and 4 only), so a non-finite loss skipped there showed in no metric and no warning."""
+    import logging
+
+    import torch
+
+    from vutrain.metrics import read_metrics
+
+    run_dir = str(tmp_path / "run")
+
+    def nan_loss(trainer):
+        inner = trainer.loss_fn.forward
+        trainer.loss_fn.forward = lambda *a, **k: inner(*a, **k) * torch.tensor(float("nan"))
+
+    def hook(trainer):
+        _on_step(trainer, 5, nan_loss)
+
+    with caplog.at_level(logging.WARNING, logger="vutrain"):
+        train(
+            tiny_shards,
+            run_dir,
+            steps=5,
+            on_trainer=hook,
+            train__log_every=2,
+            train__checkpoint_every=0,
+            eval__every=0,
+            data__val_shards="",
+        )
+    rows = [row for row in read_metrics(run_dir) if "train/loss" in row]
+    assert [row["step"] for row in rows] == [2, 4, 5]
+    assert [row["train/nonfinite_skipped"] for row in rows] == [0, 0, 1]
+    assert any("non-finite loss" in r.getMessage() and "step 5" in r.getMessage() for r in caplog.records)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash(trainer) -> None:
+    raise _Crash
+
+
+def test_a_crash_after_the_owed_eval_does_not_log_it_twice(tiny_shards, tmp_path, single_process):
+    """Pre-empted at step 2 before its eval (owed, in the checkpoint); the requeued job runs that
+    eval, then dies before its next checkpoint. The next job resumes from step 2 again, still owing
+    the eval: the row the dead job wrote for it was kept, and a second one was logged beside it."""
+    from vutrain.metrics import read_metrics
+    from vutrain.trainer import Preempted
+
+    run_dir = str(tmp_path / "run")
+    kept = dict(train__checkpoint_every=2, eval__every=2)
+
+    def signal_before_2(trainer):
+        _on_step(trainer, 2, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
+
+    def crash_before_3(trainer):
+        _on_step(trainer, 3, _crash)
+
+    with pytest.raises(Preempted):
+        train(tiny_shards, run_dir, steps=4, on_trainer=signal_before_2, **kept)
+    with pytest.raises(_Crash):
+        train(tiny_shards, run_dir, steps=4, on_trainer=crash_before_3, **kept)
+    train(tiny_shards, run_dir, steps=4, **kept)
+    assert [row["step"] for row in read_metrics(run_dir) if "eval/i2t_r1" in row] == [2, 4]
+
+
+def test_rerunning_a_finished_run_keeps_its_done_marker(tiny_shards, tmp_path, single_process):
+    """The same command again over a finished run: the start cleared done.json (last run's end
+    markers) and the rerun, finding nothing to train, never wrote it back."""
+    run_dir = str(tmp_path / "run")
+    kept = dict(train__checkpoint_every=0, eval__every=0, data__val_shards="")
+    train(tiny_shards, run_dir, steps=2, **kept)
+    assert os.path.exists(os.path.join(run_dir, "done.json"))
+    train(tiny_shards, run_dir, steps=2, **kept)
+    assert os.path.exists(os.path.join(run_dir, "done.json"))
