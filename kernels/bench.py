@@ -148,6 +148,10 @@ def measure(fn: Callable[[], object], grads: list[torch.Tensor], cuda: bool, rep
         import triton.testing
 
         fn()  # compile / autotune outside the timed and the memory run
+        # Its gradients dropped: left in `base`, the memory run would add into them in place and
+        # its peak would miss the gradients it allocates (extra = peak - grad went negative).
+        for t in grads:
+            t.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

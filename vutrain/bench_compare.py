@@ -290,6 +290,7 @@ class Bench:
         self.device = torch.device(info.device)
         self.batches: Batches | None = None
         self.openclip_cfg: dict | None = None
+        self.stopped_search: dict | None = None  # the search a SIGTERM ended, with what it proved
         self.openclip = load_open_clip()  # first: a missing open_clip fails before any model is built
         # Both sides train the same MLP: vutrain's preset takes open_clip's activation.
         args.hidden_act = openclip_activation(args.preset, self.openclip)
@@ -404,7 +405,7 @@ class Bench:
 
     def search(self, variant: Variant, known_fit: int, stop) -> dict:
         """Phase 2: the largest batch this configuration trains `--probe-steps` steps at."""
-        state = {"runner": None}
+        state = {"runner": None, "probes": []}
 
         def fits(size: int) -> bool:
             batch = self.batches.get(variant.side, size)
@@ -424,23 +425,39 @@ class Bench:
                 self.close(state["runner"])
                 state["runner"] = None
             free_memory(self.device)
+            state["probes"].append([size, ok])
             print(f"  {variant.label}: batch {size} {'fits' if ok else 'out of memory'}", flush=True)
             return ok
 
         entry = {"variant": variant.label, "side": variant.side, "grad_ckpt": variant.grad_ckpt}
         # A failure other than out-of-memory ends this search with what it found so far (in
         # entry["error"]); the other searches go on.
-        entry.update(
-            largest_batch(
-                fits,
-                known_fit=known_fit,
-                start=self.args.batch_sizes[0],
-                limit=self.args.max_batch,
-                granularity=self.args.search_granularity,
-                precision=self.args.search_precision,
-                stop=stop,
+        try:
+            entry.update(
+                largest_batch(
+                    fits,
+                    known_fit=known_fit,
+                    start=self.args.batch_sizes[0],
+                    limit=self.args.max_batch,
+                    granularity=self.args.search_granularity,
+                    precision=self.args.search_precision,
+                    stop=stop,
+                )
             )
-        )
+        except Stopped:
+            # SIGTERM mid-probe: the probes done so far still prove a lower bound, as a search
+            # stopped at --deadline-min keeps; the report must show this search as cut short.
+            probes = state["probes"]
+            entry.update(
+                largest_batch=max([min(known_fit, self.args.max_batch)] + [b for b, ok in probes if ok]),
+                capped=False,
+                failed_at=min((b for b, ok in probes if not ok), default=None),
+                probes=probes,
+                stopped=True,
+                stopped_by="SIGTERM",
+            )
+            self.stopped_search = entry
+            raise
         if state["runner"] is not None:
             self.close(state["runner"])
         return entry
@@ -645,20 +662,19 @@ def main(argv: list[str] | None = None) -> int:
             if any(r["variant"] == variant.label and "error" in r and not r.get("oom") for r in rows):
                 skipped = "failed in phase 1"
             if skipped:
-                largest.append(
-                    {
-                        "variant": variant.label,
-                        "side": variant.side,
-                        "grad_ckpt": variant.grad_ckpt,
-                        "skipped": skipped,
-                    }
-                )
+                largest.append(_skipped_search(variant, skipped))
                 continue
             largest.append(bench.search(variant, known_fit=max(fit, default=0), stop=out_of_time))
             write_json(result_dict(args, argv, bench, rows, largest, to_search, started, True), args.out)
     except Stopped:
         stopped = True
         rows = median_rows(measured)  # with the rows of a configuration stopped part-way
+        # Every search asked for is in the report: the one the signal cut, and those it never
+        # reached (a verdict over the finished ones alone could FAIL on a partial picture).
+        if bench.stopped_search is not None:
+            largest.append(bench.stopped_search)
+        searched = {e["variant"] for e in largest}
+        largest += [_skipped_search(v, "stopped by SIGTERM") for v in to_search if v.label not in searched]
         print("stopped by SIGTERM (a time limit): reporting what was measured", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
@@ -669,6 +685,11 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGTERM
     failed = [r for r in rows if "error" in r and not r.get("oom")] + [e for e in largest if "error" in e]
     return 1 if failed else 0
+
+
+def _skipped_search(variant: Variant, why: str) -> dict:
+    """The `largest` entry of a search that did not run."""
+    return {"variant": variant.label, "side": variant.side, "grad_ckpt": variant.grad_ckpt, "skipped": why}
 
 
 class Stopped(BaseException):

@@ -155,8 +155,9 @@ def judge_targets(rows: list[dict], largest: list[dict], on_gpu: bool) -> list[d
 
 
 def _cut_short(entry: dict) -> bool:
-    """The search did not reach its configuration's limit: its largest batch is a lower bound."""
-    return bool(entry.get("capped") or entry.get("stopped") or entry.get("error"))
+    """The search did not reach its configuration's limit (or never ran: skipped at the deadline
+    or after a phase-1 failure): its largest batch is a lower bound, or unknown."""
+    return bool(entry.get("capped") or entry.get("stopped") or entry.get("error") or entry.get("skipped"))
 
 
 def judge_largest(base: dict | None, ours: list[dict], target: str) -> dict | None:
@@ -172,7 +173,12 @@ def judge_largest(base: dict | None, ours: list[dict], target: str) -> dict | No
     elif ratio >= TARGET_BATCH_RATIO:
         result = "PASS"
     else:
-        result = "UNDECIDED (vutrain's search was cut short)" if _cut_short(best) else "FAIL"
+        # Not only the best: any vutrain search that did not finish may hide a larger batch
+        # (with a deadline, the checkpointed searches come last and are the ones cut).
+        unfinished = [r["variant"] for r in ours if _cut_short(r)]
+        result = (
+            f"UNDECIDED (vutrain's search was cut short: {', '.join(unfinished)})" if unfinished else "FAIL"
+        )
     return {"target": target, "value": round(ratio, 3), "by": best["variant"], "result": result}
 
 
@@ -256,7 +262,11 @@ def report(result: dict, out: str, png: str) -> None:
             shown = (
                 f"{entry['largest_batch']}"
                 + (" (reached --max-batch)" if entry.get("capped") else "")
-                + (" (search stopped at --deadline-min)" if entry.get("stopped") else "")
+                + (
+                    f" (search stopped at {entry.get('stopped_by', '--deadline-min')})"
+                    if entry.get("stopped")
+                    else ""
+                )
                 + (f" (at least; search failed: {entry['error']})" if entry.get("error") else "")
             )
             print(
