@@ -3,7 +3,9 @@
 The deepspeed launcher and torchrun export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / PORT
 (the node-local count as LOCAL_SIZE and LOCAL_WORLD_SIZE respectively); `srun` exports only SLURM_*
 variables (per node: SLURM_STEP_TASKS_PER_NODE at SLURM_NODEID); Open MPI's mpirun exports
-OMPI_COMM_WORLD_*, MPICH's and Intel MPI's PMI_RANK / PMI_SIZE / MPI_LOCAL*; a plain `python` run
+OMPI_COMM_WORLD_*, MPICH's and Intel MPI's PMI_RANK / PMI_SIZE / MPI_LOCAL* (inside a SLURM job its
+ranks also carry the SLURM_* of the srun step that started mpirun's per-node daemons, one task per
+node: the MPI variables win there); a plain `python` run
 exports nothing, and neither does the sbatch script itself for our purpose: it has SLURM_PROCID=0
 and the job's SLURM_NTASKS but no SLURM_STEP_ID, and is one process. `resolve_dist_env()` reads
 whichever is present and returns one validated `DistInfo`, which is passed explicitly from then
@@ -124,6 +126,24 @@ def _in_srun_step(env) -> bool:
     return step.isdigit() and int(step) < _SLURM_SPECIAL_STEPS
 
 
+def _mpi_rank_and_size(env) -> tuple[int | None, int | None]:
+    """(rank, size) from Open MPI's or MPICH / Intel MPI's variables; (None, None) without them."""
+    if _int("OMPI_COMM_WORLD_RANK", env) is not None:
+        return _int("OMPI_COMM_WORLD_RANK", env), _int("OMPI_COMM_WORLD_SIZE", env)
+    return _int("PMI_RANK", env), _int("PMI_SIZE", env)
+
+
+def _mpirun_inside_srun_step(env) -> bool:
+    """True in a rank that mpirun started inside a SLURM job. mpirun starts its per-node daemons
+    (Open MPI's orted, Hydra's proxies) with srun, and its ranks inherit that step's SLURM_PROCID
+    (the node's index) and SLURM_NTASKS (the node count): the MPI variables, which disagree with
+    them, are the ranks' own. Under srun's direct launch (--mpi=pmi2) the two agree."""
+    rank, size = _mpi_rank_and_size(env)
+    if rank is None or size is None:
+        return False
+    return (rank, size) != (_int("SLURM_PROCID", env), _int("SLURM_NTASKS", env))
+
+
 # Where free_port looks: below Linux's default ephemeral range (32768-60999), where the kernel
 # never hands a port to an outgoing connection or a bind to port 0.
 LISTEN_PORTS = range(20000, 32768)
@@ -174,7 +194,10 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
         # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
         local_world = _int("LOCAL_WORLD_SIZE", env) or _int("LOCAL_SIZE", env) or world
     elif (
-        _int("SLURM_PROCID", env) is not None and _int("SLURM_NTASKS", env) is not None and _in_srun_step(env)
+        _int("SLURM_PROCID", env) is not None
+        and _int("SLURM_NTASKS", env) is not None
+        and _in_srun_step(env)
+        and not _mpirun_inside_srun_step(env)
     ):
         launcher = "slurm"
         rank, world = _int("SLURM_PROCID", env), _int("SLURM_NTASKS", env)

@@ -16,6 +16,12 @@ hostfile="$1" env_file="$2"
 shift 2
 [[ -f "$hostfile" ]] || die "hostfile $hostfile does not exist on $(hostname) (is it on a shared file system?)"
 load_deepspeed_env "$env_file"
+# A VUTRAIN_LAUNCH_DIR without %j is one directory for every job: a job starting at the same
+# time rewrites the hostfile and env file under this one's feet.
+shared_dir_hint="if VUTRAIN_LAUNCH_DIR is set, jobs running at once share it: give each job its own with %j, e.g. VUTRAIN_LAUNCH_DIR=/shared/scratch/vutrain-launch/%j"
+if [[ -n "${VUTRAIN_LAUNCH_JOB:-}" && -n "${SLURM_JOB_ID:-}" && "$VUTRAIN_LAUNCH_JOB" != "$SLURM_JOB_ID" ]]; then
+    die "$env_file was written by job $VUTRAIN_LAUNCH_JOB, not by this job $SLURM_JOB_ID; $shared_dir_hint"
+fi
 
 me="${SLURMD_NODENAME:-$(hostname -s)}"
 node_rank=""
@@ -26,7 +32,7 @@ while read -r host _ || [[ -n "$host" ]]; do
     [[ "$host" == "$me" ]] && node_rank=$i
     i=$((i + 1))
 done <"$hostfile"
-[[ -n "$node_rank" ]] || die "node $me is not listed in $hostfile"
+[[ -n "$node_rank" ]] || die "node $me is not listed in $hostfile ($shared_dir_hint)"
 : "${MASTER_ADDR:?MASTER_ADDR must be exported by the batch script}"
 : "${MASTER_PORT:?MASTER_PORT must be exported by the batch script}"
 
