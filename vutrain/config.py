@@ -441,12 +441,16 @@ def shipped_configs() -> list[str]:
 
 def resolve_config_path(name_or_path: str) -> str:
     """A YAML path as given, or the shipped run file of that name (`tiny` or `tiny.yaml`)."""
-    if os.path.exists(name_or_path):
+    if os.path.isfile(name_or_path):
         return name_or_path
     stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
     shipped = os.path.join(CONFIGS_DIR, f"{stem}.yaml")
     if "/" not in name_or_path and os.sep not in name_or_path and os.path.isfile(shipped):
+        # Even beside a folder of that name, e.g. a run directory named after its run file: the
+        # re-run of `--config vit-b-32 output_dir=vit-b-32` failed with "Is a directory".
         return shipped
+    if os.path.exists(name_or_path):
+        return name_or_path  # a folder or a special file: _read_run_file says it cannot be read
     raise ConfigError(
         f"config file not found: {name_or_path}. Give a YAML path or the name of a shipped "
         f"run file: {', '.join(shipped_configs())}"
@@ -542,6 +546,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         "train.max_nonfinite_steps": t.max_nonfinite_steps,
         "eval.batch_size": e.batch_size,
         "model.vocab_size": m.vocab_size,
+        "data.tokenizer_samples": d.tokenizer_samples,  # 0: a bytes-only tokenizer; < 0: islice's ValueError
     }
     for key, value in positive.items():
         if value < 1:
@@ -590,11 +595,16 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
             f"data.num_workers must be >= -1 (-1: auto) and data.prefetch_factor >= 1; got "
             f"{d.num_workers}, {d.prefetch_factor}"
         )
+    if not cfg.output_dir.strip():
+        # e.g. output_dir=$RUN_DIR with the variable unset: FileNotFoundError: '' after the
+        # process group started.
+        raise ConfigError("output_dir is empty; set it to the run directory, e.g. output_dir=runs/my_run")
     if not d.train_shards:
         raise ConfigError(
             "data.train_shards is empty; pass data.train_shards=/path/{00000..00009}.tar "
             "(write synthetic ones with python -m vutrain.data.synthetic)"
         )
+    _validate_caption_template(d.caption_template)
     if t.precision == "fp16" and not cuda_available:
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; on CPU use train.precision=bf16 or fp32")
     _validate_loss(lo)
@@ -665,6 +675,21 @@ def check_templates(templates: list[str]) -> None:
                 f"eval.templates: {template!r} has no '{{}}' for the class name (on the command line a "
                 f"comma separates templates, so a template cannot contain one)"
             )
+
+
+def _validate_caption_template(template: str) -> None:
+    """An unknown placeholder or a template str.format cannot fill, as a ConfigError.
+
+    The data pipeline checks it too, but only after the process group and the run directory
+    exist: `python -m vutrain.config` passed such a template, and training failed with exit 1
+    instead of a config error's 2.
+    """
+    from vutrain.data.captions import template_fields
+
+    try:
+        template_fields(template)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _validate_schedule(t: TrainConfig) -> None:
@@ -848,12 +873,16 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("config error: --get needs a key, e.g. output_dir or train.resume")
         get, argv = argv[1], argv[2:]
     path = None
-    if argv and argv[0].startswith("--config="):  # as train.py's argparse also accepts it
-        argv = ["--config", argv[0].split("=", 1)[1], *argv[1:]]
-    if argv and argv[0] == "--config":
-        if len(argv) < 2:
+    # Wherever train.py's argparse takes it: `k=v ... --config F` too. Only the first place was
+    # read, so the launch scripts' `--get output_dir` of such arguments failed (quietly: an empty
+    # output_dir there, and no train.resume=auto on a requeue).
+    at = next((i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")), None)
+    if at is not None:
+        if argv[at].startswith("--config="):  # as train.py's argparse also accepts it
+            argv = [*argv[:at], "--config", argv[at].split("=", 1)[1], *argv[at + 1 :]]
+        if len(argv) < at + 2:
             raise SystemExit("config error: --config needs a YAML file")
-        path, argv = argv[1], argv[2:]
+        path, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
     try:
         if get is None:
             cfg = load_config(path, argv)

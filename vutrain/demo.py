@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ import time
 from vutrain.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "vutrain", "configs", "tiny.yaml")
 
 # The CPU recipe (tiny.yaml, 2 ranks x 64, 300 steps, fp32) reached 0.49-0.51 on one GPU in bf16:
 # one rank sees half the samples and half the negatives per step. On a GPU a larger batch is
@@ -162,7 +164,7 @@ def train(
     cmd = deepspeed_command(ranks, gpu) + [
         os.path.join(REPO, "vutrain", "train.py"),
         "--config",
-        os.path.join(REPO, "vutrain", "configs", "tiny.yaml"),
+        TINY_CONFIG,
         f"output_dir={run_dir}",
         f"data.train_shards={train_shards}",
         f"data.val_shards={val_shards}",
@@ -185,6 +187,34 @@ def train(
 
 class DemoError(RuntimeError):
     """A step of the demo failed; main() prints it as one line."""
+
+
+def check_shard_count(num_samples: int, shard_size: int, ranks: int, overrides: list[str]) -> None:
+    """DemoError unless the shards the demo writes are enough for its ranks' loader workers.
+
+    The training stream needs a shard per loader worker of every rank (unless data.resampled):
+    `--num-samples 512` (one shard of 512) on 2 CPU ranks failed only after the data was written
+    and the ranks had started, with advice about dataset_tools instead of --shard-size.
+    """
+    from vutrain.config import ConfigError, build_config
+
+    try:
+        data = build_config(TINY_CONFIG, overrides).data
+    except ConfigError:
+        return  # the training run names a bad override in its own words
+    workers = max(1, data.num_workers)  # -1 (auto) picks at least one worker per rank
+    shards = math.ceil(num_samples / shard_size)
+    if data.resampled or shards >= ranks * workers:
+        return
+    largest = num_samples // (ranks * workers)
+    fix = (
+        f"pass --shard-size {largest} or less" if largest else f"pass --num-samples {ranks * workers} or more"
+    )
+    raise DemoError(
+        f"--num-samples {num_samples} in shards of --shard-size {shard_size} makes {shards} training "
+        f"shard(s), fewer than the {ranks} rank(s) x {workers} loader worker(s) (data.num_workers) "
+        f"that each need one: {fix}"
+    )
 
 
 def _positive(text: str) -> int:
@@ -261,6 +291,7 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     where = f"{ranks} GPU rank(s), {precision}" if gpu else f"{ranks} CPU ranks"
 
+    check_shard_count(args.num_samples, args.shard_size, ranks, overrides)
     start = time.time()
     claim_output(args.out)
     print(f"[1/5] writing synthetic shards to {args.out}/data", flush=True)

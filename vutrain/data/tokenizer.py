@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from .captions import template_fields
+from .labels import tag_values
 from .samples import SkipCounter, SkipSample, decode_caption, decode_meta, iter_raw_samples
 from .shards import expand_shards
 
@@ -81,9 +82,12 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
         except SkipSample as e:
             skipped(e.reason, str(e))
             continue
-        tags = meta.get("tags")
-        if isinstance(tags, (list, tuple)) and tags:
-            yield ", ".join(str(t) for t in tags)
+        # Read as the tag positives and the tag metrics read them: tags kept as one
+        # comma-separated string (some metadata sources) were left out of the tokenizer's texts,
+        # although eval/tags_* encodes every tag as a text query.
+        tags = [t.strip() for t in tag_values(meta.get("tags"))]
+        if tags:
+            yield ", ".join(tags)
         if meta.get("category_name"):
             yield str(meta["category_name"])
 
