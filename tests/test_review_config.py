@@ -135,3 +135,31 @@ def test_shipped_run_file_is_found_beside_a_folder_of_its_name(tmp_path, monkeyp
     assert build_config("vit-b-32").output_dir == "runs/vit-b-32"
     with pytest.raises(ConfigError, match="Is a directory"):  # a path is still read as given
         build_config("./vit-b-32")
+
+
+@pytest.mark.parametrize("section", ["zero_optimization", "bf16", "fp16", "optimizer"])
+def test_a_ds_config_section_that_is_not_an_object_is_a_config_error(tmp_path, section):
+    """An older DeepSpeed form such as "zero_optimization": true passed validation, then every rank
+    failed in build_ds_config with "AttributeError: 'bool' object has no attribute 'get'"."""
+    import json
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({section: True}))
+    cfg = build_config(None, [SHARDS, f"train.ds_config={user}"])
+    with pytest.raises(ConfigError, match=f'"{section}" must be a JSON object, got true'):
+        validate(cfg, cuda_available=False)
+
+
+def test_the_older_bfloat16_section_is_checked_like_bf16(tmp_path):
+    """DeepSpeed reads "bfloat16" only without "bf16", which the generated config always has: a
+    "bfloat16": {"enabled": true} in an fp32 run was dropped without a word (the run trained in
+    fp32); it is now held to train.precision as "bf16" is."""
+    import json
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"bfloat16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="sets bfloat16.enabled=true but train.precision=fp32"):
+        validate(build_config(None, [SHARDS, f"train.ds_config={user}"]), cuda_available=False)
+    validate(
+        build_config(None, [SHARDS, f"train.ds_config={user}", "train.precision=bf16"]), cuda_available=False
+    )

@@ -745,6 +745,15 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
     rather than a silent choice between the two (per-group weight decay would override the
     JSON's anyway: no decay on norms, biases and the logit scale).
     """
+    for key in ("zero_optimization", "bf16", "bfloat16", "fp16", "torch_autocast", "optimizer"):
+        # An older DeepSpeed form such as "zero_optimization": true was an AttributeError from
+        # every rank (the generated section is merged with it key by key).
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(
+                f"{source}: {json.dumps(key)} must be a JSON object, got {json.dumps(ds[key])}; write "
+                f'e.g. "zero_optimization": {{"stage": {t.zero_stage}}} or leave the section out '
+                "(train.* sets it)"
+            )
     if "scheduler" in ds:
         raise ConfigError(
             f'{source} has a "scheduler" section, but the trainer owns the LR schedule (linear '
@@ -754,9 +763,11 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
     # Keys train.* decides: DeepSpeed would follow the JSON while config.yaml, the logs and the
     # trainer's own precision handling (autocast, the non-finite guard) follow train.*.
     decided = [("gradient_clipping", ds.get("gradient_clipping", "auto"), t.grad_clip, "train.grad_clip")]
-    for half in ("bf16", "fp16"):
-        got = _section(ds, half).get("enabled", "auto")
-        decided.append((f"{half}.enabled", got, t.precision == half, "train.precision"))
+    # "bfloat16" is DeepSpeed's older name of "bf16": ignored beside the generated "bf16", so an
+    # "enabled" there that disagrees with train.precision was dropped without a word.
+    for section, precision in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16")):
+        got = _section(ds, section).get("enabled", "auto")
+        decided.append((f"{section}.enabled", got, t.precision == precision, "train.precision"))
     # DeepSpeed autocasts the forward wherever this section says so: an fp32 run trained in bf16,
     # an amp_bf16 run in fp16 (no loss scale), while config.yaml and the logs said otherwise.
     autocast, amp = _section(ds, "torch_autocast"), t.precision == "amp_bf16"
