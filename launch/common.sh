@@ -199,6 +199,25 @@ forward_preemption() {
     log "batch script got SIG$1: forwarding SIGUSR1 to the job steps of job $SLURM_JOB_ID"
     PREEMPT_SIGNAL="$1"
     scancel --signal=USR1 "$SLURM_JOB_ID" || log "scancel --signal=USR1 $SLURM_JOB_ID failed"
+    start_preemption_resender
+}
+
+# start_preemption_resender: send SIGUSR1 again every VUTRAIN_PREEMPT_RESEND_S seconds (default
+# 30; 0: never) until the step exits. Under deepspeed.sbatch a rank still starting up inherits
+# ds_node.sh's ignored USR1 until the trainer installs its handler: a signal that came then was
+# lost, and the job ran on to its time limit without a checkpoint or a requeue. The trainer takes
+# a repeated USR1 as the same request.
+start_preemption_resender() {
+    local every="${VUTRAIN_PREEMPT_RESEND_S:-30}"
+    [[ -z "${PREEMPT_RESENDER:-}" && "$every" != 0 ]] || return 0
+    (
+        trap - USR1 TERM
+        while sleep "$every"; do
+            log "the job steps are still running ${every} s later: sending SIGUSR1 again (a rank that was still starting up ignored it)"
+            scancel --signal=USR1 "$SLURM_JOB_ID" || true
+        done
+    ) &
+    PREEMPT_RESENDER=$!
 }
 
 # run_preemptible OUTPUT_DIR CMD...: run CMD (an srun line) in the background, forward USR1/TERM
@@ -208,6 +227,7 @@ run_preemptible() {
     local out_dir="$1" pid rc
     shift
     PREEMPT_SIGNAL=""
+    PREEMPT_RESENDER=""
     local marker
     marker="$(mktemp)"   # time stamp: a preempted.json newer than this was written by this run
     trap 'forward_preemption USR1' USR1
@@ -222,6 +242,11 @@ run_preemptible() {
     wait "$pid"
     rc=$?
     trap - USR1 TERM
+    if [[ -n "${PREEMPT_RESENDER:-}" ]]; then
+        kill "$PREEMPT_RESENDER" 2>/dev/null
+        wait "$PREEMPT_RESENDER" 2>/dev/null
+        PREEMPT_RESENDER=""
+    fi
     log "training step exited with code $rc${PREEMPT_SIGNAL:+ after SIG$PREEMPT_SIGNAL}"
     local preempted=0
     if [[ "$rc" == "$VUTRAIN_EXIT_PREEMPTED" ]]; then

@@ -13,12 +13,14 @@ gloo) on synthetic shards. Covered:
 - both scripts, 2 nodes x 1 rank, preempted while node n2 is drained; the requeued job is resized
   to 1 node (`scontrol update JobId=N NumNodes=1-1 NumTasks=1`), resumes the 2-rank checkpoint at
   world 1 (`train.global_batch_size` keeps the global batch) and finishes, every step logged once.
+- deepspeed.sbatch, 1 node, USR1 while the rank starts up (ignored there): re-sent by the script
+  until the trainer checkpoints; requeued and resumed.
 - srun.sbatch, 1 node x 2 tasks, plain `scancel JOB`: checkpoint, no requeue.
 - the scripts' input errors (tasks not dividing over nodes, WORLD_SIZE mismatch, missing
   hostfile, several tasks per node for deepspeed.sbatch, a HOSTFILE naming other nodes than the
   job's) and make_hostfile.sh.
 
-Runtime on 2 cores: about 6 minutes, 2 of them the two fewer-nodes tests (plus the one-off
+Runtime on 2 cores: about 7 minutes, 2 of them the two fewer-nodes tests (plus the one-off
 apt-get install on a fresh machine).
 Skips, with the reason, when SLURM is absent and we are not root to install it.
 """
@@ -220,6 +222,33 @@ def test_preempt_requeue_resume(cluster, shards, tmp_path, script, sbatch_args, 
     assert steps[step:] == list(range(step + 1, PREEMPT_STEPS + 1)), steps  # continued, nothing repeated
     assert not (out / "preempted.json").exists()  # removed when the resumed run started
     assert_finished(out, text, PREEMPT_STEPS)
+
+
+def test_preemption_during_start_up_is_not_lost(cluster, shards, tmp_path):
+    """deepspeed.sbatch: SIGUSR1 while the rank is still starting up (its launcher spawned it, the
+    trainer has no handler yet). The rank inherits ds_node.sh's ignored USR1, so that signal is
+    lost; the batch script sends it again every VUTRAIN_PREEMPT_RESEND_S seconds until the step
+    exits. Before, the job ran on without a checkpoint or a requeue (to its time limit on a real
+    cluster: state TIMEOUT, resubmitted by hand)."""
+    out = tmp_path / "run"
+    steps = 80  # one rank steps in about 0.2 s: a re-sent signal must land while it trains
+    args = trainer_args(out, shards, steps)
+    job, log = submit(cluster, tmp_path, "deepspeed.sbatch", ["-N", "1"], args, VUTRAIN_PREEMPT_RESEND_S="3")
+    deadline = time.time() + 120
+    while "spawned with command" not in read_log(log):  # the launcher started the rank
+        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), read_log(log)
+        assert time.time() < deadline, read_log(log)[-4000:]
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    assert not metrics_steps(out), "the trainer stepped before the signal: not a start-up signal"
+    info = cluster.wait_job(job, timeout=360)
+    text = read_log(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
+    assert "sending SIGUSR1 again" in text, text[-6000:]
+    m = re.search(r"preempted at step (\d+)", text)
+    assert m, text[-6000:]
+    assert f"resuming at step {m.group(1)}" in text, text[-6000:]
+    assert json.loads((out / "done.json").read_text())["step"] == steps
 
 
 def test_scancel_checkpoints_without_requeue(cluster, shards, tmp_path):
