@@ -117,9 +117,10 @@ allocation_tasks() {
 }
 
 # default_master_port: a port derived from the job id so two jobs sharing a node do not clash
-# (the same rule the trainer applies when MASTER_PORT is unset).
+# (the same rule the trainer applies when MASTER_PORT is unset): 20000-32767, below Linux's
+# ephemeral range, where an outgoing connection could hold it (`% 20000` reached 39999).
 default_master_port() {
-    echo $((20000 + ${SLURM_JOB_ID:-0} % 20000))
+    echo $((20000 + ${SLURM_JOB_ID:-0} % 12768))
 }
 
 # check_world_size WORLD: a WORLD_SIZE exported by the user must match what the tasks give.

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import socket
+import subprocess
 
 import pytest
 
@@ -27,6 +29,7 @@ from vutrain.distributed import (
 )
 
 CPU = {"VUTRAIN_DEVICE": "cpu"}  # the same answer on a GPU machine
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
@@ -258,3 +261,28 @@ def test_free_port_does_not_follow_the_seeded_global_generator():
     finally:
         random.setstate(state)
     assert not all(picks)
+
+
+def test_job_derived_master_port_stays_below_the_ephemeral_range():
+    """`20000 + job % 20000` gave job 15000 port 35000, inside Linux's ephemeral range (32768+),
+    where an outgoing connection on the node may hold it when rank 0 binds it. The trainer's rule
+    and launch/common.sh's default_master_port must also agree (step 0)."""
+    for job in (0, 4242, 12767, 12768, 15000, 19999, 123456):
+        env = {
+            **CPU,
+            "SLURM_JOB_ID": str(job),
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "2",
+            "SLURM_STEP_ID": "0",
+        }
+        port = resolve_dist_env(env).master_port
+        assert port in LISTEN_PORTS, (job, port)
+        shell = subprocess.run(
+            ["bash", "-c", f"source {REPO}/launch/common.sh && SLURM_JOB_ID={job} default_master_port"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert int(shell.stdout) == port, (job, shell.stdout, port)
+        later_step = resolve_dist_env(dict(env, SLURM_STEP_ID="7")).master_port
+        assert later_step in LISTEN_PORTS and later_step != port, (job, later_step)

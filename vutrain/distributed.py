@@ -248,7 +248,10 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
             # id, so two srun steps of one job running side by side do not either (step 0 gets
             # launch/common.sh's default_master_port).
             step = (_int("SLURM_STEP_ID", env) or 0) if launcher == "slurm" else 0
-            port = 20000 + (job + 1000 * step) % 20000
+            # Within LISTEN_PORTS: `% 20000` reached 39999, and above 32767 (Linux's ephemeral
+            # range, about a third of job ids) an outgoing connection on the node can hold the
+            # port when rank 0 binds it (EADDRINUSE at the rendezvous).
+            port = LISTEN_PORTS.start + (job + 1000 * step) % len(LISTEN_PORTS)
         else:
             port = 29500
     device, backend = resolve_device(local_rank, env, local_world)
