@@ -22,6 +22,9 @@ while getopts "s:o:h" opt; do
     esac
 done
 shift $((OPTIND - 1))
+# Hosts as separate arguments ("-s 8 gpu01 gpu02") wrote a hostfile of gpu01 alone.
+given="$*"
+(( $# <= 1 )) || die "one node list, comma-separated: got $# arguments ($given); pass '${given// /,}' (or SLURM's 'gpu[01-04]')."
 nodelist="${1:-${SLURM_JOB_NODELIST:-}}"
 [[ -n "$nodelist" ]] || die "no node list: pass one (e.g. 'gpu[01-04]' or 'a,b') or run inside a SLURM allocation."
 
@@ -33,7 +36,8 @@ is_uint "$slots" && (( slots > 0 )) || die "slots must be a positive integer, go
 
 if [[ "$nodelist" != *[\[\]]* ]]; then
     # A plain comma list needs no scontrol (which fails where it finds no SLURM configuration).
-    hosts="${nodelist//,/$'\n'}"
+    # Commas or blanks: "n1 n2" was one host "n1n2".
+    hosts="$(tr ', \t' '\n\n\n' <<<"$nodelist")"
 elif command -v scontrol >/dev/null 2>&1; then
     hosts="$(scontrol show hostnames "$nodelist")" || die "scontrol could not expand node list '$nodelist'."
 else

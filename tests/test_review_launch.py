@@ -168,3 +168,20 @@ def test_mpirun_inside_a_slurm_job_forms_one_group(cluster, tmp_path):
     written = {path.name: path.read_text() for path in results.iterdir()}
     assert written == {f"rank{r}": f"mpi {r} 4 6" for r in range(4)}, text
     assert info["JobState"] == "COMPLETED", f"{info}\n{text}"
+
+
+def test_make_hostfile_takes_one_node_list_and_blanks_as_separators(tmp_path):
+    """`make_hostfile.sh -s 8 gpu01 gpu02` wrote a hostfile of gpu01 alone (the rest was dropped
+    without a word), and "n1 n2" became the one host "n1n2"."""
+    import subprocess
+
+    def run(*args):
+        return subprocess.run(
+            ["bash", str(REPO / "launch" / "make_hostfile.sh"), *args], capture_output=True, text=True
+        )
+
+    proc = run("-s", "8", "gpu01", "gpu02")
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert "got 2 arguments (gpu01 gpu02); pass 'gpu01,gpu02'" in proc.stderr, proc.stderr
+    assert run("-s", "2", "n1 n2").stdout == "n1 slots=2\nn2 slots=2\n"
+    assert run("-s", "1", "a, b,,c,").stdout == "a slots=1\nb slots=1\nc slots=1\n"
