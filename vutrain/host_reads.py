@@ -125,29 +125,33 @@ class HostReads(TorchDispatchMode):
 
         return call
 
-    def _count(self, prefix: str = "") -> None:
+    def _site(self) -> str:
         outside = [
             f
             for f in traceback.extract_stack()[:-2]
             if f"{os.sep}torch{os.sep}" not in f.filename and f.filename not in (__file__, warnings.__file__)
         ]
-        where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in outside[-self.frames :])
+        return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in outside[-self.frames :])
+
+    def _count(self, prefix: str = "", where: str | None = None) -> str:
+        where = self._site() if where is None else where
         self.sites[prefix + where] += 1
+        return where
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         wait = None if self._paused else _wait_kind(func, args, kwargs)
         if wait is None or self.device_type not in (None, wait[1].device.type):
             return func(*args, **kwargs)
-        self._count(wait[0])
-        self._counted += 1  # torch's sync detector must not count this wait a second time
-        try:
-            return func(*args, **kwargs)
-        finally:
-            self._counted -= 1
+        # torch's sync detector must not count this wait a second time. Its report of a sync inside
+        # the op reaches Python only when the call that started the op returns, after this method
+        # (the Python binding flushes the C++ warnings then): it is matched by the site instead.
+        self._rule_sites.add(self._count(wait[0]))
+        return func(*args, **kwargs)
 
     def __enter__(self):
         self._counted = 0
+        self._rule_sites: set[str] = set()
         restores = [self._count_synchronize(), self._count_tolist(), self._count_sync_warnings()]
         self._restore = lambda: [restore() for restore in reversed(restores)]
         return super().__enter__()
@@ -175,7 +179,9 @@ class HostReads(TorchDispatchMode):
                 return shown(message, category, filename, lineno, file, line)
             # Only this thread's waits (a loader's pin-memory thread does not hold up the step).
             if not self._paused and not self._counted and threading.get_ident() == owner:
-                self._count("sync ")
+                where = self._site()
+                if where not in self._rule_sites:  # else the wait a rule counted at this site
+                    self._count("sync ", where)
 
         warnings.showwarning = hook
         mode = None
@@ -221,7 +227,9 @@ class HostReads(TorchDispatchMode):
 
         def wrap(original, device_type):
             def counted(*args, **kwargs):
-                if self._paused or self.device_type not in (None, device_type):
+                # _counted: inside a wait counted already (DeepSpeed's CUDA accelerator's
+                # synchronize is torch.cuda.synchronize: one wait, not two)
+                if self._paused or self._counted or self.device_type not in (None, device_type):
                     return original(*args, **kwargs)
                 self._count("synchronize ")
                 self._counted += 1
