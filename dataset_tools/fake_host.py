@@ -15,6 +15,7 @@ truncated     announces a Content-Length longer than the body it sends
 notimage      200 ``image/jpeg`` with an HTML body
 truncated_maxres / notimage_maxres / grey_maxres   only maxresdefault is truncated / HTML / a
               full-size grey placeholder with status 200; the other variants exist
+chunked_truncated_maxres   maxresdefault is sent chunked (no Content-Length) and cut mid-chunk
 huge_pixels   a valid JPEG of 3000x3000 pixels (small file)
 huge_bytes    a 2 MB body
 noai          a valid image with ``X-Robots-Tag: noai``
@@ -184,6 +185,8 @@ class FakeThumbnailHost:
             return self._send(req, 404, PLACEHOLDER)
         if kind == "placeholder200" and variant == "maxresdefault":
             return self._send(req, 200, PLACEHOLDER)
+        if kind == "chunked_truncated_maxres" and variant == "maxresdefault":
+            return self._send_cut_chunk(req, self.image(video_id, variant))
         if kind in ("truncated_maxres", "notimage_maxres", "grey_maxres") and variant == "maxresdefault":
             body = self.image(video_id, variant)
             if kind == "truncated_maxres":
@@ -212,6 +215,20 @@ class FakeThumbnailHost:
             return self._send(req, 200, self.image(kind.split(":", 1)[1], variant))
         headers = {"X-Robots-Tag": "noai"} if kind == "noai" else None
         return self._send(req, 200, self.image(video_id, variant), headers=headers)
+
+    @staticmethod
+    def _send_cut_chunk(req, body: bytes) -> None:
+        """One chunk announced for the whole body, half of it sent, then the connection closed."""
+        try:
+            req.send_response(200)
+            req.send_header("Content-Type", "image/jpeg")
+            req.send_header("Transfer-Encoding", "chunked")
+            req.send_header("Connection", "close")
+            req.close_connection = True
+            req.end_headers()
+            req.wfile.write(b"%x\r\n" % len(body) + body[: len(body) // 2])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     @staticmethod
     def _send(

@@ -101,7 +101,12 @@ def _read_body(resp, cfg: PolitenessConfig, started: float) -> bytes:
     while True:
         # read1 returns what has arrived, so a server dripping bytes cannot hold us past the
         # deadline by more than one socket timeout (read(n) would wait for all n bytes).
-        chunk = resp.read1(_CHUNK)
+        try:
+            chunk = resp.read1(_CHUNK)
+        except http.client.IncompleteRead:
+            # A chunked body (no Content-Length) cut short: the same truncation as a body shorter
+            # than its Content-Length, not a connection error that would stop the ladder.
+            raise _Retryable(ERR_TRUNCATED) from None
         if not chunk:
             break
         chunks.append(chunk)

@@ -66,6 +66,10 @@ for _cid, _name in sorted(CATEGORY_NAMES.items(), reverse=True):
 
 _YOUTUBE_HOSTS = ("youtube.com", "youtube-nocookie.com")
 _PATH_ID_PREFIXES = ("shorts", "embed", "v", "e", "live")
+# Embed paths that name no video yet have the shape of an id: ``embed/videoseries?list=PL...``
+# (a playlist) and ``embed/live_stream?channel=UC...`` (a channel's live stream). Taken as ids,
+# every such row collapsed into one bogus "video" instead of being rejected.
+_PSEUDO_IDS = frozenset({"videoseries", "live_stream"})
 
 
 def normalize_video_id(value: object) -> str | None:
@@ -82,7 +86,9 @@ def normalize_video_id(value: object) -> str | None:
         return text
     if not text or " " in text:
         return None
-    if "://" not in text:
+    if text.startswith("//"):
+        text = "https:" + text  # protocol-relative, as in an <iframe src="//www.youtube.com/...">
+    elif "://" not in text:
         text = "https://" + text
     try:
         parsed = urlparse(text)
@@ -96,7 +102,7 @@ def normalize_video_id(value: object) -> str | None:
     elif any(host == h or host.endswith("." + h) for h in _YOUTUBE_HOSTS):
         if parts and parts[0] == "watch":
             candidate = (parse_qs(parsed.query).get("v") or [None])[0]
-        elif len(parts) >= 2 and parts[0] in _PATH_ID_PREFIXES:
+        elif len(parts) >= 2 and parts[0] in _PATH_ID_PREFIXES and parts[1] not in _PSEUDO_IDS:
             candidate = parts[1]
         elif not parts or parts[0] in ("attribution_link",):
             candidate = None
