@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from worker_ports import free_port
@@ -220,3 +221,25 @@ class SlurmCluster:
         raise TimeoutError(
             f"job {job_id} not in {states} after {timeout}s: {info}\n{self._tail('slurmctld.log')}"
         )
+
+
+def running_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """Body of the SLURM test modules' `cluster` fixture: nodes n1 and n2, stopped afterwards.
+
+    Skips, with the reason, where SLURM cannot be installed; under CI=true (root) it must run.
+    """
+    import pytest
+
+    reason = ensure_slurm_installed()
+    if reason and os.environ.get("CI") == "true":
+        pytest.fail(f"SLURM tests cannot run in CI: {reason}")
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=("n1", "n2"))
+    try:
+        cluster.start()
+    except Exception:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()

@@ -28,7 +28,6 @@ Skips, with the reason, when SLURM is absent and we are not root to install it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 import pytest
 from worker_ports import free_port
 
-from slurm_cluster import REPO, SlurmCluster, ensure_slurm_installed
+from slurm_cluster import REPO, SlurmCluster, running_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -51,19 +50,7 @@ TRAINER_WORLD_2 = "vutrain: world_size=2 "
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = ensure_slurm_installed()
-    if reason and os.environ.get("CI") == "true":  # CI runs as root: these tests must run there
-        pytest.fail(f"SLURM tests cannot run in CI: {reason}")
-    if reason:
-        pytest.skip(reason)
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=("n1", "n2"))
-    try:
-        c.start()
-    except Exception:
-        c.stop()
-        raise
-    yield c
-    c.stop()
+    yield from running_cluster(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,17 @@ def _resume_under_another_precision(rank, world, run_dir, stage, saved_precision
     return saved, _full_state(resumed), state
 
 
+def _assert_same_state(want: dict, got: dict) -> None:
+    """Bit for bit: every tensor of each parameter, and the scalars (keys starting with "_")."""
+    assert got.keys() == want.keys()
+    for name, values in want.items():
+        if name.startswith("_"):
+            assert got[name] == values, name
+        else:
+            for a, b in zip(got[name], values, strict=True):
+                assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("stage,saved,resumed", [(1, "fp32", "bf16"), (3, "bf16", "fp32")])
 def test_resume_under_another_precision_restores_the_state_exactly(tmp_path, stage, saved, resumed):
     """train.precision fp32 <-> bf16 (what the non-finite-loss error tells the user to try). DeepSpeed
@@ -166,13 +177,7 @@ def test_resume_under_another_precision_restores_the_state_exactly(tmp_path, sta
         init_process_group=False,
     )[0]
     assert state["step"] == 3 and state["data"] == {"position": 7}
-    assert got.keys() == want.keys()
-    for name, values in want.items():
-        if name.startswith("_"):
-            assert got[name] == values, name
-        else:
-            for a, b in zip(got[name], values, strict=True):
-                assert torch.equal(a, b), name
+    _assert_same_state(want, got)
 
 
 def _zero0_state(engine) -> dict:
@@ -234,14 +239,9 @@ def test_zero0_resume_under_another_precision_restores_the_state_exactly(tmp_pat
         init_process_group=False,
     )[0]
     assert state["step"] == 3 and state["data"] == {"position": 7}
-    assert got.keys() == want.keys()
-    for name, values in want.items():
-        if name.startswith("_"):
-            assert got[name] == values, name
-        else:
-            for a, b in zip(got[name], values, strict=True):
-                assert torch.equal(a, b), name
-            assert torch.equal(module_weights[name], values[0].to(weight_dtype)), name
+    _assert_same_state(want, got)
+    for name, weight in module_weights.items():
+        assert torch.equal(weight, want[name][0].to(weight_dtype)), name
 
 
 def _resume_under_another_precision_on_a_full_disk(rank, world, run_dir):
