@@ -144,3 +144,52 @@ def test_rerunning_a_finished_run_keeps_its_done_marker(tiny_shards, tmp_path, s
     assert os.path.exists(os.path.join(run_dir, "done.json"))
     train(tiny_shards, run_dir, steps=2, **kept)
     assert os.path.exists(os.path.join(run_dir, "done.json"))
+
+
+def _tokenizer_json(run_dir: str) -> str:
+    with open(os.path.join(run_dir, "tokenizer", "tokenizer.json"), encoding="utf-8") as fh:
+        return fh.read()
+
+
+def test_a_fresh_start_trains_its_own_tokenizer(tiny_shards, tmp_path, single_process):
+    """train.resume=never over a used run directory with another model.vocab_size: the previous
+    run's preset tokenizer was reused without a word (the new model sized by it, not by the key).
+    It is now moved aside with the old checkpoints and metrics, and trained again."""
+    run_dir = str(tmp_path / "run")
+    train(tiny_shards, run_dir, steps=1, model__vocab_size=300, train__checkpoint_every=0, eval__every=0)
+    first = _tokenizer_json(run_dir)
+    train(
+        tiny_shards,
+        run_dir,
+        steps=1,
+        model__vocab_size=400,
+        train__resume="never",
+        train__checkpoint_every=0,
+        eval__every=0,
+    )
+    assert _tokenizer_json(run_dir) != first
+    aside = [name for name in os.listdir(run_dir) if name.startswith("tokenizer.replaced-")]
+    assert len(aside) == 1, os.listdir(run_dir)
+    with open(os.path.join(run_dir, aside[0], "tokenizer.json"), encoding="utf-8") as fh:
+        assert fh.read() == first
+
+
+def test_a_run_resumed_from_another_runs_checkpoint_takes_its_tokenizer(
+    tiny_shards, tmp_path, single_process
+):
+    """train.resume=<another run's checkpoint> into a new output_dir: the new run trained its own
+    preset tokenizer on its own settings (here fewer `data.tokenizer_samples`), so the checkpoint's
+    embeddings met other token ids (or another vocabulary size: a shape error). It now copies the
+    checkpoint's run's tokenizer."""
+    first_dir, second_dir = str(tmp_path / "a"), str(tmp_path / "b")
+    train(tiny_shards, first_dir, steps=2, train__checkpoint_every=2, eval__every=0)
+    train(
+        tiny_shards,
+        second_dir,
+        steps=3,
+        train__resume=os.path.join(first_dir, "checkpoints"),
+        data__tokenizer_samples=40,
+        train__checkpoint_every=0,
+        eval__every=0,
+    )
+    assert _tokenizer_json(second_dir) == _tokenizer_json(first_dir)

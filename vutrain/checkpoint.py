@@ -494,11 +494,41 @@ def resolve_resume(resume: str, run_dir: str, verbose: bool = True) -> tuple[str
     return found
 
 
+def run_dir_of(resume: str) -> str:
+    """The run directory a train.resume path belongs to (a tag or a checkpoints directory)."""
+    path = os.path.abspath(resume)
+    if TAG_RE.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, MARKER)):
+        path = os.path.dirname(path)
+    return os.path.dirname(path)
+
+
+def adopt_tokenizer(resume: str, run_dir: str) -> str | None:
+    """A preset's tokenizer for a run resumed from another run's checkpoint: that run's, copied.
+
+    The token ids of the checkpoint's embeddings are that tokenizer's; this run trained its own
+    on its own shards, template and vocab size, which matched the checkpoint only by chance (same
+    size: wrong ids without a word; another size: a shape error inside DeepSpeed). Returns the copy.
+    """
+    if resume in ("auto", "never") or os.path.exists(os.path.join(run_dir, "tokenizer")):
+        return None
+    source = os.path.join(run_dir_of(resume), "tokenizer")
+    if not os.path.isfile(os.path.join(source, "tokenizer.json")):
+        return None
+    if os.path.realpath(source) == os.path.realpath(os.path.join(run_dir, "tokenizer")):
+        return None
+    target = os.path.join(run_dir, "tokenizer")
+    shutil.copytree(source, target + ".tmp", dirs_exist_ok=True)
+    os.replace(target + ".tmp", target)
+    log.info("train.resume=%s: using that run's tokenizer (%s), copied to %s", resume, source, target)
+    return target
+
+
 def move_aside(run_dir: str) -> list[str]:
-    """train.resume=never on a used run directory: keep the old checkpoints and metrics, renamed."""
+    """train.resume=never on a used run directory: keep the old checkpoints, metrics and preset
+    tokenizer (the token ids of those checkpoints), renamed."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     moved = []
-    for name in ("checkpoints", "metrics.jsonl"):
+    for name in ("checkpoints", "metrics.jsonl", "tokenizer"):
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
             stem, ext = os.path.splitext(name)

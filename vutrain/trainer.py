@@ -233,9 +233,19 @@ class Trainer:
     # ------------------------------------------------------------------ builders
 
     def _prepare_run_dir(self) -> None:
-        """Rank 0 writes the resolved config and clears last run's end markers; all ranks wait."""
+        """Rank 0 writes the resolved config and clears last run's end markers; all ranks wait.
+
+        train.resume=never moves the previous run's checkpoints, metrics and preset tokenizer
+        aside first: the tokenizer is trained again for this run (it was reused without a word,
+        so a fresh start with another model.vocab_size, caption template or data kept the old one).
+        A run resumed from another run's checkpoint takes that run's preset tokenizer.
+        """
         if self.info.is_main:
+            if self.cfg.train.resume == "never":
+                ckpt.move_aside(self.run_dir)
             os.makedirs(self.run_dir, exist_ok=True)
+            if not self.cfg.model.name_or_path:  # a preset: its token ids are its tokenizer's
+                ckpt.adopt_tokenizer(self.cfg.train.resume, self.run_dir)
             save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
             for stale in ("preempted.json", "done.json"):
                 if os.path.exists(os.path.join(self.run_dir, stale)):
@@ -346,9 +356,7 @@ class Trainer:
         """
         resume = self.cfg.train.resume
         target = ckpt.resolve_resume(resume, self.run_dir, verbose=self.info.is_main)
-        if target is None:
-            if resume == "never" and self.info.is_main:
-                ckpt.move_aside(self.run_dir)
+        if target is None:  # train.resume=never moved the last run aside already (_prepare_run_dir)
             self.metrics.truncate_after(0)
             barrier()
             return
