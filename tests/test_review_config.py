@@ -163,3 +163,11 @@ def test_the_older_bfloat16_section_is_checked_like_bf16(tmp_path):
     validate(
         build_config(None, [SHARDS, f"train.ds_config={user}", "train.precision=bf16"]), cuda_available=False
     )
+
+
+def test_an_output_dir_that_is_a_file_is_a_config_error(tmp_path):
+    """It failed after the process group started, with a bare "FileExistsError: [Errno 17]" line."""
+    path = tmp_path / "run"
+    path.write_text("")
+    with pytest.raises(ConfigError, match=f"output_dir={path} is a file; give a directory"):
+        validate(build_config(None, [SHARDS, f"output_dir={path}"]), cuda_available=False)

@@ -599,6 +599,9 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         # e.g. output_dir=$RUN_DIR with the variable unset: FileNotFoundError: '' after the
         # process group started.
         raise ConfigError("output_dir is empty; set it to the run directory, e.g. output_dir=runs/my_run")
+    if os.path.isfile(cfg.output_dir):
+        # Found after the process group started, as a bare "FileExistsError: [Errno 17]" line.
+        raise ConfigError(f"output_dir={cfg.output_dir} is a file; give a directory (new or a run's)")
     if not d.train_shards:
         raise ConfigError(
             "data.train_shards is empty; pass data.train_shards=/path/{00000..00009}.tar "
