@@ -48,7 +48,7 @@ def check_shard_lists(cfg, log_warnings: bool) -> None:
     With data.allow_missing_shards the spec is replaced by the list of shards that exist, so the
     data pipeline and the saved config.yaml name exactly what is read.
     """
-    from vutrain.data.shards import check_shards
+    from vutrain.data.shards import check_openable, check_shards
 
     d = cfg.data
     for key in ("train_shards", "val_shards"):
@@ -56,6 +56,7 @@ def check_shard_lists(cfg, log_warnings: bool) -> None:
         if key == "val_shards" and not spec:
             continue
         found, missing = check_shards(spec, f"data.{key}", d.allow_missing_shards)
+        check_openable(found, f"data.{key}")  # a URL scheme gopen has no handler for (s3://)
         if missing:
             if log_warnings:
                 logging.getLogger("vutrain").warning(

@@ -22,6 +22,33 @@ def is_remote(url: str) -> bool:
     return bool(_REMOTE.match(url)) and not url.startswith("file://")
 
 
+def check_openable(shards: list[str], key: str) -> list[str]:
+    """``shards``, after checking that ``webdataset.gopen`` has a handler for every URL's scheme.
+
+    gopen raises ValueError for a scheme it has none for (``s3://``, ``az://``...) only when a
+    loader worker opens the shard: a worker traceback at the first batch, after start-up.
+    GOPEN_REWRITE rules are applied first, as gopen does.
+
+    Raises:
+        ShardListError: naming the first such URL and how to read it instead.
+    """
+    remote = [url for url in shards if is_remote(url)]
+    if not remote:
+        return shards
+    from urllib.parse import urlparse
+
+    from webdataset.gopen import gopen_schemes, rewrite_url
+
+    for url in remote:
+        scheme = urlparse(rewrite_url(url)).scheme
+        if scheme not in ("", "file") and scheme not in gopen_schemes:
+            raise ShardListError(
+                f"{key}: webdataset.gopen cannot open {scheme}:// URLs ({url}); read them through a "
+                "pipe: command (for S3: 'pipe:aws s3 cp s3://bucket/x.tar -') or map them with GOPEN_REWRITE"
+            )
+    return shards
+
+
 class ShardListError(ValueError):
     """A shard spec that names missing shards; the message is one line that says what to do."""
 

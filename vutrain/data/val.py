@@ -15,7 +15,7 @@ import torch
 from .captions import template_fields
 from .labels import tag_values
 from .samples import SkipCounter, SkipSample, decode_meta, decode_sample, iter_raw_samples
-from .shards import expand_shards
+from .shards import check_openable, expand_shards
 
 
 class ValStream:
@@ -45,7 +45,7 @@ class ValStream:
         template_fields(caption_template)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.shards = expand_shards(shards, "data.val_shards")
+        self.shards = check_openable(expand_shards(shards, "data.val_shards"), "data.val_shards")
         self.preprocess, self.tokenize, self.batch_size = preprocess, tokenize, batch_size
         self.rank, self.world_size = rank, world_size
         self.caption_template, self.label_field = caption_template, label_field
@@ -147,7 +147,7 @@ def collect_label_values(shards: str, field: str = "category_name") -> list[str]
     """
     values: set[str] = set()
     skipped = SkipCounter()
-    for url in expand_shards(shards, "data.val_shards"):
+    for url in check_openable(expand_shards(shards, "data.val_shards"), "data.val_shards"):
         for raw in iter_raw_samples(url, skipped):
             try:
                 value = decode_meta(raw).get(field)

@@ -64,7 +64,7 @@ from .epoch_remainder import (
 from .labels import POSITIVES, collate_labels, sample_label
 from .preprocess import make_preprocess
 from .samples import SkipCounter, SkipSample, decode_sample, decode_sample_bytes, iter_raw_samples
-from .shards import count_samples, expand_shards
+from .shards import check_openable, count_samples, expand_shards
 from .val import ValStream, collect_label_values, iter_val_batches
 
 __all__ = [
@@ -420,7 +420,7 @@ class TrainStream:
                 f"need batch_size >= 1, num_workers >= -1 and prefetch_factor >= 1; got "
                 f"{batch_size}, {num_workers}, {prefetch_factor}"
             )
-        self.shards = expand_shards(shards, "data.train_shards")
+        self.shards = check_openable(expand_shards(shards, "data.train_shards"), "data.train_shards")
         self.auto_workers = num_workers == -1
         if self.auto_workers:
             num_workers = auto_num_workers(len(self.shards), world_size, local_world_size, resampled)
