@@ -193,3 +193,18 @@ def test_a_run_resumed_from_another_runs_checkpoint_takes_its_tokenizer(
         eval__every=0,
     )
     assert _tokenizer_json(second_dir) == _tokenizer_json(first_dir)
+
+
+def test_two_fresh_starts_within_a_second_keep_both_previous_runs(tmp_path):
+    """move_aside named the folder by the second: the benchmarks, which build a Trainer per
+    configuration in one run directory with train.resume=never, failed on the second within the
+    same second ("OSError: Directory not empty") once the tokenizer moved aside too."""
+    from vutrain.checkpoint import move_aside
+
+    run_dir = tmp_path / "run"
+    for content in ("first", "second"):
+        (run_dir / "tokenizer").mkdir(parents=True)
+        (run_dir / "tokenizer" / "tokenizer.json").write_text(content)
+        move_aside(str(run_dir))
+    kept = sorted(p.read_text() for p in run_dir.glob("tokenizer.replaced-*/tokenizer.json"))
+    assert kept == ["first", "second"]

@@ -533,6 +533,13 @@ def move_aside(run_dir: str) -> list[str]:
         if os.path.exists(path):
             stem, ext = os.path.splitext(name)
             target = os.path.join(run_dir, f"{stem}.replaced-{stamp}{ext}")
+            # Two fresh starts within one second (the benchmarks build one Trainer per
+            # configuration in one run directory): a second folder of the same name was an
+            # OSError ("Directory not empty") in rename.
+            n = 1
+            while os.path.exists(target):
+                target = os.path.join(run_dir, f"{stem}.replaced-{stamp}-{n}{ext}")
+                n += 1
             os.rename(path, target)
             moved.append(target)
     for target in moved:
