@@ -380,6 +380,23 @@ def _start_compare(argv: list[str], out) -> subprocess.Popen:
     )
 
 
+def _sigterm_after(proc: subprocess.Popen, marker: str, timeout: float = 300) -> str:
+    """SIGTERM `proc` after the output line holding `marker` (gpu_bench.sh's time limit); returns
+    the output after it, and checks the exit code a SIGTERM must give (143)."""
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                break
+        proc.terminate()
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=timeout) == 128 + 15, "".join(seen)[-3000:] + rest[-3000:]
+    finally:
+        proc.kill()
+    return rest
+
+
 @needs_open_clip
 @pytest.mark.slow
 def test_compare_stopped_by_a_time_limit_reports_what_it_measured(tmp_path):
@@ -389,16 +406,8 @@ def test_compare_stopped_by_a_time_limit_reports_what_it_measured(tmp_path):
     argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4"]
     argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "1"]
     argv += ["--warmup", "1", "--pool", "16", "--max-batch", "4096", "--search", "vutrain z2 torch"]
-    proc = _start_compare(argv, out)
-    try:
-        for line in proc.stdout:  # stopped inside the largest-batch search, after phase 1
-            if "vutrain z2 torch: batch" in line:
-                break
-        proc.terminate()
-        rest = proc.stdout.read()
-        assert proc.wait(timeout=300) == 128 + 15, rest[-3000:]
-    finally:
-        proc.kill()
+    # Stopped inside the largest-batch search, after phase 1.
+    rest = _sigterm_after(_start_compare(argv, out), "vutrain z2 torch: batch")
     result = json.loads(out.read_text())
     assert result["partial"] is True and "stopped by SIGTERM" in rest
     assert [r["variant"] for r in result["rows"]] == ["vutrain z2 torch", "open_clip"]
@@ -415,24 +424,37 @@ def test_compare_stopped_mid_configuration_keeps_its_measured_batch_sizes(tmp_pa
     argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4,512"]
     argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "40"]
     argv += ["--warmup", "1", "--pool", "8", "--search", "none"]
-    proc = _start_compare(argv, out)
-    try:
-        seen = []
-        for line in proc.stdout:  # batch 4 measured: the signal comes while batch 512 runs
-            seen.append(line)
-            if line.startswith("| vutrain z2 torch | 4 |"):
-                break
-        proc.terminate()
-        rest = proc.stdout.read()
-        assert proc.wait(timeout=120) == 128 + 15, "".join(seen)[-3000:] + rest[-3000:]
-    finally:
-        proc.kill()
+    # Batch 4 measured: the signal comes while batch 512 runs.
+    rest = _sigterm_after(_start_compare(argv, out), "| vutrain z2 torch | 4 |", timeout=120)
     result = json.loads(out.read_text())
     assert result["partial"] is True
     assert [(r["variant"], r["batch_size"], "error" in r) for r in result["rows"]] == [
         ("vutrain z2 torch", 4, False)
     ], result["rows"]
     assert "| vutrain z2 torch | 4 |" in rest  # in the final report too
+
+
+@needs_open_clip
+@pytest.mark.slow
+def test_sigterm_mid_search_keeps_the_search_and_the_ones_it_never_reached(tmp_path):
+    """The search the signal cut and those after it were dropped from `largest`: the report showed
+    no trace of them, and on a GPU the largest-batch target was judged on the finished searches
+    alone (a FAIL where the checkpointed search, last, would have passed)."""
+    out = tmp_path / "compare.json"
+    argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4"]
+    argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "both", "--steps", "1"]
+    argv += ["--warmup", "1", "--pool", "16", "--max-batch", "4096"]
+    argv += ["--search", "vutrain z2 torch,vutrain z2 torch ckpt"]
+    # The first probe of the first search done: the signal cuts the next.
+    rest = _sigterm_after(_start_compare(argv, out), "vutrain z2 torch: batch 8 fits")
+    largest = json.loads(out.read_text())["largest"]
+    assert [e["variant"] for e in largest] == ["vutrain z2 torch", "vutrain z2 torch ckpt"], largest
+    cut, never = largest
+    assert cut["stopped"] and cut["stopped_by"] == "SIGTERM" and not cut["capped"]
+    assert cut["probes"][0] == [8, True] and cut["largest_batch"] >= 8
+    assert cut["largest_batch"] == max(b for b, ok in cut["probes"] if ok)
+    assert never["skipped"] == "stopped by SIGTERM" and "largest_batch" not in never
+    assert "(search stopped at SIGTERM)" in rest and "skipped: stopped by SIGTERM" in rest
 
 
 def test_bench_dispatches_its_subcommands(capsys):
