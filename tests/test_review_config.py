@@ -171,3 +171,24 @@ def test_an_output_dir_that_is_a_file_is_a_config_error(tmp_path):
     path.write_text("")
     with pytest.raises(ConfigError, match=f"output_dir={path} is a file; give a directory"):
         validate(build_config(None, [SHARDS, f"output_dir={path}"]), cuda_available=False)
+
+
+@pytest.mark.parametrize("text,expected", [("010", 10), ("0x10", 16), ("9007199254740993", 2**53 + 1)])
+def test_integer_values_are_read_exactly(tmp_path, text, expected):
+    """YAML 1.1 made `seed=010` the octal 8 (in a run file too), and every int went through float:
+    2**53 + 1 came back as 2**53."""
+    assert build_config(None, [f"seed={text}"]).seed == expected
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"seed: {text}\ntrain:\n  max_steps: {text}\n")
+    cfg = build_config(str(run_file))
+    assert (cfg.seed, cfg.train.max_steps) == (expected, expected)
+
+
+def test_a_colon_number_is_refused_not_read_as_sexagesimal(tmp_path):
+    """`train.max_steps=1:30` trained 90 steps (YAML 1.1's base 60) without a word."""
+    with pytest.raises(ConfigError, match="train.max_steps must be an integer, got '1:30'"):
+        build_config(None, ["train.max_steps=1:30"])
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("train:\n  lr: 1:30.5\n")
+    with pytest.raises(ConfigError, match="must be a number, got '1:30.5'"):
+        build_config(str(run_file))

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from vutrain import config_yaml
+
 PRESETS = ("tiny", "vit-b-32", "vit-b-16", "vit-l-14")
 HIDDEN_ACTS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")  # model.hidden_act; "" = HF's default
 PRECISIONS = ("fp32", "bf16", "amp_bf16", "fp16")
@@ -292,6 +294,17 @@ def reference_markdown() -> str:
 # ----------------------------------------------------------------------------- parsing
 
 
+def _exact_int(value: Any) -> int | None:
+    """An integer's text read exactly ("010" is ten, "0x10" sixteen), None for any other text."""
+    text = str(value).strip()
+    for base in (10, 0):  # base 0 reads 0x/0o/0b but refuses the leading zero of "010"
+        try:
+            return int(text, base)
+        except ValueError:
+            pass
+    return None
+
+
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
     if tp is bool:
@@ -306,6 +319,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):  # through float, 2**53 + 1 became 2**53
+            return value
+        exact = _exact_int(value)
+        if exact is not None:
+            return exact
         try:
             as_float = float(value)
         except (TypeError, ValueError):
@@ -396,7 +414,7 @@ def _text_override(raw: str, tp: type) -> Any:
     brackets = tp is list and text.startswith("[") and text.endswith("]")
     if text in ("null", "Null", "NULL", "~") or text[:1] in ("'", '"') or brackets:
         try:
-            value = yaml.safe_load(text)
+            value = config_yaml.load(text)
         except yaml.YAMLError:  # e.g. [a {}, b {}]: YAML reads {} as a mapping
             return text[1:-1] if brackets else text
         if value is None or isinstance(value, (str, list)):
@@ -417,7 +435,7 @@ def apply_override(cfg: RunConfig, item: str) -> None:
         value = _text_override(raw, leaf_type)
     else:
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = config_yaml.load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
     nested: Any = value
@@ -469,7 +487,7 @@ def _read_run_file(path: str) -> Any:
     tracebacks, one per rank, from the launchers)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return yaml.safe_load(fh) or {}
+            return config_yaml.load(fh) or {}
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
