@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vutrain.launcher_ranks import in_srun_step, mpirun_inside_srun_step
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -114,36 +116,6 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
     return counts[node_id] if 0 <= node_id < len(counts) else None
 
 
-# Step ids from here up are SLURM's special steps (batch script, extern, salloc's interactive
-# shell: 0xfffffffa and above in slurm.h), never an srun task.
-_SLURM_SPECIAL_STEPS = 0xFFFFFFFA
-
-
-def _in_srun_step(env) -> bool:
-    """True in a task started by srun; False in the sbatch script or salloc shell itself, which
-    export SLURM_PROCID=0 and the job's SLURM_NTASKS although only this one process runs."""
-    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or ""
-    return step.isdigit() and int(step) < _SLURM_SPECIAL_STEPS
-
-
-def _mpi_rank_and_size(env) -> tuple[int | None, int | None]:
-    """(rank, size) from Open MPI's or MPICH / Intel MPI's variables; (None, None) without them."""
-    if _int("OMPI_COMM_WORLD_RANK", env) is not None:
-        return _int("OMPI_COMM_WORLD_RANK", env), _int("OMPI_COMM_WORLD_SIZE", env)
-    return _int("PMI_RANK", env), _int("PMI_SIZE", env)
-
-
-def _mpirun_inside_srun_step(env) -> bool:
-    """True in a rank that mpirun started inside a SLURM job. mpirun starts its per-node daemons
-    (Open MPI's orted, Hydra's proxies) with srun, and its ranks inherit that step's SLURM_PROCID
-    (the node's index) and SLURM_NTASKS (the node count): the MPI variables, which disagree with
-    them, are the ranks' own. Under srun's direct launch (--mpi=pmi2) the two agree."""
-    rank, size = _mpi_rank_and_size(env)
-    if rank is None or size is None:
-        return False
-    return (rank, size) != (_int("SLURM_PROCID", env), _int("SLURM_NTASKS", env))
-
-
 # Where free_port looks: below Linux's default ephemeral range (32768-60999), where the kernel
 # never hands a port to an outgoing connection or a bind to port 0.
 LISTEN_PORTS = range(20000, 32768)
@@ -196,8 +168,8 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
     elif (
         _int("SLURM_PROCID", env) is not None
         and _int("SLURM_NTASKS", env) is not None
-        and _in_srun_step(env)
-        and not _mpirun_inside_srun_step(env)
+        and in_srun_step(env)
+        and not mpirun_inside_srun_step(env)
     ):
         launcher = "slurm"
         rank, world = _int("SLURM_PROCID", env), _int("SLURM_NTASKS", env)
@@ -226,7 +198,7 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
             )
     else:
         launcher, rank, world, local_rank, local_world = "single", 0, 1, 0, 1
-        if _int("SLURM_NTASKS", env) not in (None, 1) and not _in_srun_step(env):
+        if _int("SLURM_NTASKS", env) not in (None, 1) and not in_srun_step(env):
             logging.getLogger("vutrain").warning(
                 "SLURM job of %s tasks but this process was not started by srun: training in this one "
                 "process; start the script with `srun python ...` for one rank per task",

@@ -21,6 +21,8 @@ import sys
 import warnings
 from collections.abc import Mapping
 
+from vutrain.launcher_ranks import in_srun_step, mpirun_inside_srun_step
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Loggers of libraries that every rank would repeat. "DeepSpeed" is DeepSpeed's own logger (it has
 # its own handler and does not propagate, so a level on a parent would not reach it).
@@ -38,8 +40,6 @@ LIBRARY_LOGGERS = (
     "fsspec",
 )
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-# SLURM's special steps (batch script, extern, salloc's shell) start at this id, as in vutrain/distributed.py.
-_SLURM_SPECIAL_STEPS = 0xFFFFFFFA
 
 
 def process_rank(env: Mapping[str, str] | None = None) -> int:
@@ -52,32 +52,11 @@ def process_rank(env: Mapping[str, str] | None = None) -> int:
         # SLURM_PROCID=0, which every rank of an mpirun started from them inherits. Nor is it one
         # in a rank of an mpirun inside a SLURM job: there it is the node of the srun step that
         # started mpirun's daemons, and every rank of node 0 took itself for rank 0.
-        if name == "SLURM_PROCID" and (not _in_srun_step(env) or _mpirun_inside_srun_step(env)):
+        if name == "SLURM_PROCID" and (not in_srun_step(env) or mpirun_inside_srun_step(env)):
             continue
         if value.isdigit():
             return int(value)
     return 0
-
-
-def _in_srun_step(env: Mapping[str, str]) -> bool:
-    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or ""
-    return step.isdigit() and int(step) < _SLURM_SPECIAL_STEPS
-
-
-def _mpirun_inside_srun_step(env: Mapping[str, str]) -> bool:
-    """As `vutrain.distributed._mpirun_inside_srun_step`: MPI rank and size that disagree with
-    SLURM_PROCID / SLURM_NTASKS are mpirun's own ranks (srun's direct launch gives equal ones)."""
-    if env.get("OMPI_COMM_WORLD_RANK", "") != "":
-        mpi = (env.get("OMPI_COMM_WORLD_RANK"), env.get("OMPI_COMM_WORLD_SIZE"))
-    else:
-        mpi = (env.get("PMI_RANK"), env.get("PMI_SIZE"))
-    if not all(value and value.isdigit() for value in mpi):
-        return False
-    return tuple(map(int, mpi)) != (_digits(env.get("SLURM_PROCID")), _digits(env.get("SLURM_NTASKS")))
-
-
-def _digits(value: str | None) -> int | None:
-    return int(value) if value and value.isdigit() else None
 
 
 class _BelowLevel(logging.Filter):
