@@ -9,12 +9,12 @@ exactly on at least one of d+1 bit-chunks, so only hashes sharing a chunk are co
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import imagehash
 from PIL import Image
 
+from dataset_tools import finalize as finalize_mod
 from dataset_tools import shards
 from dataset_tools.plan import BUILD_DIR
 from dataset_tools.reshard import (
@@ -24,7 +24,10 @@ from dataset_tools.reshard import (
     iter_samples,
     require_whole_shards,
     skipped_incomplete_shards,
+    video_of,
 )
+
+SAME_VIDEO = "same video"
 
 
 class _UnionFind:
@@ -81,19 +84,26 @@ def dedup(
     info: dict[str, dict] = {}
     uf = _UnionFind()
     by_sha: dict[str, str] = {}
+    by_video: dict[str, str] = {}
     buckets: dict[tuple, list[str]] = {}
     reasons: dict[str, str] = {}
     for key, members, row in iter_samples(folder):
         phash = _phash(folder, key, members)
         value = int(str(phash), 16)
-        # Repeats of one video (or url) count too: a plain img2dataset folder of a trending CSV
-        # holds each video once per day, and every copy was kept as "the same video".
         info[key] = {"video_id": row.get("video_id"), "phash": str(phash)}
         sha = row.get("sha256")
         if sha and sha in by_sha:
             uf.union(key, by_sha[sha])
             reasons[key] = "exact"
         by_sha.setdefault(sha, key)
+        # By identity as well as by image: a plain img2dataset folder of a trending CSV holds each
+        # video once per day, and a creator who changed the thumbnail between two days gave two
+        # images far apart: both copies (one title twice) were kept.
+        video = video_of(row)
+        if video in by_video:
+            uf.union(key, by_video[video])
+            reasons.setdefault(key, SAME_VIDEO)
+        by_video.setdefault(video, key)
         seen = set()
         for chunk in _chunks(value, max_distance + 1):
             for other in buckets.get(chunk, []):
@@ -119,17 +129,26 @@ def dedup(
         "duplicate_groups": len(dup_groups),
         "duplicates": len(drop),
         "exact": sum(1 for k in drop if reasons.get(k) == "exact"),
+        "same_video": sum(1 for k in drop if reasons.get(k) == SAME_VIDEO),
         "skipped_incomplete_shards": skipped,
     }
-    report["perceptual"] = report["duplicates"] - report["exact"]
-    report_path = report_path or os.path.join(folder, BUILD_DIR, "dedup.json")
-    os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=2)
+    report["perceptual"] = report["duplicates"] - report["exact"] - report["same_video"]
+    # Atomic: written in place, a kill or a full disk mid-write left a truncated report.
+    shards.save_json(report_path or os.path.join(folder, BUILD_DIR, "dedup.json"), report, "dedup report")
     if filter_output:
-        sink = ShardSink(filter_output, shard_size, schema=input_schema(folder))
-        for sample in iter_samples(folder):
-            if sample[0] not in drop:
-                sink.add(sample)
-        report["kept"] = sink.close()
+        report["kept"] = _write_filtered(folder, filter_output, drop, shard_size)
     return report
+
+
+def _write_filtered(folder: str, output: str, drop: set[str], shard_size: int) -> int:
+    """Copy the samples not in ``drop`` into new shards at ``output`` and finalize them, as split
+    does (open_clip reads the sample count from sizes.json or __len__, which were missing, so
+    `finalize` had to be run by hand); returns the samples written."""
+    sink = ShardSink(output, shard_size, schema=input_schema(folder))
+    for sample in iter_samples(folder):
+        if sample[0] not in drop:
+            sink.add(sample)
+    kept = sink.close()
+    if kept:  # no shards to describe otherwise
+        finalize_mod.finalize(output)
+    return kept

@@ -38,15 +38,56 @@ def require_whole_shards(folder: str, command: str) -> None:
     a tar cut at a member boundary without complaint: its lost samples were silently missing from
     the output (train + val short of the input), and a tar cut inside a member was a ReadError
     traceback naming no file, after part of the output was written."""
-    problems = []
-    for name in shards.iter_shard_names(folder):
+    names = list(shards.iter_shard_names(folder))
+    problems, foreign = [], {}
+    for name in names:
         with open(os.path.join(folder, f"{name}_stats.json")) as f:
             successes = json.load(f)["successes"]
-        problem = shards.tar_problem(os.path.join(folder, f"{name}.tar"), successes)
+        problem, keys = shards.tar_check(os.path.join(folder, f"{name}.tar"), successes)
         problem = problem or shards.parquet_problem(os.path.join(folder, f"{name}.parquet"))
         if problem:
             problems.append((name, problem))
+        _note_foreign_keys(foreign, name, keys, same_width=len({len(n) for n in names}) == 1)
     refuse_broken_shards(folder, command, problems)
+    refuse_repeated_keys(folder, command, _repeated_keys(folder, names, foreign))
+
+
+def _note_foreign_keys(foreign: dict[str, list[str]], name: str, keys: set[str], same_width: bool) -> None:
+    """Add to ``foreign`` (key -> shards) the keys of shard ``name`` not named after it. A key
+    repeated in two shards of one name width is foreign to one of them at least (it cannot start
+    with both names), so only foreign keys are kept: not every key of the folder in memory."""
+    for key in keys:
+        if not (same_width and key.startswith(name)):
+            foreign.setdefault(key, []).append(name)
+
+
+def _repeated_keys(folder: str, names: list[str], foreign: dict[str, list[str]]) -> list[tuple]:
+    """``(key, shards)`` of each key in more than one shard, sorted: a foreign key repeats another
+    foreign one, or the key of the shard it is named after (read again, rarely: only then)."""
+    width = len(names[0]) if names else 0
+    existing, owner_keys = set(names), {}
+    for key, holders in foreign.items():
+        owner = key[:width]
+        if owner in existing and owner not in holders:
+            if owner not in owner_keys:
+                owner_keys[owner] = shards.tar_check(os.path.join(folder, f"{owner}.tar"))[1]
+            if key in owner_keys[owner]:
+                holders.append(owner)
+    return sorted((key, sorted(holders)) for key, holders in foreign.items() if len(holders) > 1)
+
+
+def refuse_repeated_keys(folder: str, command: str, repeated: list[tuple]) -> None:
+    """A one-line SystemExit when a sample key is in two shards (two builds' folders copied into
+    one: keys restart at each build's 00000). Samples are told apart by key: an output shard
+    held two members of one name (readers keep one), finalize then refused it with a wrong
+    remedy after the output was written, and dedup merged the two samples into one."""
+    if repeated:
+        key, names = repeated[0]
+        raise SystemExit(
+            f"{folder}: refusing to {command}: {len(repeated)} sample key(s) are in more than one shard, "
+            f"e.g. {key} in {' and '.join(f'{n}.tar' for n in names)} (shards of two builds in one "
+            f"folder?). Keep each build in its own folder and {command} each one, or build them as one."
+        )
 
 
 def skipped_incomplete_shards(folder: str, command: str) -> list[str]:

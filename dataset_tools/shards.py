@@ -37,6 +37,29 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def save_json(path: str, obj, what: str) -> None:
+    """Write ``obj`` as indented UTF-8 JSON to ``path`` atomically (creating its folder), so a
+    kill or a full disk mid-write leaves the previous file whole instead of a truncated one.
+    A write the disk refuses is a one-line SystemExit naming ``what`` and ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data = json.dumps(obj, ensure_ascii=False, indent=2).encode("utf-8")
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        _remove_quietly(path + ".tmp")
+        raise SystemExit(
+            f"{path}: could not write the {what} ({err.strerror or err}); free space or pick another "
+            "path and run again (any earlier file there is left as it was)."
+        ) from None
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
     """Write ``(key, {ext: bytes})`` samples sorted by key, members of a sample sorted by ext,
     through a temporary name. mtime is fixed so identical inputs give identical tars."""
@@ -75,27 +98,32 @@ def tar_problem(path: str, expected_samples: int | None = None) -> str | None:
     (``tarfile`` would silently read a tar cut at a member boundary), every header readable, and,
     when ``expected_samples`` is given (the stats' successes), that many sample keys.
     """
+    return tar_check(path, expected_samples)[0]
+
+
+def tar_check(path: str, expected_samples: int | None = None) -> tuple[str | None, set[str]]:
+    """``(tar_problem, sample keys)`` of the tar at ``path``, from one pass over its headers."""
     name = os.path.basename(path)
+    keys: set[str] = set()
     try:
         size = os.path.getsize(path)
         if size == 0 or size % 512:
-            return f"{name}: {size} bytes is not a whole number of 512-byte tar blocks (truncated)"
+            return f"{name}: {size} bytes is not a whole number of 512-byte tar blocks (truncated)", keys
         with open(path, "rb") as f:
             f.seek(-1024, os.SEEK_END)
             if f.read(1024) != bytes(1024):
-                return f"{name}: no end-of-archive blocks (truncated)"
-        keys = set()
+                return f"{name}: no end-of-archive blocks (truncated)", keys
         with tarfile.open(path, "r") as tar:
             for member in tar:
                 if member.isfile():
                     if member.offset_data + member.size > size:
-                        return f"{name}: member {member.name} runs past the end of the file (truncated)"
+                        return f"{name}: member {member.name} runs past the end of the file (truncated)", keys
                     keys.add(os.path.basename(member.name).partition(".")[0])
     except (tarfile.TarError, OSError, EOFError) as err:
-        return f"{name}: unreadable ({err})"
+        return f"{name}: unreadable ({err})", keys
     if expected_samples is not None and len(keys) != expected_samples:
-        return f"{name}: holds {len(keys)} samples, its stats say {expected_samples}"
-    return None
+        return f"{name}: holds {len(keys)} samples, its stats say {expected_samples}", keys
+    return None, keys
 
 
 def write_parquet(path: str, rows: list[dict], schema: pa.Schema) -> None:

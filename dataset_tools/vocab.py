@@ -7,7 +7,6 @@ successful samples; entries below ``min_count`` are dropped. Indices follow desc
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 
@@ -51,7 +50,6 @@ def build_vocab(folder: str, min_count: int = 5) -> dict:
 
 
 def save(vocab: dict, path: str) -> None:
-    """Write a vocabulary as JSON to ``path`` (creating its folder)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False, indent=2)
+    """Write a vocabulary as JSON to ``path`` (creating its folder), atomically: it was written in
+    place, so a kill or a full disk mid-write replaced a good vocabulary with a truncated one."""
+    shards.save_json(path, vocab, "vocabulary")
