@@ -90,8 +90,22 @@ def _sweep(kind, candidates, shapes, loss_fn, mode, dtype, device, reps, fixed) 
     return best, log
 
 
+def _existing_table(path: Path) -> dict[tuple[str, str, str], Entry]:
+    """The rows a previous sweep wrote to ``path``: kept unless this sweep finds the same
+    (arch, kernel, shape class) again, so sweeps split over several device calls (one shape
+    class each, as the 10-minute limit needs) add up instead of each erasing the last. A file
+    that is no table stops the run before the sweep, not after it."""
+    if not path.exists():
+        return {}
+    try:
+        return dict(tile_configs.load_tuned(str(path)))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | None, reps: int) -> dict:
-    """Sweep, write ``out/tuned_configs.json`` and return a JSON-ready report."""
+    """Sweep, write ``out/tuned_configs.json`` (merged into the rows already there) and return a
+    JSON-ready report; its ``winners`` are this sweep's."""
     from kernels import bench
 
     candidates = parse_candidates(candidates_text)
@@ -99,24 +113,31 @@ def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | No
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     source = f"tuned: kernels.bench --autotune on {where}, {str(dtype).replace('torch.', '')}, {stamp}"
+    path = out / "tuned_configs.json"
+    table = _existing_table(path)
     entries: dict[tuple[str, str, str], Entry] = {}
     log: list[dict] = []
+
+    def keep(key: tuple[str, str, str], cfg: TileConfig) -> None:
+        # Written at once: a sweep stopped by a time limit keeps the winners it found.
+        entries[key] = table[key] = Entry(cfg, source)
+        tile_configs.write_tuned(path, table)
+
     for loss in losses:
         fwd_kind, grad_kind, fn_name = _KINDS[loss]
         loss_fn = getattr(bench, fn_name)
         best_fwd, log_fwd = _sweep(fwd_kind, candidates, shapes, loss_fn, "fwd", dtype, device, reps, {})
         log += log_fwd
         for cls, cfg in best_fwd.items():
-            entries[(arch, fwd_kind, cls)] = Entry(cfg, source)
+            keep((arch, fwd_kind, cls), cfg)
             cls_shapes = [s for s in shapes if tile_configs.shape_class(s[0], s[1]) == cls]
             best_grad, log_grad = _sweep(
                 grad_kind, candidates, cls_shapes, loss_fn, "fwd+bwd", dtype, device, reps, {fwd_kind: cfg}
             )
             log += log_grad
             if cls in best_grad:
-                entries[(arch, grad_kind, cls)] = Entry(best_grad[cls], source)
-    path = out / "tuned_configs.json"
-    tile_configs.write_tuned(path, entries)
+                keep((arch, grad_kind, cls), best_grad[cls])
+    tile_configs.write_tuned(path, table)
     return {
         "path": str(path),
         "candidates": [c.as_list() for c in candidates],

@@ -22,10 +22,19 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.tile_configs import TABLE, TileConfig
+from kernels.runtime import interpreting
+from kernels.tile_configs import (
+    SHARED_MEMORY,
+    TABLE,
+    TileConfig,
+    check_compilable,
+    fit_shared_memory,
+    table_arch,
+)
 
 _CONSTS = ("BM", "BN", "BD", "WITH_COLS", "UPCAST", "PRECISION")
 KERNELS = ("fwd", "grad", "sig_fwd", "sig_grad")
+_ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 _TABLE_KIND = {"fwd": "ce_fwd", "grad": "ce_grad", "sig_fwd": "sig_fwd", "sig_grad": "sig_grad"}
 
 
@@ -87,11 +96,19 @@ def compile_kernel(kind: str, dtype: str, with_cols: bool, cfg: TileConfig, arch
     )
 
 
-def table_configs(arch: int) -> list[tuple[str, TileConfig]]:
-    """The distinct (kernel, config) pairs of the built-in table for ``sm_<arch>``."""
-    name = {90: "sm_90", 80: "sm_80"}.get(arch, "fallback")
+def table_configs(arch: int, element_size: int = 2) -> list[tuple[str, TileConfig]]:
+    """The distinct (kernel, config) pairs a launch on ``sm_<arch>`` with ``element_size``-byte
+    inputs takes from the built-in table: the table's arch by the launches' rule (sm_86/sm_89 use
+    the sm_80 entries, sm_100/sm_120 the sm_90 ones) and each config fitted to its shared memory
+    (fp32 inputs run narrower slabs than the table's)."""
+    name = table_arch(arch // 10)
+    limit = SHARED_MEMORY[name]
     pairs = {
-        (k, e.config) for (a, tk, _), e in TABLE.items() if a == name for k in KERNELS if _TABLE_KIND[k] == tk
+        (k, fit_shared_memory(e.config, element_size, limit))
+        for (a, tk, _), e in TABLE.items()
+        if a == name
+        for k in KERNELS
+        if _TABLE_KIND[k] == tk
     }
     return sorted(pairs, key=lambda p: (KERNELS.index(p[0]), p[1].as_list()))
 
@@ -127,6 +144,19 @@ def ptxas_usage(ptx: str, arch: int = 90) -> dict | None:
     return None
 
 
+def _parse_config(ap: argparse.ArgumentParser, text: str) -> TileConfig:
+    """``BM,BN,BD,num_warps,num_stages`` as a config compiled Triton can build, else a usage error."""
+    parts = text.split(",")
+    if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
+        ap.error(f"--config wants BM,BN,BD,num_warps,num_stages (five integers); got {text!r}")
+    config = TileConfig(*(int(p) for p in parts))
+    try:
+        check_compilable(config)
+    except ValueError as e:
+        ap.error(f"--config {text}: {e}")
+    return config
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m kernels.compile_check``: compile and print the register report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -142,10 +172,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object per kernel")
     args = ap.parse_args(argv)
     wanted = [k for k in args.kernels.split(",") if k]
+    unknown = sorted(set(wanted) - set(KERNELS))
+    if unknown:
+        ap.error(f"--kernels: unknown {','.join(unknown)}; choose from {','.join(KERNELS)}")
     if args.config:
-        pairs = [(k, TileConfig(*map(int, c.split(",")))) for c in args.config for k in wanted]
+        pairs = [(k, _parse_config(ap, c)) for c in args.config for k in wanted]
     else:
-        pairs = [(k, c) for k, c in table_configs(args.arch) if k in wanted]
+        pairs = [(k, c) for k, c in table_configs(args.arch, _ELEMENT_SIZE[args.dtype]) if k in wanted]
+    if interpreting():
+        # Interpreted kernels have no compiled form: Triton failed with an AttributeError.
+        ap.error("TRITON_INTERPRET is on; run it without (e.g. `env -u TRITON_INTERPRET python -m ...`)")
     for kind, cfg in pairs:
         for with_cols in (False, True) if kind in ("fwd", "grad") else (False,):
             k = compile_kernel(kind, args.dtype, with_cols, cfg, args.arch)

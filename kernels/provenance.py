@@ -12,20 +12,25 @@ import subprocess
 import sys
 
 
+def _git(root: str, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", root, *args], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
 def commit() -> str | None:
     """``git rev-parse HEAD`` of the checkout these modules run from (with ``+dirty`` when the
-    tracked files differ from it); None outside a git checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tracked files differ from it); None outside a git checkout, and None for a copy the
+    enclosing checkout does not track: ``pip install .`` into a ``.venv`` inside the checkout
+    puts this file in an ignored folder, and git, walking up from there, named the checkout's
+    commit for code that may be another version."""
+    here = os.path.abspath(__file__)
+    root = os.path.dirname(os.path.dirname(here))
     try:
-        head = subprocess.run(
-            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        head = _git(root, "rev-parse", "HEAD")
+        _git(root, "ls-files", "--error-unmatch", "--", here)
+        # Checked: a failing `git status` read as "no changes" would claim a clean tree.
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")

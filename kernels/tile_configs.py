@@ -39,8 +39,9 @@ ARCHES = ("sm_90", "sm_80", "fallback")
 TUNED_ENV = "KERNELS_TILE_CONFIGS"
 TUNED_DEFAULT = Path(__file__).with_name("tuned_configs.json")
 LARGE_ELEMENTS = 8192 * 8192
-# Shared memory one block may use (the opt-in maximum, bytes): H100/H200 227 KiB, A100
-# 163 KiB, the other archs the 99 KiB of sm_86/sm_89 (a guess for older ones, which have less).
+# Shared memory one block may use (the opt-in maximum, bytes) per table arch: H100/H200 227 KiB,
+# A100 163 KiB, the 99 KiB of sm_86/sm_89 otherwise. A launch fits the device's own figure
+# (``device_shared_memory``); these stand in where no device is at hand (``choose`` in tests).
 SHARED_MEMORY = {"sm_90": 232_448, "sm_80": 166_912, "fallback": 101_376}
 
 
@@ -106,9 +107,32 @@ def shape_class(n: int, m: int) -> str:
 
 
 def arch_of(device: torch.device) -> str:
-    """``sm_90`` (Hopper and newer), ``sm_80`` (Ampere) or ``fallback``."""
-    major, _ = torch.cuda.get_device_capability(device)
+    """``sm_90`` (Hopper and newer), ``sm_80`` (Ampere and Ada) or ``fallback``. ROCm GPUs report
+    CUDA-like capabilities (MI300: 9.4) but are no NVIDIA architecture: ``fallback``."""
+    if torch.version.hip is not None:
+        return "fallback"
+    return table_arch(torch.cuda.get_device_capability(device)[0])
+
+
+def table_arch(major: int) -> str:
+    """The table's arch for NVIDIA compute capability ``major.x`` (one rule for launches and
+    ``kernels.compile_check``)."""
     return "sm_90" if major >= 9 else ("sm_80" if major == 8 else "fallback")
+
+
+# ROCm reports no opt-in limit: LDS is 64 KiB per workgroup, 160 KiB on CDNA4 (gfx950).
+_ROCM_SHARED_MEMORY = {"gfx950": 160 * 1024}
+
+
+def device_shared_memory(device: torch.device, arch: str) -> int:
+    """Shared memory one block may use on this very device (bytes). The arch names are families
+    whose members differ: sm_86/sm_89 (RTX 30xx/40xx) and sm_120 (RTX 50xx) allow 99 KiB, not
+    the 163/227 KiB of the A100/H100 they share a table with, so the family's figure would let a
+    config through that fails at launch with OutOfResources."""
+    props = torch.cuda.get_device_properties(device)
+    if torch.version.hip is not None:
+        return _ROCM_SHARED_MEMORY.get(getattr(props, "gcnArchName", "").split(":")[0], 64 * 1024)
+    return getattr(props, "shared_memory_per_block_optin", None) or SHARED_MEMORY[arch]
 
 
 @contextlib.contextmanager
@@ -144,12 +168,11 @@ def shared_memory_bytes(config: TileConfig, element_size: int) -> int:
     return config.num_stages * (config.BM + config.BN) * config.BD * element_size
 
 
-def _fit_shared_memory(config: TileConfig, element_size: int, arch: str) -> TileConfig:
-    """Shrink a config until its slabs fit the arch's shared memory: BD first (down to 32),
-    then stages (down to 2), then the larger of BM and BN. The tables are sized for 16-bit
+def fit_shared_memory(config: TileConfig, element_size: int, limit: int) -> TileConfig:
+    """Shrink a config until its slabs fit ``limit`` bytes of shared memory: BD first (down to
+    32), then stages (down to 2), then the larger of BM and BN. The tables are sized for 16-bit
     inputs; fp32 ones (4 bytes) need twice the bytes, e.g. 288 KiB for the square best config
     on sm_90, where the launch would fail with OutOfResources."""
-    limit = SHARED_MEMORY[arch]
     while shared_memory_bytes(config, element_size) > limit:
         bm, bn, bd, warps, stages = config.as_list()
         if bd > 32:
@@ -173,12 +196,17 @@ def select(
         return _FORCED[kind]
     if interpreting:
         return INTERPRET_CONFIG
-    return choose(arch_of(device), kind, n, m, d, element_size)
+    arch = arch_of(device)
+    return choose(arch, kind, n, m, d, element_size, device_shared_memory(device, arch))
 
 
-def choose(arch: str, kind: str, n: int, m: int, d: int, element_size: int = 2) -> TileConfig:
-    """The table's config for ``arch``, narrowed to D and fitted to the arch's shared memory."""
-    return _fit_shared_memory(_fit_bd(lookup(arch, kind, n, m).config, d), element_size, arch)
+def choose(
+    arch: str, kind: str, n: int, m: int, d: int, element_size: int = 2, shared_memory: int | None = None
+) -> TileConfig:
+    """The table's config for ``arch``, narrowed to D and fitted to ``shared_memory`` bytes per
+    block (default: the arch's, ``SHARED_MEMORY``)."""
+    limit = shared_memory or SHARED_MEMORY[arch]
+    return fit_shared_memory(_fit_bd(lookup(arch, kind, n, m).config, d), element_size, limit)
 
 
 def lookup(arch: str, kind: str, n: int, m: int) -> Entry:
@@ -208,7 +236,7 @@ def load_tuned(path: str | None) -> dict[tuple[str, str, str], Entry]:
             if key[1] not in KINDS or key[2] not in SHAPE_CLASSES:
                 raise ValueError(f"unknown kind/shape class in {row}")
             config = TileConfig(*row["config"])
-            _check_compilable(config)
+            check_compilable(config)
             table[key] = Entry(config, row.get("source", f"tuned: {path}"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
@@ -218,7 +246,7 @@ def load_tuned(path: str | None) -> dict[tuple[str, str, str], Entry]:
     return table
 
 
-def _check_compilable(config: TileConfig) -> None:
+def check_compilable(config: TileConfig) -> None:
     """Compiled Triton needs power-of-two blocks of at least 16 (tl.arange, tl.dot) and a
     power-of-two warp count; the interpreter accepts others, so a hand-edited table would only
     fail at its first launch on the GPU, deep inside Triton's compiler."""
@@ -239,7 +267,11 @@ def write_tuned(path: str | Path, entries: dict[tuple[str, str, str], Entry]) ->
         for (a, k, c), e in sorted(entries.items())
     ]
     body = ",\n".join("  " + json.dumps(r) for r in rows)  # one entry per line: readable diffs
-    Path(path).write_text('{"entries": [\n' + body + "\n]}\n")
+    # Through a temporary file and a rename: a sweep killed mid-write (its time limit) must leave
+    # the previous table, not a truncated one that every later launch refuses.
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text('{"entries": [\n' + body + "\n]}\n")
+    os.replace(tmp, path)
     load_tuned.cache_clear()
 
 
