@@ -142,6 +142,30 @@ def _lockstep(batches, run, device) -> tuple[list, list[dict]]:
             kept.append(batch)
 
 
+def merge_same_prompts(
+    classes: list[str], templates: list[str], tokenize
+) -> tuple[list[str], dict[str, int]]:
+    """The classes whose prompts the model cannot tell apart, merged: (distinct, index of each class).
+
+    Two classes whose prompts tokenise alike for every template ("Minecraft" and "minecraft" under
+    CLIP's lower-casing tokenizer, common among tags) have one embedding, so they tied exactly and
+    neither was ever a hit, even for a perfect model. Each merged class keeps its first spelling.
+    """
+    prompts = [t.format(c) for c in classes for t in templates]
+    tokens = [t for i in range(0, len(prompts), 256) for t in caption_tokens(tokenize(prompts[i : i + 256]))]
+    per_class = len(templates)
+    first: dict[tuple, int] = {}
+    distinct: list[str] = []
+    index: dict[str, int] = {}
+    for j, c in enumerate(classes):
+        key = tuple(tokens[j * per_class : (j + 1) * per_class])
+        if key not in first:
+            first[key] = len(distinct)
+            distinct.append(c)
+        index[c] = first[key]
+    return distinct, index
+
+
 @torch.no_grad()
 def class_embeddings(encode_text, classes: list[str], templates: list[str]) -> torch.Tensor:
     """[C, E]: per class, the normalised mean of its normalised prompt embeddings."""
@@ -219,21 +243,19 @@ def evaluate(
             return torch.cat(chunks)
 
         if classes:
+            classes, class_index = merge_same_prompts(classes, templates, tokenize)
             emb = class_embeddings(encode_text, classes, templates)
             # A sample's labels: one for a scalar field, each element of a list field (a hit when
             # the top class is any of them); a sample without one of the classes is left out.
-            # (the class set built once: per sample it cost N x C, minutes at 50k tags and samples)
-            class_index = {c: j for j, c in enumerate(classes)}
-            known = [i for i, labs in enumerate(labels) if any(lab in class_index for lab in labs)]
+            # (the class index built once: per sample it cost N x C, minutes at 50k tags and samples)
+            label_columns = [
+                sorted({class_index[lab] for lab in labs if lab in class_index}) for labs in labels
+            ]
+            known = [i for i, cols in enumerate(label_columns) if cols]
             chance = 1.0 / len(classes)
             if known:
                 scores = img[known] @ emb.T
-                pairs = [
-                    (r, class_index[lab])
-                    for r, i in enumerate(known)
-                    for lab in labels[i]
-                    if lab in class_index
-                ]
+                pairs = [(r, col) for r, i in enumerate(known) for col in label_columns[i]]
                 rows, cols = torch.tensor(pairs, device=scores.device).T  # (sample, one of its classes)
                 # Ties count against the model, as in recall: a hit needs one of the sample's
                 # classes strictly above every other class (argmax took the first of tied
@@ -297,11 +319,13 @@ class Evaluator:
         return self._classes
 
     def __call__(self, engine) -> dict[str, float]:
-        """Evaluate `engine` on the validation shards (every rank calls this at the same step)."""
-        from vutrain.data.val import iter_val_batches
+        """Evaluate `engine` on the validation shards (every rank calls this at the same step).
+
+        Adds `eval/skipped_samples`: validation samples skipped as unreadable, summed over ranks."""
+        from vutrain.data.val import ValStream
 
         cfg = self.cfg
-        batches = iter_val_batches(
+        batches = ValStream(
             cfg.data.val_shards,
             preprocess=self.preprocess,
             tokenize=self.tokenize,
@@ -314,7 +338,7 @@ class Evaluator:
         dummy = dict(
             self.tokenize([""]), pixel_values=torch.zeros(1, 3, *self.image_hw), labels=[""], label_sets=[[]]
         )
-        return evaluate(
+        metrics = evaluate(
             engine,
             batches,
             self.classes(),
@@ -325,3 +349,9 @@ class Evaluator:
             dummy,
             tag_vocab_size=cfg.eval.tag_vocab_size,
         )
+        # Undecodable validation samples were only logged (three per reason and rank), so a
+        # held-out set that lost a share of its images reported metrics over the rest unnoticed.
+        skipped = torch.tensor([sum(batches.skipped().values())], dtype=torch.long, device=self.device)
+        all_reduce(skipped)
+        metrics["eval/skipped_samples"] = float(skipped.item())
+        return metrics
