@@ -12,6 +12,7 @@ import io
 import os
 
 import imagehash
+import pyarrow as pa
 from PIL import Image
 
 from dataset_tools import finalize as finalize_mod
@@ -79,8 +80,10 @@ def dedup(
     shards.require_shards(folder)
     require_whole_shards(folder, "dedup")  # a truncated tar: refused, not a short report
     skipped = skipped_incomplete_shards(folder, "dedup")
+    schema = None
     if filter_output:  # refused before the (slow) hashing, not after
         check_empty_output(filter_output)
+        schema = input_schema(folder, "dedup")
     info: dict[str, dict] = {}
     uf = _UnionFind()
     by_sha: dict[str, str] = {}
@@ -136,15 +139,17 @@ def dedup(
     # Atomic: written in place, a kill or a full disk mid-write left a truncated report.
     shards.save_json(report_path or os.path.join(folder, BUILD_DIR, "dedup.json"), report, "dedup report")
     if filter_output:
-        report["kept"] = _write_filtered(folder, filter_output, drop, shard_size)
+        report["kept"] = _write_filtered(folder, filter_output, drop, shard_size, schema)
     return report
 
 
-def _write_filtered(folder: str, output: str, drop: set[str], shard_size: int) -> int:
+def _write_filtered(
+    folder: str, output: str, drop: set[str], shard_size: int, schema: pa.Schema | None
+) -> int:
     """Copy the samples not in ``drop`` into new shards at ``output`` and finalize them, as split
     does (open_clip reads the sample count from sizes.json or __len__, which were missing, so
     `finalize` had to be run by hand); returns the samples written."""
-    sink = ShardSink(output, shard_size, schema=input_schema(folder))
+    sink = ShardSink(output, shard_size, schema=schema)
     for sample in iter_samples(folder):
         if sample[0] not in drop:
             sink.add(sample)

@@ -26,10 +26,19 @@ def iter_samples(folder: str) -> Iterator[Sample]:
         rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
         by_key = {r["key"]: r for r in rows if r["status"] == shards.SUCCESS}
         for key, members in sorted(shards.read_tar(os.path.join(folder, f"{name}.tar")).items()):
-            row = by_key.get(key)
-            if row is None:
-                row = json.loads(members["json"]) if "json" in members else {"key": key}
-            yield key, members, row
+            yield key, members, by_key.get(key) or _row_from_tar_sample(key, members)
+
+
+def _row_from_tar_sample(key: str, members: dict[str, bytes]) -> dict:
+    """The row of a tar sample its parquet has no successful row for: its ``.json`` object (or just
+    its key), marked a success, as it is one (it is in the tar and goes into the output tar, whose
+    stats must count it for finalize). A build's ``.json`` has no status: the row was a KeyError
+    out of the output stats, after part of the output was written."""
+    try:
+        meta = json.loads(members["json"]) if "json" in members else {}
+    except ValueError:
+        meta = {}
+    return {**(meta if isinstance(meta, dict) else {}), "key": key, "status": shards.SUCCESS}
 
 
 def require_whole_shards(folder: str, command: str) -> None:
@@ -122,18 +131,84 @@ def _schema_for(rows: list[dict]) -> pa.Schema:
     return pa.Table.from_pylist(rows).schema
 
 
-def input_schema(folder: str) -> pa.Schema | None:
+# Columns whose string form is a comma-separated list, as training reads them
+# (vutrain/data/labels.py tag_values): `build` writes tags as a list, plain img2dataset as a string.
+COMMA_LIST_COLUMNS = ("tags",)
+
+
+def input_schema(folder: str, command: str = "reshard") -> pa.Schema | None:
     """One schema for every output shard: the union of the complete input shards' parquet schemas
     (None when there are none). Inferred per output shard, a column missing from a shard's first
     row was dropped and an all-empty one became type null, so the output parquets disagreed and
-    pyarrow.dataset refused to read them together."""
+    pyarrow.dataset refused to read them together. A tags column that is a list in some shards and
+    a string in others is a list of the string's comma-separated parts (``conform_row``); any other
+    column of two types is a one-line SystemExit naming it: it was a pyarrow traceback after part
+    of the output was written, or output parquets of two schemas."""
     import pyarrow.parquet as pq
 
-    schemas = [pq.read_schema(os.path.join(folder, f"{n}.parquet")) for n in shards.iter_shard_names(folder)]
+    named = [
+        (n, pq.read_schema(os.path.join(folder, f"{n}.parquet"))) for n in shards.iter_shard_names(folder)
+    ]
+    named = _comma_strings_as_lists(named)
     try:
-        return pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
-    except (pa.ArrowInvalid, pa.ArrowTypeError):  # one column of two types: each shard its own, as before
-        return None
+        return pa.unify_schemas([s for _, s in named], promote_options="permissive") if named else None
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        column, (shard_a, type_a), (shard_b, type_b) = _first_type_conflict(named)
+        raise SystemExit(
+            f"{folder}: refusing to {command}: column {column!r} is {type_a} in {shard_a}.parquet and "
+            f"{type_b} in {shard_b}.parquet (shards of two tools in one folder?); every output parquet "
+            f"needs one type. Put each kind of shard in its own folder and {command} each one."
+        ) from None
+
+
+def _comma_strings_as_lists(named: list[tuple[str, pa.Schema]]) -> list[tuple[str, pa.Schema]]:
+    """``named`` with each string field of COMMA_LIST_COLUMNS typed list<string> where another
+    shard holds that column as a list."""
+    listed = {
+        f.name for _, s in named for f in s if f.name in COMMA_LIST_COLUMNS and pa.types.is_list(f.type)
+    }
+
+    def as_list(field: pa.Field) -> pa.Field:
+        is_text = pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+        return field.with_type(pa.list_(pa.string())) if field.name in listed and is_text else field
+
+    return [(n, pa.schema([as_list(f) for f in s], metadata=s.metadata)) for n, s in named]
+
+
+def _first_type_conflict(named: list[tuple[str, pa.Schema]]) -> tuple[str, tuple, tuple]:
+    """``(column, (shard, type), (other shard, other type))`` of the first column the shards
+    disagree on beyond what a permissive unify promotes."""
+    seen: dict[str, tuple[str, pa.DataType]] = {}
+    for name, schema in named:
+        for field in schema:
+            if field.name not in seen:
+                seen[field.name] = (name, field.type)
+                continue
+            first_shard, first_type = seen[field.name]
+            try:
+                merged = pa.unify_schemas(
+                    [pa.schema([(field.name, first_type)]), pa.schema([field])], promote_options="permissive"
+                )
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                return field.name, (first_shard, first_type), (name, field.type)
+            seen[field.name] = (first_shard, merged.field(field.name).type)
+    raise AssertionError("unify_schemas failed without a column of two types")
+
+
+def conform_row(row: dict, schema: pa.Schema | None) -> dict:
+    """``row`` with each comma-separated string of a COMMA_LIST_COLUMNS column that ``schema`` types
+    as a list split into its parts, kept as they are (``",".join`` gives the string back, and
+    training, vocab and inspect read the same tags from both); "" is no tags."""
+    if schema is None:
+        return row
+    fixes = {
+        name: (row[name].split(",") if row[name] else [])
+        for name in COMMA_LIST_COLUMNS
+        if isinstance(row.get(name), str)
+        and name in schema.names
+        and pa.types.is_list(schema.field(name).type)
+    }
+    return {**row, **fixes} if fixes else row
 
 
 def check_empty_output(folder: str) -> None:
@@ -175,7 +250,7 @@ class ShardSink:
             return
         start = shards.now()
         name = shards.shard_name(self.shard_id, self.oom)
-        rows = [row for _, _, row in self.buffer]
+        rows = [conform_row(row, self.schema) for _, _, row in self.buffer]
         shards.write_tar(
             os.path.join(self.folder, f"{name}.tar"), [(key, members) for key, members, _ in self.buffer]
         )

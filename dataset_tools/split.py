@@ -74,12 +74,12 @@ def split(
         )
     shards.require_shards(folder)
     require_whole_shards(folder, "split")  # before any output is written
+    schema = input_schema(folder, "split")  # a column of two types: refused before any output
     skipped = skipped_incomplete_shards(folder, "split")
     for side in ("train", "val"):  # both checked before either is created
         check_empty_output(os.path.join(output, side))
     sinks = {
-        side: ShardSink(os.path.join(output, side), shard_size, schema=input_schema(folder))
-        for side in ("train", "val")
+        side: ShardSink(os.path.join(output, side), shard_size, schema=schema) for side in ("train", "val")
     }
     title_ids = channel_ids_by_title(folder) if by == "channel" else None
     for sample in iter_samples(folder):
