@@ -153,6 +153,26 @@ def keep_pretrained_frozen_weights(module: nn.Module, state: dict[str, torch.Ten
             state[name] = original.clone()
 
 
+def check_shapes(module: nn.Module, state: dict[str, torch.Tensor], tag: str) -> None:
+    """ExportError when a saved weight's shape differs from the model the run's config builds.
+
+    The config.yaml (a preset, image_size, context_length) or the model.name_or_path directory
+    changed since the run: load_state_dict raised its multi-line RuntimeError, a traceback.
+    """
+    expected = module.state_dict()
+    wrong = [
+        f"{name} {tuple(value.shape)} vs {tuple(expected[name].shape)}"
+        for name, value in state.items()
+        if name in expected and value.shape != expected[name].shape
+    ]
+    if wrong:
+        raise ExportError(
+            f"checkpoint {tag} does not fit the model its run's config builds ({len(wrong)} weights "
+            f"differ, saved vs built: {'; '.join(wrong[:3])}): was config.yaml or model.name_or_path "
+            "changed since the run? Restore them as they were when it trained"
+        )
+
+
 def load_trained_module(run_dir: str, tag: str | None = None):
     """(ClipTrainModule with the checkpoint's fp32 weights, tokenizer, image processor, tag)."""
     config_path = os.path.join(run_dir, "config.yaml")
@@ -181,6 +201,7 @@ def load_trained_module(run_dir: str, tag: str | None = None):
     state = consolidated_state_dict(ckpt_dir, tag, module)
     if cfg.model.name_or_path:
         keep_pretrained_frozen_weights(module, state)
+    check_shapes(module, state, tag)
     missing, unexpected = module.load_state_dict(state, strict=False)
     # Buffers such as position_ids are rebuilt by the constructor; weights must all be there.
     missing = [k for k in missing if not k.endswith("position_ids")]
@@ -206,6 +227,10 @@ def to_hf_clip(module) -> transformers.CLIPModel:  # noqa: F821
         # CLIPModel has no bias parameter: SigLIP's learnt bias rides in config.json, so
         # `CLIPModel.from_pretrained(d).config.logit_bias` gives back sigmoid(s * x.y + b).
         clip.config.logit_bias = float(module.logit_bias.detach().reshape(()))
+    elif hasattr(clip.config, "logit_bias"):
+        # A SigLIP export fine-tuned with the CLIP loss: its bias was learnt with the old scale and
+        # is no part of this model; kept, a later SigLIP fine-tune or any sigmoid(s * x.y + b) used it.
+        del clip.config.logit_bias
     for param in clip.parameters():
         param.requires_grad_(True)
     return clip

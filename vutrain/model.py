@@ -31,7 +31,7 @@ except ImportError as exc:
         "'transformers<5.25'"
     ) from exc
 
-from vutrain.config import ModelConfig
+from vutrain.config import ConfigError, ModelConfig
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -206,6 +206,7 @@ def apply_lora(model: CLIPModel, cfg: ModelConfig):
     """Wrap with peft LoRA on the target modules of both towers; the logit scale stays trainable."""
     from peft import LoraConfig, get_peft_model
 
+    check_lora_targets(model, cfg.lora.target_modules)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -217,6 +218,24 @@ def apply_lora(model: CLIPModel, cfg: ModelConfig):
     base = wrapped.base_model.model
     base.logit_scale.requires_grad_(True)  # peft freezes everything that is not an adapter
     return wrapped
+
+
+def check_lora_targets(model: nn.Module, names) -> None:
+    """ConfigError for a target name that matches no module (peft's rule for a list of names: the
+    module's full name or its last dotted parts). peft refuses a list only when none matches, so
+    `q_proj,vproj` trained q_proj's adapters alone and dropped v_proj's without a word."""
+    if _lora_targets(names) == "all-linear":
+        return
+    modules = [name for name, _ in model.named_modules() if name]
+    unmatched = [t for t in names if not any(m == t or m.endswith("." + t) for m in modules)]
+    if unmatched:
+        linear = sorted(
+            {m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+        )
+        raise ConfigError(
+            f"model.lora.target_modules: {', '.join(unmatched)} matches no module of the model; "
+            f"its linear layers are {', '.join(linear)} (or give all-linear)"
+        )
 
 
 def _lora_targets(names) -> list[str] | str:
