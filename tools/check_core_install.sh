@@ -4,8 +4,34 @@
 # package, and the run files shipped inside it, are what is tested). `.ci/run` calls this.
 #
 #   tools/check_core_install.sh [WORK_DIR]  # PYTHON=python3 TORCH_SPEC=torch==2.13.0 CONSTRAINTS=constraints.txt
+#   tools/check_core_install.sh --no-extras PYTHON  # only the check that PYTHON has no extra installed
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+
+# The extras' packages must really be absent, or the smoke below proves nothing. Every extra is named
+# (bench: open_clip and its torchvision, which would bring another torch; kernels: triton, unless the
+# installed torch itself requires it, as a CUDA build does).
+check_no_extras() {
+    "$1" - <<'PY'
+import importlib.metadata
+import importlib.util
+import re
+import sys
+
+extras = ["pandas", "pyarrow", "img2dataset", "imagehash", "pytest", "open_clip", "torchvision", "tensorboard"]
+torch_needs = {re.split(r"[^A-Za-z0-9_.-]", r, maxsplit=1)[0].lower() for r in importlib.metadata.requires("torch") or []}
+extras += [] if "triton" in torch_needs else ["triton"]
+present = [m for m in extras if importlib.util.find_spec(m)]
+if present:
+    sys.exit(f"FAIL: not a core install: {', '.join(present)} installed")
+import simplejpeg  # (the training workers' JPEG decoder is a core requirement)
+PY
+}
+if [ "${1:-}" = --no-extras ]; then
+    check_no_extras "$2"
+    echo "core-install: no extra installed in $2"
+    exit 0
+fi
 if [ $# -ge 1 ]; then
     WORK=$1
 else
@@ -45,13 +71,7 @@ if [ -n "$CONSTRAINTS" ]; then  # less the pins the installed torch rejects, as 
     PIN=(-c "$WORK/constraints.txt")
 fi
 pip_install -c torch-constraint.txt "${PIN[@]}" "$REPO"
-# The extras' packages must really be absent, or this proves nothing.
-"$BIN/python" - <<'PY'
-import importlib.util
-present = [m for m in ("pandas", "pyarrow", "img2dataset", "imagehash", "pytest") if importlib.util.find_spec(m)]
-assert not present, f"not a core install: {present} installed"
-import simplejpeg  # the training workers' JPEG decoder is a core requirement
-PY
+check_no_extras "$BIN/python"
 
 step "python -m vutrain.data.synthetic"
 "$BIN/python" -m vutrain.data.synthetic --out data --num-samples 64 --shard-size 32 --val-samples 24

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from vutrain.config import load_config
+    from vutrain.config import ConfigError, load_config
     from vutrain.data.synthetic import write_synthetic
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
     from vutrain.model import PRESETS
@@ -80,27 +80,29 @@ def main(argv: list[str] | None = None) -> int:
     data = write_synthetic(
         os.path.join(work, "data"), num_samples=64, shard_size=64, image_size=size, val_samples=0
     )
-    cfg = load_config(
-        None,
-        [
-            f"output_dir={work}/run",
-            f"data.train_shards={data['train_shards']}",
-            "data.val_shards=",
-            "eval.every=0",
-            f"model.preset={args.preset}",
-            f"train.precision={args.precision}",
-            f"train.zero_stage={args.zero_stage}",
-            f"train.micro_batch_size={args.batch_size}",
-            "train.max_steps=3",
-            "train.checkpoint_every=0",
-            "train.progress_bar=false",
-            "train.resume=never",
-            "data.num_workers=0",
-            "data.resampled=true",
-            "data.num_samples=1000",
-            *args.set,
-        ],
-    )
+    overrides = [
+        f"output_dir={work}/run",
+        f"data.train_shards={data['train_shards']}",
+        "data.val_shards=",
+        "eval.every=0",
+        f"model.preset={args.preset}",
+        f"train.precision={args.precision}",
+        f"train.zero_stage={args.zero_stage}",
+        f"train.micro_batch_size={args.batch_size}",
+        "train.max_steps=3",
+        "train.checkpoint_every=0",
+        "train.progress_bar=false",
+        "train.resume=never",
+        "data.num_workers=0",
+        "data.resampled=true",
+        "data.num_samples=1000",
+        *args.set,
+    ]
+    try:  # a bad --set or --batch-size: one line saying which key, as train.py says it
+        cfg = load_config(None, overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     info = resolve_dist_env()
     init_distributed(info)
     trainer = Trainer(cfg, info)

@@ -14,6 +14,7 @@ triton, sympy, ...: the lock's versions made pip refuse the whole install).
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,27 +48,66 @@ def resolve(*requirement_args: str) -> dict:
     return {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
 
 
+def _requirements_module():
+    try:
+        from packaging import requirements
+    except ImportError:  # a fresh venv: pip and torch only
+        from pip._vendor.packaging import requirements
+    return requirements
+
+
+def _torch_needs() -> dict:
+    """{canonical name: SpecifierSet} of the installed torch's requirements on this platform."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    requirements = _requirements_module()
+    try:
+        specs = requires("torch") or []
+    except PackageNotFoundError:
+        sys.exit("lock_versions: torch is not installed in this Python; install torch first (make venv does)")
+    needs = {}
+    for spec in specs:
+        requirement = requirements.Requirement(spec)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            needs[canonical(requirement.name)] = requirement.specifier
+    return needs
+
+
+def _exact_versions(specifier) -> list[str]:
+    return [s.version for s in specifier if s.operator in ("==", "===") and "*" not in s.version]
+
+
+def _conflicts(pin, torch_needs: dict) -> bool:
+    """Whether constraint `pin` (a Requirement) and the installed torch's requirement cannot both hold.
+
+    Decided on the exact versions either side names: a lock line's `==V` against torch's range, or
+    torch's own `==V` against a range of the constraints; two open ranges are left to pip."""
+    needed = torch_needs.get(canonical(pin.name))
+    if needed is None or (pin.marker is not None and not pin.marker.evaluate({"extra": ""})):
+        return False
+    pinned = _exact_versions(pin.specifier)
+    if pinned:
+        return not all(needed.contains(v, prereleases=True) for v in pinned)
+    return not all(pin.specifier.contains(v, prereleases=True) for v in _exact_versions(needed))
+
+
 def held_by_installed_torch(constraints: str) -> tuple[str, list[str]]:
     """`constraints` less each pin that a requirement of the installed torch rejects; and those pins.
 
-    The installed torch is kept whatever its version (the Makefile), so what it requires wins."""
-    from importlib.metadata import requires
-
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # a fresh venv: pip and torch only
-        from pip._vendor.packaging.requirements import Requirement
-
-    torch_needs = {}
-    for spec in requires("torch") or []:
-        requirement = Requirement(spec)
-        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-            torch_needs[canonical(requirement.name)] = requirement.specifier
+    The installed torch is kept whatever its version (the Makefile), so what it requires wins. Lines
+    are read as pip reads them: spaces around `==`, any operator, an environment marker (a pin for
+    another platform stays) and a ` #` comment; a line that is not a requirement (an option like
+    `--index-url`) is kept for pip to read."""
+    requirements = _requirements_module()
+    torch_needs = _torch_needs()
     kept, dropped = [], []
     for line in constraints.splitlines(keepends=True):
-        name, _, version = line.strip().partition("==")
-        specifier = torch_needs.get(canonical(name)) if version and not line.startswith("#") else None
-        if specifier is not None and not specifier.contains(version, prereleases=True):
+        text = re.split(r"(^|\s)#", line, maxsplit=1)[0].strip()
+        try:
+            pin = requirements.Requirement(text) if text and not text.startswith("-") else None
+        except requirements.InvalidRequirement:
+            pin = None
+        if pin is not None and _conflicts(pin, torch_needs):
             dropped.append(line.strip())
         else:
             kept.append(line)

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         "--hidden-act", default="", choices=("", *HIDDEN_ACTS), help="model.hidden_act ('': HF's quick_gelu)"
     )
     args = parser.parse_args(argv)
+    # Checked here, not after a minute of building: --steps 0 divided by zero at the end.
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                               ("--warmup", args.warmup, 0), ("--workers", args.workers, 0)):  # fmt: skip
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
 
     import torch
     from torch.autograd import DeviceType
