@@ -143,7 +143,7 @@ class TrainConfig:
     accumulation: str = "gradcache"
     """gradcache (one loss over the whole step, every sample a negative) or plain (a loss per micro-batch)."""
     global_batch_size: int = 0
-    """Samples per step over all ranks; if set, derives grad_accum_steps for any world size; 0: off."""
+    """Samples per step over all ranks; derives grad_accum_steps (keep it 1) for any world size; 0: off."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     precision: str = "fp32"

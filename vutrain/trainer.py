@@ -27,6 +27,7 @@ from vutrain.config import RunConfig, save_config
 from vutrain.distributed import DistInfo, all_reduce, barrier
 from vutrain.engine import build_engine
 from vutrain.evaluate import Evaluator
+from vutrain.global_batch import as_given
 from vutrain.grad_clip import mask_at_step
 from vutrain.losses import build_loss_from_config
 from vutrain.metrics import MetricsWriter, logged_eval
@@ -221,11 +222,14 @@ class Trainer:
             info.backend,
         )
         log.info(
-            "parameters: %d trainable of %d; zero stage %d, %s; %d steps/epoch",
+            "parameters: %d trainable of %d; zero stage %d, %s; %d micro-batch(es) of %d per step; "
+            "%d steps/epoch",
             trainable,
             total,
             cfg.train.zero_stage,
             cfg.train.precision,
+            cfg.train.grad_accum_steps,
+            cfg.train.micro_batch_size,
             self.stream.steps_per_epoch,
         )
         self._maybe_resume()
@@ -246,7 +250,7 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             if not self.cfg.model.name_or_path:  # a preset: its token ids are its tokenizer's
                 ckpt.adopt_tokenizer(self.cfg.train.resume, self.run_dir)
-            save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+            save_config(as_given(self.cfg), os.path.join(self.run_dir, "config.yaml"))
             for stale in ("preempted.json", "done.json"):
                 if os.path.exists(os.path.join(self.run_dir, stale)):
                     os.remove(os.path.join(self.run_dir, stale))
