@@ -208,3 +208,48 @@ def test_two_fresh_starts_within_a_second_keep_both_previous_runs(tmp_path):
         move_aside(str(run_dir))
     kept = sorted(p.read_text() for p in run_dir.glob("tokenizer.replaced-*/tokenizer.json"))
     assert kept == ["first", "second"]
+
+
+def _signal_during_eval(trainer, step: int) -> None:
+    """Send SIGUSR1 while the eval of `step` reads its first validation sample (a real signal,
+    at a point of the eval that a test can hit every time)."""
+    preprocess = trainer.evaluator.preprocess
+
+    def wrapped(*args, **kwargs):
+        if trainer.step == step and not trainer._signal:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return preprocess(*args, **kwargs)
+
+    trainer.evaluator.preprocess = wrapped
+
+
+@pytest.mark.parametrize("steps,eval_step", [(3, 3), (4, 2)], ids=["final-eval", "periodic-eval"])
+def test_a_signal_during_an_eval_preempts_before_the_next_step(
+    tiny_shards, tmp_path, single_process, steps, eval_step
+):
+    """SIGUSR1 during an eval was acted on only at the next step: an eval longer than SLURM's
+    warning ran into the kill (the final eval has no next step: the job was killed without a
+    checkpoint since the last periodic one, and not requeued). Now the eval stops between two
+    batches, the step's checkpoint owes it, and the requeued job runs it first; a signal during
+    that owed eval pre-empts again without writing the checkpoint twice. Each eval is logged once."""
+    from vutrain import checkpoint as ckpt
+    from vutrain.metrics import read_metrics
+    from vutrain.trainer import Preempted
+
+    run_dir = str(tmp_path / "run")
+    kept = dict(train__checkpoint_every=2, eval__every=2, eval__batch_size=8)
+    with pytest.raises(Preempted):
+        train(
+            tiny_shards, run_dir, steps=steps, on_trainer=lambda t: _signal_during_eval(t, eval_step), **kept
+        )
+    assert ckpt.latest_tag(ckpt.checkpoints_dir(run_dir)) == f"step_{eval_step:08d}"
+    assert not os.path.exists(os.path.join(run_dir, "done.json"))
+    assert not [row for row in read_metrics(run_dir) if row["step"] == eval_step and "eval/i2t_r1" in row]
+    with pytest.raises(Preempted):  # again, in the owed eval the requeued job runs first
+        train(
+            tiny_shards, run_dir, steps=steps, on_trainer=lambda t: _signal_during_eval(t, eval_step), **kept
+        )
+    train(tiny_shards, run_dir, steps=steps, **kept)
+    assert os.path.exists(os.path.join(run_dir, "done.json"))
+    evals = [row["step"] for row in read_metrics(run_dir) if "eval/i2t_r1" in row]
+    assert evals == sorted(set(evals)) and eval_step in evals and steps in evals

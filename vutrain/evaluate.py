@@ -122,19 +122,30 @@ def caption_tokens(batch: dict) -> list[tuple[int, ...]]:
     ]
 
 
-def _lockstep(batches, run, device) -> tuple[list, list[dict]]:
+class EvalInterrupted(Exception):
+    """Every rank agreed, between two eval batches, to stop: a rank got a pre-emption signal."""
+
+
+def _lockstep(batches, run, device, stop_requested=None) -> tuple[list, list[dict]]:
     """Run `run(batch)` over this rank's batches while any rank still has one.
 
     Ranks whose own batches ran out call `run(None)` (a dummy) and drop the output, so every rank
     makes the same number of forwards (a ZeRO-3 forward is a collective). One tiny all-reduce per
-    batch decides when all ranks are done, without knowing the counts in advance.
+    batch decides when all ranks are done, without knowing the counts in advance, and whether any
+    rank's `stop_requested()` holds: then every rank raises EvalInterrupted at the same batch (an
+    eval of a large held-out set outlasted SLURM's warning, and the job was killed without its
+    pre-emption checkpoint).
     """
     it, outs, kept = iter(batches), [], []
     while True:
         batch = next(it, None)
-        more = torch.tensor([0 if batch is None else 1], dtype=torch.long, device=device)
-        all_reduce(more, op=dist.ReduceOp.MAX)
-        if not more.item():  # host read per eval batch: the loop condition itself
+        stop = bool(stop_requested and stop_requested())
+        flags = torch.tensor([0 if batch is None else 1, int(stop)], dtype=torch.long, device=device)
+        all_reduce(flags, op=dist.ReduceOp.MAX)
+        more, stop = flags.tolist()  # host read per eval batch: the loop condition itself
+        if stop:
+            raise EvalInterrupted
+        if not more:
             return outs, kept
         out = run(batch)
         if batch is not None:
@@ -185,12 +196,14 @@ def evaluate(
     device,
     dummy_batch: dict,
     tag_vocab_size: int = 0,
+    stop_requested=None,
 ) -> dict[str, float]:
     """Recall, zero-shot and (with tag_vocab_size) multi-label tag metrics over every rank's batches.
 
     val_batches: iterable of this rank's batches (pixel_values, input_ids, attention_mask, labels,
     and optionally tags). tokenize(list[str]) -> dict(input_ids, attention_mask).
     tag_vocab_size: rank images against the most frequent validation tags (eval_multilabel.py).
+    stop_requested: () -> bool, asked before each batch; EvalInterrupted when any rank's holds.
     """
     was_training = engine.module.training
     engine.eval()
@@ -208,7 +221,7 @@ def evaluate(
             # become the next batch's features (or raise "overwritten by a subsequent run").
             return img.to(torch.float32, copy=True), txt.to(torch.float32, copy=True)
 
-        outs, kept = _lockstep(val_batches, run, device)
+        outs, kept = _lockstep(val_batches, run, device, stop_requested)
         dim = engine.module.base.config.projection_dim
         img = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, dim, device=device)
         txt = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dim, device=device)
@@ -318,7 +331,7 @@ class Evaluator:
             self._classes = collect_label_values(self.cfg.data.val_shards, self.cfg.eval.zeroshot_field)
         return self._classes
 
-    def __call__(self, engine) -> dict[str, float]:
+    def __call__(self, engine, stop_requested=None) -> dict[str, float]:
         """Evaluate `engine` on the validation shards (every rank calls this at the same step).
 
         Adds `eval/skipped_samples`: validation samples skipped as unreadable, summed over ranks."""
@@ -348,6 +361,7 @@ class Evaluator:
             self.device,
             dummy,
             tag_vocab_size=cfg.eval.tag_vocab_size,
+            stop_requested=stop_requested,
         )
         # Undecodable validation samples were only logged (three per reason and rank), so a
         # held-out set that lost a share of its images reported metrics over the rest unnoticed.

@@ -26,7 +26,7 @@ from vutrain import checkpoint as ckpt
 from vutrain.config import RunConfig, save_config
 from vutrain.distributed import DistInfo, all_reduce, barrier
 from vutrain.engine import build_engine
-from vutrain.evaluate import Evaluator
+from vutrain.evaluate import EvalInterrupted, Evaluator
 from vutrain.global_batch import as_given
 from vutrain.grad_clip import mask_at_step
 from vutrain.losses import build_loss_from_config
@@ -589,9 +589,20 @@ class Trainer:
         )
         self.metrics.write(self.step, row)
 
-    def run_eval(self) -> dict:
-        """Evaluate now (every rank), write the metrics row and log it on rank 0."""
-        metrics = self.evaluator(self.engine)
+    def run_eval(self, checkpointed: bool = False) -> dict:
+        """Evaluate now (every rank), write the metrics row and log it on rank 0.
+
+        A pre-emption signal during the eval stops it between two batches on every rank and
+        pre-empts (`_preempt`): the checkpoint of this step owes the eval, which the requeued job
+        runs first. It used to be acted on only at the next step, and an eval longer than SLURM's
+        warning (a large held-out set; the final eval has no next step) ran into the kill: no
+        checkpoint since the last periodic one, no requeue. `checkpointed`: this step's checkpoint
+        exists already (the owed eval of a resume), so none is written again."""
+        try:
+            metrics = self.evaluator(self.engine, stop_requested=lambda: self._signal is not None)
+        except EvalInterrupted:
+            log.warning("a pre-emption signal stopped the eval at step %d", self.step)
+            self._preempt(save=not checkpointed)
         self.metrics.write(self.step, metrics)
         if self.info.is_main:
             shown = {k.split("/", 1)[1]: round(v, 4) for k, v in metrics.items()}
@@ -646,7 +657,8 @@ class Trainer:
             progress = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         last_eval: dict = {}
         if self._eval_pending and cfg.eval.every and cfg.data.val_shards:
-            last_eval = self.run_eval()  # the eval of the step the pre-emption checkpoint was taken at
+            # the eval of the step the pre-emption checkpoint was taken at
+            last_eval = self.run_eval(checkpointed=True)
         self._eval_pending = False
         try:
             while self.step < cfg.train.max_steps:
@@ -716,13 +728,15 @@ class Trainer:
             )
         return stop
 
-    def _preempt(self) -> None:
-        """Checkpoint, leave preempted.json and raise Preempted (train.py exits with 75).
+    def _preempt(self, save: bool = True) -> None:
+        """Checkpoint (unless `save` is False: this step's exists), leave preempted.json and raise
+        Preempted (train.py exits with 75).
 
         The checkpoint comes before this step's eval (an eval could outlast SLURM's warning), so
         it records that the resumed run owes that eval and runs it first (`_train`)."""
         self._eval_pending = self._eval_due()
-        self.save()
+        if save:
+            self.save()
         signame = self._signal or "peer"
         self._write_marker("preempted.json", {"step": self.step, "signal": signame})
         log.warning("preempted at step %d: checkpoint saved", self.step)
