@@ -16,7 +16,11 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [[ -f "$ROOT/vutrain/train.py" ]] || die "$ROOT/vutrain/train.py not found; run launch/local.sh from a checkout of the repository."
-cd "$ROOT"
+# The ranks run in the caller's directory, so a relative --config, output_dir, shard list or
+# HOSTFILE means what it means to the caller, as for `deepspeed vutrain/train.py` typed by hand:
+# the script used to cd to the repository, where `--config my_run.yaml` was "not found" and a
+# relative output_dir landed inside the checkout.
+if [[ "$PWD" -ef "$ROOT" ]]; then TRAIN_PY=vutrain/train.py; else TRAIN_PY="$ROOT/vutrain/train.py"; fi
 
 # add_rank_placement NGPUS GPUS: place the ranks (append to `launcher`, or narrow the visible
 # GPUs). Given --num_gpus, deepspeed deletes CUDA_VISIBLE_DEVICES and uses GPUs 0..N-1 of the
@@ -124,7 +128,7 @@ signal_ranks() {
 # (launch.py stops the ranks), so INT here only keeps this script waiting for that exit code.
 #
 # <&0: a background job's stdin would be /dev/null (a breakpoint() in a rank needs the terminal)
-"${launcher[@]}" vutrain/train.py "$@" <&0 &
+"${launcher[@]}" "$TRAIN_PY" "$@" <&0 &
 launcher_pid=$!
 trap 'signal_ranks TERM' TERM
 trap 'signal_ranks USR1' USR1

@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -156,6 +157,51 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parse_batch_sizes(text: str) -> list[int]:
+    """--batch-sizes "16,32" as positive integers; ValueError naming the bad entry."""
+    sizes = []
+    for entry in text.split(","):
+        try:
+            size = int(entry)
+        except ValueError:
+            raise ValueError(f"--batch-sizes {text}: {entry.strip()!r} is not an integer") from None
+        if size < 1:
+            raise ValueError(f"--batch-sizes {text}: {size} is not a positive batch size")
+        sizes.append(size)
+    return sizes
+
+
+def read_previous_rows(path: str) -> list:
+    """The rows an earlier run left in ``path`` (kept: each run appends); ValueError when the file
+    is not a JSON list, before anything is measured (it was a JSONDecodeError after the data)."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            rows = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"--out {path} cannot be read as JSON ({exc}): move it aside or pass another --out"
+        ) from None
+    if not isinstance(rows, list):
+        raise ValueError(f"--out {path} holds no list of rows: move it aside or pass another --out")
+    return rows
+
+
+def write_rows(path: str, rows: list) -> None:
+    """Replace ``path`` by ``rows`` through a temporary file: a run killed while writing (a time
+    limit) leaves the previous file whole, where an in-place rewrite left it cut, every earlier
+    run's rows with it, and the next run then stopped on its JSON."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def dispatch(argv: list[str]) -> int | None:
     """Run a sibling benchmark when argv names one (`data ...`, `--compare ...`); None otherwise."""
     if argv and argv[0] == "data":
@@ -204,10 +250,29 @@ def main(argv: list[str] | None = None) -> int:
         print("BENCH_RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return 0
 
+    from vutrain.model import PRESETS
+
+    if args.preset not in PRESETS:
+        parser.error(f"--preset {args.preset}: choose one of {', '.join(PRESETS)}")
+    try:
+        batch_sizes = parse_batch_sizes(args.batch_sizes)
+        previous = read_previous_rows(args.out)
+    except ValueError as exc:
+        parser.error(str(exc))
+    # The shards and run folders of this run only: left behind, every run added its 2048 images
+    # to the temporary directory.
+    work = tempfile.mkdtemp(prefix="vutrain-bench-")
+    try:
+        return run_sweep(args, argv, batch_sizes, previous, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: list, work: str) -> int:
+    """Each configuration of the sweep in its own process, its row printed and saved as it ends."""
     from vutrain.data.synthetic import write_synthetic
     from vutrain.model import PRESETS
 
-    work = tempfile.mkdtemp(prefix="vutrain-bench-")
     size = PRESETS[args.preset].image_size
     data = write_synthetic(
         os.path.join(work, "data"), num_samples=2048, shard_size=256, image_size=size, val_samples=0
@@ -215,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpts = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.grad_ckpt]
     results = []
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    previous = json.load(open(args.out)) if os.path.exists(args.out) else []
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+    for batch in batch_sizes:
         for ckpt in ckpts:
             spec = dict(
                 preset=args.preset,
@@ -251,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
             print(table([row]).splitlines()[-1], flush=True)
             # After every configuration: a run stopped by a time limit keeps what it measured.
-            with open(args.out, "w") as fh:
-                json.dump(previous + results, fh, indent=1)
+            write_rows(args.out, previous + results)
     print("\n" + table(results))
     print(f"\nwrote {args.out} ({len(results)} rows) on {results[0].get('device', device_name())}")
     return 0 if all("error" not in r for r in results) else 1
