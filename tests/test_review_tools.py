@@ -146,3 +146,13 @@ def test_profile_step_refuses_a_count_it_cannot_use(capsys, flag, value):
         profile_step.main([flag, value])
     assert exit_info.value.code == 2
     assert f"{flag} must be >= " in capsys.readouterr().err
+
+
+def test_count_step_ops_leaves_no_scratch_folder(tmp_path, monkeypatch, capsys):
+    """Every run left its synthetic shards in a /tmp/vutrain-ops-* folder (profile_step and
+    host_python_time the same: one wrapper each), on success and on error."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert count_step_ops.main(["--precision", "fp32", "--set", "train.micro_batch_size=0"]) == 2
+    assert not list(tmp_path.glob("vutrain-ops-*"))

@@ -15,6 +15,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -51,6 +52,17 @@ class OpCounter(TorchDispatchMode):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the tool; its synthetic shards and run folder are removed at the end, also on an error
+    (every run left a /tmp/vutrain-ops-* folder behind)."""
+    scratch: list[str] = []
+    try:
+        return _main(argv, scratch)
+    finally:
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _main(argv: list[str] | None, scratch: list) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from vutrain.config import PRECISIONS, PRESETS
 
@@ -76,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from vutrain.trainer import Trainer
 
     work = tempfile.mkdtemp(prefix="vutrain-ops-")
+    scratch.append(work)
     size = PRESETS[args.preset].image_size
     data = write_synthetic(
         os.path.join(work, "data"), num_samples=64, shard_size=64, image_size=size, val_samples=0

@@ -31,6 +31,7 @@ import cProfile
 import json
 import os
 import pstats
+import shutil
 import sys
 import tempfile
 
@@ -99,6 +100,17 @@ def profile(runner, batch, warmup: int, steps: int) -> pstats.Stats:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the tool; its synthetic shards and run folder are removed at the end, also on an error
+    (every run left a /tmp/vutrain-host-time-* folder behind)."""
+    scratch: list[str] = []
+    try:
+        return _main(argv, scratch)
+    finally:
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _main(argv: list[str] | None, scratch: list) -> int:
     from vutrain.config import BACKENDS, PRECISIONS, PRESETS
 
     # Choices here: a wrong value is refused at once, not after seconds of imports in a traceback.
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         + ["--batch-sizes", str(args.batch_size), "--pool", str(max(args.batch_size, 8))]
     )
     work = tempfile.mkdtemp(prefix="vutrain-host-time-")
+    scratch.append(work)
     data = write_synthetic(
         os.path.join(work, "data"),
         num_samples=64,

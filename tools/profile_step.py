@@ -19,6 +19,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -53,6 +54,17 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the tool; its synthetic shards and run folder are removed at the end, also on an error
+    (every run left a /tmp/vutrain-profile-* folder behind)."""
+    scratch: list[str] = []
+    try:
+        return _main(argv, scratch)
+    finally:
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _main(argv: list[str] | None, scratch: list) -> int:
     from vutrain.config import BACKENDS, COMPILE_MODES, HIDDEN_ACTS, PRECISIONS, PRESETS
 
     # Choices here: a wrong value is refused at once, not after seconds of imports in a traceback.
@@ -90,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from vutrain.model import PRESETS
 
     work = tempfile.mkdtemp(prefix="vutrain-profile-")
+    scratch.append(work)
     data = write_synthetic(
         os.path.join(work, "data"),
         num_samples=1024,
