@@ -14,17 +14,20 @@
 # profile (tools/profile_step.py: is the batch-256 step bound by the GPU or the host?), data (python -m
 # vutrain.bench data on synthetic 256-px shards, 8 workers, which also measures 1). Before any
 # step, .gpu/setup.sh (a copy of shared/gpu/setup.sh) installs .whl/ into /tmp/site (at most
-# SETUP_S=120 s) and prints what imports. Results: $OUT (default ./gpu_out) holds summary.txt
+# SETUP_S=120 s) and prints what imports; wheels this host's python3 cannot install (another
+# Python's, a second version of one package) are left out first, each named in wheels.log, and a
+# failed set-up is reported (exit 1) but the steps still run. host.txt says which Python, GPU
+# and disk the host has. Results: $OUT (default ./gpu_out) holds summary.txt
 # (one line per step: name, exit code, seconds) and results.tgz (every log, pytest_gpu*.xml,
 # compare_open_clip.json/.png, kernels/, e2e.json, data_w8.log): the device tool brings back at
 # most 8 files. PACK=0 leaves the files unpacked. A failing step does not stop the next; the
 # script exits 1 when any step failed (0 when every step that ran succeeded).
 #
 # Time: each step has a limit in seconds (TESTS_S=150, DEMO_S=150, COMPARE_S=170, COMPILE_S=150,
-# PROFILE_S=80,
-# KERNELS_S=110, E2E_S=110, DATA_S=40), and no step starts once TOTAL_S (default 580) is spent, so
-# summary.txt is always written and a 15-minute device lease keeps about 5 minutes for a second,
-# shorter call (on an H200 on 2026-12-04, summary.txt: set-up 58 s, tests 134 with the demo's 96
+# PROFILE_S=80, KERNELS_S=110, E2E_S=110, DATA_S=40), and no step starts once TOTAL_S (default
+# 540, the set-up and a step's 15-s kill grace inside it) is spent, so summary.txt is always
+# written well inside the device tool's 600-s limit, and a 15-minute device lease keeps about 4
+# minutes for a second, shorter call (on an H200 on 2026-12-04, summary.txt: set-up 58 s, tests 134 with the demo's 96
 # beside them, compare 141, kernels 32 without torch.compile, e2e 45, data 27). The steps run
 # in order of what the next GPU session most needs: compile right after compare, then e2e (the
 # optimizer's share at 1024), kernels (torch.compile rows), profile; the compile step is new
@@ -60,6 +63,8 @@ if [[ "${1:-}" == "prepare" ]]; then
     done
     [[ -n "$SHARED" ]] || { echo "shared/gpu/setup.sh not found: set SHARED=/path/to/shared" >&2; exit 1; }
     mkdir -p .gpu .whl
+    # A wheel left from an earlier prepare beside this one's version of it stops the whole install.
+    rm -f .whl/*.whl .whl/*.tar.gz
     cp "$SHARED/gpu/setup.sh" .gpu/setup.sh
     # The GPU host runs Python 3.12 (see shared/gpu/README.md): binary wheels for it, one of each.
     P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -78,7 +83,10 @@ fi
 OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 START=$SECONDS
-TOTAL_S="${TOTAL_S:-580}"
+TOTAL_S="${TOTAL_S:-540}"
+# `timeout` kills a step this long after its TERM: counted inside TOTAL_S, so the script ends by
+# TOTAL_S (plus the last pack) and not past the device tool's 600-s limit.
+KILL_AFTER_S=15
 STEPS=("$@")
 [[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests demo compare compile e2e kernels profile data)
 
@@ -88,6 +96,8 @@ if [[ ! -r "$SETUP" ]]; then
     exit 1
 fi
 unset TRITON_INTERPRET  # compiled kernels on the GPU, never the CPU interpreter
+# A step killed at its limit keeps the lines it printed (setup.sh sets it too, when it gets there).
+export PYTHONUNBUFFERED=1
 
 # The device tool brings back at most 8 files: summary.txt and one archive of the rest. Packed
 # after every step, not only at the end: a call killed at its limit (no EXIT trap runs) still
@@ -119,20 +129,108 @@ stop_steps() {
 }
 trap stop_steps TERM INT HUP
 
-# The install under a time limit (a hang must not eat the lease); then again, which only sets the
-# environment in this shell once the install is done.
-timeout "${SETUP_S:-120}" bash -c 'source "$1"' _ "$SETUP" > "$OUT/setup.log" 2>&1
+# The wheels setup.sh installs, checked against this host's Python before pip sees them: pip
+# refuses the whole set for one wheel of another Python (prepare fetches cp312, the Python the
+# GPU image had) or for two versions of one package (a stale wheel beside a new one), and the
+# call then measured nothing. Wheels that cannot install are left out, each with a line saying why;
+# the rest go to setup.sh as WHEELS, links in a folder of their own.
+select_wheels() {
+    local src="${WHEELS:-.whl}" picked
+    [[ -d "$src" ]] || return 0
+    picked=$(mktemp -d -t gpu_wheels.XXXXXX)
+    if python3 - "$src" "$picked" > "$OUT/wheels.log" 2>&1 <<'PY'
+import os
+import sys
+
+try:
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_sdist_filename, parse_wheel_filename
+except ImportError:  # the host's pip carries its own copy
+    from pip._vendor.packaging.tags import sys_tags
+    from pip._vendor.packaging.utils import parse_sdist_filename, parse_wheel_filename
+
+src, dst = sys.argv[1:3]
+host = set(sys_tags())
+python = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+newest = {}  # project name: (version, file)
+for name in sorted(os.listdir(src)):
+    try:
+        if name.endswith(".whl"):
+            project, version, _, tags = parse_wheel_filename(name)
+            if not tags & host:
+                built = ",".join(sorted({t.interpreter for t in tags}))
+                print(f"left out {name}: built for {built}, this host's python3 is {python} "
+                      f"({sys.version.split()[0]}); prepare the wheels with --python-version for it")
+                continue
+        elif name.endswith((".tar.gz", ".zip")):  # a source archive (deepspeed), built there
+            project, version = parse_sdist_filename(name)
+        else:
+            continue
+    except Exception as exc:  # packaging's InvalidWheelFilename and the like
+        print(f"left out {name}: not a wheel's or source archive's name ({exc})")
+        continue
+    kept = newest.get(project)
+    if kept is not None:
+        old, new = sorted([kept, (version, name)])
+        print(f"left out {old[1]}: {new[1]} is a newer version of {project} (pip takes one of each)")
+    newest[project] = max(kept, (version, name)) if kept else (version, name)
+for _, name in newest.values():
+    os.symlink(os.path.abspath(os.path.join(src, name)), os.path.join(dst, name))
+print(f"wheels: {len(newest)} of {src} installable here, for {python}")
+PY
+    then
+        export WHEELS="$picked"
+    else
+        echo "wheels not checked (python3 failed, wheels.log): setup.sh installs $src as it is" >> "$OUT/wheels.log"
+    fi
+    cat "$OUT/wheels.log" >> "$OUT/setup.log"
+}
+
+host_report() {  # what the host is, said rather than assumed: the timings and memory depend on it
+    echo "host python: $("$PY" -c 'import sys; print(sys.version.split()[0], sys.executable)' 2>&1)"
+    if command -v nvidia-smi > /dev/null; then
+        echo "host gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+    else
+        echo "host gpu: none found (no nvidia-smi)"
+    fi
+    df -h /tmp "$ROOT" 2>&1 | sed 's/^/host disk: /'
+}
+
+# The install under a time limit (a hang must not eat the lease), once: the variables it exports
+# (PYTHONPATH, PATH) come back through a file, instead of a second, untimed `source` that ran
+# setup.sh's import check (torch, deepspeed, transformers) again.
+capture_setup() {  # capture_setup SCRIPT ENV_FILE, in a child shell: source SCRIPT, write what it exported
+    local name
+    declare -A before=()
+    for name in $(compgen -e); do before[$name]=${!name}; done
+    # shellcheck disable=SC1090
+    source "$1" || return
+    for name in $(compgen -e); do
+        case $name in SHLVL | _ | OLDPWD | PWD | SHELLOPTS | BASHOPTS) continue ;; esac
+        [[ -n ${before[$name]+set} && ${before[$name]} == "${!name}" ]] ||
+            printf 'export %s=%q\n' "$name" "${!name}"
+    done > "$2"
+}
+: > "$OUT/setup.log"
+select_wheels
+export -f capture_setup
+setup_env=$(mktemp -t gpu_setup_env.XXXXXX)
+timeout --kill-after=10 "${SETUP_S:-120}" bash -c 'capture_setup "$1" "$2"' _ "$SETUP" "$setup_env" \
+    >> "$OUT/setup.log" 2>&1
 setup_rc=$?
 # shellcheck disable=SC1090
-(( setup_rc == 0 )) && { source "$SETUP" >> "$OUT/setup.log" 2>&1; setup_rc=$?; }
+(( setup_rc == 0 )) && source "$setup_env"
+rm -f "$setup_env"
 echo "setup $setup_rc $((SECONDS - START))" > "$OUT/summary.txt"
 cat "$OUT/setup.log"
 if (( setup_rc != 0 )); then
-    echo "setup failed (exit $setup_rc): see setup.log" >&2
-    exit 1
+    # Not the end of the call: the steps that need only the host's own packages (kernels: torch and
+    # triton) still measure, and the lease is not spent for nothing. Exit code 1 all the same.
+    echo "setup failed (exit $setup_rc): see setup.log; the steps run with the host's own packages" >&2
 fi
 PY="${PYTHON:-python3}"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+host_report | tee "$OUT/host.txt"
 # Hugging Face's `kernels` (required by transformers>=5.25) has the import name of our `kernels`
 # package, and transformers would import ours in its place; it runs without it (README).
 if "$PY" -c "import importlib.metadata as m; m.version('kernels')" 2>/dev/null; then
@@ -141,7 +239,7 @@ fi
 
 # limit SECONDS: the step's own limit, or less when the total budget is nearly spent
 limit() {
-    local left=$((TOTAL_S - (SECONDS - START)))
+    local left=$((TOTAL_S - KILL_AFTER_S - (SECONDS - START)))
     (( left < $1 )) && echo "$left" || echo "$1"
 }
 
@@ -154,7 +252,7 @@ run_step() {  # run_step NAME LIMIT_S COMMAND...  (SUMMARY: where its line goes)
     local t0=$SECONDS rc
     echo "== $name (limit ${max}s): $*"
     # In the background: a signal's trap runs at once instead of after the step (see stop_steps).
-    timeout --signal=TERM --kill-after=15 "$max" "$@" > "$OUT/$name.log" 2>&1 &
+    timeout --signal=TERM --kill-after="$KILL_AFTER_S" "$max" "$@" > "$OUT/$name.log" 2>&1 &
     STEP_PID=$!
     wait_for "$STEP_PID"
     rc=$?
