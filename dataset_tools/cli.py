@@ -144,6 +144,7 @@ def _add_others(sub) -> None:
     p.add_argument("--report", help="JSON report path (default DIR/_build/dedup.json)")
     p.add_argument("--max-distance", type=int, default=4, help="perceptual hash Hamming distance")
     p.add_argument("--filter-output", help="write shards without the duplicates here")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per --filter-output shard")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +216,7 @@ def _run(args) -> int:
             report_path=args.report,
             max_distance=args.max_distance,
             filter_output=args.filter_output,
+            shard_size=args.shard_size,
         )
         print(json.dumps({k: v for k, v in report.items() if k != "groups"}, indent=2))
         return 0

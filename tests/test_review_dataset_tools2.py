@@ -107,9 +107,12 @@ def test_dedup_drops_a_repeat_of_one_video_id_with_another_thumbnail(tmp_path):
     assert report["kept"] == 5 and "000010002" not in _keys(tmp_path / "out")
 
 
-def test_dedup_filter_output_is_finalized_and_accounts_for_every_sample(tmp_path):
+def test_dedup_filter_output_is_finalized_and_accounts_for_every_sample(tmp_path, capsys):
     # split finalizes its sides; dedup's filtered folder had no sizes.json or __len__, so open_clip
-    # (get_dataset_size) could not size it until `finalize` was run by hand.
+    # (get_dataset_size) could not size it until `finalize` was run by hand. Through the command
+    # line: `--shard-size` was split's only ("unrecognized arguments" for dedup).
+    from dataset_tools.cli import main
+
     src = tmp_path / "src"
     src.mkdir()
     _plain_shard(src, 0, 3)
@@ -118,7 +121,8 @@ def test_dedup_filter_output_is_finalized_and_accounts_for_every_sample(tmp_path
     samples["000010001"]["jpg"] = shards.read_tar(str(src / "00000.tar"))["000000001"]["jpg"]
     shards.write_tar(str(src / "00001.tar"), samples.items())
     out = tmp_path / "out"
-    report = dedup.dedup(str(src), filter_output=str(out), shard_size=2)
+    assert main(["dedup", str(src), "--filter-output", str(out), "--shard-size", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["samples"] == 6 == report["kept"] + report["duplicates"] and report["duplicates"] == 1
     sizes = json.loads((out / "sizes.json").read_text())
     assert sizes == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 1}
