@@ -29,7 +29,8 @@ FORCE:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py $(CONSTRAINTS) $(if $(TORCH_REINSTALL),FORCE)
+# tools/lock_versions.py too: a fix to its filter of the pins reaches an existing .venv.
+$(VENV)/.installed: setup.py $(CONSTRAINTS) tools/lock_versions.py $(if $(TORCH_REINSTALL),FORCE)
 	# A venv left without pip (its creation failed half way, e.g. python3-venv missing) is rebuilt,
 	# so that the real error shows again instead of "No module named pip" on every later run.
 	@test ! -x $(PY) || $(PY) -m pip --version > /dev/null 2>&1 || { echo "$(VENV) has no pip: rebuilding it"; rm -rf $(VENV); }

@@ -18,6 +18,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _copy_make_inputs(repo, dst) -> None:
+    """The files `make venv` reads or depends on, into `dst` (a scratch copy of the checkout)."""
+    import shutil
+
+    (dst / "tools").mkdir(exist_ok=True)
+    for name in ("Makefile", "setup.py", "constraints.txt", "tools/lock_versions.py"):
+        shutil.copy(repo / name, dst / name)
+
+
 def test_console_scripts_resolve_to_callables():
     scripts = dict(
         (name, target)
@@ -128,14 +137,12 @@ def test_constraints_pin_every_requirement_within_setup_py_ranges():
 def test_make_rebuilds_a_venv_left_without_pip(tmp_path):
     """A `python -m venv` that failed half way (Debian without python3-venv) leaves .venv/bin/python
     and no pip; every later `make` skipped the creation and failed on "No module named pip"."""
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    for name in ("Makefile", "setup.py", "constraints.txt"):
-        shutil.copy(repo / name, tmp_path / name)
+    _copy_make_inputs(repo, tmp_path)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / ".venv")], check=True)
     fake = tmp_path / "python3"  # passes the version check, then fails to create the venv, as Debian's
     fake.write_text('#!/bin/sh\ncase "$1" in -c) exit 0;; esac\necho "ensurepip is not available"; exit 1\n')
@@ -155,13 +162,11 @@ def test_make_venv_installs_a_torch_spec_given_later(tmp_path):
     `make venv` last installed now reinstalls torch; the default spec still keeps any torch there.
     (`make -n`: the real Makefile's decision, without downloading a torch.)"""
     import os
-    import shutil
     import subprocess
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    for name in ("Makefile", "setup.py", "constraints.txt"):
-        shutil.copy(repo / name, tmp_path / name)
+    _copy_make_inputs(repo, tmp_path)
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / ".installed").touch()  # an installed .venv, newer than setup.py
 
@@ -260,8 +265,7 @@ def test_make_venv_lets_an_installed_torch_keep_its_own_pins(tmp_path):
     assert "left to the installed torch: triton==3.9.0" in proc.stdout
     assert held.read_text() == lock.replace("\ntriton==3.9.0\n", "\n")  # sympy 1.14 suits it: kept
 
-    for name in ("Makefile", "setup.py", "constraints.txt"):
-        (tmp_path / name).write_text((REPO / name).read_text())
+    _copy_make_inputs(REPO, tmp_path)
     plan = subprocess.run(["make", "-n", "venv"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert (

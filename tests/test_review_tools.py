@@ -156,3 +156,12 @@ def test_count_step_ops_leaves_no_scratch_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert count_step_ops.main(["--precision", "fp32", "--set", "train.micro_batch_size=0"]) == 2
     assert not list(tmp_path.glob("vutrain-ops-*"))
+
+
+def test_make_venv_reinstalls_after_a_change_to_the_pin_filter():
+    """`.venv/.installed` depended on setup.py and constraints.txt only: a fix to
+    tools/lock_versions.py (which writes .venv/constraints.txt) never reached an existing .venv."""
+    proc = subprocess.run(
+        ["make", "-n", "-W", "tools/lock_versions.py", "venv"], cwd=REPO, capture_output=True, text=True
+    )
+    assert "lock_versions.py --for-installed-torch" in proc.stdout, proc.stdout + proc.stderr
