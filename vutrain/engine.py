@@ -58,6 +58,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     else:
         kwargs["optimizer"], kwargs["lr_scheduler"] = build_optimizer(module, cfg, device)
     engine, _, _, _ = deepspeed.initialize(model=module, **kwargs)
+    undo_state_init_step(engine.optimizer)  # ZeRO-0 fp16/bf16: the first update as ZeRO-1/2/3's
     warn_if_misaligned(engine.module, cfg.zero_stage)
     use_multi_tensor_grad_norm(engine.optimizer)  # 2 kernels per parameter -> a few (grad_norm.py)
     use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
@@ -67,6 +68,35 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     if cfg.compile:
         compile_model(engine, cfg.compile_scope, cfg.compile_backend, cfg.compile_mode)
     return engine
+
+
+def undo_state_init_step(optimizer) -> bool:
+    """Undo the optimizer step that DeepSpeed's ZeRO-0 fp16/bf16 wrappers take on zero gradients.
+
+    FP16_UnfusedOptimizer (ZeRO-0 with fp16 or bf16 and a torch optimizer) and FP16_Optimizer (with
+    a fused Adam) create the inner optimizer's state by calling its step() with all-zero gradients.
+    For AdamW that step is not a no-op: its decoupled weight decay shrinks every fp32 master weight
+    once (by lr x weight_decay) and its step count starts at 1, so every later step uses the bias
+    corrections of the next one (the first real update was 0.74 x lr x sign(g) with betas 0.9/0.98
+    instead of lr x sign(g)). ZeRO-1/2/3 take no such step, so a ZeRO-0 bf16 run trained
+    differently from the same run at another stage. The masters go back to the 16-bit weights they
+    were copied from (unchanged until the first real step) and the state is dropped: torch's and
+    DeepSpeed's Adam build it at their first step. Returns whether there was a step to undo.
+    """
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        pairs = [pair for group in zip(optimizer.fp32_groups, optimizer.fp16_groups) for pair in zip(*group)]
+    elif isinstance(optimizer, FP16_Optimizer):
+        pairs = list(zip(optimizer.fp32_groups_flat, optimizer.fp16_groups_flat))
+    else:
+        return False
+    with torch.no_grad():
+        for master, weight in pairs:
+            master.copy_(weight)
+    optimizer.optimizer.state.clear()
+    return True
 
 
 def use_train_settings(optimizer: dict, cfg: TrainConfig) -> None:
