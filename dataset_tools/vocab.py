@@ -1,7 +1,7 @@
 """``vocab DIR --output V.json``: tag and category vocabularies for zero-shot evaluation.
 
-Tags are counted as training ids them (vutrain/data/labels.py): stripped and lower-cased
-(``Cat `` and ``cat`` are one class), a comma-separated string split into its tags, over
+Tags are counted as training ids them (vutrain/tag_text.py: NFC, lower-cased, whitespace runs as
+one space, so ``Cat `` and ``cat`` are one class), a comma-separated string split into its tags, over
 successful samples; entries below ``min_count`` are dropped. Indices follow descending count, then name.
 """
 
@@ -12,17 +12,7 @@ from collections import Counter
 
 from dataset_tools import shards
 from dataset_tools.reshard import refuse_broken_shards
-
-
-def tag_values(value) -> list[str]:
-    """The tags as training reads them (vutrain/data/labels.py tag_values, not imported: it pulls
-    in torch): a list's strings or a comma-separated string's parts, blanks left out. A string
-    was iterated character by character, a vocabulary of letters."""
-    if isinstance(value, str):
-        value = value.split(",")
-    if not isinstance(value, list):
-        return []
-    return [t for t in value if isinstance(t, str) and t.strip()]
+from vutrain.tag_text import normalize_tag, tag_values
 
 
 def build_vocab(folder: str, min_count: int = 5) -> dict:
@@ -38,7 +28,7 @@ def build_vocab(folder: str, min_count: int = 5) -> dict:
         for row in rows:
             if row["status"] != shards.SUCCESS:
                 continue
-            tags.update({t.strip().lower() for t in tag_values(row.get("tags"))})
+            tags.update({normalize_tag(t) for t in tag_values(row.get("tags"))})
             if row.get("category_name"):
                 categories[row["category_name"]] += 1
 

@@ -126,6 +126,22 @@ def test_vocab_reads_tags_as_training_does(tmp_path):
     assert {tag_id(n) for n in names} == {tag_id(t) for t in tag_values(tags)}
 
 
+def test_vocab_counts_a_tag_once_whatever_its_unicode_form_or_spacing(tmp_path):
+    # vocab kept its own copy of training's rule (strip, lower): once training applied NFC and
+    # collapsed inner whitespace, "café" composed and decomposed were two vocabulary entries.
+    import unicodedata
+
+    from vutrain.data.labels import tag_id
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _plain_shard(src, 0, 2, tags="caf\u00e9, lets play")
+    _plain_shard(src, 1, 2, tags=unicodedata.normalize("NFD", "Caf\u00e9") + ", Lets  play")
+    entries = vocab.build_vocab(str(src), min_count=1)["tags"]
+    assert sorted((e["name"], e["count"]) for e in entries) == [("caf\u00e9", 4), ("lets play", 4)]
+    assert len({tag_id(e["name"]) for e in entries}) == 2
+
+
 @pytest.mark.parametrize("damage", ["truncated_jpg", "no_jpg"])
 def test_dedup_names_a_sample_whose_image_is_unusable(tmp_path, damage):
     # It was an OSError ("Truncated File Read") or KeyError: 'jpg' traceback after the hashing.

@@ -21,26 +21,29 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from vutrain.data.labels import normalize_tag
+
 RECALL_KS = (1, 5, 10)
 
 
 def tag_vocabulary(tag_lists: list[list[str]], min_count: int = 1, max_tags: int | None = None) -> list[str]:
-    """Distinct normalised tags (stripped, lower-case) of >= min_count images, most frequent first.
+    """Distinct normalised tags (``labels.normalize_tag``, as training ids them) of >= min_count
+    images, most frequent first.
 
     A tag counts once per image: YouTube tag lists repeat a tag in other cases ("Minecraft",
     "minecraft"), which made a tag of few images outrank one of many for the vocabulary."""
-    counts = Counter(t for tags in tag_lists for t in {t.strip().lower() for t in tags if t and t.strip()})
+    counts = Counter(t for tags in tag_lists for t in {normalize_tag(t) for t in tags if t and t.strip()})
     vocab = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
     return vocab[:max_tags] if max_tags else vocab
 
 
 def multilabel_targets(tag_lists: list[list[str]], vocab: list[str]) -> torch.Tensor:
     """BoolTensor [N, V]: image n carries tag v (tags outside the vocabulary are ignored)."""
-    index = {t: i for i, t in enumerate(vocab)}
+    index = {normalize_tag(t): i for i, t in enumerate(vocab)}
     out = torch.zeros(len(tag_lists), len(vocab), dtype=torch.bool)
     for n, tags in enumerate(tag_lists):
         for t in tags:
-            i = index.get(t.strip().lower()) if t else None
+            i = index.get(normalize_tag(t)) if t else None
             if i is not None:
                 out[n, i] = True
     return out

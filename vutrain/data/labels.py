@@ -4,8 +4,9 @@
 * `category`: `category_id` -> LongTensor [B]; a sample without an integer category_id gets -1
   ("no label": a positive of itself only).
 * `tags`: the set of `tags` -> LongTensor [B, T] of stable tag ids, padded with -1 to the
-  batch's longest tag list. Ids are 62-bit BLAKE2b hashes of the lower-cased, stripped tag, so
-  every worker and rank agrees without a vocabulary file (a collision needs ~2^31 distinct tags).
+  batch's longest tag list. Ids are 62-bit BLAKE2b hashes of the normalised tag (``normalize_tag``:
+  NFC, lower-case, whitespace runs as one space, stripped), so every worker and rank agrees without
+  a vocabulary file (a collision needs ~2^31 distinct tags).
 
 The losses read these forms directly (vutrain/losses/positives.py).
 """
@@ -16,24 +17,15 @@ import hashlib
 
 import torch
 
+from vutrain.tag_text import normalize_tag, tag_values
+
 POSITIVES = ("pair", "category", "tags")
 
 
 def tag_id(tag: str) -> int:
-    """Stable non-negative id of a tag ("Cats " and "cats" share one)."""
-    digest = hashlib.blake2b(tag.strip().lower().encode("utf-8"), digest_size=8).digest()
+    """Stable non-negative id of a tag ("Cats " and "cats" share one; see ``normalize_tag``)."""
+    digest = hashlib.blake2b(normalize_tag(tag).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
-
-
-def tag_values(value) -> list[str]:
-    """The tags of a metadata ``tags`` value: a list's strings, or a comma-separated string's parts
-    (some metadata sources keep tags as one string), blanks left out. Training's tag positives
-    and the validation tag metrics both read tags through this, so they agree."""
-    if isinstance(value, str):
-        value = value.split(",")
-    if not isinstance(value, list):
-        return []
-    return [t for t in value if isinstance(t, str) and t.strip()]
 
 
 def sample_label(meta: dict, positives: str) -> int | list[int] | None:
@@ -41,16 +33,30 @@ def sample_label(meta: dict, positives: str) -> int | list[int] | None:
     if positives == "pair":
         return None
     if positives == "category":
-        value = meta.get("category_id")
-        if isinstance(value, bool) or value is None:
-            return -1
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            return -1
+        return category_label(meta.get("category_id"))
     if positives == "tags":
         return sorted({tag_id(t) for t in tag_values(meta.get("tags"))})
     raise ValueError(f"loss.positives={positives!r} is not valid; choose one of {', '.join(POSITIVES)}")
+
+
+def category_label(value) -> int:
+    """A ``category_id`` as a class id: an integer, an integral float (20.0: pandas writes an int
+    column with gaps as floats) or an integer string; anything else is -1 ("no label"). A fraction
+    (20.5 was category 20), NaN or Infinity (``int(inf)`` raised OverflowError, which dropped the
+    sample as a preprocess error) and an id beyond int64 (which crashed the batch's collate) are -1."""
+    if isinstance(value, bool) or value is None:
+        return -1
+    if isinstance(value, float):
+        return _int64_or_no_label(int(value)) if value.is_integer() else -1
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return -1
+    return _int64_or_no_label(number)
+
+
+def _int64_or_no_label(number: int) -> int:
+    return number if -(1 << 63) <= number < (1 << 63) else -1
 
 
 def collate_labels(labels: list, positives: str) -> torch.Tensor | None:

@@ -8,12 +8,13 @@ different numbers of batches; the last batch may be smaller than ``batch_size``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
 
 from .captions import template_fields
-from .labels import tag_values
+from .labels import category_label, normalize_tag, tag_values
 from .samples import SkipCounter, SkipSample, decode_meta, decode_sample, iter_raw_samples
 from .shards import check_openable, expand_shards
 
@@ -107,11 +108,29 @@ def label_values(value, field: str = "") -> list[str]:
     dataset tools write ``category_name: ""`` for an unknown category, which made "" a class
     (prompt "a thumbnail of .") that those samples were scored against. The ``tags`` field reads
     as training and the tag metrics read it (``labels.tag_values``): tags kept as one
-    comma-separated string were one class, "cats, funny, compilation"."""
+    comma-separated string were one class, "cats, funny, compilation"; each tag in the form
+    training ids it (``labels.normalize_tag``), so "Lets  Play" and "lets play" are one class as
+    they are one positive. Other values: whitespace runs as one space, an integral float as its
+    integer, NaN none ("Gaming " was a class beside "Gaming", NaN a class "nan"). ``category_id``
+    reads as training reads it (``labels.category_label``): 20, "20" and 20.0 are one class (20.0,
+    written by a pandas column with gaps, was a class beside 20), a fraction or -1 none."""
     if field == "tags":
-        value = [t.strip() for t in tag_values(value)]
+        value = [normalize_tag(t) for t in tag_values(value)]
+    elif field == "category_id":  # the classes are the ids `loss.positives=category` trains on
+        value = category_label(value)
+        value = None if value == -1 else value
     values = value if isinstance(value, list) else [value]
-    return [str(v) for v in values if v is not None and str(v).strip()]
+    texts = (_label_text(v) for v in values if v is not None)
+    return [t for t in texts if t]
+
+
+def _label_text(value) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):  # JSON NaN: pandas' missing value, no label (was class "nan")
+            return ""
+        if value.is_integer():
+            value = int(value)
+    return " ".join(str(value).split())
 
 
 def iter_val_batches(
