@@ -88,6 +88,40 @@ class ClipPreprocess:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
+WINDOW_RESIZE_RATIO = 16
+"""A resize whose output has more than this many times the crop's pixels resizes the crop's window
+only. The processor's full resize of an extreme aspect ratio is enormous (a 1x10000 JPEG of 31 kB
+at shortest edge 224: 224 x 2,240,000 pixels, 5.7 s and 3.9 GB in one loader worker; a 1x65535
+one would take some 25 GB and kill the worker, and with it the run, at the same sample again on
+every resume). Every image up to a 16:1 aspect ratio keeps the full resize. The eval path
+(``ClipPreprocess``) keeps the processor's exact full resize."""
+
+
+def _needs_window(new_w: int, new_h: int, crop_hw: tuple[int, int]) -> bool:
+    return new_w * new_h > WINDOW_RESIZE_RATIO * crop_hw[0] * crop_hw[1]
+
+
+def crop_window(
+    new_w: int, new_h: int, crop_hw: tuple[int, int], extent: tuple[float, float]
+) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """The part of a resize to (new_w, new_h) that the centre crop keeps, as PIL's ``resize(size,
+    box=box)`` arguments: ``size`` is the crop on an axis it fits, the whole resized axis on one
+    it pads; ``box`` is that window in the source's pixels (``extent``: the source's size).
+
+    The filter's scale and its pixel centres are those of the full resize; only the rounding of
+    PIL's uint8 intermediate may differ (it picks the order of its two passes by the output size),
+    a few grey levels at most on natural images.
+    """
+    size, box_lo, box_hi = [], [], []
+    for new, crop, src in ((new_w, crop_hw[1], extent[0]), (new_h, crop_hw[0], extent[1])):
+        start = (new - crop) // 2
+        lo, length = (start, crop) if start >= 0 else (0, new)
+        size.append(length)
+        box_lo.append(lo * src / new)
+        box_hi.append((lo + length) * src / new)
+    return (size[0], size[1]), (box_lo[0], box_lo[1], box_hi[0], box_hi[1])
+
+
 def _resize_spec(resize) -> Resize:
     return (int(resize[0]), int(resize[1])) if isinstance(resize, (tuple, list)) else int(resize)
 
@@ -146,6 +180,10 @@ class ClipCropUint8:
             # all of them. Resizing the whole array would stretch it by up to one decoded pixel.
             extent = (size[0] / scale, size[1] / scale)
         new_w, new_h = target
+        if _needs_window(new_w, new_h, self.crop_hw):  # an extreme aspect ratio
+            (new_w, new_h), box = crop_window(new_w, new_h, self.crop_hw, extent)
+            resized = Image.fromarray(array).resize((new_w, new_h), resample=self.resample, box=box)
+            return self._crop(torch.from_numpy(np.array(resized)).permute(2, 0, 1), new_w, new_h)
         # [3, h, w] as a channels-last view of the decoder's HWC array: torch's uint8
         # antialiased kernels are vectorised for it, and they return a contiguous [3, h', w'].
         pixels = torch.from_numpy(array).permute(2, 0, 1)
