@@ -113,3 +113,54 @@ def test_extreme_aspect_ratio_stays_within_tolerance_of_the_processor(size, fmt,
         levels.mean().item(),
         levels.quantile(0.99).item(),
     )
+
+
+_EVAL_PREPROCESS_UNDER_A_MEMORY_CAP = textwrap.dedent(
+    """
+    import resource, sys
+    from PIL import Image
+    from vutrain.data.preprocess import make_preprocess
+
+    with open("/proc/self/statm") as f:
+        held = int(f.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (held + (2 << 30), resource.RLIM_INFINITY))
+    processor = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}
+    pixels = make_preprocess(processor)(Image.open(sys.argv[1]))
+    assert tuple(pixels.shape) == (3, 224, 224), pixels.shape
+    print("ok")
+    """
+)
+
+
+def test_eval_preprocess_of_an_extreme_aspect_ratio_fits_in_memory(tmp_path):
+    """The validation stream's exact path resized the whole 1 x 60000 image first: 224 x 13
+    million pixels, in fp32 some 35 GB, and the eval died at that sample (with the run)."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "tall.png"
+    Image.fromarray(rng.integers(0, 255, (60000, 1, 3), dtype=np.uint8)).save(path)
+    done = subprocess.run(
+        [sys.executable, "-c", _EVAL_PREPROCESS_UNDER_A_MEMORY_CAP, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("size", [(1, 2000), (700, 40)])
+def test_eval_preprocess_of_an_extreme_aspect_ratio_stays_near_the_processor(size):
+    from vutrain.data.preprocess import make_preprocess
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    rng = np.random.default_rng(sum(size))
+    w, h = size
+    image = (
+        photo_like(rng, w, h)
+        if min(size) >= 20
+        else Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8))
+    )
+    ref = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    levels = (
+        (make_preprocess(processor)(image) - ref) * torch.tensor(processor.image_std).view(3, 1, 1) * 255
+    ).abs()
+    assert levels.mean().item() <= 1.5 and levels.quantile(0.99).item() <= 12

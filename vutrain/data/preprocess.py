@@ -73,7 +73,12 @@ class ClipPreprocess:
         image = to_rgb(image)
         w, h = image.size
         new_w, new_h = resized_geometry(w, h, self.resize)
-        if (new_w, new_h) != (w, h):
+        if _needs_window(new_w, new_h, self.crop_hw):
+            # As the fast path: the full resize of a 1 x 60000 image is 224 x 13 million pixels, in
+            # fp32 below some 35 GB, which killed the eval (and the run) at that sample.
+            (new_w, new_h), box = crop_window(new_w, new_h, self.crop_hw, (w, h))
+            image = image.resize((new_w, new_h), resample=self.resample, box=box)
+        elif (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), resample=self.resample)
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # [3, H, W]
         ch, cw = self.crop_hw
