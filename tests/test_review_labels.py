@@ -154,3 +154,16 @@ def test_category_ids_numeric_string_or_float_are_one_class_and_bad_ones_no_labe
     assert collect_label_values(spec, "category_name") == ["Gaming", "Music"]
     batch = _val_batch(spec, "category_name")
     assert sorted(map(tuple, batch["label_sets"])) == [()] * 4 + [("Gaming",)] * 3 + [("Music",)]
+
+
+def test_tags_that_are_numbers_or_blank_read_alike_in_captions_ids_and_vocab():
+    """A tag written as a JSON number (2024) was dropped from the training ids and the vocabulary
+    but rendered in `{tags}` captions, and blank entries rendered as "cats, , funny"."""
+    from vutrain.data.captions import render_caption
+    from vutrain.data.labels import sample_label
+    from vutrain.tag_text import tag_values
+
+    meta = {"tags": ["Cats", " ", 2024, None, 5.0, "funny"]}
+    assert tag_values(meta["tags"]) == ["Cats", "2024", "5", "funny"]
+    assert render_caption("{tags}", meta, None) == "Cats, 2024, 5, funny"
+    assert sample_label(meta, "tags") == sorted({tag_id(t) for t in ("cats", "2024", "5", "funny")})

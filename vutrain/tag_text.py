@@ -11,15 +11,28 @@ import unicodedata
 
 
 def tag_values(value) -> list[str]:
-    """The tags of a metadata ``tags`` value: a list's strings, or a comma-separated string's parts
-    (some metadata sources keep tags as one string), blanks left out. Training's tag positives,
-    the validation tag metrics and `dataset_tools vocab` all read tags through this, so they agree
-    (a string was iterated character by character: a vocabulary of letters)."""
+    """The tags of a metadata ``tags`` value: a list's strings (and numbers, as text: a scraper may
+    write the tag "2024" as 2024), or a comma-separated string's parts (some metadata sources keep
+    tags as one string), blanks left out. Training's tag positives, the validation tag metrics,
+    captions' ``{tags}`` and `dataset_tools vocab` all read tags through this, so they agree (a
+    string was iterated character by character: a vocabulary of letters; a number was dropped
+    from the tags but rendered in captions, blanks too: "cats, , funny")."""
     if isinstance(value, str):
         value = value.split(",")
-    if not isinstance(value, list):
+    if not isinstance(value, (list, tuple)):
         return []
-    return [t for t in value if isinstance(t, str) and t.strip()]
+    tags = [_as_text(t) for t in value]
+    return [t for t in tags if t is not None and t.strip()]
+
+
+def _as_text(tag) -> str | None:
+    if isinstance(tag, str):
+        return tag
+    if isinstance(tag, int) and not isinstance(tag, bool):
+        return str(tag)
+    if isinstance(tag, float) and tag.is_integer():
+        return str(int(tag))
+    return None
 
 
 def normalize_tag(tag: str) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import string
 
+from vutrain.tag_text import tag_values
+
 CAPTION_FIELDS = (
     "title",
     "tags",
@@ -64,7 +66,9 @@ def _field_value(name: str, meta: dict, txt: str | None) -> str:
         value = txt
     elif name == "tags":
         tags = meta.get("tags")
-        value = ", ".join(str(t) for t in tags) if isinstance(tags, (list, tuple)) else tags
+        # The tags training reads (tag_text.tag_values), stripped: blanks and non-tags rendered
+        # as "cats, , funny" or "cats, None".
+        value = ", ".join(t.strip() for t in tag_values(tags)) if isinstance(tags, (list, tuple)) else tags
     else:
         value = meta.get(name)
         if value is None and name == "title":
