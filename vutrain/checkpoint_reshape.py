@@ -83,6 +83,9 @@ def save_world_info(engine, tag_dir: str, trainer_state: dict) -> None:
         "interval": trainer_state.get("interval"),
         "eval_pending": bool(trainer_state.get("eval_pending", False)),
         "finished": bool(trainer_state.get("finished", False)),
+        # Rank 0's step time of the logging interval so far (train/step_time after a resume).
+        "interval_wall": float(trainer_state.get("interval_wall", 0.0)),
+        "interval_steps": int(trainer_state.get("interval_steps", 0)),
         "data": data_states,
     }
     tmp = os.path.join(tag_dir, WORLD_FILE + ".tmp")
@@ -241,6 +244,8 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
         "interval": info.get("interval"),
         "eval_pending": info.get("eval_pending", False),
         "finished": info.get("finished", False),
+        "interval_wall": info.get("interval_wall", 0.0),
+        "interval_steps": info.get("interval_steps", 0),
         "data": {"ranks": info["data"]},
     }
 

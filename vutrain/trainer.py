@@ -342,6 +342,10 @@ class Trainer:
             **self.guard.state_dict(),  # the non-finite streak and the logging interval's sums
             "eval_pending": self._eval_pending,
             "finished": self._finished,
+            # The logging interval's step time so far: a row after a resume between two logging
+            # steps averaged only the steps after it (train/step_time and samples/s).
+            "interval_wall": self._interval_wall,
+            "interval_steps": self._interval_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -350,6 +354,8 @@ class Trainer:
         self.guard.load_state_dict(state)
         self._eval_pending = bool(state.get("eval_pending", False))
         self._finished = bool(state.get("finished", False))
+        self._interval_wall = float(state.get("interval_wall", 0.0))
+        self._interval_steps = int(state.get("interval_steps", 0))
         self.stream.load_state_dict(state["data"])
 
     def _maybe_resume(self) -> None:
