@@ -7,15 +7,20 @@ of complete shards and merges them back (``retry.py``).
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import glob
 import json
 import os
 import shutil
+import signal
 import string
+import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
@@ -180,6 +185,8 @@ def _make_downloader(cfg: BuildConfig, output_folder: str, column_list: list[str
         variants=cfg.variants,
         url_template=cfg.url_template,
         politeness=per_process,
+        # Only the multiprocessing pool's workers are children of this process.
+        parent_pid=os.getpid() if cfg.distributor == "multiprocessing" else None,
     )
 
 
@@ -259,9 +266,63 @@ def summarize(output: str, elapsed: float | None = None, new_successes: int = 0)
     return summary
 
 
+@contextmanager
+def _stop_cleanly_on_sigterm() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a scheduler) ends the build like Ctrl-C: the download pool
+    is terminated on the way out (its workers downloaded on as orphans otherwise) and one line
+    says how to resume, instead of a BrokenPipeError traceback from every worker."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        print(
+            f"[dataset_tools] build stopped by {signal.Signals(signum).name}; run the same command "
+            "again to resume (complete shards are kept)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def build(cfg: BuildConfig) -> dict:
     """Run (or continue) a build; returns the summary dict it also prints and saves."""
     check_config(cfg)
+    with _one_build_per_output(cfg.output), _stop_cleanly_on_sigterm():
+        return _build(cfg)
+
+
+@contextmanager
+def _one_build_per_output(output: str) -> Iterator[None]:
+    """Refuse a second build on an output while one runs there (a requeued job whose earlier
+    instance is still alive, the same command in two terminals): both downloaded the same
+    shards, doubling the load on the host, and each deleted the other's temporary files. The
+    lock is the kernel's, so a killed build never leaves it behind."""
+    build_dir = os.path.join(output, plan_mod.BUILD_DIR)
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "lock"), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise SystemExit(
+                f"{output}: another build is running on this output (pid {holder}); wait for it to "
+                "finish or stop it, then run this command again to resume"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
+def _build(cfg: BuildConfig) -> dict:
     os.makedirs(cfg.output, exist_ok=True)
     build_dir = os.path.join(cfg.output, plan_mod.BUILD_DIR)
     os.makedirs(build_dir, exist_ok=True)
@@ -278,8 +339,15 @@ def build(cfg: BuildConfig) -> dict:
         f"({meta.duplicates} duplicate rows collapsed, {len(meta.rejected)} rejected: invalid id or "
         f"malformed row, listed in {plan_mod.BUILD_DIR}/rejected_input.jsonl)"
     )
+    previous = plan_mod.load_plan(cfg.output)
+    # A resume keeps the saved plan whatever the input says now; say what that means instead
+    # of silently building removed rows and old captions beside the new ones.
+    drift = plan_mod.input_drift(previous, meta.rows, cfg.caption_template)
+    note = plan_mod.describe_drift(drift, bool(previous))
+    if note:
+        print(note)
     plan = plan_mod.extend_plan(
-        plan_mod.load_plan(cfg.output),
+        previous,
         meta.rows,
         shard_size=cfg.shard_size,
         oom_shard_count=cfg.oom_shard_count,
@@ -324,6 +392,7 @@ def build(cfg: BuildConfig) -> dict:
         duplicates_collapsed=meta.duplicates,
         invalid_ids=len(meta.rejected),
         planned=len(plan),
+        **drift,
         incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(shards.complete_shards(cfg.output))),
         incomplete_retries=len(unmerged),
     )

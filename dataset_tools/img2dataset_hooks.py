@@ -14,8 +14,11 @@ stats, and its distributors (multiprocessing, pyspark, ray). We replace two thin
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
+import os
+import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ EXTRA_FIELDS = [
 ]
 INTERNAL_COLUMNS = ("sample_key",)
 ERR_LOST = "internal: row dropped by the download loop"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -68,19 +72,52 @@ def _ladder_download(row, timeout, retries, user_agent_token, disallowed_header_
     return index, io.BytesIO(result.body), None
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this worker when the build process that spawned it dies.
+
+    img2dataset's spawn pool outlives a killed parent (SIGKILL, OOM killer, or SIGTERM from
+    ``timeout``/``kill``): each orphan finished its shard, so the host got more connections than
+    the caps allow, and the orphans wrote the same shard files as the resumed build. Linux only;
+    elsewhere the pool behaves as before.
+    """
+    if _FETCH.get("parent_pid") == parent_pid:
+        return
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _FETCH["parent_pid"] = parent_pid
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 class YouTubeDownloader(i2d_downloader.Downloader):
-    """img2dataset's Downloader with our fetch and exact per-row accounting."""
+    """img2dataset's Downloader with our fetch and exact per-row accounting.
+
+    ``parent_pid``: the build process, when the workers are its children (the multiprocessing
+    distributor); they then die with it instead of downloading on as orphans.
+    """
 
     def __init__(
-        self, *args, variants: Sequence[str], url_template: str, politeness: PolitenessConfig, **kwargs
+        self,
+        *args,
+        variants: Sequence[str],
+        url_template: str,
+        politeness: PolitenessConfig,
+        parent_pid: int | None = None,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.variants = tuple(variants)
         self.url_template = url_template
         self.politeness = politeness
+        self.parent_pid = parent_pid
 
     def _install(self) -> None:
         with _LOCK:
+            if self.parent_pid is not None and self.parent_pid != os.getpid():
+                _die_with_parent(self.parent_pid)
             if _FETCH.get("config") != self.politeness:
                 _FETCH.update(
                     config=self.politeness,

@@ -118,6 +118,41 @@ def extend_plan(
     return extended
 
 
+def input_drift(plan: Sequence[dict], rows: Sequence[dict], caption_template: str) -> dict[str, int]:
+    """How the current input differs from a saved ``plan``, per video id (row order never
+    matters): planned videos no longer in the input, planned videos whose caption the input (or
+    the ``--caption-template``) now renders differently, and videos new to the plan."""
+    current = {r["video_id"]: r for r in rows}
+    planned = {r["video_id"]: r for r in plan}
+    changed = sum(
+        1
+        for vid, row in current.items()
+        if vid in planned and render_caption(caption_template, row) != planned[vid]["caption"]
+    )
+    return {
+        "planned_not_in_input": sum(1 for vid in planned if vid not in current),
+        "captions_changed_since_plan": changed,
+        "new_in_plan": sum(1 for vid in current if vid not in planned),
+    }
+
+
+def describe_drift(drift: dict[str, int], had_plan: bool) -> str | None:
+    """One line saying what a resume does with an input that changed since the plan, or None."""
+    if not had_plan:
+        return None
+    if drift["planned_not_in_input"] or drift["captions_changed_since_plan"]:
+        return (
+            "[dataset_tools] the input changed since the plan was made; the plan is kept, so keys "
+            f"never move: {drift['planned_not_in_input']} planned videos are not in the input any more "
+            f"(still built), {drift['captions_changed_since_plan']} have another title or caption now "
+            f"(the plan's caption is kept), {drift['new_in_plan']} are new (new shards). To build the "
+            "current input alone, use a new --output"
+        )
+    if drift["new_in_plan"]:
+        return f"[dataset_tools] {drift['new_in_plan']} videos are new since the plan was made: new shards"
+    return None
+
+
 def save_plan(output: str, plan: list[dict]) -> None:
     """Write the plan atomically (a temporary file, then a rename)."""
     path = plan_path(output)
