@@ -11,6 +11,8 @@ import fcntl
 import fnmatch
 import glob
 import json
+import multiprocessing
+import multiprocessing.pool
 import os
 import shutil
 import signal
@@ -196,7 +198,7 @@ def _distribute(cfg: BuildConfig, downloader, jobs: list[tuple]) -> None:
     if not jobs:
         return
     if cfg.distributor == "multiprocessing":
-        fn = dist.multiprocessing_distributor
+        fn = _watched_multiprocessing_distributor
     elif cfg.distributor == "pyspark":
         try:
             import pyspark  # noqa: F401
@@ -212,6 +214,89 @@ def _distribute(cfg: BuildConfig, downloader, jobs: list[tuple]) -> None:
     else:
         raise SystemExit(f"--distributor {cfg.distributor!r}: use multiprocessing, pyspark or ray")
     fn(cfg.processes, downloader, jobs, cfg.subjob_size, cfg.max_shard_retry)
+
+
+class WorkerDied(Exception):
+    """A download worker process died mid-build (SIGKILL from the OOM killer, a segfault)."""
+
+
+class _WatchedPool(multiprocessing.pool.Pool):
+    """img2dataset's spawn pool that keeps every worker process it starts, so that the build can
+    see one that died: the pool quietly replaces it, and the shard it held never comes back."""
+
+    def __init__(self, *args, **kwargs):
+        self.workers: list = []  # set first: the base class starts the workers
+        super().__init__(*args, **kwargs)
+
+    def Process(self, ctx, *args, **kwds):
+        process = ctx.Process(*args, **kwds)
+        self.workers.append(process)
+        return process
+
+    def dead_worker_signal(self) -> str | None:
+        """How a worker that did not exit cleanly ended (a maxtasksperchild exit is code 0)."""
+        self.workers = [p for p in self.workers if p.exitcode != 0]
+        for process in self.workers:
+            code = process.exitcode
+            if code is not None:
+                return signal.Signals(-code).name if code < 0 else f"exit code {code}"
+        return None
+
+    def run_shards(self, downloader, jobs: list[tuple]) -> list[tuple]:
+        """Download ``jobs`` at most one per process at a time (so the shards in flight are the
+        ones being downloaded); returns the jobs whose shard failed (img2dataset's status)."""
+        from tqdm import tqdm
+
+        pending, running, failed = list(reversed(jobs)), {}, []
+        finished = threading.Event()
+        with tqdm(total=len(jobs)) as bar:
+            while pending or running:
+                while pending and len(running) < self._processes:
+                    job = pending.pop()
+                    # (both callbacks take the result or the exception: Event.set takes neither)
+                    result = self.apply_async(
+                        downloader,
+                        (job,),
+                        callback=lambda _: finished.set(),
+                        error_callback=lambda _: finished.set(),
+                    )
+                    running[result] = job
+                finished.wait(0.2)  # the timeout is the dead-worker check's period
+                finished.clear()
+                for result in [r for r in running if r.ready()]:
+                    job = running.pop(result)
+                    if result.get()[0] is False:
+                        failed.append(job)
+                    bar.update()
+                how = self.dead_worker_signal()
+                if how:
+                    raise WorkerDied(_worker_died_line(how, running.values()))
+        return failed
+
+
+def _worker_died_line(how: str, jobs_in_flight) -> str:
+    names = ", ".join(sorted(os.path.splitext(os.path.basename(path))[0] for _, path in jobs_in_flight))
+    return (
+        f"[dataset_tools] a download worker died ({how}; e.g. the out-of-memory killer) while shards "
+        f"{names or '(none)'} were downloading; the build stopped, complete shards are kept: run the "
+        "same command again to resume"
+    )
+
+
+def _watched_multiprocessing_distributor(processes_count, downloader, jobs, _subjob_size, max_shard_retry):
+    """img2dataset's ``multiprocessing_distributor`` (spawn pool, maxtasksperchild=5, shard
+    retries), but a dead worker raises ``WorkerDied`` instead of hanging: ``Pool.imap_unordered``
+    never gets the lost task back, so the build waited forever after its other shards."""
+    spawn = multiprocessing.get_context("spawn")
+    with _WatchedPool(processes_count, maxtasksperchild=5, context=spawn) as pool:
+        failed = pool.run_shards(downloader, jobs)
+        for attempt in range(max_shard_retry):
+            if not failed:
+                break
+            print(f"Retrying {len(failed)} shards, try {attempt + 1}")
+            failed = pool.run_shards(downloader, failed)
+        if failed:
+            print(f"{len(failed)} shards still failed after {max_shard_retry} retries: run build again")
 
 
 def _clean_partials(folder: str) -> None:
@@ -370,20 +455,19 @@ def _build(cfg: BuildConfig) -> dict:
     started = time.time()
     columns = [f.name for f in plan_mod.PLAN_SCHEMA if f.name != "shard_id"]
     tmp_dir = os.path.join(build_dir, "tmp")
-    _distribute(
-        cfg, _make_downloader(cfg, cfg.output, columns), _write_jobs(tmp_dir, todo, cfg.oom_shard_count)
-    )
     unmerged: list[str] = []
-    if retry_groups:
-        retry_dir = os.path.join(build_dir, "retry")
-        shutil.rmtree(retry_dir, ignore_errors=True)
-        os.makedirs(retry_dir)
+    worker_died = None
+    try:
         _distribute(
-            cfg,
-            _make_downloader(cfg, retry_dir, columns),
-            _write_jobs(tmp_dir, retry_groups, cfg.oom_shard_count),
+            cfg, _make_downloader(cfg, cfg.output, columns), _write_jobs(tmp_dir, todo, cfg.oom_shard_count)
         )
-        unmerged = merge_retries(cfg.output, retry_dir, sorted(retry_groups), cfg.oom_shard_count)
+        if retry_groups:
+            unmerged = _retry_failed_rows(cfg, build_dir, tmp_dir, retry_groups, columns)
+    except WorkerDied as died:
+        # A machine that just lost a worker (to the OOM killer, most likely) is no place to
+        # start the next shards; the rerun resumes from the complete ones.
+        worker_died = str(died)
+        unmerged = [shards.shard_name(sid, cfg.oom_shard_count) for sid in retry_groups]
     shutil.rmtree(tmp_dir, ignore_errors=True)
     elapsed = time.time() - started
     summary = summarize(cfg.output, elapsed, summarize(cfg.output)["successes"] - before)
@@ -395,11 +479,28 @@ def _build(cfg: BuildConfig) -> dict:
         **drift,
         incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(shards.complete_shards(cfg.output))),
         incomplete_retries=len(unmerged),
+        download_worker_died=worker_died is not None,
     )
     with open(os.path.join(build_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print_summary(summary)
+    if worker_died:
+        print(worker_died, file=sys.stderr, flush=True)
     return summary
+
+
+def _retry_failed_rows(cfg: BuildConfig, build_dir: str, tmp_dir: str, retry_groups, columns) -> list[str]:
+    """Re-download the failed rows of complete shards and merge them back; returns the shards
+    whose retry did not complete."""
+    retry_dir = os.path.join(build_dir, "retry")
+    shutil.rmtree(retry_dir, ignore_errors=True)
+    os.makedirs(retry_dir)
+    _distribute(
+        cfg,
+        _make_downloader(cfg, retry_dir, columns),
+        _write_jobs(tmp_dir, retry_groups, cfg.oom_shard_count),
+    )
+    return merge_retries(cfg.output, retry_dir, sorted(retry_groups), cfg.oom_shard_count)
 
 
 def merge_retries(output: str, retry_dir: str, shard_ids: list[int], oom_shard_count: int) -> list[str]:
@@ -418,8 +519,10 @@ def merge_retries(output: str, retry_dir: str, shard_ids: list[int], oom_shard_c
 
 
 def exit_code(summary: dict) -> int:
-    """0 when every planned shard is complete and every retried one merged, else 2 (run again)."""
-    return 0 if not summary.get("incomplete_shards") and not summary.get("incomplete_retries") else 2
+    """0 when every planned shard is complete and every retried one merged and no download
+    worker died, else 2 (run again)."""
+    incomplete = ("incomplete_shards", "incomplete_retries", "download_worker_died")
+    return 2 if any(summary.get(key) for key in incomplete) else 0
 
 
 def print_summary(summary: dict) -> None:
