@@ -81,12 +81,20 @@ def _demo_defaults() -> dict:
 @pytest.mark.slow
 def test_missing_shard_under_deepspeed_is_one_line_from_rank_0(synthetic_shards, tmp_path):
     """Two ranks through the deepspeed launcher, a brace range past the last shard: exit 2 before
-    any process group, the message once, no traceback."""
+    any process group, the message once, no traceback. Rank 0 starts 2 s late (a loaded machine):
+    rank 1, which leaves the message to rank 0, exited at once, the launcher killed rank 0 before
+    it printed, and the job ended with no message (seen in CI)."""
     train_dir = os.path.dirname(synthetic_shards["train_shards"])
     over = tr.base_overrides(
         dict(synthetic_shards, train_shards=f"{train_dir}/{{00000..00009}}.tar"), str(tmp_path / "run"), 2
     )
-    proc = tr.run("deepspeed", over, timeout=300)
+    slow_rank0 = tmp_path / "slow_rank0"
+    slow_rank0.mkdir()
+    (slow_rank0 / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('LOCAL_RANK') == '0':\n    time.sleep(2)\n"
+    )
+    pythonpath = os.pathsep.join([str(slow_rank0), tr.env()["PYTHONPATH"]])
+    proc = tr.run("deepspeed", over, timeout=300, extra_env={"PYTHONPATH": pythonpath})
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     errors = [line for line in out.splitlines() if line.startswith("error:")]

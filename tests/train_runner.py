@@ -81,14 +81,14 @@ def env() -> dict:
 
 
 def run(
-    launcher: str, overrides: list[str], ranks: int = 2, timeout: int = 600
+    launcher: str, overrides: list[str], ranks: int = 2, timeout: int = 600, extra_env: dict | None = None
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         command(launcher, overrides, ranks),
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env(),
+        env=dict(env(), **(extra_env or {})),
         cwd=REPO,
     )
     return proc

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,6 +71,18 @@ def check_shard_lists(cfg, log_warnings: bool) -> None:
             setattr(d, key, "::".join(found))
 
 
+QUIET_EXIT_DELAY_S = 10.0
+"""How long a rank that leaves a start-up error to rank 0 waits before it exits. Launchers end
+every rank once one exits non-zero (deepspeed's at once): a quiet rank that got there first took
+rank 0 down before it printed the error, and the job ended with no message at all (seen in CI on a
+loaded machine: rank 0 was 0.7 s behind)."""
+
+
+def _quiet_exit(code: int = 2) -> int:
+    time.sleep(QUIET_EXIT_DELAY_S)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of training: resolve the ranks, load the config, train; returns the exit code."""
     args = parse_args(argv)
@@ -93,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         check_world_size(cfg, info.world_size)
         check_shard_lists(cfg, log_warnings=info.rank == 0)
     except ConfigError as exc:
-        if speaks:
-            print(f"config error: {exc}", file=sys.stderr)
+        if not speaks:
+            return _quiet_exit()
+        print(f"config error: {exc}", file=sys.stderr)
         return 2
     except ShardListError as exc:
-        if speaks:
-            print(f"error: {exc}", file=sys.stderr)
+        if not speaks:
+            return _quiet_exit()
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     from vutrain import startup_errors
     from vutrain.checkpoint import CheckpointWriteError
@@ -110,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed(info)
     except SharedGPUError as exc:  # every rank found the same: rank 0 says it
         cleanup()
-        if info.rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
+        if info.rank != 0:
+            return _quiet_exit()
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # no group, so no agreement: each rank says its own, in one line
         cleanup()
@@ -135,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # e.g. a resume on another world size that changes the global batch:
         if trainer is not None:  # every rank finds it before any collective, so rank 0 alone says it
             raise
-        if speaks:
-            print(f"config error: {exc}", file=sys.stderr)
+        if not speaks:
+            return _quiet_exit()
+        print(f"config error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:  # every rank reads the same agreed streak: rank 0 says it
-        if info.rank == 0:  # (a traceback from every rank before)
-            print(f"error: {exc}", file=sys.stderr)
+        if info.rank != 0:  # (a traceback from every rank before)
+            return _quiet_exit(1)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except CheckpointWriteError as exc:  # each rank whose write failed says so, in one line
         prefix = "" if info.world_size == 1 else f"rank {info.rank}: "
