@@ -15,9 +15,7 @@ import argparse
 import collections
 import json
 import os
-import shutil
 import sys
-import tempfile
 import traceback
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -52,17 +50,13 @@ class OpCounter(TorchDispatchMode):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the tool; its synthetic shards and run folder are removed at the end, also on an error
-    (every run left a /tmp/vutrain-ops-* folder behind)."""
-    scratch: list[str] = []
-    try:
-        return _main(argv, scratch)
-    finally:
-        for folder in scratch:
-            shutil.rmtree(folder, ignore_errors=True)
+    """Run the tool; its synthetic shards and run folder are removed when it ends (scratch_dirs)."""
+    from scratch_dirs import run_with_scratch
+
+    return run_with_scratch(_main, argv)
 
 
-def _main(argv: list[str] | None, scratch: list) -> int:
+def _main(argv: list[str] | None, make_scratch) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from vutrain.config import PRECISIONS, PRESETS
 
@@ -87,8 +81,7 @@ def _main(argv: list[str] | None, scratch: list) -> int:
     from vutrain.model import PRESETS
     from vutrain.trainer import Trainer
 
-    work = tempfile.mkdtemp(prefix="vutrain-ops-")
-    scratch.append(work)
+    work = make_scratch("vutrain-ops-")
     size = PRESETS[args.preset].image_size
     data = write_synthetic(
         os.path.join(work, "data"), num_samples=64, shard_size=64, image_size=size, val_samples=0

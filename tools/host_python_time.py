@@ -31,9 +31,7 @@ import cProfile
 import json
 import os
 import pstats
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -100,17 +98,13 @@ def profile(runner, batch, warmup: int, steps: int) -> pstats.Stats:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the tool; its synthetic shards and run folder are removed at the end, also on an error
-    (every run left a /tmp/vutrain-host-time-* folder behind)."""
-    scratch: list[str] = []
-    try:
-        return _main(argv, scratch)
-    finally:
-        for folder in scratch:
-            shutil.rmtree(folder, ignore_errors=True)
+    """Run the tool; its synthetic shards and run folder are removed when it ends (scratch_dirs)."""
+    from scratch_dirs import run_with_scratch
+
+    return run_with_scratch(_main, argv)
 
 
-def _main(argv: list[str] | None, scratch: list) -> int:
+def _main(argv: list[str] | None, make_scratch) -> int:
     from vutrain.config import BACKENDS, PRECISIONS, PRESETS
 
     # Choices here: a wrong value is refused at once, not after seconds of imports in a traceback.
@@ -136,8 +130,7 @@ def _main(argv: list[str] | None, scratch: list) -> int:
         ["--compare", "open_clip", "--preset", args.preset, "--precision", args.precision]
         + ["--batch-sizes", str(args.batch_size), "--pool", str(max(args.batch_size, 8))]
     )
-    work = tempfile.mkdtemp(prefix="vutrain-host-time-")
-    scratch.append(work)
+    work = make_scratch("vutrain-host-time-")
     data = write_synthetic(
         os.path.join(work, "data"),
         num_samples=64,

@@ -19,9 +19,7 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,17 +52,13 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the tool; its synthetic shards and run folder are removed at the end, also on an error
-    (every run left a /tmp/vutrain-profile-* folder behind)."""
-    scratch: list[str] = []
-    try:
-        return _main(argv, scratch)
-    finally:
-        for folder in scratch:
-            shutil.rmtree(folder, ignore_errors=True)
+    """Run the tool; its synthetic shards and run folder are removed when it ends (scratch_dirs)."""
+    from scratch_dirs import run_with_scratch
+
+    return run_with_scratch(_main, argv)
 
 
-def _main(argv: list[str] | None, scratch: list) -> int:
+def _main(argv: list[str] | None, make_scratch) -> int:
     from vutrain.config import BACKENDS, COMPILE_MODES, HIDDEN_ACTS, PRECISIONS, PRESETS
 
     # Choices here: a wrong value is refused at once, not after seconds of imports in a traceback.
@@ -101,8 +95,7 @@ def _main(argv: list[str] | None, scratch: list) -> int:
     from vutrain.distributed import cleanup
     from vutrain.model import PRESETS
 
-    work = tempfile.mkdtemp(prefix="vutrain-profile-")
-    scratch.append(work)
+    work = make_scratch("vutrain-profile-")
     data = write_synthetic(
         os.path.join(work, "data"),
         num_samples=1024,
