@@ -58,13 +58,13 @@ def _args(host, inp, out, *extra):
     ]
 
 
-def _start(host, inp, out, log):
+def _start(host, inp, out, log, *extra):
     # Output to a file, not a pipe: orphaned workers would hold a pipe open, and reading it
     # would wait for them to finish.
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
     with open(log, "w") as f:
         return subprocess.Popen(
-            [sys.executable, "-m", "dataset_tools", *_args(host, inp, out)],
+            [sys.executable, "-m", "dataset_tools", *_args(host, inp, out, *extra)],
             cwd=ROOT,
             env=env,
             stdout=f,

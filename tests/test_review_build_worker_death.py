@@ -5,70 +5,17 @@ processes killed, then the same command again.
 Runtime: ~20 s on 2 busy cores.
 """
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
-from dataset_tools import shards
+from test_review_build_resume import _args, _assert_every_row_once, _ids, _start, _write_input
+
 from dataset_tools.cli import main
 from dataset_tools.fake_host import FakeThumbnailHost
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = 32
-
-
-def _ids():
-    return [f"vid{i:08d}" for i in range(ROWS)]
-
-
-def _args(host, inp, out):
-    return [
-        "build",
-        "--input",
-        str(inp),
-        "--output",
-        str(out),
-        "--url-template",
-        host.url_template,
-        "--variants",
-        "mqdefault",
-        "--shard-size",
-        "16",
-        "--processes",
-        "2",
-        "--threads",
-        "2",
-        "--max-connections",
-        "4",
-        "--requests-per-second",
-        "8",
-        "--image-size",
-        "32",
-    ]
-
-
-def _assert_every_row_once(out, ids):
-    """Each input id is in exactly one parquet row; successes are the tar samples; stats and
-    summary agree with the files (as in test_review_build_resume.py)."""
-    seen, keys = [], set()
-    for name in shards.iter_shard_names(out):
-        rows, _ = shards.read_parquet_rows(os.path.join(out, f"{name}.parquet"))
-        seen += [r["video_id"] for r in rows]
-        ok = {r["key"] for r in rows if r["status"] == shards.SUCCESS}
-        assert set(shards.read_tar(os.path.join(out, f"{name}.tar"))) == ok
-        with open(os.path.join(out, f"{name}_stats.json")) as f:
-            stats = json.load(f)
-        assert (stats["count"], stats["successes"]) == (len(rows), len(ok))
-        assert not keys & {r["key"] for r in rows}
-        keys |= {r["key"] for r in rows}
-    assert sorted(seen) == sorted(ids)
-    with open(os.path.join(out, "_build", "summary.json")) as f:
-        summary = json.load(f)
-    assert summary["rows"] == summary["input_rows"] == summary["planned"] == len(ids)
-    assert summary["incomplete_shards"] == 0
+# Half the resume tests' request rate: a shard is still downloading when the worker is killed.
+SLOW = ("--requests-per-second", "8")
 
 
 def _download_workers(build_pid):
@@ -89,18 +36,6 @@ def _download_workers(build_pid):
     return pids
 
 
-def _start(host, inp, out, log):
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
-    with open(log, "w") as f:  # a file, not a pipe: nothing can block on a full pipe
-        return subprocess.Popen(
-            [sys.executable, "-m", "dataset_tools", *_args(host, inp, out)],
-            cwd=ROOT,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def _kill_one_worker_mid_shard(proc, host, log):
     deadline = time.monotonic() + 120
     workers = []
@@ -118,9 +53,9 @@ def test_a_killed_download_worker_ends_the_build_with_a_resume_line(tmp_path):
     # img2dataset's Pool.imap_unordered never got the killed worker's shard back: the build
     # finished the other shard and then waited forever, with no message, until the job's limit.
     inp, out, log = tmp_path / "in.csv", tmp_path / "out", tmp_path / "build.log"
-    inp.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in _ids()))
+    _write_input(inp, _ids())
     with FakeThumbnailHost(latency=0.1, max_lifetime=300) as host:
-        proc = _start(host, inp, out, log)
+        proc = _start(host, inp, out, log, *SLOW)
         try:
             _kill_one_worker_mid_shard(proc, host, log)
             code = proc.wait(timeout=60)
@@ -136,5 +71,5 @@ def test_a_killed_download_worker_ends_the_build_with_a_resume_line(tmp_path):
         assert "run the same command again" in lines[0]
         assert "Traceback" not in said
 
-        assert main(_args(host, inp, out)) == 0
+        assert main(_args(host, inp, out, *SLOW)) == 0
     _assert_every_row_once(str(out), _ids())
