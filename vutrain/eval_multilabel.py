@@ -97,6 +97,64 @@ def tag_embeddings(
     return F.normalize(F.normalize(feats, dim=-1).mean(dim=1), dim=-1)
 
 
+SCORE_CHUNK_ELEMENTS = 2**24
+"""Image-tag scores ranked at a time (64 MB in fp32, beside a few int64 sort temporaries of the
+same shape): the whole [N, V] score matrix, its targets and its sorts were 4 GB and more each at
+50k validation images and a 20k-tag vocabulary."""
+
+
+def _rows_per_chunk(n_columns: int) -> int:
+    return max(1, SCORE_CHUNK_ELEMENTS // max(n_columns, 1))
+
+
+def target_pairs(tag_lists: list[list[str]], vocab: list[str]) -> torch.Tensor:
+    """LongTensor [P, 2]: the (image, vocabulary index) pairs of ``multilabel_targets``, without
+    its [N, V] matrix."""
+    index = {normalize_tag(t): i for i, t in enumerate(vocab)}
+    found = ((n, index.get(normalize_tag(t))) for n, tags in enumerate(tag_lists) for t in tags if t)
+    return torch.tensor(sorted({(n, i) for n, i in found if i is not None}), dtype=torch.long).reshape(-1, 2)
+
+
+def _block_targets(rows: torch.Tensor, cols: torch.Tensor, start: int, stop: int, width: int) -> torch.Tensor:
+    """BoolTensor [stop - start, width]: the pairs (row, col) whose row is in [start, stop)."""
+    inside = (rows >= start) & (rows < stop)
+    out = torch.zeros(stop - start, width, dtype=torch.bool, device=rows.device)
+    out[rows[inside] - start, cols[inside]] = True
+    return out
+
+
+def _per_tag_average_precision(images: torch.Tensor, tags: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """[V]: each tag's AP over all N images, scored a block of tags at a time ([N, block] scores)."""
+    n, v = images.shape[0], tags.shape[0]
+    step = _rows_per_chunk(n)
+    parts = []
+    for start in range(0, v, step):
+        stop = min(start + step, v)
+        scores = images @ tags[start:stop].T  # as the columns of images @ tags.T
+        parts.append(average_precision(scores.T, _block_targets(pairs[:, 1], pairs[:, 0], start, stop, n)))
+    return torch.cat(parts)
+
+
+def _per_image_recall(
+    images: torch.Tensor, tags: torch.Tensor, pairs: torch.Tensor, ks
+) -> dict[int, torch.Tensor]:
+    """Per image with a tag of the vocabulary, the share of its tags among its k best (``recall_at_k``
+    row by row), scored a block of images at a time ([block, V] scores)."""
+    n, v = images.shape[0], tags.shape[0]
+    step = _rows_per_chunk(v)
+    parts: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        targets = _block_targets(pairs[:, 0], pairs[:, 1], start, stop, v)
+        keep = targets.any(dim=1)  # an image without a vocabulary tag has no recall
+        scores, targets = (images[start:stop] @ tags.T)[keep], targets[keep]
+        hits = ranked_hits(scores, targets)
+        total = targets.sum(dim=1).float()
+        for k in ks:
+            parts[k].append(hits[:, :k].sum(dim=1) / total)
+    return {k: torch.cat(p) for k, p in parts.items()}
+
+
 @torch.no_grad()
 def multilabel_retrieval(
     image_features: torch.Tensor,
@@ -109,6 +167,9 @@ def multilabel_retrieval(
 ) -> dict[str, float]:
     """mAP over tags and recall@k over images (see the module doc).
 
+    The [N, V] scores are never made whole: mAP ranks a block of tags at a time, recall a block of
+    images, at most ``SCORE_CHUNK_ELEMENTS`` scores each, with the values of the whole matrix.
+
     Args:
         image_features: [N, E] (normalised here), the images of the whole validation set.
         tag_lists: N lists of tag strings (the `tags` field of each `<key>.json`).
@@ -120,10 +181,11 @@ def multilabel_retrieval(
     metrics: dict[str, float] = {f"{prefix}vocab": float(len(vocab))}
     if not vocab or image_features.shape[0] == 0:
         return metrics
-    scores = F.normalize(image_features.float(), dim=-1) @ tag_embeddings(encode_text, vocab, templates).T
-    targets = multilabel_targets(tag_lists, vocab).to(scores.device)  # on a GPU run: CUDA scores
-    per_tag = average_precision(scores.T, targets.T)
+    images = F.normalize(image_features.float(), dim=-1)
+    tags = tag_embeddings(encode_text, vocab, templates).to(images.device)
+    pairs = target_pairs(tag_lists, vocab).to(images.device)  # on a GPU run: CUDA scores
+    per_tag = _per_tag_average_precision(images, tags, pairs)
     metrics[f"{prefix}map"] = per_tag[~per_tag.isnan()].mean().item()
-    for k, value in recall_at_k(scores, targets, ks).items():
-        metrics[f"{prefix}r{k}"] = value
+    for k, per_image in _per_image_recall(images, tags, pairs, ks).items():
+        metrics[f"{prefix}r{k}"] = per_image.mean().item() if per_image.numel() else float("nan")
     return metrics

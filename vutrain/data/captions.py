@@ -66,9 +66,11 @@ def _field_value(name: str, meta: dict, txt: str | None) -> str:
         value = txt
     elif name == "tags":
         tags = meta.get("tags")
-        # The tags training reads (tag_text.tag_values), stripped: blanks and non-tags rendered
-        # as "cats, , funny" or "cats, None".
-        value = ", ".join(t.strip() for t in tag_values(tags)) if isinstance(tags, (list, tuple)) else tags
+        # The tags training reads (tag_text.tag_values), stripped, whatever form the field has: a
+        # list rendered blanks and non-tags ("cats, , funny", "cats, None"), and a comma-separated
+        # string or a lone number went in verbatim ("cats,, funny", "2024") while training read
+        # "cats", "funny" and no tag.
+        value = None if tags is None else ", ".join(t.strip() for t in tag_values(tags))
     else:
         value = meta.get(name)
         if value is None and name == "title":
