@@ -167,3 +167,17 @@ def test_tags_that_are_numbers_or_blank_read_alike_in_captions_ids_and_vocab():
     assert tag_values(meta["tags"]) == ["Cats", "2024", "5", "funny"]
     assert render_caption("{tags}", meta, None) == "Cats, 2024, 5, funny"
     assert sample_label(meta, "tags") == sorted({tag_id(t) for t in ("cats", "2024", "5", "funny")})
+
+
+def test_a_lone_number_in_the_tags_field_is_one_tag_everywhere():
+    """A tags column whose value is one number (a parquet column of numbers, `"tags": 2024`) was no
+    tag for training, the metrics and the vocabulary, while a list [2024] was the tag "2024"."""
+    from vutrain.data.captions import render_caption
+    from vutrain.data.labels import sample_label
+    from vutrain.tag_text import tag_values
+
+    meta = {"tags": 2024}
+    assert tag_values(2024) == tag_values([2024]) == ["2024"]
+    assert render_caption("{tags}", meta, None) == "2024"
+    assert sample_label(meta, "tags") == [tag_id("2024")]
+    assert tag_values(True) == [] and tag_values(2.5) == []

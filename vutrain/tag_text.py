@@ -12,13 +12,15 @@ import unicodedata
 
 def tag_values(value) -> list[str]:
     """The tags of a metadata ``tags`` value: a list's strings (and numbers, as text: a scraper may
-    write the tag "2024" as 2024), or a comma-separated string's parts (some metadata sources keep
-    tags as one string), blanks left out. Training's tag positives, the validation tag metrics,
-    captions' ``{tags}`` and `dataset_tools vocab` all read tags through this, so they agree (a
-    string was iterated character by character: a vocabulary of letters; a number was dropped
-    from the tags but rendered in captions, blanks too: "cats, , funny")."""
+    write the tag "2024" as 2024; a lone number is one tag), or a comma-separated string's parts
+    (some metadata sources keep tags as one string), blanks left out. Training's tag positives,
+    the validation tag metrics, captions' ``{tags}`` and `dataset_tools vocab` all read tags
+    through this, so they agree (a string was iterated character by character: a vocabulary of
+    letters; a number was dropped from the tags but rendered in captions, blanks too)."""
     if isinstance(value, str):
         value = value.split(",")
+    elif _as_text(value) is not None:
+        value = [value]  # a lone number is one tag, as in a list (a column whose rows are all numbers)
     if not isinstance(value, (list, tuple)):
         return []
     tags = [_as_text(t) for t in value]
