@@ -113,6 +113,7 @@ def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | No
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     source = f"tuned: kernels.bench --autotune on {where}, {str(dtype).replace('torch.', '')}, {stamp}"
+    timed_with = (tile_configs.dtype_name(dtype), tile_configs.triton_version())
     path = out / "tuned_configs.json"
     table = _existing_table(path)
     entries: dict[tuple[str, str, str], Entry] = {}
@@ -120,7 +121,8 @@ def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | No
 
     def keep(key: tuple[str, str, str], cfg: TileConfig) -> None:
         # Written at once: a sweep stopped by a time limit keeps the winners it found.
-        entries[key] = table[key] = Entry(cfg, source)
+        # With the dtype and Triton version it was timed under: launches under others skip it.
+        entries[key] = table[key] = Entry(cfg, source, *timed_with)
         tile_configs.write_tuned(path, table)
 
     for loss in losses:

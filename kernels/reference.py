@@ -1,13 +1,14 @@
 """Plain-torch versions of the kernels' ops: the oracle for tests and benchmarks,
 and the fallback when Triton cannot run.
 
-They build the full ``N x M`` logits (O(N*M) memory), exactly like open_clip's
-``ClipLoss``. Losses come back in float32 (float64 for float64 inputs), matching
-the Triton path, which reduces in fp32 whatever the input dtype.
+They build the full ``N x M`` logits (O(N*M) memory), like open_clip's ``ClipLoss``, but
+in float32 (float64 for float64 inputs) whatever the input dtype, as the Triton tiles
+accumulate them (``scaled_logits``); losses come back in that dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -36,6 +37,34 @@ def kernel_dtype(features: torch.Tensor) -> torch.dtype:
     return features.dtype
 
 
+def scaled_logits(
+    queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """``logit_scale * queries @ keys.T`` as the kernels form it: each side rounded to the dtype the
+    kernels compute it in (:func:`kernel_dtype`), the products summed and kept in fp32 (float64 for
+    float64 inputs). Formed in the input dtype, fp16 logits overflowed to inf past 65504 (scale 100
+    on features of norm 26) and the loss was NaN where the kernels' stayed finite; bf16 logits lost
+    all but 8 bits (0.4 at a logit of 100). A product of two 16-bit values is exact in fp32, so
+    this is the kernels' tile up to the order of the sums."""
+    exact = _loss_dtype(queries.dtype)
+    q = queries.to(kernel_dtype(queries)).to(exact)
+    k = keys.to(kernel_dtype(keys)).to(exact)
+    with _autocast_off(queries.device.type):  # autocast would run the fp32 matmul in 16 bits again
+        return as_zero_dim(logit_scale) * (q @ k.T)
+
+
+def as_zero_dim(value: torch.Tensor | float) -> torch.Tensor | float:
+    """A one-element scale or bias as a 0-dim tensor: a [1] float64 one would otherwise promote the
+    [N, M] logits (and the loss) to float64, where the kernels return float32."""
+    return value.reshape(()) if isinstance(value, torch.Tensor) else value
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, reduction: str) -> None:
     """Validate shapes and the label range shared by every implementation."""
     if queries.dim() != 2 or keys.dim() != 2:
@@ -49,6 +78,12 @@ def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, r
         raise ValueError(f"queries have D={d} but keys have D={dk}; both must share the embedding size")
     if n == 0 or m == 0:
         raise ValueError("queries and keys must each hold at least one row")
+    if n > m:
+        # The range below would read [0, negative]: no offset can help, the caller swapped sides.
+        raise ValueError(
+            f"queries (N={n}) outnumber keys (M={m}): row i is labelled at column label_offset + i, "
+            f"so pass the longer side (e.g. the gathered features) as keys"
+        )
     if not 0 <= label_offset <= m - n:
         raise ValueError(
             f"label_offset={label_offset} puts the labels of N={n} rows outside the M={m} columns; "
@@ -56,6 +91,13 @@ def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, r
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if not (queries.is_floating_point() and keys.is_floating_point()):
+        # The reference would run an integer (or bool) matmul and the kernels the same as fp32:
+        # features come from an encoder, so these are a caller's mistake (token ids, masks).
+        raise ValueError(
+            f"queries and keys must be floating-point features (fp32, fp16 or bf16); "
+            f"got {queries.dtype} and {keys.dtype}"
+        )
     if queries.device != keys.device:
         # The Triton path would otherwise launch one kernel with pointers into two devices'
         # memory (an illegal address on a GPU, not a clear error).
@@ -116,9 +158,9 @@ def contrastive_ce_reference(
     """
     check_inputs(queries, keys, label_offset, reduction)
     check_scalar(logit_scale, "logit_scale")
-    logits = logit_scale * (queries @ keys.T)
+    logits = scaled_logits(queries, keys, logit_scale)
     labels = torch.arange(queries.shape[0], device=queries.device) + label_offset
-    return F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), labels, reduction=reduction)
+    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 def clip_loss_reference(
@@ -132,7 +174,7 @@ def clip_loss_reference(
     check_square(image_features, text_features)
     check_inputs(image_features, text_features, 0, "mean")
     check_scalar(logit_scale, "logit_scale")
-    logits = (logit_scale * (image_features @ text_features.T)).to(_loss_dtype(image_features.dtype))
+    logits = scaled_logits(image_features, text_features, logit_scale)
     labels = torch.arange(image_features.shape[0], device=image_features.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
@@ -154,7 +196,7 @@ def sigmoid_loss_reference(
     check_inputs(queries, keys, label_offset, "mean")
     check_scalar(logit_scale, "logit_scale")
     check_scalar(logit_bias, "logit_bias")
-    logits = (logit_scale * (queries @ keys.T) + logit_bias).to(_loss_dtype(queries.dtype))
+    logits = scaled_logits(queries, keys, logit_scale) + as_zero_dim(logit_bias)
     n = queries.shape[0]
     labels = -torch.ones_like(logits)
     rows = torch.arange(n, device=queries.device)

@@ -225,7 +225,9 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
 def tile_config(kind: str, inputs: torch.Tensor, n: int, m: int, d: int) -> TileConfig:
     """The tile config for one launch of ``kind`` on an N x M x D problem whose operands have
     ``inputs``' device and dtype (see ``kernels.tile_configs``)."""
-    return tile_configs.select(kind, n, m, d, inputs.device, interpreting(), inputs.element_size())
+    return tile_configs.select(
+        kind, n, m, d, inputs.device, interpreting(), inputs.element_size(), inputs.dtype
+    )
 
 
 def num_sms(device: torch.device) -> int:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -62,10 +64,13 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class Entry:
-    """A table entry: the config and where it comes from (measured or not)."""
+    """A table entry: the config, where it comes from (measured or not), and for a tuned entry the
+    input dtype (``"bfloat16"``...) and Triton version it was timed with (None: any)."""
 
     config: TileConfig
     source: str
+    dtype: str | None = None
+    triton: str | None = None
 
 
 # Compiled Triton needs every tl.dot dimension >= 16; the interpreter would accept less,
@@ -97,6 +102,7 @@ TABLE: dict[tuple[str, str, str], Entry] = {
 }
 
 _FORCED: dict[str, TileConfig] = {}
+log = logging.getLogger(__name__)
 
 
 def shape_class(n: int, m: int) -> str:
@@ -188,31 +194,92 @@ def fit_shared_memory(config: TileConfig, element_size: int, limit: int) -> Tile
 
 
 def select(
-    kind: str, n: int, m: int, d: int, device: torch.device, interpreting: bool, element_size: int = 2
+    kind: str,
+    n: int,
+    m: int,
+    d: int,
+    device: torch.device,
+    interpreting: bool,
+    element_size: int = 2,
+    dtype: torch.dtype | None = None,
 ) -> TileConfig:
     """The tile config for one launch of ``kind`` on an N x M x D problem of ``element_size``-byte
-    inputs."""
+    inputs of ``dtype`` (None: any tuned entry fits)."""
     if kind in _FORCED:
         return _FORCED[kind]
     if interpreting:
         return INTERPRET_CONFIG
     arch = arch_of(device)
-    return choose(arch, kind, n, m, d, element_size, device_shared_memory(device, arch))
+    return choose(arch, kind, n, m, d, element_size, device_shared_memory(device, arch), dtype)
 
 
 def choose(
-    arch: str, kind: str, n: int, m: int, d: int, element_size: int = 2, shared_memory: int | None = None
+    arch: str,
+    kind: str,
+    n: int,
+    m: int,
+    d: int,
+    element_size: int = 2,
+    shared_memory: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> TileConfig:
     """The table's config for ``arch``, narrowed to D and fitted to ``shared_memory`` bytes per
     block (default: the arch's, ``SHARED_MEMORY``)."""
     limit = shared_memory or SHARED_MEMORY[arch]
-    return fit_shared_memory(_fit_bd(lookup(arch, kind, n, m).config, d), element_size, limit)
+    return fit_shared_memory(_fit_bd(lookup(arch, kind, n, m, dtype).config, d), element_size, limit)
 
 
-def lookup(arch: str, kind: str, n: int, m: int) -> Entry:
-    """The table entry for ``kind`` on an N x M problem: tuned file, then built-in, then fallback."""
+def lookup(arch: str, kind: str, n: int, m: int, dtype: torch.dtype | None = None) -> Entry:
+    """The table entry for ``kind`` on an N x M problem of ``dtype`` inputs: tuned file (its entry
+    for this dtype and Triton version), then built-in, then fallback."""
     key = (arch, kind, shape_class(n, m))
-    return load_tuned(tuned_path()).get(key) or TABLE.get(key) or TABLE[("fallback", kind, key[2])]
+    path = tuned_path()
+    tuned = load_tuned(path).get(key)
+    if tuned is not None and tuned_entry_applies(tuned, dtype, path, key):
+        return tuned
+    return TABLE.get(key) or TABLE[("fallback", kind, key[2])]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the tuned table's and ``kernels.bench --dtype``'s form)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def triton_version() -> str | None:
+    """The installed Triton's version, read without importing Triton (None: not installed)."""
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_SKIPPED: set[tuple] = set()
+
+
+def tuned_entry_applies(entry: Entry, dtype: torch.dtype | None, path: str | None, key: tuple) -> bool:
+    """Whether a tuned entry was timed under this launch's conditions. A config tuned with another
+    Triton version may fail to compile there or spill, and one tuned for 16-bit inputs says nothing
+    about fp32 ones (or the reverse), so such an entry gives way to the built-in table, with one
+    logged line per entry and launch dtype saying how to re-tune. Entries that record neither
+    (tables written before 2026-12) apply everywhere, as they always did."""
+    launch = dtype_name(dtype) if dtype is not None else None
+    wrong_dtype = entry.dtype is not None and launch is not None and entry.dtype != launch
+    installed = triton_version()
+    wrong_triton = entry.triton is not None and installed is not None and entry.triton != installed
+    if not (wrong_dtype or wrong_triton):
+        return True
+    if (path, key, launch) not in _SKIPPED:
+        _SKIPPED.add((path, key, launch))
+        arch, kind, cls = key
+        log.warning(
+            "%s: the %s/%s/%s entry was tuned for %s inputs with triton %s, this launch has %s inputs "
+            "and triton %s: using the built-in config; re-tune with `python -m kernels.bench --autotune "
+            "--dtype %s` (or unset %s)",
+            path, arch, kind, cls, entry.dtype, entry.triton, launch or "any", installed,
+            launch or entry.dtype, TUNED_ENV,
+        )  # fmt: skip
+    return False
 
 
 def tuned_path() -> str | None:
@@ -237,13 +304,22 @@ def load_tuned(path: str | None) -> dict[tuple[str, str, str], Entry]:
                 raise ValueError(f"unknown kind/shape class in {row}")
             config = TileConfig(*row["config"])
             check_compilable(config)
-            table[key] = Entry(config, row.get("source", f"tuned: {path}"))
+            table[key] = Entry(config, row.get("source", f"tuned: {path}"), *_conditions(row))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
             f"{path} is not a tile-config table written by `python -m kernels.bench --autotune` ({e}); "
             f"fix or delete it, or unset {TUNED_ENV}"
         ) from e
     return table
+
+
+def _conditions(row: dict) -> tuple[str | None, str | None]:
+    """A row's ``dtype`` and ``triton`` (absent in tables written before they were recorded)."""
+    dtype, triton = row.get("dtype"), row.get("triton")
+    for name, value in (("dtype", dtype), ("triton", triton)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string; got {value!r} in {row}")
+    return dtype, triton
 
 
 def check_compilable(config: TileConfig) -> None:
@@ -264,6 +340,7 @@ def write_tuned(path: str | Path, entries: dict[tuple[str, str, str], Entry]) ->
     """Write a tuned table that ``load_tuned`` reads back."""
     rows = [
         {"arch": a, "kind": k, "shape_class": c, "config": e.config.as_list(), "source": e.source}
+        | {name: value for name, value in (("dtype", e.dtype), ("triton", e.triton)) if value is not None}
         for (a, k, c), e in sorted(entries.items())
     ]
     body = ",\n".join("  " + json.dumps(r) for r in rows)  # one entry per line: readable diffs
@@ -277,4 +354,9 @@ def write_tuned(path: str | Path, entries: dict[tuple[str, str, str], Entry]) ->
 
 def describe(entry: Entry) -> dict:
     """The entry as a plain dict (for JSON reports)."""
-    return {"config": asdict(entry.config), "source": entry.source}
+    return {
+        "config": asdict(entry.config),
+        "source": entry.source,
+        "dtype": entry.dtype,
+        "triton": entry.triton,
+    }
