@@ -7,6 +7,7 @@ of complete shards and merges them back (``retry.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import fnmatch
 import glob
@@ -14,6 +15,7 @@ import json
 import multiprocessing
 import multiprocessing.pool
 import os
+import re
 import shutil
 import signal
 import string
@@ -411,6 +413,7 @@ def _build(cfg: BuildConfig) -> dict:
     os.makedirs(cfg.output, exist_ok=True)
     build_dir = os.path.join(cfg.output, plan_mod.BUILD_DIR)
     os.makedirs(build_dir, exist_ok=True)
+    _refuse_shards_without_plan(cfg.output)
     _clean_partials(cfg.output)
     meta = metadata.read_metadata(cfg.inputs, cfg.input_format, cfg.categories_json)
     # backslashreplace: a lone surrogate in a rejected record (a JSON title cut mid-emoji) is
@@ -425,6 +428,7 @@ def _build(cfg: BuildConfig) -> dict:
         f"malformed row, listed in {plan_mod.BUILD_DIR}/rejected_input.jsonl)"
     )
     previous = plan_mod.load_plan(cfg.output)
+    cfg = _keep_planned_shard_size(cfg, previous)
     # A resume keeps the saved plan whatever the input says now; say what that means instead
     # of silently building removed rows and old captions beside the new ones.
     drift = plan_mod.input_drift(previous, meta.rows, cfg.caption_template)
@@ -440,7 +444,7 @@ def _build(cfg: BuildConfig) -> dict:
         url_template=cfg.url_template,
         first_variant=cfg.variants[0],
     )
-    plan_mod.save_plan(cfg.output, plan)
+    plan_mod.save_plan(cfg.output, plan, cfg.shard_size)
 
     done = shards.complete_shards(cfg.output)
     todo = {sid: rows for sid, rows in plan_mod.by_shard(plan).items() if sid not in done}
@@ -476,6 +480,7 @@ def _build(cfg: BuildConfig) -> dict:
         duplicates_collapsed=meta.duplicates,
         invalid_ids=len(meta.rejected),
         planned=len(plan),
+        shard_size=cfg.shard_size,
         **drift,
         incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(shards.complete_shards(cfg.output))),
         incomplete_retries=len(unmerged),
@@ -487,6 +492,41 @@ def _build(cfg: BuildConfig) -> dict:
     if worker_died:
         print(worker_died, file=sys.stderr, flush=True)
     return summary
+
+
+def _refuse_shards_without_plan(output: str) -> None:
+    """Refuse an output that holds shards but no plan: ``_build`` deleted, or a folder of other
+    shards (img2dataset's, a split, another build's copy). The new plan numbered its shards from
+    00000 again, every shard already there was taken as built from it, and the videos planned
+    into them were never downloaded while the summary counted the old rows as this input's."""
+    if os.path.exists(plan_mod.plan_path(output)):
+        return
+    found = sorted(name for name in os.listdir(output) if _SHARD_FILE_RE.match(name))
+    if found:
+        raise SystemExit(
+            f"{output}: holds shards ({found[0]}, {len(found)} files) but no "
+            f"{plan_mod.BUILD_DIR}/plan.parquet, so they cannot be matched to the input (they would "
+            "be kept as if built from it). Use a new --output, or put back the plan.parquet of the "
+            "build that wrote them"
+        )
+
+
+_SHARD_FILE_RE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)$")
+
+
+def _keep_planned_shard_size(cfg: BuildConfig, plan: list[dict]) -> BuildConfig:
+    """``cfg`` with the shard size the saved plan was made with. A resume with another
+    ``--shard-size`` (a requeue script, a changed default) planned its new videos in shards of
+    the new size, with keys of another width beside the old ones, without a word."""
+    planned = plan_mod.planned_shard_size(cfg.output, plan, cfg.shard_size, cfg.oom_shard_count)
+    if planned == cfg.shard_size:
+        return cfg
+    print(
+        f"[dataset_tools] --shard-size {cfg.shard_size} ignored: this output was planned with "
+        f"--shard-size {planned}, kept so that its shards and keys stay alike (new videos go into new "
+        f"shards of {planned}). To build with --shard-size {cfg.shard_size}, use a new --output"
+    )
+    return dataclasses.replace(cfg, shard_size=planned)
 
 
 def _retry_failed_rows(cfg: BuildConfig, build_dir: str, tmp_dir: str, retry_groups, columns) -> list[str]:

@@ -80,7 +80,7 @@ def check_caption_template(template: str) -> str | None:
 
 def sample_key(shard_id: int, index: int, shard_size: int, oom_shard_count: int) -> str:
     """img2dataset's key formula: shard_id * 10**ceil(log10(shard_size)) + index, zero-padded."""
-    oom_sample = max(1, math.ceil(math.log10(shard_size)))
+    oom_sample = _index_digits(shard_size)
     return f"{shard_id * 10**oom_sample + index:0{oom_sample + oom_shard_count}d}"
 
 
@@ -153,12 +153,42 @@ def describe_drift(drift: dict[str, int], had_plan: bool) -> str | None:
     return None
 
 
-def save_plan(output: str, plan: list[dict]) -> None:
-    """Write the plan atomically (a temporary file, then a rename)."""
+def save_plan(output: str, plan: list[dict], shard_size: int | None = None) -> None:
+    """Write the plan atomically (a temporary file, then a rename), with the ``--shard-size`` it
+    was made with in the file's metadata, so that a resume can keep it."""
     path = plan_path(output)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(plan, schema=PLAN_SCHEMA), path + ".tmp")
+    schema = PLAN_SCHEMA
+    if shard_size is not None:
+        schema = schema.with_metadata({SHARD_SIZE_KEY: str(shard_size)})
+    pq.write_table(pa.Table.from_pylist(plan, schema=schema), path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+SHARD_SIZE_KEY = b"dataset_tools.shard_size"
+
+
+def planned_shard_size(output: str, plan: Sequence[dict], requested: int, oom_shard_count: int) -> int:
+    """The ``--shard-size`` the saved plan of ``output`` was made with (``requested`` when there
+    is no plan). A plan saved before the size was recorded is read from its shards: a size that
+    fits every planned shard and gives its key width is taken as it is, else the largest shard's
+    row count (exact whenever a shard of the first run filled up)."""
+    path = plan_path(output)
+    if not plan or not os.path.exists(path):
+        return requested
+    recorded = (pq.read_schema(path).metadata or {}).get(SHARD_SIZE_KEY)
+    if recorded is not None:
+        return int(recorded)
+    largest = max(len(rows) for rows in by_shard(plan).values())
+    width = len(plan[0]["sample_key"]) - oom_shard_count
+    if requested >= largest and _index_digits(requested) == width:
+        return requested
+    return largest
+
+
+def _index_digits(shard_size: int) -> int:
+    """Digits of the in-shard index in a sample key (img2dataset's ``oom_sample_per_shard``)."""
+    return max(1, math.ceil(math.log10(shard_size)))
 
 
 def by_shard(plan: Sequence[dict]) -> dict[int, list[dict]]:

@@ -12,8 +12,11 @@ import os
 import re
 import tarfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,9 +65,8 @@ def _remove_quietly(path: str) -> None:
 
 def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
     """Write ``(key, {ext: bytes})`` samples sorted by key, members of a sample sorted by ext,
-    through a temporary name. mtime is fixed so identical inputs give identical tars."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    through a temporary name of its own. mtime is fixed so identical inputs give identical tars."""
+    with _own_temp_file(path) as (f, tmp):
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, members in sorted(samples, key=lambda s: s[0]):
                 for ext in sorted(members):
@@ -75,7 +77,28 @@ def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> Non
                     tar.addfile(info, io.BytesIO(data))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+        f.close()
+        os.replace(tmp, path)
+
+
+@contextmanager
+def _own_temp_file(path: str) -> Iterator[tuple[BinaryIO, str]]:
+    """``(file, name)`` of a new temporary file beside ``path`` that no other writer shares,
+    removed if the write fails. With one ``path.tmp`` for every writer, a second writer of the
+    same shard (an orphaned pyspark/ray worker of a killed build beside its resume, two
+    ``split``s into one folder) truncated and overwrote the first one's file while it was being
+    written: a tar of mixed bytes was renamed into place, or the other rename failed with a
+    FileNotFoundError. The name still ends in ``.tmp``: ``build`` deletes leftovers at its start."""
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
+    f = open(tmp, "xb")
+    try:
+        yield f, tmp
+    except BaseException:
+        f.close()
+        _remove_quietly(tmp)
+        raise
+    finally:
+        f.close()
 
 
 def read_tar(path: str) -> dict[str, dict[str, bytes]]:
@@ -127,11 +150,15 @@ def tar_check(path: str, expected_samples: int | None = None) -> tuple[str | Non
 
 
 def write_parquet(path: str, rows: list[dict], schema: pa.Schema) -> None:
-    """Write ``rows`` as a parquet file with ``schema``, atomically (missing fields are null)."""
-    tmp = path + ".tmp"
+    """Write ``rows`` as a parquet file with ``schema``, atomically (missing fields are null),
+    through a temporary name of its own (see ``_own_temp_file``)."""
     table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with _own_temp_file(path) as (f, tmp):
+        pq.write_table(table, f)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
 
 
 def parquet_problem(path: str) -> str | None:
