@@ -8,6 +8,8 @@ the parameter trainable at the bound, as open_clip's in-place clamp after each s
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -32,6 +34,8 @@ except ImportError as exc:
     ) from exc
 
 from vutrain.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -155,10 +159,11 @@ def preset_image_processor(image_size: int) -> CLIPImageProcessor:
 def load_pretrained(name_or_path: str):
     """(CLIPModel in fp32, tokenizer, image processor) from a local directory or a hub name."""
     tokenizer, processor = load_pretrained_preprocessing(name_or_path)
+    source = pretrained_source_kwargs(name_or_path)
     with _clear_load_error(name_or_path):
         # fp32 whatever the files hold (transformers 5 keeps the saved dtype, fp16 for many hub
         # checkpoints): the trainer's fp32 masters and forward; DeepSpeed casts for bf16/fp16 runs.
-        model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
+        model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32, **source)
     return model, tokenizer, processor
 
 
@@ -167,8 +172,9 @@ def load_pretrained_preprocessing(name_or_path: str):
     is 1.7 GB: every rank's tokenizer set-up and the export read them a second time)."""
     from transformers import AutoTokenizer
 
+    source = pretrained_source_kwargs(name_or_path)
     with _clear_load_error(name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **source)
         # transformers 5 builds a CLIP tokenizer with no vocabulary (its special tokens alone) from
         # a directory without tokenizer files: every caption then became the same few ids.
         if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
@@ -176,18 +182,95 @@ def load_pretrained_preprocessing(name_or_path: str):
                 f"its tokenizer has no vocabulary ({len(tokenizer)} tokens): save the tokenizer "
                 "beside the model (tokenizer.save_pretrained)"
             )
-        return tokenizer, CLIPImageProcessor.from_pretrained(name_or_path)
+        return tokenizer, CLIPImageProcessor.from_pretrained(name_or_path, **source)
 
 
 def pretrained_context_length(name_or_path: str, tokenizer) -> int:
     """Tokens per caption for a pretrained model: at most 77 (CLIP's), the tokenizer's limit and
     the text tower's positions. A tokenizer saved without a limit says 10**30, and a model with
     fewer than 77 positions then failed in its position embedding at the first step."""
-    from transformers import CLIPConfig
-
-    with _clear_load_error(name_or_path):
-        positions = CLIPConfig.from_pretrained(name_or_path).text_config.max_position_embeddings
+    positions = pretrained_clip_config(name_or_path).text_config.max_position_embeddings
     return min(getattr(tokenizer, "model_max_length", 77) or 77, positions, 77)
+
+
+def pretrained_clip_config(name_or_path: str) -> CLIPConfig:
+    """The CLIPConfig of a pretrained model (config.json alone: no weights are read)."""
+    source = pretrained_source_kwargs(name_or_path)
+    with _clear_load_error(name_or_path):
+        return CLIPConfig.from_pretrained(name_or_path, **source)
+
+
+HUB_PROBE_TIMEOUT_S = 10.0
+"""How long the one request that asks whether the hub answers may take. Without it, every file of
+a hub model on a machine with no route to the hub was retried for about 25 s (5 tries with
+back-off): a cached model took 200 s to load, an uncached one failed after a minute."""
+
+
+class PretrainedUnavailableError(OSError):
+    """model.name_or_path is a hub name this machine has neither in its cache nor can download."""
+
+
+def pretrained_source_kwargs(name_or_path: str) -> dict:
+    """Keyword arguments for from_pretrained, after one quick look at where the files can come from.
+
+    A local directory or a reachable hub: none (transformers' own rules). A hub that cannot be
+    reached (no network, a firewall) but a cache that holds the model: ``local_files_only``, so no
+    file is retried. Neither (or HF_HUB_OFFLINE set and nothing cached): PretrainedUnavailableError,
+    one line that says what to do.
+    """
+    from huggingface_hub import constants
+
+    if os.path.isdir(name_or_path) or not _is_hub_name(name_or_path):
+        return {}  # not a hub name either: transformers' one-line "Repo id must be..." names it
+    cached = _hub_cached(name_or_path)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return {}
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        unreachable = _hub_unreachable(constants.ENDPOINT)
+        if unreachable is None:
+            return {}
+        if cached:
+            log.warning("%s: the hub does not answer (%s); using the cached copy", name_or_path, unreachable)
+            return {"local_files_only": True}
+        why = f"{constants.ENDPOINT} cannot be reached ({unreachable})"
+    raise PretrainedUnavailableError(
+        f"model.name_or_path={name_or_path!r} is no local directory, is not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), and {why}: download it where the hub is reachable "
+        f"(`hf download {name_or_path}`) into a cache this machine reads (HF_HOME or HF_HUB_CACHE), "
+        "or give a local directory written by save_pretrained / python -m vutrain.export"
+    )
+
+
+def _is_hub_name(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_cached(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+@functools.cache
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub at ``endpoint`` does not answer, or None when it does (asked once per process:
+    the tokenizer, the config and the weights are three loads)."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        response = get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as exc:  # whatever the HTTP client raises (DNS, refused, timeout, proxy): no answer
+        return " ".join(str(exc).split()) or type(exc).__name__
+    # A server error (an outage, a proxy that cannot reach it) fails every download the same way.
+    return f"HTTP {response.status_code}" if response.status_code >= 500 else None
 
 
 @contextmanager
@@ -236,6 +319,33 @@ def check_lora_targets(model: nn.Module, names) -> None:
             f"model.lora.target_modules: {', '.join(unmatched)} matches no module of the model; "
             f"its linear layers are {', '.join(linear)} (or give all-linear)"
         )
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """ConfigError for what the model section names but cannot be built, found from config files
+    alone, before any process group: a hub model this machine can neither find nor download, a
+    LoRA target that matches no module. Both were found after the process group started (a typo
+    cost a cluster start-up); the modules are built on the meta device, with no weights."""
+    if cfg.name_or_path:
+        try:
+            config = pretrained_clip_config(cfg.name_or_path)
+        except OSError as exc:
+            raise ConfigError(str(exc)) from exc
+    else:
+        config = preset_clip_config(cfg, _NamesOnlyTokenizer())
+    if cfg.lora.enabled:
+        with torch.device("meta"):
+            check_lora_targets(CLIPModel(config), cfg.lora.target_modules)
+
+
+class _NamesOnlyTokenizer:
+    """What preset_clip_config reads of the tokenizer, for a model built only for its module names
+    (which no vocabulary changes): the preset's tokenizer is trained later, on rank 0."""
+
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 1
+
+    def __len__(self) -> int:
+        return 1000
 
 
 def _lora_targets(names) -> list[str] | str:
