@@ -147,10 +147,18 @@ def _add_others(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per --filter-output shard")
 
 
+def _program_name() -> str:
+    """The name the user typed: usage lines and errors said "python -m dataset_tools" to someone
+    who ran the ``vutrain-dataset`` console script (which then has no ``python -m`` form to copy)."""
+    if os.path.basename(sys.argv[0] if sys.argv else "").startswith("vutrain-dataset"):
+        return "vutrain-dataset"
+    return "python -m dataset_tools"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m dataset_tools``; returns the process exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m dataset_tools",
+        prog=_program_name(),
         description="YouTube metadata -> thumbnails (img2dataset, polite to one host) -> webdataset shards.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -29,6 +29,9 @@ from dataset_tools.reshard import (
 )
 
 SAME_VIDEO = "same video"
+EXACT = "exact"
+PERCEPTUAL = "perceptual"
+KEPT = "kept"
 
 
 class _UnionFind:
@@ -46,6 +49,17 @@ class _UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)  # the smallest key represents the group
+
+
+def _link(uf: _UnionFind, reasons: dict[str, str], key: str, other: str, reason: str) -> None:
+    """Join ``key`` to the earlier sample ``other`` because of ``reason``. Both ends get a reason:
+    a sample that matched nothing before it yet joins a group through a later one (B between A and
+    C, each within --max-distance of C only) is dropped too, and was reported as "kept"."""
+    uf.union(key, other)
+    if reason == EXACT:  # the strongest evidence names the match
+        reasons[key] = EXACT
+    reasons.setdefault(key, reason)
+    reasons.setdefault(other, reason)
 
 
 def _chunks(value: int, parts: int) -> list[tuple]:
@@ -96,16 +110,14 @@ def dedup(
         info[key] = {"video_id": row.get("video_id"), "phash": str(phash)}
         sha = row.get("sha256")
         if sha and sha in by_sha:
-            uf.union(key, by_sha[sha])
-            reasons[key] = "exact"
+            _link(uf, reasons, key, by_sha[sha], EXACT)
         by_sha.setdefault(sha, key)
         # By identity as well as by image: a plain img2dataset folder of a trending CSV holds each
         # video once per day, and a creator who changed the thumbnail between two days gave two
         # images far apart: both copies (one title twice) were kept.
         video = video_of(row)
         if video in by_video:
-            uf.union(key, by_video[video])
-            reasons.setdefault(key, SAME_VIDEO)
+            _link(uf, reasons, key, by_video[video], SAME_VIDEO)
         by_video.setdefault(video, key)
         seen = set()
         for chunk in _chunks(value, max_distance + 1):
@@ -114,8 +126,7 @@ def dedup(
                     continue
                 seen.add(other)
                 if phash - imagehash.hex_to_hash(info[other]["phash"]) <= max_distance:
-                    uf.union(key, other)
-                    reasons.setdefault(key, "perceptual")
+                    _link(uf, reasons, key, other, PERCEPTUAL)
             buckets.setdefault(chunk, []).append(key)
         uf.find(key)
     groups: dict[str, list[str]] = {}
@@ -126,16 +137,19 @@ def dedup(
     report = {
         "samples": len(info),
         "groups": [
-            [{"key": k, "video_id": info[k]["video_id"], "match": reasons.get(k, "kept")} for k in g]
+            [
+                {"key": k, "video_id": info[k]["video_id"], "match": reasons[k] if k in drop else KEPT}
+                for k in g
+            ]
             for g in sorted(dup_groups)
         ],
         "duplicate_groups": len(dup_groups),
         "duplicates": len(drop),
-        "exact": sum(1 for k in drop if reasons.get(k) == "exact"),
-        "same_video": sum(1 for k in drop if reasons.get(k) == SAME_VIDEO),
+        "exact": sum(1 for k in drop if reasons[k] == EXACT),
+        "same_video": sum(1 for k in drop if reasons[k] == SAME_VIDEO),
+        "perceptual": sum(1 for k in drop if reasons[k] == PERCEPTUAL),
         "skipped_incomplete_shards": skipped,
     }
-    report["perceptual"] = report["duplicates"] - report["exact"] - report["same_video"]
     # Atomic: written in place, a kill or a full disk mid-write left a truncated report.
     shards.save_json(report_path or os.path.join(folder, BUILD_DIR, "dedup.json"), report, "dedup report")
     if filter_output:

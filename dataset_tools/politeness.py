@@ -7,6 +7,7 @@ divides the user's global caps by the number of processes (see ``PolitenessConfi
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import random
 import threading
@@ -124,6 +125,11 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     if when is None:
         return None
+    if when.tzinfo is None:
+        # HTTP dates are GMT, but the asctime form ("Sun Dec  6 10:00:30 2026", which HTTP
+        # requires clients to read) and "-0000" parse without a zone, and .timestamp() took them
+        # as local time: hours too long west of Greenwich, already past (no wait) east of it.
+        when = when.replace(tzinfo=datetime.UTC)
     now = time.time() if now is None else now
     return max(0.0, when.timestamp() - now)
 

@@ -96,21 +96,36 @@ def normalize_video_id(value: object) -> str | None:
         return None
     host = (parsed.hostname or "").lower()
     parts = [p for p in parsed.path.split("/") if p]
-    candidate = None
+    query = parse_qs(parsed.query)
     if host == "youtu.be" or host.endswith(".youtu.be"):
-        candidate = parts[0] if parts else None
-    elif any(host == h or host.endswith("." + h) for h in _YOUTUBE_HOSTS):
-        if parts and parts[0] == "watch":
-            candidate = (parse_qs(parsed.query).get("v") or [None])[0]
-        elif len(parts) >= 2 and parts[0] in _PATH_ID_PREFIXES and parts[1] not in _PSEUDO_IDS:
-            candidate = parts[1]
-        elif not parts or parts[0] in ("attribution_link",):
-            candidate = None
-        if candidate is None and "v" in parse_qs(parsed.query):
-            candidate = parse_qs(parsed.query)["v"][0]
-    if candidate is not None and VIDEO_ID_RE.fullmatch(candidate):
-        return candidate
-    return None
+        return _id_before_separator(parts[0] if parts else None)
+    if not any(host == h or host.endswith("." + h) for h in _YOUTUBE_HOSTS):
+        return None
+    if parts and parts[0] == "attribution_link" and query.get("u"):
+        # A shared link wrapping the video's own path: ``attribution_link?u=/watch%3Fv%3DID``.
+        wrapped = query["u"][0]
+        return normalize_video_id("https://www.youtube.com" + wrapped if wrapped.startswith("/") else wrapped)
+    # ``watch/ID`` is what some apps share instead of ``watch?v=ID``.
+    in_path = len(parts) >= 2 and parts[0] in (*_PATH_ID_PREFIXES, "watch")
+    path_id = _id_before_separator(parts[1]) if in_path else None
+    query_id = _id_before_separator(query["v"][0]) if "v" in query else None
+    if parts and parts[0] == "watch":
+        return query_id or path_id
+    return path_id or query_id
+
+
+# An id followed by parameters joined with the wrong separator: the old Flash embed form
+# ``/v/ID&hl=en&fs=1``, ``embed/ID&autoplay=1``, ``watch?v=ID?t=42``. These rows were rejected.
+_ID_THEN_PARAMS_RE = re.compile(r"([A-Za-z0-9_-]{11})(?:[&?;].*)?", re.DOTALL)
+
+
+def _id_before_separator(candidate: str | None) -> str | None:
+    """The 11-character id that ``candidate`` (taken from a URL) is or starts with before a
+    ``&``/``?``/``;``; None for a playlist or live-stream pseudo id (``embed/videoseries&list=``)."""
+    match = _ID_THEN_PARAMS_RE.fullmatch(candidate) if candidate else None
+    if match is None or match.group(1) in _PSEUDO_IDS:
+        return None
+    return match.group(1)
 
 
 def thumbnail_url(video_id: str, variant: str, template: str = DEFAULT_URL_TEMPLATE) -> str:
