@@ -487,7 +487,9 @@ def _read_run_file(path: str) -> Any:
     tracebacks, one per rank, from the launchers)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return config_yaml.load(fh) or {}
+            text = fh.read()
+        _refuse_duplicate_keys(yaml.compose(text, Loader=config_yaml.RunFileLoader), path)
+        return config_yaml.load(text) or {}
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -497,6 +499,32 @@ def _read_run_file(path: str) -> Any:
         ) from None
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} cannot be read as YAML: {' '.join(str(exc).split())}") from None
+
+
+def _refuse_duplicate_keys(node: Any, path: str, prefix: str = "") -> None:
+    """ConfigError where a mapping of the run file names a key twice.
+
+    PyYAML keeps the last of them without a word (YAML 1.2 calls it an error): a second `train:`
+    section replaced the whole first one, whose max_steps, zero_stage, ... went back to defaults.
+    """
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path, prefix)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+        line = key_node.start_mark.line + 1
+        if name is not None and name in first_line:
+            raise ConfigError(
+                f"{path}: {prefix}{name} appears twice (lines {first_line[name]} and {line}); YAML "
+                "would keep only the last and drop the first without a word: merge them into one"
+            )
+        if name is not None:
+            first_line[name] = line
+        _refuse_duplicate_keys(value_node, path, f"{prefix}{name}." if name is not None else prefix)
 
 
 def build_config(path: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
@@ -704,13 +732,21 @@ def _validate_caption_template(template: str) -> None:
     The data pipeline checks it too, but only after the process group and the run directory
     exist: `python -m vutrain.config` passed such a template, and training failed with exit 1
     instead of a config error's 2.
+
+    A template without a placeholder (`title` for `{title}`, or empty) gave every sample the same
+    caption, and the run trained on texts that tell no image from another without a word.
     """
     from vutrain.data.captions import template_fields
 
     try:
-        template_fields(template)
+        fields = template_fields(template)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if not fields:
+        raise ConfigError(
+            f"data.caption_template {template!r} has no placeholder, so every sample would get the "
+            "same caption; write the fields in braces, e.g. '{title}' or '{title}. tags: {tags}'"
+        )
 
 
 def _validate_schedule(t: TrainConfig) -> None:
@@ -738,7 +774,7 @@ def read_user_ds_config(path: str) -> dict:
 
     try:
         with open(path, encoding="utf-8") as fh:
-            user = json.load(fh)
+            user = json.load(fh, object_pairs_hook=_object_without_duplicates(path))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"train.ds_config={path}: not valid JSON ({exc})") from None
     except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, not UTF-8: was a traceback
@@ -747,6 +783,27 @@ def read_user_ds_config(path: str) -> dict:
     if not isinstance(user, dict):
         raise ConfigError(f"train.ds_config={path}: not a JSON object ({{...}}); see launch/ds_configs/")
     return user
+
+
+def _object_without_duplicates(path: str):
+    """json.load's object_pairs_hook: a ConfigError where one object names a key twice.
+
+    json keeps the last silently: a second "zero_optimization" section added at the end of a
+    template replaced the first, and its offload or bucket settings were dropped without a word.
+    """
+
+    def build(pairs: list) -> dict:
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ConfigError(
+                    f"train.ds_config={path}: {json.dumps(key)} appears twice in one object; JSON "
+                    "readers keep only the last and drop the first without a word: merge them into one"
+                )
+            seen.add(key)
+        return dict(pairs)
+
+    return build
 
 
 def ds_optimizer_settings(t: TrainConfig) -> dict:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from vutrain import checkpoint as ckpt
-from vutrain.config import RunConfig, save_config
+from vutrain.config import ConfigError, RunConfig, save_config
 from vutrain.distributed import DistInfo, all_reduce, barrier
 from vutrain.engine import build_engine
 from vutrain.evaluate import EvalInterrupted, Evaluator
@@ -31,7 +31,13 @@ from vutrain.global_batch import as_given
 from vutrain.grad_clip import mask_at_step
 from vutrain.losses import build_loss_from_config
 from vutrain.metrics import MetricsWriter, logged_eval
-from vutrain.model import build_model, count_parameters, text_attention_mask, tokenizer_and_processor
+from vutrain.model import (
+    build_model,
+    count_parameters,
+    pretrained_clip_config,
+    text_attention_mask,
+    tokenizer_and_processor,
+)
 from vutrain.nonfinite import GuardStats, NonFiniteGuard
 
 log = logging.getLogger("vutrain")
@@ -70,6 +76,25 @@ def features_for_loss(loss_fn, img, txt, logit_bias, labels, device_type: str, p
     if loss_fn.uses_kernels(as_kernel_input, logit_bias, labels):
         return (img, txt) if kernel_dtype is None else (as_kernel_input, txt.to(kernel_dtype))
     return img.float(), txt.float()
+
+
+def check_processor_fits_model(processor, name_or_path: str) -> None:
+    """ConfigError unless the pretrained model's image processor makes the images its vision tower
+    takes (HF's CLIP accepts only image_size x image_size pixels, so a non-square crop never fits).
+
+    The mismatch surfaced at the first forward, after the engine and the loader were built, as
+    transformers' "Input image size (224*192) doesn't match model (224*224)", naming no file to fix.
+    """
+    from vutrain.data.preprocess import crop_size
+
+    side = int(pretrained_clip_config(name_or_path).vision_config.image_size)
+    height, width = crop_size(processor)
+    if (height, width) != (side, side):
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: its image processor makes {height}x{width} images but "
+            f"the vision tower takes {side}x{side} (config.json's vision_config.image_size); set "
+            f'"crop_size": {{"height": {side}, "width": {side}}} in its preprocessor_config.json'
+        )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -271,6 +296,8 @@ class Trainer:
             self.info.is_main,
             barrier,
         )
+        if self.cfg.model.name_or_path:
+            check_processor_fits_model(self.processor, self.cfg.model.name_or_path)
         self.tokenize = make_tokenize(self.tokenizer, self.context_length)
         self.preprocess = make_preprocess(self.processor)  # eval: the processor's exact float path
         # Training: workers send uint8 crops; normalisation (and augmentation) run on the device.
