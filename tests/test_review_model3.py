@@ -151,3 +151,26 @@ def test_model_check_refuses_an_uncached_hub_model_offline(tmp_path, monkeypatch
         "(`hf download openai/clip-vit-base-patch32`) into a cache this machine reads (HF_HOME or "
         "HF_HUB_CACHE), or give a local directory written by save_pretrained / python -m vutrain.export"
     )
+
+
+def test_a_lora_target_typo_stops_training_before_the_process_group(tiny_shards, tmp_path, capsys):
+    """`model.lora.target_modules=q_proj,vproj` was refused only inside the Trainer, after the process
+    group had started (a cluster start-up per typo, every other rank waiting on the first): now
+    train.main refuses it with the other config errors, before any process group, exit 2."""
+    import torch.distributed as dist
+
+    from vutrain import train
+
+    from inprocess_trainer import overrides
+
+    run_dir = tmp_path / "run"
+    args = overrides(
+        tiny_shards,
+        str(run_dir),
+        steps=1,
+        **{"model.lora.enabled": "true", "model.lora.target_modules": "q_proj,vproj", "eval.every": 0},
+    )
+    assert train.main(["--config", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert "config error: model.lora.target_modules: vproj matches no module" in err, err
+    assert not dist.is_initialized() and not run_dir.exists()

@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)  # fails here, before any process group
         check_world_size(cfg, info.world_size)
         check_shard_lists(cfg, log_warnings=info.rank == 0)
+        from vutrain.model import check_model_config
+
+        # A LoRA target typo or an unreachable hub model, found from config files alone: after the
+        # process group it cost a cluster start-up (and on other ranks a wait for the first one).
+        check_model_config(cfg.model)
     except ConfigError as exc:
         if not speaks:
             return _quiet_exit()
