@@ -124,3 +124,40 @@ def test_ds_config_naming_a_section_twice_is_refused(tmp_path):
         load_config(None, [SHARDS, f"train.ds_config={ds}"])
     ds.write_text('{"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}', encoding="utf-8")
     assert load_config(None, [SHARDS, f"train.ds_config={ds}"]).train.ds_config == str(ds)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.context_length=2"], r"model.context_length must be 0 \(the preset's\) or >= 3"),
+        (["seed=99999999999999999999"], r"seed must be an integer from -2\*\*63 to 2\*\*64 - 1"),
+    ],
+)
+def test_values_that_failed_after_the_process_group_are_config_errors(overrides, message):
+    """A context length of 1 or 2 left captions their start and end tokens alone (every caption the
+    same ids, silently); a seed beyond torch.manual_seed's range failed after the process group."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", ["data.train_shards=/x/{0..1}.tar", *overrides])
+    load_config("tiny", ["data.train_shards=/x/{0..1}.tar", "model.context_length=3", "seed=-1"])
+
+
+def test_shards_given_as_a_yaml_list_say_how_to_join_them(tmp_path):
+    """A YAML list of shard specs was "must be a string" with no hint of the '::' form."""
+    run = tmp_path / "run.yaml"
+    run.write_text("data:\n  train_shards:\n    - /a/{0..1}.tar\n    - /b/{0..1}.tar\n", encoding="utf-8")
+    with pytest.raises(
+        ConfigError, match=r"data.train_shards must be a string, .* join several shard specs with '::'"
+    ):
+        load_config(str(run))
+
+
+def test_an_image_smaller_than_one_patch_is_a_config_error():
+    """`model.image_size=16` with vit-b-32 (32-pixel patches) passed validation and failed at the
+    first forward, after the process group: now the model check says so from the config alone."""
+    from vutrain.model import check_model_config
+
+    with pytest.raises(
+        ConfigError, match=r"model.image_size=16 is smaller than the vit-b-32 preset's 32-pixel"
+    ):
+        check_model_config(ModelConfig(preset="vit-b-32", image_size=16))
+    check_model_config(ModelConfig(preset="vit-b-32", image_size=32))

@@ -349,7 +349,13 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         return [v.strip() for v in str(value).split(",") if v.strip()]
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
+            # A YAML list of shard specs reads naturally but is not the spec's form.
+            hint = (
+                "; join several shard specs with '::' (a/{0..9}.tar::b/{0..9}.tar)"
+                if key.endswith("_shards")
+                else ""
+            )
+            raise ConfigError(f"{key} must be a string, got {value!r}{hint}")
         return "" if value is None else str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
 
@@ -612,6 +618,15 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if 0 < m.context_length < 3:
+        # Start and end tokens take two places: with one or two every caption became the same ids.
+        raise ConfigError(
+            f"model.context_length must be 0 (the preset's) or >= 3 (start, end and at least one token "
+            f"of the caption), got {m.context_length}"
+        )
+    if not -(2**63) <= cfg.seed < 2**64:
+        # torch.manual_seed's range: outside it the run failed after the process group had started.
+        raise ConfigError(f"seed must be an integer from -2**63 to 2**64 - 1, got {cfg.seed}")
     _validate_schedule(t)
     # torch's AdamW and peft would refuse these too, but only after the process group, the run
     # directory and the model were built (and, for AdamW's betas, from every rank).

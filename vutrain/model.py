@@ -332,6 +332,12 @@ def check_model_config(cfg: ModelConfig) -> None:
         except OSError as exc:
             raise ConfigError(str(exc)) from exc
     else:
+        patch, (side, _) = PRESETS[cfg.preset].patch_size, preset_dims(cfg)
+        if side < patch:  # the patch convolution's kernel would not fit: failed at the first forward
+            raise ConfigError(
+                f"model.image_size={side} is smaller than the {cfg.preset} preset's {patch}-pixel "
+                f"patches; use at least {patch} (a multiple of {patch})"
+            )
         config = preset_clip_config(cfg, _NamesOnlyTokenizer())
     if cfg.lora.enabled:
         with torch.device("meta"):
