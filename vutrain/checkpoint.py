@@ -594,6 +594,7 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     if problem is not None:
         raise CheckpointError(f"{problem}; point train.resume at another checkpoint")
     reshape.check_zero_stage(tag_dir, engine.zero_optimization_stage())
+    reshape.check_model(tag_dir, engine.module)
     marker = read_marker(tag_dir)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if marker.get("world_size", world) != world:  # written by another number of ranks

@@ -87,6 +87,7 @@ def save_world_info(engine, tag_dir: str, trainer_state: dict) -> None:
         "interval_wall": float(trainer_state.get("interval_wall", 0.0)),
         "interval_steps": int(trainer_state.get("interval_steps", 0)),
         "data": data_states,
+        "parameters": model_parameters(engine.module),
     }
     tmp = os.path.join(tag_dir, WORLD_FILE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -110,6 +111,70 @@ def world_changed(tag_dir: str) -> bool:
     return saved is not None and saved != _world()[1]
 
 
+def _world_info(tag_dir: str) -> dict:
+    """The tag's world.json, or {} for a tag written before it existed."""
+    path = os.path.join(tag_dir, WORLD_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def model_parameters(module: torch.nn.Module) -> dict[str, list]:
+    """{name: [full shape, trainable]} of every parameter: ZeRO-3's full shape, not its partition."""
+    return {
+        name: [list(getattr(param, "ds_shape", param.shape)), bool(param.requires_grad)]
+        for name, param in module.named_parameters()
+    }
+
+
+def check_model(tag_dir: str, module: torch.nn.Module) -> None:
+    """ResumeShapeError (one line) if the tag holds other parameters than ``module`` has.
+
+    A changed model setting (model.lora.enabled, model.image_size, a preset, a locked tower, the
+    logit bias of loss.name=siglip) failed inside DeepSpeed's load with "Error(s) in loading
+    state_dict for ClipTrainModule:", "KeyError: 'clip.vision_model...'" or "The size of tensor a
+    (1297408) must match ..." and the advice to try an older checkpoint, which fails the same way.
+    Checked before any load, so a world-size change does not convert the tag first (an assertion
+    inside DeepSpeed's universal loader after that). Tags whose world.json lists no parameters
+    (written before it did) pass.
+    """
+    saved = _world_info(tag_dir).get("parameters")
+    if saved is None:
+        return
+    differences = _model_differences(saved, model_parameters(module))
+    if differences:
+        raise ResumeShapeError(
+            f"{tag_dir} holds another model than this run builds ({'; '.join(differences)}): resume "
+            "with the settings that wrote it (in that run's config.yaml: model.preset, model.name_or_path, "
+            "model.image_size, model.context_length, model.vocab_size, model.lora.*, model.lock_image, "
+            "model.lock_text, loss.name), or start afresh with train.resume=never or another output_dir"
+        )
+
+
+def _model_differences(saved: dict[str, list], ours: dict[str, list]) -> list[str]:
+    """Phrases for what differs between two `model_parameters`, each with one example."""
+
+    def phrase(names: list[str], what: str, example=lambda name: name) -> list[str]:
+        return [f"{len(names)} {what}, e.g. {example(names[0])}"] if names else []
+
+    only_saved = [n for n in saved if n not in ours]
+    only_ours = [n for n in ours if n not in saved]
+    both = [n for n in saved if n in ours]
+    reshaped = [n for n in both if saved[n][0] != ours[n][0]]
+    refrozen = [n for n in both if saved[n][0] == ours[n][0] and saved[n][1] != ours[n][1]]
+    return (
+        phrase(only_saved, "parameters of the checkpoint are not in this model")
+        + phrase(only_ours, "parameters of this model are not in the checkpoint")
+        + phrase(reshaped, "of another shape", lambda n: f"{n} {saved[n][0]} there, {ours[n][0]} here")
+        + phrase(
+            refrozen,
+            "trained there and frozen here or the reverse",
+            lambda n: f"{n} {'trained' if saved[n][1] else 'frozen'} there",
+        )
+    )
+
+
 def check_zero_stage(tag_dir: str, stage: int) -> None:
     """ResumeShapeError (one line, naming the key) if DeepSpeed cannot load the tag into ``stage``.
 
@@ -118,11 +183,7 @@ def check_zero_stage(tag_dir: str, stage: int) -> None:
     the universal checkpoint. Before, that failed inside DeepSpeed ("AssertionError: ") with the
     advice to try an older checkpoint, which fails the same way.
     """
-    path = os.path.join(tag_dir, WORLD_FILE)
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as fh:
-        saved = json.load(fh).get("zero_stage")
+    saved = _world_info(tag_dir).get("zero_stage")
     if saved is None or saved == stage or {saved, stage} <= {1, 2}:
         return
     same = "train.zero_stage=1 or 2" if saved in (1, 2) else f"train.zero_stage={saved}"
