@@ -4,7 +4,8 @@
 
 Each (global batch, mode) runs in a fresh process - peak RSS (`ru_maxrss`) never goes down -
 that builds the preset model, does one training step of the CLIP loss (`plain`: one micro-batch
-of the whole batch; `gradcache`: micro-batches of `--micro`, see gradcache.py) on random inputs,
+of the whole batch; `gradcache`: micro-batches of `--micro`, the last one shorter when `--micro`
+does not divide the batch, see gradcache.py) on random inputs,
 and reports its peak (RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA). The engine is a
 stand-in with backward/step (no DeepSpeed), so the figures are the model, activations and
 feature buffers alone. The last line is one JSON object with every row.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -78,7 +80,9 @@ def run_one(batch: int, micro: int, mode: str, preset: str, device: str) -> dict
     ids[:, -1] = 1  # eos
     mask = torch.ones_like(ids)
     loss_fn = ClipLoss()
-    k = batch // micro if mode == "gradcache" else 1
+    micro = min(micro, batch)
+    # A batch that --micro does not divide ends in a shorter micro-batch, which still counts.
+    k = math.ceil(batch / micro) if mode == "gradcache" else 1
     engine = _Engine(module, k)
     base = _peak_bytes(dev)
     t0 = time.perf_counter()
@@ -106,6 +110,21 @@ def run_one(batch: int, micro: int, mode: str, preset: str, device: str) -> dict
     }
 
 
+def _check_sizes(parser: argparse.ArgumentParser, batches: str, micro: int) -> list[int]:
+    """The --batches list as positive ints, or a one-line usage error (exit 2) that says what to fix."""
+    if micro < 1:
+        parser.error(f"--micro must be a positive integer, got {micro}")
+    try:
+        sizes = [int(b) for b in batches.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        parser.error(
+            f"--batches must be positive integers separated by commas (e.g. 64,128), got {batches!r}"
+        )
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m vutrain.gradcache_bench``; returns the process exit code."""
     parser = argparse.ArgumentParser(
@@ -117,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--one", nargs=2, metavar=("BATCH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    batches = _check_sizes(parser, args.batches, args.micro)
     if args.one:
         print(json.dumps(run_one(int(args.one[0]), args.micro, args.one[1], args.preset, args.device)))
         return 0
     rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in batches:
         for mode in ("plain", "gradcache"):
             cmd = [
                 sys.executable,
@@ -137,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                 "--device",
                 args.device,
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                print(f"gradcache_bench: batch {batch} {mode} failed: {last}", file=sys.stderr)
+                return 1
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(
                 f"{batch:>6} {mode:>9}  peak {rows[-1]['peak_mib']:>8} MiB  step {rows[-1]['step_s']} s",
                 flush=True,

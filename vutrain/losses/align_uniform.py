@@ -8,23 +8,26 @@ other image-title pair of the global batch.
     loss    = align_weight * align + uniform_weight * uniform
 
 Uniformity is computed over cross-modal non-matching pairs: every rank scores its B images
-against all W*B gathered titles, and the partial sums of exp(...) are all-reduced (with
-gradient) so every rank sees the exact global log-mean. Hence, as for the other losses, the
-mean over ranks of the per-rank losses equals the loss of one process on the concatenated batch,
-and each rank's feature gradient is W times that loss's gradient for its slice.
+against all W*B gathered titles, takes the log-sum-exp of its -t d^2 block, and the W per-rank
+values are all-gathered (with gradient) and combined by one more log-sum-exp, so every rank sees
+the exact global log-mean. Hence, as for the other losses, the mean over ranks of the per-rank
+losses equals the loss of one process on the concatenated batch, and each rank's feature
+gradient is W times that loss's gradient for its slice.
 
-Both terms are computed in at least fp32 (fp16 would overflow the sum over W*B x W*B pairs).
-The log of a mean of exp(-t d^2) with d^2 in [0, 4] for unit vectors cannot overflow, and for t
-up to ~20 it cannot underflow to log(0) in fp32, so no log-sum-exp shift is needed.
+Both terms are computed in at least fp32. The log-sum-exp form is exact for any t: a plain sum
+of exp(-t d^2) underflows to 0 in fp32 once every pair has t d^2 > ~100 (t > 25 with all
+non-matching pairs antipodal, d^2 = 4), and the term became log(0) = -inf.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from vutrain.losses.gather import all_gather_with_grad, all_reduce_with_grad, check_group, check_rank
+from vutrain.losses.gather import all_gather_with_grad, check_group, check_rank
 
 
 class AlignUniformLoss(nn.Module):
@@ -111,10 +114,11 @@ class AlignUniformLoss(nn.Module):
             + all_txt.pow(2).sum(1)
             - 2 * image_features @ all_txt.T
         ).clamp_min(0)
-        kernel = torch.exp(-self.t * sq)
-        positives = torch.zeros_like(kernel, dtype=torch.bool)
-        idx = torch.arange(b, device=kernel.device)
-        positives[idx, self.rank * b + idx] = True
-        partial = kernel.masked_fill(positives, 0).sum()
-        total = all_reduce_with_grad(partial) if self.world_size > 1 else partial
-        return torch.log(total / (n * (n - 1)))
+        own_pairs = torch.zeros_like(sq, dtype=torch.bool)
+        idx = torch.arange(b, device=sq.device)
+        own_pairs[idx, self.rank * b + idx] = True
+        # Every row has n - 1 >= 1 non-matching columns, so each rank's log-sum-exp is finite.
+        log_partial = torch.logsumexp((-self.t * sq).masked_fill(own_pairs, float("-inf")).flatten(), 0)
+        if self.world_size > 1:
+            log_partial = torch.logsumexp(all_gather_with_grad(log_partial.reshape(1)), 0)
+        return log_partial - math.log(n * (n - 1))
