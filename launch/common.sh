@@ -53,6 +53,75 @@ count_gpus() {
     fi
 }
 
+# requested_gpus_per_node: the GPUs per node the allocation asked for (SLURM_GPUS_PER_NODE,
+# "[type:]N", types summed: "a100:8" -> 8, "a100:2,v100:2" -> 4); nothing when unset or not of
+# that form. An salloc shell runs on the login node, where none of the allocation's GPUs is
+# visible: a hostfile written there got slots=1 on every 8-GPU node, without a word.
+requested_gpus_per_node() {
+    local spec="${SLURM_GPUS_PER_NODE:-}" total=0 part count
+    [[ -n "$spec" ]] || return 0
+    local IFS=,
+    for part in $spec; do
+        count="${part##*:}"
+        is_uint "$count" || return 0
+        total=$((total + 10#$count))
+    done
+    (( total > 0 )) && echo "$total"
+    return 0
+}
+
+# expand_hostlist LIST: one host per line of a SLURM host list ("node[01-04,07],gpu-a1"), without
+# scontrol (missing in containers, failing where no slurm.conf is found). Brackets may repeat in a
+# name ("r[1-2]-n[01-02]"); a range keeps its zero padding, as SLURM names the hosts.
+expand_hostlist() {
+    local list="$1" depth=0 i char name=""
+    for ((i = 0; i < ${#list}; i++)); do
+        char="${list:i:1}"
+        case "$char" in
+            "[") depth=$((depth + 1)) ;;
+            "]") depth=$((depth - 1)) ;;
+        esac
+        if [[ "$char" == "," && $depth == 0 ]]; then
+            expand_hostname "$name" || return 1
+            name=""
+        else
+            name+="$char"
+        fi
+    done
+    (( depth == 0 )) || return 1
+    expand_hostname "$name"
+}
+
+# expand_hostname NAME: the hosts of one name with bracketed ranges, "n[01-02,07]x" -> n01x n02x n07x.
+expand_hostname() {
+    local name="${1// /}" prefix ranges rest range low high n
+    [[ -n "$name" ]] || return 0
+    if [[ "$name" != *"["* ]]; then
+        [[ "$name" != *"]"* ]] || return 1
+        echo "$name"
+        return 0
+    fi
+    prefix="${name%%\[*}"
+    rest="${name#*\[}"
+    [[ "$rest" == *"]"* ]] || return 1
+    ranges="${rest%%\]*}"
+    rest="${rest#*\]}"
+    local IFS=,
+    for range in $ranges; do
+        if [[ "$range" =~ ^([0-9]+)-([0-9]+)$ ]]; then
+            low="${BASH_REMATCH[1]}" high="${BASH_REMATCH[2]}"
+        elif is_uint "$range"; then
+            low="$range" high="$range"
+        else
+            return 1
+        fi
+        (( 10#$low <= 10#$high )) || return 1
+        for ((n = 10#$low; n <= 10#$high; n++)); do
+            expand_hostname "$prefix$(printf '%0*d' "${#low}" "$n")$rest" || return 1
+        done
+    done
+}
+
 # job_hostnames: one host per line for the current allocation, in SLURM_NODEID order.
 job_hostnames() {
     [[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "SLURM_JOB_NODELIST is not set: run this inside an allocation (sbatch/salloc) or pass a node list."

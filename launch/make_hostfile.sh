@@ -3,14 +3,16 @@
 #
 #   launch/make_hostfile.sh [-s SLOTS] [-o FILE] [NODELIST]
 #
-# NODELIST: a SLURM node list (e.g. "gpu[01-04]") or comma-separated hosts; default
-# $SLURM_JOB_NODELIST. Range syntax is expanded with `scontrol show hostnames`; a plain list needs no SLURM.
-# SLOTS: ranks per node; default the GPUs visible here (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES,
-# nvidia-smi), or 1 CPU rank when there is no GPU. Writes to FILE or stdout.
+# NODELIST: a SLURM node list (e.g. "node[01-04,07],gpu-a1") or comma-separated hosts; default
+# $SLURM_JOB_NODELIST. Ranges are expanded by `scontrol show hostnames`, or here where it is missing.
+# SLOTS: ranks per node; default the GPUs visible here (CUDA_VISIBLE_DEVICES, SLURM_GPUS_ON_NODE),
+# else the allocation's SLURM_GPUS_PER_NODE (an salloc shell on a login node), else nvidia-smi's
+# count, or 1 CPU rank when there is no GPU. Writes to FILE or stdout.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-usage() { sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+# The header comment, up to the first line of code (a fixed line range printed `set -euo pipefail`).
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"; }
 
 slots="" out=""
 while getopts "s:o:h" opt; do
@@ -28,20 +30,32 @@ given="$*"
 nodelist="${1:-${SLURM_JOB_NODELIST:-}}"
 [[ -n "$nodelist" ]] || die "no node list: pass one (e.g. 'gpu[01-04]' or 'a,b') or run inside a SLURM allocation."
 
-if [[ -z "$slots" ]]; then
-    slots="$(count_gpus)"
-    (( slots > 0 )) || slots=1
-fi
+# default_slots: GPUs visible on this node of the allocation; in an salloc shell on a login node
+# (no CUDA_VISIBLE_DEVICES, no SLURM_GPUS_ON_NODE) the GPUs per node the allocation asked for,
+# not the login node's own.
+default_slots() {
+    local gpus=""
+    if [[ -z "${CUDA_VISIBLE_DEVICES+x}" && -z "${SLURM_GPUS_ON_NODE:-}" ]]; then
+        gpus="$(requested_gpus_per_node)"
+    fi
+    [[ -n "$gpus" ]] || gpus="$(count_gpus)"
+    echo $((gpus > 0 ? gpus : 1))
+}
+
+[[ -n "$slots" ]] || slots="$(default_slots)"
 is_uint "$slots" && (( slots > 0 )) || die "slots must be a positive integer, got '$slots'."
 
 if [[ "$nodelist" != *[\[\]]* ]]; then
     # A plain comma list needs no scontrol (which fails where it finds no SLURM configuration).
     # Commas or blanks: "n1 n2" was one host "n1n2".
     hosts="$(tr ', \t' '\n\n\n' <<<"$nodelist")"
-elif command -v scontrol >/dev/null 2>&1; then
-    hosts="$(scontrol show hostnames "$nodelist")" || die "scontrol could not expand node list '$nodelist'."
+elif command -v scontrol >/dev/null 2>&1 && hosts="$(scontrol show hostnames "$nodelist" 2>/dev/null)"; then
+    :
 else
-    die "node list '$nodelist' uses SLURM range syntax but scontrol is not installed; pass comma-separated hosts."
+    # No scontrol (a container) or none that finds a slurm.conf (a workstation, a login node of
+    # another cluster): the README's 'gpu[01-04]' failed there.
+    hosts="$(expand_hostlist "$nodelist")" \
+        || die "cannot expand node list '$nodelist': write ranges as SLURM does (e.g. 'gpu[01-04,07],cpu1') or pass comma-separated hosts."
 fi
 # Empty entries ("a,,b", a trailing comma) are dropped; the loop's status is not the script's.
 lines="$(while IFS= read -r h; do

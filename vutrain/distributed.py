@@ -68,8 +68,16 @@ CUDA_BACKEND = "cpu:gloo,cuda:nccl"
 
 
 def _int(name: str, env) -> int | None:
+    """The integer in variable `name`, None when unset or empty. Anything else is a RuntimeError
+    naming the variable (train.py prints it in one line): `int()`'s ValueError ended the run in a
+    traceback that named neither the variable nor the fix (MASTER_PORT=29500:1, RANK=${RANK})."""
     value = env.get(name)
-    return int(value) if value not in (None, "") else None
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"{name}={value!r} is not an integer: export a number or unset {name}") from None
 
 
 def first_hostname(nodelist: str) -> str:
