@@ -9,14 +9,46 @@ Prints (and with ``--out`` writes) measured images/s of each and the ratio ours/
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def commit() -> str | None:
+    """HEAD of the checkout this file runs from (``+dirty`` with uncommitted changes to tracked
+    files); None outside one, or for a copy the checkout does not track (an install into an
+    ignored ``.venv``). dataset_tools imports nothing of vutrain or kernels, so this is its own."""
+    here = os.path.abspath(__file__)
+    root = os.path.dirname(os.path.dirname(here))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        git("ls-files", "--error-unmatch", "--", here)
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _ids(n: int):
@@ -53,7 +85,23 @@ def run_plain(url_template: str, ids, out: str, args) -> float:
         retries=0,
         compute_hash="sha256",
     )
-    return time.time() - start
+    elapsed = time.time() - start
+    done = stats_successes(os.path.join(out, "plain"))
+    if done != len(ids):
+        # Checked as ours is: a side that skipped failed downloads did less work, and its
+        # images/s set beside the other's was not a ratio over the same thumbnails.
+        raise SystemExit(f"plain img2dataset: only {done}/{len(ids)} succeeded; no ratio over unequal work")
+    return elapsed
+
+
+def stats_successes(folder: str) -> int:
+    """Successes summed over img2dataset's ``*_stats.json`` in ``folder`` (0 when there are none)."""
+    total = 0
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith("_stats.json"):
+            with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                total += int(json.load(fh).get("successes", 0))
+    return total
 
 
 def run_ours(url_template: str, ids, out: str, args) -> float:
@@ -99,6 +147,15 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(argv)
+    for flag, value in (
+        ("--num", args.num),
+        ("--repeats", args.repeats),
+        ("--processes", args.processes),
+        ("--threads", args.threads),
+        ("--shard-size", args.shard_size),
+    ):
+        if value < 1:
+            p.error(f"{flag} {value}: must be >= 1")
 
     from dataset_tools.fake_host import FakeThumbnailHost
 
@@ -129,6 +186,12 @@ def main(argv=None) -> dict:
         "seconds": times,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "device": f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        # Where the figure comes from: BENCHMARKS.md rows name the command, date and device.
+        "command": "python -m dataset_tools.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": commit(),
+        "img2dataset": _version("img2dataset"),
     }
     print(json.dumps(result, indent=2))
     if args.out:

@@ -320,6 +320,17 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
+def choice_list(ap: argparse.ArgumentParser, flag: str, text: str, known: tuple[str, ...]) -> list[str]:
+    """A comma list of ``known`` names; anything else is one usage line. A mode other than
+    ``fwd`` was timed as the forward alone and its TFLOP/s counted as forward+backward (4x too
+    high), and an unknown loss or provider was silently left out of the sweep."""
+    chosen = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in chosen if x not in known]
+    if unknown or not chosen:
+        ap.error(f"{flag} {text!r}: choose from {','.join(known)}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Entry point of ``python -m kernels.bench``; returns the result written to ``--out``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -361,8 +372,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.backward_schedule:
         os.environ["KERNELS_BACKWARD_SCHEDULE"] = args.backward_schedule
     shapes = parse_shapes(args.shapes) if args.shapes else (QUICK if args.quick else SQUARE + GATHERED)
-    modes = [m for m in args.modes.split(",") if m]
-    losses = [x for x in args.losses.split(",") if x]
+    modes = choice_list(ap, "--modes", args.modes, MODES)
+    losses = choice_list(ap, "--losses", args.losses, LOSSES)
+    providers = choice_list(ap, "--providers", args.providers, PROVIDERS)
+    if args.reps < 1:
+        ap.error(f"--reps {args.reps}: must be >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -395,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             result["autotune"] = autotune(shapes, losses, dtype, device, out, args.candidates, args.reps)
             os.environ["KERNELS_TILE_CONFIGS"] = str(out / "tuned_configs.json")
-        _run_rows(result["rows"], shapes, modes, losses, args.providers.split(","), dtype, device, args.reps)
+        _run_rows(result["rows"], shapes, modes, losses, providers, dtype, device, args.reps)
         result["partial"] = False
     finally:  # a crash part-way still leaves what was measured, and its verdicts
         signal.signal(signal.SIGTERM, previous_handler)

@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from kernels.provenance import commit
+
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
 
@@ -171,6 +173,18 @@ def parse_batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """ValueError for counts no configuration can run with, before the shards are written: with
+    ``--steps 0`` every configuration's process failed on an empty median and the sweep wrote a
+    row of errors per configuration; a negative ``--warmup`` timed warm-up steps."""
+    counts = (("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--workers", args.workers, 0))
+    for flag, value, minimum in counts:
+        if value < minimum:
+            raise ValueError(f"{flag} {value}: must be >= {minimum}")
+    if args.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"--zero-stage {args.zero_stage}: choose 0, 1, 2 or 3")
+
+
 def read_previous_rows(path: str) -> list:
     """The rows an earlier run left in ``path`` (kept: each run appends); ValueError when the file
     is not a JSON list, before anything is measured (it was a JSONDecodeError after the data)."""
@@ -256,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--preset {args.preset}: choose one of {', '.join(PRESETS)}")
     try:
         batch_sizes = parse_batch_sizes(args.batch_sizes)
+        check_counts(args)
         previous = read_previous_rows(args.out)
     except ValueError as exc:
         parser.error(str(exc))
@@ -279,6 +294,13 @@ def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: 
     )
     ckpts = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.grad_ckpt]
     results = []
+    # Earlier runs' rows stay in --out: the start time and the commit tell this run's rows apart
+    # (the date alone did not, for two runs of a day, nor for two versions of the code).
+    run = {
+        "run_started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "command": "python -m vutrain.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for batch in batch_sizes:
         for ckpt in ckpts:
@@ -311,13 +333,16 @@ def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: 
                 tail = (proc.stderr or proc.stdout).strip().splitlines()
                 row = dict(spec, error=tail[-1] if tail else f"exit {proc.returncode}", device=device_name())
             row["date"] = datetime.date.today().isoformat()
-            row["command"] = "python -m vutrain.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+            row.update(run)
             results.append(row)
             print(table([row]).splitlines()[-1], flush=True)
             # After every configuration: a run stopped by a time limit keeps what it measured.
             write_rows(args.out, previous + results)
     print("\n" + table(results))
-    print(f"\nwrote {args.out} ({len(results)} rows) on {results[0].get('device', device_name())}")
+    print(
+        f"\nwrote {args.out} ({len(results)} rows of this run, run_started {run['run_started']}; "
+        f"{len(previous)} earlier rows kept) on {results[0].get('device', device_name())}"
+    )
     return 0 if all("error" not in r for r in results) else 1
 
 

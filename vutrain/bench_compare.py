@@ -217,7 +217,11 @@ class Batches:
 def median_rows(measured: list[dict]) -> list[dict]:
     """One row per (configuration, batch) from several rounds: the median samples/s, the largest peak.
 
-    A configuration failing in any round keeps that round's error row instead.
+    A configuration failing in any round keeps that round's error row instead. The step time is
+    the one the median samples/s implies: with an even number of rounds the median is the mean of
+    the middle two, and a median taken of the step times apart (a mean of their reciprocals) gave
+    a row whose step time and samples/s disagreed (rounds of 10 and 30 samples/s at batch 8: 20
+    samples/s beside 0.53 s a step, which is 15).
     """
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in measured:
@@ -229,12 +233,14 @@ def median_rows(measured: list[dict]) -> list[dict]:
             out.append(dict(failed[0], rounds=len(runs)))
             continue
         speeds = [r["samples_per_s"] for r in runs]
+        speed = statistics.median(speeds)
         row = dict(
             runs[0],
-            samples_per_s=statistics.median(speeds),
+            samples_per_s=speed,
             rounds=len(runs),
             samples_per_s_rounds=speeds,
-            step_time_s=statistics.median(r["step_time_s"] for r in runs),
+            step_time_s=runs[0]["batch_size"] / speed,
+            step_time_s_rounds=[r["step_time_s"] for r in runs],
         )
         peaks = [r["peak_memory_gib"] for r in runs if r["peak_memory_gib"] is not None]
         row["peak_memory_gib"] = max(peaks) if peaks else None
@@ -565,11 +571,47 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default="bench_results/compare_open_clip.json")
     parser.add_argument("--png", default="", help="figure path (default: --out with .png)")
     args = parser.parse_args(argv)
-    args.batch_sizes = sorted(int(b) for b in args.batch_sizes.split(","))
+    check_counts(parser, args)
+    args.batch_sizes = sorted(int_list(parser, "--batch-sizes", args.batch_sizes, minimum=1))
+    int_list(parser, "--zero-stages", args.zero_stages, minimum=0)
     args.pool_batch = min(args.batch_sizes[0], args.pool)
     args.png = args.png or os.path.splitext(args.out)[0] + ".png"
     args.hidden_act = ""  # HF's default until Bench reads open_clip's (openclip_activation)
     return args
+
+
+def int_list(parser: argparse.ArgumentParser, flag: str, text: str, minimum: int) -> list[int]:
+    """``"8,16"`` as integers >= ``minimum``; a bad entry is one usage line (it was a ValueError
+    traceback, for --zero-stages after the open_clip import)."""
+    values = []
+    for entry in text.split(","):
+        try:
+            value = int(entry)
+        except ValueError:
+            parser.error(f"{flag} {text}: {entry.strip()!r} is not an integer")
+        if value < minimum:
+            parser.error(f"{flag} {text}: {value} is below {minimum}")
+        values.append(value)
+    return values
+
+
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts the run cannot use are one usage line before anything is built. ``--probe-steps 0``
+    ran no step at all, so every probed batch "fitted" and the search reported --max-batch as
+    the largest batch; ``--steps 0`` and ``--rounds 0`` measured nothing and wrote an empty report."""
+    for flag, value, minimum in (
+        ("--steps", args.steps, 1),
+        ("--rounds", args.rounds, 1),
+        ("--probe-steps", args.probe_steps, 1),
+        ("--pool", args.pool, 1),
+        ("--search-granularity", args.search_granularity, 1),
+        ("--warmup", args.warmup, 0),
+        ("--max-batch", args.max_batch, 0),
+    ):
+        if value < minimum:
+            parser.error(f"{flag} {value}: must be >= {minimum}")
+    if not 0 <= args.search_precision < 1:
+        parser.error(f"--search-precision {args.search_precision}: must be in [0, 1)")
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:

@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import pstats
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -43,6 +44,8 @@ import time
 from collections import Counter
 
 import numpy as np
+
+from kernels.provenance import commit
 
 
 def _cpu_name() -> str:
@@ -339,6 +342,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("give --shards SPEC (or --write-shards DIR)")
     if args.workers < 1 or args.batch_size < 1 or args.rounds < 1:
         parser.error("--workers, --batch-size and --rounds must be >= 1")
+    if args.decode_images < 1 or args.shard_samples < 1:
+        parser.error("--decode-images and --shard-samples must be >= 1")
+    try:  # checked here: it was a ValueError traceback after the argument parsing
+        args.shard_wh = tuple(int(v) for v in args.shard_size_wh.lower().split("x"))
+    except ValueError:
+        args.shard_wh = ()
+    if len(args.shard_wh) != 2 or min(args.shard_wh) < 1:
+        parser.error(f"--shard-size-wh {args.shard_size_wh}: give WIDTHxHEIGHT, e.g. 480x360")
     return args
 
 
@@ -351,15 +362,25 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # the decode floor is one core, and so is each worker
     if args.write_shards:
-        w, h = (int(v) for v in args.shard_size_wh.lower().split("x"))
+        w, h = args.shard_wh
         args.shards = write_thumbnail_shards(args.write_shards, args.shard_samples, w, h)
         print(f"wrote {args.shard_samples} {w}x{h} JPEGs: {args.shards}", flush=True)
     images = read_images(args.shards, args.decode_images)
+    # The tokenizer's folder: removed at the end (every run left a vutrain-bench-data-* folder).
+    work = tempfile.mkdtemp(prefix="vutrain-bench-data-")
+    try:
+        summary = measure_all(args, argv, images, make_tokenize(args.shards, args.context_length, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def measure_all(args, argv: list[str], images: list[bytes], tokenize) -> dict:
+    """Every round of the decode floor and the stream runs; prints the table, returns the summary."""
     from PIL import Image
 
     shapes = Counter(Image.open(io.BytesIO(d)).size for d in images[:64])
-    work = tempfile.mkdtemp(prefix="vutrain-bench-data-")
-    tokenize = make_tokenize(args.shards, args.context_length, work)
     if args.profile:
         print(profile_worker(args, tokenize, "fast"), flush=True)
     runs = [("fast", args.workers)]
@@ -413,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1m": os.getloadavg()[0],
         "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "command": "python -m vutrain.bench data " + " ".join(argv),
+        "commit": commit(),
     }
     if args.workers > 1:  # runs[1] is ("fast", 1): scaling within each round, then the median
         summary["samples_per_s_1_worker"] = rows[1]["samples_per_s"]
@@ -423,8 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         f"against the fastest decode floor measured: {summary['ratio_vs_fastest_decode']:.2f}",
         flush=True,
     )
-    print(json.dumps(summary), flush=True)
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
