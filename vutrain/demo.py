@@ -124,7 +124,10 @@ def _legacy_demo_output(out: str) -> bool:
 def claim_output(out: str) -> None:
     """Make ``out`` the demo's, or refuse: the demo replaces out/data, out/run and out/hf_model,
     and `--out .` in a project with its own data/ lost it without a word."""
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:  # a file of that name, no permission: one line, not a traceback
+        raise DemoError(f"--out {out} cannot be the demo's folder ({exc}): pass another --out") from exc
     marker = os.path.join(out, DEMO_MARKER)
     if not os.path.exists(marker):
         found = [name for name in DEMO_FOLDERS if os.path.exists(os.path.join(out, name))]
@@ -299,7 +302,11 @@ def run_demo(args: argparse.Namespace) -> int:
         args.out, args.num_samples, args.val_samples, args.shard_size, args.seed
     )
     run_dir = os.path.join(args.out, "run")
-    shutil.rmtree(run_dir, ignore_errors=True)
+    model_dir = os.path.join(args.out, "hf_model")
+    # The previous run's model goes with its data and run: kept, a run that failed later left it
+    # beside data it was not trained on, and an export adds its files to whatever is there.
+    for previous in (run_dir, model_dir):
+        shutil.rmtree(previous, ignore_errors=True)
     print(f"[2/5] training the tiny preset, ZeRO-2, {where}, {steps} steps", flush=True)
     train(run_dir, train_shards, val_shards, ranks, steps, overrides, gpu)
     print("[3/5] evaluation (held-out split)", flush=True)
@@ -316,7 +323,6 @@ def run_demo(args: argparse.Namespace) -> int:
             f"t2i R@1 {row['eval/t2i_r1']:.3f}, i2t R@5 {row['eval/i2t_r5']:.3f}"
         )
     final = evals[-1]
-    model_dir = os.path.join(args.out, "hf_model")
     print(f"[4/5] exporting to {model_dir}", flush=True)
     from vutrain.export import export
 

@@ -1,7 +1,8 @@
 """Counting host reads of tensor values: the device syncs of a training step.
 
 Every ``.item()``, ``bool(t)``, ``float(t)`` or ``int(t)`` of a tensor dispatches
-``aten._local_scalar_dense``; on a GPU each one waits for the device queue to drain. So do, with no
+``aten._local_scalar_dense``; on a GPU each one waits for the device queue to drain, and so does
+``torch.equal`` or ``torch.allclose``, which answer a Python bool. So do, with no
 read in sight, an op whose output size depends on the values (``nonzero``, ``x[mask]``,
 ``masked_select``, ``unique``, ``repeat_interleave`` with tensor repeats, ``bincount``: the host
 must learn the size before it allocates), a blocking copy to the host (``.cpu()``, ``.tolist()``,
@@ -46,6 +47,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 _READ = torch.ops.aten._local_scalar_dense.default
 _aten = torch.ops.aten
+# Ops that answer a Python bool from the values: a read like ``.item()``, but done inside the op's
+# own kernel, where no ``_local_scalar_dense`` reaches this mode (a CPU run counted none of them).
+_VALUE_READS = {_READ, _aten.equal.default, _aten.allclose.default}
 # Ops whose output size is read from the values on the host (a GPU waits for them to be computed).
 _DATA_DEPENDENT_SIZE = {
     _aten.nonzero.default,
@@ -62,7 +66,7 @@ _SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_d
 
 def _wait_kind(func, args, kwargs) -> tuple[str, torch.Tensor] | None:
     """(site prefix, tensor whose device waits) when ``func(*args, **kwargs)`` makes the host wait."""
-    if func is _READ:
+    if func in _VALUE_READS:
         return "", args[0]
     if func in _DATA_DEPENDENT_SIZE:
         return "size of ", args[0]

@@ -228,11 +228,13 @@ def write_synthetic(
         ``{"train_shards": spec, "val_shards": spec | None, "num_samples": n, "val_samples": m,
         "classes": CLASSES}`` where a spec is brace-expandable (``.../{00000..00003}.tar``).
     """
-    if num_samples < 1 or shard_size < 1 or image_size < 8:
+    if num_samples < 1 or shard_size < 1 or image_size < 8 or seed < 0:
         raise ValueError(
-            f"need num_samples >= 1, shard_size >= 1 and image_size >= 8; got "
-            f"{num_samples}, {shard_size}, {image_size}"
+            f"need num_samples >= 1, shard_size >= 1, image_size >= 8 and seed >= 0; got "
+            f"{num_samples}, {shard_size}, {image_size}, {seed}"
         )
+    if val_samples is not None and val_samples < 0:
+        raise ValueError(f"need val_samples >= 0 (0: no val split); got {val_samples}")
     if val_samples is None:
         val_samples = max(len(CLASSES), num_samples // 10)
     train = _write_split(os.path.join(out_dir, "train"), "train", num_samples, shard_size, image_size, seed)
@@ -248,26 +250,43 @@ def write_synthetic(
     }
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (0 or a negative count was a traceback, and a
+    negative --val-samples silently wrote no val split)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its message for a non-integer
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point; prints the shard specs to pass as data.train_shards / data.val_shards."""
     parser = argparse.ArgumentParser(
         prog="python -m vutrain.data.synthetic", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", required=True, help="output directory (train/ and val/ are created in it)")
-    parser.add_argument("--num-samples", type=int, required=True, help="training samples")
-    parser.add_argument("--shard-size", type=int, required=True, help="samples per tar shard")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--num-samples", type=_at_least(1), required=True, help="training samples")
+    parser.add_argument("--shard-size", type=_at_least(1), required=True, help="samples per tar shard")
+    parser.add_argument("--image-size", type=_at_least(8), default=64, help="image side in pixels")
+    parser.add_argument("--seed", type=_at_least(0), default=0, help="random seed")
     parser.add_argument(
         "--val-samples",
-        type=int,
+        type=_at_least(0),
         default=None,
         help="held-out samples (default max(24, num_samples // 10); 0 disables)",
     )
     args = parser.parse_args(argv)
-    info = write_synthetic(
-        args.out, args.num_samples, args.shard_size, args.image_size, args.seed, args.val_samples
-    )
+    try:
+        info = write_synthetic(
+            args.out, args.num_samples, args.shard_size, args.image_size, args.seed, args.val_samples
+        )
+    except OSError as exc:  # --out a file, no permission, disk full: one line, not a traceback
+        parser.exit(1, f"error: cannot write the shards under --out {args.out}: {exc}\n")
     print(f"data.train_shards={info['train_shards']}")
     if info["val_shards"]:
         print(f"data.val_shards={info['val_shards']}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -58,9 +60,33 @@ def train_bpe_tokenizer(
         unk_token=None,
         model_max_length=max_length,
     )
-    os.makedirs(out_dir, exist_ok=True)
-    fast.save_pretrained(out_dir)
+    save_atomically(fast, out_dir)
     return fast
+
+
+TOKENIZER_FILE = "tokenizer.json"  # the trainer reuses a run's tokenizer when this file exists
+_STAGING_PREFIX = ".partial-"
+
+
+def save_atomically(tokenizer: PreTrainedTokenizerFast, out_dir: str) -> None:
+    """``save_pretrained`` into ``out_dir`` so that a ``tokenizer.json`` there is always complete.
+
+    A resumed run reuses the tokenizer when ``tokenizer.json`` exists. Saved in place, a rank 0
+    killed (or out of disk) while writing it left a truncated file that every later start of the
+    run then failed to parse. The files are written to a staging folder inside ``out_dir`` and
+    moved in with ``os.replace``, ``tokenizer.json`` last; a staging folder a kill left is removed.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):
+        if name.startswith(_STAGING_PREFIX):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out_dir)
+    try:
+        tokenizer.save_pretrained(staging)
+        for name in sorted(os.listdir(staging), key=lambda n: n == TOKENIZER_FILE):
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def iter_shard_texts(shards: str, caption_template: str, limit: int | None = None) -> Iterator[str]:
