@@ -154,3 +154,16 @@ def test_dataset_tools_bench_records_where_its_figures_come_from(tmp_path, capsy
     assert result["date"] and result["device"].startswith("CPU") and "commit" in result
     line = _usage_error(capsys, lambda: bench.main(["--repeats", "0"]))
     assert "--repeats 0" in line
+
+
+def test_compare_json_is_replaced_whole_or_not_at_all(tmp_path):
+    """`compare_open_clip.json` is rewritten after every configuration; written in place, a write
+    that failed half-way (or a kill) left a cut file in place of every earlier row."""
+    from vutrain.bench_report import write_json
+
+    out = tmp_path / "compare_open_clip.json"
+    write_json({"rows": [{"side": "vutrain", "batch": 8}]}, str(out))
+    with pytest.raises(TypeError):
+        write_json({"rows": [{"side": "vutrain", "batch": 16}, {"bad": object()}]}, str(out))
+    assert json.loads(out.read_text()) == {"rows": [{"side": "vutrain", "batch": 8}]}
+    assert [p.name for p in tmp_path.iterdir()] == ["compare_open_clip.json"]

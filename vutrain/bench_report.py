@@ -237,10 +237,18 @@ def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> N
 
 
 def write_json(result: dict, out: str) -> None:
-    """Write the result as JSON to ``out`` (creating its folder)."""
+    """Write the result as JSON to ``out`` (creating its folder), through a temporary file: it is
+    rewritten after every configuration, and a run killed mid-write (``timeout -k``, the GPU
+    host's time limit) or an error half-way left a cut file that lost every earlier row."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def report(result: dict, out: str, png: str) -> None:
