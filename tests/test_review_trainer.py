@@ -253,3 +253,19 @@ def test_a_signal_during_an_eval_preempts_before_the_next_step(
     assert os.path.exists(os.path.join(run_dir, "done.json"))
     evals = [row["step"] for row in read_metrics(run_dir) if "eval/i2t_r1" in row]
     assert evals == sorted(set(evals)) and eval_step in evals and steps in evals
+
+
+def test_a_resume_past_a_lowered_max_steps_says_that_nothing_is_trained(
+    tiny_shards, tmp_path, single_process, caplog
+):
+    """An unfinished checkpoint at step 2 resumed with train.max_steps=1 ended the run at step 2
+    (done.json 2, past the limit) without a word."""
+    import shutil
+
+    run_dir = str(tmp_path / "run")
+    kept = dict(train__checkpoint_every=2, eval__every=0, data__val_shards="")
+    train(tiny_shards, run_dir, steps=4, **kept)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "step_00000004"))  # step 2 is unfinished
+    with caplog.at_level("WARNING", logger="vutrain"):
+        train(tiny_shards, run_dir, steps=1, **kept)
+    assert "resumed at step 2, past train.max_steps=1: no step is trained" in caplog.text

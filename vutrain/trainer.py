@@ -678,6 +678,14 @@ class Trainer:
         # kept from its final checkpoint, the flag went into a pre-emption checkpoint at the new
         # last step, and the requeued job took the run for done (no final eval, no done.json).
         self._finished = False
+        if self.step > cfg.train.max_steps:
+            # A lowered train.max_steps under an unfinished checkpoint: the run ended at the
+            # checkpoint's step, its done.json past the limit, without a word.
+            log.warning(
+                "resumed at step %d, past train.max_steps=%d: no step is trained; the run ends at step %d "
+                "with its final eval and checkpoint (raise train.max_steps to train on)",
+                self.step, cfg.train.max_steps, self.step,
+            )  # fmt: skip
         self.engine.train()
         # DeepSpeed skips an optimizer step whose gradients overflow (fp16's loss scaler; any
         # inf/NaN gradient under ZeRO-1/2 with a finite loss) without a word outside fp16: the
