@@ -28,6 +28,7 @@ import tempfile
 import time
 
 from kernels.provenance import commit
+from vutrain.bench_report import write_json
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
@@ -206,14 +207,7 @@ def write_rows(path: str, rows: list) -> None:
     """Replace ``path`` by ``rows`` through a temporary file: a run killed while writing (a time
     limit) leaves the previous file whole, where an in-place rewrite left it cut, every earlier
     run's rows with it, and the next run then stopped on its JSON."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(rows, fh, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_json(rows, path)
 
 
 def dispatch(argv: list[str]) -> int | None:

@@ -236,7 +236,7 @@ def write_png(path: str, rows: list[dict], largest: list[dict], title: str) -> N
     plt.close(fig)
 
 
-def write_json(result: dict, out: str) -> None:
+def write_json(result: dict | list, out: str) -> None:
     """Write the result as JSON to ``out`` (creating its folder), through a temporary file: it is
     rewritten after every configuration, and a run killed mid-write (``timeout -k``, the GPU
     host's time limit) or an error half-way left a cut file that lost every earlier row."""
