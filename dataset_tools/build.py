@@ -8,7 +8,6 @@ of complete shards and merges them back (``retry.py``).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import fnmatch
 import glob
 import json
@@ -391,21 +390,14 @@ def _one_build_per_output(output: str) -> Iterator[None]:
     instance is still alive, the same command in two terminals): both downloaded the same
     shards, doubling the load on the host, and each deleted the other's temporary files. The
     lock is the kernel's, so a killed build never leaves it behind."""
-    build_dir = os.path.join(output, plan_mod.BUILD_DIR)
-    os.makedirs(build_dir, exist_ok=True)
-    with open(os.path.join(build_dir, "lock"), "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            raise SystemExit(
-                f"{output}: another build is running on this output (pid {holder}); wait for it to "
-                "finish or stop it, then run this command again to resume"
-            ) from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+
+    def refusal(holder: str) -> str:
+        return (
+            f"{output}: another build is running on this output (pid {holder}); wait for it to "
+            "finish or stop it, then run this command again to resume"
+        )
+
+    with shards.exclusive_lock(os.path.join(output, plan_mod.BUILD_DIR, "lock"), refusal):
         yield
 
 

@@ -21,6 +21,7 @@ from dataset_tools.plan import BUILD_DIR
 from dataset_tools.reshard import (
     ShardSink,
     check_empty_output,
+    claim_outputs,
     input_schema,
     iter_samples,
     require_whole_shards,
@@ -98,6 +99,18 @@ def dedup(
     if filter_output:  # refused before the (slow) hashing, not after
         check_empty_output(filter_output)
         schema = input_schema(folder, "dedup")
+    report = {**_find_duplicates(folder, max_distance), "skipped_incomplete_shards": skipped}
+    # Atomic: written in place, a kill or a full disk mid-write left a truncated report.
+    shards.save_json(report_path or os.path.join(folder, BUILD_DIR, "dedup.json"), report, "dedup report")
+    if filter_output:
+        drop = {g["key"] for group in report["groups"] for g in group if g["match"] != KEPT}
+        with claim_outputs([filter_output], "dedup"):  # checked again: another run may have begun
+            report["kept"] = _write_filtered(folder, filter_output, drop, shard_size, schema)
+    return report
+
+
+def _find_duplicates(folder: str, max_distance: int) -> dict:
+    """The report of ``folder``'s duplicate groups (without ``skipped_incomplete_shards``)."""
     info: dict[str, dict] = {}
     uf = _UnionFind()
     by_sha: dict[str, str] = {}
@@ -134,7 +147,7 @@ def dedup(
         groups.setdefault(uf.find(key), []).append(key)
     dup_groups = [sorted(g) for g in groups.values() if len(g) > 1]
     drop = {k for g in dup_groups for k in g[1:]}  # keep the first key of each group
-    report = {
+    return {
         "samples": len(info),
         "groups": [
             [
@@ -148,13 +161,7 @@ def dedup(
         "exact": sum(1 for k in drop if reasons[k] == EXACT),
         "same_video": sum(1 for k in drop if reasons[k] == SAME_VIDEO),
         "perceptual": sum(1 for k in drop if reasons[k] == PERCEPTUAL),
-        "skipped_incomplete_shards": skipped,
     }
-    # Atomic: written in place, a kill or a full disk mid-write left a truncated report.
-    shards.save_json(report_path or os.path.join(folder, BUILD_DIR, "dedup.json"), report, "dedup report")
-    if filter_output:
-        report["kept"] = _write_filtered(folder, filter_output, drop, shard_size, schema)
-    return report
 
 
 def _write_filtered(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import pyarrow as pa
 
 from dataset_tools import shards
+from dataset_tools.plan import BUILD_DIR
 
 Sample = tuple[str, dict[str, bytes], dict]  # key, members, parquet row
 
@@ -214,12 +216,48 @@ def conform_row(row: dict, schema: pa.Schema | None) -> dict:
 def check_empty_output(folder: str) -> None:
     """Refuse an output folder that already holds files: shards are numbered from 00000 again,
     so an earlier run's higher-numbered shards would stay beside the new ones (counted twice by
-    finalize, and, for split, samples of one side left in the other)."""
-    if os.path.isdir(folder) and os.listdir(folder):
+    finalize, and, for split, samples of one side left in the other). The lock file of
+    ``claim_outputs`` alone does not count: a run stopped before its first shard leaves it."""
+    if os.path.isdir(folder) and _entries_besides_lock(folder):
         raise SystemExit(
             f"{folder}: output folder is not empty (an earlier run's shards would mix with the new "
             "ones). Pass an empty or new folder, or delete this one first."
         )
+
+
+def _entries_besides_lock(folder: str) -> list[str]:
+    entries = os.listdir(folder)
+    build_dir = os.path.join(folder, BUILD_DIR)
+    if entries == [BUILD_DIR] and os.path.isdir(build_dir) and os.listdir(build_dir) in ([], ["lock"]):
+        return []
+    return entries
+
+
+@contextmanager
+def claim_outputs(folders: Sequence[str], command: str) -> Iterator[None]:
+    """Hold each output folder's lock (``_build/lock``, the one ``build`` takes) while the block
+    writes into them, after checking they are empty. Two runs into one empty folder both passed
+    the emptiness check and both wrote shards 00000...: the later rename won file by file, so a
+    shard's tar could come from one run and its parquet and stats from the other. The second
+    run is now refused in one line naming the first one's pid."""
+    with ExitStack() as locks:
+        for folder in folders:
+            lock_path = os.path.join(folder, BUILD_DIR, "lock")
+            locks.enter_context(shards.exclusive_lock(lock_path, _refusal(folder, command)))
+        for folder in folders:
+            check_empty_output(folder)
+        yield
+
+
+def _refusal(folder: str, command: str) -> Callable[[str], str]:
+    def refusal(holder: str) -> str:
+        return (
+            f"{folder}: refusing to {command}: another dataset_tools run (pid {holder}) is writing "
+            f"into this folder. Wait for it to finish, or stop it and delete this folder, then "
+            f"{command} into an empty folder."
+        )
+
+    return refusal
 
 
 class ShardSink:

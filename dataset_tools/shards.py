@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -14,7 +15,7 @@ import tarfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
@@ -31,13 +32,16 @@ def shard_name(shard_id: int, oom_shard_count: int = 5) -> str:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write to ``path.tmp``, fsync, rename: readers never see half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    """Write through a temporary name of its own (``_own_temp_file``), fsync, rename: readers
+    never see half a file. Through one ``path.tmp``, two ``finalize`` runs on one folder (or two
+    ``dedup`` reports of one input) wrote into the same file: one renamed the other's half-written
+    bytes into place, and the other's rename was a FileNotFoundError traceback."""
+    with _own_temp_file(path) as (f, tmp):
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+        f.close()
+        os.replace(tmp, path)
 
 
 def save_json(path: str, obj, what: str) -> None:
@@ -49,7 +53,6 @@ def save_json(path: str, obj, what: str) -> None:
     try:
         atomic_write_bytes(path, data)
     except OSError as err:
-        _remove_quietly(path + ".tmp")
         raise SystemExit(
             f"{path}: could not write the {what} ({err.strerror or err}); free space or pick another "
             "path and run again (any earlier file there is left as it was)."
@@ -94,11 +97,39 @@ def _own_temp_file(path: str) -> Iterator[tuple[BinaryIO, str]]:
     try:
         yield f, tmp
     except BaseException:
-        f.close()
+        # On a full disk close() fails too (it flushes what is buffered): it raised here, before
+        # the removal, and every refused write left its temporary file behind.
+        _close_quietly(f)
         _remove_quietly(tmp)
         raise
     finally:
         f.close()
+
+
+def _close_quietly(f: BinaryIO) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass
+
+
+@contextmanager
+def exclusive_lock(lock_path: str, refusal: Callable[[str], str]) -> Iterator[None]:
+    """Hold the kernel lock (``flock``) of ``lock_path`` (created with its folder) while the block
+    runs, with this pid written in it; while another process holds it, a one-line SystemExit of
+    ``refusal(that process's pid)``. The kernel drops the lock when its
+    holder dies, so a killed run never leaves it behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise SystemExit(refusal(lock.read().strip() or "unknown")) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def read_tar(path: str) -> dict[str, dict[str, bytes]]:

@@ -15,6 +15,7 @@ from dataset_tools import shards
 from dataset_tools.reshard import (
     ShardSink,
     check_empty_output,
+    claim_outputs,
     input_schema,
     iter_samples,
     require_whole_shards,
@@ -76,16 +77,16 @@ def split(
     require_whole_shards(folder, "split")  # before any output is written
     schema = input_schema(folder, "split")  # a column of two types: refused before any output
     skipped = skipped_incomplete_shards(folder, "split")
-    for side in ("train", "val"):  # both checked before either is created
-        check_empty_output(os.path.join(output, side))
-    sinks = {
-        side: ShardSink(os.path.join(output, side), shard_size, schema=schema) for side in ("train", "val")
-    }
-    title_ids = channel_ids_by_title(folder) if by == "channel" else None
-    for sample in iter_samples(folder):
-        sinks[assign(sample[2], by, val_fraction, seed, title_ids)].add(sample)
-    counts = {side: sink.close() for side, sink in sinks.items()}
-    for side, count in counts.items():
-        if count:  # an empty side has no shards to describe
-            finalize_mod.finalize(os.path.join(output, side))
+    sides = {side: os.path.join(output, side) for side in ("train", "val")}
+    for path in sides.values():  # both checked before either is created
+        check_empty_output(path)
+    with claim_outputs(list(sides.values()), "split"):  # both claimed before either is written
+        title_ids = channel_ids_by_title(folder) if by == "channel" else None
+        sinks = {side: ShardSink(path, shard_size, schema=schema) for side, path in sides.items()}
+        for sample in iter_samples(folder):
+            sinks[assign(sample[2], by, val_fraction, seed, title_ids)].add(sample)
+        counts = {side: sink.close() for side, sink in sinks.items()}
+        for side, count in counts.items():
+            if count:  # an empty side has no shards to describe
+                finalize_mod.finalize(sides[side])
     return {"by": by, "val_fraction": val_fraction, **counts, "skipped_incomplete_shards": skipped}

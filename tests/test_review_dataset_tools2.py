@@ -65,12 +65,20 @@ def test_vocab_that_the_disk_refuses_leaves_the_earlier_vocabulary_whole(tmp_pat
 def test_a_refused_json_write_is_one_line_and_keeps_the_earlier_file(tmp_path):
     out = tmp_path / "vocab.json"
     out.write_text('{"tags": []}')
-    (tmp_path / "vocab.json.tmp").mkdir()  # the write fails (IsADirectoryError), as a full disk does
-    with pytest.raises(SystemExit) as err:
-        vocab.save({"tags": ["x"]}, str(out))
+    # Files of this process may not grow past 8 bytes while it writes: the write fails (EFBIG), as
+    # a full disk does (Python ignores SIGXFSZ, so it is an OSError). The temporary name is unique
+    # per writer, so a folder in its place can no longer fake the failure.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8, hard))
+    try:
+        with pytest.raises(SystemExit) as err:
+            vocab.save({"tags": ["x"]}, str(out))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     message = str(err.value.code)
     assert message.startswith(f"{out}: could not write the vocabulary") and "\n" not in message
     assert out.read_text() == '{"tags": []}'
+    assert os.listdir(tmp_path) == ["vocab.json"]  # no temporary file left behind
 
 
 def test_dedup_report_that_the_disk_refuses_leaves_the_earlier_report_whole(tmp_path):
