@@ -46,6 +46,9 @@ _PEER_PHRASES = (
     "connection refused",
     "Socket Timeout",
     "NCCL communicator was aborted",
+    # ncclRemoteError, which a survivor's collective raises when a peer died: "remote process exited
+    # or there was a network error" (NCCL) and "... a remote process exiting prematurely" (torch).
+    "remote process exit",
     "recvBytes",
     "sendBytes",
 )

@@ -59,22 +59,6 @@ def _nccl_serves(device: torch.device) -> bool:
     return collective_backend(device.type) == "nccl"
 
 
-class _AllReduceWithGrad(torch.autograd.Function):
-    """Sum over ranks. Every rank's loss uses the sum, so backward sums the grads too."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y = x.clone()
-        dist.all_reduce(y, op=dist.ReduceOp.SUM)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        g = grad.clone()
-        dist.all_reduce(g, op=dist.ReduceOp.SUM)
-        return g
-
-
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` ([B, ...], same shape on every rank) from all ranks in rank order.
 
@@ -95,11 +79,6 @@ def all_gather_no_grad(x: torch.Tensor, keep_local_grad: bool = True) -> torch.T
     if keep_local_grad:
         parts[dist.get_rank()] = x
     return torch.cat(parts, dim=0)
-
-
-def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum over ranks (every rank gets the total; backward sums grads)."""
-    return _AllReduceWithGrad.apply(x)
 
 
 def gather_features(
