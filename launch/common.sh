@@ -122,6 +122,16 @@ expand_hostname() {
     done
 }
 
+# train_script ROOT: the trainer as the launchers start it from the working directory, which stays
+# the caller's (the submit dir under sbatch): relative paths in the arguments (--config my.yaml,
+# output_dir=runs/x, a shard list) then mean what they mean where the user typed the command. The
+# sbatch scripts used to cd to VUTRAIN_ROOT first, so a job submitted from /exp/a with
+# output_dir=runs/x wrote to (and resumed from) the checkout's runs/x, shared with every other
+# experiment directory that used the same relative name.
+train_script() {
+    if [[ "$PWD" -ef "$1" ]]; then echo vutrain/train.py; else echo "$1/vutrain/train.py"; fi
+}
+
 # job_hostnames: one host per line for the current allocation, in SLURM_NODEID order.
 job_hostnames() {
     [[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "SLURM_JOB_NODELIST is not set: run this inside an allocation (sbatch/salloc) or pass a node list."
@@ -233,7 +243,9 @@ load_deepspeed_env() {
 run_config_value() {
     local key="$1"
     shift
-    "${PYTHON:-python}" -m vutrain.config --get "$key" "$@" 2>/dev/null || true
+    # PYTHONPATH: the working directory need not be the checkout, nor vutrain installed.
+    PYTHONPATH="${ROOT:-$PWD}${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m vutrain.config --get "$key" "$@" \
+        2>/dev/null || true
 }
 
 # output_dir_from_args ARGS...: the run's output_dir (the shipped run files set it in the YAML).

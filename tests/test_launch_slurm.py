@@ -429,10 +429,10 @@ def test_rank_layout_from_live_slurm_environments(cluster, tmp_path):
     rows = sorted(json.loads(line.split("PROBE ", 1)[1]) for line in text.splitlines() if "PROBE " in line)
     assert rows == [
         ["batch", "single", 0, 1, 1, "127.0.0.1"],
-        ["n2", "slurm", 0, 1, 1, "n2"],
-        ["step", "slurm", 0, 3, 2, "n1"],
-        ["step", "slurm", 1, 3, 2, "n1"],
-        ["step", "slurm", 2, 3, 1, "n1"],
+        ["n2", "slurm", 0, 1, 1, "127.0.0.1"],  # n2's NodeAddr (the name n1/n2 does not resolve here)
+        ["step", "slurm", 0, 3, 2, "127.0.0.1"],
+        ["step", "slurm", 1, 3, 2, "127.0.0.1"],
+        ["step", "slurm", 2, 3, 1, "127.0.0.1"],
     ], text[-3000:]
 
 

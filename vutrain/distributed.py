@@ -113,6 +113,59 @@ def _slurm_first_host(env) -> str | None:
         return first_hostname(nodelist)
 
 
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def _slurm_node_addr(node: str) -> str | None:
+    """The NodeAddr slurm.conf gives `node` (`scontrol show node`, one request to slurmctld); None
+    where scontrol is missing (a container) or cannot answer."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "node", "-o", node],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\bNodeAddr=(\S+)", out)
+    return match.group(1) if match else None
+
+
+def slurm_master_addr(env) -> str | None:
+    """Where the ranks of an srun step without MASTER_ADDR meet: its first node, by hostname when
+    that resolves, else by the NodeAddr slurm.conf gives it, as the sbatch scripts do. A NodeName
+    need not be a DNS name (NodeName=n1 NodeAddr=10.0.0.1): the name alone made every rank retry
+    the rendezvous until the 30-minute timeout, while `srun.sbatch` on the same nodes met at the
+    NodeAddr. slurmctld is asked only when the name does not resolve, so a thousand ranks do not
+    each query it on a cluster where the names work."""
+    host = _slurm_first_host(env)
+    if host is None or _resolves(host):
+        return host
+    addr = _slurm_node_addr(host)
+    if addr is None:  # nothing better is known; the rendezvous may still find it
+        if _int("SLURM_PROCID", env) == 0:
+            logging.getLogger("vutrain").warning(
+                "the first node of this SLURM step, %s, is not a resolvable host name and scontrol "
+                "cannot say its NodeAddr: if the ranks do not meet, export MASTER_ADDR=<its address>",
+                host,
+            )
+        return host
+    if _resolves(addr):
+        return addr
+    raise RuntimeError(
+        f"the first node of this SLURM step, {host}, is not a resolvable host name and neither is its "
+        f"NodeAddr {addr}: export MASTER_ADDR=<an address of {host}> before srun, or start the job "
+        "with launch/slurm/srun.sbatch"
+    )
+
+
 def tasks_on_node(tasks_per_node: str, node_id: int) -> int | None:
     """The task count of node `node_id` in SLURM's compressed form: "4(x2),3" is 4, 4, 3."""
     counts: list[int] = []
@@ -217,7 +270,7 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
             f"rank {rank} is outside world size {world} ({launcher} launcher): "
             "check --ntasks / --nproc_per_node against the job's task count"
         )
-    addr = env.get("MASTER_ADDR") or (_slurm_first_host(env) if launcher == "slurm" else None) or "127.0.0.1"
+    addr = env.get("MASTER_ADDR") or (slurm_master_addr(env) if launcher == "slurm" else None) or "127.0.0.1"
     port = _int("MASTER_PORT", env)
     if port is None:
         job = _int("SLURM_JOB_ID", env)

@@ -10,6 +10,7 @@
 # .deepspeed_env only when it fans out over ssh itself, so the file is loaded here instead.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
 (( $# >= 2 )) || die "usage: ds_node.sh HOSTFILE ENV_FILE TRAINER_ARGS..."
 hostfile="$1" env_file="$2"
@@ -52,4 +53,4 @@ trap '' USR1
 exec "${PYTHON:-python}" -u -m deepspeed.launcher.runner \
     --hostfile "$hostfile" --no_ssh --node_rank "$node_rank" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    vutrain/train.py "$@"
+    "$(train_script "$ROOT")" "$@"
