@@ -258,7 +258,7 @@ def test_tags_kept_as_one_string_give_tag_metrics_as_in_training(tmp_path):
     metas = {
         "s0": {"title": "x", "tags": ["cat", "dog", ""]},
         "s1": {"title": "y", "tags": "bird, fish,"},
-        "s2": {"title": "z", "tags": 7},
+        "s2": {"title": "z", "tags": None},
     }
     stream = ValStream(
         _write_val_shard(tmp_path / "val.tar", metas),

@@ -250,6 +250,8 @@ def test_every_file_is_flushed_to_disk_before_the_marker(tmp_path, monkeypatch):
     renames' directories after them."""
 
     class Engine:  # what save_checkpoint asks of DeepSpeed's engine
+        module = torch.nn.Linear(2, 2)  # world.json lists its parameters
+
         def train_micro_batch_size_per_gpu(self):
             return 2
 

@@ -55,6 +55,10 @@ MARKER = "COMPLETE.json"
 TMP_SUFFIX = ".tmp"
 TAG_RE = re.compile(r"^step_(\d+)$")
 TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
+# The old copy of a tag saved again (`_complete`), deleted once the new copy is in place: a kill
+# during that delete left a checkpoint's worth of disk that nothing removed.
+REPLACED_RE = re.compile(r"^step_(\d+)\.replaced\.tmp$")
+REPLACED_SUFFIX = ".replaced" + TMP_SUFFIX
 # Fault injection for tests (tests/test_faults_checkpoint.py): seconds to sleep after every rank
 # wrote its files and before the marker, so a test can SIGKILL the run in the middle of a save.
 _FAULT_SLEEP_ENV = "VUTRAIN_FAULT_SLEEP_BEFORE_MARKER"
@@ -87,10 +91,11 @@ def list_tags(ckpt_dir: str) -> list[str]:
     return sorted(tags, key=_step_of)
 
 
-def _list_tmp(ckpt_dir: str) -> list[str]:
+def _list_tmp(ckpt_dir: str, pattern: re.Pattern = TMP_RE) -> list[str]:
     if not os.path.isdir(ckpt_dir):
         return []
-    return sorted((t for t in os.listdir(ckpt_dir) if TMP_RE.match(t)), key=_step_of)
+    names = [t for t in os.listdir(ckpt_dir) if pattern.match(t)]
+    return sorted(names, key=lambda t: int(pattern.match(t).group(1)))
 
 
 def latest_tag(ckpt_dir: str) -> str | None:
@@ -367,7 +372,7 @@ def _complete(ckpt_dir: str, tag: str, step: int) -> None:
     replaced = None
     if os.path.exists(final):  # the same step saved again (e.g. a resumed run over a broken tag)
         # Two renames leave no checkpoint-less moment worth the name; the slow delete comes after.
-        replaced = f"{final}.replaced{TMP_SUFFIX}"
+        replaced = final + REPLACED_SUFFIX
         shutil.rmtree(replaced, ignore_errors=True)
         os.rename(final, replaced)
     os.rename(tmp_dir, final)
@@ -414,7 +419,8 @@ def _sync_dir(path: str) -> None:
 
 
 def prune(ckpt_dir: str, keep: int) -> list[str]:
-    """Delete complete checkpoints beyond the newest `keep`, and stale .tmp directories.
+    """Delete complete checkpoints beyond the newest `keep`, and stale .tmp directories (a killed
+    save's, and the old copy of a re-saved tag whose delete was killed).
 
     Only complete checkpoints count towards `keep`, so a broken newer one never pushes the
     last good one out. Incomplete tag directories are left for the user to look at.
@@ -424,9 +430,27 @@ def prune(ckpt_dir: str, keep: int) -> list[str]:
     for old in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
         removed.append(old)
-    for stale in _list_tmp(ckpt_dir):
+    for stale in _list_tmp(ckpt_dir) + _list_tmp(ckpt_dir, REPLACED_RE):
         shutil.rmtree(os.path.join(ckpt_dir, stale), ignore_errors=True)
         removed.append(stale)
+    return removed
+
+
+def remove_replaced_copies(ckpt_dir: str) -> list[str]:
+    """Delete the old copies (``step_X.replaced.tmp``) whose new ``step_X`` is complete.
+
+    A run killed while `_complete` deleted such a copy left it behind, and a run that then has
+    nothing more to save (a finished run, rerun) never prunes. A copy whose ``step_X`` is not
+    complete is kept: the kill came between the two renames, and it may be the step's only copy.
+    """
+    removed = []
+    for leftover in _list_tmp(ckpt_dir, REPLACED_RE):
+        tag = leftover[: -len(REPLACED_SUFFIX)]
+        if verify_tag(os.path.join(ckpt_dir, tag)) is None:
+            shutil.rmtree(os.path.join(ckpt_dir, leftover), ignore_errors=True)
+            removed.append(leftover)
+    if removed:
+        log.warning("removed the old copies of re-saved checkpoints left by a killed run: %s", removed)
     return removed
 
 
@@ -476,6 +500,8 @@ def resolve_resume(resume: str, run_dir: str, verbose: bool = True) -> tuple[str
     """
     if resume == "never":
         return None
+    if _is_first_rank():  # the others never look at these copies, so no barrier is needed
+        remove_replaced_copies(checkpoints_dir(run_dir))
     if resume == "auto":
         return _newest_complete(checkpoints_dir(run_dir), "train.resume=auto", verbose)
     path = os.path.abspath(resume)
@@ -492,6 +518,10 @@ def resolve_resume(resume: str, run_dir: str, verbose: bool = True) -> tuple[str
             "directory or a step_XXXXXXXX directory with a COMPLETE.json marker)"
         )
     return found
+
+
+def _is_first_rank() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def run_dir_of(resume: str) -> str:
@@ -600,6 +630,7 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     if marker.get("world_size", world) != world:  # written by another number of ranks
         return reshape.load_reshaped(engine, ckpt_dir, tag)
     state = load_trainer_state(tag_dir, rank)
+    state["data"] = reshape.data_state_on_same_world(engine, tag_dir, state["data"])
     try:
         if reshape.precision_changed(engine, tag_dir):
             # train.precision changed (fp32 <-> bf16, as the non-finite-loss error suggests): before,

@@ -206,10 +206,31 @@ def check_global_batch(info: dict, micro: int, accum: int, world: int) -> None:
     if saved % (accum * world) == 0:
         fixes.append(f"train.micro_batch_size={saved // (accum * world)}")
     hint = f"set {' or '.join(fixes)}" if fixes else f"use a world size that divides {saved}"
+    if info["world_size"] == world:
+        change = f"train.micro_batch_size {info['micro_batch_size']} -> {micro}"
+    else:
+        change = f"world {info['world_size']} -> {world}"
     raise ResumeShapeError(
-        f"world {info['world_size']} -> {world} changes the global batch {saved} -> {now} "
+        f"{change} changes the global batch {saved} -> {now} "
         f"(train.micro_batch_size {micro} x train.grad_accum_steps {accum} x world {world}): {hint}"
     )
+
+
+def data_state_on_same_world(engine, tag_dir: str, own: dict) -> dict:
+    """The data state to restore on the world size that saved the tag: this rank's own (``own``),
+    or, when ``train.micro_batch_size`` changed (the global batch kept through
+    ``train.grad_accum_steps``), every rank's, which the stream turns into the rest of the epoch
+    at the new micro batch as it does for a new world size (data/epoch_remainder.py).
+
+    Until 2026-12-06 such a resume stopped with "resume with the saved values, or start the data
+    stream fresh", for which there was no setting.
+    """
+    info = _world_info(tag_dir)
+    micro = engine.train_micro_batch_size_per_gpu()
+    if not info.get("data") or info.get("micro_batch_size", micro) == micro:
+        return own
+    check_global_batch(info, micro, engine.gradient_accumulation_steps(), _world()[1])
+    return {"ranks": info["data"]}
 
 
 def convert_to_universal(tag_dir: str) -> str:

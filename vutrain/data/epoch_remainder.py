@@ -51,6 +51,10 @@ SAMPLE_LOG_ENV = "VUTRAIN_SAMPLE_LOG"
 RESHAPEABLE = ("rank", "world_size", "workers", "batch_size", "steps_per_epoch")
 
 
+class StreamStateError(ValueError):
+    """A saved data position this stream cannot continue; one line that says what to do."""
+
+
 class ShardKeys:
     """Keys of each shard in tar order, read once from the tar headers (payloads are skipped)."""
 
@@ -146,9 +150,10 @@ def check_compatible(saved_plan: dict, plan: dict) -> None:
     }
     if diff:
         changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(
+        raise StreamStateError(
             f"the data stream state was saved with different data settings ({changes}); "
-            "resume with the same data.* settings and seed, or start the data stream fresh."
+            "resume with the same data.* settings and seed, or start afresh with train.resume=never "
+            "(or another output_dir)."
         )
 
 

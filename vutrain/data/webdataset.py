@@ -32,6 +32,7 @@ worker. The following batches then equal those of the uninterrupted stream.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import itertools
 import logging
 import multiprocessing
@@ -56,6 +57,7 @@ from .epoch_plan import (
 from .epoch_remainder import (
     Remainder,
     ShardKeys,
+    StreamStateError,
     log_batch_keys,
     plan_slices,
     remainder_samples,
@@ -93,6 +95,23 @@ _SETTING_NAMES = {
     "resampled": "data.resampled",
     "caption_template": "data.caption_template",
 }
+
+
+# What a resume that cannot continue the data position can do instead (the trainer's setting).
+START_AFRESH = "start afresh with train.resume=never (or another output_dir)"
+
+
+def shard_list_id(shards: list[str]) -> dict:
+    """The identity of a shard list, kept in the stream state: its length, first and last names and
+    a digest of every name in order. Names without their folder, so moved shards still resume."""
+    # Without a URL's query either: a signed URL's token changes between jobs.
+    names = [os.path.basename(s.split("?", 1)[0].rstrip("/")) for s in shards]
+    digest = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
+    return {"count": len(names), "first": names[0], "last": names[-1], "digest": digest}
+
+
+def _describe_list(ident: dict) -> str:
+    return f"{ident['count']} shards, {ident['first']} .. {ident['last']}, digest {ident['digest']}"
 
 
 @atexit.register
@@ -561,6 +580,7 @@ class TrainStream:
             "next_batch": self._cursor.next_batch,
             "plan": asdict(self.plan),
             "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())},
+            "shards": shard_list_id(self.shards),
         }
         if self._skipped_before:
             state["skipped_before"] = dict(self._skipped_before)
@@ -568,12 +588,29 @@ class TrainStream:
             state["remainder"] = self._remainder.to_state()
         return state
 
+    def _check_same_shards(self, state: dict) -> None:
+        """ValueError (one line) when ``state`` was saved over another shard list.
+
+        The position is a count of samples drawn from each worker's share of the (shuffled) list:
+        over another list it lands on other samples. Before 2026-12-06 a list of the same length
+        (shards replaced, or one added and one removed) resumed there without a word.
+        """
+        saved, now = state.get("shards"), shard_list_id(self.shards)
+        if saved is None or saved["digest"] == now["digest"]:  # states written before say nothing
+            return
+        raise StreamStateError(
+            f"data.train_shards names other shards than when this data position was saved "
+            f"(saved {_describe_list(saved)}; now {_describe_list(now)}), so the position would "
+            f"land on other samples: restore the saved data.train_shards, or {START_AFRESH}."
+        )
+
     def load_state_dict(self, state: dict) -> None:
         """Continue after the batch at which ``state`` was taken (same settings required).
 
         ``{"ranks": [state of rank 0, rank 1, ...]}`` (every rank's state, e.g. from a checkpoint
         written on another world size) is also accepted: see epoch_remainder.py.
         """
+        self._check_same_shards(state["ranks"][0] if "ranks" in state else state)
         keys = ShardKeys()  # each shard's keys read once, for the reshape and the slices alike
         if "ranks" in state:
             state = reshape_state(state["ranks"], asdict(self.plan), self.shards, keys)
@@ -600,9 +637,9 @@ class TrainStream:
                 if "workers" in diff
                 else ""
             )
-            raise ValueError(
+            raise StreamStateError(
                 f"the data stream state was saved with different settings ({changes}); "
-                f"resume with the saved values{workers}, or start the data stream fresh."
+                f"resume with the saved values{workers}, or {START_AFRESH}."
             )
         self._cursor.next_batch = int(state["next_batch"])
         self.close()  # batches prefetched by open iterators belong to the old position
