@@ -55,6 +55,30 @@ def gather_objects(items: list) -> list:
     return [x for part in out for x in part]
 
 
+def read_on_first_rank(read, device):
+    """``read()`` on rank 0 only, its result on every rank (object broadcast on ``device``).
+
+    The zero-shot classes come from a pass over every validation shard: every rank made it, so 64
+    ranks read a 2 GB held-out set 64 times at the first eval. An error on rank 0 is raised there,
+    and on the other ranks as a RuntimeError naming it (they would wait in the broadcast forever)."""
+    if _world() == 1:
+        return read()
+    box: list = [None]
+    error: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", read())]
+        except Exception as e:  # sent to the other ranks, then raised here
+            error, box = e, [("error", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(box, src=0, device=torch.device(device))
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status != "ok":
+        raise RuntimeError(f"rank 0 could not read the validation shards: {value}")
+    return value
+
+
 RECALL_CHUNK_ELEMENTS = 2**26
 """Similarities scored at a time in retrieval recall (256 MB in fp32, with a few boolean
 temporaries of the same shape): at 50k held-out samples the whole N x N matrix was 10 GB."""
@@ -345,11 +369,15 @@ class Evaluator:
         self._classes: list[str] | None = None
 
     def classes(self) -> list[str]:
-        """The distinct values of eval.zeroshot_field in the validation shards."""
+        """The distinct values of eval.zeroshot_field in the validation shards, read by rank 0 and
+        sent to the others (every rank calls this at the same eval)."""
         if self._classes is None:
             from vutrain.data.val import collect_label_values
 
-            self._classes = collect_label_values(self.cfg.data.val_shards, self.cfg.eval.zeroshot_field)
+            cfg = self.cfg
+            self._classes = read_on_first_rank(
+                lambda: collect_label_values(cfg.data.val_shards, cfg.eval.zeroshot_field), self.device
+            )
         return self._classes
 
     def __call__(self, engine, stop_requested=None) -> dict[str, float]:
@@ -389,4 +417,14 @@ class Evaluator:
         skipped = torch.tensor([sum(batches.skipped().values())], dtype=torch.long, device=self.device)
         all_reduce(skipped)
         metrics["eval/skipped_samples"] = float(skipped.item())
+        if metrics["eval/num_samples"] == 0 and self.rank == 0:
+            # The row of an eval without a sample holds counts only: without this line a held-out
+            # set that no longer reads looked like an eval whose metrics went missing.
+            log.warning(
+                "eval: no validation sample of data.val_shards=%s could be read (%d skipped as unreadable); "
+                "this eval has no recall or zero-shot metric. Check the shards with "
+                "`python -m dataset_tools inspect DIR --verify`.",
+                cfg.data.val_shards,
+                int(metrics["eval/skipped_samples"]),
+            )
         return metrics
