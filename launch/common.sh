@@ -202,6 +202,59 @@ default_master_port() {
     echo $((20000 + ${SLURM_JOB_ID:-0} % 12768))
 }
 
+# The probe behind free_master_port and master_port_taken, run by "$PYTHON" (no torch import): it
+# binds as the rendezvous will (every IPv4 address, SO_REUSEADDR, so a port whose last run left
+# TIME_WAIT connections counts as free, as it is to torch). With a port argument it prints "taken"
+# when that port cannot be bound; without, a bindable port of 20000-32767 outside the kernel's
+# ephemeral range (an outgoing connection can be handed an ephemeral port between this check and
+# the rendezvous's bind), drawn at random so two launches at once do not pick alike.
+LISTEN_PORT_PROBE='
+import random, socket, sys
+def bindable(port):
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+        return True
+if len(sys.argv) > 1:
+    print("free" if bindable(int(sys.argv[1])) else "taken")
+    sys.exit()
+try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = (int(x) for x in f.read().split())
+except (OSError, ValueError):
+    low, high = 32768, 60999
+ports = [p for p in range(20000, 32768) if not low <= p <= high]
+start = random.SystemRandom().randrange(len(ports)) if ports else 0
+print(next((p for p in ports[start:] + ports[:start] if bindable(p)), 0))
+'
+
+# free_master_port: a port nothing listens on now, for a one-node rendezvous when MASTER_PORT is
+# unset (a fixed default made a second run on the machine fail with EADDRINUSE); empty when
+# "$PYTHON" cannot run the probe or every candidate is taken.
+free_master_port() {
+    local port
+    port="$("${PYTHON:-python}" -c "$LISTEN_PORT_PROBE" 2>/dev/null)" || return 0
+    if is_uint "$port" && (( port > 0 )); then echo "$port"; fi
+    return 0
+}
+
+# master_port_taken PORT: true when something on this host already listens on PORT (the
+# rendezvous would fail with EADDRINUSE once the ranks have started); false when it is free or the
+# probe cannot tell.
+master_port_taken() {
+    [[ "$("${PYTHON:-python}" -c "$LISTEN_PORT_PROBE" "$1" 2>/dev/null)" == taken ]]
+}
+
+# check_master_port PORT: PORT (a MASTER_PORT given by the user) must be a TCP port number.
+check_master_port() {
+    if ! is_uint "$1" || (( 10#$1 < 1 || 10#$1 > 65535 )); then
+        die "MASTER_PORT=$1 is not a TCP port (1-65535). Set MASTER_PORT to a free port number, or unset it to have a free one picked."
+    fi
+}
+
 # check_world_size WORLD: a WORLD_SIZE exported by the user must match what the tasks give.
 check_world_size() {
     local world="$1"

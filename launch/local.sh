@@ -6,7 +6,8 @@
 #
 # Environment: NGPUS (ranks; default all visible GPUs, or 1 CPU rank without GPU; with
 # CUDA_VISIBLE_DEVICES set, the first NGPUS of those),
-# MASTER_PORT (default 29500), HOSTFILE (optional: a one-host DeepSpeed hostfile to use instead
+# MASTER_PORT (default: a free port of 20000-32767, named in the start-up line; a given one that
+# is taken is an error), HOSTFILE (optional: a one-host DeepSpeed hostfile to use instead
 # of NGPUS, "HOST slots=N"; it must exist; no ssh is needed; with CUDA_VISIBLE_DEVICES set, the
 # first N of those), PYTHON (default python).
 # Ctrl-C reaches the launcher, which stops the ranks; SIGTERM or SIGUSR1 to this script (or
@@ -44,10 +45,28 @@ add_rank_placement() {
     launcher+=(--num_gpus "$ngpus")
 }
 
+# rendezvous_port: MASTER_PORT as given (a taken one refused here, in one line, before any rank
+# starts), or a free port when it is unset: the fixed default, 29500, stopped a second run on the
+# same machine (two experiments, a test beside a real run) with EADDRINUSE. local.sh is one node,
+# so no other host has to agree on the port. Sets PORT and PORT_ORIGIN.
+rendezvous_port() {
+    if [[ -n "${MASTER_PORT:-}" ]]; then
+        check_master_port "$MASTER_PORT"
+        PORT=$((10#$MASTER_PORT))
+        PORT_ORIGIN="MASTER_PORT"
+        if master_port_taken "$PORT"; then
+            die "MASTER_PORT=$PORT is taken on this host (another run?). Set MASTER_PORT to a free port, or unset it to have a free one picked."
+        fi
+        return 0
+    fi
+    PORT="$(free_master_port)"
+    [[ -n "$PORT" ]] || die "could not find a free port with PYTHON=${PYTHON:-python}; set MASTER_PORT to a free port."
+    PORT_ORIGIN="free port: MASTER_PORT unset"
+}
+
 PY="${PYTHON:-python}"
-PORT="${MASTER_PORT:-29500}"
 GPUS="$(count_gpus)"
-launcher=("$PY" -u -m deepspeed.launcher.runner --master_port "$PORT")
+launcher=("$PY" -u -m deepspeed.launcher.runner)
 
 if [[ -n "${HOSTFILE:-}" ]]; then
     [[ -f "$HOSTFILE" ]] || die "HOSTFILE=$HOSTFILE does not exist. Create it with launch/make_hostfile.sh -s N localhost, or unset HOSTFILE and set NGPUS."
@@ -91,6 +110,9 @@ if [[ " ${launcher[*]} " != *" --hostfile "* ]]; then
     # default) would instead be read as the list of nodes and ignore both.
     launcher+=(--hostfile /dev/null/none)
 fi
+rendezvous_port
+launcher+=(--master_port "$PORT")
+log "rendezvous at 127.0.0.1:$PORT ($PORT_ORIGIN)"
 
 # children_of PID...: the processes whose parent is one of PID... (from /proc, since pgrep is
 # missing where procps is, e.g. slim containers)
