@@ -24,7 +24,7 @@ import logging
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import numpy as np
 from PIL import Image
@@ -110,18 +110,39 @@ def _pax_path(records: bytes) -> str | None:
     return None
 
 
-def iter_tar_files(stream, payloads: bool = True) -> Iterator[tuple[str, bytes | None]]:
+Payloads = bool | Collection[str]
+"""Which members' bytes a reader returns: True all, False none, or a set of extensions such as
+``{"json"}`` (as :func:`_split_name` gives them, lower case); the others come back as None."""
+
+
+def _payload_wanted(payloads: Payloads) -> Callable[[str], bool]:
+    """``wanted(member_name)`` for a :data:`Payloads` choice."""
+    if isinstance(payloads, bool):
+        return lambda name: payloads
+    # A lone string is one extension: as a collection it would be its letters, and match nothing.
+    wanted = frozenset(ext.lower() for ext in ([payloads] if isinstance(payloads, str) else payloads))
+
+    def by_extension(name: str) -> bool:
+        parts = _split_name(name)
+        return parts is not None and parts[1] in wanted
+
+    return by_extension
+
+
+def iter_tar_files(stream, payloads: Payloads = True) -> Iterator[tuple[str, bytes | None]]:
     """(name, payload) of each regular file of an uncompressed tar stream, in tar order.
 
     A small ustar/pax/GNU reader: about 20x cheaper per member than ``tarfile``'s stream mode,
     whose Python header parsing cost as much as the JPEG decode on 341x256 shards. Raises
     :class:`TarError` on a bad header checksum or data cut short; ends at the end-of-archive
-    block or at the end of the stream. ``payloads=False`` yields None for each file's payload
-    and, on a seekable stream (a local file), seeks over it: the headers alone are read, and a
-    member cut short is found from the file size, at the same member as a full read finds it.
+    block or at the end of the stream. A member whose payload is not wanted (``payloads=False``,
+    or an extension outside the ``payloads`` set) yields None and, on a seekable stream (a local
+    file), is seeked over: its bytes are never read, and a member cut short is found from the
+    file size, at the same member as a full read finds it.
     """
     long_name: str | None = None
-    skip = _payload_skipper(stream) if not payloads else None
+    wanted = _payload_wanted(payloads)
+    skip = _payload_skipper(stream) if payloads is not True else None
     while True:
         header = stream.read(_BLOCK)
         if len(header) < _BLOCK:
@@ -147,7 +168,7 @@ def iter_tar_files(stream, payloads: bool = True) -> Iterator[tuple[str, bytes |
                     name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         padded = size + (-size) % _BLOCK
         try:
-            if skip is not None and kind in _FILE_TYPES:
+            if skip is not None and kind in _FILE_TYPES and not wanted(name):
                 data = skip(padded)
             else:
                 data = _read_exactly(stream, size) if size else b""
@@ -209,7 +230,21 @@ class _Prefixed:
         return out
 
 
-def _iter_files(stream, payloads: bool = True) -> Iterator[tuple[str, bytes | None]]:
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile's stream mode raises on a bad or cut-short header only for the first member; after
+    it, such a header ended the archive silently: a damaged .tar.gz lost the rest of its samples
+    uncounted and yielded the sample in progress as complete. Raised here, as iter_tar_files does
+    for a plain tar; a clean end (a zero block, or no data left at a header) still just ends it."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
+            raise tarfile.SubsequentHeaderError(str(e)) from None  # next() raises ReadError on it
+
+
+def _iter_files(stream, payloads: Payloads = True) -> Iterator[tuple[str, bytes | None]]:
     head = stream.read(6)
     seekable = getattr(stream, "seekable", None)
     if seekable is not None and seekable():
@@ -219,11 +254,12 @@ def _iter_files(stream, payloads: bool = True) -> Iterator[tuple[str, bytes | No
     if not head.startswith(_COMPRESSED_MAGIC):
         yield from iter_tar_files(stream, payloads)
         return
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+    wanted = _payload_wanted(payloads)
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
         for member in tar:
             if member.isfile():
                 try:
-                    payload = tar.extractfile(member).read() if payloads else None
+                    payload = tar.extractfile(member).read() if wanted(member.name) else None
                 except (tarfile.TarError, EOFError, OSError) as e:
                     # Name the member cut short, as iter_tar_files does: the sample before it is
                     # complete when the member starts the next one, and the header-only read
@@ -233,7 +269,7 @@ def _iter_files(stream, payloads: bool = True) -> Iterator[tuple[str, bytes | No
 
 
 def iter_raw_samples(
-    url: str, count: Callable[[str], None] | None = None, payloads: bool = True
+    url: str, count: Callable[[str], None] | None = None, payloads: Payloads = True
 ) -> Iterator[dict]:
     """Yield the raw samples of one tar shard (plain, or gzip/bzip2/xz-compressed), in tar order.
 
@@ -243,6 +279,9 @@ def iter_raw_samples(
     another sample (a member cut short that starts the next sample); after a bad header it is
     dropped. ``payloads=False``: every member's payload is None and, for a local plain tar, only
     the headers are read (the keys of a shard, as the training stream sees them; epoch_remainder).
+    ``payloads={"json"}`` (any set of extensions): those members' bytes, None for the others, which
+    a local plain tar seeks over (the metadata of a shard without its images; the zero-shot
+    classes). The samples, their order and the damage counted are those of a full read.
     """
     current: dict | None = None
     try:

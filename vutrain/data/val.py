@@ -162,12 +162,14 @@ def iter_val_batches(
 def collect_label_values(shards: str, field: str = "category_name") -> list[str]:
     """Sorted distinct values of metadata ``field`` over all samples (zero-shot class names).
 
-    List values (e.g. ``tags``) contribute each element. Images are not decoded.
+    List values (e.g. ``tags``) contribute each element. Only the ``.json`` members are read: a
+    local plain tar's images and captions are seeked over (a held-out set is mostly JPEG bytes,
+    and this runs at every start).
     """
     values: set[str] = set()
     skipped = SkipCounter()
     for url in check_openable(expand_shards(shards, "data.val_shards"), "data.val_shards"):
-        for raw in iter_raw_samples(url, skipped):
+        for raw in iter_raw_samples(url, skipped, payloads={"json"}):
             try:
                 value = decode_meta(raw).get(field)
             except SkipSample as e:
