@@ -74,7 +74,8 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     (( nhosts == 1 )) || die "HOSTFILE=$HOSTFILE lists $nhosts hosts; local.sh runs one node. Use launch/slurm/deepspeed.sbatch for several nodes."
     [[ -z "${NGPUS:-}" ]] || die "set either HOSTFILE or NGPUS, not both."
     slots="$(awk 'NF && $1 !~ /^#/ {sub("slots=", "", $2); print $2}' "$HOSTFILE")"
-    is_uint "$slots" && (( slots > 0 )) || die "HOSTFILE=$HOSTFILE: expected one 'HOST slots=N' line, got slots '$slots'."
+    is_uint "$slots" && (( 10#$slots > 0 )) || die "HOSTFILE=$HOSTFILE: expected one 'HOST slots=N' line, got slots '$slots'."
+    slots=$((10#$slots))
     if (( GPUS > 0 && slots > GPUS )); then
         die "HOSTFILE=$HOSTFILE asks for $slots slots but only $GPUS GPUs are visible; lower slots to $GPUS."
     fi
@@ -94,7 +95,9 @@ else
     if [[ -z "${NGPUS:-}" ]]; then
         NGPUS=$(( GPUS > 0 ? GPUS : 1 ))
     fi
-    is_uint "$NGPUS" && (( NGPUS > 0 )) || die "NGPUS must be a positive integer, got '$NGPUS'."
+    # 10#: bash arithmetic reads a leading zero as octal (NGPUS=08 printed "value too great for base")
+    is_uint "$NGPUS" && (( 10#$NGPUS > 0 )) || die "NGPUS must be a positive integer, got '$NGPUS'."
+    NGPUS=$((10#$NGPUS))
     if (( GPUS > 0 && NGPUS > GPUS )); then
         die "NGPUS=$NGPUS but only $GPUS GPUs are visible; set NGPUS<=$GPUS."
     fi

@@ -52,14 +52,11 @@ class MetricsWriter:
             for line in fh:
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                    good = isinstance(row, dict) and int(row["step"]) <= step
-                    if good and eval_owed and int(row["step"]) == step:
-                        good = not any(str(key).startswith("eval/") for key in row)
-                except (ValueError, KeyError, TypeError):
-                    row, good = None, False
-                if not isinstance(row, dict):  # torn, or JSON that is not a row (5, null, [...])
+                row = _parse_row(line)
+                good = row is not None and int(row["step"]) <= step
+                if good and eval_owed and int(row["step"]) == step:
+                    good = not any(str(key).startswith("eval/") for key in row)
+                if row is None:  # torn, or JSON that is not a row (5, null, [...])
                     row = {"torn_line": line.rstrip("\n")}
                 (kept if good else dropped).append(line if good else row)
         if dropped:
@@ -104,18 +101,37 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """Rows of RUN/metrics.jsonl; a line torn by a kill mid-write is left out."""
+    """Rows of RUN/metrics.jsonl: JSON objects with a step. A line torn by a kill mid-write, or
+    JSON that is not a row (``5``, ``null``, a list: a hand-edited file), is left out with one
+    warning that counts them, as ``truncate_after`` treats them; callers read ``row["step"]``."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    rows = []
+    rows, skipped = [], 0
     with open(path, encoding="utf-8") as fh:
         for line in fh:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # blank, or the last line of a killed run
+            if not line.strip():
+                continue
+            row = _parse_row(line)
+            if row is None:
+                skipped += 1
+            else:
+                rows.append(row)
+    if skipped:
+        log.warning(
+            "%s: %d line(s) skipped (torn by a kill, or not a JSON object with a step)", path, skipped
+        )
     return rows
+
+
+def _parse_row(line: str) -> dict | None:
+    """The row a metrics.jsonl line holds, or None for a torn line or JSON that is not a row."""
+    try:
+        row = json.loads(line)
+        int(row["step"])
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError):  # OverflowError: a step of 1e999
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def logged_eval(run_dir: str, step: int) -> dict:
@@ -123,6 +139,6 @@ def logged_eval(run_dir: str, step: int) -> dict:
     final eval returned, for a rerun that finds nothing left to train."""
     found: dict = {}
     for row in read_metrics(run_dir):
-        if isinstance(row, dict) and row.get("step") == step:
+        if row["step"] == step:
             found.update({k: v for k, v in row.items() if k.startswith("eval/")})
     return found

@@ -503,9 +503,45 @@ def tokenizer_and_processor(
 
     image_size, context = preset_dims(cfg)
     tok_dir = os.path.join(run_dir, "tokenizer")
-    if is_main and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+    damage = check_saved_tokenizer(tok_dir, run_dir)  # every rank: each must refuse alike
+    if is_main and (damage or not os.path.exists(os.path.join(tok_dir, "tokenizer.json"))):
+        if damage:
+            log.warning("%s does not load (%s); no checkpoint uses it: training it again", tok_dir, damage)
         texts = iter_shard_texts(train_shards, caption_template, limit=tokenizer_samples)
         train_bpe_tokenizer(texts, tok_dir, vocab_size=cfg.vocab_size, max_length=context)
     barrier()
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     return tokenizer, preset_image_processor(image_size), context
+
+
+def check_saved_tokenizer(tok_dir: str, run_dir: str) -> str | None:
+    """Why the run's saved preset tokenizer does not load (None if it loads or is not there);
+    a ConfigError when it does not load and checkpoints use it.
+
+    An older version saved it in place, so a rank 0 killed mid-save left a truncated
+    tokenizer.json that every later start failed to parse. Without checkpoints it is retrained;
+    with them it is refused (ConfigError), because a retrained tokenizer can give other token ids
+    than the ones the checkpoints' embeddings were trained on, with no error.
+    """
+    from transformers import AutoTokenizer
+
+    from vutrain.checkpoint import checkpoints_dir, list_tags
+
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        return None
+    try:
+        AutoTokenizer.from_pretrained(tok_dir)
+    except Exception as exc:  # a JSON error, a tokenizers parse error, an unreadable file
+        damage = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+    else:
+        return None
+    tags = list_tags(checkpoints_dir(run_dir))
+    if tags:
+        raise ConfigError(
+            f"{tok_dir} does not load ({damage}) and the checkpoints in {checkpoints_dir(run_dir)} "
+            f"({tags[-1]}, ...) use its token ids, which a retrained tokenizer may not reproduce. "
+            "Restore that folder from a copy (an export of this run holds the same tokenizer files), "
+            "or set train.resume=never to start afresh (the old checkpoints and tokenizer are moved "
+            "aside, not deleted)."
+        )
+    return damage

@@ -127,6 +127,9 @@ class ClipLoss(nn.Module):
         """
         if labels is not None:
             check_labels(labels, image_features.shape[0])
+            # A caller's CPU labels beside CUDA features built the positive mask on the CPU and
+            # failed in cross_entropy with a device mismatch (the trainer moves them itself).
+            labels = labels.to(image_features.device)
         if self.uses_kernels(image_features, logit_bias, labels):
             if logit_bias is not None:
                 raise ValueError(

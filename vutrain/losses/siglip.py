@@ -162,6 +162,8 @@ class SigLipLoss(nn.Module):
         b = image_features.shape[0]
         if labels is not None:
             check_labels(labels, b)
+            # CPU labels beside CUDA features built the mask on the CPU: a device mismatch.
+            labels = labels.to(image_features.device)
         if self.world_size > 1:
             check_group(self.rank, self.world_size)
         if self.uses_kernels(image_features, logit_bias, labels):
