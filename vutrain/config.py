@@ -128,6 +128,8 @@ class DataConfig:
     """Texts read from the training shards to train the preset tokenizer."""
     allow_missing_shards: bool = False
     """Accept brace ranges that name missing local shards (warns with the count); false: an error."""
+    restart_stream: bool = False
+    """Resume over changed shards or data settings: keep model, optimizer, step; data from the next epoch."""
 
 
 @dataclass

@@ -383,7 +383,32 @@ class Trainer:
         self._finished = bool(state.get("finished", False))
         self._interval_wall = float(state.get("interval_wall", 0.0))
         self._interval_steps = int(state.get("interval_steps", 0))
-        self.stream.load_state_dict(state["data"])
+        self._load_data_position(state["data"])
+
+    def _load_data_position(self, data: dict) -> None:
+        """The saved data position, or with data.restart_stream the next epoch's start when that
+        position does not fit the shards or data settings (a refused position is one line).
+
+        Only a position that does not fit is restarted: the key left on a requeued job's command
+        line must not throw away the exact position of the checkpoints written after the restart.
+        """
+        from vutrain.data.epoch_remainder import StreamStateError
+
+        try:
+            self.stream.load_state_dict(data)
+        except StreamStateError as exc:
+            if not self.cfg.data.restart_stream:
+                raise
+            epoch = self.stream.restart_after(data)
+            log.warning(
+                "data.restart_stream=true: the data position of step %d was not restored (%s); the "
+                "weights, optimizer, LR schedule and step were; the stream reads data.train_shards "
+                "(%d shards) from the start of epoch %d",
+                self.step,
+                getattr(exc, "reason", exc),
+                len(self.stream.shards),
+                epoch,
+            )
 
     def _maybe_resume(self) -> None:
         """Load the newest complete checkpoint (see vutrain/checkpoint.py), or start afresh.

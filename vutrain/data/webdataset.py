@@ -26,7 +26,10 @@ shuffle buffer this epoch, batch index, its skip counts); ``state_dict()`` keeps
 per worker and the next batch index. ``load_state_dict()`` restarts each worker at its next
 batch: it replays shard reading and the shuffle buffer for the drawn samples without decoding
 them, and the DataLoader's worker ids are rotated so its round robin resumes at the right
-worker. The following batches then equal those of the uninterrupted stream.
+worker. The following batches then equal those of the uninterrupted stream. A position that
+cannot continue (another shard list, other data settings) is refused in one line; with
+``data.restart_stream`` the trainer calls ``restart_after()`` instead: the first batch of the next
+epoch over the new list.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from .epoch_remainder import (
     plan_slices,
     remainder_samples,
     reshape_state,
+    skipped_so_far,
 )
 from .labels import POSITIVES, collate_labels, sample_label
 from .preprocess import make_preprocess
@@ -97,8 +101,13 @@ _SETTING_NAMES = {
 }
 
 
-# What a resume that cannot continue the data position can do instead (the trainer's setting).
-START_AFRESH = "start afresh with train.resume=never (or another output_dir)"
+# What a resume that cannot continue the data position can do instead (the trainer's settings).
+RESTART_STREAM = "data.restart_stream=true"
+RESTART_ADVICE = (
+    f"set {RESTART_STREAM} to keep the weights, optimizer, schedule and step and start the data "
+    "stream afresh at the next epoch"
+)
+START_AFRESH = f"{RESTART_ADVICE}, or start afresh with train.resume=never (or another output_dir)"
 
 
 def shard_list_id(shards: list[str]) -> dict:
@@ -108,6 +117,14 @@ def shard_list_id(shards: list[str]) -> dict:
     names = [os.path.basename(s.split("?", 1)[0].rstrip("/")) for s in shards]
     digest = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
     return {"count": len(names), "first": names[0], "last": names[-1], "digest": digest}
+
+
+def _refused(reason: str, advice: str) -> StreamStateError:
+    """The one-line error for a data position this stream cannot continue; ``reason`` alone is kept
+    as ``.reason`` for the warning of a resume that restarts the stream instead (data.restart_stream)."""
+    error = StreamStateError(f"{reason}{advice}")
+    error.reason = reason
+    return error
 
 
 def _describe_list(ident: dict) -> str:
@@ -598,10 +615,11 @@ class TrainStream:
         saved, now = state.get("shards"), shard_list_id(self.shards)
         if saved is None or saved["digest"] == now["digest"]:  # states written before say nothing
             return
-        raise StreamStateError(
+        raise _refused(
             f"data.train_shards names other shards than when this data position was saved "
-            f"(saved {_describe_list(saved)}; now {_describe_list(now)}), so the position would "
-            f"land on other samples: restore the saved data.train_shards, or {START_AFRESH}."
+            f"(saved {_describe_list(saved)}; now {_describe_list(now)})",
+            f", so the position would land on other samples: restore the saved data.train_shards, "
+            f"or {START_AFRESH}.",
         )
 
     def load_state_dict(self, state: dict) -> None:
@@ -613,20 +631,22 @@ class TrainStream:
         self._check_same_shards(state["ranks"][0] if "ranks" in state else state)
         keys = ShardKeys()  # each shard's keys read once, for the reshape and the slices alike
         if "ranks" in state:
-            state = reshape_state(state["ranks"], asdict(self.plan), self.shards, keys)
+            try:
+                state = reshape_state(state["ranks"], asdict(self.plan), self.shards, keys)
+            except StreamStateError as exc:  # its advice predates data.restart_stream: add it
+                if RESTART_STREAM in str(exc):
+                    raise
+                reason, sep, advice = str(exc).partition("; ")
+                raise _refused(reason, f"{sep}{advice} Or {RESTART_ADVICE}.") from None
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported data stream state version {state.get('version')!r}")
-        saved, now = state["plan"], asdict(self.plan)
-        if self.auto_workers and saved.get("workers") != now["workers"]:
+        saved, plan = state["plan"], self.plan
+        adopt = self.auto_workers and saved.get("workers") != plan.workers
+        if adopt:
             # An automatic worker count follows the saved one, so a job requeued onto a node
             # with another core count still resumes exactly.
-            log.info(
-                "resuming with the saved %s loader workers (auto chose %d)",
-                saved.get("workers"),
-                now["workers"],
-            )
-            self.plan = replace(self.plan, workers=int(saved["workers"]))
-            self.num_workers, now = self.plan.workers, asdict(self.plan)
+            plan = replace(plan, workers=int(saved["workers"]))
+        now = asdict(plan)
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if diff:
             changes = ", ".join(
@@ -637,10 +657,15 @@ class TrainStream:
                 if "workers" in diff
                 else ""
             )
-            raise StreamStateError(
-                f"the data stream state was saved with different settings ({changes}); "
-                f"resume with the saved values{workers}, or {START_AFRESH}."
+            raise _refused(
+                f"the data stream state was saved with different settings ({changes})",
+                f"; resume with the saved values{workers}, or {START_AFRESH}.",
             )
+        if adopt:  # only now: a refused state must leave the stream as built (restart_after)
+            log.info(
+                "resuming with the saved %s loader workers (auto chose %d)", plan.workers, self.plan.workers
+            )
+            self.plan, self.num_workers = plan, plan.workers
         self._cursor.next_batch = int(state["next_batch"])
         self.close()  # batches prefetched by open iterators belong to the old position
         self._cursor.workers = {
@@ -656,3 +681,23 @@ class TrainStream:
         self._slices = (
             plan_slices(self._remainder, self.shards, asdict(self.plan), keys) if self._remainder else {}
         )
+
+    def restart_after(self, state: dict) -> int:
+        """Start at the first batch of the epoch after the one ``state`` was saved in, over this
+        stream's own shard list and settings (``data.restart_stream``); returns that epoch.
+
+        For a saved position that ``load_state_dict`` refuses (shards added or replaced): the new
+        list is read from an epoch's start, its order seeded by (seed, epoch) like any later epoch,
+        so not epoch 0's again. ``state`` is a rank's own or ``{"ranks": [...]}``; the skip counts
+        so far are kept (of all old ranks on rank 0 for the latter, as a reshape does).
+        """
+        ranks = state["ranks"] if "ranks" in state else [state]
+        saved_batches, saved_steps = int(ranks[0]["next_batch"]), int(ranks[0]["plan"]["steps_per_epoch"])
+        epoch = -(-saved_batches // saved_steps)  # an epoch begun counts as read
+        self.close()  # batches prefetched by open iterators belong to the old position
+        self._cursor.next_batch = epoch * self.plan.steps_per_epoch
+        self._cursor.workers = {}
+        own_skips = "ranks" not in state or self.plan.rank == 0
+        self._skipped_before = skipped_so_far(ranks) if own_skips else {}
+        self._remainder, self._slices = None, {}
+        return epoch
