@@ -215,3 +215,23 @@ def _mapped_files() -> set[str]:
         except OSError:  # the process ended, or is not ours to read
             continue
     return mapped
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Bytes returned by every ``read`` of the shard files the raw reader opens (what a reader that
+    should skip members really reads)."""
+    import io
+
+    import vutrain.data.samples as samples_mod
+
+    read = []
+
+    class Counted(io.BufferedReader):
+        def read(self, n=-1):
+            out = super().read(n)
+            read.append(len(out))
+            return out
+
+    monkeypatch.setattr(samples_mod, "_open", lambda url: Counted(io.FileIO(url)))
+    return read

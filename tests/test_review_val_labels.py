@@ -16,7 +16,6 @@ import tarfile
 
 import pytest
 
-import vutrain.data.samples as samples_mod
 from vutrain.data.samples import SkipCounter, SkipSample, decode_meta, iter_raw_samples
 from vutrain.data.shards import expand_shards
 from vutrain.data.synthetic import write_synthetic
@@ -33,21 +32,6 @@ def _full_read_classes(spec: str, field: str) -> tuple[list[str], dict]:
             except SkipSample as e:
                 skipped(e.reason)
     return sorted(values), dict(skipped)
-
-
-@pytest.fixture
-def counted_reads(monkeypatch):
-    """Bytes returned by every ``read`` of the shard files the raw reader opens."""
-    read = []
-
-    class Counted(io.BufferedReader):
-        def read(self, n=-1):
-            out = super().read(n)
-            read.append(len(out))
-            return out
-
-    monkeypatch.setattr(samples_mod, "_open", lambda url: Counted(io.FileIO(url)))
-    return read
 
 
 def _payload_bytes(path, keep) -> int:
