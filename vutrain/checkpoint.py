@@ -537,20 +537,60 @@ def adopt_tokenizer(resume: str, run_dir: str) -> str | None:
 
     The token ids of the checkpoint's embeddings are that tokenizer's; this run trained its own
     on its own shards, template and vocab size, which matched the checkpoint only by chance (same
-    size: wrong ids without a word; another size: a shape error inside DeepSpeed). Returns the copy.
+    size: wrong ids without a word; another size: a shape error inside DeepSpeed). A local one
+    that loads is kept (an earlier start adopted it); one that does not load is replaced, since
+    it would otherwise be retrained from this run's data. Returns the copy.
     """
-    if resume in ("auto", "never") or os.path.exists(os.path.join(run_dir, "tokenizer")):
+    if resume in ("auto", "never"):
         return None
     source = os.path.join(run_dir_of(resume), "tokenizer")
+    target = os.path.join(run_dir, "tokenizer")
     if not os.path.isfile(os.path.join(source, "tokenizer.json")):
         return None
-    if os.path.realpath(source) == os.path.realpath(os.path.join(run_dir, "tokenizer")):
+    if os.path.realpath(source) == os.path.realpath(target):
         return None
-    target = os.path.join(run_dir, "tokenizer")
+    local_damage = tokenizer_load_error(target) if os.path.exists(target) else None
+    if os.path.exists(target) and local_damage is None:
+        return None
+    check_resume_tokenizer_loads(resume, source)
     shutil.copytree(source, target + ".tmp", dirs_exist_ok=True)
+    if local_damage is not None:
+        # A kill between these two leaves no tokenizer, and the next start adopts it again.
+        shutil.rmtree(target)
+        log.warning(
+            "%s does not load (%s): replacing it with %s, the tokenizer of train.resume=%s",
+            target,
+            local_damage,
+            source,
+            resume,
+        )
     os.replace(target + ".tmp", target)
-    log.info("train.resume=%s: using that run's tokenizer (%s), copied to %s", resume, source, target)
+    if local_damage is None:
+        log.info("train.resume=%s: using that run's tokenizer (%s), copied to %s", resume, source, target)
     return target
+
+
+def check_resume_tokenizer_loads(resume: str, source: str) -> None:
+    """ConfigError when the resumed run's tokenizer does not load: copied, this run would retrain
+    it from its own data, with token ids the checkpoint's embeddings may not have."""
+    damage = tokenizer_load_error(source)
+    if damage is not None:
+        raise ConfigError(
+            f"{source}, the tokenizer of train.resume={resume}, does not load ({damage}) and that "
+            "checkpoint's embeddings use its token ids, which a retrained tokenizer may not reproduce. "
+            "Restore that folder from a copy (an export of that run holds the same tokenizer files)."
+        )
+
+
+def tokenizer_load_error(tok_dir: str) -> str | None:
+    """Why the saved tokenizer in ``tok_dir`` does not load, in one line; None when it loads."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(tok_dir)
+    except Exception as exc:  # a JSON error, a tokenizers parse error, an unreadable file
+        return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+    return None
 
 
 def move_aside(run_dir: str) -> list[str]:

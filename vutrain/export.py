@@ -50,6 +50,13 @@ EXPORT_OVERRIDES = [
 ]
 
 
+# A preset run's checkpoints are trained on its own BPE token ids: no other tokenizer will do.
+RESTORE_TOKENIZER = (
+    "the checkpoints' embeddings use that tokenizer's token ids, so restore the folder from a copy "
+    "(an earlier export of this run, or the run it was resumed from, holds the same files)"
+)
+
+
 def load_run_tokenizer_and_processor(cfg, run_dir: str):
     """The run's tokenizer and image processor (the pretrained ones, or those the run saved).
 
@@ -63,8 +70,13 @@ def load_run_tokenizer_and_processor(cfg, run_dir: str):
         tokenizer, processor = load_pretrained_preprocessing(cfg.model.name_or_path)
         tokenizer.model_max_length = pretrained_context_length(cfg.model.name_or_path, tokenizer)
         return tokenizer, processor
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, "tokenizer"))
-    return tokenizer, preset_image_processor(preset_dims(cfg.model)[0])
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
+        raise ExportError(f"{tok_dir}/tokenizer.json not found: {RESTORE_TOKENIZER}")
+    damage = ckpt.tokenizer_load_error(tok_dir)  # a truncated tokenizer.json: a JSONDecodeError traceback
+    if damage is not None:
+        raise ExportError(f"{tok_dir} does not load ({damage}): {RESTORE_TOKENIZER}")
+    return AutoTokenizer.from_pretrained(tok_dir), preset_image_processor(preset_dims(cfg.model)[0])
 
 
 def consolidated_state_dict(
