@@ -523,17 +523,12 @@ def check_saved_tokenizer(tok_dir: str, run_dir: str) -> str | None:
     with them it is refused (ConfigError), because a retrained tokenizer can give other token ids
     than the ones the checkpoints' embeddings were trained on, with no error.
     """
-    from transformers import AutoTokenizer
-
-    from vutrain.checkpoint import checkpoints_dir, list_tags
+    from vutrain.checkpoint import checkpoints_dir, list_tags, tokenizer_load_error
 
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         return None
-    try:
-        AutoTokenizer.from_pretrained(tok_dir)
-    except Exception as exc:  # a JSON error, a tokenizers parse error, an unreadable file
-        damage = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-    else:
+    damage = tokenizer_load_error(tok_dir)
+    if damage is None:
         return None
     tags = list_tags(checkpoints_dir(run_dir))
     if tags:
