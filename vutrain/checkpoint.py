@@ -541,18 +541,47 @@ def adopt_tokenizer(resume: str, run_dir: str) -> str | None:
     that loads is kept (an earlier start adopted it); one that does not load is replaced, since
     it would otherwise be retrained from this run's data. Returns the copy.
     """
+    adoption = tokenizer_to_adopt(resume, run_dir)
+    return None if adoption is None else copy_adopted_tokenizer(resume, *adoption)
+
+
+def tokenizer_to_adopt(resume: str, run_dir: str) -> tuple[str, str, str | None] | None:
+    """(source, target, why the target does not load) for adopt_tokenizer; None: nothing to copy.
+
+    Reads files only and raises the same ConfigError on every rank, so a multi-rank start calls
+    it on all of them before rank 0 copies: raised on rank 0 alone, the others waited at the next
+    barrier until the launcher's timeout killed them.
+    """
     if resume in ("auto", "never"):
         return None
     source = os.path.join(run_dir_of(resume), "tokenizer")
     target = os.path.join(run_dir, "tokenizer")
+    same = os.path.realpath(source) == os.path.realpath(target)
+    local_damage = tokenizer_load_error(target) if os.path.exists(target) else "missing"
     if not os.path.isfile(os.path.join(source, "tokenizer.json")):
-        return None
-    if os.path.realpath(source) == os.path.realpath(target):
-        return None
-    local_damage = tokenizer_load_error(target) if os.path.exists(target) else None
-    if os.path.exists(target) and local_damage is None:
+        if local_damage is None:
+            return None  # a tokenizer put in place by hand (or adopted by an earlier start)
+        raise ConfigError(missing_resume_tokenizer_message(resume, source, target, same))
+    if same or local_damage is None:
         return None
     check_resume_tokenizer_loads(resume, source)
+    return source, target, None if local_damage == "missing" else local_damage
+
+
+def missing_resume_tokenizer_message(resume: str, source: str, target: str, same: bool) -> str:
+    """A preset resumed from a checkpoint whose run has no tokenizer: a retrained one (this run's
+    data, template and vocab size) could give other token ids than the checkpoint's embeddings."""
+    where = f"{target}/tokenizer.json is missing" if same else f"{source}/tokenizer.json not found"
+    return (
+        f"train.resume={resume}: {where}, and that checkpoint's text embeddings use the token ids "
+        "of the run that trained it, which a tokenizer trained again may not reproduce. Copy that "
+        f"run's tokenizer folder (or the one in an export of it) to {target}, or set "
+        "train.resume=never to start afresh."
+    )
+
+
+def copy_adopted_tokenizer(resume: str, source: str, target: str, local_damage: str | None) -> str:
+    """Rank 0: copy the resumed run's tokenizer to ``target`` (from tokenizer_to_adopt); returns it."""
     shutil.copytree(source, target + ".tmp", dirs_exist_ok=True)
     if local_damage is not None:
         # A kill between these two leaves no tokenizer, and the next start adopts it again.

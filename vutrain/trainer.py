@@ -269,12 +269,16 @@ class Trainer:
         so a fresh start with another model.vocab_size, caption template or data kept the old one).
         A run resumed from another run's checkpoint takes that run's preset tokenizer.
         """
+        adoption = None
+        if not self.cfg.model.name_or_path:  # a preset: its token ids are its tokenizer's
+            # Every rank: a refusal raised on rank 0 alone left the others waiting at the barrier.
+            adoption = ckpt.tokenizer_to_adopt(self.cfg.train.resume, self.run_dir)
         if self.info.is_main:
             if self.cfg.train.resume == "never":
                 ckpt.move_aside(self.run_dir)
             os.makedirs(self.run_dir, exist_ok=True)
-            if not self.cfg.model.name_or_path:  # a preset: its token ids are its tokenizer's
-                ckpt.adopt_tokenizer(self.cfg.train.resume, self.run_dir)
+            if adoption is not None:
+                ckpt.copy_adopted_tokenizer(self.cfg.train.resume, *adoption)
             save_config(as_given(self.cfg), os.path.join(self.run_dir, "config.yaml"))
             for stale in ("preempted.json", "done.json"):
                 if os.path.exists(os.path.join(self.run_dir, stale)):
