@@ -74,6 +74,22 @@ def test_truncated_run_tokenizer_under_a_checkpoint_is_refused(tmp_path, shards)
     assert open(os.path.join(run_dir, "tokenizer", "tokenizer.json"), "rb").read() == torn
 
 
+def test_missing_run_tokenizer_under_a_checkpoint_is_refused(tmp_path, shards):
+    """RUN/tokenizer deleted (or lost in a copy) while RUN/checkpoints holds a checkpoint: the start
+    trained a new tokenizer without a word, whose token ids the checkpoint's embeddings never saw."""
+    import shutil
+
+    run_dir = str(tmp_path / "run")
+    _run_tokenizer(run_dir, shards)
+    os.makedirs(os.path.join(run_dir, "checkpoints", "step_00000004"))
+    shutil.rmtree(os.path.join(run_dir, "tokenizer"))
+    with pytest.raises(ConfigError) as info:
+        _run_tokenizer(run_dir, shards)
+    message = str(info.value)
+    assert "\n" not in message and "tokenizer.json is missing" in message and "step_00000004" in message
+    assert not os.path.exists(os.path.join(run_dir, "tokenizer"))
+
+
 def _launcher_argv(tmp_path, **env: str) -> tuple[list[str], subprocess.CompletedProcess]:
     """launch/local.sh with a PYTHON that records its arguments: the launcher's command line."""
     if subprocess.run(["bash", "-c", "command -v nvidia-smi"], capture_output=True).returncode == 0:

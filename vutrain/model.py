@@ -516,7 +516,7 @@ def tokenizer_and_processor(
 
 def check_saved_tokenizer(tok_dir: str, run_dir: str) -> str | None:
     """Why the run's saved preset tokenizer does not load (None if it loads or is not there);
-    a ConfigError when it does not load and checkpoints use it.
+    a ConfigError when it does not load, or is missing, and checkpoints use it.
 
     An older version saved it in place, so a rank 0 killed mid-save left a truncated
     tokenizer.json that every later start failed to parse. Without checkpoints it is retrained;
@@ -526,6 +526,15 @@ def check_saved_tokenizer(tok_dir: str, run_dir: str) -> str | None:
     from vutrain.checkpoint import checkpoints_dir, list_tags, tokenizer_load_error
 
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        tags = list_tags(checkpoints_dir(run_dir))
+        if tags:  # a deleted folder was trained again without a word, under the checkpoints' ids
+            raise ConfigError(
+                f"{tok_dir}/tokenizer.json is missing and the checkpoints in {checkpoints_dir(run_dir)} "
+                f"({tags[-1]}, ...) use its token ids, which a retrained tokenizer may not reproduce. "
+                "Restore that folder from a copy (an export of this run holds the same tokenizer "
+                "files), or set train.resume=never to start afresh (the old checkpoints are moved "
+                "aside, not deleted)."
+            )
         return None
     damage = tokenizer_load_error(tok_dir)
     if damage is None:
