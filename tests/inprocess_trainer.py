@@ -65,3 +65,20 @@ def train(shards: dict, run_dir: str, steps: int, on_trainer=None, **extra) -> d
         return trainer.train()
     finally:
         cleanup()
+
+
+def train_preset_run(shards: dict, run_dir: str) -> str:
+    """A preset run of 2 steps with a complete checkpoint at step 2 and its tokenizer in
+    RUN/tokenizer, for module-scoped fixtures whose tests copy and damage it. Called outside a
+    test's `single_process`, so the launcher variables the run exports are put back afterwards."""
+    from vutrain.distributed import cleanup
+
+    saved = {key: os.environ.pop(key) for key in DIST_ENV if key in os.environ}
+    try:
+        train(shards, run_dir, steps=2, train__checkpoint_every=2, eval__every=0)
+    finally:
+        cleanup()
+        for key in DIST_ENV:
+            os.environ.pop(key, None)
+        os.environ.update(saved)
+    return run_dir

@@ -14,26 +14,13 @@ from vutrain import checkpoint as ckpt
 from vutrain.config import ConfigError
 
 from helpers_dist import run_distributed
-from inprocess_trainer import train
+from inprocess_trainer import train, train_preset_run
 
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_shards, tmp_path_factory):
     """A preset run of 2 steps with a complete checkpoint (run once, copied by the tests)."""
-    from vutrain.distributed import cleanup
-
-    from inprocess_trainer import DIST_ENV
-
-    saved = {key: os.environ.pop(key) for key in DIST_ENV if key in os.environ}
-    run_dir = str(tmp_path_factory.mktemp("run_dir") / "first")
-    try:
-        train(tiny_shards, run_dir, steps=2, train__checkpoint_every=2, eval__every=0)
-    finally:
-        cleanup()
-        for key in DIST_ENV:
-            os.environ.pop(key, None)
-        os.environ.update(saved)
-    return run_dir
+    return train_preset_run(tiny_shards, str(tmp_path_factory.mktemp("run_dir") / "first"))
 
 
 def _copy_run(trained_run: str, to: str) -> str:

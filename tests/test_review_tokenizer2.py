@@ -14,7 +14,7 @@ import pytest
 from vutrain import checkpoint as ckpt
 from vutrain.config import ConfigError
 
-from inprocess_trainer import train
+from inprocess_trainer import train, train_preset_run
 
 
 def _tokenizer_json(run_dir: str) -> bytes:
@@ -33,20 +33,7 @@ def _truncate_tokenizer(run_dir: str) -> bytes:
 @pytest.fixture(scope="module")
 def trained_run(tiny_shards, tmp_path_factory):
     """A preset run of 2 steps with a complete checkpoint (run once, copied by the tests)."""
-    from vutrain.distributed import cleanup
-
-    from inprocess_trainer import DIST_ENV
-
-    saved = {key: os.environ.pop(key) for key in DIST_ENV if key in os.environ}
-    run_dir = str(tmp_path_factory.mktemp("tokenizer2") / "first")
-    try:
-        train(tiny_shards, run_dir, steps=2, train__checkpoint_every=2, eval__every=0)
-    finally:
-        cleanup()
-        for key in DIST_ENV:
-            os.environ.pop(key, None)
-        os.environ.update(saved)
-    return run_dir
+    return train_preset_run(tiny_shards, str(tmp_path_factory.mktemp("tokenizer2") / "first"))
 
 
 def test_resume_into_a_run_whose_tokenizer_is_damaged_adopts_the_checkpoints_one(
