@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 
 import torch
@@ -248,14 +249,66 @@ def to_hf_clip(module) -> transformers.CLIPModel:  # noqa: F821
     return clip
 
 
+def check_out_dir(out_dir: str) -> None:
+    """ExportError unless OUT_DIR is new or an empty folder.
+
+    save_pretrained adds its files to whatever the folder holds, and from_pretrained reads what it
+    finds there: an earlier peft adapter (adapter_config.json) was applied on top of the exported
+    weights, silently giving other embeddings. RUN_DIR itself, or a folder above it, is refused too.
+    """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"OUT_DIR {out_dir} is a file: give a new folder")
+    held = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if held:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise ExportError(
+            f"OUT_DIR {out_dir} is not empty ({len(held)} entries: {shown}): transformers would load "
+            "those files with the export's; remove the folder or give a new one"
+        )
+
+
+def write_hf_folder(out_dir: str, clip, tokenizer, processor) -> None:
+    """Write model, tokenizer and image processor to a hidden sibling, then rename it to OUT_DIR.
+
+    Written in place, a failure part way (a full disk, a kill) left config.json and the weights
+    without the tokenizer or processor: a folder that CLIPModel.from_pretrained loads as complete.
+    """
+    out_dir = os.path.abspath(out_dir)
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    partial = os.path.join(parent, f".{name}.{os.getpid()}.incomplete")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a killed export that had this pid
+    os.mkdir(partial)  # not mkdtemp: its mode 0700 would make the export unreadable to others
+    try:
+        clip.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        processor.save_pretrained(partial)
+        share_like_other_files(partial)
+        os.replace(partial, out_dir)  # an empty OUT_DIR is replaced; one filled meanwhile fails
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def share_like_other_files(folder: str) -> None:
+    """Give the folder's files the mode the umask gives new files (0644 under umask 022).
+
+    safetensors writes model.safetensors with mode 0600 whatever the umask, so on a shared
+    machine every other user (a teammate, the serving account) got PermissionError loading it.
+    """
+    umask = os.umask(0)
+    os.umask(umask)  # the only portable way to read it
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
+
+
 def export(run_dir: str, out_dir: str, tag: str | None = None) -> str:
     """Export the run's checkpoint ``tag`` (default: newest) as an HF CLIPModel directory."""
+    check_out_dir(out_dir)  # before the consolidation, which takes minutes for a large model
     module, tokenizer, processor, tag = load_trained_module(run_dir, tag)
-    clip = to_hf_clip(module)
-    os.makedirs(out_dir, exist_ok=True)
-    clip.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    write_hf_folder(out_dir, to_hf_clip(module), tokenizer, processor)
     log.info("exported %s/%s to %s", run_dir, tag, out_dir)
     return out_dir
 

@@ -93,6 +93,11 @@ class MetricsWriter:
             for key, value in row.items():
                 if key != "step" and isinstance(value, float) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
+            # SummaryWriter queues events for up to 120 s and writes them from a daemon thread: a
+            # run that ended another way than `close()` (pre-empted, NonFiniteLossError, killed)
+            # lost its last rows' events though metrics.jsonl had them. A row comes every
+            # train.log_every steps, so one flush per row costs nothing.
+            self._tb.flush()
 
     def close(self) -> None:
         """Flush and close TensorBoard (metrics.jsonl is closed after every row)."""

@@ -114,17 +114,25 @@ def _get(store, key: str, timeout_s: float) -> str | None:
         return None
 
 
-_SHOWN = threading.Lock()
-_shown = False
+SHOWN_KEY = "vutrain/startup_error_shown"
 
 
-def _show_and_ack(store, message: str, world_size: int) -> None:
-    """Rank 0: print `message` unless something was printed already; acknowledge; let ranks read it."""
-    global _shown
-    with _SHOWN:
-        if _shown:
-            return
-        _shown = True
+def _claim_showing(store) -> bool:
+    """True for the first caller in this process group: rank 0's main thread and its watcher may
+    both hold a message. Counted in the group's store, not in this module: a process that runs a
+    second training (a sweep, the tests) has a fresh group whose message must be shown, where a
+    module flag set by the first run swallowed it."""
+    try:
+        return store.add(SHOWN_KEY, 1) == 1
+    except Exception:  # the store is gone: print rather than lose the message
+        return True
+
+
+def _show_and_ack(store, message: str, world_size: int) -> bool:
+    """Rank 0: print `message` unless something was printed already; acknowledge; let ranks read
+    it. Returns whether this call printed it."""
+    if not _claim_showing(store):
+        return False
     _print(message)
     try:
         store.set(ACK_KEY, "1")
@@ -133,6 +141,7 @@ def _show_and_ack(store, message: str, world_size: int) -> None:
             time.sleep(0.05)
     except Exception:
         pass
+    return True
 
 
 def _default_store():
@@ -152,14 +161,17 @@ def watch(world_size: int, active: Callable[[], bool], poll_s: float = 0.2) -> t
         return None
 
     def loop() -> None:
-        while active():
+        # A start-up that failed leaves `active()` true: the watcher ends with its process group
+        # too, or it outlived the run and, in a process that trains again, ended that process.
+        while active() and _default_store() is store:
             try:
                 posted = store.check([ERROR_KEY])
             except Exception:
                 return
             if posted:
-                _show_and_ack(store, store.get(ERROR_KEY).decode(), world_size)
-                os._exit(EXIT_CODE)  # the main thread may be blocked in a collective with that rank
+                if _show_and_ack(store, store.get(ERROR_KEY).decode(), world_size):
+                    os._exit(EXIT_CODE)  # the main thread may be blocked in a collective with that rank
+                return  # the main thread printed it and returns its exit code (after cleanup)
             time.sleep(poll_s)
 
     thread = threading.Thread(target=loop, name="startup-error-watch", daemon=True)
