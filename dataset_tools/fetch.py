@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import io
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -99,8 +100,8 @@ def _read_body(resp, cfg: PolitenessConfig, started: float) -> bytes:
         raise _Permanent(ERR_TOO_BIG)
     chunks, total = [], 0
     while True:
-        # read1 returns what has arrived, so a server dripping bytes cannot hold us past the
-        # deadline by more than one socket timeout (read(n) would wait for all n bytes).
+        # read1 returns what has arrived (read(n) would wait for all n bytes); the request's
+        # _Watchdog ends a read still waiting at the deadline.
         try:
             chunk = resp.read1(_CHUNK)
         except http.client.IncompleteRead:
@@ -120,35 +121,121 @@ def _read_body(resp, cfg: PolitenessConfig, started: float) -> bytes:
     return b"".join(chunks)
 
 
+class _Watchdog:
+    """Ends one request at its wall-clock deadline, wherever it is. The socket timeout bounds
+    each wait for bytes, not the request: a host that sent a byte every second (status line,
+    headers, chunk sizes or body) held a download thread for minutes past ``--deadline``."""
+
+    def __init__(self, seconds: float):
+        self._expires = time.monotonic() + seconds
+        self._timer: threading.Timer | None = None
+        self.fired = False
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down when the deadline passes; a redirect's new connection replaces it."""
+        self.cancel()
+        self._timer = threading.Timer(max(0.0, self._expires - time.monotonic()), self._expire, (sock,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self, sock: socket.socket) -> None:
+        self.fired = True
+        try:
+            # socket.socket's own shutdown, also under TLS: the SSLSocket one drops the TLS state
+            # the reading thread is using. Either way the blocked read returns at once.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:  # already closed: the request ended meanwhile
+            pass
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class _WatchedConnection(http.client.HTTPConnection):
+    """An HTTP connection whose socket its request's ``_Watchdog`` shuts at the deadline."""
+
+    watchdog: _Watchdog
+
+    def connect(self) -> None:
+        super().connect()
+        self.watchdog.watch(self.sock)  # the TCP socket: for HTTPS, before the TLS handshake
+
+
+class _WatchedHTTPSConnection(http.client.HTTPSConnection, _WatchedConnection):
+    """HTTPS: ``HTTPSConnection.connect`` calls ``_WatchedConnection.connect``, then wraps."""
+
+
+def _watched(connection_class: type, watchdog: _Watchdog):
+    def make(*args, **kwargs):
+        connection = connection_class(*args, **kwargs)
+        connection.watchdog = watchdog
+        return connection
+
+    return make
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, watchdog: _Watchdog):
+        super().__init__()
+        self._watchdog = watchdog
+
+    def http_open(self, req):
+        return self.do_open(_watched(_WatchedConnection, self._watchdog), req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, watchdog: _Watchdog):
+        super().__init__()
+        self._watchdog = watchdog
+
+    def https_open(self, req):
+        return self.do_open(_watched(_WatchedHTTPSConnection, self._watchdog), req, context=self._context)
+
+
 def fetch_once(url: str, cfg: PolitenessConfig, limiter: HostLimiter) -> Response:
-    """One GET. Returns 2xx/404 responses; raises _Retryable or _Permanent otherwise."""
+    """One GET, over within ``cfg.deadline`` seconds of its turn. Returns 2xx/404 responses;
+    raises _Retryable or _Permanent otherwise."""
     request = urllib.request.Request(url, headers={"User-Agent": cfg.user_agent})
     limiter.acquire()
     started = time.monotonic()
+    watchdog = _Watchdog(cfg.deadline)
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(watchdog), _WatchedHTTPSHandler(watchdog))
     try:
-        try:
-            with urllib.request.urlopen(request, timeout=cfg.deadline) as resp:
-                if _disallowed(resp.headers, cfg):
-                    raise _Permanent(ERR_ROBOTS)
-                return Response(resp.status, _read_body(resp, cfg, started))
-        except urllib.error.HTTPError as err:
-            if err.code == 404:
-                return Response(404, b"")  # the placeholder body is never looked at
-            if err.code == 429 or err.code >= 500:
-                retry_after = parse_retry_after(err.headers.get("Retry-After") if err.headers else None)
-                throttled = err.code in (429, 503)
-                raise _Retryable(f"HTTP Error {err.code}", retry_after, throttled) from None
-            raise _Permanent(f"HTTP Error {err.code}: {err.reason}") from None
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, (socket.timeout, TimeoutError)):
-                raise _Retryable(ERR_DEADLINE) from None
-            raise _Retryable(f"connection error: {err.reason}") from None
-        except TimeoutError:
-            raise _Retryable(ERR_DEADLINE) from None
-        except (http.client.HTTPException, ConnectionError, OSError) as err:
-            raise _Retryable(f"connection error: {type(err).__name__}") from None
+        response = _get(opener, request, cfg, started)
+    except _Retryable:
+        if not watchdog.fired:
+            raise
     finally:
+        watchdog.cancel()
         limiter.release()
+    if watchdog.fired:  # the cut shows as a short body, a closed connection or even a whole one
+        raise _Retryable(ERR_DEADLINE)
+    return response
+
+
+def _get(opener, request, cfg: PolitenessConfig, started: float) -> Response:
+    try:
+        with opener.open(request, timeout=cfg.deadline) as resp:
+            if _disallowed(resp.headers, cfg):
+                raise _Permanent(ERR_ROBOTS)
+            return Response(resp.status, _read_body(resp, cfg, started))
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return Response(404, b"")  # the placeholder body is never looked at
+        if err.code == 429 or err.code >= 500:
+            retry_after = parse_retry_after(err.headers.get("Retry-After") if err.headers else None)
+            throttled = err.code in (429, 503)
+            raise _Retryable(f"HTTP Error {err.code}", retry_after, throttled) from None
+        raise _Permanent(f"HTTP Error {err.code}: {err.reason}") from None
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, (socket.timeout, TimeoutError)):
+            raise _Retryable(ERR_DEADLINE) from None
+        raise _Retryable(f"connection error: {err.reason}") from None
+    except TimeoutError:
+        raise _Retryable(ERR_DEADLINE) from None
+    except (http.client.HTTPException, ConnectionError, OSError) as err:
+        raise _Retryable(f"connection error: {type(err).__name__}") from None
 
 
 def fetch_with_retries(url: str, cfg: PolitenessConfig, limiter: HostLimiter, sleep=time.sleep) -> tuple:
@@ -171,8 +258,11 @@ def fetch_with_retries(url: str, cfg: PolitenessConfig, limiter: HostLimiter, sl
 
 def _share_cool_down(err: _Retryable, delay: float, cfg: PolitenessConfig, limiter: HostLimiter) -> None:
     """Hold back every thread of the process, not only the one that was told: after a
-    Retry-After for as long as it says, after a bare 429/503 for this attempt's backoff."""
-    if err.retry_after is not None:
+    Retry-After for as long as it says, after a bare 429/503 for this attempt's backoff. A
+    Retry-After of 0 or a date already past says nothing about how long: a 429/503 carrying one
+    holds the threads for the backoff, like a bare one (it held none, so the other threads kept
+    hitting a host that had just said it was overloaded, while this one backed off)."""
+    if err.retry_after:
         limiter.cool_down(min(err.retry_after, cfg.backoff_max))
     elif err.throttled:
         limiter.cool_down(delay)
