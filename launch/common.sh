@@ -207,9 +207,10 @@ default_master_port() {
 # TIME_WAIT connections counts as free, as it is to torch). With a port argument it prints "taken"
 # when that port cannot be bound; without, a bindable port of 20000-32767 outside the kernel's
 # ephemeral range (an outgoing connection can be handed an ephemeral port between this check and
-# the rendezvous's bind), drawn at random so two launches at once do not pick alike.
+# the rendezvous's bind), drawn at random, that no other launch holds the lock of (hold_port_lock; the
+# probe and it must name the same file).
 LISTEN_PORT_PROBE='
-import random, socket, sys
+import fcntl, os, random, socket, sys
 def bindable(port):
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -218,6 +219,18 @@ def bindable(port):
         except OSError:
             return False
         return True
+def held_by_a_launch(port):
+    try:
+        fd = os.open("/tmp/vutrain-port-%d.lock" % port, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 if len(sys.argv) > 1:
     print("free" if bindable(int(sys.argv[1])) else "taken")
     sys.exit()
@@ -228,7 +241,8 @@ except (OSError, ValueError):
     low, high = 32768, 60999
 ports = [p for p in range(20000, 32768) if not low <= p <= high]
 start = random.SystemRandom().randrange(len(ports)) if ports else 0
-print(next((p for p in ports[start:] + ports[:start] if bindable(p)), 0))
+candidates = ports[start:] + ports[:start]
+print(next((p for p in candidates if bindable(p) and not held_by_a_launch(p)), 0))
 '
 
 # free_master_port: a port nothing listens on now, for a one-node rendezvous when MASTER_PORT is
@@ -246,6 +260,24 @@ free_master_port() {
 # probe cannot tell.
 master_port_taken() {
     [[ "$("${PYTHON:-python}" -c "$LISTEN_PORT_PROBE" "$1" 2>/dev/null)" == taken ]]
+}
+
+# hold_port_lock PORT: take PORT's lock for the rest of this launch (the shell and the launcher it
+# starts keep the descriptor; the kernel drops the lock when they exit, however they end). False
+# when another launch on this host holds it. A port is free to a probe from the draw until the
+# ranks bind it seconds later: two launches in that window took the same port (1 in 12,000 for two
+# draws at once, every time for one MASTER_PORT given to two), and the second run's ranks joined the
+# first one's rendezvous. True, without a lock, where flock(1) or /tmp cannot serve one.
+hold_port_lock() {
+    local file="/tmp/vutrain-port-$1.lock"
+    command -v flock >/dev/null 2>&1 || return 0
+    # Created by whichever user launches first; a read-only descriptor is enough for flock, so
+    # another user's file (mode 644) still works.
+    [[ -e "$file" ]] || { : >>"$file"; } 2>/dev/null
+    # The braces: `exec ... 2>/dev/null` alone would silence the shell's stderr for good.
+    { exec {PORT_LOCK_FD}<"$file"; } 2>/dev/null || return 0
+    # -w 1: another launch's probe holds a shared lock for an instant while it draws.
+    flock -x -w 1 "$PORT_LOCK_FD"
 }
 
 # check_master_port PORT: PORT (a MASTER_PORT given by the user) must be a TCP port number.

@@ -57,11 +57,22 @@ rendezvous_port() {
         if master_port_taken "$PORT"; then
             die "MASTER_PORT=$PORT is taken on this host (another run?). Set MASTER_PORT to a free port, or unset it to have a free one picked."
         fi
+        hold_port_lock "$PORT" \
+            || die "MASTER_PORT=$PORT is held by another launch/local.sh run on this host, whose ranks have not bound it yet. Set MASTER_PORT to another free port, or unset it to have a free one picked."
         return 0
     fi
-    PORT="$(free_master_port)"
-    [[ -n "$PORT" ]] || die "could not find a free port with PYTHON=${PYTHON:-python}; set MASTER_PORT to a free port."
-    PORT_ORIGIN="free port: MASTER_PORT unset"
+    local attempt
+    # A port another launch drew in the same instant is locked by it: draw again.
+    for attempt in 1 2 3 4 5; do
+        PORT="$(free_master_port)"
+        [[ -n "$PORT" ]] || die "could not find a free port with PYTHON=${PYTHON:-python}; set MASTER_PORT to a free port."
+        if hold_port_lock "$PORT"; then
+            PORT_ORIGIN="free port: MASTER_PORT unset"
+            return 0
+        fi
+        log "port $PORT was drawn by another launch at the same time (draw $attempt); drawing again"
+    done
+    die "every port drawn was held by another launch on this host; set MASTER_PORT to a free port."
 }
 
 PY="${PYTHON:-python}"
@@ -81,7 +92,10 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     fi
     check_world_size "$slots" "HOSTFILE slots=$slots"
     log "hostfile $HOSTFILE: $(cat "$HOSTFILE")"
-    if (( GPUS > 0 )) && [[ -n "${CUDA_VISIBLE_DEVICES// /}" ]]; then
+    # :-: unset is the usual case on a GPU workstation (set -u stopped the script there with
+    # "CUDA_VISIBLE_DEVICES: unbound variable").
+    visible="${CUDA_VISIBLE_DEVICES:-}"
+    if (( GPUS > 0 )) && [[ -n "${visible// /}" ]]; then
         # With a hostfile deepspeed ignores CUDA_VISIBLE_DEVICES and gives the ranks GPUs
         # 0..slots-1 of the machine; one host is NGPUS=slots, placed on the visible GPUs (UUIDs,
         # which --include cannot take, with the same warning as without a hostfile).

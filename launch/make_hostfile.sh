@@ -43,7 +43,10 @@ default_slots() {
 }
 
 [[ -n "$slots" ]] || slots="$(default_slots)"
-is_uint "$slots" && (( slots > 0 )) || die "slots must be a positive integer, got '$slots'."
+# 10#: bash arithmetic reads a leading zero as octal ("-s 08" printed "value too great for base"
+# and was refused as not a positive integer), as local.sh reads NGPUS and a hostfile's slots.
+is_uint "$slots" && (( 10#$slots > 0 )) || die "slots must be a positive integer, got '$slots'."
+slots=$((10#$slots))
 
 if [[ "$nodelist" != *[\[\]]* ]]; then
     # A plain comma list needs no scontrol (which fails where it finds no SLURM configuration).

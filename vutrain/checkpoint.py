@@ -11,7 +11,8 @@ Format (version 1), under RUN/checkpoints/:
         COMPLETE.json                  the marker, written last: format, step, tag, world_size and
                                        {relative path: size in bytes} of every other file
     latest                             the newest complete tag (written by us, after the marker)
-    step_00000200.tmp/                 a save in progress, or one killed mid-write (never loaded)
+    step_00000200.tmp/                 a save in progress, or one killed mid-write (never loaded;
+                                       one killed after its marker is renamed at the next start)
 
 A save goes: every rank writes into ``<tag>.tmp`` (DeepSpeed through its ``tag`` argument, with
 ``save_latest=False``), a barrier, then rank 0 lists the files and sizes, writes COMPLETE.json,
@@ -368,7 +369,14 @@ def _complete(ckpt_dir: str, tag: str, step: int) -> None:
         "files": _files_and_sizes(tmp_dir),
     }
     _atomic_write_text(os.path.join(tmp_dir, MARKER), json.dumps(marker, indent=1))
-    final = os.path.join(ckpt_dir, tag)
+    _publish(ckpt_dir, tag)
+    _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+    _sync_dir(ckpt_dir)
+
+
+def _publish(ckpt_dir: str, tag: str) -> None:
+    """Rename the complete ``<tag>.tmp`` to ``<tag>``, replacing an older copy of the same step."""
+    tmp_dir, final = os.path.join(ckpt_dir, tag + TMP_SUFFIX), os.path.join(ckpt_dir, tag)
     replaced = None
     if os.path.exists(final):  # the same step saved again (e.g. a resumed run over a broken tag)
         # Two renames leave no checkpoint-less moment worth the name; the slow delete comes after.
@@ -379,8 +387,29 @@ def _complete(ckpt_dir: str, tag: str, step: int) -> None:
     _sync_dir(ckpt_dir)  # the rename itself survives a crash
     if replaced:
         shutil.rmtree(replaced, ignore_errors=True)
-    _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
-    _sync_dir(ckpt_dir)
+
+
+def finish_interrupted_publish(ckpt_dir: str) -> list[str]:
+    """Rank 0 at start, before any rank scans the tags: publish each ``<tag>.tmp`` whose marker is
+    there and whose files check out, as `_complete` would have; returns those tags.
+
+    The marker is written after every rank's files are on disk, so such a save is complete: a kill
+    between the marker and the rename (or between the two renames of a step saved again) left it
+    under its .tmp name, and the resume took the checkpoint before it, one interval lost.
+    """
+    finished = []
+    for name in _list_tmp(ckpt_dir):
+        tag, tmp_dir = name[: -len(TMP_SUFFIX)], os.path.join(ckpt_dir, name)
+        marker = read_marker(tmp_dir)
+        if marker is None or marker.get("tag") != tag or verify_tag(tmp_dir) is not None:
+            continue
+        _publish(ckpt_dir, tag)
+        finished.append(tag)
+    if finished:
+        _atomic_write_text(os.path.join(ckpt_dir, "latest"), latest_tag(ckpt_dir))
+        _sync_dir(ckpt_dir)
+        log.warning("finished publishing the complete checkpoint(s) a killed save left as .tmp: %s", finished)
+    return finished
 
 
 def sync_files(directory: str) -> int:

@@ -39,6 +39,7 @@ from vutrain.model import (
     tokenizer_and_processor,
 )
 from vutrain.nonfinite import GuardStats, NonFiniteGuard
+from vutrain.startup_errors import one_line
 
 log = logging.getLogger("vutrain")
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", which the SLURM scripts turn into a requeue
@@ -273,17 +274,50 @@ class Trainer:
         if not self.cfg.model.name_or_path:  # a preset: its token ids are its tokenizer's
             # Every rank: a refusal raised on rank 0 alone left the others waiting at the barrier.
             adoption = ckpt.tokenizer_to_adopt(self.cfg.train.resume, self.run_dir)
+        failure = None
         if self.info.is_main:
-            if self.cfg.train.resume == "never":
-                ckpt.move_aside(self.run_dir)
-            os.makedirs(self.run_dir, exist_ok=True)
-            if adoption is not None:
-                ckpt.copy_adopted_tokenizer(self.cfg.train.resume, *adoption)
-            save_config(as_given(self.cfg), os.path.join(self.run_dir, "config.yaml"))
-            for stale in ("preempted.json", "done.json"):
-                if os.path.exists(os.path.join(self.run_dir, stale)):
-                    os.remove(os.path.join(self.run_dir, stale))
-        barrier()
+            try:
+                self._write_run_dir(adoption)
+            except Exception as exc:  # told to every rank below, then raised on each
+                failure = exc
+        self._share_run_dir_outcome(failure)
+
+    def _write_run_dir(self, adoption: tuple | None) -> None:
+        """Rank 0's part of `_prepare_run_dir`."""
+        # Before the move aside too: a kill after a save's marker left it as .tmp (checkpoint.py).
+        ckpt.finish_interrupted_publish(ckpt.checkpoints_dir(self.run_dir))
+        if self.cfg.train.resume == "never":
+            ckpt.move_aside(self.run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        if adoption is not None:
+            ckpt.copy_adopted_tokenizer(self.cfg.train.resume, *adoption)
+        save_config(as_given(self.cfg), os.path.join(self.run_dir, "config.yaml"))
+        for stale in ("preempted.json", "done.json"):
+            if os.path.exists(os.path.join(self.run_dir, stale)):
+                os.remove(os.path.join(self.run_dir, stale))
+
+    def _share_run_dir_outcome(self, failure: Exception | None) -> None:
+        """Every rank waits for rank 0's run directory, and stops with rank 0's error if it failed.
+
+        A plain barrier left the other ranks waiting in it when rank 0 failed (an output_dir that
+        is a file, or not writable): a peer's traceback, or a hang until the group's timeout."""
+        if isinstance(failure, OSError):
+            failure = ConfigError(
+                f"output_dir={self.run_dir} could not be prepared ({one_line(failure)}): "
+                "choose an output_dir this user can write to (not a file), or fix its permissions"
+            )
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if world > 1:
+            box = [None if failure is None else (isinstance(failure, ConfigError), str(failure))]
+            # The broadcast is the barrier: a rank passes it once rank 0 is done or has failed.
+            torch.distributed.broadcast_object_list(box, src=0, device=self.device)
+            if box[0] is not None and failure is None:
+                is_config, message = box[0]
+                if is_config:  # the same words on every rank: rank 0 alone prints them (train.py)
+                    raise ConfigError(message)
+                raise RuntimeError(f"rank 0 could not prepare the run directory: {message}")
+        if failure is not None:
+            raise failure
 
     def _build_text_and_image_processing(self) -> None:
         """Tokenizer (trained on rank 0 for presets), image processor and their batch functions."""
