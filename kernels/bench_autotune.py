@@ -90,15 +90,15 @@ def _sweep(kind, candidates, shapes, loss_fn, mode, dtype, device, reps, fixed) 
     return best, log
 
 
-def _existing_table(path: Path) -> dict[tuple[str, str, str], Entry]:
+def _existing_table(path: Path) -> dict[tile_configs.TunedKey, Entry]:
     """The rows a previous sweep wrote to ``path``: kept unless this sweep finds the same
-    (arch, kernel, shape class) again, so sweeps split over several device calls (one shape
-    class each, as the 10-minute limit needs) add up instead of each erasing the last. A file
-    that is no table stops the run before the sweep, not after it."""
+    (arch, kernel, shape class, dtype) again, so sweeps split over several device calls (one
+    shape class each, as the 10-minute limit needs, or one dtype each) add up instead of each
+    erasing the last. A file that is no table stops the run before the sweep, not after it."""
     if not path.exists():
         return {}
     try:
-        return dict(tile_configs.load_tuned(str(path)))
+        return dict(tile_configs.load_tuned(str(path)).rows)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
@@ -122,7 +122,7 @@ def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | No
     def keep(key: tuple[str, str, str], cfg: TileConfig) -> None:
         # Written at once: a sweep stopped by a time limit keeps the winners it found.
         # With the dtype and Triton version it was timed under: launches under others skip it.
-        entries[key] = table[key] = Entry(cfg, source, *timed_with)
+        entries[key] = table[key + (timed_with[0],)] = Entry(cfg, source, *timed_with)
         tile_configs.write_tuned(path, table)
 
     for loss in losses:

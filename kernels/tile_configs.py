@@ -101,6 +101,21 @@ TABLE: dict[tuple[str, str, str], Entry] = {
     **{("fallback", kind, cls): _UNMEASURED_32 for kind in KINDS for cls in SHAPE_CLASSES},
 }
 
+TunedKey = tuple[str, str, str, str | None]
+"""(arch, kernel kind, shape class, input dtype or None): where a tuned entry applies."""
+
+
+class TunedTable(dict):
+    """A tuned table as read: (arch, kind, shape class) -> Entry, the form tables had before they
+    kept dtypes apart (where a location has several dtypes, the last row read), and ``rows``:
+    every entry under its ``TunedKey``. Keyed without the dtype, a sweep for fp32 after one for
+    bf16 replaced the bf16 entries, and the bf16 launches went back to the built-in configs."""
+
+    def __init__(self, rows: dict[TunedKey, Entry]):
+        super().__init__((key[:3], entry) for key, entry in rows.items())
+        self.rows = rows
+
+
 _FORCED: dict[str, TileConfig] = {}
 log = logging.getLogger(__name__)
 
@@ -234,10 +249,22 @@ def lookup(arch: str, kind: str, n: int, m: int, dtype: torch.dtype | None = Non
     for this dtype and Triton version), then built-in, then fallback."""
     key = (arch, kind, shape_class(n, m))
     path = tuned_path()
-    tuned = load_tuned(path).get(key)
+    tuned = tuned_for(load_tuned(path), key, dtype)
     if tuned is not None and tuned_entry_applies(tuned, dtype, path, key):
         return tuned
     return TABLE.get(key) or TABLE[("fallback", kind, key[2])]
+
+
+def tuned_for(table: dict, key: tuple[str, str, str], dtype: torch.dtype | None) -> Entry | None:
+    """``table``'s entry at ``key`` for ``dtype`` inputs: the one tuned for that dtype, else one of
+    unrecorded dtype (it applies to all), else any (``tuned_entry_applies`` then says why it is
+    not used)."""
+    rows = getattr(table, "rows", {})
+    if dtype is not None:
+        for tuned_dtype in (dtype_name(dtype), None):
+            if key + (tuned_dtype,) in rows:
+                return rows[key + (tuned_dtype,)]
+    return table.get(key)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -291,20 +318,22 @@ def tuned_path() -> str | None:
 
 
 @functools.lru_cache(maxsize=8)
-def load_tuned(path: str | None) -> dict[tuple[str, str, str], Entry]:
+def load_tuned(path: str | None) -> TunedTable:
     """Read a tuned table (``write_tuned``'s format); a missing or malformed file is an error."""
     if path is None:
-        return {}
+        return TunedTable({})
     try:
         doc = json.loads(Path(path).read_text())
-        table = {}
+        rows = {}
         for row in doc["entries"]:
             key = (row["arch"], row["kind"], row["shape_class"])
             if key[1] not in KINDS or key[2] not in SHAPE_CLASSES:
                 raise ValueError(f"unknown kind/shape class in {row}")
             config = TileConfig(*row["config"])
             check_compilable(config)
-            table[key] = Entry(config, row.get("source", f"tuned: {path}"), *_conditions(row))
+            entry = Entry(config, row.get("source", f"tuned: {path}"), *_conditions(row))
+            rows[key + (entry.dtype,)] = entry
+        table = TunedTable(rows)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
             f"{path} is not a tile-config table written by `python -m kernels.bench --autotune` ({e}); "
@@ -336,12 +365,14 @@ def check_compilable(config: TileConfig) -> None:
         raise ValueError(f"num_warps must be a power of two and num_stages >= 1; got {config.as_list()}")
 
 
-def write_tuned(path: str | Path, entries: dict[tuple[str, str, str], Entry]) -> None:
-    """Write a tuned table that ``load_tuned`` reads back."""
+def write_tuned(path: str | Path, entries: dict[tuple, Entry]) -> None:
+    """Write a tuned table that ``load_tuned`` reads back. Keys are (arch, kind, shape class) or a
+    ``TunedKey`` (``TunedTable.rows``: one entry per dtype); each entry's own ``dtype`` is written."""
+    ordered = sorted(entries.items(), key=lambda item: (item[0][:3], item[1].dtype or ""))
     rows = [
         {"arch": a, "kind": k, "shape_class": c, "config": e.config.as_list(), "source": e.source}
         | {name: value for name, value in (("dtype", e.dtype), ("triton", e.triton)) if value is not None}
-        for (a, k, c), e in sorted(entries.items())
+        for (a, k, c, *_), e in ordered
     ]
     body = ",\n".join("  " + json.dumps(r) for r in rows)  # one entry per line: readable diffs
     # Through a temporary file and a rename: a sweep killed mid-write (its time limit) must leave

@@ -315,6 +315,8 @@ class Bench:
             return runner
         from vutrain.bench_openclip import OpenClipStep
 
+        if self.batches is None:
+            self._read_inputs_alone()
         return OpenClipStep(
             self.openclip,
             self.openclip_cfg,
@@ -333,6 +335,24 @@ class Bench:
         if variant.side == "vutrain":
             return self.args.precision
         return "fp32" if self.args.precision == "fp32" else "amp_bf16"
+
+    def _read_inputs_alone(self) -> None:
+        """The pool through a Trainer of the plainest configuration (ZeRO 0, torch loss), built only
+        to read it. The first vutrain configuration reads it as it builds; when that one failed
+        (a backend this device lacks, a bad --zero-stages entry), open_clip, the baseline of every
+        ratio, failed with "argument after ** must be a mapping, not NoneType"."""
+        reader = Variant("vutrain", grad_ckpt=False, zero_stage=0, loss_backend="torch")
+        try:
+            runner = TrainerStep(reader, self.args, self.info, self.run_dir, self.shards)
+        except Exception as exc:
+            raise RuntimeError(
+                f"no batches to train on: vutrain's Trainer, whose stream reads them, failed to build "
+                f"({error_line(exc)})"
+            ) from exc
+        try:
+            self._prepare_inputs(runner)
+        finally:
+            self.close(runner)
 
     def _prepare_inputs(self, runner: TrainerStep) -> None:
         from vutrain.bench_openclip import model_config

@@ -15,6 +15,8 @@ and then zeroes them: times 0 leaves a NaN or inf entry NaN, and in bf16 (no ove
 gradient with a finite loss would reach AdamW and make its moments and the weights NaN for good.
 The step's own overflow decision (fp16, or ``check_grad_overflow``) is untouched: in bf16 DeepSpeed
 makes none, and in fp16 it skips the step before this runs. ZeRO-3's method has no host read.
+With clipping off (``train.grad_clip=0``) an invalid norm zeroes the gradients all the same: the
+bf16 reason holds whether or not the step clips.
 
 :func:`mask_at_step` also gives the wrapper the non-finite guard's device-side skip flag
 (vutrain/nonfinite.py): where the step has one micro-batch and DeepSpeed makes no overflow
@@ -57,8 +59,13 @@ def use_device_side_clip(optimizer) -> bool:
             for g in _flat_tensors(grad_groups_flat):
                 g.data.masked_fill_(skip, 0)
         clip_grad, loss_scale = optimizer.clip_grad, optimizer.loss_scale
-        if not (clip_grad > 0.0 and torch.is_tensor(total_norm)) or torch.is_tensor(loss_scale):
-            return original(grad_groups_flat, total_norm)  # nothing to clip, or a form not seen here
+        if not torch.is_tensor(total_norm) or torch.is_tensor(loss_scale):
+            return original(grad_groups_flat, total_norm)  # a form not seen here
+        if clip_grad <= 0.0:
+            # No clip, but an invalid norm still zeroes the gradients: in bf16 nothing else skips
+            # the step, and train.grad_clip=0 (open_clip's default) made the weights NaN for good.
+            original(grad_groups_flat, total_norm)  # unscales fp16's gradients; at scale 1 nothing
+            return zero_where_invalid(grad_groups_flat, total_norm)
         with torch.no_grad():
             # DeepSpeed calls this once per parameter group with the step's one norm tensor: the
             # factor (16 small ops, counted) is computed for the first group and reused for the rest.
@@ -86,6 +93,14 @@ def use_device_side_clip(optimizer) -> bool:
     unscale_and_clip_grads.last = unscale_and_clip_grads.last_factor = None
     optimizer.unscale_and_clip_grads = unscale_and_clip_grads
     return True
+
+
+def zero_where_invalid(grad_groups_flat, total_norm: torch.Tensor) -> None:
+    """Zero every flat gradient where the step's norm is non-finite or DeepSpeed's -1, on the device."""
+    with torch.no_grad():
+        invalid = ~torch.isfinite(total_norm) | (total_norm < 0)
+        for g in _flat_tensors(grad_groups_flat):
+            g.data.masked_fill_(invalid.to(g.device), 0)
 
 
 def _flat_tensors(grad_groups_flat):

@@ -6,7 +6,8 @@ Each (global batch, mode) runs in a fresh process - peak RSS (`ru_maxrss`) never
 that builds the preset model, does one training step of the CLIP loss (`plain`: one micro-batch
 of the whole batch; `gradcache`: micro-batches of `--micro`, the last one shorter when `--micro`
 does not divide the batch, see gradcache.py) on random inputs,
-and reports its peak (RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA). The engine is a
+and reports its peak (RSS on CPU, `torch.cuda.max_memory_allocated` on CUDA); a configuration
+that fails (out of memory) is a row with its ``error`` and the others still run. The engine is a
 stand-in with backward/step (no DeepSpeed), so the figures are the model, activations and
 feature buffers alone. The last line is one JSON object with every row.
 """
@@ -158,17 +159,38 @@ def main(argv: list[str] | None = None) -> int:
                 args.device,
             ]
             done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-                print(f"gradcache_bench: batch {batch} {mode} failed: {last}", file=sys.stderr)
-                return 1
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(
-                f"{batch:>6} {mode:>9}  peak {rows[-1]['peak_mib']:>8} MiB  step {rows[-1]['step_s']} s",
-                flush=True,
-            )
+            rows.append(_row_of(done, batch, mode, args))
+            print(_line(rows[-1]), flush=True)
     print(json.dumps({"rows": rows}))
-    return 0
+    # Running out of memory is a result here (the plain step's, at the batches GradCache is for).
+    return 1 if any("error" in r and not r["oom"] for r in rows) else 0
+
+
+def _row_of(done: subprocess.CompletedProcess, batch: int, mode: str, args: argparse.Namespace) -> dict:
+    """The row one ``--one`` process printed, or its error row. A failed configuration ended the
+    whole run with no JSON line: on a GPU the plain step out of memory at a large batch, the very
+    case GradCache is measured for, lost every row before it and the GradCache rows after it."""
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+    oom = "out of memory" in last.lower() or "can't allocate memory" in last.lower()
+    return {
+        "global_batch": batch,
+        "mode": mode,
+        "micro": min(args.micro, batch) if mode == "gradcache" else batch,
+        "error": last[:300],
+        "oom": oom,
+        "device": args.device,
+        "preset": args.preset,
+    }
+
+
+def _line(row: dict) -> str:
+    """One progress line: the peak and step time, or why the configuration failed."""
+    head = f"{row['global_batch']:>6} {row['mode']:>9}  "
+    if "error" in row:
+        return head + f"failed: {row['error']}"
+    return head + f"peak {row['peak_mib']:>8} MiB  step {row['step_s']} s"
 
 
 if __name__ == "__main__":
