@@ -72,6 +72,7 @@ from .preprocess import make_preprocess
 from .samples import SkipCounter, SkipSample, decode_sample, decode_sample_bytes, iter_raw_samples
 from .shards import check_openable, count_samples, expand_shards
 from .val import ValStream, collect_label_values, iter_val_batches
+from .worker_tempdir import ensure_short_worker_tempdir
 
 __all__ = [
     "TrainStream",
@@ -554,6 +555,7 @@ class TrainStream:
             return map(_pin_batch, batches) if self.pin_memory and torch.cuda.is_available() else batches
         if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        ensure_short_worker_tempdir()  # a long TMPDIR made the workers drop their batches (a hang)
         # fork avoids pickling the caller's preprocess/tokenize closures into the workers
         context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         return iter(
