@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from recording_limiter import RecordingLimiter
 
 from dataset_tools import fetch
 from dataset_tools.fake_host import PLACEHOLDER, FakeThumbnailHost
@@ -189,18 +190,8 @@ def test_cool_down_holds_back_a_request_already_waiting():
     assert started["at"] - cooled_at >= 0.45
 
 
-class _RecordingLimiter(HostLimiter):
-    def __init__(self):
-        super().__init__(max_connections=4, requests_per_second=0)
-        self.cool_downs = []
-
-    def cool_down(self, seconds):
-        self.cool_downs.append(seconds)
-        super().cool_down(seconds)
-
-
 def test_503_without_retry_after_cools_down_every_thread(host):
-    limiter = _RecordingLimiter()
+    limiter = RecordingLimiter()
     url = host.url_template.format(video_id="unavail5031", variant="hqdefault")
     waits = []
     response, error, attempts = fetch.fetch_with_retries(url, CFG, limiter, sleep=waits.append)

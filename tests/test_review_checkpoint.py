@@ -8,20 +8,10 @@ import os
 
 import pytest
 import torch
-from torch import nn
+from tiny_modules import TwoLayer
 
 import train_runner as tr
 from helpers_dist import run_distributed
-
-
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(8, 12)
-        self.b = nn.Linear(12, 4)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x))).pow(2).mean()
 
 
 def _engine(stage: int, precision: str = "fp32"):
@@ -32,7 +22,7 @@ def _engine(stage: int, precision: str = "fp32"):
     from vutrain.optim import build_optimizer
 
     torch.manual_seed(0)
-    module = _Tiny()
+    module = TwoLayer()
     cfg = TrainConfig(
         max_steps=10, micro_batch_size=2, zero_stage=stage, warmup_steps=2, lr=1e-2, precision=precision
     )

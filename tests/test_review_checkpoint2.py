@@ -7,24 +7,15 @@ from __future__ import annotations
 import os
 
 import torch
+from tiny_modules import TwoLayer
 from torch import nn
 
 from helpers_dist import run_distributed
 
 
-class _Tiny(nn.Module):
-    def __init__(self, hidden: int = 12):
-        super().__init__()
-        self.a = nn.Linear(8, hidden)
-        self.b = nn.Linear(hidden, 4)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x))).pow(2).mean()
-
-
 def _module(hidden: int = 12, lora: bool = False, frozen: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    module = _Tiny(hidden)
+    module = TwoLayer(hidden)
     if lora:  # as model.lora.enabled: adapters on `a`, the base weights frozen
         from peft import LoraConfig, inject_adapter_in_model
 

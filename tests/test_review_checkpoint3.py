@@ -9,19 +9,9 @@ import os
 import shutil
 
 import torch
-from torch import nn
+from tiny_modules import TwoLayer
 
 from helpers_dist import run_distributed
-
-
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(8, 12)
-        self.b = nn.Linear(12, 4)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x))).pow(2).mean()
 
 
 def _engine():
@@ -32,7 +22,7 @@ def _engine():
     from vutrain.optim import build_optimizer
 
     torch.manual_seed(0)
-    module = _Tiny()
+    module = TwoLayer()
     cfg = TrainConfig(max_steps=10, micro_batch_size=2, zero_stage=1, warmup_steps=2, lr=1e-2)
     optimizer, scheduler = build_optimizer(module, cfg)
     engine, _, _, _ = deepspeed.initialize(

@@ -7,21 +7,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from recording_limiter import RecordingLimiter
 
 from dataset_tools import fetch
 from dataset_tools.politeness import HostLimiter, PolitenessConfig
-
-
-class _RecordingLimiter(HostLimiter):
-    """The real limiter, noting each cool-down it is asked for."""
-
-    def __init__(self):
-        super().__init__(max_connections=4, requests_per_second=0)
-        self.cool_downs = []
-
-    def cool_down(self, seconds):
-        self.cool_downs.append(seconds)
-        super().cool_down(seconds)
 
 
 class _Throttling(BaseHTTPRequestHandler):
@@ -47,7 +36,7 @@ def test_a_429_whose_retry_after_names_no_wait_still_holds_the_other_threads(ret
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         cfg = PolitenessConfig(retries=1, backoff_base=0.4, deadline=5.0, requests_per_second=0)
-        limiter, waits = _RecordingLimiter(), []
+        limiter, waits = RecordingLimiter(), []
         url = f"http://127.0.0.1:{server.server_address[1]}/vi/x/maxresdefault.jpg"
         response, error, attempts = fetch.fetch_with_retries(url, cfg, limiter, sleep=waits.append)
         held_from = time.monotonic()

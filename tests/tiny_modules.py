@@ -1,0 +1,18 @@
+"""Small torch modules that tests build real DeepSpeed engines around."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TwoLayer(nn.Module):
+    """8 -> hidden -> 4 with tanh; forward returns a scalar loss."""
+
+    def __init__(self, hidden: int = 12):
+        super().__init__()
+        self.a = nn.Linear(8, hidden)
+        self.b = nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).pow(2).mean()
