@@ -117,7 +117,7 @@ def _legacy_demo_output(out: str) -> bool:
             shards = str(yaml.safe_load(fh)["data"]["train_shards"])
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return False
-    own = os.path.isdir(data) and set(os.listdir(data)) <= {"train", "val"}
+    own = os.path.isdir(data) and set(os.listdir(data)) <= {"train", "val", ".vutrain_synthetic"}
     return own and shards.startswith(os.path.join(data, "train", "{"))
 
 

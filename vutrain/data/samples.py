@@ -68,6 +68,9 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: l
 _FILE_TYPES = (b"0", b"\x00", b"7")  # regular and contiguous files (tarfile's isfile())
 
 
+_NO_END_BLOCK = "no end-of-archive block: the tar was cut at a member boundary (or is an empty file)"
+
+
 class TarError(Exception):
     """A tar header that is not valid, or a member cut short.
 
@@ -134,8 +137,10 @@ def iter_tar_files(stream, payloads: Payloads = True) -> Iterator[tuple[str, byt
 
     A small ustar/pax/GNU reader: about 20x cheaper per member than ``tarfile``'s stream mode,
     whose Python header parsing cost as much as the JPEG decode on 341x256 shards. Raises
-    :class:`TarError` on a bad header checksum or data cut short; ends at the end-of-archive
-    block or at the end of the stream. A member whose payload is not wanted (``payloads=False``,
+    :class:`TarError` on a bad header checksum, data cut short, or a stream that ends without an
+    end-of-archive block (every tar writer closes an archive with zero blocks; without one, the
+    tar was cut at a member boundary, or is an empty file); ends at the end-of-archive block.
+    A member whose payload is not wanted (``payloads=False``,
     or an extension outside the ``payloads`` set) yields None and, on a seekable stream (a local
     file), is seeked over: its bytes are never read, and a member cut short is found from the
     file size, at the same member as a full read finds it.
@@ -146,10 +151,9 @@ def iter_tar_files(stream, payloads: Payloads = True) -> Iterator[tuple[str, byt
     while True:
         header = stream.read(_BLOCK)
         if len(header) < _BLOCK:
-            if header:
-                header += _read_exactly(stream, _BLOCK - len(header))
-            else:
-                return
+            if not header:
+                raise TarError(_NO_END_BLOCK)
+            header += _read_exactly(stream, _BLOCK - len(header))
         if header.count(0) == _BLOCK:  # end-of-archive marker
             return
         stored = _octal(header[148:156])
@@ -234,7 +238,8 @@ class _StrictTarInfo(tarfile.TarInfo):
     """tarfile's stream mode raises on a bad or cut-short header only for the first member; after
     it, such a header ended the archive silently: a damaged .tar.gz lost the rest of its samples
     uncounted and yielded the sample in progress as complete. Raised here, as iter_tar_files does
-    for a plain tar; a clean end (a zero block, or no data left at a header) still just ends it."""
+    for a plain tar; so is no data left at a header (no end-of-archive block: cut at a member
+    boundary, also silent before). Only a zero block ends the archive cleanly."""
 
     @classmethod
     def fromtarfile(cls, tar):
@@ -242,6 +247,8 @@ class _StrictTarInfo(tarfile.TarInfo):
             return super().fromtarfile(tar)
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
             raise tarfile.SubsequentHeaderError(str(e)) from None  # next() raises ReadError on it
+        except tarfile.EmptyHeaderError:
+            raise tarfile.SubsequentHeaderError(_NO_END_BLOCK) from None
 
 
 def _iter_files(stream, payloads: Payloads = True) -> Iterator[tuple[str, bytes | None]]:
@@ -274,10 +281,12 @@ def iter_raw_samples(
     """Yield the raw samples of one tar shard (plain, or gzip/bzip2/xz-compressed), in tar order.
 
     A truncated or unreadable tar ends the shard and one ``tar_error`` is counted (through
-    ``count``); the samples before the damage are kept. The sample being read when it came is
-    kept only if it is known to be complete: the damaged member's header was read and names
-    another sample (a member cut short that starts the next sample); after a bad header it is
-    dropped. ``payloads=False``: every member's payload is None and, for a local plain tar, only
+    ``count``); the samples before the damage are kept. A tar without an end-of-archive block (cut
+    at a member boundary, or an empty file, compressed or not) is truncated too. The sample
+    being read when it came is kept only if it is known to be complete: the damaged member's
+    header was read and names another sample (a member cut short that starts the next sample);
+    after a bad header, or at a missing end-of-archive block, it is dropped.
+    ``payloads=False``: every member's payload is None and, for a local plain tar, only
     the headers are read (the keys of a shard, as the training stream sees them; epoch_remainder).
     ``payloads={"json"}`` (any set of extensions): those members' bytes, None for the others, which
     a local plain tar seeks over (the metadata of a shard without its images; the zero-shot

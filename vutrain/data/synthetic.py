@@ -9,7 +9,9 @@ circle") use. Shards follow the img2dataset layout (see design.md, "Shard layout
     OUT/val/...          (held out: different per-sample seeds, hence different images)
 
 CLI: ``python -m vutrain.data.synthetic --out DIR --num-samples N --shard-size K``.
-Deterministic for a seed: per-sample RNGs are derived from (seed, split, index).
+Deterministic for a seed: per-sample RNGs are derived from (seed, split, index). A re-run into the
+same OUT replaces its train/ and val/ whole (``OUT/.vutrain_synthetic`` marks them as this
+writer's); train/ or val/ holding anything else is refused.
 
 The per-shard ``.parquet`` (img2dataset's row table) needs pyarrow, which only the ``data`` extra
 installs; without it the shards are written without it (the trainer reads the tars, ``sizes.json``
@@ -25,6 +27,7 @@ import io
 import json
 import math
 import os
+import re
 import tarfile
 import time
 from collections.abc import Sequence
@@ -60,6 +63,10 @@ _FILLER_TAGS = ("shapes", "colours", "kids", "learning", "geometry", "art", "dai
 _ID_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
 _SPLIT_IDS = {"train": 0, "val": 1}
 _MTIME = 1_500_000_000  # fixed tar mtime so tars are byte-reproducible for a seed
+SYNTHETIC_MARKER = ".vutrain_synthetic"
+"""In OUT: its train/ and val/ were written here, so a later run may replace what they hold."""
+_WRITTEN_NAME = re.compile(r"(\d{5,}(\.tar|\.parquet|_stats\.json)|sizes\.json|__len__)")
+"""The names this writer gives the files of a split folder."""
 
 
 def parquet_available() -> bool:
@@ -206,6 +213,35 @@ def _write_split(
     return os.path.join(out_dir, f"{pattern}.tar")
 
 
+def _claim_output(out_dir: str) -> None:
+    """Empty ``out_dir``'s train/ and val/ of an earlier synthetic run, or refuse in one line.
+
+    Shards are numbered from 00000 again, so a bigger earlier run's 00002..00007.tar (or a val/
+    that ``val_samples=0`` no longer writes) stayed beside the new data, and a directory read
+    mixed both. Only files this writer names, in an ``out_dir`` it marked, are removed: anything
+    else (an img2dataset folder, a user's file) is refused, not overwritten.
+    """
+    split_dirs = [os.path.join(out_dir, split) for split in _SPLIT_IDS]
+    ours = os.path.exists(os.path.join(out_dir, SYNTHETIC_MARKER))
+    for split_dir in split_dirs:
+        entries = os.listdir(split_dir) if os.path.isdir(split_dir) else []
+        foreign = [name for name in entries if not (ours and _WRITTEN_NAME.fullmatch(name))]
+        if foreign:
+            raise FileExistsError(
+                f"{split_dir} already holds files the synthetic writer did not write here "
+                f"({', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}), and new "
+                "shards would mix with them: pass an empty or new output folder, or delete that one"
+            )
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, SYNTHETIC_MARKER), "w", encoding="utf-8") as fh:
+        fh.write("written by vutrain.data.synthetic: a later run replaces train/ and val/ here\n")
+    for split_dir in split_dirs:
+        if os.path.isdir(split_dir):
+            for name in os.listdir(split_dir):
+                os.remove(os.path.join(split_dir, name))
+            os.rmdir(split_dir)
+
+
 def write_synthetic(
     out_dir: str,
     num_samples: int,
@@ -224,6 +260,9 @@ def write_synthetic(
         val_samples: held-out samples; ``None`` -> ``max(len(CLASSES), num_samples // 10)``;
             0 -> no val split.
 
+    ``out_dir/train`` and ``out_dir/val`` must be new, empty, or an earlier run's of this writer
+    (replaced whole); anything else is refused with ``FileExistsError``.
+
     Returns:
         ``{"train_shards": spec, "val_shards": spec | None, "num_samples": n, "val_samples": m,
         "classes": CLASSES}`` where a spec is brace-expandable (``.../{00000..00003}.tar``).
@@ -237,6 +276,7 @@ def write_synthetic(
         raise ValueError(f"need val_samples >= 0 (0: no val split); got {val_samples}")
     if val_samples is None:
         val_samples = max(len(CLASSES), num_samples // 10)
+    _claim_output(out_dir)
     train = _write_split(os.path.join(out_dir, "train"), "train", num_samples, shard_size, image_size, seed)
     val = None
     if val_samples > 0:
@@ -269,7 +309,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m vutrain.data.synthetic", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--out", required=True, help="output directory (train/ and val/ are created in it)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory (train/ and val/ are created in it, or replaced if an earlier run wrote them)",
+    )
     parser.add_argument("--num-samples", type=_at_least(1), required=True, help="training samples")
     parser.add_argument("--shard-size", type=_at_least(1), required=True, help="samples per tar shard")
     parser.add_argument("--image-size", type=_at_least(8), default=64, help="image side in pixels")
