@@ -52,6 +52,9 @@ _PEER_PHRASES = (
     "recvBytes",
     "sendBytes",
 )
+# Words every process-group error carries (gloo's source path, NCCL's name, c10d's functions), and a
+# DataLoader worker's re-raised socket error does not.
+_GROUP_MARKERS = ("gloo", "nccl", "c10d", "tcpstore", "processgroup", "recvbytes", "sendbytes")
 
 
 def one_line(exc: BaseException) -> str:
@@ -82,11 +85,21 @@ def rendezvous_message(info, exc: BaseException) -> str:
 
 
 def is_peer_failure(exc: BaseException) -> bool:
-    """True when the exception only reports that another rank went away."""
-    text = str(exc)
-    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(
-        p.lower() in text.lower() for p in _PEER_PHRASES
-    )
+    """True when the exception only reports that another rank went away.
+
+    The phrases count only in the process group's own errors (its store's DistNetworkError, a
+    gloo/NCCL/c10d RuntimeError): this rank's own socket errors (an HTTP shard server that refuses
+    the connection, a `pipe:` command's broken pipe) are OSErrors with the same words, and taken for
+    a peer's they went unprinted while rank 0 said "another rank stopped during start-up"."""
+    if isinstance(exc, getattr(dist, "DistNetworkError", ())):
+        return True
+    if isinstance(exc, OSError) or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    # torch.distributed's own error types (the store's, the backend's) are the group's whatever
+    # their text says; a plain RuntimeError has to name the group.
+    from_group = isinstance(exc, getattr(dist, "DistError", ())) or any(m in text for m in _GROUP_MARKERS)
+    return from_group and any(p.lower() in text for p in _PEER_PHRASES)
 
 
 def _write_traceback(exc: BaseException, run_dir: str | None, rank: int) -> str | None:
