@@ -33,6 +33,7 @@ Loading the trainer's state never unpickles: JSON plus tensors (safetensors, or 
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import os
@@ -60,6 +61,8 @@ TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
 # during that delete left a checkpoint's worth of disk that nothing removed.
 REPLACED_RE = re.compile(r"^step_(\d+)\.replaced\.tmp$")
 REPLACED_SUFFIX = ".replaced" + TMP_SUFFIX
+# Folders train.resume=never (checkpoints, metrics, tokenizer) and roll-backs (checkpoints) move aside.
+_ASIDE_CHECKPOINTS = "checkpoints.replaced-"
 # Fault injection for tests (tests/test_faults_checkpoint.py): seconds to sleep after every rank
 # wrote its files and before the marker, so a test can SIGKILL the run in the middle of a save.
 _FAULT_SLEEP_ENV = "VUTRAIN_FAULT_SLEEP_BEFORE_MARKER"
@@ -397,19 +400,27 @@ def finish_interrupted_publish(ckpt_dir: str) -> list[str]:
     between the marker and the rename (or between the two renames of a step saved again) left it
     under its .tmp name, and the resume took the checkpoint before it, one interval lost.
     """
-    finished = []
-    for name in _list_tmp(ckpt_dir):
-        tag, tmp_dir = name[: -len(TMP_SUFFIX)], os.path.join(ckpt_dir, name)
-        marker = read_marker(tmp_dir)
-        if marker is None or marker.get("tag") != tag or verify_tag(tmp_dir) is not None:
-            continue
+    finished = list(complete_unpublished(ckpt_dir))
+    for tag in finished:
         _publish(ckpt_dir, tag)
-        finished.append(tag)
     if finished:
         _atomic_write_text(os.path.join(ckpt_dir, "latest"), latest_tag(ckpt_dir))
         _sync_dir(ckpt_dir)
         log.warning("finished publishing the complete checkpoint(s) a killed save left as .tmp: %s", finished)
     return finished
+
+
+def complete_unpublished(ckpt_dir: str) -> dict[str, str]:
+    """{tag: its ``<tag>.tmp`` name} for each save killed after its marker but before its rename:
+    complete (every rank's files are listed and there), and read-only readers such as the export
+    may load it under that name; `finish_interrupted_publish` renames them at the next start."""
+    found = {}
+    for name in _list_tmp(ckpt_dir):
+        tag, tmp_dir = name[: -len(TMP_SUFFIX)], os.path.join(ckpt_dir, name)
+        marker = read_marker(tmp_dir)
+        if marker is not None and marker.get("tag") == tag and verify_tag(tmp_dir) is None:
+            found[tag] = name
+    return found
 
 
 def sync_files(directory: str) -> int:
@@ -555,10 +566,31 @@ def _is_first_rank() -> bool:
 
 def run_dir_of(resume: str) -> str:
     """The run directory a train.resume path belongs to (a tag or a checkpoints directory)."""
+    return os.path.dirname(_checkpoints_dir_of(resume))
+
+
+def _checkpoints_dir_of(resume: str) -> str:
     path = os.path.abspath(resume)
     if TAG_RE.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, MARKER)):
         path = os.path.dirname(path)
-    return os.path.dirname(path)
+    return path
+
+
+def resume_tokenizer_dir(resume: str) -> str:
+    """The tokenizer folder of the run that wrote train.resume's checkpoints.
+
+    train.resume=never moves ``checkpoints/`` and ``tokenizer/`` aside with one suffix
+    (`move_aside`), and the new run trains another tokenizer into ``tokenizer/``: a resume from
+    ``checkpoints.replaced-S/`` took that one, whose token ids are not the checkpoint's.
+    Checkpoints set aside alone (`set_aside_later`, no tokenizer of their suffix) are this run's.
+    """
+    checkpoints = _checkpoints_dir_of(resume)
+    name = os.path.basename(checkpoints)
+    if name.startswith(_ASIDE_CHECKPOINTS):
+        aside = os.path.join(os.path.dirname(checkpoints), "tokenizer" + name[len("checkpoints") :])
+        if os.path.isdir(aside):
+            return aside
+    return os.path.join(os.path.dirname(checkpoints), "tokenizer")
 
 
 def adopt_tokenizer(resume: str, run_dir: str) -> str | None:
@@ -583,9 +615,12 @@ def tokenizer_to_adopt(resume: str, run_dir: str) -> tuple[str, str, str | None]
     """
     if resume in ("auto", "never"):
         return None
-    source = os.path.join(run_dir_of(resume), "tokenizer")
+    source = resume_tokenizer_dir(resume)
     target = os.path.join(run_dir, "tokenizer")
     same = os.path.realpath(source) == os.path.realpath(target)
+    if not same and os.path.realpath(os.path.dirname(source)) == os.path.realpath(run_dir):
+        check_own_aside_tokenizer(resume, source, target)
+        return None
     local_damage = tokenizer_load_error(target) if os.path.exists(target) else "missing"
     if not os.path.isfile(os.path.join(source, "tokenizer.json")):
         if local_damage is None:
@@ -595,6 +630,26 @@ def tokenizer_to_adopt(resume: str, run_dir: str) -> tuple[str, str, str | None]
         return None
     check_resume_tokenizer_loads(resume, source)
     return source, target, None if local_damage == "missing" else local_damage
+
+
+def check_own_aside_tokenizer(resume: str, source: str, target: str) -> None:
+    """ConfigError unless ``target`` holds the same tokenizer as ``source``, the one this run
+    directory's set-aside checkpoints were trained with: ``target`` was trained again after
+    train.resume=never, and this run's checkpoints (and metrics) belong to it."""
+    if _same_file(os.path.join(source, "tokenizer.json"), os.path.join(target, "tokenizer.json")):
+        return
+    raise ConfigError(
+        f"train.resume={resume} was trained with {source}, not with {target} (trained again after "
+        "train.resume=never, and used by this run's newer checkpoints): resume it into a new "
+        "output_dir, which takes its tokenizer, or copy the whole run directory and resume the copy"
+    )
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:  # one of them is missing
+        return False
 
 
 def missing_resume_tokenizer_message(resume: str, source: str, target: str, same: bool) -> str:
@@ -654,21 +709,12 @@ def tokenizer_load_error(tok_dir: str) -> str | None:
 def move_aside(run_dir: str) -> list[str]:
     """train.resume=never on a used run directory: keep the old checkpoints, metrics and preset
     tokenizer (the token ids of those checkpoints), renamed."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    suffix = _unused_replaced_suffix(run_dir)
     moved = []
-    for name in ("checkpoints", "metrics.jsonl", "tokenizer"):
-        path = os.path.join(run_dir, name)
-        if os.path.exists(path):
-            stem, ext = os.path.splitext(name)
-            target = os.path.join(run_dir, f"{stem}.replaced-{stamp}{ext}")
-            # Two fresh starts within one second (the benchmarks build one Trainer per
-            # configuration in one run directory): a second folder of the same name was an
-            # OSError ("Directory not empty") in rename.
-            n = 1
-            while os.path.exists(target):
-                target = os.path.join(run_dir, f"{stem}.replaced-{stamp}-{n}{ext}")
-                n += 1
-            os.rename(path, target)
+    for name in _MOVED_ASIDE:
+        if os.path.exists(os.path.join(run_dir, name)):
+            target = _with_suffix(run_dir, name, suffix)
+            os.rename(os.path.join(run_dir, name), target)
             moved.append(target)
     for target in moved:
         log.warning(
@@ -677,6 +723,29 @@ def move_aside(run_dir: str) -> list[str]:
             target,
         )
     return moved
+
+
+def _unused_replaced_suffix(run_dir: str) -> str:
+    """``.replaced-<UTC time>[-n]``, free for checkpoints, metrics and tokenizer alike: one suffix
+    for all that move together, so a resume from ``checkpoints.replaced-S`` finds its tokenizer as
+    ``tokenizer.replaced-S``, and never one that moved with other checkpoints.
+
+    Two fresh starts within one second (the benchmarks build one Trainer per configuration in one
+    run directory) took a name already there: an OSError ("Directory not empty") in rename; and
+    checkpoints taken alone (`set_aside_later`) gave the others another suffix than theirs."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    suffix, n = f".replaced-{stamp}", 1
+    while any(os.path.exists(_with_suffix(run_dir, name, suffix)) for name in _MOVED_ASIDE):
+        suffix, n = f".replaced-{stamp}-{n}", n + 1
+    return suffix
+
+
+def _with_suffix(run_dir: str, name: str, suffix: str) -> str:
+    stem, ext = os.path.splitext(name)
+    return os.path.join(run_dir, f"{stem}{suffix}{ext}")
+
+
+_MOVED_ASIDE = ("checkpoints", "metrics.jsonl", "tokenizer")
 
 
 def set_aside_later(run_dir: str, loaded_dir: str, step: int) -> list[str]:
@@ -694,8 +763,9 @@ def set_aside_later(run_dir: str, loaded_dir: str, step: int) -> list[str]:
     ]
     if not later:
         return []
-    aside = os.path.join(run_dir, f"checkpoints.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-    os.makedirs(aside, exist_ok=True)
+    # Not a suffix a move_aside took in the same second: its tokenizer is not these checkpoints'.
+    aside = _with_suffix(run_dir, "checkpoints", _unused_replaced_suffix(run_dir))
+    os.makedirs(aside)
     for tag in later:
         os.rename(os.path.join(own, tag), os.path.join(aside, tag))
     latest_path, newest = os.path.join(own, "latest"), latest_tag(own)

@@ -186,6 +186,32 @@ def check_shapes(module: nn.Module, state: dict[str, torch.Tensor], tag: str) ->
         )
 
 
+def checkpoint_to_export(ckpt_dir: str, tag: str | None) -> tuple[str, str]:
+    """(tag, the folder in ``ckpt_dir`` holding it complete): ``tag``, or the newest when None.
+
+    A save killed after its COMPLETE.json but before its rename is complete under ``<tag>.tmp``
+    (the next training start publishes it): the export took the checkpoint before it, and
+    ``--tag`` of it said the marker was missing. It is read where it is, leaving the run as it is.
+    """
+    unpublished = ckpt.complete_unpublished(ckpt_dir)
+    published = [t for t in ckpt.list_tags(ckpt_dir) if ckpt.verify_tag(os.path.join(ckpt_dir, t)) is None]
+    complete = sorted(set(published) | set(unpublished), key=lambda t: int(ckpt.TAG_RE.match(t).group(1)))
+    if tag is None:
+        if not complete:
+            raise FileNotFoundError(
+                f"no checkpoint in {ckpt_dir}: train first (train.checkpoint_every, "
+                "or let the run finish: it always saves at the end)"
+            )
+        tag = complete[-1]
+    elif tag not in unpublished and (problem := ckpt.verify_tag(os.path.join(ckpt_dir, tag))) is not None:
+        raise ExportError(
+            f"--tag {tag} cannot be exported: {problem}; complete checkpoints in {ckpt_dir}: "
+            f"{', '.join(complete) or 'none'}"
+        )
+    # The unpublished copy is the newer save of its step (a re-save killed before its renames).
+    return tag, unpublished.get(tag, tag)
+
+
 def load_trained_module(run_dir: str, tag: str | None = None):
     """(ClipTrainModule with the checkpoint's fp32 weights, tokenizer, image processor, tag)."""
     config_path = os.path.join(run_dir, "config.yaml")
@@ -193,25 +219,10 @@ def load_trained_module(run_dir: str, tag: str | None = None):
         raise FileNotFoundError(f"{config_path} not found: RUN_DIR must be a training output_dir")
     cfg = load_config(config_path, EXPORT_OVERRIDES)
     ckpt_dir = ckpt.checkpoints_dir(run_dir)
-    if tag is None:
-        tag = ckpt.latest_tag(ckpt_dir)
-        if tag is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {ckpt_dir}: train first (train.checkpoint_every, "
-                "or let the run finish: it always saves at the end)"
-            )
-    else:
-        problem = ckpt.verify_tag(os.path.join(ckpt_dir, tag))
-        if problem is not None:
-            tags = ckpt.list_tags(ckpt_dir)
-            complete = [t for t in tags if ckpt.verify_tag(os.path.join(ckpt_dir, t)) is None]
-            raise ExportError(
-                f"--tag {tag} cannot be exported: {problem}; complete checkpoints in {ckpt_dir}: "
-                f"{', '.join(complete) or 'none'}"
-            )
+    tag, folder = checkpoint_to_export(ckpt_dir, tag)
     tokenizer, processor = load_run_tokenizer_and_processor(cfg, run_dir)
     module = build_model(cfg.model, tokenizer, use_bias=cfg.loss.name == "siglip")
-    state = consolidated_state_dict(ckpt_dir, tag, module)
+    state = consolidated_state_dict(ckpt_dir, folder, module)
     if cfg.model.name_or_path:
         keep_pretrained_frozen_weights(module, state)
     check_shapes(module, state, tag)
