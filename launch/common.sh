@@ -280,11 +280,33 @@ hold_port_lock() {
     flock -x -w 1 "$PORT_LOCK_FD"
 }
 
+# ranks_per_node NAME VALUE: VALUE (the variable NAME's) as a decimal count of ranks per node, or
+# a one-line error. 10#: bash reads "08" as octal, an arithmetic error, and "010" as 8 ranks where
+# make_hostfile.sh writes slots=10.
+ranks_per_node() {
+    is_uint "$2" && (( 10#$2 > 0 )) || die "$1 must be a positive integer (ranks per node), got '$2'."
+    echo $((10#$2))
+}
+
 # check_master_port PORT: PORT (a MASTER_PORT given by the user) must be a TCP port number.
 check_master_port() {
     if ! is_uint "$1" || (( 10#$1 < 1 || 10#$1 > 65535 )); then
         die "MASTER_PORT=$1 is not a TCP port (1-65535). Set MASTER_PORT to a free port number, or unset it to have a free one picked."
     fi
+}
+
+# check_preemption_settings: the requeue limit and the waits, read only once the job is ending,
+# checked at start-up instead. VUTRAIN_MAX_RESTARTS=ten stopped the batch script with "ten: unbound
+# variable" at the requeue decision, after the checkpoint: the job failed instead of coming back.
+# VUTRAIN_PREEMPT_RESEND_S=ten ended the re-sender at once (sleep refused it), VUTRAIN_SRUN_WAIT=ten
+# stopped srun.
+check_preemption_settings() {
+    local restarts="${VUTRAIN_MAX_RESTARTS:-50}" wait="${VUTRAIN_SRUN_WAIT:-300}"
+    local resend="${VUTRAIN_PREEMPT_RESEND_S:-30}"
+    is_uint "$restarts" || die "VUTRAIN_MAX_RESTARTS=$restarts is not a whole number of requeues. Set it to e.g. 50, or unset it."
+    is_uint "$wait" || die "VUTRAIN_SRUN_WAIT=$wait is not a whole number of seconds. Set it to e.g. 300, or unset it."
+    [[ "$resend" =~ ^[0-9]+(\.[0-9]+)?$ ]] \
+        || die "VUTRAIN_PREEMPT_RESEND_S=$resend is not a number of seconds (0: never resend). Set it to e.g. 30, or unset it."
 }
 
 # check_world_size WORLD: a WORLD_SIZE exported by the user must match what the tasks give.
@@ -445,7 +467,7 @@ run_preemptible() {
             log "checkpoint written, but job $SLURM_JOB_ID is ${state:-gone} (cancelled or out of time); not requeueing. Resubmit the same command to resume."
             return "$VUTRAIN_EXIT_PREEMPTED"
         fi
-        if (( ${SLURM_RESTART_COUNT:-0} >= ${VUTRAIN_MAX_RESTARTS:-50} )); then
+        if (( ${SLURM_RESTART_COUNT:-0} >= 10#${VUTRAIN_MAX_RESTARTS:-50} )); then
             log "preempted, but the job already restarted ${SLURM_RESTART_COUNT} times (VUTRAIN_MAX_RESTARTS=${VUTRAIN_MAX_RESTARTS:-50}); not requeueing. Resubmit the same command to resume."
             return "$VUTRAIN_EXIT_PREEMPTED"
         fi

@@ -41,7 +41,9 @@ done <"$hostfile"
 # SLURM handed out other physical GPUs (a shared node), those would be the wrong ones.
 if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" =~ ^[0-9,]+$ ]]; then
     slots="$(awk -v h="$me" '$1 == h {sub("slots=", "", $2); print $2}' "$hostfile")"
-    expected="$(seq -s, 0 $((slots - 1)))"
+    # 10#: "slots=08" is 8 GPUs; as octal it was an arithmetic error and a refusal naming no GPUs.
+    is_uint "$slots" || die "node $me: $hostfile gives it slots '$slots'; every line must read 'HOST slots=N' with N a positive integer."
+    expected="$(seq -s, 0 $((10#$slots - 1)))"
     [[ "$CUDA_VISIBLE_DEVICES" == "$expected" ]] || die "node $me: SLURM gave GPUs CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES but the deepspeed launcher would use $expected. Request whole nodes (sbatch --exclusive) or use launch/slurm/srun.sbatch."
 fi
 
