@@ -149,14 +149,14 @@ def slurm_master_addr(env) -> str | None:
     if host is None or _resolves(host):
         return host
     addr = _slurm_node_addr(host)
-    if addr is None:
-        # A name this rank cannot resolve is one its rendezvous cannot connect to either: returned
-        # with a warning, it had every rank retry until the 30-minute timeout.
-        raise RuntimeError(
-            f"the first node of this SLURM step, {host}, is not a resolvable host name and scontrol "
-            f"cannot give its NodeAddr: export MASTER_ADDR=<an address of {host}> before srun, or "
-            "start the job with launch/slurm/srun.sbatch"
-        )
+    if addr is None:  # nothing better is known; the rendezvous may still find it
+        if _int("SLURM_PROCID", env) == 0:
+            logging.getLogger("vutrain").warning(
+                "the first node of this SLURM step, %s, is not a resolvable host name and scontrol "
+                "cannot say its NodeAddr: if the ranks do not meet, export MASTER_ADDR=<its address>",
+                host,
+            )
+        return host
     if _resolves(addr):
         return addr
     raise RuntimeError(
