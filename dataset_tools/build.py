@@ -408,12 +408,7 @@ def _build(cfg: BuildConfig) -> dict:
     _refuse_shards_without_plan(cfg.output)
     _clean_partials(cfg.output)
     meta = metadata.read_metadata(cfg.inputs, cfg.input_format, cfg.categories_json)
-    # backslashreplace: a lone surrogate in a rejected record (a JSON title cut mid-emoji) is
-    # written as the JSON escape it came from, "\ud83d", instead of stopping the build.
-    rejected_path = os.path.join(build_dir, "rejected_input.jsonl")
-    with open(rejected_path, "w", encoding="utf-8", errors="backslashreplace") as f:
-        for rejected in meta.rejected:
-            f.write(json.dumps(rejected, ensure_ascii=False) + "\n")
+    _save_rejected(os.path.join(build_dir, "rejected_input.jsonl"), meta.rejected)
     print(
         f"[dataset_tools] {meta.input_rows} input rows -> {len(meta.rows)} videos "
         f"({meta.duplicates} duplicate rows collapsed, {len(meta.rejected)} rejected: invalid id or "
@@ -478,12 +473,26 @@ def _build(cfg: BuildConfig) -> dict:
         incomplete_retries=len(unmerged),
         download_worker_died=worker_died is not None,
     )
-    with open(os.path.join(build_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    shards.save_json(os.path.join(build_dir, "summary.json"), summary, "build summary")
     print_summary(summary)
     if worker_died:
         print(worker_died, file=sys.stderr, flush=True)
     return summary
+
+
+def _save_rejected(path: str, rejected: list[dict]) -> None:
+    """Write the rejected rows through a temporary name and rename: written in place, a build
+    killed mid-write (or a full disk) left a truncated JSONL that the user's scripts choked on."""
+    # backslashreplace: a lone surrogate in a rejected record (a JSON title cut mid-emoji) is
+    # written as the JSON escape it came from, "\ud83d", instead of stopping the build.
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in rejected)
+    try:
+        shards.atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
+    except OSError as err:
+        raise SystemExit(
+            f"{path}: could not write the rejected input rows ({err.strerror or err}); free space "
+            "and run the same build again"
+        ) from None
 
 
 def _refuse_shards_without_plan(output: str) -> None:

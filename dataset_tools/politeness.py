@@ -118,7 +118,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        # str.isdigit also takes '²' or '³' (latin-1 header bytes): float() raised on them and the
+        # row failed as an internal fetch error, without retries or the shared cool-down.
+        return float(value) if value.isascii() else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

@@ -2,7 +2,9 @@
 
 By channel, every video of a channel lands on the same side (near-identical thumbnails of one
 channel cannot straddle the split); by hash, each video id decides alone. The side is a salted
-SHA-1 of the channel (or id), so the split is deterministic and stable as data grows.
+SHA-1 of the channel (or id), so the split is deterministic. Stable as data grows, except for a
+row with only a channel title: it follows its channel's id once another row pairs the two, so a
+later split with newer exports can move it (the README says: split each data version once).
 """
 
 from __future__ import annotations
