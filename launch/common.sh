@@ -40,10 +40,7 @@ find_repo_root() {
 count_gpus() {
     if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
         # An empty CUDA_VISIBLE_DEVICES hides every GPU on purpose.
-        local ids="${CUDA_VISIBLE_DEVICES//,/ }"
-        # shellcheck disable=SC2086  # split the id list on purpose
-        set -- $ids
-        echo "$#"
+        visible_device_count "$CUDA_VISIBLE_DEVICES"
     elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]] && is_uint "$SLURM_GPUS_ON_NODE"; then
         echo "$SLURM_GPUS_ON_NODE"
     elif command -v nvidia-smi >/dev/null 2>&1; then
@@ -51,6 +48,21 @@ count_gpus() {
     else
         echo 0
     fi
+}
+
+# visible_device_count LIST: the GPUs a CUDA_VISIBLE_DEVICES value shows. CUDA stops at the first
+# entry that is neither an index nor a GPU-/MIG- UUID, so "-1" (the usual way to force a CPU run)
+# and SLURM's "NoDevFiles" show none and "0,-1,1" shows one. Counting every entry made local.sh
+# refuse NGPUS=2 on a CPU machine ("only 1 GPUs are visible") and place a rank on a hidden GPU.
+visible_device_count() {
+    local count=0 id
+    local IFS=$', \t'
+    for id in $1; do
+        [[ -n "$id" ]] || continue
+        [[ "$id" =~ ^[0-9]+$ || "$id" == GPU-* || "$id" == MIG-* ]] || break
+        count=$((count + 1))
+    done
+    echo "$count"
 }
 
 # requested_gpus_per_node: the GPUs per node the allocation asked for (SLURM_GPUS_PER_NODE,
@@ -307,6 +319,24 @@ check_preemption_settings() {
     is_uint "$wait" || die "VUTRAIN_SRUN_WAIT=$wait is not a whole number of seconds. Set it to e.g. 300, or unset it."
     [[ "$resend" =~ ^[0-9]+(\.[0-9]+)?$ ]] \
         || die "VUTRAIN_PREEMPT_RESEND_S=$resend is not a number of seconds (0: never resend). Set it to e.g. 30, or unset it."
+    requeue_wanted >/dev/null
+}
+
+# is_zero_seconds VALUE: true when VALUE (checked by check_preemption_settings) is zero written any
+# way, "0", "00", "0.0". Only "0" turned the re-sender off: "00" or "0.0" started it with
+# `sleep 0`, a loop of `scancel --signal=USR1` with no pause until the step exited.
+is_zero_seconds() { [[ "$1" =~ ^0+(\.0*)?$ ]]; }
+
+# requeue_wanted: "1" when a preempted job is to be requeued (VUTRAIN_REQUEUE unset, empty, 1, true,
+# yes, on), "0" when not (0, false, no, off; any case), a one-line error otherwise. Only "0" meant
+# off: VUTRAIN_REQUEUE=false or no requeued the job all the same.
+requeue_wanted() {
+    local value="${VUTRAIN_REQUEUE:-1}"
+    case "${value,,}" in
+        1 | true | yes | on) echo 1 ;;
+        0 | false | no | off) echo 0 ;;
+        *) die "VUTRAIN_REQUEUE=$value is neither on nor off. Set it to 0 (or false, no, off) to not requeue a preempted job, or unset it to requeue." ;;
+    esac
 }
 
 # check_world_size WORLD: a WORLD_SIZE exported by the user must match what the tasks give.
@@ -398,7 +428,7 @@ forward_preemption() {
 # a repeated USR1 as the same request.
 start_preemption_resender() {
     local every="${VUTRAIN_PREEMPT_RESEND_S:-30}"
-    [[ -z "${PREEMPT_RESENDER:-}" && "$every" != 0 ]] || return 0
+    if [[ -n "${PREEMPT_RESENDER:-}" ]] || is_zero_seconds "$every"; then return 0; fi
     (
         trap - USR1 TERM
         while sleep "$every"; do
@@ -411,7 +441,8 @@ start_preemption_resender() {
 
 # run_preemptible OUTPUT_DIR CMD...: run CMD (an srun line) in the background, forward USR1/TERM
 # to it, wait, then decide: exit code 75 (or a fresh preempted.json after a signal) requeues
-# the job with `scontrol requeue` unless VUTRAIN_REQUEUE=0; anything else is returned.
+# the job with `scontrol requeue` unless VUTRAIN_REQUEUE is off (requeue_wanted); anything else is
+# returned.
 run_preemptible() {
     local out_dir="$1" pid rc
     shift
@@ -454,8 +485,8 @@ run_preemptible() {
     fi
     rm -f "$marker"
     if [[ "$preempted" == 1 ]]; then
-        if [[ "${VUTRAIN_REQUEUE:-1}" == 0 ]]; then
-            log "preempted; VUTRAIN_REQUEUE=0 so not requeueing (resume with the same command)"
+        if [[ "$(requeue_wanted)" == 0 ]]; then
+            log "preempted; VUTRAIN_REQUEUE=${VUTRAIN_REQUEUE} so not requeueing (resume with the same command)"
             return "$VUTRAIN_EXIT_PREEMPTED"
         fi
         # `scancel JOB` (and the time limit) TERM every step while the job is already COMPLETING:
