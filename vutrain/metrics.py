@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,8 @@ class MetricsWriter:
         """Append one row {"step": step, **values} (numbers as floats) and mirror it to TensorBoard."""
         if not self.enabled:
             return
-        row = {"step": step}
-        for key, value in values.items():
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            row[key] = float(value) if number else value
+        row = {"step": int(step)}  # a numpy or tensor step too
+        row.update({key: _as_json_value(value) for key, value in values.items()})
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, allow_nan=True) + "\n")
         if self._tb is not None:
@@ -103,6 +102,16 @@ class MetricsWriter:
         """Flush and close TensorBoard (metrics.jsonl is closed after every row)."""
         if self._tb is not None:
             self._tb.close()
+
+
+def _as_json_value(value):
+    """A number as a float (bools stay bools). A numpy scalar or a 0-d array or tensor (a loss
+    term logged as it came) made json.dumps raise: the row, and the run, were lost."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def read_metrics(run_dir: str) -> list[dict]:

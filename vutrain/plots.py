@@ -12,14 +12,15 @@ def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     rows = read_metrics(run_dir)
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: `matplotlib.use("Agg")` switched the backend of the
+    # process, and a notebook or script that trained and then plotted lost its own backend
+    # (inline plots stopped showing). A bare Figure draws with Agg and touches no global state.
+    from matplotlib.figure import Figure
 
     train = [r for r in rows if "train/loss" in r]
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     axes[0].plot([r["step"] for r in train], [r["train/loss"] for r in train], lw=1)
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
     for key in ("eval/zeroshot_top1", "eval/i2t_r1", "eval/t2i_r1", "eval/i2t_r5", "eval/t2i_r5"):
@@ -34,5 +35,4 @@ def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     fig.tight_layout()
     path = os.path.join(run_dir, out_name)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -721,7 +721,12 @@ class Trainer:
             try:
                 self.stream.close()  # its loader workers end with the run, not when the process does
             finally:
-                self.restore_signal_handlers(previous_handlers)
+                try:
+                    # Every exit, not only a finished run's: a pre-empted or failed run left its
+                    # TensorBoard writer (thread, event file) open in a process that trains again.
+                    self.metrics.close()
+                finally:
+                    self.restore_signal_handlers(previous_handlers)
 
     def _train(self) -> dict:
         cfg = self.cfg
@@ -735,7 +740,6 @@ class Trainer:
             )
             # Still finished: the start cleared last run's end markers (`_prepare_run_dir`).
             self._write_marker("done.json", {"step": self.step})
-            self.metrics.close()
             return logged_eval(self.run_dir, self.step)
         # A finished run continued with a larger train.max_steps is unfinished until its new end:
         # kept from its final checkpoint, the flag went into a pre-emption checkpoint at the new
@@ -803,11 +807,22 @@ class Trainer:
         self.save()
         self._write_marker("done.json", {"step": self.step})
         if self.info.is_main:
+            self._plot_curves()
+        return last_eval
+
+    def _plot_curves(self) -> None:
+        """Draw curves.png, a convenience: a failure (a full disk, matplotlib missing or broken) is
+        one warning. It raised after done.json, and the finished run exited 1 with a traceback,
+        which SLURM and the launchers report as a failed job."""
+        try:
             from vutrain.plots import plot_run
 
             plot_run(self.run_dir)
-        self.metrics.close()
-        return last_eval
+        except Exception as exc:
+            log.warning(
+                "curves.png not written (%s); the run finished, metrics.jsonl holds its curves",
+                one_line(exc),
+            )
 
     def _eval_due(self) -> bool:
         """A periodic eval after this step (the loop's, or the one a pre-emption leaves owed)."""
