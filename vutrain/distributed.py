@@ -121,6 +121,46 @@ def _resolves(host: str) -> bool:
     return True
 
 
+# The resolver's answers that no retry changes; EAI_AGAIN (a DNS server slow to answer) is left to
+# the rendezvous, which retries.
+_NO_SUCH_HOST = {
+    getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL") if hasattr(socket, name)
+}
+
+
+def _unknown_host(host: str) -> bool:
+    """True when `host` is certainly no host name this node can reach: the resolver says it does
+    not exist, or it is not a valid name at all."""
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as exc:
+        return exc.errno in _NO_SUCH_HOST
+    except UnicodeError:
+        return True
+    return False
+
+
+def check_rendezvous_host(info: DistInfo, env=None) -> None:
+    """Refuse a rendezvous host this rank cannot resolve, before the process group tries it.
+
+    torch's store retries such a name until the group's timeout (30 minutes), on every rank, and
+    then says only "timed out". The check sits here, where the address is used, and not in
+    `resolve_dist_env`: a SLURM step's first node is still named there when scontrol is missing."""
+    if not _unknown_host(info.master_addr):
+        return
+    env = os.environ if env is None else env
+    if info.launcher == "slurm" and not env.get("MASTER_ADDR", "").strip():
+        raise RuntimeError(
+            f"the first node of this SLURM step, {info.master_addr}, is not a host name this node can "
+            f"resolve and scontrol gave no NodeAddr for it: export MASTER_ADDR=<an address of "
+            f"{info.master_addr}> before srun, or start the job with launch/slurm/srun.sbatch"
+        )
+    raise RuntimeError(
+        f"MASTER_ADDR={info.master_addr} is not a host name this node can resolve: export MASTER_ADDR "
+        "as an IP address or resolvable host name of the node that runs rank 0"
+    )
+
+
 def _slurm_node_addr(node: str) -> str | None:
     """The NodeAddr slurm.conf gives `node` (`scontrol show node`, one request to slurmctld); None
     where scontrol is missing (a container) or cannot answer."""
@@ -149,7 +189,9 @@ def slurm_master_addr(env) -> str | None:
     if host is None or _resolves(host):
         return host
     addr = _slurm_node_addr(host)
-    if addr is None:  # nothing better is known; the rendezvous may still find it
+    # Nothing better is known: `check_rendezvous_host` stops the run at init_distributed, where the
+    # name is used (an expansion that raised here failed callers that only want the first node).
+    if addr is None:
         if _int("SLURM_PROCID", env) == 0:
             logging.getLogger("vutrain").warning(
                 "the first node of this SLURM step, %s, is not a resolvable host name and scontrol "
@@ -270,8 +312,19 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
             f"rank {rank} is outside world size {world} ({launcher} launcher): "
             "check --ntasks / --nproc_per_node against the job's task count"
         )
-    addr = env.get("MASTER_ADDR") or (slurm_master_addr(env) if launcher == "slurm" else None) or "127.0.0.1"
+    if not 0 <= local_rank < local_world:
+        raise RuntimeError(
+            f"local rank {local_rank} is outside this node's {local_world} ranks ({launcher} launcher): "
+            "check LOCAL_RANK / --local_rank against the ranks started per node"
+        )
+    # Stripped: " 10.0.0.1" from a hand-edited script is no host name, and every rank then waited
+    # out the rendezvous timeout on it.
+    addr = env.get("MASTER_ADDR", "").strip()
+    addr = addr or (slurm_master_addr(env) if launcher == "slurm" else None) or "127.0.0.1"
     port = _int("MASTER_PORT", env)
+    if port is not None and not 0 < port < 65536:
+        # 0 let rank 0 listen on a port of the kernel's choosing, which no other rank could know.
+        raise RuntimeError(f"MASTER_PORT={port} is not a TCP port: export a number from 1 to 65535")
     if port is None:
         job = _int("SLURM_JOB_ID", env)
         if launcher == "single":  # nobody else joins: any free port avoids clashing with other runs
@@ -371,6 +424,8 @@ def deepspeed_env(info: DistInfo) -> dict[str, str]:
 
 def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
     """Start the process group (always, even for one process: DeepSpeed expects one)."""
+    if not dist.is_initialized():
+        check_rendezvous_host(info)
     os.environ.update(deepspeed_env(info))
     if info.device.startswith("cuda"):
         # Before the group exists: NCCL and object collectives use the current device.
