@@ -8,8 +8,9 @@ Format (version 1), under RUN/checkpoints/:
         trainer_state_rank{R}.json     rank R's step, data stream position and RNG scalars (JSON)
         trainer_state_rank{R}.safetensors  rank R's RNG tensors (torch CPU/CUDA generator states);
                                        `.tensors.pt` (a tensor-only torch.save) without safetensors
-        COMPLETE.json                  the marker, written last: format, step, tag, world_size and
-                                       {relative path: size in bytes} of every other file
+        COMPLETE.json                  the marker, written last: format, step, tag, world_size,
+                                       {relative path: size in bytes} of every other file, and
+                                       tokenizer_vocab_sha256 when RUN/tokenizer holds a tokenizer
     latest                             the newest complete tag (written by us, after the marker)
     step_00000200.tmp/                 a save in progress, or one killed mid-write (never loaded;
                                        one killed after its marker is renamed at the next start)
@@ -34,6 +35,7 @@ Loading the trainer's state never unpickles: JSON plus tensors (safetensors, or 
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MARKER = "COMPLETE.json"
+# The marker's record of the preset tokenizer a checkpoint was trained with (`tokenizer_fingerprint`).
+TOKENIZER_KEY = "tokenizer_vocab_sha256"
 TMP_SUFFIX = ".tmp"
 TAG_RE = re.compile(r"^step_(\d+)$")
 TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
@@ -371,6 +375,9 @@ def _complete(ckpt_dir: str, tag: str, step: int) -> None:
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": _files_and_sizes(tmp_dir),
     }
+    vocab = tokenizer_fingerprint(os.path.join(os.path.dirname(ckpt_dir), "tokenizer"))
+    if vocab is not None:  # a preset's tokenizer: the token ids of these embeddings
+        marker[TOKENIZER_KEY] = vocab
     _atomic_write_text(os.path.join(tmp_dir, MARKER), json.dumps(marker, indent=1))
     _publish(ckpt_dir, tag)
     _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
@@ -582,15 +589,89 @@ def resume_tokenizer_dir(resume: str) -> str:
     train.resume=never moves ``checkpoints/`` and ``tokenizer/`` aside with one suffix
     (`move_aside`), and the new run trains another tokenizer into ``tokenizer/``: a resume from
     ``checkpoints.replaced-S/`` took that one, whose token ids are not the checkpoint's.
-    Checkpoints set aside alone (`set_aside_later`, no tokenizer of their suffix) are this run's.
+    Checkpoints set aside alone (`set_aside_later`, no tokenizer of their suffix) are this run's,
+    unless a later train.resume=never moved that tokenizer aside too: a checkpoint that records
+    its tokenizer (`TOKENIZER_KEY`) takes the folder of its run that holds it.
     """
     checkpoints = _checkpoints_dir_of(resume)
-    name = os.path.basename(checkpoints)
+    run, name = os.path.dirname(checkpoints), os.path.basename(checkpoints)
+    default = os.path.join(run, "tokenizer")
     if name.startswith(_ASIDE_CHECKPOINTS):
-        aside = os.path.join(os.path.dirname(checkpoints), "tokenizer" + name[len("checkpoints") :])
+        aside = os.path.join(run, "tokenizer" + name[len("checkpoints") :])
         if os.path.isdir(aside):
-            return aside
-    return os.path.join(os.path.dirname(checkpoints), "tokenizer")
+            default = aside
+    expected = recorded_tokenizer(resume)
+    if expected is None or tokenizer_fingerprint(default) in (None, expected):
+        return default
+    return next((d for d in _tokenizer_folders(run) if tokenizer_fingerprint(d) == expected), default)
+
+
+def _tokenizer_folders(run: str) -> list[str]:
+    """RUN/tokenizer, then the folders train.resume=never moved aside, newest first."""
+    asides = sorted((n for n in _listdir(run) if n.startswith("tokenizer.replaced-")), reverse=True)
+    return [os.path.join(run, n) for n in ["tokenizer", *asides]]
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def tokenizer_fingerprint(tok_dir: str) -> str | None:
+    """sha256 of what fixes a saved tokenizer's token ids: ``tokenizer.json``'s vocabulary, merges
+    and added tokens; None when it has no readable ``tokenizer.json``.
+
+    Not of the file's bytes: an export saves the same tokenizer again (a restore from it is
+    advised), with other padding and truncation settings, and newer `tokenizers` write merges as
+    pairs instead of "a b" strings.
+    """
+    try:
+        with open(os.path.join(tok_dir, "tokenizer.json"), encoding="utf-8") as fh:
+            data = json.load(fh)
+        model = data["model"]
+        merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+        added = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []))
+        ids = {"vocab": model["vocab"], "merges": merges, "added_tokens": added}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return hashlib.sha256(json.dumps(ids, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def recorded_tokenizer(resume: str) -> str | None:
+    """The tokenizer fingerprint in the marker of the checkpoint train.resume (a tag or a
+    checkpoints directory) loads; None for checkpoints saved without one (older runs, pretrained
+    models) or when there is no usable checkpoint (`resolve_resume` says so, later)."""
+    path = os.path.abspath(resume)
+    if not (TAG_RE.match(os.path.basename(path)) or os.path.isfile(os.path.join(path, MARKER))):
+        try:
+            found = _newest_complete(path, f"train.resume={resume}", verbose=False)
+        except CheckpointError:
+            return None
+        if found is None:
+            return None
+        path = os.path.join(*found)
+    marker = read_marker(path)
+    value = marker.get(TOKENIZER_KEY) if marker else None
+    return value if isinstance(value, str) else None
+
+
+def check_tokenizer_is_recorded(resume: str, tok_dir: str, expected: str | None) -> None:
+    """ConfigError when ``tok_dir`` loads but is not the tokenizer train.resume's checkpoint
+    records (`expected`): its embeddings would read other words under the same token ids."""
+    actual = tokenizer_fingerprint(tok_dir)
+    if expected is None or actual is None or actual == expected:
+        return
+    run = os.path.dirname(_checkpoints_dir_of(resume))
+    match = next((d for d in _tokenizer_folders(run) if tokenizer_fingerprint(d) == expected), None)
+    where = f"{match} holds it" if match else "no tokenizer folder of that run holds it"
+    raise ConfigError(
+        f"train.resume={resume} was trained with another tokenizer than {tok_dir} (vocabulary sha256 "
+        f"{expected[:12]} recorded in its {MARKER}, {actual[:12]} there; {where}): put that run's "
+        f"tokenizer folder in {tok_dir} (an export of that run holds the same tokenizer), or resume "
+        "into a new output_dir, or set train.resume=never to start afresh."
+    )
 
 
 def adopt_tokenizer(resume: str, run_dir: str) -> str | None:
@@ -613,7 +694,14 @@ def tokenizer_to_adopt(resume: str, run_dir: str) -> tuple[str, str, str | None]
     it on all of them before rank 0 copies: raised on rank 0 alone, the others waited at the next
     barrier until the launcher's timeout killed them.
     """
-    if resume in ("auto", "never"):
+    if resume == "never":
+        return None
+    if resume == "auto":  # this run's checkpoints and tokenizer (a folder restored by hand?)
+        check_tokenizer_is_recorded(
+            checkpoints_dir(run_dir),
+            os.path.join(run_dir, "tokenizer"),
+            recorded_tokenizer(checkpoints_dir(run_dir)),
+        )
         return None
     source = resume_tokenizer_dir(resume)
     target = os.path.join(run_dir, "tokenizer")
@@ -621,12 +709,16 @@ def tokenizer_to_adopt(resume: str, run_dir: str) -> tuple[str, str, str | None]
     if not same and os.path.realpath(os.path.dirname(source)) == os.path.realpath(run_dir):
         check_own_aside_tokenizer(resume, source, target)
         return None
+    expected = recorded_tokenizer(resume)
     local_damage = tokenizer_load_error(target) if os.path.exists(target) else "missing"
     if not os.path.isfile(os.path.join(source, "tokenizer.json")):
-        if local_damage is None:
-            return None  # a tokenizer put in place by hand (or adopted by an earlier start)
+        if local_damage is None:  # a tokenizer put in place by hand (or adopted by an earlier start)
+            check_tokenizer_is_recorded(resume, target, expected)
+            return None
         raise ConfigError(missing_resume_tokenizer_message(resume, source, target, same))
+    check_tokenizer_is_recorded(resume, source, expected)
     if same or local_damage is None:
+        check_tokenizer_is_recorded(resume, target, expected)  # a kept local one must be it too
         return None
     check_resume_tokenizer_loads(resume, source)
     return source, target, None if local_damage == "missing" else local_damage
@@ -668,19 +760,30 @@ def copy_adopted_tokenizer(resume: str, source: str, target: str, local_damage: 
     """Rank 0: copy the resumed run's tokenizer to ``target`` (from tokenizer_to_adopt); returns it."""
     shutil.copytree(source, target + ".tmp", dirs_exist_ok=True)
     if local_damage is not None:
-        # A kill between these two leaves no tokenizer, and the next start adopts it again.
-        shutil.rmtree(target)
+        # Kept, not deleted: the user's files (hand-edited, or the only copy of another run's).
+        # A kill between these two renames leaves no tokenizer, and the next start adopts it again.
+        damaged = _unused_name(target + ".damaged-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        os.rename(target, damaged)
         log.warning(
-            "%s does not load (%s): replacing it with %s, the tokenizer of train.resume=%s",
+            "%s does not load (%s): replacing it with %s, the tokenizer of train.resume=%s (the "
+            "damaged folder is kept as %s)",
             target,
             local_damage,
             source,
             resume,
+            damaged,
         )
     os.replace(target + ".tmp", target)
     if local_damage is None:
         log.info("train.resume=%s: using that run's tokenizer (%s), copied to %s", resume, source, target)
     return target
+
+
+def _unused_name(path: str) -> str:
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        candidate, n = f"{path}-{n}", n + 1
+    return candidate
 
 
 def check_resume_tokenizer_loads(resume: str, source: str) -> None:
