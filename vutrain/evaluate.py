@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from vutrain.config import RunConfig
 from vutrain.distributed import all_reduce
+from vutrain.tag_text import normalize_tag
 
 log = logging.getLogger("vutrain")
 
@@ -88,14 +89,19 @@ def _chunk_rows(n_columns: int) -> int:
     return max(1, min(4096, RECALL_CHUNK_ELEMENTS // max(n_columns, 1)))
 
 
+MISS_RANK = torch.iinfo(torch.long).max
+"""The rank of a pair that is never found (every right column NaN): beyond every k. It was N, so
+on a held-out set of fewer than 10 samples a diverged model's misses counted as hits at R@10."""
+
+
 def _pair_ranks(rows: torch.Tensor, row_groups: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Per row of ``rows`` [n, N], how many columns outside its group beat or tie its best right
-    column; N (a miss) when every right column is NaN."""
+    column; ``MISS_RANK`` when every right column is NaN."""
     same = row_groups[:, None] == groups[None, :]
     scored = same & ~rows.isnan()
     best = torch.where(scored, rows, float("-inf")).amax(dim=1, keepdim=True)
     beats = ((rows >= best) | rows.isnan()) & ~same  # how many other columns beat or tie it
-    return torch.where(scored.any(dim=1), beats.sum(dim=1), rows.shape[1])
+    return torch.where(scored.any(dim=1), beats.sum(dim=1), MISS_RANK)
 
 
 def _recall(ranks: list[torch.Tensor], ks, device) -> dict[int, float]:
@@ -177,6 +183,30 @@ def caption_tokens(batch: dict) -> list[tuple[int, ...]]:
     ]
 
 
+def retrieval_groups(tokens: list[tuple], image_ids: list) -> list[int]:
+    """Per sample, its group in recall: samples joined by an identical caption (the same tokens)
+    or an identical image (the same ``image_ids`` entry; None is no image id), transitively.
+
+    Identical images have identical features, so they tied exactly: for a caption, its image and
+    the copy under another title ranked each other out, and a perfect model lost R@1 on both
+    (YouTube reuses one thumbnail across videos; nothing removes it unless `dataset_tools dedup` runs)."""
+    parent = list(range(len(tokens)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple, int] = {}
+    for i, keys in enumerate(zip(tokens, image_ids, strict=True)):
+        for kind, key in enumerate(keys):
+            if key is not None:
+                parent[root(i)] = root(first.setdefault((kind, key), i))
+    group_of: dict[int, int] = {}
+    return [group_of.setdefault(root(i), len(group_of)) for i in range(len(tokens))]
+
+
 class EvalInterrupted(Exception):
     """Every rank agreed, between two eval batches, to stop: a rank got a pre-emption signal."""
 
@@ -230,6 +260,31 @@ def merge_same_prompts(
             distinct.append(c)
         index[c] = first[key]
     return distinct, index
+
+
+def merge_same_prompt_tags(
+    tag_lists: list[list[str]], vocab: list[str], templates: list[str], tokenize
+) -> tuple[list[list[str]], list[str]]:
+    """The vocabulary tags whose prompts the model cannot tell apart, merged as zero-shot classes
+    are (``merge_same_prompts``): (each image's tags renamed to its merged tag, merged vocabulary).
+
+    "gta5" and "gta 5" (CLIP's tokenizer splits digits from letters) or two long tags cut alike at
+    the context length had one embedding, so for an image of one, the other tied its true tag and
+    ranked first: a perfect model lost R@1 on every such image and AP on every such tag."""
+    distinct, index = merge_same_prompts(vocab, templates, tokenize)
+    merged_name = {tag: distinct[i] for tag, i in index.items()}
+    renamed = [[merged_name.get(normalize_tag(t), t) for t in tags] for tags in tag_lists]
+    return renamed, distinct
+
+
+def tag_metrics(img, tag_lists, encode_text, templates, tokenize, vocab_size: int) -> dict[str, float]:
+    """``eval/tags_*`` over the ``vocab_size`` most frequent tags, merged by prompt tokens;
+    ``eval/tags_vocab`` counts merged tags."""
+    from vutrain.eval_multilabel import multilabel_retrieval, tag_vocabulary
+
+    vocab = tag_vocabulary(tag_lists, max_tags=vocab_size)
+    tag_lists, vocab = merge_same_prompt_tags(tag_lists, vocab, templates, tokenize)
+    return multilabel_retrieval(img, tag_lists, encode_text, templates, vocab=vocab)
 
 
 @torch.no_grad()
@@ -287,15 +342,15 @@ def evaluate(
         ]
         tags = [t for b in kept for t in b.get("tags", [[]] * len(b["labels"]))]
         tokens = [t for b in kept for t in caption_tokens(b)]  # identical captions: one group in recall
+        image_ids = [i for b in kept for i in b.get("image_ids", [None] * len(b["labels"]))]
         img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
-        tokens = gather_objects(tokens)
+        tokens, image_ids = gather_objects(tokens), gather_objects(image_ids)
         tags = gather_objects(tags) if tag_vocab_size > 0 else []
 
         metrics: dict[str, float] = {"eval/num_samples": float(img.shape[0])}
         if img.shape[0] == 0:
             return metrics
-        group_of: dict[tuple, int] = {}
-        groups = torch.tensor([group_of.setdefault(t, len(group_of)) for t in tokens], device=img.device)
+        groups = torch.tensor(retrieval_groups(tokens, image_ids), device=img.device)
         for name, queries, keys in (("i2t", img, txt), ("t2i", txt, img)):
             for k, value in feature_recall_at_k(queries, keys, groups=groups).items():
                 metrics[f"eval/{name}_r{k}"] = value
@@ -331,10 +386,7 @@ def evaluate(
             metrics["eval/zeroshot_chance"] = chance
             metrics["eval/zeroshot_classes"] = float(len(classes))
         if any(tags):  # every rank holds the same gathered tags, so the text forwards stay in lockstep
-            from vutrain.eval_multilabel import multilabel_retrieval, tag_vocabulary
-
-            vocab = tag_vocabulary(tags, max_tags=tag_vocab_size)
-            metrics.update(multilabel_retrieval(img, tags, encode_text, templates, vocab=vocab))
+            metrics.update(tag_metrics(img, tags, encode_text, templates, tokenize, tag_vocab_size))
         return metrics
     finally:  # also after an early return or an error: training goes on in train mode
         if was_training:

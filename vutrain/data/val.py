@@ -8,6 +8,7 @@ different numbers of batches; the last batch may be smaller than ``batch_size``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -15,7 +16,7 @@ import torch
 
 from .captions import template_fields
 from .labels import category_label, normalize_tag, tag_values
-from .samples import SkipCounter, SkipSample, decode_meta, decode_sample, iter_raw_samples
+from .samples import SkipCounter, SkipSample, decode_meta, decode_sample, image_member, iter_raw_samples
 from .shards import check_openable, expand_shards
 
 
@@ -27,8 +28,10 @@ class ValStream:
     "" when absent), ``label_sets`` list[list[str]] (the value's elements: one for a scalar, each
     element of a list, none when absent; what zero-shot scores against), ``tags`` list[list[str]]
     (the ``tags`` metadata, ``labels.tag_values``: a list, or a comma-separated string split, as
-    training's tag positives read it; empty when absent; for the multi-label retrieval metrics) and
-    ``keys`` list[str]. A sample without a label still counts for retrieval; zero-shot leaves it out.
+    training's tag positives read it; empty when absent; for the multi-label retrieval metrics),
+    ``keys`` list[str] and ``image_ids`` list[str] (a digest of the encoded image bytes: equal for
+    the same file, so recall can count identical images as one). A sample without a label still
+    counts for retrieval; zero-shot leaves it out.
     """
 
     def __init__(
@@ -69,7 +72,7 @@ class ValStream:
                     yield raw
                 index += 1
 
-    def _batch(self, pixels, captions, metas, keys) -> dict:
+    def _batch(self, pixels, captions, metas, keys, image_ids) -> dict:
         batch = dict(self.tokenize(captions))
         label_sets = [label_values(meta.get(self.label_field), self.label_field) for meta in metas]
         batch.update(
@@ -78,12 +81,13 @@ class ValStream:
             label_sets=label_sets,
             tags=[tag_values(m.get("tags")) for m in metas],
             keys=keys,
+            image_ids=image_ids,
         )
         return batch
 
     def __iter__(self) -> Iterator[dict]:
         self._skipped = SkipCounter()
-        pixels, captions, metas, keys = [], [], [], []
+        pixels, captions, metas, keys, image_ids = [], [], [], [], []
         for raw in self._my_raw_samples():
             try:
                 image, caption, meta = decode_sample(raw, self.caption_template)
@@ -95,11 +99,17 @@ class ValStream:
             captions.append(caption)
             metas.append(meta)
             keys.append(raw["__key__"])
+            image_ids.append(image_digest(raw))
             if len(pixels) == self.batch_size:
-                yield self._batch(pixels, captions, metas, keys)
-                pixels, captions, metas, keys = [], [], [], []
+                yield self._batch(pixels, captions, metas, keys, image_ids)
+                pixels, captions, metas, keys, image_ids = [], [], [], [], []
         if pixels:
-            yield self._batch(pixels, captions, metas, keys)
+            yield self._batch(pixels, captions, metas, keys, image_ids)
+
+
+def image_digest(raw: dict) -> str:
+    """A digest of a decoded sample's encoded image bytes (a few KB, so cheap beside the decode)."""
+    return hashlib.blake2b(raw[image_member(raw)], digest_size=16).hexdigest()
 
 
 def label_values(value, field: str = "") -> list[str]:
