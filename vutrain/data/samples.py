@@ -319,12 +319,17 @@ def iter_raw_samples(
 
 
 def decode_text(raw: dict, ext: str) -> str | None:
-    """UTF-8 text of member ``ext`` or None if absent; SkipSample(non_utf8_text) if undecodable."""
+    """UTF-8 text of member ``ext`` or None if absent; SkipSample(non_utf8_text) if undecodable.
+
+    A leading byte-order mark is dropped: Windows tools write one, and ``json.loads`` refuses it in
+    a str, so every such sample was skipped as ``bad_json`` (webdataset and open_clip, which parse
+    the bytes, read them) and a ``.txt`` caption began with an invisible U+FEFF token.
+    """
     payload = raw.get(ext)
     if payload is None:
         return None
     try:
-        return payload.decode("utf-8")
+        return payload.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise SkipSample("non_utf8_text", f"{raw['__key__']}.{ext}: {e}") from None
 

@@ -110,11 +110,18 @@ _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 """Shards the reader opens (compressed ones through tarfile): what ``__len__`` counts."""
 
 
+def _shard_stem(name: str) -> str:
+    """``00000`` of ``00000.tar`` and of ``00000.tar.gz`` (img2dataset's stats file names the stem:
+    cutting only the last suffix looked for ``00000.tar_stats.json`` beside compressed shards)."""
+    suffix = next((s for s in _SHARD_SUFFIXES if name.endswith(s)), None)
+    return name[: -len(suffix)] if suffix else name.rsplit(".", 1)[0]
+
+
 def _count_in_dir(directory: str, names: list[str]) -> int | None:
     """Samples of the shards ``names`` (basenames) of one local directory, or None if unknown.
 
     Looks, in open_clip's order, at ``sizes.json`` then ``__len__`` (the whole directory: used
-    only when ``names`` are every tar of the directory), then at img2dataset's
+    only when ``names`` are every tar of the directory, each once), then at img2dataset's
     ``NNNNN_stats.json`` (``successes``) for each shard.
     """
     sizes_path = os.path.join(directory, "sizes.json")
@@ -126,13 +133,14 @@ def _count_in_dir(directory: str, names: list[str]) -> int | None:
     len_path = os.path.join(directory, "__len__")
     every_tar = {n for n in os.listdir(directory) if n.endswith(_SHARD_SUFFIXES)}
     # A subset of the directory (a brace range over part of it) would get the whole count: the
-    # epoch would run that many times longer, repeating its samples.
-    if os.path.isfile(len_path) and set(names) >= every_tar:
+    # epoch would run that many times longer, repeating its samples. A list naming some shards
+    # twice (a source upsampled with ``::``) would get it too, an epoch short of its repeats.
+    if os.path.isfile(len_path) and sorted(names) == sorted(every_tar):
         with open(len_path) as f:
             return int(f.read().strip())
     total = 0
     for name in names:
-        stats_path = os.path.join(directory, name.rsplit(".", 1)[0] + "_stats.json")
+        stats_path = os.path.join(directory, _shard_stem(name) + "_stats.json")
         if not os.path.isfile(stats_path):
             return None
         with open(stats_path) as f:
