@@ -17,6 +17,7 @@ from PIL import Image
 
 from dataset_tools import finalize as finalize_mod
 from dataset_tools import shards
+from dataset_tools.inspect_shards import IMAGE_EXTS, image_member
 from dataset_tools.plan import BUILD_DIR
 from dataset_tools.reshard import (
     ShardSink,
@@ -70,12 +71,15 @@ def _chunks(value: int, parts: int) -> list[tuple]:
 
 def _phash(folder: str, key: str, members: dict[str, bytes]) -> imagehash.ImageHash:
     """The sample's pHash, or a one-line SystemExit naming the sample when its image is missing or
-    does not decode (it was a KeyError or OSError traceback naming neither, after minutes of hashing)."""
+    does not decode (it was a KeyError or OSError traceback naming neither, after minutes of hashing).
+    The image is the member the trainer reads: a .png or .webp one (img2dataset --encode_format)
+    was refused as "no .jpg", with a rebuild as the remedy, which wrote the same shards again."""
+    image = image_member(members)
     try:
-        with Image.open(io.BytesIO(members["jpg"])) as img:
+        with Image.open(io.BytesIO(members[image])) as img:
             return imagehash.phash(img)
     except Exception as err:
-        why = "has no .jpg" if "jpg" not in members else f"image does not decode ({err})"
+        why = f"has no image ({'/'.join(IMAGE_EXTS)})" if image is None else f"image does not decode ({err})"
         raise SystemExit(
             f"{folder}: sample {key} {why}. `python -m dataset_tools inspect {folder} --verify` names "
             "its shard: delete that shard's NNNNN_stats.json and run the same build again to redo it."

@@ -1,8 +1,9 @@
 """``inspect DIR [--verify]``: what a shard folder holds, and (with verify) whether it is sound.
 
 Verification checks every tar in the folder, with stats or without: that it is whole (not
-truncated), decodes every image fully, checks every sample has its .jpg/.txt/.json, that the json
-key matches, that members are sorted, and (shards with a parquet) that the tar holds exactly the
+truncated), decodes every image fully, checks every sample has its image (.jpg, or the
+.jpeg/.png/.webp the trainer reads too), .txt and .json, that the json key matches, that members
+are sorted, and (shards with a parquet) that the tar holds exactly the
 rows the parquet calls successes. Any finding lands in ``report["corrupt"]`` (non-empty -> exit 1).
 """
 
@@ -19,7 +20,18 @@ from PIL import Image
 from dataset_tools import shards, youtube
 from dataset_tools.vocab import tag_values
 
-REQUIRED_MEMBERS = ("jpg", "txt", "json")
+REQUIRED_MEMBERS = ("txt", "json")  # and one image member of IMAGE_EXTS
+# The trainer's image members, in its order of preference (vutrain/data/samples.py IMAGE_EXTS; not
+# imported: that module pulls in torch). img2dataset --encode_format png/webp writes no .jpg: such a
+# folder was all "lacks ['jpg']" findings out of --verify and a "rebuild it" refusal out of dedup.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def image_member(members: dict[str, bytes]) -> str | None:
+    """The member name (``ext`` as written, any case) of a sample's image, as the trainer picks it;
+    None when the sample has none."""
+    by_lower = {ext.lower(): ext for ext in members}
+    return next((by_lower[ext] for ext in IMAGE_EXTS if ext in by_lower), None)
 
 
 def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]:
@@ -38,7 +50,9 @@ def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]
     if names != sorted(names):
         problems.append(f"{name}.tar: members not sorted by key")
     for key, members in samples.items():
+        image = image_member(members)
         missing = [ext for ext in REQUIRED_MEMBERS if ext not in members]
+        missing = missing if image else ["jpg (or jpeg/png/webp)", *missing]
         if missing:
             problems.append(f"{name}.tar: sample {key} lacks {missing}")
             continue
@@ -56,7 +70,7 @@ def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]
         except ValueError:
             problems.append(f"{name}.tar: sample {key} json does not parse as an object")
         try:
-            with Image.open(io.BytesIO(members["jpg"])) as img:
+            with Image.open(io.BytesIO(members[image])) as img:
                 img.load()  # full decode: truncated JPEGs raise here
         except Exception as err:
             problems.append(f"{name}.tar: sample {key} image does not decode ({err})")

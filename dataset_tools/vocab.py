@@ -11,13 +11,17 @@ import os
 from collections import Counter
 
 from dataset_tools import shards
-from dataset_tools.reshard import refuse_broken_shards
+from dataset_tools.reshard import refuse_broken_shards, skipped_incomplete_shards
 from vutrain.tag_text import normalize_tag, tag_values
 
 
 def build_vocab(folder: str, min_count: int = 5) -> dict:
-    """Tag and category vocabularies of the successful samples, entries below ``min_count`` dropped."""
+    """Tag and category vocabularies of the successful samples, entries below ``min_count`` dropped.
+    Incomplete shards (no stats yet: a build still running or stopped) are left out, named on stderr
+    and in ``skipped_incomplete_shards``, as split and dedup do: their tags were left out without a
+    word, so a vocabulary of a half-built folder passed for one of the whole folder."""
     shards.require_shards(folder)
+    skipped = skipped_incomplete_shards(folder, "vocab")
     tags, categories = Counter(), Counter()
     for name in shards.iter_shard_names(folder):
         path = os.path.join(folder, f"{name}.parquet")
@@ -36,7 +40,12 @@ def build_vocab(folder: str, min_count: int = 5) -> dict:
         kept = sorted(((n, c) for n, c in counter.items() if c >= min_count), key=lambda t: (-t[1], t[0]))
         return [{"index": i, "name": n, "count": c} for i, (n, c) in enumerate(kept)]
 
-    return {"min_count": min_count, "tags": entries(tags), "categories": entries(categories)}
+    return {
+        "min_count": min_count,
+        "tags": entries(tags),
+        "categories": entries(categories),
+        "skipped_incomplete_shards": skipped,
+    }
 
 
 def save(vocab: dict, path: str) -> None:
