@@ -22,7 +22,7 @@ from torch import nn
 from vutrain.config import DS_ADAM_TYPES, TrainConfig, check_user_ds_config, ds_optimizer_settings
 from vutrain.distributed import collective_backend
 from vutrain.ds_config import build_ds_config
-from vutrain.grad_clip import use_device_side_clip
+from vutrain.grad_clip import use_device_side_clip, zero_nonfinite_at_step
 from vutrain.grad_norm import use_multi_tensor_grad_norm
 from vutrain.grad_reduction import use_lean_reduction
 from vutrain.optim import build_optimizer, build_scheduler, param_groups
@@ -62,6 +62,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     warn_if_misaligned(engine.module, cfg.zero_stage)
     use_multi_tensor_grad_norm(engine.optimizer)  # 2 kernels per parameter -> a few (grad_norm.py)
     use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
+    zero_nonfinite_at_step(engine)  # ZeRO-0 fp32/amp_bf16: a NaN gradient never reaches AdamW (grad_clip.py)
     use_lean_reduction(engine.optimizer)  # ZeRO-1/2: no per-parameter copy or filing (grad_reduction.py)
     use_view_check(engine.optimizer)  # ZeRO-1/2: no per-step re-pointing of every weight (weight_views.py)
     keep_settings_on_load(engine)  # a resume trains with this run's train.lr / weight_decay / betas / eps

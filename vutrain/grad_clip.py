@@ -26,6 +26,9 @@ parameter group) replaces the guard's ``masked_fill`` hook on every parameter in
 and Python calls per micro-batch for ViT-B/32). NaN gradients of a skipped micro-batch then pass
 through ZeRO's reduction (every rank skips together) and are zeroed before the optimizer sees
 them: AdamW steps with a zero gradient, as it did with the hooks.
+
+:func:`zero_nonfinite_at_step` gives ZeRO-0 with fp32 weights (fp32, amp_bf16), whose plain AdamW
+checks nothing, the same zero-gradient step for a NaN or inf gradient, decided on the device.
 """
 
 from __future__ import annotations
@@ -126,3 +129,41 @@ def mask_at_step(engine, skip: torch.Tensor) -> bool:
         return False
     clip.skip = skip
     return True
+
+
+def zero_nonfinite_at_step(engine) -> bool:
+    """ZeRO-0 in fp32: have the optimizer zero every gradient of a step where any is NaN or inf.
+
+    There the engine's optimizer is the plain torch (or DeepSpeed fused) AdamW, which skips
+    nothing: one NaN gradient under a finite loss made its moments and the weights NaN for good,
+    while every other precision and stage skips or zeroes such a step. A step pre-hook makes it a
+    zero-gradient step, as bf16 at ZeRO-1/2 (``use_device_side_clip``), decided on the device: one
+    multi-tensor max-norm (NaN if any entry is NaN, inf if any is inf), no host read. ZeRO-0's
+    gradients are all-reduced before the step, so a NaN on one rank is a NaN on every rank and all
+    ranks zero the same step. False where the engine is another (its optimizer checks already) or
+    where torch's autocast GradScaler steps (it skips such a step itself). Returns whether installed.
+    """
+    optimizer = engine.optimizer
+    if engine.zero_optimization_stage() != 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return False
+    if getattr(engine, "torch_autocast_z0_gradscaler", None):
+        return False
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return False
+    if getattr(optimizer, "_vutrain_zeroes_nonfinite", False):
+        return True
+    optimizer.register_step_pre_hook(_zero_grads_if_nonfinite)
+    optimizer._vutrain_zeroes_nonfinite = True
+    return True
+
+
+def _zero_grads_if_nonfinite(optimizer, args, kwargs) -> None:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return
+    with torch.no_grad():
+        device = grads[0].device
+        largest = torch.stack([n.to(device) for n in torch._foreach_norm(grads, float("inf"))])
+        invalid = ~torch.isfinite(largest).all()
+        for g in grads:
+            g.masked_fill_(invalid.to(g.device), 0)
