@@ -62,10 +62,11 @@ def clip_loss(
     """
     if torch.compiler.is_compiling():
         return run_eagerly(clip_loss)(image_features, text_features, logit_scale)
-    if not use_triton(image_features, text_features):
-        return clip_loss_reference(image_features, text_features, logit_scale)
+    # Checked before use_triton, which reads the features' device and dtype.
     check_square(image_features, text_features)
     check_inputs(image_features, text_features, 0, "mean")
+    if not use_triton(image_features, text_features):
+        return clip_loss_reference(image_features, text_features, logit_scale)
     image_features, text_features = autocast_inputs(image_features, text_features)
     scale_is_tensor = isinstance(logit_scale, torch.Tensor)
     return ClipLossFunction.apply(image_features, text_features, logit_scale, scale_is_tensor)

@@ -54,9 +54,11 @@ def scaled_logits(
 
 
 def as_zero_dim(value: torch.Tensor | float) -> torch.Tensor | float:
-    """A one-element scale or bias as a 0-dim tensor: a [1] float64 one would otherwise promote the
-    [N, M] logits (and the loss) to float64, where the kernels return float32."""
-    return value.reshape(()) if isinstance(value, torch.Tensor) else value
+    """A one-element scale or bias as a 0-dim tensor, any other number as a Python float (as the
+    kernels read it): a [1] float64 tensor or a 0-dim numpy array would otherwise promote the
+    [N, M] logits (and the loss) to float64, where the kernels return float32, and a Fraction or
+    Decimal cannot multiply a tensor at all."""
+    return value.reshape(()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -67,6 +69,7 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 
 def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, reduction: str) -> None:
     """Validate shapes and the label range shared by every implementation."""
+    check_tensors(queries, keys)
     if queries.dim() != 2 or keys.dim() != 2:
         raise ValueError(
             f"queries and keys must be 2-D [N, D] and [M, D]; "
@@ -106,9 +109,21 @@ def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, r
         raise ValueError(f"queries ({queries.dtype}) and keys ({keys.dtype}) must share a dtype")
 
 
+def check_tensors(queries, keys, names: tuple[str, str] = ("queries", "keys")) -> None:
+    """Both feature sets are torch tensors (a numpy array or a list failed with an AttributeError
+    deep inside the ops)."""
+    for name, value in zip(names, (queries, keys)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{name} must be a torch.Tensor of features; got {type(value).__name__} "
+                f"(convert it with torch.as_tensor)"
+            )
+
+
 def check_square(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
     """clip_loss's own shape rule, checked before ``check_inputs``: with more images than texts
     that would blame a ``label_offset`` the caller never passed."""
+    check_tensors(image_features, text_features, ("image_features", "text_features"))
     if image_features.dim() == 2 and text_features.dim() == 2:
         if image_features.shape[0] != text_features.shape[0]:
             raise ValueError(
@@ -124,11 +139,18 @@ def check_scalar(value, name: str) -> None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must hold one value; got shape {tuple(value.shape)}")
+        if value.is_complex():  # the kernels' fp32 copy would drop the imaginary part silently
+            raise ValueError(f"{name} must be a real number; got a {value.dtype} tensor")
         return
+    # A string parses as a float, so the kernels took "100" (e.g. a quoted YAML value) while the
+    # reference raised a TypeError: refused on both paths.
+    bad = isinstance(value, (str, bytes))
     try:
         float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number or a one-element tensor; got {value!r}") from None
+        bad = True
+    if bad:
+        raise ValueError(f"{name} must be a number or a one-element tensor; got {value!r}")
 
 
 def as_label_offset(label_offset) -> int:
