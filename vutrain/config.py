@@ -893,7 +893,10 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
             'or set "zero_force_ds_cpu_optimizer": false to keep torch\'s AdamW on the CPU (slow)'
         )
     optimizer = ds.get("optimizer")
-    if not isinstance(optimizer, dict) or str(optimizer.get("type", "")).lower() not in DS_ADAM_TYPES:
+    if not isinstance(optimizer, dict):
+        return
+    _check_optimizer_section(optimizer, source)
+    if optimizer["type"].lower() not in DS_ADAM_TYPES:
         return
     params = optimizer.get("params") or {}
     keys = {
@@ -911,6 +914,47 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
             )
 
 
+def _check_optimizer_section(optimizer: dict, source: str) -> None:
+    """ConfigError unless the "optimizer" section names a type DeepSpeed can build, with params
+    as an object.
+
+    Without a "type" DeepSpeed builds no optimizer at all and the first backward failed with an
+    AssertionError; a misspelt type failed in engine start-up; a "params" that is not an object
+    was an AttributeError here. All three were tracebacks from every rank, the first two only
+    after the process group and the tokenizer were set up.
+    """
+    kind = optimizer.get("type")
+    if not isinstance(kind, str) or not kind.strip():
+        raise ConfigError(
+            f'{source}: its "optimizer" section needs a "type", e.g. "AdamW" (without one DeepSpeed '
+            "builds no optimizer); or remove the section to use the trainer's AdamW"
+        )
+    if not _deepspeed_builds_optimizer(kind):
+        raise ConfigError(
+            f"{source}: optimizer type {json.dumps(kind)} is neither a DeepSpeed optimizer "
+            f"({', '.join(_deepspeed_optimizer_names())}) nor a torch.optim class; fix the type"
+        )
+    params = optimizer.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(
+            f'{source}: optimizer "params" must be a JSON object, got {json.dumps(params)}; write e.g. '
+            '"params": {"lr": "auto"} or leave it out (train.* fills Adam(W)\'s)'
+        )
+
+
+def _deepspeed_optimizer_names() -> list[str]:
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    return list(DEEPSPEED_OPTIMIZERS)
+
+
+def _deepspeed_builds_optimizer(kind: str) -> bool:
+    """DeepSpeed's own rule: one of its optimizers (any case) or a torch.optim class by name."""
+    import torch
+
+    return kind.lower() in _deepspeed_optimizer_names() or isinstance(getattr(torch.optim, kind, None), type)
+
+
 def _section(ds: dict, key: str) -> dict:
     section = ds.get(key)
     return section if isinstance(section, dict) else {}
@@ -919,7 +963,9 @@ def _section(ds: dict, key: str) -> dict:
 def _same_numbers(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, list) and len(a) == len(b) and all(map(_same_numbers, a, b))
-    return isinstance(a, (int, float)) and not isinstance(a, bool) and math.isclose(a, b, rel_tol=1e-9)
+    # A number against train.*'s list (a JSON "betas": 0.9) was a TypeError from math.isclose.
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return numbers and math.isclose(a, b, rel_tol=1e-9)
 
 
 def _validate_compile_backend(backend: str) -> None:
@@ -975,17 +1021,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(argv) < 2:
             raise SystemExit("config error: --get needs a key, e.g. output_dir or train.resume")
         get, argv = argv[1], argv[2:]
-    path = None
-    # Wherever train.py's argparse takes it: `k=v ... --config F` too. Only the first place was
-    # read, so the launch scripts' `--get output_dir` of such arguments failed (quietly: an empty
-    # output_dir there, and no train.resume=auto on a requeue).
-    at = next((i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")), None)
-    if at is not None:
-        if argv[at].startswith("--config="):  # as train.py's argparse also accepts it
-            argv = [*argv[:at], "--config", argv[at].split("=", 1)[1], *argv[at + 1 :]]
-        if len(argv) < at + 2:
-            raise SystemExit("config error: --config needs a YAML file")
-        path, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
+    path, argv = _take_config_path(argv)
     try:
         if get is None:
             cfg = load_config(path, argv)
@@ -996,6 +1032,37 @@ def main(argv: list[str] | None = None) -> None:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _is_config_option(arg: str) -> bool:
+    """--config, or a prefix argparse expands to it (--conf), with or without '=FILE'."""
+    name = arg.split("=", 1)[0]
+    return len(name) >= 3 and "--config".startswith(name)
+
+
+def _take_config_path(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The run file and the other arguments, as train.py's argparse reads them: `--config` anywhere
+    (`k=v ... --config F` too), as `--config=F` or an abbreviation such as `--conf F`, the last
+    one winning.
+
+    Only the first `--config` was read: given twice (a launch script's own, then the user's), the
+    launch scripts' `--get output_dir` failed on the second as an override (quietly: an empty
+    output_dir there, and no train.resume=auto on a requeue) while train.py trained the last.
+    """
+    path, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not _is_config_option(arg):
+            rest.append(arg)
+        elif "=" in arg:
+            path = arg.split("=", 1)[1]
+        elif i + 1 < len(argv):
+            i += 1
+            path = argv[i]
+        else:
+            raise SystemExit("config error: --config needs a YAML file")
+        i += 1
+    return path, rest
 
 
 def _get_key(cfg: RunConfig, key: str) -> str:

@@ -25,7 +25,7 @@ cached gradient is applied once, in the first micro-batch's backward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,8 +79,13 @@ class GradCache:
         self._grads: list[torch.Tensor | None] = []
         self._sizes: list[int] = []
 
-    def forward(self, micro_batches: Sequence[Any]) -> torch.Tensor:
+    def forward(self, micro_batches: Iterable[Any]) -> torch.Tensor:
         """Phases 1 and 2: features without autograd, the step's loss and its feature gradients."""
+        # A generator or zip() would be spent by phase 1: phase 3 then replayed nothing, and the
+        # step ran no backward and no engine.step() without a word (or len() raised a TypeError).
+        micro_batches = list(micro_batches)
+        if not micro_batches:
+            raise ValueError("GradCache.forward got no micro-batches; pass a list of at least one")
         gas = getattr(self.engine, "gradient_accumulation_steps", None)
         if callable(gas) and gas() != len(micro_batches):
             raise ValueError(
@@ -137,7 +142,7 @@ class GradCache:
 
 def gradcache_step(
     engine: Any,
-    micro_batches: Sequence[Any],
+    micro_batches: Iterable[Any],
     forward_fn: Callable[[Any], Outputs],
     loss_fn: Callable[..., torch.Tensor],
 ) -> torch.Tensor:

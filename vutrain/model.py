@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: exp(scale) never exceeds 100
+# The layer types peft's LoRA adapts (its dispatch_default); any other matched module is a ValueError.
+LORA_LAYER_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
 
 class _BoundedScale(torch.autograd.Function):
@@ -159,12 +161,32 @@ def preset_image_processor(image_size: int) -> CLIPImageProcessor:
 def load_pretrained(name_or_path: str):
     """(CLIPModel in fp32, tokenizer, image processor) from a local directory or a hub name."""
     tokenizer, processor = load_pretrained_preprocessing(name_or_path)
+    config = pretrained_clip_config(name_or_path)
     source = pretrained_source_kwargs(name_or_path)
     with _clear_load_error(name_or_path):
         # fp32 whatever the files hold (transformers 5 keeps the saved dtype, fp16 for many hub
         # checkpoints): the trainer's fp32 masters and forward; DeepSpeed casts for bf16/fp16 runs.
-        model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32, **source)
+        model, info = CLIPModel.from_pretrained(
+            name_or_path, config=config, dtype=torch.float32, output_loading_info=True, **source
+        )
+    check_no_missing_weights(name_or_path, info["missing_keys"])
     return model, tokenizer, processor
+
+
+class IncompleteWeightsError(OSError):
+    """model.name_or_path's weight files lack weights of the CLIPModel its config.json describes."""
+
+
+def check_no_missing_weights(name_or_path: str, missing) -> None:
+    """IncompleteWeightsError when the files lack weights of the CLIPModel: transformers initialises them at
+    random with a warning, and the run fine-tuned a partly random model as if pretrained."""
+    missing = sorted(missing)
+    if missing:
+        raise IncompleteWeightsError(
+            f"model.name_or_path={name_or_path!r} lacks {len(missing)} weights of a CLIPModel "
+            f"(first: {', '.join(missing[:3])}), which would start from random values: give a "
+            "complete CLIPModel directory (save_pretrained / python -m vutrain.export)"
+        )
 
 
 def load_pretrained_preprocessing(name_or_path: str):
@@ -197,7 +219,21 @@ def pretrained_clip_config(name_or_path: str) -> CLIPConfig:
     """The CLIPConfig of a pretrained model (config.json alone: no weights are read)."""
     source = pretrained_source_kwargs(name_or_path)
     with _clear_load_error(name_or_path):
+        saved, _ = CLIPConfig.get_config_dict(name_or_path, **source)
+        kind = saved.get("model_type", CLIPConfig.model_type)
+        # transformers builds a CLIPConfig from any config.json with a warning (a SigLIP's, a vision
+        # tower's alone); its weights then loaded in part, or failed after the process group.
+        if kind != CLIPConfig.model_type:
+            raise NotClipModelError(
+                f"model.name_or_path={name_or_path!r} holds a {kind!r} model (config.json "
+                f"model_type), not a {CLIPConfig.model_type!r} CLIPModel: give a CLIPModel directory "
+                "or hub name (e.g. openai/clip-vit-base-patch32, or an export of python -m vutrain.export)"
+            )
         return CLIPConfig.from_pretrained(name_or_path, **source)
+
+
+class NotClipModelError(OSError):
+    """model.name_or_path names a model of another kind than CLIP (its config.json's model_type)."""
 
 
 HUB_PROBE_TIMEOUT_S = 10.0
@@ -277,6 +313,8 @@ def _hub_unreachable(endpoint: str) -> str | None:
 def _clear_load_error(name_or_path: str):
     try:
         yield
+    except NotClipModelError:
+        raise  # its own line already says what to do
     except OSError as exc:
         raise OSError(
             f"model.name_or_path={name_or_path!r} could not be loaded as a CLIPModel with its "
@@ -304,19 +342,32 @@ def apply_lora(model: CLIPModel, cfg: ModelConfig):
 
 
 def check_lora_targets(model: nn.Module, names) -> None:
-    """ConfigError for a target name that matches no module (peft's rule for a list of names: the
-    module's full name or its last dotted parts). peft refuses a list only when none matches, so
-    `q_proj,vproj` trained q_proj's adapters alone and dropped v_proj's without a word."""
+    """ConfigError for a target name that matches no module, or a module LoRA cannot adapt (peft's
+    rule for a list of names: the module's full name or its last dotted parts). peft refuses a list
+    only when none matches, so `q_proj,vproj` trained q_proj's adapters alone and dropped v_proj's
+    without a word; a block such as `mlp` passed this check and failed in peft after the process
+    group had started, with the block's whole repr in the message."""
     if _lora_targets(names) == "all-linear":
         return
-    modules = [name for name, _ in model.named_modules() if name]
-    unmatched = [t for t in names if not any(m == t or m.endswith("." + t) for m in modules)]
-    if unmatched:
-        linear = sorted(
-            {m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, nn.Linear)}
-        )
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    unmatched, unsupported = [], []
+    for target in names:
+        matched = [module for name, module in modules if name == target or name.endswith("." + target)]
+        if not matched:
+            unmatched.append(target)
+        for module in matched:
+            if not isinstance(module, LORA_LAYER_TYPES):
+                unsupported.append(f"{target} ({type(module).__name__})")
+                break
+    if unmatched or unsupported:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in modules if isinstance(m, nn.Linear)})
+        problems = []
+        if unmatched:
+            problems.append(f"{', '.join(unmatched)} matches no module of the model")
+        if unsupported:
+            problems.append(f"{', '.join(unsupported)} is no layer LoRA can adapt")
         raise ConfigError(
-            f"model.lora.target_modules: {', '.join(unmatched)} matches no module of the model; "
+            f"model.lora.target_modules: {'; '.join(problems)}; "
             f"its linear layers are {', '.join(linear)} (or give all-linear)"
         )
 
