@@ -17,27 +17,12 @@ import math
 
 import pytest
 import torch
+from tiny_modules import PoisonGrad
 from torch import nn
 
 from helpers_dist import run_distributed
 
 MICRO, ACCUM = 3, 2
-
-
-class _PoisonGrad(torch.autograd.Function):
-    """Identity whose backward puts a NaN into the gradient when asked (a finite loss, a bad gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, poison: bool):
-        ctx.poison = poison
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.poison:
-            grad = grad.clone()
-            grad.view(-1)[0] = float("nan")
-        return grad, None
 
 
 class _Net(nn.Module):
@@ -54,7 +39,7 @@ class _Net(nn.Module):
         self.poison = False
 
     def forward(self, x, y):
-        h = _PoisonGrad.apply(self.frozen(self.norm(self.a(x))), self.poison)
+        h = PoisonGrad.apply(self.frozen(self.norm(self.a(x))), self.poison)
         return ((self.b(h) * self.logit_scale - y).float() ** 2).mean()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_modules import PoisonGrad
 from torch import nn
 
 from helpers_dist import run_distributed
@@ -20,22 +21,6 @@ from helpers_dist import run_distributed
 STEPS, BAD_STEP, MICRO = 3, 1, 4
 # ZeRO-0 runs whose optimizer is the plain AdamW: fp32 weights (amp_bf16 autocasts the forward only).
 ZERO0_CASES = (("fp32", 0.0), ("fp32", 1.0), ("amp_bf16", 0.0))
-
-
-class _PoisonGrad(torch.autograd.Function):
-    """Identity whose backward puts a NaN into the gradient when asked (a finite loss, a bad gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, poison: bool):
-        ctx.poison = poison
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.poison:
-            grad = grad.clone()
-            grad.view(-1)[0] = float("nan")
-        return grad, None
 
 
 class _Net(nn.Module):
@@ -47,7 +32,7 @@ class _Net(nn.Module):
         self.poison = False
 
     def forward(self, x, y):
-        h = _PoisonGrad.apply(self.norm(self.a(x)), self.poison)
+        h = PoisonGrad.apply(self.norm(self.a(x)), self.poison)
         return ((self.b(h) - y).float() ** 2).mean()
 
 

@@ -16,3 +16,19 @@ class TwoLayer(nn.Module):
 
     def forward(self, x):
         return self.b(torch.tanh(self.a(x))).pow(2).mean()
+
+
+class PoisonGrad(torch.autograd.Function):
+    """Identity whose backward puts a NaN into the gradient when asked (a finite loss, a bad gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, poison: bool):
+        ctx.poison = poison
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.poison:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("nan")
+        return grad, None

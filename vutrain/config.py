@@ -346,8 +346,13 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is list:
         if value is None:  # null: no entries (it was the one entry "None")
             return []
+        if isinstance(value, dict):  # str() made the one entry "{'a': 1}"
+            raise ConfigError(
+                f"{key} must be a list, got the mapping {value!r}; write [a, b] or a, b "
+                "(quote an entry that holds '{' or ': ')"
+            )
         if isinstance(value, (list, tuple)):
-            return [str(v) for v in value]
+            return [_list_entry(key, v) for v in value]
         return [v.strip() for v in str(value).split(",") if v.strip()]
     if tp is str:
         if isinstance(value, (dict, list)):
@@ -360,6 +365,17 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}{hint}")
         return "" if value is None else str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _list_entry(key: str, entry: Any) -> str:
+    """One entry of a list key as text. An unquoted `{title}` entry is a YAML mapping whose str()
+    is "{'title': None}": refused. The empty `{}` stays "{}", the text as typed."""
+    kind = "list" if isinstance(entry, (list, tuple)) else "mapping" if isinstance(entry, dict) else ""
+    if kind and entry:
+        raise ConfigError(
+            f"{key}: the entry {entry!r} is a YAML {kind}, not text; quote it, e.g. '{{title}}'"
+        )
+    return str(entry)
 
 
 def _valid_keys(cls: type, prefix: str = "") -> list[str]:
@@ -617,6 +633,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         "train.grad_clip": t.grad_clip,
         "train.weight_decay": t.weight_decay,
         "train.global_batch_size": t.global_batch_size,
+        "data.shuffle_buffer": d.shuffle_buffer,  # below 2 the stream is not shuffled: -1 said so nowhere
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -855,6 +872,7 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
             "warm-up, then cosine): remove the section and set train.lr, train.warmup_steps, "
             "train.min_lr_ratio"
         )
+    _refuse_sections_train_decides(ds, source)
     # Keys train.* decides: DeepSpeed would follow the JSON while config.yaml, the logs and the
     # trainer's own precision handling (autocast, the non-finite guard) follow train.*.
     decided = [("gradient_clipping", ds.get("gradient_clipping", "auto"), t.grad_clip, "train.grad_clip")]
@@ -909,9 +927,28 @@ def check_user_ds_config(ds: dict, t: TrainConfig, source: str) -> None:
         got = params.get(key, "auto")
         if got != "auto" and not _same_numbers(got, want):
             raise ConfigError(
-                f"{source} sets optimizer.params.{key}={got} but {keys[key]} gives {want}; "
+                f"{source} sets optimizer.params.{key}={json.dumps(got)} but {keys[key]} gives {want}; "
                 f'set it to "auto" (or leave it out) or change {keys[key]}'
             )
+
+
+SECTIONS_TRAIN_DECIDES = {
+    "amp": "Apex AMP runs a mixed-precision forward whatever train.precision says: remove it and "
+    "set train.precision (bf16, amp_bf16 or fp16)",
+    "elasticity": "elastic training picks its own batch size over train.micro_batch_size: remove it "
+    "and set train.micro_batch_size, train.grad_accum_steps or train.global_batch_size",
+}
+"""User ds_config sections refused before start-up. DeepSpeed 0.19 refuses both too, but only when
+the engine is built: after the process group, the run directory and the tokenizer, and `python -m
+vutrain.config` passed them; older DeepSpeed versions ran them."""
+
+
+def _refuse_sections_train_decides(ds: dict, source: str) -> None:
+    for key, why in SECTIONS_TRAIN_DECIDES.items():
+        section = ds.get(key)
+        # "enabled": false is what DeepSpeed reads as off; only a section that would act is refused
+        if section is not None and not (isinstance(section, dict) and section.get("enabled") is False):
+            raise ConfigError(f"{source} has an {json.dumps(key)} section, but {why}")
 
 
 def _check_optimizer_section(optimizer: dict, source: str) -> None:

@@ -14,6 +14,8 @@ throughput timer, which synchronises the device twice a step, is off.
 
 from __future__ import annotations
 
+import json
+
 from vutrain.config import ConfigError, TrainConfig, read_user_ds_config
 from vutrain.param_alignment import alignment_config
 
@@ -62,7 +64,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     for key in BATCH_KEYS:
         if key in user and user[key] != "auto" and user[key] != generated[key]:
             raise ConfigError(
-                f"{cfg.ds_config} sets {key}={user[key]} but the run config gives "
+                # json.dumps: a string "8" against 8 read "sets train_batch_size=8 but ... gives 8".
+                f"{cfg.ds_config} sets {key}={json.dumps(user[key])} but the run config gives "
                 f"{generated[key]} (train.micro_batch_size x train.grad_accum_steps x "
                 f'world {world_size}); set it to "auto" or change the train.* keys'
             )
@@ -70,7 +73,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     stage = merged.get("zero_optimization", {}).get("stage", cfg.zero_stage)
     if stage != cfg.zero_stage:
         raise ConfigError(
-            f"{cfg.ds_config} sets zero_optimization.stage={stage} but train.zero_stage="
+            f"{cfg.ds_config} sets zero_optimization.stage={json.dumps(stage)} but train.zero_stage="
             f"{cfg.zero_stage}; make them agree"
         )
     return merged

@@ -30,7 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    return parser.parse_args(argv)
+    # Intermixed: plain parse_args takes the positionals once, so an override after an option
+    # (`a=1 --config F b=2`, or after the --local_rank the deepspeed launcher appends) was refused
+    # as "unrecognized arguments" while `python -m vutrain.config` read the same line.
+    return parser.parse_intermixed_args(argv)
 
 
 def check_world_size(cfg, world_size: int) -> None:
