@@ -58,12 +58,14 @@ RESTORE_TOKENIZER = (
 )
 
 
-def load_run_tokenizer_and_processor(cfg, run_dir: str):
+def load_run_tokenizer_and_processor(cfg, run_dir: str, tag_dir: str | None = None):
     """The run's tokenizer and image processor (the pretrained ones, or those the run saved).
 
     A pretrained tokenizer gets the context length the run trained with as its model_max_length:
     it may allow more tokens (10**30 when saved without a limit) than the text tower has
-    positions, and the exported one then let `truncation=True` run past them.
+    positions, and the exported one then let `truncation=True` run past them. A preset's is the
+    folder of the run holding the tokenizer the checkpoint in ``tag_dir`` records
+    (`recorded_tokenizer_dir`).
     """
     from transformers import AutoTokenizer
 
@@ -72,12 +74,56 @@ def load_run_tokenizer_and_processor(cfg, run_dir: str):
         tokenizer.model_max_length = pretrained_context_length(cfg.model.name_or_path, tokenizer)
         return tokenizer, processor
     tok_dir = os.path.join(run_dir, "tokenizer")
+    if tag_dir is not None:
+        tok_dir = recorded_tokenizer_dir(run_dir, tag_dir)
     if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
         raise ExportError(f"{tok_dir}/tokenizer.json not found: {RESTORE_TOKENIZER}")
     damage = ckpt.tokenizer_load_error(tok_dir)  # a truncated tokenizer.json: a JSONDecodeError traceback
     if damage is not None:
         raise ExportError(f"{tok_dir} does not load ({damage}): {RESTORE_TOKENIZER}")
     return AutoTokenizer.from_pretrained(tok_dir), preset_image_processor(preset_dims(cfg.model)[0])
+
+
+def recorded_tokenizer_dir(run_dir: str, tag_dir: str) -> str:
+    """The run's tokenizer folder whose vocabulary the checkpoint's COMPLETE.json records.
+
+    RUN/tokenizer when it matches (or the checkpoint records none: older runs), else a folder
+    train.resume=never moved aside (``tokenizer.replaced-*``, newest first) that holds it; the
+    export paired the weights with RUN/tokenizer whatever it held (a retrained or wrong copy put
+    there by hand: other words under the embeddings' token ids, without a word). ExportError when
+    no folder of the run holds it and RUN/tokenizer holds another that loads.
+    """
+    default = os.path.join(run_dir, "tokenizer")
+    marker = ckpt.read_marker(tag_dir) or {}
+    expected = marker.get(ckpt.TOKENIZER_KEY)
+    if not isinstance(expected, str):
+        return default
+    folders = [default, *run_tokenizer_asides(run_dir)]
+    found = next((d for d in folders if ckpt.tokenizer_fingerprint(d) == expected), None)
+    if found is not None:
+        if found != default:
+            log.warning(
+                "checkpoint %s was trained with the tokenizer in %s: exporting that one", tag_dir, found
+            )
+        return found
+    actual = ckpt.tokenizer_fingerprint(default)
+    if actual is None:  # missing or unreadable: the caller says so, and to restore it
+        return default
+    raise ExportError(
+        f"{os.path.basename(tag_dir)} was trained with another tokenizer than {default} (vocabulary "
+        f"sha256 {expected[:12]} recorded in its {ckpt.MARKER}, {actual[:12]} there) and no tokenizer "
+        f"folder of {run_dir} holds it: {RESTORE_TOKENIZER}"
+    )
+
+
+def run_tokenizer_asides(run_dir: str) -> list[str]:
+    """The tokenizer folders train.resume=never moved aside in ``run_dir``, newest first."""
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return []
+    asides = sorted((n for n in names if n.startswith("tokenizer.replaced-")), reverse=True)
+    return [os.path.join(run_dir, n) for n in asides]
 
 
 def consolidated_state_dict(
@@ -107,6 +153,31 @@ def consolidated_state_dict(
     for name, value in module_state.items():
         state.setdefault(name, value)
     return state
+
+
+def checkpoint_weights(ckpt_dir: str, tag: str, folder: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """`consolidated_state_dict` of ``folder``, or ExportError in one line when its files do not load.
+
+    The marker checks names and sizes only: bytes a machine crash or a bad disk damaged at the
+    listed sizes, or files a run still training pruned during the read, gave a torch.load or
+    zero_to_fp32 traceback (RuntimeError, UnpicklingError, ValueError) instead of the advice to
+    export another checkpoint.
+    """
+    try:
+        return consolidated_state_dict(ckpt_dir, folder, module)
+    except ExportError:
+        raise
+    except Exception as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        others = [
+            t
+            for t in ckpt.list_tags(ckpt_dir)
+            if t != tag and ckpt.verify_tag(os.path.join(ckpt_dir, t)) is None
+        ]
+        raise ExportError(
+            f"checkpoint {tag} in {ckpt_dir} does not load ({reason}): its files are damaged or were "
+            f"removed meanwhile; export another with --tag (complete ones: {', '.join(others) or 'none'})"
+        ) from exc
 
 
 def zero0_fp32_masters(optimizer_state: dict | None, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -220,9 +291,9 @@ def load_trained_module(run_dir: str, tag: str | None = None):
     cfg = load_config(config_path, EXPORT_OVERRIDES)
     ckpt_dir = ckpt.checkpoints_dir(run_dir)
     tag, folder = checkpoint_to_export(ckpt_dir, tag)
-    tokenizer, processor = load_run_tokenizer_and_processor(cfg, run_dir)
+    tokenizer, processor = load_run_tokenizer_and_processor(cfg, run_dir, os.path.join(ckpt_dir, folder))
     module = build_model(cfg.model, tokenizer, use_bias=cfg.loss.name == "siglip")
-    state = consolidated_state_dict(ckpt_dir, folder, module)
+    state = checkpoint_weights(ckpt_dir, tag, folder, module)
     if cfg.model.name_or_path:
         keep_pretrained_frozen_weights(module, state)
     check_shapes(module, state, tag)

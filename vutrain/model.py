@@ -204,7 +204,54 @@ def load_pretrained_preprocessing(name_or_path: str):
                 f"its tokenizer has no vocabulary ({len(tokenizer)} tokens): save the tokenizer "
                 "beside the model (tokenizer.save_pretrained)"
             )
-        return tokenizer, CLIPImageProcessor.from_pretrained(name_or_path, **source)
+        processor = CLIPImageProcessor.from_pretrained(name_or_path, **source)
+    check_tokenizer_fits_text_tower(name_or_path, tokenizer, pretrained_clip_config(name_or_path).text_config)
+    return tokenizer, processor
+
+
+def check_pretrained_tokenizer(name_or_path: str, config: CLIPConfig) -> None:
+    """check_tokenizer_fits_text_tower from the tokenizer files and config.json alone, before any
+    process group; a model without tokenizer files passes here and is refused when it loads."""
+    from transformers import AutoTokenizer
+
+    with _clear_load_error(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **pretrained_source_kwargs(name_or_path))
+    if len(tokenizer) > len(set(tokenizer.all_special_ids)):
+        check_tokenizer_fits_text_tower(name_or_path, tokenizer, config.text_config)
+
+
+class TokenizerMismatchError(OSError):
+    """model.name_or_path's tokenizer gives ids its text tower cannot embed, or pools at another token."""
+
+
+def check_tokenizer_fits_text_tower(name_or_path: str, tokenizer, text_config) -> None:
+    """TokenizerMismatchError unless every id of ``tokenizer`` is a row of the text tower's embedding
+    and the tower pools at the tokenizer's eos.
+
+    A tokenizer with added tokens beyond ``vocab_size`` failed with an IndexError in the embedding at
+    the first step, after the process group and the engine. HF CLIP pools at the first
+    ``eos_token_id`` of each caption (at the largest id when that is 2, the legacy configs): an
+    eos id the tokenizer never writes pooled every caption at its first token, without an error.
+    """
+    size, vocab = len(tokenizer), text_config.vocab_size
+    where = f"model.name_or_path={name_or_path!r}"
+    if size > vocab:
+        raise TokenizerMismatchError(
+            f"{where}: its tokenizer has {size} tokens but its text tower's vocab_size is {vocab}, "
+            f"so ids from {vocab} on fail in the token embedding: save the tokenizer the model was "
+            "trained with beside it, or resize the model (model.resize_token_embeddings(len(tokenizer))) "
+            "and save it again"
+        )
+    eos, pooled = tokenizer.eos_token_id, text_config.eos_token_id
+    legacy = pooled == 2  # transformers' rule: pool at the argmax of the ids
+    if eos is None or (eos != size - 1 if legacy else eos != pooled):
+        pools_at = f"the largest id ({size - 1})" if legacy else f"eos_token_id {pooled}"
+        raise TokenizerMismatchError(
+            f"{where}: its text tower pools at {pools_at} but its tokenizer ends captions with "
+            f"{tokenizer.eos_token!r} (id {eos}), so every caption would be pooled at another token: "
+            f"set text_config.eos_token_id to {eos} in its config.json, or save the tokenizer the "
+            "model was trained with beside it"
+        )
 
 
 def pretrained_context_length(name_or_path: str, tokenizer) -> int:
@@ -380,6 +427,7 @@ def check_model_config(cfg: ModelConfig) -> None:
     if cfg.name_or_path:
         try:
             config = pretrained_clip_config(cfg.name_or_path)
+            check_pretrained_tokenizer(cfg.name_or_path, config)
         except OSError as exc:
             raise ConfigError(str(exc)) from exc
     else:

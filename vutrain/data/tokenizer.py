@@ -123,10 +123,18 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
 def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     """Tokenize to fixed length: ``input_ids`` and ``attention_mask`` as LongTensor[B, max_length].
 
-    Padded with eos; truncated texts still end with eos (CLIP pools at the eos position).
+    Padded with eos on the right; truncated texts still end with eos (CLIP pools at the eos position).
     """
     enc = tokenizer(
-        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        list(texts),
+        padding="max_length",
+        # Whatever the tokenizer's saved padding_side: HF CLIP pools at the first eos (or the largest
+        # id), which left padding with eos puts before the text, so every padded caption was pooled
+        # at a pad token without an error.
+        padding_side="right",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
     )
     return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
