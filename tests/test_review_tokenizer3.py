@@ -129,3 +129,18 @@ def test_captions_are_pooled_at_their_own_end_whatever_the_saved_padding_side(to
     padded = getattr(padded, "pooler_output", padded)
     one_by_one = torch.cat([getattr(f, "pooler_output", f) for f in one_by_one])
     torch.testing.assert_close(padded, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_an_export_of_a_left_padding_tokenizer_pads_on_the_right(tokenizer, tmp_path):
+    """The export saved a pretrained tokenizer's `padding_side="left"` as it was: the run had padded
+    on the right, and a batched pipeline of the export pooled every padded caption at a pad token."""
+    from vutrain.config import RunConfig
+    from vutrain.export import load_run_tokenizer_and_processor
+
+    model_dir = _pretrained_dir(tmp_path / "model", tokenizer)
+    config_file = tmp_path / "model" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "padding_side": "left"}))
+    cfg = RunConfig(model=ModelConfig(name_or_path=model_dir))
+    exported, _ = load_run_tokenizer_and_processor(cfg, str(tmp_path / "run"))
+    exported.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["padding_side"] == "right"

@@ -72,6 +72,9 @@ def load_run_tokenizer_and_processor(cfg, run_dir: str, tag_dir: str | None = No
     if cfg.model.name_or_path:
         tokenizer, processor = load_pretrained_preprocessing(cfg.model.name_or_path)
         tokenizer.model_max_length = pretrained_context_length(cfg.model.name_or_path, tokenizer)
+        # The run padded on the right (HF CLIP pools at the first eos); a tokenizer saved with
+        # left padding exported as it was, and a batched pipeline pooled padded captions at a pad.
+        tokenizer.padding_side = "right"
         return tokenizer, processor
     tok_dir = os.path.join(run_dir, "tokenizer")
     if tag_dir is not None:
