@@ -79,6 +79,9 @@ def save_world_info(engine, tag_dir: str, trainer_state: dict) -> None:
         "zero_stage": engine.zero_optimization_stage(),
         "step": int(trainer_state["step"]),
         "nonfinite_in_row": int(trainer_state.get("nonfinite_in_row", 0)),
+        # The zeroed-gradient step count and how much of it was logged (the same on every rank):
+        # left out, a reshaped resume restarted train/zeroed_nonfinite_grad_steps at 0.
+        "zeroed_grad_steps": trainer_state.get("zeroed_grad_steps"),
         # The logging interval's sums and a pending eval (trainer.state_dict): the same on every rank.
         "interval": trainer_state.get("interval"),
         "eval_pending": bool(trainer_state.get("eval_pending", False)),
@@ -323,6 +326,7 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
     return {
         "step": info["step"],
         "nonfinite_in_row": info["nonfinite_in_row"],
+        "zeroed_grad_steps": info.get("zeroed_grad_steps"),
         "interval": info.get("interval"),
         "eval_pending": info.get("eval_pending", False),
         "finished": info.get("finished", False),

@@ -29,6 +29,12 @@ them: AdamW steps with a zero gradient, as it did with the hooks.
 
 :func:`zero_nonfinite_at_step` gives ZeRO-0 with fp32 weights (fp32, amp_bf16), whose plain AdamW
 checks nothing, the same zero-gradient step for a NaN or inf gradient, decided on the device.
+
+:func:`count_zeroed_steps` hands both zeroing paths a device counter (the non-finite guard's
+``zeroed_steps``) that each zeroed step adds 1 to, on the device: such a step was counted nowhere
+(DeepSpeed's ``skipped_steps`` counts only the steps it skips), so a run whose gradients kept
+overflowing under finite losses trained on without a word. A step zeroed because the guard
+skipped its micro-batch (``mask_at_step``) is the guard's to count, not this counter's.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ def use_device_side_clip(optimizer) -> bool:
         clip_grad, loss_scale = optimizer.clip_grad, optimizer.loss_scale
         if not torch.is_tensor(total_norm) or torch.is_tensor(loss_scale):
             return original(grad_groups_flat, total_norm)  # a form not seen here
+        _count_once_per_step(unscale_and_clip_grads, total_norm)
         if clip_grad <= 0.0:
             # No clip, but an invalid norm still zeroes the gradients: in bf16 nothing else skips
             # the step, and train.grad_clip=0 (open_clip's default) made the weights NaN for good.
@@ -92,10 +99,43 @@ def use_device_side_clip(optimizer) -> bool:
                 g.data.masked_fill_(invalid, 0)
 
     unscale_and_clip_grads._vutrain_device_side = True
-    unscale_and_clip_grads.skip = None
+    unscale_and_clip_grads.skip = unscale_and_clip_grads.zeroed = unscale_and_clip_grads.counted = None
     unscale_and_clip_grads.last = unscale_and_clip_grads.last_factor = None
     optimizer.unscale_and_clip_grads = unscale_and_clip_grads
     return True
+
+
+def _count_once_per_step(clip, total_norm: torch.Tensor) -> None:
+    """Add 1 to ``clip.zeroed`` (on the device) if this step's norm is invalid and the guard did not
+    skip the step. DeepSpeed calls the clip once per parameter group with the step's one norm
+    tensor: only the first call of a step counts (the version tells an in-place update apart)."""
+    if clip.zeroed is None:
+        return
+    seen = clip.counted
+    if seen is not None and seen[0] is total_norm and seen[1] == total_norm._version:
+        return
+    clip.counted = (total_norm, total_norm._version)
+    with torch.no_grad():
+        invalid = ~torch.isfinite(total_norm) | (total_norm < 0)
+        if clip.skip is not None:
+            invalid = invalid & ~clip.skip
+        clip.zeroed.add_(invalid.to(clip.zeroed.device, clip.zeroed.dtype))
+
+
+def count_zeroed_steps(engine, counter: torch.Tensor) -> bool:
+    """Have the zeroing path installed on ``engine`` (``use_device_side_clip`` or
+    ``zero_nonfinite_at_step``) add 1 to ``counter`` (a 0-dim tensor on the engine's device) for
+    each optimizer step it zeroes for a NaN/inf gradient. False where neither is installed (the
+    engine's optimizer skips such steps itself and counts them in ``engine.skipped_steps``)."""
+    optimizer = engine.optimizer
+    clip = getattr(optimizer, "unscale_and_clip_grads", None)
+    if getattr(clip, "_vutrain_device_side", False):
+        clip.zeroed = counter
+        return True
+    if getattr(optimizer, "_vutrain_zeroes_nonfinite", False):
+        optimizer._vutrain_zeroed = counter
+        return True
+    return False
 
 
 def zero_where_invalid(grad_groups_flat, total_norm: torch.Tensor) -> None:
@@ -167,3 +207,6 @@ def _zero_grads_if_nonfinite(optimizer, args, kwargs) -> None:
         invalid = ~torch.isfinite(largest).all()
         for g in grads:
             g.masked_fill_(invalid.to(g.device), 0)
+        counter = getattr(optimizer, "_vutrain_zeroed", None)
+        if counter is not None:  # count_zeroed_steps: a device add, no host read
+            counter.add_(invalid.to(counter.device, counter.dtype))

@@ -28,7 +28,7 @@ from vutrain.distributed import DistInfo, all_reduce, barrier
 from vutrain.engine import build_engine
 from vutrain.evaluate import EvalInterrupted, Evaluator
 from vutrain.global_batch import as_given
-from vutrain.grad_clip import mask_at_step
+from vutrain.grad_clip import count_zeroed_steps, mask_at_step
 from vutrain.losses import build_loss_from_config
 from vutrain.metrics import MetricsWriter, logged_eval
 from vutrain.model import (
@@ -222,6 +222,8 @@ class Trainer:
             # One micro-batch per step: the step zeroes a skipped step's flat gradients once
             # (grad_clip.py), so the guard's masked_fill on every parameter in backward can go.
             self.guard.remove()
+        # A step zeroed for a NaN/inf gradient under finite losses: counted on the device, logged.
+        count_zeroed_steps(self.engine, self.guard.zeroed_steps)
         self.stop_check = StopCheck(self.guard, self.device)
         self.evaluator = Evaluator(
             cfg,
@@ -613,7 +615,9 @@ class Trainer:
         loss = cache.forward(batches)
         self._sync()
         t2 = time.perf_counter()
-        self.guard.agree(loss)
+        # The step's k micro-batches count as k, as in plain accumulation: train/nonfinite_skipped
+        # and the train.max_nonfinite_steps streak mean the same under both.
+        self.guard.agree(loss, micro_batches=self.cfg.train.grad_accum_steps)
         self.stop_check.note_agreed()
         cache.backward()
         self._sync()
@@ -653,6 +657,14 @@ class Trainer:
                 else "",
             )
             self._overflow_seen = overflow
+        if stats.zeroed_new:
+            log.warning(
+                "non-finite gradient under a finite loss: %d optimizer step(s) by step %d (%d since the "
+                "start) had their gradients zeroed; weight decay and the LR schedule still moved",
+                stats.zeroed_new,
+                self.step,
+                stats.zeroed_steps,
+            )
         per_rank = cfg.micro_batch_size * cfg.grad_accum_steps / max(step_time, 1e-9)
         # Every rank logs on the same steps, so this collective matches; on the device for NCCL.
         skipped = torch.tensor([float(sum(self.stream.skipped().values()))], device=self.device)
@@ -662,6 +674,7 @@ class Trainer:
             "train/logit_scale": float(self._last_scale) if self._last_scale is not None else float("nan"),
             "train/nonfinite_skipped": stats.skipped,
             "train/overflow_skipped_steps": overflow,
+            "train/zeroed_nonfinite_grad_steps": stats.zeroed_steps,
         }
         loss_scale = getattr(self.engine.optimizer, "loss_scale", None) if cfg.precision == "fp16" else None
         if isinstance(loss_scale, int | float):  # DeepSpeed's fp16 optimizers: a host number
