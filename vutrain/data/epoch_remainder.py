@@ -2,20 +2,22 @@
 
 A ``TrainStream`` state is per rank and per worker (see webdataset.py). To resume it on another
 number of ranks, the states of *all* old ranks (gathered at save time) are turned into a
-world-size-independent fact: the set ``C`` of samples (shard URL, key) already drawn in the
-current epoch ``e``. Each old worker drew the first ``drawn`` samples of its deterministic
-per-epoch sequence, so ``C`` is recomputed by replaying those sequences over the shards' tar
-headers only (local tars: no payload byte is read; remote ones are read through).
+world-size-independent fact: the multiset ``C`` of samples (shard URL, key) already drawn in
+the current epoch ``e`` (a multiset: a spec may list a shard twice, ``a.tar::b.tar::a.tar``, to
+upsample it, and each copy is its own draw). Each old worker drew the first ``drawn`` samples of
+its deterministic per-epoch sequence, so ``C`` is recomputed by replaying those sequences over
+the shards' tar headers only (local tars: no payload byte is read; remote ones are read through).
 
-The remainder of epoch ``e`` is then every sample of every shard not in ``C``, taken in epoch
-``e``'s shard order and tar order (``R``). Its batches are dealt to the new ranks: with
-``n = min(|R|, samples the old world still owed in e) // (B' * W')`` remaining batches per rank,
-rank ``r`` reads ``R[r*n*B' : (r+1)*n*B']`` and, inside it, each DataLoader worker a contiguous
-slice sized by the batches it builds; each worker shuffles its slice with a shuffle buffer.
+The remainder of epoch ``e`` is then every sample of every listed shard, less ``C`` (with
+multiplicity), taken in epoch ``e``'s shard order and tar order (``R``). Its batches are dealt
+to the new ranks: with ``n = min(|R|, samples the old world still owed in e) // (B' * W')``
+remaining batches per rank, rank ``r`` reads ``R[r*n*B' : (r+1)*n*B']`` and, inside it, each
+DataLoader worker a contiguous slice sized by the batches it builds; each worker shuffles its
+slice with a shuffle buffer.
 The new stream numbers those ``n`` batches as the last ``n`` of epoch ``e`` at the new world
 size, so later epochs follow the normal plan.
 
-Guarantee (the consumed-samples set of epoch e): every sample of ``R`` that fits into the
+Guarantee (the consumed-samples set of epoch e): every sample (copy) of ``R`` that fits into the
 remaining ``n * B' * W'`` is drawn exactly once after the resume, no sample of ``C`` is drawn
 again in epoch ``e``, and the at most ``B' * W' - 1`` samples of ``R`` beyond that are dropped
 (the same end-of-epoch rule as an uninterrupted epoch). Samples that fail to decode are skipped
@@ -102,15 +104,16 @@ def _worker_sequence(
         yield from shuffle_buffer(iter(ids), plan["shuffle_buffer"], random.Random(f"samples/{tag}/{repeat}"))
 
 
-def consumed_in_epoch(states: list[dict], shards: list[str], epoch: int, keys: ShardKeys) -> set[SampleId]:
-    """Samples drawn in ``epoch`` by the ranks whose stream states are ``states`` (one per rank)."""
-    consumed: set[SampleId] = set()
+def consumed_in_epoch(states: list[dict], shards: list[str], epoch: int, keys: ShardKeys) -> Counter:
+    """Samples drawn in ``epoch`` by the ranks whose stream states are ``states`` (one per rank),
+    each with the number of times it was drawn (a shard listed twice is drawn twice per epoch)."""
+    consumed: Counter = Counter()
     for state in states:
         plan = state["plan"]
         remainder = state.get("remainder")
         in_remainder = remainder is not None and remainder["epoch"] == epoch
         if in_remainder:  # this world itself continued the epoch of an earlier one
-            consumed |= consumed_in_epoch(remainder["before"], shards, epoch, keys)
+            consumed.update(consumed_in_epoch(remainder["before"], shards, epoch, keys))
             slices = plan_slices(Remainder.from_state(remainder), shards, plan, keys)
         for worker, info in state["workers"].items():
             if int(info["epoch"]) != epoch or not info["drawn"]:
@@ -120,9 +123,27 @@ def consumed_in_epoch(states: list[dict], shards: list[str], epoch: int, keys: S
                 sequence = _slice_sequence(slices.get(worker, []), plan, epoch, worker)
             else:
                 sequence = _worker_sequence(shards, plan, epoch, worker, keys)
-            for _, sample in zip(range(int(info["drawn"])), sequence):
-                consumed.add(sample)
+            consumed.update(sample for _, sample in zip(range(int(info["drawn"])), sequence))
     return consumed
+
+
+def left_in_epoch(
+    shards: list[str], plan: dict, epoch: int, consumed: Counter, keys: ShardKeys
+) -> list[SampleId]:
+    """The samples of ``epoch`` not in ``consumed``, in the epoch's shard order and tar order.
+
+    Subtracted with multiplicity: of a shard listed twice, a sample drawn once stays once. (A
+    set lost both copies, so an upsampled source shrank the rest of the epoch.)
+    """
+    owed = Counter(consumed)
+    left = []
+    for url in _epoch_order(shards, plan, epoch):
+        for key in keys(url):
+            if owed[(url, key)] > 0:
+                owed[(url, key)] -= 1
+            else:
+                left.append((url, key))
+    return left
 
 
 @dataclass(frozen=True)
@@ -192,14 +213,14 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str], keys: Shard
     owed = (spe_old - done) * old["batch_size"] * old["world_size"]
     keys = keys or ShardKeys()
     consumed = consumed_in_epoch(states, shards, epoch, keys)
-    left = sum(1 for url in _epoch_order(shards, plan, epoch) for k in keys(url) if (url, k) not in consumed)
+    left = len(left_in_epoch(shards, plan, epoch, consumed, keys))
     steps = min(left, owed) // (plan["batch_size"] * plan["world_size"])
     first = (epoch + 1) * spe - steps
     log.info(
         "epoch %d continues on %d ranks: %d samples drawn before, %d left, %d batches per rank",
         epoch,
         plan["world_size"],
-        len(consumed),
+        consumed.total(),
         left,
         steps,
     )
@@ -228,12 +249,7 @@ def plan_slices(
     """The samples each logical worker of ``plan``'s rank reads in the remainder epoch."""
     keys = keys or ShardKeys()
     consumed = consumed_in_epoch(remainder.before, shards, remainder.epoch, keys)
-    left = [
-        (url, k)
-        for url in _epoch_order(shards, plan, remainder.epoch)
-        for k in keys(url)
-        if (url, k) not in consumed
-    ]
+    left = left_in_epoch(shards, plan, remainder.epoch, consumed, keys)
     batch, workers = plan["batch_size"], plan["workers"]
     end = (remainder.epoch + 1) * plan["steps_per_epoch"]
     steps = end - remainder.first_batch
@@ -258,15 +274,13 @@ def _slice_sequence(ids: list[SampleId], plan: dict, epoch: int, worker: int) ->
 def remainder_samples(ids: list[SampleId], plan: dict, epoch: int, worker: int, count=None) -> Iterator[dict]:
     """Raw samples of a worker's remainder slice, in ``_slice_sequence`` order (endless).
 
-    Reads only the shards of the slice, in order, keeping the slice's keys, so the shuffle
-    buffer sees the same input order as the key replay in ``consumed_in_epoch``.
+    Reads the slice's shards in slice order, so the shuffle buffer sees the same input order as
+    the key replay in ``consumed_in_epoch``; a shard listed twice is read once per copy.
     """
-    wanted = set(ids)
-    urls = list(dict.fromkeys(url for url, _ in ids))
     tag = f"remainder/{plan['seed']}/{epoch}/{plan['rank']}/{worker}"
     for repeat in range(1_000_000):
-        raw = (s for url in urls for s in iter_raw_samples(url, count) if (url, s["__key__"]) in wanted)
         n = 0
+        raw = _read_in_order(ids, count)
         for sample in shuffle_buffer(raw, plan["shuffle_buffer"], random.Random(f"{tag}/{repeat}")):
             n += 1
             yield sample
@@ -275,6 +289,28 @@ def remainder_samples(ids: list[SampleId], plan: dict, epoch: int, worker: int, 
                 f"the remainder of epoch {epoch} for worker {worker} holds no readable "
                 "samples; check data.train_shards."
             )
+
+
+def _read_in_order(ids: list[SampleId], count=None) -> Iterator[dict]:
+    """The raw samples ``ids`` names, in the order of ``ids``.
+
+    Within one copy of a shard the slice keeps tar order, so one read of the shard serves a run
+    of its ids; a run that goes on with a key the read has passed is the next copy of an
+    upsampled shard, for which the shard is read again.
+    """
+    i = 0
+    while i < len(ids):
+        url, present = ids[i][0], set()
+        for sample in iter_raw_samples(url, count):
+            if i == len(ids) or ids[i][0] != url:
+                break
+            present.add(sample["__key__"])
+            if sample["__key__"] == ids[i][1]:
+                i += 1
+                yield sample
+        # Keys the shard no longer holds (damaged since its keys were listed) are passed over.
+        while i < len(ids) and ids[i][0] == url and ids[i][1] not in present:
+            i += 1
 
 
 def log_batch_keys(keys: list[str]) -> None:
