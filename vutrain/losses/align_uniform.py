@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from vutrain.losses.gather import all_gather_with_grad, check_group, check_rank
+from vutrain.losses.gather import all_gather_with_grad, check_group, check_pairs, check_rank
 
 
 class AlignUniformLoss(nn.Module):
@@ -78,6 +78,7 @@ class AlignUniformLoss(nn.Module):
             logit_scale, logit_bias: accepted so every loss has the same call signature; unused
                 (distances on the unit sphere need no temperature beyond `t`).
         """
+        check_pairs("AlignUniformLoss", image_features, text_features)
         b = image_features.shape[0]
         if self.world_size * b < 2:
             raise ValueError("AlignUniformLoss needs at least 2 pairs in the global batch")

@@ -46,15 +46,34 @@ def build_loss(
             backend=backend,
             **kw,
         )
-    if name == "siglip":
-        return SigLipLoss(rank=rank, world_size=world_size, backend=backend, **kw)
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss.name {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    check_clip_only_options(name, local_loss, gather_with_grad)
+    if name == "siglip":
+        return SigLipLoss(rank=rank, world_size=world_size, backend=backend, **kw)
     if backend not in ("torch", "auto"):
         raise ValueError(
             f"loss {name!r} has only a torch implementation; set loss.backend=torch or auto (got {backend!r})"
         )
     return AlignUniformLoss(rank=rank, world_size=world_size, **kw)
+
+
+def check_clip_only_options(name: str, local_loss: bool, gather_with_grad: bool) -> None:
+    """siglip and align_uniform always score this rank's rows against every rank's columns with
+    gradients through the gather; a False for either was dropped without a word, so a caller
+    asking for open_clip's constant (no-grad) gather trained with other gradients than asked."""
+    refused = [
+        f"{key}=False"
+        for key, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad))
+        if not value
+    ]
+    if refused:
+        raise ValueError(
+            f"loss {name!r} always scores this rank's rows against a gather with gradients; "
+            f"{' and '.join(refused)} "
+            + ("are 'clip' options" if len(refused) > 1 else "is a 'clip' option")
+            + " only (drop it)"
+        )
 
 
 def build_loss_from_config(cfg: LossConfig, *, rank: int, world_size: int) -> nn.Module:

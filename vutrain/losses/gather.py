@@ -111,6 +111,23 @@ def check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
 
+def check_pairs(loss: str, image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    """Raise a one-line ValueError unless the features are [B, D] pairs with B >= 1.
+
+    Rows that do not pair up (e.g. several captions per image, [B, D] beside [k*B, D]) were
+    scored anyway: SigLIP, and ClipLoss on rank > 0 with local_loss, silently took the wrong
+    columns as positives; an empty batch gave a NaN loss that read as a numerical failure.
+    """
+    img, txt = image_features, text_features
+    if img.dim() != 2 or img.shape != txt.shape:
+        raise ValueError(
+            f"{loss} needs image and text features of one shape [B, D] (row i of both is a pair), "
+            f"got {tuple(img.shape)} and {tuple(txt.shape)}; pass one text per image"
+        )
+    if img.shape[0] == 0:
+        raise ValueError(f"{loss} got an empty batch (0 pairs); every rank needs at least one (drop_last)")
+
+
 def check_group(rank: int, world_size: int) -> None:
     """Fail loudly when the loss was built for a different process group than the live one."""
     if not dist.is_available() or not dist.is_initialized():
