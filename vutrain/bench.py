@@ -210,6 +210,22 @@ def write_rows(path: str, rows: list) -> None:
     write_json(rows, path)
 
 
+def failure_line(proc: subprocess.CompletedProcess) -> str:
+    """What made a configuration's process fail: the last traceback's exception line, else the last
+    line of its output. Lines printed after the traceback, such as NCCL's exit warning about a
+    process group never destroyed, hid the real error (a CUDA out-of-memory) when the row took the
+    last stderr line."""
+    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if starts:
+        # Frames and their source lines are indented; the exception line is the first that is not.
+        after = lines[starts[-1] + 1 :]
+        found = next((line for line in after if line.strip() and not line[0].isspace()), None)
+        if found is not None:
+            return found
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
 def dispatch(argv: list[str]) -> int | None:
     """Run a sibling benchmark when argv names one (`data ...`, `--compare ...`); None otherwise."""
     if argv and argv[0] == "data":
@@ -324,8 +340,7 @@ def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: 
             if proc.returncode == 0 and found:
                 row = json.loads(found[-1][len("BENCH_RESULT ") :])
             else:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()
-                row = dict(spec, error=tail[-1] if tail else f"exit {proc.returncode}", device=device_name())
+                row = dict(spec, error=failure_line(proc), device=device_name())
             row["date"] = datetime.date.today().isoformat()
             row.update(run)
             results.append(row)
