@@ -227,6 +227,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    """An argparse type for --seed: the synthetic writer needs a seed >= 0, and a negative one was a
+    ValueError traceback after the demo had claimed --out and deleted its previous data."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; pass a seed >= 0")
+    return value
+
+
 def classify_one(model_dir: str, val_shards: str) -> tuple[str, str, float]:
     """(true class, predicted class, score) of the first held-out image through the HF pipeline."""
     import webdataset as wds
@@ -267,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-top1", type=float, default=0.6, help="exit non-zero below this zero-shot top-1"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_non_negative, default=0, help="data seed (>= 0)")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for the training run")
     args = parser.parse_args(argv)
     # Absolute, because the training ranks run in the package's directory: a relative --out named

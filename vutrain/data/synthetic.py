@@ -11,7 +11,8 @@ circle") use. Shards follow the img2dataset layout (see design.md, "Shard layout
 CLI: ``python -m vutrain.data.synthetic --out DIR --num-samples N --shard-size K``.
 Deterministic for a seed: per-sample RNGs are derived from (seed, split, index). A re-run into the
 same OUT replaces its train/ and val/ whole (``OUT/.vutrain_synthetic`` marks them as this
-writer's); train/ or val/ holding anything else is refused.
+writer's; an OUT written before the marker is recognised by its tars); train/ or val/ holding
+anything else is refused.
 
 The per-shard ``.parquet`` (img2dataset's row table) needs pyarrow, which only the ``data`` extra
 installs; without it the shards are written without it (the trainer reads the tars, ``sizes.json``
@@ -218,14 +219,14 @@ def _claim_output(out_dir: str) -> None:
 
     Shards are numbered from 00000 again, so a bigger earlier run's 00002..00007.tar (or a val/
     that ``val_samples=0`` no longer writes) stayed beside the new data, and a directory read
-    mixed both. Only files this writer names, in an ``out_dir`` it marked, are removed: anything
-    else (an img2dataset folder, a user's file) is refused, not overwritten.
+    mixed both. Only files this writer names, in an ``out_dir`` it marked (or, unmarked, whose tars
+    carry its fingerprint), are removed: anything else (an img2dataset folder, a user's file) is
+    refused, not overwritten.
     """
     split_dirs = [os.path.join(out_dir, split) for split in _SPLIT_IDS]
-    ours = os.path.exists(os.path.join(out_dir, SYNTHETIC_MARKER))
+    marked = os.path.exists(os.path.join(out_dir, SYNTHETIC_MARKER))
     for split_dir in split_dirs:
-        entries = os.listdir(split_dir) if os.path.isdir(split_dir) else []
-        foreign = [name for name in entries if not (ours and _WRITTEN_NAME.fullmatch(name))]
+        foreign = _foreign_names(split_dir, marked)
         if foreign:
             raise FileExistsError(
                 f"{split_dir} already holds files the synthetic writer did not write here "
@@ -240,6 +241,65 @@ def _claim_output(out_dir: str) -> None:
             for name in os.listdir(split_dir):
                 os.remove(os.path.join(split_dir, name))
             os.rmdir(split_dir)
+
+
+def _foreign_names(split_dir: str, marked: bool) -> list[str]:
+    """The entries of ``split_dir`` a new run must not remove.
+
+    Marked: any name this writer does not give. Unmarked (written before the marker existed, or
+    never by this writer): the names are not enough, since img2dataset gives the same ones, so each
+    shard must also be one of this writer's tars (``_is_synthetic_tar``); a folder with no such
+    tar is foreign whole.
+    """
+    names = os.listdir(split_dir) if os.path.isdir(split_dir) else []
+    if marked:
+        return [name for name in names if not _WRITTEN_NAME.fullmatch(name)]
+    ours_tars = {
+        name for name in names if name.endswith(".tar") and _is_synthetic_tar(os.path.join(split_dir, name))
+    }
+    if not ours_tars:
+        return names
+    return [name for name in names if not _legacy_own_file(name, ours_tars)]
+
+
+def _legacy_own_file(name: str, ours_tars: set[str]) -> bool:
+    """Whether ``name`` in an unmarked split folder holding ``ours_tars`` is this writer's: the
+    split's counts, or a shard file (tar, table, stats) whose tar is one of them."""
+    if name in ("sizes.json", "__len__"):
+        return True
+    shard = re.match(r"\d+", name)
+    return bool(_WRITTEN_NAME.fullmatch(name) and shard and f"{shard.group()}.tar" in ours_tars)
+
+
+_MEMBER_NAME = re.compile(r"(\d+)\.(jpg|json|txt)")
+
+
+def _is_synthetic_tar(path: str) -> bool:
+    """Whether ``path`` is a tar this writer wrote (every version: fixed mtime since the first).
+
+    Every member a read-only regular file named ``<digits>.jpg|json|txt`` with ``_MTIME`` and no
+    owner names (img2dataset's webdataset TarWriter stamps the write time and "bigdata"), and the
+    first sample's JSON naming one of ``CLASSES`` under its own key. Unreadable or cut: not ours.
+    """
+    first_json = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = 0
+            for member in tar:
+                match = _MEMBER_NAME.fullmatch(member.name)
+                if not (match and member.isfile() and member.mtime == _MTIME and member.mode == 0o444):
+                    return False
+                if member.uname or member.gname:
+                    return False
+                if first_json is None and match.group(2) == "json":
+                    first_json = (match.group(1), json.loads(tar.extractfile(member).read()))
+                members += 1
+    except (OSError, tarfile.TarError, ValueError, UnicodeDecodeError):
+        return False
+    if not members or first_json is None:
+        return False
+    key, meta = first_json
+    return isinstance(meta, dict) and meta.get("key") == key and meta.get("category_name") in CLASSES
 
 
 def write_synthetic(
