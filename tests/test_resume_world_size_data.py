@@ -6,15 +6,14 @@ the world-size change plus those drawn after it, up to the end of the epoch, hav
 and are exactly the keys of an uninterrupted epoch; the next epoch starts normally.
 """
 
-import glob
 import os
 from collections import Counter
 
 import pytest
+from stream_keys import draw_keys
 from transformers import CLIPImageProcessor
 
 from vutrain.data import TrainStream, make_preprocess
-from vutrain.data.epoch_remainder import SAMPLE_LOG_ENV
 from vutrain.data.synthetic import write_synthetic
 from vutrain.data.tokenizer import iter_shard_texts, make_tokenize, train_bpe_tokenizer
 
@@ -52,29 +51,14 @@ def _streams(data, world, workers=0, batch=BATCH):
     ]
 
 
-def _draw(streams, steps, log_dir, monkeypatch) -> list[str]:
-    """Keys of ``steps`` batches from every stream (through the stream's own test hook)."""
-    monkeypatch.setenv(SAMPLE_LOG_ENV, str(log_dir / "keys"))
-    for _ in range(steps):
-        for s in streams:
-            next(s)
-    for s in streams:
-        s.close()
-    keys = []
-    for path in sorted(glob.glob(str(log_dir / "keys.*"))):
-        keys += open(path).read().split()
-        os.remove(path)
-    return keys
-
-
 @pytest.mark.parametrize("old,new,workers", [(2, 1, 0), (2, 4, 0), (1, 2, 1), (2, 1, 2)])
 def test_epoch_continues_on_new_world_size(data, tmp_path, monkeypatch, old, new, workers):
     full = _streams(data, 1)
-    epoch_keys = _draw(full, full[0].steps_per_epoch, tmp_path, monkeypatch)
+    epoch_keys = draw_keys(full, full[0].steps_per_epoch, tmp_path, monkeypatch)
     assert len(epoch_keys) == len(set(epoch_keys)) == 96  # the uninterrupted epoch: each sample once
 
     before = _streams(data, old, workers=workers)
-    drawn = _draw(before, 3, tmp_path, monkeypatch)
+    drawn = draw_keys(before, 3, tmp_path, monkeypatch)
     states = {"ranks": [s.state_dict() for s in before]}
     batch = BATCH * old // new  # the global batch is kept, as the trainer requires
     after = _streams(data, new, workers=workers, batch=batch)
@@ -82,7 +66,7 @@ def test_epoch_continues_on_new_world_size(data, tmp_path, monkeypatch, old, new
         s.load_state_dict(states)
     left = after[0].steps_per_epoch - after[0].batches_seen % after[0].steps_per_epoch
     assert all(s.batches_seen == after[0].batches_seen for s in after)
-    rest = _draw(after, left, tmp_path, monkeypatch)
+    rest = draw_keys(after, left, tmp_path, monkeypatch)
     together = drawn + rest
     assert len(together) == len(set(together)), "a sample was drawn twice in the epoch"
     assert set(together) == set(epoch_keys), "a sample of the epoch was never drawn"
@@ -92,28 +76,30 @@ def test_epoch_continues_on_new_world_size(data, tmp_path, monkeypatch, old, new
     mid = _streams(data, new, workers=workers, batch=batch)
     for s in mid:
         s.load_state_dict(states)
-    _draw(mid, 1, tmp_path, monkeypatch)
+    draw_keys(mid, 1, tmp_path, monkeypatch)
     again = _streams(data, new, workers=workers, batch=batch)
     for s, m in zip(again, mid):
         s.load_state_dict(m.state_dict())
-    assert _draw(again, left - 1, tmp_path, monkeypatch) == _draw(mid, left - 1, tmp_path, monkeypatch)
+    assert draw_keys(again, left - 1, tmp_path, monkeypatch) == draw_keys(
+        mid, left - 1, tmp_path, monkeypatch
+    )
 
 
 def test_second_change_within_the_epoch(data, tmp_path, monkeypatch):
     """2 ranks -> 1 -> 4 inside one epoch: still each sample of the epoch exactly once."""
     full = _streams(data, 1)
-    epoch_keys = set(_draw(full, full[0].steps_per_epoch, tmp_path, monkeypatch))
+    epoch_keys = set(draw_keys(full, full[0].steps_per_epoch, tmp_path, monkeypatch))
     a = _streams(data, 2)
-    keys = _draw(a, 2, tmp_path, monkeypatch)
+    keys = draw_keys(a, 2, tmp_path, monkeypatch)
     b = _streams(data, 1, batch=2 * BATCH)
     for s in b:
         s.load_state_dict({"ranks": [x.state_dict() for x in a]})
-    keys += _draw(b, 3, tmp_path, monkeypatch)
+    keys += draw_keys(b, 3, tmp_path, monkeypatch)
     c = _streams(data, 4, batch=BATCH // 2)
     for s in c:
         s.load_state_dict({"ranks": [x.state_dict() for x in b]})
     left = c[0].steps_per_epoch - c[0].batches_seen % c[0].steps_per_epoch
-    keys += _draw(c, left, tmp_path, monkeypatch)
+    keys += draw_keys(c, left, tmp_path, monkeypatch)
     assert len(keys) == len(set(keys)) and set(keys) == epoch_keys
 
 
@@ -163,7 +149,7 @@ def test_epoch_continues_without_redraws_over_a_truncated_shard(data, tmp_path, 
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2 + 100])
     damaged = dict(data, shards=spec)
     before = _streams(damaged, 2)
-    drawn = _draw(before, 3, tmp_path, monkeypatch)
+    drawn = draw_keys(before, 3, tmp_path, monkeypatch)
     states = {"ranks": [s.state_dict() for s in before]}
     skipped_before = sum((Counter(s.skipped()) for s in before), Counter())
     assert skipped_before["tar_error"] >= 1
@@ -173,6 +159,6 @@ def test_epoch_continues_without_redraws_over_a_truncated_shard(data, tmp_path, 
     # went back to 0 on a world-size change.
     assert after[0].skipped() == dict(skipped_before)
     left = after[0].steps_per_epoch - after[0].batches_seen % after[0].steps_per_epoch
-    rest = _draw(after, left, tmp_path, monkeypatch)
+    rest = draw_keys(after, left, tmp_path, monkeypatch)
     assert set(drawn) & set(rest) == set(), "samples drawn before the change were drawn again"
     assert len(rest) == len(set(rest)) and after[0].epoch == 1

@@ -9,10 +9,10 @@ import os
 from collections import Counter
 
 import pytest
+from stream_keys import draw_keys
 from transformers import CLIPImageProcessor
 
 from vutrain.data import TrainStream, make_preprocess
-from vutrain.data.epoch_remainder import SAMPLE_LOG_ENV
 from vutrain.data.synthetic import write_synthetic
 from vutrain.data.tokenizer import iter_shard_texts, make_tokenize, train_bpe_tokenizer
 
@@ -51,21 +51,6 @@ def _streams(data, world, batch, seed, workers=0):
     ]
 
 
-def _draw(streams, steps, log_dir, monkeypatch) -> list[str]:
-    """Keys of ``steps`` batches from every stream (through the stream's own test hook)."""
-    monkeypatch.setenv(SAMPLE_LOG_ENV, str(log_dir / "keys"))
-    for _ in range(steps):
-        for s in streams:
-            next(s)
-    for s in streams:
-        s.close()
-    keys = []
-    for path in sorted(glob.glob(str(log_dir / "keys.*"))):
-        keys += open(path).read().split()
-        os.remove(path)
-    return keys
-
-
 @pytest.mark.parametrize("seed,old,new", [(4, 1, 2), (5, 1, 2), (4, 2, 1), (5, 2, 1)])
 def test_upsampled_shard_keeps_both_copies_in_the_remainder(data, tmp_path, monkeypatch, seed, old, new):
     """a::b::a (4 samples a shard), global batch 4, one batch drawn, then old -> new ranks.
@@ -76,28 +61,28 @@ def test_upsampled_shard_keeps_both_copies_in_the_remainder(data, tmp_path, monk
     middle of the remainder replays the same keys.
     """
     full = _streams(data, 1, 4, seed)
-    epoch_keys = Counter(_draw(full, full[0].steps_per_epoch, tmp_path, monkeypatch))
+    epoch_keys = Counter(draw_keys(full, full[0].steps_per_epoch, tmp_path, monkeypatch))
     assert sum(epoch_keys.values()) == 12 and sorted(set(epoch_keys.values())) == [1, 2]
 
     before = _streams(data, old, 4 // old, seed)
-    drawn = _draw(before, 1, tmp_path, monkeypatch)
+    drawn = draw_keys(before, 1, tmp_path, monkeypatch)
     states = {"ranks": [s.state_dict() for s in before]}
     after = _streams(data, new, 4 // new, seed)
     for s in after:
         s.load_state_dict(states)
     left = after[0].steps_per_epoch - after[0].batches_seen % after[0].steps_per_epoch
     assert left == 2, f"{left} batches per rank left of the epoch's 8 remaining samples, want 2"
-    rest = _draw(after, left, tmp_path, monkeypatch)
+    rest = draw_keys(after, left, tmp_path, monkeypatch)
     assert Counter(drawn + rest) == epoch_keys
 
     mid = _streams(data, new, 4 // new, seed)
     for s in mid:
         s.load_state_dict(states)
-    _draw(mid, 1, tmp_path, monkeypatch)
+    draw_keys(mid, 1, tmp_path, monkeypatch)
     again = _streams(data, new, 4 // new, seed)
     for s, m in zip(again, mid):
         s.load_state_dict(m.state_dict())
-    assert _draw(again, 1, tmp_path, monkeypatch) == _draw(mid, 1, tmp_path, monkeypatch)
+    assert draw_keys(again, 1, tmp_path, monkeypatch) == draw_keys(mid, 1, tmp_path, monkeypatch)
 
 
 def _reshape_round_trip(rank: int, world: int, ckpt_dir: str) -> dict:
