@@ -179,6 +179,7 @@ def _write_filtered(
         if sample[0] not in drop:
             sink.add(sample)
     kept = sink.close()
+    sink.publish()  # only now: a killed filter left staged shards, not a part of the set in OUT
     if kept:  # no shards to describe otherwise
         finalize_mod.finalize(output)
     return kept

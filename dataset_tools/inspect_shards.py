@@ -18,7 +18,7 @@ from collections import Counter
 from PIL import Image
 
 from dataset_tools import shards, youtube
-from dataset_tools.vocab import tag_values
+from dataset_tools.vocab import normalize_tag, tag_values
 
 REQUIRED_MEMBERS = ("txt", "json")  # and one image member of IMAGE_EXTS
 # The trainer's image members, in its order of preference (vutrain/data/samples.py IMAGE_EXTS; not
@@ -83,6 +83,13 @@ def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]
     return problems
 
 
+def _training_tags(value) -> set[str]:
+    """A row's tags as training and ``vocab`` id them, each once: counted as written, "Music",
+    "music " and "MUSIC" were three histogram rows for one class, and a tag repeated in one video
+    counted twice, so inspect's counts disagreed with the vocabulary's."""
+    return {normalize_tag(t) for t in tag_values(value)}  # a string: its tags, not letters
+
+
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # what vutrain's loader also reads
 
 
@@ -122,7 +129,7 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
                 success_keys.add(row["key"])
                 report["variants"][row.get("variant") or "unknown"] += 1
                 report["categories"][row.get("category_name") or "(none)"] += 1
-                report["tags"].update(tag_values(row.get("tags")))  # a string: its tags, not letters
+                report["tags"].update(_training_tags(row.get("tags")))
             else:
                 report["failures_by_reason"][row.get("error_message") or row["status"]] += 1
         if verify:

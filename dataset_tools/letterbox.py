@@ -33,7 +33,7 @@ def letterbox_bounds(img: np.ndarray) -> tuple[int, int] | None:
 
 def crop_letterbox(data: bytes) -> bytes | None:
     """Lossless (BMP) bytes of the image without its bars, or None when there is nothing to crop."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    img = _as_8_bit(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED))
     if img is None:
         return None
     bounds = letterbox_bounds(img)
@@ -41,6 +41,18 @@ def crop_letterbox(data: bytes) -> bytes | None:
         return None
     ok, encoded = cv2.imencode(".bmp", img[bounds[0] : bounds[1]])
     return encoded.tobytes() if ok else None
+
+
+def _as_8_bit(img: np.ndarray | None) -> np.ndarray | None:
+    """``img`` as uint8, a 16-bit one scaled (65535 -> 255); None for any other depth (left to the
+    resizer uncropped). BMP holds 8 bits: a 16-bit PNG's values were clipped at 255, so a cropped
+    thumbnail came out almost white, and its bars (about 0-16 of 65535) were tested on the 8-bit
+    scale."""
+    if img is None or img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return np.rint(img / 257.0).astype(np.uint8)
+    return None
 
 
 class LetterboxResizer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -219,16 +220,35 @@ def check_empty_output(folder: str) -> None:
     finalize, and, for split, samples of one side left in the other). The lock file of
     ``claim_outputs`` alone does not count: a run stopped before its first shard leaves it."""
     if os.path.isdir(folder) and _entries_besides_lock(folder):
+        why = (
+            "an earlier run was stopped while moving its shards in, so it holds part of them"
+            if os.path.isdir(_staging_dir(folder))
+            else "an earlier run's shards would mix with the new ones"
+        )
         raise SystemExit(
-            f"{folder}: output folder is not empty (an earlier run's shards would mix with the new "
-            "ones). Pass an empty or new folder, or delete this one first."
+            f"{folder}: output folder is not empty ({why}). Pass an empty or new folder, or delete "
+            "this one first."
         )
 
 
+# Where ShardSink writes its shards until the whole output is done (``publish``), inside BUILD_DIR.
+STAGING = "partial"
+
+
+def _staging_dir(folder: str) -> str:
+    return os.path.join(folder, BUILD_DIR, STAGING)
+
+
 def _entries_besides_lock(folder: str) -> list[str]:
+    """The folder's entries, none when it holds only the lock and a killed run's staged shards
+    (``claim_outputs`` removes those: none of them was ever published)."""
     entries = os.listdir(folder)
     build_dir = os.path.join(folder, BUILD_DIR)
-    if entries == [BUILD_DIR] and os.path.isdir(build_dir) and os.listdir(build_dir) in ([], ["lock"]):
+    if (
+        entries == [BUILD_DIR]
+        and os.path.isdir(build_dir)
+        and set(os.listdir(build_dir)) <= {"lock", STAGING}
+    ):
         return []
     return entries
 
@@ -246,6 +266,8 @@ def claim_outputs(folders: Sequence[str], command: str) -> Iterator[None]:
             locks.enter_context(shards.exclusive_lock(lock_path, _refusal(folder, command)))
         for folder in folders:
             check_empty_output(folder)
+            # Shards a killed run staged and never published: safe to drop while we hold the lock.
+            shutil.rmtree(_staging_dir(folder), ignore_errors=True)
         yield
 
 
@@ -261,7 +283,10 @@ def _refusal(folder: str, command: str) -> Callable[[str], str]:
 
 
 class ShardSink:
-    """Collects samples and writes ``NNNNN.tar/.parquet/_stats.json`` every ``shard_size``."""
+    """Collects samples and writes ``NNNNN.tar/.parquet/_stats.json`` every ``shard_size``, staged
+    in ``folder/_build/partial`` until ``publish`` moves them into ``folder``. Written straight into
+    ``folder``, a killed split or dedup left finished shards there that nothing marked as part of
+    a set: a glob or brace spec over the folder trained on a part of the data without a word."""
 
     def __init__(
         self, folder: str, shard_size: int, oom_shard_count: int = 5, schema: pa.Schema | None = None
@@ -269,8 +294,9 @@ class ShardSink:
         check_empty_output(folder)
         if shard_size < 1:
             raise SystemExit(f"--shard-size {shard_size}: must be at least 1 (samples per shard, e.g. 1000)")
-        os.makedirs(folder, exist_ok=True)
-        self.folder, self.shard_size, self.oom = folder, shard_size, oom_shard_count
+        self.folder, self.staging = folder, _staging_dir(folder)
+        os.makedirs(self.staging, exist_ok=True)
+        self.shard_size, self.oom = shard_size, oom_shard_count
         self.schema = schema  # None: inferred from each shard's rows
         self.buffer: list[Sample] = []
         self.shard_id = 0
@@ -290,13 +316,13 @@ class ShardSink:
         name = shards.shard_name(self.shard_id, self.oom)
         rows = [conform_row(row, self.schema) for _, _, row in self.buffer]
         shards.write_tar(
-            os.path.join(self.folder, f"{name}.tar"), [(key, members) for key, members, _ in self.buffer]
+            os.path.join(self.staging, f"{name}.tar"), [(key, members) for key, members, _ in self.buffer]
         )
         shards.write_parquet(
-            os.path.join(self.folder, f"{name}.parquet"), rows, self.schema or _schema_for(rows)
+            os.path.join(self.staging, f"{name}.parquet"), rows, self.schema or _schema_for(rows)
         )
         shards.write_stats(
-            self.folder, self.shard_id, shards.stats_from_rows(rows, start, shards.now()), self.oom
+            self.staging, self.shard_id, shards.stats_from_rows(rows, start, shards.now()), self.oom
         )
         self.count += len(self.buffer)
         self.buffer, self.shard_id = [], self.shard_id + 1
@@ -305,3 +331,12 @@ class ShardSink:
         """Write the last partial shard; returns the number of samples written in all."""
         self.flush()
         return self.count
+
+    def publish(self) -> None:
+        """Move the staged shards into the folder, each shard's stats last (they mark it complete),
+        and remove the staging folder. Call once every sink of the run is closed."""
+        for shard_id in range(self.shard_id):
+            name = shards.shard_name(shard_id, self.oom)
+            for file in (f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"):
+                os.replace(os.path.join(self.staging, file), os.path.join(self.folder, file))
+        shutil.rmtree(self.staging, ignore_errors=True)

@@ -88,6 +88,8 @@ def split(
         for sample in iter_samples(folder):
             sinks[assign(sample[2], by, val_fraction, seed, title_ids)].add(sample)
         counts = {side: sink.close() for side, sink in sinks.items()}
+        for sink in sinks.values():  # only now: a killed split published neither side's shards
+            sink.publish()
         for side, count in counts.items():
             if count:  # an empty side has no shards to describe
                 finalize_mod.finalize(sides[side])

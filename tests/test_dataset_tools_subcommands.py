@@ -174,7 +174,7 @@ def test_inspect_verify_does_not_pass_compressed_shards_it_never_read(tmp_path):
     folder.mkdir()
     _plain_shard(folder, 0, 2, tags="cats, dogs")
     report = inspect_shards.inspect_dir(str(folder), verify=True)
-    assert report["corrupt"] == [] and report["tags"] == {"cats": 2, " dogs": 2}
+    assert report["corrupt"] == [] and report["tags"] == {"cats": 2, "dogs": 2}
     tar = folder / "00000.tar"
     (folder / "00000.tar.gz").write_bytes(gzip.compress(tar.read_bytes()))
     tar.unlink()
