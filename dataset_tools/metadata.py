@@ -201,6 +201,10 @@ def _unique_names(header: list[str]) -> list[str]:
 def _parse_csv(path: str, encoding: str, sep: str, errors: str) -> pd.DataFrame:
     """pandas' C parser (fast) for well-formed files, the csv module for the rest."""
     kwargs = dict(sep=sep, dtype=str, keep_default_na=False, on_bad_lines="error")
+    if _has_nul(path, encoding):
+        # pandas' C parser ends a field at a NUL and drops the rest of it without a word (a title
+        # "Live\x00 at Wembley" became "Live"); the csv module keeps the whole field.
+        return _read_csv_keeping_malformed(path, encoding, sep, errors)
     try:
         df = pd.read_csv(path, encoding=encoding, encoding_errors=errors, **kwargs)
     except pd.errors.ParserError:
@@ -212,6 +216,27 @@ def _parse_csv(path: str, encoding: str, sep: str, errors: str) -> pd.DataFrame:
         # an index and shifted every other one. Re-read so those rows are rejected instead.
         return _read_csv_keeping_malformed(path, encoding, sep, errors)
     return df
+
+
+def _has_nul(path: str, encoding: str) -> bool:
+    """True when the text of ``path`` holds a NUL character (any byte 0 outside UTF-16).
+    Read in blocks: a metadata file of several GB is not held twice in memory."""
+    utf16 = encoding.startswith("utf-16")
+    nul = "\x00" if utf16 else b"\x00"
+    with _open_text(path, encoding, errors="replace") if utf16 else _open_binary(path) as fh:
+        while block := fh.read(1 << 24):
+            if nul in block:
+                return True
+    return False
+
+
+def _open_binary(path: str):
+    """A binary handle on ``path`` (decompressed when it ends in .gz)."""
+    if path.lower().endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
 
 
 def _read_csv(path: str, encoding: str, sep: str, errors: str = "strict") -> pd.DataFrame:
@@ -369,12 +394,78 @@ def _json_array_records(path: str, text: str) -> list[dict]:
     return records
 
 
+def _json_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text: split at "\n" only (a "\r" before it is stripped with the
+    line's blanks). ``str.splitlines`` also splits at U+2028, U+2029 and U+0085, which JSON
+    allows unescaped inside a string (``json.dumps(ensure_ascii=False)`` writes them so): a title
+    holding one was cut in two and stopped the build as "not a JSON line"."""
+    return text.split("\n")
+
+
+# yt-dlp records that hold videos instead of being one: ``yt-dlp -J`` of a playlist or channel.
+_PLAYLIST_TYPES = ("playlist", "multi_video")
+
+
+def _videos(record: dict) -> Iterator[dict]:
+    """The video records one JSON record stands for: itself, or the entries of a yt-dlp playlist
+    (nested ones included). Taken as one video, a playlist was one "invalid video id" rejection
+    and every video in it was lost."""
+    entries = record.get("entries")
+    if record.get("_type") not in _PLAYLIST_TYPES or not isinstance(entries, list):
+        yield record
+        return
+    for index, entry in enumerate(entries, 1):
+        if isinstance(entry, dict):
+            yield from _videos(entry)
+        else:  # yt-dlp writes null for an entry it could not extract: rejected, so still counted
+            yield {"playlist_id": record.get("id"), "playlist_index": index, "entry": entry}
+
+
+def _single_object(text: str) -> dict | None:
+    """The object a whole JSON text is (one object over many lines: ``yt-dlp -J | jq .``), else
+    None. On JSON Lines json.loads stops at the second value, so the check is cheap."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _json_record_lines(text: str, records: int) -> list[int] | None:
+    """The line each video record of a JSON text starts on (a playlist's entries: the line of
+    their element or JSON line, or None when that is a multi-line object)."""
+    if text.lstrip().startswith("["):
+        elements = json.loads(text)
+        starts = _array_element_lines(text, len(elements))
+        counts = [sum(1 for _ in _videos(e)) if isinstance(e, dict) else 1 for e in elements]
+    elif _single_object(text) is not None and records == 1:
+        return [next(n for n, line in enumerate(_json_lines(text), 1) if line.strip())]
+    else:
+        starts, counts = [], []
+        for n, line in enumerate(_json_lines(text), 1):
+            if not line.strip():
+                continue
+            try:
+                counts.append(sum(1 for _ in _videos(json.loads(line))))
+            except (ValueError, AttributeError):  # a multi-line object: no line per video
+                return None
+            starts.append(n)
+    return [start for start, count in zip(starts, counts, strict=True) for _ in range(count)]
+
+
 def _iter_json_records(path: str) -> Iterator[dict]:
     text = _read_json_text(path)
     if text.lstrip().startswith("["):
-        yield from _json_array_records(path, text)
+        for record in _json_array_records(path, text):
+            yield from _videos(record)
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    single = _single_object(text)
+    if single is not None:
+        yield from _videos(single)
+        return
+    for lineno, line in enumerate(_json_lines(text), 1):
         line = line.strip()
         if not line:
             continue
@@ -389,7 +480,7 @@ def _iter_json_records(path: str) -> Iterator[dict]:
                 f"{path}:{lineno}: {_kind(rec)}, not a JSON object. "
                 "JSONL input needs one JSON object per line."
             )
-        yield rec
+        yield from _videos(rec)
 
 
 def _record_lines(path: str, records: int) -> list[int] | None:
@@ -404,10 +495,9 @@ def _record_lines(path: str, records: int) -> list[int] | None:
     if lower.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
         with _open_text(path, "latin-1") as fh:
             text = fh.read().removeprefix("\xef\xbb\xbf")  # a UTF-8 byte order mark, as latin-1
-        if text.lstrip().startswith("["):
-            lines = _array_element_lines(text, records)
-        else:
-            lines = [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        lines = _json_record_lines(text, records)
+        if lines is None:
+            return None
     else:
         sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
         # UTF-16 is the exception: its newline is two bytes, one of them zero.
@@ -562,6 +652,12 @@ def _malformed(raw: dict) -> tuple[str, dict] | None:
     return reason, {"fields": fields}
 
 
+def _as_given(raw: dict) -> dict[str, str]:
+    """A rejected row as the input gave it: the keys a JSON line lacks (NaN where other lines
+    have them) are left out, not written as the text "nan"."""
+    return {k: str(v) for k, v in raw.items() if not (isinstance(v, float) and v != v)}
+
+
 def _canonical_rows(
     path: str, df: pd.DataFrame, fmt: str, table: dict[int, str]
 ) -> Iterator[tuple[dict | None, dict, str]]:
@@ -587,7 +683,7 @@ def _canonical_rows(
             continue
         vid = _video_id(raw, id_col)
         if vid is None:
-            yield None, {k: str(v) for k, v in raw.items()}, "invalid video id"
+            yield None, _as_given(raw), "invalid video id"
             continue
         cid, name = _category(raw, cat_col, table)
         row = {

@@ -17,6 +17,8 @@ from urllib.parse import parse_qs, urlparse
 # with a "\n" (``watch?v=...%0A``) through.
 VIDEO_ID_RE = re.compile(r"[A-Za-z0-9_-]{11}")
 _LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+# C0/C1 control characters that str.split() does not count as whitespace (NUL, BEL, ESC, DEL...).
+_CONTROL_RE = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
 DEFAULT_URL_TEMPLATE = "https://i.ytimg.com/vi/{video_id}/{variant}.jpg"
 DEFAULT_VARIANTS = ("maxresdefault", "sddefault", "hqdefault", "mqdefault")
 # YouTube answers a missing thumbnail variant with this grey "TV" image (often with status 404).
@@ -149,6 +151,9 @@ def clean_title(value: object) -> str:
     # be written as UTF-8: the plan's parquet stopped the build on it.
     text = _LONE_SURROGATE_RE.sub("\ufffd", text)
     text = unicodedata.normalize("NFC", text)
+    # A control character is no text: a NUL or an ESC kept in a caption reaches the tokenizer
+    # and the .txt members; it separates words like the whitespace around it.
+    text = _CONTROL_RE.sub(" ", text)
     return " ".join(text.split())
 
 

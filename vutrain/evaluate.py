@@ -94,14 +94,46 @@ MISS_RANK = torch.iinfo(torch.long).max
 on a held-out set of fewer than 10 samples a diverged model's misses counted as hits at R@10."""
 
 
-def _pair_ranks(rows: torch.Tensor, row_groups: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Per row of ``rows`` [n, N], how many columns outside its group beat or tie its best right
-    column; ``MISS_RANK`` when every right column is NaN."""
-    same = row_groups[:, None] == groups[None, :]
-    scored = same & ~rows.isnan()
+def _pair_ranks(rows: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Per row of ``rows`` [n, N], how many wrong columns (``right`` [n, N] False) beat or tie its
+    best right column; ``MISS_RANK`` when every right column is NaN."""
+    scored = right & ~rows.isnan()
     best = torch.where(scored, rows, float("-inf")).amax(dim=1, keepdim=True)
-    beats = ((rows >= best) | rows.isnan()) & ~same  # how many other columns beat or tie it
+    beats = ((rows >= best) | rows.isnan()) & ~right  # how many other columns beat or tie it
     return torch.where(scored.any(dim=1), beats.sum(dim=1), MISS_RANK)
+
+
+class RightColumns:
+    """Which columns are right for which rows, from per-sample groups: row i's right columns are
+    those j whose key group some sample pairs with row i's query group (``query_groups[k] ==
+    query_groups[i]`` and ``key_groups[k] == key_groups[j]`` for some k).
+
+    i2t: query = image group, key = caption group, so an image's right captions are the captions of
+    its copies. Equal query and key groups (one group per sample, or the caption groups) make it
+    "the same group". A transitive group was wrong: image A reused by B, B's title also C's, made
+    C's image right for A's title (neither its image nor its caption)."""
+
+    def __init__(self, query_groups: torch.Tensor, key_groups: torch.Tensor):
+        # key ids made 0..K-1: the per-block table is K wide, whatever ids the caller gave
+        key_groups = torch.unique(key_groups, return_inverse=True)[1]
+        self.query_groups, self.key_groups = query_groups, key_groups
+        links = torch.unique(torch.stack([query_groups, key_groups], dim=1), dim=0)  # sorted by query
+        self.link_query, self.link_key = links[:, 0], links[:, 1]
+        self.key_width = int(key_groups.max().item()) + 1 if key_groups.numel() else 0
+
+    def of_rows(self, start: int, stop: int) -> torch.Tensor:
+        """BoolTensor [stop - start, N]; memory of that size (one row per distinct query group of
+        the block, times the key groups), never a per-pair table."""
+        distinct, row_of = torch.unique(self.query_groups[start:stop], return_inverse=True)
+        linked = torch.isin(self.link_query, distinct)
+        table = torch.zeros(len(distinct), self.key_width, dtype=torch.bool, device=distinct.device)
+        table[torch.searchsorted(distinct, self.link_query[linked]), self.link_key[linked]] = True
+        return table[row_of[:, None], self.key_groups[None, :]]
+
+
+def _right_columns(n: int, groups, key_groups, device) -> RightColumns:
+    groups = torch.arange(n, device=device) if groups is None else groups.to(device)
+    return RightColumns(groups, groups if key_groups is None else key_groups.to(device))
 
 
 def _recall(ranks: list[torch.Tensor], ks, device) -> dict[int, float]:
@@ -109,12 +141,20 @@ def _recall(ranks: list[torch.Tensor], ks, device) -> dict[int, float]:
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
-def recall_at_k(sim: torch.Tensor, ks=RECALL_KS, groups: torch.Tensor | None = None) -> dict[int, float]:
+def recall_at_k(
+    sim: torch.Tensor,
+    ks=RECALL_KS,
+    groups: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+) -> dict[int, float]:
     """sim: [N, N], the pair of row i is column i. Fraction of rows whose pair ranks within the top k.
 
     groups: [N] caption ids (equal for identical captions): a column of the row's group is as
     right as the pair itself (the same caption retrieved, or an image of that caption), so the row
     counts its best-scoring one and the others do not compete. Without it, each row has one.
+    key_groups: [N], the columns' groups when they differ from the rows' (``groups`` then the rows'):
+    column j is right for row i when some sample k has groups[k] == groups[i] and key_groups[k] ==
+    key_groups[j] (``RightColumns``; i2t: image groups for the rows, caption groups for the columns).
 
     A column that ties the true pair ranks before it: a collapsed model (every embedding equal)
     scores k / N, not 1.0. NaN counts against the model too: a NaN column beats every pair, a NaN
@@ -122,22 +162,27 @@ def recall_at_k(sim: torch.Tensor, ks=RECALL_KS, groups: torch.Tensor | None = N
     scored recall 1.0).
     """
     n = sim.shape[0]
-    groups = torch.arange(n, device=sim.device) if groups is None else groups.to(sim.device)
+    right = _right_columns(n, groups, key_groups, sim.device)
     step = _chunk_rows(n)  # rows in chunks: a few [chunk, N] temporaries, never [N, N] ones
-    ranks = [_pair_ranks(sim[i : i + step], groups[i : i + step], groups) for i in range(0, n, step)]
+    ranks = [_pair_ranks(sim[i : i + step], right.of_rows(i, min(i + step, n))) for i in range(0, n, step)]
     return _recall(ranks, ks, sim.device)
 
 
 def feature_recall_at_k(
-    queries: torch.Tensor, keys: torch.Tensor, ks=RECALL_KS, groups: torch.Tensor | None = None
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    ks=RECALL_KS,
+    groups: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
 ) -> dict[int, float]:
     """``recall_at_k(queries @ keys.T)`` without the [N, N] matrix: the similarities are made a
     chunk of rows at a time, so memory grows with N, not N squared."""
     n = queries.shape[0]
-    groups = torch.arange(n, device=queries.device) if groups is None else groups.to(queries.device)
+    right = _right_columns(n, groups, key_groups, queries.device)
     step = _chunk_rows(n)
     ranks = [
-        _pair_ranks(queries[i : i + step] @ keys.T, groups[i : i + step], groups) for i in range(0, n, step)
+        _pair_ranks(queries[i : i + step] @ keys.T, right.of_rows(i, min(i + step, n)))
+        for i in range(0, n, step)
     ]
     return _recall(ranks, ks, queries.device)
 
@@ -184,8 +229,9 @@ def caption_tokens(batch: dict) -> list[tuple[int, ...]]:
 
 
 def retrieval_groups(tokens: list[tuple], image_ids: list) -> list[int]:
-    """Per sample, its group in recall: samples joined by an identical caption (the same tokens)
-    or an identical image (the same ``image_ids`` entry; None is no image id), transitively.
+    """Per sample, its connected group: samples joined by an identical caption (the same tokens)
+    or an identical image (the same ``image_ids`` entry; None is no image id), transitively. Recall
+    no longer uses it (``retrieval_pair_groups``: a chain credited pairs of neither image nor caption).
 
     Identical images have identical features, so they tied exactly: for a caption, its image and
     the copy under another title ranked each other out, and a perfect model lost R@1 on both
@@ -205,6 +251,20 @@ def retrieval_groups(tokens: list[tuple], image_ids: list) -> list[int]:
                 parent[root(i)] = root(first.setdefault((kind, key), i))
     group_of: dict[int, int] = {}
     return [group_of.setdefault(root(i), len(group_of)) for i in range(len(tokens))]
+
+
+def retrieval_pair_groups(tokens: list[tuple], image_ids: list) -> tuple[list[int], list[int]]:
+    """Per sample, (its image group, its caption group): samples of an identical image (the same
+    ``image_ids`` entry; None is an image of its own) share an image group, samples of an identical
+    caption (the same tokens) a caption group. Recall pairs them through ``RightColumns``."""
+    image_group: dict = {}
+    caption_group: dict = {}
+    images = [
+        image_group.setdefault(("id", i) if i is not None else ("own", n), len(image_group))
+        for n, i in enumerate(image_ids)
+    ]
+    captions = [caption_group.setdefault(t, len(caption_group)) for t in tokens]
+    return images, captions
 
 
 class EvalInterrupted(Exception):
@@ -238,53 +298,85 @@ def _lockstep(batches, run, device, stop_requested=None) -> tuple[list, list[dic
             kept.append(batch)
 
 
+MERGE_CHUNK_CLASSES = 256
+"""Classes whose prompts are tokenised at a time when merging them."""
+
+
 def merge_same_prompts(
-    classes: list[str], templates: list[str], tokenize
+    classes: list[str], templates: list[str], tokenize, max_distinct: int | None = None
 ) -> tuple[list[str], dict[str, int]]:
     """The classes whose prompts the model cannot tell apart, merged: (distinct, index of each class).
 
     Two classes whose prompts tokenise alike for every template ("Minecraft" and "minecraft" under
     CLIP's lower-casing tokenizer, common among tags) have one embedding, so they tied exactly and
     neither was ever a hit, even for a perfect model. Each merged class keeps its first spelling.
+
+    max_distinct: walk ``classes`` in order and stop before the class that would be distinct number
+    ``max_distinct + 1`` (the ``index`` then holds the classes walked); only those are tokenised.
     """
-    prompts = [t.format(c) for c in classes for t in templates]
-    tokens = [t for i in range(0, len(prompts), 256) for t in caption_tokens(tokenize(prompts[i : i + 256]))]
-    per_class = len(templates)
     first: dict[tuple, int] = {}
     distinct: list[str] = []
     index: dict[str, int] = {}
-    for j, c in enumerate(classes):
-        key = tuple(tokens[j * per_class : (j + 1) * per_class])
-        if key not in first:
-            first[key] = len(distinct)
-            distinct.append(c)
-        index[c] = first[key]
+    for start in range(0, len(classes), MERGE_CHUNK_CLASSES):
+        chunk = classes[start : start + MERGE_CHUNK_CLASSES]
+        for c, key in zip(chunk, _prompt_tokens(chunk, templates, tokenize), strict=True):
+            if key not in first:
+                if max_distinct is not None and len(distinct) == max_distinct:
+                    return distinct, index
+                first[key] = len(distinct)
+                distinct.append(c)
+            index[c] = first[key]
     return distinct, index
 
 
+def _prompt_tokens(classes: list[str], templates: list[str], tokenize) -> list[tuple]:
+    """Per class, the attended tokens of each of its prompts."""
+    tokens = caption_tokens(tokenize([t.format(c) for c in classes for t in templates]))
+    per_class = len(templates)
+    return [tuple(tokens[j * per_class : (j + 1) * per_class]) for j in range(len(classes))]
+
+
 def merge_same_prompt_tags(
-    tag_lists: list[list[str]], vocab: list[str], templates: list[str], tokenize
+    tag_lists: list[list[str]], vocab: list[str], templates: list[str], tokenize, max_tags: int | None = None
 ) -> tuple[list[list[str]], list[str]]:
     """The vocabulary tags whose prompts the model cannot tell apart, merged as zero-shot classes
     are (``merge_same_prompts``): (each image's tags renamed to its merged tag, merged vocabulary).
 
     "gta5" and "gta 5" (CLIP's tokenizer splits digits from letters) or two long tags cut alike at
     the context length had one embedding, so for an image of one, the other tied its true tag and
-    ranked first: a perfect model lost R@1 on every such image and AP on every such tag."""
-    distinct, index = merge_same_prompts(vocab, templates, tokenize)
+    ranked first: a perfect model lost R@1 on every such image and AP on every such tag.
+
+    max_tags: the merged vocabulary is the first ``max_tags`` distinct tags of ``vocab`` (most
+    frequent first): cut before the merge, each merge cost the vocabulary a tag."""
+    distinct, index = merge_same_prompts(vocab, templates, tokenize, max_distinct=max_tags)
     merged_name = {tag: distinct[i] for tag, i in index.items()}
     renamed = [[merged_name.get(normalize_tag(t), t) for t in tags] for tags in tag_lists]
     return renamed, distinct
 
 
-def tag_metrics(img, tag_lists, encode_text, templates, tokenize, vocab_size: int) -> dict[str, float]:
+def tag_metrics(
+    img, tag_lists, encode_text, templates, tokenize, vocab_size: int, image_groups: list[int] | None = None
+) -> dict[str, float]:
     """``eval/tags_*`` over the ``vocab_size`` most frequent tags, merged by prompt tokens;
-    ``eval/tags_vocab`` counts merged tags."""
+    ``eval/tags_vocab`` counts merged tags. image_groups: per image, its group of identical images
+    (``retrieval_pair_groups``), whose tags are one set (the vocabulary still counts videos)."""
     from vutrain.eval_multilabel import multilabel_retrieval, tag_vocabulary
 
-    vocab = tag_vocabulary(tag_lists, max_tags=vocab_size)
-    tag_lists, vocab = merge_same_prompt_tags(tag_lists, vocab, templates, tokenize)
+    ranked = tag_vocabulary(tag_lists)  # every tag, most frequent first: the merge decides the cut
+    tag_lists, vocab = merge_same_prompt_tags(tag_lists, ranked, templates, tokenize, max_tags=vocab_size)
+    if image_groups is not None:
+        # A thumbnail reused by a "cat" video and a "dog" video is one image: a negative copy
+        # tied each positive one, so a perfect model lost AP and R@1 on both tags.
+        tag_lists = union_over_copies(tag_lists, image_groups)
     return multilabel_retrieval(img, tag_lists, encode_text, templates, vocab=vocab)
+
+
+def union_over_copies(values: list, image_groups: list[int]) -> list[list]:
+    """Per sample, the values (an iterable each) of every sample of its image group, first seen first."""
+    merged: dict[int, dict] = {}
+    for group, items in zip(image_groups, values, strict=True):
+        merged.setdefault(group, {}).update(dict.fromkeys(items))
+    return [list(merged[group]) for group in image_groups]
 
 
 @torch.no_grad()
@@ -350,9 +442,13 @@ def evaluate(
         metrics: dict[str, float] = {"eval/num_samples": float(img.shape[0])}
         if img.shape[0] == 0:
             return metrics
-        groups = torch.tensor(retrieval_groups(tokens, image_ids), device=img.device)
-        for name, queries, keys in (("i2t", img, txt), ("t2i", txt, img)):
-            for k, value in feature_recall_at_k(queries, keys, groups=groups).items():
+        pair_groups = retrieval_pair_groups(tokens, image_ids)  # identical images / captions: one each
+        image_groups, caption_groups = (torch.tensor(g, device=img.device) for g in pair_groups)
+        for name, queries, keys, rows, columns in (
+            ("i2t", img, txt, image_groups, caption_groups),
+            ("t2i", txt, img, caption_groups, image_groups),
+        ):
+            for k, value in feature_recall_at_k(queries, keys, groups=rows, key_groups=columns).items():
                 metrics[f"eval/{name}_r{k}"] = value
 
         def encode_text(texts):
@@ -371,8 +467,11 @@ def evaluate(
             # A sample's labels: one for a scalar field, each element of a list field (a hit when
             # the top class is any of them); a sample without one of the classes is left out.
             # (the class index built once: per sample it cost N x C, minutes at 50k tags and samples)
+            # Copies of one image share their labels: a thumbnail of a Gaming and a Music video
+            # could match only one of them, so a perfect model scored 0.5 on the pair.
             label_columns = [
-                sorted({class_index[lab] for lab in labs if lab in class_index}) for labs in labels
+                sorted({class_index[lab] for lab in labs if lab in class_index})
+                for labs in union_over_copies(labels, pair_groups[0])
             ]
             known = [i for i, cols in enumerate(label_columns) if cols]
             chance = 1.0 / len(classes)
@@ -386,7 +485,9 @@ def evaluate(
             metrics["eval/zeroshot_chance"] = chance
             metrics["eval/zeroshot_classes"] = float(len(classes))
         if any(tags):  # every rank holds the same gathered tags, so the text forwards stay in lockstep
-            metrics.update(tag_metrics(img, tags, encode_text, templates, tokenize, tag_vocab_size))
+            metrics.update(
+                tag_metrics(img, tags, encode_text, templates, tokenize, tag_vocab_size, pair_groups[0])
+            )
         return metrics
     finally:  # also after an early return or an error: training goes on in train mode
         if was_training:
