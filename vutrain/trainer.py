@@ -753,6 +753,10 @@ class Trainer:
             )
             # Still finished: the start cleared last run's end markers (`_prepare_run_dir`).
             self._write_marker("done.json", {"step": self.step})
+            if self.info.is_main:
+                # A run killed after its final checkpoint, or whose plot failed, had no curves.png,
+                # and its rerun, the way to finish it, never drew one. It reads metrics.jsonl only.
+                self._plot_curves()
             return logged_eval(self.run_dir, self.step)
         # A finished run continued with a larger train.max_steps is unfinished until its new end:
         # kept from its final checkpoint, the flag went into a pre-emption checkpoint at the new
@@ -875,6 +879,30 @@ class Trainer:
         raise Preempted(self.step, signame)
 
     def _write_marker(self, name: str, payload: dict) -> None:
-        if self.info.is_main:
-            with open(os.path.join(self.run_dir, name), "w", encoding="utf-8") as fh:
+        """Rank 0 writes RUN/name whole or not at all (temporary file, fsync, rename).
+
+        Written in place, a kill or a full disk mid-write left a truncated marker (an empty
+        done.json, a preempted.json without its step) for the tools that read it, and the
+        OSError turned a saved pre-emption (exit 75, requeued) or a finished run into a failure
+        with a traceback. The checkpoint, saved before, is the record: a marker that cannot be
+        written is one warning."""
+        if not self.info.is_main:
+            return
+        path = os.path.join(self.run_dir, name)
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning(
+                "%s not written (%s); the checkpoint of step %d holds the run",
+                path,
+                one_line(exc),
+                payload["step"],
+            )
+        finally:
+            if os.path.exists(tmp):  # the write failed: no half marker stays behind
+                os.remove(tmp)
