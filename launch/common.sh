@@ -84,7 +84,9 @@ requested_gpus_per_node() {
 
 # expand_hostlist LIST: one host per line of a SLURM host list ("node[01-04,07],gpu-a1"), without
 # scontrol (missing in containers, failing where no slurm.conf is found). Brackets may repeat in a
-# name ("r[1-2]-n[01-02]"); a range keeps its zero padding, as SLURM names the hosts.
+# name ("r[1-2]-n[01-02]"); a range keeps its zero padding, as SLURM names the hosts. Blanks
+# between names separate them as commas do (SLURM's own reader agrees): "n[1-2] gpu3" was the
+# hosts n1gpu3 and n2gpu3, since each name's blanks are dropped.
 expand_hostlist() {
     local list="$1" depth=0 i char name=""
     for ((i = 0; i < ${#list}; i++)); do
@@ -93,7 +95,7 @@ expand_hostlist() {
             "[") depth=$((depth + 1)) ;;
             "]") depth=$((depth - 1)) ;;
         esac
-        if [[ "$char" == "," && $depth == 0 ]]; then
+        if [[ "$char" == [,[:space:]] && $depth == 0 ]]; then
             expand_hostname "$name" || return 1
             name=""
         else
@@ -319,6 +321,10 @@ check_preemption_settings() {
     is_uint "$wait" || die "VUTRAIN_SRUN_WAIT=$wait is not a whole number of seconds. Set it to e.g. 300, or unset it."
     [[ "$resend" =~ ^[0-9]+(\.[0-9]+)?$ ]] \
         || die "VUTRAIN_PREEMPT_RESEND_S=$resend is not a number of seconds (0: never resend). Set it to e.g. 30, or unset it."
+    # Under a second the re-sender signalled every job step in a near-tight loop (0.001: a
+    # thousand scancel calls a second against slurmctld) while the ranks wrote their checkpoint.
+    is_zero_seconds "$resend" || [[ "$resend" =~ ^0*[1-9] ]] \
+        || die "VUTRAIN_PREEMPT_RESEND_S=$resend is under 1 second: set it to 1 or more (e.g. 30), or to 0 to never resend."
     requeue_wanted >/dev/null
 }
 

@@ -411,6 +411,8 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
             )
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
+            if value is None:  # `eval:` alone on a line: YAML's null, read as the section's defaults
+                continue
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} is a section; give its keys, e.g. {key}.<name>: value")
             _apply_mapping(getattr(obj, name), value, f"{key}.")
@@ -418,14 +420,41 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(key, tp, value))
 
 
-def _leaf_type(cfg: RunConfig, parts: list[str]) -> Any:
-    """The type of the field a dotted key names; None for a section or no field (_apply_mapping says)."""
+def _field_type(cfg: RunConfig, parts: list[str]) -> Any:
+    """The type (a section's dataclass included) of the field a dotted key names; None for no field."""
     tp: Any = type(cfg)
     for part in parts:
         if not dataclasses.is_dataclass(tp) or part not in {f.name for f in dataclasses.fields(tp)}:
             return None
         tp = _hints(tp)[part]
+    return tp
+
+
+def _leaf_type(cfg: RunConfig, parts: list[str]) -> Any:
+    """The type of the field a dotted key names; None for a section or no field (_apply_mapping says)."""
+    tp = _field_type(cfg, parts)
     return None if dataclasses.is_dataclass(tp) else tp
+
+
+def _refuse_option_form(item: str) -> None:
+    """ConfigError for an argument that starts with '-': an option train.py does not have.
+
+    `--seed=1` was read here as seed=1 while train.py's argparse refused it ("unrecognized
+    arguments"), so the launch scripts (`--get output_dir`) and the trainer saw different runs.
+    """
+    if not item.lstrip().startswith("-"):
+        return
+    name, eq, raw = item.partition("=")
+    bare = name.strip().lstrip("-")
+    if eq and bare:
+        raise ConfigError(
+            f"{item!r} is not an option; write the override without dashes: {bare}={raw} "
+            "(the only options are --config FILE and --local_rank N)"
+        )
+    raise ConfigError(
+        f"unknown option {item!r}: the only options are --config FILE and --local_rank N; "
+        "overrides are section.key=value, e.g. train.max_steps=200"
+    )
 
 
 def _text_override(raw: str, tp: type) -> Any:
@@ -449,11 +478,15 @@ def _text_override(raw: str, tp: type) -> Any:
 def apply_override(cfg: RunConfig, item: str) -> None:
     """Apply one `section.key=value` override (value parsed as YAML scalar, then coerced; a string
     or list key takes the text as typed, see _text_override)."""
+    _refuse_option_form(item)
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value; e.g. train.max_steps=200")
     key, raw = item.split("=", 1)
-    key = key.strip().lstrip("-")
+    key = key.strip()
     parts = key.split(".")
+    if dataclasses.is_dataclass(_field_type(cfg, parts)):
+        # A run file's `eval:` alone means the section's defaults; an override names one key.
+        raise ConfigError(f"override {item!r} must set a single key, not a section; e.g. {key}.<name>=value")
     leaf_type = _leaf_type(cfg, parts)
     if leaf_type in (str, list):
         value = _text_override(raw, leaf_type)
@@ -512,8 +545,16 @@ def _read_run_file(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
-        _refuse_duplicate_keys(yaml.compose(text, Loader=config_yaml.RunFileLoader), path)
-        return config_yaml.load(text) or {}
+        loader = config_yaml.RunFileLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return {}
+            _refuse_duplicate_keys(node, path)
+            _keep_text_of_text_keys(node, RunConfig)
+            return loader.construct_document(node) or {}
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -523,6 +564,49 @@ def _read_run_file(path: str) -> Any:
         ) from None
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} cannot be read as YAML: {' '.join(str(exc).split())}") from None
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+def _keep_text_of_text_keys(node: Any, cls: type) -> None:
+    """Make the plain scalars of string and list keys text as written, in place of YAML's typed value.
+
+    Overrides keep the text as typed (_text_override), but the run file's `output_dir: 2024.10`
+    became the float 2024.1 and then the text "2024.1" (another run directory), and
+    `model.hidden_act: off` the bool False, then "False". A null (`key:` alone, `~`) stays null.
+    """
+    if not isinstance(node, yaml.MappingNode):
+        return
+    hints, names = _hints(cls), {f.name for f in dataclasses.fields(cls)}
+    for i, (key_node, value_node) in enumerate(node.value):
+        name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if name not in names:
+            continue  # unknown keys: _apply_mapping names them
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            _keep_text_of_text_keys(value_node, tp)
+        elif tp is str:
+            node.value[i] = (key_node, _as_text(value_node))
+        elif tp is list:
+            if isinstance(value_node, yaml.SequenceNode):
+                # A new node, not the old one retagged: an alias may share it with a number key.
+                value_node = yaml.SequenceNode(
+                    value_node.tag,
+                    [_as_text(item) for item in value_node.value],
+                    value_node.start_mark,
+                    value_node.end_mark,
+                    value_node.flow_style,
+                )
+            node.value[i] = (key_node, _as_text(value_node))
+
+
+def _as_text(node: Any) -> Any:
+    """A plain (unquoted) scalar that YAML typed as a number, bool or date, as a text scalar."""
+    if not isinstance(node, yaml.ScalarNode) or node.style or node.tag in (_STR_TAG, _NULL_TAG):
+        return node
+    return yaml.ScalarNode(_STR_TAG, node.value, node.start_mark, node.end_mark)
 
 
 def _refuse_duplicate_keys(node: Any, path: str, prefix: str = "") -> None:
@@ -601,6 +685,7 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
                 f"model.hidden_act={m.hidden_act} applies to presets; the pretrained model "
                 f"{m.name_or_path} keeps its own activation: unset model.hidden_act"
             )
+    _refuse_preset_dims_with_pretrained(m)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("loss.name", lo.name, LOSSES)
     _choice("loss.backend", lo.backend, BACKENDS)
@@ -733,6 +818,24 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
                 "train.accumulation=plain, or train.compile=false"
             )
     check_templates(list(e.templates))
+
+
+def _refuse_preset_dims_with_pretrained(m: ModelConfig) -> None:
+    """A preset's image size or caption length set beside model.name_or_path: a ConfigError.
+
+    The pretrained model brings its own resolution and text length, so the setting was ignored
+    without a word (the run trained at 224 pixels and 77 tokens where 336 and 128 were asked
+    for). 0, the default, is "the model's own" and passes.
+    """
+    if not m.name_or_path:
+        return
+    for key in ("image_size", "context_length"):
+        if getattr(m, key):
+            raise ConfigError(
+                f"model.{key}={getattr(m, key)} applies to presets; the pretrained model "
+                f"{m.name_or_path} keeps its own (its config.json and tokenizer): unset model.{key} "
+                "(or set it to 0)"
+            )
 
 
 def check_templates(templates: list[str]) -> None:
@@ -1086,10 +1189,12 @@ def _take_config_path(argv: list[str]) -> tuple[str | None, list[str]]:
     launch scripts' `--get output_dir` failed on the second as an override (quietly: an empty
     output_dir there, and no train.resume=auto on a requeue) while train.py trained the last.
     """
-    path, rest, i = None, [], 0
+    path, rest, i, options_end = None, [], 0, False
     while i < len(argv):
         arg = argv[i]
-        if not _is_config_option(arg):
+        if arg == "--":  # argparse's end of options, dropped as Python 3.11's argparse drops it
+            options_end = True
+        elif options_end or not _is_config_option(arg):
             rest.append(arg)
         elif "=" in arg:
             path = arg.split("=", 1)[1]

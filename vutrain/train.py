@@ -33,7 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Intermixed: plain parse_args takes the positionals once, so an override after an option
     # (`a=1 --config F b=2`, or after the --local_rank the deepspeed launcher appends) was refused
     # as "unrecognized arguments" while `python -m vutrain.config` read the same line.
-    return parser.parse_intermixed_args(argv)
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    # An unknown option (`--seed=1`) goes to the config reader first, which refuses it in the one
+    # line `python -m vutrain.config` prints for the same command (that one read it as seed=1).
+    args.overrides = [*unknown, *args.overrides]
+    return args
 
 
 def check_world_size(cfg, world_size: int) -> None:
