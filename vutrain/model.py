@@ -255,11 +255,13 @@ def check_tokenizer_fits_text_tower(name_or_path: str, tokenizer, text_config) -
 
 
 def pretrained_context_length(name_or_path: str, tokenizer) -> int:
-    """Tokens per caption for a pretrained model: at most 77 (CLIP's), the tokenizer's limit and
-    the text tower's positions. A tokenizer saved without a limit says 10**30, and a model with
-    fewer than 77 positions then failed in its position embedding at the first step."""
+    """Tokens per caption for a pretrained model: the smaller of the tokenizer's limit and the text
+    tower's positions. A tokenizer saved without a limit says 10**30, and a model with fewer than
+    77 positions then failed in its position embedding at the first step. No cap at CLIP's 77: a
+    longer text tower (a vutrain preset export trained with model.context_length=128, a Long-CLIP)
+    had every caption cut to 77 tokens without a word, and its re-export's tokenizer said 77."""
     positions = pretrained_clip_config(name_or_path).text_config.max_position_embeddings
-    return min(getattr(tokenizer, "model_max_length", 77) or 77, positions, 77)
+    return min(getattr(tokenizer, "model_max_length", None) or positions, positions)
 
 
 def pretrained_clip_config(name_or_path: str) -> CLIPConfig:
