@@ -28,7 +28,7 @@ import tempfile
 import time
 
 from kernels.provenance import commit
-from vutrain.bench_report import write_json
+from vutrain.bench_report import md_cell, write_json
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
@@ -145,7 +145,7 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(
                 f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
-                f"{r['grad_ckpt']} | {bool(r.get('compile'))} | failed: {r['error'][:60]} ||||||||| "
+                f"{r['grad_ckpt']} | {bool(r.get('compile'))} | failed: {md_cell(r['error'][:60])} ||||||||| "
             )
             continue
         mem = r.get("peak_memory_gib", r.get("peak_rss_gib", float("nan")))
@@ -201,6 +201,16 @@ def read_previous_rows(path: str) -> list:
     if not isinstance(rows, list):
         raise ValueError(f"--out {path} holds no list of rows: move it aside or pass another --out")
     return rows
+
+
+def make_out_folder(path: str) -> None:
+    """Create ``path``'s folder, or ValueError saying what to do, before the shards are written: a
+    folder that cannot be made (``--out`` under a file, no permission) was a traceback after them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path}: its folder cannot be created ({exc}); pass another --out") from None
 
 
 def write_rows(path: str, rows: list) -> None:
@@ -282,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_sizes = parse_batch_sizes(args.batch_sizes)
         check_counts(args)
         previous = read_previous_rows(args.out)
+        make_out_folder(args.out)
     except ValueError as exc:
         parser.error(str(exc))
     # The shards and run folders of this run only: left behind, every run added its 2048 images
@@ -311,7 +322,6 @@ def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: 
         "commit": commit(),
         "command": "python -m vutrain.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for batch in batch_sizes:
         for ckpt in ckpts:
             spec = dict(

@@ -22,10 +22,16 @@ BASELINE_LABEL = "open_clip"
 """The configuration every ratio is taken against: open_clip's step as it ships."""
 
 
+def md_cell(text: object) -> str:
+    """``text`` as one markdown table cell: an error message's ``|`` (a shell pipeline, a regex) or
+    newline (a compiler's log) ended the cell, or the row, and shifted every figure after it."""
+    return " ".join(str(text).replace("|", "\\|").split())
+
+
 def format_row(row: dict) -> str:
     """One markdown table row of a speed measurement (or its error)."""
     if "error" in row:
-        return f"| {row['variant']} | {row['batch_size']} | {row['error']} | | | |"
+        return f"| {md_cell(row['variant'])} | {row['batch_size']} | {md_cell(row['error'])} | | | |"
     mem = "n/a (CPU)" if row.get("peak_memory_gib") is None else f"{row['peak_memory_gib']:.2f}"
     ratio = row.get("ratio_to_open_clip")
     return (
@@ -264,7 +270,7 @@ def report(result: dict, out: str, png: str) -> None:
         print("\n| configuration | largest batch | x open_clip | probes |\n|---|---|---|---|")
         for entry in result["largest"]:
             if entry.get("skipped"):
-                print(f"| {entry['variant']} | skipped: {entry['skipped']} | | |")
+                print(f"| {md_cell(entry['variant'])} | skipped: {md_cell(entry['skipped'])} | | |")
                 continue
             ratio = entry.get("ratio_to_open_clip")
             shown = (
@@ -275,7 +281,7 @@ def report(result: dict, out: str, png: str) -> None:
                     if entry.get("stopped")
                     else ""
                 )
-                + (f" (at least; search failed: {entry['error']})" if entry.get("error") else "")
+                + (f" (at least; search failed: {md_cell(entry['error'])})" if entry.get("error") else "")
             )
             print(
                 f"| {entry['variant']} | {shown} | {'' if ratio is None else f'{ratio:.2f}x'} | "

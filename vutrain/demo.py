@@ -136,8 +136,11 @@ def claim_output(out: str) -> None:
                 f"--out {out} already has {', '.join(n + '/' for n in found)} that the demo did not "
                 f"write, and the demo replaces them: pass another --out (e.g. --out demo_out)"
             )
-        with open(marker, "w", encoding="utf-8") as fh:
-            fh.write("written by python -m vutrain.demo: it replaces data/, run/ and hf_model/ here\n")
+        try:
+            with open(marker, "w", encoding="utf-8") as fh:
+                fh.write("written by python -m vutrain.demo: it replaces data/, run/ and hf_model/ here\n")
+        except OSError as exc:  # a read-only or special folder (/proc/...): one line, not a traceback
+            raise DemoError(f"--out {out} cannot be written ({exc}): pass another --out") from exc
 
 
 def write_data(out: str, num_samples: int, val_samples: int, shard_size: int, seed: int) -> tuple[str, str]:
@@ -146,11 +149,16 @@ def write_data(out: str, num_samples: int, val_samples: int, shard_size: int, se
     from vutrain.data.synthetic import write_synthetic
 
     data = os.path.join(out, "data")
-    if os.path.isdir(data):
-        shutil.rmtree(data)
-    info = write_synthetic(
-        data, num_samples=num_samples, shard_size=shard_size, seed=seed, val_samples=val_samples
-    )
+    try:
+        if os.path.isdir(data):
+            shutil.rmtree(data)
+        info = write_synthetic(
+            data, num_samples=num_samples, shard_size=shard_size, seed=seed, val_samples=val_samples
+        )
+    except OSError as exc:  # a full disk, a file named data: one line before training starts
+        raise DemoError(
+            f"cannot write the synthetic shards to {data} ({exc}): free it or pass another --out"
+        ) from exc
     return info["train_shards"], info["val_shards"]
 
 
@@ -236,6 +244,18 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    """An argparse type for --min-top1: a top-1 accuracy threshold in [0, 1]. ``nan`` passed every
+    run (no accuracy is below nan) and a threshold above 1 failed every run."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # also false for nan
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1]")
+    return value
+
+
 def classify_one(model_dir: str, val_shards: str) -> tuple[str, str, float]:
     """(true class, predicted class, score) of the first held-out image through the HF pipeline."""
     import webdataset as wds
@@ -274,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: one GPU in bf16 (fp32 before Ampere; GPU recipe) when present, else 2 CPU ranks",
     )
     parser.add_argument(
-        "--min-top1", type=float, default=0.6, help="exit non-zero below this zero-shot top-1"
+        "--min-top1", type=_fraction, default=0.6, help="exit non-zero below this zero-shot top-1 (0-1)"
     )
     parser.add_argument("--seed", type=_non_negative, default=0, help="data seed (>= 0)")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for the training run")
