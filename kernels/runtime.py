@@ -28,6 +28,7 @@ __all__ = [
     "device_guard",
     "kernel_dtype",
     "run_eagerly",
+    "savable_for_backward",
     "tile_config",
     "triton_available",
     "use_triton",
@@ -161,8 +162,18 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each input in its :func:`kernel_dtype` (a differentiable cast: gradients come back in fp32).
     Per tensor: fp32 image features beside bf16 text features under autocast both become bf16,
-    as the reference's matmul has them."""
-    return tuple(t.to(kernel_dtype(t)) for t in tensors)
+    as the reference's matmul has them. Inference tensors are also made savable for backward."""
+    return tuple(savable_for_backward(t.to(kernel_dtype(t))) for t in tensors)
+
+
+def savable_for_backward(features: torch.Tensor) -> torch.Tensor:
+    """``features``, or a plain copy of them if they are an inference tensor that autograd may have
+    to save. Features made under ``torch.inference_mode()`` (an eval loop's) with a logit scale that
+    requires grad failed in the ops' ``save_for_backward`` ("Inference tensors cannot be saved for
+    backward"), where the reference, which saves only the logits, returned the loss."""
+    if features.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return features.clone()
+    return features
 
 
 # Triton compiles for compute capability >= 7.0 (torch's inductor has the same floor): below
