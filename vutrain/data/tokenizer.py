@@ -3,12 +3,15 @@
 CLIP conventions: lower-case text, ``<|startoftext|>`` (bos) and ``<|endoftext|>`` (eos and pad)
 around every text. HF ``CLIPTextTransformer`` pools at the first eos, so padding with eos is
 harmless and truncation must keep the eos as the last token (it does: the fast tokenizer
-reserves room for the post-processor's special tokens when truncating).
+reserves room for the post-processor's special tokens when truncating). Special-token text inside
+a caption is tokenized as text (``split_special_tokens``), so only the appended eos ends a caption.
+No usable text to train on is a :class:`TokenizerTextError` (one line), not a bytes-only vocabulary.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +27,7 @@ from .samples import SkipCounter, SkipSample, decode_caption, decode_meta, iter_
 from .shards import expand_shards
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+log = logging.getLogger(__name__)
 
 
 def train_bpe_tokenizer(
@@ -45,7 +49,14 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    seen = _Counted(texts)
+    tok.train_from_iterator(seen, trainer=trainer)
+    if not seen.count:
+        # Trained on nothing it is the 256 byte symbols alone: a run would train without a word on
+        # a vocabulary that knows no word.
+        raise TokenizerTextError(
+            "the tokenizer got no text to train on; check data.train_shards and data.caption_template"
+        )
     bos_id, eos_id = tok.token_to_id(BOS), tok.token_to_id(EOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",
@@ -59,9 +70,29 @@ def train_bpe_tokenizer(
         pad_token=EOS,
         unk_token=None,
         model_max_length=max_length,
+        # Captions are data, never control tokens: a title holding the text "<|endoftext|>" was
+        # read as an eos there, and CLIP pools at the first eos, so the rest of the caption was
+        # dropped. Saved in tokenizer_config.json, so AutoTokenizer (eval, export) reads alike.
+        split_special_tokens=True,
     )
     save_atomically(fast, out_dir)
     return fast
+
+
+class TokenizerTextError(ValueError):
+    """No (usable) text to train the tokenizer on; the message is one line that says what to do."""
+
+
+class _Counted:
+    """``texts`` as an iterable that counts what it yields (``count``), for the check after training."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.count = texts, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            self.count += 1
+            yield text
 
 
 TOKENIZER_FILE = "tokenizer.json"  # the trainer reuses a run's tokenizer when this file exists
@@ -103,13 +134,17 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
         for url in expand_shards(shards):
             yield from iter_raw_samples(url, skipped, payloads={"json", "txt"})
 
+    read = captions = 0
     for raw in itertools.islice(samples(), limit):
+        read += 1
         try:
             meta = decode_meta(raw)
-            yield decode_caption(raw, meta, caption_template)
+            caption = decode_caption(raw, meta, caption_template)
         except SkipSample as e:
             skipped(e.reason, str(e))
             continue
+        captions += 1
+        yield caption
         # Read as the tag positives and the tag metrics read them: tags kept as one
         # comma-separated string (some metadata sources) were left out of the tokenizer's texts,
         # although eval/tags_* encodes every tag as a text query.
@@ -118,6 +153,27 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
             yield ", ".join(tags)
         if meta.get("category_name"):
             yield str(meta["category_name"])
+    _report_caption_count(captions, read, skipped)
+
+
+def _report_caption_count(captions: int, read: int, skipped: SkipCounter) -> None:
+    """TokenizerTextError when no sample gave a caption; a warning when some were skipped.
+
+    Shards whose every sample was bad trained a tokenizer on nothing (its 256 byte symbols alone)
+    without a word, and the run then trained on that vocabulary.
+    """
+    if captions == 0:
+        raise TokenizerTextError(
+            f"none of the {read} samples read for the tokenizer gave a caption "
+            f"(skipped: {dict(skipped) or 'none'}); check data.train_shards and data.caption_template"
+        )
+    if skipped:
+        log.warning(
+            "tokenizer trained on the captions of %d of %d samples read (skipped: %s)",
+            captions,
+            read,
+            dict(skipped),
+        )
 
 
 def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
