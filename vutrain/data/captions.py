@@ -4,10 +4,16 @@ Templates use ``str.format`` placeholders, e.g. ``"{title}"``, ``"{title}. tags:
 ``"{category_name}"``. ``{txt}`` / ``{caption}`` is the ``<key>.txt`` member, ``{tags}`` the tag
 list joined by ", ", every other name a ``<key>.json`` field. ``{title}`` falls back to the
 ``.txt`` caption when the metadata has no title (img2dataset writes the title as the caption).
+
+A field is text when it is a string or a number (an integral float as its integer: 20.0 is what a
+pandas column with gaps makes of 20). A field holding no text (a list, an object, true/false, NaN,
+which pandas writes for a missing value) is missing, and so is a blank title: a missing title
+falls back to the ``.txt``; without one the sample is skipped and counted.
 """
 
 from __future__ import annotations
 
+import math
 import string
 
 from vutrain.tag_text import tag_values
@@ -30,8 +36,8 @@ CAPTION_FIELDS = (
 class MissingCaptionField(ValueError):
     """A sample lacks a field that the caption template needs (the sample is skipped and counted)."""
 
-    def __init__(self, field: str):
-        super().__init__(f"sample has no value for caption field {field!r}")
+    def __init__(self, field: str, detail: str = ""):
+        super().__init__(f"sample has no value for caption field {field!r}{detail}")
         self.field = field
 
 
@@ -70,14 +76,39 @@ def _field_value(name: str, meta: dict, txt: str | None) -> str:
         # list rendered blanks and non-tags ("cats, , funny", "cats, None"), and a comma-separated
         # string or a lone number went in verbatim ("cats,, funny", "2024") while training read
         # "cats", "funny" and no tag.
-        value = None if tags is None else ", ".join(t.strip() for t in tag_values(tags))
+        value = None if _is_absent(tags) else ", ".join(t.strip() for t in tag_values(tags))
     else:
-        value = meta.get(name)
-        if value is None and name == "title":
+        value = _caption_text(meta.get(name))
+        if name == "title" and not (value or "").strip():
+            # A blank or non-text title is no title, as a missing one: it was skipped as an empty
+            # caption (or rendered as "['a', 'b']", "nan") although the .txt held the caption.
             value = txt
     if value is None:
-        raise MissingCaptionField(name)
-    return str(value)
+        raise MissingCaptionField(name, _no_text_detail(meta.get(name)))
+    return value
+
+
+def _caption_text(value) -> str | None:
+    """``value`` as caption text; None for a value that holds none (its repr is not a caption)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):  # a JSON true/false: "True" is Python's spelling, not the data's
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else str(value)
+    return None
+
+
+def _is_absent(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _no_text_detail(value) -> str:
+    if _is_absent(value) or isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return ""
+    return f" (its .json value is {type(value).__name__} {str(value)[:40]!r}, not text)"
 
 
 def render_caption(template: str, meta: dict, txt: str | None) -> str:

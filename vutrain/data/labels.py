@@ -41,11 +41,14 @@ def sample_label(meta: dict, positives: str) -> int | list[int] | None:
 
 def category_label(value) -> int:
     """A ``category_id`` as a class id: an integer, an integral float (20.0: pandas writes an int
-    column with gaps as floats) or an integer string; anything else is -1 ("no label"). A fraction
-    (20.5 was category 20), NaN or Infinity (``int(inf)`` raised OverflowError, which dropped the
-    sample as a preprocess error) and an id beyond int64 (which crashed the batch's collate) are -1."""
+    column with gaps as floats) or a string of either ("20", " 20.0 ", as the dataset tools read
+    category ids); anything else is -1 ("no label"). A fraction (20.5 was category 20), NaN or
+    Infinity (``int(inf)`` raised OverflowError, which dropped the sample as a preprocess error) and
+    an id beyond int64 (which crashed the batch's collate) are -1."""
     if isinstance(value, bool) or value is None:
         return -1
+    if isinstance(value, str):
+        value = _number_of_text(value)
     if isinstance(value, float):
         return _int64_or_no_label(int(value)) if value.is_integer() else -1
     try:
@@ -53,6 +56,19 @@ def category_label(value) -> int:
     except (TypeError, ValueError):
         return -1
     return _int64_or_no_label(number)
+
+
+def _number_of_text(text: str) -> int | float | None:
+    # "20.0" (a float column written as text) was -1 while the number 20.0 was 20: the same
+    # category was a class and no label depending on how the metadata was serialised.
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _int64_or_no_label(number: int) -> int:
