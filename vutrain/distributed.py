@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import logging
 import os
 import random
 import re
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 import torch
@@ -439,9 +441,103 @@ def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
         )
     import deepspeed
 
+    load_shm_op()
     deepspeed.init_distributed(dist_backend=info.backend)
     release_shm_buffer()
     refuse_shared_gpus(info)
+
+
+def _shm_op_builder():
+    """DeepSpeed's builder of its CPU all-reduce op, None where DeepSpeed's accelerator uses none
+    (the same test `deepspeed.comm.torch.build_shm_op` makes)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    return builder
+
+
+def load_shm_op() -> None:
+    """Load DeepSpeed's CPU all-reduce op before `deepspeed.init_distributed` does, clearing a
+    stale build lock first.
+
+    DeepSpeed JIT-loads the op on every CPU start through torch's FileBaton: an O_EXCL file `lock`
+    in the extension's build folder, removed by the process that made it. A process killed while
+    holding it (a pre-empted job, a Ctrl-C, a rank killed at start) left the file, and every later
+    start on the host waited for it forever in `FileBaton.wait`. DeepSpeed caches the loaded op per
+    process, so its own load inside `init_distributed` finds it and takes no baton."""
+    builder = _shm_op_builder()
+    if builder is None:
+        return
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = _get_build_directory(builder.name, verbose=False)
+    # flock, unlike the baton, is released by the kernel when its holder dies. Every vutrain start
+    # on this host takes it around the baton, so a baton seen while holding it belongs to another
+    # kind of process or to a dead one. Not held into init_distributed: DeepSpeed's start there
+    # waits for the peers' shared memory, and a peer blocked here would never make it.
+    try:
+        flock_file = open(os.path.join(folder, "vutrain_init.flock"), "a")
+    except OSError:  # a read-only folder of prebuilt ops: no build, no baton to clear
+        return
+    with flock_file:
+        fcntl.flock(flock_file, fcntl.LOCK_EX)
+        try:
+            remove_stale_baton(os.path.join(folder, "lock"))
+            builder.load(verbose=False)
+        finally:
+            fcntl.flock(flock_file, fcntl.LOCK_UN)
+
+
+def remove_stale_baton(lock_path: str) -> bool:
+    """Remove torch's build baton at `lock_path` when no live process holds it; True if removed.
+
+    A FileBaton keeps its file open from creation until it removes it, so a lock that no process
+    has open is a dead process's. Only this user's processes can be inspected (/proc/PID/fd), so a
+    lock of another user is left alone, and so is any lock where /proc cannot say (not Linux).
+    Looked at twice, 0.2 s apart: a live holder closes its file just before removing it, and in
+    that instant it would look dead."""
+    for attempt in range(2):
+        try:
+            stat = os.stat(lock_path)
+        except FileNotFoundError:
+            return False
+        if stat.st_uid != os.getuid() or _file_open_anywhere(lock_path) is not False:
+            return False
+        if attempt == 0:
+            time.sleep(0.2)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock_path).st_ino != stat.st_ino:  # a new baton since: someone is building
+                    return False
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(lock_path)
+        logging.getLogger("vutrain").warning(
+            "removed %s, a build lock left by a process that died while building DeepSpeed's CPU "
+            "all-reduce op (every start on this host waited for it)",
+            lock_path,
+        )
+        return True
+    return False
+
+
+def _file_open_anywhere(path: str) -> bool | None:
+    """Whether any process of this user has `path` open; None where /proc cannot say."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    target = os.path.realpath(path)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:  # another user's process, or one that just ended
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"{fd_dir}/{fd}") == target:
+                    return True
+    return False
 
 
 class SharedGPUError(RuntimeError):
