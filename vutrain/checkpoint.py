@@ -758,7 +758,10 @@ def missing_resume_tokenizer_message(resume: str, source: str, target: str, same
 
 def copy_adopted_tokenizer(resume: str, source: str, target: str, local_damage: str | None) -> str:
     """Rank 0: copy the resumed run's tokenizer to ``target`` (from tokenizer_to_adopt); returns it."""
-    shutil.copytree(source, target + ".tmp", dirs_exist_ok=True)
+    # A copy killed midway left files in the .tmp; copied over, they joined the adopted tokenizer
+    # (a stale special_tokens_map.json changes its padding token).
+    shutil.rmtree(target + ".tmp", ignore_errors=True)
+    shutil.copytree(source, target + ".tmp")
     if local_damage is not None:
         # Kept, not deleted: the user's files (hand-edited, or the only copy of another run's).
         # A kill between these two renames leaves no tokenizer, and the next start adopts it again.
@@ -899,7 +902,10 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     marker = read_marker(tag_dir)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if marker.get("world_size", world) != world:  # written by another number of ranks
-        return reshape.load_reshaped(engine, ckpt_dir, tag)
+        try:
+            return reshape.load_reshaped(engine, ckpt_dir, tag)
+        except reshape.UniversalConversionError as exc:  # the one-line start-up error, as below
+            raise CheckpointError(str(exc)) from exc
     state = load_trainer_state(tag_dir, rank)
     state["data"] = reshape.data_state_on_same_world(engine, tag_dir, state["data"])
     try:

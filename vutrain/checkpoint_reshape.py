@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from vutrain.config import ConfigError
-from vutrain.distributed import barrier
+from vutrain.distributed import collective_backend
 
 log = logging.getLogger(__name__)
 WORLD_FILE = "world.json"
@@ -241,12 +241,28 @@ def convert_to_universal(tag_dir: str) -> str:
     out = os.path.join(tag_dir, UNIVERSAL_DIR)
     if os.path.isdir(out):
         return out
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     start = time.perf_counter()
+    try:
+        _write_universal(tag_dir, tmp)
+    except Exception as exc:
+        # A full disk or read-only folder failed inside its C++ writer ("RuntimeError:
+        # basic_ios::clear: iostream error") with the advice to try an older checkpoint,
+        # which fails the same way.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UniversalConversionError(_conversion_failure_message(tag_dir, out, exc)) from exc
+    os.replace(tmp, out)
+    log.info("converted %s to a universal checkpoint in %.1f s", tag_dir, time.perf_counter() - start)
+    return out
+
+
+def _write_universal(tag_dir: str, tmp: str) -> None:
+    """ds_to_universal of ``tag_dir`` into a fresh ``tmp``."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)  # a read-only run directory fails here, before any work
     # ds_to_universal builds regular expressions and glob patterns from these paths unescaped, so
     # a run directory such as "runs/vit+tags" or "exp(2)" failed ("Cannot parse dp_rank"). It gets
     # links with plain names instead (its `latest_universal` file lands beside them, not here).
@@ -265,27 +281,21 @@ def convert_to_universal(tag_dir: str) -> str:
         )
         # Its progress prints and bars (stdout, stderr) would flood the run log; logging keeps
         # the streams it was given.
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                ds_to_universal(args)
-        except Exception as exc:
-            # A full disk or read-only folder failed inside its C++ writer ("RuntimeError:
-            # basic_ios::clear: iostream error") with the advice to try an older checkpoint,
-            # which fails the same way.
-            shutil.rmtree(tmp, ignore_errors=True)
-            detail = str(exc).splitlines()[0] if str(exc) else ""
-            size = _dir_bytes(tag_dir)
-            size_text = f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
-            raise UniversalConversionError(
-                f"could not write the universal copy of {tag_dir} into {out} "
-                f"({type(exc).__name__}: {detail}); it needs about {size_text} there: free space (or "
-                "make the folder writable), or convert it ahead where it "
-                f"can be written with `python -m vutrain.checkpoint_reshape {tag_dir}` and copy its "
-                f"{UNIVERSAL_DIR}/ in, or resume with the world size and train.precision that wrote it"
-            ) from exc
-    os.replace(tmp, out)
-    log.info("converted %s to a universal checkpoint in %.1f s", tag_dir, time.perf_counter() - start)
-    return out
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal(args)
+
+
+def _conversion_failure_message(tag_dir: str, out: str, exc: Exception) -> str:
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    size = _dir_bytes(tag_dir)
+    size_text = f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
+    return (
+        f"could not write the universal copy of {tag_dir} into {out} "
+        f"({type(exc).__name__}: {detail}); it needs about {size_text} there: free space (or "
+        "make the folder writable), or convert it ahead where it "
+        f"can be written with `python -m vutrain.checkpoint_reshape {tag_dir}` and copy its "
+        f"{UNIVERSAL_DIR}/ in, or resume with the world size and train.precision that wrote it"
+    )
 
 
 def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
@@ -354,9 +364,13 @@ def _has_optimizer_shards(tag_dir: str) -> bool:
 
 def load_universal(engine, tag_dir: str, rank: int) -> None:
     """Convert the tag once (rank 0) and load the universal copy into this world's partitions."""
+    failure = None
     if rank == 0:
-        convert_to_universal(tag_dir)
-    barrier()
+        try:
+            convert_to_universal(tag_dir)
+        except UniversalConversionError as exc:  # told to every rank below, then raised on each
+            failure = exc
+    share_conversion_outcome(failure)
     # The engine reads this flag only inside load_checkpoint, so it is set for this one load
     # instead of in the ds_config (which is built before we know whether to reshape).
     engine._config.load_universal_checkpoint = True
@@ -369,6 +383,30 @@ def load_universal(engine, tag_dir: str, rank: int) -> None:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {tag_dir}/{UNIVERSAL_DIR}")
     steps_to_param_devices(getattr(engine.optimizer, "optimizer", engine.optimizer))
+
+
+def share_conversion_outcome(failure: UniversalConversionError | None) -> None:
+    """Every rank waits for rank 0's conversion and raises its error if it failed.
+
+    A plain barrier left the other ranks waiting in it when the conversion failed (a full disk, a
+    damaged optimizer file): freed by rank 0's exit as a peer's error, or on NCCL only by the
+    process group's timeout (30 minutes), while rank 0 alone said why."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [None if failure is None else str(failure)]
+        # The broadcast is the barrier: a rank passes it once rank 0 is done or has failed.
+        dist.broadcast_object_list(box, src=0, device=_object_device())
+        if box[0] is not None and failure is None:
+            raise UniversalConversionError(box[0])
+    if failure is not None:
+        raise failure
+
+
+def _object_device() -> torch.device:
+    """The device the default group's object collectives run on: the CPU where a backend serves it
+    (gloo, a "cpu:gloo,cuda:nccl" group), else this rank's GPU (plain nccl, cuda:gloo)."""
+    if collective_backend("cpu") is not None or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def steps_to_param_devices(optimizer: torch.optim.Optimizer) -> None:
