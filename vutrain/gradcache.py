@@ -17,7 +17,9 @@ DeepSpeed: the engine is configured with `gradient_accumulation_steps = k` (the 
 scale_wrt_gas=False)` (the cached gradients already belong to one loss, so no 1/k) and
 `engine.step()`, so the engine's own micro-step counter places the accumulation boundary: ZeRO-1
 reduces there, ZeRO-2/3 reduce-scatter each backward and the optimizer steps once, at the k-th
-micro-batch. Gradient clipping and loss scaling apply to the whole step as usual.
+micro-batch. Gradient clipping and loss scaling apply to the whole step as usual; under fp16
+phase 2 also scales its loss by the engine's loss scale, so that the cached feature gradients do
+not underflow before phase 3 hands them (unscaled, in fp32) to the engine's scaled backward.
 
 The logit scale (and bias) are outputs of every forward but one quantity of the step: their
 cached gradient is applied once, in the first micro-batch's backward.
@@ -107,10 +109,17 @@ class GradCache:
         self._sizes = [x.shape[0] for x in images]
         leaves = [torch.cat(images), torch.cat(texts), scale, bias]
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in leaves]
+        loss_scale = engine_loss_scale(self.engine)
         with torch.enable_grad():
             loss = self.loss_fn(*leaves)
-            loss.backward()
-        self._grads = [None if x is None else x.grad for x in leaves]
+            # fp16 features (the loss kernels take them as they are): their gradient, ~1/(k*b*world)
+            # per element, is fp16 too and flushed to 0 below 6e-8 when taken unscaled; plain
+            # accumulation's engine.backward scales the loss first. Scaled here the same way, then
+            # kept unscaled in fp32, which phase 3 feeds to the engine's own scaled backward.
+            (loss if _is_one(loss_scale) else loss * loss_scale).backward()
+        self._grads = [
+            None if x is None or x.grad is None else _at_least_fp32(x.grad) / loss_scale for x in leaves
+        ]
         return loss.detach()
 
     def backward(self) -> None:
@@ -127,17 +136,39 @@ class GradCache:
             img, txt, scale, bias = self.forward_fn(batch)
             rows = slice(start, start + size)
             start += size
-            surrogate = (img * g_img[rows].to(img.dtype)).sum() + (txt * g_txt[rows].to(txt.dtype)).sum()
+            # In fp32 (or wider): the unscaled cached gradient in fp16 would underflow again; the engine's
+            # loss scale multiplies it before the backward casts it to the features' dtype.
+            surrogate = (_at_least_fp32(img) * g_img[rows]).sum() + (_at_least_fp32(txt) * g_txt[rows]).sum()
             if i == 0:  # the scale and bias are one quantity of the step: their gradient once
                 # None when the loss ignores the scale (align_uniform): nothing to replay.
                 if g_scale is not None:
-                    surrogate = surrogate + (scale * g_scale.to(scale.dtype)).sum()
+                    surrogate = surrogate + (_at_least_fp32(scale) * g_scale).sum()
                 if bias is not None and g_bias is not None:
-                    surrogate = surrogate + (bias * g_bias.to(bias.dtype)).sum()
+                    surrogate = surrogate + (_at_least_fp32(bias) * g_bias).sum()
             self.engine.backward(surrogate, scale_wrt_gas=False)
             self.engine.step()
         self._rng_after.restore()  # the RNG advances as if each micro-batch ran forward once
         self._batches, self._grads, self._rng = (), [], []
+
+
+def engine_loss_scale(engine: Any) -> float | torch.Tensor:
+    """The loss scale the engine's backward multiplies the loss by: DeepSpeed's fp16 optimizers
+    (ZeRO-0 to 3) expose it as `optimizer.loss_scale`; 1 without one (fp32, bf16, a plain engine)."""
+    scale = getattr(getattr(engine, "optimizer", None), "loss_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale.detach().float()
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < float("inf"):
+        return float(scale)
+    return 1.0
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """16-bit tensors as fp32; fp32 and fp64 as they are (an fp64 model keeps its precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _is_one(scale: float | torch.Tensor) -> bool:
+    return isinstance(scale, float) and scale == 1.0
 
 
 def gradcache_step(
