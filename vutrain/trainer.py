@@ -781,9 +781,13 @@ class Trainer:
 
             progress = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         last_eval: dict = {}
+        evaluated_at = None  # the step whose eval row metrics.jsonl holds, once known
         if self._eval_pending and cfg.eval.every and cfg.data.val_shards:
             # the eval of the step the pre-emption checkpoint was taken at
-            last_eval = self.run_eval(checkpointed=True)
+            last_eval, evaluated_at = self.run_eval(checkpointed=True), self.step
+        elif cfg.data.val_shards and self.step >= cfg.train.max_steps:
+            last_eval = self._eval_logged_before_checkpoint()
+            evaluated_at = self.step if last_eval else None
         self._eval_pending = False
         try:
             while self.step < cfg.train.max_steps:
@@ -807,7 +811,7 @@ class Trainer:
                 if stop:
                     self._preempt()
                 if self._eval_due():
-                    last_eval = self.run_eval()
+                    last_eval, evaluated_at = self.run_eval(), self.step
                 if self._checkpoint_due():
                     self.save()
         finally:
@@ -818,7 +822,7 @@ class Trainer:
         # current values already: this one is the backstop).
         if self._check_stop(now=True):
             self._preempt()
-        if cfg.data.val_shards and not (cfg.eval.every and self.step % cfg.eval.every == 0 and last_eval):
+        if cfg.data.val_shards and evaluated_at != self.step:
             last_eval = self.run_eval()
         self._finished = True
         self.save()
@@ -826,6 +830,18 @@ class Trainer:
         if self.info.is_main:
             self._plot_curves()
         return last_eval
+
+    def _eval_logged_before_checkpoint(self) -> dict:
+        """The eval row metrics.jsonl holds for the resumed step ({} if none), as rank 0 read it.
+
+        A run resumed at or past train.max_steps from an unfinished checkpoint (a lowered
+        train.max_steps) trains nothing; a periodic checkpoint is saved after its step's eval, so
+        its final eval ran that eval again and logged a second row for the step. Rank 0's file
+        decides for every rank: the eval is collective."""
+        found = [logged_eval(self.run_dir, self.step) if self.info.is_main else None]
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(found, src=0, device=self.device)
+        return found[0]
 
     def _plot_curves(self) -> None:
         """Draw curves.png, a convenience: a failure (a full disk, matplotlib missing or broken) is
