@@ -306,6 +306,22 @@ def _clean_partials(folder: str) -> None:
         os.remove(path)
 
 
+# The temporary names of the files only ``build`` writes in ``_build/`` (``atomic_write_bytes``'s
+# ``NAME.<pid>-<random>.tmp``, ``save_plan``'s ``plan.parquet.tmp``). Others' (``dedup.json``'s)
+# are left alone: a dedup may be writing its report right now, the build lock does not cover it.
+_BUILD_TEMP_RE = re.compile(
+    r"^(?:(?:summary\.json|rejected_input\.jsonl)\.\d+-[0-9a-f]{12}|plan\.parquet)\.tmp$"
+)
+
+
+def _clean_build_partials(build_dir: str) -> None:
+    """Remove what a build killed mid-rename left in ``_build/``: with the lock held no other
+    build is writing there, so these are stale, and nothing else ever removed them."""
+    for name in os.listdir(build_dir):
+        if _BUILD_TEMP_RE.match(name):
+            os.remove(os.path.join(build_dir, name))
+
+
 def _write_jobs(tmp_dir: str, groups: dict[int, list[dict]], oom: int) -> list[tuple]:
     os.makedirs(tmp_dir, exist_ok=True)
     jobs = []
@@ -380,8 +396,22 @@ def _stop_cleanly_on_sigterm() -> Iterator[None]:
 def build(cfg: BuildConfig) -> dict:
     """Run (or continue) a build; returns the summary dict it also prints and saves."""
     check_config(cfg)
+    _make_output_folder(cfg.output)
     with _one_build_per_output(cfg.output), _stop_cleanly_on_sigterm():
         return _build(cfg)
+
+
+def _make_output_folder(output: str) -> None:
+    """Create ``output/_build``, or a one-line SystemExit: an ``--output`` that is a file (the
+    metadata CSV named by mistake) or under one, or in a folder the user cannot write, was a
+    NotADirectoryError or PermissionError traceback out of the lock."""
+    try:
+        os.makedirs(os.path.join(output, plan_mod.BUILD_DIR), exist_ok=True)
+    except OSError as err:
+        raise SystemExit(
+            f"--output {output}: cannot create the output folder there ({err.strerror or err}: "
+            f"{err.filename}); give a folder path you can write to, e.g. shards/"
+        ) from None
 
 
 @contextmanager
@@ -407,6 +437,7 @@ def _build(cfg: BuildConfig) -> dict:
     os.makedirs(build_dir, exist_ok=True)
     _refuse_shards_without_plan(cfg.output)
     _clean_partials(cfg.output)
+    _clean_build_partials(build_dir)
     meta = metadata.read_metadata(cfg.inputs, cfg.input_format, cfg.categories_json)
     _save_rejected(os.path.join(build_dir, "rejected_input.jsonl"), meta.rejected)
     print(
