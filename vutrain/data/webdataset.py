@@ -70,7 +70,7 @@ from .epoch_remainder import (
 from .labels import POSITIVES, collate_labels, sample_label
 from .preprocess import make_preprocess
 from .samples import SkipCounter, SkipSample, decode_sample, decode_sample_bytes, iter_raw_samples
-from .shards import check_openable, count_samples, expand_shards
+from .shards import check_openable, count_samples, expand_shards, is_remote
 from .val import ValStream, collect_label_values, iter_val_batches
 from .worker_tempdir import ensure_short_worker_tempdir
 
@@ -118,6 +118,26 @@ def shard_list_id(shards: list[str]) -> dict:
     names = [os.path.basename(s.split("?", 1)[0].rstrip("/")) for s in shards]
     digest = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
     return {"count": len(names), "first": names[0], "last": names[-1], "digest": digest}
+
+
+def shard_sizes_id(shards: list[str]) -> dict | None:
+    """The file sizes of the shards, kept in the stream state: a digest of each size in order and
+    their total. None when a shard is remote (or unreadable): its size is not known for free.
+
+    The names alone miss a shard rebuilt in place (``dataset_tools build --retry-failed`` merges
+    new samples into the same shard names), over which a saved position lands on other samples.
+    Sizes, unlike modification times, survive a copy to another folder.
+    """
+    sizes = []
+    for url in shards:
+        if is_remote(url):
+            return None
+        try:
+            sizes.append(os.path.getsize(url))
+        except OSError:
+            return None
+    digest = hashlib.sha256(",".join(map(str, sizes)).encode("ascii")).hexdigest()[:16]
+    return {"digest": digest, "bytes": sum(sizes)}
 
 
 def _refused(reason: str, advice: str) -> StreamStateError:
@@ -599,7 +619,7 @@ class TrainStream:
             "next_batch": self._cursor.next_batch,
             "plan": asdict(self.plan),
             "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())},
-            "shards": shard_list_id(self.shards),
+            "shards": {**shard_list_id(self.shards), "sizes": self._shard_sizes()},
         }
         if self._skipped_before:
             state["skipped_before"] = dict(self._skipped_before)
@@ -607,22 +627,42 @@ class TrainStream:
             state["remainder"] = self._remainder.to_state()
         return state
 
+    def _shard_sizes(self) -> dict | None:
+        """``shard_sizes_id`` of this stream's shards, read once per stream: a stat of every shard
+        at every checkpoint, on every rank, would load a cluster file system's metadata server."""
+        if not hasattr(self, "_sizes_id"):
+            self._sizes_id = shard_sizes_id(self.shards)
+        return self._sizes_id
+
     def _check_same_shards(self, state: dict) -> None:
-        """ValueError (one line) when ``state`` was saved over another shard list.
+        """ValueError (one line) when ``state`` was saved over another shard list, or over shards of
+        the same names whose files have changed since (other sizes).
 
         The position is a count of samples drawn from each worker's share of the (shuffled) list:
         over another list it lands on other samples. Before 2026-12-06 a list of the same length
         (shards replaced, or one added and one removed) resumed there without a word.
         """
         saved, now = state.get("shards"), shard_list_id(self.shards)
-        if saved is None or saved["digest"] == now["digest"]:  # states written before say nothing
+        if saved is None:  # states written before say nothing
             return
-        raise _refused(
-            f"data.train_shards names other shards than when this data position was saved "
-            f"(saved {_describe_list(saved)}; now {_describe_list(now)})",
-            f", so the position would land on other samples: restore the saved data.train_shards, "
-            f"or {START_AFRESH}.",
-        )
+        if saved["digest"] != now["digest"]:
+            raise _refused(
+                f"data.train_shards names other shards than when this data position was saved "
+                f"(saved {_describe_list(saved)}; now {_describe_list(now)})",
+                f", so the position would land on other samples: restore the saved data.train_shards, "
+                f"or {START_AFRESH}.",
+            )
+        # Remote shards, and states written before 2026-12-06, carry no sizes to compare.
+        saved_sizes = saved.get("sizes")
+        sizes = self._shard_sizes() if saved_sizes else None
+        if saved_sizes and sizes and saved_sizes["digest"] != sizes["digest"]:
+            raise _refused(
+                f"the shards of data.train_shards changed on disk since this data position was saved "
+                f"(same {_describe_list(now)}, other file sizes: {saved_sizes['bytes']} bytes in all "
+                f"then, {sizes['bytes']} now)",
+                f", so the position would land on other samples: restore the saved shards, "
+                f"or {START_AFRESH}.",
+            )
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the batch at which ``state`` was taken (same settings required).
