@@ -293,14 +293,33 @@ def crop_size(image_processor) -> tuple[int, int]:
 def normalisation(image_processor) -> tuple[tuple[float, ...], tuple[float, ...], float]:
     """(image_mean, image_std, rescale_factor) of a processor, CLIP's values where unset;
     ``do_normalize`` / ``do_rescale`` false give mean 0 and std 1 / a factor of 1."""
-    mean = _get(image_processor, "image_mean") or (0.48145466, 0.4578275, 0.40821073)
-    std = _get(image_processor, "image_std") or (0.26862954, 0.26130258, 0.27577711)
     rescale = _get(image_processor, "rescale_factor") or 1 / 255
     if _get(image_processor, "do_normalize") is False:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        mean = _per_channel(image_processor, "image_mean", (0.48145466, 0.4578275, 0.40821073))
+        std = _per_channel(image_processor, "image_std", (0.26862954, 0.26130258, 0.27577711))
     if _get(image_processor, "do_rescale") is False:
         rescale = 1.0
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std), float(rescale)
+    return mean, std, float(rescale)
+
+
+def _per_channel(image_processor, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """The processor's ``name`` as three floats. transformers takes one number for all three
+    channels (``"image_mean": 0.5`` in a preprocessor_config.json); that crashed the start-up
+    with "'float' object is not iterable"."""
+    value = _get(image_processor, name)
+    if value is None:
+        return default
+    if np.ndim(value) == 0:
+        return (float(value),) * 3
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise ValueError(
+            f"the image processor's {name} has {len(values)} values ({list(values)}); RGB images need "
+            f"3 (or one number for all three): edit preprocessor_config.json"
+        )
+    return values
 
 
 def make_fast_preprocess(image_processor) -> ClipCropUint8:
