@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -285,8 +286,31 @@ def _write_universal(tag_dir: str, tmp: str) -> None:
             ds_to_universal(args)
 
 
+# A write that the file system refuses: full, over a quota or a file-size limit, read-only, not ours.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _failed_writing(exc: Exception) -> bool:
+    """Whether the conversion failed writing its copy (else reading the checkpoint): an OSError
+    of a refused write, or the C++ writers' own words (DeepSpeed's "basic_ios::clear: iostream
+    error", torch.save's "PytorchStreamWriter failed writing file")."""
+    if isinstance(exc, OSError):
+        return exc.errno in _WRITE_ERRNOS
+    text = str(exc)
+    return "iostream" in text or "failed writing" in text or "write failed" in text
+
+
 def _conversion_failure_message(tag_dir: str, out: str, exc: Exception) -> str:
     detail = str(exc).splitlines()[0] if str(exc) else ""
+    if not _failed_writing(exc):
+        # A damaged file (zeros over it, a copy cut short) was told to free space, and its other
+        # ways out (convert ahead, resume on the world size that wrote it) fail the same way.
+        return (
+            f"could not convert {tag_dir} to the universal format: a file of it does not read "
+            f"({type(exc).__name__}: {detail}); it is damaged or cut short (a copy, a kill while "
+            "saving): point train.resume at an older checkpoint of the run, or start afresh with "
+            "train.resume=never"
+        )
     size = _dir_bytes(tag_dir)
     size_text = f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
     return (
