@@ -52,7 +52,14 @@ def parse_candidates(text: str | None) -> list[TileConfig]:
         parts = item.split(",")
         if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
             raise SystemExit(f"--candidates wants 'BM,BN,BD,warps,stages;...'; got {item!r}")
-        configs.append(TileConfig(*(int(p) for p in parts)))
+        config = TileConfig(*(int(p) for p in parts))
+        # The interpreter runs configs the GPU compiler refuses (3 warps, 24-wide blocks): such a
+        # winner made a table that every later launch and sweep refused as malformed.
+        try:
+            tile_configs.check_compilable(config)
+        except ValueError as e:
+            raise SystemExit(f"--candidates {item!r}: {e}") from None
+        configs.append(config)
     return configs
 
 
@@ -109,7 +116,8 @@ def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | No
     from kernels import bench
 
     candidates = parse_candidates(candidates_text)
-    arch = tile_configs.arch_of(device) if device.type == "cuda" and not interpreting() else "interpreter"
+    on_gpu = device.type == "cuda" and not interpreting()
+    arch = tile_configs.arch_of(device) if on_gpu else tile_configs.INTERPRETER_ARCH
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     source = f"tuned: kernels.bench --autotune on {where}, {str(dtype).replace('torch.', '')}, {stamp}"

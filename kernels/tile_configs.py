@@ -38,6 +38,10 @@ import torch
 KINDS = ("ce_fwd", "ce_grad", "sig_fwd", "sig_grad")
 SHAPE_CLASSES = ("gathered", "large", "small")
 ARCHES = ("sm_90", "sm_80", "fallback")
+# The arches a tuned table may name: the table's, and the one a sweep under the Triton interpreter
+# records (its rows never apply to a GPU launch, but the file is a valid table).
+INTERPRETER_ARCH = "interpreter"
+TUNED_ARCHES = (*ARCHES, INTERPRETER_ARCH)
 TUNED_ENV = "KERNELS_TILE_CONFIGS"
 TUNED_DEFAULT = Path(__file__).with_name("tuned_configs.json")
 LARGE_ELEMENTS = 8192 * 8192
@@ -324,15 +328,23 @@ def load_tuned(path: str | None) -> TunedTable:
         return TunedTable({})
     try:
         doc = json.loads(Path(path).read_text())
-        rows = {}
-        for row in doc["entries"]:
-            key = (row["arch"], row["kind"], row["shape_class"])
-            if key[1] not in KINDS or key[2] not in SHAPE_CLASSES:
-                raise ValueError(f"unknown kind/shape class in {row}")
+        rows: dict[TunedKey, Entry] = {}
+        numbers: dict[TunedKey, int] = {}
+        for number, row in enumerate(doc["entries"], start=1):
+            key = _row_key(row, number)
             config = TileConfig(*row["config"])
             check_compilable(config)
             entry = Entry(config, row.get("source", f"tuned: {path}"), *_conditions(row))
-            rows[key + (entry.dtype,)] = entry
+            tuned_key = key + (entry.dtype,)
+            # Which of two rows for one launch would win is an accident of their order in the file
+            # (a hand merge of two sweeps): refuse it and let the user keep the one they mean.
+            if tuned_key in numbers:
+                raise ValueError(
+                    f"entries {numbers[tuned_key]} and {number} are both for {'/'.join(key)} "
+                    f"with dtype {entry.dtype or 'any'}; keep one"
+                )
+            numbers[tuned_key] = number
+            rows[tuned_key] = entry
         table = TunedTable(rows)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
@@ -340,6 +352,16 @@ def load_tuned(path: str | None) -> TunedTable:
             f"fix or delete it, or unset {TUNED_ENV}"
         ) from e
     return table
+
+
+def _row_key(row: dict, number: int) -> tuple[str, str, str]:
+    """A row's (arch, kind, shape class), each one of its known names. A misspelled arch
+    ("sm90", "sm_100": launches on sm_100 take the sm_90 rows) loaded fine and never applied."""
+    key = (row["arch"], row["kind"], row["shape_class"])
+    for name, value, valid in zip(("arch", "kind", "shape_class"), key, (TUNED_ARCHES, KINDS, SHAPE_CLASSES)):
+        if value not in valid:
+            raise ValueError(f"entry {number} has {name} {value!r}; one of {', '.join(valid)}")
+    return key
 
 
 def _conditions(row: dict) -> tuple[str | None, str | None]:
