@@ -48,6 +48,7 @@ class _ShardContext:
     sample_keys: list[str] = field(default_factory=list)
     outcomes: dict[str, fetch.LadderResult] = field(default_factory=dict)  # by video id
     rows: list[dict] = field(default_factory=list)  # final parquet rows, set by the writer
+    started: float = 0.0  # when download_shard began, for the stats
 
 
 _CTX = _ShardContext()
@@ -70,6 +71,21 @@ def _ladder_download(row, timeout, retries, user_agent_token, disallowed_header_
     if result.body is None:
         return index, None, result.error
     return index, io.BytesIO(result.body), None
+
+
+def _write_our_stats(output_folder, shard_id, *_loop_counts_and_times, oom_shard_count=None):
+    """Drop-in for img2dataset's ``write_stats`` (a module global of its downloader, looked up at
+    call time; 1.47 passes every argument positionally, ``oom_shard_count`` last): the shard's
+    only stats write is ours, atomic, counted from the parquet rows the writer completed.
+
+    img2dataset's own wrote its loop's counts in place and ours replaced them only afterwards: a
+    build killed in between left a shard that looked complete (stats, tar, parquet) with counts
+    that disagree with its parquet (a row the loop lost counted as neither success nor failure),
+    and the resume kept it."""
+    if oom_shard_count is None:
+        oom_shard_count = _loop_counts_and_times[-1]
+    stats = shards.stats_from_rows(_CTX.rows, _CTX.started, shards.now())
+    shards.write_stats(output_folder, shard_id, stats, oom_shard_count)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -125,6 +141,7 @@ class YouTubeDownloader(i2d_downloader.Downloader):
                 )
             _FETCH.update(variants=self.variants, template=self.url_template)
             i2d_downloader.download_image_with_retry = _ladder_download
+            i2d_downloader.write_stats = _write_our_stats
 
     def __call__(self, row):
         """Install our ladder fetch and host limiter into img2dataset, then run its Downloader on ``row``."""
@@ -132,19 +149,17 @@ class YouTubeDownloader(i2d_downloader.Downloader):
         return super().__call__(row)
 
     def download_shard(self, row):
-        """Download one planned shard and write its stats from the parquet rows the writer completed."""
+        """Download one planned shard: tar and parquet via our writer, then (through
+        ``_write_our_stats``) its stats from the parquet rows the writer completed."""
+        self._install()
         shard_id, shard_file = row
-        start = shards.now()
+        _CTX.started = shards.now()
         table = pa.ipc.open_file(shard_file).read_all()
         _CTX.inputs = table.to_pylist()
         _CTX.video_ids = table.column("video_id").to_pylist()
         _CTX.sample_keys = table.column("sample_key").to_pylist()
         _CTX.outcomes, _CTX.rows = {}, []
-        super().download_shard(row)  # writes tar + parquet via our writer, then its stats
-        # img2dataset's stats count what its loop saw; ours count the parquet rows (which the
-        # writer completed), so the two can never disagree with the files.
-        stats = shards.stats_from_rows(_CTX.rows, start, shards.now())
-        shards.write_stats(self.output_folder, shard_id, stats, self.oom_shard_count)
+        super().download_shard(row)
 
 
 def output_schema(schema: pa.Schema) -> pa.Schema:

@@ -154,15 +154,37 @@ def describe_drift(drift: dict[str, int], had_plan: bool) -> str | None:
 
 
 def save_plan(output: str, plan: list[dict], shard_size: int | None = None) -> None:
-    """Write the plan atomically (a temporary file, then a rename), with the ``--shard-size`` it
-    was made with in the file's metadata, so that a resume can keep it."""
+    """Write the plan atomically (a temporary file, fsync, then a rename), with the ``--shard-size``
+    it was made with in the file's metadata, so that a resume can keep it. A write the disk refuses
+    (full, read-only ``_build/``) is a one-line SystemExit; the previous plan stays whole."""
     path = plan_path(output)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     schema = PLAN_SCHEMA
     if shard_size is not None:
         schema = schema.with_metadata({SHARD_SIZE_KEY: str(shard_size)})
-    pq.write_table(pa.Table.from_pylist(plan, schema=schema), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    table = pa.Table.from_pylist(plan, schema=schema)
+    # The fixed temporary name is the one ``build`` removes when a killed build left it behind.
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as sink:
+            pq.write_table(table, sink)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise SystemExit(
+            f"{path}: could not write the build plan ({err.strerror or err}); free space or make "
+            f"{os.path.dirname(path)} writable, then run the same build again (any earlier plan there "
+            "is left as it was)"
+        ) from None
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 SHARD_SIZE_KEY = b"dataset_tools.shard_size"
