@@ -67,11 +67,8 @@ class MetricsWriter:
                 for row in dropped:
                     fh.write(json.dumps(dict(row, discarded_at_resume_from=step), allow_nan=True) + "\n")
             log.warning(
-                "metrics.jsonl: %d row(s) after step %d%s moved to metrics.discarded.jsonl "
-                "(the run resumed from step %d)",
-                len(dropped),
-                step,
-                " (or its eval, which runs again)" if eval_owed else "",
+                "metrics.jsonl: %s moved to metrics.discarded.jsonl (the run resumed from step %d)",
+                _what_moved(dropped, step),
                 step,
             )
         tmp = self.path + ".tmp"
@@ -102,6 +99,19 @@ class MetricsWriter:
         """Flush and close TensorBoard (metrics.jsonl is closed after every row)."""
         if self._tb is not None:
             self._tb.close()
+
+
+def _what_moved(dropped: list[dict], step: int) -> str:
+    """The warning's account of the moved rows: a torn line at the end of a file that ended at
+    `step` was reported as a row after that step, which the user then looked for in vain."""
+    torn = sum("torn_line" in row for row in dropped)
+    after = sum("torn_line" not in row and int(row["step"]) > step for row in dropped)
+    parts = [f"{after} row(s) after step {step}"] if after else []
+    if len(dropped) - torn - after:  # rows at `step`: eval_owed's eval rows only
+        parts.append(f"{len(dropped) - torn - after} eval row(s) of step {step}, which runs again")
+    if torn:
+        parts.append(f"{torn} torn line(s) (a kill mid-write, or not a JSON row)")
+    return ", ".join(parts)
 
 
 def _as_json_value(value):

@@ -6,6 +6,21 @@ import os
 
 from vutrain.metrics import read_metrics
 
+RETRIEVAL_KEYS = ("eval/zeroshot_top1", "eval/i2t_r1", "eval/t2i_r1", "eval/i2t_r5", "eval/t2i_r5")
+
+
+def _eval_curve_keys(evals: list[dict]) -> list[str]:
+    """The eval keys drawn: zero-shot and retrieval, then the multi-label ones the rows hold
+    (eval/tags_map, eval/tags_r{k} by k; eval/tags_vocab is a count, not a score). A run with tags
+    in its validation shards logged them, but curves.png left them out."""
+    present = {key for row in evals for key in row}
+    tag_recalls = sorted(
+        (key for key in present if key.startswith("eval/tags_r") and key[len("eval/tags_r") :].isdigit()),
+        key=lambda key: int(key[len("eval/tags_r") :]),
+    )
+    tag_keys = (["eval/tags_map"] if "eval/tags_map" in present else []) + tag_recalls
+    return [key for key in RETRIEVAL_KEYS if key in present] + tag_keys
+
 
 def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     """Plot the loss and eval curves to ``run_dir/out_name``; returns its path (None without metrics)."""
@@ -23,7 +38,7 @@ def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     axes = fig.subplots(1, 2)
     axes[0].plot([r["step"] for r in train], [r["train/loss"] for r in train], lw=1)
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
-    for key in ("eval/zeroshot_top1", "eval/i2t_r1", "eval/t2i_r1", "eval/i2t_r5", "eval/t2i_r5"):
+    for key in _eval_curve_keys(evals):
         pts = [(r["step"], r[key]) for r in evals if key in r]
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=key.split("/", 1)[1])

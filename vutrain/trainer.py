@@ -698,6 +698,17 @@ class Trainer:
         )
         self.metrics.write(self.step, row)
 
+    def _count_in_interval(self, t0: float) -> None:
+        """Add this step (begun at `t0`, its device read included) to the interval's wall time."""
+        self._interval_wall += time.perf_counter() - t0
+        self._interval_steps += 1
+
+    def _log_interval(self, times: StepTimes, t0: float, stats: GuardStats) -> None:
+        """Write the row of the interval that ends with this step (begun at `t0`) and start the next."""
+        self._count_in_interval(t0)
+        self._log_step(times, self._interval_wall / self._interval_steps, stats)
+        self._interval_wall, self._interval_steps = 0.0, 0
+
     def run_eval(self, checkpointed: bool = False) -> dict:
         """Evaluate now (every rank), write the metrics row and log it on rank 0.
 
@@ -798,12 +809,17 @@ class Trainer:
                 # their warning) was never reported, and its stop was first read after the loop.
                 logging_step = self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps
                 stats = self.read_stats() if logging_step else None
-                stop = self._check_stop(now=logging_step or self._checkpoint_due())
-                self._interval_wall += time.perf_counter() - t0
-                self._interval_steps += 1
-                if stats is not None:
-                    self._log_step(times, self._interval_wall / self._interval_steps, stats)
-                    self._interval_wall, self._interval_steps = 0.0, 0
+                try:
+                    stop = self._check_stop(now=logging_step or self._checkpoint_due())
+                except NonFiniteLossError:
+                    # The interval's row shows the divergence; it was lost to the raise (every
+                    # rank raises at this step: the streak is agreed, so the row's collective matches).
+                    self._log_interval(times, t0, stats if stats is not None else self.read_stats())
+                    raise
+                if stats is None:
+                    self._count_in_interval(t0)
+                else:
+                    self._log_interval(times, t0, stats)
                     if progress is not None:
                         progress.set_postfix(loss=f"{stats.mean_loss:.4f}")
                 if progress is not None:
