@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vutrain import checkpoint as ckpt
+from vutrain import config_yaml
 from vutrain.config import ConfigError, load_config
 from vutrain.model import (
     MAX_LOGIT_SCALE,
@@ -286,12 +287,26 @@ def checkpoint_to_export(ckpt_dir: str, tag: str | None) -> tuple[str, str]:
     return tag, unpublished.get(tag, tag)
 
 
+def export_overrides(config_path: str) -> list[str]:
+    """EXPORT_OVERRIDES, plus the preset-only sizes reset for a pretrained run's config.yaml.
+
+    Since 2026-12-06 `model.image_size` / `model.context_length` beside `model.name_or_path` are a
+    config error (the pretrained model always kept its own); a run saved before could hold them,
+    and its export would stop on a setting it never used."""
+    with open(config_path, encoding="utf-8-sig") as fh:
+        saved = config_yaml.load(fh.read()) or {}
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if isinstance(model, dict) and model.get("name_or_path"):
+        return [*EXPORT_OVERRIDES, "model.image_size=0", "model.context_length=0"]
+    return list(EXPORT_OVERRIDES)
+
+
 def load_trained_module(run_dir: str, tag: str | None = None):
     """(ClipTrainModule with the checkpoint's fp32 weights, tokenizer, image processor, tag)."""
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: RUN_DIR must be a training output_dir")
-    cfg = load_config(config_path, EXPORT_OVERRIDES)
+    cfg = load_config(config_path, export_overrides(config_path))
     ckpt_dir = ckpt.checkpoints_dir(run_dir)
     tag, folder = checkpoint_to_export(ckpt_dir, tag)
     tokenizer, processor = load_run_tokenizer_and_processor(cfg, run_dir, os.path.join(ckpt_dir, folder))
