@@ -116,10 +116,14 @@ def _main(argv: list[str] | None, make_scratch) -> int:
     engine, counters = trainer.engine, {}
 
     def counted(phase, fn):
+        # Summed over the step's calls: with grad_accum_steps=k forward and backward run k times a
+        # step, and a fresh counter per call kept only the last micro-batch's ops.
         def run(*a, **k):
-            counters[phase] = OpCounter()
-            with counters[phase]:
-                return fn(*a, **k)
+            counter = OpCounter()
+            with counter:
+                out = fn(*a, **k)
+            counters.setdefault(phase, collections.Counter()).update(counter.sites)
+            return out
 
         return run
 
@@ -134,13 +138,13 @@ def _main(argv: list[str] | None, make_scratch) -> int:
         cleanup()
     params = [p for p in engine.module.parameters() if p.requires_grad]
     result = dict(vars(args), trainable_tensors=len(params))
-    for phase, counter in counters.items():
-        result[phase] = sum(counter.sites.values())
+    for phase, sites in counters.items():
+        result[phase] = sum(sites.values())
         # the non-finite guard's per-parameter gradient masks (vutrain/nonfinite.py)
-        guard = [n for (_, site), n in counter.sites.items() if "nonfinite.py" in site]
+        guard = [n for (_, site), n in sites.items() if "nonfinite.py" in site]
         result[f"{phase}: guard masks"] = sum(guard)
         print(f"\n{phase}: {result[phase]} compute ops ({len(params)} trainable tensors)")
-        for (op, site), n in counter.sites.most_common(10):
+        for (op, site), n in sites.most_common(10):
             print(f"  {n:6d}  {op:24s} {site}")
     print(json.dumps(result))
     return 0

@@ -43,6 +43,13 @@ def package_of(filename: str) -> str | None:
     if filename.startswith(("~", "<")):
         return None  # C functions ("~") and generated code
     parts = filename.replace(os.sep, "/").split("/")
+    installed = [i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")]
+    if installed:
+        # The folder right under site-packages is the package: the folders above it are where the
+        # venv lives (a clone named `vutrain` put numpy's time on vutrain's row, open_clip's side
+        # included), those below are its own subpackages (transformers/kernels is transformers').
+        top = parts[installed[-1] + 1 : -1][:1]
+        return top[0] if top and top[0] in PACKAGES else "other"
     for part in reversed(parts[:-1]):
         if part in PACKAGES:
             return part
@@ -97,6 +104,20 @@ def profile(runner, batch, warmup: int, steps: int) -> pstats.Stats:
     return pstats.Stats(profiler)
 
 
+def _check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what the run cannot use before building anything: `--steps 0` divided by zero and
+    `--zero-stages 1,x` failed on int() in a traceback, each after the trainers were built."""
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                               ("--warmup", args.warmup, 0)):  # fmt: skip
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+    stages = args.zero_stages.split(",")
+    if not all(stage.strip() in ("0", "1", "2", "3") for stage in stages):
+        parser.error(
+            f"--zero-stages takes ZeRO stages 0-3 separated by commas, e.g. 1,2; got {args.zero_stages!r}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; its synthetic shards and run folder are removed when it ends (scratch_dirs)."""
     from scratch_dirs import run_with_scratch
@@ -118,6 +139,7 @@ def _main(argv: list[str] | None, make_scratch) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--narrow", action="store_true", help="the preset's structure at tiny widths")
     args = parser.parse_args(argv)
+    _check_counts(parser, args)
 
     from vutrain.bench_compare import Bench, Variant, parse_args
     from vutrain.data.synthetic import write_synthetic
