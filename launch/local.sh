@@ -10,6 +10,7 @@
 # is taken is an error), HOSTFILE (optional: a one-host DeepSpeed hostfile to use instead
 # of NGPUS, "HOST slots=N"; it must exist; no ssh is needed; with CUDA_VISIBLE_DEVICES set, the
 # first N of those), PYTHON (default python).
+# A second local.sh run into the output_dir of one still running on this host stops in one line.
 # Ctrl-C reaches the launcher, which stops the ranks; SIGTERM or SIGUSR1 to this script (or
 # SIGUSR1 to a rank) checkpoints the ranks and the run exits 75 (resume with the same command:
 # train.resume=auto is the default).
@@ -75,16 +76,50 @@ rendezvous_port() {
     die "every port drawn was held by another launch on this host; set MASTER_PORT to a free port."
 }
 
+# run_output_dir ARGS...: the output_dir the trainer arguments give (the YAML's included), empty
+# when they do not parse: common.sh's `python -m vutrain.config --get`, run through `-c` since a PYTHON
+# wrapper (the tests' stand-ins) may take any other `-m` call for the deepspeed launcher.
+run_output_dir() {
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
+        'import runpy; runpy.run_module("vutrain.config", run_name="__main__", alter_sys=True)' \
+        --get output_dir "$@" 2>/dev/null || true
+}
+
+# hold_run_lock ARGS...: lock the run's output_dir (from the trainer arguments ARGS) for the rest of
+# this launch, or stop in one line when another local.sh run on this host holds it. Two runs in one
+# output_dir (the same command started again in another terminal while the first trains) both
+# trained, wrote their checkpoints into one checkpoints/ and each resumed from the other's, without a
+# word. The lock is a file in /tmp named after the absolute path (a relative and an absolute
+# spelling are one run), so nothing is written into the run directory before the trainer checks it;
+# the kernel drops it when this script and the launcher it starts exit, however they end. Taken
+# after the port, so a port refusal still comes first.
+hold_run_lock() {
+    local out abs file
+    out="$(run_output_dir "$@")"
+    # Unreadable arguments: the trainer reports them itself.
+    [[ -n "$out" ]] && command -v flock >/dev/null 2>&1 || return 0
+    abs="$(realpath -m -- "$out")"
+    file="/tmp/vutrain-run-$(printf '%s' "$abs" | sha1sum | cut -c1-16).lock"
+    [[ -e "$file" ]] || { : >>"$file"; } 2>/dev/null
+    { exec {RUN_LOCK_FD}<"$file"; } 2>/dev/null || return 0
+    # -w 10: a launch that ends in a moment (a stand-in launcher, a run refused at start-up) is
+    # waited for; a run that trains holds it for hours.
+    flock -x -w 10 "$RUN_LOCK_FD" \
+        || die "output_dir $abs is in use by another launch/local.sh run on this host (lock $file): two runs in one output_dir overwrite and resume from each other's checkpoints. Wait for that run to end (or stop it), or give this one another output_dir=..."
+}
+
 PY="${PYTHON:-python}"
 GPUS="$(count_gpus)"
 launcher=("$PY" -u -m deepspeed.launcher.runner)
 
 if [[ -n "${HOSTFILE:-}" ]]; then
     [[ -f "$HOSTFILE" ]] || die "HOSTFILE=$HOSTFILE does not exist. Create it with launch/make_hostfile.sh -s N localhost, or unset HOSTFILE and set NGPUS."
-    nhosts="$(awk 'NF && $1 !~ /^#/' "$HOSTFILE" | wc -l)"
+    # sub(/\r$/): a hostfile saved with Windows line ends (which DeepSpeed reads) was refused with
+    # "got slots '2\r'", and a blank line of it counted as a second host.
+    nhosts="$(awk '{sub(/\r$/, "")} NF && $1 !~ /^#/' "$HOSTFILE" | wc -l)"
     (( nhosts == 1 )) || die "HOSTFILE=$HOSTFILE lists $nhosts hosts; local.sh runs one node. Use launch/slurm/deepspeed.sbatch for several nodes."
     [[ -z "${NGPUS:-}" ]] || die "set either HOSTFILE or NGPUS, not both."
-    slots="$(awk 'NF && $1 !~ /^#/ {sub("slots=", "", $2); print $2}' "$HOSTFILE")"
+    slots="$(awk '{sub(/\r$/, "")} NF && $1 !~ /^#/ {sub("slots=", "", $2); print $2}' "$HOSTFILE")"
     is_uint "$slots" && (( 10#$slots > 0 )) || die "HOSTFILE=$HOSTFILE: expected one 'HOST slots=N' line, got slots '$slots'."
     slots=$((10#$slots))
     if (( GPUS > 0 && slots > GPUS )); then
@@ -130,6 +165,7 @@ fi
 rendezvous_port
 launcher+=(--master_port "$PORT")
 log "rendezvous at 127.0.0.1:$PORT ($PORT_ORIGIN)"
+hold_run_lock "$@"
 
 # children_of PID...: the processes whose parent is one of PID... (from /proc, since pgrep is
 # missing where procps is, e.g. slim containers)

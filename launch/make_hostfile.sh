@@ -66,6 +66,10 @@ lines="$(while IFS= read -r h; do
     if [[ -n "$h" ]]; then echo "$h slots=$slots"; fi
 done <<<"$hosts")"
 [[ -n "$lines" ]] || die "node list '$nodelist' expanded to no hosts."
+# A node named twice ("gpu01,gpu01", "n[1-2],n2") was written on two lines, and every deepspeed
+# launcher given the file stopped with a ValueError traceback ("multiple entries for gpu01").
+repeated="$(cut -d' ' -f1 <<<"$lines" | sort | uniq -d | paste -sd, -)"
+[[ -z "$repeated" ]] || die "node list '$nodelist' names $repeated more than once: list each node once (its ranks are the slots, -s N)."
 if [[ -n "$out" ]]; then
     mkdir -p "$(dirname "$out")"
     printf '%s\n' "$lines" >"$out"

@@ -29,6 +29,9 @@ node_rank=""
 i=0
 # `|| [[ -n $host ]]`: a last line without its newline (an editor's, printf's) is a host too
 while read -r host _ || [[ -n "$host" ]]; do
+    # A blank line with a Windows line end is "\r": counted as a host, it moved the next nodes' ranks
+    # off DeepSpeed's (which skips it).
+    host="${host%$'\r'}"
     [[ -z "$host" || "$host" == \#* ]] && continue
     [[ "$host" == "$me" ]] && node_rank=$i
     i=$((i + 1))
@@ -40,7 +43,8 @@ done <"$hostfile"
 # The launcher renumbers this node's GPUs 0..slots-1 (it overwrites CUDA_VISIBLE_DEVICES). If
 # SLURM handed out other physical GPUs (a shared node), those would be the wrong ones.
 if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" =~ ^[0-9,]+$ ]]; then
-    slots="$(awk -v h="$me" '$1 == h {sub("slots=", "", $2); print $2}' "$hostfile")"
+    # sub(/\r$/): a hostfile with Windows line ends (DeepSpeed reads it) gave slots "N\r".
+    slots="$(awk -v h="$me" '{sub(/\r$/, "")} $1 == h {sub("slots=", "", $2); print $2}' "$hostfile")"
     # 10#: "slots=08" is 8 GPUs; as octal it was an arithmetic error and a refusal naming no GPUs.
     is_uint "$slots" || die "node $me: $hostfile gives it slots '$slots'; every line must read 'HOST slots=N' with N a positive integer."
     expected="$(seq -s, 0 $((10#$slots - 1)))"
