@@ -6,6 +6,7 @@ keys and shard contents never move) and appends rows for video ids it has not se
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import string
@@ -172,19 +173,13 @@ def save_plan(output: str, plan: list[dict], shard_size: int | None = None) -> N
             os.fsync(sink.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        _remove_quietly(tmp)
+        with contextlib.suppress(OSError):  # gone already, or the folder refuses even that
+            os.remove(tmp)
         raise SystemExit(
             f"{path}: could not write the build plan ({err.strerror or err}); free space or make "
             f"{os.path.dirname(path)} writable, then run the same build again (any earlier plan there "
             "is left as it was)"
         ) from None
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 SHARD_SIZE_KEY = b"dataset_tools.shard_size"
