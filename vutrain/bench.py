@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -49,7 +51,17 @@ def build_trainer(spec: dict, sync_timing: bool = True):
     from vutrain.distributed import init_distributed, resolve_dist_env
     from vutrain.trainer import Trainer
 
-    overrides = [
+    cfg = load_config(None, spec_overrides(spec))
+    info = resolve_dist_env()
+    init_distributed(info)
+    trainer = Trainer(cfg, info, sync_timing=sync_timing)
+    trainer.engine.train()
+    return trainer
+
+
+def spec_overrides(spec: dict) -> list[str]:
+    """The config overrides that make the Trainer of one benchmark configuration."""
+    return [
         f"output_dir={spec['run_dir']}",
         f"data.train_shards={spec['train_shards']}",
         "data.val_shards=",
@@ -72,12 +84,6 @@ def build_trainer(spec: dict, sync_timing: bool = True):
         "data.resampled=true",
         "data.num_samples=100000",
     ]
-    cfg = load_config(None, overrides)
-    info = resolve_dist_env()
-    init_distributed(info)
-    trainer = Trainer(cfg, info, sync_timing=sync_timing)
-    trainer.engine.train()
-    return trainer
 
 
 def run_one(spec: dict) -> dict:
@@ -220,12 +226,17 @@ def write_rows(path: str, rows: list) -> None:
     write_json(rows, path)
 
 
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")
+
+
 def failure_line(proc: subprocess.CompletedProcess) -> str:
     """What made a configuration's process fail: the last traceback's exception line, else the last
     line of its output. Lines printed after the traceback, such as NCCL's exit warning about a
     process group never destroyed, hid the real error (a CUDA out-of-memory) when the row took the
     last stderr line."""
-    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+    # Once the process group exists, torch prints an uncaught exception with every line prefixed
+    # "[rank0]: ": the traceback went unrecognised and the row took the exit warning after it.
+    lines = [_RANK_PREFIX.sub("", line) for line in (proc.stderr or proc.stdout or "").strip().splitlines()]
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
     if starts:
         # Frames and their source lines are indented; the exception line is the first that is not.
@@ -261,21 +272,28 @@ def main(argv: list[str] | None = None) -> int:
     delegated = dispatch(list(sys.argv[1:] if argv is None else argv))
     if delegated is not None:
         return delegated
+    from vutrain.config import BACKENDS, COMPILE_MODES, HIDDEN_ACTS, PRECISIONS
+
     parser = argparse.ArgumentParser(prog="python -m vutrain.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--batch-sizes", default="16,32")
     parser.add_argument("--grad-ckpt", choices=("off", "on", "both"), default="off")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--loss-backend", default="torch")
+    parser.add_argument("--loss-backend", choices=BACKENDS, default="torch")
     parser.add_argument("--compile", action="store_true", help="train.compile=true (warm-up compiles)")
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--compile-mode", default="default", help="train.compile_mode (inductor)")
     parser.add_argument(
-        "--hidden-act", default="", help="model.hidden_act ('': HF's quick_gelu; gelu: open_clip's)"
+        "--compile-mode", choices=COMPILE_MODES, default="default", help="train.compile_mode (inductor)"
+    )
+    parser.add_argument(
+        "--hidden-act",
+        choices=("", *HIDDEN_ACTS),
+        default="",
+        help="model.hidden_act ('': HF's quick_gelu; gelu: open_clip's)",
     )
     parser.add_argument("--out", default="bench_results/train_bench.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one JSON spec in this process
@@ -291,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         batch_sizes = parse_batch_sizes(args.batch_sizes)
         check_counts(args)
+        check_configs(args, batch_sizes)
         previous = read_previous_rows(args.out)
         make_out_folder(args.out)
     except ValueError as exc:
@@ -304,6 +323,54 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def sweep_specs(args: argparse.Namespace, batch_sizes: list[int], train_shards: str, work: str) -> list:
+    """The spec of each configuration of the sweep, in the order they run."""
+    ckpts = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.grad_ckpt]
+    return [
+        dict(
+            preset=args.preset,
+            precision=args.precision,
+            zero_stage=args.zero_stage,
+            batch_size=batch,
+            grad_ckpt=ckpt,
+            steps=args.steps,
+            warmup=args.warmup,
+            workers=args.workers,
+            loss_backend=args.loss_backend,
+            compile=args.compile,
+            compile_backend=args.compile_backend,
+            compile_mode=args.compile_mode,
+            hidden_act=args.hidden_act,
+            train_shards=train_shards,
+            run_dir=os.path.join(work, f"run-{batch}-{ckpt}"),
+        )
+        for batch in batch_sizes
+        for ckpt in ckpts
+    ]
+
+
+def check_configs(args: argparse.Namespace, batch_sizes: list[int]) -> None:
+    """ValueError naming the setting, before the shards are written, for a configuration the
+    Trainer's config refuses (``--precision fp17``, an unknown ``--loss-backend``, fp16 without a
+    GPU): each configuration's process failed on it, and the sweep exited 1 with a row of the same
+    error per configuration. The config's own checks, so the two cannot disagree."""
+    from vutrain.config import ConfigError, load_config
+
+    # Placeholders: the config checks neither the shards nor the run folder exist.
+    placeholder = os.path.join(tempfile.gettempdir(), "vutrain-bench-check")
+    # Its warnings (an LR warm-up longer than the few benchmark steps) do not apply to a benchmark.
+    config_log = logging.getLogger("vutrain.config")
+    level = config_log.level
+    config_log.setLevel(logging.ERROR)
+    try:
+        for spec in sweep_specs(args, batch_sizes, os.path.join(placeholder, "0.tar"), placeholder):
+            load_config(None, spec_overrides(spec))
+    except ConfigError as exc:
+        raise ValueError(f"the Trainer refuses this sweep: {exc}") from None
+    finally:
+        config_log.setLevel(level)
+
+
 def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: list, work: str) -> int:
     """Each configuration of the sweep in its own process, its row printed and saved as it ends."""
     from vutrain.data.synthetic import write_synthetic
@@ -313,7 +380,6 @@ def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: 
     data = write_synthetic(
         os.path.join(work, "data"), num_samples=2048, shard_size=256, image_size=size, val_samples=0
     )
-    ckpts = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.grad_ckpt]
     results = []
     # Earlier runs' rows stay in --out: the start time and the commit tell this run's rows apart
     # (the date alone did not, for two runs of a day, nor for two versions of the code).
@@ -322,41 +388,23 @@ def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: 
         "commit": commit(),
         "command": "python -m vutrain.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    for batch in batch_sizes:
-        for ckpt in ckpts:
-            spec = dict(
-                preset=args.preset,
-                precision=args.precision,
-                zero_stage=args.zero_stage,
-                batch_size=batch,
-                grad_ckpt=ckpt,
-                steps=args.steps,
-                warmup=args.warmup,
-                workers=args.workers,
-                loss_backend=args.loss_backend,
-                compile=args.compile,
-                compile_backend=args.compile_backend,
-                compile_mode=args.compile_mode,
-                hidden_act=args.hidden_act,
-                train_shards=data["train_shards"],
-                run_dir=os.path.join(work, f"run-{batch}-{ckpt}"),
-            )
-            proc = subprocess.run(
-                [sys.executable, "-m", "vutrain.bench", "--one", json.dumps(spec)],
-                capture_output=True,
-                text=True,
-            )
-            found = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
-            if proc.returncode == 0 and found:
-                row = json.loads(found[-1][len("BENCH_RESULT ") :])
-            else:
-                row = dict(spec, error=failure_line(proc), device=device_name())
-            row["date"] = datetime.date.today().isoformat()
-            row.update(run)
-            results.append(row)
-            print(table([row]).splitlines()[-1], flush=True)
-            # After every configuration: a run stopped by a time limit keeps what it measured.
-            write_rows(args.out, previous + results)
+    for spec in sweep_specs(args, batch_sizes, data["train_shards"], work):
+        proc = subprocess.run(
+            [sys.executable, "-m", "vutrain.bench", "--one", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+        )
+        found = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+        if proc.returncode == 0 and found:
+            row = json.loads(found[-1][len("BENCH_RESULT ") :])
+        else:
+            row = dict(spec, error=failure_line(proc), device=device_name())
+        row["date"] = datetime.date.today().isoformat()
+        row.update(run)
+        results.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+        # After every configuration: a run stopped by a time limit keeps what it measured.
+        write_rows(args.out, previous + results)
     print("\n" + table(results))
     print(
         f"\nwrote {args.out} ({len(results)} rows of this run, run_started {run['run_started']}; "

@@ -634,6 +634,21 @@ def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"--search-precision {args.search_precision}: must be in [0, 1)")
 
 
+def unknown_choice(args: argparse.Namespace) -> str | None:
+    """What to change where a name the run cannot use was given, checked before open_clip's import
+    and the shards: an unknown --preset was a KeyError traceback after them, and an unknown
+    --compile-mode a failed row per configuration. An unknown --loss-backends entry stays a failed
+    row of its own, beside the configurations that ran (the comparison records failures)."""
+    from vutrain.config import COMPILE_MODES
+    from vutrain.model import PRESETS
+
+    if args.preset not in PRESETS:
+        return f"--preset {args.preset}: choose one of {', '.join(PRESETS)}"
+    if args.compile_mode not in COMPILE_MODES:
+        return f"--compile-mode {args.compile_mode}: choose one of {', '.join(COMPILE_MODES)}"
+    return None
+
+
 def variants(args: argparse.Namespace) -> list[Variant]:
     """vutrain's first configuration, open_clip's (checkpointed too when vutrain's is), then the
     rest of vutrain's in order.
@@ -685,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()  # --deadline-min counts from here, before open_clip's import
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    refused = unknown_choice(args)
+    if refused:
+        print(f"python -m vutrain.bench --compare open_clip: error: {refused}", file=sys.stderr)
+        return 2
     all_variants = variants(args)
     to_search = search_order(args, all_variants)
     try:  # before anything is built: the one thing a user may have to install
