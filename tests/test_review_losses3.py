@@ -9,7 +9,7 @@ written from the definitions:
   micro-batch, SigLIP's ring and align_uniform: rank-averaged parameter gradients equal those of
   one process on the whole 10-sample batch.
 * `python -m vutrain.gradcache_bench` with a batch that `--micro` does not divide, or a micro
-  larger than the batch, runs its step (until 2026-12-07 a ValueError traceback), and bad sizes
+  larger than the batch, runs its step (until 2026-12-06 a ValueError traceback), and bad sizes
   are a one-line usage error.
 
 One spawn of 2 ranks plus one tiny-preset step; about 15 s on 2 CPU cores.
