@@ -373,18 +373,25 @@ def _conditions(row: dict) -> tuple[str | None, str | None]:
     return dtype, triton
 
 
+MAX_WARPS = 32  # 32 threads each: CUDA's limit of 1024 threads per block
+
+
 def check_compilable(config: TileConfig) -> None:
     """Compiled Triton needs power-of-two blocks of at least 16 (tl.arange, tl.dot) and a
-    power-of-two warp count; the interpreter accepts others, so a hand-edited table would only
-    fail at its first launch on the GPU, deep inside Triton's compiler."""
+    power-of-two warp count of at most 32 (CUDA's 1024 threads per block); the interpreter accepts
+    others, so a hand-edited table would only fail at its first launch on the GPU, deep inside
+    Triton's compiler or the driver."""
 
     def pow2(x: int) -> bool:
         return isinstance(x, int) and x > 0 and x & (x - 1) == 0
 
     if not all(pow2(b) and b >= 16 for b in (config.BM, config.BN, config.BD)):
         raise ValueError(f"BM, BN and BD must be powers of two >= 16; got {config.as_list()}")
-    if not pow2(config.num_warps) or not (isinstance(config.num_stages, int) and config.num_stages >= 1):
-        raise ValueError(f"num_warps must be a power of two and num_stages >= 1; got {config.as_list()}")
+    warps_ok = pow2(config.num_warps) and config.num_warps <= MAX_WARPS
+    if not warps_ok or not (isinstance(config.num_stages, int) and config.num_stages >= 1):
+        raise ValueError(
+            f"num_warps must be a power of two <= {MAX_WARPS} and num_stages >= 1; got {config.as_list()}"
+        )
 
 
 def write_tuned(path: str | Path, entries: dict[tuple, Entry]) -> None:

@@ -57,6 +57,18 @@ def test_two_rows_for_one_launch_are_refused_but_one_per_dtype_is_kept(tmp_path)
         tile_configs.load_tuned(undated)
 
 
+def test_a_row_of_more_warps_than_a_block_can_hold_is_refused(tmp_path):
+    """64 warps are 2048 threads, over CUDA's 1024 per block: such a row passed the power-of-two
+    check and would fail only at its first launch on a GPU. 32 warps load."""
+    path = _write(tmp_path / "wide.json", [_row(config=(128, 128, 64, 64, 3))])
+    with pytest.raises(ValueError, match=r"num_warps must be a power of two <= 32"):
+        tile_configs.load_tuned(path)
+    table = tile_configs.load_tuned(_write(tmp_path / "ok32.json", [_row(config=(128, 128, 64, 32, 3))]))
+    assert len(table.rows) == 1
+    with pytest.raises(SystemExit, match="power of two <= 32"):
+        parse_candidates("64,64,32,64,1")
+
+
 def test_autotune_refuses_a_candidate_the_gpu_cannot_compile_before_writing_a_table(tmp_path):
     """Under the interpreter a 3-warp candidate ran and won, and the table written with it was
     refused by every later launch and by the next sweep into the same directory."""
