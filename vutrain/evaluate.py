@@ -228,31 +228,6 @@ def caption_tokens(batch: dict) -> list[tuple[int, ...]]:
     ]
 
 
-def retrieval_groups(tokens: list[tuple], image_ids: list) -> list[int]:
-    """Per sample, its connected group: samples joined by an identical caption (the same tokens)
-    or an identical image (the same ``image_ids`` entry; None is no image id), transitively. Recall
-    no longer uses it (``retrieval_pair_groups``: a chain credited pairs of neither image nor caption).
-
-    Identical images have identical features, so they tied exactly: for a caption, its image and
-    the copy under another title ranked each other out, and a perfect model lost R@1 on both
-    (YouTube reuses one thumbnail across videos; nothing removes it unless `dataset_tools dedup` runs)."""
-    parent = list(range(len(tokens)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[tuple, int] = {}
-    for i, keys in enumerate(zip(tokens, image_ids, strict=True)):
-        for kind, key in enumerate(keys):
-            if key is not None:
-                parent[root(i)] = root(first.setdefault((kind, key), i))
-    group_of: dict[int, int] = {}
-    return [group_of.setdefault(root(i), len(group_of)) for i in range(len(tokens))]
-
-
 def retrieval_pair_groups(tokens: list[tuple], image_ids: list) -> tuple[list[int], list[int]]:
     """Per sample, (its image group, its caption group): samples of an identical image (the same
     ``image_ids`` entry; None is an image of its own) share an image group, samples of an identical
