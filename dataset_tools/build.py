@@ -436,6 +436,9 @@ def _build(cfg: BuildConfig) -> dict:
     build_dir = os.path.join(cfg.output, plan_mod.BUILD_DIR)
     os.makedirs(build_dir, exist_ok=True)
     _refuse_shards_without_plan(cfg.output)
+    # Read first: a plan that does not read stops the build before it cleans or rewrites a thing,
+    # and before minutes of reading a large input.
+    previous = plan_mod.load_plan(cfg.output)
     _clean_partials(cfg.output)
     _clean_build_partials(build_dir)
     meta = metadata.read_metadata(cfg.inputs, cfg.input_format, cfg.categories_json)
@@ -445,7 +448,6 @@ def _build(cfg: BuildConfig) -> dict:
         f"({meta.duplicates} duplicate rows collapsed, {len(meta.rejected)} rejected: invalid id or "
         f"malformed row, listed in {plan_mod.BUILD_DIR}/rejected_input.jsonl)"
     )
-    previous = plan_mod.load_plan(cfg.output)
     cfg = _keep_planned_shard_size(cfg, previous)
     # A resume keeps the saved plan whatever the input says now; say what that means instead
     # of silently building removed rows and old captions beside the new ones.
@@ -572,7 +574,10 @@ def _retry_failed_rows(cfg: BuildConfig, build_dir: str, tmp_dir: str, retry_gro
         _make_downloader(cfg, retry_dir, columns),
         _write_jobs(tmp_dir, retry_groups, cfg.oom_shard_count),
     )
-    return merge_retries(cfg.output, retry_dir, sorted(retry_groups), cfg.oom_shard_count)
+    unmerged = merge_retries(cfg.output, retry_dir, sorted(retry_groups), cfg.oom_shard_count)
+    if not unmerged:  # all merged: the folder is ours and spent (an empty _build/retry/ stayed for good)
+        shutil.rmtree(retry_dir, ignore_errors=True)
+    return unmerged
 
 
 def merge_retries(output: str, retry_dir: str, shard_ids: list[int], oom_shard_count: int) -> list[str]:

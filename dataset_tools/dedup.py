@@ -9,6 +9,7 @@ exactly on at least one of d+1 bit-chunks, so only hashes sharing a chunk are co
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import imagehash
@@ -23,8 +24,10 @@ from dataset_tools.reshard import (
     ShardSink,
     check_empty_output,
     claim_outputs,
+    finish_interrupted_publish,
     input_schema,
     iter_samples,
+    publish_and_finalize,
     require_whole_shards,
     skipped_incomplete_shards,
     video_of,
@@ -97,31 +100,71 @@ def dedup(
     if max_distance < 0:  # would split the hash into zero chunks (ZeroDivisionError)
         raise SystemExit(f"--max-distance {max_distance}: must be 0 (exact pHash match) or more, e.g. 4")
     shards.require_shards(folder)
+    report_path = report_path or os.path.join(folder, BUILD_DIR, "dedup.json")
+    settings = {"input": os.path.realpath(folder), "max_distance": max_distance, "shard_size": shard_size}
+    if filter_output:
+        finished = _finish_interrupted_filter(filter_output, settings, report_path)
+        if finished is not None:
+            return finished
+    # The shards hashed are the shards filtered: one a running build completes meanwhile went into
+    # the output unchecked for duplicates, and uncounted by the report, which said it was skipped.
+    names = list(shards.iter_shard_names(folder))
     require_whole_shards(folder, "dedup")  # a truncated tar: refused, not a short report
     skipped = skipped_incomplete_shards(folder, "dedup")
     schema = None
     if filter_output:  # refused before the (slow) hashing, not after
         check_empty_output(filter_output)
         schema = input_schema(folder, "dedup")
-    report = {**_find_duplicates(folder, max_distance), "skipped_incomplete_shards": skipped}
+    report = {**_find_duplicates(folder, max_distance, names), "skipped_incomplete_shards": skipped}
     # Atomic: written in place, a kill or a full disk mid-write left a truncated report.
-    shards.save_json(report_path or os.path.join(folder, BUILD_DIR, "dedup.json"), report, "dedup report")
+    shards.save_json(report_path, report, "dedup report")
     if filter_output:
         drop = {g["key"] for group in report["groups"] for g in group if g["match"] != KEPT}
         with claim_outputs([filter_output], "dedup"):  # checked again: another run may have begun
-            report["kept"] = _write_filtered(folder, filter_output, drop, shard_size, schema)
+            sink = _filtered_sink(folder, names, filter_output, drop, shard_size, schema)
+            report["kept"] = sink.count
+            finished = {"report": os.path.realpath(report_path), "kept": sink.count}
+            publish_and_finalize([sink], "dedup", settings, finished, finalize_mod.finalize)
     return report
 
 
-def _find_duplicates(folder: str, max_distance: int) -> dict:
-    """The report of ``folder``'s duplicate groups (without ``skipped_incomplete_shards``)."""
+def _finish_interrupted_filter(output: str, settings: dict, report_path: str) -> dict | None:
+    """The report of an earlier ``dedup --filter-output`` into ``output`` with the same settings,
+    once its killed publish is finished (None when there is none): the rerun refused ``output`` as
+    not empty, and the shards it held had no ``sizes.json`` (or only some of them were there)."""
+
+    def rerun_hint(earlier: dict) -> str:
+        return (
+            f"{earlier['input']} --max-distance {earlier['max_distance']} "
+            f"--shard-size {earlier['shard_size']} --filter-output {output}"
+        )
+
+    finished = finish_interrupted_publish([output], "dedup", settings, rerun_hint, finalize_mod.finalize)
+    if finished is None:
+        return None
+    try:  # the report of the run that hashed the samples: this rerun does not hash them again
+        with open(finished["report"]) as f:
+            report = {**json.load(f), "kept": finished["kept"]}
+    except (OSError, ValueError) as err:
+        raise SystemExit(
+            f"{finished['report']}: the report of the finished dedup does not read ({err}); its "
+            f"--filter-output {output} is complete: run dedup without --filter-output to report again"
+        ) from None
+    if os.path.realpath(report_path) != finished["report"]:
+        shards.save_json(report_path, report, "dedup report")
+    return report
+
+
+def _find_duplicates(folder: str, max_distance: int, names: list[str]) -> dict:
+    """The report of the duplicate groups of ``folder``'s shards ``names`` (without
+    ``skipped_incomplete_shards``)."""
     info: dict[str, dict] = {}
     uf = _UnionFind()
     by_sha: dict[str, str] = {}
     by_video: dict[str, str] = {}
     buckets: dict[tuple, list[str]] = {}
     reasons: dict[str, str] = {}
-    for key, members, row in iter_samples(folder):
+    for key, members, row in iter_samples(folder, names):
         phash = _phash(folder, key, members)
         value = int(str(phash), 16)
         info[key] = {"video_id": row.get("video_id"), "phash": str(phash)}
@@ -168,18 +211,15 @@ def _find_duplicates(folder: str, max_distance: int) -> dict:
     }
 
 
-def _write_filtered(
-    folder: str, output: str, drop: set[str], shard_size: int, schema: pa.Schema | None
-) -> int:
-    """Copy the samples not in ``drop`` into new shards at ``output`` and finalize them, as split
-    does (open_clip reads the sample count from sizes.json or __len__, which were missing, so
-    `finalize` had to be run by hand); returns the samples written."""
+def _filtered_sink(
+    folder: str, names: list[str], output: str, drop: set[str], shard_size: int, schema: pa.Schema | None
+) -> ShardSink:
+    """The closed sink holding, staged, the samples not in ``drop``. Published and finalized as
+    split's are (open_clip reads the sample count from sizes.json or __len__, which were missing,
+    so `finalize` had to be run by hand)."""
     sink = ShardSink(output, shard_size, schema=schema)
-    for sample in iter_samples(folder):
+    for sample in iter_samples(folder, names):
         if sample[0] not in drop:
             sink.add(sample)
-    kept = sink.close()
-    sink.publish()  # only now: a killed filter left staged shards, not a part of the set in OUT
-    if kept:  # no shards to describe otherwise
-        finalize_mod.finalize(output)
-    return kept
+    sink.close()
+    return sink

@@ -9,11 +9,14 @@ Rows whose id cannot be normalised are returned as rejections (never dropped sil
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import datetime
 import glob
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -126,36 +129,51 @@ def _open_text(path: str, encoding: str, errors: str = "strict"):
     return open(path, encoding=encoding, errors=errors, newline="")
 
 
-def _open_quote_line(path: str, encoding: str, sep: str = ",") -> int | None:
-    """The line where a double quote opens that is never closed (CSV quoting), if any.
+@contextlib.contextmanager
+def _no_field_limit() -> Iterator[None]:
+    """csv's 128 KiB field limit lifted while a table is read: an unclosed quote hit it part way
+    through the rows it swallows, so the row that opened it could not be told from a long field."""
+    old = csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
 
-    Follows the CSV rules pandas and the csv module read by: a quote opens a quoted field only at
-    the start of a field; elsewhere (``Samsung 65" TV``) it is a literal character. Counting
-    every quote blamed such a title for a row of too many fields further down.
+
+def _csv_records(lines: list[str], sep: str) -> Iterator[tuple[int, list[str], bool]]:
+    """(first line, fields, as_written) per record of ``lines``, the header first, blank lines skipped.
+
+    Strict CSV quoting, record by record. A record whose double quote opens a field and never
+    closes, or closes before more text of the field (a TSV title ``"Best of``: TSV exports rarely
+    quote), is that one line split at ``sep`` as written (``as_written``). Read with quoting, it
+    stopped the build, or swallowed every row up to the next quote into one title or rejection.
     """
-    inside, at_field_start, opened = False, True, None
-    with _open_text(path, encoding, errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not inside and '"' not in line:
-                at_field_start = True  # the fast path: a line without quotes ends its row
-                continue
-            i = 0
-            while i < len(line):
-                ch = line[i]
-                if inside:
-                    if ch == '"':
-                        if line[i + 1 : i + 2] == '"':
-                            i += 1  # "" inside quotes: an escaped quote
-                        else:
-                            inside, at_field_start = False, False
-                elif ch == sep or ch in "\r\n":
-                    at_field_start = True
-                elif ch == '"' and at_field_start:
-                    inside, opened = True, lineno
-                else:
-                    at_field_start = False
-                i += 1
-    return opened if inside else None
+    start = 0
+    while start < len(lines):
+        reader = csv.reader(map(lines.__getitem__, range(start, len(lines))), delimiter=sep, strict=True)
+        consumed = 0
+        try:
+            for fields in reader:
+                if fields:
+                    yield start + consumed + 1, fields, False
+                consumed = reader.line_num
+            return
+        except csv.Error:
+            bad = start + consumed
+            yield bad + 1, lines[bad].rstrip("\r\n").split(sep), True
+            start = bad + 1
+
+
+def _quotes_are_clean(path: str, encoding: str, sep: str, errors: str) -> bool:
+    """True when every quoted field of ``path`` closes right before a separator or line end, so
+    pandas reads each row as the row it is (one streaming pass; the file is not held)."""
+    with _no_field_limit(), _open_text(path, encoding, errors) as fh:
+        try:
+            for _ in csv.reader(fh, delimiter=sep, strict=True):
+                pass
+        except csv.Error:
+            return False
+    return True
 
 
 # Column that marks a CSV row with more fields than the header: ``{"line", "fields", "width"}``
@@ -164,27 +182,26 @@ _MALFORMED = "__dataset_tools_malformed__"
 
 
 def _read_csv_keeping_malformed(path: str, encoding: str, sep: str, errors: str) -> pd.DataFrame:
-    """The slow path, for a file with rows of too many fields: the csv module (pandas would drop
-    such a row with a warning, or shift every column when it is the first one)."""
+    """The slow path, for a file with rows of too many fields or quotes that do not close: the csv
+    module, record by record (pandas would drop such a row with a warning, shift every column when
+    it is the first one, or swallow the rows after an unclosed quote)."""
     # utf-8-sig: pandas drops a byte order mark before the header; do the same.
     with _open_text(path, "utf-8-sig" if encoding == "utf-8" else encoding, errors) as fh:
-        reader = csv.reader(fh, delimiter=sep)
-        try:
-            header = next(reader)
-            width = len(header)
-            rows = []
-            for fields in reader:
-                if not fields:
-                    continue  # a blank line, skipped like pandas does
-                if len(fields) > width:
-                    rows.append([""] * width + [{"line": reader.line_num, "fields": fields, "width": width}])
-                else:  # fewer fields than the header: the missing ones are empty, as with pandas
-                    rows.append(fields + [""] * (width - len(fields)) + [None])
-        except csv.Error as err:
-            raise MetadataError(
-                f"{path}:{reader.line_num}: cannot parse as CSV ({err}). Fix or remove that row, "
-                "then run the same command again."
-            ) from None
+        lines = fh.readlines()
+    with _no_field_limit():
+        records = _csv_records(lines, sep)
+        first = next(records, None)
+        if first is None:
+            raise pd.errors.EmptyDataError("no header")
+        header = first[1]
+        width = len(header)
+        rows = []
+        for line, fields, as_written in records:
+            if len(fields) > width:
+                why = "an unclosed double quote, read as written: " if as_written else ""
+                rows.append([""] * width + [{"line": line, "fields": fields, "width": width, "why": why}])
+            else:  # fewer fields than the header: the missing ones are empty, as with pandas
+                rows.append(fields + [""] * (width - len(fields)) + [None])
     return pd.DataFrame(rows, columns=[*_unique_names(header), _MALFORMED])
 
 
@@ -205,11 +222,11 @@ def _parse_csv(path: str, encoding: str, sep: str, errors: str) -> pd.DataFrame:
         # pandas' C parser ends a field at a NUL and drops the rest of it without a word (a title
         # "Live\x00 at Wembley" became "Live"); the csv module keeps the whole field.
         return _read_csv_keeping_malformed(path, encoding, sep, errors)
+    if not _quotes_are_clean(path, encoding, sep, errors):
+        return _read_csv_keeping_malformed(path, encoding, sep, errors)
     try:
         df = pd.read_csv(path, encoding=encoding, encoding_errors=errors, **kwargs)
     except pd.errors.ParserError:
-        if _open_quote_line(path, encoding, sep) is not None:
-            raise  # an unclosed quote swallows the rest of the file: the caller names its line
         return _read_csv_keeping_malformed(path, encoding, sep, errors)
     if not isinstance(df.index, pd.RangeIndex):
         # The first data row had more fields than the header: pandas took the first column as
@@ -248,11 +265,8 @@ def _read_csv(path: str, encoding: str, sep: str, errors: str = "strict") -> pd.
             f"with a video id column ({', '.join(_ID_COLUMNS)}) and rows."
         ) from None
     except pd.errors.ParserError as err:
-        line = _open_quote_line(path, encoding, sep)
-        where = f"{path}:{line}" if line else path
-        detail = "a double quote opens here and is never closed" if line else " ".join(str(err).split())
         raise MetadataError(
-            f"{where}: cannot parse as CSV ({detail}). Fix or remove that row, "
+            f"{path}: cannot parse as CSV ({' '.join(str(err).split())}). Fix or remove that row, "
             "then run the same command again."
         ) from None
 
@@ -501,14 +515,9 @@ def _record_lines(path: str, records: int) -> list[int] | None:
     else:
         sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
         # UTF-16 is the exception: its newline is two bytes, one of them zero.
-        with _open_text(path, "utf-16" if _is_utf16(path) else "latin-1") as fh:
-            reader = csv.reader(fh, delimiter=sep)
-            next(reader, None)  # the header
-            lines, end = [], reader.line_num
-            for fields in reader:
-                if fields:  # a blank line is no record (pandas and the csv path skip it)
-                    lines.append(end + 1)
-                end = reader.line_num
+        # The records as the readers split them: an unclosed quote is one line, not the rest.
+        with _open_text(path, "utf-16" if _is_utf16(path) else "latin-1") as fh, _no_field_limit():
+            lines = [line for line, _, _ in _csv_records(fh.readlines(), sep)][1:]
     return lines if len(lines) == records else None
 
 
@@ -603,10 +612,37 @@ def _kaggle_date(value: str) -> str:
 
 
 def _ytdlp_publish(value: object) -> str:
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return _iso(value)
     text = str(value or "").strip()
     if len(text) == 8 and text.isdigit():  # yt-dlp upload_date is YYYYMMDD
         return f"{text[:4]}-{text[4:6]}-{text[6:]}"
     return text
+
+
+def _iso(value: datetime.date) -> str:
+    """A parquet date or timestamp as the text dates become: ``2020-01-02`` for a date, or for a
+    timestamp at midnight without a zone (a date column stored as timestamps, as pandas'
+    ``to_datetime("20200102")`` writes it), else ISO ``2020-01-02T10:30:00(+00:00)``. ``str()``
+    gave ``2020-01-02 00:00:00``, so the same upload date read two ways."""
+    if not isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if value.tzinfo is None and value.time() == datetime.time():
+        return value.date().isoformat()
+    return value.isoformat()
+
+
+# yt-dlp names the site a record came from in these keys (``ie_key`` in --flat-playlist entries).
+_EXTRACTOR_COLUMNS = ("extractor", "extractor_key", "ie_key")
+
+
+def _other_site(raw: dict, cols: Sequence[str]) -> str | None:
+    """The extractor of a yt-dlp record from another site (vimeo, dailymotion...), else None.
+    Their ids can have 11 characters too: taken as YouTube ids, every variant failed to download."""
+    name = _first(raw, cols)
+    if name is None or str(name).strip().lower().startswith("youtube"):
+        return None
+    return str(name).strip()
 
 
 def _video_id(raw: dict, cols: Sequence[str]) -> str | None:
@@ -648,7 +684,7 @@ def _malformed(raw: dict) -> tuple[str, dict] | None:
     if not isinstance(bad, dict):
         return None
     fields, width = bad["fields"], bad["width"]
-    reason = f"malformed CSV row at line {bad['line']} ({len(fields)} fields, header has {width})"
+    reason = f"malformed CSV row at line {bad['line']} ({bad['why']}{len(fields)} fields, header has {width})"
     return reason, {"fields": fields}
 
 
@@ -676,10 +712,15 @@ def _canonical_rows(
     chan_title_col = _pick(cols, _CHANNEL_TITLE_COLUMNS)
     pub_col = _pick(cols, _PUBLISH_COLUMNS)
     trend_col = cols.get("trending_date")
+    extractor_col = _pick(cols, _EXTRACTOR_COLUMNS)
     for raw in df.to_dict(orient="records"):
         malformed = _malformed(raw)
         if malformed is not None:
             yield None, malformed[1], malformed[0]
+            continue
+        site = _other_site(raw, extractor_col)
+        if site is not None:
+            yield None, _as_given(raw), f"not a YouTube video (yt-dlp extractor {site!r})"
             continue
         vid = _video_id(raw, id_col)
         if vid is None:

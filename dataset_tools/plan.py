@@ -86,9 +86,33 @@ def sample_key(shard_id: int, index: int, shard_size: int, oom_shard_count: int)
 
 
 def load_plan(output: str) -> list[dict]:
-    """The saved plan rows of ``output`` (empty when there is no plan yet)."""
+    """The saved plan rows of ``output`` (empty when there is no plan yet). A plan that does not
+    read (cut short by a copy or a disk error, or another file saved under its name) is a one-line
+    SystemExit: it was a pyarrow traceback, and without the plan the shards cannot be matched to
+    the input, so the build must not start a new one beside them."""
     path = plan_path(output)
-    return pq.read_table(path).to_pylist() if os.path.exists(path) else []
+    if not os.path.exists(path):
+        return []
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise SystemExit(_unreadable_plan(path, str(err).splitlines()[0])) from None
+    missing = [name for name in _PLAN_KEY_COLUMNS if name not in table.column_names]
+    if missing:
+        raise SystemExit(_unreadable_plan(path, f"no column(s) {missing}"))
+    return table.to_pylist()
+
+
+# The columns a resume cannot do without: which videos were planned, into which shard and key.
+_PLAN_KEY_COLUMNS = ("video_id", "caption", "sample_key", "shard_id")
+
+
+def _unreadable_plan(path: str, why: str) -> str:
+    return (
+        f"{path}: the build plan does not read ({why}); it maps this output's shards and keys to the "
+        "input, so the build stopped before changing anything. Put back an intact copy of the plan "
+        "(from a backup of this output), or build into a new --output"
+    )
 
 
 def extend_plan(

@@ -23,9 +23,10 @@ def video_of(row: dict) -> str:
     return row.get("video_id") or row.get("url") or row["key"]
 
 
-def iter_samples(folder: str) -> Iterator[Sample]:
-    """Successful samples of every complete shard, in shard then key order."""
-    for name in shards.iter_shard_names(folder):
+def iter_samples(folder: str, names: Sequence[str] | None = None) -> Iterator[Sample]:
+    """Successful samples of every complete shard (or of the shards ``names``), in shard then key
+    order."""
+    for name in shards.iter_shard_names(folder) if names is None else names:
         rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
         by_key = {r["key"]: r for r in rows if r["status"] == shards.SUCCESS}
         for key, members in sorted(shards.read_tar(os.path.join(folder, f"{name}.tar")).items()):
@@ -340,3 +341,98 @@ class ShardSink:
             for file in (f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"):
                 os.replace(os.path.join(self.staging, file), os.path.join(self.folder, file))
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+# In an output folder's ``_build/`` from the moment every shard of the run is staged until the
+# folder is finalized: ``{"settings", "result", "samples"}`` (``samples``: this folder's count),
+# e.g. ``OUT/train/_build/split_publishing.json`` and ``OUT/_build/dedup_publishing.json``.
+def publishing_marker(folder: str, command: str) -> str:
+    return os.path.join(folder, BUILD_DIR, f"{command}_publishing.json")
+
+
+def publish_and_finalize(
+    sinks: Sequence[ShardSink], command: str, settings: dict, result: dict, finalize: Callable[[str], object]
+) -> None:
+    """Publish every closed sink and finalize its folder (``finalize``, when it has samples),
+    recording first in each folder a marker that lets ``finish_interrupted_publish`` complete the
+    run if it is killed on the way. Without it, a run killed after publishing left its shards
+    without ``sizes.json`` (or some folders without their shards), and the rerun refused the
+    folder as "not empty", giving a reason that did not say how to finish it."""
+    for sink in sinks:
+        marker = {"settings": settings, "result": result, "samples": sink.count}
+        shards.save_json(publishing_marker(sink.folder, command), marker, f"{command} marker")
+    for sink in sinks:  # only now: a killed run published none of its folders' shards
+        sink.publish()
+    for sink in sinks:
+        _finalize_published(sink.folder, command, sink.count, finalize)
+
+
+def _finalize_published(folder: str, command: str, samples: int, finalize: Callable[[str], object]) -> None:
+    if samples:  # an empty output has no shards to describe
+        finalize(folder)
+    os.remove(publishing_marker(folder, command))
+
+
+def finish_interrupted_publish(
+    folders: Sequence[str],
+    command: str,
+    settings: dict,
+    rerun_hint: Callable[[dict], str],
+    finalize: Callable[[str], object],
+) -> dict | None:
+    """Finish a ``command`` run into ``folders`` with the same ``settings`` that was killed after
+    staging all its shards (while moving them in, or before ``sizes.json``); returns its result,
+    or None when there is none. Other settings are a one-line SystemExit giving the earlier ones
+    (``rerun_hint(earlier settings)``: the arguments to pass), as finishing would write output the
+    user did not ask for. Several ``folders`` (split's train and val) are named by their parent."""
+    markers = [m for m in (_read_marker(publishing_marker(f, command)) for f in folders) if m is not None]
+    if not markers:
+        return None
+    if markers[0]["settings"] != settings:
+        output = folders[0] if len(folders) == 1 else os.path.commonpath(folders)
+        raise SystemExit(
+            f"{output}: an earlier {command} into this folder was stopped before it finished; to "
+            f"finish it, run {command} again with its settings: {rerun_hint(markers[0]['settings'])} "
+            f"(or delete the output folder and {command} into it again)"
+        )
+    with ExitStack() as locks:
+        for folder in folders:
+            refusal = (
+                f"another dataset_tools run (pid {{}}) is finishing the {command} into {folder}; wait for it"
+            )
+            locks.enter_context(
+                shards.exclusive_lock(os.path.join(folder, BUILD_DIR, "lock"), refusal.format)
+            )
+        for folder in folders:
+            marker = _read_marker(publishing_marker(folder, command))
+            if marker is not None:  # None: finished by a run that held the lock before us
+                _publish_staged(folder)
+                # Split's first markers had no "samples": a folder without shards had none.
+                samples = marker.get("samples", len(shards.complete_shards(folder)))
+                _finalize_published(folder, command, samples, finalize)
+    print(
+        f"[dataset_tools] {command}: finished the earlier {command} that was stopped while publishing "
+        f"its output: {markers[0]['result']}",
+        file=sys.stderr,
+    )
+    return markers[0]["result"]
+
+
+def _read_marker(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _publish_staged(folder: str) -> None:
+    """Move what a killed ``ShardSink.publish`` left staged into the folder, stats last (they mark
+    a shard complete), then drop the staging folder."""
+    staging = _staging_dir(folder)
+    if not os.path.isdir(staging):
+        return
+    names = sorted(os.listdir(staging), key=lambda name: (name.endswith("_stats.json"), name))
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    os.rmdir(staging)

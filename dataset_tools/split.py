@@ -18,8 +18,10 @@ from dataset_tools.reshard import (
     ShardSink,
     check_empty_output,
     claim_outputs,
+    finish_interrupted_publish,
     input_schema,
     iter_samples,
+    publish_and_finalize,
     require_whole_shards,
     skipped_incomplete_shards,
     video_of,
@@ -76,21 +78,36 @@ def split(
             "in val, e.g. 0.1)"
         )
     shards.require_shards(folder)
+    sides = {side: os.path.join(output, side) for side in ("train", "val")}
+    settings = {"input": os.path.realpath(folder), "by": by, "val_fraction": val_fraction}
+    settings.update(seed=seed, shard_size=shard_size)
+    # A split killed after staging all its shards (while moving them in, or before sizes.json) is
+    # finished here; until 2026-12-07 the rerun refused the folder as not empty.
+    outputs = list(sides.values())
+    finished = finish_interrupted_publish(outputs, "split", settings, _rerun_hint, finalize_mod.finalize)
+    if finished is not None:
+        return finished
     require_whole_shards(folder, "split")  # before any output is written
     schema = input_schema(folder, "split")  # a column of two types: refused before any output
     skipped = skipped_incomplete_shards(folder, "split")
-    sides = {side: os.path.join(output, side) for side in ("train", "val")}
-    for path in sides.values():  # both checked before either is created
+    for path in outputs:  # both checked before either is created
         check_empty_output(path)
-    with claim_outputs(list(sides.values()), "split"):  # both claimed before either is written
+    with claim_outputs(outputs, "split"):  # both claimed before either is written
         title_ids = channel_ids_by_title(folder) if by == "channel" else None
         sinks = {side: ShardSink(path, shard_size, schema=schema) for side, path in sides.items()}
         for sample in iter_samples(folder):
             sinks[assign(sample[2], by, val_fraction, seed, title_ids)].add(sample)
         counts = {side: sink.close() for side, sink in sinks.items()}
-        for sink in sinks.values():  # only now: a killed split published neither side's shards
-            sink.publish()
-        for side, count in counts.items():
-            if count:  # an empty side has no shards to describe
-                finalize_mod.finalize(sides[side])
-    return {"by": by, "val_fraction": val_fraction, **counts, "skipped_incomplete_shards": skipped}
+        result = {"by": by, "val_fraction": val_fraction, **counts, "skipped_incomplete_shards": skipped}
+        # Both sides published only now (a killed split published neither), after a marker
+        # (``_build/split_publishing.json``) that lets the rerun finish a split killed on the way.
+        publish_and_finalize(list(sinks.values()), "split", settings, result, finalize_mod.finalize)
+    return result
+
+
+def _rerun_hint(earlier: dict) -> str:
+    """The arguments of the split whose settings are ``earlier``, for finishing it."""
+    return (
+        f"{earlier['input']} --by {earlier['by']} --val-fraction {earlier['val_fraction']} "
+        f"--seed {earlier['seed']} --shard-size {earlier['shard_size']}"
+    )

@@ -158,8 +158,9 @@ def clean_title(value: object) -> str:
 
 
 def parse_tags(value: object) -> list[str]:
-    """Tags as a list: Kaggle's ``tag|"tag two"|"tag3"`` strings (``[none]`` = no tags), JSON
-    lists, Python lists. Quotes are stripped, entities unescaped, empties and exact repeats dropped."""
+    """Tags as a list: Kaggle's ``tag|"tag two"|"tag3"`` strings (``[none]`` = no tags), strings
+    joined with ``,`` when they hold no ``|``, JSON lists, Python lists. Quotes are stripped,
+    entities unescaped, empties and exact repeats dropped."""
     if value is None:
         return []
     if isinstance(value, float):  # NaN from pandas
@@ -184,7 +185,7 @@ def parse_tags(value: object) -> list[str]:
                     # pipe-separated: it was read as one tag "MV]|BTS|Dynamite [MV".
                     items = text.split("|") if "|" in text else text[1:-1].split(",")
         else:
-            items = text.split("|")
+            items = _split_joined_tags(text)
     tags: list[str] = []
     seen = set()
     for item in items:
@@ -195,6 +196,12 @@ def parse_tags(value: object) -> list[str]:
             seen.add(tag)
             tags.append(tag)
     return tags
+
+
+def _split_joined_tags(text: str) -> list[str]:
+    """A joined tag string: ``|`` (Kaggle), else ``,`` (YouTube Studio's tag box, YouTube Data
+    Tools and most scraper CSVs; a YouTube tag holds no comma). ``music,live,rock`` was one tag."""
+    return text.split("|") if "|" in text else text.split(",")
 
 
 def category_name(category_id: int | None, table: dict | None = None) -> str | None:
