@@ -354,13 +354,18 @@ check_world_size() {
 }
 
 # write_deepspeed_env FILE: the NCCL, Python and library variables every node must see, one
-# KEY=VALUE per line (DeepSpeed's .deepspeed_env format; values unquoted, no newlines).
+# KEY=VALUE per line (DeepSpeed's .deepspeed_env format; values unquoted, no newlines). A value
+# holding a newline is left out with a warning naming it: the format has no way to carry one, and
+# it was dropped without a word.
 write_deepspeed_env() {
     local file="$1" name
     : >"$file"
     while IFS= read -r name; do
         local value="${!name}"
-        [[ "$value" == *$'\n'* ]] && continue   # the format cannot carry newlines
+        if [[ "$value" == *$'\n'* ]]; then
+            log "WARNING: $name holds a newline, which a .deepspeed_env line cannot carry: left out of $file, so each node's launcher keeps the $name that srun passes it (unset it or remove the newline to silence this)"
+            continue
+        fi
         printf '%s=%s\n' "$name" "$value" >>"$file"
     # CUDA_VISIBLE_DEVICES stays out: SLURM sets it per node, the first node's value would be
     # wrong elsewhere.
@@ -445,17 +450,50 @@ start_preemption_resender() {
     PREEMPT_RESENDER=$!
 }
 
+# run_config_stamp OUT_DIR: OUT_DIR/config.yaml's inode and modification time (ns), empty when it
+# is missing. The trainer rewrites config.yaml at every start, so a stamp that changed over a launch
+# says its trainer started; comparing two stamps of one file needs no clock shared with the file
+# server (a time stamp file in /tmp against an NFS mtime would).
+run_config_stamp() {
+    [[ -n "$1" ]] || return 0
+    stat -c '%i %y' -- "$1/config.yaml" 2>/dev/null || true
+}
+
+# checked_exit_status RC OUT_DIR STAMP: RC, the launcher's exit status, unless it is 0 for a run
+# that did not end: the trainer started in OUT_DIR during the launch (run_config_stamp differs from
+# STAMP, taken before it) and deletes done.json and preempted.json at its start, and writes one
+# of them before each exit 0 or 75. DeepSpeed's runner passes on only positive exit codes
+# (`returncode > 0`): when its launch.py dies of a signal (kill -9, the OOM killer, a hang-up) it
+# exits 0, and a run that died, its ranks perhaps still running orphaned, was reported as done.
+# Then: 75 when preempted.json is there (the ranks checkpointed; a requeue resumes), else 1 with
+# one line. A launcher that never started the trainer (a stand-in) is taken at its word.
+checked_exit_status() {
+    local rc="$1" out_dir="$2" stamp="$3"
+    if [[ "$rc" != 0 || -z "$out_dir" || "$(run_config_stamp "$out_dir")" == "$stamp" ]]; then
+        echo "$rc"
+    elif [[ -e "$out_dir/done.json" ]]; then
+        echo 0
+    elif [[ -e "$out_dir/preempted.json" ]]; then
+        log "the launcher exited 0, but the run in $out_dir left preempted.json (a launcher process died of a signal; deepspeed's runner reports that as success): exiting $VUTRAIN_EXIT_PREEMPTED, as for a preemption"
+        echo "$VUTRAIN_EXIT_PREEMPTED"
+    else
+        log "ERROR: the launcher exited 0, but the run in $out_dir started and left neither done.json nor preempted.json: a launcher process died (deepspeed's runner reports a launch.py killed by a signal, kill -9 or the OOM killer, as success), or the trainer could not write done.json (see its warning). Check that none of its ranks still runs, then rerun the same command: it resumes from the newest checkpoint."
+        echo 1
+    fi
+}
+
 # run_preemptible OUTPUT_DIR CMD...: run CMD (an srun line) in the background, forward USR1/TERM
 # to it, wait, then decide: exit code 75 (or a fresh preempted.json after a signal) requeues
-# the job with `scontrol requeue` unless VUTRAIN_REQUEUE is off (requeue_wanted); anything else is
-# returned.
+# the job with `scontrol requeue` unless VUTRAIN_REQUEUE is off (requeue_wanted); an exit 0 of a
+# run that left no end marker is corrected first (checked_exit_status); anything else is returned.
 run_preemptible() {
-    local out_dir="$1" pid rc
+    local out_dir="$1" pid rc stamp
     shift
     PREEMPT_SIGNAL=""
     PREEMPT_RESENDER=""
     local marker
     marker="$(mktemp)"   # time stamp: a preempted.json newer than this was written by this run
+    stamp="$(run_config_stamp "$out_dir")"
     trap 'forward_preemption USR1' USR1
     trap 'forward_preemption TERM' TERM
     "$@" &
@@ -474,6 +512,7 @@ run_preemptible() {
         PREEMPT_RESENDER=""
     fi
     log "training step exited with code $rc${PREEMPT_SIGNAL:+ after SIG$PREEMPT_SIGNAL}"
+    rc="$(checked_exit_status "$rc" "$out_dir" "$stamp")"
     local preempted=0
     if [[ "$rc" == "$VUTRAIN_EXIT_PREEMPTED" ]]; then
         preempted=1

@@ -14,6 +14,9 @@
 # Ctrl-C reaches the launcher, which stops the ranks; SIGTERM or SIGUSR1 to this script (or
 # SIGUSR1 to a rank) checkpoints the ranks and the run exits 75 (resume with the same command:
 # train.resume=auto is the default).
+# Exit status: the launcher's, except a 0 for a run that started but left no done.json: 75 when it
+# left preempted.json, else 1 with one line (deepspeed's runner exits 0 when its launch.py is killed
+# by a signal).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -85,7 +88,7 @@ run_output_dir() {
         --get output_dir "$@" 2>/dev/null || true
 }
 
-# hold_run_lock ARGS...: lock the run's output_dir (from the trainer arguments ARGS) for the rest of
+# hold_run_lock OUT_DIR: lock the run's output_dir (run_output_dir's answer) for the rest of
 # this launch, or stop in one line when another local.sh run on this host holds it. Two runs in one
 # output_dir (the same command started again in another terminal while the first trains) both
 # trained, wrote their checkpoints into one checkpoints/ and each resumed from the other's, without a
@@ -94,8 +97,7 @@ run_output_dir() {
 # the kernel drops it when this script and the launcher it starts exit, however they end. Taken
 # after the port, so a port refusal still comes first.
 hold_run_lock() {
-    local out abs file
-    out="$(run_output_dir "$@")"
+    local out="$1" abs file
     # Unreadable arguments: the trainer reports them itself.
     [[ -n "$out" ]] && command -v flock >/dev/null 2>&1 || return 0
     abs="$(realpath -m -- "$out")"
@@ -165,7 +167,9 @@ fi
 rendezvous_port
 launcher+=(--master_port "$PORT")
 log "rendezvous at 127.0.0.1:$PORT ($PORT_ORIGIN)"
-hold_run_lock "$@"
+OUT_DIR="$(run_output_dir "$@")"
+hold_run_lock "$OUT_DIR"
+RUN_STAMP="$(run_config_stamp "$OUT_DIR")"
 
 # children_of PID...: the processes whose parent is one of PID... (from /proc, since pgrep is
 # missing where procps is, e.g. slim containers)
@@ -213,4 +217,7 @@ trap ':' INT
 while kill -0 "$launcher_pid" 2>/dev/null; do
     wait "$launcher_pid" || true
 done
-wait "$launcher_pid"
+launcher_rc=0
+wait "$launcher_pid" || launcher_rc=$?
+# The runner's 0 is not always a finished run (a launch.py killed by a signal): see common.sh.
+exit "$(checked_exit_status "$launcher_rc" "$OUT_DIR" "$RUN_STAMP")"

@@ -433,11 +433,16 @@ def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
         # Before the group exists: NCCL and object collectives use the current device.
         torch.cuda.set_device(torch.device(info.device))
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = rendezvous_store(info, timeout)
+        if store is not None:
+            agree_on_world_size(store, info, timeout.total_seconds())
         dist.init_process_group(
             backend=info.backend,
             rank=info.rank,
             world_size=info.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
+            store=store,
         )
     import deepspeed
 
@@ -445,6 +450,252 @@ def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
     deepspeed.init_distributed(dist_backend=info.backend)
     release_shm_buffer()
     refuse_shared_gpus(info)
+
+
+class RendezvousError(RuntimeError):
+    """The ranks met but cannot form one group; the message names the variable to fix."""
+
+
+# Keys of the check below, in the rendezvous store beside the group's own ("default_pg/..."), which
+# torch prefixes. JOINED counts the ranks that agree with rank 0; FAILED holds the first
+# disagreeing rank's message; VERDICT is rank 0's answer to all: "ok" or why the group cannot start.
+_WORLD_KEY = "vutrain/rendezvous/world_size"
+_JOINED_KEY = "vutrain/rendezvous/joined"
+_FAILED_KEY = "vutrain/rendezvous/failed"
+_VERDICT_KEY = "vutrain/rendezvous/verdict"
+_SEEN_KEY = "vutrain/rendezvous/seen"
+_FAILED_WORLD_KEY = "vutrain/rendezvous/failed_world_size"
+_POLL_S = 0.05
+LINGER_S = 10.0
+"""How long rank 0 keeps the store up after a failed check, for ranks still starting to read why
+(its exit takes the store down, and they then retried the connection until their timeout)."""
+
+
+_hosted_ports: set[int] = set()  # rendezvous ports whose store this process served a check on
+EARLY_FAILURE_WAIT_ENV = "VUTRAIN_EARLY_FAILURE_WAIT_S"
+EARLY_FAILURE_WAIT_S = 30.0
+"""How long a rank that failed before the rendezvous tries to tell the others (0: not at all). Tens
+of seconds, not a few: rank 0 reaches the rendezvous only after its own config, shard-list and
+model checks, which on a network file system can take that long after a peer failed at once."""
+_EARLY_FAILURE = "failed before the rendezvous"
+
+
+def world_size_variable(launcher: str) -> str:
+    """The variable a launcher sets the world size in, for messages that say what to fix."""
+    return {
+        "slurm": "SLURM_NTASKS (srun --ntasks)",
+        "mpi": "the MPI world size (mpirun -np)",
+    }.get(launcher, "WORLD_SIZE (torchrun/deepspeed: --nnodes x --nproc_per_node, the same on every node)")
+
+
+def rendezvous_store(info: DistInfo, timeout: datetime.timedelta):
+    """The TCPStore torch's env:// rendezvous would make, but with rank 0 not blocking until
+    WORLD_SIZE ranks have connected, so the ranks can compare their world sizes first. None (torch
+    makes its own) for one process, and under torchrun's agent store, whose world size torchrun's
+    own rendezvous already agreed on."""
+    if info.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    return dist.TCPStore(
+        host_name=info.master_addr,
+        port=info.master_port,
+        world_size=info.world_size,
+        is_master=info.rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+        multi_tenant=True,  # as torch's own: a process that trains twice reuses the server
+        use_libuv=os.environ.get("USE_LIBUV", "1") == "1",
+    )
+
+
+def agree_on_world_size(store, info: DistInfo, timeout_s: float) -> None:
+    """Stop every rank in one line when the ranks were started with different world sizes, or when
+    not all of them arrive within `timeout_s`.
+
+    Without it, ranks told different WORLD_SIZEs (a hand-written launch, --nproc_per_node that
+    differs between nodes) each waited out the group's 30-minute timeout and then said only
+    "DistStoreError: wait timeout", naming neither the world size nor the variable. Rank 0
+    publishes its world size; every other rank compares its own with it and joins, or posts why
+    not; rank 0 waits for WORLD_SIZE - 1 joins and tells every rank the verdict."""
+    if info.rank == 0:
+        _forget_last_start(store, info.master_port)
+        store.set(_WORLD_KEY, str(info.world_size))
+        verdict = _wait_for_peers(store, info, timeout_s)
+        store.set(_VERDICT_KEY, verdict)
+        if verdict != "ok":
+            # A rank that failed early beat the others here by its whole start-up, and a rank that
+            # comes after the store is gone waits out the group's timeout.
+            early = f" {_EARLY_FAILURE}: " in verdict
+            linger_s = max(LINGER_S, early_failure_wait_s()) if early else LINGER_S
+            _linger_until_seen(store, _largest_world_heard(store, info.world_size) - 1, linger_s)
+            raise RendezvousError(verdict)
+        return
+    theirs = int(_wait_and_get(store, _WORLD_KEY, info, timeout_s))
+    if theirs != info.world_size:
+        message = (
+            f"rank {info.rank} was started with world size {info.world_size} but rank 0 with {theirs}: "
+            f"give every rank the same {world_size_variable(info.launcher)}"
+        )
+        store.compare_set(_FAILED_KEY, "", message)
+        store.compare_set(_FAILED_WORLD_KEY, "", str(info.world_size))
+        store.add(_SEEN_KEY, 1)
+        raise RendezvousError(message)
+    store.add(_JOINED_KEY, 1)
+    # Rank 0 answers within its own timeout, which started before this rank could connect.
+    verdict = _wait_and_get(store, _VERDICT_KEY, info, timeout_s + 10.0)
+    if verdict != "ok":
+        store.add(_SEEN_KEY, 1)
+        raise RendezvousError(f"rank 0 stopped the start-up: {verdict}")
+
+
+def _wait_for_peers(store, info: DistInfo, timeout_s: float) -> str:
+    """Rank 0: "ok" once every other rank agreed, else the message that stops them all."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if store.check([_FAILED_KEY]):
+            return store.get(_FAILED_KEY).decode()
+        joined = store.add(_JOINED_KEY, 0)
+        if joined >= info.world_size - 1:
+            return "ok"
+        if time.monotonic() > deadline:
+            return (
+                f"only {joined + 1} of the {info.world_size} ranks of {world_size_variable(info.launcher)} "
+                f"reached the rendezvous at {info.master_addr}:{info.master_port} within {timeout_s:.0f} s: "
+                "check that every rank started, each with the same world size"
+            )
+        time.sleep(_POLL_S)
+
+
+def _largest_world_heard(store, own: int) -> int:
+    """Rank 0's world size, or a disagreeing rank's when larger: ranks of that larger world may
+    still be on their way to read the verdict."""
+    if not store.check([_FAILED_WORLD_KEY]):
+        return own
+    return max(own, int(store.get(_FAILED_WORLD_KEY).decode()))
+
+
+def _forget_last_start(store, port: int) -> None:
+    """Clear the keys of an earlier start whose server this process reuses (multi-tenant).
+
+    Only then: on a fresh server a rank that failed before the rendezvous may already have posted
+    why (`tell_peers_of_early_failure`), and clearing that left the others waiting out the timeout."""
+    if port in _hosted_ports:
+        for key in (_JOINED_KEY, _FAILED_KEY, _FAILED_WORLD_KEY, _VERDICT_KEY, _SEEN_KEY):
+            store.delete_key(key)
+    _hosted_ports.add(port)
+
+
+def _linger_until_seen(store, peers: int, linger_s: float | None = None) -> None:
+    deadline = time.monotonic() + (LINGER_S if linger_s is None else linger_s)
+    while store.add(_SEEN_KEY, 0) < peers and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+
+
+def early_failure_wait_s(env=None) -> float:
+    """VUTRAIN_EARLY_FAILURE_WAIT_S in seconds, or the default when unset or not a number."""
+    env = os.environ if env is None else env
+    value = env.get(EARLY_FAILURE_WAIT_ENV, "").strip()
+    if not value:
+        return EARLY_FAILURE_WAIT_S
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        logging.getLogger("vutrain").warning(
+            "%s=%r is not a number of seconds: using %.0f",
+            EARLY_FAILURE_WAIT_ENV,
+            value,
+            EARLY_FAILURE_WAIT_S,
+        )
+        return EARLY_FAILURE_WAIT_S
+
+
+def tell_peers_of_early_failure(info: DistInfo, message: str, wait_s: float | None = None) -> bool:
+    """Best effort, for a rank that stops before the process group (a config file or shards missing
+    on its node): make the ranks at the rendezvous stop within seconds with `message` and this
+    rank's number, instead of waiting out the group's 30-minute timeout to say only that some ranks
+    never arrived.
+
+    Rank 0 serves the rendezvous store for up to `wait_s` (VUTRAIN_EARLY_FAILURE_WAIT_S) with
+    `message` as its verdict; another rank posts it under the failure key rank 0 watches in
+    `agree_on_world_size`. True when rank 0 has said it: rank 0 itself, or a rank that found rank 0
+    failed on its own (it printed its line before serving), so the caller need not wait for it.
+    Nothing is told for one process, under torchrun (its agent ends every worker), or when no store
+    answers in time."""
+    if info.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return False
+    wait_s = early_failure_wait_s() if wait_s is None else wait_s
+    if wait_s <= 0:
+        return False
+    told = f"rank {info.rank} {_EARLY_FAILURE}: {message}"
+    try:
+        if info.rank == 0:
+            _serve_early_verdict(info, told, wait_s)
+            return True
+        return _post_early_failure(info, told, wait_s)
+    except (dist.DistError, OSError, RuntimeError, ValueError):  # e.g. the port taken: exit as before
+        return False
+
+
+def _serve_early_verdict(info: DistInfo, verdict: str, wait_s: float) -> None:
+    store = rendezvous_store(info, datetime.timedelta(seconds=wait_s))
+    _forget_last_start(store, info.master_port)
+    store.set(_WORLD_KEY, str(info.world_size))
+    store.set(_VERDICT_KEY, verdict)
+    _linger_until_seen(store, info.world_size - 1, wait_s)
+
+
+def _post_early_failure(info: DistInfo, told: str, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    # Probed with a plain socket first: torch's client logs every failed connection attempt with a
+    # C++ stack trace, which buried the rank's one-line error when rank 0 never came.
+    if not _listening(info.master_addr, info.master_port, deadline):
+        return False
+    store = dist.TCPStore(
+        host_name=info.master_addr,
+        port=info.master_port,
+        world_size=info.world_size,
+        is_master=False,
+        timeout=datetime.timedelta(seconds=max(1.0, deadline - time.monotonic())),
+        wait_for_workers=False,
+        use_libuv=os.environ.get("USE_LIBUV", "1") == "1",
+    )
+    store.compare_set(_FAILED_KEY, "", told)
+    store.compare_set(_FAILED_WORLD_KEY, "", str(info.world_size))
+    try:
+        # Rank 0 answers within a poll once at the check: waiting for it keeps this rank's exit
+        # (which a launcher may answer by ending every rank) from taking rank 0 down first.
+        store.wait([_VERDICT_KEY], datetime.timedelta(seconds=max(0.1, deadline - time.monotonic())))
+        verdict = store.get(_VERDICT_KEY).decode()
+    except dist.DistError:
+        return False
+    finally:
+        store.add(_SEEN_KEY, 1)
+    return verdict.startswith(f"rank 0 {_EARLY_FAILURE}:")
+
+
+def _listening(host: str, port: int, deadline: float) -> bool:
+    """True once something accepts TCP connections at host:port, False at the deadline."""
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+        time.sleep(0.2)
+
+
+def _wait_and_get(store, key: str, info: DistInfo, timeout_s: float) -> str:
+    """A non-zero rank: `key`'s value once rank 0 sets it; a timeout is a RendezvousError that
+    names the world size this rank was started with."""
+    try:
+        store.wait([key], datetime.timedelta(seconds=timeout_s))
+        return store.get(key).decode()
+    except dist.DistError as exc:
+        raise RendezvousError(
+            f"rank {info.rank} (world size {info.world_size}) heard nothing from rank 0 at "
+            f"{info.master_addr}:{info.master_port} within {timeout_s:.0f} s ({type(exc).__name__}): "
+            f"check that rank 0 started, with the same {world_size_variable(info.launcher)}"
+        ) from None
 
 
 def _shm_op_builder():

@@ -71,6 +71,8 @@ def rendezvous_message(info, exc: BaseException) -> str:
     where = f"{info.master_addr}:{info.master_port}"
     if "EADDRINUSE" in text or "address already in use" in text.lower():
         advice = f"port {info.master_port} is taken on this host: set MASTER_PORT to a free port"
+    elif type(exc).__name__ == "RendezvousError":  # the ranks met: its text names what to fix
+        advice = ""
     elif info.world_size == 1:
         advice = "check MASTER_ADDR / MASTER_PORT"
     else:
@@ -80,7 +82,7 @@ def rendezvous_message(info, exc: BaseException) -> str:
         )
     return (
         f"the process group did not start (rank {info.rank} of {info.world_size}, {info.launcher} launcher, "
-        f"rendezvous at {where}, backend {info.backend}): {text}; {advice}"
+        f"rendezvous at {where}, backend {info.backend}): {text}" + (f"; {advice}" if advice else "")
     )
 
 

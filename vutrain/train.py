@@ -90,6 +90,28 @@ def _quiet_exit(code: int = 2) -> int:
     return code
 
 
+def _stop_before_rendezvous(info, line: str, speaks: bool) -> int:
+    """A rank that fails before the process group exists: say `line` if this rank speaks, and tell
+    the ranks already at the rendezvous (they waited 30 minutes there, then said only that some
+    ranks never arrived: a config file or shards missing on one node)."""
+    from vutrain.distributed import tell_peers_of_early_failure
+
+    if speaks:
+        print(line, file=sys.stderr, flush=True)
+    rank_0_said_it = tell_peers_of_early_failure(info, line.removeprefix("error: "))
+    if speaks or rank_0_said_it:
+        return 2
+    return _quiet_exit()
+
+
+def _config_error_line(exc: ConfigError) -> str:
+    """A refused output_dir is no mistake in the config (the same config runs once the other run
+    ends), so it is not called one."""
+    from vutrain.run_lock import RunDirInUseError
+
+    return f"error: {exc}" if isinstance(exc, RunDirInUseError) else f"config error: {exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of training: resolve the ranks, load the config, train; returns the exit code."""
     args = parse_args(argv)
@@ -118,15 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         # process group it cost a cluster start-up (and on other ranks a wait for the first one).
         check_model_config(cfg.model)
     except ConfigError as exc:
-        if not speaks:
-            return _quiet_exit()
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return _stop_before_rendezvous(info, f"config error: {exc}", speaks)
     except ShardListError as exc:
-        if not speaks:
-            return _quiet_exit()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _stop_before_rendezvous(info, f"error: {exc}", speaks)
     from vutrain import startup_errors
     from vutrain.checkpoint import CheckpointWriteError
     from vutrain.global_batch import with_global_batch
@@ -165,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if not speaks:
             return _quiet_exit()
-        print(f"config error: {exc}", file=sys.stderr)
+        print(_config_error_line(exc), file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:  # every rank reads the same agreed streak: rank 0 says it
         if info.rank != 0:  # (a traceback from every rank before)
