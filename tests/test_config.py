@@ -330,8 +330,12 @@ def test_user_ds_config_autocast_that_agrees_is_merged(tmp_path):
         os.listdir(os.path.join(os.path.dirname(TINY), "..", "..", "launch", "ds_configs"))
     ):
         path = os.path.join(os.path.dirname(TINY), "..", "..", "launch", "ds_configs", template)
+        # The template's own ZeRO stage: the config check refuses a JSON stage that disagrees with
+        # train.zero_stage, as start-up does.
+        with open(path) as f:
+            stage = f"train.zero_stage={json.load(f)['zero_optimization']['stage']}"
         for precision in ("fp32", "bf16", "amp_bf16"):
-            load_config(TINY, [SHARDS, f"train.precision={precision}", f"train.ds_config={path}"])
+            load_config(TINY, [SHARDS, stage, f"train.precision={precision}", f"train.ds_config={path}"])
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,10 @@ LOSS_KEYS_APPLY_TO = {
 }
 
 
+MIN_VOCAB_SIZE = 2 + 256
+"""The smallest vocabulary a byte-level BPE has: bos, eos and the 256 byte symbols, no merge."""
+
+
 class ConfigError(ValueError):
     """A configuration mistake, raised before any process group starts."""
 
@@ -568,6 +572,7 @@ def _read_run_file(path: str) -> Any:
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def _keep_text_of_text_keys(node: Any, cls: type) -> None:
@@ -581,6 +586,10 @@ def _keep_text_of_text_keys(node: Any, cls: type) -> None:
         return
     hints, names = _hints(cls), {f.name for f in dataclasses.fields(cls)}
     for i, (key_node, value_node) in enumerate(node.value):
+        if key_node.tag == _MERGE_TAG:
+            # `<<: {output_dir: 2024.10}` or `<<: *defaults`: the merged keys are the section's too.
+            node.value[i] = (key_node, _text_keys_of_merged(value_node, cls))
+            continue
         name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
         if name not in names:
             continue  # unknown keys: _apply_mapping names them
@@ -600,6 +609,19 @@ def _keep_text_of_text_keys(node: Any, cls: type) -> None:
                     value_node.flow_style,
                 )
             node.value[i] = (key_node, _as_text(value_node))
+
+
+def _text_keys_of_merged(node: Any, cls: type) -> Any:
+    """A merge key's mapping (or list of them) with its text keys kept as text, as copies: an anchor
+    may be merged into another section too, where a key of the same name is a number."""
+    if isinstance(node, yaml.SequenceNode):
+        items = [_text_keys_of_merged(item, cls) for item in node.value]
+        return yaml.SequenceNode(node.tag, items, node.start_mark, node.end_mark, node.flow_style)
+    if not isinstance(node, yaml.MappingNode):
+        return node  # not a mapping: the constructor refuses it
+    copy = yaml.MappingNode(node.tag, list(node.value), node.start_mark, node.end_mark, node.flow_style)
+    _keep_text_of_text_keys(copy, cls)
+    return copy
 
 
 def _as_text(node: Any) -> Any:
@@ -706,6 +728,13 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if not m.name_or_path and m.vocab_size < MIN_VOCAB_SIZE:
+        # Found here, before any process group; the tokenizer's own check (data/tokenizer.py) came
+        # only after the run directory was made.
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is below {MIN_VOCAB_SIZE}, the least a byte-level BPE holds "
+            f"(2 special tokens and 256 byte symbols); set model.vocab_size >= {MIN_VOCAB_SIZE}"
+        )
     for key, value in {
         "train.checkpoint_every": t.checkpoint_every,
         "eval.every": e.every,
@@ -791,7 +820,9 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
     if t.ds_config and not os.path.isfile(t.ds_config):
         raise ConfigError(f"train.ds_config={t.ds_config!r} does not exist (templates: launch/ds_configs/)")
     if t.ds_config:
-        check_user_ds_config(read_user_ds_config(t.ds_config), t, t.ds_config)
+        user_ds = read_user_ds_config(t.ds_config)
+        check_user_ds_config(user_ds, t, t.ds_config)
+        _check_ds_config_as_start_up_does(user_ds, t)
     if t.compile:
         _validate_compile_backend(t.compile_backend)
         _choice("train.compile_scope", t.compile_scope, COMPILE_SCOPES)
@@ -1046,6 +1077,40 @@ the engine is built: after the process group, the run directory and the tokenize
 vutrain.config` passed them; older DeepSpeed versions ran them."""
 
 
+def _check_ds_config_as_start_up_does(user: dict, t: TrainConfig) -> None:
+    """Everything build_ds_config refuses (a misspelt or ignored key, an offload the ZeRO stage
+    ignores, a stage that disagrees, "auto" without a value, Adagrad under ZeRO, batch keys), at
+    the world size the JSON's own batch keys imply.
+
+    Only check_user_ds_config ran here: `python -m vutrain.config` passed a JSON that train.py then
+    refused at start-up, on every rank. The world size is not known here, so one the JSON's
+    train_batch_size fits is taken; train.py checks the real one.
+    """
+    from vutrain.ds_config import build_ds_config
+
+    accumulation, world_size = _batch_shape_of_ds_config(user, t)
+    build_ds_config(dataclasses.replace(t, grad_accum_steps=accumulation), world_size)
+
+
+def _batch_shape_of_ds_config(user: dict, t: TrainConfig) -> tuple[int, int]:
+    """(accumulation, world size) that the JSON's numeric batch keys agree with, where one exists:
+    train.grad_accum_steps (derived from train.global_batch_size, where set) and world 1 otherwise."""
+
+    def number(key: str) -> int:
+        value = user.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    accumulation, total = t.grad_accum_steps, number("train_batch_size")
+    if t.global_batch_size > 0:
+        accumulation = number("gradient_accumulation_steps") or t.grad_accum_steps
+        total = t.global_batch_size
+        if not number("gradient_accumulation_steps") and t.global_batch_size % t.micro_batch_size == 0:
+            accumulation = t.global_batch_size // t.micro_batch_size  # at world 1
+    per_rank = t.micro_batch_size * accumulation
+    world_size = total // per_rank if total and total % per_rank == 0 else 1
+    return accumulation, world_size
+
+
 def _refuse_sections_train_decides(ds: dict, source: str) -> None:
     for key, why in SECTIONS_TRAIN_DECIDES.items():
         section = ds.get(key)
@@ -1220,4 +1285,9 @@ def _get_key(cfg: RunConfig, key: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m vutrain.config`, this file is __main__, a second copy of the module whose
+    # ConfigError is not the class that vutrain.ds_config (and any module importing
+    # vutrain.config) raises: main() let those through as tracebacks. The package's main catches both.
+    from vutrain.config import main as package_main
+
+    package_main()

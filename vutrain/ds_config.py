@@ -10,16 +10,31 @@ Three settings serve speed on GPUs: ZeRO-1/2 pad their flat buffers so every par
 scan before each step (bf16 has fp32's range; the trainer zeroes a non-finite micro-batch itself,
 see nonfinite.py; fp16 keeps the scan: its dynamic loss scale depends on it), and DeepSpeed's
 throughput timer, which synchronises the device twice a step, is off.
+
+The merged zero_optimization, bf16 and fp16 sections are read with DeepSpeed's own config models
+here, before any process group: a misspelt key is one config error naming it, and an offload that
+the run's ZeRO stage ignores (parameters below ZeRO-3, the optimizer at ZeRO-0) is refused rather
+than run without it. A top-level near miss of a key the trainer sets ("zero_optimisation"), which
+DeepSpeed would ignore, is refused with the key it resembles; so are an optimizer param set to
+"auto" that train.* has no value for, and torch's Adagrad under ZeRO (DeepSpeed rebuilds it over
+one parameter group and fails at the first step).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 
-from vutrain.config import ConfigError, TrainConfig, read_user_ds_config
+from vutrain.config import ConfigError, TrainConfig, ds_optimizer_settings, read_user_ds_config
 from vutrain.param_alignment import alignment_config
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+WATCHED_KEYS = (
+    *BATCH_KEYS,
+    *("gradient_clipping", "zero_optimization", "zero_force_ds_cpu_optimizer", "bf16", "fp16"),
+    *("torch_autocast", "optimizer", "scheduler", "amp", "elasticity"),
+)
+"""Top-level keys the trainer generates or checks: a near miss of one is a typo, not another key."""
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -61,6 +76,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     if not cfg.ds_config:
         return generated
     user = read_user_ds_config(cfg.ds_config)
+    refuse_near_misses(user, cfg.ds_config)
     for key in BATCH_KEYS:
         if key in user and user[key] != "auto" and user[key] != generated[key]:
             raise ConfigError(
@@ -76,4 +92,142 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
             f"{cfg.ds_config} sets zero_optimization.stage={json.dumps(stage)} but train.zero_stage="
             f"{cfg.zero_stage}; make them agree"
         )
+    zero = check_sections_as_deepspeed_reads_them(merged, cfg.zero_stage, cfg.ds_config)
+    refuse_auto_without_value(merged, cfg)
+    refuse_zero_adagrad(merged, zero, cfg.zero_stage, cfg.ds_config)
     return merged
+
+
+def refuse_zero_adagrad(ds: dict, zero, stage: int, source: str) -> None:
+    """ConfigError for torch's Adagrad (a JSON "Adagrad" without CPU offload) under ZeRO.
+
+    ZeRO-1/2/3 replace a torch Adagrad by a new one over their flat partitions in one parameter
+    group, with the first group's defaults, while they keep indexing the trainer's two groups (decay
+    and no-decay): the first step failed with an IndexError from every rank, after the whole
+    start-up. Had it run, the no-decay group and the warm-up + cosine schedule (bound to the
+    replaced optimizer) would be lost. ZeRO-0 keeps the optimizer as built.
+    """
+    optimizer = ds.get("optimizer")
+    kind = str(optimizer.get("type", "")).lower() if isinstance(optimizer, dict) else ""
+    if kind == "adagrad" and stage > 0 and _offload_device(zero, "offload_optimizer") == "none":
+        raise ConfigError(
+            f"{source}: DeepSpeed's ZeRO-{stage} rebuilds torch's Adagrad over one parameter group and "
+            "fails at the first step (the no-decay group and the LR schedule would be lost): use "
+            "train.zero_stage=0, CPU offload (DeepSpeed's CPU Adagrad), or another optimizer"
+        )
+
+
+def _offload_device(zero, key: str) -> str:
+    """The device of a parsed zero_optimization's offload section `key`; "none" without one."""
+    device = getattr(getattr(zero, key, None), "device", "none")
+    return str(getattr(device, "value", device))  # a str here; an enum where use_enum_values is off
+
+
+def refuse_auto_without_value(ds: dict, cfg: TrainConfig) -> None:
+    """ConfigError for an optimizer param set to "auto" that train.* gives no value for.
+
+    engine.use_train_settings fills lr, betas, eps and weight_decay; any other "auto" reached the
+    optimizer's constructor as the string, a TypeError from every rank after the process group.
+    """
+    optimizer = ds.get("optimizer")
+    params = optimizer.get("params") if isinstance(optimizer, dict) else None
+    if not isinstance(params, dict):
+        return  # no section, or one check_user_ds_config refuses
+    for key, value in params.items():
+        if value == "auto" and key not in ds_optimizer_settings(cfg):
+            raise ConfigError(
+                f'{cfg.ds_config} sets optimizer.params.{key}="auto", but train.* has no value for it '
+                f"(only for {', '.join(ds_optimizer_settings(cfg))}): write the value, or leave it out "
+                "for the optimizer's default"
+            )
+
+
+def refuse_near_misses(user: dict, source: str) -> None:
+    """ConfigError for a top-level key DeepSpeed does not know that is a near miss of WATCHED_KEYS.
+
+    DeepSpeed ignores top-level keys it does not know without a word: "zero_optimisation" with
+    stage 3 and CPU offload trained at train.zero_stage without offload, a "gradient_cliping"
+    trained unclipped, and no check here saw them (they looked like keys of their own).
+    """
+    known = _deepspeed_top_level_names()
+    for key in user:
+        if key in known or key in WATCHED_KEYS:
+            continue
+        close = difflib.get_close_matches(key, WATCHED_KEYS, n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(
+                f'{source}: "{key}" is not a DeepSpeed key (DeepSpeed would ignore it without a word): '
+                f'did you mean "{close[0]}"?'
+            )
+
+
+def _deepspeed_top_level_names() -> set[str]:
+    """The key names of DeepSpeed's runtime constants: never taken for a typo."""
+    from deepspeed.runtime import constants
+
+    return {value for name, value in vars(constants).items() if name.isupper() and isinstance(value, str)}
+
+
+def _section_models() -> dict:
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return {
+        "zero_optimization": DeepSpeedZeroConfig,
+        "bf16": DeepSpeedBF16Config,
+        "fp16": DeepSpeedFP16Config,
+    }
+
+
+def check_sections_as_deepspeed_reads_them(ds: dict, stage: int, source: str):
+    """ConfigError where DeepSpeed would refuse a section, or ignore an offload it asks for; else
+    the zero_optimization section as DeepSpeed reads it (None when it is not a JSON object).
+
+    DeepSpeed refused a misspelt key ("overlap_com") only when the engine was built, after the
+    process group, the run directory and the tokenizer, while `python -m vutrain.config` passed it.
+    """
+    import pydantic
+
+    parsed = {}
+    for key, model in _section_models().items():
+        section = ds.get(key)
+        if not isinstance(section, dict):
+            continue  # not a JSON object: check_user_ds_config says so
+        try:
+            parsed[key] = model(**section)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(f"{source}: {_first_problem(exc, key, model)}") from None
+    if "zero_optimization" in parsed:
+        _check_offload_stage(parsed["zero_optimization"], stage, source)
+    return parsed.get("zero_optimization")
+
+
+def _first_problem(exc, section: str, model) -> str:
+    """One line for the first of a pydantic ValidationError's errors, with the key it names."""
+    error = exc.errors()[0]
+    where = ".".join([section, *map(str, error["loc"])])
+    if not error["loc"]:  # a check across keys (e.g. one that needs another stage): no one value
+        return f"{where}: {error['msg']}"
+    if error["type"] != "extra_forbidden":
+        return f"{where}={json.dumps(error.get('input'), default=str)}: {error['msg']}; fix the value"
+    names = [name for field, info in model.model_fields.items() for name in (field, info.alias) if name]
+    close = difflib.get_close_matches(str(error["loc"][-1]), names, n=1)
+    hint = f'did you mean "{close[0]}"?' if close and len(error["loc"]) == 1 else "fix or remove it"
+    return f"{where} is not a DeepSpeed {section} key: {hint}"
+
+
+def _check_offload_stage(zero, stage: int, source: str) -> None:
+    """Offloads that DeepSpeed reads at this stage, or a ConfigError.
+
+    ZeRO-1/2 never read offload_param (DeepSpeed offloads parameters at ZeRO-3 only) and ZeRO-0
+    has no ZeRO optimizer to offload: both ran on without the offload, which the JSON asked for
+    to fit the model, and without a word.
+    """
+    needs = (("offload_param", 3, "3"), ("offload_optimizer", 1, "1, 2 or 3"))
+    for key, lowest, stages in needs:
+        device = _offload_device(zero, key)
+        if device != "none" and stage < lowest:
+            raise ConfigError(
+                f"{source} sets zero_optimization.{key} (device {device}), which DeepSpeed ignores at "
+                f"ZeRO-{stage}: set train.zero_stage to {stages} (and the JSON's stage), or remove {key}"
+            )

@@ -101,23 +101,27 @@ def undo_state_init_step(optimizer) -> bool:
 
 
 def use_train_settings(optimizer: dict, cfg: TrainConfig) -> None:
-    """Fill a user ds_config's Adam(W) params that it leaves out (or set to "auto") from train.*.
+    """Fill a user ds_config's optimizer params from train.* (lr: the schedule's peak).
 
-    check_user_ds_config has refused values that disagree. Other optimizer types keep their own
-    params; only the schedule (a multiplier of their lr) is the trainer's.
+    An Adam(W) takes train.lr/beta1/beta2/eps/weight_decay wherever its params leave them out or say
+    "auto" (check_user_ds_config has refused values that disagree). Another type keeps its own
+    params, and its optimizer's defaults where it leaves them out; an "auto" there takes train.*'s
+    value too: passed on as the string, it was a TypeError from every rank when the engine built
+    the optimizer (`Adagrad(lr="auto")`). The schedule (a multiplier of the lr) is always ours.
     """
-    if str(optimizer.get("type", "")).lower() not in DS_ADAM_TYPES:
+    params = optimizer.get("params") or {}
+    optimizer["params"] = params
+    adam = str(optimizer.get("type", "")).lower() in DS_ADAM_TYPES
+    if not adam:
         log.warning(
-            "train.ds_config optimizer %s: train.lr/beta1/beta2/eps do not apply (its own params do); "
-            "weight decay %s on all but norms, biases and the logit scale; the warm-up + cosine "
-            "schedule scales its lr",
+            "train.ds_config optimizer %s: its own params apply (train.lr/beta1/beta2/eps only where "
+            'they say "auto"); weight decay %s on all but norms, biases and the logit scale; the '
+            "warm-up + cosine schedule scales its lr",
             optimizer.get("type"),
             json_weight_decay(optimizer, cfg),
         )
-        return
-    params = optimizer.setdefault("params", {})
     for key, value in ds_optimizer_settings(cfg).items():
-        if params.get(key, "auto") == "auto":
+        if params.get(key) == "auto" or (adam and key not in params):
             params[key] = value
 
 

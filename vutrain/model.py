@@ -398,6 +398,11 @@ def check_lora_targets(model: nn.Module, names) -> None:
     group had started, with the block's whole repr in the message."""
     if _lora_targets(names) == "all-linear":
         return
+    if "all-linear" in names:  # peft's special value works alone; in a list it is looked up as a name
+        raise ConfigError(
+            f"model.lora.target_modules: all-linear adapts every linear layer and must be given alone, "
+            f"got {','.join(names)}: set model.lora.target_modules=all-linear, or list module names"
+        )
     modules = [(name, module) for name, module in model.named_modules() if name]
     unmatched, unsupported = [], []
     for target in names:
@@ -599,6 +604,8 @@ def tokenizer_and_processor(
 
     if cfg.name_or_path:
         tokenizer, processor = load_pretrained_preprocessing(cfg.name_or_path)
+        if is_main:
+            warn_vocab_size_unused(cfg, len(tokenizer))
         return tokenizer, processor, pretrained_context_length(cfg.name_or_path, tokenizer)
     from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
 
@@ -613,6 +620,22 @@ def tokenizer_and_processor(
     barrier()
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     return tokenizer, preset_image_processor(image_size), context
+
+
+def warn_vocab_size_unused(cfg: ModelConfig, pretrained_tokens: int) -> None:
+    """A warning when model.vocab_size, set beside model.name_or_path, differs from the pretrained
+    tokenizer's size: it sizes the BPE tokenizer of presets only, so the run used the model's own
+    vocabulary without a word. A warning, not an error like model.image_size: the shipped tiny.yaml
+    sets it, and `--config tiny model.name_or_path=DIR` is the ordinary way to fine-tune an export."""
+    if cfg.vocab_size in (ModelConfig.vocab_size, pretrained_tokens):  # the default: nothing was asked
+        return
+    log.warning(
+        "model.vocab_size=%d applies to presets only: the pretrained model %s brings its own tokenizer "
+        "of %d tokens, which this run uses (unset model.vocab_size to silence this)",
+        cfg.vocab_size,
+        cfg.name_or_path,
+        pretrained_tokens,
+    )
 
 
 def check_saved_tokenizer(tok_dir: str, run_dir: str) -> str | None:

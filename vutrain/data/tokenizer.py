@@ -21,6 +21,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vutrain.config import MIN_VOCAB_SIZE
+
 from .captions import template_fields
 from .labels import tag_values
 from .samples import SkipCounter, SkipSample, decode_caption, decode_meta, iter_raw_samples
@@ -37,8 +39,10 @@ def train_bpe_tokenizer(
 
     Token ids: 0 = ``<|startoftext|>``, 1 = ``<|endoftext|>`` (also pad), then the 256 byte
     symbols and merges. On a small corpus the vocabulary may be smaller than ``vocab_size``:
-    read ``len(tokenizer)``.
+    read ``len(tokenizer)``. A ``vocab_size`` below :data:`MIN_VOCAB_SIZE` (the byte alphabet and the
+    two special tokens) is a :class:`TokenizerVocabError`, raised before ``texts`` is read.
     """
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,6 +87,25 @@ class TokenizerTextError(ValueError):
     """No (usable) text to train the tokenizer on; the message is one line that says what to do."""
 
 
+class TokenizerVocabError(ValueError):
+    """A vocabulary size the byte-level BPE cannot honour; the message is one line naming the least."""
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """TokenizerVocabError unless ``vocab_size >= MIN_VOCAB_SIZE``.
+
+    The trainer always keeps the whole byte alphabet (every text must stay encodable), so a smaller
+    model.vocab_size (e.g. 100) gave a 258-token tokenizer without a word: the setting was not
+    honoured, and a tokenizer without a single merge encodes every caption byte by byte.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise TokenizerVocabError(
+            f"model.vocab_size={vocab_size} is below {MIN_VOCAB_SIZE}, the least a byte-level BPE holds "
+            f"(2 special tokens and 256 byte symbols); set model.vocab_size >= {MIN_VOCAB_SIZE} "
+            "(a few thousand learns words)"
+        )
+
+
 class _Counted:
     """``texts`` as an iterable that counts what it yields (``count``), for the check after training."""
 
@@ -125,14 +148,16 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
 
     Only the ``.json`` and ``.txt`` members are read (a local tar's images are seeked over: they
     were read in full, some 40x the text, on rank 0 before every other rank could start); bad
-    samples are skipped. ``limit`` caps the number of samples read.
+    samples are skipped. ``limit`` caps the number of samples read. Shards are read in
+    :func:`spread_order`, so the samples a limit keeps come from across the whole list.
     """
     template_fields(caption_template)  # fail fast on unknown placeholders
     skipped = SkipCounter()
 
     def samples() -> Iterator[dict]:
-        for url in expand_shards(shards):
-            yield from iter_raw_samples(url, skipped, payloads={"json", "txt"})
+        urls = expand_shards(shards)
+        for index in spread_order(len(urls)):
+            yield from iter_raw_samples(urls[index], skipped, payloads={"json", "txt"})
 
     read = captions = 0
     for raw in itertools.islice(samples(), limit):
@@ -154,6 +179,20 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
         if meta.get("category_name"):
             yield str(meta["category_name"])
     _report_caption_count(captions, read, skipped)
+
+
+def spread_order(n: int) -> list[int]:
+    """The indices ``0 .. n-1`` so that every prefix is spread evenly over the range: 0, n/2, n/4,
+    3n/4, ... (bit-reversed counting, the same order on every run).
+
+    Read in list order, the tokenizer's ``limit`` samples were the first shards alone: with
+    ``A::B`` (or shards built from inputs one country or channel after another) a large first
+    source was the only text the BPE saw, and the other's captions, often another script, were
+    encoded byte by byte into few words per context without a word said.
+    """
+    bits = max(n - 1, 0).bit_length()
+    order = (int(format(i, f"0{bits}b")[::-1] or "0", 2) for i in range(1 << bits))
+    return [i for i in order if i < n]
 
 
 def _report_caption_count(captions: int, read: int, skipped: SkipCounter) -> None:
