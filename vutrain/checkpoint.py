@@ -891,6 +891,19 @@ def set_aside_later(run_dir: str, loaded_dir: str, step: int) -> list[str]:
     return [os.path.join(aside, t) for t in later]
 
 
+def saved_world_size(tag_dir: str, default: int) -> int:
+    """The number of ranks that wrote the tag: its marker, else world.json or its optimizer files.
+
+    A marker without ``world_size`` (hand-made, or from an older vutrain) was taken as written by
+    this world: on another one, DeepSpeed's plain loader read rank 0's files only and the other
+    ranks' data positions were lost.
+    """
+    saved = read_marker(tag_dir).get("world_size")
+    if isinstance(saved, int) and saved > 0:
+        return saved
+    return reshape.saved_world_size(tag_dir) or default
+
+
 def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     """Restore engine (weights, optimizer, LR schedule) and return this rank's trainer state."""
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -899,9 +912,10 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
         raise CheckpointError(f"{problem}; point train.resume at another checkpoint")
     reshape.check_zero_stage(tag_dir, engine.zero_optimization_stage())
     reshape.check_model(tag_dir, engine.module)
-    marker = read_marker(tag_dir)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if marker.get("world_size", world) != world:  # written by another number of ranks
+    if rank == 0:
+        reshape.finish_interrupted_replace(tag_dir)
+    if saved_world_size(tag_dir, world) != world:  # written by another number of ranks
         try:
             return reshape.load_reshaped(engine, ckpt_dir, tag)
         except reshape.UniversalConversionError as exc:  # the one-line start-up error, as below

@@ -11,7 +11,8 @@ Load on another world size (``load_checkpoint`` calls ``load_reshaped``):
 - Model, optimizer moments, LR schedule and step come from DeepSpeed's universal checkpoint:
   rank 0 converts the tag once with ``deepspeed.checkpoint.ds_to_universal`` into
   ``<tag>/universal`` (per-parameter fp32 weights, exp_avg, exp_avg_sq; kept for later
-  resumes), then every rank loads it with the engine's universal loader, which cuts each
+  resumes, which reuse it only while every file its ``vutrain_manifest.json`` lists has its
+  size, else convert again), then every rank loads it with the engine's universal loader, which cuts each
   parameter's full state into this world's ZeRO partitions. This works for ZeRO-1, 2 and 3 and
   with frozen (LoRA) parameters on CPU/gloo as well as GPUs (see tests/test_resume_world_size.py).
   A ZeRO-0 tag has no optimizer shards (the whole state is in the model-states file, which any
@@ -35,6 +36,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 
@@ -47,6 +49,7 @@ from vutrain.distributed import collective_backend
 log = logging.getLogger(__name__)
 WORLD_FILE = "world.json"
 UNIVERSAL_DIR = "universal"
+MANIFEST = "vutrain_manifest.json"  # in UNIVERSAL_DIR: every file of the copy and its size
 _OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
@@ -210,6 +213,11 @@ def check_global_batch(info: dict, micro: int, accum: int, world: int) -> None:
     if saved % (accum * world) == 0:
         fixes.append(f"train.micro_batch_size={saved // (accum * world)}")
     hint = f"set {' or '.join(fixes)}" if fixes else f"use a world size that divides {saved}"
+    if saved % (micro * world) == 0:
+        # train.global_batch_size derives train.grad_accum_steps and refuses one typed beside it,
+        # so where it is set only its saved value keeps the batch.
+        hint += f" (with train.global_batch_size set: train.global_batch_size={saved})"
+    hint += "; or keep the new batch in a new run (another output_dir, or train.resume=never)"
     if info["world_size"] == world:
         change = f"train.micro_batch_size {info['micro_batch_size']} -> {micro}"
     else:
@@ -232,30 +240,130 @@ def data_state_on_same_world(engine, tag_dir: str, own: dict) -> dict:
     info = _world_info(tag_dir)
     micro = engine.train_micro_batch_size_per_gpu()
     if not info.get("data") or info.get("micro_batch_size", micro) == micro:
+        warn_accumulation_changed(info, engine.gradient_accumulation_steps())
         return own
     check_global_batch(info, micro, engine.gradient_accumulation_steps(), _world()[1])
     return {"ranks": info["data"]}
 
 
-def convert_to_universal(tag_dir: str) -> str:
-    """``tag_dir/universal`` (DeepSpeed's universal checkpoint of the tag), made once, atomically."""
+def warn_accumulation_changed(info: dict, accum: int) -> None:
+    """Warn once (rank 0) that a resume on the same world and micro batch trains another global batch.
+
+    The data position stays exact (each rank's stream is per micro batch), so the change is allowed
+    (a batch-size ramp), but it went without a word while every other change of the global batch
+    on resume is refused.
+    """
+    saved = info.get("grad_accum_steps")
+    if saved is None or saved == accum or _world()[0] != 0:
+        return
+    micro, world = info["micro_batch_size"], info["world_size"]
+    log.warning(
+        "train.grad_accum_steps %d -> %d changes the global batch %d -> %d from this resume on "
+        "(train.micro_batch_size %d x world %d); the LR schedule and step count go on as they were: "
+        "set train.grad_accum_steps=%d (or train.global_batch_size=%d) to keep the batch",
+        saved,
+        accum,
+        micro * saved * world,
+        micro * accum * world,
+        micro,
+        world,
+        saved,
+        micro * saved * world,
+    )
+
+
+def convert_to_universal(tag_dir: str, again: bool = False) -> str:
+    """``tag_dir/universal`` (DeepSpeed's universal checkpoint of the tag), made once, atomically.
+
+    ``again`` converts anew even where a copy exists; that copy stays until the new one is in place.
+    """
+    finish_interrupted_replace(tag_dir)  # the CLI too, not only a resume
     out = os.path.join(tag_dir, UNIVERSAL_DIR)
-    if os.path.isdir(out):
-        return out
+    if os.path.isdir(out) and not again:
+        problem = _universal_problem(out)
+        if problem is None:
+            return out
+        log.warning("converting %s again: its %s/ is not whole (%s)", tag_dir, UNIVERSAL_DIR, problem)
+        shutil.rmtree(out, ignore_errors=True)  # useless as it is; the new copy may need its space
 
     tmp = out + ".tmp"
     start = time.perf_counter()
     try:
         _write_universal(tag_dir, tmp)
+        _write_manifest(tmp)
     except Exception as exc:
         # A full disk or read-only folder failed inside its C++ writer ("RuntimeError:
         # basic_ios::clear: iostream error") with the advice to try an older checkpoint,
         # which fails the same way.
         shutil.rmtree(tmp, ignore_errors=True)
         raise UniversalConversionError(_conversion_failure_message(tag_dir, out, exc)) from exc
-    os.replace(tmp, out)
+    _replace_dir(tmp, out)
     log.info("converted %s to a universal checkpoint in %.1f s", tag_dir, time.perf_counter() - start)
     return out
+
+
+def _write_manifest(universal: str) -> None:
+    """List every file of the copy with its size in ``universal/MANIFEST``, written last."""
+    files = {
+        os.path.relpath(os.path.join(d, f), universal): os.path.getsize(os.path.join(d, f))
+        for d, _, names in os.walk(universal)
+        for f in names
+    }
+    with open(os.path.join(universal, MANIFEST), "w", encoding="utf-8") as fh:
+        json.dump(files, fh)
+
+
+def _universal_problem(universal: str) -> str | None:
+    """Why the copy in ``universal`` cannot be reused (one phrase), or None.
+
+    Reused unchecked, a copy cut short (``cp -r`` of one converted ahead, stopped part way; a
+    machine crash after the rename) failed inside DeepSpeed's loader at every later resume, with
+    the advice to try an older checkpoint. A copy without the manifest (converted by a vutrain
+    before it) cannot be told from one cut short, so it is converted again too.
+    """
+    try:
+        with open(os.path.join(universal, MANIFEST), encoding="utf-8") as fh:
+            files = json.load(fh)
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST}"
+    if not isinstance(files, dict):
+        return f"{MANIFEST} is not a file list"
+    for name, size in files.items():
+        path = os.path.join(universal, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, {MANIFEST} says {size}"
+    return None
+
+
+def finish_interrupted_replace(tag_dir: str) -> None:
+    """Complete a replacement of ``tag_dir/universal`` that a kill cut between its two renames.
+
+    That left ``universal.old`` (a full copy of the fp32 weights and moments) on disk until the next
+    conversion of the tag, and no ``universal/`` although the whole new copy sat in ``universal.tmp``.
+    Both names are ours (``_replace_dir``); a ``.tmp`` is moved in only when its manifest shows it whole.
+    """
+    out = os.path.join(tag_dir, UNIVERSAL_DIR)
+    new, old = out + ".tmp", out + ".old"
+    if not os.path.isdir(out) and os.path.isdir(new) and _universal_problem(new) is None:
+        os.replace(new, out)
+        log.warning("moved the universal copy of %s into place (a kill had cut its move short)", tag_dir)
+    if os.path.isdir(old):
+        shutil.rmtree(old, ignore_errors=True)
+        log.warning("removed %s, left by a re-conversion that was killed", old)
+
+
+def _replace_dir(new: str, path: str) -> None:
+    """Rename ``new`` to ``path``; an existing ``path`` goes only once ``new`` is there."""
+    if not os.path.isdir(path):
+        os.replace(new, path)
+        return
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_universal(tag_dir: str, tmp: str) -> None:
@@ -456,20 +564,46 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+def not_convertible(tag_dir: str) -> str | None:
+    """Why ``tag_dir`` is no tag ``ds_to_universal`` can convert (one line), or None.
+
+    The conversion CLI was given a run or checkpoints folder, a mistyped path or a ZeRO-0 tag: it
+    created the missing folder and ended in a traceback that called the checkpoint damaged.
+    """
+    example = "give a checkpoint's step folder, e.g. RUN/checkpoints/step_00000100"
+    if not os.path.isdir(tag_dir):
+        return f"{tag_dir} is not a folder: {example}"
+    if _has_optimizer_shards(tag_dir):
+        return None
+    if os.path.isfile(os.path.join(tag_dir, "mp_rank_00_model_states.pt")):
+        return (
+            f"{tag_dir} is a ZeRO-0 checkpoint (its optimizer sits in mp_rank_00_model_states.pt): it "
+            "needs no conversion and resumes on another world size or train.precision as it is"
+        )
+    return f"{tag_dir} holds no DeepSpeed optimizer files (*_optim_states.pt): {example}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m vutrain.checkpoint_reshape TAG_DIR``: convert ahead of time and print the cost.
 
     The last output line is JSON: conversion seconds, bytes of the tag (without the universal
-    copy) and of the universal copy.
+    copy) and of the universal copy. A copy already there is replaced only by a complete new one.
+    A path that is no convertible tag, or a failed conversion, is one line on stderr (exit 2, 1).
     """
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("tag_dir", help="a checkpoint tag directory, e.g. RUN/checkpoints/step_00000100")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    out = os.path.join(args.tag_dir, UNIVERSAL_DIR)
-    shutil.rmtree(out, ignore_errors=True)
+    problem = not_convertible(args.tag_dir)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    convert_to_universal(args.tag_dir)
+    try:
+        convert_to_universal(args.tag_dir, again=True)
+    except UniversalConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
     universal = universal_size_bytes(args.tag_dir)
     tag_bytes = _dir_bytes(args.tag_dir) - universal

@@ -17,6 +17,7 @@ import shutil
 import sys
 
 import torch
+import yaml
 from torch import nn
 
 from vutrain import checkpoint as ckpt
@@ -293,8 +294,13 @@ def export_overrides(config_path: str) -> list[str]:
     Since 2026-12-06 `model.image_size` / `model.context_length` beside `model.name_or_path` are a
     config error (the pretrained model always kept its own); a run saved before could hold them,
     and its export would stop on a setting it never used."""
-    with open(config_path, encoding="utf-8-sig") as fh:
-        saved = config_yaml.load(fh.read()) or {}
+    try:
+        with open(config_path, encoding="utf-8-sig") as fh:
+            saved = config_yaml.load(fh.read()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        # A config.yaml that does not parse (a typo made by hand, a write cut short) was a YAML
+        # traceback from here; load_config, which reads it next, says where in one line.
+        return list(EXPORT_OVERRIDES)
     model = saved.get("model") if isinstance(saved, dict) else None
     if isinstance(model, dict) and model.get("name_or_path"):
         return [*EXPORT_OVERRIDES, "model.image_size=0", "model.context_length=0"]
@@ -368,26 +374,75 @@ def check_out_dir(out_dir: str) -> None:
 
 
 def write_hf_folder(out_dir: str, clip, tokenizer, processor) -> None:
-    """Write model, tokenizer and image processor to a hidden sibling, then rename it to OUT_DIR.
+    """Write model, tokenizer and image processor so that OUT_DIR never holds a half model that loads.
 
     Written in place, a failure part way (a full disk, a kill) left config.json and the weights
     without the tokenizer or processor: a folder that CLIPModel.from_pretrained loads as complete.
+    A new OUT_DIR is written as a hidden sibling and renamed; an existing (empty) one is filled
+    from a hidden folder inside it, config.json last.
     """
     out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir):
+        fill_empty_folder(out_dir, clip, tokenizer, processor)
+        return
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
     partial = os.path.join(parent, f".{name}.{os.getpid()}.incomplete")
     shutil.rmtree(partial, ignore_errors=True)  # left by a killed export that had this pid
     os.mkdir(partial)  # not mkdtemp: its mode 0700 would make the export unreadable to others
     try:
-        clip.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        processor.save_pretrained(partial)
-        share_like_other_files(partial)
-        os.replace(partial, out_dir)  # an empty OUT_DIR is replaced; one filled meanwhile fails
+        save_hf_files(partial, clip, tokenizer, processor)
+        os.replace(partial, out_dir)  # one created and filled meanwhile fails
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def save_hf_files(folder: str, clip, tokenizer, processor) -> None:
+    """Model, tokenizer and image processor into ``folder``, readable like the user's other files."""
+    clip.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    share_like_other_files(folder)
+
+
+def fill_empty_folder(out_dir: str, clip, tokenizer, processor) -> None:
+    """Export into the existing empty folder ``out_dir``: staged inside it, then moved up, config.json last.
+
+    No rename can replace it where it is a mount point (a docker or Kubernetes volume: EBUSY, and
+    its sibling lies on another file system), a symlink to a folder (ENOTDIR), or a folder in a
+    parent the user may not write (EACCES): the export wrote the whole model beside it and then
+    failed. Without config.json, which comes last, transformers loads no model from a part.
+    """
+    staging = os.path.join(out_dir, f".export.{os.getpid()}.incomplete")
+    os.mkdir(staging)
+    moved: list[str] = []
+    try:
+        save_hf_files(staging, clip, tokenizer, processor)
+        others = sorted(set(os.listdir(out_dir)) - {os.path.basename(staging)})
+        if others:  # another export or a user wrote there meanwhile: neither set of files is whole
+            raise ExportError(
+                f"OUT_DIR {out_dir} was filled during the export ({', '.join(others[:5])}): "
+                "give a new folder and export again"
+            )
+        names = sorted(os.listdir(staging), key=lambda n: n == "config.json")
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+            moved.append(name)
+        os.rmdir(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for name in moved:  # back to the empty folder it was
+            remove_path(os.path.join(out_dir, name))
+        raise
+
+
+def remove_path(path: str) -> None:
+    """Remove a file or a folder tree, whichever ``path`` is; nothing when it is gone."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def share_like_other_files(folder: str) -> None:
