@@ -53,6 +53,7 @@ def test_train_bench_refuses_a_setting_the_config_refuses_before_writing(tmp_pat
     [
         (["--preset", "vit-x"], "--preset vit-x: choose one of tiny"),
         (["--compile-mode", "fast"], "--compile-mode fast: choose one of"),
+        (["--max-batch", "64", "--search", "vutrain-nope"], "--search names unknown configurations"),
     ],
 )
 def test_compare_refuses_unknown_names_before_writing(tmp_path, flags, named):

@@ -6,13 +6,16 @@ On a GPU nearly every compute op launches at least one kernel, so the count of t
 is the CPU's view of the issue-9 figure "about 7000 kernel launches a step". Runs the real Trainer
 (one rank) on synthetic shards; counts the third step's aten ops under a dispatch mode, leaving out
 those that only make views or allocate, and prints the ten most frequent call sites per phase and
-a JSON line. The count depends on the model's parameter count, not on the batch size.
+a JSON line. Phases: forward with the loss, under GradCache its replayed forward, backward,
+optimizer step, and other (between them); "step" is their sum. The count depends on the model's
+parameter count, not on the batch size.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -29,12 +32,36 @@ NO_WORK = {
 SKIP_FRAMES = ("_python_dispatch", "torch/utils", "torch/_compile", "_dynamo", "nn/modules/module.py")
 
 
+REPLAYED = "replayed forward (GradCache)"
+"""train.accumulation=gradcache: phase 3, each micro-batch's forward again with autograd."""
+OTHER = "other"
+"""Ops of the step outside the labelled calls: the data in this process, the guard's agreement."""
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts dispatched compute ops by (op, the innermost library call sites)."""
+    """Counts dispatched compute ops by phase and (op, the innermost library call sites).
+
+    One mode over the whole step, the phase the innermost labelled call (`labelled`): separate
+    modes per call count an op of a call nested in another (engine.backward inside GradCache's
+    replay) in both, and an op between calls in none, so the phases did not add up to the step.
+    """
 
     def __init__(self):
         super().__init__()
-        self.sites: collections.Counter = collections.Counter()
+        self.phases: dict[str, collections.Counter] = {}
+        self._stack: list[str] = []
+
+    def labelled(self, phase: str, fn):
+        """`fn` with its ops (those of calls inside it in their own phase excepted) in `phase`."""
+
+        def run(*a, **k):
+            self._stack.append(phase)
+            try:
+                return fn(*a, **k)
+            finally:
+                self._stack.pop()
+
+        return run
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         op = func._schema.name.split("::")[-1]
@@ -45,8 +72,27 @@ class OpCounter(TorchDispatchMode):
                 if ("site-packages" in f.filename or "vutrain" in f.filename)
                 and not any(s in f.filename for s in SKIP_FRAMES)
             ]
-            self.sites[(op, " < ".join(reversed(frames[-2:])))] += 1
+            phase = self._stack[-1] if self._stack else OTHER
+            sites = self.phases.setdefault(phase, collections.Counter())
+            sites[(op, " < ".join(reversed(frames[-2:])))] += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def labelled_gradcache(counter: OpCounter):
+    """GradCache's phases 1-2 (no-grad forwards, the step's loss) as the forward with the loss,
+    its phase 3 (each micro-batch's forward replayed with autograd) as a phase of its own; its
+    engine.backward and engine.step calls stay in theirs. Restored after: callers (the tests)
+    run this tool several times in one process."""
+    from vutrain.gradcache import GradCache
+
+    forward, backward = GradCache.forward, GradCache.backward
+    GradCache.forward = counter.labelled("forward with the loss", forward)
+    GradCache.backward = counter.labelled(REPLAYED, backward)
+    try:
+        yield
+    finally:
+        GradCache.forward, GradCache.backward = forward, backward
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,32 +159,21 @@ def _main(argv: list[str] | None, make_scratch) -> int:
     init_distributed(info)
     trainer = Trainer(cfg, info)
     trainer.engine.train()
-    engine, counters = trainer.engine, {}
-
-    def counted(phase, fn):
-        # Summed over the step's calls: with grad_accum_steps=k forward and backward run k times a
-        # step, and a fresh counter per call kept only the last micro-batch's ops.
-        def run(*a, **k):
-            counter = OpCounter()
-            with counter:
-                out = fn(*a, **k)
-            counters.setdefault(phase, collections.Counter()).update(counter.sites)
-            return out
-
-        return run
-
+    engine, counter = trainer.engine, OpCounter()
+    trainer.forward_loss = counter.labelled("forward with the loss", trainer.forward_loss)
+    engine.backward = counter.labelled("backward", engine.backward)
+    engine.step = counter.labelled("optimizer step", engine.step)
     try:
-        for step in range(3):
-            if step == 2:  # warmed up: the optimizer's state exists
-                trainer.forward_loss = counted("forward with the loss", trainer.forward_loss)
-                engine.backward = counted("backward", engine.backward)
-                engine.step = counted("optimizer step", engine.step)
+        for _ in range(2):
+            trainer.train_step()
+        with labelled_gradcache(counter), counter:  # warmed up: the optimizer's state exists
             trainer.train_step()
     finally:
+        trainer.release_run_dir()  # train() is never called: nothing else releases it
         cleanup()
     params = [p for p in engine.module.parameters() if p.requires_grad]
     result = dict(vars(args), trainable_tensors=len(params))
-    for phase, sites in counters.items():
+    for phase, sites in counter.phases.items():
         result[phase] = sum(sites.values())
         # the non-finite guard's per-parameter gradient masks (vutrain/nonfinite.py)
         guard = [n for (_, site), n in sites.items() if "nonfinite.py" in site]
@@ -146,6 +181,7 @@ def _main(argv: list[str] | None, make_scratch) -> int:
         print(f"\n{phase}: {result[phase]} compute ops ({len(params)} trainable tensors)")
         for (op, site), n in sites.most_common(10):
             print(f"  {n:6d}  {op:24s} {site}")
+    result["step"] = sum(sum(sites.values()) for sites in counter.phases.values())
     print(json.dumps(result))
     return 0
 

@@ -19,6 +19,7 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -49,6 +50,21 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
             total += b - end
             end = b
     return total
+
+
+def rerun_command(args: argparse.Namespace) -> str:
+    """The command that profiles this configuration again, every option spelled out: sys.argv was
+    the caller's (a wrapper's or pytest's argv when main(argv) was called), and defaults change."""
+    options = [
+        ("--preset", args.preset), ("--precision", args.precision), ("--zero-stage", args.zero_stage),
+        ("--batch-size", args.batch_size), ("--loss-backend", args.loss_backend),
+        ("--workers", args.workers), ("--warmup", args.warmup), ("--steps", args.steps),
+        ("--hidden-act", args.hidden_act), ("--compile-mode", args.compile_mode),
+    ]  # fmt: skip
+    if args.compile:
+        options.append(("--compile-backend", args.compile_backend))
+    words = [f"{flag} {shlex.quote(str(value))}" for flag, value in options]
+    return " ".join(["python tools/profile_step.py", *words, *(["--compile"] if args.compile else [])])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,9 +177,10 @@ def _main(argv: list[str] | None, make_scratch) -> int:
     record = dict(
         device=device, preset=args.preset, precision=args.precision, zero_stage=args.zero_stage,
         batch_size=args.batch_size, loss_backend=args.loss_backend, steps=args.steps,
-        compiled=args.compile,
+        warmup=args.warmup, workers=args.workers, hidden_act=args.hidden_act, compiled=args.compile,
+        compile_backend=args.compile_backend, compile_mode=args.compile_mode,
         wall_ms=wall * 1e3, gpu_busy_ms=gpu_busy, host_ms=host,
-        date=time.strftime("%Y-%m-%d"), command="python tools/profile_step.py " + " ".join(sys.argv[1:]),
+        date=time.strftime("%Y-%m-%d"), command=rerun_command(args),
     )  # fmt: skip
     print(json.dumps(record))
     return 0

@@ -118,6 +118,9 @@ def run_one(spec: dict) -> dict:
             torch.cuda.synchronize()
         wall = (time.perf_counter() - started) / spec["steps"]
     finally:
+        # train() is never called, so nothing else frees run_dir for the next run in this process
+        # or another: its lock stayed held until this process exited.
+        trainer.release_run_dir()
         cleanup()
     med = {p: statistics.median(getattr(t, p) for t in rows) for p in PHASES}
     step = sum(med.values())

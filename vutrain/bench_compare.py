@@ -160,7 +160,9 @@ class TrainerStep:
         self.trainer.train_step()
 
     def close(self) -> None:
-        """Free the DeepSpeed engine and the Trainer so the next configuration gets the memory."""
+        """Free the DeepSpeed engine and the Trainer so the next configuration gets the memory, and
+        its run directory's lock (a Trainer that never trains held it until this process exited)."""
+        self.trainer.release_run_dir()
         engine = self.trainer.engine
         try:
             engine.zero_grad()
@@ -671,6 +673,17 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     return ours[:1] + baseline + ours[1:]
 
 
+def unknown_search(args: argparse.Namespace, all_variants: list[Variant]) -> str | None:
+    """What to change where ``--search`` names a configuration this run does not have."""
+    if args.search == "none" or not args.max_batch:
+        return None
+    unknown = {s.strip() for s in args.search.split(",")} - {v.label for v in all_variants} - {"all"}
+    if not unknown:
+        return None
+    labels = [v.label for v in all_variants]
+    return f"--search names unknown configurations {sorted(unknown)}; choose from {labels}"
+
+
 def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[Variant]:
     """The configurations ``--search`` asks the largest batch of, in the order they are searched."""
     if args.search == "none" or not args.max_batch:
@@ -680,12 +693,9 @@ def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[
         if args.search == "all"
         else [v for v in all_variants if v.label in {s.strip() for s in args.search.split(",")}]
     )
-    unknown = {s.strip() for s in args.search.split(",")} - {v.label for v in all_variants} - {"all"}
-    if unknown:
-        raise SystemExit(
-            f"--search names unknown configurations {sorted(unknown)}; "
-            f"choose from {[v.label for v in all_variants]}"
-        )
+    refused = unknown_search(args, all_variants)
+    if refused:
+        raise SystemExit(refused)
     # The baseline first (every ratio needs it), open_clip's other configurations last (they are
     # for the like-for-like line only, the first a deadline should cut), stable otherwise.
     return sorted(chosen, key=lambda v: (v.label != BASELINE_LABEL, v.side == "open_clip"))
@@ -705,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m vutrain.bench --compare open_clip: error: {refused}", file=sys.stderr)
         return 2
     all_variants = variants(args)
+    refused = unknown_search(args, all_variants)
+    if refused:  # a usage error like the names above (exit 2; it was exit 1)
+        print(f"python -m vutrain.bench --compare open_clip: error: {refused}", file=sys.stderr)
+        return 2
     to_search = search_order(args, all_variants)
     try:  # before anything is built: the one thing a user may have to install
         load_open_clip()

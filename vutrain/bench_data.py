@@ -340,10 +340,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.shards and not args.write_shards:
         parser.error("give --shards SPEC (or --write-shards DIR)")
-    if args.workers < 1 or args.batch_size < 1 or args.rounds < 1:
-        parser.error("--workers, --batch-size and --rounds must be >= 1")
-    if args.decode_images < 1 or args.shard_samples < 1:
-        parser.error("--decode-images and --shard-samples must be >= 1")
+    refuse_counts_it_cannot_use(parser, args)
     try:  # checked here: it was a ValueError traceback after the argument parsing
         args.shard_wh = tuple(int(v) for v in args.shard_size_wh.lower().split("x"))
     except ValueError:
@@ -351,6 +348,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if len(args.shard_wh) != 2 or min(args.shard_wh) < 1:
         parser.error(f"--shard-size-wh {args.shard_size_wh}: give WIDTHxHEIGHT, e.g. 480x360")
     return args
+
+
+_LEAST = {
+    "workers": 1, "batch_size": 1, "rounds": 1, "decode_images": 1, "shard_samples": 1,
+    "samples_per_worker": 1, "prefetch_factor": 1, "image_size": 1, "context_length": 1,
+    "batches": 0, "shuffle_buffer": 0, "decode_seconds": 0,
+}  # fmt: skip
+"""The least value each numeric option can mean: below it a run reported negative samples/s
+(--batches -1) or ended in a ValueError traceback from the stream (--prefetch-factor 0,
+--image-size 0) after the shards were written and read."""
+
+
+def refuse_counts_it_cannot_use(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One usage line (exit 2) for the first numeric option below its least value."""
+    for name, least in _LEAST.items():
+        value = getattr(args, name)
+        if value < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
 
 
 def main(argv: list[str] | None = None) -> int:

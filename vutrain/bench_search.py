@@ -39,6 +39,13 @@ def largest_batch(
         "error": "Type: message" when `fits` raised (not an out-of-memory it caught): the search
         ends there and keeps the bounds found so far, like a stop}.
     """
+    # Refused before any probe: a start of 0 "fitted" and doubled to 0 again, forever, and a
+    # granularity of 0 ended the bisection in a ZeroDivisionError after the doubling's probes.
+    if start < 1 or granularity < 1 or not 0 <= precision < 1:
+        raise ValueError(
+            f"largest_batch needs start >= 1, granularity >= 1 and 0 <= precision < 1; "
+            f"got start={start}, granularity={granularity}, precision={precision}"
+        )
     probes: list[list] = []
 
     class Stopped(Exception):

@@ -8,6 +8,8 @@ import math
 import numbers
 import os
 
+import torch
+
 log = logging.getLogger(__name__)
 
 
@@ -54,8 +56,8 @@ class MetricsWriter:
                 if not line.strip():
                     continue
                 row = _parse_row(line)
-                good = row is not None and int(row["step"]) <= step
-                if good and eval_owed and int(row["step"]) == step:
+                good = row is not None and row["step"] <= step
+                if good and eval_owed and row["step"] == step:
                     good = not any(str(key).startswith("eval/") for key in row)
                 if row is None:  # torn, or JSON that is not a row (5, null, [...])
                     row = {"torn_line": line.rstrip("\n")}
@@ -101,11 +103,55 @@ class MetricsWriter:
             self._tb.close()
 
 
+class IntervalTermMeans:
+    """The loss's extra terms (align_uniform's align and uniform) over a logging interval, as
+    train/loss is: the mean over the interval's good micro-batches, a skipped one left out.
+
+    Summed on the device after each agreement, read on the host once per logged row. The row took
+    the logging step's last micro-batch instead, beside an interval-mean train/loss: with
+    train.log_every > 1 or grad_accum_steps > 1 the two disagreed, and one noisy micro-batch
+    stood for the interval."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def add(self, terms: dict, skipped: torch.Tensor, micro_batches: int = 1) -> None:
+        """Add one agreement's terms (0-dim tensors or floats), weighted by its `micro_batches`
+        (GradCache: the step's k, as the guard counts it); `skipped`: the guard's agreed flag."""
+        for name, value in terms.items():
+            value = torch.as_tensor(value, dtype=torch.float64, device=skipped.device).detach().reshape(())
+            # where, not a product: a skipped micro-batch's term may be NaN, and 0 x NaN is NaN
+            weighted = torch.where(skipped, torch.zeros_like(value), value * micro_batches)
+            if name in self._sums:
+                self._sums[name] += weighted
+            else:
+                self._sums[name] = weighted.clone()
+
+    def read(self, good: int) -> dict[str, float]:
+        """{name: mean over `good` micro-batches (NaN if none)}, and the next interval starts at 0."""
+        if not self._sums:
+            return {}
+        sums = torch.stack(list(self._sums.values())).tolist()  # one host read for every term
+        for total in self._sums.values():
+            total.zero_()
+        return {name: total / good if good else float("nan") for name, total in zip(self._sums, sums)}
+
+    def state_dict(self) -> dict[str, float]:
+        """The interval's sums so far (float64 survives a checkpoint's JSON exactly)."""
+        return {name: float(total) for name, total in self._sums.items()}
+
+    def load_state_dict(self, sums: dict, device: torch.device) -> None:
+        """Restore `state_dict()`: a run resumed mid-interval logs the uninterrupted run's means."""
+        self._sums = {
+            name: torch.tensor(float(v), dtype=torch.float64, device=device) for name, v in sums.items()
+        }
+
+
 def _what_moved(dropped: list[dict], step: int) -> str:
     """The warning's account of the moved rows: a torn line at the end of a file that ended at
     `step` was reported as a row after that step, which the user then looked for in vain."""
     torn = sum("torn_line" in row for row in dropped)
-    after = sum("torn_line" not in row and int(row["step"]) > step for row in dropped)
+    after = sum("torn_line" not in row and row["step"] > step for row in dropped)
     parts = [f"{after} row(s) after step {step}"] if after else []
     if len(dropped) - torn - after:  # rows at `step`: eval_owed's eval rows only
         parts.append(f"{len(dropped) - torn - after} eval row(s) of step {step}, which runs again")
@@ -149,13 +195,27 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 def _parse_row(line: str) -> dict | None:
-    """The row a metrics.jsonl line holds, or None for a torn line or JSON that is not a row."""
+    """The row a metrics.jsonl line holds, its step an int, or None for a torn line or JSON that is
+    not a row. A step written as a string ("4", a hand-edited or foreign row) or as 4.0 counts as
+    step 4: it was read as it came and never matched an int step (logged_eval), and curves.png
+    drew it on a text axis. A step that is no whole number (4.5, true, "x") is not a row."""
     try:
         row = json.loads(line)
-        int(row["step"])
+        row["step"] = _whole_step(row["step"])
     except (ValueError, KeyError, TypeError, IndexError, OverflowError):  # OverflowError: a step of 1e999
         return None
-    return row if isinstance(row, dict) else None
+    return row
+
+
+def _whole_step(step) -> int:
+    """`step` as an int; ValueError unless it is a whole number (or a string of one)."""
+    if isinstance(step, bool):
+        raise ValueError("a bool is not a step")
+    if isinstance(step, str):
+        step = float(step.strip())
+    if not isinstance(step, numbers.Real) or step != int(step):
+        raise ValueError(f"not a whole step: {step!r}")
+    return int(step)
 
 
 def logged_eval(run_dir: str, step: int) -> dict:

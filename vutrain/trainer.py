@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from vutrain import checkpoint as ckpt
+from vutrain import run_lock
 from vutrain.config import ConfigError, RunConfig, save_config
 from vutrain.distributed import DistInfo, all_reduce, barrier
 from vutrain.engine import build_engine
@@ -30,7 +31,7 @@ from vutrain.evaluate import EvalInterrupted, Evaluator
 from vutrain.global_batch import as_given
 from vutrain.grad_clip import count_zeroed_steps, mask_at_step
 from vutrain.losses import build_loss_from_config
-from vutrain.metrics import MetricsWriter, logged_eval
+from vutrain.metrics import IntervalTermMeans, MetricsWriter, logged_eval
 from vutrain.model import (
     build_model,
     count_parameters,
@@ -183,6 +184,13 @@ class StopCheck:
         return int(worst), stop > 0
 
 
+def _error_kind(exc: Exception) -> str:
+    """How a rank rebuilds rank 0's run-directory error from its broadcast text."""
+    if isinstance(exc, run_lock.RunDirInUseError):
+        return "in_use"
+    return "config" if isinstance(exc, ConfigError) else "other"
+
+
 class Trainer:
     """One rank's training run: engine, loss, data stream, eval and checkpoints (see the module doc).
 
@@ -212,7 +220,18 @@ class Trainer:
         self._signal: str | None = None
         self._eval_pending = False  # a pre-emption checkpoint came before its step's eval (_preempt)
         self._finished = False  # the final checkpoint: its step's eval and done.json came before it
-        self._prepare_run_dir()
+        self._run_lock: run_lock.RunLock | None = None
+        try:
+            self._prepare_run_dir()
+            self._build_parts()
+        except BaseException:
+            # A failed start in a process that goes on (a test, a notebook) kept output_dir locked.
+            self.release_run_dir()
+            raise
+
+    def _build_parts(self) -> None:
+        """Every part after the run directory, in dependency order; resumes at the end."""
+        cfg, info = self.cfg, self.info
         self._build_text_and_image_processing()
         trainable, total = self._build_engine()
         self._build_loss()
@@ -242,6 +261,7 @@ class Trainer:
         # Wall time and steps since the last logged row: train/step_time is their mean. The logging
         # step alone, which waits for the GPU, also held the unfinished work of the step before.
         self._interval_wall, self._interval_steps = 0.0, 0
+        self._terms = IntervalTermMeans()  # the loss's extra terms over the logging interval
         log.info(
             "world_size=%d launcher=%s device=%s backend=%s",
             info.world_size,
@@ -265,24 +285,37 @@ class Trainer:
     # ------------------------------------------------------------------ builders
 
     def _prepare_run_dir(self) -> None:
-        """Rank 0 writes the resolved config and clears last run's end markers; all ranks wait.
+        """Rank 0 locks output_dir, writes the resolved config and clears last run's end markers; all
+        ranks wait.
 
-        train.resume=never moves the previous run's checkpoints, metrics and preset tokenizer
-        aside first: the tokenizer is trained again for this run (it was reused without a word,
-        so a fresh start with another model.vocab_size, caption template or data kept the old one).
-        A run resumed from another run's checkpoint takes that run's preset tokenizer.
+        The lock (run_lock.py) comes before anything in the directory is read, written or moved
+        aside: a second run started into it is refused on every rank, leaving the first run's files
+        as they are. train.resume=never moves the previous run's checkpoints, metrics and preset
+        tokenizer aside (the lock file stays): the tokenizer is trained again for this run (it was
+        reused without a word, so a fresh start with another model.vocab_size, caption template or
+        data kept the old one). A run resumed from another run's checkpoint takes that run's preset
+        tokenizer.
         """
-        adoption = None
-        if not self.cfg.model.name_or_path:  # a preset: its token ids are its tokenizer's
-            # Every rank: a refusal raised on rank 0 alone left the others waiting at the barrier.
-            adoption = ckpt.tokenizer_to_adopt(self.cfg.train.resume, self.run_dir)
         failure = None
-        if self.info.is_main:
-            try:
+        try:
+            if self.info.is_main:
+                self._run_lock = run_lock.acquire(self.run_dir)
+            adoption = None
+            if not self.cfg.model.name_or_path:  # a preset: its token ids are its tokenizer's
+                # Every rank: a refusal raised on rank 0 alone left the others waiting at the barrier.
+                adoption = ckpt.tokenizer_to_adopt(self.cfg.train.resume, self.run_dir)
+            if self.info.is_main:
                 self._write_run_dir(adoption)
-            except Exception as exc:  # told to every rank below, then raised on each
-                failure = exc
+        except Exception as exc:  # told to every rank below, then raised on each
+            failure = exc
         self._share_run_dir_outcome(failure)
+
+    def release_run_dir(self) -> None:
+        """Let another run use output_dir (train() calls it whichever way it ends; a Trainer that
+        never trains, a benchmark's, calls it when done). Safe to call more than once."""
+        lock, self._run_lock = self._run_lock, None
+        if lock is not None:
+            lock.release()
 
     def _write_run_dir(self, adoption: tuple | None) -> None:
         """Rank 0's part of `_prepare_run_dir`."""
@@ -310,12 +343,19 @@ class Trainer:
             )
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if world > 1:
-            box = [None if failure is None else (isinstance(failure, ConfigError), str(failure))]
+            mine = failure if self.info.is_main else None
+            box = [None if mine is None else (_error_kind(mine), str(mine))]
             # The broadcast is the barrier: a rank passes it once rank 0 is done or has failed.
             torch.distributed.broadcast_object_list(box, src=0, device=self.device)
-            if box[0] is not None and failure is None:
-                is_config, message = box[0]
-                if is_config:  # the same words on every rank: rank 0 alone prints them (train.py)
+            # Rank 0's error wins over a rank's own, so all say the same: its refused lock, not a
+            # peer's read of the files of the run that holds it.
+            if box[0] is not None and not self.info.is_main:
+                kind, message = box[0]
+                # The same words and type on every rank: rank 0 alone prints them (train.py), but
+                # every node's first rank prints a held output_dir, not as a "config error".
+                if kind == "in_use":
+                    raise run_lock.RunDirInUseError(message)
+                if kind == "config":
                     raise ConfigError(message)
                 raise RuntimeError(f"rank 0 could not prepare the run directory: {message}")
         if failure is not None:
@@ -413,6 +453,7 @@ class Trainer:
             # steps averaged only the steps after it (train/step_time and samples/s).
             "interval_wall": self._interval_wall,
             "interval_steps": self._interval_steps,
+            "interval_terms": self._terms.state_dict(),  # the loss terms' sums, as the guard's loss sum
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -423,6 +464,7 @@ class Trainer:
         self._finished = bool(state.get("finished", False))
         self._interval_wall = float(state.get("interval_wall", 0.0))
         self._interval_steps = int(state.get("interval_steps", 0))
+        self._terms.load_state_dict(state.get("interval_terms") or {}, self.device)
         self._load_data_position(state["data"])
 
     def _load_data_position(self, data: dict) -> None:
@@ -587,6 +629,7 @@ class Trainer:
             loss = self.forward_loss(batch, times)
             agreed = self.guard.agree(loss)
             self.stop_check.note_agreed()
+            self._terms.add(self.loss_fn.last_terms, self.guard.skip)
             self.backward_step(agreed, times)
         return times, bool(self._signal)
 
@@ -619,6 +662,7 @@ class Trainer:
         # and the train.max_nonfinite_steps streak mean the same under both.
         self.guard.agree(loss, micro_batches=self.cfg.train.grad_accum_steps)
         self.stop_check.note_agreed()
+        self._terms.add(self.loss_fn.last_terms, self.guard.skip, self.cfg.train.grad_accum_steps)
         cache.backward()
         self._sync()
         times.data, times.forward, times.backward = t1 - t0, t2 - t1, time.perf_counter() - t2
@@ -636,6 +680,19 @@ class Trainer:
             )
         self.last_stats = stats
         return stats
+
+    def _grad_norm(self) -> float | None:
+        """The global gradient norm before clipping of the last optimizer step (all ranks, unscaled),
+        or None where DeepSpeed computes none (train.zero_stage=0 in fp32: torch's optimizer).
+
+        DeepSpeed keeps it on the device under ZeRO for its clipping; read on logging steps only,
+        after the guard's read, so the device has finished it. DeepSpeed's -1 for a NaN/inf
+        gradient (bf16 ZeRO-1/2) reads inf, as its overflow path sets."""
+        norm = getattr(self.engine, "get_global_grad_norm", lambda: None)()
+        if norm is None:
+            return None
+        value = float(norm)
+        return value if value >= 0 else float("inf")
 
     def _overflow_skipped_steps(self) -> int:
         """Optimizer steps DeepSpeed skipped on a gradient overflow since the run started (resumes
@@ -679,8 +736,11 @@ class Trainer:
         loss_scale = getattr(self.engine.optimizer, "loss_scale", None) if cfg.precision == "fp16" else None
         if isinstance(loss_scale, int | float):  # DeepSpeed's fp16 optimizers: a host number
             row["train/loss_scale"] = float(loss_scale)
-        if self.loss_fn.last_terms:  # align_uniform's two terms
-            row.update({f"train/{k}": float(v) for k, v in self.loss_fn.last_terms.items()})
+        grad_norm = self._grad_norm()
+        if grad_norm is not None:
+            row["train/grad_norm"] = grad_norm
+        # align_uniform's two terms: interval means, weighted as train/loss
+        row.update({f"train/{k}": v for k, v in self._terms.read(stats.good).items()})
         row.update(
             {
                 "train/lr": self._step_lr,
@@ -750,7 +810,10 @@ class Trainer:
                     # TensorBoard writer (thread, event file) open in a process that trains again.
                     self.metrics.close()
                 finally:
-                    self.restore_signal_handlers(previous_handlers)
+                    try:
+                        self.restore_signal_handlers(previous_handlers)
+                    finally:
+                        self.release_run_dir()
 
     def _train(self) -> dict:
         cfg = self.cfg
