@@ -77,7 +77,7 @@ step "python -m vutrain.data.synthetic"
 "$BIN/python" -m vutrain.data.synthetic --out data --num-samples 64 --shard-size 32 --val-samples 24
 TRAIN=(data.train_shards="$WORK/data/train/{00000..00001}.tar" data.val_shards="$WORK/data/val/00000.tar"
        train.max_steps=2 train.micro_batch_size=16 train.warmup_steps=1 train.checkpoint_every=0
-       train.progress_bar=false eval.every=0 eval.batch_size=24 model.vocab_size=256 data.shuffle_buffer=32)
+       train.progress_bar=false eval.every=0 eval.batch_size=24 model.vocab_size=300 data.shuffle_buffer=32)
 step "vutrain-train --config tiny (the run file shipped in the package, found by name)"
 "$BIN/vutrain-train" --config tiny output_dir=run "${TRAIN[@]}"
 step "python vutrain/train.py (the repository's script on the core install)"
