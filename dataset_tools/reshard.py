@@ -407,9 +407,7 @@ def finish_interrupted_publish(
             marker = _read_marker(publishing_marker(folder, command))
             if marker is not None:  # None: finished by a run that held the lock before us
                 _publish_staged(folder)
-                # Split's first markers had no "samples": a folder without shards had none.
-                samples = marker.get("samples", len(shards.complete_shards(folder)))
-                _finalize_published(folder, command, samples, finalize)
+                _finalize_published(folder, command, marker["samples"], finalize)
     print(
         f"[dataset_tools] {command}: finished the earlier {command} that was stopped while publishing "
         f"its output: {markers[0]['result']}",
