@@ -62,7 +62,12 @@ def test_template_merges(name, stage, tiny_shards):
 
 def test_template_stage_must_match_train_zero_stage(tiny_shards):
     path = TEMPLATES / "zero3.json"
-    cfg = load_config("tiny", [*data(tiny_shards), f"train.ds_config={path}", "train.zero_stage=2"])
+    # Refused by the config check already (it runs start-up's DeepSpeed-config checks), and by
+    # build_ds_config for a config built without it.
+    with pytest.raises(ConfigError, match="zero_optimization.stage=3"):
+        load_config("tiny", [*data(tiny_shards), f"train.ds_config={path}", "train.zero_stage=2"])
+    cfg = load_config("tiny", [*data(tiny_shards), "train.zero_stage=2"])
+    cfg.train.ds_config = str(path)
     with pytest.raises(ConfigError, match="zero_optimization.stage=3"):
         build_ds_config(cfg.train, world_size=2)
 
