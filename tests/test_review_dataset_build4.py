@@ -13,38 +13,12 @@ import textwrap
 
 import pytest
 from test_faults_dataset_tools import _shard
+from test_review_dataset_build3 import _args as _build_args
+from test_review_dataset_build3 import _write_input
 
 from dataset_tools import shards, split
 from dataset_tools.cli import main
 from dataset_tools.fake_host import FakeThumbnailHost
-
-
-def _write_input(path, ids):
-    path.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))
-
-
-def _build_args(url_template, inp, out):
-    return [
-        "build",
-        "--input",
-        str(inp),
-        "--output",
-        str(out),
-        "--url-template",
-        url_template,
-        "--variants",
-        "mqdefault",
-        "--shard-size",
-        "4",
-        "--processes",
-        "1",
-        "--threads",
-        "2",
-        "--requests-per-second",
-        "0",
-        "--image-size",
-        "32",
-    ]
 
 
 def test_a_plan_that_does_not_read_stops_the_build_in_one_line(tmp_path):
