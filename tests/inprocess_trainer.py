@@ -69,16 +69,28 @@ def train(shards: dict, run_dir: str, steps: int, on_trainer=None, **extra) -> d
 
 def train_preset_run(shards: dict, run_dir: str) -> str:
     """A preset run of 2 steps with a complete checkpoint at step 2 and its tokenizer in
-    RUN/tokenizer, for module-scoped fixtures whose tests copy and damage it. Called outside a
-    test's `single_process`, so the launcher variables the run exports are put back afterwards."""
+    RUN/tokenizer, for module-scoped fixtures whose tests copy and damage it."""
+    train_outside_test(shards, run_dir, steps=2, train__checkpoint_every=2, eval__every=0)
+    return run_dir
+
+
+def train_outside_test(shards: dict, run_dir: str, steps: int, one_thread: bool = False, **extra) -> dict:
+    """`train` for a module-scoped fixture, called outside a test's `single_process`: the launcher
+    variables the run exports are put back afterwards (and torch's thread count, with
+    ``one_thread``, which keeps a fixture's run from competing with the other test workers)."""
+    import torch
+
     from vutrain.distributed import cleanup
 
     saved = {key: os.environ.pop(key) for key in DIST_ENV if key in os.environ}
+    threads = torch.get_num_threads()
+    if one_thread:
+        torch.set_num_threads(1)
     try:
-        train(shards, run_dir, steps=2, train__checkpoint_every=2, eval__every=0)
+        return train(shards, run_dir, steps, **extra)
     finally:
         cleanup()
+        torch.set_num_threads(threads)
         for key in DIST_ENV:
             os.environ.pop(key, None)
         os.environ.update(saved)
-    return run_dir

@@ -9,38 +9,25 @@ import os
 import pytest
 import torch
 
-from inprocess_trainer import train
+from inprocess_trainer import train_outside_test
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_shards, tmp_path_factory):
     """One tiny ZeRO-1 + LoRA run of one step, shared by the tests (they only read it). The launcher
     variables are handled as conftest's `single_process` does, for the whole module."""
-    from vutrain.distributed import cleanup
-
-    from inprocess_trainer import DIST_ENV
-
     path = str(tmp_path_factory.mktemp("export_run") / "run")
-    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(
-            tiny_shards,
-            path,
-            steps=1,
-            train__zero_stage=1,
-            train__lr=0.01,
-            eval__every=0,
-            data__val_shards="",
-            model__lora__enabled="true",
-        )
-    finally:
-        cleanup()
-        torch.set_num_threads(threads)
-        for key in DIST_ENV:
-            os.environ.pop(key, None)
-        os.environ.update(saved)
+    train_outside_test(
+        tiny_shards,
+        path,
+        steps=1,
+        one_thread=True,
+        train__zero_stage=1,
+        train__lr=0.01,
+        eval__every=0,
+        data__val_shards="",
+        model__lora__enabled="true",
+    )
     return path
 
 

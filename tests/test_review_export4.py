@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_review_export import _last_error_line
 
-from inprocess_trainer import train
+from inprocess_trainer import train_outside_test
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,28 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 def run_dir(tiny_shards, tmp_path_factory):
     """One tiny ZeRO-0 run of one step, shared by the tests (they only read it). The launcher
     variables are handled as conftest's `single_process` does, for the whole module."""
-    from vutrain.distributed import cleanup
-
-    from inprocess_trainer import DIST_ENV
-
     path = str(tmp_path_factory.mktemp("export4_run") / "run")
-    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(tiny_shards, path, steps=1, train__zero_stage=0, eval__every=0, data__val_shards="")
-    finally:
-        cleanup()
-        torch.set_num_threads(threads)
-        for key in DIST_ENV:
-            os.environ.pop(key, None)
-        os.environ.update(saved)
+    train_outside_test(
+        tiny_shards, path, steps=1, one_thread=True, train__zero_stage=0, eval__every=0, data__val_shards=""
+    )
     return path
-
-
-def _last_error_line(capsys) -> tuple[str, str]:
-    err = capsys.readouterr().err
-    return err, err.strip().splitlines()[-1]
 
 
 def test_export_into_a_symlink_to_an_empty_folder(run_dir, tmp_path, capsys):
