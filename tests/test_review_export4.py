@@ -54,6 +54,20 @@ def test_export_into_a_symlink_to_an_empty_folder(run_dir, tmp_path, capsys):
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
 
 
+def test_a_dangling_symlink_out_dir_is_refused_before_the_model_is_built(run_dir, tmp_path, capsys):
+    """OUT_DIR is a symlink whose folder is gone (a scratch volume not mounted). Before: the whole model
+    was consolidated and written beside it, then the rename failed with "[Errno 20] Not a directory".
+    Now one line naming the link's target, before any work, and nothing is written."""
+    from vutrain.export import main
+
+    link = tmp_path / "current"
+    link.symlink_to(tmp_path / "scratch" / "gone", target_is_directory=True)
+    assert main([run_dir, str(link)]) == 2
+    err, last = _last_error_line(capsys)
+    assert "Traceback" not in err and "is a symlink to" in last and "does not exist" in last, err
+    assert sorted(os.listdir(tmp_path)) == ["current"]
+
+
 def test_failed_move_into_an_existing_folder_leaves_it_empty(run_dir, tmp_path, capsys, monkeypatch):
     """The disk fills while the files move into an existing empty OUT_DIR: it is left empty (no
     staging folder, no model files), so neither a half model nor a refusal of the next export."""

@@ -362,6 +362,12 @@ def check_out_dir(out_dir: str) -> None:
     finds there: an earlier peft adapter (adapter_config.json) was applied on top of the exported
     weights, silently giving other embeddings. RUN_DIR itself, or a folder above it, is refused too.
     """
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        # found only by the final rename (ENOTDIR), after the whole model was consolidated and written
+        raise ExportError(
+            f"OUT_DIR {out_dir} is a symlink to {os.readlink(out_dir)}, which does not exist: "
+            "create that folder or give a new one"
+        )
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"OUT_DIR {out_dir} is a file: give a new folder")
     held = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
