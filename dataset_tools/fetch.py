@@ -44,6 +44,9 @@ _NEXT_RUNG = {
 }
 
 _CHUNK = 64 * 1024
+# YouTube variants that are 120x90 by nature (the default thumbnail and the three video frames):
+# at that size they are real images, not the grey placeholder every other variant would be.
+_NATIVE_120X90 = frozenset({"default", "1", "2", "3"})
 
 
 class _Retryable(Exception):
@@ -92,10 +95,17 @@ def _disallowed(headers, cfg: PolitenessConfig) -> bool:
     return False
 
 
+def _content_length(value: str | None) -> int | None:
+    """The announced body length, or None when absent or not plain ASCII digits. str.isdigit also
+    takes '²' (a latin-1 header byte): int() raised on it and the row failed as an internal fetch
+    error, where http.client itself just reads such a body to its end."""
+    value = (value or "").strip()
+    return int(value) if value.isdigit() and value.isascii() else None
+
+
 def _read_body(resp, cfg: PolitenessConfig, started: float) -> bytes:
     """Read to the end within the deadline and size cap; detect bodies shorter than announced."""
-    declared = resp.headers.get("Content-Length")
-    declared_len = int(declared) if declared and declared.isdigit() else None
+    declared_len = _content_length(resp.headers.get("Content-Length"))
     if declared_len is not None and declared_len > cfg.max_bytes:
         raise _Permanent(ERR_TOO_BIG)
     chunks, total = [], 0
@@ -315,6 +325,11 @@ def is_placeholder(body: bytes) -> bool:
     return counts[0] >= 0.6 * len(pixels) and used <= 3 and 5 <= max(levels, key=levels.get) <= 14
 
 
+def _served_placeholder(variant: str, size: tuple, body: bytes) -> bool:
+    """YouTube's placeholder: 120x90 for a variant that is larger, or grey by content at any size."""
+    return (size == youtube.PLACEHOLDER_SIZE and variant not in _NATIVE_120X90) or is_placeholder(body)
+
+
 def _rung_failure(error: str) -> str | None:
     """The trail code when `error` means "try the next variant", else None (stop the ladder)."""
     for reason, code in _NEXT_RUNG.items():
@@ -352,7 +367,7 @@ def fetch_ladder(
             result.trail.append(f"{variant}:{code}")
             first_reason = first_reason or error
             continue
-        if (size == youtube.PLACEHOLDER_SIZE and variant != "default") or is_placeholder(response.body):
+        if _served_placeholder(variant, size, response.body):
             # YouTube sometimes serves the grey placeholder with 200: treat it as missing.
             result.trail.append(f"{variant}:placeholder")
             continue

@@ -2,7 +2,8 @@
 
 Verification checks every tar in the folder, with stats or without: that it is whole (not
 truncated), decodes every image fully, checks every sample has its image (.jpg, or the
-.jpeg/.png/.webp the trainer reads too), .txt and .json, that the json key matches, that members
+.jpeg/.png/.webp the trainer reads too), .txt and .json, that both are UTF-8 text as the trainer
+decodes them (it skips a sample whose caption or metadata is not), that the json key matches, that members
 are sorted, and (shards with a parquet) that the tar holds exactly the
 rows the parquet calls successes. Any finding lands in ``report["corrupt"]`` (non-empty -> exit 1).
 """
@@ -21,6 +22,7 @@ from dataset_tools import shards, youtube
 from dataset_tools.vocab import normalize_tag, tag_values
 
 REQUIRED_MEMBERS = ("txt", "json")  # and one image member of IMAGE_EXTS
+TEXT_MEMBERS = ("txt", "json")  # the members the trainer decodes as UTF-8 (a caption, the metadata)
 # The trainer's image members, in its order of preference (vutrain/data/samples.py IMAGE_EXTS; not
 # imported: that module pulls in torch). img2dataset --encode_format png/webp writes no .jpg: such a
 # folder was all "lacks ['jpg']" findings out of --verify and a "rebuild it" refusal out of dedup.
@@ -32,6 +34,33 @@ def image_member(members: dict[str, bytes]) -> str | None:
     None when the sample has none."""
     by_lower = {ext.lower(): ext for ext in members}
     return next((by_lower[ext] for ext in IMAGE_EXTS if ext in by_lower), None)
+
+
+def _as_training_text(payload: bytes) -> str | None:
+    """``payload`` decoded as the trainer decodes ``.txt`` and ``.json`` (strict UTF-8, a leading
+    byte-order mark dropped), None when it is not UTF-8. ``json.loads`` of the bytes also takes
+    UTF-16/32 and lone surrogates: such a sample passed --verify and training skipped it."""
+    try:
+        return payload.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+
+
+def _meta_problems(name: str, key: str, text: str) -> list[str]:
+    """Findings of one sample's ``.json`` text: not an object, a key of another sample, a placeholder."""
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):  # a list or a number parses too (it was an AttributeError)
+        return [f"{name}.tar: sample {key} json does not parse as an object"]
+    problems = []
+    if meta.get("key") != key:
+        problems.append(f"{name}.tar: sample {key} json key is {meta.get('key')!r}")
+    size = (meta.get("original_width"), meta.get("original_height"))
+    if size == youtube.PLACEHOLDER_SIZE and meta.get("variant") != "default":
+        problems.append(f"{name}.tar: sample {key} is a 120x90 placeholder")
+    return problems
 
 
 def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]:
@@ -56,19 +85,14 @@ def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]
         if missing:
             problems.append(f"{name}.tar: sample {key} lacks {missing}")
             continue
-        try:
-            meta = json.loads(members["json"])
-            if not isinstance(meta, dict):  # a list or a number parses too (it was an AttributeError)
-                raise ValueError("not an object")
-            if meta.get("key") != key:
-                problems.append(f"{name}.tar: sample {key} json key is {meta.get('key')!r}")
-            if (
-                meta.get("original_width"),
-                meta.get("original_height"),
-            ) == youtube.PLACEHOLDER_SIZE and meta.get("variant") != "default":
-                problems.append(f"{name}.tar: sample {key} is a 120x90 placeholder")
-        except ValueError:
-            problems.append(f"{name}.tar: sample {key} json does not parse as an object")
+        not_utf8 = [ext for ext in TEXT_MEMBERS if _as_training_text(members[ext]) is None]
+        if not_utf8:
+            problems.append(
+                f"{name}.tar: sample {key} {', '.join(not_utf8)} is not UTF-8 text (training skips the "
+                "sample as non_utf8_text): re-encode it as UTF-8"
+            )
+        if "json" not in not_utf8:
+            problems += _meta_problems(name, key, _as_training_text(members["json"]))
         try:
             with Image.open(io.BytesIO(members[image])) as img:
                 img.load()  # full decode: truncated JPEGs raise here

@@ -8,27 +8,54 @@ import io
 import cv2
 import numpy as np
 
-# A bar row is "black" when its mean and spread are both tiny (JPEG noise keeps them above 0).
+# A bar row is "black" when its mean and spread are both tiny (JPEG noise keeps them above 0),
+# leaving out its brightest 1% of pixels: one speck (sensor or JPEG noise) ended the bar there.
 _BLACK_MEAN = 16.0
 _BLACK_STD = 8.0
+_OUTLIER_SHARE = 0.01
+# Bars are cropped only where they frame a video picture: about equal (JPEG ringing may shave a few
+# rows off one side) around content of a video's aspect (4:3 = 1.33 up to scope 2.39). Dark rows
+# alone also matched a logo on black (cropped to a thin strip, which center_crop then cut through)
+# and a night scene's dark sky and ground.
+_BAR_MISMATCH = 0.02  # of the height
+_VIDEO_ASPECT = (1.3, 2.5)  # content width / height
+
+
+def _dark_rows(gray: np.ndarray) -> np.ndarray:
+    """bool [H]: the rows of ``gray`` [H, W] that are black bar rows."""
+    width = gray.shape[1]
+    outliers = min(width - 1, max(1, int(_OUTLIER_SHARE * width)))
+    kept = np.partition(gray, width - outliers - 1, axis=1)[:, : width - outliers].astype(np.float32)
+    return (kept.mean(axis=1) < _BLACK_MEAN) & (kept.std(axis=1) < _BLACK_STD)
 
 
 def letterbox_bounds(img: np.ndarray) -> tuple[int, int] | None:
-    """``(top, bottom)`` rows of the content when both a top and a bottom black bar exist and
-    cover at least 5% of the height each, else None. ``img``: [H, W] or [H, W, C] uint8."""
+    """``(top, bottom)`` rows of the content when a top and a bottom black bar of about the same
+    height (each at least 5% of it) frame content of a video's aspect, else None.
+    ``img``: [H, W] or [H, W, C] uint8."""
     gray = img if img.ndim == 2 else img[..., :3].mean(axis=2)
-    rows_dark = (gray.mean(axis=1) < _BLACK_MEAN) & (gray.std(axis=1) < _BLACK_STD)
-    height = gray.shape[0]
+    if gray.size == 0:
+        return None
+    rows_dark = _dark_rows(gray)
+    height, width = gray.shape
     top = 0
     while top < height and rows_dark[top]:
         top += 1
     bottom = height
     while bottom > top and rows_dark[bottom - 1]:
         bottom -= 1
+    return (top, bottom) if _frames_a_video(top, height - bottom, bottom - top, width) else None
+
+
+def _frames_a_video(top_bar: int, bottom_bar: int, content: int, width: int) -> bool:
+    """Whether bars of these heights around ``content`` rows are a letterbox, not dark content."""
+    height = top_bar + bottom_bar + content
     min_bar = max(1, int(0.05 * height))
-    if top < min_bar or height - bottom < min_bar or bottom - top < height // 4:
-        return None  # no symmetric bars, or an almost-black image: leave it alone
-    return top, bottom
+    if min(top_bar, bottom_bar) < min_bar or content == 0:
+        return False
+    if abs(top_bar - bottom_bar) > max(2, _BAR_MISMATCH * height):
+        return False
+    return _VIDEO_ASPECT[0] <= width / content <= _VIDEO_ASPECT[1]
 
 
 def crop_letterbox(data: bytes) -> bytes | None:

@@ -1,6 +1,6 @@
 """``vocab DIR --output V.json``: tag and category vocabularies for zero-shot evaluation.
 
-Tags are counted as training ids them (vutrain/tag_text.py: NFC, lower-cased, whitespace runs as
+Tags are counted as training ids them (vutrain/tag_text.py: NFKC, case-folded, whitespace runs as
 one space, so ``Cat `` and ``cat`` are one class), a comma-separated string split into its tags, over
 successful samples; entries below ``min_count`` are dropped. Indices follow descending count, then name.
 """

@@ -26,6 +26,7 @@ __all__ = [
     "autocast_inputs",
     "cuda_supported",
     "device_guard",
+    "functorch_transforming",
     "kernel_dtype",
     "run_eagerly",
     "savable_for_backward",
@@ -142,7 +143,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the ops should take the Triton path for these input tensors (judged in the dtype
     the kernels would get them in: :func:`kernel_dtype`). Other dtypes than fp32, fp16 and bf16
     (fp64: the oracle's) take the reference: compiled, an fp64 tile fails to build, and the
-    interpreter would upcast it to fp32 and give an fp32 result."""
+    interpreter would upcast it to fp32 and give an fp32 result. Under a ``torch.func``
+    transform the reference runs too (see :func:`functorch_transforming`)."""
+    if functorch_transforming():
+        return False
     if not triton_available() or kernel_dtype(tensors[0]) not in KERNEL_DTYPES:
         return False
     if interpreting():
@@ -157,6 +161,16 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def functorch_transforming() -> bool:
+    """A ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``hessian``...) is tracing the call.
+    The kernels' autograd Functions stash forward results on ``ctx``, which such transforms do not
+    support: the Triton path failed with "it must override the setup_context staticmethod" (a
+    change the caller cannot make) where the reference, plain torch ops, gives the same values,
+    and per-sample gradients or Hessians too."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active and active())
 
 
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -466,11 +466,21 @@ run_config_stamp() {
 # (`returncode > 0`): when its launch.py dies of a signal (kill -9, the OOM killer, a hang-up) it
 # exits 0, and a run that died, its ranks perhaps still running orphaned, was reported as done.
 # Then: 75 when preempted.json is there (the ranks checkpointed; a requeue resumes), else 1 with
-# one line. A launcher that never started the trainer (a stand-in) is taken at its word.
+# one line. LAUNCHED (optional) is 1 when the launcher's own start marker says its launch.py came up
+# (local.sh's --save_pid file): a 0 with config.yaml untouched is then a launch.py killed before its
+# trainer wrote it (the trainer rewrites it before any exit 0), which was reported as done. A
+# launcher that never started the trainer (a stand-in, no LAUNCHED) is taken at its word.
 checked_exit_status() {
-    local rc="$1" out_dir="$2" stamp="$3"
-    if [[ "$rc" != 0 || -z "$out_dir" || "$(run_config_stamp "$out_dir")" == "$stamp" ]]; then
+    local rc="$1" out_dir="$2" stamp="$3" launched="${4:-0}"
+    if [[ "$rc" != 0 || -z "$out_dir" ]]; then
         echo "$rc"
+    elif [[ "$(run_config_stamp "$out_dir")" == "$stamp" ]]; then
+        if [[ "$launched" != 1 ]]; then
+            echo "$rc"
+            return 0
+        fi
+        log "ERROR: the launcher exited 0, but its launch.py died before the trainer started in $out_dir (config.yaml was not rewritten): deepspeed's runner reports a launch.py killed by a signal (kill -9, the OOM killer) as success. Nothing was trained; rerun the same command."
+        echo 1
     elif [[ -e "$out_dir/done.json" ]]; then
         echo 0
     elif [[ -e "$out_dir/preempted.json" ]]; then
@@ -480,6 +490,57 @@ checked_exit_status() {
         log "ERROR: the launcher exited 0, but the run in $out_dir started and left neither done.json nor preempted.json: a launcher process died (deepspeed's runner reports a launch.py killed by a signal, kill -9 or the OOM killer, as success), or the trainer could not write done.json (see its warning). Check that none of its ranks still runs, then rerun the same command: it resumes from the newest checkpoint."
         echo 1
     fi
+}
+
+# launch_processes TAG: the pids of this user's processes whose environment holds
+# VUTRAIN_LAUNCH_ID=TAG (a launcher given it passes it to launch.py, the ranks and their workers),
+# one per line. The environment, not a process group: the launcher shares the caller's group (a
+# Ctrl-C must reach it), and so does whatever else the caller runs there (`local.sh ... | tee log`).
+launch_processes() {
+    local file
+    [[ -n "$1" ]] || return 0
+    # One grep over every environ file; others' processes are unreadable and left out.
+    grep -lzxF -- "VUTRAIN_LAUNCH_ID=$1" /proc/[0-9]*/environ 2>/dev/null | while IFS= read -r file; do
+        file="${file#/proc/}"
+        echo "${file%/environ}"
+    done
+}
+
+# parent_pid PID: PID's parent (empty when it is gone).
+parent_pid() {
+    local line fields
+    { read -r line <"/proc/$1/stat"; } 2>/dev/null || return 0
+    # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis
+    read -ra fields <<<"${line##*) }"
+    echo "${fields[1]}"
+}
+
+# stop_launch_leftovers TAG WAIT: stop the processes of a launch (launch_processes TAG) that outlive
+# its launcher; true when there were any. DeepSpeed's launch.py killed by a signal (kill -9, the OOM
+# killer) leaves its ranks training on, orphaned, after the runner returned: they were reported and
+# left running, holding the GPUs and writing into the run directory that the next launch resumes.
+# SIGTERM goes to the top ones (a rank checkpoints and exits 75, as for a preemption; a launch.py
+# passes it to its ranks); what still runs WAIT seconds later gets SIGKILL.
+stop_launch_leftovers() {
+    local tag="$1" wait="$2" pids pid tops=() waited=0
+    pids="$(launch_processes "$tag")"
+    [[ -n "$pids" ]] || return 1
+    for pid in $pids; do
+        [[ $'\n'"$pids"$'\n' == *$'\n'"$(parent_pid "$pid")"$'\n'* ]] || tops+=("$pid")
+    done
+    log "WARNING: processes of this launch outlived its launcher (pids ${tops[*]}; their launch.py died): sending them SIGTERM (a rank checkpoints and exits), SIGKILL after ${wait} s"
+    kill -TERM "${tops[@]}" 2>/dev/null || true
+    while [[ -n "$(launch_processes "$tag")" ]] && (( waited < wait )); do
+        sleep 1
+        waited=$((waited + 1))
+    done
+    pids="$(launch_processes "$tag")"
+    if [[ -n "$pids" ]]; then
+        log "WARNING: still running after ${wait} s: sending SIGKILL to $(paste -sd' ' - <<<"$pids")"
+        # shellcheck disable=SC2086  # one pid per word
+        kill -KILL $pids 2>/dev/null || true
+    fi
+    return 0
 }
 
 # run_preemptible OUTPUT_DIR CMD...: run CMD (an srun line) in the background, forward USR1/TERM

@@ -14,9 +14,10 @@
 # Ctrl-C reaches the launcher, which stops the ranks; SIGTERM or SIGUSR1 to this script (or
 # SIGUSR1 to a rank) checkpoints the ranks and the run exits 75 (resume with the same command:
 # train.resume=auto is the default).
-# Exit status: the launcher's, except a 0 for a run that started but left no done.json: 75 when it
-# left preempted.json, else 1 with one line (deepspeed's runner exits 0 when its launch.py is killed
-# by a signal).
+# Exit status: the launcher's, except a 0 for a run that left no done.json: 75 when it left
+# preempted.json, else 1 with one line (deepspeed's runner exits 0 when its launch.py is killed by a
+# signal, also before the trainer started). Ranks that outlive a killed launch.py are sent SIGTERM
+# (they checkpoint) and, VUTRAIN_LEFTOVER_WAIT seconds later (default 300), SIGKILL.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -112,6 +113,8 @@ hold_run_lock() {
 
 PY="${PYTHON:-python}"
 GPUS="$(count_gpus)"
+LEFTOVER_WAIT="${VUTRAIN_LEFTOVER_WAIT:-300}"
+is_uint "$LEFTOVER_WAIT" || die "VUTRAIN_LEFTOVER_WAIT=$LEFTOVER_WAIT is not a whole number of seconds. Set it to e.g. 300, or unset it."
 launcher=("$PY" -u -m deepspeed.launcher.runner)
 
 if [[ -n "${HOSTFILE:-}" ]]; then
@@ -165,7 +168,9 @@ if [[ " ${launcher[*]} " != *" --hostfile "* ]]; then
     launcher+=(--hostfile /dev/null/none)
 fi
 rendezvous_port
-launcher+=(--master_port "$PORT")
+# --save_pid: launch.py writes /tmp/<runner pid>.deepspeed as it comes up, before it starts the ranks:
+# the one sign that it started, for a runner that exits 0 once launch.py is killed (see the end).
+launcher+=(--master_port "$PORT" --save_pid)
 log "rendezvous at 127.0.0.1:$PORT ($PORT_ORIGIN)"
 OUT_DIR="$(run_output_dir "$@")"
 hold_run_lock "$OUT_DIR"
@@ -207,8 +212,14 @@ signal_ranks() {
 # (launch.py stops the ranks), so INT here only keeps this script waiting for that exit code.
 #
 # <&0: a background job's stdin would be /dev/null (a breakpoint() in a rank needs the terminal)
-"${launcher[@]}" "$TRAIN_PY" "$@" <&0 &
+# VUTRAIN_LAUNCH_ID: every process of this launch carries it (stop_launch_leftovers finds them by it).
+LAUNCH_ID="$$-$(date +%s%N)-$RANDOM"
+VUTRAIN_LAUNCH_ID="$LAUNCH_ID" "${launcher[@]}" "$TRAIN_PY" "$@" <&0 &
 launcher_pid=$!
+# The runner imports DeepSpeed for seconds before launch.py writes this file; a stale one (a pid
+# reused after a launch that was itself killed) would stop launch.py with an AssertionError.
+LAUNCH_PID_FILE="/tmp/$launcher_pid.deepspeed"
+rm -f "$LAUNCH_PID_FILE" 2>/dev/null || true
 trap 'signal_ranks TERM' TERM
 trap 'signal_ranks USR1' USR1
 trap ':' INT
@@ -219,5 +230,14 @@ while kill -0 "$launcher_pid" 2>/dev/null; do
 done
 launcher_rc=0
 wait "$launcher_pid" || launcher_rc=$?
+launched=0
+if [[ -e "$LAUNCH_PID_FILE" ]]; then
+    launched=1
+    rm -f "$LAUNCH_PID_FILE"
+fi
+# Ranks whose launch.py was killed train on after the runner returned; stopped before the run
+# directory is read, since they may still write its preempted.json.
+trap '' TERM USR1
+stop_launch_leftovers "$LAUNCH_ID" "$LEFTOVER_WAIT" || true
 # The runner's 0 is not always a finished run (a launch.py killed by a signal): see common.sh.
-exit "$(checked_exit_status "$launcher_rc" "$OUT_DIR" "$RUN_STAMP")"
+exit "$(checked_exit_status "$launcher_rc" "$OUT_DIR" "$RUN_STAMP" "$launched")"

@@ -53,18 +53,22 @@ def test_random_crop_of_a_square_image_keeps_its_boxes():
 
 
 def test_random_crop_resamples_as_pil_bicubic():
-    """Each image's crop equals PIL's ``resize((S, S), BICUBIC, box=...)`` of the same uint8 image
-    (open_clip's resample) within 1 grey level after rounding. grid_sample's bicubic (a = -0.75,
-    replicated border, no clipping between passes) was up to 40 levels off on hard edges."""
+    """Each image's crop equals PIL's ``crop(box).resize((S, S), BICUBIC)`` of the same uint8 image
+    (open_clip's RandomResizedCrop: torchvision crops, then resizes) within 1 grey level after
+    rounding. grid_sample's bicubic (a = -0.75, replicated border, no clipping between passes) was up
+    to 40 levels off on hard edges; taps read past the box, as ``resize(box=...)`` reads them, put
+    the outer pixels up to 8 levels off (until 2026-12-07)."""
     size = 64
     images = [_thumbnail(size, size, seed) for seed in range(6)]
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
     boxes = random_resized_crop_boxes(len(images), size, size, torch.Generator().manual_seed(5))
     boxes[0] = torch.tensor([3.0, 1.0, 58.0, 62.0])  # a box that surely is not the whole image
+    boxes[1] = torch.tensor([5.0, 2.0, 54.0, 58.0])  # (2, 5, 60, 59) as (left, top, right, bottom)
     out = crop_and_resize(pixels, boxes).round().permute(0, 2, 3, 1).numpy()
     for i, (top, left, ch, cw) in enumerate(boxes.tolist()):
         box = (left, top, left + cw, top + ch)
-        expected = np.asarray(Image.fromarray(images[i]).resize((size, size), Image.BICUBIC, box=box))
+        box = tuple(int(v) for v in box)
+        expected = np.asarray(Image.fromarray(images[i]).crop(box).resize((size, size), Image.BICUBIC))
         diff = np.abs(out[i] - expected.astype(np.float32))
         assert diff.max() <= 1, (i, box, diff.max(), diff.mean())
 

@@ -12,6 +12,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# Bytes that are no UTF-8 (a line torn by a crash that left garbage, a file edited in Latin-1) made
+# reading raise UnicodeDecodeError: the resume and curves.png failed with a traceback. Read as
+# surrogates, such a line is skipped as torn, and a kept line is written back byte for byte.
+_UNDECODABLE = "surrogateescape"
+
 
 class MetricsWriter:
     """Writes on rank 0 only; other ranks get a no-op writer so call sites need no rank checks."""
@@ -51,7 +56,7 @@ class MetricsWriter:
         if not (self.enabled and os.path.exists(self.path)):
             return 0
         kept, dropped = [], []
-        with open(self.path, encoding="utf-8") as fh:
+        with open(self.path, encoding="utf-8", errors=_UNDECODABLE) as fh:
             for line in fh:
                 if not line.strip():
                     continue
@@ -74,7 +79,7 @@ class MetricsWriter:
                 step,
             )
         tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open(tmp, "w", encoding="utf-8", errors=_UNDECODABLE) as fh:
             fh.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
         os.replace(tmp, self.path)
         return len(dropped)
@@ -178,7 +183,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     rows, skipped = [], 0
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors=_UNDECODABLE) as fh:
         for line in fh:
             if not line.strip():
                 continue

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import numbers
 import os
 
 from vutrain.metrics import read_metrics
+
+log = logging.getLogger(__name__)
 
 RETRIEVAL_KEYS = ("eval/zeroshot_top1", "eval/i2t_r1", "eval/t2i_r1", "eval/i2t_r5", "eval/t2i_r5")
 
@@ -22,6 +27,47 @@ def _eval_curve_keys(evals: list[dict]) -> list[str]:
     return [key for key in RETRIEVAL_KEYS if key in present] + tag_keys
 
 
+def _as_number(value) -> float | None:
+    """`value` as a float, or None where it is no number (null, text, a list, a bool); "2.0" reads as
+    2.0, as a step written "4" reads as 4. In a hand-edited or foreign row, a null zero-shot chance
+    or an object value raised TypeError and the whole plot was lost, and one value written "2.0"
+    put every loss of the panel on a text axis, in the order met."""
+    try:
+        if isinstance(value, str):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return None
+        return float(value)
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond a float's range
+        return None
+
+
+def _curve(rows: list[dict], key: str, unusable: list[int]) -> list[tuple[int, float]]:
+    """(step, value) of the rows holding `key` whose value is a finite number; a value that is no
+    number adds to `unusable[0]`. Non-finite values (a NaN loss: an interval whose micro-batches were
+    all skipped) are left out: the line joins the finite points around them, where a NaN broke it
+    and a finite point between two NaNs, drawn as a segment of length zero, did not show."""
+    points = []
+    for row in rows:
+        if key not in row:
+            continue
+        value = _as_number(row[key])
+        if value is None:
+            unusable[0] += 1
+        elif math.isfinite(value):
+            points.append((row["step"], value))
+    return points
+
+
+def _draw(axis, points: list[tuple[int, float]], **style) -> None:
+    """A line through `points`, with a marker when it is a single point: a run of fewer steps than
+    train.log_every (one training row) had an empty loss panel, a line of one point has no length."""
+    if points:
+        if len(points) == 1:
+            style.setdefault("marker", "o")
+        axis.plot(*zip(*points), **style)
+
+
 def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     """Plot the loss and eval curves to ``run_dir/out_name``; returns its path (None without metrics)."""
     rows = read_metrics(run_dir)
@@ -36,14 +82,17 @@ def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
-    axes[0].plot([r["step"] for r in train], [r["train/loss"] for r in train], lw=1)
+    unusable = [0]
+    _draw(axes[0], _curve(train, "train/loss", unusable), lw=1)
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
     for key in _eval_curve_keys(evals):
-        pts = [(r["step"], r[key]) for r in evals if key in r]
-        if pts:
-            axes[1].plot(*zip(*pts), marker="o", label=key.split("/", 1)[1])
-    if evals and "eval/zeroshot_chance" in evals[-1]:
-        axes[1].axhline(evals[-1]["eval/zeroshot_chance"], ls="--", c="grey", label="zero-shot chance")
+        _draw(axes[1], _curve(evals, key, unusable), marker="o", label=key.split("/", 1)[1])
+    chance = _curve(evals[-1:], "eval/zeroshot_chance", unusable)
+    if chance:
+        axes[1].axhline(chance[0][1], ls="--", c="grey", label="zero-shot chance")
+    if unusable[0]:
+        path = os.path.join(run_dir, "metrics.jsonl")
+        log.warning("%s: %d value(s) that are no number left out of %s", path, unusable[0], out_name)
     axes[1].set(title="evaluation", xlabel="step", ylim=(0, 1))
     if evals:
         axes[1].legend(fontsize=8)

@@ -2,7 +2,7 @@
 
 Torch-free, so that `dataset_tools vocab` (which must count tags as training ids them) shares
 these two rules with the trainer instead of a copy that drifted: the copy lower-cased and
-stripped while training came to apply NFC and collapse inner whitespace.
+stripped while training came to apply Unicode normalisation and collapse inner whitespace.
 """
 
 from __future__ import annotations
@@ -41,8 +41,19 @@ def normalize_tag(tag: str) -> str:
     """The one form of a tag that training ids, the tag metrics, zero-shot tag classes and the
     dataset tools' vocabulary all use.
 
-    NFC then lower-case, as the tokenizers normalise text, so two spellings the text tower cannot
-    tell apart are one tag: "café" typed composed or decomposed (NFD, as macOS file names and some
-    scrapers write it) hashed to two ids and made two tag-metric columns with identical prompts.
-    Whitespace runs count as one space ("lets  play" is "lets play"), leading and trailing none."""
-    return " ".join(unicodedata.normalize("NFC", tag).lower().split())
+    Two spellings of one tag are one tag: Unicode compatibility forms (NFKC: full-width "ＧＴＡ５",
+    which Japanese tag lists use, is "gta5"; the ligature "ﬁ" is "fi"; "café" composed or
+    decomposed, as macOS file names and some scrapers write it, is one form) and case folded, not
+    only lower-cased ("Straße" and "STRASSE" are "strasse": lower-casing kept "straße" and
+    "strasse" apart, two ids, two tag-metric columns, two zero-shot classes of one tag).
+    Whitespace runs count as one space ("lets  play" is "lets play"), leading and trailing none.
+
+    The form is also the text of the tag's prompts, so it stays readable: a word-final Greek
+    sigma stays "ς" (case folding writes "σ", a spelling Greek text never has; lower-casing
+    already makes "ΟΔΟΣ" and "οδος" one tag)."""
+    text = unicodedata.normalize("NFKC", tag).lower()
+    folded = "".join(c if c == _FINAL_SIGMA else c.casefold() for c in text)
+    return " ".join(unicodedata.normalize("NFKC", folded).split())  # folding may un-normalise
+
+
+_FINAL_SIGMA = "\u03c2"

@@ -81,8 +81,8 @@ def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple
 def crop_and_resize(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Resample each image's box back to the full size with PIL's bicubic, batched on the device.
 
-    open_clip crops PIL images, so its resample is PIL's: the bicubic with a = -0.5, taps clipped
-    at the image border and renormalised. ``grid_sample``'s bicubic (a = -0.75, replicated
+    open_clip crops PIL images, so its resample is PIL's: the bicubic with a = -0.5 of the crop,
+    taps clipped at the crop's border and renormalised. ``grid_sample``'s bicubic (a = -0.75, replicated
     border) was sharper: mean 0.6, p99 6, single pixels 19 grey levels off PIL's on a photo.
 
     Args:
@@ -118,8 +118,12 @@ def _bicubic_matrix(start: torch.Tensor, length: torch.Tensor, out_size: int, in
     Output pixel centres map onto the box's (``start + (x + 0.5) * scale``)."""
     positions = torch.arange(out_size, device=start.device, dtype=torch.float32) + 0.5
     center = start[:, None] + positions * (length / out_size)[:, None]
-    lo = torch.trunc(center - 1.5).clamp_(min=0)  # PIL: (int)(center - support + 0.5), support 2
-    hi = torch.trunc(center + 2.5).clamp_(max=in_size)
+    # PIL: (int)(center - support + 0.5), support 2. The taps stop at the box's edges, as they do
+    # where open_clip (torchvision) crops first and resizes the crop: clipped at the image border
+    # instead, as PIL's resize(box=...) clips, the outer pixels read past the box (up to 8 levels).
+    end = (start + length)[:, None]
+    lo = torch.maximum(torch.trunc(center - 1.5), start[:, None])
+    hi = torch.minimum(torch.trunc(center + 2.5), end).clamp_(max=in_size)
     source = lo[..., None] + torch.arange(_TAPS, device=start.device, dtype=torch.float32)
     weights = _pil_bicubic(source - center[..., None] + 0.5) * (source < hi[..., None])
     weights = weights / weights.sum(-1, keepdim=True)

@@ -178,6 +178,31 @@ def check_compatible(saved_plan: dict, plan: dict) -> None:
         )
 
 
+def _epoch_size_range(plan: dict) -> range:
+    """The ``data.num_samples`` values that give ``plan`` its steps per epoch (the plan keeps only
+    ``num_samples // (batch_size * world_size)``)."""
+    global_batch = plan["batch_size"] * plan["world_size"]
+    return range(plan["steps_per_epoch"] * global_batch, (plan["steps_per_epoch"] + 1) * global_batch)
+
+
+def check_same_epoch_size(saved_plan: dict, plan: dict) -> None:
+    """StreamStateError when no single ``data.num_samples`` gives both plans their steps per epoch.
+
+    ``steps_per_epoch`` is reshapeable (a new world or micro batch changes it), so comparing it
+    cannot tell a changed ``data.num_samples``: over one, the epoch's remainder was numbered from
+    the new epoch's end, before its start when the new epoch is shorter (a negative batch index
+    and epoch -2 on, where a same-world resume refuses the change).
+    """
+    saved, now = _epoch_size_range(saved_plan), _epoch_size_range(plan)
+    if saved.start < now.stop and now.start < saved.stop:
+        return
+    raise StreamStateError(
+        f"the data stream state was saved with another data.num_samples (an epoch of "
+        f"{saved.start}..{saved.stop - 1} samples then, {now.start}..{now.stop - 1} now); resume with the "
+        "saved data.num_samples, or start afresh with train.resume=never (or another output_dir)."
+    )
+
+
 def reshape_state(states: list[dict], plan: dict, shards: list[str], keys: ShardKeys | None = None) -> dict:
     """This rank's stream state under ``plan`` from the states of all old ranks (``states``).
 
@@ -192,6 +217,7 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str], keys: Shard
     """
     old = states[0]["plan"]
     check_compatible(old, plan)
+    check_same_epoch_size(old, plan)
     if (
         all(states[r]["plan"] == dict(plan, rank=r) for r in range(len(states)))
         and len(states) == plan["world_size"]

@@ -5,7 +5,7 @@
   ("no label": a positive of itself only).
 * `tags`: the set of `tags` -> LongTensor [B, T] of stable tag ids, padded with -1 to the
   batch's longest tag list. Ids are 62-bit BLAKE2b hashes of the normalised tag (``normalize_tag``:
-  NFC, lower-case, whitespace runs as one space, stripped), so every worker and rank agrees without
+  NFKC, case-folded, whitespace runs as one space, stripped), so every worker and rank agrees without
   a vocabulary file (a collision needs ~2^31 distinct tags).
 
 The losses read these forms directly (vutrain/losses/positives.py).
@@ -23,7 +23,8 @@ POSITIVES = ("pair", "category", "tags")
 
 
 def tag_id(tag: str) -> int:
-    """Stable non-negative id of a tag ("Cats " and "cats" share one; see ``normalize_tag``)."""
+    """Stable non-negative id of a tag ("Cats " and "cats", "Straße" and "STRASSE" share one;
+    see ``normalize_tag``)."""
     digest = hashlib.blake2b(normalize_tag(tag).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
 

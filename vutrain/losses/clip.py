@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vutrain.losses.backends import check_backend, takes_kernel
-from vutrain.losses.gather import check_pairs, check_rank, gather_features
+from vutrain.losses.gather import check_pairs, check_rank, common_dtype, gather_features
 from vutrain.losses.positives import check_labels, gather_labels, positive_mask
 
 
@@ -126,6 +126,7 @@ class ClipLoss(nn.Module):
                 BoolTensor [B, L]; see positives.py); None is the plain one-positive loss.
         """
         check_pairs("ClipLoss", image_features, text_features)
+        image_features, text_features = common_dtype(image_features, text_features)
         if labels is not None:
             check_labels(labels, image_features.shape[0])
             # A caller's CPU labels beside CUDA features built the positive mask on the CPU and

@@ -128,6 +128,26 @@ def check_pairs(loss: str, image_features: torch.Tensor, text_features: torch.Te
         raise ValueError(f"{loss} got an empty batch (0 pairs); every rank needs at least one (drop_last)")
 
 
+def common_dtype(
+    image_features: torch.Tensor, text_features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both features in their promoted floating dtype (bf16 beside fp32 -> fp32).
+
+    Towers may legitimately leave in different dtypes (one under autocast, a LoRA head or a
+    frozen tower kept in fp32); the matmul refused the mix with a torch traceback. The cast is
+    differentiable, so each tower still gets its gradient in its own dtype. The gathers need one
+    dtype per tensor on every rank, which holds when every rank runs the same model.
+    """
+    img, txt = image_features, text_features
+    if not (img.is_floating_point() and txt.is_floating_point()):
+        raise ValueError(
+            f"contrastive losses need floating-point features, got {img.dtype} and {txt.dtype}; "
+            "pass the towers' (L2-normalised) float embeddings"
+        )
+    dtype = torch.promote_types(img.dtype, txt.dtype)
+    return img.to(dtype), txt.to(dtype)
+
+
 def check_group(rank: int, world_size: int) -> None:
     """Fail loudly when the loss was built for a different process group than the live one."""
     if not dist.is_available() or not dist.is_initialized():

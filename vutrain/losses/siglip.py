@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vutrain.losses.backends import check_backend, takes_kernel
 from vutrain.losses.exchange import neighbour_exchange, neighbour_exchange_bidir, p2p_supported
-from vutrain.losses.gather import all_gather_with_grad, check_group, check_pairs, check_rank
+from vutrain.losses.gather import all_gather_with_grad, check_group, check_pairs, check_rank, common_dtype
 from vutrain.losses.positives import check_labels, gather_labels, positive_mask
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class SigLipLoss(nn.Module):
                 "it to -10); enable the bias in the model or use loss.name=clip"
             )
         check_pairs("SigLipLoss", image_features, text_features)
+        image_features, text_features = common_dtype(image_features, text_features)
         b = image_features.shape[0]
         if labels is not None:
             check_labels(labels, b)
