@@ -342,15 +342,29 @@ def _failed_rows(output: str, done: dict[int, str], planned: dict[str, dict]) ->
     return groups
 
 
+def built_shards(output: str, say_redone: bool = False) -> dict[int, str]:
+    """``complete_shards`` whose stats file reads as a build's (``shards.stats_problem``). Any other
+    stats file that parses (``{}``, ``[]``, another tool's JSON) marks no shard built: the shard is
+    redone, as after a torn one, instead of a KeyError or TypeError traceback out of the closing
+    totals after the whole download. ``say_redone``: name each such file."""
+    built = {}
+    for shard_id, name in shards.complete_shards(output).items():
+        _, problem = shards.read_stats(output, name)
+        if problem is None:
+            built[shard_id] = name
+        elif say_redone:
+            print(f"[dataset_tools] {problem}: shard {name} is downloaded again")
+    return built
+
+
 def summarize(output: str, elapsed: float | None = None, new_successes: int = 0) -> dict:
     """Totals over all complete shards: successes, failures by reason, images/s of this run."""
     reasons, count, ok = Counter(), 0, 0
-    for name in shards.iter_shard_names(output):
-        with open(os.path.join(output, f"{name}_stats.json")) as f:
-            stats = json.load(f)
+    for name in sorted(built_shards(output).values()):
+        stats, _ = shards.read_stats(output, name)
         count += stats["count"]
         ok += stats["successes"]
-        for reason, n in stats["status_dict"].items():
+        for reason, n in stats.get("status_dict", {}).items():
             if reason != shards.SUCCESS:
                 reasons[reason] += n
     summary = {
@@ -466,7 +480,7 @@ def _build(cfg: BuildConfig) -> dict:
     )
     plan_mod.save_plan(cfg.output, plan, cfg.shard_size)
 
-    done = shards.complete_shards(cfg.output)
+    done = built_shards(cfg.output, say_redone=True)
     todo = {sid: rows for sid, rows in plan_mod.by_shard(plan).items() if sid not in done}
     retry_groups = (
         _failed_rows(cfg.output, done, {r["sample_key"]: r for r in plan}) if cfg.retry_failed else {}
@@ -502,7 +516,7 @@ def _build(cfg: BuildConfig) -> dict:
         planned=len(plan),
         shard_size=cfg.shard_size,
         **drift,
-        incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(shards.complete_shards(cfg.output))),
+        incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(built_shards(cfg.output))),
         incomplete_retries=len(unmerged),
         download_worker_died=worker_died is not None,
     )

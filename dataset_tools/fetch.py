@@ -44,9 +44,6 @@ _NEXT_RUNG = {
 }
 
 _CHUNK = 64 * 1024
-# YouTube variants that are 120x90 by nature (the default thumbnail and the three video frames):
-# at that size they are real images, not the grey placeholder every other variant would be.
-_NATIVE_120X90 = frozenset({"default", "1", "2", "3"})
 
 
 class _Retryable(Exception):
@@ -327,7 +324,8 @@ def is_placeholder(body: bytes) -> bool:
 
 def _served_placeholder(variant: str, size: tuple, body: bytes) -> bool:
     """YouTube's placeholder: 120x90 for a variant that is larger, or grey by content at any size."""
-    return (size == youtube.PLACEHOLDER_SIZE and variant not in _NATIVE_120X90) or is_placeholder(body)
+    larger_by_nature = variant not in youtube.NATIVE_120X90_VARIANTS
+    return (size == youtube.PLACEHOLDER_SIZE and larger_by_nature) or is_placeholder(body)
 
 
 def _rung_failure(error: str) -> str | None:

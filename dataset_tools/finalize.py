@@ -27,7 +27,9 @@ def finalize(folder: str) -> dict:
     for _shard_id, name in sorted(shards.complete_shards(folder).items()):
         with open(os.path.join(folder, f"{name}_stats.json")) as f:
             stats = json.load(f)
-        problem = shards.tar_problem(os.path.join(folder, f"{name}.tar"), stats["successes"])
+        problem = shards.stats_problem(name, stats) or shards.tar_problem(
+            os.path.join(folder, f"{name}.tar"), stats["successes"]
+        )
         if problem:
             problems.append((name, problem))
             continue

@@ -132,15 +132,29 @@ def exclusive_lock(lock_path: str, refusal: Callable[[str], str]) -> Iterator[No
         yield
 
 
+def sample_member(member_name: str) -> tuple[str, str] | None:
+    """``(key, ext)`` of a tar member as the trainer names it (vutrain/data/samples.py
+    ``_split_name``): key = the path up to the first dot of the basename, extension lower-cased;
+    None for a member the trainer skips (no extension). Keyed by basename, ``x/a.jpg`` and
+    ``y/a.jpg`` were merged into one sample (split, dedup and inspect saw one where training sees
+    two), and ``a.JPG`` was not taken for the image the trainer reads."""
+    slash = member_name.rfind("/")
+    dot = member_name.find(".", slash + 1)
+    if dot <= slash + 1:
+        return None
+    return member_name[:dot], member_name[dot + 1 :].lower()
+
+
 def read_tar(path: str) -> dict[str, dict[str, bytes]]:
-    """``{key: {ext: bytes}}`` of a shard (key = member name up to the first dot)."""
+    """``{key: {ext: bytes}}`` of a shard, keys and extensions as the trainer reads them
+    (``sample_member``)."""
     samples: dict[str, dict[str, bytes]] = {}
     with tarfile.open(path, "r") as tar:
         for member in tar:
-            if not member.isfile():
+            parts = sample_member(member.name) if member.isfile() else None
+            if parts is None:
                 continue
-            base = os.path.basename(member.name)
-            key, _, ext = base.partition(".")
+            key, ext = parts
             samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     return samples
 
@@ -172,7 +186,9 @@ def tar_check(path: str, expected_samples: int | None = None) -> tuple[str | Non
                 if member.isfile():
                     if member.offset_data + member.size > size:
                         return f"{name}: member {member.name} runs past the end of the file (truncated)", keys
-                    keys.add(os.path.basename(member.name).partition(".")[0])
+                    parts = sample_member(member.name)
+                    if parts is not None:
+                        keys.add(parts[0])
     except (tarfile.TarError, OSError, EOFError) as err:
         return f"{name}: unreadable ({err})", keys
     if expected_samples is not None and len(keys) != expected_samples:
@@ -230,6 +246,40 @@ def write_stats(folder: str, shard_id: int, stats: dict, oom_shard_count: int = 
     """Write a shard's ``NNNNN_stats.json`` atomically."""
     path = os.path.join(folder, f"{shard_name(shard_id, oom_shard_count)}_stats.json")
     atomic_write_bytes(path, json.dumps(stats, indent=4).encode())
+
+
+def stats_problem(name: str, stats) -> str | None:
+    """Why ``stats`` (a parsed ``NNNNN_stats.json`` of shard ``name``) is not a build stats file
+    that sizes the shard, or None. Such a file parses, so ``complete_shards`` takes the shard as
+    complete; its readers (build's totals, finalize) check it here instead of a KeyError or
+    TypeError traceback on ``{}``, ``[]`` or another tool's JSON."""
+    if not isinstance(stats, dict):
+        return f"{name}_stats.json is not a JSON object (not a build stats file)"
+    counts = (stats.get("successes"), stats.get("count"))
+    if not all(map(_is_count, counts)):
+        return f"{name}_stats.json has no whole-number successes and count (not a build stats file)"
+    if counts[0] > counts[1]:
+        return f"{name}_stats.json counts more successes than rows (not a build stats file)"
+    status = stats.get("status_dict", {})
+    if not isinstance(status, dict) or not all(_is_count(n) for n in status.values()):
+        return f"{name}_stats.json has a status_dict that is not counts by reason (not a build stats file)"
+    return None
+
+
+def _is_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def read_stats(folder: str, name: str) -> tuple[dict | None, str | None]:
+    """``(stats, None)`` of shard ``name``'s stats file, or ``(None, why not)`` when it does not
+    read as a build stats file (torn, not JSON, or ``stats_problem``)."""
+    try:
+        with open(os.path.join(folder, f"{name}_stats.json"), encoding="utf-8") as f:
+            stats = json.load(f)
+    except (OSError, ValueError) as err:
+        return None, f"{name}_stats.json: unreadable ({err})"
+    problem = stats_problem(name, stats)
+    return (None, problem) if problem else (stats, None)
 
 
 def complete_shards(folder: str) -> dict[int, str]:

@@ -23,6 +23,9 @@ DEFAULT_URL_TEMPLATE = "https://i.ytimg.com/vi/{video_id}/{variant}.jpg"
 DEFAULT_VARIANTS = ("maxresdefault", "sddefault", "hqdefault", "mqdefault")
 # YouTube answers a missing thumbnail variant with this grey "TV" image (often with status 404).
 PLACEHOLDER_SIZE = (120, 90)
+# Variants that are 120x90 by nature (the default thumbnail and the three video frames): at that
+# size they are real images, not the grey placeholder every other variant would be.
+NATIVE_120X90_VARIANTS = frozenset({"default", "1", "2", "3"})
 # The largest id the plan's int32 category column holds (real ones are below 100).
 _MAX_CATEGORY_ID = 2**31 - 1
 

@@ -207,3 +207,32 @@ def test_torch_adagrad_under_zero_is_a_config_error(stage, tmp_path):
         build_ds_config(cfg, world_size=2)
     cfg = TrainConfig(micro_batch_size=4, zero_stage=0, ds_config=cfg.ds_config)
     assert build_ds_config(cfg, world_size=2)["optimizer"]["type"] == "Adagrad"  # ZeRO-0 keeps it as built
+
+
+@pytest.mark.parametrize(
+    "precision, accum, refused",
+    [("bf16", "fp32", True), ("fp32", "bf16", True), ("bf16", "bfloat16", False), ("fp32", "float32", False)],
+)
+def test_grad_accum_dtype_zero_0_cannot_run_is_a_config_error(precision, accum, refused, tmp_path):
+    """Without ZeRO, DeepSpeed accumulates only in the model's dtype: bf16 weights with fp32
+    accumulation raised NotImplementedError("unsupported mix ...") out of deepspeed.initialize, a
+    traceback after the process group and the model were built. ZeRO-1 runs the same JSON
+    (DeepSpeed's BF16_Optimizer), and a dtype name DeepSpeed does not know is named."""
+    ds = {"data_types": {"grad_accum_dtype": accum}}
+    cfg = TrainConfig(micro_batch_size=4, zero_stage=0, precision=precision, ds_config=_json(tmp_path, ds))
+    if refused:
+        with pytest.raises(
+            ConfigError, match="not supported by DeepSpeed without ZeRO: use train.zero_stage=1"
+        ):
+            build_ds_config(cfg, world_size=1)
+    else:
+        assert build_ds_config(cfg, world_size=1)["data_types"]["grad_accum_dtype"] == accum
+    cfg = TrainConfig(micro_batch_size=4, zero_stage=1, precision=precision, ds_config=cfg.ds_config)
+    assert build_ds_config(cfg, world_size=1)["data_types"]["grad_accum_dtype"] == accum
+    bad = TrainConfig(
+        micro_batch_size=4,
+        zero_stage=0,
+        ds_config=_json(tmp_path, {"data_types": {"grad_accum_dtype": "f32"}}),
+    )
+    with pytest.raises(ConfigError, match='grad_accum_dtype="f32" is not a dtype DeepSpeed knows'):
+        build_ds_config(bad, world_size=1)

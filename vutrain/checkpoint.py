@@ -509,7 +509,10 @@ def _newest_complete(ckpt_dir: str, what: str, verbose: bool = True) -> tuple[st
     interrupted = [f"{t}: save interrupted (never completed)" for t in _list_tmp(ckpt_dir)]
     skipped = list(interrupted)
     latest_path = os.path.join(ckpt_dir, "latest")
-    named = open(latest_path, encoding="utf-8").read().strip() if os.path.isfile(latest_path) else None
+    named = None
+    if os.path.isfile(latest_path):
+        with open(latest_path, encoding="utf-8") as f:  # closed at once: a ResourceWarning per resume
+            named = f.read().strip()
     if named and not os.path.isdir(os.path.join(ckpt_dir, named)):
         skipped.append(f"'latest' names {named}, which is gone")
     chosen = None

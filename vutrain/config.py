@@ -409,6 +409,7 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
     for name, value in mapping.items():
         key = f"{prefix}{name}"
         if name not in names:
+            _refuse_dotted_run_file_key(obj, name, key)
             raise ConfigError(
                 f"unknown config key {key!r}{_did_you_mean(key, value)}; valid keys here: "
                 + ", ".join(_valid_keys(type(obj), prefix))
@@ -424,7 +425,35 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(key, tp, value))
 
 
-def _field_type(cfg: RunConfig, parts: list[str]) -> Any:
+def _refuse_dotted_run_file_key(section: Any, name: Any, key: str) -> None:
+    """ConfigError for a run file's `train.max_steps: 5`: a dotted key that names a field.
+
+    Its error was "unknown config key 'train.max_steps' (did you mean train.max_steps?)", the key
+    as written, without saying that a run file nests its keys.
+    """
+    if not isinstance(name, str) or "." not in name or _field_type(section, name.split(".")) is None:
+        return
+    head, _, tail = name.partition(".")
+    raise ConfigError(
+        f"{key}: a run file nests its keys, write '{head}:' with '{tail}: ...' indented below it "
+        "(dotted keys are the command line's form, e.g. train.max_steps=200)"
+    )
+
+
+def _refuse_key_below_a_leaf(cfg: RunConfig, item: str, parts: list[str]) -> None:
+    """ConfigError for an override that names a key below a key (`train.lr.x=1`): its error was
+    "train.lr must be a number, got {'x': 1}", a value the user never typed."""
+    for depth in range(1, len(parts)):
+        tp = _field_type(cfg, parts[:depth])
+        if tp is not None and not dataclasses.is_dataclass(tp):
+            leaf = ".".join(parts[:depth])
+            raise ConfigError(
+                f"override {item!r}: {leaf} is a key, not a section, so {'.'.join(parts)} names "
+                f"nothing; write {leaf}=value"
+            )
+
+
+def _field_type(cfg: Any, parts: list[str]) -> Any:
     """The type (a section's dataclass included) of the field a dotted key names; None for no field."""
     tp: Any = type(cfg)
     for part in parts:
@@ -488,6 +517,7 @@ def apply_override(cfg: RunConfig, item: str) -> None:
     key, raw = item.split("=", 1)
     key = key.strip()
     parts = key.split(".")
+    _refuse_key_below_a_leaf(cfg, item, parts)
     if dataclasses.is_dataclass(_field_type(cfg, parts)):
         # A run file's `eval:` alone means the section's defaults; an override names one key.
         raise ConfigError(f"override {item!r} must set a single key, not a section; e.g. {key}.<name>=value")
@@ -631,15 +661,22 @@ def _as_text(node: Any) -> Any:
     return yaml.ScalarNode(_STR_TAG, node.value, node.start_mark, node.end_mark)
 
 
-def _refuse_duplicate_keys(node: Any, path: str, prefix: str = "") -> None:
-    """ConfigError where a mapping of the run file names a key twice.
+def _refuse_duplicate_keys(node: Any, path: str, prefix: str = "", inside: frozenset = frozenset()) -> None:
+    """ConfigError where a mapping of the run file names a key twice, or a node holds itself.
 
     PyYAML keeps the last of them without a word (YAML 1.2 calls it an error): a second `train:`
     section replaced the whole first one, whose max_steps, zero_stage, ... went back to defaults.
+    An alias inside its own anchor (`train: &t {<<: *t}`) was a RecursionError traceback here.
     """
+    if id(node) in inside:
+        raise ConfigError(
+            f"{path}: {prefix.rstrip('.') or 'the file'} holds an alias of its own anchor (anchored at "
+            f"line {node.start_mark.line + 1}): a value cannot contain itself; write the keys out"
+        )
+    inside = inside | {id(node)}
     if isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _refuse_duplicate_keys(item, path, prefix)
+            _refuse_duplicate_keys(item, path, prefix, inside)
         return
     if not isinstance(node, yaml.MappingNode):
         return
@@ -654,13 +691,19 @@ def _refuse_duplicate_keys(node: Any, path: str, prefix: str = "") -> None:
             )
         if name is not None:
             first_line[name] = line
-        _refuse_duplicate_keys(value_node, path, f"{prefix}{name}." if name is not None else prefix)
+        _refuse_duplicate_keys(value_node, path, f"{prefix}{name}." if name is not None else prefix, inside)
 
 
 def build_config(path: str | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
     """The RunConfig of a YAML file and overrides, keys and types checked but not validated: what
     the launch scripts read (`--get`) in a tenth of a second, without importing torch."""
     cfg = RunConfig()
+    if path is not None and not path.strip():
+        # `--config "$CONFIG"` with CONFIG unset trained the defaults (tiny, runs/default) silently.
+        raise ConfigError(
+            "--config is empty: give a YAML path or the name of a shipped run file: "
+            + ", ".join(shipped_configs())
+        )
     if path:
         path = resolve_config_path(path)
         data = _read_run_file(path)

@@ -95,7 +95,37 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     zero = check_sections_as_deepspeed_reads_them(merged, cfg.zero_stage, cfg.ds_config)
     refuse_auto_without_value(merged, cfg)
     refuse_zero_adagrad(merged, zero, cfg.zero_stage, cfg.ds_config)
+    refuse_zero0_grad_accum_dtype(merged, cfg, cfg.ds_config)
     return merged
+
+
+def refuse_zero0_grad_accum_dtype(ds: dict, cfg: TrainConfig, source: str) -> None:
+    """ConfigError for a ``data_types.grad_accum_dtype`` that ZeRO-0 cannot run.
+
+    Without ZeRO, DeepSpeed accumulates gradients only in the model's own dtype: bf16 weights with
+    fp32 accumulation raised NotImplementedError("unsupported mix ...") out of
+    ``deepspeed.initialize``, a traceback after the process group and the model were built.
+    """
+    data_types = ds.get("data_types")
+    wanted = data_types.get("grad_accum_dtype") if isinstance(data_types, dict) else None
+    if cfg.zero_stage != 0 or wanted is None:
+        return
+    from deepspeed.runtime.config import DtypeEnum
+
+    try:
+        accum = DtypeEnum(wanted).value
+    except ValueError:
+        raise ConfigError(
+            f"{source}: data_types.grad_accum_dtype={json.dumps(wanted)} is not a dtype DeepSpeed knows "
+            "(fp32, bf16, fp16): fix it or leave it out"
+        ) from None
+    model = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.precision, "float32")
+    if str(accum) != f"torch.{model}":
+        raise ConfigError(
+            f"{source}: data_types.grad_accum_dtype={json.dumps(wanted)} beside {model} weights "
+            f"(train.precision={cfg.precision}) is not supported by DeepSpeed without ZeRO: use "
+            "train.zero_stage=1 or 2, or leave grad_accum_dtype out"
+        )
 
 
 def refuse_zero_adagrad(ds: dict, zero, stage: int, source: str) -> None:

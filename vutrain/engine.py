@@ -59,7 +59,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
         kwargs["optimizer"], kwargs["lr_scheduler"] = build_optimizer(module, cfg, device)
     engine, _, _, _ = deepspeed.initialize(model=module, **kwargs)
     undo_state_init_step(engine.optimizer)  # ZeRO-0 fp16/bf16: the first update as ZeRO-1/2/3's
-    warn_if_misaligned(engine.module, cfg.zero_stage)
+    warn_if_misaligned(engine.module, cfg.zero_stage, engine.optimizer)
     use_multi_tensor_grad_norm(engine.optimizer)  # 2 kernels per parameter -> a few (grad_norm.py)
     use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
     zero_nonfinite_at_step(engine)  # ZeRO-0 fp32/amp_bf16: a NaN gradient never reaches AdamW (grad_clip.py)

@@ -61,3 +61,42 @@ def _stacked_norms(gradients, params, norm_type) -> torch.Tensor | None:
             return torch.stack(torch._foreach_norm(counted, 2.0, dtype=torch.float32))
     except (RuntimeError, TypeError):  # e.g. a torch without _foreach_norm's dtype argument
         return None
+
+
+class IntervalNormMax:
+    """The largest global gradient norm of a logging interval's optimizer steps (train/grad_norm_max).
+
+    train/grad_norm is the logging step's norm alone: a spike between two logging steps, the
+    step that shows a run going wrong, never appeared, while train/loss is an interval mean. Kept
+    on the device (one maximum per step, no host read), read once per logged row, and saved with
+    the checkpoint so a run resumed mid-interval logs the uninterrupted run's value.
+    """
+
+    def __init__(self) -> None:
+        self._max: torch.Tensor | None = None
+
+    def add(self, norm, device: torch.device) -> None:
+        """Fold in one step's norm as DeepSpeed reports it (a tensor, a float, or None for none).
+
+        Its -1 (ZeRO's non-finite marker) and NaN count as inf, as train/grad_norm reads them."""
+        if norm is None:
+            return
+        with torch.no_grad():
+            value = torch.as_tensor(norm, dtype=torch.float64, device=device).detach().reshape(())
+            # NaN >= 0 is False too: both markers become inf
+            value = torch.where(value >= 0, value, torch.full_like(value, float("inf")))
+            self._max = value if self._max is None else torch.maximum(self._max, value)
+
+    def read(self) -> float | None:
+        """The interval's largest norm (None where no step had one); the next interval starts empty."""
+        if self._max is None:
+            return None
+        value, self._max = float(self._max), None
+        return value
+
+    def state_dict(self) -> float | None:
+        """The interval's maximum so far (float64 survives a checkpoint's JSON exactly; inf too)."""
+        return None if self._max is None else float(self._max)
+
+    def load_state_dict(self, value, device: torch.device) -> None:
+        self._max = None if value is None else torch.tensor(float(value), dtype=torch.float64, device=device)

@@ -5,7 +5,7 @@ CPU", transformers' torchvision fallback, torch's FutureWarnings about deprecate
 would otherwise print once per rank: 16 copies on two 8-GPU nodes. Rank 0 keeps them (each Python
 warning once per code location, Python's default); every other rank keeps only errors from
 libraries, and warnings and errors from vutrain itself (a rank's own trouble, such as a skipped
-non-finite step, must still be seen).
+non-finite step, must still be seen), each line tagged `[rank N]` so it can be traced to its rank.
 
 The training entry point calls it first thing, before DeepSpeed or transformers are imported:
 
@@ -24,6 +24,11 @@ from collections.abc import Mapping
 from vutrain.launcher_ranks import in_srun_step, mpirun_inside_srun_step
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Ranks other than 0 name themselves: under the deepspeed launcher or mpirun (no `srun --label`) a
+# warning from one of 16 ranks could not be traced to its rank. Rank 0's lines stay as FORMAT, so a
+# line without a rank is rank 0's; the tag goes before the level so "WARNING vutrain.x: ..." still
+# matches every rank's line.
+RANK_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
 # Loggers of libraries that every rank would repeat. "DeepSpeed" is DeepSpeed's own logger (it has
 # its own handler and does not propagate, so a level on a parent would not reach it).
 LIBRARY_LOGGERS = (
@@ -71,16 +76,21 @@ class _BelowLevel(logging.Filter):
         return record.levelno >= self.level
 
 
+def log_format(rank: int) -> str:
+    """The format of this rank's log lines: FORMAT on rank 0, with `[rank N]` on the others."""
+    return FORMAT if rank == 0 else RANK_FORMAT.format(rank=rank)
+
+
 def setup_logging(rank: int | None = None, level: int = logging.INFO) -> int:
     """Configure logging and warnings for this process; returns the rank it assumed.
 
     Rank 0: `level` for vutrain and the root handler, WARNING for libraries. Other ranks: WARNING
-    for vutrain, ERROR for libraries, and Python warnings from outside vutrain ignored (rank 0
-    prints the same ones).
+    for vutrain, ERROR for libraries, Python warnings from outside vutrain ignored (rank 0
+    prints the same ones), and `[rank N]` in each line.
     """
     rank = process_rank() if rank is None else rank
     main = rank == 0
-    logging.basicConfig(level=level if main else logging.WARNING, format=FORMAT)
+    logging.basicConfig(level=level if main else logging.WARNING, format=log_format(rank))
     logging.getLogger("vutrain").setLevel(level if main else logging.WARNING)
     library_level = logging.WARNING if main else logging.ERROR
     for name in LIBRARY_LOGGERS:

@@ -365,9 +365,12 @@ def _clear_load_error(name_or_path: str):
     except NotClipModelError:
         raise  # its own line already says what to do
     except OSError as exc:
+        # One line: transformers' own messages span lines (a hub name that does not exist: its
+        # advice on private repositories after a newline), which a launcher's log splits apart.
+        cause = " ".join(str(exc).split())
         raise OSError(
             f"model.name_or_path={name_or_path!r} could not be loaded as a CLIPModel with its "
-            f"tokenizer and image processor ({exc}). Give a local directory written by "
+            f"tokenizer and image processor ({cause}). Give a local directory written by "
             "save_pretrained / python -m vutrain.export, or a reachable hub name."
         ) from exc
 

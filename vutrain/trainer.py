@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -28,8 +29,9 @@ from vutrain.config import ConfigError, RunConfig, save_config
 from vutrain.distributed import DistInfo, all_reduce, barrier
 from vutrain.engine import build_engine
 from vutrain.evaluate import EvalInterrupted, Evaluator
-from vutrain.global_batch import as_given
+from vutrain.global_batch import as_given, with_global_batch
 from vutrain.grad_clip import count_zeroed_steps, mask_at_step
+from vutrain.grad_norm import IntervalNormMax
 from vutrain.losses import build_loss_from_config
 from vutrain.metrics import IntervalTermMeans, MetricsWriter, logged_eval
 from vutrain.model import (
@@ -97,6 +99,11 @@ def check_processor_fits_model(processor, name_or_path: str) -> None:
             f"the vision tower takes {side}x{side} (config.json's vision_config.image_size); set "
             f'"crop_size": {{"height": {side}, "width": {side}}} in its preprocessor_config.json'
         )
+
+
+def engine_grad_norm(engine):
+    """DeepSpeed's norm of the last optimizer step as it keeps it (a device tensor, a float or None)."""
+    return getattr(engine, "get_global_grad_norm", lambda: None)()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -211,6 +218,10 @@ class Trainer:
     metrics: MetricsWriter
 
     def __init__(self, cfg: RunConfig, info: DistInfo, sync_timing: bool = False):
+        # train.py derives it too, but a Trainer built directly (a notebook, a benchmark, a tuner)
+        # trained micro x world per step while config.yaml said global_batch_size (a resume through
+        # train.py then derived another accumulation). Deriving twice gives the same config.
+        cfg = with_global_batch(cfg, info.world_size)
         self.cfg, self.info = cfg, info
         self.run_dir = cfg.output_dir
         self.sync_timing = sync_timing  # bench: synchronise the GPU around each phase
@@ -220,6 +231,7 @@ class Trainer:
         self._signal: str | None = None
         self._eval_pending = False  # a pre-emption checkpoint came before its step's eval (_preempt)
         self._finished = False  # the final checkpoint: its step's eval and done.json came before it
+        self._checkpoint_step: int | None = None  # the step of the newest checkpoint loaded or saved
         self._run_lock: run_lock.RunLock | None = None
         try:
             self._prepare_run_dir()
@@ -262,6 +274,7 @@ class Trainer:
         # step alone, which waits for the GPU, also held the unfinished work of the step before.
         self._interval_wall, self._interval_steps = 0.0, 0
         self._terms = IntervalTermMeans()  # the loss's extra terms over the logging interval
+        self._norm_max = IntervalNormMax()  # train/grad_norm_max
         log.info(
             "world_size=%d launcher=%s device=%s backend=%s",
             info.world_size,
@@ -454,6 +467,7 @@ class Trainer:
             "interval_wall": self._interval_wall,
             "interval_steps": self._interval_steps,
             "interval_terms": self._terms.state_dict(),  # the loss terms' sums, as the guard's loss sum
+            "interval_grad_norm_max": self._norm_max.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -465,6 +479,7 @@ class Trainer:
         self._interval_wall = float(state.get("interval_wall", 0.0))
         self._interval_steps = int(state.get("interval_steps", 0))
         self._terms.load_state_dict(state.get("interval_terms") or {}, self.device)
+        self._norm_max.load_state_dict(state.get("interval_grad_norm_max"), self.device)
         self._load_data_position(state["data"])
 
     def _load_data_position(self, data: dict) -> None:
@@ -506,6 +521,7 @@ class Trainer:
             return
         state = ckpt.load_checkpoint(self.engine, *target, rank=self.info.rank)
         self.load_state_dict(state)
+        self._checkpoint_step = self.step
         if resume != "auto":  # a roll-back: the later checkpoints are no longer this run's future
             barrier()  # every rank has loaded before rank 0 moves anything
             if self.info.is_main:
@@ -525,6 +541,7 @@ class Trainer:
             self.info.rank,
             self.cfg.train.keep_checkpoints,
         )
+        self._checkpoint_step = self.step
 
     # ------------------------------------------------------------------ signals
 
@@ -532,7 +549,17 @@ class Trainer:
         """SIGUSR1 (SLURM's pre-emption warning) and SIGTERM: checkpoint at the next step, then exit.
 
         Returns the handlers they replace, for `restore_signal_handlers` when the run ends.
+
+        Only the main thread may install handlers: a run in another thread (a tuner's trial, an app's
+        worker thread) failed after the whole build with "signal only works in main thread". It
+        trains without them, and says that a pre-emption signal is then not checkpointed.
         """
+        if threading.current_thread() is not threading.main_thread():
+            log.warning(
+                "training outside the main thread: SIGUSR1/SIGTERM cannot be caught here, so a pre-emption "
+                "signal will not save a checkpoint; call train() from the main thread to keep that"
+            )
+            return {}
 
         def handler(signum, _frame):
             self._signal = signal.Signals(signum).name
@@ -688,7 +715,7 @@ class Trainer:
         DeepSpeed keeps it on the device under ZeRO for its clipping; read on logging steps only,
         after the guard's read, so the device has finished it. DeepSpeed's -1 for a NaN/inf
         gradient (bf16 ZeRO-1/2) reads inf, as its overflow path sets."""
-        norm = getattr(self.engine, "get_global_grad_norm", lambda: None)()
+        norm = engine_grad_norm(self.engine)
         if norm is None:
             return None
         value = float(norm)
@@ -739,6 +766,9 @@ class Trainer:
         grad_norm = self._grad_norm()
         if grad_norm is not None:
             row["train/grad_norm"] = grad_norm
+        norm_max = self._norm_max.read()
+        if norm_max is not None:
+            row["train/grad_norm_max"] = norm_max
         # align_uniform's two terms: interval means, weighted as train/loss
         row.update({f"train/{k}": v for k, v in self._terms.read(stats.good).items()})
         row.update(
@@ -867,6 +897,7 @@ class Trainer:
             while self.step < cfg.train.max_steps:
                 t0 = time.perf_counter()
                 times, _ = self.train_step()
+                self._norm_max.add(engine_grad_norm(self.engine), self.device)
                 self.step += 1
                 # The last step logs too: the rest of its interval (losses, non-finite skips and
                 # their warning) was never reported, and its stop was first read after the loop.
@@ -902,7 +933,10 @@ class Trainer:
         if self._check_stop(now=True):
             self._preempt()
         if cfg.data.val_shards and evaluated_at != self.step:
-            last_eval = self.run_eval()
+            # A run resumed at its last step (a pre-emption during the final eval, a lowered
+            # train.max_steps) holds this step's checkpoint already: a pre-emption during this eval
+            # wrote it again, a full save inside SLURM's warning window, for the same state.
+            last_eval = self.run_eval(checkpointed=self._checkpoint_step == self.step)
         self._finished = True
         self.save()
         self._write_marker("done.json", {"step": self.step})

@@ -8,6 +8,8 @@
 #   deepspeed --hostfile HOSTFILE --no_ssh --node_rank R --master_addr A --master_port P vutrain/train.py ...
 # --no_ssh: each node starts its own ranks; no ssh/pdsh between nodes is needed. DeepSpeed reads
 # .deepspeed_env only when it fans out over ssh itself, so the file is loaded here instead.
+# Exit status: the runner's, except a 0 that hides a launch.py killed by a signal (see the end):
+# ranks it left running get SIGTERM (they checkpoint), SIGKILL VUTRAIN_LEFTOVER_WAIT s later (300).
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -36,6 +38,7 @@ while read -r host _ || [[ -n "$host" ]]; do
     [[ "$host" == "$me" ]] && node_rank=$i
     i=$((i + 1))
 done <"$hostfile"
+node_count=$i
 [[ -n "$node_rank" ]] || die "node $me is not listed in $hostfile ($shared_dir_hint)"
 : "${MASTER_ADDR:?MASTER_ADDR must be exported by the batch script}"
 : "${MASTER_PORT:?MASTER_PORT must be exported by the batch script}"
@@ -51,12 +54,51 @@ if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" =~ ^[0-9,]+$ ]];
     [[ "$CUDA_VISIBLE_DEVICES" == "$expected" ]] || die "node $me: SLURM gave GPUs CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES but the deepspeed launcher would use $expected. Request whole nodes (sbatch --exclusive) or use launch/slurm/srun.sbatch."
 fi
 
+LEFTOVER_WAIT="${VUTRAIN_LEFTOVER_WAIT:-300}"
+is_uint "$LEFTOVER_WAIT" || die "VUTRAIN_LEFTOVER_WAIT=$LEFTOVER_WAIT is not a whole number of seconds. Set it to e.g. 300, or unset it."
+# Taken before the launcher starts: a config.yaml the trainer rewrote since says it started.
+OUT_DIR="$(output_dir_from_args "$@")"
+RUN_STAMP="$(run_config_stamp "$OUT_DIR")"
+
 # SLURM signals every process of the step. Ignoring USR1 here is inherited by the deepspeed
 # launcher processes (Python keeps an inherited SIG_IGN), so they survive it, while the
 # trainer installs its own handler and checkpoints. TERM cannot be shielded this way: the
 # launcher installs its own TERM handler (kills the ranks after 30 s), see common.sh.
 trap '' USR1
-exec "${PYTHON:-python}" -u -m deepspeed.launcher.runner \
+# The runner is not exec'd: DeepSpeed's runner exits 0 when its launch.py dies of a signal (kill -9,
+# the OOM killer), and the ranks it had started trained on, orphaned, outside what the step's
+# teardown finds by process tree (proctrack/linuxproc), while the job was reported COMPLETED.
+# VUTRAIN_LAUNCH_ID marks every process of this node's launch (stop_launch_leftovers finds them by
+# it); --save_pid makes launch.py leave /tmp/<runner pid>.deepspeed, the sign that it came up.
+LAUNCH_ID="$$-$(date +%s%N)-$RANDOM"
+VUTRAIN_LAUNCH_ID="$LAUNCH_ID" "${PYTHON:-python}" -u -m deepspeed.launcher.runner \
     --hostfile "$hostfile" --no_ssh --node_rank "$node_rank" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    "$(train_script "$ROOT")" "$@"
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --save_pid \
+    "$(train_script "$ROOT")" "$@" &
+runner_pid=$!
+# A stale file (a pid reused after a launch that was itself killed) would stop launch.py.
+LAUNCH_PID_FILE="/tmp/$runner_pid.deepspeed"
+rm -f "$LAUNCH_PID_FILE" 2>/dev/null || true
+# SLURM's TERM (scancel, the time limit) reaches the runner, launch.py and the ranks directly; this
+# shell, the step's task, waits on, so the step is not torn down while the ranks checkpoint.
+trap ':' TERM
+while kill -0 "$runner_pid" 2>/dev/null; do
+    wait "$runner_pid" || true
+done
+runner_rc=0
+wait "$runner_pid" || runner_rc=$?
+trap '' TERM
+launched=0
+if [[ -e "$LAUNCH_PID_FILE" ]]; then
+    launched=1
+    rm -f "$LAUNCH_PID_FILE"
+fi
+leftovers=0
+stop_launch_leftovers "$LAUNCH_ID" "$LEFTOVER_WAIT" && leftovers=1
+# The runner's 0 is checked against the run directory where this node can judge it: on the only
+# node (its ranks wrote their end marker before exiting), or when its ranks outlived launch.py (it
+# died of a signal). Another node's 0 is left to deepspeed.sbatch, which checks once every node ended.
+if [[ "$runner_rc" == 0 ]] && (( node_count == 1 || leftovers == 1 )); then
+    exit "$(checked_exit_status "$runner_rc" "$OUT_DIR" "$RUN_STAMP" "$launched")"
+fi
+exit "$runner_rc"

@@ -235,6 +235,8 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str], keys: Shard
         # Resampled streams draw with replacement (no consumed set to honour); at an epoch
         # boundary nothing of the epoch was drawn: either way continue at the same share of it.
         state["next_batch"] = epoch * spe + (done * spe) // spe_old
+        if old["resampled"] and done:
+            state["resample_salt"] = resample_salt(epoch, states)
         return state
     owed = (spe_old - done) * old["batch_size"] * old["world_size"]
     keys = keys or ShardKeys()
@@ -253,6 +255,18 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str], keys: Shard
     state["next_batch"] = first
     state["remainder"] = Remainder(epoch, first, [dict(s) for s in states]).to_state()
     return state
+
+
+def resample_salt(epoch: int, states: list[dict]) -> dict:
+    """What makes a resampled stream's draws in the rest of ``epoch`` new after a world-size change.
+
+    The new workers start their (seed, epoch, rank, worker) sequences with nothing drawn, so
+    without it the new rank 0 drew exactly what the old rank 0 drew from the epoch's start.
+    Salted with the old world's position and shape, a later change in the same epoch gets its own.
+    """
+    plan = states[0]["plan"]
+    salt = f"{states[0]['next_batch']}/{len(states)}x{plan['batch_size']}"
+    return {"epoch": epoch, "salt": salt}
 
 
 def skipped_so_far(states: list[dict]) -> dict[str, int]:

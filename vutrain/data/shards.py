@@ -49,6 +49,26 @@ def check_openable(shards: list[str], key: str) -> list[str]:
     return shards
 
 
+# A URL host in brackets (an IPv6 literal, ``http://[::1]:8000/``): its colons are no separator.
+_SOURCE_PART = re.compile(r"://\[[^\]/]*\]|::|.", re.DOTALL)
+
+
+def split_sources(spec: str) -> list[str]:
+    """The sources of ``spec``: split at every ``::`` except inside a URL's bracketed IPv6 host.
+
+    A plain ``split("::")`` broke ``http://[::1]:8000/{0..3}.tar`` into pieces reported as missing.
+    """
+    sources, current = [], []
+    for match in _SOURCE_PART.finditer(spec):
+        if match.group() == "::":
+            sources.append("".join(current))
+            current = []
+        else:
+            current.append(match.group())
+    sources.append("".join(current))
+    return sources
+
+
 class ShardListError(ValueError):
     """A shard spec that names missing shards; the message is one line that says what to do."""
 
@@ -73,7 +93,7 @@ def check_shards(
         raise ShardListError(f"{key} is empty. Set it to a shard spec such as /data/{{00000..00009}}.tar.")
     shards: list[str] = []
     missing: list[str] = []
-    for source in spec.split("::"):
+    for source in split_sources(spec):
         source = source.strip()
         found = []
         for url in braceexpand.braceexpand(source):

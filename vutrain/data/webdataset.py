@@ -190,10 +190,12 @@ class _WorkerBatches:
         resume: dict | None,
         positives: str = "pair",
         remainder: tuple[int, list] | None = None,
+        resample_salt: dict | None = None,
     ):
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
         self.worker, self.resume, self.positives = worker, resume, positives
         self.remainder = remainder  # (epoch, this worker's slice) after a world-size change
+        self.resample_salt = resample_salt  # epoch_remainder.resample_salt after a world-size change
         self.skipped = SkipCounter(resume["skipped"] if resume else {})
 
     def _raw_pass(self, urls: Iterator[str]) -> Iterator[dict]:
@@ -235,6 +237,8 @@ class _WorkerBatches:
     def _resampled_samples(self, epoch: int) -> Iterator[dict]:
         p = self.plan
         tag = f"{p.seed}/{epoch}/{p.rank}/{self.worker}"
+        if self.resample_salt and self.resample_salt["epoch"] == epoch:
+            tag += f"/after {self.resample_salt['salt']}"  # not the old ranks' draws again
         rng = random.Random(f"resample/{tag}")
 
         def raw() -> Iterator[dict]:
@@ -359,11 +363,12 @@ class _TrainIterable(IterableDataset):
         workers: dict,
         positives: str = "pair",
         remainder: tuple[int, dict] | None = None,
+        resample_salt: dict | None = None,
     ):
         super().__init__()
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
         self.next_batch, self.workers, self.positives = next_batch, workers, positives
-        self.remainder = remainder
+        self.remainder, self.resample_salt = remainder, resample_salt
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -380,6 +385,7 @@ class _TrainIterable(IterableDataset):
                 resume,
                 self.positives,
                 remainder,
+                self.resample_salt,
             )
         )
 
@@ -526,6 +532,7 @@ class TrainStream:
         self._skipped_before: dict[str, int] = {}
         self._remainder: Remainder | None = None  # the rest of an epoch begun on another world size
         self._slices: dict[int, list] = {}
+        self._resample_salt: dict | None = None  # resampled draws of an epoch begun on another world
         self._iterator: Iterator[Batch] | None = None
         self._generators: weakref.WeakSet = weakref.WeakSet()
         _LIVE_STREAMS.add(self)
@@ -565,6 +572,7 @@ class TrainStream:
             workers,
             self.positives,
             remainder,
+            self._resample_salt,
         )
         if self.num_workers == 0:
             # No DataLoader, so no pin thread: pin here. The trainer's non_blocking copies are
@@ -625,6 +633,8 @@ class TrainStream:
             state["skipped_before"] = dict(self._skipped_before)
         if self._remainder and self.epoch <= self._remainder.epoch:
             state["remainder"] = self._remainder.to_state()
+        if self._resample_salt and self.epoch <= self._resample_salt["epoch"]:
+            state["resample_salt"] = dict(self._resample_salt)
         return state
 
     def _shard_sizes(self) -> dict | None:
@@ -723,6 +733,7 @@ class TrainStream:
         self._slices = (
             plan_slices(self._remainder, self.shards, asdict(self.plan), keys) if self._remainder else {}
         )
+        self._resample_salt = dict(state["resample_salt"]) if "resample_salt" in state else None
 
     def restart_after(self, state: dict) -> int:
         """Start at the first batch of the epoch after the one ``state`` was saved in, over this
@@ -741,5 +752,5 @@ class TrainStream:
         self._cursor.workers = {}
         own_skips = "ranks" not in state or self.plan.rank == 0
         self._skipped_before = skipped_so_far(ranks) if own_skips else {}
-        self._remainder, self._slices = None, {}
+        self._remainder, self._slices, self._resample_salt = None, {}, None
         return epoch
