@@ -300,10 +300,17 @@ def _watched_multiprocessing_distributor(processes_count, downloader, jobs, _sub
             print(f"{len(failed)} shards still failed after {max_shard_retry} retries: run build again")
 
 
+# The temporary names of a shard's files (``_own_temp_file``'s ``NNNNN.tar.<pid>-<random>.tmp``,
+# and the shared ``NNNNN.tar.tmp`` of builds before it). Only these: every ``*.tmp`` was removed,
+# the user's own ``notes.tmp`` in the output folder included.
+_SHARD_TEMP_RE = re.compile(r"^\d+(?:\.tar|\.parquet|_stats\.json)(?:\.\d+-[0-9a-f]{12})?\.tmp$")
+
+
 def _clean_partials(folder: str) -> None:
-    """Temporary files of a crashed run are never valid shards."""
-    for path in glob.glob(os.path.join(folder, "*.tmp")):
-        os.remove(path)
+    """Temporary shard files of a crashed run are never valid shards."""
+    for name in os.listdir(folder):
+        if _SHARD_TEMP_RE.match(name):
+            os.remove(os.path.join(folder, name))
 
 
 # The temporary names of the files only ``build`` writes in ``_build/`` (``atomic_write_bytes``'s
@@ -463,6 +470,7 @@ def _build(cfg: BuildConfig) -> dict:
         f"malformed row, listed in {plan_mod.BUILD_DIR}/rejected_input.jsonl)"
     )
     cfg = _keep_planned_shard_size(cfg, previous)
+    cfg = _keep_planned_image_options(cfg, previous)
     # A resume keeps the saved plan whatever the input says now; say what that means instead
     # of silently building removed rows and old captions beside the new ones.
     drift = plan_mod.input_drift(previous, meta.rows, cfg.caption_template)
@@ -478,7 +486,7 @@ def _build(cfg: BuildConfig) -> dict:
         url_template=cfg.url_template,
         first_variant=cfg.variants[0],
     )
-    plan_mod.save_plan(cfg.output, plan, cfg.shard_size)
+    plan_mod.save_plan(cfg.output, plan, cfg.shard_size, _image_options(cfg))
 
     done = built_shards(cfg.output, say_redone=True)
     todo = {sid: rows for sid, rows in plan_mod.by_shard(plan).items() if sid not in done}
@@ -515,6 +523,7 @@ def _build(cfg: BuildConfig) -> dict:
         invalid_ids=len(meta.rejected),
         planned=len(plan),
         shard_size=cfg.shard_size,
+        image_options=_image_options(cfg),
         **drift,
         incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(built_shards(cfg.output))),
         incomplete_retries=len(unmerged),
@@ -575,6 +584,40 @@ def _keep_planned_shard_size(cfg: BuildConfig, plan: list[dict]) -> BuildConfig:
         f"shards of {planned}). To build with --shard-size {cfg.shard_size}, use a new --output"
     )
     return dataclasses.replace(cfg, shard_size=planned)
+
+
+def _image_options(cfg: BuildConfig) -> dict:
+    return {name: getattr(cfg, name) for name in plan_mod.IMAGE_OPTIONS}
+
+
+def _keep_planned_image_options(cfg: BuildConfig, plan: list[dict]) -> BuildConfig:
+    """``cfg`` with the image options the saved plan was made with. A resume or ``--retry-failed``
+    with another ``--image-size`` (or resize mode, quality, cropping) wrote images of the new size
+    into the shards beside the old ones, without a word. A plan saved before the options were
+    recorded keeps the given ones (and records them)."""
+    recorded = plan_mod.planned_image_options(cfg.output) if plan else None
+    if not recorded:
+        return cfg
+    changed = {k: v for k, v in recorded.items() if getattr(cfg, k) != v}
+    if not changed:
+        return cfg
+    kept = ", ".join(f"{_flag(k, v)} (given {_value(getattr(cfg, k))})" for k, v in changed.items())
+    print(
+        f"[dataset_tools] image options kept from this output's plan: {kept}, so that all its images "
+        "are alike. To build with the given ones, use a new --output"
+    )
+    return dataclasses.replace(cfg, **changed)
+
+
+def _flag(name: str, value) -> str:
+    """The option ``name`` with ``value`` as the command line spells it (a switch as on/off)."""
+    return f"--{name.replace('_', '-')} {_value(value)}"
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 def _retry_failed_rows(cfg: BuildConfig, build_dir: str, tmp_dir: str, retry_groups, columns) -> list[str]:

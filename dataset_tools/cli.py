@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -93,9 +94,7 @@ def _build_config(args):
         user_agent=args.user_agent,
         disallowed_directives=() if args.ignore_x_robots_tag else _P.disallowed_directives,
     )
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    if not variants:
-        raise SystemExit("--variants is empty; give at least one, e.g. hqdefault")
+    variants = _parse_variants(args.variants)
     return BuildConfig(
         inputs=args.input,
         output=args.output,
@@ -118,13 +117,53 @@ def _build_config(args):
     )
 
 
+def _at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum``, else argparse's one usage line.
+    ``inspect --top -2`` sliced off the last two rows of every table instead of refusing."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be {minimum} or more")
+        return value
+
+    return whole_number
+
+
+# A variant is one file name of the thumbnail's URL path (hqdefault, maxres1, hq720).
+_VARIANT_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _parse_variants(text: str) -> tuple[str, ...]:
+    """The ``--variants`` ladder, or a one-line SystemExit. A space-separated list was one variant
+    "mqdefault hqdefault" whose URL every request refused (InvalidURL): every row failed after
+    the whole download and the shards counted as complete, so a fixed rerun kept the failures."""
+    variants = tuple(v.strip() for v in text.split(",") if v.strip())
+    example = ",".join(youtube.DEFAULT_VARIANTS)
+    if not variants:
+        raise SystemExit(f"--variants is empty; give at least one, e.g. {example}")
+    for variant in variants:
+        if not _VARIANT_RE.fullmatch(variant):
+            raise SystemExit(
+                f"--variants {text!r}: {variant!r} is not a thumbnail name (letters, digits, _ . - only); "
+                f"separate the variants with commas, e.g. {example}"
+            )
+    repeated = sorted({v for v in variants if variants.count(v) > 1})
+    if repeated:  # a missing thumbnail would be asked for twice: only more load on the host
+        raise SystemExit(f"--variants {text!r}: {', '.join(repeated)} listed twice; name each variant once")
+    return variants
+
+
 def _add_others(sub) -> None:
     p = sub.add_parser("inspect", help="counts, failure reasons, tag/category histograms, variant mix")
     p.add_argument("dir")
     p.add_argument(
         "--verify", action="store_true", help="decode every image, check every sample; exit 1 on corruption"
     )
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=_at_least(0), default=10, help="rows per count table")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = sub.add_parser("finalize", help="sizes.json, __len__ and manifest.json for open_clip")
     p.add_argument("dir")
@@ -138,7 +177,9 @@ def _add_others(sub) -> None:
     p = sub.add_parser("vocab", help="tag and category vocabularies")
     p.add_argument("dir")
     p.add_argument("--output", required=True, help="JSON file")
-    p.add_argument("--min-count", type=int, default=5)
+    p.add_argument(
+        "--min-count", type=_at_least(0), default=5, help="drop tags and categories seen less often"
+    )
     p = sub.add_parser("dedup", help="exact (sha256) and perceptual duplicates, repeats of one video too")
     p.add_argument("dir")
     p.add_argument("--report", help="JSON report path (default DIR/_build/dedup.json)")
@@ -173,6 +214,20 @@ def main(argv: list[str] | None = None) -> int:
         # The user's input is at fault: one line naming the file (and line), not a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C is how a user stops a long build or --verify: it was a 30-line traceback out of
+        # the download pool's wait, which read like a crash and never said the build resumes.
+        print(_interrupted_line(args.command), file=sys.stderr, flush=True)
+        return 130
+
+
+def _interrupted_line(command: str) -> str:
+    if command == "build":
+        return (
+            "[dataset_tools] build stopped by SIGINT (Ctrl-C); run the same command again to resume "
+            "(complete shards are kept)"
+        )
+    return f"[dataset_tools] {command} stopped by SIGINT (Ctrl-C); run the same command again"
 
 
 def _run(args) -> int:

@@ -28,6 +28,7 @@ from dataset_tools.reshard import (
     input_schema,
     iter_samples,
     publish_and_finalize,
+    refuse_output_under_a_file,
     require_whole_shards,
     skipped_incomplete_shards,
     video_of,
@@ -101,6 +102,7 @@ def dedup(
         raise SystemExit(f"--max-distance {max_distance}: must be 0 (exact pHash match) or more, e.g. 4")
     shards.require_shards(folder)
     report_path = report_path or os.path.join(folder, BUILD_DIR, "dedup.json")
+    _refuse_unwritable_outputs(report_path, filter_output)
     settings = {"input": os.path.realpath(folder), "max_distance": max_distance, "shard_size": shard_size}
     if filter_output:
         finished = _finish_interrupted_filter(filter_output, settings, report_path)
@@ -126,6 +128,29 @@ def dedup(
             finished = {"report": os.path.realpath(report_path), "kept": sink.count}
             publish_and_finalize([sink], "dedup", settings, finished, finalize_mod.finalize)
     return report
+
+
+def _refuse_unwritable_outputs(report_path: str, filter_output: str | None) -> None:
+    """One line, before the (slow) hashing, for a report or filter output that cannot be written
+    where it was asked: a ``--report`` that is a folder or under a file failed only once every
+    sample was hashed, and one inside ``--filter-output`` made that folder "not empty" then, so
+    the run and its rerun were refused with a reason that did not name the report."""
+    if os.path.isdir(report_path):
+        raise SystemExit(
+            f"--report {report_path}: is a folder; give a file path, e.g. "
+            f"--report {os.path.join(report_path, 'dedup.json')}"
+        )
+    refuse_output_under_a_file(os.path.dirname(os.path.abspath(report_path)), "--report", report_path)
+    if not filter_output:
+        return
+    refuse_output_under_a_file(filter_output, "--filter-output")
+    output = os.path.realpath(filter_output)
+    report_dir = os.path.realpath(os.path.dirname(os.path.abspath(report_path)))
+    if os.path.commonpath([output, report_dir]) == output:
+        raise SystemExit(
+            f"--report {report_path}: lies inside --filter-output {filter_output}, which must hold only "
+            "the filtered shards; put the report elsewhere (by default it goes to DIR/_build/dedup.json)"
+        )
 
 
 def _finish_interrupted_filter(output: str, settings: dict, report_path: str) -> dict | None:

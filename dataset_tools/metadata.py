@@ -273,9 +273,24 @@ def _read_csv(path: str, encoding: str, sep: str, errors: str = "strict") -> pd.
 
 def _read_table(path: str) -> pd.DataFrame:
     """Any tabular file as a DataFrame of strings/objects (no NaN coercion of ids)."""
+    import gzip
+    import zlib
+
+    try:
+        return _read_table_as_named(path)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        # A .gz cut short by an interrupted download, or a plain file named .gz: a gzip traceback.
+        raise MetadataError(
+            f"{path}: damaged gzip data ({err}). Download or compress it again (or drop the .gz from "
+            "the name of a plain file), then run the same command again."
+        ) from None
+
+
+def _read_table_as_named(path: str) -> pd.DataFrame:
     lower = path.lower()
+    _refuse_unreadable_container(path)
     if lower.endswith(".parquet"):
-        return pd.read_parquet(path)
+        return _read_parquet(path)
     if lower.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
         records = list(_iter_json_records(path))
         if not records:
@@ -305,6 +320,45 @@ def _read_table(path: str) -> pd.DataFrame:
         encoding, label = ("cp1252", "Windows-1252") if _decodes(path, "cp1252") else ("latin-1", "latin-1")
         print(f"[dataset_tools] {path}: not UTF-8, reading as {label}")
         return _read_csv(path, encoding, sep)
+
+
+def _read_parquet(path: str) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        # A truncated copy or another file saved as .parquet was a pyarrow traceback.
+        reason = " ".join(str(err).split())[:200]
+        raise MetadataError(
+            f"{path}: not a readable parquet file ({reason}). Copy or export it again, or remove "
+            "it from --input."
+        ) from None
+
+
+# Containers the readers do not open, by their first bytes. Read as text they gave "no video id
+# column ... found ['PK\x03\x04...']" (the Kaggle download is a .zip), which says nothing useful.
+_CONTAINER_MAGIC = (
+    (b"PK\x03\x04", "a ZIP archive", "unzip it and pass the files inside"),
+    (b"BZh", "bzip2-compressed", "decompress it (bunzip2) or recompress it with gzip as .gz"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it (unxz) or recompress it with gzip as .gz"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it (unzstd) or recompress it with gzip as .gz"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract it and pass the files inside"),
+)
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _refuse_unreadable_container(path: str) -> None:
+    """One line for an archive or a compression other than gzip, and for gzip data whose name
+    lacks .gz (or that is gzipped twice): only a name ending in .gz is decompressed, once."""
+    head = _read_bytes(path, 8)
+    for magic, kind, remedy in _CONTAINER_MAGIC:
+        if head.startswith(magic) and (magic != b"BZh" or head[3:4].isdigit()):
+            raise MetadataError(f"{path}: {kind}; only plain and gzip (.gz) files are read: {remedy}.")
+    if head.startswith(_GZIP_MAGIC) and not path.lower().endswith(".parquet"):
+        gz = path.lower().endswith(".gz")
+        remedy = "gunzip it once more" if gz else f"rename it to {os.path.basename(path)}.gz"
+        raise MetadataError(
+            f"{path}: gzip data {'inside gzip data' if gz else 'without a .gz name'}: {remedy}."
+        )
 
 
 def _read_bytes(path: str, size: int = -1) -> bytes:
@@ -424,6 +478,10 @@ def _videos(record: dict) -> Iterator[dict]:
     """The video records one JSON record stands for: itself, or the entries of a yt-dlp playlist
     (nested ones included). Taken as one video, a playlist was one "invalid video id" rejection
     and every video in it was lost."""
+    if _is_api_page(record):
+        for item in record["items"]:
+            yield _api_video(item) if isinstance(item, dict) else {"api_item": item}
+        return
     entries = record.get("entries")
     if record.get("_type") not in _PLAYLIST_TYPES or not isinstance(entries, list):
         yield record
@@ -433,6 +491,25 @@ def _videos(record: dict) -> Iterator[dict]:
             yield from _videos(entry)
         else:  # yt-dlp writes null for an entry it could not extract: rejected, so still counted
             yield {"playlist_id": record.get("id"), "playlist_index": index, "entry": entry}
+
+
+def _is_api_page(record: dict) -> bool:
+    """True for a YouTube Data API list response (``videos.list``, ``search.list``,
+    ``playlistItems.list``): taken as one record, it stopped the build with "no video id column"."""
+    kind = record.get("kind")
+    return isinstance(kind, str) and kind.endswith("ListResponse") and isinstance(record.get("items"), list)
+
+
+def _api_video(item: dict) -> dict:
+    """One Data API item as a flat record: its snippet's title, tags, categoryId, channelId,
+    channelTitle, publishedAt, and the video id wherever that resource keeps it (a search result's
+    ``id.videoId``, a playlist item's ``snippet.resourceId.videoId``; a channel result has none)."""
+    snippet = item.get("snippet") if isinstance(item.get("snippet"), dict) else {}
+    flat = {k: v for k, v in item.items() if k != "snippet"} | snippet
+    for holder in (item.get("id"), snippet.get("resourceId"), item.get("contentDetails")):
+        if isinstance(holder, dict):
+            flat["id"] = holder.get("videoId")
+    return flat
 
 
 def _single_object(text: str) -> dict | None:
@@ -521,9 +598,16 @@ def _record_lines(path: str, records: int) -> list[int] | None:
     return lines if len(lines) == records else None
 
 
+def _column_key(name: object) -> str:
+    """A column name as the readers look it up: ``" Video ID"``, ``Video_ID`` and ``video_id`` are
+    one column. Spreadsheet exports write headers with spaces around or inside the name; matched
+    as written, such a file stopped the build with "no video id column"."""
+    return "_".join(str(name).strip().lower().split())
+
+
 def detect_format(path: str, columns: Sequence[str]) -> str:
     """kaggle (trending CSVs, both schemas), ytdlp (``--dump-json``), else csv (generic table)."""
-    cols = {c.lower() for c in columns}
+    cols = {_column_key(c) for c in columns}
     if "video_id" in cols and "trending_date" in cols:
         return "kaggle"
     ytdlp_markers = {"extractor", "extractor_key", "webpage_url", "upload_date", "_type", "display_id"}
@@ -698,7 +782,7 @@ def _canonical_rows(
     path: str, df: pd.DataFrame, fmt: str, table: dict[int, str]
 ) -> Iterator[tuple[dict | None, dict, str]]:
     """Yield (canonical row or None, raw record, reason it was rejected) per input row."""
-    cols = {c.lower(): c for c in df.columns if c != _MALFORMED}
+    cols = {_column_key(c): c for c in df.columns if c != _MALFORMED}
     id_col = _pick(cols, _ID_COLUMNS)
     if not id_col:
         raise MetadataError(

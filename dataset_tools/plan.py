@@ -7,6 +7,7 @@ keys and shard contents never move) and appends rows for video ids it has not se
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import string
@@ -178,14 +179,22 @@ def describe_drift(drift: dict[str, int], had_plan: bool) -> str | None:
     return None
 
 
-def save_plan(output: str, plan: list[dict], shard_size: int | None = None) -> None:
+def save_plan(
+    output: str, plan: list[dict], shard_size: int | None = None, image_options: dict | None = None
+) -> None:
     """Write the plan atomically (a temporary file, fsync, then a rename), with the ``--shard-size``
-    it was made with in the file's metadata, so that a resume can keep it. A write the disk refuses
-    (full, read-only ``_build/``) is a one-line SystemExit; the previous plan stays whole."""
+    and the image options (``IMAGE_OPTIONS``) it was made with in the file's metadata, so that a
+    resume can keep them. A write the disk refuses (full, read-only ``_build/``) is a one-line
+    SystemExit; the previous plan stays whole."""
     path = plan_path(output)
     schema = PLAN_SCHEMA
+    recorded = {}
     if shard_size is not None:
-        schema = schema.with_metadata({SHARD_SIZE_KEY: str(shard_size)})
+        recorded[SHARD_SIZE_KEY] = str(shard_size)
+    if image_options is not None:
+        recorded[IMAGE_OPTIONS_KEY] = json.dumps(image_options, sort_keys=True)
+    if recorded:
+        schema = schema.with_metadata(recorded)
     table = pa.Table.from_pylist(plan, schema=schema)
     # The fixed temporary name is the one ``build`` removes when a killed build left it behind.
     tmp = path + ".tmp"
@@ -207,6 +216,23 @@ def save_plan(output: str, plan: list[dict], shard_size: int | None = None) -> N
 
 
 SHARD_SIZE_KEY = b"dataset_tools.shard_size"
+IMAGE_OPTIONS_KEY = b"dataset_tools.image_options"
+# The build options that decide the bytes of every image: a resume or ``--retry-failed`` with
+# other values wrote images of another size or encoding into the shards beside the old ones.
+IMAGE_OPTIONS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_quality", "crop_letterbox")
+
+
+def planned_image_options(output: str) -> dict | None:
+    """The image options (``IMAGE_OPTIONS``) the saved plan of ``output`` was made with; None
+    when there is no plan or it was saved before they were recorded (nothing to keep then)."""
+    path = plan_path(output)
+    if not os.path.exists(path):
+        return None
+    recorded = (pq.read_schema(path).metadata or {}).get(IMAGE_OPTIONS_KEY)
+    if recorded is None:
+        return None
+    values = json.loads(recorded)
+    return {name: values[name] for name in IMAGE_OPTIONS if name in values}
 
 
 def planned_shard_size(output: str, plan: Sequence[dict], requested: int, oom_shard_count: int) -> int:

@@ -215,6 +215,21 @@ def conform_row(row: dict, schema: pa.Schema | None) -> dict:
     return {**row, **fixes} if fixes else row
 
 
+def refuse_output_under_a_file(path: str, flag: str, given: str | None = None) -> None:
+    """A one-line SystemExit when ``path`` (an output folder, or the folder a file goes into) is a
+    file or lies under one: ``split --output videos.csv`` or ``dedup --filter-output`` under a file
+    was a NotADirectoryError traceback out of the publishing-marker check. Creates nothing, so an
+    input refused afterwards leaves no output folder behind. ``given``: the path the user typed."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SystemExit(
+            f"{flag} {given or path}: {existing} is a file, not a folder; give the path of a new or "
+            "empty folder"
+        )
+
+
 def check_empty_output(folder: str) -> None:
     """Refuse an output folder that already holds files: shards are numbered from 00000 again,
     so an earlier run's higher-numbered shards would stay beside the new ones (counted twice by

@@ -22,6 +22,7 @@ from dataset_tools.reshard import (
     input_schema,
     iter_samples,
     publish_and_finalize,
+    refuse_output_under_a_file,
     require_whole_shards,
     skipped_incomplete_shards,
     video_of,
@@ -81,9 +82,11 @@ def split(
     sides = {side: os.path.join(output, side) for side in ("train", "val")}
     settings = {"input": os.path.realpath(folder), "by": by, "val_fraction": val_fraction}
     settings.update(seed=seed, shard_size=shard_size)
+    outputs = list(sides.values())
+    for path in outputs:
+        refuse_output_under_a_file(path, "--output", output)
     # A split killed after staging all its shards (while moving them in, or before sizes.json) is
     # finished here; until 2026-12-07 the rerun refused the folder as not empty.
-    outputs = list(sides.values())
     finished = finish_interrupted_publish(outputs, "split", settings, _rerun_hint, finalize_mod.finalize)
     if finished is not None:
         return finished

@@ -36,6 +36,9 @@ _CONSTS = ("BM", "BN", "BD", "WITH_COLS", "UPCAST", "PRECISION")
 KERNELS = ("fwd", "grad", "sig_fwd", "sig_grad")
 _ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 _TABLE_KIND = {"fwd": "ce_fwd", "grad": "ce_grad", "sig_fwd": "sig_fwd", "sig_grad": "sig_grad"}
+# NVIDIA compute capabilities (major * 10 + minor) from Turing on. Any other number reached LLVM as an
+# unknown `sm_<arch>` and aborted it (`--arch 9` for Hopper: "LLVM ERROR: Cannot select", exit 134).
+KNOWN_ARCHES = (75, 80, 86, 87, 89, 90, 100, 101, 103, 110, 120, 121)
 
 
 def _kernel(kind: str):
@@ -160,7 +163,7 @@ def _parse_config(ap: argparse.ArgumentParser, text: str) -> TileConfig:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m kernels.compile_check``: compile and print the register report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, major * 10 + minor (90: H100)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument(
         "--config",
@@ -171,6 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"subset of {','.join(KERNELS)}")
     ap.add_argument("--json", action="store_true", help="print one JSON object per kernel")
     args = ap.parse_args(argv)
+    if args.arch not in KNOWN_ARCHES:
+        ap.error(
+            f"--arch {args.arch}: give the compute capability as major * 10 + minor (90 for H100, 80 for "
+            f"A100); one of {', '.join(map(str, KNOWN_ARCHES))}"
+        )
     wanted = [k for k in args.kernels.split(",") if k]
     unknown = sorted(set(wanted) - set(KERNELS))
     if unknown:

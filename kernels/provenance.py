@@ -36,15 +36,29 @@ def commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+# Triton ships under other distribution names where torch brings its own: ROCm wheels
+# (pytorch-triton-rocm), nightlies (pytorch-triton), XPU and Windows builds. Asked for "triton" only,
+# those installs read as "not installed": the JSON said triton null and tuned tables recorded no
+# Triton version, so a table tuned under one Triton applied under any.
+DISTRIBUTION_ALIASES = {
+    "triton": ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu", "triton-windows")
+}
+
+
+def distribution_version(name: str) -> str | None:
+    """Installed version of distribution ``name`` (or of one of its ``DISTRIBUTION_ALIASES``);
+    None where none is installed."""
+    for candidate in DISTRIBUTION_ALIASES.get(name, (name,)):
+        try:
+            return importlib.metadata.version(candidate)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def versions(packages: tuple[str, ...]) -> dict[str, str | None]:
     """Installed version of each distribution (None where it is not installed)."""
-    out: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in packages:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {"python": sys.version.split()[0]} | {name: distribution_version(name) for name in packages}
 
 
 def provenance(command: str, packages: tuple[str, ...]) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 import json
 import logging
 import os
@@ -34,6 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from kernels.provenance import distribution_version
 
 KINDS = ("ce_fwd", "ce_grad", "sig_fwd", "sig_grad")
 SHAPE_CLASSES = ("gathered", "large", "small")
@@ -278,11 +279,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @functools.cache
 def triton_version() -> str | None:
-    """The installed Triton's version, read without importing Triton (None: not installed)."""
-    try:
-        return importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    """The installed Triton's version, read without importing Triton, also where it ships as
+    torch's ``pytorch-triton*`` (None: not installed)."""
+    return distribution_version("triton")
 
 
 _SKIPPED: set[tuple] = set()

@@ -120,6 +120,9 @@ expand_hostname() {
     [[ "$rest" == *"]"* ]] || return 1
     ranges="${rest%%\]*}"
     rest="${rest#*\]}"
+    # An empty range ("n[]", "n[1-2,]": a list built from an empty variable) is an invalid host list
+    # to SLURM; word splitting dropped it, and "n[],m1" became a hostfile of m1 alone.
+    [[ -n "$ranges" && "$ranges" != ,* && "$ranges" != *, && "$ranges" != *,,* ]] || return 1
     local IFS=,
     for range in $ranges; do
         if [[ "$range" =~ ^([0-9]+)-([0-9]+)$ ]]; then
@@ -490,6 +493,15 @@ checked_exit_status() {
         log "ERROR: the launcher exited 0, but the run in $out_dir started and left neither done.json nor preempted.json: a launcher process died (deepspeed's runner reports a launch.py killed by a signal, kill -9 or the OOM killer, as success), or the trainer could not write done.json (see its warning). Check that none of its ranks still runs, then rerun the same command: it resumes from the newest checkpoint."
         echo 1
     fi
+}
+
+# launch_py_came_up FILE: 1 (and FILE removed) when DeepSpeed's launch.py, given --save_pid, left
+# FILE (/tmp/<runner pid>.deepspeed: written as it comes up, before any rank starts, and removed
+# only when it handles a signal itself), else 0.
+launch_py_came_up() {
+    [[ -e "$1" ]] || { echo 0; return 0; }
+    rm -f "$1"
+    echo 1
 }
 
 # launch_processes TAG: the pids of this user's processes whose environment holds

@@ -230,11 +230,7 @@ while kill -0 "$launcher_pid" 2>/dev/null; do
 done
 launcher_rc=0
 wait "$launcher_pid" || launcher_rc=$?
-launched=0
-if [[ -e "$LAUNCH_PID_FILE" ]]; then
-    launched=1
-    rm -f "$LAUNCH_PID_FILE"
-fi
+launched="$(launch_py_came_up "$LAUNCH_PID_FILE")"
 # Ranks whose launch.py was killed train on after the runner returned; stopped before the run
 # directory is read, since they may still write its preempted.json.
 trap '' TERM USR1

@@ -52,7 +52,10 @@ if [[ "$nodelist" != *[\[\]]* ]]; then
     # A plain comma list needs no scontrol (which fails where it finds no SLURM configuration).
     # Commas or blanks: "n1 n2" was one host "n1n2".
     hosts="$(tr ', \t' '\n\n\n' <<<"$nodelist")"
-elif command -v scontrol >/dev/null 2>&1 && hosts="$(scontrol show hostnames "$nodelist" 2>/dev/null)"; then
+elif command -v scontrol >/dev/null 2>&1 && hosts="$(scontrol show hostnames "$nodelist" 2>/dev/null)" \
+    && [[ -n "$hosts" ]]; then
+    # Empty output is scontrol's refusal ("Invalid hostlist", yet exit 0): the fallback below
+    # refuses the list too, with a line that shows the form.
     :
 else
     # No scontrol (a container) or none that finds a slurm.conf (a workstation, a login node of

@@ -84,10 +84,13 @@ def test_resume_never_moves_the_old_run_aside(tmp_path):
     os.makedirs(ckpt_dir)
     _fake_tag(ckpt_dir, 2)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    # the old run's discarded rows too (they stayed and mixed with the new run's until 2026-12-07)
+    (tmp_path / "metrics.discarded.jsonl").write_text('{"step": 2, "discarded_at_resume_from": 1}\n')
     moved = ckpt.move_aside(str(tmp_path))
     names = sorted(os.path.basename(m).split("-")[0] for m in moved)
-    assert names == ["checkpoints.replaced", "metrics.replaced"]
+    assert names == ["checkpoints.replaced", "metrics.discarded.replaced", "metrics.replaced"]
     assert not os.path.exists(ckpt_dir) and not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "metrics.discarded.jsonl").exists()
     assert os.path.isfile(os.path.join(moved[0], "step_00000002", ckpt.MARKER))  # kept, not deleted
 
 

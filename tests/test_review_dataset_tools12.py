@@ -31,7 +31,7 @@ def test_finalize_refuses_stats_without_counts_in_one_line(tmp_path, stats):
     with pytest.raises(SystemExit) as exc:
         main(["finalize", str(tmp_path)])
     message = str(exc.value)
-    assert "00001_stats.json" in message and "successes" in message and "\n" not in message
+    assert "00001_stats.json" in message and "not a build stats file" in message and "\n" not in message
     assert "run the same build again" in message
     assert not (tmp_path / "sizes.json").exists()
 

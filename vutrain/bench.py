@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -320,10 +321,27 @@ def main(argv: list[str] | None = None) -> int:
     # The shards and run folders of this run only: left behind, every run added its 2048 images
     # to the temporary directory.
     work = tempfile.mkdtemp(prefix="vutrain-bench-")
+    # A time limit (`timeout`, SLURM) ends the sweep with SIGTERM. Its default action killed this
+    # process alone: the configuration's process trained on, orphaned, and the shards stayed in
+    # the temporary directory. Raised instead, it kills the child (subprocess.run does on any
+    # exception) and leaves through the cleanup below; the rows done so far are already in --out.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         return run_sweep(args, argv, batch_sizes, previous, work)
+    except SweepStopped:
+        print(f"stopped by SIGTERM (a time limit): the finished configurations' rows are in {args.out}")
+        return 128 + signal.SIGTERM
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         shutil.rmtree(work, ignore_errors=True)
+
+
+class SweepStopped(BaseException):
+    """SIGTERM arrived; not an Exception, so nothing on the way out records it as a failure."""
+
+
+def _raise_stopped(signum, frame):
+    raise SweepStopped
 
 
 def sweep_specs(args: argparse.Namespace, batch_sizes: list[int], train_shards: str, work: str) -> list:

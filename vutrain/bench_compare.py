@@ -30,6 +30,7 @@ import argparse
 import datetime
 import gc
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -703,10 +704,6 @@ def search_order(args: argparse.Namespace, all_variants: list[Variant]) -> list[
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the open_clip comparison; returns the process exit code."""
-    from vutrain.data.synthetic import write_synthetic
-    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
-    from vutrain.model import PRESETS
-
     started = time.monotonic()  # --deadline-min counts from here, before open_clip's import
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -725,7 +722,28 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"python -m vutrain.bench --compare open_clip: {exc}", file=sys.stderr)
         return 2
+    # The shards and run folder of this run only: left behind, every comparison added its
+    # synthetic images (256 or --pool of them) to the temporary directory.
     work = tempfile.mkdtemp(prefix="vutrain-compare-")
+    try:
+        return compare(args, argv, all_variants, to_search, started, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(
+    args: argparse.Namespace,
+    argv: list[str],
+    all_variants: list[Variant],
+    to_search: list[Variant],
+    started: float,
+    work: str,
+) -> int:
+    """Phase 1 and 2 on synthetic shards written under ``work``, then the report; the exit code."""
+    from vutrain.data.synthetic import write_synthetic
+    from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
+    from vutrain.model import PRESETS
+
     data = write_synthetic(
         os.path.join(work, "data"),
         num_samples=max(args.pool, 256),

@@ -326,9 +326,12 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
     tmp_tag = tag + TMP_SUFFIX
     tmp_dir = os.path.join(ckpt_dir, tmp_tag)
     try:
-        if rank == 0:  # a stale .tmp of a killed run must not lend its files to this save
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            os.makedirs(tmp_dir)
+        if rank == 0:
+            # Before writing, not only after: a full disk's rerun (the write failure says to free
+            # space or lower train.keep_checkpoints) failed again while the checkpoints beyond the
+            # lowered keep and a failed save's partial .tmp of another step still held the space.
+            prune(ckpt_dir, keep)
+            os.makedirs(tmp_dir)  # prune removed a stale .tmp of this step: it lends no files
         barrier()
         save_trainer_state(tmp_dir, rank, dict(trainer_state, rng=rng_state()))
         reshape.save_world_info(engine, tmp_dir, trainer_state)  # all ranks' data states (collective)
@@ -819,19 +822,15 @@ def move_aside(run_dir: str) -> list[str]:
     """train.resume=never on a used run directory: keep the old checkpoints, metrics and preset
     tokenizer (the token ids of those checkpoints), renamed."""
     suffix = _unused_replaced_suffix(run_dir)
-    moved = []
+    moved = {}
     for name in _MOVED_ASIDE:
         if os.path.exists(os.path.join(run_dir, name)):
             target = _with_suffix(run_dir, name, suffix)
             os.rename(os.path.join(run_dir, name), target)
-            moved.append(target)
-    for target in moved:
-        log.warning(
-            "train.resume=never: moved the previous run's %s aside to %s",
-            os.path.basename(target).split(".")[0],
-            target,
-        )
-    return moved
+            moved[name] = target
+    for name, target in moved.items():
+        log.warning("train.resume=never: moved the previous run's %s aside to %s", name, target)
+    return list(moved.values())
 
 
 def _unused_replaced_suffix(run_dir: str) -> str:
@@ -854,7 +853,8 @@ def _with_suffix(run_dir: str, name: str, suffix: str) -> str:
     return os.path.join(run_dir, f"{stem}{suffix}{ext}")
 
 
-_MOVED_ASIDE = ("checkpoints", "metrics.jsonl", "tokenizer")
+# metrics.discarded.jsonl too: left behind, the old run's discarded rows mixed with the new run's.
+_MOVED_ASIDE = ("checkpoints", "metrics.jsonl", "metrics.discarded.jsonl", "tokenizer")
 
 
 def set_aside_later(run_dir: str, loaded_dir: str, step: int) -> list[str]:

@@ -12,13 +12,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 from vutrain.metrics import read_metrics
@@ -191,13 +194,70 @@ def train(
     )
     if not gpu:  # --device cpu on a GPU machine: keep the ranks off the GPU
         env.update(VUTRAIN_DEVICE="cpu", DS_ACCELERATOR="cpu")
-    proc = subprocess.run(cmd, env=env, cwd=REPO)
+    with stop_signals_reach_the_ranks():
+        proc = subprocess.run(cmd, env=env, cwd=REPO)
     if proc.returncode != 0:  # the run has said why above; a traceback from here would bury it
         raise DemoError(f"training exited {proc.returncode} (its own message is above)")
 
 
 class DemoError(RuntimeError):
-    """A step of the demo failed; main() prints it as one line."""
+    """A step of the demo failed; main() prints it as one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class DemoStopped(DemoError):
+    """A stop signal ended the demo; the shell's code for it (128 + signal number)."""
+
+    def __init__(self, signum: int, during: str):
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} {during}; run the same command again: the demo starts over")
+        self.exit_code = 128 + signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_GRACE_S = 60  # deepspeed's launch.py gives its ranks 30 s after a SIGTERM before it kills them
+
+
+@contextlib.contextmanager
+def stop_signals_reach_the_ranks():
+    """While training runs: a stop signal to the demo is passed to every process under it, and the
+    demo waits for them to end, then raises DemoStopped.
+
+    deepspeed's runner catches no signal on one machine: a SIGTERM to the demo (`kill`, a scheduler,
+    `timeout --foreground`) ended the demo and the runner and left launch.py and its ranks training,
+    orphaned, into the run directory that a rerun deletes under them; a Ctrl-C sent to the demo alone
+    did the same (subprocess.run SIGKILLs the runner) and ended in a traceback. A second signal kills.
+    """
+    if threading.current_thread() is not threading.main_thread():  # no handlers outside it
+        yield
+        return
+    import psutil
+
+    received: list[int] = []
+    stopping: list[psutil.Process] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        tree = psutil.Process().children(recursive=True)
+        stopping.extend(tree)
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGTERM if len(received) == 1 else signal.SIGKILL)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        _, alive = psutil.wait_procs(stopping, timeout=STOP_GRACE_S)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(alive, timeout=10)
+        raise DemoStopped(received[0], "during training (its ranks are stopped too)")
 
 
 def check_shard_count(num_samples: int, shard_size: int, ranks: int, overrides: list[str]) -> None:
@@ -307,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args)
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside training (no child to stop): one line, not a traceback
+        print(f"error: {DemoStopped(signal.SIGINT, 'outside training')}", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -88,11 +88,7 @@ done
 runner_rc=0
 wait "$runner_pid" || runner_rc=$?
 trap '' TERM
-launched=0
-if [[ -e "$LAUNCH_PID_FILE" ]]; then
-    launched=1
-    rm -f "$LAUNCH_PID_FILE"
-fi
+launched="$(launch_py_came_up "$LAUNCH_PID_FILE")"
 leftovers=0
 stop_launch_leftovers "$LAUNCH_ID" "$LEFTOVER_WAIT" && leftovers=1
 # The runner's 0 is checked against the run directory where this node can judge it: on the only

@@ -8,15 +8,19 @@ list joined by ", ", every other name a ``<key>.json`` field. ``{title}`` falls 
 A field is text when it is a string or a number (an integral float as its integer: 20.0 is what a
 pandas column with gaps makes of 20). A field holding no text (a list, an object, true/false, NaN,
 which pandas writes for a missing value) is missing, and so is a blank title: a missing title
-falls back to the ``.txt``; without one the sample is skipped and counted.
+falls back to the ``.txt``; without one the sample is skipped and counted. ``{category_id}`` renders
+the class training and zero-shot read (``labels.category_label``): "20.0", " 20 " and 20 are "20".
 """
 
 from __future__ import annotations
 
 import math
 import string
+import unicodedata
 
 from vutrain.tag_text import tag_values
+
+from .labels import category_label
 
 CAPTION_FIELDS = (
     "title",
@@ -77,18 +81,21 @@ def _field_value(name: str, meta: dict, txt: str | None) -> str:
         # string or a lone number went in verbatim ("cats,, funny", "2024") while training read
         # "cats", "funny" and no tag.
         value = None if _is_absent(tags) else ", ".join(t.strip() for t in tag_values(tags))
+    elif name == "category_id":
+        value = _category_id_text(meta.get(name))
     else:
-        value = _caption_text(meta.get(name))
-        if name == "title" and not (value or "").strip():
+        value = caption_text(meta.get(name))
+        if name == "title" and not has_visible_text(value or ""):
             # A blank or non-text title is no title, as a missing one: it was skipped as an empty
-            # caption (or rendered as "['a', 'b']", "nan") although the .txt held the caption.
+            # caption (or rendered as "['a', 'b']", "nan") although the .txt held the caption; so is
+            # a title of zero-width characters only (YouTube titles that look empty use them).
             value = txt
     if value is None:
         raise MissingCaptionField(name, _no_text_detail(meta.get(name)))
     return value
 
 
-def _caption_text(value) -> str | None:
+def caption_text(value) -> str | None:
     """``value`` as caption text; None for a value that holds none (its repr is not a caption)."""
     if isinstance(value, str):
         return value
@@ -99,6 +106,14 @@ def _caption_text(value) -> str | None:
     if isinstance(value, float) and math.isfinite(value):
         return str(int(value)) if value.is_integer() else str(value)
     return None
+
+
+def _category_id_text(value) -> str | None:
+    # The id as the class it is: the text "20.0" (a float column written as text) was rendered
+    # "20.0" beside "20" for the number: one category trained under two captions, one of them not
+    # the zero-shot class name "20" that eval.zeroshot_field=category_id prompts with.
+    label = category_label(value)
+    return str(label) if label != -1 else caption_text(value)
 
 
 def _is_absent(value) -> bool:
@@ -120,3 +135,21 @@ def render_caption(template: str, meta: dict, txt: str | None) -> str:
     """
     values = {name: _field_value(name, meta, txt) for name in template_fields(template)}
     return template.format(**values)
+
+
+# Blank-looking letters and symbols: YouTube titles use them to look empty (Hangul fillers, the
+# braille blank); the Unicode categories below cover the zero-width and format characters.
+_BLANK_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f")
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether ``text`` holds a character that is not whitespace or invisible.
+
+    ``str.strip`` keeps zero-width spaces, word joiners, a BOM and soft hyphens: a caption of only
+    those passed as text, and the tokenizer made of it no text at all (CLIP's: bos + eos).
+    """
+    return any(
+        not c.isspace() and c not in _BLANK_CHARS and unicodedata.category(c) not in _INVISIBLE_CATEGORIES
+        for c in text
+    )

@@ -7,7 +7,7 @@ undecoded bytes and a resumed stream can replay them without decoding.
 
 Every problem is a :class:`SkipSample` with a short ``reason``; callers count reasons instead of
 crashing: ``tar_error``, ``missing_image``, ``undecodable_image``, ``non_utf8_text``,
-``bad_json``, ``missing_caption``, ``missing_field``, ``empty_caption``.
+``bad_json``, ``missing_caption``, ``missing_field``, ``empty_caption`` (no visible text).
 
 Two image decoders: :func:`decode_image` (a PIL image, for the processor-exact float path of
 eval) and :func:`decode_image_array` (an RGB uint8 array, optionally DCT-scaled, for the
@@ -29,7 +29,7 @@ from collections.abc import Callable, Collection, Iterator
 import numpy as np
 from PIL import Image
 
-from .captions import MissingCaptionField, render_caption
+from .captions import MissingCaptionField, has_visible_text, render_caption
 from .shards import is_remote
 
 log = logging.getLogger(__name__)
@@ -341,8 +341,10 @@ def decode_meta(raw: dict) -> dict:
         return {}
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SkipSample("bad_json", f"{raw['__key__']}.json: {e}") from None
+    except (ValueError, RecursionError) as e:
+        # Besides JSONDecodeError (a ValueError): a number of more than 4,300 digits raises a plain
+        # ValueError and deep nesting RecursionError, which crashed eval and the tokenizer's read.
+        raise SkipSample("bad_json", f"{raw['__key__']}.json: {str(e)[:200]}") from None
     if not isinstance(meta, dict):
         raise SkipSample("bad_json", f"{raw['__key__']}.json is not an object")
     return meta
@@ -386,7 +388,7 @@ def decode_caption(raw: dict, meta: dict, template: str) -> str:
     except MissingCaptionField as e:
         reason = "missing_caption" if e.field in ("txt", "caption", "title") else "missing_field"
         raise SkipSample(reason, f"{raw['__key__']}: {e}") from None
-    if not caption.strip():
+    if not has_visible_text(caption):
         raise SkipSample("empty_caption", raw["__key__"])
     return caption
 

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerFast
 
 from vutrain.config import MIN_VOCAB_SIZE
 
-from .captions import template_fields
+from .captions import caption_text, template_fields
 from .labels import tag_values
 from .samples import SkipCounter, SkipSample, decode_caption, decode_meta, iter_raw_samples
 from .shards import expand_shards
@@ -56,8 +56,8 @@ def train_bpe_tokenizer(
     seen = _Counted(texts)
     tok.train_from_iterator(seen, trainer=trainer)
     if not seen.count:
-        # Trained on nothing it is the 256 byte symbols alone: a run would train without a word on
-        # a vocabulary that knows no word.
+        # Trained on nothing (or on blank texts alone, which hold no word) it is the 256 byte symbols
+        # alone: a run would train without a word on a vocabulary that knows no word.
         raise TokenizerTextError(
             "the tokenizer got no text to train on; check data.train_shards and data.caption_template"
         )
@@ -107,14 +107,15 @@ def check_vocab_size(vocab_size: int) -> None:
 
 
 class _Counted:
-    """``texts`` as an iterable that counts what it yields (``count``), for the check after training."""
+    """``texts`` as an iterable that counts the non-blank ones it yields (``count``), for the check
+    after training."""
 
     def __init__(self, texts: Iterable[str]):
         self.texts, self.count = texts, 0
 
     def __iter__(self) -> Iterator[str]:
         for text in self.texts:
-            self.count += 1
+            self.count += isinstance(text, str) and bool(text.strip())
             yield text
 
 
@@ -176,9 +177,16 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
         tags = [t.strip() for t in tag_values(meta.get("tags"))]
         if tags:
             yield ", ".join(tags)
-        if meta.get("category_name"):
-            yield str(meta["category_name"])
+        yield from _category_texts(meta.get("category_name"))
     _report_caption_count(captions, read, skipped)
+
+
+def _category_texts(value) -> list[str]:
+    """A ``category_name`` as the texts captions and zero-shot classes hold: NaN (pandas' missing
+    value), a list or true went in as the texts "nan", "['music', 'film']", "True", words no caption
+    or zero-shot prompt holds; a list gives each of its elements, as it gives each a class."""
+    texts = (caption_text(v) for v in (value if isinstance(value, list) else [value]))
+    return [t for t in texts if t and t.strip()]
 
 
 def spread_order(n: int) -> list[int]:

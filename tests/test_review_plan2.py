@@ -1,0 +1,136 @@
+"""The dataset_tools command line under Ctrl-C and bad counts: a real build in a subprocess against
+the loopback fake host, interrupted with SIGINT; argparse in-process.
+
+Runtime: ~20 s on 2 busy cores (one build's start-up, spawn pool included).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dataset_tools.cli import main
+from dataset_tools.fake_host import FakeThumbnailHost
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+
+
+def _build_command(inp, out, url_template):
+    return [
+        sys.executable,
+        "-m",
+        "dataset_tools",
+        "build",
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--url-template",
+        url_template,
+        "--variants",
+        "mqdefault",
+        "--shard-size",
+        "4",
+        "--threads",
+        "2",
+        "--requests-per-second",
+        "0",
+        "--deadline",
+        "30",
+    ]
+
+
+def _wait_for_first_request(host, proc, seconds=90):
+    deadline = time.monotonic() + seconds
+    while not host.requests:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the build never reached the host"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_stops_a_build_with_one_line_that_says_to_resume(tmp_path):
+    # SIGINT (Ctrl-C, ``kill -INT``) was a 30-line KeyboardInterrupt traceback out of the download
+    # pool's wait, exit -2, and never said the build resumes. Sent to the build process alone: a
+    # terminal's Ctrl-C also reaches the spawn workers, which may print their own traceback (the
+    # pool would need to ignore SIGINT in its workers, in build.py).
+    ids = [f"vid{i:08d}" for i in range(4)]
+    inp, out = tmp_path / "in.csv", tmp_path / "out"
+    inp.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))
+    with FakeThumbnailHost({vid: "slow" for vid in ids}, slow_seconds=20, max_lifetime=120) as host:
+        proc = subprocess.Popen(
+            _build_command(inp, out, host.url_template),
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # away from pytest's terminal and its signals
+        )
+        try:
+            _wait_for_first_request(host, proc)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    ours = [line for line in err.splitlines() if line.startswith("[dataset_tools]")]
+    assert ours == [
+        "[dataset_tools] build stopped by SIGINT (Ctrl-C); run the same command again to resume "
+        "(complete shards are kept)"
+    ]
+    assert not any(name.endswith("_stats.json") for name in os.listdir(out))  # no shard taken as done
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["inspect", "{dir}", "--top", "-2"],
+        ["inspect", "{dir}", "--top", "two"],
+        ["vocab", "{dir}", "--output", "{dir}/vocab.json", "--min-count", "-1"],
+    ],
+    ids=["top-negative", "top-word", "min-count-negative"],
+)
+def test_a_negative_count_is_refused_in_one_usage_line(tmp_path, capsys, argv):
+    # inspect --top -2 was accepted: every table was sliced [:-2], its last two rows dropped
+    # without a word, under a "top -2 tags" heading.
+    with pytest.raises(SystemExit) as stop:
+        main([arg.replace("{dir}", str(tmp_path)) for arg in argv])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        f"python -m dataset_tools {argv[0]}: error: argument {argv[2 if argv[0] == 'inspect' else 4]}"
+    )
+    assert "must be 0 or more" in err[-1] or "invalid int value" in err[-1]
+    assert not (tmp_path / "vocab.json").exists()
+
+
+@pytest.mark.parametrize(
+    "variants, says",
+    [
+        ("mqdefault hqdefault", "'mqdefault hqdefault' is not a thumbnail name"),
+        ("hqdefault,mq/default", "'mq/default' is not a thumbnail name"),
+        ("hqdefault,mqdefault,hqdefault", "hqdefault listed twice"),
+    ],
+    ids=["spaces", "slash", "repeated"],
+)
+def test_a_variant_list_that_cannot_work_is_refused_before_any_request(tmp_path, variants, says):
+    # "--variants 'mqdefault hqdefault'" (spaces, not commas) was one variant whose URL every
+    # request refused: each row failed as "connection error: InvalidURL (after 4 attempts)", exit
+    # 0, and the shards counted as complete, so the corrected rerun kept every failure.
+    inp, out = tmp_path / "in.csv", tmp_path / "out"
+    inp.write_text("video_id,title\n" + "".join(f"vid{i:08d},t\n" for i in range(3)))
+    with FakeThumbnailHost(max_lifetime=60) as host:
+        argv = ["build", "--input", str(inp), "--output", str(out), "--url-template", host.url_template]
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, "--variants", variants, "--threads", "2", "--requests-per-second", "0"])
+        assert host.requests == []
+    (line,) = str(stop.value.code).splitlines()
+    assert line.startswith(f"--variants {variants!r}: ") and says in line
+    assert not out.exists()
