@@ -56,7 +56,13 @@ class MetadataResult:
     formats: dict[str, str] = field(default_factory=dict)
 
 
-_TABLE_EXTENSIONS = ("csv", "tsv", "parquet", "jsonl", "json", "csv.gz", "tsv.gz", "jsonl.gz", "json.gz")
+_TABLE_EXTENSIONS = (
+    *("csv", "tsv", "parquet", "jsonl", "json", "ndjson"),
+    *("csv.gz", "tsv.gz", "jsonl.gz", "json.gz", "ndjson.gz"),
+)
+# JSON records, one per line or in an array; .ndjson (newline-delimited JSON, as BigQuery and many
+# scrapers name JSON lines) was read as a CSV, and the build stopped on "no video id column".
+_JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
 
 
 def _expand_one(item: str) -> list[str]:
@@ -291,7 +297,7 @@ def _read_table_as_named(path: str) -> pd.DataFrame:
     _refuse_unreadable_container(path)
     if lower.endswith(".parquet"):
         return _read_parquet(path)
-    if lower.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+    if lower.endswith(_JSON_SUFFIXES):
         records = list(_iter_json_records(path))
         if not records:
             raise MetadataError(
@@ -319,7 +325,10 @@ def _read_table_as_named(path: str) -> pd.DataFrame:
         # control characters ("Don\x92t"); latin-1 never fails and keeps every row otherwise.
         encoding, label = ("cp1252", "Windows-1252") if _decodes(path, "cp1252") else ("latin-1", "latin-1")
         print(f"[dataset_tools] {path}: not UTF-8, reading as {label}")
-        return _read_csv(path, encoding, sep)
+        table = _read_csv(path, encoding, sep)
+        # A UTF-8 byte order mark before a header of a file with some non-UTF-8 bytes: read as
+        # Windows-1252 it was part of the first column's name ("ï»¿video_id": no video id column).
+        return table.rename(columns={table.columns[0]: str(table.columns[0]).removeprefix("\xef\xbb\xbf")})
 
 
 def _read_parquet(path: str) -> pd.DataFrame:
@@ -583,7 +592,7 @@ def _record_lines(path: str, records: int) -> list[int] | None:
         return None
     # latin-1 decodes any bytes, and UTF-8 never uses the bytes of a newline, quote or separator
     # inside a character: the lines found are the same in whatever encoding the table was read.
-    if lower.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+    if lower.endswith(_JSON_SUFFIXES):
         with _open_text(path, "latin-1") as fh:
             text = fh.read().removeprefix("\xef\xbb\xbf")  # a UTF-8 byte order mark, as latin-1
         lines = _json_record_lines(text, records)

@@ -121,3 +121,27 @@ def test_youtube_data_api_list_responses_give_their_videos(tmp_path):
     # The channel result is no video: rejected with the line of its page, not dropped.
     [rejected] = result.rejected
     assert rejected["source"].endswith("pages.jsonl:1") and rejected["reason"] == "invalid video id"
+
+
+def test_ndjson_files_are_json_lines_named_or_in_a_folder(tmp_path):
+    """.ndjson (newline-delimited JSON, as BigQuery exports and many scrapers name JSON lines) was
+    read as a CSV: the build stopped on "no video id column ... found ['{"id": ...']", and a folder
+    given as --input skipped such files without a word."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.ndjson").write_text(json.dumps({"id": VID, "title": "plain"}) + "\n")
+    with gzip.open(folder / "b.NDJSON.gz", "wt") as f:
+        f.write(json.dumps({"id": "abcdefghijk", "title": "zipped"}) + "\n")
+    result = read_metadata([str(folder)])
+    assert sorted(row["title"] for row in result.rows) == ["plain", "zipped"]
+    assert read_metadata([str(folder / "a.ndjson")]).rows[0]["video_id"] == VID
+
+
+def test_a_bom_before_a_header_of_a_file_read_as_windows_1252_names_the_column(tmp_path):
+    """A UTF-8 byte order mark, then a header, in a file with a byte that is not UTF-8 (a title
+    written in Windows-1252): read as Windows-1252, the mark became part of the first column's name
+    ("ï»¿video_id") and the build stopped on "no video id column"."""
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"\xef\xbb\xbfvideo_id,title\n" + VID.encode() + b",caf\xe9 \x93quoted\x94\n")
+    (row,) = read_metadata([str(path)]).rows
+    assert row["video_id"] == VID and row["title"] == "café “quoted”"
