@@ -82,7 +82,10 @@ class IntervalNormMax:
         if norm is None:
             return
         with torch.no_grad():
-            value = torch.as_tensor(norm, dtype=torch.float64, device=device).detach().reshape(())
+            if isinstance(norm, torch.Tensor):
+                value = norm.detach().to(device=device, dtype=torch.float64).reshape(())
+            else:  # a fill kernel: as_tensor of a host float copies from pageable memory, a device wait
+                value = torch.full((), float(norm), dtype=torch.float64, device=device)
             # NaN >= 0 is False too: both markers become inf
             value = torch.where(value >= 0, value, torch.full_like(value, float("inf")))
             self._max = value if self._max is None else torch.maximum(self._max, value)
