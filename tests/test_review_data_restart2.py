@@ -12,24 +12,13 @@ import shutil
 
 import pytest
 import torch
+from stream_keys import batch_captions, tokenize_caption_bytes
 
 from vutrain.data import TrainStream
 from vutrain.data.epoch_remainder import StreamStateError
 from vutrain.data.synthetic import write_synthetic
 
 BATCH, SAMPLES = 3, 60  # 6 shards of 10: 20 batches per epoch on one rank
-
-
-def _tokenize(captions: list[str]) -> dict:
-    ids = torch.zeros(len(captions), 24, dtype=torch.long)
-    for row, caption in enumerate(captions):
-        data = caption.encode()[:24]
-        ids[row, : len(data)] = torch.tensor(list(data))
-    return {"input_ids": ids}
-
-
-def _ids(batch: dict) -> list[str]:
-    return ["".join(map(chr, filter(None, row.tolist()))) for row in batch["input_ids"]]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +35,7 @@ def _stream(spec: str, **kw) -> TrainStream:
     return TrainStream(
         spec,
         preprocess=lambda image: torch.zeros(1),
-        tokenize=_tokenize,
+        tokenize=tokenize_caption_bytes,
         caption_template="{video_id}",
         num_samples=SAMPLES,
         prefetch_factor=1,
@@ -70,12 +59,12 @@ def test_a_stop_at_any_position_resumes_the_uninterrupted_sequence(shards, num_w
     kw = dict(num_workers=num_workers)
     total = 2 * 20 + 2
     with _stream(spec, **kw) as straight:
-        expected = [_ids(next(straight)) for _ in range(total)]
+        expected = [batch_captions(next(straight)) for _ in range(total)]
         epoch, skipped = straight.epoch, straight.skipped()
     for stop in (1, 19, 20, 21):
         with _stream(spec, **kw) as resumed:
             resumed.load_state_dict(_saved_after(spec, stop, **kw))
-            assert [_ids(next(resumed)) for _ in range(total - stop)] == expected[stop:], stop
+            assert [batch_captions(next(resumed)) for _ in range(total - stop)] == expected[stop:], stop
             assert (resumed.epoch, resumed.skipped()) == (epoch, skipped), stop
 
 
@@ -101,9 +90,9 @@ def test_the_same_shards_in_another_folder_still_resume_exactly(shards, tmp_path
     """The size check must not refuse shards copied elsewhere (a job moved to another cluster)."""
     state = _saved_after(shards["spec"], 5)
     with _stream(shards["spec"]) as straight:
-        expected = [_ids(next(straight)) for _ in range(8)][5:]
+        expected = [batch_captions(next(straight)) for _ in range(8)][5:]
     moved = tmp_path / "moved"
     shutil.copytree(shards["dir"], moved)
     with _stream(str(moved / "{00000..00005}.tar")) as resumed:
         resumed.load_state_dict(state)
-        assert [_ids(next(resumed)) for _ in range(3)] == expected
+        assert [batch_captions(next(resumed)) for _ in range(3)] == expected

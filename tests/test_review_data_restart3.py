@@ -11,24 +11,13 @@ import json
 
 import pytest
 import torch
+from stream_keys import batch_captions, tokenize_caption_bytes
 
 from vutrain.data import TrainStream
 from vutrain.data.epoch_remainder import StreamStateError
 from vutrain.data.synthetic import write_synthetic
 
 SAMPLES = 96  # 8 shards of 12; global batch 8: 12 steps per epoch at world 2 x 4 and world 1 x 8
-
-
-def _tokenize(captions: list[str]) -> dict:
-    ids = torch.zeros(len(captions), 24, dtype=torch.long)
-    for row, caption in enumerate(captions):
-        data = caption.encode()[:24]
-        ids[row, : len(data)] = torch.tensor(list(data))
-    return {"input_ids": ids}
-
-
-def _ids(batch: dict) -> list[str]:
-    return ["".join(map(chr, filter(None, row.tolist()))) for row in batch["input_ids"]]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +32,7 @@ def _streams(spec: str, world: int, batch: int, num_samples: int = SAMPLES) -> l
         TrainStream(
             spec,
             preprocess=lambda image: torch.zeros(1),
-            tokenize=_tokenize,
+            tokenize=tokenize_caption_bytes,
             caption_template="{video_id}",
             batch_size=batch,
             rank=rank,
@@ -58,7 +47,7 @@ def _streams(spec: str, world: int, batch: int, num_samples: int = SAMPLES) -> l
 
 
 def _draw(streams: list[TrainStream], steps: int) -> list[str]:
-    return [key for _ in range(steps) for stream in streams for key in _ids(next(stream))]
+    return [key for _ in range(steps) for stream in streams for key in batch_captions(next(stream))]
 
 
 def _every_rank_after(spec: str, steps: int) -> tuple[dict, list[str]]:
