@@ -194,6 +194,8 @@ def _read_csv_keeping_malformed(path: str, encoding: str, sep: str, errors: str)
     # utf-8-sig: pandas drops a byte order mark before the header; do the same.
     with _open_text(path, "utf-8-sig" if encoding == "utf-8" else encoding, errors) as fh:
         lines = fh.readlines()
+    if lines and _separator_in_line(lines[0]):
+        lines[0] = "\n"  # a blank line is skipped, and every record keeps its line number
     with _no_field_limit():
         records = _csv_records(lines, sep)
         first = next(records, None)
@@ -223,7 +225,11 @@ def _unique_names(header: list[str]) -> list[str]:
 
 def _parse_csv(path: str, encoding: str, sep: str, errors: str) -> pd.DataFrame:
     """pandas' C parser (fast) for well-formed files, the csv module for the rest."""
-    kwargs = dict(sep=sep, dtype=str, keep_default_na=False, on_bad_lines="error")
+    declared = _declared_separator(path, encoding)
+    sep = declared or sep
+    kwargs = dict(
+        sep=sep, dtype=str, keep_default_na=False, on_bad_lines="error", skiprows=int(bool(declared))
+    )
     if _has_nul(path, encoding):
         # pandas' C parser ends a field at a NUL and drops the rest of it without a word (a title
         # "Live\x00 at Wembley" became "Live"); the csv module keeps the whole field.
@@ -239,6 +245,24 @@ def _parse_csv(path: str, encoding: str, sep: str, errors: str) -> pd.DataFrame:
         # an index and shifted every other one. Re-read so those rows are rejected instead.
         return _read_csv_keeping_malformed(path, encoding, sep, errors)
     return df
+
+
+# Excel writes (and reads) a first line ``sep=,`` naming the separator; "sep=;" in locales with
+# a decimal comma. Read as the header, it stopped the build on "no video id column".
+_SEP_LINE_RE = re.compile(r'"?sep=(.)"?')
+
+
+def _separator_in_line(line: str) -> str | None:
+    """The separator a ``sep=X`` line declares (byte order mark, in any reading, ignored), else None."""
+    text = line.removeprefix("\ufeff").removeprefix("\xef\xbb\xbf").rstrip("\r\n")
+    match = _SEP_LINE_RE.fullmatch(text)
+    return match.group(1) if match else None
+
+
+def _declared_separator(path: str, encoding: str) -> str | None:
+    """The separator the first line of ``path`` declares (``sep=;``), else None."""
+    with _open_text(path, encoding, errors="replace") as fh:
+        return _separator_in_line(fh.readline())
 
 
 def _has_nul(path: str, encoding: str) -> bool:
@@ -307,10 +331,11 @@ def _read_table_as_named(path: str) -> pd.DataFrame:
         # object columns: pandas would turn a number beside a missing key into a float ("5.0")
         return pd.DataFrame(records, dtype=object)
     sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
-    if _is_utf16(path):
+    utf16 = _utf16_encoding(path)
+    if utf16:
         # PowerShell 5 (`>`, Out-File) and "Unicode" exports: read as latin-1, the header became
         # "ÿþv" and the build stopped on "no video id column".
-        return _read_csv(path, "utf-16", sep)
+        return _read_csv(path, utf16, sep)
     try:
         return _read_csv(path, "utf-8", sep)
     except UnicodeDecodeError:
@@ -381,9 +406,23 @@ def _read_bytes(path: str, size: int = -1) -> bytes:
         return fh.read(size)
 
 
-def _is_utf16(path: str) -> bool:
-    """True for a text file that starts with a UTF-16 byte order mark (either byte order)."""
-    return _read_bytes(path, 2) in (b"\xff\xfe", b"\xfe\xff")
+def _utf16_encoding(path: str) -> str | None:
+    """The UTF-16 codec of a text file, else None: ``utf-16`` after a byte order mark (either
+    byte order), ``utf-16-le``/``utf-16-be`` without one (a tool that strips the mark). A header
+    is ASCII, so without a mark one byte of each pair is NUL; read as Windows-1252, such a file
+    stopped the build on "no video id column" with a header full of NULs."""
+    head = _read_bytes(path, 256)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    pairs = len(head) // 2
+    if pairs < 2:
+        return None
+    even_nuls, odd_nuls = head[0 : 2 * pairs : 2].count(0), head[1 : 2 * pairs : 2].count(0)
+    if odd_nuls >= pairs * 0.9 and even_nuls == 0:
+        return "utf-16-le"
+    if even_nuls >= pairs * 0.9 and odd_nuls == 0:
+        return "utf-16-be"
+    return None
 
 
 def _decodes(path: str, encoding: str) -> bool:
@@ -602,8 +641,12 @@ def _record_lines(path: str, records: int) -> list[int] | None:
         sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
         # UTF-16 is the exception: its newline is two bytes, one of them zero.
         # The records as the readers split them: an unclosed quote is one line, not the rest.
-        with _open_text(path, "utf-16" if _is_utf16(path) else "latin-1") as fh, _no_field_limit():
-            lines = [line for line, _, _ in _csv_records(fh.readlines(), sep)][1:]
+        with _open_text(path, _utf16_encoding(path) or "latin-1") as fh, _no_field_limit():
+            text_lines = fh.readlines()
+            declared = _separator_in_line(text_lines[0]) if text_lines else None
+            if declared:
+                sep, text_lines[0] = declared, "\n"
+            lines = [line for line, _, _ in _csv_records(text_lines, sep)][1:]
     return lines if len(lines) == records else None
 
 

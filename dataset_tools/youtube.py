@@ -86,7 +86,7 @@ def normalize_video_id(value: object) -> str | None:
     """
     if value is None:
         return None
-    text = str(value).strip()
+    text = _strip_invisible(str(value))
     if VIDEO_ID_RE.fullmatch(text):
         return text
     if not text or " " in text:
@@ -117,6 +117,15 @@ def normalize_video_id(value: object) -> str | None:
     if parts and parts[0] == "watch":
         return query_id or path_id
     return path_id or query_id
+
+
+def _strip_invisible(text: str) -> str:
+    """``text`` without surrounding whitespace and without format characters anywhere (zero-width
+    space, word joiner, byte order mark, soft hyphen): copied from a web page they ride along with
+    an id or URL, and the row was rejected as "invalid video id". No id or URL holds one."""
+    if text.isascii():  # the common case, checked in C: no format character possible
+        return text.strip()
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf").strip()
 
 
 # An id followed by parameters joined with the wrong separator: the old Flash embed form
