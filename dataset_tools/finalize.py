@@ -50,12 +50,16 @@ def finalize(folder: str) -> dict:
     return manifest
 
 
-def _brace(names) -> str:
-    """``{00000..00003}.tar`` when the complete shards are contiguous, else a ``::`` list."""
-    if not names:
-        return ""
-    stems = [n[:-4] for n in names]
-    ids = [int(s) for s in stems]
-    if ids == list(range(ids[0], ids[0] + len(ids))):
-        return f"{{{stems[0]}..{stems[-1]}}}.tar" if len(ids) > 1 else names[0]
-    return "::".join(names)
+def _brace(names: list[str]) -> str:
+    """A shard spec naming exactly ``names`` (sorted by number): ``{00000..00003}.tar`` when the
+    shards are contiguous and of one width, else such runs joined by ``::``. A brace range pads
+    every number to the width of its ends, so past shard 99999 (``100000.tar``, five-digit
+    padding overflowing) ``{00000..100000}.tar`` named ``000000.tar``...: not one existing shard."""
+    runs: list[list[str]] = []
+    for stem in (n[:-4] for n in names):
+        last = runs[-1][-1] if runs else None
+        if last is not None and len(stem) == len(last) and int(stem) == int(last) + 1:
+            runs[-1].append(stem)
+        else:
+            runs.append([stem])
+    return "::".join(f"{{{run[0]}..{run[-1]}}}.tar" if len(run) > 1 else f"{run[0]}.tar" for run in runs)

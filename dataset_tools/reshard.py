@@ -420,15 +420,29 @@ def finish_interrupted_publish(
             )
         for folder in folders:
             marker = _read_marker(publishing_marker(folder, command))
-            if marker is not None:  # None: finished by a run that held the lock before us
+            if marker is not None:
                 _publish_staged(folder)
                 _finalize_published(folder, command, marker["samples"], finalize)
+            elif os.path.isdir(_staging_dir(folder)):
+                _finish_unmarked(folder, finalize)
+            # else: finished by a run that held the lock before us
     print(
         f"[dataset_tools] {command}: finished the earlier {command} that was stopped while publishing "
         f"its output: {markers[0]['result']}",
         file=sys.stderr,
     )
     return markers[0]["result"]
+
+
+def _finish_unmarked(folder: str, finalize: Callable[[str], object]) -> None:
+    """Publish and finalize a folder whose marker the killed run never wrote: killed between two
+    folders' markers (split's train marked, val not), as markers are written once every sink is
+    closed, what is staged there is all of that folder's output. The rerun finished only the marked
+    folders and returned the full result, while val's shards stayed staged, never published."""
+    staged = any(name.endswith("_stats.json") for name in os.listdir(_staging_dir(folder)))
+    _publish_staged(folder)
+    if staged:  # a sink stages a shard only when it has samples
+        finalize(folder)
 
 
 def _read_marker(path: str) -> dict | None:

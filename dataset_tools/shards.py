@@ -297,8 +297,23 @@ def complete_shards(folder: str) -> dict[int, str]:
         except ValueError:
             continue  # torn stats file: redo the shard
         if all(os.path.exists(os.path.join(folder, f"{name}.{ext}")) for ext in ("tar", "parquet")):
+            _refuse_two_names_of_one_shard(folder, done.get(int(name)), name)
             done[int(name)] = name
     return done
+
+
+def _refuse_two_names_of_one_shard(folder: str, earlier: str | None, name: str) -> None:
+    """A one-line SystemExit when two complete shards have one number (``00001`` and ``000001``:
+    two builds of other zero padding, or a user's copy, in one folder). Keyed by number, one
+    replaced the other: finalize, split, dedup and vocab left its samples out (listed as
+    incomplete, "no stats yet"), and build took it for the other one."""
+    if earlier is not None:
+        first, second = sorted((earlier, name))
+        raise SystemExit(
+            f"{folder}: shards {first}.tar and {second}.tar are both shard number {int(name)} (two "
+            f"builds' shards in one folder?). Move one of them (its .tar, .parquet and _stats.json) "
+            "to a folder of its own, then run again."
+        )
 
 
 def require_shards(folder: str) -> dict[int, str]:
