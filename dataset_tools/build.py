@@ -12,6 +12,7 @@ import fnmatch
 import glob
 import json
 import multiprocessing
+import multiprocessing.context
 import multiprocessing.pool
 import os
 import re
@@ -221,6 +222,23 @@ class WorkerDied(Exception):
     """A download worker process died mid-build (SIGKILL from the OOM killer, a segfault)."""
 
 
+class _SigintBlockedProcess(multiprocessing.context.SpawnProcess):
+    """A spawn worker started with SIGINT blocked, which it keeps for life (the signal mask is
+    inherited across fork and exec, and Python never unblocks it). A terminal's Ctrl-C goes to
+    the whole process group: each worker printed its own KeyboardInterrupt traceback after the
+    build's one line. The build alone stops on Ctrl-C and terminates its workers on the way out."""
+
+    def start(self) -> None:
+        # A mask, not SIG_IGN: the pool also starts workers from its handler thread (every 5
+        # tasks), where signal.signal cannot be called; pthread_sigmask works in any thread, and
+        # a Ctrl-C that lands while the main thread starts one stays pending for it, not lost.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class _WatchedPool(multiprocessing.pool.Pool):
     """img2dataset's spawn pool that keeps every worker process it starts, so that the build can
     see one that died: the pool quietly replaces it, and the shard it held never comes back."""
@@ -230,7 +248,7 @@ class _WatchedPool(multiprocessing.pool.Pool):
         super().__init__(*args, **kwargs)
 
     def Process(self, ctx, *args, **kwds):
-        process = ctx.Process(*args, **kwds)
+        process = _SigintBlockedProcess(*args, **kwds)
         self.workers.append(process)
         return process
 

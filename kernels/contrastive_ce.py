@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import as_label_offset, check_inputs, check_scalar, contrastive_ce_reference
+from kernels.reference import (
+    as_label_offset,
+    check_inputs,
+    check_scalar,
+    constant_for_autograd,
+    contrastive_ce_reference,
+)
 from kernels.runtime import autocast_inputs, device_guard, run_eagerly, use_triton
 
 
@@ -21,7 +27,8 @@ def as_scale_tensor(
     memory, so no host synchronisation is needed)."""
     check_scalar(logit_scale, name)
     if isinstance(logit_scale, torch.Tensor):
-        return logit_scale.detach().reshape(()).to(device=device, dtype=torch.float32)
+        # Saved for backward: an inference-mode scale or bias must become a plain copy first.
+        return constant_for_autograd(logit_scale.detach().reshape(()).to(device=device, dtype=torch.float32))
     return torch.tensor(float(logit_scale), dtype=torch.float32, device=device)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import operator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,7 +59,19 @@ def as_zero_dim(value: torch.Tensor | float) -> torch.Tensor | float:
     kernels read it): a [1] float64 tensor or a 0-dim numpy array would otherwise promote the
     [N, M] logits (and the loss) to float64, where the kernels return float32, and a Fraction or
     Decimal cannot multiply a tensor at all."""
-    return value.reshape(()) if isinstance(value, torch.Tensor) else float(value)
+    return constant_for_autograd(value.reshape(())) if isinstance(value, torch.Tensor) else float(value)
+
+
+def constant_for_autograd(value: torch.Tensor) -> torch.Tensor:
+    """``value``, or a plain copy of it if it is an inference tensor (one made under
+    ``torch.inference_mode()``, e.g. a bias or scale cached by an eval loop). Such a tensor cannot
+    require grad, so it is a constant to autograd, but the scale's product with the logits (and
+    the kernels' backward) saves it: with features that require grad the ops failed with
+    "Inference tensors cannot be saved for backward", the kernels even for the bias, whose sum
+    the reference never saves. A copy of one number is free."""
+    if value.is_inference() and not torch.is_inference_mode_enabled():
+        return value.clone()
+    return value
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -136,6 +149,8 @@ def check_scalar(value, name: str) -> None:
     """``value`` (``logit_scale`` or ``logit_bias``) is one number: a float or a one-element tensor.
     The kernels refuse more; without this check the reference broadcast a [k] tensor against the
     [N, M] logits (per column when k == M: a silently different loss) where Triton does not run."""
+    if is_bool(value):
+        raise ValueError(f"{name} must be a number or a one-element tensor; got the boolean {value!r}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must hold one value; got shape {tuple(value.shape)}")
@@ -153,9 +168,23 @@ def check_scalar(value, name: str) -> None:
         raise ValueError(f"{name} must be a number or a one-element tensor; got {value!r}")
 
 
+def is_bool(value) -> bool:
+    """A Python, numpy or torch boolean. Each passes as the number 0 or 1 (``operator.index(True)``
+    is 1, ``float(torch.tensor(True))`` 1.0), so ``label_offset=True`` silently shifted every label
+    by one column and ``logit_scale=True`` scaled by 1, while a numpy ``True`` offset was refused: a flag
+    passed where a number belongs (``local_loss``, ``learn_scale``) is a caller's mistake."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    return isinstance(value, (bool, np.bool_))
+
+
 def as_label_offset(label_offset) -> int:
     """``label_offset`` as a Python int: the kernels take it as a launch scalar, where a 0-dim
     tensor (or a numpy integer) failed deep inside Triton although the reference accepts it."""
+    if is_bool(label_offset):
+        raise ValueError(
+            f"label_offset must be an integer (e.g. rank * local_batch); got the boolean {label_offset!r}"
+        )
     try:
         return operator.index(label_offset)
     except TypeError:
@@ -178,6 +207,7 @@ def contrastive_ce_reference(
     queries: [N, D]; keys: [M, D]; logit_scale: scalar (already exponentiated).
     Returns a scalar (``mean``/``sum``) or [N] (``none``).
     """
+    label_offset = as_label_offset(label_offset)
     check_inputs(queries, keys, label_offset, reduction)
     check_scalar(logit_scale, "logit_scale")
     logits = scaled_logits(queries, keys, logit_scale)
@@ -215,6 +245,7 @@ def sigmoid_loss_reference(
 
     queries: [N, D]; keys: [M, D]; logit_scale (already exponentiated), logit_bias: scalars.
     """
+    label_offset = as_label_offset(label_offset)
     check_inputs(queries, keys, label_offset, "mean")
     check_scalar(logit_scale, "logit_scale")
     check_scalar(logit_bias, "logit_bias")

@@ -54,9 +54,8 @@ def _wait_for_first_request(host, proc, seconds=90):
 
 def test_ctrl_c_stops_a_build_with_one_line_that_says_to_resume(tmp_path):
     # SIGINT (Ctrl-C, ``kill -INT``) was a 30-line KeyboardInterrupt traceback out of the download
-    # pool's wait, exit -2, and never said the build resumes. Sent to the build process alone: a
-    # terminal's Ctrl-C also reaches the spawn workers, which may print their own traceback (the
-    # pool would need to ignore SIGINT in its workers, in build.py).
+    # pool's wait, exit -2, and never said the build resumes. Sent to the build process alone; the
+    # terminal's Ctrl-C to the whole process group is test_review_dataset_build7.py's.
     ids = [f"vid{i:08d}" for i in range(4)]
     inp, out = tmp_path / "in.csv", tmp_path / "out"
     inp.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))

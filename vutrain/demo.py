@@ -165,6 +165,48 @@ def write_data(out: str, num_samples: int, val_samples: int, shard_size: int, se
     return info["train_shards"], info["val_shards"]
 
 
+def train_overrides(
+    run_dir: str, train_shards: str, val_shards: str, steps: int, extra: list[str]
+) -> list[str]:
+    """The overrides the training run gets on top of tiny.yaml: the demo's, then the user's (which win)."""
+    return [
+        f"output_dir={run_dir}",
+        f"data.train_shards={train_shards}",
+        f"data.val_shards={val_shards}",
+        f"train.max_steps={steps}",
+        "train.resume=never",
+        *extra,
+    ]
+
+
+def training_line(overrides: list[str], steps: int, ranks: int, gpu: bool) -> str:
+    """What the training run will do, as the demo prints it, read from tiny.yaml and ``overrides``
+    as the run reads them: a user's `train.max_steps=N` wins over --steps (and `train.zero_stage`,
+    `train.precision` over the demo's), and the demo printed its --steps all the same. Where the
+    overrides do not parse, the demo's own figures: the run then stops naming the bad one."""
+    from vutrain.config import ConfigError, build_config
+
+    try:
+        t = build_config(TINY_CONFIG, overrides).train
+        stage, precision, steps = t.zero_stage, t.precision, t.max_steps
+    except ConfigError:
+        stage, precision = 2, "fp32"
+    where = f"{ranks} GPU rank(s)" if gpu else f"{ranks} CPU ranks"
+    return f"training the tiny preset, ZeRO-{stage}, {where}, {precision}, {steps} steps"
+
+
+DEMO_OWNED_KEYS = {"output_dir": "--out DIR (the run goes to DIR/run, where the demo reads it back)"}
+
+
+def refuse_demo_owned_overrides(overrides: list[str]) -> None:
+    """DemoError for an override of a key the demo sets from its own option: `output_dir=X` sent the
+    run to X while the demo read out/run afterwards and said it had no evaluation."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in DEMO_OWNED_KEYS:
+            raise DemoError(f"{item!r}: the demo sets {key} itself; pass {DEMO_OWNED_KEYS[key]} instead")
+
+
 def train(
     run_dir: str,
     train_shards: str,
@@ -179,12 +221,7 @@ def train(
         os.path.join(REPO, "vutrain", "train.py"),
         "--config",
         TINY_CONFIG,
-        f"output_dir={run_dir}",
-        f"data.train_shards={train_shards}",
-        f"data.val_shards={val_shards}",
-        f"train.max_steps={steps}",
-        "train.resume=never",
-        *extra,
+        *train_overrides(run_dir, train_shards, val_shards, steps, extra),
     ]
     print("$ " + " ".join(cmd), flush=True)
     env = dict(
@@ -381,11 +418,7 @@ def run_demo(args: argparse.Namespace) -> int:
     # The recipe first, so the user's own overrides win.
     recipe = gpu_recipe() if gpu else []
     overrides = recipe + list(args.overrides)
-    precision = next(
-        (o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("train.precision=")), "fp32"
-    )
-    where = f"{ranks} GPU rank(s), {precision}" if gpu else f"{ranks} CPU ranks"
-
+    refuse_demo_owned_overrides(overrides)
     check_shard_count(args.num_samples, args.shard_size, ranks, overrides)
     start = time.time()
     claim_output(args.out)
@@ -395,11 +428,13 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     run_dir = os.path.join(args.out, "run")
     model_dir = os.path.join(args.out, "hf_model")
+    run_overrides = train_overrides(run_dir, train_shards, val_shards, steps, overrides)
+    plan = training_line(run_overrides, steps, ranks, gpu)
     # The previous run's model goes with its data and run: kept, a run that failed later left it
     # beside data it was not trained on, and an export adds its files to whatever is there.
     for previous in (run_dir, model_dir):
         shutil.rmtree(previous, ignore_errors=True)
-    print(f"[2/5] training the tiny preset, ZeRO-2, {where}, {steps} steps", flush=True)
+    print(f"[2/5] {plan}", flush=True)
     train(run_dir, train_shards, val_shards, ranks, steps, overrides, gpu)
     print("[3/5] evaluation (held-out split)", flush=True)
     evals = [r for r in read_metrics(run_dir) if "eval/zeroshot_top1" in r]
