@@ -12,13 +12,16 @@ builds the validation batches and the zero-shot class list (read once per run) f
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from vutrain.config import RunConfig
+from vutrain.data.shards import ShardListError
 from vutrain.distributed import all_reduce
 from vutrain.tag_text import normalize_tag
 
@@ -78,6 +81,80 @@ def read_on_first_rank(read, device):
     if status != "ok":
         raise RuntimeError(f"rank 0 could not read the validation shards: {value}")
     return value
+
+
+def _val_shard_view(spec: str) -> tuple:
+    """This rank's validation shards as it sees them: ("shards", ((url, bytes), ...)), bytes -1
+    for a remote URL; or ("error", a one-line message)."""
+    from vutrain.data.shards import ShardListError, check_openable, expand_shards, is_remote
+
+    try:
+        shards = check_openable(expand_shards(spec, "data.val_shards"), "data.val_shards")
+        return ("shards", tuple((url, -1 if is_remote(url) else os.path.getsize(url)) for url in shards))
+    except ShardListError as e:
+        return ("error", str(e))
+    except OSError as e:  # a shard removed between the listing and its size
+        return ("error", f"data.val_shards: {e.filename}: {e.strerror}")
+
+
+def _fingerprint(view: tuple) -> int:
+    """63-bit digest of a view: its negation fits an int64, so one MAX all-reduce gives both bounds."""
+    return int.from_bytes(hashlib.blake2b(repr(view).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _difference(rank: int, mine: tuple, first: tuple) -> str:
+    """One clause on how this rank's view differs from rank 0's ("" when rank 0's clause says it)."""
+    if mine[0] == "error":
+        return f"rank {rank}: {mine[1]}"
+    if rank == 0 or first[0] == "error" or mine == first:
+        return ""
+    ours, theirs = mine[1], first[1]
+    if len(ours) != len(theirs):
+        urls, urls0 = {url for url, _ in ours}, {url for url, _ in theirs}
+        lacking = [url for url, _ in theirs if url not in urls]
+        extra = [url for url, _ in ours if url not in urls0]
+        detail = f", lacking {lacking[0]}" if lacking else f", with {extra[0]}" if extra else ""
+        return f"rank {rank} sees {len(ours)} shards, rank 0 {len(theirs)}{detail}"
+    (url, size), (url0, size0) = next((a, b) for a, b in zip(ours, theirs, strict=True) if a != b)
+    if url != url0:
+        return f"rank {rank} lists {url} where rank 0 lists {url0}"
+    return f"rank {rank}: {url} is {size} bytes, {size0} on rank 0"
+
+
+class ValShardsError(ShardListError):
+    """A validation-shard problem raised on every rank alike (agree_on_val_shards): one rank says it."""
+
+
+def agree_on_val_shards(spec: str, device) -> None:
+    """Check, on every rank at once, that every rank sees the same validation shards (names and
+    sizes), or raise ValShardsError (a ShardListError) on every rank naming what differs.
+
+    A node whose local copy of the held-out set lacked a shard raised on that node only, while
+    rank 0 waited in the zero-shot class broadcast until the group timeout (30 minutes); a
+    truncated copy lost the shard's tail silently, and lists that differ (one node's missing shard
+    accepted by data.allow_missing_shards) read some samples twice and others never."""
+    view = _val_shard_view(spec)
+    if _world() > 1:
+        fingerprint = _fingerprint(view)
+        bounds = torch.tensor([fingerprint, -fingerprint], dtype=torch.long, device=device)
+        all_reduce(bounds, op=dist.ReduceOp.MAX)
+        highest, lowest = bounds.tolist()  # one host read per eval: whether to go on at all
+        if highest != -lowest:
+            raise ValShardsError(_differences_line(view, device))
+    if view[0] == "error":  # the same on every rank: each raises it, none waits
+        raise ValShardsError(view[1])
+
+
+def _differences_line(view: tuple, device) -> str:
+    first = [view if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(first, src=0, device=torch.device(device))
+    clauses = [c for c in gather_objects([_difference(dist.get_rank(), view, first[0])]) if c]
+    shown = "; ".join(clauses[:3]) + (f"; and {len(clauses) - 3} more ranks" if len(clauses) > 3 else "")
+    return (
+        f"data.val_shards differ between ranks ({shown}), so their parts would not make up the "
+        "held-out set. Give every node the same copy of the shards, or point data.val_shards at "
+        "storage that every node reads."
+    )
 
 
 RECALL_CHUNK_ELEMENTS = 2**26
@@ -515,6 +592,8 @@ class Evaluator:
         from vutrain.data.val import ValStream
 
         cfg = self.cfg
+        # Before any other collective of the eval: a rank that cannot read the set stops every rank.
+        agree_on_val_shards(cfg.data.val_shards, self.device)
         batches = ValStream(
             cfg.data.val_shards,
             preprocess=self.preprocess,

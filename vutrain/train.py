@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return _stop_before_rendezvous(info, f"error: {exc}", speaks)
     from vutrain import startup_errors
     from vutrain.checkpoint import CheckpointWriteError
+    from vutrain.evaluate import ValShardsError
     from vutrain.global_batch import with_global_batch
     from vutrain.trainer import PREEMPT_EXIT_CODE, NonFiniteLossError, Preempted, Trainer
 
@@ -188,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             return _quiet_exit(1)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ValShardsError as exc:  # e.g. a node's copy of the val set lost a shard: every rank
+        if not speaks:  # raises the same line at the eval's check; rank 0 (and each node's first) says it
+            return _quiet_exit()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except CheckpointWriteError as exc:  # each rank whose write failed says so, in one line
         prefix = "" if info.world_size == 1 else f"rank {info.rank}: "
         print(f"error: {prefix}{exc}", file=sys.stderr)
