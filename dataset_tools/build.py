@@ -335,7 +335,7 @@ def _clean_partials(folder: str) -> None:
 # ``NAME.<pid>-<random>.tmp``, ``save_plan``'s ``plan.parquet.tmp``). Others' (``dedup.json``'s)
 # are left alone: a dedup may be writing its report right now, the build lock does not cover it.
 _BUILD_TEMP_RE = re.compile(
-    r"^(?:(?:summary\.json|rejected_input\.jsonl)\.\d+-[0-9a-f]{12}|plan\.parquet)\.tmp$"
+    r"^(?:(?:summary\.json|rejected_input\.jsonl|host_cooldown\.json)\.\d+-[0-9a-f]{12}|plan\.parquet)\.tmp$"
 )
 
 

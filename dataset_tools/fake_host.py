@@ -8,6 +8,7 @@ missing       every variant: 404 with the 120x90 grey placeholder JPEG as body (
 no_maxres     maxresdefault 404 + placeholder, the rest exist (also ``no_maxres_sd``)
 placeholder200  maxresdefault answers 200 with the placeholder, the rest exist
 throttle      first request 429 with ``Retry-After: 1``, then ok
+throttle_for:<s>  every request 429 with ``Retry-After: <s>`` (a host that stays overloaded)
 error500      first request 500, then ok
 unavailable503  first request 503 without Retry-After, then ok
 slow          sleeps ``slow_seconds`` before answering (beyond a short deadline)
@@ -194,6 +195,9 @@ class FakeThumbnailHost:
             if kind == "notimage_maxres":
                 return self._send(req, 200, b"<html><body>not a picture</body></html>")
             return self._send(req, 200, render_placeholder(SIZES[variant]))
+        if kind.startswith("throttle_for:"):
+            retry_after = kind.split(":", 1)[1]
+            return self._send(req, 429, b"slow down", "text/plain", {"Retry-After": retry_after})
         if kind == "throttle" and first:
             return self._send(req, 429, b"slow down", "text/plain", {"Retry-After": "1"})
         if kind == "error500" and first:

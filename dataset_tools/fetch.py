@@ -297,20 +297,27 @@ def check_image(body: bytes, cfg: PolitenessConfig) -> tuple:
 
 
 def is_placeholder(body: bytes) -> bool:
-    """True for YouTube's "no thumbnail" image, whatever its size: flat, colourless grey.
+    """True for YouTube's "no thumbnail" image, whatever its size: flat, colourless grey with a
+    simple pictogram.
 
     The placeholder is a light grey field with a darker grey pictogram, so (on a 32x24 thumbnail
     of it) every pixel is grey (channels within a few levels of each other, JPEG noise allowed),
     one grey level (mid to light, not white) covers most of the picture, and few levels are
-    used. A real thumbnail,
-    even a black-and-white one, has texture that spreads its levels.
+    used. A real thumbnail, even a black-and-white one, has texture that spreads its levels. A
+    title card on flat grey ("Lecture 7" on a grey slide) passes all of that too, so the shapes on
+    the field decide: the pictogram is a few solid bars, text is many strokes.
     """
     try:
         with Image.open(io.BytesIO(body)) as img:
-            img.draft("RGB", (64, 48))
-            small = img.convert("RGB").resize((32, 24))
+            img.draft("RGB", (240, 180))
+            rgb = img.convert("RGB")
     except Exception:
         return False
+    return _flat_grey(rgb.resize((32, 24))) and _few_solid_shapes(rgb.convert("L"))
+
+
+def _flat_grey(small: Image.Image) -> bool:
+    """Colourless, one mid-to-light grey level over most of ``small``, few levels in all."""
     pixels = list(small.getdata())
     if max(max(p) - min(p) for p in pixels) > 16:
         return False
@@ -320,6 +327,30 @@ def is_placeholder(body: bytes) -> bool:
     counts = sorted(levels.values(), reverse=True)
     used = sum(1 for c in counts if c > 0.02 * len(pixels))
     return counts[0] >= 0.6 * len(pixels) and used <= 3 and 5 <= max(levels, key=levels.get) <= 14
+
+
+_SHAPE_GRID = (120, 90)  # the placeholder's own size: any size of it is looked at alike
+_SHAPE_LEVELS = 12  # off the field by more than this is drawn on it (q50 JPEG noise stays under)
+_MAX_RUNS = 6  # a pictogram of up to three bars (plus JPEG ringing); one word of text is ~10+
+
+
+def _few_solid_shapes(grey: Image.Image) -> bool:
+    """True when what is drawn on the field crosses any row or column of a 120x90 view at most
+    ``_MAX_RUNS`` times: solid bars do, the strokes of text do not (until 2026-12-07 every grey
+    title card was taken for the placeholder, and its row failed as every variant missing)."""
+    width, height = _SHAPE_GRID
+    view = grey.resize(_SHAPE_GRID, Image.Resampling.BOX)
+    histogram = view.histogram()
+    field = max(range(256), key=lambda level: sum(histogram[max(0, level - 2) : level + 3]))
+    drawn = [abs(p - field) > _SHAPE_LEVELS for p in view.tobytes()]
+    rows = (drawn[y * width : (y + 1) * width] for y in range(height))
+    columns = (drawn[x::width] for x in range(width))
+    return all(_runs(line) <= _MAX_RUNS for lines in (rows, columns) for line in lines)
+
+
+def _runs(line: list) -> int:
+    """How many separate stretches of True ``line`` holds."""
+    return sum(1 for i, on in enumerate(line) if on and (i == 0 or not line[i - 1]))
 
 
 def _served_placeholder(variant: str, size: tuple, body: bytes) -> bool:

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ import pyarrow as pa
 from img2dataset import downloader as i2d_downloader
 
 from dataset_tools import fetch, shards
-from dataset_tools.politeness import HostLimiter, PolitenessConfig
+from dataset_tools.plan import BUILD_DIR
+from dataset_tools.politeness import COOL_DOWN_FILE, HostLimiter, PolitenessConfig, SharedCoolDown
 
 EXTRA_FIELDS = [
     pa.field("variant", pa.string()),
@@ -108,6 +110,32 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def cool_down_path(output_folder: str) -> str | None:
+    """The build's cool-down file for a download into ``output_folder``: ``OUTPUT/_build/`` for
+    the shards, the same file for ``--retry-failed`` (which writes into ``_build/retry``). None
+    for a remote URL, which this process cannot write with plain file calls."""
+    if "://" in output_folder:
+        return None
+    folder = os.path.normpath(output_folder)
+    parent = os.path.dirname(folder)
+    state_dir = parent if os.path.basename(parent) == BUILD_DIR else os.path.join(folder, BUILD_DIR)
+    return os.path.join(state_dir, COOL_DOWN_FILE)
+
+
+def _announce_pending_cool_down(path: str | None, max_seconds: float) -> None:
+    """One line when a cool-down the host asked for before this build is still running."""
+    if path is None:
+        return
+    seconds = SharedCoolDown(path, max_seconds).remaining()
+    if seconds > 0:
+        print(
+            f"[dataset_tools] the thumbnail host asked us to slow down (429/503, Retry-After) before "
+            f"this download: waiting {seconds:.0f} s more before its first request (recorded in {path})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 class YouTubeDownloader(i2d_downloader.Downloader):
     """img2dataset's Downloader with our fetch and exact per-row accounting.
 
@@ -129,15 +157,23 @@ class YouTubeDownloader(i2d_downloader.Downloader):
         self.url_template = url_template
         self.politeness = politeness
         self.parent_pid = parent_pid
+        self.cool_down_file = cool_down_path(self.output_folder)
+        _announce_pending_cool_down(self.cool_down_file, politeness.backoff_max)
 
     def _install(self) -> None:
         with _LOCK:
             if self.parent_pid is not None and self.parent_pid != os.getpid():
                 _die_with_parent(self.parent_pid)
-            if _FETCH.get("config") != self.politeness:
+            if (_FETCH.get("config"), _FETCH.get("cool_down_file")) != (self.politeness, self.cool_down_file):
+                shared = None
+                if self.cool_down_file is not None:
+                    shared = SharedCoolDown(self.cool_down_file, self.politeness.backoff_max)
                 _FETCH.update(
                     config=self.politeness,
-                    limiter=HostLimiter(self.politeness.max_connections, self.politeness.requests_per_second),
+                    cool_down_file=self.cool_down_file,
+                    limiter=HostLimiter(
+                        self.politeness.max_connections, self.politeness.requests_per_second, shared
+                    ),
                 )
             _FETCH.update(variants=self.variants, template=self.url_template)
             i2d_downloader.download_image_with_retry = _ladder_download

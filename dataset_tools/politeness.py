@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import json
+import os
 import random
 import threading
 import time
@@ -69,15 +71,90 @@ class PolitenessConfig:
         )
 
 
-class HostLimiter:
-    """Connection semaphore + token bucket + cool-down, shared by all threads of a process."""
+COOL_DOWN_FILE = "host_cooldown.json"
+"""In the build's state folder (``_build/``): the wall-clock end of the host's last cool-down."""
 
-    def __init__(self, max_connections: int, requests_per_second: float):
+
+class SharedCoolDown:
+    """A cool-down kept in a file, so that it outlives the process that was told to wait.
+
+    A 429/503 with ``Retry-After`` seen by one worker process held back only that process:
+    the other processes, a worker img2dataset's pool started afresh (every 5 shards) and a build
+    restarted after a kill all hit the host again at full rate. The file holds the wall-clock end
+    (``{"until": unix seconds}``); every limiter that shares it waits for it. A file that does not
+    read, names no number or lies in the past means no wait; a wait longer than ``max_seconds``
+    (a clock set back) is cut to it. Writes that fail are skipped: politeness within the process
+    still holds, and a build never stops for this file.
+    """
+
+    def __init__(self, path: str, max_seconds: float):
+        self.path = path
+        self.max_seconds = float(max_seconds)
+        self._seen: tuple | None = None  # (inode, mtime_ns, size) of the file as last read
+        self._until = 0.0  # wall-clock end, the latest read or written
+
+    def remaining(self) -> float:
+        """Seconds the host still wants us to wait, per the file (0 when none)."""
+        self._refresh()
+        return max(0.0, self._until - time.time())
+
+    def extend(self, seconds: float) -> None:
+        """Make the shared cool-down last at least ``seconds`` from now."""
+        until = time.time() + seconds
+        self._refresh()
+        if until <= self._until:
+            return
+        self._until = until
+        tmp = f"{self.path}.{os.getpid()}-{random.getrandbits(48):012x}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"until": until}, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+    def _refresh(self) -> None:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return
+        seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if seen == self._seen:
+            return
+        self._seen = seen
+        # Cut when read, not when asked: a cut on every ask would renew the wait for as long as
+        # the clock was set back.
+        self._until = max(self._until, min(_read_until(self.path), time.time() + self.max_seconds))
+
+
+def _read_until(path: str) -> float:
+    """The ``until`` of a cool-down file, 0.0 when it does not read as one (torn, edited, other)."""
+    try:
+        with open(path) as f:
+            until = json.load(f).get("until")
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    if isinstance(until, bool) or not isinstance(until, (int, float)) or until != until:
+        return 0.0
+    return float(until)
+
+
+class HostLimiter:
+    """Connection semaphore + token bucket + cool-down, shared by all threads of a process, and
+    with ``shared`` (a ``SharedCoolDown``) the cool-down shared with other processes and builds."""
+
+    def __init__(
+        self, max_connections: int, requests_per_second: float, shared: SharedCoolDown | None = None
+    ):
         self._slots = threading.BoundedSemaphore(max(1, max_connections))
         self._rate = float(requests_per_second)
         self._lock = threading.Lock()
         self._next_free = time.monotonic()  # earliest time the next request may start
         self._cooldown_until = 0.0
+        self._shared = shared
 
     def acquire(self) -> None:
         """Block until a connection slot and a rate token are available."""
@@ -90,12 +167,15 @@ class HostLimiter:
 
     def _wait_turn(self) -> None:
         """Sleep until neither the rate nor a cool-down holds this request back, then take the
-        token. Checked again after every sleep: a 429 seen by another thread meanwhile moves
-        ``_cooldown_until``, and a request planned before it must wait for it too."""
+        token. Checked again after every sleep: a 429 seen by another thread (or, through the
+        shared file, another process) meanwhile moves the cool-down, and a request planned before
+        it must wait for it too."""
         while True:
             with self._lock:
                 now = time.monotonic()
                 start = max(self._next_free, self._cooldown_until)
+                if self._shared is not None:
+                    start = max(start, now + self._shared.remaining())
                 if now >= start:
                     if self._rate > 0:
                         self._next_free = now + 1.0 / self._rate
@@ -107,9 +187,12 @@ class HostLimiter:
         self._slots.release()
 
     def cool_down(self, seconds: float) -> None:
-        """Hold every thread of this process back for ``seconds`` (after a 429/503)."""
+        """Hold every thread of this process (and the sharers of the file) back for ``seconds``
+        (after a 429/503)."""
         with self._lock:
             self._cooldown_until = max(self._cooldown_until, time.monotonic() + seconds)
+            if self._shared is not None:
+                self._shared.extend(seconds)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
