@@ -383,8 +383,48 @@ def _complete(ckpt_dir: str, tag: str, step: int) -> None:
         marker[TOKENIZER_KEY] = vocab
     _atomic_write_text(os.path.join(tmp_dir, MARKER), json.dumps(marker, indent=1))
     _publish(ckpt_dir, tag)
-    _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+    _point_latest_at(ckpt_dir, tag)
     _sync_dir(ckpt_dir)
+
+
+def _point_latest_at(ckpt_dir: str, tag: str) -> None:
+    """Rewrite `latest` after `tag` was published; a failure here loses nothing, so it warns.
+
+    The checkpoint is complete once renamed, and resume scans the tags instead of trusting
+    `latest`. Raised as a write failure, it stopped the run with "checkpoint step_X could not be
+    written ... continues from step_X": the rerun then took the very checkpoint called unwritten.
+    """
+    path = os.path.join(ckpt_dir, "latest")
+    try:
+        _atomic_write_text(path, tag)
+    except OSError as exc:
+        _remove_quietly(path + TMP_SUFFIX)
+        log.warning(
+            "checkpoint %s is complete in %s, but 'latest' could not be updated (%s: %s; it still "
+            "names %s): train.resume=auto takes %s anyway (it scans for the newest complete checkpoint)",
+            tag,
+            ckpt_dir,
+            type(exc).__name__,
+            exc,
+            _read_latest(ckpt_dir) or "nothing",
+            tag,
+        )
+
+
+def _read_latest(ckpt_dir: str) -> str | None:
+    """The tag the `latest` file names, or None when it is missing or unreadable."""
+    try:
+        with open(os.path.join(ckpt_dir, "latest"), encoding="utf-8") as fh:
+            return fh.read().strip() or None
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:  # absent, or not a file: nothing of ours to clean up
+        pass
 
 
 def _publish(ckpt_dir: str, tag: str) -> None:
@@ -414,7 +454,7 @@ def finish_interrupted_publish(ckpt_dir: str) -> list[str]:
     for tag in finished:
         _publish(ckpt_dir, tag)
     if finished:
-        _atomic_write_text(os.path.join(ckpt_dir, "latest"), latest_tag(ckpt_dir))
+        _point_latest_at(ckpt_dir, latest_tag(ckpt_dir))
         _sync_dir(ckpt_dir)
         log.warning("finished publishing the complete checkpoint(s) a killed save left as .tmp: %s", finished)
     return finished
@@ -511,11 +551,9 @@ def _newest_complete(ckpt_dir: str, what: str, verbose: bool = True) -> tuple[st
     """(checkpoints dir, tag) of the newest complete checkpoint; logs skips; raises if none usable."""
     interrupted = [f"{t}: save interrupted (never completed)" for t in _list_tmp(ckpt_dir)]
     skipped = list(interrupted)
-    latest_path = os.path.join(ckpt_dir, "latest")
-    named = None
-    if os.path.isfile(latest_path):
-        with open(latest_path, encoding="utf-8") as f:  # closed at once: a ResourceWarning per resume
-            named = f.read().strip()
+    # Unreadable counts as missing: a torn `latest` (not UTF-8) stopped every resume with a
+    # UnicodeDecodeError traceback, although the scan never needs it.
+    named = _read_latest(ckpt_dir)
     if named and not os.path.isdir(os.path.join(ckpt_dir, named)):
         skipped.append(f"'latest' names {named}, which is gone")
     chosen = None
@@ -879,7 +917,7 @@ def set_aside_later(run_dir: str, loaded_dir: str, step: int) -> list[str]:
         os.rename(os.path.join(own, tag), os.path.join(aside, tag))
     latest_path, newest = os.path.join(own, "latest"), latest_tag(own)
     if newest:  # `latest` must not name a checkpoint that moved away (resume would call it gone)
-        _atomic_write_text(latest_path, newest)
+        _point_latest_at(own, newest)
     elif os.path.exists(latest_path):
         os.remove(latest_path)
     _sync_dir(own)
