@@ -49,17 +49,12 @@ def parse_candidates(text: str | None) -> list[TileConfig]:
         )
     configs = []
     for item in text.split(";"):
-        parts = item.split(",")
-        if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
-            raise SystemExit(f"--candidates wants 'BM,BN,BD,warps,stages;...'; got {item!r}")
-        config = TileConfig(*(int(p) for p in parts))
         # The interpreter runs configs the GPU compiler refuses (3 warps, 24-wide blocks): such a
         # winner made a table that every later launch and sweep refused as malformed.
         try:
-            tile_configs.check_compilable(config)
+            configs.append(tile_configs.parse_config(item))
         except ValueError as e:
-            raise SystemExit(f"--candidates {item!r}: {e}") from None
-        configs.append(config)
+            raise SystemExit(f"--candidates {e} (configs separated by ';')") from None
     return configs
 
 
@@ -121,7 +116,9 @@ def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | No
     stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     source = f"tuned: kernels.bench --autotune on {where}, {str(dtype).replace('torch.', '')}, {stamp}"
-    timed_with = (tile_configs.dtype_name(dtype), tile_configs.triton_version())
+    # The card too: an RTX 4090's sm_80 winners would otherwise apply on an A100 (same rows).
+    card = tile_configs.capability_of(device) if on_gpu else None
+    timed_with = (tile_configs.dtype_name(dtype), tile_configs.triton_version(), card)
     path = out / "tuned_configs.json"
     table = _existing_table(path)
     entries: dict[tuple[str, str, str], Entry] = {}
@@ -129,7 +126,7 @@ def autotune(shapes, losses, dtype, device, out: Path, candidates_text: str | No
 
     def keep(key: tuple[str, str, str], cfg: TileConfig) -> None:
         # Written at once: a sweep stopped by a time limit keeps the winners it found.
-        # With the dtype and Triton version it was timed under: launches under others skip it.
+        # With the dtype, Triton version and card it was timed on: launches under others skip it.
         entries[key] = table[key + (timed_with[0],)] = Entry(cfg, source, *timed_with)
         tile_configs.write_tuned(path, table)
 

@@ -27,8 +27,8 @@ from kernels.tile_configs import (
     SHARED_MEMORY,
     TABLE,
     TileConfig,
-    check_compilable,
     fit_shared_memory,
+    parse_config,
     table_arch,
 )
 
@@ -36,9 +36,20 @@ _CONSTS = ("BM", "BN", "BD", "WITH_COLS", "UPCAST", "PRECISION")
 KERNELS = ("fwd", "grad", "sig_fwd", "sig_grad")
 _ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 _TABLE_KIND = {"fwd": "ce_fwd", "grad": "ce_grad", "sig_fwd": "sig_fwd", "sig_grad": "sig_grad"}
-# NVIDIA compute capabilities (major * 10 + minor) from Turing on. Any other number reached LLVM as an
-# unknown `sm_<arch>` and aborted it (`--arch 9` for Hopper: "LLVM ERROR: Cannot select", exit 134).
-KNOWN_ARCHES = (75, 80, 86, 87, 89, 90, 100, 101, 103, 110, 120, 121)
+# Shared memory one block may use (the opt-in maximum, bytes) per NVIDIA compute capability (major * 10
+# + minor), from the CUDA programming guide: what `shared_memory_per_block_optin` reads on such a card.
+# Families differ: sm_86/89 (RTX 30xx/40xx) and sm_120/121 (RTX 50xx, GB10) have 99 KiB, not the
+# 163/227 KiB of the A100/H100 whose table entries they take; a config fitted to those passed the check
+# and failed on the card with OutOfResources.
+ARCH_SHARED_MEMORY = {
+    75: 64 * 1024,
+    **dict.fromkeys((80, 87), 166_912),
+    **dict.fromkeys((86, 89, 120, 121), 101_376),
+    **dict.fromkeys((90, 100, 101, 103, 110), 232_448),
+}
+# Any other number reached LLVM as an unknown `sm_<arch>` and aborted it (`--arch 9` for Hopper:
+# "LLVM ERROR: Cannot select", exit 134).
+KNOWN_ARCHES = tuple(sorted(ARCH_SHARED_MEMORY))
 
 
 def _kernel(kind: str):
@@ -99,13 +110,16 @@ def compile_kernel(kind: str, dtype: str, with_cols: bool, cfg: TileConfig, arch
     )
 
 
-def table_configs(arch: int, element_size: int = 2) -> list[tuple[str, TileConfig]]:
+def table_configs(
+    arch: int, element_size: int = 2, shared_memory: int | None = None
+) -> list[tuple[str, TileConfig]]:
     """The distinct (kernel, config) pairs a launch on ``sm_<arch>`` with ``element_size``-byte
     inputs takes from the built-in table: the table's arch by the launches' rule (sm_86/sm_89 use
-    the sm_80 entries, sm_100/sm_120 the sm_90 ones) and each config fitted to its shared memory
-    (fp32 inputs run narrower slabs than the table's)."""
+    the sm_80 entries, sm_100/sm_120 the sm_90 ones) and each config fitted to ``shared_memory``
+    bytes per block (fp32 inputs run narrower slabs than the table's). None: the table family's
+    figure (``SHARED_MEMORY``); a launch fits the card's own, ``ARCH_SHARED_MEMORY[arch]``."""
     name = table_arch(arch // 10)
-    limit = SHARED_MEMORY[name]
+    limit = shared_memory or SHARED_MEMORY[name]
     pairs = {
         (k, fit_shared_memory(e.config, element_size, limit))
         for (a, tk, _), e in TABLE.items()
@@ -149,15 +163,10 @@ def ptxas_usage(ptx: str, arch: int = 90) -> dict | None:
 
 def _parse_config(ap: argparse.ArgumentParser, text: str) -> TileConfig:
     """``BM,BN,BD,num_warps,num_stages`` as a config compiled Triton can build, else a usage error."""
-    parts = text.split(",")
-    if len(parts) != 5 or not all(p.strip().isdigit() for p in parts):
-        ap.error(f"--config wants BM,BN,BD,num_warps,num_stages (five integers); got {text!r}")
-    config = TileConfig(*(int(p) for p in parts))
     try:
-        check_compilable(config)
+        return parse_config(text)
     except ValueError as e:
-        ap.error(f"--config {text}: {e}")
-    return config
+        ap.error(f"--config {e}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.config:
         pairs = [(k, _parse_config(ap, c)) for c in args.config for k in wanted]
     else:
-        pairs = [(k, c) for k, c in table_configs(args.arch, _ELEMENT_SIZE[args.dtype]) if k in wanted]
+        launched = table_configs(args.arch, _ELEMENT_SIZE[args.dtype], ARCH_SHARED_MEMORY[args.arch])
+        pairs = [(k, c) for k, c in launched if k in wanted]
     if interpreting():
         # Interpreted kernels have no compiled form: Triton failed with an AttributeError.
         ap.error("TRITON_INTERPRET is on; run it without (e.g. `env -u TRITON_INTERPRET python -m ...`)")
@@ -194,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         for with_cols in (False, True) if kind in ("fwd", "grad") else (False,):
             k = compile_kernel(kind, args.dtype, with_cols, cfg, args.arch)
             usage = ptxas_usage(k.asm["ptx"], args.arch)
+            limit = ARCH_SHARED_MEMORY[args.arch]
+            # Compiling does not check shared memory; the launch does, on the card (OutOfResources).
+            fits = k.metadata.shared <= limit
             if args.json:
                 print(
                     json.dumps(
@@ -204,12 +217,15 @@ def main(argv: list[str] | None = None) -> None:
                             "arch": args.arch,
                             "dtype": args.dtype,
                             "shared_bytes": k.metadata.shared,
+                            "shared_limit": limit,
+                            "fits_shared_memory": fits,
                             "ptxas": usage,
                         }
                     )
                 )
             else:
-                print(f"{kind:8} cols={int(with_cols)} {cfg} smem={k.metadata.shared} {usage}")
+                over = "" if fits else f" OVER sm_{args.arch}'s {limit} B per block: fails at launch"
+                print(f"{kind:8} cols={int(with_cols)} {cfg} smem={k.metadata.shared}{over} {usage}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ ARCHES = ("sm_90", "sm_80", "fallback")
 # records (its rows never apply to a GPU launch, but the file is a valid table).
 INTERPRETER_ARCH = "interpreter"
 TUNED_ARCHES = (*ARCHES, INTERPRETER_ARCH)
+# The input dtypes a tuned row may name, as ``dtype_name`` spells a launch's (and `kernels.bench --dtype`).
+TUNED_DTYPES = ("bfloat16", "float16", "float32")
 TUNED_ENV = "KERNELS_TILE_CONFIGS"
 TUNED_DEFAULT = Path(__file__).with_name("tuned_configs.json")
 LARGE_ELEMENTS = 8192 * 8192
@@ -70,12 +72,14 @@ class TileConfig:
 @dataclass(frozen=True)
 class Entry:
     """A table entry: the config, where it comes from (measured or not), and for a tuned entry the
-    input dtype (``"bfloat16"``...) and Triton version it was timed with (None: any)."""
+    input dtype (``"bfloat16"``...), Triton version and compute capability (``"8.9"``) it was timed
+    with (None: any)."""
 
     config: TileConfig
     source: str
     dtype: str | None = None
     triton: str | None = None
+    capability: str | None = None
 
 
 # Compiled Triton needs every tl.dot dimension >= 16; the interpreter would accept less,
@@ -230,7 +234,14 @@ def select(
     if interpreting:
         return INTERPRET_CONFIG
     arch = arch_of(device)
-    return choose(arch, kind, n, m, d, element_size, device_shared_memory(device, arch), dtype)
+    limit = device_shared_memory(device, arch)
+    return choose(arch, kind, n, m, d, element_size, limit, dtype, capability_of(device))
+
+
+def capability_of(device: torch.device) -> str:
+    """``"8.9"``: the compute capability a tuned row records and a launch compares."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
 
 
 def choose(
@@ -242,20 +253,25 @@ def choose(
     element_size: int = 2,
     shared_memory: int | None = None,
     dtype: torch.dtype | None = None,
+    capability: str | None = None,
 ) -> TileConfig:
     """The table's config for ``arch``, narrowed to D and fitted to ``shared_memory`` bytes per
     block (default: the arch's, ``SHARED_MEMORY``)."""
     limit = shared_memory or SHARED_MEMORY[arch]
-    return fit_shared_memory(_fit_bd(lookup(arch, kind, n, m, dtype).config, d), element_size, limit)
+    entry = lookup(arch, kind, n, m, dtype, capability)
+    return fit_shared_memory(_fit_bd(entry.config, d), element_size, limit)
 
 
-def lookup(arch: str, kind: str, n: int, m: int, dtype: torch.dtype | None = None) -> Entry:
-    """The table entry for ``kind`` on an N x M problem of ``dtype`` inputs: tuned file (its entry
-    for this dtype and Triton version), then built-in, then fallback."""
+def lookup(
+    arch: str, kind: str, n: int, m: int, dtype: torch.dtype | None = None, capability: str | None = None
+) -> Entry:
+    """The table entry for ``kind`` on an N x M problem of ``dtype`` inputs on a card of compute
+    ``capability`` ("8.9"; None: any): tuned file (its entry for this dtype, Triton version and
+    card), then built-in, then fallback."""
     key = (arch, kind, shape_class(n, m))
     path = tuned_path()
     tuned = tuned_for(load_tuned(path), key, dtype)
-    if tuned is not None and tuned_entry_applies(tuned, dtype, path, key):
+    if tuned is not None and tuned_entry_applies(tuned, dtype, path, key, capability):
         return tuned
     return TABLE.get(key) or TABLE[("fallback", kind, key[2])]
 
@@ -287,27 +303,29 @@ def triton_version() -> str | None:
 _SKIPPED: set[tuple] = set()
 
 
-def tuned_entry_applies(entry: Entry, dtype: torch.dtype | None, path: str | None, key: tuple) -> bool:
+def tuned_entry_applies(
+    entry: Entry, dtype: torch.dtype | None, path: str | None, key: tuple, capability: str | None = None
+) -> bool:
     """Whether a tuned entry was timed under this launch's conditions. A config tuned with another
-    Triton version may fail to compile there or spill, and one tuned for 16-bit inputs says nothing
-    about fp32 ones (or the reverse), so such an entry gives way to the built-in table, with one
-    logged line per entry and launch dtype saying how to re-tune. Entries that record neither
-    (tables written before 2026-12) apply everywhere, as they always did."""
+    Triton version may fail to compile there or spill, one tuned for 16-bit inputs says nothing
+    about fp32 ones (or the reverse), and one timed on an RTX 4090 (8.9) says nothing about an A100
+    (8.0), though both launch the ``sm_80`` rows; so such an entry gives way to the built-in table,
+    with one logged line per entry and launch saying how to re-tune. Entries that record none of
+    these (tables written before 2026-12) apply everywhere, as they always did."""
     launch = dtype_name(dtype) if dtype is not None else None
-    wrong_dtype = entry.dtype is not None and launch is not None and entry.dtype != launch
     installed = triton_version()
-    wrong_triton = entry.triton is not None and installed is not None and entry.triton != installed
-    if not (wrong_dtype or wrong_triton):
+    recorded = (entry.dtype, entry.triton, entry.capability)
+    if all(r is None or now is None or r == now for r, now in zip(recorded, (launch, installed, capability))):
         return True
-    if (path, key, launch) not in _SKIPPED:
-        _SKIPPED.add((path, key, launch))
+    if (path, key, launch, capability) not in _SKIPPED:
+        _SKIPPED.add((path, key, launch, capability))
         arch, kind, cls = key
         log.warning(
-            "%s: the %s/%s/%s entry was tuned for %s inputs with triton %s, this launch has %s inputs "
-            "and triton %s: using the built-in config; re-tune with `python -m kernels.bench --autotune "
-            "--dtype %s` (or unset %s)",
-            path, arch, kind, cls, entry.dtype, entry.triton, launch or "any", installed,
-            launch or entry.dtype, TUNED_ENV,
+            "%s: the %s/%s/%s entry was tuned for %s inputs with triton %s on compute capability %s, this "
+            "launch has %s inputs and triton %s on %s: using the built-in config; re-tune on this card with "
+            "`python -m kernels.bench --autotune --dtype %s` (or unset %s)",
+            path, arch, kind, cls, entry.dtype, entry.triton, entry.capability, launch or "any", installed,
+            capability or "any", launch or entry.dtype, TUNED_ENV,
         )  # fmt: skip
     return False
 
@@ -333,7 +351,7 @@ def load_tuned(path: str | None) -> TunedTable:
             key = _row_key(row, number)
             config = TileConfig(*row["config"])
             check_compilable(config)
-            entry = Entry(config, row.get("source", f"tuned: {path}"), *_conditions(row))
+            entry = Entry(config, row.get("source", f"tuned: {path}"), *_conditions(row, number))
             tuned_key = key + (entry.dtype,)
             # Which of two rows for one launch would win is an accident of their order in the file
             # (a hand merge of two sweeps): refuse it and let the user keep the one they mean.
@@ -363,13 +381,36 @@ def _row_key(row: dict, number: int) -> tuple[str, str, str]:
     return key
 
 
-def _conditions(row: dict) -> tuple[str | None, str | None]:
-    """A row's ``dtype`` and ``triton`` (absent in tables written before they were recorded)."""
-    dtype, triton = row.get("dtype"), row.get("triton")
-    for name, value in (("dtype", dtype), ("triton", triton)):
+def _conditions(row: dict, number: int) -> tuple[str | None, str | None, str | None]:
+    """A row's ``dtype``, ``triton`` and ``capability`` (absent in tables written before they were
+    recorded)."""
+    dtype, triton, capability = row.get("dtype"), row.get("triton"), row.get("capability")
+    for name, value in (("dtype", dtype), ("triton", triton), ("capability", capability)):
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name} must be a string; got {value!r} in {row}")
-    return dtype, triton
+    # Launches look rows up by torch's name: a hand-written "bf16" loaded and never applied.
+    if dtype is not None and dtype not in TUNED_DTYPES:
+        raise ValueError(f"entry {number} has dtype {dtype!r}; one of {', '.join(TUNED_DTYPES)}")
+    return dtype, triton, capability
+
+
+def parse_config(text: str) -> TileConfig:
+    """``"BM,BN,BD,num_warps,num_stages"`` (the CLI form) as a config compiled Triton can build;
+    otherwise a ValueError whose one line names ``text`` (the caller prefixes its option)."""
+    parts = text.split(",")
+    try:
+        # int(), not str.isdigit(): "²" is a digit to isdigit() and a ValueError to int().
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(parts) != 5 or len(numbers) != 5:
+        raise ValueError(f"wants BM,BN,BD,num_warps,num_stages (five integers); got {text!r}")
+    config = TileConfig(*numbers)
+    try:
+        check_compilable(config)
+    except ValueError as e:
+        raise ValueError(f"{text!r}: {e}") from None
+    return config
 
 
 MAX_WARPS = 32  # 32 threads each: CUDA's limit of 1024 threads per block
@@ -399,7 +440,11 @@ def write_tuned(path: str | Path, entries: dict[tuple, Entry]) -> None:
     ordered = sorted(entries.items(), key=lambda item: (item[0][:3], item[1].dtype or ""))
     rows = [
         {"arch": a, "kind": k, "shape_class": c, "config": e.config.as_list(), "source": e.source}
-        | {name: value for name, value in (("dtype", e.dtype), ("triton", e.triton)) if value is not None}
+        | {
+            name: value
+            for name, value in (("dtype", e.dtype), ("triton", e.triton), ("capability", e.capability))
+            if value is not None
+        }
         for (a, k, c, *_), e in ordered
     ]
     body = ",\n".join("  " + json.dumps(r) for r in rows)  # one entry per line: readable diffs
@@ -418,4 +463,5 @@ def describe(entry: Entry) -> dict:
         "source": entry.source,
         "dtype": entry.dtype,
         "triton": entry.triton,
+        "capability": entry.capability,
     }

@@ -380,6 +380,11 @@ def apply_lora(model: CLIPModel, cfg: ModelConfig):
     from peft import LoraConfig, get_peft_model
 
     check_lora_targets(model, cfg.lora.target_modules)
+    frozen_tower = lora_tower_left_frozen(model, cfg)
+    # A warning, not a ConfigError: adapting one tower alone is a legitimate choice (tested to build);
+    # rank 0 says it once rather than every rank of the job.
+    if frozen_tower and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        log.warning(frozen_tower)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -427,6 +432,50 @@ def check_lora_targets(model: nn.Module, names) -> None:
             f"model.lora.target_modules: {'; '.join(problems)}; "
             f"its linear layers are {', '.join(linear)} (or give all-linear)"
         )
+
+
+TOWER_PREFIXES = {
+    "vision": ("vision_model.", "visual_projection"),
+    "text": ("text_model.", "text_projection"),
+}
+
+
+def _tower_of(module_name: str) -> str | None:
+    bare = module_name.split("base_model.model.", 1)[-1]
+    return next((tower for tower, prefixes in TOWER_PREFIXES.items() if bare.startswith(prefixes)), None)
+
+
+def lora_tower_left_frozen(model: nn.Module, cfg: ModelConfig) -> str | None:
+    """Why a tower that is not locked gets no LoRA adapter (None when both get some, or all-linear).
+
+    LoRA freezes every base weight, projections included: `token_embedding` alone (text only) or
+    `patch_embedding` alone (vision only) left the other tower entirely frozen, a LiT the config
+    never asked for (the README promises adapters in both towers), without a word."""
+    names = cfg.lora.target_modules
+    if _lora_targets(names) == "all-linear":
+        return None
+    adapted = {
+        _tower_of(name)
+        for name, module in model.named_modules()
+        if isinstance(module, LORA_LAYER_TYPES) and any(name == t or name.endswith("." + t) for t in names)
+    }
+    locks = {"vision": ("lock_image", cfg.lock_image), "text": ("lock_text", cfg.lock_text)}
+    for tower, (lock, locked) in locks.items():
+        if tower in adapted or locked:
+            continue
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, m in model.named_modules()
+                if isinstance(m, nn.Linear) and _tower_of(name) == tower
+            }
+        )
+        return (
+            f"model.lora.target_modules={','.join(names)} adapts no layer of the {tower} tower, so LoRA "
+            f"leaves it entirely frozen: set model.{lock}=true if that is meant, or add a target there "
+            f"(its linear layers are {', '.join(linear)})"
+        )
+    return None
 
 
 def check_model_config(cfg: ModelConfig) -> None:

@@ -36,6 +36,12 @@ CAPTION_FIELDS = (
 )
 """Placeholders a caption template may use."""
 
+MAX_CAPTION_CHARS = 32_768
+"""Captions are cut to this many characters. The tokenizer truncates to the context length anyway
+(77 tokens for CLIP, a few hundred characters), but only after encoding the whole text: a 5 MB
+description pasted into a title took 40 s and 1.5 GB of a loader worker. The bound leaves room for
+contexts of thousands of tokens, so the tokens training sees do not change."""
+
 
 class MissingCaptionField(ValueError):
     """A sample lacks a field that the caption template needs (the sample is skipped and counted)."""
@@ -127,14 +133,15 @@ def _no_text_detail(value) -> str:
 
 
 def render_caption(template: str, meta: dict, txt: str | None) -> str:
-    """Render ``template`` for one sample (``meta``: its ``.json``, ``txt``: its ``.txt`` or None).
+    """Render ``template`` for one sample (``meta``: its ``.json``, ``txt``: its ``.txt`` or None),
+    cut to :data:`MAX_CAPTION_CHARS`.
 
     Raises:
         ValueError: unknown placeholder in the template.
         MissingCaptionField: the sample lacks a needed field.
     """
     values = {name: _field_value(name, meta, txt) for name in template_fields(template)}
-    return template.format(**values)
+    return template.format(**values)[:MAX_CAPTION_CHARS]
 
 
 # Blank-looking letters and symbols: YouTube titles use them to look empty (Hangul fillers, the

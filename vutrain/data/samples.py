@@ -1,7 +1,8 @@
 """Reading raw samples from tar shards and decoding them, with skip-and-count on bad input.
 
 Raw samples are dicts ``{"__key__", "__url__", "<ext>": bytes, ...}``, grouped from contiguous
-tar members by webdataset's rule (key = path up to the first dot of the basename). Decoding
+tar members by webdataset's rule (key = path up to the first dot of the basename); a member whose
+extension the sample already holds (a shard appended to) starts the next sample, of the same key. Decoding
 (JPEG, UTF-8, JSON, caption) happens late, after shuffling, so shuffle buffers hold small
 undecoded bytes and a resumed stream can replay them without decoding.
 
@@ -275,6 +276,30 @@ def _iter_files(stream, payloads: Payloads = True) -> Iterator[tuple[str, bytes 
                 yield member.name, payload
 
 
+_WARNED_REPEATS: set[str] = set()  # shards whose repeated members were reported (once each)
+
+
+def _starts_new_sample(current: dict, key: str, ext: str, url: str) -> bool:
+    """Whether member ``key.ext`` begins a sample after ``current``: another key, or an extension
+    ``current`` already holds. The latter is a shard appended to (``tar -r``) or two builds
+    concatenated; the member used to replace the earlier one, so a whole sample vanished unseen.
+    The rule reads names only, so a header-only read (resume positions) groups alike."""
+    if current["__key__"] != key:
+        return True
+    if ext not in current:
+        return False
+    if url not in _WARNED_REPEATS:
+        _WARNED_REPEATS.add(url)
+        log.warning(
+            "shard %s repeats member %s.%s within one sample (a tar appended to or concatenated?); "
+            "each repeat starts a new sample with the same key, none is dropped",
+            url,
+            key,
+            ext,
+        )
+    return True
+
+
 def iter_raw_samples(
     url: str, count: Callable[[str], None] | None = None, payloads: Payloads = True
 ) -> Iterator[dict]:
@@ -300,7 +325,7 @@ def iter_raw_samples(
                 if parts is None:
                     continue
                 key, ext = parts
-                if current is not None and current["__key__"] != key:
+                if current is not None and _starts_new_sample(current, key, ext, url):
                     yield current
                     current = None
                 if current is None:
@@ -311,7 +336,7 @@ def iter_raw_samples(
         if count is not None:
             count("tar_error")
         damaged = _split_name(e.name) if isinstance(e, TarError) and e.name else None
-        if current is not None and damaged is not None and damaged[0] != current["__key__"]:
+        if current is not None and damaged is not None and _starts_new_sample(current, *damaged, url):
             yield current  # complete: the damage starts the next sample
         return
     if current is not None:

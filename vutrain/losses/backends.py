@@ -23,6 +23,21 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def scalar_for_autograd(value: torch.Tensor | float | None) -> torch.Tensor | float | None:
+    """A logit scale or bias as autograd can save it: an inference tensor (an eval loop's cached
+    `model.logit_scale.exp()` made under `torch.inference_mode()`) becomes a plain copy.
+
+    The torch path multiplies the logits by the scale, which saves it for backward, and failed
+    with "Inference tensors cannot be saved for backward" where the kernels (which copy it
+    themselves) ran: both backends must accept the same arguments.
+    """
+    if not isinstance(value, torch.Tensor):
+        return value
+    from kernels.reference import constant_for_autograd  # lazy, as every `kernels` import here
+
+    return constant_for_autograd(value)
+
+
 def kernel_available(name: str) -> bool:
     """`kernels.<name>` exists and Triton can run it in this process."""
     try:

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vutrain.losses.backends import check_backend, takes_kernel
+from vutrain.losses.backends import check_backend, scalar_for_autograd, takes_kernel
 from vutrain.losses.gather import check_pairs, check_rank, common_dtype, gather_features
 from vutrain.losses.positives import check_labels, gather_labels, positive_mask
 
@@ -85,7 +85,9 @@ class ClipLoss(nn.Module):
         if self.cache_labels and key in self._labels:
             return self._labels[key]
         labels = torch.arange(offset, offset + num_logits, device=device, dtype=torch.long)
-        if self.cache_labels:
+        if self.cache_labels and not torch.is_inference_mode_enabled():
+            # One made under inference_mode (an eval loop's call) cannot be saved for a later
+            # training step's backward: training failed with "Inference tensors cannot be saved".
             self._labels[key] = labels
         return labels
 
@@ -97,6 +99,7 @@ class ClipLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text): [B, W*B] each with local_loss, else [W*B, W*B]."""
+        logit_scale, logit_bias = scalar_for_autograd(logit_scale), scalar_for_autograd(logit_bias)
         all_img, all_txt = self._gather(image_features, text_features)
         if self.world_size > 1 and self.local_loss:
             per_image = logit_scale * image_features @ all_txt.T
@@ -127,6 +130,7 @@ class ClipLoss(nn.Module):
         """
         check_pairs("ClipLoss", image_features, text_features)
         image_features, text_features = common_dtype(image_features, text_features)
+        logit_scale, logit_bias = scalar_for_autograd(logit_scale), scalar_for_autograd(logit_bias)
         if labels is not None:
             check_labels(labels, image_features.shape[0])
             # A caller's CPU labels beside CUDA features built the positive mask on the CPU and

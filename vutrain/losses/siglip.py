@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vutrain.losses.backends import check_backend, takes_kernel
+from vutrain.losses.backends import check_backend, scalar_for_autograd, takes_kernel
 from vutrain.losses.exchange import neighbour_exchange, neighbour_exchange_bidir, p2p_supported
 from vutrain.losses.gather import all_gather_with_grad, check_group, check_pairs, check_rank, common_dtype
 from vutrain.losses.positives import check_labels, gather_labels, positive_mask
@@ -133,7 +133,8 @@ class SigLipLoss(nn.Module):
         labels = -torch.ones(rows, cols, device=device, dtype=dtype)
         idx = torch.arange(rows, device=device)
         labels[idx, offset + idx] = 1
-        if self.cache_labels:
+        if self.cache_labels and not torch.is_inference_mode_enabled():
+            # An inference tensor (an eval loop's call) cannot be saved for a training backward.
             self._labels[key] = labels
         return labels
 
@@ -161,6 +162,7 @@ class SigLipLoss(nn.Module):
             )
         check_pairs("SigLipLoss", image_features, text_features)
         image_features, text_features = common_dtype(image_features, text_features)
+        logit_scale, logit_bias = scalar_for_autograd(logit_scale), scalar_for_autograd(logit_bias)
         b = image_features.shape[0]
         if labels is not None:
             check_labels(labels, b)
