@@ -2,16 +2,25 @@
 
 The retry pass writes ``_build/retry/NNNNN.{tar,parquet}`` holding only the re-attempted rows,
 with the same keys. Merging removes ``NNNNN_stats.json`` (the shard is incomplete from then on),
-replaces those rows in ``NNNNN.parquet``, adds new successes to ``NNNNN.tar`` (still sorted,
-written through a temporary name) and writes the stats last. A merge killed midway leaves the
+replaces those rows in ``NNNNN.parquet`` (each retried row's ``attempts`` one more than before),
+adds new successes to ``NNNNN.tar`` (still sorted, written through a temporary name) and writes
+the stats last. A merge killed midway leaves the
 shard without stats, so the next ``build`` redoes it from the plan.
+
+``attempts`` counts the downloads of a row: a shard written before the column existed (and a
+first build, whose parquet img2dataset writes) reads as 1 attempt per row. Without it a row
+that had failed five times looked like one that failed once, replaced whole by its last error.
 """
 
 from __future__ import annotations
 
 import os
 
+import pyarrow as pa
+
 from dataset_tools import shards
+
+ATTEMPTS = "attempts"
 
 
 def merge_retry(output: str, retry_dir: str, name: str) -> dict:
@@ -19,9 +28,11 @@ def merge_retry(output: str, retry_dir: str, name: str) -> dict:
     old_rows, schema = shards.read_parquet_rows(os.path.join(output, f"{name}.parquet"))
     new_rows, _ = shards.read_parquet_rows(os.path.join(retry_dir, f"{name}.parquet"))
     replaced = {r["key"]: r for r in new_rows}
-    rows = [replaced.pop(r["key"], r) for r in old_rows]
+    rows = [_merged_row(r, replaced.pop(r["key"], None)) for r in old_rows]
+    schema = _with_attempts(schema)
     if replaced:  # a retry row always comes from this shard; anything else is a bug, say so
         raise RuntimeError(f"retry rows {sorted(replaced)[:3]} are not in shard {name}")
+    _refuse_damaged_tar(output, name, old_rows)
     samples = shards.read_tar(os.path.join(output, f"{name}.tar"))
     samples.update(shards.read_tar(os.path.join(retry_dir, f"{name}.tar")))
     successes = {r["key"] for r in rows if r["status"] == shards.SUCCESS}
@@ -43,3 +54,37 @@ def merge_retry(output: str, retry_dir: str, name: str) -> dict:
         if os.path.exists(path):
             os.remove(path)
     return stats
+
+
+def attempts(row: dict) -> int:
+    """How many times ``row`` (a shard parquet row) was downloaded; 1 where nothing counted."""
+    return row.get(ATTEMPTS) or 1
+
+
+def _merged_row(old: dict, retried: dict | None) -> dict:
+    """The shard's row after a retry: the retried one (its result whatever it is) counting one
+    more attempt than ``old``, else ``old`` with its count."""
+    if retried is None:
+        return {**old, ATTEMPTS: attempts(old)}
+    return {**retried, ATTEMPTS: attempts(old) + 1}
+
+
+def _with_attempts(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with the ``attempts`` column appended (extended, never renamed or reordered)."""
+    if ATTEMPTS in schema.names:
+        return schema
+    return schema.append(pa.field(ATTEMPTS, pa.int64()))
+
+
+def _refuse_damaged_tar(output: str, name: str, rows: list[dict]) -> None:
+    """Stop, before anything is changed, when the shard's tar is not whole or lacks samples its
+    parquet calls successes. tarfile reads a tar cut at a member boundary without a word: the
+    merge rewrote it without those samples, kept them as successes in the parquet and wrote
+    stats that agreed with the parquet, not the tar (cut inside a member, a tarfile traceback)."""
+    successes = sum(1 for r in rows if r["status"] == shards.SUCCESS)
+    problem = shards.tar_problem(os.path.join(output, f"{name}.tar"), successes)
+    if problem:
+        raise SystemExit(
+            f"{problem}: retry of shard {name} not merged. Put back an intact {name}.tar, or delete "
+            f"{name}_stats.json so that build downloads the shard again, then run build --retry-failed again"
+        )

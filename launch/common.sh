@@ -527,6 +527,21 @@ parent_pid() {
     echo "${fields[1]}"
 }
 
+# leftover_cause PID...: why the top processes PID... of a launch outlived its launcher. A launch.py
+# among them is alive: the runner died of a signal before it (a SIGTERM to the whole process group,
+# as scancel or a supervisor sends, kills the runner at once while launch.py stops its ranks, or
+# the runner alone was killed); the message said "their launch.py died" then.
+leftover_cause() {
+    local pid
+    for pid in "$@"; do
+        if grep -qzxF deepspeed.launcher.launch "/proc/$pid/cmdline" 2>/dev/null; then
+            echo "the runner died of a signal while its launch.py, pid $pid, is still running, stopping its ranks if it got the signal too"
+            return 0
+        fi
+    done
+    echo "their launch.py died"
+}
+
 # stop_launch_leftovers TAG WAIT: stop the processes of a launch (launch_processes TAG) that outlive
 # its launcher; true when there were any. DeepSpeed's launch.py killed by a signal (kill -9, the OOM
 # killer) leaves its ranks training on, orphaned, after the runner returned: they were reported and
@@ -540,7 +555,7 @@ stop_launch_leftovers() {
     for pid in $pids; do
         [[ $'\n'"$pids"$'\n' == *$'\n'"$(parent_pid "$pid")"$'\n'* ]] || tops+=("$pid")
     done
-    log "WARNING: processes of this launch outlived its launcher (pids ${tops[*]}; their launch.py died): sending them SIGTERM (a rank checkpoints and exits), SIGKILL after ${wait} s"
+    log "WARNING: processes of this launch outlived its launcher (pids ${tops[*]}; $(leftover_cause "${tops[@]}")): sending them SIGTERM (a rank checkpoints and exits), SIGKILL after ${wait} s"
     kill -TERM "${tops[@]}" 2>/dev/null || true
     while [[ -n "$(launch_processes "$tag")" ]] && (( waited < wait )); do
         sleep 1

@@ -16,8 +16,10 @@
 # train.resume=auto is the default).
 # Exit status: the launcher's, except a 0 for a run that left no done.json: 75 when it left
 # preempted.json, else 1 with one line (deepspeed's runner exits 0 when its launch.py is killed by a
-# signal, also before the trainer started). Ranks that outlive a killed launch.py are sent SIGTERM
-# (they checkpoint) and, VUTRAIN_LEFTOVER_WAIT seconds later (default 300), SIGKILL.
+# signal, also before the trainer started), and 75 for a launcher killed by a signal (a SIGTERM to
+# the whole process group: scancel, a supervisor) whose ranks left preempted.json. Processes that
+# outlive the launcher (ranks of a killed launch.py, a launch.py whose runner was killed) are sent
+# SIGTERM (they checkpoint) and, VUTRAIN_LEFTOVER_WAIT seconds later (default 300), SIGKILL.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -188,6 +190,43 @@ children_of() {
     done
 }
 
+# process_running PID: true while PID runs (false once it exited, also as an unreaped zombie, which
+# kill -0 still finds).
+process_running() {
+    local line
+    { read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
+    line="${line##*) }"
+    [[ "${line:0:1}" != Z ]]
+}
+
+# runner_started_launch_py RUNNER: true when a child of RUNNER runs DeepSpeed's launch.py (what a
+# real runner starts on one node; a stand-in launcher never does). The kernel's children list of the
+# runner where it has one, else the /proc scan.
+runner_started_launch_py() {
+    local kids child
+    kids="$(cat "/proc/$1/task/$1/children" 2>/dev/null)" || kids="$(children_of "$1")"
+    for child in $kids; do
+        grep -qzxF deepspeed.launcher.launch "/proc/$child/cmdline" 2>/dev/null && return 0
+    done
+    return 1
+}
+
+# status_of_signalled_runner RC OUT_DIR STAMP: 75 when the runner died of a signal (RC > 128) in a
+# launch whose trainer started (config.yaml's stamp changed from STAMP; the trainer deletes an old
+# preempted.json at its start) and left preempted.json; else RC. A SIGTERM to the whole process
+# group (scancel, a supervisor) kills the runner at once while the ranks checkpoint: local.sh
+# exited 143, which a resume-on-75 loop took for a failure.
+status_of_signalled_runner() {
+    local rc="$1" out_dir="$2" stamp="$3"
+    if (( rc > 128 )) && [[ -n "$out_dir" && -e "$out_dir/preempted.json" ]] \
+        && [[ "$(run_config_stamp "$out_dir")" != "$stamp" ]]; then
+        log "the launcher died of signal $((rc - 128)), but the ranks checkpointed ($out_dir/preempted.json): exiting $VUTRAIN_EXIT_PREEMPTED; resume with the same command"
+        echo "$VUTRAIN_EXIT_PREEMPTED"
+    else
+        echo "$rc"
+    fi
+}
+
 signal_ranks() {
     local launch_pids rank_pids
     launch_pids="$(children_of "$launcher_pid")"
@@ -223,17 +262,26 @@ rm -f "$LAUNCH_PID_FILE" 2>/dev/null || true
 trap 'signal_ranks TERM' TERM
 trap 'signal_ranks USR1' USR1
 trap ':' INT
-# wait returns early (status > 128) when a trapped signal arrives; wait again until the launcher
-# has exited, then collect its status.
-while kill -0 "$launcher_pid" 2>/dev/null; do
+# Polled until the runner has started its launch.py: a launch.py killed while it still imports
+# DeepSpeed (seconds, before it writes LAUNCH_PID_FILE) made the runner exit 0, and local.sh took
+# that for a finished run. Then wait returns early (status > 128) when a trapped signal arrives;
+# wait again until the launcher has exited, then collect its status.
+launch_py_seen=0
+while process_running "$launcher_pid"; do
+    if (( launch_py_seen == 0 )); then
+        if runner_started_launch_py "$launcher_pid"; then launch_py_seen=1; else sleep 0.1; fi
+        continue
+    fi
     wait "$launcher_pid" || true
 done
 launcher_rc=0
 wait "$launcher_pid" || launcher_rc=$?
 launched="$(launch_py_came_up "$LAUNCH_PID_FILE")"
+(( launch_py_seen == 0 )) || launched=1
 # Ranks whose launch.py was killed train on after the runner returned; stopped before the run
 # directory is read, since they may still write its preempted.json.
 trap '' TERM USR1
 stop_launch_leftovers "$LAUNCH_ID" "$LEFTOVER_WAIT" || true
+launcher_rc="$(status_of_signalled_runner "$launcher_rc" "$OUT_DIR" "$RUN_STAMP")"
 # The runner's 0 is not always a finished run (a launch.py killed by a signal): see common.sh.
 exit "$(checked_exit_status "$launcher_rc" "$OUT_DIR" "$RUN_STAMP" "$launched")"

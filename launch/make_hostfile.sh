@@ -42,17 +42,38 @@ default_slots() {
     echo $((gpus > 0 ? gpus : 1))
 }
 
+# check_default_slots_cover_the_job: the default slots are one node's GPUs (or what was asked per
+# node); a job given `--gpus=12` over 2 nodes may hold 8 and 4, and every line said slots=8. Only
+# for the job's own node list, whose GPU total SLURM_GPUS is.
+check_default_slots_cover_the_job() {
+    local total nhosts
+    [[ -z "$slots_given" && "$nodelist" == "${SLURM_JOB_NODELIST:-}" ]] || return 0
+    total="$(SLURM_GPUS_PER_NODE="${SLURM_GPUS:-}" requested_gpus_per_node)"
+    nhosts="$(wc -l <<<"$lines")"
+    [[ -z "$total" ]] || (( total == slots * nhosts )) \
+        || die "the job holds $total GPUs (SLURM_GPUS=$SLURM_GPUS) but $slots per node x $nhosts nodes = $((slots * nhosts)): pass -s N (the ranks of every node, at most the fewest GPUs a node holds), or submit with --gpus-per-node=N instead of --gpus."
+}
+
+slots_given="$slots"
 [[ -n "$slots" ]] || slots="$(default_slots)"
 # 10#: bash arithmetic reads a leading zero as octal ("-s 08" printed "value too great for base"
 # and was refused as not a positive integer), as local.sh reads NGPUS and a hostfile's slots.
 is_uint "$slots" && (( 10#$slots > 0 )) || die "slots must be a positive integer, got '$slots'."
 slots=$((10#$slots))
 
+# A SLURM_CONF that names no file made scontrol retry it for 60 s before the fallback below.
+usable_scontrol() {
+    command -v scontrol >/dev/null 2>&1 || return 1
+    [[ -z "${SLURM_CONF:-}" || -f "$SLURM_CONF" ]] && return 0
+    log "WARNING: SLURM_CONF=$SLURM_CONF is no file; expanding '$nodelist' without scontrol (fix or unset SLURM_CONF)."
+    return 1
+}
+
 if [[ "$nodelist" != *[\[\]]* ]]; then
     # A plain comma list needs no scontrol (which fails where it finds no SLURM configuration).
     # Commas or blanks: "n1 n2" was one host "n1n2".
     hosts="$(tr ', \t' '\n\n\n' <<<"$nodelist")"
-elif command -v scontrol >/dev/null 2>&1 && hosts="$(scontrol show hostnames "$nodelist" 2>/dev/null)" \
+elif usable_scontrol && hosts="$(scontrol show hostnames "$nodelist" 2>/dev/null)" \
     && [[ -n "$hosts" ]]; then
     # Empty output is scontrol's refusal ("Invalid hostlist", yet exit 0): the fallback below
     # refuses the list too, with a line that shows the form.
@@ -73,6 +94,7 @@ done <<<"$hosts")"
 # launcher given the file stopped with a ValueError traceback ("multiple entries for gpu01").
 repeated="$(cut -d' ' -f1 <<<"$lines" | sort | uniq -d | paste -sd, -)"
 [[ -z "$repeated" ]] || die "node list '$nodelist' names $repeated more than once: list each node once (its ranks are the slots, -s N)."
+check_default_slots_cover_the_job
 if [[ -n "$out" ]]; then
     mkdir -p "$(dirname "$out")"
     printf '%s\n' "$lines" >"$out"

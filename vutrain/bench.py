@@ -162,12 +162,19 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
             f"{r['grad_ckpt']} | {bool(r.get('compile'))} | "
-            f"{r['samples_per_s']:.1f} | {r.get('wall_samples_per_s', float('nan')):.1f} | "
+            f"{r['samples_per_s']:.1f}{exit_note(r)} | {r.get('wall_samples_per_s', float('nan')):.1f} | "
             f"{r['step_time_s']:.3f} | "
             + " | ".join(f"{r[p + '_s']:.3f}" for p in PHASES)
             + f" | {mem:.2f} |"
         )
     return "\n".join(lines)
+
+
+def exit_note(row: dict) -> str:
+    """A measured row whose process then exited non-zero says so beside its figure."""
+    if "exit_code" not in row:
+        return ""
+    return f" (then exit {row['exit_code']}: {md_cell(row['exit_error'][:60])})"
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -415,11 +422,7 @@ def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: 
             capture_output=True,
             text=True,
         )
-        found = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
-        if proc.returncode == 0 and found:
-            row = json.loads(found[-1][len("BENCH_RESULT ") :])
-        else:
-            row = dict(spec, error=failure_line(proc), device=device_name())
+        row = result_row(proc, spec)
         row["date"] = datetime.date.today().isoformat()
         row.update(run)
         results.append(row)
@@ -431,7 +434,25 @@ def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: 
         f"\nwrote {args.out} ({len(results)} rows of this run, run_started {run['run_started']}; "
         f"{len(previous)} earlier rows kept) on {results[0].get('device', device_name())}"
     )
-    return 0 if all("error" not in r for r in results) else 1
+    return 0 if all("error" not in r and "exit_code" not in r for r in results) else 1
+
+
+def result_row(proc: subprocess.CompletedProcess, spec: dict) -> dict:
+    """The row of one configuration's process: its measured figure, or its error.
+
+    ``BENCH_RESULT`` is printed only once every timed step has run and the process group is
+    destroyed, so a process that printed it and then exited non-zero (a crash at interpreter exit:
+    a DeepSpeed atexit hook, NCCL's teardown) measured in full. Its figure is kept, marked with the
+    exit code and what failed (``exit_code``, ``exit_error``), and the sweep exits 1: dropping it
+    lost a measured configuration and showed a teardown message as if training had failed.
+    """
+    found = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if not found:
+        return dict(spec, error=failure_line(proc), device=device_name())
+    row = json.loads(found[-1][len("BENCH_RESULT ") :])
+    if proc.returncode != 0:
+        row.update(exit_code=proc.returncode, exit_error=failure_line(proc))
+    return row
 
 
 if __name__ == "__main__":

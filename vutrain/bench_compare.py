@@ -722,12 +722,19 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"python -m vutrain.bench --compare open_clip: {exc}", file=sys.stderr)
         return 2
+    # A time limit (`timeout`: launch/gpu_bench.sh) stops the run with SIGTERM. Set before the
+    # shards are written: the default action killed the process mid-write and left the folder.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_stopped)
     # The shards and run folder of this run only: left behind, every comparison added its
     # synthetic images (256 or --pool of them) to the temporary directory.
     work = tempfile.mkdtemp(prefix="vutrain-compare-")
     try:
-        return compare(args, argv, all_variants, to_search, started, work)
+        return compare(args, argv, all_variants, to_search, started, work, previous_handler)
+    except Stopped:  # before phase 1 began: nothing measured, --out left as it was
+        print("stopped by SIGTERM (a time limit) before anything was measured; --out not written", flush=True)
+        return 128 + signal.SIGTERM
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -738,8 +745,10 @@ def compare(
     to_search: list[Variant],
     started: float,
     work: str,
+    previous_handler=signal.SIG_DFL,
 ) -> int:
-    """Phase 1 and 2 on synthetic shards written under ``work``, then the report; the exit code."""
+    """Phase 1 and 2 on synthetic shards written under ``work``, then the report; the exit code.
+    ``previous_handler``: SIGTERM's handler from before main's, back in place while reporting."""
     from vutrain.data.synthetic import write_synthetic
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
     from vutrain.model import PRESETS
@@ -751,15 +760,15 @@ def compare(
         image_size=PRESETS[args.preset].image_size,
         val_samples=0,
     )
+    _stop_if_requested()  # a SIGTERM whose exception a finalizer swallowed while the shards were written
     info = resolve_dist_env()
     init_distributed(info)  # once: every Trainer below shares this process group
     bench = Bench(args, info, os.path.join(work, "run"), data["train_shards"])
     deadline = started + 60 * args.deadline_min if args.deadline_min else None
     out_of_time = (lambda: time.monotonic() > deadline) if deadline else None
     rows, largest, stopped, measured = [], [], False, []
-    # A time limit (`timeout`: launch/gpu_bench.sh) stops the run with SIGTERM: leave through the
-    # report below, which writes the JSON and the figure of what was measured, instead of dying.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_stopped)
+    # SIGTERM (its handler set by main) from here on leaves through the report below, which
+    # writes the JSON and the figure of what was measured.
     try:
         print(f"MLP activation on both sides: {args.hidden_act} (open_clip's for {args.preset})", flush=True)
         print(TABLE_HEAD, flush=True)
@@ -791,13 +800,29 @@ def compare(
         print("stopped by SIGTERM (a time limit): reporting what was measured", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        cleanup()
+        teardown_error = destroy_group(cleanup)
     add_ratios(rows, largest)
-    report(result_dict(args, argv, bench, rows, largest, to_search, started, stopped), args.out, args.png)
+    result = result_dict(args, argv, bench, rows, largest, to_search, started, stopped)
+    if teardown_error:
+        result["teardown_error"] = teardown_error
+    report(result, args.out, args.png)
     if stopped:
         return 128 + signal.SIGTERM
     failed = [r for r in rows if "error" in r and not r.get("oom")] + [e for e in largest if "error" in e]
-    return 1 if failed else 0
+    return 1 if failed or teardown_error else 0
+
+
+def destroy_group(cleanup) -> str | None:
+    """Destroy the process group; what failed, if it did. A failure here raised past the report:
+    every figure measured (the figure and the final JSON) was lost for a teardown error. The
+    figures are whole by then, so they are reported, with ``teardown_error``, and the run exits 1."""
+    try:
+        cleanup()
+    except Exception as exc:
+        line = error_line(exc)
+        print(f"warning: destroying the process group after measuring: {line}", flush=True)
+        return line
+    return None
 
 
 def _skipped_search(variant: Variant, why: str) -> dict:
@@ -810,8 +835,20 @@ class Stopped(BaseException):
     catches and records as its own failure."""
 
 
+_STOP_REQUESTED = False
+"""Set by SIGTERM's handler: its exception can be swallowed where the signal lands in a finalizer
+("Exception ignored in ..."), and a shard write then went on to its end without a word."""
+
+
 def _raise_stopped(signum, frame):
+    global _STOP_REQUESTED
+    _STOP_REQUESTED = True
     raise Stopped
+
+
+def _stop_if_requested() -> None:
+    if _STOP_REQUESTED:
+        raise Stopped
 
 
 def result_dict(

@@ -297,6 +297,8 @@ def report(result: dict, out: str, png: str) -> None:
             print(f"  {t['result']}: {t['target']}{measured}{precision}")
     else:
         print("\ntargets: judged on a GPU only (this run is on the CPU)")
+    if result.get("teardown_error"):
+        print(f"\nfigures measured in full, then the teardown failed (exit 1): {result['teardown_error']}")
     write_json(result, out)
     write_png(
         png,
