@@ -2,7 +2,8 @@
 
 Re-running on the same output continues: complete shards (parseable stats + tar + parquet) are
 skipped, anything else is redone from the plan. ``retry_failed`` also re-attempts the failed rows
-of complete shards and merges them back (``retry.py``).
+of complete shards (those not yet downloaded ``max_attempts`` times) and merges them back
+(``retry.py``); a shard whose merge is refused is counted and named, the others still merge.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class BuildConfig:
     max_shard_retry: int = 1
     retry_failed: bool = False
     politeness: PolitenessConfig = field(default_factory=PolitenessConfig)
+    max_attempts: int | None = None  # with retry_failed: rows downloaded this often are not retried
 
 
 def check_config(cfg: BuildConfig) -> None:
@@ -66,6 +68,7 @@ def check_config(cfg: BuildConfig) -> None:
     read or written: a SystemExit whose one line says what to change."""
     if cfg.shard_size < 1:
         raise SystemExit(f"--shard-size {cfg.shard_size}: must be at least 1 (samples per shard, e.g. 1000)")
+    _check_max_attempts(cfg)
     # Values that started the build and then failed every row (--retries -1: "internal fetch
     # error" on each; --image-size 0, --deadline 0) or hung it (--threads 0).
     p = cfg.politeness
@@ -94,6 +97,23 @@ def check_config(cfg: BuildConfig) -> None:
         cfg.politeness.per_process(cfg.processes)
     except ValueError as err:
         raise SystemExit(str(err)) from None
+
+
+def _check_max_attempts(cfg: BuildConfig) -> None:
+    """``--max-attempts`` counts the first download too, so 1 is the least that means anything;
+    without ``--retry-failed`` nothing is retried and the cap would be ignored without a word."""
+    if cfg.max_attempts is None:
+        return
+    if cfg.max_attempts < 1:
+        raise SystemExit(
+            f"--max-attempts {cfg.max_attempts}: must be at least 1 (downloads of a row in all, the first "
+            "included, e.g. 3)"
+        )
+    if not cfg.retry_failed:
+        raise SystemExit(
+            f"--max-attempts {cfg.max_attempts} only limits build --retry-failed: add --retry-failed, "
+            "or drop --max-attempts"
+        )
 
 
 def _output_is_input_problem(cfg: BuildConfig) -> str | None:
@@ -357,14 +377,23 @@ def _write_jobs(tmp_dir: str, groups: dict[int, list[dict]], oom: int) -> list[t
     return jobs
 
 
-def _failed_rows(output: str, done: dict[int, str], planned: dict[str, dict]) -> dict[int, list[dict]]:
+def _failed_rows(
+    output: str, done: dict[int, str], planned: dict[str, dict], max_attempts: int | None = None
+) -> tuple[dict[int, list[dict]], int]:
+    """The failed rows of the ``done`` shards to download again, by shard, and how many failed
+    rows were left out because they were downloaded ``max_attempts`` times already."""
     groups: dict[int, list[dict]] = {}
+    exhausted = 0
     for shard_id, name in done.items():
         rows, _ = shards.read_parquet_rows(os.path.join(output, f"{name}.parquet"))
         for row in rows:
-            if row["status"] != shards.SUCCESS and row["key"] in planned:
+            if row["status"] == shards.SUCCESS or row["key"] not in planned:
+                continue
+            if max_attempts is not None and retry.attempts(row) >= max_attempts:
+                exhausted += 1
+            else:
                 groups.setdefault(shard_id, []).append(planned[row["key"]])
-    return groups
+    return groups, exhausted
 
 
 def built_shards(output: str, say_redone: bool = False) -> dict[int, str]:
@@ -508,18 +537,21 @@ def _build(cfg: BuildConfig) -> dict:
 
     done = built_shards(cfg.output, say_redone=True)
     todo = {sid: rows for sid, rows in plan_mod.by_shard(plan).items() if sid not in done}
-    retry_groups = (
-        _failed_rows(cfg.output, done, {r["sample_key"]: r for r in plan}) if cfg.retry_failed else {}
+    retry_groups, exhausted = (
+        _failed_rows(cfg.output, done, {r["sample_key"]: r for r in plan}, cfg.max_attempts)
+        if cfg.retry_failed
+        else ({}, 0)
     )
     print(
         f"[dataset_tools] {len(done)} shards complete, {len(todo)} to download"
         + (f", {sum(map(len, retry_groups.values()))} failed rows to retry" if cfg.retry_failed else "")
+        + (f", {exhausted} not (downloaded --max-attempts {cfg.max_attempts} times)" if exhausted else "")
     )
     before = summarize(cfg.output)["successes"]
     started = time.time()
     columns = [f.name for f in plan_mod.PLAN_SCHEMA if f.name != "shard_id"]
     tmp_dir = os.path.join(build_dir, "tmp")
-    unmerged: list[str] = []
+    unmerged: dict[str, str] = {}
     worker_died = None
     try:
         _distribute(
@@ -531,7 +563,8 @@ def _build(cfg: BuildConfig) -> dict:
         # A machine that just lost a worker (to the OOM killer, most likely) is no place to
         # start the next shards; the rerun resumes from the complete ones.
         worker_died = str(died)
-        unmerged = [shards.shard_name(sid, cfg.oom_shard_count) for sid in retry_groups]
+        reason = "a download worker died; run build --retry-failed again"
+        unmerged = {shards.shard_name(sid, cfg.oom_shard_count): reason for sid in retry_groups}
     shutil.rmtree(tmp_dir, ignore_errors=True)
     elapsed = time.time() - started
     summary = summarize(cfg.output, elapsed, summarize(cfg.output)["successes"] - before)
@@ -545,12 +578,19 @@ def _build(cfg: BuildConfig) -> dict:
         **drift,
         incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(built_shards(cfg.output))),
         incomplete_retries=len(unmerged),
+        incomplete_retry_reasons=dict(sorted(unmerged.items())),
+        retried_rows=sum(map(len, retry_groups.values())),
+        max_attempts=cfg.max_attempts,
+        retries_exhausted=exhausted,
         download_worker_died=worker_died is not None,
     )
     shards.save_json(os.path.join(build_dir, "summary.json"), summary, "build summary")
     print_summary(summary)
-    if worker_died:
+    if worker_died:  # one line for all: every retried shard has the same reason
         print(worker_died, file=sys.stderr, flush=True)
+    else:
+        for reason in summary["incomplete_retry_reasons"].values():
+            print(f"[dataset_tools] {reason}", file=sys.stderr, flush=True)
     return summary
 
 
@@ -638,9 +678,11 @@ def _value(value) -> str:
     return str(value)
 
 
-def _retry_failed_rows(cfg: BuildConfig, build_dir: str, tmp_dir: str, retry_groups, columns) -> list[str]:
+def _retry_failed_rows(
+    cfg: BuildConfig, build_dir: str, tmp_dir: str, retry_groups, columns
+) -> dict[str, str]:
     """Re-download the failed rows of complete shards and merge them back; returns the shards
-    whose retry did not complete."""
+    whose retry did not complete, each with why and what to do."""
     retry_dir = os.path.join(build_dir, "retry")
     shutil.rmtree(retry_dir, ignore_errors=True)
     os.makedirs(retry_dir)
@@ -649,7 +691,7 @@ def _retry_failed_rows(cfg: BuildConfig, build_dir: str, tmp_dir: str, retry_gro
         _make_downloader(cfg, retry_dir, columns),
         _write_jobs(tmp_dir, retry_groups, cfg.oom_shard_count),
     )
-    unmerged = merge_retries(cfg.output, retry_dir, sorted(retry_groups), cfg.oom_shard_count)
+    unmerged = _merge_each_retry(cfg.output, retry_dir, sorted(retry_groups), cfg.oom_shard_count)
     if not unmerged:  # all merged: the folder is ours and spent (an empty _build/retry/ stayed for good)
         shutil.rmtree(retry_dir, ignore_errors=True)
     return unmerged
@@ -658,15 +700,28 @@ def _retry_failed_rows(cfg: BuildConfig, build_dir: str, tmp_dir: str, retry_gro
 def merge_retries(output: str, retry_dir: str, shard_ids: list[int], oom_shard_count: int) -> list[str]:
     """Merge each retried shard that completed; returns the names of those that did not (their
     failed rows stay as they were, and the next ``--retry-failed`` tries them again)."""
-    unmerged = []
+    return list(_merge_each_retry(output, retry_dir, shard_ids, oom_shard_count))
+
+
+def _merge_each_retry(
+    output: str, retry_dir: str, shard_ids: list[int], oom_shard_count: int
+) -> dict[str, str]:
+    """``merge_retries``, with why each unmerged shard was not merged and what to do. A shard the
+    merge refuses (a damaged tar) is one of them: its refusal stopped the whole build, so the
+    retried shards after it were never merged (their downloads lost) and no summary was written."""
+    unmerged = {}
     complete = shards.complete_shards(retry_dir)
     for shard_id in shard_ids:
         name = shards.shard_name(shard_id, oom_shard_count)
-        if shard_id in complete:
+        if shard_id not in complete:
+            unmerged[name] = f"retry of shard {name} did not complete; run build --retry-failed again"
+            continue
+        try:
             retry.merge_retry(output, retry_dir, name)
-        else:
-            unmerged.append(name)
-            print(f"[dataset_tools] retry of shard {name} did not complete; run build --retry-failed again")
+        except SystemExit as refused:
+            if not isinstance(refused.code, str):  # SIGTERM's exit status: the build stops
+                raise
+            unmerged[name] = refused.code
     return unmerged
 
 
@@ -692,8 +747,13 @@ def print_summary(summary: dict) -> None:
         )
     if summary.get("incomplete_shards"):
         print(f"[dataset_tools] {summary['incomplete_shards']} shards incomplete: run build again")
+    if summary.get("retries_exhausted"):
+        print(
+            f"[dataset_tools] {summary['retries_exhausted']} failed rows not retried: downloaded "
+            f"--max-attempts {summary['max_attempts']} times already"
+        )
     if summary.get("incomplete_retries"):
         print(
-            f"[dataset_tools] {summary['incomplete_retries']} retried shards did not complete: "
-            "run build --retry-failed again"
+            f"[dataset_tools] {summary['incomplete_retries']} retried shards not merged (why and what to "
+            "do: on stderr, and incomplete_retry_reasons in summary.json)"
         )

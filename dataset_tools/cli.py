@@ -60,6 +60,12 @@ def _add_build(sub) -> None:
         "--retry-failed", action="store_true", help="also re-attempt rows that failed in complete shards"
     )
     p.add_argument(
+        "--max-attempts",
+        type=int,
+        metavar="N",
+        help="with --retry-failed: do not retry rows downloaded N times already (default: no limit)",
+    )
+    p.add_argument(
         "--max-connections", type=int, default=_P.max_connections, help="concurrent requests, whole build"
     )
     p.add_argument(
@@ -114,6 +120,7 @@ def _build_config(args):
         distributor=args.distributor,
         retry_failed=args.retry_failed,
         politeness=politeness,
+        max_attempts=args.max_attempts,
     )
 
 

@@ -12,7 +12,7 @@ import json
 import os
 
 from dataset_tools import shards
-from dataset_tools.reshard import refuse_broken_shards
+from dataset_tools.reshard import note_tars_not_named_as_shards, refuse_broken_shards
 
 
 def finalize(folder: str) -> dict:
@@ -37,7 +37,8 @@ def finalize(folder: str) -> dict:
         total += stats["successes"]
         entries.append({"shard": f"{name}.tar", "samples": stats["successes"], "rows": stats["count"]})
     refuse_broken_shards(folder, "finalize", problems)
-    all_tars = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
+    misnamed = note_tars_not_named_as_shards(folder, "finalize")  # "incomplete" says not why
+    all_tars = sorted({f for f in os.listdir(folder) if f.endswith(".tar")} | set(misnamed))
     manifest = {
         "shards": entries,
         "num_samples": total,

@@ -106,9 +106,16 @@ def refuse_repeated_keys(folder: str, command: str, repeated: list[tuple]) -> No
 def skipped_incomplete_shards(folder: str, command: str) -> list[str]:
     """Names of the shards ``command`` leaves out because they are not complete (a tar or parquet
     without parseable stats: a build stopped mid-shard), said on stderr: they were skipped
-    without a word, their samples missing from the output."""
-    names = {f.split(".")[0] for f in os.listdir(folder) if f.endswith((".tar", ".parquet"))}
-    skipped = sorted(n for n in names - set(shards.complete_shards(folder).values()) if n.isdigit())
+    without a word, their samples missing from the output. Then the file names of the tars left
+    out as they are not named as shards (``note_tars_not_named_as_shards``)."""
+    entries = set(os.listdir(folder))
+    misnamed = shards.tars_not_named_as_shards(folder)
+    # A shard whose only tar is misnamed (00001.TAR beside 00001.parquet and stats) is not waiting
+    # for a build: it was reported as "no stats yet, run the same build again", the wrong remedy.
+    misnamed_only = {m.split(".")[0] for m in misnamed} - {n[:-4] for n in entries if n.endswith(".tar")}
+    names = {f.split(".")[0] for f in entries if f.endswith((".tar", ".parquet"))}
+    complete = set(shards.complete_shards(folder).values())
+    skipped = sorted(n for n in names - complete - misnamed_only if n.isdigit())
     if skipped:
         print(
             f"[dataset_tools] {command}: skipping {len(skipped)} incomplete shard(s) (no stats yet): "
@@ -116,7 +123,24 @@ def skipped_incomplete_shards(folder: str, command: str) -> list[str]:
             f"to complete them, then {command} again to include them.",
             file=sys.stderr,
         )
-    return skipped
+    return skipped + note_tars_not_named_as_shards(folder, command)
+
+
+def note_tars_not_named_as_shards(folder: str, command: str) -> list[str]:
+    """The tars ``command`` leaves out as they are not named ``NNNNN.tar`` (``shard-00001.tar``,
+    ``00001.TAR``, ``00001.tar.gz``), said on stderr: a shard so named, with its parquet and stats,
+    was left out of split, dedup and vocab without a word (finalize only listed it as incomplete)."""
+    misnamed = shards.tars_not_named_as_shards(folder)
+    if misnamed:
+        print(
+            f"[dataset_tools] {command}: leaving out {len(misnamed)} tar(s) not named as shards "
+            f"(NNNNN.tar: digits, lower-case .tar, uncompressed): {' '.join(misnamed[:10])}"
+            f"{' ...' if len(misnamed) > 10 else ''}. If they are shards, decompress them and rename "
+            f"each to NNNNN.tar, its .parquet and _stats.json to NNNNN.parquet and NNNNN_stats.json "
+            f"(NNNNN a number no other shard has), then {command} again to include them.",
+            file=sys.stderr,
+        )
+    return misnamed
 
 
 def refuse_broken_shards(folder: str, command: str, problems: list[tuple[str, str]]) -> None:

@@ -23,6 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 STATS_RE = re.compile(r"^(\d+)_stats\.json$")
+SHARD_TAR_RE = re.compile(r"^\d+\.tar$")
+# Tar names a user may mean as shards (the trainer reads the compressed ones too).
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 SUCCESS = "success"
 
 
@@ -314,6 +317,21 @@ def _refuse_two_names_of_one_shard(folder: str, earlier: str | None, name: str) 
             f"builds' shards in one folder?). Move one of them (its .tar, .parquet and _stats.json) "
             "to a folder of its own, then run again."
         )
+
+
+def tars_not_named_as_shards(folder: str) -> list[str]:
+    """File names, sorted, of the tars in ``folder`` that no tool here reads as shards, as they are
+    not named ``NNNNN.tar`` (digits, lower-case ``.tar``, uncompressed): ``shard-00001.tar``,
+    ``00001.TAR``, ``00001.tar.gz``. Hidden files (``._00001.tar`` of a macOS copy) are no shards."""
+    entries = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(
+        entry
+        for entry in entries
+        if entry.lower().endswith(TAR_SUFFIXES)
+        and not entry.startswith(".")
+        and not SHARD_TAR_RE.match(entry)
+        and os.path.isfile(os.path.join(folder, entry))
+    )
 
 
 def require_shards(folder: str) -> dict[int, str]:

@@ -344,14 +344,12 @@ def load_tuned(path: str | None) -> TunedTable:
     if path is None:
         return TunedTable({})
     try:
-        doc = json.loads(Path(path).read_text())
         rows: dict[TunedKey, Entry] = {}
         numbers: dict[TunedKey, int] = {}
-        for number, row in enumerate(doc["entries"], start=1):
+        for number, row in enumerate(_entries(_read_json(path)), start=1):
             key = _row_key(row, number)
-            config = TileConfig(*row["config"])
-            check_compilable(config)
-            entry = Entry(config, row.get("source", f"tuned: {path}"), *_conditions(row, number))
+            config = _row_config(row, number)
+            entry = Entry(config, _row_source(row, number, path), *_conditions(row, number))
             tuned_key = key + (entry.dtype,)
             # Which of two rows for one launch would win is an accident of their order in the file
             # (a hand merge of two sweeps): refuse it and let the user keep the one they mean.
@@ -369,6 +367,61 @@ def load_tuned(path: str | None) -> TunedTable:
             f"fix or delete it, or unset {TUNED_ENV}"
         ) from e
     return table
+
+
+def _read_json(path: str) -> object:
+    """The file's JSON. A key given twice in one object (a hand merge: two ``"entries"`` lists, or
+    two ``"config"`` in one row) kept only the last, silently dropping the other's rows or config;
+    a file nested past Python's recursion limit raised RecursionError, no ValueError."""
+
+    def refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+        keys = [key for key, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ValueError(f"key {key!r} appears twice in one object; keep one")
+        return dict(pairs)
+
+    try:
+        return json.loads(Path(path).read_text(), object_pairs_hook=refuse_duplicates)
+    except RecursionError:
+        raise ValueError("nested too deeply to be a table") from None
+
+
+def _entries(doc: object) -> list:
+    """The document's row list. ``{"entries": {}}`` or ``"entries": ""`` iterated as no rows and
+    loaded as an empty table: the user's tuning silently unused."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+        raise ValueError('wants an object {"entries": [...]} holding a list of rows')
+    for number, row in enumerate(doc["entries"], start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"entry {number} is {row!r:.80}, not an object")
+        missing = [name for name in ("arch", "kind", "shape_class", "config") if name not in row]
+        if missing:
+            raise ValueError(f"entry {number} lacks {', '.join(map(repr, missing))}")
+    return doc["entries"]
+
+
+def _row_config(row: dict, number: int) -> TileConfig:
+    """A row's ``config``: five integers compiled Triton can build. JSON ``true`` is an int to
+    Python, so ``[64, 64, 32, true, true]`` loaded as ``num_warps=True``."""
+    values = row["config"]
+    if not isinstance(values, list) or len(values) != 5 or any(isinstance(v, bool) for v in values):
+        wants = "[BM, BN, BD, num_warps, num_stages]"
+        raise ValueError(f"entry {number} has config {values!r:.80}; wants {wants}, five integers")
+    config = TileConfig(*values)
+    try:
+        check_compilable(config)
+    except ValueError as e:
+        raise ValueError(f"entry {number}: {e}") from None
+    return config
+
+
+def _row_source(row: dict, number: int, path: str) -> str:
+    """A row's ``source`` (reports print it as text), else the file it came from."""
+    source = row.get("source", f"tuned: {path}")
+    if not isinstance(source, str):
+        raise ValueError(f"entry {number} has source {source!r}; wants a string")
+    return source
 
 
 def _row_key(row: dict, number: int) -> tuple[str, str, str]:
@@ -422,13 +475,17 @@ def check_compilable(config: TileConfig) -> None:
     others, so a hand-edited table would only fail at its first launch on the GPU, deep inside
     Triton's compiler or the driver."""
 
+    def integer(x: object) -> bool:
+        # bool is an int subclass: True would pass as 1 warp or stage.
+        return isinstance(x, int) and not isinstance(x, bool)
+
     def pow2(x: int) -> bool:
-        return isinstance(x, int) and x > 0 and x & (x - 1) == 0
+        return integer(x) and x > 0 and x & (x - 1) == 0
 
     if not all(pow2(b) and b >= 16 for b in (config.BM, config.BN, config.BD)):
         raise ValueError(f"BM, BN and BD must be powers of two >= 16; got {config.as_list()}")
     warps_ok = pow2(config.num_warps) and config.num_warps <= MAX_WARPS
-    if not warps_ok or not (isinstance(config.num_stages, int) and config.num_stages >= 1):
+    if not warps_ok or not (integer(config.num_stages) and config.num_stages >= 1):
         raise ValueError(
             f"num_warps must be a power of two <= {MAX_WARPS} and num_stages >= 1; got {config.as_list()}"
         )

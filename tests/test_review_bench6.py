@@ -64,7 +64,7 @@ def test_demo_marker_that_cannot_be_written_is_one_line(tmp_path, capsys):
     out.mkdir()
     # A dangling link where the marker goes: the folder exists, but the marker cannot be written.
     os.symlink(tmp_path / "missing" / "marker", out / demo.DEMO_MARKER)
-    code = demo.main(["--out", str(out), "--device", "cpu", "--num-samples", "64", "--shard-size", "32"])
+    code = demo.main(["--out", str(out), "--device", "cpu", "--num-samples", "128", "--shard-size", "32"])
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("error: --out") and "pass another --out" in err and "Traceback" not in err
@@ -75,7 +75,7 @@ def test_demo_data_that_cannot_be_written_is_one_line(tmp_path, capsys):
     out.mkdir()
     (out / demo.DEMO_MARKER).write_text("the demo's\n")
     (out / "data").write_text("a file where the demo's data/ folder goes\n")
-    code = demo.main(["--out", str(out), "--device", "cpu", "--num-samples", "64", "--shard-size", "32"])
+    code = demo.main(["--out", str(out), "--device", "cpu", "--num-samples", "128", "--shard-size", "32"])
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("error: cannot write the synthetic shards") and "Traceback" not in err

@@ -195,16 +195,21 @@ def training_line(overrides: list[str], steps: int, ranks: int, gpu: bool) -> st
     return f"training the tiny preset, ZeRO-{stage}, {where}, {precision}, {steps} steps"
 
 
-DEMO_OWNED_KEYS = {"output_dir": "--out DIR (the run goes to DIR/run, where the demo reads it back)"}
+DEMO_OWNED_KEYS = {
+    "output_dir": "pass --out DIR (the run goes to DIR/run, where the demo reads it back) instead",
+    # The run trained on the user's shards while the demo printed that it wrote and used its own.
+    "data.train_shards": "it trains on the synthetic shards it writes (size them with --num-samples and "
+    "--shard-size); train on your own shards with vutrain/train.py instead",
+}
 
 
 def refuse_demo_owned_overrides(overrides: list[str]) -> None:
-    """DemoError for an override of a key the demo sets from its own option: `output_dir=X` sent the
+    """DemoError for an override of a key the demo sets from its own options: `output_dir=X` sent the
     run to X while the demo read out/run afterwards and said it had no evaluation."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key in DEMO_OWNED_KEYS:
-            raise DemoError(f"{item!r}: the demo sets {key} itself; pass {DEMO_OWNED_KEYS[key]} instead")
+            raise DemoError(f"{item!r}: the demo sets {key} itself; {DEMO_OWNED_KEYS[key]}")
 
 
 def train(
@@ -295,6 +300,32 @@ def stop_signals_reach_the_ranks():
                 process.kill()
         psutil.wait_procs(alive, timeout=10)
         raise DemoStopped(received[0], "during training (its ranks are stopped too)")
+
+
+def check_one_global_batch(num_samples: int, ranks: int, overrides: list[str]) -> None:
+    """DemoError unless an epoch holds one global batch (train.micro_batch_size x ranks).
+
+    `--num-samples 64` on 2 CPU ranks wrote the shards and started the launcher and both ranks,
+    then failed in training on "data.num_samples=64", a key the user of the demo never set.
+    """
+    from vutrain.config import ConfigError, build_config
+
+    try:
+        cfg = build_config(TINY_CONFIG, overrides)
+    except ConfigError:
+        return  # the training run names a bad override in its own words
+    batch = cfg.train.micro_batch_size
+    need = batch * ranks
+    # A user's data.num_samples is the epoch the run reads instead of the shards' count.
+    option, epoch = ("--num-samples ", num_samples)
+    if cfg.data.num_samples:
+        option, epoch = ("data.num_samples=", cfg.data.num_samples)
+    if epoch >= need:
+        return
+    raise DemoError(
+        f"{option}{epoch} is smaller than one global batch (train.micro_batch_size {batch} x {ranks} "
+        f"rank(s)): pass {option}{need} or more, or a smaller train.micro_batch_size or fewer --ranks"
+    )
 
 
 def check_shard_count(num_samples: int, shard_size: int, ranks: int, overrides: list[str]) -> None:
@@ -419,6 +450,7 @@ def run_demo(args: argparse.Namespace) -> int:
     recipe = gpu_recipe() if gpu else []
     overrides = recipe + list(args.overrides)
     refuse_demo_owned_overrides(overrides)
+    check_one_global_batch(args.num_samples, ranks, overrides)
     check_shard_count(args.num_samples, args.shard_size, ranks, overrides)
     start = time.time()
     claim_output(args.out)

@@ -234,6 +234,7 @@ class Trainer:
         self._checkpoint_step: int | None = None  # the step of the newest checkpoint loaded or saved
         self._run_lock: run_lock.RunLock | None = None
         try:
+            self._agree_on_val_shards()
             self._prepare_run_dir()
             self._build_parts()
         except BaseException:
@@ -296,6 +297,19 @@ class Trainer:
         self._maybe_resume()
 
     # ------------------------------------------------------------------ builders
+
+    def _agree_on_val_shards(self) -> None:
+        """Every rank sees the same validation shards (names, byte sizes), or every rank raises the
+        same one-line ValShardsError now, before the run directory is touched.
+
+        Each rank only expanded the spec here, so node-local copies that differ (a truncated shard,
+        a shard missing on one node but accepted by data.allow_missing_shards) were found at the
+        first eval, eval.every steps (hours) into the run, or at the final eval of a run without
+        periodic evals. With data.val_shards set the final eval always runs, so it is checked."""
+        if self.cfg.data.val_shards:
+            from vutrain.evaluate import agree_on_val_shards
+
+            agree_on_val_shards(self.cfg.data.val_shards, self.device)
 
     def _prepare_run_dir(self) -> None:
         """Rank 0 locks output_dir, writes the resolved config and clears last run's end markers; all
@@ -414,7 +428,7 @@ class Trainer:
         self.loss_fn = build_loss_from_config(cfg.loss, rank=info.rank, world_size=info.world_size)
 
     def _build_data(self) -> None:
-        """This rank's training stream; the validation spec is checked now, not at the first eval."""
+        """This rank's training stream (the validation spec was checked first: `_agree_on_val_shards`)."""
         from vutrain.data.device_transform import make_device_transform
         from vutrain.data.webdataset import TrainStream
 
@@ -446,10 +460,6 @@ class Trainer:
             rank=info.rank,
             position=lambda: self.stream.batches_seen,
         )
-        if d.val_shards:  # a typo in the eval path must fail now, not at the first eval
-            from vutrain.data.shards import expand_shards
-
-            expand_shards(d.val_shards, "data.val_shards")
 
     # ------------------------------------------------------------------ state
 

@@ -2,13 +2,16 @@
 
 Raw samples are dicts ``{"__key__", "__url__", "<ext>": bytes, ...}``, grouped from contiguous
 tar members by webdataset's rule (key = path up to the first dot of the basename); a member whose
-extension the sample already holds (a shard appended to) starts the next sample, of the same key. Decoding
+extension the sample already holds (a shard appended to) starts the next sample, of the same key. A
+sample keeps one image (the first of IMAGE_EXTS it holds); its other images, and members named like
+its own fields (``a.__key__``, ``a.__url__``), are dropped and counted as ``ignored_member``. Decoding
 (JPEG, UTF-8, JSON, caption) happens late, after shuffling, so shuffle buffers hold small
 undecoded bytes and a resumed stream can replay them without decoding.
 
 Every problem is a :class:`SkipSample` with a short ``reason``; callers count reasons instead of
 crashing: ``tar_error``, ``missing_image``, ``undecodable_image``, ``non_utf8_text``,
-``bad_json``, ``missing_caption``, ``missing_field``, ``empty_caption`` (no visible text).
+``bad_json``, ``missing_caption``, ``missing_field``, ``empty_caption`` (no visible text), and
+``ignored_member`` (a member, not a sample: the sample trains without it).
 
 Two image decoders: :func:`decode_image` (a PIL image, for the processor-exact float path of
 eval) and :func:`decode_image_array` (an RGB uint8 array, optionally DCT-scaled, for the
@@ -277,6 +280,32 @@ def _iter_files(stream, payloads: Payloads = True) -> Iterator[tuple[str, bytes 
 
 
 _WARNED_REPEATS: set[str] = set()  # shards whose repeated members were reported (once each)
+_WARNED_IGNORED: set[str] = set()  # shards whose ignored members were reported (once each)
+
+_SAMPLE_FIELDS = frozenset({"__key__", "__url__"})
+"""The raw sample's own fields: a member ``a.__key__`` or ``a.__url__`` is ignored (and counted)
+rather than stored under them, where it renamed the sample (the full read then gave a key the
+header-only read does not: a world-size change dropped the sample) or started a phantom one."""
+
+
+def _ignore_member(url: str, member: str, why: str, count: Callable[[str], None] | None) -> None:
+    """Count one ``ignored_member`` and warn once per shard, naming the member."""
+    if count is not None:
+        count("ignored_member")
+    if url not in _WARNED_IGNORED:
+        _WARNED_IGNORED.add(url)
+        log.warning("shard %s: member %s is ignored (%s); counted as ignored_member", url, member, why)
+
+
+def _finished(sample: dict, count: Callable[[str], None] | None) -> dict:
+    """``sample`` holding one image member: the first of IMAGE_EXTS, which training, eval and the
+    image digest all use; each other image is dropped and counted, not carried along unseen."""
+    images = [ext for ext in IMAGE_EXTS if ext in sample]
+    for ext in images[1:]:
+        del sample[ext]
+        why = f"a second image; the sample uses its .{images[0]}"
+        _ignore_member(sample["__url__"], f"{sample['__key__']}.{ext}", why, count)
+    return sample
 
 
 def _starts_new_sample(current: dict, key: str, ext: str, url: str) -> bool:
@@ -286,7 +315,7 @@ def _starts_new_sample(current: dict, key: str, ext: str, url: str) -> bool:
     The rule reads names only, so a header-only read (resume positions) groups alike."""
     if current["__key__"] != key:
         return True
-    if ext not in current:
+    if ext not in current or ext in _SAMPLE_FIELDS:  # a field-named member is ignored, not a repeat
         return False
     if url not in _WARNED_REPEATS:
         _WARNED_REPEATS.add(url)
@@ -326,10 +355,13 @@ def iter_raw_samples(
                     continue
                 key, ext = parts
                 if current is not None and _starts_new_sample(current, key, ext, url):
-                    yield current
+                    yield _finished(current, count)
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
+                if ext in _SAMPLE_FIELDS:
+                    _ignore_member(url, name, "named like the sample's own field", count)
+                    continue
                 current[ext] = payload
     except (TarError, tarfile.TarError, EOFError, OSError) as e:
         log.warning("shard %s is unreadable or truncated (%s); using the samples before the error", url, e)
@@ -337,10 +369,10 @@ def iter_raw_samples(
             count("tar_error")
         damaged = _split_name(e.name) if isinstance(e, TarError) and e.name else None
         if current is not None and damaged is not None and _starts_new_sample(current, *damaged, url):
-            yield current  # complete: the damage starts the next sample
+            yield _finished(current, count)  # complete: the damage starts the next sample
         return
     if current is not None:
-        yield current
+        yield _finished(current, count)
 
 
 def decode_text(raw: dict, ext: str) -> str | None:
