@@ -30,9 +30,9 @@ from dataset_tools.reshard import (
     publish_and_finalize,
     refuse_output_under_a_file,
     require_whole_shards,
-    skipped_incomplete_shards,
     video_of,
 )
+from dataset_tools.split import refuse_bad_shard_size, skipped_shards
 
 SAME_VIDEO = "same video"
 EXACT = "exact"
@@ -100,6 +100,8 @@ def dedup(
     """Find duplicate groups; returns the report (also written as JSON)."""
     if max_distance < 0:  # would split the hash into zero chunks (ZeroDivisionError)
         raise SystemExit(f"--max-distance {max_distance}: must be 0 (exact pHash match) or more, e.g. 4")
+    if filter_output:
+        refuse_bad_shard_size(shard_size)
     shards.require_shards(folder)
     report_path = report_path or os.path.join(folder, BUILD_DIR, "dedup.json")
     _refuse_unwritable_outputs(report_path, filter_output)
@@ -112,12 +114,12 @@ def dedup(
     # the output unchecked for duplicates, and uncounted by the report, which said it was skipped.
     names = list(shards.iter_shard_names(folder))
     require_whole_shards(folder, "dedup")  # a truncated tar: refused, not a short report
-    skipped = skipped_incomplete_shards(folder, "dedup")
+    skipped = skipped_shards(folder, "dedup")
     schema = None
     if filter_output:  # refused before the (slow) hashing, not after
         check_empty_output(filter_output)
         schema = input_schema(folder, "dedup")
-    report = {**_find_duplicates(folder, max_distance, names), "skipped_incomplete_shards": skipped}
+    report = {**_find_duplicates(folder, max_distance, names), **skipped}
     # Atomic: written in place, a kill or a full disk mid-write left a truncated report.
     shards.save_json(report_path, report, "dedup report")
     if filter_output:
@@ -181,8 +183,8 @@ def _finish_interrupted_filter(output: str, settings: dict, report_path: str) ->
 
 
 def _find_duplicates(folder: str, max_distance: int, names: list[str]) -> dict:
-    """The report of the duplicate groups of ``folder``'s shards ``names`` (without
-    ``skipped_incomplete_shards``)."""
+    """The report of the duplicate groups of ``folder``'s shards ``names`` (without the skipped
+    shards)."""
     info: dict[str, dict] = {}
     uf = _UnionFind()
     by_sha: dict[str, str] = {}

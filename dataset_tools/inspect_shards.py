@@ -4,8 +4,10 @@ Verification checks every tar in the folder, with stats or without: that it is w
 truncated), decodes every image fully, checks every sample has its image (.jpg, or the
 .jpeg/.png/.webp the trainer reads too), .txt and .json, that both are UTF-8 text as the trainer
 decodes them (it skips a sample whose caption or metadata is not), that the json key matches,
-that the members of each sample are together (as the trainer groups them), and (shards with a
-parquet) that the tar holds exactly the rows the parquet calls successes. Any finding lands in
+that the members of each sample are together and none is repeated (as the trainer groups them:
+each repeat is one more sample), and (shards with a parquet) that the tar holds exactly the rows
+the parquet calls successes. Tars not named ``NNNNN.tar``, which no folder tool reads, are counted
+apart from incomplete shards, and each is a finding of --verify. Any finding lands in
 ``report["corrupt"]`` (non-empty -> exit 1).
 """
 
@@ -47,20 +49,20 @@ def _as_training_text(payload: bytes) -> str | None:
         return None
 
 
-def _meta_problems(name: str, key: str, text: str) -> list[str]:
+def _meta_problems(tar_file: str, key: str, text: str) -> list[str]:
     """Findings of one sample's ``.json`` text: not an object, a key of another sample, a placeholder."""
     try:
         meta = json.loads(text)
     except ValueError:
         meta = None
     if not isinstance(meta, dict):  # a list or a number parses too (it was an AttributeError)
-        return [f"{name}.tar: sample {key} json does not parse as an object"]
+        return [f"{tar_file}: sample {key} json does not parse as an object"]
     problems = []
     if meta.get("key") != key:
-        problems.append(f"{name}.tar: sample {key} json key is {meta.get('key')!r}")
+        problems.append(f"{tar_file}: sample {key} json key is {meta.get('key')!r}")
     size = (meta.get("original_width"), meta.get("original_height"))
     if size == youtube.PLACEHOLDER_SIZE and meta.get("variant") not in youtube.NATIVE_120X90_VARIANTS:
-        problems.append(f"{name}.tar: sample {key} is a 120x90 placeholder")
+        problems.append(f"{tar_file}: sample {key} is a 120x90 placeholder")
     return problems
 
 
@@ -78,51 +80,101 @@ def _scattered_keys(member_names: list[str]) -> list[str]:
     return sorted(scattered)
 
 
-def _verify_shard(folder: str, name: str, success_keys: set | None) -> list[str]:
-    """Findings for one tar; ``success_keys`` None for a tar without stats/parquet (no cross-check)."""
-    problems: list[str] = []
-    path = os.path.join(folder, f"{name}.tar")
+SAMPLE_FIELDS = ("__key__", "__url__")  # members the trainer ignores (samples.py _SAMPLE_FIELDS)
+
+
+def _samples_as_trainer_reads(path: str) -> tuple[list[str], list[tuple[str, dict[str, bytes]]]]:
+    """The file member names of the tar at ``path``, and its ``(key, {ext: bytes})`` samples in
+    tar order, grouped as the trainer groups them (vutrain/data/samples.py ``_starts_new_sample``):
+    another key, or an extension the sample already holds, starts a new sample. Read as one dict
+    per key, a tar appended to (``k.jpg k.txt k.json k.jpg ...``) passed as one sample: the trainer
+    reads two, and only the last copy's image was decoded."""
+    names: list[str] = []
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            names.append(member.name)
+            parts = shards.sample_member(member.name)
+            if parts is None:
+                continue
+            key, ext = parts
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            if ext in SAMPLE_FIELDS:
+                continue
+            if ext in samples[-1][1]:
+                samples.append((key, {}))
+            samples[-1][1][ext] = tar.extractfile(member).read()
+    return names, samples
+
+
+def _repeated_keys(samples: list[tuple[str, dict[str, bytes]]], scattered: list[str]) -> list[str]:
+    """Keys the trainer reads as more than one sample for a reason other than being scattered: a
+    member repeated within one run of the key's members."""
+    counts = Counter(key for key, _members in samples)
+    return sorted(key for key, n in counts.items() if n > 1 and key not in scattered)
+
+
+def _sample_problems(tar_file: str, key: str, members: dict[str, bytes]) -> list[str]:
+    """Findings of one sample: a member missing, text that is not UTF-8, its json, its image."""
+    image = image_member(members)
+    missing = [ext for ext in REQUIRED_MEMBERS if ext not in members]
+    missing = missing if image else ["jpg (or jpeg/png/webp)", *missing]
+    if missing:
+        return [f"{tar_file}: sample {key} lacks {missing}"]
+    problems = []
+    not_utf8 = [ext for ext in TEXT_MEMBERS if _as_training_text(members[ext]) is None]
+    if not_utf8:
+        problems.append(
+            f"{tar_file}: sample {key} {', '.join(not_utf8)} is not UTF-8 text (training skips the "
+            "sample as non_utf8_text): re-encode it as UTF-8"
+        )
+    if "json" not in not_utf8:
+        problems += _meta_problems(tar_file, key, _as_training_text(members["json"]))
+    try:
+        with Image.open(io.BytesIO(members[image])) as img:
+            img.load()  # full decode: truncated JPEGs raise here
+    except Exception as err:
+        problems.append(f"{tar_file}: sample {key} image does not decode ({err})")
+    return problems
+
+
+def _verify_shard(folder: str, tar_file: str, success_keys: set | None) -> list[str]:
+    """Findings for the tar ``tar_file`` of ``folder``; ``success_keys`` None for a tar without
+    stats/parquet (no cross-check)."""
+    path = os.path.join(folder, tar_file)
     whole = shards.tar_problem(path)
     if whole:
         return [whole]
     try:
-        with tarfile.open(path, "r") as tar:
-            names = [m.name for m in tar if m.isfile()]
-        samples = shards.read_tar(path)
+        names, samples = _samples_as_trainer_reads(path)
     except (tarfile.TarError, OSError, EOFError) as err:
-        return [f"{name}.tar: unreadable ({err})"]
+        return [f"{tar_file}: unreadable ({err})"]
+    problems: list[str] = []
     scattered = _scattered_keys(names)
     if scattered:
         problems.append(
-            f"{name}.tar: members of sample(s) {scattered[:5]} are not next to each other (the "
+            f"{tar_file}: members of sample(s) {scattered[:5]} are not next to each other (the "
             "trainer reads each run of them as a sample of its own): rewrite the tar with each "
             "sample's members together"
         )
-    for key, members in samples.items():
-        image = image_member(members)
-        missing = [ext for ext in REQUIRED_MEMBERS if ext not in members]
-        missing = missing if image else ["jpg (or jpeg/png/webp)", *missing]
-        if missing:
-            problems.append(f"{name}.tar: sample {key} lacks {missing}")
-            continue
-        not_utf8 = [ext for ext in TEXT_MEMBERS if _as_training_text(members[ext]) is None]
-        if not_utf8:
-            problems.append(
-                f"{name}.tar: sample {key} {', '.join(not_utf8)} is not UTF-8 text (training skips the "
-                "sample as non_utf8_text): re-encode it as UTF-8"
-            )
-        if "json" not in not_utf8:
-            problems += _meta_problems(name, key, _as_training_text(members["json"]))
-        try:
-            with Image.open(io.BytesIO(members[image])) as img:
-                img.load()  # full decode: truncated JPEGs raise here
-        except Exception as err:
-            problems.append(f"{name}.tar: sample {key} image does not decode ({err})")
-    in_tar = set(samples)
+    repeated = _repeated_keys(samples, scattered)
+    if repeated:
+        problems.append(
+            f"{tar_file}: sample(s) {repeated[:5]} repeat a member (a tar appended to, or two "
+            "concatenated?): the trainer reads each repeat as one more sample with the same key; "
+            "rewrite the tar with each sample once"
+        )
+    for key, members in samples:
+        problems += _sample_problems(tar_file, key, members)
+    in_tar = {key for key, _members in samples}
     if success_keys is not None and in_tar != success_keys:
         extra, lost = sorted(in_tar - success_keys), sorted(success_keys - in_tar)
         problems.append(
-            f"{name}: tar/parquet disagree (in tar only: {extra[:5]}, successes missing from tar: {lost[:5]})"
+            f"{tar_file[: -len('.tar')]}: tar/parquet disagree (in tar only: {extra[:5]}, successes "
+            f"missing from tar: {lost[:5]})"
         )
     return problems
 
@@ -135,6 +187,37 @@ def _training_tags(value) -> set[str]:
 
 
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # what vutrain's loader also reads
+MISNAMED_REMEDY = (
+    "split, dedup, vocab and finalize leave it out: if it is a shard, rename it NNNNN.tar and its "
+    ".parquet and _stats.json NNNNN.parquet and NNNNN_stats.json (NNNNN a number no other shard has)"
+)
+
+
+def _misnamed_finding(tar_file: str) -> str:
+    """The finding for a tar not named ``NNNNN.tar``: why no tool reads it, and what to do."""
+    if tar_file.lower().endswith(COMPRESSED_SUFFIXES):
+        # The trainer reads compressed shards too; --verify does not, so they are not passed as
+        # checked ("verify: OK" over a folder of .tar.gz checked nothing).
+        return f"{tar_file}: compressed shard, not verified (--verify reads .tar: decompress it to check it)"
+    return f"{tar_file}: not named as a shard (NNNNN.tar: digits, lower-case .tar); {MISNAMED_REMEDY}"
+
+
+def _verify_tars_without_stats(folder: str, incomplete: list[str], misnamed: list[str]) -> list[str]:
+    """Findings for the tars outside the complete shards: those without stats (a build that
+    stopped mid-shard, a copy) and those not named as shards, whose contents are checked too
+    when they are plain tars; a folder with no tar at all is a finding of its own."""
+    problems = [p for name in incomplete for p in _verify_shard(folder, f"{name}.tar", None)]
+    for tar_file in misnamed:
+        problems.append(_misnamed_finding(tar_file))
+        if not tar_file.lower().endswith(COMPRESSED_SUFFIXES):
+            problems += _verify_shard(folder, tar_file, None)
+    has_tars = incomplete or misnamed or any(shards.SHARD_TAR_RE.match(f) for f in os.listdir(folder))
+    if not has_tars:  # "verify: OK" with nothing checked (a typo, split's OUT)
+        problems.append(
+            f"{folder}: no shards here, nothing verified (pass the folder holding the NNNNN.tar "
+            "files; split writes OUT/train and OUT/val)"
+        )
+    return problems
 
 
 def inspect_dir(folder: str, verify: bool = False) -> dict:
@@ -142,7 +225,11 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
     if not os.path.isdir(folder):
         raise SystemExit(f"{folder}: not a directory")
     complete = shards.complete_shards(folder)
-    tars = {f[:-4] for f in os.listdir(folder) if f.endswith(".tar")}
+    # Only NNNNN.tar can be a shard waiting for its stats: shard-00001.tar was listed as "no stats
+    # yet" (a remedy that never completes it) and 00002.TAR not at all, though every tool leaves
+    # them out; they are counted under their own reason.
+    tars = {f[: -len(".tar")] for f in os.listdir(folder) if shards.SHARD_TAR_RE.match(f)}
+    misnamed = shards.tars_not_named_as_shards(folder)
     report = {
         "shards": len(complete),
         "rows": 0,
@@ -153,6 +240,7 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
         "tags": Counter(),
         "corrupt": [],
         "incomplete_shards": sorted(tars - set(complete.values())),
+        "tars_not_named_as_shards": misnamed,
     }
     keys_seen = Counter()
     for _shard_id, name in sorted(complete.items()):
@@ -161,7 +249,7 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
         if problem:  # a finding, the other shards still counted (it was a pyarrow traceback)
             report["corrupt"].append(problem)
             if verify:
-                report["corrupt"] += _verify_shard(folder, name, None)
+                report["corrupt"] += _verify_shard(folder, f"{name}.tar", None)
             continue
         rows, _ = shards.read_parquet_rows(parquet_path)
         success_keys = set()
@@ -177,22 +265,9 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
             else:
                 report["failures_by_reason"][row.get("error_message") or row["status"]] += 1
         if verify:
-            report["corrupt"] += _verify_shard(folder, name, success_keys)
-    if verify:  # tars without stats (a build that stopped mid-shard, a copy) are checked too
-        for name in report["incomplete_shards"]:
-            report["corrupt"] += _verify_shard(folder, name, None)
-        # The trainer reads compressed shards too; --verify does not, so they are not passed as
-        # checked ("verify: OK" over a folder of .tar.gz checked nothing).
-        compressed = sorted(f for f in os.listdir(folder) if f.endswith(COMPRESSED_SUFFIXES))
-        report["corrupt"] += [
-            f"{f}: compressed shard, not verified (--verify reads .tar: decompress it to check it)"
-            for f in compressed
-        ]
-        if not tars and not compressed:  # "verify: OK" with nothing checked (a typo, split's OUT)
-            report["corrupt"].append(
-                f"{folder}: no shards here, nothing verified (pass the folder holding the NNNNN.tar "
-                "files; split writes OUT/train and OUT/val)"
-            )
+            report["corrupt"] += _verify_shard(folder, f"{name}.tar", success_keys)
+    if verify:
+        report["corrupt"] += _verify_tars_without_stats(folder, report["incomplete_shards"], misnamed)
     # Shards without video ids (plain img2dataset: url, caption) all count under None: no duplicate.
     dupes = [vid for vid, n in keys_seen.items() if n > 1 and vid is not None]
     if verify and dupes:
@@ -212,6 +287,12 @@ def format_report(report: dict, top: int = 10) -> str:
     ]
     if report["incomplete_shards"]:
         lines.append(f"incomplete shards (no stats yet): {report['incomplete_shards']}")
+    misnamed = report.get("tars_not_named_as_shards")
+    if misnamed:
+        lines.append(
+            f"tars not named as shards, not counted: {len(misnamed)} {misnamed[:10]}"
+            f"{' ...' if len(misnamed) > 10 else ''} ({MISNAMED_REMEDY}; decompress a compressed one first)"
+        )
     for title, key in (
         ("failures by reason", "failures_by_reason"),
         ("variant mix", "variants"),

@@ -29,6 +29,27 @@ from dataset_tools.reshard import (
 )
 
 
+def skipped_shards(folder: str, command: str) -> dict[str, list[str]]:
+    """The shards ``command`` leaves out (each kind also said on stderr), as two result keys:
+    ``skipped_incomplete_shards`` (bare names, ``00001``: no stats yet, a build stopped mid-shard)
+    and ``skipped_not_shards`` (file names of tars not named ``NNNNN.tar``: ``00002.TAR``). Both
+    were in the first key, so a reader of the result could not tell a rebuild from a rename apart."""
+    # reshard lists the incomplete shards (bare digit names) first, then the misnamed tar files.
+    skipped = skipped_incomplete_shards(folder, command)
+    return {
+        "skipped_incomplete_shards": [name for name in skipped if name.isdigit()],
+        "skipped_not_shards": [name for name in skipped if not name.isdigit()],
+    }
+
+
+def refuse_bad_shard_size(shard_size: int) -> None:
+    """One line before any input is read or output created: ShardSink refused ``--shard-size 0``
+    only once the outputs were claimed, after every tar was checked (and for dedup, every image
+    hashed), leaving lock-only output folders and a report behind."""
+    if shard_size < 1:
+        raise SystemExit(f"--shard-size {shard_size}: must be at least 1 (samples per shard, e.g. 1000)")
+
+
 def channel_ids_by_title(folder: str) -> dict[str, str]:
     """Channel title -> channel id, for each title that the folder's rows pair with exactly one id.
 
@@ -78,6 +99,7 @@ def split(
             f"--val-fraction {val_fraction}: must be strictly between 0 and 1 (the share of samples "
             "in val, e.g. 0.1)"
         )
+    refuse_bad_shard_size(shard_size)
     shards.require_shards(folder)
     sides = {side: os.path.join(output, side) for side in ("train", "val")}
     settings = {"input": os.path.realpath(folder), "by": by, "val_fraction": val_fraction}
@@ -92,7 +114,7 @@ def split(
         return finished
     require_whole_shards(folder, "split")  # before any output is written
     schema = input_schema(folder, "split")  # a column of two types: refused before any output
-    skipped = skipped_incomplete_shards(folder, "split")
+    skipped = skipped_shards(folder, "split")
     for path in outputs:  # both checked before either is created
         check_empty_output(path)
     with claim_outputs(outputs, "split"):  # both claimed before either is written
@@ -101,7 +123,7 @@ def split(
         for sample in iter_samples(folder):
             sinks[assign(sample[2], by, val_fraction, seed, title_ids)].add(sample)
         counts = {side: sink.close() for side, sink in sinks.items()}
-        result = {"by": by, "val_fraction": val_fraction, **counts, "skipped_incomplete_shards": skipped}
+        result = {"by": by, "val_fraction": val_fraction, **counts, **skipped}
         # Both sides published only now (a killed split published neither), after a marker
         # (``_build/split_publishing.json``) that lets the rerun finish a split killed on the way.
         publish_and_finalize(list(sinks.values()), "split", settings, result, finalize_mod.finalize)

@@ -11,17 +11,19 @@ import os
 from collections import Counter
 
 from dataset_tools import shards
-from dataset_tools.reshard import refuse_broken_shards, skipped_incomplete_shards
+from dataset_tools.reshard import refuse_broken_shards
+from dataset_tools.split import skipped_shards
 from vutrain.tag_text import normalize_tag, tag_values
 
 
 def build_vocab(folder: str, min_count: int = 5) -> dict:
     """Tag and category vocabularies of the successful samples, entries below ``min_count`` dropped.
     Incomplete shards (no stats yet: a build still running or stopped) are left out, named on stderr
-    and in ``skipped_incomplete_shards``, as split and dedup do: their tags were left out without a
-    word, so a vocabulary of a half-built folder passed for one of the whole folder."""
+    and in ``skipped_incomplete_shards`` (tars not named ``NNNNN.tar`` in ``skipped_not_shards``),
+    as split and dedup do: their tags were left out without a word, so a vocabulary of a half-built
+    folder passed for one of the whole folder."""
     shards.require_shards(folder)
-    skipped = skipped_incomplete_shards(folder, "vocab")
+    skipped = skipped_shards(folder, "vocab")
     tags, categories = Counter(), Counter()
     for name in shards.iter_shard_names(folder):
         path = os.path.join(folder, f"{name}.parquet")
@@ -44,7 +46,7 @@ def build_vocab(folder: str, min_count: int = 5) -> dict:
         "min_count": min_count,
         "tags": entries(tags),
         "categories": entries(categories),
-        "skipped_incomplete_shards": skipped,
+        **skipped,
     }
 
 

@@ -149,10 +149,28 @@ train_script() {
     if [[ "$PWD" -ef "$1" ]]; then echo vutrain/train.py; else echo "$1/vutrain/train.py"; fi
 }
 
-# job_hostnames: one host per line for the current allocation, in SLURM_NODEID order.
+# job_gpu_total: the GPUs of the whole job from `--gpus=[type:]N` (SLURM_GPUS, types summed as in
+# requested_gpus_per_node); nothing when unset or not of that form.
+job_gpu_total() { SLURM_GPUS_PER_NODE="${SLURM_GPUS:-}" requested_gpus_per_node; }
+
+# job_hostnames: one host per line for the current allocation, in SLURM_NODEID order, or a one-line
+# error (exit 2; the caller runs it in $(...), so it must test the status) when scontrol fails or
+# prints nothing (no slurm.conf, a controller down, a list it refuses with exit 0). The job went on
+# with no hosts: master_addr stopped on "$1: unbound variable" and srun started the ranks with an
+# empty MASTER_ADDR.
 job_hostnames() {
-    [[ -n "${SLURM_JOB_NODELIST:-}" ]] || die "SLURM_JOB_NODELIST is not set: run this inside an allocation (sbatch/salloc) or pass a node list."
-    scontrol show hostnames "$SLURM_JOB_NODELIST"
+    local list="${SLURM_JOB_NODELIST:-}" errors hosts rc=0 why
+    [[ -n "$list" ]] || die "SLURM_JOB_NODELIST is not set: run this inside an allocation (sbatch/salloc) or pass a node list."
+    errors="$(mktemp)" || die "cannot create a temporary file (is /tmp full?) to read scontrol's errors"
+    hosts="$(scontrol show hostnames "$list" 2>"$errors")" || rc=$?
+    why="$(grep -v '^[[:space:]]*$' "$errors" | tail -n 1 || true)"
+    rm -f "$errors"
+    hosts="$(grep -v '^[[:space:]]*$' <<<"$hosts" || true)"
+    if (( rc != 0 )); then
+        die "cannot list the job's nodes: 'scontrol show hostnames $list' failed (exit $rc${why:+: $why}). Make scontrol work on $(hostname) (SLURM_CONF, slurmctld reachable), then resubmit."
+    fi
+    [[ -n "$hosts" ]] || die "cannot list the job's nodes: 'scontrol show hostnames $list' printed none${why:+ ($why)}. Check SLURM_JOB_NODELIST and that scontrol works on $(hostname), then resubmit."
+    printf '%s\n' "$hosts"
 }
 
 # node_addr NODE: the address other nodes reach NODE at (its NodeAddr, which is the
@@ -169,6 +187,8 @@ node_addr() {
 # warning says so (a value left over from another job, e.g. localhost, hangs the rendezvous).
 master_addr() {
     local first host
+    # No host is a caller's bug (an empty node list); "$1: unbound variable" said nothing of it.
+    (( $# > 0 )) || die "no host to take the rendezvous address (MASTER_ADDR) from: the job's node list is empty. Check SLURM_JOB_NODELIST and scontrol, then resubmit."
     first="$(node_addr "$1")"
     if [[ -z "${MASTER_ADDR:-}" ]]; then
         echo "$first"

@@ -48,7 +48,7 @@ default_slots() {
 check_default_slots_cover_the_job() {
     local total nhosts
     [[ -z "$slots_given" && "$nodelist" == "${SLURM_JOB_NODELIST:-}" ]] || return 0
-    total="$(SLURM_GPUS_PER_NODE="${SLURM_GPUS:-}" requested_gpus_per_node)"
+    total="$(job_gpu_total)"
     nhosts="$(wc -l <<<"$lines")"
     [[ -z "$total" ]] || (( total == slots * nhosts )) \
         || die "the job holds $total GPUs (SLURM_GPUS=$SLURM_GPUS) but $slots per node x $nhosts nodes = $((slots * nhosts)): pass -s N (the ranks of every node, at most the fewest GPUs a node holds), or submit with --gpus-per-node=N instead of --gpus."
@@ -71,8 +71,9 @@ usable_scontrol() {
 
 if [[ "$nodelist" != *[\[\]]* ]]; then
     # A plain comma list needs no scontrol (which fails where it finds no SLURM configuration).
-    # Commas or blanks: "n1 n2" was one host "n1n2".
-    hosts="$(tr ', \t' '\n\n\n' <<<"$nodelist")"
+    # Commas or blanks: "n1 n2" was one host "n1n2". \r too (a list read from a file with Windows line
+    # ends): "n1\r slots=N" matched no node of the job where deepspeed.sbatch checks a HOSTFILE.
+    hosts="$(tr ', \t\r' '\n\n\n\n' <<<"$nodelist")"
 elif usable_scontrol && hosts="$(scontrol show hostnames "$nodelist" 2>/dev/null)" \
     && [[ -n "$hosts" ]]; then
     # Empty output is scontrol's refusal ("Invalid hostlist", yet exit 0): the fallback below

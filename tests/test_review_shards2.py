@@ -60,7 +60,7 @@ def test_tars_not_named_as_shards_are_named_not_dropped_silently(tmp_path, capsy
         assert result["kept"] == 3
     else:
         result = vocab.build_vocab(str(src), min_count=1)
-    assert result["skipped_incomplete_shards"] == MISNAMED
+    assert result["skipped_incomplete_shards"] == [] and result["skipped_not_shards"] == MISNAMED
     err = capsys.readouterr().err
     assert "no stats yet" not in err, err
     lines = [line for line in err.splitlines() if "not named as shards" in line]
@@ -90,7 +90,7 @@ def test_a_truly_incomplete_shard_beside_a_misnamed_tar_is_still_called_incomple
     _shard(src, 1, 3, stats=False)
     shutil.copy(src / "00001.tar", src / "00001.TAR")
     result = split.split(str(src), str(tmp_path / "out"), by="hash", val_fraction=0.5)
-    assert result["skipped_incomplete_shards"] == ["00001", "00001.TAR"]
+    assert result["skipped_incomplete_shards"] == ["00001"] and result["skipped_not_shards"] == ["00001.TAR"]
     err = capsys.readouterr().err
     assert "skipping 1 incomplete shard(s) (no stats yet): 00001." in err
     assert "leaving out 1 tar(s) not named as shards" in err
