@@ -75,7 +75,9 @@ def test_compile_check_compiles_the_configs_a_launch_takes():
     """`compile_check --arch 86` (or 89) compiled the fallback entries (BD = 32) while an RTX
     30xx/40xx launches the sm_80 ones (BD = 64), and `--arch 100/120` the fallback entries for
     GPUs that launch the sm_90 ones; `--dtype fp32` compiled the table's 288 KiB config that no
-    launch runs (fp32 launches fit BD to shared memory)."""
+    launch runs (fp32 launches fit BD to shared memory). This checks the family's table at the
+    family's shared memory (`shared_memory=None`); the CLI fits it to the card's own, which is
+    what an RTX 30xx/40xx/50xx launch takes (test_review_kernel_tools1.py)."""
     for arch, family in [
         (86, "sm_80"),
         (89, "sm_80"),
