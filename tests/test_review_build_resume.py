@@ -14,6 +14,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from small_builds import build_args, write_ids_csv
 
 from dataset_tools import shards
 from dataset_tools.cli import main
@@ -23,39 +24,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = 32
 
 
-def _write_input(path, ids):
-    path.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))
-
-
 def _ids(n=ROWS):
     return [f"vid{i:08d}" for i in range(n)]
 
 
 def _args(host, inp, out, *extra):
-    return [
-        "build",
-        "--input",
-        str(inp),
-        "--output",
-        str(out),
-        "--url-template",
-        host.url_template,
-        "--variants",
-        "mqdefault",
-        "--shard-size",
-        "16",
-        "--processes",
-        "2",
-        "--threads",
-        "2",
-        "--max-connections",
-        "4",
-        "--requests-per-second",
-        "16",
-        "--image-size",
-        "32",
-        *extra,
-    ]
+    extra = ("--max-connections", "4", "--image-size", "32", *extra)
+    return build_args(host.url_template, inp, out, *extra, shard_size=16, processes=2, rate=16)
 
 
 def _start(host, inp, out, log, *extra):
@@ -132,7 +107,7 @@ def test_killed_build_stops_its_workers_and_resumes_exactly(tmp_path, host, sig)
     # same shard files as the resumed build. SIGTERM also printed a BrokenPipeError traceback
     # from every worker instead of saying how to resume.
     inp, out, log = tmp_path / "in.csv", tmp_path / "out", tmp_path / "build.log"
-    _write_input(inp, _ids())
+    write_ids_csv(inp, _ids())
     code = _kill_after_requests(_start(host, inp, out, log), host, sig, log)
     requests_at_kill, files_at_kill = len(host.requests), _shard_files(out)
     keys_at_kill = _plan_keys(out)
@@ -162,7 +137,7 @@ def test_resume_on_a_changed_input_says_what_it_keeps(tmp_path, capsys):
     # title stayed the caption, and summary.json's input_rows no longer matched its rows.
     ids = _ids(10)
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, ids)
+    write_ids_csv(inp, ids)
     with FakeThumbnailHost(max_lifetime=120) as fast:
         args = _args(fast, inp, out, "--processes", "1", "--shard-size", "4", "--requests-per-second", "0")
         assert main(args) == 0
@@ -192,7 +167,7 @@ def test_a_second_build_on_a_running_output_is_refused(tmp_path, host):
     # command in two terminals) both downloaded the same shards, doubling the load on the host,
     # and each deleted the other's temporary files.
     inp, out, log = tmp_path / "in.csv", tmp_path / "out", tmp_path / "build.log"
-    _write_input(inp, _ids(16))
+    write_ids_csv(inp, _ids(16))
     first = _start(host, inp, out, log)
     try:
         deadline = time.monotonic() + 120

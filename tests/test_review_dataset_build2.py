@@ -9,6 +9,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from small_builds import build_args, write_ids_csv
 
 from dataset_tools import plan as plan_mod
 from dataset_tools import shards
@@ -16,32 +17,8 @@ from dataset_tools.cli import main
 from dataset_tools.fake_host import FakeThumbnailHost
 
 
-def _write_input(path, ids):
-    path.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))
-
-
 def _args(host, inp, out, shard_size):
-    return [
-        "build",
-        "--input",
-        str(inp),
-        "--output",
-        str(out),
-        "--url-template",
-        host.url_template,
-        "--variants",
-        "mqdefault",
-        "--shard-size",
-        str(shard_size),
-        "--processes",
-        "1",
-        "--threads",
-        "2",
-        "--requests-per-second",
-        "0",
-        "--image-size",
-        "32",
-    ]
+    return build_args(host.url_template, inp, out, "--image-size", "32", shard_size=shard_size)
 
 
 def _forget_recorded_shard_size(out):
@@ -57,11 +34,11 @@ def test_resume_with_another_shard_size_keeps_the_planned_one(tmp_path, capsys):
     # videos in shards of the new size, with keys one digit wider than the old ones, silently.
     ids = [f"vid{i:08d}" for i in range(10)]
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, ids)
+    write_ids_csv(inp, ids)
     with FakeThumbnailHost(max_lifetime=120) as host:
         assert main(_args(host, inp, out, 4)) == 0
         ids += [f"new{i:08d}" for i in range(6)]
-        _write_input(inp, ids)
+        write_ids_csv(inp, ids)
         capsys.readouterr()
         assert main(_args(host, inp, out, 20)) == 0
     assert "--shard-size 20 ignored: this output was planned with --shard-size 4" in capsys.readouterr().out
@@ -122,7 +99,7 @@ def test_build_into_a_folder_of_shards_without_a_plan_is_refused(tmp_path):
     inp, out = tmp_path / "in.csv", tmp_path / "out"
     _write_foreign_shard(out, ["old00000000", "old00000001", "old00000002"])
     before = sorted(os.listdir(out))
-    _write_input(inp, ["new00000000", "new00000001", "new00000002"])
+    write_ids_csv(inp, ["new00000000", "new00000001", "new00000002"])
     with FakeThumbnailHost(max_lifetime=60) as host:
         with pytest.raises(SystemExit, match=r"holds shards \(00000\.parquet, 3 files\) but no _build/plan"):
             main(_args(host, inp, out, 4))

@@ -7,37 +7,14 @@ import json
 import os
 
 import pytest
+from small_builds import build_args, write_ids_csv
 
 from dataset_tools.cli import main
 from dataset_tools.fake_host import FakeThumbnailHost
 
 
-def _write_input(path, ids):
-    path.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))
-
-
 def _args(url_template, inp, out):
-    return [
-        "build",
-        "--input",
-        str(inp),
-        "--output",
-        str(out),
-        "--url-template",
-        url_template,
-        "--variants",
-        "mqdefault",
-        "--shard-size",
-        "4",
-        "--processes",
-        "1",
-        "--threads",
-        "2",
-        "--requests-per-second",
-        "0",
-        "--image-size",
-        "32",
-    ]
+    return build_args(url_template, inp, out, "--image-size", "32")
 
 
 def test_a_build_removes_the_temporary_files_a_killed_build_left_in_build_dir(tmp_path):
@@ -46,7 +23,7 @@ def test_a_build_removes_the_temporary_files_a_killed_build_left_in_build_dir(tm
     # top-level *.tmp were cleaned at the next start.
     ids = [f"vid{i:08d}" for i in range(3)]
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, ids)
+    write_ids_csv(inp, ids)
     build_dir = out / "_build"
     build_dir.mkdir(parents=True)
     stale = [
@@ -73,7 +50,7 @@ def test_a_build_removes_the_temporary_files_a_killed_build_left_in_build_dir(tm
 def test_an_output_that_is_a_file_is_one_line(tmp_path, inside):
     # `--output in.csv` (or a path under a file) was a NotADirectoryError traceback out of the lock.
     inp = tmp_path / "in.csv"
-    _write_input(inp, ["vid00000000"])
+    write_ids_csv(inp, ["vid00000000"])
     out = inp / "shards" if inside else inp
     with pytest.raises(SystemExit) as exc:
         main(_args("http://127.0.0.1:9/vi/{video_id}/{variant}.jpg", inp, out))

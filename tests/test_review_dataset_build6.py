@@ -10,37 +10,15 @@ import tarfile
 
 import pyarrow.parquet as pq
 from PIL import Image
+from small_builds import build_args, write_ids_csv
 
 from dataset_tools import plan as plan_mod
 from dataset_tools.cli import main
 from dataset_tools.fake_host import FakeThumbnailHost
 
 
-def _write_input(path, ids):
-    path.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))
-
-
 def _args(host, inp, out, *extra):
-    return [
-        "build",
-        "--input",
-        str(inp),
-        "--output",
-        str(out),
-        "--url-template",
-        host.url_template,
-        "--variants",
-        "mqdefault",
-        "--shard-size",
-        "4",
-        "--processes",
-        "1",
-        "--threads",
-        "2",
-        "--requests-per-second",
-        "0",
-        *extra,
-    ]
+    return build_args(host.url_template, inp, out, *extra)
 
 
 def _image_sizes(out):
@@ -57,7 +35,7 @@ def _image_sizes(out):
 def test_build_keeps_the_users_tmp_files_and_removes_its_own(tmp_path):
     # Every *.tmp of --output was removed at the build's start: the user's notes too.
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, [f"vid{i:08d}" for i in range(3)])
+    write_ids_csv(inp, [f"vid{i:08d}" for i in range(3)])
     out.mkdir()
     (out / "my-notes.tmp").write_text("mine")
     (out / "00007.tmp").write_text("mine too")
@@ -77,12 +55,12 @@ def test_resume_with_other_image_options_keeps_the_planned_ones(tmp_path, capsys
     # A --retry-failed with another --image-size wrote 114-px images beside the 57-px ones.
     ids = [f"vid{i:08d}" for i in range(3)]
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, ids)
+    write_ids_csv(inp, ids)
     with FakeThumbnailHost(max_lifetime=120) as host:
         assert main(_args(host, inp, out, "--image-size", "32")) == 0
         sizes = _image_sizes(out)
         assert len(sizes) == 1 and min(next(iter(sizes))) == 32  # keep_ratio: the short side
-        _write_input(inp, ids + [f"new{i:08d}" for i in range(3)])
+        write_ids_csv(inp, ids + [f"new{i:08d}" for i in range(3)])
         capsys.readouterr()
         changed = ["--image-size", "64", "--encode-quality", "50", "--crop-letterbox", "--retry-failed"]
         assert main(_args(host, inp, out, *changed)) == 0
@@ -98,13 +76,13 @@ def test_resume_with_other_image_options_keeps_the_planned_ones(tmp_path, capsys
 def test_plan_without_recorded_image_options_still_resumes(tmp_path, capsys):
     ids = [f"vid{i:08d}" for i in range(3)]
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, ids)
+    write_ids_csv(inp, ids)
     with FakeThumbnailHost(max_lifetime=120) as host:
         assert main(_args(host, inp, out, "--image-size", "32")) == 0
         path = plan_mod.plan_path(str(out))  # as a build from before this change saved it
         pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
         assert plan_mod.planned_image_options(str(out)) is None
-        _write_input(inp, ids + ["new00000000"])
+        write_ids_csv(inp, ids + ["new00000000"])
         assert main(_args(host, inp, out, "--image-size", "32")) == 0
     assert "image options kept" not in capsys.readouterr().out
     assert plan_mod.planned_image_options(str(out))["image_size"] == 32  # recorded from now on

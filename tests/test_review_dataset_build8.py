@@ -10,6 +10,7 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
+from small_builds import build_args, write_ids_csv
 
 from dataset_tools import shards
 from dataset_tools.cli import main
@@ -18,35 +19,8 @@ from dataset_tools.fake_host import FakeThumbnailHost
 GONE = ["gonegonego1", "gonegonego2"]
 
 
-def _write_input(path, ids):
-    path.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))
-
-
 def _build(host, inp, out, *extra, shard_size=4):
-    return main(
-        [
-            "build",
-            "--input",
-            str(inp),
-            "--output",
-            str(out),
-            "--url-template",
-            host.url_template,
-            "--variants",
-            "mqdefault",
-            "--shard-size",
-            str(shard_size),
-            "--processes",
-            "1",
-            "--threads",
-            "2",
-            "--requests-per-second",
-            "0",
-            "--retries",
-            "0",
-            *extra,
-        ]
-    )
+    return main(build_args(host.url_template, inp, out, "--retries", "0", *extra, shard_size=shard_size))
 
 
 def _rows_by_id(out, name="00000"):
@@ -66,7 +40,7 @@ def test_max_attempts_stops_retrying_rows_downloaded_that_often(tmp_path, capsys
     stay), counted in the summary as retries_exhausted beside the failures, and said; rows
     downloaded fewer times are retried under the same cap."""
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, ["okokokokok1", *GONE, "okokokokok2"])
+    write_ids_csv(inp, ["okokokokok1", *GONE, "okokokokok2"])
     with FakeThumbnailHost(dict.fromkeys(GONE, "missing"), max_lifetime=120) as host:
         assert _build(host, inp, out) == 0
         host.behaviours["gonegonego1"] = "ok"  # would succeed now: a retry would show
@@ -99,7 +73,7 @@ def test_bad_max_attempts_is_one_line_before_anything_is_written(tmp_path, extra
     """--max-attempts below 1, or without --retry-failed (where it would be ignored), is refused
     with one line before the output folder is made."""
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, ["okokokokok1"])
+    write_ids_csv(inp, ["okokokokok1"])
     with FakeThumbnailHost({}, max_lifetime=60) as host, pytest.raises(SystemExit) as refused:
         _build(host, inp, out, *extra)
     assert str(refused.value).startswith(expected) and "\n" not in str(refused.value)
@@ -122,7 +96,7 @@ def test_damaged_shard_does_not_stop_the_merge_of_the_others(tmp_path, capsys):
     exits 2 with one stderr line naming the shard's tar and what to do (the refusal stopped the
     whole build: no later merge, no summary)."""
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, ["okokokokok1", "gonegonego1", "okokokokok2", "gonegonego2"])
+    write_ids_csv(inp, ["okokokokok1", "gonegonego1", "okokokokok2", "gonegonego2"])
     with FakeThumbnailHost(dict.fromkeys(GONE, "missing"), max_lifetime=120) as host:
         assert _build(host, inp, out, shard_size=2) == 0
         _cut_last_sample(out / "00000.tar")

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+from small_builds import build_args
 
 from dataset_tools import fetch
 from dataset_tools.cli import main
@@ -58,32 +59,7 @@ def test_a_stale_corrupt_or_absurd_cool_down_file_never_stops_or_stalls_a_build(
 
 
 def _build(host, inp, out, *extra):
-    return main(
-        [
-            "build",
-            "--input",
-            str(inp),
-            "--output",
-            str(out),
-            "--url-template",
-            host.url_template,
-            "--variants",
-            "mqdefault",
-            "--shard-size",
-            "4",
-            "--processes",
-            "1",
-            "--threads",
-            "2",
-            "--requests-per-second",
-            "0",
-            "--retries",
-            "0",
-            "--backoff-max",
-            "30",
-            *extra,
-        ]
-    )
+    return main(build_args(host.url_template, inp, out, "--retries", "0", "--backoff-max", "30", *extra))
 
 
 def test_a_restarted_build_waits_out_the_retry_after_the_host_gave_the_last_one(tmp_path, capsys):

@@ -10,6 +10,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from small_builds import build_args, write_ids_csv
 
 from dataset_tools import retry, shards
 from dataset_tools.cli import main
@@ -19,35 +20,8 @@ from dataset_tools.inspect_shards import inspect_dir
 IDS = ["okokokokok1", "okokokokok2", "gonegonego1", "flakyflaky1"]
 
 
-def _write_input(path, ids):
-    path.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))
-
-
 def _build(host, inp, out, *extra):
-    return main(
-        [
-            "build",
-            "--input",
-            str(inp),
-            "--output",
-            str(out),
-            "--url-template",
-            host.url_template,
-            "--variants",
-            "mqdefault",
-            "--shard-size",
-            "4",
-            "--processes",
-            "1",
-            "--threads",
-            "2",
-            "--requests-per-second",
-            "0",
-            "--retries",
-            "0",
-            *extra,
-        ]
-    )
+    return main(build_args(host.url_template, inp, out, "--retries", "0", *extra))
 
 
 def _rows_by_id(out):
@@ -59,7 +33,7 @@ def test_attempts_count_every_try_of_a_row(tmp_path):
     the column, reads as 1): a row that fails again and one that succeeds on retry both read 2,
     rows never retried 1; the shard still verifies (tar and parquet agree)."""
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, IDS)
+    write_ids_csv(inp, IDS)
     behaviours = {"gonegonego1": "missing", "flakyflaky1": "missing"}
     with FakeThumbnailHost(behaviours, max_lifetime=120) as host:
         assert _build(host, inp, out) == 0
