@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import textwrap
 import typing
@@ -422,7 +423,29 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
                 raise ConfigError(f"{key} is a section; give its keys, e.g. {key}.<name>: value")
             _apply_mapping(getattr(obj, name), value, f"{key}.")
         else:
-            setattr(obj, name, _coerce(key, tp, value))
+            setattr(obj, name, _expand_home(key, _coerce(key, tp, value)))
+
+
+# Keys that name a local file or folder. No shell expands their `~`: `output_dir=~/runs/a` is one
+# word that bash leaves alone (the `=` is not an assignment's), and a run file has no shell at all.
+HOME_PATH_KEYS = ("output_dir", "model.name_or_path", "train.resume", "train.ds_config")
+SHARD_SPEC_KEYS = ("data.train_shards", "data.val_shards")
+# A `~/` or `~user/` that starts the path, or a shard spec's source (its start or right after
+# `::`). A `~` alone stays as written: YAML's null on the command line, and text a saved config
+# keeps.
+_PATH_HOME = re.compile(r"^~[^/]*(?=/)")
+_SOURCE_HOME = re.compile(r"(?:^|(?<=::))~[^/:]*(?=/)")
+
+
+def _expand_home(key: str, value: Any) -> Any:
+    """A path key's leading `~` (and each shard source's) as the home directory, as the shell does.
+
+    Left as typed, `output_dir: ~/runs/a` trained into a folder named `~` under the working
+    directory without a word (and a later `rm -rf ~` to clean it up removes the home directory);
+    train.resume, train.ds_config and shards under `~` were refused as missing.
+    """
+    home = _PATH_HOME if key in HOME_PATH_KEYS else _SOURCE_HOME if key in SHARD_SPEC_KEYS else None
+    return value if home is None else home.sub(lambda prefix: os.path.expanduser(prefix.group()), value)
 
 
 def _refuse_dotted_run_file_key(section: Any, name: Any, key: str) -> None:
@@ -549,7 +572,9 @@ def shipped_configs() -> list[str]:
 
 
 def resolve_config_path(name_or_path: str) -> str:
-    """A YAML path as given, or the shipped run file of that name (`tiny` or `tiny.yaml`)."""
+    """A YAML path as given (`~` as the home directory), or the shipped run file of that name (`tiny`
+    or `tiny.yaml`)."""
+    name_or_path = os.path.expanduser(name_or_path)  # --config=~/a.yaml: the shell left the ~
     if os.path.isfile(name_or_path):
         return name_or_path
     stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
@@ -1288,6 +1313,15 @@ def _is_config_option(arg: str) -> bool:
     return len(name) >= 3 and "--config".startswith(name)
 
 
+def _is_local_rank_option(arg: str) -> bool:
+    """--local_rank N or --local_rank=N (or --local-rank), which the deepspeed launcher appends.
+
+    train.py accepts it, but here it was refused as "not an option ... (the only options are
+    --config FILE and --local_rank N)": a trainer's command line, copied to check it, failed.
+    """
+    return arg.split("=", 1)[0] in ("--local_rank", "--local-rank")
+
+
 def _take_config_path(argv: list[str]) -> tuple[str | None, list[str]]:
     """The run file and the other arguments, as train.py's argparse reads them: `--config` anywhere
     (`k=v ... --config F` too), as `--config=F` or an abbreviation such as `--conf F`, the last
@@ -1302,6 +1336,10 @@ def _take_config_path(argv: list[str]) -> tuple[str | None, list[str]]:
         arg = argv[i]
         if arg == "--":  # argparse's end of options, dropped as Python 3.11's argparse drops it
             options_end = True
+        elif not options_end and _is_local_rank_option(arg):
+            i += "=" not in arg  # its value too: train.py reads it and sets no config key with it
+            if i >= len(argv):
+                raise SystemExit("config error: --local_rank needs a number")
         elif options_end or not _is_config_option(arg):
             rest.append(arg)
         elif "=" in arg:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -55,34 +56,20 @@ class MetricsWriter:
             self._tb = SummaryWriter(self._tb_dir, purge_step=step + 1)
         if not (self.enabled and os.path.exists(self.path)):
             return 0
-        kept, dropped = [], []
-        with open(self.path, encoding="utf-8", errors=_UNDECODABLE) as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                row = _parse_row(line)
-                good = row is not None and row["step"] <= step
-                if good and eval_owed and row["step"] == step:
-                    good = not any(str(key).startswith("eval/") for key in row)
-                if row is None:  # torn, or JSON that is not a row (5, null, [...])
-                    row = {"torn_line": line.rstrip("\n")}
-                (kept if good else dropped).append(line if good else row)
-        if dropped:
-            with open(
-                os.path.join(os.path.dirname(self.path), "metrics.discarded.jsonl"), "a", encoding="utf-8"
-            ) as fh:
-                for row in dropped:
-                    fh.write(json.dumps(dict(row, discarded_at_resume_from=step), allow_nan=True) + "\n")
+        # Streamed, kept lines to the temporary file and moved ones to metrics.discarded.jsonl: the
+        # kept lines (a 10^6-row file is ~800 MB) and the moved rows (a roll-back to an early
+        # checkpoint) were held in memory, beside the trained model on rank 0.
+        tmp = self.path + ".tmp"
+        discarded_path = os.path.join(os.path.dirname(self.path), "metrics.discarded.jsonl")
+        moved = _split_at_resume(self.path, tmp, discarded_path, step, eval_owed)
+        if moved:
             log.warning(
                 "metrics.jsonl: %s moved to metrics.discarded.jsonl (the run resumed from step %d)",
-                _what_moved(dropped, step),
+                _what_moved(moved, step),
                 step,
             )
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8", errors=_UNDECODABLE) as fh:
-            fh.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
         os.replace(tmp, self.path)
-        return len(dropped)
+        return sum(moved.values())
 
     def write(self, step: int, values: dict) -> None:
         """Append one row {"step": step, **values} (numbers as floats) and mirror it to TensorBoard."""
@@ -152,16 +139,64 @@ class IntervalTermMeans:
         }
 
 
-def _what_moved(dropped: list[dict], step: int) -> str:
-    """The warning's account of the moved rows: a torn line at the end of a file that ended at
-    `step` was reported as a row after that step, which the user then looked for in vain."""
-    torn = sum("torn_line" in row for row in dropped)
-    after = sum("torn_line" not in row and row["step"] > step for row in dropped)
-    parts = [f"{after} row(s) after step {step}"] if after else []
-    if len(dropped) - torn - after:  # rows at `step`: eval_owed's eval rows only
-        parts.append(f"{len(dropped) - torn - after} eval row(s) of step {step}, which runs again")
-    if torn:
-        parts.append(f"{torn} torn line(s) (a kill mid-write, or not a JSON row)")
+def _split_at_resume(path: str, kept_path: str, discarded_path: str, step: int, eval_owed: bool):
+    """Copy the lines `truncate_after` keeps to `kept_path`, append the moved ones to
+    `discarded_path` (created only when something moves); returns the `_why_moved` counts."""
+    moved: collections.Counter = collections.Counter()
+    discarded = None
+    try:
+        with (
+            open(path, encoding="utf-8", errors=_UNDECODABLE) as fh,
+            open(kept_path, "w", encoding="utf-8", errors=_UNDECODABLE) as out,
+        ):
+            for line in fh:
+                row = _moved_at_resume(line, step, eval_owed)
+                if row is None:
+                    if line.strip():
+                        out.write(line if line.endswith("\n") else line + "\n")
+                    continue
+                if discarded is None:
+                    discarded = open(discarded_path, "a", encoding="utf-8")
+                row = dict(row, discarded_at_resume_from=step)
+                discarded.write(json.dumps(row, allow_nan=True) + "\n")
+                moved[_why_moved(row, step)] += 1
+    finally:
+        if discarded is not None:
+            discarded.close()
+    return moved
+
+
+def _moved_at_resume(line: str, step: int, eval_owed: bool) -> dict | None:
+    """What `truncate_after` moves out for `line` (the row, or {"torn_line": ...}); None for a line
+    it keeps, and for a blank one (not moved, and left out of the rewrite)."""
+    if not line.strip():
+        return None
+    row = _parse_row(line)
+    if row is None:  # torn, or JSON that is not a row (5, null, [...])
+        return {"torn_line": line.rstrip("\n")}
+    if row["step"] > step:
+        return row
+    if eval_owed and row["step"] == step and any(str(key).startswith("eval/") for key in row):
+        return row
+    return None
+
+
+def _why_moved(row: dict, step: int) -> str:
+    """ "torn", "after" (a row past `step`) or "eval" (eval_owed's eval row at `step`)."""
+    if "torn_line" in row:
+        return "torn"
+    return "after" if row["step"] > step else "eval"
+
+
+def _what_moved(moved: collections.Counter, step: int) -> str:
+    """The warning's account of the moved rows (`_why_moved` counts): a torn line at the end of a
+    file that ended at `step` was reported as a row after that step, which the user then looked for
+    in vain."""
+    parts = [f"{moved['after']} row(s) after step {step}"] if moved["after"] else []
+    if moved["eval"]:
+        parts.append(f"{moved['eval']} eval row(s) of step {step}, which runs again")
+    if moved["torn"]:
+        parts.append(f"{moved['torn']} torn line(s) (a kill mid-write, or not a JSON row)")
     return ", ".join(parts)
 
 
@@ -178,11 +213,19 @@ def _as_json_value(value):
 def read_metrics(run_dir: str) -> list[dict]:
     """Rows of RUN/metrics.jsonl: JSON objects with a step. A line torn by a kill mid-write, or
     JSON that is not a row (``5``, ``null``, a list: a hand-edited file), is left out with one
-    warning that counts them, as ``truncate_after`` treats them; callers read ``row["step"]``."""
+    warning that counts them, as ``truncate_after`` treats them; callers read ``row["step"]``.
+    Holds every row: a reader that needs a few keys iterates ``iter_metrics`` instead."""
+    return list(iter_metrics(run_dir))
+
+
+def iter_metrics(run_dir: str):
+    """The rows of ``read_metrics`` one at a time, with its warning once the file is read. All rows
+    of a long run at once (10^6 rows: ~3 GB of dicts) were held by curves.png and the final-eval
+    lookup at the end of the run, on rank 0 beside the model."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        return []
-    rows, skipped = [], 0
+        return
+    skipped = 0
     with open(path, encoding="utf-8", errors=_UNDECODABLE) as fh:
         for line in fh:
             if not line.strip():
@@ -191,12 +234,11 @@ def read_metrics(run_dir: str) -> list[dict]:
             if row is None:
                 skipped += 1
             else:
-                rows.append(row)
+                yield row
     if skipped:
         log.warning(
             "%s: %d line(s) skipped (torn by a kill, or not a JSON object with a step)", path, skipped
         )
-    return rows
 
 
 def _parse_row(line: str) -> dict | None:
@@ -227,7 +269,7 @@ def logged_eval(run_dir: str, step: int) -> dict:
     """The eval metrics RUN/metrics.jsonl holds for `step` ({} if none): what a finished run's
     final eval returned, for a rerun that finds nothing left to train."""
     found: dict = {}
-    for row in read_metrics(run_dir):
+    for row in iter_metrics(run_dir):
         if row["step"] == step:
             found.update({k: v for k, v in row.items() if k.startswith("eval/")})
     return found

@@ -7,7 +7,7 @@ import math
 import numbers
 import os
 
-from vutrain.metrics import read_metrics
+from vutrain.metrics import iter_metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,33 @@ def _curve(rows: list[dict], key: str, unusable: list[int]) -> list[tuple[int, f
     and a finite point between two NaNs, drawn as a segment of length zero, did not show."""
     points = []
     for row in rows:
-        if key not in row:
-            continue
-        value = _as_number(row[key])
-        if value is None:
-            unusable[0] += 1
-        elif math.isfinite(value):
-            points.append((row["step"], value))
+        _add_point(points, row, key, unusable)
     return points
+
+
+def _add_point(points: list[tuple[int, float]], row: dict, key: str, unusable: list[int]) -> None:
+    """Append `row`'s (step, value) of `key` to `points` as `_curve` takes it."""
+    if key not in row:
+        return
+    value = _as_number(row[key])
+    if value is None:
+        unusable[0] += 1
+    elif math.isfinite(value):
+        points.append((row["step"], value))
+
+
+def _read_curves(run_dir: str, unusable: list[int]) -> tuple[list[tuple[int, float]], list[dict], bool]:
+    """The loss points, the eval rows (their eval keys only) and whether any row was read, in one
+    pass that keeps nothing else: every row of a long run's metrics.jsonl held at once (10^6 rows,
+    ~3 GB) was read at the end of the run, on rank 0 beside the model."""
+    loss, evals, any_row = [], [], False
+    for row in iter_metrics(run_dir):
+        any_row = True
+        _add_point(loss, row, "train/loss", unusable)
+        eval_keys = {key: value for key, value in row.items() if key.startswith("eval/")}
+        if eval_keys:
+            evals.append(dict(eval_keys, step=row["step"]))
+    return loss, evals, any_row
 
 
 def _draw(axis, points: list[tuple[int, float]], **style) -> None:
@@ -70,20 +89,18 @@ def _draw(axis, points: list[tuple[int, float]], **style) -> None:
 
 def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     """Plot the loss and eval curves to ``run_dir/out_name``; returns its path (None without metrics)."""
-    rows = read_metrics(run_dir)
-    if not rows:
+    unusable = [0]
+    loss, evals, any_row = _read_curves(run_dir, unusable)
+    if not any_row:
         return None
     # A Figure of its own, not pyplot's: `matplotlib.use("Agg")` switched the backend of the
     # process, and a notebook or script that trained and then plotted lost its own backend
     # (inline plots stopped showing). A bare Figure draws with Agg and touches no global state.
     from matplotlib.figure import Figure
 
-    train = [r for r in rows if "train/loss" in r]
-    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
-    unusable = [0]
-    _draw(axes[0], _curve(train, "train/loss", unusable), lw=1)
+    _draw(axes[0], loss, lw=1)
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
     for key in _eval_curve_keys(evals):
         _draw(axes[1], _curve(evals, key, unusable), marker="o", label=key.split("/", 1)[1])
@@ -94,7 +111,9 @@ def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
         path = os.path.join(run_dir, "metrics.jsonl")
         log.warning("%s: %d value(s) that are no number left out of %s", path, unusable[0], out_name)
     axes[1].set(title="evaluation", xlabel="step", ylim=(0, 1))
-    if evals:
+    # Eval rows with no curve to draw (only counts, or every score NaN) made matplotlib warn "No
+    # artists with labels found to put in legend" at the end of the run, a warning that named nothing.
+    if axes[1].get_legend_handles_labels()[0]:
         axes[1].legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(run_dir, out_name)

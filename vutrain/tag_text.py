@@ -7,6 +7,7 @@ stripped while training came to apply Unicode normalisation and collapse inner w
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 
@@ -51,9 +52,23 @@ def normalize_tag(tag: str) -> str:
     The form is also the text of the tag's prompts, so it stays readable: a word-final Greek
     sigma stays "ς" (case folding writes "σ", a spelling Greek text never has; lower-casing
     already makes "ΟΔΟΣ" and "οδος" one tag)."""
-    text = unicodedata.normalize("NFKC", tag).lower()
+    text = unicodedata.normalize("NFKC", without_lone_surrogates(tag)).lower()
     folded = "".join(c if c == _FINAL_SIGMA else c.casefold() for c in text)
     return " ".join(unicodedata.normalize("NFKC", folded).split())  # folding may un-normalise
 
 
 _FINAL_SIGMA = "\u03c2"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def without_lone_surrogates(text: str) -> str:
+    """``text`` with each lone UTF-16 surrogate as U+FFFD (the form `dataset_tools` writes), a
+    surrogate pair as the character it encodes; other text is returned as is.
+
+    JSON may escape half of an emoji (``"\\ud83d"``: a title cut mid-emoji in UTF-16, as the YouTube
+    API and img2dataset's ``json.dumps`` leave it), and ``json.loads`` keeps it as a code point that
+    no UTF-8 text holds: the tokenizer, its training and a tag's id hash all failed on it with a
+    traceback, one such title stopping the whole run."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")

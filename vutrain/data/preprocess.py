@@ -13,7 +13,8 @@ Two implementations of that one geometry:
 - :class:`ClipPreprocess` (``make_preprocess``): PIL image -> normalised float [3, S, S], the
   processor's exact semantics (eval, export, ``data.fast_preprocess=false``).
 - :class:`ClipCropUint8` (``make_fast_preprocess``): encoded bytes -> uint8 [3, S, S], for the
-  training workers. A JPEG at least twice the target is decoded DCT-scaled (``Image.draft``), and
+  training workers. A JPEG at least twice the target is decoded DCT-scaled (``Image.draft``; not for
+  a nearest or box resample, see ``_DRAFT_FILTERS``), and
   the one resize is torch's antialiased bicubic on uint8 (PIL's filter: within 1 grey level of
   ``Image.resize``, about 3x faster). Rescale and normalisation run later on the device
   (``device_transform.py``), where they cost nothing.
@@ -147,6 +148,20 @@ antialiased bicubic then still shapes the result. Decoding straight to the targe
 JPEG's box-like DCT scaling as the only filter (measured on thumbnail-like JPEGs: 99th percentile
 25-36 grey levels off the processor; with the margin: 3-5)."""
 
+_DRAFT_FILTERS = frozenset(
+    int(f)
+    for f in (
+        Image.Resampling.BICUBIC,
+        Image.Resampling.BILINEAR,
+        Image.Resampling.LANCZOS,
+        Image.Resampling.HAMMING,
+    )
+)
+"""Resample filters after which a DCT-scaled decode stays within the fast path's tolerance. Nearest
+picks single source pixels and box averages whole ones: from a DCT-halved image they pick and
+average other pixels than the processor (measured on thumbnail-like JPEGs at 32 px: nearest mean
+3-4, p99 35-48, box p99 12-21 grey levels off), so those JPEGs decode in full."""
+
 _TORCH_FILTERS = {int(Image.Resampling.BICUBIC): "bicubic", int(Image.Resampling.BILINEAR): "bilinear"}
 
 
@@ -170,10 +185,12 @@ class ClipCropUint8:
         """Decode (JPEG draft mode where possible), resize and centre-crop one encoded image to uint8."""
         size = jpeg_size(data)
         target = resized_geometry(*size, self.resize) if size else None
-        draft_to = tuple(math.ceil(v * DRAFT_MARGIN) for v in target) if target else None
+        draft_to = None
+        if target and self.resample in _DRAFT_FILTERS:
+            draft_to = tuple(math.ceil(v * DRAFT_MARGIN) for v in target)
         array = decode_image_array(data, draft_to)
         h, w = array.shape[:2]
-        scale = draft_scale(size, draft_to) if size else 1
+        scale = draft_scale(size, draft_to) if draft_to else 1
         if target is None or (w, h) != (-(-size[0] // scale), -(-size[1] // scale)):
             # not a JPEG (PNG, WebP), or a frame header that disagrees with the decoded pixels:
             # the geometry of the decoded image

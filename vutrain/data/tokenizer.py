@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from vutrain.config import MIN_VOCAB_SIZE
+from vutrain.tag_text import without_lone_surrogates
 
 from .captions import caption_text, template_fields
 from .labels import tag_values
@@ -115,6 +116,8 @@ class _Counted:
 
     def __iter__(self) -> Iterator[str]:
         for text in self.texts:
+            if isinstance(text, str):
+                text = without_lone_surrogates(text)  # as tokenize_batch will encode it
             self.count += isinstance(text, str) and bool(text.strip())
             yield text
 
@@ -229,7 +232,9 @@ def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> dict[str, to
     Padded with eos on the right; truncated texts still end with eos (CLIP pools at the eos position).
     """
     enc = tokenizer(
-        list(texts),
+        # A lone surrogate (half an emoji a JSON escape kept) is a TypeError in the Rust tokenizer:
+        # one such title in a batch stopped the loader worker, and with it the run.
+        [without_lone_surrogates(t) for t in texts],
         padding="max_length",
         # Whatever the tokenizer's saved padding_side: HF CLIP pools at the first eos (or the largest
         # id), which left padding with eos puts before the text, so every padded caption was pooled
