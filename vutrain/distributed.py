@@ -32,6 +32,7 @@ import random
 import re
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
@@ -424,8 +425,35 @@ def deepspeed_env(info: DistInfo) -> dict[str, str]:
     }
 
 
-def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
-    """Start the process group (always, even for one process: DeepSpeed expects one)."""
+GROUP_TIMEOUT_ENV = "VUTRAIN_DIST_TIMEOUT_MIN"
+GROUP_TIMEOUT_MIN = 30.0
+
+
+def group_timeout_minutes(env=None) -> float:
+    """The process group's timeout in minutes: VUTRAIN_DIST_TIMEOUT_MIN, else 30.
+
+    It bounds the rendezvous wait and every collective, so a rank that legitimately works alone for
+    longer (a first eval reading a large val set from a slow file system) needs it raised, and a
+    user debugging a start-up that never meets wants it lowered; it was fixed at 30 minutes."""
+    env = os.environ if env is None else env
+    value = env.get(GROUP_TIMEOUT_ENV, "").strip()
+    if not value:
+        return GROUP_TIMEOUT_MIN
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = float("nan")
+    if not 0 < minutes < float("inf"):
+        raise RendezvousError(
+            f"{GROUP_TIMEOUT_ENV}={value!r} is not a positive number of minutes: export e.g. "
+            f"{GROUP_TIMEOUT_ENV}=60, or unset it for {GROUP_TIMEOUT_MIN:.0f}"
+        )
+    return minutes
+
+
+def init_distributed(info: DistInfo, timeout_minutes: float | None = None) -> None:
+    """Start the process group (always, even for one process: DeepSpeed expects one). Without
+    `timeout_minutes`, the group's timeout is `group_timeout_minutes()`."""
     if not dist.is_initialized():
         check_rendezvous_host(info)
     os.environ.update(deepspeed_env(info))
@@ -433,7 +461,8 @@ def init_distributed(info: DistInfo, timeout_minutes: int = 30) -> None:
         # Before the group exists: NCCL and object collectives use the current device.
         torch.cuda.set_device(torch.device(info.device))
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=timeout_minutes)
+        minutes = group_timeout_minutes() if timeout_minutes is None else timeout_minutes
+        timeout = datetime.timedelta(minutes=minutes)
         store = rendezvous_store(info, timeout)
         if store is not None:
             agree_on_world_size(store, info, timeout.total_seconds())
@@ -495,16 +524,70 @@ def rendezvous_store(info: DistInfo, timeout: datetime.timedelta):
     own rendezvous already agreed on."""
     if info.world_size == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return None
+    if info.rank != 0:
+        return _join_store(info, timeout.total_seconds())
     return dist.TCPStore(
         host_name=info.master_addr,
         port=info.master_port,
         world_size=info.world_size,
-        is_master=info.rank == 0,
+        is_master=True,
         timeout=timeout,
         wait_for_workers=False,
         multi_tenant=True,  # as torch's own: a process that trains twice reuses the server
         use_libuv=os.environ.get("USE_LIBUV", "1") == "1",
     )
+
+
+STORE_ANSWER_S = 60.0
+"""How long a rank waits for the program listening at the rendezvous to answer as a store. Rank 0's
+store answers within milliseconds (its server runs on its own thread); anything else that holds the
+port (rank 0 then stopped with EADDRINUSE) accepts the connection and never answers, and torch's
+client waited for that answer forever, whatever its timeout."""
+
+
+def _join_store(info: DistInfo, timeout_s: float, answer_s: float | None = None):
+    """A client of rank 0's rendezvous store: waits up to `timeout_s` for rank 0 to listen, then at
+    most `answer_s` (STORE_ANSWER_S) for it to answer; RendezvousError when either does not come."""
+    answer_s = STORE_ANSWER_S if answer_s is None else answer_s
+    deadline = time.monotonic() + timeout_s
+    # Probed with a plain socket first: torch's client logs every failed connection attempt with a
+    # C++ stack trace while rank 0 is still starting.
+    if not _listening(info.master_addr, info.master_port, deadline):
+        raise RendezvousError(
+            f"rank {info.rank} (world size {info.world_size}) found nothing listening at "
+            f"{info.master_addr}:{info.master_port} within {timeout_s:.0f} s: check that rank 0 started "
+            "and that MASTER_ADDR / MASTER_PORT name its host and port"
+        )
+    made: dict = {}
+
+    def connect() -> None:
+        try:
+            made["store"] = dist.TCPStore(
+                host_name=info.master_addr,
+                port=info.master_port,
+                world_size=info.world_size,
+                is_master=False,
+                timeout=datetime.timedelta(seconds=max(1.0, deadline - time.monotonic())),
+                wait_for_workers=False,
+                use_libuv=os.environ.get("USE_LIBUV", "1") == "1",
+            )
+        except BaseException as exc:  # handed to the caller's thread
+            made["error"] = exc
+
+    # A daemon thread: a client stuck on a program that never answers must not keep the process up.
+    thread = threading.Thread(target=connect, name="rendezvous-connect", daemon=True)
+    thread.start()
+    thread.join(answer_s)
+    if "error" in made:
+        raise made["error"]
+    if "store" not in made:
+        raise RendezvousError(
+            f"something at {info.master_addr}:{info.master_port} accepts connections but did not answer "
+            f"as rank 0's rendezvous store within {answer_s:.0f} s: another program holds port "
+            f"{info.master_port} on rank 0's host (rank 0 then stops with EADDRINUSE); set MASTER_PORT to "
+            "a free port, the same on every rank"
+        )
+    return made["store"]
 
 
 def agree_on_world_size(store, info: DistInfo, timeout_s: float) -> None:
@@ -645,19 +728,11 @@ def _serve_early_verdict(info: DistInfo, verdict: str, wait_s: float) -> None:
 
 def _post_early_failure(info: DistInfo, told: str, wait_s: float) -> bool:
     deadline = time.monotonic() + wait_s
-    # Probed with a plain socket first: torch's client logs every failed connection attempt with a
-    # C++ stack trace, which buried the rank's one-line error when rank 0 never came.
-    if not _listening(info.master_addr, info.master_port, deadline):
-        return False
-    store = dist.TCPStore(
-        host_name=info.master_addr,
-        port=info.master_port,
-        world_size=info.world_size,
-        is_master=False,
-        timeout=datetime.timedelta(seconds=max(1.0, deadline - time.monotonic())),
-        wait_for_workers=False,
-        use_libuv=os.environ.get("USE_LIBUV", "1") == "1",
-    )
+    # _join_store probes with a plain socket first: torch's client logs every failed connection
+    # attempt with a C++ stack trace, which buried the rank's one-line error when rank 0 never came.
+    # Its bounded wait for an answer matters here too: a port held by another program kept this
+    # rank, whose own error was already printed, from ever exiting.
+    store = _join_store(info, wait_s, answer_s=min(STORE_ANSWER_S, wait_s))
     store.compare_set(_FAILED_KEY, "", told)
     store.compare_set(_FAILED_WORLD_KEY, "", str(info.world_size))
     try:
