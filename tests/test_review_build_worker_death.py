@@ -9,7 +9,8 @@ import os
 import signal
 import time
 
-from test_review_build_resume import _args, _assert_every_row_once, _ids, _start, _write_input
+from small_builds import write_ids_csv
+from test_review_build_resume import _args, _assert_every_row_once, _ids, _start
 
 from dataset_tools.cli import main
 from dataset_tools.fake_host import FakeThumbnailHost
@@ -53,7 +54,7 @@ def test_a_killed_download_worker_ends_the_build_with_a_resume_line(tmp_path):
     # img2dataset's Pool.imap_unordered never got the killed worker's shard back: the build
     # finished the other shard and then waited forever, with no message, until the job's limit.
     inp, out, log = tmp_path / "in.csv", tmp_path / "out", tmp_path / "build.log"
-    _write_input(inp, _ids())
+    write_ids_csv(inp, _ids())
     with FakeThumbnailHost(latency=0.1, max_lifetime=300) as host:
         proc = _start(host, inp, out, log, *SLOW)
         try:

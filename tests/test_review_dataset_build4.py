@@ -12,9 +12,9 @@ import sys
 import textwrap
 
 import pytest
+from small_builds import write_ids_csv
 from test_faults_dataset_tools import _shard
 from test_review_dataset_build3 import _args as _build_args
-from test_review_dataset_build3 import _write_input
 
 from dataset_tools import shards, split
 from dataset_tools.cli import main
@@ -26,7 +26,7 @@ def test_a_plan_that_does_not_read_stops_the_build_in_one_line(tmp_path):
     # pyarrow ArrowInvalid traceback, after the build had already rewritten rejected_input.jsonl.
     ids = [f"vid{i:08d}" for i in range(6)]
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, ids)
+    write_ids_csv(inp, ids)
     with FakeThumbnailHost(max_lifetime=120) as host:
         assert main(_build_args(host.url_template, inp, out)) == 0
         plan = out / "_build" / "plan.parquet"

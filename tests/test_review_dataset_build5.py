@@ -10,8 +10,8 @@ import io
 import json
 import tarfile
 
+from small_builds import write_ids_csv
 from test_review_dataset_build3 import _args as _build_args
-from test_review_dataset_build3 import _write_input
 
 from dataset_tools import shards
 from dataset_tools.cli import main
@@ -22,7 +22,7 @@ from vutrain.data.samples import iter_raw_samples
 def test_build_redoes_a_shard_whose_stats_file_is_not_a_build_stats_file(tmp_path, capsys):
     ids = [f"vid{i:08d}" for i in range(6)]
     inp, out = tmp_path / "in.csv", tmp_path / "out"
-    _write_input(inp, ids)
+    write_ids_csv(inp, ids)
     with FakeThumbnailHost(max_lifetime=120) as host:
         assert main(_build_args(host.url_template, inp, out)) == 0
         good = {name: json.loads((out / f"{name}_stats.json").read_text()) for name in ("00000", "00001")}
