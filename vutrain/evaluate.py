@@ -621,7 +621,11 @@ class Evaluator:
         )
         # Undecodable validation samples were only logged (three per reason and rank), so a
         # held-out set that lost a share of its images reported metrics over the rest unnoticed.
-        skipped = torch.tensor([sum(batches.skipped().values())], dtype=torch.long, device=self.device)
+        from vutrain.data.samples import lost_and_ignored
+
+        # Lost samples only: a member dropped beside a sample that is evaluated is not a lost sample.
+        lost, _ = lost_and_ignored(batches.skipped())
+        skipped = torch.tensor([lost], dtype=torch.long, device=self.device)
         all_reduce(skipped)
         metrics["eval/skipped_samples"] = float(skipped.item())
         if metrics["eval/num_samples"] == 0 and self.rank == 0:

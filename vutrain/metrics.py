@@ -41,7 +41,8 @@ class MetricsWriter:
 
         Rows past `step` belong to the segment a crash lost; they move to
         metrics.discarded.jsonl (tagged with the step the run resumed from), and a line torn by a
-        kill mid-write moves there as text. Rewritten through a temporary file and a rename.
+        kill mid-write moves there as text. Rewritten through a temporary file and a rename, under a
+        marker file that lets the next resume settle a kill in between (each row moves out once).
         TensorBoard's events past `step` are hidden the same way (`purge_step`): before, the lost
         segment's curve stayed there beside the resumed run's.
 
@@ -61,6 +62,9 @@ class MetricsWriter:
         # checkpoint) were held in memory, beside the trained model on rank 0.
         tmp = self.path + ".tmp"
         discarded_path = os.path.join(os.path.dirname(self.path), "metrics.discarded.jsonl")
+        marker = self.path + ".resuming"
+        _finish_interrupted_split(marker, tmp, discarded_path)
+        _write_marker(marker, discarded_path)
         moved = _split_at_resume(self.path, tmp, discarded_path, step, eval_owed)
         if moved:
             log.warning(
@@ -69,6 +73,7 @@ class MetricsWriter:
                 step,
             )
         os.replace(tmp, self.path)
+        os.remove(marker)  # only now: the moved rows are in metrics.discarded.jsonl alone
         return sum(moved.values())
 
     def write(self, step: int, values: dict) -> None:
@@ -137,6 +142,40 @@ class IntervalTermMeans:
         self._sums = {
             name: torch.tensor(float(v), dtype=torch.float64, device=device) for name, v in sums.items()
         }
+
+
+def _write_marker(marker: str, discarded_path: str) -> None:
+    """Record the size of metrics.discarded.jsonl before a split appends to it (written through a
+    temporary file and a rename, so a marker that exists is whole)."""
+    size = os.path.getsize(discarded_path) if os.path.exists(discarded_path) else None
+    with open(marker + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump({"discarded_size": size}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(marker + ".tmp", marker)
+
+
+def _finish_interrupted_split(marker: str, tmp: str, discarded_path: str) -> None:
+    """Settle a `truncate_after` that a kill interrupted (its marker is still there).
+
+    Its moved rows were appended to metrics.discarded.jsonl before metrics.jsonl was replaced; a kill
+    in between left them in both, and the next resume appended them a second time. With the rewrite
+    still pending (its temporary file is there), metrics.jsonl is the old one and still holds the
+    rows: the append is cut off, and this resume moves them again. Without it, the rename happened
+    and the rows are in metrics.discarded.jsonl alone: nothing to undo.
+    """
+    if not os.path.exists(marker):
+        return
+    with open(marker, encoding="utf-8") as fh:
+        size = json.load(fh)["discarded_size"]
+    if os.path.exists(tmp) and os.path.exists(discarded_path):
+        if size is None:
+            os.remove(discarded_path)
+        else:
+            with open(discarded_path, "r+b") as fh:
+                fh.truncate(size)
+        log.warning("metrics.discarded.jsonl: rows of a resume killed mid-way removed; they move again")
+    os.remove(marker)
 
 
 def _split_at_resume(path: str, kept_path: str, discarded_path: str, step: int, eval_owed: bool):

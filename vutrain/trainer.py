@@ -761,8 +761,14 @@ class Trainer:
             )
         per_rank = cfg.micro_batch_size * cfg.grad_accum_steps / max(step_time, 1e-9)
         # Every rank logs on the same steps, so this collective matches; on the device for NCCL.
-        skipped = torch.tensor([float(sum(self.stream.skipped().values()))], device=self.device)
+        from vutrain.data.samples import lost_and_ignored  # the data stack loads only when training
+
+        # Lost samples and ignored members apart: a sample that trains without its second image
+        # (`ignored_member`) is not a lost sample.
+        counts = lost_and_ignored(self.stream.skipped())
+        skipped = torch.tensor([float(n) for n in counts], device=self.device)
         all_reduce(skipped)
+        lost, ignored = skipped.tolist()
         row = {
             "train/loss": stats.mean_loss,
             "train/logit_scale": float(self._last_scale) if self._last_scale is not None else float("nan"),
@@ -792,7 +798,8 @@ class Trainer:
                 "train/loss_time": times.loss,
                 "train/backward_time": times.backward,
                 "train/optimizer_time": times.optimizer,
-                "train/skipped_samples": skipped.item(),  # all ranks, since the start of the run
+                "train/skipped_samples": lost,  # all ranks, since the start of the run
+                "train/ignored_members": ignored,
                 "train/epoch": self.stream.epoch,
             }
         )

@@ -564,6 +564,18 @@ def decode_image_array(data: bytes, draft_to: tuple[int, int] | None = None) -> 
         raise SkipSample("undecodable_image", str(e)) from None
 
 
+MEMBER_REASONS = frozenset({"ignored_member"})
+"""Skip reasons that count members, not samples: the sample they belonged to trains without them."""
+
+
+def lost_and_ignored(skipped: dict[str, int]) -> tuple[int, int]:
+    """(samples lost, members ignored) of skip counts by reason (``TrainStream.skipped()``): what
+    ``train/skipped_samples`` and ``train/ignored_members`` report. Summed together, every second
+    image of a sample that trains counted as a lost sample."""
+    ignored = sum(count for reason, count in skipped.items() if reason in MEMBER_REASONS)
+    return sum(skipped.values()) - ignored, ignored
+
+
 class SkipCounter(Counter):
     """Counts skipped samples by reason; logs the first occurrences of each reason.
 
