@@ -422,7 +422,9 @@ def test_compare_stopped_mid_configuration_keeps_its_measured_batch_sizes(tmp_pa
     lost a batch-256 row already measured."""
     out = tmp_path / "compare.json"
     argv = ["--compare", "open_clip", "--preset", "tiny", "--precision", "fp32", "--batch-sizes", "4,512"]
-    argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "40"]
+    # 12 steps: at batch 512 (about 100x the work of batch 4) they outlast the signal's way from
+    # the printed row to the process by far; each step more only lengthens batch 4.
+    argv += ["--zero-stages", "2", "--loss-backends", "torch", "--grad-ckpt", "off", "--steps", "12"]
     argv += ["--warmup", "1", "--pool", "8", "--search", "none"]
     # Batch 4 measured: the signal comes while batch 512 runs.
     rest = _sigterm_after(_start_compare(argv, out), "| vutrain z2 torch | 4 |", timeout=120)
