@@ -337,6 +337,12 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}") from None
         if not as_float.is_integer():
             raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if abs(as_float) >= 2**53:
+            # A float holds about 16 digits: seed=100000000000000001.0 became 100000000000000000.
+            raise ConfigError(
+                f"{key} must be an integer, got {value!r}: beyond 2**53 a number with a decimal point "
+                "or an exponent loses digits; write the integer's digits alone (no .0, no e)"
+            )
         return int(as_float)
     if tp is float:
         if isinstance(value, bool):  # YAML's true: it was the number 1.0
@@ -345,6 +351,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        except OverflowError:  # an integer of 309+ digits: an OverflowError traceback
+            raise ConfigError(f"{key} must be a finite number, got an integer beyond 1.8e308") from None
         if not math.isfinite(number):  # nan passed every range check (nan < 0 is False)
             raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return number
@@ -610,6 +618,7 @@ def _read_run_file(path: str) -> Any:
             if node is None:
                 return {}
             _refuse_duplicate_keys(node, path)
+            _keys_as_written(node)
             _keep_text_of_text_keys(node, RunConfig)
             return loader.construct_document(node) or {}
         finally:
@@ -664,6 +673,27 @@ def _keep_text_of_text_keys(node: Any, cls: type) -> None:
                     value_node.flow_style,
                 )
             node.value[i] = (key_node, _as_text(value_node))
+
+
+def _keys_as_written(node: Any, seen: set | None = None) -> None:
+    """Make every plain mapping key text as written, in place (`<<` merge keys stay merges).
+
+    YAML 1.1 reads a key `no:` as False and `yes:` as True: the unknown-key error named
+    'False' or 'train.True', a key the user never wrote. Every config key is text, so no valid
+    key changes. Runs after _refuse_duplicate_keys (no node holds itself)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias: the same node, already done
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _keys_as_written(item, seen)
+    elif isinstance(node, yaml.MappingNode):
+        for i, (key_node, value_node) in enumerate(node.value):
+            if isinstance(key_node, yaml.ScalarNode) and not key_node.style and key_node.tag != _MERGE_TAG:
+                text = yaml.ScalarNode(_STR_TAG, key_node.value, key_node.start_mark, key_node.end_mark)
+                node.value[i] = (text, value_node)  # `~:` too: 'None' was no key the user wrote
+            _keys_as_written(value_node, seen)
 
 
 def _text_keys_of_merged(node: Any, cls: type) -> Any:
@@ -1322,6 +1352,17 @@ def _is_local_rank_option(arg: str) -> bool:
     return arg.split("=", 1)[0] in ("--local_rank", "--local-rank")
 
 
+def _check_local_rank(value: str) -> None:
+    """SystemExit unless `value` is what train.py's argparse takes as --local_rank (its int()).
+
+    Until 2026-12-07 any word passed: `--local_rank seed=5` dropped seed=5 here as the rank, while
+    train.py refused the command ("invalid int value")."""
+    try:
+        int(value)
+    except ValueError:
+        raise SystemExit(f"config error: --local_rank needs a number, got {value!r}") from None
+
+
 def _take_config_path(argv: list[str]) -> tuple[str | None, list[str]]:
     """The run file and the other arguments, as train.py's argparse reads them: `--config` anywhere
     (`k=v ... --config F` too), as `--config=F` or an abbreviation such as `--conf F`, the last
@@ -1340,6 +1381,7 @@ def _take_config_path(argv: list[str]) -> tuple[str | None, list[str]]:
             i += "=" not in arg  # its value too: train.py reads it and sets no config key with it
             if i >= len(argv):
                 raise SystemExit("config error: --local_rank needs a number")
+            _check_local_rank(arg.split("=", 1)[1] if "=" in arg else argv[i])
         elif options_end or not _is_config_option(arg):
             rest.append(arg)
         elif "=" in arg:
@@ -1371,4 +1413,13 @@ if __name__ == "__main__":
     # vutrain.config) raises: main() let those through as tracebacks. The package's main catches both.
     from vutrain.config import main as package_main
 
-    package_main()
+    try:
+        package_main()
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        # main's own usage errors (`--config` or `--local_rank` without a value, `--get` without a
+        # key) carry their line as the code: Python printed it and exited 1, while every other bad
+        # input of this command exits 2 with its line, as train.py's argparse does.
+        print(exc.code, file=sys.stderr)
+        raise SystemExit(2) from None

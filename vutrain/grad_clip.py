@@ -199,6 +199,9 @@ def zero_nonfinite_at_step(engine) -> bool:
 
 def _zero_grads_if_nonfinite(optimizer, args, kwargs) -> None:
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    # A zero-element parameter's empty gradient has nothing to zero and no max-norm (_foreach_norm
+    # raised "cannot compute the infinity norm on an empty tensor": every ZeRO-0 fp32 step failed).
+    grads = [g for g in grads if g.numel()]
     if not grads:
         return
     with torch.no_grad():
