@@ -34,6 +34,15 @@ find_repo_root() {
     die "cannot find vutrain/train.py (tried VUTRAIN_ROOT='${VUTRAIN_ROOT:-}', the working dir '$PWD', SLURM_SUBMIT_DIR='${SLURM_SUBMIT_DIR:-}', '$here'). Submit from the repository root or export VUTRAIN_ROOT=/path/to/repo."
 }
 
+# refuse_hostfile_bom FILE WHAT: stop in one line when FILE (a DeepSpeed hostfile, named WHAT in the
+# message) starts with a UTF-8 byte order mark, as Windows editors save it. DeepSpeed's own reader
+# (open() without utf-8-sig) then takes the first host for "\ufeffnode1": the scripts' readers
+# said "lists n1 n2 but the job runs on n1 n2" or "node n1 is not listed", naming no cause.
+refuse_hostfile_bom() {
+    [[ "$(head -c 3 -- "$1" 2>/dev/null | od -An -tx1 | tr -d ' \n')" != efbbbf ]] \
+        || die "$2 starts with a UTF-8 byte order mark (saved by a Windows editor), which deepspeed reads as part of the first host name. Remove it (sed -i '1s/^\xEF\xBB\xBF//' $1) and rerun."
+}
+
 # count_gpus: GPUs visible on this node (0 when there is no NVIDIA driver). CUDA_VISIBLE_DEVICES
 # first: SLURM sets it to the allocation's GPUs, and a user who narrows it inside the allocation
 # means fewer (SLURM_GPUS_ON_NODE would still say all of them).

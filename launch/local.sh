@@ -16,10 +16,11 @@
 # train.resume=auto is the default).
 # Exit status: the launcher's, except a 0 for a run that left no done.json: 75 when it left
 # preempted.json, else 1 with one line (deepspeed's runner exits 0 when its launch.py is killed by a
-# signal, also before the trainer started), and 75 for a launcher killed by a signal (a SIGTERM to
-# the whole process group: scancel, a supervisor) whose ranks left preempted.json. Processes that
-# outlive the launcher (ranks of a killed launch.py, a launch.py whose runner was killed) are sent
-# SIGTERM (they checkpoint) and, VUTRAIN_LEFTOVER_WAIT seconds later (default 300), SIGKILL.
+# signal, also before the trainer started), and 75 for a launcher that failed or was killed (a
+# SIGTERM to the whole process group, scancel, or to launch.py alone) whose ranks left
+# preempted.json. Processes that outlive the launcher (ranks of a killed launch.py, a launch.py
+# whose runner was killed) are sent SIGTERM (they checkpoint) and, VUTRAIN_LEFTOVER_WAIT seconds
+# later (default 300), SIGKILL.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -121,6 +122,7 @@ launcher=("$PY" -u -m deepspeed.launcher.runner)
 
 if [[ -n "${HOSTFILE:-}" ]]; then
     [[ -f "$HOSTFILE" ]] || die "HOSTFILE=$HOSTFILE does not exist. Create it with launch/make_hostfile.sh -s N localhost, or unset HOSTFILE and set NGPUS."
+    refuse_hostfile_bom "$HOSTFILE" "HOSTFILE=$HOSTFILE"
     # sub(/\r$/): a hostfile saved with Windows line ends (which DeepSpeed reads) was refused with
     # "got slots '2\r'", and a blank line of it counted as a second host.
     nhosts="$(awk '{sub(/\r$/, "")} NF && $1 !~ /^#/' "$HOSTFILE" | wc -l)"
@@ -211,16 +213,21 @@ runner_started_launch_py() {
     return 1
 }
 
-# status_of_signalled_runner RC OUT_DIR STAMP: 75 when the runner died of a signal (RC > 128) in a
+# status_of_signalled_runner RC OUT_DIR STAMP: 75 when the runner failed (RC neither 0 nor 75) in a
 # launch whose trainer started (config.yaml's stamp changed from STAMP; the trainer deletes an old
-# preempted.json at its start) and left preempted.json; else RC. A SIGTERM to the whole process
-# group (scancel, a supervisor) kills the runner at once while the ranks checkpoint: local.sh
-# exited 143, which a resume-on-75 loop took for a failure.
+# preempted.json at its start) and left preempted.json (written only after a checkpoint of every
+# rank); else RC. A SIGTERM to the whole process group (scancel, a supervisor) kills the runner at
+# once while the ranks checkpoint: local.sh exited 143. A SIGTERM to launch.py alone (a supervisor
+# that signals the pid it started) passes it to the ranks, which checkpoint, and then exits 1:
+# local.sh exited 1. A resume-on-75 loop took either for a failure.
 status_of_signalled_runner() {
-    local rc="$1" out_dir="$2" stamp="$3"
-    if (( rc > 128 )) && [[ -n "$out_dir" && -e "$out_dir/preempted.json" ]] \
+    local rc="$1" out_dir="$2" stamp="$3" how
+    if [[ "$rc" != 0 && "$rc" != "$VUTRAIN_EXIT_PREEMPTED" ]] \
+        && [[ -n "$out_dir" && -e "$out_dir/preempted.json" ]] \
         && [[ "$(run_config_stamp "$out_dir")" != "$stamp" ]]; then
-        log "the launcher died of signal $((rc - 128)), but the ranks checkpointed ($out_dir/preempted.json): exiting $VUTRAIN_EXIT_PREEMPTED; resume with the same command"
+        how="exited $rc"
+        (( rc <= 128 )) || how="died of signal $((rc - 128))"
+        log "the launcher $how, but the ranks checkpointed ($out_dir/preempted.json): exiting $VUTRAIN_EXIT_PREEMPTED; resume with the same command"
         echo "$VUTRAIN_EXIT_PREEMPTED"
     else
         echo "$rc"

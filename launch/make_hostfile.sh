@@ -28,6 +28,10 @@ shift $((OPTIND - 1))
 given="$*"
 (( $# <= 1 )) || die "one node list, comma-separated: got $# arguments ($given); pass '${given// /,}' (or SLURM's 'gpu[01-04]')."
 nodelist="${1:-${SLURM_JOB_NODELIST:-}}"
+# A list read from a file a Windows editor saved ("$(cat nodes.txt)") starts with a UTF-8 byte order
+# mark: it was written into the hostfile as part of the first host, which deepspeed then reads as
+# "\ufeffn1", a node of no job.
+nodelist="${nodelist#$'\xef\xbb\xbf'}"
 [[ -n "$nodelist" ]] || die "no node list: pass one (e.g. 'gpu[01-04]' or 'a,b') or run inside a SLURM allocation."
 
 # default_slots: GPUs visible on this node of the allocation; in an salloc shell on a login node

@@ -18,6 +18,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 hostfile="$1" env_file="$2"
 shift 2
 [[ -f "$hostfile" ]] || die "hostfile $hostfile does not exist on $(hostname) (is it on a shared file system?)"
+refuse_hostfile_bom "$hostfile" "hostfile $hostfile"
 load_deepspeed_env "$env_file"
 # A VUTRAIN_LAUNCH_DIR without %j is one directory for every job: a job starting at the same
 # time rewrites the hostfile and env file under this one's feet.
