@@ -327,7 +327,9 @@ def _watched_multiprocessing_distributor(processes_count, downloader, jobs, _sub
     retries), but a dead worker raises ``WorkerDied`` instead of hanging: ``Pool.imap_unordered``
     never gets the lost task back, so the build waited forever after its other shards."""
     spawn = multiprocessing.get_context("spawn")
-    with _WatchedPool(processes_count, maxtasksperchild=5, context=spawn) as pool:
+    with _WatchedPool(
+        processes_count, initializer=_unnamed_locks_in_worker, maxtasksperchild=5, context=spawn
+    ) as pool:
         failed = pool.run_shards(downloader, jobs)
         for attempt in range(max_shard_retry):
             if not failed:
@@ -336,6 +338,15 @@ def _watched_multiprocessing_distributor(processes_count, downloader, jobs, _sub
             failed = pool.run_shards(downloader, failed)
         if failed:
             print(f"{len(failed)} shards still failed after {max_shard_retry} retries: run build again")
+
+
+def _unnamed_locks_in_worker() -> None:
+    """Pool initializer: the locks a download worker makes for itself (img2dataset's thread pool
+    per shard) are unnamed, unlinked at birth. Under spawn they were named semaphores that only the
+    worker's own exit unlinks; a worker the build ends on Ctrl-C or SIGTERM (or the OOM killer) never
+    did, and the build's last line was multiprocessing's "There appear to be 4 leaked semaphore
+    objects". Nothing in a worker starts processes, so the start method is only this lock choice."""
+    multiprocessing.set_start_method("fork", force=True)
 
 
 # The temporary names of a shard's files (``_own_temp_file``'s ``NNNNN.tar.<pid>-<random>.tmp``,
@@ -536,6 +547,7 @@ def _build(cfg: BuildConfig) -> dict:
     plan_mod.save_plan(cfg.output, plan, cfg.shard_size, _image_options(cfg))
 
     done = built_shards(cfg.output, say_redone=True)
+    retry.apply_attempt_records(cfg.output, done)  # a shard downloaded again by a stopped build
     todo = {sid: rows for sid, rows in plan_mod.by_shard(plan).items() if sid not in done}
     retry_groups, exhausted = (
         _failed_rows(cfg.output, done, {r["sample_key"]: r for r in plan}, cfg.max_attempts)
@@ -557,6 +569,8 @@ def _build(cfg: BuildConfig) -> dict:
         _distribute(
             cfg, _make_downloader(cfg, cfg.output, columns), _write_jobs(tmp_dir, todo, cfg.oom_shard_count)
         )
+        # A shard whose --retry-failed merge was stopped is downloaded again: its rows count on.
+        retry.apply_attempt_records(cfg.output, built_shards(cfg.output))
         if retry_groups:
             unmerged = _retry_failed_rows(cfg, build_dir, tmp_dir, retry_groups, columns)
     except WorkerDied as died:

@@ -210,7 +210,9 @@ def _read_csv_keeping_malformed(path: str, encoding: str, sep: str, errors: str)
                 rows.append([""] * width + [{"line": line, "fields": fields, "width": width, "why": why}])
             else:  # fewer fields than the header: the missing ones are empty, as with pandas
                 rows.append(fields + [""] * (width - len(fields)) + [None])
-    return pd.DataFrame(rows, columns=[*_unique_names(header), _MALFORMED])
+    table = pd.DataFrame(rows, columns=[*_unique_names(header), _MALFORMED])
+    table.attrs[_HEADER] = header
+    return table
 
 
 def _unique_names(header: list[str]) -> list[str]:
@@ -244,7 +246,22 @@ def _parse_csv(path: str, encoding: str, sep: str, errors: str) -> pd.DataFrame:
         # The first data row had more fields than the header: pandas took the first column as
         # an index and shifted every other one. Re-read so those rows are rejected instead.
         return _read_csv_keeping_malformed(path, encoding, sep, errors)
+    df.attrs[_HEADER] = _csv_header(path, encoding, sep, errors, int(bool(declared)))
     return df
+
+
+# ``DataFrame.attrs`` key of a CSV's header as written: pandas renames a repeated column name
+# ``title.1``, and the duplicate check needs the names as the file gives them.
+_HEADER = "dataset_tools.header"
+
+
+def _csv_header(path: str, encoding: str, sep: str, errors: str, skip: int) -> list[str]:
+    """The first record of ``path`` after ``skip`` lines (blank lines skipped, as pandas does)."""
+    with _open_text(path, "utf-8-sig" if encoding == "utf-8" else encoding, errors) as fh:
+        for _ in range(skip):
+            fh.readline()
+        with _no_field_limit():
+            return next((fields for fields in csv.reader(fh, delimiter=sep) if fields), [])
 
 
 # Excel writes (and reads) a first line ``sep=,`` naming the separator; "sep=;" in locales with
@@ -834,6 +851,7 @@ def _canonical_rows(
     path: str, df: pd.DataFrame, fmt: str, table: dict[int, str]
 ) -> Iterator[tuple[dict | None, dict, str]]:
     """Yield (canonical row or None, raw record, reason it was rejected) per input row."""
+    _refuse_repeated_columns(path, df.attrs.get(_HEADER) or [c for c in df.columns if c != _MALFORMED])
     cols = {_column_key(c): c for c in df.columns if c != _MALFORMED}
     id_col = _pick(cols, _ID_COLUMNS)
     if not id_col:
@@ -875,6 +893,31 @@ def _canonical_rows(
             "trending_date": _kaggle_date(_first(raw, [trend_col] if trend_col else [])),
         }
         yield row, raw, ""
+
+
+# Every column name the readers take a field from (as ``_column_key`` writes it).
+_READ_COLUMNS = frozenset(
+    (
+        *_ID_COLUMNS, *_TITLE_COLUMNS, "fulltitle", *_TAG_COLUMNS, *_CATEGORY_COLUMNS, *_CHANNEL_ID_COLUMNS,
+        *_CHANNEL_TITLE_COLUMNS, *_PUBLISH_COLUMNS, "trending_date", *_EXTRACTOR_COLUMNS,
+    )
+)  # fmt: skip
+
+
+def _refuse_repeated_columns(path: str, header: Sequence[object]) -> None:
+    """One line when two columns the readers take have one name (``id,title,title``, or
+    ``title`` beside ``Title``): only one of them could be read, and the other was dropped
+    without a word (pandas renamed it ``title.1``; two names of one key kept the last)."""
+    seen: dict[str, list[tuple[int, str]]] = {}
+    for position, name in enumerate(header, 1):
+        seen.setdefault(_column_key(name), []).append((position, str(name)))
+    for key, found in seen.items():
+        if key in _READ_COLUMNS and len(found) > 1:
+            where = ", ".join(f"{name!r} at position {position}" for position, name in found)
+            raise MetadataError(
+                f"{path}: column {key!r} is given {len(found)} times ({where}) and only one would be read. "
+                "Keep one (merge their values into it) or rename the others, then run the same command again."
+            )
 
 
 def _completeness(row: dict) -> int:

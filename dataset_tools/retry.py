@@ -5,7 +5,10 @@ with the same keys. Merging removes ``NNNNN_stats.json`` (the shard is incomplet
 replaces those rows in ``NNNNN.parquet`` (each retried row's ``attempts`` one more than before),
 adds new successes to ``NNNNN.tar`` (still sorted, written through a temporary name) and writes
 the stats last. A merge killed midway leaves the
-shard without stats, so the next ``build`` redoes it from the plan.
+shard without stats, so the next ``build`` redoes it from the plan. Before it touches the shard
+the merge saves each row's ``attempts`` in ``_build/attempts/NNNNN.json``: a shard redone from
+the plan counts on from there (``apply_attempt_records``); its attempts started again at 1, so a
+row could be retried past ``--max-attempts`` for ever.
 
 ``attempts`` counts the downloads of a row: a shard written before the column existed (and a
 first build, whose parquet img2dataset writes) reads as 1 attempt per row. Without it a row
@@ -14,10 +17,12 @@ that had failed five times looked like one that failed once, replaced whole by i
 
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow as pa
 
+from dataset_tools import plan as plan_mod
 from dataset_tools import shards
 
 ATTEMPTS = "attempts"
@@ -39,6 +44,7 @@ def merge_retry(output: str, retry_dir: str, name: str) -> dict:
     # The parquet is the source of truth: keep exactly the samples it calls successes.
     samples = {k: v for k, v in samples.items() if k in successes}
     start = shards.now()
+    _save_attempt_record(output, name, rows)
     # The old stats go first: while tar and parquet are replaced one after the other the shard
     # is incomplete, so a merge killed midway is redone by the next build (from the plan, same
     # keys) instead of leaving stats that disagree with the tar or the parquet.
@@ -53,7 +59,50 @@ def merge_retry(output: str, retry_dir: str, name: str) -> dict:
         path = os.path.join(retry_dir, f"{name}{'.' if ext != '_stats.json' else ''}{ext}")
         if os.path.exists(path):
             os.remove(path)
+    os.remove(_attempt_record_path(output, name))  # merged whole: nothing to count on from
     return stats
+
+
+def _attempt_record_path(output: str, name: str) -> str:
+    return os.path.join(output, plan_mod.BUILD_DIR, ATTEMPTS, f"{name}.json")
+
+
+def _save_attempt_record(output: str, name: str, rows: list[dict]) -> None:
+    """Each row's ``attempts`` in the merged shard ``name``, saved (atomically) before the merge
+    touches the shard, for the download that redoes the shard if the merge is stopped midway;
+    with the shard's stats as they are, to tell a stop before the merge touched anything."""
+    path = _attempt_record_path(output, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    attempts_now = {r["key"]: r[ATTEMPTS] for r in rows}
+    record = {"stats_before": shards.read_stats(output, name)[0], "attempts": attempts_now}
+    shards.atomic_write_bytes(path, json.dumps(record).encode())
+
+
+def apply_attempt_records(output: str, complete: dict[int, str]) -> list[str]:
+    """Count on the attempts of each ``complete`` shard downloaded again after a stopped merge:
+    a row's ``attempts`` becomes its saved count plus this download. Returns those shards' names.
+
+    Redone after a stop at any point: a parquet that has the column already was counted (an
+    img2dataset download never writes it), so only its record is left to remove."""
+    folder = os.path.join(output, plan_mod.BUILD_DIR, ATTEMPTS)
+    names = set(complete.values())
+    applied = []
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        name = entry.removesuffix(".json")
+        if not entry.endswith(".json") or name not in names:
+            continue  # not downloaded again yet: the record waits for that download
+        with open(os.path.join(folder, entry), encoding="utf-8") as f:
+            record = json.load(f)
+        parquet = os.path.join(output, f"{name}.parquet")
+        rows, schema = shards.read_parquet_rows(parquet)
+        # The same stats: stopped before the merge touched the shard, which is as it was.
+        downloaded_again = shards.read_stats(output, name)[0] != record["stats_before"]
+        if downloaded_again and ATTEMPTS not in schema.names:
+            rows = [{**r, ATTEMPTS: record["attempts"].get(r["key"], 0) + 1} for r in rows]
+            shards.write_parquet(parquet, rows, _with_attempts(schema))
+            applied.append(name)
+        os.remove(os.path.join(folder, entry))
+    return applied
 
 
 def attempts(row: dict) -> int:
