@@ -156,17 +156,10 @@ def test_a_fresh_start_trains_its_own_tokenizer(tiny_shards, tmp_path, single_pr
     run's preset tokenizer was reused without a word (the new model sized by it, not by the key).
     It is now moved aside with the old checkpoints and metrics, and trained again."""
     run_dir = str(tmp_path / "run")
-    train(tiny_shards, run_dir, steps=1, model__vocab_size=300, train__checkpoint_every=0, eval__every=0)
+    kept = dict(train__checkpoint_every=0, eval__every=0, data__val_shards="")  # no final eval: ~1 s each
+    train(tiny_shards, run_dir, steps=1, model__vocab_size=300, **kept)
     first = _tokenizer_json(run_dir)
-    train(
-        tiny_shards,
-        run_dir,
-        steps=1,
-        model__vocab_size=400,
-        train__resume="never",
-        train__checkpoint_every=0,
-        eval__every=0,
-    )
+    train(tiny_shards, run_dir, steps=1, model__vocab_size=400, train__resume="never", **kept)
     assert _tokenizer_json(run_dir) != first
     aside = [name for name in os.listdir(run_dir) if name.startswith("tokenizer.replaced-")]
     assert len(aside) == 1, os.listdir(run_dir)
@@ -182,7 +175,8 @@ def test_a_run_resumed_from_another_runs_checkpoint_takes_its_tokenizer(
     embeddings met other token ids (or another vocabulary size: a shape error). It now copies the
     checkpoint's run's tokenizer."""
     first_dir, second_dir = str(tmp_path / "a"), str(tmp_path / "b")
-    train(tiny_shards, first_dir, steps=2, train__checkpoint_every=2, eval__every=0)
+    no_eval = dict(eval__every=0, data__val_shards="")  # no final eval: ~1 s each
+    train(tiny_shards, first_dir, steps=2, train__checkpoint_every=2, **no_eval)
     train(
         tiny_shards,
         second_dir,
@@ -190,7 +184,7 @@ def test_a_run_resumed_from_another_runs_checkpoint_takes_its_tokenizer(
         train__resume=os.path.join(first_dir, "checkpoints"),
         data__tokenizer_samples=40,
         train__checkpoint_every=0,
-        eval__every=0,
+        **no_eval,
     )
     assert _tokenizer_json(second_dir) == _tokenizer_json(first_dir)
 

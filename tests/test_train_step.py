@@ -11,6 +11,7 @@ moved DeepSpeed's accumulation boundary (fewer optimizer steps, different weight
 from __future__ import annotations
 
 import os
+import traceback
 
 import pytest
 import torch
@@ -72,10 +73,8 @@ def _zero_loss(trainer) -> None:
     trainer.forward_loss = forward_loss
 
 
-def _run_both(rank: int, world: int, shards: dict, tmp: str, accum: int = ACCUM, extra=None) -> dict:
-    from vutrain.distributed import init_distributed, resolve_dist_env
-
-    init_distributed(resolve_dist_env())
+def _run_both(rank: int, shards: dict, tmp: str, accum: int = ACCUM, extra=None) -> dict:
+    """The run with rank 1's poisoned micro-batch ("nan") and its reference ("zero"), on this rank."""
     out = {}
     for mode in ("nan", "zero"):
         trainer = _trainer(rank, shards, os.path.join(tmp, mode), accum, **(extra or {}))
@@ -97,11 +96,83 @@ def _run_both(rank: int, world: int, shards: dict, tmp: str, accum: int = ACCUM,
     return out
 
 
+# The CPU runs of this module, by name: (worker, its extra arguments). They share one pair of
+# spawned ranks (the `rank_runs` fixture): each pair paid ~20 s of imports and process-group start
+# before its first step (3 s of training per run), once per test.
+BF16_CONFIGS = {
+    # the generated config (no overlap, separate gradients), and the shipped ZeRO-2 one
+    # (overlap_comm, contiguous gradients, reduce_scatter): NaN through DeepSpeed's buckets
+    (1, ""): "bf16 zero1",
+    (2, ""): "bf16 zero2",
+    (2, os.path.join(tr.REPO, "launch", "ds_configs", "zero2.json")): "bf16 zero2 shipped",
+}
+RUNS = {
+    "accumulation": ("_run_both", ()),
+    **{
+        name: (
+            "_run_both",
+            (1, {"train__precision": "bf16", "train__zero_stage": stage, "train__ds_config": ds}),
+        )
+        for (stage, ds), name in BF16_CONFIGS.items()
+    },
+    "host reads": ("_reads_per_run", (None,)),
+}
+
+
+def _run_of(item) -> str | None:
+    """The name in RUNS that test `item` reads (None for a test without one)."""
+    if item.originalname == "test_nonfinite_microbatch_contributes_zero_with_accumulation":
+        return "accumulation"
+    if item.originalname == "test_nonfinite_step_masked_at_the_step_in_bf16":
+        return BF16_CONFIGS[item.callspec.params["stage"], item.callspec.params["ds_config"]]
+    if item.originalname == "test_no_host_reads_between_optimizer_steps":
+        return "host reads"
+    return None
+
+
+def _runs(rank: int, world: int, shards: dict, tmp: str, names: list[str]) -> dict:
+    """Each named run of RUNS in turn on this rank: {name: result}, or {name: the traceback} for
+    the first that raised (later ones are not run: the ranks may be out of step after it)."""
+    from vutrain.distributed import init_distributed, resolve_dist_env
+
+    init_distributed(resolve_dist_env())
+    out = {}
+    for name in names:
+        worker, args = RUNS[name]
+        try:
+            out[name] = globals()[worker](rank, shards, os.path.join(tmp, name), *args)
+        except Exception:
+            out[name] = traceback.format_exc()
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def rank_runs(request, synthetic_shards, tmp_path_factory):
+    """The runs the selected tests of this module read, on one pair of spawned ranks: a list by rank
+    of {name: result}."""
+    names = [n for n in RUNS if n in {_run_of(item) for item in request.session.items}]
+    tmp = str(tmp_path_factory.mktemp("train_step"))
+    return run_distributed(_runs, 2, synthetic_shards, tmp, names, init_process_group=False, timeout_s=600)
+
+
+def _results(rank_runs: list[dict], name: str) -> list:
+    """Run `name`'s result by rank; a run that raised (or was not reached) fails the test with why."""
+    for rank, runs in enumerate(rank_runs):
+        if name not in runs:
+            pytest.fail(f"rank {rank}: run {name!r} not reached (an earlier run raised: {list(runs)})")
+        if isinstance(runs[name], str):
+            pytest.fail(f"rank {rank}: run {name!r} raised\n{runs[name]}")
+    return [runs[name] for runs in rank_runs]
+
+
+# One worker of pytest-xdist runs them all: the runs are shared through a module-scoped fixture.
+pytestmark = pytest.mark.xdist_group("train_step")
+
+
 @pytest.mark.slow  # spawns 2 rank processes
-def test_nonfinite_microbatch_contributes_zero_with_accumulation(synthetic_shards, tmp_path):
-    results = run_distributed(
-        _run_both, 2, synthetic_shards, str(tmp_path), init_process_group=False, timeout_s=600
-    )
+def test_nonfinite_microbatch_contributes_zero_with_accumulation(rank_runs):
+    results = _results(rank_runs, "accumulation")
     for rank, res in enumerate(results):
         nan, zero = res["nan"], res["zero"]
         assert nan["global_steps"] == zero["global_steps"] == STEPS, f"rank {rank}: optimizer steps"
@@ -114,21 +185,13 @@ def test_nonfinite_microbatch_contributes_zero_with_accumulation(synthetic_shard
 
 
 @pytest.mark.slow  # spawns 2 rank processes
-@pytest.mark.parametrize(
-    "stage,ds_config",
-    # the generated config (no overlap, separate gradients), and the shipped ZeRO-2 one
-    # (overlap_comm, contiguous gradients, reduce_scatter): NaN through DeepSpeed's buckets
-    [(1, ""), (2, ""), (2, os.path.join(tr.REPO, "launch", "ds_configs", "zero2.json"))],
-)
-def test_nonfinite_step_masked_at_the_step_in_bf16(synthetic_shards, tmp_path, stage, ds_config):
+@pytest.mark.parametrize("stage,ds_config", list(BF16_CONFIGS))
+def test_nonfinite_step_masked_at_the_step_in_bf16(rank_runs, stage, ds_config):
     """One micro-batch per step in bf16 at ZeRO-1/2: no per-parameter gradient hooks; the skipped
     step (the second; rank 1's pixels NaN, so its activations and gradients are NaN, reduced into
     every rank's partition) is zeroed at the optimizer step, giving exactly the parameters of the
     run whose loss at that step is multiplied by 0 (AdamW still steps, with a zero gradient)."""
-    extra = {"train__precision": "bf16", "train__zero_stage": stage, "train__ds_config": ds_config}
-    results = run_distributed(
-        _run_both, 2, synthetic_shards, str(tmp_path), 1, extra, init_process_group=False, timeout_s=600
-    )
+    results = _results(rank_runs, BF16_CONFIGS[stage, ds_config])
     for rank, res in enumerate(results):
         nan, zero = res["nan"], res["zero"]
         assert nan["hooks"] == zero["hooks"] == 0, f"rank {rank}: the per-parameter masks stayed"
@@ -168,23 +231,13 @@ def _reads_per_run(rank: int, shards: dict, tmp: str, device_type: str | None, *
     return out
 
 
-def _micro_batch_host_reads(rank: int, world: int, shards: dict, tmp: str) -> dict:
-    from vutrain.distributed import init_distributed, resolve_dist_env
-
-    init_distributed(resolve_dist_env())
-    return _reads_per_run(rank, shards, tmp, None)
-
-
 @pytest.mark.slow  # spawns 2 rank processes
-def test_no_host_reads_between_optimizer_steps(synthetic_shards, tmp_path):
+def test_no_host_reads_between_optimizer_steps(rank_runs):
     """Issue 9's lean step: nothing in a micro-batch reads a device value on the host. Before the
     fix the text tower's attention mask cost one read per forward (transformers checks on the host
     whether SDPA may ignore it) and align_uniform two more for its logged terms; DeepSpeed's
     grad-norm check at the optimizer step is not counted."""
-    results = run_distributed(
-        _micro_batch_host_reads, 2, synthetic_shards, str(tmp_path), init_process_group=False, timeout_s=600
-    )
-    for rank, by_run in enumerate(results):
+    for rank, by_run in enumerate(_results(rank_runs, "host reads")):
         assert by_run == {name: {} for name in HOST_READ_RUNS}, (
             f"rank {rank}: host reads by call site {by_run}"
         )
