@@ -44,6 +44,9 @@ LIBRARY_LOGGERS = (
     "filelock",
     "fsspec",
 )
+# Library loggers that print through a handler and format of their own (they do not propagate to
+# the root handler, so RANK_FORMAT does not reach them): on other ranks their messages get the tag.
+OWN_HANDLER_LOGGERS = ("DeepSpeed",)
 RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
@@ -76,6 +79,26 @@ class _BelowLevel(logging.Filter):
         return record.levelno >= self.level
 
 
+class _RankTag(logging.Filter):
+    """Puts `[rank N] ` before the message of a logger with its own handler (DeepSpeed's, created
+    when deepspeed is imported, after setup_logging: its format cannot be set here). In the message,
+    as DeepSpeed's own log_dist puts its "[Rank N]": a rank 1 error reads
+    "[...] [ERROR] [engine.py:12:step] [rank 1] ..." where it read like rank 0's."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.tag = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # bad arguments: the handler reports them, as untagged
+            return True
+        if not message.lower().startswith(self.tag):  # log_dist's "[Rank N]" names the rank already
+            record.msg, record.args = self.tag + message, None
+        return True
+
+
 def log_format(rank: int) -> str:
     """The format of this rank's log lines: FORMAT on rank 0, with `[rank N]` on the others."""
     return FORMAT if rank == 0 else RANK_FORMAT.format(rank=rank)
@@ -86,7 +109,8 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> int:
 
     Rank 0: `level` for vutrain and the root handler, WARNING for libraries. Other ranks: WARNING
     for vutrain, ERROR for libraries, Python warnings from outside vutrain ignored (rank 0
-    prints the same ones), and `[rank N]` in each line.
+    prints the same ones), and `[rank N]` in each line (in the message of DeepSpeed's, which has
+    its own format).
     """
     rank = process_rank() if rank is None else rank
     main = rank == 0
@@ -96,8 +120,10 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> int:
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(library_level)
-        logger.filters = [f for f in logger.filters if not isinstance(f, _BelowLevel)]
-        logger.addFilter(_BelowLevel(library_level))
+        logger.filters = [f for f in logger.filters if not isinstance(f, (_BelowLevel, _RankTag))]
+        logger.addFilter(_BelowLevel(library_level))  # first: a dropped record is not tagged
+        if not main and name in OWN_HANDLER_LOGGERS:
+            logger.addFilter(_RankTag(rank))
     # transformers reads its verbosity from the environment when it is first imported ...
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if main else "error")
     if "transformers" in sys.modules:  # ... and keeps its own level once it is
