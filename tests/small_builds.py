@@ -10,10 +10,10 @@ def write_ids_csv(path, ids) -> None:
     path.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))
 
 
-def build_args(url_template, inp, out, *extra, shard_size=4, processes=1, rate=0) -> list[str]:
+def build_args(url_template, inp, out, *extra, shard_size=4, processes=1, threads=2, rate=0) -> list[str]:
     """`build` arguments for `dataset_tools.cli.main`; `extra` flags come last."""
     return [
         "build", "--input", str(inp), "--output", str(out), "--url-template", url_template,
         "--variants", "mqdefault", "--shard-size", str(shard_size), "--processes", str(processes),
-        "--threads", "2", "--requests-per-second", str(rate), *extra,
+        "--threads", str(threads), "--requests-per-second", str(rate), *extra,
     ]  # fmt: skip

@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 from torch import nn
+from zero_engines import full_state, small_engine
 
 import train_runner as tr
 from helpers_dist import run_distributed
@@ -41,12 +42,6 @@ class _Tiny(nn.Module):
 
 
 def _engine(stage: int, lora: bool, world: int):
-    import deepspeed
-
-    from vutrain.config import TrainConfig
-    from vutrain.ds_config import build_ds_config
-    from vutrain.optim import build_optimizer
-
     torch.manual_seed(0)
     module = _Tiny()
     if lora:  # frozen base weights plus trainable adapters, as model.lora.enabled builds them
@@ -54,44 +49,7 @@ def _engine(stage: int, lora: bool, world: int):
 
         module = get_peft_model(module, LoraConfig(r=2, lora_alpha=4, target_modules=["a", "b"]))
     micro = 1 if world == 4 else 2
-    cfg = TrainConfig(
-        max_steps=10,
-        micro_batch_size=micro,
-        grad_accum_steps=GLOBAL_BATCH // (micro * world),
-        zero_stage=stage,
-        warmup_steps=2,
-        lr=1e-2,
-    )
-    optimizer, scheduler = build_optimizer(module, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(cfg, world)
-    )
-    return engine
-
-
-def _full_state(engine) -> dict:
-    """Every parameter's full fp32 value and Adam moments, gathered from the ZeRO partitions."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "_hp_optimizer_states_linked"):
-        # DeepSpeed 0.19 (ZeRO-1/2) links each parameter to its Adam state after the first
-        # param group's first step, before the other groups have any state: relink now.
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
-    out = {}
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad:
-            out[name] = [safe_get_full_fp32_param(p).clone()] + [
-                safe_get_full_optimizer_state(p, key).clone() for key in ("exp_avg", "exp_avg_sq")
-            ]
-        else:
-            with deepspeed.zero.GatheredParameters([p]):
-                out[name] = [p.detach().float().clone()]
-    out["_adam_steps"] = sorted({float(s["step"]) for s in engine.optimizer.optimizer.state.values()})
-    out["_lr"], out["_global_steps"] = engine.get_lr(), engine.global_steps
-    return out
+    return small_engine(module, stage, world, micro, grad_accum=GLOBAL_BATCH // (micro * world))
 
 
 def _save(rank, world, run_dir, cases):
@@ -115,7 +73,7 @@ def _save(rank, world, run_dir, cases):
             rank,
             keep=1,
         )
-        saved[(stage, lora)] = _full_state(engine)
+        saved[(stage, lora)] = full_state(engine)
     return saved
 
 
@@ -130,7 +88,7 @@ def _load(rank, world, run_dir, cases):
         engine = _engine(stage, lora, world)
         target = ckpt.resolve_resume("auto", os.path.join(run_dir, f"z{stage}_{lora}"))
         state = ckpt.load_checkpoint(engine, *target, rank=rank)
-        loaded[(stage, lora)] = (_full_state(engine), state)
+        loaded[(stage, lora)] = (full_state(engine), state)
     return loaded
 
 

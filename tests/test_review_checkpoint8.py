@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from torch import nn
+from zero_engines import full_state, small_engine
 
 from helpers_dist import run_distributed
 
@@ -31,42 +32,8 @@ class _Odd(nn.Module):
 
 
 def _engine(stage: int, world: int):
-    import deepspeed
-
-    from vutrain.config import TrainConfig
-    from vutrain.ds_config import build_ds_config
-    from vutrain.optim import build_optimizer
-
     torch.manual_seed(0)
-    module = _Odd()
-    micro = GLOBAL_BATCH // world
-    cfg = TrainConfig(
-        max_steps=10, micro_batch_size=micro, grad_accum_steps=1, zero_stage=stage, warmup_steps=2, lr=1e-2
-    )
-    optimizer, scheduler = build_optimizer(module, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(cfg, world)
-    )
-    return engine
-
-
-def _full_state(engine) -> dict:
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "_hp_optimizer_states_linked"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
-    out = {}
-    for name, p in engine.module.named_parameters():
-        out[name] = [safe_get_full_fp32_param(p).clone()] + [
-            safe_get_full_optimizer_state(p, key).clone() for key in ("exp_avg", "exp_avg_sq")
-        ]
-    del deepspeed
-    out["_adam_steps"] = sorted({float(s["step"]) for s in engine.optimizer.optimizer.state.values()})
-    out["_lr"], out["_global_steps"] = engine.get_lr(), engine.global_steps
-    return out
+    return small_engine(_Odd(), stage, world, micro=GLOBAL_BATCH // world)
 
 
 def _save(rank, world, run_dir):
@@ -85,7 +52,7 @@ def _save(rank, world, run_dir):
         ckpt.save_checkpoint(
             engine, os.path.join(run_dir, f"z{stage}"), 3, {"step": 3, "data": {"rank": rank}}, rank, keep=1
         )
-        saved[stage] = _full_state(engine)
+        saved[stage] = full_state(engine)
     return saved
 
 
@@ -100,7 +67,7 @@ def _load(rank, world, run_dir):
         engine = _engine(stage, world)
         target = ckpt.resolve_resume("auto", os.path.join(run_dir, f"z{stage}"))
         state = ckpt.load_checkpoint(engine, *target, rank=rank)
-        loaded[stage] = (_full_state(engine), state)
+        loaded[stage] = (full_state(engine), state)
     return loaded
 
 

@@ -8,18 +8,17 @@ waiting out the host's Retry-After).
 import io
 import json
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.parquet as pq
+from loopback_images import JpegHandler, fetch_row, serving
 from PIL import Image, ImageDraw, ImageFont
 from small_builds import build_args
 
 from dataset_tools import fetch
 from dataset_tools.cli import main
 from dataset_tools.fake_host import SIZES, FakeThumbnailHost, render_placeholder
-from dataset_tools.politeness import HostLimiter, PolitenessConfig, SharedCoolDown
+from dataset_tools.politeness import HostLimiter, SharedCoolDown
 
 RETRY_AFTER = 15  # longer than a build takes to start (~10 s on 2 busy cores)
 
@@ -120,31 +119,16 @@ def test_grey_title_cards_are_thumbnails_and_the_placeholder_still_is_not():
         assert fetch.is_placeholder(_three_bars(size)), size
 
 
-class _GreyCards(BaseHTTPRequestHandler):
+class _GreyCards(JpegHandler):
     """Serves a grey 'Lecture 7' slide at each variant's size, with 200."""
 
-    def do_GET(self):
-        variant = self.path.rsplit("/", 1)[-1].removesuffix(".jpg")
-        body = _grey_card(SIZES[variant], 128, 255, "Lecture 7")
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+    def body(self, path):
+        variant = path.rsplit("/", 1)[-1].removesuffix(".jpg")
+        return _grey_card(SIZES[variant], 128, 255, "Lecture 7")
 
 
 def test_the_ladder_keeps_a_grey_title_card_as_the_thumbnail():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _GreyCards)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        cfg = PolitenessConfig(retries=0, deadline=5.0, requests_per_second=0)
-        template = f"http://127.0.0.1:{server.server_address[1]}/vi/{{video_id}}/{{variant}}.jpg"
+    with serving(_GreyCards) as template:
         variants = ["maxresdefault", "sddefault", "hqdefault", "mqdefault"]
-        result = fetch.fetch_ladder("lecture0007", variants, template, cfg, HostLimiter(2, 0))
-    finally:
-        server.shutdown()
-        server.server_close()
+        result = fetch_row("lecture0007", variants, template)
     assert result.error is None and result.variant == "maxresdefault", result.trail

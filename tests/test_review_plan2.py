@@ -6,84 +6,26 @@ Runtime: ~20 s on 2 busy cores (one build's start-up, spawn pool included).
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
+from build_interrupt import STOPPED_BY_CTRL_C, dataset_tools_lines, slow_build, wait_for_requests
 
 from dataset_tools.cli import main
 from dataset_tools.fake_host import FakeThumbnailHost
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
 
-
-def _build_command(inp, out, url_template):
-    return [
-        sys.executable,
-        "-m",
-        "dataset_tools",
-        "build",
-        "--input",
-        str(inp),
-        "--output",
-        str(out),
-        "--url-template",
-        url_template,
-        "--variants",
-        "mqdefault",
-        "--shard-size",
-        "4",
-        "--threads",
-        "2",
-        "--requests-per-second",
-        "0",
-        "--deadline",
-        "30",
-    ]
-
-
-def _wait_for_first_request(host, proc, seconds=90):
-    deadline = time.monotonic() + seconds
-    while not host.requests:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the build never reached the host"
-        time.sleep(0.05)
-
-
+@pytest.mark.slow  # its build starts in tests/build_interrupt.py
 def test_ctrl_c_stops_a_build_with_one_line_that_says_to_resume(tmp_path):
     # SIGINT (Ctrl-C, ``kill -INT``) was a 30-line KeyboardInterrupt traceback out of the download
     # pool's wait, exit -2, and never said the build resumes. Sent to the build process alone; the
     # terminal's Ctrl-C to the whole process group is test_review_dataset_build7.py's.
-    ids = [f"vid{i:08d}" for i in range(4)]
-    inp, out = tmp_path / "in.csv", tmp_path / "out"
-    inp.write_text("video_id,title\n" + "".join(f"{vid},title {vid}\n" for vid in ids))
-    with FakeThumbnailHost({vid: "slow" for vid in ids}, slow_seconds=20, max_lifetime=120) as host:
-        proc = subprocess.Popen(
-            _build_command(inp, out, host.url_template),
-            cwd=ROOT,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # away from pytest's terminal and its signals
-        )
-        try:
-            _wait_for_first_request(host, proc)
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    with slow_build(tmp_path) as (host, proc, out):
+        wait_for_requests(host, proc, 1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    ours = [line for line in err.splitlines() if line.startswith("[dataset_tools]")]
-    assert ours == [
-        "[dataset_tools] build stopped by SIGINT (Ctrl-C); run the same command again to resume "
-        "(complete shards are kept)"
-    ]
+    assert dataset_tools_lines(err) == [STOPPED_BY_CTRL_C]
     assert not any(name.endswith("_stats.json") for name in os.listdir(out))  # no shard taken as done
 
 

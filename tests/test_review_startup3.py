@@ -6,9 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
+from rendezvous_ranks import finish
 from worker_ports import free_port
 
 from vutrain.distributed import remove_stale_baton
@@ -74,16 +74,8 @@ def _start_two_ranks(extensions_dir: str, path: str, timeout_s: float) -> list[t
                 text=True,
             )
         )
-    deadline = time.monotonic() + timeout_s
-    results = []
-    for proc in procs:
-        try:
-            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append((proc.returncode, err))
-        except subprocess.TimeoutExpired:
-            proc.kill()  # ninja has not run (or is the shim): nothing of it outlives the rank
-            results.append((None, proc.communicate()[1]))
-    return results
+    # A rank still running is killed: ninja has not run (or is the shim), nothing of it outlives the rank.
+    return finish(procs, timeout_s, stderr=True)
 
 
 @pytest.mark.slow

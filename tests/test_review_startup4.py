@@ -3,10 +3,10 @@ stop in one line that names the world size, not after the group's timeout with "
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
+import pytest
+from rendezvous_ranks import finish, rank_env, start
 from worker_ports import free_port
 
 # A rank as train.py starts it: init_distributed, and the one line train.py prints when it fails.
@@ -28,34 +28,15 @@ def _run_ranks(world_sizes: list[int], timeout_minutes: float, wait_s: float) ->
     """(exit code, or None when still running after `wait_s`; output) of real CPU ranks 0, 1, ...
     started with the given WORLD_SIZEs at one rendezvous on 127.0.0.1."""
     port = free_port()
-    procs = []
-    for rank, world in enumerate(world_sizes):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONWARNINGS="ignore")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", RANK_SCRIPT, str(timeout_minutes)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    results = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=wait_s)
-            results.append((proc.returncode, out))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            results.append((None, proc.communicate()[0]))
-    return results
+    cmd = [sys.executable, "-c", RANK_SCRIPT, str(timeout_minutes)]
+    return finish([start(cmd, rank_env(rank, world, port)) for rank, world in enumerate(world_sizes)], wait_s)
 
 
 def _error_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.slow  # its ranks start in tests/rendezvous_ranks.py
 def test_ranks_with_different_world_sizes_stop_at_once_naming_both():
     """Rank 0 told WORLD_SIZE=2, ranks 1 and 2 told 3 (a group timeout of 1 minute): every rank
     exits 1 within 40 s with one line naming both world sizes and WORLD_SIZE (before: all waited
@@ -69,6 +50,7 @@ def test_ranks_with_different_world_sizes_stop_at_once_naming_both():
         assert "WORLD_SIZE" in lines[0], lines[0]
 
 
+@pytest.mark.slow  # its ranks start in tests/rendezvous_ranks.py
 def test_a_rank_that_never_comes_is_named_by_the_world_size():
     """WORLD_SIZE=3 but only ranks 0 and 1 start (a group timeout of 6 s): both exit 1 with one line
     saying 2 of the 3 ranks of WORLD_SIZE arrived (before: "DistStoreError: wait timeout")."""

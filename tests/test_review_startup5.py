@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
+from rendezvous_ranks import finish, rank_env, start
 from worker_ports import free_port
 
 from vutrain import train
@@ -34,28 +34,11 @@ def _start_ranks(tmp_path, configs: list[str], extra: list[str]) -> list[subproc
     port = free_port()
     procs = []
     for rank, config in enumerate(configs):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(len(configs)), LOCAL_RANK="0", LOCAL_SIZE="1")
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONWARNINGS="ignore")
-        env.update(VUTRAIN_EARLY_FAILURE_WAIT_S="20", VUTRAIN_DEVICE="cpu", DS_ACCELERATOR="cpu")
-        env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        env = rank_env(rank, len(configs), port, VUTRAIN_EARLY_FAILURE_WAIT_S="20")
+        env.update(VUTRAIN_DEVICE="cpu", DS_ACCELERATOR="cpu")
         cmd = [sys.executable, ENTRY, "--config", config, f"output_dir={tmp_path / 'run'}", *extra]
-        out = subprocess.PIPE
-        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+        procs.append(start(cmd, env))
     return procs
-
-
-def _finish(procs: list[subprocess.Popen], wait_s: float) -> list[tuple[int | None, str]]:
-    """(exit code, or None when still running after `wait_s` in all; output) of each rank."""
-    deadline = time.monotonic() + wait_s
-    results = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            results.append((proc.returncode, out))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            results.append((None, proc.communicate()[0]))
-    return results
 
 
 def _error_lines(out: str) -> list[str]:
@@ -68,7 +51,7 @@ def test_a_rank_missing_its_config_stops_the_others_naming_it(tmp_path):
     30-minute group timeout)."""
     missing = str(tmp_path / "not_on_this_node.yaml")
     procs = _start_ranks(tmp_path, [tr.TINY, missing, tr.TINY], _shard_overrides(tmp_path))
-    results = _finish(procs, wait_s=60)
+    results = finish(procs, wait_s=60)
     for rank in (0, 2):
         code, out = results[rank]
         assert code == 1, f"rank {rank} did not stop in time (exit {code}):\n{out[-3000:]}"
@@ -84,7 +67,7 @@ def test_rank_0_missing_its_config_stops_the_others_naming_it(tmp_path):
     which passed its checks, exits within 60 s with one line naming rank 0 and the file."""
     missing = str(tmp_path / "not_on_node_0.yaml")
     procs = _start_ranks(tmp_path, [missing, tr.TINY], _shard_overrides(tmp_path))
-    results = _finish(procs, wait_s=60)
+    results = finish(procs, wait_s=60)
     code, out = results[0]
     assert code == 2, out[-3000:]
     assert [line for line in _error_lines(out) if line.startswith("config error:")], out[-3000:]

@@ -4,12 +4,11 @@ rendezvous; the process group's timeout is set by VUTRAIN_DIST_TIMEOUT_MIN."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import sys
 
 import pytest
+from rendezvous_ranks import finish, rank_env, start
 from worker_ports import free_port
 
 from vutrain import distributed
@@ -38,35 +37,9 @@ print("told:", distributed.tell_peers_of_early_failure(info, "config error: x", 
 """
 
 
-def _env(rank: int, world: int, port: int, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
-    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
-    env.pop("VUTRAIN_DIST_TIMEOUT_MIN", None)
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONWARNINGS="ignore", **extra)
-    return env
-
-
 def _run(script: str, envs: list[dict[str, str]], wait_s: float) -> list[tuple[int | None, str]]:
-    """(exit code, or None when still running after `wait_s`; output) of one process per env."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", script],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for env in envs
-    ]
-    results = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=wait_s)
-            results.append((proc.returncode, out))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            results.append((None, proc.communicate()[0]))
-    return results
+    """(exit code, or None when still running `wait_s` after the start; output) of one process per env."""
+    return finish([start([sys.executable, "-c", script], env) for env in envs], wait_s)
 
 
 def _error_lines(out: str) -> list[str]:
@@ -83,12 +56,13 @@ def port_held_by_another_program():
         yield port
 
 
+@pytest.mark.slow  # its ranks start in tests/rendezvous_ranks.py
 def test_a_port_held_by_another_program_stops_every_rank_in_one_line(port_held_by_another_program):
     """Rank 0 cannot bind MASTER_PORT (another program listens there) and says EADDRINUSE; rank 1,
     connected to that program, says within seconds that it is no rendezvous store and to set
     MASTER_PORT (before: it waited forever, whatever the group's timeout)."""
     port = port_held_by_another_program
-    envs = [_env(rank, 2, port, VUTRAIN_DIST_TIMEOUT_MIN="1") for rank in (0, 1)]
+    envs = [rank_env(rank, 2, port, VUTRAIN_DIST_TIMEOUT_MIN="1") for rank in (0, 1)]
     results = _run(RANK_SCRIPT, envs, wait_s=30)
     code0, out0 = results[0]
     assert code0 == 1 and "EADDRINUSE" in out0, out0[-3000:]
@@ -100,18 +74,20 @@ def test_a_port_held_by_another_program_stops_every_rank_in_one_line(port_held_b
     assert f"another program holds port {port}" in lines[0] and "set MASTER_PORT" in lines[0], lines[0]
 
 
+@pytest.mark.slow  # its ranks start in tests/rendezvous_ranks.py
 def test_a_rank_that_failed_early_exits_when_another_program_holds_the_port(port_held_by_another_program):
     """A rank whose config failed before the rendezvous tries to tell rank 0 for 5 s; with another
     program on the port it gives up and exits (before: it never exited)."""
-    env = _env(1, 2, port_held_by_another_program)
+    env = rank_env(1, 2, port_held_by_another_program)
     [(code, out)] = _run(EARLY_FAILURE_SCRIPT, [env], wait_s=30)
     assert code == 0 and "told: False" in out, f"exit {code}:\n{out[-3000:]}"
 
 
+@pytest.mark.slow  # its ranks start in tests/rendezvous_ranks.py
 def test_the_group_timeout_is_set_by_its_variable():
     """VUTRAIN_DIST_TIMEOUT_MIN=0.05 (3 s): rank 0 of a world of 2 whose peer never comes stops within
     seconds naming the 3 s (before: the fixed 30 minutes)."""
-    envs = [_env(0, 2, free_port(), VUTRAIN_DIST_TIMEOUT_MIN="0.05")]
+    envs = [rank_env(0, 2, free_port(), VUTRAIN_DIST_TIMEOUT_MIN="0.05")]
     [(code, out)] = _run(RANK_SCRIPT, envs, wait_s=40)
     assert code == 1, f"rank 0 still waiting (exit {code}):\n{out[-3000:]}"
     lines = _error_lines(out)

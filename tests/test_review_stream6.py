@@ -4,48 +4,23 @@ JSONDecodeError, through the real eval stream, training stream and tokenizer tex
 Real tar shards written with tarfile, real JPEGs; the streams read them as in a run.
 """
 
-import io
 import json
-import tarfile
 
-import numpy as np
-import torch
-from PIL import Image
+from tar_shards import image_bytes, length_ids, one_rank_stream, to_tensor, write_members
 
-from vutrain.data import TrainStream, ValStream
+from vutrain.data import ValStream
 from vutrain.data.tokenizer import iter_shard_texts
 
-IMAGE = 8
 INVISIBLE_TITLES = ["\u200b", "\u2060\ufeff", "\u00ad", " \u200b\u200d ", "\u3164", "\u2800"]
 HUGE_NUMBER_JSON = '{"title": "a cat", "views": ' + "1" * 5000 + "}"
 DEEP_JSON = '{"title": "a dog", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
 
 
-def _jpeg() -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.full((IMAGE, IMAGE, 3), 128, np.uint8)).save(out, "JPEG")
-    return out.getvalue()
-
-
 def _write_shard(path, samples: list[tuple[str, str]]) -> str:
     """``samples``: (key, .json text) pairs, each with the same JPEG."""
-    jpeg = _jpeg()
-    with tarfile.open(path, "w") as tar:
-        for key, meta in samples:
-            for ext, data in (("jpg", jpeg), ("json", meta.encode("utf-8"))):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
-def _preprocess(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
-
-
-def _tokenize(captions: list[str]) -> dict:
-    ids = torch.tensor([[len(c)] for c in captions])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    jpeg = image_bytes()
+    pairs = [((f"{key}.jpg", jpeg), (f"{key}.json", meta.encode("utf-8"))) for key, meta in samples]
+    return write_members(path, [member for pair in pairs for member in pair])
 
 
 def _titles(titles: list[str]) -> list[tuple[str, str]]:
@@ -56,7 +31,7 @@ def test_caption_of_invisible_characters_only_is_skipped_as_no_caption(tmp_path)
     visible = ["a cat", "\u200bzero-width before a word"]
     shard = _write_shard(tmp_path / "val.tar", _titles(INVISIBLE_TITLES + visible))
 
-    stream = ValStream(shard, preprocess=_preprocess, tokenize=_tokenize, batch_size=16)
+    stream = ValStream(shard, preprocess=to_tensor, tokenize=length_ids, batch_size=16)
     (batch,) = list(stream)
     assert batch["keys"] == [f"{i:04d}" for i in range(len(INVISIBLE_TITLES), len(INVISIBLE_TITLES) + 2)]
     # no visible title and no .txt: missing_caption, as a blank title (a {txt} of them is empty_caption)
@@ -69,7 +44,7 @@ def test_json_that_json_rejects_with_valueerror_or_recursion_is_bad_json_in_eval
     samples = [("0000", HUGE_NUMBER_JSON), ("0001", DEEP_JSON), ("0002", json.dumps({"title": "ok"}))]
     shard = _write_shard(tmp_path / "val.tar", samples)
 
-    stream = ValStream(shard, preprocess=_preprocess, tokenize=_tokenize, batch_size=16)
+    stream = ValStream(shard, preprocess=to_tensor, tokenize=length_ids, batch_size=16)
     (batch,) = list(stream)  # raised ValueError / RecursionError out of the eval before
     assert batch["keys"] == ["0002"]
     assert stream.skipped() == {"bad_json": 2}
@@ -81,18 +56,8 @@ def test_training_stream_counts_invisible_captions_and_unparsable_json_under_the
         (f"b{i + 2}", json.dumps({"title": t})) for i, t in enumerate(INVISIBLE_TITLES)
     ]
     shard = _write_shard(tmp_path / "train.tar", bad + [("good", json.dumps({"title": "a cat"}))])
-    stream = TrainStream(
-        shard,
-        preprocess=_preprocess,
-        tokenize=_tokenize,
-        batch_size=1,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        seed=0,
-        shuffle_buffer=1,  # tar order: every bad sample is drawn before the good one
-        num_samples=1,
-    )
+    # shuffle_buffer 1, tar order: every bad sample is drawn before the good one
+    stream = one_rank_stream(shard, num_samples=1, shuffle_buffer=1)
     with stream:
         batch = next(stream)
     assert batch["input_ids"].tolist() == [[len("a cat")]]

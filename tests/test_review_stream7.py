@@ -4,39 +4,18 @@ concatenated), read by the real tar reader and the real training stream, with an
 Real tar shards written with tarfile, real JPEGs.
 """
 
-import io
 import logging
-import tarfile
 
-import numpy as np
 import torch
-from PIL import Image
+from tar_shards import image_bytes, one_rank_stream, write_members
 
-from vutrain.data import TrainStream
 from vutrain.data.samples import iter_raw_samples
-
-IMAGE = 8
-
-
-def _jpeg() -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.full((IMAGE, IMAGE, 3), 128, np.uint8)).save(out, "JPEG")
-    return out.getvalue()
-
-
-def _write_members(path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _appended_shard(path) -> str:
     """Sample ``a`` written, then written again after it (as ``tar -r`` appends), then ``b``."""
-    jpeg = _jpeg()
-    return _write_members(
+    jpeg = image_bytes()
+    return write_members(
         path,
         [
             ("a.jpg", jpeg),
@@ -46,30 +25,6 @@ def _appended_shard(path) -> str:
             ("b.jpg", jpeg),
             ("b.txt", b"b"),
         ],
-    )
-
-
-def _preprocess(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
-
-
-def _tokenize(captions: list[str]) -> dict:
-    ids = torch.tensor([[len(c)] for c in captions])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _stream(shard: str, num_samples: int, shuffle_buffer: int = 2, tokenize=_tokenize) -> TrainStream:
-    return TrainStream(
-        shard,
-        preprocess=_preprocess,
-        tokenize=tokenize,
-        batch_size=1,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        seed=0,
-        shuffle_buffer=shuffle_buffer,
-        num_samples=num_samples,
     )
 
 
@@ -90,22 +45,22 @@ def test_a_repeated_member_starts_a_new_sample_in_full_and_header_only_reads(tmp
 
 def test_training_stream_trains_on_every_appended_sample_and_resumes_exactly(tmp_path):
     shard = _appended_shard(tmp_path / "appended.tar")
-    with _stream(shard, num_samples=3) as stream:
+    with one_rank_stream(shard, num_samples=3) as stream:
         epoch = [next(stream)["input_ids"].item() for _ in range(3)]
         assert sorted(epoch) == sorted(len(c) for c in ("first build", "second build!", "b"))
         state = stream.state_dict()
         following = [next(stream)["input_ids"].item() for _ in range(4)]
-    with _stream(shard, num_samples=3) as resumed:
+    with one_rank_stream(shard, num_samples=3) as resumed:
         resumed.load_state_dict(state)
         assert [next(resumed)["input_ids"].item() for _ in range(4)] == following
     assert stream.skipped() == {}
 
 
 def test_an_image_repeated_before_its_caption_is_counted_not_lost_silently(tmp_path):
-    jpeg = _jpeg()
+    jpeg = image_bytes()
     members = [("a.jpg", jpeg), ("a.jpg", jpeg), ("a.txt", b"cap"), ("b.jpg", jpeg), ("b.txt", b"bb")]
-    shard = _write_members(tmp_path / "twice.tar", members)
-    with _stream(shard, num_samples=2, shuffle_buffer=1) as stream:  # tar order
+    shard = write_members(tmp_path / "twice.tar", members)
+    with one_rank_stream(shard, num_samples=2, shuffle_buffer=1) as stream:  # tar order
         assert sorted(next(stream)["input_ids"].item() for _ in range(2)) == [2, 3]
     # The lone first image has no caption: skipped and counted (it vanished uncounted before).
     assert stream.skipped() == {"missing_caption": 1}
@@ -126,8 +81,8 @@ def test_a_huge_caption_is_cut_before_the_tokenizer_with_the_same_tokens(tmp_pat
         return real_tokenize(captions)
 
     meta = ('{"title": "' + title + '"}').encode()
-    shard = _write_members(tmp_path / "huge.tar", [("a.jpg", _jpeg()), ("a.json", meta)])
-    with _stream(shard, num_samples=1, tokenize=tokenize) as stream:
+    shard = write_members(tmp_path / "huge.tar", [("a.jpg", image_bytes()), ("a.json", meta)])
+    with one_rank_stream(shard, num_samples=1, tokenize=tokenize) as stream:
         batch = next(stream)
     # Before: the whole text went to the tokenizer (5 MB: 40 s and 1.5 GB of a loader worker).
     assert lengths == [MAX_CAPTION_CHARS]

@@ -5,40 +5,18 @@ training stream (with an exact resume) and the world-size change's key listing a
 Real tar shards written with tarfile, real JPEG and PNG images.
 """
 
-import io
 import logging
-import tarfile
 
-import numpy as np
-import torch
-from PIL import Image
+from tar_shards import image_bytes, one_rank_stream, write_members
 
-from vutrain.data import TrainStream
 from vutrain.data.epoch_remainder import _read_in_order, _read_keys
 from vutrain.data.samples import decode_sample_bytes, iter_raw_samples
-
-IMAGE = 8
-
-
-def _image(fmt: str, grey: int) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.full((IMAGE, IMAGE, 3), grey, np.uint8)).save(out, fmt)
-    return out.getvalue()
-
-
-def _write_members(path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _odd_shard(path) -> str:
     """Members in sorted tar order, as ``tar cf`` of a folder writes them (``_`` sorts before letters)."""
-    jpeg, png = _image("JPEG", 100), _image("PNG", 200)
-    return _write_members(
+    jpeg, png = image_bytes("JPEG", 100), image_bytes("PNG", 200)
+    return write_members(
         path,
         [
             ("a.__key__", b"someone else's key"),
@@ -52,32 +30,8 @@ def _odd_shard(path) -> str:
             ("c.txt", b"ccc"),
             ("d.jpeg", jpeg),
             ("d.txt", b"dddd"),
-            ("d.webp", _image("WEBP", 50)),
+            ("d.webp", image_bytes("WEBP", 50)),
         ],
-    )
-
-
-def _preprocess(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
-
-
-def _tokenize(captions: list[str]) -> dict:
-    ids = torch.tensor([[len(c)] for c in captions])
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def _stream(shard: str, num_samples: int) -> TrainStream:
-    return TrainStream(
-        shard,
-        preprocess=_preprocess,
-        tokenize=_tokenize,
-        batch_size=1,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        seed=0,
-        shuffle_buffer=2,
-        num_samples=num_samples,
     )
 
 
@@ -114,17 +68,17 @@ def test_a_sample_with_two_images_trains_on_the_preferred_one(tmp_path):
     shard = _odd_shard(tmp_path / "odd.tar")
     c = next(s for s in iter_raw_samples(shard) if s["__key__"] == "c")
     image, caption, _ = decode_sample_bytes(c, "{txt}")
-    assert (image, caption) == (_image("JPEG", 100), "ccc")
+    assert (image, caption) == (image_bytes("JPEG", 100), "ccc")
 
 
 def test_training_stream_trains_on_every_sample_counts_the_ignored_members_and_resumes_exactly(tmp_path):
     shard = _odd_shard(tmp_path / "odd.tar")
-    with _stream(shard, num_samples=4) as stream:
+    with one_rank_stream(shard, num_samples=4) as stream:
         epoch = [next(stream)["input_ids"].item() for _ in range(4)]
         assert sorted(epoch) == [1, 2, 3, 4]  # before: b was lost (counted as two bad samples)
         state = stream.state_dict()
         following = [next(stream)["input_ids"].item() for _ in range(5)]
-    with _stream(shard, num_samples=4) as resumed:
+    with one_rank_stream(shard, num_samples=4) as resumed:
         resumed.load_state_dict(state)
         assert [next(resumed)["input_ids"].item() for _ in range(5)] == following
     # Counted as the shard is read (two passes and the shuffle buffer's read-ahead), replays not again.
