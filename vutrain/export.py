@@ -67,7 +67,7 @@ def load_run_tokenizer_and_processor(cfg, run_dir: str, tag_dir: str | None = No
     it may allow more tokens (10**30 when saved without a limit) than the text tower has
     positions, and the exported one then let `truncation=True` run past them. A preset's is the
     folder of the run holding the tokenizer the checkpoint in ``tag_dir`` records
-    (`recorded_tokenizer_dir`).
+    (`recorded_tokenizer_dir`), with the preset's context length as its model_max_length too.
     """
     from transformers import AutoTokenizer
 
@@ -86,7 +86,15 @@ def load_run_tokenizer_and_processor(cfg, run_dir: str, tag_dir: str | None = No
     damage = ckpt.tokenizer_load_error(tok_dir)  # a truncated tokenizer.json: a JSONDecodeError traceback
     if damage is not None:
         raise ExportError(f"{tok_dir} does not load ({damage}): {RESTORE_TOKENIZER}")
-    return AutoTokenizer.from_pretrained(tok_dir), preset_image_processor(preset_dims(cfg.model)[0])
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    image_size, context_length = preset_dims(cfg.model)
+    # The run cut captions at the context length it trained with (tokenize_batch's max_length), not
+    # at the limit saved with the tokenizer: a start that died before its first checkpoint and was
+    # restarted with a smaller model.context_length reused the tokenizer saved for the larger one,
+    # and the export's `truncation=True` ran past the text tower's positions (a ValueError).
+    tokenizer.model_max_length = context_length
+    tokenizer.padding_side = "right"
+    return tokenizer, preset_image_processor(image_size)
 
 
 def recorded_tokenizer_dir(run_dir: str, tag_dir: str) -> str:
