@@ -524,12 +524,78 @@ checked_exit_status() {
     fi
 }
 
+# children_of PID...: the processes whose parent is one of PID... (from /proc, since pgrep is
+# missing where procps is, e.g. slim containers)
+children_of() {
+    local stat line fields
+    for stat in /proc/[0-9]*/stat; do
+        { read -r line <"$stat"; } 2>/dev/null || continue  # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis
+        read -ra fields <<<"${line##*) }"
+        if [[ " $* " == *" ${fields[1]} "* ]]; then echo "${line%% *}"; fi
+    done
+}
+
+# process_running PID: true while PID runs (false once it exited, also as an unreaped zombie, which
+# kill -0 still finds).
+process_running() {
+    local line
+    { read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
+    line="${line##*) }"
+    [[ "${line:0:1}" != Z ]]
+}
+
+# runner_started_launch_py RUNNER: true when a child of RUNNER runs DeepSpeed's launch.py (what a
+# real runner starts on its own node, local.sh's or ds_node.sh's; a stand-in launcher never does). The kernel's children list of the
+# runner where it has one, else the /proc scan.
+runner_started_launch_py() {
+    local kids child
+    kids="$(cat "/proc/$1/task/$1/children" 2>/dev/null)" || kids="$(children_of "$1")"
+    for child in $kids; do
+        grep -qzxF deepspeed.launcher.launch "/proc/$child/cmdline" 2>/dev/null && return 0
+    done
+    return 1
+}
+
+# wait_for_runner PID: wait until the runner PID (a child of this shell) has exited, however often
+# a trapped signal interrupts `wait` (it returns early, status > 128, for each). Polls every 0.1 s
+# until the runner has started its launch.py: a launch.py killed while it still imports DeepSpeed
+# (seconds, before it writes its --save_pid file and before any rank) makes the runner exit 0, and
+# only this sighting tells that from a launcher that never starts one. Sets RUNNER_RC (its exit
+# status) and LAUNCH_PY_SEEN (1 once launch.py was seen).
+wait_for_runner() {
+    LAUNCH_PY_SEEN=0
+    while process_running "$1"; do
+        if (( LAUNCH_PY_SEEN == 0 )); then
+            if runner_started_launch_py "$1"; then LAUNCH_PY_SEEN=1; else sleep 0.1; fi
+            continue
+        fi
+        wait "$1" || true
+    done
+    RUNNER_RC=0
+    wait "$1" || RUNNER_RC=$?
+}
+
+# clear_launch_pid_file PID: remove /tmp/PID.deepspeed before the runner that will have pid PID
+# starts (called in the subshell that then execs it, so no launch can race it), or stop in one line
+# naming it and its owner. DeepSpeed's launch.py, given --save_pid, refuses to start while that file
+# exists ("AssertionError: pid file exists but shouldn't"), and a stale one is left by a launch.py
+# killed after it came up whose pid is now reused. Another user's, in sticky /tmp, cannot be removed:
+# the run stopped with launch.py's traceback and no line of the launcher's own.
+clear_launch_pid_file() {
+    local file="/tmp/$1.deepspeed" owner
+    rm -f "$file" 2>/dev/null || true
+    [[ -e "$file" ]] || return 0
+    owner="$(stat -c %U -- "$file" 2>/dev/null || echo "another user")"
+    die "$file, a stale DeepSpeed pid file owned by $owner, cannot be removed and DeepSpeed's launch.py refuses to start while it exists (its runner would have pid $1). Rerun (the runner then gets another pid), and have $owner or root remove it: rm $file"
+}
+
 # launch_py_came_up FILE: 1 (and FILE removed) when DeepSpeed's launch.py, given --save_pid, left
 # FILE (/tmp/<runner pid>.deepspeed: written as it comes up, before any rank starts, and removed
 # only when it handles a signal itself), else 0.
 launch_py_came_up() {
     [[ -e "$1" ]] || { echo 0; return 0; }
-    rm -f "$1"
+    rm -f "$1" 2>/dev/null || true
     echo 1
 }
 

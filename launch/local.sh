@@ -180,39 +180,6 @@ OUT_DIR="$(run_output_dir "$@")"
 hold_run_lock "$OUT_DIR"
 RUN_STAMP="$(run_config_stamp "$OUT_DIR")"
 
-# children_of PID...: the processes whose parent is one of PID... (from /proc, since pgrep is
-# missing where procps is, e.g. slim containers)
-children_of() {
-    local stat line fields
-    for stat in /proc/[0-9]*/stat; do
-        { read -r line <"$stat"; } 2>/dev/null || continue  # gone meanwhile
-        # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis
-        read -ra fields <<<"${line##*) }"
-        if [[ " $* " == *" ${fields[1]} "* ]]; then echo "${line%% *}"; fi
-    done
-}
-
-# process_running PID: true while PID runs (false once it exited, also as an unreaped zombie, which
-# kill -0 still finds).
-process_running() {
-    local line
-    { read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
-    line="${line##*) }"
-    [[ "${line:0:1}" != Z ]]
-}
-
-# runner_started_launch_py RUNNER: true when a child of RUNNER runs DeepSpeed's launch.py (what a
-# real runner starts on one node; a stand-in launcher never does). The kernel's children list of the
-# runner where it has one, else the /proc scan.
-runner_started_launch_py() {
-    local kids child
-    kids="$(cat "/proc/$1/task/$1/children" 2>/dev/null)" || kids="$(children_of "$1")"
-    for child in $kids; do
-        grep -qzxF deepspeed.launcher.launch "/proc/$child/cmdline" 2>/dev/null && return 0
-    done
-    return 1
-}
-
 # status_of_signalled_runner RC OUT_DIR STAMP: 75 when the runner failed (RC neither 0 nor 75) in a
 # launch whose trainer started (config.yaml's stamp changed from STAMP; the trainer deletes an old
 # preempted.json at its start) and left preempted.json (written only after a checkpoint of every
@@ -250,7 +217,7 @@ signal_ranks() {
     fi
 }
 
-# The runner is not exec'd: on one node it installs no signal handler, so a TERM or USR1 sent to
+# The runner is not exec'd in place of this script: on one node it installs no signal handler, so a TERM or USR1 sent to
 # this pid (`kill PID`, `docker stop`, a supervisor) killed the runner alone (exit 143/138) while
 # launch.py and the ranks trained on, orphaned, with no checkpoint. TERM and USR1 go to the ranks
 # instead (the children of launch.py, the runner's child): they checkpoint and exit 75, which
@@ -260,31 +227,24 @@ signal_ranks() {
 # <&0: a background job's stdin would be /dev/null (a breakpoint() in a rank needs the terminal)
 # VUTRAIN_LAUNCH_ID: every process of this launch carries it (stop_launch_leftovers finds them by it).
 LAUNCH_ID="$$-$(date +%s%N)-$RANDOM"
-VUTRAIN_LAUNCH_ID="$LAUNCH_ID" "${launcher[@]}" "$TRAIN_PY" "$@" <&0 &
+# The subshell clears a stale --save_pid file of its own pid, the runner's once it execs
+# (clear_launch_pid_file: exit 2 with one line when it cannot).
+(
+    clear_launch_pid_file "$BASHPID"
+    export VUTRAIN_LAUNCH_ID="$LAUNCH_ID"
+    exec "${launcher[@]}" "$TRAIN_PY" "$@"
+) <&0 &
 launcher_pid=$!
-# The runner imports DeepSpeed for seconds before launch.py writes this file; a stale one (a pid
-# reused after a launch that was itself killed) would stop launch.py with an AssertionError.
 LAUNCH_PID_FILE="/tmp/$launcher_pid.deepspeed"
-rm -f "$LAUNCH_PID_FILE" 2>/dev/null || true
 trap 'signal_ranks TERM' TERM
 trap 'signal_ranks USR1' USR1
 trap ':' INT
-# Polled until the runner has started its launch.py: a launch.py killed while it still imports
-# DeepSpeed (seconds, before it writes LAUNCH_PID_FILE) made the runner exit 0, and local.sh took
-# that for a finished run. Then wait returns early (status > 128) when a trapped signal arrives;
-# wait again until the launcher has exited, then collect its status.
-launch_py_seen=0
-while process_running "$launcher_pid"; do
-    if (( launch_py_seen == 0 )); then
-        if runner_started_launch_py "$launcher_pid"; then launch_py_seen=1; else sleep 0.1; fi
-        continue
-    fi
-    wait "$launcher_pid" || true
-done
-launcher_rc=0
-wait "$launcher_pid" || launcher_rc=$?
+# A launch.py killed while it still imports DeepSpeed (before it writes LAUNCH_PID_FILE) made the
+# runner exit 0, and local.sh took that for a finished run: wait_for_runner watches for it.
+wait_for_runner "$launcher_pid"
+launcher_rc="$RUNNER_RC"
 launched="$(launch_py_came_up "$LAUNCH_PID_FILE")"
-(( launch_py_seen == 0 )) || launched=1
+(( LAUNCH_PY_SEEN == 0 )) || launched=1
 # Ranks whose launch.py was killed train on after the runner returned; stopped before the run
 # directory is read, since they may still write its preempted.json.
 trap '' TERM USR1

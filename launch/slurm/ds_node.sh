@@ -9,7 +9,9 @@
 # --no_ssh: each node starts its own ranks; no ssh/pdsh between nodes is needed. DeepSpeed reads
 # .deepspeed_env only when it fans out over ssh itself, so the file is loaded here instead.
 # Exit status: the runner's, except a 0 that hides a launch.py killed by a signal (see the end):
-# ranks it left running get SIGTERM (they checkpoint), SIGKILL VUTRAIN_LEFTOVER_WAIT s later (300).
+# ranks it left running get SIGTERM (they checkpoint), SIGKILL VUTRAIN_LEFTOVER_WAIT s later (300);
+# 1 with one line for a launch.py killed while it imported DeepSpeed (this node started no rank);
+# 2 with one line for a stale /tmp/<runner pid>.deepspeed that cannot be removed.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -71,27 +73,39 @@ trap '' USR1
 # teardown finds by process tree (proctrack/linuxproc), while the job was reported COMPLETED.
 # VUTRAIN_LAUNCH_ID marks every process of this node's launch (stop_launch_leftovers finds them by
 # it); --save_pid makes launch.py leave /tmp/<runner pid>.deepspeed, the sign that it came up.
+# The subshell clears a stale --save_pid file of its own pid, the runner's once it execs
+# (clear_launch_pid_file: exit 2 with one line when it cannot).
 LAUNCH_ID="$$-$(date +%s%N)-$RANDOM"
-VUTRAIN_LAUNCH_ID="$LAUNCH_ID" "${PYTHON:-python}" -u -m deepspeed.launcher.runner \
-    --hostfile "$hostfile" --no_ssh --node_rank "$node_rank" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --save_pid \
-    "$(train_script "$ROOT")" "$@" &
+train_py="$(train_script "$ROOT")"
+(
+    clear_launch_pid_file "$BASHPID"
+    export VUTRAIN_LAUNCH_ID="$LAUNCH_ID"
+    exec "${PYTHON:-python}" -u -m deepspeed.launcher.runner \
+        --hostfile "$hostfile" --no_ssh --node_rank "$node_rank" \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --save_pid \
+        "$train_py" "$@"
+) &
 runner_pid=$!
-# A stale file (a pid reused after a launch that was itself killed) would stop launch.py.
 LAUNCH_PID_FILE="/tmp/$runner_pid.deepspeed"
-rm -f "$LAUNCH_PID_FILE" 2>/dev/null || true
 # SLURM's TERM (scancel, the time limit) reaches the runner, launch.py and the ranks directly; this
 # shell, the step's task, waits on, so the step is not torn down while the ranks checkpoint.
 trap ':' TERM
-while kill -0 "$runner_pid" 2>/dev/null; do
-    wait "$runner_pid" || true
-done
-runner_rc=0
-wait "$runner_pid" || runner_rc=$?
+wait_for_runner "$runner_pid"
+runner_rc="$RUNNER_RC"
 trap '' TERM
 launched="$(launch_py_came_up "$LAUNCH_PID_FILE")"
 leftovers=0
 stop_launch_leftovers "$LAUNCH_ID" "$LEFTOVER_WAIT" && leftovers=1
+# A launch.py seen running that exited before writing its --save_pid file (which it leaves on every
+# exit 0 of its own) was killed while it imported DeepSpeed: the runner's 0 hides a node that
+# started no rank. On any node, the only one included; elsewhere the other nodes then waited at the
+# rendezvous until srun ended them, a failed job that no line explained.
+if [[ "$runner_rc" == 0 && "$launched" == 0 ]] && (( LAUNCH_PY_SEEN == 1 )); then
+    others=""
+    (( node_count == 1 )) || others=", and the job's other nodes wait at the rendezvous until srun ends them"
+    log "ERROR: node $me: the launcher exited 0, but its launch.py died before it came up (no $LAUNCH_PID_FILE; killed by a signal, kill -9 or the OOM killer, while it imported DeepSpeed): this node started no rank$others. Resubmit the same command; it resumes from the newest checkpoint."
+    exit 1
+fi
 # The runner's 0 is checked against the run directory where this node can judge it: on the only
 # node (its ranks wrote their end marker before exiting), or when its ranks outlived launch.py (it
 # died of a signal). Another node's 0 is left to deepspeed.sbatch, which checks once every node ended.
