@@ -416,25 +416,42 @@ def run_sweep(args: argparse.Namespace, argv, batch_sizes: list[int], previous: 
         "commit": commit(),
         "command": "python -m vutrain.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    for spec in sweep_specs(args, batch_sizes, data["train_shards"], work):
-        proc = subprocess.run(
-            [sys.executable, "-m", "vutrain.bench", "--one", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-        )
-        row = result_row(proc, spec)
-        row["date"] = datetime.date.today().isoformat()
-        row.update(run)
-        results.append(row)
-        print(table([row]).splitlines()[-1], flush=True)
-        # After every configuration: a run stopped by a time limit keeps what it measured.
-        write_rows(args.out, previous + results)
+    specs = sweep_specs(args, batch_sizes, data["train_shards"], work)
+    try:
+        for spec in specs:
+            proc = subprocess.run(
+                [sys.executable, "-m", "vutrain.bench", "--one", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+            )
+            row = result_row(proc, spec)
+            row["date"] = datetime.date.today().isoformat()
+            row.update(run)
+            results.append(row)
+            print(table([row]).splitlines()[-1], flush=True)
+            # After every configuration: a run stopped by a time limit keeps what it measured,
+            # marked partial until the last configuration has run (a SIGKILL leaves the mark).
+            write_rows(args.out, previous + marked(results, partial=True))
+    except SweepStopped:
+        # Without a mark, the rows of a stopped sweep read as a finished sweep's; only the
+        # configurations missing from the file told them apart.
+        stopped = f"SIGTERM after {len(results)} of {len(specs)} configurations"
+        write_rows(args.out, previous + marked(results, partial=True, stopped_by=stopped))
+        print("\n" + table(results) + f"\n\npartial: stopped by {stopped}", flush=True)
+        raise
+    write_rows(args.out, previous + marked(results, partial=False))
     print("\n" + table(results))
     print(
         f"\nwrote {args.out} ({len(results)} rows of this run, run_started {run['run_started']}; "
         f"{len(previous)} earlier rows kept) on {results[0].get('device', device_name())}"
     )
     return 0 if all("error" not in r and "exit_code" not in r for r in results) else 1
+
+
+def marked(rows: list[dict], **marks) -> list[dict]:
+    """``rows`` with ``marks`` (``partial``, ``stopped_by``) set on each: whether the sweep they
+    belong to ran every configuration, as the comparison's JSON says with ``partial``."""
+    return [dict(row, **marks) for row in rows]
 
 
 def result_row(proc: subprocess.CompletedProcess, spec: dict) -> dict:

@@ -139,7 +139,11 @@ class TrainerStep:
             "train.max_steps=100000",
             "train.checkpoint_every=0",
             "train.progress_bar=false",
-            "train.resume=never",
+            # auto, not never: the run folder is this comparison's own and never gets a checkpoint
+            # (checkpoint_every=0), so every configuration after the first loads the first's
+            # tokenizer, the one the pool was tokenized with. With never, each trained it again and
+            # moved the previous one aside ("moved the previous run's tokenizer aside").
+            "train.resume=auto",
             "data.num_workers=0",
             f"loss.backend={variant.loss_backend}",
             f"train.compile={str(variant.compiled).lower()}",
@@ -753,6 +757,9 @@ def compare(
     from vutrain.distributed import cleanup, init_distributed, resolve_dist_env
     from vutrain.model import PRESETS
 
+    # At least 256 samples, not --pool: the preset tokenizer is trained on these captions, and from
+    # about 128 of them its vocabulary (the model's embedding table) is the synthetic data's whole
+    # (tiny: 365 tokens from 8 captions, 423 from 256, 426 from 2048): a small --pool keeps the model.
     data = write_synthetic(
         os.path.join(work, "data"),
         num_samples=max(args.pool, 256),
