@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import tempfile
+import traceback
 
 import pytest
 import torch
@@ -89,9 +92,7 @@ def _train(stage: int, rank: int, lean: bool, ds_config: str = "", accumulate: i
 
 
 def _compare(rank: int, world: int, ds_config: str = "", accumulate: int = 1) -> dict:
-    from vutrain.distributed import init_distributed, resolve_dist_env
-
-    init_distributed(resolve_dist_env())
+    """ZeRO-1 and 2, vutrain's reduction against DeepSpeed's (the process group is up)."""
     out = {}
     for stage in (1, 2):
         ours = _train(stage, rank, True, ds_config, accumulate)
@@ -117,9 +118,89 @@ def _check_equal_weights(results: list[dict]) -> None:
             assert r["deepspeed"].get("copy_", 0) >= r["trainable"], r
 
 
+def _compare_in_a_group(rank: int, world: int) -> dict:
+    from vutrain.distributed import init_distributed, resolve_dist_env
+
+    init_distributed(resolve_dist_env())
+    return _compare(rank, world)
+
+
+def _overlap_comm(rank: int, world: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = os.path.join(tmp, "ds.json")
+        with open(ds, "w", encoding="utf-8") as fh:
+            json.dump({"zero_optimization": {"overlap_comm": True}}, fh)
+        return _compare(rank, world, ds)
+
+
+def _zero1_and_zero2(rank: int, world: int) -> bool:
+    one, two = _train(1, rank, True), _train(2, rank, True)
+    return all(torch.equal(a, b) for a, b in zip(one["params"], two["params"]))
+
+
+# The one-rank runs of this module, by name: (worker, its extra arguments). They share one spawned
+# rank (the `one_rank_runs` fixture): each spawn paid ~20 s of imports (torch, DeepSpeed) and
+# process-group start before its first engine (a second each), once per test.
+ONE_RANK_RUNS = {
+    "accumulate 1": ("_compare", ("", 1)),
+    "accumulate 2": ("_compare", ("", 2)),
+    "overlap_comm": ("_overlap_comm", ()),
+    "zero1 and zero2": ("_zero1_and_zero2", ()),
+}
+
+
+def _run_of(item) -> str | None:
+    """The name in ONE_RANK_RUNS that test `item` reads (None for a test without one)."""
+    if item.originalname == "test_one_rank_skips_the_identity_reduction":
+        return f"accumulate {item.callspec.params['accumulate']}"
+    if item.originalname == "test_overlap_comm_is_left_to_deepspeed":
+        return "overlap_comm"
+    if item.originalname == "test_one_rank_zero1_trains_what_zero2_trains":
+        return "zero1 and zero2"
+    return None
+
+
+def _runs(rank: int, world: int, names: list[str]) -> dict:
+    """Each named run of ONE_RANK_RUNS in turn: {name: result}, or {name: the traceback} for the
+    first that raised (later ones are not run)."""
+    from vutrain.distributed import init_distributed, resolve_dist_env
+
+    init_distributed(resolve_dist_env())
+    out = {}
+    for name in names:
+        worker, args = ONE_RANK_RUNS[name]
+        try:
+            out[name] = globals()[worker](rank, world, *args)
+        except Exception:
+            out[name] = traceback.format_exc()
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank_runs(request):
+    """The one-rank runs the selected tests of this module read, on one spawned rank:
+    {name: result}."""
+    names = [n for n in ONE_RANK_RUNS if n in {_run_of(item) for item in request.session.items}]
+    return run_distributed(_runs, 1, names, init_process_group=False, timeout_s=600)[0]
+
+
+def _result(one_rank_runs: dict, name: str):
+    """Run `name`'s result; a run that raised (or was not reached) fails the test with why."""
+    if name not in one_rank_runs:
+        pytest.fail(f"run {name!r} not reached (an earlier run raised: {list(one_rank_runs)})")
+    if isinstance(one_rank_runs[name], str):
+        pytest.fail(f"run {name!r} raised\n{one_rank_runs[name]}")
+    return one_rank_runs[name]
+
+
+# One worker of pytest-xdist runs them all: the runs are shared through a module-scoped fixture.
+pytestmark = pytest.mark.xdist_group("grad_reduction")
+
+
 @pytest.mark.slow  # spawns 2 rank processes, 4 small engines each
 def test_two_ranks_copy_the_bucket_back_in_one_multi_tensor_copy():
-    results = run_distributed(_compare, 2, init_process_group=False, timeout_s=600)
+    results = run_distributed(_compare_in_a_group, 2, init_process_group=False, timeout_s=600)
     _check_equal_weights(results)
     for by_stage in results:
         for stage, r in by_stage.items():
@@ -132,12 +213,13 @@ def test_two_ranks_copy_the_bucket_back_in_one_multi_tensor_copy():
                 assert r["hooks"][0] == r["hooks"][1] >= r["trainable"], r
 
 
+@pytest.mark.slow  # spawns a rank process
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_one_rank_skips_the_identity_reduction(accumulate):
+def test_one_rank_skips_the_identity_reduction(accumulate, one_rank_runs):
     """No reduction op at ZeRO-1 and 2, and no parameter filed into a bucket: at ZeRO-1 DeepSpeed
     files each once per step, at ZeRO-2 in a gradient hook per parameter, which the lean reduction
     removes on one rank; with two micro-batches per step too."""
-    results = run_distributed(_compare, 1, "", accumulate, init_process_group=False, timeout_s=600)
+    results = [_result(one_rank_runs, f"accumulate {accumulate}")]
     _check_equal_weights(results)
     for stage, r in results[0].items():
         for op in ("copy_", "_foreach_copy_", "cat", "allreduce_"):
@@ -152,10 +234,9 @@ def test_one_rank_skips_the_identity_reduction(accumulate):
     assert two["filed"][1] >= 3 * accumulate * two["trainable"], two  # filing it in every backward
 
 
-def test_overlap_comm_is_left_to_deepspeed(tmp_path):
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}}))
-    results = run_distributed(_compare, 1, str(ds), init_process_group=False, timeout_s=600)
+@pytest.mark.slow  # spawns a rank process
+def test_overlap_comm_is_left_to_deepspeed(one_rank_runs):
+    results = [_result(one_rank_runs, "overlap_comm")]
     _check_equal_weights(results)
     for stage, r in results[0].items():  # handed over: DeepSpeed's copies, one per gradient
         assert r["ours"].get("copy_", 0) >= r["trainable"], f"ZeRO-{stage}: {r['ours']}"
@@ -163,17 +244,10 @@ def test_overlap_comm_is_left_to_deepspeed(tmp_path):
         assert r["hooks"][0] == r["hooks"][1] >= r["trainable"], r  # overlap's bookkeeping: kept
 
 
-def _zero1_and_zero2(rank: int, world: int) -> bool:
-    from vutrain.distributed import init_distributed, resolve_dist_env
-
-    init_distributed(resolve_dist_env())
-    one, two = _train(1, rank, True), _train(2, rank, True)
-    return all(torch.equal(a, b) for a, b in zip(one["params"], two["params"]))
-
-
-def test_one_rank_zero1_trains_what_zero2_trains():
+@pytest.mark.slow  # spawns a rank process
+def test_one_rank_zero1_trains_what_zero2_trains(one_rank_runs):
     """On one rank ZeRO-1 gives ZeRO-2's weights, bit for bit."""
-    assert run_distributed(_zero1_and_zero2, 1, init_process_group=False, timeout_s=600) == [True]
+    assert _result(one_rank_runs, "zero1 and zero2") is True
 
 
 def test_copy_all_matches_a_loop_of_copies():

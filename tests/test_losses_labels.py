@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import traceback
 
 import pytest
 import torch
@@ -133,12 +134,44 @@ def _rank_results(rank, world, img_all, txt_all, labels_by_kind):
     return out
 
 
+def _rank_runs(rank, world, img_all, txt_all, labels_by_kind):
+    """This rank's runs on the module's batch: {"labels": _rank_results, and at world 4
+    "strided": _rank_siglip_strided_texts}, or the traceback of the first that raised (later ones
+    are not run: the ranks may be out of step after it)."""
+    runs = {"labels": lambda: _rank_results(rank, world, img_all, txt_all, labels_by_kind)}
+    if world == 4:  # world 4 runs both ring exchanges: one spawn of 4 ranks paid ~30 s of imports
+        runs["strided"] = lambda: _rank_siglip_strided_texts(rank, world, img_all, txt_all)
+    out = {}
+    for name, run in runs.items():
+        try:
+            out[name] = run()
+        except Exception:
+            out[name] = traceback.format_exc()
+            break
+    return out
+
+
 @functools.cache
 def spawn_once(world):
     img, txt = make_batch(world)
     labels = {k: make_labels(k, world) for k in KINDS}
-    res = run_distributed(_rank_results, world, img, txt, labels, env={"TRITON_INTERPRET": "0"})
+    res = run_distributed(_rank_runs, world, img, txt, labels, env={"TRITON_INTERPRET": "0"})
     return img, txt, labels, res
+
+
+def rank_results(world, name):
+    """Run `name`'s results by rank from `spawn_once(world)`; a run that raised (or was not
+    reached) fails the test with the rank's traceback."""
+    for rank, runs in enumerate(spawn_once(world)[3]):
+        if name not in runs:
+            pytest.fail(f"rank {rank}: run {name!r} not reached (an earlier run raised: {list(runs)})")
+        if isinstance(runs[name], str):
+            pytest.fail(f"rank {rank}: run {name!r} raised\n{runs[name]}")
+    return [runs[name] for runs in spawn_once(world)[3]]
+
+
+# One worker of pytest-xdist runs them all: each world size's ranks are spawned once per process.
+pytestmark = pytest.mark.xdist_group("losses_labels")
 
 
 # -- tests -----------------------------------------------------------------------------------------
@@ -275,7 +308,8 @@ def test_siglip_bidir_gathers_where_the_group_cannot_send(monkeypatch, caplog):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", KINDS)
 def test_clip_labels_distributed(world, kind):
-    img, txt, labels, res = spawn_once(world)
+    img, txt, labels, _ = spawn_once(world)
+    res = rank_results(world, "labels")
     pos = pos_matrix(label_sets(labels[kind]))
     s = torch.tensor(SCALE, dtype=torch.float64)
     glob, (g_img, g_txt, g_s) = grads_of(lambda i, t, sc: clip_multi_reference(i, t, sc, pos), img, txt, s)
@@ -309,7 +343,8 @@ def test_clip_labels_distributed(world, kind):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("kind", (*KINDS, None))
 def test_siglip_gather_and_bidir_distributed(world, kind):
-    img, txt, labels, res = spawn_once(world)
+    img, txt, labels, _ = spawn_once(world)
+    res = rank_results(world, "labels")
     pos = pos_matrix(label_sets(labels[kind])) if kind else torch.eye(world * B, dtype=torch.float64)
     s, b = torch.tensor(SCALE, dtype=torch.float64), torch.tensor(BIAS, dtype=torch.float64)
     glob, grads = grads_of(lambda *a: siglip_multi_reference(*a, pos), img, txt, s, b)
@@ -347,8 +382,7 @@ def test_siglip_bidir_takes_non_contiguous_features():
     """Features the gather accepts (a transposed view) also go around the ring: the receive
     buffers were made with empty_like, which kept the strides, and recv raised "input tensor has
     to be contiguous". World 4 runs both exchanges (the bidirectional one and the last hop)."""
-    img, txt = make_batch(4)
-    res = run_distributed(_rank_siglip_strided_texts, 4, img, txt)
+    res = rank_results(4, "strided")  # on the batch of make_batch(4), in spawn_once(4)'s ranks
     for r in range(4):
         gathered, ring = res[r][False], res[r][True]
         torch.testing.assert_close(ring[0], gathered[0], **TOL)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import traceback
 
 import pytest
 import torch
@@ -66,12 +67,86 @@ def _resumes(rank: int, world: int, stage: int, ckpt_dir: str) -> dict:
     return {"whole": whole, "same": same, "changed": changed}
 
 
+def _json_optimizer_groups(rank: int, world: int, path: str) -> list:
+    from vutrain.config import TrainConfig
+    from vutrain.engine import build_engine
+
+    cfg = TrainConfig(micro_batch_size=4, zero_stage=0, weight_decay=0.2, ds_config=path)
+    engine = build_engine(_Tiny(), cfg, world, torch.device("cpu"))
+    return [(len(g["params"]), g["weight_decay"]) for g in engine.optimizer.param_groups]
+
+
+JSON_OPTIMIZERS = [
+    # Before: 0.2 (train.weight_decay) on the decayed group, as L2 for Adagrad, without a word.
+    ({"type": "Adagrad", "params": {"lr": 0.01, "weight_decay": 0.0}}, 0.0),
+    ({"type": "Adagrad", "params": {"lr": 0.01, "weight_decay": 0.05}}, 0.05),
+    ({"type": "Adagrad", "params": {"lr": 0.01}}, 0.2),  # none given: train.weight_decay
+]
+
+# The rank runs of this module, by name: (worker, its extra arguments). They share one spawned rank
+# (the `rank_runs` fixture): each spawn paid ~20 s of imports (torch, DeepSpeed) before its first
+# engine (a second or two each), once per test.
+RUNS = {
+    **{f"resume zero{stage}": ("_resumes", (stage,)) for stage in (2, 3)},
+    **{f"json optimizer {i}": ("_json_optimizer_groups", ()) for i in range(len(JSON_OPTIMIZERS))},
+}
+
+
+def _run_of(item) -> str | None:
+    """The name in RUNS that test `item` reads (None for a test without one)."""
+    if item.originalname == "test_resume_trains_with_this_runs_lr_and_weight_decay":
+        return f"resume zero{item.callspec.params['stage']}"
+    if item.originalname == "test_json_optimizer_keeps_its_own_weight_decay":
+        optimizer = item.callspec.params["optimizer"]
+        return f"json optimizer {[o for o, _ in JSON_OPTIMIZERS].index(optimizer)}"
+    return None
+
+
+def _runs(rank: int, world: int, tmp: str, names: list[str]) -> dict:
+    """Each named run of RUNS in turn: {name: result}, or {name: the traceback} for the first that
+    raised (later ones are not run). Each gets its own path under `tmp` (a checkpoint directory, or
+    the DeepSpeed config the fixture wrote there)."""
+    out = {}
+    for name in names:
+        worker, args = RUNS[name]
+        try:
+            out[name] = globals()[worker](rank, world, *args, os.path.join(tmp, name))
+        except Exception:
+            out[name] = traceback.format_exc()
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def rank_runs(request, tmp_path_factory):
+    """The runs the selected tests of this module read, on one spawned rank: {name: result}."""
+    names = [n for n in RUNS if n in {_run_of(item) for item in request.session.items}]
+    tmp = tmp_path_factory.mktemp("review_optim")
+    for i, (optimizer, _) in enumerate(JSON_OPTIMIZERS):
+        (tmp / f"json optimizer {i}").write_text(json.dumps({"optimizer": optimizer}))
+    return run_distributed(_runs, 1, str(tmp), names, timeout_s=600)[0]
+
+
+def _result(rank_runs: dict, name: str):
+    """Run `name`'s result; a run that raised (or was not reached) fails the test with why."""
+    if name not in rank_runs:
+        pytest.fail(f"run {name!r} not reached (an earlier run raised: {list(rank_runs)})")
+    if isinstance(rank_runs[name], str):
+        pytest.fail(f"run {name!r} raised\n{rank_runs[name]}")
+    return rank_runs[name]
+
+
+# One worker of pytest-xdist runs them all: the runs are shared through a module-scoped fixture.
+pytestmark = pytest.mark.xdist_group("review_optim")
+
+
+@pytest.mark.slow  # spawns a rank process
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_trains_with_this_runs_lr_and_weight_decay(stage, tmp_path):
+def test_resume_trains_with_this_runs_lr_and_weight_decay(stage, rank_runs):
     from vutrain.config import TrainConfig
     from vutrain.optim import lr_lambda
 
-    out = run_distributed(_resumes, 1, stage, str(tmp_path))[0]
+    out = _result(rank_runs, f"resume zero{stage}")
     whole, same, changed = out["whole"], out["same"], out["changed"]
     assert same["lrs"] == whole["lrs"][3:]  # unchanged config: the schedule resumes exactly
     if stage < 3:
@@ -104,31 +179,13 @@ def test_resumed_run_logs_and_trains_with_its_own_schedule(resumed_lr, tiny_shar
     assert [r["train/lr"] for r in rows[2:]] == pytest.approx(expected)
 
 
-def _json_optimizer_groups(rank: int, world: int, path: str) -> list:
-    from vutrain.config import TrainConfig
-    from vutrain.engine import build_engine
-
-    cfg = TrainConfig(micro_batch_size=4, zero_stage=0, weight_decay=0.2, ds_config=path)
-    engine = build_engine(_Tiny(), cfg, world, torch.device("cpu"))
-    return [(len(g["params"]), g["weight_decay"]) for g in engine.optimizer.param_groups]
-
-
-@pytest.mark.parametrize(
-    "optimizer, decay",
-    [
-        # Before: 0.2 (train.weight_decay) on the decayed group, as L2 for Adagrad, without a word.
-        ({"type": "Adagrad", "params": {"lr": 0.01, "weight_decay": 0.0}}, 0.0),
-        ({"type": "Adagrad", "params": {"lr": 0.01, "weight_decay": 0.05}}, 0.05),
-        ({"type": "Adagrad", "params": {"lr": 0.01}}, 0.2),  # none given: train.weight_decay
-    ],
-)
-def test_json_optimizer_keeps_its_own_weight_decay(optimizer, decay, tmp_path):
+@pytest.mark.slow  # spawns a rank process
+@pytest.mark.parametrize("optimizer, decay", JSON_OPTIMIZERS)
+def test_json_optimizer_keeps_its_own_weight_decay(optimizer, decay, rank_runs):
     from vutrain.config import TrainConfig
     from vutrain.engine import json_weight_decay
 
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"optimizer": optimizer}))
-    groups = run_distributed(_json_optimizer_groups, 1, str(path))[0]
+    groups = _result(rank_runs, f"json optimizer {[o for o, _ in JSON_OPTIMIZERS].index(optimizer)}")
     assert groups == [(2, decay), (4, 0.0)]  # the two weights; biases and norms never decayed
     # Adam(W) takes train.weight_decay (its engine is not built here: DeepSpeed's CPU Adam op
     # compiles for 80 s on a 2-core machine).

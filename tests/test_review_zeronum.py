@@ -10,6 +10,8 @@ AdamW's eps is large so that the clip factor shows in the update (Adam alone is 
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
 from torch import nn
@@ -106,9 +108,7 @@ def _engine_weights(rank: int, world: int, stage, precision, clip, accumulate, d
 
 
 def _compare(rank: int, world: int, cases: list[tuple]) -> list[dict]:
-    from vutrain.distributed import init_distributed, resolve_dist_env
-
-    init_distributed(resolve_dist_env())
+    """Each case's weights against DeepSpeed's path and torch's (the process group is up)."""
     out = []
     for stage, precision, clip_rel, accumulate in cases:
         unclipped, norm = _reference(world, 0.0, accumulate)
@@ -151,17 +151,81 @@ CASES = [
 ]
 
 
+# The three-rank runs of this module, by name: (worker, its extra arguments). They share one spawn
+# of 3 ranks (the `three_rank_runs` fixture): each spawn paid ~30 s of imports (torch, DeepSpeed)
+# on a 2-core machine before its first engine, once per test.
+THREE_RANK_RUNS = {
+    "uneven ranks": ("_compare", (CASES,)),
+    "nan on the last rank": ("_nan_on_last_rank", (1,)),
+}
+
+
+def _run_of(item) -> str | None:
+    """The name in THREE_RANK_RUNS that test `item` reads (None for a test without one)."""
+    if item.originalname == "test_three_uneven_ranks_step_as_deepspeed_and_torch":
+        return "uneven ranks"
+    if item.originalname == "test_nan_gradient_on_one_of_three_ranks_is_a_zero_gradient_step":
+        return "nan on the last rank"
+    return None
+
+
+def _runs(rank: int, world: int, names: list[str]) -> dict:
+    """Each named run of THREE_RANK_RUNS in turn on this rank: {name: result}, or {name: the
+    traceback} for the first that raised (later ones are not run: the ranks may be out of step)."""
+    from vutrain.distributed import init_distributed, resolve_dist_env
+
+    init_distributed(resolve_dist_env())
+    out = {}
+    for name in names:
+        worker, args = THREE_RANK_RUNS[name]
+        try:
+            out[name] = globals()[worker](rank, world, *args)
+        except Exception:
+            out[name] = traceback.format_exc()
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def three_rank_runs(request):
+    """The runs the selected tests of this module read, on one spawn of 3 ranks: a list by rank of
+    {name: result}."""
+    names = [n for n in THREE_RANK_RUNS if n in {_run_of(item) for item in request.session.items}]
+    return run_distributed(_runs, 3, names, init_process_group=False, timeout_s=600)
+
+
+def _results(three_rank_runs: list[dict], name: str) -> list:
+    """Run `name`'s result by rank; a run that raised (or was not reached) fails the test with why."""
+    for rank, runs in enumerate(three_rank_runs):
+        if name not in runs:
+            pytest.fail(f"rank {rank}: run {name!r} not reached (an earlier run raised: {list(runs)})")
+        if isinstance(runs[name], str):
+            pytest.fail(f"rank {rank}: run {name!r} raised\n{runs[name]}")
+    return [runs[name] for runs in three_rank_runs]
+
+
+# One worker of pytest-xdist runs them all: the runs are shared through a module-scoped fixture.
+pytestmark = pytest.mark.xdist_group("review_zeronum")
+
+
 @pytest.mark.slow  # 3 rank processes, 80 tiny engines each
-def test_three_uneven_ranks_step_as_deepspeed_and_torch():
+def test_three_uneven_ranks_step_as_deepspeed_and_torch(three_rank_runs):
     """World 3 (uneven partitions, odd-sized parameters, a frozen layer): vutrain's ZeRO-1/2 step
     gives DeepSpeed's own weights bit for bit and torch AdamW's over the global batch in fp32,
     clipping off, just under, at and just over the first step's norm, 1 and 2 micro-batches."""
-    _check(run_distributed(_compare, 3, CASES, init_process_group=False, timeout_s=600))
+    _check(_results(three_rank_runs, "uneven ranks"))
+
+
+def _compare_in_a_group(rank: int, world: int, cases: list[tuple]) -> list[dict]:
+    from vutrain.distributed import init_distributed, resolve_dist_env
+
+    init_distributed(resolve_dist_env())
+    return _compare(rank, world, cases)
 
 
 def test_two_ranks_step_as_deepspeed_and_torch():
     cases = [c for c in CASES if c[2] in (0.0, 0.999, 1.0) and (c[1] == "bf16") == (c[3] == 2)]
-    _check(run_distributed(_compare, 2, cases, init_process_group=False, timeout_s=600))
+    _check(run_distributed(_compare_in_a_group, 2, cases, init_process_group=False, timeout_s=600))
 
 
 class Tiny(nn.Module):
@@ -181,10 +245,8 @@ class Tiny(nn.Module):
 def _nan_on_last_rank(rank: int, world: int, nan_step: int) -> dict:
     """bf16: a NaN gradient on the last rank only, under a finite loss, against the same run
     whose loss at that step is multiplied by 0 (a zero-gradient step)."""
-    from vutrain.distributed import init_distributed, resolve_dist_env
     from vutrain.engine import build_engine
 
-    init_distributed(resolve_dist_env())
     out = {}
     for stage in (1, 2):
         for clip in (0.0, 1.0):
@@ -208,6 +270,7 @@ def _nan_on_last_rank(rank: int, world: int, nan_step: int) -> dict:
     return out
 
 
-def test_nan_gradient_on_one_of_three_ranks_is_a_zero_gradient_step():
-    for rank, by_case in enumerate(run_distributed(_nan_on_last_rank, 3, 1, init_process_group=False)):
+@pytest.mark.slow  # 3 rank processes
+def test_nan_gradient_on_one_of_three_ranks_is_a_zero_gradient_step(three_rank_runs):
+    for rank, by_case in enumerate(_results(three_rank_runs, "nan on the last rank")):
         assert all(by_case.values()), f"rank {rank}: {by_case}"
