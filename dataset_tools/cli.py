@@ -174,11 +174,24 @@ def _add_others(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = sub.add_parser("finalize", help="sizes.json, __len__ and manifest.json for open_clip")
     p.add_argument("dir")
-    p = sub.add_parser("split", help="train/validation split by channel or by video-id hash")
+    p = sub.add_parser("split", help="train/validation split by channel, video-id hash or publish date")
     p.add_argument("dir")
     p.add_argument("--output", required=True, help="writes <output>/train and <output>/val shards")
-    p.add_argument("--by", choices=["channel", "hash"], default="channel")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--by",
+        choices=["channel", "hash", "date"],
+        default="channel",
+        help="date: published before the cut -> train, on or after it -> val (undated -> train)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="share of samples in val (default 0.1); with --by date, the newest samples",
+    )
+    p.add_argument(
+        "--cut", help="--by date: ISO date or date time (UTC), e.g. 2024-01-01; replaces --val-fraction"
+    )
     p.add_argument("--seed", default="0", help="salt of the hash")
     p.add_argument("--shard-size", type=int, default=1000)
     p = sub.add_parser("vocab", help="tag and category vocabularies")
@@ -266,6 +279,7 @@ def _run(args) -> int:
                     val_fraction=args.val_fraction,
                     seed=args.seed,
                     shard_size=args.shard_size,
+                    cut=args.cut,
                 ),
                 indent=2,
             )

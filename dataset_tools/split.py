@@ -1,21 +1,30 @@
-"""``split DIR --output OUT --by channel|hash``: train/validation shards without leakage.
+"""``split DIR --output OUT --by channel|hash|date``: train/validation shards without leakage.
 
 By channel, every video of a channel lands on the same side (near-identical thumbnails of one
 channel cannot straddle the split); by hash, each video id decides alone. The side is a salted
 SHA-1 of the channel (or id), so the split is deterministic. Stable as data grows, except for a
 row with only a channel title: it follows its channel's id once another row pairs the two, so a
 later split with newer exports can move it (the README says: split each data version once).
+
+By date, a sample published before the cut goes to train, on or after it to val: a model is
+measured on videos newer than any it trained on. ``--cut`` gives the cut (UTC); without it, the
+cut is the publish time that puts closest to ``--val-fraction`` of all samples in val. A sample
+without a readable publish time cannot be shown to be old or new: it goes to train, counted.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
+import sys
+from collections import Counter
 
 from dataset_tools import finalize as finalize_mod
 from dataset_tools import shards
 from dataset_tools.reshard import (
     ShardSink,
+    _row_from_tar_sample,
     check_empty_output,
     claim_outputs,
     finish_interrupted_publish,
@@ -84,16 +93,162 @@ def assign(
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
+BY = ("channel", "hash", "date")
+# Where a shard row keeps its publish time: ``build`` writes ``publish_time`` (metadata.py's name
+# for publishedAt, upload_date...); shards from other tools may carry those names as they were.
+PUBLISH_FIELDS = ("publish_time", "publishedAt", "published_at", "upload_date")
+
+
+def parse_time(value: object) -> datetime.datetime | None:
+    """``value`` as an aware UTC datetime, None when it is not a time: ISO date or date time
+    (``2024-01-01``, ``2017-11-13T17:13:01.000Z``, with an offset or without one, read as UTC),
+    yt-dlp's ``20240101``, or a date/datetime object."""
+    if isinstance(value, datetime.datetime):
+        when = value
+    elif isinstance(value, datetime.date):
+        when = datetime.datetime.combine(value, datetime.time())
+    elif isinstance(value, str):
+        try:
+            when = datetime.datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return when.replace(tzinfo=datetime.UTC) if when.tzinfo is None else when.astimezone(datetime.UTC)
+
+
+def publish_value(row: dict) -> object:
+    """The row's publish time as stored (first non-empty of ``PUBLISH_FIELDS``), None without one."""
+    return next((row[name] for name in PUBLISH_FIELDS if row.get(name) not in (None, "")), None)
+
+
+def parse_cut(cut: str) -> datetime.datetime:
+    """``--cut`` as a UTC datetime, or a one-line SystemExit saying what to write."""
+    when = parse_time(cut)
+    if when is None:
+        raise SystemExit(
+            f"--cut {cut!r}: not an ISO date or date time; write e.g. 2024-01-01 or "
+            "2024-01-01T12:00:00Z (UTC)"
+        )
+    return when
+
+
+def publish_times(folder: str) -> tuple[list[datetime.datetime | None], list[str]]:
+    """Every sample's publish time (None when it has no readable one), of the rows ``iter_samples``
+    yields, read from the parquets and the tars' headers (a tar's images are read only for a
+    sample without a successful parquet row), and the stored values that are not times."""
+    times, unreadable = [], []
+    for name in shards.iter_shard_names(folder):
+        rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
+        by_key = {r["key"]: r for r in rows if r["status"] == shards.SUCCESS}
+        tar = os.path.join(folder, f"{name}.tar")
+        keys = shards.tar_check(tar)[1]
+        from_tar = shards.read_tar(tar) if keys - by_key.keys() else {}
+        for key in sorted(keys):
+            row = by_key.get(key) or _row_from_tar_sample(key, from_tar[key])
+            value = publish_value(row)
+            times.append(parse_time(value))
+            if value is not None and times[-1] is None:
+                unreadable.append(str(value))
+    return times, unreadable
+
+
+def cut_for_fraction(times: list[datetime.datetime | None], val_fraction: float) -> datetime.datetime:
+    """The publish time that, as the cut (samples at it go to val), puts closest to
+    ``val_fraction`` of all samples in val, the later of two equally close; at least one dated
+    sample on each side. Ties at the cut stay together, so with dates of a day's resolution the
+    share is only as close as the days allow."""
+    at = Counter(t for t in times if t is not None)
+    target, newer, best = val_fraction * len(times), 0, None
+    # Not the oldest time: as the cut it would leave train no dated sample.
+    for when in sorted(at, reverse=True)[:-1]:
+        newer += at[when]
+        if best is None or abs(newer - target) < abs(best[0] - target):
+            best = (newer, when)
+    if best is None:
+        raise SystemExit(
+            f"split --by date: every dated sample has one publish time ({min(at).isoformat()}); "
+            "no cut leaves one on each side. Use --by channel or --by hash."
+        )
+    return best[1]
+
+
+def date_side(row: dict, cut: datetime.datetime) -> str:
+    """ "val" for a row published on or after ``cut``, else "train" (undated rows too)."""
+    when = parse_time(publish_value(row))
+    return "val" if when is not None and when >= cut else "train"
+
+
+def check_cut(cut: datetime.datetime, times: list[datetime.datetime | None]) -> None:
+    """One line when ``--cut`` leaves val, or train's dated samples, empty (a cut past the data)."""
+    dated = [t for t in times if t is not None]
+    if max(dated) < cut:
+        raise SystemExit(
+            f"--cut {cut.isoformat()}: after the newest publish time ({max(dated).isoformat()}), val would "
+            "be empty; give an earlier cut, or --val-fraction instead of --cut"
+        )
+    if min(dated) >= cut:
+        raise SystemExit(
+            f"--cut {cut.isoformat()}: on or before the oldest publish time ({min(dated).isoformat()}), "
+            "train would hold no dated sample; give a later cut, or --val-fraction instead of --cut"
+        )
+
+
+def choose_cut(
+    folder: str, cut: str | None, val_fraction: float | None
+) -> tuple[datetime.datetime, dict[str, int]]:
+    """The cut of a date split, and the undated samples' counts (``no_publish_time``: all of them,
+    ``unreadable_publish_time``: those with a value that is not a time). Refused in one line
+    before any output is written when no sample has a publish time or the cut splits nothing."""
+    times, unreadable = publish_times(folder)
+    undated = sum(t is None for t in times)
+    if undated == len(times):
+        raise SystemExit(
+            f"{folder}: split --by date: none of the {len(times)} samples has a publish time "
+            f"({', '.join(PUBLISH_FIELDS)} in its parquet row or .json); build from metadata that has "
+            "one, or use --by channel or --by hash"
+        )
+    if cut is not None:
+        when = parse_cut(cut)
+        check_cut(when, times)
+    else:
+        when = cut_for_fraction(times, val_fraction)
+    if undated:
+        example = f", e.g. {unreadable[0]!r}" if unreadable else ""
+        print(
+            f"[dataset_tools] split --by date: {undated} of {len(times)} samples have no publish time "
+            f"({len(unreadable)} of them one that is not an ISO date or time{example}); they go to train",
+            file=sys.stderr,
+        )
+    return when, {"no_publish_time": undated, "unreadable_publish_time": len(unreadable)}
+
+
 def split(
     folder: str,
     output: str,
     by: str = "channel",
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     seed: str = "0",
     shard_size: int = 1000,
+    cut: str | None = None,
 ) -> dict:
-    """Write ``folder``'s samples into ``output/train`` and ``output/val``; returns settings and counts."""
-    if not 0.0 < val_fraction < 1.0:
+    """Write ``folder``'s samples into ``output/train`` and ``output/val``; returns settings and counts.
+
+    ``val_fraction`` defaults to 0.1; ``cut`` (``by="date"`` only) replaces it. A date split's
+    result adds ``cut`` (ISO, UTC) and ``no_publish_time`` (undated samples, all in train)."""
+    if by not in BY:
+        raise SystemExit(f"--by {by!r}: use {', '.join(BY)}")
+    if cut is not None and by != "date":
+        raise SystemExit(f"--cut {cut}: only --by date has a cut; drop it, or use --by date")
+    if cut is not None and val_fraction is not None:
+        raise SystemExit(
+            f"--cut {cut} and --val-fraction {val_fraction}: give one (the cut decides val's share)"
+        )
+    if cut is not None:
+        parse_cut(cut)  # a typo refused before anything is read
+    elif val_fraction is None:
+        val_fraction = 0.1
+    if cut is None and not 0.0 < val_fraction < 1.0:
         # SystemExit, not ValueError: the CLI shows it as one line instead of a traceback.
         raise SystemExit(
             f"--val-fraction {val_fraction}: must be strictly between 0 and 1 (the share of samples "
@@ -104,6 +259,8 @@ def split(
     sides = {side: os.path.join(output, side) for side in ("train", "val")}
     settings = {"input": os.path.realpath(folder), "by": by, "val_fraction": val_fraction}
     settings.update(seed=seed, shard_size=shard_size)
+    if by == "date":  # only here: an earlier channel or hash split's marker still matches its rerun
+        settings["cut"] = cut
     outputs = list(sides.values())
     for path in outputs:
         refuse_output_under_a_file(path, "--output", output)
@@ -117,13 +274,20 @@ def split(
     skipped = skipped_shards(folder, "split")
     for path in outputs:  # both checked before either is created
         check_empty_output(path)
+    cut_time, undated = choose_cut(folder, cut, val_fraction) if by == "date" else (None, {})
     with claim_outputs(outputs, "split"):  # both claimed before either is written
         title_ids = channel_ids_by_title(folder) if by == "channel" else None
         sinks = {side: ShardSink(path, shard_size, schema=schema) for side, path in sides.items()}
         for sample in iter_samples(folder):
-            sinks[assign(sample[2], by, val_fraction, seed, title_ids)].add(sample)
+            if by == "date":
+                side = date_side(sample[2], cut_time)
+            else:
+                side = assign(sample[2], by, val_fraction, seed, title_ids)
+            sinks[side].add(sample)
         counts = {side: sink.close() for side, sink in sinks.items()}
         result = {"by": by, "val_fraction": val_fraction, **counts, **skipped}
+        if by == "date":
+            result.update(cut=cut_time.isoformat(), **undated)
         # Both sides published only now (a killed split published neither), after a marker
         # (``_build/split_publishing.json``) that lets the rerun finish a split killed on the way.
         publish_and_finalize(list(sinks.values()), "split", settings, result, finalize_mod.finalize)
@@ -132,7 +296,8 @@ def split(
 
 def _rerun_hint(earlier: dict) -> str:
     """The arguments of the split whose settings are ``earlier``, for finishing it."""
+    share = f"--cut {earlier['cut']}" if earlier.get("cut") else f"--val-fraction {earlier['val_fraction']}"
     return (
-        f"{earlier['input']} --by {earlier['by']} --val-fraction {earlier['val_fraction']} "
+        f"{earlier['input']} --by {earlier['by']} {share} "
         f"--seed {earlier['seed']} --shard-size {earlier['shard_size']}"
     )
