@@ -58,6 +58,12 @@ def make_shards(tmp_path: Path) -> Path:
     return shards
 
 
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """The two training runs' shards, read only: written once (a python start of its own)."""
+    return make_shards(tmp_path_factory.mktemp("local"))
+
+
 def pids_running(marker: str) -> list[int]:
     """Processes whose command line contains `marker` (this test's own output_dir)."""
     pids = []
@@ -73,31 +79,9 @@ def pids_running(marker: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_local_two_cpu_ranks(tmp_path):
-    if (
-        subprocess.run(
-            ["bash", "-c", "command -v nvidia-smi && nvidia-smi -L"], capture_output=True
-        ).returncode
-        == 0
-    ):
+def test_local_two_cpu_ranks(tmp_path, shards):
+    if gpu_visible():
         pytest.skip("a GPU is visible: this test covers the CPU-rank path of local.sh")
-    shards = tmp_path / "shards"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vutrain.data.synthetic",
-            "--out",
-            str(shards),
-            "--num-samples",
-            "32",
-            "--shard-size",
-            "8",
-        ],
-        check=True,
-        cwd=REPO,
-        capture_output=True,
-    )
     out = tmp_path / "run"
     proc = run_local(
         [
@@ -294,7 +278,7 @@ def test_requeue_reads_output_dir_and_resume_from_the_yaml(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_signal_to_the_script_checkpoints_the_ranks(tmp_path, sig=signal.SIGTERM):
+def test_local_signal_to_the_script_checkpoints_the_ranks(tmp_path, shards, sig=signal.SIGTERM):
     """SIGTERM or SIGUSR1 to local.sh's own pid (`kill PID`, `docker stop`, a supervisor): the ranks
     checkpoint and the script exits 75. Before, local.sh exec'd deepspeed's runner, which has no
     handler on one node: it died alone (exit 143 / 138) and launch.py and the ranks trained on to
@@ -302,7 +286,6 @@ def test_local_signal_to_the_script_checkpoints_the_ranks(tmp_path, sig=signal.S
     one 30 s run on CI)."""
     if gpu_visible():
         pytest.skip("a GPU is visible: this test covers the CPU-rank path of local.sh")
-    shards = make_shards(tmp_path)
     out = tmp_path / "run"
     max_steps = 200  # far beyond the signal, which comes at the first logged step
     args = [
@@ -325,7 +308,7 @@ def test_local_signal_to_the_script_checkpoints_the_ranks(tmp_path, sig=signal.S
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
             assert proc.poll() is None, log_path.read_text()[-4000:]
             assert time.time() < deadline, log_path.read_text()[-4000:]
-            time.sleep(0.5)
+            time.sleep(0.1)
         proc.send_signal(sig)
         rc = proc.wait(timeout=180)
         log = log_path.read_text()

@@ -36,7 +36,8 @@ def _args(host, inp, out, *extra):
 def _start(host, inp, out, log, *extra):
     # Output to a file, not a pipe: orphaned workers would hold a pipe open, and reading it
     # would wait for them to finish.
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    # BUILD_TEST_OUT: every process of this build, its spawned workers too, carries it (_build_pids).
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", BUILD_TEST_OUT=str(out))
     with open(log, "w") as f:
         return subprocess.Popen(
             [sys.executable, "-m", "dataset_tools", *_args(host, inp, out, *extra)],
@@ -55,6 +56,20 @@ def _kill_after_requests(proc, host, sig, log, requests=6):
     proc.send_signal(sig)
     proc.wait(timeout=60)
     return proc.returncode
+
+
+def _build_pids(out) -> list[int]:
+    """The processes of the build started by _start on `out` still running (zombies have no environ)."""
+    marker = f"BUILD_TEST_OUT={out}".encode() + b"\0"
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if marker in fh.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return pids
 
 
 def _shard_files(out):
@@ -111,7 +126,11 @@ def test_killed_build_stops_its_workers_and_resumes_exactly(tmp_path, host, sig)
     code = _kill_after_requests(_start(host, inp, out, log), host, sig, log)
     requests_at_kill, files_at_kill = len(host.requests), _shard_files(out)
     keys_at_kill = _plan_keys(out)
-    time.sleep(2.0)  # an orphan worker would go on downloading (0.1 s a request) and writing
+    # An orphan worker would go on downloading (0.1 s a request) and writing: 2 s to show it, ended
+    # early once no process of the killed build is left (none can download or write any more).
+    deadline = time.monotonic() + 2.0
+    while _build_pids(out) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(host.requests) == requests_at_kill, "workers of the killed build kept downloading"
     assert _shard_files(out) == files_at_kill
     if sig == signal.SIGTERM:

@@ -33,6 +33,32 @@ def _engine(stage: int, precision: str = "fp32"):
     return engine
 
 
+def _run_cases(rank, world, cases):
+    """Each (function, args) case in turn in this one process: a spawned process pays seconds of a
+    loaded CI core for its torch and DeepSpeed imports, its cases a fraction of one. Returns each
+    case's ("ok", result) or ("error", traceback): a failing case fails its own test."""
+    import traceback
+
+    outcomes = []
+    for fn, args in cases:
+        try:
+            outcomes.append(("ok", fn(rank, world, *args)))
+        except Exception:
+            outcomes.append(("error", traceback.format_exc()))
+    return outcomes
+
+
+def _outcome(outcome):
+    kind, value = outcome
+    if kind == "error":
+        pytest.fail(f"the case raised in its spawned process:\n{value}", pytrace=False)
+    return value
+
+
+def _outcomes(outcomes):
+    return [_outcome(o) for o in outcomes]
+
+
 def _save_then_resume_under_other_stages(rank, world, run_dir, saved_stage, resume_stages):
     import deepspeed
 
@@ -60,9 +86,18 @@ def test_resume_under_a_zero_stage_deepspeed_cannot_load_names_the_key(tmp_path)
     with train.zero_stage 2 -> 3 (or 3 -> 2) failed inside DeepSpeed with "DeepSpeed could not load
     ...: AssertionError: ; point train.resume at an older checkpoint", advice that fails the same
     way and leads to train.resume=never, throwing the run away."""
-    from_2 = run_distributed(
-        _save_then_resume_under_other_stages, 1, str(tmp_path / "z2"), 2, (1, 3), init_process_group=False
-    )[0]
+    # Both saves in one spawned process: one DeepSpeed import and start-up instead of two.
+    from_2, from_3 = _outcomes(
+        run_distributed(
+            _run_cases,
+            1,
+            [
+                (_save_then_resume_under_other_stages, (str(tmp_path / "z2"), 2, (1, 3))),
+                (_save_then_resume_under_other_stages, (str(tmp_path / "z3"), 3, (2,))),
+            ],
+            init_process_group=False,
+        )[0]
+    )
     assert from_2[1] == "step 2"
     tag_dir = os.path.join(str(tmp_path / "z2"), "checkpoints", "step_00000002")
     assert from_2[3] == (
@@ -70,9 +105,6 @@ def test_resume_under_a_zero_stage_deepspeed_cannot_load_names_the_key(tmp_path)
         "load it into that stage; resume with train.zero_stage=1 or 2 (stages 1 and 2 read each "
         "other's checkpoints, 0 and 3 only their own)"
     )
-    from_3 = run_distributed(
-        _save_then_resume_under_other_stages, 1, str(tmp_path / "z3"), 3, (2,), init_process_group=False
-    )[0]
     assert "written with ZeRO stage 3 and this run has train.zero_stage=2" in from_3[2]
     assert "resume with train.zero_stage=3 " in from_3[2]
 
@@ -150,22 +182,41 @@ def _assert_same_state(want: dict, got: dict) -> None:
                 assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("stage,saved,resumed", [(1, "fp32", "bf16"), (3, "bf16", "fp32")])
-def test_resume_under_another_precision_restores_the_state_exactly(tmp_path, stage, saved, resumed):
+PRECISION_CASES = [(1, "fp32", "bf16"), (3, "bf16", "fp32")]
+ZERO0_PRECISION_CASES = [("bf16", "fp32"), ("fp32", "bf16")]
+
+
+@pytest.fixture(scope="module")
+def single_rank_outcomes(tmp_path_factory):
+    """The single-rank resumes of the tests below, each in a run directory of its own, all in one
+    spawned process (see _run_cases), keyed by test: one process start instead of five. The full
+    disk last: it leaves the process's output on /dev/null."""
+    base = tmp_path_factory.mktemp("single_rank")
+    cases = {}
+    for stage, saved, resumed in PRECISION_CASES:
+        run_dir = str(base / f"precision_{stage}_{saved}_{resumed}")
+        cases["precision", stage, saved, resumed] = (
+            _resume_under_another_precision,
+            (run_dir, stage, saved, resumed),
+        )
+    for saved, resumed in ZERO0_PRECISION_CASES:
+        run_dir = str(base / f"zero0_{saved}_{resumed}")
+        cases["zero0", saved, resumed] = (_zero0_resume_under_another_precision, (run_dir, saved, resumed))
+    cases["full_disk"] = (_resume_under_another_precision_on_a_full_disk, (str(base / "full_disk"),))
+    outcomes = run_distributed(_run_cases, 1, list(cases.values()), init_process_group=False)[0]
+    return dict(zip(cases, outcomes, strict=True))
+
+
+@pytest.mark.parametrize("stage,saved,resumed", PRECISION_CASES)
+def test_resume_under_another_precision_restores_the_state_exactly(
+    single_rank_outcomes, stage, saved, resumed
+):
     """train.precision fp32 <-> bf16 (what the non-finite-loss error tells the user to try). DeepSpeed
     names the ZeRO optimizer files by precision and reads only its own: before, every checkpoint
     failed with "FileNotFoundError: .../bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt; point
     train.resume at an older checkpoint". The fp32 weights, Adam moments and step, the LR and the
     step come back bit for bit, and this rank's own data position (no epoch-remainder reshaping)."""
-    want, got, state = run_distributed(
-        _resume_under_another_precision,
-        1,
-        str(tmp_path / "run"),
-        stage,
-        saved,
-        resumed,
-        init_process_group=False,
-    )[0]
+    want, got, state = _outcome(single_rank_outcomes["precision", stage, saved, resumed])
     assert state["step"] == 3 and state["data"] == {"position": 7}
     _assert_same_state(want, got)
 
@@ -213,21 +264,16 @@ def _zero0_resume_under_another_precision(rank, world, run_dir, saved_precision,
     return saved, got, state, weight_dtype, module_weights
 
 
-@pytest.mark.parametrize("saved,resumed", [("bf16", "fp32"), ("fp32", "bf16")])
-def test_zero0_resume_under_another_precision_restores_the_state_exactly(tmp_path, saved, resumed):
+@pytest.mark.parametrize("saved,resumed", ZERO0_PRECISION_CASES)
+def test_zero0_resume_under_another_precision_restores_the_state_exactly(
+    single_rank_outcomes, saved, resumed
+):
     """ZeRO-0 keeps the optimizer in the model-states file in the form of the engine that wrote it
     (a torch AdamW state dict in fp32, DeepSpeed's 16-bit wrapper in bf16): before, a resume under
     the other precision failed with "KeyError: 'param_groups'" (bf16 -> fp32) or
     "'dynamic_loss_scale'" (fp32 -> bf16). The fp32 master weights, Adam moments and step, the LR
     and the step now come back bit for bit, and the module's weights are the masters in its dtype."""
-    want, got, state, weight_dtype, module_weights = run_distributed(
-        _zero0_resume_under_another_precision,
-        1,
-        str(tmp_path / "run"),
-        saved,
-        resumed,
-        init_process_group=False,
-    )[0]
+    want, got, state, weight_dtype, module_weights = _outcome(single_rank_outcomes["zero0", saved, resumed])
     assert state["step"] == 3 and state["data"] == {"position": 7}
     _assert_same_state(want, got)
     for name, weight in module_weights.items():
@@ -266,14 +312,12 @@ def _resume_under_another_precision_on_a_full_disk(rank, world, run_dir):
     return "loaded", []
 
 
-def test_a_universal_conversion_that_cannot_write_says_what_to_do(tmp_path):
+def test_a_universal_conversion_that_cannot_write_says_what_to_do(single_rank_outcomes):
     """A resume that needs the universal copy (here another precision) beside a checkpoint on a full
     disk: before, "DeepSpeed could not load ...: RuntimeError: basic_ios::clear: iostream error;
     point train.resume at an older checkpoint" (which fails the same way), and DeepSpeed's
     progress bars on stderr. Now one line with what to do, and no half-written copy left."""
-    message, files = run_distributed(
-        _resume_under_another_precision_on_a_full_disk, 1, str(tmp_path / "run"), init_process_group=False
-    )[0]
+    message, files = _outcome(single_rank_outcomes["full_disk"])
     assert message.startswith("could not write the universal copy of "), message
     assert "older checkpoint" not in message and "\n" not in message
     assert "python -m vutrain.checkpoint_reshape " in message
