@@ -184,7 +184,7 @@ class SlurmCluster:
             states = dict(line.split() for line in out.splitlines() if line.strip())
             if set(states) >= set(self.nodes) and all(states[n] == "idle" for n in self.nodes):
                 return
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise RuntimeError(f"nodes not idle after {timeout}s: {out!r}\n{self._tail('slurmctld.log')}")
 
     def sbatch(self, *args: str, **extra: str) -> int:
@@ -217,7 +217,8 @@ class SlurmCluster:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
-            time.sleep(1.0)
+            # Short: a failing job ends in about a second, and every test waits here at least once.
+            time.sleep(0.2)
         raise TimeoutError(
             f"job {job_id} not in {states} after {timeout}s: {info}\n{self._tail('slurmctld.log')}"
         )
