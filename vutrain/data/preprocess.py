@@ -78,8 +78,9 @@ class ClipPreprocess:
         if _needs_window(new_w, new_h, self.crop_hw):
             # As the fast path: the full resize of a 1 x 60000 image is 224 x 13 million pixels, in
             # fp32 below some 35 GB, which killed the eval (and the run) at that sample.
+            vertical_first = _vertical_first((w, h), new_w, new_h)
             (new_w, new_h), box = crop_window(new_w, new_h, self.crop_hw, (w, h))
-            image = image.resize((new_w, new_h), resample=self.resample, box=box)
+            image = window_resize(image, (new_w, new_h), box, self.resample, vertical_first)
         elif (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), resample=self.resample)
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # [3, H, W]
@@ -115,9 +116,8 @@ def crop_window(
     box=box)`` arguments: ``size`` is the crop on an axis it fits, the whole resized axis on one
     it pads; ``box`` is that window in the source's pixels (``extent``: the source's size).
 
-    The filter's scale and its pixel centres are those of the full resize; only the rounding of
-    PIL's uint8 intermediate may differ (it picks the order of its two passes by the output size),
-    a few grey levels at most on natural images.
+    The filter's scale and its pixel centres are those of the full resize; resize with
+    :func:`window_resize`, which also keeps the full resize's pass order.
     """
     size, box_lo, box_hi = [], [], []
     for new, crop, src in ((new_w, crop_hw[1], extent[0]), (new_h, crop_hw[0], extent[1])):
@@ -127,6 +127,53 @@ def crop_window(
         box_lo.append(lo * src / new)
         box_hi.append((lo + length) * src / new)
     return (size[0], size[1]), (box_lo[0], box_lo[1], box_hi[0], box_hi[1])
+
+
+_FILTER_SUPPORT = {
+    int(Image.Resampling.BOX): 0.5,
+    int(Image.Resampling.BILINEAR): 1.0,
+    int(Image.Resampling.HAMMING): 1.0,
+    int(Image.Resampling.BICUBIC): 2.0,
+}
+"""PIL's filter radii in source pixels at scale 1 (``Resample.c``); lanczos, and anything else, 3."""
+
+
+def window_resize(
+    image: Image.Image,
+    size: tuple[int, int],
+    box: tuple[float, float, float, float],
+    resample: int,
+    vertical_first: bool,
+) -> Image.Image:
+    """PIL's ``image.resize(size, resample, box=box)`` of a :func:`crop_window`, its two passes in
+    the order of the full resize (``vertical_first``, from :func:`_vertical_first` of the full size).
+
+    One ``resize(box=...)`` lets Pillow 13 pick the order from the window's sizes: a 2x300 image at
+    32 px went height first where the processor's full resize goes width first, and the uint8
+    rounding between the passes differs (13 grey levels on noise; 22 on a 3x1000, 45 with lanczos).
+    So each pass is a resize of one axis, of the rows and columns the filter reaches only.
+    """
+    if resample == Image.Resampling.NEAREST:  # no intermediate rounding, no order
+        return image.resize(size, resample=resample, box=box)
+    # Crop to what the filters reach (with a pixel's margin): the bounds Pillow clips the taps to
+    # are then the image's own edges or out of reach, and the passes stay window-sized.
+    support = _FILTER_SUPPORT.get(int(resample), 3.0)
+    reach = []
+    for axis in (0, 1):
+        lo, hi = box[axis], box[axis + 2]
+        radius = support * max((hi - lo) / size[axis], 1.0) + 1
+        reach.append((max(0, math.floor(lo - radius)), min(image.size[axis], math.ceil(hi + radius))))
+    (x0, x1), (y0, y1) = reach
+    image = image.crop((x0, y0, x1, y1))
+    box = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    for axis in (1, 0) if vertical_first else (0, 1):
+        # a box spanning the other axis whole at its own size: Pillow runs this axis's pass only
+        w, h = image.size
+        if axis == 0:
+            image = image.resize((size[0], h), resample=resample, box=(box[0], 0, box[2], h))
+        else:
+            image = image.resize((w, size[1]), resample=resample, box=(0, box[1], w, box[3]))
+    return image
 
 
 def _resize_spec(resize) -> Resize:
@@ -204,8 +251,11 @@ class ClipCropUint8:
             extent = (size[0] / scale, size[1] / scale)
         new_w, new_h = target
         if _needs_window(new_w, new_h, self.crop_hw):  # an extreme aspect ratio
+            vertical_first = _vertical_first(extent, new_w, new_h)
             (new_w, new_h), box = crop_window(new_w, new_h, self.crop_hw, extent)
-            resized = Image.fromarray(array).resize((new_w, new_h), resample=self.resample, box=box)
+            resized = window_resize(
+                Image.fromarray(array), (new_w, new_h), box, self.resample, vertical_first
+            )
             return self._crop(torch.from_numpy(np.array(resized)).permute(2, 0, 1), new_w, new_h)
         # [3, h, w] as a channels-last view of the decoder's HWC array: torch's uint8
         # antialiased kernels are vectorised for it, and they return a contiguous [3, h', w'].
