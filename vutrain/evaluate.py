@@ -12,6 +12,7 @@ builds the validation batches and the zero-shot class list (read once per run) f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -363,22 +364,62 @@ def merge_same_prompts(
     CLIP's lower-casing tokenizer, common among tags) have one embedding, so they tied exactly and
     neither was ever a hit, even for a perfect model. Each merged class keeps its first spelling.
 
-    max_distinct: walk ``classes`` in order and stop before the class that would be distinct number
-    ``max_distinct + 1`` (the ``index`` then holds the classes walked); only those are tokenised.
+    max_distinct: ``distinct`` is the first ``max_distinct`` distinct classes of ``classes`` in
+    order; a later class is indexed only where it merges into one of them (``_onto_kept``).
+
+    The merges of the two latest class lists are kept: the zero-shot classes and the tag vocabulary
+    of an eval set are the same at every eval of a run, and tokenising 10^5 distinct tags took
+    seconds per eval (``tokenize`` must be hashable: a function or ``functools.partial``).
     """
+    distinct, index = _merged_prompts(tuple(classes), tuple(templates), tokenize, max_distinct)
+    return list(distinct), dict(index)  # copies: the cached ones outlive the caller
+
+
+@functools.lru_cache(maxsize=2)  # the zero-shot classes and the tag vocabulary, merged in turn each eval
+def _merged_prompts(
+    classes: tuple[str, ...], templates: tuple[str, ...], tokenize, max_distinct: int | None
+) -> tuple[list[str], dict[str, int]]:
+    """``merge_same_prompts``, uncached."""
+    templates = list(templates)
     first: dict[tuple, int] = {}
     distinct: list[str] = []
     index: dict[str, int] = {}
     for start in range(0, len(classes), MERGE_CHUNK_CLASSES):
         chunk = classes[start : start + MERGE_CHUNK_CLASSES]
-        for c, key in zip(chunk, _prompt_tokens(chunk, templates, tokenize), strict=True):
+        keys = _prompt_tokens(chunk, templates, tokenize)
+        for offset, (c, key) in enumerate(zip(chunk, keys, strict=True)):
             if key not in first:
                 if max_distinct is not None and len(distinct) == max_distinct:
+                    index.update(_onto_kept(classes[start + offset + 1 :], first, templates, tokenize))
                     return distinct, index
                 first[key] = len(distinct)
                 distinct.append(c)
             index[c] = first[key]
     return distinct, index
+
+
+def _onto_kept(
+    classes: tuple[str, ...], kept: dict[tuple, int], templates: list[str], tokenize
+) -> dict[str, int]:
+    """The classes past the cut whose prompts tokenise like a kept class's (``kept``: prompt tokens
+    -> distinct index), each to that index; the others are left out.
+
+    A rare tag cut alike at the context length with a kept one ("... part 1" and "... part 2"), or
+    spelled apart only where the tokenizer normalises, has the kept tag's embedding: left out, its
+    images were negatives of a tag the model cannot tell from their own. Every class past the cut
+    is tokenised with the first template only (one prompt each, not one per template); only those
+    that match a kept class there, a few, are tokenised with them all."""
+    heads = {key[0] for key in kept}
+    out: dict[str, int] = {}
+    step = MERGE_CHUNK_CLASSES * len(templates)  # as many prompts per call as the merge above
+    for start in range(0, len(classes), step):
+        chunk = classes[start : start + step]
+        first_prompts = caption_tokens(tokenize([templates[0].format(c) for c in chunk]))
+        maybe = [c for c, head in zip(chunk, first_prompts, strict=True) if head in heads]
+        for c, key in zip(maybe, _prompt_tokens(maybe, templates, tokenize) if maybe else [], strict=True):
+            if key in kept:
+                out[c] = kept[key]
+    return out
 
 
 def _prompt_tokens(classes: list[str], templates: list[str], tokenize) -> list[tuple]:
@@ -399,7 +440,8 @@ def merge_same_prompt_tags(
     ranked first: a perfect model lost R@1 on every such image and AP on every such tag.
 
     max_tags: the merged vocabulary is the first ``max_tags`` distinct tags of ``vocab`` (most
-    frequent first): cut before the merge, each merge cost the vocabulary a tag."""
+    frequent first): cut before the merge, each merge cost the vocabulary a tag. A rarer tag past
+    the cut is still renamed to the vocabulary tag it tokenises like (``merge_same_prompts``)."""
     distinct, index = merge_same_prompts(vocab, templates, tokenize, max_distinct=max_tags)
     merged_name = {tag: distinct[i] for tag, i in index.items()}
     renamed = [[merged_name.get(normalize_tag(t), t) for t in tags] for tags in tag_lists]
