@@ -135,7 +135,8 @@ def run_ours(url_template: str, ids, out: str, args) -> float:
 
 def main(argv=None) -> dict:
     """Run both sides against a fake host; print (with ``--out`` also write) the JSON result, return it."""
-    p = argparse.ArgumentParser(description=__doc__)
+    # prog: argparse named the file ("usage: bench.py"), which cannot be typed to run it.
+    p = argparse.ArgumentParser(prog="python -m dataset_tools.bench", description=__doc__)
     p.add_argument("-n", "--num", type=int, default=400)
     p.add_argument("--latency", type=float, default=0.05, help="seconds the fake host waits per request")
     p.add_argument("--processes", type=int, default=1)

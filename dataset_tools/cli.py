@@ -16,8 +16,27 @@ from dataset_tools.politeness import PolitenessConfig
 _P = PolitenessConfig()
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends an option's default to its help: `build --help` showed none of the figures the
+    README quotes (16 connections, 50 requests/s, 3 retries, 1000 per shard). Options without a
+    value of their own (None, a flag's False, '') and help that already names its default are
+    left as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, False, "", argparse.SUPPRESS):
+            return action.help
+        if "default" in text:
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def _add_build(sub) -> None:
-    p = sub.add_parser("build", help="download thumbnails into img2dataset-layout webdataset shards")
+    p = sub.add_parser(
+        "build",
+        help="download thumbnails into img2dataset-layout webdataset shards",
+        formatter_class=_DefaultsHelpFormatter,
+    )
     p.add_argument(
         "--input",
         nargs="+",
@@ -25,8 +44,13 @@ def _add_build(sub) -> None:
         metavar="META",
         help="metadata files, globs or directories (Kaggle CSV, CSV/TSV/parquet/JSONL, yt-dlp JSON lines)",
     )
-    p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--input-format", default="auto", choices=["auto", "kaggle", "csv", "jsonl", "ytdlp"])
+    p.add_argument("--output", required=True, metavar="DIR", help="shard folder (a rerun resumes it)")
+    p.add_argument(
+        "--input-format",
+        default="auto",
+        choices=["auto", "kaggle", "csv", "jsonl", "ytdlp"],
+        help="input reader",
+    )
     p.add_argument(
         "--categories-json",
         help=(
@@ -34,28 +58,34 @@ def _add_build(sub) -> None:
             "then the built-in table)"
         ),
     )
-    p.add_argument("--url-template", default=youtube.DEFAULT_URL_TEMPLATE)
+    p.add_argument("--url-template", default=youtube.DEFAULT_URL_TEMPLATE, help="thumbnail URL")
     p.add_argument(
         "--variants", default=",".join(youtube.DEFAULT_VARIANTS), help="thumbnail ladder, best first"
     )
     p.add_argument(
         "--caption-template", default="{title}", help="e.g. '{title}. Tags: {tags}. {category_name}'"
     )
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=256, help="side in pixels after resizing")
     p.add_argument(
         "--resize-mode",
         default="keep_ratio",
         choices=["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"],
+        help="img2dataset resize mode",
     )
     p.add_argument("--resize-only-if-bigger", action="store_true")
     p.add_argument("--encode-quality", type=int, default=95, help="JPEG quality")
     p.add_argument(
         "--crop-letterbox", action="store_true", help="remove black bars of 4:3 thumbnails before resizing"
     )
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--processes", type=int, default=1, help="download processes")
     p.add_argument("--threads", type=int, default=16, help="download threads per process")
-    p.add_argument("--distributor", default="multiprocessing", choices=["multiprocessing", "pyspark", "ray"])
+    p.add_argument(
+        "--distributor",
+        default="multiprocessing",
+        choices=["multiprocessing", "pyspark", "ray"],
+        help="img2dataset distributor",
+    )
     p.add_argument(
         "--retry-failed", action="store_true", help="also re-attempt rows that failed in complete shards"
     )
@@ -72,12 +102,27 @@ def _add_build(sub) -> None:
         "--requests-per-second", type=float, default=_P.requests_per_second, help="whole build; 0 = no cap"
     )
     p.add_argument("--retries", type=int, default=_P.retries, help="re-attempts after 429/5xx/timeouts")
-    p.add_argument("--backoff-base", type=float, default=_P.backoff_base)
-    p.add_argument("--backoff-max", type=float, default=_P.backoff_max)
+    p.add_argument(
+        "--backoff-base",
+        type=float,
+        default=_P.backoff_base,
+        help="first backoff in seconds, doubled per retry",
+    )
+    p.add_argument(
+        "--backoff-max",
+        type=float,
+        default=_P.backoff_max,
+        help="longest single wait in seconds (also caps a Retry-After)",
+    )
     p.add_argument("--deadline", type=float, default=_P.deadline, help="wall-clock seconds per request")
-    p.add_argument("--max-bytes", type=int, default=_P.max_bytes)
-    p.add_argument("--max-pixels", type=int, default=_P.max_pixels)
-    p.add_argument("--user-agent", default=_P.user_agent)
+    p.add_argument("--max-bytes", type=int, default=_P.max_bytes, help="largest response body")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=_P.max_pixels,
+        help="largest image, width x height, read from its header",
+    )
+    p.add_argument("--user-agent", default=_P.user_agent, help="identifies the build to the host")
     p.add_argument(
         "--ignore-x-robots-tag",
         action="store_true",
@@ -165,7 +210,11 @@ def _parse_variants(text: str) -> tuple[str, ...]:
 
 
 def _add_others(sub) -> None:
-    p = sub.add_parser("inspect", help="counts, failure reasons, tag/category histograms, variant mix")
+    p = sub.add_parser(
+        "inspect",
+        help="counts, failure reasons, tag/category histograms, variant mix",
+        formatter_class=_DefaultsHelpFormatter,
+    )
     p.add_argument("dir")
     p.add_argument(
         "--verify", action="store_true", help="decode every image, check every sample; exit 1 on corruption"
@@ -174,7 +223,11 @@ def _add_others(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = sub.add_parser("finalize", help="sizes.json, __len__ and manifest.json for open_clip")
     p.add_argument("dir")
-    p = sub.add_parser("split", help="train/validation split by channel, video-id hash or publish date")
+    p = sub.add_parser(
+        "split",
+        help="train/validation split by channel, video-id hash or publish date",
+        formatter_class=_DefaultsHelpFormatter,
+    )
     p.add_argument("dir")
     p.add_argument("--output", required=True, help="writes <output>/train and <output>/val shards")
     p.add_argument(
@@ -193,14 +246,18 @@ def _add_others(sub) -> None:
         "--cut", help="--by date: ISO date or date time (UTC), e.g. 2024-01-01; replaces --val-fraction"
     )
     p.add_argument("--seed", default="0", help="salt of the hash")
-    p.add_argument("--shard-size", type=int, default=1000)
-    p = sub.add_parser("vocab", help="tag and category vocabularies")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard")
+    p = sub.add_parser("vocab", help="tag and category vocabularies", formatter_class=_DefaultsHelpFormatter)
     p.add_argument("dir")
     p.add_argument("--output", required=True, help="JSON file")
     p.add_argument(
         "--min-count", type=_at_least(0), default=5, help="drop tags and categories seen less often"
     )
-    p = sub.add_parser("dedup", help="exact (sha256) and perceptual duplicates, repeats of one video too")
+    p = sub.add_parser(
+        "dedup",
+        help="exact (sha256) and perceptual duplicates, repeats of one video too",
+        formatter_class=_DefaultsHelpFormatter,
+    )
     p.add_argument("dir")
     p.add_argument("--report", help="JSON report path (default DIR/_build/dedup.json)")
     p.add_argument("--max-distance", type=int, default=4, help="perceptual hash Hamming distance")

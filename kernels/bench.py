@@ -333,7 +333,8 @@ def choice_list(ap: argparse.ArgumentParser, flag: str, text: str, known: tuple[
 
 def main(argv: list[str] | None = None) -> dict:
     """Entry point of ``python -m kernels.bench``; returns the result written to ``--out``."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # prog: argparse named the file ("usage: bench.py"), which cannot be typed to run it.
+    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_out", help="directory for bench_kernels.json/.png")
     ap.add_argument(
         "--quick", action="store_true", help="tiny shapes, runs on CPU in seconds (harness smoke test)"

@@ -484,7 +484,10 @@ def export(run_dir: str, out_dir: str, tag: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m vutrain.export``; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="python -m vutrain.export", description=__doc__.split("\n\n")[0])
+    # The name the user typed: the console script's usage said "python -m vutrain.export".
+    console = os.path.basename(sys.argv[0] if sys.argv else "").startswith("vutrain-export")
+    prog = "vutrain-export" if console else "python -m vutrain.export"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("out_dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
