@@ -5,7 +5,8 @@ CPU", transformers' torchvision fallback, torch's FutureWarnings about deprecate
 would otherwise print once per rank: 16 copies on two 8-GPU nodes. Rank 0 keeps them (each Python
 warning once per code location, Python's default); every other rank keeps only errors from
 libraries, and warnings and errors from vutrain itself (a rank's own trouble, such as a skipped
-non-finite step, must still be seen), each line tagged `[rank N]` so it can be traced to its rank.
+non-finite step, must still be seen), each line tagged `[rank N]` so it can be traced to its rank
+(Python warnings too, which print through `warnings.showwarning`, not a log handler).
 
 The training entry point calls it first thing, before DeepSpeed or transformers are imported:
 
@@ -99,6 +100,26 @@ class _RankTag(logging.Filter):
         return True
 
 
+def _tag_warnings(rank: int) -> None:
+    """Python warnings print through warnings.formatwarning, not a log handler: on ranks other than
+    0, each of their lines (the source line under it included) starts with `[rank N] `, as the log
+    lines do; rank 0's are the plain ones. Before, a vutrain warning (a library's deprecation notice
+    about a call vutrain makes) printed once per rank with nothing saying which rank wrote which.
+    Only the text changes: warnings are still shown (and recorded by catch_warnings) as before."""
+    plain = getattr(warnings.formatwarning, "untagged", warnings.formatwarning)  # ours, from an earlier call
+    if rank == 0:
+        warnings.formatwarning = plain
+        return
+    tag = f"[rank {rank}] "
+
+    def tagged(message, category, filename, lineno, line=None):
+        text = plain(message, category, filename, lineno, line)
+        return "".join(tag + part for part in text.splitlines(keepends=True))
+
+    tagged.untagged = plain
+    warnings.formatwarning = tagged
+
+
 def log_format(rank: int) -> str:
     """The format of this rank's log lines: FORMAT on rank 0, with `[rank N]` on the others."""
     return FORMAT if rank == 0 else RANK_FORMAT.format(rank=rank)
@@ -110,7 +131,7 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> int:
     Rank 0: `level` for vutrain and the root handler, WARNING for libraries. Other ranks: WARNING
     for vutrain, ERROR for libraries, Python warnings from outside vutrain ignored (rank 0
     prints the same ones), and `[rank N]` in each line (in the message of DeepSpeed's, which has
-    its own format).
+    its own format; at the start of each line of a Python warning).
     """
     rank = process_rank() if rank is None else rank
     main = rank == 0
@@ -130,6 +151,7 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity(library_level)
+    _tag_warnings(rank)
     if not main:
         # Filters added later take precedence: ignore everything, then let vutrain's own through.
         warnings.filterwarnings("ignore")
