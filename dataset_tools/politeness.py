@@ -165,6 +165,11 @@ class HostLimiter:
             self._slots.release()
             raise
 
+    def wait_turn(self) -> None:
+        """Wait for a rate token (and any cool-down) for a request sent under a slot already held:
+        the next hop of a redirect is one more request to the host."""
+        self._wait_turn()
+
     def _wait_turn(self) -> None:
         """Sleep until neither the rate nor a cool-down holds this request back, then take the
         token. Checked again after every sleep: a 429 seen by another thread (or, through the
