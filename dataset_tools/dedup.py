@@ -189,7 +189,8 @@ def _find_duplicates(folder: str, max_distance: int, names: list[str]) -> dict:
     uf = _UnionFind()
     by_sha: dict[str, str] = {}
     by_video: dict[str, str] = {}
-    buckets: dict[tuple, list[str]] = {}
+    buckets: dict[tuple, list[tuple[str, imagehash.ImageHash]]] = {}
+    by_phash: dict[int, str] = {}  # each pHash value's first sample, the one its buckets hold
     reasons: dict[str, str] = {}
     for key, members, row in iter_samples(folder, names):
         phash = _phash(folder, key, members)
@@ -206,15 +207,22 @@ def _find_duplicates(folder: str, max_distance: int, names: list[str]) -> dict:
         if video in by_video:
             _link(uf, reasons, key, by_video[video], SAME_VIDEO)
         by_video.setdefault(video, key)
-        seen = set()
-        for chunk in _chunks(value, max_distance + 1):
-            for other in buckets.get(chunk, []):
-                if other in seen:
-                    continue
-                seen.add(other)
-                if phash - imagehash.hex_to_hash(info[other]["phash"]) <= max_distance:
-                    _link(uf, reasons, key, other, PERCEPTUAL)
-            buckets.setdefault(chunk, []).append(key)
+        if value in by_phash:
+            # The same pHash as an earlier sample: it matches exactly what that one matched, so it
+            # joins its group uncompared. Added to the buckets, a blank or letterboxed frame shared
+            # by thousands made every copy compare with every earlier one (O(n^2): hours at 20,000).
+            _link(uf, reasons, key, by_phash[value], PERCEPTUAL)
+        else:
+            by_phash[value] = key
+            seen = set()
+            for chunk in _chunks(value, max_distance + 1):
+                for other, other_phash in buckets.get(chunk, []):
+                    if other in seen:
+                        continue
+                    seen.add(other)
+                    if phash - other_phash <= max_distance:
+                        _link(uf, reasons, key, other, PERCEPTUAL)
+                buckets.setdefault(chunk, []).append((key, phash))
         uf.find(key)
     groups: dict[str, list[str]] = {}
     for key in info:
