@@ -337,20 +337,37 @@ def _read_in_order(ids: list[SampleId], count=None) -> Iterator[dict]:
     Within one copy of a shard the slice keeps tar order, so one read of the shard serves a run
     of its ids; a run that goes on with a key the read has passed is the next copy of an
     upsampled shard, for which the shard is read again.
+
+    The read starts at the shard's start, so it also passes samples outside the slice (drawn by the
+    old ranks, or another worker's): what the reader counts for them (their ignored members) is
+    dropped, as they were counted where they were drawn. Counts reach ``count`` only for the
+    samples yielded, and for the shard's end (its ``tar_error``) when the run read up to it.
     """
     i = 0
     while i < len(ids):
         url, present = ids[i][0], set()
-        for sample in iter_raw_samples(url, count):
+        pending: list[str] = []  # counted while reading the next sample (or the shard's end)
+        for sample in iter_raw_samples(url, pending.append):
             if i == len(ids) or ids[i][0] != url:
                 break
             present.add(sample["__key__"])
-            if sample["__key__"] == ids[i][1]:
+            mine = sample["__key__"] == ids[i][1]
+            reasons, pending[:] = pending[:], []
+            if mine:
+                _count_all(count, reasons)
                 i += 1
                 yield sample
+        else:  # the read reached the shard's end for this run: its damage is counted here
+            _count_all(count, pending)
         # Keys the shard no longer holds (damaged since its keys were listed) are passed over.
         while i < len(ids) and ids[i][0] == url and ids[i][1] not in present:
             i += 1
+
+
+def _count_all(count, reasons: list[str]) -> None:
+    if count is not None:
+        for reason in reasons:
+            count(reason)
 
 
 def log_batch_keys(keys: list[str]) -> None:

@@ -585,9 +585,13 @@ class SkipCounter(Counter):
     muted = False
 
     def __call__(self, reason: str, detail: str = "") -> None:
-        """Count one skipped sample under ``reason`` and log the first three per reason; muted: neither."""
+        """Count one skipped sample under ``reason`` and log the first three per reason; muted: neither.
+
+        An ignored member is counted, not logged: its sample trains, and the reader's per-shard
+        warning names the member (a "skipping sample" line said the sample was lost).
+        """
         if self.muted:
             return
         self[reason] += 1
-        if self[reason] <= 3:
+        if self[reason] <= 3 and reason not in MEMBER_REASONS:
             log.warning("skipping sample (%s) %s", reason, detail)
