@@ -72,19 +72,35 @@ def spec_overrides(spec: dict) -> list[str]:
         f"train.precision={spec['precision']}",
         f"train.zero_stage={spec['zero_stage']}",
         f"train.micro_batch_size={spec['batch_size']}",
-        f"model.gradient_checkpointing={spec['grad_ckpt']}",
+        f"model.gradient_checkpointing={flag_text(spec['grad_ckpt'])}",
         f"train.max_steps={spec['warmup'] + spec['steps']}",
         "train.checkpoint_every=0",
         "train.progress_bar=false",
         "train.resume=never",
         f"data.num_workers={spec['workers']}",
         f"loss.backend={spec['loss_backend']}",
-        f"train.compile={str(spec.get('compile', False)).lower()}",
+        f"train.compile={flag_text(spec.get('compile', False))}",
         f"train.compile_backend={spec.get('compile_backend', 'inductor')}",
         f"train.compile_mode={spec.get('compile_mode', 'default')}",
         "data.resampled=true",
         "data.num_samples=100000",
     ]
+
+
+def flag_text(value: bool | str) -> str:
+    """A spec's on/off setting as ``true``/``false``: the config's override text and the table's
+    cell. A bool, or the text tools/profile_step.py and rows written before 2026-12-07 hold (the
+    sweep's grad_ckpt was the text "false", its compile the bool False: the table said both)."""
+    if isinstance(value, str):
+        return value.strip().lower()
+    return str(bool(value)).lower()
+
+
+PEAK_MEM_KINDS = {
+    "peak_memory_gib": "GPU allocated",  # torch.cuda.max_memory_allocated
+    "peak_rss_gib": "process RSS",  # the process's peak resident set (ru_maxrss): CPU runs
+}
+"""What a row's peak memory measures, by the key that holds it: the column's header says it."""
 
 
 def run_one(spec: dict) -> dict:
@@ -141,27 +157,34 @@ def run_one(spec: dict) -> dict:
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # The two are not alike (the allocator's tensors against the whole process, Python included):
+    # said in the row, so a JSON reader need not infer it from which key is there.
+    result["peak_mem_kind"] = PEAK_MEM_KINDS["peak_memory_gib" if cuda else "peak_rss_gib"]
     return result
 
 
 def table(rows: list[dict]) -> str:
     """The benchmark rows as a markdown table (failed configurations say why)."""
+    # Which peak the memory column holds: "peak mem GiB" alone read as device memory on a CPU run.
+    kinds = [kind for key, kind in PEAK_MEM_KINDS.items() if any(key in r for r in rows)]
+    mem_head = "peak mem GiB" + (f" ({' / '.join(kinds)})" if kinds else "")
     lines = [
         "| preset | precision | ZeRO | batch | grad ckpt | compile | samples/s | wall samples/s | step s "
-        "| data | fwd | loss | bwd | opt | peak mem GiB |",
+        f"| data | fwd | loss | bwd | opt | {mem_head} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(
                 f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
-                f"{r['grad_ckpt']} | {bool(r.get('compile'))} | failed: {md_cell(r['error'][:60])} ||||||||| "
+                f"{flag_text(r['grad_ckpt'])} | {flag_text(r.get('compile', False))} | "
+                f"failed: {md_cell(r['error'][:60])} ||||||||| "
             )
             continue
         mem = r.get("peak_memory_gib", r.get("peak_rss_gib", float("nan")))
         lines.append(
             f"| {r['preset']} | {r['precision']} | {r['zero_stage']} | {r['batch_size']} | "
-            f"{r['grad_ckpt']} | {bool(r.get('compile'))} | "
+            f"{flag_text(r['grad_ckpt'])} | {flag_text(r.get('compile', False))} | "
             f"{r['samples_per_s']:.1f}{exit_note(r)} | {r.get('wall_samples_per_s', float('nan')):.1f} | "
             f"{r['step_time_s']:.3f} | "
             + " | ".join(f"{r[p + '_s']:.3f}" for p in PHASES)
@@ -365,7 +388,8 @@ def _raise_stopped(signum, frame):
 
 def sweep_specs(args: argparse.Namespace, batch_sizes: list[int], train_shards: str, work: str) -> list:
     """The spec of each configuration of the sweep, in the order they run."""
-    ckpts = {"off": ["false"], "on": ["true"], "both": ["false", "true"]}[args.grad_ckpt]
+    # Bools, as compile is: the JSON rows held grad_ckpt as the text "false" beside compile's false.
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
     return [
         dict(
             preset=args.preset,
@@ -382,7 +406,7 @@ def sweep_specs(args: argparse.Namespace, batch_sizes: list[int], train_shards: 
             compile_mode=args.compile_mode,
             hidden_act=args.hidden_act,
             train_shards=train_shards,
-            run_dir=os.path.join(work, f"run-{batch}-{ckpt}"),
+            run_dir=os.path.join(work, f"run-{batch}-{flag_text(ckpt)}"),
         )
         for batch in batch_sizes
         for ckpt in ckpts

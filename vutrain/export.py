@@ -287,6 +287,15 @@ def checkpoint_to_export(ckpt_dir: str, tag: str | None) -> tuple[str, str]:
                 "or let the run finish: it always saves at the end)"
             )
         tag = complete[-1]
+    elif tag not in unpublished and not any(
+        os.path.isdir(os.path.join(ckpt_dir, name)) for name in (tag, tag + ckpt.TMP_SUFFIX)
+    ):
+        # No folder at all, not even an interrupted save's: verify_tag's "COMPLETE.json is missing
+        # (save interrupted...)" sent the user looking for a save that never happened (a typo).
+        raise ExportError(
+            f"--tag {tag} cannot be exported: {tag}/{ckpt.MARKER} and its folder do not exist: no such "
+            f"checkpoint in {ckpt_dir}; complete checkpoints there: {', '.join(complete) or 'none'}"
+        )
     elif tag not in unpublished and (problem := ckpt.verify_tag(os.path.join(ckpt_dir, tag))) is not None:
         raise ExportError(
             f"--tag {tag} cannot be exported: {problem}; complete checkpoints in {ckpt_dir}: "
