@@ -4,8 +4,8 @@
 #   bash launch/gpu_bench.sh prepare        # development machine: wheels into .whl/, setup.sh into .gpu/
 #   bash launch/gpu_bench.sh [STEP ...]     # GPU host, from the checkout's root (default: all steps)
 #
-# Steps, in order: tests (pytest -m gpu: tests/test_multi_gpu.py in a second pytest beside the
-# rest), demo (make demo's job, python -m vutrain.demo --device cuda, with its 0.6 bar; started
+# Steps, in order: tests (pytest -m gpu on the files that mark a test gpu, found at run time:
+# tests/test_multi_gpu.py in a second pytest beside the rest), demo (make demo's job, python -m vutrain.demo --device cuda, with its 0.6 bar; started
 # beside tests when both are asked for: neither times anything, and the GPU has room for both),
 # compare (python -m vutrain.bench --compare open_clip, ZeRO-1 and 2), compile (the same with
 # train.compile against open_clip compiled and as it ships, batch 256, ZeRO-1 first), e2e (python -m
@@ -18,7 +18,9 @@
 # Python's, a second version of one package) are left out first, each named in wheels.log, and a
 # failed set-up is reported (exit 1) but the steps still run. host.txt says which Python, GPU
 # and disk the host has. Results: $OUT (default ./gpu_out) holds summary.txt
-# (one line per step: name, exit code, seconds) and results.tgz (every log, pytest_gpu*.xml,
+# (one line per step: name, exit code, seconds, then ran, failed, cut (at which limit), stopped or
+# skipped (why); last, `rerun: bash launch/gpu_bench.sh STEP...` naming the steps cut or not
+# started, a second call's command) and results.tgz (every log, pytest_gpu*.xml,
 # compare_open_clip.json/.png, kernels/, e2e.json, data_w8.log): the device tool brings back at
 # most 8 files. PACK=0 leaves the files unpacked. A failing step does not stop the next; the
 # script exits 1 when any step failed (0 when every step that ran succeeded).
@@ -244,9 +246,9 @@ limit() {
 }
 
 run_step() {  # run_step NAME LIMIT_S COMMAND...  (SUMMARY: where its line goes)
-    local name=$1 max summary="${SUMMARY:-$OUT/summary.txt}"; max=$(limit "$2"); shift 2
+    local name=$1 own=$2 max summary="${SUMMARY:-$OUT/summary.txt}"; max=$(limit "$2"); shift 2
     if (( max < 20 )); then
-        echo "$name skipped 0 (TOTAL_S=$TOTAL_S spent)" >> "$summary"
+        echo "$name skipped 0 (not started: $max s left of TOTAL_S=$TOTAL_S)" >> "$summary"
         return
     fi
     local t0=$SECONDS rc
@@ -258,7 +260,18 @@ run_step() {  # run_step NAME LIMIT_S COMMAND...  (SUMMARY: where its line goes)
     rc=$?
     STEP_PID=
     tail -n 40 "$OUT/$name.log"
-    echo "$name $rc $((SECONDS - t0))" >> "$summary"
+    # What happened, after the exit code: a cut step's 124 or 137 read like any failure, and the
+    # summary did not say whether the step's own limit or what was left of TOTAL_S ended it.
+    local how=ran
+    if (( STOP )); then
+        how="stopped (the call was signalled)"
+    elif (( rc == 124 || rc == 137 )); then
+        how="cut at its limit of $max s"
+        (( max < own )) && how="cut at $max s, what was left of TOTAL_S=$TOTAL_S (its own limit: $own s)"
+    elif (( rc != 0 )); then
+        how=failed
+    fi
+    echo "$name $rc $((SECONDS - t0)) $how" >> "$summary"
 }
 
 wait_for() {  # wait_for PID: its exit code; `wait` returns early when a trapped signal arrives
@@ -272,14 +285,22 @@ wait_for() {  # wait_for PID: its exit code; `wait` returns early when a trapped
     return "$rc"
 }
 
+gpu_test_files() {  # the test files that mark a test `gpu`, found at run time: a new one is never missed
+    grep -rlE --include='test_*.py' --include='*_test.py' 'mark\.gpu\b' tests | sort
+}
+
 tests_step() {  # two pytest processes at once: the multi-GPU launches, and every other GPU test
     set -f  # TESTS_ARGS split on spaces, never globbed: node ids like test_x[1] are patterns
-    local common=(-q -m gpu -p no:cacheprovider) multi rc
+    local common=(-q -m gpu -p no:cacheprovider) multi rc files
+    # Only the files that hold GPU tests: `-m gpu tests/` imported and collected the whole suite
+    # (about 2,300 tests) to select about 55. None found: the whole suite, as before.
+    files=$(gpu_test_files | grep -vx tests/test_multi_gpu.py | tr '\n' ' ')
+    [[ -n "$files" ]] || files="tests/ --ignore=tests/test_multi_gpu.py"
     "$PY" -m pytest "${common[@]}" tests/test_multi_gpu.py --junitxml="$OUT/pytest_multi_gpu.xml" \
         > "$OUT/tests_multi_gpu.log" 2>&1 &
     multi=$!
     # shellcheck disable=SC2086  # TESTS_ARGS: test paths or node ids instead of every other file
-    "$PY" -m pytest "${common[@]}" ${TESTS_ARGS:-tests/ --ignore=tests/test_multi_gpu.py} \
+    "$PY" -m pytest "${common[@]}" ${TESTS_ARGS:-$files} \
         --junitxml="$OUT/pytest_gpu.xml"
     rc=$?
     wait "$multi"
@@ -356,9 +377,13 @@ DEFAULT_KERNELS_ARGS="--shapes 32768x32768x768,4096x32768x768 --providers eager,
                       --modes fwd+bwd"
 pack  # setup.log and nvidia-smi.txt: the first step's files then fit beside the archive
 for step in "${STEPS[@]}"; do
-    (( STOP == 0 )) || break  # a signal: the steps left do not start (their lines are missing)
+    if (( STOP )); then  # a signal: the steps left do not start, and their lines say so
+        [[ $step == demo && -n "${tests_started:-}" ]] && continue  # it started beside the tests
+        echo "$step skipped 0 (not started: the call was signalled)" >> "$OUT/summary.txt"
+        continue
+    fi
     case "$step" in
-        tests) export -f tests_step demo_step; export PY OUT DEMO_EXTRA TESTS_ARGS
+        tests) export -f tests_step gpu_test_files demo_step; export PY OUT DEMO_EXTRA TESTS_ARGS
                demo_pid=
                if [[ " ${STEPS[*]} " == *" demo "* ]]; then  # beside the tests: its line after theirs
                    rm -f "$OUT/.demo_summary"
@@ -367,6 +392,7 @@ for step in "${STEPS[@]}"; do
                     SUMMARY="$OUT/.demo_summary" run_step demo "${DEMO_S:-150}" bash -c demo_step) &
                    demo_pid=$!
                fi
+               tests_started=1
                run_step tests "${TESTS_S:-150}" bash -c tests_step
                if [[ -n "$demo_pid" ]]; then
                    wait_for "$demo_pid"
@@ -398,8 +424,13 @@ for step in "${STEPS[@]}"; do
     esac
     pack  # what this step wrote, into results.tgz now: a kill later keeps it
 done
-echo "== summary (step, exit code, seconds)"
+# The steps that were cut or never started, as the command of a second call (a lease's 15 minutes
+# leave room for one): the default order does not fit one call.
+rerun=$(awk '$1 != "setup" && $1 != "rerun:" && ($2 == "skipped" || $4 == "cut" || $4 == "stopped") \
+             { printf " %s", $1 }' "$OUT/summary.txt")
+[[ -z "$rerun" ]] || echo "rerun: bash launch/gpu_bench.sh$rerun" >> "$OUT/summary.txt"
+echo "== summary (step, exit code, seconds, what happened)"
 cat "$OUT/summary.txt"
 # The script's own exit code says whether every step that ran succeeded (a step skipped for lack
 # of time is not a failure; its line says so): the device tool reports it, and it was always 0.
-awk '$2 != "skipped" && $2 != "0" { bad = 1 } END { exit bad }' "$OUT/summary.txt"
+awk '$1 != "rerun:" && $2 != "skipped" && $2 != "0" { bad = 1 } END { exit bad }' "$OUT/summary.txt"

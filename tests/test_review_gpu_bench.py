@@ -8,8 +8,12 @@ first check) and, where a step must start, /bin/true as its Python, so each test
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "gpu_bench.sh")
 
@@ -94,3 +98,94 @@ def test_a_step_limit_leaves_the_kill_grace_inside_the_total(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     limit = int(re.search(r"== compare \(limit (\d+)s\)", proc.stdout).group(1))
     assert 20 <= limit <= 100 - 15, proc.stdout
+
+
+def _node_ids(text: str) -> set[str]:
+    """The test ids `pytest --collect-only -q` prints, one a line."""
+    return {line.strip() for line in text.splitlines() if line.startswith("tests/") and "::" in line}
+
+
+@pytest.mark.slow
+def test_the_tests_step_collects_only_the_gpu_test_files_and_every_gpu_test(tmp_path):
+    """`pytest -m gpu tests/` imported and collected the whole suite (about 2,300 tests, 43 s under
+    load) to select about 55: the step now names the files that hold GPU tests, found at run time.
+    Its two pytest commands, run here with --collect-only, select the same ids as the full collection."""
+    calls = tmp_path / "pytest_calls"
+    python = tmp_path / "python"  # the step's Python: pytest only lists what it would run
+    python.write_text(
+        "#!/bin/bash\n"
+        f'if [[ "$1 $2" == "-m pytest" ]]; then echo "$*" >> {calls}\n'
+        f'    exec {sys.executable} "$@" --collect-only\nfi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    proc = run_script(tmp_path, "", "tests", PYTHON=str(python))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "out"
+    step = _node_ids((out / "tests.log").read_text()) | _node_ids((out / "tests_multi_gpu.log").read_text())
+    full = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--collect-only"]
+        + ["tests/"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(SCRIPT)),
+        timeout=600,
+    )
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr
+    every = _node_ids(full.stdout)
+    assert len(every) > 40 and step == every, sorted(step ^ every)
+    args = calls.read_text().split()
+    paths = [arg for arg in args if arg.startswith("tests")]
+    assert "tests/" not in paths and all(p.endswith(".py") for p in paths), paths
+
+
+def _hanging_python(tmp_path):
+    """A Python whose steps hang until signalled (the script's own `-c` checks run for real)."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/bash\n[[ "$1" == -c ]] && exec {sys.executable} "$@"\nexec sleep 300\n')
+    python.chmod(0o755)
+    return str(python)
+
+
+@pytest.mark.slow
+def test_the_summary_says_which_steps_were_cut_or_skipped_and_how_to_rerun_them(tmp_path):
+    """A cut step's line read `compare 124 21`, like any failure, with nothing saying the time ran
+    out, and the steps the default order leaves out of a call had to be picked out by hand."""
+    python = _hanging_python(tmp_path)
+    proc = run_script(tmp_path, "", "compare", "data", PYTHON=python, TOTAL_S="37", COMPARE_S="600")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # a cut step is no success
+    lines = summary(tmp_path)
+    assert [s[:2] for s in lines[1:3]] == [["compare", "124"], ["data", "skipped"]], lines
+    assert lines[1][3:5] == ["cut", "at"] and "what was left of TOTAL_S=37" in " ".join(lines[1]), lines
+    assert lines[3] == ["rerun:", "bash", "launch/gpu_bench.sh", "compare", "data"], lines
+    # at the step's own limit, the line says so
+    proc = run_script(tmp_path, "", "compare", PYTHON=python, TOTAL_S="100", COMPARE_S="20")
+    assert " ".join(summary(tmp_path)[1][3:]) == "cut at its limit of 20 s", proc.stdout
+
+
+@pytest.mark.slow
+def test_the_steps_a_signal_left_unstarted_have_their_lines(tmp_path):
+    """After the device tool's SIGTERM the steps not yet started had no line at all."""
+    env = dict(
+        os.environ,
+        GPU_SETUP=str(tmp_path / "setup.sh"),
+        OUT=str(tmp_path / "out"),
+        TMPDIR=str(tmp_path),
+        PYTHON=_hanging_python(tmp_path),
+        PACK="0",
+        WHEELS=str(tmp_path / "no_wheels"),
+    )
+    (tmp_path / "setup.sh").write_text("")
+    proc = subprocess.Popen(
+        ["bash", SCRIPT, "compare", "data"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out" / "compare.log").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=60)[0].decode()
+    lines = summary(tmp_path)
+    assert [s[:2] for s in lines[1:]] == [["compare", "143"], ["data", "skipped"], ["rerun:", "bash"]], log
+    assert lines[1][3] == "stopped" and "signalled" in lines[2][-1], lines
