@@ -16,10 +16,10 @@ import collections
 import json
 import os
 import tempfile
-import traceback
 
 import pytest
 import torch
+from spawn_scenarios import result, run_in_turn, selected
 from test_param_alignment import _odd_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -161,37 +161,24 @@ def _run_of(item) -> str | None:
 
 
 def _runs(rank: int, world: int, names: list[str]) -> dict:
-    """Each named run of ONE_RANK_RUNS in turn: {name: result}, or {name: the traceback} for the
-    first that raised (later ones are not run)."""
+    """Each named run of ONE_RANK_RUNS in turn (spawn_scenarios.run_in_turn)."""
     from vutrain.distributed import init_distributed, resolve_dist_env
 
     init_distributed(resolve_dist_env())
-    out = {}
-    for name in names:
+
+    def run(name):
         worker, args = ONE_RANK_RUNS[name]
-        try:
-            out[name] = globals()[worker](rank, world, *args)
-        except Exception:
-            out[name] = traceback.format_exc()
-            break
-    return out
+        return globals()[worker](rank, world, *args)
+
+    return run_in_turn(names, run)
 
 
 @pytest.fixture(scope="module")
 def one_rank_runs(request):
     """The one-rank runs the selected tests of this module read, on one spawned rank:
     {name: result}."""
-    names = [n for n in ONE_RANK_RUNS if n in {_run_of(item) for item in request.session.items}]
+    names = selected(request, ONE_RANK_RUNS, _run_of)
     return run_distributed(_runs, 1, names, init_process_group=False, timeout_s=600)[0]
-
-
-def _result(one_rank_runs: dict, name: str):
-    """Run `name`'s result; a run that raised (or was not reached) fails the test with why."""
-    if name not in one_rank_runs:
-        pytest.fail(f"run {name!r} not reached (an earlier run raised: {list(one_rank_runs)})")
-    if isinstance(one_rank_runs[name], str):
-        pytest.fail(f"run {name!r} raised\n{one_rank_runs[name]}")
-    return one_rank_runs[name]
 
 
 # One worker of pytest-xdist runs them all: the runs are shared through a module-scoped fixture.
@@ -219,7 +206,7 @@ def test_one_rank_skips_the_identity_reduction(accumulate, one_rank_runs):
     """No reduction op at ZeRO-1 and 2, and no parameter filed into a bucket: at ZeRO-1 DeepSpeed
     files each once per step, at ZeRO-2 in a gradient hook per parameter, which the lean reduction
     removes on one rank; with two micro-batches per step too."""
-    results = [_result(one_rank_runs, f"accumulate {accumulate}")]
+    results = [result(one_rank_runs, f"accumulate {accumulate}")]
     _check_equal_weights(results)
     for stage, r in results[0].items():
         for op in ("copy_", "_foreach_copy_", "cat", "allreduce_"):
@@ -236,7 +223,7 @@ def test_one_rank_skips_the_identity_reduction(accumulate, one_rank_runs):
 
 @pytest.mark.slow  # spawns a rank process
 def test_overlap_comm_is_left_to_deepspeed(one_rank_runs):
-    results = [_result(one_rank_runs, "overlap_comm")]
+    results = [result(one_rank_runs, "overlap_comm")]
     _check_equal_weights(results)
     for stage, r in results[0].items():  # handed over: DeepSpeed's copies, one per gradient
         assert r["ours"].get("copy_", 0) >= r["trainable"], f"ZeRO-{stage}: {r['ours']}"
@@ -247,7 +234,7 @@ def test_overlap_comm_is_left_to_deepspeed(one_rank_runs):
 @pytest.mark.slow  # spawns a rank process
 def test_one_rank_zero1_trains_what_zero2_trains(one_rank_runs):
     """On one rank ZeRO-1 gives ZeRO-2's weights, bit for bit."""
-    assert _result(one_rank_runs, "zero1 and zero2") is True
+    assert result(one_rank_runs, "zero1 and zero2") is True
 
 
 def test_copy_all_matches_a_loop_of_copies():

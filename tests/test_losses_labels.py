@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
+from spawn_scenarios import results_by_rank, run_in_turn
 
 from vutrain.losses import ClipLoss, SigLipLoss
 from vutrain.losses.positives import positive_mask
@@ -141,14 +141,7 @@ def _rank_runs(rank, world, img_all, txt_all, labels_by_kind):
     runs = {"labels": lambda: _rank_results(rank, world, img_all, txt_all, labels_by_kind)}
     if world == 4:  # world 4 runs both ring exchanges: one spawn of 4 ranks paid ~30 s of imports
         runs["strided"] = lambda: _rank_siglip_strided_texts(rank, world, img_all, txt_all)
-    out = {}
-    for name, run in runs.items():
-        try:
-            out[name] = run()
-        except Exception:
-            out[name] = traceback.format_exc()
-            break
-    return out
+    return run_in_turn(runs, lambda name: runs[name]())
 
 
 @functools.cache
@@ -162,12 +155,7 @@ def spawn_once(world):
 def rank_results(world, name):
     """Run `name`'s results by rank from `spawn_once(world)`; a run that raised (or was not
     reached) fails the test with the rank's traceback."""
-    for rank, runs in enumerate(spawn_once(world)[3]):
-        if name not in runs:
-            pytest.fail(f"rank {rank}: run {name!r} not reached (an earlier run raised: {list(runs)})")
-        if isinstance(runs[name], str):
-            pytest.fail(f"rank {rank}: run {name!r} raised\n{runs[name]}")
-    return [runs[name] for runs in spawn_once(world)[3]]
+    return results_by_rank(spawn_once(world)[3], name)
 
 
 # One worker of pytest-xdist runs them all: each world size's ranks are spawned once per process.

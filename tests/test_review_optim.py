@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import traceback
 
 import pytest
 import torch
+from spawn_scenarios import result, run_in_turn, selected
 from torch import nn
 
 from helpers_dist import run_distributed
@@ -103,37 +103,24 @@ def _run_of(item) -> str | None:
 
 
 def _runs(rank: int, world: int, tmp: str, names: list[str]) -> dict:
-    """Each named run of RUNS in turn: {name: result}, or {name: the traceback} for the first that
-    raised (later ones are not run). Each gets its own path under `tmp` (a checkpoint directory, or
-    the DeepSpeed config the fixture wrote there)."""
-    out = {}
-    for name in names:
+    """Each named run of RUNS in turn (spawn_scenarios.run_in_turn). Each gets its own path under
+    `tmp` (a checkpoint directory, or the DeepSpeed config the fixture wrote there)."""
+
+    def run(name):
         worker, args = RUNS[name]
-        try:
-            out[name] = globals()[worker](rank, world, *args, os.path.join(tmp, name))
-        except Exception:
-            out[name] = traceback.format_exc()
-            break
-    return out
+        return globals()[worker](rank, world, *args, os.path.join(tmp, name))
+
+    return run_in_turn(names, run)
 
 
 @pytest.fixture(scope="module")
 def rank_runs(request, tmp_path_factory):
     """The runs the selected tests of this module read, on one spawned rank: {name: result}."""
-    names = [n for n in RUNS if n in {_run_of(item) for item in request.session.items}]
+    names = selected(request, RUNS, _run_of)
     tmp = tmp_path_factory.mktemp("review_optim")
     for i, (optimizer, _) in enumerate(JSON_OPTIMIZERS):
         (tmp / f"json optimizer {i}").write_text(json.dumps({"optimizer": optimizer}))
     return run_distributed(_runs, 1, str(tmp), names, timeout_s=600)[0]
-
-
-def _result(rank_runs: dict, name: str):
-    """Run `name`'s result; a run that raised (or was not reached) fails the test with why."""
-    if name not in rank_runs:
-        pytest.fail(f"run {name!r} not reached (an earlier run raised: {list(rank_runs)})")
-    if isinstance(rank_runs[name], str):
-        pytest.fail(f"run {name!r} raised\n{rank_runs[name]}")
-    return rank_runs[name]
 
 
 # One worker of pytest-xdist runs them all: the runs are shared through a module-scoped fixture.
@@ -146,7 +133,7 @@ def test_resume_trains_with_this_runs_lr_and_weight_decay(stage, rank_runs):
     from vutrain.config import TrainConfig
     from vutrain.optim import lr_lambda
 
-    out = _result(rank_runs, f"resume zero{stage}")
+    out = result(rank_runs, f"resume zero{stage}")
     whole, same, changed = out["whole"], out["same"], out["changed"]
     assert same["lrs"] == whole["lrs"][3:]  # unchanged config: the schedule resumes exactly
     if stage < 3:
@@ -185,7 +172,7 @@ def test_json_optimizer_keeps_its_own_weight_decay(optimizer, decay, rank_runs):
     from vutrain.config import TrainConfig
     from vutrain.engine import json_weight_decay
 
-    groups = _result(rank_runs, f"json optimizer {[o for o, _ in JSON_OPTIMIZERS].index(optimizer)}")
+    groups = result(rank_runs, f"json optimizer {[o for o, _ in JSON_OPTIMIZERS].index(optimizer)}")
     assert groups == [(2, decay), (4, 0.0)]  # the two weights; biases and norms never decayed
     # Adam(W) takes train.weight_decay (its engine is not built here: DeepSpeed's CPU Adam op
     # compiles for 80 s on a 2-core machine).

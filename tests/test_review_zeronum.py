@@ -10,10 +10,9 @@ AdamW's eps is large so that the clip factor shows in the update (Adam alone is 
 
 from __future__ import annotations
 
-import traceback
-
 import pytest
 import torch
+from spawn_scenarios import results_by_rank, run_in_turn, selected
 from torch import nn
 
 from helpers_dist import run_distributed
@@ -170,38 +169,24 @@ def _run_of(item) -> str | None:
 
 
 def _runs(rank: int, world: int, names: list[str]) -> dict:
-    """Each named run of THREE_RANK_RUNS in turn on this rank: {name: result}, or {name: the
-    traceback} for the first that raised (later ones are not run: the ranks may be out of step)."""
+    """Each named run of THREE_RANK_RUNS in turn on this rank (spawn_scenarios.run_in_turn)."""
     from vutrain.distributed import init_distributed, resolve_dist_env
 
     init_distributed(resolve_dist_env())
-    out = {}
-    for name in names:
+
+    def run(name):
         worker, args = THREE_RANK_RUNS[name]
-        try:
-            out[name] = globals()[worker](rank, world, *args)
-        except Exception:
-            out[name] = traceback.format_exc()
-            break
-    return out
+        return globals()[worker](rank, world, *args)
+
+    return run_in_turn(names, run)
 
 
 @pytest.fixture(scope="module")
 def three_rank_runs(request):
     """The runs the selected tests of this module read, on one spawn of 3 ranks: a list by rank of
     {name: result}."""
-    names = [n for n in THREE_RANK_RUNS if n in {_run_of(item) for item in request.session.items}]
+    names = selected(request, THREE_RANK_RUNS, _run_of)
     return run_distributed(_runs, 3, names, init_process_group=False, timeout_s=600)
-
-
-def _results(three_rank_runs: list[dict], name: str) -> list:
-    """Run `name`'s result by rank; a run that raised (or was not reached) fails the test with why."""
-    for rank, runs in enumerate(three_rank_runs):
-        if name not in runs:
-            pytest.fail(f"rank {rank}: run {name!r} not reached (an earlier run raised: {list(runs)})")
-        if isinstance(runs[name], str):
-            pytest.fail(f"rank {rank}: run {name!r} raised\n{runs[name]}")
-    return [runs[name] for runs in three_rank_runs]
 
 
 # One worker of pytest-xdist runs them all: the runs are shared through a module-scoped fixture.
@@ -213,7 +198,7 @@ def test_three_uneven_ranks_step_as_deepspeed_and_torch(three_rank_runs):
     """World 3 (uneven partitions, odd-sized parameters, a frozen layer): vutrain's ZeRO-1/2 step
     gives DeepSpeed's own weights bit for bit and torch AdamW's over the global batch in fp32,
     clipping off, just under, at and just over the first step's norm, 1 and 2 micro-batches."""
-    _check(_results(three_rank_runs, "uneven ranks"))
+    _check(results_by_rank(three_rank_runs, "uneven ranks"))
 
 
 def _compare_in_a_group(rank: int, world: int, cases: list[tuple]) -> list[dict]:
@@ -272,5 +257,5 @@ def _nan_on_last_rank(rank: int, world: int, nan_step: int) -> dict:
 
 @pytest.mark.slow  # 3 rank processes
 def test_nan_gradient_on_one_of_three_ranks_is_a_zero_gradient_step(three_rank_runs):
-    for rank, by_case in enumerate(_results(three_rank_runs, "nan on the last rank")):
+    for rank, by_case in enumerate(results_by_rank(three_rank_runs, "nan on the last rank")):
         assert all(by_case.values()), f"rank {rank}: {by_case}"

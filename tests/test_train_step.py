@@ -11,10 +11,10 @@ moved DeepSpeed's accumulation boundary (fewer optimizer steps, different weight
 from __future__ import annotations
 
 import os
-import traceback
 
 import pytest
 import torch
+from spawn_scenarios import results_by_rank, run_in_turn, selected
 
 from vutrain.host_reads import HostReads
 
@@ -131,39 +131,25 @@ def _run_of(item) -> str | None:
 
 
 def _runs(rank: int, world: int, shards: dict, tmp: str, names: list[str]) -> dict:
-    """Each named run of RUNS in turn on this rank: {name: result}, or {name: the traceback} for
-    the first that raised (later ones are not run: the ranks may be out of step after it)."""
+    """Each named run of RUNS in turn on this rank (spawn_scenarios.run_in_turn)."""
     from vutrain.distributed import init_distributed, resolve_dist_env
 
     init_distributed(resolve_dist_env())
-    out = {}
-    for name in names:
+
+    def run(name):
         worker, args = RUNS[name]
-        try:
-            out[name] = globals()[worker](rank, shards, os.path.join(tmp, name), *args)
-        except Exception:
-            out[name] = traceback.format_exc()
-            break
-    return out
+        return globals()[worker](rank, shards, os.path.join(tmp, name), *args)
+
+    return run_in_turn(names, run)
 
 
 @pytest.fixture(scope="module")
 def rank_runs(request, synthetic_shards, tmp_path_factory):
     """The runs the selected tests of this module read, on one pair of spawned ranks: a list by rank
     of {name: result}."""
-    names = [n for n in RUNS if n in {_run_of(item) for item in request.session.items}]
+    names = selected(request, RUNS, _run_of)
     tmp = str(tmp_path_factory.mktemp("train_step"))
     return run_distributed(_runs, 2, synthetic_shards, tmp, names, init_process_group=False, timeout_s=600)
-
-
-def _results(rank_runs: list[dict], name: str) -> list:
-    """Run `name`'s result by rank; a run that raised (or was not reached) fails the test with why."""
-    for rank, runs in enumerate(rank_runs):
-        if name not in runs:
-            pytest.fail(f"rank {rank}: run {name!r} not reached (an earlier run raised: {list(runs)})")
-        if isinstance(runs[name], str):
-            pytest.fail(f"rank {rank}: run {name!r} raised\n{runs[name]}")
-    return [runs[name] for runs in rank_runs]
 
 
 # One worker of pytest-xdist runs them all: the runs are shared through a module-scoped fixture.
@@ -172,7 +158,7 @@ pytestmark = pytest.mark.xdist_group("train_step")
 
 @pytest.mark.slow  # spawns 2 rank processes
 def test_nonfinite_microbatch_contributes_zero_with_accumulation(rank_runs):
-    results = _results(rank_runs, "accumulation")
+    results = results_by_rank(rank_runs, "accumulation")
     for rank, res in enumerate(results):
         nan, zero = res["nan"], res["zero"]
         assert nan["global_steps"] == zero["global_steps"] == STEPS, f"rank {rank}: optimizer steps"
@@ -191,7 +177,7 @@ def test_nonfinite_step_masked_at_the_step_in_bf16(rank_runs, stage, ds_config):
     step (the second; rank 1's pixels NaN, so its activations and gradients are NaN, reduced into
     every rank's partition) is zeroed at the optimizer step, giving exactly the parameters of the
     run whose loss at that step is multiplied by 0 (AdamW still steps, with a zero gradient)."""
-    results = _results(rank_runs, BF16_CONFIGS[stage, ds_config])
+    results = results_by_rank(rank_runs, BF16_CONFIGS[stage, ds_config])
     for rank, res in enumerate(results):
         nan, zero = res["nan"], res["zero"]
         assert nan["hooks"] == zero["hooks"] == 0, f"rank {rank}: the per-parameter masks stayed"
@@ -237,7 +223,7 @@ def test_no_host_reads_between_optimizer_steps(rank_runs):
     fix the text tower's attention mask cost one read per forward (transformers checks on the host
     whether SDPA may ignore it) and align_uniform two more for its logged terms; DeepSpeed's
     grad-norm check at the optimizer step is not counted."""
-    for rank, by_run in enumerate(_results(rank_runs, "host reads")):
+    for rank, by_run in enumerate(results_by_rank(rank_runs, "host reads")):
         assert by_run == {name: {} for name in HOST_READ_RUNS}, (
             f"rank {rank}: host reads by call site {by_run}"
         )
