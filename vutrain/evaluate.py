@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from vutrain.config import RunConfig
 from vutrain.data.shards import ShardListError
 from vutrain.distributed import all_reduce
-from vutrain.tag_text import normalize_tag
 
 log = logging.getLogger("vutrain")
 
@@ -442,9 +441,11 @@ def merge_same_prompt_tags(
     max_tags: the merged vocabulary is the first ``max_tags`` distinct tags of ``vocab`` (most
     frequent first): cut before the merge, each merge cost the vocabulary a tag. A rarer tag past
     the cut is still renamed to the vocabulary tag it tokenises like (``merge_same_prompts``)."""
+    from vutrain.eval_multilabel import normalized_tag  # memoised: the same tags at every eval
+
     distinct, index = merge_same_prompts(vocab, templates, tokenize, max_distinct=max_tags)
     merged_name = {tag: distinct[i] for tag, i in index.items()}
-    renamed = [[merged_name.get(normalize_tag(t), t) for t in tags] for tags in tag_lists]
+    renamed = [[merged_name.get(normalized_tag(t), t) for t in tags] for tags in tag_lists]
     return renamed, distinct
 
 
