@@ -17,15 +17,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from launch_kill import endless_tiny_run_args, has_rank, kill_launch_py_once
 from worker_ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_NODE = ROOT / "launch" / "slurm" / "ds_node.sh"
 
+# Both tests on one worker: the shards below are written once for the two runs.
+pytestmark = pytest.mark.xdist_group("review_launch10")
 
-def start_ds_node(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
-    args, out = endless_tiny_run_args(tmp_path)
+
+@pytest.fixture(scope="module")
+def tiny_run_args(tmp_path_factory) -> list[str]:
+    """endless_tiny_run_args' arguments with its shards written once (the runs only read them); each
+    run names its own output_dir, the path kill_launch_py_once finds the run's processes by."""
+    args, _ = endless_tiny_run_args(tmp_path_factory.mktemp("launch10_shards"))
+    return args
+
+
+def start_ds_node(tiny_run_args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    out = tmp_path / "run"
+    args = [f"output_dir={out}" if arg.startswith("output_dir=") else arg for arg in tiny_run_args]
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("n1 slots=1\n")
     env_file = tmp_path / ".deepspeed_env"
@@ -43,10 +56,10 @@ def start_ds_node(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     return node, out
 
 
-def test_ds_node_launch_py_killed_before_its_trainer_started_is_no_success(tmp_path):
+def test_ds_node_launch_py_killed_before_its_trainer_started_is_no_success(tiny_run_args, tmp_path):
     """launch.py killed while its rank still imports torch: ds_node.sh stops the orphaned rank and
     exits 1 with one line (it exited 0, so the job was COMPLETED, and the rank trained on)."""
-    node, out = start_ds_node(tmp_path)
+    node, out = start_ds_node(tiny_run_args, tmp_path)
     config = out / "config.yaml"
     stderr = kill_launch_py_once(
         node, out, lambda procs: has_rank(procs) and not config.exists(), "ds_node.sh"
@@ -55,11 +68,11 @@ def test_ds_node_launch_py_killed_before_its_trainer_started_is_no_success(tmp_p
     assert "launch.py died" in stderr, stderr
 
 
-def test_ds_node_stops_the_ranks_of_a_killed_launch_py_with_a_checkpoint(tmp_path):
+def test_ds_node_stops_the_ranks_of_a_killed_launch_py_with_a_checkpoint(tiny_run_args, tmp_path):
     """launch.py killed while its rank trains: ds_node.sh sends the orphaned rank SIGTERM, it writes
     its preemption checkpoint, and ds_node.sh exits 75 (deepspeed.sbatch requeues; it exited 0 with
     the rank still training)."""
-    node, out = start_ds_node(tmp_path)
+    node, out = start_ds_node(tiny_run_args, tmp_path)
     metrics = out / "metrics.jsonl"
     stderr = kill_launch_py_once(
         node, out, lambda procs: metrics.exists() and metrics.stat().st_size > 0, "ds_node.sh"
