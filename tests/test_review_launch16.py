@@ -89,9 +89,13 @@ def test_ds_node_launch_py_killed_while_importing_is_no_success(tmp_path, hosts,
 # The namespace's shell: a private /tmp owned by "nobody", a stale /tmp/N.deepspeed of nobody's for
 # every pid N the namespace will hand out, then the launcher ("$@") as root without capabilities
 # (no CAP_FOWNER: like any other user, it cannot remove another user's file from a sticky /tmp).
-# Exit 99: the namespace could not be set up (the test is skipped).
+# A checkout under /tmp (CI clones there) would vanish under the private /tmp: it is bound aside
+# first and back at its own path after. Exit 99: the namespace could not be set up (skipped).
 STALE_PID_FILES = r"""
+repo="$PWD" keep=/run/vutrain-test-checkout
+case "$repo/" in /tmp/*) mkdir -p "$keep" && mount --bind "$repo" "$keep" || exit 99 ;; esac
 mount -t tmpfs -o mode=1777 tmpfs /tmp && chown nobody /tmp || exit 99
+case "$repo/" in /tmp/*) mkdir -p "$repo" && mount --bind "$keep" "$repo" && cd "$repo" || exit 99 ;; esac
 (cd /tmp && touch {2..3000}.deepspeed && chown nobody ./*.deepspeed) || exit 99
 printf 'n1 slots=1\n' >/tmp/hostfile && : >/tmp/deepspeed_env || exit 99
 exec setpriv --bounding-set=-all --inh-caps=-all "$@"
