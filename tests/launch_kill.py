@@ -1,5 +1,6 @@
 """Shared pieces of the tests that SIGKILL DeepSpeed's launch.py under a real launcher (local.sh,
-ds_node.sh): a tiny one-rank training run's arguments, the run's live processes, and the kill."""
+ds_node.sh): a tiny one-rank training run's arguments and its start under local.sh, the run's live
+processes, and the kill."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from worker_ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL_SH = ROOT / "launch" / "local.sh"
 CONFIG = str(ROOT / "vutrain" / "configs" / "tiny.yaml")
 
 
@@ -49,6 +53,21 @@ def endless_tiny_run_args(tmp_path: Path) -> tuple[list[str], Path]:
         "train.micro_batch_size=4", "data.num_workers=0", "train.log_every=1",
     ]  # fmt: skip
     return args, out
+
+
+def start_tiny_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """local.sh on an endless one-rank CPU run, in a process group of its own."""
+    args, out = endless_tiny_run_args(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "HOSTFILE", "WORLD_SIZE")}
+    env.update(
+        NGPUS="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+        PYTHON=sys.executable, MASTER_PORT=str(free_port()), VUTRAIN_LEFTOVER_WAIT="60",
+    )  # fmt: skip
+    launch = subprocess.Popen(
+        ["bash", str(LOCAL_SH), *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    return launch, out
 
 
 def kill_launch_py_once(

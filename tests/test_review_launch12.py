@@ -12,32 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from launch_kill import endless_tiny_run_args, kill_launch_py_once, processes_with
-from worker_ports import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-LOCAL_SH = ROOT / "launch" / "local.sh"
-
-
-def start_tiny_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
-    """local.sh on an endless one-rank CPU run, in a process group of its own."""
-    args, out = endless_tiny_run_args(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "HOSTFILE", "WORLD_SIZE")}
-    env.update(
-        NGPUS="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-        PYTHON=sys.executable, MASTER_PORT=str(free_port()), VUTRAIN_LEFTOVER_WAIT="60",
-    )  # fmt: skip
-    launch = subprocess.Popen(
-        ["bash", str(LOCAL_SH), *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    return launch, out
+from launch_kill import kill_launch_py_once, processes_with, start_tiny_run
 
 
 def launch_py_still_importing(procs: dict[int, str], first_seen: dict[str, float]) -> bool:

@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from launch_kill import endless_tiny_run_args, processes_with
-from worker_ports import free_port
+from launch_kill import processes_with, start_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SH = ROOT / "launch" / "local.sh"
@@ -32,16 +30,7 @@ BOM = b"\xef\xbb\xbf"
 def test_sigterm_to_launch_py_alone_with_a_checkpoint_exits_75(tmp_path):
     """launch.py alone SIGTERMed while the run trains: the ranks checkpoint and leave preempted.json,
     launch.py exits 1; local.sh exits 75 (it exited 1)."""
-    args, out = endless_tiny_run_args(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "HOSTFILE", "WORLD_SIZE")}
-    env.update(
-        NGPUS="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-        PYTHON=sys.executable, MASTER_PORT=str(free_port()), VUTRAIN_LEFTOVER_WAIT="60",
-    )  # fmt: skip
-    launch = subprocess.Popen(
-        ["bash", str(LOCAL_SH), *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+    launch, out = start_tiny_run(tmp_path)
     metrics = out / "metrics.jsonl"
     stderr = ""
     try:
