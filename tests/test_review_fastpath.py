@@ -2,9 +2,9 @@
 
 The processor resizes the shortest side to S before its centre crop, so a 1 x N image becomes
 S x (S * N) pixels. The fast path resizes only the crop's window of such images (resized area
-over 16x the crop's); its tolerance against ``CLIPImageProcessor`` is the DCT path's (mean <= 1.5,
-99th percentile <= 12 grey levels): the window's filter has the full resize's scale and pixel
-centres, and only PIL's choice of the order of its two uint8 passes may round differently.
+over 16x the crop's) with PIL's own arithmetic of the full resize: the processor's pixels exactly
+where the decode is the processor's; after a DCT-scaled decode, the DCT path's tolerance against
+``CLIPImageProcessor`` (mean <= 1.5, 99th percentile <= 12 grey levels).
 """
 
 import io
@@ -109,10 +109,9 @@ def test_extreme_aspect_ratio_stays_within_tolerance_of_the_processor(size, fmt,
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, crop, crop)
     fast = make_device_transform(processor)(pixels[None], "cpu", torch.float32)[0]
     levels = ((fast - ref) * torch.tensor(processor.image_std).view(3, 1, 1) * 255).abs()
-    assert levels.mean().item() <= 1.5 and levels.quantile(0.99).item() <= 12, (
-        levels.mean().item(),
-        levels.quantile(0.99).item(),
-    )
+    dct_scaled = size == (81, 1401)
+    mean, p99 = levels.mean().item(), levels.quantile(0.99).item()
+    assert (mean <= 1.5 and p99 <= 12) if dct_scaled else levels.max().item() < 0.01, (mean, p99)
 
 
 _EVAL_PREPROCESS_UNDER_A_MEMORY_CAP = textwrap.dedent(
@@ -163,4 +162,4 @@ def test_eval_preprocess_of_an_extreme_aspect_ratio_stays_near_the_processor(siz
     levels = (
         (make_preprocess(processor)(image) - ref) * torch.tensor(processor.image_std).view(3, 1, 1) * 255
     ).abs()
-    assert levels.mean().item() <= 1.5 and levels.quantile(0.99).item() <= 12
+    assert levels.max().item() < 0.01, levels.max().item()  # the window is PIL's full resize

@@ -79,8 +79,11 @@ class ClipPreprocess:
             # As the fast path: the full resize of a 1 x 60000 image is 224 x 13 million pixels, in
             # fp32 below some 35 GB, which killed the eval (and the run) at that sample.
             vertical_first = _vertical_first((w, h), new_w, new_h)
-            (new_w, new_h), box = crop_window(new_w, new_h, self.crop_hw, (w, h))
-            image = window_resize(image, (new_w, new_h), box, self.resample, vertical_first)
+            size, offset = crop_window(new_w, new_h, self.crop_hw)
+            image = window_resize(
+                np.asarray(image), (new_w, new_h), offset, size, (w, h), self.resample, vertical_first
+            )
+            new_w, new_h = size
         elif (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), resample=self.resample)
         array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # [3, H, W]
@@ -109,24 +112,17 @@ def _needs_window(new_w: int, new_h: int, crop_hw: tuple[int, int]) -> bool:
     return new_w * new_h > WINDOW_RESIZE_RATIO * crop_hw[0] * crop_hw[1]
 
 
-def crop_window(
-    new_w: int, new_h: int, crop_hw: tuple[int, int], extent: tuple[float, float]
-) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
-    """The part of a resize to (new_w, new_h) that the centre crop keeps, as PIL's ``resize(size,
-    box=box)`` arguments: ``size`` is the crop on an axis it fits, the whole resized axis on one
-    it pads; ``box`` is that window in the source's pixels (``extent``: the source's size).
-
-    The filter's scale and its pixel centres are those of the full resize; resize with
-    :func:`window_resize`, which also keeps the full resize's pass order.
-    """
-    size, box_lo, box_hi = [], [], []
-    for new, crop, src in ((new_w, crop_hw[1], extent[0]), (new_h, crop_hw[0], extent[1])):
+def crop_window(new_w: int, new_h: int, crop_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The part of a resize to (new_w, new_h) that the centre crop keeps: its size (the crop on an
+    axis it fits, the whole resized axis on one it pads) and its offset in the resized image.
+    Resize it with :func:`window_resize`."""
+    size, offset = [], []
+    for new, crop in ((new_w, crop_hw[1]), (new_h, crop_hw[0])):
         start = (new - crop) // 2
         lo, length = (start, crop) if start >= 0 else (0, new)
         size.append(length)
-        box_lo.append(lo * src / new)
-        box_hi.append((lo + length) * src / new)
-    return (size[0], size[1]), (box_lo[0], box_lo[1], box_hi[0], box_hi[1])
+        offset.append(lo)
+    return (size[0], size[1]), (offset[0], offset[1])
 
 
 _FILTER_SUPPORT = {
@@ -138,42 +134,108 @@ _FILTER_SUPPORT = {
 """PIL's filter radii in source pixels at scale 1 (``Resample.c``); lanczos, and anything else, 3."""
 
 
+def _hamming(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        px = x * math.pi
+        w = np.sin(px) / px * (np.float32(0.54) + np.float32(0.46) * np.cos(px))
+    return np.where(x == 0, 1.0, np.where(x >= 1, 0.0, w))
+
+
+def _sinc(x: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(x == 0, 1.0, np.sin(x * math.pi) / (x * math.pi))
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(
+        x < 1, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0)
+    )
+
+
+_FILTERS = {
+    int(Image.Resampling.BOX): lambda x: np.where((x > -0.5) & (x <= 0.5), 1.0, 0.0),
+    int(Image.Resampling.BILINEAR): lambda x: np.maximum(1 - np.abs(x), 0.0),
+    int(Image.Resampling.HAMMING): _hamming,
+    int(Image.Resampling.BICUBIC): _bicubic,
+    int(Image.Resampling.LANCZOS): lambda x: np.where((x >= -3) & (x < 3), _sinc(x) * _sinc(x / 3), 0.0),
+}
+"""PIL's filter functions (``Resample.c``), on float64 as there."""
+
+_PRECISION_BITS = 22
+"""PIL's fixed-point coefficients for 8-bit images (``32 - 8 - 2``)."""
+
+
+def _window_taps(
+    in_size: int, extent: float, new: int, lo: int, length: int, resample: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(source indices, fixed-point weights), each [length, taps], of output pixels lo .. lo + length
+    of PIL's resize of [0, extent) of an axis of ``in_size`` pixels to ``new``: PIL's own arithmetic
+    for the full resize (``precompute_coeffs``; nearest: ``ImagingScaleAffine``'s running sum).
+
+    ``resize(box=...)`` of the window instead computes the pixel centres from a float32 box: a
+    centre the full resize puts at exactly 150.0 became 149.99998, and nearest or box took the
+    row next to the processor's (up to 248 grey levels off on a 7x300 image at 32 px)."""
+    scale = float(np.float32(extent)) / new
+    if resample == Image.Resampling.NEAREST:
+        steps = np.full(lo + length, scale)
+        steps[0] = scale * 0.5
+        position = np.add.accumulate(steps)[lo:]  # sequential, as PIL's += per output pixel
+        index = position.astype(np.int64)[:, None]  # positions are >= 0: C's (int) truncation
+        inside = index < in_size  # PIL leaves a pixel outside the source black
+        return np.minimum(index, in_size - 1), np.where(inside, 1 << _PRECISION_BITS, 0)
+    filterscale = max(scale, 1.0)
+    support = _FILTER_SUPPORT.get(int(resample), 3.0) * filterscale
+    taps = np.arange(math.ceil(support) * 2 + 1)
+    center = (np.arange(lo, lo + length) + 0.5) * scale
+    first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - first
+    x = (taps + first[:, None] - center[:, None] + 0.5) * (1.0 / filterscale)
+    weights = np.where(taps < count[:, None], _FILTERS.get(int(resample), _FILTERS[1])(x), 0.0)
+    total = np.zeros(length)
+    for t in range(len(taps)):  # PIL's sequential sum (numpy's sum is pairwise)
+        total = total + weights[:, t]
+    weights = weights / np.where(total == 0, 1.0, total)[:, None]
+    fixed = np.trunc(weights * (1 << _PRECISION_BITS) + np.where(weights < 0, -0.5, 0.5))
+    return np.minimum(first[:, None] + taps, in_size - 1), fixed.astype(np.int64)
+
+
 def window_resize(
-    image: Image.Image,
+    array: np.ndarray,
+    full: tuple[int, int],
+    offset: tuple[int, int],
     size: tuple[int, int],
-    box: tuple[float, float, float, float],
+    extent: tuple[float, float],
     resample: int,
     vertical_first: bool,
-) -> Image.Image:
-    """PIL's ``image.resize(size, resample, box=box)`` of a :func:`crop_window`, its two passes in
-    the order of the full resize (``vertical_first``, from :func:`_vertical_first` of the full size).
-
-    One ``resize(box=...)`` lets Pillow 13 pick the order from the window's sizes: a 2x300 image at
-    32 px went height first where the processor's full resize goes width first, and the uint8
-    rounding between the passes differs (13 grey levels on noise; 22 on a 3x1000, 45 with lanczos).
-    So each pass is a resize of one axis, of the rows and columns the filter reaches only.
+) -> np.ndarray:
+    """The window ``size`` at ``offset`` (from :func:`crop_window`) of PIL's resize of the region
+    [0, extent) of a uint8 [H, W, 3] array to ``full`` = (w, h): the same pixels, bit for bit,
+    without the full resize's memory. Its two passes run in the full resize's order
+    (``vertical_first``, from :func:`_vertical_first` of the full size), each PIL's arithmetic
+    (``_window_taps``) on the rows and columns the filters reach only.
     """
-    if resample == Image.Resampling.NEAREST:  # no intermediate rounding, no order
-        return image.resize(size, resample=resample, box=box)
-    # Crop to what the filters reach (with a pixel's margin): the bounds Pillow clips the taps to
-    # are then the image's own edges or out of reach, and the passes stay window-sized.
-    support = _FILTER_SUPPORT.get(int(resample), 3.0)
-    reach = []
-    for axis in (0, 1):
-        lo, hi = box[axis], box[axis + 2]
-        radius = support * max((hi - lo) / size[axis], 1.0) + 1
-        reach.append((max(0, math.floor(lo - radius)), min(image.size[axis], math.ceil(hi + radius))))
-    (x0, x1), (y0, y1) = reach
-    image = image.crop((x0, y0, x1, y1))
-    box = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
-    for axis in (1, 0) if vertical_first else (0, 1):
-        # a box spanning the other axis whole at its own size: Pillow runs this axis's pass only
-        w, h = image.size
-        if axis == 0:
-            image = image.resize((size[0], h), resample=resample, box=(box[0], 0, box[2], h))
-        else:
-            image = image.resize((w, size[1]), resample=resample, box=(0, box[1], w, box[3]))
-    return image
+    taps = [
+        _window_taps(
+            array.shape[axis], extent[1 - axis], full[1 - axis], offset[1 - axis], size[1 - axis], resample
+        )
+        for axis in (0, 1)
+    ]
+    # crop to what the filters reach: the first pass then stays window-sized on the other axis
+    reach = [(int(index.min()), int(index.max()) + 1) for index, _ in taps]
+    array = array[reach[0][0] : reach[0][1], reach[1][0] : reach[1][1]]
+    for axis in (0, 1) if vertical_first else (1, 0):
+        index, fixed = taps[axis]
+        index = index - reach[axis][0]
+        shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
+        total = np.int64(1 << (_PRECISION_BITS - 1))
+        for t in range(index.shape[1]):
+            total = total + np.take(array, index[:, t], axis=axis).astype(np.int64) * fixed[:, t].reshape(
+                shape
+            )
+        array = np.clip(total >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+    return array
 
 
 def _resize_spec(resize) -> Resize:
@@ -252,11 +314,11 @@ class ClipCropUint8:
         new_w, new_h = target
         if _needs_window(new_w, new_h, self.crop_hw):  # an extreme aspect ratio
             vertical_first = _vertical_first(extent, new_w, new_h)
-            (new_w, new_h), box = crop_window(new_w, new_h, self.crop_hw, extent)
+            size, offset = crop_window(new_w, new_h, self.crop_hw)
             resized = window_resize(
-                Image.fromarray(array), (new_w, new_h), box, self.resample, vertical_first
+                array, (new_w, new_h), offset, size, extent, self.resample, vertical_first
             )
-            return self._crop(torch.from_numpy(np.array(resized)).permute(2, 0, 1), new_w, new_h)
+            return self._crop(torch.from_numpy(resized).permute(2, 0, 1), *size)
         # [3, h, w] as a channels-last view of the decoder's HWC array: torch's uint8
         # antialiased kernels are vectorised for it, and they return a contiguous [3, h', w'].
         pixels = torch.from_numpy(array).permute(2, 0, 1)
