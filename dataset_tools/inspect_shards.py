@@ -141,39 +141,13 @@ def _sample_problems(tar_file: str, key: str, members: dict[str, bytes]) -> list
     return problems
 
 
-def _trailing_data_problem(path: str, tar_file: str) -> str | None:
-    """The finding for a tar whose archive ends (in its two zero blocks) before the file does, None
-    for any other tar: bytes appended after a whole archive were reported as "not a whole number of
-    512-byte tar blocks (truncated)" or "no end-of-archive blocks (truncated)", the wrong cause."""
-    try:
-        with tarfile.open(path, "r") as tar:
-            for _member in tar:  # to the first zero block: where every reader stops
-                pass
-            end = tar.offset
-        with open(path, "rb") as f:
-            f.seek(end)
-            if f.read(1024) != bytes(1024):  # no end-of-archive blocks there: cut, or garbage mid-archive
-                return None
-            rest = f.read()
-    except (tarfile.TarError, OSError, EOFError):
-        return None
-    extra = rest.lstrip(b"\0")  # after the zero padding a tar writer adds to a whole record
-    if not extra:  # only zeros after the archive: a cut record, as "truncated" as before
-        return None
-    return (
-        f"{tar_file}: {len(extra)} bytes of trailing data after the end of the archive (readers stop at "
-        f"its end-of-archive blocks and never see them: a tar appended to?); cut the file to its first "
-        f"{end + 1024 + len(rest) - len(extra)} bytes if they hold no samples, else rebuild the shard"
-    )
-
-
 def _verify_shard(folder: str, tar_file: str, success_keys: set | None) -> list[str]:
     """Findings for the tar ``tar_file`` of ``folder``; ``success_keys`` None for a tar without
     stats/parquet (no cross-check)."""
     path = os.path.join(folder, tar_file)
-    whole = shards.tar_problem(path)
+    whole = shards.tar_problem(path)  # trailing data after a whole archive named as such
     if whole:
-        return [_trailing_data_problem(path, tar_file) or whole]
+        return [whole]
     try:
         names, samples = _samples_as_trainer_reads(path)
     except (tarfile.TarError, OSError, EOFError) as err:

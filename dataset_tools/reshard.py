@@ -33,6 +33,21 @@ def iter_samples(folder: str, names: Sequence[str] | None = None) -> Iterator[Sa
             yield key, members, by_key.get(key) or _row_from_tar_sample(key, members)
 
 
+def iter_sample_rows(folder: str, names: Sequence[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """``(key, row)`` of each sample ``iter_samples`` yields, in its order, read from the parquets
+    and the tars' headers: a tar's members are read only when one of its samples has no successful
+    parquet row (its row is then its ``.json``). For the tools that count samples or read their
+    metadata without their images (split's publish times, vocab)."""
+    for name in shards.iter_shard_names(folder) if names is None else names:
+        rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
+        by_key = {r["key"]: r for r in rows if r["status"] == shards.SUCCESS}
+        tar = os.path.join(folder, f"{name}.tar")
+        keys = shards.tar_check(tar)[1]
+        from_tar = shards.read_tar(tar) if keys - by_key.keys() else {}
+        for key in sorted(keys):
+            yield key, by_key.get(key) or _row_from_tar_sample(key, from_tar[key])
+
+
 def _row_from_tar_sample(key: str, members: dict[str, bytes]) -> dict:
     """The row of a tar sample its parquet has no successful row for: its ``.json`` object (or just
     its key), marked a success, as it is one (it is in the tar and goes into the output tar, whose

@@ -24,11 +24,11 @@ from dataset_tools import finalize as finalize_mod
 from dataset_tools import shards
 from dataset_tools.reshard import (
     ShardSink,
-    _row_from_tar_sample,
     check_empty_output,
     claim_outputs,
     finish_interrupted_publish,
     input_schema,
+    iter_sample_rows,
     iter_samples,
     publish_and_finalize,
     refuse_output_under_a_file,
@@ -138,18 +138,11 @@ def publish_times(folder: str) -> tuple[list[datetime.datetime | None], list[str
     yields, read from the parquets and the tars' headers (a tar's images are read only for a
     sample without a successful parquet row), and the stored values that are not times."""
     times, unreadable = [], []
-    for name in shards.iter_shard_names(folder):
-        rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
-        by_key = {r["key"]: r for r in rows if r["status"] == shards.SUCCESS}
-        tar = os.path.join(folder, f"{name}.tar")
-        keys = shards.tar_check(tar)[1]
-        from_tar = shards.read_tar(tar) if keys - by_key.keys() else {}
-        for key in sorted(keys):
-            row = by_key.get(key) or _row_from_tar_sample(key, from_tar[key])
-            value = publish_value(row)
-            times.append(parse_time(value))
-            if value is not None and times[-1] is None:
-                unreadable.append(str(value))
+    for _key, row in iter_sample_rows(folder):
+        value = publish_value(row)
+        times.append(parse_time(value))
+        if value is not None and times[-1] is None:
+            unreadable.append(str(value))
     return times, unreadable
 
 
@@ -235,7 +228,8 @@ def split(
     """Write ``folder``'s samples into ``output/train`` and ``output/val``; returns settings and counts.
 
     ``val_fraction`` defaults to 0.1; ``cut`` (``by="date"`` only) replaces it. A date split's
-    result adds ``cut`` (ISO, UTC) and ``no_publish_time`` (undated samples, all in train)."""
+    result adds ``cut`` (ISO, UTC) and ``no_publish_time`` (undated samples, all in train).
+    ``train`` + ``val``: every sample read, the ``samples`` of dedup's report and vocab's result."""
     if by not in BY:
         raise SystemExit(f"--by {by!r}: use {', '.join(BY)}")
     if cut is not None and by != "date":

@@ -11,32 +11,36 @@ import os
 from collections import Counter
 
 from dataset_tools import shards
-from dataset_tools.reshard import refuse_broken_shards
+from dataset_tools.reshard import iter_sample_rows, require_whole_shards
 from dataset_tools.split import skipped_shards
 from vutrain.tag_text import normalize_tag, tag_values
 
 
 def build_vocab(folder: str, min_count: int = 5) -> dict:
     """Tag and category vocabularies of the successful samples, entries below ``min_count`` dropped.
-    Incomplete shards (no stats yet: a build still running or stopped) are left out, named on stderr
-    and in ``skipped_incomplete_shards`` (tars not named ``NNNNN.tar`` in ``skipped_not_shards``),
-    as split and dedup do: their tags were left out without a word, so a vocabulary of a half-built
-    folder passed for one of the whole folder."""
+
+    The samples are those split and dedup read (``iter_sample_rows``: every sample of a tar, its
+    metadata from its parquet row, else from its ``.json`` as training reads it), counted in
+    ``samples``; ``failures``: the parquet rows that are no sample (not a success), left out. Read
+    from the parquets' successful rows alone, a sample only in the tar was left out (its tags, which
+    training sees, missing), and a damaged tar that split and dedup refuse was not noticed. Incomplete
+    shards (no stats yet: a build still running or stopped) are left out, named on stderr and in
+    ``skipped_incomplete_shards`` (tars not named ``NNNNN.tar`` in ``skipped_not_shards``), as split
+    and dedup do: their tags were left out without a word, so a vocabulary of a half-built folder
+    passed for one of the whole folder."""
     shards.require_shards(folder)
+    require_whole_shards(folder, "vocab")  # an unreadable parquet or a damaged tar: one line
     skipped = skipped_shards(folder, "vocab")
     tags, categories = Counter(), Counter()
+    samples = failures = 0
     for name in shards.iter_shard_names(folder):
-        path = os.path.join(folder, f"{name}.parquet")
-        problem = shards.parquet_problem(path)
-        if problem:  # it was a pyarrow traceback
-            refuse_broken_shards(folder, "vocab", [(name, problem)])
-        rows, _ = shards.read_parquet_rows(path)
-        for row in rows:
-            if row["status"] != shards.SUCCESS:
-                continue
-            tags.update({normalize_tag(t) for t in tag_values(row.get("tags"))})
-            if row.get("category_name"):
-                categories[row["category_name"]] += 1
+        rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
+        failures += sum(row["status"] != shards.SUCCESS for row in rows)
+    for _key, row in iter_sample_rows(folder):
+        samples += 1
+        tags.update({normalize_tag(t) for t in tag_values(row.get("tags"))})
+        if row.get("category_name"):
+            categories[row["category_name"]] += 1
 
     def entries(counter):
         kept = sorted(((n, c) for n, c in counter.items() if c >= min_count), key=lambda t: (-t[1], t[0]))
@@ -44,6 +48,8 @@ def build_vocab(folder: str, min_count: int = 5) -> dict:
 
     return {
         "min_count": min_count,
+        "samples": samples,
+        "failures": failures,
         "tags": entries(tags),
         "categories": entries(categories),
         **skipped,
