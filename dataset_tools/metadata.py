@@ -512,7 +512,7 @@ def _array_element_line(text: str, index: int) -> int:
 
 def _json_array_records(path: str, text: str) -> list[dict]:
     try:
-        records = json.loads(text)
+        records = json.loads(text, object_pairs_hook=_json_object)
     except ValueError as err:
         raise MetadataError(
             f"{path}:{getattr(err, 'lineno', 1)}: not valid JSON ({getattr(err, 'msg', err)}). "
@@ -570,11 +570,47 @@ def _api_video(item: dict) -> dict:
     channelTitle, publishedAt, and the video id wherever that resource keeps it (a search result's
     ``id.videoId``, a playlist item's ``snippet.resourceId.videoId``; a channel result has none)."""
     snippet = item.get("snippet") if isinstance(item.get("snippet"), dict) else {}
-    flat = {k: v for k, v in item.items() if k != "snippet"} | snippet
+    flat = _JsonObject({k: v for k, v in item.items() if k != "snippet"} | snippet)
+    flat.given_twice = getattr(item, "given_twice", {}) | getattr(snippet, "given_twice", {})
     for holder in (item.get("id"), snippet.get("resourceId"), item.get("contentDetails")):
         if isinstance(holder, dict):
             flat["id"] = holder.get("videoId")
     return flat
+
+
+class _JsonObject(dict):
+    """A JSON object that gives keys more than once: ``given_twice`` counts each such key
+    (``json.loads`` keeps only a repeated key's last value)."""
+
+    given_twice: dict[str, int]
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` of the JSON readers: a plain dict, or a ``_JsonObject`` when a key
+    repeats, so that a record whose ``title`` is given twice is refused instead of read as its
+    last value without a word."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    repeated = _JsonObject(obj)
+    counts: dict[str, int] = {}
+    for key, _ in pairs:
+        counts[key] = counts.get(key, 0) + 1
+    repeated.given_twice = {key: n for key, n in counts.items() if n > 1}
+    return repeated
+
+
+def _refuse_repeated_keys(path: str, line: int | None, record: dict) -> None:
+    """One line when a video record gives a key the readers take more than once
+    (``{"title": "a", "title": "b"}``): as for a CSV column given twice, only one value could
+    be read, and JSON's rule kept the last without a word."""
+    for key, n in getattr(record, "given_twice", {}).items():
+        if _column_key(key) in _READ_COLUMNS:
+            where = f"{path}:{line}" if line is not None else path
+            raise MetadataError(
+                f"{where}: key {key!r} is given {n} times in one object and only the last would be read. "
+                "Keep one (merge their values into it) or rename the others, then run the same command again."
+            )
 
 
 def _single_object(text: str) -> dict | None:
@@ -583,7 +619,7 @@ def _single_object(text: str) -> dict | None:
     if not text.lstrip().startswith("{"):
         return None
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_json_object)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
@@ -614,19 +650,25 @@ def _json_record_lines(text: str, records: int) -> list[int] | None:
 def _iter_json_records(path: str) -> Iterator[dict]:
     text = _read_json_text(path)
     if text.lstrip().startswith("["):
-        for record in _json_array_records(path, text):
-            yield from _videos(record)
+        for index, record in enumerate(_json_array_records(path, text)):
+            for video in _videos(record):
+                if getattr(video, "given_twice", None):
+                    _refuse_repeated_keys(path, _array_element_line(text, index), video)
+                yield video
         return
     single = _single_object(text)
     if single is not None:
-        yield from _videos(single)
+        first_line = text[: text.index("{")].count("\n") + 1
+        for video in _videos(single):
+            _refuse_repeated_keys(path, first_line, video)
+            yield video
         return
     for lineno, line in enumerate(_json_lines(text), 1):
         line = line.strip()
         if not line:
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=_json_object)
         except ValueError as err:
             raise MetadataError(
                 f"{path}:{lineno}: not a JSON line ({err}). JSONL input needs one JSON object per line."
@@ -636,7 +678,9 @@ def _iter_json_records(path: str) -> Iterator[dict]:
                 f"{path}:{lineno}: {_kind(rec)}, not a JSON object. "
                 "JSONL input needs one JSON object per line."
             )
-        yield from _videos(rec)
+        for video in _videos(rec):
+            _refuse_repeated_keys(path, lineno, video)
+            yield video
 
 
 def _record_lines(path: str, records: int) -> list[int] | None:
