@@ -624,10 +624,24 @@ def build_model(
             clip.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        drop_input_grad_hooks(clip)
     if cfg.lora.enabled:
         clip = apply_lora(clip, cfg)
+        drop_input_grad_hooks(clip.base_model.model)  # peft adds them again under checkpointing
     lock_towers(clip, cfg)
     return ClipTrainModule(clip, use_bias=use_bias, init_scale=init_scale, init_bias=init_bias)
+
+
+def drop_input_grad_hooks(clip: CLIPModel) -> None:
+    """Remove the hooks that make the embeddings' outputs require grad (``enable_input_require_grads``).
+
+    transformers adds them when checkpointing is enabled and peft when it wraps a checkpointed
+    model: reentrant checkpointing needs an input that requires grad. Non-reentrant checkpointing
+    (ours) does not, and with them a locked tower (model.lock_image: a LiT's ViT) was recomputed
+    and back-propagated every step for no gradient, which without checkpointing it never is.
+    """
+    if getattr(clip, "_require_grads_hooks", None) or hasattr(clip, "_require_grads_hook"):
+        clip.disable_input_require_grads()
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
