@@ -1,10 +1,10 @@
 """The training workers' uint8 fast path against the CLIPImageProcessor-exact float path.
 
 Tolerances, in grey levels (0..255) after undoing the normalisation:
-- no DCT-scaled decode (image under 2.5x the target): at most 1 level anywhere. Both sides use
+- no DCT-scaled decode (image under 3.2x the target): at most 1 level anywhere. Both sides use
   PIL's antialiased bicubic filter on uint8 with rounding between the two passes; torch's
   kernel and PIL's fixed-point arithmetic differ by at most one rounding step.
-- DCT-scaled decode (image at least 2.5x the target): mean <= 1.5, 99th percentile <= 12. The
+- DCT-scaled decode (image at least 3.2x the target): mean <= 1.5, 99th percentile <= 12. The
   decoder's 1/2-1/8 scaling is a box-like filter in the DCT domain, not PIL's bicubic; measured
   on these thumbnail-like JPEGs: mean 0.4-1.0, p99 3-9, single pixels on hard edges up to ~45.
 """
