@@ -945,6 +945,45 @@ def saved_world_size(tag_dir: str, default: int) -> int:
     return reshape.saved_world_size(tag_dir) or default
 
 
+ZERO3_MODEL_FILE = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
+OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
+
+
+def zero_stage_of_files(tag_dir: str) -> int | None:
+    """The ZeRO stage that wrote a tag, from DeepSpeed's file names: 3 (a model file per rank), 0 (one
+    model file, no optimizer files), 1 or 2 (1: their layout is the same), None if unclear (bf16
+    optimizer files: DeepSpeed's BF16_Optimizer writes them at ZeRO-0 too)."""
+    names = os.listdir(tag_dir)
+    if any(ZERO3_MODEL_FILE.match(n) for n in names):
+        return 3
+    if "mp_rank_00_model_states.pt" not in names:
+        return None
+    optim = [m for n in names if (m := OPTIM_FILE.match(n))]
+    if any(m.group(1) for m in optim):
+        return None
+    return 1 if optim else 0
+
+
+def check_zero_stage_of_files(tag_dir: str, stage: int) -> None:
+    """check_zero_stage for a tag without world.json (an older vutrain): its files tell the stage.
+
+    Such a tag on another stage failed inside DeepSpeed with "AssertionError: ",
+    "FileNotFoundError: .../zero_pp_rank_0_mp_rank_00_optim_states.pt" or "'NoneType' object has no
+    attribute 'copy'", and the advice to try an older checkpoint, which fails the same way.
+    """
+    if os.path.isfile(os.path.join(tag_dir, reshape.WORLD_FILE)):
+        return  # reshape.check_zero_stage read its zero_stage
+    saved = zero_stage_of_files(tag_dir)
+    if saved is None or saved == stage or {saved, stage} <= {1, 2}:
+        return
+    same = "train.zero_stage=1 or 2" if saved == 1 else f"train.zero_stage={saved}"
+    raise reshape.ResumeShapeError(
+        f"{tag_dir} was written with ZeRO stage {'1 or 2' if saved == 1 else saved} (its files say so; "
+        f"it has no {reshape.WORLD_FILE}) and this run has train.zero_stage={stage}: DeepSpeed cannot "
+        f"load it into that stage; resume with {same}"
+    )
+
+
 def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     """Restore engine (weights, optimizer, LR schedule) and return this rank's trainer state."""
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -952,6 +991,7 @@ def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
     if problem is not None:
         raise CheckpointError(f"{problem}; point train.resume at another checkpoint")
     reshape.check_zero_stage(tag_dir, engine.zero_optimization_stage())
+    check_zero_stage_of_files(tag_dir, engine.zero_optimization_stage())
     reshape.check_model(tag_dir, engine.module)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if rank == 0:

@@ -19,7 +19,13 @@ import logging
 import torch
 from torch import nn
 
-from vutrain.config import DS_ADAM_TYPES, TrainConfig, check_user_ds_config, ds_optimizer_settings
+from vutrain.config import (
+    DS_ADAM_TYPES,
+    ConfigError,
+    TrainConfig,
+    check_user_ds_config,
+    ds_optimizer_settings,
+)
 from vutrain.distributed import collective_backend
 from vutrain.ds_config import build_ds_config
 from vutrain.grad_clip import use_device_side_clip, zero_nonfinite_at_step
@@ -50,6 +56,8 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
         kwargs["args"] = argparse.Namespace(device_rank=index, local_rank=index)
         module.to(device)  # the fused AdamW checks its parameters' device when it is built
     check_user_ds_config(ds_config, cfg, cfg.ds_config or "the DeepSpeed config")
+    if ds_config["zero_optimization"].get("stage") == 3:
+        refuse_empty_parameters(module)
     if "optimizer" in ds_config:  # the user's ds_config brings its own (e.g. CPU-offload Adam)
         use_train_settings(ds_config["optimizer"], cfg)
         kwargs["model_parameters"] = param_groups(module, json_weight_decay(ds_config["optimizer"], cfg))
@@ -69,6 +77,22 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     if cfg.compile:
         compile_model(engine, cfg.compile_scope, cfg.compile_backend, cfg.compile_mode)
     return engine
+
+
+def refuse_empty_parameters(module: nn.Module) -> None:
+    """ConfigError (one line) for a parameter without elements under ZeRO-3.
+
+    ZeRO-3 partitions and gathers every parameter, frozen or not, and fails on an empty one inside
+    DeepSpeed at the first forward ("AssertionError: {'id': 0, 'status': 'NOT_AVAILABLE', ...") or
+    at its gradient's reduction (torch.cat of an empty list), with nothing naming the parameter.
+    """
+    empty = [name for name, p in module.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ConfigError(
+            f"parameter {empty[0]} has no elements ({len(empty)} such parameters): DeepSpeed ZeRO-3 "
+            "cannot partition it; remove it from the model (or register it as a buffer), or use "
+            "train.zero_stage 0, 1 or 2"
+        )
 
 
 def undo_state_init_step(optimizer) -> bool:
@@ -158,11 +182,16 @@ def keep_settings_on_load(engine) -> None:
         return
     base_lrs = list(scheduler.base_lrs)
     settings = [{k: group[k] for k in RUN_SETTINGS if k in group} for group in optimizer.param_groups]
+    clip_grad = getattr(optimizer, "clip_grad", None)
     original = engine.load_checkpoint
 
     @functools.wraps(original)
     def load_checkpoint(*args, **kwargs):
+        own_scaler = getattr(optimizer, "loss_scaler", None)
         loaded = original(*args, **kwargs)
+        keep_own_loss_scaler(optimizer, own_scaler)
+        if clip_grad is not None:  # ZeRO-1/2 restore the saved train.grad_clip (_load_global_state)
+            optimizer.clip_grad = clip_grad
         scheduler.base_lrs = list(base_lrs)
         # LambdaLR's own formula at the restored step: the LR of the next optimizer step.
         lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, scheduler.lr_lambdas)]
@@ -173,6 +202,25 @@ def keep_settings_on_load(engine) -> None:
 
     load_checkpoint._vutrain_keeps_settings = True
     engine.load_checkpoint = load_checkpoint
+
+
+def keep_own_loss_scaler(optimizer, own) -> bool:
+    """Put this engine's loss scaler back unless both it and the loaded one scale dynamically.
+
+    DeepSpeed's ZeRO optimizers load the saved scaler in place of their own (_load_global_state),
+    also across a train.precision switch between fp32 and fp16, which keeps the same file names:
+    an fp16 run resumed from an fp32 checkpoint trained with fp32's static scale of 1 (its fp16
+    gradients underflow), and an fp32 run from an fp16 one with fp16's dynamic scale (2**16 and
+    skipped steps), which DeepSpeed asserts never happens in fp32. A static scaler holds nothing
+    but its configured scale; only a dynamic one's current scale is training state worth resuming.
+    Returns whether this engine's scaler was put back.
+    """
+    loaded = getattr(optimizer, "loss_scaler", None)
+    if own is None or loaded is own or (getattr(own, "dynamic", False) and getattr(loaded, "dynamic", False)):
+        return False
+    optimizer.loss_scaler = own
+    optimizer.dynamic_loss_scale = own.dynamic
+    return True
 
 
 def compile_model(engine, scope: str, backend: str, mode: str = "default") -> int:
