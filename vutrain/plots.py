@@ -43,39 +43,49 @@ def _as_number(value) -> float | None:
 
 
 def _curve(rows: list[dict], key: str, unusable: list[int]) -> list[tuple[int, float]]:
-    """(step, value) of the rows holding `key` whose value is a finite number; a value that is no
-    number adds to `unusable[0]`. Non-finite values (a NaN loss: an interval whose micro-batches were
-    all skipped) are left out: the line joins the finite points around them, where a NaN broke it
-    and a finite point between two NaNs, drawn as a segment of length zero, did not show."""
-    points = []
+    """(step, value) of the rows holding `key`, in step order, one point per step; a value that is
+    no number adds to `unusable[0]`. Non-finite values (a NaN loss: an interval whose micro-batches
+    were all skipped) are left out: the line joins the finite points around them, where a NaN broke
+    it and a finite point between two NaNs, drawn as a segment of length zero, did not show."""
+    values: dict[int, float | None] = {}
     for row in rows:
-        _add_point(points, row, key, unusable)
-    return points
+        _add_point(values, row, key, unusable)
+    return _in_step_order(values)
 
 
-def _add_point(points: list[tuple[int, float]], row: dict, key: str, unusable: list[int]) -> None:
-    """Append `row`'s (step, value) of `key` to `points` as `_curve` takes it."""
+def _add_point(values: dict[int, float | None], row: dict, key: str, unusable: list[int]) -> None:
+    """Set `values[step]` to `row`'s `key` as `_curve` takes it (None where it is no number). The
+    last row for a step wins, as a resume keeps one row per step: a hand-merged metrics.jsonl (two
+    runs concatenated, a resume's rows appended after later ones) was drawn in file order, a line
+    that zigzagged back in steps and drew both rows of a step."""
     if key not in row:
         return
     value = _as_number(row[key])
     if value is None:
         unusable[0] += 1
-    elif math.isfinite(value):
-        points.append((row["step"], value))
+    values[row["step"]] = value
+
+
+def _in_step_order(values: dict[int, float | None]) -> list[tuple[int, float]]:
+    """The finite (step, value) points of `values`, by step."""
+    return [
+        (step, value) for step, value in sorted(values.items()) if value is not None and math.isfinite(value)
+    ]
 
 
 def _read_curves(run_dir: str, unusable: list[int]) -> tuple[list[tuple[int, float]], list[dict], bool]:
     """The loss points, the eval rows (their eval keys only) and whether any row was read, in one
     pass that keeps nothing else: every row of a long run's metrics.jsonl held at once (10^6 rows,
     ~3 GB) was read at the end of the run, on rank 0 beside the model."""
-    loss, evals, any_row = [], [], False
+    loss: dict[int, float | None] = {}
+    evals, any_row = [], False
     for row in iter_metrics(run_dir):
         any_row = True
         _add_point(loss, row, "train/loss", unusable)
         eval_keys = {key: value for key, value in row.items() if key.startswith("eval/")}
         if eval_keys:
             evals.append(dict(eval_keys, step=row["step"]))
-    return loss, evals, any_row
+    return _in_step_order(loss), evals, any_row
 
 
 def _draw(axis, points: list[tuple[int, float]], **style) -> None:
