@@ -60,6 +60,8 @@ def test_direct_srun_to_an_unresolvable_first_node_stops_at_once_in_one_line(syn
 def test_unresolvable_master_addr_is_refused_before_the_process_group(monkeypatch):
     """The check belongs to the rendezvous: resolve_dist_env still names the step's first node."""
     monkeypatch.setenv("PATH", "/nonexistent")
+    # Rank 0 of 2 would serve its cause to the peers for 30 s from a thread (none come here).
+    monkeypatch.setenv("VUTRAIN_EARLY_FAILURE_WAIT_S", "0")
     info = resolve_dist_env(_srun_rank(0))
     assert info.master_addr == "n1.invalid"
     with pytest.raises(RuntimeError, match=r"n1\.invalid.*export MASTER_ADDR"):

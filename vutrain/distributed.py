@@ -24,6 +24,7 @@ variables override the choice (e.g. to run two ranks on one GPU, which NCCL refu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import logging
@@ -455,7 +456,11 @@ def init_distributed(info: DistInfo, timeout_minutes: float | None = None) -> No
     """Start the process group (always, even for one process: DeepSpeed expects one). Without
     `timeout_minutes`, the group's timeout is `group_timeout_minutes()`."""
     if not dist.is_initialized():
-        check_rendezvous_host(info)
+        try:
+            check_rendezvous_host(info)
+        except RuntimeError as exc:
+            _serve_unreachable_host_verdict(info, str(exc))
+            raise
     os.environ.update(deepspeed_env(info))
     if info.device.startswith("cuda"):
         # Before the group exists: NCCL and object collectives use the current device.
@@ -479,6 +484,23 @@ def init_distributed(info: DistInfo, timeout_minutes: float | None = None) -> No
     deepspeed.init_distributed(dist_backend=info.backend)
     release_shm_buffer()
     refuse_shared_gpus(info)
+
+
+def _serve_unreachable_host_verdict(info: DistInfo, message: str) -> None:
+    """Rank 0, whose node cannot resolve MASTER_ADDR: serve `message` to the peers whose nodes can.
+
+    They reached the port, found nothing listening and retried until the group's timeout (30
+    minutes), then said only that; rank 0's cause never reached them. Rank 0's store listens on
+    every address of its host, so it needs no name: its own client connects at 127.0.0.1. From a
+    thread the process waits for at exit (until each peer has read the verdict, or
+    VUTRAIN_EARLY_FAILURE_WAIT_S), so the caller prints rank 0's line at once."""
+    if info.rank != 0 or info.world_size == 1:
+        return
+    here = dataclasses.replace(info, master_addr="127.0.0.1")
+    told = f"{message} (on rank 0's host, {socket.gethostname()})"
+    threading.Thread(
+        target=tell_peers_of_early_failure, args=(here, told), name="rendezvous-failure-verdict"
+    ).start()
 
 
 class RendezvousError(RuntimeError):
