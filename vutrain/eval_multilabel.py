@@ -173,6 +173,7 @@ def multilabel_retrieval(
     vocab: list[str] | None = None,
     ks=RECALL_KS,
     prefix: str = "eval/tags_",
+    pairs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """mAP over tags and recall@k over images (see the module doc).
 
@@ -185,6 +186,7 @@ def multilabel_retrieval(
         encode_text: list of prompts -> [P, E] text features.
         templates: prompt templates with '{}' for the tag.
         vocab: the tags to rank; default every tag seen in `tag_lists`.
+        pairs: ``target_pairs(tag_lists, vocab)`` when the caller has it (kept across evals).
     """
     vocab = tag_vocabulary(tag_lists) if vocab is None else vocab
     metrics: dict[str, float] = {f"{prefix}vocab": float(len(vocab))}
@@ -192,7 +194,8 @@ def multilabel_retrieval(
         return metrics
     images = F.normalize(image_features.float(), dim=-1)
     tags = tag_embeddings(encode_text, vocab, templates).to(images.device)
-    pairs = target_pairs(tag_lists, vocab).to(images.device)  # on a GPU run: CUDA scores
+    pairs = target_pairs(tag_lists, vocab) if pairs is None else pairs
+    pairs = pairs.to(images.device)  # on a GPU run: CUDA scores
     per_tag = _per_tag_average_precision(images, tags, pairs)
     metrics[f"{prefix}map"] = per_tag[~per_tag.isnan()].mean().item()
     for k, per_image in _per_image_recall(images, tags, pairs, ks).items():

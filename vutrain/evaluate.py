@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import os
 
@@ -161,6 +162,10 @@ RECALL_CHUNK_ELEMENTS = 2**26
 """Similarities scored at a time in retrieval recall (256 MB in fp32, with a few boolean
 temporaries of the same shape): at 50k held-out samples the whole N x N matrix was 10 GB."""
 
+RECALL_CHUNK_PAIRS = 2**22
+"""Right (row, column) pairs looked at a time in retrieval recall (some 50 bytes each, about as much
+memory as the similarities): a caption shared by most of the set makes ~N right columns per row."""
+
 
 def _chunk_rows(n_columns: int) -> int:
     return max(1, min(4096, RECALL_CHUNK_ELEMENTS // max(n_columns, 1)))
@@ -171,13 +176,30 @@ MISS_RANK = torch.iinfo(torch.long).max
 on a held-out set of fewer than 10 samples a diverged model's misses counted as hits at R@10."""
 
 
-def _pair_ranks(rows: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Per row of ``rows`` [n, N], how many wrong columns (``right`` [n, N] False) beat or tie its
-    best right column; ``MISS_RANK`` when every right column is NaN."""
-    scored = right & ~rows.isnan()
-    best = torch.where(scored, rows, float("-inf")).amax(dim=1, keepdim=True)
-    beats = ((rows >= best) | rows.isnan()) & ~right  # how many other columns beat or tie it
-    return torch.where(scored.any(dim=1), beats.sum(dim=1), MISS_RANK)
+def _pair_ranks(rows: torch.Tensor, pair_row: torch.Tensor, pair_col: torch.Tensor) -> torch.Tensor:
+    """Per row of ``rows`` [n, N], how many wrong columns beat or tie its best right column (the
+    right ones: the pairs ``(pair_row[p], pair_col[p])``, distinct); ``MISS_RANK`` when every right
+    column is NaN.
+
+    Counted as all columns not below the best (a NaN is not below it: it beats every pair) less
+    the right ones among them, so no [n, N] mask of the right columns is made."""
+    values = rows[pair_row, pair_col]
+    scored = ~values.isnan()
+    best = rows.new_full((rows.shape[0],), float("-inf"))
+    best = best.scatter_reduce(0, pair_row[scored], values[scored], reduce="amax")
+    found = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+    found[pair_row[scored]] = True
+    not_below = rows.shape[1] - (rows < best[:, None]).sum(dim=1)
+    right_not_below = torch.zeros_like(not_below).index_add_(0, pair_row, (~(values < best[pair_row])).long())
+    return torch.where(found, not_below - right_not_below, MISS_RANK)
+
+
+def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner, position): for each i, ``counts[i]`` entries ``starts[i], starts[i] + 1, ...``,
+    concatenated; owner is i for each."""
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    first = torch.cumsum(counts, 0) - counts  # where each i's entries begin in the output
+    return owner, starts[owner] + torch.arange(len(owner), device=counts.device) - first[owner]
 
 
 class RightColumns:
@@ -188,24 +210,62 @@ class RightColumns:
     i2t: query = image group, key = caption group, so an image's right captions are the captions of
     its copies. Equal query and key groups (one group per sample, or the caption groups) make it
     "the same group". A transitive group was wrong: image A reused by B, B's title also C's, made
-    C's image right for A's title (neither its image nor its caption)."""
+    C's image right for A's title (neither its image nor its caption).
+
+    Indexed once (query group -> its key groups -> their columns), so a block of rows finds its
+    right columns in time of the block and its pairs: a scan of every link per block of rows, and
+    a [block, N] table, cost some 4 minutes of a 50k-sample eval."""
 
     def __init__(self, query_groups: torch.Tensor, key_groups: torch.Tensor):
-        # key ids made 0..K-1: the per-block table is K wide, whatever ids the caller gave
-        key_groups = torch.unique(key_groups, return_inverse=True)[1]
-        self.query_groups, self.key_groups = query_groups, key_groups
-        links = torch.unique(torch.stack([query_groups, key_groups], dim=1), dim=0)  # sorted by query
-        self.link_query, self.link_key = links[:, 0], links[:, 1]
-        self.key_width = int(key_groups.max().item()) + 1 if key_groups.numel() else 0
+        # ids made 0..Q-1 and 0..K-1: the index is Q and K long, whatever ids the caller gave
+        self.query_groups = torch.unique(query_groups, return_inverse=True)[1]
+        self.key_groups = torch.unique(key_groups, return_inverse=True)[1]
+        n_query = int(self.query_groups.max().item()) + 1 if query_groups.numel() else 0
+        n_key = int(self.key_groups.max().item()) + 1 if key_groups.numel() else 0
+        links = torch.unique(torch.stack([self.query_groups, self.key_groups], dim=1), dim=0)  # by query
+        self.link_key = links[:, 1]
+        self.link_count = torch.bincount(links[:, 0], minlength=n_query)
+        self.link_start = torch.cumsum(self.link_count, 0) - self.link_count
+        self.columns_by_key = torch.argsort(self.key_groups, stable=True)  # each key group's, in order
+        self.column_count = torch.bincount(self.key_groups, minlength=n_key)
+        self.column_start = torch.cumsum(self.column_count, 0) - self.column_count
+        # per query group, how many right columns a row of it has
+        self.right_count = torch.zeros_like(self.link_count).index_add_(
+            0, links[:, 0], self.column_count[self.link_key]
+        )
+
+    def pairs_of_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row - start, column) LongTensors [P]: the right pairs of rows [start, stop), each once."""
+        query = self.query_groups[start:stop]
+        link_row, link = _ranges(self.link_start[query], self.link_count[query])
+        key = self.link_key[link]
+        key_link, position = _ranges(self.column_start[key], self.column_count[key])
+        return link_row[key_link], self.columns_by_key[position]
+
+    def pieces(self, start: int, stop: int, max_pairs: int) -> list[tuple[int, int]]:
+        """[start, stop) cut into runs of rows with about ``max_pairs`` right pairs at most (a run
+        goes over by less than one row's pairs); one run unless many rows share a big group."""
+        counts = self.right_count[self.query_groups[start:stop]]
+        if int(counts.sum().item()) <= max_pairs:
+            return [(start, stop)]
+        run = torch.div(torch.cumsum(counts, 0) - counts, max(max_pairs, 1), rounding_mode="floor")
+        sizes = torch.unique_consecutive(run, return_counts=True)[1].tolist()
+        ends = [start + s for s in itertools.accumulate(sizes)]
+        return list(zip([start] + ends[:-1], ends, strict=True))
 
     def of_rows(self, start: int, stop: int) -> torch.Tensor:
-        """BoolTensor [stop - start, N]; memory of that size (one row per distinct query group of
-        the block, times the key groups), never a per-pair table."""
-        distinct, row_of = torch.unique(self.query_groups[start:stop], return_inverse=True)
-        linked = torch.isin(self.link_query, distinct)
-        table = torch.zeros(len(distinct), self.key_width, dtype=torch.bool, device=distinct.device)
-        table[torch.searchsorted(distinct, self.link_query[linked]), self.link_key[linked]] = True
-        return table[row_of[:, None], self.key_groups[None, :]]
+        """BoolTensor [stop - start, N]: the right columns of rows [start, stop) as a mask."""
+        out = torch.zeros(stop - start, len(self.key_groups), dtype=torch.bool, device=self.key_groups.device)
+        out[self.pairs_of_rows(start, stop)] = True
+        return out
+
+    def ranks(self, rows: torch.Tensor, start: int) -> torch.Tensor:
+        """``_pair_ranks`` of ``rows`` [n, N], the similarities of rows [start, start + n)."""
+        parts = [
+            _pair_ranks(rows[a - start : b - start], *self.pairs_of_rows(a, b))
+            for a, b in self.pieces(start, start + rows.shape[0], RECALL_CHUNK_PAIRS)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=rows.device)
 
 
 def _right_columns(n: int, groups, key_groups, device) -> RightColumns:
@@ -241,7 +301,7 @@ def recall_at_k(
     n = sim.shape[0]
     right = _right_columns(n, groups, key_groups, sim.device)
     step = _chunk_rows(n)  # rows in chunks: a few [chunk, N] temporaries, never [N, N] ones
-    ranks = [_pair_ranks(sim[i : i + step], right.of_rows(i, min(i + step, n))) for i in range(0, n, step)]
+    ranks = [right.ranks(sim[i : i + step], i) for i in range(0, n, step)]
     return _recall(ranks, ks, sim.device)
 
 
@@ -257,10 +317,7 @@ def feature_recall_at_k(
     n = queries.shape[0]
     right = _right_columns(n, groups, key_groups, queries.device)
     step = _chunk_rows(n)
-    ranks = [
-        _pair_ranks(queries[i : i + step] @ keys.T, right.of_rows(i, min(i + step, n)))
-        for i in range(0, n, step)
-    ]
+    ranks = [right.ranks(queries[i : i + step] @ keys.T, i) for i in range(0, n, step)]
     return _recall(ranks, ks, queries.device)
 
 
@@ -455,15 +512,35 @@ def tag_metrics(
     """``eval/tags_*`` over the ``vocab_size`` most frequent tags, merged by prompt tokens;
     ``eval/tags_vocab`` counts merged tags. image_groups: per image, its group of identical images
     (``retrieval_pair_groups``), whose tags are one set (the vocabulary still counts videos)."""
-    from vutrain.eval_multilabel import multilabel_retrieval, tag_vocabulary
+    from vutrain.eval_multilabel import multilabel_retrieval
+
+    groups = tuple(image_groups) if image_groups is not None else None
+    key = (tuple(tuple(tags) for tags in tag_lists), tuple(templates), tokenize, vocab_size, groups)
+    tag_lists, vocab, pairs = _prepared_tags(*key)
+    return multilabel_retrieval(img, tag_lists, encode_text, templates, vocab=list(vocab), pairs=pairs)
+
+
+@functools.lru_cache(maxsize=1)  # the held-out set's tags are the same at every eval of a run
+def _prepared_tags(
+    tag_lists: tuple[tuple[str, ...], ...],
+    templates: tuple[str, ...],
+    tokenize,
+    vocab_size: int,
+    image_groups: tuple[int, ...] | None,
+) -> tuple[list[list[str]], list[str], torch.Tensor]:
+    """(tag lists renamed and united over copies, merged vocabulary, their target pairs) of one
+    eval set: ``tag_metrics``'s preparation, which read all ~450k tags of a 50k-sample set three
+    times at every eval. Keyed by everything it reads, so another set (or the same tags on other
+    images) is prepared anew."""
+    from vutrain.eval_multilabel import tag_vocabulary, target_pairs
 
     ranked = tag_vocabulary(tag_lists)  # every tag, most frequent first: the merge decides the cut
-    tag_lists, vocab = merge_same_prompt_tags(tag_lists, ranked, templates, tokenize, max_tags=vocab_size)
+    lists, vocab = merge_same_prompt_tags(tag_lists, ranked, list(templates), tokenize, max_tags=vocab_size)
     if image_groups is not None:
         # A thumbnail reused by a "cat" video and a "dog" video is one image: a negative copy
         # tied each positive one, so a perfect model lost AP and R@1 on both tags.
-        tag_lists = union_over_copies(tag_lists, image_groups)
-    return multilabel_retrieval(img, tag_lists, encode_text, templates, vocab=vocab)
+        lists = union_over_copies(lists, list(image_groups))
+    return lists, vocab, target_pairs(lists, vocab)
 
 
 def union_over_copies(values: list, image_groups: list[int]) -> list[list]:
