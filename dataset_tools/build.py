@@ -3,7 +3,8 @@
 Re-running on the same output continues: complete shards (parseable stats + tar + parquet) are
 skipped, anything else is redone from the plan. ``retry_failed`` also re-attempts the failed rows
 of complete shards (those not yet downloaded ``max_attempts`` times) and merges them back
-(``retry.py``); a shard whose merge is refused is counted and named, the others still merge.
+(``retry.py``); a shard whose merge is refused is counted and named, the others still merge,
+and a merge a stopped build left midway is finished first, without downloading the shard again.
 """
 
 from __future__ import annotations
@@ -546,6 +547,9 @@ def _build(cfg: BuildConfig) -> dict:
     )
     plan_mod.save_plan(cfg.output, plan, cfg.shard_size, _image_options(cfg))
 
+    # Before the shards to download are chosen, and before --retry-failed empties _build/retry/.
+    for line in retry.finish_stopped_merges(cfg.output):
+        print(line)
     done = built_shards(cfg.output, say_redone=True)
     retry.apply_attempt_records(cfg.output, done)  # a shard downloaded again by a stopped build
     todo = {sid: rows for sid, rows in plan_mod.by_shard(plan).items() if sid not in done}

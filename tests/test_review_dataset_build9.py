@@ -55,10 +55,10 @@ def _stop_at_first(monkeypatch, name):
 @pytest.mark.parametrize("stopped_at", ["write_parquet", "write_stats"])
 def test_a_merge_stopped_midway_keeps_counting_attempts(tmp_path, monkeypatch, stopped_at):
     """A --retry-failed stopped while it merges into a shard (after the tar, before the parquet
-    or the stats): the next build downloads the shard again from the plan, and each row's
-    attempts count on from the merge (one more for that download) instead of starting again at
-    1, so --max-attempts holds. Before: every row read 1 attempt and the failed row was retried
-    past the cap on every stopped merge."""
+    or the stats): the next build finishes the merge from the files on disk (until 2026-12-07 it
+    downloaded the shard again), and each row's attempts count on from the merge instead of
+    starting again at 1, so --max-attempts holds. Before: every row read 1 attempt and the failed
+    row was retried past the cap on every stopped merge."""
     inp, out = tmp_path / "in.csv", tmp_path / "out"
     write_ids_csv(inp, IDS)
     with FakeThumbnailHost({"gonegonego1": "missing", "flakyflaky1": "missing"}, max_lifetime=180) as host:
@@ -70,11 +70,14 @@ def test_a_merge_stopped_midway_keeps_counting_attempts(tmp_path, monkeypatch, s
         monkeypatch.undo()
         assert _build(host, inp, out, "--retry-failed", "--max-attempts", "3") == 0
         rows = _rows_by_id(out)
+        # The next build finishes the stopped merge from the files on disk (retry.finish_stopped_merges),
+        # no download of the shard: the ok rows stay at 1, flakyflaky1 (merged as a success) at 2, and
+        # gonegonego1 is retried once more to 3. Until 2026-12-07 the shard was downloaded again: 2 2 3 3.
         assert {v: r.get("attempts") for v, r in rows.items()} == {
-            "okokokokok1": 2,
-            "okokokokok2": 2,
+            "okokokokok1": 1,
+            "okokokokok2": 1,
             "gonegonego1": 3,
-            "flakyflaky1": 3,
+            "flakyflaky1": 2,
         }
         asked_gone = _asked(host, "gonegonego1")
         assert _build(host, inp, out, "--retry-failed", "--max-attempts", "3") == 0
