@@ -347,7 +347,12 @@ def _run(args) -> int:
 
         result = vocab.build_vocab(args.dir, min_count=args.min_count)
         vocab.save(result, args.output)
-        print(f"{len(result['tags'])} tags, {len(result['categories'])} categories -> {args.output}")
+        # The samples read and the rows left out, as the JSON has them: the line gave only the
+        # vocabulary sizes, so a vocabulary of 40 samples passed for one of the whole folder.
+        print(
+            f"{len(result['tags'])} tags, {len(result['categories'])} categories from {result['samples']} "
+            f"samples ({result['failures']} failed rows left out) -> {args.output}"
+        )
         return 0
     if args.command == "dedup":
         from dataset_tools import dedup

@@ -229,7 +229,7 @@ def split(
 
     ``val_fraction`` defaults to 0.1; ``cut`` (``by="date"`` only) replaces it. A date split's
     result adds ``cut`` (ISO, UTC) and ``no_publish_time`` (undated samples, all in train).
-    ``train`` + ``val``: every sample read, the ``samples`` of dedup's report and vocab's result."""
+    ``samples``: every sample read (``train`` + ``val``), as in dedup's report and vocab's result."""
     if by not in BY:
         raise SystemExit(f"--by {by!r}: use {', '.join(BY)}")
     if cut is not None and by != "date":
@@ -279,7 +279,10 @@ def split(
                 side = assign(sample[2], by, val_fraction, seed, title_ids)
             sinks[side].add(sample)
         counts = {side: sink.close() for side, sink in sinks.items()}
-        result = {"by": by, "val_fraction": val_fraction, **counts, **skipped}
+        # ``samples``: every sample read, as dedup's report and vocab's result name it (the total
+        # was left to the reader's sum); train + val equals it.
+        samples = sum(counts.values())
+        result = {"by": by, "val_fraction": val_fraction, "samples": samples, **counts, **skipped}
         if by == "date":
             result.update(cut=cut_time.isoformat(), **undated)
         # Both sides published only now (a killed split published neither), after a marker

@@ -156,6 +156,7 @@ def test_cut_with_channel_or_hash_is_refused_and_their_results_keep_their_keys(t
     assert set(result) == {
         "by",
         "val_fraction",
+        "samples",  # added 2026-12-07: train + val, as dedup's report and vocab's result name it
         "train",
         "val",
         "skipped_incomplete_shards",

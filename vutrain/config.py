@@ -312,6 +312,14 @@ def _exact_int(value: Any) -> int | None:
     return None
 
 
+def _refuse_non_ascii_number(key: str, value: Any, kind: str) -> None:
+    """ConfigError for number text with a character beyond ASCII: Python's int() and float() read
+    any script's digits, so `seed=٣` (Arabic-Indic) was 3 and `train.max_steps=１２` (full-width)
+    12, while YAML 1.2, JSON and the shell read them as text. Surrounding whitespace is stripped."""
+    if isinstance(value, str) and not value.strip().isascii():
+        raise ConfigError(f"{key} must be {kind} written with the ASCII digits 0-9, got {value!r}")
+
+
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
     if tp is bool:
@@ -328,6 +336,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         if isinstance(value, int):  # through float, 2**53 + 1 became 2**53
             return value
+        _refuse_non_ascii_number(key, value, "an integer")
         exact = _exact_int(value)
         if exact is not None:
             return exact
@@ -347,6 +356,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):  # YAML's true: it was the number 1.0
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        _refuse_non_ascii_number(key, value, "a number")
         try:
             number = float(value)
         except (TypeError, ValueError):

@@ -17,11 +17,16 @@ import yaml
 _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 # YAML 1.1's forms minus the octal "0..." and the sexagesimal "1:30" (PyYAML's constructor reads
-# what is left as YAML 1.2 does).
-_INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$")
+# what is left as YAML 1.2 does). An underscore only between two digits, as Python's int() and
+# float() have it: YAML 1.1 took any run of them anywhere (`1_` was 1, `1_.5` 1.5), while the same
+# text that missed YAML's pattern (quoted, or a leading zero) was refused.
+_INT = re.compile(
+    r"^(?:[-+]?0b_?[01](?:_?[01])*|[-+]?0x_?[0-9a-fA-F](?:_?[0-9a-fA-F])*|[-+]?(?:0|[1-9](?:_?[0-9])*))$"
+)
+_DIGITS = r"[0-9](?:_?[0-9])*"
 _FLOAT = re.compile(
-    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
-    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    rf"""^(?:[-+]?{_DIGITS}\.(?:{_DIGITS})?(?:[eE][-+][0-9]+)?
+    |\.{_DIGITS}(?:[eE][-+][0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""",
     re.X,
