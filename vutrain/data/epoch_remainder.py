@@ -58,26 +58,77 @@ class StreamStateError(ValueError):
 
 
 class ShardKeys:
-    """Keys of each shard in tar order, read once from the tar headers (payloads are skipped)."""
+    """Keys of each shard in tar order, read once from the tar headers (payloads are skipped), with
+    what the reader counts while reading them (``tar_error``, ``ignored_member``)."""
 
     def __init__(self):
-        self._cache: dict[str, list[str]] = {}
+        self._cache: dict[str, tuple[list[str], dict[str, Counter], Counter]] = {}
 
     def __call__(self, url: str) -> list[str]:
         """The keys of the shard at ``url``, in tar order (read once, then cached)."""
+        return self._read(url)[0]
+
+    def counts(self, url: str) -> tuple[dict[str, Counter], Counter]:
+        """What a reader of ``url`` counts: by sample key, as it reads that sample (before handing
+        it out), and at the shard's end (after its last sample: the damage that dropped a sample)."""
+        return self._read(url)[1:]
+
+    def _read(self, url: str) -> tuple[list[str], dict[str, Counter], Counter]:
         if url not in self._cache:
-            self._cache[url] = _read_keys(url)
+            self._cache[url] = _read_shard(url)
         return self._cache[url]
 
 
 def _read_keys(url: str) -> list[str]:
+    """The keys of the shard at ``url`` in tar order, as the training workers read them."""
+    return _read_shard(url)[0]
+
+
+def _read_shard(url: str) -> tuple[list[str], dict[str, Counter], Counter]:
     # The workers' own reader without the payloads (a local tar: its headers only), so a damaged
-    # shard gives the same keys as the workers drew from it, and the replayed sequences below match.
-    return [sample["__key__"] for sample in iter_raw_samples(url, payloads=False)]
+    # shard gives the same keys (and counts) as the workers drew from it, and the replays match.
+    keys, by_key, pending = [], {}, []
+    for sample in iter_raw_samples(url, pending.append, payloads=False):
+        keys.append(sample["__key__"])
+        by_key.setdefault(sample["__key__"], Counter(pending))
+        pending.clear()
+    return keys, by_key, Counter(pending)
+
+
+class _Reads:
+    """What a replayed reader read: samples taken into its shuffle buffer, shard ends passed."""
+
+    def __init__(self):
+        self.samples: Counter = Counter()
+        self.ends: Counter = Counter()
+
+    def shards(self, urls: list[str], keys: ShardKeys) -> Iterator[SampleId]:
+        """The samples of ``urls`` in order, recorded as they are read (lazily, as a worker reads:
+        a shard's end is passed only when the sample after its last one is asked for)."""
+        for url in urls:
+            for key in keys(url):
+                self.samples[(url, key)] += 1
+                yield url, key
+            self.ends[url] += 1
+
+    def slice(self, ids: list[SampleId], keys: ShardKeys) -> Iterator[SampleId]:
+        """The samples ``ids`` in order, recorded as ``_read_in_order`` reads them: it reads on to a
+        shard's end after a run that ends at the shard's last sample, or when the next id is a
+        sample the read has passed (the next copy of an upsampled shard)."""
+        positions: dict[str, dict[str, int]] = {}  # each shard's keys by tar position, built once
+        for i, (url, key) in enumerate(ids):
+            self.samples[(url, key)] += 1
+            yield url, key
+            if url not in positions:
+                positions[url] = {k: j for j, k in reversed(list(enumerate(keys(url))))}
+            at, following = positions[url], ids[i + 1] if i + 1 < len(ids) else None
+            passed = following and following[0] == url and at.get(following[1], -1) in range(at[key] + 1)
+            if key == keys(url)[-1] or passed:
+                self.ends[url] += 1
 
 
 def _worker_sequence(
-    shards: list[str], plan: dict, epoch: int, worker: int, keys: ShardKeys
+    shards: list[str], plan: dict, epoch: int, worker: int, keys: ShardKeys, reads: _Reads | None = None
 ) -> Iterator[SampleId]:
     """The (url, key) sequence one old worker drew from in ``epoch`` (webdataset._epoch_samples)."""
     tag = f"{plan['seed']}/{epoch}/{plan['rank']}/{worker}"
@@ -94,27 +145,34 @@ def _worker_sequence(
     wider = fallback_shards(
         shards, epoch, plan["rank"], plan["world_size"], plan["seed"], plan["shard_shuffle"]
     )
+    reads = reads or _Reads()
     for repeat in range(1_000_000):
-        ids = [(url, k) for url in mine for k in keys(url)]
-        if not ids:  # an empty split: the worker read wider shard lists (webdataset._epoch_samples)
+        if not any(keys(url) for url in mine):  # an empty split: the worker read wider shard lists
+            reads.ends.update(mine)  # (webdataset._epoch_samples), past each shard's end
             if not wider:
                 return
             mine = wider.pop(0)
             continue
-        yield from shuffle_buffer(iter(ids), plan["shuffle_buffer"], random.Random(f"samples/{tag}/{repeat}"))
+        rng = random.Random(f"samples/{tag}/{repeat}")
+        yield from shuffle_buffer(reads.shards(mine, keys), plan["shuffle_buffer"], rng)
 
 
 def consumed_in_epoch(states: list[dict], shards: list[str], epoch: int, keys: ShardKeys) -> Counter:
     """Samples drawn in ``epoch`` by the ranks whose stream states are ``states`` (one per rank),
     each with the number of times it was drawn (a shard listed twice is drawn twice per epoch)."""
     consumed: Counter = Counter()
+    left = None  # the rest of the epoch that this world continued, if it did (see below)
     for state in states:
         plan = state["plan"]
         remainder = state.get("remainder")
         in_remainder = remainder is not None and remainder["epoch"] == epoch
         if in_remainder:  # this world itself continued the epoch of an earlier one
-            consumed.update(consumed_in_epoch(remainder["before"], shards, epoch, keys))
-            slices = plan_slices(Remainder.from_state(remainder), shards, plan, keys)
+            if left is None:  # whose draws every rank of this world carries: counted once (per
+                # rank, a copy of an upsampled shard not yet drawn was taken for drawn, and left out)
+                before = consumed_in_epoch(remainder["before"], shards, epoch, keys)
+                consumed.update(before)
+                left = left_in_epoch(shards, plan, epoch, before, keys)
+            slices = _slices(left, epoch, int(remainder["first_batch"]), plan)
         for worker, info in state["workers"].items():
             if int(info["epoch"]) != epoch or not info["drawn"]:
                 continue
@@ -254,7 +312,123 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str], keys: Shard
     )
     state["next_batch"] = first
     state["remainder"] = Remainder(epoch, first, [dict(s) for s in states]).to_state()
+    if plan["rank"] == 0:  # applied when the epoch's remainder is over (TrainStream.skipped)
+        recount = reader_recount(states, shards, plan, epoch, first, consumed, keys)
+        if recount:
+            state["recount"] = {"epoch": epoch, "counts": recount}
     return state
+
+
+def with_recount(skipped: dict[str, int], recount: dict | None) -> dict[str, int]:
+    """``skipped`` with a reshape's ``reader_recount`` correction (``{"epoch", "counts"}``) applied."""
+    if not recount:
+        return dict(skipped)
+    total = Counter(skipped)
+    total.update(recount["counts"])  # update() adds negative corrections too
+    return {k: n for k, n in total.items() if n > 0}
+
+
+def reader_recount(
+    states: list[dict],
+    shards: list[str],
+    plan: dict,
+    epoch: int,
+    first: int,
+    consumed: Counter,
+    keys: ShardKeys,
+) -> dict[str, int]:
+    """What the skip counts carried from the old ranks need, by reason (negative: counted twice), so
+    that the reader's counts of ``epoch`` (``ignored_member``, ``tar_error``) hold each sample read
+    once and each damaged shard's end once, as an uninterrupted epoch counts them.
+
+    An old worker counted what its reader had read: the samples it drew and those its shuffle buffer
+    held, not yet drawn (up to ``shuffle_buffer - 1``), which the new ranks read and count again;
+    and the ends of the shards it had read past (a shard's damage is counted after its last sample,
+    when the next one is asked for), so a shard whose last sample it drew as its last read was left
+    for no one. Replayed over the tar headers, as ``consumed_in_epoch`` does; the new ranks are
+    taken to read their whole remainder slices (``_read_in_order``). A second change of world size
+    within the epoch corrects what the first one took the interrupted world to read.
+    """
+    _, ahead, _ = _world_reads(states, shards, epoch, keys)
+    left = left_in_epoch(shards, plan, epoch, consumed, keys)
+    new_reads, new_ends = _full_reads(left, epoch, first, plan, keys)
+    recount: Counter = Counter()
+    for (url, key), n in (ahead & new_reads).items():  # read ahead by an old worker, drawn by a new one
+        for reason, c in keys.counts(url)[0].get(key, {}).items():
+            recount[reason] -= n * c
+    ends = _ends_counted(states, shards, epoch, keys)
+    for url in dict.fromkeys(shards):
+        at_end, names = keys.counts(url)[1], keys(url)
+        if not at_end or not names:  # a shard without samples: its readers passed its end alike
+            continue
+        last = (url, names[-1])
+        read_last = consumed[last] + max(ahead[last], new_reads[last])  # its last sample read (with copies)
+        for reason, c in at_end.items():
+            recount[reason] += (read_last - ends[url] - new_ends[url]) * c
+    return {k: n for k, n in recount.items() if n}
+
+
+def _world_reads(states: list[dict], shards: list[str], epoch: int, keys: ShardKeys) -> tuple[Counter, ...]:
+    """(drawn, read ahead: read but not drawn, shard ends passed) of the workers of ``states`` in
+    ``epoch``, replayed (``consumed_in_epoch``'s sequences, recording what their readers read)."""
+    drawn, ahead, ends = Counter(), Counter(), Counter()
+    for state in states:
+        plan, remainder = state["plan"], state.get("remainder")
+        in_remainder = remainder is not None and int(remainder["epoch"]) == epoch
+        slices = plan_slices(Remainder.from_state(remainder), shards, plan, keys) if in_remainder else {}
+        for worker, info in state["workers"].items():
+            if int(info["epoch"]) != epoch or not info["drawn"]:
+                continue
+            worker, reads = int(worker), _Reads()
+            if in_remainder:
+                sequence = _slice_sequence(slices.get(worker, []), plan, epoch, worker, reads, keys)
+            else:
+                sequence = _worker_sequence(shards, plan, epoch, worker, keys, reads)
+            mine = Counter(sample for _, sample in zip(range(int(info["drawn"])), sequence))
+            drawn.update(mine)
+            ahead.update(reads.samples - mine)
+            ends.update(reads.ends)
+    return drawn, ahead, ends
+
+
+def _full_reads(
+    left: list[SampleId], epoch: int, first: int, plan: dict, keys: ShardKeys
+) -> tuple[Counter, Counter]:
+    """(samples read, shard ends passed) by every rank of ``plan`` reading its remainder slice of
+    ``left`` whole (each worker draws its slice once; without a shuffle buffer no end is passed
+    after the last draw, as no more is asked for)."""
+    reads = _Reads()
+    for rank in range(plan["world_size"]):
+        ranked = dict(plan, rank=rank)
+        for worker, ids in _slices(left, epoch, first, ranked).items():
+            for _ in zip(range(len(ids)), _slice_sequence(ids, ranked, epoch, worker, reads, keys)):
+                pass
+    return reads.samples, reads.ends
+
+
+def _ends_counted(states: list[dict], shards: list[str], epoch: int, keys: ShardKeys) -> Counter:
+    """Shard ends counted in ``epoch`` so far by the world of ``states`` and those before it, with
+    the correction of the change of world size that began its remainder of the epoch.
+
+    That change set the ends to its total (``read_last``) less what this world would pass reading
+    its slices whole; this world passed the ends it did (the earlier worlds' own counts cancel).
+    """
+    _, _, ends = _world_reads(states, shards, epoch, keys)
+    remainder = states[0].get("remainder")
+    if remainder is None or int(remainder["epoch"]) != epoch:
+        return ends
+    before, first = remainder["before"], int(remainder["first_batch"])
+    plan = dict(states[0]["plan"], rank=0)
+    consumed = consumed_in_epoch(before, shards, epoch, keys)
+    _, ahead, _ = _world_reads(before, shards, epoch, keys)
+    left = left_in_epoch(shards, plan, epoch, consumed, keys)
+    reads, expected = _full_reads(left, epoch, first, plan, keys)
+    for url in dict.fromkeys(shards):
+        names = keys(url)
+        if names and keys.counts(url)[1]:
+            last = (url, names[-1])
+            ends[url] += consumed[last] + max(ahead[last], reads[last]) - expected[url]
+    return ends
 
 
 def resample_salt(epoch: int, states: list[dict]) -> dict:
@@ -273,7 +447,7 @@ def skipped_so_far(states: list[dict]) -> dict[str, int]:
     """Skip counts by reason over every rank's stream state (workers, and earlier world sizes')."""
     total: Counter = Counter()
     for state in states:
-        total.update(state.get("skipped_before", {}))
+        total.update(with_recount(state.get("skipped_before", {}), state.get("recount")))
         for info in state["workers"].values():
             total.update(info["skipped"])
     return dict(total)
@@ -290,25 +464,34 @@ def plan_slices(
     keys = keys or ShardKeys()
     consumed = consumed_in_epoch(remainder.before, shards, remainder.epoch, keys)
     left = left_in_epoch(shards, plan, remainder.epoch, consumed, keys)
+    return _slices(left, remainder.epoch, remainder.first_batch, plan)
+
+
+def _slices(left: list[SampleId], epoch: int, first: int, plan: dict) -> dict[int, list[SampleId]]:
+    """``left`` dealt to ``plan``'s rank and its workers for the batches ``first ..`` of ``epoch``."""
     batch, workers = plan["batch_size"], plan["workers"]
-    end = (remainder.epoch + 1) * plan["steps_per_epoch"]
-    steps = end - remainder.first_batch
+    end = (epoch + 1) * plan["steps_per_epoch"]
+    steps = end - first
     start = plan["rank"] * steps * batch
     slices: dict[int, list[SampleId]] = {}
     for worker in range(workers):
-        n = len(range(remainder.first_batch + (worker - remainder.first_batch) % workers, end, workers))
+        n = len(range(first + (worker - first) % workers, end, workers))
         slices[worker] = left[start : start + n * batch]
         start += n * batch
     return slices
 
 
-def _slice_sequence(ids: list[SampleId], plan: dict, epoch: int, worker: int) -> Iterator[SampleId]:
-    """The order in which a worker draws its remainder slice (endless: passes repeat)."""
+def _slice_sequence(
+    ids: list[SampleId], plan: dict, epoch: int, worker: int, reads: _Reads | None = None, keys=None
+) -> Iterator[SampleId]:
+    """The order in which a worker draws its remainder slice (endless: passes repeat); ``reads``
+    records what its reader reads (with ``keys``)."""
     tag = f"remainder/{plan['seed']}/{epoch}/{plan['rank']}/{worker}"
     for repeat in range(1_000_000):
         if not ids:
             return
-        yield from shuffle_buffer(iter(ids), plan["shuffle_buffer"], random.Random(f"{tag}/{repeat}"))
+        source = reads.slice(ids, keys) if reads else iter(ids)
+        yield from shuffle_buffer(source, plan["shuffle_buffer"], random.Random(f"{tag}/{repeat}"))
 
 
 def remainder_samples(ids: list[SampleId], plan: dict, epoch: int, worker: int, count=None) -> Iterator[dict]:

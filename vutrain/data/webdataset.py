@@ -66,6 +66,7 @@ from .epoch_remainder import (
     remainder_samples,
     reshape_state,
     skipped_so_far,
+    with_recount,
 )
 from .labels import POSITIVES, collate_labels, sample_label
 from .preprocess import make_preprocess
@@ -530,6 +531,7 @@ class TrainStream:
         self._cursor = _Cursor()
         # Skips counted by the ranks of an earlier world size (the new rank 0 carries their total).
         self._skipped_before: dict[str, int] = {}
+        self._recount: dict | None = None  # epoch_remainder.reader_recount, kept until applied
         self._remainder: Remainder | None = None  # the rest of an epoch begun on another world size
         self._slices: dict[int, list] = {}
         self._resample_salt: dict | None = None  # resampled draws of an epoch begun on another world
@@ -558,6 +560,10 @@ class TrainStream:
         total: Counter = Counter(self._skipped_before)
         for info in self._cursor.workers.values():
             total.update(info["skipped"])
+        if self._recount and self.epoch > self._recount["epoch"]:
+            # A reshape's correction of what the old ranks' readers had counted ahead (or left
+            # uncounted), applied once the epoch is over: during it, the carried counts stay as saved.
+            return with_recount(total, self._recount)
         return dict(total)
 
     def _loader(self) -> Iterator[dict]:
@@ -629,8 +635,13 @@ class TrainStream:
             "workers": {str(w): v for w, v in sorted(self._cursor.workers.items())},
             "shards": {**shard_list_id(self.shards), "sizes": self._shard_sizes()},
         }
-        if self._skipped_before:
-            state["skipped_before"] = dict(self._skipped_before)
+        skipped_before = dict(self._skipped_before)
+        if self._recount and self.epoch > self._recount["epoch"]:
+            skipped_before = with_recount(skipped_before, self._recount)
+        elif self._recount:
+            state["recount"] = dict(self._recount)
+        if skipped_before:
+            state["skipped_before"] = skipped_before
         if self._remainder and self.epoch <= self._remainder.epoch:
             state["remainder"] = self._remainder.to_state()
         if self._resample_salt and self.epoch <= self._resample_salt["epoch"]:
@@ -729,6 +740,7 @@ class TrainStream:
             for w, v in state["workers"].items()
         }
         self._skipped_before = {k: int(c) for k, c in state.get("skipped_before", {}).items()}
+        self._recount = dict(state["recount"]) if "recount" in state else None
         self._remainder = Remainder.from_state(state["remainder"]) if "remainder" in state else None
         self._slices = (
             plan_slices(self._remainder, self.shards, asdict(self.plan), keys) if self._remainder else {}
@@ -752,5 +764,6 @@ class TrainStream:
         self._cursor.workers = {}
         own_skips = "ranks" not in state or self.plan.rank == 0
         self._skipped_before = skipped_so_far(ranks) if own_skips else {}
+        self._recount = None
         self._remainder, self._slices, self._resample_salt = None, {}, None
         return epoch

@@ -1,0 +1,159 @@
+"""Skip counts after a resume on another world size with a shuffle buffer (data.shuffle_buffer > 1).
+
+Real tar shards whose samples each hold a second image (one ``ignored_member`` a sample) and whose
+last sample is cut short (one ``tar_error`` a shard, counted at the shard's end), read by real
+TrainStreams (one per simulated rank, no process group: the data plan is a pure function of seed,
+epoch, rank and worker), resumed through ``{"ranks": [...]}``. Every epoch reads every sample once,
+so an uninterrupted epoch counts 24 ignored members and 4 tar errors, whichever world reads it.
+"""
+
+import tarfile
+
+import pytest
+from tar_shards import image_bytes, length_ids, to_tensor, write_members
+
+from vutrain.data import TrainStream
+
+SHARDS, PER_SHARD = 4, 6
+EPOCH_COUNTS = {"ignored_member": SHARDS * PER_SHARD, "tar_error": SHARDS}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream11")
+    jpg, png = image_bytes(), image_bytes("PNG")
+    for s in range(SHARDS):
+        members = []
+        for k in range(PER_SHARD):
+            key = f"s{s}k{k}"
+            members += [(f"{key}.jpg", jpg), (f"{key}.png", png), (f"{key}.txt", b"caption %d" % k)]
+        # A last sample cut short inside its own second member: dropped, one tar_error after k5.
+        members += [(f"s{s}k{PER_SHARD}.jpg", jpg), (f"s{s}k{PER_SHARD}.png", bytes(4096))]
+        path = write_members(root / f"{s}.tar", members)
+        with tarfile.open(path) as tar:
+            cut = tar.getmember(f"s{s}k{PER_SHARD}.png").offset_data + 100
+        with open(path, "r+b") as fh:
+            fh.truncate(cut)
+    return f"{root}/{{0..{SHARDS - 1}}}.tar"
+
+
+def _streams(shards, world, batch, buffer, workers=0):
+    return [
+        TrainStream(
+            shards,
+            preprocess=to_tensor,
+            tokenize=length_ids,
+            batch_size=batch,
+            rank=r,
+            world_size=world,
+            num_workers=workers,
+            seed=0,
+            shuffle_buffer=buffer,
+            num_samples=SHARDS * PER_SHARD,
+        )
+        for r in range(world)
+    ]
+
+
+def _epoch_counts(streams) -> dict:
+    """Run every stream to the end of its epoch; the skip counts summed over the ranks."""
+    total = {}
+    for s in streams:
+        while s.epoch == 0:
+            next(s)
+        s.close()
+        for reason, n in s.skipped().items():
+            total[reason] = total.get(reason, 0) + n
+    return total
+
+
+CASES = [  # (old world, new world, steps before the save, workers)
+    (2, 1, 1, 0),
+    (2, 1, 2, 0),
+    (1, 2, 2, 0),
+    (1, 2, 3, 0),
+    pytest.param(2, 1, 1, 2, marks=pytest.mark.slow),  # 2 workers: worker processes
+    pytest.param(1, 2, 3, 2, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("buffer", [4, 8])
+@pytest.mark.parametrize(("old_world", "new_world", "steps", "workers"), CASES)
+def test_world_size_change_counts_an_epoch_as_an_uninterrupted_run(
+    shards, buffer, old_world, new_world, steps, workers
+):
+    global_batch = 4
+    for world in (old_world, new_world):  # the reference: either world, uninterrupted
+        assert _epoch_counts(_streams(shards, world, global_batch // world, buffer, workers)) == EPOCH_COUNTS
+
+    old = _streams(shards, old_world, global_batch // old_world, buffer, workers)
+    for _ in range(steps):
+        for s in old:
+            next(s)
+    states = {"ranks": [s.state_dict() for s in old]}
+    for s in old:
+        s.close()
+    new = _streams(shards, new_world, global_batch // new_world, buffer, workers)
+    for s in new:
+        s.load_state_dict(states)
+    # The old workers' counts held the samples their shuffle buffers had read ahead (up to buffer - 1
+    # a worker), which the new ranks counted again when they drew them: 30 ignored members of 24.
+    assert _epoch_counts(new) == EPOCH_COUNTS
+
+
+def _resume(shards, states, world, buffer):
+    streams = _streams(shards, world, 4 // world, buffer)
+    for s in streams:
+        s.load_state_dict({"ranks": states})
+    return streams
+
+
+@pytest.mark.parametrize("buffer", [2, 8])
+@pytest.mark.parametrize("worlds", [(1, 2, 1), (2, 1, 2)])
+def test_second_world_size_change_in_the_epoch_counts_it_as_an_uninterrupted_run(shards, buffer, worlds):
+    streams = _streams(shards, worlds[0], 4 // worlds[0], buffer)
+    for world in worlds[1:]:
+        for s in streams:
+            next(s)
+        states = [s.state_dict() for s in streams]
+        for s in streams:
+            s.close()
+        streams = _resume(shards, states, world, buffer)
+    # Both changes left the read-ahead of the world before counted again (25 to 38 ignored members,
+    # up to 6 tar errors), and the second one must correct what the first took the middle world to read.
+    assert _epoch_counts(streams) == EPOCH_COUNTS
+
+
+def test_second_change_keeps_every_undrawn_copy_of_an_upsampled_shard(shards):
+    spec = f"{shards}::{shards}"  # every shard twice an epoch: 48 samples
+    streams = [
+        TrainStream(
+            spec,
+            preprocess=to_tensor,
+            tokenize=length_ids,
+            batch_size=4 // world,
+            rank=r,
+            world_size=world,
+            num_workers=0,
+            seed=0,
+            shuffle_buffer=1,
+            num_samples=2 * SHARDS * PER_SHARD,
+        )
+        for world in (1, 2, 1)
+        for r in range(world)
+    ]
+    first, middle, last = streams[:1], streams[1:3], streams[3:]
+    next(first[0])
+    states = [first[0].state_dict()]
+    for s in middle:
+        s.load_state_dict({"ranks": states})
+        next(s)
+    states = [s.state_dict() for s in middle]
+    last[0].load_state_dict({"ranks": states})
+    batches = 0
+    while last[0].epoch == 0:
+        next(last[0])
+        batches += 1
+    # 12 global batches of 4 an epoch; 2 were drawn before. Counting the first world's draws once per
+    # middle rank took 4 undrawn copies for drawn: the epoch ended a batch early.
+    assert batches == 12 - 2
