@@ -5,10 +5,11 @@
 
 Measures, in one run on the same files:
 
-- ``decode_per_s``: PIL ``Image.open(...).convert("RGB")`` (full decode) of the shards' JPEGs on one
-  core, each time in a freshly forked process (see :func:`fresh_decode_rate`), measured before and
-  after the stream runs of each round (their mean is that round's floor). It is the floor of the
-  design: a worker cannot do less than decode each image.
+- ``decode_per_s``: PIL ``Image.open(...).convert("RGB")`` (full decode) of the shards' JPEGs (and
+  any PNG or WebP they hold: ``decode_formats`` counts them) on one core, taken evenly from every
+  shard, each time in a freshly forked process (see :func:`fresh_decode_rate`) after one untimed
+  pass, measured before and after the stream runs of each round (their mean is that round's
+  floor). It is the floor of the design: a worker cannot do less than decode each image.
 - ``--rounds R`` (default 3) interleaved rounds; every ratio is taken within its round and the
   median round is reported (the rates of a shared machine drift by tens of percent; ratios less).
 - ``samples_per_s``: batches of the real ``TrainStream`` (shuffle buffer, captions, the BPE
@@ -59,33 +60,70 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def read_images(spec: str, limit: int) -> list[bytes]:
-    """The first ``limit`` image members (encoded bytes) of the shards, in shard order."""
-    from vutrain.data.samples import IMAGE_EXTS, iter_raw_samples
-    from vutrain.data.shards import expand_shards
+def read_images(spec: str, limit: int) -> tuple[list[bytes], Counter]:
+    """About ``limit`` image members (encoded bytes) that PIL fully decodes, spread evenly over the
+    shards, and the count of each image extension read (``undecodable`` for those left out).
 
+    Spread: the stream draws its samples from every shard alike, so a floor over the first shards
+    only (one source of an ``A::B`` spec) would time other images than the stream reads. Damaged
+    images are left out and counted: the stream skips them too, and one stopped the floor's
+    process (a traceback).
+    """
+    from PIL import Image
+
+    from vutrain.data.samples import IMAGE_EXTS, iter_raw_samples
+    from vutrain.data.shards import ShardListError, expand_shards
+
+    try:
+        urls = expand_shards(spec, "--shards")
+    except ShardListError as e:
+        raise SystemExit(str(e)) from None
+    if len(urls) > limit:  # more shards than images: every len/limit-th shard
+        urls = [urls[i * len(urls) // limit] for i in range(limit)]
+    quota = math.ceil(limit / len(urls))
     images: list[bytes] = []
-    for url in expand_shards(spec, "--shards"):
+    formats: Counter = Counter()
+    for url in urls:
+        taken = 0
         for raw in iter_raw_samples(url):
             ext = next((e for e in IMAGE_EXTS if e in raw), None)
-            if ext is not None:
-                images.append(raw[ext])
-            if len(images) >= limit:
-                return images
+            if ext is None:
+                continue
+            try:
+                with Image.open(io.BytesIO(raw[ext])) as img:
+                    img.convert("RGB")
+            except Exception:  # PIL raises many types (OSError, SyntaxError, ...)
+                formats["undecodable"] += 1
+                continue
+            images.append(raw[ext])
+            formats[ext] += 1
+            taken += 1
+            if taken >= quota or len(images) >= limit:
+                break
+        if len(images) >= limit:
+            break
     if not images:
-        raise SystemExit(f"--shards {spec}: no images found")
-    return images
+        raise SystemExit(f"--shards {spec}: no decodable images found ({dict(formats) or 'none'})")
+    return images, formats
 
 
 def decode_rate(images: list[bytes], min_seconds: float = 2.0) -> tuple[float, float]:
-    """(images per wall second, images per CPU second) of a full PIL decode to RGB on one core."""
+    """(images per wall second, images per CPU second) of a full PIL decode to RGB on one core.
+
+    One untimed pass first: the stream's figure leaves out its start-up, and a fresh process's
+    first pass over the images was 30% slower per image than the later ones.
+    """
     from PIL import Image
 
-    done, start, cpu = 0, time.perf_counter(), time.process_time()
-    while True:
+    def decode_all() -> None:
         for data in images:
             with Image.open(io.BytesIO(data)) as img:
                 img.convert("RGB")
+
+    decode_all()
+    done, start, cpu = 0, time.perf_counter(), time.process_time()
+    while True:
+        decode_all()
         done += len(images)
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds:
@@ -194,6 +232,7 @@ def stream_rate(args, tokenize, workers: int, path: str) -> dict:
         for _ in range(batches):
             batch = next(stream)
         elapsed, cpu = time.perf_counter() - start, _children_cpu_seconds() - cpu
+        skipped = stream.skipped()
     finally:
         stream.close()
     pixels = batch["pixel_values"]
@@ -210,6 +249,7 @@ def stream_rate(args, tokenize, workers: int, path: str) -> dict:
         "warmup_s": warmup,
         "pixel_dtype": str(pixels.dtype).replace("torch.", ""),
         "batch_mib": pixels.numel() * pixels.element_size() / 2**20,
+        "skipped": skipped,  # samples the stream left out, by reason (damaged images among them)
     }
 
 
@@ -364,12 +404,14 @@ def refuse_counts_it_cannot_use(parser: argparse.ArgumentParser, args: argparse.
     """One usage line (exit 2) for the first numeric option below its least value."""
     for name, least in _LEAST.items():
         value = getattr(args, name)
-        if value < least:
-            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+        if not (value >= least and math.isfinite(value)):  # nan or inf: the decode floor never ended
+            parser.error(f"--{name.replace('_', '-')} must be >= {least} and finite, got {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the measurement; the last printed line is the JSON summary."""
+    from vutrain.data.tokenizer import TokenizerTextError
+
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -380,22 +422,31 @@ def main(argv: list[str] | None = None) -> int:
         w, h = args.shard_wh
         args.shards = write_thumbnail_shards(args.write_shards, args.shard_samples, w, h)
         print(f"wrote {args.shard_samples} {w}x{h} JPEGs: {args.shards}", flush=True)
-    images = read_images(args.shards, args.decode_images)
+    images, formats = read_images(args.shards, args.decode_images)
+    if formats["undecodable"]:
+        print(f"decode floor: {formats['undecodable']} undecodable images left out", flush=True)
     # The tokenizer's folder: removed at the end (every run left a vutrain-bench-data-* folder).
     work = tempfile.mkdtemp(prefix="vutrain-bench-data-")
     try:
-        summary = measure_all(args, argv, images, make_tokenize(args.shards, args.context_length, work))
+        summary = measure_all(
+            args, argv, images, make_tokenize(args.shards, args.context_length, work), formats
+        )
+    except TokenizerTextError as e:  # shards without captions: one line, not a traceback
+        raise SystemExit(f"--shards {args.shards}: {e}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary), flush=True)
     return 0
 
 
-def measure_all(args, argv: list[str], images: list[bytes], tokenize) -> dict:
-    """Every round of the decode floor and the stream runs; prints the table, returns the summary."""
+def measure_all(args, argv: list[str], images: list[bytes], tokenize, formats: Counter | None = None) -> dict:
+    """Every round of the decode floor and the stream runs; prints the table, returns the summary.
+
+    ``formats``: :func:`read_images`' count of the floor's images by extension (and undecodable).
+    """
     from PIL import Image
 
-    shapes = Counter(Image.open(io.BytesIO(d)).size for d in images[:64])
+    shapes = Counter(Image.open(io.BytesIO(d)).size for d in images)
     if args.profile:
         print(profile_worker(args, tokenize, "fast"), flush=True)
     runs = [("fast", args.workers)]
@@ -443,6 +494,11 @@ def measure_all(args, argv: list[str], images: list[bytes], tokenize) -> dict:
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "source_sizes": {f"{w}x{h}": n for (w, h), n in shapes.most_common(3)},
+        # the floor's images by extension ("undecodable": left out of it), and what the stream
+        # skipped (summed over its runs, start-up included): damaged samples are counted, not a crash
+        "decode_formats": dict(formats or {"images": len(images)}),
+        "decode_images": len(images),
+        "stream_skipped": dict(sum((Counter(r["skipped"]) for rs in rounds for r in rs), Counter())),
         "runs": rows,
         "cores": os.cpu_count(),
         "cpu": _cpu_name(),
