@@ -287,7 +287,6 @@ def test_every_file_is_flushed_to_disk_before_the_marker(tmp_path, monkeypatch):
     assert os.path.realpath(ckpt_dir) in synced[marker_at:]  # the directory after the rename
 
 
-@pytest.mark.slow
 def train_on_a_full_disk(synthetic_shards, run_dir: str, **extra):
     """4 steps on 2 ranks through the deepspeed launcher, checkpoint at step 2, on a "full disk": a
     per-file size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes past 1 MB fail as on a full disk)."""
@@ -312,6 +311,7 @@ def train_on_a_full_disk(synthetic_shards, run_dir: str, **extra):
     )
 
 
+@pytest.mark.slow
 def test_a_checkpoint_the_disk_refuses_is_one_line_per_rank(synthetic_shards, tmp_path):
     """A full disk, made here with a per-file size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes past
     1 MB fail as they do on a full disk). Before: on each rank a DeepSpeed traceback ending in
