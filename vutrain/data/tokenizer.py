@@ -1,9 +1,10 @@
 """A small byte-level BPE tokenizer trained on the shards' texts, loadable by ``AutoTokenizer``.
 
-CLIP conventions: lower-case text, ``<|startoftext|>`` (bos) and ``<|endoftext|>`` (eos and pad)
-around every text. HF ``CLIPTextTransformer`` pools at the first eos, so padding with eos is
-harmless and truncation must keep the eos as the last token (it does: the fast tokenizer
-reserves room for the post-processor's special tokens when truncating). Special-token text inside
+CLIP conventions: lower-case text (in the form tags are compared in: :func:`text_normalizer`),
+``<|startoftext|>`` (bos) and ``<|endoftext|>`` (eos and pad) around every text. HF
+``CLIPTextTransformer`` pools at the first eos, so padding with eos is harmless and truncation
+must keep the eos as the last token (it does: the fast tokenizer reserves room for the
+post-processor's special tokens when truncating). Special-token text inside
 a caption is tokenized as text (``split_special_tokens``), so only the appended eos ends a caption.
 No usable text to train on is a :class:`TokenizerTextError` (one line), not a bytes-only vocabulary.
 """
@@ -18,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from vutrain.config import MIN_VOCAB_SIZE
@@ -45,7 +46,7 @@ def train_bpe_tokenizer(
     """
     check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.normalizer = text_normalizer()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -82,6 +83,30 @@ def train_bpe_tokenizer(
     )
     save_atomically(fast, out_dir)
     return fast
+
+
+def text_normalizer() -> normalizers.Normalizer:
+    """The preset tokenizer's text form: the one form of a tag (``tag_text.normalize_tag``), for
+    captions and prompts alike.
+
+    Zero-shot tag classes and the tag metrics' queries are tags in that form (NFKC, case-folded,
+    whitespace runs as one space, stripped), while captions reach the tokenizer as the metadata
+    writes them. With NFC and lower-casing alone, a title or ``{tags}`` holding full-width "ＧＴＡ５",
+    "Straße", "Lets  Play" or upper-case Greek "ΟΔΟΣ" trained on other tokens than the prompts of
+    the classes "gta5", "strasse", "lets play", "οδος": a class the model never saw written, without
+    a word. Case folding is lower-casing here but for ß (German's one common difference), and a
+    word-final capital sigma lowers to "ς" as Python's ``str.lower`` writes it.
+    """
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.Replace(Regex(r"(?<=\p{L})\u03a3(?!\p{L})"), "\u03c2"),  # Σ ending a word
+            normalizers.Lowercase(),
+            normalizers.Replace("\u00df", "ss"),  # ß (ẞ lowers to it)
+            normalizers.Replace(Regex(r"\s+"), " "),
+            normalizers.Strip(),
+        ]
+    )
 
 
 class TokenizerTextError(ValueError):
