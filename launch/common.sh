@@ -557,23 +557,43 @@ runner_started_launch_py() {
     return 1
 }
 
+# runner_is_deepspeed RUNNER: true when RUNNER runs DeepSpeed's own runner, as the launchers exec it
+# ("$PYTHON" -u -m deepspeed.launcher.runner ...), not a stand-in launcher (a script given as
+# PYTHON: its interpreter's command line names the script first).
+runner_is_deepspeed() {
+    local args=()
+    { mapfile -d '' -t args <"/proc/$1/cmdline"; } 2>/dev/null || return 1
+    [[ "${args[1]:-} ${args[2]:-} ${args[3]:-}" == "-u -m deepspeed.launcher.runner" ]]
+}
+
 # wait_for_runner PID: wait until the runner PID (a child of this shell) has exited, however often
 # a trapped signal interrupts `wait` (it returns early, status > 128, for each). Polls every 0.1 s
-# until the runner has started its launch.py: a launch.py killed while it still imports DeepSpeed
-# (seconds, before it writes its --save_pid file and before any rank) makes the runner exit 0, and
-# only this sighting tells that from a launcher that never starts one. Sets RUNNER_RC (its exit
-# status) and LAUNCH_PY_SEEN (1 once launch.py was seen).
+# until the runner has started its launch.py or is seen to be DeepSpeed's runner: a launch.py killed
+# while it still imports DeepSpeed (seconds, before it writes its --save_pid file and before any
+# rank) makes the runner exit 0, and only this tells that from a launcher that never starts one.
+# DeepSpeed's runner (the launchers pass it no --autotuning) exits 0 only once the launch.py it
+# started ended: a launch.py killed within a poll of its start (the OOM killer) was never seen among
+# its children, and the run counted as done. Sets RUNNER_RC (its exit status) and LAUNCH_PY_SEEN
+# (1 once launch.py was seen, or when DeepSpeed's runner exited 0).
 wait_for_runner() {
+    local deepspeed_runner=0
     LAUNCH_PY_SEEN=0
     while process_running "$1"; do
-        if (( LAUNCH_PY_SEEN == 0 )); then
-            if runner_started_launch_py "$1"; then LAUNCH_PY_SEEN=1; else sleep 0.1; fi
+        if (( LAUNCH_PY_SEEN == 0 && deepspeed_runner == 0 )); then
+            if runner_started_launch_py "$1"; then
+                LAUNCH_PY_SEEN=1
+            elif runner_is_deepspeed "$1"; then
+                deepspeed_runner=1
+            else
+                sleep 0.1
+            fi
             continue
         fi
         wait "$1" || true
     done
     RUNNER_RC=0
     wait "$1" || RUNNER_RC=$?
+    if (( RUNNER_RC == 0 && deepspeed_runner == 1 )); then LAUNCH_PY_SEEN=1; fi
 }
 
 # clear_launch_pid_file PID: remove /tmp/PID.deepspeed before the runner that will have pid PID

@@ -33,7 +33,9 @@
 # beside them, compare 141, kernels 32 without torch.compile, e2e 45, data 27). The steps run
 # in order of what the next GPU session most needs: compile right after compare, then e2e (the
 # optimizer's share at 1024), kernels (torch.compile rows), profile; the compile step is new
-# and unmeasured, so the last steps may find TOTAL_S spent.
+# and unmeasured, so the last steps may find TOTAL_S spent. The default plan does not start a step whose
+# own limit no longer fits, nor any after it (rerun: names them); the tests step's limit interrupts
+# pytest (SIGINT), so a cut keeps its XML and failure list.
 # The compare JSON is rewritten after every configuration and the kernels JSON on SIGTERM: a
 # step cut short keeps what it measured. results.tgz is rewritten after every step, and a SIGTERM,
 # SIGINT or SIGHUP to the script (the device tool's limit) stops the running step the same way,
@@ -90,7 +92,13 @@ TOTAL_S="${TOTAL_S:-540}"
 # TOTAL_S (plus the last pack) and not past the device tool's 600-s limit.
 KILL_AFTER_S=15
 STEPS=("$@")
-[[ ${#STEPS[@]} -gt 0 ]] || STEPS=(tests demo compare compile e2e kernels profile data)
+# The default plan's limits add up to more than TOTAL_S (about 930 s with the set-up's): a step of
+# it whose own limit no longer fits what is left is not started, nor any after it, and the rerun:
+# line names them for the next call, in the same order. Steps named on the command line start
+# with what is left (at least 20 s), as before.
+DEFAULT_PLAN=0
+[[ ${#STEPS[@]} -gt 0 ]] || { STEPS=(tests demo compare compile e2e kernels profile data); DEFAULT_PLAN=1; }
+PLAN_FULL=0  # set once a default-plan step did not fit: the later ones wait for the next call
 
 SETUP="${GPU_SETUP:-.gpu/setup.sh}"  # GPU_SETUP: another set-up script (a dry run on a CPU machine)
 if [[ ! -r "$SETUP" ]]; then
@@ -247,6 +255,11 @@ limit() {
 
 run_step() {  # run_step NAME LIMIT_S COMMAND...  (SUMMARY: where its line goes)
     local name=$1 own=$2 max summary="${SUMMARY:-$OUT/summary.txt}"; max=$(limit "$2"); shift 2
+    if (( PLAN_FULL )) || (( DEFAULT_PLAN && max < own )); then
+        PLAN_FULL=1
+        echo "$name skipped 0 (not started: the default plan's limit of $own s does not fit the $max s left of TOTAL_S=$TOTAL_S; next call)" >> "$summary"
+        return
+    fi
     if (( max < 20 )); then
         echo "$name skipped 0 (not started: $max s left of TOTAL_S=$TOTAL_S)" >> "$summary"
         return
@@ -254,7 +267,7 @@ run_step() {  # run_step NAME LIMIT_S COMMAND...  (SUMMARY: where its line goes)
     local t0=$SECONDS rc
     echo "== $name (limit ${max}s): $*"
     # In the background: a signal's trap runs at once instead of after the step (see stop_steps).
-    timeout --signal=TERM --kill-after="$KILL_AFTER_S" "$max" "$@" > "$OUT/$name.log" 2>&1 &
+    STEP_LIMIT_S=$max timeout --signal=TERM --kill-after="$KILL_AFTER_S" "$max" "$@" > "$OUT/$name.log" 2>&1 &
     STEP_PID=$!
     wait_for "$STEP_PID"
     rc=$?
@@ -291,19 +304,28 @@ gpu_test_files() {  # the test files that mark a test `gpu`, found at run time: 
 
 tests_step() {  # two pytest processes at once: the multi-GPU launches, and every other GPU test
     set -f  # TESTS_ARGS split on spaces, never globbed: node ids like test_x[1] are patterns
-    local common=(-q -m gpu -p no:cacheprovider) multi rc files
+    local common=(-q -m gpu -p no:cacheprovider) multi main rc files
+    # The step's TERM (its limit, or the call signalled) went to its whole process group and killed
+    # pytest before it wrote its XML or its failure list. Each pytest runs under a `timeout` of its
+    # own, in a group of its own out of that TERM's reach; the trap passes it on as SIGINT, on which
+    # pytest stops and writes both. Its `timeout` (STEP_LIMIT_S from run_step, 5 s more) is only a
+    # backstop, ending it inside the step's 15-s kill grace.
+    local stop=(timeout --signal=INT --kill-after=5 "$(( ${STEP_LIMIT_S:-150} + 5 ))")
+    trap 'kill -INT $multi $main 2>/dev/null' TERM
     # Only the files that hold GPU tests: `-m gpu tests/` imported and collected the whole suite
     # (about 2,300 tests) to select about 55. None found: the whole suite, as before.
     files=$(gpu_test_files | grep -vx tests/test_multi_gpu.py | tr '\n' ' ')
     [[ -n "$files" ]] || files="tests/ --ignore=tests/test_multi_gpu.py"
-    "$PY" -m pytest "${common[@]}" tests/test_multi_gpu.py --junitxml="$OUT/pytest_multi_gpu.xml" \
-        > "$OUT/tests_multi_gpu.log" 2>&1 &
+    "${stop[@]}" "$PY" -m pytest "${common[@]}" tests/test_multi_gpu.py \
+        --junitxml="$OUT/pytest_multi_gpu.xml" > "$OUT/tests_multi_gpu.log" 2>&1 &
     multi=$!
     # shellcheck disable=SC2086  # TESTS_ARGS: test paths or node ids instead of every other file
-    "$PY" -m pytest "${common[@]}" ${TESTS_ARGS:-$files} \
-        --junitxml="$OUT/pytest_gpu.xml"
+    "${stop[@]}" "$PY" -m pytest "${common[@]}" ${TESTS_ARGS:-$files} \
+        --junitxml="$OUT/pytest_gpu.xml" &
+    main=$!
+    wait_for "$main"
     rc=$?
-    wait "$multi"
+    wait_for "$multi"
     local multi_rc=$?
     echo "== tests/test_multi_gpu.py (exit $multi_rc)"
     tail -n 30 "$OUT/tests_multi_gpu.log"
@@ -383,7 +405,7 @@ for step in "${STEPS[@]}"; do
         continue
     fi
     case "$step" in
-        tests) export -f tests_step gpu_test_files demo_step; export PY OUT DEMO_EXTRA TESTS_ARGS
+        tests) export -f tests_step gpu_test_files demo_step wait_for; export PY OUT DEMO_EXTRA TESTS_ARGS
                demo_pid=
                if [[ " ${STEPS[*]} " == *" demo "* ]]; then  # beside the tests: its line after theirs
                    rm -f "$OUT/.demo_summary"

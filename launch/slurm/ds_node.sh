@@ -96,7 +96,8 @@ trap '' TERM
 launched="$(launch_py_came_up "$LAUNCH_PID_FILE")"
 leftovers=0
 stop_launch_leftovers "$LAUNCH_ID" "$LEFTOVER_WAIT" && leftovers=1
-# A launch.py seen running that exited before writing its --save_pid file (which it leaves on every
+# A launch.py seen running (or DeepSpeed's runner's exit 0, which it reaches only once its launch.py
+# ended: wait_for_runner) that exited before writing its --save_pid file (which it leaves on every
 # exit 0 of its own) was killed while it imported DeepSpeed: the runner's 0 hides a node that
 # started no rank. On any node, the only one included; elsewhere the other nodes then waited at the
 # rendezvous until srun ended them, a failed job that no line explained.
