@@ -6,31 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bpe_tokenizers import LONG_A, LONG_B, cut_alike_tokenizer, perfect_tag_model
 
 import vutrain.evaluate as evaluate_module
 from vutrain.evaluate import evaluate, merge_same_prompt_tags, merge_same_prompts
-
-LONG_A = "alpha beta gamma delta epsilon zeta eta"
-LONG_B = "alpha beta gamma delta epsilon zeta theta"  # cut like LONG_A at context length 6
-
-
-class _TokenEngine(torch.nn.Module):
-    """Text features: a fixed function of the attended token ids (equal tokens, equal features);
-    image n's features: ``images[pixel_values[n, 0, 0, 0]]``."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.module = torch.nn.Module()
-        self.module.base = type("Base", (), {"config": type("C", (), {"projection_dim": table.shape[1]})})()
-        self.table, self.images = table, torch.empty(0)
-
-    def text(self, input_ids, attention_mask):
-        position = torch.arange(1, input_ids.shape[1] + 1, dtype=torch.float32)
-        return (self.table[input_ids] * (attention_mask * position)[..., None]).sum(dim=1)
-
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
-        img = None if pixel_values is None else self.images[pixel_values[:, 0, 0, 0].long()]
-        return img, self.text(input_ids, attention_mask), None, None
 
 
 @pytest.mark.parametrize("templates", [["{}"], ["{}", "a video about {}."]])
@@ -38,23 +17,9 @@ def test_a_rare_tag_cut_like_a_vocabulary_tag_is_its_positive_not_its_negative(t
     """Tags long_a (3 videos), cat (2), long_b (1), long_a and long_b cut alike at context length 6,
     eval.tag_vocab_size=1: the merge stopped at cat, so long_b's video was a negative of long_a,
     whose text the model cannot tell from its own: a perfect model scored tags_map 0.64, not 1.0."""
-    from vutrain.data.tokenizer import make_tokenize, train_bpe_tokenizer
-
     image_tags = [[LONG_A]] * 3 + [["cat"]] * 2 + [[LONG_B]]
-    tokenizer = train_bpe_tokenizer([LONG_A, LONG_B, "cat", "dog"] * 4, str(tmp_path), vocab_size=300)
-    tokenize = make_tokenize(tokenizer, 6)
-    torch.manual_seed(0)
-    engine = _TokenEngine(torch.randn(len(tokenizer), 16))
-    own_tag = tokenize([tags[0] for tags in image_tags])
-    engine.images = engine.text(own_tag["input_ids"], own_tag["attention_mask"])  # a perfect model
-    n = len(image_tags)
-    batch = dict(
-        tokenize([f"video {i}" for i in range(n)]),
-        pixel_values=torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2),
-        labels=[""] * n,
-        label_sets=[[] for _ in range(n)],
-        tags=image_tags,
-    )
+    tokenizer, tokenize = cut_alike_tokenizer(str(tmp_path))
+    engine, batch = perfect_tag_model(tokenizer, tokenize, image_tags)
     metrics = evaluate(
         engine, [batch], [], templates, tokenize, torch.float32, "cpu", batch, tag_vocab_size=1
     )

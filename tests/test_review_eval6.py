@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from bpe_tokenizers import LONG_A, LONG_B, cut_alike_tokenizer, perfect_tag_model
 
 from vutrain.evaluate import evaluate, feature_recall_at_k
 
@@ -101,51 +102,16 @@ def test_recall_with_shared_images_and_titles_matches_a_float64_reference():
         assert got == pytest.approx(_reference_recall(sim, rows, columns, (1, 3, 10)))
 
 
-class _TokenEngine(torch.nn.Module):
-    """Text features: a fixed function of the attended token ids (equal tokens, equal features);
-    image n's features: ``images[pixel_values[n, 0, 0, 0]]``."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.module = torch.nn.Module()
-        self.module.base = type("Base", (), {"config": type("C", (), {"projection_dim": table.shape[1]})})()
-        self.table, self.images = table, torch.empty(0)
-
-    def text(self, input_ids, attention_mask):
-        position = torch.arange(1, input_ids.shape[1] + 1, dtype=torch.float32)
-        return (self.table[input_ids] * (attention_mask * position)[..., None]).sum(dim=1)
-
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
-        img = None if pixel_values is None else self.images[pixel_values[:, 0, 0, 0].long()]
-        return img, self.text(input_ids, attention_mask), None, None
-
-
 def test_tags_that_merge_do_not_shrink_the_tag_vocabulary_below_its_size(tmp_path):
     """eval.tag_vocab_size=2 over tags ranked long_a (3 videos), long_b (3), cat (2), dog (1), where
     long_a and long_b are cut alike at the context length: the cut came before the merge, so one tag
     was ranked (tags_vocab 1, cat left out). Now the two most frequent distinct tags are: long_a
     (with long_b's videos) and cat; a model whose images are their first tag's text scores 1.0."""
-    from vutrain.data.tokenizer import make_tokenize, train_bpe_tokenizer
-
-    long_a = "alpha beta gamma delta epsilon zeta eta"
-    long_b = "alpha beta gamma delta epsilon zeta theta"
-    image_tags = [[long_a]] * 3 + [[long_b]] * 3 + [["cat"]] * 2 + [["dog"]]
-    tokenizer = train_bpe_tokenizer([long_a, long_b, "cat", "dog"] * 4, str(tmp_path / "tok"), vocab_size=300)
-    tokenize = make_tokenize(tokenizer, 6)
-    cut = tokenize([long_a, long_b])
+    image_tags = [[LONG_A]] * 3 + [[LONG_B]] * 3 + [["cat"]] * 2 + [["dog"]]
+    tokenizer, tokenize = cut_alike_tokenizer(str(tmp_path / "tok"))
+    cut = tokenize([LONG_A, LONG_B])
     assert torch.equal(cut["input_ids"][0], cut["input_ids"][1])  # the premise: cut alike
-    torch.manual_seed(0)
-    engine = _TokenEngine(torch.randn(len(tokenizer), 16))
-    own_tag = tokenize([tags[0] for tags in image_tags])
-    engine.images = engine.text(own_tag["input_ids"], own_tag["attention_mask"])
-    n = len(image_tags)
-    batch = dict(
-        tokenize([f"video {i}" for i in range(n)]),
-        pixel_values=torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2),
-        labels=[""] * n,
-        label_sets=[[] for _ in range(n)],
-        tags=image_tags,
-    )
+    engine, batch = perfect_tag_model(tokenizer, tokenize, image_tags)
     metrics = evaluate(engine, [batch], [], ["{}"], tokenize, torch.float32, "cpu", batch, tag_vocab_size=2)
     assert metrics["eval/tags_vocab"] == 2.0
     assert (metrics["eval/tags_r1"], metrics["eval/tags_map"]) == (1.0, 1.0)

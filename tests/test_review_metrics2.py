@@ -8,31 +8,11 @@ import tracemalloc
 import warnings
 
 import pytest
+from run_rows import TRAIN_KEYS
 
 from vutrain.metrics import MetricsWriter, logged_eval, read_metrics
 from vutrain.plots import plot_run
 
-# The keys of a training row as the trainer writes them (README, "The run directory").
-TRAIN_KEYS = [
-    "train/loss",
-    "train/lr",
-    "train/logit_scale",
-    "train/samples_per_s",
-    "train/samples_per_s_per_rank",
-    "train/step_time",
-    "train/data_time",
-    "train/forward_time",
-    "train/loss_time",
-    "train/backward_time",
-    "train/optimizer_time",
-    "train/skipped_samples",
-    "train/overflow_skipped_steps",
-    "train/zeroed_nonfinite_grad_steps",
-    "train/epoch",
-    "train/grad_norm",
-    "train/grad_norm_max",
-    "train/nonfinite_skipped",
-]
 ROWS = 12_000
 
 

@@ -14,40 +14,19 @@ import os
 
 import pytest
 import torch
+from reshape_engines import reshape_engine
 from tiny_modules import TwoLayer
 
 from helpers_dist import run_distributed
 
-GLOBAL_BATCH = 4
 pytestmark = pytest.mark.slow
 
 
 def _engine(stage: int, precision: str = "fp32"):
-    """A ZeRO ``stage`` engine of this world size, global batch GLOBAL_BATCH (micro batch 2)."""
-    import deepspeed
+    """A ZeRO ``stage`` engine of this world size, the global batch of ``reshape_engine``."""
     import torch.distributed as dist
 
-    from vutrain.config import TrainConfig
-    from vutrain.ds_config import build_ds_config
-    from vutrain.optim import build_optimizer
-
-    world = dist.get_world_size()
-    torch.manual_seed(0)
-    module = TwoLayer()
-    cfg = TrainConfig(
-        max_steps=10,
-        micro_batch_size=2,
-        grad_accum_steps=GLOBAL_BATCH // (2 * world),
-        zero_stage=stage,
-        warmup_steps=2,
-        lr=1e-2,
-        precision=precision,
-    )
-    optimizer, scheduler = build_optimizer(module, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(cfg, world)
-    )
-    return engine
+    return reshape_engine(TwoLayer, stage, precision, dist.get_world_size())
 
 
 def _train_and_save(rank, world, run_dir, stage):

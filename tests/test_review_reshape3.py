@@ -17,12 +17,12 @@ import os
 
 import pytest
 import torch
+from reshape_engines import reshape_engine
 from torch import nn
 from zero_engines import full_state
 
 from helpers_dist import run_distributed
 
-GLOBAL_BATCH = 4
 # (ZeRO stage, saved precision, resumed precision, LoRA)
 CASES = [(2, "bf16", "fp32", False), (1, "fp32", "fp32", True), (3, "fp32", "fp32", False)]
 pytestmark = pytest.mark.slow
@@ -42,32 +42,15 @@ class _Odd(nn.Module):
 
 
 def _engine(stage: int, precision: str, lora: bool, world: int):
-    import deepspeed
+    def make_module():
+        module = _Odd()
+        if lora:  # frozen base weights plus trainable adapters, as model.lora.enabled builds them
+            from peft import LoraConfig, get_peft_model
 
-    from vutrain.config import TrainConfig
-    from vutrain.ds_config import build_ds_config
-    from vutrain.optim import build_optimizer
+            module = get_peft_model(module, LoraConfig(r=3, lora_alpha=4, target_modules=["a", "b"]))
+        return module
 
-    torch.manual_seed(0)
-    module = _Odd()
-    if lora:  # frozen base weights plus trainable adapters, as model.lora.enabled builds them
-        from peft import LoraConfig, get_peft_model
-
-        module = get_peft_model(module, LoraConfig(r=3, lora_alpha=4, target_modules=["a", "b"]))
-    cfg = TrainConfig(
-        max_steps=10,
-        micro_batch_size=2,
-        grad_accum_steps=GLOBAL_BATCH // (2 * world),
-        zero_stage=stage,
-        warmup_steps=2,
-        lr=1e-2,
-        precision=precision,
-    )
-    optimizer, scheduler = build_optimizer(module, cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=build_ds_config(cfg, world)
-    )
-    return engine
+    return reshape_engine(make_module, stage, precision, world)
 
 
 def _save(rank, world, run_dir):

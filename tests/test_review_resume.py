@@ -8,26 +8,14 @@ DeepSpeed checkpoints, the stream's own sample log (VUTRAIN_SAMPLE_LOG) for the 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import signal
 import types
 
 import torch
+from run_rows import TIMING_KEYS, metrics_rows
 
 from inprocess_trainer import train
-
-# Wall-clock columns: they differ between any two runs.
-TIMINGS = {
-    "train/samples_per_s",
-    "train/samples_per_s_per_rank",
-    "train/step_time",
-    "train/data_time",
-    "train/forward_time",
-    "train/loss_time",
-    "train/backward_time",
-    "train/optimizer_time",
-}
 
 
 class Crash(BaseException):
@@ -74,11 +62,6 @@ def _final_state(trainer) -> dict:
     state["overflow_skipped"] = engine.skipped_steps
     state["skipped_samples"] = trainer.stream.skipped()
     return state
-
-
-def _rows(run_dir: str, drop=TIMINGS) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
-        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in fh]
 
 
 def _samples(prefix: str) -> list[str]:
@@ -159,13 +142,13 @@ def test_preempted_twice_and_crashed_resumes_bit_for_bit(tiny_shards, tmp_path, 
     )
     assert preempted == [6, 8]
     _assert_same_state(want, got)
-    assert _rows(split) == _rows(full)
+    assert metrics_rows(split, TIMING_KEYS) == metrics_rows(full, TIMING_KEYS)
     per_step = 16 * 2
     # The crash lost step 9 (after the checkpoint at 8): its samples were drawn twice, the same.
     lost = got_keys[8 * per_step : 9 * per_step]
     assert lost == got_keys[9 * per_step : 10 * per_step]
     assert got_keys[: 8 * per_step] + got_keys[9 * per_step :] == want_keys
-    rows = {r["step"]: r for r in _rows(full) if "train/loss" in r}
+    rows = {r["step"]: r for r in metrics_rows(full, TIMING_KEYS) if "train/loss" in r}
     # Steps 6-7 skipped, 2 micro-batches each: counted as micro-batches, as plain accumulation does.
     assert rows[8]["train/nonfinite_skipped"] == 4 and rows[11]["train/overflow_skipped_steps"] == 1
 
@@ -211,7 +194,7 @@ def test_a_split_logging_interval_logs_the_step_time_of_all_its_steps(
     timing = {"train/step_time", "train/samples_per_s"}
 
     def timings(run_dir):
-        return [{k: v for k, v in r.items() if k in timing | {"step"}} for r in _rows(run_dir, drop=())]
+        return [{k: v for k, v in r.items() if k in timing | {"step"}} for r in metrics_rows(run_dir)]
 
     assert timings(split) == timings(full)
     assert [r["step"] for r in timings(full)] == [4]

@@ -6,58 +6,36 @@ sample trains, so it is no lost sample (``train/skipped_samples``) but an ignore
 Real tar shards written with tarfile, real JPEG/PNG images, the real TrainStream.
 """
 
-import io
 import tarfile
 
-import numpy as np
-import torch
-from PIL import Image
+from run_rows import metrics_rows
+from tar_shards import image_bytes, one_rank_stream, write_members
 
 from vutrain.data import TrainStream
 from vutrain.data.samples import lost_and_ignored
 
 
-def _image(fmt: str) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), 120, np.uint8)).save(out, fmt)
-    return out.getvalue()
-
-
 def _shard(path) -> str:
-    jpeg, png = _image("JPEG"), _image("PNG")
-    members = [
-        ("a.__key__", b"x"),  # ignored member; a trains
-        ("a.jpg", jpeg),
-        ("a.txt", b"a"),
-        ("b.jpg", jpeg),
-        ("b.png", png),  # ignored member; b trains on its jpg
-        ("b.txt", b"bb"),
-        ("c.jpg", b"not a jpeg"),  # lost: undecodable
-        ("c.txt", b"ccc"),
-        ("d.jpg", jpeg),
-        ("d.txt", b"dddd"),
-    ]
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
+    jpeg, png = image_bytes("JPEG", grey=120), image_bytes("PNG", grey=120)
+    return write_members(
+        path,
+        [
+            ("a.__key__", b"x"),  # ignored member; a trains
+            ("a.jpg", jpeg),
+            ("a.txt", b"a"),
+            ("b.jpg", jpeg),
+            ("b.png", png),  # ignored member; b trains on its jpg
+            ("b.txt", b"bb"),
+            ("c.jpg", b"not a jpeg"),  # lost: undecodable
+            ("c.txt", b"ccc"),
+            ("d.jpg", jpeg),
+            ("d.txt", b"dddd"),
+        ],
+    )
 
 
 def _stream(shard: str) -> TrainStream:
-    return TrainStream(
-        shard,
-        preprocess=lambda image: torch.from_numpy(np.array(image)).permute(2, 0, 1).float(),
-        tokenize=lambda captions: {"input_ids": torch.tensor([[len(c)] for c in captions])},
-        batch_size=1,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        seed=0,
-        shuffle_buffer=1,
-        num_samples=3,
-    )
+    return one_rank_stream(shard, num_samples=3, shuffle_buffer=1)
 
 
 def test_ignored_members_are_counted_apart_from_lost_samples_and_resume_exactly(tmp_path):
@@ -88,26 +66,20 @@ def _add_second_images(shard: str) -> int:
     """Rewrite `shard` with a PNG beside every JPEG (`k.png` with `k.jpg`): members the stream drops
     while their samples still train and evaluate. Returns how many it added."""
     with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    png, added = _image("PNG"), 0
-    with tarfile.open(shard, "w") as tar:
-        for member, payload in members:
-            tar.addfile(member, io.BytesIO(payload))
-            if member.name.endswith(".jpg"):
-                extra = tarfile.TarInfo(member.name[: -len(".jpg")] + ".png")
-                extra.size = len(png)
-                tar.addfile(extra, io.BytesIO(png))
-                added += 1
-    return added
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    png, rewritten = image_bytes("PNG", grey=120), []
+    for name, payload in members:
+        rewritten.append((name, payload))
+        if name.endswith(".jpg"):
+            rewritten.append((name[: -len(".jpg")] + ".png", png))
+    write_members(shard, rewritten)
+    return len(rewritten) - len(members)
 
 
 def test_the_training_and_eval_rows_count_ignored_members_apart(single_process, tmp_path):
     """The metric rows of a real run: every sample carries a second image, none is lost. Before, the
     trainer logged every dropped member as `train/skipped_samples` and the eval as
     `eval/skipped_samples`; now those stay 0 and `train/ignored_members` counts the members."""
-    import json
-    import os
-
     from vutrain.data.synthetic import write_synthetic
 
     from inprocess_trainer import train
@@ -120,8 +92,7 @@ def test_the_training_and_eval_rows_count_ignored_members_apart(single_process, 
     metrics = train(info, run_dir, 2, train__log_every=1)
     assert metrics["eval/skipped_samples"] == 0
     assert metrics["eval/num_samples"] == 8
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh]
+    rows = metrics_rows(run_dir)
     train_rows = [row for row in rows if "train/skipped_samples" in row]
     assert train_rows, rows
     assert all(row["train/skipped_samples"] == 0 for row in train_rows), train_rows
