@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .epoch_plan import fallback_shards, shuffle_buffer, worker_shards
-from .samples import iter_raw_samples
+from .samples import iter_raw_samples, iter_samples_with_end
 
 log = logging.getLogger(__name__)
 
@@ -104,26 +104,33 @@ class _Reads:
 
     def shards(self, urls: list[str], keys: ShardKeys) -> Iterator[SampleId]:
         """The samples of ``urls`` in order, recorded as they are read (lazily, as a worker reads:
-        a shard's end is passed only when the sample after its last one is asked for)."""
+        a shard's end is passed as its last sample is read, samples.iter_samples_end_first)."""
         for url in urls:
-            for key in keys(url):
+            names = keys(url)
+            for key in names:
                 self.samples[(url, key)] += 1
+                if key == names[-1]:
+                    self.ends[url] += 1
                 yield url, key
-            self.ends[url] += 1
+            if not names:
+                self.ends[url] += 1
 
     def slice(self, ids: list[SampleId], keys: ShardKeys) -> Iterator[SampleId]:
-        """The samples ``ids`` in order, recorded as ``_read_in_order`` reads them: it reads on to a
-        shard's end after a run that ends at the shard's last sample, or when the next id is a
+        """The samples ``ids`` in order, recorded as ``_read_in_order`` reads them: it passes a
+        shard's end as it reads the shard's last sample, or after a run when the next id is a
         sample the read has passed (the next copy of an upsampled shard)."""
         positions: dict[str, dict[str, int]] = {}  # each shard's keys by tar position, built once
         for i, (url, key) in enumerate(ids):
             self.samples[(url, key)] += 1
+            last = key == keys(url)[-1]
+            if last:
+                self.ends[url] += 1
             yield url, key
             if url not in positions:
                 positions[url] = {k: j for j, k in reversed(list(enumerate(keys(url))))}
             at, following = positions[url], ids[i + 1] if i + 1 < len(ids) else None
             passed = following and following[0] == url and at.get(following[1], -1) in range(at[key] + 1)
-            if key == keys(url)[-1] or passed:
+            if passed and not last:
                 self.ends[url] += 1
 
 
@@ -343,9 +350,9 @@ def reader_recount(
 
     An old worker counted what its reader had read: the samples it drew and those its shuffle buffer
     held, not yet drawn (up to ``shuffle_buffer - 1``), which the new ranks read and count again;
-    and the ends of the shards it had read past (a shard's damage is counted after its last sample,
-    when the next one is asked for), so a shard whose last sample it drew as its last read was left
-    for no one. Replayed over the tar headers, as ``consumed_in_epoch`` does; the new ranks are
+    and the ends of the shards whose last sample it had read (a shard's damage is counted with its
+    last sample, samples.iter_samples_end_first), which a new rank that reads that sample again
+    counts again. Replayed over the tar headers, as ``consumed_in_epoch`` does; the new ranks are
     taken to read their whole remainder slices (``_read_in_order``). A second change of world size
     within the epoch corrects what the first one took the interrupted world to read.
     """
@@ -395,8 +402,8 @@ def _full_reads(
     left: list[SampleId], epoch: int, first: int, plan: dict, keys: ShardKeys
 ) -> tuple[Counter, Counter]:
     """(samples read, shard ends passed) by every rank of ``plan`` reading its remainder slice of
-    ``left`` whole (each worker draws its slice once; without a shuffle buffer no end is passed
-    after the last draw, as no more is asked for)."""
+    ``left`` whole (each worker draws its slice once; a shard's end is passed with its last
+    sample, also when that is the worker's last draw)."""
     reads = _Reads()
     for rank in range(plan["world_size"]):
         ranked = dict(plan, rank=rank)
@@ -524,22 +531,25 @@ def _read_in_order(ids: list[SampleId], count=None) -> Iterator[dict]:
     The read starts at the shard's start, so it also passes samples outside the slice (drawn by the
     old ranks, or another worker's): what the reader counts for them (their ignored members) is
     dropped, as they were counted where they were drawn. Counts reach ``count`` only for the
-    samples yielded, and for the shard's end (its ``tar_error``) when the run read up to it.
+    samples yielded, and for the shard's end (its ``tar_error``) when the run reads up to it: with
+    the shard's last sample when the run holds it (the worker may ask for nothing after it).
     """
     i = 0
     while i < len(ids):
         url, present = ids[i][0], set()
         pending: list[str] = []  # counted while reading the next sample (or the shard's end)
-        for sample in iter_raw_samples(url, pending.append):
+        for sample, end in iter_samples_with_end(url, pending.append):
             if i == len(ids) or ids[i][0] != url:
                 break
             present.add(sample["__key__"])
             mine = sample["__key__"] == ids[i][1]
             reasons, pending[:] = pending[:], []
             if mine:
-                _count_all(count, reasons)
+                _count_all(count, reasons + end)
                 i += 1
                 yield sample
+            else:
+                pending[:] = end  # counted below if the read goes on to the end (the last sample)
         else:  # the read reached the shard's end for this run: its damage is counted here
             _count_all(count, pending)
         # Keys the shard no longer holds (damaged since its keys were listed) are passed over.

@@ -375,6 +375,46 @@ def iter_raw_samples(
         yield _finished(current, count)
 
 
+def iter_samples_with_end(
+    url: str, count: Callable[[str], None] | None = None
+) -> Iterator[tuple[dict, list[str]]]:
+    """(sample, end) for each raw sample of ``url`` (:func:`iter_raw_samples`): ``end`` is what the
+    reader counts at the shard's end (a damaged shard's ``tar_error``) when the sample is the shard's
+    last, [] for the others. Read one sample ahead to know it: a training worker whose share of an
+    epoch ended on a shard's last sample never asked for the next one, and its damage went uncounted.
+
+    ``count`` gets each sample's own counts (its ignored members) as the sample is handed out, and
+    the end's of a shard without samples, which has no sample to carry them.
+    """
+    pending: list[str] = []
+    held: tuple[dict, list[str]] | None = None
+    for sample in iter_raw_samples(url, pending.append):
+        if held is not None:
+            _count_all(count, held[1])
+            yield held[0], []
+        held = (sample, pending[:])
+        pending.clear()  # the list iter_raw_samples counts into: cleared, not replaced
+    if held is None:
+        _count_all(count, pending)
+        return
+    _count_all(count, held[1])
+    yield held[0], pending
+
+
+def iter_samples_end_first(url: str, count: Callable[[str], None] | None = None) -> Iterator[dict]:
+    """:func:`iter_raw_samples`, but the shard's end (its ``tar_error``) is counted as its last sample
+    is handed out rather than when the sample after it is asked for (:func:`iter_samples_with_end`)."""
+    for sample, end in iter_samples_with_end(url, count):
+        _count_all(count, end)
+        yield sample
+
+
+def _count_all(count: Callable[[str], None] | None, reasons: list[str]) -> None:
+    if count is not None:
+        for reason in reasons:
+            count(reason)
+
+
 def decode_text(raw: dict, ext: str) -> str | None:
     """UTF-8 text of member ``ext`` or None if absent; SkipSample(non_utf8_text) if undecodable.
 

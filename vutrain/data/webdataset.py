@@ -70,7 +70,7 @@ from .epoch_remainder import (
 )
 from .labels import POSITIVES, collate_labels, sample_label
 from .preprocess import make_preprocess
-from .samples import SkipCounter, SkipSample, decode_sample, decode_sample_bytes, iter_raw_samples
+from .samples import SkipCounter, SkipSample, decode_sample, decode_sample_bytes, iter_samples_end_first
 from .shards import check_openable, count_samples, expand_shards, is_remote
 from .val import ValStream, collect_label_values, iter_val_batches
 from .worker_tempdir import ensure_short_worker_tempdir
@@ -201,7 +201,9 @@ class _WorkerBatches:
 
     def _raw_pass(self, urls: Iterator[str]) -> Iterator[dict]:
         for url in urls:
-            yield from iter_raw_samples(url, self.skipped)
+            # A shard's damage is counted with its last sample: a worker whose share of the epoch
+            # ends there asks for no more, and the tar_error was lost (2 of 4 on two ranks).
+            yield from iter_samples_end_first(url, self.skipped)
 
     def _epoch_samples(self, epoch: int) -> Iterator[dict]:
         """Shuffled raw samples of this worker for ``epoch``, endless (passes repeat)."""
@@ -246,7 +248,7 @@ class _WorkerBatches:
             empty = 0
             while True:
                 n = 0
-                for sample in iter_raw_samples(rng.choice(self.shards), self.skipped):
+                for sample in iter_samples_end_first(rng.choice(self.shards), self.skipped):
                     n += 1
                     yield sample
                 empty = 0 if n else empty + 1
