@@ -99,6 +99,10 @@ def _existing_table(path: Path) -> dict[tile_configs.TunedKey, Entry]:
     erasing the last. A file that is no table stops the run before the sweep, not after it."""
     if not path.exists():
         return {}
+    # Read from disk, not ``load_tuned``'s per-process cache: a process that launched kernels before
+    # holds the copy it read then, and merging into that wrote back a table without the rows another
+    # process added since.
+    tile_configs.load_tuned.cache_clear()
     try:
         return dict(tile_configs.load_tuned(str(path)).rows)
     except ValueError as e:
