@@ -23,6 +23,13 @@ not underflow before phase 3 hands them (unscaled, in fp32) to the engine's scal
 
 The logit scale (and bias) are outputs of every forward but one quantity of the step: their
 cached gradient is applied once, in the first micro-batch's backward.
+
+A locked tower (`locked="image"|"text"`: model.lock_image / lock_text, weights without gradient)
+is forwarded once per micro-batch, not twice: phase 1 runs the towers in separate calls, in the
+order the model's forward runs them (TOWERS), keeping the RNG state before the trainable one;
+phase 3 replays only the trainable tower from that state and reuses the locked tower's phase-1
+features, which are what its replay would compute. The gradients are bit-identical to replaying
+both towers (the trainable tower draws the same dropout masks either way).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from typing import Any
 import torch
 
 Outputs = tuple  # (image_features [b, E], text_features [b, E], logit_scale [], logit_bias [] | None)
+TOWERS = ("image", "text")
+"""The towers in the order the model's forward runs them (ClipTrainModule.forward: image, then text)."""
 
 
 @dataclass
@@ -70,14 +79,24 @@ class GradCache:
             logit_bias or None), with autograd as the caller set it (the model's forward).
         loss_fn: (image_features [k*b, E], text_features [k*b, E], logit_scale, logit_bias) ->
             scalar loss of this rank on the whole step (e.g. a ClipLoss; close over the labels).
+        locked: "image" or "text", a tower that gets no gradient (its weights frozen), or None.
+            With it, forward_fn must also take `towers=(name,)`, run only that tower and return
+            None for the other's features; the locked tower then runs once per micro-batch.
     """
 
     def __init__(
-        self, engine: Any, forward_fn: Callable[[Any], Outputs], loss_fn: Callable[..., torch.Tensor]
+        self,
+        engine: Any,
+        forward_fn: Callable[..., Outputs],
+        loss_fn: Callable[..., torch.Tensor],
+        locked: str | None = None,
     ) -> None:
-        self.engine, self.forward_fn, self.loss_fn = engine, forward_fn, loss_fn
+        if locked not in (None, *TOWERS):
+            raise ValueError(f"GradCache(locked={locked!r}): use None, 'image' or 'text'")
+        self.engine, self.forward_fn, self.loss_fn, self.locked = engine, forward_fn, loss_fn, locked
         self._batches: Sequence[Any] = ()
         self._rng: list[RngState] = []
+        self._locked_features: list[torch.Tensor] = []
         self._grads: list[torch.Tensor | None] = []
         self._sizes: list[int] = []
 
@@ -98,14 +117,14 @@ class GradCache:
         images, texts, scale, bias = [], [], None, None
         with torch.no_grad():
             for batch in micro_batches:
-                self._rng.append(RngState.capture())
-                img, txt, scale, bias = self.forward_fn(batch)
+                img, txt, scale, bias = self._first_pass(batch)
                 # Copies: a model under CUDA graphs (train.compile_mode=reduce-overhead) replays
                 # each no-grad call into the same static outputs; kept as they are, every entry
                 # would hold the last micro-batch's features. scale/bias: only the last is used.
                 images.append(img.clone())
                 texts.append(txt.clone())
         self._rng_after = RngState.capture()
+        self._locked_features = {"image": images, "text": texts}.get(self.locked, [])
         self._sizes = [x.shape[0] for x in images]
         leaves = [torch.cat(images), torch.cat(texts), scale, bias]
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in leaves]
@@ -122,6 +141,34 @@ class GradCache:
         ]
         return loss.detach()
 
+    def _first_pass(self, batch: Any) -> Outputs:
+        """One micro-batch's no-grad outputs; keeps the RNG state its replay must start from."""
+        if self.locked is None:
+            self._rng.append(RngState.capture())
+            return self.forward_fn(batch)
+        # One call per tower, in the model's order, so that each draws the dropout masks it draws
+        # in one call; the state kept is the one before the trainable tower (after the locked one
+        # when that runs first), the only tower phase 3 runs again.
+        outputs = {}
+        for tower in TOWERS:
+            if tower != self.locked:
+                self._rng.append(RngState.capture())
+            outputs[tower] = self.forward_fn(batch, towers=(tower,))
+        scale, bias = outputs[self._trainable()][2:]
+        return outputs["image"][0], outputs["text"][1], scale, bias
+
+    def _trainable(self) -> str:
+        return next(tower for tower in TOWERS if tower != self.locked)
+
+    def _replay(self, i: int, batch: Any) -> Outputs:
+        """Micro-batch i with autograd: both towers, or the trainable one beside the locked one's cache."""
+        self._rng[i].restore()
+        if self.locked is None:
+            return self.forward_fn(batch)
+        img, txt, scale, bias = self.forward_fn(batch, towers=(self._trainable(),))
+        cached = self._locked_features[i]
+        return (cached, txt, scale, bias) if self.locked == "image" else (img, cached, scale, bias)
+
     def backward(self) -> None:
         """Phase 3: each micro-batch again with autograd and its RNG replayed; engine backward + step."""
         if not self._grads:  # said plainly, not "not enough values to unpack (expected 4, got 0)"
@@ -132,12 +179,12 @@ class GradCache:
         g_img, g_txt, g_scale, g_bias = self._grads
         start = 0
         for i, (batch, size) in enumerate(zip(self._batches, self._sizes)):
-            self._rng[i].restore()
-            img, txt, scale, bias = self.forward_fn(batch)
+            img, txt, scale, bias = self._replay(i, batch)
             rows = slice(start, start + size)
             start += size
             # In fp32 (or wider): the unscaled cached gradient in fp16 would underflow again; the engine's
-            # loss scale multiplies it before the backward casts it to the features' dtype.
+            # loss scale multiplies it before the backward casts it to the features' dtype. A locked
+            # tower's cached features (no autograd) add a constant, which changes no gradient.
             surrogate = (_at_least_fp32(img) * g_img[rows]).sum() + (_at_least_fp32(txt) * g_txt[rows]).sum()
             if i == 0:  # the scale and bias are one quantity of the step: their gradient once
                 # None when the loss ignores the scale (align_uniform): nothing to replay.
@@ -148,7 +195,7 @@ class GradCache:
             self.engine.backward(surrogate, scale_wrt_gas=False)
             self.engine.step()
         self._rng_after.restore()  # the RNG advances as if each micro-batch ran forward once
-        self._batches, self._grads, self._rng = (), [], []
+        self._batches, self._grads, self._rng, self._locked_features = (), [], [], []
 
 
 def engine_loss_scale(engine: Any) -> float | torch.Tensor:
@@ -174,15 +221,16 @@ def _is_one(scale: float | torch.Tensor) -> bool:
 def gradcache_step(
     engine: Any,
     micro_batches: Iterable[Any],
-    forward_fn: Callable[[Any], Outputs],
+    forward_fn: Callable[..., Outputs],
     loss_fn: Callable[..., torch.Tensor],
+    locked: str | None = None,
 ) -> torch.Tensor:
     """One optimizer step over `micro_batches` whose loss sees all of their samples as negatives.
 
     Returns this rank's (detached) loss of the whole step. See `GradCache` for the arguments;
     the engine must accumulate `len(micro_batches)` micro-batches per step.
     """
-    cache = GradCache(engine, forward_fn, loss_fn)
+    cache = GradCache(engine, forward_fn, loss_fn, locked)
     loss = cache.forward(micro_batches)
     cache.backward()
     return loss

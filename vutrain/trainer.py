@@ -75,11 +75,16 @@ def features_for_loss(loss_fn, img, txt, logit_bias, labels, device_type: str, p
     """
     kernel_dtype = loss_features_dtype(True, device_type, precision)
     if kernel_dtype == torch.float32:  # fp32 for the kernels and for torch alike: nothing to ask
-        return img.float(), txt.float()
-    as_kernel_input = img if kernel_dtype is None else img.to(kernel_dtype)
+        return _cast(img, torch.float32), _cast(txt, torch.float32)
+    present = img if img is not None else txt  # GradCache may run one tower: the other is None
+    as_kernel_input = present if kernel_dtype is None else present.to(kernel_dtype)
     if loss_fn.uses_kernels(as_kernel_input, logit_bias, labels):
-        return (img, txt) if kernel_dtype is None else (as_kernel_input, txt.to(kernel_dtype))
-    return img.float(), txt.float()
+        return (img, txt) if kernel_dtype is None else (_cast(img, kernel_dtype), _cast(txt, kernel_dtype))
+    return _cast(img, torch.float32), _cast(txt, torch.float32)
+
+
+def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.to(dtype)
 
 
 def check_processor_fits_model(processor, name_or_path: str) -> None:
@@ -621,12 +626,15 @@ class Trainer:
         self._last_scale = scale.detach()
         return loss
 
-    def _forward(self, batch: dict) -> tuple:
-        """The engine's (image features, text features, logit scale, logit bias), ready for the loss."""
+    def _forward(self, batch: dict, towers: tuple = ("image", "text")) -> tuple:
+        """The engine's (image features, text features, logit scale, logit bias), ready for the loss.
+
+        `towers`: which to run; the other's features are None (GradCache skips a locked tower's replay).
+        """
         img, txt, scale, bias = self.engine(
-            pixel_values=batch["pixel_values"],
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"] if "image" in towers else None,
+            input_ids=batch["input_ids"] if "text" in towers else None,
+            attention_mask=batch["attention_mask"] if "text" in towers else None,
         )
         img, txt = features_for_loss(
             self.loss_fn, img, txt, bias, batch.get("labels"), self.device.type, self.cfg.train.precision
@@ -691,7 +699,10 @@ class Trainer:
             self._last_scale = scale.detach()
             return self.loss_fn(img, txt, scale, bias, **({"labels": labels} if labels is not None else {}))
 
-        cache = GradCache(self.engine, self._forward, loss_fn)
+        # A locked tower (LiT) gets no gradient: GradCache forwards it once, not again in the replay.
+        m = self.cfg.model
+        locked = "image" if m.lock_image else "text" if m.lock_text else None
+        cache = GradCache(self.engine, self._forward, loss_fn, locked)
         loss = cache.forward(batches)
         self._sync()
         t2 = time.perf_counter()
