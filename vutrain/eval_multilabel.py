@@ -19,6 +19,7 @@ import functools
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,17 +59,67 @@ def multilabel_targets(tag_lists: list[list[str]], vocab: list[str]) -> torch.Te
     return out
 
 
+def _against_the_model(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The scores with a NaN ranked against the model: a negative's as +inf, a positive's as -inf."""
+    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
+    return torch.where(scores.isnan(), torch.where(targets, -inf, inf), scores)
+
+
+def _ordered_ints(scores: torch.Tensor) -> torch.Tensor:
+    """Integers in the order of the (NaN-free) scores, equal exactly where the scores are: int32 for
+    floats of up to 32 bits (widened to float32 exactly), int64 for float64. A float's bits read as
+    a signed integer order the non-negative floats; the negative ones need the bits below the sign
+    flipped. -0.0 is made 0.0 first (they tie as scores, their bits differ)."""
+    scores = scores.detach()
+    if scores.dtype != torch.float64:
+        scores = scores.float()
+    bits = (scores + 0.0).view(torch.int32 if scores.dtype == torch.float32 else torch.int64)
+    width = bits.element_size() * 8
+    return bits ^ ((bits >> (width - 1)) & torch.iinfo(bits.dtype).max)
+
+
 def ranked_hits(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[R, C] float: each row's targets in order of falling score. Ties go against the model:
-    among equal scores the negatives come first (a stable sort by score of the columns already
-    ordered negatives-first), so a collapsed model (all scores equal) earns no credit. So does a
-    NaN score: a negative's ranks first, a positive's last."""
+    among equal scores the negatives come first, so a collapsed model (all scores equal) earns no
+    credit. So does a NaN score: a negative's ranks first, a positive's last.
+
+    One sort of integer keys per row (falling score, then positive last), whose lowest bit is the
+    target: the two stable argsorts and three gathers it replaces were half the time of a
+    50k-sample eval's tag metrics."""
     targets = targets.to(scores.device)
-    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
-    scores = torch.where(scores.isnan(), torch.where(targets, -inf, inf), scores)
-    negatives_first = targets.to(torch.uint8).argsort(dim=1, stable=True)
-    by_score = scores.gather(1, negatives_first).argsort(dim=1, descending=True, stable=True)
-    return targets.gather(1, negatives_first.gather(1, by_score)).float()
+    scores = _against_the_model(scores, targets)
+    if scores.dtype == torch.float64:  # 64 score bits leave no room for the row and the target
+        negatives_first = targets.to(torch.uint8).argsort(dim=1, stable=True)
+        by_score = scores.gather(1, negatives_first).argsort(dim=1, descending=True, stable=True)
+        return targets.gather(1, negatives_first.gather(1, by_score)).float()
+    keys = torch.add(targets.long(), _ordered_ints(scores), alpha=-2)  # rising key: falling score
+    return (_sorted_rows(keys) & 1).float()
+
+
+def _sorted_rows(keys: torch.Tensor) -> torch.Tensor:
+    """Each row of the integer keys in rising order. On the CPU numpy's vectorised sort: some 10x
+    faster than torch's, which also builds the indices that are not wanted here."""
+    if keys.device.type == "cpu":
+        return torch.from_numpy(np.sort(keys.numpy(), axis=1))
+    return keys.sort(dim=1).values
+
+
+def hits_in_top(scores: torch.Tensor, targets: torch.Tensor, ks=RECALL_KS) -> dict[int, torch.Tensor]:
+    """Per k, [R] float: the positives among each row's k first in ``ranked_hits``'s order (ties and
+    NaN against the model), without ranking whole rows: the k best negatives and positives of a row
+    (two top-k) place each of its k best positives, after the negatives that score as much."""
+    targets = targets.to(scores.device)
+    top = min(max(ks), scores.shape[1])
+    keys = _ordered_ints(_against_the_model(scores, targets))
+    absent = torch.iinfo(keys.dtype).min  # below every score's key
+    negatives = torch.where(targets, absent, keys).topk(top, dim=1).values  # [R, top], falling
+    positives = torch.where(targets, keys, absent).topk(top, dim=1).values
+    found = positives > absent
+    # The j-th best positive ranks at j + (negatives scoring >= it), counted among the `top` best
+    # negatives: enough for any rank below max(ks). An absent negative is below every positive.
+    before = top - torch.searchsorted(negatives.flip(1), positives)
+    rank = torch.arange(top, device=scores.device) + before
+    return {k: ((rank < k) & found).sum(dim=1).float() for k in ks}
 
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -91,9 +142,8 @@ def recall_at_k(scores: torch.Tensor, targets: torch.Tensor, ks=RECALL_KS) -> di
     scores, targets = scores[keep], targets[keep]
     if scores.shape[0] == 0:
         return {k: float("nan") for k in ks}
-    hits = ranked_hits(scores, targets)  # ties against the model
     total = targets.sum(dim=1).float()
-    return {k: (hits[:, :k].sum(dim=1) / total).mean().item() for k in ks}
+    return {k: (found / total).mean().item() for k, found in hits_in_top(scores, targets, ks).items()}
 
 
 @torch.no_grad()
@@ -157,10 +207,9 @@ def _per_image_recall(
         targets = _block_targets(pairs[:, 0], pairs[:, 1], start, stop, v)
         keep = targets.any(dim=1)  # an image without a vocabulary tag has no recall
         scores, targets = (images[start:stop] @ tags.T)[keep], targets[keep]
-        hits = ranked_hits(scores, targets)
         total = targets.sum(dim=1).float()
-        for k in ks:
-            parts[k].append(hits[:, :k].sum(dim=1) / total)
+        for k, found in hits_in_top(scores, targets, ks).items():
+            parts[k].append(found / total)
     return {k: torch.cat(p) for k, p in parts.items()}
 
 
