@@ -10,7 +10,9 @@ import numpy as np
 
 # A bar row is "black" when its mean and spread are both tiny (JPEG noise keeps them above 0),
 # leaving out its brightest 1% of pixels: one speck (sensor or JPEG noise) ended the bar there.
-_BLACK_MEAN = 16.0
+# The mean allows "video black" (16, limited-range black shown as is) plus JPEG ringing: at 16 a
+# 16/16/16 bar was never a bar row, so such thumbnails kept their bars.
+_BLACK_MEAN = 24.0
 _BLACK_STD = 8.0
 _OUTLIER_SHARE = 0.01
 # Bars are cropped only where they frame a video picture: about equal (JPEG ringing may shave a few
@@ -60,10 +62,15 @@ def _frames_a_video(top_bar: int, bottom_bar: int, content: int, width: int) -> 
 
 def crop_letterbox(data: bytes) -> bytes | None:
     """Lossless (BMP) bytes of the image without its bars, or None when there is nothing to crop."""
-    img = _as_8_bit(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED))
+    buffer = np.frombuffer(data, np.uint8)
+    img = _as_8_bit(cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED))
     if img is None:
         return None
-    bounds = letterbox_bounds(img)
+    # Bars are found on the luma plane (a JPEG's own Y): a 4:2:0 JPEG shares chroma between row
+    # pairs, so a saturated edge bled colour into the last bar row of a 480x360 hqdefault (bars of
+    # 45 rows end mid-pair) and the crop kept one dark-red row on each side.
+    luma = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)  # as img
+    bounds = letterbox_bounds(img if luma is None or luma.shape != img.shape[:2] else luma)
     if bounds is None:
         return None
     ok, encoded = cv2.imencode(".bmp", img[bounds[0] : bounds[1]])
