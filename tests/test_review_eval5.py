@@ -9,6 +9,7 @@ import tarfile
 
 import numpy as np
 import torch
+from bpe_tokenizers import LONG_A, LONG_B, TokenEngine, cut_alike_tokenizer, perfect_tag_model
 from PIL import Image
 
 from vutrain.evaluate import evaluate, feature_recall_at_k, recall_at_k
@@ -29,55 +30,17 @@ def test_a_nan_pair_is_a_miss_even_when_k_exceeds_the_held_out_set():
     assert recall_at_k(sim) == {1: 0.75, 5: 0.75, 10: 0.75}
 
 
-class _TokenEngine(torch.nn.Module):
-    """A model that reads only tokens, as a text tower does: a text's features are a fixed
-    function of its attended token ids (equal tokens, equal features). Image n's features are
-    `images[pixel_values[n, 0, 0, 0]]`."""
-
-    def __init__(self, images: torch.Tensor, table: torch.Tensor):
-        super().__init__()
-        self.module = torch.nn.Module()
-        dim = table.shape[1]
-        self.module.base = type("Base", (), {"config": type("C", (), {"projection_dim": dim})})()
-        self.images, self.table = images, table
-
-    def text(self, input_ids, attention_mask):
-        position = torch.arange(1, input_ids.shape[1] + 1, dtype=torch.float32)
-        weights = (attention_mask * position)[..., None]
-        return (self.table[input_ids] * weights).sum(dim=1)
-
-    def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
-        img = None if pixel_values is None else self.images[pixel_values[:, 0, 0, 0].long()]
-        return img, self.text(input_ids, attention_mask), None, None
-
-
 def test_tags_cut_alike_at_the_context_length_are_one_tag_for_a_perfect_model(tmp_path):
     """Two long tags whose prompts the context length cuts to the same tokens (as "gta5" and
     "gta 5" tokenise alike under CLIP's tokenizer) had one embedding: for an image of one, the
     other tied its true tag and ranked first, so a model whose image features are exactly their
     tag's text features scored tags_r1 0.5 and tags_map 0.75 here. Now they are one tag (as
     zero-shot classes are merged): 1.0 each, over a vocabulary of 3."""
-    from vutrain.data.tokenizer import make_tokenize, train_bpe_tokenizer
-
-    long_a = "alpha beta gamma delta epsilon zeta eta"
-    long_b = "alpha beta gamma delta epsilon zeta theta"
-    image_tags = [[long_a], [long_b], ["cat"], ["dog", "Dog "]]
-    tokenizer = train_bpe_tokenizer([long_a, long_b, "cat", "dog"] * 4, str(tmp_path / "tok"), vocab_size=300)
-    tokenize = make_tokenize(tokenizer, 6)
-    cut = tokenize([long_a, long_b])
+    image_tags = [[LONG_A], [LONG_B], ["cat"], ["dog", "Dog "]]
+    tokenizer, tokenize = cut_alike_tokenizer(str(tmp_path / "tok"))
+    cut = tokenize([LONG_A, LONG_B])
     assert torch.equal(cut["input_ids"][0], cut["input_ids"][1])  # the premise: cut alike
-    torch.manual_seed(0)
-    engine = _TokenEngine(torch.empty(0), torch.randn(len(tokenizer), 16, dtype=torch.float32))
-    own_tag = tokenize([tags[0] for tags in image_tags])  # each image is its first tag, exactly
-    engine.images = engine.text(own_tag["input_ids"], own_tag["attention_mask"])
-    n = len(image_tags)
-    batch = dict(
-        tokenize([f"video {i}" for i in range(n)]),
-        pixel_values=torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2),
-        labels=[""] * n,
-        label_sets=[[] for _ in range(n)],
-        tags=image_tags,
-    )
+    engine, batch = perfect_tag_model(tokenizer, tokenize, image_tags)  # each image is its first tag
     metrics = evaluate(engine, [batch], [], ["{}"], tokenize, torch.float32, "cpu", batch, tag_vocab_size=10)
     assert (metrics["eval/tags_r1"], metrics["eval/tags_map"]) == (1.0, 1.0)
     assert metrics["eval/tags_vocab"] == 3.0
@@ -103,12 +66,12 @@ def _jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
-class _OracleEngine(_TokenEngine):
+class _OracleEngine(TokenEngine):
     """A perfect model of a held-out set: an image's features are the mean of the text features of
     the captions it carries there (looked up by its pixels, which the model sees)."""
 
     def __init__(self, table: torch.Tensor, pixel_features: dict[bytes, torch.Tensor]):
-        super().__init__(torch.empty(0), table)
+        super().__init__(table)
         self.pixel_features = pixel_features
 
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None):

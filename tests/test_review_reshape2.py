@@ -14,19 +14,22 @@ import os
 
 import pytest
 import torch
-from reshape_engines import reshape_engine
 from tiny_modules import TwoLayer
+from zero_engines import small_engine
 
 from helpers_dist import run_distributed
 
+GLOBAL_BATCH = 4  # micro batch 2: 1 micro-step a step on 2 ranks, 2 on 1
 pytestmark = pytest.mark.slow
 
 
 def _engine(stage: int, precision: str = "fp32"):
-    """A ZeRO ``stage`` engine of this world size, the global batch of ``reshape_engine``."""
+    """A ZeRO ``stage`` engine of this world size, of global batch GLOBAL_BATCH."""
     import torch.distributed as dist
 
-    return reshape_engine(TwoLayer, stage, precision, dist.get_world_size())
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    return small_engine(TwoLayer(), stage, world, 2, GLOBAL_BATCH // (2 * world), precision)
 
 
 def _train_and_save(rank, world, run_dir, stage):

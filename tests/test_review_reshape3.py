@@ -17,14 +17,14 @@ import os
 
 import pytest
 import torch
-from reshape_engines import reshape_engine
 from torch import nn
-from zero_engines import full_state
+from zero_engines import full_state, small_engine
 
 from helpers_dist import run_distributed
 
 # (ZeRO stage, saved precision, resumed precision, LoRA)
 CASES = [(2, "bf16", "fp32", False), (1, "fp32", "fp32", True), (3, "fp32", "fp32", False)]
+GLOBAL_BATCH = 4  # micro batch 2: 1 micro-step a step on 2 ranks, 2 on 1
 pytestmark = pytest.mark.slow
 
 
@@ -42,15 +42,13 @@ class _Odd(nn.Module):
 
 
 def _engine(stage: int, precision: str, lora: bool, world: int):
-    def make_module():
-        module = _Odd()
-        if lora:  # frozen base weights plus trainable adapters, as model.lora.enabled builds them
-            from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    module = _Odd()
+    if lora:  # frozen base weights plus trainable adapters, as model.lora.enabled builds them
+        from peft import LoraConfig, get_peft_model
 
-            module = get_peft_model(module, LoraConfig(r=3, lora_alpha=4, target_modules=["a", "b"]))
-        return module
-
-    return reshape_engine(make_module, stage, precision, world)
+        module = get_peft_model(module, LoraConfig(r=3, lora_alpha=4, target_modules=["a", "b"]))
+    return small_engine(module, stage, world, 2, GLOBAL_BATCH // (2 * world), precision)
 
 
 def _save(rank, world, run_dir):

@@ -5,9 +5,10 @@ state of its parameters gathered back from the ZeRO partitions for exact compari
 from __future__ import annotations
 
 
-def small_engine(module, stage: int, world: int, micro: int, grad_accum: int = 1):
-    """`module` as a DeepSpeed engine at ZeRO `stage` for `world` ranks: 10 steps, 2 of warm-up,
-    LR 1e-2, `micro` samples a rank a micro-step, `grad_accum` micro-steps a step."""
+def small_engine(module, stage: int, world: int, micro: int, grad_accum: int = 1, precision: str = "fp32"):
+    """`module` as a DeepSpeed engine at ZeRO `stage` and train.precision `precision` for `world`
+    ranks: 10 steps, 2 of warm-up, LR 1e-2, `micro` samples a rank a micro-step, `grad_accum`
+    micro-steps a step."""
     import deepspeed
 
     from vutrain.config import TrainConfig
@@ -21,6 +22,7 @@ def small_engine(module, stage: int, world: int, micro: int, grad_accum: int = 1
         zero_stage=stage,
         warmup_steps=2,
         lr=1e-2,
+        precision=precision,
     )
     optimizer, scheduler = build_optimizer(module, cfg)
     engine, _, _, _ = deepspeed.initialize(
