@@ -306,7 +306,12 @@ def write_failure_message(ckpt_dir: str, tag: str, exc: BaseException) -> str:
         free = f"{shutil.disk_usage(ckpt_dir).free / 2**30:.2f} GiB free there"
     except OSError:
         free = "free space unknown"
-    latest = latest_tag(ckpt_dir)
+    latest = next_resume_tag(ckpt_dir)
+    if latest == tag:  # failed after the marker (a rename): "could not be written ... continues from it"
+        return (
+            f"checkpoint {tag} is complete in {ckpt_dir}, but this rank failed after its marker was "
+            f"written ({one_line(exc)}; {free}): rerun with train.resume=auto, which continues from {tag}"
+        )
     return (
         f"checkpoint {tag} could not be written to {ckpt_dir} ({one_line(exc)}; {free}): free space "
         f"(or lower train.keep_checkpoints) and rerun with train.resume=auto, which continues from "
@@ -357,13 +362,30 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
 
 
 def peer_failure_message(ckpt_dir: str, tag: str) -> str:
-    """This rank's save stopped because another rank went away during it (that rank says why)."""
-    latest = latest_tag(ckpt_dir)
+    """This rank's save stopped because another rank went away during it (that rank says why).
+
+    Rank 0 can go away after it completed the checkpoint (killed while it pruned, or the other
+    ranks' last barrier failed): the message said "was not completed ... continues from" that very
+    checkpoint. And killed between the marker and the rename, it said the previous one, although
+    the next start publishes this one and continues from it."""
+    latest = next_resume_tag(ckpt_dir)
+    if latest == tag:
+        return (
+            f"checkpoint {tag} is complete, but another rank stopped before the save ended (its own "
+            f"error says why); rerun with train.resume=auto, which continues from {tag}"
+        )
     return (
         f"checkpoint {tag} was not completed: another rank stopped during the save (its own error "
         f"says why); rerun with train.resume=auto, which continues from "
         f"{latest or 'the start: no checkpoint was complete'}"
     )
+
+
+def next_resume_tag(ckpt_dir: str) -> str | None:
+    """The checkpoint train.resume=auto takes at the next start: the newest complete one, counting
+    a save killed after its marker, which that start publishes first (`finish_interrupted_publish`)."""
+    complete = [t for t in (latest_tag(ckpt_dir), *complete_unpublished(ckpt_dir)) if t]
+    return max(complete, key=_step_of, default=None)
 
 
 def _complete(ckpt_dir: str, tag: str, step: int) -> None:
