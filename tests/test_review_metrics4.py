@@ -69,3 +69,13 @@ def test_a_later_nan_row_for_a_step_replaces_the_earlier_value(tmp_path, monkeyp
     ]
     _write_rows(str(tmp_path), rows)
     assert _loss(_drawn_lines(str(tmp_path), monkeypatch)) == [(10, 1.0), (30, 0.5)]
+
+
+def test_the_chance_line_is_the_latest_steps_not_the_last_rows(tmp_path, monkeypatch):
+    """The zero-shot chance line was read from the file's last eval row: in a hand-merged file whose
+    last row is another run's earlier step (another class count), the line showed that run's chance."""
+    rows = [{"step": 30, "eval/zeroshot_top1": 0.3, "eval/zeroshot_chance": 0.25}]
+    rows += [{"step": 10, "eval/zeroshot_top1": 0.1, "eval/zeroshot_chance": 0.5}]
+    _write_rows(str(tmp_path), rows)
+    lines = _drawn_lines(str(tmp_path), monkeypatch)
+    assert {y for _, y in lines[("evaluation", "zero-shot chance")]} == {0.25}

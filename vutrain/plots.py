@@ -114,9 +114,11 @@ def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     axes[0].set(title="training loss", xlabel="step", ylabel="loss")
     for key in _eval_curve_keys(evals):
         _draw(axes[1], _curve(evals, key, unusable), marker="o", label=key.split("/", 1)[1])
-    chance = _curve(evals[-1:], "eval/zeroshot_chance", unusable)
+    # The latest step's chance, not the file's last row's: in a hand-merged file that row may be
+    # another run's at an earlier step. Its own counter: the eval keys' pass counted its values.
+    chance = _curve(evals, "eval/zeroshot_chance", [0])
     if chance:
-        axes[1].axhline(chance[0][1], ls="--", c="grey", label="zero-shot chance")
+        axes[1].axhline(chance[-1][1], ls="--", c="grey", label="zero-shot chance")
     if unusable[0]:
         path = os.path.join(run_dir, "metrics.jsonl")
         log.warning("%s: %d value(s) that are no number left out of %s", path, unusable[0], out_name)
