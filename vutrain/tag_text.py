@@ -7,25 +7,67 @@ stripped while training came to apply Unicode normalisation and collapse inner w
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 
 
 def tag_values(value) -> list[str]:
     """The tags of a metadata ``tags`` value: a list's strings (and numbers, as text: a scraper may
-    write the tag "2024" as 2024; a lone number is one tag), or a comma-separated string's parts
-    (some metadata sources keep tags as one string), blanks left out. Training's tag positives,
+    write the tag "2024" as 2024; a lone number is one tag), or a joined string's parts (some
+    metadata sources keep tags as one string), blanks left out. Training's tag positives,
     the validation tag metrics, captions' ``{tags}`` and `dataset_tools vocab` all read tags
     through this, so they agree (a string was iterated character by character: a vocabulary of
-    letters; a number was dropped from the tags but rendered in captions, blanks too)."""
+    letters; a number was dropped from the tags but rendered in captions, blanks too).
+
+    Read as `dataset_tools build` reads a tags column (``youtube.parse_tags``), so shards made with
+    plain img2dataset train on the tags a built shard holds: a string is split on ``|`` when it holds
+    one (Kaggle's ``tag|"tag two"``; it was one tag "tag|tag two"), else on ``,``; Kaggle's
+    ``[none]`` is no tags; each tag has its HTML entities decoded (:func:`unescape_entities`), then
+    surrounding quotes stripped (``&quot;tag&quot;`` is "tag")."""
     if isinstance(value, str):
-        value = value.split(",")
+        text = value.strip()
+        if text.lower() in _NO_TAGS:
+            return []
+        value = text.split("|") if "|" in text else text.split(",")
     elif _as_text(value) is not None:
         value = [value]  # a lone number is one tag, as in a list (a column whose rows are all numbers)
     if not isinstance(value, (list, tuple)):
         return []
-    tags = [_as_text(t) for t in value]
+    tags = [_as_tag(t) for t in value]
     return [t for t in tags if t is not None and t.strip()]
+
+
+# Whole tag strings that mean "no tags" (Kaggle writes [none]), as `dataset_tools build` reads them.
+_NO_TAGS = frozenset({"", "[none]", "none", "nan", "[]"})
+
+
+def _as_tag(value) -> str | None:
+    text = _as_text(value)
+    if text is None:
+        return None
+    text = unescape_entities(text)
+    quoted = text.strip()
+    unquoted = quoted.strip("\"'")
+    # Unquoted tags keep their surrounding whitespace as the field has it (captions and
+    # normalize_tag strip it; the validation stream's tag lists show it).
+    return text if unquoted == quoted else unquoted.strip()
+
+
+def unescape_entities(text: str) -> str:
+    """``text`` with its HTML entities decoded, as `dataset_tools build` decodes titles and tags
+    (``youtube.clean_title``): the YouTube Data API HTML-escapes titles ("Tom &amp; Jerry",
+    "It&#39;s"), and plain img2dataset writes them as they come. Decoded until nothing changes, at
+    most 3 times (some dumps are escaped twice, ``&amp;amp;``), so text the dataset tools already
+    decoded is left as it is."""
+    for _ in range(3):
+        if "&" not in text:
+            break
+        decoded = html.unescape(text)
+        if decoded == text:
+            break
+        text = decoded
+    return text
 
 
 def _as_text(tag) -> str | None:

@@ -10,6 +10,11 @@ pandas column with gaps makes of 20). A field holding no text (a list, an object
 which pandas writes for a missing value) is missing, and so is a blank title: a missing title
 falls back to the ``.txt``; without one the sample is skipped and counted. ``{category_id}`` renders
 the class training and zero-shot read (``labels.category_label``): "20.0", " 20 " and 20 are "20".
+
+Text has its HTML entities decoded, as `dataset_tools build` decodes titles and tags and as the
+tags training ids are read (``tag_text``): the YouTube Data API escapes titles ("Tom &amp; Jerry"),
+and shards made from its results with plain img2dataset trained on the escaped text while the
+tag classes and zero-shot prompts say "Tom & Jerry".
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import string
 import unicodedata
 
-from vutrain.tag_text import tag_values
+from vutrain.tag_text import tag_values, unescape_entities
 
 from .labels import category_label
 
@@ -79,7 +84,7 @@ def template_fields(template: str) -> list[str]:
 
 def _field_value(name: str, meta: dict, txt: str | None) -> str:
     if name in ("txt", "caption"):
-        value = txt
+        value = None if txt is None else unescape_entities(txt)
     elif name == "tags":
         tags = meta.get("tags")
         # The tags training reads (tag_text.tag_values), stripped, whatever form the field has: a
@@ -95,16 +100,17 @@ def _field_value(name: str, meta: dict, txt: str | None) -> str:
             # A blank or non-text title is no title, as a missing one: it was skipped as an empty
             # caption (or rendered as "['a', 'b']", "nan") although the .txt held the caption; so is
             # a title of zero-width characters only (YouTube titles that look empty use them).
-            value = txt
+            value = None if txt is None else unescape_entities(txt)
     if value is None:
         raise MissingCaptionField(name, _no_text_detail(meta.get(name)))
     return value
 
 
 def caption_text(value) -> str | None:
-    """``value`` as caption text; None for a value that holds none (its repr is not a caption)."""
+    """``value`` as caption text, HTML entities decoded (``tag_text.unescape_entities``); None for a
+    value that holds none (its repr is not a caption)."""
     if isinstance(value, str):
-        return value
+        return unescape_entities(value)
     if isinstance(value, bool):  # a JSON true/false: "True" is Python's spelling, not the data's
         return None
     if isinstance(value, int):

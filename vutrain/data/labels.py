@@ -3,7 +3,8 @@
 * `pair`: no labels (each sample is a positive of its own title only); batches carry no "labels".
 * `category`: `category_id` -> LongTensor [B]; a sample without an integer category_id gets -1
   ("no label": a positive of itself only).
-* `tags`: the set of `tags` -> LongTensor [B, T] of stable tag ids, padded with -1 to the
+* `tags`: the set of `tags` (read by ``tag_text.tag_values``: a list, or a string split on ``|`` or
+  ``,``, HTML entities decoded) -> LongTensor [B, T] of stable tag ids, padded with -1 to the
   batch's longest tag list. Ids are 62-bit BLAKE2b hashes of the normalised tag (``normalize_tag``:
   NFKC, case-folded, whitespace runs as one space, stripped), so every worker and rank agrees without
   a vocabulary file (a collision needs ~2^31 distinct tags).
