@@ -72,6 +72,14 @@ def test_a_blank_frame_shared_by_hundreds_is_not_compared_pairwise(tmp_path, mon
         return distance(a, b)
 
     monkeypatch.setattr(imagehash.ImageHash, "__sub__", counted)
+    # Since 404692d the search compares integer pHashes with dedup._distance: count those too.
+    integer_distance = dedup._distance
+
+    def counted_int(a, b):
+        comparisons.append(1)
+        return integer_distance(a, b)
+
+    monkeypatch.setattr(dedup, "_distance", counted_int)
     report = dedup.dedup(folder, filter_output=str(tmp_path / "out"))
     blank_hashes = {str(imagehash.phash(Image.open(io.BytesIO(b)))) for b in images[:BLANK]}
     assert len(blank_hashes) == 1  # the premise: one pHash, BLANK different files
