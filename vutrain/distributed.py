@@ -33,6 +33,7 @@ import random
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -465,25 +466,132 @@ def init_distributed(info: DistInfo, timeout_minutes: float | None = None) -> No
     if info.device.startswith("cuda"):
         # Before the group exists: NCCL and object collectives use the current device.
         torch.cuda.set_device(torch.device(info.device))
+    store = None
     if not dist.is_initialized():
         minutes = group_timeout_minutes() if timeout_minutes is None else timeout_minutes
         timeout = datetime.timedelta(minutes=minutes)
         store = rendezvous_store(info, timeout)
         if store is not None:
             agree_on_world_size(store, info, timeout.total_seconds())
-        dist.init_process_group(
-            backend=info.backend,
-            rank=info.rank,
-            world_size=info.world_size,
-            timeout=timeout,
-            store=store,
-        )
-    import deepspeed
+    with _peers_told_of_failure(store, info):
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=info.backend,
+                rank=info.rank,
+                world_size=info.world_size,
+                timeout=timeout,
+                store=store,
+            )
+        import deepspeed
 
-    load_shm_op()
-    deepspeed.init_distributed(dist_backend=info.backend)
-    release_shm_buffer()
-    refuse_shared_gpus(info)
+        load_shm_op()
+        deepspeed.init_distributed(dist_backend=info.backend)
+        release_shm_buffer()
+    refuse_shared_gpus(info)  # every rank finds the same pair: no one rank's cause to pass on
+
+
+# Keys of a failure between the rendezvous and the end of init_distributed (see
+# _peers_told_of_failure): the first failing rank's line, how many ranks have it, how many have left.
+_START_FAILED_KEY = "vutrain/group_start/failed"
+_START_DONE_KEY = "vutrain/group_start/done"
+_START_LEFT_KEY = "vutrain/group_start/left"
+_START_KEYS = (_START_FAILED_KEY, _START_DONE_KEY, _START_LEFT_KEY)
+
+
+@contextlib.contextmanager
+def _peers_told_of_failure(store, info: DistInfo):
+    """Around the group's start after the rendezvous (init_process_group, DeepSpeed's shared-memory
+    op and its start): a rank that fails there posts its one-line cause in the rendezvous store, and
+    every other rank stops within a poll with that cause and the failing rank's number.
+
+    Without it the others learnt nothing: a peer of a rank that failed (a `VUTRAIN_DIST_BACKEND` only
+    one node sets, DeepSpeed's op failing to build on one node) waited in torch's connection to it
+    until the group's timeout (30 minutes) and then said "wait timeout", or, when rank 0 failed, said
+    only that the store's connection closed; inside DeepSpeed's shared-memory start it waited forever.
+    Those waits are in C++ and hold the store's client, so each rank watches from a thread on its own
+    connection and ends its process (as startup_errors.watch does) after printing the line. Every
+    rank, the failing one included, waits (at most LINGER_S) until all have the line before it exits:
+    rank 0's exit takes the store down, and another rank's exit may make its launcher end rank 0.
+    Nothing is watched without our rendezvous store (one process, torchrun's agent store, a group
+    that existed already)."""
+    if store is None:
+        yield
+        return
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_watch_group_start, args=(store.clone(), info, stop), name="group-start-watch", daemon=True
+    )
+    watcher.start()
+    try:
+        yield
+    except Exception as exc:
+        stop.set()
+        watcher.join()
+        from vutrain.startup_errors import is_peer_failure, one_line
+
+        try:
+            if is_peer_failure(exc):  # no cause of this rank's: the failed rank may have posted its own
+                store.wait([_START_FAILED_KEY], datetime.timedelta(seconds=_PEER_CAUSE_WAIT_S))
+                cause = RendezvousError(store.get(_START_FAILED_KEY).decode())
+            else:
+                cause = None
+                host = socket.gethostname()
+                store.compare_set(
+                    _START_FAILED_KEY,
+                    "",
+                    f"rank {info.rank} failed while starting it (on {host}): {one_line(exc)}",
+                )
+            _leave_together(store, info)
+        except (dist.DistError, RuntimeError):  # the store is gone, or no cause came
+            cause = None
+        if cause is not None:
+            raise cause from exc
+        raise
+    finally:
+        stop.set()
+
+
+def _watch_group_start(store, info: DistInfo, stop: threading.Event) -> None:
+    """A thread of `_peers_told_of_failure`: once another rank posts its failure, print it as this
+    rank's line and end the process (its main thread may be blocked in C++ with the failed rank)."""
+    while not stop.is_set():
+        try:
+            failed = store.check([_START_FAILED_KEY])
+            cause = store.get(_START_FAILED_KEY).decode() if failed else ""
+        except (dist.DistError, RuntimeError):
+            return  # the store is gone: the main thread's own error says what happened
+        if cause and not stop.is_set():
+            from vutrain.startup_errors import EXIT_CODE, rendezvous_message
+
+            stopped = RendezvousError(cause)
+            prefix = f"rank {info.rank}: "
+            print(f"error: {prefix}{rendezvous_message(info, stopped)}", file=sys.stderr, flush=True)
+            with contextlib.suppress(dist.DistError, RuntimeError):
+                _leave_together(store, info)
+            os._exit(EXIT_CODE)
+        stop.wait(_WATCH_POLL_S)
+
+
+_WATCH_POLL_S = 0.2
+_PEER_CAUSE_WAIT_S = 2.0
+
+
+def _leave_together(store, info: DistInfo) -> None:
+    """Once this rank has its line: wait (at most LINGER_S) until every rank has, then leave, rank 0
+    last (at most LINGER_S more), for its exit takes the store down and the others' last reads with
+    it (torch logs each failed read with a C++ stack trace)."""
+    store.add(_START_DONE_KEY, 1)
+    _wait_for_count(store, _START_DONE_KEY, info.world_size, LINGER_S)
+    if info.rank == 0:
+        _wait_for_count(store, _START_LEFT_KEY, info.world_size - 1, LINGER_S)
+    else:
+        store.add(_START_LEFT_KEY, 1)  # this rank's last use of rank 0's store
+
+
+def _wait_for_count(store, key: str, count: int, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while store.add(key, 0) < count and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
 
 
 def _serve_unreachable_host_verdict(info: DistInfo, message: str) -> None:
@@ -684,7 +792,7 @@ def _forget_last_start(store, port: int) -> None:
     Only then: on a fresh server a rank that failed before the rendezvous may already have posted
     why (`tell_peers_of_early_failure`), and clearing that left the others waiting out the timeout."""
     if port in _hosted_ports:
-        for key in (_JOINED_KEY, _FAILED_KEY, _FAILED_WORLD_KEY, _VERDICT_KEY, _SEEN_KEY):
+        for key in (_JOINED_KEY, _FAILED_KEY, _FAILED_WORLD_KEY, _VERDICT_KEY, _SEEN_KEY, *_START_KEYS):
             store.delete_key(key)
     _hosted_ports.add(port)
 
