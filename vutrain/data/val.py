@@ -9,7 +9,9 @@ different numbers of batches; the last batch may be smaller than ``batch_size``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -18,6 +20,9 @@ from .captions import template_fields
 from .labels import category_label, normalize_tag, tag_values
 from .samples import SkipCounter, SkipSample, decode_meta, decode_sample, image_member, iter_raw_samples
 from .shards import check_openable, expand_shards
+
+log = logging.getLogger(__name__)
+_warned_repeats: set[tuple[str, ...]] = set()
 
 
 class ValStream:
@@ -49,7 +54,9 @@ class ValStream:
         template_fields(caption_template)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.shards = check_openable(expand_shards(shards, "data.val_shards"), "data.val_shards")
+        self.shards = distinct_shards(
+            check_openable(expand_shards(shards, "data.val_shards"), "data.val_shards"), warn=rank == 0
+        )
         self.preprocess, self.tokenize, self.batch_size = preprocess, tokenize, batch_size
         self.rank, self.world_size = rank, world_size
         self.caption_template, self.label_field = caption_template, label_field
@@ -105,6 +112,36 @@ class ValStream:
                 pixels, captions, metas, keys, image_ids = [], [], [], [], []
         if pixels:
             yield self._batch(pixels, captions, metas, keys, image_ids)
+
+
+def distinct_shards(shards: list[str], warn: bool = True) -> list[str]:
+    """``shards`` with each shard once, in order of first mention; ``warn``: say once per process
+    which were named more than once.
+
+    A held-out set is scored once per sample: a validation spec naming a shard twice (overlapping
+    brace ranges joined with ``::``, the form that upsamples a training source) evaluated its
+    samples twice, so ``eval/num_samples`` counted them twice and every metric weighted them double,
+    without a word. A local shard is the same under another spelling of its path (``./v/0.tar``).
+    """
+    seen: set[str] = set()
+    unique, repeated = [], []
+    for url in shards:
+        identity = os.path.realpath(url) if os.path.isfile(url) else url
+        if identity in seen:
+            repeated.append(url)
+            continue
+        seen.add(identity)
+        unique.append(url)
+    if repeated and warn and tuple(shards) not in _warned_repeats:
+        _warned_repeats.add(tuple(shards))
+        log.warning(
+            "data.val_shards names %d shard(s) more than once (%s%s); each is evaluated once. "
+            "Remove the repeats from data.val_shards to silence this.",
+            len(repeated),
+            ", ".join(repeated[:3]),
+            ", ..." if len(repeated) > 3 else "",
+        )
+    return unique
 
 
 def image_digest(raw: dict) -> str:
