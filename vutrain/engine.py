@@ -237,6 +237,7 @@ def compile_model(engine, scope: str, backend: str, mode: str = "default") -> in
     compiled graphs as CUDA graphs, which takes the host's launches out of the step.
     """
     kwargs = compile_kwargs(mode)
+    allow_every_signature()
     if scope == "model":
         engine.compile(backend=backend, compile_kwargs=kwargs)
         return 1
@@ -246,6 +247,27 @@ def compile_model(engine, scope: str, backend: str, mode: str = "default") -> in
     for block in blocks:
         block.compile(backend=backend, **kwargs)
     return len(blocks)
+
+
+RECOMPILE_LIMIT = 64
+"""Graphs Dynamo keeps per compiled function before it runs new signatures eagerly (its default: 8)."""
+
+
+def allow_every_signature() -> None:
+    """Raise Dynamo's per-function recompile limit to RECOMPILE_LIMIT (never lower a user's).
+
+    Dynamo keeps at most `recompile_limit` graphs per code object and runs any further signature
+    eagerly, with one warning ("hit config.recompile_limit (8)"). Every block of both towers runs
+    the same code object, so one limit counts each tower x grad mode (GradCache's no-grad pass and
+    replay, eval) x whether the block's input requires grad x eval's batch sizes: measured 9 on
+    the tiny preset (LoRA, GradCache, an eval with a short last batch), whose eval text blocks
+    then ran eager in every eval. A run still compiles a bounded number of graphs: its
+    signatures are few, fixed by the config, not one per step.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
 
 
 def compile_kwargs(mode: str) -> dict:
