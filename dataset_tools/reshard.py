@@ -13,6 +13,8 @@ import pyarrow as pa
 
 from dataset_tools import shards
 from dataset_tools.plan import BUILD_DIR
+from dataset_tools.youtube import split_joined_tags
+from vutrain.tag_text import tag_values
 
 Sample = tuple[str, dict[str, bytes], dict]  # key, members, parquet row
 
@@ -174,8 +176,8 @@ def _schema_for(rows: list[dict]) -> pa.Schema:
     return pa.Table.from_pylist(rows).schema
 
 
-# Columns whose string form is a comma-separated list, as training reads them
-# (vutrain/data/labels.py tag_values): `build` writes tags as a list, plain img2dataset as a string.
+# Columns whose string form is a joined list (``|`` when it holds one, else ``,``), as training reads
+# them (vutrain/tag_text.py tag_values): `build` writes tags as a list, plain img2dataset as a string.
 COMMA_LIST_COLUMNS = ("tags",)
 
 
@@ -184,7 +186,7 @@ def input_schema(folder: str, command: str = "reshard") -> pa.Schema | None:
     (None when there are none). Inferred per output shard, a column missing from a shard's first
     row was dropped and an all-empty one became type null, so the output parquets disagreed and
     pyarrow.dataset refused to read them together. A tags column that is a list in some shards and
-    a string in others is a list of the string's comma-separated parts (``conform_row``); any other
+    a string in others is a list of the string's parts (``conform_row``); any other
     column of two types is a one-line SystemExit naming it: it was a pyarrow traceback after part
     of the output was written, or output parquets of two schemas."""
     import pyarrow.parquet as pq
@@ -239,19 +241,29 @@ def _first_type_conflict(named: list[tuple[str, pa.Schema]]) -> tuple[str, tuple
 
 
 def conform_row(row: dict, schema: pa.Schema | None) -> dict:
-    """``row`` with each comma-separated string of a COMMA_LIST_COLUMNS column that ``schema`` types
-    as a list split into its parts, kept as they are (``",".join`` gives the string back, and
-    training, vocab and inspect read the same tags from both); "" is no tags."""
+    """``row`` with each joined string of a COMMA_LIST_COLUMNS column that ``schema`` types as a
+    list split into its parts (``_joined_parts``)."""
     if schema is None:
         return row
     fixes = {
-        name: (row[name].split(",") if row[name] else [])
+        name: _joined_parts(row[name])
         for name in COMMA_LIST_COLUMNS
         if isinstance(row.get(name), str)
         and name in schema.names
         and pa.types.is_list(schema.field(name).type)
     }
     return {**row, **fixes} if fixes else row
+
+
+def _joined_parts(text: str) -> list[str]:
+    """The parts of a joined tags string, split as training splits it (on ``|`` when it holds one,
+    else ``,``; ``youtube.split_joined_tags``) and kept as they are (joined, they give the stripped
+    string back), so training, vocab and inspect read the same tags from the list as from the
+    string. A string training reads no tags from ("", ``[none]``, ``nan``) is no tags. Split on
+    ``,`` alone, Kaggle's ``a|b|c`` was the one tag "a|b|c" and ``[none]`` the tag "[none]"."""
+    if not tag_values(text):
+        return []
+    return split_joined_tags(text.strip())
 
 
 def refuse_output_under_a_file(path: str, flag: str, given: str | None = None) -> None:

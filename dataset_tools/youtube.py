@@ -6,12 +6,13 @@ Everything here is pure (no I/O) so the metadata readers and the tests can share
 from __future__ import annotations
 
 import ast
-import html
 import math
 import re
 import unicodedata
 from collections.abc import Iterable
 from urllib.parse import parse_qs, urlparse
+
+from vutrain.tag_text import unescape_entities
 
 # Always used with fullmatch: ``$`` alone also matches before a trailing newline, which let an id
 # with a "\n" (``watch?v=...%0A``) through.
@@ -152,13 +153,9 @@ def clean_title(value: object) -> str:
     collapse whitespace (newlines, tabs, non-breaking spaces) to single spaces."""
     if value is None:
         return ""
-    text = str(value)
-    # Some dumps are double-escaped (``&amp;amp;``); unescape until stable, at most 3 times.
-    for _ in range(3):
-        unescaped = html.unescape(text)
-        if unescaped == text:
-            break
-        text = unescaped
+    # Some dumps are double-escaped (``&amp;amp;``): decoded until stable, at most 3 times, by the
+    # trainer's own rule, so a built shard's text and a plain img2dataset shard's read alike.
+    text = unescape_entities(str(value))
     # A lone UTF-16 surrogate ("\ud83d": JSON from a scraper that cut an emoji in half) cannot
     # be written as UTF-8: the plan's parquet stopped the build on it.
     text = _LONE_SURROGATE_RE.sub("\ufffd", text)
@@ -171,8 +168,9 @@ def clean_title(value: object) -> str:
 
 def parse_tags(value: object) -> list[str]:
     """Tags as a list: Kaggle's ``tag|"tag two"|"tag3"`` strings (``[none]`` = no tags), strings
-    joined with ``,`` when they hold no ``|``, JSON lists, Python lists. Quotes are stripped,
-    entities unescaped, empties and exact repeats dropped."""
+    joined with ``,`` when they hold no ``|``, JSON lists, Python lists. Entities unescaped, then
+    quotes stripped (as the trainer's ``tag_text.tag_values`` reads a tag: ``&quot;tag&quot;`` was
+    kept as ``"tag"``), empties and exact repeats dropped."""
     if value is None:
         return []
     if isinstance(value, float):  # NaN from pandas
@@ -197,22 +195,24 @@ def parse_tags(value: object) -> list[str]:
                     # pipe-separated: it was read as one tag "MV]|BTS|Dynamite [MV".
                     items = text.split("|") if "|" in text else text[1:-1].split(",")
         else:
-            items = _split_joined_tags(text)
+            items = split_joined_tags(text)
     tags: list[str] = []
     seen = set()
     for item in items:
         if item is None:
             continue
-        tag = clean_title(str(item).strip().strip('"').strip("'"))
+        tag = clean_title(item).strip("\"'").strip()
         if tag and tag not in seen:
             seen.add(tag)
             tags.append(tag)
     return tags
 
 
-def _split_joined_tags(text: str) -> list[str]:
+def split_joined_tags(text: str) -> list[str]:
     """A joined tag string: ``|`` (Kaggle), else ``,`` (YouTube Studio's tag box, YouTube Data
-    Tools and most scraper CSVs; a YouTube tag holds no comma). ``music,live,rock`` was one tag."""
+    Tools and most scraper CSVs; a YouTube tag holds no comma). ``music,live,rock`` was one tag.
+    The trainer's rule (``tag_text.tag_values``); split and dedup split a plain shard's tags string
+    with it too (``reshard.conform_row``)."""
     return text.split("|") if "|" in text else text.split(",")
 
 
