@@ -90,6 +90,15 @@ def crop_and_resize(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         boxes: float [B, 4] (top, left, crop_h, crop_w), as from :func:`random_resized_crop_boxes`;
             each box lies inside its image (an upscale or the identity, as every such crop is).
     """
+    # fp32 inside an autocast region too: autocast runs these matmuls in bf16 (fp16), up to 2 grey
+    # levels off PIL's bicubic (the weights rounded to 8 bits, the sums to whole levels).
+    if torch.amp.is_autocast_available(pixels.device.type):
+        with torch.autocast(pixels.device.type, enabled=False):
+            return _crop_and_resize(pixels, boxes)
+    return _crop_and_resize(pixels, boxes)
+
+
+def _crop_and_resize(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     height, width = pixels.shape[2:]
     top, left, ch, cw = boxes.to(pixels.device, torch.float32).unbind(1)
     rows = _bicubic_matrix(top, ch, height, height)  # [B, height, H]
