@@ -668,13 +668,13 @@ def _image_options(cfg: BuildConfig) -> dict:
 
 def _keep_planned_image_options(cfg: BuildConfig, plan: list[dict]) -> BuildConfig:
     """``cfg`` with the image options the saved plan was made with. A resume or ``--retry-failed``
-    with another ``--image-size`` (or resize mode, quality, cropping) wrote images of the new size
-    into the shards beside the old ones, without a word. A plan saved before the options were
-    recorded keeps the given ones (and records them)."""
+    with another ``--image-size`` (or resize mode, quality, cropping, ``--variants`` ladder) wrote
+    images of the new size (or thumbnail) into the shards beside the old ones, without a word. A
+    plan saved before the options were recorded keeps the given ones (and records them)."""
     recorded = plan_mod.planned_image_options(cfg.output) if plan else None
     if not recorded:
         return cfg
-    changed = {k: v for k, v in recorded.items() if getattr(cfg, k) != v}
+    changed = {k: v for k, v in recorded.items() if _comparable(getattr(cfg, k)) != v}
     if not changed:
         return cfg
     kept = ", ".join(f"{_flag(k, v)} (given {_value(getattr(cfg, k))})" for k, v in changed.items())
@@ -685,6 +685,11 @@ def _keep_planned_image_options(cfg: BuildConfig, plan: list[dict]) -> BuildConf
     return dataclasses.replace(cfg, **changed)
 
 
+def _comparable(value):
+    """A config value as ``planned_image_options`` reads it back (a ladder given as a list is a tuple)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _flag(name: str, value) -> str:
     """The option ``name`` with ``value`` as the command line spells it (a switch as on/off)."""
     return f"--{name.replace('_', '-')} {_value(value)}"
@@ -693,6 +698,8 @@ def _flag(name: str, value) -> str:
 def _value(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, (list, tuple)):  # --variants, as given: comma-separated
+        return ",".join(map(str, value))
     return str(value)
 
 

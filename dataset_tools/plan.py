@@ -219,7 +219,17 @@ SHARD_SIZE_KEY = b"dataset_tools.shard_size"
 IMAGE_OPTIONS_KEY = b"dataset_tools.image_options"
 # The build options that decide the bytes of every image: a resume or ``--retry-failed`` with
 # other values wrote images of another size or encoding into the shards beside the old ones.
-IMAGE_OPTIONS = ("image_size", "resize_mode", "resize_only_if_bigger", "encode_quality", "crop_letterbox")
+# ``variants`` (the thumbnail ladder) too: a resume with ``--variants hqdefault`` after
+# ``mqdefault`` fetched 4:3 thumbnails for the new shards beside the old 16:9 ones, from other
+# URLs than the plan's ``url`` column names.
+IMAGE_OPTIONS = (
+    "image_size",
+    "resize_mode",
+    "resize_only_if_bigger",
+    "encode_quality",
+    "crop_letterbox",
+    "variants",
+)
 
 
 def planned_image_options(output: str) -> dict | None:
@@ -232,7 +242,12 @@ def planned_image_options(output: str) -> dict | None:
     if recorded is None:
         return None
     values = json.loads(recorded)
-    return {name: values[name] for name in IMAGE_OPTIONS if name in values}
+    # JSON has no tuples: the ladder comes back as a list, the config holds a tuple.
+    return {
+        name: tuple(values[name]) if isinstance(values[name], list) else values[name]
+        for name in IMAGE_OPTIONS
+        if name in values
+    }
 
 
 def planned_shard_size(output: str, plan: Sequence[dict], requested: int, oom_shard_count: int) -> int:
