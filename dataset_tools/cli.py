@@ -40,6 +40,7 @@ def _add_build(sub) -> None:
     p.add_argument(
         "--input",
         nargs="+",
+        action="extend",  # `--input a.csv --input b.csv` read only b.csv: the second replaced the first
         required=True,
         metavar="META",
         help="metadata files, globs or directories (Kaggle CSV, CSV/TSV/parquet/JSONL, yt-dlp JSON lines)",
@@ -273,8 +274,8 @@ def _program_name() -> str:
     return "python -m dataset_tools"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m dataset_tools``; returns the process exit code."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m dataset_tools``: every subcommand and its options."""
     parser = argparse.ArgumentParser(
         prog=_program_name(),
         description="YouTube metadata -> thumbnails (img2dataset, polite to one host) -> webdataset shards.",
@@ -282,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build(sub)
     _add_others(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dataset_tools``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
     from dataset_tools.metadata import MetadataError
 
     try:
