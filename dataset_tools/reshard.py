@@ -13,8 +13,7 @@ import pyarrow as pa
 
 from dataset_tools import shards
 from dataset_tools.plan import BUILD_DIR
-from dataset_tools.youtube import split_joined_tags
-from vutrain.tag_text import tag_values
+from vutrain.tag_text import tag_string_parts, tag_values
 
 Sample = tuple[str, dict[str, bytes], dict]  # key, members, parquet row
 
@@ -257,13 +256,14 @@ def conform_row(row: dict, schema: pa.Schema | None) -> dict:
 
 def _joined_parts(text: str) -> list[str]:
     """The parts of a joined tags string, split as training splits it (on ``|`` when it holds one,
-    else ``,``; ``youtube.split_joined_tags``) and kept as they are (joined, they give the stripped
+    else ``,``; ``tag_text.tag_string_parts``) and kept as they are (joined, they give the stripped
     string back), so training, vocab and inspect read the same tags from the list as from the
-    string. A string training reads no tags from ("", ``[none]``, ``nan``) is no tags. Split on
-    ``,`` alone, Kaggle's ``a|b|c`` was the one tag "a|b|c" and ``[none]`` the tag "[none]"."""
+    string. A string that spells a list (``['a', 'b']``, pandas' CSV form) is that list's items. A
+    string training reads no tags from ("", ``[none]``, ``nan``) is no tags. Split on ``,`` alone,
+    Kaggle's ``a|b|c`` was the one tag "a|b|c" and ``[none]`` the tag "[none]"."""
     if not tag_values(text):
         return []
-    return split_joined_tags(text.strip())
+    return tag_string_parts(text)
 
 
 def refuse_output_under_a_file(path: str, flag: str, given: str | None = None) -> None:

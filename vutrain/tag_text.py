@@ -7,7 +7,9 @@ stripped while training came to apply Unicode normalisation and collapse inner w
 
 from __future__ import annotations
 
+import ast
 import html
+import json
 import re
 import unicodedata
 
@@ -24,12 +26,11 @@ def tag_values(value) -> list[str]:
     plain img2dataset train on the tags a built shard holds: a string is split on ``|`` when it holds
     one (Kaggle's ``tag|"tag two"``; it was one tag "tag|tag two"), else on ``,``; Kaggle's
     ``[none]`` is no tags; each tag has its HTML entities decoded (:func:`unescape_entities`), then
-    surrounding quotes stripped (``&quot;tag&quot;`` is "tag")."""
+    surrounding quotes stripped (``&quot;tag&quot;`` is "tag"). A string that spells a list
+    (``'["a", "b"]'``, ``"['a', 'b']"``: pandas' CSV form of a list column) is that list
+    (:func:`tag_string_parts`)."""
     if isinstance(value, str):
-        text = value.strip()
-        if text.lower() in _NO_TAGS:
-            return []
-        value = text.split("|") if "|" in text else text.split(",")
+        value = tag_string_parts(value)
     elif _as_text(value) is not None:
         value = [value]  # a lone number is one tag, as in a list (a column whose rows are all numbers)
     if not isinstance(value, (list, tuple)):
@@ -40,6 +41,39 @@ def tag_values(value) -> list[str]:
 
 # Whole tag strings that mean "no tags" (Kaggle writes [none]), as `dataset_tools build` reads them.
 _NO_TAGS = frozenset({"", "[none]", "none", "nan", "[]"})
+
+
+def tag_string_parts(value: str) -> list[str]:
+    """The parts of a tags string as written, before each is read as a tag: the items of a list it
+    spells as JSON or as a Python literal (pandas writes a list column to CSV as ``['a', 'b']``, as
+    many Kaggle YouTube datasets ship; ``youtube.parse_tags`` reads it so: it was the two tags
+    "['a" and "b']"), numbers as text; else its ``|``-joined parts when it holds a ``|``, else its
+    ``,``-joined parts; none for a string that means no tags (``[none]``). Only a whole string that
+    parses as a list of strings and numbers (and nulls) is a list: ``[remix] best of`` is text."""
+    text = value.strip()
+    if text.lower() in _NO_TAGS:
+        return []
+    listed = _spelled_list(text)
+    if listed is not None:
+        return listed
+    return text.split("|") if "|" in text else text.split(",")
+
+
+def _spelled_list(text: str) -> list[str] | None:
+    """The items of the list ``text`` spells (JSON, else a Python literal), as text, nulls left out
+    (as from a list); None when it spells none, or holds an item that is no tag (a nested list)."""
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            items = parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if not isinstance(items, list):
+            return None
+        texts = [_as_text(item) for item in items if item is not None]
+        return None if any(t is None for t in texts) else texts
+    return None
 
 
 def _as_tag(value) -> str | None:
