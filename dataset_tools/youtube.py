@@ -211,8 +211,8 @@ def parse_tags(value: object) -> list[str]:
 def split_joined_tags(text: str) -> list[str]:
     """A joined tag string: ``|`` (Kaggle), else ``,`` (YouTube Studio's tag box, YouTube Data
     Tools and most scraper CSVs; a YouTube tag holds no comma). ``music,live,rock`` was one tag.
-    The trainer's rule (``tag_text.tag_values``); split and dedup split a plain shard's tags string
-    with it too (``reshard.conform_row``)."""
+    The trainer's rule for a string that spells no list (``tag_text.tag_string_parts``, which split
+    and dedup's ``reshard.conform_row`` use too)."""
     return text.split("|") if "|" in text else text.split(",")
 
 
