@@ -59,12 +59,14 @@ def check_shard_lists(cfg, log_warnings: bool) -> None:
     from vutrain.data.shards import check_openable, check_shards
 
     d = cfg.data
+    found_of = {}
     for key in ("train_shards", "val_shards"):
         spec = getattr(d, key)
         if key == "val_shards" and not spec:
             continue
         found, missing = check_shards(spec, f"data.{key}", d.allow_missing_shards)
         check_openable(found, f"data.{key}")  # a URL scheme gopen has no handler for (s3://)
+        found_of[key] = found
         if missing:
             if log_warnings:
                 logging.getLogger("vutrain").warning(
@@ -76,6 +78,35 @@ def check_shard_lists(cfg, log_warnings: bool) -> None:
                     missing[0],
                 )
             setattr(d, key, "::".join(found))
+    if log_warnings and "val_shards" in found_of:
+        warn_of_val_shards_in_training(found_of["train_shards"], found_of["val_shards"])
+
+
+def _shard_identity(url: str) -> str:
+    """The real path of a local shard (a symlink, `./` or another relative spelling of it name the
+    same file), the URL or `pipe:` command as written otherwise."""
+    from vutrain.data.shards import is_remote
+
+    return url if is_remote(url) else os.path.realpath(url)
+
+
+def warn_of_val_shards_in_training(train: list[str], val: list[str]) -> None:
+    """One warning when validation shards are also training shards (eval would measure training
+    data, silently). Not an error: a smoke test may evaluate on what it trains on, on purpose."""
+    in_training = {_shard_identity(url) for url in train}
+    val_once: dict[str, str] = {}  # identity -> the val spec's first name of it (a repeat is one shard)
+    for url in val:
+        val_once.setdefault(_shard_identity(url), url)
+    shared = [url for identity, url in val_once.items() if identity in in_training]
+    if shared:
+        logging.getLogger("vutrain").warning(
+            "data.val_shards: %d of %d val shards are also training shards (first: %s): eval "
+            "metrics will be measured on training data; hold out shards data.train_shards does not "
+            "name (split the data, e.g. python -m dataset_tools split)",
+            len(shared),
+            len(val_once),
+            shared[0],
+        )
 
 
 QUIET_EXIT_DELAY_S = 10.0
