@@ -41,6 +41,14 @@ else
     trap 'if [ $? = 0 ]; then rm -rf "$WORK"; else echo "core-install: kept $WORK for a look; rm -rf it after" >&2; fi' EXIT
 fi
 PYTHON=${PYTHON:-python3}
+# The check runs inside WORK: a WORK_DIR or PYTHON path given relative to the caller's directory is
+# made absolute first (`check_core_install.sh work` stopped with "work/venv/bin/python: No such file").
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+case "$PYTHON" in
+    /*) ;;
+    */*) PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON") ;;
+esac
 # The CPU build of torch first (as the Makefile does), then the package held to that torch.
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 export NO_ALBUMENTATIONS_UPDATE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 PYTHONPATH=
@@ -49,7 +57,6 @@ step() { echo "[core-install $((SECONDS - start))s] $*"; }
 # pip's output less its notes about configured index locations that do not exist on this machine.
 pip_install() { "$BIN/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
 
-mkdir -p "$WORK"
 cd "$WORK"
 rm -rf venv
 step "fresh venv in $WORK/venv"
