@@ -10,7 +10,11 @@ continues from it (stopped between the marker and the rename).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from tiny_modules import TwoLayer
 from helpers_dist import run_distributed
 
 STEP1, STEP2 = "step_00000001", "step_00000002"
+CASES = ("after_complete", "publish_fails", "before_marker")
 
 
 class _Stopped(Exception):
@@ -77,7 +82,7 @@ def _one_case(rank, world, run_dir, where):
 
     from vutrain import checkpoint as ckpt
 
-    deepspeed.init_distributed("gloo")
+    deepspeed.init_distributed("gloo", timeout=timedelta(seconds=60))  # a lost peer fails, not hangs
     engine = _engine()
     ckpt.save_checkpoint(engine, run_dir, 1, {"step": 1, "data": {}}, rank, keep=2)
     saved = _stop_rank0_at(ckpt, where) if rank == 0 else None
@@ -98,17 +103,58 @@ def _one_case(rank, world, run_dir, where):
     return said, resumed[1] if resumed else None
 
 
+def _cases_in_forks(rank, world, root, ports):
+    """{case: (message, resumed tag)} of this rank: each case in a child forked from this rank, on
+    its own port, so each has a fresh process and group as a spawn per case gave (a failed group is
+    closed for good; a second group in the same process hung), without importing torch, DeepSpeed
+    and Dynamo again in each (about 5 s of CPU per process)."""
+    import deepspeed  # noqa: F401
+    import torch._dynamo  # noqa: F401  (DeepSpeed's optimizer check imports it at initialize)
+
+    from vutrain.distributed import shm_buffer_path
+
+    results = {}
+    for where, port in zip(CASES, ports):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: run the case, send its result, leave without the parent's teardown
+            os.close(read)
+            code = 1
+            try:
+                os.environ["MASTER_PORT"] = str(port)
+                result = _one_case(rank, world, os.path.join(root, where), where)
+                with os.fdopen(write, "wb") as fh:
+                    pickle.dump(result, fh)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read, "rb") as fh:
+            sent = fh.read()
+        _, status = os.waitpid(pid, 0)
+        with contextlib.suppress(FileNotFoundError):  # DeepSpeed's CPU all-reduce segment, if any
+            os.unlink(shm_buffer_path(rank, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}))
+        assert status == 0 and sent, f"rank {rank}, case {where}: the child failed (status {status})"
+        results[where] = pickle.loads(sent)
+    return results
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """{case: [rank 0's, rank 1's (message, resumed tag)]}: one process group per case (a failed
-    group is closed for good)."""
+    """{case: [rank 0's, rank 1's (message, resumed tag)]}: one pair of spawned ranks, one process
+    group per case, each in a forked child of the ranks."""
+    from worker_ports import free_port
+
     root = str(tmp_path_factory.mktemp("ckpt11"))
-    return {
-        where: run_distributed(
-            _one_case, 2, os.path.join(root, where), where, init_process_group=False, timeout_s=60
-        )
-        for where in ("after_complete", "publish_fails", "before_marker")
-    }
+    ports: list[int] = []
+    while len(ports) < len(CASES):
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    by_rank = run_distributed(_cases_in_forks, 2, root, ports, init_process_group=False, timeout_s=60)
+    return {where: [rank[where] for rank in by_rank] for where in CASES}
 
 
 @pytest.mark.slow
