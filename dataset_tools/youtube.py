@@ -5,14 +5,13 @@ Everything here is pure (no I/O) so the metadata readers and the tests can share
 
 from __future__ import annotations
 
-import ast
 import math
 import re
 import unicodedata
 from collections.abc import Iterable
 from urllib.parse import parse_qs, urlparse
 
-from vutrain.tag_text import unescape_entities
+from vutrain.tag_text import tag_string_parts, unescape_entities
 
 # Always used with fullmatch: ``$`` alone also matches before a trailing newline, which let an id
 # with a "\n" (``watch?v=...%0A``) through.
@@ -170,7 +169,9 @@ def parse_tags(value: object) -> list[str]:
     """Tags as a list: Kaggle's ``tag|"tag two"|"tag3"`` strings (``[none]`` = no tags), strings
     joined with ``,`` when they hold no ``|``, JSON lists, Python lists. Entities unescaped, then
     quotes stripped (as the trainer's ``tag_text.tag_values`` reads a tag: ``&quot;tag&quot;`` was
-    kept as ``"tag"``), empties and exact repeats dropped."""
+    kept as ``"tag"``), empties and exact repeats dropped. A string is split by the trainer's rule
+    (``tag_text.tag_string_parts``), so a plain img2dataset shard trains on the tags a built one
+    holds: ``[remix] best of [live]`` was written as the tag "remix] best of [live"."""
     if value is None:
         return []
     if isinstance(value, float):  # NaN from pandas
@@ -178,24 +179,7 @@ def parse_tags(value: object) -> list[str]:
     if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
         items: Iterable = list(value.tolist() if hasattr(value, "tolist") else value)
     else:
-        text = str(value).strip()
-        if text.lower() in ("", "[none]", "none", "nan", "[]"):
-            return []
-        if text.startswith("[") and text.endswith("]"):
-            import json
-
-            try:
-                items = json.loads(text)
-            except ValueError:
-                try:
-                    items = ast.literal_eval(text)  # a Python-style list: ['a', 'b|c']
-                except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-                    # A "|"-joined string whose first tag starts with "[" and last ends with
-                    # "]" (``[MV]|BTS|Dynamite [MV]``, the newer Kaggle schema) stays
-                    # pipe-separated: it was read as one tag "MV]|BTS|Dynamite [MV".
-                    items = text.split("|") if "|" in text else text[1:-1].split(",")
-        else:
-            items = split_joined_tags(text)
+        items = tag_string_parts(str(value))
     tags: list[str] = []
     seen = set()
     for item in items:
@@ -206,14 +190,6 @@ def parse_tags(value: object) -> list[str]:
             seen.add(tag)
             tags.append(tag)
     return tags
-
-
-def split_joined_tags(text: str) -> list[str]:
-    """A joined tag string: ``|`` (Kaggle), else ``,`` (YouTube Studio's tag box, YouTube Data
-    Tools and most scraper CSVs; a YouTube tag holds no comma). ``music,live,rock`` was one tag.
-    The trainer's rule for a string that spells no list (``tag_text.tag_string_parts``, which split
-    and dedup's ``reshard.conform_row`` use too)."""
-    return text.split("|") if "|" in text else text.split(",")
 
 
 def category_name(category_id: int | None, table: dict | None = None) -> str | None:

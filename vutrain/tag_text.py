@@ -47,16 +47,34 @@ def tag_string_parts(value: str) -> list[str]:
     """The parts of a tags string as written, before each is read as a tag: the items of a list it
     spells as JSON or as a Python literal (pandas writes a list column to CSV as ``['a', 'b']``, as
     many Kaggle YouTube datasets ship; ``youtube.parse_tags`` reads it so: it was the two tags
-    "['a" and "b']"), numbers as text; else its ``|``-joined parts when it holds a ``|``, else its
-    ``,``-joined parts; none for a string that means no tags (``[none]``). Only a whole string that
-    parses as a list of strings and numbers (and nulls) is a list: ``[remix] best of`` is text."""
+    "['a" and "b']"), numbers as text; the items of an unquoted list (``[music, live]``, as R and
+    JavaScript print a list; :func:`_unquoted_list`); else its ``|``-joined parts when it holds a
+    ``|``, else its ``,``-joined parts, brackets kept; none for a string that means no tags
+    (``[none]``). Only a whole string that parses as a list of strings and numbers (and nulls), or
+    one bracketed list with no brackets inside, is a list: ``[remix] best of [live]`` is one tag
+    as written, ``[MV]|BTS|Dynamite [MV]`` three. ``youtube.parse_tags`` reads a string so too."""
     text = value.strip()
     if text.lower() in _NO_TAGS:
         return []
     listed = _spelled_list(text)
+    if listed is None:
+        listed = _unquoted_list(text)
     if listed is not None:
         return listed
     return text.split("|") if "|" in text else text.split(",")
+
+
+def _unquoted_list(text: str) -> list[str] | None:
+    """The ``,``-joined items inside ``[...]`` when no item holds a bracket or a ``|`` (R and
+    JavaScript print a list of strings unquoted: ``[music, live]`` was the tags "[music" and
+    "live]"); None for other text. A bracket inside means bracketed words (``[remix] best of
+    [live]``), and a ``|`` Kaggle's joined form whose first tag starts with "[" (``[MV]|BTS``)."""
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    inner = text[1:-1]
+    if any(c in inner for c in "[]|"):
+        return None
+    return inner.split(",")
 
 
 def _spelled_list(text: str) -> list[str] | None:
