@@ -41,7 +41,9 @@ def test_gpu_bench_dry_run_on_cpu(tmp_path):
         "--compile-backend aot_eager --zero-stages 2",
         KERNELS_ARGS="--quick",
         DATA_EXTRA="--batch-size 16 --batches 2 --decode-images 16 --decode-seconds 0.2 --rounds 1",
-        DEMO_EXTRA="--device cpu --steps 2 --num-samples 256 --val-samples 48 --shard-size 64 --min-top1 0",
+        # One rank, as the demo step's GPU recipe: a second CPU rank cost about 12 s and 6 CPU-s here.
+        DEMO_EXTRA="--device cpu --ranks 1 --steps 2 --num-samples 256 --val-samples 48 --shard-size 64 "
+        "--min-top1 0",
         E2E_EXTRA="--preset tiny --precision fp32 --batch-sizes 8 --steps 1 --warmup 1 --workers 1",
         PROFILE_EXTRA="--preset tiny --precision fp32 --batch-size 8 --workers 0 --warmup 1 --steps 1",
     )

@@ -18,7 +18,7 @@ import pytest
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "gpu_bench.sh")
 
 
-def run_script(tmp_path, setup_text: str, *steps: str, **env) -> subprocess.CompletedProcess:
+def script_env(tmp_path, setup_text: str, **env) -> dict:
     setup = tmp_path / "setup.sh"
     setup.write_text(setup_text)
     full_env = dict(
@@ -31,7 +31,20 @@ def run_script(tmp_path, setup_text: str, *steps: str, **env) -> subprocess.Comp
         WHEELS=str(tmp_path / "no_wheels"),
     )
     full_env.update(env)
+    return full_env
+
+
+def run_script(tmp_path, setup_text: str, *steps: str, **env) -> subprocess.CompletedProcess:
+    full_env = script_env(tmp_path, setup_text, **env)
     return subprocess.run(["bash", SCRIPT, *steps], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def start_script(tmp_path, setup_text: str, *steps: str, **env) -> subprocess.Popen:
+    """run_script without the wait: calls that only sleep until their limit run side by side."""
+    full_env = script_env(tmp_path, setup_text, **env)
+    return subprocess.Popen(
+        ["bash", SCRIPT, *steps], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env
+    )
 
 
 def summary(tmp_path) -> list[list[str]]:
@@ -152,15 +165,28 @@ def test_the_summary_says_which_steps_were_cut_or_skipped_and_how_to_rerun_them(
     """A cut step's line read `compare 124 21`, like any failure, with nothing saying the time ran
     out, and the steps the default order leaves out of a call had to be picked out by hand."""
     python = _hanging_python(tmp_path)
-    proc = run_script(tmp_path, "", "compare", "data", PYTHON=python, TOTAL_S="37", COMPARE_S="600")
-    assert proc.returncode == 1, proc.stdout + proc.stderr  # a cut step is no success
-    lines = summary(tmp_path)
+    # Both calls only wait (20 s or more) for their cut, each in a folder of its own: side by side.
+    by_total, by_own = tmp_path / "total", tmp_path / "own"
+    by_total.mkdir()
+    by_own.mkdir()
+    running = [
+        start_script(by_total, "", "compare", "data", PYTHON=python, TOTAL_S="37", COMPARE_S="600"),
+        # at the step's own limit, the line says so
+        start_script(by_own, "", "compare", PYTHON=python, TOTAL_S="100", COMPARE_S="20"),
+    ]
+    try:
+        (out, err), (own_out, _) = [proc.communicate(timeout=120) for proc in running]
+    finally:
+        for proc in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert running[0].returncode == 1, out + err  # a cut step is no success
+    lines = summary(by_total)
     assert [s[:2] for s in lines[1:3]] == [["compare", "124"], ["data", "skipped"]], lines
     assert lines[1][3:5] == ["cut", "at"] and "what was left of TOTAL_S=37" in " ".join(lines[1]), lines
     assert lines[3] == ["rerun:", "bash", "launch/gpu_bench.sh", "compare", "data"], lines
-    # at the step's own limit, the line says so
-    proc = run_script(tmp_path, "", "compare", PYTHON=python, TOTAL_S="100", COMPARE_S="20")
-    assert " ".join(summary(tmp_path)[1][3:]) == "cut at its limit of 20 s", proc.stdout
+    assert " ".join(summary(by_own)[1][3:]) == "cut at its limit of 20 s", own_out
 
 
 @pytest.mark.slow

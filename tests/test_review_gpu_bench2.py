@@ -33,15 +33,17 @@ def summary(tmp_path) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_a_tests_step_cut_at_its_limit_keeps_pytests_xml_and_failures(tmp_path):
-    """TESTS_S=40 against a test that hangs, after one that fails: the step is cut (its line and
-    the rerun: line say so), and pytest_gpu.xml and the step's log still name the failed test."""
+    """TESTS_S=20 against a test that hangs, after one that fails: the step is cut (its line and
+    the rerun: line say so), and pytest_gpu.xml and the step's log still name the failed test.
+    20 s is the least run_step starts a step with, and the wait is all sleeping: this pytest
+    imports nothing of the project, so it reaches the hanging test well inside it."""
     tests = tmp_path / "test_hang.py"
     tests.write_text(
         "import time, pytest\n"
         "@pytest.mark.gpu\ndef test_fails(): assert 1 == 2\n"
         "@pytest.mark.gpu\ndef test_hangs(): time.sleep(600)\n"
     )
-    proc = run_script(tmp_path, "tests", TESTS_S="40", TESTS_ARGS=str(tests), TOTAL_S="200")
+    proc = run_script(tmp_path, "tests", TESTS_S="20", TESTS_ARGS=str(tests), TOTAL_S="200")
     lines = summary(tmp_path)
     assert lines[1][:2] == ["tests", "124"] and lines[1][3:5] == ["cut", "at"], lines
     assert lines[2] == ["rerun:", "bash", "launch/gpu_bench.sh", "tests"], lines
