@@ -10,10 +10,9 @@ one tag set, and eval's tag classes are the user's "Tom & Jerry".
 import json
 
 import pytest
-from tar_shards import image_bytes, to_tensor, write_members
+from tar_shards import image_bytes, read_captions, write_members
 
 from dataset_tools.youtube import clean_title, parse_tags
-from vutrain.data import TrainStream
 from vutrain.data.captions import render_caption
 from vutrain.data.labels import sample_label, tag_id
 from vutrain.data.tokenizer import iter_shard_texts
@@ -50,30 +49,7 @@ def shard(tmp_path):
 
 
 def _read(shard: str) -> list[tuple[str, set[int]]]:
-    captions = []
-
-    def tokenize(texts):
-        captions.extend(texts)
-        return {"input_ids": [[0]] * len(texts), "attention_mask": [[1]] * len(texts)}
-
-    stream = TrainStream(
-        shard,
-        preprocess=to_tensor,
-        tokenize=tokenize,
-        batch_size=1,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        seed=0,
-        shuffle_buffer=1,
-        num_samples=3,
-        caption_template=TEMPLATE,
-        positives="tags",
-    )
-    with stream:
-        batches = [next(stream) for _ in range(3)]  # one epoch, in tar order (shuffle_buffer 1)
-    labels = [{i for i in batch["labels"][0].tolist() if i != -1} for batch in batches]
-    return list(zip(captions, labels, strict=True))
+    return read_captions(shard, 3, TEMPLATE)  # one epoch, in tar order (shuffle_buffer 1)
 
 
 def test_plain_and_built_shards_train_on_one_caption_and_one_tag_set(shard):

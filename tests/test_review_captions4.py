@@ -17,12 +17,10 @@ import os
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
-from tar_shards import image_bytes, to_tensor, write_members
+from tar_shards import image_bytes, read_captions, write_built_shard, write_members
 
-from dataset_tools import dedup, shards, youtube
-from dataset_tools.fake_host import render_thumbnail
+from dataset_tools import dedup, youtube
 from dataset_tools.reshard import conform_row
-from vutrain.data import TrainStream
 from vutrain.data.labels import tag_id
 from vutrain.data.val import collect_label_values
 from vutrain.tag_text import normalize_tag, tag_values
@@ -77,31 +75,9 @@ def shard(tmp_path):
 
 
 def _read(shard: str, count: int) -> dict[str, tuple[str, set[int]]]:
-    captions = []
-
-    def tokenize(texts):
-        captions.extend(texts)
-        return {"input_ids": [[0]] * len(texts), "attention_mask": [[1]] * len(texts)}
-
-    stream = TrainStream(
-        shard,
-        preprocess=to_tensor,
-        tokenize=tokenize,
-        batch_size=1,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        seed=0,
-        shuffle_buffer=1,
-        num_samples=count,
-        caption_template=TEMPLATE,
-        positives="tags",
-    )
-    with stream:
-        batches = [next(stream) for _ in range(count)]
-    labels = [{i for i in batch["labels"][0].tolist() if i != -1} for batch in batches]
-    parts = [caption.split(". tags: ") for caption in captions]  # title, tags
-    return {title: (tags, ids) for (title, tags), ids in zip(parts, labels, strict=True)}
+    read = read_captions(shard, count, TEMPLATE)
+    parts = [caption.split(". tags: ") for caption, _ in read]  # title, tags
+    return {title: (tags, ids) for (title, tags), (_, ids) in zip(parts, read, strict=True)}
 
 
 def test_a_list_spelling_string_trains_on_the_tags_it_spells(shard):
@@ -127,20 +103,6 @@ def test_conform_row_splits_a_list_spelling_string_into_its_items():
         assert [t.strip() for t in tag_values(parts)] == tags, form
 
 
-def _write_shard(folder: str, shard_id: int, rows: list[dict], schema: pa.Schema) -> None:
-    name = shards.shard_name(shard_id)
-    samples = [
-        (
-            r["key"],
-            {"jpg": render_thumbnail(r["key"], "mqdefault"), "txt": b"c", "json": json.dumps(r).encode()},
-        )
-        for r in rows
-    ]
-    shards.write_tar(os.path.join(folder, f"{name}.tar"), samples)
-    shards.write_parquet(os.path.join(folder, f"{name}.parquet"), rows, schema)
-    shards.write_stats(folder, shard_id, shards.stats_from_rows(rows, 0.0, 1.0))
-
-
 def test_dedup_writes_a_plain_list_spelling_string_as_the_list_it_spells(tmp_path):
     """A built shard in the folder makes tags a list column; the plain shard's '["a", "b"]' was
     split on "," into '["a"' and ' "b"]', which training then read as the tags '["a' and 'b"]'."""
@@ -154,8 +116,8 @@ def test_dedup_writes_a_plain_list_spelling_string_as_the_list_it_spells(tmp_pat
         for i, f in enumerate(forms)
     ]
     plain = [{"key": f"00001{i:04d}", "status": "success", "tags": FORMS[f][0]} for i, f in enumerate(forms)]
-    _write_shard(src, 0, built, built_schema)
-    _write_shard(src, 1, plain, plain_schema)
+    write_built_shard(src, 0, built, built_schema)
+    write_built_shard(src, 1, plain, plain_schema)
     assert dedup.dedup(src, filter_output=out)["kept"] == 2 * len(forms)
     parquets = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".parquet"))
     rows = {r["key"]: r for r in ds.dataset(parquets, format="parquet").to_table().to_pylist()}

@@ -8,16 +8,15 @@ Runtime: ~5 s on 2 busy cores.
 
 from __future__ import annotations
 
-import json
 import os
 import unicodedata
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
+from tar_shards import write_built_shard
 
-from dataset_tools import dedup, shards, split, youtube
-from dataset_tools.fake_host import render_thumbnail
+from dataset_tools import dedup, split, youtube
 from vutrain.tag_text import tag_values, unescape_entities
 
 # A tags string as plain img2dataset keeps it (Kaggle's pipe-joined form, a scraper's comma-joined
@@ -44,20 +43,6 @@ PLAIN_SCHEMA = pa.schema(
 )
 
 
-def _write_shard(folder: str, shard_id: int, rows: list[dict], schema: pa.Schema) -> None:
-    name = shards.shard_name(shard_id)
-    samples = [
-        (
-            r["key"],
-            {"jpg": render_thumbnail(r["key"], "mqdefault"), "txt": b"c", "json": json.dumps(r).encode()},
-        )
-        for r in rows
-    ]
-    shards.write_tar(os.path.join(folder, f"{name}.tar"), samples)
-    shards.write_parquet(os.path.join(folder, f"{name}.parquet"), rows, schema)
-    shards.write_stats(folder, shard_id, shards.stats_from_rows(rows, 0.0, 1.0))
-
-
 def _mixed_folder(src: str) -> dict[str, tuple[str, str]]:
     """Shard 00000 as `build` writes it (tags a list, ``parse_tags`` of each case's string) and
     shard 00001 as plain img2dataset writes it (the string itself); key -> (kind, case)."""
@@ -74,8 +59,8 @@ def _mixed_folder(src: str) -> dict[str, tuple[str, str]]:
         )
         plain.append({"key": f"00001{i:04d}", "status": "success", "url": f"http://h/{i}.jpg", "tags": text})
         cases[built[-1]["key"]], cases[plain[-1]["key"]] = ("built", case), ("plain", case)
-    _write_shard(src, 0, built, BUILT_SCHEMA)
-    _write_shard(src, 1, plain, PLAIN_SCHEMA)
+    write_built_shard(src, 0, built, BUILT_SCHEMA)
+    write_built_shard(src, 1, plain, PLAIN_SCHEMA)
     return cases
 
 

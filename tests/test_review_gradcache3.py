@@ -10,50 +10,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-SIZES = [3, 1, 2]
-
-
-class GradsOnly:
-    """engine.backward/step without an optimizer, so the accumulated gradients can be compared."""
-
-    def __init__(self, k: int):
-        self.k = k
-
-    def gradient_accumulation_steps(self) -> int:
-        return self.k
-
-    def backward(self, loss, scale_wrt_gas=True):
-        (loss / self.k if scale_wrt_gas else loss).backward()
-
-    def step(self):
-        pass
+from gradcache_models import SIZES, GradsOnly, tiny_clip, tiny_rows
 
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
     n = sum(SIZES)
-    pixels = torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64)
-    ids = torch.randint(4, 1000, (n, 12), generator=g)
-    ids[:, -1] = 1
+    pixels, ids = tiny_rows(n, g, torch.float64)
     tags = torch.rand(n, 5, generator=g) < 0.4
     return pixels, ids, torch.ones_like(ids), tags
 
 
 def _model(use_bias: bool, checkpointing: bool, dropout: float):
-    from vutrain.config import LoraConfig, ModelConfig
-    from vutrain.gradcache_bench import _Tokenizer
-    from vutrain.model import build_model
+    from vutrain.config import LoraConfig
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        preset="tiny", image_size=32, gradient_checkpointing=checkpointing, lora=LoraConfig(enabled=True, r=4)
+    return tiny_clip(
+        dropout,
+        fp64=True,
+        build={"use_bias": use_bias, "init_scale": 2.3},
+        gradient_checkpointing=checkpointing,
+        lora=LoraConfig(enabled=True, r=4),
     )
-    model = build_model(cfg, _Tokenizer(), use_bias=use_bias, init_scale=2.3).double().train()
-    for module in model.modules():  # HF's CLIPAttention keeps its attention dropout as a float
-        if isinstance(getattr(module, "dropout", None), float):
-            module.dropout = dropout
-    return model
 
 
 def _step(loss_name: str, mode: str, checkpointing: bool, dropout: float = 0.3):

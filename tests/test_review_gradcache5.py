@@ -11,49 +11,11 @@ ends where that reference leaves it. One process, a few seconds.
 from __future__ import annotations
 
 import torch
-
-SIZES = [3, 1, 2]
-
-
-class GradsOnly:
-    """engine.backward/step without an optimizer, so the accumulated gradients can be compared."""
-
-    def __init__(self, k: int):
-        self.k = k
-
-    def gradient_accumulation_steps(self) -> int:
-        return self.k
-
-    def backward(self, loss, scale_wrt_gas=True):
-        (loss / self.k if scale_wrt_gas else loss).backward()
-
-    def step(self):
-        pass
+from gradcache_models import SIZES, GradsOnly, micro_batches, tiny_clip
 
 
 def _model():
-    from vutrain.config import ModelConfig
-    from vutrain.gradcache_bench import _Tokenizer
-    from vutrain.model import build_model, lock_towers
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(preset="tiny", image_size=32, gradient_checkpointing=True, lock_image=True)
-    model = build_model(cfg, _Tokenizer()).train()
-    lock_towers(model, cfg)
-    for module in model.modules():  # HF's CLIPAttention keeps its attention dropout as a float
-        if isinstance(getattr(module, "dropout", None), float):
-            module.dropout = 0.3
-    return model
-
-
-def _micro_batches():
-    g = torch.Generator().manual_seed(0)
-    n = sum(SIZES)
-    pixels = torch.randn(n, 3, 32, 32, generator=g)
-    ids = torch.randint(4, 1000, (n, 12), generator=g)
-    ids[:, -1] = 1  # eos
-    bounds = torch.tensor([0, *SIZES]).cumsum(0).tolist()
-    return [(pixels[a:b], ids[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return tiny_clip(lock=True, gradient_checkpointing=True, lock_image=True)
 
 
 def test_locked_image_tower_with_dropout_and_checkpointing_gives_the_whole_step_gradients():
@@ -62,13 +24,13 @@ def test_locked_image_tower_with_dropout_and_checkpointing_gives_the_whole_step_
 
     model = _model()
     torch.manual_seed(5)
-    loss = gradcache_step(GradsOnly(len(SIZES)), _micro_batches(), lambda b: model(*b), ClipLoss())
+    loss = gradcache_step(GradsOnly(len(SIZES)), micro_batches(), lambda b: model(*b), ClipLoss())
     rng_after = torch.get_rng_state()
     got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
 
     reference = _model()
     torch.manual_seed(5)
-    outputs = [reference(*b) for b in _micro_batches()]
+    outputs = [reference(*b) for b in micro_batches()]
     img, txt = (torch.cat([o[i] for o in outputs]) for i in (0, 1))
     expected_loss = ClipLoss()(img, txt, outputs[0][2], None)
     expected_loss.backward()

@@ -20,57 +20,17 @@ import functools
 
 import pytest
 import torch
+from gradcache_models import SIZES, GradsOnly, micro_batches, tiny_clip
 
 from helpers_dist import run_distributed
 
-SIZES = [3, 1, 2]
 TOWER_MODULE = {"image": "vision_model", "text": "text_model"}
 
 
-class GradsOnly:
-    """engine.backward/step without an optimizer, so the accumulated gradients can be compared."""
-
-    def __init__(self, k: int):
-        self.k = k
-
-    def gradient_accumulation_steps(self) -> int:
-        return self.k
-
-    def backward(self, loss, scale_wrt_gas=True):
-        (loss / self.k if scale_wrt_gas else loss).backward()
-
-    def step(self):
-        pass
-
-
 def _model(locked: str, checkpointing: bool = True):
-    from vutrain.config import ModelConfig
-    from vutrain.gradcache_bench import _Tokenizer
-    from vutrain.model import build_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        preset="tiny",
-        image_size=32,
-        gradient_checkpointing=checkpointing,
-        lock_image=locked == "image",
-        lock_text=locked == "text",
+    return tiny_clip(
+        gradient_checkpointing=checkpointing, lock_image=locked == "image", lock_text=locked == "text"
     )
-    model = build_model(cfg, _Tokenizer()).train()
-    for module in model.modules():  # HF's CLIPAttention keeps its attention dropout as a float
-        if isinstance(getattr(module, "dropout", None), float):
-            module.dropout = 0.3
-    return model
-
-
-def _micro_batches(seed: int = 0, sizes=SIZES):
-    g = torch.Generator().manual_seed(seed)
-    n = sum(sizes)
-    pixels = torch.randn(n, 3, 32, 32, generator=g)
-    ids = torch.randint(4, 1000, (n, 12), generator=g)
-    ids[:, -1] = 1  # eos
-    bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
-    return [(pixels[a:b], ids[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 def _tower_forward(model):
@@ -99,7 +59,7 @@ def _gradcache(locked: str, skip: bool):
     torch.manual_seed(5)
     engine = GradsOnly(len(SIZES))
     loss = gradcache_step(
-        engine, _micro_batches(), _tower_forward(model), ClipLoss(), locked if skip else None
+        engine, micro_batches(), _tower_forward(model), ClipLoss(), locked if skip else None
     )
     grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     return loss, grads, torch.get_rng_state(), calls[0]
@@ -114,7 +74,7 @@ def test_a_locked_tower_runs_once_per_micro_batch_with_bit_identical_gradients(l
 
     reference = _model(locked)
     torch.manual_seed(5)
-    outputs = [reference(*b) for b in _micro_batches()]
+    outputs = [reference(*b) for b in micro_batches()]
     img, txt = (torch.cat([o[i] for o in outputs]) for i in (0, 1))
     expected_loss = ClipLoss()(img, txt, outputs[0][2], None)
     expected_loss.backward()
@@ -164,7 +124,7 @@ def _engine_run(rank: int, world: int, stage: int, skip: bool):
     losses = []
     for step in range(3):
         torch.manual_seed(100 + step)
-        batches = _micro_batches(seed=10 * step + rank, sizes=[2, 2, 2])
+        batches = micro_batches(seed=10 * step + rank, sizes=[2, 2, 2])
         loss = gradcache_step(engine, batches, _tower_forward(engine), loss_fn, "image" if skip else None)
         losses.append(loss)
     params = list(engine.module.parameters())

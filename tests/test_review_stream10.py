@@ -8,9 +8,8 @@ plan is a pure function of seed, epoch, rank and worker), resumed through ``{"ra
 import logging
 
 import pytest
-from tar_shards import image_bytes, length_ids, to_tensor, write_members
+from tar_shards import rank_streams, write_two_image_shards
 
-from vutrain.data import TrainStream
 from vutrain.data.samples import SkipCounter
 
 SHARDS, PER_SHARD = 4, 6
@@ -18,35 +17,13 @@ SHARDS, PER_SHARD = 4, 6
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream10")
-    jpg, png = image_bytes(), image_bytes("PNG")
-    for s in range(SHARDS):
-        members = []
-        for k in range(PER_SHARD):
-            key = f"s{s}k{k}"
-            members += [(f"{key}.jpg", jpg), (f"{key}.png", png), (f"{key}.txt", b"caption %d" % k)]
-        write_members(root / f"{s}.tar", members)
-    return f"{root}/{{0..{SHARDS - 1}}}.tar"
+    return write_two_image_shards(tmp_path_factory.mktemp("stream10"), SHARDS, PER_SHARD)
 
 
 def _streams(shards, world, batch, workers=0):
     # shuffle_buffer 1: a reader reads no further than the samples drawn, so an uninterrupted
     # epoch and an interrupted one have counted the same samples at the epoch's end.
-    return [
-        TrainStream(
-            shards,
-            preprocess=to_tensor,
-            tokenize=length_ids,
-            batch_size=batch,
-            rank=r,
-            world_size=world,
-            num_workers=workers,
-            seed=0,
-            shuffle_buffer=1,
-            num_samples=SHARDS * PER_SHARD,
-        )
-        for r in range(world)
-    ]
+    return rank_streams(shards, world, batch, 1, SHARDS * PER_SHARD, workers)
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: worker processes

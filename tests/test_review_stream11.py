@@ -7,12 +7,8 @@ epoch, rank and worker), resumed through ``{"ranks": [...]}``. Every epoch reads
 so an uninterrupted epoch counts 24 ignored members and 4 tar errors, whichever world reads it.
 """
 
-import tarfile
-
 import pytest
-from tar_shards import image_bytes, length_ids, to_tensor, write_members
-
-from vutrain.data import TrainStream
+from tar_shards import rank_streams, summed_skips, write_two_image_shards
 
 SHARDS, PER_SHARD = 4, 6
 EPOCH_COUNTS = {"ignored_member": SHARDS * PER_SHARD, "tar_error": SHARDS}
@@ -20,51 +16,11 @@ EPOCH_COUNTS = {"ignored_member": SHARDS * PER_SHARD, "tar_error": SHARDS}
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream11")
-    jpg, png = image_bytes(), image_bytes("PNG")
-    for s in range(SHARDS):
-        members = []
-        for k in range(PER_SHARD):
-            key = f"s{s}k{k}"
-            members += [(f"{key}.jpg", jpg), (f"{key}.png", png), (f"{key}.txt", b"caption %d" % k)]
-        # A last sample cut short inside its own second member: dropped, one tar_error after k5.
-        members += [(f"s{s}k{PER_SHARD}.jpg", jpg), (f"s{s}k{PER_SHARD}.png", bytes(4096))]
-        path = write_members(root / f"{s}.tar", members)
-        with tarfile.open(path) as tar:
-            cut = tar.getmember(f"s{s}k{PER_SHARD}.png").offset_data + 100
-        with open(path, "r+b") as fh:
-            fh.truncate(cut)
-    return f"{root}/{{0..{SHARDS - 1}}}.tar"
+    return write_two_image_shards(tmp_path_factory.mktemp("stream11"), SHARDS, PER_SHARD, damaged=True)
 
 
 def _streams(shards, world, batch, buffer, workers=0):
-    return [
-        TrainStream(
-            shards,
-            preprocess=to_tensor,
-            tokenize=length_ids,
-            batch_size=batch,
-            rank=r,
-            world_size=world,
-            num_workers=workers,
-            seed=0,
-            shuffle_buffer=buffer,
-            num_samples=SHARDS * PER_SHARD,
-        )
-        for r in range(world)
-    ]
-
-
-def _epoch_counts(streams) -> dict:
-    """Run every stream to the end of its epoch; the skip counts summed over the ranks."""
-    total = {}
-    for s in streams:
-        while s.epoch == 0:
-            next(s)
-        s.close()
-        for reason, n in s.skipped().items():
-            total[reason] = total.get(reason, 0) + n
-    return total
+    return rank_streams(shards, world, batch, buffer, SHARDS * PER_SHARD, workers)
 
 
 CASES = [  # (old world, new world, steps before the save, workers)
@@ -84,7 +40,7 @@ def test_world_size_change_counts_an_epoch_as_an_uninterrupted_run(
 ):
     global_batch = 4
     for world in (old_world, new_world):  # the reference: either world, uninterrupted
-        assert _epoch_counts(_streams(shards, world, global_batch // world, buffer, workers)) == EPOCH_COUNTS
+        assert summed_skips(_streams(shards, world, global_batch // world, buffer, workers)) == EPOCH_COUNTS
 
     old = _streams(shards, old_world, global_batch // old_world, buffer, workers)
     for _ in range(steps):
@@ -98,7 +54,7 @@ def test_world_size_change_counts_an_epoch_as_an_uninterrupted_run(
         s.load_state_dict(states)
     # The old workers' counts held the samples their shuffle buffers had read ahead (up to buffer - 1
     # a worker), which the new ranks counted again when they drew them: 30 ignored members of 24.
-    assert _epoch_counts(new) == EPOCH_COUNTS
+    assert summed_skips(new) == EPOCH_COUNTS
 
 
 def _resume(shards, states, world, buffer):
@@ -121,26 +77,13 @@ def test_second_world_size_change_in_the_epoch_counts_it_as_an_uninterrupted_run
         streams = _resume(shards, states, world, buffer)
     # Both changes left the read-ahead of the world before counted again (25 to 38 ignored members,
     # up to 6 tar errors), and the second one must correct what the first took the middle world to read.
-    assert _epoch_counts(streams) == EPOCH_COUNTS
+    assert summed_skips(streams) == EPOCH_COUNTS
 
 
 def test_second_change_keeps_every_undrawn_copy_of_an_upsampled_shard(shards):
     spec = f"{shards}::{shards}"  # every shard twice an epoch: 48 samples
     streams = [
-        TrainStream(
-            spec,
-            preprocess=to_tensor,
-            tokenize=length_ids,
-            batch_size=4 // world,
-            rank=r,
-            world_size=world,
-            num_workers=0,
-            seed=0,
-            shuffle_buffer=1,
-            num_samples=2 * SHARDS * PER_SHARD,
-        )
-        for world in (1, 2, 1)
-        for r in range(world)
+        s for world in (1, 2, 1) for s in rank_streams(spec, world, 4 // world, 1, 2 * SHARDS * PER_SHARD)
     ]
     first, middle, last = streams[:1], streams[1:3], streams[3:]
     next(first[0])

@@ -8,12 +8,9 @@ stopped right after a worker's last draw and never read on into the damage: 2 of
 two ranks, none on two ranks with two loader workers.
 """
 
-import tarfile
-
 import pytest
-from tar_shards import image_bytes, length_ids, to_tensor, write_members
+from tar_shards import rank_streams, summed_skips, write_two_image_shards
 
-from vutrain.data import TrainStream
 from vutrain.data.samples import iter_raw_samples, iter_samples_with_end
 
 SHARDS, PER_SHARD = 4, 6
@@ -22,51 +19,11 @@ EPOCH_COUNTS = {"ignored_member": SHARDS * PER_SHARD, "tar_error": SHARDS}
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stream12")
-    jpg, png = image_bytes(), image_bytes("PNG")
-    for s in range(SHARDS):
-        members = []
-        for k in range(PER_SHARD):
-            key = f"s{s}k{k}"
-            members += [(f"{key}.jpg", jpg), (f"{key}.png", png), (f"{key}.txt", b"caption %d" % k)]
-        # A last sample cut short inside its own second member: dropped, one tar_error after k5.
-        members += [(f"s{s}k{PER_SHARD}.jpg", jpg), (f"s{s}k{PER_SHARD}.png", bytes(4096))]
-        path = write_members(root / f"{s}.tar", members)
-        with tarfile.open(path) as tar:
-            cut = tar.getmember(f"s{s}k{PER_SHARD}.png").offset_data + 100
-        with open(path, "r+b") as fh:
-            fh.truncate(cut)
-    return f"{root}/{{0..{SHARDS - 1}}}.tar"
+    return write_two_image_shards(tmp_path_factory.mktemp("stream12"), SHARDS, PER_SHARD, damaged=True)
 
 
 def _streams(shards, world, buffer, workers=0, global_batch=4):
-    return [
-        TrainStream(
-            shards,
-            preprocess=to_tensor,
-            tokenize=length_ids,
-            batch_size=global_batch // world,
-            rank=r,
-            world_size=world,
-            num_workers=workers,
-            seed=0,
-            shuffle_buffer=buffer,
-            num_samples=SHARDS * PER_SHARD,
-        )
-        for r in range(world)
-    ]
-
-
-def _run_to(streams, epoch: int) -> dict:
-    """Run every stream to the start of ``epoch``; the skip counts summed over the ranks."""
-    total = {}
-    for s in streams:
-        while s.epoch < epoch:
-            next(s)
-        s.close()
-        for reason, n in s.skipped().items():
-            total[reason] = total.get(reason, 0) + n
-    return total
+    return rank_streams(shards, world, global_batch // world, buffer, SHARDS * PER_SHARD, workers)
 
 
 def _times(counts: dict, n: int) -> dict:
@@ -87,7 +44,7 @@ CASES = [  # (world, workers)
 def test_uninterrupted_epochs_count_every_damaged_shard(shards, buffer, world, workers):
     # Before: with buffer 1, 3 tar errors of 4 on one rank, 2 on two, none on four or on two ranks
     # with two workers (each worker's share ended on a shard's last readable sample).
-    assert _run_to(_streams(shards, world, buffer, workers), 2) == _times(EPOCH_COUNTS, 2)
+    assert summed_skips(_streams(shards, world, buffer, workers), 2) == _times(EPOCH_COUNTS, 2)
 
 
 @pytest.mark.parametrize("buffer", [1, 4])
@@ -129,7 +86,7 @@ def test_world_size_change_without_a_shuffle_buffer_counts_an_uninterrupted_epoc
     for s in new:
         s.load_state_dict(states)
     # The new ranks now count a shard's end with its last sample, as the reshape's replay expects.
-    assert _run_to(new, 1) == EPOCH_COUNTS
+    assert summed_skips(new, 1) == EPOCH_COUNTS
 
 
 def test_reader_gives_the_shard_end_with_its_last_sample(shards, tmp_path):
