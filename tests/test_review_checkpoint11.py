@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import time
 import traceback
 from datetime import timedelta
 
@@ -97,8 +98,16 @@ def _one_case(rank, world, run_dir, where):
         if saved is not None:
             ckpt._complete, ckpt._publish = saved
         dist.destroy_process_group()
-    if rank == 0:  # the next start: rank 0 publishes a marked .tmp, then every rank resolves
+    # The next start: rank 0 publishes a marked .tmp, then every rank resolves. The group is gone,
+    # so rank 1 waits on a file for rank 0's publish (it resolved first once in CI: step_1).
+    published = f"{run_dir}.next_start_published"
+    if rank == 0:
         ckpt.finish_interrupted_publish(ckpt.checkpoints_dir(run_dir))
+        open(published, "w").close()
+    else:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(published) and time.monotonic() < deadline:
+            time.sleep(0.05)
     resumed = ckpt.resolve_resume("auto", run_dir, verbose=False)
     return said, resumed[1] if resumed else None
 

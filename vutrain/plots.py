@@ -115,8 +115,8 @@ def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     for key in _eval_curve_keys(evals):
         _draw(axes[1], _curve(evals, key, unusable), marker="o", label=key.split("/", 1)[1])
     # The latest step's chance, not the file's last row's: in a hand-merged file that row may be
-    # another run's at an earlier step. Its own counter: the eval keys' pass counted its values.
-    chance = _curve(evals, "eval/zeroshot_chance", [0])
+    # another run's at an earlier step. A chance that is no number counts as left out.
+    chance = _curve(evals, "eval/zeroshot_chance", unusable)
     if chance:
         axes[1].axhline(chance[-1][1], ls="--", c="grey", label="zero-shot chance")
     if unusable[0]:
