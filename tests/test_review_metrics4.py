@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-from vutrain.plots import plot_run
+from test_review_metrics import _plot_and_keep_figure
 
 
 def _write_rows(run_dir: str, rows: list[dict]) -> None:
@@ -16,23 +16,12 @@ def _write_rows(run_dir: str, rows: list[dict]) -> None:
 
 def _drawn_lines(run_dir: str, monkeypatch) -> dict[tuple[str, str], list[tuple[float, float]]]:
     """plot_run on `run_dir` (the real PNG written): {(panel title, line label): its points}."""
-    from matplotlib.figure import Figure
-
-    saved: list[Figure] = []
-    savefig = Figure.savefig
-
-    def keep(fig, *args, **kwargs):
-        saved.append(fig)
-        return savefig(fig, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
-    path = plot_run(run_dir)
-    assert path is not None and os.path.getsize(path) > 0
+    fig = _plot_and_keep_figure(run_dir, monkeypatch)
     return {
         (axis.get_title(), line.get_label()): [
             (float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata())
         ]
-        for axis in saved[0].axes
+        for axis in fig.axes
         for line in axis.lines
     }
 
