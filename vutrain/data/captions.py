@@ -2,8 +2,9 @@
 
 Templates use ``str.format`` placeholders, e.g. ``"{title}"``, ``"{title}. tags: {tags}"``,
 ``"{category_name}"``. ``{txt}`` / ``{caption}`` is the ``<key>.txt`` member, ``{tags}`` the tag
-list joined by ", ", every other name a ``<key>.json`` field. ``{title}`` falls back to the
-``.txt`` caption when the metadata has no title (img2dataset writes the title as the caption).
+list joined by ", " (each tag once as training ids it, in its first spelling), every other name a
+``<key>.json`` field. ``{title}`` falls back to the ``.txt`` caption when the metadata has no
+title (img2dataset writes the title as the caption).
 
 A field is text when it is a string or a number (an integral float as its integer: 20.0 is what a
 pandas column with gaps makes of 20). A field holding no text (a list, an object, true/false, NaN,
@@ -23,7 +24,7 @@ import math
 import string
 import unicodedata
 
-from vutrain.tag_text import tag_values, unescape_entities
+from vutrain.tag_text import normalize_tag, tag_values, unescape_entities
 
 from .labels import category_label
 
@@ -91,7 +92,7 @@ def _field_value(name: str, meta: dict, txt: str | None) -> str:
         # list rendered blanks and non-tags ("cats, , funny", "cats, None"), and a comma-separated
         # string or a lone number went in verbatim ("cats,, funny", "2024") while training read
         # "cats", "funny" and no tag.
-        value = None if _is_absent(tags) else ", ".join(t.strip() for t in tag_values(tags))
+        value = None if _is_absent(tags) else ", ".join(_distinct_tags(tag_values(tags)))
     elif name == "category_id":
         value = _category_id_text(meta.get(name))
     else:
@@ -104,6 +105,21 @@ def _field_value(name: str, meta: dict, txt: str | None) -> str:
     if value is None:
         raise MissingCaptionField(name, _no_text_detail(meta.get(name)))
     return value
+
+
+def _distinct_tags(tags: list[str]) -> list[str]:
+    """``tags`` stripped, each tag once as training ids it (``normalize_tag``), in the first spelling
+    and order: "Cats" and "cats" rendered "tags: Cats, cats" while the tag positives, the tag
+    metrics and the vocabulary count them as one tag. "#cats" and "cats" stay two, as they are two ids.
+    """
+    seen = set()
+    distinct = []
+    for tag in tags:
+        form = normalize_tag(tag)
+        if form not in seen:
+            seen.add(form)
+            distinct.append(tag.strip())
+    return distinct
 
 
 def caption_text(value) -> str | None:
