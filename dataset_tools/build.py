@@ -530,6 +530,7 @@ def _build(cfg: BuildConfig) -> dict:
     )
     cfg = _keep_planned_shard_size(cfg, previous)
     cfg = _keep_planned_image_options(cfg, previous)
+    previous = _use_new_url_template(cfg, previous)
     # A resume keeps the saved plan whatever the input says now; say what that means instead
     # of silently building removed rows and old captions beside the new ones.
     drift = plan_mod.input_drift(previous, meta.rows, cfg.caption_template)
@@ -545,7 +546,7 @@ def _build(cfg: BuildConfig) -> dict:
         url_template=cfg.url_template,
         first_variant=cfg.variants[0],
     )
-    plan_mod.save_plan(cfg.output, plan, cfg.shard_size, _image_options(cfg))
+    plan_mod.save_plan(cfg.output, plan, cfg.shard_size, _image_options(cfg), cfg.url_template)
 
     # Before the shards to download are chosen, and before --retry-failed empties _build/retry/.
     for line in retry.finish_stopped_merges(cfg.output):
@@ -660,6 +661,22 @@ def _keep_planned_shard_size(cfg: BuildConfig, plan: list[dict]) -> BuildConfig:
         f"shards of {planned}). To build with --shard-size {cfg.shard_size}, use a new --output"
     )
     return dataclasses.replace(cfg, shard_size=planned)
+
+
+def _use_new_url_template(cfg: BuildConfig, plan: list[dict]) -> list[dict]:
+    """The saved plan with its URLs from the given ``--url-template`` when the resume changed it
+    (the thumbnail host moved), said in one line. The download always asked the given template,
+    but nothing said so, and each row that failed on the new host was recorded with the old
+    host's URL (the plan's), as if the old host had still been asked."""
+    old = plan_mod.planned_url_template(cfg.output, plan, cfg.url_template, cfg.variants[0])
+    if old is None:
+        return plan
+    print(
+        f"[dataset_tools] --url-template changed since this output was planned: {old} -> "
+        f"{cfg.url_template}; rows already downloaded keep their images and URLs, the rows still to "
+        "download (and those --retry-failed retries) are fetched from the new one"
+    )
+    return plan_mod.with_url_template(plan, cfg.url_template, cfg.variants[0])
 
 
 def _image_options(cfg: BuildConfig) -> dict:

@@ -180,12 +180,17 @@ def describe_drift(drift: dict[str, int], had_plan: bool) -> str | None:
 
 
 def save_plan(
-    output: str, plan: list[dict], shard_size: int | None = None, image_options: dict | None = None
+    output: str,
+    plan: list[dict],
+    shard_size: int | None = None,
+    image_options: dict | None = None,
+    url_template: str | None = None,
 ) -> None:
     """Write the plan atomically (a temporary file, fsync, then a rename), with the ``--shard-size``
     and the image options (``IMAGE_OPTIONS``) it was made with in the file's metadata, so that a
-    resume can keep them. A write the disk refuses (full, read-only ``_build/``) is a one-line
-    SystemExit; the previous plan stays whole."""
+    resume can keep them, and the ``--url-template`` its ``url`` column was rendered with, so that
+    a resume can say when it changed. A write the disk refuses (full, read-only ``_build/``) is a
+    one-line SystemExit; the previous plan stays whole."""
     path = plan_path(output)
     schema = PLAN_SCHEMA
     recorded = {}
@@ -193,6 +198,8 @@ def save_plan(
         recorded[SHARD_SIZE_KEY] = str(shard_size)
     if image_options is not None:
         recorded[IMAGE_OPTIONS_KEY] = json.dumps(image_options, sort_keys=True)
+    if url_template is not None:
+        recorded[URL_TEMPLATE_KEY] = url_template
     if recorded:
         schema = schema.with_metadata(recorded)
     table = pa.Table.from_pylist(plan, schema=schema)
@@ -217,6 +224,7 @@ def save_plan(
 
 SHARD_SIZE_KEY = b"dataset_tools.shard_size"
 IMAGE_OPTIONS_KEY = b"dataset_tools.image_options"
+URL_TEMPLATE_KEY = b"dataset_tools.url_template"
 # The build options that decide the bytes of every image: a resume or ``--retry-failed`` with
 # other values wrote images of another size or encoding into the shards beside the old ones.
 # ``variants`` (the thumbnail ladder) too: a resume with ``--variants hqdefault`` after
@@ -248,6 +256,33 @@ def planned_image_options(output: str) -> dict | None:
         for name in IMAGE_OPTIONS
         if name in values
     }
+
+
+def planned_url_template(
+    output: str, plan: Sequence[dict], url_template: str, first_variant: str
+) -> str | None:
+    """What the saved plan of ``output`` fetches from, when that is not ``url_template`` (else None):
+    the template recorded with the plan, or for a plan saved before it was recorded, one of its
+    URLs that ``url_template`` would not render (``first_variant`` is the plan's first rung)."""
+    path = plan_path(output)
+    if not plan or not os.path.exists(path):
+        return None
+    recorded = (pq.read_schema(path).metadata or {}).get(URL_TEMPLATE_KEY)
+    if recorded is not None:
+        recorded = recorded.decode()
+        return None if recorded == url_template else recorded
+    for row in plan:
+        if row.get("url") != youtube.thumbnail_url(row["video_id"], first_variant, url_template):
+            return row.get("url") or "(no URL)"
+    return None
+
+
+def with_url_template(plan: Sequence[dict], url_template: str, first_variant: str) -> list[dict]:
+    """The plan rows with their ``url`` rendered from ``url_template``: the URL each row is fetched
+    from now (the download asks the current template; a failed row's record names this URL)."""
+    return [
+        dict(row, url=youtube.thumbnail_url(row["video_id"], first_variant, url_template)) for row in plan
+    ]
 
 
 def planned_shard_size(output: str, plan: Sequence[dict], requested: int, oom_shard_count: int) -> int:
