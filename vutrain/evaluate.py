@@ -735,6 +735,7 @@ class Evaluator:
             world_size=self.world_size,
             caption_template=cfg.data.caption_template,
             label_field=cfg.eval.zeroshot_field,
+            num_workers=cfg.data.num_workers,  # >= 2: the images are decoded in loader workers
         )
         dummy = dict(
             self.tokenize([""]), pixel_values=torch.zeros(1, 3, *self.image_hw), labels=[""], label_sets=[[]]

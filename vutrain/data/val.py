@@ -4,6 +4,14 @@ With at least as many shards as ranks, rank ``r`` reads shards ``r, r + world, .
 fewer shards every rank reads all of them and keeps the samples with index ``i % world == r``
 (index over raw samples, so each corrupt sample is counted by exactly one rank). Ranks may get
 different numbers of batches; the last batch may be smaller than ``batch_size``.
+
+With ``num_workers`` >= 2 (``data.num_workers``) DataLoader worker processes decode and preprocess:
+each reads whole shards of this rank (worker ``w`` of ``W``: the rank's shards ``w, w + W, ...``),
+so no tar byte is read twice; at most one worker per shard. The samples, their batches' sizes and
+the skip counts are those of an in-process pass; the order of the samples is not (the workers'
+shards interleave), and no metric depends on it. With fewer than two workers, or when every rank
+reads every shard (fewer shards than ranks: a worker could not know the sample index of its
+shards without reading those before them), the rank reads in this process.
 """
 
 from __future__ import annotations
@@ -11,18 +19,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import template_fields
 from .labels import category_label, normalize_tag, tag_values
 from .samples import SkipCounter, SkipSample, decode_meta, decode_sample, image_member, iter_raw_samples
 from .shards import check_openable, expand_shards
+from .worker_tempdir import ensure_short_worker_tempdir
 
 log = logging.getLogger(__name__)
 _warned_repeats: set[tuple[str, ...]] = set()
+WORKER_CHUNK = 16
+"""Decoded samples a loader worker hands over at a time: ~10 MB of shared memory at 224 px, and a
+short tail when the workers' shares end unevenly."""
 
 
 class ValStream:
@@ -50,6 +64,7 @@ class ValStream:
         world_size: int = 1,
         caption_template: str = "{title}",
         label_field: str = "category_name",
+        num_workers: int = 0,
     ):
         template_fields(caption_template)
         if not 0 <= rank < world_size:
@@ -60,11 +75,21 @@ class ValStream:
         self.preprocess, self.tokenize, self.batch_size = preprocess, tokenize, batch_size
         self.rank, self.world_size = rank, world_size
         self.caption_template, self.label_field = caption_template, label_field
+        self.num_workers = num_workers
         self._skipped = SkipCounter()
 
     def skipped(self) -> dict[str, int]:
         """Samples skipped by this rank in the current/last pass, by reason."""
         return dict(self._skipped)
+
+    def loader_workers(self) -> int:
+        """Worker processes of a pass: ``num_workers``, at most one per shard of this rank; 0 (read
+        in this process) below two (one worker would only add a hand-off; -1, auto, counts as 0) or
+        when every rank reads every shard (the split by sample index needs the shards in order)."""
+        if self.num_workers < 2 or len(self.shards) < self.world_size:
+            return 0
+        workers = min(self.num_workers, len(self.shards[self.rank :: self.world_size]))
+        return workers if workers >= 2 else 0
 
     def _my_raw_samples(self) -> Iterator[dict]:
         if len(self.shards) >= self.world_size:
@@ -92,26 +117,101 @@ class ValStream:
         )
         return batch
 
-    def __iter__(self) -> Iterator[dict]:
-        self._skipped = SkipCounter()
-        pixels, captions, metas, keys, image_ids = [], [], [], [], []
-        for raw in self._my_raw_samples():
+    def _decoded(self, raws: Iterator[dict], count: Callable) -> Iterator[tuple]:
+        """(pixel, caption, meta, key, image id) of each decodable raw sample; ``count`` the others."""
+        for raw in raws:
             try:
                 image, caption, meta = decode_sample(raw, self.caption_template)
                 pixel = self.preprocess(image)
             except SkipSample as e:
-                self._skipped(e.reason, str(e))
+                count(e.reason, str(e))
                 continue
+            yield pixel, caption, meta, raw["__key__"], image_digest(raw)
+
+    def _samples(self) -> Iterator[tuple]:
+        """This pass's decoded samples (``_decoded``), skips counted in ``self._skipped``."""
+        workers = self.loader_workers()
+        if workers == 0:
+            yield from self._decoded(self._my_raw_samples(), self._skipped)
+            return
+        if self.tokenize is not None:  # HF tokenizers' thread pool must not be used across fork
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        ensure_short_worker_tempdir()  # a long TMPDIR made the workers drop their batches (a hang)
+        # fork avoids pickling the caller's preprocess/tokenize closures into the workers
+        context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        chunks = iter(
+            DataLoader(
+                _ShardWorkers(self, self.shards[self.rank :: self.world_size]),
+                batch_size=None,
+                num_workers=workers,
+                multiprocessing_context=context,
+                collate_fn=_as_is,
+            )
+        )
+        try:
+            for pixels, samples, skips in chunks:
+                for reason, detail in skips:  # counted (and the first ones logged) here, as in-process
+                    self._skipped(reason, detail)
+                for pixel, sample in zip(pixels, samples, strict=True):
+                    yield (pixel, *sample)
+        finally:
+            del chunks  # drops the DataLoader iterator now, which joins its workers (also when a
+            # pass ends early: an interrupted eval)
+
+    def __iter__(self) -> Iterator[dict]:
+        self._skipped = SkipCounter()
+        pixels, captions, metas, keys, image_ids = [], [], [], [], []
+        for pixel, caption, meta, key, image_id in self._samples():
             pixels.append(pixel)
             captions.append(caption)
             metas.append(meta)
-            keys.append(raw["__key__"])
-            image_ids.append(image_digest(raw))
+            keys.append(key)
+            image_ids.append(image_id)
             if len(pixels) == self.batch_size:
                 yield self._batch(pixels, captions, metas, keys, image_ids)
                 pixels, captions, metas, keys, image_ids = [], [], [], [], []
         if pixels:
             yield self._batch(pixels, captions, metas, keys, image_ids)
+
+
+class _ShardWorkers(IterableDataset):
+    """A loader worker's share of a :class:`ValStream` pass: whole shards, every worker-count-th of
+    ``shards`` (the rank's) from the worker's id, decoded in tar order; handed over in chunks of
+    ``WORKER_CHUNK`` samples as (pixels [n, 3, S, S], [(caption, meta, key, image id)], [(reason,
+    detail)]: the skips counted since the last chunk, the tar reader's included)."""
+
+    def __init__(self, stream: ValStream, shards: list[str]):
+        self.stream, self.shards = stream, shards
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        skips: list[tuple[str, str]] = []
+
+        def count(reason: str, detail: str = "") -> None:
+            skips.append((reason, detail))
+
+        raws = (
+            raw for url in self.shards[info.id :: info.num_workers] for raw in iter_raw_samples(url, count)
+        )
+        chunk: list[tuple] = []
+        for sample in self.stream._decoded(raws, count):
+            chunk.append(sample)
+            if len(chunk) == WORKER_CHUNK:
+                yield _hand_over(chunk, skips)
+                chunk, skips[:] = [], []
+        if chunk or skips:  # the last samples, or skips after the last one (a truncated shard's)
+            yield _hand_over(chunk, skips)
+
+
+def _hand_over(chunk: list[tuple], skips: list[tuple[str, str]]) -> tuple:
+    # the pixels as one tensor: one shared-memory block per chunk, not one per image
+    pixels = torch.stack([sample[0] for sample in chunk]) if chunk else torch.zeros(0)
+    return pixels, [sample[1:] for sample in chunk], list(skips)
+
+
+def _as_is(chunk):
+    """The DataLoader's collate: a worker's chunk as it was made (its metadata untouched)."""
+    return chunk
 
 
 def distinct_shards(shards: list[str], warn: bool = True) -> list[str]:
