@@ -191,19 +191,39 @@ def _fit_bd(config: TileConfig, d: int) -> TileConfig:
     )
 
 
-def shared_memory_bytes(config: TileConfig, element_size: int) -> int:
-    """The pipelined operand slabs: ``num_stages`` copies of a [BM, BD] and a [BN, BD] tile (what
-    Triton 3.9 allocates for these kernels on sm_90, compiled: 147456 B for 128x256x64, 3 stages,
-    bf16)."""
-    return config.num_stages * (config.BM + config.BN) * config.BD * element_size
+# Compute capabilities whose compiled shared memory was measured to keep ``num_stages - 1`` slabs
+# (tests/test_review_kernels13.py): A100 and RTX 30xx. sm_87/sm_89 take the same Ampere mma path in
+# Triton 3.9 but were not compiled here, so they keep the larger count.
+AMPERE_PIPELINE = ("8.0", "8.6")
 
 
-def fit_shared_memory(config: TileConfig, element_size: int, limit: int) -> TileConfig:
-    """Shrink a config until its slabs fit ``limit`` bytes of shared memory: BD first (down to
-    32), then stages (down to 2), then the larger of BM and BN. The tables are sized for 16-bit
-    inputs; fp32 ones (4 bytes) need twice the bytes, e.g. 288 KiB for the square best config
-    on sm_90, where the launch would fail with OutOfResources."""
-    while shared_memory_bytes(config, element_size) > limit:
+def pipelined_slabs(config: TileConfig, capability: str | None = None) -> int:
+    """How many copies of the [BM, BD] and [BN, BD] operand slabs Triton 3.9 keeps in shared memory
+    for these kernels on an NVIDIA card of compute ``capability`` ("8.6"), compiled: ``num_stages``
+    for Hopper's wgmma (sm_90, 16-bit inputs), ``num_stages - 1`` (at least one) for Ampere's mma,
+    whose cp.async pipeline keeps one stage in registers (``AMPERE_PIPELINE``). Other cards (None,
+    sm_89, sm_100+, ROCm) count ``num_stages``: the most, so the estimate is never under."""
+    return max(1, config.num_stages - 1) if capability in AMPERE_PIPELINE else config.num_stages
+
+
+def shared_memory_bytes(config: TileConfig, element_size: int, capability: str | None = None) -> int:
+    """The pipelined operand slabs: ``pipelined_slabs`` copies of a [BM, BD] and a [BN, BD] tile
+    (what Triton 3.9 allocates for these kernels, compiled: 147456 B for 128x256x64, 3 stages, bf16
+    on sm_90; 98304 B on sm_80). Without ``capability``: ``num_stages`` copies, the most any card
+    takes (the estimate may be over a card's compiled size, never under it)."""
+    slabs = pipelined_slabs(config, capability)
+    return slabs * (config.BM + config.BN) * config.BD * element_size
+
+
+def fit_shared_memory(
+    config: TileConfig, element_size: int, limit: int, capability: str | None = None
+) -> TileConfig:
+    """Shrink a config until its slabs fit ``limit`` bytes of shared memory on a card of compute
+    ``capability`` (None: any card, counted as the largest): BD first (down to 32), then stages
+    (down to 2), then the larger of BM and BN. The tables are sized for 16-bit inputs; fp32 ones
+    (4 bytes) need twice the bytes, e.g. 288 KiB for the square best config on sm_90, where the
+    launch would fail with OutOfResources."""
+    while shared_memory_bytes(config, element_size, capability) > limit:
         bm, bn, bd, warps, stages = config.as_list()
         if bd > 32:
             bd //= 2
@@ -256,10 +276,13 @@ def choose(
     capability: str | None = None,
 ) -> TileConfig:
     """The table's config for ``arch``, narrowed to D and fitted to ``shared_memory`` bytes per
-    block (default: the arch's, ``SHARED_MEMORY``)."""
+    block (default: the arch's, ``SHARED_MEMORY``) as Triton compiles it for a card of compute
+    ``capability`` (None: the largest any card takes, ``shared_memory_bytes``)."""
     limit = shared_memory or SHARED_MEMORY[arch]
     entry = lookup(arch, kind, n, m, dtype, capability)
-    return fit_shared_memory(_fit_bd(entry.config, d), element_size, limit)
+    # ROCm cards report CUDA-like capabilities (MI300: 9.4) but take the fallback rows: an unknown card.
+    nvidia = capability if arch != "fallback" else None
+    return fit_shared_memory(_fit_bd(entry.config, d), element_size, limit, nvidia)
 
 
 def lookup(
