@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerFast
 from vutrain.config import MIN_VOCAB_SIZE
 from vutrain.tag_text import without_lone_surrogates
 
-from .captions import caption_text, template_fields
+from .captions import _distinct_tags, caption_text, template_fields
 from .labels import tag_values
 from .samples import SkipCounter, SkipSample, decode_caption, decode_meta, iter_raw_samples
 from .shards import expand_shards
@@ -201,8 +201,10 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
         yield caption
         # Read as the tag positives and the tag metrics read them: tags kept as one
         # comma-separated string (some metadata sources) were left out of the tokenizer's texts,
-        # although eval/tags_* encodes every tag as a text query.
-        tags = [t.strip() for t in tag_values(meta.get("tags"))]
+        # although eval/tags_* encodes every tag as a text query. Each tag once, as captions'
+        # {tags}, the tag ids and the tag metrics count it: "Cats, cats, CATS" gave the BPE the
+        # word three times for a sample that trains it once.
+        tags = _distinct_tags(tag_values(meta.get("tags")))
         if tags:
             yield ", ".join(tags)
         yield from _category_texts(meta.get("category_name"))
