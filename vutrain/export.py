@@ -288,7 +288,7 @@ def checkpoint_to_export(ckpt_dir: str, tag: str | None) -> tuple[str, str]:
             )
         tag = complete[-1]
     elif tag not in unpublished and not any(
-        os.path.isdir(os.path.join(ckpt_dir, name)) for name in (tag, tag + ckpt.TMP_SUFFIX)
+        is_tag_folder(ckpt_dir, name) for name in (tag, tag + ckpt.TMP_SUFFIX)
     ):
         # No folder at all, not even an interrupted save's: verify_tag's "COMPLETE.json is missing
         # (save interrupted...)" sent the user looking for a save that never happened (a typo).
@@ -303,6 +303,16 @@ def checkpoint_to_export(ckpt_dir: str, tag: str | None) -> tuple[str, str]:
         )
     # The unpublished copy is the newer save of its step (a re-save killed before its renames).
     return tag, unpublished.get(tag, tag)
+
+
+def is_tag_folder(ckpt_dir: str, tag: str) -> bool:
+    """Whether ``tag`` names a folder under ``ckpt_dir`` other than ``ckpt_dir`` itself.
+
+    `--tag ""` (an unset variable) or `--tag .` named the checkpoints folder, and was told its save
+    was interrupted (the folder holds no COMPLETE.json) rather than that no such checkpoint exists.
+    """
+    path = os.path.join(ckpt_dir, tag)
+    return os.path.isdir(path) and os.path.normpath(path) != os.path.normpath(ckpt_dir)
 
 
 def export_overrides(config_path: str) -> list[str]:
@@ -379,6 +389,10 @@ def check_out_dir(out_dir: str) -> None:
     finds there: an earlier peft adapter (adapter_config.json) was applied on top of the exported
     weights, silently giving other embeddings. RUN_DIR itself, or a folder above it, is refused too.
     """
+    if not out_dir:
+        # `OUT_DIR="$UNSET"`: the current folder, filled after the whole consolidation, or refused
+        # then as "filled during the export" by the files it already held.
+        raise ExportError("OUT_DIR is empty (an unset variable?): give the folder to write the model to")
     if os.path.islink(out_dir) and not os.path.exists(out_dir):
         # found only by the final rename (ENOTDIR), after the whole model was consolidated and written
         raise ExportError(
