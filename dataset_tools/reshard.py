@@ -61,24 +61,41 @@ def _row_from_tar_sample(key: str, members: dict[str, bytes]) -> dict:
     return {**(meta if isinstance(meta, dict) else {}), "key": key, "status": shards.SUCCESS}
 
 
-def require_whole_shards(folder: str, command: str) -> None:
+def require_whole_shards(folder: str, command: str, names: Sequence[str] | None = None) -> None:
     """Refuse (SystemExit naming the shards) when a complete shard's tar is truncated or holds
     another number of samples than its stats say, or its parquet does not read. ``tarfile`` reads
     a tar cut at a member boundary without complaint: its lost samples were silently missing from
     the output (train + val short of the input), and a tar cut inside a member was a ReadError
-    traceback naming no file, after part of the output was written."""
-    names = list(shards.iter_shard_names(folder))
+    traceback naming no file, after part of the output was written. A stats file without a
+    whole-number ``successes`` (``{}``, ``[]``, another tool's JSON) is refused the same way: it
+    was a KeyError or TypeError traceback. ``names``: the shards to check (default: every complete
+    shard)."""
+    names = list(shards.iter_shard_names(folder) if names is None else names)
     problems, foreign = [], {}
     for name in names:
-        with open(os.path.join(folder, f"{name}_stats.json")) as f:
-            successes = json.load(f)["successes"]
+        successes, stats_problem = _stats_successes(folder, name)
         problem, keys = shards.tar_check(os.path.join(folder, f"{name}.tar"), successes)
-        problem = problem or shards.parquet_problem(os.path.join(folder, f"{name}.parquet"))
+        problem = stats_problem or problem or shards.parquet_problem(os.path.join(folder, f"{name}.parquet"))
         if problem:
             problems.append((name, problem))
         _note_foreign_keys(foreign, name, keys, same_width=len({len(n) for n in names}) == 1)
     refuse_broken_shards(folder, command, problems)
     refuse_repeated_keys(folder, command, _repeated_keys(folder, names, foreign))
+
+
+def _stats_successes(folder: str, name: str) -> tuple[int | None, str | None]:
+    """``(successes, None)`` of shard ``name``'s stats file, or ``(None, why not)``. Not the whole
+    ``shards.stats_problem``: more successes than parquet rows is a shard whose tar-only samples
+    (their ``.json`` is their row) its stats count, which these tools read."""
+    try:
+        with open(os.path.join(folder, f"{name}_stats.json"), encoding="utf-8") as f:
+            stats = json.load(f)
+    except (OSError, ValueError) as err:
+        return None, f"{name}_stats.json: unreadable ({err})"
+    successes = stats.get("successes") if isinstance(stats, dict) else None
+    if isinstance(successes, int) and not isinstance(successes, bool) and successes >= 0:
+        return successes, None
+    return None, f"{name}_stats.json has no whole-number successes (not a build stats file)"
 
 
 def _note_foreign_keys(foreign: dict[str, list[str]], name: str, keys: set[str], same_width: bool) -> None:
@@ -119,19 +136,21 @@ def refuse_repeated_keys(folder: str, command: str, repeated: list[tuple]) -> No
         )
 
 
-def skipped_incomplete_shards(folder: str, command: str) -> list[str]:
+def skipped_incomplete_shards(folder: str, command: str, names: Sequence[str] | None = None) -> list[str]:
     """Names of the shards ``command`` leaves out because they are not complete (a tar or parquet
     without parseable stats: a build stopped mid-shard), said on stderr: they were skipped
     without a word, their samples missing from the output. Then the file names of the tars left
-    out as they are not named as shards (``note_tars_not_named_as_shards``)."""
+    out as they are not named as shards (``note_tars_not_named_as_shards``). ``names``: the
+    shards ``command`` reads (default: the complete shards now), so a shard a running build
+    completes meanwhile is reported as what the command did with it."""
     entries = set(os.listdir(folder))
     misnamed = shards.tars_not_named_as_shards(folder)
     # A shard whose only tar is misnamed (00001.TAR beside 00001.parquet and stats) is not waiting
     # for a build: it was reported as "no stats yet, run the same build again", the wrong remedy.
     misnamed_only = {m.split(".")[0] for m in misnamed} - {n[:-4] for n in entries if n.endswith(".tar")}
-    names = {f.split(".")[0] for f in entries if f.endswith((".tar", ".parquet"))}
-    complete = set(shards.complete_shards(folder).values())
-    skipped = sorted(n for n in names - complete - misnamed_only if n.isdigit())
+    found = {f.split(".")[0] for f in entries if f.endswith((".tar", ".parquet"))}
+    complete = set(shards.complete_shards(folder).values() if names is None else names)
+    skipped = sorted(n for n in found - complete - misnamed_only if n.isdigit())
     if skipped:
         print(
             f"[dataset_tools] {command}: skipping {len(skipped)} incomplete shard(s) (no stats yet): "
@@ -180,19 +199,21 @@ def _schema_for(rows: list[dict]) -> pa.Schema:
 COMMA_LIST_COLUMNS = ("tags",)
 
 
-def input_schema(folder: str, command: str = "reshard") -> pa.Schema | None:
+def input_schema(
+    folder: str, command: str = "reshard", names: Sequence[str] | None = None
+) -> pa.Schema | None:
     """One schema for every output shard: the union of the complete input shards' parquet schemas
     (None when there are none). Inferred per output shard, a column missing from a shard's first
     row was dropped and an all-empty one became type null, so the output parquets disagreed and
     pyarrow.dataset refused to read them together. A tags column that is a list in some shards and
     a string in others is a list of the string's parts (``conform_row``); any other
     column of two types is a one-line SystemExit naming it: it was a pyarrow traceback after part
-    of the output was written, or output parquets of two schemas."""
+    of the output was written, or output parquets of two schemas. ``names``: the shards to read
+    (default: every complete shard)."""
     import pyarrow.parquet as pq
 
-    named = [
-        (n, pq.read_schema(os.path.join(folder, f"{n}.parquet"))) for n in shards.iter_shard_names(folder)
-    ]
+    names = shards.iter_shard_names(folder) if names is None else names
+    named = [(n, pq.read_schema(os.path.join(folder, f"{n}.parquet"))) for n in names]
     named = _comma_strings_as_lists(named)
     try:
         return pa.unify_schemas([s for _, s in named], promote_options="permissive") if named else None

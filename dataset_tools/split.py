@@ -38,13 +38,14 @@ from dataset_tools.reshard import (
 )
 
 
-def skipped_shards(folder: str, command: str) -> dict[str, list[str]]:
+def skipped_shards(folder: str, command: str, names: list[str] | None = None) -> dict[str, list[str]]:
     """The shards ``command`` leaves out (each kind also said on stderr), as two result keys:
     ``skipped_incomplete_shards`` (bare names, ``00001``: no stats yet, a build stopped mid-shard)
     and ``skipped_not_shards`` (file names of tars not named ``NNNNN.tar``: ``00002.TAR``). Both
-    were in the first key, so a reader of the result could not tell a rebuild from a rename apart."""
+    were in the first key, so a reader of the result could not tell a rebuild from a rename apart.
+    ``names``: the shards ``command`` reads (default: the complete shards now)."""
     # reshard lists the incomplete shards (bare digit names) first, then the misnamed tar files.
-    skipped = skipped_incomplete_shards(folder, command)
+    skipped = skipped_incomplete_shards(folder, command, names)
     return {
         "skipped_incomplete_shards": [name for name in skipped if name.isdigit()],
         "skipped_not_shards": [name for name in skipped if not name.isdigit()],
@@ -59,15 +60,16 @@ def refuse_bad_shard_size(shard_size: int) -> None:
         raise SystemExit(f"--shard-size {shard_size}: must be at least 1 (samples per shard, e.g. 1000)")
 
 
-def channel_ids_by_title(folder: str) -> dict[str, str]:
+def channel_ids_by_title(folder: str, names: list[str] | None = None) -> dict[str, str]:
     """Channel title -> channel id, for each title that the folder's rows pair with exactly one id.
 
     Old Kaggle exports have only ``channel_title``; newer ones add ``channel_id``. A folder built
     from both keys one channel by its id in some rows and by its title in others: two units, so
     the channel could land on both sides. A title shared by two channels stays a unit of its own.
+    ``names``: the shards to read (default: every complete shard).
     """
     ids: dict[str, set[str]] = {}
-    for name in shards.iter_shard_names(folder):
+    for name in shards.iter_shard_names(folder) if names is None else names:
         rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
         for row in rows:
             title, channel = row.get("channel_title"), row.get("channel_id")
@@ -133,12 +135,14 @@ def parse_cut(cut: str) -> datetime.datetime:
     return when
 
 
-def publish_times(folder: str) -> tuple[list[datetime.datetime | None], list[str]]:
+def publish_times(
+    folder: str, names: list[str] | None = None
+) -> tuple[list[datetime.datetime | None], list[str]]:
     """Every sample's publish time (None when it has no readable one), of the rows ``iter_samples``
     yields, read from the parquets and the tars' headers (a tar's images are read only for a
     sample without a successful parquet row), and the stored values that are not times."""
     times, unreadable = [], []
-    for _key, row in iter_sample_rows(folder):
+    for _key, row in iter_sample_rows(folder, names):
         value = publish_value(row)
         times.append(parse_time(value))
         if value is not None and times[-1] is None:
@@ -188,12 +192,13 @@ def check_cut(cut: datetime.datetime, times: list[datetime.datetime | None]) -> 
 
 
 def choose_cut(
-    folder: str, cut: str | None, val_fraction: float | None
+    folder: str, cut: str | None, val_fraction: float | None, names: list[str] | None = None
 ) -> tuple[datetime.datetime, dict[str, int]]:
     """The cut of a date split, and the undated samples' counts (``no_publish_time``: all of them,
     ``unreadable_publish_time``: those with a value that is not a time). Refused in one line
-    before any output is written when no sample has a publish time or the cut splits nothing."""
-    times, unreadable = publish_times(folder)
+    before any output is written when no sample has a publish time or the cut splits nothing.
+    ``names``: the shards to read (default: every complete shard)."""
+    times, unreadable = publish_times(folder, names)
     undated = sum(t is None for t in times)
     if undated == len(times):
         raise SystemExit(
@@ -263,16 +268,20 @@ def split(
     finished = finish_interrupted_publish(outputs, "split", settings, _rerun_hint, finalize_mod.finalize)
     if finished is not None:
         return finished
-    require_whole_shards(folder, "split")  # before any output is written
-    schema = input_schema(folder, "split")  # a column of two types: refused before any output
-    skipped = skipped_shards(folder, "split")
+    # The shards checked are the shards split, and those reported skipped the ones left out: each
+    # step listed the complete shards anew, so one a running build completed meanwhile went into
+    # the output unchecked (its columns not in the schema) while the result said it was skipped.
+    names = list(shards.iter_shard_names(folder))
+    require_whole_shards(folder, "split", names)  # before any output is written
+    schema = input_schema(folder, "split", names)  # a column of two types: refused before any output
+    skipped = skipped_shards(folder, "split", names)
     for path in outputs:  # both checked before either is created
         check_empty_output(path)
-    cut_time, undated = choose_cut(folder, cut, val_fraction) if by == "date" else (None, {})
+    cut_time, undated = choose_cut(folder, cut, val_fraction, names) if by == "date" else (None, {})
     with claim_outputs(outputs, "split"):  # both claimed before either is written
-        title_ids = channel_ids_by_title(folder) if by == "channel" else None
+        title_ids = channel_ids_by_title(folder, names) if by == "channel" else None
         sinks = {side: ShardSink(path, shard_size, schema=schema) for side, path in sides.items()}
-        for sample in iter_samples(folder):
+        for sample in iter_samples(folder, names):
             if by == "date":
                 side = date_side(sample[2], cut_time)
             else:
