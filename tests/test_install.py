@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from stand_in_python import write_stand_in_python
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,12 +138,7 @@ def test_constraints_pin_every_requirement_within_setup_py_ranges():
 def test_make_rebuilds_a_venv_left_without_pip(tmp_path):
     """A `python -m venv` that failed half way (Debian without python3-venv) leaves .venv/bin/python
     and no pip; every later `make` skipped the creation and failed on "No module named pip"."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    _copy_make_inputs(repo, tmp_path)
+    _copy_make_inputs(REPO, tmp_path)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / ".venv")], check=True)
     fake = tmp_path / "python3"  # passes the version check, then fails to create the venv, as Debian's
     fake.write_text('#!/bin/sh\ncase "$1" in -c) exit 0;; esac\necho "ensurepip is not available"; exit 1\n')
@@ -161,12 +157,7 @@ def test_make_venv_installs_a_torch_spec_given_later(tmp_path):
     when missing. A spec given on the command line or in the environment that differs from the one
     `make venv` last installed now reinstalls torch; the default spec still keeps any torch there.
     (`make -n`: the real Makefile's decision, without downloading a torch.)"""
-    import os
-    import subprocess
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    _copy_make_inputs(repo, tmp_path)
+    _copy_make_inputs(REPO, tmp_path)
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / ".installed").touch()  # an installed .venv, newer than setup.py
 
@@ -191,31 +182,13 @@ def test_make_venv_installs_a_torch_spec_given_later(tmp_path):
     assert 'pip install -q "torch==2.13.0"' in plan("TORCH_SPEC=torch==2.13.0")
 
 
-_STAND_IN_PYTHON = """#!/bin/sh
-# Stands in for python3, the venv's python and its console scripts: the check's own steps only.
-case "$(basename "$0")" in
-    vutrain-dataset) echo "needs the 'data' extra: pip install 'vutrain[data]'" >&2
-        exit "${DATASET_EXIT:-2}";;
-    vutrain-*) exit 0;;
-esac
-case "$1 $2" in
-    "-m venv") mkdir -p "$3/bin"
-        for name in python vutrain-train vutrain-export vutrain-dataset; do cp "$0" "$3/bin/$name"; done;;
-    "-m vutrain.demo") mkdir -p demo_out/hf_model && touch demo_out/hf_model/config.json;;
-esac
-exit 0
-"""
-
-
 @pytest.mark.parametrize("passes", [True, False])
 def test_install_check_removes_its_temporary_directory_once_it_passes(tmp_path, passes):
     """Every `make install-check` left its work directory, a whole venv with torch (1.4 GB), in /tmp.
     Its own temporary directory now goes when the check passes; a failed check keeps it and says
     where. (The real check, which installs torch, is `make install-check`; here a stand-in python
     runs the script's own steps.)"""
-    fake = tmp_path / "python3"
-    fake.write_text(_STAND_IN_PYTHON)
-    fake.chmod(0o755)
+    fake = write_stand_in_python(tmp_path / "python3")
     temp = tmp_path / "tmp"
     temp.mkdir()
     proc = subprocess.run(

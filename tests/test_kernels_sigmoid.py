@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest
 import torch.nn.functional as F
+from sigmoid_cases import assert_matches, loss_and_grads, open_clip_siglip_loss
 
 from kernels import sigmoid_loss
 from kernels.reference import sigmoid_loss_reference
@@ -24,7 +25,6 @@ in_process = pytest.mark.skipif(
     MODE == "subprocess",
     reason="Triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter",
 )
-NAMES = ("loss", "d_queries", "d_keys", "d_scale", "d_bias")
 
 
 def test_rerun_in_fresh_interpreter():
@@ -42,24 +42,11 @@ def _pairs(n, m, d, off, dtype=torch.float32, seed=0, noise=0.8):
     return q.to(dtype), k.to(dtype)
 
 
-def _run(q, k, scale, bias, off, *, op=sigmoid_loss, device=DEVICE, dtype=None):
-    """Loss and the four gradients of ``op``; ``dtype`` re-casts inputs (the oracle: fp64)."""
-    qa, ka = (x.to(device=device, dtype=dtype or x.dtype).detach().requires_grad_() for x in (q, k))
-    sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    sa = torch.tensor(scale, dtype=sdt, device=device, requires_grad=True)
-    ba = torch.tensor(bias, dtype=sdt, device=device, requires_grad=True)
-    out = op(qa, ka, sa, ba, label_offset=off)
-    (out * 1.7).backward()  # a non-unit upstream gradient
-    return [t.detach().double().cpu() for t in (out, qa.grad, ka.grad, sa.grad, ba.grad)], out
-
-
 def _check(q, k, scale, bias, off, rtol, atol=0.0):
-    ours, out = _run(q, k, scale, bias, off)
+    ours, out = loss_and_grads(sigmoid_loss, q, k, scale, bias, off, device=DEVICE)
     assert "SigmoidLoss" in type(out.grad_fn).__name__, "kernel path not taken"
-    ref, _ = _run(q, k, scale, bias, off, op=sigmoid_loss_reference, device="cpu", dtype=torch.float64)
-    for name, a, b in zip(NAMES, ours, ref):
-        err, bound = (a - b).abs().max().item(), rtol * b.abs().max().item() + atol
-        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+    ref, _ = loss_and_grads(sigmoid_loss_reference, q, k, scale, bias, off, device="cpu", dtype=torch.float64)
+    assert_matches(ours, ref, rtol, atol)
     return ours
 
 
@@ -107,7 +94,7 @@ def test_every_backward_schedule_gives_the_same_result(monkeypatch):
     import kernels.gradient_gemms as gg
 
     q, k = _pairs(37, 100, 40, 50, seed=5)
-    base, _ = _run(q, k, 20.0, -5.0, 50)
+    base, _ = loss_and_grads(sigmoid_loss, q, k, 20.0, -5.0, 50, device=DEVICE)
     monkeypatch.setattr(gg, "GRAD_WORKSPACE_BYTES", 1)
     for schedule in ("two_pass", "one_pass"):
         monkeypatch.setenv(gg.SCHEDULE_ENV, schedule)
@@ -184,8 +171,8 @@ def test_deterministic_and_sharded_sum():
     # (each shard's loss is divided by its own n rows).
     world, n = 3, 13
     q, k = _pairs(world * n, world * n, 24, 0, seed=6)
-    first, _ = _run(q, k, 10.0, -3.0, 0)
-    second, _ = _run(q, k, 10.0, -3.0, 0)
+    first, _ = loss_and_grads(sigmoid_loss, q, k, 10.0, -3.0, 0, device=DEVICE)
+    second, _ = loss_and_grads(sigmoid_loss, q, k, 10.0, -3.0, 0, device=DEVICE)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     kk = k.to(DEVICE).requires_grad_()
     total = sum(
@@ -195,15 +182,6 @@ def test_deterministic_and_sharded_sum():
     torch.testing.assert_close(total.detach().double().cpu() / world, first[0], rtol=1e-5, atol=1e-6)
 
 
-@in_process
-def test_float_scale_and_bias_no_grad():
-    q, k = _pairs(10, 10, 16, 0, seed=7)
-    with torch.no_grad():
-        out = sigmoid_loss(q.to(DEVICE), k.to(DEVICE), 10.0, -10.0)
-    ref = sigmoid_loss_reference(q.double(), k.double(), 10.0, -10.0)
-    assert abs(out.item() - ref.item()) < 1e-5 * abs(ref.item())
-
-
 def test_fallback_and_bad_inputs():
     q, k = torch.randn(4, 8), torch.randn(6, 8)
     with pytest.raises(ValueError, match="label_offset"):
@@ -211,10 +189,7 @@ def test_fallback_and_bad_inputs():
     with pytest.raises(ValueError, match="embedding size"):
         sigmoid_loss(q, torch.randn(6, 9), 1.0, 0.0)
     # The reference is open_clip's SigLipLoss formula.
-    logits = 2.0 * q @ k.T - 1.0
-    labels = -torch.ones(4, 6)
-    labels[torch.arange(4), torch.arange(4) + 2] = 1
-    expected = -F.logsigmoid(labels * logits).sum() / 4
+    expected = open_clip_siglip_loss(q, k, 2.0, -1.0, label_offset=2)
     torch.testing.assert_close(sigmoid_loss_reference(q, k, 2.0, -1.0, label_offset=2), expected)
 
 

@@ -12,15 +12,13 @@ Runtime: ~15 s on an idle machine (8,000 real thumbnails hashed twice).
 from __future__ import annotations
 
 import io
-import json
-import os
 import random
 
 import imagehash
 import numpy as np
 import pytest
+from dedup_shards import count_phash_comparisons, write_png_shards
 from PIL import Image
-from test_faults_dataset_tools import SCHEMA
 
 from dataset_tools import dedup, shards
 
@@ -80,26 +78,6 @@ def _noise_png(rng: np.random.Generator, base: np.ndarray | None = None, step: i
     return out.getvalue()
 
 
-def _folder(path, images: list[bytes], per_shard: int = 1000) -> str:
-    """Shards of ``per_shard`` samples, each its own video id and file, holding ``images``."""
-    path.mkdir()
-    for first in range(0, len(images), per_shard):
-        number = first // per_shard
-        name = shards.shard_name(number)
-        samples, rows = [], []
-        for i in range(first, min(len(images), first + per_shard)):
-            key, vid = f"{name}{i:04d}", f"vid{i:08d}"
-            meta = json.dumps({"key": key, "video_id": vid}).encode()
-            samples.append((key, {"png": images[i], "txt": b"t", "json": meta}))
-            rows.append(
-                {"key": key, "status": "success", "video_id": vid, "variant": "mqdefault", "tags": ["a"]}
-            )
-        shards.write_tar(os.path.join(path, f"{name}.tar"), samples)
-        shards.write_parquet(os.path.join(path, f"{name}.parquet"), rows, SCHEMA)
-        shards.write_stats(str(path), number, shards.stats_from_rows(rows, 0.0, 1.0))
-    return str(path)
-
-
 def _pairwise_groups(keys: list[str], values: list[int], max_distance: int) -> list[list[str]]:
     """The duplicate groups by comparing every pair: connected components, sorted."""
     parent = list(range(len(keys)))
@@ -131,7 +109,7 @@ def test_real_shards_group_as_a_pairwise_comparison_of_their_phashes(tmp_path):
         images += [_noise_png(rng, base, step) for step in (0, 2, 4, 8, 12)]
     images += [_noise_png(rng) for _ in range(300)]
     random.Random(1).shuffle(images)
-    folder = _folder(tmp_path / "src", images, per_shard=200)
+    folder = write_png_shards(tmp_path / "src", images, per_shard=200)
     report = dedup.dedup(folder, filter_output=str(tmp_path / "out"))
     keys = [f"{shards.shard_name(i // 200)}{i:04d}" for i in range(len(images))]
     values = [_phash_value(png) for png in images]
@@ -152,13 +130,8 @@ def test_real_shards_group_as_a_pairwise_comparison_of_their_phashes(tmp_path):
 def test_the_search_compares_a_few_candidates_a_hash_not_every_chunk_mate(tmp_path, monkeypatch):
     count = 8000
     rng = np.random.default_rng(2)
-    folder = _folder(tmp_path / "src", [_noise_png(rng) for _ in range(count)])
-    comparisons = []
-    subtract, distance = imagehash.ImageHash.__sub__, getattr(dedup, "_distance", None)
-    monkeypatch.setattr(imagehash.ImageHash, "__sub__", lambda a, b: comparisons.append(1) or subtract(a, b))
-    monkeypatch.setattr(
-        dedup, "_distance", lambda a, b: comparisons.append(1) or distance(a, b), raising=False
-    )
+    folder = write_png_shards(tmp_path / "src", [_noise_png(rng) for _ in range(count)], per_shard=1000)
+    comparisons = count_phash_comparisons(monkeypatch)
     report = dedup.dedup(folder)
     assert report["samples"] == count
     # Chunk mates were ~count^2 / 1,640 (39,744 here, 600 million at a million); now ~1,200.

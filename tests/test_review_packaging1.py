@@ -16,24 +16,10 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
+from stand_in_python import write_stand_in_python
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("vutrain", "kernels", "dataset_tools")
-
-# Stands in for python3, the venv's python and its console scripts (installing torch takes minutes
-# and the network): only the check's own steps run. `-m venv DIR` makes DIR/bin with the scripts.
-_STAND_IN_PYTHON = """#!/usr/bin/env bash
-case "$(basename "$0")" in
-    vutrain-dataset) echo "needs the 'data' extra: pip install 'vutrain[data]'" >&2; exit 2;;
-    vutrain-*) exit 0;;
-esac
-case "$1 $2" in
-    "-m venv") mkdir -p "$3/bin"
-        for name in python vutrain-train vutrain-export vutrain-dataset; do cp "$0" "$3/bin/$name"; done;;
-    "-m vutrain.demo") mkdir -p demo_out/hf_model && touch demo_out/hf_model/config.json;;
-esac
-exit 0
-"""
 
 
 @pytest.mark.slow
@@ -42,9 +28,7 @@ def test_install_check_takes_a_relative_work_dir_and_python(tmp_path):
     work/ and then ran work/venv/bin/python from there: "No such file or directory", exit 127.
     A relative PYTHON failed the same way."""
     (tmp_path / "py").mkdir()
-    fake = tmp_path / "py" / "python3"
-    fake.write_text(_STAND_IN_PYTHON)
-    fake.chmod(0o755)
+    write_stand_in_python(tmp_path / "py" / "python3")
     proc = subprocess.run(
         ["bash", str(REPO / "tools" / "check_core_install.sh"), "work"],
         cwd=tmp_path,
