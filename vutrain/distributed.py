@@ -624,7 +624,12 @@ _FAILED_KEY = "vutrain/rendezvous/failed"
 _VERDICT_KEY = "vutrain/rendezvous/verdict"
 _SEEN_KEY = "vutrain/rendezvous/seen"
 _FAILED_WORLD_KEY = "vutrain/rendezvous/failed_world_size"
+_ARRIVED_KEY = "vutrain/rendezvous/arrived/{rank}"  # set by each rank that agreed: rank 0 names the rest
 _POLL_S = 0.05
+WAITING_FIRST_S = 30.0
+WAITING_EVERY_S = 300.0
+"""When rank 0, still waiting for ranks at the rendezvous, first says how many arrived and which
+are missing, and then how often it says it again (until the group's timeout ends the wait)."""
 LINGER_S = 10.0
 """How long rank 0 keeps the store up after a failed check, for ranks still starting to read why
 (its exit takes the store down, and they then retried the connection until their timeout)."""
@@ -730,7 +735,7 @@ def agree_on_world_size(store, info: DistInfo, timeout_s: float) -> None:
     publishes its world size; every other rank compares its own with it and joins, or posts why
     not; rank 0 waits for WORLD_SIZE - 1 joins and tells every rank the verdict."""
     if info.rank == 0:
-        _forget_last_start(store, info.master_port)
+        _forget_last_start(store, info.master_port, info.world_size)
         store.set(_WORLD_KEY, str(info.world_size))
         verdict = _wait_for_peers(store, info, timeout_s)
         store.set(_VERDICT_KEY, verdict)
@@ -752,6 +757,7 @@ def agree_on_world_size(store, info: DistInfo, timeout_s: float) -> None:
         store.compare_set(_FAILED_WORLD_KEY, "", str(info.world_size))
         store.add(_SEEN_KEY, 1)
         raise RendezvousError(message)
+    store.set(_ARRIVED_KEY.format(rank=info.rank), "1")  # before the count: see _missing
     store.add(_JOINED_KEY, 1)
     # Rank 0 answers within its own timeout, which started before this rank could connect.
     verdict = _wait_and_get(store, _VERDICT_KEY, info, timeout_s + 10.0)
@@ -761,21 +767,82 @@ def agree_on_world_size(store, info: DistInfo, timeout_s: float) -> None:
 
 
 def _wait_for_peers(store, info: DistInfo, timeout_s: float) -> str:
-    """Rank 0: "ok" once every other rank agreed, else the message that stops them all."""
-    deadline = time.monotonic() + timeout_s
+    """Rank 0: "ok" once every other rank agreed, else the message that stops them all.
+
+    While it waits it says, after WAITING_FIRST_S and then every WAITING_EVERY_S, how many ranks
+    arrived and which are missing: a rank that never comes (a node that cannot resolve MASTER_ADDR,
+    a job step that never started, a hostfile typo) left every rank silent for the whole group
+    timeout (30 minutes), and the final line did not say which rank it was."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    next_report = start + WAITING_FIRST_S
+    arrived: set[int] = set()
     while True:
         if store.check([_FAILED_KEY]):
             return store.get(_FAILED_KEY).decode()
         joined = store.add(_JOINED_KEY, 0)
         if joined >= info.world_size - 1:
             return "ok"
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
+            missing = _missing(store, info, joined, arrived)
             return (
                 f"only {joined + 1} of the {info.world_size} ranks of {world_size_variable(info.launcher)} "
-                f"reached the rendezvous at {info.master_addr}:{info.master_port} within {timeout_s:.0f} s: "
+                f"reached the rendezvous at {info.master_addr}:{info.master_port} within {timeout_s:.0f} s"
+                f"{f' ({missing} missing)' if missing else ''}: "
                 "check that every rank started, each with the same world size"
             )
+        if now >= next_report:
+            _say_still_waiting(info, joined, _missing(store, info, joined, arrived), now - start, timeout_s)
+            next_report = now + WAITING_EVERY_S
         time.sleep(_POLL_S)
+
+
+def _say_still_waiting(info: DistInfo, joined: int, missing: str, waited_s: float, timeout_s: float) -> None:
+    logging.getLogger("vutrain").warning(
+        "rank 0 waiting at the rendezvous %s:%s: %d of the %d ranks of %s arrived in %.0f s%s; it gives up "
+        "after %.0f s (%s): check that every rank's process started (its job step, the hostfile or node "
+        "list) and that its node resolves MASTER_ADDR=%s and reaches port %s",
+        info.master_addr,
+        info.master_port,
+        joined + 1,
+        info.world_size,
+        world_size_variable(info.launcher),
+        waited_s,
+        f" ({missing} missing)" if missing else "",
+        timeout_s,
+        GROUP_TIMEOUT_ENV,
+        info.master_addr,
+        info.master_port,
+    )
+
+
+def _missing(store, info: DistInfo, joined: int, arrived: set[int]) -> str:
+    """The ranks that have not agreed yet, e.g. "ranks 2, 5-7", from each arrived rank's key; ""
+    when the keys do not account for `joined` (a rank of a vutrain that posts none). `arrived`
+    keeps the ranks found, so a later call asks only for the rest. Each rank sets its key before
+    it counts itself in, and `joined` was read first: never fewer keys than joined ranks."""
+    for rank in range(1, info.world_size):
+        if rank not in arrived and store.check([_ARRIVED_KEY.format(rank=rank)]):
+            arrived.add(rank)
+    absent = [rank for rank in range(1, info.world_size) if rank not in arrived]
+    if not absent or len(arrived) < joined:
+        return ""
+    return _rank_ranges(absent)
+
+
+def _rank_ranges(ranks: list[int], most: int = 8) -> str:
+    """Sorted ranks as "rank 3" or "ranks 2, 5-7", at most `most` runs of them, then the count."""
+    runs: list[list[int]] = []
+    for rank in ranks:
+        if runs and runs[-1][1] == rank - 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:most])
+    if len(runs) > most:
+        text += f", ... ({len(ranks)} in all)"
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
 
 
 def _largest_world_heard(store, own: int) -> int:
@@ -786,7 +853,7 @@ def _largest_world_heard(store, own: int) -> int:
     return max(own, int(store.get(_FAILED_WORLD_KEY).decode()))
 
 
-def _forget_last_start(store, port: int) -> None:
+def _forget_last_start(store, port: int, world_size: int) -> None:
     """Clear the keys of an earlier start whose server this process reuses (multi-tenant).
 
     Only then: on a fresh server a rank that failed before the rendezvous may already have posted
@@ -794,6 +861,8 @@ def _forget_last_start(store, port: int) -> None:
     if port in _hosted_ports:
         for key in (_JOINED_KEY, _FAILED_KEY, _FAILED_WORLD_KEY, _VERDICT_KEY, _SEEN_KEY, *_START_KEYS):
             store.delete_key(key)
+        for rank in range(1, world_size):
+            store.delete_key(_ARRIVED_KEY.format(rank=rank))
     _hosted_ports.add(port)
 
 
@@ -850,7 +919,7 @@ def tell_peers_of_early_failure(info: DistInfo, message: str, wait_s: float | No
 
 def _serve_early_verdict(info: DistInfo, verdict: str, wait_s: float) -> None:
     store = rendezvous_store(info, datetime.timedelta(seconds=wait_s))
-    _forget_last_start(store, info.master_port)
+    _forget_last_start(store, info.master_port, info.world_size)
     store.set(_WORLD_KEY, str(info.world_size))
     store.set(_VERDICT_KEY, verdict)
     _linger_until_seen(store, info.world_size - 1, wait_s)
