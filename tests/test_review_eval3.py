@@ -38,7 +38,7 @@ def _quarter_grid(rows: int, dim: int, seed: int) -> torch.Tensor:
 def test_tag_metrics_rank_blocks_never_the_whole_matrix_with_the_same_values(monkeypatch):
     """The [N, V] image-tag scores (and their [N, V] targets and sorts) were made whole: 4 GB each
     at 50k validation images and 20k tags. Now blocks of at most SCORE_CHUNK_ELEMENTS scores (here
-    2 tags x 40 images, then 3 images x 30 tags), and mAP and recall equal the whole matrix's."""
+    2 tags x 40 images, shared by mAP and recall), and mAP and recall equal the whole matrix's."""
     n, v = 40, 30
     vocab = [f"tag{j}" for j in range(v)]
     gen = torch.Generator().manual_seed(1)
@@ -58,7 +58,7 @@ def test_tag_metrics_rank_blocks_never_the_whole_matrix_with_the_same_values(mon
         metrics = eval_multilabel.multilabel_retrieval(images, tag_lists, encode, ["{}"], vocab=vocab)
     assert metrics == expected
     assert 0 < metrics["eval/tags_map"] < 1
-    assert (40, 2) in shapes.seen and (3, 30) in shapes.seen
+    assert (40, 2) in shapes.seen
     assert max(torch.Size(s).numel() for s in shapes.seen) < n * v  # before: the [40, 30] scores
 
 

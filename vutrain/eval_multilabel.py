@@ -92,7 +92,12 @@ def ranked_hits(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         negatives_first = targets.to(torch.uint8).argsort(dim=1, stable=True)
         by_score = scores.gather(1, negatives_first).argsort(dim=1, descending=True, stable=True)
         return targets.gather(1, negatives_first.gather(1, by_score)).float()
-    keys = torch.add(targets.long(), _ordered_ints(scores), alpha=-2)  # rising key: falling score
+    return _hits_of_keys(_ordered_ints(scores), targets)
+
+
+def _hits_of_keys(keys: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``ranked_hits`` from the scores' ``_ordered_ints`` keys (NaN against the model), 32-bit ones."""
+    keys = torch.add(targets.long(), keys, alpha=-2)  # rising key: falling score, then positive last
     return (_sorted_rows(keys) & 1).float()
 
 
@@ -109,16 +114,35 @@ def hits_in_top(scores: torch.Tensor, targets: torch.Tensor, ks=RECALL_KS) -> di
     NaN against the model), without ranking whole rows: the k best negatives and positives of a row
     (two top-k) place each of its k best positives, after the negatives that score as much."""
     targets = targets.to(scores.device)
-    top = min(max(ks), scores.shape[1])
     keys = _ordered_ints(_against_the_model(scores, targets))
+    return _hits_of_best(*_best_keys(keys, targets, min(max(ks), scores.shape[1])), ks)
+
+
+def _best_keys(keys: torch.Tensor, targets: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([R, top], [R, top]), falling: of each row's scores' ``_ordered_ints`` keys (NaN against the
+    model), those of its ``top`` best negatives and positives; the integer type's minimum where a
+    row has fewer. The best of some columns' best are those of all columns (``_merge_best``)."""
     absent = torch.iinfo(keys.dtype).min  # below every score's key
-    negatives = torch.where(targets, absent, keys).topk(top, dim=1).values  # [R, top], falling
-    positives = torch.where(targets, keys, absent).topk(top, dim=1).values
+    negatives = torch.where(targets, absent, keys).topk(top, dim=1).values
+    return negatives, torch.where(targets, keys, absent).topk(top, dim=1).values
+
+
+def _merge_best(kept: torch.Tensor | None, block: torch.Tensor, top: int) -> torch.Tensor:
+    """The ``top`` largest keys of each row of ``kept`` and ``block`` together (falling); keys are
+    exact integers, so these are the values a top-k of the rows whole gives."""
+    both = block if kept is None else torch.cat([kept, block], dim=1)
+    return both.topk(min(top, both.shape[1]), dim=1).values
+
+
+def _hits_of_best(negatives: torch.Tensor, positives: torch.Tensor, ks) -> dict[int, torch.Tensor]:
+    """``hits_in_top`` from ``_best_keys``."""
+    top = negatives.shape[1]
+    absent = torch.iinfo(negatives.dtype).min
     found = positives > absent
     # The j-th best positive ranks at j + (negatives scoring >= it), counted among the `top` best
     # negatives: enough for any rank below max(ks). An absent negative is below every positive.
     before = top - torch.searchsorted(negatives.flip(1), positives)
-    rank = torch.arange(top, device=scores.device) + before
+    rank = torch.arange(top, device=negatives.device) + before
     return {k: ((rank < k) & found).sum(dim=1).float() for k in ks}
 
 
@@ -127,8 +151,11 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
     AP = mean over the positives of the precision at their rank (ties: ``ranked_hits``).
     """
-    hits = ranked_hits(scores, targets)
-    ranks = torch.arange(1, scores.shape[1] + 1, dtype=torch.float32, device=scores.device)
+    return _average_precision_of_hits(ranked_hits(scores, targets))
+
+
+def _average_precision_of_hits(hits: torch.Tensor) -> torch.Tensor:
+    ranks = torch.arange(1, hits.shape[1] + 1, dtype=torch.float32, device=hits.device)
     precision = hits.cumsum(dim=1) / ranks
     positives = hits.sum(dim=1)
     ap = (precision * hits).sum(dim=1) / positives.clamp_min(1)
@@ -182,35 +209,41 @@ def _block_targets(rows: torch.Tensor, cols: torch.Tensor, start: int, stop: int
     return out
 
 
-def _per_tag_average_precision(images: torch.Tensor, tags: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """[V]: each tag's AP over all N images, scored a block of tags at a time ([N, block] scores)."""
+def _per_tag_and_per_image(
+    images: torch.Tensor, tags: torch.Tensor, pairs: torch.Tensor, ks
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """([V], per k [I]): each tag's AP over all N images, and per image with a tag of the vocabulary
+    (I of them, in order) the share of its tags among its k best (``recall_at_k`` row by row).
+
+    One score product, a block of tags at a time ([N, block] scores): the block's columns rank its
+    tags whole for AP, and each image keeps its ``max(ks)`` best negative and positive keys over
+    the blocks so far ([N, 2 max(ks)]), which place its best positives as whole rows would. Recall
+    scored a block of images at a time, a second product of every image with every tag and a second
+    making of every score's key: 6.3 CPU-seconds of tag metrics at 50k samples and 1000 tags, now 5.4."""
     n, v = images.shape[0], tags.shape[0]
     step = _rows_per_chunk(n)
-    parts = []
+    top = min(max(ks), v)
+    per_tag = []
+    negatives = positives = None
+    # (pairs made distinct: a pair given twice is one true tag, as in the [N, V] targets)
+    tags_of_image = torch.bincount(torch.unique(pairs, dim=0)[:, 0], minlength=n)
     for start in range(0, v, step):
         stop = min(start + step, v)
         scores = images @ tags[start:stop].T  # as the columns of images @ tags.T
-        parts.append(average_precision(scores.T, _block_targets(pairs[:, 1], pairs[:, 0], start, stop, n)))
-    return torch.cat(parts)
-
-
-def _per_image_recall(
-    images: torch.Tensor, tags: torch.Tensor, pairs: torch.Tensor, ks
-) -> dict[int, torch.Tensor]:
-    """Per image with a tag of the vocabulary, the share of its tags among its k best (``recall_at_k``
-    row by row), scored a block of images at a time ([block, V] scores)."""
-    n, v = images.shape[0], tags.shape[0]
-    step = _rows_per_chunk(v)
-    parts: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        targets = _block_targets(pairs[:, 0], pairs[:, 1], start, stop, v)
-        keep = targets.any(dim=1)  # an image without a vocabulary tag has no recall
-        scores, targets = (images[start:stop] @ tags.T)[keep], targets[keep]
-        total = targets.sum(dim=1).float()
-        for k, found in hits_in_top(scores, targets, ks).items():
-            parts[k].append(found / total)
-    return {k: torch.cat(p) for k, p in parts.items()}
+        targets = _block_targets(pairs[:, 1], pairs[:, 0], start, stop, n)
+        # One set of integer keys for both metrics: making them was most of recall's own time.
+        keys = _ordered_ints(_against_the_model(scores, targets.T))
+        if keys.dtype == torch.int64:  # float64 scores: no room for the target beside the score
+            per_tag.append(average_precision(scores.T, targets))
+        else:
+            per_tag.append(_average_precision_of_hits(_hits_of_keys(keys.T, targets)))
+        block_negatives, block_positives = _best_keys(keys, targets.T, min(top, stop - start))
+        negatives = _merge_best(negatives, block_negatives, top)
+        positives = _merge_best(positives, block_positives, top)
+    keep = tags_of_image > 0  # an image without a vocabulary tag has no recall
+    total = tags_of_image[keep].float()
+    found = _hits_of_best(negatives[keep], positives[keep], ks)
+    return torch.cat(per_tag), {k: hits / total for k, hits in found.items()}
 
 
 @torch.no_grad()
@@ -226,8 +259,8 @@ def multilabel_retrieval(
 ) -> dict[str, float]:
     """mAP over tags and recall@k over images (see the module doc).
 
-    The [N, V] scores are never made whole: mAP ranks a block of tags at a time, recall a block of
-    images, at most ``SCORE_CHUNK_ELEMENTS`` scores each, with the values of the whole matrix.
+    The [N, V] scores are never made whole: they are made once, a block of tags at a time (at most
+    ``SCORE_CHUNK_ELEMENTS`` scores), for mAP and recall, with the values of the whole matrix.
 
     Args:
         image_features: [N, E] (normalised here), the images of the whole validation set.
@@ -245,8 +278,8 @@ def multilabel_retrieval(
     tags = tag_embeddings(encode_text, vocab, templates).to(images.device)
     pairs = target_pairs(tag_lists, vocab) if pairs is None else pairs
     pairs = pairs.to(images.device)  # on a GPU run: CUDA scores
-    per_tag = _per_tag_average_precision(images, tags, pairs)
+    per_tag, per_image_recall = _per_tag_and_per_image(images, tags, pairs, ks)
     metrics[f"{prefix}map"] = per_tag[~per_tag.isnan()].mean().item()
-    for k, per_image in _per_image_recall(images, tags, pairs, ks).items():
+    for k, per_image in per_image_recall.items():
         metrics[f"{prefix}r{k}"] = per_image.mean().item() if per_image.numel() else float("nan")
     return metrics
