@@ -90,6 +90,7 @@ def check_config(cfg: BuildConfig) -> None:
     problem = (
         plan_mod.check_caption_template(cfg.caption_template)
         or _url_template_problem(cfg)
+        or _remote_output_problem(cfg.output)
         or _output_is_input_problem(cfg)
     )
     if problem:
@@ -115,6 +116,20 @@ def _check_max_attempts(cfg: BuildConfig) -> None:
             f"--max-attempts {cfg.max_attempts} only limits build --retry-failed: add --retry-failed, "
             "or drop --max-attempts"
         )
+
+
+def _remote_output_problem(output: str) -> str | None:
+    """None unless ``--output`` is a URL. The build's plan, lock and shard files are local files:
+    ``--output s3://bucket/out`` made a local folder ``./s3:/bucket/out`` with a plan and a lock, then
+    failed every shard ("Install s3fs") and exited 2."""
+    if "://" not in output:
+        return None
+    scheme = output.split("://", 1)[0]
+    return (
+        f"--output {output}: build writes to a local (or mounted) folder path, not a {scheme}:// URL; build "
+        "into a local folder and copy the shards up afterwards (e.g. aws s3 sync, gsutil rsync), or mount "
+        "the bucket"
+    )
 
 
 def _output_is_input_problem(cfg: BuildConfig) -> str | None:
