@@ -171,15 +171,16 @@ def dedup(
         finished = _finish_interrupted_filter(filter_output, settings, report_path)
         if finished is not None:
             return finished
-    # The shards hashed are the shards filtered: one a running build completes meanwhile went into
-    # the output unchecked for duplicates, and uncounted by the report, which said it was skipped.
+    # The shards hashed are the shards filtered, checked and reported: one a running build completes
+    # meanwhile went into the output unchecked for duplicates, and uncounted by the report, which said
+    # it was skipped; listed anew for the skipped list, it was said neither skipped nor hashed.
     names = list(shards.iter_shard_names(folder))
-    require_whole_shards(folder, "dedup")  # a truncated tar: refused, not a short report
-    skipped = skipped_shards(folder, "dedup")
+    require_whole_shards(folder, "dedup", names)  # a truncated tar: refused, not a short report
+    skipped = skipped_shards(folder, "dedup", names)
     schema = None
     if filter_output:  # refused before the (slow) hashing, not after
         check_empty_output(filter_output)
-        schema = input_schema(folder, "dedup")
+        schema = input_schema(folder, "dedup", names)
     report = {**_find_duplicates(folder, max_distance, names), **skipped}
     # Atomic: written in place, a kill or a full disk mid-write left a truncated report.
     shards.save_json(report_path, report, "dedup report")

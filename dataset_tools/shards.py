@@ -71,9 +71,14 @@ def _remove_quietly(path: str) -> None:
 
 def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
     """Write ``(key, {ext: bytes})`` samples sorted by key, members of a sample sorted by ext,
-    through a temporary name of its own. mtime is fixed so identical inputs give identical tars."""
+    through a temporary name of its own. mtime is fixed so identical inputs give identical tars.
+    PAX (POSIX.1-2001): a member name of over 100 characters without a ``/`` (which GNU and PAX
+    tars of other tools hold, and split/dedup copy) gets a pax header; the USTAR writer raised
+    ``ValueError: name is too long`` after the output was claimed. An ASCII name that fits USTAR's
+    fields is written byte for byte as before; a longer or non-ASCII one gets a pax header, which
+    ``tarfile``, webdataset and the training stream's reader read."""
     with _own_temp_file(path) as (f, tmp):
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for key, members in sorted(samples, key=lambda s: s[0]):
                 for ext in sorted(members):
                     data = members[ext]

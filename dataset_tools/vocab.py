@@ -29,14 +29,17 @@ def build_vocab(folder: str, min_count: int = 5) -> dict:
     and dedup do: their tags were left out without a word, so a vocabulary of a half-built folder
     passed for one of the whole folder."""
     shards.require_shards(folder)
-    require_whole_shards(folder, "vocab")  # an unreadable parquet or a damaged tar: one line
-    skipped = skipped_shards(folder, "vocab")
+    # Listed once: each step listed the shards anew, so one a running build completed meanwhile was
+    # named skipped while its tags were counted, or counted without the check of its tar.
+    names = list(shards.iter_shard_names(folder))
+    require_whole_shards(folder, "vocab", names)  # an unreadable parquet or a damaged tar: one line
+    skipped = skipped_shards(folder, "vocab", names)
     tags, categories = Counter(), Counter()
     samples = failures = 0
-    for name in shards.iter_shard_names(folder):
+    for name in names:
         rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
         failures += sum(row["status"] != shards.SUCCESS for row in rows)
-    for _key, row in iter_sample_rows(folder):
+    for _key, row in iter_sample_rows(folder, names):
         samples += 1
         tags.update({normalize_tag(t) for t in tag_values(row.get("tags"))})
         if row.get("category_name"):
