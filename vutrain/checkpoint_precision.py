@@ -9,7 +9,11 @@ resume (what the non-finite-loss error suggests) failed with "KeyError: 'param_g
 
 Here the engine loads the weights and LR schedule itself, then gets the inner optimizer state
 (Adam moments and step) and the fp32 master weights, translated: the result is what the saved
-run held in fp32, exactly. A 16-bit engine starts with a fresh loss scale.
+run held in fp32, exactly. A 16-bit engine starts with a fresh loss scale. fp16 <-> bf16 takes the
+same way: DeepSpeed's own load would carry fp16's dynamic loss scale (2**16) into a bf16 run and
+bf16's static scale of 1 into an fp16 one (its gradients underflow, nothing rescales). The
+optimizer keeps this run's settings (train.lr's schedule, weight_decay, betas, eps), as
+engine.keep_settings_on_load does for a load of the same precision.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def load_zero0(engine, ckpt_dir: str, tag: str):
     tag_dir = os.path.join(ckpt_dir, tag)
     saved = torch.load(os.path.join(tag_dir, MODEL_FILE), map_location="cpu", weights_only=False)
     saved_optimizer = saved.get("optimizer")
-    if saved_optimizer is None or _wrapped(saved_optimizer) == _engine_wrapped(engine):
+    if saved_optimizer is None or _same_form(engine, saved_optimizer, saved["module"]):
         load_path, _ = engine.load_checkpoint(
             ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -59,7 +63,15 @@ def load_zero0(engine, ckpt_dir: str, tag: str):
     target = engine.optimizer.optimizer if _engine_wrapped(engine) else engine.optimizer
     groups = engine.optimizer.fp32_groups if _engine_wrapped(engine) else _param_groups(engine.optimizer)
     _check_shapes(tag_dir, masters, groups)
+    # The load below puts the saved run's param-group settings (lr, weight_decay, betas, eps) in
+    # place of this run's, which the engine's load has just set (engine.keep_settings_on_load).
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in target.param_groups]
     target.load_state_dict(inner)
+    for group, kept in zip(target.param_groups, settings, strict=True):
+        group.update(kept)
+    if engine.lr_scheduler is not None:  # the LR of the next step, at the restored schedule position
+        for group, lr in zip(target.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
     with torch.no_grad():
         for group, saved_group in zip(groups, masters, strict=True):
             for param, value in zip(group, saved_group, strict=True):
@@ -69,6 +81,18 @@ def load_zero0(engine, ckpt_dir: str, tag: str):
                 for param, value in zip(group, saved_group, strict=True):
                     param.copy_(value)
     return load_path
+
+
+def _same_form(engine, saved_optimizer: dict, module_state: dict) -> bool:
+    """Whether DeepSpeed's own load fits: both fp32 (or amp_bf16), or both of one 16-bit dtype."""
+    if _wrapped(saved_optimizer) != _engine_wrapped(engine):
+        return False
+    if not _engine_wrapped(engine):
+        return True
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    first = engine.optimizer.fp16_groups[0][0]
+    saved = module_state.get(names[id(first)])
+    return saved is None or saved.dtype == first.dtype
 
 
 def _param_groups(optimizer: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
