@@ -192,17 +192,17 @@ def _fit_bd(config: TileConfig, d: int) -> TileConfig:
 
 
 # Compute capabilities whose compiled shared memory was measured to keep ``num_stages - 1`` slabs
-# (tests/test_review_kernels13.py): A100 and RTX 30xx. sm_87/sm_89 take the same Ampere mma path in
-# Triton 3.9 but were not compiled here, so they keep the larger count.
-AMPERE_PIPELINE = ("8.0", "8.6")
+# (tests/test_review_kernels13.py): A100, RTX 30xx, Jetson Orin (8.7) and RTX 40xx/L4/L40S (8.9),
+# which take the same Ampere mma path in Triton 3.9 and compile to the same bytes, bf16 and fp32.
+AMPERE_PIPELINE = ("8.0", "8.6", "8.7", "8.9")
 
 
 def pipelined_slabs(config: TileConfig, capability: str | None = None) -> int:
     """How many copies of the [BM, BD] and [BN, BD] operand slabs Triton 3.9 keeps in shared memory
     for these kernels on an NVIDIA card of compute ``capability`` ("8.6"), compiled: ``num_stages``
     for Hopper's wgmma (sm_90, 16-bit inputs), ``num_stages - 1`` (at least one) for Ampere's mma,
-    whose cp.async pipeline keeps one stage in registers (``AMPERE_PIPELINE``). Other cards (None,
-    sm_89, sm_100+, ROCm) count ``num_stages``: the most, so the estimate is never under."""
+    whose cp.async pipeline keeps one stage in registers (``AMPERE_PIPELINE``, sm_87/sm_89 too). Other
+    cards (None, sm_100+, ROCm) count ``num_stages``: the most, so the estimate is never under."""
     return max(1, config.num_stages - 1) if capability in AMPERE_PIPELINE else config.num_stages
 
 

@@ -1,10 +1,13 @@
 """The shared-memory estimate that fits tile configs is never under what Triton compiles, and on
-the cards whose pipeline was measured (A100, RTX 30xx) it is what Triton compiles.
+the cards whose pipeline was measured (A100, RTX 30xx, Jetson Orin, RTX 40xx/L4/L40S) it is what
+Triton compiles.
 
 It counted ``num_stages`` operand slabs everywhere (Hopper's wgmma pipeline); Ampere's cp.async
 pipeline keeps ``num_stages - 1``, so A100/RTX 30xx configs were shrunk needlessly (128x256x64,
-3 stages, bf16: 147456 B estimated, 98304 B compiled). Compiles for sm_80/86/90 in a subprocess
-without a GPU (kernels.compile_check). Expected runtime: ~60 s on 2 idle CPU cores.
+3 stages, bf16: 147456 B estimated, 98304 B compiled); sm_87/sm_89 compile to the same bytes and
+were counted the larger way until 2026-12-07, so an RTX 4090 (99 KiB) shrank that config though it
+fits. Compiles for sm_80/86/87/89/90 in a subprocess without a GPU (kernels.compile_check).
+Expected runtime: ~75 s on 2 idle CPU cores.
 """
 
 import json
@@ -30,6 +33,9 @@ GRID = [
     ("8.0", "fp32", "sig_grad", ["128,256,64,8,3"]),
     ("9.0", "bf16", "fwd,sig_fwd", ["128,256,64,8,3", "64,64,32,4,2"]),
     ("9.0", "fp32", "sig_fwd", ["64,64,32,4,2"]),
+    ("8.9", "bf16", "grad,sig_fwd", ["128,256,64,8,3", "128,128,64,8,4"]),
+    ("8.9", "fp32", "fwd", ["64,128,128,4,2", "128,128,64,8,1"]),
+    ("8.7", "bf16", "sig_grad", ["128,128,64,8,3"]),
 ]
 
 
@@ -84,9 +90,28 @@ def test_an_a100_launch_keeps_the_config_its_compiled_shared_memory_fits(monkeyp
     cfg = tile_configs.select("ce_grad", 32768, 32768, 768, cuda0, False, 4, torch.float32)
     assert cfg == TileConfig(128, 128, 64, 8, 3)
     assert shared_memory_bytes(cfg, 4, "8.0") == 131_072 <= 166_912
-    # An RTX 4090 (sm_89, not compiled here) and a ROCm card reporting 8.0-like numbers: unchanged.
-    _gpu(monkeypatch, (8, 9), shared_memory_per_block_optin=166_912)
+    # A card not compiled here (sm_120) and a ROCm card reporting 8.0-like numbers: the larger count.
+    assert shared_memory_bytes(cfg, 4, "12.0") == 196_608 > 166_912
+    _gpu(monkeypatch, (12, 0), shared_memory_per_block_optin=166_912)
     assert tile_configs.select("ce_grad", 32768, 32768, 768, cuda0, False, 4, torch.float32).BD == 32
     assert tile_configs.choose(
         "fallback", "ce_grad", 32768, 32768, 768, 4, 65_536, None, "8.0"
     ) == TileConfig(128, 128, 32, 8, 2)
+
+
+def test_an_rtx_4090_keeps_an_a100_tuned_config_its_compiled_shared_memory_fits(monkeypatch, tmp_path):
+    """An RTX 4090 / L40S (sm_89, 99 KiB) with a table tuned on an A100: 128x256x64, 3 stages, bf16
+    compiles to 98304 B there (as on sm_80), yet was counted at 147456 B and launched with BD halved."""
+    tuned = tmp_path / "tuned.json"
+    square = TileConfig(128, 256, 64, 8, 3)
+    tile_configs.write_tuned(tuned, {("sm_80", "ce_grad", "large"): tile_configs.Entry(square, "t")})
+    monkeypatch.setenv(tile_configs.TUNED_ENV, str(tuned))
+    cuda0 = torch.device("cuda", 0)
+    try:
+        for capability in [(8, 9), (8, 7)]:  # RTX 40xx/L4/L40S, Jetson Orin
+            _gpu(monkeypatch, capability, shared_memory_per_block_optin=101_376)
+            cfg = tile_configs.select("ce_grad", 32768, 32768, 768, cuda0, False, 2, torch.bfloat16)
+            assert cfg == square, capability
+            assert shared_memory_bytes(cfg, 2, tile_configs.capability_of(cuda0)) == 98_304 <= 101_376
+    finally:
+        tile_configs.load_tuned.cache_clear()
