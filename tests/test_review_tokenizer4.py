@@ -89,7 +89,8 @@ def _write_shard(path, titles: list[str]) -> None:
 def test_tokenizer_samples_come_from_every_source_not_the_first_shards(tmp_path):
     """`data.train_shards=EN::JA` with data.tokenizer_samples smaller than EN: the shards were read
     in list order, so the BPE saw English titles alone and encoded every Japanese title byte by
-    byte. The limit now takes its samples from shards spread over the whole list."""
+    byte. The limit now takes its samples from shards spread over the whole list: 8 samples over
+    5 shards are about 2 from each (since 2026-12-07; before, whole shards: 4 EN and 4 JA)."""
     (tmp_path / "en").mkdir()
     (tmp_path / "ja").mkdir()
     for s in range(4):
@@ -98,7 +99,8 @@ def test_tokenizer_samples_come_from_every_source_not_the_first_shards(tmp_path)
     spec = f"{tmp_path}/en/{{0..3}}.tar::{tmp_path}/ja/0.tar"
     texts = list(iter_shard_texts(spec, "{title}", limit=8))
     assert len(texts) == 8
-    assert sum(t.startswith("かわいい") for t in texts) == 4, texts
+    assert sum(t.startswith("かわいい") for t in texts) == 2, texts
+    assert {t.split()[2] for t in texts if t.startswith("english")} == {"0", "1", "2", "3"}, texts
     assert sorted(iter_shard_texts(spec, "{title}")) == sorted(  # without a limit: every sample, once
         [f"english video {s} {i}" for s in range(4) for i in range(4)]
         + [f"かわいい猫の動画 {i}" for i in range(4)]

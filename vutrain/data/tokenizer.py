@@ -177,19 +177,13 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
 
     Only the ``.json`` and ``.txt`` members are read (a local tar's images are seeked over: they
     were read in full, some 40x the text, on rank 0 before every other rank could start); bad
-    samples are skipped. ``limit`` caps the number of samples read. Shards are read in
-    :func:`spread_order`, so the samples a limit keeps come from across the whole list.
+    samples are skipped. ``limit`` caps the number of samples read; they come from shards spread
+    over the whole list (:func:`spread_samples`).
     """
     template_fields(caption_template)  # fail fast on unknown placeholders
     skipped = SkipCounter()
-
-    def samples() -> Iterator[dict]:
-        urls = expand_shards(shards)
-        for index in spread_order(len(urls)):
-            yield from iter_raw_samples(urls[index], skipped, payloads={"json", "txt"})
-
     read = captions = 0
-    for raw in itertools.islice(samples(), limit):
+    for raw in spread_samples(expand_shards(shards), limit, skipped):
         read += 1
         try:
             meta = decode_meta(raw)
@@ -209,6 +203,64 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
             yield ", ".join(tags)
         yield from _category_texts(meta.get("category_name"))
     _report_caption_count(captions, read, skipped)
+
+
+SPREAD_SHARDS = 16  # the least number of shards a limit's samples come from (when there are as many)
+_TEXT_MEMBERS = {"json", "txt"}
+
+
+def spread_samples(urls: list[str], limit: int | None, skipped: SkipCounter) -> Iterator[dict]:
+    """Up to ``limit`` raw samples (all: None) of the shards ``urls``, read in :func:`spread_order`.
+
+    The first ``min(len(urls), SPREAD_SHARDS, limit)`` shards of that order each give an even share
+    of what the limit has left (``ceil(left / shards left)``), and a shard that gives less (short,
+    damaged, missing) leaves the rest of its share to the next ones; past them, whole shards are read
+    until the limit. A limit that holds that many whole shards reads exactly the whole shards it read
+    before; one below a shard's samples read the first shard alone, so with ``A::B`` (or shards made
+    one channel or one week after another) the vocabulary learnt one source. When every shard was
+    opened and the limit is still not reached, the shards that stopped at their share are read on.
+    """
+    order = [urls[index] for index in spread_order(len(urls))]
+    if limit is None:
+        for url in order:
+            yield from _shard_samples(url, skipped)
+        return
+    spread, left = min(len(order), SPREAD_SHARDS, limit), limit
+    stopped: list[tuple[str, int]] = []  # (url, samples read) of shards that stopped at their share
+    for position, url in enumerate(order):
+        if not left:
+            return
+        share, taken = -(-left // max(spread - position, 1)), 0
+        for raw in _shard_samples(url, skipped, most=share):
+            taken, left = taken + 1, left - 1
+            yield raw
+        if taken == share:
+            stopped.append((url, taken))
+    for url, taken in stopped:
+        if not left:
+            return
+        for raw in _shard_samples(url, skipped, after=taken, most=left):
+            left -= 1
+            yield raw
+
+
+def _shard_samples(url: str, skipped: SkipCounter, after: int = 0, most: int | None = None) -> Iterator[dict]:
+    """Up to ``most`` raw samples of shard ``url`` (its text members alone) after its first ``after``.
+
+    The first ``after`` were read before: what they count (ignored members) is muted, not counted
+    twice. The shard is closed where the samples end (a remote shard's download stops there).
+    """
+    samples = iter_raw_samples(url, skipped, payloads=_TEXT_MEMBERS)
+    try:
+        skipped.muted = True
+        try:
+            for _ in itertools.islice(samples, after):
+                pass
+        finally:
+            skipped.muted = False
+        yield from itertools.islice(samples, most)
+    finally:
+        samples.close()
 
 
 def _category_texts(value) -> list[str]:
