@@ -119,6 +119,8 @@ class DataConfig:
     """DataLoader worker processes per rank; -1: auto (this rank's share of the cores, less one)."""
     prefetch_factor: int = 2
     """Batches each loader worker prepares ahead (pinned when CUDA is available)."""
+    stall_warning_s: float = 300.0
+    """Warn when a rank has waited this long for its next batch (again as the wait doubles); 0: off."""
     fast_preprocess: bool = True
     """Workers send uint8 crops, normalised on the device; false: the processor-exact float path on CPU."""
     random_resized_crop: bool = False
@@ -896,6 +898,10 @@ def validate(cfg: RunConfig, cuda_available: bool | None = None) -> None:
         raise ConfigError(
             f"data.num_workers must be >= -1 (-1: auto) and data.prefetch_factor >= 1; got "
             f"{d.num_workers}, {d.prefetch_factor}"
+        )
+    if d.stall_warning_s < 0:  # NaN and inf are refused as for every float field
+        raise ConfigError(
+            f"data.stall_warning_s must be >= 0 seconds (0: no warning), got {d.stall_warning_s}"
         )
     if not cfg.output_dir.strip():
         # e.g. output_dir=$RUN_DIR with the variable unset: FileNotFoundError: '' after the

@@ -26,6 +26,7 @@ import torch
 from vutrain import checkpoint as ckpt
 from vutrain import run_lock
 from vutrain.config import ConfigError, RunConfig, save_config
+from vutrain.data_wait import DataWaitWatch
 from vutrain.distributed import DistInfo, all_reduce, barrier
 from vutrain.engine import build_engine
 from vutrain.evaluate import EvalInterrupted, Evaluator
@@ -218,6 +219,8 @@ class Trainer:
     loss_fn: torch.nn.Module
     stream: object
     """The TrainStream of this rank (resumable position)."""
+    data_wait: DataWaitWatch
+    """Warns when this rank waits data.stall_warning_s for its next batch."""
     guard: NonFiniteGuard
     evaluator: Evaluator
     metrics: MetricsWriter
@@ -465,6 +468,14 @@ class Trainer:
             rank=info.rank,
             position=lambda: self.stream.batches_seen,
         )
+        self.data_wait = DataWaitWatch(d.stall_warning_s, info.rank, self._describe_loader)
+
+    def _describe_loader(self) -> str:
+        """What a data-wait warning says about this rank's loader (read only when one is due)."""
+        workers, shards = self.stream.num_workers, len(self.stream.shards)
+        per_worker = shards / (self.info.world_size * max(1, workers))
+        readers = f"{workers} loader workers" if workers else "no loader workers (read in this process)"
+        return f"{readers}, {shards} shards over {self.info.world_size} ranks: {per_worker:.1f} per worker"
 
     # ------------------------------------------------------------------ state
 
@@ -601,7 +612,8 @@ class Trainer:
 
         With loss.positives=category|tags the batch also carries this rank's `labels`.
         """
-        batch = next(self.stream)
+        # A stuck read (a hung mount, a deadlocked worker) was silent forever: warn past a threshold.
+        batch = self.data_wait.next(self.stream, step=self.step + 1)
         mask = text_attention_mask(batch["attention_mask"])  # None when right-padded: no host sync
         out = {
             "pixel_values": self.pixel_transform(batch["pixel_values"], self.device, self.dtype),
@@ -861,6 +873,7 @@ class Trainer:
             return self._train()
         finally:
             try:
+                self.data_wait.close()  # its watcher thread ends with the run (joins; never raises)
                 self.stream.close()  # its loader workers end with the run, not when the process does
             finally:
                 try:
