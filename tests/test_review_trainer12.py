@@ -24,7 +24,7 @@ from tar_shards import rank_streams, write_two_image_shards
 from inprocess_trainer import train
 
 THRESHOLD_S = 0.5
-BLOCKED_S = 2.6  # warnings due at 0.5, 1.0 and 2.0 s of waiting: three, whatever the poll rate
+WARNINGS = 3  # due at 0.5, 1.0 and 2.0 s of waiting; the data comes once the third is logged
 
 
 class _DataLines(logging.Handler):
@@ -94,10 +94,19 @@ class _BlockedShards:
         assert not any(w.is_alive() for w in self.writers)
 
 
-def _release_after(blocked: _BlockedShards, seconds: float) -> threading.Timer:
-    timer = threading.Timer(seconds, blocked.release)
-    timer.start()
-    return timer
+def _release_after(blocked: _BlockedShards, lines: _DataLines) -> threading.Thread:
+    """Let the data come once the third warning is logged (not after a fixed time: on a loaded
+    machine the wait may start late, and a fixed release then came before the third warning)."""
+
+    def release() -> None:
+        deadline = time.monotonic() + 120
+        while len(lines.stalls) < WARNINGS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        blocked.release()
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    return thread
 
 
 def _watch_threads() -> list[threading.Thread]:
@@ -116,15 +125,17 @@ def _check_lines(lines: _DataLines, blocked: _BlockedShards, started: float, ste
         waited.append(int(found.group(1)))
         for advice in ("shard storage is reachable", "data.num_workers", "shards per worker"):
             assert advice in text, text
-    assert waited[0] in (0, 1) and waited[1:] == [1, 2], texts  # 0.5 s rounds either way
+    assert waited[0] in (0, 1) and waited == sorted(waited) and waited[-1] >= 2, (
+        texts
+    )  # 0.5 s rounds either way
     first_warning = lines.stalls[0][0] - started
-    assert THRESHOLD_S <= first_warning < BLOCKED_S, first_warning
+    assert THRESHOLD_S <= first_warning, first_warning
     assert all(at < blocked.released_at for at, _ in lines.stalls), "a warning after the data came"
     assert len(lines.arrivals) == 1, lines.arrivals
     at, text = lines.arrivals[0]
     assert at >= blocked.released_at
     assert text.startswith(f"rank 0: the batch for step {step} arrived after "), text
-    assert float(text.split("arrived after ")[1].split(" s")[0]) >= BLOCKED_S - 0.5, text
+    assert float(text.split("arrived after ")[1].split(" s")[0]) >= 2, text  # after the third warning
 
 
 def _losses(run_dir: str) -> list[float]:
@@ -136,8 +147,8 @@ def _losses(run_dir: str) -> list[float]:
 def test_a_trainer_blocked_on_its_shards_warns_then_trains_on_unchanged(
     tiny_shards, tmp_path, single_process, data_lines
 ):
-    """A real Trainer whose shards block for 2.6 s logs three warnings (rank, seconds, step 1, the
-    loader, what to check) and one arrival line, then trains all 3 steps with the losses of a run
+    """A real Trainer whose shards block until its third warning logs three warnings (rank, seconds,
+    step 1, the loader, what to check) and one arrival line, then trains all 3 steps with the losses of a run
     whose shards never blocked; no watcher thread outlives train()."""
     shards_dir = os.path.dirname(tiny_shards["train_shards"])
     copy = str(tmp_path / "shards")
@@ -157,7 +168,7 @@ def test_a_trainer_blocked_on_its_shards_warns_then_trains_on_unchanged(
         files = sorted(glob.glob(os.path.join(copy, "*.tar")))
         assert len(files) == 4
         blocked = _BlockedShards(files)
-        timers.append((blocked, time.monotonic(), _release_after(blocked, BLOCKED_S)))
+        timers.append((blocked, time.monotonic(), _release_after(blocked, data_lines)))
 
     blocked_run = str(tmp_path / "blocked")
     try:
@@ -189,7 +200,7 @@ def test_a_loader_worker_blocked_on_a_fifo_shard_is_reported(tmp_path, data_line
     blocked = _BlockedShards([str(tmp_path / "0.tar"), str(tmp_path / "1.tar")])
     watch = DataWaitWatch(THRESHOLD_S, 0, lambda: "1 loader workers")
     started = time.monotonic()
-    timer = _release_after(blocked, BLOCKED_S)
+    timer = _release_after(blocked, data_lines)
     try:
         got = [watch.next(stream, step=7)]
         assert len(_watch_threads()) == 1

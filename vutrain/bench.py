@@ -136,7 +136,9 @@ def run_one(spec: dict) -> dict:
         wall = (time.perf_counter() - started) / spec["steps"]
     finally:
         # train() is never called, so nothing else frees run_dir for the next run in this process
-        # or another: its lock stayed held until this process exited.
+        # or another: its lock stayed held until this process exited. Nor ends the data-wait
+        # watcher thread, which kept the whole Trainer alive until then.
+        trainer.data_wait.close()
         trainer.release_run_dir()
         cleanup()
     med = {p: statistics.median(getattr(t, p) for t in rows) for p in PHASES}

@@ -167,6 +167,9 @@ class TrainerStep:
     def close(self) -> None:
         """Free the DeepSpeed engine and the Trainer so the next configuration gets the memory, and
         its run directory's lock (a Trainer that never trains held it until this process exited)."""
+        # train() never runs, which ends the data-wait watcher thread: left running, it held the
+        # Trainer, so every configuration's engine (its memory) stayed until this process exited.
+        self.trainer.data_wait.close()
         self.trainer.release_run_dir()
         engine = self.trainer.engine
         try:

@@ -5,7 +5,8 @@ comes (a worker stuck on a hung network mount or a slow disk, a worker deadlocke
 the run was silent forever: no line, no metric, the GPU idle. `DataWaitWatch.next` marks when a
 rank starts waiting; one watcher thread per rank logs a warning once the wait passes the
 threshold, again each time the wait has doubled (at most an hour apart), and the batch's arrival
-after such a warning.
+after such a warning. The eval's val batches are watched alike (`watched`), by a watcher that
+ends with the eval.
 
 Cost per batch on the training thread: a clock read, an attribute store and an uncontended lock
 (about a microsecond); the watcher wakes every quarter threshold while nothing stalls. The batch
@@ -18,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 log = logging.getLogger("vutrain")
 MAX_WARNING_GAP_S = 3600.0
@@ -26,12 +27,16 @@ MAX_WARNING_GAP_S = 3600.0
 
 
 class _Wait:
-    """One `next` call in progress: when it began, and the step it feeds."""
+    """One `next` call in progress: when it began, and the step (or what else) it feeds."""
 
-    __slots__ = ("started", "step", "warned")
+    __slots__ = ("started", "step", "what", "warned")
 
-    def __init__(self, started: float, step: int):
-        self.started, self.step, self.warned = started, step, False
+    def __init__(self, started: float, step: int | None, what: str | None):
+        self.started, self.step, self.what, self.warned = started, step, what, False
+
+    def purpose(self) -> str:
+        """What the batch is for, as the lines say it (formatted only when a line is due)."""
+        return self.what if self.what is not None else f"step {self.step}"
 
 
 class DataWaitWatch:
@@ -39,7 +44,9 @@ class DataWaitWatch:
 
     rank: named in the lines. describe_loader: returns what the warning says about the loader
     (its worker count, shards per worker), read only when a warning is due. The watcher thread
-    starts at the first `next` and ends at `close()` (the trainer closes it with its stream).
+    starts at the first `next` and ends at `close()` (the trainer closes it with its stream, the
+    evaluator at the end of each eval, the benchmarks with their Trainers): the thread holds
+    `describe_loader`, so an open watch keeps its Trainer (engine, model, optimizer) alive.
     """
 
     def __init__(self, threshold_s: float, rank: int, describe_loader: Callable[[], str]):
@@ -50,26 +57,49 @@ class DataWaitWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def next(self, batches: Iterator, step: int):
-        """`next(batches)`, watched; `step`: the training step the batch is for (named in the lines)."""
+    def next(self, batches: Iterator, step: int | None = None, what: str | None = None):
+        """`next(batches)`, watched; `step`: the training step the batch is for, or `what`: what else
+        it is for ("the eval of data.val_shards=..."), named in the lines."""
         if not self.enabled:
             return next(batches)
         if self._thread is None:
             self._start()
-        wait = _Wait(time.monotonic(), step)
+        wait = _Wait(time.monotonic(), step, what)
         self._wait = wait  # one store: the watcher reads it without the lock
+        arrived = False
         try:
-            return next(batches)
+            batch = next(batches)
+            arrived = True
+            return batch
         finally:
             with self._lock:  # a warning is logged whole before the arrival check, never after it
                 self._wait = None
             if wait.warned:
-                log.warning(
-                    "rank %d: the batch for step %d arrived after %.0f s of waiting",
-                    self.rank,
-                    step,
-                    time.monotonic() - wait.started,
-                )
+                waited = time.monotonic() - wait.started
+                if arrived:
+                    log.warning(
+                        "rank %d: the batch for %s arrived after %.0f s of waiting",
+                        self.rank,
+                        wait.purpose(),
+                        waited,
+                    )
+                else:  # the data ended (the eval's last batch was read) or the read failed
+                    log.warning(
+                        "rank %d: the wait for the batch for %s ended after %.0f s without one",
+                        self.rank,
+                        wait.purpose(),
+                        waited,
+                    )
+
+    def watched(self, batches: Iterable, what: str) -> Iterator:
+        """The items of `batches`, each pull watched as `next(..., what=what)` is (the eval's)."""
+        it = iter(batches)
+        while True:
+            try:
+                item = self.next(it, what=what)
+            except StopIteration:
+                return
+            yield item
 
     def close(self) -> None:
         """Stop the watcher thread (a later `next` starts a new one)."""
@@ -117,13 +147,26 @@ class DataWaitWatch:
             except Exception as exc:  # the warning matters more than its details
                 loader = f"loader details unavailable: {exc!r}"
             log.warning(
-                "rank %d has waited %.0f s for its next batch (step %d; %s): the data loader is stuck "
+                "rank %d has waited %.0f s for its next batch (%s; %s): the data loader is stuck "
                 "or slow; check that the shard storage is reachable and fast (a hung network mount, a "
                 "slow disk), data.num_workers and the shards per worker (more, smaller shards); "
                 "warnings repeat while it waits (data.stall_warning_s)",
                 self.rank,
                 waited,
-                wait.step,
+                wait.purpose(),
                 loader,
             )
             return waited
+
+
+def describe_val_loader(stream) -> str:
+    """What an eval's data-wait warning says about its `ValStream`'s readers (as the trainer's says
+    of its training stream)."""
+    workers, shards = stream.loader_workers(), len(stream.shards)
+    # Fewer shards than ranks: every rank reads every shard (and keeps its share of the samples).
+    mine = len(stream.shards[stream.rank :: stream.world_size]) if shards >= stream.world_size else shards
+    readers = f"{workers} loader workers" if workers else "no loader workers (read in this process)"
+    return (
+        f"{readers}, {shards} val shards over {stream.world_size} ranks: "
+        f"{mine / max(1, workers):.1f} per worker"
+    )

@@ -740,18 +740,26 @@ class Evaluator:
         dummy = dict(
             self.tokenize([""]), pixel_values=torch.zeros(1, 3, *self.image_hw), labels=[""], label_sets=[[]]
         )
-        metrics = evaluate(
-            engine,
-            batches,
-            self.classes(),
-            list(cfg.eval.templates),
-            self.tokenize,
-            self.input_dtype,
-            self.device,
-            dummy,
-            tag_vocab_size=cfg.eval.tag_vocab_size,
-            stop_requested=stop_requested,
-        )
+        # A val shard on a hung mount (or a stuck loader worker) left the run silent mid-eval forever:
+        # its batch pulls are watched as training's are, by a watcher that ends with this eval.
+        from vutrain.data_wait import DataWaitWatch, describe_val_loader
+
+        watch = DataWaitWatch(cfg.data.stall_warning_s, self.rank, lambda: describe_val_loader(batches))
+        try:
+            metrics = evaluate(
+                engine,
+                watch.watched(batches, what=f"the eval of data.val_shards={cfg.data.val_shards}"),
+                self.classes(),
+                list(cfg.eval.templates),
+                self.tokenize,
+                self.input_dtype,
+                self.device,
+                dummy,
+                tag_vocab_size=cfg.eval.tag_vocab_size,
+                stop_requested=stop_requested,
+            )
+        finally:
+            watch.close()  # joins the watcher thread (never raises)
         # Undecodable validation samples were only logged (three per reason and rank), so a
         # held-out set that lost a share of its images reported metrics over the rest unnoticed.
         from vutrain.data.samples import lost_and_ignored
