@@ -21,7 +21,7 @@ import time
 import weakref
 
 import pytest
-from test_review_trainer12 import THRESHOLD_S, _BlockedShards, _DataLines, _release_after
+from test_review_trainer12 import THRESHOLD_S, _BlockedShards, _check_lines, _DataLines, _release_after
 
 from inprocess_trainer import DIST_ENV, overrides
 
@@ -71,29 +71,6 @@ def _restore(blocked: _BlockedShards) -> None:
                 fh.write(data)
 
 
-def _check_eval_lines(lines: _DataLines, blocked: _BlockedShards, started: float, spec: str, loader: str):
-    """Three warnings (0.5, 1 and 2 s of waiting) naming the eval, the val shards and the loader; then
-    one arrival line after the release."""
-    what = re.escape(f"the eval of data.val_shards={spec}")
-    texts = [text for _, text in lines.stalls]
-    assert len(texts) == 3, texts
-    waited = []
-    for text in texts:
-        found = re.search(rf"rank 0 has waited (\d+) s for its next batch \({what}; (.*?)\): ", text)
-        assert found and found.group(2) == loader, text
-        waited.append(int(found.group(1)))
-        for advice in ("shard storage is reachable", "data.num_workers", "shards per worker"):
-            assert advice in text, text
-    assert waited[0] in (0, 1) and waited == sorted(waited) and waited[-1] >= 2, texts
-    assert THRESHOLD_S <= lines.stalls[0][0] - started
-    assert all(at < blocked.released_at for at, _ in lines.stalls), "a warning after the data came"
-    assert len(lines.arrivals) == 1, lines.arrivals
-    at, text = lines.arrivals[0]
-    assert at >= blocked.released_at
-    assert re.match(rf"rank 0: the batch for {what} arrived after (\d+) s of waiting$", text), text
-    assert float(text.split("arrived after ")[1].split(" s")[0]) >= 2, text
-
-
 @pytest.mark.parametrize(
     "workers, loader",
     [
@@ -141,7 +118,13 @@ def test_an_eval_blocked_on_its_val_shards_warns_then_scores_the_same(
                 _restore(blocked)
         assert _watch_threads() == []
         blocked, started, _ = blocks[0]
-        _check_eval_lines(data_lines, blocked, started, three_val_shards["val_shards"], loader)
+        _check_lines(
+            data_lines,
+            blocked,
+            started,
+            f"the eval of data.val_shards={three_val_shards['val_shards']}",
+            loader,
+        )
         assert again == plain
 
         with pytest.raises(EvalInterrupted):  # a pre-emption between two eval batches
