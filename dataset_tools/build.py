@@ -382,7 +382,8 @@ def _clean_partials(folder: str) -> None:
 # ``NAME.<pid>-<random>.tmp``, ``save_plan``'s ``plan.parquet.tmp``). Others' (``dedup.json``'s)
 # are left alone: a dedup may be writing its report right now, the build lock does not cover it.
 _BUILD_TEMP_RE = re.compile(
-    r"^(?:(?:summary\.json|rejected_input\.jsonl|host_cooldown\.json)\.\d+-[0-9a-f]{12}|plan\.parquet)\.tmp$"
+    r"^(?:(?:summary\.json|rejected_input\.jsonl|host_cooldown\.json|url_templates\.json)\.\d+-[0-9a-f]{12}"
+    r"|plan\.parquet)\.tmp$"
 )
 
 
@@ -545,7 +546,8 @@ def _build(cfg: BuildConfig) -> dict:
     )
     cfg = _keep_planned_shard_size(cfg, previous)
     cfg = _keep_planned_image_options(cfg, previous)
-    previous = _use_new_url_template(cfg, previous)
+    planned_template = plan_mod.planned_url_template(cfg.output, previous, cfg.url_template, cfg.variants[0])
+    previous = _use_new_url_template(cfg, previous, planned_template)
     # A resume keeps the saved plan whatever the input says now; say what that means instead
     # of silently building removed rows and old captions beside the new ones.
     drift = plan_mod.input_drift(previous, meta.rows, cfg.caption_template)
@@ -562,6 +564,8 @@ def _build(cfg: BuildConfig) -> dict:
         first_variant=cfg.variants[0],
     )
     plan_mod.save_plan(cfg.output, plan, cfg.shard_size, _image_options(cfg), cfg.url_template)
+    # Before any download: a build killed midway has already fetched from this template.
+    url_templates = _record_url_templates(build_dir, planned_template, cfg.url_template)
 
     # Before the shards to download are chosen, and before --retry-failed empties _build/retry/.
     for line in retry.finish_stopped_merges(cfg.output):
@@ -609,6 +613,8 @@ def _build(cfg: BuildConfig) -> dict:
         planned=len(plan),
         shard_size=cfg.shard_size,
         image_options=_image_options(cfg),
+        url_template=cfg.url_template,
+        url_templates=url_templates,
         **drift,
         incomplete_shards=len(set(plan_mod.by_shard(plan)) - set(built_shards(cfg.output))),
         incomplete_retries=len(unmerged),
@@ -678,12 +684,11 @@ def _keep_planned_shard_size(cfg: BuildConfig, plan: list[dict]) -> BuildConfig:
     return dataclasses.replace(cfg, shard_size=planned)
 
 
-def _use_new_url_template(cfg: BuildConfig, plan: list[dict]) -> list[dict]:
+def _use_new_url_template(cfg: BuildConfig, plan: list[dict], old: str | None) -> list[dict]:
     """The saved plan with its URLs from the given ``--url-template`` when the resume changed it
-    (the thumbnail host moved), said in one line. The download always asked the given template,
-    but nothing said so, and each row that failed on the new host was recorded with the old
-    host's URL (the plan's), as if the old host had still been asked."""
-    old = plan_mod.planned_url_template(cfg.output, plan, cfg.url_template, cfg.variants[0])
+    from ``old`` (the thumbnail host moved), said in one line. The download always asked the given
+    template, but nothing said so, and each row that failed on the new host was recorded with the
+    old host's URL (the plan's), as if the old host had still been asked."""
     if old is None:
         return plan
     print(
@@ -692,6 +697,39 @@ def _use_new_url_template(cfg: BuildConfig, plan: list[dict]) -> list[dict]:
         "download (and those --retry-failed retries) are fetched from the new one"
     )
     return plan_mod.with_url_template(plan, cfg.url_template, cfg.variants[0])
+
+
+URL_TEMPLATES_FILE = "url_templates.json"
+"""In ``_build/``: every ``--url-template`` the output was built with, first used first."""
+
+
+def _record_url_templates(build_dir: str, planned: str | None, current: str) -> list[str]:
+    """The templates this output's rows were fetched from, ``current`` included, kept in
+    ``URL_TEMPLATES_FILE``: the plan records only the latest, so after a resume with a moved
+    template nothing said that older shards came from another host. ``planned`` is the plan's
+    template when it differs from ``current`` (it seeds the list of an output built before the
+    file existed; a plan older than its recorded template gives a URL instead, not listed); the
+    file is rewritten only when the list grows."""
+    path = os.path.join(build_dir, URL_TEMPLATES_FILE)
+    known = _read_url_templates(path)
+    seed = [planned] if planned and "{video_id}" in planned else []
+    templates = list(dict.fromkeys([*known, *seed, current]))
+    if templates != known:
+        shards.save_json(path, templates, "list of URL templates")
+    return templates
+
+
+def _read_url_templates(path: str) -> list[str]:
+    """The list in ``path``; empty when it is missing or does not read as a list of strings (an
+    edit, a torn copy): the plan's template and the given one still start it again."""
+    try:
+        with open(path) as f:
+            templates = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+        return []
+    return templates
 
 
 def _image_options(cfg: BuildConfig) -> dict:

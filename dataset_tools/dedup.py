@@ -182,7 +182,8 @@ def dedup(
         check_empty_output(filter_output)
         schema = input_schema(folder, "dedup", names)
     report = {**_find_duplicates(folder, max_distance, names), **skipped}
-    # Atomic: written in place, a kill or a full disk mid-write left a truncated report.
+    # Atomic: written in place, a kill or a full disk mid-write left a truncated report. Written
+    # before the filter too, so that the hashing survives a kill during it.
     shards.save_json(report_path, report, "dedup report")
     if filter_output:
         drop = {g["key"] for group in report["groups"] for g in group if g["match"] != KEPT}
@@ -191,7 +192,16 @@ def dedup(
             report["kept"] = sink.count
             finished = {"report": os.path.realpath(report_path), "kept": sink.count}
             publish_and_finalize([sink], "dedup", settings, finished, finalize_mod.finalize)
+        _save_filtered_report(report_path, report, filter_output)
     return report
+
+
+def _save_filtered_report(report_path: str, report: dict, filter_output: str) -> None:
+    """Write the report of a finished ``--filter-output`` whole: the one on disk was written
+    before the filter, without ``kept``, so it read the same as a run killed mid-filter and
+    differed from the report the command returned and printed."""
+    report["filter_output"] = os.path.realpath(filter_output)
+    shards.save_json(report_path, report, "dedup report")
 
 
 def _refuse_unwritable_outputs(report_path: str, filter_output: str | None) -> None:
@@ -239,8 +249,7 @@ def _finish_interrupted_filter(output: str, settings: dict, report_path: str) ->
             f"{finished['report']}: the report of the finished dedup does not read ({err}); its "
             f"--filter-output {output} is complete: run dedup without --filter-output to report again"
         ) from None
-    if os.path.realpath(report_path) != finished["report"]:
-        shards.save_json(report_path, report, "dedup report")
+    _save_filtered_report(report_path, report, output)
     return report
 
 

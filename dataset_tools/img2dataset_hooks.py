@@ -29,7 +29,13 @@ from img2dataset import downloader as i2d_downloader
 
 from dataset_tools import fetch, shards
 from dataset_tools.plan import BUILD_DIR
-from dataset_tools.politeness import COOL_DOWN_FILE, HostLimiter, PolitenessConfig, SharedCoolDown
+from dataset_tools.politeness import (
+    COOL_DOWN_FILE,
+    HostLimiter,
+    PolitenessConfig,
+    SharedCoolDown,
+    template_host,
+)
 
 EXTRA_FIELDS = [
     pa.field("variant", pa.string()),
@@ -122,11 +128,11 @@ def cool_down_path(output_folder: str) -> str | None:
     return os.path.join(state_dir, COOL_DOWN_FILE)
 
 
-def _announce_pending_cool_down(path: str | None, max_seconds: float) -> None:
-    """One line when a cool-down the host asked for before this build is still running."""
+def _announce_pending_cool_down(path: str | None, max_seconds: float, host: str) -> None:
+    """One line when a cool-down ``host`` asked for before this build is still running."""
     if path is None:
         return
-    seconds = SharedCoolDown(path, max_seconds).remaining()
+    seconds = SharedCoolDown(path, max_seconds, host).remaining()
     if seconds > 0:
         print(
             f"[dataset_tools] the thumbnail host asked us to slow down (429/503, Retry-After) before "
@@ -158,19 +164,22 @@ class YouTubeDownloader(i2d_downloader.Downloader):
         self.politeness = politeness
         self.parent_pid = parent_pid
         self.cool_down_file = cool_down_path(self.output_folder)
-        _announce_pending_cool_down(self.cool_down_file, politeness.backoff_max)
+        self.host = template_host(url_template)
+        _announce_pending_cool_down(self.cool_down_file, politeness.backoff_max, self.host)
 
     def _install(self) -> None:
         with _LOCK:
             if self.parent_pid is not None and self.parent_pid != os.getpid():
                 _die_with_parent(self.parent_pid)
-            if (_FETCH.get("config"), _FETCH.get("cool_down_file")) != (self.politeness, self.cool_down_file):
+            # One limiter per host and its caps: another host has a rate and a cool-down of its own.
+            limits = (self.politeness, self.cool_down_file, self.host)
+            if _FETCH.get("limits") != limits:
                 shared = None
                 if self.cool_down_file is not None:
-                    shared = SharedCoolDown(self.cool_down_file, self.politeness.backoff_max)
+                    shared = SharedCoolDown(self.cool_down_file, self.politeness.backoff_max, self.host)
                 _FETCH.update(
+                    limits=limits,
                     config=self.politeness,
-                    cool_down_file=self.cool_down_file,
                     limiter=HostLimiter(
                         self.politeness.max_connections, self.politeness.requests_per_second, shared
                     ),
@@ -220,6 +229,7 @@ class SortedTarSampleWriter:
         self.encode_format = encode_format
         self.samples: dict[str, dict[str, bytes]] = {}
         self.rows: dict[str, dict] = {}
+        self.closed = False
 
     def write(self, img_str, key, caption, meta):
         """Buffer one sample under its planned key, with the ladder's outcome in its metadata."""
@@ -232,19 +242,24 @@ class SortedTarSampleWriter:
             meta["url"] = outcome.url or meta.get("url")
             meta["thumbnail_trail"] = ",".join(outcome.trail)
             meta["fetch_attempts"] = outcome.attempts
+        if img_str is not None:
+            members = {
+                self.encode_format: img_str,
+                "json": json.dumps(meta, ensure_ascii=False, indent=4, default=str).encode(),
+            }
+            if self.save_caption:
+                members["txt"] = ("" if caption is None else str(caption)).encode()
+            self.samples[key] = members
+        # Counted only once its members are built: a row whose member failed to encode was a
+        # "success" in the parquet and the stats with no sample in the tar. Now img2dataset's
+        # loop prints the error and ``close`` records the row as a failure (ERR_LOST).
         self.rows[key] = meta
-        if img_str is None:
-            return
-        members = {
-            self.encode_format: img_str,
-            "json": json.dumps(meta, ensure_ascii=False, indent=4, default=str).encode(),
-        }
-        if self.save_caption:
-            members["txt"] = ("" if caption is None else str(caption)).encode()
-        self.samples[key] = members
 
     def close(self):
-        """Record rows img2dataset lost as failures, then write the tar and parquet sorted by key."""
+        """Record rows img2dataset lost as failures, then write the tar and parquet sorted by key.
+        Once: a second call rewrote the shard with every row failed (ERR_LOST) and an empty tar."""
+        if self.closed:
+            return
         # Any row img2dataset's loop lost (it prints and continues on exceptions) becomes a failure.
         for index, key in enumerate(_CTX.sample_keys):
             if key not in self.rows:
@@ -256,3 +271,4 @@ class SortedTarSampleWriter:
         shards.write_parquet(f"{self.folder}/{self.name}.parquet", rows, self.schema)
         _CTX.rows = rows
         self.samples, self.rows = {}, {}
+        self.closed = True  # not before: a close that failed (a full disk) may be called again

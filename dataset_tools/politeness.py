@@ -14,6 +14,7 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, replace
 
 
@@ -72,7 +73,13 @@ class PolitenessConfig:
 
 
 COOL_DOWN_FILE = "host_cooldown.json"
-"""In the build's state folder (``_build/``): the wall-clock end of the host's last cool-down."""
+"""In the build's state folder (``_build/``): the host of the last cool-down and its wall-clock end."""
+
+
+def template_host(url_template: str) -> str:
+    """The host (``name[:port]``, lower case) a ``--url-template`` sends its requests to: the key
+    of its cool-down, so that a resume against a moved template does not wait out the old host's."""
+    return urllib.parse.urlsplit(url_template).netloc.lower()
 
 
 class SharedCoolDown:
@@ -81,15 +88,20 @@ class SharedCoolDown:
     A 429/503 with ``Retry-After`` seen by one worker process held back only that process:
     the other processes, a worker img2dataset's pool started afresh (every 5 shards) and a build
     restarted after a kill all hit the host again at full rate. The file holds the wall-clock end
-    (``{"until": unix seconds}``); every limiter that shares it waits for it. A file that does not
-    read, names no number or lies in the past means no wait; a wait longer than ``max_seconds``
-    (a clock set back) is cut to it. Writes that fail are skipped: politeness within the process
-    still holds, and a build never stops for this file.
+    and the host that asked (``{"until": unix seconds, "host": "i.ytimg.com"}``); every limiter
+    of that ``host`` that shares it waits for it. A cool-down of another host means no wait (a
+    resume with a moved ``--url-template`` waited out the old host's); a file without a host (a
+    build before the host was recorded) holds back every host, as it did then, for at most
+    ``max_seconds``. A file that does not read, names no number or lies in the past means no
+    wait; a wait longer than ``max_seconds`` (a clock set back) is cut to it. Writes that fail are
+    skipped: politeness within the process still holds, and a build never stops for this file.
+    ``host`` None reads every cool-down and writes none with a host.
     """
 
-    def __init__(self, path: str, max_seconds: float):
+    def __init__(self, path: str, max_seconds: float, host: str | None = None):
         self.path = path
         self.max_seconds = float(max_seconds)
+        self.host = host
         self._seen: tuple | None = None  # (inode, mtime_ns, size) of the file as last read
         self._until = 0.0  # wall-clock end, the latest read or written
 
@@ -108,7 +120,7 @@ class SharedCoolDown:
         tmp = f"{self.path}.{os.getpid()}-{random.getrandbits(48):012x}.tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump({"until": until}, f)
+                json.dump({"until": until} if self.host is None else {"until": until, "host": self.host}, f)
             os.replace(tmp, self.path)
         except OSError:
             try:
@@ -127,15 +139,20 @@ class SharedCoolDown:
         self._seen = seen
         # Cut when read, not when asked: a cut on every ask would renew the wait for as long as
         # the clock was set back.
-        self._until = max(self._until, min(_read_until(self.path), time.time() + self.max_seconds))
+        until = _read_until(self.path, self.host)
+        self._until = max(self._until, min(until, time.time() + self.max_seconds))
 
 
-def _read_until(path: str) -> float:
-    """The ``until`` of a cool-down file, 0.0 when it does not read as one (torn, edited, other)."""
+def _read_until(path: str, host: str | None) -> float:
+    """The ``until`` of a cool-down file for ``host``, 0.0 when it does not read as one (torn,
+    edited, other) or names another host."""
     try:
         with open(path) as f:
-            until = json.load(f).get("until")
+            record = json.load(f)
+        until, recorded_host = record.get("until"), record.get("host")
     except (OSError, ValueError, AttributeError):
+        return 0.0
+    if host is not None and isinstance(recorded_host, str) and recorded_host != host:
         return 0.0
     if isinstance(until, bool) or not isinstance(until, (int, float)) or until != until:
         return 0.0
