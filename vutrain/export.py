@@ -306,13 +306,16 @@ def checkpoint_to_export(ckpt_dir: str, tag: str | None) -> tuple[str, str]:
 
 
 def is_tag_folder(ckpt_dir: str, tag: str) -> bool:
-    """Whether ``tag`` names a folder under ``ckpt_dir`` other than ``ckpt_dir`` itself.
+    """Whether ``tag`` names a folder under ``ckpt_dir`` other than ``ckpt_dir`` or one above it.
 
-    `--tag ""` (an unset variable) or `--tag .` named the checkpoints folder, and was told its save
-    was interrupted (the folder holds no COMPLETE.json) rather than that no such checkpoint exists.
+    `--tag ""` (an unset variable) or `--tag .` named the checkpoints folder, and `--tag ..` the
+    run's: each was told its save was interrupted (the folder holds no COMPLETE.json) rather than
+    that no such checkpoint exists. `../checkpoints.replaced-S/step_X` is a tag folder.
     """
-    path = os.path.join(ckpt_dir, tag)
-    return os.path.isdir(path) and os.path.normpath(path) != os.path.normpath(ckpt_dir)
+    path = os.path.realpath(os.path.join(ckpt_dir, tag))
+    checkpoints = os.path.realpath(ckpt_dir)
+    above = path == checkpoints or checkpoints.startswith(path.rstrip(os.sep) + os.sep)
+    return os.path.isdir(path) and not above
 
 
 def export_overrides(config_path: str) -> list[str]:
@@ -336,6 +339,10 @@ def export_overrides(config_path: str) -> list[str]:
 
 def load_trained_module(run_dir: str, tag: str | None = None):
     """(ClipTrainModule with the checkpoint's fp32 weights, tokenizer, image processor, tag)."""
+    if not run_dir:
+        # `RUN_DIR="$UNSET"`: the current folder was read, and said "config.yaml not found" or, run
+        # from inside some other run, exported that one without a word.
+        raise ExportError("RUN_DIR is empty (an unset variable?): give the training run's output_dir")
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: RUN_DIR must be a training output_dir")
@@ -382,8 +389,22 @@ def to_hf_clip(module) -> transformers.CLIPModel:  # noqa: F821
     return clip
 
 
+# Entries an OUT_DIR may already hold: transformers reads none of them and the export writes none,
+# so nothing there is loaded with the export or overwritten by it. A fresh ext4 volume holds
+# lost+found; a hub repo cloned to push the model (`git clone hf-repo && export RUN hf-repo`)
+# holds its git files and model card. Both were refused as "not empty".
+NOT_MODEL_FILES = frozenset({"lost+found", ".git", ".gitattributes", ".gitignore", "README.md"})
+
+
+def model_files_in(out_dir: str) -> list[str]:
+    """The entries of the folder ``out_dir`` other than NOT_MODEL_FILES, sorted ([] when it is new)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(name for name in os.listdir(out_dir) if name not in NOT_MODEL_FILES)
+
+
 def check_out_dir(out_dir: str) -> None:
-    """ExportError unless OUT_DIR is new or an empty folder.
+    """ExportError unless OUT_DIR is new or holds no entry other than NOT_MODEL_FILES.
 
     save_pretrained adds its files to whatever the folder holds, and from_pretrained reads what it
     finds there: an earlier peft adapter (adapter_config.json) was applied on top of the exported
@@ -401,12 +422,13 @@ def check_out_dir(out_dir: str) -> None:
         )
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"OUT_DIR {out_dir} is a file: give a new folder")
-    held = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    held = model_files_in(out_dir)
     if held:
         shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
         raise ExportError(
             f"OUT_DIR {out_dir} is not empty ({len(held)} entries: {shown}): transformers would load "
-            "those files with the export's; remove the folder or give a new one"
+            "those files with the export's; remove the folder or give a new one (only "
+            f"{', '.join(sorted(NOT_MODEL_FILES))} may stay)"
         )
 
 
@@ -415,8 +437,8 @@ def write_hf_folder(out_dir: str, clip, tokenizer, processor) -> None:
 
     Written in place, a failure part way (a full disk, a kill) left config.json and the weights
     without the tokenizer or processor: a folder that CLIPModel.from_pretrained loads as complete.
-    A new OUT_DIR is written as a hidden sibling and renamed; an existing (empty) one is filled
-    from a hidden folder inside it, config.json last.
+    A new OUT_DIR is written as a hidden sibling and renamed; an existing one (empty, or holding
+    only NOT_MODEL_FILES) is filled from a hidden folder inside it, config.json last.
     """
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir):
@@ -444,34 +466,44 @@ def save_hf_files(folder: str, clip, tokenizer, processor) -> None:
 
 
 def fill_empty_folder(out_dir: str, clip, tokenizer, processor) -> None:
-    """Export into the existing empty folder ``out_dir``: staged inside it, then moved up, config.json last.
+    """Export into the existing folder ``out_dir`` (empty, or holding only NOT_MODEL_FILES, which
+    stay as they are): staged inside it, then moved up, config.json last.
 
     No rename can replace it where it is a mount point (a docker or Kubernetes volume: EBUSY, and
     its sibling lies on another file system), a symlink to a folder (ENOTDIR), or a folder in a
     parent the user may not write (EACCES): the export wrote the whole model beside it and then
     failed. Without config.json, which comes last, transformers loads no model from a part.
     """
+    check_still_free(out_dir, model_files_in(out_dir))  # the consolidation took minutes
     staging = os.path.join(out_dir, f".export.{os.getpid()}.incomplete")
     os.mkdir(staging)
     moved: list[str] = []
     try:
         save_hf_files(staging, clip, tokenizer, processor)
-        others = sorted(set(os.listdir(out_dir)) - {os.path.basename(staging)})
-        if others:  # another export or a user wrote there meanwhile: neither set of files is whole
-            raise ExportError(
-                f"OUT_DIR {out_dir} was filled during the export ({', '.join(others[:5])}): "
-                "give a new folder and export again"
-            )
+        check_still_free(out_dir, [n for n in model_files_in(out_dir) if n != os.path.basename(staging)])
         names = sorted(os.listdir(staging), key=lambda n: n == "config.json")
+        clash = sorted(set(names) & set(os.listdir(out_dir)))
+        if clash:  # a file the export does not own is never replaced (NOT_MODEL_FILES names none it writes)
+            raise ExportError(f"OUT_DIR {out_dir} holds {', '.join(clash)}, which the export would replace")
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
             moved.append(name)
         os.rmdir(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        for name in moved:  # back to the empty folder it was
+        for name in moved:  # back to the folder it was
             remove_path(os.path.join(out_dir, name))
         raise
+
+
+def check_still_free(out_dir: str, written: list[str]) -> None:
+    """ExportError when ``written`` (entries another export or a user wrote into OUT_DIR while this
+    one ran) is not empty: neither set of files would be whole."""
+    if written:
+        raise ExportError(
+            f"OUT_DIR {out_dir} was filled during the export ({', '.join(written[:5])}): "
+            "give a new folder and export again"
+        )
 
 
 def remove_path(path: str) -> None:

@@ -6,7 +6,8 @@ would otherwise print once per rank: 16 copies on two 8-GPU nodes. Rank 0 keeps 
 warning once per code location, Python's default); every other rank keeps only errors from
 libraries, and warnings and errors from vutrain itself (a rank's own trouble, such as a skipped
 non-finite step, must still be seen), each line tagged `[rank N]` so it can be traced to its rank
-(Python warnings too, which print through `warnings.showwarning`, not a log handler).
+(Python warnings too, which print through `warnings.showwarning`, not a log handler, and the
+report of an exception that ends a thread, which prints through `threading.excepthook`).
 
 The training entry point calls it first thing, before DeepSpeed or transformers are imported:
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import traceback
 import warnings
 from collections.abc import Mapping
 
@@ -120,6 +123,34 @@ def _tag_warnings(rank: int) -> None:
     warnings.formatwarning = tagged
 
 
+def _tag_thread_exceptions(rank: int) -> None:
+    """On ranks other than 0, each line of an uncaught exception's report from a thread (a watcher,
+    a library's worker thread) starts with `[rank N] `; rank 0's is Python's own. torch tags the
+    main thread's tracebacks once the process group exists (its `sys.excepthook`), but
+    `threading.excepthook` printed "Exception in thread ...:" and its traceback from every rank
+    alike, with nothing saying which rank's thread died. A hook the user installed is kept as is."""
+    plain = getattr(threading.excepthook, "untagged", threading.excepthook)  # ours, from an earlier call
+    if rank == 0 or plain is not threading.__excepthook__:
+        threading.excepthook = plain
+        return
+    tag = f"[rank {rank}] "
+
+    def tagged(args) -> None:
+        # Python's own report, as threading.__excepthook__ writes it (SystemExit ends a thread quietly).
+        if args.exc_type is SystemExit or sys.stderr is None:
+            plain(args)
+            return
+        name = args.thread.name if args.thread is not None else threading.get_ident()
+        lines = [f"Exception in thread {name}:\n"]
+        lines += traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
+        text = "".join(lines)
+        sys.stderr.write("".join(tag + part for part in text.splitlines(keepends=True)))
+        sys.stderr.flush()
+
+    tagged.untagged = plain
+    threading.excepthook = tagged
+
+
 def log_format(rank: int) -> str:
     """The format of this rank's log lines: FORMAT on rank 0, with `[rank N]` on the others."""
     return FORMAT if rank == 0 else RANK_FORMAT.format(rank=rank)
@@ -131,7 +162,8 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> int:
     Rank 0: `level` for vutrain and the root handler, WARNING for libraries. Other ranks: WARNING
     for vutrain, ERROR for libraries, Python warnings from outside vutrain ignored (rank 0
     prints the same ones), and `[rank N]` in each line (in the message of DeepSpeed's, which has
-    its own format; at the start of each line of a Python warning).
+    its own format; at the start of each line of a Python warning and of a thread's exception
+    report).
     """
     rank = process_rank() if rank is None else rank
     main = rank == 0
@@ -152,6 +184,7 @@ def setup_logging(rank: int | None = None, level: int = logging.INFO) -> int:
 
         hf_logging.set_verbosity(library_level)
     _tag_warnings(rank)
+    _tag_thread_exceptions(rank)
     if not main:
         # Filters added later take precedence: ignore everything, then let vutrain's own through.
         warnings.filterwarnings("ignore")
