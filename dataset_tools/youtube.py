@@ -8,10 +8,9 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Iterable
 from urllib.parse import parse_qs, urlparse
 
-from vutrain.tag_text import tag_string_parts, unescape_entities
+from vutrain.tag_text import tag_items, unescape_entities
 
 # Always used with fullmatch: ``$`` alone also matches before a trailing newline, which let an id
 # with a "\n" (``watch?v=...%0A``) through.
@@ -169,22 +168,14 @@ def parse_tags(value: object) -> list[str]:
     """Tags as a list: Kaggle's ``tag|"tag two"|"tag3"`` strings (``[none]`` = no tags), strings
     joined with ``,`` when they hold no ``|``, JSON lists, Python lists. Entities unescaped, then
     quotes stripped (as the trainer's ``tag_text.tag_values`` reads a tag: ``&quot;tag&quot;`` was
-    kept as ``"tag"``), empties and exact repeats dropped. A string is split by the trainer's rule
-    (``tag_text.tag_string_parts``), so a plain img2dataset shard trains on the tags a built one
-    holds: ``[remix] best of [live]`` was written as the tag "remix] best of [live"."""
-    if value is None:
-        return []
-    if isinstance(value, float):  # NaN from pandas
-        return []
-    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        items: Iterable = list(value.tolist() if hasattr(value, "tolist") else value)
-    else:
-        items = tag_string_parts(str(value))
+    kept as ``"tag"``), empties and exact repeats dropped. The items are those the trainer reads
+    (``tag_text.tag_items``), so a plain img2dataset shard trains on the tags a built one holds:
+    ``[remix] best of [live]`` was written as the tag "remix] best of [live"; items that are no tag
+    (true, 1.5, a nested list) were written as the tags "True", "1.5", "['a', 'b']", and a number
+    (2024.0 as "2024") as the trainer reads it."""
     tags: list[str] = []
     seen = set()
-    for item in items:
-        if item is None:
-            continue
+    for item in tag_items(value)[0]:
         tag = clean_title(item).strip("\"'").strip()
         if tag and tag not in seen:
             seen.add(tag)

@@ -50,9 +50,10 @@ def test_tag_values_read_a_list_spelling_string_as_parse_tags_does(form):
 
 
 def test_a_bracketed_string_that_is_no_list_of_tags_is_read_as_before():
-    # Split as any joined string: a nested list is no tag list; bracketed text that is no list
-    # keeps its brackets (parse_tags reads it alike since test_review_captions5.py).
-    assert tag_values('[["a", "b"]]') == tag_values(['[["a"', ' "b"]]'])
+    # A nested list is a list whose item is no tag (test_review_tags.py: it was split on its commas);
+    # bracketed text that is no list keeps its brackets (parse_tags reads it alike since
+    # test_review_captions5.py).
+    assert tag_values('[["a", "b"]]') == []
     assert tag_values("[remix] best of [live]") == ["[remix] best of [live]"]
 
 

@@ -22,21 +22,45 @@ def tag_values(value) -> list[str]:
     through this, so they agree (a string was iterated character by character: a vocabulary of
     letters; a number was dropped from the tags but rendered in captions, blanks too).
 
-    Read as `dataset_tools build` reads a tags column (``youtube.parse_tags``), so shards made with
-    plain img2dataset train on the tags a built shard holds: a string is split on ``|`` when it holds
-    one (Kaggle's ``tag|"tag two"``; it was one tag "tag|tag two"), else on ``,``; Kaggle's
-    ``[none]`` is no tags; each tag has its HTML entities decoded (:func:`unescape_entities`), then
-    surrounding quotes stripped (``&quot;tag&quot;`` is "tag"). A string that spells a list
-    (``'["a", "b"]'``, ``"['a', 'b']"``: pandas' CSV form of a list column) is that list
-    (:func:`tag_string_parts`)."""
-    if isinstance(value, str):
-        value = tag_string_parts(value)
-    elif _as_text(value) is not None:
-        value = [value]  # a lone number is one tag, as in a list (a column whose rows are all numbers)
-    if not isinstance(value, (list, tuple)):
-        return []
-    tags = [_as_tag(t) for t in value]
+    Read as `dataset_tools build` reads a tags column (``youtube.parse_tags``; both take the items
+    from :func:`tag_items`), so shards made with plain img2dataset train on the tags a built shard
+    holds: a string is split on ``|`` when it holds one (Kaggle's ``tag|"tag two"``; it was one tag
+    "tag|tag two"), else on ``,``; Kaggle's ``[none]`` is no tags; each tag has its HTML entities
+    decoded (:func:`unescape_entities`), then surrounding quotes stripped (``&quot;tag&quot;`` is
+    "tag"). A string that spells a list (``'["a", "b"]'``, ``"['a', 'b']"``: pandas' CSV form of a
+    list column) is that list (:func:`tag_string_parts`)."""
+    tags = [_as_tag(t) for t in tag_items(value)[0]]
     return [t for t in tags if t is not None and t.strip()]
+
+
+def tag_items(value) -> tuple[list[str], int]:
+    """(the tag texts of a ``tags`` value as written, how many of its items are no tag): the one
+    reading of the field that training (:func:`tag_values`) and `dataset_tools build`
+    (``youtube.parse_tags``) share, each then cleaning the texts its own way.
+
+    A list's items (or a string's parts, :func:`tag_string_parts`) are tags when they are text or
+    an integer (an integral float: 2024.0 is what pandas makes of 2024); a null or NaN is a missing
+    item, left out as a missing field is. Any other item is no tag and is counted: true/false, a
+    fraction (1.5), Infinity, a nested list or an object. They were written as the tags "True",
+    "1.5", "['a', 'b']" by the build and left out by training, and a string spelling such a list
+    (``'["a", ["b"]]'``) was split on its commas into the tags '["a"' and '["b"]]'. A lone value
+    is one item (a column whose rows are all numbers); a parquet array is its list."""
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist()  # a numpy array (a parquet list column) or a numpy scalar
+    if isinstance(value, str):
+        return _string_items(value)
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    return _item_texts(value)
+
+
+def _item_texts(items) -> tuple[list[str], int]:
+    texts = [_as_text(item) for item in items if not _is_missing(item)]
+    return [t for t in texts if t is not None], texts.count(None)
+
+
+def _is_missing(item) -> bool:
+    return item is None or (isinstance(item, float) and item != item)
 
 
 # Whole tag strings that mean "no tags" (Kaggle writes [none]), as `dataset_tools build` reads them.
@@ -47,21 +71,26 @@ def tag_string_parts(value: str) -> list[str]:
     """The parts of a tags string as written, before each is read as a tag: the items of a list it
     spells as JSON or as a Python literal (pandas writes a list column to CSV as ``['a', 'b']``, as
     many Kaggle YouTube datasets ship; ``youtube.parse_tags`` reads it so: it was the two tags
-    "['a" and "b']"), numbers as text; the items of an unquoted list (``[music, live]``, as R and
-    JavaScript print a list; :func:`_unquoted_list`); else its ``|``-joined parts when it holds a
-    ``|``, else its ``,``-joined parts, brackets kept; none for a string that means no tags
-    (``[none]``). Only a whole string that parses as a list of strings and numbers (and nulls), or
-    one bracketed list with no brackets inside, is a list: ``[remix] best of [live]`` is one tag
-    as written, ``[MV]|BTS|Dynamite [MV]`` three. ``youtube.parse_tags`` reads a string so too."""
+    "['a" and "b']"), numbers as text, items that are no tag left out (:func:`tag_items`); the
+    items of an unquoted list (``[music, live]``, as R and JavaScript print a list;
+    :func:`_unquoted_list`); else its ``|``-joined parts when it holds a ``|``, else its
+    ``,``-joined parts, brackets kept; none for a string that means no tags (``[none]``). A whole
+    string that parses as a list is a list, or one bracketed list with no brackets inside:
+    ``[remix] best of [live]`` is one tag as written, ``[MV]|BTS|Dynamite [MV]`` three."""
+    return _string_items(value)[0]
+
+
+def _string_items(value: str) -> tuple[list[str], int]:
     text = value.strip()
     if text.lower() in _NO_TAGS:
-        return []
+        return [], 0
     listed = _spelled_list(text)
-    if listed is None:
-        listed = _unquoted_list(text)
     if listed is not None:
-        return listed
-    return text.split("|") if "|" in text else text.split(",")
+        return _item_texts(listed)
+    listed = _unquoted_list(text)
+    if listed is not None:
+        return listed, 0
+    return (text.split("|") if "|" in text else text.split(",")), 0
 
 
 def _unquoted_list(text: str) -> list[str] | None:
@@ -77,21 +106,42 @@ def _unquoted_list(text: str) -> list[str] | None:
     return inner.split(",")
 
 
-def _spelled_list(text: str) -> list[str] | None:
-    """The items of the list ``text`` spells (JSON, else a Python literal), as text, nulls left out
-    (as from a list); None when it spells none, or holds an item that is no tag (a nested list)."""
+def _spelled_list(text: str) -> list | None:
+    """The items of the list ``text`` spells as JSON, else as a Python literal (:func:`_python_list`);
+    None when it spells none."""
     if not (text.startswith("[") and text.endswith("]")):
         return None
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            items = parse(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    try:
+        items = json.loads(text)
+    except (ValueError, RecursionError, MemoryError):
+        items = _python_list(text)
+    return items if isinstance(items, list) else None
+
+
+# The names pandas and numpy print for a missing value inside a list: ``['a', nan]``.
+_MISSING_NAMES = frozenset({"nan", "NaN"})
+
+
+def _python_list(text: str) -> list | None:
+    """The items of the Python list literal ``text``, a bare ``nan`` as a missing item (pandas writes
+    a list holding NaN so, which ``ast.literal_eval`` refuses: its tags were read as an unquoted
+    list, "nan" one of them); None when ``text`` is no list literal."""
+    try:
+        node = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    if not isinstance(node, ast.List):
+        return None
+    items = []
+    for element in node.elts:
+        if isinstance(element, ast.Name) and element.id in _MISSING_NAMES:
+            items.append(None)
             continue
-        if not isinstance(items, list):
-            return None
-        texts = [_as_text(item) for item in items if item is not None]
-        return None if any(t is None for t in texts) else texts
-    return None
+        try:
+            items.append(ast.literal_eval(element))
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None  # a name or an expression: no literal, maybe an unquoted list
+    return items
 
 
 def _as_tag(value) -> str | None:

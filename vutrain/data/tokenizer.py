@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -25,9 +26,9 @@ from transformers import PreTrainedTokenizerFast
 from vutrain.config import MIN_VOCAB_SIZE
 from vutrain.tag_text import without_lone_surrogates
 
-from .captions import _distinct_tags, caption_text, template_fields
+from .captions import MAX_CAPTION_CHARS, _distinct_tags, caption_text, template_fields
 from .labels import tag_values
-from .samples import SkipCounter, SkipSample, decode_caption, decode_meta, iter_raw_samples
+from .samples import SkipCounter, SkipSample, decode_caption, decode_meta, image_member, iter_raw_samples
 from .shards import expand_shards
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -176,33 +177,52 @@ def iter_shard_texts(shards: str, caption_template: str, limit: int | None = Non
     """Texts for tokenizer training: per sample its rendered caption, its tags and category name.
 
     Only the ``.json`` and ``.txt`` members are read (a local tar's images are seeked over: they
-    were read in full, some 40x the text, on rank 0 before every other rank could start); bad
-    samples are skipped. ``limit`` caps the number of samples read; they come from shards spread
-    over the whole list (:func:`spread_samples`).
+    were read in full, some 40x the text, on rank 0 before every other rank could start); samples
+    training skips are skipped, for the same reasons, in the same order (:func:`_sample_texts`).
+    ``limit`` caps the number of samples read; they come from shards spread over the whole list
+    (:func:`spread_samples`).
     """
     template_fields(caption_template)  # fail fast on unknown placeholders
-    skipped = SkipCounter()
-    read = captions = 0
+    skipped = SkipCounter()  # what the shard reader counts (ignored members, damaged shards) too
+    lost: Counter[str] = Counter()  # the samples read that gave no caption, by reason
+    read = 0
     for raw in spread_samples(expand_shards(shards), limit, skipped):
         read += 1
         try:
-            meta = decode_meta(raw)
-            caption = decode_caption(raw, meta, caption_template)
+            texts = _sample_texts(raw, caption_template)
         except SkipSample as e:
             skipped(e.reason, str(e))
+            lost[e.reason] += 1
             continue
-        captions += 1
-        yield caption
-        # Read as the tag positives and the tag metrics read them: tags kept as one
-        # comma-separated string (some metadata sources) were left out of the tokenizer's texts,
-        # although eval/tags_* encodes every tag as a text query. Each tag once, as captions'
-        # {tags}, the tag ids and the tag metrics count it: "Cats, cats, CATS" gave the BPE the
-        # word three times for a sample that trains it once.
-        tags = _distinct_tags(tag_values(meta.get("tags")))
-        if tags:
-            yield ", ".join(tags)
-        yield from _category_texts(meta.get("category_name"))
-    _report_caption_count(captions, read, skipped)
+        yield from texts
+    _report_caption_count(read, lost, skipped - lost)
+
+
+def _sample_texts(raw: dict, caption_template: str) -> list[str]:
+    """A sample's caption, its tags and its category name(s); SkipSample where training skips it.
+
+    Checked in training's order (``decode_sample_bytes``: metadata, caption, then the image
+    member), so a sample is counted under the reason training counts it: a sample without an image,
+    which training skips as ``missing_image``, gave the tokenizer its texts, and a shard of
+    metadata alone trained a vocabulary on texts no step trains on. (An image that does not
+    decode is found only by decoding it, which this reader does not do.)
+    """
+    meta = decode_meta(raw)
+    caption = decode_caption(raw, meta, caption_template)
+    image_member(raw)
+    texts = [caption]
+    # Read as the tag positives and the tag metrics read them: tags kept as one
+    # comma-separated string (some metadata sources) were left out of the tokenizer's texts,
+    # although eval/tags_* encodes every tag as a text query. Each tag once, as captions'
+    # {tags}, the tag ids and the tag metrics count it: "Cats, cats, CATS" gave the BPE the
+    # word three times for a sample that trains it once.
+    tags = _distinct_tags(tag_values(meta.get("tags")))
+    if tags:
+        texts.append(", ".join(tags))
+    # Cut as captions are: no step reads more of a text, and the BPE trainer's cost grows faster
+    # than a word's length (one tag of 100k letters took 5 s, one of 1M over 5 minutes, on rank 0
+    # while every other rank waited for the tokenizer).
+    return [text[:MAX_CAPTION_CHARS] for text in texts + _category_texts(meta.get("category_name"))]
 
 
 SPREAD_SHARDS = 16  # the least number of shards a limit's samples come from (when there are as many)
@@ -285,24 +305,39 @@ def spread_order(n: int) -> list[int]:
     return [i for i in order if i < n]
 
 
-def _report_caption_count(captions: int, read: int, skipped: SkipCounter) -> None:
-    """TokenizerTextError when no sample gave a caption; a warning when some were skipped.
+def _report_caption_count(read: int, lost: Counter[str], reader: Counter[str]) -> None:
+    """TokenizerTextError when no sample gave a caption; a warning when any was skipped or the shard
+    reader counted anything.
 
-    Shards whose every sample was bad trained a tokenizer on nothing (its 256 byte symbols alone)
-    without a word, and the run then trained on that vocabulary.
+    ``lost``: the samples read that gave no caption, by reason (they and the captions add up to
+    ``read``); ``reader``: what the shard reader counted besides (``ignored_member``: a member
+    dropped from a sample that still gave its texts; ``tar_error``: a damaged shard whose rest was
+    never read). Both were one "skipped" count, so the line said "40 of 40 samples read (skipped:
+    {'tar_error': 1})". Shards whose every sample was bad trained a tokenizer on nothing (its 256
+    byte symbols alone) without a word, and the run then trained on that vocabulary.
     """
+    captions = read - sum(lost.values())
     if captions == 0:
         raise TokenizerTextError(
             f"none of the {read} samples read for the tokenizer gave a caption "
-            f"(skipped: {dict(skipped) or 'none'}); check data.train_shards and data.caption_template"
+            f"({_skip_summary(lost, reader)}); check data.train_shards and data.caption_template"
         )
-    if skipped:
+    if lost or reader:
         log.warning(
-            "tokenizer trained on the captions of %d of %d samples read (skipped: %s)",
+            "tokenizer trained on the captions of %d of %d samples read (%s)",
             captions,
             read,
-            dict(skipped),
+            _skip_summary(lost, reader),
         )
+
+
+def _skip_summary(lost: Counter[str], reader: Counter[str]) -> str:
+    summary = f"{sum(lost.values())} skipped: {dict(lost) or 'none'}"
+    if reader:
+        summary += (
+            f"; the shard reader also counted {dict(reader)}: dropped members and damaged shards, not samples"
+        )
+    return summary
 
 
 def tokenize_batch(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
