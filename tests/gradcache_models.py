@@ -1,5 +1,6 @@
 """The set-up of the GradCache tests on the real tiny HF CLIP: the model (attention dropout on, seed
-0), the micro-batches of 3, 1 and 2 rows, and an engine that only accumulates gradients."""
+0), the micro-batches of 3, 1 and 2 rows, an engine that only accumulates gradients, and the
+whole-step autograd reference GradCache must equal."""
 
 from __future__ import annotations
 
@@ -59,3 +60,18 @@ def micro_batches(seed: int = 0, sizes=SIZES) -> list[tuple[torch.Tensor, torch.
     pixels, ids = tiny_rows(sum(sizes), torch.Generator().manual_seed(seed))
     bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
     return [(pixels[a:b], ids[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def whole_step_reference(model: torch.nn.Module, seed: int) -> tuple[torch.Tensor, dict]:
+    """What GradCache of `micro_batches()` must give: `model` forwards each micro-batch once (torch
+    seed `seed` first, so the dropout masks are the ones GradCache draws after the same seed), one
+    ClipLoss over the concatenated whole-step features, autograd. Returns (the loss, detached;
+    {name: gradient} of the parameters that got one)."""
+    from vutrain.losses import ClipLoss
+
+    torch.manual_seed(seed)
+    outputs = [model(*b) for b in micro_batches()]
+    img, txt = (torch.cat([o[i] for o in outputs]) for i in (0, 1))
+    loss = ClipLoss()(img, txt, outputs[0][2], None)
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}

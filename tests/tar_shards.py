@@ -35,6 +35,35 @@ def write_members(path, members: list[tuple[str, bytes]]) -> str:
     return str(path)
 
 
+def rewrite_members(shard: str, edit) -> None:
+    """Rewrite `shard` in place, its members in tar order with their headers: `edit(name, payload)`
+    gives the bytes to keep under that name, or None to leave the member out."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, payload in members:
+            payload = edit(member.name, payload)
+            if payload is not None:
+                member.size = len(payload)
+                tar.addfile(member, io.BytesIO(payload))
+
+
+def break_jpegs(shard: str, count: int | None = None) -> int:
+    """Replace the first `count` JPEGs of `shard` (all of them: None) by bytes no decoder reads;
+    returns how many were replaced."""
+    broken = 0
+
+    def edit(name: str, payload: bytes) -> bytes:
+        nonlocal broken
+        if name.endswith(".jpg") and (count is None or broken < count):
+            broken += 1
+            return b"not a jpeg"
+        return payload
+
+    rewrite_members(shard, edit)
+    return broken
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
 
@@ -103,6 +132,21 @@ def write_two_image_shards(root, shards: int, per_shard: int, damaged: bool = Fa
             with open(path, "r+b") as fh:
                 fh.truncate(cut)
     return f"{root}/{{0..{shards - 1}}}.tar"
+
+
+def save_and_resume(old: list[TrainStream], steps: int, new: list[TrainStream]) -> list[TrainStream]:
+    """A checkpoint of the ranks `old` after `steps` batches each, resumed by the ranks `new` (any
+    world size): their states saved as the trainer saves them (``{"ranks": [rank 0's, ...]}``), `old`
+    closed, the states loaded into every stream of `new`; returns `new`."""
+    for _ in range(steps):
+        for s in old:
+            next(s)
+    states = {"ranks": [s.state_dict() for s in old]}
+    for s in old:
+        s.close()
+    for s in new:
+        s.load_state_dict(states)
+    return new
 
 
 def summed_skips(streams: list[TrainStream], epoch: int = 1) -> dict:

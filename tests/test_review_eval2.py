@@ -3,11 +3,10 @@ undecodable validation samples are counted in the eval row."""
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import pytest
 import torch
+from tar_shards import break_jpegs
+from tiny_eval import evals_on_rank, train_tokenizer
 
 from vutrain.evaluate import class_embeddings, evaluate
 
@@ -66,63 +65,18 @@ def test_classes_that_differ_only_in_case_are_one_class(tmp_path):
     assert metrics["eval/zeroshot_chance"] == pytest.approx((0.5 * 3 + 1.0) / 4)
 
 
-def _corrupt_images(shard: str, keys_to_break: int) -> None:
-    """Rewrite `shard` with the first `keys_to_break` JPEGs replaced by bytes no decoder reads."""
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    broken = 0
-    with tarfile.open(shard, "w") as tar:
-        for member, payload in members:
-            if member.name.endswith(".jpg") and broken < keys_to_break:
-                payload, broken = b"not a jpeg", broken + 1
-            member.size = len(payload)
-            tar.addfile(member, io.BytesIO(payload))
-    assert broken == keys_to_break
-
-
-def _eval_on_ranks(rank: int, world_size: int, val_shards: str, tok_dir: str) -> dict:
-    from transformers import AutoTokenizer
-
-    from vutrain.config import ModelConfig, RunConfig
-    from vutrain.data.preprocess import make_preprocess
-    from vutrain.data.tokenizer import make_tokenize
-    from vutrain.evaluate import Evaluator
-    from vutrain.model import build_model, preset_image_processor
-
-    class Engine(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, **inputs):
-            return self.module(**inputs)
-
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    torch.manual_seed(0)
-    engine = Engine(build_model(ModelConfig(preset="tiny"), tokenizer))
-    cfg = RunConfig()
-    cfg.data.val_shards = val_shards
-    cfg.eval.batch_size = 2
-    processor = preset_image_processor(64)
-    preprocess, tokenize = make_preprocess(processor), make_tokenize(tokenizer, 32)
-    evaluator = Evaluator(cfg, rank, world_size, preprocess, tokenize, processor, torch.float32, "cpu")
-    return evaluator(engine)
-
-
 def test_undecodable_validation_samples_are_counted_in_the_eval_row(tmp_path):
     """3 of 7 validation images do not decode: the eval row said num_samples 4 and nothing else (a
     warning per sample in the log of the rank that read it), so a held-out set that lost a share of
     its images was scored on the rest unnoticed. Now every rank reports eval/skipped_samples 3."""
     from vutrain.data.synthetic import write_synthetic
-    from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
 
     info = write_synthetic(str(tmp_path / "data"), num_samples=8, shard_size=8, val_samples=7, seed=0)
     val_shard = sorted((tmp_path / "data" / "val").glob("*.tar"))
     assert len(val_shard) == 1
-    _corrupt_images(str(val_shard[0]), 3)
-    tok_dir = str(tmp_path / "tok")
-    train_bpe_tokenizer(iter_shard_texts(info["train_shards"], "{title}"), tok_dir, vocab_size=300)
-    metrics = run_distributed(_eval_on_ranks, 2, info["val_shards"], tok_dir)
+    assert break_jpegs(str(val_shard[0]), 3) == 3
+    tok_dir = train_tokenizer(info["train_shards"], str(tmp_path / "tok"))
+    metrics = [evals[0] for evals in run_distributed(evals_on_rank, 2, info["val_shards"], tok_dir)]
     assert metrics[0] == metrics[1]
     assert metrics[0]["eval/num_samples"] == 4
     assert metrics[0]["eval/skipped_samples"] == 3

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
-import tarfile
 
 import torch
+from tar_shards import break_jpegs
+from tiny_eval import evals_on_rank, train_tokenizer
 
 from helpers_dist import run_distributed
 
@@ -47,37 +47,7 @@ def test_zero_shot_classes_are_read_by_rank_0_only_and_shared(tmp_path):
     assert [opens for _, opens in results] == [len(shards), 0]
 
 
-def _break_every_image(shard: str) -> int:
-    """Rewrite `shard` with every JPEG replaced by bytes no decoder reads; returns how many."""
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    broken = 0
-    with tarfile.open(shard, "w") as tar:
-        for member, payload in members:
-            if member.name.endswith(".jpg"):
-                payload, broken = b"not a jpeg", broken + 1
-            member.size = len(payload)
-            tar.addfile(member, io.BytesIO(payload))
-    return broken
-
-
 def _eval_with_warnings(rank: int, world_size: int, val_shards: str, tok_dir: str) -> tuple[dict, list[str]]:
-    from transformers import AutoTokenizer
-
-    from vutrain.config import ModelConfig, RunConfig
-    from vutrain.data.preprocess import make_preprocess
-    from vutrain.data.tokenizer import make_tokenize
-    from vutrain.evaluate import Evaluator
-    from vutrain.model import build_model, preset_image_processor
-
-    class Engine(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, **inputs):
-            return self.module(**inputs)
-
     class Collect(logging.Handler):
         def __init__(self):
             super().__init__(logging.WARNING)
@@ -88,16 +58,7 @@ def _eval_with_warnings(rank: int, world_size: int, val_shards: str, tok_dir: st
 
     collect = Collect()
     logging.getLogger("vutrain").addHandler(collect)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    torch.manual_seed(0)
-    engine = Engine(build_model(ModelConfig(preset="tiny"), tokenizer))
-    cfg = RunConfig()
-    cfg.data.val_shards = val_shards
-    cfg.eval.batch_size = 2
-    processor = preset_image_processor(64)
-    preprocess, tokenize = make_preprocess(processor), make_tokenize(tokenizer, 32)
-    evaluator = Evaluator(cfg, rank, world_size, preprocess, tokenize, processor, torch.float32, "cpu")
-    metrics = evaluator(engine)
+    (metrics,) = evals_on_rank(rank, world_size, val_shards, tok_dir)
     return metrics, [line for line in collect.lines if line.startswith("eval:")]
 
 
@@ -107,13 +68,11 @@ def test_an_eval_without_a_readable_sample_says_so_in_one_line_on_rank_0(tmp_pat
     were missing. Now both ranks return the same counts-only row (no NaN metric) and rank 0 alone
     warns once, naming data.val_shards and the skip count."""
     from vutrain.data.synthetic import write_synthetic
-    from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
 
     info = write_synthetic(str(tmp_path / "data"), num_samples=8, shard_size=8, val_samples=5, seed=0)
-    broken = sum(_break_every_image(str(p)) for p in (tmp_path / "data" / "val").glob("*.tar"))
+    broken = sum(break_jpegs(str(p)) for p in (tmp_path / "data" / "val").glob("*.tar"))
     assert broken == 5
-    tok_dir = str(tmp_path / "tok")
-    train_bpe_tokenizer(iter_shard_texts(info["train_shards"], "{title}"), tok_dir, vocab_size=300)
+    tok_dir = train_tokenizer(info["train_shards"], str(tmp_path / "tok"))
     results = run_distributed(_eval_with_warnings, 2, info["val_shards"], tok_dir)
     rows = [metrics for metrics, _ in results]
     assert rows[0] == rows[1] == {"eval/num_samples": 0.0, "eval/skipped_samples": 5.0}

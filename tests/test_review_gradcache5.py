@@ -11,7 +11,7 @@ ends where that reference leaves it. One process, a few seconds.
 from __future__ import annotations
 
 import torch
-from gradcache_models import SIZES, GradsOnly, micro_batches, tiny_clip
+from gradcache_models import SIZES, GradsOnly, micro_batches, tiny_clip, whole_step_reference
 
 
 def _model():
@@ -28,17 +28,11 @@ def test_locked_image_tower_with_dropout_and_checkpointing_gives_the_whole_step_
     rng_after = torch.get_rng_state()
     got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
 
-    reference = _model()
-    torch.manual_seed(5)
-    outputs = [reference(*b) for b in micro_batches()]
-    img, txt = (torch.cat([o[i] for o in outputs]) for i in (0, 1))
-    expected_loss = ClipLoss()(img, txt, outputs[0][2], None)
-    expected_loss.backward()
-    expected = {k: p.grad for k, p in reference.named_parameters() if p.grad is not None}
+    expected_loss, expected = whole_step_reference(_model(), seed=5)
 
     assert torch.equal(rng_after, torch.get_rng_state())
     assert not any("vision" in k or "visual" in k for k in got), "the locked tower got a gradient"
     assert got.keys() == expected.keys() and any("logit_scale" in k for k in got)
-    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)

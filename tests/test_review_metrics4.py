@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
-from test_review_metrics import _plot_and_keep_figure
-
-
-def _write_rows(run_dir: str, rows: list[dict]) -> None:
-    with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(row, allow_nan=True) + "\n" for row in rows)
+from test_review_metrics import _plot_and_keep_figure, _write_rows
 
 
 def _drawn_lines(run_dir: str, monkeypatch) -> dict[tuple[str, str], list[tuple[float, float]]]:

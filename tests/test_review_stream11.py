@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from tar_shards import rank_streams, summed_skips, write_two_image_shards
+from tar_shards import rank_streams, save_and_resume, summed_skips, write_two_image_shards
 
 SHARDS, PER_SHARD = 4, 6
 EPOCH_COUNTS = {"ignored_member": SHARDS * PER_SHARD, "tar_error": SHARDS}
@@ -43,18 +43,9 @@ def _reshape_counts(shards, buffer, old_world, new_world, steps, workers):
     counts = [
         summed_skips(_streams(shards, w, global_batch // w, buffer, workers)) for w in (old_world, new_world)
     ]
-
     old = _streams(shards, old_world, global_batch // old_world, buffer, workers)
-    for _ in range(steps):
-        for s in old:
-            next(s)
-    states = {"ranks": [s.state_dict() for s in old]}
-    for s in old:
-        s.close()
     new = _streams(shards, new_world, global_batch // new_world, buffer, workers)
-    for s in new:
-        s.load_state_dict(states)
-    return [*counts, summed_skips(new)]
+    return [*counts, summed_skips(save_and_resume(old, steps, new))]
 
 
 @pytest.mark.parametrize("buffer", [4, 8])
@@ -89,24 +80,12 @@ def test_world_size_change_with_loader_workers(shards, buffer, old_world, new_wo
     assert json.loads(proc.stdout.splitlines()[-1]) == [EPOCH_COUNTS] * 3
 
 
-def _resume(shards, states, world, buffer):
-    streams = _streams(shards, world, 4 // world, buffer)
-    for s in streams:
-        s.load_state_dict({"ranks": states})
-    return streams
-
-
 @pytest.mark.parametrize("buffer", [2, 8])
 @pytest.mark.parametrize("worlds", [(1, 2, 1), (2, 1, 2)])
 def test_second_world_size_change_in_the_epoch_counts_it_as_an_uninterrupted_run(shards, buffer, worlds):
     streams = _streams(shards, worlds[0], 4 // worlds[0], buffer)
     for world in worlds[1:]:
-        for s in streams:
-            next(s)
-        states = [s.state_dict() for s in streams]
-        for s in streams:
-            s.close()
-        streams = _resume(shards, states, world, buffer)
+        streams = save_and_resume(streams, 1, _streams(shards, world, 4 // world, buffer))
     # Both changes left the read-ahead of the world before counted again (25 to 38 ignored members,
     # up to 6 tar errors), and the second one must correct what the first took the middle world to read.
     assert summed_skips(streams) == EPOCH_COUNTS
@@ -114,17 +93,10 @@ def test_second_world_size_change_in_the_epoch_counts_it_as_an_uninterrupted_run
 
 def test_second_change_keeps_every_undrawn_copy_of_an_upsampled_shard(shards):
     spec = f"{shards}::{shards}"  # every shard twice an epoch: 48 samples
-    streams = [
-        s for world in (1, 2, 1) for s in rank_streams(spec, world, 4 // world, 1, 2 * SHARDS * PER_SHARD)
-    ]
-    first, middle, last = streams[:1], streams[1:3], streams[3:]
-    next(first[0])
-    states = [first[0].state_dict()]
-    for s in middle:
-        s.load_state_dict({"ranks": states})
-        next(s)
-    states = [s.state_dict() for s in middle]
-    last[0].load_state_dict({"ranks": states})
+    first, middle, last = (
+        rank_streams(spec, world, 4 // world, 1, 2 * SHARDS * PER_SHARD) for world in (1, 2, 1)
+    )
+    save_and_resume(save_and_resume(first, 1, middle), 1, last)
     batches = 0
     while last[0].epoch == 0:
         next(last[0])

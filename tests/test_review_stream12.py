@@ -9,7 +9,7 @@ two ranks, none on two ranks with two loader workers.
 """
 
 import pytest
-from tar_shards import rank_streams, summed_skips, write_two_image_shards
+from tar_shards import rank_streams, save_and_resume, summed_skips, write_two_image_shards
 
 from vutrain.data.samples import iter_raw_samples, iter_samples_with_end
 
@@ -75,16 +75,7 @@ def test_resume_at_every_batch_counts_and_draws_as_the_uninterrupted_stream(shar
 def test_world_size_change_without_a_shuffle_buffer_counts_an_uninterrupted_epoch(
     shards, old_world, new_world, steps
 ):
-    old = _streams(shards, old_world, 1)
-    for _ in range(steps):
-        for s in old:
-            next(s)
-    states = {"ranks": [s.state_dict() for s in old]}
-    for s in old:
-        s.close()
-    new = _streams(shards, new_world, 1)
-    for s in new:
-        s.load_state_dict(states)
+    new = save_and_resume(_streams(shards, old_world, 1), steps, _streams(shards, new_world, 1))
     # The new ranks now count a shard's end with its last sample, as the reshape's replay expects.
     assert summed_skips(new, 1) == EPOCH_COUNTS
 

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 
 import pytest
+from run_rows import metrics_rows
+from test_review_metrics import _plot_and_keep_figure, _write_rows
 
 from inprocess_trainer import train
-
-
-def _rows(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _nan_loss_from(step: int):
@@ -67,28 +63,14 @@ def test_a_nonfinite_stop_writes_its_unfinished_interval_row_first(
             data__val_shards="",
         )
     stopped_at = int(re.search(r"by step (\d+)", str(failure.value)).group(1))
-    rows = [r for r in _rows(run_dir) if "train/loss" in r]
+    rows = [r for r in metrics_rows(run_dir) if "train/loss" in r]
     assert rows and rows[-1]["step"] == stopped_at, (stopped_at, rows)
     assert sum(r["train/nonfinite_skipped"] for r in rows) == stopped_at - 1, rows
 
 
 def _drawn_eval_labels(run_dir: str, monkeypatch) -> list[str]:
     """plot_run on `run_dir`, with the legend labels of the eval panel of the Figure it saved."""
-    from matplotlib.figure import Figure
-
-    from vutrain.plots import plot_run
-
-    saved: list[Figure] = []
-    savefig = Figure.savefig
-
-    def keep(fig, *args, **kwargs):
-        saved.append(fig)
-        return savefig(fig, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
-    path = plot_run(run_dir)
-    assert path is not None and os.path.getsize(path) > 0
-    return saved[0].axes[1].get_legend_handles_labels()[1]
+    return _plot_and_keep_figure(run_dir, monkeypatch).axes[1].get_legend_handles_labels()[1]
 
 
 def test_curves_png_draws_the_multilabel_eval_keys(tmp_path, monkeypatch):
@@ -103,8 +85,7 @@ def test_curves_png_draws_the_multilabel_eval_keys(tmp_path, monkeypatch):
     with_tags, without = tmp_path / "tags", tmp_path / "plain"
     for run_dir, keep in ((with_tags, lambda k: True), (without, lambda k: "tags" not in k)):
         run_dir.mkdir()
-        lines = [json.dumps({k: v for k, v in row.items() if keep(k)}) for row in rows]
-        (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        _write_rows(str(run_dir), [{k: v for k, v in row.items() if keep(k)} for row in rows])
     labels = _drawn_eval_labels(str(with_tags), monkeypatch)
     assert labels[:3] == ["zeroshot_top1", "i2t_r1", "t2i_r1"], labels
     assert labels[3:] == ["tags_map", "tags_r1", "tags_r5", "tags_r10"], labels

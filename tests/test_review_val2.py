@@ -4,13 +4,14 @@ samples skipped and counted the same way at every eval, and a shard named twice 
 from __future__ import annotations
 
 import collections
-import io
 import json
 import logging
 import tarfile
 
 import pytest
 import torch
+from tar_shards import rewrite_members
+from tiny_eval import evals_on_rank, train_tokenizer
 
 from vutrain.data.synthetic import write_synthetic
 from vutrain.data.val import ValStream
@@ -33,21 +34,21 @@ def _break_two_samples(shard: str) -> None:
     """Rewrite ``shard`` with its first sample's JPEG undecodable and its second without a caption
     (no ``.txt``, no title in its ``.json``)."""
     with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    keys = sorted({m.name.split(".")[0] for m, _ in members})
-    with tarfile.open(shard, "w") as tar:
-        for member, payload in members:
-            key, ext = member.name.split(".")
-            if key == keys[0] and ext == "jpg":
-                payload = b"not a jpeg"
-            if key == keys[1] and ext == "txt":
-                continue
-            if key == keys[1] and ext == "json":
-                meta = json.loads(payload)
-                del meta["title"], meta["caption"]
-                payload = json.dumps(meta).encode()
-            member.size = len(payload)
-            tar.addfile(member, io.BytesIO(payload))
+        first, second = sorted({name.split(".")[0] for name in tar.getnames()})[:2]
+
+    def edit(name: str, payload: bytes) -> bytes | None:
+        key, ext = name.split(".")
+        if key == first and ext == "jpg":
+            return b"not a jpeg"
+        if key == second and ext == "txt":
+            return None
+        if key == second and ext == "json":
+            meta = json.loads(payload)
+            del meta["title"], meta["caption"]
+            return json.dumps(meta).encode()
+        return payload
+
+    rewrite_members(shard, edit)
 
 
 def _passes(spec: str, world_size: int) -> tuple[collections.Counter, list[int], int]:
@@ -103,48 +104,16 @@ def test_a_validation_shard_named_twice_is_read_once(tmp_path, caplog, monkeypat
     assert "00001.tar" in warnings[0] and "data.val_shards" in warnings[0]
 
 
-def _eval_on_ranks(rank: int, world_size: int, val_shards: str, tok_dir: str) -> dict:
-    from transformers import AutoTokenizer
-
-    from vutrain.config import ModelConfig, RunConfig
-    from vutrain.data.preprocess import make_preprocess
-    from vutrain.data.tokenizer import make_tokenize
-    from vutrain.evaluate import Evaluator
-    from vutrain.model import build_model, preset_image_processor
-
-    class Engine(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, **inputs):
-            return self.module(**inputs)
-
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    torch.manual_seed(0)
-    engine = Engine(build_model(ModelConfig(preset="tiny"), tokenizer))
-    cfg = RunConfig()
-    cfg.data.val_shards = val_shards
-    cfg.eval.batch_size = 2
-    processor = preset_image_processor(64)
-    preprocess, tokenize = make_preprocess(processor), make_tokenize(tokenizer, 32)
-    evaluator = Evaluator(cfg, rank, world_size, preprocess, tokenize, processor, torch.float32, "cpu")
-    return [evaluator(engine), evaluator(engine)]
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_score_each_sample_once_at_every_eval(tmp_path):
     """7 held-out samples in shards of 3, 3 and 1 (two bad ones in the first), the spec naming
     shard 00001 twice: both ranks' two evals cover the same 5 samples and count 2 skipped."""
-    from vutrain.data.tokenizer import iter_shard_texts, train_bpe_tokenizer
-
     info = write_synthetic(str(tmp_path / "data"), 16, 3, image_size=16, val_samples=7)
     val = tmp_path / "data" / "val"
     _break_two_samples(str(val / "00000.tar"))
-    tok_dir = str(tmp_path / "tok")
-    train_bpe_tokenizer(iter_shard_texts(info["train_shards"], "{title}"), tok_dir, vocab_size=300)
+    tok_dir = train_tokenizer(info["train_shards"], str(tmp_path / "tok"))
     spec = f"{val}/{{00000..00001}}.tar::{val}/{{00001..00002}}.tar"
-    rows = run_distributed(_eval_on_ranks, 2, spec, tok_dir)
+    rows = run_distributed(evals_on_rank, 2, spec, tok_dir, 2)
     assert rows[0] == rows[1]
     for row in rows[0]:
         assert row["eval/num_samples"] == 5
