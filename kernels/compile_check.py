@@ -81,15 +81,19 @@ def _signature(fn, dtype: str) -> dict:
     return sig
 
 
-def compile_kernel(kind: str, dtype: str, with_cols: bool, cfg: TileConfig, arch: int = 90):
-    """Compile ``kind`` (one of KERNELS) for ``sm_<arch>``; with_cols: the symmetric variant."""
+def compile_kernel(
+    kind: str, dtype: str, with_cols: bool, cfg: TileConfig, arch: int = 90, precision: str | None = None
+):
+    """Compile ``kind`` (one of KERNELS) for ``sm_<arch>``; with_cols: the symmetric variant;
+    ``precision``: the ``tl.dot`` input precision of fp32 inputs (None: "ieee", what a launch runs
+    under torch's default matmul precision; "tf32" under ``set_float32_matmul_precision("high")``)."""
     fn = _kernel(kind)
     consts = {
         "BM": cfg.BM,
         "BN": cfg.BN,
         "BD": cfg.BD,
         "UPCAST": False,
-        "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+        "PRECISION": (precision or "ieee") if dtype == "fp32" else "tf32",
     }
     if "WITH_COLS" in fn.arg_names:
         consts["WITH_COLS"] = with_cols
@@ -121,7 +125,7 @@ def table_configs(
     name = table_arch(arch // 10)
     limit = shared_memory or SHARED_MEMORY[name]
     pairs = {
-        (k, fit_shared_memory(e.config, element_size, limit))
+        (k, fit_shared_memory(e.config, element_size, limit, kind=tk))
         for (a, tk, _), e in TABLE.items()
         if a == name
         for k in KERNELS
@@ -180,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="BM,BN,BD,num_warps,num_stages (repeatable); default: the arch's table entries",
     )
+    ap.add_argument(
+        "--precision",
+        default="ieee",
+        choices=["ieee", "tf32"],
+        help="tl.dot precision of fp32 inputs: ieee (torch's default) or tf32 (matmul precision 'high')",
+    )
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"subset of {','.join(KERNELS)}")
     ap.add_argument("--json", action="store_true", help="print one JSON object per kernel")
     args = ap.parse_args(argv)
@@ -202,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("TRITON_INTERPRET is on; run it without (e.g. `env -u TRITON_INTERPRET python -m ...`)")
     for kind, cfg in pairs:
         for with_cols in (False, True) if kind in ("fwd", "grad") else (False,):
-            k = compile_kernel(kind, args.dtype, with_cols, cfg, args.arch)
+            k = compile_kernel(kind, args.dtype, with_cols, cfg, args.arch, args.precision)
             usage = ptxas_usage(k.asm["ptx"], args.arch)
             limit = ARCH_SHARED_MEMORY[args.arch]
             # Compiling does not check shared memory; the launch does, on the card (OutOfResources).
@@ -216,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                             "config": cfg.as_list(),
                             "arch": args.arch,
                             "dtype": args.dtype,
+                            "precision": args.precision if args.dtype == "fp32" else None,
                             "shared_bytes": k.metadata.shared,
                             "shared_limit": limit,
                             "fits_shared_memory": fits,

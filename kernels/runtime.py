@@ -250,9 +250,12 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
 def tile_config(kind: str, inputs: torch.Tensor, n: int, m: int, d: int) -> TileConfig:
     """The tile config for one launch of ``kind`` on an N x M x D problem whose operands have
     ``inputs``' device and dtype (see ``kernels.tile_configs``)."""
+    # The precision too: on an H100, exact fp32 dots pipeline one operand stage fewer than TF32
+    # ones, so the shared memory a config needs follows torch's matmul setting at this launch.
     return tile_configs.select(
-        kind, n, m, d, inputs.device, interpreting(), inputs.element_size(), inputs.dtype
-    )
+        kind, n, m, d, inputs.device, interpreting(), inputs.element_size(), inputs.dtype,
+        dot_precision(inputs.dtype),
+    )  # fmt: skip
 
 
 def num_sms(device: torch.device) -> int:

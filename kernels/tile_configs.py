@@ -195,39 +195,73 @@ def _fit_bd(config: TileConfig, d: int) -> TileConfig:
 # (tests/test_review_kernels13.py): A100, RTX 30xx, Jetson Orin (8.7) and RTX 40xx/L4/L40S (8.9),
 # which take the same Ampere mma path in Triton 3.9 and compile to the same bytes, bf16 and fp32.
 AMPERE_PIPELINE = ("8.0", "8.6", "8.7", "8.9")
+# Hopper pipelines its wgmma operands (16-bit, TF32) ``num_stages`` deep, but an exact-fp32 ("ieee")
+# dot is no wgmma: it keeps ``num_stages - 1`` there too (tests/test_review_kernels14.py).
+HOPPER = "9.0"
+# The kinds whose kernels write their [BM, BN] gradient tile to memory (``out_ptr``).
+TILE_WRITING_KINDS = ("ce_grad", "sig_grad")
 
 
-def pipelined_slabs(config: TileConfig, capability: str | None = None) -> int:
+def pipelined_slabs(config: TileConfig, capability: str | None = None, precision: str | None = None) -> int:
     """How many copies of the [BM, BD] and [BN, BD] operand slabs Triton 3.9 keeps in shared memory
-    for these kernels on an NVIDIA card of compute ``capability`` ("8.6"), compiled: ``num_stages``
-    for Hopper's wgmma (sm_90, 16-bit inputs), ``num_stages - 1`` (at least one) for Ampere's mma,
-    whose cp.async pipeline keeps one stage in registers (``AMPERE_PIPELINE``, sm_87/sm_89 too). Other
-    cards (None, sm_100+, ROCm) count ``num_stages``: the most, so the estimate is never under."""
-    return max(1, config.num_stages - 1) if capability in AMPERE_PIPELINE else config.num_stages
+    for these kernels on an NVIDIA card of compute ``capability`` ("8.6"), compiled, with fp32
+    inputs at ``tl.dot`` ``precision`` (``runtime.dot_precision``; None: not known): ``num_stages``
+    for Hopper's wgmma (sm_90, 16-bit or TF32 inputs), ``num_stages - 1`` (at least one) for
+    Ampere's mma, whose cp.async pipeline keeps one stage in registers (``AMPERE_PIPELINE``,
+    sm_87/sm_89 too), and for exact fp32 ("ieee") on sm_90. Other cards (None, sm_100+, ROCm) count
+    ``num_stages``: the most, so the estimate is never under."""
+    fewer = capability in AMPERE_PIPELINE or (capability == HOPPER and precision == "ieee")
+    return max(1, config.num_stages - 1) if fewer else config.num_stages
 
 
-def shared_memory_bytes(config: TileConfig, element_size: int, capability: str | None = None) -> int:
-    """The pipelined operand slabs: ``pipelined_slabs`` copies of a [BM, BD] and a [BN, BD] tile
-    (what Triton 3.9 allocates for these kernels, compiled: 147456 B for 128x256x64, 3 stages, bf16
-    on sm_90; 98304 B on sm_80). Without ``capability``: ``num_stages`` copies, the most any card
-    takes (the estimate may be over a card's compiled size, never under it)."""
-    slabs = pipelined_slabs(config, capability)
-    return slabs * (config.BM + config.BN) * config.BD * element_size
+def epilogue_bytes(config: TileConfig, element_size: int, kind: str | None = None) -> int:
+    """Shared memory the gradient kernels (``TILE_WRITING_KINDS``) take after their D loop: the
+    [BM, BN] tile they store leaves the dot's accumulator layout for a coalesced one through
+    shared memory, the whole tile at most (Triton may do it in rounds of fewer bytes: on sm_80/89
+    at BN = 256, or for exact fp32). The loop's slabs are free by then and Triton reuses their
+    bytes, so this adds nothing where the slabs are larger; where it is (128x128x32, 2 stages,
+    bf16 on an A100: 32768 B against 16384 B of slabs) it is what the launch needs. Other kinds
+    (None: the operand slabs only, the count before kinds were told apart) store row vectors."""
+    return config.BM * config.BN * element_size if kind in TILE_WRITING_KINDS else 0
+
+
+def shared_memory_bytes(
+    config: TileConfig,
+    element_size: int,
+    capability: str | None = None,
+    kind: str | None = None,
+    precision: str | None = None,
+) -> int:
+    """Shared memory a ``kind`` kernel compiled for ``capability`` needs: the pipelined operand
+    slabs, ``pipelined_slabs`` copies of a [BM, BD] and a [BN, BD] tile (147456 B for 128x256x64,
+    3 stages, bf16 on sm_90; 98304 B on sm_80), or the gradient tile's ``epilogue_bytes`` where
+    that is larger. Without ``capability``: ``num_stages`` copies, the most any card takes (the
+    estimate may be over a card's compiled size, never under it)."""
+    slab_bytes = (config.BM + config.BN) * config.BD * element_size
+    slabs = pipelined_slabs(config, capability, precision) * slab_bytes
+    return max(slabs, epilogue_bytes(config, element_size, kind))
 
 
 def fit_shared_memory(
-    config: TileConfig, element_size: int, limit: int, capability: str | None = None
+    config: TileConfig,
+    element_size: int,
+    limit: int,
+    capability: str | None = None,
+    kind: str | None = None,
+    precision: str | None = None,
 ) -> TileConfig:
-    """Shrink a config until its slabs fit ``limit`` bytes of shared memory on a card of compute
-    ``capability`` (None: any card, counted as the largest): BD first (down to 32), then stages
-    (down to 2), then the larger of BM and BN. The tables are sized for 16-bit inputs; fp32 ones
-    (4 bytes) need twice the bytes, e.g. 288 KiB for the square best config on sm_90, where the
-    launch would fail with OutOfResources."""
-    while shared_memory_bytes(config, element_size, capability) > limit:
+    """Shrink a config until a ``kind`` kernel fits ``limit`` bytes of shared memory on a card of
+    compute ``capability`` (None: any card, counted as the largest) at fp32 ``precision``: BD
+    first (down to 32), then stages (down to 2), then the larger of BM and BN; the tile first
+    where the gradient tile alone is over (narrower slabs would not help). The tables are sized for
+    16-bit inputs; fp32 ones (4 bytes) need twice the bytes, e.g. 288 KiB for the square best config
+    on sm_90, where the launch would fail with OutOfResources."""
+    while shared_memory_bytes(config, element_size, capability, kind, precision) > limit:
         bm, bn, bd, warps, stages = config.as_list()
-        if bd > 32:
+        tile_over = epilogue_bytes(config, element_size, kind) > limit
+        if bd > 32 and not tile_over:
             bd //= 2
-        elif stages > 2:
+        elif stages > 2 and not tile_over:
             stages -= 1
         elif max(bm, bn) > 16:
             bm, bn = (bm // 2, bn) if bm >= bn else (bm, bn // 2)
@@ -246,16 +280,18 @@ def select(
     interpreting: bool,
     element_size: int = 2,
     dtype: torch.dtype | None = None,
+    precision: str | None = None,
 ) -> TileConfig:
     """The tile config for one launch of ``kind`` on an N x M x D problem of ``element_size``-byte
-    inputs of ``dtype`` (None: any tuned entry fits)."""
+    inputs of ``dtype`` (None: any tuned entry fits) whose ``tl.dot`` runs at ``precision``
+    (``runtime.dot_precision``; None: counted as the one taking the most shared memory)."""
     if kind in _FORCED:
         return _FORCED[kind]
     if interpreting:
         return INTERPRET_CONFIG
     arch = arch_of(device)
     limit = device_shared_memory(device, arch)
-    return choose(arch, kind, n, m, d, element_size, limit, dtype, capability_of(device))
+    return choose(arch, kind, n, m, d, element_size, limit, dtype, capability_of(device), precision)
 
 
 def capability_of(device: torch.device) -> str:
@@ -274,15 +310,17 @@ def choose(
     shared_memory: int | None = None,
     dtype: torch.dtype | None = None,
     capability: str | None = None,
+    precision: str | None = None,
 ) -> TileConfig:
     """The table's config for ``arch``, narrowed to D and fitted to ``shared_memory`` bytes per
-    block (default: the arch's, ``SHARED_MEMORY``) as Triton compiles it for a card of compute
-    ``capability`` (None: the largest any card takes, ``shared_memory_bytes``)."""
+    block (default: the arch's, ``SHARED_MEMORY``) as Triton compiles the ``kind`` kernel for a
+    card of compute ``capability`` (None: the largest any card takes, ``shared_memory_bytes``) at
+    fp32 ``precision``."""
     limit = shared_memory or SHARED_MEMORY[arch]
     entry = lookup(arch, kind, n, m, dtype, capability)
     # ROCm cards report CUDA-like capabilities (MI300: 9.4) but take the fallback rows: an unknown card.
     nvidia = capability if arch != "fallback" else None
-    return fit_shared_memory(_fit_bd(entry.config, d), element_size, limit, nvidia)
+    return fit_shared_memory(_fit_bd(entry.config, d), element_size, limit, nvidia, kind, precision)
 
 
 def lookup(

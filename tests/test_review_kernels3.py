@@ -183,7 +183,8 @@ def test_a_tuned_entry_is_used_only_for_its_dtype(tuned_table, caplog, monkeypat
     inputs = {dt: torch.empty(1, 1, dtype=dt, device="meta") for dt in (torch.bfloat16, torch.float32)}
     assert runtime.tile_config("ce_grad", inputs[torch.bfloat16], 32768, 32768, 768) == TUNED
     fp32 = runtime.tile_config("ce_grad", inputs[torch.float32], 32768, 32768, 768)
-    assert fp32 == tile_configs.fit_shared_memory(BUILT_IN, 4, 232_448)
+    # The fit a launch makes: this card (9.0), this kernel, the dot precision fp32 runs at (exact).
+    assert fp32 == tile_configs.fit_shared_memory(BUILT_IN, 4, 232_448, "9.0", "ce_grad", "ieee")
 
 
 def test_a_tuned_entry_of_another_triton_version_is_not_used(tuned_table, caplog):
