@@ -5,7 +5,8 @@ fewer shards every rank reads all of them and keeps the samples with index ``i %
 (index over raw samples, so each corrupt sample is counted by exactly one rank). Ranks may get
 different numbers of batches; the last batch may be smaller than ``batch_size``.
 
-With ``num_workers`` >= 2 (``data.num_workers``) DataLoader worker processes decode and preprocess:
+With ``num_workers`` >= 2 (``data.num_workers``; -1, auto, resolves as training's loader does:
+``epoch_plan.auto_num_workers``) DataLoader worker processes decode and preprocess:
 each reads whole shards of this rank (worker ``w`` of ``W``: the rank's shards ``w, w + W, ...``),
 so no tar byte is read twice; at most one worker per shard. The samples, their batches' sizes and
 the skip counts are those of an in-process pass; the order of the samples is not (the workers'
@@ -27,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import template_fields
+from .epoch_plan import auto_num_workers
 from .labels import category_label, normalize_tag, tag_values
 from .samples import SkipCounter, SkipSample, decode_meta, decode_sample, image_member, iter_raw_samples
 from .shards import check_openable, expand_shards
@@ -51,6 +53,9 @@ class ValStream:
     ``keys`` list[str] and ``image_ids`` list[str] (a digest of the encoded image bytes: equal for
     the same file, so recall can count identical images as one). A sample without a label still
     counts for retrieval; zero-shot leaves it out.
+
+    ``num_workers``: loader worker processes (module doc); -1 is training's auto count for a rank
+    of ``local_world_size`` ranks on this node.
     """
 
     def __init__(
@@ -65,16 +70,23 @@ class ValStream:
         caption_template: str = "{title}",
         label_field: str = "category_name",
         num_workers: int = 0,
+        local_world_size: int = 1,
     ):
         template_fields(caption_template)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if num_workers < -1:
+            raise ValueError(f"num_workers must be >= -1 (-1: auto, 0: in this process); got {num_workers}")
         self.shards = distinct_shards(
             check_openable(expand_shards(shards, "data.val_shards"), "data.val_shards"), warn=rank == 0
         )
         self.preprocess, self.tokenize, self.batch_size = preprocess, tokenize, batch_size
         self.rank, self.world_size = rank, world_size
         self.caption_template, self.label_field = caption_template, label_field
+        if num_workers == -1:
+            # As training's loader resolves it: -1 read every held-out image in the training
+            # process (the config default, so most runs' evals were decode-bound on one core).
+            num_workers = auto_num_workers(len(self.shards), world_size, local_world_size, resampled=False)
         self.num_workers = num_workers
         self._skipped = SkipCounter()
 
@@ -83,9 +95,9 @@ class ValStream:
         return dict(self._skipped)
 
     def loader_workers(self) -> int:
-        """Worker processes of a pass: ``num_workers``, at most one per shard of this rank; 0 (read
-        in this process) below two (one worker would only add a hand-off; -1, auto, counts as 0) or
-        when every rank reads every shard (the split by sample index needs the shards in order)."""
+        """Worker processes of a pass: ``num_workers`` (auto resolved), at most one per shard of this
+        rank; 0 (read in this process) below two (one worker would only add a hand-off) or when
+        every rank reads every shard (the split by sample index needs the shards in order)."""
         if self.num_workers < 2 or len(self.shards) < self.world_size:
             return 0
         workers = min(self.num_workers, len(self.shards[self.rank :: self.world_size]))
@@ -290,6 +302,8 @@ def iter_val_batches(
     world_size: int = 1,
     caption_template: str = "{title}",
     label_field: str = "category_name",
+    num_workers: int = 0,
+    local_world_size: int = 1,
 ) -> Iterator[dict]:
     """One pass over this rank's validation batches (see :class:`ValStream`)."""
     return iter(
@@ -302,6 +316,8 @@ def iter_val_batches(
             world_size=world_size,
             caption_template=caption_template,
             label_field=label_field,
+            num_workers=num_workers,
+            local_world_size=local_world_size,
         )
     )
 
