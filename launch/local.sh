@@ -128,7 +128,9 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     nhosts="$(awk '{sub(/\r$/, "")} NF && $1 !~ /^#/' "$HOSTFILE" | wc -l)"
     (( nhosts == 1 )) || die "HOSTFILE=$HOSTFILE lists $nhosts hosts; local.sh runs one node. Use launch/slurm/deepspeed.sbatch for several nodes."
     [[ -z "${NGPUS:-}" ]] || die "set either HOSTFILE or NGPUS, not both."
-    slots="$(awk '{sub(/\r$/, "")} NF && $1 !~ /^#/ {sub("slots=", "", $2); print $2}' "$HOSTFILE")"
+    # A second field without "slots=" ("localhost 2") reads as none: deepspeed stopped on it with a
+    # ValueError traceback once its runner had started.
+    slots="$(awk '{sub(/\r$/, "")} NF && $1 !~ /^#/ {print ($2 ~ /^slots=/ ? substr($2, 7) : "")}' "$HOSTFILE")"
     is_uint "$slots" && (( 10#$slots > 0 )) || die "HOSTFILE=$HOSTFILE: expected one 'HOST slots=N' line, got slots '$slots'."
     slots=$((10#$slots))
     if (( GPUS > 0 && slots > GPUS )); then

@@ -14,11 +14,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # The header comment, up to the first line of code (a fixed line range printed `set -euo pipefail`).
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "${BASH_SOURCE[0]}"; }
 
-slots="" out=""
+slots="" out="" slots_given=""
 while getopts "s:o:h" opt; do
     case "$opt" in
-        s) slots="$OPTARG" ;;
-        o) out="$OPTARG" ;;
+        s) slots="$OPTARG" slots_given=1 ;;
+        # `-o "$HF"` of an unset variable printed the hostfile to stdout and wrote no file.
+        o) [[ -n "$OPTARG" ]] || die "-o needs a file name (got an empty one): pass -o FILE, or leave -o out to print the hostfile."
+           out="$OPTARG" ;;
         h) usage; exit 0 ;;
         *) usage >&2; exit 2 ;;
     esac
@@ -58,11 +60,12 @@ check_default_slots_cover_the_job() {
         || die "the job holds $total GPUs (SLURM_GPUS=$SLURM_GPUS) but $slots per node x $nhosts nodes = $((slots * nhosts)): pass -s N (the ranks of every node, at most the fewest GPUs a node holds), or submit with --gpus-per-node=N instead of --gpus."
 }
 
-slots_given="$slots"
-[[ -n "$slots" ]] || slots="$(default_slots)"
+# slots_given, not an empty $slots: `-s ""` (`-s "$GPUS"` of an unset variable) wrote the default
+# slots without a word, e.g. slots=1 on a login node, and the job ran one rank per node.
+[[ -n "$slots_given" ]] || slots="$(default_slots)"
 # 10#: bash arithmetic reads a leading zero as octal ("-s 08" printed "value too great for base"
 # and was refused as not a positive integer), as local.sh reads NGPUS and a hostfile's slots.
-is_uint "$slots" && (( 10#$slots > 0 )) || die "slots must be a positive integer, got '$slots'."
+is_uint "$slots" && (( 10#$slots > 0 )) || die "slots must be a positive integer, got '$slots': pass -s N (the ranks per node), or leave -s out for this node's GPUs."
 slots=$((10#$slots))
 
 # A SLURM_CONF that names no file made scontrol retry it for 60 s before the fallback below.

@@ -13,8 +13,11 @@ its holder (host, pid, SLURM job) for the refusal's message.
 A forked child (a data loader worker) shares the open file, and with it the lock: a worker that
 outlived a killed trainer blocked the requeued run. Children close their copy right after the fork.
 
-Within one process the lock is re-entrant (per directory): in-process tests and notebooks that
+Within one process the lock is re-entrant (per lock file): in-process tests and notebooks that
 build a second Trainer into a directory before the first was released are one user, not two runs.
+Re-entry is keyed by the lock file's device and inode, not its path: a hold leaked on a directory
+that was then deleted and re-created at the same path let a later run of the process "re-enter" a
+lock on the deleted file, holding nothing on the new one, and a second process then took it.
 
 On NFS the server keeps a crashed node's lock until its lease ends (about 90 s on NFSv4): the
 requeued job was refused at once (exit 2), SLURM does not requeue that, and the training stopped for
@@ -55,30 +58,43 @@ class _Held:
 
     def __init__(self, handle, path: str):
         self.handle, self.path, self.users = handle, path, 1
+        stat = os.fstat(handle.fileno())
+        self.key = (stat.st_dev, stat.st_ino)
 
 
-_held: dict[str, _Held] = {}  # real path of the run directory -> its lock file in this process
+# (device, inode) of a lock file -> its open, locked handle in this process. The open handle keeps
+# its inode allocated, so a file re-created at the same path never gets the key of a held one.
+_held: dict[tuple[int, int], _Held] = {}
+
+
+def _entry_holding(path: str) -> _Held | None:
+    """This process's hold on the lock file now at ``path``, if any."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return _held.get((stat.st_dev, stat.st_ino))
 
 
 class RunLock:
     """This process's hold on one run directory; `release()` once (more calls do nothing)."""
 
-    def __init__(self, key: str | None):
-        self._key = key  # None: the file system does not lock, nothing is held
+    def __init__(self, entry: _Held | None):
+        self._entry = entry  # None: the file system does not lock, nothing is held
 
     @property
     def held(self) -> bool:
-        return self._key is not None
+        return self._entry is not None
 
     def release(self) -> None:
-        key, self._key = self._key, None
-        if key is None or key not in _held:
+        entry, self._entry = self._entry, None
+        # Not ours any more: a forked child closed its copy (and cleared _held).
+        if entry is None or _held.get(entry.key) is not entry:
             return
-        entry = _held[key]
         entry.users -= 1
         if entry.users > 0:
             return
-        del _held[key]
+        del _held[entry.key]
         try:
             fcntl.flock(entry.handle, fcntl.LOCK_UN)
         finally:
@@ -93,11 +109,13 @@ def acquire(run_dir: str) -> RunLock:
     to the caller, which reports an output_dir that cannot be prepared."""
     wait_setting = wait_from_env()
     os.makedirs(run_dir, exist_ok=True)
-    key = os.path.realpath(run_dir)
-    if key in _held:
-        _held[key].users += 1
-        return RunLock(key)
     path = os.path.join(run_dir, LOCK_NAME)
+    # Looked up by stat, not by opening the file: on NFS flock is a POSIX lock, which closing any
+    # other descriptor of the file in this process would drop.
+    entry = _entry_holding(path)
+    if entry is not None:
+        entry.users += 1
+        return RunLock(entry)
     # "a+": created if missing, never truncated before the lock is ours (the holder's record).
     handle = open(path, "a+", encoding="utf-8")
     try:
@@ -114,9 +132,10 @@ def acquire(run_dir: str) -> RunLock:
     if waited is not None:
         handle.close()
         raise RunDirInUseError(in_use_message(run_dir, read_holder(path), waited))
-    _held[key] = _Held(handle, path)
+    entry = _Held(handle, path)
+    _held[entry.key] = entry
     _record_holder(handle)
-    return RunLock(key)
+    return RunLock(entry)
 
 
 def _try_lock(handle) -> bool:
