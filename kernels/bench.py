@@ -20,7 +20,8 @@ input gradients every provider returns). FLOPs counted per N x M score matrix: 2
 forward, 8NMD forward+backward (forward, one recompute, two gradient GEMMs); the square
 CLIP loss and the sigmoid loss have one matrix, the gathered CLIP loss two. A dense
 matmul rate is measured in the same run as the yardstick, and every target of the issue
-gets a PASS/FAIL verdict (``kernels.bench_targets``; FAIL when a needed row is missing).
+gets a PASS/FAIL verdict (``kernels.bench_targets``; FAIL when a needed row is missing, NOT
+MEASURED when a ratio's baseline could not run: out of memory or not installed).
 Every run writes ``bench_kernels.json`` and ``bench_kernels.png`` to ``--out`` and
 prints a markdown table. Numbers are measured, never estimated.
 
@@ -316,7 +317,15 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
         parts = item.lower().split("x")
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
             raise SystemExit(f"--shapes wants NxMxD items such as 32768x32768x768; got {item!r}")
-        shapes.append(tuple(int(p) for p in parts))
+        n, m, d = (int(p) for p in parts)
+        # N local rows against M >= N gathered columns: N > M (M and N swapped) or a zero ran as
+        # an error row per provider whose message (a label offset, a CE target) named neither.
+        if min(n, m, d) < 1 or n > m:
+            raise SystemExit(
+                f"--shapes {item}: N, M and D must be >= 1 and N <= M (N local rows against M "
+                "gathered columns, e.g. 4096x32768x768)"
+            )
+        shapes.append((n, m, d))
     return shapes
 
 

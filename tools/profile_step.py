@@ -11,11 +11,16 @@ in none). A GPU busy for much less than the wall time while the host phases add 
 the step waits on the host (Python, launches, DeepSpeed hooks), not on the GPU. Then the 15 aten
 ops with the most host time and, on a GPU, the most GPU time. Prints a JSON line last.
 Measures, does not judge: no timing is asserted anywhere.
+
+`--grad-accum-steps N` profiles steps of N micro-batches each, combined by GradCache (the
+default `--accumulation gradcache`: its forward phase is every micro-batch without autograd and
+the loss, its backward phase each micro-batch's replay and backward) or by `--accumulation plain`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -39,6 +44,35 @@ def _labelled(fn, label: str):
     return wrapper
 
 
+@contextlib.contextmanager
+def labelled_phases(trainer):
+    """Label the Trainer's calls with PHASES for the profile, and take the labels off again.
+
+    Plain steps: next_batch, forward_loss, engine.backward and engine.step. A GradCache step
+    (train.accumulation=gradcache, grad_accum_steps > 1) never calls forward_loss: its forward is
+    GradCache.forward (every micro-batch without autograd, the loss and its feature gradients), and
+    its backward each micro-batch's replay with autograd beside engine.backward.
+    """
+    from vutrain.gradcache import GradCache
+
+    patched = [
+        (trainer, "next_batch", "data"), (trainer, "forward_loss", "forward"),
+        (trainer.engine, "backward", "backward"), (trainer.engine, "step", "optimizer"),
+        (GradCache, "forward", "forward"), (GradCache, "_replay", "backward"),
+    ]  # fmt: skip
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patched]
+    for owner, name, phase in patched:
+        setattr(owner, name, _labelled(getattr(owner, name), f"phase:{phase}"))
+    try:
+        yield
+    finally:
+        for owner, name, before in saved:
+            if before is None:  # an instance's bound method: the class's shows through again
+                delattr(owner, name)
+            else:
+                setattr(owner, name, before)
+
+
 def busy_us(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals (microseconds)."""
     total, end = 0.0, float("-inf")
@@ -59,12 +93,20 @@ def rerun_command(args: argparse.Namespace) -> str:
         ("--preset", args.preset), ("--precision", args.precision), ("--zero-stage", args.zero_stage),
         ("--batch-size", args.batch_size), ("--loss-backend", args.loss_backend),
         ("--workers", args.workers), ("--warmup", args.warmup), ("--steps", args.steps),
+        ("--grad-accum-steps", args.grad_accum_steps), ("--accumulation", args.accumulation),
         ("--hidden-act", args.hidden_act), ("--compile-mode", args.compile_mode),
     ]  # fmt: skip
     if args.compile:
         options.append(("--compile-backend", args.compile_backend))
     words = [f"{flag} {shlex.quote(str(value))}" for flag, value in options]
     return " ".join(["python tools/profile_step.py", *words, *(["--compile"] if args.compile else [])])
+
+
+def accumulation_text(args: argparse.Namespace) -> str:
+    """The header's words for a step of several micro-batches ('' for one)."""
+    if args.grad_accum_steps == 1:
+        return ""
+    return f", {args.grad_accum_steps} micro-batches a step ({args.accumulation})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None, make_scratch) -> int:
-    from vutrain.config import BACKENDS, COMPILE_MODES, HIDDEN_ACTS, PRECISIONS, PRESETS
+    from vutrain.config import ACCUMULATIONS, BACKENDS, COMPILE_MODES, HIDDEN_ACTS, PRECISIONS, PRESETS
 
     # Choices here: a wrong value is refused at once, not after seconds of imports in a traceback.
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -87,6 +129,15 @@ def _main(argv: list[str] | None, make_scratch) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--grad-accum-steps", type=int, default=1, help="train.grad_accum_steps: micro-batches per step"
+    )
+    parser.add_argument(
+        "--accumulation",
+        default="gradcache",
+        choices=ACCUMULATIONS,
+        help="train.accumulation: how the micro-batches of a step combine (with --grad-accum-steps > 1)",
+    )
     parser.add_argument("--compile", action="store_true", help="train.compile=true (warm-up compiles)")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument(
@@ -98,7 +149,8 @@ def _main(argv: list[str] | None, make_scratch) -> int:
     args = parser.parse_args(argv)
     # Checked here, not after a minute of building: --steps 0 divided by zero at the end.
     for flag, value, least in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
-                               ("--warmup", args.warmup, 0), ("--workers", args.workers, 0)):  # fmt: skip
+                               ("--warmup", args.warmup, 0), ("--workers", args.workers, 0),
+                               ("--grad-accum-steps", args.grad_accum_steps, 1)):  # fmt: skip
         if value < least:
             parser.error(f"{flag} must be >= {least}, got {value}")
 
@@ -106,7 +158,7 @@ def _main(argv: list[str] | None, make_scratch) -> int:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from vutrain.bench import build_trainer
+    from vutrain.bench import build_trainer, close_trainer
     from vutrain.data.synthetic import write_synthetic
     from vutrain.distributed import cleanup
     from vutrain.model import PRESETS
@@ -125,27 +177,30 @@ def _main(argv: list[str] | None, make_scratch) -> int:
         workers=args.workers, loss_backend=args.loss_backend, train_shards=data["train_shards"],
         run_dir=os.path.join(work, "run"), compile=args.compile, compile_backend=args.compile_backend,
         hidden_act=args.hidden_act, compile_mode=args.compile_mode,
+        grad_accum_steps=args.grad_accum_steps, accumulation=args.accumulation,
     )  # fmt: skip
     trainer = build_trainer(spec, sync_timing=False)
     cuda = trainer.device.type == "cuda"
-    trainer.next_batch = _labelled(trainer.next_batch, "phase:data")
-    trainer.forward_loss = _labelled(trainer.forward_loss, "phase:forward")
-    trainer.engine.backward = _labelled(trainer.engine.backward, "phase:backward")
-    trainer.engine.step = _labelled(trainer.engine.step, "phase:optimizer")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
-        for _ in range(args.warmup):
-            trainer.train_step()
-        sync()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
+        with labelled_phases(trainer):
+            for _ in range(args.warmup):
                 trainer.train_step()
             sync()
-            wall = (time.perf_counter() - t0) / args.steps
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    trainer.train_step()
+                sync()
+                wall = (time.perf_counter() - t0) / args.steps
     finally:
-        cleanup()
+        try:
+            # train() never runs, which would end them: the data-wait watcher thread (it holds the
+            # Trainer) and the loader workers lived on until the process exited.
+            close_trainer(trainer)
+        finally:
+            cleanup()
     events = prof.events()
     host = {
         phase: sum(e.cpu_time_total for e in events if e.name == f"phase:{phase}") / args.steps / 1e3
@@ -164,7 +219,7 @@ def _main(argv: list[str] | None, make_scratch) -> int:
         print("GPU busy from the ops' self device time (the profiler listed no kernel events)")
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{device}, {args.preset} {args.precision}, ZeRO-{args.zero_stage}, batch {args.batch_size}, "
-          f"loss {args.loss_backend}{', compiled' if args.compile else ''}, "
+          f"loss {args.loss_backend}{', compiled' if args.compile else ''}{accumulation_text(args)}, "
           f"{args.steps} profiled steps after {args.warmup}")  # fmt: skip
     print(f"wall per step: {wall * 1e3:.1f} ms (profiler on)")
     if cuda:
@@ -178,6 +233,7 @@ def _main(argv: list[str] | None, make_scratch) -> int:
         device=device, preset=args.preset, precision=args.precision, zero_stage=args.zero_stage,
         batch_size=args.batch_size, loss_backend=args.loss_backend, steps=args.steps,
         warmup=args.warmup, workers=args.workers, hidden_act=args.hidden_act, compiled=args.compile,
+        grad_accum_steps=args.grad_accum_steps, accumulation=args.accumulation,
         compile_backend=args.compile_backend, compile_mode=args.compile_mode,
         wall_ms=wall * 1e3, gpu_busy_ms=gpu_busy, host_ms=host,
         date=time.strftime("%Y-%m-%d"), command=rerun_command(args),

@@ -36,12 +36,22 @@ from vutrain.bench_report import md_cell, write_json
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
 
-def device_name() -> str:
-    """The CUDA device's name, or the CPU's core count and type."""
+def device_name(device=None) -> str:
+    """The name of ``device`` (a GPU's, or the CPU's core count and type); by default of the device
+    a one-rank run here trains on. It was GPU 0's whenever one was visible: a run on the CPU of
+    a GPU machine (VUTRAIN_DEVICE=cpu), or on another GPU, was recorded as made on GPU 0."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+    from vutrain.distributed import resolve_device
+
+    if device is None:
+        try:
+            device = resolve_device(0)[0]  # what the configuration's process resolves
+        except RuntimeError:  # a bad VUTRAIN_DEVICE: the configuration's row says so
+            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
@@ -60,6 +70,23 @@ def build_trainer(spec: dict, sync_timing: bool = True):
     return trainer
 
 
+def close_trainer(trainer) -> None:
+    """End what a Trainer that never trains holds (train() ends it all itself): the data-wait
+    watcher thread (it keeps the whole Trainer alive), the loader workers, the TensorBoard writer
+    and the run folder's lock. Used by run_one, tools/profile_step.py and the comparison."""
+    try:
+        trainer.data_wait.close()
+        # Left open, the loader worker processes lived on until this process exited, reading and
+        # decoding for a Trainer that no longer steps (a sweep in one process ran them side by side).
+        trainer.stream.close()
+    finally:
+        try:
+            trainer.metrics.close()
+        finally:
+            # Nothing else frees run_dir for the next run in this process or another.
+            trainer.release_run_dir()
+
+
 def spec_overrides(spec: dict) -> list[str]:
     """The config overrides that make the Trainer of one benchmark configuration."""
     return [
@@ -72,6 +99,9 @@ def spec_overrides(spec: dict) -> list[str]:
         f"train.precision={spec['precision']}",
         f"train.zero_stage={spec['zero_stage']}",
         f"train.micro_batch_size={spec['batch_size']}",
+        # tools/profile_step.py profiles accumulation (GradCache or plain); the sweep steps one.
+        f"train.grad_accum_steps={spec.get('grad_accum_steps', 1)}",
+        f"train.accumulation={spec.get('accumulation', 'gradcache')}",
         f"model.gradient_checkpointing={flag_text(spec['grad_ckpt'])}",
         f"train.max_steps={spec['warmup'] + spec['steps']}",
         "train.checkpoint_every=0",
@@ -135,23 +165,22 @@ def run_one(spec: dict) -> dict:
             torch.cuda.synchronize()
         wall = (time.perf_counter() - started) / spec["steps"]
     finally:
-        # train() is never called, so nothing else frees run_dir for the next run in this process
-        # or another: its lock stayed held until this process exited. Nor ends the data-wait
-        # watcher thread, which kept the whole Trainer alive until then.
-        trainer.data_wait.close()
-        trainer.release_run_dir()
-        cleanup()
+        try:
+            close_trainer(trainer)
+        finally:
+            cleanup()
     med = {p: statistics.median(getattr(t, p) for t in rows) for p in PHASES}
     step = sum(med.values())
+    samples = spec["batch_size"] * spec.get("grad_accum_steps", 1)  # a step's micro-batches
     result = dict(
         spec,
-        device=device_name(),
+        device=device_name(trainer.device),
         step_time_s=step,
-        samples_per_s=spec["batch_size"] / step,
+        samples_per_s=samples / step,
         # Steps end to end, one sync after the last: what the comparison with open_clip measures
         # (the phase medians above leave out the gaps between phases and steps).
         wall_step_time_s=wall,
-        wall_samples_per_s=spec["batch_size"] / wall,
+        wall_samples_per_s=samples / wall,
         wall_timing="separate steps, no phase syncs, one sync after the last",
         **{f"{p}_s": v for p, v in med.items()},
     )

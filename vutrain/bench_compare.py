@@ -167,10 +167,13 @@ class TrainerStep:
     def close(self) -> None:
         """Free the DeepSpeed engine and the Trainer so the next configuration gets the memory, and
         its run directory's lock (a Trainer that never trains held it until this process exited)."""
+        from vutrain.bench import close_trainer
+
         # train() never runs, which ends the data-wait watcher thread: left running, it held the
         # Trainer, so every configuration's engine (its memory) stayed until this process exited.
-        self.trainer.data_wait.close()
-        self.trainer.release_run_dir()
+        # The real stream back first: the batch feed has nothing to close.
+        self.trainer.stream = self.stream
+        close_trainer(self.trainer)
         engine = self.trainer.engine
         try:
             engine.zero_grad()
@@ -881,7 +884,7 @@ def result_dict(
         "commit": commit(),
         "versions": versions(("torch", "deepspeed", "transformers", "open_clip_torch", "triton")),
         "date": datetime.date.today().isoformat(),
-        "device": device_name(),
+        "device": device_name(bench.device),
         "torch": torch.__version__,
         "preset": args.preset,
         "hidden_act": args.hidden_act,
