@@ -100,13 +100,13 @@ def test_an_eval_blocked_on_its_val_shards_warns_then_scores_the_same(
 
         read_classes = evaluator.classes
 
-        def block_then_classes():
+        def block_then_classes(shards_view=None):
             # Called by the eval after it listed the shards (agree_on_val_shards, ValStream) and
             # before its first batch: the shards' storage hangs from here on (a FIFO is no file
             # to the listing).
             blocked = _BlockedShards(files)
             blocks.append((blocked, time.monotonic(), _release_after(blocked, data_lines)))
-            return read_classes()  # kept from the first eval: no read
+            return read_classes(shards_view)  # the shards' view is unchanged: kept, no read
 
         evaluator.classes = block_then_classes
         try:

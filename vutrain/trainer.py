@@ -274,6 +274,8 @@ class Trainer:
             self.processor,
             self.dtype,
             self.device,
+            # Resolves data.num_workers=-1 as training does, without the evaluator's host-name gather.
+            local_world_size=info.local_world_size,
         )
         self.metrics = MetricsWriter(self.run_dir, enabled=info.is_main)
         self.last_stats = GuardStats(float("nan"), 0, 0, 0, False)
