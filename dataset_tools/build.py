@@ -544,6 +544,9 @@ def _build(cfg: BuildConfig) -> dict:
         f"({meta.duplicates} duplicate rows collapsed, {len(meta.rejected)} rejected: invalid id or "
         f"malformed row, listed in {plan_mod.BUILD_DIR}/rejected_input.jsonl)"
     )
+    left_out = metadata.describe_left_out(meta)
+    if left_out:
+        print(left_out)
     cfg = _keep_planned_shard_size(cfg, previous)
     cfg = _keep_planned_image_options(cfg, previous)
     planned_template = plan_mod.planned_url_template(cfg.output, previous, cfg.url_template, cfg.variants[0])
@@ -610,6 +613,7 @@ def _build(cfg: BuildConfig) -> dict:
         input_rows=meta.input_rows,
         duplicates_collapsed=meta.duplicates,
         invalid_ids=len(meta.rejected),
+        values_left_out=meta.values_left_out,
         planned=len(plan),
         shard_size=cfg.shard_size,
         image_options=_image_options(cfg),

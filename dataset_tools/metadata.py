@@ -14,6 +14,7 @@ import csv
 import datetime
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from dataset_tools import youtube
+from vutrain.tag_text import tag_items
 
 FIELDS = (
     "video_id",
@@ -54,6 +56,16 @@ class MetadataResult:
     input_rows: int = 0
     duplicates: int = 0
     formats: dict[str, str] = field(default_factory=dict)
+    # Values a kept row is built without, per field (``LEFT_OUT_FIELDS``), and where the first of
+    # each kind is: they were dropped without a word (a tag ``true``, a category id ``-1``).
+    values_left_out: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEFT_OUT_FIELDS, 0))
+    first_left_out: dict[str, str] = field(default_factory=dict)
+
+
+# The fields whose values a kept row may leave out: ``tags`` items that are no tag (true, 1.5, a
+# nested list or an object: ``tag_text.tag_items``) and ``category_id`` values that are neither a
+# category id nor a name (a negative, fractional or too large number, true, an object).
+LEFT_OUT_FIELDS = ("tags", "category_id")
 
 
 _TABLE_EXTENSIONS = (
@@ -126,13 +138,14 @@ class MetadataError(ValueError):
     """Input that cannot be read; the message names the file (and the line) and what to do."""
 
 
-def _open_text(path: str, encoding: str, errors: str = "strict"):
-    """A text handle on ``path`` (gzip when it ends in .gz), newlines left to the CSV reader."""
+def _open_text(path: str, encoding: str, errors: str = "strict", newline: str = ""):
+    """A text handle on ``path`` (gzip when it ends in .gz), newlines left to the CSV reader (or
+    with ``newline="\\n"``, lines split at a line feed alone, as JSON Lines are)."""
     if path.lower().endswith(".gz"):
         import gzip
 
-        return gzip.open(path, "rt", encoding=encoding, errors=errors, newline="")
-    return open(path, encoding=encoding, errors=errors, newline="")
+        return gzip.open(path, "rt", encoding=encoding, errors=errors, newline=newline)
+    return open(path, encoding=encoding, errors=errors, newline=newline)
 
 
 @contextlib.contextmanager
@@ -228,7 +241,7 @@ def _unique_names(header: list[str]) -> list[str]:
 def _parse_csv(path: str, encoding: str, sep: str, errors: str) -> pd.DataFrame:
     """pandas' C parser (fast) for well-formed files, the csv module for the rest."""
     declared = _declared_separator(path, encoding)
-    sep = declared or sep
+    sep = declared or _header_separator(_first_text_line(path, encoding), sep)
     kwargs = dict(
         sep=sep, dtype=str, keep_default_na=False, on_bad_lines="error", skiprows=int(bool(declared))
     )
@@ -280,6 +293,29 @@ def _declared_separator(path: str, encoding: str) -> str | None:
     """The separator the first line of ``path`` declares (``sep=;``), else None."""
     with _open_text(path, encoding, errors="replace") as fh:
         return _separator_in_line(fh.readline())
+
+
+# Separators a header may use other than the one the file's name says: Excel in a locale with a
+# decimal comma saves "CSV" with ";", and many exports named .csv are tab-separated. Read with
+# the name's separator, the header was one column and the build stopped on "no video id column".
+_SEPARATORS = (",", "\t", ";", "|")
+
+
+def _header_separator(header: str, default: str) -> str:
+    """``default`` when ``header`` read with it names a video id column, or when no other separator
+    does; else the first separator that does."""
+    header = header.removeprefix("\ufeff").removeprefix("\xef\xbb\xbf")  # a BOM, in any reading
+    for sep in (default, *_SEPARATORS):
+        fields = next(csv.reader([header], delimiter=sep), [])
+        if any(_column_key(name) in _ID_COLUMNS for name in fields):
+            return sep
+    return default
+
+
+def _first_text_line(path: str, encoding: str) -> str:
+    """The first line of ``path`` that is not blank (the header, as pandas finds it)."""
+    with _open_text(path, encoding, errors="replace") as fh:
+        return next((line for line in fh if line.strip()), "")
 
 
 def _has_nul(path: str, encoding: str) -> bool:
@@ -339,7 +375,7 @@ def _read_table_as_named(path: str) -> pd.DataFrame:
     if lower.endswith(".parquet"):
         return _read_parquet(path)
     if lower.endswith(_JSON_SUFFIXES):
-        records = list(_iter_json_records(path))
+        records = [_read_keys_only(record) for record in _iter_json_records(path)]
         if not records:
             raise MetadataError(
                 f"{path}: no records (empty file). Remove it from --input, or put one JSON object "
@@ -648,6 +684,9 @@ def _json_record_lines(text: str, records: int) -> list[int] | None:
 
 
 def _iter_json_records(path: str) -> Iterator[dict]:
+    if _starts_with_a_json_line(path):
+        yield from _streamed_json_lines(path)
+        return
     text = _read_json_text(path)
     if text.lstrip().startswith("["):
         for index, record in enumerate(_json_array_records(path, text)):
@@ -664,23 +703,70 @@ def _iter_json_records(path: str) -> Iterator[dict]:
             yield video
         return
     for lineno, line in enumerate(_json_lines(text), 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line, object_pairs_hook=_json_object)
-        except ValueError as err:
-            raise MetadataError(
-                f"{path}:{lineno}: not a JSON line ({err}). JSONL input needs one JSON object per line."
-            ) from None
-        if not isinstance(rec, dict):  # a row skipped here would be lost without a trace
-            raise MetadataError(
-                f"{path}:{lineno}: {_kind(rec)}, not a JSON object. "
-                "JSONL input needs one JSON object per line."
-            )
-        for video in _videos(rec):
-            _refuse_repeated_keys(path, lineno, video)
-            yield video
+        yield from _line_videos(path, lineno, line)
+
+
+def _starts_with_a_json_line(path: str) -> bool:
+    """True when the first line of ``path`` that is not blank is a whole JSON object: JSON Lines,
+    read a line at a time (:func:`_streamed_json_lines`)."""
+    with _open_text(path, "utf-8-sig", errors="replace", newline="\n") as fh:
+        first = next((line.strip() for line in fh if line.strip()), "")
+    if not first.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _streamed_json_lines(path: str) -> Iterator[dict]:
+    """The video records of a JSON Lines file, read a line at a time: read whole, the text of a
+    yt-dlp ``--dump-json`` of many videos (hundreds of KB each) was held beside its records."""
+    try:
+        with _open_text(path, "utf-8-sig", newline="\n") as fh:
+            for lineno, line in enumerate(fh, 1):
+                yield from _line_videos(path, lineno, line)
+    except UnicodeDecodeError:
+        _read_json_text(path)  # raises the error naming the line of the first bad byte
+        raise
+
+
+def _line_videos(path: str, lineno: int, line: str) -> Iterator[dict]:
+    """The video records of JSON line ``lineno`` (none for a blank line)."""
+    line = line.strip()
+    if not line:
+        return
+    try:
+        rec = json.loads(line, object_pairs_hook=_json_object)
+    except ValueError as err:
+        raise MetadataError(
+            f"{path}:{lineno}: not a JSON line ({err}). JSONL input needs one JSON object per line."
+        ) from None
+    if not isinstance(rec, dict):  # a row skipped here would be lost without a trace
+        raise MetadataError(
+            f"{path}:{lineno}: {_kind(rec)}, not a JSON object. JSONL input needs one JSON object per line."
+        )
+    for video in _videos(rec):
+        _refuse_repeated_keys(path, lineno, video)
+        yield video
+
+
+def _json_line_of_each_record(path: str) -> list[int]:
+    """The line each video record of a JSON Lines file starts on, read a line at a time (a
+    playlist's entries: the line of their playlist)."""
+    lines = []
+    with _open_text(path, "utf-8-sig", errors="replace", newline="\n") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                lines += [lineno] * sum(1 for _ in _videos(json.loads(line)))
+    return lines
+
+
+def _read_keys_only(record: dict) -> dict:
+    """``record`` with only the keys a reader looks at (``_JSON_KEPT_KEYS``); a record with none of
+    them whole, so that its rejection shows what it holds."""
+    kept = {key: value for key, value in record.items() if _column_key(key) in _JSON_KEPT_KEYS}
+    return kept or record
 
 
 def _record_lines(path: str, records: int) -> list[int] | None:
@@ -692,7 +778,9 @@ def _record_lines(path: str, records: int) -> list[int] | None:
         return None
     # latin-1 decodes any bytes, and UTF-8 never uses the bytes of a newline, quote or separator
     # inside a character: the lines found are the same in whatever encoding the table was read.
-    if lower.endswith(_JSON_SUFFIXES):
+    if lower.endswith(_JSON_SUFFIXES) and _starts_with_a_json_line(path):
+        lines = _json_line_of_each_record(path)
+    elif lower.endswith(_JSON_SUFFIXES):
         with _open_text(path, "latin-1") as fh:
             text = fh.read().removeprefix("\xef\xbb\xbf")  # a UTF-8 byte order mark, as latin-1
         lines = _json_record_lines(text, records)
@@ -707,6 +795,8 @@ def _record_lines(path: str, records: int) -> list[int] | None:
             declared = _separator_in_line(text_lines[0]) if text_lines else None
             if declared:
                 sep, text_lines[0] = declared, "\n"
+            else:
+                sep = _header_separator(next((t for t in text_lines if t.strip()), ""), sep)
             lines = [line for line, _, _ in _csv_records(text_lines, sep)][1:]
     return lines if len(lines) == records else None
 
@@ -718,13 +808,17 @@ def _column_key(name: object) -> str:
     return "_".join(str(name).strip().lower().split())
 
 
+_YTDLP_MARKERS = frozenset(
+    {"extractor", "extractor_key", "webpage_url", "upload_date", "_type", "display_id"}
+)
+
+
 def detect_format(path: str, columns: Sequence[str]) -> str:
     """kaggle (trending CSVs, both schemas), ytdlp (``--dump-json``), else csv (generic table)."""
     cols = {_column_key(c) for c in columns}
     if "video_id" in cols and "trending_date" in cols:
         return "kaggle"
-    ytdlp_markers = {"extractor", "extractor_key", "webpage_url", "upload_date", "_type", "display_id"}
-    if "id" in cols and cols & ytdlp_markers:
+    if "id" in cols and cols & _YTDLP_MARKERS:
         return "ytdlp"
     return "csv"
 
@@ -798,9 +892,9 @@ def _sibling_category_json(path: str) -> str | None:
     return candidate if os.path.exists(candidate) else None
 
 
-def _kaggle_date(value: str) -> str:
+def _kaggle_date(value: object) -> str:
     """Trending date to ISO: 2017 schema ``17.14.11`` is YY.DD.MM; the newer one is ISO already."""
-    text = str(value or "").strip()
+    text = _date_text(value)
     parts = text.split(".")
     if len(parts) == 3 and all(p.isdigit() for p in parts):
         yy, dd, mm = parts
@@ -809,12 +903,25 @@ def _kaggle_date(value: str) -> str:
 
 
 def _ytdlp_publish(value: object) -> str:
+    return _date_text(value)
+
+
+def _date_text(value: object) -> str:
+    """A date as text: a parquet date or timestamp as ISO (:func:`_iso`), yt-dlp's ``YYYYMMDD`` as
+    ``YYYY-MM-DD``, also as a whole float, other text as it is. An integer column with a gap is a
+    float column to pandas: parquet gave ``20200102.0`` and pandas' CSV the text "20200102.0",
+    kept as that date (and as a trending date it sorted after every ISO one)."""
     if isinstance(value, (datetime.date, datetime.datetime)):
         return _iso(value)
     text = str(value or "").strip()
-    if len(text) == 8 and text.isdigit():  # yt-dlp upload_date is YYYYMMDD
-        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    compact = _COMPACT_DATE_RE.fullmatch(text)
+    if compact:  # yt-dlp upload_date is YYYYMMDD
+        digits = compact.group(1)
+        return f"{digits[:4]}-{digits[4:6]}-{digits[6:]}"
     return text
+
+
+_COMPACT_DATE_RE = re.compile(r"(\d{8})(?:\.0*)?")
 
 
 def _iso(value: datetime.date) -> str:
@@ -852,22 +959,40 @@ def _video_id(raw: dict, cols: Sequence[str]) -> str | None:
     return None
 
 
-def _category(raw: dict, cat_col: Sequence[str], table: dict[int, str]) -> tuple[int | None, str]:
-    """(category id, name) from an id, a name, or yt-dlp's list of names."""
+def _category(raw: dict, cat_col: Sequence[str], table: dict[int, str]) -> tuple[int | None, str, bool]:
+    """(category id, name, whether the value given was left out) from an id, a name, or yt-dlp's
+    list of names. A number that is no category id (negative, fractional, too large) and a value
+    that is neither number nor text (true, an object) are left out, and the caller counts them:
+    they became None without a word, and 24.5 became category 24."""
     cat_value = _first(raw, cat_col)
     if isinstance(cat_value, list):  # yt-dlp: categories is a list of names
         cat_value = cat_value[0]
-    cid = youtube.parse_category_id(cat_value)
-    if cid is None and cat_value not in (None, ""):
-        cid = youtube.category_id_from_name(str(cat_value))
-    name = youtube.category_name(cid, table)
-    if name is None and cat_value and not _is_number(cat_value):
-        name = str(cat_value)  # a category name we have no id for: keep the name
-    return cid, name or ""
+    if _empty(cat_value) or _is_nan(cat_value):  # "nan": how a missing value reads as text
+        return None, "", False
+    if _is_number(cat_value):
+        cid = _whole_category_id(cat_value)
+        return cid, youtube.category_name(cid, table) or "", cid is None
+    if not isinstance(cat_value, str):
+        return None, "", True
+    cid = youtube.category_id_from_name(cat_value)
+    # A category name we have no id for: keep the name.
+    return cid, youtube.category_name(cid, table) or cat_value, False
+
+
+def _whole_category_id(value: object) -> int | None:
+    """The category id a number is, when it is a whole one the plan holds; else None."""
+    cid = youtube.parse_category_id(value)
+    return cid if cid is not None and float(str(value).strip()) == cid else None
+
+
+def _is_nan(value: object) -> bool:
+    return _is_number(value) and math.isnan(float(str(value).strip()))
 
 
 def _is_number(value: object) -> bool:
-    """True for anything float() reads, "inf" and "nan" included: such a value is no name."""
+    """True for anything float() reads but true/false, "inf" and "nan" included: such a value is no name."""
+    if isinstance(value, bool):
+        return False
     try:
         float(str(value).strip())
     except ValueError:
@@ -893,8 +1018,9 @@ def _as_given(raw: dict) -> dict[str, str]:
 
 def _canonical_rows(
     path: str, df: pd.DataFrame, fmt: str, table: dict[int, str]
-) -> Iterator[tuple[dict | None, dict, str]]:
-    """Yield (canonical row or None, raw record, reason it was rejected) per input row."""
+) -> Iterator[tuple[dict | None, dict, str, dict[str, int]]]:
+    """Yield (canonical row or None, raw record, reason it was rejected, how many values of each
+    ``LEFT_OUT_FIELDS`` field the row leaves out) per input row."""
     _refuse_repeated_columns(path, df.attrs.get(_HEADER) or [c for c in df.columns if c != _MALFORMED])
     cols = {_column_key(c): c for c in df.columns if c != _MALFORMED}
     id_col = _pick(cols, _ID_COLUMNS)
@@ -914,21 +1040,22 @@ def _canonical_rows(
     for raw in df.to_dict(orient="records"):
         malformed = _malformed(raw)
         if malformed is not None:
-            yield None, malformed[1], malformed[0]
+            yield None, malformed[1], malformed[0], {}
             continue
         site = _other_site(raw, extractor_col)
         if site is not None:
-            yield None, _as_given(raw), f"not a YouTube video (yt-dlp extractor {site!r})"
+            yield None, _as_given(raw), f"not a YouTube video (yt-dlp extractor {site!r})", {}
             continue
         vid = _video_id(raw, id_col)
         if vid is None:
-            yield None, _as_given(raw), "invalid video id"
+            yield None, _as_given(raw), "invalid video id", {}
             continue
-        cid, name = _category(raw, cat_col, table)
+        cid, name, category_left_out = _category(raw, cat_col, table)
+        tags, not_tags = tag_items(_first(raw, tag_col))
         row = {
             "video_id": vid,
             "title": youtube.clean_title(_first(raw, title_col)),
-            "tags": youtube.parse_tags(_first(raw, tag_col)),
+            "tags": youtube.parse_tags(tags),  # the texts of the items: each read once
             "category_id": cid,
             "category_name": name,
             "channel_id": str(_first(raw, chan_id_col) or "").strip(),
@@ -936,7 +1063,7 @@ def _canonical_rows(
             "publish_time": _ytdlp_publish(_first(raw, pub_col)),
             "trending_date": _kaggle_date(_first(raw, [trend_col] if trend_col else [])),
         }
-        yield row, raw, ""
+        yield row, raw, "", {"tags": not_tags, "category_id": int(category_left_out)}
 
 
 # Every column name the readers take a field from (as ``_column_key`` writes it).
@@ -946,6 +1073,13 @@ _READ_COLUMNS = frozenset(
         *_CHANNEL_TITLE_COLUMNS, *_PUBLISH_COLUMNS, "trending_date", *_EXTRACTOR_COLUMNS,
     )
 )  # fmt: skip
+
+
+# The keys of a JSON record that are kept once it is read: those a field is read from, those
+# ``detect_format`` looks at, and those ``_videos`` writes for a playlist's null entry or an API
+# item that is no object. A yt-dlp ``--dump-json`` record also carries its formats, thumbnails and
+# captions, hundreds of KB a video: all kept, a dump of some ten thousand videos took tens of GB.
+_JSON_KEPT_KEYS = _READ_COLUMNS | _YTDLP_MARKERS | {"playlist_id", "playlist_index", "entry", "api_item"}
 
 
 def _refuse_repeated_columns(path: str, header: Sequence[object]) -> None:
@@ -980,6 +1114,48 @@ def _collapse(rows: list[tuple[int, dict]]) -> dict:
     return best
 
 
+class _RecordSource:
+    """Where record ``index`` of ``path`` starts (``file.csv:6``, or ``file.parquet row 2``); the
+    file's lines are found once, at the first record that needs them."""
+
+    def __init__(self, path: str, records: int):
+        self.path, self.records, self.lines, self.looked = path, records, None, False
+
+    def __call__(self, index: int) -> str:
+        if not self.looked:
+            self.lines, self.looked = _record_lines(self.path, self.records), True
+        return f"{self.path}:{self.lines[index]}" if self.lines else f"{self.path} row {index + 1}"
+
+
+def _count_left_out(
+    result: MetadataResult, left_out: dict[str, int], where: _RecordSource, index: int
+) -> None:
+    for name, count in left_out.items():
+        if count:
+            result.values_left_out[name] += count
+            result.first_left_out.setdefault(name, where(index))
+
+
+def describe_left_out(result: MetadataResult) -> str | None:
+    """One line counting the values kept rows were built without (``values_left_out``), with where
+    the first of each kind is; None when there are none."""
+    kinds = {
+        "tags": "tags item(s) that are no tag (true, 1.5, a nested list or an object)",
+        "category_id": "category value(s) that are no category id or name (negative, fractional, true)",
+    }
+    found = [
+        f"{count} {kinds[name]}, the first at {result.first_left_out[name]}"
+        for name, count in result.values_left_out.items()
+        if count
+    ]
+    if not found:
+        return None
+    return (
+        f"[dataset_tools] values left out of kept rows: {'; '.join(found)} "
+        "(values_left_out in summary.json; fix them in the input to keep them)"
+    )
+
+
 def read_metadata(
     inputs: Sequence[str], input_format: str = "auto", categories_json: str | None = None
 ) -> MetadataResult:
@@ -999,15 +1175,13 @@ def read_metadata(
             fmt = "csv"  # generic columns, JSON lines container
         result.formats[path] = fmt
         table = explicit_table or load_category_table(_sibling_category_json(path))
-        lines = None  # each record's first line in the file, found at the first rejection
-        for index, (row, record, reason) in enumerate(_canonical_rows(path, df, fmt, table)):
+        where = _RecordSource(path, len(df))
+        for index, (row, record, reason, left_out) in enumerate(_canonical_rows(path, df, fmt, table)):
             result.input_rows += 1
             if row is None:
-                if lines is None:
-                    lines = _record_lines(path, len(df))
-                where = f"{path}:{lines[index]}" if lines else f"{path} row {index + 1}"
-                result.rejected.append({"source": where, "reason": reason, "record": record})
+                result.rejected.append({"source": where(index), "reason": reason, "record": record})
                 continue
+            _count_left_out(result, left_out, where, index)
             counter += 1
             by_id.setdefault(row["video_id"], []).append((counter, row))
     for _vid, rows in by_id.items():
