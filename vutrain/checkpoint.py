@@ -15,11 +15,13 @@ Format (version 1), under RUN/checkpoints/:
     step_00000200.tmp/                 a save in progress, or one killed mid-write (never loaded;
                                        one killed after its marker is renamed at the next start)
 
-A save goes: every rank writes into ``<tag>.tmp`` (DeepSpeed through its ``tag`` argument, with
-``save_latest=False``), a barrier, then rank 0 lists the files and sizes, writes COMPLETE.json,
-renames ``<tag>.tmp`` to ``<tag>`` and only then rewrites ``latest`` and prunes. A kill at any point
-leaves either the previous complete checkpoints untouched or a new complete one; never a directory
-named like a checkpoint that is not one.
+A save goes: rank 0 makes ``<tag>.tmp`` with a random ``save_token`` in it, which every rank reads
+back (a rank that cannot, on an output_dir that is not shared, stops every rank with one line);
+every rank writes into ``<tag>.tmp`` (DeepSpeed through its ``tag`` argument, with
+``save_latest=False``), a barrier, then rank 0 removes the token, lists the files and sizes, writes
+COMPLETE.json, renames ``<tag>.tmp`` to ``<tag>`` and only then rewrites ``latest`` and prunes. A
+kill at any point leaves either the previous complete checkpoints untouched or a new complete one;
+never a directory named like a checkpoint that is not one.
 
 Resume (``select_checkpoint``) scans the tags instead of trusting ``latest``: it takes the newest
 one whose marker is present and whose files all exist with the listed sizes, logs which it took and
@@ -59,6 +61,9 @@ MARKER = "COMPLETE.json"
 # The marker's record of the preset tokenizer a checkpoint was trained with (`tokenizer_fingerprint`).
 TOKENIZER_KEY = "tokenizer_vocab_sha256"
 TMP_SUFFIX = ".tmp"
+# In ``<tag>.tmp`` while a save of several ranks runs: rank 0's random token, which every rank must
+# read back before it writes there (`check_every_rank_sees`); removed before the marker.
+SAVE_TOKEN = "save_token"
 TAG_RE = re.compile(r"^step_(\d+)$")
 TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
 # The old copy of a tag saved again (`_complete`), deleted once the new copy is in place: a kill
@@ -239,13 +244,36 @@ def save_trainer_state(tag_dir: str, rank: int, state: dict) -> None:
     state["rng"] = scalars
     path = _tensor_file(tag_dir, rank)
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(tensors, path)
+        _save_safetensors(tensors, path)
     else:
         torch.save(tensors, path)
     with open(os.path.join(tag_dir, f"trainer_state_rank{rank}.json"), "w", encoding="utf-8") as fh:
         json.dump(state, fh)
+
+
+# How safetensors names the OS error of a refused write: "I/O error: File too large (os error 27)".
+_OS_ERROR_CODE = re.compile(r"os error (\d+)")
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors' save_file, with a refused write (a full disk, a quota, a folder that is gone)
+    raised as the OSError it is.
+
+    safetensors reports it as its own SafetensorError, neither OSError nor RuntimeError: a save on
+    a full disk, whose first write is this file, stopped with a traceback instead of the one-line
+    write failure (`save_checkpoint`), and the other ranks with a peer's error.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path)
+    except SafetensorError as exc:
+        code = _OS_ERROR_CODE.search(str(exc))
+        if code is None:  # not the file system's refusal: no disk-space advice
+            raise
+        errnum = int(code.group(1))
+        raise OSError(errnum, os.strerror(errnum), path) from exc
 
 
 def load_trainer_state(tag_dir: str, rank: int) -> dict:
@@ -337,7 +365,9 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
             # lowered keep and a failed save's partial .tmp of another step still held the space.
             prune(ckpt_dir, keep)
             os.makedirs(tmp_dir)  # prune removed a stale .tmp of this step: it lends no files
+            _write_save_token(tmp_dir)
         barrier()
+        check_every_rank_sees(tmp_dir, tag)
         save_trainer_state(tmp_dir, rank, dict(trainer_state, rng=rng_state()))
         reshape.save_world_info(engine, tmp_dir, trainer_state)  # all ranks' data states (collective)
         engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"step": step}, save_latest=False)
@@ -347,9 +377,13 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
             delay = float(os.environ.get(_FAULT_SLEEP_ENV, "0") or 0)
             if delay > 0:
                 time.sleep(delay)
+            # Every rank has read it: it is no part of the checkpoint.
+            _remove_quietly(os.path.join(tmp_dir, SAVE_TOKEN))
             _complete(ckpt_dir, tag, step)
             prune(ckpt_dir, keep)
         barrier()
+    except CheckpointWriteError:  # already the one line (an output_dir some ranks do not see)
+        raise
     except (OSError, RuntimeError) as exc:
         # A full disk often fails one rank's write while the others, done, wait in a barrier:
         # they printed a 20-line "Connection closed by peer" traceback under the failed rank's line.
@@ -359,6 +393,57 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
             raise
         raise CheckpointWriteError(write_failure_message(ckpt_dir, tag, exc)) from exc
     return tag
+
+
+def _write_save_token(tmp_dir: str) -> None:
+    """Rank 0: a random token in the new ``<tag>.tmp``, which every rank reads back
+    (`check_every_rank_sees`); os.urandom leaves the RNG states the save records untouched."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        with open(os.path.join(tmp_dir, SAVE_TOKEN), "w", encoding="utf-8") as fh:
+            fh.write(os.urandom(16).hex())
+
+
+def _read_save_token(tmp_dir: str) -> str | None:
+    try:
+        with open(os.path.join(tmp_dir, SAVE_TOKEN), encoding="utf-8") as fh:
+            return fh.read()
+    except (OSError, ValueError):  # no such folder or file here: not the folder rank 0 made
+        return None
+
+
+def check_every_rank_sees(tmp_dir: str, tag: str) -> None:
+    """CheckpointWriteError on every rank unless each one reads rank 0's token in ``tmp_dir``, the
+    folder every rank writes its own files into (its ZeRO shards and trainer state). Collective.
+
+    An output_dir that is not one shared folder (a node-local disk, a mount missing on one node)
+    trained until the first checkpoint, where the other nodes' ranks failed their first write with
+    "free space" advice (or a safetensors traceback) while the others hung in a collective; over a
+    stale ``<tag>.tmp`` of the same name on their disk they wrote into it, and rank 0 marked
+    complete a checkpoint without their files. Every rank raises the same line, from what all saw.
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    import socket
+
+    views: list = [None] * torch.distributed.get_world_size()
+    mine = (socket.gethostname(), _read_save_token(tmp_dir), os.path.abspath(tmp_dir))
+    torch.distributed.all_gather_object(views, mine)
+    host0, token0, made = views[0]  # rank 0's folder: the one the message names on every rank
+    blind = [(r, host) for r, (host, token, _) in enumerate(views) if token is None or token != token0]
+    if blind:
+        raise CheckpointWriteError(_not_shared_message(made, tag, host0, blind, len(views)))
+
+
+def _not_shared_message(tmp_dir: str, tag: str, host0: str, blind: list, world: int) -> str:
+    ranks = [r for r, _ in blind]
+    listed = ", ".join(map(str, ranks)) if len(ranks) <= 4 else f"{ranks[0]} ... {ranks[-1]}"
+    hosts = ", ".join(sorted({host for _, host in blind}))
+    return (
+        f"checkpoint {tag} was not saved: {len(ranks)} of {world} ranks (rank {listed}, on {hosts}) do not "
+        f"see {tmp_dir}, which rank 0 made on {host0}, so their files would not be in it: output_dir must "
+        "be one folder every node mounts (a shared file system such as NFS, Lustre or GPFS, not a "
+        "node-local disk such as /tmp); set output_dir to one and rerun"
+    )
 
 
 def peer_failure_message(ckpt_dir: str, tag: str) -> str:
