@@ -123,22 +123,44 @@ def shard_list_id(shards: list[str]) -> dict:
 
 def shard_sizes_id(shards: list[str]) -> dict | None:
     """The file sizes of the shards, kept in the stream state: a digest of each size in order and
-    their total. None when a shard is remote (or unreadable): its size is not known for free.
+    their total, with digests of their modification times and of where they are (real folder and
+    name). None when a shard is remote (or unreadable): its size is not known for free.
 
     The names alone miss a shard rebuilt in place (``dataset_tools build --retry-failed`` merges
     new samples into the same shard names), over which a saved position lands on other samples.
-    Sizes, unlike modification times, survive a copy to another folder.
+    Sizes, unlike modification times, survive a copy to another folder; the times tell a rewrite
+    that kept the size (tars are padded to 10,240-byte records), where the files have not moved.
     """
-    sizes = []
+    stats, folders = [], {}
     for url in shards:
         if is_remote(url):
             return None
         try:
-            sizes.append(os.path.getsize(url))
+            stats.append(os.stat(url))
         except OSError:
             return None
-    digest = hashlib.sha256(",".join(map(str, sizes)).encode("ascii")).hexdigest()[:16]
-    return {"digest": digest, "bytes": sum(sizes)}
+    for url in shards:  # one realpath a folder: a cluster file system's lookups are not free
+        folder = os.path.dirname(os.path.abspath(url))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+    places = [os.path.join(folders[os.path.dirname(os.path.abspath(u))], os.path.basename(u)) for u in shards]
+    return {
+        "digest": _digest(st.st_size for st in stats),
+        "bytes": sum(st.st_size for st in stats),
+        "mtimes": _digest(st.st_mtime_ns for st in stats),
+        "place": _digest(places),
+    }
+
+
+def _digest(items) -> str:
+    return hashlib.sha256(",".join(map(str, items)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _rewritten_in_place(saved: dict, now: dict) -> bool:
+    """Whether shards of the same sizes at the same paths have other modification times than when
+    ``saved`` (a ``shard_sizes_id``) was taken: rewritten since (or touched). States written before
+    2026-12-07 carry no times."""
+    return "mtimes" in saved and saved.get("place") == now["place"] and saved["mtimes"] != now["mtimes"]
 
 
 def _refused(reason: str, advice: str) -> StreamStateError:
@@ -659,7 +681,8 @@ class TrainStream:
 
     def _check_same_shards(self, state: dict) -> None:
         """ValueError (one line) when ``state`` was saved over another shard list, or over shards of
-        the same names whose files have changed since (other sizes).
+        the same names whose files have changed since (other sizes); a warning (rank 0) when the
+        files at the same paths kept their sizes but not their modification times.
 
         The position is a count of samples drawn from each worker's share of the (shuffled) list:
         over another list it lands on other samples. Before 2026-12-06 a list of the same length
@@ -685,6 +708,16 @@ class TrainStream:
                 f"then, {sizes['bytes']} now)",
                 f", so the position would land on other samples: restore the saved shards, "
                 f"or {START_AFRESH}.",
+            )
+        if saved_sizes and sizes and _rewritten_in_place(saved_sizes, sizes) and self.plan.rank == 0:
+            # A warning, not a refusal: a copy back into place or a touch changes the times too, and
+            # a refusal would stop a requeued job that may well be right.
+            log.warning(
+                "the shards of data.train_shards were modified since this data position was saved "
+                "(same paths and sizes, other modification times): if they were rebuilt "
+                "(dataset_tools build --retry-failed), the resumed position lands on other samples; "
+                "then %s. If they were only copied or touched, nothing is wrong.",
+                RESTART_ADVICE,
             )
 
     def load_state_dict(self, state: dict) -> None:
