@@ -443,7 +443,9 @@ def _apply_mapping(obj: Any, mapping: dict, prefix: str = "") -> None:
                 raise ConfigError(f"{key} is a section; give its keys, e.g. {key}.<name>: value")
             _apply_mapping(getattr(obj, name), value, f"{key}.")
         else:
-            setattr(obj, name, _expand_home(key, _coerce(key, tp, value)))
+            value = _coerce(key, tp, value)
+            _refuse_unexpanded_variable(key, value)
+            setattr(obj, name, _expand_home(key, value))
 
 
 # Keys that name a local file or folder. No shell expands their `~`: `output_dir=~/runs/a` is one
@@ -455,6 +457,28 @@ SHARD_SPEC_KEYS = ("data.train_shards", "data.val_shards")
 # keeps.
 _PATH_HOME = re.compile(r"^~[^/]*(?=/)")
 _SOURCE_HOME = re.compile(r"(?:^|(?<=::))~[^/:]*(?=/)")
+
+
+# `$NAME` or `${NAME}`: a shell's variable, which nothing expands in a run file or a quoted override.
+_VARIABLE = re.compile(r"\$(?:\{[^}]*\}|[A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _refuse_unexpanded_variable(key: str, value: Any) -> None:
+    """ConfigError for a path key that names an environment variable (`output_dir: $SCRATCH/a`).
+
+    A run file has no shell, so `$SCRATCH` stayed text: the run trained into a folder named
+    `$SCRATCH` under the working directory without a word (train.resume, train.ds_config and
+    model.name_or_path failed later as missing, naming the `$` path). Refused rather than expanded
+    here: ranks on other nodes need not see the same variables (the deepspeed launcher forwards
+    only .deepspeed_env), and an unset one would give each node another path.
+    """
+    found = _VARIABLE.search(value) if key in HOME_PATH_KEYS and isinstance(value, str) else None
+    if found:
+        raise ConfigError(
+            f"{key}={value!r} names the environment variable {found.group()}, which a run file (or a "
+            f"quoted override) does not expand: write the path out, or pass {key}=... unquoted on the "
+            "command line for the shell to expand"
+        )
 
 
 def _expand_home(key: str, value: Any) -> Any:

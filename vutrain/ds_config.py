@@ -16,16 +16,24 @@ here, before any process group: a misspelt key is one config error naming it, an
 the run's ZeRO stage ignores (parameters below ZeRO-3, the optimizer at ZeRO-0) is refused rather
 than run without it. A top-level near miss of a key the trainer sets ("zero_optimisation"), which
 DeepSpeed would ignore, is refused with the key it resembles; so are an optimizer param set to
-"auto" that train.* has no value for, and torch's Adagrad under ZeRO (DeepSpeed rebuilds it over
-one parameter group and fails at the first step).
+"auto" that train.* has no value for, torch's Adagrad under ZeRO (DeepSpeed rebuilds it over
+one parameter group and fails at the first step), and an optimizer param that the optimizer class
+DeepSpeed builds does not take ("weight_decy").
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 
-from vutrain.config import ConfigError, TrainConfig, ds_optimizer_settings, read_user_ds_config
+from vutrain.config import (
+    DS_ADAM_TYPES,
+    ConfigError,
+    TrainConfig,
+    ds_optimizer_settings,
+    read_user_ds_config,
+)
 from vutrain.param_alignment import alignment_config
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -95,6 +103,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     zero = check_sections_as_deepspeed_reads_them(merged, cfg.zero_stage, cfg.ds_config)
     refuse_auto_without_value(merged, cfg)
     refuse_zero_adagrad(merged, zero, cfg.zero_stage, cfg.ds_config)
+    refuse_unknown_optimizer_params(merged, zero, cfg.ds_config)
     refuse_zero0_grad_accum_dtype(merged, cfg, cfg.ds_config)
     return merged
 
@@ -145,6 +154,82 @@ def refuse_zero_adagrad(ds: dict, zero, stage: int, source: str) -> None:
             "fails at the first step (the no-decay group and the LR schedule would be lost): use "
             "train.zero_stage=0, CPU offload (DeepSpeed's CPU Adagrad), or another optimizer"
         )
+
+
+# optimizer.params DeepSpeed's engine reads itself before it builds an Adam(W): adam_w_mode picks
+# AdamW's decoupled decay, torch_adam torch's class, fp32_optimizer_states the CPU Adam's moments.
+ADAM_ENGINE_PARAMS = ("adam_w_mode", "torch_adam", "fp32_optimizer_states")
+
+
+def refuse_unknown_optimizer_params(ds: dict, zero, source: str) -> None:
+    """ConfigError for an optimizer param the optimizer DeepSpeed builds does not take.
+
+    DeepSpeed passes optimizer.params to the optimizer's constructor as keywords: a misspelt
+    "weight_decy" or "momentun" was a TypeError traceback from every rank when the engine was built,
+    after the process group, the run directory and the tokenizer.
+    """
+    optimizer = ds.get("optimizer")
+    params = optimizer.get("params") if isinstance(optimizer, dict) else None
+    kind = optimizer.get("type") if isinstance(optimizer, dict) else None
+    if not isinstance(params, dict) or not isinstance(kind, str):
+        return  # none, or a section check_user_ds_config refuses
+    if "max_grad_norm" in params:  # DeepSpeed refuses it for every type, at engine start-up
+        raise ConfigError(
+            f"{source}: optimizer.params.max_grad_norm is not supported by DeepSpeed; remove it and "
+            "set train.grad_clip (DeepSpeed's gradient_clipping)"
+        )
+    built = _optimizer_class(kind, params, _offload_device(zero, "offload_optimizer") in ("cpu", "nvme"))
+    if built is None:
+        return
+    signature = inspect.signature(built)
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return  # takes any keyword
+    accepted = list(signature.parameters)[1:]  # the first is the parameters to optimize
+    if kind.lower() in DS_ADAM_TYPES:
+        # The engine passes the CPU Adam's adamw_mode itself (from adam_w_mode): given twice, a TypeError.
+        own = [name for name in accepted if name != "adamw_mode"]
+        accepted = list(dict.fromkeys([*own, *ADAM_ENGINE_PARAMS]))
+    for key in params:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f'did you mean "{close[0]}"? I' if close else "i"
+            raise ConfigError(
+                f"{source}: optimizer.params.{key} is not a parameter of {built.__name__}, which DeepSpeed "
+                f"builds for type {json.dumps(kind)}: {hint}t takes {', '.join(accepted)}"
+            )
+
+
+def _optimizer_class(kind: str, params: dict, cpu_offload: bool):
+    """The class DeepSpeed's engine builds for a JSON optimizer of type `kind` (as its
+    _configure_basic_optimizer picks it); None where it is not known here (Muon, MuP)."""
+    import torch
+
+    name = kind.lower()
+    if name in DS_ADAM_TYPES:
+        if params.get("torch_adam"):
+            adam_w = name == "adamw" or params.get("adam_w_mode", True)
+            return torch.optim.AdamW if adam_w else torch.optim.Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+        return DeepSpeedCPUAdam if cpu_offload else FusedAdam
+    if name == "adagrad":
+        from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+
+        return DeepSpeedCPUAdagrad if cpu_offload else torch.optim.Adagrad
+    if name == "lamb":
+        from deepspeed.ops.lamb import FusedLamb
+
+        return FusedLamb
+    if name == "lion":
+        from deepspeed.ops.lion import DeepSpeedCPULion, FusedLion
+
+        return DeepSpeedCPULion if cpu_offload else FusedLion
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    if name in DEEPSPEED_OPTIMIZERS:
+        return None
+    built = getattr(torch.optim, kind, None)
+    return built if isinstance(built, type) else None
 
 
 def _offload_device(zero, key: str) -> str:
