@@ -466,13 +466,15 @@ def init_distributed(info: DistInfo, timeout_minutes: float | None = None) -> No
     if info.device.startswith("cuda"):
         # Before the group exists: NCCL and object collectives use the current device.
         torch.cuda.set_device(torch.device(info.device))
-    store = None
+    store, start = None, 0
     if not dist.is_initialized():
         minutes = group_timeout_minutes() if timeout_minutes is None else timeout_minutes
         timeout = datetime.timedelta(minutes=minutes)
-        store = rendezvous_store(info, timeout)
-        if store is not None:
-            agree_on_world_size(store, info, timeout.total_seconds())
+        with _said_once_if_still_waiting(info, timeout.total_seconds()) as notice:
+            store = rendezvous_store(info, timeout)
+            notice.reached_store = True
+            if store is not None:
+                start = agree_on_world_size(store, info, timeout.total_seconds())
     with _peers_told_of_failure(store, info):
         if not dist.is_initialized():
             dist.init_process_group(
@@ -480,7 +482,10 @@ def init_distributed(info: DistInfo, timeout_minutes: float | None = None) -> No
                 rank=info.rank,
                 world_size=info.world_size,
                 timeout=timeout,
-                store=store,
+                # Each start's own keys: torch names the default group's the same every time ("0"),
+                # and rank 0's server, which outlives a start, still held the last start's (a peer
+                # of the next one read rank 0's old gloo address, and its first barrier timed out).
+                store=None if store is None else dist.PrefixStore(f"vutrain/start/{start}", store),
             )
         import deepspeed
 
@@ -615,6 +620,64 @@ class RendezvousError(RuntimeError):
     """The ranks met but cannot form one group; the message names the variable to fix."""
 
 
+@dataclass
+class _WaitingNotice:
+    """What a rank other than 0 says once when the rendezvous keeps it waiting: rank 0 names the
+    missing ranks at intervals, while the ranks that had arrived said nothing until rank 0's verdict
+    (a user tailing rank 3's log saw nothing for the group's whole timeout, 30 minutes)."""
+
+    info: DistInfo
+    timeout_s: float
+    reached_store: bool = False
+    """Set once this rank holds a client of rank 0's store: it then waits for the other ranks."""
+
+    def say(self) -> None:
+        info, log = self.info, logging.getLogger("vutrain")
+        where = f"{info.master_addr}:{info.master_port}"
+        if not self.reached_store:
+            log.warning(
+                "rank %d has not reached rank 0's rendezvous store at %s in %.0f s (nothing answers "
+                "there yet); it keeps trying until %.0f s (%s): check that rank 0 started and that "
+                "MASTER_ADDR / MASTER_PORT name its host and port",
+                info.rank,
+                where,
+                WAITING_FIRST_S,
+                self.timeout_s,
+                GROUP_TIMEOUT_ENV,
+            )
+            return
+        log.warning(
+            "rank %d reached the rendezvous at %s and has waited %.0f s for the other ranks of the %d "
+            "of %s; rank 0's log names the missing ones; it gives up after %.0f s (%s)",
+            info.rank,
+            where,
+            WAITING_FIRST_S,
+            info.world_size,
+            world_size_variable(info.launcher),
+            self.timeout_s,
+            GROUP_TIMEOUT_ENV,
+        )
+
+
+@contextlib.contextmanager
+def _said_once_if_still_waiting(info: DistInfo, timeout_s: float):
+    """A rank other than 0 still in the block after WAITING_FIRST_S says once what it waits for.
+
+    From a timer thread that asks the store nothing: a poll per rank would load rank 0's store in
+    proportion to the world size. Rank 0 reports for itself (`_wait_for_peers`)."""
+    notice = _WaitingNotice(info, timeout_s)
+    if info.rank == 0 or info.world_size == 1:
+        yield notice
+        return
+    timer = threading.Timer(WAITING_FIRST_S, notice.say)
+    timer.daemon = True  # a rank stopped by an error must not wait for it
+    timer.start()
+    try:
+        yield notice
+    finally:
+        timer.cancel()
+
+
 # Keys of the check below, in the rendezvous store beside the group's own ("default_pg/..."), which
 # torch prefixes. JOINED counts the ranks that agree with rank 0; FAILED holds the first
 # disagreeing rank's message; VERDICT is rank 0's answer to all: "ok" or why the group cannot start.
@@ -625,7 +688,9 @@ _VERDICT_KEY = "vutrain/rendezvous/verdict"
 _SEEN_KEY = "vutrain/rendezvous/seen"
 _FAILED_WORLD_KEY = "vutrain/rendezvous/failed_world_size"
 _ARRIVED_KEY = "vutrain/rendezvous/arrived/{rank}"  # set by each rank that agreed: rank 0 names the rest
+_STARTS_KEY = "vutrain/rendezvous/starts"  # how many starts rank 0's store has seen; never cleared
 _POLL_S = 0.05
+_STARTED_POLL_S = 0.5  # a rank at a store without a start, waiting for one to begin
 WAITING_FIRST_S = 30.0
 WAITING_EVERY_S = 300.0
 """When rank 0, still waiting for ranks at the rendezvous, first says how many arrived and which
@@ -636,6 +701,8 @@ LINGER_S = 10.0
 
 
 _hosted_ports: set[int] = set()  # rendezvous ports whose store this process served a check on
+# (MASTER_ADDR, MASTER_PORT) of the rendezvous this process took part in as a rank other than 0.
+_joined_rendezvous: set[tuple[str, int]] = set()
 EARLY_FAILURE_WAIT_ENV = "VUTRAIN_EARLY_FAILURE_WAIT_S"
 EARLY_FAILURE_WAIT_S = 30.0
 """How long a rank that failed before the rendezvous tries to tell the others (0: not at all). Tens
@@ -677,7 +744,8 @@ STORE_ANSWER_S = 60.0
 """How long a rank waits for the program listening at the rendezvous to answer as a store. Rank 0's
 store answers within milliseconds (its server runs on its own thread); anything else that holds the
 port (rank 0 then stopped with EADDRINUSE) accepts the connection and never answers, and torch's
-client waited for that answer forever, whatever its timeout."""
+client waited for that answer forever, whatever its timeout. Also how long a store that answers but
+began no rendezvous of this run (another run's) is given to begin one (`_rank_0_world_size`)."""
 
 
 def _join_store(info: DistInfo, timeout_s: float, answer_s: float | None = None):
@@ -725,9 +793,10 @@ def _join_store(info: DistInfo, timeout_s: float, answer_s: float | None = None)
     return made["store"]
 
 
-def agree_on_world_size(store, info: DistInfo, timeout_s: float) -> None:
+def agree_on_world_size(store, info: DistInfo, timeout_s: float) -> int:
     """Stop every rank in one line when the ranks were started with different world sizes, or when
-    not all of them arrive within `timeout_s`.
+    not all of them arrive within `timeout_s`; else return the number of this start on rank 0's
+    store (1, 2, ... in a process that starts a group more than once), the same on every rank.
 
     Without it, ranks told different WORLD_SIZEs (a hand-written launch, --nproc_per_node that
     differs between nodes) each waited out the group's 30-minute timeout and then said only
@@ -736,18 +805,21 @@ def agree_on_world_size(store, info: DistInfo, timeout_s: float) -> None:
     not; rank 0 waits for WORLD_SIZE - 1 joins and tells every rank the verdict."""
     if info.rank == 0:
         _forget_last_start(store, info.master_port, info.world_size)
+        start = store.add(_STARTS_KEY, 1)  # before the world size: a peer that reads it reads this
         store.set(_WORLD_KEY, str(info.world_size))
-        verdict = _wait_for_peers(store, info, timeout_s)
-        store.set(_VERDICT_KEY, verdict)
-        if verdict != "ok":
-            # A rank that failed early beat the others here by its whole start-up, and a rank that
-            # comes after the store is gone waits out the group's timeout.
-            early = f" {_EARLY_FAILURE}: " in verdict
-            linger_s = max(LINGER_S, early_failure_wait_s()) if early else LINGER_S
-            _linger_until_seen(store, _largest_world_heard(store, info.world_size) - 1, linger_s)
-            raise RendezvousError(verdict)
-        return
-    theirs = int(_wait_and_get(store, _WORLD_KEY, info, timeout_s))
+        with _start_closed_after(store):
+            verdict = _wait_for_peers(store, info, timeout_s)
+            store.set(_VERDICT_KEY, verdict)
+            if verdict != "ok":
+                # A rank that failed early beat the others here by its whole start-up, and a rank
+                # that comes after the store is gone waits out the group's timeout.
+                early = f" {_EARLY_FAILURE}: " in verdict
+                linger_s = max(LINGER_S, early_failure_wait_s()) if early else LINGER_S
+                _linger_until_seen(store, _largest_world_heard(store, info.world_size) - 1, linger_s)
+                raise RendezvousError(verdict)
+        return start
+    theirs = _rank_0_world_size(store, info, timeout_s)
+    start = store.add(_STARTS_KEY, 0)
     if theirs != info.world_size:
         message = (
             f"rank {info.rank} was started with world size {info.world_size} but rank 0 with {theirs}: "
@@ -756,14 +828,77 @@ def agree_on_world_size(store, info: DistInfo, timeout_s: float) -> None:
         store.compare_set(_FAILED_KEY, "", message)
         store.compare_set(_FAILED_WORLD_KEY, "", str(info.world_size))
         store.add(_SEEN_KEY, 1)
+        _joined_rendezvous.add((info.master_addr, info.master_port))
         raise RendezvousError(message)
     store.set(_ARRIVED_KEY.format(rank=info.rank), "1")  # before the count: see _missing
     store.add(_JOINED_KEY, 1)
     # Rank 0 answers within its own timeout, which started before this rank could connect.
     verdict = _wait_and_get(store, _VERDICT_KEY, info, timeout_s + 10.0)
+    _joined_rendezvous.add((info.master_addr, info.master_port))
     if verdict != "ok":
         store.add(_SEEN_KEY, 1)
         raise RendezvousError(f"rank 0 stopped the start-up: {verdict}")
+    return start
+
+
+@contextlib.contextmanager
+def _start_closed_after(store):
+    """Rank 0: remove the world size once this start's check is over, pass or fail.
+
+    The store outlives the start (torch keeps rank 0's server up for the rest of the process), and
+    its world size and "ok" verdict stayed: a rank of the next start in the same process (a sweep,
+    a notebook, the tests) that came before rank 0 read them, took the old start for its own and
+    went on alone into the group, while rank 0 waited out its timeout for it; a rank of another run
+    whose rank 0 found the port taken by this one did the same, and hung. The world size is read by
+    every rank before it counts itself in, so once the verdict is out nobody needs it; the verdict
+    stays until the next start, the mark of a start that is over (`_rank_0_world_size`)."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(dist.DistError, RuntimeError):  # the store may be gone
+            store.delete_key(_WORLD_KEY)
+
+
+def _rank_0_world_size(store, info: DistInfo, timeout_s: float) -> int:
+    """A rank other than 0: the world size rank 0 published for the start under way.
+
+    Rank 0 publishes it as soon as its store listens. A store that has none is therefore not this
+    run's rank 0's: another run's (its start over: a verdict and no world size) or another program's
+    store, holding MASTER_PORT on rank 0's host, where this run's rank 0 stopped with EADDRINUSE.
+    Such a store is given STORE_ANSWER_S to begin a start, and then this rank stops with a line that
+    names the port; it waited for the group's timeout (30 minutes), or read the other run's verdict
+    and hung in its group. A process that took part in a start there waits as long as the group's
+    timeout lets it: its own rank 0 comes back for the next start after its own work."""
+    where = (info.master_addr, info.master_port)
+    if where not in _joined_rendezvous:
+        wait_s = min(timeout_s, STORE_ANSWER_S)
+        deadline = time.monotonic() + wait_s
+        # Polled, not store.wait: a wait that times out logs two C++ warnings, and the first check
+        # finds the world size at once in every start but the ones above.
+        with contextlib.suppress(dist.DistError):  # the store went away: _wait_and_get says so
+            while not store.check([_WORLD_KEY]):
+                if time.monotonic() > deadline:
+                    raise RendezvousError(_no_start_message(store, info, wait_s))
+                time.sleep(_STARTED_POLL_S)
+    return int(_wait_and_get(store, _WORLD_KEY, info, timeout_s))
+
+
+def _no_start_message(store, info: DistInfo, wait_s: float) -> str:
+    """Why a store published no world size: rank 0's verdict when this rank came after rank 0 gave
+    up, else that the port is held by another run."""
+    port = info.master_port
+    verdict = None
+    with contextlib.suppress(dist.DistError, RuntimeError):
+        verdict = store.get(_VERDICT_KEY).decode() if store.check([_VERDICT_KEY]) else None
+    if verdict is not None and verdict != "ok":
+        return f"rank 0 stopped the start-up: {verdict}"
+    over = " (its ranks had started their group already)" if verdict == "ok" else ""
+    return (
+        f"rank {info.rank} reached a store at {info.master_addr}:{port} that began no rendezvous of "
+        f"this run within {wait_s:.0f} s{over}: another run holds port {port} on that host (this "
+        "run's rank 0 then stopped with EADDRINUSE): set MASTER_PORT to a free port, the same on "
+        "every rank"
+    )
 
 
 def _wait_for_peers(store, info: DistInfo, timeout_s: float) -> str:
@@ -921,8 +1056,9 @@ def _serve_early_verdict(info: DistInfo, verdict: str, wait_s: float) -> None:
     store = rendezvous_store(info, datetime.timedelta(seconds=wait_s))
     _forget_last_start(store, info.master_port, info.world_size)
     store.set(_WORLD_KEY, str(info.world_size))
-    store.set(_VERDICT_KEY, verdict)
-    _linger_until_seen(store, info.world_size - 1, wait_s)
+    with _start_closed_after(store):
+        store.set(_VERDICT_KEY, verdict)
+        _linger_until_seen(store, info.world_size - 1, wait_s)
 
 
 def _post_early_failure(info: DistInfo, told: str, wait_s: float) -> bool:

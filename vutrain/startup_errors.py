@@ -69,10 +69,15 @@ def rendezvous_message(info, exc: BaseException) -> str:
     to check (`info` is the rank's `distributed.DistInfo`)."""
     text = one_line(exc)
     where = f"{info.master_addr}:{info.master_port}"
-    if "EADDRINUSE" in text or "address already in use" in text.lower():
-        advice = f"port {info.master_port} is taken on this host: set MASTER_PORT to a free port"
-    elif type(exc).__name__ == "RendezvousError":  # the ranks met: its text names what to fix
+    # First: a RendezvousError names what to fix, and one that quotes EADDRINUSE (a peer told that
+    # rank 0's port is taken) got "port N is taken on this host" added, which is not this host.
+    if type(exc).__name__ == "RendezvousError":
         advice = ""
+    elif "EADDRINUSE" in text or "address already in use" in text.lower():
+        advice = (
+            f"port {info.master_port} is taken on this host: set MASTER_PORT to a free port, "
+            "the same on every rank"
+        )
     elif info.world_size == 1:
         advice = "check MASTER_ADDR / MASTER_PORT"
     else:
