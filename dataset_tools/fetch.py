@@ -23,6 +23,8 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import cv2
+import numpy as np
 from PIL import Image
 
 from dataset_tools import youtube
@@ -330,7 +332,8 @@ def is_placeholder(body: bytes) -> bool:
     one grey level (mid to light, not white) covers most of the picture, and few levels are
     used. A real thumbnail, even a black-and-white one, has texture that spreads its levels. A
     title card on flat grey ("Lecture 7" on a grey slide) passes all of that too, so the shapes on
-    the field decide: the pictogram is a few solid bars, text is many strokes.
+    the field decide: the pictogram is a few solid bars, text is many strokes, and a glyph, even a
+    lone one ("7", "#1", "Q&A"), is strokes that fill little of the box around them.
     """
     try:
         with Image.open(io.BytesIO(body)) as img:
@@ -357,12 +360,18 @@ def _flat_grey(small: Image.Image) -> bool:
 _SHAPE_GRID = (120, 90)  # the placeholder's own size: any size of it is looked at alike
 _SHAPE_LEVELS = 12  # off the field by more than this is drawn on it (q50 JPEG noise stays under)
 _MAX_RUNS = 6  # a pictogram of up to three bars (plus JPEG ringing); one word of text is ~10+
+# A bar fills its bounding box (0.8-1.0 in the 120x90 view at q60-q85, edges blurred by the
+# resize); a glyph's strokes fill 0.3-0.5 of theirs ("7", "A", "#", "K"). A disc fills 0.79.
+_MIN_SOLID_FILL = 0.7
+_MIN_SHAPE_PIXELS = 4  # smaller specks are JPEG ringing, not drawn shapes
 
 
 def _few_solid_shapes(grey: Image.Image) -> bool:
     """True when what is drawn on the field crosses any row or column of a 120x90 view at most
-    ``_MAX_RUNS`` times: solid bars do, the strokes of text do not (until 2026-12-07 every grey
-    title card was taken for the placeholder, and its row failed as every variant missing)."""
+    ``_MAX_RUNS`` times and each drawn shape is solid: bars are, the strokes of text are not (until
+    2026-12-07 every grey title card was taken for the placeholder, and its row failed as every
+    variant missing; a card of one glyph or a short word, "7", "#1", "OK", crosses a line as few
+    times as the bars, and still was)."""
     width, height = _SHAPE_GRID
     view = grey.resize(_SHAPE_GRID, Image.Resampling.BOX)
     histogram = view.histogram()
@@ -370,7 +379,18 @@ def _few_solid_shapes(grey: Image.Image) -> bool:
     drawn = [abs(p - field) > _SHAPE_LEVELS for p in view.tobytes()]
     rows = (drawn[y * width : (y + 1) * width] for y in range(height))
     columns = (drawn[x::width] for x in range(width))
-    return all(_runs(line) <= _MAX_RUNS for lines in (rows, columns) for line in lines)
+    few = all(_runs(line) <= _MAX_RUNS for lines in (rows, columns) for line in lines)
+    return few and _shapes_are_solid(np.array(drawn, np.uint8).reshape(height, width))
+
+
+def _shapes_are_solid(drawn: np.ndarray) -> bool:
+    """Whether every shape (8-connected pixels) of the mask ``drawn`` [H, W] fills at least
+    ``_MIN_SOLID_FILL`` of its bounding box."""
+    count, _labels, stats, _centroids = cv2.connectedComponentsWithStats(drawn, connectivity=8)
+    shapes = stats[1:count]  # row 0 is the field
+    area = shapes[:, cv2.CC_STAT_AREA]
+    box = shapes[:, cv2.CC_STAT_WIDTH] * shapes[:, cv2.CC_STAT_HEIGHT]
+    return not np.any((area >= _MIN_SHAPE_PIXELS) & (area < _MIN_SOLID_FILL * box))
 
 
 def _runs(line: list) -> int:

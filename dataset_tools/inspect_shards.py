@@ -22,6 +22,7 @@ from collections import Counter
 from PIL import Image
 
 from dataset_tools import shards, youtube
+from dataset_tools.reshard import shard_sample_rows
 from dataset_tools.vocab import normalize_tag, tag_values
 
 REQUIRED_MEMBERS = ("txt", "json")  # and one image member of IMAGE_EXTS
@@ -220,6 +221,46 @@ def _verify_tars_without_stats(folder: str, incomplete: list[str], misnamed: lis
     return problems
 
 
+def _count_rows(report: dict, rows: list[dict], keys_seen: Counter) -> set[str]:
+    """Count a shard's parquet ``rows`` into ``report`` (rows, successes, failures by reason) and
+    their video ids into ``keys_seen``; returns the keys of the successful rows."""
+    success_keys = set()
+    for row in rows:
+        report["rows"] += 1
+        keys_seen[row.get("video_id")] += 1
+        if row["status"] == shards.SUCCESS:
+            report["successes"] += 1
+            success_keys.add(row["key"])
+        else:
+            report["failures_by_reason"][row.get("error_message") or row["status"]] += 1
+    return success_keys
+
+
+def _count_samples(
+    report: dict, folder: str, name: str, rows: list[dict], success_keys: set[str], verify: bool
+) -> None:
+    """Count shard ``name``'s samples (its tar's, as training, split, dedup and vocab read them)
+    into ``report``: ``samples``, the two kinds of mismatch with the parquet's successes, and the
+    variant, category and tag histograms. Counted over the parquet's successful rows, ``successes``
+    and the tags disagreed with ``samples`` and the tags of vocab for a sample in the tar alone, or a
+    success whose sample the tar lacks, and nothing said which number training sees. A damaged tar
+    is a finding (``--verify`` names it anyway); its histograms count the successful rows."""
+    problem, keys = shards.tar_check(os.path.join(folder, f"{name}.tar"))
+    if problem:
+        if not verify:
+            report["corrupt"].append(f"{problem}; run inspect --verify for details")
+        sample_rows = [(row["key"], row) for row in rows if row["status"] == shards.SUCCESS]
+    else:
+        report["samples"] += len(keys)
+        report["samples_without_success_row"] += len(keys - success_keys)
+        report["successes_missing_from_tar"] += len(success_keys - keys)
+        sample_rows = shard_sample_rows(folder, name, rows, keys)
+    for _key, row in sample_rows:
+        report["variants"][row.get("variant") or "unknown"] += 1
+        report["categories"][row.get("category_name") or "(none)"] += 1
+        report["tags"].update(_training_tags(row.get("tags")))
+
+
 def inspect_dir(folder: str, verify: bool = False) -> dict:
     """Counts, failure reasons, tag/category histograms, variant mix (+ corruption findings)."""
     if not os.path.isdir(folder):
@@ -234,6 +275,11 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
         "shards": len(complete),
         "rows": 0,
         "successes": 0,
+        # The tars' samples, which training, split, dedup and vocab read (their ``samples``; a damaged
+        # tar's are not counted: it is a finding), and how they differ from the parquets' successes.
+        "samples": 0,
+        "samples_without_success_row": 0,
+        "successes_missing_from_tar": 0,
         "failures_by_reason": Counter(),
         "variants": Counter(),
         "categories": Counter(),
@@ -252,18 +298,8 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
                 report["corrupt"] += _verify_shard(folder, f"{name}.tar", None)
             continue
         rows, _ = shards.read_parquet_rows(parquet_path)
-        success_keys = set()
-        for row in rows:
-            report["rows"] += 1
-            keys_seen[row.get("video_id")] += 1
-            if row["status"] == shards.SUCCESS:
-                report["successes"] += 1
-                success_keys.add(row["key"])
-                report["variants"][row.get("variant") or "unknown"] += 1
-                report["categories"][row.get("category_name") or "(none)"] += 1
-                report["tags"].update(_training_tags(row.get("tags")))
-            else:
-                report["failures_by_reason"][row.get("error_message") or row["status"]] += 1
+        success_keys = _count_rows(report, rows, keys_seen)
+        _count_samples(report, folder, name, rows, success_keys, verify)
         if verify:
             report["corrupt"] += _verify_shard(folder, f"{name}.tar", success_keys)
     if verify:
@@ -279,12 +315,24 @@ def inspect_dir(folder: str, verify: bool = False) -> dict:
     return report
 
 
+def _samples_line(report: dict) -> str:
+    """The line that says which count training sees when the tars and the parquets disagree."""
+    return (
+        f"samples: {report['samples']} in the tars (what training, split, dedup and vocab read; the "
+        f"histograms count these), not the {report['successes']} successes of the parquets: "
+        f"{report['samples_without_success_row']} sample(s) without a successful parquet row, "
+        f"{report['successes_missing_from_tar']} success(es) missing from their tar (see inspect --verify)"
+    )
+
+
 def format_report(report: dict, top: int = 10) -> str:
     """The human-readable text of an ``inspect`` report (``top`` rows per count table)."""
     lines = [
         f"shards: {report['shards']}  rows: {report['rows']}  successes: {report['successes']}"
         f"  failures: {report['failures']}"
     ]
+    if report["samples_without_success_row"] or report["successes_missing_from_tar"]:
+        lines.append(_samples_line(report))
     if report["incomplete_shards"]:
         lines.append(f"incomplete shards (no stats yet): {report['incomplete_shards']}")
     misnamed = report.get("tars_not_named_as_shards")

@@ -1,5 +1,7 @@
 """Remove the black bars YouTube adds when a 16:9 frame is stored in a 4:3 thumbnail
-(hqdefault 480x360, sddefault 640x480), before img2dataset's resizer sees the image."""
+(hqdefault 480x360, sddefault 640x480: a letterbox, top and bottom), and those beside a narrower
+frame (a vertical Short, a square or 4:3 video in a 16:9 thumbnail: a pillarbox, left and right;
+a Short's hqdefault has both), before img2dataset's resizer sees the image."""
 
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ _OUTLIER_SHARE = 0.01
 # rows off one side) around content of a video's aspect (4:3 = 1.33 up to scope 2.39). Dark rows
 # alone also matched a logo on black (cropped to a thin strip, which center_crop then cut through)
 # and a night scene's dark sky and ground.
-_BAR_MISMATCH = 0.02  # of the height
+_BAR_MISMATCH = 0.02  # of the height (of the width, for a pillarbox)
 _VIDEO_ASPECT = (1.3, 2.5)  # content width / height
+# Pillarboxed content: a vertical Short (9:16 = 0.56) up to a 4:3 video (1.33) in a wider frame.
+_PILLARED_ASPECT = (0.5, 1.4)
 
 
 def _dark_rows(gray: np.ndarray) -> np.ndarray:
@@ -38,30 +42,72 @@ def letterbox_bounds(img: np.ndarray) -> tuple[int, int] | None:
     gray = img if img.ndim == 2 else img[..., :3].mean(axis=2)
     if gray.size == 0:
         return None
-    rows_dark = _dark_rows(gray)
     height, width = gray.shape
-    top = 0
-    while top < height and rows_dark[top]:
-        top += 1
-    bottom = height
-    while bottom > top and rows_dark[bottom - 1]:
-        bottom -= 1
+    top, bottom = _edge_runs(_dark_rows(gray))
     return (top, bottom) if _frames_a_video(top, height - bottom, bottom - top, width) else None
 
 
 def _frames_a_video(top_bar: int, bottom_bar: int, content: int, width: int) -> bool:
     """Whether bars of these heights around ``content`` rows are a letterbox, not dark content."""
-    height = top_bar + bottom_bar + content
-    min_bar = max(1, int(0.05 * height))
-    if min(top_bar, bottom_bar) < min_bar or content == 0:
-        return False
-    if abs(top_bar - bottom_bar) > max(2, _BAR_MISMATCH * height):
+    if not _bar_pair(top_bar, bottom_bar, content):
         return False
     return _VIDEO_ASPECT[0] <= width / content <= _VIDEO_ASPECT[1]
 
 
+def _bar_pair(first_bar: int, second_bar: int, content: int) -> bool:
+    """Whether two bars around ``content`` lines are each at least 5% of the length and about equal."""
+    length = first_bar + second_bar + content
+    min_bar = max(1, int(0.05 * length))
+    if min(first_bar, second_bar) < min_bar or content == 0:
+        return False
+    return abs(first_bar - second_bar) <= max(2, _BAR_MISMATCH * length)
+
+
+def _edge_runs(dark: np.ndarray) -> tuple[int, int]:
+    """``(start, end)``: the lines of ``dark`` [N] (bool) between its leading and trailing dark runs."""
+    start = 0
+    while start < len(dark) and dark[start]:
+        start += 1
+    end = len(dark)
+    while end > start and dark[end - 1]:
+        end -= 1
+    return start, end
+
+
+def pillarbox_bounds(gray: np.ndarray) -> tuple[int, int] | None:
+    """``(left, right)`` columns of the content when a left and a right black bar of about the same
+    width (each at least 5% of it) frame a picture of a narrower video's aspect (a Short up to 4:3)
+    that fills the height; else None. ``gray``: [H, W]. A picture floating on black (a logo, dark
+    bars above and below it too) is not a video frame: its columns are left whole."""
+    if gray.size == 0:
+        return None
+    height, width = gray.shape
+    left, right = _edge_runs(_dark_rows(gray.T))
+    if not _bar_pair(left, width - right, right - left):
+        return None
+    if not _PILLARED_ASPECT[0] <= (right - left) / height <= _PILLARED_ASPECT[1]:
+        return None
+    top, bottom = _edge_runs(_dark_rows(gray[:, left:right]))
+    floating = min(top, height - bottom) >= max(1, int(0.05 * height))
+    return None if floating else (left, right)
+
+
+def content_box(gray: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(top, bottom, left, right)`` of the picture inside YouTube's bars: the letterbox rows
+    (``letterbox_bounds``), then the pillarbox columns of what is left (a Short's hqdefault has
+    both); None when there are no bars. ``gray``: [H, W], the luma. Until 2026-12-07 the pillarbox bars
+    were left: a Short's maxresdefault kept its 68% black and its hqdefault lost only its top and
+    bottom bars."""
+    rows = letterbox_bounds(gray) or (0, gray.shape[0])
+    columns = pillarbox_bounds(gray[rows[0] : rows[1]])
+    if columns is None and rows == (0, gray.shape[0]):
+        return None
+    return (*rows, *(columns or (0, gray.shape[1])))
+
+
 def crop_letterbox(data: bytes) -> bytes | None:
-    """Lossless (BMP) bytes of the image without its bars, or None when there is nothing to crop."""
+    """Lossless (BMP) bytes of the image without its bars (letterbox and pillarbox), or None when
+    there is nothing to crop."""
     buffer = np.frombuffer(data, np.uint8)
     img = _as_8_bit(cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED))
     if img is None:
@@ -70,10 +116,12 @@ def crop_letterbox(data: bytes) -> bytes | None:
     # pairs, so a saturated edge bled colour into the last bar row of a 480x360 hqdefault (bars of
     # 45 rows end mid-pair) and the crop kept one dark-red row on each side.
     luma = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)  # as img
-    bounds = letterbox_bounds(img if luma is None or luma.shape != img.shape[:2] else luma)
-    if bounds is None:
+    gray = luma if luma is not None and luma.shape == img.shape[:2] else img
+    box = content_box(gray if gray.ndim == 2 else gray[..., :3].mean(axis=2))
+    if box is None:
         return None
-    ok, encoded = cv2.imencode(".bmp", img[bounds[0] : bounds[1]])
+    top, bottom, left, right = box
+    ok, encoded = cv2.imencode(".bmp", img[top:bottom, left:right])
     return encoded.tobytes() if ok else None
 
 

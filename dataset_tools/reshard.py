@@ -41,12 +41,18 @@ def iter_sample_rows(folder: str, names: Sequence[str] | None = None) -> Iterato
     metadata without their images (split's publish times, vocab)."""
     for name in shards.iter_shard_names(folder) if names is None else names:
         rows, _ = shards.read_parquet_rows(os.path.join(folder, f"{name}.parquet"))
-        by_key = {r["key"]: r for r in rows if r["status"] == shards.SUCCESS}
-        tar = os.path.join(folder, f"{name}.tar")
-        keys = shards.tar_check(tar)[1]
-        from_tar = shards.read_tar(tar) if keys - by_key.keys() else {}
-        for key in sorted(keys):
-            yield key, by_key.get(key) or _row_from_tar_sample(key, from_tar[key])
+        keys = shards.tar_check(os.path.join(folder, f"{name}.tar"))[1]
+        yield from shard_sample_rows(folder, name, rows, keys)
+
+
+def shard_sample_rows(folder: str, name: str, rows: list[dict], keys: set[str]) -> Iterator[tuple[str, dict]]:
+    """``(key, row)`` of each sample ``keys`` of shard ``name`` (its tar's sample keys, as
+    ``shards.tar_check`` gives them), sorted: its successful parquet row among ``rows``, else its
+    ``.json`` (the tar's members are read only then)."""
+    by_key = {r["key"]: r for r in rows if r["status"] == shards.SUCCESS}
+    from_tar = shards.read_tar(os.path.join(folder, f"{name}.tar")) if keys - by_key.keys() else {}
+    for key in sorted(keys):
+        yield key, by_key.get(key) or _row_from_tar_sample(key, from_tar[key])
 
 
 def _row_from_tar_sample(key: str, members: dict[str, bytes]) -> dict:

@@ -234,7 +234,8 @@ def split(
 
     ``val_fraction`` defaults to 0.1; ``cut`` (``by="date"`` only) replaces it. A date split's
     result adds ``cut`` (ISO, UTC) and ``no_publish_time`` (undated samples, all in train).
-    ``samples``: every sample read (``train`` + ``val``), as in dedup's report and vocab's result."""
+    ``samples``: every sample read (``train`` + ``val``), as in dedup's report and vocab's result.
+    A channel split's result adds ``no_channel``: the samples without a channel, placed by video."""
     if by not in BY:
         raise SystemExit(f"--by {by!r}: use {', '.join(BY)}")
     if cut is not None and by != "date":
@@ -281,11 +282,13 @@ def split(
     with claim_outputs(outputs, "split"):  # both claimed before either is written
         title_ids = channel_ids_by_title(folder, names) if by == "channel" else None
         sinks = {side: ShardSink(path, shard_size, schema=schema) for side, path in sides.items()}
+        no_channel = 0
         for sample in iter_samples(folder, names):
             if by == "date":
                 side = date_side(sample[2], cut_time)
             else:
                 side = assign(sample[2], by, val_fraction, seed, title_ids)
+            no_channel += by == "channel" and not _has_channel(sample[2])
             sinks[side].add(sample)
         counts = {side: sink.close() for side, sink in sinks.items()}
         # ``samples``: every sample read, as dedup's report and vocab's result name it (the total
@@ -294,10 +297,30 @@ def split(
         result = {"by": by, "val_fraction": val_fraction, "samples": samples, **counts, **skipped}
         if by == "date":
             result.update(cut=cut_time.isoformat(), **undated)
+        if by == "channel":
+            result["no_channel"] = _note_no_channel(no_channel, samples)
         # Both sides published only now (a killed split published neither), after a marker
         # (``_build/split_publishing.json``) that lets the rerun finish a split killed on the way.
         publish_and_finalize(list(sinks.values()), "split", settings, result, finalize_mod.finalize)
     return result
+
+
+def _has_channel(row: dict) -> bool:
+    return bool(row.get("channel_id") or row.get("channel_title"))
+
+
+def _note_no_channel(no_channel: int, samples: int) -> int:
+    """Say on stderr how many samples ``--by channel`` placed by their video alone, as they name no
+    channel (plain img2dataset shards have none): the result read as a channel split of every
+    sample, while such samples of one channel could land on both sides. Returns the count."""
+    if no_channel:
+        print(
+            f"[dataset_tools] split --by channel: {no_channel} of {samples} samples have no channel_id "
+            "or channel_title; each went to a side by its video alone (as --by hash), so one channel's "
+            "videos among them may be on both sides",
+            file=sys.stderr,
+        )
+    return no_channel
 
 
 def _rerun_hint(earlier: dict) -> str:

@@ -1,7 +1,8 @@
 """`--crop-letterbox` on real Pillow-encoded JPEGs (quality 75-95, 4:2:0, so the bars carry JPEG
 noise and ringing): "video black" bars (16/16/16) are cropped like pure black ones, a saturated
 edge is cropped at exactly its bar rows (4:2:0 chroma bled into the last bar row of hqdefault),
-and dark content, a logo crossing a bar, pillarboxes and tiny images stay as the README says.
+and dark content, a logo crossing a bar and tiny images stay as the README says; pillarbox bars
+are cropped too.
 The reference is the plain rule on the source image before encoding: rows whose mean is dark.
 
 Runtime: ~3 s.
@@ -99,15 +100,18 @@ def test_dark_content_and_overlays_are_not_cropped_as_bars():
         assert crop_letterbox(_jpeg(img, 90)) is None
 
 
-def test_pillarbox_is_left_and_windowbox_loses_only_its_top_and_bottom_bars():
+def test_pillarbox_and_windowbox_lose_all_their_bars():
+    # Until 2026-12-07 a pillarbox was left whole and a windowbox lost only its top and bottom bars
+    # (tests/test_review_letterbox2.py covers Shorts' thumbnails).
     rng = np.random.default_rng(3)
     pillar = np.zeros((720, 1280, 3), np.uint8)
     pillar[:, 160:1120] = _smooth(rng, 720, 960)  # a 4:3 video in a 16:9 maxresdefault
-    assert crop_letterbox(_jpeg(pillar, 90)) is None  # the README's rule: top and bottom bars only
+    got = _cropped(_jpeg(pillar, 90))
+    assert got is not None and got.shape == (720, 960, 3)
     window = np.zeros((360, 480, 3), np.uint8)
     window[45:315, 164:316] = _smooth(rng, 270, 152, 20, 60)  # a dark vertical Short, both bar pairs
     got = _cropped(_jpeg(window, 90))
-    assert got is not None and got.shape == (270, 480, 3)
+    assert got is not None and got.shape == (270, 152, 3)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 7), (7, 1), (2, 2), (4, 4), (9, 16), (90, 120)])
