@@ -464,6 +464,45 @@ def retrieval_pair_groups(tokens: list[tuple], image_ids: list) -> tuple[list[in
     return images, captions
 
 
+def repeated_samples(image_ids: list, tokens: list, labels: list, tags: list) -> list[int]:
+    """Indices of the samples that repeat an earlier one in every field a metric reads: the same
+    image bytes (``image_ids``; None repeats nothing), caption tokens, labels and tags (``tags``
+    may be empty: not gathered).
+
+    The same video in two validation shards was scored twice: its pair weighted double, and as a
+    wrong column it beat other rows twice (i2t R@1 0.67 -> 0.75 and R@2 1.0 -> 0.75 on a 3-sample
+    set with one video copied). A copy tells the metrics nothing its first does not."""
+    seen: set = set()
+    copies = []
+    for i, (image, caption, labs) in enumerate(zip(image_ids, tokens, labels, strict=True)):
+        if image is None:
+            continue
+        key = (image, caption, frozenset(labs), tuple(tags[i]) if tags else ())
+        if key in seen:
+            copies.append(i)
+        seen.add(key)
+    return copies
+
+
+def _without(drop: list[int], img: torch.Tensor, txt: torch.Tensor, *lists: list) -> tuple:
+    """(img, txt, *lists) without the samples ``drop``; an empty list (tags not gathered) stays empty."""
+    dropped = set(drop)
+    keep = [i for i in range(img.shape[0]) if i not in dropped]
+    rows = torch.tensor(keep, dtype=torch.long, device=img.device)
+    kept_lists = ([values[i] for i in keep] if values else values for values in lists)
+    return (img[rows], txt[rows], *kept_lists)
+
+
+def _warn_copies(count: int) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning(
+            "eval: %d validation sample(s) repeat an earlier one (the same image bytes, caption and "
+            "labels: one video in two shards?); each is scored once (eval/duplicate_samples). "
+            "List them with `python -m dataset_tools dedup DIR`.",
+            count,
+        )
+
+
 def sample_fields(batch: dict) -> dict[str, list]:
     """Per sample of ``batch``, what the metrics read once its features are computed: its labels,
     tags, caption tokens and image id. No tensor of the batch is kept (its pixels above all)."""
@@ -483,6 +522,38 @@ class EvalInterrupted(Exception):
     """Every rank agreed, between two eval batches, to stop: a rank got a pre-emption signal."""
 
 
+class EvalFailedOnAnotherRank(RuntimeError):
+    """Raised by every rank whose eval was fine when another rank's eval failed (``_lockstep``)."""
+
+
+def _pull(it) -> tuple[object, Exception | None]:
+    """(next batch or None at the end, None) or (None, the error the pull raised)."""
+    try:
+        return next(it, None), None
+    except Exception as e:  # told to the other ranks at this step's agreement, then raised here
+        return None, e
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or "(no message)"
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _raise_eval_failure(failure: Exception | None) -> None:
+    """Every rank, once some rank's eval failed: the failing ranks re-raise their own error, the
+    others an EvalFailedOnAnotherRank naming them (one object gather: once per failed eval)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    lines = gather_objects([f"rank {rank}: {_one_line(failure)}"] if failure is not None else [])
+    if failure is not None:
+        raise failure
+    shown = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more ranks" if len(lines) > 3 else "")
+    raise EvalFailedOnAnotherRank(
+        f"the eval stopped on every rank because another rank's eval failed ({shown}); that rank's "
+        "log has the traceback. Fix its cause (an unreadable validation shard, a loader worker killed "
+        "for memory, an out-of-memory forward) and run again."
+    )
+
+
 def _lockstep(batches, run, device, stop_requested=None, keep=lambda batch: None) -> tuple[list, list]:
     """Run `run(batch)` over this rank's batches while any rank still has one: (outputs, `keep(batch)`
     of each). Only what `keep` picks outlives its batch: kept whole, every batch's pixels stayed in
@@ -494,19 +565,34 @@ def _lockstep(batches, run, device, stop_requested=None, keep=lambda batch: None
     rank's `stop_requested()` holds: then every rank raises EvalInterrupted at the same batch (an
     eval of a large held-out set outlasted SLURM's warning, and the job was killed without its
     pre-emption checkpoint).
+
+    The same all-reduce says whether a rank's batch pull or forward raised: then that rank re-raises
+    its error and every other rank raises EvalFailedOnAnotherRank naming it, at the same step. A
+    rank whose shard or loader worker failed used to leave the others waiting in this all-reduce
+    until the launcher or the group timeout (30 minutes) ended them. (Under ZeRO-3 a forward is a
+    collective itself: one that fails partway still leaves the others inside that forward.)
     """
     it, outs, kept = iter(batches), [], []
+    failure: Exception | None = None
     while True:
-        batch = next(it, None)
+        batch, failure = _pull(it) if failure is None else (None, failure)
         stop = bool(stop_requested and stop_requested())
-        flags = torch.tensor([0 if batch is None else 1, int(stop)], dtype=torch.long, device=device)
+        flags = torch.tensor(
+            [0 if batch is None else 1, int(stop), int(failure is not None)], dtype=torch.long, device=device
+        )
         all_reduce(flags, op=dist.ReduceOp.MAX)
-        more, stop = flags.tolist()  # host read per eval batch: the loop condition itself
+        more, stop, failed = flags.tolist()  # host read per eval batch: the loop condition itself
+        if failed:  # before the stop: a rank that failed cannot join the pre-emption checkpoint
+            _raise_eval_failure(failure)
         if stop:
             raise EvalInterrupted
         if not more:
             return outs, kept
-        out = run(batch)
+        try:
+            out = run(batch)
+        except Exception as e:  # told to the others at the next step's agreement
+            failure = e
+            continue
         if batch is not None:
             outs.append(out)
             kept.append(keep(batch))
@@ -676,6 +762,7 @@ def evaluate(
     dummy_batch: dict,
     tag_vocab_size: int = 0,
     stop_requested=None,
+    scored_classes_only: bool = False,
 ) -> dict[str, float]:
     """Recall, zero-shot and (with tag_vocab_size) multi-label tag metrics over every rank's batches.
 
@@ -683,6 +770,8 @@ def evaluate(
     and optionally tags). tokenize(list[str]) -> dict(input_ids, attention_mask).
     tag_vocab_size: rank images against the most frequent validation tags (eval_multilabel.py).
     stop_requested: () -> bool, asked before each batch; EvalInterrupted when any rank's holds.
+    scored_classes_only: the zero-shot candidates are those of ``classes`` that some evaluated
+    sample carries (``Evaluator``: its list is read from every sample's metadata, unreadable ones too).
     """
     was_training = engine.module.training
     engine.eval()
@@ -710,8 +799,16 @@ def evaluate(
         img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
         tokens, image_ids = gather_objects(tokens), gather_objects(image_ids)
         tags = gather_objects(tags) if tag_vocab_size > 0 else []
+        copies = repeated_samples(image_ids, tokens, labels, tags)
+        if copies:  # the same on every rank: the gathered lists are
+            img, txt, labels, tags, tokens, image_ids = _without(
+                copies, img, txt, labels, tags, tokens, image_ids
+            )
 
         metrics: dict[str, float] = {"eval/num_samples": float(img.shape[0])}
+        if copies:
+            metrics["eval/duplicate_samples"] = float(len(copies))
+            _warn_copies(len(copies))
         if img.shape[0] == 0:
             return metrics
         pair_groups = retrieval_pair_groups(tokens, image_ids)  # identical images / captions: one each
@@ -730,6 +827,8 @@ def evaluate(
                 chunks.append(t.to(torch.float32, copy=True))  # a copy: see run() above
             return torch.cat(chunks)
 
+        if scored_classes_only:
+            classes = _classes_of_samples(classes, labels)
         if classes:
             classes, class_index = merge_same_prompts(classes, templates, tokenize)
             emb = class_embeddings(encode_text, classes, templates)
@@ -761,6 +860,16 @@ def evaluate(
     finally:  # also after an early return or an error: training goes on in train mode
         if was_training:
             engine.train()
+
+
+def _classes_of_samples(classes: list[str], labels: list[set]) -> list[str]:
+    """The classes that some sample's labels hold, in the order of ``classes``.
+
+    A class whose every sample was skipped as unreadable (its images do not decode) was still a
+    candidate: it counted in eval/zeroshot_classes and lowered eval/zeroshot_chance, though no
+    evaluated sample has it."""
+    carried = set().union(*labels) if labels else set()
+    return [c for c in classes if c in carried]
 
 
 class Evaluator:
@@ -869,6 +978,7 @@ class Evaluator:
                 dummy,
                 tag_vocab_size=cfg.eval.tag_vocab_size,
                 stop_requested=stop_requested,
+                scored_classes_only=True,
             )
         finally:
             watch.close()  # joins the watcher thread (never raises)
