@@ -10,7 +10,7 @@ real metrics files.
   skipped and counted like a torn line.
 - train/grad_norm: the global gradient norm before clipping of the logging step's optimizer step
   (DeepSpeed's, on the device under ZeRO, read on logging steps only), checked against autograd;
-  absent where DeepSpeed computes none (ZeRO-0 in fp32). Before: no such column.
+  present at ZeRO-3 and at ZeRO-0 in fp32 too. Before: no such column.
 """
 
 from __future__ import annotations
@@ -270,12 +270,13 @@ def test_grad_norm_column_is_the_global_norm_before_clipping(tiny_shards, tmp_pa
         assert row["train/grad_norm"] > 0.1
 
 
-@pytest.mark.parametrize("stage, present", [(3, True), (0, False)])
+@pytest.mark.parametrize("stage, present", [(3, True), (0, True)])
 def test_grad_norm_column_under_zero_3_and_absent_where_deepspeed_has_none(
     tiny_shards, tmp_path, single_process, stage, present
 ):
-    """ZeRO-3 logs a finite positive train/grad_norm in every row; train.zero_stage=0 in fp32 (torch's
-    optimizer, no norm computed) leaves the column out rather than writing null."""
+    """ZeRO-3 logs a finite positive train/grad_norm in every row; so does train.zero_stage=0 in
+    fp32 since 2026-12-07 (vutrain/grad_norm.py report_zero0_grad_norm; before, the column was left
+    out there: tests/test_review_engine1.py)."""
     run_dir = str(tmp_path / "run")
     train(
         tiny_shards,

@@ -29,7 +29,7 @@ from vutrain.config import (
 from vutrain.distributed import collective_backend
 from vutrain.ds_config import build_ds_config
 from vutrain.grad_clip import use_device_side_clip, zero_nonfinite_at_step
-from vutrain.grad_norm import use_multi_tensor_grad_norm
+from vutrain.grad_norm import report_zero0_grad_norm, use_multi_tensor_grad_norm
 from vutrain.grad_reduction import use_lean_reduction
 from vutrain.optim import build_optimizer, build_scheduler, param_groups
 from vutrain.param_alignment import warn_if_misaligned
@@ -38,15 +38,27 @@ from vutrain.weight_views import use_view_check
 log = logging.getLogger(__name__)
 
 
+def reduce_with_all_reduce(ds_config: dict) -> None:
+    """gloo on CUDA tensors (VUTRAIN_DIST_BACKEND=cuda:gloo: two ranks on one GPU) all-reduces but
+    does not reduce(-scatter): ZeRO-1/2 reduce gradients with all-reduce there. Set, not defaulted:
+    a JSON config that asks for reduce_scatter (launch/ds_configs/zero2.json does) kept it, and the
+    gloo fallback never applied; the override is said once."""
+    zero = ds_config.setdefault("zero_optimization", {})
+    if zero.get("reduce_scatter") is True:
+        log.warning(
+            "zero_optimization.reduce_scatter=true in the DeepSpeed config is turned off: the gloo "
+            "backend on CUDA tensors cannot reduce-scatter, so gradients are all-reduced instead"
+        )
+    zero["reduce_scatter"] = False
+
+
 def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: torch.device):
     """`deepspeed.initialize` for `module` on `device`; returns the engine."""
     import deepspeed
 
     ds_config = build_ds_config(cfg, world_size)
     if device.type == "cuda" and not _nccl_on_cuda():
-        # gloo on CUDA tensors (VUTRAIN_DIST_BACKEND=cuda:gloo: two ranks on one GPU) all-reduces
-        # but does not reduce(-scatter); ZeRO-1/2 then reduce gradients with all-reduce.
-        ds_config["zero_optimization"].setdefault("reduce_scatter", False)
+        reduce_with_all_reduce(ds_config)
     kwargs: dict = {"config": ds_config}
     if device.type == "cuda":
         # DeepSpeed asserts args.local_rank == $LOCAL_RANK, which init_distributed sets to the
@@ -70,6 +82,7 @@ def build_engine(module: nn.Module, cfg: TrainConfig, world_size: int, device: t
     warn_if_misaligned(engine.module, cfg.zero_stage, engine.optimizer)
     use_multi_tensor_grad_norm(engine.optimizer)  # 2 kernels per parameter -> a few (grad_norm.py)
     use_device_side_clip(engine.optimizer)  # ZeRO-1/2: 2 host reads per step -> 0 (grad_clip.py)
+    report_zero0_grad_norm(engine)  # ZeRO-0 fp32/amp_bf16: train/grad_norm (before the zeroing hook)
     zero_nonfinite_at_step(engine)  # ZeRO-0 fp32/amp_bf16: a NaN gradient never reaches AdamW (grad_clip.py)
     use_lean_reduction(engine.optimizer)  # ZeRO-1/2: no per-parameter copy or filing (grad_reduction.py)
     use_view_check(engine.optimizer)  # ZeRO-1/2: no per-step re-pointing of every weight (weight_views.py)

@@ -63,6 +63,51 @@ def _stacked_norms(gradients, params, norm_type) -> torch.Tensor | None:
         return None
 
 
+def report_zero0_grad_norm(engine) -> bool:
+    """ZeRO-0 with fp32 weights (fp32, amp_bf16): have ``engine.get_global_grad_norm()`` report
+    the step's norm (before clipping, on the device) instead of None.
+
+    There the engine's optimizer is the torch AdamW, which has no ``_global_grad_norm`` for
+    DeepSpeed to copy after its step, and DeepSpeed's ``clip_fp32_gradients`` drops the norm its
+    ``clip_grad_norm_`` returns: train/grad_norm and train/grad_norm_max were missing from every
+    row at ZeRO-0 fp32 and amp_bf16, the stage and precisions a small run starts with. The clip is
+    DeepSpeed's own function, its norm kept; with clipping off (no clip runs) a step pre-hook
+    takes the norm with one multi-tensor norm. Install before any pre-hook that changes the
+    gradients (``grad_clip.zero_nonfinite_at_step`` zeroes a NaN step's: its norm reads NaN, not
+    0). Returns whether installed (False for any other engine: its optimizer reports its own).
+    """
+    optimizer = engine.optimizer
+    if getattr(optimizer, "_vutrain_reports_norm", False):
+        return True
+    if engine.zero_optimization_stage() != 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return False
+    if not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "_global_grad_norm"):
+        return False
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients():
+        # DeepSpeed's method body, whose result it drops: the norm before clipping, all ranks.
+        optimizer._vutrain_clip_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+        )
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+    optimizer._global_grad_norm = None  # DeepSpeed copies it to the engine after each step
+    optimizer.register_step_pre_hook(_keep_step_norm)
+    optimizer._vutrain_reports_norm = True
+    return True
+
+
+def _keep_step_norm(optimizer, args, kwargs) -> None:
+    """The step's norm: the clip's, or (clipping off) the gradients' own, ZeRO-0's all-reduced ones."""
+    norm = optimizer.__dict__.pop("_vutrain_clip_norm", None)
+    if norm is None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        with torch.no_grad():
+            norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    optimizer._global_grad_norm = norm
+
+
 class IntervalNormMax:
     """The largest global gradient norm of a logging interval's optimizer steps (train/grad_norm_max).
 

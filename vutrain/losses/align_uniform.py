@@ -52,9 +52,11 @@ class AlignUniformLoss(nn.Module):
         align_weight: float = 1.0,
         uniform_weight: float = 1.0,
         t: float = 2.0,
+        check_shapes: bool = True,
     ) -> None:
         super().__init__()
         check_rank(rank, world_size)
+        self.check_shapes = check_shapes  # as ClipLoss's: one small all-reduce per call, or off
         if t <= 0:
             raise ValueError(f"AlignUniformLoss t must be > 0, got {t}")
         self.rank = rank
@@ -107,7 +109,7 @@ class AlignUniformLoss(nn.Module):
         all_txt = text_features
         if self.world_size > 1:
             check_group(self.rank, self.world_size)
-            all_txt = all_gather_with_grad(text_features)
+            all_txt = all_gather_with_grad(text_features, self.check_shapes)
         n = all_txt.shape[0]
         # ||x - y||^2 = |x|^2 + |y|^2 - 2 x.y; clamp guards tiny negatives from rounding.
         sq = (
@@ -121,5 +123,5 @@ class AlignUniformLoss(nn.Module):
         # Every row has n - 1 >= 1 non-matching columns, so each rank's log-sum-exp is finite.
         log_partial = torch.logsumexp((-self.t * sq).masked_fill(own_pairs, float("-inf")).flatten(), 0)
         if self.world_size > 1:
-            log_partial = torch.logsumexp(all_gather_with_grad(log_partial.reshape(1)), 0)
+            log_partial = torch.logsumexp(all_gather_with_grad(log_partial.reshape(1), check_shapes=False), 0)
         return log_partial - math.log(n * (n - 1))

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vutrain.losses.backends import check_backend, scalar_for_autograd, takes_kernel
-from vutrain.losses.gather import check_pairs, check_rank, common_dtype, gather_features
+from vutrain.losses.gather import at_least_fp32, check_pairs, check_rank, common_dtype, gather_features
 from vutrain.losses.positives import check_labels, gather_labels, positive_mask
 
 
@@ -65,10 +65,14 @@ class ClipLoss(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         backend: str = "torch",
+        check_shapes: bool = True,
     ) -> None:
         super().__init__()
         check_backend(backend)
         check_rank(rank, world_size)
+        # Each call first agrees that every rank passes one shape (gather.check_same_shape_on_all_ranks:
+        # one small all-reduce): off where the caller guarantees it (the trainer: build_loss_from_config).
+        self.check_shapes = check_shapes
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -98,9 +102,12 @@ class ClipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits_per_image, logits_per_text): [B, W*B] each with local_loss, else [W*B, W*B]."""
+        """(logits_per_image, logits_per_text): [B, W*B] each with local_loss, else [W*B, W*B];
+        in fp32 at least (16-bit features are cast after the gather, see gather.at_least_fp32)."""
         logit_scale, logit_bias = scalar_for_autograd(logit_scale), scalar_for_autograd(logit_bias)
         all_img, all_txt = self._gather(image_features, text_features)
+        image_features, text_features = at_least_fp32(image_features), at_least_fp32(text_features)
+        all_img, all_txt = at_least_fp32(all_img), at_least_fp32(all_txt)
         if self.world_size > 1 and self.local_loss:
             per_image = logit_scale * image_features @ all_txt.T
             per_text = logit_scale * text_features @ all_img.T
@@ -196,6 +203,7 @@ class ClipLoss(nn.Module):
             gather_with_grad=self.gather_with_grad,
             rank=self.rank,
             world_size=self.world_size,
+            check_shapes=self.check_shapes,
         )
 
     def _forward_triton(

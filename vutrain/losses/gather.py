@@ -15,7 +15,8 @@ We implement the autograd gather ourselves (a dozen lines) rather than use
 a stack on non-NCCL backends: here gloo gets one all-reduce of the gradient (a collective every
 backend has) and NCCL the cheaper reduce-scatter.
 
-All ranks must pass tensors of identical shape (equal local batch: use drop_last in the loader).
+All ranks must pass tensors of identical shape (equal local batch: use drop_last in the loader);
+`all_gather_with_grad` and `gather_features` refuse a mismatch on every rank in one line first.
 """
 
 from __future__ import annotations
@@ -59,12 +60,15 @@ def _nccl_serves(device: torch.device) -> bool:
     return collective_backend(device.type) == "nccl"
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(x: torch.Tensor, check_shapes: bool = True) -> torch.Tensor:
     """Concatenate `x` ([B, ...], same shape on every rank) from all ranks in rank order.
 
     Returns [world*B, ...]. Differentiable: backward gives each rank the sum over ranks of the
-    gradient w.r.t. its own slice.
+    gradient w.r.t. its own slice. `check_shapes=False` skips the shape agreement (one small
+    all-reduce) where the caller already did it or the shape is fixed (a scalar).
     """
+    if check_shapes:
+        check_same_shape_on_all_ranks(x)
     return _AllGatherWithGrad.apply(x)
 
 
@@ -89,6 +93,7 @@ def gather_features(
     gather_with_grad: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    check_shapes: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip's `gather_features`: ([B, D], [B, D]) -> ([world*B, D], [world*B, D]).
 
@@ -99,8 +104,13 @@ def gather_features(
     if world_size == 1:
         return image_features, text_features
     check_group(rank, world_size)
+    if check_shapes:  # one small all-reduce; the losses pass text features of that shape
+        check_same_shape_on_all_ranks(image_features)
     if gather_with_grad:
-        return all_gather_with_grad(image_features), all_gather_with_grad(text_features)
+        return (
+            all_gather_with_grad(image_features, check_shapes=False),
+            all_gather_with_grad(text_features, check_shapes=False),
+        )
     keep = not local_loss
     return (all_gather_no_grad(image_features, keep), all_gather_no_grad(text_features, keep))
 
@@ -146,6 +156,48 @@ def common_dtype(
         )
     dtype = torch.promote_types(img.dtype, txt.dtype)
     return img.to(dtype), txt.to(dtype)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32 if it is 16-bit (differentiable: its gradient comes back in its own dtype).
+
+    The torch path forms the logits from the gathered features with this, as the kernels
+    accumulate their tiles in fp32: formed from bf16 features, the logits kept 8 bits (0.5 at a
+    logit of 100) and the loss came back in bf16 (20.0 for 20.12), so backend=torch and
+    backend=triton disagreed on the same inputs. The gathers still move the 16-bit features.
+    """
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def small_collective_device(device: torch.device) -> torch.device:
+    """Where a collective of a few integers the host must read runs: the CPU when the group has a
+    CPU backend (the default cpu:gloo,cuda:nccl; agreeing between hosts costs no wait on the
+    device queue), else `device` (a CUDA-only group, nccl or cuda:gloo, refuses CPU tensors)."""
+    return torch.device("cpu") if collective_backend("cpu") is not None else device
+
+
+def check_same_shape_on_all_ranks(x: torch.Tensor) -> None:
+    """Raise the same one-line ValueError on every rank unless all ranks pass `x` of one shape
+    (one all-reduce of 2 * x.dim() integers, read on the host).
+
+    The gathers and the ring exchange need one shape everywhere: with a short last batch on one
+    rank (a loader without drop_last) gloo aborted the processes with SIGABRT and no word on
+    the cause, and NCCL may hang or read past the smaller tensor.
+    """
+    shape = list(x.shape)
+    # max(shape) and -min(shape) from one all-reduce
+    # Made where it is reduced: a tensor made without a device lands on the default device
+    # (`meta` in test_review_nccl), not the host.
+    where = small_collective_device(x.device)
+    extremes = torch.tensor(shape + [-n for n in shape], dtype=torch.long, device=where)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    largest, smallest = extremes[: len(shape)].tolist(), [-n for n in extremes[len(shape) :].tolist()]
+    if largest != smallest:
+        raise ValueError(
+            f"contrastive loss: the ranks pass features of different shapes (from {smallest} to "
+            f"{largest}; this rank {shape}); every rank needs the same local batch: drop the last "
+            "partial batch (drop_last=True)"
+        )
 
 
 def check_group(rank: int, world_size: int) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from vutrain.distributed import collective_backend
+from vutrain.losses.gather import small_collective_device
 
 
 def check_labels(labels: torch.Tensor, batch: int) -> None:
@@ -72,10 +72,8 @@ def _pad_to_widest_rank(x: torch.Tensor, no_label: int) -> torch.Tensor:
     """
     # The widest T is needed on the host (to pad). On a GPU, a width made and read on the
     # device costs a blocking copy and a read, each waiting for the device queue, at every
-    # micro-batch; a group with a CPU backend (the default cpu:gloo,cuda:nccl) agrees on it
-    # between hosts instead. A CUDA-only group (nccl, cuda:gloo) refuses CPU tensors.
-    on_host = collective_backend("cpu") is not None
-    width = torch.full((1,), x.shape[1], dtype=torch.long, device="cpu" if on_host else x.device)
+    # micro-batch: see small_collective_device.
+    width = torch.full((1,), x.shape[1], dtype=torch.long, device=small_collective_device(x.device))
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
     pad = int(width.item()) - x.shape[1]
     if pad:

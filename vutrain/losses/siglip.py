@@ -34,7 +34,15 @@ from torch.utils.checkpoint import checkpoint
 
 from vutrain.losses.backends import check_backend, scalar_for_autograd, takes_kernel
 from vutrain.losses.exchange import neighbour_exchange, neighbour_exchange_bidir, p2p_supported
-from vutrain.losses.gather import all_gather_with_grad, check_group, check_pairs, check_rank, common_dtype
+from vutrain.losses.gather import (
+    all_gather_with_grad,
+    at_least_fp32,
+    check_group,
+    check_pairs,
+    check_rank,
+    check_same_shape_on_all_ranks,
+    common_dtype,
+)
 from vutrain.losses.positives import check_labels, gather_labels, positive_mask
 
 log = logging.getLogger(__name__)
@@ -54,7 +62,7 @@ def _block_loss(
 
     `own_pairs`: the block's columns are the rows' own texts (the diagonal is positive).
     """
-    logits = scale * img @ txt.T + bias
+    logits = scale * at_least_fp32(img) @ at_least_fp32(txt).T + bias
     if row_labels is not None:
         mask = positive_mask(row_labels, col_labels, 0 if own_pairs else None)
     else:
@@ -91,8 +99,10 @@ class SigLipLoss(nn.Module):
         dist_impl: str | None = None,
         bidir: bool = False,
         backend: str = "torch",
+        check_shapes: bool = True,
     ) -> None:
         super().__init__()
+        self.check_shapes = check_shapes  # as ClipLoss's: one small all-reduce per call, or off
         dist_impl = dist_impl or ("bidir" if bidir else "gather")
         if dist_impl not in DIST_IMPLS:
             raise ValueError(
@@ -188,8 +198,10 @@ class SigLipLoss(nn.Module):
                     "point (gloo sends CPU tensors only); all-gathering the texts instead",
                     image_features.device.type,
                 )
-        all_txt = all_gather_with_grad(text_features) if self.world_size > 1 else text_features
-        logits = logit_scale * image_features @ all_txt.T + logit_bias
+        all_txt = text_features
+        if self.world_size > 1:
+            all_txt = all_gather_with_grad(text_features, self.check_shapes)
+        logits = logit_scale * at_least_fp32(image_features) @ at_least_fp32(all_txt).T + logit_bias
         if labels is None:
             signs = self.get_ground_truth(logits.device, logits.dtype, *logits.shape)
         else:
@@ -209,6 +221,8 @@ class SigLipLoss(nn.Module):
     ) -> torch.Tensor:
         """open_clip's ring: both neighbours at once, then one last hop if the world is even."""
         w, rank, b = self.world_size, self.rank, img.shape[0]
+        if self.check_shapes:  # the ring swaps blocks of one shape
+            check_same_shape_on_all_ranks(txt)
         all_labels = gather_labels(labels, w) if labels is not None else None
 
         def block(texts: torch.Tensor, owner: int) -> torch.Tensor:
@@ -258,5 +272,5 @@ class SigLipLoss(nn.Module):
                 "this `kernels` package has no sigmoid_loss kernel yet; use "
                 "loss.backend=torch for loss.name=siglip"
             )
-        all_txt = all_gather_with_grad(txt) if self.world_size > 1 else txt
+        all_txt = all_gather_with_grad(txt, self.check_shapes) if self.world_size > 1 else txt
         return sigmoid_loss(img, all_txt, scale, bias, label_offset=self.rank * img.shape[0])
