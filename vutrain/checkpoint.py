@@ -61,8 +61,9 @@ MARKER = "COMPLETE.json"
 # The marker's record of the preset tokenizer a checkpoint was trained with (`tokenizer_fingerprint`).
 TOKENIZER_KEY = "tokenizer_vocab_sha256"
 TMP_SUFFIX = ".tmp"
-# In ``<tag>.tmp`` while a save of several ranks runs: rank 0's random token, which every rank must
-# read back before it writes there (`check_every_rank_sees`); removed before the marker.
+# In ``<tag>.tmp`` while a save of several ranks runs, and in the run directory while a Trainer of
+# several ranks starts: rank 0's random token, which every rank must read back before it writes
+# there (`check_every_rank_sees`); removed before the marker, and once read at start.
 SAVE_TOKEN = "save_token"
 TAG_RE = re.compile(r"^step_(\d+)$")
 TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
@@ -365,9 +366,9 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
             # lowered keep and a failed save's partial .tmp of another step still held the space.
             prune(ckpt_dir, keep)
             os.makedirs(tmp_dir)  # prune removed a stale .tmp of this step: it lends no files
-            _write_save_token(tmp_dir)
+            write_shared_token(tmp_dir)
         barrier()
-        check_every_rank_sees(tmp_dir, tag)
+        check_every_rank_sees(tmp_dir, f"checkpoint {tag} was not saved")
         save_trainer_state(tmp_dir, rank, dict(trainer_state, rng=rng_state()))
         reshape.save_world_info(engine, tmp_dir, trainer_state)  # all ranks' data states (collective)
         engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"step": step}, save_latest=False)
@@ -378,7 +379,7 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
             if delay > 0:
                 time.sleep(delay)
             # Every rank has read it: it is no part of the checkpoint.
-            _remove_quietly(os.path.join(tmp_dir, SAVE_TOKEN))
+            remove_shared_token(tmp_dir)
             _complete(ckpt_dir, tag, step)
             prune(ckpt_dir, keep)
         barrier()
@@ -395,52 +396,68 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
     return tag
 
 
-def _write_save_token(tmp_dir: str) -> None:
-    """Rank 0: a random token in the new ``<tag>.tmp``, which every rank reads back
-    (`check_every_rank_sees`); os.urandom leaves the RNG states the save records untouched."""
+def write_shared_token(folder: str) -> None:
+    """Rank 0: a random token in ``folder`` (a save's ``<tag>.tmp``, or the run directory at start),
+    which every rank reads back (`check_every_rank_sees`); os.urandom leaves the RNG states a save
+    records untouched. Nothing to check, and nothing written, in a world of one rank."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        with open(os.path.join(tmp_dir, SAVE_TOKEN), "w", encoding="utf-8") as fh:
+        with open(os.path.join(folder, SAVE_TOKEN), "w", encoding="utf-8") as fh:
             fh.write(os.urandom(16).hex())
 
 
-def _read_save_token(tmp_dir: str) -> str | None:
+def remove_shared_token(folder: str) -> None:
+    """Rank 0, once every rank has read it: the token is no part of a checkpoint or of the run."""
+    _remove_quietly(os.path.join(folder, SAVE_TOKEN))
+
+
+def _read_shared_token(folder: str) -> str | None:
     try:
-        with open(os.path.join(tmp_dir, SAVE_TOKEN), encoding="utf-8") as fh:
+        with open(os.path.join(folder, SAVE_TOKEN), encoding="utf-8") as fh:
             return fh.read()
-    except (OSError, ValueError):  # no such folder or file here: not the folder rank 0 made
+    except (OSError, ValueError):  # no such folder or file here: not the folder rank 0 wrote to
         return None
 
 
-def check_every_rank_sees(tmp_dir: str, tag: str) -> None:
-    """CheckpointWriteError on every rank unless each one reads rank 0's token in ``tmp_dir``, the
-    folder every rank writes its own files into (its ZeRO shards and trainer state). Collective.
+def check_every_rank_sees(
+    folder: str,
+    stopped: str,
+    error: type[Exception] = CheckpointWriteError,
+    rank0_did: str = "made",
+) -> None:
+    """``error`` on every rank unless each one reads rank 0's token (`write_shared_token`) in
+    ``folder``; its one line starts with ``stopped`` (what did not happen). Collective.
 
-    An output_dir that is not one shared folder (a node-local disk, a mount missing on one node)
-    trained until the first checkpoint, where the other nodes' ranks failed their first write with
-    "free space" advice (or a safetensors traceback) while the others hung in a collective; over a
-    stale ``<tag>.tmp`` of the same name on their disk they wrote into it, and rank 0 marked
-    complete a checkpoint without their files. Every rank raises the same line, from what all saw.
+    A save checks its ``<tag>.tmp``, the folder every rank writes its own files into (its ZeRO
+    shards and trainer state): an output_dir that is not one shared folder (a node-local disk, a
+    mount missing on one node) trained until the first checkpoint, where the other nodes' ranks
+    failed their first write with "free space" advice (or a safetensors traceback) while the others
+    hung in a collective; over a stale ``<tag>.tmp`` of the same name on their disk they wrote into
+    it, and rank 0 marked complete a checkpoint without their files. The Trainer checks the run
+    directory at start, so that output_dir stops the run before its first step instead. Every rank
+    raises the same line, from what all saw.
     """
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return
     import socket
 
     views: list = [None] * torch.distributed.get_world_size()
-    mine = (socket.gethostname(), _read_save_token(tmp_dir), os.path.abspath(tmp_dir))
+    mine = (socket.gethostname(), _read_shared_token(folder), os.path.abspath(folder))
     torch.distributed.all_gather_object(views, mine)
-    host0, token0, made = views[0]  # rank 0's folder: the one the message names on every rank
+    host0, token0, written = views[0]  # rank 0's folder: the one the message names on every rank
     blind = [(r, host) for r, (host, token, _) in enumerate(views) if token is None or token != token0]
     if blind:
-        raise CheckpointWriteError(_not_shared_message(made, tag, host0, blind, len(views)))
+        raise error(_not_shared_message(written, stopped, rank0_did, host0, blind, len(views)))
 
 
-def _not_shared_message(tmp_dir: str, tag: str, host0: str, blind: list, world: int) -> str:
+def _not_shared_message(
+    folder: str, stopped: str, rank0_did: str, host0: str, blind: list, world: int
+) -> str:
     ranks = [r for r, _ in blind]
     listed = ", ".join(map(str, ranks)) if len(ranks) <= 4 else f"{ranks[0]} ... {ranks[-1]}"
     hosts = ", ".join(sorted({host for _, host in blind}))
     return (
-        f"checkpoint {tag} was not saved: {len(ranks)} of {world} ranks (rank {listed}, on {hosts}) do not "
-        f"see {tmp_dir}, which rank 0 made on {host0}, so their files would not be in it: output_dir must "
+        f"{stopped}: {len(ranks)} of {world} ranks (rank {listed}, on {hosts}) do not see {folder}, "
+        f"which rank 0 {rank0_did} on {host0}, so their files would not be in it: output_dir must "
         "be one folder every node mounts (a shared file system such as NFS, Lustre or GPFS, not a "
         "node-local disk such as /tmp); set output_dir to one and rerun"
     )

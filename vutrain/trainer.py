@@ -80,7 +80,10 @@ def features_for_loss(loss_fn, img, txt, logit_bias, labels, device_type: str, p
     present = img if img is not None else txt  # GradCache may run one tower: the other is None
     as_kernel_input = present if kernel_dtype is None else present.to(kernel_dtype)
     if loss_fn.uses_kernels(as_kernel_input, logit_bias, labels):
-        return (img, txt) if kernel_dtype is None else (_cast(img, kernel_dtype), _cast(txt, kernel_dtype))
+        if kernel_dtype is None:
+            return img, txt
+        # The tower asked about is cast already: casting it again was a second copy of its features.
+        return (as_kernel_input, _cast(txt, kernel_dtype)) if present is img else (None, as_kernel_input)
     return _cast(img, torch.float32), _cast(txt, torch.float32)
 
 
@@ -343,9 +346,26 @@ class Trainer:
                 adoption = ckpt.tokenizer_to_adopt(self.cfg.train.resume, self.run_dir)
             if self.info.is_main:
                 self._write_run_dir(adoption)
+                ckpt.write_shared_token(self.run_dir)  # here, so a failed write is shared below
         except Exception as exc:  # told to every rank below, then raised on each
             failure = exc
         self._share_run_dir_outcome(failure)
+        self._check_every_rank_sees_run_dir()
+
+    def _check_every_rank_sees_run_dir(self) -> None:
+        """Every rank reads the token rank 0 wrote into output_dir, or every rank stops with one
+        ConfigError line naming the ranks (and hosts) that do not, before anything is built.
+
+        An output_dir that is not one shared folder (node-local disk, a mount missing on a node)
+        was found only at the first checkpoint, possibly hours in (checkpoint.py checks each save's
+        folder). With a preset those ranks loaded the tokenizer left on their own disk by an earlier
+        run (other token ids, without a word), or failed with transformers' "Repo id" error while
+        rank 0 waited in a collective. The token is removed whatever the outcome: no file of the run."""
+        try:
+            ckpt.check_every_rank_sees(self.run_dir, "the run did not start", ConfigError, "prepared")
+        finally:
+            if self.info.is_main:
+                ckpt.remove_shared_token(self.run_dir)
 
     def release_run_dir(self) -> None:
         """Let another run use output_dir (train() calls it whichever way it ends; a Trainer that
@@ -745,7 +765,7 @@ class Trainer:
 
     def _grad_norm(self) -> float | None:
         """The global gradient norm before clipping of the last optimizer step (all ranks, unscaled),
-        or None where DeepSpeed computes none (train.zero_stage=0 in fp32: torch's optimizer).
+        or None where the engine reports none (ZeRO-0 fp32/amp_bf16 report one: grad_norm.py).
 
         DeepSpeed keeps it on the device under ZeRO for its clipping; read on logging steps only,
         after the guard's read, so the device has finished it. DeepSpeed's -1 for a NaN/inf
