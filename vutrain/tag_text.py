@@ -30,7 +30,15 @@ def tag_values(value) -> list[str]:
     "tag"). A string that spells a list (``'["a", "b"]'``, ``"['a', 'b']"``: pandas' CSV form of a
     list column) is that list (:func:`tag_string_parts`)."""
     tags = [_as_tag(t) for t in tag_items(value)[0]]
-    return [t for t in tags if t is not None and t.strip()]
+    return [t for t in tags if t is not None and _is_tag(t)]
+
+
+def _is_tag(text: str) -> bool:
+    """Whether ``text`` has a normal form, so an id: a tag of invisible characters only (a lone
+    zero-width space) was a real tag, one id shared by unrelated samples as tag positives."""
+    if text.isascii():  # the common case, checked in C: blank text is the one empty form
+        return bool(text.strip())
+    return bool(normalize_tag(text))
 
 
 def tag_items(value) -> tuple[list[str], int]:
@@ -148,12 +156,13 @@ def _as_tag(value) -> str | None:
     text = _as_text(value)
     if text is None:
         return None
-    text = unescape_entities(text)
+    # Decoded first: "&#8203;" is a zero-width space too.
+    text = without_invisible_format(unescape_entities(text))
     quoted = text.strip()
     unquoted = quoted.strip("\"'")
     # Unquoted tags keep their surrounding whitespace as the field has it (captions and
     # normalize_tag strip it; the validation stream's tag lists show it).
-    return text if unquoted == quoted else unquoted.strip()
+    return text if unquoted == quoted else without_invisible_format(unquoted.strip())
 
 
 def unescape_entities(text: str) -> str:
@@ -192,16 +201,53 @@ def normalize_tag(tag: str) -> str:
     only lower-cased ("Straße" and "STRASSE" are "strasse": lower-casing kept "straße" and
     "strasse" apart, two ids, two tag-metric columns, two zero-shot classes of one tag).
     Whitespace runs count as one space ("lets  play" is "lets play"), leading and trailing none.
+    Invisible format characters are no part of a tag (:func:`without_invisible_format`: "music\\u200b"
+    and "\\ufeffmusic" are "music"), and a tag of them alone has the empty form, no tag
+    (:func:`tag_values` leaves it out).
 
     The form is also the text of the tag's prompts, so it stays readable: a word-final Greek
     sigma stays "ς" (case folding writes "σ", a spelling Greek text never has; lower-casing
     already makes "ΟΔΟΣ" and "οδος" one tag)."""
-    text = unicodedata.normalize("NFKC", without_lone_surrogates(tag)).lower()
+    text = without_invisible_format(without_lone_surrogates(tag))
+    text = unicodedata.normalize("NFKC", text).lower()
     folded = "".join(c if c == _FINAL_SIGMA else c.casefold() for c in text)
-    return " ".join(unicodedata.normalize("NFKC", folded).split())  # folding may un-normalise
+    form = " ".join(unicodedata.normalize("NFKC", folded).split())  # folding may un-normalise
+    return form if _has_visible_char(form) else ""
 
 
 _FINAL_SIGMA = "\u03c2"
+
+# Format characters (category Cf) that carry meaning where they stand, so are kept inside a tag:
+# ZWNJ and ZWJ (Persian spelling needs ZWNJ inside words; Indic scripts pick letter forms by both;
+# emoji sequences such as man-ZWJ-woman-ZWJ-girl, a family, are joined by ZWJ: stripped, distinct
+# tags merged), the tag characters of subdivision flags (black flag + U+E0067... is the Scottish
+# flag) and the prepended concatenation marks, which are visible (the Arabic number sign U+0600).
+_JOINERS = "\u200c\u200d"
+_PREPENDED_MARKS = "\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\U000110bd\U000110cd"
+_MEANINGFUL_FORMAT = frozenset(_JOINERS + _PREPENDED_MARKS) | frozenset(map(chr, range(0xE0020, 0xE0080)))
+# A joiner that joins nothing: at an end of the text or beside whitespace.
+_STRAY_JOINERS = re.compile(rf"(?<!\S)[{_JOINERS}]+|[{_JOINERS}]+(?!\S)")
+
+
+def without_invisible_format(text: str) -> str:
+    """``text`` without its invisible format characters (Unicode category Cf: zero-width space, word
+    joiner, byte order mark, soft hyphen, left-to-right and other bidi marks), which ride along with
+    tags copied from web pages and spreadsheets: "music\\u200b" and "\\ufeffmusic" were tags apart from
+    "music" in the vocabulary, the ids and the tag metrics. The format characters that carry meaning
+    inside a word (``_MEANINGFUL_FORMAT``: ZWNJ, ZWJ, flag tag characters) are kept there, a joiner
+    only between two visible characters (at an end or beside a space it joins nothing)."""
+    if text.isascii():  # the common case, checked in C: no format character possible
+        return text
+    kept = "".join(c for c in text if c in _MEANINGFUL_FORMAT or unicodedata.category(c) != "Cf")
+    return _STRAY_JOINERS.sub("", kept)
+
+
+def _has_visible_char(form: str) -> bool:
+    """Whether a tag's form holds more than the format characters kept inside words: a tag of flag
+    tag characters alone shows nothing."""
+    return form.isascii() or any(unicodedata.category(c) != "Cf" for c in form)
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
