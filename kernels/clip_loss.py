@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kernels.contrastive_ce import as_scale_tensor, grad_like, refuse_create_graph, scale_meta
-from kernels.reference import check_inputs, check_square, clip_loss_reference
+from kernels.reference import CLIP_NAMES, check_inputs, check_square, clip_loss_reference
 from kernels.runtime import autocast_inputs, device_guard, run_eagerly, use_triton
 
 
@@ -64,7 +64,7 @@ def clip_loss(
         return run_eagerly(clip_loss)(image_features, text_features, logit_scale)
     # Checked before use_triton, which reads the features' device and dtype.
     check_square(image_features, text_features)
-    check_inputs(image_features, text_features, 0, "mean")
+    check_inputs(image_features, text_features, 0, "mean", CLIP_NAMES)
     if not use_triton(image_features, text_features):
         return clip_loss_reference(image_features, text_features, logit_scale)
     image_features, text_features = autocast_inputs(image_features, text_features)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 REDUCTIONS = ("mean", "sum", "none")
+# clip_loss's two feature arguments, as its errors name them.
+CLIP_NAMES = ("image_features", "text_features")
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,25 +82,34 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, reduction: str) -> None:
-    """Validate shapes and the label range shared by every implementation."""
-    check_tensors(queries, keys)
+def check_inputs(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    label_offset: int,
+    reduction: str,
+    names: tuple[str, str] = ("queries", "keys"),
+) -> None:
+    """Validate shapes and the label range shared by every implementation. ``names``: the two
+    arguments as the caller's op calls them, so that clip_loss's errors name ``image_features`` and
+    ``text_features`` (it has no ``queries`` or ``keys`` for its caller to look for)."""
+    first, second = names
+    check_tensors(queries, keys, names)
     if queries.dim() != 2 or keys.dim() != 2:
         raise ValueError(
-            f"queries and keys must be 2-D [N, D] and [M, D]; "
+            f"{first} and {second} must be 2-D [N, D] and [M, D]; "
             f"got {tuple(queries.shape)} and {tuple(keys.shape)}"
         )
     n, d = queries.shape
     m, dk = keys.shape
     if d != dk:
-        raise ValueError(f"queries have D={d} but keys have D={dk}; both must share the embedding size")
+        raise ValueError(f"{first} have D={d} but {second} have D={dk}; both must share the embedding size")
     if n == 0 or m == 0:
-        raise ValueError("queries and keys must each hold at least one row")
+        raise ValueError(f"{first} and {second} must each hold at least one row")
     if n > m:
         # The range below would read [0, negative]: no offset can help, the caller swapped sides.
         raise ValueError(
-            f"queries (N={n}) outnumber keys (M={m}): row i is labelled at column label_offset + i, "
-            f"so pass the longer side (e.g. the gathered features) as keys"
+            f"{first} (N={n}) outnumber {second} (M={m}): row i is labelled at column label_offset + i, "
+            f"so pass the longer side (e.g. the gathered features) as {second}"
         )
     if not 0 <= label_offset <= m - n:
         raise ValueError(
@@ -111,15 +122,17 @@ def check_inputs(queries: torch.Tensor, keys: torch.Tensor, label_offset: int, r
         # The reference would run an integer (or bool) matmul and the kernels the same as fp32:
         # features come from an encoder, so these are a caller's mistake (token ids, masks).
         raise ValueError(
-            f"queries and keys must be floating-point features (fp32, fp16 or bf16); "
+            f"{first} and {second} must be floating-point features (fp32, fp16 or bf16); "
             f"got {queries.dtype} and {keys.dtype}"
         )
     if queries.device != keys.device:
         # The Triton path would otherwise launch one kernel with pointers into two devices'
         # memory (an illegal address on a GPU, not a clear error).
-        raise ValueError(f"queries ({queries.device}) and keys ({keys.device}) must be on the same device")
+        raise ValueError(
+            f"{first} ({queries.device}) and {second} ({keys.device}) must be on the same device"
+        )
     if kernel_dtype(queries) != kernel_dtype(keys):  # under autocast: the dtype the matmul sees
-        raise ValueError(f"queries ({queries.dtype}) and keys ({keys.dtype}) must share a dtype")
+        raise ValueError(f"{first} ({queries.dtype}) and {second} ({keys.dtype}) must share a dtype")
 
 
 def check_tensors(queries, keys, names: tuple[str, str] = ("queries", "keys")) -> None:
@@ -136,7 +149,7 @@ def check_tensors(queries, keys, names: tuple[str, str] = ("queries", "keys")) -
 def check_square(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
     """clip_loss's own shape rule, checked before ``check_inputs``: with more images than texts
     that would blame a ``label_offset`` the caller never passed."""
-    check_tensors(image_features, text_features, ("image_features", "text_features"))
+    check_tensors(image_features, text_features, CLIP_NAMES)
     if image_features.dim() == 2 and text_features.dim() == 2:
         if image_features.shape[0] != text_features.shape[0]:
             raise ValueError(
@@ -224,7 +237,7 @@ def clip_loss_reference(
     image_features, text_features: [N, D] (rows i are positives of each other).
     """
     check_square(image_features, text_features)
-    check_inputs(image_features, text_features, 0, "mean")
+    check_inputs(image_features, text_features, 0, "mean", CLIP_NAMES)
     check_scalar(logit_scale, "logit_scale")
     logits = scaled_logits(image_features, text_features, logit_scale)
     labels = torch.arange(image_features.shape[0], device=image_features.device)
