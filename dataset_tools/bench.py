@@ -12,8 +12,10 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -49,6 +51,34 @@ def _version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, a SLURM task's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1
+
+
+def where_measured(argv: list[str]) -> dict:
+    """The record's provenance: CPUs, device, date and the command that reruns the measurement.
+
+    BENCHMARKS.md rows name the command, date and device. The command is shell-quoted (joined
+    bare, an ``--out`` path with a space did not rerun), and ``cpus_usable`` is the affinity mask:
+    ``cpus`` alone, the machine's count, described a 128-core node for a run pinned to 8 of them.
+    """
+    cpus, usable = os.cpu_count(), _usable_cpus()
+    cores = f"{cpus} cores" if usable == cpus else f"{usable} of {cpus} cores usable"
+    return {
+        "python": platform.python_version(),
+        "cpus": cpus,
+        "cpus_usable": usable,
+        "device": f"CPU ({cores}, {platform.processor() or platform.machine()})",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "dataset_tools.bench", *argv]),
+        "commit": commit(),
+    }
 
 
 def _ids(n: int):
@@ -157,6 +187,13 @@ def main(argv=None) -> dict:
     ):
         if value < 1:
             p.error(f"{flag} {value}: must be >= 1")
+    # Refused here, before any download: a negative or nan latency failed every request of the
+    # fake host, and the run ended with "plain img2dataset: only 0/N succeeded", which blamed
+    # img2dataset; an image size of 0 was refused by ours' config check only after plain's run.
+    if args.image_size < 1:
+        p.error(f"--image-size {args.image_size}: must be >= 1 (pixels, e.g. 256)")
+    if not (math.isfinite(args.latency) and args.latency >= 0):
+        p.error(f"--latency {args.latency}: must be a finite number of seconds >= 0 (e.g. 0.05)")
 
     from dataset_tools.fake_host import FakeThumbnailHost
 
@@ -185,13 +222,7 @@ def main(argv=None) -> dict:
         "ours_images_per_s": round(args.num / best["ours"], 2),
         "ratio_ours_over_plain": round(best["plain"] / best["ours"], 3),
         "seconds": times,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "device": f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        # Where the figure comes from: BENCHMARKS.md rows name the command, date and device.
-        "command": "python -m dataset_tools.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "commit": commit(),
+        **where_measured(sys.argv[1:] if argv is None else list(argv)),
         "img2dataset": _version("img2dataset"),
     }
     print(json.dumps(result, indent=2))

@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import pstats
+import shlex
 import shutil
 import sys
 import tarfile
@@ -446,6 +447,8 @@ def measure_all(args, argv: list[str], images: list[bytes], tokenize, formats: C
     """
     from PIL import Image
 
+    from vutrain.data.epoch_plan import usable_cores
+
     shapes = Counter(Image.open(io.BytesIO(d)).size for d in images)
     if args.profile:
         print(profile_worker(args, tokenize, "fast"), flush=True)
@@ -501,10 +504,15 @@ def measure_all(args, argv: list[str], images: list[bytes], tokenize, formats: C
         "stream_skipped": dict(sum((Counter(r["skipped"]) for rs in rounds for r in rs), Counter())),
         "runs": rows,
         "cores": os.cpu_count(),
+        # the cores this run could use (its affinity mask: taskset, a SLURM task's share); "cores"
+        # alone, the machine's count, described a 128-core node for a run pinned to 8 of them
+        "cores_usable": usable_cores(),
         "cpu": _cpu_name(),
         "load_avg_1m": os.getloadavg()[0],
         "date": datetime.datetime.now(datetime.UTC).isoformat(),
-        "command": "python -m vutrain.bench data " + " ".join(argv),
+        # quoted as a shell reads it: joined bare, the documented --shards 'DIR/{00000..00007}.tar'
+        # was recorded unquoted, and pasted back the shell expanded it into 8 arguments (a usage error)
+        "command": shlex.join(["python", "-m", "vutrain.bench", "data", *argv]),
         "commit": commit(),
     }
     if args.workers > 1:  # runs[1] is ("fast", 1): scaling within each round, then the median
