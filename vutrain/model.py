@@ -75,8 +75,12 @@ def bounded_logit_scale(scale: torch.Tensor, high: float = MAX_LOGIT_SCALE) -> t
     where it would push a parameter at or past a bound further out. The parameter therefore
     stays at the bound while the loss pushes outward (momentum may carry it a few steps' worth
     past, which the clamped value hides) and moves back as soon as the loss pulls it inward.
+
+    Returned in fp32 (or wider), clamped and bound-tested there: bf16 cannot hold ln 100 (its
+    neighbours are 4.59375 and 4.625), so a bf16 run's clamp gave 4.59375 and a scale of 99.0 at
+    the bound, where export writes 100, and its bound test (4.59375 >= ln 100 in bf16) held it there.
     """
-    return _BoundedScale.apply(scale, 0.0, high)
+    return _BoundedScale.apply(scale.to(torch.promote_types(scale.dtype, torch.float32)), 0.0, high)
 
 
 @dataclass(frozen=True)
