@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -146,6 +147,18 @@ def claim_output(out: str) -> None:
             raise DemoError(f"--out {out} cannot be written ({exc}): pass another --out") from exc
 
 
+def say_an_earlier_run_is_replaced(out: str) -> None:
+    """One line when ``out`` holds an earlier demo's run or model: a second `make demo` deleted a
+    run of minutes (and its exported model) without a word, and a user could expect it to resume."""
+    earlier = [name + "/" for name in ("run", "hf_model") if os.path.exists(os.path.join(out, name))]
+    if earlier:
+        print(
+            f"{out} holds an earlier demo's {' and '.join(earlier)}: the demo does not resume, this run "
+            "starts fresh and replaces them (to keep a run, give each run its own --out)",
+            flush=True,
+        )
+
+
 def write_data(out: str, num_samples: int, val_samples: int, shard_size: int, seed: int) -> tuple[str, str]:
     """Write fresh synthetic train and val shards under ``out/data`` (an output `claim_output`
     made the demo's); returns their shard specs."""
@@ -228,7 +241,9 @@ def train(
         TINY_CONFIG,
         *train_overrides(run_dir, train_shards, val_shards, steps, extra),
     ]
-    print("$ " + " ".join(cmd), flush=True)
+    # Quoted as a shell reads it: pasted unquoted, bash expanded data.train_shards=.../{00000..00015}.tar
+    # into 16 overrides of the key, of which the last won, and the run trained on one shard.
+    print("$ " + shlex.join(cmd), flush=True)
     env = dict(
         os.environ,
         PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -454,6 +469,7 @@ def run_demo(args: argparse.Namespace) -> int:
     check_shard_count(args.num_samples, args.shard_size, ranks, overrides)
     start = time.time()
     claim_output(args.out)
+    say_an_earlier_run_is_replaced(args.out)
     print(f"[1/5] writing synthetic shards to {args.out}/data", flush=True)
     train_shards, val_shards = write_data(
         args.out, args.num_samples, args.val_samples, args.shard_size, args.seed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -143,9 +144,50 @@ def _config_error_line(exc: ConfigError) -> str:
     return f"error: {exc}" if isinstance(exc, RunDirInUseError) else f"config error: {exc}"
 
 
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # the shell's code for a Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of training: resolve the ranks, load the config, train; returns the exit code."""
     args = parse_args(argv)
+    progress: dict = {}  # what _train reached, for the Ctrl-C line: info, cfg, trainer
+    try:
+        return _train(args, progress)
+    except KeyboardInterrupt:  # a Ctrl-C was a page of [rank0]: traceback from every rank
+        return _interrupted(progress)
+
+
+def _interrupted(progress: dict) -> int:
+    """One line for a Ctrl-C, from rank 0 (a terminal's Ctrl-C reaches every rank of the node at
+    once), saying what a rerun does: unlike SIGTERM, a Ctrl-C writes no checkpoint on the way out."""
+    info = progress.get("info")
+    if info is not None and info.rank != 0:
+        return INTERRUPTED_EXIT_CODE
+    trainer, cfg = progress.get("trainer"), progress.get("cfg")
+    where = "before training started" if trainer is None else f"at step {trainer.step}, with no checkpoint"
+    print(
+        f"error: stopped by Ctrl-C (SIGINT) {where}: {_what_a_rerun_does(cfg)}; to stop with a "
+        "checkpoint, send SIGTERM instead (kill PID: it checkpoints at the next step and exits 75)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return INTERRUPTED_EXIT_CODE
+
+
+def _what_a_rerun_does(cfg) -> str:
+    """After a Ctrl-C: where the same command starts again (None: the config was not read yet)."""
+    if cfg is None:
+        return "run the same command again"
+    if cfg.train.resume == "never":
+        return "the same command starts over (train.resume=never; auto resumes from the newest checkpoint)"
+    if cfg.train.resume == "auto":
+        return f"the same command resumes from the newest checkpoint in {cfg.output_dir}/checkpoints, if any"
+    return f"the same command resumes from {cfg.train.resume} again (train.resume)"
+
+
+def _train(args: argparse.Namespace, progress: dict) -> int:
+    """Resolve the ranks, load the config, train; returns the exit code. Records in ``progress``
+    what it has reached (main's Ctrl-C line reads it)."""
     from vutrain.logging_setup import setup_logging
 
     setup_logging()  # rank 0 logs; other ranks keep errors and vutrain's own warnings
@@ -157,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # e.g. a rank outside the world size: every rank says the same
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    progress["info"] = info
     # Errors found before the process group exists: every rank finds the same one, rank 0 says it
     # (and the first rank of every other node, which may see another filesystem); the rest exit
     # quietly.
@@ -170,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         # A LoRA target typo or an unreachable hub model, found from config files alone: after the
         # process group it cost a cluster start-up (and on other ranks a wait for the first one).
         check_model_config(cfg.model)
+        progress["cfg"] = cfg
     except ConfigError as exc:
         return _stop_before_rendezvous(info, f"config error: {exc}", speaks)
     except ShardListError as exc:
@@ -205,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         built = Trainer(with_global_batch(cfg, info.world_size), info)
         start_step = built.step
         trainer = built  # only now: the watcher reads (trainer, start_step) from another thread
+        progress["trainer"] = trainer
         trainer.train()
     except Preempted:
         return PREEMPT_EXIT_CODE
