@@ -279,7 +279,11 @@ def test_siglip_bidir_gathers_where_the_group_cannot_send(monkeypatch, caplog):
         raise AssertionError("neighbour exchange on a group that cannot send this device")
 
     monkeypatch.setattr(siglip, "check_group", lambda rank, world: None)
-    monkeypatch.setattr(siglip, "all_gather_with_grad", lambda x: torch.cat([x, x.flip(0)]))
+
+    def two_ranks(x, check_shapes=True):  # a stand-in gather: one process has no shapes to agree
+        return torch.cat([x, x.flip(0)])
+
+    monkeypatch.setattr(siglip, "all_gather_with_grad", two_ranks)
     monkeypatch.setattr(siglip, "neighbour_exchange_bidir", no_exchange)
     monkeypatch.setattr(siglip, "neighbour_exchange", no_exchange)
     monkeypatch.setattr(siglip, "p2p_supported", lambda device: False)
