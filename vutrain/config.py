@@ -412,6 +412,9 @@ def _did_you_mean(key: str, value: Any) -> str:
     while isinstance(value, dict) and len(value) == 1:  # an override's whole dotted key
         name, value = next(iter(value.items()))
         key = f"{key}.{name}"
+    # Every config key is lower case, and difflib's ratio is not: `Train.LR` or `train.EPS` was
+    # too far from anything (LR shares no character with lr) for a suggestion.
+    key = key.lower()
     leaves = _valid_keys(RunConfig)
     section, _, last = key.rpartition(".")
     here = [leaf.rpartition(".")[2] for leaf in leaves if leaf.rpartition(".")[0] == section]
@@ -800,10 +803,102 @@ def build_config(path: str | None = None, overrides: list[str] | tuple = ()) -> 
         data = _read_run_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
-        _apply_mapping(cfg, data)
+        _apply_mapping(cfg, _without_anchor_holders(data))
     for item in overrides:
         apply_override(cfg, item)
+    _check_repeated_overrides(cfg, overrides)
     return cfg
+
+
+ANCHOR_HOLDER_PREFIXES = ("x-", "_")
+"""A top-level run-file key starting with one of these only holds a YAML anchor for the sections to
+merge (`_defaults: &d {...}`, docker compose's `x-common: &c {...}`, then `<<: *d`): ignored."""
+
+
+def _without_anchor_holders(data: dict) -> dict:
+    """The run file's top level without its anchor holders (ANCHOR_HOLDER_PREFIXES).
+
+    A YAML anchor must sit on a value somewhere before its `<<: *name`, and the common idioms put
+    it on a key of its own, which was refused as an unknown key (`x-common: {max_steps: 3}` even
+    suggested train.max_steps). What a section merges from it is read and checked as that section's.
+    """
+    return {
+        name: value
+        for name, value in data.items()
+        if not (isinstance(name, str) and name.startswith(ANCHOR_HOLDER_PREFIXES))
+    }
+
+
+def _value_of(cfg: RunConfig, key: str) -> Any:
+    """The value of a dotted key that apply_override has set."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_repeated_overrides(cfg: RunConfig, overrides: list[str] | tuple) -> None:
+    """Say so where the overrides give one key different values (the last is the one applied).
+
+    The last won without a word: a line pasted twice with another train.lr trained on the one
+    the user did not mean, and the shell expands an unquoted `data.train_shards=d/{00000..00015}.tar`
+    (or `model.lora.target_modules={q,v}_proj`) into one override per value, so the run trained on
+    one shard (or adapted v_proj alone). A shard spec or list key given different values is
+    refused; any other key gets a warning, since scripts layer overrides on purpose (a requeue
+    appends train.resume=auto after the submitted train.resume=never, the demo its recipe before
+    the user's own).
+    """
+    given: dict[str, list[str]] = {}
+    for item in overrides:
+        given.setdefault(item.split("=", 1)[0].strip(), []).append(item)
+    for key, items in given.items():
+        values = {_coerced_value(key, item) for item in items}
+        if len(values) < 2:
+            continue  # once, or the same value again
+        shown = f"{len(items)} times among the overrides with different values ({items[0]!r} first)"
+        how = _how_to_give_once(cfg, key, values)
+        if how:
+            raise ConfigError(
+                f"{key} is given {shown}, and only the last, {items[-1]!r}, would be used: {how}"
+            )
+        _warn_once(
+            f"{key} is given {shown}: the last, {items[-1]!r}, is used; remove the others if that "
+            "is not the one you meant"
+        )
+
+
+def _how_to_give_once(cfg: RunConfig, key: str, values: set[str]) -> str:
+    """How to write a shard spec or list key once, where its values look like the shell's expansion
+    of one argument; '' for any other key (a warning then)."""
+    # An empty value clears an earlier one (the demo's `data.val_shards=`: no evaluation); the
+    # shell's expansion never gives one.
+    if len(values - {"''", "[]"}) < 2:
+        return ""
+    if key in SHARD_SPEC_KEYS:
+        return (
+            "quote a brace range so the shell does not expand it into one override per shard "
+            f"(\"{key}=d/{{00000..00015}}.tar\"), and join several sources with '::'"
+        )
+    if _leaf_type(cfg, key.split(".")) is list:
+        return f'write its entries once, comma-separated, and quote any braces ("{key}=a,b")'
+    return ""
+
+
+@cache
+def _warn_once(message: str) -> None:
+    """A warning from rank 0 only (every rank builds the same config), once per process: the demo
+    builds its run's config several times before it starts the run."""
+    from vutrain.logging_setup import process_rank
+
+    if process_rank() == 0:
+        logging.getLogger("vutrain.config").warning(message)
+
+
+def _coerced_value(key: str, item: str) -> str:
+    """One override's value of `key` as the config reads it, as its repr (1e-3 and 0.001 are one)."""
+    probe = RunConfig()
+    apply_override(probe, item)
+    return repr(_value_of(probe, key))
 
 
 def to_dict(cfg: RunConfig) -> dict:
