@@ -10,7 +10,7 @@ import re
 import unicodedata
 from urllib.parse import parse_qs, urlparse
 
-from vutrain.tag_text import tag_items, unescape_entities
+from vutrain.tag_text import read_tag, tag_items, unescape_entities
 
 # Always used with fullmatch: ``$`` alone also matches before a trailing newline, which let an id
 # with a "\n" (``watch?v=...%0A``) through.
@@ -121,7 +121,8 @@ def normalize_video_id(value: object) -> str | None:
 def _strip_invisible(text: str) -> str:
     """``text`` without surrounding whitespace and without format characters anywhere (zero-width
     space, word joiner, byte order mark, soft hyphen): copied from a web page they ride along with
-    an id or URL, and the row was rejected as "invalid video id". No id or URL holds one."""
+    an id or URL, and the row was rejected as "invalid video id". No id or URL holds one, so ZWNJ and
+    ZWJ go too (text keeps them between letters: ``tag_text.is_invisible_format``)."""
     if text.isascii():  # the common case, checked in C: no format character possible
         return text.strip()
     return "".join(ch for ch in text if unicodedata.category(ch) != "Cf").strip()
@@ -172,11 +173,18 @@ def parse_tags(value: object) -> list[str]:
     (``tag_text.tag_items``), so a plain img2dataset shard trains on the tags a built one holds:
     ``[remix] best of [live]`` was written as the tag "remix] best of [live"; items that are no tag
     (true, 1.5, a nested list) were written as the tags "True", "1.5", "['a', 'b']", and a number
-    (2024.0 as "2024") as the trainer reads it."""
+    (2024.0 as "2024") as the trainer reads it.
+
+    Each item is then read as the trainer reads a tag (``tag_text.read_tag``): invisible format
+    characters (zero-width space, BOM, soft hyphen, bidi marks; ZWNJ and ZWJ kept between letters)
+    are no part of it, and an item of them alone is no tag, left out as a blank one is. The shards
+    held "cats\\u200b" and a tag "\\u200b" where training reads "cats" and no tag."""
     tags: list[str] = []
     seen = set()
     for item in tag_items(value)[0]:
-        tag = clean_title(item).strip("\"'").strip()
+        tag = read_tag(clean_title(item))
+        # Removing a format character can leave two spaces side by side ("a \u200b b").
+        tag = " ".join(tag.split()) if tag is not None else ""
         if tag and tag not in seen:
             seen.add(tag)
             tags.append(tag)

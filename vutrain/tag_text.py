@@ -8,9 +8,11 @@ stripped while training came to apply Unicode normalisation and collapse inner w
 from __future__ import annotations
 
 import ast
+import functools
 import html
 import json
 import re
+import sys
 import unicodedata
 
 
@@ -29,8 +31,17 @@ def tag_values(value) -> list[str]:
     decoded (:func:`unescape_entities`), then surrounding quotes stripped (``&quot;tag&quot;`` is
     "tag"). A string that spells a list (``'["a", "b"]'``, ``"['a', 'b']"``: pandas' CSV form of a
     list column) is that list (:func:`tag_string_parts`)."""
-    tags = [_as_tag(t) for t in tag_items(value)[0]]
-    return [t for t in tags if t is not None and _is_tag(t)]
+    tags = (read_tag(t) for t in tag_items(value)[0])
+    return [t for t in tags if t is not None]
+
+
+def read_tag(item) -> str | None:
+    """One item of a tags field as training reads it: HTML entities decoded, invisible format
+    characters (:func:`without_invisible_format`) and surrounding quotes stripped; None when it is no
+    tag (not text, or blank or invisible once read). `dataset_tools build` writes a tag so
+    (``youtube.parse_tags``), so a built shard holds the tags training reads from its input."""
+    tag = _as_tag(item)
+    return tag if tag is not None and _is_tag(tag) else None
 
 
 def _is_tag(text: str) -> bool:
@@ -225,8 +236,32 @@ _FINAL_SIGMA = "\u03c2"
 _JOINERS = "\u200c\u200d"
 _PREPENDED_MARKS = "\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\U000110bd\U000110cd"
 _MEANINGFUL_FORMAT = frozenset(_JOINERS + _PREPENDED_MARKS) | frozenset(map(chr, range(0xE0020, 0xE0080)))
-# A joiner that joins nothing: at an end of the text or beside whitespace.
-_STRAY_JOINERS = re.compile(rf"(?<!\S)[{_JOINERS}]+|[{_JOINERS}]+(?!\S)")
+# A joiner that joins nothing: at an end of the text or beside whitespace. The pattern is also the
+# preset tokenizer's (Oniguruma reads it as Python's re does), so captions lose what tags lose.
+STRAY_JOINERS_PATTERN = rf"(?<!\S)[{_JOINERS}]+|[{_JOINERS}]+(?!\S)"
+_STRAY_JOINERS = re.compile(STRAY_JOINERS_PATTERN)
+
+
+def is_invisible_format(char: str) -> bool:
+    """Whether ``char`` is an invisible format character that text loses (:func:`without_invisible_format`):
+    category Cf, but for the ones that carry meaning where they stand (``_MEANINGFUL_FORMAT``). The one
+    definition tags (`dataset_tools build`, training, vocab) and the preset tokenizer's captions use."""
+    return char not in _MEANINGFUL_FORMAT and unicodedata.category(char) == "Cf"
+
+
+@functools.cache
+def invisible_format_pattern() -> str:
+    """A regex character class of every :func:`is_invisible_format` character (as ranges of literal
+    characters, read alike by Python's re and the tokenizers' Oniguruma), for the preset tokenizer:
+    its own ``\\p{Cf}`` would follow another Unicode version than ``unicodedata``'s."""
+    ranges: list[list[int]] = []
+    for code in range(sys.maxunicode + 1):
+        if is_invisible_format(chr(code)):
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1][1] = code
+            else:
+                ranges.append([code, code])
+    return "[" + "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}" for a, b in ranges) + "]"
 
 
 def without_invisible_format(text: str) -> str:
@@ -238,7 +273,7 @@ def without_invisible_format(text: str) -> str:
     only between two visible characters (at an end or beside a space it joins nothing)."""
     if text.isascii():  # the common case, checked in C: no format character possible
         return text
-    kept = "".join(c for c in text if c in _MEANINGFUL_FORMAT or unicodedata.category(c) != "Cf")
+    kept = "".join(c for c in text if not is_invisible_format(c))
     return _STRAY_JOINERS.sub("", kept)
 
 

@@ -24,7 +24,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast
 
 from vutrain.config import MIN_VOCAB_SIZE
-from vutrain.tag_text import without_lone_surrogates
+from vutrain.tag_text import STRAY_JOINERS_PATTERN, invisible_format_pattern, without_lone_surrogates
 
 from .captions import MAX_CAPTION_CHARS, _distinct_tags, caption_text, template_fields
 from .labels import tag_values
@@ -97,9 +97,17 @@ def text_normalizer() -> normalizers.Normalizer:
     the classes "gta5", "strasse", "lets play", "οδος": a class the model never saw written, without
     a word. Case folding is lower-casing here but for ß (German's one common difference), and a
     word-final capital sigma lowers to "ς" as Python's ``str.lower`` writes it.
+
+    Invisible format characters go first, as ``normalize_tag`` drops them (one definition:
+    ``tag_text.is_invisible_format``; ZWNJ and ZWJ kept between letters): a title with a zero-width
+    space, a BOM or a soft hyphen ("I love \\u200bcats", "mu\\u00adsic") was tokenised apart from the
+    same title without it (the word lost its leading-space token, or was cut in two), and from the
+    prompts of its tags, which never hold them.
     """
     return normalizers.Sequence(
         [
+            normalizers.Replace(Regex(invisible_format_pattern()), ""),
+            normalizers.Replace(Regex(STRAY_JOINERS_PATTERN), ""),
             normalizers.NFKC(),
             normalizers.Replace(Regex(r"(?<=\p{L})\u03a3(?!\p{L})"), "\u03c2"),  # Σ ending a word
             normalizers.Lowercase(),
