@@ -3,6 +3,10 @@
 ZeRO-0 keeps the whole optimizer in ``mp_rank_00_model_states.pt``, in the form of the engine
 that wrote it: fp32 runs save the torch optimizer's own state dict, bf16/fp16 runs DeepSpeed's
 ``FP16_UnfusedOptimizer`` wrapper (loss scale, the inner optimizer's state, fp32 master weights).
+An fp16 run whose ds_config names an Adam optimizer on a GPU saves the state of the fused
+``FP16_Optimizer`` (flat masters and moments, ``fp32_groups_flat``): it resumes only in that same
+form, and any other is refused in one line (that optimizer needs a GPU, so no translation of it
+could be tested here).
 DeepSpeed loads either only into an engine of the same form, so changing ``train.precision`` on
 resume (what the non-finite-loss error suggests) failed with "KeyError: 'param_groups'" or
 "'dynamic_loss_scale'". ZeRO-1/2/3 tags take the universal checkpoint instead (checkpoint_reshape).
@@ -35,6 +39,16 @@ def _engine_wrapped(engine) -> bool:
     return isinstance(getattr(engine.optimizer, "fp32_groups", None), list)
 
 
+def _fused(optimizer_state) -> bool:
+    """DeepSpeed's fused FP16_Optimizer (around a ds_config's FusedAdam, on a GPU): one flat fp32
+    master per group, and an inner optimizer that holds one flat parameter per group."""
+    return isinstance(optimizer_state, dict) and "fp32_groups_flat" in optimizer_state
+
+
+def _engine_fused(engine) -> bool:
+    return isinstance(getattr(engine.optimizer, "fp32_groups_flat", None), list)
+
+
 def load_zero0(engine, ckpt_dir: str, tag: str):
     """``engine.load_checkpoint`` for a ZeRO-0 tag, across a precision change; returns its path."""
     tag_dir = os.path.join(ckpt_dir, tag)
@@ -45,6 +59,16 @@ def load_zero0(engine, ckpt_dir: str, tag: str):
             ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         return load_path
+    if _fused(saved_optimizer) or _engine_fused(engine):
+        # Its flat masters and flat Adam moments were read as a per-parameter state: KeyError
+        # 'param_groups' (or 'dynamic_loss_scale') after the whole start-up. Not translated: the
+        # fused optimizer needs a GPU, so no CPU test could check a translation bit for bit.
+        side = "it was written" if _fused(saved_optimizer) else "this run trains"
+        raise ResumeShapeError(
+            f"{tag_dir} cannot be resumed under another train.precision or optimizer with ZeRO-0: "
+            f"{side} with DeepSpeed's fused fp16 optimizer (a ds_config Adam on a GPU), whose state "
+            "vutrain does not translate: resume with the train.precision and train.ds_config that wrote it"
+        )
     if not _engine_wrapped(engine) and not isinstance(engine.optimizer, torch.optim.Optimizer):
         raise ResumeShapeError(
             f"{tag_dir} was written under another train.precision with ZeRO-0 and this run's "
@@ -84,10 +108,13 @@ def load_zero0(engine, ckpt_dir: str, tag: str):
 
 
 def _same_form(engine, saved_optimizer: dict, module_state: dict) -> bool:
-    """Whether DeepSpeed's own load fits: both fp32 (or amp_bf16), or both of one 16-bit dtype."""
+    """Whether DeepSpeed's own load fits: both fp32 (or amp_bf16), or both of one 16-bit dtype
+    with one wrapper (unfused, or fused)."""
     if _wrapped(saved_optimizer) != _engine_wrapped(engine):
         return False
-    if not _engine_wrapped(engine):
+    if _fused(saved_optimizer) != _engine_fused(engine):
+        return False
+    if not _engine_wrapped(engine) and not _engine_fused(engine):
         return True
     names = {id(p): name for name, p in engine.module.named_parameters()}
     first = engine.optimizer.fp16_groups[0][0]

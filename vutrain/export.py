@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import shlex
 import shutil
 import sys
 
@@ -423,13 +425,61 @@ def check_out_dir(out_dir: str) -> None:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportError(f"OUT_DIR {out_dir} is a file: give a new folder")
     held = model_files_in(out_dir)
+    leftovers = [name for name in held if STAGING_RE.fullmatch(name)]
+    if leftovers and len(leftovers) == len(held):
+        # A mount point (a docker or Kubernetes volume) cannot be removed: "remove the folder"
+        # left the user nothing to do. The leftover is not removed here: a pid that no process here
+        # runs may be an export on another host or container sharing the folder.
+        paths = " ".join(shlex.quote(os.path.join(out_dir, name)) for name in leftovers)
+        raise ExportError(
+            f"OUT_DIR {out_dir} holds {', '.join(leftovers)}, left by an export that was killed (or "
+            f"is still running elsewhere): once no export writes there, remove it (rm -rf {paths}) "
+            "and export again, or give a new folder"
+        )
     if held:
-        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        shown = ", ".join(held[:5]) + (f", ... ({len(held) - 5} more)" if len(held) > 5 else "")
         raise ExportError(
             f"OUT_DIR {out_dir} is not empty ({len(held)} entries: {shown}): transformers would load "
-            "those files with the export's; remove the folder or give a new one (only "
-            f"{', '.join(sorted(NOT_MODEL_FILES))} may stay)"
+            "those files with the export's; remove the folder or give a new one, or remove those "
+            f"entries from it (a mount point: only {', '.join(sorted(NOT_MODEL_FILES))} may stay)"
         )
+    check_writable(out_dir)
+
+
+# The hidden folder an export stages its files in, inside an existing OUT_DIR (fill_empty_folder).
+STAGING_RE = re.compile(r"\.export\.\d+\.incomplete")
+
+
+def check_writable(out_dir: str) -> None:
+    """ExportError unless the export can create its staging folder where it will: inside OUT_DIR
+    when it exists, else in the nearest existing folder above it (the parent, or where makedirs
+    starts). Found otherwise by that mkdir, after the whole consolidation (minutes for a large
+    model): a read-only volume, a folder of another user, a parent path that runs through a file.
+
+    A real mkdir rather than os.access: access() says yes to root whatever the folder's mode, and
+    to a file system such as /proc that takes no new entries.
+    """
+    where = os.path.abspath(out_dir)
+    if not os.path.isdir(where):
+        where = os.path.dirname(where)
+        while not os.path.isdir(where):
+            if os.path.lexists(where):  # a file, or a symlink to nothing: no folder can be made under it
+                raise ExportError(
+                    f"OUT_DIR {out_dir} cannot be created: {where} is not a folder; "
+                    "give a path under a folder"
+                )
+            where = os.path.dirname(where)
+    probe = os.path.join(where, f".export.{os.getpid()}.incomplete")
+    try:
+        os.mkdir(probe)
+    except FileExistsError:
+        return  # our own pid's leftover (a pid reused in a container): the staging code replaces it
+    except OSError as exc:
+        raise ExportError(
+            f"OUT_DIR {out_dir} cannot be written: no folder can be created in {where} ({exc.strerror}); "
+            "give a folder you can write to"
+        ) from exc
+    os.rmdir(probe)
 
 
 def write_hf_folder(out_dir: str, clip, tokenizer, processor) -> None:
@@ -530,6 +580,10 @@ def share_like_other_files(folder: str) -> None:
 
 def export(run_dir: str, out_dir: str, tag: str | None = None) -> str:
     """Export the run's checkpoint ``tag`` (default: newest) as an HF CLIPModel directory."""
+    # A `~` the shell left (`OUT="~/exports/a"` quotes it; so does a launcher's argument list) is
+    # the home folder, as in the run's config (config.HOME_PATH_KEYS): OUT_DIR was written into a
+    # folder named `~` under the current one, and RUN_DIR was "not found".
+    run_dir, out_dir = os.path.expanduser(run_dir), os.path.expanduser(out_dir)
     check_out_dir(out_dir)  # before the consolidation, which takes minutes for a large model
     module, tokenizer, processor, tag = load_trained_module(run_dir, tag)
     write_hf_folder(out_dir, to_hf_clip(module), tokenizer, processor)
@@ -550,11 +604,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         with torch.no_grad():
-            export(args.run_dir, args.out_dir, args.tag)
+            out_dir = export(args.run_dir, args.out_dir, args.tag)
     except (ExportError, ConfigError, OSError) as exc:  # bad input: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"exported to {args.out_dir}")
+    print(f"exported to {out_dir}")
     return 0
 
 
