@@ -24,6 +24,10 @@ from collections.abc import Callable, Iterable, Iterator
 log = logging.getLogger("vutrain")
 MAX_WARNING_GAP_S = 3600.0
 """Repeat warnings at doubling waits, but never further apart than this."""
+MAX_SLEEP_S = 3600.0
+"""The watcher's longest sleep: `Event.wait` raises OverflowError past threading.TIMEOUT_MAX
+(about 292 years), and a long threshold (data.stall_warning_s=1e11, "practically never") killed
+the watcher thread with a traceback on its first sleep. Waking hourly costs nothing; `due` holds."""
 
 
 class _Wait:
@@ -132,7 +136,7 @@ class DataWaitWatch:
                         continue
                     due = wait.started + min(2 * waited, waited + MAX_WARNING_GAP_S)
                 timeout = due - now
-            if self._stop.wait(max(timeout, 0.01)):
+            if self._stop.wait(min(max(timeout, 0.01), MAX_SLEEP_S)):
                 return
 
     def _warn(self, wait: _Wait, now: float) -> float | None:
