@@ -320,7 +320,17 @@ def check_image(body: bytes, cfg: PolitenessConfig) -> tuple:
         return None, ERR_TOO_MANY_PIXELS
     except Exception:  # PIL raises many types for garbage; the reason is what matters
         return None, ERR_NOT_IMAGE
+    if not _resizer_decodes(body):
+        return None, ERR_NOT_IMAGE
     return size, None
+
+
+def _resizer_decodes(body: bytes) -> bool:
+    """Whether OpenCV, which img2dataset's resizer decodes with, reads ``body`` (at 1/8 scale:
+    cheap for a JPEG). PIL reads formats OpenCV does not (ICO, PCX, TGA...): such a rung won the
+    ladder and its row failed as "Image decoding error" in the resizer, though the next variant
+    was a JPEG."""
+    return cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8) is not None
 
 
 def is_placeholder(body: bytes) -> bool:

@@ -229,6 +229,7 @@ class SortedTarSampleWriter:
         self.encode_format = encode_format
         self.samples: dict[str, dict[str, bytes]] = {}
         self.rows: dict[str, dict] = {}
+        self.fetched: dict[str, dict] = {}  # by key: what the ladder did for the row (_fetch_fields)
         self.closed = False
 
     def write(self, img_str, key, caption, meta):
@@ -236,12 +237,10 @@ class SortedTarSampleWriter:
         meta = dict(meta)
         key = meta.pop("sample_key", None) or key  # keep the planned key (stable across retries)
         meta["key"] = key
-        outcome = _CTX.outcomes.pop(meta.get("video_id"), None)
-        if outcome is not None:
-            meta["variant"] = outcome.variant
-            meta["url"] = outcome.url or meta.get("url")
-            meta["thumbnail_trail"] = ",".join(outcome.trail)
-            meta["fetch_attempts"] = outcome.attempts
+        # Kept apart from the row until it is recorded: a row whose members fail to build below
+        # still gets the variant, URL and trail its fetch had (they were lost with the outcome).
+        self.fetched[key] = _fetch_fields(_CTX.outcomes.pop(meta.get("video_id"), None))
+        meta = _with_fetch_fields(meta, self.fetched[key])
         if img_str is not None:
             members = {
                 self.encode_format: img_str,
@@ -265,10 +264,36 @@ class SortedTarSampleWriter:
             if key not in self.rows:
                 row = {k: v for k, v in _CTX.inputs[index].items() if k not in INTERNAL_COLUMNS}
                 row.update(key=key, status="failed_to_download", error_message=ERR_LOST)
-                self.rows[key] = row
+                self.rows[key] = _with_fetch_fields(row, self._fetch_of_lost_row(key, row))
         rows = [self.rows[k] for k in sorted(self.rows)]
         shards.write_tar(f"{self.folder}/{self.name}.tar", self.samples.items())
         shards.write_parquet(f"{self.folder}/{self.name}.parquet", rows, self.schema)
         _CTX.rows = rows
-        self.samples, self.rows = {}, {}
+        self.samples, self.rows, self.fetched = {}, {}, {}
         self.closed = True  # not before: a close that failed (a full disk) may be called again
+
+    def _fetch_of_lost_row(self, key: str, row: dict) -> dict:
+        """What the ladder did for a row img2dataset's loop lost: kept by ``write`` when the row's
+        members failed to build, else the outcome the loop never handed to ``write`` (an
+        exception before it)."""
+        if key in self.fetched:
+            return self.fetched[key]
+        return _fetch_fields(_CTX.outcomes.pop(row.get("video_id"), None))
+
+
+def _fetch_fields(outcome: fetch.LadderResult | None) -> dict:
+    """The parquet and json fields of a row's fetch (``EXTRA_FIELDS`` and the URL asked last);
+    empty for a row never fetched."""
+    if outcome is None:
+        return {}
+    return {
+        "variant": outcome.variant,
+        "url": outcome.url,
+        "thumbnail_trail": ",".join(outcome.trail),
+        "fetch_attempts": outcome.attempts,
+    }
+
+
+def _with_fetch_fields(row: dict, fields: dict) -> dict:
+    """``row`` with ``fields`` (``_fetch_fields``), its planned URL kept when the fetch named none."""
+    return {**row, **fields, "url": fields.get("url") or row.get("url")}

@@ -9,6 +9,7 @@ Rows whose id cannot be normalised are returned as rejections (never dropped sil
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import datetime
@@ -478,28 +479,60 @@ def _utf16_encoding(path: str) -> str | None:
     return None
 
 
+# Bytes decoded at a time by the encoding checks of a CSV that is not UTF-8: read whole, a 2 GB
+# metadata dump was held as bytes and again as text (four times over for a non-Latin script).
+_DECODE_BLOCK = 1 << 20
+
+
+def _decoded_blocks(path: str, encoding: str, errors: str = "strict") -> Iterator[tuple[bytes, str]]:
+    """(raw block, its text) through ``path`` (decompressed for .gz), ``_DECODE_BLOCK`` bytes at
+    a time; a character cut by a block's end is decoded with the next block. A decode error
+    raises with ``start`` counted from the block's first byte."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors)
+    with _open_binary(path) as fh:
+        while block := fh.read(_DECODE_BLOCK):
+            yield block, decoder.decode(block)
+        yield b"", decoder.decode(b"", final=True)
+
+
 def _decodes(path: str, encoding: str) -> bool:
     try:
-        _read_bytes(path).decode(encoding)
+        for _ in _decoded_blocks(path, encoding):
+            pass
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _first_utf8_error_line(path: str) -> int | None:
+    """The line of the first byte of ``path`` that is not UTF-8, None when every byte is."""
+    lines = 1
+    try:
+        for block, _ in _decoded_blocks(path, "utf-8"):
+            lines += block.count(b"\n")
+    except UnicodeDecodeError as err:
+        # err.object is the decoder's carried bytes (never a newline) then this block.
+        return lines + err.object[: err.start].count(b"\n")
+    return None
 
 
 def _utf8_damage(path: str) -> str | None:
     """For a file that does not decode as UTF-8: a note saying which bytes will be replaced when
     it is UTF-8 nonetheless (more correctly encoded non-ASCII characters than invalid bytes),
     else None (a legacy 8-bit encoding such as latin-1, whose accented letters are all invalid)."""
-    data = _read_bytes(path)
-    try:
-        data.decode("utf-8")
+    first_line = _first_utf8_error_line(path)
+    if first_line is None:
         return None
-    except UnicodeDecodeError as err:
-        first_line = data[: err.start].count(b"\n") + 1
-    text = data.decode("utf-8", errors="replace")
-    invalid = text.count("\ufffd") - data.count("\ufffd".encode())
-    non_ascii = len(text) - len(text.encode("ascii", errors="ignore")) - invalid
-    if non_ascii <= invalid:
+    replaced = real = non_ascii = 0
+    tail = b""  # the last bytes of the block before: a U+FFFD written across two blocks counts
+    for block, text in _decoded_blocks(path, "utf-8", errors="replace"):
+        replaced += text.count("\ufffd")
+        non_ascii += len(text) - len(text.encode("ascii", errors="ignore"))
+        joined = tail + block
+        real += joined.count("\ufffd".encode())
+        tail = joined[-2:]
+    invalid = replaced - real
+    if non_ascii - invalid <= invalid:  # the replacements are non-ASCII: not counted as characters
         return None
     return (
         f"{invalid} invalid UTF-8 sequence(s) (the first on line {first_line}) in a UTF-8 file; "
@@ -893,7 +926,11 @@ def _sibling_category_json(path: str) -> str | None:
 
 
 def _kaggle_date(value: object) -> str:
-    """Trending date to ISO: 2017 schema ``17.14.11`` is YY.DD.MM; the newer one is ISO already."""
+    """Trending date to ISO: 2017 schema ``17.14.11`` is YY.DD.MM; the newer one is ISO already.
+    A timestamp keeps the day it is written in, zone or not (``2017-11-14T00:00:00+05:30`` is
+    2017-11-14): a trending date names a chart's calendar day, and a day stored as its local
+    midnight (a date column localised to its region) is that day; taken in UTC it would move
+    back a day east of Greenwich. YouTube's data set writes UTC (``...T00:00:00.000Z``)."""
     text = _date_text(value)
     parts = text.split(".")
     if len(parts) == 3 and all(p.isdigit() for p in parts):

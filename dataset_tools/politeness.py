@@ -73,7 +73,13 @@ class PolitenessConfig:
 
 
 COOL_DOWN_FILE = "host_cooldown.json"
-"""In the build's state folder (``_build/``): the host of the last cool-down and its wall-clock end."""
+"""In the build's state folder (``_build/``): each host's cool-down and its wall-clock end."""
+
+MAX_COOL_DOWN_HOSTS = 64
+"""Most hosts ``host_cooldown.json`` keeps (those whose pause ends last): a build asks one host,
+a few moves of ``--url-template`` a handful; the bound keeps an edited or odd file small."""
+
+_ANY_HOST = "*"  # the key of a cool-down whose host is not known: it holds back every host
 
 
 def template_host(url_template: str) -> str:
@@ -88,14 +94,17 @@ class SharedCoolDown:
     A 429/503 with ``Retry-After`` seen by one worker process held back only that process:
     the other processes, a worker img2dataset's pool started afresh (every 5 shards) and a build
     restarted after a kill all hit the host again at full rate. The file holds the wall-clock end
-    and the host that asked (``{"until": unix seconds, "host": "i.ytimg.com"}``); every limiter
-    of that ``host`` that shares it waits for it. A cool-down of another host means no wait (a
-    resume with a moved ``--url-template`` waited out the old host's); a file without a host (a
-    build before the host was recorded) holds back every host, as it did then, for at most
-    ``max_seconds``. A file that does not read, names no number or lies in the past means no
-    wait; a wait longer than ``max_seconds`` (a clock set back) is cut to it. Writes that fail are
-    skipped: politeness within the process still holds, and a build never stops for this file.
-    ``host`` None reads every cool-down and writes none with a host.
+    of every host's pause (``{"hosts": {"i.ytimg.com": unix seconds, ...}, "until": ..., "host":
+    ...}``, the last two naming the latest write, as builds before the map wrote and read them);
+    every limiter of a ``host`` that shares it waits for that host's. Until 2026-12-07 the file
+    held one host: a build that moved ``--url-template`` to another host, was throttled there and
+    moved back within ``--backoff-max`` had lost the first host's pause and hit it again at once.
+    Ended pauses are dropped when the file is written, and at most ``MAX_COOL_DOWN_HOSTS`` kept.
+    A file without a host (a build before the host was recorded, or ``host`` None here) holds
+    back every host, for at most ``max_seconds``. A file that does not read, names no number or
+    lies in the past means no wait; a wait longer than ``max_seconds`` (a clock set back) is cut
+    to it. Writes that fail are skipped: politeness within the process still holds, and a build
+    never stops for this file. ``host`` None waits for every host's cool-down.
     """
 
     def __init__(self, path: str, max_seconds: float, host: str | None = None):
@@ -112,21 +121,19 @@ class SharedCoolDown:
 
     def extend(self, seconds: float) -> None:
         """Make the shared cool-down last at least ``seconds`` from now."""
-        until = time.time() + seconds
+        now = time.time()
+        until = now + seconds
         self._refresh()
         if until <= self._until:
             return
         self._until = until
-        tmp = f"{self.path}.{os.getpid()}-{random.getrandbits(48):012x}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump({"until": until} if self.host is None else {"until": until, "host": self.host}, f)
-            os.replace(tmp, self.path)
-        except OSError:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
+        # Read afresh, not from the last look: the other hosts' pauses in the file are kept.
+        hosts = {h: end for h, end in _read_hosts(self.path).items() if end > now}
+        key = _ANY_HOST if self.host is None else self.host
+        hosts[key] = max(until, hosts.get(key, 0.0))
+        kept = dict(sorted(hosts.items(), key=lambda item: item[1], reverse=True)[:MAX_COOL_DOWN_HOSTS])
+        record = {"hosts": kept, "until": until} | ({} if self.host is None else {"host": self.host})
+        _write_atomically(self.path, record)
 
     def _refresh(self) -> None:
         try:
@@ -139,24 +146,55 @@ class SharedCoolDown:
         self._seen = seen
         # Cut when read, not when asked: a cut on every ask would renew the wait for as long as
         # the clock was set back.
-        until = _read_until(self.path, self.host)
+        until = _until_for(_read_hosts(self.path), self.host)
         self._until = max(self._until, min(until, time.time() + self.max_seconds))
 
 
-def _read_until(path: str, host: str | None) -> float:
-    """The ``until`` of a cool-down file for ``host``, 0.0 when it does not read as one (torn,
-    edited, other) or names another host."""
+def _write_atomically(path: str, record: dict) -> None:
+    """``record`` as JSON at ``path`` through a temporary name; an OSError leaves the file as it was."""
+    tmp = f"{path}.{os.getpid()}-{random.getrandbits(48):012x}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+
+
+def _until_for(hosts: dict[str, float], host: str | None) -> float:
+    """The end of the pause ``host`` must wait for: its own or one of an unknown host (``host``
+    None: any host's)."""
+    if host is None:
+        return max(hosts.values(), default=0.0)
+    return max(hosts.get(host, 0.0), hosts.get(_ANY_HOST, 0.0))
+
+
+def _read_hosts(path: str) -> dict[str, float]:
+    """``{host: until}`` of a cool-down file (``_ANY_HOST`` for a pause of no known host); empty
+    when it does not read as one (torn, edited, other). Reads the map, and the one-host form
+    (``{"until": ..., "host": ...}``) builds before it wrote."""
     try:
         with open(path) as f:
             record = json.load(f)
-        until, recorded_host = record.get("until"), record.get("host")
-    except (OSError, ValueError, AttributeError):
-        return 0.0
-    if host is not None and isinstance(recorded_host, str) and recorded_host != host:
-        return 0.0
-    if isinstance(until, bool) or not isinstance(until, (int, float)) or until != until:
-        return 0.0
-    return float(until)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    hosts = record.get("hosts")
+    if isinstance(hosts, dict):
+        pairs = hosts.items()
+    else:
+        host = record.get("host")
+        pairs = [(host if isinstance(host, str) else _ANY_HOST, record.get("until"))]
+    return {str(host): float(until) for host, until in pairs if _is_time(until)}
+
+
+def _is_time(value: object) -> bool:
+    """A number of seconds as JSON gives one (not a boolean, not NaN)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
 
 
 class HostLimiter:
