@@ -115,15 +115,18 @@ class _Reads:
             if not names:
                 self.ends[url] += 1
 
-    def slice(self, ids: list[SampleId], keys: ShardKeys) -> Iterator[SampleId]:
+    def slice(
+        self, ids: list[SampleId], keys: ShardKeys, counted: list[bool] | None = None
+    ) -> Iterator[SampleId]:
         """The samples ``ids`` in order, recorded as ``_read_in_order`` reads them: it passes a
         shard's end as it reads the shard's last sample, or after a run when the next id is a
-        sample the read has passed (the next copy of an upsampled shard)."""
+        sample the read has passed (the next copy of an upsampled shard). The end that comes with
+        a last sample ``counted`` marks is not recorded: that reader leaves it uncounted."""
         positions: dict[str, dict[str, int]] = {}  # each shard's keys by tar position, built once
         for i, (url, key) in enumerate(ids):
             self.samples[(url, key)] += 1
             last = key == keys(url)[-1]
-            if last:
+            if last and not (counted and counted[i]):
                 self.ends[url] += 1
             yield url, key
             if url not in positions:
@@ -275,7 +278,7 @@ def reshape_state(states: list[dict], plan: dict, shards: list[str], keys: Shard
         states: ``TrainStream.state_dict()`` of every old rank, in rank order.
         plan: the new stream's plan (``asdict(_Plan)``): its rank, world size, workers, batch.
         shards: the expanded shard list (the same for old and new streams).
-        keys: the shards' keys, read once (pass the same to ``plan_slices`` afterwards).
+        keys: the shards' keys, read once (pass the same to ``plan_remainder`` afterwards).
     Returns:
         A state for ``TrainStream.load_state_dict``: the same state when nothing reshapeable
         changed (bit-exact resume), else one that serves the epoch's remainder first.
@@ -344,35 +347,49 @@ def reader_recount(
     consumed: Counter,
     keys: ShardKeys,
 ) -> dict[str, int]:
-    """What the skip counts carried from the old ranks need, by reason (negative: counted twice), so
-    that the reader's counts of ``epoch`` (``ignored_member``, ``tar_error``) hold each sample read
-    once and each damaged shard's end once, as an uninterrupted epoch counts them.
+    """What the skip counts carried from the old ranks still need by reason once ``epoch`` is over
+    (negative: counted twice), so that its reader counts (``ignored_member``, ``tar_error``) hold
+    each damaged shard's end once per read of its last sample, as an uninterrupted epoch counts them.
 
-    An old worker counted what its reader had read: the samples it drew and those its shuffle buffer
-    held, not yet drawn (up to ``shuffle_buffer - 1``), which the new ranks read and count again;
-    and the ends of the shards whose last sample it had read (a shard's damage is counted with its
-    last sample, samples.iter_samples_end_first), which a new rank that reads that sample again
-    counts again. Replayed over the tar headers, as ``consumed_in_epoch`` does; the new ranks are
-    taken to read their whole remainder slices (``_read_in_order``). A second change of world size
-    within the epoch corrects what the first one took the interrupted world to read.
+    A sample's own counts need nothing: a new worker does not count again the samples the old
+    readers had read ahead (``counted_ahead``), so those are right at every step. The ends are what
+    is left: a shard's damage is counted with its last sample (samples.iter_samples_end_first), and
+    the old readers may have passed ends that no one reads again, or left some to no one. Replayed
+    over the tar headers, as ``consumed_in_epoch`` does; the new ranks are taken to read their whole
+    remainder slices (``_read_in_order``). A second change of world size within the epoch corrects
+    what the first one took the interrupted world to read.
     """
-    _, ahead, _ = _world_reads(states, shards, epoch, keys)
-    left = left_in_epoch(shards, plan, epoch, consumed, keys)
-    new_reads, new_ends = _full_reads(left, epoch, first, plan, keys)
-    recount: Counter = Counter()
-    for (url, key), n in (ahead & new_reads).items():  # read ahead by an old worker, drawn by a new one
-        for reason, c in keys.counts(url)[0].get(key, {}).items():
-            recount[reason] -= n * c
+    owed = _ends_owed(states, shards, plan, epoch, first, consumed, keys)
     ends = _ends_counted(states, shards, epoch, keys)
-    for url in dict.fromkeys(shards):
-        at_end, names = keys.counts(url)[1], keys(url)
-        if not at_end or not names:  # a shard without samples: its readers passed its end alike
-            continue
-        last = (url, names[-1])
-        read_last = consumed[last] + max(ahead[last], new_reads[last])  # its last sample read (with copies)
-        for reason, c in at_end.items():
-            recount[reason] += (read_last - ends[url] - new_ends[url]) * c
+    recount: Counter = Counter()
+    for url, n in owed.items():
+        for reason, c in keys.counts(url)[1].items():
+            recount[reason] += (n - ends[url]) * c
     return {k: n for k, n in recount.items() if n}
+
+
+def _ends_owed(
+    states: list[dict],
+    shards: list[str],
+    plan: dict,
+    epoch: int,
+    first: int,
+    consumed: Counter,
+    keys: ShardKeys,
+) -> Counter:
+    """For each damaged shard: the reads of its last sample in ``epoch`` (each counts its end once)
+    by the world of ``states``, those before it and the world of ``plan`` reading its remainder
+    slices whole, less the ends that ``plan``'s world counts as it does so."""
+    ahead = counted_ahead(states, shards, epoch, keys)
+    left = left_in_epoch(shards, plan, epoch, consumed, keys)
+    reads, counted_ends = _full_reads(left, epoch, first, plan, keys, _counted_mask(left, ahead))
+    owed: Counter = Counter()
+    for url in dict.fromkeys(shards):
+        names = keys(url)
+        if names and keys.counts(url)[1]:  # a shard without samples: its readers passed its end alike
+            last = (url, names[-1])
+            owed[url] = consumed[last] + max(ahead[last], reads[last]) - counted_ends[url]
+    return owed
 
 
 def _world_reads(states: list[dict], shards: list[str], epoch: int, keys: ShardKeys) -> tuple[Counter, ...]:
@@ -382,13 +399,16 @@ def _world_reads(states: list[dict], shards: list[str], epoch: int, keys: ShardK
     for state in states:
         plan, remainder = state["plan"], state.get("remainder")
         in_remainder = remainder is not None and int(remainder["epoch"]) == epoch
-        slices = plan_slices(Remainder.from_state(remainder), shards, plan, keys) if in_remainder else {}
+        slices, counted = (
+            plan_remainder(Remainder.from_state(remainder), shards, plan, keys) if in_remainder else ({}, {})
+        )
         for worker, info in state["workers"].items():
             if int(info["epoch"]) != epoch or not info["drawn"]:
                 continue
             worker, reads = int(worker), _Reads()
             if in_remainder:
-                sequence = _slice_sequence(slices.get(worker, []), plan, epoch, worker, reads, keys)
+                ids, mask = slices.get(worker, []), counted.get(worker)
+                sequence = _slice_sequence(ids, plan, epoch, worker, reads, keys, mask)
             else:
                 sequence = _worker_sequence(shards, plan, epoch, worker, keys, reads)
             mine = Counter(sample for _, sample in zip(range(int(info["drawn"])), sequence))
@@ -398,17 +418,46 @@ def _world_reads(states: list[dict], shards: list[str], epoch: int, keys: ShardK
     return drawn, ahead, ends
 
 
+def counted_ahead(states: list[dict], shards: list[str], epoch: int, keys: ShardKeys) -> Counter:
+    """Samples of ``epoch`` that the readers of ``states`` (or of a world before it in the epoch) read
+    into their shuffle buffers, and counted, but that no one drew: the next world reads them again.
+
+    Up to ``shuffle_buffer - 1`` a worker. Counted again by the new ranks, they had raised the logged
+    ``train/ignored_members`` and ``tar_error`` counts until the epoch's end (38 ignored members of
+    24), where a correction took them back; the new workers now leave them uncounted.
+    """
+    drawn, ahead, _ = _world_reads(states, shards, epoch, keys)
+    remainder = states[0].get("remainder")
+    if remainder is not None and int(remainder["epoch"]) == epoch:  # this world continued an earlier one
+        ahead = (counted_ahead(remainder["before"], shards, epoch, keys) - drawn) | ahead
+    return ahead
+
+
+def _counted_mask(left: list[SampleId], counted: Counter) -> list[bool]:
+    """For each sample of ``left``: whether a reader has counted it already (``counted_ahead``; of a
+    shard listed twice, as many copies as were counted, the first ones)."""
+    owed = Counter(counted)
+    mask = []
+    for sample in left:
+        mask.append(owed[sample] > 0)
+        owed[sample] -= 1
+    return mask
+
+
 def _full_reads(
-    left: list[SampleId], epoch: int, first: int, plan: dict, keys: ShardKeys
+    left: list[SampleId], epoch: int, first: int, plan: dict, keys: ShardKeys, counted: list[bool]
 ) -> tuple[Counter, Counter]:
-    """(samples read, shard ends passed) by every rank of ``plan`` reading its remainder slice of
+    """(samples read, shard ends counted) by every rank of ``plan`` reading its remainder slice of
     ``left`` whole (each worker draws its slice once; a shard's end is passed with its last
-    sample, also when that is the worker's last draw)."""
+    sample, also when that is the worker's last draw). ``counted``: ``_counted_mask`` of ``left``,
+    the samples whose counts (with the end they carry) the workers leave out."""
     reads = _Reads()
     for rank in range(plan["world_size"]):
         ranked = dict(plan, rank=rank)
+        masks = _slices(counted, epoch, first, ranked)
         for worker, ids in _slices(left, epoch, first, ranked).items():
-            for _ in zip(range(len(ids)), _slice_sequence(ids, ranked, epoch, worker, reads, keys)):
+            sequence = _slice_sequence(ids, ranked, epoch, worker, reads, keys, masks[worker])
+            for _ in zip(range(len(ids)), sequence):
                 pass
     return reads.samples, reads.ends
 
@@ -417,24 +466,16 @@ def _ends_counted(states: list[dict], shards: list[str], epoch: int, keys: Shard
     """Shard ends counted in ``epoch`` so far by the world of ``states`` and those before it, with
     the correction of the change of world size that began its remainder of the epoch.
 
-    That change set the ends to its total (``read_last``) less what this world would pass reading
-    its slices whole; this world passed the ends it did (the earlier worlds' own counts cancel).
+    That change set the ends to its total (``_ends_owed``) plus what this world would count reading
+    its slices whole; this world counted the ends it did (the earlier worlds' own counts cancel).
     """
     _, _, ends = _world_reads(states, shards, epoch, keys)
     remainder = states[0].get("remainder")
     if remainder is None or int(remainder["epoch"]) != epoch:
         return ends
     before, first = remainder["before"], int(remainder["first_batch"])
-    plan = dict(states[0]["plan"], rank=0)
     consumed = consumed_in_epoch(before, shards, epoch, keys)
-    _, ahead, _ = _world_reads(before, shards, epoch, keys)
-    left = left_in_epoch(shards, plan, epoch, consumed, keys)
-    reads, expected = _full_reads(left, epoch, first, plan, keys)
-    for url in dict.fromkeys(shards):
-        names = keys(url)
-        if names and keys.counts(url)[1]:
-            last = (url, names[-1])
-            ends[url] += consumed[last] + max(ahead[last], reads[last]) - expected[url]
+    ends.update(_ends_owed(before, shards, dict(states[0]["plan"], rank=0), epoch, first, consumed, keys))
     return ends
 
 
@@ -474,13 +515,26 @@ def plan_slices(
     return _slices(left, remainder.epoch, remainder.first_batch, plan)
 
 
-def _slices(left: list[SampleId], epoch: int, first: int, plan: dict) -> dict[int, list[SampleId]]:
-    """``left`` dealt to ``plan``'s rank and its workers for the batches ``first ..`` of ``epoch``."""
+def plan_remainder(
+    remainder: Remainder, shards: list[str], plan: dict, keys: ShardKeys | None = None
+) -> tuple[dict[int, list[SampleId]], dict[int, list[bool]]]:
+    """``plan_slices`` and, in step with each slice, whether an old reader counted that sample
+    already (``counted_ahead``): what ``remainder_samples`` leaves uncounted."""
+    keys = keys or ShardKeys()
+    consumed = consumed_in_epoch(remainder.before, shards, remainder.epoch, keys)
+    left = left_in_epoch(shards, plan, remainder.epoch, consumed, keys)
+    counted = _counted_mask(left, counted_ahead(remainder.before, shards, remainder.epoch, keys))
+    return tuple(_slices(x, remainder.epoch, remainder.first_batch, plan) for x in (left, counted))
+
+
+def _slices(left: list, epoch: int, first: int, plan: dict) -> dict[int, list]:
+    """``left`` dealt to ``plan``'s rank and its workers for the batches ``first ..`` of ``epoch``
+    (or any list in step with it, such as its ``_counted_mask``)."""
     batch, workers = plan["batch_size"], plan["workers"]
     end = (epoch + 1) * plan["steps_per_epoch"]
     steps = end - first
     start = plan["rank"] * steps * batch
-    slices: dict[int, list[SampleId]] = {}
+    slices: dict[int, list] = {}
     for worker in range(workers):
         n = len(range(first + (worker - first) % workers, end, workers))
         slices[worker] = left[start : start + n * batch]
@@ -489,28 +543,38 @@ def _slices(left: list[SampleId], epoch: int, first: int, plan: dict) -> dict[in
 
 
 def _slice_sequence(
-    ids: list[SampleId], plan: dict, epoch: int, worker: int, reads: _Reads | None = None, keys=None
+    ids: list[SampleId],
+    plan: dict,
+    epoch: int,
+    worker: int,
+    reads: _Reads | None = None,
+    keys=None,
+    counted: list[bool] | None = None,
 ) -> Iterator[SampleId]:
     """The order in which a worker draws its remainder slice (endless: passes repeat); ``reads``
-    records what its reader reads (with ``keys``)."""
+    records what its reader reads (with ``keys``; ``counted``: its first pass's ``_counted_mask``)."""
     tag = f"remainder/{plan['seed']}/{epoch}/{plan['rank']}/{worker}"
     for repeat in range(1_000_000):
         if not ids:
             return
-        source = reads.slice(ids, keys) if reads else iter(ids)
+        source = reads.slice(ids, keys, counted if repeat == 0 else None) if reads else iter(ids)
         yield from shuffle_buffer(source, plan["shuffle_buffer"], random.Random(f"{tag}/{repeat}"))
 
 
-def remainder_samples(ids: list[SampleId], plan: dict, epoch: int, worker: int, count=None) -> Iterator[dict]:
+def remainder_samples(
+    ids: list[SampleId], plan: dict, epoch: int, worker: int, count=None, counted: list[bool] | None = None
+) -> Iterator[dict]:
     """Raw samples of a worker's remainder slice, in ``_slice_sequence`` order (endless).
 
     Reads the slice's shards in slice order, so the shuffle buffer sees the same input order as
-    the key replay in ``consumed_in_epoch``; a shard listed twice is read once per copy.
+    the key replay in ``consumed_in_epoch``; a shard listed twice is read once per copy. The first
+    pass leaves uncounted the samples that ``counted`` marks (``plan_remainder``): an old reader
+    counted them already; a later pass reads them anew, and counts them, as any worker's does.
     """
     tag = f"remainder/{plan['seed']}/{epoch}/{plan['rank']}/{worker}"
     for repeat in range(1_000_000):
         n = 0
-        raw = _read_in_order(ids, count)
+        raw = _read_in_order(ids, count, counted if repeat == 0 else None)
         for sample in shuffle_buffer(raw, plan["shuffle_buffer"], random.Random(f"{tag}/{repeat}")):
             n += 1
             yield sample
@@ -521,7 +585,7 @@ def remainder_samples(ids: list[SampleId], plan: dict, epoch: int, worker: int, 
             )
 
 
-def _read_in_order(ids: list[SampleId], count=None) -> Iterator[dict]:
+def _read_in_order(ids: list[SampleId], count=None, counted: list[bool] | None = None) -> Iterator[dict]:
     """The raw samples ``ids`` names, in the order of ``ids``.
 
     Within one copy of a shard the slice keeps tar order, so one read of the shard serves a run
@@ -532,7 +596,8 @@ def _read_in_order(ids: list[SampleId], count=None) -> Iterator[dict]:
     old ranks, or another worker's): what the reader counts for them (their ignored members) is
     dropped, as they were counted where they were drawn. Counts reach ``count`` only for the
     samples yielded, and for the shard's end (its ``tar_error``) when the run reads up to it: with
-    the shard's last sample when the run holds it (the worker may ask for nothing after it).
+    the shard's last sample when the run holds it (the worker may ask for nothing after it). A sample
+    that ``counted`` marks (in step with ``ids``) is yielded uncounted, with the end it carries.
     """
     i = 0
     while i < len(ids):
@@ -545,7 +610,8 @@ def _read_in_order(ids: list[SampleId], count=None) -> Iterator[dict]:
             mine = sample["__key__"] == ids[i][1]
             reasons, pending[:] = pending[:], []
             if mine:
-                _count_all(count, reasons + end)
+                if not (counted and counted[i]):
+                    _count_all(count, reasons + end)
                 i += 1
                 yield sample
             else:

@@ -62,7 +62,7 @@ from .epoch_remainder import (
     ShardKeys,
     StreamStateError,
     log_batch_keys,
-    plan_slices,
+    plan_remainder,
     remainder_samples,
     reshape_state,
     skipped_so_far,
@@ -212,12 +212,13 @@ class _WorkerBatches:
         worker: int,
         resume: dict | None,
         positives: str = "pair",
-        remainder: tuple[int, list] | None = None,
+        remainder: tuple[int, list, list[bool] | None] | None = None,
         resample_salt: dict | None = None,
     ):
         self.plan, self.shards, self.preprocess, self.tokenize = plan, shards, preprocess, tokenize
         self.worker, self.resume, self.positives = worker, resume, positives
-        self.remainder = remainder  # (epoch, this worker's slice) after a world-size change
+        # (epoch, this worker's slice, which of its samples were counted already) after a world-size change
+        self.remainder = remainder
         self.resample_salt = resample_salt  # epoch_remainder.resample_salt after a world-size change
         self.skipped = SkipCounter(resume["skipped"] if resume else {})
 
@@ -306,7 +307,8 @@ class _WorkerBatches:
         while True:
             epoch = g // p.steps_per_epoch
             if self.remainder and epoch == self.remainder[0]:  # see epoch_remainder.py
-                samples = remainder_samples(self.remainder[1], asdict(p), epoch, w, self.skipped)
+                _, ids, counted = self.remainder
+                samples = remainder_samples(ids, asdict(p), epoch, w, self.skipped, counted)
             else:
                 samples = self._resampled_samples(epoch) if p.resampled else self._epoch_samples(epoch)
             # Fast-forward: replay reading and shuffling of samples already handed out, muted so
@@ -387,7 +389,7 @@ class _TrainIterable(IterableDataset):
         next_batch: int,
         workers: dict,
         positives: str = "pair",
-        remainder: tuple[int, dict] | None = None,
+        remainder: tuple[int, dict, dict] | None = None,
         resample_salt: dict | None = None,
     ):
         super().__init__()
@@ -399,7 +401,11 @@ class _TrainIterable(IterableDataset):
         info = get_worker_info()
         logical = ((info.id if info else 0) + self.next_batch) % self.plan.workers
         resume = {"next_batch": self.next_batch, **self.workers.get(logical, {"skipped": {}})}
-        remainder = (self.remainder[0], self.remainder[1][logical]) if self.remainder else None
+        if self.remainder:
+            epoch, slices, counted = self.remainder
+            remainder = (epoch, slices[logical], counted.get(logical))
+        else:
+            remainder = None
         return iter(
             _WorkerBatches(
                 self.plan,
@@ -558,6 +564,7 @@ class TrainStream:
         self._recount: dict | None = None  # epoch_remainder.reader_recount, kept until applied
         self._remainder: Remainder | None = None  # the rest of an epoch begun on another world size
         self._slices: dict[int, list] = {}
+        self._counted: dict[int, list[bool]] = {}  # in step with _slices: samples the old readers counted
         self._resample_salt: dict | None = None  # resampled draws of an epoch begun on another world
         self._iterator: Iterator[Batch] | None = None
         self._generators: weakref.WeakSet = weakref.WeakSet()
@@ -585,14 +592,14 @@ class TrainStream:
         for info in self._cursor.workers.values():
             total.update(info["skipped"])
         if self._recount and self.epoch > self._recount["epoch"]:
-            # A reshape's correction of what the old ranks' readers had counted ahead (or left
-            # uncounted), applied once the epoch is over: during it, the carried counts stay as saved.
+            # A reshape's correction of the damaged shards' ends the old ranks' readers had passed
+            # (or left to no one), applied once the epoch is over: during it, the counts stay as saved.
             return with_recount(total, self._recount)
         return dict(total)
 
     def _loader(self) -> Iterator[dict]:
         workers = {w: dict(v) for w, v in self._cursor.workers.items()}
-        remainder = (self._remainder.epoch, self._slices) if self._remainder else None
+        remainder = (self._remainder.epoch, self._slices, self._counted) if self._remainder else None
         dataset = _TrainIterable(
             self.plan,
             self.shards,
@@ -777,9 +784,11 @@ class TrainStream:
         self._skipped_before = {k: int(c) for k, c in state.get("skipped_before", {}).items()}
         self._recount = dict(state["recount"]) if "recount" in state else None
         self._remainder = Remainder.from_state(state["remainder"]) if "remainder" in state else None
-        self._slices = (
-            plan_slices(self._remainder, self.shards, asdict(self.plan), keys) if self._remainder else {}
-        )
+        self._slices, self._counted = {}, {}
+        if self._remainder:
+            self._slices, self._counted = plan_remainder(
+                self._remainder, self.shards, asdict(self.plan), keys
+            )
         self._resample_salt = dict(state["resample_salt"]) if "resample_salt" in state else None
 
     def restart_after(self, state: dict) -> int:
@@ -800,5 +809,5 @@ class TrainStream:
         own_skips = "ranks" not in state or self.plan.rank == 0
         self._skipped_before = skipped_so_far(ranks) if own_skips else {}
         self._recount = None
-        self._remainder, self._slices, self._resample_salt = None, {}, None
+        self._remainder, self._slices, self._counted, self._resample_salt = None, {}, {}, None
         return epoch
