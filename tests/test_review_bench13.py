@@ -13,6 +13,7 @@ import os
 import shlex
 
 import pytest
+from usage_lines import usage_error_line
 
 from vutrain.bench import main as bench_main
 from vutrain.bench_data import write_thumbnail_shards
@@ -27,15 +28,6 @@ def one_cpu():
         yield
     finally:
         os.sched_setaffinity(0, before)
-
-
-def _usage_error(capsys, call) -> str:
-    with pytest.raises(SystemExit) as stop:
-        call()
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 def test_data_bench_records_a_command_that_reruns_and_the_cores_it_could_use(tmp_path, capsys, one_cpu):
@@ -79,5 +71,5 @@ def test_dataset_tools_bench_refuses_what_would_fail_every_download(capsys, flag
     at fault; an image size of 0 was refused only then, by ours' config check."""
     import dataset_tools.bench as bench
 
-    line = _usage_error(capsys, lambda: bench.main(["-n", "2", *flags]))
+    line = usage_error_line(capsys, lambda: bench.main(["-n", "2", *flags]))
     assert named in line and "must be" in line

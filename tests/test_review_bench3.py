@@ -10,18 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from usage_lines import usage_error_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _usage_error(capsys, call) -> str:
-    """The one stderr line argparse prints for a refused argument (exit 2, no traceback)."""
-    with pytest.raises(SystemExit) as stop:
-        call()
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 def test_even_rounds_give_a_step_time_that_matches_the_median_samples_per_s():
@@ -52,7 +43,7 @@ def test_even_rounds_give_a_step_time_that_matches_the_median_samples_per_s():
 def test_compare_refuses_unusable_arguments_in_one_line(capsys, flags, named):
     from vutrain.bench_compare import parse_args
 
-    line = _usage_error(capsys, lambda: parse_args(["--compare", "open_clip", *flags]))
+    line = usage_error_line(capsys, lambda: parse_args(["--compare", "open_clip", *flags]))
     assert named in line
 
 
@@ -69,14 +60,14 @@ def test_kernel_bench_refuses_unknown_modes_losses_and_providers(tmp_path, capsy
     an unknown loss or provider was silently left out of the sweep."""
     from kernels.bench import main
 
-    line = _usage_error(capsys, lambda: main(["--quick", "--out", str(tmp_path), *flags]))
+    line = usage_error_line(capsys, lambda: main(["--quick", "--out", str(tmp_path), *flags]))
     assert named in line and not (tmp_path / "bench_kernels.json").exists()
 
 
 def test_train_bench_refuses_zero_steps_before_running(tmp_path, capsys):
     from vutrain.bench import main
 
-    line = _usage_error(capsys, lambda: main(["--steps", "0", "--out", str(tmp_path / "b.json")]))
+    line = usage_error_line(capsys, lambda: main(["--steps", "0", "--out", str(tmp_path / "b.json")]))
     assert "--steps 0" in line and not (tmp_path / "b.json").exists()
 
 
@@ -110,7 +101,7 @@ def test_data_bench_refuses_a_bad_shard_size_and_leaves_no_temporary_folder(tmp_
     import vutrain.bench_data as bench_data
 
     bad = ["--write-shards", str(tmp_path / "w"), "--shard-size-wh", "480"]
-    line = _usage_error(capsys, lambda: bench_data.main(bad))
+    line = usage_error_line(capsys, lambda: bench_data.main(bad))
     assert "--shard-size-wh 480" in line
 
     spec = bench_data.write_thumbnail_shards(str(tmp_path / "shards"), 24, 64, 48, shard_size=24)
@@ -156,7 +147,7 @@ def test_dataset_tools_bench_records_where_its_figures_come_from(tmp_path, capsy
     assert result["ratio_ours_over_plain"] == 2.0
     assert result["command"] == f"python -m dataset_tools.bench -n 2 --latency 0 --out {out}"
     assert result["date"] and result["device"].startswith("CPU") and "commit" in result
-    line = _usage_error(capsys, lambda: bench.main(["--repeats", "0"]))
+    line = usage_error_line(capsys, lambda: bench.main(["--repeats", "0"]))
     assert "--repeats 0" in line
 
 

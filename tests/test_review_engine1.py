@@ -14,16 +14,13 @@ features to bf16 once. Before, the tower the loss was asked about was cast twice
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import pytest
 import torch
 from test_grad_norm import CountOps
 from test_param_alignment import _odd_model
-
-from inprocess_trainer import train
+from training_rows import training_rows
 
 
 def _norm_of_grads(params) -> float:
@@ -73,24 +70,26 @@ def _engine_step(precision: str, grad_clip: float, poison: bool = False) -> tupl
     return (None if norm is None else float(norm)), expected
 
 
-@pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
-@pytest.mark.parametrize("grad_clip", [0.01, 0.0])
-def test_zero0_engine_reports_the_norm_before_clipping(single_process, precision, grad_clip):
-    """Clip 0.01 (far below the norm, so the norm is the one before clipping) and clip off."""
+@pytest.fixture
+def one_rank_group(single_process):
+    """The process group of a world of 1 that build_engine's DeepSpeed engine joins."""
     from vutrain.distributed import init_distributed, resolve_dist_env
 
     init_distributed(resolve_dist_env({}))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
+@pytest.mark.parametrize("grad_clip", [0.01, 0.0])
+def test_zero0_engine_reports_the_norm_before_clipping(one_rank_group, precision, grad_clip):
+    """Clip 0.01 (far below the norm, so the norm is the one before clipping) and clip off."""
     norm, expected = _engine_step(precision, grad_clip)
     assert norm is not None, "ZeRO-0 reported no gradient norm"
     assert norm == pytest.approx(expected, rel=1e-4) and norm > 1.0
 
 
 @pytest.mark.parametrize("grad_clip", [1.0, 0.0])
-def test_zero0_nan_gradient_norm_is_not_finite(single_process, grad_clip):
+def test_zero0_nan_gradient_norm_is_not_finite(one_rank_group, grad_clip):
     """The norm is taken before grad_clip.zero_nonfinite_at_step zeroes the step: NaN, read as inf."""
-    from vutrain.distributed import init_distributed, resolve_dist_env
-
-    init_distributed(resolve_dist_env({}))
     norm, _ = _engine_step("fp32", grad_clip, poison=True)
     # Trainer._grad_norm logs a non-finite norm as inf (tests/test_review_metrics.py); before, None.
     assert norm is not None and not math.isfinite(norm), norm
@@ -101,21 +100,15 @@ def test_zero0_fp32_run_logs_grad_norm_columns(tiny_shards, tmp_path, single_pro
     gradients its logging step's optimizer got (rel 1e-4), and train/grad_norm_max, the larger of
     the interval's two norms."""
     norms: dict = {}
-    run_dir = str(tmp_path / "run")
-    train(
+    rows = training_rows(
         tiny_shards,
-        run_dir,
+        str(tmp_path / "run"),
         steps=4,
         on_trainer=_record_step_norms(norms),
         train__zero_stage=0,
         train__precision="fp32",
         train__log_every=2,
-        train__checkpoint_every=0,
-        eval__every=0,
-        data__val_shards="",
     )
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
-        rows = [r for r in map(json.loads, fh) if "train/loss" in r]
     assert [r["step"] for r in rows] == [2, 4]
     for row in rows:
         step = row["step"]

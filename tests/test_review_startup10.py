@@ -7,52 +7,20 @@ hung in its group, or waited out the group's timeout)."""
 from __future__ import annotations
 
 import datetime
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch.distributed as dist
-from rendezvous_ranks import finish, rank_env, start
+from rendezvous_ranks import rank_env
+from startup_ranks import dist_info, error_lines, rank_script, run_ranks
 from worker_ports import free_port
 
 from vutrain import distributed
 
 # A rank as train.py starts it (its logging too: ranks other than 0 keep only vutrain's warnings),
-# with the first "still waiting" report after 2 s instead of 30, and 3 s for a store to answer.
-RANK_SCRIPT = """
-import sys
-from vutrain import distributed, startup_errors
-from vutrain.logging_setup import setup_logging
-setup_logging()
-distributed.LINGER_S = 2.0
-distributed.STORE_ANSWER_S = 3.0
-distributed.WAITING_FIRST_S = 2.0
-info = distributed.resolve_dist_env()
-try:
-    distributed.init_distributed(info)
-except Exception as exc:
-    print(f"error: rank {info.rank}: {startup_errors.rendezvous_message(info, exc)}", flush=True)
-    sys.exit(1)
-print("started", flush=True)
-"""
-
-
-def _error_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("error: ")]
-
-
-def _info(rank: int, port: int, world: int = 2) -> distributed.DistInfo:
-    return distributed.DistInfo(
-        rank=rank,
-        local_rank=0,
-        world_size=world,
-        local_world_size=1,
-        master_addr="127.0.0.1",
-        master_port=port,
-        launcher="env",
-        device="cpu",
-        backend="gloo",
-    )
+# with the first "still waiting" report after 2 s instead of 30, 3 s for a store to answer (60), and
+# rank 0's store kept up 2 s after a failed check (10).
+RANK_SCRIPT = rank_script(with_logging=True, LINGER_S=2.0, STORE_ANSWER_S=3.0, WAITING_FIRST_S=2.0)
 
 
 def _rendezvous(info: distributed.DistInfo, timeout_s: float = 20.0) -> int:
@@ -64,14 +32,14 @@ def _rendezvous(info: distributed.DistInfo, timeout_s: float = 20.0) -> int:
 def _rank_0_server(port: int):
     """Rank 0's store server at `port`, up while the caller holds it: in a real process the group
     keeps it up for good; here rank 0's store would go with its thread and rank 1 lose the verdict."""
-    return distributed.rendezvous_store(_info(0, port), datetime.timedelta(seconds=60))
+    return distributed.rendezvous_store(dist_info(0, port), datetime.timedelta(seconds=60))
 
 
 def _both_ranks_meet(port: int) -> list[int]:
     """Ranks 0 and 1 of a world of 2 meet at `port` (served by `_rank_0_server`), each on its own
     thread of this process."""
     with ThreadPoolExecutor(2) as pool:
-        return list(pool.map(_rendezvous, [_info(0, port), _info(1, port)]))
+        return list(pool.map(_rendezvous, [dist_info(0, port), dist_info(1, port)]))
 
 
 @pytest.mark.slow  # its ranks start in tests/rendezvous_ranks.py
@@ -83,15 +51,13 @@ def test_a_waiting_rank_other_than_0_says_once_what_it_waits_for():
     port, lone_port = free_port(), free_port()
     envs = [rank_env(rank, 3, port, VUTRAIN_DIST_TIMEOUT_MIN="0.1") for rank in (0, 1)]
     envs.append(rank_env(1, 2, lone_port, VUTRAIN_DIST_TIMEOUT_MIN="0.1"))
-    (code0, out0), (code1, out1), (code_lone, out_lone) = finish(
-        [start([sys.executable, "-c", RANK_SCRIPT], env) for env in envs], 60
-    )
+    (code0, out0), (code1, out1), (code_lone, out_lone) = run_ranks(RANK_SCRIPT, envs, 60)
     assert code1 == 1, f"rank 1: exit {code1}:\n{out1[-3000:]}"
     waiting = [line for line in out1.splitlines() if "has waited" in line]
     assert len(waiting) == 1, out1[-3000:]
     assert f"[rank 1] WARNING vutrain: rank 1 reached the rendezvous at 127.0.0.1:{port}" in waiting[0]
     assert "the 3 of WORLD_SIZE" in waiting[0] and "VUTRAIN_DIST_TIMEOUT_MIN" in waiting[0], waiting[0]
-    [line1] = _error_lines(out1)
+    [line1] = error_lines(out1)
     assert "rank 0 stopped the start-up" in line1 and "(rank 2 missing)" in line1, line1
     assert code0 == 1 and "has waited" not in out0, out0[-3000:]  # rank 0 reports on its own
     assert code_lone == 1, out_lone[-3000:]
@@ -112,7 +78,7 @@ def test_a_second_start_on_rank_0s_store_waits_for_rank_0():
     assert first[0] == first[1], first
     # Rank 1 alone, before rank 0's next start: no start to join (before: it joined the old one).
     with pytest.raises(distributed.RendezvousError, match="heard nothing from rank 0"):
-        _rendezvous(_info(1, port), timeout_s=1.0)
+        _rendezvous(dist_info(1, port), timeout_s=1.0)
     second = _both_ranks_meet(port)
     assert second[0] == second[1] != first[0], (first, second)
     del server
@@ -133,7 +99,7 @@ def test_a_rank_at_a_store_of_another_program_stops_naming_the_port(fresh_proces
     port = free_port()
     other = dist.TCPStore("127.0.0.1", port, 1, True, datetime.timedelta(seconds=30), wait_for_workers=False)
     with pytest.raises(distributed.RendezvousError) as caught:
-        _rendezvous(_info(1, port), timeout_s=20.0)
+        _rendezvous(dist_info(1, port), timeout_s=20.0)
     message = str(caught.value)
     assert f"reached a store at 127.0.0.1:{port} that began no rendezvous of this run within 2 s" in message
     assert f"another run holds port {port}" in message and "set MASTER_PORT" in message, message
@@ -150,15 +116,14 @@ def test_ranks_whose_port_another_run_holds_each_stop_in_one_line():
     server = _rank_0_server(port)
     _both_ranks_meet(port)  # run A, in this process
     envs = [rank_env(rank, 2, port, VUTRAIN_DIST_TIMEOUT_MIN="1") for rank in (0, 1)]
-    procs = [start([sys.executable, "-c", RANK_SCRIPT], env) for env in envs]
-    (code0, out0), (code1, out1) = finish(procs, 60)
+    (code0, out0), (code1, out1) = run_ranks(RANK_SCRIPT, envs, 60)
     assert code1 == 1, f"rank 1 still waiting (exit {code1}):\n{out1[-3000:]}"
-    [line1] = _error_lines(out1)
+    [line1] = error_lines(out1)
     assert f"another run holds port {port} on that host" in line1, line1
     assert "its ranks had started their group already" in line1, line1
     assert "is taken on this host" not in line1, line1  # not rank 1's host
     assert code0 == 1, out0[-3000:]
-    [line0] = _error_lines(out0)
+    [line0] = error_lines(out0)
     assert "EADDRINUSE" in line0 and f"port {port} is taken on this host" in line0, line0
     assert "set MASTER_PORT to a free port, the same on every rank" in line0, line0
     del server

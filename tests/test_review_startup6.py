@@ -5,28 +5,17 @@ rendezvous; the process group's timeout is set by VUTRAIN_DIST_TIMEOUT_MIN."""
 from __future__ import annotations
 
 import socket
-import sys
 
 import pytest
-from rendezvous_ranks import finish, rank_env, start
+from rendezvous_ranks import rank_env
+from startup_ranks import error_lines, rank_script, run_ranks
 from worker_ports import free_port
 
 from vutrain import distributed
 
-# A rank as train.py starts it: init_distributed, and the one line train.py prints when it fails.
-RANK_SCRIPT = """
-import sys
-from vutrain import distributed, startup_errors
-distributed.LINGER_S = 2.0
-distributed.STORE_ANSWER_S = 3.0
-info = distributed.resolve_dist_env()
-try:
-    distributed.init_distributed(info)
-except Exception as exc:
-    print(f"error: rank {info.rank}: {startup_errors.rendezvous_message(info, exc)}", flush=True)
-    sys.exit(1)
-print("started", flush=True)
-"""
+# A rank as train.py starts it; rank 0 keeps its store up 2 s after a failed check (10 s in a run),
+# and a rank waits 3 s for the program at the port to answer as a store (60 s).
+RANK_SCRIPT = rank_script(LINGER_S=2.0, STORE_ANSWER_S=3.0)
 
 # A rank whose config failed before the rendezvous, telling the others as train.py does.
 EARLY_FAILURE_SCRIPT = """
@@ -35,15 +24,6 @@ distributed.STORE_ANSWER_S = 3.0
 info = distributed.resolve_dist_env()
 print("told:", distributed.tell_peers_of_early_failure(info, "config error: x", wait_s=5.0), flush=True)
 """
-
-
-def _run(script: str, envs: list[dict[str, str]], wait_s: float) -> list[tuple[int | None, str]]:
-    """(exit code, or None when still running `wait_s` after the start; output) of one process per env."""
-    return finish([start([sys.executable, "-c", script], env) for env in envs], wait_s)
-
-
-def _error_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("error: ")]
 
 
 @pytest.fixture
@@ -63,12 +43,12 @@ def test_a_port_held_by_another_program_stops_every_rank_in_one_line(port_held_b
     MASTER_PORT (before: it waited forever, whatever the group's timeout)."""
     port = port_held_by_another_program
     envs = [rank_env(rank, 2, port, VUTRAIN_DIST_TIMEOUT_MIN="1") for rank in (0, 1)]
-    results = _run(RANK_SCRIPT, envs, wait_s=30)
+    results = run_ranks(RANK_SCRIPT, envs, wait_s=30)
     code0, out0 = results[0]
     assert code0 == 1 and "EADDRINUSE" in out0, out0[-3000:]
     code1, out1 = results[1]
     assert code1 == 1, f"rank 1 still waiting (exit {code1}):\n{out1[-3000:]}"
-    lines = _error_lines(out1)
+    lines = error_lines(out1)
     assert len(lines) == 1, out1[-3000:]
     assert "did not answer as rank 0's rendezvous store" in lines[0], lines[0]
     assert f"another program holds port {port}" in lines[0] and "set MASTER_PORT" in lines[0], lines[0]
@@ -79,7 +59,7 @@ def test_a_rank_that_failed_early_exits_when_another_program_holds_the_port(port
     """A rank whose config failed before the rendezvous tries to tell rank 0 for 5 s; with another
     program on the port it gives up and exits (before: it never exited)."""
     env = rank_env(1, 2, port_held_by_another_program)
-    [(code, out)] = _run(EARLY_FAILURE_SCRIPT, [env], wait_s=30)
+    [(code, out)] = run_ranks(EARLY_FAILURE_SCRIPT, [env], wait_s=30)
     assert code == 0 and "told: False" in out, f"exit {code}:\n{out[-3000:]}"
 
 
@@ -88,9 +68,9 @@ def test_the_group_timeout_is_set_by_its_variable():
     """VUTRAIN_DIST_TIMEOUT_MIN=0.05 (3 s): rank 0 of a world of 2 whose peer never comes stops within
     seconds naming the 3 s (before: the fixed 30 minutes)."""
     envs = [rank_env(0, 2, free_port(), VUTRAIN_DIST_TIMEOUT_MIN="0.05")]
-    [(code, out)] = _run(RANK_SCRIPT, envs, wait_s=40)
+    [(code, out)] = run_ranks(RANK_SCRIPT, envs, wait_s=40)
     assert code == 1, f"rank 0 still waiting (exit {code}):\n{out[-3000:]}"
-    lines = _error_lines(out)
+    lines = error_lines(out)
     assert len(lines) == 1 and "only 1 of the 2 ranks" in lines[0] and "within 3 s" in lines[0], out[-3000:]
 
 

@@ -3,28 +3,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from rendezvous_ranks import finish, rank_env, start
+from rendezvous_ranks import rank_env
+from startup_ranks import error_lines, rank_script, run_ranks
 from worker_ports import free_port
 
-# A rank as train.py starts it: init_distributed, and the one line train.py prints when it fails.
-RANK_SCRIPT = """
-import sys
-from vutrain import distributed, startup_errors
-info = distributed.resolve_dist_env()
-try:
-    distributed.init_distributed(info)
-except Exception as exc:
-    print(f"error: rank {info.rank}: {startup_errors.rendezvous_message(info, exc)}", flush=True)
-    sys.exit(1)
-print("started", flush=True)
-"""
-
-
-def _error_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("error: ")]
+# A rank as train.py starts it, with the module's own waits.
+RANK_SCRIPT = rank_script()
 
 
 @pytest.mark.slow  # its ranks start in tests/rendezvous_ranks.py
@@ -38,13 +23,12 @@ def test_rank_0_that_cannot_resolve_master_addr_tells_the_other_ranks():
         for rank in (0, 1)
     ]
     envs[0]["MASTER_ADDR"] = "nonexistent.invalid"
-    procs = [start([sys.executable, "-c", RANK_SCRIPT], env) for env in envs]
-    (code0, out0), (code1, out1) = finish(procs, wait_s=60)
+    (code0, out0), (code1, out1) = run_ranks(RANK_SCRIPT, envs, wait_s=60)
     assert code1 == 1, f"rank 1 still waiting (exit {code1}):\n{out1[-3000:]}"
-    [line] = _error_lines(out1)
+    [line] = error_lines(out1)
     assert "rank 0 stopped the start-up: rank 0 failed before the rendezvous" in line, line
     assert "MASTER_ADDR=nonexistent.invalid is not a host name" in line and "on rank 0's host" in line, line
     # Rank 0 says its own line once, and exits once rank 1 has read the verdict.
     assert code0 == 1, f"rank 0 still serving (exit {code0}):\n{out0[-3000:]}"
-    [line0] = _error_lines(out0)
+    [line0] = error_lines(out0)
     assert "MASTER_ADDR=nonexistent.invalid is not a host name this node can resolve" in line0, line0

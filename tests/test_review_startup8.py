@@ -5,24 +5,13 @@ or, when rank 0 failed, only that the store's connection closed."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from rendezvous_ranks import finish, rank_env, start
+from rendezvous_ranks import rank_env
+from startup_ranks import error_lines, rank_script, run_ranks
 from worker_ports import free_port
 
-# A rank as train.py starts it: init_distributed, and the one line train.py prints when it fails.
-RANK_SCRIPT = """
-import sys
-from vutrain import distributed, startup_errors
-info = distributed.resolve_dist_env()
-try:
-    distributed.init_distributed(info)
-except Exception as exc:
-    print(f"error: rank {info.rank}: {startup_errors.rendezvous_message(info, exc)}", flush=True)
-    sys.exit(1)
-print("started", flush=True)
-"""
+# A rank as train.py starts it, with the module's own waits.
+RANK_SCRIPT = rank_script()
 
 
 def _run_two_ranks(extra: dict[int, dict[str, str]]) -> list[tuple[int | None, str]]:
@@ -30,12 +19,7 @@ def _run_two_ranks(extra: dict[int, dict[str, str]]) -> list[tuple[int | None, s
     of 2 minutes, beyond the 60 s each rank is given to stop."""
     port = free_port()
     envs = [rank_env(rank, 2, port, VUTRAIN_DIST_TIMEOUT_MIN="2", **extra.get(rank, {})) for rank in (0, 1)]
-    procs = [start([sys.executable, "-c", RANK_SCRIPT], env) for env in envs]
-    return finish(procs, wait_s=60)
-
-
-def _error_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("error: ")]
+    return run_ranks(RANK_SCRIPT, envs, wait_s=60)
 
 
 @pytest.mark.slow  # its ranks start in tests/rendezvous_ranks.py
@@ -45,10 +29,10 @@ def test_a_backend_only_rank_1_cannot_start_stops_rank_0_with_its_cause():
     here, 30 by default) and then said only "wait timeout"."""
     (code0, out0), (code1, out1) = _run_two_ranks({1: {"VUTRAIN_DIST_BACKEND": "nosuchbackend"}})
     assert code0 == 1, f"rank 0 still waiting (exit {code0}):\n{out0[-3000:]}"
-    [line0] = _error_lines(out0)
+    [line0] = error_lines(out0)
     assert "rank 1 failed while starting it" in line0 and "nosuchbackend" in line0, line0
     assert code1 == 1, out1[-3000:]
-    [line1] = _error_lines(out1)
+    [line1] = error_lines(out1)
     assert "nosuchbackend" in line1, line1
 
 
@@ -59,9 +43,9 @@ def test_deepspeed_op_failing_to_build_on_rank_0_only_stops_rank_1_with_its_caus
     rank0 = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), "CXX": "/bin/false"}
     (code0, out0), (code1, out1) = _run_two_ranks({0: rank0})
     assert code1 == 1, f"rank 1 still waiting (exit {code1}):\n{out1[-3000:]}"
-    [line1] = _error_lines(out1)
+    [line1] = error_lines(out1)
     assert "rank 0 failed while starting it" in line1 and "/bin/false" in line1, line1
     assert "Connection" not in out1 and "frame #" not in out1, out1[-3000:]
     assert code0 == 1, out0[-3000:]
-    [line0] = _error_lines(out0)
+    [line0] = error_lines(out0)
     assert "/bin/false" in line0, line0

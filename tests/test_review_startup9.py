@@ -6,36 +6,20 @@ from __future__ import annotations
 
 import datetime
 import re
-import sys
 
 import pytest
 import torch.distributed as dist
-from rendezvous_ranks import finish, rank_env, start
+from rendezvous_ranks import rank_env
+from startup_ranks import dist_info, error_lines, rank_script, run_ranks
 from worker_ports import free_port
 
 from vutrain import distributed
 
 # A rank as train.py starts it, with rank 0's report intervals shortened through the module's
-# WAITING_FIRST_S and WAITING_EVERY_S (30 s and 300 s by default).
-RANK_SCRIPT = """
-import sys
-from vutrain import distributed, startup_errors
-distributed.LINGER_S = 2.0
-distributed.WAITING_FIRST_S = 2.0
-distributed.WAITING_EVERY_S = 3.0
-info = distributed.resolve_dist_env()
-try:
-    distributed.init_distributed(info)
-except Exception as exc:
-    print(f"error: rank {info.rank}: {startup_errors.rendezvous_message(info, exc)}", flush=True)
-    sys.exit(1)
-print("started", flush=True)
-"""
+# WAITING_FIRST_S and WAITING_EVERY_S (30 s and 300 s by default), and its store kept up 2 s after a
+# failed check (10 s).
+RANK_SCRIPT = rank_script(LINGER_S=2.0, WAITING_FIRST_S=2.0, WAITING_EVERY_S=3.0)
 WAITING = "rank 0 waiting at the rendezvous"
-
-
-def _error_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("error: ")]
 
 
 @pytest.mark.slow  # its ranks start in tests/rendezvous_ranks.py
@@ -46,7 +30,7 @@ def test_rank_0_names_the_missing_ranks_while_it_waits_and_when_it_gives_up():
     (before: nothing until the timeout, whose line named no rank)."""
     port = free_port()
     envs = [rank_env(rank, 4, port, VUTRAIN_DIST_TIMEOUT_MIN="0.2") for rank in (0, 2)]
-    (code0, out0), (code2, out2) = finish([start([sys.executable, "-c", RANK_SCRIPT], e) for e in envs], 60)
+    (code0, out0), (code2, out2) = run_ranks(RANK_SCRIPT, envs, 60)
     assert code0 == 1, f"rank 0: exit {code0}:\n{out0[-3000:]}"
     waiting = [line for line in out0.splitlines() if WAITING in line]
     assert 2 <= len(waiting) <= 5, out0[-3000:]
@@ -56,11 +40,11 @@ def test_rank_0_names_the_missing_ranks_while_it_waits_and_when_it_gives_up():
         assert f"port {port}" in line, line
     # Rank 2 may still be starting at the first report; by the last it has long arrived.
     assert "2 of the 4 ranks" in waiting[-1] and "(ranks 1, 3 missing)" in waiting[-1], waiting[-1]
-    [line0] = _error_lines(out0)
+    [line0] = error_lines(out0)
     assert "only 2 of the 4 ranks of WORLD_SIZE" in line0, line0
     assert "within 12 s (ranks 1, 3 missing): check that every rank started" in line0, line0
     assert code2 == 1, f"rank 2: exit {code2}:\n{out2[-3000:]}"
-    [line2] = _error_lines(out2)
+    [line2] = error_lines(out2)
     assert "rank 0 stopped the start-up" in line2 and "(ranks 1, 3 missing)" in line2, line2
     assert WAITING not in out2, out2[-3000:]
 
@@ -70,7 +54,7 @@ def test_no_waiting_line_when_every_rank_arrives():
     """Both ranks of a world of 2 start: no waiting line, the group starts as before."""
     port = free_port()
     envs = [rank_env(rank, 2, port, VUTRAIN_DIST_TIMEOUT_MIN="1") for rank in (0, 1)]
-    results = finish([start([sys.executable, "-c", RANK_SCRIPT], e) for e in envs], 60)
+    results = run_ranks(RANK_SCRIPT, envs, 60)
     for rank, (code, out) in enumerate(results):
         assert code == 0 and "started" in out, f"rank {rank}: exit {code}:\n{out[-3000:]}"
         assert WAITING not in out, out[-3000:]
@@ -79,17 +63,7 @@ def test_no_waiting_line_when_every_rank_arrives():
 def test_missing_ranks_come_from_each_arrived_ranks_key():
     """In a real store of a world of 8: the ranks without a key are named in runs; a count of joined
     ranks the keys do not account for (a peer that posts none) names no rank."""
-    info = distributed.DistInfo(
-        rank=0,
-        local_rank=0,
-        world_size=8,
-        local_world_size=1,
-        master_addr="127.0.0.1",
-        master_port=free_port(),
-        launcher="env",
-        device="cpu",
-        backend="gloo",
-    )
+    info = dist_info(0, free_port(), world=8)
     store = dist.TCPStore(
         "127.0.0.1", info.master_port, 8, True, datetime.timedelta(seconds=10), wait_for_workers=False
     )

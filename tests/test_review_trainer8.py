@@ -15,7 +15,6 @@ real metrics files.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
@@ -24,13 +23,10 @@ import signal
 
 import pytest
 import torch
+from run_rows import metrics_rows
+from training_rows import TRAIN_ONLY, training_rows
 
 from inprocess_trainer import train
-
-
-def _rows(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _record_terms(seen: list):
@@ -60,21 +56,16 @@ def test_loss_term_columns_are_interval_means_like_train_loss(
     loss per step): each row's train/align and train/uniform equal the mean of the terms of every
     loss call of its interval, as train/loss is the mean of their losses (rel 1e-6)."""
     seen: list = []
-    run_dir = str(tmp_path / "run")
-    train(
+    rows = training_rows(
         tiny_shards,
-        run_dir,
+        str(tmp_path / "run"),
         steps=6,
         on_trainer=_record_terms(seen),
         loss__name="align_uniform",
         train__log_every=log_every,
         train__grad_accum_steps=accum,
         train__accumulation=accumulation,
-        train__checkpoint_every=0,
-        eval__every=0,
-        data__val_shards="",
     )
-    rows = [r for r in _rows(run_dir) if "train/loss" in r]
     assert [r["step"] for r in rows] == list(range(log_every, 7, log_every))
     for row in rows:
         interval = [s for s in seen if row["step"] - log_every < s[0] <= row["step"]]
@@ -105,19 +96,14 @@ def test_term_columns_leave_out_skipped_micro_batches(tiny_shards, tmp_path, sin
 
         trainer.loss_fn.forward = loss
 
-    run_dir = str(tmp_path / "run")
-    train(
+    (row,) = training_rows(
         tiny_shards,
-        run_dir,
+        str(tmp_path / "run"),
         steps=3,
         on_trainer=hook,
         loss__name="align_uniform",
         train__log_every=3,
-        train__checkpoint_every=0,
-        eval__every=0,
-        data__val_shards="",
     )
-    (row,) = [r for r in _rows(run_dir) if "train/loss" in r]
     assert row["train/nonfinite_skipped"] == 1
     good = [s for s in seen if s[0] != 2]
     for key in ("align", "uniform"):
@@ -141,21 +127,15 @@ def test_term_interval_sums_survive_a_resume_mid_interval(tiny_shards, tmp_path,
     train/align and train/uniform as a run that did not stop (rel 1e-5)."""
     from vutrain.trainer import Preempted
 
-    common = dict(
-        loss__name="align_uniform",
-        train__log_every=4,
-        train__checkpoint_every=0,
-        eval__every=0,
-        data__val_shards="",
-    )
+    common = dict(TRAIN_ONLY, loss__name="align_uniform", train__log_every=4)
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     train(tiny_shards, straight, steps=4, **common)
     with pytest.raises(Preempted) as raised:
         train(tiny_shards, split, steps=4, on_trainer=lambda t: _signal_before_step(t, 1), **common)
     assert raised.value.step == 2
     train(tiny_shards, split, steps=4, **common)
-    want = [r for r in _rows(straight) if r["step"] == 4][0]
-    got = [r for r in _rows(split) if r["step"] == 4][0]
+    want = [r for r in metrics_rows(straight) if r["step"] == 4][0]
+    got = [r for r in metrics_rows(split) if r["step"] == 4][0]
     for key in ("train/loss", "train/align", "train/uniform"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
 
@@ -251,19 +231,14 @@ def test_grad_norm_column_is_the_global_norm_before_clipping(tiny_shards, tmp_pa
     """ZeRO-2, train.grad_clip=0.01, log_every=2: each row's train/grad_norm is the gradient norm of
     its logging step computed by autograd (rel 1e-4), well above the clip, so taken before it."""
     norms: dict = {}
-    run_dir = str(tmp_path / "run")
-    train(
+    rows = training_rows(
         tiny_shards,
-        run_dir,
+        str(tmp_path / "run"),
         steps=4,
         on_trainer=_reference_grad_norms(norms),
         train__grad_clip=0.01,
         train__log_every=2,
-        train__checkpoint_every=0,
-        eval__every=0,
-        data__val_shards="",
     )
-    rows = [r for r in _rows(run_dir) if "train/loss" in r]
     assert [r["step"] for r in rows] == [2, 4]
     for row in rows:
         assert row["train/grad_norm"] == pytest.approx(norms[row["step"]], rel=1e-4), (row, norms)
@@ -277,17 +252,7 @@ def test_grad_norm_column_under_zero_3_and_absent_where_deepspeed_has_none(
     """ZeRO-3 logs a finite positive train/grad_norm in every row; so does train.zero_stage=0 in
     fp32 since 2026-12-07 (vutrain/grad_norm.py report_zero0_grad_norm; before, the column was left
     out there: tests/test_review_engine1.py)."""
-    run_dir = str(tmp_path / "run")
-    train(
-        tiny_shards,
-        run_dir,
-        steps=2,
-        train__zero_stage=stage,
-        train__checkpoint_every=0,
-        eval__every=0,
-        data__val_shards="",
-    )
-    rows = [r for r in _rows(run_dir) if "train/loss" in r]
+    rows = training_rows(tiny_shards, str(tmp_path / "run"), steps=2, train__zero_stage=stage)
     assert rows
     for row in rows:
         assert ("train/grad_norm" in row) == present, row
