@@ -163,6 +163,20 @@ def run_ours(url_template: str, ids, out: str, args) -> float:
     return elapsed
 
 
+def require_img2dataset() -> None:
+    """Both sides download through img2dataset: without it the run ended in a ModuleNotFoundError
+    traceback, after the fake host had rendered every thumbnail. One line instead, exit 2."""
+    try:
+        import img2dataset  # noqa: F401
+    except ImportError as exc:
+        print(
+            f"python -m dataset_tools.bench: img2dataset is not installed ({exc}); "
+            "install the dataset tools' dependencies: pip install -e '.[data]'",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
 def main(argv=None) -> dict:
     """Run both sides against a fake host; print (with ``--out`` also write) the JSON result, return it."""
     # prog: argparse named the file ("usage: bench.py"), which cannot be typed to run it.
@@ -195,6 +209,12 @@ def main(argv=None) -> dict:
     if not (math.isfinite(args.latency) and args.latency >= 0):
         p.error(f"--latency {args.latency}: must be a finite number of seconds >= 0 (e.g. 0.05)")
 
+    if args.out:  # made before the downloads: a missing folder was a traceback after the whole run
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        except OSError as exc:
+            p.error(f"--out {args.out}: its folder cannot be created ({exc.strerror})")
+    require_img2dataset()
     from dataset_tools.fake_host import FakeThumbnailHost
 
     ids = _ids(args.num)

@@ -53,6 +53,7 @@ import kernels
 from kernels.bench_targets import format_verdicts, targets
 from kernels.provenance import provenance
 from kernels.runtime import interpreting
+from vutrain.bench_report import md_cell
 
 SQUARE = [(n, n, d) for n in (4096, 16384, 32768, 65536) for d in (512, 768, 1024)]
 GATHERED = [(4096, 32768, 768), (1024, 65536, 768)]
@@ -254,7 +255,9 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         if "error" in r:
-            cells = [r["error"], "-", "-"]
+            # A "|" (a shell pipeline, a regex) or a newline (a compiler's log) in the message ended
+            # the cell or the row, and shifted every column after it
+            cells = [md_cell(r["error"]), "-", "-"]
         else:
             mem = "-" if r["extra_mib"] is None else f"{r['extra_mib']:.0f}"
             cells = [f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})", f"{r['tflops']:.3g}", mem]

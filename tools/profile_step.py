@@ -158,7 +158,7 @@ def _main(argv: list[str] | None, make_scratch) -> int:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from vutrain.bench import build_trainer, close_trainer
+    from vutrain.bench import build_trainer, close_trainer, device_name
     from vutrain.data.synthetic import write_synthetic
     from vutrain.distributed import cleanup
     from vutrain.model import PRESETS
@@ -180,7 +180,8 @@ def _main(argv: list[str] | None, make_scratch) -> int:
         grad_accum_steps=args.grad_accum_steps, accumulation=args.accumulation,
     )  # fmt: skip
     trainer = build_trainer(spec, sync_timing=False)
-    cuda = trainer.device.type == "cuda"
+    where = trainer.device
+    cuda = where.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
         with labelled_phases(trainer):
@@ -217,7 +218,8 @@ def _main(argv: list[str] | None, make_scratch) -> int:
     if cuda and not kernels:  # no device-side events listed: the ops' own device time (no union)
         gpu_busy = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / args.steps / 1e3
         print("GPU busy from the ops' self device time (the profiler listed no kernel events)")
-    device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
+    # The device the Trainer ran on (not GPU 0's name) and, on a CPU, the cores this process could use
+    device = device_name(where)
     print(f"\n{device}, {args.preset} {args.precision}, ZeRO-{args.zero_stage}, batch {args.batch_size}, "
           f"loss {args.loss_backend}{', compiled' if args.compile else ''}{accumulation_text(args)}, "
           f"{args.steps} profiled steps after {args.warmup}")  # fmt: skip

@@ -52,7 +52,18 @@ def device_name(device=None) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    """``CPU (8 of 128 cores usable, x86_64)``: the cores this process may run on (its affinity
+    mask: taskset, a cgroup cpuset, a SLURM task's share) beside the machine's. The machine's count
+    alone named a 128-core node for a figure measured on the 8 cores a job was given."""
+    from vutrain.data.epoch_plan import usable_cores
+
+    machine, usable = os.cpu_count(), usable_cores()
+    cores = f"{machine} cores" if usable == machine else f"{usable} of {machine} cores usable"
+    return f"CPU ({cores}, {platform.processor() or platform.machine()})"
 
 
 def build_trainer(spec: dict, sync_timing: bool = True):

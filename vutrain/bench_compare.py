@@ -352,7 +352,7 @@ class Bench:
     def _read_inputs_alone(self) -> None:
         """The pool through a Trainer of the plainest configuration (ZeRO 0, torch loss), built only
         to read it. The first vutrain configuration reads it as it builds; when that one failed
-        (a backend this device lacks, a bad --zero-stages entry), open_clip, the baseline of every
+        (a backend this device lacks), open_clip, the baseline of every
         ratio, failed with "argument after ** must be a mapping, not NoneType"."""
         reader = Variant("vutrain", grad_ckpt=False, zero_stage=0, loss_backend="torch")
         try:
@@ -606,16 +606,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_counts(parser, args)
     args.batch_sizes = sorted(int_list(parser, "--batch-sizes", args.batch_sizes, minimum=1))
-    int_list(parser, "--zero-stages", args.zero_stages, minimum=0)
+    # DeepSpeed has ZeRO stages 0-3: a 4 was a failed row per configuration, after open_clip's import
+    int_list(parser, "--zero-stages", args.zero_stages, minimum=0, maximum=3)
     args.pool_batch = min(args.batch_sizes[0], args.pool)
     args.png = args.png or os.path.splitext(args.out)[0] + ".png"
     args.hidden_act = ""  # HF's default until Bench reads open_clip's (openclip_activation)
     return args
 
 
-def int_list(parser: argparse.ArgumentParser, flag: str, text: str, minimum: int) -> list[int]:
-    """``"8,16"`` as integers >= ``minimum``; a bad entry is one usage line (it was a ValueError
-    traceback, for --zero-stages after the open_clip import)."""
+def int_list(
+    parser: argparse.ArgumentParser, flag: str, text: str, minimum: int, maximum: int | None = None
+) -> list[int]:
+    """``"8,16"`` as integers in [``minimum``, ``maximum``]; a bad entry is one usage line (it was a
+    ValueError traceback, for --zero-stages after the open_clip import)."""
     values = []
     for entry in text.split(","):
         try:
@@ -624,6 +627,8 @@ def int_list(parser: argparse.ArgumentParser, flag: str, text: str, minimum: int
             parser.error(f"{flag} {text}: {entry.strip()!r} is not an integer")
         if value < minimum:
             parser.error(f"{flag} {text}: {value} is below {minimum}")
+        if maximum is not None and value > maximum:
+            parser.error(f"{flag} {text}: {value} is above {maximum} (choose from {minimum}-{maximum})")
         values.append(value)
     return values
 

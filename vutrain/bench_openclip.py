@@ -88,8 +88,8 @@ def _distribution_dir() -> str:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "open_clip_torch is not installed: pip install -c .venv/torch-constraint.txt "
-            "--no-deps open_clip_torch (or pip install '.[bench]' where torchvision works)"
+            f"open_clip_torch is not installed: {INSTALL_OPEN_CLIP} "
+            "(or pip install '.[bench]' where torchvision works)"
         )
     return list(spec.submodule_search_locations)[0]
 
@@ -110,6 +110,30 @@ def _load_without_init(package_dir: str) -> types.ModuleType:
     return sys.modules[PRIVATE_PACKAGE]
 
 
+INSTALL_OPEN_CLIP = "pip install -c .venv/torch-constraint.txt --no-deps 'open_clip_torch>=3.0'"
+"""setup.py's bench extra, held to the installed torch (open_clip_torch's torchvision pulls its own)."""
+
+
+class OpenClipTooOld(ImportError):
+    """The installed open_clip_torch has no ``open_clip_train`` (the training code the step copies)."""
+
+
+def _cosine_lr(version: str):
+    """open_clip_train's cosine LR schedule. An open_clip_torch without open_clip_train failed with a
+    bare "No module named 'open_clip_train'", naming neither the version needed nor how to get it."""
+    try:
+        from open_clip_train.scheduler import cosine_lr
+    except ImportError as exc:
+        if exc.name not in ("open_clip_train", "open_clip_train.scheduler"):
+            raise
+        raise OpenClipTooOld(
+            f"open_clip_torch {version} installs no open_clip_train (its training code, whose step and "
+            f"cosine LR schedule the comparison runs); the comparison needs open_clip_torch>=3.0: "
+            f"{INSTALL_OPEN_CLIP}"
+        ) from None
+    return cosine_lr
+
+
 def load_open_clip() -> OpenClipModules:
     """open_clip's CLIP, ClipLoss and cosine LR schedule: the package if it imports, else its modules.
 
@@ -117,32 +141,29 @@ def load_open_clip() -> OpenClipModules:
     """
     try:
         import open_clip
-        from open_clip_train.scheduler import cosine_lr
 
         return OpenClipModules(
             open_clip.CLIP,
             open_clip.ClipLoss,
-            cosine_lr,
+            _cosine_lr(open_clip.__version__),
             os.path.dirname(open_clip.__file__),
             open_clip.__version__,
             "package",
         )
+    except OpenClipTooOld:  # loading its modules instead would not add the missing package
+        raise
     except (ImportError, RuntimeError) as exc:  # RuntimeError: a torchvision built for another torch
         if isinstance(exc, ImportError) and exc.name == "open_clip":
-            raise ImportError(
-                f"{exc}. Install it: pip install -c .venv/torch-constraint.txt --no-deps open_clip_torch"
-            ) from None
+            raise ImportError(f"{exc}. Install it: {INSTALL_OPEN_CLIP}") from None
         package_dir = _distribution_dir()
         for name in [n for n in sys.modules if n == "open_clip" or n.startswith("open_clip.")]:
             del sys.modules[name]  # what the failed import left half-initialised
     package = _load_without_init(package_dir)
     # open_clip_train's __init__ is empty and its scheduler is plain Python: a normal import works.
-    from open_clip_train.scheduler import cosine_lr
-
     return OpenClipModules(
         package.model.CLIP,
         package.loss.ClipLoss,
-        cosine_lr,
+        _cosine_lr(package.version.__version__),
         package_dir,
         package.version.__version__,
         "modules",
@@ -198,6 +219,13 @@ def model_config(
     if path and os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
             builtin = json.load(fh)
+        # The built-in's embed_dim is kept below (dict(builtin, ...)): a preset whose towers project
+        # to another size would have been compared with a different open_clip model, silently.
+        if builtin.get("embed_dim") != preset.embed_dim:
+            raise ValueError(
+                f"open_clip {name} embed_dim={builtin.get('embed_dim')} differs from "
+                f"the vutrain preset's {preset.embed_dim}"
+            )
         builtin_vision = dict(builtin["vision_cfg"], head_width=builtin["vision_cfg"].get("head_width", 64))
         for key, value in vision.items():
             if key != "image_size" and builtin_vision.get(key) != value:  # the size may be overridden
