@@ -494,16 +494,33 @@ def check_model_config(cfg: ModelConfig) -> None:
         except OSError as exc:
             raise ConfigError(str(exc)) from exc
     else:
-        patch, (side, _) = PRESETS[cfg.preset].patch_size, preset_dims(cfg)
-        if side < patch:  # the patch convolution's kernel would not fit: failed at the first forward
-            raise ConfigError(
-                f"model.image_size={side} is smaller than the {cfg.preset} preset's {patch}-pixel "
-                f"patches; use at least {patch} (a multiple of {patch})"
-            )
+        check_image_size_fits_patches(cfg)
         config = preset_clip_config(cfg, _NamesOnlyTokenizer())
     if cfg.lora.enabled:
         with torch.device("meta"):
             check_lora_targets(CLIPModel(config), cfg.lora.target_modules)
+
+
+def check_image_size_fits_patches(cfg: ModelConfig) -> None:
+    """ConfigError unless a preset's image side is a whole number of its patches.
+
+    Smaller than one patch, the patch convolution failed at the first forward. Not a multiple
+    (model.image_size=60 with 8-pixel patches), the strided convolution and HF's patch grid both
+    round down: every image's last pixel rows and columns never reached the model, without a word.
+    """
+    patch, (side, _) = PRESETS[cfg.preset].patch_size, preset_dims(cfg)
+    if side < patch:
+        raise ConfigError(
+            f"model.image_size={side} is smaller than the {cfg.preset} preset's {patch}-pixel "
+            f"patches; use at least {patch} (a multiple of {patch})"
+        )
+    if side % patch:
+        below = side - side % patch
+        raise ConfigError(
+            f"model.image_size={side} is not a multiple of the {cfg.preset} preset's {patch}-pixel "
+            f"patches, so the last {side % patch} pixel rows and columns of every image would be "
+            f"dropped; use {below} or {below + patch}"
+        )
 
 
 class _NamesOnlyTokenizer:
