@@ -181,6 +181,19 @@ def check_scalar(value, name: str) -> None:
         raise ValueError(f"{name} must be a number or a one-element tensor; got {value!r}")
 
 
+def check_scalar_device(value, name: str, device: torch.device) -> None:
+    """A ``logit_scale`` or ``logit_bias`` tensor lives where the features' logits can use it: on
+    their device, or on the CPU (torch, and ``as_zero_dim``'s 0-dim form, take a CPU scalar beside
+    any device's tensor). A CUDA scale beside CPU features (an eval loop's cached features with the
+    model's parameter) failed inside the logits' product with torch's "Expected all tensors to be
+    on the same device", naming neither the argument nor the fix."""
+    if isinstance(value, torch.Tensor) and value.device != device and value.device.type != "cpu":
+        raise ValueError(
+            f"{name} is on {value.device} but the features are on {device}; move it to the "
+            f"features' device first ({name}.to(features.device)) or the features to {value.device}"
+        )
+
+
 def is_bool(value) -> bool:
     """A Python, numpy or torch boolean. Each passes as the number 0 or 1 (``operator.index(True)``
     is 1, ``float(torch.tensor(True))`` 1.0), so ``label_offset=True`` silently shifted every label
@@ -223,6 +236,7 @@ def contrastive_ce_reference(
     label_offset = as_label_offset(label_offset)
     check_inputs(queries, keys, label_offset, reduction)
     check_scalar(logit_scale, "logit_scale")
+    check_scalar_device(logit_scale, "logit_scale", queries.device)
     logits = scaled_logits(queries, keys, logit_scale)
     labels = torch.arange(queries.shape[0], device=queries.device) + label_offset
     return F.cross_entropy(logits, labels, reduction=reduction)
@@ -239,6 +253,7 @@ def clip_loss_reference(
     check_square(image_features, text_features)
     check_inputs(image_features, text_features, 0, "mean", CLIP_NAMES)
     check_scalar(logit_scale, "logit_scale")
+    check_scalar_device(logit_scale, "logit_scale", image_features.device)
     logits = scaled_logits(image_features, text_features, logit_scale)
     labels = torch.arange(image_features.shape[0], device=image_features.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -262,6 +277,8 @@ def sigmoid_loss_reference(
     check_inputs(queries, keys, label_offset, "mean")
     check_scalar(logit_scale, "logit_scale")
     check_scalar(logit_bias, "logit_bias")
+    for value, name in ((logit_scale, "logit_scale"), (logit_bias, "logit_bias")):
+        check_scalar_device(value, name, queries.device)
     logits = scaled_logits(queries, keys, logit_scale) + as_zero_dim(logit_bias)
     n = queries.shape[0]
     labels = -torch.ones_like(logits)
