@@ -417,6 +417,29 @@ def classify_one(model_dir: str, val_shards: str) -> tuple[str, str, float]:
     return truth, best["label"], best["score"]
 
 
+def plot_note(run_dir: str) -> str:
+    """Where the run's curves.png is, for the demo's last line, or that it was not written and why.
+
+    The training run draws it as a convenience and only warns when that fails (matplotlib missing
+    or broken, a full disk), so the demo printed "plot: .../curves.png" for a file that did not
+    exist. A missing plot is drawn again here, from metrics.jsonl, which also gives the reason when
+    it fails again; the demo still succeeds (the plot is no part of its result)."""
+    path = os.path.join(run_dir, "curves.png")
+    if os.path.isfile(path):  # the run directory was emptied before training: it is this run's
+        return f"plot: {path}"
+    from vutrain.startup_errors import one_line
+
+    try:
+        from vutrain.plots import plot_run
+
+        written = plot_run(run_dir)
+    except Exception as exc:  # ImportError (no matplotlib) included
+        return f"plot not written ({one_line(exc)}); metrics.jsonl holds the curves"
+    if written is None:
+        return f"plot not written ({run_dir}/metrics.jsonl has no rows)"
+    return f"plot: {written}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``make demo``; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m vutrain.demo", description=__doc__.split("\n")[0])
@@ -508,7 +531,7 @@ def run_demo(args: argparse.Namespace) -> int:
     top1, chance = final["eval/zeroshot_top1"], final["eval/zeroshot_chance"]
     print(
         f"\nzero-shot top-1 on the held-out set: {top1:.3f} (chance {chance:.3f}, "
-        f"{int(final['eval/zeroshot_classes'])} classes); plot: {run_dir}/curves.png; "
+        f"{int(final['eval/zeroshot_classes'])} classes); {plot_note(run_dir)}; "
         f"{time.time() - start:.0f} s"
     )
     if top1 < args.min_top1:

@@ -108,19 +108,27 @@ def _tag_warnings(rank: int) -> None:
     0, each of their lines (the source line under it included) starts with `[rank N] `, as the log
     lines do; rank 0's are the plain ones. Before, a vutrain warning (a library's deprecation notice
     about a call vutrain makes) printed once per rank with nothing saying which rank wrote which.
-    Only the text changes: warnings are still shown (and recorded by catch_warnings) as before."""
-    plain = getattr(warnings.formatwarning, "untagged", warnings.formatwarning)  # ours, from an earlier call
+    Only the text changes: warnings are still shown (and recorded by catch_warnings) as before.
+
+    The hook wrapped is `warnings._formatwarnmsg`, the step of the printing path that receives the
+    whole warning, not the public `formatwarning`: replacing that one lost tracemalloc's "Object
+    allocated at" note (`-X tracemalloc`; Python passes the allocated object only to the private
+    step), and under `logging.captureWarnings(True)` the text it tagged went into a log line whose
+    format tags it again ("[rank 1] WARNING py.warnings: [rank 1] ...")."""
+    hook_name = "_formatwarnmsg" if hasattr(warnings, "_formatwarnmsg") else "formatwarning"
+    current = getattr(warnings, hook_name)
+    plain = getattr(current, "untagged", current)  # ours, from an earlier call
     if rank == 0:
-        warnings.formatwarning = plain
+        setattr(warnings, hook_name, plain)
         return
     tag = f"[rank {rank}] "
 
-    def tagged(message, category, filename, lineno, line=None):
-        text = plain(message, category, filename, lineno, line)
+    def tagged(*args, **kwargs):
+        text = plain(*args, **kwargs)
         return "".join(tag + part for part in text.splitlines(keepends=True))
 
     tagged.untagged = plain
-    warnings.formatwarning = tagged
+    setattr(warnings, hook_name, tagged)
 
 
 def _tag_thread_exceptions(rank: int) -> None:

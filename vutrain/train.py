@@ -158,13 +158,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(progress: dict) -> int:
-    """One line for a Ctrl-C, from rank 0 (a terminal's Ctrl-C reaches every rank of the node at
-    once), saying what a rerun does: unlike SIGTERM, a Ctrl-C writes no checkpoint on the way out."""
+    """One line for a Ctrl-C, saying what a rerun does: unlike SIGTERM, a Ctrl-C writes no
+    checkpoint on the way out. Rank 0 says it in full (a terminal's Ctrl-C reaches every rank of
+    the node at once); every other rank says in one short tagged line that it was stopped: a SIGINT
+    to one rank alone (`kill -INT`, a scheduler's signal to one task) ended it without a word, and
+    the others' "Connection closed by peer ... check the logs of the remote worker" pointed at a
+    log that was empty."""
     info = progress.get("info")
-    if info is not None and info.rank != 0:
-        return INTERRUPTED_EXIT_CODE
+    rank = info.rank if info is not None else _launcher_rank()
     trainer, cfg = progress.get("trainer"), progress.get("cfg")
     where = "before training started" if trainer is None else f"at step {trainer.step}, with no checkpoint"
+    if rank != 0:
+        print(f"error: rank {rank}: stopped by Ctrl-C (SIGINT) {where}", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
     print(
         f"error: stopped by Ctrl-C (SIGINT) {where}: {_what_a_rerun_does(cfg)}; to stop with a "
         "checkpoint, send SIGTERM instead (kill PID: it checkpoints at the next step and exits 75)",
@@ -172,6 +178,13 @@ def _interrupted(progress: dict) -> int:
         flush=True,
     )
     return INTERRUPTED_EXIT_CODE
+
+
+def _launcher_rank() -> int:
+    """The rank the launcher exported, for a Ctrl-C before the ranks were resolved."""
+    from vutrain.logging_setup import process_rank
+
+    return process_rank()
 
 
 def _what_a_rerun_does(cfg) -> str:
