@@ -54,3 +54,15 @@ def test_a_plot_missing_after_training_is_drawn_again(tmp_path):
     run_dir = _run_dir(tmp_path)
     assert demo.plot_note(str(run_dir)) == f"plot: {run_dir}/curves.png"
     assert (run_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_val_shards_override_naming_shards_is_refused_before_anything_is_written(tmp_path, capsys):
+    """`data.val_shards=X` met the demo's own value in the config as one key given twice and
+    stopped with advice about quoting a shell's brace expansion; now the demo's own line."""
+    out, other = tmp_path / "out", tmp_path / "mine" / "{00000..00001}.tar"
+    code = demo.main(["--out", str(out), "--device", "cpu", f"data.val_shards={other}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: 'data.val_shards={other}': the demo evaluates on the held-out"), err
+    assert "vutrain/train.py" in err[0], err
+    assert not out.exists()

@@ -220,9 +220,16 @@ def refuse_demo_owned_overrides(overrides: list[str]) -> None:
     """DemoError for an override of a key the demo sets from its own options: `output_dir=X` sent the
     run to X while the demo read out/run afterwards and said it had no evaluation."""
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
+        key, _, value = (part.strip() for part in item.partition("="))
         if key in DEMO_OWNED_KEYS:
             raise DemoError(f"{item!r}: the demo sets {key} itself; {DEMO_OWNED_KEYS[key]}")
+        # `data.val_shards=` (no evaluation) stays the user's; shards of their own met the demo's
+        # in the config as one key given twice, a line about quoting a shell's brace expansion.
+        if key == "data.val_shards" and value:
+            raise DemoError(
+                f"{item!r}: the demo evaluates on the held-out split it writes; evaluate your own "
+                "shards with vutrain/train.py (data.val_shards=...) instead"
+            )
 
 
 def train(
