@@ -14,12 +14,13 @@ import contextlib
 import csv
 import datetime
 import glob
+import itertools
 import json
 import math
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -67,6 +68,10 @@ class MetadataResult:
 # nested list or an object: ``tag_text.tag_items``) and ``category_id`` values that are neither a
 # category id nor a name (a negative, fractional or too large number, true, an object).
 LEFT_OUT_FIELDS = ("tags", "category_id")
+# Tags texts that are blank or invisible once read (``""``, ``"\u200b"``: ``youtube.read_tags``),
+# counted under this key of ``values_left_out``, present only when some were: a tag "\u200b" was
+# left out of the shards and counted nowhere. Not under "tags": those are items of another type.
+BLANK_TAGS = "blank_tags"
 
 
 _TABLE_EXTENSIONS = (
@@ -160,28 +165,55 @@ def _no_field_limit() -> Iterator[None]:
         csv.field_size_limit(old)
 
 
-def _csv_records(lines: list[str], sep: str) -> Iterator[tuple[int, list[str], bool]]:
+def _csv_records(lines: Iterable[str], sep: str) -> Iterator[tuple[int, list[str], bool]]:
     """(first line, fields, as_written) per record of ``lines``, the header first, blank lines skipped.
 
     Strict CSV quoting, record by record. A record whose double quote opens a field and never
     closes, or closes before more text of the field (a TSV title ``"Best of``: TSV exports rarely
     quote), is that one line split at ``sep`` as written (``as_written``). Read with quoting, it
     stopped the build, or swallowed every row up to the next quote into one title or rejection.
+    ``lines`` is read as a stream: only the lines of the record being read are held.
     """
+    source = _RecordLines(lines)
     start = 0
-    while start < len(lines):
-        reader = csv.reader(map(lines.__getitem__, range(start, len(lines))), delimiter=sep, strict=True)
+    while True:
+        reader = csv.reader(source, delimiter=sep, strict=True)
         consumed = 0
         try:
             for fields in reader:
                 if fields:
                     yield start + consumed + 1, fields, False
                 consumed = reader.line_num
+                source.record_read()
             return
         except csv.Error:
             bad = start + consumed
-            yield bad + 1, lines[bad].rstrip("\r\n").split(sep), True
+            yield bad + 1, source.held[0].rstrip("\r\n").split(sep), True
+            source.read_again_after_first()
             start = bad + 1
+
+
+class _RecordLines:
+    """The lines of a CSV, each one held from when the csv reader takes it until its record is read:
+    a record that fails (an unclosed quote runs on) is read as its first line, and the lines after
+    that one are read again."""
+
+    def __init__(self, lines: Iterable[str]):
+        self.source, self.held = iter(lines), []
+
+    def __iter__(self) -> _RecordLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.source)
+        self.held.append(line)
+        return line
+
+    def record_read(self) -> None:
+        self.held.clear()
+
+    def read_again_after_first(self) -> None:
+        self.source, self.held = itertools.chain(self.held[1:], self.source), []
 
 
 def _quotes_are_clean(path: str, encoding: str, sep: str, errors: str) -> bool:
@@ -206,12 +238,15 @@ def _read_csv_keeping_malformed(path: str, encoding: str, sep: str, errors: str)
     module, record by record (pandas would drop such a row with a warning, shift every column when
     it is the first one, or swallow the rows after an unclosed quote)."""
     # utf-8-sig: pandas drops a byte order mark before the header; do the same.
-    with _open_text(path, "utf-8-sig" if encoding == "utf-8" else encoding, errors) as fh:
-        lines = fh.readlines()
-    if lines and _separator_in_line(lines[0]):
-        lines[0] = "\n"  # a blank line is skipped, and every record keeps its line number
-    with _no_field_limit():
-        records = _csv_records(lines, sep)
+    with (
+        _open_text(path, "utf-8-sig" if encoding == "utf-8" else encoding, errors) as fh,
+        _no_field_limit(),
+    ):
+        first = fh.readline()
+        if _separator_in_line(first):
+            first = "\n"  # a blank line is skipped, and every record keeps its line number
+        # Read as a stream: the file was held as a list of its lines beside the rows made of them.
+        records = _csv_records(itertools.chain([first] if first else [], fh), sep)
         first = next(records, None)
         if first is None:
             raise pd.errors.EmptyDataError("no header")
@@ -540,17 +575,14 @@ def _utf8_damage(path: str) -> str | None:
     )
 
 
-def _read_json_text(path: str) -> str:
-    # utf-8-sig: a byte order mark (Windows tools write one) is not part of the first record.
-    try:
-        with _open_text(path, "utf-8-sig") as f:
-            return f.read()
-    except UnicodeDecodeError as err:
-        line = err.object[: err.start].count(b"\n") + 1
-        raise MetadataError(
-            f"{path}:{line}: not UTF-8 ({err.reason} at byte {err.start}). JSON input must be "
-            "UTF-8: re-save the file as UTF-8, then run the same command again."
-        ) from None
+def _not_utf8(path: str) -> MetadataError:
+    """The error for JSON input that is not UTF-8, naming the line of its first bad byte (found a
+    block at a time: the file is not held)."""
+    line = _first_utf8_error_line(path) or 1
+    return MetadataError(
+        f"{path}:{line}: not UTF-8 (a byte sequence that UTF-8 text never holds). JSON input must be "
+        "UTF-8: re-save the file as UTF-8, then run the same command again."
+    )
 
 
 def _kind(value: object) -> str:
@@ -561,47 +593,109 @@ def _kind(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _array_element_lines(text: str, count: int) -> list[int]:
-    """The lines where the first ``count`` elements of the JSON array in ``text`` start."""
-    decoder, gap = json.JSONDecoder(), re.compile(r"[\s,]*")
-    pos = gap.match(text, text.index("[") + 1).end()
-    lines, line, counted = [], 1, 0
-    for _ in range(count):
-        line, counted = line + text.count("\n", counted, pos), pos
-        lines.append(line)
-        _, pos = decoder.raw_decode(text, pos)
-        pos = gap.match(text, pos).end()
-    return lines
+# Characters read at a time from a JSON file that is no JSON Lines (an array, or objects over many
+# lines); a value longer than the text held is read on with as much again.
+_JSON_BLOCK = 1 << 20
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+# How near the end of the text held a decode error must be to be taken for a value cut by a
+# block's end (a literal, a number, a \uXXXX escape), and read on; further back, it is the file's.
+_CUT_REACH = 64
 
 
-def _array_element_line(text: str, index: int) -> int:
-    """The line where element ``index`` of the JSON array in ``text`` starts (for errors only)."""
-    return _array_element_lines(text, index + 1)[-1]
+class _JsonValues:
+    """(line, value) of each element of the JSON array a file holds, or of each JSON value of a
+    file of values one after another (one object over many lines, ``jq .`` of JSON lines), read a
+    block at a time: read whole, a 2 GB dump was its text and every record parsed from it at once
+    (a yt-dlp record with its formats is hundreds of KB). Only the value being read is held."""
+
+    def __init__(self, path: str, errors: str = "strict"):
+        self.path, self.errors = path, errors
+        self.decoder = json.JSONDecoder(object_pairs_hook=_json_object)
+        self.text, self.pos, self.line = "", 0, 1  # ``line``: the line ``pos`` is on
+
+    def __iter__(self) -> Iterator[tuple[int, object]]:
+        # utf-8-sig: a byte order mark (Windows tools write one) is not part of the first value.
+        with _open_text(self.path, "utf-8-sig", self.errors) as self.fh:
+            if self._peek() != "[":
+                while self._peek():
+                    yield self._value()
+                return
+            self._step()
+            if self._peek() == "]":
+                self._step()
+            else:
+                yield from self._elements()
+            if self._peek():
+                raise self._invalid("Extra data after the closing ]", self.pos)
+
+    def _elements(self) -> Iterator[tuple[int, object]]:
+        while True:
+            yield self._value()
+            after = self._peek()
+            self._step()
+            if after == "]":
+                return
+            if after != ",":
+                why = f"Expecting ',' delimiter, found {after!r}" if after else "no closing ]"
+                raise self._invalid(why, self.pos - 1)
+
+    def _value(self) -> tuple[int, object]:
+        self._peek()  # raw_decode takes no whitespace before a value
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError as err:
+                if self._may_be_cut(err) and self._more():
+                    continue
+                raise self._invalid(err.msg, err.pos) from None
+            # A value that ends where the text held does may go on (a number: 12|34).
+            if end < len(self.text) or not self._more():
+                line = self.line
+                self._advance(end)
+                return line, value
+
+    def _may_be_cut(self, err: json.JSONDecodeError) -> bool:
+        return err.msg.startswith("Unterminated string") or len(self.text) - err.pos < _CUT_REACH
+
+    def _peek(self) -> str:
+        """The next character that is not JSON whitespace, "" at the end of the file."""
+        while True:
+            self._advance(_JSON_SPACE.match(self.text, self.pos).end())
+            if self.pos < len(self.text) or not self._more():
+                return self.text[self.pos : self.pos + 1]
+
+    def _step(self) -> None:
+        self._advance(self.pos + 1)
+
+    def _advance(self, end: int) -> None:
+        self.line += self.text.count("\n", self.pos, end)
+        self.pos = end
+
+    def _more(self) -> bool:
+        """Read on (as much again as the text held, at least a block); False at the end of the file."""
+        try:
+            block = self.fh.read(max(_JSON_BLOCK, len(self.text) - self.pos))
+        except UnicodeDecodeError:
+            raise _not_utf8(self.path) from None
+        if not block:
+            return False
+        self.text, self.pos = self.text[self.pos :] + block, 0
+        return True
+
+    def _invalid(self, why: str, pos: int) -> MetadataError:
+        line = self.line + self.text.count("\n", self.pos, pos)
+        return MetadataError(
+            f"{self.path}:{line}: not valid JSON ({why}). Fix that line, then run the same command again."
+        )
 
 
-def _json_array_records(path: str, text: str) -> list[dict]:
-    try:
-        records = json.loads(text, object_pairs_hook=_json_object)
-    except ValueError as err:
-        raise MetadataError(
-            f"{path}:{getattr(err, 'lineno', 1)}: not valid JSON ({getattr(err, 'msg', err)}). "
-            "Fix that line, then run the same command again."
-        ) from None
-    for index, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise MetadataError(
-                f"{path}:{_array_element_line(text, index)}: array element {index + 1} is "
-                f"{_kind(rec)}, not an object. A JSON array input needs one object per video."
-            )
-    return records
-
-
-def _json_lines(text: str) -> list[str]:
-    """The lines of a JSON Lines text: split at "\n" only (a "\r" before it is stripped with the
-    line's blanks). ``str.splitlines`` also splits at U+2028, U+2029 and U+0085, which JSON
-    allows unescaped inside a string (``json.dumps(ensure_ascii=False)`` writes them so): a title
-    holding one was cut in two and stopped the build as "not a JSON line"."""
-    return text.split("\n")
+def _first_json_char(path: str) -> str:
+    """The first character of ``path`` that is not whitespace (a byte order mark skipped), "" when none."""
+    with _open_text(path, "utf-8-sig", errors="replace") as fh:
+        while block := fh.read(1 << 16):
+            if block.strip():
+                return block.lstrip()[0]
+    return ""
 
 
 # yt-dlp records that hold videos instead of being one: ``yt-dlp -J`` of a playlist or channel.
@@ -682,70 +776,30 @@ def _refuse_repeated_keys(path: str, line: int | None, record: dict) -> None:
             )
 
 
-def _single_object(text: str) -> dict | None:
-    """The object a whole JSON text is (one object over many lines: ``yt-dlp -J | jq .``), else
-    None. On JSON Lines json.loads stops at the second value, so the check is cheap."""
-    if not text.lstrip().startswith("{"):
-        return None
-    try:
-        value = json.loads(text, object_pairs_hook=_json_object)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _json_record_lines(text: str, records: int) -> list[int] | None:
-    """The line each video record of a JSON text starts on (a playlist's entries: the line of
-    their element or JSON line, or None when that is a multi-line object)."""
-    if text.lstrip().startswith("["):
-        elements = json.loads(text)
-        starts = _array_element_lines(text, len(elements))
-        counts = [sum(1 for _ in _videos(e)) if isinstance(e, dict) else 1 for e in elements]
-    elif _single_object(text) is not None and records == 1:
-        return [next(n for n, line in enumerate(_json_lines(text), 1) if line.strip())]
-    else:
-        starts, counts = [], []
-        for n, line in enumerate(_json_lines(text), 1):
-            if not line.strip():
-                continue
-            try:
-                counts.append(sum(1 for _ in _videos(json.loads(line))))
-            except (ValueError, AttributeError):  # a multi-line object: no line per video
-                return None
-            starts.append(n)
-    return [start for start, count in zip(starts, counts, strict=True) for _ in range(count)]
-
-
 def _iter_json_records(path: str) -> Iterator[dict]:
-    if _starts_with_a_json_line(path):
-        yield from _streamed_json_lines(path)
+    if _starts_with_a_json_line(path) or _first_json_char(path) not in ("[", "{"):
+        yield from _streamed_json_lines(path)  # other text: refused at its first line there
         return
-    text = _read_json_text(path)
-    if text.lstrip().startswith("["):
-        for index, record in enumerate(_json_array_records(path, text)):
-            for video in _videos(record):
-                if getattr(video, "given_twice", None):
-                    _refuse_repeated_keys(path, _array_element_line(text, index), video)
-                yield video
-        return
-    single = _single_object(text)
-    if single is not None:
-        first_line = text[: text.index("{")].count("\n") + 1
-        for video in _videos(single):
-            _refuse_repeated_keys(path, first_line, video)
+    array = _first_json_char(path) == "["
+    for index, (line, value) in enumerate(_JsonValues(path)):
+        if not isinstance(value, dict):
+            what = f"array element {index + 1} is " if array else ""
+            raise MetadataError(
+                f"{path}:{line}: {what}{_kind(value)}, not an object. JSON input needs one object per video."
+            )
+        for video in _videos(value):
+            _refuse_repeated_keys(path, line, video)
             yield video
-        return
-    for lineno, line in enumerate(_json_lines(text), 1):
-        yield from _line_videos(path, lineno, line)
 
 
 def _starts_with_a_json_line(path: str) -> bool:
     """True when the first line of ``path`` that is not blank is a whole JSON object: JSON Lines,
-    read a line at a time (:func:`_streamed_json_lines`)."""
+    read a line at a time (:func:`_streamed_json_lines`). The line is only read when it opens with
+    ``{``: an array written on one line (``json.dump`` without indent) is the whole file."""
+    if _first_json_char(path) != "{":
+        return False
     with _open_text(path, "utf-8-sig", errors="replace", newline="\n") as fh:
         first = next((line.strip() for line in fh if line.strip()), "")
-    if not first.startswith("{"):
-        return False
     try:
         return isinstance(json.loads(first), dict)
     except (ValueError, RecursionError):
@@ -760,8 +814,7 @@ def _streamed_json_lines(path: str) -> Iterator[dict]:
             for lineno, line in enumerate(fh, 1):
                 yield from _line_videos(path, lineno, line)
     except UnicodeDecodeError:
-        _read_json_text(path)  # raises the error naming the line of the first bad byte
-        raise
+        raise _not_utf8(path) from None
 
 
 def _line_videos(path: str, lineno: int, line: str) -> Iterator[dict]:
@@ -784,15 +837,22 @@ def _line_videos(path: str, lineno: int, line: str) -> Iterator[dict]:
         yield video
 
 
-def _json_line_of_each_record(path: str) -> list[int]:
+def _json_line_of_each_record(path: str) -> Iterator[int]:
     """The line each video record of a JSON Lines file starts on, read a line at a time (a
     playlist's entries: the line of their playlist)."""
-    lines = []
     with _open_text(path, "utf-8-sig", errors="replace", newline="\n") as fh:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
-                lines += [lineno] * sum(1 for _ in _videos(json.loads(line)))
-    return lines
+                for _ in _videos(json.loads(line)):
+                    yield lineno
+
+
+def _json_value_line_of_each_record(path: str) -> Iterator[int]:
+    """The line each video record of a JSON array (or of JSON values over many lines) starts on:
+    that of its element (a playlist's entries: that of their playlist)."""
+    for line, value in _JsonValues(path, errors="replace"):
+        for _ in _videos(value) if isinstance(value, dict) else [value]:
+            yield line
 
 
 def _read_keys_only(record: dict) -> dict:
@@ -802,36 +862,53 @@ def _read_keys_only(record: dict) -> dict:
     return kept or record
 
 
-def _record_lines(path: str, records: int) -> list[int] | None:
-    """The file line where each record starts, for ``rejected_input.jsonl``: the record's index
-    was given as its line, one too low in every CSV (the header) and further off after blank
-    lines or fields spanning lines. None for parquet (no lines) or when the count disagrees."""
+def _record_lines(path: str, records: int, wanted: set[int]) -> dict[int, int] | None:
+    """The file line where each ``wanted`` record starts, for ``rejected_input.jsonl``: the record's
+    index was given as its line, one too low in every CSV (the header) and further off after blank
+    lines or fields spanning lines. None for parquet (no lines) or when the count disagrees. The
+    file is read as a stream and only the wanted lines are kept: a list of every line of the file
+    was read (and one of every record's line kept) when one row was rejected."""
+    starts = _record_starts(path)
+    if starts is None:
+        return None
+    found, count = {}, 0
+    for index, line in enumerate(starts):
+        if index in wanted:
+            found[index] = line
+        count = index + 1
+    return found if count == records else None
+
+
+def _record_starts(path: str) -> Iterator[int] | None:
+    """The line each record of ``path`` starts on, as the readers split it (None: parquet)."""
     lower = path.lower()
     if lower.endswith(".parquet"):
         return None
+    if lower.endswith(_JSON_SUFFIXES) and _starts_with_a_json_line(path):
+        return _json_line_of_each_record(path)
+    if lower.endswith(_JSON_SUFFIXES):
+        return _json_value_line_of_each_record(path) if _first_json_char(path) in ("[", "{") else None
+    return _csv_record_starts(path, "\t" if lower.endswith((".tsv", ".tsv.gz")) else ",")
+
+
+def _csv_record_starts(path: str, sep: str) -> Iterator[int]:
     # latin-1 decodes any bytes, and UTF-8 never uses the bytes of a newline, quote or separator
     # inside a character: the lines found are the same in whatever encoding the table was read.
-    if lower.endswith(_JSON_SUFFIXES) and _starts_with_a_json_line(path):
-        lines = _json_line_of_each_record(path)
-    elif lower.endswith(_JSON_SUFFIXES):
-        with _open_text(path, "latin-1") as fh:
-            text = fh.read().removeprefix("\xef\xbb\xbf")  # a UTF-8 byte order mark, as latin-1
-        lines = _json_record_lines(text, records)
-        if lines is None:
-            return None
-    else:
-        sep = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
-        # UTF-16 is the exception: its newline is two bytes, one of them zero.
+    # UTF-16 is the exception: its newline is two bytes, one of them zero.
+    with _open_text(path, _utf16_encoding(path) or "latin-1") as fh, _no_field_limit():
+        head = [fh.readline()]
+        declared = _separator_in_line(head[0])
+        if declared:
+            sep, head[0] = declared, "\n"
+        else:
+            while head[-1] and not head[-1].strip():  # blank lines before the header
+                head.append(fh.readline())
+            sep = _header_separator(head[-1], sep)
         # The records as the readers split them: an unclosed quote is one line, not the rest.
-        with _open_text(path, _utf16_encoding(path) or "latin-1") as fh, _no_field_limit():
-            text_lines = fh.readlines()
-            declared = _separator_in_line(text_lines[0]) if text_lines else None
-            if declared:
-                sep, text_lines[0] = declared, "\n"
-            else:
-                sep = _header_separator(next((t for t in text_lines if t.strip()), ""), sep)
-            lines = [line for line, _, _ in _csv_records(text_lines, sep)][1:]
-    return lines if len(lines) == records else None
+        records = _csv_records(itertools.chain(head, fh), sep)
+        next(records, None)  # the header
+        for line, _, _ in records:
+            yield line
 
 
 def _column_key(name: object) -> str:
@@ -1089,10 +1166,11 @@ def _canonical_rows(
             continue
         cid, name, category_left_out = _category(raw, cat_col, table)
         tags, not_tags = tag_items(_first(raw, tag_col))
+        kept_tags, blank_tags = youtube.read_tags(tags)  # the texts of the items: each read once
         row = {
             "video_id": vid,
             "title": youtube.clean_title(_first(raw, title_col)),
-            "tags": youtube.parse_tags(tags),  # the texts of the items: each read once
+            "tags": kept_tags,
             "category_id": cid,
             "category_name": name,
             "channel_id": str(_first(raw, chan_id_col) or "").strip(),
@@ -1100,7 +1178,8 @@ def _canonical_rows(
             "publish_time": _ytdlp_publish(_first(raw, pub_col)),
             "trending_date": _kaggle_date(_first(raw, [trend_col] if trend_col else [])),
         }
-        yield row, raw, "", {"tags": not_tags, "category_id": int(category_left_out)}
+        left_out = {"tags": not_tags, BLANK_TAGS: blank_tags, "category_id": int(category_left_out)}
+        yield row, raw, "", left_out
 
 
 # Every column name the readers take a field from (as ``_column_key`` writes it).
@@ -1152,16 +1231,25 @@ def _collapse(rows: list[tuple[int, dict]]) -> dict:
 
 
 class _RecordSource:
-    """Where record ``index`` of ``path`` starts (``file.csv:6``, or ``file.parquet row 2``); the
-    file's lines are found once, at the first record that needs them."""
+    """Where records of ``path`` start (``file.csv:6``, or ``file.parquet row 2``), written into
+    ``holder[key]``: the records asked for are noted while the file is read (``note``), and their
+    lines found in one pass over the file once it is read (``resolve``), keeping those lines only."""
 
     def __init__(self, path: str, records: int):
-        self.path, self.records, self.lines, self.looked = path, records, None, False
+        self.path, self.records = path, records
+        self.wanted: list[tuple[int, dict, str]] = []
 
-    def __call__(self, index: int) -> str:
-        if not self.looked:
-            self.lines, self.looked = _record_lines(self.path, self.records), True
-        return f"{self.path}:{self.lines[index]}" if self.lines else f"{self.path} row {index + 1}"
+    def note(self, index: int, holder: dict, key: str) -> None:
+        holder[key] = f"{self.path} row {index + 1}"  # what it stays when the file has no lines
+        self.wanted.append((index, holder, key))
+
+    def resolve(self) -> None:
+        if not self.wanted:
+            return
+        lines = _record_lines(self.path, self.records, {index for index, _, _ in self.wanted})
+        if lines is not None:
+            for index, holder, key in self.wanted:
+                holder[key] = f"{self.path}:{lines[index]}"
 
 
 def _count_left_out(
@@ -1169,8 +1257,9 @@ def _count_left_out(
 ) -> None:
     for name, count in left_out.items():
         if count:
-            result.values_left_out[name] += count
-            result.first_left_out.setdefault(name, where(index))
+            result.values_left_out[name] = result.values_left_out.get(name, 0) + count
+            if name not in result.first_left_out:
+                where.note(index, result.first_left_out, name)
 
 
 def describe_left_out(result: MetadataResult) -> str | None:
@@ -1179,6 +1268,7 @@ def describe_left_out(result: MetadataResult) -> str | None:
     kinds = {
         "tags": "tags item(s) that are no tag (true, 1.5, a nested list or an object)",
         "category_id": "category value(s) that are no category id or name (negative, fractional, true)",
+        BLANK_TAGS: 'tags item(s) blank or of invisible characters only ("", "\\u200b")',
     }
     found = [
         f"{count} {kinds[name]}, the first at {result.first_left_out[name]}"
@@ -1216,11 +1306,14 @@ def read_metadata(
         for index, (row, record, reason, left_out) in enumerate(_canonical_rows(path, df, fmt, table)):
             result.input_rows += 1
             if row is None:
-                result.rejected.append({"source": where(index), "reason": reason, "record": record})
+                rejection = {"source": "", "reason": reason, "record": record}
+                where.note(index, rejection, "source")
+                result.rejected.append(rejection)
                 continue
             _count_left_out(result, left_out, where, index)
             counter += 1
             by_id.setdefault(row["video_id"], []).append((counter, row))
+        where.resolve()
     for _vid, rows in by_id.items():
         result.duplicates += len(rows) - 1
         result.rows.append(_collapse(rows))

@@ -179,16 +179,25 @@ def parse_tags(value: object) -> list[str]:
     characters (zero-width space, BOM, soft hyphen, bidi marks; ZWNJ and ZWJ kept between letters)
     are no part of it, and an item of them alone is no tag, left out as a blank one is. The shards
     held "cats\\u200b" and a tag "\\u200b" where training reads "cats" and no tag."""
+    return read_tags(tag_items(value)[0])[0]
+
+
+def read_tags(items: list[str]) -> tuple[list[str], int]:
+    """(the tags of ``tag_items``' texts as :func:`parse_tags` writes them, how many of the texts
+    are blank or invisible once read: ``""``, ``" "``, ``"\u200b"``, ``"&#8203;"``). The reader of
+    a build counts those, so no text of a tags field is left out without a word."""
     tags: list[str] = []
     seen = set()
-    for item in tag_items(value)[0]:
+    blank = 0
+    for item in items:
         tag = read_tag(clean_title(item))
         # Removing a format character can leave two spaces side by side ("a \u200b b").
         tag = " ".join(tag.split()) if tag is not None else ""
+        blank += not tag
         if tag and tag not in seen:
             seen.add(tag)
             tags.append(tag)
-    return tags
+    return tags, blank
 
 
 def category_name(category_id: int | None, table: dict | None = None) -> str | None:
