@@ -453,6 +453,41 @@ restart_resume() {
     done
 }
 
+# args_with_restart_resume OUT_DIR ARGS...: sets RUN_ARGS to ARGS, with restart_resume's
+# train.resume=auto in place of every train.resume override of ARGS when it gives one. Appended
+# after the submitted train.resume=never, it made the trainer warn at every requeue that the key
+# "is given 2 times ... remove the others if that is not the one you meant", beside restart_resume's
+# own line saying what replaced what; the user can remove nothing from a requeued job.
+args_with_restart_resume() {
+    local out_dir="$1" resume arg value_next=0 options_end=0
+    shift
+    RUN_ARGS=("$@")
+    resume="$(restart_resume "$out_dir" "$@")"
+    [[ -n "$resume" ]] || return 0
+    RUN_ARGS=()
+    for arg in "$@"; do
+        if (( value_next )); then
+            value_next=0  # the file of --config, the number of --local_rank: never an override
+        elif (( !options_end )) && [[ "$arg" == -- ]]; then
+            options_end=1
+        elif (( !options_end )) && takes_a_value "$arg"; then
+            value_next=1
+        elif [[ "$arg" =~ ^[[:space:]]*train\.resume[[:space:]]*= ]]; then
+            continue
+        fi
+        RUN_ARGS+=("$arg")
+    done
+    RUN_ARGS+=("$resume")
+}
+
+# takes_a_value ARG: true for a trainer option whose value is the next argument, as
+# vutrain.config reads them: --config (or an abbreviation down to --c) and --local_rank, without '='.
+takes_a_value() {
+    [[ "$1" != *=* ]] || return 1
+    [[ "$1" == --local_rank || "$1" == --local-rank ]] && return 0
+    (( ${#1} >= 3 )) && [[ "--config" == "$1"* ]]
+}
+
 # forward_preemption SIGNAL: deliver SIGUSR1 to every process of every job step (not to this
 # batch shell). The trainer treats USR1 and TERM alike; USR1 is sent in both cases because the
 # deepspeed launcher answers TERM by killing its ranks 30 s later, while it ignores USR1 (see
@@ -746,8 +781,10 @@ run_preemptible() {
             log "checkpoint written, but job $SLURM_JOB_ID is ${state:-gone} (cancelled or out of time); not requeueing. Resubmit the same command to resume."
             return "$VUTRAIN_EXIT_PREEMPTED"
         fi
+        # :-0 in the line too: SLURM sets SLURM_RESTART_COUNT only once the job restarted, and
+        # VUTRAIN_MAX_RESTARTS=0 stopped a first start here on "unbound variable" (exit 1, not 75).
         if (( ${SLURM_RESTART_COUNT:-0} >= 10#${VUTRAIN_MAX_RESTARTS:-50} )); then
-            log "preempted, but the job already restarted ${SLURM_RESTART_COUNT} times (VUTRAIN_MAX_RESTARTS=${VUTRAIN_MAX_RESTARTS:-50}); not requeueing. Resubmit the same command to resume."
+            log "preempted, but the job already restarted ${SLURM_RESTART_COUNT:-0} times (VUTRAIN_MAX_RESTARTS=${VUTRAIN_MAX_RESTARTS:-50}); not requeueing. Resubmit the same command to resume."
             return "$VUTRAIN_EXIT_PREEMPTED"
         fi
         log "preempted: checkpoint written; requeueing job $SLURM_JOB_ID (restart count ${SLURM_RESTART_COUNT:-0})"

@@ -53,6 +53,9 @@ if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" =~ ^[0-9,]+$ ]];
     slots="$(awk -v h="$me" '{sub(/\r$/, "")} $1 == h {sub("slots=", "", $2); print $2}' "$hostfile")"
     # 10#: "slots=08" is 8 GPUs; as octal it was an arithmetic error and a refusal naming no GPUs.
     is_uint "$slots" || die "node $me: $hostfile gives it slots '$slots'; every line must read 'HOST slots=N' with N a positive integer."
+    # More slots than GPUs is no shared node: "request whole nodes" sent the user the wrong way.
+    visible="$(visible_device_count "$CUDA_VISIBLE_DEVICES")"
+    (( 10#$slots <= visible )) || die "node $me: $hostfile gives it slots=$slots but SLURM gave it $visible GPUs (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES): set slots=$visible in the hostfile, or submit with --gpus-per-node=$((10#$slots))."
     expected="$(seq -s, 0 $((10#$slots - 1)))"
     [[ "$CUDA_VISIBLE_DEVICES" == "$expected" ]] || die "node $me: SLURM gave GPUs CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES but the deepspeed launcher would use $expected. Request whole nodes (sbatch --exclusive) or use launch/slurm/srun.sbatch."
 fi
