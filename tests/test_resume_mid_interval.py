@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import pytest
+from step_signals import signal_before_step
 
 from inprocess_trainer import train
 
@@ -25,17 +25,6 @@ def _rows(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def _signal_before_step(trainer, step: int) -> None:
-    step_fn = trainer.train_step
-
-    def wrapped():
-        if trainer.step + 1 == step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return step_fn()
-
-    trainer.train_step = wrapped
-
-
 def test_preempted_mid_interval_at_an_eval_step_resumes_the_same_metrics(
     tiny_shards, tmp_path, single_process
 ):
@@ -44,7 +33,7 @@ def test_preempted_mid_interval_at_an_eval_step_resumes_the_same_metrics(
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     train(tiny_shards, full, steps=10, **SCHEDULE)
     with pytest.raises(Preempted) as raised:
-        train(tiny_shards, split, steps=10, on_trainer=lambda t: _signal_before_step(t, 7), **SCHEDULE)
+        train(tiny_shards, split, steps=10, on_trainer=lambda t: signal_before_step(t, 7), **SCHEDULE)
     assert raised.value.step == 8  # not a logging step, an eval step
     train(tiny_shards, split, steps=10, **SCHEDULE)
 

@@ -5,15 +5,15 @@ barrier timed out, or a rank read the last start's "ok" and went into the group 
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from rendezvous_ranks import finish, rank_env, start
+from rendezvous_ranks import rank_env
+from startup_ranks import run_ranks
 from worker_ports import free_port
 
 # Each rank starts the group, sums its rank over the group and ends it, three times. Rank 1 comes to
 # each restart first, as a rank that finished its work sooner does: rank 0 starts again only once
-# rank 1 has said (a file) that it is starting.
+# rank 1 has said (a file) that it is starting. Not startup_ranks.rank_script, which starts the
+# group once, as train.py does.
 RESTARTS_SCRIPT = """
 import os, time
 import torch
@@ -40,7 +40,7 @@ def test_the_ranks_of_one_process_pair_start_the_group_three_times(tmp_path):
     port = free_port()
     extra = {"VUTRAIN_DIST_TIMEOUT_MIN": "0.25", "SYNC_DIR": str(tmp_path)}
     envs = [rank_env(rank, 2, port, **extra) for rank in (0, 1)]
-    results = finish([start([sys.executable, "-c", RESTARTS_SCRIPT], env) for env in envs], 90)
+    results = run_ranks(RESTARTS_SCRIPT, envs, wait_s=90)
     for rank, (code, out) in enumerate(results):
         assert code == 0, f"rank {rank}: exit {code}:\n{out[-3000:]}"
         assert all(f"run {run}: sum 1" in out for run in (1, 2, 3)), out[-3000:]

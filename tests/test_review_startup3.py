@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from rendezvous_ranks import finish
+from rendezvous_ranks import rank_env
+from startup_ranks import rank_script, run_ranks
 from worker_ports import free_port
 
 from vutrain.distributed import remove_stale_baton
 
 REAL_BUILD = os.path.expanduser("~/.cache/torch_extensions/py311_cpu/deepspeed_shm_comm")
-RANK_SCRIPT = """
-from vutrain.distributed import init_distributed, resolve_dist_env
-init_distributed(resolve_dist_env(), timeout_minutes=2)
-print("started", flush=True)
-"""
+RANK_SCRIPT = rank_script()  # a group timeout of 2 minutes: _start_two_ranks sets it
 
 
 def _extensions_dir(tmp_path) -> str:
@@ -57,25 +52,15 @@ def _ninja_that_keeps_a_built_op(tmp_path) -> str:
 
 
 def _start_two_ranks(extensions_dir: str, path: str, timeout_s: float) -> list[tuple[int | None, str]]:
-    """(exit code or None when still running at `timeout_s`, stderr) of two real CPU ranks."""
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-        env.update(LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        env.update(TORCH_EXTENSIONS_DIR=extensions_dir, DS_ACCELERATOR="cpu", VUTRAIN_DEVICE="cpu")
-        env["PATH"] = path + os.pathsep + env.get("PATH", "")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", RANK_SCRIPT],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+    """(exit code or None when still running at `timeout_s`, output) of two real CPU ranks on one
+    node: both build or load the same shm op, in the same folder."""
+    port = free_port()
+    one_node = dict(LOCAL_SIZE="2", LOCAL_WORLD_SIZE="2", VUTRAIN_DIST_TIMEOUT_MIN="2")
+    one_node.update(TORCH_EXTENSIONS_DIR=extensions_dir, DS_ACCELERATOR="cpu", VUTRAIN_DEVICE="cpu")
+    one_node["PATH"] = path + os.pathsep + os.environ.get("PATH", "")
+    envs = [rank_env(rank, 2, port, LOCAL_RANK=str(rank), **one_node) for rank in range(2)]
     # A rank still running is killed: ninja has not run (or is the shim), nothing of it outlives the rank.
-    return finish(procs, timeout_s, stderr=True)
+    return run_ranks(RANK_SCRIPT, envs, timeout_s)
 
 
 @pytest.mark.slow
@@ -89,7 +74,7 @@ def test_stale_build_lock_of_a_dead_process_does_not_block_start(tmp_path):
     results = _start_two_ranks(extensions_dir, _ninja_that_keeps_a_built_op(tmp_path), timeout_s=90)
     assert [code for code, _ in results] == [0, 0], results
     assert not os.path.exists(lock)
-    warnings = [line for _, err in results for line in err.splitlines() if "removed " + lock in line]
+    warnings = [line for _, out in results for line in out.splitlines() if "removed " + lock in line]
     assert len(warnings) == 1, results
 
 

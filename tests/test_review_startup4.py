@@ -3,37 +3,22 @@ stop in one line that names the world size, not after the group's timeout with "
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from rendezvous_ranks import finish, rank_env, start
+from rendezvous_ranks import rank_env
+from startup_ranks import error_lines, rank_script, run_ranks
 from worker_ports import free_port
 
-# A rank as train.py starts it: init_distributed, and the one line train.py prints when it fails.
-RANK_SCRIPT = """
-import sys
-from vutrain import distributed, startup_errors
-distributed.LINGER_S = 2.0
-info = distributed.resolve_dist_env()
-try:
-    distributed.init_distributed(info, timeout_minutes=float(sys.argv[1]))
-except Exception as exc:
-    print(f"error: rank {info.rank}: {startup_errors.rendezvous_message(info, exc)}", flush=True)
-    sys.exit(1)
-print("started", flush=True)
-"""
+# A rank as train.py starts it, which takes the group's timeout from VUTRAIN_DIST_TIMEOUT_MIN.
+RANK_SCRIPT = rank_script(LINGER_S=2.0)
 
 
 def _run_ranks(world_sizes: list[int], timeout_minutes: float, wait_s: float) -> list[tuple[int | None, str]]:
     """(exit code, or None when still running after `wait_s`; output) of real CPU ranks 0, 1, ...
     started with the given WORLD_SIZEs at one rendezvous on 127.0.0.1."""
     port = free_port()
-    cmd = [sys.executable, "-c", RANK_SCRIPT, str(timeout_minutes)]
-    return finish([start(cmd, rank_env(rank, world, port)) for rank, world in enumerate(world_sizes)], wait_s)
-
-
-def _error_lines(out: str) -> list[str]:
-    return [line for line in out.splitlines() if line.startswith("error: ")]
+    timeout = {"VUTRAIN_DIST_TIMEOUT_MIN": str(timeout_minutes)}
+    envs = [rank_env(rank, world, port, **timeout) for rank, world in enumerate(world_sizes)]
+    return run_ranks(RANK_SCRIPT, envs, wait_s)
 
 
 @pytest.mark.slow  # its ranks start in tests/rendezvous_ranks.py
@@ -44,7 +29,7 @@ def test_ranks_with_different_world_sizes_stop_at_once_naming_both():
     results = _run_ranks([2, 3, 3], timeout_minutes=1.0, wait_s=40)
     for rank, (code, out) in enumerate(results):
         assert code == 1, f"rank {rank} did not stop in time (exit {code}):\n{out[-2000:]}"
-        lines = _error_lines(out)
+        lines = error_lines(out)
         assert len(lines) == 1, out[-2000:]
         assert "with world size 3 but rank 0 with 2" in lines[0], lines[0]
         assert "WORLD_SIZE" in lines[0], lines[0]
@@ -57,6 +42,6 @@ def test_a_rank_that_never_comes_is_named_by_the_world_size():
     results = _run_ranks([3, 3], timeout_minutes=0.1, wait_s=40)
     for rank, (code, out) in enumerate(results):
         assert code == 1, f"rank {rank}: exit {code}:\n{out[-2000:]}"
-        lines = _error_lines(out)
+        lines = error_lines(out)
         assert len(lines) == 1, out[-2000:]
         assert "only 2 of the 3 ranks of WORLD_SIZE" in lines[0], lines[0]

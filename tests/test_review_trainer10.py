@@ -17,6 +17,7 @@ import signal
 
 import pytest
 import torch
+from step_signals import signal_before_step
 
 from inprocess_trainer import train
 
@@ -90,17 +91,6 @@ def test_grad_norm_max_maps_deepspeeds_markers_as_grad_norm_does(reported, expec
     assert norm_max.read() is None
 
 
-def _signal_before_step(trainer, step: int) -> None:
-    step_fn = trainer.train_step
-
-    def wrapped():
-        if trainer.step + 1 == step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return step_fn()
-
-    trainer.train_step = wrapped
-
-
 def test_grad_norm_max_survives_a_resume_mid_interval(tiny_shards, tmp_path, single_process):
     """A run pre-empted at step 2 of a 3-step interval and resumed logs, at steps 3 and 6, the
     train/grad_norm_max of a run that did not stop (rel 1e-6), and step 3's is the largest of the
@@ -113,7 +103,7 @@ def test_grad_norm_max_survives_a_resume_mid_interval(tiny_shards, tmp_path, sin
 
     def before(trainer) -> None:
         _record_step_norms(norms)(trainer)
-        _signal_before_step(trainer, 1)
+        signal_before_step(trainer, 1)
 
     with pytest.raises(Preempted) as raised:
         train(tiny_shards, split, steps=6, on_trainer=before, train__log_every=3, **NO_EVAL)

@@ -19,11 +19,11 @@ import logging
 import math
 import numbers
 import os
-import signal
 
 import pytest
 import torch
 from run_rows import metrics_rows
+from step_signals import signal_before_step
 from training_rows import TRAIN_ONLY, training_rows
 
 from inprocess_trainer import train
@@ -111,17 +111,6 @@ def test_term_columns_leave_out_skipped_micro_batches(tiny_shards, tmp_path, sin
         assert row[f"train/{key}"] == pytest.approx(sum(s[2][key] for s in good) / 2, rel=1e-6)
 
 
-def _signal_before_step(trainer, step: int) -> None:
-    step_fn = trainer.train_step
-
-    def wrapped():
-        if trainer.step + 1 == step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return step_fn()
-
-    trainer.train_step = wrapped
-
-
 def test_term_interval_sums_survive_a_resume_mid_interval(tiny_shards, tmp_path, single_process):
     """A run pre-empted at step 2 of a 4-step logging interval and resumed logs at step 4 the same
     train/align and train/uniform as a run that did not stop (rel 1e-5)."""
@@ -131,7 +120,7 @@ def test_term_interval_sums_survive_a_resume_mid_interval(tiny_shards, tmp_path,
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     train(tiny_shards, straight, steps=4, **common)
     with pytest.raises(Preempted) as raised:
-        train(tiny_shards, split, steps=4, on_trainer=lambda t: _signal_before_step(t, 1), **common)
+        train(tiny_shards, split, steps=4, on_trainer=lambda t: signal_before_step(t, 1), **common)
     assert raised.value.step == 2
     train(tiny_shards, split, steps=4, **common)
     want = [r for r in metrics_rows(straight) if r["step"] == 4][0]
