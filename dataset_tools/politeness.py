@@ -7,6 +7,7 @@ divides the user's global caps by the number of processes (see ``PolitenessConfi
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import json
@@ -16,6 +17,11 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, replace
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the file is written unlocked, as before the lock
+    fcntl = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,9 @@ class SharedCoolDown:
     held one host: a build that moved ``--url-template`` to another host, was throttled there and
     moved back within ``--backoff-max`` had lost the first host's pause and hit it again at once.
     Ended pauses are dropped when the file is written, and at most ``MAX_COOL_DOWN_HOSTS`` kept.
+    Each write re-reads and replaces the file under an ``flock`` of ``host_cooldown.json.lock``:
+    until 2026-12-07 two processes extending at once could each write the map they had read, and
+    the later write dropped the other's new host or kept its shorter end.
     A file without a host (a build before the host was recorded, or ``host`` None here) holds
     back every host, for at most ``max_seconds``. A file that does not read, names no number or
     lies in the past means no wait; a wait longer than ``max_seconds`` (a clock set back) is cut
@@ -127,13 +136,16 @@ class SharedCoolDown:
         if until <= self._until:
             return
         self._until = until
-        # Read afresh, not from the last look: the other hosts' pauses in the file are kept.
-        hosts = {h: end for h, end in _read_hosts(self.path).items() if end > now}
-        key = _ANY_HOST if self.host is None else self.host
-        hosts[key] = max(until, hosts.get(key, 0.0))
-        kept = dict(sorted(hosts.items(), key=lambda item: item[1], reverse=True)[:MAX_COOL_DOWN_HOSTS])
-        record = {"hosts": kept, "until": until} | ({} if self.host is None else {"host": self.host})
-        _write_atomically(self.path, record)
+        # Read and write under the lock: two processes of a build extending at once each read
+        # the file and wrote their own map, and the later write dropped the other's new pause.
+        with _locked(self.path):
+            # Read afresh, not from the last look: the other hosts' pauses in the file are kept.
+            hosts = {h: end for h, end in _read_hosts(self.path).items() if end > now}
+            key = _ANY_HOST if self.host is None else self.host
+            hosts[key] = max(until, hosts.get(key, 0.0))
+            kept = dict(sorted(hosts.items(), key=lambda item: item[1], reverse=True)[:MAX_COOL_DOWN_HOSTS])
+            record = {"hosts": kept, "until": until} | ({} if self.host is None else {"host": self.host})
+            _write_atomically(self.path, record)
 
     def _refresh(self) -> None:
         try:
@@ -148,6 +160,50 @@ class SharedCoolDown:
         # the clock was set back.
         until = _until_for(_read_hosts(self.path), self.host)
         self._until = max(self._until, min(until, time.time() + self.max_seconds))
+
+
+COOL_DOWN_LOCK_WAIT = 10.0
+"""Longest wait, in seconds, for another process's hold of the cool-down file's lock (held for
+one read and one write, milliseconds); past it the write goes ahead unlocked. A holder that never
+lets go (stopped, or a child forked while a thread held it, which keeps the lock alive) must not
+stop every download of the build."""
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """Hold an exclusive ``flock`` on ``PATH.lock`` (kept, never removed: removing it would let
+    two writers lock two different files). A lock that cannot be taken (a read-only folder, a
+    file system without locks, a holder past ``COOL_DOWN_LOCK_WAIT``) is done without, like a
+    write that fails: a build never stops for this file."""
+    fd = _lock_fd(f"{path}.lock")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
+
+
+def _lock_fd(lock_path: str) -> int | None:
+    """An open descriptor of ``lock_path`` with the exclusive lock taken, or None."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    give_up = time.monotonic() + COOL_DOWN_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= give_up:
+                break
+            time.sleep(0.005)  # polled: a blocking flock cannot be given up on
+        except OSError:
+            break
+    os.close(fd)
+    return None
 
 
 def _write_atomically(path: str, record: dict) -> None:
