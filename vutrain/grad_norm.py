@@ -108,6 +108,24 @@ def _keep_step_norm(optimizer, args, kwargs) -> None:
     optimizer._global_grad_norm = norm
 
 
+def step_norm(norm, device: torch.device, skipped: torch.Tensor | None = None) -> torch.Tensor:
+    """One step's norm as a float64 0-dim tensor on `device`, with the logs' reading: DeepSpeed's -1,
+    NaN and a step the non-finite guard skipped (`skipped`, a device bool) are inf. No host read."""
+    if isinstance(norm, torch.Tensor):
+        value = norm.detach().to(device=device, dtype=torch.float64).reshape(())
+    else:  # a fill kernel: as_tensor of a host float copies from pageable memory, a device wait
+        value = torch.full((), float(norm), dtype=torch.float64, device=device)
+    invalid = ~(value >= 0)  # NaN >= 0 is False too: both markers become inf
+    if skipped is not None:
+        invalid = invalid | skipped.to(device)
+    return torch.where(invalid, torch.full_like(value, float("inf")), value)
+
+
+def logged_step_norm(norm, device: torch.device, skipped: torch.Tensor | None = None) -> float | None:
+    """train/grad_norm: `step_norm` read on the host (a logging step's one read), None for none."""
+    return None if norm is None else float(step_norm(norm, device, skipped))
+
+
 class IntervalNormMax:
     """The largest global gradient norm of a logging interval's optimizer steps (train/grad_norm_max).
 
@@ -120,19 +138,17 @@ class IntervalNormMax:
     def __init__(self) -> None:
         self._max: torch.Tensor | None = None
 
-    def add(self, norm, device: torch.device) -> None:
+    def add(self, norm, device: torch.device, skipped: torch.Tensor | None = None) -> None:
         """Fold in one step's norm as DeepSpeed reports it (a tensor, a float, or None for none).
 
-        Its -1 (ZeRO's non-finite marker) and NaN count as inf, as train/grad_norm reads them."""
+        Its -1 (ZeRO's non-finite marker) and NaN count as inf, as train/grad_norm reads them, and
+        so does a step the non-finite guard skipped (`skipped`: NonFiniteGuard.step_skipped, on the
+        device): bf16 ZeRO-1/2's step-time mask reports -1 for it, the per-parameter hooks' zeroed
+        gradients 0, which hid the skip behind the interval's other steps."""
         if norm is None:
             return
         with torch.no_grad():
-            if isinstance(norm, torch.Tensor):
-                value = norm.detach().to(device=device, dtype=torch.float64).reshape(())
-            else:  # a fill kernel: as_tensor of a host float copies from pageable memory, a device wait
-                value = torch.full((), float(norm), dtype=torch.float64, device=device)
-            # NaN >= 0 is False too: both markers become inf
-            value = torch.where(value >= 0, value, torch.full_like(value, float("inf")))
+            value = step_norm(norm, device, skipped)
             self._max = value if self._max is None else torch.maximum(self._max, value)
 
     def read(self) -> float | None:

@@ -82,6 +82,8 @@ class GradCache:
         locked: "image" or "text", a tower that gets no gradient (its weights frozen), or None.
             With it, forward_fn must also take `towers=(name,)`, run only that tower and return
             None for the other's features; the locked tower then runs once per micro-batch.
+            Naming a tower whose parameters still train is a ValueError here (it would get no
+            gradient); a frozen tower left unnamed is correct, only forwarded twice per micro-batch.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class GradCache:
     ) -> None:
         if locked not in (None, *TOWERS):
             raise ValueError(f"GradCache(locked={locked!r}): use None, 'image' or 'text'")
+        refuse_trainable_locked_tower(engine, locked)
         self.engine, self.forward_fn, self.loss_fn, self.locked = engine, forward_fn, loss_fn, locked
         self._batches: Sequence[Any] = ()
         self._rng: list[RngState] = []
@@ -196,6 +199,33 @@ class GradCache:
             self.engine.step()
         self._rng_after.restore()  # the RNG advances as if each micro-batch ran forward once
         self._batches, self._grads, self._rng, self._locked_features = (), [], [], []
+
+
+LOCK_SETTING = {"image": "model.lock_image", "text": "model.lock_text"}
+MODEL_TOWER = {"image": "vision", "text": "text"}  # GradCache's tower names -> vutrain.model's
+
+
+def refuse_trainable_locked_tower(engine: Any, locked: str | None) -> None:
+    """Raise a one-line ValueError when `locked` names a tower of the engine's model that still has
+    trainable parameters: phase 3 reuses that tower's no-grad features, so it would silently get no
+    gradient while the optimizer still steps it (weight decay). Checked where the model is known
+    (a DeepSpeed engine's `module`, or the engine itself as an nn.Module) and its towers carry
+    CLIP's module names (vutrain.model.TOWER_PREFIXES); any other model is taken as given."""
+    model = getattr(engine, "module", engine)
+    if locked is None or not isinstance(model, torch.nn.Module):
+        return
+    from vutrain.model import TOWER_PREFIXES
+
+    # Anywhere in the name: the CLIPModel sits inside ClipTrainModule ("clip.") and peft's wrapper.
+    marks = tuple("." + prefix for prefix in TOWER_PREFIXES[MODEL_TOWER[locked]])
+    in_tower = (n for n, p in model.named_parameters() if p.requires_grad)
+    trainable = [n for n in in_tower if any(m in "." + n for m in marks)]
+    if trainable:
+        raise ValueError(
+            f"GradCache(locked={locked!r}): the {locked} tower has {len(trainable)} trainable parameter "
+            f"tensor(s) (first: {trainable[0]}) that would get no gradient; freeze the tower "
+            f"({LOCK_SETTING[locked]}=true, or requires_grad_(False) on its parameters) or pass locked=None"
+        )
 
 
 def engine_loss_scale(engine: Any) -> float | torch.Tensor:

@@ -101,6 +101,12 @@ class NonFiniteGuard:
         self._stats[4] = torch.maximum(self._stats[4], (flags[2] > 0).double())
         return loss.masked_fill(bad, 0)
 
+    def step_skipped(self, micro_batches: int) -> torch.Tensor:
+        """Whether the last optimizer step's `micro_batches` micro-batches were all skipped (a 0-dim
+        bool on the device, no host read): the skipped-in-a-row count covers at least one step.
+        Such a step's logged gradient norm reads inf whichever path zeroed it (grad_norm.py)."""
+        return self._stats[3] >= micro_batches
+
     def read(self) -> GuardStats:
         """Copy the statistics to the host (the one sync) and restart the per-interval sums."""
         *stats, zeroed = torch.cat([self._stats, self.zeroed_steps.reshape(1)]).tolist()

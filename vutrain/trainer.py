@@ -32,7 +32,7 @@ from vutrain.engine import build_engine
 from vutrain.evaluate import EvalInterrupted, Evaluator
 from vutrain.global_batch import as_given, with_global_batch
 from vutrain.grad_clip import count_zeroed_steps, mask_at_step
-from vutrain.grad_norm import IntervalNormMax
+from vutrain.grad_norm import IntervalNormMax, logged_step_norm
 from vutrain.losses import build_loss_from_config
 from vutrain.metrics import IntervalTermMeans, MetricsWriter, logged_eval
 from vutrain.model import (
@@ -770,11 +770,12 @@ class Trainer:
         DeepSpeed keeps it on the device under ZeRO for its clipping; read on logging steps only,
         after the guard's read, so the device has finished it. DeepSpeed's -1 for a NaN/inf
         gradient (bf16 ZeRO-1/2) reads inf, as its overflow path sets."""
-        norm = engine_grad_norm(self.engine)
-        if norm is None:
-            return None
-        value = float(norm)
-        return value if value >= 0 else float("inf")
+        return logged_step_norm(engine_grad_norm(self.engine), self.device, self._step_skipped())
+
+    def _step_skipped(self) -> torch.Tensor:
+        """Whether the non-finite guard skipped the last step (device bool): its norm reads inf on
+        every path (the step-time mask reports -1, the per-parameter hooks' zeroed gradients 0)."""
+        return self.guard.step_skipped(self.cfg.train.grad_accum_steps)
 
     def _overflow_skipped_steps(self) -> int:
         """Optimizer steps DeepSpeed skipped on a gradient overflow since the run started (resumes
@@ -960,7 +961,7 @@ class Trainer:
             while self.step < cfg.train.max_steps:
                 t0 = time.perf_counter()
                 times, _ = self.train_step()
-                self._norm_max.add(engine_grad_norm(self.engine), self.device)
+                self._norm_max.add(engine_grad_norm(self.engine), self.device, self._step_skipped())
                 self.step += 1
                 # The last step logs too: the rest of its interval (losses, non-finite skips and
                 # their warning) was never reported, and its stop was first read after the loop.
