@@ -1,11 +1,16 @@
-"""The PNG written at the end of a run: training loss and the eval curves."""
+"""The PNG written at the end of a run: training loss and the eval curves.
+
+python -m vutrain.plots RUN_DIR   draws RUN_DIR/curves.png again from RUN_DIR/metrics.jsonl
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import numbers
 import os
+import sys
 
 from vutrain.metrics import iter_metrics
 
@@ -131,3 +136,27 @@ def plot_run(run_dir: str, out_name: str = "curves.png") -> str | None:
     path = os.path.join(run_dir, out_name)
     fig.savefig(path, dpi=100)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Draw a run's curves.png from its metrics.jsonl (one a run left missing: a Ctrl-C while it
+    drew, a full disk); returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m vutrain.plots", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="the run's output_dir, which holds metrics.jsonl")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        path = plot_run(args.run_dir)
+    except OSError as exc:  # a read-only run directory, a full disk: one line, not a traceback
+        print(f"error: curves.png not written in {args.run_dir}: {exc}", file=sys.stderr)
+        return 1
+    if path is None:
+        where = os.path.join(args.run_dir, "metrics.jsonl")
+        print(f"error: {where} is missing or has no rows: nothing to draw", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

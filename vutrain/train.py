@@ -171,6 +171,9 @@ def _interrupted(progress: dict) -> int:
     if rank != 0:
         print(f"error: rank {rank}: stopped by Ctrl-C (SIGINT) {where}", file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT_CODE
+    if trainer is not None and _wrote_done_marker(trainer):
+        print(_interrupted_after_finish(trainer), file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
     print(
         f"error: stopped by Ctrl-C (SIGINT) {where}: {_what_a_rerun_does(cfg)}; to stop with a "
         "checkpoint, send SIGTERM instead (kill PID: it checkpoints at the next step and exits 75)",
@@ -178,6 +181,23 @@ def _interrupted(progress: dict) -> int:
         flush=True,
     )
     return INTERRUPTED_EXIT_CODE
+
+
+def _wrote_done_marker(trainer) -> bool:
+    """Whether this run wrote its done.json (its start removed the previous run's): after it, rank
+    0 only draws curves.png, which takes tens of seconds for a long run's metrics.jsonl."""
+    return os.path.isfile(os.path.join(trainer.run_dir, "done.json"))
+
+
+def _interrupted_after_finish(trainer) -> str:
+    """The Ctrl-C line for a run that had finished: it said "with no checkpoint" and that a rerun
+    resumes, of a run whose final checkpoint and done.json were written, and gave no way to get the
+    curves.png it left missing or cut short."""
+    return (
+        f"error: stopped by Ctrl-C (SIGINT) while drawing curves.png, after the run finished at step "
+        f"{trainer.step} (its final checkpoint and done.json are written): curves.png may be missing "
+        f"or cut short; draw it with python -m vutrain.plots {trainer.run_dir}"
+    )
 
 
 def _launcher_rank() -> int:
