@@ -464,23 +464,34 @@ def retrieval_pair_groups(tokens: list[tuple], image_ids: list) -> tuple[list[in
     return images, captions
 
 
-def repeated_samples(image_ids: list, tokens: list, labels: list, tags: list) -> list[int]:
+def repeated_samples(
+    image_ids: list, tokens: list, labels: list, tags: list, video_ids: list | None = None
+) -> list[int]:
     """Indices of the samples that repeat an earlier one in every field a metric reads: the same
-    image bytes (``image_ids``; None repeats nothing), caption tokens, labels and tags (``tags``
-    may be empty: not gathered).
+    image (``image_ids``, its bytes; or ``video_ids``, the video it shows; None repeats nothing),
+    caption tokens, labels and tags (``tags`` may be empty: not gathered).
 
     The same video in two validation shards was scored twice: its pair weighted double, and as a
     wrong column it beat other rows twice (i2t R@1 0.67 -> 0.75 and R@2 1.0 -> 0.75 on a 3-sample
     set with one video copied). A copy tells the metrics nothing its first does not."""
+    return [i for i, _ in _repeats(image_ids, tokens, labels, tags, video_ids)]
+
+
+def _repeats(image_ids: list, tokens: list, labels: list, tags: list, video_ids: list | None) -> list[tuple]:
+    """``repeated_samples`` as (index, whether its image bytes differ from every earlier copy's).
+
+    By video as well as by bytes: a shard rebuilt at another thumbnail size holds the same videos
+    re-encoded (other bytes, the same video_id), so a set holding both scored each video twice."""
+    video_ids = video_ids if video_ids is not None else [None] * len(image_ids)
     seen: set = set()
     copies = []
-    for i, (image, caption, labs) in enumerate(zip(image_ids, tokens, labels, strict=True)):
-        if image is None:
-            continue
-        key = (image, caption, frozenset(labs), tuple(tags[i]) if tags else ())
-        if key in seen:
-            copies.append(i)
-        seen.add(key)
+    for i, (image, video, caption, labs) in enumerate(zip(image_ids, video_ids, tokens, labels, strict=True)):
+        rest = (caption, frozenset(labs), tuple(tags[i]) if tags else ())
+        by_image = ("image", image, *rest) if image is not None else None
+        by_video = ("video", video, *rest) if video is not None else None
+        if by_image in seen or by_video in seen:
+            copies.append((i, by_image not in seen))
+        seen.update(k for k in (by_image, by_video) if k is not None)
     return copies
 
 
@@ -493,13 +504,15 @@ def _without(drop: list[int], img: torch.Tensor, txt: torch.Tensor, *lists: list
     return (img[rows], txt[rows], *kept_lists)
 
 
-def _warn_copies(count: int) -> None:
+def _warn_copies(count: int, reencoded: int) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         log.warning(
-            "eval: %d validation sample(s) repeat an earlier one (the same image bytes, caption and "
-            "labels: one video in two shards?); each is scored once (eval/duplicate_samples). "
-            "List them with `python -m dataset_tools dedup DIR`.",
+            "eval: %d validation sample(s) repeat an earlier one (the same caption, labels and tags, and "
+            "the same image bytes or the same video_id/url: one video in two shards?), %d of them with "
+            "other image bytes (a shard rebuilt at another thumbnail size?); each video is scored once "
+            "(eval/duplicate_samples). List them with `python -m dataset_tools dedup DIR`.",
             count,
+            reencoded,
         )
 
 
@@ -515,6 +528,7 @@ def sample_fields(batch: dict) -> dict[str, list]:
         tags=list(batch.get("tags", [[]] * n)),
         tokens=caption_tokens(batch),  # identical captions: one group in recall
         image_ids=list(batch.get("image_ids", [None] * n)),
+        video_ids=list(batch.get("video_ids", [None] * n)),  # re-encoded copies: one video
     )
 
 
@@ -793,13 +807,16 @@ def evaluate(
         dim = engine.module.base.config.projection_dim
         img = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, dim, device=device)
         txt = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dim, device=device)
-        labels, tags, tokens, image_ids = (
-            [v for b in kept for v in b[field]] for field in ("labels", "tags", "tokens", "image_ids")
+        labels, tags, tokens, image_ids, video_ids = (
+            [v for b in kept for v in b[field]]
+            for field in ("labels", "tags", "tokens", "image_ids", "video_ids")
         )
         img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
         tokens, image_ids = gather_objects(tokens), gather_objects(image_ids)
+        video_ids = gather_objects(video_ids)
         tags = gather_objects(tags) if tag_vocab_size > 0 else []
-        copies = repeated_samples(image_ids, tokens, labels, tags)
+        repeats = _repeats(image_ids, tokens, labels, tags, video_ids)
+        copies = [i for i, _ in repeats]
         if copies:  # the same on every rank: the gathered lists are
             img, txt, labels, tags, tokens, image_ids = _without(
                 copies, img, txt, labels, tags, tokens, image_ids
@@ -808,7 +825,7 @@ def evaluate(
         metrics: dict[str, float] = {"eval/num_samples": float(img.shape[0])}
         if copies:
             metrics["eval/duplicate_samples"] = float(len(copies))
-            _warn_copies(len(copies))
+            _warn_copies(len(copies), sum(reencoded for _, reencoded in repeats))
         if img.shape[0] == 0:
             return metrics
         pair_groups = retrieval_pair_groups(tokens, image_ids)  # identical images / captions: one each

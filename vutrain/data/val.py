@@ -50,8 +50,9 @@ class ValStream:
     element of a list, none when absent; what zero-shot scores against), ``tags`` list[list[str]]
     (the ``tags`` metadata, ``labels.tag_values``: a list, or a comma-separated string split, as
     training's tag positives read it; empty when absent; for the multi-label retrieval metrics),
-    ``keys`` list[str] and ``image_ids`` list[str] (a digest of the encoded image bytes: equal for
-    the same file, so recall can count identical images as one). A sample without a label still
+    ``keys`` list[str], ``image_ids`` list[str] (a digest of the encoded image bytes: equal for
+    the same file, so recall can count identical images as one) and ``video_ids`` list[str | None]
+    (``video_identity``: equal for two encodings of one video). A sample without a label still
     counts for retrieval; zero-shot leaves it out.
 
     ``num_workers``: loader worker processes (module doc); -1 is training's auto count for a rank
@@ -126,6 +127,7 @@ class ValStream:
             tags=[tag_values(m.get("tags")) for m in metas],
             keys=keys,
             image_ids=image_ids,
+            video_ids=[video_identity(m) for m in metas],
         )
         return batch
 
@@ -259,6 +261,19 @@ def distinct_shards(shards: list[str], warn: bool = True) -> list[str]:
 def image_digest(raw: dict) -> str:
     """A digest of a decoded sample's encoded image bytes (a few KB, so cheap beside the decode)."""
     return hashlib.blake2b(raw[image_member(raw)], digest_size=16).hexdigest()
+
+
+def video_identity(meta: dict) -> str | None:
+    """The video a sample shows, from its metadata: its ``video_id`` (dataset tools' shards), else
+    its ``url`` (plain img2dataset shards); None without either. Equal for two encodings of one
+    thumbnail (a shard rebuilt at another size), which ``image_digest`` tells apart. Not the
+    ``__key__``: img2dataset numbers samples by shard and position, so two builds share keys for
+    different videos."""
+    for field in ("video_id", "url"):
+        value = meta.get(field)
+        if isinstance(value, str) and value.strip():
+            return f"{field}:{value.strip()}"
+    return None
 
 
 def label_values(value, field: str = "") -> list[str]:
