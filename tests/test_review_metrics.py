@@ -102,9 +102,13 @@ def test_values_that_are_no_number_are_left_out_and_counted(tmp_path, monkeypatc
 )
 def test_grad_norm_maps_deepspeeds_markers_to_inf(reported, logged):
     """train/grad_norm from DeepSpeed's get_global_grad_norm(): a norm (tensor or float) as a float,
-    its -1 marker and NaN as inf, None (no norm) as absent. The mapping only reads the engine."""
+    its -1 marker and NaN as inf, None (no norm) as absent. The mapping reads the engine and the
+    non-finite guard's flag (here: the step was not skipped; test_review_nonfinite3.py: it was)."""
     engine = SimpleNamespace(get_global_grad_norm=lambda: reported)
-    value = Trainer._grad_norm(SimpleNamespace(engine=engine))
+    not_skipped = SimpleNamespace(
+        engine=engine, device=torch.device("cpu"), _step_skipped=lambda: torch.tensor(False)
+    )
+    value = Trainer._grad_norm(not_skipped)
     assert value == logged and (value is None or isinstance(value, float)), value
 
 
