@@ -49,6 +49,19 @@ def _size_value(size, name: str):
     return value
 
 
+def _size_dict(size, default_to_square: bool):
+    """``size`` / ``crop_size`` as transformers' ``get_size_dict`` reads them. A dict config
+    (``json.load`` of a preprocessor_config.json) may hold one number, as OpenAI's CLIP configs do
+    (``"size": 224, "crop_size": 224``: shortest edge 224, a 224 x 224 crop), or a (height, width)
+    pair; the processor object turns them into dicts, a dict config was refused ("needs
+    size.shortest_edge or size.height/width; got size=224")."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return {"height": size, "width": size} if default_to_square else {"shortest_edge": size}
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return {"height": size[0], "width": size[1]}
+    return size
+
+
 Resize = int | tuple[int, int]
 """The processor's resize: the shortest edge (an int), or a fixed (height, width)."""
 
@@ -407,7 +420,8 @@ def _scale_to_cover(size: int, new: int, extent: float) -> float:
 def _geometry(image_processor) -> tuple[Resize, tuple[int, int], int]:
     """(resize, crop (height, width), resample) of a processor; ValueError for a geometry these
     implementations do not reproduce (training would see other pixels than the exported model)."""
-    size, crop = _get(image_processor, "size"), _get(image_processor, "crop_size")
+    size = _size_dict(_get(image_processor, "size"), default_to_square=False)
+    crop = _size_dict(_get(image_processor, "crop_size"), default_to_square=True)
     if _get(image_processor, "do_resize") is False:
         raise ValueError(
             "the image processor has do_resize=false (images of any size); set do_resize=true in "
