@@ -308,6 +308,19 @@ def refuse_output_under_a_file(path: str, flag: str, given: str | None = None) -
         )
 
 
+def refuse_output_holding_input(folder: str, output: str, flag: str, given: str | None = None) -> None:
+    """A one-line SystemExit when the input shard folder ``folder`` is the output folder ``output``
+    or lies inside it (``split data/train --output data`` writes ``data/train``). The output was
+    refused as "not empty ... or delete this one first": a remedy that deleted the input.
+    ``given``: the path the user typed."""
+    source, target = os.path.realpath(folder), os.path.realpath(output)
+    if os.path.commonpath([source, target]) == target:
+        raise SystemExit(
+            f"{flag} {given or output}: the output folder {output} is the input folder {folder} or "
+            "holds it; give a new folder outside the input"
+        )
+
+
 def check_empty_output(folder: str) -> None:
     """Refuse an output folder that already holds files: shards are numbered from 00000 again,
     so an earlier run's higher-numbered shards would stay beside the new ones (counted twice by

@@ -50,8 +50,17 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def save_json(path: str, obj, what: str) -> None:
     """Write ``obj`` as indented UTF-8 JSON to ``path`` atomically (creating its folder), so a
     kill or a full disk mid-write leaves the previous file whole instead of a truncated one.
-    A write the disk refuses is a one-line SystemExit naming ``what`` and ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    A write the disk refuses is a one-line SystemExit naming ``what`` and ``path``, and so is a
+    ``path`` under a file (``vocab --output videos.csv/v.json``: a FileExistsError traceback, after
+    every shard was read)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(
+            f"{path}: could not create the folder of the {what} ({_why_no_folder(folder, err)}); "
+            "pick another path"
+        ) from None
     data = json.dumps(obj, ensure_ascii=False, indent=2).encode("utf-8")
     try:
         atomic_write_bytes(path, data)
@@ -60,6 +69,17 @@ def save_json(path: str, obj, what: str) -> None:
             f"{path}: could not write the {what} ({err.strerror or err}); free space or pick another "
             "path and run again (any earlier file there is left as it was)."
         ) from None
+
+
+def _why_no_folder(folder: str, err: OSError) -> str:
+    """Why ``folder`` could not be created: the file it would lie under, else the system's reason
+    ("File exists" named the file nowhere)."""
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    return err.strerror or str(err)
 
 
 def _remove_quietly(path: str) -> None:
@@ -328,15 +348,32 @@ def complete_shards(folder: str) -> dict[int, str]:
         if not match:
             continue
         name = match.group(1)
-        try:
-            with open(os.path.join(folder, entry)) as f:
-                json.load(f)
-        except ValueError:
-            continue  # torn stats file: redo the shard
+        if not _stats_parse(os.path.join(folder, entry)):
+            continue
         if all(os.path.exists(os.path.join(folder, f"{name}.{ext}")) for ext in ("tar", "parquet")):
             _refuse_two_names_of_one_shard(folder, done.get(int(name)), name)
             done[int(name)] = name
     return done
+
+
+def _stats_parse(path: str) -> bool:
+    """Whether the stats file at ``path`` parses, so its shard counts as complete. A torn file is
+    not (redo the shard), nor one gone since the folder was listed (a concurrent build or reshard
+    replacing it) or a dangling symlink: such a shard is incomplete, left out and named as such by
+    every caller. One that exists and cannot be read (no read permission, a folder of that name) is
+    a one-line SystemExit: it was an OSError traceback out of build, inspect, split, vocab, dedup
+    and finalize, and no rebuild mends it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+    except (ValueError, FileNotFoundError):
+        return False  # torn, or gone since the listing: the shard is not complete
+    except OSError as err:
+        raise SystemExit(
+            f"{path}: cannot read this shard's stats file ({err.strerror or err}); make it a readable "
+            "file (or delete it and run the same build again to redo the shard), then run again"
+        ) from None
+    return True
 
 
 def _refuse_two_names_of_one_shard(folder: str, earlier: str | None, name: str) -> None:

@@ -31,6 +31,7 @@ from dataset_tools.reshard import (
     iter_sample_rows,
     iter_samples,
     publish_and_finalize,
+    refuse_output_holding_input,
     refuse_output_under_a_file,
     require_whole_shards,
     skipped_incomplete_shards,
@@ -264,6 +265,7 @@ def split(
     outputs = list(sides.values())
     for path in outputs:
         refuse_output_under_a_file(path, "--output", output)
+        refuse_output_holding_input(folder, path, "--output", output)
     # A split killed after staging all its shards (while moving them in, or before sizes.json) is
     # finished here; until 2026-12-07 the rerun refused the folder as not empty.
     finished = finish_interrupted_publish(outputs, "split", settings, _rerun_hint, finalize_mod.finalize)
