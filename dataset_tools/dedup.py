@@ -31,6 +31,7 @@ from dataset_tools.reshard import (
     input_schema,
     iter_samples,
     publish_and_finalize,
+    refuse_output_holding_input,
     refuse_output_under_a_file,
     require_whole_shards,
     video_of,
@@ -163,6 +164,8 @@ def dedup(
         raise SystemExit(f"--max-distance {max_distance}: must be 0 (exact pHash match) or more, e.g. 4")
     if filter_output:
         refuse_bad_shard_size(shard_size)
+        # `dedup data --filter-output data` was refused as "not empty ... delete this one first"
+        refuse_output_holding_input(folder, filter_output, "--filter-output")
     shards.require_shards(folder)
     report_path = report_path or os.path.join(folder, BUILD_DIR, "dedup.json")
     _refuse_unwritable_outputs(report_path, filter_output)

@@ -88,3 +88,13 @@ def test_split_into_the_folder_holding_its_input_is_refused(tmp_path, inside):
     assert "holds it" in message and "delete" not in message  # not "delete this one first"
     assert sorted(os.listdir(folder)) == before
     assert sorted(os.listdir(out)) == [inside.split("/")[0]]  # the other side was not created
+
+
+@pytest.mark.parametrize("output", [".", ".."])
+def test_dedup_filter_output_holding_its_input_is_refused(tmp_path, output):
+    """`dedup DIR --filter-output DIR` (or a folder holding DIR) got split's old advice too."""
+    folder = _two_shards(tmp_path / "data" / "train")
+    before = sorted(os.listdir(folder))
+    message = _one_line_exit(["dedup", folder, "--filter-output", os.path.join(folder, output)])
+    assert "holds it" in message and "delete" not in message, message
+    assert sorted(os.listdir(folder)) == before
