@@ -568,7 +568,24 @@ def _raise_eval_failure(failure: Exception | None) -> None:
     )
 
 
-def _lockstep(batches, run, device, stop_requested=None, keep=lambda batch: None) -> tuple[list, list]:
+def forwards_gather_parameters(engine) -> bool:
+    """Whether a forward of ``engine`` gathers its parameters from the other ranks (ZeRO-3, more
+    than one rank): then the forward is a sequence of collectives itself."""
+    partitioned = getattr(engine, "zero_optimization_partition_weights", None)  # DeepSpeed engines only
+    return _world() > 1 and callable(partitioned) and bool(partitioned())
+
+
+ZERO3_FORWARD_FAILED_NOTE = (
+    "This rank's eval forward raised under ZeRO-3, where every forward gathers the parameters from "
+    "all ranks: this rank stopped at once, and the other ranks wait in that forward's gather until "
+    "the launcher ends the job or the process group's timeout (VUTRAIN_DIST_TIMEOUT_MIN, 30 minutes "
+    "unless set) ends them. Fix this error (e.g. the preprocessing's image size, an out-of-memory batch)."
+)
+
+
+def _lockstep(
+    batches, run, device, stop_requested=None, keep=lambda batch: None, forward_is_collective: bool = False
+) -> tuple[list, list]:
     """Run `run(batch)` over this rank's batches while any rank still has one: (outputs, `keep(batch)`
     of each). Only what `keep` picks outlives its batch: kept whole, every batch's pixels stayed in
     host memory until the eval ended (~30 GB per rank for a 50k-sample val set at 224 px).
@@ -583,8 +600,13 @@ def _lockstep(batches, run, device, stop_requested=None, keep=lambda batch: None
     The same all-reduce says whether a rank's batch pull or forward raised: then that rank re-raises
     its error and every other rank raises EvalFailedOnAnotherRank naming it, at the same step. A
     rank whose shard or loader worker failed used to leave the others waiting in this all-reduce
-    until the launcher or the group timeout (30 minutes) ended them. (Under ZeRO-3 a forward is a
-    collective itself: one that fails partway still leaves the others inside that forward.)
+    until the launcher or the group timeout (30 minutes) ended them.
+
+    With ``forward_is_collective`` (ZeRO-3: `run` gathers parameters from every rank), an error that
+    `run` raises is re-raised at once: the others are inside that forward's gathers, and this
+    rank's flag all-reduce paired with one of them, so both ranks waited until the group timeout and
+    the failing rank ended with a timeout instead of its error. The others stay in their gather
+    until the launcher ends the job (this rank exits) or the group timeout.
     """
     it, outs, kept = iter(batches), [], []
     failure: Exception | None = None
@@ -604,7 +626,10 @@ def _lockstep(batches, run, device, stop_requested=None, keep=lambda batch: None
             return outs, kept
         try:
             out = run(batch)
-        except Exception as e:  # told to the others at the next step's agreement
+        except Exception as e:  # told to the others at the next step's agreement (not under ZeRO-3)
+            if forward_is_collective:  # the others are in this forward's gathers: no flag reaches them
+                e.add_note(ZERO3_FORWARD_FAILED_NOTE)
+                raise
             failure = e
             continue
         if batch is not None:
@@ -803,7 +828,14 @@ def evaluate(
             # become the next batch's features (or raise "overwritten by a subsequent run").
             return img.to(torch.float32, copy=True), txt.to(torch.float32, copy=True)
 
-        outs, kept = _lockstep(val_batches, run, device, stop_requested, keep=sample_fields)
+        outs, kept = _lockstep(
+            val_batches,
+            run,
+            device,
+            stop_requested,
+            keep=sample_fields,
+            forward_is_collective=forwards_gather_parameters(engine),
+        )
         dim = engine.module.base.config.projection_dim
         img = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0, dim, device=device)
         txt = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dim, device=device)
