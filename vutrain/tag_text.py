@@ -47,8 +47,8 @@ def read_tag(item) -> str | None:
 def _is_tag(text: str) -> bool:
     """Whether ``text`` has a normal form, so an id: a tag of invisible characters only (a lone
     zero-width space) was a real tag, one id shared by unrelated samples as tag positives."""
-    if text.isascii():  # the common case, checked in C: blank text is the one empty form
-        return bool(text.strip())
+    if text.isascii():  # the common case, checked in C: a printable character makes a form
+        return _ASCII_VISIBLE.search(text) is not None
     return bool(normalize_tag(text))
 
 
@@ -213,8 +213,9 @@ def normalize_tag(tag: str) -> str:
     "strasse" apart, two ids, two tag-metric columns, two zero-shot classes of one tag).
     Whitespace runs count as one space ("lets  play" is "lets play"), leading and trailing none.
     Invisible format characters are no part of a tag (:func:`without_invisible_format`: "music\\u200b"
-    and "\\ufeffmusic" are "music"), and a tag of them alone has the empty form, no tag
-    (:func:`tag_values` leaves it out).
+    and "\\ufeffmusic" are "music"), and a tag of them alone, or of blank-looking characters alone
+    (:func:`has_visible_text`: a Hangul filler), has the empty form, no tag (:func:`tag_values`
+    leaves it out).
 
     The form is also the text of the tag's prompts, so it stays readable: a word-final Greek
     sigma stays "ς" (case folding writes "σ", a spelling Greek text never has; lower-casing
@@ -223,7 +224,7 @@ def normalize_tag(tag: str) -> str:
     text = unicodedata.normalize("NFKC", text).lower()
     folded = "".join(c if c == _FINAL_SIGMA else c.casefold() for c in text)
     form = " ".join(unicodedata.normalize("NFKC", folded).split())  # folding may un-normalise
-    return form if _has_visible_char(form) else ""
+    return form if has_visible_text(form) else ""
 
 
 _FINAL_SIGMA = "\u03c2"
@@ -277,10 +278,29 @@ def without_invisible_format(text: str) -> str:
     return _STRAY_JOINERS.sub("", kept)
 
 
-def _has_visible_char(form: str) -> bool:
-    """Whether a tag's form holds more than the format characters kept inside words: a tag of flag
-    tag characters alone shows nothing."""
-    return form.isascii() or any(unicodedata.category(c) != "Cf" for c in form)
+# Blank-looking letters and symbols: YouTube titles and tags use them to look empty (the Hangul
+# fillers U+115F, U+1160, U+3164, U+FFA0, the braille blank, the combining grapheme joiner); the
+# categories below cover the zero-width, format, control and space characters.
+BLANK_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f")
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
+_ASCII_VISIBLE = re.compile("[!-~]")  # the printable ASCII characters but the space
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether ``text`` holds a character that is not whitespace, a control or format character, or
+    blank-looking (``BLANK_CHARS``): the one rule for an empty caption (``captions``) and for a tag
+    that is no tag (:func:`normalize_tag`). A tag of a Hangul filler alone was a tag id, rendered
+    into captions, while a caption of it alone was skipped as empty.
+
+    ``str.strip`` keeps zero-width spaces, word joiners, a BOM and soft hyphens: a caption of only
+    those passed as text, and the tokenizer made of it no text at all (CLIP's: bos + eos).
+    """
+    if text.isascii():  # the common case, checked in C
+        return _ASCII_VISIBLE.search(text) is not None
+    return any(
+        not c.isspace() and c not in BLANK_CHARS and unicodedata.category(c) not in _INVISIBLE_CATEGORIES
+        for c in text
+    )
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import math
 import string
-import unicodedata
 
-from vutrain.tag_text import normalize_tag, tag_values, unescape_entities
+from vutrain.tag_text import has_visible_text, normalize_tag, tag_values, unescape_entities
 
 from .labels import category_label
 
@@ -164,21 +163,3 @@ def render_caption(template: str, meta: dict, txt: str | None) -> str:
     """
     values = {name: _field_value(name, meta, txt) for name in template_fields(template)}
     return template.format(**values)[:MAX_CAPTION_CHARS]
-
-
-# Blank-looking letters and symbols: YouTube titles use them to look empty (Hangul fillers, the
-# braille blank); the Unicode categories below cover the zero-width and format characters.
-_BLANK_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f")
-_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
-
-
-def has_visible_text(text: str) -> bool:
-    """Whether ``text`` holds a character that is not whitespace or invisible.
-
-    ``str.strip`` keeps zero-width spaces, word joiners, a BOM and soft hyphens: a caption of only
-    those passed as text, and the tokenizer made of it no text at all (CLIP's: bos + eos).
-    """
-    return any(
-        not c.isspace() and c not in _BLANK_CHARS and unicodedata.category(c) not in _INVISIBLE_CATEGORIES
-        for c in text
-    )

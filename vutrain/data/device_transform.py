@@ -185,10 +185,12 @@ class DeviceTransform:
         """The model's ``pixel_values``: [B, 3, S, S] of ``dtype`` on ``device``, contiguous."""
         device = torch.device(device)
         x = pixels.to(device, non_blocking=True)
+        # Contiguous whatever the input's layout, in the cast's own copy: a channels-last batch
+        # kept its layout through the cast and addcmul, so pixel_values' strides differed by input.
         if x.is_floating_point():  # already normalised by a float preprocess
-            return x.to(dtype)
+            return x.to(dtype, memory_format=torch.contiguous_format)
         self.calls += 1
-        x = x.float()
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
         if self.random_resized_crop:
             boxes = random_resized_crop_boxes(
                 x.shape[0], x.shape[2], x.shape[3], self._generator(), self.scale

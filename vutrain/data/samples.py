@@ -473,9 +473,22 @@ def _dotted_key_hint(raw: dict) -> str:
     )
 
 
-_SIXTEEN_BIT_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-"""Pillow's modes of 16-bit greyscale files: 16-bit PNGs and TIFFs open as ``I;16``, 16-bit PGMs
-as ``I`` (32-bit, holding 0-65535)."""
+_SIXTEEN_BIT_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+"""Pillow's modes of 16-bit greyscale: 16-bit PNGs and TIFFs open as ``I;16`` (``I;16B``)."""
+_SIXTEEN_BIT_I_FORMATS = frozenset({"PPM"})
+"""Formats whose mode ``I`` (32-bit) images are 16-bit greyscale: a PGM of maxval over 255, which
+Pillow scales to 0-65535. Any other ``I`` (a 32-bit or signed 16-bit TIFF, an image made in memory)
+declares no 16-bit range: it converts as ``CLIPImageProcessor`` converts it, values clipped to
+0-255. Scaled by the high byte, a 32-bit TIFF of 0-255 values (an 8-bit picture saved by numpy or
+OpenCV as int32) was all black on both decode paths (up to 252 grey levels off the processor
+on a 0-255 gradient)."""
+
+
+def _is_sixteen_bit_grey(image: Image.Image) -> bool:
+    """Whether ``image`` is greyscale that its file (or its mode) declares 16 bits deep."""
+    return image.mode in _SIXTEEN_BIT_GREY_MODES or (
+        image.mode == "I" and image.format in _SIXTEEN_BIT_I_FORMATS
+    )
 
 
 def _sixteen_bit_grey_as_8_bits(image: Image.Image) -> Image.Image:
@@ -500,10 +513,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     composited onto white. A plain ``convert("RGB")`` drops the alpha and keeps the colour under
     it, often black: training would see other pixels than the exported model's processor.
 
-    One difference from the processor: 16-bit greyscale is scaled to 8 bits
-    (:func:`_sixteen_bit_grey_as_8_bits`), not clipped to almost white. Float images (mode F)
-    convert as Pillow converts them, on its 0-255 scale."""
-    if image.mode in _SIXTEEN_BIT_GREY_MODES:
+    One difference from the processor: 16-bit greyscale (:func:`_is_sixteen_bit_grey`) is scaled to
+    8 bits (:func:`_sixteen_bit_grey_as_8_bits`), not clipped to almost white. Other 32-bit integer
+    images (mode I) and float images (mode F) convert as Pillow converts them, on its 0-255 scale."""
+    if _is_sixteen_bit_grey(image):
         image = _sixteen_bit_grey_as_8_bits(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
