@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_review_launch6 import DEEPSPEED, SRUN, log_text, submit, wait_ended_or_requeued
+from test_review_launch6 import DEEPSPEED, SRUN, log_text, preempted_job_not_requeued, submit
 
 from slurm_cluster import REPO, running_cluster
 
@@ -102,16 +102,7 @@ def test_no_requeue_allowed_still_exits_75_on_a_first_start(cluster, tmp_path):
     """VUTRAIN_MAX_RESTARTS=0 and a preempted training (exit 75) on the job's first start: the job
     ends with 75 and one line saying why it is not requeued (before: "SLURM_RESTART_COUNT: unbound
     variable", exit 1)."""
-    job, log = submit(
-        cluster, tmp_path, SRUN, ["--config", CONFIG, f"output_dir={tmp_path / 'run'}"],
-        VUTRAIN_MAX_RESTARTS="0", STAND_IN_EXIT="75",
-    )  # fmt: skip
-    try:
-        info = wait_ended_or_requeued(cluster, job)
-    finally:
-        cluster.run("scancel", str(job), check=False)
-    text = log_text(log)
-    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0", f"{info}\n{text}"
-    assert info["Restarts"] == "0", f"{info}\n{text}"
+    args = ["--config", CONFIG, f"output_dir={tmp_path / 'run'}"]
+    text = preempted_job_not_requeued(cluster, tmp_path, SRUN, args, VUTRAIN_MAX_RESTARTS="0")
     assert "unbound variable" not in text, text
     assert "already restarted 0 times (VUTRAIN_MAX_RESTARTS=0); not requeueing" in text, text

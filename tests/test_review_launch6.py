@@ -92,15 +92,10 @@ def wait_ended_or_requeued(cluster, job: int, timeout: float = 60.0) -> dict[str
     return info
 
 
-@pytest.mark.slurm
-@pytest.mark.parametrize("value", ["false", "no", "OFF"])
-def test_requeue_off_spelled_as_a_word_does_not_requeue(cluster, tmp_path, value):
-    """VUTRAIN_REQUEUE=false (no, OFF) and a training that exits 75 (preempted): the job ends with 75
-    and is not requeued (before, only "0" meant off: the job was requeued and came back)."""
-    job, log = submit(
-        cluster, tmp_path, DEEPSPEED, [*ARGS, f"output_dir={tmp_path / 'run'}"],
-        VUTRAIN_REQUEUE=value, STAND_IN_EXIT="75",
-    )  # fmt: skip
+def preempted_job_not_requeued(cluster, tmp_path: Path, script: str, args: list[str], **env: str) -> str:
+    """Run `script` with a training that exits 75 (preempted) under settings `env` that forbid a
+    requeue: the job ends FAILED with 75 and was not restarted. Its log text."""
+    job, log = submit(cluster, tmp_path, script, args, STAND_IN_EXIT="75", **env)
     try:
         info = wait_ended_or_requeued(cluster, job)
     finally:
@@ -108,6 +103,17 @@ def test_requeue_off_spelled_as_a_word_does_not_requeue(cluster, tmp_path, value
     text = log_text(log)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0", f"{info}\n{text}"
     assert info["Restarts"] == "0", f"{info}\n{text}"
+    return text
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("value", ["false", "no", "OFF"])
+def test_requeue_off_spelled_as_a_word_does_not_requeue(cluster, tmp_path, value):
+    """VUTRAIN_REQUEUE=false (no, OFF) and a training that exits 75 (preempted): the job ends with 75
+    and is not requeued (before, only "0" meant off: the job was requeued and came back)."""
+    text = preempted_job_not_requeued(
+        cluster, tmp_path, DEEPSPEED, [*ARGS, f"output_dir={tmp_path / 'run'}"], VUTRAIN_REQUEUE=value
+    )
     assert f"VUTRAIN_REQUEUE={value} so not requeueing" in text, text
     assert "requeueing job" not in text, text
 

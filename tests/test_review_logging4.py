@@ -7,13 +7,12 @@ launcher's merged output, 16 identical "Exception in thread ..." reports named n
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import pytest
+from rank_stderr import script_stderr_lines
 
-from vutrain.logging_setup import RANK_VARIABLES
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test starts a Python process, in tests/rank_stderr.py: conftest finds the processes a
+# test starts only in its own module.
+pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import sys, threading
@@ -45,16 +44,7 @@ exit_quietly.join()
 def thread_report(mode: str, **env: str) -> list[str]:
     """stderr lines of a fresh process that set up logging with the launcher's variables `env` and
     had a thread die of an exception."""
-    clean = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode],
-        env={**clean, "PYTHONPATH": ROOT, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stderr.splitlines()
+    return script_stderr_lines(SCRIPT, mode, **env)
 
 
 def test_other_ranks_tag_each_line_of_a_thread_exception_report():

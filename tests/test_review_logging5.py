@@ -8,13 +8,12 @@ format tagged it again: "[rank 1] WARNING py.warnings: [rank 1] ...".
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import pytest
+from rank_stderr import script_stderr_lines
 
-from vutrain.logging_setup import RANK_VARIABLES
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test starts a Python process, in tests/rank_stderr.py: conftest finds the processes a
+# test starts only in its own module.
+pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import gc, logging, sys, warnings
@@ -42,16 +41,8 @@ else:
 def stderr_lines(mode: str, *python_options: str, **env: str) -> list[str]:
     """stderr lines of a fresh process that set up logging with the launcher's variables `env`
     and then warned (`capture`: a UserWarning through logging; else a ResourceWarning)."""
-    clean = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES and k != "PYTHONWARNINGS"}
-    proc = subprocess.run(
-        [sys.executable, *python_options, "-c", SCRIPT, mode],
-        env={**clean, "PYTHONPATH": ROOT, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stderr.splitlines()
+    # The warnings filters are the script's own, whatever PYTHONWARNINGS pytest runs under.
+    return script_stderr_lines(SCRIPT, mode, python_options, unset=("PYTHONWARNINGS",), **env)
 
 
 def test_tracemalloc_note_is_kept_and_tagged_on_other_ranks():

@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
 import types
 
 import torch
 from run_rows import TIMING_KEYS, metrics_rows
+from step_signals import before_steps, send_preemption_warning
 
 from inprocess_trainer import train
 
 
 class Crash(BaseException):
     """A crash between two steps (after the last checkpoint): not an Exception the trainer handles."""
-
-
-def _wrap_steps(trainer, before_step) -> None:
-    """Call `before_step(number)` before train_step of each 1-based step `number`."""
-    step_fn = trainer.train_step
-
-    def wrapped():
-        before_step(trainer.step + 1)
-        return step_fn()
-
-    trainer.train_step = wrapped
 
 
 def _nonfinite_at(trainer, nan_loss_steps: set, inf_grad_steps: set) -> None:
@@ -81,16 +70,17 @@ def _run(shards, run_dir, steps, stops=(), crash_before=None, hooks=(), **extra)
     last, preempted, crashed = {}, [], []
     os.environ["VUTRAIN_SAMPLE_LOG"] = run_dir + ".samples"
 
-    def before_step(number):
+    def before_step(trainer):
+        number = trainer.step + 1
         if number in stops:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            send_preemption_warning()
         if number == crash_before and not crashed:
             crashed.append(number)
             raise Crash
 
     def on_trainer(trainer):
         last["trainer"] = trainer
-        _wrap_steps(trainer, before_step)
+        before_steps(trainer, None, before_step)  # every step: `stops` and the crash
         for hook in hooks:
             hook(trainer)
 

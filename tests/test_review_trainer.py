@@ -6,20 +6,9 @@ import os
 import signal
 
 import pytest
+from step_signals import before_steps, signal_before_step
 
 from inprocess_trainer import train
-
-
-def _on_step(trainer, step: int, action) -> None:
-    """Run `action(trainer)` before train_step of the 1-based `step`."""
-    step_fn = trainer.train_step
-
-    def wrapped():
-        if trainer.step + 1 == step:
-            action(trainer)
-        return step_fn()
-
-    trainer.train_step = wrapped
 
 
 def test_stop_in_the_last_step_after_its_eval_logs_that_eval_once(tiny_shards, tmp_path, single_process):
@@ -34,7 +23,7 @@ def test_stop_in_the_last_step_after_its_eval_logs_that_eval_once(tiny_shards, t
     kept = dict(train__log_every=100, train__checkpoint_every=0, eval__every=2)
 
     def hook(trainer):
-        _on_step(trainer, 4, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
+        signal_before_step(trainer, 4)
 
     with pytest.raises(Preempted):
         train(tiny_shards, run_dir, steps=4, on_trainer=hook, **kept)
@@ -57,7 +46,7 @@ def test_a_continued_finished_run_preempted_at_its_last_step_finishes_when_reque
     train(tiny_shards, run_dir, steps=2, **kept)
 
     def hook(trainer):
-        _on_step(trainer, 4, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
+        signal_before_step(trainer, 4)
 
     with pytest.raises(Preempted) as raised:
         train(tiny_shards, run_dir, steps=4, on_trainer=hook, **kept)
@@ -84,7 +73,7 @@ def test_the_last_partial_logging_interval_is_logged(tiny_shards, tmp_path, sing
         trainer.loss_fn.forward = lambda *a, **k: inner(*a, **k) * torch.tensor(float("nan"))
 
     def hook(trainer):
-        _on_step(trainer, 5, nan_loss)
+        before_steps(trainer, 5, nan_loss)
 
     with caplog.at_level(logging.WARNING, logger="vutrain"):
         train(
@@ -122,10 +111,10 @@ def test_a_crash_after_the_owed_eval_does_not_log_it_twice(tiny_shards, tmp_path
     kept = dict(train__checkpoint_every=2, eval__every=2)
 
     def signal_before_2(trainer):
-        _on_step(trainer, 2, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
+        signal_before_step(trainer, 2)
 
     def crash_before_3(trainer):
-        _on_step(trainer, 3, _crash)
+        before_steps(trainer, 3, _crash)
 
     with pytest.raises(Preempted):
         train(tiny_shards, run_dir, steps=4, on_trainer=signal_before_2, **kept)

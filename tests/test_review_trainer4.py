@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import sys
 import types
 
 import pytest
+from step_signals import signal_before_step
 
 from inprocess_trainer import overrides, train
 
@@ -66,14 +65,7 @@ def test_a_preempted_run_closes_its_tensorboard_writer(tiny_shards, tmp_path, si
     monkeypatch.setattr(_RecordingSummaryWriter, "made", [])
 
     def signal_at_step_2(trainer):
-        step_fn = trainer.train_step
-
-        def wrapped():
-            if trainer.step + 1 == 2:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return step_fn()
-
-        trainer.train_step = wrapped
+        signal_before_step(trainer, 2)
 
     with pytest.raises(Preempted):
         train(tiny_shards, str(tmp_path / "run"), steps=4, on_trainer=signal_at_step_2, eval__every=0)

@@ -9,27 +9,15 @@ followed before the next logging step. A world-1 Trainer in this process (tests/
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import pytest
 import torch
+from step_signals import before_steps, signal_before_step
 
 from inprocess_trainer import train
 
 QUIET = dict(eval__every=0, data__val_shards="", train__checkpoint_every=0)
-
-
-def _on_step(trainer, at_steps: set, action) -> None:
-    """Run `action(trainer)` before train_step on each 1-based step in `at_steps`."""
-    step_fn = trainer.train_step
-
-    def wrapped():
-        if trainer.step + 1 in at_steps:
-            action(trainer)
-        return step_fn()
-
-    trainer.train_step = wrapped
 
 
 def test_preemption_stops_a_run_whose_log_every_exceeds_its_steps(tiny_shards, tmp_path, single_process):
@@ -38,7 +26,7 @@ def test_preemption_stops_a_run_whose_log_every_exceeds_its_steps(tiny_shards, t
     run_dir = tmp_path / "run"
 
     def hook(trainer):
-        _on_step(trainer, {2}, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
+        signal_before_step(trainer, 2)
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     with pytest.raises(Preempted) as raised:
@@ -64,7 +52,7 @@ def test_preemption_in_the_last_step_checkpoints_before_the_final_eval(tiny_shar
     kept = dict(train__log_every=100, train__checkpoint_every=0, eval__every=0)
 
     def hook(trainer):
-        _on_step(trainer, {4}, lambda t: os.kill(os.getpid(), signal.SIGUSR1))
+        signal_before_step(trainer, 4)
 
     with pytest.raises(Preempted) as raised:
         train(tiny_shards, str(run_dir), steps=4, on_trainer=hook, **kept)
@@ -95,8 +83,8 @@ def test_nonfinite_streak_between_logging_steps_stops_the_run(tiny_shards, tmp_p
 
     def hook(trainer):
         originals = {"forward": trainer.loss_fn.forward}
-        _on_step(trainer, {2}, _nan_loss)
-        _on_step(trainer, {4}, lambda t: setattr(t.loss_fn, "forward", originals["forward"]))
+        before_steps(trainer, {2}, _nan_loss)
+        before_steps(trainer, {4}, lambda t: setattr(t.loss_fn, "forward", originals["forward"]))
 
     with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row"):
         train(
@@ -163,7 +151,7 @@ def test_logged_step_time_is_the_mean_over_the_logging_interval(tiny_shards, tmp
     run_dir = tmp_path / "run"
 
     def hook(trainer):
-        _on_step(trainer, {1}, lambda t: time.sleep(3.0))
+        before_steps(trainer, {1}, lambda t: time.sleep(3.0))
 
     train(tiny_shards, str(run_dir), steps=2, on_trainer=hook, train__log_every=2, **QUIET)
     (row,) = [r for r in read_metrics(str(run_dir)) if "train/step_time" in r]
