@@ -264,55 +264,102 @@ def free_port(candidates: range = LISTEN_PORTS) -> int:
 
 
 def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
-    """Resolve rank, world size and rendezvous address from the launcher's environment."""
+    """Resolve rank, world size and rendezvous address from the launcher's environment.
+
+    A rank whose own numbers or device are wrong (RANK beyond WORLD_SIZE in a hand-written launch,
+    LOCAL_RANK beyond its node, a node with fewer GPUs) raises at once, and, for this process's own
+    environment (`env` None), also tells the ranks at the rendezvous from a background thread:
+    they waited there for the group's whole timeout (30 minutes) for a rank that had already gone."""
+    own_environment = env is None
     env = os.environ if env is None else env
+    launcher, rank, world, local_rank, local_world = _launcher_ranks(env, local_rank_arg)
+    addr, port = _rendezvous_address(env, launcher)
+    try:
+        _check_ranks(launcher, rank, world, local_rank, local_world)
+        device, backend = resolve_device(local_rank, env, local_world)
+    except RuntimeError as exc:
+        if own_environment:
+            _tell_peers_of_bad_ranks(launcher, rank, world, addr, port, str(exc))
+        raise
+    return DistInfo(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world,
+        local_world_size=local_world,
+        master_addr=addr,
+        master_port=port,
+        launcher=launcher,
+        device=device,
+        backend=backend,
+    )
+
+
+def _launcher_ranks(env, local_rank_arg: int | None) -> tuple[str, int, int, int, int]:
+    """(launcher, rank, world size, local rank, local world size) as the launcher exported them,
+    not yet checked against each other."""
     if _int("WORLD_SIZE", env) is not None and _int("RANK", env) is not None:
-        launcher = "env"
-        rank, world = _int("RANK", env), _int("WORLD_SIZE", env)
         local_rank = _int("LOCAL_RANK", env)
         local_rank = local_rank if local_rank is not None else (local_rank_arg or 0)
+        world = _int("WORLD_SIZE", env)
         # torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
         local_world = _int("LOCAL_WORLD_SIZE", env) or _int("LOCAL_SIZE", env) or world
-    elif (
+        return "env", _int("RANK", env), world, local_rank, local_world
+    if (
         _int("SLURM_PROCID", env) is not None
         and _int("SLURM_NTASKS", env) is not None
         and in_srun_step(env)
         and not mpirun_inside_srun_step(env)
     ):
-        launcher = "slurm"
-        rank, world = _int("SLURM_PROCID", env), _int("SLURM_NTASKS", env)
-        local_rank = _int("SLURM_LOCALID", env) or 0
+        world = _int("SLURM_NTASKS", env)
         # "4(x2),3": this node's own count (nodes of one step may hold different numbers of tasks).
         per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
         local_world = tasks_on_node(per_node, _int("SLURM_NODEID", env) or 0) or world
-    elif _int("OMPI_COMM_WORLD_RANK", env) is not None or _int("PMI_RANK", env) is not None:
-        launcher = "mpi"
-        if _int("OMPI_COMM_WORLD_RANK", env) is not None:  # Open MPI
-            rank, world = _int("OMPI_COMM_WORLD_RANK", env), _int("OMPI_COMM_WORLD_SIZE", env)
-            local_rank = _int("OMPI_COMM_WORLD_LOCAL_RANK", env) or 0
-            local_world = _int("OMPI_COMM_WORLD_LOCAL_SIZE", env) or world
-        else:  # MPICH, Intel MPI (Hydra)
-            rank, world = _int("PMI_RANK", env), _int("PMI_SIZE", env)
-            local_rank = _int("MPI_LOCALRANKID", env) or 0
-            local_world = _int("MPI_LOCALNRANKS", env) or world
-        if world is None:
-            raise RuntimeError(
-                "mpirun gave this process a rank but no world size (OMPI_COMM_WORLD_SIZE / PMI_SIZE)"
-            )
-        if local_world < world and not env.get("MASTER_ADDR"):
-            raise RuntimeError(
-                f"mpirun runs {world} ranks on several nodes but MASTER_ADDR is not set: export it as the "
-                "first node's hostname (mpirun -x MASTER_ADDR=<host> with Open MPI, -genv with MPICH)"
-            )
-    else:
-        launcher, rank, world, local_rank, local_world = "single", 0, 1, 0, 1
-        if _int("SLURM_NTASKS", env) not in (None, 1) and not in_srun_step(env):
-            logging.getLogger("vutrain").warning(
-                "SLURM job of %s tasks but this process was not started by srun: training in this one "
-                "process; start the script with `srun python ...` for one rank per task",
-                env.get("SLURM_NTASKS"),
-            )
+        return "slurm", _int("SLURM_PROCID", env), world, _int("SLURM_LOCALID", env) or 0, local_world
+    if _int("OMPI_COMM_WORLD_RANK", env) is not None or _int("PMI_RANK", env) is not None:
+        return ("mpi", *_mpi_ranks(env))
+    if _int("SLURM_NTASKS", env) not in (None, 1) and not in_srun_step(env):
+        logging.getLogger("vutrain").warning(
+            "SLURM job of %s tasks but this process was not started by srun: training in this one "
+            "process; start the script with `srun python ...` for one rank per task",
+            env.get("SLURM_NTASKS"),
+        )
+    return "single", 0, 1, 0, 1
+
+
+def _mpi_ranks(env) -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) of an mpirun rank."""
+    if _int("OMPI_COMM_WORLD_RANK", env) is not None:  # Open MPI
+        rank, world = _int("OMPI_COMM_WORLD_RANK", env), _int("OMPI_COMM_WORLD_SIZE", env)
+        local_rank = _int("OMPI_COMM_WORLD_LOCAL_RANK", env) or 0
+        local_world = _int("OMPI_COMM_WORLD_LOCAL_SIZE", env) or world
+    else:  # MPICH, Intel MPI (Hydra)
+        rank, world = _int("PMI_RANK", env), _int("PMI_SIZE", env)
+        local_rank = _int("MPI_LOCALRANKID", env) or 0
+        local_world = _int("MPI_LOCALNRANKS", env) or world
+    if world is None:
+        raise RuntimeError(
+            "mpirun gave this process a rank but no world size (OMPI_COMM_WORLD_SIZE / PMI_SIZE)"
+        )
+    if local_world < world and not env.get("MASTER_ADDR"):
+        raise RuntimeError(
+            f"mpirun runs {world} ranks on several nodes but MASTER_ADDR is not set: export it as the "
+            "first node's hostname (mpirun -x MASTER_ADDR=<host> with Open MPI, -genv with MPICH)"
+        )
+    return rank, world, local_rank, local_world
+
+
+def _check_ranks(launcher: str, rank: int, world: int, local_rank: int, local_world: int) -> None:
+    if launcher == "env" and world < 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={world} is no number of ranks: export the job's rank count (1 or more)"
+        )
     if not 0 <= rank < world:
+        if launcher == "env":  # a hand-written launch: name the variables as the user set them
+            raise RuntimeError(
+                f"RANK={rank} is outside WORLD_SIZE={world} (ranks 0 to {world - 1}): give each rank "
+                "its own RANK from 0 to WORLD_SIZE-1, and every rank the same WORLD_SIZE (the number "
+                "of ranks of the whole job)"
+            )
         raise RuntimeError(
             f"rank {rank} is outside world size {world} ({launcher} launcher): "
             "check --ntasks / --nproc_per_node against the job's task count"
@@ -322,6 +369,10 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
             f"local rank {local_rank} is outside this node's {local_world} ranks ({launcher} launcher): "
             "check LOCAL_RANK / --local_rank against the ranks started per node"
         )
+
+
+def _rendezvous_address(env, launcher: str) -> tuple[str, int]:
+    """MASTER_ADDR and MASTER_PORT, or where this launcher's ranks meet without them."""
     # Stripped: " 10.0.0.1" from a hand-edited script is no host name, and every rank then waited
     # out the rendezvous timeout on it.
     addr = env.get("MASTER_ADDR", "").strip()
@@ -345,18 +396,34 @@ def resolve_dist_env(env=None, local_rank_arg: int | None = None) -> DistInfo:
             port = LISTEN_PORTS.start + (job + 1000 * step) % len(LISTEN_PORTS)
         else:
             port = 29500
-    device, backend = resolve_device(local_rank, env, local_world)
-    return DistInfo(
-        rank=rank,
-        local_rank=local_rank,
-        world_size=world,
-        local_world_size=local_world,
-        master_addr=addr,
-        master_port=port,
-        launcher=launcher,
-        device=device,
-        backend=backend,
-    )
+    return addr, port
+
+
+def _tell_peers_of_bad_ranks(
+    launcher: str, rank: int, world: int, addr: str, port: int, message: str
+) -> None:
+    """A rank whose own numbers or device are wrong: tell the ranks at the rendezvous, from a thread
+    the process waits for at exit, so the caller prints its line at once.
+
+    A rank beyond a WORLD_SIZE of 1 belongs to a larger job all the same (its rank 0 waits for it):
+    it tells as one rank of 2, which has rank 0 keep its own world size for how many ranks to wait
+    for (a larger one kept rank 0 up for VUTRAIN_EARLY_FAILURE_WAIT_S, waiting for ranks that do not
+    exist). A WORLD_SIZE below 1 or a negative rank is no job's place, most likely every rank's, so
+    nobody is told; nor is a WORLD_SIZE of 1 with RANK 0: no other rank waits."""
+    peers_world = max(world, 2)
+    if world < 1 or rank < 0 or (world == 1 and rank == 0):
+        return
+    info = DistInfo(rank, 0, peers_world, 1, addr, port, launcher, device="cpu", backend="gloo")
+    told = f"{message} (on {socket.gethostname()})"
+    _tell_peers_in_background(info, told)
+
+
+def _tell_peers_in_background(info: DistInfo, message: str) -> None:
+    """`tell_peers_of_early_failure` from a thread that is no daemon: the process waits for it at
+    exit (until the peers have the message, or VUTRAIN_EARLY_FAILURE_WAIT_S)."""
+    threading.Thread(
+        target=tell_peers_of_early_failure, args=(info, message), name="rendezvous-failure-verdict"
+    ).start()
 
 
 def resolve_device(local_rank: int, env=None, local_world_size: int = 1) -> tuple[str, str]:
@@ -610,10 +677,7 @@ def _serve_unreachable_host_verdict(info: DistInfo, message: str) -> None:
     if info.rank != 0 or info.world_size == 1:
         return
     here = dataclasses.replace(info, master_addr="127.0.0.1")
-    told = f"{message} (on rank 0's host, {socket.gethostname()})"
-    threading.Thread(
-        target=tell_peers_of_early_failure, args=(here, told), name="rendezvous-failure-verdict"
-    ).start()
+    _tell_peers_in_background(here, f"{message} (on rank 0's host, {socket.gethostname()})")
 
 
 class RendezvousError(RuntimeError):
