@@ -65,6 +65,8 @@ TMP_SUFFIX = ".tmp"
 # several ranks starts: rank 0's random token, which every rank must read back before it writes
 # there (`check_every_rank_sees`); removed before the marker, and once read at start.
 SAVE_TOKEN = "save_token"
+# The run's metrics rows (vutrain/metrics.py), made durable with each checkpoint (`sync_metrics`).
+METRICS_FILE = "metrics.jsonl"
 TAG_RE = re.compile(r"^step_(\d+)$")
 TMP_RE = re.compile(r"^step_(\d+)\.tmp$")
 # The old copy of a tag saved again (`_complete`), deleted once the new copy is in place: a kill
@@ -380,6 +382,7 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
                 time.sleep(delay)
             # Every rank has read it: it is no part of the checkpoint.
             remove_shared_token(tmp_dir)
+            sync_metrics(run_dir)
             _complete(ckpt_dir, tag, step)
             prune(ckpt_dir, keep)
         barrier()
@@ -394,6 +397,24 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, rank: 
             raise
         raise CheckpointWriteError(write_failure_message(ckpt_dir, tag, exc)) from exc
     return tag
+
+
+def sync_metrics(run_dir: str) -> None:
+    """fsync ``RUN/metrics.jsonl`` (rank 0 writes it) before a checkpoint's marker.
+
+    Its rows up to the checkpoint's step were appended before the save but could still sit in the
+    page cache: a machine crash (a node lost, not a killed process) then left a complete checkpoint
+    at step N and a metrics.jsonl that ended steps before it, and the resumed run, which logs from
+    N + 1 on, never wrote the missing rows: a silent gap in the curves and the eval history."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # no row yet (or metrics off on this rank)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_shared_token(folder: str) -> None:
@@ -987,12 +1008,41 @@ def move_aside(run_dir: str) -> list[str]:
     moved = {}
     for name in _MOVED_ASIDE:
         if os.path.exists(os.path.join(run_dir, name)):
-            target = _with_suffix(run_dir, name, suffix)
-            os.rename(os.path.join(run_dir, name), target)
+            target, linked = _with_suffix(run_dir, name, suffix), os.path.islink(os.path.join(run_dir, name))
+            if not (linked and _move_linked_aside(run_dir, name, target)):
+                os.rename(os.path.join(run_dir, name), target)
             moved[name] = target
     for name, target in moved.items():
         log.warning("train.resume=never: moved the previous run's %s aside to %s", name, target)
     return list(moved.values())
+
+
+def _move_linked_aside(run_dir: str, name: str, target: str) -> bool:
+    """Move the folder the link ``RUN/name`` points to aside, beside itself, and link ``target`` to
+    it; the link keeps pointing at a new, empty folder where the old one was. False (nothing
+    moved) where that parent folder is not writable: the caller renames the link, as before.
+
+    ``RUN/checkpoints`` linked to a scratch file system had the link itself renamed, and the new
+    run made a plain ``RUN/checkpoints`` in the run directory: its checkpoints went, without a
+    word, to the file system the link was there to spare (a small quota, filled hours later)."""
+    link = os.path.join(run_dir, name)
+    real, moved = os.path.realpath(link), _beside_real_folder(link, target)
+    try:
+        os.rename(real, moved)
+    except OSError as exc:  # e.g. a link to /scratch/$USER itself, in an unwritable /scratch
+        log.warning(
+            "train.resume=never: cannot move %s aside beside itself (%s): renaming the link %s instead, "
+            "so this run writes a new %s in %s; link it again to keep it elsewhere",
+            real,
+            exc,
+            link,
+            name,
+            run_dir,
+        )
+        return False
+    os.makedirs(real)
+    os.symlink(moved, target, target_is_directory=True)
+    return True
 
 
 def _unused_replaced_suffix(run_dir: str) -> str:
@@ -1036,7 +1086,7 @@ def set_aside_later(run_dir: str, loaded_dir: str, step: int) -> list[str]:
         return []
     # Not a suffix a move_aside took in the same second: its tokenizer is not these checkpoints'.
     aside = _with_suffix(run_dir, "checkpoints", _unused_replaced_suffix(run_dir))
-    os.makedirs(aside)
+    _make_aside_folder(own, aside)
     for tag in later:
         os.rename(os.path.join(own, tag), os.path.join(aside, tag))
     latest_path, newest = os.path.join(own, "latest"), latest_tag(own)
@@ -1051,9 +1101,31 @@ def set_aside_later(run_dir: str, loaded_dir: str, step: int) -> list[str]:
         loaded_dir,
         step,
         ", ".join(later),
-        aside,
+        aside if not os.path.islink(aside) else f"{aside} (a link to {os.path.realpath(aside)})",
     )
     return [os.path.join(aside, t) for t in later]
+
+
+def _make_aside_folder(own: str, aside: str) -> None:
+    """Make ``aside`` (in the run directory) a folder that ``own``'s tags can be renamed into.
+
+    ``RUN/checkpoints`` is often a link to a scratch file system (the checkpoints are large, the
+    run directory's quota small): a rename from there into ``RUN`` failed with "Invalid cross-device
+    link" after the resume had loaded, on rank 0 alone. The folder is then made beside the real
+    checkpoints folder, on its file system, and ``aside`` is a link to it, so a resume from
+    ``RUN/checkpoints.replaced-S/step_X`` still finds this run's tokenizer."""
+    parent = os.path.dirname(aside)
+    if os.stat(own).st_dev == os.stat(parent).st_dev:
+        os.makedirs(aside)
+        return
+    real = _beside_real_folder(own, aside)
+    os.makedirs(real)
+    os.symlink(real, aside, target_is_directory=True)
+
+
+def _beside_real_folder(link: str, name: str) -> str:
+    """An unused path named like ``name`` beside the folder ``link`` resolves to (its file system)."""
+    return _unused_name(os.path.join(os.path.dirname(os.path.realpath(link)), os.path.basename(name)))
 
 
 def saved_world_size(tag_dir: str, default: int) -> int:

@@ -93,6 +93,11 @@ def save_world_info(engine, tag_dir: str, trainer_state: dict) -> None:
         # Rank 0's step time of the logging interval so far (train/step_time after a resume).
         "interval_wall": float(trainer_state.get("interval_wall", 0.0)),
         "interval_steps": int(trainer_state.get("interval_steps", 0)),
+        # The interval's loss-term sums and largest gradient norm (rank 0's, as it logs them): left
+        # out, a reshaped resume mid-interval logged train/grad_norm_max and train/align|uniform
+        # over the steps after it only, while train/loss covered the whole interval.
+        "interval_terms": trainer_state.get("interval_terms"),
+        "interval_grad_norm_max": trainer_state.get("interval_grad_norm_max"),
         "data": data_states,
         "parameters": model_parameters(engine.module),
     }
@@ -474,6 +479,8 @@ def load_reshaped(engine, ckpt_dir: str, tag: str) -> dict:
         "finished": info.get("finished", False),
         "interval_wall": info.get("interval_wall", 0.0),
         "interval_steps": info.get("interval_steps", 0),
+        "interval_terms": info.get("interval_terms"),
+        "interval_grad_norm_max": info.get("interval_grad_norm_max"),
         "data": {"ranks": info["data"]},
     }
 
