@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 import sys
 from collections import Counter
@@ -84,6 +85,12 @@ def assign(
 ) -> str:
     """ "val" or "train" for one parquet/json row; `title_ids` (`channel_ids_by_title`) puts a row
     with only a channel title where the rows with that title and an id go."""
+    return "val" if unit_position(row, by, seed, title_ids) < val_fraction else "train"
+
+
+def unit_position(row: dict, by: str, seed: str = "0", title_ids: dict[str, str] | None = None) -> float:
+    """Where the row's unit (channel or video) lies in [0, 1): val holds the units below
+    ``--val-fraction``, so the lowest and highest positions say which fraction fills an empty side."""
     video = video_of(row)  # plain img2dataset shards have no video_id (it was a KeyError)
     if by == "channel":
         title = row.get("channel_title")
@@ -93,7 +100,7 @@ def assign(
     else:
         raise ValueError(f"--by {by!r}: use channel or hash")
     digest = hashlib.sha1(f"{seed}:{unit}".encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 BY = ("channel", "hash", "date")
@@ -284,15 +291,20 @@ def split(
     with claim_outputs(outputs, "split"):  # both claimed before either is written
         title_ids = channel_ids_by_title(folder, names) if by == "channel" else None
         sinks = {side: ShardSink(path, shard_size, schema=schema) for side, path in sides.items()}
-        no_channel = 0
+        # The lowest and highest unit positions: which fraction would fill a side left empty.
+        no_channel, lowest, highest = 0, math.inf, -math.inf
         for sample in iter_samples(folder, names):
             if by == "date":
                 side = date_side(sample[2], cut_time)
             else:
-                side = assign(sample[2], by, val_fraction, seed, title_ids)
+                position = unit_position(sample[2], by, seed, title_ids)
+                lowest, highest = min(lowest, position), max(highest, position)
+                side = "val" if position < val_fraction else "train"
             no_channel += by == "channel" and not _has_channel(sample[2])
             sinks[side].add(sample)
         counts = {side: sink.close() for side, sink in sinks.items()}
+        if by != "date":  # a date split's cut leaves a dated sample on each side
+            _warn_empty_side(counts, val_fraction, lowest, highest, by)
         # ``samples``: every sample read, as dedup's report and vocab's result name it (the total
         # was left to the reader's sum); train + val equals it.
         samples = sum(counts.values())
@@ -305,6 +317,48 @@ def split(
         # (``_build/split_publishing.json``) that lets the rerun finish a split killed on the way.
         publish_and_finalize(list(sinks.values()), "split", settings, result, finalize_mod.finalize)
     return result
+
+
+def _warn_empty_side(
+    counts: dict[str, int], val_fraction: float, lowest: float, highest: float, by: str
+) -> None:
+    """Say on stderr that ``--val-fraction`` left val (or train) empty, and which fraction gives it a
+    sample: a small set split at 0.01 exited 0 with ``"val": 0`` and an empty OUT/val, and the
+    training that named OUT/val as its val shards failed later with no word of the split. A
+    warning, not a refusal: a train-only split is a legitimate choice (no validation).
+    ``lowest``, ``highest``: the extreme ``unit_position`` of the samples."""
+    samples = counts["train"] + counts["val"]
+    if samples == 0 or (counts["train"] and counts["val"]):
+        return
+    side = "val" if counts["val"] == 0 else "train"
+    if lowest == highest:
+        unit = "channel" if by == "channel" else "video"
+        advice = f"they are all one {unit}, which no --val-fraction splits" + (
+            "; use --by hash" if by == "channel" else ""
+        )
+    elif side == "val":
+        advice = f"--val-fraction {_decimal_between(lowest, 1.0)} or more puts at least one sample there"
+    else:
+        advice = f"--val-fraction {_decimal_between(0.0, highest)} or less leaves at least one sample there"
+    print(
+        f"[dataset_tools] split --by {by}: --val-fraction {val_fraction} left {side} empty "
+        f"(0 of {samples} samples); {advice}",
+        file=sys.stderr,
+    )
+
+
+def _decimal_between(low: float, high: float) -> float:
+    """A fraction a user can type (two significant figures, more only where needed), not a 17-digit
+    float: the smallest above ``low`` (at most ``high``) when ``low`` > 0, else the largest at most
+    ``high`` (above 0). ``low`` < ``high``, both in [0, 1]."""
+    near = high if low == 0 else low
+    for digits in range(1 - math.floor(math.log10(near)), 17):
+        step = 10.0**-digits
+        ticks = math.floor(high / step) if low == 0 else math.floor(low / step) + 1
+        value = round(ticks * step, digits)
+        if low < value <= high and value < 1:
+            return value
+    return high
 
 
 def _has_channel(row: dict) -> bool:

@@ -150,17 +150,19 @@ def check_rendezvous_host(info: DistInfo, env=None) -> None:
 
     torch's store retries such a name until the group's timeout (30 minutes), on every rank, and
     then says only "timed out". The check sits here, where the address is used, and not in
-    `resolve_dist_env`: a SLURM step's first node is still named there when scontrol is missing."""
+    `resolve_dist_env`: a SLURM step's first node is still named there when scontrol is missing.
+    A RendezvousError, which names its own fix: as a RuntimeError, train.py's line put a
+    "RuntimeError:" prefix before it and a second "check MASTER_ADDR / MASTER_PORT" after it."""
     if not _unknown_host(info.master_addr):
         return
     env = os.environ if env is None else env
     if info.launcher == "slurm" and not env.get("MASTER_ADDR", "").strip():
-        raise RuntimeError(
+        raise RendezvousError(
             f"the first node of this SLURM step, {info.master_addr}, is not a host name this node can "
             f"resolve and scontrol gave no NodeAddr for it: export MASTER_ADDR=<an address of "
             f"{info.master_addr}> before srun, or start the job with launch/slurm/srun.sbatch"
         )
-    raise RuntimeError(
+    raise RendezvousError(
         f"MASTER_ADDR={info.master_addr} is not a host name this node can resolve: export MASTER_ADDR "
         "as an IP address or resolvable host name of the node that runs rank 0"
     )
@@ -681,7 +683,8 @@ def _serve_unreachable_host_verdict(info: DistInfo, message: str) -> None:
 
 
 class RendezvousError(RuntimeError):
-    """The ranks met but cannot form one group; the message names the variable to fix."""
+    """The ranks met but cannot form one group, or cannot meet at all (an unresolvable MASTER_ADDR,
+    a bad group timeout); the message names the variable to fix."""
 
 
 @dataclass

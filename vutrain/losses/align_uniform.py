@@ -14,9 +14,10 @@ the exact global log-mean. Hence, as for the other losses, the mean over ranks o
 losses equals the loss of one process on the concatenated batch, and each rank's feature
 gradient is W times that loss's gradient for its slice.
 
-Both terms are computed in at least fp32. The log-sum-exp form is exact for any t: a plain sum
-of exp(-t d^2) underflows to 0 in fp32 once every pair has t d^2 > ~100 (t > 25 with all
-non-matching pairs antipodal, d^2 = 4), and the term became log(0) = -inf.
+Both terms are computed in the promoted dtype of the two features, at least fp32. The
+log-sum-exp form is exact for any t: a plain sum of exp(-t d^2) underflows to 0 in fp32 once
+every pair has t d^2 > ~100 (t > 25 with all non-matching pairs antipodal, d^2 = 4), and the term
+became log(0) = -inf.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from vutrain.losses.gather import all_gather_with_grad, check_group, check_pairs, check_rank
+from vutrain.losses.gather import (
+    all_gather_with_grad,
+    at_least_fp32,
+    check_group,
+    check_pairs,
+    check_rank,
+    common_dtype,
+)
 
 
 class AlignUniformLoss(nn.Module):
@@ -84,8 +92,10 @@ class AlignUniformLoss(nn.Module):
         b = image_features.shape[0]
         if self.world_size * b < 2:
             raise ValueError("AlignUniformLoss needs at least 2 pairs in the global batch")
-        dtype = torch.promote_types(image_features.dtype, torch.float32)
-        x, y = image_features.to(dtype), text_features.to(dtype)
+        # The promoted dtype of both, as ClipLoss/SigLIP: from the images alone, fp64 texts beside
+        # fp32 images were cut to fp32, and integer features passed without the losses' error.
+        x, y = common_dtype(image_features, text_features)
+        x, y = at_least_fp32(x), at_least_fp32(y)
         align = (x - y).pow(2).sum(dim=1).mean()
         uniform = self._uniform(x, y)
         self.last_terms = {"align": self._global_mean(align), "uniform": uniform.detach()}
