@@ -95,6 +95,56 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_quota_cores(
+    proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup"
+) -> int | None:
+    """Whole CPUs of time the cgroup v2 CPU limit (``cpu.max``) of this process's cgroup and its
+    ancestors allows, the smallest of them; None without such a limit (or without cgroup v2).
+
+    A container's CPU limit (Kubernetes, ``docker --cpus``) is a time quota, not an affinity
+    mask: the mask still shows every core of the machine while the quota allows a few of them.
+    """
+    try:
+        with open(proc_cgroup) as f:
+            paths = [line.strip()[3:] for line in f if line.startswith("0::")]
+    except OSError:
+        return None
+    if not paths:
+        return None
+    folder, limits = os.path.join(cgroup_root, paths[0].lstrip("/")), []
+    while True:
+        limits.append(_cpu_max(os.path.join(folder, "cpu.max")))
+        if os.path.normpath(folder) == os.path.normpath(cgroup_root):
+            break
+        folder = os.path.dirname(os.path.normpath(folder))
+    limits = [n for n in limits if n is not None]
+    return min(limits) if limits else None
+
+
+def _cpu_max(path: str) -> int | None:
+    """Whole CPUs (at least one) of a ``cpu.max`` file ("QUOTA PERIOD" or "max PERIOD"); None when
+    unlimited or unreadable."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else max(1, int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
+
+
+def ranks_sharing_cores(cores: int, machine_cores: int, local_world_size: int) -> int:
+    """How many of this node's ranks share this rank's ``cores`` (its affinity mask), at least.
+
+    Masks that together hold more cores than the machine has must overlap: ``local_world_size``
+    masks of ``cores`` each on ``machine_cores`` are shared by ``ceil(local_world_size * cores /
+    machine_cores)`` ranks on average. The whole machine: every rank (torchrun on a node);
+    per-task shares (SLURM's binding): one; a NUMA node (torchrun --numa-binding) or a part of
+    the node held by one launcher: the ranks on it.
+    """
+    local_world_size = max(1, local_world_size)
+    return min(local_world_size, max(1, -(-local_world_size * cores // max(1, machine_cores))))
+
+
 def auto_num_workers(
     num_shards: int,
     world_size: int,
@@ -102,20 +152,27 @@ def auto_num_workers(
     resampled: bool,
     cores: int | None = None,
     machine_cores: int | None = None,
+    quota_cores: int | None = None,
 ) -> int:
     """Loader workers per rank for ``data.num_workers=-1``: one per core of this rank's share,
     less one core for the training process itself, between 1 and ``MAX_AUTO_WORKERS``.
 
-    A rank's share is the usable cores divided by the ranks on the node, unless the affinity
-    mask already is a per-task share (fewer cores than the machine has, as under SLURM). Without
+    A rank's share is its usable cores divided by the ranks that share them
+    (``ranks_sharing_cores``), and at most its part of a cgroup CPU limit (``cpu_quota_cores``,
+    read with the cores when ``cores`` is not given), which holds every rank of the node. Without
     ``resampled`` a rank's shards are split among its workers, so there are at most
     ``num_shards // world_size`` of them.
     """
-    cores = usable_cores() if cores is None else cores
+    if cores is None:
+        cores = usable_cores()
+        quota_cores = cpu_quota_cores() if quota_cores is None else quota_cores
     machine_cores = (os.cpu_count() or cores) if machine_cores is None else machine_cores
-    if cores >= machine_cores:
-        cores //= max(1, local_world_size)
-    workers = max(1, min(cores - 1, MAX_AUTO_WORKERS))
+    # Until 2026-12-07 a mask smaller than the machine counted as this rank's own: 8 ranks of one
+    # launcher held to 32 of 64 cores ran 16 workers each, 128 on 32 cores.
+    share = cores // ranks_sharing_cores(cores, machine_cores, local_world_size)
+    if quota_cores is not None:
+        share = min(share, quota_cores // max(1, local_world_size))
+    workers = max(1, min(share - 1, MAX_AUTO_WORKERS))
     if not resampled:
         workers = max(1, min(workers, num_shards // max(1, world_size)))
     return workers
