@@ -31,9 +31,15 @@ venv: $(VENV)/.installed
 
 # tools/lock_versions.py too: a fix to its filter of the pins reaches an existing .venv.
 $(VENV)/.installed: setup.py $(CONSTRAINTS) tools/lock_versions.py $(if $(TORCH_REINSTALL),FORCE)
+	# The mark of a complete install goes first and comes back last (touch): a rebuild stopped half
+	# way (pip killed, Ctrl-C, a failed download) left the old mark, and the next `make` with the same
+	# TORCH_SPEC took the half-installed .venv for complete and went on to run in it.
+	@rm -f $@
 	# A venv left without pip (its creation failed half way, e.g. python3-venv missing) is rebuilt,
 	# so that the real error shows again instead of "No module named pip" on every later run.
 	@test ! -x $(PY) || $(PY) -m pip --version > /dev/null 2>&1 || { echo "$(VENV) has no pip: rebuilding it"; rm -rf $(VENV); }
+	# No $(PYTHON) on PATH: say what to do, not the shell's bare "python3: not found".
+	@test -x $(PY) || command -v $(PYTHON) > /dev/null || { echo "error: $(PYTHON) not found on PATH: install Python >= 3.11, or make PYTHON=/path/to/python3.11 ..." >&2; exit 1; }
 	# A python3 older than 3.11 (what the pinned packages need) stops here, not in pip's resolver.
 	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "error: $(PYTHON) is Python %d.%d; vutrain needs >= 3.11 (make PYTHON=python3.11 ...)" % sys.version_info[:2])'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

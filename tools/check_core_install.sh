@@ -27,12 +27,19 @@ if present:
 import simplejpeg  # (the training workers' JPEG decoder is a core requirement)
 PY
 }
+usage() {
+    echo "usage: tools/check_core_install.sh [WORK_DIR] | --no-extras PYTHON ($1)" >&2
+    exit 2
+}
 if [ "${1:-}" = --no-extras ]; then
+    [ $# = 2 ] || usage "--no-extras takes one PYTHON"
     check_no_extras "$2"
     echo "core-install: no extra installed in $2"
     exit 0
 fi
-if [ $# -ge 1 ]; then
+[ $# -le 1 ] || usage "one WORK_DIR at most, got $# arguments"
+case "${1:-}" in -*) usage "unknown option $1" ;; esac
+if [ $# = 1 ]; then
     WORK=$1
 else
     # A temporary directory of our own goes once the check passes: it holds a whole venv with torch
@@ -58,7 +65,11 @@ step() { echo "[core-install $((SECONDS - start))s] $*"; }
 pip_install() { "$BIN/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
 
 cd "$WORK"
-rm -rf venv
+# Every output of an earlier check in a WORK_DIR given again goes too, not just its venv: its `run`
+# had finished at step 2, so the new check's training resumed it and trained nothing ("the run
+# finished at step 2 already"), and its exports and demo_out stood in for the new ones.
+rm -rf venv torch-constraint.txt constraints.txt data run run_script hf_model hf_model_script bench.json \
+    demo_out shards err.txt
 step "fresh venv in $WORK/venv"
 "$PYTHON" -m venv venv
 BIN=$WORK/venv/bin

@@ -13,6 +13,7 @@ triton, sympy, ...: the lock's versions made pip refuse the whole install).
 """
 
 import argparse
+import importlib
 import json
 import re
 import subprocess
@@ -45,15 +46,58 @@ def resolve(*requirement_args: str) -> dict:
         command += ["--report", str(report), "-c", str(constraint), *requirement_args]
         subprocess.run(command, check=True, cwd=REPO)
         installs = json.loads(report.read_text())["install"]
+    refuse_pins_beyond_python(installs)
     return {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
 
 
-def _requirements_module():
+def refuse_pins_beyond_python(installs: list[dict]) -> None:
+    """Stop, in one line, when the resolution holds a release the oldest allowed Python cannot install."""
+    floor = python_floor()
+    too_new = pins_beyond_python(installs, floor)
+    if too_new:
+        this = f"{sys.version_info.major}.{sys.version_info.minor}"
+        sys.exit(
+            f"lock_versions: {', '.join(too_new)}: not installable on Python {floor}, which setup.py allows"
+            f" (this is {this}); refresh the lock from a .venv made with Python {floor}:"
+            f" make clean; make lock PYTHON=python{floor}"
+        )
+
+
+def python_floor() -> str:
+    """The oldest Python setup.py allows (its `python_requires=">=X.Y"`), e.g. "3.11"."""
+    found = re.search(r"python_requires\s*=\s*[\"']>=\s*([0-9.]+)", (REPO / "setup.py").read_text())
+    if found is None:
+        sys.exit("lock_versions: setup.py has no python_requires='>=X.Y' to check the lock against")
+    return found.group(1)
+
+
+def pins_beyond_python(installs: list[dict], floor: str) -> list[str]:
+    """`name==version (Requires-Python ...)` of each resolved package (of pip's --report `install`
+    list) that Python `floor` cannot install. pip resolves for the Python that runs it: a lock made
+    on 3.13 could pin a release that dropped 3.11, and a fresh `make venv` on 3.11 (which setup.py
+    and the Makefile accept) would then fail in pip's resolver on the lock itself."""
+    specifiers = _packaging("specifiers")
+    beyond = []
+    for install in installs:
+        metadata = install["metadata"]
+        required = metadata.get("requires_python")
+        if canonical(metadata["name"]) in NOT_PINNED or not required:
+            continue
+        if not specifiers.SpecifierSet(required).contains(floor, prereleases=True):
+            beyond.append(f"{metadata['name']}=={metadata['version']} (Requires-Python {required})")
+    return beyond
+
+
+def _packaging(module: str):
+    """packaging.`module`, or pip's copy of it in a fresh venv (pip and torch only)."""
     try:
-        from packaging import requirements
-    except ImportError:  # a fresh venv: pip and torch only
-        from pip._vendor.packaging import requirements
-    return requirements
+        return importlib.import_module(f"packaging.{module}")
+    except ImportError:
+        return importlib.import_module(f"pip._vendor.packaging.{module}")
+
+
+def _requirements_module():
+    return _packaging("requirements")
 
 
 def _torch_needs() -> dict:
