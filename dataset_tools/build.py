@@ -587,6 +587,7 @@ def _build(cfg: BuildConfig) -> dict:
         + (f", {exhausted} not (downloaded --max-attempts {cfg.max_attempts} times)" if exhausted else "")
     )
     before = summarize(cfg.output)["successes"]
+    samples_before = _samples_by_shard(cfg.output)
     started = time.time()
     columns = [f.name for f in plan_mod.PLAN_SCHEMA if f.name != "shard_id"]
     tmp_dir = os.path.join(build_dir, "tmp")
@@ -635,7 +636,42 @@ def _build(cfg: BuildConfig) -> dict:
     else:
         for reason in summary["incomplete_retry_reasons"].values():
             print(f"[dataset_tools] {reason}", file=sys.stderr, flush=True)
+    _refresh_finalize_files(cfg.output, samples_before)
     return summary
+
+
+FINALIZE_FILES = ("sizes.json", "__len__", "manifest.json")
+
+
+def _samples_by_shard(output: str) -> dict[str, int]:
+    """``{name: successes}`` of the built shards: what ``finalize``'s files record."""
+    return {name: shards.read_stats(output, name)[0]["successes"] for name in built_shards(output).values()}
+
+
+def _refresh_finalize_files(output: str, samples_before: dict[str, int]) -> None:
+    """Run ``finalize`` again when the output was finalized and this build changed what its files
+    count (new shards, samples a ``--retry-failed`` merge added). They were left as they were: the
+    trainer sized its epochs from the old ``sizes.json`` (or, with shards missing from it, the old
+    ``__len__``), and the manifest's brace left the new shards out, without a word."""
+    if not any(os.path.exists(os.path.join(output, name)) for name in FINALIZE_FILES):
+        return
+    if _samples_by_shard(output) == samples_before:
+        return
+    from dataset_tools import finalize
+
+    try:
+        finalize.finalize(output)
+    except SystemExit as refused:
+        if not isinstance(refused.code, str):  # SIGTERM's exit status: the build stops
+            raise
+        print(
+            f"[dataset_tools] {', '.join(FINALIZE_FILES)} describe the shards before this build and "
+            f"could not be refreshed: {refused.code}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    print(f"[dataset_tools] refreshed {', '.join(FINALIZE_FILES)} (finalize) for the shards built now")
 
 
 def _save_rejected(path: str, rejected: list[dict]) -> None:

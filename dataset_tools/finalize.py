@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dataset_tools import plan as plan_mod
 from dataset_tools import shards
 from dataset_tools.reshard import note_tars_not_named_as_shards, refuse_broken_shards
 
@@ -39,6 +44,7 @@ def finalize(folder: str) -> dict:
     refuse_broken_shards(folder, "finalize", problems)
     misnamed = note_tars_not_named_as_shards(folder, "finalize")  # "incomplete" says not why
     all_tars = sorted({f for f in os.listdir(folder) if f.endswith(".tar")} | set(misnamed))
+    all_tars = sorted(set(all_tars) | set(_note_planned_shards_not_built(folder, sizes)))
     manifest = {
         "shards": entries,
         "num_samples": total,
@@ -49,6 +55,36 @@ def finalize(folder: str) -> dict:
     shards.atomic_write_bytes(os.path.join(folder, "__len__"), f"{total}\n".encode())
     shards.atomic_write_bytes(os.path.join(folder, "manifest.json"), json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+def _note_planned_shards_not_built(folder: str, sizes: dict) -> list[str]:
+    """The tars the build plan in ``folder`` names that are not complete (``NNNNN.tar``), said in
+    one stderr line. A build stopped (or exited 2) before its last shards wrote no tar for them:
+    the manifest called nothing incomplete and the brace named fewer videos than the input, without
+    a word. A folder without a plan (split's, dedup's, img2dataset's) has nothing to compare."""
+    path = plan_mod.plan_path(folder)
+    if not os.path.exists(path):
+        return []
+    try:
+        planned = set(pq.read_table(path, columns=["shard_id"]).column("shard_id").to_pylist())
+    except (pa.ArrowException, OSError, KeyError) as err:
+        print(
+            f"[dataset_tools] finalize: {path} does not read ({str(err).splitlines()[0]}), so planned "
+            "shards not built yet cannot be named; the manifest lists the complete shards only",
+            file=sys.stderr,
+        )
+        return []
+    missing = [f"{shards.shard_name(sid)}.tar" for sid in sorted(planned)]
+    missing = [name for name in missing if name not in sizes]
+    if missing:
+        print(
+            f"[dataset_tools] finalize: {len(missing)} of the {len(planned)} shards the build planned "
+            f"are not built: {' '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; they are "
+            "left out of sizes.json and the brace (listed in the manifest's incomplete). Run the same "
+            "build again to build them, then finalize again.",
+            file=sys.stderr,
+        )
+    return missing
 
 
 def _brace(names: list[str]) -> str:
