@@ -564,20 +564,52 @@ class Trainer:
         resume = self.cfg.train.resume
         target = ckpt.resolve_resume(resume, self.run_dir, verbose=self.info.is_main)
         if target is None:  # train.resume=never moved the last run aside already (_prepare_run_dir)
-            self.metrics.truncate_after(0)
-            barrier()
+            self._order_run_files(rolled_back_from=None)
             return
         state = ckpt.load_checkpoint(self.engine, *target, rank=self.info.rank)
         self.load_state_dict(state)
         self._checkpoint_step = self.step
-        if resume != "auto":  # a roll-back: the later checkpoints are no longer this run's future
+        rolled_back = resume != "auto"  # the later checkpoints are no longer this run's future
+        if rolled_back:
             barrier()  # every rank has loaded before rank 0 moves anything
-            if self.info.is_main:
-                ckpt.set_aside_later(self.run_dir, os.path.join(*target), self.step)
-        # The owed eval runs first only where eval stays on (`_train`): then its earlier row goes.
-        evals = bool(self.cfg.eval.every and self.cfg.data.val_shards)
-        self.metrics.truncate_after(self.step, eval_owed=self._eval_pending and evals)
+        self._order_run_files(rolled_back_from=os.path.join(*target) if rolled_back else None)
         log.info("resuming at step %d from %s/%s", self.step, *target)
+
+    def _order_run_files(self, rolled_back_from: str | None) -> None:
+        """Rank 0 moves a roll-back's later checkpoints aside and metrics.jsonl's rows past the step
+        out; every rank waits for it, and stops with rank 0's error, in one line, if it failed.
+
+        Raised on rank 0 alone (a full disk, a permission error), it left the other ranks in
+        training's first collective, waiting for a partner that had stopped: on NCCL until the
+        group's timeout (30 minutes), while rank 0 alone said why."""
+        failure = None
+        if self.info.is_main:
+            try:
+                if rolled_back_from is not None:
+                    ckpt.set_aside_later(self.run_dir, rolled_back_from, self.step)
+                # The owed eval runs first only where eval stays on (`_train`): then its earlier row goes.
+                evals = bool(self.cfg.eval.every and self.cfg.data.val_shards)
+                self.metrics.truncate_after(self.step, eval_owed=self._eval_pending and evals)
+            except Exception as exc:  # told to every rank below, then raised on each
+                failure = exc
+        said = None if failure is None else self._run_files_error(failure)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if world > 1:
+            box = [said]
+            # The broadcast is the barrier: a rank passes it once rank 0 is done or has failed.
+            torch.distributed.broadcast_object_list(box, src=0, device=self.device)
+            said = box[0]
+        if said is not None:
+            raise ckpt.CheckpointError(said) from failure
+
+    def _run_files_error(self, failure: Exception) -> str:
+        """The line every rank stops with when rank 0's `_order_run_files` failed."""
+        where = f"resuming at step {self.step}" if self._checkpoint_step is not None else "starting afresh"
+        return (
+            f"rank 0 could not put the run's files in order after {where} in {self.run_dir} "
+            f"({one_line(failure)}): free space there or fix what the error names, then rerun with "
+            "the same settings"
+        )
 
     def save(self) -> None:
         """Checkpoint on every rank (collective): written under a temporary name, then published."""
