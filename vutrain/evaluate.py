@@ -60,6 +60,17 @@ def gather_objects(items: list) -> list:
     return [x for part in out for x in part]
 
 
+def gather_object_lists(*lists: list) -> tuple[list, ...]:
+    """Each of ``lists`` concatenated over all ranks, in rank order (as ``gather_objects`` gives it),
+    in one object collective: each such collective pickles and, with NCCL, copies through the
+    device, so a ``gather_objects`` per list cost the eval that many of them."""
+    if _world() == 1:
+        return tuple(list(values) for values in lists)
+    out = [None] * _world()
+    dist.all_gather_object(out, lists)
+    return tuple([x for part in out for x in part[column]] for column in range(len(lists)))
+
+
 def read_on_first_rank(read, device):
     """``read()`` on rank 0 only, its result on every rank (object broadcast on ``device``).
 
@@ -843,10 +854,11 @@ def evaluate(
             [v for b in kept for v in b[field]]
             for field in ("labels", "tags", "tokens", "image_ids", "video_ids")
         )
-        img, txt, labels = gather_rows(img), gather_rows(txt), gather_objects(labels)
-        tokens, image_ids = gather_objects(tokens), gather_objects(image_ids)
-        video_ids = gather_objects(video_ids)
-        tags = gather_objects(tags) if tag_vocab_size > 0 else []
+        img, txt = gather_rows(img), gather_rows(txt)
+        # The tags are sent only when they are scored.
+        labels, tokens, image_ids, video_ids, tags = gather_object_lists(
+            labels, tokens, image_ids, video_ids, tags if tag_vocab_size > 0 else []
+        )
         repeats = _repeats(image_ids, tokens, labels, tags, video_ids)
         copies = [i for i, _ in repeats]
         if copies:  # the same on every rank: the gathered lists are

@@ -98,38 +98,77 @@ def usable_cores() -> int:
 def cpu_quota_cores(
     proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup"
 ) -> int | None:
-    """Whole CPUs of time the cgroup v2 CPU limit (``cpu.max``) of this process's cgroup and its
-    ancestors allows, the smallest of them; None without such a limit (or without cgroup v2).
+    """Whole CPUs of time the CPU limits of this process's cgroup and its ancestors allow, the
+    smallest of them; None without such a limit. cgroup v2 (``cpu.max``) and cgroup v1 (the
+    ``cpu`` controller's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``: Docker on a cgroup v1
+    host, older Kubernetes nodes).
 
     A container's CPU limit (Kubernetes, ``docker --cpus``) is a time quota, not an affinity
     mask: the mask still shows every core of the machine while the quota allows a few of them.
     """
     try:
         with open(proc_cgroup) as f:
-            paths = [line.strip()[3:] for line in f if line.startswith("0::")]
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return None
-    if not paths:
-        return None
-    folder, limits = os.path.join(cgroup_root, paths[0].lstrip("/")), []
-    while True:
-        limits.append(_cpu_max(os.path.join(folder, "cpu.max")))
-        if os.path.normpath(folder) == os.path.normpath(cgroup_root):
-            break
-        folder = os.path.dirname(os.path.normpath(folder))
+    limits: list[int | None] = []
+    for entry in entries:
+        if len(entry) != 3:
+            continue
+        hierarchy, controllers, path = entry
+        if hierarchy == "0" and controllers == "":  # the v2 unified hierarchy
+            limits += _limits_along(cgroup_root, path, _cpu_max)
+        elif "cpu" in controllers.split(","):  # a v1 hierarchy holding the cpu controller
+            mount = _v1_mount(cgroup_root, controllers)
+            limits += _limits_along(mount, path, _cfs_quota) if mount else []
     limits = [n for n in limits if n is not None]
     return min(limits) if limits else None
 
 
-def _cpu_max(path: str) -> int | None:
-    """Whole CPUs (at least one) of a ``cpu.max`` file ("QUOTA PERIOD" or "max PERIOD"); None when
-    unlimited or unreadable."""
+def _v1_mount(cgroup_root: str, controllers: str) -> str | None:
+    """Where the v1 hierarchy of ``controllers`` ("cpu,cpuacct") is mounted: its own folder, or the
+    ``cpu`` folder (systemd mounts "cpu,cpuacct" and links "cpu" to it; others mount "cpu" alone)."""
+    for name in (controllers, "cpu"):
+        if os.path.isdir(os.path.join(cgroup_root, name)):
+            return os.path.join(cgroup_root, name)
+    return None
+
+
+def _limits_along(mount: str, path: str, read_limit) -> list[int | None]:
+    """``read_limit(folder)`` of the cgroup ``path`` under ``mount`` and of each ancestor up to
+    ``mount``. A folder that is not there reads as None: a container's mount is its own cgroup
+    while /proc/self/cgroup names the host's path (Docker on cgroup v1), so the walk reaches the
+    container's limit at the mount itself."""
+    folder, limits = os.path.join(mount, path.lstrip("/")), []
+    while True:
+        limits.append(read_limit(folder))
+        if os.path.normpath(folder) == os.path.normpath(mount):
+            return limits
+        folder = os.path.dirname(os.path.normpath(folder))
+
+
+def _cpu_max(folder: str) -> int | None:
+    """Whole CPUs (at least one) of a v2 ``cpu.max`` file ("QUOTA PERIOD" or "max PERIOD"); None
+    when unlimited or unreadable."""
     try:
-        with open(path) as f:
+        with open(os.path.join(folder, "cpu.max")) as f:
             quota, period = f.read().split()[:2]
         return None if quota == "max" else max(1, int(quota) // int(period))
     except (OSError, ValueError):
         return None
+
+
+def _cfs_quota(folder: str) -> int | None:
+    """Whole CPUs (at least one) of a v1 ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``; None when
+    unlimited (a quota of -1) or unreadable."""
+    try:
+        with open(os.path.join(folder, "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(folder, "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return None if quota < 0 or period <= 0 else max(1, quota // period)
 
 
 def ranks_sharing_cores(cores: int, machine_cores: int, local_world_size: int) -> int:
