@@ -7,7 +7,7 @@ line it shows is an option of that command's parser (and a value from its choice
 dotted config key outside the table is a key, every training recipe in a code block passes the
 config's validation, the gpu_bench.sh limits it quotes are the script's, and its repository map
 names the files that exist (it said train.py was ~130 lines, which it was not, and left out
-data_wait.py).
+data_wait.py). The Tests table has a row naming each tests/test_*.py file in full (15 had none).
 """
 
 from __future__ import annotations
@@ -404,3 +404,24 @@ def test_repository_map_line_count_of_train_py_is_near():
     said = int(re.search(r"train\.py\s+entry point \(~(\d+) lines\)", repository_map()).group(1))
     lines = len((REPO / "vutrain" / "train.py").read_text().splitlines())
     assert abs(said - lines) <= lines / 3, (said, lines)
+
+
+def tests_table_files() -> list[set[str]]:
+    """The test files each row of the README's Tests table names in its first cell."""
+    start = README.index("\n## Tests\n")
+    section = README[start : README.index("\n## ", start + 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [set(re.findall(r"`([^`]+\.py)`", row.split(" | ")[0])) for row in rows]
+
+
+def test_every_test_file_has_a_row_in_the_tests_table():
+    """Every tests/test_*.py on disk is named in full in the first cell of a Tests table row, and
+    every name there is a file that exists: 15 files were covered only by a pattern
+    (`test_data_*.py`) or a shortened name (`_fetch.py`), and a row for a removed file would stay
+    (`test_kernels_gpu.py` (`-m gpu`): only the `....py` names of the cell count)."""
+    rows = tests_table_files()
+    assert len(rows) > 100, len(rows)  # the table was found
+    named = set().union(*rows)
+    on_disk = {path.name for path in (REPO / "tests").glob("test_*.py")}
+    assert on_disk - named == set(), f"test files without a row: {sorted(on_disk - named)}"
+    assert named - on_disk == set(), f"rows naming no test file: {sorted(named - on_disk)}"
